@@ -1,0 +1,85 @@
+# syntax=docker/dockerfile:1
+#
+# flashattn: exact FlashAttention with a CPU backend and CUDA kernels that are
+# compiled at run time by NVRTC. No CUDA compiler (nvcc) and no CUDA "devel"
+# image is needed to build this image: the builder is a plain Rust image, the
+# runtime is NVIDIA's CUDA *runtime* image, which carries libnvrtc.
+#
+#   docker build -t flashattn .
+#   docker run --rm --gpus all flashattn              # = flashattn check
+#   docker run --rm flashattn check --device cpu      # no GPU needed
+#
+# Both base images are build arguments so they can be swapped (CI builds this
+# file with locally made stand-ins, see ci/docker-check.sh); the defaults are
+# pinned to exact tags. See docs/docker.md.
+
+# Rust toolchain image for the build stage (Debian bookworm: glibc 2.36, older
+# than or equal to the runtime base's, so the binary runs there).
+ARG BUILDER=rust:1.95.0-slim-bookworm
+# Runtime base: CUDA runtime libraries (libcudart, libnvrtc, ...) on Ubuntu
+# 24.04. The driver (libcuda) comes from the host via the NVIDIA container
+# toolkit when the container is started with --gpus.
+ARG BASE=nvidia/cuda:13.0.3-runtime-ubuntu24.04
+
+# ---------------------------------------------------------------------------
+FROM ${BUILDER} AS builder
+
+WORKDIR /src
+# .dockerignore keeps the context to the workspace sources (no target/, .git).
+COPY . .
+# The cache mounts keep downloaded crates and build artefacts between builds
+# on the same machine; the binary is copied out of the cached target dir.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p flashattn-cli \
+ && install -D -m 0755 target/release/flashattn /out/flashattn
+
+# ---------------------------------------------------------------------------
+FROM ${BASE}
+
+# Image version label; ci/docker-check.sh checks that this default matches
+# the workspace version in Cargo.toml.
+ARG VERSION=0.1.0
+ARG SOURCE=https://github.com/flashattn/flashattn
+# Comma-separated GPU architectures whose kernels are compiled into the kernel
+# cache at build time, e.g. "sm_80,sm_90a". Empty (default): kernels are
+# compiled by NVRTC on first use and cached in the volume below.
+ARG PRECOMPILE_ARCHS=""
+
+LABEL org.opencontainers.image.title="flashattn" \
+      org.opencontainers.image.description="Exact FlashAttention in Rust: CPU backend and CUDA kernels compiled at run time by NVRTC" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.base.name="${BASE}"
+
+# Ask the NVIDIA container toolkit for the compute libraries even when BASE is
+# not an nvidia/cuda image (those already set the same values).
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    FLASHATTN_CACHE_DIR=/var/cache/flashattn
+
+# Unprivileged user (UID 10001: Ubuntu images already use 1000). The kernel
+# cache is owned by it; group 0 may write too, for runtimes that start the
+# container under an arbitrary UID in group 0.
+RUN groupadd --system --gid 10001 flashattn \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home \
+        --home-dir /var/cache/flashattn --shell /usr/sbin/nologin flashattn \
+ && install -d -o 10001 -g 0 -m 0775 /var/cache/flashattn
+
+COPY --from=builder /out/flashattn /usr/local/bin/flashattn
+
+# Numeric, so that Kubernetes' runAsNonRoot can verify it.
+USER 10001:10001
+# Bind-mount your tensors here: relative --input/--output paths resolve in it.
+WORKDIR /data
+
+# Optional: fill the kernel cache now (NVRTC compiles without a GPU). This
+# must come before VOLUME: Docker seeds a new named volume from the image.
+RUN if [ -n "${PRECOMPILE_ARCHS}" ]; then \
+        flashattn precompile --arch "${PRECOMPILE_ARCHS}"; \
+    fi
+
+VOLUME ["/var/cache/flashattn"]
+
+ENTRYPOINT ["flashattn"]
+CMD ["check"]

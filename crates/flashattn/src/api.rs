@@ -1,0 +1,198 @@
+//! The public entry points: validate once, then hand the [`Problem`] to a backend.
+
+use crate::cpu::flash::{self, BwdIn, BwdOut, FwdOut, Qkv};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::options::AttnOptions;
+use crate::problem::{check_output, check_view, validate, Problem};
+use crate::tensor::{Device, Tensor, TensorView, TensorViewMut};
+
+/// The result of a forward pass.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// Attention output, q's shape and dtype.
+    pub o: Tensor,
+    /// Log-sum-exp of each row's scores, `f32` `[b, h, sq]` (varlen: `[h, total_q]`); `-inf` for a row
+    /// that sees no key.
+    pub lse: Tensor,
+}
+
+/// The result of a backward pass.
+#[derive(Debug, Clone)]
+pub struct Gradients {
+    /// dL/dq, q's shape and dtype.
+    pub dq: Tensor,
+    /// dL/dk, k's shape and dtype.
+    pub dk: Tensor,
+    /// dL/dv, v's shape and dtype.
+    pub dv: Tensor,
+}
+
+fn require_cpu(arg: &'static str, dev: Device) -> Result<()> {
+    match dev {
+        Device::Cpu => Ok(()),
+        other => Err(Error::invalid(arg, "a tensor on the cpu device for this entry point", other)),
+    }
+}
+
+/// Attention forward pass: `o = softmax(scale * q kᵀ + bias, masked) v` and its log-sum-exp.
+///
+/// `q`: `[b, sq, h, d]`, `k`/`v`: `[b, sk, hk, d]` (or `[total, heads, d]` with [`AttnOptions::varlen`]).
+///
+/// ```
+/// use flashattn::{forward, AttnOptions, DType, Tensor};
+/// let q = Tensor::from_f32(&vec![0.5; 2 * 3 * 4 * 8], &[2, 3, 4, 8], DType::F16)?;
+/// let k = Tensor::from_f32(&vec![0.25; 2 * 5 * 2 * 8], &[2, 5, 2, 8], DType::F16)?;
+/// let out = forward(&q, &k, &k, &AttnOptions::default().causal())?;
+/// assert_eq!(out.o.shape(), &[2, 3, 4, 8]);
+/// assert_eq!(out.lse.shape(), &[2, 4, 3]);
+/// # Ok::<(), flashattn::Error>(())
+/// ```
+pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<ForwardOutput> {
+    let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
+    let mut o = Tensor::zeros(&p.o_shape(), p.dtype);
+    let mut lse = Tensor::zeros(&p.lse_shape(), DType::F32);
+    run_forward(&p, &q.view(), &k.view(), &v.view(), &mut o.view_mut(), &mut lse.view_mut())?;
+    Ok(ForwardOutput { o, lse })
+}
+
+/// Forward pass into caller-provided outputs (a framework's own memory; any non-overlapping strides with a
+/// contiguous last dim for `o`, contiguous `f32` for `lse`).
+pub fn forward_into(
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+    o: &mut TensorViewMut<'_>,
+    lse: &mut TensorViewMut<'_>,
+    opts: &AttnOptions,
+) -> Result<()> {
+    let p = validate(q, k, v, opts)?;
+    run_forward(&p, q, k, v, o, lse)
+}
+
+fn check_lse(lse: &TensorViewMut<'_>, p: &Problem) -> Result<()> {
+    check_output("lse", &lse.layout, lse.data.len(), lse.dtype(), &p.lse_shape(), DType::F32)?;
+    if lse.layout != crate::tensor::Layout::contiguous(&p.lse_shape()) {
+        return Err(Error::invalid("lse", "a contiguous tensor", format!("strides {:?}", lse.layout.strides)));
+    }
+    Ok(())
+}
+
+pub(crate) fn run_forward(
+    p: &Problem,
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+    o: &mut TensorViewMut<'_>,
+    lse: &mut TensorViewMut<'_>,
+) -> Result<()> {
+    require_cpu("q", q.device())?;
+    check_output("o", &o.layout, o.data.len(), o.dtype(), &p.o_shape(), p.dtype)?;
+    check_lse(lse, p)?;
+    let o_map = p.q_like_map(&o.layout);
+    let out = FwdOut { o: o.data.raw(), o_map: &o_map, lse: lse.data.raw() };
+    flash::forward(p, Qkv { q: q.data, k: k.data, v: v.data }, &out);
+    Ok(())
+}
+
+/// Attention backward pass: gradients of `q`, `k`, `v` given the forward's `o` and `lse` and the upstream
+/// gradient `dout` (shaped like `o`). Use the same options as the forward call.
+pub fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    opts: &AttnOptions,
+) -> Result<Gradients> {
+    let mut dq = Tensor::zeros(q.shape(), q.dtype());
+    let mut dk = Tensor::zeros(k.shape(), k.dtype());
+    let mut dv = Tensor::zeros(v.shape(), v.dtype());
+    backward_into(
+        &q.view(),
+        &k.view(),
+        &v.view(),
+        &o.view(),
+        &lse.view(),
+        &dout.view(),
+        &mut dq.view_mut(),
+        &mut dk.view_mut(),
+        &mut dv.view_mut(),
+        opts,
+    )?;
+    Ok(Gradients { dq, dk, dv })
+}
+
+/// Backward pass into caller-provided gradient buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into(
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+    o: &TensorView<'_>,
+    lse: &TensorView<'_>,
+    dout: &TensorView<'_>,
+    dq: &mut TensorViewMut<'_>,
+    dk: &mut TensorViewMut<'_>,
+    dv: &mut TensorViewMut<'_>,
+    opts: &AttnOptions,
+) -> Result<()> {
+    let p = validate(q, k, v, opts)?;
+    require_cpu("q", q.device())?;
+    check_view("o", o)?;
+    check_view("dout", dout)?;
+    check_view("lse", lse)?;
+    for (arg, t) in [("o", o), ("dout", dout)] {
+        if t.shape() != p.o_shape().as_slice() {
+            return Err(Error::invalid(arg, format!("shape {:?} (as q)", p.o_shape()), format!("{:?}", t.shape())));
+        }
+        if t.dtype() != p.dtype {
+            return Err(Error::invalid(arg, format!("dtype {} (as q)", p.dtype), t.dtype()));
+        }
+    }
+    if lse.shape() != p.lse_shape().as_slice() || lse.dtype() != DType::F32 {
+        return Err(Error::invalid(
+            "lse",
+            format!("f32 of shape {:?}", p.lse_shape()),
+            format!("{} of shape {:?}", lse.dtype(), lse.shape()),
+        ));
+    }
+    check_output("dq", &dq.layout, dq.data.len(), dq.dtype(), q.shape(), p.dtype)?;
+    check_output("dk", &dk.layout, dk.data.len(), dk.dtype(), k.shape(), p.dtype)?;
+    check_output("dv", &dv.layout, dv.data.len(), dv.dtype(), v.shape(), p.dtype)?;
+    let lse_vec = lse.to_f32_vec();
+    let (o_map, do_map) = (p.q_like_map(&o.layout), p.q_like_map(&dout.layout));
+    let (dq_map, dk_map, dv_map) = (p.q_like_map(&dq.layout), p.k_like_map(&dk.layout), p.k_like_map(&dv.layout));
+    let inp = BwdIn { o: o.data, o_map: &o_map, dout: dout.data, do_map: &do_map, lse: &lse_vec };
+    // Keys past seqused_k get no gradient: start from zeros.
+    zero_rows(&p, dk, &dk_map);
+    zero_rows(&p, dv, &dv_map);
+    let out = BwdOut {
+        dq: dq.data.raw(),
+        dq_map: &dq_map,
+        dk: dk.data.raw(),
+        dk_map: &dk_map,
+        dv: dv.data.raw(),
+        dv_map: &dv_map,
+    };
+    flash::backward(&p, Qkv { q: q.data, k: k.data, v: v.data }, &inp, &out);
+    Ok(())
+}
+
+/// Zeroes every row of a k-like tensor (so rows past `seqused_k` read as zero gradient).
+fn zero_rows(p: &Problem, t: &mut TensorViewMut<'_>, map: &crate::problem::RowMap) {
+    let raw = t.data.raw();
+    let zeros = vec![0f32; p.d];
+    let rows_per_seq: Vec<usize> = match &p.cu_seqlens {
+        Some((_, ck)) => ck.windows(2).map(|w| (w[1] - w[0]) as usize).collect(),
+        None => vec![t.layout.shape[1]; p.batch],
+    };
+    for (seq, &n) in rows_per_seq.iter().enumerate() {
+        for r in 0..n {
+            for h in 0..p.hk {
+                raw.write_f32(map.at(seq, r, h), &zeros);
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Backend selection: which backends are usable here, and device-generic entry points that take host
+//! tensors, run on the chosen device and return host tensors (what the `flashattn` command and the tests
+//! use; frameworks with device memory use the backend modules directly).
+
+use crate::api::{ForwardOutput, Gradients};
+use crate::error::{Error, Result};
+use crate::kvcache::KvCache;
+use crate::options::AttnOptions;
+use crate::tensor::{Device, Tensor, TensorView};
+
+/// Whether a backend can be used on this machine, and why not when not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendStatus {
+    /// `cpu` or `cuda`.
+    pub name: &'static str,
+    /// Whether it can run now.
+    pub usable: bool,
+    /// What it found (devices, versions, cache folder) or why it cannot run.
+    pub detail: String,
+}
+
+/// The status of every backend compiled into this build.
+pub fn status() -> Vec<BackendStatus> {
+    let cpu = BackendStatus {
+        name: "cpu",
+        usable: true,
+        detail: format!("tiled flash attention on {} threads (rayon)", rayon::current_num_threads()),
+    };
+    vec![cpu, cuda_status()]
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_status() -> BackendStatus {
+    crate::cuda::status()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_status() -> BackendStatus {
+    BackendStatus { name: "cuda", usable: false, detail: "this build has no `cuda` feature".into() }
+}
+
+/// Resolves a device request. `None` means auto: the first CUDA device when one works, else the CPU; the
+/// string says which was chosen and why.
+pub fn resolve(request: Option<Device>) -> Result<(Device, String)> {
+    match request {
+        Some(Device::Cpu) => Ok((Device::Cpu, "cpu (requested)".into())),
+        Some(Device::Cuda(n)) => {
+            let st = cuda_status();
+            if st.usable {
+                Ok((Device::Cuda(n), format!("cuda:{n} (requested)")))
+            } else {
+                Err(Error::BackendUnavailable { backend: "cuda", reason: st.detail })
+            }
+        }
+        None => {
+            let st = cuda_status();
+            if st.usable {
+                Ok((Device::Cuda(0), format!("cuda:0 (auto: {})", st.detail)))
+            } else {
+                Ok((Device::Cpu, format!("cpu (auto: the CUDA backend is not usable: {})", st.detail)))
+            }
+        }
+    }
+}
+
+/// Forward pass of host tensors on `device`.
+pub fn forward_on(device: Device, q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<ForwardOutput> {
+    match device {
+        Device::Cpu => crate::api::forward(q, k, v, opts),
+        Device::Cuda(n) => cuda_forward(n, q, k, v, opts),
+    }
+}
+
+/// Backward pass of host tensors on `device`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_on(
+    device: Device,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    opts: &AttnOptions,
+) -> Result<Gradients> {
+    match device {
+        Device::Cpu => crate::api::backward(q, k, v, o, lse, dout, opts),
+        Device::Cuda(n) => cuda_backward(n, q, k, v, o, lse, dout, opts),
+    }
+}
+
+/// KV-cache attention of host tensors on `device` (the cache is updated in place on the host).
+pub fn kvcache_forward_on(
+    device: Device,
+    q: &TensorView<'_>,
+    cache: &mut KvCache<'_>,
+    opts: &AttnOptions,
+) -> Result<ForwardOutput> {
+    match device {
+        Device::Cpu => crate::kvcache::kvcache_forward(q, cache, opts),
+        Device::Cuda(n) => cuda_kvcache(n, q, cache, opts),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_forward(n: usize, q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<ForwardOutput> {
+    crate::cuda::forward_host(n, q, k, v, opts)
+}
+
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn cuda_backward(
+    n: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    opts: &AttnOptions,
+) -> Result<Gradients> {
+    crate::cuda::backward_host(n, q, k, v, o, lse, dout, opts)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_kvcache(n: usize, q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) -> Result<ForwardOutput> {
+    crate::cuda::kvcache_forward_host(n, q, cache, opts)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda<T>() -> Result<T> {
+    Err(Error::BackendUnavailable { backend: "cuda", reason: "this build has no `cuda` feature".into() })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_forward(_: usize, _: &Tensor, _: &Tensor, _: &Tensor, _: &AttnOptions) -> Result<ForwardOutput> {
+    no_cuda()
+}
+
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_backward(
+    _: usize,
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: &AttnOptions,
+) -> Result<Gradients> {
+    no_cuda()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_kvcache(_: usize, _: &TensorView<'_>, _: &mut KvCache<'_>, _: &AttnOptions) -> Result<ForwardOutput> {
+    no_cuda()
+}

@@ -1,0 +1,87 @@
+//! Small dense tile primitives of the CPU backend, written so the compiler vectorises them.
+
+use crate::problem::{Problem, RowMap};
+use crate::semantics::alibi_bias;
+use crate::tensor::CpuSlice;
+
+/// Dot product with eight independent accumulators (vectorisable; deterministic order).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// `y += a * x`.
+#[inline]
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// Loads rows `row0..row0 + n` of `(seq, head)` into `out` (`n * d` floats, row-major).
+#[inline]
+pub fn load_rows(
+    data: CpuSlice<'_>,
+    map: &RowMap,
+    seq: usize,
+    head: usize,
+    row0: usize,
+    n: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    for r in 0..n {
+        data.read_f32(map.at(seq, row0 + r, head), &mut out[r * d..(r + 1) * d]);
+    }
+}
+
+/// The score transform of the spec after the dot product: scale, soft-capping, ALiBi. Returns the score and
+/// `tanh(x / cap)` (0 when soft-capping is off) for the backward pass.
+#[derive(Clone, Copy)]
+pub struct ScoreFn {
+    pub scale: f32,
+    pub softcap: f32,
+    pub slope: Option<f32>,
+    pub sq: usize,
+    pub sk: usize,
+}
+
+impl ScoreFn {
+    pub fn new(p: &Problem, seq: usize, head: usize) -> Self {
+        ScoreFn {
+            scale: p.scale,
+            softcap: p.softcap,
+            slope: p.alibi.as_ref().map(|a| a.slope(seq, head, p.h)),
+            sq: p.seqlen_q[seq],
+            sk: p.seqlen_k[seq],
+        }
+    }
+
+    #[inline]
+    pub fn apply(&self, qk: f32, i: usize, j: usize) -> (f32, f32) {
+        let mut s = qk * self.scale;
+        let mut t = 0.0;
+        if self.softcap > 0.0 {
+            t = (s / self.softcap).tanh();
+            s = self.softcap * t;
+        }
+        if let Some(sl) = self.slope {
+            s += alibi_bias(sl, i, j, self.sq, self.sk);
+        }
+        (s, t)
+    }
+}

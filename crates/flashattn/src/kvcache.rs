@@ -1,0 +1,478 @@
+//! KV-cache attention (inference): append new keys/values in place, optionally rotated (RoPE), then attend
+//! over the cache. Paged caches (`block_table`, any page size), per-sequence cache rows (`cache_batch_idx`)
+//! and left padding (`cache_leftpad`) are supported.
+//!
+//! The call is split in two so every backend (and the test oracle) shares one validation and append:
+//! [`prepare`] checks everything, refuses appends that would overflow, writes the new rows and returns a
+//! [`KvPlan`]; the backend then runs attention over the plan's [`Problem`].
+
+use crate::api::ForwardOutput;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::options::AttnOptions;
+use crate::problem::{
+    check_alibi, check_finite_scale, check_head_dim, check_heads, check_softcap, check_view, Paged, Problem, RowMap,
+};
+use crate::semantics::Mask;
+use crate::tensor::{Layout, RawMut, Tensor, TensorView, TensorViewMut};
+
+/// Tokens already in the cache.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheSeqlens {
+    /// The same count for every sequence.
+    All(i32),
+    /// One count per sequence (`[b]`).
+    PerSeq(Vec<i32>),
+}
+
+/// Rotary embedding tables: `cos`, `sin` of shape `[s_ro, rot / 2]` (`rot <= d`, even), `f32` or q's dtype.
+#[derive(Debug, Clone)]
+pub struct Rotary<'a> {
+    /// Cosines, `[s_ro, rot / 2]`.
+    pub cos: TensorView<'a>,
+    /// Sines, `[s_ro, rot / 2]`.
+    pub sin: TensorView<'a>,
+    /// Interleaved pairs `(0,1), (2,3), ...`; otherwise pairs `(k, k + rot/2)`.
+    pub interleaved: bool,
+}
+
+/// The cache and what to do with it.
+#[derive(Debug)]
+pub struct KvCache<'a> {
+    /// `[b_cache, s_cache, hk, d]`, or `[num_pages, page_size, hk, d]` with a block table.
+    pub k_cache: TensorViewMut<'a>,
+    /// Same shape as `k_cache`.
+    pub v_cache: TensorViewMut<'a>,
+    /// New keys `[b, s_new, hk, d]`, appended at `cache_seqlens` (in place).
+    pub k_new: Option<TensorView<'a>>,
+    /// New values, as `k_new`.
+    pub v_new: Option<TensorView<'a>>,
+    /// Tokens already in the cache.
+    pub cache_seqlens: CacheSeqlens,
+    /// `i32` `[b, max_pages]`: paged cache.
+    pub block_table: Option<Tensor>,
+    /// Rotary embedding of the new keys (and of q).
+    pub rotary: Option<Rotary<'a>>,
+    /// `[b]`: sequence `i` uses cache row `cache_batch_idx[i]` (not with paging).
+    pub cache_batch_idx: Option<Vec<i32>>,
+    /// `[b]`: sequence `i`'s keys start at `cache_leftpad[i]` (not with paging).
+    pub cache_leftpad: Option<Vec<i32>>,
+}
+
+impl<'a> KvCache<'a> {
+    /// A cache with nothing to append: attend over `cache_seqlens` tokens.
+    pub fn new(k_cache: TensorViewMut<'a>, v_cache: TensorViewMut<'a>, cache_seqlens: CacheSeqlens) -> Self {
+        KvCache {
+            k_cache,
+            v_cache,
+            k_new: None,
+            v_new: None,
+            cache_seqlens,
+            block_table: None,
+            rotary: None,
+            cache_batch_idx: None,
+            cache_leftpad: None,
+        }
+    }
+}
+
+/// A validated KV-cache call whose append has been done.
+#[derive(Debug, Clone)]
+pub struct KvPlan {
+    /// The attention problem over the cache (k/v row maps point into the cache).
+    pub problem: Problem,
+    /// The rotated query, when rotary is on (q's shape and dtype); otherwise `None` (use q itself).
+    pub q_rotated: Option<Tensor>,
+}
+
+fn vec_arg(arg: &'static str, v: &Option<Vec<i32>>, b: usize) -> Result<Option<Vec<usize>>> {
+    let Some(v) = v else { return Ok(None) };
+    if v.len() != b {
+        return Err(Error::invalid(arg, format!("{b} entries"), v.len()));
+    }
+    v.iter()
+        .map(|&x| usize::try_from(x).map_err(|_| Error::invalid(arg, "values >= 0", x)))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// Rotates `x` (length `d`) in place at table row `pos`.
+fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
+    let half = cos.len();
+    for kk in 0..half {
+        let (a, b) = if interleaved { (2 * kk, 2 * kk + 1) } else { (kk, kk + half) };
+        let (x1, x2) = (x[a], x[b]);
+        x[a] = x1 * cos[kk] - x2 * sin[kk];
+        x[b] = x1 * sin[kk] + x2 * cos[kk];
+    }
+}
+
+/// Validates a KV-cache call, appends `k_new`/`v_new` (rotated) into the cache, and returns the plan.
+/// Nothing is written when any check fails.
+pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) -> Result<KvPlan> {
+    check_view("q", q)?;
+    if opts.varlen.is_some() {
+        return Err(Error::invalid("varlen", "no varlen with a KV cache (use cache_seqlens)", "cu_seqlens"));
+    }
+    let dtype = q.dtype();
+    if !dtype.is_float() {
+        return Err(Error::invalid("q", "dtype f16, bf16 or f32", dtype));
+    }
+    let [b, sq, h, d] = match *q.shape() {
+        [b, s, h, d] => [b, s, h, d],
+        _ => return Err(Error::invalid("q", "rank 4 [b, sq_new, h, d]", format!("shape {:?}", q.shape()))),
+    };
+    check_head_dim(d)?;
+    for (arg, t) in [("k_cache", &cache.k_cache), ("v_cache", &cache.v_cache)] {
+        let view = t.as_view();
+        check_view(arg, &view)?;
+        if t.dtype() != dtype {
+            return Err(Error::invalid(arg, format!("dtype {dtype} (as q)"), t.dtype()));
+        }
+        if t.shape().len() != 4 {
+            return Err(Error::invalid(arg, "rank 4", format!("shape {:?}", t.shape())));
+        }
+        if !t.layout.is_non_overlapping() {
+            return Err(Error::invalid(
+                arg,
+                "a layout whose elements do not overlap",
+                format!("strides {:?}", t.layout.strides),
+            ));
+        }
+    }
+    let cs = cache.k_cache.shape().to_vec();
+    if cache.v_cache.shape() != cs.as_slice() {
+        return Err(Error::invalid(
+            "v_cache",
+            format!("shape {cs:?} (as k_cache)"),
+            format!("{:?}", cache.v_cache.shape()),
+        ));
+    }
+    let hk = cs[2];
+    if cs[3] != d {
+        return Err(Error::invalid("k_cache", format!("head dim {d} (as q)"), cs[3]));
+    }
+    check_heads(h, hk)?;
+    let scale = check_finite_scale(opts.softmax_scale, d)?;
+    let softcap = check_softcap(opts.softcap)?;
+    let mask = Mask::new(opts.causal, opts.window)?;
+    let alibi = check_alibi(opts, b, h)?;
+
+    let seqlens: Vec<usize> = match &cache.cache_seqlens {
+        CacheSeqlens::All(n) => {
+            let n = usize::try_from(*n).map_err(|_| Error::invalid("cache_seqlens", "a value >= 0", n))?;
+            vec![n; b]
+        }
+        CacheSeqlens::PerSeq(v) => vec_arg("cache_seqlens", &Some(v.clone()), b)?.unwrap_or_default(),
+    };
+    let s_new = match (&cache.k_new, &cache.v_new) {
+        (None, None) => 0,
+        (Some(kn), Some(vn)) => {
+            for (arg, t) in [("k_new", kn), ("v_new", vn)] {
+                check_view(arg, t)?;
+                if t.dtype() != dtype {
+                    return Err(Error::invalid(arg, format!("dtype {dtype} (as q)"), t.dtype()));
+                }
+            }
+            let want = [b, kn.shape().get(1).copied().unwrap_or(0), hk, d];
+            if kn.shape() != want {
+                return Err(Error::invalid("k_new", format!("shape {want:?}"), format!("{:?}", kn.shape())));
+            }
+            if vn.shape() != want {
+                return Err(Error::invalid("v_new", format!("shape {want:?} (as k_new)"), format!("{:?}", vn.shape())));
+            }
+            want[1]
+        }
+        (Some(_), None) => return Err(Error::invalid("v_new", "a tensor when k_new is given", "none")),
+        (None, Some(_)) => return Err(Error::invalid("k_new", "a tensor when v_new is given", "none")),
+    };
+
+    // Addressing of the cache.
+    let kl = cache.k_cache.layout.clone();
+    let vl = cache.v_cache.layout.clone();
+    let batch_idx = vec_arg("cache_batch_idx", &cache.cache_batch_idx, b)?;
+    let leftpad = vec_arg("cache_leftpad", &cache.cache_leftpad, b)?;
+    let (capacity, k_map, v_map) = if let Some(bt) = &cache.block_table {
+        if batch_idx.is_some() {
+            return Err(Error::invalid("cache_batch_idx", "none with a paged cache (block_table)", "a tensor"));
+        }
+        if leftpad.is_some() {
+            return Err(Error::invalid("cache_leftpad", "none with a paged cache (block_table)", "a tensor"));
+        }
+        if bt.dtype() != DType::I32 || bt.shape().len() != 2 || bt.shape()[0] != b {
+            return Err(Error::invalid(
+                "block_table",
+                format!("i32 of shape [{b}, max_pages]"),
+                format!("{} of shape {:?}", bt.dtype(), bt.shape()),
+            ));
+        }
+        let max_pages = bt.shape()[1];
+        let (num_pages, page_size) = (cs[0], cs[1]);
+        if page_size == 0 {
+            return Err(Error::invalid("k_cache", "a page size >= 1", 0));
+        }
+        let table = bt.view().to_i32_vec().unwrap_or_default();
+        let cap = max_pages * page_size;
+        for (i, &n) in seqlens.iter().enumerate() {
+            let used = n + s_new;
+            if used > cap {
+                return Err(Error::CacheOverflow { seq: i, needed: used, capacity: cap });
+            }
+            for pg in 0..used.div_ceil(page_size) {
+                let e = table[i * max_pages + pg];
+                if e < 0 || e as usize >= num_pages {
+                    return Err(Error::invalid(
+                        "block_table",
+                        format!("page indices in 0..{num_pages}"),
+                        format!("{e} at [{i}, {pg}]"),
+                    ));
+                }
+            }
+        }
+        let map = |l: &Layout| RowMap {
+            base: vec![0; b],
+            row_stride: l.strides[1],
+            head_stride: l.strides[2],
+            paged: Some(Paged {
+                table: table.clone(),
+                max_pages,
+                page_size,
+                page_stride: l.strides[0],
+                offset: l.offset,
+            }),
+        };
+        (vec![cap; b], map(&kl), map(&vl))
+    } else {
+        let (b_cache, s_cache) = (cs[0], cs[1]);
+        let rows: Vec<usize> = match &batch_idx {
+            Some(idx) => {
+                if let Some((i, &r)) = idx.iter().enumerate().find(|(_, &r)| r >= b_cache) {
+                    return Err(Error::invalid(
+                        "cache_batch_idx",
+                        format!("values in 0..{b_cache}"),
+                        format!("{r} at {i}"),
+                    ));
+                }
+                idx.clone()
+            }
+            None => {
+                if b_cache < b {
+                    return Err(Error::invalid("k_cache", format!("at least {b} cache rows (batch)"), b_cache));
+                }
+                (0..b).collect()
+            }
+        };
+        for (i, &n) in seqlens.iter().enumerate() {
+            if n + s_new > s_cache {
+                return Err(Error::CacheOverflow { seq: i, needed: n + s_new, capacity: s_cache });
+            }
+        }
+        if s_new > 0 {
+            let mut seen = vec![false; b_cache];
+            for (i, &r) in rows.iter().enumerate() {
+                if std::mem::replace(&mut seen[r], true) {
+                    return Err(Error::invalid(
+                        "cache_batch_idx",
+                        "distinct cache rows when appending (two sequences would write the same row)",
+                        format!("row {r} repeated at {i}"),
+                    ));
+                }
+            }
+        }
+        let lp = leftpad.clone().unwrap_or_else(|| vec![0; b]);
+        let map = |l: &Layout| RowMap {
+            base: rows.iter().zip(&lp).map(|(&r, &p)| l.offset + r * l.strides[0] + p * l.strides[1]).collect(),
+            row_stride: l.strides[1],
+            head_stride: l.strides[2],
+            paged: None,
+        };
+        (vec![s_cache; b], map(&kl), map(&vl))
+    };
+    let lp = leftpad.unwrap_or_else(|| vec![0; b]);
+    for (i, (&p, &n)) in lp.iter().zip(&seqlens).enumerate() {
+        if p > n {
+            return Err(Error::invalid("cache_leftpad", format!("a value <= cache_seqlens[{i}] = {n}"), p));
+        }
+    }
+    // Paged appends must not write one (page, row) from two sequences.
+    if let (Some(pg), true) = (&k_map.paged, s_new > 0) {
+        let mut seen = std::collections::HashSet::new();
+        for (i, &n) in seqlens.iter().enumerate() {
+            for t in n..n + s_new {
+                let page = pg.table[i * pg.max_pages + t / pg.page_size];
+                if !seen.insert((page, t % pg.page_size)) {
+                    return Err(Error::invalid(
+                        "block_table",
+                        "distinct pages for the rows being appended",
+                        format!("page {page} row {} written by two sequences", t % pg.page_size),
+                    ));
+                }
+            }
+        }
+    }
+    let _ = capacity;
+
+    // Rotary tables.
+    let rot = match &cache.rotary {
+        None => None,
+        Some(r) => {
+            if s_new == 0 {
+                return Err(Error::invalid("rotary_cos", "rotary only together with k_new", "no k_new"));
+            }
+            for (arg, t) in [("rotary_cos", &r.cos), ("rotary_sin", &r.sin)] {
+                check_view(arg, t)?;
+                if !(t.dtype() == DType::F32 || t.dtype() == dtype) {
+                    return Err(Error::invalid(arg, format!("dtype f32 or {dtype}"), t.dtype()));
+                }
+                if t.shape().len() != 2 {
+                    return Err(Error::invalid(arg, "shape [s_ro, rot / 2]", format!("{:?}", t.shape())));
+                }
+            }
+            if r.sin.shape() != r.cos.shape() {
+                return Err(Error::invalid(
+                    "rotary_sin",
+                    format!("shape {:?} (as rotary_cos)", r.cos.shape()),
+                    format!("{:?}", r.sin.shape()),
+                ));
+            }
+            let (s_ro, half) = (r.cos.shape()[0], r.cos.shape()[1]);
+            if half == 0 || 2 * half > d {
+                return Err(Error::invalid("rotary_cos", format!("rot / 2 in 1..={} (rot <= d = {d})", d / 2), half));
+            }
+            let need = seqlens.iter().map(|&n| n + s_new).max().unwrap_or(0);
+            if s_ro < need {
+                return Err(Error::invalid("rotary_cos", format!("at least {need} rows (positions used)"), s_ro));
+            }
+            let (cos, sin) = (r.cos.to_f32_vec(), r.sin.to_f32_vec());
+            if cos.iter().chain(&sin).any(|x| !x.is_finite()) {
+                return Err(Error::invalid("rotary_cos", "finite values", "a non-finite value"));
+            }
+            Some((cos, sin, half, r.interleaved))
+        }
+    };
+
+    // All checks passed: append.
+    if let (Some(kn), Some(vn)) = (&cache.k_new, &cache.v_new) {
+        let kraw = cache.k_cache.data.raw();
+        let vraw = cache.v_cache.data.raw();
+        append(kn, &kraw, &k_map, &seqlens, &lp, hk, d, rot.as_ref());
+        append(vn, &vraw, &v_map, &seqlens, &lp, hk, d, None);
+    }
+
+    // Rotated q.
+    let q_rotated = rot.as_ref().map(|(cos, sin, half, inter)| {
+        let mut out = Tensor::zeros(&[b, sq, h, d], dtype);
+        let raw = out.view_mut().data.raw();
+        let mut row = vec![0f32; d];
+        for i in 0..b {
+            for t in 0..sq {
+                let pos = if mask.is_active() { seqlens[i] + t } else { seqlens[i] };
+                for hh in 0..h {
+                    q.data.read_f32(q.layout.index(&[i, t, hh, 0]), &mut row);
+                    rotate(&mut row, &cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half], *inter);
+                    raw.write_f32(((i * sq + t) * h + hh) * d, &row);
+                }
+            }
+        }
+        out
+    });
+
+    let seqlen_k: Vec<usize> = seqlens.iter().zip(&lp).map(|(&n, &p)| n + s_new - p).collect();
+    let q_layout = q_rotated.as_ref().map(|t| t.layout().clone()).unwrap_or_else(|| q.layout.clone());
+    let q_start: Vec<usize> = (0..b).map(|i| i * sq).collect();
+    let mut k_start = Vec::with_capacity(b);
+    let mut acc = 0;
+    for &n in &seqlen_k {
+        k_start.push(acc);
+        acc += n;
+    }
+    let problem = Problem {
+        dtype,
+        batch: b,
+        h,
+        hk,
+        d,
+        seqlen_q: vec![sq; b],
+        seqlen_k,
+        q_start,
+        k_start,
+        total_q: b * sq,
+        total_k: acc,
+        varlen: false,
+        scale,
+        softcap,
+        alibi,
+        mask,
+        q: RowMap {
+            base: (0..b).map(|i| q_layout.offset + i * q_layout.strides[0]).collect(),
+            row_stride: q_layout.strides[1],
+            head_stride: q_layout.strides[2],
+            paged: None,
+        },
+        k: k_map,
+        v: v_map,
+        cu_seqlens: None,
+        seqused_k: None,
+    };
+    Ok(KvPlan { problem, q_rotated })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn append(
+    new: &TensorView<'_>,
+    dst: &RawMut,
+    map: &RowMap,
+    seqlens: &[usize],
+    leftpad: &[usize],
+    hk: usize,
+    d: usize,
+    rot: Option<&(Vec<f32>, Vec<f32>, usize, bool)>,
+) {
+    let mut row = vec![0f32; d];
+    let s_new = new.shape()[1];
+    for (i, (&n, &lp)) in seqlens.iter().zip(leftpad).enumerate() {
+        for t in 0..s_new {
+            let pos = n + t;
+            for kh in 0..hk {
+                new.data.read_f32(new.layout.index(&[i, t, kh, 0]), &mut row);
+                if let Some((cos, sin, half, inter)) = rot {
+                    rotate(&mut row, &cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half], *inter);
+                }
+                // The map's base already points at `leftpad` for unpaged caches; positions are absolute.
+                dst.write_f32(map.at(i, pos - lp, kh), &row);
+            }
+        }
+    }
+}
+
+/// KV-cache attention on the host: validates, appends in place, then runs the flash forward.
+///
+/// ```
+/// use flashattn::{kvcache_forward, AttnOptions, CacheSeqlens, DType, KvCache, Tensor};
+/// let q = Tensor::from_f32(&vec![0.1; 1 * 1 * 4 * 16], &[1, 1, 4, 16], DType::BF16)?;
+/// let mut kc = Tensor::zeros(&[1, 32, 2, 16], DType::BF16);
+/// let mut vc = Tensor::zeros(&[1, 32, 2, 16], DType::BF16);
+/// let kn = Tensor::from_f32(&vec![0.2; 1 * 1 * 2 * 16], &[1, 1, 2, 16], DType::BF16)?;
+/// let mut cache = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(7));
+/// cache.k_new = Some(kn.view());
+/// cache.v_new = Some(kn.view());
+/// let out = kvcache_forward(&q.view(), &mut cache, &AttnOptions::default().causal())?;
+/// assert_eq!(out.o.shape(), &[1, 1, 4, 16]);
+/// # Ok::<(), flashattn::Error>(())
+/// ```
+pub fn kvcache_forward(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) -> Result<ForwardOutput> {
+    let plan = prepare(q, cache, opts)?;
+    let p = &plan.problem;
+    let mut o = Tensor::zeros(&p.o_shape(), p.dtype);
+    let mut lse = Tensor::zeros(&p.lse_shape(), DType::F32);
+    let qv = plan.q_rotated.as_ref().map(|t| t.view()).unwrap_or_else(|| q.clone());
+    {
+        let k = cache.k_cache.as_view();
+        let v = cache.v_cache.as_view();
+        let o_map = p.q_like_map(o.layout());
+        let out =
+            crate::cpu::flash::FwdOut { o: o.view_mut().data.raw(), o_map: &o_map, lse: lse.view_mut().data.raw() };
+        crate::cpu::flash::forward(p, crate::cpu::flash::Qkv { q: qv.data, k: k.data, v: v.data }, &out);
+    }
+    Ok(ForwardOutput { o, lse })
+}

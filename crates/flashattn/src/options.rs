@@ -1,0 +1,92 @@
+//! The one options type of the attention calls, with FlashAttention's defaults.
+
+use crate::tensor::Tensor;
+
+/// Variable-length batches: sequences packed along the first dimension of `q` (`[total_q, h, d]`) and
+/// `k`/`v` (`[total_k, hk, d]`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VarLen {
+    /// `[b + 1]`, non-decreasing, starting at 0, ending at `total_q`.
+    pub cu_seqlens_q: Vec<i32>,
+    /// `[b + 1]`, non-decreasing, starting at 0, ending at `total_k`.
+    pub cu_seqlens_k: Vec<i32>,
+    /// `[b]`: only the first `seqused_k[i]` keys of sequence `i` are used.
+    pub seqused_k: Option<Vec<i32>>,
+}
+
+/// Options of a forward or backward attention call. `AttnOptions::default()` is plain softmax attention
+/// with scale `1/sqrt(d)`.
+///
+/// ```
+/// let opts = flashattn::AttnOptions::default().causal().window(256, 0).softcap(30.0);
+/// assert!(opts.causal && opts.window == (256, 0));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttnOptions {
+    /// Softmax scale; `None` means `1/sqrt(d)`. Must be finite.
+    pub softmax_scale: Option<f32>,
+    /// Causal mask, aligned to the bottom-right corner. Same as `window = (-1, 0)`.
+    pub causal: bool,
+    /// Sliding window `(left, right)`; `-1` on a side means unbounded. With `causal`, right is 0.
+    pub window: (i64, i64),
+    /// ALiBi slopes, `f32`, shape `[h]` or `[b, h]`.
+    pub alibi_slopes: Option<Tensor>,
+    /// Soft-capping of scores: `s = softcap * tanh(s / softcap)` when `> 0`; 0 turns it off.
+    pub softcap: f32,
+    /// Variable-length batches.
+    pub varlen: Option<VarLen>,
+    /// Backward only: make dQ/dK/dV bit-reproducible run to run (CPU results always are).
+    pub deterministic: bool,
+}
+
+impl Default for AttnOptions {
+    fn default() -> Self {
+        AttnOptions {
+            softmax_scale: None,
+            causal: false,
+            window: (-1, -1),
+            alibi_slopes: None,
+            softcap: 0.0,
+            varlen: None,
+            deterministic: false,
+        }
+    }
+}
+
+impl AttnOptions {
+    /// Turns on the causal mask.
+    pub fn causal(mut self) -> Self {
+        self.causal = true;
+        self
+    }
+    /// Sets a sliding window (`-1` = unbounded side).
+    pub fn window(mut self, left: i64, right: i64) -> Self {
+        self.window = (left, right);
+        self
+    }
+    /// Sets the softmax scale.
+    pub fn scale(mut self, scale: f32) -> Self {
+        self.softmax_scale = Some(scale);
+        self
+    }
+    /// Sets soft-capping.
+    pub fn softcap(mut self, cap: f32) -> Self {
+        self.softcap = cap;
+        self
+    }
+    /// Sets ALiBi slopes (`f32`, `[h]` or `[b, h]`).
+    pub fn alibi(mut self, slopes: Tensor) -> Self {
+        self.alibi_slopes = Some(slopes);
+        self
+    }
+    /// Sets variable-length batches.
+    pub fn varlen(mut self, varlen: VarLen) -> Self {
+        self.varlen = Some(varlen);
+        self
+    }
+    /// Requests a deterministic backward pass.
+    pub fn deterministic(mut self) -> Self {
+        self.deterministic = true;
+        self
+    }
+}

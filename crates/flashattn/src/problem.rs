@@ -1,0 +1,434 @@
+//! Validation and normalisation: a call's tensors and options are checked once and turned into a
+//! [`Problem`] that every backend consumes. Nothing past this point needs to re-check user input.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::options::AttnOptions;
+use crate::semantics::Mask;
+use crate::tensor::{Layout, TensorView};
+
+/// Largest supported head dimension.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Maps `(sequence, row, head)` to the element offset of that row's first element (the head dim is
+/// contiguous). Dense and varlen tensors use a per-sequence base; paged KV caches go through a block table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowMap {
+    /// Element offset of row 0, head 0 of each sequence (unpaged).
+    pub base: Vec<usize>,
+    /// Step between rows, in elements.
+    pub row_stride: usize,
+    /// Step between heads, in elements.
+    pub head_stride: usize,
+    /// The block table, for paged KV caches.
+    pub paged: Option<Paged>,
+}
+
+/// A paged KV cache's addressing: row `t` of sequence `i` is row `t % page_size` of page
+/// `table[i * max_pages + t / page_size]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Paged {
+    /// `[b, max_pages]` page indices (validated in range for every row used).
+    pub table: Vec<i32>,
+    /// Columns of the block table.
+    pub max_pages: usize,
+    /// Rows per page.
+    pub page_size: usize,
+    /// Step between pages, in elements.
+    pub page_stride: usize,
+    /// Element offset of page 0.
+    pub offset: usize,
+}
+
+impl RowMap {
+    /// Element offset of `(seq, row, head)`.
+    #[inline]
+    pub fn at(&self, seq: usize, row: usize, head: usize) -> usize {
+        match &self.paged {
+            None => self.base[seq] + row * self.row_stride + head * self.head_stride,
+            Some(p) => {
+                let page = p.table[seq * p.max_pages + row / p.page_size] as usize;
+                p.offset + page * p.page_stride + (row % p.page_size) * self.row_stride + head * self.head_stride
+            }
+        }
+    }
+}
+
+/// ALiBi slopes, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alibi {
+    /// `[h]` or `[b, h]`, row-major.
+    pub slopes: Vec<f32>,
+    /// Whether the slopes are per batch entry (`[b, h]`).
+    pub per_batch: bool,
+}
+
+impl Alibi {
+    /// The slope of `(seq, head)`.
+    #[inline]
+    pub fn slope(&self, seq: usize, head: usize, h: usize) -> f32 {
+        if self.per_batch {
+            self.slopes[seq * h + head]
+        } else {
+            self.slopes[head]
+        }
+    }
+}
+
+/// A validated attention problem.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// Element type of q, k, v and the outputs.
+    pub dtype: DType,
+    /// Number of sequences.
+    pub batch: usize,
+    /// Query heads.
+    pub h: usize,
+    /// Key/value heads.
+    pub hk: usize,
+    /// Head dimension.
+    pub d: usize,
+    /// Queries of each sequence.
+    pub seqlen_q: Vec<usize>,
+    /// Keys of each sequence (after `seqused_k`, KV-cache lengths and leftpad).
+    pub seqlen_k: Vec<usize>,
+    /// Logical index of each sequence's first query row (`cu_seqlens_q`, or `i * sq` when dense).
+    pub q_start: Vec<usize>,
+    /// Logical index of each sequence's first key row (`cu_seqlens_k`, or `i * sk` when dense).
+    pub k_start: Vec<usize>,
+    /// Rows of q in all (`b * sq`, or `total_q`).
+    pub total_q: usize,
+    /// Rows of k in all (`b * sk`, or `total_k`; for a KV cache, `sum(seqlen_k)`).
+    pub total_k: usize,
+    /// Whether the batch is variable-length (q is `[total_q, h, d]`, lse is `[h, total_q]`).
+    pub varlen: bool,
+    /// Softmax scale.
+    pub scale: f32,
+    /// Soft-capping (0 = off).
+    pub softcap: f32,
+    /// ALiBi slopes.
+    pub alibi: Option<Alibi>,
+    /// Visibility.
+    pub mask: Mask,
+    /// Where q's rows are.
+    pub q: RowMap,
+    /// Where k's rows are.
+    pub k: RowMap,
+    /// Where v's rows are.
+    pub v: RowMap,
+    /// Original varlen arrays, for device backends.
+    pub cu_seqlens: Option<(Vec<i32>, Vec<i32>)>,
+    /// `seqused_k`, for device backends.
+    pub seqused_k: Option<Vec<i32>>,
+}
+
+impl Problem {
+    /// The largest query length.
+    pub fn max_seqlen_q(&self) -> usize {
+        self.seqlen_q.iter().copied().max().unwrap_or(0)
+    }
+    /// The largest key length.
+    pub fn max_seqlen_k(&self) -> usize {
+        self.seqlen_k.iter().copied().max().unwrap_or(0)
+    }
+    /// Shape of `o` (same as q's).
+    pub fn o_shape(&self) -> Vec<usize> {
+        if self.varlen {
+            vec![self.total_q, self.h, self.d]
+        } else {
+            vec![self.batch, self.total_q / self.batch.max(1), self.h, self.d]
+        }
+    }
+    /// Shape of `lse`: `[b, h, sq]`, or `[h, total_q]` when varlen.
+    pub fn lse_shape(&self) -> Vec<usize> {
+        if self.varlen {
+            vec![self.h, self.total_q]
+        } else {
+            vec![self.batch, self.h, self.total_q / self.batch.max(1)]
+        }
+    }
+    /// Index of `(seq, head, row)` in a contiguous lse tensor of [`Problem::lse_shape`].
+    #[inline]
+    pub fn lse_index(&self, seq: usize, head: usize, row: usize) -> usize {
+        if self.varlen {
+            head * self.total_q + self.q_start[seq] + row
+        } else {
+            let sq = self.total_q / self.batch.max(1);
+            (seq * self.h + head) * sq + row
+        }
+    }
+    /// The row map of an output laid out like q (`o`, `do`, `dq`), from its validated layout.
+    pub fn q_like_map(&self, layout: &Layout) -> RowMap {
+        row_map(layout, self.varlen, &self.q_start)
+    }
+    /// The row map of a tensor laid out like k (`dk`, `dv`), from its validated layout.
+    pub fn k_like_map(&self, layout: &Layout) -> RowMap {
+        row_map(layout, self.varlen, &self.k_start)
+    }
+    /// Floating-point operations of the forward pass: `4 * sum(visible pairs) * d`, counted exactly.
+    pub fn forward_flops(&self) -> f64 {
+        let mut pairs = 0f64;
+        for (&sq, &sk) in self.seqlen_q.iter().zip(&self.seqlen_k) {
+            if !self.mask.is_active() {
+                pairs += (sq * sk) as f64;
+            } else {
+                pairs += (0..sq).map(|i| self.mask.key_range(i, sq, sk).len() as f64).sum::<f64>();
+            }
+        }
+        4.0 * pairs * self.h as f64 * self.d as f64
+    }
+}
+
+fn row_map(layout: &Layout, varlen: bool, starts: &[usize]) -> RowMap {
+    let s = &layout.strides;
+    if varlen {
+        RowMap {
+            base: starts.iter().map(|&r| layout.offset + r * s[0]).collect(),
+            row_stride: s[0],
+            head_stride: s[1],
+            paged: None,
+        }
+    } else {
+        RowMap {
+            base: (0..starts.len()).map(|i| layout.offset + i * s[0]).collect(),
+            row_stride: s[1],
+            head_stride: s[2],
+            paged: None,
+        }
+    }
+}
+
+/// Checks that a view's layout is in bounds of its buffer and has a contiguous last dimension.
+pub(crate) fn check_view(arg: &'static str, t: &TensorView<'_>) -> Result<()> {
+    check_layout_in(arg, &t.layout, t.data.len())
+}
+
+pub(crate) fn check_layout_in(arg: &'static str, layout: &Layout, len: usize) -> Result<()> {
+    if layout.shape.len() != layout.strides.len() {
+        return Err(Error::invalid(arg, format!("{} strides (one per dim)", layout.shape.len()), layout.strides.len()));
+    }
+    match layout.extent() {
+        Some(e) if e <= len => {}
+        _ => {
+            return Err(Error::invalid(
+                arg,
+                format!("a layout inside its buffer of {len} elements"),
+                format!("shape {:?} strides {:?} offset {}", layout.shape, layout.strides, layout.offset),
+            ))
+        }
+    }
+    if let (Some(&n), Some(&st)) = (layout.shape.last(), layout.strides.last()) {
+        if n > 1 && st != 1 {
+            return Err(Error::invalid(arg, "a contiguous last dimension (stride 1)", format!("stride {st}")));
+        }
+    }
+    Ok(())
+}
+
+/// Checks an output's shape, dtype and layout (in bounds, contiguous last dim, no self-overlap).
+pub(crate) fn check_output(
+    arg: &'static str,
+    layout: &Layout,
+    len: usize,
+    dtype: DType,
+    want_shape: &[usize],
+    want_dtype: DType,
+) -> Result<()> {
+    if layout.shape != want_shape {
+        return Err(Error::invalid(arg, format!("shape {want_shape:?}"), format!("{:?}", layout.shape)));
+    }
+    if dtype != want_dtype {
+        return Err(Error::invalid(arg, format!("dtype {want_dtype}"), dtype));
+    }
+    check_layout_in(arg, layout, len)?;
+    if !layout.is_non_overlapping() {
+        return Err(Error::invalid(
+            arg,
+            "a layout whose elements do not overlap",
+            format!("strides {:?}", layout.strides),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_finite_scale(scale: Option<f32>, d: usize) -> Result<f32> {
+    match scale {
+        None => Ok(1.0 / (d as f32).sqrt()),
+        Some(s) if s.is_finite() => Ok(s),
+        Some(s) => Err(Error::invalid("softmax_scale", "a finite number", s)),
+    }
+}
+
+pub(crate) fn check_softcap(cap: f32) -> Result<f32> {
+    if cap.is_finite() && cap >= 0.0 {
+        Ok(cap)
+    } else {
+        Err(Error::invalid("softcap", "a finite number >= 0 (0 = off)", cap))
+    }
+}
+
+pub(crate) fn check_head_dim(d: usize) -> Result<()> {
+    if d == 0 || d > MAX_HEAD_DIM {
+        return Err(Error::invalid("q", format!("head dim in 1..={MAX_HEAD_DIM}"), d));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_heads(h: usize, hk: usize) -> Result<()> {
+    if hk == 0 || h == 0 || h % hk != 0 {
+        return Err(Error::invalid(
+            "k",
+            format!("a number of heads dividing the query heads ({h})"),
+            format!("{hk} heads"),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_alibi(opts: &AttnOptions, batch: usize, h: usize) -> Result<Option<Alibi>> {
+    let Some(t) = &opts.alibi_slopes else { return Ok(None) };
+    if t.dtype() != DType::F32 {
+        return Err(Error::invalid("alibi_slopes", "dtype f32", t.dtype()));
+    }
+    let per_batch = match t.shape() {
+        [n] if *n == h => false,
+        [bb, n] if *bb == batch && *n == h => true,
+        s => return Err(Error::invalid("alibi_slopes", format!("shape [{h}] or [{batch}, {h}]"), format!("{s:?}"))),
+    };
+    let slopes = t.to_f32_vec();
+    if let Some(x) = slopes.iter().find(|x| !x.is_finite()) {
+        return Err(Error::invalid("alibi_slopes", "finite values", x));
+    }
+    Ok(Some(Alibi { slopes, per_batch }))
+}
+
+fn check_cu(arg: &'static str, cu: &[i32], batch: usize, total: usize) -> Result<Vec<usize>> {
+    if cu.len() != batch + 1 {
+        return Err(Error::invalid(arg, format!("{} entries (batch + 1)", batch + 1), cu.len()));
+    }
+    if cu[0] != 0 {
+        return Err(Error::invalid(arg, "to start at 0", cu[0]));
+    }
+    for w in 0..batch {
+        if cu[w + 1] < cu[w] {
+            return Err(Error::invalid(
+                arg,
+                "non-decreasing values",
+                format!("{} after {} at index {}", cu[w + 1], cu[w], w + 1),
+            ));
+        }
+    }
+    if cu[batch] as i64 != total as i64 {
+        return Err(Error::invalid(arg, format!("last value = total rows {total}"), cu[batch]));
+    }
+    Ok(cu.iter().map(|&x| x as usize).collect())
+}
+
+/// Validates a forward (or the shared part of a backward) call and normalises it.
+pub fn validate(q: &TensorView<'_>, k: &TensorView<'_>, v: &TensorView<'_>, opts: &AttnOptions) -> Result<Problem> {
+    check_view("q", q)?;
+    check_view("k", k)?;
+    check_view("v", v)?;
+    let dtype = q.dtype();
+    if !dtype.is_float() {
+        return Err(Error::invalid("q", "dtype f16, bf16 or f32", dtype));
+    }
+    for (arg, t) in [("k", k), ("v", v)] {
+        if t.dtype() != dtype {
+            return Err(Error::invalid(arg, format!("dtype {dtype} (as q)"), t.dtype()));
+        }
+        if t.device() != q.device() {
+            return Err(Error::invalid(arg, format!("device {} (as q)", q.device()), t.device()));
+        }
+    }
+    let varlen = opts.varlen.is_some();
+    let rank = if varlen { 3 } else { 4 };
+    for (arg, t) in [("q", q), ("k", k), ("v", v)] {
+        if t.shape().len() != rank {
+            let want = if varlen { "rank 3 [total, heads, d] (varlen)" } else { "rank 4 [b, seqlen, heads, d]" };
+            return Err(Error::invalid(arg, want, format!("shape {:?}", t.shape())));
+        }
+    }
+    let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
+    let d = qs[rank - 1];
+    check_head_dim(d)?;
+    let (h, hk) = (qs[rank - 2], ks[rank - 2]);
+    if ks[rank - 1] != d {
+        return Err(Error::invalid("k", format!("head dim {d} (as q)"), ks[rank - 1]));
+    }
+    if vs != ks {
+        return Err(Error::invalid("v", format!("shape {ks:?} (as k)"), format!("{vs:?}")));
+    }
+    check_heads(h, hk)?;
+    let scale = check_finite_scale(opts.softmax_scale, d)?;
+    let softcap = check_softcap(opts.softcap)?;
+    let mask = Mask::new(opts.causal, opts.window)?;
+
+    let (batch, seqlen_q, seqlen_k, q_start, k_start, total_q, total_k, cu, seqused);
+    if let Some(vl) = &opts.varlen {
+        batch = vl.cu_seqlens_q.len().saturating_sub(1);
+        if vl.cu_seqlens_q.is_empty() {
+            return Err(Error::invalid("cu_seqlens_q", "at least 1 entry (batch + 1)", 0));
+        }
+        total_q = qs[0];
+        total_k = ks[0];
+        let cq = check_cu("cu_seqlens_q", &vl.cu_seqlens_q, batch, total_q)?;
+        let ck = check_cu("cu_seqlens_k", &vl.cu_seqlens_k, batch, total_k)?;
+        seqlen_q = cq.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>();
+        let mut sk: Vec<usize> = ck.windows(2).map(|w| w[1] - w[0]).collect();
+        if let Some(used) = &vl.seqused_k {
+            if used.len() != batch {
+                return Err(Error::invalid("seqused_k", format!("{batch} entries"), used.len()));
+            }
+            for (i, (&u, s)) in used.iter().zip(sk.iter_mut()).enumerate() {
+                if u < 0 || u as usize > *s {
+                    return Err(Error::invalid("seqused_k", format!("values in 0..={} for sequence {i}", *s), u));
+                }
+                *s = u as usize;
+            }
+        }
+        seqlen_k = sk;
+        q_start = cq[..batch].to_vec();
+        k_start = ck[..batch].to_vec();
+        cu = Some((vl.cu_seqlens_q.clone(), vl.cu_seqlens_k.clone()));
+        seqused = vl.seqused_k.clone();
+    } else {
+        batch = qs[0];
+        if ks[0] != batch {
+            return Err(Error::invalid("k", format!("batch {batch} (as q)"), ks[0]));
+        }
+        let (sq, sk) = (qs[1], ks[1]);
+        seqlen_q = vec![sq; batch];
+        seqlen_k = vec![sk; batch];
+        q_start = (0..batch).map(|i| i * sq).collect();
+        k_start = (0..batch).map(|i| i * sk).collect();
+        total_q = batch * sq;
+        total_k = batch * sk;
+        cu = None;
+        seqused = None;
+    }
+    let alibi = check_alibi(opts, batch, h)?;
+    Ok(Problem {
+        dtype,
+        batch,
+        h,
+        hk,
+        d,
+        q: row_map(&q.layout, varlen, &q_start),
+        k: row_map(&k.layout, varlen, &k_start),
+        v: row_map(&v.layout, varlen, &k_start),
+        seqlen_q,
+        seqlen_k,
+        q_start,
+        k_start,
+        total_q,
+        total_k,
+        varlen,
+        scale,
+        softcap,
+        alibi,
+        mask,
+        cu_seqlens: cu,
+        seqused_k: seqused,
+    })
+}
