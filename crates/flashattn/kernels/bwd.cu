@@ -12,7 +12,10 @@
 //   ALIGNED16     1 (default): q/k/v/o/dO/dq/dk/dv base pointers are 16-byte aligned and every row/head/batch
 //                 stride is a multiple of 8 elements (d itself may be anything) -> 16-byte cp.async tile loads,
 //                 paired stores. 0: element-wise loads and stores (any alignment, any stride). Same rule as fwd.cu.
-//   BWD_BM/BWD_BN/BWD_WARPS/BWD_DSPLIT override the tile configuration below (defaults per head dim).
+//   BWD_BM/BWD_BN/BWD_WARPS/BWD_DSPLIT override the tile configuration below (defaults per head dim);
+//   BWD_MINB: __launch_bounds__ min blocks per SM [1]; BWD_ROTATE: 1 = each CTA starts its query-block walk at a
+//   different block (spreads the dQ atomics of concurrent CTAs over different rows) [0: measured no gain on H100;
+//   ignored if DETERMINISTIC, which walks the query blocks last to first].
 //
 // Tile configuration (main kernel): BN keys per CTA, BM queries per step, BWD_WARPS warps, BWD_DSPLIT warps share
 // one 16-key strip (each owning HEAD_DIM/DSPLIT columns of dK/dV; the strip's S/dP are recomputed by each of them):
@@ -94,6 +97,17 @@
 #endif
 #ifndef BWD_BN
 #define BWD_BN (16 * BWD_WARPS / BWD_DSPLIT)
+#endif
+
+#ifndef BWD_MINB
+#define BWD_MINB 1
+#endif
+#if DETERMINISTIC
+#undef BWD_ROTATE
+#define BWD_ROTATE 0
+#endif
+#ifndef BWD_ROTATE
+#define BWD_ROTATE 0
 #endif
 
 #if IS_BF16
@@ -256,6 +270,19 @@ constexpr int SMEM = OFF_DP + 2 * BM * 4;
 #define BWD_SMEM_BYTES (bwd::SMEM)
 extern "C" __constant__ int flash_bwd_config[4] = {bwd::BM, bwd::BN, bwd::NT, bwd::SMEM};
 
+// Position (0..n_m-1, relative to m_lo) of the query block handled at step `it`. Deterministic mode walks the
+// blocks from the last to the first: every CTA of a (batch, head) then starts on the same block, so the in-order
+// semaphore only skews CTA n by n steps instead of serialising causal CTAs (whose first blocks differ).
+FA_DEVICE int m_order(int it, int n_m, int rot) {
+    int r = it % n_m;
+#if DETERMINISTIC
+    return n_m - 1 - r;
+#else
+    r += rot;
+    return r >= n_m ? r - n_m : r;
+#endif
+}
+
 // Copy `rows` x HEAD_DIM tile rows [0, rows) of a strided 16-bit matrix into a padded shared tile; rows >= nvalid
 // and columns >= d are zero-filled. ALIGNED16: asynchronous (caller commits); otherwise synchronous.
 template <int ROWS>
@@ -286,7 +313,7 @@ FA_DEVICE void load_tile(u32 s_base, const elem_t* g, i64 row_stride, int nvalid
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(bwd::NT, 1) flash_bwd_main(const BwdParams p) {
+extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(const BwdParams p) {
     using namespace bwd;
     extern __shared__ __align__(128) unsigned char smem[];
     const FwdParams& f = p.fwd;
@@ -331,6 +358,11 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, 1) flash_bwd_main(const Bw
 #endif
     const int n_m = m_hi > m_lo ? m_hi - m_lo : 0;
     const int n_iter = n_m * group;
+#if BWD_ROTATE
+    const int rot = n_m > 0 ? nblk % n_m : 0;
+#else
+    const int rot = 0;
+#endif
 
     const u32 sbase = smem_u32(smem);
     const u32 sK = sbase + OFF_K, sV = sbase + OFF_V;
@@ -350,7 +382,8 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, 1) flash_bwd_main(const Bw
     // Issue the loads of iteration `it` (query head group index, query block) into buffer `buf`.
     auto issue_q = [&](int it, int buf) {
         const int gi = it / n_m;
-        const int m0 = (m_lo + it % n_m) * BM;
+        const int mr = m_order(it, n_m, rot);
+        const int m0 = (m_lo + mr) * BM;
         const int head = kvh * group + gi;
         const int nvalid = si.sq - m0;
         const elem_t* qg = (const elem_t*)f.q + batch_off(f.q_batch_stride, bi) + (si.q_off_rows + m0) * f.q_row_stride + head * f.q_head_stride;
@@ -400,7 +433,8 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, 1) flash_bwd_main(const Bw
         __syncthreads();
 
         const int gi = it / n_m;
-        const int mb = m_lo + it % n_m;
+        const int mr = m_order(it, n_m, rot);
+        const int mb = m_lo + mr;
         const int m0 = mb * BM;
         const int head = kvh * group + gi;
 
