@@ -203,7 +203,7 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
 
     // ---- sequence geometry
     int sq = p.sq, sk = p.sk;
-    i64 q_off, k_off, v_off, o_off, lse_off;
+    i64 q_off, k_off, v_off;
 #if IS_VARLEN
     {
         const int q0 = p.cu_seqlens_q[bi];
@@ -213,15 +213,11 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
         q_off = (i64)q0 * p.q_row_stride;
         k_off = (i64)k0 * p.k_row_stride;
         v_off = (i64)k0 * p.v_row_stride;
-        o_off = (i64)q0 * p.o_row_stride;
-        lse_off = (i64)qh * p.lse_head_stride + q0;
     }
 #else
     q_off = (i64)bi * p.q_batch_stride;
     k_off = (i64)bi * p.k_batch_stride;
     v_off = (i64)bi * p.v_batch_stride;
-    o_off = (i64)bi * p.o_batch_stride;
-    lse_off = (i64)bi * p.lse_batch_stride + (i64)qh * p.lse_head_stride;
 #endif
     if (p.seqused_k) sk = min(sk, p.seqused_k[bi]);
     if (sk < 0) sk = 0;
@@ -233,7 +229,6 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
     const u16* gq = (const u16*)p.q + q_off + (i64)qh * p.q_head_stride + (i64)m0 * p.q_row_stride;
     const u16* gk = (const u16*)p.k + k_off + (i64)kvh * p.k_head_stride;
     const u16* gv = (const u16*)p.v + v_off + (i64)kvh * p.v_head_stride;
-    u16* go = (u16*)p.o + o_off + (i64)qh * p.o_head_stride + (i64)m0 * p.o_row_stride;
 
     MaskCtx mc;
     mc.sq = sq;
@@ -353,16 +348,30 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
                     }
 #endif
             if (need_mask) {
+                // Per row: visible columns are [lo, hi) (spec visibility, see mask.cuh), shifted so that the
+                // test per element is one compare against the compile-time column offset nt*8 + e.
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                    for (int nt = 0; nt < NTILES; ++nt)
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const int i = m0 + warp_row0 + mt * 16 + g + hh * 8;
+                        const int base = n0 + 2 * t;
+                        int hi = sk;
+                        int lo = 0;
+#if HAS_MASK
+                        if (mc.wr >= 0) hi = min(hi, i + off + mc.wr + 1);
+                        if (mc.wl >= 0) lo = i + off - mc.wl;
+#endif
+                        hi -= base;
+                        lo -= base;
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int i = m0 + warp_row0 + mt * 16 + g + (e >> 1) * 8;
-                            const int j = n0 + nt * 8 + 2 * t + (e & 1);
-                            if (!is_visible(mc, i, j)) s[mt][nt][e] = FA_NEG_INF;
-                        }
+                        for (int nt = 0; nt < NTILES; ++nt)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                const int cidx = nt * 8 + e;
+                                if (cidx >= hi || cidx < lo) s[mt][nt][2 * hh + e] = FA_NEG_INF;
+                            }
+                    }
             }
 
             cp_async_wait<0>();
@@ -432,7 +441,17 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
         }
     }
 
-    // ---- epilogue: normalise, LSE, stage O in this warp's own Q rows, coalesced stores
+    // ---- epilogue: normalise, LSE, stage O in this warp's own Q rows, coalesced stores.
+    // Output offsets are recomputed here rather than kept live through the main loop (register pressure).
+#if IS_VARLEN
+    const int q0e = p.cu_seqlens_q[blockIdx.y];
+    const i64 o_off = (i64)q0e * p.o_row_stride;
+    const i64 lse_off = (i64)blockIdx.z * p.lse_head_stride + q0e;
+#else
+    const i64 o_off = (i64)blockIdx.y * p.o_batch_stride;
+    const i64 lse_off = (i64)blockIdx.y * p.lse_batch_stride + (i64)blockIdx.z * p.lse_head_stride;
+#endif
+    u16* go = (u16*)p.o + o_off + (i64)blockIdx.z * p.o_head_stride + (i64)m0 * p.o_row_stride;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
