@@ -44,8 +44,11 @@
 //       (K, V | Q, dO double-buffered | dS^T | lse_log2, dpsum double-buffered).  Values:
 //         d32: 60416  d64: 93184  d96: 125952  d128: 115200  d160: 91648  d192: 108032  d224: 124416  d256: 140800
 //       The module also exports `__constant__ int flash_bwd_config[4] = {BM, BN, threads, BWD_SMEM_BYTES}`
-//       (cuModuleGetGlobal) so a launcher can read the tile sizes instead of mirroring the table. Needs cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES). Writes dK, dV (all rows of the CTA's key block,
-//       zeros where no query sees a key) and adds dS K into dq_accum (f32 atomics; red.v2 on sm_90).
+//       (cuModuleGetGlobal) so a launcher can read the tile sizes instead of mirroring the table.
+//       Needs cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) (all values fit sm_80's 163 KB). Writes dK, dV (all
+//       rows of the CTA's key block, zeros where no query sees a key) and adds dS K (unscaled) into dq_accum
+//       (f32 atomics; red.v2 on sm_90). DETERMINISTIC spins on the semaphore of lower key blocks of the same
+//       (batch, head): it relies on CTAs being dispatched in blockIdx order (x fastest), as FA2's does.
 //   flash_bwd_convert_dq(BwdParams p)  grid (ceil(sq/64), h, b), 256 threads, no dynamic smem.
 //       dq = dq_accum * scale, converted to the dtype with dq's strides.
 // sq/sk above are FwdParams::sq/sk (max lengths for varlen).
