@@ -37,21 +37,6 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # ---------------------------------------------------------------------------
 FROM ${BASE}
 
-# Image version label; ci/docker-check.sh checks that this default matches
-# the workspace version in Cargo.toml.
-ARG VERSION=0.1.0
-ARG SOURCE=https://github.com/flashattn/flashattn
-# Comma-separated GPU architectures whose kernels are compiled into the kernel
-# cache at build time, e.g. "sm_80,sm_90a". Empty (default): kernels are
-# compiled by NVRTC on first use and cached in the volume below.
-ARG PRECOMPILE_ARCHS=""
-
-LABEL org.opencontainers.image.title="flashattn" \
-      org.opencontainers.image.description="Exact FlashAttention in Rust: CPU backend and CUDA kernels compiled at run time by NVRTC" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.source="${SOURCE}" \
-      org.opencontainers.image.base.name="${BASE}"
-
 # Ask the NVIDIA container toolkit for the compute libraries even when BASE is
 # not an nvidia/cuda image (those already set the same values).
 ENV NVIDIA_VISIBLE_DEVICES=all \
@@ -61,8 +46,8 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
 # Unprivileged user (UID 10001: Ubuntu images already use 1000). The kernel
 # cache is owned by it; group 0 may write too, for runtimes that start the
 # container under an arbitrary UID in group 0.
-RUN groupadd --system --gid 10001 flashattn \
- && useradd --system --uid 10001 --gid 10001 --no-create-home \
+RUN groupadd --gid 10001 flashattn \
+ && useradd --uid 10001 --gid 10001 --no-create-home --no-log-init \
         --home-dir /var/cache/flashattn --shell /usr/sbin/nologin flashattn \
  && install -d -o 10001 -g 0 -m 0775 /var/cache/flashattn
 
@@ -73,13 +58,28 @@ USER 10001:10001
 # Bind-mount your tensors here: relative --input/--output paths resolve in it.
 WORKDIR /data
 
-# Optional: fill the kernel cache now (NVRTC compiles without a GPU). This
-# must come before VOLUME: Docker seeds a new named volume from the image.
+# Optional: fill the kernel cache now (NVRTC compiles without a GPU), e.g.
+# --build-arg PRECOMPILE_ARCHS=sm_80,sm_90a. Empty (default): kernels are
+# compiled on first use and kept in the cache volume. This must come before
+# VOLUME: Docker seeds a new named volume from the image's content.
+ARG PRECOMPILE_ARCHS=""
 RUN if [ -n "${PRECOMPILE_ARCHS}" ]; then \
         flashattn precompile --arch "${PRECOMPILE_ARCHS}"; \
     fi
 
 VOLUME ["/var/cache/flashattn"]
+
+# Labels last, so a version bump rebuilds no layer. ci/docker-check.sh checks
+# that these defaults match the workspace's Cargo.toml.
+ARG VERSION=0.1.0
+ARG SOURCE=https://github.com/flashattn-rs/flashattn
+ARG BASE
+LABEL org.opencontainers.image.title="flashattn" \
+      org.opencontainers.image.description="Exact FlashAttention in Rust: CPU backend and CUDA kernels compiled at run time by NVRTC" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.licenses="MIT OR Apache-2.0" \
+      org.opencontainers.image.base.name="${BASE}"
 
 ENTRYPOINT ["flashattn"]
 CMD ["check"]

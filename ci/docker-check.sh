@@ -43,11 +43,13 @@ ROOTFS_RECIPE=3
 START=$SECONDS
 PASSED=0
 FAILED=0
+SKIPPED=0
 CONTAINERS=()
 
 log() { printf '[docker-check %4ds] %s\n' "$((SECONDS - START))" "$*"; }
 pass() { PASSED=$((PASSED + 1)); printf 'PASS: %s\n' "$*"; }
 fail() { FAILED=$((FAILED + 1)); printf 'FAIL: %s\n' "$*"; }
+skip() { SKIPPED=$((SKIPPED + 1)); printf 'SKIP: %s\n' "$*"; }
 # A failure that stops the run (nothing after it can be checked).
 die() {
     fail "$*"
@@ -56,7 +58,7 @@ die() {
 }
 summary() {
     log "done in $((SECONDS - START)) s"
-    printf 'docker-check: %d passed, %d failed\n' "$PASSED" "$FAILED"
+    printf 'docker-check: %d passed, %d failed, %d skipped\n' "$PASSED" "$FAILED" "$SKIPPED"
 }
 cleanup() {
     local c
@@ -126,35 +128,39 @@ debian_mirror() {
 }
 MIRROR=$(debian_mirror || true)
 
-# make_rootfs NAME INCLUDE-PACKAGES [HOOK]: cached tarball path on stdout.
+# rootfs_tar NAME INCLUDE-PACKAGES [HOOK]: where that rootfs's tarball is cached.
+rootfs_tar() {
+    local key
+    key=$(printf '%s|%s|%s|%s|%s' "$ROOTFS_RECIPE" "$SUITE" "$2" "${3:-}" \
+        "$(declare -f "${3:-true}" 2>/dev/null)" | sha)
+    echo "$CACHE/rootfs-$1-$SUITE-$key.tar"
+}
+
+# make_rootfs NAME INCLUDE-PACKAGES [HOOK]: debootstrap it, unless cached.
 make_rootfs() {
-    local name=$1 include=$2 hook=${3:-} key tar dir
-    key=$(printf '%s|%s|%s|%s|%s' "$ROOTFS_RECIPE" "$SUITE" "$include" "$hook" \
-        "$(declare -f "${hook:-true}" 2>/dev/null)" | sha)
-    tar=$CACHE/rootfs-$name-$SUITE-$key.tar
+    local name=$1 include=$2 hook=${3:-} tar dir
+    tar=$(rootfs_tar "$@")
     if [ -s "$tar" ]; then
-        log "rootfs $name: cached ($(basename "$tar"))" >&2
-        echo "$tar"
-        return
+        log "rootfs $name: cached ($(basename "$tar"))"
+        return 0
     fi
     dir=$WORK/rootfs-$name
     rm -rf "$dir"
-    log "rootfs $name: debootstrap --variant=minbase $SUITE${include:+ --include=$include}" >&2
+    log "rootfs $name: debootstrap --variant=minbase $SUITE${include:+ --include=$include}"
     # Shared download cache: the second rootfs reuses the first one's debs.
     mkdir -p "$CACHE/debs"
     if ! debootstrap --variant=minbase --cache-dir="$CACHE/debs" \
             ${include:+--include="$include"} "$SUITE" "$dir" ${MIRROR:+"$MIRROR"} \
             >"$WORK/debootstrap-$name.log" 2>&1; then
-        tail -20 "$WORK/debootstrap-$name.log" >&2
+        show "$(tail -20 "$WORK/debootstrap-$name.log")"
         return 1
     fi
     rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
-    if [ -n "$hook" ]; then "$hook" "$dir" >&2 || return 1; fi
+    if [ -n "$hook" ]; then "$hook" "$dir" || return 1; fi
     tar --numeric-owner -C "$dir" -cf "$tar.tmp" . || return 1
     mv "$tar.tmp" "$tar"
     rm -rf "$dir"
-    log "rootfs $name: $(du -h "$tar" | cut -f1)" >&2
-    echo "$tar"
+    log "rootfs $name: $(du -h "$tar" | cut -f1) tarball"
 }
 
 # Put NVRTC where nvidia/cuda:13.0.x-runtime images have it and run ldconfig.
@@ -163,8 +169,9 @@ add_nvrtc() {
     mkdir -p "$CACHE/wheels"
     whl=$(find "$CACHE/wheels" -name 'nvidia_cuda_nvrtc-13.0.*.whl' | head -1)
     if [ -z "$whl" ]; then
+        log "pip download $NVRTC_SPEC"
         python3 -m pip download -q --disable-pip-version-check --no-deps \
-            -d "$CACHE/wheels" "$NVRTC_SPEC" >&2
+            -d "$CACHE/wheels" "$NVRTC_SPEC" || return 1
         whl=$(find "$CACHE/wheels" -name 'nvidia_cuda_nvrtc-13.0.*.whl' | head -1)
     fi
     [ -n "$whl" ] || return 1
@@ -178,12 +185,6 @@ add_nvrtc() {
         chroot "$dir" /sbin/ldconfig
 }
 
-BUILDER_TAR=$(make_rootfs builder gcc,libc6-dev,ca-certificates) ||
-    die "debootstrap of the builder rootfs failed (log: $WORK/debootstrap-builder.log)"
-RUNTIME_TAR=$(make_rootfs runtime "" add_nvrtc) ||
-    die "debootstrap of the runtime rootfs failed (log: $WORK/debootstrap-runtime.log)"
-pass "debootstrap rootfs tarballs for the stand-in bases ($(du -h "$BUILDER_TAR" | cut -f1) builder, $(du -h "$RUNTIME_TAR" | cut -f1) runtime)"
-
 # ---------------------------------------------------- stand-in base images ----
 image_exists() { buildah inspect --type image "$1" >/dev/null 2>&1; }
 # Remove older tags of a stand-in repository (rootfs or toolchain changed).
@@ -193,17 +194,33 @@ prune_standins() {
         [ "$img" = "$keep" ] || buildah rmi "$img" >/dev/null 2>&1 || true
     done < <(buildah images --format '{{.Name}}:{{.Tag}}' | grep -F "$repo:" || true)
 }
+# build_standin IMAGE CONTAINERFILE CONTEXT-DIR
+build_standin() {
+    local out
+    if ! out=$(buildah bud --isolation chroot --pull=never -f "$2" -t "$1" "$3" 2>&1); then
+        show "$(tail -30 <<<"$out")"
+        return 1
+    fi
+    rm -rf "$3"
+    prune_standins "${1%:*}" "$1"
+}
 
+BUILDER_PKGS=gcc,libc6-dev,ca-certificates
+BUILDER_TAR=$(rootfs_tar builder "$BUILDER_PKGS")
+RUNTIME_TAR=$(rootfs_tar runtime "" add_nvrtc)
 SYSROOT=$(rustc --print sysroot)
 CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 [ -f "$CA_BUNDLE" ] || die "no CA bundle at $CA_BUNDLE"
+
 BUILDER_KEY=$( { basename "$BUILDER_TAR"; rustc -vV; sha256sum <"$CA_BUNDLE"; \
     sha256sum <ci/docker/Containerfile.builder; } | sha)
 STANDIN_BUILDER=$STANDIN_BUILDER_REPO:$BUILDER_KEY
 if image_exists "$STANDIN_BUILDER"; then
     log "stand-in builder $STANDIN_BUILDER: exists"
 else
-    log "stand-in builder: toolchain from rustc --print sysroot ($(rustc --version))"
+    make_rootfs builder "$BUILDER_PKGS" ||
+        die "debootstrap of the builder rootfs failed (log: $WORK/debootstrap-builder.log)"
+    log "stand-in builder: rootfs + toolchain of $(rustc --version) from rustc --print sysroot"
     ctx=$WORK/ctx-builder
     rm -rf "$ctx"
     mkdir -p "$ctx/rust"
@@ -214,32 +231,25 @@ else
         mkdir -p "$ctx/rust/$(dirname "$d")"
         cp -al "$SYSROOT/$d" "$ctx/rust/$d" 2>/dev/null || cp -a "$SYSROOT/$d" "$ctx/rust/$d"
     done
-    if ! out=$(buildah bud --isolation chroot --pull=never -f ci/docker/Containerfile.builder \
-            -t "$STANDIN_BUILDER" "$ctx" 2>&1); then
-        show "$(tail -30 <<<"$out")"
+    build_standin "$STANDIN_BUILDER" ci/docker/Containerfile.builder "$ctx" ||
         die "could not build the stand-in builder image"
-    fi
-    rm -rf "$ctx"
-    prune_standins "$STANDIN_BUILDER_REPO" "$STANDIN_BUILDER"
 fi
+
 RUNTIME_KEY=$( { basename "$RUNTIME_TAR"; sha256sum <ci/docker/Containerfile.runtime; } | sha)
 STANDIN_RUNTIME=$STANDIN_RUNTIME_REPO:$RUNTIME_KEY
 if image_exists "$STANDIN_RUNTIME"; then
     log "stand-in runtime $STANDIN_RUNTIME: exists"
 else
+    make_rootfs runtime "" add_nvrtc ||
+        die "debootstrap of the runtime rootfs failed (log: $WORK/debootstrap-runtime.log)"
     ctx=$WORK/ctx-runtime
     rm -rf "$ctx"
     mkdir -p "$ctx"
     ln "$RUNTIME_TAR" "$ctx/rootfs.tar" 2>/dev/null || cp "$RUNTIME_TAR" "$ctx/rootfs.tar"
-    if ! out=$(buildah bud --isolation chroot --pull=never -f ci/docker/Containerfile.runtime \
-            -t "$STANDIN_RUNTIME" "$ctx" 2>&1); then
-        show "$(tail -30 <<<"$out")"
+    build_standin "$STANDIN_RUNTIME" ci/docker/Containerfile.runtime "$ctx" ||
         die "could not build the stand-in runtime image"
-    fi
-    rm -rf "$ctx"
-    prune_standins "$STANDIN_RUNTIME_REPO" "$STANDIN_RUNTIME"
 fi
-pass "stand-in base images in buildah's storage: $STANDIN_BUILDER, $STANDIN_RUNTIME"
+pass "stand-in base images from debootstrap rootfs tarballs: $STANDIN_BUILDER, $STANDIN_RUNTIME"
 
 # ------------------------------------------------------ build the image ----
 # build TAG LOG [extra buildah args...]
@@ -278,17 +288,23 @@ expect "volume /var/cache/flashattn declared" "volumes are $(cfg '.Volumes')" \
     [ "$(cfg '.Volumes | keys? // []')" = '["/var/cache/flashattn"]' ]
 expect "env FLASHATTN_CACHE_DIR=/var/cache/flashattn" "env is $(cfg '.Env')" \
     [ "$(cfg '.Env | index("FLASHATTN_CACHE_DIR=/var/cache/flashattn") != null')" = true ]
-crate_version=$(cargo metadata --no-deps --format-version 1 --offline 2>/dev/null |
-    jq -r '.packages[] | select(.name == "flashattn-cli") | .version' || true)
+crate=$(cargo metadata --no-deps --format-version 1 --offline 2>/dev/null |
+    jq -c '.packages[] | select(.name == "flashattn-cli") | {version, repository}' || true)
 label() { jq -r --arg k "org.opencontainers.image.$1" '.Labels[$k] // ""' <<<"$CONFIG"; }
 missing=()
 for k in title description version source; do [ -n "$(label "$k")" ] || missing+=("$k"); done
+want_version=$(jq -r '.version // ""' <<<"${crate:-{\}}")
+want_source=$(jq -r '.repository // ""' <<<"${crate:-{\}}")
 if [ "${#missing[@]}" -gt 0 ]; then
     fail "OCI labels missing: ${missing[*]}"
-elif [ -n "$crate_version" ] && [ "$(label version)" != "$crate_version" ]; then
-    fail "label org.opencontainers.image.version=$(label version) but flashattn-cli is $crate_version: update ARG VERSION in the Dockerfile"
+elif [ -n "$want_version" ] && [ "$(label version)" != "$want_version" ]; then
+    fail "label org.opencontainers.image.version=$(label version) but flashattn-cli is $want_version: update ARG VERSION in the Dockerfile"
+elif [ -n "$want_source" ] && [ "$(label source)" != "$want_source" ]; then
+    fail "label org.opencontainers.image.source=$(label source) but Cargo.toml's repository is $want_source: update ARG SOURCE in the Dockerfile"
+elif [ "$(label base.name)" != "$STANDIN_RUNTIME" ]; then
+    fail "label org.opencontainers.image.base.name=$(label base.name), expected the BASE build arg $STANDIN_RUNTIME"
 else
-    pass "OCI labels: title=$(label title) version=$(label version) source=$(label source)"
+    pass "OCI labels: title=$(label title) version=$(label version) source=$(label source) base.name=BASE"
 fi
 
 # ------------------------------------------------ run the CLI in the image ----
@@ -331,8 +347,10 @@ show "$out"
 # The image's default command, as `docker run IMAGE` would run it.
 mapfile -t default_cmd < <(jq -r '(.Entrypoint // []) + (.Cmd // []) | .[]' <<<"$CONFIG")
 in_image out "${default_cmd[@]}"
-if [ "$RC" = 0 ] && grep -qiE 'fall(s|ing)? ?back' <<<"$out" && grep -qiE '\bcpu\b' <<<"$out" &&
-        grep -qiE 'cuda|gpu|driver|device' <<<"$out"; then
+# One line must say that it runs on the CPU instead (fallback, or "auto"
+# picking the CPU) and why (the missing CUDA driver or GPU).
+if [ "$RC" = 0 ] && grep -iE '\bcpu\b' <<<"$out" | grep -iE 'fall(s|ing)? ?back|auto' |
+        grep -qiE 'cuda|gpu|driver'; then
     pass "default command '${default_cmd[*]}' without a GPU: exit 0, says it falls back to the CPU and why"
 else
     fail "default command '${default_cmd[*]}' without a GPU: rc=$RC, expected exit 0 and a stated fallback to the CPU with its reason"
@@ -344,21 +362,27 @@ in_image out sh -c 'ls -A "$FLASHATTN_CACHE_DIR"'
 log "kernel cache after the runs above: $(wc -w <<<"$out") entries"
 
 # -------------------------------------------- precompile at build time ----
-log "second build with --build-arg PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS"
-t0=$SECONDS
-if build "$IMAGE_PRE" "$WORK/build-precompile.log" --build-arg "PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS"; then
-    CTR2=$(buildah from --pull=never "$IMAGE_PRE")
-    CONTAINERS+=("$CTR2")
-    # shellcheck disable=SC2016 # expanded in the image
-    n=$(buildah run --isolation chroot "$CTR2" -- sh -c 'find "$FLASHATTN_CACHE_DIR" -type f | wc -l' 2>&1 || echo error)
-    if [ "$n" -gt 0 ] 2>/dev/null; then
-        pass "PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS filled the kernel cache at build time with NVRTC, no GPU ($n files, $((SECONDS - t0)) s)"
-    else
-        fail "PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS: build passed but the kernel cache is empty ($n)"
-    fi
+in_image out flashattn precompile --help
+if [ "$RC" != 0 ]; then
+    skip "PRECOMPILE_ARCHS build: this flashattn has no precompile subcommand yet"
 else
-    show "$(tail -30 "$WORK/build-precompile.log")"
-    fail "build with PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS failed (log: $WORK/build-precompile.log)"
+    log "second build with --build-arg PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS"
+    t0=$SECONDS
+    if build "$IMAGE_PRE" "$WORK/build-precompile.log" --build-arg "PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS"; then
+        CTR=$(buildah from --pull=never "$IMAGE_PRE")
+        CONTAINERS+=("$CTR")
+        # shellcheck disable=SC2016 # expanded in the image
+        in_image out sh -c 'find "$FLASHATTN_CACHE_DIR" -type f | wc -l'
+        if [ "$RC" = 0 ] && [ "$out" -gt 0 ] 2>/dev/null; then
+            pass "PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS: NVRTC filled the kernel cache at build time, no GPU ($out files, $((SECONDS - t0)) s)"
+        else
+            fail "PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS: the build passed but the kernel cache is empty (rc=$RC: $out)"
+        fi
+        show "$(grep -A12 'flashattn precompile' "$WORK/build-precompile.log" | grep -v '^-->' | tail -12)"
+    else
+        show "$(tail -30 "$WORK/build-precompile.log")"
+        fail "build with PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS failed (log: $WORK/build-precompile.log)"
+    fi
 fi
 
 # ------------------------------------------------------------- summary ----

@@ -5,7 +5,7 @@
 FROM scratch
 ADD rootfs.tar /
 COPY rust/ /usr/local/rust/
-# The host's CA bundle, so that cargo reaches crates.io from inside RUN steps.
+# The host's CA bundle, so that cargo can fetch crates from inside RUN steps.
 COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 ENV RUSTUP_HOME=/usr/local/rustup \
     CARGO_HOME=/usr/local/cargo \
