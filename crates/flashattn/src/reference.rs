@@ -293,8 +293,10 @@ fn backward_generic<T: Real>(
                         for c in 0..d {
                             acc += dout_h[i * d + c] * hd.v[j * d + c];
                         }
+                        // The baseline rounds dP and P to the dtype, as a framework would store them.
+                        let acc = round.r(acc);
                         dp[jj] = acc;
-                        di += s[i * sk + j] * acc;
+                        di += round.r(s[i * sk + j]) * acc;
                     }
                     for (jj, j) in range.enumerate() {
                         let pij = s[i * sk + j];
@@ -305,12 +307,12 @@ fn backward_generic<T: Real>(
                         for c in 0..d {
                             dv[j * d + c] += pr * dout_h[i * d + c];
                         }
-                        let mut ds = pij * (dp[jj] - di);
+                        let mut ds = round.r(pr * (dp[jj] - di));
                         if p.softcap > 0.0 {
                             let t = th[i * sk + j];
-                            ds = ds * (T::ONE - t * t);
+                            ds = round.r(ds * (T::ONE - t * t));
                         }
-                        let ds = round.r(ds) * scale;
+                        let ds = ds * scale;
                         for c in 0..d {
                             dq[i * d + c] += ds * hd.k[j * d + c];
                             dk[j * d + c] += ds * hd.q[i * d + c];

@@ -320,6 +320,9 @@ impl Layout {
     }
     /// Whether distinct indices map to distinct elements (needed for outputs).
     pub fn is_non_overlapping(&self) -> bool {
+        if self.numel() == 0 {
+            return true;
+        }
         let mut dims: Vec<(usize, usize)> =
             self.shape.iter().copied().zip(self.strides.iter().copied()).filter(|&(n, _)| n > 1).collect();
         dims.sort_by_key(|&(_, s)| s);

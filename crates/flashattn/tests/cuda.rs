@@ -1,0 +1,436 @@
+//! GPU tests of the CUDA backend: the spec's sweep against the f64 oracle on `Device::Cuda(0)`, KV-cache
+//! attention, determinism, stress, compile/load times, plus NVRTC compilation of the kernel variants (no
+//! GPU needed).
+//!
+//! Without a usable GPU (or NVRTC) each test prints a visible SKIP line and passes; with
+//! `FLASHATTN_REQUIRE_GPU=1` it fails instead. `FLASHATTN_SWEEP=full|quick` sets the sweep size (quick is
+//! for compute-sanitizer and CI). Outputs are poisoned (NaN) on the device before every launch.
+#![cfg(feature = "cuda")]
+
+mod common;
+use common::*;
+use flashattn::cuda::{self, compile, Variant};
+use flashattn::problem::validate;
+use flashattn::reference::{forward_f64, naive_forward};
+use flashattn::{AttnOptions, CacheSeqlens, DType, Device, KvCache, Rotary, Tensor};
+use rand::Rng;
+use std::io::Write;
+
+/// Prints past the test harness's capture.
+fn say(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+fn require_gpu() -> bool {
+    std::env::var("FLASHATTN_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// Whether the GPU tests can run; prints SKIP (or panics under FLASHATTN_REQUIRE_GPU=1) when not.
+fn gpu(test: &str) -> bool {
+    let st = cuda::status();
+    if st.usable {
+        cuda::set_poison_outputs(true);
+        return true;
+    }
+    if require_gpu() {
+        panic!("{test}: FLASHATTN_REQUIRE_GPU=1 but the CUDA backend is not usable: {}", st.detail);
+    }
+    say(&format!("SKIP {test}: no usable CUDA device ({})", st.detail));
+    false
+}
+
+fn full() -> bool {
+    sweep_level() == "full"
+}
+
+/// The CUDA sweep of one dtype. Full: every head dim x every (sq, sk) of the spec, forward and backward,
+/// with the variant and head layout rotating so each appears with every head dim. Quick: a small subset.
+fn cuda_cases(dtype: DType) -> Vec<Case> {
+    let mut out = Vec::new();
+    let (dims, shapes): (Vec<usize>, Vec<(usize, usize)>) = if full() {
+        (HEAD_DIMS.to_vec(), SEQLENS.to_vec())
+    } else {
+        (vec![32, 59, 128, 256], vec![(113, 203), (1, 147), (239, 1), (127, 513), (128, 217), (3, 799)])
+    };
+    let dt = if dtype == DType::BF16 { 1 } else { 0 };
+    for (di, &d) in dims.iter().enumerate() {
+        for (si, &shape) in shapes.iter().enumerate() {
+            let variant = VARIANTS[(di + si + dt) % VARIANTS.len()];
+            let heads = HEADS[(di * 7 + si + dt) % HEADS.len()];
+            let mut c = Case::new(dtype, d, shape, heads, variant);
+            c.backward = true;
+            if !full() {
+                c.batch = 2;
+            }
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Compiles, in parallel, every variant the cases will use (so the sweep measures kernels, not NVRTC).
+fn warm_up(cases: &[Case], deterministic: bool) {
+    let arch = cuda::device_arch(0).expect("device arch");
+    let mut vs: Vec<Variant> = Vec::new();
+    for c in cases {
+        let inp = make_inputs(c, &mut rng(1));
+        // Varlen cases may or may not be causal: take both.
+        for causal in [false, true] {
+            let mut o = inp.opts.clone();
+            if c.variant == Variant_::Varlen || c.variant == Variant_::Alibi {
+                o.causal = causal;
+            }
+            let p = validate(&inp.q.view(), &inp.k.view(), &inp.v.view(), &o).expect("valid case");
+            let (f, b) = cuda::variants_for(&p, c.d % 8 == 0, deterministic).expect("variant");
+            vs.push(f);
+            vs.push(b);
+        }
+    }
+    vs.sort();
+    vs.dedup();
+    let t0 = std::time::Instant::now();
+    let reps = cuda::precompile_variants(&[arch], &vs).expect("precompile");
+    let compiled = reps.iter().filter(|r| !r.cached).count();
+    say(&format!(
+        "warm-up: {} variants ({compiled} compiled, {} cached) in {:.1} s",
+        reps.len(),
+        reps.len() - compiled,
+        t0.elapsed().as_secs_f64()
+    ));
+}
+
+use common::Variant as Variant_;
+
+fn sweep(dtype: DType) {
+    let cases = cuda_cases(dtype);
+    warm_up(&cases, false);
+    let t0 = std::time::Instant::now();
+    let (pass, fail, msgs) = run_cases(Device::Cuda(0), &cases);
+    say(&format!(
+        "cuda sweep {dtype} ({}): {pass} passed, {fail} failed ({:.1} s)",
+        sweep_level(),
+        t0.elapsed().as_secs_f64()
+    ));
+    assert!(fail == 0, "{fail} failures:\n{}", msgs.join("\n"));
+    assert!(pass > 0);
+}
+
+#[test]
+fn sweep_f16() {
+    if gpu("sweep_f16") {
+        sweep(DType::F16);
+    }
+}
+
+#[test]
+fn sweep_bf16() {
+    if gpu("sweep_bf16") {
+        sweep(DType::BF16);
+    }
+}
+
+/// Every variant on small odd shapes, MHA/GQA/MQA, forward and backward.
+#[test]
+fn small_variants() {
+    if !gpu("small_variants") {
+        return;
+    }
+    let mut cases = Vec::new();
+    for dtype in [DType::F16, DType::BF16] {
+        for (vi, variant) in VARIANTS.into_iter().enumerate() {
+            for (hi, heads) in HEADS.into_iter().enumerate() {
+                for (si, shape) in [(1, 1), (5, 17), (17, 5), (65, 130), (130, 65)].into_iter().enumerate() {
+                    let dims = [40, 59, 64, 96, 128, 200];
+                    let d = dims[(vi + hi + si) % dims.len()];
+                    let mut c = Case::new(dtype, d, shape, heads, variant);
+                    c.batch = 3;
+                    c.backward = true;
+                    cases.push(c);
+                }
+            }
+        }
+    }
+    if !full() {
+        cases.retain(|c| c.sq * c.sk <= 130 * 65 && (c.h == c.hk || c.sq != 65));
+    }
+    warm_up(&cases, false);
+    let (pass, fail, msgs) = run_cases(Device::Cuda(0), &cases);
+    say(&format!("cuda small variants: {pass} passed, {fail} failed"));
+    assert!(fail == 0, "{}", msgs.join("\n"));
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.to_f32_vec().iter().map(|x| x.to_bits()).collect()
+}
+
+/// Forward is bit-identical over runs; backward too in deterministic mode.
+#[test]
+fn determinism() {
+    if !gpu("determinism") {
+        return;
+    }
+    let shapes = if full() { vec![(1024, 1024), (239, 799)] } else { vec![(130, 257)] };
+    let mut checked = 0;
+    for dtype in [DType::F16, DType::BF16] {
+        for &(sq, sk) in &shapes {
+            for (d, heads, variant) in [(128, (6, 2), Variant_::Causal), (64, (6, 6), Variant_::Plain)] {
+                let c = Case::new(dtype, d, (sq, sk), heads, variant);
+                let mut inp = make_inputs(&c, &mut rng(seed()));
+                inp.opts.deterministic = true;
+                let run = || {
+                    let f = flashattn::forward_on(Device::Cuda(0), &inp.q, &inp.k, &inp.v, &inp.opts).expect("fwd");
+                    let g = flashattn::backward_on(
+                        Device::Cuda(0),
+                        &inp.q,
+                        &inp.k,
+                        &inp.v,
+                        &f.o,
+                        &f.lse,
+                        &inp.dout,
+                        &inp.opts,
+                    )
+                    .expect("bwd");
+                    (bits(&f.o), bits(&f.lse), bits(&g.dq), bits(&g.dk), bits(&g.dv))
+                };
+                let first = run();
+                for _ in 0..3 {
+                    let again = run();
+                    assert!(first.0 == again.0 && first.1 == again.1, "forward not bit-identical: {c:?}");
+                    assert!(first.2 == again.2, "deterministic dq differs: {c:?}");
+                    assert!(first.3 == again.3 && first.4 == again.4, "deterministic dk/dv differ: {c:?}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    say(&format!("cuda determinism: {checked} cases bit-identical over 4 runs"));
+}
+
+/// Seqlens 1..17 everywhere with logits scaled by 100: no NaN, no Inf in o.
+#[test]
+fn stress_no_nan() {
+    if !gpu("stress_no_nan") {
+        return;
+    }
+    let mut r = rng(seed());
+    let mut n = 0;
+    for dtype in [DType::F16, DType::BF16] {
+        for s in 1..=17usize {
+            let (sq, sk) = (s, 18 - s);
+            let d = [32, 59, 128][s % 3];
+            for causal in [false, true] {
+                let q = randn_tensor(&mut r, &[2, sq, 4, d], dtype, 100.0);
+                let k = randn_tensor(&mut r, &[2, sk, 2, d], dtype, 1.0);
+                let v = randn_tensor(&mut r, &[2, sk, 2, d], dtype, 1.0);
+                let opts = AttnOptions { causal, ..Default::default() };
+                let out = flashattn::forward_on(Device::Cuda(0), &q, &k, &v, &opts).expect("fwd");
+                let o = out.o.to_f32_vec();
+                assert!(o.iter().all(|x| x.is_finite()), "non-finite o at sq {sq} sk {sk} d {d} causal {causal}");
+                n += 1;
+            }
+        }
+    }
+    say(&format!("cuda stress: {n} cases finite"));
+}
+
+/// KV-cache attention on the device against the oracle over the same (appended) cache: paged (page sizes
+/// 1, 16, 256) and unpaged, rotary none/half/full, interleaved or not, leftpad, batch index.
+#[test]
+fn kvcache() {
+    if !gpu("kvcache") {
+        return;
+    }
+    let mut r = rng(seed());
+    let (mut pass, mut fail, mut msgs) = (0, 0, Vec::new());
+    let dtypes = [DType::F16, DType::BF16];
+    let mut case = 0usize;
+    for &dtype in &dtypes {
+        for paged in [None, Some(1usize), Some(16), Some(256)] {
+            for rot in [0usize, 1, 2] {
+                case += 1;
+                let (b, h, hk) = (3usize, 6usize, [6, 2, 1][case % 3]);
+                let d = [64usize, 59, 128][case % 3];
+                let sq = [1usize, 4, 7][case % 3];
+                let s_new = if rot > 0 || case % 2 == 0 { 3usize } else { 0 };
+                let cap = 300usize;
+                let seqlens: Vec<i32> = (0..b).map(|_| r.gen_range(0..(cap - s_new - 1)) as i32).collect();
+                let interleaved = case % 2 == 1;
+                let causal = case % 4 != 0;
+                let (kshape, table) = match paged {
+                    None => (vec![b + 1, cap, hk, d], None),
+                    Some(ps) => {
+                        let maxp = cap.div_ceil(ps);
+                        let npages = b * maxp + 2;
+                        let mut perm: Vec<i32> = (0..npages as i32).collect();
+                        for i in (1..perm.len()).rev() {
+                            perm.swap(i, r.gen_range(0..=i));
+                        }
+                        let t = Tensor::from_i32(perm[..b * maxp].to_vec(), &[b, maxp]).unwrap();
+                        (vec![npages, ps, hk, d], Some(t))
+                    }
+                };
+                let kc0 = randn_tensor(&mut r, &kshape, dtype, 1.0);
+                let vc0 = randn_tensor(&mut r, &kshape, dtype, 1.0);
+                let q = randn_tensor(&mut r, &[b, sq, h, d], dtype, 1.0);
+                let kn = randn_tensor(&mut r, &[b, s_new, hk, d], dtype, 1.0);
+                let vn = randn_tensor(&mut r, &[b, s_new, hk, d], dtype, 1.0);
+                let half = [0, d / 4, d / 2][rot];
+                let ro = 2 * cap;
+                let cos = Tensor::from_f32(
+                    &(0..ro * half).map(|i| ((i as f32) * 0.01).cos()).collect::<Vec<_>>(),
+                    &[ro, half.max(1)],
+                    DType::F32,
+                );
+                let sin = Tensor::from_f32(
+                    &(0..ro * half).map(|i| ((i as f32) * 0.01).sin()).collect::<Vec<_>>(),
+                    &[ro, half.max(1)],
+                    DType::F32,
+                );
+                let opts = AttnOptions { causal, ..Default::default() };
+                let leftpad = (paged.is_none() && case % 3 == 1)
+                    .then(|| seqlens.iter().map(|&n| r.gen_range(0..=n.min(5))).collect::<Vec<i32>>());
+                let batch_idx = (paged.is_none() && case % 3 == 2).then(|| vec![2i32, 0, 3]);
+                let run = |device: Device| -> (
+                    flashattn::Result<flashattn::ForwardOutput>,
+                    Tensor,
+                    Tensor,
+                    Option<flashattn::kvcache::KvPlan>,
+                ) {
+                    let (mut kc, mut vc) = (kc0.clone(), vc0.clone());
+                    let (cos_t, sin_t) = (cos.as_ref().ok().cloned(), sin.as_ref().ok().cloned());
+                    let (res, plan) = {
+                        let (kv, vv) = (kc.view_mut(), vc.view_mut());
+                        let mut cache = KvCache::new(kv, vv, CacheSeqlens::PerSeq(seqlens.clone()));
+                        if s_new > 0 {
+                            cache.k_new = Some(kn.view());
+                            cache.v_new = Some(vn.view());
+                        }
+                        cache.block_table = table.clone();
+                        cache.cache_leftpad = leftpad.clone();
+                        cache.cache_batch_idx = batch_idx.clone();
+                        let (ct, st);
+                        if rot > 0 {
+                            ct = cos_t.unwrap();
+                            st = sin_t.unwrap();
+                            cache.rotary = Some(Rotary { cos: ct.view(), sin: st.view(), interleaved });
+                        }
+                        match device {
+                            Device::Cpu => {
+                                let plan = flashattn::kvcache::prepare(&q.view(), &mut cache, &opts);
+                                (Err(flashattn::Error::Device("plan only".into())), plan.ok())
+                            }
+                            dev => (flashattn::kvcache_forward_on(dev, &q.view(), &mut cache, &opts), None),
+                        }
+                    };
+                    (res, kc, vc, plan)
+                };
+                let (out, kc_dev, vc_dev, _) = run(Device::Cuda(0));
+                let (_, kc_ref, vc_ref, plan) = run(Device::Cpu);
+                let tag = format!("kvcache {dtype} paged {paged:?} rot {rot} inter {interleaved} d {d} hk {hk} sq {sq} s_new {s_new} causal {causal} leftpad {} batch_idx {}", leftpad.is_some(), batch_idx.is_some());
+                let (out, plan) = match (out, plan) {
+                    (Ok(o), Some(p)) => (o, p),
+                    (o, p) => {
+                        fail += 1;
+                        msgs.push(format!("ERROR {tag}: {:?} / plan {}", o.err(), p.is_some()));
+                        continue;
+                    }
+                };
+                assert_eq!(kc_dev, kc_ref, "{tag}: appended k cache differs");
+                assert_eq!(vc_dev, vc_ref, "{tag}: appended v cache differs");
+                let p = &plan.problem;
+                let qv = plan.q_rotated.as_ref().map(|t| t.view()).unwrap_or_else(|| q.view());
+                let reference = forward_f64(p, qv.data, kc_ref.view().data, vc_ref.view().data);
+                let (base, _) = naive_forward(p, qv.data, kc_ref.view().data, vc_ref.view().data);
+                let vo = flashattn::accuracy::compare(
+                    "o",
+                    &out.o.to_f32_vec(),
+                    &reference.o,
+                    &base.to_f32_vec(),
+                    dtype,
+                    2.0,
+                );
+                let vl = flashattn::accuracy::compare_lse(&out.lse.to_f32_vec(), &reference.lse);
+                if vo.pass && vl.pass {
+                    pass += 1;
+                } else {
+                    fail += 1;
+                    msgs.push(format!("FAIL {tag}: {vo}; {vl}"));
+                }
+            }
+        }
+    }
+    say(&format!("cuda kvcache: {pass} passed, {fail} failed"));
+    assert!(fail == 0, "{}", msgs.join("\n"));
+}
+
+/// First-call compile time of a new variant and the load time from the disk cache (targets: < 2 s and
+/// < 50 ms).
+#[test]
+fn compile_and_load_times() {
+    if !gpu("compile_and_load_times") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("flashattn-timing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let old = std::env::var_os("FLASHATTN_CACHE_DIR");
+    std::env::set_var("FLASHATTN_CACHE_DIR", &dir);
+    let mut lines = Vec::new();
+    for v in [
+        Variant::plain(compile::Pass::Fwd, 128, true),
+        Variant { mask: true, ..Variant::plain(compile::Pass::Fwd, 64, false) },
+        Variant::plain(compile::Pass::Bwd, 128, true),
+    ] {
+        let (first, from_disk) = cuda::measure_load(0, &v).expect("compile");
+        assert!(!from_disk);
+        let (cached, from_disk) = cuda::measure_load(0, &v).expect("load");
+        assert!(from_disk);
+        lines.push(format!(
+            "{v}: first call {:.0} ms, cached load {:.1} ms",
+            first.as_secs_f64() * 1e3,
+            cached.as_secs_f64() * 1e3
+        ));
+    }
+    match old {
+        Some(o) => std::env::set_var("FLASHATTN_CACHE_DIR", o),
+        None => std::env::remove_var("FLASHATTN_CACHE_DIR"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    say(&format!("cuda compile/load times: {}", lines.join("; ")));
+}
+
+/// Every variant compiles with NVRTC for sm_80 and sm_90a (no GPU needed) and the hot variants do not
+/// spill. Quick: the hot variants; full: every variant.
+#[test]
+fn nvrtc_compiles_variants() {
+    if !compile::nvrtc_present() {
+        if require_gpu() {
+            panic!("FLASHATTN_REQUIRE_GPU=1 but libnvrtc was not found");
+        }
+        say("SKIP nvrtc_compiles_variants: libnvrtc not found on the loader path");
+        return;
+    }
+    let variants = if full() { compile::all_variants() } else { compile::hot_variants() };
+    let archs = vec!["sm_80".to_string(), "sm_90a".to_string()];
+    let t0 = std::time::Instant::now();
+    let reps = cuda::precompile_variants(&archs, &variants).unwrap_or_else(|e| panic!("{e}"));
+    let hot = compile::hot_variants();
+    let mut spills = Vec::new();
+    let mut max_regs = 0;
+    for r in &reps {
+        assert!(!r.usage.is_empty(), "no ptxas report for {r}");
+        for u in &r.usage {
+            max_regs = max_regs.max(u.registers);
+            if u.spills() && hot.contains(&r.variant) {
+                spills.push(r.to_string());
+            }
+        }
+    }
+    say(&format!(
+        "nvrtc: {} variant compiles ok ({} newly compiled) in {:.1} s, max {max_regs} registers, {} hot spills",
+        reps.len(),
+        reps.iter().filter(|r| !r.cached).count(),
+        t0.elapsed().as_secs_f64(),
+        spills.len()
+    ));
+    assert!(spills.is_empty(), "hot kernels spill:\n{}", spills.join("\n"));
+}

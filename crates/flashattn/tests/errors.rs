@@ -1,0 +1,192 @@
+//! Every malformed input returns a typed error naming the argument; nothing panics and nothing is written.
+
+use flashattn::{
+    backward, forward, kvcache_forward, AttnOptions, CacheSeqlens, DType, Error, KvCache, Layout, Tensor, TensorView,
+    VarLen,
+};
+
+fn t(shape: &[usize], dtype: DType) -> Tensor {
+    let n: usize = shape.iter().product();
+    Tensor::from_f32(&(0..n).map(|i| (i % 7) as f32 * 0.1).collect::<Vec<_>>(), shape, dtype).unwrap()
+}
+
+fn arg_of(r: flashattn::Result<impl std::fmt::Debug>) -> &'static str {
+    match r {
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.contains("expected") || matches!(e, Error::CacheOverflow { .. }), "{msg}");
+            e.arg().unwrap_or("<none>")
+        }
+        Ok(v) => panic!("expected an error, got {v:?}"),
+    }
+}
+
+#[test]
+fn shapes_dtypes_heads_and_dims() {
+    let q = t(&[2, 8, 4, 16], DType::F16);
+    let k = t(&[2, 8, 2, 16], DType::F16);
+    let o = AttnOptions::default();
+    assert_eq!(arg_of(forward(&q, &t(&[2, 8, 2, 16], DType::BF16), &k, &o)), "k");
+    assert_eq!(arg_of(forward(&q, &k, &t(&[2, 9, 2, 16], DType::F16), &o)), "v");
+    assert_eq!(arg_of(forward(&q, &t(&[2, 8, 3, 16], DType::F16), &t(&[2, 8, 3, 16], DType::F16), &o)), "k");
+    assert_eq!(arg_of(forward(&q, &t(&[3, 8, 2, 16], DType::F16), &t(&[3, 8, 2, 16], DType::F16), &o)), "k");
+    assert_eq!(arg_of(forward(&q, &t(&[2, 8, 2, 8], DType::F16), &t(&[2, 8, 2, 8], DType::F16), &o)), "k");
+    let big = t(&[1, 2, 1, 300], DType::F16);
+    assert_eq!(arg_of(forward(&big, &big, &big, &o)), "q");
+    let i = Tensor::from_i32(vec![0; 16], &[1, 1, 1, 16]).unwrap();
+    assert_eq!(arg_of(forward(&i, &i, &i, &o)), "q");
+    assert_eq!(arg_of(forward(&t(&[8, 4, 16], DType::F16), &k, &k, &o)), "q");
+}
+
+#[test]
+fn options() {
+    let q = t(&[2, 8, 4, 16], DType::F16);
+    assert_eq!(arg_of(forward(&q, &q, &q, &AttnOptions::default().window(-3, 0))), "window");
+    assert_eq!(arg_of(forward(&q, &q, &q, &AttnOptions::default().scale(f32::NAN))), "softmax_scale");
+    assert_eq!(arg_of(forward(&q, &q, &q, &AttnOptions::default().scale(f32::INFINITY))), "softmax_scale");
+    assert_eq!(arg_of(forward(&q, &q, &q, &AttnOptions::default().softcap(-1.0))), "softcap");
+    let bad = t(&[3], DType::F32);
+    assert_eq!(arg_of(forward(&q, &q, &q, &AttnOptions::default().alibi(bad))), "alibi_slopes");
+    let bad = t(&[4], DType::F16);
+    assert_eq!(arg_of(forward(&q, &q, &q, &AttnOptions::default().alibi(bad))), "alibi_slopes");
+    let ok = t(&[2, 4], DType::F32);
+    assert!(forward(&q, &q, &q, &AttnOptions::default().alibi(ok)).is_ok());
+}
+
+#[test]
+fn varlen_arrays() {
+    let q = t(&[10, 2, 16], DType::BF16);
+    let k = t(&[12, 2, 16], DType::BF16);
+    let vl = |cq: Vec<i32>, ck: Vec<i32>, used: Option<Vec<i32>>| {
+        AttnOptions::default().varlen(VarLen { cu_seqlens_q: cq, cu_seqlens_k: ck, seqused_k: used })
+    };
+    assert!(forward(&q, &k, &k, &vl(vec![0, 4, 10], vec![0, 5, 12], None)).is_ok());
+    assert_eq!(arg_of(forward(&q, &k, &k, &vl(vec![1, 4, 10], vec![0, 5, 12], None))), "cu_seqlens_q");
+    assert_eq!(arg_of(forward(&q, &k, &k, &vl(vec![0, 6, 4, 10], vec![0, 5, 6, 12], None))), "cu_seqlens_q");
+    assert_eq!(arg_of(forward(&q, &k, &k, &vl(vec![0, 4, 9], vec![0, 5, 12], None))), "cu_seqlens_q");
+    assert_eq!(arg_of(forward(&q, &k, &k, &vl(vec![0, 4, 10], vec![0, 5], None))), "cu_seqlens_k");
+    assert_eq!(arg_of(forward(&q, &k, &k, &vl(vec![0, 4, 10], vec![0, 5, 13], None))), "cu_seqlens_k");
+    assert_eq!(arg_of(forward(&q, &k, &k, &vl(vec![0, 4, 10], vec![0, 5, 12], Some(vec![6, 7])))), "seqused_k");
+    assert_eq!(arg_of(forward(&q, &k, &k, &vl(vec![0, 4, 10], vec![0, 5, 12], Some(vec![1])))), "seqused_k");
+    assert_eq!(arg_of(forward(&q, &k, &k, &vl(vec![], vec![0], None))), "cu_seqlens_q");
+}
+
+#[test]
+fn layouts() {
+    let q = t(&[1, 4, 2, 8], DType::F32);
+    // A non-contiguous last dim.
+    let strided =
+        TensorView::new(q.view().data, Layout { shape: vec![1, 4, 2, 4], strides: vec![64, 16, 8, 2], offset: 0 })
+            .unwrap();
+    let err = flashattn::problem::validate(&strided, &strided, &strided, &AttnOptions::default()).unwrap_err();
+    assert_eq!(err.arg(), Some("q"));
+    // A view whose layout escapes its buffer (fields set by hand, bypassing the constructor).
+    let mut escaping = q.view();
+    escaping.layout.offset = 10;
+    let err = flashattn::problem::validate(&escaping, &q.view(), &q.view(), &AttnOptions::default()).unwrap_err();
+    assert_eq!(err.arg(), Some("q"));
+    // Outputs that overlap themselves are refused.
+    let mut o_buf = vec![0f32; 64];
+    let mut lse = Tensor::zeros(&[1, 2, 4], DType::F32);
+    let mut o = flashattn::TensorViewMut::new(
+        flashattn::CpuSliceMut::F32(&mut o_buf),
+        Layout { shape: vec![1, 4, 2, 8], strides: vec![0, 8, 0, 1], offset: 0 },
+    )
+    .unwrap();
+    let err =
+        flashattn::forward_into(&q.view(), &q.view(), &q.view(), &mut o, &mut lse.view_mut(), &AttnOptions::default())
+            .unwrap_err();
+    assert_eq!(err.arg(), Some("o"));
+}
+
+#[test]
+fn backward_arguments() {
+    let q = t(&[1, 4, 2, 8], DType::F16);
+    let o = AttnOptions::default();
+    let f = forward(&q, &q, &q, &o).unwrap();
+    assert_eq!(arg_of(backward(&q, &q, &q, &f.o, &f.lse, &t(&[1, 4, 2, 4], DType::F16), &o)), "dout");
+    assert_eq!(arg_of(backward(&q, &q, &q, &f.o.to_dtype(DType::BF16), &f.lse, &f.o, &o)), "o");
+    assert_eq!(arg_of(backward(&q, &q, &q, &f.o, &t(&[1, 2, 5], DType::F32), &f.o, &o)), "lse");
+}
+
+fn cache(b: usize, s: usize) -> (Tensor, Tensor) {
+    (t(&[b, s, 1, 8], DType::F16), t(&[b, s, 1, 8], DType::F16))
+}
+
+#[test]
+fn kvcache_overflow_is_refused_and_nothing_written() {
+    let q = t(&[2, 3, 2, 8], DType::F16);
+    let (mut kc, mut vc) = cache(2, 10);
+    let before = kc.clone();
+    let kn = t(&[2, 3, 1, 8], DType::F16);
+    let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::PerSeq(vec![7, 8]));
+    c.k_new = Some(kn.view());
+    c.v_new = Some(kn.view());
+    let err = kvcache_forward(&q.view(), &mut c, &AttnOptions::default()).unwrap_err();
+    assert_eq!(err, Error::CacheOverflow { seq: 1, needed: 11, capacity: 10 });
+    drop(c);
+    assert_eq!(kc, before, "a refused append must not write");
+    // Filling the cache exactly is fine.
+    let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::PerSeq(vec![7, 7]));
+    c.k_new = Some(kn.view());
+    c.v_new = Some(kn.view());
+    assert!(kvcache_forward(&q.view(), &mut c, &AttnOptions::default()).is_ok());
+}
+
+#[test]
+fn kvcache_arguments() {
+    let q = t(&[2, 1, 2, 8], DType::F16);
+    let kn = t(&[2, 1, 1, 8], DType::F16);
+    let run = |f: &dyn Fn(&mut KvCache<'_>)| {
+        let (mut kc, mut vc) = cache(3, 8);
+        let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(2));
+        f(&mut c);
+        arg_of(kvcache_forward(&q.view(), &mut c, &AttnOptions::default()))
+    };
+    assert_eq!(run(&|c| c.cache_seqlens = CacheSeqlens::PerSeq(vec![1])), "cache_seqlens");
+    assert_eq!(run(&|c| c.cache_seqlens = CacheSeqlens::All(-1)), "cache_seqlens");
+    assert_eq!(run(&|c| c.cache_batch_idx = Some(vec![0, 3])), "cache_batch_idx");
+    assert_eq!(run(&|c| c.cache_leftpad = Some(vec![0, 3])), "cache_leftpad");
+    assert_eq!(run(&|c| c.k_new = Some(kn.view())), "v_new");
+    assert_eq!(
+        run(&|c| {
+            c.k_new = Some(kn.view());
+            c.v_new = Some(kn.view());
+            c.cache_batch_idx = Some(vec![1, 1]);
+        }),
+        "cache_batch_idx"
+    );
+    let bt = Tensor::from_i32(vec![0, 1, 2, 9], &[2, 2]).unwrap();
+    assert_eq!(
+        run(&|c| {
+            c.block_table = Some(bt.clone());
+            c.cache_seqlens = CacheSeqlens::All(5);
+        }),
+        "block_table"
+    );
+    let bt_shape = Tensor::from_i32(vec![0, 1, 2], &[3, 1]).unwrap();
+    assert_eq!(run(&|c| c.block_table = Some(bt_shape.clone())), "block_table");
+    let cos = t(&[8, 4], DType::F32);
+    let sin = t(&[8, 5], DType::F32);
+    assert_eq!(
+        run(&|c| {
+            c.k_new = Some(kn.view());
+            c.v_new = Some(kn.view());
+            c.rotary = Some(flashattn::Rotary { cos: cos.view(), sin: sin.view(), interleaved: false });
+        }),
+        "rotary_sin"
+    );
+    assert_eq!(
+        run(&|c| c.rotary = Some(flashattn::Rotary { cos: cos.view(), sin: cos.view(), interleaved: false })),
+        "rotary_cos"
+    );
+    let short = t(&[2, 4], DType::F32);
+    assert_eq!(
+        run(&|c| {
+            c.k_new = Some(kn.view());
+            c.v_new = Some(kn.view());
+            c.rotary = Some(flashattn::Rotary { cos: short.view(), sin: short.view(), interleaved: true });
+        }),
+        "rotary_cos"
+    );
+}
