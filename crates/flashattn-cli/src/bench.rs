@@ -1,0 +1,622 @@
+//! `flashattn bench`: the shape grids of `shared/bench/torch_baselines.py` (standard, decode, quick) or one
+//! custom shape, flash and optionally the naive formula, with a progress bar, a table of ms, TFLOP/s
+//! (KV GB/s for decode) and peak extra memory, JSON and an SVG plot on request.
+//!
+//! FLOPs follow the baselines: forward `4·b·h·sq·sk·d`, halved when causal; forward+backward 3.5x that.
+
+use crate::alloc::{human, measure};
+use crate::common::{
+    parse_device, parse_float_dtype, parse_seqlen, randn, resolve_device, CliError, CliResult, DeviceArg,
+};
+use crate::plot::{line_chart, Series};
+use clap::{Args, ValueEnum};
+use flashattn::{reference, AttnOptions, DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// The shape grids.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Grid {
+    /// 16k tokens (batch x seqlen), hidden 2048, seqlen 512..16k, d 64/128/256, causal and not.
+    Standard,
+    /// One query token against KV caches of 4k/32k/128k, b 1/8/32 (b*sk <= 32*32768), GQA 32/8, d 128.
+    Decode,
+    /// A few points of the standard grid: seqlen 1k and 8k, d 128.
+    Quick,
+}
+
+/// What is timed.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Mode {
+    /// Forward pass.
+    #[value(name = "fwd")]
+    #[serde(rename = "fwd")]
+    Fwd,
+    /// Forward then backward pass.
+    #[value(name = "fwd_bwd")]
+    #[serde(rename = "fwd_bwd")]
+    FwdBwd,
+}
+
+fn grid_name(g: Grid) -> &'static str {
+    match g {
+        Grid::Standard => "standard",
+        Grid::Decode => "decode",
+        Grid::Quick => "quick",
+    }
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Fwd => "fwd",
+            Mode::FwdBwd => "fwd_bwd",
+        }
+    }
+}
+
+fn parse_shape(s: &str) -> Result<[usize; 4], String> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|x| x.trim().parse::<usize>().or_else(|_| parse_seqlen(x)))
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("expected B,H,S,D (e.g. 1,8,4096,128), got `{s}`"))?;
+    v.try_into().map_err(|_| format!("expected four numbers B,H,S,D, got `{s}`"))
+}
+
+/// Flags of `flashattn bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Shape grid (the same shapes as shared/bench/torch_baselines.py).
+    #[arg(long, value_enum, default_value_t = Grid::Standard)]
+    pub grid: Grid,
+    /// One custom point B,H,S,D (batch, heads, seqlen, head dim) instead of a grid.
+    #[arg(long, value_parser = parse_shape)]
+    pub shape: Option<[usize; 4]>,
+    /// Sequence lengths (comma-separated, `4k` allowed): replaces the grid's (cache lengths for decode).
+    #[arg(long, value_delimiter = ',', value_parser = parse_seqlen)]
+    pub seqlens: Vec<usize>,
+    /// Head dims (comma-separated): replaces the grid's.
+    #[arg(long, value_delimiter = ',')]
+    pub dims: Vec<usize>,
+    /// Causal settings to run: 0, 1 or 0,1 (default: both on grids, 0 with --shape).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub causal: Vec<u8>,
+    /// Modes: fwd, fwd_bwd (comma-separated; decode is forward only).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "fwd,fwd_bwd")]
+    pub modes: Vec<Mode>,
+    /// Element type: bf16, f16 or f32 (f32: CPU only).
+    #[arg(long, default_value = "bf16", value_parser = parse_float_dtype)]
+    pub dtype: DType,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceArg,
+    /// Untimed runs before timing (default: 1 on the CPU, 10 on CUDA).
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Timed runs; the median is reported (default: 3 on the CPU, 30 on CUDA).
+    #[arg(long)]
+    pub reps: Option<usize>,
+    /// Overrides the batch size of every point.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Overrides the query heads of every point.
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Overrides the key/value heads of every point (default: as the grid; --heads with --shape).
+    #[arg(long)]
+    pub heads_k: Option<usize>,
+    /// Also benchmark the naive formula (O(N²) memory) at the same points, on the CPU.
+    #[arg(long)]
+    pub naive: bool,
+    /// Write every measurement to this JSON file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write an SVG plot of TFLOP/s against seqlen (KV GB/s against cache length for decode).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Random seed of the inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// One shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Point {
+    /// Batch.
+    pub b: usize,
+    /// Query heads.
+    pub h: usize,
+    /// Key/value heads.
+    pub hk: usize,
+    /// Query length.
+    pub sq: usize,
+    /// Key length.
+    pub sk: usize,
+    /// Head dim.
+    pub d: usize,
+    /// Causal mask.
+    pub causal: bool,
+}
+
+impl Point {
+    /// Forward FLOPs as the baselines count them: `4·b·h·sq·sk·d`, halved when causal.
+    pub fn fwd_flops(&self) -> f64 {
+        let f = 4.0 * (self.b * self.h * self.sq * self.sk * self.d) as f64;
+        if self.causal {
+            f / 2.0
+        } else {
+            f
+        }
+    }
+    fn kv_bytes(&self, dtype: DType) -> f64 {
+        2.0 * (self.b * self.sk * self.hk * self.d * dtype.size()) as f64
+    }
+}
+
+/// The points of a run, in the baselines' order.
+pub fn points(a: &BenchArgs) -> Vec<Point> {
+    let causals: Vec<bool> = if !a.causal.is_empty() {
+        a.causal.iter().map(|&c| c == 1).collect()
+    } else if a.shape.is_some() {
+        vec![false]
+    } else {
+        vec![false, true]
+    };
+    let mut pts = Vec::new();
+    if let Some([b, h, s, d]) = a.shape {
+        for &causal in &causals {
+            pts.push(Point { b, h, hk: a.heads_k.unwrap_or(h), sq: s, sk: s, d, causal });
+        }
+        return pts;
+    }
+    match a.grid {
+        Grid::Decode => {
+            let sks = if a.seqlens.is_empty() { vec![4096, 32768, 131072] } else { a.seqlens.clone() };
+            let dims = if a.dims.is_empty() { vec![128] } else { a.dims.clone() };
+            for b in [1usize, 8, 32] {
+                for &sk in &sks {
+                    if b * sk <= 32 * 32768 {
+                        for &d in &dims {
+                            pts.push(Point { b, h: 32, hk: 8, sq: 1, sk, d, causal: false });
+                        }
+                    }
+                }
+            }
+        }
+        Grid::Standard | Grid::Quick => {
+            let (seqs, dims) = if a.grid == Grid::Standard {
+                (vec![512, 1024, 2048, 4096, 8192, 16384], vec![64, 128, 256])
+            } else {
+                (vec![1024, 8192], vec![128])
+            };
+            let seqs = if a.seqlens.is_empty() { seqs } else { a.seqlens.clone() };
+            let dims = if a.dims.is_empty() { dims } else { a.dims.clone() };
+            for &d in &dims {
+                for &causal in &causals {
+                    for &s in &seqs {
+                        let h = (2048 / d).max(1);
+                        pts.push(Point { b: (16384 / s.max(1)).max(1), h, hk: h, sq: s, sk: s, d, causal });
+                    }
+                }
+            }
+        }
+    }
+    for p in &mut pts {
+        if let Some(b) = a.batch {
+            p.b = b;
+        }
+        if let Some(h) = a.heads {
+            if p.hk == p.h && a.heads_k.is_none() {
+                p.hk = h;
+            }
+            p.h = h;
+        }
+        if let Some(hk) = a.heads_k {
+            p.hk = hk;
+        }
+    }
+    pts
+}
+
+/// One measurement (a row of the table and of the JSON file).
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// `flashattn` or `naive`.
+    pub backend: String,
+    /// Where it ran.
+    pub device: String,
+    /// `fwd` or `fwd_bwd`.
+    pub mode: &'static str,
+    /// Element type.
+    pub dtype: String,
+    /// The shape.
+    #[serde(flatten)]
+    pub point: Point,
+    /// Median time in milliseconds (`None` when the point failed).
+    pub ms: Option<f64>,
+    /// Fastest time in milliseconds.
+    pub ms_min: Option<f64>,
+    /// TFLOP/s at the median time.
+    pub tflops: Option<f64>,
+    /// Bytes of K and V read per millisecond / 1e6 (GB/s).
+    pub kv_gbps: Option<f64>,
+    /// Highest allocation level during a timed run minus the level before it (host memory, outputs included).
+    pub peak_extra_bytes: Option<usize>,
+    /// Bytes of the outputs the call returns (o, lse; dq, dk, dv), part of `peak_extra_bytes`.
+    pub output_bytes: Option<usize>,
+    /// Why the point failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub err: Option<String>,
+}
+
+struct Inputs {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dout: Tensor,
+    opts: AttnOptions,
+}
+
+fn inputs(p: &Point, dtype: DType, seed: u64, mode_bwd: bool) -> Inputs {
+    let s = seed.wrapping_mul(4);
+    Inputs {
+        q: randn(&[p.b, p.sq, p.h, p.d], dtype, s, 1.0),
+        k: randn(&[p.b, p.sk, p.hk, p.d], dtype, s + 1, 1.0),
+        v: randn(&[p.b, p.sk, p.hk, p.d], dtype, s + 2, 1.0),
+        dout: if mode_bwd { randn(&[p.b, p.sq, p.h, p.d], dtype, s + 3, 1.0) } else { Tensor::zeros(&[0], dtype) },
+        opts: AttnOptions { causal: p.causal, ..Default::default() },
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Impl {
+    Flash,
+    Naive,
+}
+
+/// Runs one call of `imp` in `mode`; returns the bytes of what it returned.
+fn call(imp: Impl, mode: Mode, device: Device, x: &Inputs) -> Result<usize, String> {
+    let bytes = |ts: &[&Tensor]| ts.iter().map(|t| t.shape().iter().product::<usize>() * t.dtype().size()).sum();
+    match imp {
+        Impl::Flash => {
+            let out = flashattn::forward_on(device, &x.q, &x.k, &x.v, &x.opts).map_err(|e| e.to_string())?;
+            let mut n = bytes(&[&out.o, &out.lse]);
+            if mode == Mode::FwdBwd {
+                let g = flashattn::backward_on(device, &x.q, &x.k, &x.v, &out.o, &out.lse, &x.dout, &x.opts)
+                    .map_err(|e| e.to_string())?;
+                n += bytes(&[&g.dq, &g.dk, &g.dv]);
+            }
+            Ok(n)
+        }
+        Impl::Naive => {
+            let p = flashattn::problem::validate(&x.q.view(), &x.k.view(), &x.v.view(), &x.opts)
+                .map_err(|e| e.to_string())?;
+            let (qs, ks, vs) = (x.q.view().data, x.k.view().data, x.v.view().data);
+            let (o, lse) = reference::naive_forward(&p, qs, ks, vs);
+            let mut n = bytes(&[&o, &lse]);
+            if mode == Mode::FwdBwd {
+                let map = p.q_like_map(x.dout.layout());
+                let g = reference::naive_backward(&p, qs, ks, vs, x.dout.view().data, &map);
+                n += (g.dq.len() + g.dk.len() + g.dv.len()) * 4;
+            }
+            Ok(n)
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_one(
+    imp: Impl,
+    mode: Mode,
+    device: Device,
+    p: &Point,
+    dtype: DType,
+    x: &Inputs,
+    warmup: usize,
+    reps: usize,
+) -> Row {
+    let run_device = if imp == Impl::Naive { Device::Cpu } else { device };
+    let mut row = Row {
+        backend: if imp == Impl::Flash { "flashattn".into() } else { "naive".into() },
+        device: run_device.to_string(),
+        mode: mode.name(),
+        dtype: dtype.to_string(),
+        point: *p,
+        ms: None,
+        ms_min: None,
+        tflops: None,
+        kv_gbps: None,
+        peak_extra_bytes: None,
+        output_bytes: None,
+        err: None,
+    };
+    let result = (|| -> Result<(), String> {
+        for _ in 0..warmup {
+            call(imp, mode, run_device, x)?;
+        }
+        let mut times = Vec::with_capacity(reps);
+        let mut peak = 0;
+        let mut out_bytes = 0;
+        for _ in 0..reps.max(1) {
+            let (r, dt, mem): (Result<usize, String>, Duration, usize) = measure(|| call(imp, mode, run_device, x));
+            out_bytes = r?;
+            times.push(dt.as_secs_f64() * 1e3);
+            peak = peak.max(mem);
+        }
+        let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let med = median(&mut times);
+        let flops = p.fwd_flops() * if mode == Mode::FwdBwd { 3.5 } else { 1.0 };
+        row.ms = Some(med);
+        row.ms_min = Some(min);
+        row.tflops = Some(flops / med / 1e9);
+        row.kv_gbps = Some(p.kv_bytes(dtype) / med / 1e6);
+        row.peak_extra_bytes = Some(peak);
+        row.output_bytes = Some(out_bytes);
+        Ok(())
+    })();
+    if let Err(e) = result {
+        row.err = Some(e);
+    }
+    row
+}
+
+fn fmt_num(x: Option<f64>) -> String {
+    match x {
+        None => "-".into(),
+        Some(v) if v >= 100.0 => format!("{v:.1}"),
+        Some(v) if v >= 1.0 => format!("{v:.2}"),
+        Some(v) if v > 0.0 => {
+            // three significant digits for small numbers (CPU TFLOP/s)
+            let digits = (2 - v.log10().floor() as i32).clamp(2, 9) as usize;
+            format!("{v:.digits$}")
+        }
+        Some(v) => format!("{v}"),
+    }
+}
+
+fn table(rows: &[Row], decode: bool) {
+    let metric = if decode { "KV GB/s" } else { "TFLOP/s" };
+    println!(
+        "{:<9} {:<7} {:<5} {:>4} {:>6} {:>4} {:>6} {:>6} {:>7} {:>10} {:>9} {:>11} {:>11}",
+        "backend", "mode", "dtype", "d", "causal", "b", "h/hk", "sq", "sk", "ms", metric, "peak extra", "workspace"
+    );
+    for r in rows {
+        let p = &r.point;
+        let tail = match &r.err {
+            Some(e) => format!("error: {e}"),
+            None => format!(
+                "{:>10} {:>9} {:>11} {:>11}",
+                fmt_num(r.ms),
+                fmt_num(if decode { r.kv_gbps } else { r.tflops }),
+                r.peak_extra_bytes.map_or("-".into(), human),
+                match (r.peak_extra_bytes, r.output_bytes) {
+                    (Some(pk), Some(o)) => human(pk.saturating_sub(o)),
+                    _ => "-".into(),
+                }
+            ),
+        };
+        println!(
+            "{:<9} {:<7} {:<5} {:>4} {:>6} {:>4} {:>6} {:>6} {:>7} {}",
+            r.backend,
+            r.mode,
+            r.dtype,
+            p.d,
+            p.causal as u8,
+            p.b,
+            format!("{}/{}", p.h, p.hk),
+            p.sq,
+            p.sk,
+            tail
+        );
+    }
+}
+
+fn comparisons(rows: &[Row]) {
+    let mut printed = false;
+    for f in rows.iter().filter(|r| r.backend == "flashattn" && r.err.is_none()) {
+        let Some(n) = rows.iter().find(|r| r.backend == "naive" && r.point == f.point && r.mode == f.mode) else {
+            continue;
+        };
+        let (Some(fm), Some(nm), Some(fp), Some(np)) = (f.ms, n.ms, f.peak_extra_bytes, n.peak_extra_bytes) else {
+            continue;
+        };
+        if !printed {
+            println!("\nflash vs naive (peak extra memory includes the outputs both return):");
+            printed = true;
+        }
+        let p = &f.point;
+        println!(
+            "  b={} h={} s={} d={} causal={} {}: flash is {:.2}x as fast; peak extra memory flash {} vs naive {} (naive/flash = {:.1}x)",
+            p.b,
+            p.h,
+            p.sk,
+            p.d,
+            p.causal as u8,
+            f.mode,
+            nm / fm,
+            human(fp),
+            human(np),
+            np as f64 / fp.max(1) as f64
+        );
+    }
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    version: &'static str,
+    device: String,
+    device_reason: String,
+    grid: Option<Grid>,
+    warmup: usize,
+    reps: usize,
+    flops: &'static str,
+    rows: &'a [Row],
+}
+
+fn plot(path: &PathBuf, rows: &[Row], decode: bool, title: &str) -> CliResult<()> {
+    let mut series: Vec<Series> = Vec::new();
+    let mut configs: Vec<String> = Vec::new();
+    for r in rows.iter().filter(|r| r.err.is_none()) {
+        let p = &r.point;
+        let (config, x, y) = if decode {
+            (format!("b={} {}", p.b, r.mode), p.sk as f64, r.kv_gbps.unwrap_or(f64::NAN))
+        } else {
+            (format!("d={} causal={} {}", p.d, p.causal as u8, r.mode), p.sk as f64, r.tflops.unwrap_or(f64::NAN))
+        };
+        let color = configs.iter().position(|c| *c == config).unwrap_or_else(|| {
+            configs.push(config.clone());
+            configs.len() - 1
+        });
+        let label = format!("{} {config}", r.backend);
+        match series.iter_mut().find(|s| s.label == label) {
+            Some(s) => s.points.push((x, y)),
+            None => series.push(Series { label, points: vec![(x, y)], color, dashed: r.backend == "naive" }),
+        }
+    }
+    let (xl, yl) = if decode { ("KV cache length", "KV GB/s") } else { ("sequence length", "TFLOP/s") };
+    let svg = line_chart(title, xl, yl, &series);
+    std::fs::write(path, svg).map_err(|e| CliError::Input(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Runs `flashattn bench`.
+pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
+    let (device, why) = resolve_device(a.device)?;
+    let is_cpu = device == Device::Cpu;
+    let warmup = a.warmup.unwrap_or(if is_cpu { 1 } else { 10 });
+    let reps = a.reps.unwrap_or(if is_cpu { 3 } else { 30 }).max(1);
+    let decode = a.shape.is_none() && a.grid == Grid::Decode;
+    let mut modes = a.modes.clone();
+    modes.dedup();
+    if decode && modes.contains(&Mode::FwdBwd) {
+        modes.retain(|&m| m == Mode::Fwd);
+        if modes.is_empty() {
+            return Err(CliError::Input("the decode grid is forward only: use --modes fwd".into()));
+        }
+    }
+    let pts = points(&a);
+    if pts.is_empty() {
+        return Err(CliError::Input("no point to run: check --seqlens, --dims and --causal".into()));
+    }
+    let impls: Vec<Impl> = if a.naive { vec![Impl::Flash, Impl::Naive] } else { vec![Impl::Flash] };
+    println!("device: {why}");
+    println!(
+        "{} point(s) x {} mode(s){}, {}, warmup {warmup}, reps {reps} (median reported){}",
+        pts.len(),
+        modes.len(),
+        if a.naive { " x {flash, naive}" } else { "" },
+        a.dtype,
+        if is_cpu { "" } else { "; CUDA times include host<->device copies of the inputs and outputs" }
+    );
+    let total = (pts.len() * modes.len() * impls.len()) as u64;
+    let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}")
+            .expect("valid template")
+            .progress_chars("##-"),
+    );
+    let mut rows = Vec::new();
+    for (i, p) in pts.iter().enumerate() {
+        let x = inputs(p, a.dtype, a.seed.wrapping_add(i as u64), modes.contains(&Mode::FwdBwd));
+        for &mode in &modes {
+            for &imp in &impls {
+                pb.set_message(format!(
+                    "{} {} b={} h={}/{} s={}/{} d={} causal={}",
+                    if imp == Impl::Flash { "flash" } else { "naive" },
+                    mode.name(),
+                    p.b,
+                    p.h,
+                    p.hk,
+                    p.sq,
+                    p.sk,
+                    p.d,
+                    p.causal as u8
+                ));
+                let r = bench_one(imp, mode, device, p, a.dtype, &x, warmup, reps);
+                if let Some(e) = &r.err {
+                    pb.println(format!("point failed: {e}"));
+                }
+                rows.push(r);
+                pb.inc(1);
+            }
+        }
+    }
+    pb.finish_and_clear();
+    table(&rows, decode);
+    comparisons(&rows);
+    if let Some(path) = &a.json {
+        let report = Report {
+            version: env!("CARGO_PKG_VERSION"),
+            device: device.to_string(),
+            device_reason: why.clone(),
+            grid: if a.shape.is_some() { None } else { Some(a.grid) },
+            warmup,
+            reps,
+            flops: "fwd 4*b*h*sq*sk*d (halved when causal); fwd_bwd 3.5x fwd",
+            rows: &rows,
+        };
+        let s = serde_json::to_string_pretty(&report).map_err(|e| CliError::Failed(e.to_string()))?;
+        std::fs::write(path, s).map_err(|e| CliError::Input(format!("cannot write {}: {e}", path.display())))?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &a.plot {
+        let title = format!(
+            "flashattn {} on {device}, {}",
+            a.shape.map_or(format!("{} grid", grid_name(a.grid)), |_| "custom shape".into()),
+            a.dtype
+        );
+        plot(path, &rows, decode, &title)?;
+        println!("wrote {}", path.display());
+    }
+    if rows.iter().any(|r| r.err.is_some()) {
+        return Err(CliError::Failed("some points failed (see the table)".into()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: BenchArgs,
+    }
+
+    fn args(extra: &[&str]) -> BenchArgs {
+        T::parse_from(std::iter::once("bench").chain(extra.iter().copied())).a
+    }
+
+    #[test]
+    fn grids_match_the_baselines() {
+        assert_eq!(points(&args(&[])).len(), 36);
+        let dec = points(&args(&["--grid", "decode"]));
+        assert_eq!(dec.len(), 8);
+        assert!(dec.iter().all(|p| p.b * p.sk <= 32 * 32768 && p.h == 32 && p.hk == 8 && p.sq == 1));
+        let q = points(&args(&["--grid", "quick"]));
+        assert_eq!(q.len(), 4);
+        assert_eq!(q[0], Point { b: 16, h: 16, hk: 16, sq: 1024, sk: 1024, d: 128, causal: false });
+        let one = points(&args(&["--shape", "1,8,4k,128"]));
+        assert_eq!(one, vec![Point { b: 1, h: 8, hk: 8, sq: 4096, sk: 4096, d: 128, causal: false }]);
+        let f = points(&args(&["--seqlens", "512,1k", "--dims", "64", "--causal", "1", "--heads", "4"]));
+        assert_eq!(f.len(), 2);
+        assert!(f.iter().all(|p| p.causal && p.d == 64 && p.h == 4 && p.hk == 4));
+        assert_eq!(Point { b: 1, h: 1, hk: 1, sq: 2, sk: 2, d: 1, causal: true }.fwd_flops(), 8.0);
+    }
+}

@@ -1,0 +1,226 @@
+//! `flashattn check`: the classic demo. Random q, k, v; attention the naive way (the O(N²) formula in the
+//! input precision) and the flash way on the chosen device; both compared with the `f64` oracle under the
+//! spec's accuracy rule, with the time and the peak extra memory of each.
+
+use crate::alloc::{human, measure};
+use crate::common::{
+    max_abs_diff, ms, parse_device, parse_float_dtype, parse_window, rand_uniform, randn, resolve_device, CliError,
+    CliResult, DeviceArg,
+};
+use clap::Args;
+use flashattn::accuracy::{self, Verdict};
+use flashattn::reference;
+use flashattn::{AttnOptions, DType, Device};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Flags of `flashattn check`.
+#[derive(Args, Debug, Clone)]
+pub struct CheckArgs {
+    /// Batch size.
+    #[arg(long, short = 'b', default_value_t = 2)]
+    pub batch: usize,
+    /// Query sequence length.
+    #[arg(long, short = 's', default_value_t = 128)]
+    pub seqlen: usize,
+    /// Key/value sequence length (default: --seqlen).
+    #[arg(long)]
+    pub seqlen_k: Option<usize>,
+    /// Query heads.
+    #[arg(long, default_value_t = 8)]
+    pub heads: usize,
+    /// Key/value heads (MQA/GQA; default: --heads).
+    #[arg(long)]
+    pub heads_k: Option<usize>,
+    /// Head dimension.
+    #[arg(long, short = 'd', default_value_t = 64)]
+    pub dim: usize,
+    /// Element type: f16, bf16 or f32.
+    #[arg(long, default_value = "f16", value_parser = parse_float_dtype)]
+    pub dtype: DType,
+    /// Causal mask (bottom-right aligned).
+    #[arg(long)]
+    pub causal: bool,
+    /// Sliding window L,R (-1 = unbounded side).
+    #[arg(long, value_parser = parse_window, allow_hyphen_values = true)]
+    pub window: Option<(i64, i64)>,
+    /// Soft-capping of the scores (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub softcap: f32,
+    /// ALiBi with random slopes (uniform in [0, 0.3), one per batch and head).
+    #[arg(long)]
+    pub alibi: bool,
+    /// Softmax scale (default 1/sqrt(d)).
+    #[arg(long)]
+    pub scale: Option<f32>,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceArg,
+    /// Check the gradients too (dq, dk, dv; accuracy factor 3).
+    #[arg(long)]
+    pub backward: bool,
+}
+
+struct Measured {
+    time: Duration,
+    mem: usize,
+}
+
+fn row(name: &str, m: &Measured, note: &str) {
+    println!("  {name:<14} {:>12} {:>16}   {note}", ms(m.time), human(m.mem));
+}
+
+fn mask_desc(a: &CheckArgs) -> String {
+    let mut parts = Vec::new();
+    if a.causal {
+        parts.push("causal".to_string());
+    }
+    if let Some((l, r)) = a.window {
+        parts.push(format!("window ({l},{r})"));
+    }
+    if a.softcap > 0.0 {
+        parts.push(format!("softcap {}", a.softcap));
+    }
+    if a.alibi {
+        parts.push("alibi".into());
+    }
+    if parts.is_empty() {
+        "no mask".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn verdict_lines(vs: &[Verdict]) -> bool {
+    let mut ok = true;
+    for v in vs {
+        println!("  {v}");
+        ok &= v.pass;
+    }
+    ok
+}
+
+/// Runs `flashattn check`.
+pub fn main(a: CheckArgs) -> CliResult<ExitCode> {
+    let (b, sq, h, d) = (a.batch, a.seqlen, a.heads, a.dim);
+    let sk = a.seqlen_k.unwrap_or(sq);
+    let hk = a.heads_k.unwrap_or(h);
+    let (device, why) = resolve_device(a.device)?;
+    println!(
+        "flashattn check: b={b} sq={sq} sk={sk} h={h} hk={hk} d={d} {}, {}, seed {}",
+        a.dtype,
+        mask_desc(&a),
+        a.seed
+    );
+    println!("device: {why}");
+
+    let q = randn(&[b, sq, h, d], a.dtype, a.seed.wrapping_mul(4), 1.0);
+    let k = randn(&[b, sk, hk, d], a.dtype, a.seed.wrapping_mul(4) + 1, 1.0);
+    let v = randn(&[b, sk, hk, d], a.dtype, a.seed.wrapping_mul(4) + 2, 1.0);
+    let mut opts = AttnOptions { causal: a.causal, softcap: a.softcap, softmax_scale: a.scale, ..Default::default() };
+    if let Some((l, r)) = a.window {
+        opts.window = (l, r);
+    }
+    if a.alibi {
+        opts.alibi_slopes = Some(rand_uniform(&[b, h], a.seed.wrapping_add(17), 0.3));
+    }
+    let p = flashattn::problem::validate(&q.view(), &k.view(), &v.view(), &opts)?;
+    let (qs, ks, vs) = (q.view().data, k.view().data, v.view().data);
+
+    // Oracle first (it also starts the thread pool, so neither timed run pays for that).
+    let (oracle, t_oracle, m_oracle) = measure(|| reference::forward_f64(&p, qs, ks, vs));
+    if matches!(device, Device::Cuda(_)) {
+        // The first call compiles (or loads) the kernels: keep that out of the timing.
+        flashattn::forward_on(device, &q, &k, &v, &opts)?;
+    }
+    let ((naive_o, naive_lse), t_naive, m_naive) = measure(|| reference::naive_forward(&p, qs, ks, vs));
+    let (flash, t_flash, m_flash) = measure(|| flashattn::forward_on(device, &q, &k, &v, &opts));
+    let flash = flash?;
+
+    let out_bytes =
+        flash.o.shape().iter().product::<usize>() * a.dtype.size() + flash.lse.shape().iter().product::<usize>() * 4;
+    let scores_bytes = sq * sk * 4;
+    println!("forward ({} of outputs; one head's score matrix is {}):", human(out_bytes), human(scores_bytes));
+    println!("  {:<14} {:>12} {:>16}", "", "time", "peak extra mem");
+    row("naive", &Measured { time: t_naive, mem: m_naive }, "O(N²): materialises each head's scores");
+    row(&format!("flash ({device})"), &Measured { time: t_flash, mem: m_flash }, "O(N): tiles, online softmax");
+    row("oracle (f64)", &Measured { time: t_oracle, mem: m_oracle }, "reference for the accuracy rule");
+    let (fo, flse) = (flash.o.to_f32_vec(), flash.lse.to_f32_vec());
+    let (no, nlse) = (naive_o.to_f32_vec(), naive_lse.to_f32_vec());
+    let oracle_o32: Vec<f32> = oracle.o.iter().map(|&x| x as f32).collect();
+    let oracle_lse32: Vec<f32> = oracle.lse.iter().map(|&x| x as f32).collect();
+    println!("  max |flash - naive|  = {:.3e} (o), {:.3e} (lse)", max_abs_diff(&fo, &no), max_abs_diff(&flse, &nlse));
+    println!(
+        "  max |flash - oracle| = {:.3e} (o), {:.3e} (lse)",
+        max_abs_diff(&fo, &oracle_o32),
+        max_abs_diff(&flse, &oracle_lse32)
+    );
+    println!(
+        "  max |naive - oracle| = {:.3e} (o), {:.3e} (lse)",
+        max_abs_diff(&no, &oracle_o32),
+        max_abs_diff(&nlse, &oracle_lse32)
+    );
+    let factor = accuracy::o_factor(a.softcap > 0.0, a.alibi);
+    if a.dtype == DType::F32 {
+        println!("accuracy rule (f32): |flash - f64| <= 1e-4 x max|f64|; lse within 1e-3:");
+    } else {
+        println!("accuracy rule: |flash - f64| <= {factor} x |naive - f64| + 1e-5; lse within 1e-3:");
+    }
+    let mut ok = verdict_lines(&[
+        accuracy::compare("o", &fo, &oracle.o, &no, a.dtype, factor),
+        accuracy::compare_lse(&flse, &oracle.lse),
+    ]);
+
+    if a.backward {
+        let dout = randn(flash.o.shape(), a.dtype, a.seed.wrapping_mul(4) + 3, 1.0);
+        let do_map = p.q_like_map(dout.layout());
+        let dos = dout.view().data;
+        let (og, t_og, m_og) = measure(|| reference::backward_f64(&p, qs, ks, vs, dos, &do_map));
+        if matches!(device, Device::Cuda(_)) {
+            flashattn::backward_on(device, &q, &k, &v, &flash.o, &flash.lse, &dout, &opts)?;
+        }
+        let (ng, t_ng, m_ng) = measure(|| reference::naive_backward(&p, qs, ks, vs, dos, &do_map));
+        let (fg, t_fg, m_fg) =
+            measure(|| flashattn::backward_on(device, &q, &k, &v, &flash.o, &flash.lse, &dout, &opts));
+        let fg = fg?;
+        println!("backward:");
+        println!("  {:<14} {:>12} {:>16}", "", "time", "peak extra mem");
+        row("naive", &Measured { time: t_ng, mem: m_ng }, "O(N²)");
+        row(&format!("flash ({device})"), &Measured { time: t_fg, mem: m_fg }, "O(N)");
+        row("oracle (f64)", &Measured { time: t_og, mem: m_og }, "");
+        let grads = [
+            ("dq", fg.dq.to_f32_vec(), &ng.dq, &og.dq),
+            ("dk", fg.dk.to_f32_vec(), &ng.dk, &og.dk),
+            ("dv", fg.dv.to_f32_vec(), &ng.dv, &og.dv),
+        ];
+        for (name, f, n, o) in &grads {
+            let o32: Vec<f32> = o.iter().map(|&x| x as f32).collect();
+            println!(
+                "  {name}: max |flash - naive| = {:.3e}, max |flash - oracle| = {:.3e}",
+                max_abs_diff(f, n),
+                max_abs_diff(f, &o32)
+            );
+        }
+        if a.dtype == DType::F32 {
+            println!("accuracy rule (f32): |flash - f64| <= 1e-4 x max|f64|:");
+        } else {
+            println!("accuracy rule: |flash - f64| <= {} x |naive - f64| + 1e-5:", accuracy::GRAD_FACTOR);
+        }
+        let vs: Vec<Verdict> = grads
+            .iter()
+            .map(|(name, f, n, o)| accuracy::compare(name, f, o, n, a.dtype, accuracy::GRAD_FACTOR))
+            .collect();
+        ok &= verdict_lines(&vs);
+    }
+
+    if ok {
+        println!("PASS: flash attention on {device} meets the spec's accuracy rule");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("FAIL: flash attention on {device} breaks the spec's accuracy rule");
+        Err(CliError::Failed("the accuracy check failed".into()))
+    }
+}

@@ -1,0 +1,463 @@
+//! Integration tests of the `flashattn` command: the built binary is run as a user would.
+
+use flashattn::{AttnOptions, CacheSeqlens, CpuStorage, DType, KvCache, Rotary, Tensor, VarLen};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use safetensors::{Dtype as StDtype, SafeTensors};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_flashattn"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("the flashattn binary runs")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flashattn-cli-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn randn(shape: &[usize], dtype: DType, rng: &mut StdRng) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.sample(StandardNormal)).collect();
+    Tensor::from_f32(&v, shape, dtype).unwrap()
+}
+
+fn to_bytes(t: &Tensor) -> (StDtype, Vec<u8>) {
+    match t.storage() {
+        CpuStorage::F32(v) => (StDtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        CpuStorage::F16(v) => (StDtype::F16, v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()),
+        CpuStorage::BF16(v) => (StDtype::BF16, v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()),
+        CpuStorage::I32(v) => (StDtype::I32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+    }
+}
+
+fn write(path: &Path, tensors: &[(&str, &Tensor)]) {
+    let enc: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let (d, b) = to_bytes(t);
+            (n.to_string(), d, t.shape().to_vec(), b)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = enc
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// Reads every tensor of a safetensors file as (dtype, shape, bytes).
+fn read(path: &Path) -> Vec<(String, StDtype, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Asserts that the file's tensor `name` is bit-identical to `t`.
+fn assert_same(file: &[(String, StDtype, Vec<usize>, Vec<u8>)], name: &str, t: &Tensor) {
+    let (_, dt, shape, bytes) = file.iter().find(|x| x.0 == name).unwrap_or_else(|| panic!("output has no `{name}`"));
+    let (want_dt, want) = to_bytes(t);
+    assert_eq!((*dt, shape.as_slice()), (want_dt, t.shape()), "dtype/shape of `{name}`");
+    assert!(bytes == &want, "`{name}` differs from the library's result");
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let o = run(args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "flashattn {args:?} failed: {:?}\nstdout:\n{out}\nstderr:\n{err}", o.status);
+    out
+}
+
+#[test]
+fn check_passes_and_reports_differences_times_and_memory() {
+    let out = run_ok(&["check", "--device", "cpu", "--seqlen", "64", "--dim", "32", "--heads", "4"]);
+    for line in [
+        "flashattn check: b=2 sq=64 sk=64 h=4 hk=4 d=32 f16",
+        "device: cpu (requested)",
+        "peak extra mem",
+        "naive",
+        "flash (cpu)",
+        "max |flash - naive|",
+        "max |flash - oracle|",
+        "o    max err",
+        "lse  max err",
+        "PASS",
+    ] {
+        assert!(out.contains(line), "missing `{line}` in:\n{out}");
+    }
+}
+
+#[test]
+fn check_with_masks_gqa_and_backward() {
+    let out = run_ok(&[
+        "check",
+        "--device",
+        "cpu",
+        "--batch",
+        "1",
+        "--seqlen",
+        "40",
+        "--seqlen-k",
+        "70",
+        "--heads",
+        "4",
+        "--heads-k",
+        "2",
+        "--dim",
+        "24",
+        "--dtype",
+        "bf16",
+        "--causal",
+        "--window",
+        "-1,8",
+        "--alibi",
+        "--softcap",
+        "30",
+        "--backward",
+    ]);
+    assert!(out.contains("causal, window (-1,8), softcap 30, alibi"), "{out}");
+    assert!(out.contains("3 x |naive - f64|"), "alibi/softcap use factor 3:\n{out}");
+    for g in ["dq   max err", "dk   max err", "dv   max err", "PASS"] {
+        assert!(out.contains(g), "missing `{g}` in:\n{out}");
+    }
+}
+
+#[test]
+fn check_auto_device_says_why_and_bad_flags_exit_2() {
+    let out = run_ok(&["check", "--seqlen", "16", "--dim", "16", "--heads", "2", "--dtype", "f32"]);
+    assert!(out.contains("device: "), "{out}");
+    assert!(out.contains("(auto"), "auto says why:\n{out}");
+    assert!(out.contains("accuracy rule (f32)"), "{out}");
+    let o = run(&["check", "--dtype", "i32"]);
+    assert_eq!(o.status.code(), Some(2));
+    // h % hk != 0 is a library validation error: exit 2 with the argument named.
+    let o = run(&["check", "--device", "cpu", "--heads", "3", "--heads-k", "2", "--seqlen", "8", "--dim", "8"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("error:"), "{err}");
+}
+
+#[test]
+fn tiny_bench_writes_json_and_plot() {
+    let json = tmp("bench.json");
+    let svg = tmp("bench.svg");
+    let out = run_ok(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--shape",
+        "1,2,48,16",
+        "--causal",
+        "0,1",
+        "--modes",
+        "fwd,fwd_bwd",
+        "--naive",
+        "--warmup",
+        "0",
+        "--reps",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(out.contains("TFLOP/s") && out.contains("peak extra"), "{out}");
+    assert!(out.contains("flash vs naive"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 8, "2 causal x 2 modes x 2 backends");
+    for r in rows {
+        assert!(r["ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["tflops"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["peak_extra_bytes"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r["sq"], 48);
+    }
+    let causal = rows.iter().find(|r| r["causal"] == true && r["mode"] == "fwd").unwrap();
+    let flops = 4.0 * 2.0 * 48.0 * 48.0 * 16.0 / 2.0;
+    let want = flops / causal["ms"].as_f64().unwrap() / 1e9;
+    assert!((causal["tflops"].as_f64().unwrap() - want).abs() <= 1e-9 * want.max(1.0));
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains("<circle"), "one marker per point");
+    assert!(plot.contains("naive d=16 causal=1 fwd_bwd"), "legend names each line");
+}
+
+#[test]
+fn bench_decode_grid_reports_kv_bandwidth() {
+    let json = tmp("decode.json");
+    let out = run_ok(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--grid",
+        "decode",
+        "--seqlens",
+        "256",
+        "--heads",
+        "4",
+        "--heads-k",
+        "2",
+        "--dims",
+        "32",
+        "--warmup",
+        "0",
+        "--reps",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.contains("KV GB/s"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "b = 1, 8, 32");
+    for r in rows {
+        assert_eq!(r["sq"], 1);
+        assert_eq!(r["mode"], "fwd");
+        let kv = 2.0 * r["b"].as_f64().unwrap() * 256.0 * 2.0 * 32.0 * 2.0;
+        let want = kv / r["ms"].as_f64().unwrap() / 1e6;
+        assert!((r["kv_gbps"].as_f64().unwrap() - want).abs() <= 1e-9 * want.max(1.0), "{r}");
+    }
+}
+
+#[test]
+fn run_forward_and_backward_match_the_library() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let (b, sq, sk, h, hk, d) = (2, 33, 47, 4, 2, 40);
+    let q = randn(&[b, sq, h, d], DType::BF16, &mut rng);
+    let k = randn(&[b, sk, hk, d], DType::BF16, &mut rng);
+    let v = randn(&[b, sk, hk, d], DType::BF16, &mut rng);
+    let dout = randn(&[b, sq, h, d], DType::BF16, &mut rng);
+    let slopes = Tensor::from_f32(&[0.1, 0.2, 0.05, 0.3], &[h], DType::F32).unwrap();
+    let input = tmp("fwd_in.safetensors");
+    let output = tmp("fwd_out.safetensors");
+    write(&input, &[("q", &q), ("k", &k), ("v", &v), ("do", &dout), ("alibi_slopes", &slopes)]);
+    run_ok(&[
+        "run",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--causal",
+        "--softcap",
+        "20",
+        "--scale",
+        "0.2",
+        "--deterministic",
+    ]);
+    let opts = AttnOptions::default().causal().softcap(20.0).scale(0.2).alibi(slopes.clone()).deterministic();
+    let f = flashattn::forward(&q, &k, &v, &opts).unwrap();
+    let g = flashattn::backward(&q, &k, &v, &f.o, &f.lse, &dout, &opts).unwrap();
+    let file = read(&output);
+    assert_eq!(file.len(), 5);
+    assert_same(&file, "o", &f.o);
+    assert_same(&file, "lse", &f.lse);
+    assert_same(&file, "dq", &g.dq);
+    assert_same(&file, "dk", &g.dk);
+    assert_same(&file, "dv", &g.dv);
+}
+
+#[test]
+fn run_varlen_matches_the_library() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let (h, d) = (2, 16);
+    let (cu_q, cu_k) = (vec![0, 5, 12, 20], vec![0, 9, 9, 30]);
+    let q = randn(&[20, h, d], DType::F16, &mut rng);
+    let k = randn(&[30, h, d], DType::F16, &mut rng);
+    let v = randn(&[30, h, d], DType::F16, &mut rng);
+    let cq = Tensor::from_i32(cu_q.clone(), &[4]).unwrap();
+    let ck = Tensor::from_i32(cu_k.clone(), &[4]).unwrap();
+    let used = Tensor::from_i32(vec![7, 0, 15], &[3]).unwrap();
+    let input = tmp("varlen_in.safetensors");
+    let output = tmp("varlen_out.safetensors");
+    write(
+        &input,
+        &[("q", &q), ("k", &k), ("v", &v), ("cu_seqlens_q", &cq), ("cu_seqlens_k", &ck), ("seqused_k", &used)],
+    );
+    run_ok(&[
+        "run",
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        output.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--window",
+        "4,2",
+    ]);
+    let opts = AttnOptions::default().window(4, 2).varlen(VarLen {
+        cu_seqlens_q: cu_q,
+        cu_seqlens_k: cu_k,
+        seqused_k: Some(vec![7, 0, 15]),
+    });
+    let f = flashattn::forward(&q, &k, &v, &opts).unwrap();
+    let file = read(&output);
+    assert_eq!(file.len(), 2, "no `do`: forward only");
+    assert_same(&file, "o", &f.o);
+    assert_same(&file, "lse", &f.lse);
+}
+
+#[test]
+fn run_kvcache_matches_the_library() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let (b, sq, h, hk, d, s_cache, s_new, rot) = (2, 3, 4, 2, 32, 40, 3, 16);
+    let q = randn(&[b, sq, h, d], DType::F16, &mut rng);
+    let k_cache = randn(&[b, s_cache, hk, d], DType::F16, &mut rng);
+    let v_cache = randn(&[b, s_cache, hk, d], DType::F16, &mut rng);
+    let k_new = randn(&[b, s_new, hk, d], DType::F16, &mut rng);
+    let v_new = randn(&[b, s_new, hk, d], DType::F16, &mut rng);
+    let angles: Vec<f32> = (0..s_cache * rot / 2).map(|i| i as f32 * 0.37).collect();
+    let cos =
+        Tensor::from_f32(&angles.iter().map(|a| a.cos()).collect::<Vec<_>>(), &[s_cache, rot / 2], DType::F32).unwrap();
+    let sin =
+        Tensor::from_f32(&angles.iter().map(|a| a.sin()).collect::<Vec<_>>(), &[s_cache, rot / 2], DType::F32).unwrap();
+    let seqlens = Tensor::from_i32(vec![10, 25], &[b]).unwrap();
+    let leftpad = Tensor::from_i32(vec![0, 4], &[b]).unwrap();
+    let input = tmp("kv_in.safetensors");
+    let output = tmp("kv_out.safetensors");
+    write(
+        &input,
+        &[
+            ("q", &q),
+            ("k_cache", &k_cache),
+            ("v_cache", &v_cache),
+            ("k_new", &k_new),
+            ("v_new", &v_new),
+            ("cache_seqlens", &seqlens),
+            ("rotary_cos", &cos),
+            ("rotary_sin", &sin),
+            ("cache_leftpad", &leftpad),
+        ],
+    );
+    run_ok(&[
+        "run",
+        "--kvcache",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--causal",
+        "--rotary-interleaved",
+    ]);
+    let (mut kc, mut vc) = (k_cache.clone(), v_cache.clone());
+    let f = {
+        let mut cache = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::PerSeq(vec![10, 25]));
+        cache.k_new = Some(k_new.view());
+        cache.v_new = Some(v_new.view());
+        cache.rotary = Some(Rotary { cos: cos.view(), sin: sin.view(), interleaved: true });
+        cache.cache_leftpad = Some(vec![0, 4]);
+        flashattn::kvcache_forward(&q.view(), &mut cache, &AttnOptions::default().causal()).unwrap()
+    };
+    assert_ne!(kc, k_cache, "the append changed the cache");
+    let file = read(&output);
+    assert_eq!(file.len(), 4);
+    assert_same(&file, "o", &f.o);
+    assert_same(&file, "lse", &f.lse);
+    assert_same(&file, "k_cache", &kc);
+    assert_same(&file, "v_cache", &vc);
+}
+
+#[test]
+fn run_paged_kvcache_matches_the_library() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let (b, h, d, pages, page) = (2, 2, 16, 6, 8);
+    let q = randn(&[b, 1, h, d], DType::BF16, &mut rng);
+    let k_cache = randn(&[pages, page, h, d], DType::BF16, &mut rng);
+    let v_cache = randn(&[pages, page, h, d], DType::BF16, &mut rng);
+    let table = Tensor::from_i32(vec![5, 0, 2, 1, 3, 4], &[b, 3]).unwrap();
+    let input = tmp("paged_in.safetensors");
+    let output = tmp("paged_out.safetensors");
+    // No cache_seqlens and nothing to append: the whole cache is attended.
+    write(&input, &[("q", &q), ("k_cache", &k_cache), ("v_cache", &v_cache), ("block_table", &table)]);
+    run_ok(&["run", "--kvcache", "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--device", "cpu"]);
+    let (mut kc, mut vc) = (k_cache.clone(), v_cache.clone());
+    let f = {
+        let mut cache = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(24));
+        cache.block_table = Some(table.clone());
+        flashattn::kvcache_forward(&q.view(), &mut cache, &AttnOptions::default()).unwrap()
+    };
+    let file = read(&output);
+    assert_same(&file, "o", &f.o);
+    assert_same(&file, "lse", &f.lse);
+    assert_same(&file, "k_cache", &kc);
+}
+
+fn run_err(input: &Path, extra: &[&str]) -> String {
+    let output = tmp("never_written.safetensors");
+    let mut args = vec!["run", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "expected exit 2\nstdout:\n{out}\nstderr:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn malformed_inputs_exit_2_with_a_message_naming_the_problem() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let q = randn(&[1, 8, 2, 16], DType::F16, &mut rng);
+    let k = randn(&[1, 8, 2, 16], DType::F16, &mut rng);
+
+    let garbage = tmp("garbage.safetensors");
+    std::fs::write(&garbage, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a safetensors file").unwrap();
+    assert!(run_err(&garbage, &["--device", "cpu"]).contains("not a valid safetensors file"));
+
+    let truncated = tmp("truncated.safetensors");
+    write(&truncated, &[("q", &q), ("k", &k), ("v", &k)]);
+    let bytes = std::fs::read(&truncated).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() - 10]).unwrap();
+    assert!(run_err(&truncated, &["--device", "cpu"]).contains("not a valid safetensors file"));
+
+    assert!(run_err(&tmp("does_not_exist.safetensors"), &[]).contains("cannot read"));
+
+    let missing = tmp("missing.safetensors");
+    write(&missing, &[("q", &q), ("k", &k)]);
+    let err = run_err(&missing, &["--device", "cpu"]);
+    assert!(err.contains("no tensor `v`") && err.contains("it has: k, q"), "{err}");
+
+    let ints = tmp("ints.safetensors");
+    let qi = Tensor::from_i32(vec![1; 16 * 2 * 8], &[1, 8, 2, 16]).unwrap();
+    write(&ints, &[("q", &qi), ("k", &k), ("v", &k)]);
+    let err = run_err(&ints, &["--device", "cpu"]);
+    assert!(err.contains("tensor `q`") && err.contains("I32"), "{err}");
+
+    let mixed = tmp("mixed.safetensors");
+    write(&mixed, &[("q", &q), ("k", &k.to_dtype(DType::BF16)), ("v", &k)]);
+    let err = run_err(&mixed, &["--device", "cpu"]);
+    assert!(err.contains("`k`") && err.contains("dtype"), "{err}");
+
+    let shapes = tmp("shapes.safetensors");
+    let v_bad = randn(&[1, 8, 2, 8], DType::F16, &mut rng);
+    write(&shapes, &[("q", &q), ("k", &k), ("v", &v_bad)]);
+    assert!(run_err(&shapes, &["--device", "cpu"]).contains("`v`"));
+
+    let bad_do = tmp("bad_do.safetensors");
+    write(&bad_do, &[("q", &q), ("k", &k), ("v", &k), ("do", &k.to_dtype(DType::F32))]);
+    assert!(run_err(&bad_do, &["--device", "cpu"]).contains("`do`"));
+
+    let cu = tmp("cu.safetensors");
+    let cq = Tensor::from_i32(vec![0, 8], &[2]).unwrap();
+    write(&cu, &[("q", &q), ("k", &k), ("v", &k), ("cu_seqlens_q", &cq)]);
+    assert!(run_err(&cu, &["--device", "cpu"]).contains("`cu_seqlens_k`"));
+
+    let kv = tmp("kv_missing.safetensors");
+    write(&kv, &[("q", &q), ("k_cache", &k)]);
+    assert!(run_err(&kv, &["--kvcache", "--device", "cpu"]).contains("`v_cache`"));
+
+    assert!(run_err(&missing, &["--window", "1"]).contains("--window"));
+}
