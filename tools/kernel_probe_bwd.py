@@ -461,10 +461,11 @@ def bench(results, deterministic=False):
     results["bench"] = rows
 
 
-VARIANTS = {
-    64: [{}, {"DETERMINISTIC": 1}],
-    128: [{}, {"BWD_BM": 64}, {"DETERMINISTIC": 1}],
+VARIANTS = {  # BWD_TILE2D=0: the previous 16-key-strip kernel (kept for comparison)
+    64: [{}, {"BWD_TILE2D": 0}, {"BWD_BM": 128}, {"DETERMINISTIC": 1}],
+    128: [{}, {"BWD_TILE2D": 0}, {"DETERMINISTIC": 1}],
 }
+VARIANT_S = (4096, 16384)
 
 
 def bench_variants(results):
@@ -482,7 +483,7 @@ def bench_variants(results):
     rows = []
     for d, vs in VARIANTS.items():
         for causal in (0, 1):
-            for s in (4096, 16384):
+            for s in VARIANT_S:
                 b, h = 16384 // s, 2048 // d
                 q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
                 o, lse = fwd_fast(q, k, v, causal)
@@ -540,7 +541,11 @@ def main():
     ap.add_argument("--variants", action="store_true", help="time tile/option variants (bf16 d64/128)")
     ap.add_argument("--profile", action="store_true", help="one bf16 d128 non-causal s4096 backward (for ncu)")
     ap.add_argument("--only", default=None, help="substring filter on test names")
+    ap.add_argument("--variant-s", default=None, help="comma-separated sequence lengths for --variants")
     a = ap.parse_args()
+    if a.variant_s:
+        global VARIANT_S
+        VARIANT_S = tuple(int(x) for x in a.variant_s.split(","))
     torch.zeros(1, device="cuda")
     random.seed(0)
     cc = torch.cuda.get_device_capability()

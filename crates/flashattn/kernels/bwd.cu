@@ -24,6 +24,9 @@
 //   HEAD_DIM 128    : BM 32, BN 128, 8 warps, DSPLIT 1
 //   HEAD_DIM 160-256: BM 32, BN  64, 8 warps, DSPLIT 2
 //   (BN = 16 * BWD_WARPS / BWD_DSPLIT)
+//   BWD_TILE2D (default 1 for HEAD_DIM 96/128, 0 otherwise; allowed for HEAD_DIM <= 128): 2-D warp tiling instead
+//   of 16-key strips: BN 128, BM 64 (BWD_BM 128 allowed), 8 warps; P^T and dS^T exchanged through shared memory.
+//   The HEAD_DIM 96/128 rows of the table above and below then read: BM 64, BN 128, 256 threads.
 //
 // ================================================================ scratch buffers (Rust allocates, f32/i32)
 //   rows_q    = b * sq (dense) or total_q = cu_seqlens_q[b] (varlen); BwdParams::rows_q must hold it.
@@ -42,7 +45,10 @@
 //   flash_bwd_main(BwdParams p)        grid (ceil(sk/BN), hk, b), 32 * BWD_WARPS threads, dynamic smem
 //       BWD_SMEM_BYTES = 2*BN*RD + 4*BM*RD + BN*RS + 16*BM,   RD = (HEAD_DIM/8 + 1)*16, RS = (BM/8 + 1)*16
 //       (K, V | Q, dO double-buffered | dS^T | lse_log2, dpsum double-buffered).  Values:
-//         d32: 60416  d64: 93184  d96: 125952  d128: 115200  d160: 91648  d192: 108032  d224: 124416  d256: 140800
+//         d32: 60416  d64: 93184  d160: 91648  d192: 108032  d224: 124416  d256: 140800
+//       BWD_TILE2D: 2*BN*RD + 2*QS*BM*RD + 2*BN*RS + 8*QS*BM (K, V | Q, dO x QS | P^T, dS^T | lse, D x QS), QS = 2
+//       stages if that fits the arch (227 KB sm_90, 163 KB sm_80), else 1:
+//         d96: 144384   d128: 177152 (sm_90) / 141824 (sm_80, single-buffered Q/dO)
 //       The module also exports `__constant__ int flash_bwd_config[4] = {BM, BN, threads, BWD_SMEM_BYTES}`
 //       (cuModuleGetGlobal) so a launcher can read the tile sizes instead of mirroring the table.
 //       Needs cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) (all values fit sm_80's 163 KB). Writes dK, dV (all
@@ -81,6 +87,25 @@
 #define ALIGNED16 1
 #endif
 
+#ifndef BWD_TILE2D
+#if HEAD_DIM > 64 && HEAD_DIM <= 128
+#define BWD_TILE2D 1
+#else
+#define BWD_TILE2D 0
+#endif
+#endif
+
+#if BWD_TILE2D
+#ifndef BWD_BM
+#define BWD_BM 64
+#endif
+#undef BWD_WARPS
+#define BWD_WARPS 8
+#undef BWD_DSPLIT
+#define BWD_DSPLIT 1
+#undef BWD_BN
+#define BWD_BN 128
+#else
 #ifndef BWD_BM
 #if HEAD_DIM <= 96
 #define BWD_BM 64
@@ -100,6 +125,7 @@
 #endif
 #ifndef BWD_BN
 #define BWD_BN (16 * BWD_WARPS / BWD_DSPLIT)
+#endif
 #endif
 
 #ifndef BWD_MINB
@@ -121,10 +147,15 @@ typedef half_t elem_t;
 typedef Dt<elem_t> DT;
 
 static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM <= 256, "HEAD_DIM must be a multiple of 32, at most 256");
+#if BWD_TILE2D
+static_assert(HEAD_DIM <= 128, "BWD_TILE2D needs HEAD_DIM <= 128");
+static_assert(BWD_BM == 64 || BWD_BM == 128, "BWD_TILE2D: BM must be 64 or 128");
+#else
 static_assert(BWD_BN == 16 * BWD_WARPS / BWD_DSPLIT, "BN = 16 * warps / dsplit");
 static_assert(BWD_BM % 16 == 0 && 64 % BWD_BM == 0, "BM must be 16, 32 or 64");
 static_assert(BWD_WARPS % (BWD_BM / 16) == 0, "warps must cover the dQ tile rows");
 static_assert((HEAD_DIM / BWD_DSPLIT) % 16 == 0, "dK/dV column share must be a multiple of 16");
+#endif
 
 // ---------------------------------------------------------------- small primitives of our own
 FA_DEVICE void cp_async_4(u32 smem_addr, const void* gptr, int src_bytes) {
@@ -194,10 +225,11 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_preprocess(const Bwd
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
 #if DETERMINISTIC
-    if (p.dq_semaphore && threadIdx.x < PRE_ROWS / BWD_BM) {
+    // Semaphore blocks whose first row lies in this CTA's rows [blockIdx.x * 64, + 64) (any BM, 16..128).
+    if (p.dq_semaphore && threadIdx.x < (PRE_ROWS + BWD_BM - 1) / BWD_BM) {
         const int nmb = (f.sq + BWD_BM - 1) / BWD_BM;
-        const int m = blockIdx.x * (PRE_ROWS / BWD_BM) + threadIdx.x;
-        if (m < nmb) p.dq_semaphore[(i64)(bi * f.h + head) * nmb + m] = 0;
+        const int m = (blockIdx.x * PRE_ROWS + BWD_BM - 1) / BWD_BM + threadIdx.x;
+        if (m < nmb && m * BWD_BM < (blockIdx.x + 1) * PRE_ROWS) p.dq_semaphore[(i64)(bi * f.h + head) * nmb + m] = 0;
     }
 #endif
     const int row0 = blockIdx.x * PRE_ROWS;
@@ -248,6 +280,41 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_convert_dq(const Bwd
 
 // ================================================================ main kernel
 namespace bwd {
+#if BWD_TILE2D
+// 2-D warp tiling (FA2-style). 8 warps; WK = 4 warps along the keys, each owning MS = 32 keys for S^T/dP^T and
+// for dK/dV; S^T/dP^T split the BM queries over 2 warps (NS each); dK/dV split the head dim over 2 warps (DW);
+// dQ = dS K split into 32-row x QC-column warp tiles. P^T and dS^T go through shared memory once per step.
+constexpr int BM = BWD_BM;
+constexpr int BN = 128;
+constexpr int NW = 8;
+constexpr int NT = NW * 32;
+constexpr int WK = 4;
+constexpr int MS = BN / WK;                  // keys per warp (S^T, dK/dV)
+constexpr int NS = BM / (NW / WK);           // queries per warp (S^T)
+constexpr int DW = HEAD_DIM / 2;             // dK/dV columns per warp
+constexpr int QROWW = BM / 32;               // dQ: warps along rows (32 rows each)
+constexpr int QCOLW = NW / QROWW;
+constexpr int QC = HEAD_DIM / QCOLW;         // dQ columns per warp
+static_assert(QC % 8 == 0 && DW % 16 == 0, "warp tile shapes");
+constexpr int RD = (HEAD_DIM / 8 + 1) * 16;
+constexpr int RS = (BM / 8 + 1) * 16;        // padded row bytes of the P^T / dS^T tiles
+constexpr int SMEM_2 = 2 * BN * RD + 4 * BM * RD + 2 * BN * RS + 16 * BM;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr int SMEM_LIMIT = 227 * 1024;
+#else
+constexpr int SMEM_LIMIT = 163 * 1024;
+#endif
+constexpr int QSTAGES = SMEM_2 <= SMEM_LIMIT ? 2 : 1;  // Q/dO/lse/D buffers (1: no prefetch, sm_80 d128)
+constexpr int OFF_K = 0;
+constexpr int OFF_V = OFF_K + BN * RD;
+constexpr int OFF_Q = OFF_V + BN * RD;
+constexpr int OFF_DO = OFF_Q + QSTAGES * BM * RD;
+constexpr int OFF_P = OFF_DO + QSTAGES * BM * RD;
+constexpr int OFF_DS = OFF_P + BN * RS;
+constexpr int OFF_LSE = OFF_DS + BN * RS;
+constexpr int OFF_DP = OFF_LSE + QSTAGES * BM * 4;
+constexpr int SMEM = OFF_DP + QSTAGES * BM * 4;
+#else
 constexpr int BM = BWD_BM;
 constexpr int BN = BWD_BN;
 constexpr int NW = BWD_WARPS;
@@ -269,6 +336,7 @@ constexpr int OFF_DS = OFF_DO + 2 * BM * RD;
 constexpr int OFF_LSE = OFF_DS + BN * RS;    // 2 x BM floats
 constexpr int OFF_DP = OFF_LSE + 2 * BM * 4; // 2 x BM floats
 constexpr int SMEM = OFF_DP + 2 * BM * 4;
+#endif
 }  // namespace bwd
 #define BWD_SMEM_BYTES (bwd::SMEM)
 extern "C" __constant__ int flash_bwd_config[4] = {bwd::BM, bwd::BN, bwd::NT, bwd::SMEM};
@@ -316,6 +384,7 @@ FA_DEVICE void load_tile(u32 s_base, const elem_t* g, i64 row_stride, int nvalid
 #endif
 }
 
+#if !BWD_TILE2D
 extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(const BwdParams p) {
     using namespace bwd;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -652,3 +721,389 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
         }
     }
 }
+#endif  // !BWD_TILE2D
+
+#if BWD_TILE2D
+// ---------------------------------------------------------------- main kernel, 2-D warp tiling (HEAD_DIM <= 128)
+// Per query block (BM queries) of the CTA's BN = 128 keys:
+//   S^T = K Q^T, dP^T = V dO^T     warp (kw, qw): keys kw*32.., queries qw*NS..   (fragments via ldmatrix)
+//   P^T, dS^T -> shared memory      (one 32-bit store per packed pair)
+//   dQ += dS K                       warp (qrw, qcw): rows qrw*32.., columns qcw*QC.. -> f32 atomics
+//   dV += P^T dO, dK += dS^T Q       warp (kw, dw): keys kw*32.., columns dw*DW..  (registers, whole CTA)
+// Two __syncthreads per step: [A] after the cp.async wait (the next block's loads are issued right after it, into
+// the buffer every warp finished with in the previous step), [B] after P^T/dS^T are stored.
+extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(const BwdParams p) {
+    using namespace bwd;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const FwdParams& f = p.fwd;
+    const int nblk = blockIdx.x, kvh = blockIdx.y, bi = blockIdx.z;
+    const SeqInfo si = seq_info(f, bi);
+    const int n0 = nblk * BN;
+    if (n0 >= si.sk_rows) return;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int kw = warp % WK, qw = warp / WK;   // S^T tile; dK/dV tile uses (kw, dw = qw)
+    const int dw = qw;
+    const int qrw = warp % QROWW, qcw = warp / QROWW;
+    const int d = f.d;
+    const int group = f.h / f.hk;
+
+    MaskCtx mc;
+    mc.sq = si.sq;
+    mc.sk = si.sk;
+#if HAS_MASK
+    mc.wl = f.window_left;
+    mc.wr = f.window_right;
+#else
+    mc.wl = -1;
+    mc.wr = -1;
+#endif
+    const int off = si.sk - si.sq;
+
+    int m_lo = 0, m_hi = (si.sq + BM - 1) / BM;
+    if (n0 >= si.sk) m_hi = 0;
+#if HAS_MASK
+    if (mc.wr >= 0) {
+        const int first = n0 - off - mc.wr;
+        if (first > si.sq - 1) m_hi = 0;
+        else m_lo = first <= 0 ? 0 : first / BM;
+    }
+    if (mc.wl >= 0) {
+        const int last = min(n0 + BN, si.sk) - 1 - off + mc.wl;
+        if (last < 0) m_hi = 0;
+        else m_hi = min(m_hi, last / BM + 1);
+    }
+#endif
+    const int n_m = m_hi > m_lo ? m_hi - m_lo : 0;
+    const int n_iter = n_m * group;
+#if BWD_ROTATE
+    const int rot = n_m > 0 ? nblk % n_m : 0;
+#else
+    const int rot = 0;
+#endif
+
+    const u32 sbase = smem_u32(smem);
+    const u32 sK = sbase + OFF_K, sV = sbase + OFF_V;
+    const u32 sQ = sbase + OFF_Q, sDO = sbase + OFF_DO, sP = sbase + OFF_P, sDS = sbase + OFF_DS;
+    float* s_lse = (float*)(smem + OFF_LSE);
+    float* s_dps = (float*)(smem + OFF_DP);
+
+    const elem_t* kg = (const elem_t*)f.k + batch_off(f.k_batch_stride, bi) + (si.k_off_rows + n0) * f.k_row_stride + kvh * f.k_head_stride;
+    const elem_t* vg = (const elem_t*)f.v + batch_off(f.v_batch_stride, bi) + (si.k_off_rows + n0) * f.v_row_stride + kvh * f.v_head_stride;
+
+    float acc_dk[2][DW / 8][4], acc_dv[2][DW / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int i = 0; i < DW / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_dk[mi][i][e] = acc_dv[mi][i][e] = 0.f;
+
+    auto issue_q = [&](int it, int buf) {
+        const int gi = it / n_m;
+        const int mr = m_order(it, n_m, rot);
+        const int m0 = (m_lo + mr) * BM;
+        const int head = kvh * group + gi;
+        const int nvalid = si.sq - m0;
+        const elem_t* qg = (const elem_t*)f.q + batch_off(f.q_batch_stride, bi) + (si.q_off_rows + m0) * f.q_row_stride + head * f.q_head_stride;
+        const elem_t* dog = (const elem_t*)p.dout + batch_off(p.do_batch_stride, bi) + (si.q_off_rows + m0) * p.do_row_stride + head * p.do_head_stride;
+        load_tile<BM>(sQ + buf * BM * RD, qg, f.q_row_stride, nvalid, d, tid);
+        load_tile<BM>(sDO + buf * BM * RD, dog, p.do_row_stride, nvalid, d, tid);
+        if (tid < 2 * BM) {
+            const int r = tid % BM;
+            const bool ok = r < nvalid;
+            const i64 idx = head * (i64)p.rows_q + si.q_row0 + m0 + (ok ? r : 0);
+            const float* src = tid < BM ? p.lse_log2 + idx : p.dpsum + idx;
+            float* dst = (tid < BM ? s_lse : s_dps) + buf * BM + r;
+            cp_async_4(smem_u32(dst), src, ok ? 4 : 0);
+        }
+    };
+
+    load_tile<BN>(sK, kg, f.k_row_stride, si.sk - n0, d, tid);
+    load_tile<BN>(sV, vg, f.v_row_stride, si.sk - n0, d, tid);
+    if (n_iter > 0) issue_q(0, 0);
+    cp_async_commit();
+
+    const float scale = f.scale;
+#if HAS_SOFTCAP
+    const float cap_in = scale / f.softcap;
+    const float cap_log2 = f.softcap * FA_LOG2E;
+#else
+    const float scale_log2 = scale * FA_LOG2E;
+#endif
+
+    // P1: A non-trans / B trans (row + (l & 15), col + (l >> 4) * 8);  P2: B non-trans / A trans.
+    const int p1r = lane & 15, p1c = (lane >> 4) * 8;
+    const int p2r = (lane & 7) + ((lane >> 4) << 3), p2c = ((lane >> 3) & 1) * 8;
+    const u32 kA = sK + (kw * MS + p1r) * RD + p1c * 2;
+    const u32 vA = sV + (kw * MS + p1r) * RD + p1c * 2;
+    const u32 pA = sP + (kw * MS + p1r) * RS + p1c * 2;
+    const u32 dsAt = sDS + (kw * MS + p1r) * RS + p1c * 2;
+    const u32 dsA = sDS + p2r * RS + (qrw * 32 + p2c) * 2;
+    const u32 kBt = sK + p1r * RD + (qcw * QC + p1c) * 2;
+    const int kk_end2 = (d + 31) / 32;
+    const u32 pst = (kw * MS + g) * RS + (qw * NS + 2 * t) * 2;  // P^T/dS^T store offset of c0/c1 of (0, 0)
+
+    for (int it = 0; it < n_iter; ++it) {
+        const int buf = QSTAGES == 2 ? (it & 1) : 0;
+        cp_async_wait<0>();
+        __syncthreads();  // [A]
+        if (QSTAGES == 2 && it + 1 < n_iter) issue_q(it + 1, buf ^ 1);
+        cp_async_commit();
+
+        const int gi = it / n_m;
+        const int mr = m_order(it, n_m, rot);
+        const int mb = m_lo + mr;
+        const int m0 = mb * BM;
+        const int head = kvh * group + gi;
+
+        // ---- S^T = K Q^T and dP^T = V dO^T: 32 keys x NS queries per warp
+        float acc_s[2][NS / 8][4], acc_dp[2][NS / 8][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int j = 0; j < NS / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc_s[mi][j][e] = acc_dp[mi][j][e] = 0.f;
+        {
+            const u32 qB = sQ + buf * BM * RD + (qw * NS + p2r) * RD + p2c * 2;
+            const u32 doB = sDO + buf * BM * RD + (qw * NS + p2r) * RD + p2c * 2;
+#pragma unroll
+            for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+                if (kk / 2 >= kk_end2) break;  // 32-column granularity: bounds the compiler's load hoisting
+                u32 a[2][4];
+                ldmatrix_x4(a[0], kA + kk * 32);
+                ldmatrix_x4(a[1], kA + 16 * RD + kk * 32);
+#pragma unroll
+                for (int np = 0; np < NS / 16; ++np) {
+                    u32 b[4];
+                    ldmatrix_x4(b, qB + np * 16 * RD + kk * 32);
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) {
+                        mma_16816<elem_t>(acc_s[mi][2 * np], a[mi], b);
+                        mma_16816<elem_t>(acc_s[mi][2 * np + 1], a[mi], b + 2);
+                    }
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+                if (kk / 2 >= kk_end2) break;  // 32-column granularity: bounds the compiler's load hoisting
+                u32 a[2][4];
+                ldmatrix_x4(a[0], vA + kk * 32);
+                ldmatrix_x4(a[1], vA + 16 * RD + kk * 32);
+#pragma unroll
+                for (int np = 0; np < NS / 16; ++np) {
+                    u32 b[4];
+                    ldmatrix_x4(b, doB + np * 16 * RD + kk * 32);
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) {
+                        mma_16816<elem_t>(acc_dp[mi][2 * np], a[mi], b);
+                        mma_16816<elem_t>(acc_dp[mi][2 * np + 1], a[mi], b + 2);
+                    }
+                }
+            }
+        }
+
+        // ---- P = exp2(score * log2e - lse * log2e), dS = P * (dP - D); stored transposed ([key][query])
+        {
+            const float* lse_s = s_lse + buf * BM;
+            const float* dps_s = s_dps + buf * BM;
+            const int q_lo = m0 + qw * NS;
+            const bool need_mask = (q_lo + NS > si.sq) || tile_needs_mask(mc, HAS_MASK != 0, q_lo, q_lo + NS - 1, n0 + kw * MS, MS);
+#if HAS_ALIBI
+            const float slope_log2 = f.alibi_slopes[bi * f.alibi_batch_stride + head] * FA_LOG2E;
+#endif
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+                const int krow0 = n0 + kw * MS + mi * 16 + g;
+#pragma unroll
+                for (int j = 0; j < NS / 8; ++j) {
+                    const int cl = qw * NS + 8 * j + 2 * t;
+                    const float2 l2 = *(const float2*)(lse_s + cl);
+                    const float2 dd = *(const float2*)(dps_s + cl);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int qi = m0 + cl + (e & 1);
+                        const int kj = krow0 + 8 * (e >> 1);
+                        float x = acc_s[mi][j][e];
+#if HAS_SOFTCAP
+                        const float th = tanh_accurate(x * cap_in);
+                        float s2 = th * cap_log2;
+#else
+                        float s2 = x * scale_log2;
+#endif
+#if HAS_ALIBI
+                        {
+                            const int dist = qi + off - kj;
+                            s2 -= slope_log2 * (float)(dist < 0 ? -dist : dist);
+                        }
+#endif
+                        float pv = exp2_fast(s2 - ((e & 1) ? l2.y : l2.x));
+                        if (need_mask && !(qi < si.sq && is_visible(mc, qi, kj))) pv = 0.f;
+                        float ds = pv * (acc_dp[mi][j][e] - ((e & 1) ? dd.y : dd.x));
+#if HAS_SOFTCAP
+                        ds *= (1.f - th * th);
+#endif
+                        acc_s[mi][j][e] = pv;
+                        acc_dp[mi][j][e] = ds;
+                    }
+                    const u32 o = pst + mi * 16 * RS + j * 16;
+                    st_shared_u32(sP + o, DT::pack(acc_s[mi][j][0], acc_s[mi][j][1]));
+                    st_shared_u32(sP + o + 8 * RS, DT::pack(acc_s[mi][j][2], acc_s[mi][j][3]));
+                    st_shared_u32(sDS + o, DT::pack(acc_dp[mi][j][0], acc_dp[mi][j][1]));
+                    st_shared_u32(sDS + o + 8 * RS, DT::pack(acc_dp[mi][j][2], acc_dp[mi][j][3]));
+                }
+            }
+        }
+        __syncthreads();  // [B] P^T, dS^T complete
+
+        // ---- dQ(BM x HEAD_DIM) += dS K: warp (qrw, qcw) owns rows qrw*32.. and columns qcw*QC..
+        {
+            float acc_dq[2][QC / 8][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (int i = 0; i < QC / 8; ++i)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc_dq[mi][i][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                u32 a[2][4];
+                ldmatrix_x4_trans(a[0], dsA + kk * 16 * RS);
+                ldmatrix_x4_trans(a[1], dsA + kk * 16 * RS + 32);
+#pragma unroll
+                for (int np = 0; np < QC / 16; ++np) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, kBt + kk * 16 * RD + np * 32);
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) {
+                        mma_16816<elem_t>(acc_dq[mi][2 * np], a[mi], b);
+                        mma_16816<elem_t>(acc_dq[mi][2 * np + 1], a[mi], b + 2);
+                    }
+                }
+                if (QC % 16) {
+                    u32 b[2];
+                    ldmatrix_x2_trans(b, kBt + kk * 16 * RD + (QC / 16) * 32);
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) mma_16816<elem_t>(acc_dq[mi][QC / 8 - 1], a[mi], b);
+                }
+            }
+
+#if DETERMINISTIC
+            const int nmb = (f.sq + BM - 1) / BM;
+            int* sem = p.dq_semaphore + (i64)(bi * f.h + head) * nmb + mb;
+            int n_first = 0;
+#if HAS_MASK
+            if (mc.wl >= 0) {
+                const int first = m0 + off - mc.wl;
+                n_first = first <= 0 ? 0 : first / BN;
+            }
+#endif
+            if (tid == 0) {
+                const int want = nblk - n_first;
+                while (ld_acquire_gpu(sem) != want) { __nanosleep(64); }
+            }
+            __syncthreads();
+#endif
+            const i64 rstep8 = (i64)8 * f.h * HEAD_DIM;
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+                const int qrow = m0 + qrw * 32 + mi * 16 + g;
+                float* dqa = p.dq_accum + ((i64)si.q_row0 + qrow) * f.h * HEAD_DIM + head * HEAD_DIM + qcw * QC + 2 * t;
+#pragma unroll
+                for (int nt = 0; nt < QC / 8; ++nt) {
+                    if (qcw * QC + nt * 8 < d) {
+                        if (qrow < si.sq) red_add_f32x2(dqa + nt * 8, acc_dq[mi][nt][0], acc_dq[mi][nt][1]);
+                        if (qrow + 8 < si.sq) red_add_f32x2(dqa + rstep8 + nt * 8, acc_dq[mi][nt][2], acc_dq[mi][nt][3]);
+                    }
+                }
+            }
+#if DETERMINISTIC
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) st_release_gpu(sem, nblk - n_first + 1);
+#endif
+        }
+
+        // ---- dV += P^T dO, dK += dS^T Q (k = the BM queries; B operands read transposed from [query][d] tiles)
+        {
+            const u32 doBt = sDO + buf * BM * RD + p1r * RD + (dw * DW + p1c) * 2;
+            const u32 qBt = sQ + buf * BM * RD + p1r * RD + (dw * DW + p1c) * 2;
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk) {
+                u32 a[2][4];
+                ldmatrix_x4(a[0], pA + kk * 32);
+                ldmatrix_x4(a[1], pA + 16 * RS + kk * 32);
+#pragma unroll
+                for (int np = 0; np < DW / 16; ++np) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, doBt + kk * 16 * RD + np * 32);
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) {
+                        mma_16816<elem_t>(acc_dv[mi][2 * np], a[mi], b);
+                        mma_16816<elem_t>(acc_dv[mi][2 * np + 1], a[mi], b + 2);
+                    }
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk) {
+                u32 a[2][4];
+                ldmatrix_x4(a[0], dsAt + kk * 32);
+                ldmatrix_x4(a[1], dsAt + 16 * RS + kk * 32);
+#pragma unroll
+                for (int np = 0; np < DW / 16; ++np) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, qBt + kk * 16 * RD + np * 32);
+#pragma unroll
+                    for (int mi = 0; mi < 2; ++mi) {
+                        mma_16816<elem_t>(acc_dk[mi][2 * np], a[mi], b);
+                        mma_16816<elem_t>(acc_dk[mi][2 * np + 1], a[mi], b + 2);
+                    }
+                }
+            }
+        }
+        if (QSTAGES == 1) {
+            __syncthreads();  // every warp is done with the single Q/dO buffer and P^T/dS^T
+            if (it + 1 < n_iter) issue_q(it + 1, 0);
+            cp_async_commit();
+        }
+    }
+    cp_async_wait<0>();
+
+    // ---- epilogue: dK = scale * acc_dk, dV = acc_dv, straight from the fragments
+    {
+        elem_t* dkg = (elem_t*)p.dk + batch_off(p.dk_batch_stride, bi) + (si.k_off_rows + n0) * p.dk_row_stride + kvh * p.dk_head_stride;
+        elem_t* dvg = (elem_t*)p.dv + batch_off(p.dv_batch_stride, bi) + (si.k_off_rows + n0) * p.dv_row_stride + kvh * p.dv_head_stride;
+        const int nrows = si.sk_rows - n0;
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int nt = 0; nt < DW / 8; ++nt) {
+            const int col = dw * DW + nt * 8 + 2 * t;
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int r = kw * MS + mi * 16 + g + 8 * hh;
+                if (r >= nrows || col >= d) continue;
+                const float k0v = acc_dk[mi][nt][2 * hh] * scale, k1v = acc_dk[mi][nt][2 * hh + 1] * scale;
+                const float v0v = acc_dv[mi][nt][2 * hh], v1v = acc_dv[mi][nt][2 * hh + 1];
+                elem_t* kp = dkg + (i64)r * p.dk_row_stride + col;
+                elem_t* vp = dvg + (i64)r * p.dv_row_stride + col;
+#if ALIGNED16
+                if (col + 1 < d) {
+                    *(u32*)kp = DT::pack(k0v, k1v);
+                    *(u32*)vp = DT::pack(v0v, v1v);
+                    continue;
+                }
+#endif
+                kp[0].x = DT::from_f32(k0v);
+                vp[0].x = DT::from_f32(v0v);
+                if (col + 1 < d) {
+                    kp[1].x = DT::from_f32(k1v);
+                    vp[1].x = DT::from_f32(v1v);
+                }
+            }
+        }
+    }
+}
+#endif  // BWD_TILE2D
