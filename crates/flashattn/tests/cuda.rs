@@ -55,6 +55,11 @@ fn cuda_cases(dtype: DType) -> Vec<Case> {
     let dt = if dtype == DType::BF16 { 1 } else { 0 };
     for (di, &d) in dims.iter().enumerate() {
         for (si, &shape) in shapes.iter().enumerate() {
+            // The f64 oracle dominates the run time: the largest shapes run with a third of the head dims
+            // (rotating, so each head dim meets large shapes too).
+            if full() && shape.0 * shape.1 >= 1024 * 1023 && (di + si) % 3 != 0 {
+                continue;
+            }
             let variant = VARIANTS[(di + si + dt) % VARIANTS.len()];
             let heads = HEADS[(di * 7 + si + dt) % HEADS.len()];
             let mut c = Case::new(dtype, d, shape, heads, variant);
@@ -101,11 +106,40 @@ fn warm_up(cases: &[Case], deterministic: bool) {
 
 use common::Variant as Variant_;
 
+/// Runs cases on the GPU one by one, printing a line per case past the capture (a run cut short by a
+/// timeout still shows how far it got).
+fn run_cases_logged(cases: &[Case]) -> (usize, usize, Vec<String>) {
+    let (mut pass, mut fail, mut msgs) = (0, 0, Vec::new());
+    for (i, c) in cases.iter().enumerate() {
+        let t0 = std::time::Instant::now();
+        let (p, f, m) = run_cases(Device::Cuda(0), std::slice::from_ref(c));
+        pass += p;
+        fail += f;
+        msgs.extend(m);
+        say(&format!(
+            "  case {}/{} {} {:?} d{} {}x{} h{}/{} b{}: {} ({:.2} s)",
+            i + 1,
+            cases.len(),
+            c.dtype,
+            c.variant,
+            c.d,
+            c.sq,
+            c.sk,
+            c.h,
+            c.hk,
+            c.batch,
+            if f == 0 { "ok" } else { "FAIL" },
+            t0.elapsed().as_secs_f64()
+        ));
+    }
+    (pass, fail, msgs)
+}
+
 fn sweep(dtype: DType) {
     let cases = cuda_cases(dtype);
     warm_up(&cases, false);
     let t0 = std::time::Instant::now();
-    let (pass, fail, msgs) = run_cases(Device::Cuda(0), &cases);
+    let (pass, fail, msgs) = run_cases_logged(&cases);
     say(&format!(
         "cuda sweep {dtype} ({}): {pass} passed, {fail} failed ({:.1} s)",
         sweep_level(),
@@ -154,7 +188,7 @@ fn small_variants() {
         cases.retain(|c| c.sq * c.sk <= 130 * 65 && (c.h == c.hk || c.sq != 65));
     }
     warm_up(&cases, false);
-    let (pass, fail, msgs) = run_cases(Device::Cuda(0), &cases);
+    let (pass, fail, msgs) = run_cases_logged(&cases);
     say(&format!("cuda small variants: {pass} passed, {fail} failed"));
     assert!(fail == 0, "{}", msgs.join("\n"));
 }
@@ -399,7 +433,8 @@ fn compile_and_load_times() {
 }
 
 /// Every variant compiles with NVRTC for sm_80 and sm_90a (no GPU needed) and the hot variants do not
-/// spill. Quick: the hot variants; full: every variant.
+/// spill (`FLASHATTN_ALLOW_SPILLS=1` reports spills without failing). Quick: the hot variants; full: every
+/// variant.
 #[test]
 fn nvrtc_compiles_variants() {
     if !compile::nvrtc_present() {
@@ -432,5 +467,105 @@ fn nvrtc_compiles_variants() {
         t0.elapsed().as_secs_f64(),
         spills.len()
     ));
-    assert!(spills.is_empty(), "hot kernels spill:\n{}", spills.join("\n"));
+    if !spills.is_empty() && std::env::var("FLASHATTN_ALLOW_SPILLS").is_ok_and(|v| v == "1") {
+        say(&format!("WARNING (FLASHATTN_ALLOW_SPILLS=1): hot kernels spill:\n{}", spills.join("\n")));
+        return;
+    }
+    assert!(
+        spills.is_empty(),
+        "hot kernels spill (FLASHATTN_ALLOW_SPILLS=1 makes this a warning):\n{}",
+        spills.join("\n")
+    );
+}
+
+/// The raw form: device pointers with a packed-QKV stride layout and the caller's stream give the same bits
+/// as the host path over the same strided tensors.
+#[test]
+fn raw_pointers_packed_qkv() {
+    if !gpu("raw_pointers_packed_qkv") {
+        return;
+    }
+    use cuda::cudarc::driver::{CudaContext, DevicePtr};
+    use cuda::DeviceTensorRef;
+    use flashattn::tensor::{CpuStorage, Layout};
+    let (b, s, h, d) = (2usize, 77usize, 4usize, 64usize);
+    let dtype = DType::BF16;
+    let mut r = rng(seed());
+    let qkv = randn_tensor(&mut r, &[b, s, 3, h, d], dtype, 1.0);
+    let dout = randn_tensor(&mut r, &[b, s, h, d], dtype, 1.0);
+    let strides = vec![s * 3 * h * d, 3 * h * d, d, 1];
+    let part = |i: usize| {
+        Tensor::from_storage_strided(
+            qkv.storage().clone(),
+            Layout { shape: vec![b, s, h, d], strides: strides.clone(), offset: i * h * d },
+        )
+        .unwrap()
+    };
+    let (q, k, v) = (part(0), part(1), part(2));
+    let opts = AttnOptions { causal: true, ..Default::default() };
+    let host = flashattn::forward_on(Device::Cuda(0), &q, &k, &v, &opts).expect("host path");
+    let hg = flashattn::backward_on(Device::Cuda(0), &q, &k, &v, &host.o, &host.lse, &dout, &opts).expect("host bwd");
+
+    let ctx = CudaContext::new(0).unwrap();
+    let stream = ctx.new_stream().unwrap();
+    let bits16 = |t: &Tensor| -> Vec<u16> {
+        match t.storage() {
+            CpuStorage::BF16(v) => v.iter().map(|x| x.to_bits()).collect(),
+            _ => unreachable!(),
+        }
+    };
+    let d_qkv = stream.clone_htod(&bits16(&qkv)).unwrap();
+    let d_do = stream.clone_htod(&bits16(&dout)).unwrap();
+    let n_o = b * s * h * d;
+    let d_o = stream.alloc_zeros::<u16>(n_o).unwrap();
+    let d_lse = stream.alloc_zeros::<f32>(b * h * s).unwrap();
+    let (d_dq, d_dk, d_dv) = (
+        stream.alloc_zeros::<u16>(n_o).unwrap(),
+        stream.alloc_zeros::<u16>(n_o).unwrap(),
+        stream.alloc_zeros::<u16>(n_o).unwrap(),
+    );
+    let base = d_qkv.device_ptr(&stream).0;
+    let t = |i: usize| DeviceTensorRef {
+        ptr: base + (i * h * d * 2) as u64,
+        dtype,
+        shape: vec![b, s, h, d],
+        strides: strides.clone(),
+    };
+    let c = |p: u64, dt: DType, shape: &[usize]| DeviceTensorRef::contiguous(p, dt, shape);
+    let o_ref = c(d_o.device_ptr(&stream).0, dtype, &[b, s, h, d]);
+    let lse_ref = c(d_lse.device_ptr(&stream).0, DType::F32, &[b, h, s]);
+    let cs = stream.cu_stream() as *mut std::ffi::c_void;
+    // SAFETY: all buffers live on device 0 and outlive the synchronisation below.
+    unsafe {
+        cuda::forward_raw(0, cs, &t(0), &t(1), &t(2), &o_ref, &lse_ref, &opts).expect("forward_raw");
+        cuda::backward_raw(
+            0,
+            cs,
+            &t(0),
+            &t(1),
+            &t(2),
+            &o_ref,
+            &lse_ref,
+            &c(d_do.device_ptr(&stream).0, dtype, &[b, s, h, d]),
+            &c(d_dq.device_ptr(&stream).0, dtype, &[b, s, h, d]),
+            &c(d_dk.device_ptr(&stream).0, dtype, &[b, s, h, d]),
+            &c(d_dv.device_ptr(&stream).0, dtype, &[b, s, h, d]),
+            &opts,
+        )
+        .expect("backward_raw");
+    }
+    let o: Vec<u16> = stream.clone_dtoh(&d_o).unwrap();
+    let lse: Vec<f32> = stream.clone_dtoh(&d_lse).unwrap();
+    let dq: Vec<u16> = stream.clone_dtoh(&d_dq).unwrap();
+    let dk: Vec<u16> = stream.clone_dtoh(&d_dk).unwrap();
+    stream.synchronize().unwrap();
+    assert_eq!(o, bits16(&host.o), "raw o differs from the host path");
+    assert_eq!(lse, host.lse.to_f32_vec(), "raw lse differs from the host path");
+    // dq accumulates with atomics (order may differ run to run): compare values loosely, dk exactly.
+    let to_f = |v: &[u16]| v.iter().map(|&x| flashattn::bf16::from_bits(x).to_f32()).collect::<Vec<f32>>();
+    let (dqf, hdq) = (to_f(&dq), hg.dq.to_f32_vec());
+    let max = dqf.iter().zip(&hdq).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(max < 1e-2, "raw dq differs from the host path by {max}");
+    assert_eq!(dk, bits16(&hg.dk), "raw dk differs from the host path");
+    say("cuda raw pointers (packed QKV, caller stream): forward and backward match the host path");
 }

@@ -1,53 +1,484 @@
-//! The CUDA backend (kernels compiled at run time by NVRTC). Placeholder until the runtime lands: every
-//! call reports that the backend is not available.
+//! The CUDA backend: FlashAttention-2-class kernels (`kernels/*.cu`) compiled at run time by NVRTC for the
+//! device's architecture, cached on disk, launched through the CUDA driver API (`cudarc`, loaded
+//! dynamically: the crate builds and runs without CUDA, and this backend then reports why it is
+//! unavailable instead of panicking).
+//!
+//! - [`runtime`]: probing, one context and stream per device, loaded modules.
+//! - [`compile`]: kernel variants and NVRTC; [`cache`]: the disk cache.
+//! - [`params`]: the kernels' parameter blocks; `fwd`/`bwd`: launchers; `tensor`: device memory.
+//!
+//! Entry points: [`forward_host`]/[`backward_host`]/[`kvcache_forward_host`] take host tensors (what
+//! [`crate::forward_on`] uses); [`forward_raw`]/[`backward_raw`] take a framework's device pointers and
+//! stream; [`precompile`] fills the cache without a GPU.
+
+mod bwd;
+pub mod cache;
+pub mod compile;
+mod fwd;
+mod launch;
+pub mod params;
+pub mod runtime;
+mod tensor;
+
+pub use compile::{KernelUsage, Pass, Variant};
+/// The CUDA bindings this backend is built on (for callers of [`forward_raw`] that need a context or a
+/// stream, and for tests).
+pub use cudarc;
+pub use launch::{poison_outputs, set_poison_outputs};
+pub use tensor::DeviceTensorRef;
 
 use crate::api::{ForwardOutput, Gradients};
 use crate::backends::BackendStatus;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kvcache::KvCache;
 use crate::options::AttnOptions;
-use crate::tensor::{Tensor, TensorView};
+use crate::problem::{validate, Problem, RowMap};
+use crate::tensor::{Layout, Tensor, TensorView};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use std::sync::Arc;
+use tensor::{alloc_out, download, upload, upload_vec, DevView};
 
-fn unavailable<T>() -> Result<T> {
-    Err(Error::BackendUnavailable { backend: "cuda", reason: "the CUDA runtime is not implemented yet".into() })
-}
-
-/// Whether the CUDA backend can run here.
+/// Whether the CUDA backend can run here, with the devices, driver and NVRTC versions and the cache folder
+/// (or the reason it cannot run).
 pub fn status() -> BackendStatus {
-    BackendStatus { name: "cuda", usable: false, detail: "the CUDA runtime is not implemented yet".into() }
+    let (usable, detail) = match runtime::guard("probing CUDA", || Ok(runtime::describe())) {
+        Ok(x) => x,
+        Err(e) => (false, e.to_string()),
+    };
+    BackendStatus { name: "cuda", usable, detail }
 }
 
-/// Forward pass of host tensors on CUDA device `n`.
-pub fn forward_host(_n: usize, _q: &Tensor, _k: &Tensor, _v: &Tensor, _o: &AttnOptions) -> Result<ForwardOutput> {
-    unavailable()
+fn require_half(p: &Problem) -> Result<()> {
+    match p.dtype {
+        DType::F16 | DType::BF16 => Ok(()),
+        other => Err(Error::Unsupported { backend: "cuda", what: format!("dtype {other} (use f16 or bf16)") }),
+    }
 }
 
-/// Backward pass of host tensors on CUDA device `n`.
+/// Per-call small inputs: varlen offsets, `seqused_k`, ALiBi slopes.
+struct Aux {
+    cu_q: Option<CudaSlice<i32>>,
+    cu_k: Option<CudaSlice<i32>>,
+    used: Option<CudaSlice<i32>>,
+    alibi: Option<CudaSlice<f32>>,
+}
+
+impl Aux {
+    fn upload(stream: &Arc<CudaStream>, p: &Problem) -> Result<Aux> {
+        let (cu_q, cu_k) = match &p.cu_seqlens {
+            Some((q, k)) => (Some(upload_vec(stream, q)?), Some(upload_vec(stream, k)?)),
+            None => (None, None),
+        };
+        let used = p.seqused_k.as_ref().map(|u| upload_vec(stream, u)).transpose()?;
+        let alibi = p.alibi.as_ref().map(|a| upload_vec(stream, &a.slopes)).transpose()?;
+        Ok(Aux { cu_q, cu_k, used, alibi })
+    }
+    fn fill(&self, stream: &CudaStream, a: &mut fwd::FwdArgs) {
+        let ptr = |s: &Option<CudaSlice<i32>>| s.as_ref().map_or(0, |s| s.device_ptr(stream).0);
+        a.cu_q = ptr(&self.cu_q);
+        a.cu_k = ptr(&self.cu_k);
+        a.seqused_k = ptr(&self.used);
+        a.alibi = self.alibi.as_ref().map_or(0, |s| s.device_ptr(stream).0);
+    }
+}
+
+fn all_aligned(views: &[DevView], elem: usize) -> bool {
+    views.iter().all(|v| v.aligned16(elem))
+}
+
+/// Forward pass of host tensors on CUDA device `n`: uploads q/k/v (keeping their strides), runs the
+/// kernel, downloads `o` and `lse`.
+pub fn forward_host(n: usize, q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<ForwardOutput> {
+    let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
+    forward_problem(n, &p, (&q.view(), &k.view(), &v.view()))
+}
+
+fn forward_problem(
+    n: usize,
+    p: &Problem,
+    (q, k, v): (&TensorView<'_>, &TensorView<'_>, &TensorView<'_>),
+) -> Result<ForwardOutput> {
+    require_half(p)?;
+    let gpu = runtime::gpu(n)?;
+    let s = &gpu.stream;
+    runtime::guard("the CUDA forward", || {
+        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
+        let (dq, dk, dv) =
+            (upload(s, q.data, &q.layout)?, upload(s, k.data, &k.layout)?, upload(s, v.data, &v.layout)?);
+        let o = alloc_out(s, &p.o_shape(), p.dtype)?;
+        let lse = alloc_out(s, &p.lse_shape(), DType::F32)?;
+        let aux = Aux::upload(s, p)?;
+        let mut a = fwd::FwdArgs {
+            q: dq.view(s),
+            k: dk.view(s),
+            v: dv.view(s),
+            o: o.view(s),
+            lse: lse.base(s),
+            ..Default::default()
+        };
+        aux.fill(s, &mut a);
+        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], p.dtype.size());
+        fwd::run(&gpu, s.cu_stream(), p, &a, aligned)?;
+        let out = ForwardOutput { o: download(s, &o)?, lse: download(s, &lse)? };
+        drop((dq, dk, dv, aux));
+        Ok(out)
+    })
+}
+
+fn check_like(arg: &'static str, t: &Tensor, shape: &[usize], dtype: DType) -> Result<()> {
+    if t.shape() != shape {
+        return Err(Error::invalid(arg, format!("shape {shape:?}"), format!("{:?}", t.shape())));
+    }
+    if t.dtype() != dtype {
+        return Err(Error::invalid(arg, format!("dtype {dtype}"), t.dtype()));
+    }
+    crate::problem::check_view(arg, &t.view())
+}
+
+/// Backward pass of host tensors on CUDA device `n` (deterministic when `opts.deterministic`).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_host(
-    _n: usize,
-    _q: &Tensor,
-    _k: &Tensor,
-    _v: &Tensor,
-    _o: &Tensor,
-    _lse: &Tensor,
-    _dout: &Tensor,
-    _opts: &AttnOptions,
+    n: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    opts: &AttnOptions,
 ) -> Result<Gradients> {
-    unavailable()
+    let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
+    require_half(&p)?;
+    check_like("o", o, &p.o_shape(), p.dtype)?;
+    check_like("dout", dout, &p.o_shape(), p.dtype)?;
+    check_like("lse", lse, &p.lse_shape(), DType::F32)?;
+    let gpu = runtime::gpu(n)?;
+    let s = &gpu.stream;
+    runtime::guard("the CUDA backward", || {
+        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
+        let up = |t: &Tensor| upload(s, t.view().data, t.layout());
+        let (tq, tk, tv, to, tdo) = (up(q)?, up(k)?, up(v)?, up(o)?, up(dout)?);
+        let lse_c = Tensor::from_f32(&lse.to_f32_vec(), lse.shape(), DType::F32)?;
+        let tlse = up(&lse_c)?;
+        let gq = alloc_out(s, q.shape(), p.dtype)?;
+        let gk = alloc_out(s, k.shape(), p.dtype)?;
+        let gv = alloc_out(s, v.shape(), p.dtype)?;
+        if p.seqused_k.is_some() {
+            // Keys past seqused_k get no gradient.
+            launch::zero(gk.base(s), gk.bytes(), s.cu_stream())?;
+            launch::zero(gv.base(s), gv.bytes(), s.cu_stream())?;
+        }
+        let aux = Aux::upload(s, &p)?;
+        let mut a = bwd::BwdArgs {
+            fwd: fwd::FwdArgs {
+                q: tq.view(s),
+                k: tk.view(s),
+                v: tv.view(s),
+                o: to.view(s),
+                lse: tlse.view(s).ptr,
+                ..Default::default()
+            },
+            dout: tdo.view(s),
+            dq: gq.view(s),
+            dk: gk.view(s),
+            dv: gv.view(s),
+        };
+        aux.fill(s, &mut a.fwd);
+        let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
+        bwd::run(&gpu, s, &p, &a, aligned, opts.deterministic)?;
+        let g = Gradients { dq: download(s, &gq)?, dk: download(s, &gk)?, dv: download(s, &gv)? };
+        drop((tq, tk, tv, to, tdo, tlse, aux));
+        Ok(g)
+    })
 }
 
-/// KV-cache attention of host tensors on CUDA device `n`.
+/// KV-cache attention of host tensors on CUDA device `n`. The append (and rotary) runs on the host in
+/// place ([`crate::kvcache::prepare`]); the rows each sequence attends to are then gathered into a packed
+/// (varlen) K/V, uploaded, and the forward kernel runs over them. (A device-resident cache is a later step.)
 pub fn kvcache_forward_host(
-    _n: usize,
-    _q: &TensorView<'_>,
-    _c: &mut KvCache<'_>,
-    _o: &AttnOptions,
+    n: usize,
+    q: &TensorView<'_>,
+    cache: &mut KvCache<'_>,
+    opts: &AttnOptions,
 ) -> Result<ForwardOutput> {
-    unavailable()
+    let plan = crate::kvcache::prepare(q, cache, opts)?;
+    let p0 = &plan.problem;
+    require_half(p0)?;
+    let (b, h, hk, d) = (p0.batch, p0.h, p0.hk, p0.d);
+    let sq = p0.total_q / b.max(1);
+    // q, contiguous, as [b * sq, h, d].
+    let qv = plan.q_rotated.as_ref().map(|t| t.view()).unwrap_or_else(|| q.clone());
+    let qc = Tensor::from_f32(&qv.to_f32_vec(), &[b * sq, h, d], p0.dtype)?;
+    // K/V rows each sequence sees, packed.
+    let gather = |src: &TensorView<'_>, map: &RowMap| -> Result<Tensor> {
+        let mut out = vec![0f32; p0.total_k * hk * d];
+        let mut row = vec![0f32; d];
+        for seq in 0..b {
+            for t in 0..p0.seqlen_k[seq] {
+                for kh in 0..hk {
+                    src.data.read_f32(map.at(seq, t, kh), &mut row);
+                    let dst = ((p0.k_start[seq] + t) * hk + kh) * d;
+                    out[dst..dst + d].copy_from_slice(&row);
+                }
+            }
+        }
+        Tensor::from_f32(&out, &[p0.total_k, hk, d], p0.dtype)
+    };
+    let kc = gather(&cache.k_cache.as_view(), &p0.k)?;
+    let vc = gather(&cache.v_cache.as_view(), &p0.v)?;
+    let cu_q: Vec<i32> = (0..=b).map(|i| (i * sq) as i32).collect();
+    let mut cu_k = vec![0i32];
+    cu_k.extend(p0.seqlen_k.iter().scan(0usize, |acc, &n| {
+        *acc += n;
+        Some(*acc as i32)
+    }));
+    let varlen = crate::options::VarLen { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, seqused_k: None };
+    let mut o2 = opts.clone();
+    o2.varlen = Some(varlen);
+    o2.softmax_scale = Some(p0.scale);
+    let p = validate(&qc.view(), &kc.view(), &vc.view(), &o2)?;
+    let out = forward_problem(n, &p, (&qc.view(), &kc.view(), &vc.view()))?;
+    // o: [b*sq, h, d] -> [b, sq, h, d]; lse: [h, b*sq] -> [b, h, sq].
+    let o = Tensor::from_storage(out.o.storage().clone(), &[b, sq, h, d])?;
+    let l = out.lse.to_f32_vec();
+    let mut lse = vec![0f32; b * h * sq];
+    for i in 0..b {
+        for hh in 0..h {
+            for t in 0..sq {
+                lse[(i * h + hh) * sq + t] = l[hh * b * sq + i * sq + t];
+            }
+        }
+    }
+    Ok(ForwardOutput { o, lse: Tensor::from_f32(&lse, &[b, h, sq], DType::F32)? })
 }
 
-/// Compiles every kernel variant for the given architectures (e.g. `sm_80`, `sm_90a`) into the cache.
-pub fn precompile(_archs: &[String]) -> Result<Vec<String>> {
-    unavailable()
+/// Validates device tensors the way [`crate::problem::validate`] validates host views.
+fn raw_problem(q: &DeviceTensorRef, k: &DeviceTensorRef, v: &DeviceTensorRef, opts: &AttnOptions) -> Result<Problem> {
+    // The problem depends on shapes and options only: validate host stand-ins whose outer strides are 0
+    // (one row of storage), then keep the shapes; the kernels use the caller's strides.
+    let stand_in = |t: &DeviceTensorRef| -> Result<Tensor> {
+        let last = t.shape.last().copied().unwrap_or(1).max(1);
+        let storage = crate::tensor::CpuStorage::zeros(t.dtype, last);
+        let mut strides = vec![0; t.shape.len()];
+        if let Some(s) = strides.last_mut() {
+            *s = 1;
+        }
+        Tensor::from_storage_strided(storage, Layout { shape: t.shape.clone(), strides, offset: 0 })
+    };
+    let (sq_, sk_, sv_) = (stand_in(q)?, stand_in(k)?, stand_in(v)?);
+    let mut p = validate(&sq_.view(), &sk_.view(), &sv_.view(), opts)?;
+    // Row maps in the caller's strides (informational; the kernels use the device views).
+    p.q = RowMap { base: vec![0; p.batch], row_stride: 0, head_stride: 0, paged: None };
+    p.k = p.q.clone();
+    p.v = p.q.clone();
+    for (arg, t) in [("q", q), ("k", k), ("v", v)] {
+        t.check(arg, &t.shape, p.dtype, false)?;
+    }
+    Ok(p)
+}
+
+/// Forward pass over device memory the caller owns (for frameworks such as candle or PyTorch), on the
+/// caller's stream. `o` is written with its own strides; `lse` must be contiguous `f32` of shape
+/// `[b, h, sq]` (varlen: `[h, total_q]`). Varlen offsets and ALiBi slopes come from `opts` (host) and are
+/// copied to the device on `stream`.
+///
+/// # Safety
+/// Every pointer must be device memory of CUDA device `n` (primary context) covering its shape and strides,
+/// `stream` must be a valid stream of that context or null (the legacy default stream), and the caller
+/// must keep the memory alive and unaliased (outputs) until the stream has run the kernels.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn forward_raw(
+    n: usize,
+    stream: *mut std::ffi::c_void,
+    q: &DeviceTensorRef,
+    k: &DeviceTensorRef,
+    v: &DeviceTensorRef,
+    o: &DeviceTensorRef,
+    lse: &DeviceTensorRef,
+    opts: &AttnOptions,
+) -> Result<()> {
+    let p = raw_problem(q, k, v, opts)?;
+    require_half(&p)?;
+    o.check("o", &p.o_shape(), p.dtype, true)?;
+    lse.check("lse", &p.lse_shape(), DType::F32, true)?;
+    if lse.strides != Layout::contiguous(&p.lse_shape()).strides {
+        return Err(Error::invalid("lse", "a contiguous tensor", format!("strides {:?}", lse.strides)));
+    }
+    let gpu = runtime::gpu(n)?;
+    runtime::guard("the CUDA forward", || {
+        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
+        let s = gpu.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
+        let aux = Aux::upload(&s, &p)?;
+        let mut a =
+            fwd::FwdArgs { q: q.view(), k: k.view(), v: v.view(), o: o.view(), lse: lse.ptr, ..Default::default() };
+        aux.fill(&s, &mut a);
+        if launch::poison_outputs() {
+            launch::poison(o.ptr, extent_bytes(o), s.cu_stream())?;
+            launch::poison(lse.ptr, extent_bytes(lse), s.cu_stream())?;
+        }
+        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], p.dtype.size());
+        fwd::run(&gpu, s.cu_stream(), &p, &a, aligned)?;
+        drop(aux);
+        Ok(())
+    })
+}
+
+fn extent_bytes(t: &DeviceTensorRef) -> usize {
+    t.layout().extent().unwrap_or(0) * t.dtype.size()
+}
+
+/// Backward pass over device memory the caller owns, on the caller's stream. `lse` is contiguous `f32`;
+/// `dq`/`dk`/`dv` are written with their own strides (rows past `seqused_k` are not written).
+///
+/// # Safety
+/// As for [`forward_raw`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn backward_raw(
+    n: usize,
+    stream: *mut std::ffi::c_void,
+    q: &DeviceTensorRef,
+    k: &DeviceTensorRef,
+    v: &DeviceTensorRef,
+    o: &DeviceTensorRef,
+    lse: &DeviceTensorRef,
+    dout: &DeviceTensorRef,
+    dq: &DeviceTensorRef,
+    dk: &DeviceTensorRef,
+    dv: &DeviceTensorRef,
+    opts: &AttnOptions,
+) -> Result<()> {
+    let p = raw_problem(q, k, v, opts)?;
+    require_half(&p)?;
+    o.check("o", &p.o_shape(), p.dtype, false)?;
+    dout.check("dout", &p.o_shape(), p.dtype, false)?;
+    lse.check("lse", &p.lse_shape(), DType::F32, false)?;
+    if lse.strides != Layout::contiguous(&p.lse_shape()).strides {
+        return Err(Error::invalid("lse", "a contiguous tensor", format!("strides {:?}", lse.strides)));
+    }
+    dq.check("dq", &q.shape, p.dtype, true)?;
+    dk.check("dk", &k.shape, p.dtype, true)?;
+    dv.check("dv", &v.shape, p.dtype, true)?;
+    let gpu = runtime::gpu(n)?;
+    runtime::guard("the CUDA backward", || {
+        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
+        let s = gpu.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
+        let aux = Aux::upload(&s, &p)?;
+        let mut a = bwd::BwdArgs {
+            fwd: fwd::FwdArgs {
+                q: q.view(),
+                k: k.view(),
+                v: v.view(),
+                o: o.view(),
+                lse: lse.ptr,
+                ..Default::default()
+            },
+            dout: dout.view(),
+            dq: dq.view(),
+            dk: dk.view(),
+            dv: dv.view(),
+        };
+        aux.fill(&s, &mut a.fwd);
+        let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
+        bwd::run(&gpu, &s, &p, &a, aligned, opts.deterministic)?;
+        drop(aux);
+        Ok(())
+    })
+}
+
+/// What [`precompile_variants`] did for one variant and architecture.
+#[derive(Debug, Clone)]
+pub struct PrecompileReport {
+    /// The variant.
+    pub variant: Variant,
+    /// The architecture (`sm_80`, ...).
+    pub arch: String,
+    /// Whether it was already in the cache.
+    pub cached: bool,
+    /// Seconds spent (compiling, or reading the cache).
+    pub seconds: f64,
+    /// Registers and spills per kernel.
+    pub usage: Vec<KernelUsage>,
+}
+
+impl std::fmt::Display for PrecompileReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.arch, self.variant)?;
+        for u in &self.usage {
+            write!(f, " {}: {} regs", u.kernel, u.registers)?;
+            if u.spills() {
+                write!(f, " SPILLS {}/{} B", u.spill_stores, u.spill_loads)?;
+            }
+            write!(f, ";")?;
+        }
+        write!(f, " {} {:.2} s", if self.cached { "cached" } else { "compiled" }, self.seconds)
+    }
+}
+
+/// Compiles `variants` for each of `archs` with NVRTC (no GPU needed), in parallel, filling the cache.
+pub fn precompile_variants(archs: &[String], variants: &[Variant]) -> Result<Vec<PrecompileReport>> {
+    use rayon::prelude::*;
+    compile::nvrtc_version()?;
+    let archs: Vec<String> = archs.iter().map(|a| compile::canonical_arch(a)).collect::<Result<_>>()?;
+    let jobs: Vec<(String, Variant)> =
+        archs.iter().flat_map(|a| variants.iter().map(move |v| (a.clone(), *v))).collect();
+    jobs.par_iter()
+        .map(|(arch, v)| {
+            let t0 = std::time::Instant::now();
+            let (c, origin) = cache::get_or_compile(v, arch)?;
+            Ok(PrecompileReport {
+                variant: *v,
+                arch: arch.clone(),
+                cached: origin == cache::Origin::Disk,
+                seconds: t0.elapsed().as_secs_f64(),
+                usage: compile::parse_usage(&c.log),
+            })
+        })
+        .collect()
+}
+
+/// Compiles every kernel variant for the given architectures (e.g. `sm_80`, `sm_90a`) into the cache, with
+/// no GPU needed; returns one line per variant with its registers and spills.
+pub fn precompile(archs: &[String]) -> Result<Vec<String>> {
+    Ok(precompile_variants(archs, &compile::all_variants())?.iter().map(|r| r.to_string()).collect())
+}
+
+/// How long the last load of a variant on device `n` took and whether it came from the disk cache
+/// (`None` if not loaded): for measuring compile and cache-load times.
+pub fn load_info(n: usize, v: &Variant) -> Result<(std::time::Duration, bool)> {
+    let gpu = runtime::gpu(n)?;
+    let m = gpu.module(v)?;
+    Ok((m.load_time, m.origin == cache::Origin::Disk))
+}
+
+/// The architecture kernels are compiled for on device `n` (`sm_80`, `sm_90a`, ...).
+pub fn device_arch(n: usize) -> Result<String> {
+    Ok(runtime::gpu(n)?.arch.clone())
+}
+
+/// The forward and backward kernel variants a problem runs on (`aligned16`: every tensor's address and
+/// strides are multiples of 16 bytes).
+pub fn variants_for(p: &Problem, aligned16: bool, deterministic: bool) -> Result<(Variant, Variant)> {
+    Ok((fwd::variant_for(p, Pass::Fwd, aligned16, false)?, fwd::variant_for(p, Pass::Bwd, aligned16, deterministic)?))
+}
+
+/// Loads variant `v` on device `n` outside the in-memory module map, timing the whole first-call path:
+/// the disk cache (or NVRTC when the entry is missing) and the module load. Returns the time and whether
+/// the cubin came from the disk cache.
+pub fn measure_load(n: usize, v: &Variant) -> Result<(std::time::Duration, bool)> {
+    let gpu = runtime::gpu(n)?;
+    let t0 = std::time::Instant::now();
+    let (c, origin) = cache::get_or_compile(v, &gpu.arch)?;
+    runtime::guard("loading a module", || {
+        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
+        let m = gpu
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(c.cubin))
+            .map_err(|e| runtime::dev_err("loading a module", e))?;
+        for name in v.entry_points() {
+            m.load_function(name).map_err(|e| runtime::dev_err("loading a kernel", e))?;
+        }
+        Ok(())
+    })?;
+    Ok((t0.elapsed(), origin == cache::Origin::Disk))
 }

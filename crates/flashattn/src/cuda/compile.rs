@@ -1,0 +1,468 @@
+//! Kernel variants and their compilation by NVRTC to a cubin for one architecture.
+//!
+//! The kernel sources are embedded in the binary (`include_str!`); the headers they include are handed to
+//! NVRTC as header sources, so no CUDA toolkit headers are needed, only `libnvrtc`.
+
+use crate::error::{Error, Result};
+use cudarc::nvrtc::sys as nv;
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::fmt;
+use std::time::Instant;
+
+/// The kernel sources and the headers they include, as `(include name, text)`.
+pub(crate) const HEADERS: [(&str, &str); 3] = [
+    ("params.cuh", include_str!("../../kernels/params.cuh")),
+    ("common.cuh", include_str!("../../kernels/common.cuh")),
+    ("mask.cuh", include_str!("../../kernels/mask.cuh")),
+];
+const FWD_SRC: &str = include_str!("../../kernels/fwd.cu");
+const BWD_SRC: &str = include_str!("../../kernels/bwd.cu");
+
+/// Head dims the kernels are compiled for; a problem's `d` runs on the smallest one `>= d`.
+pub const HEAD_DIMS: [usize; 8] = [32, 64, 96, 128, 160, 192, 224, 256];
+
+/// The padded head dim a problem with head dim `d` runs on.
+pub fn padded_head_dim(d: usize) -> Option<usize> {
+    HEAD_DIMS.iter().copied().find(|&h| h >= d)
+}
+
+/// Which kernel source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Pass {
+    /// `fwd.cu`: `flash_fwd`.
+    Fwd,
+    /// `bwd.cu`: `flash_bwd_preprocess`, `flash_bwd_main`, `flash_bwd_convert_dq`.
+    Bwd,
+}
+
+/// One compiled specialisation of a kernel source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Variant {
+    /// Forward or backward.
+    pub pass: Pass,
+    /// Padded head dim (one of [`HEAD_DIMS`]).
+    pub head_dim: usize,
+    /// bf16 (else f16).
+    pub bf16: bool,
+    /// Causal / sliding-window masking.
+    pub mask: bool,
+    /// ALiBi.
+    pub alibi: bool,
+    /// Soft-capping.
+    pub softcap: bool,
+    /// Variable-length batches.
+    pub varlen: bool,
+    /// Deterministic backward (ignored for the forward).
+    pub deterministic: bool,
+    /// 16-byte aligned pointers and strides (vector loads); else element-wise accesses.
+    pub aligned16: bool,
+}
+
+impl Variant {
+    /// The plain, aligned variant of a pass.
+    pub fn plain(pass: Pass, head_dim: usize, bf16: bool) -> Self {
+        Variant {
+            pass,
+            head_dim,
+            bf16,
+            mask: false,
+            alibi: false,
+            softcap: false,
+            varlen: false,
+            deterministic: false,
+            aligned16: true,
+        }
+    }
+
+    /// The source file's text.
+    pub(crate) fn source(&self) -> (&'static str, &'static str) {
+        match self.pass {
+            Pass::Fwd => ("fwd.cu", FWD_SRC),
+            Pass::Bwd => ("bwd.cu", BWD_SRC),
+        }
+    }
+
+    /// The `-D` macros of this variant (without the `-D`).
+    pub fn defines(&self) -> Vec<String> {
+        let b = |x: bool| x as i32;
+        let mut v = vec![
+            format!("HEAD_DIM={}", self.head_dim),
+            format!("IS_BF16={}", b(self.bf16)),
+            format!("HAS_MASK={}", b(self.mask)),
+            format!("HAS_ALIBI={}", b(self.alibi)),
+            format!("HAS_SOFTCAP={}", b(self.softcap)),
+            format!("IS_VARLEN={}", b(self.varlen)),
+            format!("ALIGNED16={}", b(self.aligned16)),
+        ];
+        if self.pass == Pass::Bwd {
+            v.push(format!("DETERMINISTIC={}", b(self.deterministic)));
+        }
+        v
+    }
+
+    /// The kernels this variant's module exports.
+    pub fn entry_points(&self) -> &'static [&'static str] {
+        match self.pass {
+            Pass::Fwd => &["flash_fwd"],
+            Pass::Bwd => &["flash_bwd_preprocess", "flash_bwd_main", "flash_bwd_convert_dq"],
+        }
+    }
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pass = match self.pass {
+            Pass::Fwd => "fwd",
+            Pass::Bwd => "bwd",
+        };
+        write!(f, "{pass}_d{}_{}", self.head_dim, if self.bf16 { "bf16" } else { "f16" })?;
+        for (on, name) in [
+            (self.mask, "mask"),
+            (self.alibi, "alibi"),
+            (self.softcap, "softcap"),
+            (self.varlen, "varlen"),
+            (self.deterministic && self.pass == Pass::Bwd, "det"),
+            (!self.aligned16, "unaligned"),
+        ] {
+            if on {
+                write!(f, "_{name}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every variant the kernels support: head dims x dtypes x (mask, alibi, softcap, varlen), aligned, plus
+/// the unaligned (element-wise) forms, forward and backward (backward also x deterministic).
+pub fn all_variants() -> Vec<Variant> {
+    let mut out = Vec::new();
+    for pass in [Pass::Fwd, Pass::Bwd] {
+        for &hd in &HEAD_DIMS {
+            for bf16 in [false, true] {
+                for bits in 0..16u32 {
+                    for aligned16 in [true, false] {
+                        for deterministic in [false, true] {
+                            if pass == Pass::Fwd && deterministic {
+                                continue;
+                            }
+                            out.push(Variant {
+                                pass,
+                                head_dim: hd,
+                                bf16,
+                                mask: bits & 1 != 0,
+                                alibi: bits & 2 != 0,
+                                softcap: bits & 4 != 0,
+                                varlen: bits & 8 != 0,
+                                deterministic,
+                                aligned16,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A representative subset (every head dim and dtype; each feature on its own and all together; the
+/// unaligned and deterministic forms of the plain kernel): what CI compiles for each architecture.
+pub fn representative_variants() -> Vec<Variant> {
+    let mut out = Vec::new();
+    for pass in [Pass::Fwd, Pass::Bwd] {
+        for &hd in &HEAD_DIMS {
+            for bf16 in [false, true] {
+                let p = Variant::plain(pass, hd, bf16);
+                out.push(p);
+                out.push(Variant { mask: true, ..p });
+                out.push(Variant { mask: true, alibi: true, softcap: true, varlen: true, ..p });
+                out.push(Variant { aligned16: false, ..p });
+                if pass == Pass::Bwd {
+                    out.push(Variant { deterministic: true, mask: true, ..p });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The variants whose speed matters most (plain and causal, aligned, both dtypes, every head dim): these
+/// must not spill registers.
+pub fn hot_variants() -> Vec<Variant> {
+    let mut out = Vec::new();
+    for pass in [Pass::Fwd, Pass::Bwd] {
+        for &hd in &HEAD_DIMS {
+            for bf16 in [false, true] {
+                let p = Variant::plain(pass, hd, bf16);
+                out.push(p);
+                out.push(Variant { mask: true, ..p });
+            }
+        }
+    }
+    out
+}
+
+/// The NVRTC options of a variant for an architecture (`sm_80`, `sm_90a`, ...).
+pub fn options(v: &Variant, arch: &str) -> Vec<String> {
+    let mut o = vec![
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".to_string(),
+        "--use_fast_math".to_string(),
+        "-default-device".to_string(),
+        "--ptxas-options=-v".to_string(),
+    ];
+    o.extend(v.defines().into_iter().map(|d| format!("-D{d}")));
+    if let Ok(extra) = std::env::var("FLASHATTN_NVRTC_OPTIONS") {
+        o.extend(extra.split_whitespace().map(str::to_string));
+    }
+    o
+}
+
+/// Register use of one kernel, from the `ptxas -v` log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelUsage {
+    /// Entry point.
+    pub kernel: String,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Spill stores, bytes.
+    pub spill_stores: u32,
+    /// Spill loads, bytes.
+    pub spill_loads: u32,
+    /// Static shared memory, bytes.
+    pub smem: u32,
+}
+
+impl KernelUsage {
+    /// Whether the kernel spills registers.
+    pub fn spills(&self) -> bool {
+        self.spill_stores > 0 || self.spill_loads > 0
+    }
+}
+
+fn number_before(line: &str, suffix: &str) -> Option<u32> {
+    let i = line.find(suffix)?;
+    let head = line[..i].trim_end();
+    let start = head.rfind(|c: char| !c.is_ascii_digit()).map_or(0, |p| p + 1);
+    head[start..].parse().ok()
+}
+
+/// Parses a `ptxas -v` log into per-kernel register and spill counts.
+pub fn parse_usage(log: &str) -> Vec<KernelUsage> {
+    let mut out: Vec<KernelUsage> = Vec::new();
+    for line in log.lines() {
+        if let Some(i) = line.find("Compiling entry function '") {
+            let rest = &line[i + "Compiling entry function '".len()..];
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            out.push(KernelUsage { kernel: name, registers: 0, spill_stores: 0, spill_loads: 0, smem: 0 });
+            continue;
+        }
+        let Some(cur) = out.last_mut() else { continue };
+        if let Some(n) = number_before(line, "bytes spill stores") {
+            cur.spill_stores = n;
+        }
+        if let Some(n) = number_before(line, "bytes spill loads") {
+            cur.spill_loads = n;
+        }
+        if let Some(i) = line.find("Used ") {
+            if let Some(n) = number_before(&line[i..], "registers") {
+                cur.registers = n;
+            }
+        }
+        if let Some(n) = number_before(line, "bytes smem") {
+            cur.smem = n;
+        }
+    }
+    out
+}
+
+/// The output of one compilation.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    /// The cubin.
+    pub cubin: Vec<u8>,
+    /// NVRTC's log (ptxas `-v` output included).
+    pub log: String,
+}
+
+/// Whether libnvrtc can be loaded here.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to open the library; a panic (none expected) is caught.
+    std::panic::catch_unwind(|| unsafe { nv::is_culib_present() }).unwrap_or(false)
+}
+
+fn nvrtc_unavailable() -> Error {
+    Error::BackendUnavailable {
+        backend: "cuda",
+        reason: "libnvrtc was not found on the loader path (install the CUDA runtime compiler, e.g. the \
+                 `nvidia-cuda-nvrtc` wheel, and add its lib folder to LD_LIBRARY_PATH)"
+            .into(),
+    }
+}
+
+/// NVRTC's version `(major, minor)`.
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    if !nvrtc_present() {
+        return Err(nvrtc_unavailable());
+    }
+    let (mut major, mut minor) = (0 as c_int, 0 as c_int);
+    // SAFETY: the library is present; both pointers are valid for writes.
+    let r = unsafe { nv::nvrtcVersion(&mut major, &mut minor) };
+    if r != nv::nvrtcResult::NVRTC_SUCCESS {
+        return Err(Error::Device(format!("nvrtcVersion failed: {r:?}")));
+    }
+    Ok((major, minor))
+}
+
+/// The architectures this NVRTC can compile for, as `sm_XY` numbers (e.g. 80, 90).
+pub fn supported_archs() -> Result<Vec<i32>> {
+    nvrtc_version()?;
+    let mut n: c_int = 0;
+    // SAFETY: library present; valid out-pointer; then a buffer of `n` ints.
+    unsafe {
+        if nv::nvrtcGetNumSupportedArchs(&mut n) != nv::nvrtcResult::NVRTC_SUCCESS {
+            return Err(Error::Device("nvrtcGetNumSupportedArchs failed".into()));
+        }
+        let mut v = vec![0 as c_int; n.max(0) as usize];
+        if n > 0 && nv::nvrtcGetSupportedArchs(v.as_mut_ptr()) != nv::nvrtcResult::NVRTC_SUCCESS {
+            return Err(Error::Device("nvrtcGetSupportedArchs failed".into()));
+        }
+        Ok(v)
+    }
+}
+
+/// An NVRTC program, destroyed on drop.
+struct Program(nv::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: created by nvrtcCreateProgram and destroyed once.
+        unsafe {
+            nv::nvrtcDestroyProgram(&mut self.0);
+        }
+    }
+}
+
+fn c_string(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::Device(format!("NUL byte in NVRTC input {s:?}")))
+}
+
+/// Compiles one variant for `arch` (`sm_80`, `sm_90a`, ...) to a cubin.
+pub fn compile(v: &Variant, arch: &str) -> Result<Compiled> {
+    if !nvrtc_present() {
+        return Err(nvrtc_unavailable());
+    }
+    let (name, src) = v.source();
+    let src_c = c_string(src)?;
+    let name_c = c_string(name)?;
+    let hdr_src: Vec<CString> = HEADERS.iter().map(|(_, t)| c_string(t)).collect::<Result<_>>()?;
+    let hdr_name: Vec<CString> = HEADERS.iter().map(|(n, _)| c_string(n)).collect::<Result<_>>()?;
+    let hdr_src_p: Vec<*const c_char> = hdr_src.iter().map(|s| s.as_ptr()).collect();
+    let hdr_name_p: Vec<*const c_char> = hdr_name.iter().map(|s| s.as_ptr()).collect();
+    let opts: Vec<CString> = options(v, arch).iter().map(|o| c_string(o)).collect::<Result<_>>()?;
+    let opts_p: Vec<*const c_char> = opts.iter().map(|s| s.as_ptr()).collect();
+    let t0 = Instant::now();
+    // SAFETY: every pointer refers to a NUL-terminated string that outlives the calls; the program
+    // handle is destroyed by `Program`'s drop.
+    unsafe {
+        let mut prog: nv::nvrtcProgram = std::ptr::null_mut();
+        let r = nv::nvrtcCreateProgram(
+            &mut prog,
+            src_c.as_ptr(),
+            name_c.as_ptr(),
+            hdr_src_p.len() as c_int,
+            hdr_src_p.as_ptr(),
+            hdr_name_p.as_ptr(),
+        );
+        if r != nv::nvrtcResult::NVRTC_SUCCESS {
+            return Err(Error::Device(format!("nvrtcCreateProgram({v}): {r:?}")));
+        }
+        let prog = Program(prog);
+        let r = nv::nvrtcCompileProgram(prog.0, opts_p.len() as c_int, opts_p.as_ptr());
+        let mut n = 0usize;
+        let mut log = String::new();
+        if nv::nvrtcGetProgramLogSize(prog.0, &mut n) == nv::nvrtcResult::NVRTC_SUCCESS && n > 1 {
+            let mut buf = vec![0 as c_char; n];
+            if nv::nvrtcGetProgramLog(prog.0, buf.as_mut_ptr()) == nv::nvrtcResult::NVRTC_SUCCESS {
+                log = CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned();
+            }
+        }
+        if r != nv::nvrtcResult::NVRTC_SUCCESS {
+            return Err(Error::Device(format!("NVRTC failed to compile {v} for {arch} ({r:?}):\n{log}")));
+        }
+        let mut n = 0usize;
+        let r = nv::nvrtcGetCUBINSize(prog.0, &mut n);
+        if r != nv::nvrtcResult::NVRTC_SUCCESS || n == 0 {
+            return Err(Error::Device(format!(
+                "NVRTC produced no cubin for {v} ({r:?}); is `{arch}` a real architecture (sm_XY)?"
+            )));
+        }
+        let mut cubin = vec![0u8; n];
+        let r = nv::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr() as *mut c_char);
+        if r != nv::nvrtcResult::NVRTC_SUCCESS {
+            return Err(Error::Device(format!("nvrtcGetCUBIN({v}): {r:?}")));
+        }
+        let _ = t0;
+        Ok(Compiled { cubin, log })
+    }
+}
+
+/// The architecture name to compile for, for compute capability `(major, minor)`: `sm_90a` on Hopper
+/// (the `a` features), `sm_XY` elsewhere.
+pub fn arch_for(cc: (i32, i32)) -> String {
+    match cc {
+        (9, 0) => "sm_90a".to_string(),
+        (ma, mi) => format!("sm_{ma}{mi}"),
+    }
+}
+
+/// Parses `sm_80`, `sm_90a`, `80`, `compute_90a` style names into a canonical `sm_XY[a]`.
+pub fn canonical_arch(s: &str) -> Result<String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_start_matches("sm_").trim_start_matches("compute_").trim_start_matches("sm");
+    let digits: String = t.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let rest = &t[digits.len()..];
+    let ok = !digits.is_empty() && digits.len() <= 3 && (rest.is_empty() || rest == "a" || rest == "f");
+    match digits.parse::<u32>() {
+        Ok(n) if ok && n >= 80 => Ok(format!("sm_{n}{rest}")),
+        _ => Err(Error::invalid("arch", "an architecture like sm_80, sm_86, sm_89 or sm_90a (8.0 or newer)", s)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ptxas_log() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'flash_fwd' for 'sm_80'\n\
+ptxas info    : Function properties for flash_fwd\n\
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
+ptxas info    : Used 255 registers, used 1 barriers, 8 bytes cumulative stack size, 560 bytes cmem[0]\n";
+        let u = parse_usage(log);
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].kernel, "flash_fwd");
+        assert_eq!((u[0].registers, u[0].spill_stores, u[0].spill_loads), (255, 4, 12));
+        assert!(u[0].spills());
+    }
+
+    #[test]
+    fn arch_names() {
+        assert_eq!(arch_for((9, 0)), "sm_90a");
+        assert_eq!(arch_for((8, 6)), "sm_86");
+        assert_eq!(canonical_arch("sm_90a").unwrap(), "sm_90a");
+        assert_eq!(canonical_arch("80").unwrap(), "sm_80");
+        assert!(canonical_arch("sm_70").is_err());
+        assert!(canonical_arch("banana").is_err());
+    }
+
+    #[test]
+    fn head_dim_padding() {
+        assert_eq!(padded_head_dim(40), Some(64));
+        assert_eq!(padded_head_dim(111), Some(128));
+        assert_eq!(padded_head_dim(256), Some(256));
+        assert_eq!(padded_head_dim(257), None);
+        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3);
+    }
+}
