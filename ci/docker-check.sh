@@ -79,6 +79,14 @@ cleanup() {
     IMAGES_BEFORE=()
 }
 trap cleanup EXIT
+# Anything that fails outside a check (a tool install, say) still ends with a
+# FAIL line and the summary.
+on_error() {
+    local rc=$?
+    fail "line $1: \`$2\` exited with status $rc"
+    summary
+}
+trap 'on_error "$LINENO" "$BASH_COMMAND"' ERR
 # Print a command's captured output, indented.
 # shellcheck disable=SC2001 # a prefix on every line
 show() { sed 's/^/    | /' <<<"$1"; }
@@ -144,9 +152,9 @@ MIRROR=$(debian_mirror || true)
 
 # rootfs_tar NAME INCLUDE-PACKAGES [HOOK]: where that rootfs's tarball is cached.
 rootfs_tar() {
-    local key
-    key=$(printf '%s|%s|%s|%s|%s' "$ROOTFS_RECIPE" "$SUITE" "$2" "${3:-}" \
-        "$(declare -f "${3:-true}" 2>/dev/null)" | sha)
+    local key hookdef=
+    [ -z "${3:-}" ] || hookdef=$(declare -f "$3")
+    key=$(printf '%s|%s|%s|%s|%s' "$ROOTFS_RECIPE" "$SUITE" "$2" "${3:-}" "$hookdef" | sha)
     echo "$CACHE/rootfs-$1-$SUITE-$key.tar"
 }
 
@@ -174,6 +182,8 @@ make_rootfs() {
     tar --numeric-owner -C "$dir" -cf "$tar.tmp" . || return 1
     mv "$tar.tmp" "$tar"
     rm -rf "$dir"
+    # Older recipes' tarballs of this rootfs are not needed any more.
+    find "$CACHE" -maxdepth 1 -name "rootfs-$name-*.tar" ! -name "$(basename "$tar")" -delete
     log "rootfs $name: $(du -h "$tar" | cut -f1) tarball"
 }
 
