@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # flashattn: exact FlashAttention with a CPU backend and CUDA kernels that are
 # compiled at run time by NVRTC. No CUDA compiler (nvcc) and no CUDA "devel"
 # image is needed to build this image: the builder is a plain Rust image, the
@@ -11,7 +9,9 @@
 #
 # Both base images are build arguments so they can be swapped (CI builds this
 # file with locally made stand-ins, see ci/docker-check.sh); the defaults are
-# pinned to exact tags. See docs/docker.md.
+# pinned to exact tags. Needs BuildKit (Docker 23+), Podman or Buildah for
+# RUN --mount; no `# syntax=` line, so no unpinned frontend image is pulled.
+# See docs/docker.md.
 
 # Rust toolchain image for the build stage (Debian bookworm: glibc 2.36, older
 # than or equal to the runtime base's, so the binary runs there).
