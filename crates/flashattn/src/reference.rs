@@ -170,7 +170,7 @@ fn scores<T: Real>(p: &Problem, hd: &Head<T>, round: Rounding) -> (Vec<T>, Vec<T
                 x = cap * t;
             }
             if let Some(sl) = slope {
-                x = x + T::of(alibi_bias(sl, i, j, sq, sk));
+                x += T::of(alibi_bias(sl, i, j, sq, sk));
             }
             s[i * sk + j] = x;
         }

@@ -29,7 +29,7 @@ fn check(opts: AttnOptions, (b, sq, sk, h, hk, d): (usize, usize, usize, usize, 
         let x = base.to_f32_vec();
         let mut worst = 0f64;
         for idx in (0..x.len()).step_by(x.len() / 13 + 1) {
-            let mut eval = |delta: f32| {
+            let eval = |delta: f32| {
                 let mut y = x.clone();
                 y[idx] += delta;
                 let t = Tensor::from_f32(&y, base.shape(), DType::F32).unwrap();

@@ -114,8 +114,7 @@ fn forward_tile(p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>, sc: &mut FwdScratch, 
         let bn = j1 - j0;
         load_rows(x.k, &p.k, seq, kh, j0, bn, d, &mut sc.k);
         load_rows(x.v, &p.v, seq, kh, j0, bn, d, &mut sc.v);
-        for r in 0..bm {
-            let range = &ranges[r];
+        for (r, range) in ranges.iter().enumerate() {
             let (a, b) = (range.start.max(j0), range.end.min(j1));
             if a >= b {
                 continue;
@@ -184,10 +183,10 @@ fn delta(p: &Problem, b: &BwdIn<'_>, seq: usize, head: usize, i0: usize, n: usiz
     let d = p.d;
     let mut o = vec![0f32; d];
     let mut g = vec![0f32; d];
-    for r in 0..n {
+    for (r, dst) in out[..n].iter_mut().enumerate() {
         b.o.read_f32(b.o_map.at(seq, i0 + r, head), &mut o);
         b.dout.read_f32(b.do_map.at(seq, i0 + r, head), &mut g);
-        out[r] = dot(&o, &g);
+        *dst = dot(&o, &g);
     }
 }
 

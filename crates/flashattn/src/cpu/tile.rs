@@ -32,6 +32,7 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Loads rows `row0..row0 + n` of `(seq, head)` into `out` (`n * d` floats, row-major).
 #[inline]
 pub fn load_rows(
