@@ -41,6 +41,11 @@ pub use backends::{backward_on, forward_on, kvcache_forward_on};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+
+/// The README's examples are compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
 pub use kvcache::{kvcache_forward, CacheSeqlens, KvCache, Rotary};
 pub use options::{AttnOptions, VarLen};
 pub use semantics::Mask;
