@@ -3,6 +3,11 @@
 //! (KV GB/s for decode) and peak extra memory, JSON and an SVG plot on request.
 //!
 //! FLOPs follow the baselines: forward `4·b·h·sq·sk·d`, halved when causal; forward+backward 3.5x that.
+//!
+//! On CUDA the inputs and outputs of a point live in device memory for the whole point
+//! ([`flashattn::cuda::DeviceAttention`]): only the kernels are timed, with CUDA events around each run, the
+//! L2 cache flushed before each run (as triton's `do_bench`, which `torch_baselines.py` uses). On the CPU a
+//! run is a whole `forward_on`/`backward_on` call, timed on the host clock.
 
 use crate::alloc::{human, measure};
 use crate::common::{
@@ -13,7 +18,8 @@ use clap::{Args, ValueEnum};
 use flashattn::{reference, AttnOptions, DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -122,6 +128,10 @@ pub struct BenchArgs {
     /// Random seed of the inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// JSON of `torch_baselines.py` from the same machine and run: its fa2/cudnn figures at the same points
+    /// are printed next to ours (as ratios), stored in the JSON rows (`peers`) and plotted (fa2, dashed).
+    #[arg(long)]
+    pub baselines: Option<PathBuf>,
 }
 
 /// One shape.
@@ -245,13 +255,20 @@ pub struct Row {
     pub tflops: Option<f64>,
     /// Bytes of K and V read per millisecond / 1e6 (GB/s).
     pub kv_gbps: Option<f64>,
-    /// Highest allocation level during a timed run minus the level before it (host memory, outputs included).
+    /// Highest allocation level during a timed run minus the level before it (host memory, outputs included;
+    /// CPU runs only: on CUDA the outputs are device memory allocated once per point).
     pub peak_extra_bytes: Option<usize>,
     /// Bytes of the outputs the call returns (o, lse; dq, dk, dv), part of `peak_extra_bytes`.
     pub output_bytes: Option<usize>,
     /// Why the point failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub err: Option<String>,
+    /// The kernels that ran (CUDA): family, architecture, variants and tile configurations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Peers' TFLOP/s (KV GB/s for decode) at the same point and mode, from `--baselines` (`fa2`, `cudnn`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub peers: BTreeMap<String, f64>,
 }
 
 struct Inputs {
@@ -319,6 +336,37 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+fn empty_row(imp: Impl, mode: Mode, device: Device, p: &Point, dtype: DType) -> Row {
+    Row {
+        backend: if imp == Impl::Flash { "flashattn".into() } else { "naive".into() },
+        device: device.to_string(),
+        mode: mode.name(),
+        dtype: dtype.to_string(),
+        point: *p,
+        ms: None,
+        ms_min: None,
+        tflops: None,
+        kv_gbps: None,
+        peak_extra_bytes: None,
+        output_bytes: None,
+        err: None,
+        kernel: None,
+        peers: BTreeMap::new(),
+    }
+}
+
+/// Fills the timing fields of `row` from per-run milliseconds.
+fn set_times(row: &mut Row, mode: Mode, dtype: DType, mut times: Vec<f64>) {
+    let p = row.point;
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let med = median(&mut times);
+    let flops = p.fwd_flops() * if mode == Mode::FwdBwd { 3.5 } else { 1.0 };
+    row.ms = Some(med);
+    row.ms_min = Some(min);
+    row.tflops = Some(flops / med / 1e9);
+    row.kv_gbps = Some(p.kv_bytes(dtype) / med / 1e6);
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bench_one(
     imp: Impl,
@@ -331,20 +379,7 @@ fn bench_one(
     reps: usize,
 ) -> Row {
     let run_device = if imp == Impl::Naive { Device::Cpu } else { device };
-    let mut row = Row {
-        backend: if imp == Impl::Flash { "flashattn".into() } else { "naive".into() },
-        device: run_device.to_string(),
-        mode: mode.name(),
-        dtype: dtype.to_string(),
-        point: *p,
-        ms: None,
-        ms_min: None,
-        tflops: None,
-        kv_gbps: None,
-        peak_extra_bytes: None,
-        output_bytes: None,
-        err: None,
-    };
+    let mut row = empty_row(imp, mode, run_device, p, dtype);
     let result = (|| -> Result<(), String> {
         for _ in 0..warmup {
             call(imp, mode, run_device, x)?;
@@ -358,13 +393,7 @@ fn bench_one(
             times.push(dt.as_secs_f64() * 1e3);
             peak = peak.max(mem);
         }
-        let min = times.iter().copied().fold(f64::INFINITY, f64::min);
-        let med = median(&mut times);
-        let flops = p.fwd_flops() * if mode == Mode::FwdBwd { 3.5 } else { 1.0 };
-        row.ms = Some(med);
-        row.ms_min = Some(min);
-        row.tflops = Some(flops / med / 1e9);
-        row.kv_gbps = Some(p.kv_bytes(dtype) / med / 1e6);
+        set_times(&mut row, mode, dtype, times);
         row.peak_extra_bytes = Some(peak);
         row.output_bytes = Some(out_bytes);
         Ok(())
@@ -373,6 +402,154 @@ fn bench_one(
         row.err = Some(e);
     }
     row
+}
+
+/// The CUDA path: every point's tensors resident on the device, kernels timed with CUDA events.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::{empty_row, set_times, Impl, Inputs, Mode, Point, Row};
+    use flashattn::cuda::{self, compile::padded_head_dim, DeviceAttention, Pass, Variant};
+    use flashattn::{DType, Device};
+
+    /// Compiles (or loads from the disk cache) the kernel variants the points use, in parallel, so the
+    /// timing loop never waits for NVRTC. Returns the architecture and a summary line.
+    pub fn precompile(n: usize, pts: &[Point], dtype: DType, bwd: bool) -> Result<(String, String), String> {
+        let arch = cuda::device_arch(n).map_err(|e| e.to_string())?;
+        let mut vs = Vec::new();
+        for p in pts {
+            let Some(hd) = padded_head_dim(p.d) else { continue };
+            let bf16 = dtype == DType::BF16;
+            for pass in if bwd { vec![Pass::Fwd, Pass::Bwd] } else { vec![Pass::Fwd] } {
+                vs.push(Variant { mask: p.causal, aligned16: p.d % 8 == 0, ..Variant::plain(pass, hd, bf16) });
+            }
+        }
+        vs.sort();
+        vs.dedup();
+        let t0 = std::time::Instant::now();
+        let reports = cuda::precompile_variants(std::slice::from_ref(&arch), &vs).map_err(|e| e.to_string())?;
+        let cached = reports.iter().filter(|r| r.cached).count();
+        let summary = format!(
+            "{} kernel variant(s) for {arch} ready ({} compiled, {cached} from the disk cache) in {:.1} s",
+            reports.len(),
+            reports.len() - cached,
+            t0.elapsed().as_secs_f64()
+        );
+        Ok((arch, summary))
+    }
+
+    /// Times every mode of one point: q/k/v/dO uploaded and o/lse/dq/dk/dv allocated once, then `warmup`
+    /// untimed and `reps` timed runs, each between two CUDA events (forward, or forward then backward).
+    #[allow(clippy::too_many_arguments)]
+    pub fn bench_point(
+        n: usize,
+        p: &Point,
+        dtype: DType,
+        x: &Inputs,
+        modes: &[Mode],
+        warmup: usize,
+        reps: usize,
+    ) -> Vec<Row> {
+        let mut rows: Vec<Row> = modes.iter().map(|&m| empty_row(Impl::Flash, m, Device::Cuda(n), p, dtype)).collect();
+        let bwd = modes.contains(&Mode::FwdBwd);
+        let mut att = match DeviceAttention::new(n, &x.q, &x.k, &x.v, bwd.then_some(&x.dout), &x.opts) {
+            Ok(a) => a,
+            Err(e) => {
+                for r in &mut rows {
+                    r.err = Some(e.to_string());
+                }
+                return rows;
+            }
+        };
+        let kernel = att.kernel_path().ok();
+        for (r, &mode) in rows.iter_mut().zip(modes) {
+            let times = match mode {
+                Mode::Fwd => att.time(warmup, reps, true, |a| a.forward()),
+                Mode::FwdBwd => att.time(warmup, reps, true, |a| {
+                    a.forward()?;
+                    a.backward()
+                }),
+            };
+            match times {
+                Ok(t) => {
+                    set_times(r, mode, dtype, t);
+                    r.output_bytes = Some(att.output_bytes(mode == Mode::FwdBwd));
+                    r.kernel = kernel.clone();
+                }
+                Err(e) => r.err = Some(e.to_string()),
+            }
+        }
+        if let Err(e) = att.synchronize() {
+            for r in rows.iter_mut().filter(|r| r.err.is_none()) {
+                r.err = Some(e.to_string());
+            }
+        }
+        rows
+    }
+}
+
+/// Reads the rows of a `torch_baselines.py` JSON file and adds the fa2/cudnn figures at each of our points
+/// to `rows` (`peers`). Returns how many of our rows found a peer.
+fn attach_peers(path: &Path, rows: &mut [Row], decode: bool) -> Result<usize, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let base: Vec<serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not a torch_baselines.py JSON: {e}", path.display()))?;
+    let num = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64());
+    let mut found = 0;
+    for r in rows.iter_mut().filter(|r| r.backend == "flashattn") {
+        let p = r.point;
+        let dtype = if r.dtype == "f16" { "fp16" } else { r.dtype.as_str() };
+        for b in &base {
+            let backend = b.get("backend").and_then(|x| x.as_str()).unwrap_or("");
+            if !matches!(backend, "fa2" | "cudnn") {
+                continue;
+            }
+            let same = b.get("mode").and_then(|x| x.as_str()) == Some(r.mode)
+                && b.get("dtype").and_then(|x| x.as_str()) == Some(dtype)
+                && b.get("causal").and_then(|x| x.as_bool()) == Some(p.causal)
+                && [("b", p.b), ("h", p.h), ("hk", p.hk), ("sq", p.sq), ("sk", p.sk), ("d", p.d)]
+                    .iter()
+                    .all(|&(k, v)| num(b, k) == Some(v as f64));
+            if let (true, Some(y)) = (same, num(b, if decode { "kv_gbps" } else { "tflops" })) {
+                r.peers.insert(backend.to_string(), y);
+            }
+        }
+        found += !r.peers.is_empty() as usize;
+    }
+    Ok(found)
+}
+
+fn peer_table(rows: &[Row], decode: bool) {
+    let metric = if decode { "KV GB/s" } else { "TFLOP/s" };
+    println!(
+        "
+flashattn vs peers ({metric}, peers from --baselines):"
+    );
+    println!(
+        "{:>4} {:>6} {:<7} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "d", "causal", "mode", "sq", "sk", "flashattn", "fa2", "cudnn", "ours/fa2", "ours/cudnn"
+    );
+    for r in rows.iter().filter(|r| r.backend == "flashattn" && !r.peers.is_empty()) {
+        let ours = if decode { r.kv_gbps } else { r.tflops };
+        let (fa2, cudnn) = (r.peers.get("fa2").copied(), r.peers.get("cudnn").copied());
+        let ratio = |peer: Option<f64>| match (ours, peer) {
+            (Some(o), Some(p)) if p > 0.0 => format!("{:.2}", o / p),
+            _ => "-".into(),
+        };
+        let p = &r.point;
+        println!(
+            "{:>4} {:>6} {:<7} {:>6} {:>6} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            p.d,
+            p.causal as u8,
+            r.mode,
+            p.sq,
+            p.sk,
+            fmt_num(ours),
+            fmt_num(fa2),
+            fmt_num(cudnn),
+            ratio(fa2),
+            ratio(cudnn)
+        );
+    }
 }
 
 fn fmt_num(x: Option<f64>) -> String {
@@ -465,6 +642,11 @@ struct Report<'a> {
     warmup: usize,
     reps: usize,
     flops: &'static str,
+    timing: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kernels: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baselines: Option<String>,
     rows: &'a [Row],
 }
 
@@ -486,6 +668,14 @@ fn plot(path: &PathBuf, rows: &[Row], decode: bool, title: &str) -> CliResult<()
         match series.iter_mut().find(|s| s.label == label) {
             Some(s) => s.points.push((x, y)),
             None => series.push(Series { label, points: vec![(x, y)], color, dashed: r.backend == "naive" }),
+        }
+        // The peer the targets are set against (PyTorch's FlashAttention-2), dashed in the same color.
+        if let Some(&py) = r.peers.get("fa2") {
+            let label = format!("torch fa2 {config}");
+            match series.iter_mut().find(|s| s.label == label) {
+                Some(s) => s.points.push((x, py)),
+                None => series.push(Series { label, points: vec![(x, py)], color, dashed: true }),
+            }
         }
     }
     let (xl, yl) = if decode { ("KV cache length", "KV GB/s") } else { ("sequence length", "TFLOP/s") };
@@ -513,15 +703,38 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
         return Err(CliError::Input("no point to run: check --seqlens, --dims and --causal".into()));
     }
     let impls: Vec<Impl> = if a.naive { vec![Impl::Flash, Impl::Naive] } else { vec![Impl::Flash] };
+    #[cfg(feature = "cuda")]
+    let gpu_n = match device {
+        Device::Cuda(n) => Some(n),
+        _ => None,
+    };
+    #[cfg(not(feature = "cuda"))]
+    let gpu_n: Option<usize> = None;
+    let timing = if gpu_n.is_some() {
+        "CUDA: inputs and outputs resident on the device (uploaded/allocated once per point), each run timed \
+         with CUDA events around the kernels only, L2 flushed (256 MiB memset) before each run"
+    } else {
+        "CPU: each run is a whole forward_on/backward_on call, host clock"
+    };
     println!("device: {why}");
     println!(
-        "{} point(s) x {} mode(s){}, {}, warmup {warmup}, reps {reps} (median reported){}",
+        "{} point(s) x {} mode(s){}, {}, warmup {warmup}, reps {reps} (median reported)",
         pts.len(),
         modes.len(),
         if a.naive { " x {flash, naive}" } else { "" },
         a.dtype,
-        if is_cpu { "" } else { "; CUDA times include host<->device copies of the inputs and outputs" }
     );
+    println!("timing: {timing}");
+    #[allow(unused_mut)]
+    let mut kernels = None;
+    #[cfg(feature = "cuda")]
+    if let Some(n) = gpu_n {
+        let (arch, summary) =
+            gpu::precompile(n, &pts, a.dtype, modes.contains(&Mode::FwdBwd)).map_err(CliError::Failed)?;
+        println!("kernels: {}", flashattn::cuda::kernel_family(&arch));
+        println!("{summary}");
+        kernels = Some(flashattn::cuda::kernel_family(&arch));
+    }
     let total = (pts.len() * modes.len() * impls.len()) as u64;
     let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     pb.set_style(
@@ -532,8 +745,32 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
     let mut rows = Vec::new();
     for (i, p) in pts.iter().enumerate() {
         let x = inputs(p, a.dtype, a.seed.wrapping_add(i as u64), modes.contains(&Mode::FwdBwd));
+        #[cfg(feature = "cuda")]
+        if let Some(n) = gpu_n {
+            pb.set_message(format!(
+                "flash {} b={} h={}/{} s={}/{} d={} causal={}",
+                modes.iter().map(|m| m.name()).collect::<Vec<_>>().join("+"),
+                p.b,
+                p.h,
+                p.hk,
+                p.sq,
+                p.sk,
+                p.d,
+                p.causal as u8
+            ));
+            for r in gpu::bench_point(n, p, a.dtype, &x, &modes, warmup, reps) {
+                if let Some(e) = &r.err {
+                    pb.println(format!("point failed: {e}"));
+                }
+                rows.push(r);
+                pb.inc(1);
+            }
+        }
         for &mode in &modes {
             for &imp in &impls {
+                if imp == Impl::Flash && gpu_n.is_some() {
+                    continue;
+                }
                 pb.set_message(format!(
                     "{} {} b={} h={}/{} s={}/{} d={} causal={}",
                     if imp == Impl::Flash { "flash" } else { "naive" },
@@ -556,8 +793,18 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
         }
     }
     pb.finish_and_clear();
+    let mut baselines = None;
+    if let Some(path) = &a.baselines {
+        match attach_peers(path, &mut rows, decode) {
+            Ok(found) => baselines = Some(format!("{} ({found} of our rows matched)", path.display())),
+            Err(e) => println!("baselines not used: {e}"),
+        }
+    }
     table(&rows, decode);
     comparisons(&rows);
+    if rows.iter().any(|r| !r.peers.is_empty()) {
+        peer_table(&rows, decode);
+    }
     if let Some(path) = &a.json {
         let report = Report {
             version: env!("CARGO_PKG_VERSION"),
@@ -567,6 +814,9 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
             warmup,
             reps,
             flops: "fwd 4*b*h*sq*sk*d (halved when causal); fwd_bwd 3.5x fwd",
+            timing,
+            kernels: kernels.clone(),
+            baselines: baselines.clone(),
             rows: &rows,
         };
         let s = serde_json::to_string_pretty(&report).map_err(|e| CliError::Failed(e.to_string()))?;

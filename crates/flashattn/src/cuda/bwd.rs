@@ -23,18 +23,6 @@ pub(crate) struct BwdArgs {
     pub dv: DevView,
 }
 
-/// `(BM, BN, threads, smem)` of the main kernel: the defaults of `bwd.cu`, used when the module does not
-/// export `flash_bwd_config`.
-pub(crate) fn bwd_config_default(hd: usize) -> [i32; 4] {
-    let bm = if hd <= 96 { 64 } else { 32 };
-    let warps = 8;
-    let dsplit = if hd <= 128 { 1 } else { 2 };
-    let bn = 16 * warps / dsplit;
-    let rd = (hd as i32 / 8 + 1) * 16;
-    let rs = (bm / 8 + 1) * 16;
-    [bm, bn, 32 * warps, 2 * bn * rd + 4 * bm * rd + bn * rs + 16 * bm]
-}
-
 fn scratch<T: cudarc::driver::DeviceRepr>(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: the kernels write every element before reading it (preprocess fills or zeroes them).
     unsafe { stream.alloc::<T>(n.max(1)) }.map_err(|e| dev_err("allocating backward scratch", e))
@@ -52,7 +40,11 @@ pub(crate) fn run(
     fwd::check_sizes(p)?;
     let v = fwd::variant_for(p, Pass::Bwd, aligned16, deterministic)?;
     let m = gpu.module(&v)?;
-    let [bm, bn, threads, smem] = m.bwd_config.unwrap_or_else(|| bwd_config_default(v.head_dim));
+    // Every bwd.cu module exports its tile configuration (`flash_bwd_config`): the launcher reads it rather
+    // than mirroring bwd.cu's per-head-dim, per-architecture table.
+    let [bm, bn, threads, smem] = m.bwd_config.ok_or_else(|| {
+        Error::Device(format!("the backward module {v} does not export flash_bwd_config (stale kernel source?)"))
+    })?;
     if smem > gpu.smem_optin {
         return Err(Error::Unsupported {
             backend: "cuda",

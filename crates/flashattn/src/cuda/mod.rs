@@ -9,7 +9,8 @@
 //!
 //! Entry points: [`forward_host`]/[`backward_host`]/[`kvcache_forward_host`] take host tensors (what
 //! [`crate::forward_on`] uses); [`forward_raw`]/[`backward_raw`] take a framework's device pointers and
-//! stream; [`precompile`] fills the cache without a GPU.
+//! stream; [`DeviceAttention`] keeps one problem in device memory and times its kernels (for benchmarks);
+//! [`precompile`] fills the cache without a GPU.
 
 mod bwd;
 pub mod cache;
@@ -17,6 +18,7 @@ pub mod compile;
 mod fwd;
 mod launch;
 pub mod params;
+mod resident;
 pub mod runtime;
 mod tensor;
 
@@ -25,6 +27,7 @@ pub use compile::{KernelUsage, Pass, Variant};
 /// stream, and for tests).
 pub use cudarc;
 pub use launch::{poison_outputs, set_poison_outputs};
+pub use resident::{kernel_family, DeviceAttention};
 pub use tensor::DeviceTensorRef;
 
 use crate::api::{ForwardOutput, Gradients};

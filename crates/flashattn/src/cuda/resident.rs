@@ -1,0 +1,251 @@
+//! [`DeviceAttention`]: one attention problem resident in device memory (inputs uploaded once, outputs
+//! allocated once), whose kernels can be enqueued and timed with CUDA events without host copies: what
+//! `flashattn bench --device cuda` measures.
+
+use super::compile::{Pass, Variant};
+use super::runtime::{self, dev_err, Gpu};
+use super::tensor::{alloc_out, upload, DevTensor};
+use super::{all_aligned, bwd, fwd, require_half, Aux};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::options::AttnOptions;
+use crate::problem::{validate, Problem};
+use crate::tensor::Tensor;
+use cudarc::driver::sys as dsys;
+use cudarc::driver::CudaSlice;
+use cudarc::driver::DevicePtr;
+use std::sync::Arc;
+
+/// Bytes zeroed before each timed run when flushing the L2 cache (as triton's `do_bench` does: 256 MiB,
+/// several times the L2 of current GPUs).
+const FLUSH_BYTES: usize = 256 << 20;
+
+/// The backward's device tensors.
+struct BwdBufs {
+    dout: DevTensor,
+    dq: DevTensor,
+    dk: DevTensor,
+    dv: DevTensor,
+}
+
+/// One attention problem in device memory of CUDA device `n`: q/k/v (and dO) uploaded once with their
+/// strides, o/lse (and dq/dk/dv) allocated once. [`forward`](Self::forward) and
+/// [`backward`](Self::backward) only enqueue the kernels on the backend's stream (no copies, no
+/// synchronisation); [`time`](Self::time) measures them with CUDA events.
+pub struct DeviceAttention {
+    gpu: Arc<Gpu>,
+    p: Problem,
+    deterministic: bool,
+    aux: Aux,
+    q: DevTensor,
+    k: DevTensor,
+    v: DevTensor,
+    o: DevTensor,
+    lse: DevTensor,
+    bwd: Option<BwdBufs>,
+    flush: Option<CudaSlice<u8>>,
+}
+
+impl DeviceAttention {
+    /// Uploads `q`, `k`, `v` (and `dout`, which enables [`backward`](Self::backward)) to device `n` and
+    /// allocates the outputs. Waits until the copies are done.
+    pub fn new(
+        n: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        dout: Option<&Tensor>,
+        opts: &AttnOptions,
+    ) -> Result<DeviceAttention> {
+        let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
+        require_half(&p)?;
+        if let Some(d) = dout {
+            if d.shape() != p.o_shape().as_slice() || d.dtype() != p.dtype {
+                return Err(Error::invalid(
+                    "dout",
+                    format!("shape {:?} and dtype {}", p.o_shape(), p.dtype),
+                    format!("{:?} {}", d.shape(), d.dtype()),
+                ));
+            }
+        }
+        let gpu = runtime::gpu(n)?;
+        let s = gpu.stream.clone();
+        runtime::guard("uploading the problem", || {
+            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+            let up = |t: &Tensor| upload(&s, t.view().data, t.layout());
+            let (dq_, dk_, dv_) = (up(q)?, up(k)?, up(v)?);
+            let o = alloc_out(&s, &p.o_shape(), p.dtype)?;
+            let lse = alloc_out(&s, &p.lse_shape(), DType::F32)?;
+            let bwd = match dout {
+                Some(d) => Some(BwdBufs {
+                    dout: up(d)?,
+                    dq: alloc_out(&s, q.shape(), p.dtype)?,
+                    dk: alloc_out(&s, k.shape(), p.dtype)?,
+                    dv: alloc_out(&s, v.shape(), p.dtype)?,
+                }),
+                None => None,
+            };
+            let aux = Aux::upload(&s, &p)?;
+            s.synchronize().map_err(|e| dev_err("uploading the problem", e))?;
+            Ok(DeviceAttention {
+                gpu: gpu.clone(),
+                p: p.clone(),
+                deterministic: opts.deterministic,
+                aux,
+                q: dq_,
+                k: dk_,
+                v: dv_,
+                o,
+                lse,
+                bwd,
+                flush: None,
+            })
+        })
+    }
+
+    fn fwd_args(&self) -> fwd::FwdArgs {
+        let s = &self.gpu.stream;
+        let mut a = fwd::FwdArgs {
+            q: self.q.view(s),
+            k: self.k.view(s),
+            v: self.v.view(s),
+            o: self.o.view(s),
+            lse: self.lse.base(s),
+            ..Default::default()
+        };
+        self.aux.fill(s, &mut a);
+        a
+    }
+
+    /// The forward and backward kernel variants this problem runs.
+    pub fn variants(&self) -> Result<(Variant, Variant)> {
+        let a = self.fwd_args();
+        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], self.p.dtype.size());
+        Ok((
+            fwd::variant_for(&self.p, Pass::Fwd, aligned, false)?,
+            fwd::variant_for(&self.p, Pass::Bwd, aligned, self.deterministic)?,
+        ))
+    }
+
+    /// Which kernels run, in words: the kernel family, the architecture of the cubins, and per pass the
+    /// variant and its tile configuration (the backward's as its module exports it).
+    pub fn kernel_path(&self) -> Result<String> {
+        let (fv, bv) = self.variants()?;
+        let (bm, bn, warps) = fwd::fwd_tiles(fv.head_dim);
+        let mut s = format!("{}; fwd {fv} [BM {bm} BN {bn}, {} threads]", kernel_family(&self.gpu.arch), 32 * warps);
+        if self.bwd.is_some() {
+            let m = self.gpu.module(&bv)?;
+            match m.bwd_config {
+                Some([bm, bn, threads, smem]) => {
+                    s += &format!("; bwd {bv} [BM {bm} BN {bn}, {threads} threads, {smem} B smem]")
+                }
+                None => s += &format!("; bwd {bv}"),
+            }
+        }
+        Ok(s)
+    }
+
+    /// Enqueues the forward kernel on the backend's stream (writes o and lse; returns without waiting).
+    pub fn forward(&self) -> Result<()> {
+        let a = self.fwd_args();
+        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], self.p.dtype.size());
+        runtime::guard("the CUDA forward", || {
+            self.gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+            fwd::run(&self.gpu, self.gpu.stream.cu_stream(), &self.p, &a, aligned)
+        })
+    }
+
+    /// Enqueues the backward kernels on the backend's stream, from the o and lse of the last
+    /// [`forward`](Self::forward) (writes dq, dk, dv; returns without waiting). Needs `dout` at creation.
+    pub fn backward(&self) -> Result<()> {
+        let b = self.bwd.as_ref().ok_or_else(|| {
+            Error::invalid("dout", "a dout tensor given to DeviceAttention::new", "none (forward only)")
+        })?;
+        let s = &self.gpu.stream;
+        let a = bwd::BwdArgs {
+            fwd: self.fwd_args(),
+            dout: b.dout.view(s),
+            dq: b.dq.view(s),
+            dk: b.dk.view(s),
+            dv: b.dv.view(s),
+        };
+        let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], self.p.dtype.size());
+        runtime::guard("the CUDA backward", || {
+            self.gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+            if self.p.seqused_k.is_some() {
+                super::launch::zero(b.dk.base(s), b.dk.bytes(), s.cu_stream())?;
+                super::launch::zero(b.dv.base(s), b.dv.bytes(), s.cu_stream())?;
+            }
+            bwd::run(&self.gpu, s, &self.p, &a, aligned, self.deterministic)
+        })
+    }
+
+    /// Waits until everything enqueued on the backend's stream has run.
+    pub fn synchronize(&self) -> Result<()> {
+        self.gpu.stream.synchronize().map_err(|e| dev_err("running the kernels", e))
+    }
+
+    /// Runs `f` (which enqueues work, e.g. [`forward`](Self::forward)) `warmup` times untimed, then `reps`
+    /// times between CUDA events recorded on the backend's stream; returns the milliseconds of each timed
+    /// run. With `flush_l2`, a 256 MiB buffer is zeroed before every run, outside the events (as triton's
+    /// `do_bench`), so no run finds its inputs in the L2 cache.
+    pub fn time(
+        &mut self,
+        warmup: usize,
+        reps: usize,
+        flush_l2: bool,
+        mut f: impl FnMut(&Self) -> Result<()>,
+    ) -> Result<Vec<f64>> {
+        let gpu = self.gpu.clone();
+        let s = gpu.stream.clone();
+        runtime::guard("timing the kernels", || {
+            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+            if flush_l2 && self.flush.is_none() {
+                // SAFETY: only ever written (zeroed), never read.
+                self.flush =
+                    Some(unsafe { s.alloc::<u8>(FLUSH_BYTES) }.map_err(|e| dev_err("allocating the L2 flush", e))?);
+            }
+            let flush = self.flush.as_ref().filter(|_| flush_l2).map(|b| b.device_ptr(&s).0);
+            let do_flush = || match flush {
+                Some(ptr) => super::launch::zero(ptr, FLUSH_BYTES, s.cu_stream()),
+                None => Ok(()),
+            };
+            for _ in 0..warmup {
+                do_flush()?;
+                f(self)?;
+            }
+            let ev = || gpu.ctx.new_event(Some(dsys::CUevent_flags::CU_EVENT_DEFAULT));
+            let mut events = Vec::with_capacity(reps);
+            for _ in 0..reps {
+                let (e0, e1) = (
+                    ev().map_err(|e| dev_err("creating an event", e))?,
+                    ev().map_err(|e| dev_err("creating an event", e))?,
+                );
+                do_flush()?;
+                e0.record(&s).map_err(|e| dev_err("recording an event", e))?;
+                f(self)?;
+                e1.record(&s).map_err(|e| dev_err("recording an event", e))?;
+                events.push((e0, e1));
+            }
+            s.synchronize().map_err(|e| dev_err("running the kernels", e))?;
+            events
+                .iter()
+                .map(|(a, b)| a.elapsed_ms(b).map(f64::from).map_err(|e| dev_err("reading an event", e)))
+                .collect()
+        })
+    }
+
+    /// Bytes of the device outputs (o, lse; dq, dk, dv when the backward is enabled).
+    pub fn output_bytes(&self, backward: bool) -> usize {
+        let mut n = self.o.bytes() + self.lse.bytes();
+        if let (true, Some(b)) = (backward, &self.bwd) {
+            n += b.dq.bytes() + b.dk.bytes() + b.dv.bytes();
+        }
+        n
+    }
+}
+
+/// The kernel family that runs on an architecture, in words.
+pub fn kernel_family(arch: &str) -> String {
+    format!("sm80-class FA2 kernels (mma.sync m16n8k16, ldmatrix, cp.async; NVRTC cubins for {arch})")
+}
