@@ -137,19 +137,21 @@ fn kvcache_overflow_is_refused_and_nothing_written() {
 fn kvcache_arguments() {
     let q = t(&[2, 1, 2, 8], DType::F16);
     let kn = t(&[2, 1, 1, 8], DType::F16);
-    let run = |f: &dyn Fn(&mut KvCache<'_>)| {
-        let (mut kc, mut vc) = cache(3, 8);
-        let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(2));
-        f(&mut c);
-        arg_of(kvcache_forward(&q.view(), &mut c, &AttnOptions::default()))
-    };
-    assert_eq!(run(&|c| c.cache_seqlens = CacheSeqlens::PerSeq(vec![1])), "cache_seqlens");
-    assert_eq!(run(&|c| c.cache_seqlens = CacheSeqlens::All(-1)), "cache_seqlens");
-    assert_eq!(run(&|c| c.cache_batch_idx = Some(vec![0, 3])), "cache_batch_idx");
-    assert_eq!(run(&|c| c.cache_leftpad = Some(vec![0, 3])), "cache_leftpad");
-    assert_eq!(run(&|c| c.k_new = Some(kn.view())), "v_new");
+    macro_rules! run {
+        ($c:ident => $body:expr) => {{
+            let (mut kc, mut vc) = cache(3, 8);
+            let mut $c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(2));
+            $body;
+            arg_of(kvcache_forward(&q.view(), &mut $c, &AttnOptions::default()))
+        }};
+    }
+    assert_eq!(run!(c => c.cache_seqlens = CacheSeqlens::PerSeq(vec![1])), "cache_seqlens");
+    assert_eq!(run!(c => c.cache_seqlens = CacheSeqlens::All(-1)), "cache_seqlens");
+    assert_eq!(run!(c => c.cache_batch_idx = Some(vec![0, 3])), "cache_batch_idx");
+    assert_eq!(run!(c => c.cache_leftpad = Some(vec![0, 3])), "cache_leftpad");
+    assert_eq!(run!(c => c.k_new = Some(kn.view())), "v_new");
     assert_eq!(
-        run(&|c| {
+        run!(c => {
             c.k_new = Some(kn.view());
             c.v_new = Some(kn.view());
             c.cache_batch_idx = Some(vec![1, 1]);
@@ -158,18 +160,18 @@ fn kvcache_arguments() {
     );
     let bt = Tensor::from_i32(vec![0, 1, 2, 9], &[2, 2]).unwrap();
     assert_eq!(
-        run(&|c| {
+        run!(c => {
             c.block_table = Some(bt.clone());
-            c.cache_seqlens = CacheSeqlens::All(5);
+            c.cache_seqlens = CacheSeqlens::All(9); // needs page [1][1] = 9: out of range
         }),
         "block_table"
     );
     let bt_shape = Tensor::from_i32(vec![0, 1, 2], &[3, 1]).unwrap();
-    assert_eq!(run(&|c| c.block_table = Some(bt_shape.clone())), "block_table");
+    assert_eq!(run!(c => c.block_table = Some(bt_shape.clone())), "block_table");
     let cos = t(&[8, 4], DType::F32);
     let sin = t(&[8, 5], DType::F32);
     assert_eq!(
-        run(&|c| {
+        run!(c => {
             c.k_new = Some(kn.view());
             c.v_new = Some(kn.view());
             c.rotary = Some(flashattn::Rotary { cos: cos.view(), sin: sin.view(), interleaved: false });
@@ -177,12 +179,12 @@ fn kvcache_arguments() {
         "rotary_sin"
     );
     assert_eq!(
-        run(&|c| c.rotary = Some(flashattn::Rotary { cos: cos.view(), sin: cos.view(), interleaved: false })),
+        run!(c => c.rotary = Some(flashattn::Rotary { cos: cos.view(), sin: cos.view(), interleaved: false })),
         "rotary_cos"
     );
     let short = t(&[2, 4], DType::F32);
     assert_eq!(
-        run(&|c| {
+        run!(c => {
             c.k_new = Some(kn.view());
             c.v_new = Some(kn.view());
             c.rotary = Some(flashattn::Rotary { cos: short.view(), sin: short.view(), interleaved: true });

@@ -9,7 +9,7 @@
 //! head of the group. Pass 2, one task per (sequence, query head, query tile): recompute `P`, `dS`, and
 //! accumulate `dQ += dS K`. `D = rowsum(dO ∘ O)` is computed per query tile where needed.
 
-use super::tile::{axpy, dot, load_rows, ScoreFn};
+use super::tile::{axpy, dot, load_rows, pv_row, ScoreFn};
 use crate::problem::{Problem, RowMap};
 use crate::semantics::kv_head;
 use crate::tensor::{CpuSlice, RawMut};
@@ -95,7 +95,45 @@ impl FwdScratch {
     }
 }
 
-fn forward_tile(p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>, sc: &mut FwdScratch, seq: usize, head: usize, i0: usize) {
+/// Whether this x86-64 CPU has AVX2 and FMA (checked once; the hot loops are compiled twice, for the
+/// baseline target and for AVX2+FMA, and the faster copy is picked at run time).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// Defines `$name` calling `$body_fn` through an AVX2+FMA copy when the CPU has it.
+macro_rules! multiversion {
+    ($name:ident, $avx:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx($($arg: $ty),*) {
+            $body_fn($($arg),*)
+        }
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2_fma() {
+                // SAFETY: the CPU supports the features the copy was compiled for (checked above).
+                return unsafe { $avx($($arg),*) };
+            }
+            $body_fn($($arg),*)
+        }
+    };
+}
+
+multiversion!(forward_tile, forward_tile_avx2, forward_tile_body, (p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>, sc: &mut FwdScratch, seq: usize, head: usize, i0: usize));
+
+#[inline(always)]
+fn forward_tile_body(
+    p: &Problem,
+    x: Qkv<'_>,
+    out: &FwdOut<'_>,
+    sc: &mut FwdScratch,
+    seq: usize,
+    head: usize,
+    i0: usize,
+) {
     let d = p.d;
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
     let i1 = (i0 + BM).min(sq);
@@ -134,11 +172,12 @@ fn forward_tile(p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>, sc: &mut FwdScratch, 
                 acc.iter_mut().for_each(|v| *v *= alpha);
             }
             let mut l = sc.l[r] * alpha;
-            for j in a..b {
-                let pj = (srow[j - j0] - mx).exp();
-                l += pj;
-                axpy(acc, pj, &sc.v[(j - j0) * d..(j - j0 + 1) * d]);
+            let prow = &mut srow[a - j0..b - j0];
+            for x in prow.iter_mut() {
+                *x = (*x - mx).exp();
+                l += *x;
             }
+            pv_row(acc, prow, &sc.v[(a - j0) * d..(b - j0) * d], d);
             sc.l[r] = l;
         }
         j0 = j1;
@@ -192,108 +231,64 @@ fn delta(p: &Problem, b: &BwdIn<'_>, seq: usize, head: usize, i0: usize, n: usiz
 
 /// The backward pass (deterministic: fixed summation order, no atomics).
 pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>) {
-    let d = p.d;
     // Pass 1: dK, dV per key tile.
-    tasks(p, p.hk, |s| p.seqlen_k[s], BN).into_par_iter().for_each(|(seq, kh, j0)| {
-        let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
-        let j1 = (j0 + BN).min(sk);
-        let bn = j1 - j0;
-        let mut k = vec![0f32; bn * d];
-        let mut v = vec![0f32; bn * d];
-        load_rows(x.k, &p.k, seq, kh, j0, bn, d, &mut k);
-        load_rows(x.v, &p.v, seq, kh, j0, bn, d, &mut v);
-        let mut dk = vec![0f32; bn * d];
-        let mut dv = vec![0f32; bn * d];
-        // Queries that see any key of the tile: query ranges are monotone in the key.
-        let qa = p.mask.query_range(j0, sq, sk);
-        let qb = p.mask.query_range(j1 - 1, sq, sk);
-        let (lo, hi) = (qa.start.min(qb.start), qa.end.max(qb.end));
-        let group = p.h / p.hk;
-        let mut q = vec![0f32; BM * d];
-        let mut g = vec![0f32; BM * d];
-        let mut dd = vec![0f32; BM];
-        let mut ps = vec![0f32; BN];
-        let mut dss = vec![0f32; BN];
-        for head in kh * group..(kh + 1) * group {
-            let f = ScoreFn::new(p, seq, head);
-            let mut i0 = lo;
-            while i0 < hi {
-                let n = (hi - i0).min(BM);
-                load_rows(x.q, &p.q, seq, head, i0, n, d, &mut q);
-                load_rows(b.dout, b.do_map, seq, head, i0, n, d, &mut g);
-                delta(p, b, seq, head, i0, n, &mut dd);
-                for r in 0..n {
-                    let i = i0 + r;
-                    let lse = b.lse[p.lse_index(seq, head, i)];
-                    if lse == f32::NEG_INFINITY {
-                        continue;
-                    }
-                    let range = p.mask.key_range(i, sq, sk);
-                    let (a, bb) = (range.start.max(j0), range.end.min(j1));
-                    if a >= bb {
-                        continue;
-                    }
-                    let qr = &q[r * d..(r + 1) * d];
-                    let gr = &g[r * d..(r + 1) * d];
-                    for j in a..bb {
-                        let jj = j - j0;
-                        let (s, t) = f.apply(dot(qr, &k[jj * d..(jj + 1) * d]), i, j);
-                        let pij = (s - lse).exp();
-                        let dp = dot(gr, &v[jj * d..(jj + 1) * d]);
-                        let mut ds = pij * (dp - dd[r]);
-                        if f.softcap > 0.0 {
-                            ds *= 1.0 - t * t;
-                        }
-                        ps[jj] = pij;
-                        dss[jj] = ds * f.scale;
-                    }
-                    for j in a..bb {
-                        let jj = j - j0;
-                        axpy(&mut dv[jj * d..(jj + 1) * d], ps[jj], gr);
-                        axpy(&mut dk[jj * d..(jj + 1) * d], dss[jj], qr);
-                    }
-                }
-                i0 += n;
-            }
-        }
-        for jj in 0..bn {
-            out.dk.write_f32(out.dk_map.at(seq, j0 + jj, kh), &dk[jj * d..(jj + 1) * d]);
-            out.dv.write_f32(out.dv_map.at(seq, j0 + jj, kh), &dv[jj * d..(jj + 1) * d]);
-        }
-    });
+    tasks(p, p.hk, |s| p.seqlen_k[s], BN)
+        .into_par_iter()
+        .for_each(|(seq, kh, j0)| dkdv_tile(p, x, b, out, seq, kh, j0));
     // Pass 2: dQ per query tile.
-    tasks(p, p.h, |s| p.seqlen_q[s], BM).into_par_iter().for_each(|(seq, head, i0)| {
-        let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
-        let i1 = (i0 + BM).min(sq);
-        let bm = i1 - i0;
-        let kh = kv_head(head, p.h, p.hk);
+    tasks(p, p.h, |s| p.seqlen_q[s], BM)
+        .into_par_iter()
+        .for_each(|(seq, head, i0)| dq_tile(p, x, b, out, seq, head, i0));
+}
+
+multiversion!(dkdv_tile, dkdv_tile_avx2, dkdv_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, kh: usize, j0: usize));
+multiversion!(dq_tile, dq_tile_avx2, dq_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, head: usize, i0: usize));
+
+/// Pass 1 of the backward: dK and dV of one key tile, over every query head of its group.
+#[inline(always)]
+fn dkdv_tile_body(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, kh: usize, j0: usize) {
+    let d = p.d;
+    let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
+    let j1 = (j0 + BN).min(sk);
+    let bn = j1 - j0;
+    let mut k = vec![0f32; bn * d];
+    let mut v = vec![0f32; bn * d];
+    load_rows(x.k, &p.k, seq, kh, j0, bn, d, &mut k);
+    load_rows(x.v, &p.v, seq, kh, j0, bn, d, &mut v);
+    let mut dk = vec![0f32; bn * d];
+    let mut dv = vec![0f32; bn * d];
+    // Queries that see any key of the tile: query ranges are monotone in the key.
+    let qa = p.mask.query_range(j0, sq, sk);
+    let qb = p.mask.query_range(j1 - 1, sq, sk);
+    let (lo, hi) = (qa.start.min(qb.start), qa.end.max(qb.end));
+    let group = p.h / p.hk;
+    let mut q = vec![0f32; BM * d];
+    let mut g = vec![0f32; BM * d];
+    let mut dd = vec![0f32; BM];
+    let mut ps = vec![0f32; BN];
+    let mut dss = vec![0f32; BN];
+    for head in kh * group..(kh + 1) * group {
         let f = ScoreFn::new(p, seq, head);
-        let mut q = vec![0f32; bm * d];
-        let mut g = vec![0f32; bm * d];
-        let mut dd = vec![0f32; bm];
-        let mut dq = vec![0f32; bm * d];
-        load_rows(x.q, &p.q, seq, head, i0, bm, d, &mut q);
-        load_rows(b.dout, b.do_map, seq, head, i0, bm, d, &mut g);
-        delta(p, b, seq, head, i0, bm, &mut dd);
-        let (lo, hi) = tile_key_range(p, seq, i0, i1);
-        let mut k = vec![0f32; BN * d];
-        let mut v = vec![0f32; BN * d];
-        let mut j0 = lo - lo % BN;
-        while j0 < hi {
-            let j1 = (j0 + BN).min(sk);
-            let bn = j1 - j0;
-            load_rows(x.k, &p.k, seq, kh, j0, bn, d, &mut k);
-            load_rows(x.v, &p.v, seq, kh, j0, bn, d, &mut v);
-            for r in 0..bm {
+        let mut i0 = lo;
+        while i0 < hi {
+            let n = (hi - i0).min(BM);
+            load_rows(x.q, &p.q, seq, head, i0, n, d, &mut q);
+            load_rows(b.dout, b.do_map, seq, head, i0, n, d, &mut g);
+            delta(p, b, seq, head, i0, n, &mut dd);
+            for r in 0..n {
                 let i = i0 + r;
                 let lse = b.lse[p.lse_index(seq, head, i)];
                 if lse == f32::NEG_INFINITY {
                     continue;
                 }
                 let range = p.mask.key_range(i, sq, sk);
+                let (a, bb) = (range.start.max(j0), range.end.min(j1));
+                if a >= bb {
+                    continue;
+                }
                 let qr = &q[r * d..(r + 1) * d];
                 let gr = &g[r * d..(r + 1) * d];
-                for j in range.start.max(j0)..range.end.min(j1) {
+                for j in a..bb {
                     let jj = j - j0;
                     let (s, t) = f.apply(dot(qr, &k[jj * d..(jj + 1) * d]), i, j);
                     let pij = (s - lse).exp();
@@ -302,13 +297,73 @@ pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>)
                     if f.softcap > 0.0 {
                         ds *= 1.0 - t * t;
                     }
-                    axpy(&mut dq[r * d..(r + 1) * d], ds * f.scale, &k[jj * d..(jj + 1) * d]);
+                    ps[jj] = pij;
+                    dss[jj] = ds * f.scale;
+                }
+                for j in a..bb {
+                    let jj = j - j0;
+                    axpy(&mut dv[jj * d..(jj + 1) * d], ps[jj], gr);
+                    axpy(&mut dk[jj * d..(jj + 1) * d], dss[jj], qr);
                 }
             }
-            j0 = j1;
+            i0 += n;
         }
+    }
+    for jj in 0..bn {
+        out.dk.write_f32(out.dk_map.at(seq, j0 + jj, kh), &dk[jj * d..(jj + 1) * d]);
+        out.dv.write_f32(out.dv_map.at(seq, j0 + jj, kh), &dv[jj * d..(jj + 1) * d]);
+    }
+}
+
+/// Pass 2 of the backward: dQ of one query tile.
+#[inline(always)]
+fn dq_tile_body(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, head: usize, i0: usize) {
+    let d = p.d;
+    let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
+    let i1 = (i0 + BM).min(sq);
+    let bm = i1 - i0;
+    let kh = kv_head(head, p.h, p.hk);
+    let f = ScoreFn::new(p, seq, head);
+    let mut q = vec![0f32; bm * d];
+    let mut g = vec![0f32; bm * d];
+    let mut dd = vec![0f32; bm];
+    let mut dq = vec![0f32; bm * d];
+    load_rows(x.q, &p.q, seq, head, i0, bm, d, &mut q);
+    load_rows(b.dout, b.do_map, seq, head, i0, bm, d, &mut g);
+    delta(p, b, seq, head, i0, bm, &mut dd);
+    let (lo, hi) = tile_key_range(p, seq, i0, i1);
+    let mut k = vec![0f32; BN * d];
+    let mut v = vec![0f32; BN * d];
+    let mut j0 = lo - lo % BN;
+    while j0 < hi {
+        let j1 = (j0 + BN).min(sk);
+        let bn = j1 - j0;
+        load_rows(x.k, &p.k, seq, kh, j0, bn, d, &mut k);
+        load_rows(x.v, &p.v, seq, kh, j0, bn, d, &mut v);
         for r in 0..bm {
-            out.dq.write_f32(out.dq_map.at(seq, i0 + r, head), &dq[r * d..(r + 1) * d]);
+            let i = i0 + r;
+            let lse = b.lse[p.lse_index(seq, head, i)];
+            if lse == f32::NEG_INFINITY {
+                continue;
+            }
+            let range = p.mask.key_range(i, sq, sk);
+            let qr = &q[r * d..(r + 1) * d];
+            let gr = &g[r * d..(r + 1) * d];
+            for j in range.start.max(j0)..range.end.min(j1) {
+                let jj = j - j0;
+                let (s, t) = f.apply(dot(qr, &k[jj * d..(jj + 1) * d]), i, j);
+                let pij = (s - lse).exp();
+                let dp = dot(gr, &v[jj * d..(jj + 1) * d]);
+                let mut ds = pij * (dp - dd[r]);
+                if f.softcap > 0.0 {
+                    ds *= 1.0 - t * t;
+                }
+                axpy(&mut dq[r * d..(r + 1) * d], ds * f.scale, &k[jj * d..(jj + 1) * d]);
+            }
         }
-    });
+        j0 = j1;
+    }
+    for r in 0..bm {
+        out.dq.write_f32(out.dq_map.at(seq, i0 + r, head), &dq[r * d..(r + 1) * d]);
+    }
 }

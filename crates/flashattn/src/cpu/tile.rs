@@ -5,7 +5,7 @@ use crate::semantics::alibi_bias;
 use crate::tensor::CpuSlice;
 
 /// Dot product with eight independent accumulators (vectorisable; deterministic order).
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -25,7 +25,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y += a * x`.
-#[inline]
+#[inline(always)]
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;
@@ -33,6 +33,32 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// `acc += sum_j p[j] * v[j]` over the rows of `v` (`p.len()` rows of `d`): the `P·V` product of one query
+/// row, with the accumulator chunk held in registers while the keys stream past (one load per multiply-add).
+#[inline(always)]
+pub fn pv_row(acc: &mut [f32], p: &[f32], v: &[f32], d: usize) {
+    const W: usize = 16;
+    let full = d - d % W;
+    let mut c0 = 0;
+    while c0 < full {
+        let mut a = [0f32; W];
+        a.copy_from_slice(&acc[c0..c0 + W]);
+        for (j, &pj) in p.iter().enumerate() {
+            let vr = &v[j * d + c0..j * d + c0 + W];
+            for l in 0..W {
+                a[l] += pj * vr[l];
+            }
+        }
+        acc[c0..c0 + W].copy_from_slice(&a);
+        c0 += W;
+    }
+    if full < d {
+        for (j, &pj) in p.iter().enumerate() {
+            axpy(&mut acc[full..d], pj, &v[j * d + full..(j + 1) * d]);
+        }
+    }
+}
+
 /// Loads rows `row0..row0 + n` of `(seq, head)` into `out` (`n * d` floats, row-major).
 #[inline]
 pub fn load_rows(
@@ -72,7 +98,7 @@ impl ScoreFn {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn apply(&self, qk: f32, i: usize, j: usize) -> (f32, f32) {
         let mut s = qk * self.scale;
         let mut t = 0.0;
