@@ -229,6 +229,30 @@ fn delta(p: &Problem, b: &BwdIn<'_>, seq: usize, head: usize, i0: usize, n: usiz
     }
 }
 
+/// For score `(i, j)` recomputed from `q_i`, `k_j`: the probability `P_ij = exp(s - lse_i)` and the gradient
+/// of the raw product `q_i · k_j`, `scale · P_ij (dO_i · v_j - D_i) · softcap'(s)`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn prob_and_dscore(
+    f: &ScoreFn,
+    qi: &[f32],
+    doi: &[f32],
+    kj: &[f32],
+    vj: &[f32],
+    i: usize,
+    j: usize,
+    lse: f32,
+    di: f32,
+) -> (f32, f32) {
+    let (s, t) = f.apply(dot(qi, kj), i, j);
+    let pij = (s - lse).exp();
+    let mut ds = pij * (dot(doi, vj) - di);
+    if f.softcap > 0.0 {
+        ds *= 1.0 - t * t;
+    }
+    (pij, ds * f.scale)
+}
+
 /// The backward pass (deterministic: fixed summation order, no atomics).
 pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>) {
     // Pass 1: dK, dV per key tile.
@@ -290,15 +314,17 @@ fn dkdv_tile_body(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq:
                 let gr = &g[r * d..(r + 1) * d];
                 for j in a..bb {
                     let jj = j - j0;
-                    let (s, t) = f.apply(dot(qr, &k[jj * d..(jj + 1) * d]), i, j);
-                    let pij = (s - lse).exp();
-                    let dp = dot(gr, &v[jj * d..(jj + 1) * d]);
-                    let mut ds = pij * (dp - dd[r]);
-                    if f.softcap > 0.0 {
-                        ds *= 1.0 - t * t;
-                    }
-                    ps[jj] = pij;
-                    dss[jj] = ds * f.scale;
+                    (ps[jj], dss[jj]) = prob_and_dscore(
+                        &f,
+                        qr,
+                        gr,
+                        &k[jj * d..(jj + 1) * d],
+                        &v[jj * d..(jj + 1) * d],
+                        i,
+                        j,
+                        lse,
+                        dd[r],
+                    );
                 }
                 for j in a..bb {
                     let jj = j - j0;
@@ -351,14 +377,9 @@ fn dq_tile_body(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: u
             let gr = &g[r * d..(r + 1) * d];
             for j in range.start.max(j0)..range.end.min(j1) {
                 let jj = j - j0;
-                let (s, t) = f.apply(dot(qr, &k[jj * d..(jj + 1) * d]), i, j);
-                let pij = (s - lse).exp();
-                let dp = dot(gr, &v[jj * d..(jj + 1) * d]);
-                let mut ds = pij * (dp - dd[r]);
-                if f.softcap > 0.0 {
-                    ds *= 1.0 - t * t;
-                }
-                axpy(&mut dq[r * d..(r + 1) * d], ds * f.scale, &k[jj * d..(jj + 1) * d]);
+                let kj = &k[jj * d..(jj + 1) * d];
+                let (_, ds) = prob_and_dscore(&f, qr, gr, kj, &v[jj * d..(jj + 1) * d], i, j, lse, dd[r]);
+                axpy(&mut dq[r * d..(r + 1) * d], ds, kj);
             }
         }
         j0 = j1;
