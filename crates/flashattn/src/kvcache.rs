@@ -364,9 +364,9 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
         let mut out = Tensor::zeros(&[b, sq, h, d], dtype);
         let raw = out.view_mut().data.raw();
         let mut row = vec![0f32; d];
-        for i in 0..b {
+        for (i, &n) in seqlens.iter().enumerate() {
             for t in 0..sq {
-                let pos = if mask.is_active() { seqlens[i] + t } else { seqlens[i] };
+                let pos = if mask.is_active() { n + t } else { n };
                 for hh in 0..h {
                     q.data.read_f32(q.layout.index(&[i, t, hh, 0]), &mut row);
                     rotate(&mut row, &cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half], *inter);

@@ -32,7 +32,6 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 /// `acc += sum_j p[j] * v[j]` over the rows of `v` (`p.len()` rows of `d`): the `P·V` product of one query
 /// row, with the accumulator chunk held in registers while the keys stream past (one load per multiply-add).
 #[inline(always)]
@@ -60,6 +59,7 @@ pub fn pv_row(acc: &mut [f32], p: &[f32], v: &[f32], d: usize) {
 }
 
 /// Loads rows `row0..row0 + n` of `(seq, head)` into `out` (`n * d` floats, row-major).
+#[allow(clippy::too_many_arguments)]
 #[inline]
 pub fn load_rows(
     data: CpuSlice<'_>,
