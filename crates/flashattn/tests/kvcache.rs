@@ -1,6 +1,7 @@
 //! KV-cache attention on the CPU: the append (with rotary), paging, batch index and left padding are checked
 //! against an independent model of the cache, and the attention against the f64 oracle run on the dense
 //! keys that model says are visible.
+#![allow(clippy::needless_range_loop)] // index arithmetic mirrors the spec's formulas
 
 mod common;
 use common::*;
@@ -89,8 +90,7 @@ fn run(c: KvCase, seed: u64) {
         Tensor::from_f32(&angles.iter().map(|a| a.sin()).collect::<Vec<_>>(), &[s_ro, rot / 2], DType::F32).unwrap();
     let (cos, sin) = (cos_t.to_f32_vec(), sin_t.to_f32_vec());
     let bt = table.as_ref().map(|(t, mp, _)| Tensor::from_i32(t.clone(), &[b, *mp]).unwrap());
-    let mut opts = AttnOptions::default();
-    opts.causal = c.causal;
+    let opts = AttnOptions { causal: c.causal, ..Default::default() };
 
     // The independent model: expected cache contents after the append.
     let (mut ek, mut ev) = (kc0.to_f32_vec(), vc0.to_f32_vec());
