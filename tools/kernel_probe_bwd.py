@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -26,7 +27,7 @@ sys.path.insert(0, HERE)
 import nvrtc_compile as nc  # noqa: E402
 
 KDIR = os.path.join(HERE, "..", "crates", "flashattn", "kernels")
-SRC = open(os.path.join(KDIR, "bwd.cu")).read()
+SRC = open(os.environ.get("BWD_SRC") or os.path.join(KDIR, "bwd.cu")).read()  # BWD_SRC: compare another copy
 
 # ---------------------------------------------------------------- ctypes mirrors of params.cuh
 P = ctypes.c_void_p
@@ -282,7 +283,7 @@ def check_case(name, dtype, b, sq, sk, h, hk, d, causal=False, window=(-1, -1), 
                varlen=False, seqused=False, strided=False, padlast=False, deterministic=False, qscale=1.0, stress=False,
                dev="cuda"):
     g = torch.Generator(device=dev)
-    g.manual_seed(hash(name) & 0xffffffff)
+    g.manual_seed(zlib.crc32(name.encode()))  # stable across processes (hash() is salted per run)
     scale = 1.0 / math.sqrt(d)
     slopes = (torch.rand(b, h, device=dev, generator=g) * 0.3) if alibi else None
     if varlen:
@@ -436,9 +437,9 @@ def bench(results, deterministic=False):
     from torch.nn.attention import sdpa_kernel, SDPBackend
     import torch.nn.functional as F
     rows = []
-    for d in (64, 128):
+    for d in BENCH_D:
         for causal in (0, 1):
-            for s in (1024, 2048, 4096, 8192, 16384):
+            for s in BENCH_S:
                 b, h = 16384 // s, 2048 // d
                 q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
                 o, lse = fwd_fast(q, k, v, causal)
@@ -463,9 +464,12 @@ def bench(results, deterministic=False):
 
 VARIANTS = {  # BWD_TILE2D=0: the previous 16-key-strip kernel (kept for comparison)
     64: [{}, {"BWD_TILE2D": 0}, {"BWD_BM": 128}, {"DETERMINISTIC": 1}],
-    128: [{}, {"BWD_TILE2D": 0}, {"DETERMINISTIC": 1}],
+    128: [{}, {"BWD_TILE2D": 0}, {"BWD_REDV4": 0}, {"DETERMINISTIC": 1}],
+    256: [{}, {"BWD_REDV4": 0}, {"BWD_TILE2D": 0}, {"DETERMINISTIC": 1}],
 }
 VARIANT_S = (4096, 16384)
+BENCH_D = (64, 128)
+BENCH_S = (1024, 2048, 4096, 8192, 16384)
 
 
 def bench_variants(results):
@@ -542,7 +546,19 @@ def main():
     ap.add_argument("--profile", action="store_true", help="one bf16 d128 non-causal s4096 backward (for ncu)")
     ap.add_argument("--only", default=None, help="substring filter on test names")
     ap.add_argument("--variant-s", default=None, help="comma-separated sequence lengths for --variants")
+    ap.add_argument("--variant-d", default=None, help="comma-separated head dims for --variants")
+    ap.add_argument("--bench-d", default=None, help="comma-separated head dims for --bench [64,128]")
+    ap.add_argument("--bench-s", default=None, help="comma-separated sequence lengths for --bench")
+    ap.add_argument("--profile-d", type=int, default=128, help="head dim for --profile")
+    ap.add_argument("--profile-causal", type=int, default=0)
     a = ap.parse_args()
+    global BENCH_D, BENCH_S, VARIANTS
+    if a.bench_d:
+        BENCH_D = tuple(int(x) for x in a.bench_d.split(","))
+    if a.bench_s:
+        BENCH_S = tuple(int(x) for x in a.bench_s.split(","))
+    if a.variant_d:
+        VARIANTS = {int(x): VARIANTS[int(x)] for x in a.variant_d.split(",")}
     if a.variant_s:
         global VARIANT_S
         VARIANT_S = tuple(int(x) for x in a.variant_s.split(","))
@@ -594,11 +610,12 @@ def main():
         if a.variants:
             bench_variants(results)
         if a.profile:
-            d, s, b, h = 128, 4096, 4, 16
+            d, s, b = a.profile_d, 4096, 4
+            h = 2048 // d
             q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-            o, lse = fwd_fast(q, k, v, 0)
+            o, lse = fwd_fast(q, k, v, a.profile_causal)
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-            bw = Bwd(q, k, v, o, lse, do, dq, dk, dv, scale=d ** -0.5)
+            bw = Bwd(q, k, v, o, lse, do, dq, dk, dv, scale=d ** -0.5, causal=bool(a.profile_causal))
             bw.run()
             torch.cuda.synchronize()
     finally:

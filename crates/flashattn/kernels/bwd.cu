@@ -24,9 +24,13 @@
 //   HEAD_DIM 128    : BM 32, BN 128, 8 warps, DSPLIT 1
 //   HEAD_DIM 160-256: BM 32, BN  64, 8 warps, DSPLIT 2
 //   (BN = 16 * BWD_WARPS / BWD_DSPLIT)
-//   BWD_TILE2D (default 1 for HEAD_DIM 96/128, 0 otherwise; allowed for HEAD_DIM <= 128): 2-D warp tiling instead
-//   of 16-key strips: BN 128, BM 64 (BWD_BM 128 allowed), 8 warps; P^T and dS^T exchanged through shared memory.
-//   The HEAD_DIM 96/128 rows of the table above and below then read: BM 64, BN 128, 256 threads.
+//   BWD_TILE2D (default 1 for HEAD_DIM 96/128 and, on sm_90+, 256; 0 otherwise; allowed for HEAD_DIM <= 128,
+//   192, 256; d192 passes the probe tests but is not benchmarked yet; sm_80 d256 spills 116 B): 2-D warp tiling instead of 16-key strips, 8 warps; P^T and dS^T exchanged through shared memory.
+//   HEAD_DIM <= 128: BN 128, BM 64 (BWD_BM 128 allowed); HEAD_DIM 192/256: BN 64, BM 64 (FA2's d256 layout, no
+//   S/dP recompute). The HEAD_DIM 96/128 rows of the table above and below then read: BM 64, BN 128, 256 threads;
+//   HEAD_DIM 256 on sm_90+ (and 192 with BWD_TILE2D=1): BM 64, BN 64, 256 threads.
+//   BWD_QCH: dQ computed in column chunks of this width (default 32 for HEAD_DIM > 128, else the whole warp tile).
+//   BWD_REDV4 [0]: sm_90 dQ adds as red.global.add.v4.f32 after a lane-pair shuffle (measured no gain on H100).
 //
 // ================================================================ scratch buffers (Rust allocates, f32/i32)
 //   rows_q    = b * sq (dense) or total_q = cu_seqlens_q[b] (varlen); BwdParams::rows_q must hold it.
@@ -49,6 +53,7 @@
 //       BWD_TILE2D: 2*BN*RD + 2*QS*BM*RD + 2*BN*RS + 8*QS*BM (K, V | Q, dO x QS | P^T, dS^T | lse, D x QS), QS = 2
 //       stages if that fits the arch (227 KB sm_90, 163 KB sm_80), else 1:
 //         d96: 144384   d128: 177152 (sm_90) / 141824 (sm_80, single-buffered Q/dO)
+//         d192 (BN 64): 173056 (sm_90) / 121344 (sm_80, single)   d256 (BN 64, sm_90): 222208
 //       The module also exports `__constant__ int flash_bwd_config[4] = {BM, BN, threads, BWD_SMEM_BYTES}`
 //       (cuModuleGetGlobal) so a launcher can read the tile sizes instead of mirroring the table.
 //       Needs cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) (all values fit sm_80's 163 KB). Writes dK, dV (all
@@ -88,11 +93,14 @@
 #endif
 
 #ifndef BWD_TILE2D
-#if HEAD_DIM > 64 && HEAD_DIM <= 128
+#if (HEAD_DIM > 64 && HEAD_DIM <= 128) || (HEAD_DIM == 256 && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900))
 #define BWD_TILE2D 1
 #else
 #define BWD_TILE2D 0
 #endif
+#endif
+#ifndef BWD_REDV4
+#define BWD_REDV4 0   // 1: dQ via red.global.add.v4.f32 after a lane-pair shuffle (sm_90); measured no gain (see notes)
 #endif
 
 #if BWD_TILE2D
@@ -104,7 +112,11 @@
 #undef BWD_DSPLIT
 #define BWD_DSPLIT 1
 #undef BWD_BN
+#if HEAD_DIM <= 128
 #define BWD_BN 128
+#else
+#define BWD_BN 64
+#endif
 #else
 #ifndef BWD_BM
 #if HEAD_DIM <= 96
@@ -148,8 +160,8 @@ typedef Dt<elem_t> DT;
 
 static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM <= 256, "HEAD_DIM must be a multiple of 32, at most 256");
 #if BWD_TILE2D
-static_assert(HEAD_DIM <= 128, "BWD_TILE2D needs HEAD_DIM <= 128");
-static_assert(BWD_BM == 64 || BWD_BM == 128, "BWD_TILE2D: BM must be 64 or 128");
+static_assert(HEAD_DIM <= 128 || HEAD_DIM % 64 == 0, "BWD_TILE2D needs HEAD_DIM <= 128 or 192/256");
+static_assert(BWD_BM == 64 || (BWD_BM == 128 && HEAD_DIM <= 128), "BWD_TILE2D: BM must be 64 (or 128 for d <= 128)");
 #else
 static_assert(BWD_BN == 16 * BWD_WARPS / BWD_DSPLIT, "BN = 16 * warps / dsplit");
 static_assert(BWD_BM % 16 == 0 && 64 % BWD_BM == 0, "BM must be 16, 32 or 64");
@@ -167,6 +179,28 @@ FA_DEVICE void red_add_f32x2(float* addr, float a, float b) {
 #else
     atomicAdd(addr, a);
     atomicAdd(addr + 1, b);
+#endif
+}
+// Add one m16n8 f32 accumulator fragment (rows g / g+8, columns 2t, 2t+1 of an 8-column block) to global memory.
+// `a` points at (row g, column 2t). sm_90 + BWD_REDV4: lanes t and t^1 swap half their values, then each adds 4
+// consecutive columns of one row (even t: row g, columns 2t..2t+3; odd t: row g+8, columns 2t-2..2t+1) with one
+// red.global.add.v4.f32 (16-byte aligned: the block's column base is a multiple of 8 floats). Every lane of the warp
+// must call it (shuffles); ok_lo / ok_hi: rows g / g+8 exist.
+FA_DEVICE void red_add_frag(float* a, i64 rstep8, const float* c, bool ok_lo, bool ok_hi, int t) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && BWD_REDV4
+    const bool odd = t & 1;
+    const float s0 = odd ? c[0] : c[2], s1 = odd ? c[1] : c[3];
+    const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+    if (!odd) {
+        if (ok_lo)
+            asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(a), "f"(c[0]), "f"(c[1]), "f"(r0), "f"(r1) : "memory");
+    } else {
+        if (ok_hi)
+            asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(a + rstep8 - 2), "f"(r0), "f"(r1), "f"(c[2]), "f"(c[3]) : "memory");
+    }
+#else
+    if (ok_lo) red_add_f32x2(a, c[0], c[1]);
+    if (ok_hi) red_add_f32x2(a + rstep8, c[2], c[3]);
 #endif
 }
 FA_DEVICE int ld_acquire_gpu(const int* p) {
@@ -285,17 +319,21 @@ namespace bwd {
 // for dK/dV; S^T/dP^T split the BM queries over 2 warps (NS each); dK/dV split the head dim over 2 warps (DW);
 // dQ = dS K split into 32-row x QC-column warp tiles. P^T and dS^T go through shared memory once per step.
 constexpr int BM = BWD_BM;
-constexpr int BN = 128;
+constexpr int BN = BWD_BN;                   // 128 (d <= 128) or 64 (d 192/256)
 constexpr int NW = 8;
 constexpr int NT = NW * 32;
-constexpr int WK = 4;
-constexpr int MS = BN / WK;                  // keys per warp (S^T, dK/dV)
+constexpr int WK = BN / 32;                  // warps along the keys
+constexpr int MS = BN / WK;                  // keys per warp (S^T, dK/dV) = 32
 constexpr int NS = BM / (NW / WK);           // queries per warp (S^T)
-constexpr int DW = HEAD_DIM / 2;             // dK/dV columns per warp
+constexpr int DW = HEAD_DIM / (NW / WK);     // dK/dV columns per warp
 constexpr int QROWW = BM / 32;               // dQ: warps along rows (32 rows each)
 constexpr int QCOLW = NW / QROWW;
 constexpr int QC = HEAD_DIM / QCOLW;         // dQ columns per warp
-static_assert(QC % 8 == 0 && DW % 16 == 0, "warp tile shapes");
+#ifndef BWD_QCH
+#define BWD_QCH (HEAD_DIM > 128 ? 32 : 0)
+#endif
+constexpr int QCH = (BWD_QCH > 0 && QC % BWD_QCH == 0) ? BWD_QCH : QC;  // dQ columns per chunk
+static_assert(QC % 8 == 0 && DW % 16 == 0 && NS % 16 == 0, "warp tile shapes");
 constexpr int RD = (HEAD_DIM / 8 + 1) * 16;
 constexpr int RS = (BM / 8 + 1) * 16;        // padded row bytes of the P^T / dS^T tiles
 constexpr int SMEM_2 = 2 * BN * RD + 4 * BM * RD + 2 * BN * RS + 16 * BM;
@@ -674,10 +712,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
             const i64 rstep8 = (i64)8 * f.h * HEAD_DIM;
 #pragma unroll
             for (int nt = 0; nt < QC / 8; ++nt) {
-                if (qcw * QC + nt * 8 < d) {
-                    if (qrow < si.sq) red_add_f32x2(dqa + nt * 8, acc_dq[nt][0], acc_dq[nt][1]);
-                    if (qrow + 8 < si.sq) red_add_f32x2(dqa + rstep8 + nt * 8, acc_dq[nt][2], acc_dq[nt][3]);
-                }
+                if (qcw * QC + nt * 8 < d) red_add_frag(dqa + nt * 8, rstep8, acc_dq[nt], qrow < si.sq, qrow + 8 < si.sq, t);
             }
 #if DETERMINISTIC
             __threadfence();
@@ -958,38 +993,9 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
         }
         __syncthreads();  // [B] P^T, dS^T complete
 
-        // ---- dQ(BM x HEAD_DIM) += dS K: warp (qrw, qcw) owns rows qrw*32.. and columns qcw*QC..
+        // ---- dQ(BM x HEAD_DIM) += dS K: warp (qrw, qcw) owns rows qrw*32.. and columns qcw*QC.., done in column
+        // chunks of QCH (d > 128: 32 columns, keeps the f32 chunk small next to the 128 dK/dV accumulators)
         {
-            float acc_dq[2][QC / 8][4];
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-                for (int i = 0; i < QC / 8; ++i)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc_dq[mi][i][e] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                u32 a[2][4];
-                ldmatrix_x4_trans(a[0], dsA + kk * 16 * RS);
-                ldmatrix_x4_trans(a[1], dsA + kk * 16 * RS + 32);
-#pragma unroll
-                for (int np = 0; np < QC / 16; ++np) {
-                    u32 b[4];
-                    ldmatrix_x4_trans(b, kBt + kk * 16 * RD + np * 32);
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) {
-                        mma_16816<elem_t>(acc_dq[mi][2 * np], a[mi], b);
-                        mma_16816<elem_t>(acc_dq[mi][2 * np + 1], a[mi], b + 2);
-                    }
-                }
-                if (QC % 16) {
-                    u32 b[2];
-                    ldmatrix_x2_trans(b, kBt + kk * 16 * RD + (QC / 16) * 32);
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) mma_16816<elem_t>(acc_dq[mi][QC / 8 - 1], a[mi], b);
-                }
-            }
-
 #if DETERMINISTIC
             const int nmb = (f.sq + BM - 1) / BM;
             int* sem = p.dq_semaphore + (i64)(bi * f.h + head) * nmb + mb;
@@ -1000,22 +1006,59 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                 n_first = first <= 0 ? 0 : first / BN;
             }
 #endif
-            if (tid == 0) {
-                const int want = nblk - n_first;
-                while (ld_acquire_gpu(sem) != want) { __nanosleep(64); }
-            }
-            __syncthreads();
 #endif
             const i64 rstep8 = (i64)8 * f.h * HEAD_DIM;
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi) {
-                const int qrow = m0 + qrw * 32 + mi * 16 + g;
-                float* dqa = p.dq_accum + ((i64)si.q_row0 + qrow) * f.h * HEAD_DIM + head * HEAD_DIM + qcw * QC + 2 * t;
+            for (int c0 = 0; c0 < QC; c0 += QCH) {
+                constexpr int CW = QCH;  // columns of this chunk (QC % QCH == 0)
+                float acc_dq[2][CW / 8][4];
 #pragma unroll
-                for (int nt = 0; nt < QC / 8; ++nt) {
-                    if (qcw * QC + nt * 8 < d) {
-                        if (qrow < si.sq) red_add_f32x2(dqa + nt * 8, acc_dq[mi][nt][0], acc_dq[mi][nt][1]);
-                        if (qrow + 8 < si.sq) red_add_f32x2(dqa + rstep8 + nt * 8, acc_dq[mi][nt][2], acc_dq[mi][nt][3]);
+                for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                    for (int i = 0; i < CW / 8; ++i)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) acc_dq[mi][i][e] = 0.f;
+                if (QCH == QC || qcw * QC + c0 < d) {  // (no guard for a single chunk: as before)
+#pragma unroll
+                    for (int kk = 0; kk < BN / 16; ++kk) {
+                        u32 a[2][4];
+                        ldmatrix_x4_trans(a[0], dsA + kk * 16 * RS);
+                        ldmatrix_x4_trans(a[1], dsA + kk * 16 * RS + 32);
+#pragma unroll
+                        for (int np = 0; np < CW / 16; ++np) {
+                            u32 b[4];
+                            ldmatrix_x4_trans(b, kBt + kk * 16 * RD + (c0 / 16 + np) * 32);
+#pragma unroll
+                            for (int mi = 0; mi < 2; ++mi) {
+                                mma_16816<elem_t>(acc_dq[mi][2 * np], a[mi], b);
+                                mma_16816<elem_t>(acc_dq[mi][2 * np + 1], a[mi], b + 2);
+                            }
+                        }
+                        if (CW % 16) {
+                            u32 b[2];
+                            ldmatrix_x2_trans(b, kBt + kk * 16 * RD + (c0 + (CW / 16) * 16) * 2);
+#pragma unroll
+                            for (int mi = 0; mi < 2; ++mi) mma_16816<elem_t>(acc_dq[mi][CW / 8 - 1], a[mi], b);
+                        }
+                    }
+                }
+#if DETERMINISTIC
+                if (c0 == 0) {
+                    if (tid == 0) {
+                        const int want = nblk - n_first;
+                        while (ld_acquire_gpu(sem) != want) { __nanosleep(64); }
+                    }
+                    __syncthreads();
+                }
+#endif
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi) {
+                    const int qrow = m0 + qrw * 32 + mi * 16 + g;
+                    float* dqa = p.dq_accum + ((i64)si.q_row0 + qrow) * f.h * HEAD_DIM + head * HEAD_DIM + qcw * QC + c0 + 2 * t;
+#pragma unroll
+                    for (int nt = 0; nt < CW / 8; ++nt) {
+                        if (qcw * QC + c0 + nt * 8 < d)
+                            red_add_frag(dqa + nt * 8, rstep8, acc_dq[mi][nt], qrow < si.sq, qrow + 8 < si.sq, t);
                     }
                 }
             }
