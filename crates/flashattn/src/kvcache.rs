@@ -11,7 +11,8 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::AttnOptions;
 use crate::problem::{
-    check_alibi, check_finite_scale, check_head_dim, check_heads, check_softcap, check_view, Paged, Problem, RowMap,
+    check_alibi, check_batch, check_finite_scale, check_head_dim, check_heads, check_softcap, check_view, Paged,
+    Problem, RowMap,
 };
 use crate::semantics::Mask;
 use crate::tensor::{Layout, RawMut, Tensor, TensorView, TensorViewMut};
@@ -123,6 +124,7 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
         _ => return Err(Error::invalid("q", "rank 4 [b, sq_new, h, d]", format!("shape {:?}", q.shape()))),
     };
     check_head_dim(d)?;
+    check_batch(b)?;
     for (arg, t) in [("k_cache", &cache.k_cache), ("v_cache", &cache.v_cache)] {
         let view = t.as_view();
         check_view(arg, &view)?;
@@ -212,7 +214,8 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
             return Err(Error::invalid("k_cache", "a page size >= 1", 0));
         }
         let table = bt.view().to_i32_vec().unwrap_or_default();
-        let cap = max_pages * page_size;
+        // Saturating: an empty cache (0 pages) may have any page size and block-table width.
+        let cap = max_pages.saturating_mul(page_size);
         for (i, &n) in seqlens.iter().enumerate() {
             let used = n + s_new;
             if used > cap {
@@ -268,9 +271,10 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
             }
         }
         if s_new > 0 {
-            let mut seen = vec![false; b_cache];
+            // A set, not a `b_cache` table: an empty cache may have any number of rows.
+            let mut seen = std::collections::HashSet::new();
             for (i, &r) in rows.iter().enumerate() {
-                if std::mem::replace(&mut seen[r], true) {
+                if !seen.insert(r) {
                     return Err(Error::invalid(
                         "cache_batch_idx",
                         "distinct cache rows when appending (two sequences would write the same row)",
@@ -281,7 +285,14 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
         }
         let lp = leftpad.clone().unwrap_or_else(|| vec![0; b]);
         let map = |l: &Layout| RowMap {
-            base: rows.iter().zip(&lp).map(|(&r, &p)| l.offset + r * l.strides[0] + p * l.strides[1]).collect(),
+            // Wrapping: exact for the rows read; an empty cache's layout (or a leftpad refused below) may overflow.
+            base: rows
+                .iter()
+                .zip(&lp)
+                .map(|(&r, &p)| {
+                    l.offset.wrapping_add(r.wrapping_mul(l.strides[0])).wrapping_add(p.wrapping_mul(l.strides[1]))
+                })
+                .collect(),
             row_stride: l.strides[1],
             head_stride: l.strides[2],
             paged: None,
@@ -339,7 +350,9 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
             if half == 0 || 2 * half > d {
                 return Err(Error::invalid("rotary_cos", format!("rot / 2 in 1..={} (rot <= d = {d})", d / 2), half));
             }
-            let need = seqlens.iter().map(|&n| n + s_new).max().unwrap_or(0);
+            // Keys use positions n..n + s_new; queries n..n + sq with a mask (see "Rotated q"), else n.
+            let rows = if mask.is_active() { s_new.max(sq) } else { s_new };
+            let need = seqlens.iter().map(|&n| n + rows).max().unwrap_or(0);
             if s_ro < need {
                 return Err(Error::invalid("rotary_cos", format!("at least {need} rows (positions used)"), s_ro));
             }
@@ -404,7 +417,7 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
         alibi,
         mask,
         q: RowMap {
-            base: (0..b).map(|i| q_layout.offset + i * q_layout.strides[0]).collect(),
+            base: (0..b).map(|i| q_layout.offset.wrapping_add(i.wrapping_mul(q_layout.strides[0]))).collect(),
             row_stride: q_layout.strides[1],
             head_stride: q_layout.strides[2],
             paged: None,

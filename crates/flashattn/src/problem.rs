@@ -179,18 +179,20 @@ impl Problem {
     }
 }
 
+/// Bases wrap: they are exact for every row that exists (validated in bounds), while an empty tensor's
+/// strides and offset are unconstrained and its bases are never read.
 fn row_map(layout: &Layout, varlen: bool, starts: &[usize]) -> RowMap {
     let s = &layout.strides;
     if varlen {
         RowMap {
-            base: starts.iter().map(|&r| layout.offset + r * s[0]).collect(),
+            base: starts.iter().map(|&r| layout.offset.wrapping_add(r.wrapping_mul(s[0]))).collect(),
             row_stride: s[0],
             head_stride: s[1],
             paged: None,
         }
     } else {
         RowMap {
-            base: (0..starts.len()).map(|i| layout.offset + i * s[0]).collect(),
+            base: (0..starts.len()).map(|i| layout.offset.wrapping_add(i.wrapping_mul(s[0]))).collect(),
             row_stride: s[1],
             head_stride: s[2],
             paged: None,
@@ -270,6 +272,15 @@ pub(crate) fn check_softcap(cap: f32) -> Result<f32> {
 pub(crate) fn check_head_dim(d: usize) -> Result<()> {
     if d == 0 || d > MAX_HEAD_DIM {
         return Err(Error::invalid("q", format!("head dim in 1..={MAX_HEAD_DIM}"), d));
+    }
+    Ok(())
+}
+
+/// Sequence counts are `i32` everywhere else (`cu_seqlens`, device parameters), and per-sequence metadata is
+/// allocated even for an empty tensor: a batch past `i32::MAX` is refused rather than allocated.
+pub(crate) fn check_batch(b: usize) -> Result<()> {
+    if b > i32::MAX as usize {
+        return Err(Error::invalid("q", format!("a batch of at most {} sequences", i32::MAX), b));
     }
     Ok(())
 }
@@ -394,6 +405,7 @@ pub fn validate(q: &TensorView<'_>, k: &TensorView<'_>, v: &TensorView<'_>, opts
         seqused = vl.seqused_k.clone();
     } else {
         batch = qs[0];
+        check_batch(batch)?;
         if ks[0] != batch {
             return Err(Error::invalid("k", format!("batch {batch} (as q)"), ks[0]));
         }

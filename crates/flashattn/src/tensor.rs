@@ -293,25 +293,31 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// A row-major contiguous layout.
+    /// A row-major contiguous layout. Strides saturate at `usize::MAX` (only reachable for a shape with a
+    /// zero dim, whose strides are never used, or one whose element count overflows, which is refused).
     pub fn contiguous(shape: &[usize]) -> Self {
         let mut strides = vec![0; shape.len()];
-        let mut s = 1;
+        let mut s = 1usize;
         for (st, &n) in strides.iter_mut().zip(shape).rev() {
             *st = s;
-            s *= n;
+            s = s.saturating_mul(n);
         }
         Layout { shape: shape.to_vec(), strides, offset: 0 }
     }
-    /// Number of elements.
+    /// Number of elements (saturating at `usize::MAX`).
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        if self.shape.contains(&0) {
+            return 0;
+        }
+        self.shape.iter().fold(1usize, |a, &n| a.saturating_mul(n))
     }
-    /// One past the largest element index reachable (the buffer length needed); 0 when empty.
+    /// One past the largest element index reachable (the buffer length needed); 0 when empty; `None` when
+    /// it, or the element count, overflows `usize`.
     pub fn extent(&self) -> Option<usize> {
         if self.numel() == 0 {
             return Some(0);
         }
+        self.shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n))?;
         let mut last = self.offset;
         for (&n, &s) in self.shape.iter().zip(&self.strides) {
             last = last.checked_add((n - 1).checked_mul(s)?)?;

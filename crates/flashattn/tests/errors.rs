@@ -192,3 +192,77 @@ fn kvcache_arguments() {
         "rotary_cos"
     );
 }
+
+// Regressions found by the `fuzz/` target `validate` (see fuzz/README.md).
+
+#[test]
+fn fuzz_overflowing_shapes_are_refused() {
+    let huge = 1usize << 33;
+    // Shape arithmetic overflowed (a panic with overflow checks; a wrapped element count without them).
+    let err = Tensor::from_storage(flashattn::CpuStorage::F32(vec![]), &[huge, huge, huge]).unwrap_err();
+    assert_eq!(err.arg(), Some("storage"));
+    assert_eq!(arg_of(Tensor::from_f32(&[], &[huge, huge], DType::F32)), "values");
+    // An empty tensor may have huge dims (its strides are never used).
+    assert_eq!(Tensor::from_i32(vec![], &[0, huge, huge]).unwrap().shape(), &[0, huge, huge]);
+    // A broadcast view (stride 0) whose element count overflows usize.
+    let buf = vec![0f32; 8];
+    let q = TensorView {
+        data: flashattn::CpuSlice::F32(&buf),
+        layout: Layout { shape: vec![huge, huge, 1, 8], strides: vec![0, 0, 8, 1], offset: 0 },
+    };
+    let err = flashattn::problem::validate(&q, &q, &q, &AttnOptions::default()).unwrap_err();
+    assert_eq!(err.arg(), Some("q"));
+}
+
+#[test]
+fn fuzz_empty_tensors_with_huge_batch_or_wild_strides() {
+    // An empty q with a batch past i32: refused rather than allocating per-sequence metadata.
+    let buf = vec![0f32; 8];
+    let q = TensorView::new(flashattn::CpuSlice::F32(&buf), Layout::contiguous(&[1 << 40, 0, 1, 8])).unwrap();
+    assert_eq!(flashattn::problem::validate(&q, &q, &q, &AttnOptions::default()).unwrap_err().arg(), Some("q"));
+    // An empty q's strides and offset are unconstrained: row bases must not overflow.
+    let q = TensorView {
+        data: flashattn::CpuSlice::F32(&buf),
+        layout: Layout { shape: vec![3, 0, 1, 8], strides: vec![usize::MAX / 2, 8, 8, 1], offset: usize::MAX - 4 },
+    };
+    let k = t(&[3, 2, 1, 8], DType::F32);
+    let out = flashattn::problem::validate(&q, &k.view(), &k.view(), &AttnOptions::default()).unwrap();
+    assert_eq!(out.total_q, 0);
+}
+
+#[test]
+fn fuzz_kvcache_empty_caches_with_huge_dims() {
+    let huge = 1usize << 40;
+    let q = Tensor::zeros(&[0, 1, 1, 8], DType::F32);
+    // A paged cache of 0 pages of a huge page size, with a huge block-table width: capacity overflowed.
+    let (mut kc, mut vc) = (Tensor::zeros(&[0, huge, 1, 8], DType::F32), Tensor::zeros(&[0, huge, 1, 8], DType::F32));
+    let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(0));
+    c.block_table = Some(Tensor::from_i32(vec![], &[0, huge]).unwrap());
+    assert!(kvcache_forward(&q.view(), &mut c, &AttnOptions::default()).is_ok());
+    // An empty cache of huge row count, appended to by an empty batch: the row table was `b_cache` long.
+    let (mut kc, mut vc) = (Tensor::zeros(&[huge, 0, 1, 8], DType::F32), Tensor::zeros(&[huge, 0, 1, 8], DType::F32));
+    let kn = Tensor::zeros(&[0, 3, 1, 8], DType::F32);
+    let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(0));
+    c.k_new = Some(kn.view());
+    c.v_new = Some(kn.view());
+    assert!(kvcache_forward(&q.view(), &mut c, &AttnOptions::default()).is_ok());
+}
+
+#[test]
+fn fuzz_kvcache_rotary_table_covers_query_positions() {
+    // 4 queries, 1 new key, causal: q is rotated at positions 2..6, beyond the 3 rows the keys need
+    // (it read past the tables).
+    let q = t(&[1, 4, 1, 8], DType::F32);
+    let (mut kc, mut vc) = (t(&[1, 8, 1, 8], DType::F32), t(&[1, 8, 1, 8], DType::F32));
+    let kn = t(&[1, 1, 1, 8], DType::F32);
+    let run = |rows: usize, kc: &mut Tensor, vc: &mut Tensor| {
+        let cos = t(&[rows, 2], DType::F32);
+        let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(2));
+        c.k_new = Some(kn.view());
+        c.v_new = Some(kn.view());
+        c.rotary = Some(flashattn::Rotary { cos: cos.view(), sin: cos.view(), interleaved: false });
+        kvcache_forward(&q.view(), &mut c, &AttnOptions::default().causal()).map(|o| o.o.shape().to_vec())
+    };
+    assert_eq!(arg_of(run(3, &mut kc, &mut vc)), "rotary_cos");
+    assert_eq!(run(6, &mut kc, &mut vc).unwrap(), vec![1, 4, 1, 8]);
+}
