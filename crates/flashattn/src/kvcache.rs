@@ -410,6 +410,7 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
         q_start,
         k_start,
         total_q: b * sq,
+        dense_sq: sq,
         total_k: acc,
         varlen: false,
         scale,

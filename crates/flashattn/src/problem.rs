@@ -98,6 +98,8 @@ pub struct Problem {
     pub k_start: Vec<usize>,
     /// Rows of q in all (`b * sq`, or `total_q`).
     pub total_q: usize,
+    /// Queries per sequence of a dense (not varlen) batch: q's second dimension, also when the batch is empty.
+    pub dense_sq: usize,
     /// Rows of k in all (`b * sk`, or `total_k`; for a KV cache, `sum(seqlen_k)`).
     pub total_k: usize,
     /// Whether the batch is variable-length (q is `[total_q, h, d]`, lse is `[h, total_q]`).
@@ -136,7 +138,7 @@ impl Problem {
         if self.varlen {
             vec![self.total_q, self.h, self.d]
         } else {
-            vec![self.batch, self.total_q / self.batch.max(1), self.h, self.d]
+            vec![self.batch, self.dense_sq, self.h, self.d]
         }
     }
     /// Shape of `lse`: `[b, h, sq]`, or `[h, total_q]` when varlen.
@@ -144,7 +146,7 @@ impl Problem {
         if self.varlen {
             vec![self.h, self.total_q]
         } else {
-            vec![self.batch, self.h, self.total_q / self.batch.max(1)]
+            vec![self.batch, self.h, self.dense_sq]
         }
     }
     /// Index of `(seq, head, row)` in a contiguous lse tensor of [`Problem::lse_shape`].
@@ -153,7 +155,7 @@ impl Problem {
         if self.varlen {
             head * self.total_q + self.q_start[seq] + row
         } else {
-            let sq = self.total_q / self.batch.max(1);
+            let sq = self.dense_sq;
             (seq * self.h + head) * sq + row
         }
     }
@@ -434,6 +436,7 @@ pub fn validate(q: &TensorView<'_>, k: &TensorView<'_>, v: &TensorView<'_>, opts
         q_start,
         k_start,
         total_q,
+        dense_sq: if varlen { 0 } else { qs[1] },
         total_k,
         varlen,
         scale,

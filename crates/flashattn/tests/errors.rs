@@ -266,3 +266,23 @@ fn fuzz_kvcache_rotary_table_covers_query_positions() {
     assert_eq!(arg_of(run(3, &mut kc, &mut vc)), "rotary_cos");
     assert_eq!(run(6, &mut kc, &mut vc).unwrap(), vec![1, 4, 1, 8]);
 }
+
+/// An empty dense batch keeps q's sequence length in the output shapes (`o` is shaped like q).
+#[test]
+fn empty_dense_batch_keeps_shapes() {
+    let q = Tensor::zeros(&[0, 5, 2, 8], DType::F16);
+    let out = forward(&q, &q, &q, &AttnOptions::default()).unwrap();
+    assert_eq!(out.o.shape(), &[0, 5, 2, 8]);
+    assert_eq!(out.lse.shape(), &[0, 2, 5]);
+    let mut o = Tensor::zeros(&[0, 5, 2, 8], DType::F16);
+    let mut lse = Tensor::zeros(&[0, 2, 5], DType::F32);
+    flashattn::forward_into(
+        &q.view(),
+        &q.view(),
+        &q.view(),
+        &mut o.view_mut(),
+        &mut lse.view_mut(),
+        &AttnOptions::default(),
+    )
+    .unwrap();
+}

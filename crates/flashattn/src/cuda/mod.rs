@@ -209,7 +209,7 @@ pub fn kvcache_forward_host(
     let p0 = &plan.problem;
     require_half(p0)?;
     let (b, h, hk, d) = (p0.batch, p0.h, p0.hk, p0.d);
-    let sq = p0.total_q / b.max(1);
+    let sq = p0.dense_sq;
     // q, contiguous, as [b * sq, h, d].
     let qv = plan.q_rotated.as_ref().map(|t| t.view()).unwrap_or_else(|| q.clone());
     let qc = Tensor::from_f32(&qv.to_f32_vec(), &[b * sq, h, d], p0.dtype)?;
