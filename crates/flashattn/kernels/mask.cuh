@@ -23,6 +23,16 @@ FA_DEVICE bool is_visible(const MaskCtx& m, int i, int j) {
     return j < m.sk && j >= 0 && (m.wr < 0 || j <= c + m.wr) && (m.wl < 0 || j >= c - m.wl);
 }
 
+// Whether query i sees exactly one key. Its softmax is then identically 1, so dS = P (dP - D) is exactly 0;
+// the backward returns that exact zero instead of the rounding noise left by D = rowsum(dO * O) and dP = dO . V
+// being summed in different orders (which would otherwise accumulate into dK over many such rows).
+FA_DEVICE bool sees_one_key(const MaskCtx& m, int i) {
+    const int c = i + m.sk - m.sq;
+    const int lo = m.wl < 0 ? 0 : (c - m.wl > 0 ? c - m.wl : 0);
+    const int hi = m.wr < 0 ? m.sk - 1 : (c + m.wr < m.sk - 1 ? c + m.wr : m.sk - 1);
+    return hi == lo;
+}
+
 // Soft-capping of an already scaled score: softcap * tanh(s / softcap). `inv_softcap` = 1 / softcap.
 FA_DEVICE float apply_softcap(float s, float softcap, float inv_softcap) { return softcap * tanh_accurate(s * inv_softcap); }
 
