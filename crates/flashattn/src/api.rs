@@ -162,9 +162,9 @@ pub fn backward_into(
     check_output("dk", &dk.layout, dk.data.len(), dk.dtype(), k.shape(), p.dtype)?;
     check_output("dv", &dv.layout, dv.data.len(), dv.dtype(), v.shape(), p.dtype)?;
     let lse_vec = lse.to_f32_vec();
-    let (o_map, do_map) = (p.q_like_map(&o.layout), p.q_like_map(&dout.layout));
+    let do_map = p.q_like_map(&dout.layout);
     let (dq_map, dk_map, dv_map) = (p.q_like_map(&dq.layout), p.k_like_map(&dk.layout), p.k_like_map(&dv.layout));
-    let inp = BwdIn { o: o.data, o_map: &o_map, dout: dout.data, do_map: &do_map, lse: &lse_vec };
+    let inp = BwdIn { dout: dout.data, do_map: &do_map, lse: &lse_vec };
     // Keys past seqused_k get no gradient: start from zeros.
     zero_rows(&p, dk, &dk_map);
     zero_rows(&p, dv, &dv_map);

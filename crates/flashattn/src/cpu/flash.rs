@@ -4,10 +4,12 @@
 //! rows can see (block skipping from the mask), keeping a running max `m`, running sum `l` and an `f32`
 //! accumulator (online softmax), so the score matrix is never stored: extra memory is O(tile), per thread.
 //!
-//! Backward: two passes that never race and so are deterministic. Pass 1, one task per (sequence, key head,
-//! tile of `BN` keys): recompute `P` from `lse`, accumulate `dV += Pᵀ dO` and `dK += dSᵀ Q` over every query
-//! head of the group. Pass 2, one task per (sequence, query head, query tile): recompute `P`, `dS`, and
-//! accumulate `dQ += dS K`. `D = rowsum(dO ∘ O)` is computed per query tile where needed.
+//! Backward: two passes that never race and so are deterministic. Pass 1, one task per (sequence, query head,
+//! query tile): recompute `P` from `lse` and `dP = dO Vᵀ`, first to get `D = rowsum(P ∘ dP)`, then to
+//! accumulate `dQ += dS K` with `dS = P ∘ (dP - D)`. Pass 2, one task per (sequence, key head, tile of `BN`
+//! keys): recompute `P` and `dS`, accumulate `dV += Pᵀ dO` and `dK += dSᵀ Q` over every query head of the
+//! group. The forward's `o` is not read: `D` from the recomputed `P` and `dP` is exact where `rowsum(dO ∘ O)`
+//! would carry the rounding of `O` to f16/bf16.
 
 use super::tile::{axpy, dot, load_rows, pv_row, ScoreFn};
 use crate::problem::{Problem, RowMap};
@@ -106,12 +108,17 @@ fn has_avx2_fma() -> bool {
 /// Defines `$name` calling `$body_fn` through an AVX2+FMA copy when the CPU has it.
 macro_rules! multiversion {
     ($name:ident, $avx:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
+        multiversion!($name, $avx, $body_fn, ($($arg: $ty),*) -> ());
+    };
+    ($name:ident, $avx:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn $avx($($arg: $ty),*) {
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $avx($($arg: $ty),*) -> $ret {
             $body_fn($($arg),*)
         }
-        fn $name($($arg: $ty),*) {
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             if has_avx2_fma() {
                 // SAFETY: the CPU supports the features the copy was compiled for (checked above).
@@ -199,8 +206,6 @@ fn forward_tile_body(
 
 /// Inputs of the backward pass beyond q, k, v.
 pub(crate) struct BwdIn<'a> {
-    pub o: CpuSlice<'a>,
-    pub o_map: &'a RowMap,
     pub dout: CpuSlice<'a>,
     pub do_map: &'a RowMap,
     /// Contiguous lse in [`Problem::lse_shape`].
@@ -215,18 +220,6 @@ pub(crate) struct BwdOut<'a> {
     pub dk_map: &'a RowMap,
     pub dv: RawMut,
     pub dv_map: &'a RowMap,
-}
-
-/// `D_i = rowsum(dO_i ∘ O_i)` for rows `i0..i0 + n` of `(seq, head)`.
-fn delta(p: &Problem, b: &BwdIn<'_>, seq: usize, head: usize, i0: usize, n: usize, out: &mut [f32]) {
-    let d = p.d;
-    let mut o = vec![0f32; d];
-    let mut g = vec![0f32; d];
-    for (r, dst) in out[..n].iter_mut().enumerate() {
-        b.o.read_f32(b.o_map.at(seq, i0 + r, head), &mut o);
-        b.dout.read_f32(b.do_map.at(seq, i0 + r, head), &mut g);
-        *dst = dot(&o, &g);
-    }
 }
 
 /// For score `(i, j)` recomputed from `q_i`, `k_j`: the probability `P_ij = exp(s - lse_i)` and the gradient
@@ -254,23 +247,45 @@ fn prob_and_dscore(
 }
 
 /// The backward pass (deterministic: fixed summation order, no atomics).
+///
+/// `D_i = sum_j P_ij dP_ij` (mathematically `rowsum(dO_i ∘ O_i)`) is computed from the recomputed `P` and `dP`
+/// rather than from the forward's rounded `O`: in f16/bf16 the rounding of `O` would be the largest error of the
+/// whole backward, and the two terms of `dP - D` now cancel exactly where they should (a row that sees one key).
 pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>) {
-    // Pass 1: dK, dV per key tile.
+    // Pass 1: D and dQ per query tile.
+    let rows: Vec<((usize, usize, usize), Vec<f32>)> = tasks(p, p.h, |s| p.seqlen_q[s], BM)
+        .into_par_iter()
+        .map(|(seq, head, i0)| ((seq, head, i0), dq_tile(p, x, b, out, seq, head, i0)))
+        .collect();
+    let mut delta = vec![0f32; b.lse.len()];
+    for ((seq, head, i0), dd) in rows {
+        for (r, v) in dd.into_iter().enumerate() {
+            delta[p.lse_index(seq, head, i0 + r)] = v;
+        }
+    }
+    // Pass 2: dK, dV per key tile.
+    let delta = &delta;
     tasks(p, p.hk, |s| p.seqlen_k[s], BN)
         .into_par_iter()
-        .for_each(|(seq, kh, j0)| dkdv_tile(p, x, b, out, seq, kh, j0));
-    // Pass 2: dQ per query tile.
-    tasks(p, p.h, |s| p.seqlen_q[s], BM)
-        .into_par_iter()
-        .for_each(|(seq, head, i0)| dq_tile(p, x, b, out, seq, head, i0));
+        .for_each(|(seq, kh, j0)| dkdv_tile(p, x, b, delta, out, seq, kh, j0));
 }
 
-multiversion!(dkdv_tile, dkdv_tile_avx2, dkdv_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, kh: usize, j0: usize));
-multiversion!(dq_tile, dq_tile_avx2, dq_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, head: usize, i0: usize));
+multiversion!(dkdv_tile, dkdv_tile_avx2, dkdv_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, delta: &[f32], out: &BwdOut<'_>, seq: usize, kh: usize, j0: usize));
+multiversion!(dq_tile, dq_tile_avx2, dq_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, head: usize, i0: usize) -> Vec<f32>);
 
-/// Pass 1 of the backward: dK and dV of one key tile, over every query head of its group.
+/// Pass 2 of the backward: dK and dV of one key tile, over every query head of its group.
 #[inline(always)]
-fn dkdv_tile_body(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, kh: usize, j0: usize) {
+#[allow(clippy::too_many_arguments)]
+fn dkdv_tile_body(
+    p: &Problem,
+    x: Qkv<'_>,
+    b: &BwdIn<'_>,
+    delta: &[f32],
+    out: &BwdOut<'_>,
+    seq: usize,
+    kh: usize,
+    j0: usize,
+) {
     let d = p.d;
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
     let j1 = (j0 + BN).min(sk);
@@ -298,7 +313,9 @@ fn dkdv_tile_body(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq:
             let n = (hi - i0).min(BM);
             load_rows(x.q, &p.q, seq, head, i0, n, d, &mut q);
             load_rows(b.dout, b.do_map, seq, head, i0, n, d, &mut g);
-            delta(p, b, seq, head, i0, n, &mut dd);
+            for (r, x) in dd[..n].iter_mut().enumerate() {
+                *x = delta[p.lse_index(seq, head, i0 + r)];
+            }
             for r in 0..n {
                 let i = i0 + r;
                 let lse = b.lse[p.lse_index(seq, head, i)];
@@ -341,9 +358,18 @@ fn dkdv_tile_body(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq:
     }
 }
 
-/// Pass 2 of the backward: dQ of one query tile.
+/// Pass 1 of the backward: `D` and dQ of one query tile (returns `D` of its rows).
 #[inline(always)]
-fn dq_tile_body(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, head: usize, i0: usize) {
+#[allow(clippy::too_many_arguments)]
+fn dq_tile_body(
+    p: &Problem,
+    x: Qkv<'_>,
+    b: &BwdIn<'_>,
+    out: &BwdOut<'_>,
+    seq: usize,
+    head: usize,
+    i0: usize,
+) -> Vec<f32> {
     let d = p.d;
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
     let i1 = (i0 + BM).min(sq);
@@ -356,10 +382,32 @@ fn dq_tile_body(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: u
     let mut dq = vec![0f32; bm * d];
     load_rows(x.q, &p.q, seq, head, i0, bm, d, &mut q);
     load_rows(b.dout, b.do_map, seq, head, i0, bm, d, &mut g);
-    delta(p, b, seq, head, i0, bm, &mut dd);
     let (lo, hi) = tile_key_range(p, seq, i0, i1);
     let mut k = vec![0f32; BN * d];
     let mut v = vec![0f32; BN * d];
+    // Sweep 1: D_i = sum_j P_ij dP_ij.
+    let mut j0 = lo - lo % BN;
+    while j0 < hi {
+        let j1 = (j0 + BN).min(sk);
+        load_rows(x.k, &p.k, seq, kh, j0, j1 - j0, d, &mut k);
+        load_rows(x.v, &p.v, seq, kh, j0, j1 - j0, d, &mut v);
+        for r in 0..bm {
+            let i = i0 + r;
+            let lse = b.lse[p.lse_index(seq, head, i)];
+            if lse == f32::NEG_INFINITY {
+                continue;
+            }
+            let range = p.mask.key_range(i, sq, sk);
+            let (qr, gr) = (&q[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+            for j in range.start.max(j0)..range.end.min(j1) {
+                let jj = j - j0;
+                let (s, _) = f.apply(dot(qr, &k[jj * d..(jj + 1) * d]), i, j);
+                dd[r] += (s - lse).exp() * dot(gr, &v[jj * d..(jj + 1) * d]);
+            }
+        }
+        j0 = j1;
+    }
+    // Sweep 2: dQ += dS K.
     let mut j0 = lo - lo % BN;
     while j0 < hi {
         let j1 = (j0 + BN).min(sk);
@@ -387,4 +435,5 @@ fn dq_tile_body(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: u
     for r in 0..bm {
         out.dq.write_f32(out.dq_map.at(seq, i0 + r, head), &dq[r * d..(r + 1) * d]);
     }
+    dd
 }
