@@ -4,7 +4,7 @@ use crate::cpu::flash::{self, BwdIn, BwdOut, FwdOut, Qkv};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::AttnOptions;
-use crate::problem::{check_output, check_view, validate, Problem};
+use crate::problem::{check_backward_inputs, check_output, validate, Problem};
 use crate::tensor::{Device, Tensor, TensorView, TensorViewMut};
 
 /// The result of a forward pass.
@@ -140,24 +140,7 @@ pub fn backward_into(
 ) -> Result<()> {
     let p = validate(q, k, v, opts)?;
     require_cpu("q", q.device())?;
-    check_view("o", o)?;
-    check_view("dout", dout)?;
-    check_view("lse", lse)?;
-    for (arg, t) in [("o", o), ("dout", dout)] {
-        if t.shape() != p.o_shape().as_slice() {
-            return Err(Error::invalid(arg, format!("shape {:?} (as q)", p.o_shape()), format!("{:?}", t.shape())));
-        }
-        if t.dtype() != p.dtype {
-            return Err(Error::invalid(arg, format!("dtype {} (as q)", p.dtype), t.dtype()));
-        }
-    }
-    if lse.shape() != p.lse_shape().as_slice() || lse.dtype() != DType::F32 {
-        return Err(Error::invalid(
-            "lse",
-            format!("f32 of shape {:?}", p.lse_shape()),
-            format!("{} of shape {:?}", lse.dtype(), lse.shape()),
-        ));
-    }
+    check_backward_inputs(&p, o, lse, dout)?;
     check_output("dq", &dq.layout, dq.data.len(), dq.dtype(), q.shape(), p.dtype)?;
     check_output("dk", &dk.layout, dk.data.len(), dk.dtype(), k.shape(), p.dtype)?;
     check_output("dv", &dv.layout, dv.data.len(), dv.dtype(), v.shape(), p.dtype)?;
@@ -165,9 +148,8 @@ pub fn backward_into(
     let do_map = p.q_like_map(&dout.layout);
     let (dq_map, dk_map, dv_map) = (p.q_like_map(&dq.layout), p.k_like_map(&dk.layout), p.k_like_map(&dv.layout));
     let inp = BwdIn { dout: dout.data, do_map: &do_map, lse: &lse_vec };
-    // Keys past seqused_k get no gradient: start from zeros.
-    zero_rows(&p, dk, &dk_map);
-    zero_rows(&p, dv, &dv_map);
+    zero_unused_rows(&p, dk, &dk_map);
+    zero_unused_rows(&p, dv, &dv_map);
     let out = BwdOut {
         dq: dq.data.raw(),
         dq_map: &dq_map,
@@ -180,16 +162,13 @@ pub fn backward_into(
     Ok(())
 }
 
-/// Zeroes every row of a k-like tensor (so rows past `seqused_k` read as zero gradient).
-fn zero_rows(p: &Problem, t: &mut TensorViewMut<'_>, map: &crate::problem::RowMap) {
+/// Zeroes the rows of a k-like tensor that the backward does not write: keys past `seqused_k` get no gradient.
+fn zero_unused_rows(p: &Problem, t: &mut TensorViewMut<'_>, map: &crate::problem::RowMap) {
+    let Some((_, ck)) = &p.cu_seqlens else { return }; // dense: every key row is written
     let raw = t.data.raw();
     let zeros = vec![0f32; p.d];
-    let rows_per_seq: Vec<usize> = match &p.cu_seqlens {
-        Some((_, ck)) => ck.windows(2).map(|w| (w[1] - w[0]) as usize).collect(),
-        None => vec![t.layout.shape[1]; p.batch],
-    };
-    for (seq, &n) in rows_per_seq.iter().enumerate() {
-        for r in 0..n {
+    for (seq, w) in ck.windows(2).enumerate() {
+        for r in p.seqlen_k[seq]..(w[1] - w[0]) as usize {
             for h in 0..p.hk {
                 raw.write_f32(map.at(seq, r, h), &zeros);
             }

@@ -67,7 +67,10 @@ pub fn resolve(request: Option<Device>) -> Result<(Device, String)> {
 pub fn forward_on(device: Device, q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<ForwardOutput> {
     match device {
         Device::Cpu => crate::api::forward(q, k, v, opts),
-        Device::Cuda(n) => cuda_forward(n, q, k, v, opts),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => crate::cuda::forward_host(n, q, k, v, opts),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => no_cuda(),
     }
 }
 
@@ -85,7 +88,10 @@ pub fn backward_on(
 ) -> Result<Gradients> {
     match device {
         Device::Cpu => crate::api::backward(q, k, v, o, lse, dout, opts),
-        Device::Cuda(n) => cuda_backward(n, q, k, v, o, lse, dout, opts),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => crate::cuda::backward_host(n, q, k, v, o, lse, dout, opts),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => no_cuda(),
     }
 }
 
@@ -98,61 +104,15 @@ pub fn kvcache_forward_on(
 ) -> Result<ForwardOutput> {
     match device {
         Device::Cpu => crate::kvcache::kvcache_forward(q, cache, opts),
-        Device::Cuda(n) => cuda_kvcache(n, q, cache, opts),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => crate::cuda::kvcache_forward_host(n, q, cache, opts),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => no_cuda(),
     }
 }
 
-#[cfg(feature = "cuda")]
-fn cuda_forward(n: usize, q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<ForwardOutput> {
-    crate::cuda::forward_host(n, q, k, v, opts)
-}
-
-#[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
-fn cuda_backward(
-    n: usize,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    dout: &Tensor,
-    opts: &AttnOptions,
-) -> Result<Gradients> {
-    crate::cuda::backward_host(n, q, k, v, o, lse, dout, opts)
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_kvcache(n: usize, q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) -> Result<ForwardOutput> {
-    crate::cuda::kvcache_forward_host(n, q, cache, opts)
-}
-
+/// The error of a build without the `cuda` feature.
 #[cfg(not(feature = "cuda"))]
 fn no_cuda<T>() -> Result<T> {
     Err(Error::BackendUnavailable { backend: "cuda", reason: "this build has no `cuda` feature".into() })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_forward(_: usize, _: &Tensor, _: &Tensor, _: &Tensor, _: &AttnOptions) -> Result<ForwardOutput> {
-    no_cuda()
-}
-
-#[cfg(not(feature = "cuda"))]
-#[allow(clippy::too_many_arguments)]
-fn cuda_backward(
-    _: usize,
-    _: &Tensor,
-    _: &Tensor,
-    _: &Tensor,
-    _: &Tensor,
-    _: &Tensor,
-    _: &Tensor,
-    _: &AttnOptions,
-) -> Result<Gradients> {
-    no_cuda()
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_kvcache(_: usize, _: &TensorView<'_>, _: &mut KvCache<'_>, _: &AttnOptions) -> Result<ForwardOutput> {
-    no_cuda()
 }

@@ -255,6 +255,34 @@ pub(crate) fn check_output(
     Ok(())
 }
 
+/// Checks the backward's extra inputs against the problem: `o` and `dout` shaped and typed like q's output,
+/// `lse` `f32` of [`Problem::lse_shape`], all in bounds with a contiguous last dim. Shared by every backend.
+pub fn check_backward_inputs(
+    p: &Problem,
+    o: &TensorView<'_>,
+    lse: &TensorView<'_>,
+    dout: &TensorView<'_>,
+) -> Result<()> {
+    for (arg, t) in [("o", o), ("dout", dout)] {
+        check_view(arg, t)?;
+        if t.shape() != p.o_shape().as_slice() {
+            return Err(Error::invalid(arg, format!("shape {:?} (as q)", p.o_shape()), format!("{:?}", t.shape())));
+        }
+        if t.dtype() != p.dtype {
+            return Err(Error::invalid(arg, format!("dtype {} (as q)", p.dtype), t.dtype()));
+        }
+    }
+    check_view("lse", lse)?;
+    if lse.shape() != p.lse_shape().as_slice() || lse.dtype() != DType::F32 {
+        return Err(Error::invalid(
+            "lse",
+            format!("f32 of shape {:?}", p.lse_shape()),
+            format!("{} of shape {:?}", lse.dtype(), lse.shape()),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_finite_scale(scale: Option<f32>, d: usize) -> Result<f32> {
     match scale {
         None => Ok(1.0 / (d as f32).sqrt()),

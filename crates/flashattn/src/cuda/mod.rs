@@ -129,16 +129,6 @@ fn forward_problem(
     })
 }
 
-fn check_like(arg: &'static str, t: &Tensor, shape: &[usize], dtype: DType) -> Result<()> {
-    if t.shape() != shape {
-        return Err(Error::invalid(arg, format!("shape {shape:?}"), format!("{:?}", t.shape())));
-    }
-    if t.dtype() != dtype {
-        return Err(Error::invalid(arg, format!("dtype {dtype}"), t.dtype()));
-    }
-    crate::problem::check_view(arg, &t.view())
-}
-
 /// Backward pass of host tensors on CUDA device `n` (deterministic when `opts.deterministic`).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_host(
@@ -153,9 +143,7 @@ pub fn backward_host(
 ) -> Result<Gradients> {
     let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
     require_half(&p)?;
-    check_like("o", o, &p.o_shape(), p.dtype)?;
-    check_like("dout", dout, &p.o_shape(), p.dtype)?;
-    check_like("lse", lse, &p.lse_shape(), DType::F32)?;
+    crate::problem::check_backward_inputs(&p, &o.view(), &lse.view(), &dout.view())?;
     let gpu = runtime::gpu(n)?;
     let s = &gpu.stream;
     runtime::guard("the CUDA backward", || {
