@@ -194,7 +194,7 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
     let vl = cache.v_cache.layout.clone();
     let batch_idx = vec_arg("cache_batch_idx", &cache.cache_batch_idx, b)?;
     let leftpad = vec_arg("cache_leftpad", &cache.cache_leftpad, b)?;
-    let (capacity, k_map, v_map) = if let Some(bt) = &cache.block_table {
+    let (k_map, v_map) = if let Some(bt) = &cache.block_table {
         if batch_idx.is_some() {
             return Err(Error::invalid("cache_batch_idx", "none with a paged cache (block_table)", "a tensor"));
         }
@@ -244,7 +244,7 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
                 offset: l.offset,
             }),
         };
-        (vec![cap; b], map(&kl), map(&vl))
+        (map(&kl), map(&vl))
     } else {
         let (b_cache, s_cache) = (cs[0], cs[1]);
         let rows: Vec<usize> = match &batch_idx {
@@ -297,7 +297,7 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
             head_stride: l.strides[2],
             paged: None,
         };
-        (vec![s_cache; b], map(&kl), map(&vl))
+        (map(&kl), map(&vl))
     };
     let lp = leftpad.unwrap_or_else(|| vec![0; b]);
     for (i, (&p, &n)) in lp.iter().zip(&seqlens).enumerate() {
@@ -321,7 +321,6 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
             }
         }
     }
-    let _ = capacity;
 
     // Rotary tables.
     let rot = match &cache.rotary {
