@@ -246,14 +246,10 @@ pub fn cases(dtypes: &[DType], backward: bool) -> Vec<Case> {
                         }
                         let mut c = Case::new(dtype, d, shape, heads, variant);
                         if level == "quick" && (c.batch * c.h * c.sq * c.sk * c.d) as f64 > budget {
-                            // Same case on a shape with the same aspect ratio class, within budget.
-                            c = Case::new(
-                                dtype,
-                                d,
-                                (c.sq.min(300) - c.sq % 2, c.sk.min(300) - c.sk % 3),
-                                heads,
-                                variant,
-                            );
+                            // Same case on a smaller shape keeping `sk - sq` (the mask's diagonal offset).
+                            let shrink = c.sq.max(c.sk).saturating_sub(300);
+                            let shape = (c.sq.saturating_sub(shrink).max(1), c.sk.saturating_sub(shrink).max(1));
+                            c = Case::new(dtype, d, shape, heads, variant);
                         }
                         c.backward = backward;
                         out.push(c);
