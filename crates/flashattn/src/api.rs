@@ -147,7 +147,7 @@ pub fn backward_into(
     let lse_vec = lse.to_f32_vec();
     let do_map = p.q_like_map(&dout.layout);
     let (dq_map, dk_map, dv_map) = (p.q_like_map(&dq.layout), p.k_like_map(&dk.layout), p.k_like_map(&dv.layout));
-    let inp = BwdIn { dout: dout.data, do_map: &do_map, lse: &lse_vec };
+    let inp = BwdIn { dout: dout.data, do_map: &do_map, lse: &lse_vec, delta: None };
     zero_unused_rows(&p, dk, &dk_map);
     zero_unused_rows(&p, dv, &dv_map);
     let out = BwdOut {

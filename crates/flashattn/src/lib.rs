@@ -33,6 +33,7 @@ pub mod kvcache;
 pub mod options;
 pub mod problem;
 pub mod reference;
+pub mod ring;
 pub mod semantics;
 pub mod tensor;
 

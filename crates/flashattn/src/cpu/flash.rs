@@ -210,6 +210,10 @@ pub(crate) struct BwdIn<'a> {
     pub do_map: &'a RowMap,
     /// Contiguous lse in [`Problem::lse_shape`].
     pub lse: &'a [f32],
+    /// `D = rowsum(dO ∘ O)` given by the caller (same layout as `lse`), for a call that sees only some of
+    /// each row's keys (a ring attention block pair, whose `lse` is the whole row's): `None` computes it
+    /// from the recomputed `P` and `dP`, which is exact only when the call sees every key of the row.
+    pub delta: Option<&'a [f32]>,
 }
 
 /// Where the backward writes.
@@ -385,8 +389,13 @@ fn dq_tile_body(
     let (lo, hi) = tile_key_range(p, seq, i0, i1);
     let mut k = vec![0f32; BN * d];
     let mut v = vec![0f32; BN * d];
-    // Sweep 1: D_i = sum_j P_ij dP_ij.
-    let mut j0 = lo - lo % BN;
+    if let Some(given) = b.delta {
+        for (r, x) in dd.iter_mut().enumerate() {
+            *x = given[p.lse_index(seq, head, i0 + r)];
+        }
+    }
+    // Sweep 1: D_i = sum_j P_ij dP_ij (unless the caller gave D).
+    let mut j0 = if b.delta.is_some() { hi } else { lo - lo % BN };
     while j0 < hi {
         let j1 = (j0 + BN).min(sk);
         load_rows(x.k, &p.k, seq, kh, j0, j1 - j0, d, &mut k);
