@@ -228,8 +228,9 @@ pub fn rank_forward<T: Transport<Arc<KvShard>>>(
         }
     }
     let lq = q_local[1].end;
-    let mut o = vec![0f32; b * lq * h * d];
-    let mut lse = vec![0f32; b * h * lq];
+    // NaN-filled: a row the assembly missed would fail every comparison.
+    let mut o = vec![f32::NAN; b * lq * h * d];
+    let mut lse = vec![f32::NAN; b * h * lq];
     for (qr, (ao, al)) in q_local.iter().zip(&acc) {
         let cq = qr.len();
         for bi in 0..b {
@@ -260,8 +261,9 @@ fn partial_forward(
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let (qv, kv_, vv) = (seq_view(q, qr)?, seq_view(&kv.k, kr.clone())?, seq_view(&kv.v, kr)?);
     let p = validate(&qv, &kv_, &vv, &opts)?;
-    let mut o = vec![0f32; p.total_q * p.h * p.d];
-    let mut lse = vec![0f32; p.total_q * p.h];
+    // Poisoned: the kernels must write every element.
+    let mut o = vec![f32::NAN; p.total_q * p.h * p.d];
+    let mut lse = vec![f32::NAN; p.total_q * p.h];
     let o_map = p.q_like_map(&Layout::contiguous(&p.o_shape()));
     let out = FwdOut { o: CpuSliceMut::F32(&mut o).raw(), o_map: &o_map, lse: CpuSliceMut::F32(&mut lse).raw() };
     flash::forward(&p, Qkv { q: qv.data, k: kv_.data, v: vv.data }, &out);
@@ -378,7 +380,7 @@ pub fn rank_backward<T: Transport<Arc<KvShard>>, G: Transport<DkvShard>>(
     if home.dk.len() != b * lk * hk * d || home.dv.len() != home.dk.len() {
         return Err(Error::Device(format!("ring rank {rank}: its dK/dV came home with the wrong size")));
     }
-    let mut dq = vec![0f32; b * lq * h * d];
+    let mut dq = vec![f32::NAN; b * lq * h * d];
     for (qr, acc) in q_local.iter().zip(&dq_acc) {
         let cq = qr.len();
         for bi in 0..b {
@@ -416,9 +418,10 @@ fn partial_backward(x: &PartialBwd<'_>, opts: AttnOptions) -> Result<(Vec<f32>, 
     let p = validate(&qv, &kv, &vv, &opts)?;
     let do_map = p.q_like_map(&gv.layout);
     let inp = BwdIn { dout: gv.data, do_map: &do_map, lse: x.lse, delta: Some(x.delta) };
-    let mut dq = vec![0f32; p.total_q * p.h * p.d];
-    let mut dk = vec![0f32; p.total_k * p.hk * p.d];
-    let mut dv = vec![0f32; p.total_k * p.hk * p.d];
+    // Poisoned: the kernels must write every element.
+    let mut dq = vec![f32::NAN; p.total_q * p.h * p.d];
+    let mut dk = vec![f32::NAN; p.total_k * p.hk * p.d];
+    let mut dv = vec![f32::NAN; p.total_k * p.hk * p.d];
     let dq_map = p.q_like_map(&Layout::contiguous(&p.o_shape()));
     let k_shape = [p.batch, p.total_k / p.batch.max(1), p.hk, p.d];
     let dk_map = p.k_like_map(&Layout::contiguous(&k_shape));

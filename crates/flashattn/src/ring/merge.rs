@@ -108,7 +108,8 @@ mod tests {
         let vals = [1.0f32, -3.0, 0.5, 2.0, 4.0, -1.0];
         let all: Vec<usize> = (0..6).collect();
         let (o_ref, l_ref) = part(&scores, &vals, &all);
-        let splits: [&[&[usize]]; 3] = [&[&[0, 1], &[2, 3, 4], &[5]], &[&[], &[0, 1, 2, 3, 4, 5]], &[&[2], &[], &[0, 1, 3, 4, 5]]];
+        let splits: [&[&[usize]]; 3] =
+            [&[&[0, 1], &[2, 3, 4], &[5]], &[&[], &[0, 1, 2, 3, 4, 5]], &[&[2], &[], &[0, 1, 3, 4, 5]]];
         for split in splits {
             let ps: Vec<(f32, f32)> = split.iter().map(|k| part(&scores, &vals, k)).collect();
             let (mut o, mut l) = ([0f32], [f32::NEG_INFINITY]);

@@ -40,8 +40,7 @@ mod shard;
 mod transport;
 
 pub use host::{
-    rank_backward, rank_forward, ring_backward, ring_forward, DkvShard, KvShard, RankStats, RingBackward,
-    RingForward,
+    rank_backward, rank_forward, ring_backward, ring_forward, DkvShard, KvShard, RankStats, RingBackward, RingForward,
 };
 pub use merge::{combine, merge_into};
 pub use schedule::{PairMask, PairWork, RingSchedule};

@@ -153,9 +153,7 @@ impl Transport<DeviceBlock> for NcclTransport {
             .pop_front()
             .ok_or_else(|| Error::Device(format!("nccl rank {}: finish() without a posted exchange", self.rank())))?;
         // The compute stream waits for the transfer; the sent buffers are freed behind it.
-        self.compute
-            .join(&self.comm.stream())
-            .map_err(|e| Error::Device(format!("stream wait: {e:?}")))?;
+        self.compute.join(&self.comm.stream()).map_err(|e| Error::Device(format!("stream wait: {e:?}")))?;
         drop(sent);
         Ok(recv)
     }

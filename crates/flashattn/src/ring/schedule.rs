@@ -114,7 +114,11 @@ impl RingSchedule {
     pub fn step(&self, rank: usize, step: usize) -> Result<Vec<PairWork>> {
         let n = self.ranks();
         if rank >= n || step >= n {
-            return Err(Error::invalid("rank", format!("rank and step below {n}"), format!("rank {rank}, step {step}")));
+            return Err(Error::invalid(
+                "rank",
+                format!("rank and step below {n}"),
+                format!("rank {rank}, step {step}"),
+            ));
         }
         let src = self.source(rank, step);
         let mut out = Vec::with_capacity(4);
@@ -174,7 +178,10 @@ mod tests {
                                                     )
                                             }
                                         };
-                                        assert_eq!(want, got, "causal {causal} sq {sq} sk {sk} ranks {ranks} {w:?} i {i} j {j}");
+                                        assert_eq!(
+                                            want, got,
+                                            "causal {causal} sq {sq} sk {sk} ranks {ranks} {w:?} i {i} j {j}"
+                                        );
                                         covered[i * sk + j] += 1;
                                     }
                                 }

@@ -130,7 +130,7 @@ impl ZigZag {
         shape[dim] = self.len;
         let outer: usize = shape[..dim].iter().product();
         let inner: usize = shape[dim + 1..].iter().product();
-        let mut out = vec![0f32; outer * self.len * inner];
+        let mut out = vec![f32::NAN; outer * self.len * inner]; // every element is written below
         for (r, t) in shards.iter().enumerate() {
             let rl = self.rank_len(r);
             self.check_dim("shards", t.shape(), dim, rl)?;
