@@ -128,6 +128,11 @@ pub struct BenchArgs {
     /// Random seed of the inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Ring attention (context parallelism) over this many ranks instead of the grid: per-rank work and
+    /// time, and the difference from the single-device result (simulated ranks on the CPU in this build).
+    /// Default point: --shape 1,4,2048,64 --causal 1.
+    #[arg(long)]
+    pub ranks: Option<usize>,
     /// JSON of `torch_baselines.py` from the same machine and run: its fa2/cudnn figures at the same points
     /// are printed next to ours (as ratios), stored in the JSON rows (`peers`) and plotted (fa2, dashed).
     #[arg(long)]
@@ -685,6 +690,9 @@ fn plot(path: &PathBuf, rows: &[Row], decode: bool, title: &str) -> CliResult<()
 
 /// Runs `flashattn bench`.
 pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
+    if let Some(ranks) = a.ranks {
+        return crate::ring_bench::main(&a, ranks);
+    }
     let (device, why) = resolve_device(a.device)?;
     let is_cpu = device == Device::Cpu;
     let warmup = a.warmup.unwrap_or(if is_cpu { 1 } else { 10 });

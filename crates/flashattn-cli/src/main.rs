@@ -5,6 +5,7 @@
 //! flashattn check [--batch 2 --seqlen 128 --heads 8 --dim 64 --dtype f16 --causal --backward ...]
 //! flashattn run --input IN.safetensors --output OUT.safetensors [--causal --kvcache ...]
 //! flashattn bench [--grid standard|decode|quick] [--shape B,H,S,D] [--naive] [--json F] [--plot F.svg]
+//! flashattn bench --ranks N [--shape B,H,S,D --causal 1 --modes fwd,fwd_bwd]   # ring attention
 //! flashattn info
 //! flashattn precompile --arch sm_80,sm_90a
 //! ```
@@ -18,6 +19,7 @@ mod check;
 mod common;
 mod info;
 mod plot;
+mod ring_bench;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +37,7 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per process: size does not matter
 enum Command {
     /// Random q, k, v: attention the naive way and the flash way, checked against the f64 oracle under the
     /// spec's accuracy rule; prints differences, times and peak extra memory. Exits 1 when the rule fails.

@@ -461,3 +461,32 @@ fn malformed_inputs_exit_2_with_a_message_naming_the_problem() {
 
     assert!(run_err(&missing, &["--window", "1"]).contains("--window"));
 }
+
+#[test]
+fn bench_ranks_runs_the_ring_and_says_which_transport() {
+    let out = run_ok(&[
+        "bench",
+        "--ranks",
+        "3",
+        "--device",
+        "cpu",
+        "--shape",
+        "1,2,60,16",
+        "--causal",
+        "1",
+        "--modes",
+        "fwd,fwd_bwd",
+        "--warmup",
+        "0",
+        "--reps",
+        "1",
+    ]);
+    assert!(out.contains("3 simulated ranks") && out.contains("in-process channels"), "{out}");
+    assert!(out.contains("NCCL transport:"), "{out}");
+    assert!(out.contains("backward per rank"), "{out}");
+    // 60 rows over 6 chunks of 10: every rank computes the same 610 visible pairs per head.
+    assert_eq!(out.matches("max/min visible pairs = 610/610").count(), 3, "{out}");
+    assert!(out.contains("o differs by at most"), "{out}");
+    let o = run(&["bench", "--ranks", "0", "--device", "cpu"]);
+    assert_eq!(o.status.code(), Some(2));
+}

@@ -1,0 +1,189 @@
+//! `flashattn bench --ranks N`: ring attention (context parallelism) over `N` ranks, against the
+//! single-device call on the same inputs: per-rank work and time, the ring's total time, and the largest
+//! difference from the single-device result (the run fails if it is more than one rounding step of the
+//! dtype).
+//!
+//! This build runs the ring on simulated ranks only: `N` threads of this process on the CPU backend, blocks
+//! passed through in-process channels. The output says so, and whether the NCCL transport is compiled in
+//! and loadable (it is not used: the GPU ring is not wired yet).
+
+use crate::bench::{points, BenchArgs, Mode};
+use crate::common::{randn, CliError, CliResult, DeviceArg};
+use flashattn::ring::{ring_backward, ring_forward, RankStats};
+use flashattn::{AttnOptions, DType, Device, Tensor};
+use std::process::ExitCode;
+use std::time::Instant;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn nccl_line() -> String {
+    #[cfg(feature = "nccl")]
+    {
+        match flashattn::ring::nccl::probe() {
+            Ok(v) => format!("NCCL transport: compiled in, libnccl {v} loadable; not used by this run"),
+            Err(e) => format!("NCCL transport: compiled in, not loadable here ({e}); not used by this run"),
+        }
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        "NCCL transport: not in this build (feature `nccl`)".to_string()
+    }
+}
+
+/// Largest per-element difference in units of the dtype's rounding step (1.0 = one step).
+fn worst_steps(a: &Tensor, b: &Tensor, dtype: DType) -> f32 {
+    let eps = match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 1.0 / 1024.0,
+        _ => 1.0 / 128.0,
+    };
+    a.to_f32_vec()
+        .iter()
+        .zip(b.to_f32_vec())
+        .map(|(x, y)| (x - y).abs() / (eps * y.abs() + 1e-5))
+        .map(|s| if s.is_nan() { f32::INFINITY } else { s })
+        .fold(0f32, f32::max)
+}
+
+/// `max |a - b| / max |b|`.
+fn rel_to_max(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b) = (a.to_f32_vec(), b.to_f32_vec());
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(f32::MIN_POSITIVE);
+    a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn print_ranks(stats: &[RankStats]) {
+    println!("  rank  chunk pairs  visible (q,k) pairs per head  compute ms  waiting ms");
+    for s in stats {
+        println!(
+            "  {:>4}  {:>11}  {:>28}  {:>10.2}  {:>10.2}",
+            s.rank,
+            s.pairs,
+            s.visible,
+            s.compute_s * 1e3,
+            s.wait_s * 1e3
+        );
+    }
+    let (lo, hi) = stats.iter().fold((u64::MAX, 0u64), |(lo, hi), s| (lo.min(s.visible), hi.max(s.visible)));
+    let total: u64 = stats.iter().map(|s| s.visible).sum();
+    println!("  work balance: max/min visible pairs = {hi}/{lo}, total {total}");
+}
+
+/// Runs the ring benchmark.
+pub fn main(a: &BenchArgs, ranks: usize) -> CliResult<ExitCode> {
+    if ranks == 0 {
+        return Err(CliError::Input("--ranks must be at least 1".into()));
+    }
+    if let DeviceArg::Exact(Device::Cuda(_)) = a.device {
+        return Err(CliError::Failed(
+            "ring attention runs on simulated CPU ranks only in this build (no GPU ring yet): use --device cpu".into(),
+        ));
+    }
+    let mut args = a.clone();
+    if args.shape.is_none() {
+        args.shape = Some([1, 4, 2048, 64]);
+        if args.causal.is_empty() {
+            args.causal = vec![1];
+        }
+    }
+    let warmup = a.warmup.unwrap_or(1);
+    let reps = a.reps.unwrap_or(3).max(1);
+    println!(
+        "ring attention: {ranks} simulated ranks (threads of this process on the CPU backend), transport: \
+         in-process channels (ChannelTransport)"
+    );
+    println!("{}", nccl_line());
+    println!("zig-zag sharding: 2N = {} chunks, rank r holds chunks r and 2N-1-r", 2 * ranks);
+    println!("{}, warmup {warmup}, reps {reps} (median); single-device = one CPU call on the whole sequence", a.dtype);
+    let mut failed = false;
+    for (i, p) in points(&args).iter().enumerate() {
+        let seed = a.seed.wrapping_add(i as u64);
+        let q = randn(&[p.b, p.sq, p.h, p.d], a.dtype, seed, 1.0);
+        let k = randn(&[p.b, p.sk, p.hk, p.d], a.dtype, seed.wrapping_add(1), 1.0);
+        let v = randn(&[p.b, p.sk, p.hk, p.d], a.dtype, seed.wrapping_add(2), 1.0);
+        let dout = randn(&[p.b, p.sq, p.h, p.d], a.dtype, seed.wrapping_add(3), 1.0);
+        let opts = AttnOptions { causal: p.causal, ..AttnOptions::default() };
+        println!(
+            "\npoint b={} h={}/{} s={} d={} causal={} ({} rows per rank)",
+            p.b,
+            p.h,
+            p.hk,
+            p.sq,
+            p.d,
+            p.causal as u8,
+            p.sq.div_ceil(ranks)
+        );
+        let fail = |e: flashattn::Error| CliError::Failed(format!("ring: {e}"));
+        for &mode in &a.modes {
+            let bwd = mode == Mode::FwdBwd;
+            let (mut ring_t, mut single_t) = (Vec::new(), Vec::new());
+            let mut last = None;
+            for it in 0..warmup + reps {
+                let t0 = Instant::now();
+                let r = ring_forward(&q, &k, &v, &opts, ranks).map_err(fail)?;
+                let g = if bwd {
+                    Some(ring_backward(&q, &k, &v, &r.out.o, &r.out.lse, &dout, &opts, ranks).map_err(fail)?)
+                } else {
+                    None
+                };
+                let rt = t0.elapsed().as_secs_f64();
+                let t1 = Instant::now();
+                let s = flashattn::forward(&q, &k, &v, &opts).map_err(fail)?;
+                let sg = if bwd {
+                    Some(flashattn::backward(&q, &k, &v, &s.o, &s.lse, &dout, &opts).map_err(fail)?)
+                } else {
+                    None
+                };
+                let st = t1.elapsed().as_secs_f64();
+                if it >= warmup {
+                    ring_t.push(rt);
+                    single_t.push(st);
+                }
+                last = Some((r, g, s, sg));
+            }
+            let Some((r, g, s, sg)) = last else { continue };
+            let (rm, sm) = (median(ring_t) * 1e3, median(single_t) * 1e3);
+            let diff = [("o", worst_steps(&r.out.o, &s.o, a.dtype))];
+            let mut grad_diff = Vec::new();
+            println!(
+                "{}: ring {rm:.2} ms, single-device {sm:.2} ms (ring/single {:.2}x; simulated ranks share this \
+                 machine's cores, so this is not a scaling figure)",
+                mode_name(mode),
+                rm / sm
+            );
+            println!(" forward per rank:");
+            print_ranks(&r.stats);
+            if let (Some(g), Some(sg)) = (g, sg) {
+                println!(" backward per rank:");
+                print_ranks(&g.stats);
+                // Gradients are checked against the f64 oracle by the test suite; here against the
+                // single-device call, whose D comes from P and dP where the ring's comes from the rounded O:
+                // reported as the largest difference relative to the largest gradient element.
+                for (n, x, y) in [("dq", &g.grads.dq, &sg.dq), ("dk", &g.grads.dk, &sg.dk), ("dv", &g.grads.dv, &sg.dv)]
+                {
+                    grad_diff.push((n, rel_to_max(x, y)));
+                }
+            }
+            println!(" ring vs single-device: o differs by at most {:.2} rounding steps of {}", diff[0].1, a.dtype);
+            if !grad_diff.is_empty() {
+                let text: Vec<String> = grad_diff.iter().map(|(n, x)| format!("{n} {x:.1e}")).collect();
+                println!(" ring vs single-device, max |difference| / max |gradient|: {}", text.join(", "));
+            }
+            if diff[0].1 > 1.0 {
+                println!(" FAIL: o differs from the single-device result by more than one rounding step");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Fwd => "fwd",
+        Mode::FwdBwd => "fwd_bwd",
+    }
+}
