@@ -80,7 +80,7 @@ pub struct RingBackward {
 /// The subset of [`AttnOptions`] ring attention supports: causal or not, a softmax scale, soft-capping.
 /// ALiBi, sliding windows and varlen batches are refused with [`Error::Unsupported`] (their position
 /// arithmetic across chunks is not implemented).
-fn ring_mask(opts: &AttnOptions) -> Result<bool> {
+pub(super) fn ring_mask(opts: &AttnOptions) -> Result<bool> {
     let unsupported = |what: &str| Error::Unsupported { backend: "ring", what: what.to_string() };
     if opts.alibi_slopes.is_some() {
         return Err(unsupported("ALiBi"));
@@ -111,7 +111,7 @@ fn seq_view<'a>(t: &'a Tensor, rows: Range<usize>) -> Result<TensorView<'a>> {
 }
 
 /// The options of one chunk pair's local call.
-fn local_opts(scale: f32, softcap: f32, mask: PairMask) -> AttnOptions {
+pub(super) fn local_opts(scale: f32, softcap: f32, mask: PairMask) -> AttnOptions {
     let right = match mask {
         PairMask::Partial { right, .. } => right as i64,
         _ => -1,
@@ -120,7 +120,7 @@ fn local_opts(scale: f32, softcap: f32, mask: PairMask) -> AttnOptions {
 }
 
 /// Keys of a chunk of `len` rows that a pair's local call reads.
-fn local_keys(mask: PairMask, len: usize) -> usize {
+pub(super) fn local_keys(mask: PairMask, len: usize) -> usize {
     match mask {
         PairMask::Partial { keys, .. } => keys,
         _ => len,

@@ -12,12 +12,14 @@
 //! - [`ring_forward`]/[`ring_backward`]: whole host tensors, ranks simulated by threads of this process.
 //! - [`rank_forward`]/[`rank_backward`]: one rank's part, over any [`Transport`] (how a multi-process or
 //!   multi-host caller runs it).
+//! - `ring_forward_cuda`/`ring_backward_cuda` (feature `cuda`): ranks simulated by streams of one GPU, the
+//!   CUDA kernels per chunk pair and a device merge (a check of the device path; K/V do not move).
 //! - [`nccl`] (feature `nccl`): an NCCL transport for device buffers, loaded at run time.
 //!
 //! Supported: no mask or causal (bottom-right aligned, any `sq`, `sk`), any scale, soft-capping, MQA/GQA,
 //! f16/bf16/f32 on the CPU backend. ALiBi, sliding windows and varlen are refused with
-//! [`crate::Error::Unsupported`]. A GPU ring (device kernels per pair, NCCL between GPUs) is not wired yet:
-//! see `docs/notes/ring.md`.
+//! [`crate::Error::Unsupported`]. A multi-GPU ring (device kernels per pair, NCCL between GPUs) is not wired
+//! yet: see `docs/notes/ring.md`.
 //!
 //! ```
 //! use flashattn::{ring, AttnOptions, DType, Tensor};
@@ -31,6 +33,8 @@
 //! # Ok::<(), flashattn::Error>(())
 //! ```
 
+#[cfg(feature = "cuda")]
+mod gpu;
 mod host;
 mod merge;
 #[cfg(feature = "nccl")]
@@ -39,6 +43,8 @@ mod schedule;
 mod shard;
 mod transport;
 
+#[cfg(feature = "cuda")]
+pub use gpu::{ring_backward_cuda, ring_forward_cuda};
 pub use host::{
     rank_backward, rank_forward, ring_backward, ring_forward, DkvShard, KvShard, RankStats, RingBackward, RingForward,
 };
