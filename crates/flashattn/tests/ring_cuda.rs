@@ -166,3 +166,40 @@ fn ring_on_streams_timing() {
         assert!(vis.iter().all(|&x| x == vis[0]), "zig-zag balance {vis:?}");
     }
 }
+
+/// The NCCL transport on one GPU: a ring of one rank whose send and receive are a self-exchange through
+/// NCCL (the only ring one GPU allows: NCCL refuses two ranks on one device). Runs the communicator set-up,
+/// the grouped send/recv on the communication stream and the stream joins; skips without libnccl.
+#[cfg(feature = "nccl")]
+#[test]
+fn nccl_transport_self_exchange() {
+    use flashattn::cuda::cudarc::driver::CudaContext;
+    use flashattn::ring::nccl::{probe, DeviceBlock, NcclTransport};
+    use flashattn::ring::Transport;
+    if !gpu("nccl_transport_self_exchange") {
+        return;
+    }
+    match probe() {
+        Ok(v) => eprintln!("nccl version code {v}"),
+        Err(e) => {
+            eprintln!("SKIP nccl_transport_self_exchange: {e}");
+            return;
+        }
+    }
+    let ctx = CudaContext::new(0).unwrap();
+    let stream = ctx.new_stream().unwrap();
+    let mut t = NcclTransport::single_process(vec![stream.clone()]).unwrap().pop().unwrap();
+    assert_eq!((t.rank(), t.ranks()), (0, 1));
+    let a: Vec<u8> = (0..1_000_003u32).map(|i| (i * 7 % 251) as u8).collect();
+    let b: Vec<u8> = (0..4096u32).map(|i| (i % 13) as u8).collect();
+    for round in 0..3 {
+        let block = DeviceBlock { bufs: vec![stream.clone_htod(&a).unwrap(), stream.clone_htod(&b).unwrap()] };
+        t.start(block).unwrap();
+        let got = t.finish().unwrap();
+        assert_eq!(got.bufs.len(), 2);
+        assert_eq!(stream.clone_dtoh(&got.bufs[0]).unwrap(), a, "round {round}");
+        assert_eq!(stream.clone_dtoh(&got.bufs[1]).unwrap(), b, "round {round}");
+    }
+    assert!(t.finish().is_err(), "nothing posted");
+    eprintln!("nccl self-exchange: 3 rounds of 2 buffers (1,000,003 + 4,096 bytes) came back intact");
+}
