@@ -11,7 +11,7 @@
 //! accumulators; partial gradients likewise (as FlashAttention-based ring implementations do).
 
 use super::host::{local_keys, local_opts, ring_mask, RankStats, RingBackward, RingForward};
-use super::schedule::{PairMask, RingSchedule};
+use super::schedule::{split_single_key_rows, PairMask, RingSchedule};
 use crate::api::{ForwardOutput, Gradients};
 use crate::cuda::runtime::{self, dev_err};
 use crate::cuda::{backward_raw, forward_raw, DeviceTensorRef};
@@ -327,6 +327,7 @@ pub fn ring_backward_cuda(
     half_only(p.dtype)?;
     check_backward_inputs(&p, &o.view(), &lse.view(), &dout.view())?;
     let sched = RingSchedule::new(ranks, p.dense_sq, k.shape()[1], causal)?;
+    let (sq, sk) = (p.dense_sq, k.shape()[1]);
     let (b, h, hk, d, dt) = (p.batch, p.h, p.hk, p.d, p.dtype);
     let (qs, ks, vs) = (sched.q.shard(q, 1)?, sched.k.shard(k, 1)?, sched.k.shard(v, 1)?);
     let (os, ls, gs) = (sched.q.shard(o, 1)?, sched.q.shard(lse, 2)?, sched.q.shard(dout, 1)?);
@@ -338,8 +339,8 @@ pub fn ring_backward_cuda(
         let up = |t: &Tensor| main.clone_htod(&bits(t)).map_err(d_err("upload"));
         let upv = |v: &[Tensor]| v.iter().map(up).collect::<Result<Vec<_>>>();
         let (qd, kd, vd, od, gd) = (upv(&qs)?, upv(&ks)?, upv(&vs)?, upv(&os)?, upv(&gs)?);
-        // lse per query chunk, contiguous [b, h, cq].
-        let mut lse_c = Vec::new();
+        // lse per query chunk, [b, h, cq] on the host (pieces upload their rows).
+        let mut lse_host: Vec<Vec<Vec<f32>>> = Vec::new();
         for (r, lsh) in ls.iter().enumerate() {
             let lq = sched.q.rank_len(r);
             let lf = lsh.to_f32_vec();
@@ -347,15 +348,16 @@ pub fn ring_backward_cuda(
             let mut q0 = 0;
             for c in sched.q.rank_rows(r) {
                 let cq = c.len();
-                let mut x = vec![0f32; (b * h * cq).max(1)];
+                let mut x = vec![0f32; b * h * cq];
                 for bh in 0..b * h {
                     x[bh * cq..(bh + 1) * cq].copy_from_slice(&lf[bh * lq + q0..bh * lq + q0 + cq]);
                 }
-                per.push(main.clone_htod(&x).map_err(d_err("upload"))?);
+                per.push(x);
                 q0 += cq;
             }
-            lse_c.push(per);
+            lse_host.push(per);
         }
+        let mut keep: Vec<CudaSlice<f32>> = Vec::new();
         let streams =
             (0..ranks).map(|_| gpu.ctx.new_stream().map_err(d_err("new stream"))).collect::<Result<Vec<_>>>()?;
         let max_cq = (0..2 * ranks).map(|c| sched.q.chunk(c).len()).max().unwrap_or(0).max(1);
@@ -406,54 +408,61 @@ pub fn ring_backward_cuda(
                     }
                     let qi = usize::from(w.q_chunk != sched.q.rank_chunks(r)[0]);
                     let q0 = if qi == 0 { 0 } else { sched.q.rank_rows(r)[0].len() };
-                    let cq = sched.q.chunk(w.q_chunk).len();
-                    let (_, k0) = sched.k.locate(w.kv_chunk);
-                    let ck = sched.k.chunk(w.kv_chunk).len();
-                    let nk = local_keys(w.mask, ck);
-                    let qv = view(ptr(&qd[r], s), dt, lq, q0, cq, h, d, b);
-                    let ov = view(ptr(&od[r], s), dt, lq, q0, cq, h, d, b);
-                    let gv = view(ptr(&gd[r], s), dt, lq, q0, cq, h, d, b);
-                    let kv = view(ptr(&kd[src], s), dt, lk, k0, nk, hk, d, b);
-                    let vv = view(ptr(&vd[src], s), dt, lk, k0, nk, hk, d, b);
-                    let lv = DeviceTensorRef::contiguous(ptr(&lse_c[r][qi], s), DType::F32, &[b, h, cq]);
-                    let dqv = DeviceTensorRef::contiguous(ptr(&scratch[r].0, s), dt, &[b, cq, h, d]);
-                    let dkv = DeviceTensorRef::contiguous(ptr(&scratch[r].1, s), dt, &[b, nk, hk, d]);
-                    let dvv = DeviceTensorRef::contiguous(ptr(&scratch[r].2, s), dt, &[b, nk, hk, d]);
-                    // SAFETY: as in the forward.
-                    unsafe {
-                        backward_raw(
-                            n,
-                            s.cu_stream() as _,
-                            &qv,
-                            &kv,
-                            &vv,
-                            &ov,
-                            &lv,
-                            &gv,
-                            &dqv,
-                            &dkv,
-                            &dvv,
-                            &local_opts(scale, softcap, w.mask),
-                        )?
-                    };
-                    launch_add(
-                        &kern,
-                        s,
-                        ptr(&dq_acc[r][qi], s),
-                        cq * h * d,
-                        dqv.ptr,
-                        cq * h * d,
-                        cq * h * d,
-                        b,
-                        is_bf16,
-                    )?;
-                    let e = DType::F32.size() as u64;
-                    let off = (k0 * hk * d) as u64 * e;
-                    let (dka, dva) = (ptr(&dkv_acc[src].0, s) + off, ptr(&dkv_acc[src].1, s) + off);
-                    launch_add(&kern, s, dka, lk * hk * d, dkv.ptr, nk * hk * d, nk * hk * d, b, is_bf16)?;
-                    launch_add(&kern, s, dva, lk * hk * d, dvv.ptr, nk * hk * d, nk * hk * d, b, is_bf16)?;
+                    let (qc, kc) = (sched.q.chunk(w.q_chunk), sched.k.chunk(w.kv_chunk));
+                    let (cqc, ck) = (qc.len(), kc.len());
+                    let (_, k0c) = sched.k.locate(w.kv_chunk);
                     stats[r].pairs += 1;
-                    stats[r].visible += w.mask.visible(cq, ck);
+                    stats[r].visible += w.mask.visible(cqc, ck);
+                    // Rows that see one key of the chunk but more of the sequence run as unmasked pieces.
+                    for (qr, kr, m) in split_single_key_rows(causal, sq, sk, qc.clone(), kc.clone()) {
+                        if m == PairMask::Skip {
+                            continue;
+                        }
+                        let (dq_off, cq) = (qr.start - qc.start, qr.len());
+                        let (q0p, k0) = (q0 + dq_off, k0c + (kr.start - kc.start));
+                        let nk = local_keys(m, kr.len());
+                        let qv = view(ptr(&qd[r], s), dt, lq, q0p, cq, h, d, b);
+                        let ov = view(ptr(&od[r], s), dt, lq, q0p, cq, h, d, b);
+                        let gv = view(ptr(&gd[r], s), dt, lq, q0p, cq, h, d, b);
+                        let kv = view(ptr(&kd[src], s), dt, lk, k0, nk, hk, d, b);
+                        let vv = view(ptr(&vd[src], s), dt, lk, k0, nk, hk, d, b);
+                        // The piece's lse, contiguous [b, h, cq].
+                        let lh = &lse_host[r][qi];
+                        let mut sub = Vec::with_capacity(b * h * cq);
+                        for bh in 0..b * h {
+                            sub.extend_from_slice(&lh[bh * cqc + dq_off..bh * cqc + dq_off + cq]);
+                        }
+                        let lbuf = s.clone_htod(&sub).map_err(d_err("upload"))?;
+                        let lv = DeviceTensorRef::contiguous(ptr(&lbuf, s), DType::F32, &[b, h, cq]);
+                        keep.push(lbuf);
+                        let dqv = DeviceTensorRef::contiguous(ptr(&scratch[r].0, s), dt, &[b, cq, h, d]);
+                        let dkv = DeviceTensorRef::contiguous(ptr(&scratch[r].1, s), dt, &[b, nk, hk, d]);
+                        let dvv = DeviceTensorRef::contiguous(ptr(&scratch[r].2, s), dt, &[b, nk, hk, d]);
+                        // SAFETY: as in the forward.
+                        unsafe {
+                            backward_raw(
+                                n,
+                                s.cu_stream() as _,
+                                &qv,
+                                &kv,
+                                &vv,
+                                &ov,
+                                &lv,
+                                &gv,
+                                &dqv,
+                                &dkv,
+                                &dvv,
+                                &local_opts(scale, softcap, m),
+                            )?
+                        };
+                        let e = DType::F32.size() as u64;
+                        let dqa = ptr(&dq_acc[r][qi], s) + (dq_off * h * d) as u64 * e;
+                        launch_add(&kern, s, dqa, cqc * h * d, dqv.ptr, cq * h * d, cq * h * d, b, is_bf16)?;
+                        let off = (k0 * hk * d) as u64 * e;
+                        let (dka, dva) = (ptr(&dkv_acc[src].0, s) + off, ptr(&dkv_acc[src].1, s) + off);
+                        launch_add(&kern, s, dka, lk * hk * d, dkv.ptr, nk * hk * d, nk * hk * d, b, is_bf16)?;
+                        launch_add(&kern, s, dva, lk * hk * d, dvv.ptr, nk * hk * d, nk * hk * d, b, is_bf16)?;
+                    }
                 }
             }
             step_done =
