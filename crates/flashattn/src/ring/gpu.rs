@@ -365,6 +365,7 @@ pub fn ring_backward_cuda(
         let mut dq_acc = Vec::new();
         let mut dkv_acc = Vec::new();
         let mut scratch = Vec::new();
+        let mut pads = Vec::new();
         for r in 0..ranks {
             let per = sched
                 .q
@@ -377,9 +378,12 @@ pub fn ring_backward_cuda(
             let z = || main.alloc_zeros::<f32>((b * lk * hk * d).max(1)).map_err(d_err("alloc"));
             dkv_acc.push((z()?, z()?));
             let dqp = main.alloc_zeros::<u16>(b * max_cq * h * d).map_err(d_err("alloc"))?;
-            let dkp = main.alloc_zeros::<u16>(b * max_ck * hk * d).map_err(d_err("alloc"))?;
-            let dvp = main.alloc_zeros::<u16>(b * max_ck * hk * d).map_err(d_err("alloc"))?;
+            let dkp = main.alloc_zeros::<u16>(b * max_ck.max(2) * hk * d).map_err(d_err("alloc"))?;
+            let dvp = main.alloc_zeros::<u16>(b * max_ck.max(2) * hk * d).map_err(d_err("alloc"))?;
             scratch.push((dqp, dkp, dvp));
+            let kpad = main.alloc_zeros::<u16>(b * 2 * hk * d).map_err(d_err("alloc"))?;
+            let vpad = main.alloc_zeros::<u16>(b * 2 * hk * d).map_err(d_err("alloc"))?;
+            pads.push((kpad, vpad));
         }
         main.synchronize().map_err(d_err("sync"))?;
         let (scale, softcap) = (p.scale, p.softcap);
@@ -424,8 +428,36 @@ pub fn ring_backward_cuda(
                         let qv = view(ptr(&qd[r], s), dt, lq, q0p, cq, h, d, b);
                         let ov = view(ptr(&od[r], s), dt, lq, q0p, cq, h, d, b);
                         let gv = view(ptr(&gd[r], s), dt, lq, q0p, cq, h, d, b);
-                        let kv = view(ptr(&kd[src], s), dt, lk, k0, nk, hk, d, b);
-                        let vv = view(ptr(&vd[src], s), dt, lk, k0, nk, hk, d, b);
+                        // A piece with one key: the backward kernel would take every row for a one-key row and
+                        // return dS = 0. A zero key (k = 0, v = 0) after it changes nothing (its dS multiplies
+                        // k = 0 in dQ; its dK, dV are dropped) but makes the general formula run.
+                        let pad = nk == 1;
+                        let (kv, vv, nkc, m) = if pad {
+                            let row = hk * d * dt.size();
+                            for bi in 0..b {
+                                let at = ((bi * lk + k0) * hk * d * dt.size()) as u64;
+                                let to = (bi * 2 * row) as u64;
+                                for (src_buf, dst_buf) in [(&kd[src], &pads[r].0), (&vd[src], &pads[r].1)] {
+                                    // SAFETY: one row of hk * d elements inside both buffers, on this rank's stream.
+                                    unsafe {
+                                        cudarc::driver::result::memcpy_dtod_async(
+                                            ptr(dst_buf, s) + to,
+                                            ptr(src_buf, s) + at,
+                                            row,
+                                            s.cu_stream(),
+                                        )
+                                    }
+                                    .map_err(d_err("copying a key row"))?;
+                                }
+                            }
+                            let kv = DeviceTensorRef::contiguous(ptr(&pads[r].0, s), dt, &[b, 2, hk, d]);
+                            let vv = DeviceTensorRef::contiguous(ptr(&pads[r].1, s), dt, &[b, 2, hk, d]);
+                            (kv, vv, 2, PairMask::Full)
+                        } else {
+                            let kv = view(ptr(&kd[src], s), dt, lk, k0, nk, hk, d, b);
+                            let vv = view(ptr(&vd[src], s), dt, lk, k0, nk, hk, d, b);
+                            (kv, vv, nk, m)
+                        };
                         // The piece's lse, contiguous [b, h, cq].
                         let lh = &lse_host[r][qi];
                         let mut sub = Vec::with_capacity(b * h * cq);
@@ -436,8 +468,8 @@ pub fn ring_backward_cuda(
                         let lv = DeviceTensorRef::contiguous(ptr(&lbuf, s), DType::F32, &[b, h, cq]);
                         keep.push(lbuf);
                         let dqv = DeviceTensorRef::contiguous(ptr(&scratch[r].0, s), dt, &[b, cq, h, d]);
-                        let dkv = DeviceTensorRef::contiguous(ptr(&scratch[r].1, s), dt, &[b, nk, hk, d]);
-                        let dvv = DeviceTensorRef::contiguous(ptr(&scratch[r].2, s), dt, &[b, nk, hk, d]);
+                        let dkv = DeviceTensorRef::contiguous(ptr(&scratch[r].1, s), dt, &[b, nkc, hk, d]);
+                        let dvv = DeviceTensorRef::contiguous(ptr(&scratch[r].2, s), dt, &[b, nkc, hk, d]);
                         // SAFETY: as in the forward.
                         unsafe {
                             backward_raw(
@@ -460,8 +492,8 @@ pub fn ring_backward_cuda(
                         launch_add(&kern, s, dqa, cqc * h * d, dqv.ptr, cq * h * d, cq * h * d, b, is_bf16)?;
                         let off = (k0 * hk * d) as u64 * e;
                         let (dka, dva) = (ptr(&dkv_acc[src].0, s) + off, ptr(&dkv_acc[src].1, s) + off);
-                        launch_add(&kern, s, dka, lk * hk * d, dkv.ptr, nk * hk * d, nk * hk * d, b, is_bf16)?;
-                        launch_add(&kern, s, dva, lk * hk * d, dvv.ptr, nk * hk * d, nk * hk * d, b, is_bf16)?;
+                        launch_add(&kern, s, dka, lk * hk * d, dkv.ptr, nkc * hk * d, nk * hk * d, b, is_bf16)?;
+                        launch_add(&kern, s, dva, lk * hk * d, dvv.ptr, nkc * hk * d, nk * hk * d, b, is_bf16)?;
                     }
                 }
             }
