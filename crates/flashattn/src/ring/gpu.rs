@@ -113,6 +113,7 @@ fn compile_kernels(gpu: &runtime::Gpu) -> Result<Kernels> {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 /// `[b, rows, heads, d]` view of rows `start..start + rows` of a `[b, len, heads, d]` contiguous buffer.
 fn view(
     base: u64,
@@ -140,6 +141,7 @@ fn half_only(dtype: DType) -> Result<()> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn launch_add(
     k: &Kernels,
     s: &CudaStream,
