@@ -4,12 +4,13 @@
 //! dtype).
 //!
 //! This build runs the ring on simulated ranks only: `N` threads of this process on the CPU backend, blocks
-//! passed through in-process channels. The output says so, and whether the NCCL transport is compiled in
-//! and loadable (it is not used: the GPU ring is not wired yet).
+//! passed through in-process channels, or with `--device cuda` `N` streams of one GPU (no transport: ranks
+//! read the visiting shard in place). The output says which, and whether the NCCL transport is compiled in
+//! and loadable (it is not used: the multi-GPU ring is not wired yet).
 
 use crate::bench::{points, BenchArgs, Mode};
 use crate::common::{randn, CliError, CliResult, DeviceArg};
-use flashattn::ring::{ring_backward, ring_forward, RankStats};
+use flashattn::ring::{ring_backward, ring_forward, RankStats, RingBackward, RingForward};
 use flashattn::{AttnOptions, DType, Device, Tensor};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -77,11 +78,16 @@ pub fn main(a: &BenchArgs, ranks: usize) -> CliResult<ExitCode> {
     if ranks == 0 {
         return Err(CliError::Input("--ranks must be at least 1".into()));
     }
-    if let DeviceArg::Exact(Device::Cuda(_)) = a.device {
-        return Err(CliError::Failed(
-            "ring attention runs on simulated CPU ranks only in this build (no GPU ring yet): use --device cpu".into(),
-        ));
+    // The CPU unless a GPU is asked for by name (`--device cuda`): the GPU path simulates ranks by streams.
+    let gpu = match a.device {
+        DeviceArg::Exact(Device::Cuda(n)) => Some(n),
+        _ => None,
+    };
+    #[cfg(not(feature = "cuda"))]
+    if gpu.is_some() {
+        return Err(CliError::Failed("this build has no `cuda` feature".into()));
     }
+    let device = gpu.map_or(Device::Cpu, Device::Cuda);
     let mut args = a.clone();
     if args.shape.is_none() {
         args.shape = Some([1, 4, 2048, 64]);
@@ -91,13 +97,19 @@ pub fn main(a: &BenchArgs, ranks: usize) -> CliResult<ExitCode> {
     }
     let warmup = a.warmup.unwrap_or(1);
     let reps = a.reps.unwrap_or(3).max(1);
-    println!(
-        "ring attention: {ranks} simulated ranks (threads of this process on the CPU backend), transport: \
-         in-process channels (ChannelTransport)"
-    );
+    match gpu {
+        None => println!(
+            "ring attention: {ranks} simulated ranks (threads of this process on the CPU backend), transport: \
+             in-process channels (ChannelTransport)"
+        ),
+        Some(n) => println!(
+            "ring attention: {ranks} ranks simulated by streams of one GPU (cuda:{n}); no transport: each rank \
+             reads the visiting K/V shard in place"
+        ),
+    }
     println!("{}", nccl_line());
     println!("zig-zag sharding: 2N = {} chunks, rank r holds chunks r and 2N-1-r", 2 * ranks);
-    println!("{}, warmup {warmup}, reps {reps} (median); single-device = one CPU call on the whole sequence", a.dtype);
+    println!("{}, warmup {warmup}, reps {reps} (median); single-device = one call on the whole sequence", a.dtype);
     let mut failed = false;
     for (i, p) in points(&args).iter().enumerate() {
         let seed = a.seed.wrapping_add(i as u64);
@@ -123,17 +135,17 @@ pub fn main(a: &BenchArgs, ranks: usize) -> CliResult<ExitCode> {
             let mut last = None;
             for it in 0..warmup + reps {
                 let t0 = Instant::now();
-                let r = ring_forward(&q, &k, &v, &opts, ranks).map_err(fail)?;
+                let r = ring_fwd(gpu, &q, &k, &v, &opts, ranks).map_err(fail)?;
                 let g = if bwd {
-                    Some(ring_backward(&q, &k, &v, &r.out.o, &r.out.lse, &dout, &opts, ranks).map_err(fail)?)
+                    Some(ring_bwd(gpu, [&q, &k, &v, &r.out.o, &r.out.lse, &dout], &opts, ranks).map_err(fail)?)
                 } else {
                     None
                 };
                 let rt = t0.elapsed().as_secs_f64();
                 let t1 = Instant::now();
-                let s = flashattn::forward(&q, &k, &v, &opts).map_err(fail)?;
+                let s = flashattn::forward_on(device, &q, &k, &v, &opts).map_err(fail)?;
                 let sg = if bwd {
-                    Some(flashattn::backward(&q, &k, &v, &s.o, &s.lse, &dout, &opts).map_err(fail)?)
+                    Some(flashattn::backward_on(device, &q, &k, &v, &s.o, &s.lse, &dout, &opts).map_err(fail)?)
                 } else {
                     None
                 };
@@ -149,8 +161,8 @@ pub fn main(a: &BenchArgs, ranks: usize) -> CliResult<ExitCode> {
             let diff = [("o", worst_steps(&r.out.o, &s.o, a.dtype))];
             let mut grad_diff = Vec::new();
             println!(
-                "{}: ring {rm:.2} ms, single-device {sm:.2} ms (ring/single {:.2}x; simulated ranks share this \
-                 machine's cores, so this is not a scaling figure)",
+                "{}: ring {rm:.2} ms, single-device {sm:.2} ms (ring/single {:.2}x; simulated ranks share one device, \
+                 so this is not a scaling figure)",
                 mode_name(mode),
                 rm / sm
             );
@@ -179,6 +191,34 @@ pub fn main(a: &BenchArgs, ranks: usize) -> CliResult<ExitCode> {
         }
     }
     Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn ring_fwd(
+    gpu: Option<usize>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &AttnOptions,
+    ranks: usize,
+) -> flashattn::Result<RingForward> {
+    match gpu {
+        #[cfg(feature = "cuda")]
+        Some(n) => flashattn::ring::ring_forward_cuda(n, q, k, v, opts, ranks),
+        _ => ring_forward(q, k, v, opts, ranks),
+    }
+}
+
+fn ring_bwd(
+    gpu: Option<usize>,
+    [q, k, v, o, lse, dout]: [&Tensor; 6],
+    opts: &AttnOptions,
+    ranks: usize,
+) -> flashattn::Result<RingBackward> {
+    match gpu {
+        #[cfg(feature = "cuda")]
+        Some(n) => flashattn::ring::ring_backward_cuda(n, q, k, v, o, lse, dout, opts, ranks),
+        _ => ring_backward(q, k, v, o, lse, dout, opts, ranks),
+    }
 }
 
 fn mode_name(m: Mode) -> &'static str {
