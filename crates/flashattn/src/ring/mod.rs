@@ -14,7 +14,7 @@
 //!   multi-host caller runs it).
 //! - `ring_forward_cuda`/`ring_backward_cuda` (feature `cuda`): ranks simulated by streams of one GPU, the
 //!   CUDA kernels per chunk pair and a device merge (a check of the device path; K/V do not move).
-//! - [`nccl`] (feature `nccl`): an NCCL transport for device buffers, loaded at run time.
+//! - `nccl` (feature `nccl`): an NCCL transport for device buffers, loaded at run time.
 //!
 //! Supported: no mask or causal (bottom-right aligned, any `sq`, `sk`), any scale, soft-capping, MQA/GQA,
 //! f16/bf16/f32 on the CPU backend. ALiBi, sliding windows and varlen are refused with
