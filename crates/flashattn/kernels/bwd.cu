@@ -611,7 +611,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                     float pv = exp2_fast(s2 - ((e & 1) ? l2.y : l2.x));
                     if (need_mask && !(qi < si.sq && is_visible(mc, qi, kj))) pv = 0.f;
                     float ds = pv * (acc_dp[j][e] - ((e & 1) ? dd.y : dd.x));
-                    if (need_mask && sees_one_key(mc, qi)) ds = 0.f;  // exact: a one-key softmax is constant
+                    if (need_mask && p.exact_one_key && sees_one_key(mc, qi)) ds = 0.f;  // exact: a one-key softmax is constant
 #if HAS_SOFTCAP
                     ds *= (1.f - th * th);
 #endif
@@ -978,7 +978,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                         float pv = exp2_fast(s2 - ((e & 1) ? l2.y : l2.x));
                         if (need_mask && !(qi < si.sq && is_visible(mc, qi, kj))) pv = 0.f;
                         float ds = pv * (acc_dp[mi][j][e] - ((e & 1) ? dd.y : dd.x));
-                        if (need_mask && sees_one_key(mc, qi)) ds = 0.f;  // exact: a one-key softmax is constant
+                        if (need_mask && p.exact_one_key && sees_one_key(mc, qi)) ds = 0.f;  // exact: a one-key softmax is constant
 #if HAS_SOFTCAP
                         ds *= (1.f - th * th);
 #endif

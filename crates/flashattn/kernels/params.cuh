@@ -64,4 +64,7 @@ struct BwdParams {
     float* dq_accum;          // scratch f32 [rows_q, h, HD]: dQ / scale accumulator, zeroed by preprocess
     int* dq_semaphore;        // DETERMINISTIC: scratch i32 [b, h, ceil(sq / BWD_BM)], zeroed by preprocess; else nullptr
     int rows_q;               // see above
+    int exact_one_key;        // 1: lse and D come from this call's keys, so a row that sees one key has a constant
+                              // softmax and gets dS = 0 exactly; 0: they come from a larger softmax (ring, split
+                              // keys) and such a row takes the general formula
 };

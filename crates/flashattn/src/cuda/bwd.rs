@@ -28,6 +28,16 @@ fn scratch<T: cudarc::driver::DeviceRepr>(stream: &Arc<CudaStream>, n: usize) ->
     unsafe { stream.alloc::<T>(n.max(1)) }.map_err(|e| dev_err("allocating backward scratch", e))
 }
 
+/// Whose softmax the backward's `lse` (and so `D = rowsum(dO * O)`) belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Softmax {
+    /// This call's keys: a row that sees one key has a constant softmax, and its `dS` is exactly 0.
+    Whole,
+    /// A larger set of keys of which this call holds a part (ring attention): every row takes the general
+    /// formula.
+    Part,
+}
+
 /// Runs the three backward kernels on `stream`.
 pub(crate) fn run(
     gpu: &Gpu,
@@ -36,6 +46,7 @@ pub(crate) fn run(
     a: &BwdArgs,
     aligned16: bool,
     deterministic: bool,
+    softmax: Softmax,
 ) -> Result<()> {
     fwd::check_sizes(p)?;
     let v = fwd::variant_for(p, Pass::Bwd, aligned16, deterministic)?;
@@ -91,6 +102,7 @@ pub(crate) fn run(
         dq_accum: ptr(&dq_accum) as *mut f32,
         dq_semaphore: sem_ptr as *mut i32,
         rows_q: rows_q as i32,
+        exact_one_key: i32::from(softmax == Softmax::Whole),
     };
     let rows_grid = ((sq as u32).div_ceil(64), p.h as u32, p.batch as u32);
     // SAFETY: `params` mirrors BwdParams; every pointer refers to a buffer sized for this problem, and the

@@ -177,7 +177,7 @@ pub fn backward_host(
         };
         aux.fill(s, &mut a.fwd);
         let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
-        bwd::run(&gpu, s, &p, &a, aligned, opts.deterministic)?;
+        bwd::run(&gpu, s, &p, &a, aligned, opts.deterministic, bwd::Softmax::Whole)?;
         let g = Gradients { dq: download(s, &gq)?, dk: download(s, &gk)?, dv: download(s, &gv)? };
         drop((tq, tk, tv, to, tdo, tlse, aux));
         Ok(g)
@@ -339,6 +339,41 @@ pub unsafe fn backward_raw(
     dv: &DeviceTensorRef,
     opts: &AttnOptions,
 ) -> Result<()> {
+    backward_raw_of(n, stream, [q, k, v, o, lse, dout, dq, dk, dv], opts, bwd::Softmax::Whole)
+}
+
+/// [`backward_raw`] for a call that holds part of each row's keys, with `o`, `lse` (and so `D`) of the whole
+/// softmax (ring attention): no row takes the one-key shortcut.
+///
+/// # Safety
+/// As for [`forward_raw`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn backward_raw_part(
+    n: usize,
+    stream: *mut std::ffi::c_void,
+    q: &DeviceTensorRef,
+    k: &DeviceTensorRef,
+    v: &DeviceTensorRef,
+    o: &DeviceTensorRef,
+    lse: &DeviceTensorRef,
+    dout: &DeviceTensorRef,
+    dq: &DeviceTensorRef,
+    dk: &DeviceTensorRef,
+    dv: &DeviceTensorRef,
+    opts: &AttnOptions,
+) -> Result<()> {
+    backward_raw_of(n, stream, [q, k, v, o, lse, dout, dq, dk, dv], opts, bwd::Softmax::Part)
+}
+
+/// # Safety
+/// As for [`forward_raw`].
+unsafe fn backward_raw_of(
+    n: usize,
+    stream: *mut std::ffi::c_void,
+    [q, k, v, o, lse, dout, dq, dk, dv]: [&DeviceTensorRef; 9],
+    opts: &AttnOptions,
+    softmax: bwd::Softmax,
+) -> Result<()> {
     let p = raw_problem(q, k, v, opts)?;
     require_half(&p)?;
     o.check("o", &p.o_shape(), p.dtype, false)?;
@@ -371,7 +406,7 @@ pub unsafe fn backward_raw(
         };
         aux.fill(&s, &mut a.fwd);
         let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
-        bwd::run(&gpu, &s, &p, &a, aligned, opts.deterministic)?;
+        bwd::run(&gpu, &s, &p, &a, aligned, opts.deterministic, softmax)?;
         drop(aux);
         Ok(())
     })

@@ -125,6 +125,9 @@ pub struct BwdParams {
     pub dq_semaphore: *mut i32,
     /// `b * sq` (dense) or `total_q` (varlen).
     pub rows_q: i32,
+    /// 1 when lse and D come from this call's keys (a one-key row then gets `dS = 0` exactly); 0 when they
+    /// come from a larger softmax (ring attention, split keys).
+    pub exact_one_key: i32,
 }
 
 impl Default for FwdParams {
@@ -173,6 +176,7 @@ mod tests {
         assert_eq!(offset_of!(BwdParams, dpsum), 360);
         assert_eq!(offset_of!(BwdParams, dq_semaphore), 384);
         assert_eq!(offset_of!(BwdParams, rows_q), 392);
+        assert_eq!(offset_of!(BwdParams, exact_one_key), 396);
         assert_eq!(size_of::<BwdParams>(), 400);
     }
 }

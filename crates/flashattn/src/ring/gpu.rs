@@ -11,10 +11,10 @@
 //! accumulators; partial gradients likewise (as FlashAttention-based ring implementations do).
 
 use super::host::{local_keys, local_opts, ring_mask, RankStats, RingBackward, RingForward};
-use super::schedule::{split_single_key_rows, PairMask, RingSchedule};
+use super::schedule::{PairMask, RingSchedule};
 use crate::api::{ForwardOutput, Gradients};
 use crate::cuda::runtime::{self, dev_err};
-use crate::cuda::{backward_raw, forward_raw, DeviceTensorRef};
+use crate::cuda::{backward_raw_part, forward_raw, DeviceTensorRef};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::AttnOptions;
@@ -329,7 +329,6 @@ pub fn ring_backward_cuda(
     half_only(p.dtype)?;
     check_backward_inputs(&p, &o.view(), &lse.view(), &dout.view())?;
     let sched = RingSchedule::new(ranks, p.dense_sq, k.shape()[1], causal)?;
-    let (sq, sk) = (p.dense_sq, k.shape()[1]);
     let (b, h, hk, d, dt) = (p.batch, p.h, p.hk, p.d, p.dtype);
     let (qs, ks, vs) = (sched.q.shard(q, 1)?, sched.k.shard(k, 1)?, sched.k.shard(v, 1)?);
     let (os, ls, gs) = (sched.q.shard(o, 1)?, sched.q.shard(lse, 2)?, sched.q.shard(dout, 1)?);
@@ -341,8 +340,8 @@ pub fn ring_backward_cuda(
         let up = |t: &Tensor| main.clone_htod(&bits(t)).map_err(d_err("upload"));
         let upv = |v: &[Tensor]| v.iter().map(up).collect::<Result<Vec<_>>>();
         let (qd, kd, vd, od, gd) = (upv(&qs)?, upv(&ks)?, upv(&vs)?, upv(&os)?, upv(&gs)?);
-        // lse per query chunk, [b, h, cq] on the host (pieces upload their rows).
-        let mut lse_host: Vec<Vec<Vec<f32>>> = Vec::new();
+        // lse per query chunk, [b, h, cq], uploaded once.
+        let mut lse_dev: Vec<Vec<CudaSlice<f32>>> = Vec::new();
         for (r, lsh) in ls.iter().enumerate() {
             let lq = sched.q.rank_len(r);
             let lf = lsh.to_f32_vec();
@@ -354,12 +353,11 @@ pub fn ring_backward_cuda(
                 for bh in 0..b * h {
                     x[bh * cq..(bh + 1) * cq].copy_from_slice(&lf[bh * lq + q0..bh * lq + q0 + cq]);
                 }
-                per.push(x);
+                per.push(main.clone_htod(&x).map_err(d_err("upload"))?);
                 q0 += cq;
             }
-            lse_host.push(per);
+            lse_dev.push(per);
         }
-        let mut keep: Vec<CudaSlice<f32>> = Vec::new();
         let streams =
             (0..ranks).map(|_| gpu.ctx.new_stream().map_err(d_err("new stream"))).collect::<Result<Vec<_>>>()?;
         let max_cq = (0..2 * ranks).map(|c| sched.q.chunk(c).len()).max().unwrap_or(0).max(1);
@@ -367,7 +365,6 @@ pub fn ring_backward_cuda(
         let mut dq_acc = Vec::new();
         let mut dkv_acc = Vec::new();
         let mut scratch = Vec::new();
-        let mut pads = Vec::new();
         for r in 0..ranks {
             let per = sched
                 .q
@@ -380,12 +377,9 @@ pub fn ring_backward_cuda(
             let z = || main.alloc_zeros::<f32>((b * lk * hk * d).max(1)).map_err(d_err("alloc"));
             dkv_acc.push((z()?, z()?));
             let dqp = main.alloc_zeros::<u16>(b * max_cq * h * d).map_err(d_err("alloc"))?;
-            let dkp = main.alloc_zeros::<u16>(b * max_ck.max(2) * hk * d).map_err(d_err("alloc"))?;
-            let dvp = main.alloc_zeros::<u16>(b * max_ck.max(2) * hk * d).map_err(d_err("alloc"))?;
+            let dkp = main.alloc_zeros::<u16>(b * max_ck * hk * d).map_err(d_err("alloc"))?;
+            let dvp = main.alloc_zeros::<u16>(b * max_ck * hk * d).map_err(d_err("alloc"))?;
             scratch.push((dqp, dkp, dvp));
-            let kpad = main.alloc_zeros::<u16>(b * 2 * hk * d).map_err(d_err("alloc"))?;
-            let vpad = main.alloc_zeros::<u16>(b * 2 * hk * d).map_err(d_err("alloc"))?;
-            pads.push((kpad, vpad));
         }
         main.synchronize().map_err(d_err("sync"))?;
         let (scale, softcap) = (p.scale, p.softcap);
@@ -415,88 +409,45 @@ pub fn ring_backward_cuda(
                     let qi = usize::from(w.q_chunk != sched.q.rank_chunks(r)[0]);
                     let q0 = if qi == 0 { 0 } else { sched.q.rank_rows(r)[0].len() };
                     let (qc, kc) = (sched.q.chunk(w.q_chunk), sched.k.chunk(w.kv_chunk));
-                    let (cqc, ck) = (qc.len(), kc.len());
-                    let (_, k0c) = sched.k.locate(w.kv_chunk);
+                    let (cq, ck) = (qc.len(), kc.len());
+                    let (_, k0) = sched.k.locate(w.kv_chunk);
                     stats[r].pairs += 1;
-                    stats[r].visible += w.mask.visible(cqc, ck);
-                    // Rows that see one key of the chunk but more of the sequence run as unmasked pieces.
-                    for (qr, kr, m) in split_single_key_rows(causal, sq, sk, qc.clone(), kc.clone()) {
-                        if m == PairMask::Skip {
-                            continue;
-                        }
-                        let (dq_off, cq) = (qr.start - qc.start, qr.len());
-                        let (q0p, k0) = (q0 + dq_off, k0c + (kr.start - kc.start));
-                        let nk = local_keys(m, kr.len());
-                        let qv = view(ptr(&qd[r], s), dt, lq, q0p, cq, h, d, b);
-                        let ov = view(ptr(&od[r], s), dt, lq, q0p, cq, h, d, b);
-                        let gv = view(ptr(&gd[r], s), dt, lq, q0p, cq, h, d, b);
-                        // A piece with one key: the backward kernel would take every row for a one-key row and
-                        // return dS = 0. A zero key (k = 0, v = 0) after it changes nothing (its dS multiplies
-                        // k = 0 in dQ; its dK, dV are dropped) but makes the general formula run.
-                        let pad = nk == 1;
-                        let (kv, vv, nkc, m) = if pad {
-                            let row = hk * d * dt.size();
-                            for bi in 0..b {
-                                let at = ((bi * lk + k0) * hk * d * dt.size()) as u64;
-                                let to = (bi * 2 * row) as u64;
-                                for (src_buf, dst_buf) in [(&kd[src], &pads[r].0), (&vd[src], &pads[r].1)] {
-                                    // SAFETY: one row of hk * d elements inside both buffers, on this rank's stream.
-                                    unsafe {
-                                        cudarc::driver::result::memcpy_dtod_async(
-                                            ptr(dst_buf, s) + to,
-                                            ptr(src_buf, s) + at,
-                                            row,
-                                            s.cu_stream(),
-                                        )
-                                    }
-                                    .map_err(d_err("copying a key row"))?;
-                                }
-                            }
-                            let kv = DeviceTensorRef::contiguous(ptr(&pads[r].0, s), dt, &[b, 2, hk, d]);
-                            let vv = DeviceTensorRef::contiguous(ptr(&pads[r].1, s), dt, &[b, 2, hk, d]);
-                            (kv, vv, 2, PairMask::Full)
-                        } else {
-                            let kv = view(ptr(&kd[src], s), dt, lk, k0, nk, hk, d, b);
-                            let vv = view(ptr(&vd[src], s), dt, lk, k0, nk, hk, d, b);
-                            (kv, vv, nk, m)
-                        };
-                        // The piece's lse, contiguous [b, h, cq].
-                        let lh = &lse_host[r][qi];
-                        let mut sub = Vec::with_capacity(b * h * cq);
-                        for bh in 0..b * h {
-                            sub.extend_from_slice(&lh[bh * cqc + dq_off..bh * cqc + dq_off + cq]);
-                        }
-                        let lbuf = s.clone_htod(&sub).map_err(d_err("upload"))?;
-                        let lv = DeviceTensorRef::contiguous(ptr(&lbuf, s), DType::F32, &[b, h, cq]);
-                        keep.push(lbuf);
-                        let dqv = DeviceTensorRef::contiguous(ptr(&scratch[r].0, s), dt, &[b, cq, h, d]);
-                        let dkv = DeviceTensorRef::contiguous(ptr(&scratch[r].1, s), dt, &[b, nkc, hk, d]);
-                        let dvv = DeviceTensorRef::contiguous(ptr(&scratch[r].2, s), dt, &[b, nkc, hk, d]);
-                        // SAFETY: as in the forward.
-                        unsafe {
-                            backward_raw(
-                                n,
-                                s.cu_stream() as _,
-                                &qv,
-                                &kv,
-                                &vv,
-                                &ov,
-                                &lv,
-                                &gv,
-                                &dqv,
-                                &dkv,
-                                &dvv,
-                                &local_opts(scale, softcap, m),
-                            )?
-                        };
-                        let e = DType::F32.size() as u64;
-                        let dqa = ptr(&dq_acc[r][qi], s) + (dq_off * h * d) as u64 * e;
-                        launch_add(&kern, s, dqa, cqc * h * d, dqv.ptr, cq * h * d, cq * h * d, b, is_bf16)?;
-                        let off = (k0 * hk * d) as u64 * e;
-                        let (dka, dva) = (ptr(&dkv_acc[src].0, s) + off, ptr(&dkv_acc[src].1, s) + off);
-                        launch_add(&kern, s, dka, lk * hk * d, dkv.ptr, nkc * hk * d, nk * hk * d, b, is_bf16)?;
-                        launch_add(&kern, s, dva, lk * hk * d, dvv.ptr, nkc * hk * d, nk * hk * d, b, is_bf16)?;
-                    }
+                    stats[r].visible += w.mask.visible(cq, ck);
+                    // lse and D belong to the whole row: the backward takes no one-key shortcut on this part.
+                    let nk = local_keys(w.mask, ck);
+                    let qv = view(ptr(&qd[r], s), dt, lq, q0, cq, h, d, b);
+                    let ov = view(ptr(&od[r], s), dt, lq, q0, cq, h, d, b);
+                    let gv = view(ptr(&gd[r], s), dt, lq, q0, cq, h, d, b);
+                    let kv = view(ptr(&kd[src], s), dt, lk, k0, nk, hk, d, b);
+                    let vv = view(ptr(&vd[src], s), dt, lk, k0, nk, hk, d, b);
+                    let lv = DeviceTensorRef::contiguous(ptr(&lse_dev[r][qi], s), DType::F32, &[b, h, cq]);
+                    let dqv = DeviceTensorRef::contiguous(ptr(&scratch[r].0, s), dt, &[b, cq, h, d]);
+                    let dkv = DeviceTensorRef::contiguous(ptr(&scratch[r].1, s), dt, &[b, nk, hk, d]);
+                    let dvv = DeviceTensorRef::contiguous(ptr(&scratch[r].2, s), dt, &[b, nk, hk, d]);
+                    // SAFETY: as in the forward.
+                    unsafe {
+                        backward_raw_part(
+                            n,
+                            s.cu_stream() as _,
+                            &qv,
+                            &kv,
+                            &vv,
+                            &ov,
+                            &lv,
+                            &gv,
+                            &dqv,
+                            &dkv,
+                            &dvv,
+                            &local_opts(scale, softcap, w.mask),
+                        )?
+                    };
+                    let n_dq = cq * h * d;
+                    launch_add(&kern, s, ptr(&dq_acc[r][qi], s), n_dq, dqv.ptr, n_dq, n_dq, b, is_bf16)?;
+                    let off = (k0 * hk * d * DType::F32.size()) as u64;
+                    let (dka, dva) = (ptr(&dkv_acc[src].0, s) + off, ptr(&dkv_acc[src].1, s) + off);
+                    let n_kv = nk * hk * d;
+                    launch_add(&kern, s, dka, lk * hk * d, dkv.ptr, n_kv, n_kv, b, is_bf16)?;
+                    launch_add(&kern, s, dva, lk * hk * d, dvv.ptr, n_kv, n_kv, b, is_bf16)?;
                 }
             }
             step_done =

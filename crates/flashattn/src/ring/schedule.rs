@@ -71,42 +71,6 @@ impl PairMask {
     }
 }
 
-/// A piece of a chunk pair: global query rows, global key rows, and their mask.
-pub type Piece = (Range<usize>, Range<usize>, PairMask);
-
-/// Splits a pair so that no piece has a query row that sees exactly one key of the piece unless the row sees
-/// exactly one key of the whole sequence.
-///
-/// Why: the CUDA backward sets `dS = 0` exactly for a masked row that sees one key (its softmax is constant,
-/// so `dS` is 0 mathematically). That holds for the whole row only: in a diagonal chunk pair the first row sees
-/// one key of the chunk but earlier keys elsewhere. Such a row is split off as a 1 × 1 piece with no mask
-/// (`Full`), which the kernel computes with the general formula. Rows before it see no key of the chunk.
-pub fn split_single_key_rows(causal: bool, sq: usize, sk: usize, q: Range<usize>, k: Range<usize>) -> Vec<Piece> {
-    let mask = PairMask::of(causal, sq, sk, q.clone(), k.clone());
-    let PairMask::Partial { keys, right } = mask else { return vec![(q, k, mask)] };
-    // Local row i' sees min(keys, i' + keys - cq + right + 1) keys: exactly one from i0 = cq - keys - right
-    // on (only that row when keys > 1; every later row too when keys = 1).
-    let cq = q.len() as i128;
-    let i0 = cq - keys as i128 - right as i128;
-    if i0 < 0 || i0 >= cq {
-        return vec![(q, k, mask)];
-    }
-    let row = q.start + i0 as usize;
-    let end = if keys == 1 { q.end } else { row + 1 };
-    let global = if causal { Mask::CAUSAL } else { Mask::NONE };
-    if keys > 1 && global.key_range(row, sq, sk).len() == 1 {
-        return vec![(q, k, mask)]; // truly one key: the kernel's exact dS = 0 is right
-    }
-    let mut out = Vec::with_capacity(3);
-    for (qr, kr) in [(q.start..row, k.clone()), (row..end, k.start..k.start + 1), (end..q.end, k.clone())] {
-        let m = PairMask::of(causal, sq, sk, qr.clone(), kr.clone());
-        if m != PairMask::Skip {
-            out.push((qr, kr, m));
-        }
-    }
-    out
-}
-
 /// One (query chunk, key chunk) pair of a ring step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PairWork {
@@ -228,48 +192,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// After splitting, a piece's row sees exactly one of the piece's keys only where it sees exactly one key
-    /// of the whole sequence, and the pieces cover the pair's visible (query, key) pairs exactly once.
-    #[test]
-    fn single_key_rows_are_split_off() {
-        let mut split = 0;
-        for (sq, sk) in [(16, 16), (12, 12), (9, 14), (14, 9), (7, 7), (30, 30)] {
-            for ranks in 1..5 {
-                let s = RingSchedule::new(ranks, sq, sk, true).unwrap();
-                for c in 0..2 * ranks {
-                    for e in 0..2 * ranks {
-                        let (q, k) = (s.q.chunk(c), s.k.chunk(e));
-                        let pieces = split_single_key_rows(true, sq, sk, q.clone(), k.clone());
-                        split += usize::from(pieces.len() > 1);
-                        let mut seen = 0u64;
-                        for (qr, kr, m) in &pieces {
-                            assert!(qr.start >= q.start && qr.end <= q.end && kr.start >= k.start && kr.end <= k.end);
-                            let (keys, right) = match *m {
-                                PairMask::Partial { keys, right } => (keys, Some(right)),
-                                PairMask::Full => (kr.len(), None),
-                                PairMask::Skip => continue,
-                            };
-                            let local = Mask { left: None, right };
-                            for (li, i) in qr.clone().enumerate() {
-                                let n = local.key_range(li, qr.len(), keys).len();
-                                if right.is_some() && n == 1 {
-                                    assert_eq!(Mask::CAUSAL.key_range(i, sq, sk).len(), 1, "{sq} {sk} {ranks} {c} {e}");
-                                }
-                                for (lj, j) in kr.clone().enumerate() {
-                                    let vis = lj < keys && local.visible(li, lj, qr.len(), keys);
-                                    assert_eq!(vis, Mask::CAUSAL.visible(i, j, sq, sk));
-                                    seen += u64::from(vis);
-                                }
-                            }
-                        }
-                        assert_eq!(seen, PairMask::of(true, sq, sk, q.clone(), k.clone()).visible(q.len(), k.len()));
-                    }
-                }
-            }
-        }
-        assert!(split > 0, "some diagonal pairs were split");
     }
 
     #[test]
