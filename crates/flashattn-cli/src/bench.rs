@@ -276,6 +276,9 @@ pub struct Row {
     /// Decode on CUDA: rows per page of a paged cache (`None`: unpaged).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub page_size: Option<usize>,
+    /// Decode on CUDA: the cache stores each head's rows contiguously (as `[b, hk, s, d]`, the layout the
+    /// PyTorch peers use) instead of token-major `[b, s, hk, d]`.
+    pub head_major: bool,
 }
 
 struct Inputs {
@@ -360,6 +363,7 @@ fn empty_row(imp: Impl, mode: Mode, device: Device, p: &Point, dtype: DType) -> 
         kernel: None,
         peers: BTreeMap::new(),
         page_size: None,
+        head_major: false,
     }
 }
 
@@ -469,14 +473,19 @@ mod gpu {
         reps: usize,
     ) -> Vec<Row> {
         let mut out = Vec::new();
-        for page in std::iter::once(None).chain(pages.iter().map(|&x| Some(x))) {
+        let layouts = std::iter::once(None).chain(pages.iter().map(|&x| Some(x)));
+        for (page, head_major) in layouts.flat_map(|pg| [(pg, false), (pg, true)]) {
             let mut r = empty_row(Impl::Flash, Mode::Fwd, Device::Cuda(n), p, dtype);
             r.page_size = page;
-            if let Some(ps) = page {
-                r.backend = format!("flashattn/page{ps}");
-            }
-            let res =
-                cuda::KvDecodeBench::new(n, p.b, p.h, p.hk, p.sq, p.sk, p.d, dtype, page, seed).and_then(|mut kb| {
+            r.head_major = head_major;
+            r.backend = match (page, head_major) {
+                (None, false) => "flashattn".into(),
+                (None, true) => "flashattn/hm".into(),
+                (Some(ps), false) => format!("flashattn/page{ps}"),
+                (Some(ps), true) => format!("flashattn/page{ps}/hm"),
+            };
+            let res = cuda::KvDecodeBench::new(n, p.b, p.h, p.hk, p.sq, p.sk, p.d, dtype, page, head_major, seed)
+                .and_then(|mut kb| {
                     let t = kb.time(warmup, reps)?;
                     let st = kb.status()?;
                     if st != 0 {
@@ -488,8 +497,9 @@ mod gpu {
                 Ok((t, splits)) => {
                     set_times(&mut r, Mode::Fwd, dtype, t);
                     r.kernel = Some(format!(
-                        "kvcache.cu kv_attn (+ kv_combine), {splits} key split(s), {}",
-                        page.map_or("unpaged".to_string(), |ps| format!("pages of {ps}"))
+                        "kvcache.cu kv_attn (+ kv_combine), {splits} key split(s), {}, {}",
+                        page.map_or("unpaged".to_string(), |ps| format!("pages of {ps}")),
+                        if head_major { "head-major rows" } else { "token-major rows ([.., s, hk, d] contiguous)" }
                     ));
                 }
                 Err(e) => r.err = Some(e.to_string()),
@@ -614,40 +624,46 @@ flashattn vs peers ({metric}, peers from --baselines):"
     }
 }
 
-/// Decode on CUDA: per point, KV GB/s unpaged, as a fraction of the copy bandwidth, against cuDNN, and
-/// each page size against unpaged.
+/// Decode on CUDA: per point and cache layout, KV GB/s unpaged, as a fraction of the copy bandwidth,
+/// against cuDNN, and each page size against unpaged.
 fn decode_summary(rows: &[Row], copy: Option<f64>) {
-    println!("\ndecode summary (KV GB/s; copy = device-to-device copy bandwidth of this run):");
+    println!("\ndecode summary (KV GB/s; copy = device-to-device copy bandwidth of this run, read + write):");
     println!(
-        "{:>4} {:>7} {:>9} {:>9} {:>10} {:>9} {:>13} {:>14}",
-        "b", "sk", "flashattn", "cudnn", "ours/cudnn", "of copy", "page16/unpag", "page256/unpag"
+        "{:<12} {:>4} {:>7} {:>9} {:>9} {:>10} {:>8} {:>12} {:>13}",
+        "layout", "b", "sk", "flashattn", "cudnn", "ours/cudnn", "of copy", "page16/unpag", "page256/unpag"
     );
-    for r in rows.iter().filter(|r| r.backend == "flashattn") {
-        let p = r.point;
-        let paged = |ps: usize| {
-            rows.iter()
-                .find(|x| x.page_size == Some(ps) && x.point == p)
-                .and_then(|x| Some(x.kv_gbps? / r.kv_gbps?))
-                .map_or("-".into(), |v| format!("{v:.3}"))
-        };
-        let cudnn = r.peers.get("cudnn").copied();
-        println!(
-            "{:>4} {:>7} {:>9} {:>9} {:>10} {:>9} {:>13} {:>14}",
-            p.b,
-            p.sk,
-            fmt_num(r.kv_gbps),
-            fmt_num(cudnn),
-            match (r.kv_gbps, cudnn) {
-                (Some(o), Some(c)) if c > 0.0 => format!("{:.2}", o / c),
-                _ => "-".into(),
-            },
-            match (r.kv_gbps, copy) {
-                (Some(o), Some(c)) if c > 0.0 => format!("{:.1}%", 100.0 * o / c),
-                _ => "-".into(),
-            },
-            paged(16),
-            paged(256)
-        );
+    for hm in [false, true] {
+        for r in rows.iter().filter(|r| r.page_size.is_none() && r.head_major == hm && r.err.is_none()) {
+            let p = r.point;
+            let paged = |ps: usize| {
+                rows.iter()
+                    .find(|x| x.page_size == Some(ps) && x.head_major == hm && x.point == p)
+                    .and_then(|x| Some(x.kv_gbps? / r.kv_gbps?))
+                    .map_or("-".into(), |v| format!("{v:.3}"))
+            };
+            let cudnn = rows
+                .iter()
+                .find(|x| x.backend == "flashattn" && x.point == p)
+                .and_then(|x| x.peers.get("cudnn").copied());
+            println!(
+                "{:<12} {:>4} {:>7} {:>9} {:>9} {:>10} {:>8} {:>12} {:>13}",
+                if hm { "head-major" } else { "token-major" },
+                p.b,
+                p.sk,
+                fmt_num(r.kv_gbps),
+                fmt_num(cudnn),
+                match (r.kv_gbps, cudnn) {
+                    (Some(o), Some(c)) if c > 0.0 => format!("{:.2}", o / c),
+                    _ => "-".into(),
+                },
+                match (r.kv_gbps, copy) {
+                    (Some(o), Some(c)) if c > 0.0 => format!("{:.1}%", 100.0 * o / c),
+                    _ => "-".into(),
+                },
+                paged(16),
+                paged(256)
+            );
+        }
     }
 }
 
@@ -849,7 +865,7 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
             Err(e) => println!("device copy bandwidth not measured: {e}"),
         }
     }
-    let total = (pts.len() * modes.len() * impls.len() * if decode { 1 + a.page_size.len() } else { 1 }) as u64;
+    let total = (pts.len() * modes.len() * impls.len() * if decode { 2 + 2 * a.page_size.len() } else { 1 }) as u64;
     let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     pb.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}")

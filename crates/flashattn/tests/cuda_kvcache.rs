@@ -382,6 +382,10 @@ impl DevCase {
     fn upload(s: &Setup) -> DevCase {
         use cuda::cudarc::driver::CudaContext;
         let ctx = CudaContext::new(0).unwrap();
+        // One stream orders everything here; without this, cudarc would make each buffer access wait on
+        // events recorded outside the graph capture (which invalidates the capture).
+        // SAFETY: every buffer of this context is used on this one stream.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().unwrap();
         let up16 = |t: &Tensor| stream.clone_htod(&bits16(t)).unwrap();
         let (b, c) = (s.b, s.c);

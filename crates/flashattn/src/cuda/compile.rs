@@ -102,6 +102,9 @@ impl Variant {
         if self.pass == Pass::Bwd {
             v.push(format!("DETERMINISTIC={}", b(self.deterministic)));
         }
+        if self.pass == Pass::KvCache {
+            v.push(format!("KV_STAGES={}", super::kvcache::stages(self.head_dim)));
+        }
         v
     }
 
@@ -319,10 +322,17 @@ pub struct Compiled {
     pub log: String,
 }
 
-/// Whether libnvrtc can be loaded here.
+/// Whether libnvrtc can be loaded here. A positive answer is remembered (the probe tries many library names
+/// and costs on the order of 100 us, which every launch path would otherwise pay).
 pub fn nvrtc_present() -> bool {
+    static FOUND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if FOUND.load(std::sync::atomic::Ordering::Relaxed) {
+        return true;
+    }
     // SAFETY: only tries to open the library; a panic (none expected) is caught.
-    std::panic::catch_unwind(|| unsafe { nv::is_culib_present() }).unwrap_or(false)
+    let found = std::panic::catch_unwind(|| unsafe { nv::is_culib_present() }).unwrap_or(false);
+    FOUND.store(found, std::sync::atomic::Ordering::Relaxed);
+    found
 }
 
 fn nvrtc_unavailable() -> Error {

@@ -15,7 +15,7 @@
 
 use super::compile::{kv_variant, padded_head_dim, Variant};
 use super::launch::{launch, poison, poison_outputs};
-use super::runtime::{self, dev_err, Gpu};
+use super::runtime::{self, dev_err, Gpu, Loaded};
 use super::tensor::{alloc_out, download, upload, upload_vec, DevTensor, DevView, DeviceTensorRef};
 use crate::api::ForwardOutput;
 use crate::dtype::DType;
@@ -100,8 +100,12 @@ struct KvFillParams {
     pad: i32,
 }
 
-/// `KV_STAGES` of a padded head dim.
-fn stages(head_dim: usize) -> u32 {
+/// `KV_STAGES` of a padded head dim: 3 up to 128, else 2; `FLASHATTN_KV_STAGES` (2..=8) overrides it for
+/// tuning experiments (the value is passed to NVRTC, so the cache keeps one cubin per setting).
+pub fn stages(head_dim: usize) -> u32 {
+    if let Some(s) = std::env::var("FLASHATTN_KV_STAGES").ok().and_then(|v| v.parse::<u32>().ok()) {
+        return s.clamp(2, 8);
+    }
     if head_dim > 128 {
         2
     } else {
@@ -345,6 +349,10 @@ fn make_plan(
     };
     let (sms, per_sm) = occupancy(gpu, head_dim);
     plan.splits = choose_splits(b * hk * plan.m_blocks(), max_keys, sms, per_sm);
+    // Tuning experiments: a fixed split count.
+    if let Some(s) = std::env::var("FLASHATTN_KV_SPLITS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        plan.splits = s.clamp(1, MAX_SPLITS);
+    }
     Ok(plan)
 }
 
@@ -374,14 +382,21 @@ struct Ptrs {
     ws: u64,
 }
 
+/// The kernel variant of a call.
+fn variant(pl: &Plan, x: &Ptrs) -> Variant {
+    let aligned = [x.kc, x.vc].iter().all(|v| v.aligned16(2)) && (pl.rotary || x.q.aligned16(2));
+    kv_variant(pl.head_dim, pl.dtype == DType::BF16, pl.mask.is_active(), x.alibi != 0, pl.softcap > 0.0, aligned)
+}
+
 /// Enqueues the kernels of one call on `stream` (no allocation, no synchronisation).
 fn enqueue(gpu: &Gpu, stream: dsys::CUstream, pl: &Plan, x: &Ptrs) -> Result<()> {
+    let m = gpu.module(&variant(pl, x))?;
+    enqueue_with(gpu, &m, stream, pl, x)
+}
+
+fn enqueue_with(gpu: &Gpu, m: &Loaded, stream: dsys::CUstream, pl: &Plan, x: &Ptrs) -> Result<()> {
     let [lse_off, o_off, q_off, _] = pl.workspace();
     let q_rot = x.ws + q_off as u64;
-    let aligned = [x.kc, x.vc].iter().all(|v| v.aligned16(2)) && (pl.rotary || x.q.aligned16(2));
-    let v: Variant =
-        kv_variant(pl.head_dim, pl.dtype == DType::BF16, pl.mask.is_active(), x.alibi != 0, pl.softcap > 0.0, aligned);
-    let m = gpu.module(&v)?;
     let limit = pl.sq + pl.max_keys + 1;
     let p = KvParams {
         q: x.q.ptr as *const c_void,
@@ -762,34 +777,10 @@ pub unsafe fn kvcache_forward_raw(
             format!("{} bytes at {:#x}", workspace.bytes, workspace.ptr),
         ));
     }
+    let x = raw_ptrs(q, cache, o, lse, workspace);
     runtime::guard("the CUDA KV-cache forward", || {
         gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
         let st = stream as dsys::CUstream;
-        let ptr = |t: &Option<DeviceTensorRef>| t.as_ref().map_or(0, |t| t.ptr);
-        let view = |t: &Option<DeviceTensorRef>| t.as_ref().map(|t| t.view()).unwrap_or_default();
-        let x = Ptrs {
-            q: q.view(),
-            kc: cache.k_cache.view(),
-            vc: cache.v_cache.view(),
-            kn: view(&cache.k_new),
-            vn: view(&cache.v_new),
-            o: o.view(),
-            lse: lse.ptr,
-            seqlens: cache.cache_seqlens.ptr,
-            block_table: ptr(&cache.block_table),
-            bt_stride: cache.block_table.as_ref().map_or(0, |t| t.strides[0] as i64),
-            batch_idx: ptr(&cache.cache_batch_idx),
-            leftpad: ptr(&cache.cache_leftpad),
-            cos: cache.rotary.as_ref().map_or(0, |r| r.cos.ptr),
-            sin: cache.rotary.as_ref().map_or(0, |r| r.sin.ptr),
-            rot_stride: cache.rotary.as_ref().map_or(0, |r| r.cos.strides[0] as i64),
-            rot_rows: cache.rotary.as_ref().map_or(0, |r| r.cos.shape[0]),
-            rot_half: cache.rotary.as_ref().map_or(0, |r| r.cos.shape[1]),
-            interleaved: cache.rotary.as_ref().is_some_and(|r| r.interleaved),
-            alibi: cache.alibi_slopes.as_ref().map_or(0, |a| a.ptr),
-            alibi_per_batch: cache.alibi_slopes.as_ref().is_some_and(|a| a.shape.len() == 2),
-            ws: workspace.ptr,
-        };
         if poison_outputs() {
             poison(o.ptr, o.layout().extent().unwrap_or(0) * 2, st)?;
             poison(lse.ptr, lse.layout().extent().unwrap_or(0) * 4, st)?;
@@ -798,26 +789,113 @@ pub unsafe fn kvcache_forward_raw(
     })
 }
 
+fn raw_ptrs(
+    q: &DeviceTensorRef,
+    cache: &DeviceKvCache,
+    o: &DeviceTensorRef,
+    lse: &DeviceTensorRef,
+    workspace: DeviceWorkspace,
+) -> Ptrs {
+    let ptr = |t: &Option<DeviceTensorRef>| t.as_ref().map_or(0, |t| t.ptr);
+    let view = |t: &Option<DeviceTensorRef>| t.as_ref().map(|t| t.view()).unwrap_or_default();
+    Ptrs {
+        q: q.view(),
+        kc: cache.k_cache.view(),
+        vc: cache.v_cache.view(),
+        kn: view(&cache.k_new),
+        vn: view(&cache.v_new),
+        o: o.view(),
+        lse: lse.ptr,
+        seqlens: cache.cache_seqlens.ptr,
+        block_table: ptr(&cache.block_table),
+        bt_stride: cache.block_table.as_ref().map_or(0, |t| t.strides[0] as i64),
+        batch_idx: ptr(&cache.cache_batch_idx),
+        leftpad: ptr(&cache.cache_leftpad),
+        cos: cache.rotary.as_ref().map_or(0, |r| r.cos.ptr),
+        sin: cache.rotary.as_ref().map_or(0, |r| r.sin.ptr),
+        rot_stride: cache.rotary.as_ref().map_or(0, |r| r.cos.strides[0] as i64),
+        rot_rows: cache.rotary.as_ref().map_or(0, |r| r.cos.shape[0]),
+        rot_half: cache.rotary.as_ref().map_or(0, |r| r.cos.shape[1]),
+        interleaved: cache.rotary.as_ref().is_some_and(|r| r.interleaved),
+        alibi: cache.alibi_slopes.as_ref().map_or(0, |a| a.ptr),
+        alibi_per_batch: cache.alibi_slopes.as_ref().is_some_and(|a| a.shape.len() == 2),
+        ws: workspace.ptr,
+    }
+}
+
+/// A [`kvcache_forward_raw`] call validated once, whose kernels can be enqueued again and again on any
+/// stream of its device (a decode loop that reuses its buffers): each [`enqueue`](Self::enqueue) only
+/// launches the kernels (2 or 3 launches, no validation, no allocation, no synchronisation).
+pub struct KvPrepared {
+    gpu: Arc<Gpu>,
+    module: Arc<Loaded>,
+    plan: Plan,
+    x: Ptrs,
+}
+
+impl KvPrepared {
+    /// Validates a call as [`kvcache_forward_raw`] does and loads its kernels.
+    ///
+    /// # Safety
+    /// As for [`kvcache_forward_raw`], for every later [`enqueue`](Self::enqueue).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn new(
+        n: usize,
+        q: &DeviceTensorRef,
+        cache: &DeviceKvCache,
+        o: &DeviceTensorRef,
+        lse: &DeviceTensorRef,
+        workspace: DeviceWorkspace,
+        opts: &AttnOptions,
+    ) -> Result<KvPrepared> {
+        let gpu = runtime::gpu(n)?;
+        let plan = raw_plan(&gpu, q, cache, o, lse, opts)?;
+        let need = plan.workspace()[3];
+        if workspace.bytes < need || workspace.ptr % 256 != 0 || workspace.ptr == 0 {
+            return Err(Error::invalid(
+                "workspace",
+                format!("at least {need} bytes at a 256-byte aligned address"),
+                format!("{} bytes at {:#x}", workspace.bytes, workspace.ptr),
+            ));
+        }
+        let x = raw_ptrs(q, cache, o, lse, workspace);
+        let module = gpu.module(&variant(&plan, &x))?;
+        Ok(KvPrepared { gpu, module, plan, x })
+    }
+
+    /// The number of key splits.
+    pub fn splits(&self) -> usize {
+        self.plan.splits
+    }
+
+    /// Enqueues the kernels on `stream` (a stream of the device, or null).
+    ///
+    /// # Safety
+    /// The buffers given to [`new`](Self::new) must still be valid, and `stream` a stream of the device.
+    pub unsafe fn enqueue(&self, stream: *mut c_void) -> Result<()> {
+        runtime::guard("the CUDA KV-cache forward", || {
+            self.gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+            enqueue_with(&self.gpu, &self.module, stream as dsys::CUstream, &self.plan, &self.x)
+        })
+    }
+}
+
 /// A decode problem resident on the device for benchmarks: a cache of `sk` tokens per sequence (unpaged,
 /// or paged with a shuffled block table), filled with pseudo-random values on the device, one new query
-/// token per sequence, attention timed with CUDA events through [`kvcache_forward_raw`].
+/// token per sequence, attention timed with CUDA events through a [`KvPrepared`] call.
 pub struct KvDecodeBench {
-    n: usize,
     gpu: Arc<Gpu>,
-    q: DeviceTensorRef,
-    cache: DeviceKvCache,
-    o: DeviceTensorRef,
-    lse: DeviceTensorRef,
+    call: KvPrepared,
     ws: KvWorkspace,
-    opts: AttnOptions,
-    splits: usize,
     _bufs: Vec<CudaSlice<u8>>,
     flush: Option<CudaSlice<u8>>,
 }
 
 impl KvDecodeBench {
     /// Allocates and fills the problem `[b, sq, h, d]` against `sk` cached tokens with `hk` key/value heads
-    /// (`page_size`: `None` = unpaged).
+    /// (`page_size`: `None` = unpaged). The cache has the logical shape `[b, sk, hk, d]` (paged: `[pages,
+    /// page_size, hk, d]`); `head_major` stores each head's rows contiguously (strides of a `[b, hk, sk, d]`
+    /// or `[pages, hk, page_size, d]` buffer), else token-major (contiguous).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         n: usize,
@@ -829,6 +907,7 @@ impl KvDecodeBench {
         d: usize,
         dtype: DType,
         page_size: Option<usize>,
+        head_major: bool,
         seed: u64,
     ) -> Result<KvDecodeBench> {
         let gpu = runtime::gpu(n)?;
@@ -866,8 +945,14 @@ impl KvDecodeBench {
                     (vec![b * mp, ps, hk, d], Some((t, mp)))
                 }
             };
-            let kc = alloc16(&cache_shape)?;
-            let vc = alloc16(&cache_shape)?;
+            let mut kc = alloc16(&cache_shape)?;
+            let mut vc = alloc16(&cache_shape)?;
+            if head_major {
+                let [_, rows, heads, dd] = [cache_shape[0], cache_shape[1], cache_shape[2], cache_shape[3]];
+                for t in [&mut kc, &mut vc] {
+                    t.strides = vec![heads * rows * dd, dd, rows * dd, 1];
+                }
+            }
             let mut small = Vec::new();
             let mut i32buf = |v: &[i32], shape: &[usize]| -> Result<DeviceTensorRef> {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -900,43 +985,22 @@ impl KvDecodeBench {
             let opts = AttnOptions::default();
             let plan = raw_plan(&gpu, &q, &cache, &o, &lse, &opts)?;
             let ws = KvWorkspace::new(n, plan.workspace()[3])?;
+            // SAFETY: the buffers live in `bufs`, owned by the result, as long as the prepared call.
+            let call = unsafe { KvPrepared::new(n, &q, &cache, &o, &lse, ws.as_device(), &opts)? };
             s.synchronize().map_err(|e| dev_err("filling the benchmark inputs", e))?;
-            Ok(KvDecodeBench {
-                n,
-                gpu: gpu.clone(),
-                q,
-                cache,
-                o,
-                lse,
-                ws,
-                opts,
-                splits: plan.splits,
-                _bufs: bufs,
-                flush: None,
-            })
+            Ok(KvDecodeBench { gpu: gpu.clone(), call, ws, _bufs: bufs, flush: None })
         })
     }
 
     /// The key splits this problem runs with.
     pub fn splits(&self) -> usize {
-        self.splits
+        self.call.splits()
     }
 
     /// Enqueues one call on the backend's stream.
     pub fn run(&self) -> Result<()> {
         // SAFETY: every buffer was allocated for these shapes on this device and lives as long as `self`.
-        unsafe {
-            kvcache_forward_raw(
-                self.n,
-                self.gpu.stream.cu_stream() as *mut c_void,
-                &self.q,
-                &self.cache,
-                &self.o,
-                &self.lse,
-                self.ws.as_device(),
-                &self.opts,
-            )
-        }
+        unsafe { self.call.enqueue(self.gpu.stream.cu_stream() as *mut c_void) }
     }
 
     /// The status word of the workspace (0 = fine).
