@@ -14,7 +14,7 @@
 //               STAGES-deep cp.async ring, so the main loop has no block-wide barrier; the warps' partial
 //               (m, l, O) are merged through shared memory at the end. num_splits == 1: o and lse are
 //               written directly; else f32 partial O (normalised) and its LSE go to o_part / lse_part.
-//   kv_combine  grid (ceil(b * h * sq / 4)), 128 threads: one warp per output row merges the splits:
+//   kv_combine  grid (b * h * sq), 128 threads: one block per output row merges the splits (<= 128):
 //               m = max lse_s, w_s = exp(lse_s - m), o = sum w_s o_s / sum w_s, lse = m + log(sum w_s)
 //               (every lse_s = -inf: o = 0, lse = -inf).
 // Every kernel returns at once when *status != 0 (the call was refused; the caller reads and clears it).
@@ -55,6 +55,12 @@
 #endif
 #endif
 #define KV_APPEND_WARPS 4
+#define KV_COMBINE_THREADS 128
+#define KV_MAX_SPLITS 128
+// Optional L2 prefetch size hint of the K/V copies (0, 64, 128 or 256 bytes).
+#ifndef KV_L2_PREFETCH
+#define KV_L2_PREFETCH 0
+#endif
 #define KV_THREADS (32 * KV_WARPS)
 #define KV_ROW_BYTES ((HEAD_DIM / 8 + 1) * 16)
 // Q tile (16 rows) + per warp STAGES x (K 16 rows + V 16 rows) + per warp row maxima and sums (16 + 16 f32).
@@ -159,7 +165,18 @@ FA_DEVICE bool seq_ok(const KvParams& p, int i) {
     return true;
 }
 
-FA_DEVICE float ld16(const u16* base, i64 idx) { return Dt<elem_t>::to_f32(base[idx]); }
+// cp.async of 16 bytes (zero-filled past src_bytes) with the optional L2 prefetch hint.
+FA_DEVICE void kv_cp_async(u32 sa, const void* g, int src_bytes) {
+#if KV_L2_PREFETCH == 256
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(src_bytes));
+#elif KV_L2_PREFETCH == 128
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(src_bytes));
+#elif KV_L2_PREFETCH == 64
+    asm volatile("cp.async.cg.shared.global.L2::64B [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(src_bytes));
+#else
+    cp_async_16(sa, g, src_bytes);
+#endif
+}
 
 // One row of d elements (lane-strided), optionally rotated at table row `pos`, written to dst. The rotation
 // is computed without fused multiply-adds, in the same order as the host (bit-identical results).
@@ -241,7 +258,7 @@ FA_DEVICE void load_rows16(u32 s_base, const u16* my_row, int rows_valid, int d,
         const u16* src = (const u16*)__shfl_sync(0xffffffffu, (unsigned long long)my_row, r);
         const bool ok = r < rows_valid && col < d && src != nullptr;
 #if ALIGNED16
-        cp_async_16(sa, ok ? (const void*)(src + col) : (const void*)dummy, ok ? min(16, (d - col) * 2) : 0);
+        kv_cp_async(sa, ok ? (const void*)(src + col) : (const void*)dummy, ok ? min(16, (d - col) * 2) : 0);
 #else
         u32 w[4];
 #pragma unroll
@@ -539,35 +556,52 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) kv_combine(const KvParams p) {
+extern "C" __global__ void __launch_bounds__(KV_COMBINE_THREADS) kv_combine(const KvParams p) {
     using namespace kv;
+    __shared__ float s_w[KV_MAX_SPLITS];
+    __shared__ float s_red[KV_COMBINE_THREADS / 32];
     if (*p.status != 0) return;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const i64 rows_total = (i64)p.b * p.h * p.sq;
-    const i64 R = (i64)blockIdx.x * 4 + warp;
-    if (R >= rows_total) return;
-    const int ns = p.num_splits;
-    float m = FA_NEG_INF;
-    for (int s = lane; s < ns; s += 32) m = fmaxf(m, p.lse_part[(i64)s * rows_total + R]);
-    m = warp_max(m);
+    const i64 R = blockIdx.x;
+    const int ns = p.num_splits;  // <= KV_MAX_SPLITS = KV_COMBINE_THREADS
+    const float l = tid < ns ? p.lse_part[(i64)tid * rows_total + R] : FA_NEG_INF;
+    float m = warp_max(l);
+    if (lane == 0) s_red[warp] = m;
+    __syncthreads();
+    m = FA_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < KV_COMBINE_THREADS / 32; ++w) m = fmaxf(m, s_red[w]);
     const float mu = m == FA_NEG_INF ? 0.f : m;
-    float sw = 0.f;
-    for (int s = lane; s < ns; s += 32) sw += exp2_fast((p.lse_part[(i64)s * rows_total + R] - mu) * FA_LOG2E);
-    sw = warp_sum(sw);
+    const float wt = tid < ns ? exp2_fast((l - mu) * FA_LOG2E) : 0.f;
+    if (tid < KV_MAX_SPLITS) s_w[tid] = wt;
+    float sw = warp_sum(wt);
+    __syncthreads();  // everyone has read s_red (max)
+    if (lane == 0) s_red[warp] = sw;
+    __syncthreads();
+    sw = 0.f;
+#pragma unroll
+    for (int w = 0; w < KV_COMBINE_THREADS / 32; ++w) sw += s_red[w];
     const float inv = sw > 0.f ? 1.f / sw : 0.f;
     const int t = (int)(R % p.sq);
     const int qh = (int)((R / p.sq) % p.h);
     const int bi = (int)(R / ((i64)p.sq * p.h));
     u16* dst = (u16*)p.o + (i64)bi * p.o_batch_stride + (i64)t * p.o_row_stride + (i64)qh * p.o_head_stride;
-    for (int col = lane; col < p.d; col += 32) {
-        float acc = 0.f;
-        for (int s = 0; s < ns; ++s) {
-            const float w = exp2_fast((p.lse_part[(i64)s * rows_total + R] - mu) * FA_LOG2E);
-            if (w > 0.f) acc += w * p.o_part[((i64)s * rows_total + R) * D + col];
+    const float* src = p.o_part + R * D;
+    const i64 split_stride = rows_total * D;
+    for (int col = tid; col < p.d; col += KV_COMBINE_THREADS) {
+        // Independent loads, eight in flight: the partials are in L2, so latency, not bandwidth, bounds this.
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        int s = 0;
+        for (; s + 8 <= ns; s += 8) {
+#pragma unroll
+            for (int u = 0; u < 8; ++u) acc[u] += s_w[s + u] * __ldcg(src + (i64)(s + u) * split_stride + col);
         }
-        dst[col] = Dt<elem_t>::from_f32(acc * inv);
+        for (; s < ns; ++s) acc[0] += s_w[s] * __ldcg(src + (i64)s * split_stride + col);
+        const float o = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        dst[col] = Dt<elem_t>::from_f32(o * inv);
     }
-    if (lane == 0) p.lse[R] = sw > 0.f ? mu + logf(sw) : FA_NEG_INF;
+    if (tid == 0) p.lse[R] = sw > 0.f ? mu + logf(sw) : FA_NEG_INF;
 }
 
 // Benchmark helper: fills n 16-bit elements with pseudo-random values in [-2, 2) (a hash of the index), so
