@@ -14,7 +14,8 @@
 //               STAGES-deep cp.async ring, so the main loop has no block-wide barrier; the warps' partial
 //               (m, l, O) are merged through shared memory at the end. num_splits == 1: o and lse are
 //               written directly; else f32 partial O (normalised) and its LSE go to o_part / lse_part.
-//   kv_combine  grid (b * h * sq), 128 threads: one block per output row merges the splits (<= 128):
+//   kv_combine  grid (b * h * sq), 128 threads, KV_COMBINE_SMEM = 528 B dynamic shared memory: one block per
+//               output row merges the splits (<= 128):
 //               m = max lse_s, w_s = exp(lse_s - m), o = sum w_s o_s / sum w_s, lse = m + log(sum w_s)
 //               (every lse_s = -inf: o = 0, lse = -inf).
 // Every kernel returns at once when *status != 0 (the call was refused; the caller reads and clears it).
@@ -57,6 +58,7 @@
 #define KV_APPEND_WARPS 4
 #define KV_COMBINE_THREADS 128
 #define KV_MAX_SPLITS 128
+#define KV_COMBINE_SMEM ((KV_MAX_SPLITS + KV_COMBINE_THREADS / 32) * 4)
 // Optional L2 prefetch size hint of the K/V copies (0, 64, 128 or 256 bytes).
 #ifndef KV_L2_PREFETCH
 #define KV_L2_PREFETCH 0
@@ -558,8 +560,11 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
 
 extern "C" __global__ void __launch_bounds__(KV_COMBINE_THREADS) kv_combine(const KvParams p) {
     using namespace kv;
-    __shared__ float s_w[KV_MAX_SPLITS];
-    __shared__ float s_red[KV_COMBINE_THREADS / 32];
+    // Dynamic shared memory (KV_COMBINE_SMEM bytes): the loader raises every kernel's dynamic limit to the
+    // device maximum, which leaves no room for static shared memory.
+    extern __shared__ float s_comb[];
+    float* s_w = s_comb;                      // [KV_MAX_SPLITS]
+    float* s_red = s_comb + KV_MAX_SPLITS;    // [KV_COMBINE_THREADS / 32]
     if (*p.status != 0) return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const i64 rows_total = (i64)p.b * p.h * p.sq;

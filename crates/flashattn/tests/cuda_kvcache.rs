@@ -565,3 +565,31 @@ fn kvcache_cuda_graph_replay() {
         "cuda kvcache graph: captured (global mode) and replayed 3x with new data, all match the oracle ({splits} key splits, paged 16, rotary, b 3, h 32/8, cache 4096)"
     ));
 }
+
+/// The KV-cache kernels compile with NVRTC for sm_80 and sm_90a (no GPU needed) without register spills
+/// and without static shared memory (the loader raises every kernel's dynamic shared-memory limit to the
+/// device maximum, which a kernel with static shared memory would exceed).
+#[test]
+fn kv_kernels_compile_without_spills() {
+    if !flashattn::cuda::compile::nvrtc_present() {
+        say("SKIP kv_kernels_compile_without_spills: libnvrtc not found on the loader path");
+        return;
+    }
+    use flashattn::cuda::compile::kv_variant;
+    let vs = [
+        kv_variant(64, true, false, false, false, true),
+        kv_variant(128, true, false, false, false, true),
+        kv_variant(256, false, true, false, false, true),
+        kv_variant(128, false, true, true, true, false),
+    ];
+    let archs = ["sm_80".to_string(), "sm_90a".to_string()];
+    let reps = cuda::precompile_variants(&archs, &vs).unwrap_or_else(|e| panic!("{e}"));
+    for r in &reps {
+        assert!(r.usage.len() >= 3, "no ptxas report for {r}");
+        for u in &r.usage {
+            assert!(!u.spills(), "{r}: {} spills", u.kernel);
+            assert_eq!(u.smem, 0, "{r}: {} uses static shared memory", u.kernel);
+        }
+    }
+    say(&format!("nvrtc: {} KV-cache variant compiles, no spills, no static shared memory", reps.len()));
+}

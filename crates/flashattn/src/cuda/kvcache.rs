@@ -468,7 +468,9 @@ fn enqueue_with(gpu: &Gpu, m: &Loaded, stream: dsys::CUstream, pl: &Plan, x: &Pt
         launch(&m.kernels["kv_attn"], "kv_attn", stream, grid, 32 * KV_WARPS, smem, &p)?;
         if pl.splits > 1 {
             let rows = (pl.b * pl.h * pl.sq) as u32;
-            launch(&m.kernels["kv_combine"], "kv_combine", stream, (rows, 1, 1), 128, 0, &p)?;
+            // KV_COMBINE_SMEM: (KV_MAX_SPLITS + 4) floats.
+            let smem = ((MAX_SPLITS + 4) * 4) as u32;
+            launch(&m.kernels["kv_combine"], "kv_combine", stream, (rows, 1, 1), 128, smem, &p)?;
         }
     }
     Ok(())
