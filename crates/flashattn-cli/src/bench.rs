@@ -133,6 +133,10 @@ pub struct BenchArgs {
     /// Default point: --shape 1,4,2048,64 --causal 1.
     #[arg(long)]
     pub ranks: Option<usize>,
+    /// Decode grid on CUDA: page sizes to measure as well as the unpaged cache (comma-separated, e.g.
+    /// `16,256`; rows `flashattn/pageN`, block table shuffled).
+    #[arg(long, value_delimiter = ',')]
+    pub page_size: Vec<usize>,
     /// JSON of `torch_baselines.py` from the same machine and run: its fa2/cudnn figures at the same points
     /// are printed next to ours (as ratios), stored in the JSON rows (`peers`) and plotted (fa2, dashed).
     #[arg(long)]
@@ -274,6 +278,12 @@ pub struct Row {
     /// Peers' TFLOP/s (KV GB/s for decode) at the same point and mode, from `--baselines` (`fa2`, `cudnn`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub peers: BTreeMap<String, f64>,
+    /// Decode on CUDA: rows per page of a paged cache (`None`: unpaged).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page_size: Option<usize>,
+    /// Decode on CUDA: the cache stores each head's rows contiguously (as `[b, hk, s, d]`, the layout the
+    /// PyTorch peers use) instead of token-major `[b, s, hk, d]`.
+    pub head_major: bool,
 }
 
 struct Inputs {
@@ -357,6 +367,8 @@ fn empty_row(imp: Impl, mode: Mode, device: Device, p: &Point, dtype: DType) -> 
         err: None,
         kernel: None,
         peers: BTreeMap::new(),
+        page_size: None,
+        head_major: false,
     }
 }
 
@@ -418,12 +430,22 @@ mod gpu {
 
     /// Compiles (or loads from the disk cache) the kernel variants the points use, in parallel, so the
     /// timing loop never waits for NVRTC. Returns the architecture and a summary line.
-    pub fn precompile(n: usize, pts: &[Point], dtype: DType, bwd: bool) -> Result<(String, String), String> {
+    pub fn precompile(
+        n: usize,
+        pts: &[Point],
+        dtype: DType,
+        bwd: bool,
+        decode: bool,
+    ) -> Result<(String, String), String> {
         let arch = cuda::device_arch(n).map_err(|e| e.to_string())?;
         let mut vs = Vec::new();
         for p in pts {
             let Some(hd) = padded_head_dim(p.d) else { continue };
             let bf16 = dtype == DType::BF16;
+            if decode {
+                vs.push(cuda::compile::kv_variant(hd, bf16, false, false, false, p.d % 8 == 0));
+                continue;
+            }
             for pass in if bwd { vec![Pass::Fwd, Pass::Bwd] } else { vec![Pass::Fwd] } {
                 vs.push(Variant { mask: p.causal, aligned16: p.d % 8 == 0, ..Variant::plain(pass, hd, bf16) });
             }
@@ -440,6 +462,56 @@ mod gpu {
             t0.elapsed().as_secs_f64()
         );
         Ok((arch, summary))
+    }
+
+    /// Times decode attention over a device-resident KV cache (`cuda::KvDecodeBench`, the device-native
+    /// KV-cache path: split-KV kernels reading K/V straight from the cache), unpaged and with each page
+    /// size: `warmup` untimed and `reps` timed calls between CUDA events, L2 flushed before each.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bench_decode(
+        n: usize,
+        p: &Point,
+        dtype: DType,
+        pages: &[usize],
+        seed: u64,
+        warmup: usize,
+        reps: usize,
+    ) -> Vec<Row> {
+        let mut out = Vec::new();
+        let layouts = std::iter::once(None).chain(pages.iter().map(|&x| Some(x)));
+        for (page, head_major) in layouts.flat_map(|pg| [(pg, false), (pg, true)]) {
+            let mut r = empty_row(Impl::Flash, Mode::Fwd, Device::Cuda(n), p, dtype);
+            r.page_size = page;
+            r.head_major = head_major;
+            r.backend = match (page, head_major) {
+                (None, false) => "flashattn".into(),
+                (None, true) => "flashattn/hm".into(),
+                (Some(ps), false) => format!("flashattn/page{ps}"),
+                (Some(ps), true) => format!("flashattn/page{ps}/hm"),
+            };
+            let res = cuda::KvDecodeBench::new(n, p.b, p.h, p.hk, p.sq, p.sk, p.d, dtype, page, head_major, seed)
+                .and_then(|mut kb| {
+                    let t = kb.time(warmup, reps)?;
+                    let st = kb.status()?;
+                    if st != 0 {
+                        return Err(flashattn::Error::Device(format!("KV status {st}")));
+                    }
+                    Ok((t, kb.splits()))
+                });
+            match res {
+                Ok((t, splits)) => {
+                    set_times(&mut r, Mode::Fwd, dtype, t);
+                    r.kernel = Some(format!(
+                        "kvcache.cu kv_attn (+ kv_combine), {splits} key split(s), {}, {}",
+                        page.map_or("unpaged".to_string(), |ps| format!("pages of {ps}")),
+                        if head_major { "head-major rows" } else { "token-major rows ([.., s, hk, d] contiguous)" }
+                    ));
+                }
+                Err(e) => r.err = Some(e.to_string()),
+            }
+            out.push(r);
+        }
+        out
     }
 
     /// Times every mode of one point: q/k/v/dO uploaded and o/lse/dq/dk/dv allocated once, then `warmup`
@@ -557,6 +629,49 @@ flashattn vs peers ({metric}, peers from --baselines):"
     }
 }
 
+/// Decode on CUDA: per point and cache layout, KV GB/s unpaged, as a fraction of the copy bandwidth,
+/// against cuDNN, and each page size against unpaged.
+fn decode_summary(rows: &[Row], copy: Option<f64>) {
+    println!("\ndecode summary (KV GB/s; copy = device-to-device copy bandwidth of this run, read + write):");
+    println!(
+        "{:<12} {:>4} {:>7} {:>9} {:>9} {:>10} {:>8} {:>12} {:>13}",
+        "layout", "b", "sk", "flashattn", "cudnn", "ours/cudnn", "of copy", "page16/unpag", "page256/unpag"
+    );
+    for hm in [false, true] {
+        for r in rows.iter().filter(|r| r.page_size.is_none() && r.head_major == hm && r.err.is_none()) {
+            let p = r.point;
+            let paged = |ps: usize| {
+                rows.iter()
+                    .find(|x| x.page_size == Some(ps) && x.head_major == hm && x.point == p)
+                    .and_then(|x| Some(x.kv_gbps? / r.kv_gbps?))
+                    .map_or("-".into(), |v| format!("{v:.3}"))
+            };
+            let cudnn = rows
+                .iter()
+                .find(|x| x.backend == "flashattn" && x.point == p)
+                .and_then(|x| x.peers.get("cudnn").copied());
+            println!(
+                "{:<12} {:>4} {:>7} {:>9} {:>9} {:>10} {:>8} {:>12} {:>13}",
+                if hm { "head-major" } else { "token-major" },
+                p.b,
+                p.sk,
+                fmt_num(r.kv_gbps),
+                fmt_num(cudnn),
+                match (r.kv_gbps, cudnn) {
+                    (Some(o), Some(c)) if c > 0.0 => format!("{:.2}", o / c),
+                    _ => "-".into(),
+                },
+                match (r.kv_gbps, copy) {
+                    (Some(o), Some(c)) if c > 0.0 => format!("{:.1}%", 100.0 * o / c),
+                    _ => "-".into(),
+                },
+                paged(16),
+                paged(256)
+            );
+        }
+    }
+}
+
 fn fmt_num(x: Option<f64>) -> String {
     match x {
         None => "-".into(),
@@ -652,6 +767,9 @@ struct Report<'a> {
     kernels: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     baselines: Option<String>,
+    /// Device-to-device copy bandwidth measured in the same run (GB/s, read + write; decode on CUDA).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    copy_gbps: Option<f64>,
     rows: &'a [Row],
 }
 
@@ -738,12 +856,24 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
     #[cfg(feature = "cuda")]
     if let Some(n) = gpu_n {
         let (arch, summary) =
-            gpu::precompile(n, &pts, a.dtype, modes.contains(&Mode::FwdBwd)).map_err(CliError::Failed)?;
+            gpu::precompile(n, &pts, a.dtype, modes.contains(&Mode::FwdBwd), decode).map_err(CliError::Failed)?;
         println!("kernels: {}", flashattn::cuda::kernel_family(&arch));
         println!("{summary}");
         kernels = Some(flashattn::cuda::kernel_family(&arch));
     }
-    let total = (pts.len() * modes.len() * impls.len()) as u64;
+    #[allow(unused_mut)]
+    let mut copy_gbps = None;
+    #[cfg(feature = "cuda")]
+    if let (Some(n), true) = (gpu_n, decode) {
+        match flashattn::cuda::kvcache::copy_gbps(n, 1 << 30, 20) {
+            Ok(g) => {
+                println!("device copy bandwidth (1 GiB device-to-device, read + write, median of 20): {g:.1} GB/s");
+                copy_gbps = Some(g);
+            }
+            Err(e) => println!("device copy bandwidth not measured: {e}"),
+        }
+    }
+    let total = (pts.len() * modes.len() * impls.len() * if decode { 2 + 2 * a.page_size.len() } else { 1 }) as u64;
     let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     pb.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}] {msg}")
@@ -752,7 +882,14 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
     );
     let mut rows = Vec::new();
     for (i, p) in pts.iter().enumerate() {
-        let x = inputs(p, a.dtype, a.seed.wrapping_add(i as u64), modes.contains(&Mode::FwdBwd));
+        // Decode on CUDA fills its inputs on the device: no host tensors (they would be gigabytes).
+        let host_inputs = !(decode && gpu_n.is_some());
+        let x = if host_inputs {
+            inputs(p, a.dtype, a.seed.wrapping_add(i as u64), modes.contains(&Mode::FwdBwd))
+        } else {
+            let z = Point { b: 0, ..*p };
+            inputs(&z, a.dtype, 0, false)
+        };
         #[cfg(feature = "cuda")]
         if let Some(n) = gpu_n {
             pb.set_message(format!(
@@ -766,7 +903,12 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
                 p.d,
                 p.causal as u8
             ));
-            for r in gpu::bench_point(n, p, a.dtype, &x, &modes, warmup, reps) {
+            let rows_here = if decode {
+                gpu::bench_decode(n, p, a.dtype, &a.page_size, a.seed.wrapping_add(i as u64), warmup, reps)
+            } else {
+                gpu::bench_point(n, p, a.dtype, &x, &modes, warmup, reps)
+            };
+            for r in rows_here {
                 if let Some(e) = &r.err {
                     pb.println(format!("point failed: {e}"));
                 }
@@ -813,6 +955,9 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
     if rows.iter().any(|r| !r.peers.is_empty()) {
         peer_table(&rows, decode);
     }
+    if decode && gpu_n.is_some() {
+        decode_summary(&rows, copy_gbps);
+    }
     if let Some(path) = &a.json {
         let report = Report {
             version: env!("CARGO_PKG_VERSION"),
@@ -825,6 +970,7 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
             timing,
             kernels: kernels.clone(),
             baselines: baselines.clone(),
+            copy_gbps,
             rows: &rows,
         };
         let s = serde_json::to_string_pretty(&report).map_err(|e| CliError::Failed(e.to_string()))?;

@@ -108,9 +108,81 @@ fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
     }
 }
 
+/// Rotary tables as `f32`, validated: `cos`/`sin` are `[s_ro, half]` row-major.
+#[derive(Debug, Clone)]
+pub(crate) struct RotTables {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub half: usize,
+    pub interleaved: bool,
+}
+
+/// A validated KV-cache call before anything is written: what every backend needs to append and attend.
+#[derive(Debug, Clone)]
+pub(crate) struct Checked {
+    /// The attention problem over the cache after the append (q's rows as given, not rotated).
+    pub problem: Problem,
+    /// Tokens already in the cache, per sequence.
+    pub seqlens: Vec<usize>,
+    /// Rows appended per sequence.
+    pub s_new: usize,
+    /// Left padding per sequence (zeros when none).
+    pub leftpad: Vec<usize>,
+    /// Rotary tables.
+    pub rot: Option<RotTables>,
+}
+
 /// Validates a KV-cache call, appends `k_new`/`v_new` (rotated) into the cache, and returns the plan.
 /// Nothing is written when any check fails.
 pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) -> Result<KvPlan> {
+    let c = check(q, cache, opts)?;
+    let Checked { mut problem, seqlens, s_new, leftpad: lp, rot } = c;
+    let (b, sq, h, hk, d, dtype) = (problem.batch, problem.dense_sq, problem.h, problem.hk, problem.d, problem.dtype);
+    let rot = rot.map(|r| (r.cos, r.sin, r.half, r.interleaved));
+    let mask = problem.mask;
+
+    // All checks passed: append.
+    if let (Some(kn), Some(vn), true) = (&cache.k_new, &cache.v_new, s_new > 0) {
+        let kraw = cache.k_cache.data.raw();
+        let vraw = cache.v_cache.data.raw();
+        append(kn, &kraw, &problem.k, &seqlens, &lp, hk, d, rot.as_ref());
+        append(vn, &vraw, &problem.v, &seqlens, &lp, hk, d, None);
+    }
+
+    // Rotated q.
+    let q_rotated = rot.as_ref().map(|(cos, sin, half, inter)| {
+        let mut out = Tensor::zeros(&[b, sq, h, d], dtype);
+        let raw = out.view_mut().data.raw();
+        let mut row = vec![0f32; d];
+        for (i, &n) in seqlens.iter().enumerate() {
+            for t in 0..sq {
+                let pos = if mask.is_active() { n + t } else { n };
+                for hh in 0..h {
+                    q.data.read_f32(q.layout.index(&[i, t, hh, 0]), &mut row);
+                    rotate(&mut row, &cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half], *inter);
+                    raw.write_f32(((i * sq + t) * h + hh) * d, &row);
+                }
+            }
+        }
+        out
+    });
+    if let Some(t) = &q_rotated {
+        problem.q = q_row_map(t.layout(), b);
+    }
+    Ok(KvPlan { problem, q_rotated })
+}
+
+fn q_row_map(l: &Layout, b: usize) -> RowMap {
+    RowMap {
+        base: (0..b).map(|i| l.offset.wrapping_add(i.wrapping_mul(l.strides[0]))).collect(),
+        row_stride: l.strides[1],
+        head_stride: l.strides[2],
+        paged: None,
+    }
+}
+
+/// Validates a KV-cache call without writing anything (shared by every backend).
+pub(crate) fn check(q: &TensorView<'_>, cache: &KvCache<'_>, opts: &AttnOptions) -> Result<Checked> {
     check_view("q", q)?;
     if opts.varlen.is_some() {
         return Err(Error::invalid("varlen", "no varlen with a KV cache (use cache_seqlens)", "cu_seqlens"));
@@ -363,34 +435,7 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
         }
     };
 
-    // All checks passed: append.
-    if let (Some(kn), Some(vn)) = (&cache.k_new, &cache.v_new) {
-        let kraw = cache.k_cache.data.raw();
-        let vraw = cache.v_cache.data.raw();
-        append(kn, &kraw, &k_map, &seqlens, &lp, hk, d, rot.as_ref());
-        append(vn, &vraw, &v_map, &seqlens, &lp, hk, d, None);
-    }
-
-    // Rotated q.
-    let q_rotated = rot.as_ref().map(|(cos, sin, half, inter)| {
-        let mut out = Tensor::zeros(&[b, sq, h, d], dtype);
-        let raw = out.view_mut().data.raw();
-        let mut row = vec![0f32; d];
-        for (i, &n) in seqlens.iter().enumerate() {
-            for t in 0..sq {
-                let pos = if mask.is_active() { n + t } else { n };
-                for hh in 0..h {
-                    q.data.read_f32(q.layout.index(&[i, t, hh, 0]), &mut row);
-                    rotate(&mut row, &cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half], *inter);
-                    raw.write_f32(((i * sq + t) * h + hh) * d, &row);
-                }
-            }
-        }
-        out
-    });
-
     let seqlen_k: Vec<usize> = seqlens.iter().zip(&lp).map(|(&n, &p)| n + s_new - p).collect();
-    let q_layout = q_rotated.as_ref().map(|t| t.layout().clone()).unwrap_or_else(|| q.layout.clone());
     let q_start: Vec<usize> = (0..b).map(|i| i * sq).collect();
     let mut k_start = Vec::with_capacity(b);
     let mut acc = 0;
@@ -416,18 +461,14 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
         softcap,
         alibi,
         mask,
-        q: RowMap {
-            base: (0..b).map(|i| q_layout.offset.wrapping_add(i.wrapping_mul(q_layout.strides[0]))).collect(),
-            row_stride: q_layout.strides[1],
-            head_stride: q_layout.strides[2],
-            paged: None,
-        },
+        q: q_row_map(&q.layout, b),
         k: k_map,
         v: v_map,
         cu_seqlens: None,
         seqused_k: None,
     };
-    Ok(KvPlan { problem, q_rotated })
+    let rot = rot.map(|(cos, sin, half, interleaved)| RotTables { cos, sin, half, interleaved });
+    Ok(Checked { problem, seqlens, s_new, leftpad: lp, rot })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -17,6 +17,7 @@ pub(crate) const HEADERS: [(&str, &str); 3] = [
 ];
 const FWD_SRC: &str = include_str!("../../kernels/fwd.cu");
 const BWD_SRC: &str = include_str!("../../kernels/bwd.cu");
+const KV_SRC: &str = include_str!("../../kernels/kvcache.cu");
 
 /// Head dims the kernels are compiled for; a problem's `d` runs on the smallest one `>= d`.
 pub const HEAD_DIMS: [usize; 8] = [32, 64, 96, 128, 160, 192, 224, 256];
@@ -33,6 +34,9 @@ pub enum Pass {
     Fwd,
     /// `bwd.cu`: `flash_bwd_preprocess`, `flash_bwd_main`, `flash_bwd_convert_dq`.
     Bwd,
+    /// `kvcache.cu`: `kv_append`, `kv_attn`, `kv_combine`, `kv_fill` (KV-cache attention; `varlen` and `deterministic`
+    /// are unused).
+    KvCache,
 }
 
 /// One compiled specialisation of a kernel source.
@@ -79,6 +83,7 @@ impl Variant {
         match self.pass {
             Pass::Fwd => ("fwd.cu", FWD_SRC),
             Pass::Bwd => ("bwd.cu", BWD_SRC),
+            Pass::KvCache => ("kvcache.cu", KV_SRC),
         }
     }
 
@@ -97,6 +102,9 @@ impl Variant {
         if self.pass == Pass::Bwd {
             v.push(format!("DETERMINISTIC={}", b(self.deterministic)));
         }
+        if self.pass == Pass::KvCache {
+            v.push(format!("KV_STAGES={}", super::kvcache::stages(self.head_dim)));
+        }
         v
     }
 
@@ -105,6 +113,7 @@ impl Variant {
         match self.pass {
             Pass::Fwd => &["flash_fwd"],
             Pass::Bwd => &["flash_bwd_preprocess", "flash_bwd_main", "flash_bwd_convert_dq"],
+            Pass::KvCache => &["kv_append", "kv_attn", "kv_combine", "kv_fill"],
         }
     }
 }
@@ -114,6 +123,7 @@ impl fmt::Display for Variant {
         let pass = match self.pass {
             Pass::Fwd => "fwd",
             Pass::Bwd => "bwd",
+            Pass::KvCache => "kv",
         };
         write!(f, "{pass}_d{}_{}", self.head_dim, if self.bf16 { "bf16" } else { "f16" })?;
         for (on, name) in [
@@ -132,10 +142,25 @@ impl fmt::Display for Variant {
     }
 }
 
+/// The KV-cache variant with these flags (`varlen` and `deterministic` off).
+pub fn kv_variant(head_dim: usize, bf16: bool, mask: bool, alibi: bool, softcap: bool, aligned16: bool) -> Variant {
+    Variant { mask, alibi, softcap, aligned16, ..Variant::plain(Pass::KvCache, head_dim, bf16) }
+}
+
 /// Every variant the kernels support: head dims x dtypes x (mask, alibi, softcap, varlen), aligned, plus
-/// the unaligned (element-wise) forms, forward and backward (backward also x deterministic).
+/// the unaligned (element-wise) forms, forward and backward (backward also x deterministic), and the
+/// KV-cache kernels (head dims x dtypes x (mask, alibi, softcap) x aligned or not).
 pub fn all_variants() -> Vec<Variant> {
     let mut out = Vec::new();
+    for &hd in &HEAD_DIMS {
+        for bf16 in [false, true] {
+            for bits in 0..8u32 {
+                for aligned16 in [true, false] {
+                    out.push(kv_variant(hd, bf16, bits & 1 != 0, bits & 2 != 0, bits & 4 != 0, aligned16));
+                }
+            }
+        }
+    }
     for pass in [Pass::Fwd, Pass::Bwd] {
         for &hd in &HEAD_DIMS {
             for bf16 in [false, true] {
@@ -183,6 +208,12 @@ pub fn representative_variants() -> Vec<Variant> {
             }
         }
     }
+    for &hd in &HEAD_DIMS {
+        for bf16 in [false, true] {
+            out.push(kv_variant(hd, bf16, false, false, false, true));
+            out.push(kv_variant(hd, bf16, true, true, true, false));
+        }
+    }
     out
 }
 
@@ -197,6 +228,12 @@ pub fn hot_variants() -> Vec<Variant> {
                 out.push(p);
                 out.push(Variant { mask: true, ..p });
             }
+        }
+    }
+    for &hd in &HEAD_DIMS {
+        for bf16 in [false, true] {
+            out.push(kv_variant(hd, bf16, false, false, false, true));
+            out.push(kv_variant(hd, bf16, true, false, false, true));
         }
     }
     out
@@ -285,10 +322,17 @@ pub struct Compiled {
     pub log: String,
 }
 
-/// Whether libnvrtc can be loaded here.
+/// Whether libnvrtc can be loaded here. A positive answer is remembered (the probe tries many library names
+/// and costs on the order of 100 us, which every launch path would otherwise pay).
 pub fn nvrtc_present() -> bool {
+    static FOUND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if FOUND.load(std::sync::atomic::Ordering::Relaxed) {
+        return true;
+    }
     // SAFETY: only tries to open the library; a panic (none expected) is caught.
-    std::panic::catch_unwind(|| unsafe { nv::is_culib_present() }).unwrap_or(false)
+    let found = std::panic::catch_unwind(|| unsafe { nv::is_culib_present() }).unwrap_or(false);
+    FOUND.store(found, std::sync::atomic::Ordering::Relaxed);
+    found
 }
 
 fn nvrtc_unavailable() -> Error {
@@ -463,6 +507,6 @@ ptxas info    : Used 255 registers, used 1 barriers, 8 bytes cumulative stack si
         assert_eq!(padded_head_dim(111), Some(128));
         assert_eq!(padded_head_dim(256), Some(256));
         assert_eq!(padded_head_dim(257), None);
-        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3);
+        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2);
     }
 }

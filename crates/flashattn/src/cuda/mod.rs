@@ -16,6 +16,7 @@ mod bwd;
 pub mod cache;
 pub mod compile;
 mod fwd;
+pub mod kvcache;
 mod launch;
 pub mod params;
 mod resident;
@@ -26,6 +27,10 @@ pub use compile::{KernelUsage, Pass, Variant};
 /// The CUDA bindings this backend is built on (for callers of [`forward_raw`] that need a context or a
 /// stream, and for tests).
 pub use cudarc;
+pub use kvcache::{
+    kvcache_forward_host, kvcache_forward_raw, kvcache_splits, kvcache_workspace_bytes, DeviceKvCache, DeviceRotary,
+    DeviceWorkspace, KvDecodeBench, KvWorkspace,
+};
 pub use launch::{poison_outputs, set_poison_outputs};
 pub use resident::{kernel_family, DeviceAttention};
 pub use tensor::DeviceTensorRef;
@@ -34,7 +39,6 @@ use crate::api::{ForwardOutput, Gradients};
 use crate::backends::BackendStatus;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::kvcache::KvCache;
 use crate::options::AttnOptions;
 use crate::problem::{validate, Problem, RowMap};
 use crate::tensor::{Layout, Tensor, TensorView};
@@ -182,66 +186,6 @@ pub fn backward_host(
         drop((tq, tk, tv, to, tdo, tlse, aux));
         Ok(g)
     })
-}
-
-/// KV-cache attention of host tensors on CUDA device `n`. The append (and rotary) runs on the host in
-/// place ([`crate::kvcache::prepare`]); the rows each sequence attends to are then gathered into a packed
-/// (varlen) K/V, uploaded, and the forward kernel runs over them. (A device-resident cache is a later step.)
-pub fn kvcache_forward_host(
-    n: usize,
-    q: &TensorView<'_>,
-    cache: &mut KvCache<'_>,
-    opts: &AttnOptions,
-) -> Result<ForwardOutput> {
-    let plan = crate::kvcache::prepare(q, cache, opts)?;
-    let p0 = &plan.problem;
-    require_half(p0)?;
-    let (b, h, hk, d) = (p0.batch, p0.h, p0.hk, p0.d);
-    let sq = p0.dense_sq;
-    // q, contiguous, as [b * sq, h, d].
-    let qv = plan.q_rotated.as_ref().map(|t| t.view()).unwrap_or_else(|| q.clone());
-    let qc = Tensor::from_f32(&qv.to_f32_vec(), &[b * sq, h, d], p0.dtype)?;
-    // K/V rows each sequence sees, packed.
-    let gather = |src: &TensorView<'_>, map: &RowMap| -> Result<Tensor> {
-        let mut out = vec![0f32; p0.total_k * hk * d];
-        let mut row = vec![0f32; d];
-        for seq in 0..b {
-            for t in 0..p0.seqlen_k[seq] {
-                for kh in 0..hk {
-                    src.data.read_f32(map.at(seq, t, kh), &mut row);
-                    let dst = ((p0.k_start[seq] + t) * hk + kh) * d;
-                    out[dst..dst + d].copy_from_slice(&row);
-                }
-            }
-        }
-        Tensor::from_f32(&out, &[p0.total_k, hk, d], p0.dtype)
-    };
-    let kc = gather(&cache.k_cache.as_view(), &p0.k)?;
-    let vc = gather(&cache.v_cache.as_view(), &p0.v)?;
-    let cu_q: Vec<i32> = (0..=b).map(|i| (i * sq) as i32).collect();
-    let mut cu_k = vec![0i32];
-    cu_k.extend(p0.seqlen_k.iter().scan(0usize, |acc, &n| {
-        *acc += n;
-        Some(*acc as i32)
-    }));
-    let varlen = crate::options::VarLen { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, seqused_k: None };
-    let mut o2 = opts.clone();
-    o2.varlen = Some(varlen);
-    o2.softmax_scale = Some(p0.scale);
-    let p = validate(&qc.view(), &kc.view(), &vc.view(), &o2)?;
-    let out = forward_problem(n, &p, (&qc.view(), &kc.view(), &vc.view()))?;
-    // o: [b*sq, h, d] -> [b, sq, h, d]; lse: [h, b*sq] -> [b, h, sq].
-    let o = Tensor::from_storage(out.o.storage().clone(), &[b, sq, h, d])?;
-    let l = out.lse.to_f32_vec();
-    let mut lse = vec![0f32; b * h * sq];
-    for i in 0..b {
-        for hh in 0..h {
-            for t in 0..sq {
-                lse[(i * h + hh) * sq + t] = l[hh * b * sq + i * sq + t];
-            }
-        }
-    }
-    Ok(ForwardOutput { o, lse: Tensor::from_f32(&lse, &[b, h, sq], DType::F32)? })
 }
 
 /// Validates device tensors the way [`crate::problem::validate`] validates host views.

@@ -1,0 +1,1107 @@
+//! KV-cache attention on the GPU (`kernels/kvcache.cu`): the append of new keys/values (with rotary) runs
+//! in a kernel, in place in the (paged) cache; attention reads K/V straight from the cache, with the query
+//! heads of each key/value head folded into one query tile, split over the keys when the batch is too small
+//! to fill the GPU (f32 partial results and their LSE, merged by a combine kernel).
+//!
+//! Two entry points:
+//! - [`kvcache_forward_host`] (what [`crate::kvcache_forward_on`] uses for `Device::Cuda`): host tensors,
+//!   validated on the host exactly as the CPU path ([`crate::kvcache::check`]: same typed errors, an
+//!   overflowing append is refused before anything is written), uploaded, run, and the cache written back.
+//! - [`kvcache_forward_raw`]: device memory the caller owns, the caller's stream and a caller-provided
+//!   workspace ([`DeviceWorkspace`]): no allocation, no synchronisation, so it can be captured in a CUDA
+//!   graph. Values that live on the device (`cache_seqlens`, the block table, ...) are checked by the
+//!   kernels: an append that would overflow (or any out-of-range value) sets the workspace's status word
+//!   and nothing is written; read it with [`KvWorkspace::status`].
+
+use super::compile::{kv_variant, padded_head_dim, Variant};
+use super::launch::{launch, poison, poison_outputs};
+use super::runtime::{self, dev_err, Gpu, Loaded};
+use super::tensor::{alloc_out, download, upload, upload_vec, DevTensor, DevView, DeviceTensorRef};
+use crate::api::ForwardOutput;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::kvcache::KvCache;
+use crate::options::AttnOptions;
+use crate::problem::{check_finite_scale, check_softcap};
+use crate::semantics::Mask;
+use crate::tensor::{CpuSliceMut, TensorView};
+use cudarc::driver::sys as dsys;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use std::ffi::c_void;
+use std::sync::Arc;
+
+/// Warps of `kv_attn` (`KV_WARPS`).
+const KV_WARPS: u32 = 4;
+/// Warps of `kv_append` (`KV_APPEND_WARPS`).
+const APPEND_WARPS: u32 = 4;
+/// Most key splits.
+pub const MAX_SPLITS: usize = 128;
+
+/// Mirror of `KvParams` in `kvcache.cu` (pointers and 64-bit fields first, then 32-bit ones).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct KvParams {
+    q: *const c_void,
+    k_cache: *mut c_void,
+    v_cache: *mut c_void,
+    k_new: *const c_void,
+    v_new: *const c_void,
+    o: *mut c_void,
+    lse: *mut f32,
+    cache_seqlens: *const i32,
+    block_table: *const i32,
+    cache_batch_idx: *const i32,
+    cache_leftpad: *const i32,
+    rot_cos: *const f32,
+    rot_sin: *const f32,
+    alibi: *const f32,
+    q_rot: *mut c_void,
+    o_part: *mut f32,
+    lse_part: *mut f32,
+    status: *mut i32,
+    q_strides: [i64; 3],
+    kc_strides: [i64; 3],
+    vc_strides: [i64; 3],
+    kn_strides: [i64; 3],
+    vn_strides: [i64; 3],
+    o_strides: [i64; 3],
+    bt_stride: i64,
+    rot_stride: i64,
+    alibi_batch_stride: i64,
+    b: i32,
+    h: i32,
+    hk: i32,
+    sq: i32,
+    s_new: i32,
+    d: i32,
+    seqlen_all: i32,
+    capacity: i32,
+    cache_rows: i32,
+    page_size: i32,
+    max_pages: i32,
+    rot_half: i32,
+    rot_rows: i32,
+    rot_interleaved: i32,
+    rot_q_per_token: i32,
+    num_splits: i32,
+    scale: f32,
+    softcap: f32,
+    window_left: i32,
+    window_right: i32,
+}
+
+/// Mirror of `KvFillParams`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct KvFillParams {
+    dst: *mut c_void,
+    n: i64,
+    seed: u32,
+    pad: i32,
+}
+
+/// `KV_STAGES` of a padded head dim: 3 up to 128, else 2; `FLASHATTN_KV_STAGES` (2..=8) overrides it for
+/// tuning experiments (the value is passed to NVRTC, so the cache keeps one cubin per setting).
+pub fn stages(head_dim: usize) -> u32 {
+    if let Some(s) = std::env::var("FLASHATTN_KV_STAGES").ok().and_then(|v| v.parse::<u32>().ok()) {
+        return s.clamp(2, 8);
+    }
+    if head_dim > 128 {
+        2
+    } else {
+        3
+    }
+}
+
+/// Dynamic shared memory of `kv_attn` (`KV_SMEM_BYTES`).
+fn attn_smem(head_dim: usize) -> u32 {
+    let rb = (head_dim as u32 / 8 + 1) * 16;
+    16 * rb + KV_WARPS * stages(head_dim) * 32 * rb + KV_WARPS * 32 * 4
+}
+
+/// The number of key splits: the smallest count whose wave efficiency is at least 85% of the best, as long
+/// as every warp of a split still gets a block of 16 keys (at most [`MAX_SPLITS`]).
+pub fn choose_splits(ctas: usize, max_keys: usize, sms: usize, ctas_per_sm: usize) -> usize {
+    let slots = (sms * ctas_per_sm).max(1);
+    let key_blocks = max_keys.div_ceil(16);
+    let most = (key_blocks / KV_WARPS as usize).clamp(1, MAX_SPLITS);
+    if ctas == 0 || ctas * 5 >= slots * 4 || most == 1 {
+        return 1;
+    }
+    let eff = |s: usize| {
+        let waves = (ctas * s) as f64 / slots as f64;
+        waves / waves.ceil()
+    };
+    let best = (1..=most).map(eff).fold(0.0, f64::max);
+    (1..=most).find(|&s| eff(s) >= 0.85 * best).unwrap_or(1)
+}
+
+/// Bytes of the workspace for a call of `b` sequences, `h` query heads, `sq` new queries, padded head dim
+/// `head_dim`, `splits` key splits: status word, partial LSE and O (when split), rotated q (with rotary).
+fn workspace_layout(b: usize, h: usize, sq: usize, head_dim: usize, splits: usize, rotary: bool) -> [usize; 4] {
+    let al = |x: usize| x.div_ceil(256) * 256;
+    let rows = b * h * sq;
+    let lse_off = 256;
+    let o_off = lse_off + if splits > 1 { al(splits * rows * 4) } else { 0 };
+    let q_off = o_off + if splits > 1 { al(splits * rows * head_dim * 4) } else { 0 };
+    let end = q_off + if rotary { al(rows * head_dim * 2) } else { 0 };
+    [lse_off, o_off, q_off, end]
+}
+
+/// Caller-provided device memory for [`kvcache_forward_raw`]: `bytes` at `ptr` (256-byte aligned; the
+/// first 4 bytes are the status word, which must be 0 before the first call: [`KvWorkspace::new`] does so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceWorkspace {
+    /// Device address.
+    pub ptr: u64,
+    /// Size in bytes.
+    pub bytes: usize,
+}
+
+/// A workspace owned by the backend (allocated and zeroed once; reuse it for every call of one shape).
+pub struct KvWorkspace {
+    gpu: Arc<Gpu>,
+    buf: CudaSlice<u8>,
+}
+
+impl KvWorkspace {
+    /// Allocates `bytes` (see [`kvcache_workspace_bytes`]) zeroed bytes on device `n`.
+    pub fn new(n: usize, bytes: usize) -> Result<KvWorkspace> {
+        let gpu = runtime::gpu(n)?;
+        runtime::guard("allocating the KV workspace", || {
+            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+            let buf = gpu.stream.alloc_zeros::<u8>(bytes.max(256)).map_err(|e| dev_err("allocating", e))?;
+            gpu.stream.synchronize().map_err(|e| dev_err("zeroing the workspace", e))?;
+            Ok(KvWorkspace { gpu: gpu.clone(), buf })
+        })
+    }
+    /// The device range, for [`kvcache_forward_raw`].
+    pub fn as_device(&self) -> DeviceWorkspace {
+        DeviceWorkspace { ptr: self.buf.device_ptr(&self.gpu.stream).0, bytes: self.buf.len() }
+    }
+    /// Reads the status word (waits for the device): 0 = every call so far was fine; bit 1 = a call was
+    /// refused (an append would overflow a sequence's capacity, or `cache_seqlens`, `cache_leftpad`,
+    /// `cache_batch_idx` or the rotary table length were out of range) and wrote nothing; bit 2 = a block
+    /// table entry was out of range (that row was skipped). Sticky: while non-zero, every call returns at
+    /// once without writing; [`clear_status`](Self::clear_status) resets it.
+    pub fn status(&self) -> Result<i32> {
+        runtime::guard("reading the KV status", || {
+            self.gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+            self.gpu.ctx.synchronize().map_err(|e| dev_err("running the kernels", e))?;
+            let mut w = [0u8; 4];
+            self.gpu.stream.memcpy_dtoh(&self.buf.slice(0..4), &mut w[..]).map_err(|e| dev_err("reading", e))?;
+            self.gpu.stream.synchronize().map_err(|e| dev_err("reading", e))?;
+            Ok(i32::from_le_bytes(w))
+        })
+    }
+    /// Resets the status word to 0.
+    pub fn clear_status(&self) -> Result<()> {
+        runtime::guard("clearing the KV status", || {
+            super::launch::zero(self.buf.device_ptr(&self.gpu.stream).0, 4, self.gpu.stream.cu_stream())?;
+            self.gpu.stream.synchronize().map_err(|e| dev_err("clearing", e))
+        })
+    }
+}
+
+/// Rotary tables in device memory: `cos`, `sin` are `f32` `[s_ro, rot / 2]` (last dim contiguous).
+#[derive(Debug, Clone)]
+pub struct DeviceRotary {
+    /// Cosines.
+    pub cos: DeviceTensorRef,
+    /// Sines.
+    pub sin: DeviceTensorRef,
+    /// Interleaved pairs `(0,1), (2,3), ...`; otherwise `(k, k + rot/2)`.
+    pub interleaved: bool,
+}
+
+/// A KV cache in device memory (the device twin of [`KvCache`]); every tensor is device memory of the
+/// same device. `i32` vectors are `[b]`.
+#[derive(Debug, Clone)]
+pub struct DeviceKvCache {
+    /// `[b_cache, s_cache, hk, d]`, or `[num_pages, page_size, hk, d]` with a block table; written in place.
+    pub k_cache: DeviceTensorRef,
+    /// Same shape as `k_cache`.
+    pub v_cache: DeviceTensorRef,
+    /// `[b, s_new, hk, d]`, appended at `cache_seqlens`.
+    pub k_new: Option<DeviceTensorRef>,
+    /// As `k_new`.
+    pub v_new: Option<DeviceTensorRef>,
+    /// `i32` `[b]`: tokens already in the cache.
+    pub cache_seqlens: DeviceTensorRef,
+    /// `i32` `[b, max_pages]`: paged cache.
+    pub block_table: Option<DeviceTensorRef>,
+    /// `i32` `[b]` (not with paging).
+    pub cache_batch_idx: Option<DeviceTensorRef>,
+    /// `i32` `[b]` (not with paging).
+    pub cache_leftpad: Option<DeviceTensorRef>,
+    /// Rotary embedding of the new keys and of q.
+    pub rotary: Option<DeviceRotary>,
+    /// ALiBi slopes, `f32` `[h]` or `[b, h]` (instead of `AttnOptions::alibi_slopes`, which is host memory).
+    pub alibi_slopes: Option<DeviceTensorRef>,
+}
+
+/// Everything a launch needs besides the pointers: shapes, variant, grid.
+#[derive(Debug, Clone)]
+struct Plan {
+    b: usize,
+    h: usize,
+    hk: usize,
+    sq: usize,
+    s_new: usize,
+    d: usize,
+    head_dim: usize,
+    dtype: DType,
+    capacity: usize,
+    cache_rows: usize,
+    page_size: usize,
+    max_pages: usize,
+    splits: usize,
+    rotary: bool,
+    scale: f32,
+    softcap: f32,
+    mask: Mask,
+    /// The longest key range the kernels may see (for the window clamp).
+    max_keys: usize,
+}
+
+impl Plan {
+    fn m_blocks(&self) -> usize {
+        (self.sq * (self.h / self.hk.max(1))).div_ceil(16)
+    }
+    fn workspace(&self) -> [usize; 4] {
+        workspace_layout(self.b, self.h, self.sq, self.head_dim, self.splits, self.rotary)
+    }
+}
+
+fn window(side: Option<usize>, limit: usize) -> i32 {
+    match side {
+        Some(w) if w < limit => w as i32,
+        _ => -1,
+    }
+}
+
+/// SM count and the number of `kv_attn` CTAs one SM holds (shared memory and threads).
+fn occupancy(gpu: &Gpu, head_dim: usize) -> (usize, usize) {
+    use dsys::CUdevice_attribute as A;
+    let sms = gpu.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(1).max(1) as usize;
+    let smem_sm =
+        gpu.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR).unwrap_or(100 << 10) as usize;
+    let per = attn_smem(head_dim) as usize + 1024;
+    (sms, (smem_sm / per).clamp(1, 16))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn make_plan(
+    gpu: &Gpu,
+    dtype: DType,
+    [b, sq, h, d]: [usize; 4],
+    hk: usize,
+    s_new: usize,
+    cache_shape: &[usize],
+    max_pages: Option<usize>,
+    rotary: bool,
+    max_keys: usize,
+    opts: &AttnOptions,
+) -> Result<Plan> {
+    match dtype {
+        DType::F16 | DType::BF16 => {}
+        other => return Err(Error::Unsupported { backend: "cuda", what: format!("dtype {other} (use f16 or bf16)") }),
+    }
+    let head_dim = padded_head_dim(d).ok_or_else(|| Error::invalid("q", "head dim <= 256", d))?;
+    let scale = check_finite_scale(opts.softmax_scale, d)?;
+    let softcap = check_softcap(opts.softcap)?;
+    let mask = Mask::new(opts.causal, opts.window)?;
+    if !(softcap > 0.0 || opts.alibi_slopes.is_some()) && scale <= 0.0 {
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            what: format!("softmax_scale {scale} (the kernels need a positive scale)"),
+        });
+    }
+    let big = [b, h, sq, s_new, d, max_keys].iter().any(|&x| x > (i32::MAX / 4) as usize)
+        || b * hk > 65535
+        || cache_shape.iter().any(|&x| x > (i32::MAX / 4) as usize);
+    if big {
+        return Err(Error::Unsupported { backend: "cuda", what: "batch, heads or cache lengths this large".into() });
+    }
+    let (capacity, cache_rows, page_size, max_pages) = match max_pages {
+        Some(mp) => (mp * cache_shape[1], cache_shape[0], cache_shape[1], mp),
+        None => (cache_shape[1], cache_shape[0], 0, 0),
+    };
+    let mut plan = Plan {
+        b,
+        h,
+        hk,
+        sq,
+        s_new,
+        d,
+        head_dim,
+        dtype,
+        capacity,
+        cache_rows,
+        page_size,
+        max_pages,
+        splits: 1,
+        rotary,
+        scale,
+        softcap,
+        mask,
+        max_keys,
+    };
+    let (sms, per_sm) = occupancy(gpu, head_dim);
+    plan.splits = choose_splits(b * hk * plan.m_blocks(), max_keys, sms, per_sm);
+    // Tuning experiments: a fixed split count.
+    if let Some(s) = std::env::var("FLASHATTN_KV_SPLITS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        plan.splits = s.clamp(1, MAX_SPLITS);
+    }
+    Ok(plan)
+}
+
+/// Device pointers of one call.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ptrs {
+    q: DevView,
+    kc: DevView,
+    vc: DevView,
+    kn: DevView,
+    vn: DevView,
+    o: DevView,
+    lse: u64,
+    seqlens: u64,
+    block_table: u64,
+    bt_stride: i64,
+    batch_idx: u64,
+    leftpad: u64,
+    cos: u64,
+    sin: u64,
+    rot_stride: i64,
+    rot_rows: usize,
+    rot_half: usize,
+    interleaved: bool,
+    alibi: u64,
+    alibi_per_batch: bool,
+    ws: u64,
+}
+
+/// The kernel variant of a call.
+fn variant(pl: &Plan, x: &Ptrs) -> Variant {
+    let aligned = [x.kc, x.vc].iter().all(|v| v.aligned16(2)) && (pl.rotary || x.q.aligned16(2));
+    kv_variant(pl.head_dim, pl.dtype == DType::BF16, pl.mask.is_active(), x.alibi != 0, pl.softcap > 0.0, aligned)
+}
+
+/// Enqueues the kernels of one call on `stream` (no allocation, no synchronisation).
+fn enqueue(gpu: &Gpu, stream: dsys::CUstream, pl: &Plan, x: &Ptrs) -> Result<()> {
+    let m = gpu.module(&variant(pl, x))?;
+    enqueue_with(gpu, &m, stream, pl, x)
+}
+
+fn enqueue_with(gpu: &Gpu, m: &Loaded, stream: dsys::CUstream, pl: &Plan, x: &Ptrs) -> Result<()> {
+    let [lse_off, o_off, q_off, _] = pl.workspace();
+    let q_rot = x.ws + q_off as u64;
+    let limit = pl.sq + pl.max_keys + 1;
+    let p = KvParams {
+        q: x.q.ptr as *const c_void,
+        k_cache: x.kc.ptr as *mut c_void,
+        v_cache: x.vc.ptr as *mut c_void,
+        k_new: x.kn.ptr as *const c_void,
+        v_new: x.vn.ptr as *const c_void,
+        o: x.o.ptr as *mut c_void,
+        lse: x.lse as *mut f32,
+        cache_seqlens: x.seqlens as *const i32,
+        block_table: x.block_table as *const i32,
+        cache_batch_idx: x.batch_idx as *const i32,
+        cache_leftpad: x.leftpad as *const i32,
+        rot_cos: x.cos as *const f32,
+        rot_sin: x.sin as *const f32,
+        alibi: x.alibi as *const f32,
+        q_rot: q_rot as *mut c_void,
+        o_part: (x.ws + o_off as u64) as *mut f32,
+        lse_part: (x.ws + lse_off as u64) as *mut f32,
+        status: x.ws as *mut i32,
+        q_strides: [x.q.batch, x.q.row, x.q.head],
+        kc_strides: [x.kc.batch, x.kc.row, x.kc.head],
+        vc_strides: [x.vc.batch, x.vc.row, x.vc.head],
+        kn_strides: [x.kn.batch, x.kn.row, x.kn.head],
+        vn_strides: [x.vn.batch, x.vn.row, x.vn.head],
+        o_strides: [x.o.batch, x.o.row, x.o.head],
+        bt_stride: x.bt_stride,
+        rot_stride: x.rot_stride,
+        alibi_batch_stride: if x.alibi_per_batch { pl.h as i64 } else { 0 },
+        b: pl.b as i32,
+        h: pl.h as i32,
+        hk: pl.hk as i32,
+        sq: pl.sq as i32,
+        s_new: pl.s_new as i32,
+        d: pl.d as i32,
+        seqlen_all: 0,
+        capacity: pl.capacity as i32,
+        cache_rows: pl.cache_rows as i32,
+        page_size: pl.page_size as i32,
+        max_pages: pl.max_pages as i32,
+        rot_half: if pl.rotary { x.rot_half as i32 } else { 0 },
+        rot_rows: x.rot_rows as i32,
+        rot_interleaved: x.interleaved as i32,
+        rot_q_per_token: pl.mask.is_active() as i32,
+        num_splits: pl.splits as i32,
+        scale: pl.scale,
+        softcap: pl.softcap,
+        window_left: if pl.mask.is_active() { window(pl.mask.left, limit) } else { -1 },
+        window_right: if pl.mask.is_active() { window(pl.mask.right, limit) } else { -1 },
+    };
+    if pl.b == 0 || pl.h == 0 || pl.sq == 0 {
+        return Ok(());
+    }
+    // SAFETY: `p` mirrors KvParams; its pointers come from buffers validated for this plan.
+    unsafe {
+        if pl.s_new > 0 {
+            let rows = 2 * pl.s_new * pl.hk + if pl.rotary { pl.sq * pl.h } else { 0 };
+            let grid = ((rows as u32).div_ceil(APPEND_WARPS), pl.b as u32, 1);
+            launch(&m.kernels["kv_append"], "kv_append", stream, grid, 32 * APPEND_WARPS, 0, &p)?;
+        }
+        let grid = (pl.splits as u32, pl.m_blocks() as u32, (pl.b * pl.hk) as u32);
+        let smem = attn_smem(pl.head_dim);
+        if smem as i64 > gpu.smem_optin as i64 {
+            return Err(Error::Unsupported {
+                backend: "cuda",
+                what: format!("head dim {} needs {smem} B of shared memory ({} available)", pl.d, gpu.smem_optin),
+            });
+        }
+        launch(&m.kernels["kv_attn"], "kv_attn", stream, grid, 32 * KV_WARPS, smem, &p)?;
+        if pl.splits > 1 {
+            let rows = (pl.b * pl.h * pl.sq) as u32;
+            // KV_COMBINE_SMEM: (KV_MAX_SPLITS + 4) floats.
+            let smem = ((MAX_SPLITS + 4) * 4) as u32;
+            launch(&m.kernels["kv_combine"], "kv_combine", stream, (rows, 1, 1), 128, smem, &p)?;
+        }
+    }
+    Ok(())
+}
+
+/// KV-cache attention of host tensors on CUDA device `n`: validated on the host (the same checks and typed
+/// errors as the CPU path; an overflowing append is refused before anything is written), then the cache,
+/// q and the new rows are uploaded, the append (with rotary) and attention run on the device, and the
+/// cache's appended state is copied back into `cache`.
+pub fn kvcache_forward_host(
+    n: usize,
+    q: &TensorView<'_>,
+    cache: &mut KvCache<'_>,
+    opts: &AttnOptions,
+) -> Result<ForwardOutput> {
+    let c = crate::kvcache::check(q, cache, opts)?;
+    let p = &c.problem;
+    let gpu = runtime::gpu(n)?;
+    let max_pages = p.k.paged.as_ref().map(|pg| pg.max_pages);
+    let plan = make_plan(
+        &gpu,
+        p.dtype,
+        [p.batch, p.dense_sq, p.h, p.d],
+        p.hk,
+        c.s_new,
+        cache.k_cache.shape(),
+        max_pages,
+        c.rot.is_some(),
+        p.max_seqlen_k(),
+        opts,
+    )?;
+    let s = gpu.stream.clone();
+    runtime::guard("the CUDA KV-cache forward", || {
+        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        let tq = upload(&s, q.data, &q.layout)?;
+        let tkc = upload(&s, cache.k_cache.as_view().data, &cache.k_cache.layout)?;
+        let tvc = upload(&s, cache.v_cache.as_view().data, &cache.v_cache.layout)?;
+        let new = |t: &Option<TensorView<'_>>| t.as_ref().map(|t| upload(&s, t.data, &t.layout)).transpose();
+        let (tkn, tvn) = (new(&cache.k_new)?, new(&cache.v_new)?);
+        let i32v = |v: &[usize]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+        let seqlens = upload_vec(&s, &i32v(&c.seqlens))?;
+        let table = p.k.paged.as_ref().map(|pg| upload_vec(&s, &pg.table)).transpose()?;
+        let bidx = cache.cache_batch_idx.as_ref().map(|v| upload_vec(&s, v)).transpose()?;
+        let lpad = cache.cache_leftpad.as_ref().map(|_| upload_vec(&s, &i32v(&c.leftpad))).transpose()?;
+        let rot =
+            c.rot.as_ref().map(|r| Ok::<_, Error>((upload_vec(&s, &r.cos)?, upload_vec(&s, &r.sin)?))).transpose()?;
+        let alibi = p.alibi.as_ref().map(|a| upload_vec(&s, &a.slopes)).transpose()?;
+        let o = alloc_out(&s, &p.o_shape(), p.dtype)?;
+        let lse = alloc_out(&s, &p.lse_shape(), DType::F32)?;
+        let ws_bytes = plan.workspace()[3];
+        let ws = s.alloc_zeros::<u8>(ws_bytes).map_err(|e| dev_err("allocating the workspace", e))?;
+        let ptr = |x: &Option<CudaSlice<i32>>| x.as_ref().map_or(0, |x| x.device_ptr(&s).0);
+        let x = Ptrs {
+            q: tq.view(&s),
+            kc: tkc.view(&s),
+            vc: tvc.view(&s),
+            kn: tkn.as_ref().map(|t| t.view(&s)).unwrap_or_default(),
+            vn: tvn.as_ref().map(|t| t.view(&s)).unwrap_or_default(),
+            o: o.view(&s),
+            lse: lse.base(&s),
+            seqlens: seqlens.device_ptr(&s).0,
+            block_table: ptr(&table),
+            bt_stride: max_pages.unwrap_or(0) as i64,
+            batch_idx: ptr(&bidx),
+            leftpad: ptr(&lpad),
+            cos: rot.as_ref().map_or(0, |r| r.0.device_ptr(&s).0),
+            sin: rot.as_ref().map_or(0, |r| r.1.device_ptr(&s).0),
+            rot_stride: c.rot.as_ref().map_or(0, |r| r.half as i64),
+            rot_rows: c.rot.as_ref().map_or(0, |r| r.cos.len() / r.half.max(1)),
+            rot_half: c.rot.as_ref().map_or(0, |r| r.half),
+            interleaved: c.rot.as_ref().is_some_and(|r| r.interleaved),
+            alibi: alibi.as_ref().map_or(0, |a| a.device_ptr(&s).0),
+            alibi_per_batch: p.alibi.as_ref().is_some_and(|a| a.per_batch),
+            ws: ws.device_ptr(&s).0,
+        };
+        enqueue(&gpu, s.cu_stream(), &plan, &x)?;
+        let out = ForwardOutput { o: download(&s, &o)?, lse: download(&s, &lse)? };
+        let mut st = [0u8; 4];
+        s.memcpy_dtoh(&ws.slice(0..4), &mut st[..]).map_err(|e| dev_err("reading the status", e))?;
+        s.synchronize().map_err(|e| dev_err("running the kernels", e))?;
+        let status = i32::from_le_bytes(st);
+        if status != 0 {
+            return Err(Error::Device(format!(
+                "the KV-cache kernels refused the call (status {status}) after host validation passed"
+            )));
+        }
+        if c.s_new > 0 {
+            write_back(&s, &tkc, &mut cache.k_cache.data, &cache.k_cache.layout)?;
+            write_back(&s, &tvc, &mut cache.v_cache.data, &cache.v_cache.layout)?;
+        }
+        drop((tq, tkn, tvn, seqlens, table, bidx, lpad, rot, alibi, ws));
+        Ok(out)
+    })
+}
+
+/// Copies an uploaded cache (the span `upload` took) back into the host buffer it came from.
+fn write_back(
+    s: &Arc<CudaStream>,
+    t: &DevTensor,
+    dst: &mut CpuSliceMut<'_>,
+    layout: &crate::tensor::Layout,
+) -> Result<()> {
+    let extent = layout.extent().unwrap_or(0);
+    if extent == 0 {
+        return Ok(());
+    }
+    let lo = layout.offset - layout.offset % 8;
+    let n = extent - lo;
+    let mut bytes = vec![0u8; n * 2];
+    s.memcpy_dtoh(&t.buf.slice(0..n * 2), &mut bytes[..]).map_err(|e| dev_err("copying the cache back", e))?;
+    s.synchronize().map_err(|e| dev_err("copying the cache back", e))?;
+    let bits = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+    match dst {
+        CpuSliceMut::F16(v) => v[lo..extent].iter_mut().zip(bits).for_each(|(d, b)| *d = half::f16::from_bits(b)),
+        CpuSliceMut::BF16(v) => v[lo..extent].iter_mut().zip(bits).for_each(|(d, b)| *d = half::bf16::from_bits(b)),
+        _ => return Err(Error::Device("internal: a 16-bit cache was expected".into())),
+    }
+    Ok(())
+}
+
+fn check_i32_vec(arg: &'static str, t: &DeviceTensorRef, b: usize) -> Result<()> {
+    t.check(arg, &[b], DType::I32, false)
+}
+
+/// Validates the shapes of a device call and returns its plan (values on the device are checked by the
+/// kernels).
+fn raw_plan(
+    gpu: &Gpu,
+    q: &DeviceTensorRef,
+    cache: &DeviceKvCache,
+    o: &DeviceTensorRef,
+    lse: &DeviceTensorRef,
+    opts: &AttnOptions,
+) -> Result<Plan> {
+    if opts.varlen.is_some() {
+        return Err(Error::invalid("varlen", "no varlen with a KV cache (use cache_seqlens)", "cu_seqlens"));
+    }
+    if opts.alibi_slopes.is_some() {
+        return Err(Error::invalid(
+            "alibi_slopes",
+            "device slopes in DeviceKvCache::alibi_slopes for the device API",
+            "host slopes in AttnOptions",
+        ));
+    }
+    let dtype = q.dtype;
+    let [b, sq, h, d] = match q.shape[..] {
+        [b, s, h, d] => [b, s, h, d],
+        _ => return Err(Error::invalid("q", "rank 4 [b, sq_new, h, d]", format!("shape {:?}", q.shape))),
+    };
+    q.check("q", &[b, sq, h, d], dtype, false)?;
+    crate::problem::check_head_dim(d)?;
+    let cs = cache.k_cache.shape.clone();
+    if cs.len() != 4 || cs[3] != d {
+        return Err(Error::invalid("k_cache", format!("rank 4 with head dim {d}"), format!("shape {cs:?}")));
+    }
+    cache.k_cache.check("k_cache", &cs, dtype, true)?;
+    cache.v_cache.check("v_cache", &cs, dtype, true)?;
+    let hk = cs[2];
+    crate::problem::check_heads(h, hk)?;
+    let s_new = match (&cache.k_new, &cache.v_new) {
+        (None, None) => 0,
+        (Some(kn), Some(vn)) => {
+            let s_new = kn.shape.get(1).copied().unwrap_or(0);
+            kn.check("k_new", &[b, s_new, hk, d], dtype, false)?;
+            vn.check("v_new", &[b, s_new, hk, d], dtype, false)?;
+            s_new
+        }
+        (Some(_), None) => return Err(Error::invalid("v_new", "a tensor when k_new is given", "none")),
+        (None, Some(_)) => return Err(Error::invalid("k_new", "a tensor when v_new is given", "none")),
+    };
+    check_i32_vec("cache_seqlens", &cache.cache_seqlens, b)?;
+    let max_pages = match &cache.block_table {
+        Some(bt) => {
+            if cache.cache_batch_idx.is_some() {
+                return Err(Error::invalid("cache_batch_idx", "none with a paged cache (block_table)", "a tensor"));
+            }
+            if cache.cache_leftpad.is_some() {
+                return Err(Error::invalid("cache_leftpad", "none with a paged cache (block_table)", "a tensor"));
+            }
+            if bt.shape.len() != 2 || bt.shape[0] != b {
+                return Err(Error::invalid(
+                    "block_table",
+                    format!("i32 of shape [{b}, max_pages]"),
+                    format!("{:?}", bt.shape),
+                ));
+            }
+            bt.check("block_table", &bt.shape.clone(), DType::I32, false)?;
+            if cs[1] == 0 {
+                return Err(Error::invalid("k_cache", "a page size >= 1", 0));
+            }
+            Some(bt.shape[1])
+        }
+        None => None,
+    };
+    for (arg, t) in [("cache_batch_idx", &cache.cache_batch_idx), ("cache_leftpad", &cache.cache_leftpad)] {
+        if let Some(t) = t {
+            check_i32_vec(arg, t, b)?;
+        }
+    }
+    if let Some(r) = &cache.rotary {
+        if s_new == 0 {
+            return Err(Error::invalid("rotary_cos", "rotary only together with k_new", "no k_new"));
+        }
+        let sh = r.cos.shape.clone();
+        if sh.len() != 2 || sh[1] == 0 || 2 * sh[1] > d {
+            return Err(Error::invalid(
+                "rotary_cos",
+                format!("f32 [s_ro, rot / 2] with rot <= d = {d}"),
+                format!("{sh:?}"),
+            ));
+        }
+        r.cos.check("rotary_cos", &sh, DType::F32, false)?;
+        r.sin.check("rotary_sin", &sh, DType::F32, false)?;
+        if r.sin.strides != r.cos.strides {
+            return Err(Error::invalid(
+                "rotary_sin",
+                format!("strides {:?} (as rotary_cos)", r.cos.strides),
+                format!("{:?}", r.sin.strides),
+            ));
+        }
+    }
+    if let Some(a) = &cache.alibi_slopes {
+        if !(a.shape == [h] || a.shape == [b, h]) {
+            return Err(Error::invalid("alibi_slopes", format!("f32 [{h}] or [{b}, {h}]"), format!("{:?}", a.shape)));
+        }
+        a.check("alibi_slopes", &a.shape.clone(), DType::F32, false)?;
+        if a.strides != crate::tensor::Layout::contiguous(&a.shape).strides {
+            return Err(Error::invalid("alibi_slopes", "a contiguous tensor", format!("strides {:?}", a.strides)));
+        }
+    }
+    o.check("o", &[b, sq, h, d], dtype, true)?;
+    lse.check("lse", &[b, h, sq], DType::F32, true)?;
+    if lse.strides != crate::tensor::Layout::contiguous(&[b, h, sq]).strides {
+        return Err(Error::invalid("lse", "a contiguous tensor", format!("strides {:?}", lse.strides)));
+    }
+    let capacity = match max_pages {
+        Some(mp) => mp * cs[1],
+        None => cs[1],
+    };
+    let mut o2 = opts.clone();
+    if cache.alibi_slopes.is_some() {
+        // Only its presence matters to the plan (variant and the positive-scale rule).
+        o2.alibi_slopes = Some(crate::tensor::Tensor::zeros(&[h], DType::F32));
+    }
+    make_plan(gpu, dtype, [b, sq, h, d], hk, s_new, &cs, max_pages, cache.rotary.is_some(), capacity, &o2)
+}
+
+/// Bytes of workspace a [`kvcache_forward_raw`] call of these shapes needs on device `n` (the split count
+/// depends on the shapes, the cache capacity and the device only, never on values in device memory).
+pub fn kvcache_workspace_bytes(
+    n: usize,
+    q: &DeviceTensorRef,
+    cache: &DeviceKvCache,
+    o: &DeviceTensorRef,
+    lse: &DeviceTensorRef,
+    opts: &AttnOptions,
+) -> Result<usize> {
+    let gpu = runtime::gpu(n)?;
+    Ok(raw_plan(&gpu, q, cache, o, lse, opts)?.workspace()[3])
+}
+
+/// The number of key splits a [`kvcache_forward_raw`] call of these shapes uses on device `n`.
+pub fn kvcache_splits(
+    n: usize,
+    q: &DeviceTensorRef,
+    cache: &DeviceKvCache,
+    o: &DeviceTensorRef,
+    lse: &DeviceTensorRef,
+    opts: &AttnOptions,
+) -> Result<usize> {
+    let gpu = runtime::gpu(n)?;
+    Ok(raw_plan(&gpu, q, cache, o, lse, opts)?.splits)
+}
+
+/// KV-cache attention over device memory the caller owns, on the caller's stream, with a caller-provided
+/// workspace: appends `k_new`/`v_new` (rotated) into the cache in place, then writes `o` (q's shape, its
+/// own strides) and `lse` (`f32` `[b, h, sq]`, contiguous). Shapes are validated here (typed errors); the
+/// values in device memory are checked by the kernels (see [`KvWorkspace::status`]). Makes no allocation
+/// and no synchronisation, so the call can be captured in a CUDA graph and replayed with new data in the
+/// same buffers. The kernel module must have been loaded before capture (one earlier call of the same
+/// variant, or [`super::precompile_variants`] plus one call).
+///
+/// # Safety
+/// Every pointer must be device memory of CUDA device `n` covering its shape and strides, `stream` a valid
+/// stream of device `n`'s primary context (or null), `workspace` at least [`kvcache_workspace_bytes`]
+/// bytes, 256-byte aligned, with its status word zeroed before the first call; all of it alive and not
+/// used by anything else until the stream has run the kernels.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn kvcache_forward_raw(
+    n: usize,
+    stream: *mut c_void,
+    q: &DeviceTensorRef,
+    cache: &DeviceKvCache,
+    o: &DeviceTensorRef,
+    lse: &DeviceTensorRef,
+    workspace: DeviceWorkspace,
+    opts: &AttnOptions,
+) -> Result<()> {
+    let gpu = runtime::gpu(n)?;
+    let plan = raw_plan(&gpu, q, cache, o, lse, opts)?;
+    let need = plan.workspace()[3];
+    if workspace.bytes < need || workspace.ptr % 256 != 0 || workspace.ptr == 0 {
+        return Err(Error::invalid(
+            "workspace",
+            format!("at least {need} bytes at a 256-byte aligned address"),
+            format!("{} bytes at {:#x}", workspace.bytes, workspace.ptr),
+        ));
+    }
+    let x = raw_ptrs(q, cache, o, lse, workspace);
+    runtime::guard("the CUDA KV-cache forward", || {
+        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        let st = stream as dsys::CUstream;
+        if poison_outputs() {
+            poison(o.ptr, o.layout().extent().unwrap_or(0) * 2, st)?;
+            poison(lse.ptr, lse.layout().extent().unwrap_or(0) * 4, st)?;
+        }
+        enqueue(&gpu, st, &plan, &x)
+    })
+}
+
+fn raw_ptrs(
+    q: &DeviceTensorRef,
+    cache: &DeviceKvCache,
+    o: &DeviceTensorRef,
+    lse: &DeviceTensorRef,
+    workspace: DeviceWorkspace,
+) -> Ptrs {
+    let ptr = |t: &Option<DeviceTensorRef>| t.as_ref().map_or(0, |t| t.ptr);
+    let view = |t: &Option<DeviceTensorRef>| t.as_ref().map(|t| t.view()).unwrap_or_default();
+    Ptrs {
+        q: q.view(),
+        kc: cache.k_cache.view(),
+        vc: cache.v_cache.view(),
+        kn: view(&cache.k_new),
+        vn: view(&cache.v_new),
+        o: o.view(),
+        lse: lse.ptr,
+        seqlens: cache.cache_seqlens.ptr,
+        block_table: ptr(&cache.block_table),
+        bt_stride: cache.block_table.as_ref().map_or(0, |t| t.strides[0] as i64),
+        batch_idx: ptr(&cache.cache_batch_idx),
+        leftpad: ptr(&cache.cache_leftpad),
+        cos: cache.rotary.as_ref().map_or(0, |r| r.cos.ptr),
+        sin: cache.rotary.as_ref().map_or(0, |r| r.sin.ptr),
+        rot_stride: cache.rotary.as_ref().map_or(0, |r| r.cos.strides[0] as i64),
+        rot_rows: cache.rotary.as_ref().map_or(0, |r| r.cos.shape[0]),
+        rot_half: cache.rotary.as_ref().map_or(0, |r| r.cos.shape[1]),
+        interleaved: cache.rotary.as_ref().is_some_and(|r| r.interleaved),
+        alibi: cache.alibi_slopes.as_ref().map_or(0, |a| a.ptr),
+        alibi_per_batch: cache.alibi_slopes.as_ref().is_some_and(|a| a.shape.len() == 2),
+        ws: workspace.ptr,
+    }
+}
+
+/// A [`kvcache_forward_raw`] call validated once, whose kernels can be enqueued again and again on any
+/// stream of its device (a decode loop that reuses its buffers): each [`enqueue`](Self::enqueue) only
+/// launches the kernels (2 or 3 launches, no validation, no allocation, no synchronisation).
+pub struct KvPrepared {
+    gpu: Arc<Gpu>,
+    module: Arc<Loaded>,
+    plan: Plan,
+    x: Ptrs,
+}
+
+impl KvPrepared {
+    /// Validates a call as [`kvcache_forward_raw`] does and loads its kernels.
+    ///
+    /// # Safety
+    /// As for [`kvcache_forward_raw`], for every later [`enqueue`](Self::enqueue).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn new(
+        n: usize,
+        q: &DeviceTensorRef,
+        cache: &DeviceKvCache,
+        o: &DeviceTensorRef,
+        lse: &DeviceTensorRef,
+        workspace: DeviceWorkspace,
+        opts: &AttnOptions,
+    ) -> Result<KvPrepared> {
+        let gpu = runtime::gpu(n)?;
+        let plan = raw_plan(&gpu, q, cache, o, lse, opts)?;
+        let need = plan.workspace()[3];
+        if workspace.bytes < need || workspace.ptr % 256 != 0 || workspace.ptr == 0 {
+            return Err(Error::invalid(
+                "workspace",
+                format!("at least {need} bytes at a 256-byte aligned address"),
+                format!("{} bytes at {:#x}", workspace.bytes, workspace.ptr),
+            ));
+        }
+        let x = raw_ptrs(q, cache, o, lse, workspace);
+        let module = gpu.module(&variant(&plan, &x))?;
+        Ok(KvPrepared { gpu, module, plan, x })
+    }
+
+    /// The number of key splits.
+    pub fn splits(&self) -> usize {
+        self.plan.splits
+    }
+
+    /// Enqueues the kernels on `stream` (a stream of the device, or null).
+    ///
+    /// # Safety
+    /// The buffers given to [`new`](Self::new) must still be valid, and `stream` a stream of the device.
+    pub unsafe fn enqueue(&self, stream: *mut c_void) -> Result<()> {
+        runtime::guard("the CUDA KV-cache forward", || {
+            self.gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+            enqueue_with(&self.gpu, &self.module, stream as dsys::CUstream, &self.plan, &self.x)
+        })
+    }
+}
+
+/// A decode problem resident on the device for benchmarks: a cache of `sk` tokens per sequence (unpaged,
+/// or paged with a shuffled block table), filled with pseudo-random values on the device, one new query
+/// token per sequence, attention timed with CUDA events through a [`KvPrepared`] call.
+pub struct KvDecodeBench {
+    gpu: Arc<Gpu>,
+    call: KvPrepared,
+    ws: KvWorkspace,
+    _bufs: Vec<CudaSlice<u8>>,
+    flush: Option<CudaSlice<u8>>,
+}
+
+impl KvDecodeBench {
+    /// Allocates and fills the problem `[b, sq, h, d]` against `sk` cached tokens with `hk` key/value heads
+    /// (`page_size`: `None` = unpaged). The cache has the logical shape `[b, sk, hk, d]` (paged: `[pages,
+    /// page_size, hk, d]`); `head_major` stores each head's rows contiguously (strides of a `[b, hk, sk, d]`
+    /// or `[pages, hk, page_size, d]` buffer), else token-major (contiguous).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        n: usize,
+        b: usize,
+        h: usize,
+        hk: usize,
+        sq: usize,
+        sk: usize,
+        d: usize,
+        dtype: DType,
+        page_size: Option<usize>,
+        head_major: bool,
+        seed: u64,
+    ) -> Result<KvDecodeBench> {
+        let gpu = runtime::gpu(n)?;
+        let s = gpu.stream.clone();
+        runtime::guard("setting up the decode benchmark", || {
+            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+            let head_dim = padded_head_dim(d).ok_or_else(|| Error::invalid("d", "<= 256", d))?;
+            let fill_v = kv_variant(head_dim, dtype == DType::BF16, false, false, false, true);
+            let m = gpu.module(&fill_v)?;
+            let mut bufs = Vec::new();
+            let mut seed_n = seed as u32;
+            let mut alloc16 = |shape: &[usize]| -> Result<DeviceTensorRef> {
+                let elems: usize = shape.iter().product();
+                let buf = s.alloc_zeros::<u8>((elems * 2).max(256)).map_err(|e| dev_err("allocating", e))?;
+                let ptr = buf.device_ptr(&s).0;
+                seed_n = seed_n.wrapping_mul(2654435761).wrapping_add(12345);
+                let fp = KvFillParams { dst: ptr as *mut c_void, n: elems as i64, seed: seed_n, pad: 0 };
+                // SAFETY: `fp` mirrors KvFillParams and points at `elems` 16-bit elements.
+                unsafe { launch(&m.kernels["kv_fill"], "kv_fill", s.cu_stream(), (1024, 1, 1), 256, 0, &fp)? };
+                bufs.push(buf);
+                Ok(DeviceTensorRef::contiguous(ptr, dtype, shape))
+            };
+            let q = alloc16(&[b, sq, h, d])?;
+            let o = alloc16(&[b, sq, h, d])?;
+            let (cache_shape, table) = match page_size {
+                None => (vec![b, sk, hk, d], None),
+                Some(ps) => {
+                    let mp = sk.div_ceil(ps);
+                    let mut t: Vec<i32> = (0..(b * mp) as i32).collect();
+                    let mut x = seed.wrapping_add(7);
+                    for i in (1..t.len()).rev() {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        t.swap(i, (x >> 33) as usize % (i + 1));
+                    }
+                    (vec![b * mp, ps, hk, d], Some((t, mp)))
+                }
+            };
+            let mut kc = alloc16(&cache_shape)?;
+            let mut vc = alloc16(&cache_shape)?;
+            if head_major {
+                let [_, rows, heads, dd] = [cache_shape[0], cache_shape[1], cache_shape[2], cache_shape[3]];
+                for t in [&mut kc, &mut vc] {
+                    t.strides = vec![heads * rows * dd, dd, rows * dd, 1];
+                }
+            }
+            let mut small = Vec::new();
+            let mut i32buf = |v: &[i32], shape: &[usize]| -> Result<DeviceTensorRef> {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                let buf = s.clone_htod(&bytes).map_err(|e| dev_err("copying", e))?;
+                let r = DeviceTensorRef::contiguous(buf.device_ptr(&s).0, DType::I32, shape);
+                small.push(buf);
+                Ok(r)
+            };
+            let seqlens = i32buf(&vec![sk as i32; b], &[b])?;
+            let block_table = match &table {
+                Some((t, mp)) => Some(i32buf(t, &[b, *mp])?),
+                None => None,
+            };
+            let lse_buf = s.alloc_zeros::<u8>((b * h * sq * 4).max(256)).map_err(|e| dev_err("allocating", e))?;
+            let lse = DeviceTensorRef::contiguous(lse_buf.device_ptr(&s).0, DType::F32, &[b, h, sq]);
+            small.push(lse_buf);
+            bufs.extend(small);
+            let cache = DeviceKvCache {
+                k_cache: kc,
+                v_cache: vc,
+                k_new: None,
+                v_new: None,
+                cache_seqlens: seqlens,
+                block_table,
+                cache_batch_idx: None,
+                cache_leftpad: None,
+                rotary: None,
+                alibi_slopes: None,
+            };
+            let opts = AttnOptions::default();
+            let plan = raw_plan(&gpu, &q, &cache, &o, &lse, &opts)?;
+            let ws = KvWorkspace::new(n, plan.workspace()[3])?;
+            // SAFETY: the buffers live in `bufs`, owned by the result, as long as the prepared call.
+            let call = unsafe { KvPrepared::new(n, &q, &cache, &o, &lse, ws.as_device(), &opts)? };
+            s.synchronize().map_err(|e| dev_err("filling the benchmark inputs", e))?;
+            Ok(KvDecodeBench { gpu: gpu.clone(), call, ws, _bufs: bufs, flush: None })
+        })
+    }
+
+    /// The key splits this problem runs with.
+    pub fn splits(&self) -> usize {
+        self.call.splits()
+    }
+
+    /// Enqueues one call on the backend's stream.
+    pub fn run(&self) -> Result<()> {
+        // SAFETY: every buffer was allocated for these shapes on this device and lives as long as `self`.
+        unsafe { self.call.enqueue(self.gpu.stream.cu_stream() as *mut c_void) }
+    }
+
+    /// The status word of the workspace (0 = fine).
+    pub fn status(&self) -> Result<i32> {
+        self.ws.status()
+    }
+
+    /// `warmup` untimed and `reps` timed calls, each between CUDA events, the L2 flushed (256 MiB memset)
+    /// before each; milliseconds per call.
+    pub fn time(&mut self, warmup: usize, reps: usize) -> Result<Vec<f64>> {
+        let gpu = self.gpu.clone();
+        let s = gpu.stream.clone();
+        runtime::guard("timing the decode kernels", || {
+            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+            const FLUSH: usize = 256 << 20;
+            if self.flush.is_none() {
+                // SAFETY: only ever zeroed, never read.
+                self.flush = Some(unsafe { s.alloc::<u8>(FLUSH) }.map_err(|e| dev_err("allocating", e))?);
+            }
+            let fp = self.flush.as_ref().map(|b| b.device_ptr(&s).0).unwrap_or(0);
+            for _ in 0..warmup {
+                super::launch::zero(fp, FLUSH, s.cu_stream())?;
+                self.run()?;
+            }
+            let mut ev = Vec::with_capacity(reps);
+            for _ in 0..reps {
+                let mk = || gpu.ctx.new_event(Some(dsys::CUevent_flags::CU_EVENT_DEFAULT));
+                let (e0, e1) = (
+                    mk().map_err(|e| dev_err("creating an event", e))?,
+                    mk().map_err(|e| dev_err("creating an event", e))?,
+                );
+                super::launch::zero(fp, FLUSH, s.cu_stream())?;
+                e0.record(&s).map_err(|e| dev_err("recording an event", e))?;
+                self.run()?;
+                e1.record(&s).map_err(|e| dev_err("recording an event", e))?;
+                ev.push((e0, e1));
+            }
+            s.synchronize().map_err(|e| dev_err("running the kernels", e))?;
+            ev.iter().map(|(a, b)| a.elapsed_ms(b).map(f64::from).map_err(|e| dev_err("reading an event", e))).collect()
+        })
+    }
+}
+
+/// Device-to-device copy bandwidth of device `n` (GB/s counting bytes read plus bytes written): median of
+/// `reps` copies of `bytes` bytes timed with CUDA events.
+pub fn copy_gbps(n: usize, bytes: usize, reps: usize) -> Result<f64> {
+    let gpu = runtime::gpu(n)?;
+    let s = gpu.stream.clone();
+    runtime::guard("measuring the copy bandwidth", || {
+        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        let a = s.alloc_zeros::<u8>(bytes).map_err(|e| dev_err("allocating", e))?;
+        let mut b = s.alloc_zeros::<u8>(bytes).map_err(|e| dev_err("allocating", e))?;
+        let mut ts = Vec::new();
+        for i in 0..reps + 3 {
+            let mk = || gpu.ctx.new_event(Some(dsys::CUevent_flags::CU_EVENT_DEFAULT));
+            let (e0, e1) = (mk().map_err(|e| dev_err("event", e))?, mk().map_err(|e| dev_err("event", e))?);
+            e0.record(&s).map_err(|e| dev_err("event", e))?;
+            s.memcpy_dtod(&a, &mut b).map_err(|e| dev_err("copying", e))?;
+            e1.record(&s).map_err(|e| dev_err("event", e))?;
+            s.synchronize().map_err(|e| dev_err("copying", e))?;
+            if i >= 3 {
+                ts.push(e0.elapsed_ms(&e1).map_err(|e| dev_err("event", e))? as f64);
+            }
+        }
+        ts.sort_by(f64::total_cmp);
+        let ms = ts[ts.len() / 2];
+        Ok(2.0 * bytes as f64 / ms / 1e6)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_heuristic_fills_the_gpu() {
+        // H100: 132 SMs, 2 CTAs per SM at d128.
+        assert_eq!(choose_splits(8, 4096, 132, 2), choose_splits(8, 4096, 132, 2));
+        let s = choose_splits(8, 4096, 132, 2);
+        assert!(s > 16 && s <= 64, "{s}");
+        assert_eq!(choose_splits(256, 32768, 132, 2), 1);
+        assert_eq!(choose_splits(8, 16, 132, 2), 1);
+        let s = choose_splits(64, 131072, 132, 2);
+        assert!((2..=8).contains(&s), "{s}");
+        assert!(choose_splits(1, 1 << 20, 132, 2) <= MAX_SPLITS);
+    }
+
+    #[test]
+    fn params_layout() {
+        // 18 pointers, 21 i64, 20 32-bit fields (the C struct has the same, no padding).
+        assert_eq!(std::mem::size_of::<KvParams>(), 18 * 8 + 21 * 8 + 20 * 4);
+        assert_eq!(std::mem::offset_of!(KvParams, b), 18 * 8 + 21 * 8);
+        assert_eq!(std::mem::size_of::<KvFillParams>(), 24);
+    }
+
+    #[test]
+    fn smem_fits_two_ctas_at_d128() {
+        assert_eq!(attn_smem(128), 16 * 272 + 4 * 3 * 32 * 272 + 512);
+        assert!(2 * (attn_smem(128) as usize + 1024) <= 228 * 1024);
+        assert!(attn_smem(256) as usize <= 227 * 1024);
+    }
+}
