@@ -12,6 +12,14 @@ use crate::error::Result;
 use crate::problem::Problem;
 use cudarc::driver::sys as dsys;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+
+/// How many sm90 forward kernels this process has launched (tests use it to prove which path ran).
+pub fn sm90_forward_launches() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
 
 /// Head dims the sm90 kernel is compiled for; a problem's `d` runs on the smallest one `>= d`.
 pub const SM90_HEAD_DIMS: [usize; 3] = [64, 128, 256];
@@ -162,6 +170,7 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
     // SAFETY: `params` mirrors Sm90Params (layout pinned by the test below); its pointers and tensor maps
     // describe buffers sized for this problem.
     unsafe { launch(&m.kernels["flash_fwd_sm90"], "flash_fwd_sm90", stream, grid, 384, smem_bytes(hd), &params)? };
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
     Ok(true)
 }
 

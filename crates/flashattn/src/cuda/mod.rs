@@ -27,7 +27,7 @@ pub use compile::{KernelUsage, Pass, Variant};
 /// The CUDA bindings this backend is built on (for callers of [`forward_raw`] that need a context or a
 /// stream, and for tests).
 pub use cudarc;
-pub use fwd_sm90::{path_override, sm90_head_dim};
+pub use fwd_sm90::{path_override, sm90_forward_launches, sm90_head_dim};
 pub use launch::{poison_outputs, set_poison_outputs};
 pub use resident::{kernel_family, DeviceAttention};
 pub use tensor::DeviceTensorRef;
