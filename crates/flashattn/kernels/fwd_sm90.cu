@@ -18,10 +18,12 @@
 // Barriers (shared memory, 8 bytes each): full_q / empty_q, full_k[2] / empty_k[2], full_v[2] / empty_v[2].
 //   "full" barriers: 1 arrival (the producer's expect_tx) + the TMA transaction bytes.
 //   "empty" barriers: one arrival per consumer warp (8).
-// Scheduler (both roles walk the same static sequence, so no shared state): tile t = blockIdx.x +
-//   k * gridDim.x over num_m_blocks * b * h tiles, ordered by groups of `l2_group` (batch, head) pairs so
-//   that their K/V stay in L2; inside a group, query blocks from the last (longest with causal masks)
-//   to the first, heads innermost (a GQA group's query heads run together).
+// Scheduler (both roles walk the same static sequence, so no shared state): num_m_blocks * b * h tiles
+//   ordered by groups of `l2_group` (batch, head) pairs so that their K/V stay in L2 (with masks: one
+//   group, i.e. globally longest first); inside a group, query blocks from the last (longest with causal
+//   masks) to the first, heads innermost (a GQA group's query heads run together). CTAs take the tiles
+//   in snake order (walk()).
+// Ping-pong: the consumer warpgroups alternate issuing their products (named barriers 1 and 2).
 //
 // Tiles: d64 128 x 128, d128 128 x 128, d256 128 x 64. Shared memory: Q (BM x D) + 2 x K + 2 x V
 // (BN x D each), each as D/64 panels of 128-byte rows (the TMA box is 64 columns wide), + barriers,
@@ -114,6 +116,17 @@ FA_DEVICE TileId tile_at(const Sm90Params& p, int t) {
     return id;
 }
 
+// The t-th tile of this CTA's walk: round k takes the k-th run of gridDim.x tiles of the order above, CTA j
+// taking entry j on even rounds and entry gridDim.x - 1 - j on odd ones ("snake"), so that with tiles
+// sorted longest first every CTA's total work comes out about equal. Returns -1 past the end, -2 for a
+// slot of the last round that holds no tile.
+FA_DEVICE int walk(int k, int num_tiles) {
+    const int base = k * (int)gridDim.x;
+    if (base >= num_tiles) return -1;
+    const int t = base + ((k & 1) ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x);
+    return t < num_tiles ? t : -2;
+}
+
 // Geometry of one tile, computed identically by producer and consumers.
 struct Geo {
     int sq, sk, m0, q_row, k_row, tb, nb_lo, nb_hi;
@@ -173,7 +186,10 @@ FA_DEVICE void producer(const Sm90Params& p, u32 sbase, const Bars& b) {
     const int num_tiles = p.num_m_blocks * p.f.b * p.f.h;
     const int group = p.f.h / p.f.hk;
     u32 it = 0, qt = 0;
-    for (int t = blockIdx.x; t < num_tiles; t += gridDim.x) {
+    for (int k = 0;; ++k) {
+        const int t = walk(k, num_tiles);
+        if (t == -1) break;
+        if (t < 0) continue;
         const TileId id = tile_at(p, t);
         Geo g;
         if (!geometry(p.f, id, g) || g.nb_hi <= g.nb_lo) continue;
@@ -345,8 +361,16 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
 #else
     const float c = f.scale * FA_LOG2E;
 #endif
+    // Ping-pong: the two consumer warpgroups take turns issuing their matrix products (named barriers 1
+    // and 2, 256 threads each: the owner's bar.sync plus the other's bar.arrive), so one's softmax runs
+    // while the other's products keep the tensor cores busy. Warpgroup 0 takes the first turn.
+    const int my_turn = 1 + wg, other_turn = 2 - wg;
+    if (wg == 1) named_arrive(1, 256);
     u32 it = 0, qt = 0;
-    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    for (int k = 0;; ++k) {
+        const int tile = walk(k, num_tiles);
+        if (tile == -1) break;
+        if (tile < 0) continue;
         const TileId id = tile_at(p, tile);
         Geo g;
         if (!geometry(f, id, g)) continue;
@@ -385,9 +409,11 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 const int nb = g.nb_hi - 1;
                 const u32 st = it & 1, ph = (it >> 1) & 1;
                 mbar_wait(b.full_k(st), ph);
+                named_sync(my_turn, 256);
                 wgmma_fence();
                 issue_qk(s, sq_wg, sbase + OFF_K + st * KV_BYTES);
                 wgmma_commit();
+                named_arrive(other_turn, 256);
                 wgmma_wait<0>();
                 reg_fence<SREG>(s);
                 if (nblk == 1) release(b.empty_q(), lane);
@@ -403,12 +429,14 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 const u32 st = itk & 1, ph = (itk >> 1) & 1;
                 const u32 stp = itp & 1, php = (itp >> 1) & 1;
                 mbar_wait(b.full_k(st), ph);
+                mbar_wait(b.full_v(stp), php);
+                named_sync(my_turn, 256);
                 wgmma_fence();
                 issue_qk(s, sq_wg, sbase + OFF_K + st * KV_BYTES);
                 wgmma_commit();
-                mbar_wait(b.full_v(stp), php);
                 issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES);
                 wgmma_commit();
+                named_arrive(other_turn, 256);
                 wgmma_wait<1>();
                 reg_fence<SREG>(s);
                 if (k == nblk - 1) release(b.empty_q(), lane);
@@ -426,9 +454,11 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 const u32 itp = it + nblk - 1;
                 const u32 stp = itp & 1, php = (itp >> 1) & 1;
                 mbar_wait(b.full_v(stp), php);
+                named_sync(my_turn, 256);
                 wgmma_fence();
                 issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES);
                 wgmma_commit();
+                named_arrive(other_turn, 256);
                 wgmma_wait<0>();
                 reg_fence<OREG>(o);
                 release(b.empty_v(stp), lane);
@@ -467,6 +497,8 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
             }
         }
     }
+    // Warpgroup 1 arrived once more on barrier 1 than warpgroup 0 waited on it (the initial turn).
+    if (wg == 0) named_sync(1, 256);
 }
 
 }  // namespace f90

@@ -133,8 +133,12 @@ fn tensor_map(
     (r == dsys::CUresult::CUDA_SUCCESS).then_some(map)
 }
 
-/// (batch, head) pairs per scheduling group, so that the group's K/V (about 24 MiB) stay in the L2.
+/// (batch, head) pairs per scheduling group, so that the group's K/V (about 24 MiB) stay in the L2. With
+/// masks, tiles differ in length: one group, so that the walk is longest first over all heads.
 fn l2_group(p: &Problem, head_dim: usize, sk: usize) -> i32 {
+    if p.mask.is_active() {
+        return (p.batch * p.h).max(1) as i32;
+    }
     let per_kv_head = (sk.max(1) * head_dim * 4) as u64; // K + V, 16-bit
     let q_per_kv = (p.h / p.hk.max(1)).max(1) as u64;
     let g = ((24u64 << 20) / per_kv_head).max(1) * q_per_kv;
