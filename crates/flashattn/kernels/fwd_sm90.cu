@@ -14,7 +14,8 @@
 //   warpgroups 1, 2: consumers, 64 query rows each (BLOCK_M = 128). Per key block: issue S_next = Q K_j^T,
 //                issue O += P V_{j+1} for the previous block, wait for S_next, mask + online softmax on it
 //                while the P.V product runs, wait for P.V, rescale O, pack P. Epilogue: normalise, LSE,
-//                stores straight from registers.
+//                O staged through the warpgroup's half of the Q buffer, 16-byte row-contiguous stores, then
+//                the Q buffer goes back to the producer (which meanwhile loads the next tile's first K).
 // Barriers (shared memory, 8 bytes each): full_q / empty_q, full_k[2] / empty_k[2], full_v[2] / empty_v[2].
 //   "full" barriers: 1 arrival (the producer's expect_tx) + the TMA transaction bytes.
 //   "empty" barriers: one arrival per consumer warp (8).
@@ -76,6 +77,7 @@ struct Sm90Params {
     FwdParams f;
     int num_m_blocks;  // ceil(max_sq / BLOCK_M)
     int l2_group;      // (batch, head) pairs per scheduling group (>= 1)
+    int pingpong;      // 1: the consumer warpgroups take turns issuing their products (named barriers)
     TmaMap tq, tk, tv;
 };
 
@@ -194,12 +196,6 @@ FA_DEVICE void producer(const Sm90Params& p, u32 sbase, const Bars& b) {
         Geo g;
         if (!geometry(p.f, id, g) || g.nb_hi <= g.nb_lo) continue;
         const int kvh = id.qh / group;
-        mbar_wait(b.empty_q(), (qt & 1) ^ 1);
-        mbar_arrive_expect_tx(b.full_q(), Q_BYTES);
-#pragma unroll
-        for (int pn = 0; pn < PANELS; ++pn)
-            tma_load_4d(sbase + pn * BM * 128, &p.tq, pn * 64, g.q_row, id.qh, g.tb, b.full_q());
-        ++qt;
         for (int nb = g.nb_hi - 1; nb >= g.nb_lo; --nb, ++it) {
             const u32 st = it & 1, ph = (it >> 1) & 1;
             const int row = g.k_row + nb * BN;
@@ -208,6 +204,16 @@ FA_DEVICE void producer(const Sm90Params& p, u32 sbase, const Bars& b) {
 #pragma unroll
             for (int pn = 0; pn < PANELS; ++pn)
                 tma_load_4d(sbase + OFF_K + st * KV_BYTES + pn * BN * 128, &p.tk, pn * 64, row, kvh, g.tb, b.full_k(st));
+            if (nb == g.nb_hi - 1) {
+                // Q after the tile's first K: the previous tile's epilogue (which stages O in the Q buffer)
+                // may still hold it, while K can already stream in.
+                mbar_wait(b.empty_q(), (qt & 1) ^ 1);
+                mbar_arrive_expect_tx(b.full_q(), Q_BYTES);
+#pragma unroll
+                for (int pn = 0; pn < PANELS; ++pn)
+                    tma_load_4d(sbase + pn * BM * 128, &p.tq, pn * 64, g.q_row, id.qh, g.tb, b.full_q());
+                ++qt;
+            }
             mbar_wait(b.empty_v(st), ph ^ 1);
             mbar_arrive_expect_tx(b.full_v(st), KV_BYTES);
 #pragma unroll
@@ -365,7 +371,8 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
     // and 2, 256 threads each: the owner's bar.sync plus the other's bar.arrive), so one's softmax runs
     // while the other's products keep the tensor cores busy. Warpgroup 0 takes the first turn.
     const int my_turn = 1 + wg, other_turn = 2 - wg;
-    if (wg == 1) named_arrive(1, 256);
+    const bool pp = p.pingpong != 0;
+    if (pp && wg == 1) named_arrive(1, 256);
     u32 it = 0, qt = 0;
     for (int k = 0;; ++k) {
         const int tile = walk(k, num_tiles);
@@ -409,14 +416,13 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 const int nb = g.nb_hi - 1;
                 const u32 st = it & 1, ph = (it >> 1) & 1;
                 mbar_wait(b.full_k(st), ph);
-                named_sync(my_turn, 256);
+                if (pp) named_sync(my_turn, 256);
                 wgmma_fence();
                 issue_qk(s, sq_wg, sbase + OFF_K + st * KV_BYTES);
                 wgmma_commit();
-                named_arrive(other_turn, 256);
+                if (pp) named_arrive(other_turn, 256);
                 wgmma_wait<0>();
                 reg_fence<SREG>(s);
-                if (nblk == 1) release(b.empty_q(), lane);
                 release(b.empty_k(st), lane);
                 const bool need_mask = tile_needs_mask(mc, HAS_MASK != 0, wr_lo, wr_hi, nb * BN, BN);
                 transform_and_mask(s, g, f, i0, nb * BN, t, need_mask, slope);
@@ -430,16 +436,15 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 const u32 stp = itp & 1, php = (itp >> 1) & 1;
                 mbar_wait(b.full_k(st), ph);
                 mbar_wait(b.full_v(stp), php);
-                named_sync(my_turn, 256);
+                if (pp) named_sync(my_turn, 256);
                 wgmma_fence();
                 issue_qk(s, sq_wg, sbase + OFF_K + st * KV_BYTES);
                 wgmma_commit();
                 issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES);
                 wgmma_commit();
-                named_arrive(other_turn, 256);
+                if (pp) named_arrive(other_turn, 256);
                 wgmma_wait<1>();
                 reg_fence<SREG>(s);
-                if (k == nblk - 1) release(b.empty_q(), lane);
                 release(b.empty_k(st), lane);
                 const bool need_mask = tile_needs_mask(mc, HAS_MASK != 0, wr_lo, wr_hi, nb * BN, BN);
                 transform_and_mask(s, g, f, i0, nb * BN, t, need_mask, slope);
@@ -454,11 +459,11 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 const u32 itp = it + nblk - 1;
                 const u32 stp = itp & 1, php = (itp >> 1) & 1;
                 mbar_wait(b.full_v(stp), php);
-                named_sync(my_turn, 256);
+                if (pp) named_sync(my_turn, 256);
                 wgmma_fence();
                 issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES);
                 wgmma_commit();
-                named_arrive(other_turn, 256);
+                if (pp) named_arrive(other_turn, 256);
                 wgmma_wait<0>();
                 reg_fence<OREG>(o);
                 release(b.empty_v(stp), lane);
@@ -466,7 +471,10 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
             it += nblk;
         }
 
-        // ---- epilogue: normalise, LSE, stores from registers
+        // ---- epilogue: normalise, LSE; O staged in this warpgroup's slice of the Q buffer (Q is no longer
+        // read once the last S is done) in the same 128B-swizzled panels, then 16-byte row-contiguous stores;
+        // the Q buffer is released to the producer afterwards. Tiles with no visible key (no Q loaded; the
+        // buffer may already hold the next tile's Q) store zeros straight from registers.
 #if IS_VARLEN
         const int q0 = f.cu_seqlens_q[id.bi];
         const i64 o_off = (i64)q0 * f.o_row_stride;
@@ -476,29 +484,70 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
         const i64 lse_off = (i64)id.bi * f.lse_batch_stride + (i64)id.qh * f.lse_head_stride;
 #endif
         u16* go = (u16*)f.o + o_off + (i64)id.qh * f.o_head_stride;
+        float inv[2];
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             const float l = quad_sum(rs.l[hh]);
-            const float inv = l > 0.f ? 1.f / l : 0.f;
+            inv[hh] = l > 0.f ? 1.f / l : 0.f;
             const int i = i0 + 8 * hh;
-            if (i < g.sq) {
-                if (t == 0) f.lse[lse_off + i] = l > 0.f ? (rs.m[hh] * c + log2_fast(l)) * FA_LN2 : FA_NEG_INF;
-                u16* row = go + (i64)i * f.o_row_stride;
+            if (i < g.sq && t == 0) f.lse[lse_off + i] = l > 0.f ? (rs.m[hh] * c + log2_fast(l)) * FA_LN2 : FA_NEG_INF;
+        }
+        if (nblk > 0) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int r = warp * 16 + gq + 8 * hh;  // row within the warpgroup's 64
 #pragma unroll
                 for (int dt = 0; dt < D / 8; ++dt) {
-                    const int col = dt * 8 + 2 * t;
-                    const u32 v = Dt<elem_t>::pack(o[4 * dt + 2 * hh] * inv, o[4 * dt + 2 * hh + 1] * inv);
-                    if (col + 1 < f.d) {
-                        *(u32*)(row + col) = v;
-                    } else if (col < f.d) {
-                        row[col] = (u16)(v & 0xffffu);
+                    const u32 v = Dt<elem_t>::pack(o[4 * dt + 2 * hh] * inv[hh], o[4 * dt + 2 * hh + 1] * inv[hh]);
+                    const u32 a = sq_wg + (dt / 8) * BM * 128 + r * 128 + (((dt % 8) ^ (r & 7)) << 4) + 4 * t;
+                    st_shared_u32(a, v);
+                }
+            }
+            named_sync(3 + wg, 128);
+            constexpr int CH = D / 8;  // 16-byte chunks per row
+#pragma unroll 4
+            for (int it2 = 0; it2 < 64 * CH / 128; ++it2) {
+                const int idx = it2 * 128 + tid_wg;
+                const int r = idx / CH, cidx = idx % CH;
+                const int i = g.m0 + wg * 64 + r;
+                const int col = cidx * 8;
+                const uint4 v = ld_shared_v4(sq_wg + (cidx / 8) * BM * 128 + r * 128 + (((cidx % 8) ^ (r & 7)) << 4));
+                if (i < g.sq && col < f.d) {
+                    u16* dst = go + (i64)i * f.o_row_stride + col;
+                    if (col + 8 <= f.d) {
+                        *(uint4*)dst = v;
+                    } else {
+                        const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                        for (int e = 0; e < 8; ++e)
+                            if (col + e < f.d) dst[e] = (u16)(w[e >> 1] >> ((e & 1) * 16));
+                    }
+                }
+            }
+            // Generic-proxy accesses to the buffer are done before the producer's TMA refills it.
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            release(b.empty_q(), lane);
+        } else {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int i = i0 + 8 * hh;
+                if (i < g.sq) {
+                    u16* row = go + (i64)i * f.o_row_stride;
+#pragma unroll
+                    for (int dt = 0; dt < D / 8; ++dt) {
+                        const int col = dt * 8 + 2 * t;
+                        if (col + 1 < f.d) {
+                            *(u32*)(row + col) = 0u;
+                        } else if (col < f.d) {
+                            row[col] = 0;
+                        }
                     }
                 }
             }
         }
     }
     // Warpgroup 1 arrived once more on barrier 1 than warpgroup 0 waited on it (the initial turn).
-    if (wg == 0) named_sync(1, 256);
+    if (pp && wg == 0) named_sync(1, 256);
 }
 
 }  // namespace f90

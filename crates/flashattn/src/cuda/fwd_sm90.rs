@@ -34,6 +34,7 @@ pub(crate) struct Sm90Params {
     f: FwdParams,
     num_m_blocks: i32,
     l2_group: i32,
+    pingpong: i32,
     tq: dsys::CUtensorMap,
     tk: dsys::CUtensorMap,
     tv: dsys::CUtensorMap,
@@ -134,15 +135,26 @@ fn tensor_map(
 }
 
 /// (batch, head) pairs per scheduling group, so that the group's K/V (about 24 MiB) stay in the L2. With
-/// masks, tiles differ in length: one group, so that the walk is longest first over all heads.
-fn l2_group(p: &Problem, head_dim: usize, sk: usize) -> i32 {
-    if p.mask.is_active() {
-        return (p.batch * p.h).max(1) as i32;
-    }
+/// masks, tiles differ in length and the snake walk balances them only over a group of at least two
+/// rounds of the grid, so groups are made at least that large.
+fn l2_group(p: &Problem, head_dim: usize, sk: usize, num_m_blocks: usize, ctas: usize) -> i32 {
     let per_kv_head = (sk.max(1) * head_dim * 4) as u64; // K + V, 16-bit
     let q_per_kv = (p.h / p.hk.max(1)).max(1) as u64;
-    let g = ((24u64 << 20) / per_kv_head).max(1) * q_per_kv;
+    let mut g = ((24u64 << 20) / per_kv_head).max(1) * q_per_kv;
+    if p.mask.is_active() {
+        g = g.max((2 * ctas).div_ceil(num_m_blocks.max(1)) as u64);
+    }
     g.min((p.batch * p.h) as u64).max(1) as i32
+}
+
+/// Whether the consumer warpgroups ping-pong: measured faster at head dims <= 128 and with masks, slower
+/// for unmasked d256 (docs/notes/cuda-sm90.md). `FLASHATTN_SM90_PINGPONG=0|1` overrides (for A/B runs).
+fn pingpong(p: &Problem, head_dim: usize) -> bool {
+    match std::env::var("FLASHATTN_SM90_PINGPONG").ok().as_deref().map(str::trim) {
+        Some("0") => false,
+        Some("1") => true,
+        _ => head_dim <= 128 || p.mask.is_active(),
+    }
 }
 
 /// Runs the sm90 forward on `stream`. Returns `Ok(false)` without launching when the driver refuses a
@@ -187,6 +199,7 @@ mod tests {
     fn layout_matches_fwd_sm90_cu() {
         assert_eq!(offset_of!(Sm90Params, num_m_blocks), 232);
         assert_eq!(offset_of!(Sm90Params, l2_group), 236);
+        assert_eq!(offset_of!(Sm90Params, pingpong), 240);
         assert_eq!(offset_of!(Sm90Params, tq), 256);
         assert_eq!(offset_of!(Sm90Params, tk), 384);
         assert_eq!(offset_of!(Sm90Params, tv), 512);
