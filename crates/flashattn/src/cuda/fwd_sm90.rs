@@ -175,14 +175,22 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
     let f = fwd_params(p, a);
     let num_m_blocks = (f.sq as usize).div_ceil(BLOCK_M);
     let tiles = num_m_blocks * p.batch * p.h;
-    let params =
-        Sm90Params { f, num_m_blocks: num_m_blocks as i32, l2_group: l2_group(p, hd, f.sk as usize), tq, tk, tv };
     let sms = gpu
         .ctx
         .attribute(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(|e| dev_err("reading the multiprocessor count", e))?
         .max(1) as usize;
-    let grid = (tiles.min(sms).max(1) as u32, 1, 1);
+    let ctas = tiles.min(sms).max(1);
+    let params = Sm90Params {
+        f,
+        num_m_blocks: num_m_blocks as i32,
+        l2_group: l2_group(p, hd, f.sk as usize, num_m_blocks, ctas),
+        pingpong: pingpong(p, hd) as i32,
+        tq,
+        tk,
+        tv,
+    };
+    let grid = (ctas as u32, 1, 1);
     // SAFETY: `params` mirrors Sm90Params (layout pinned by the test below); its pointers and tensor maps
     // describe buffers sized for this problem.
     unsafe { launch(&m.kernels["flash_fwd_sm90"], "flash_fwd_sm90", stream, grid, 384, smem_bytes(hd), &params)? };
