@@ -14,8 +14,9 @@
 //   warpgroups 1, 2: consumers, 64 query rows each (BLOCK_M = 128). Per key block: issue S_next = Q K_j^T,
 //                issue O += P V_{j+1} for the previous block, wait for S_next, mask + online softmax on it
 //                while the P.V product runs, wait for P.V, rescale O, pack P. Epilogue: normalise, LSE,
-//                O staged through the warpgroup's half of the Q buffer, 16-byte row-contiguous stores, then
-//                the Q buffer goes back to the producer (which meanwhile loads the next tile's first K).
+//                O staged through shared memory (d <= 128: its own buffer; d256: the warpgroup's half of the
+//                Q buffer, which then goes back to the producer only after the stores), 16-byte row-contiguous
+//                stores.
 // Barriers (shared memory, 8 bytes each): full_q / empty_q, full_k[2] / empty_k[2], full_v[2] / empty_v[2].
 //   "full" barriers: 1 arrival (the producer's expect_tx) + the TMA transaction bytes.
 //   "empty" barriers: one arrival per consumer warp (8).
@@ -63,7 +64,10 @@
 #endif
 #define SM90_BM 128
 #define SM90_THREADS 384
-#define SM90_SMEM_BYTES ((SM90_BM + 4 * SM90_BN) * HEAD_DIM * 2 + 128 + 1024)
+// d <= 128: a separate O staging buffer (BM x D), so that Q can go back to the producer right after the last
+// S = Q K^T; d256 has no room for it and stages O in the Q buffer instead.
+#define SM90_O_SEPARATE (HEAD_DIM <= 128)
+#define SM90_SMEM_BYTES (((SM90_BM * (1 + SM90_O_SEPARATE)) + 4 * SM90_BN) * HEAD_DIM * 2 + 128 + 1024)
 
 #if IS_BF16
 typedef bf16_t elem_t;
@@ -91,7 +95,9 @@ constexpr u32 Q_BYTES = PANELS * BM * 128;
 constexpr u32 KV_BYTES = PANELS * BN * 128;
 constexpr u32 OFF_K = Q_BYTES;
 constexpr u32 OFF_V = Q_BYTES + 2 * KV_BYTES;
-constexpr u32 OFF_BAR = Q_BYTES + 4 * KV_BYTES;
+constexpr bool O_SEPARATE = SM90_O_SEPARATE;
+constexpr u32 OFF_O = Q_BYTES + 4 * KV_BYTES;  // when O_SEPARATE
+constexpr u32 OFF_BAR = OFF_O + (O_SEPARATE ? Q_BYTES : 0);
 constexpr int SREG = BN / 2;               // S accumulator registers per thread
 constexpr int OREG = D / 2;                // O accumulator registers per thread
 constexpr int PK = BN / 16;                // k16 steps of P.V
@@ -423,6 +429,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 if (pp) named_arrive(other_turn, 256);
                 wgmma_wait<0>();
                 reg_fence<SREG>(s);
+                if (O_SEPARATE && nblk == 1) release(b.empty_q(), lane);
                 release(b.empty_k(st), lane);
                 const bool need_mask = tile_needs_mask(mc, HAS_MASK != 0, wr_lo, wr_hi, nb * BN, BN);
                 transform_and_mask(s, g, f, i0, nb * BN, t, need_mask, slope);
@@ -445,6 +452,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 if (pp) named_arrive(other_turn, 256);
                 wgmma_wait<1>();
                 reg_fence<SREG>(s);
+                if (O_SEPARATE && k == nblk - 1) release(b.empty_q(), lane);
                 release(b.empty_k(st), lane);
                 const bool need_mask = tile_needs_mask(mc, HAS_MASK != 0, wr_lo, wr_hi, nb * BN, BN);
                 transform_and_mask(s, g, f, i0, nb * BN, t, need_mask, slope);
@@ -493,13 +501,16 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
             if (i < g.sq && t == 0) f.lse[lse_off + i] = l > 0.f ? (rs.m[hh] * c + log2_fast(l)) * FA_LN2 : FA_NEG_INF;
         }
         if (nblk > 0) {
+            const u32 so_wg = O_SEPARATE ? sbase + OFF_O + wg * 64 * 128 : sq_wg;
+            // Separate buffer: every thread of the warpgroup is done reading the previous tile's O from it.
+            if (O_SEPARATE) named_sync(3 + wg, 128);
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 const int r = warp * 16 + gq + 8 * hh;  // row within the warpgroup's 64
 #pragma unroll
                 for (int dt = 0; dt < D / 8; ++dt) {
                     const u32 v = Dt<elem_t>::pack(o[4 * dt + 2 * hh] * inv[hh], o[4 * dt + 2 * hh + 1] * inv[hh]);
-                    const u32 a = sq_wg + (dt / 8) * BM * 128 + r * 128 + (((dt % 8) ^ (r & 7)) << 4) + 4 * t;
+                    const u32 a = so_wg + (dt / 8) * BM * 128 + r * 128 + (((dt % 8) ^ (r & 7)) << 4) + 4 * t;
                     st_shared_u32(a, v);
                 }
             }
@@ -511,7 +522,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 const int r = idx / CH, cidx = idx % CH;
                 const int i = g.m0 + wg * 64 + r;
                 const int col = cidx * 8;
-                const uint4 v = ld_shared_v4(sq_wg + (cidx / 8) * BM * 128 + r * 128 + (((cidx % 8) ^ (r & 7)) << 4));
+                const uint4 v = ld_shared_v4(so_wg + (cidx / 8) * BM * 128 + r * 128 + (((cidx % 8) ^ (r & 7)) << 4));
                 if (i < g.sq && col < f.d) {
                     u16* dst = go + (i64)i * f.o_row_stride + col;
                     if (col + 8 <= f.d) {
@@ -524,9 +535,11 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                     }
                 }
             }
-            // Generic-proxy accesses to the buffer are done before the producer's TMA refills it.
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            release(b.empty_q(), lane);
+            if (!O_SEPARATE) {
+                // Generic-proxy accesses to the Q buffer are done before the producer's TMA refills it.
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                release(b.empty_q(), lane);
+            }
         } else {
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {

@@ -54,9 +54,11 @@ pub fn block_n(head_dim: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of the kernel (`SM90_SMEM_BYTES`).
+/// Dynamic shared memory of the kernel (`SM90_SMEM_BYTES`: Q, an O staging buffer for d <= 128, 2 x K,
+/// 2 x V, barriers, alignment slack).
 pub fn smem_bytes(head_dim: usize) -> u32 {
-    ((BLOCK_M + 4 * block_n(head_dim)) * head_dim * 2 + 128 + 1024) as u32
+    let o = if head_dim <= 128 { BLOCK_M } else { 0 };
+    ((BLOCK_M + o + 4 * block_n(head_dim)) * head_dim * 2 + 128 + 1024) as u32
 }
 
 /// The forced path, if any: `FLASHATTN_CUDA_PATH=sm80` (never the sm90 kernel) or `sm90`.
@@ -147,14 +149,10 @@ fn l2_group(p: &Problem, head_dim: usize, sk: usize, num_m_blocks: usize, ctas: 
     g.min((p.batch * p.h) as u64).max(1) as i32
 }
 
-/// Whether the consumer warpgroups ping-pong: measured faster at head dims <= 128 and with masks, slower
-/// for unmasked d256 (docs/notes/cuda-sm90.md). `FLASHATTN_SM90_PINGPONG=0|1` overrides (for A/B runs).
-fn pingpong(p: &Problem, head_dim: usize) -> bool {
-    match std::env::var("FLASHATTN_SM90_PINGPONG").ok().as_deref().map(str::trim) {
-        Some("0") => false,
-        Some("1") => true,
-        _ => head_dim <= 128 || p.mask.is_active(),
-    }
+/// Whether the consumer warpgroups ping-pong: on (measured faster at every head dim,
+/// docs/notes/cuda-sm90.md); `FLASHATTN_SM90_PINGPONG=0` turns it off for A/B runs.
+fn pingpong() -> bool {
+    std::env::var("FLASHATTN_SM90_PINGPONG").map_or(true, |v| v.trim() != "0")
 }
 
 /// Runs the sm90 forward on `stream`. Returns `Ok(false)` without launching when the driver refuses a
@@ -185,7 +183,7 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
         f,
         num_m_blocks: num_m_blocks as i32,
         l2_group: l2_group(p, hd, f.sk as usize, num_m_blocks, ctas),
-        pingpong: pingpong(p, hd) as i32,
+        pingpong: pingpong() as i32,
         tq,
         tk,
         tv,
@@ -222,6 +220,7 @@ mod tests {
         assert_eq!(sm90_head_dim(257), None);
         // d256: Q 64 KiB + 2 x K + 2 x V (32 KiB each) + barriers + alignment slack, under 227 KiB.
         assert_eq!(smem_bytes(256), 196608 + 1152);
+        assert_eq!(smem_bytes(128), (2 * 128 + 4 * 128) * 128 * 2 + 1152);
         assert!(smem_bytes(128) < 232448);
     }
 }
