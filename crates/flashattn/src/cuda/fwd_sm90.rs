@@ -142,7 +142,9 @@ fn tensor_map(
 fn l2_group(p: &Problem, head_dim: usize, sk: usize, num_m_blocks: usize, ctas: usize) -> i32 {
     let per_kv_head = (sk.max(1) * head_dim * 4) as u64; // K + V, 16-bit
     let q_per_kv = (p.h / p.hk.max(1)).max(1) as u64;
-    let mut g = ((24u64 << 20) / per_kv_head).max(1) * q_per_kv;
+    // The budget can be changed for A/B runs: FLASHATTN_SM90_L2_MIB (default 24).
+    let mib = std::env::var("FLASHATTN_SM90_L2_MIB").ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(24);
+    let mut g = ((mib.max(1) << 20) / per_kv_head).max(1) * q_per_kv;
     if p.mask.is_active() {
         g = g.max((2 * ctas).div_ceil(num_m_blocks.max(1)) as u64);
     }
