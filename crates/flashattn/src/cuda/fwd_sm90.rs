@@ -67,7 +67,9 @@ pub fn path_override() -> Option<String> {
 }
 
 /// Whether the sm90 kernel runs this problem on this device: a Hopper device (sm_90a cubins), f16/bf16,
-/// head dim <= 256, 16-byte aligned pointers and strides (TMA), non-empty q and k, and no override.
+/// head dim <= 256, 16-byte aligned pointers and strides (TMA), non-empty q and k, no `seqused_k`, and no
+/// override. (`seqused_k` runs on the sm80-class kernel: the TMA reads whole key blocks, and the unused slots
+/// of a cache may hold anything, NaN included, which a zero probability times NaN would let through.)
 pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
     if gpu.arch != "sm_90a" || path_override().as_deref() == Some("sm80") {
         return false;
@@ -77,6 +79,7 @@ pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
         && p.total_q > 0
         && p.total_k > 0
         && p.batch > 0
+        && p.seqused_k.is_none()
         && check_sizes(p).is_ok()
         && variant_for(p, Pass::Fwd, true, false).is_ok()
         && smem_bytes(hd) as i64 <= gpu.smem_optin as i64
