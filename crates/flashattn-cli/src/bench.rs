@@ -449,6 +449,10 @@ mod gpu {
             for pass in if bwd { vec![Pass::Fwd, Pass::Bwd] } else { vec![Pass::Fwd] } {
                 vs.push(Variant { mask: p.causal, aligned16: p.d % 8 == 0, ..Variant::plain(pass, hd, bf16) });
             }
+            // The Hopper forward (skipped by precompile_variants on other architectures).
+            if let Some(h90) = cuda::sm90_head_dim(p.d) {
+                vs.push(Variant { mask: p.causal, ..Variant::plain(Pass::FwdSm90, h90, bf16) });
+            }
         }
         vs.sort();
         vs.dedup();

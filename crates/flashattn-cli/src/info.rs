@@ -17,6 +17,13 @@ pub fn main() -> CliResult<ExitCode> {
     println!("backends:");
     for st in flashattn::backends::status() {
         println!("  {:<5} {:<12} {}", st.name, if st.usable { "usable" } else { "not usable" }, st.detail);
+        // Which CUDA kernels run here: on Hopper the sm90 forward (where it covers the problem), else sm80-class.
+        #[cfg(feature = "cuda")]
+        if st.name == "cuda" && st.usable {
+            if let Ok(arch) = flashattn::cuda::device_arch(0) {
+                println!("        cuda:0 kernels: {}", flashattn::cuda::kernel_family(&arch));
+            }
+        }
     }
     match flashattn::backends::resolve(None) {
         Ok((_, why)) => println!("--device auto picks: {why}"),

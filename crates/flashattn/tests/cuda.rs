@@ -135,16 +135,32 @@ fn run_cases_logged(cases: &[Case]) -> (usize, usize, Vec<String>) {
     (pass, fail, msgs)
 }
 
+/// Says how many forwards of a run took the Hopper path; on Hopper (unless `FLASHATTN_CUDA_PATH=sm80`
+/// forces the fallback) some must have, so the sweep really covers that kernel.
+fn report_sm90(what: &str, before: u64) {
+    let n = cuda::sm90_forward_launches() - before;
+    let hopper = cuda::device_arch(0).is_ok_and(|a| a == "sm_90a");
+    let forced = cuda::path_override().is_some_and(|p| p == "sm80");
+    say(&format!("{what}: {n} forward launches on the sm90 path (device sm_90a: {hopper}, forced sm80: {forced})"));
+    if hopper && !forced {
+        assert!(n > 0, "{what}: no forward ran on the sm90 path on a Hopper device");
+    } else {
+        assert_eq!(n, 0, "{what}: the sm90 path ran where it must not");
+    }
+}
+
 fn sweep(dtype: DType) {
     let cases = cuda_cases(dtype);
     warm_up(&cases, false);
     let t0 = std::time::Instant::now();
+    let before = cuda::sm90_forward_launches();
     let (pass, fail, msgs) = run_cases_logged(&cases);
     say(&format!(
         "cuda sweep {dtype} ({}): {pass} passed, {fail} failed ({:.1} s)",
         sweep_level(),
         t0.elapsed().as_secs_f64()
     ));
+    report_sm90(&format!("cuda sweep {dtype}"), before);
     assert!(fail == 0, "{fail} failures:\n{}", msgs.join("\n"));
     assert!(pass > 0);
 }
@@ -188,8 +204,10 @@ fn small_variants() {
         cases.retain(|c| c.sq * c.sk <= 130 * 65 && (c.h == c.hk || c.sq != 65));
     }
     warm_up(&cases, false);
+    let before = cuda::sm90_forward_launches();
     let (pass, fail, msgs) = run_cases_logged(&cases);
     say(&format!("cuda small variants: {pass} passed, {fail} failed"));
+    report_sm90("cuda small variants", before);
     assert!(fail == 0, "{}", msgs.join("\n"));
 }
 

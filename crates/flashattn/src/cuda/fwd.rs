@@ -143,9 +143,13 @@ pub(crate) fn check_sizes(p: &Problem) -> Result<()> {
     Ok(())
 }
 
-/// Runs the forward kernel on `stream`.
+/// Runs the forward kernel on `stream`: the sm90 kernel on Hopper for the problems it covers
+/// (`fwd_sm90::covers`), else the sm80-class kernel.
 pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs, aligned16: bool) -> Result<()> {
     check_sizes(p)?;
+    if super::fwd_sm90::covers(gpu, p, aligned16) && super::fwd_sm90::run(gpu, stream, p, a)? {
+        return Ok(());
+    }
     let v = variant_for(p, Pass::Fwd, aligned16, false)?;
     let (bm, _, warps) = fwd_tiles(v.head_dim);
     let smem = fwd_smem(v.head_dim);

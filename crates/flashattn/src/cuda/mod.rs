@@ -16,6 +16,7 @@ mod bwd;
 pub mod cache;
 pub mod compile;
 mod fwd;
+mod fwd_sm90;
 pub mod kvcache;
 mod launch;
 pub mod params;
@@ -27,6 +28,7 @@ pub use compile::{KernelUsage, Pass, Variant};
 /// The CUDA bindings this backend is built on (for callers of [`forward_raw`] that need a context or a
 /// stream, and for tests).
 pub use cudarc;
+pub use fwd_sm90::{path_override, sm90_forward_launches, sm90_head_dim};
 pub use kvcache::{
     kvcache_forward_host, kvcache_forward_raw, kvcache_splits, kvcache_workspace_bytes, DeviceKvCache, DeviceRotary,
     DeviceWorkspace, KvDecodeBench, KvWorkspace,
@@ -390,8 +392,10 @@ pub fn precompile_variants(archs: &[String], variants: &[Variant]) -> Result<Vec
     use rayon::prelude::*;
     compile::nvrtc_version()?;
     let archs: Vec<String> = archs.iter().map(|a| compile::canonical_arch(a)).collect::<Result<_>>()?;
-    let jobs: Vec<(String, Variant)> =
-        archs.iter().flat_map(|a| variants.iter().map(move |v| (a.clone(), *v))).collect();
+    let jobs: Vec<(String, Variant)> = archs
+        .iter()
+        .flat_map(|a| variants.iter().filter(|v| v.pass.builds_for(a)).map(move |v| (a.clone(), *v)))
+        .collect();
     jobs.par_iter()
         .map(|(arch, v)| {
             let t0 = std::time::Instant::now();

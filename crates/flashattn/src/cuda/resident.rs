@@ -131,8 +131,19 @@ impl DeviceAttention {
     /// variant and its tile configuration (the backward's as its module exports it).
     pub fn kernel_path(&self) -> Result<String> {
         let (fv, bv) = self.variants()?;
-        let (bm, bn, warps) = fwd::fwd_tiles(fv.head_dim);
-        let mut s = format!("{}; fwd {fv} [BM {bm} BN {bn}, {} threads]", kernel_family(&self.gpu.arch), 32 * warps);
+        let a = self.fwd_args();
+        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], self.p.dtype.size());
+        let mut s = if super::fwd_sm90::covers(&self.gpu, &self.p, aligned) {
+            let v = super::fwd_sm90::sm90_variant(&self.p)?;
+            format!(
+                "{}; fwd sm90 path {v} [BM 128 BN {}, 384 threads: TMA producer + 2 wgmma consumer warpgroups, persistent]",
+                kernel_family(&self.gpu.arch),
+                super::fwd_sm90::block_n(v.head_dim)
+            )
+        } else {
+            let (bm, bn, warps) = fwd::fwd_tiles(fv.head_dim);
+            format!("{}; fwd sm80 path {fv} [BM {bm} BN {bn}, {} threads]", kernel_family(&self.gpu.arch), 32 * warps)
+        };
         if self.bwd.is_some() {
             let m = self.gpu.module(&bv)?;
             match m.bwd_config {
@@ -247,5 +258,10 @@ impl DeviceAttention {
 
 /// The kernel family that runs on an architecture, in words.
 pub fn kernel_family(arch: &str) -> String {
-    format!("sm80-class FA2 kernels (mma.sync m16n8k16, ldmatrix, cp.async; NVRTC cubins for {arch})")
+    let sm80 = format!("sm80-class FA2 kernels (mma.sync m16n8k16, ldmatrix, cp.async; NVRTC cubins for {arch})");
+    if arch == "sm_90a" && super::fwd_sm90::path_override().as_deref() != Some("sm80") {
+        format!("sm90 forward (TMA, wgmma, warp-specialized, persistent) where it covers the problem, else {sm80}")
+    } else {
+        sm80
+    }
 }

@@ -1,0 +1,234 @@
+//! The Hopper (sm_90a) forward path (`kernels/fwd_sm90.cu`): which problems it covers, the TMA tensor maps
+//! of q, k and v, the persistent grid and its tile order. Problems it does not cover run on the sm80-class
+//! kernels (`fwd.rs`); `FLASHATTN_CUDA_PATH=sm80` forces that path on Hopper too (to test the fallback).
+
+use super::compile::{Pass, Variant};
+use super::fwd::{check_sizes, fwd_params, variant_for, FwdArgs};
+use super::launch::launch;
+use super::params::FwdParams;
+use super::runtime::{dev_err, Gpu};
+use super::tensor::DevView;
+use crate::error::Result;
+use crate::problem::Problem;
+use cudarc::driver::sys as dsys;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+
+/// How many sm90 forward kernels this process has launched (tests use it to prove which path ran).
+pub fn sm90_forward_launches() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
+
+/// Head dims the sm90 kernel is compiled for; a problem's `d` runs on the smallest one `>= d`.
+pub const SM90_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// Query rows per CTA (two consumer warpgroups of 64 rows).
+const BLOCK_M: usize = 128;
+
+/// Mirror of `Sm90Params` in `fwd_sm90.cu`: the forward fields, the scheduler's numbers, three tensor maps.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct Sm90Params {
+    f: FwdParams,
+    num_m_blocks: i32,
+    l2_group: i32,
+    pingpong: i32,
+    tq: dsys::CUtensorMap,
+    tk: dsys::CUtensorMap,
+    tv: dsys::CUtensorMap,
+}
+
+/// The padded head dim of the sm90 kernel for head dim `d`.
+pub fn sm90_head_dim(d: usize) -> Option<usize> {
+    SM90_HEAD_DIMS.iter().copied().find(|&h| h >= d)
+}
+
+/// Key rows per block (`SM90_BN` of the kernel).
+pub fn block_n(head_dim: usize) -> usize {
+    if head_dim <= 128 {
+        128
+    } else {
+        64
+    }
+}
+
+/// Dynamic shared memory of the kernel (`SM90_SMEM_BYTES`: Q, an O staging buffer for d <= 128, 2 x K,
+/// 2 x V, barriers, alignment slack).
+pub fn smem_bytes(head_dim: usize) -> u32 {
+    let o = if head_dim <= 128 { BLOCK_M } else { 0 };
+    ((BLOCK_M + o + 4 * block_n(head_dim)) * head_dim * 2 + 128 + 1024) as u32
+}
+
+/// The forced path, if any: `FLASHATTN_CUDA_PATH=sm80` (never the sm90 kernel) or `sm90`.
+pub fn path_override() -> Option<String> {
+    std::env::var("FLASHATTN_CUDA_PATH").ok().map(|s| s.trim().to_ascii_lowercase()).filter(|s| !s.is_empty())
+}
+
+/// Whether the sm90 kernel runs this problem on this device: a Hopper device (sm_90a cubins), f16/bf16,
+/// head dim <= 256, 16-byte aligned pointers and strides (TMA), non-empty q and k, no `seqused_k`, and no
+/// override. (`seqused_k` runs on the sm80-class kernel: the TMA reads whole key blocks, and the unused slots
+/// of a cache may hold anything, NaN included, which a zero probability times NaN would let through.)
+pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
+    if gpu.arch != "sm_90a" || path_override().as_deref() == Some("sm80") {
+        return false;
+    }
+    let Some(hd) = sm90_head_dim(p.d) else { return false };
+    aligned16
+        && p.total_q > 0
+        && p.total_k > 0
+        && p.batch > 0
+        && p.seqused_k.is_none()
+        && check_sizes(p).is_ok()
+        && variant_for(p, Pass::Fwd, true, false).is_ok()
+        && smem_bytes(hd) as i64 <= gpu.smem_optin as i64
+}
+
+/// The sm90 variant of a problem.
+pub(crate) fn sm90_variant(p: &Problem) -> Result<Variant> {
+    let v = variant_for(p, Pass::Fwd, true, false)?;
+    let head_dim = sm90_head_dim(p.d).unwrap_or(v.head_dim);
+    Ok(Variant { pass: Pass::FwdSm90, head_dim, aligned16: true, ..v })
+}
+
+/// A rank-4 tensor map `{d, rows, heads, batch}` over 16-bit elements with a 64 x `box_rows` box and the
+/// 128-byte swizzle; `None` when the driver refuses the layout.
+fn tensor_map(
+    view: &DevView,
+    d: usize,
+    rows: usize,
+    heads: usize,
+    batch: usize,
+    box_rows: u32,
+) -> Option<dsys::CUtensorMap> {
+    let e = 2u64;
+    let (rb, hb) = (view.row as u64 * e, view.head as u64 * e);
+    let mut bb = view.batch as u64 * e;
+    // A dimension of extent 1 is never stepped over; give it a stride the driver accepts.
+    let safe = (rb * rows as u64).max(hb * heads as u64).max(16).next_multiple_of(16);
+    if batch == 1 || bb == 0 {
+        bb = safe;
+    }
+    let hb = if heads == 1 || hb == 0 { safe } else { hb };
+    let rb = if rows == 1 || rb == 0 { safe } else { rb };
+    let dims: [u64; 4] = [d as u64, rows as u64, heads as u64, batch as u64];
+    let strides: [u64; 3] = [rb, hb, bb];
+    let boxd: [u32; 4] = [64, box_rows, 1, 1];
+    let estr: [u32; 4] = [1, 1, 1, 1];
+    // SAFETY: an all-zero CUtensorMap is a valid value to be overwritten by the encoder.
+    let mut map: dsys::CUtensorMap = unsafe { std::mem::zeroed() };
+    // SAFETY: every pointer refers to a live local array of the rank the call is told; the global address
+    // is a device pointer the tensor map only records.
+    let r = unsafe {
+        dsys::cuTensorMapEncodeTiled(
+            &mut map,
+            dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+            4,
+            view.ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxd.as_ptr(),
+            estr.as_ptr(),
+            dsys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            dsys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            dsys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            dsys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    (r == dsys::CUresult::CUDA_SUCCESS).then_some(map)
+}
+
+/// (batch, head) pairs per scheduling group, so that the group's K/V (8 or 24 MiB) stay in the L2. With
+/// masks, tiles differ in length and the snake walk balances them only over a group of at least two
+/// rounds of the grid, so groups are made at least that large.
+fn l2_group(p: &Problem, head_dim: usize, sk: usize, num_m_blocks: usize, ctas: usize) -> i32 {
+    let per_kv_head = (sk.max(1) * head_dim * 4) as u64; // K + V, 16-bit
+    let q_per_kv = (p.h / p.hk.max(1)).max(1) as u64;
+    // Budget: 8 MiB without masks, 24 MiB with (same-call A/B on the H100, docs/notes/cuda-sm90.md);
+    // FLASHATTN_SM90_L2_MIB overrides it for A/B runs.
+    let default_mib = if p.mask.is_active() { 24 } else { 8 };
+    let mib =
+        std::env::var("FLASHATTN_SM90_L2_MIB").ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(default_mib);
+    let mut g = ((mib.max(1) << 20) / per_kv_head).max(1) * q_per_kv;
+    if p.mask.is_active() {
+        g = g.max((2 * ctas).div_ceil(num_m_blocks.max(1)) as u64);
+    }
+    g.min((p.batch * p.h) as u64).max(1) as i32
+}
+
+/// Whether the consumer warpgroups ping-pong: on (measured faster at every head dim,
+/// docs/notes/cuda-sm90.md); `FLASHATTN_SM90_PINGPONG=0` turns it off for A/B runs.
+fn pingpong() -> bool {
+    std::env::var("FLASHATTN_SM90_PINGPONG").map_or(true, |v| v.trim() != "0")
+}
+
+/// Runs the sm90 forward on `stream`. Returns `Ok(false)` without launching when the driver refuses a
+/// tensor map for these layouts (the caller then runs the sm80-class kernel).
+pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -> Result<bool> {
+    let v = sm90_variant(p)?;
+    let hd = v.head_dim;
+    let bn = block_n(hd) as u32;
+    let (q_rows, k_rows, batch) =
+        if p.varlen { (p.total_q, p.total_k, 1) } else { (p.dense_sq, p.total_k / p.batch, p.batch) };
+    let maps = (
+        tensor_map(&a.q, p.d, q_rows, p.h, batch, BLOCK_M as u32),
+        tensor_map(&a.k, p.d, k_rows, p.hk, batch, bn),
+        tensor_map(&a.v, p.d, k_rows, p.hk, batch, bn),
+    );
+    let (Some(tq), Some(tk), Some(tv)) = maps else { return Ok(false) };
+    let m = gpu.module(&v)?;
+    let f = fwd_params(p, a);
+    let num_m_blocks = (f.sq as usize).div_ceil(BLOCK_M);
+    let tiles = num_m_blocks * p.batch * p.h;
+    let sms = gpu
+        .ctx
+        .attribute(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| dev_err("reading the multiprocessor count", e))?
+        .max(1) as usize;
+    let ctas = tiles.min(sms).max(1);
+    let params = Sm90Params {
+        f,
+        num_m_blocks: num_m_blocks as i32,
+        l2_group: l2_group(p, hd, f.sk as usize, num_m_blocks, ctas),
+        pingpong: pingpong() as i32,
+        tq,
+        tk,
+        tv,
+    };
+    let grid = (ctas as u32, 1, 1);
+    // SAFETY: `params` mirrors Sm90Params (layout pinned by the test below); its pointers and tensor maps
+    // describe buffers sized for this problem.
+    unsafe { launch(&m.kernels["flash_fwd_sm90"], "flash_fwd_sm90", stream, grid, 384, smem_bytes(hd), &params)? };
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    #[test]
+    fn layout_matches_fwd_sm90_cu() {
+        assert_eq!(offset_of!(Sm90Params, num_m_blocks), 232);
+        assert_eq!(offset_of!(Sm90Params, l2_group), 236);
+        assert_eq!(offset_of!(Sm90Params, pingpong), 240);
+        assert_eq!(offset_of!(Sm90Params, tq), 256);
+        assert_eq!(offset_of!(Sm90Params, tk), 384);
+        assert_eq!(offset_of!(Sm90Params, tv), 512);
+        assert_eq!(size_of::<Sm90Params>(), 640);
+    }
+
+    #[test]
+    fn head_dims_and_smem() {
+        assert_eq!(sm90_head_dim(40), Some(64));
+        assert_eq!(sm90_head_dim(96), Some(128));
+        assert_eq!(sm90_head_dim(192), Some(256));
+        assert_eq!(sm90_head_dim(257), None);
+        // d256: Q 64 KiB + 2 x K + 2 x V (32 KiB each) + barriers + alignment slack, under 227 KiB.
+        assert_eq!(smem_bytes(256), 196608 + 1152);
+        assert_eq!(smem_bytes(128), (2 * 128 + 4 * 128) * 128 * 2 + 1152);
+        assert!(smem_bytes(128) < 232448);
+    }
+}
