@@ -1,17 +1,35 @@
 //! The spec's sweep on the CPU backend against the f64 oracle. `FLASHATTN_SWEEP=full` runs the whole cross
 //! product (long); the default is a rotating subset that still covers every head dim, shape, head layout
-//! and variant.
+//! and variant. `FLASHATTN_SWEEP_SHARD=i/n` runs this process's share of each test's cases (shards of equal
+//! projected cost), `FLASHATTN_SWEEP_PLAN=1` prints case counts and projected work without running, and the
+//! ignored test `profile` times each step of a few large cases.
 
 mod common;
 use common::*;
 use flashattn::{DType, Device};
 
 fn sweep(dtypes: &[DType], backward: bool) {
-    let cases = cases(dtypes, backward);
-    let (pass, fail, msgs) = run_cases(Device::Cpu, &cases);
-    println!("cpu sweep {dtypes:?} backward={backward}: {pass} passed, {fail} failed");
-    assert!(fail == 0, "{} failures:\n{}", fail, msgs.join("\n"));
-    assert!(pass > 0);
+    let all = cases(dtypes, backward);
+    let name = format!("cpu sweep {} {dtypes:?} backward={backward}", sweep_level());
+    if plan_only() {
+        print_plan(&name, &all);
+        return;
+    }
+    let mine = my_shard(&all);
+    let shard = shard_spec().map_or("all".to_string(), |(i, n)| format!("shard {i}/{n}"));
+    let t0 = std::time::Instant::now();
+    let o = run_cases_parallel(Device::Cpu, &mine);
+    println!(
+        "{name} [{shard}]: {} cases run, {} passed, {} failed in {:.1}s; steps: {}",
+        mine.len(),
+        o.pass,
+        o.fail,
+        t0.elapsed().as_secs_f64(),
+        o.timing
+    );
+    assert!(o.fail == 0, "{} failures:\n{}", o.fail, o.msgs.join("\n"));
+    assert_eq!(o.pass, mine.len());
+    assert!(o.pass > 0 || shard_spec().is_some());
 }
 
 #[test]
@@ -65,4 +83,41 @@ fn small_exhaustive() {
     let (pass, fail, msgs) = run_cases(Device::Cpu, &cases);
     println!("cpu small exhaustive: {pass} passed, {fail} failed");
     assert!(fail == 0, "{}", msgs.join("\n"));
+}
+
+/// Where the time of a case goes (oracle, baseline, backend forward/backward, comparison) on a few large
+/// cases, against the cost model's projection: `cargo test --release --test cpu_sweep -- --ignored profile
+/// --nocapture` (with RAYON_NUM_THREADS=1 for single-core rates).
+#[test]
+#[ignore = "timing tool"]
+fn profile() {
+    let mut cs = Vec::new();
+    for (dtype, d, shape, heads, variant) in [
+        (DType::BF16, 128, (1024, 1024), (6, 6), Variant::Plain),
+        (DType::BF16, 256, (2048, 2048), (6, 1), Variant::Plain),
+        (DType::F16, 64, (1024, 1023), (6, 2), Variant::Causal),
+        (DType::F32, 128, (1024, 1024), (6, 6), Variant::Plain),
+        (DType::F16, 32, (512, 256), (6, 6), Variant::Softcap),
+        (DType::BF16, 111, (127, 513), (6, 2), Variant::Alibi),
+    ] {
+        for backward in [false, true] {
+            let mut c = Case::new(dtype, d, shape, heads, variant);
+            c.backward = backward;
+            cs.push(c);
+        }
+    }
+    for c in &cs {
+        let (r, t) = run_case_timed(Device::Cpu, c, seed());
+        let ok = r.map(|v| v.iter().all(|x| x.pass)).unwrap_or(false);
+        let k = c.cost();
+        println!(
+            "{c:?}: pass {ok}; {t}; projected {:.3}s; ns/MAC oracle {:.3} naive {:.3} fwd {:.3} bwd {:.3}",
+            k.seconds(),
+            1e9 * t.oracle / k.oracle,
+            1e9 * t.naive / k.naive.max(1.0),
+            1e9 * t.fwd / k.fwd,
+            1e9 * t.bwd / k.bwd.max(1.0)
+        );
+        assert!(ok, "{c:?} failed");
+    }
 }
