@@ -1022,4 +1022,48 @@ mod tests {
             }
         }
     }
+
+    /// Times the blocked oracle and baseline against the plain loops on one head group (single thread for
+    /// a fair core-for-core figure): `cargo test --release --lib -- --ignored bench_blocked --nocapture`.
+    #[test]
+    #[ignore = "timing tool"]
+    fn bench_blocked_vs_plain() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        for (dtype, shape) in [(DType::BF16, [1, 512, 512, 2, 2, 128]), (DType::BF16, [1, 1024, 1024, 1, 1, 256])] {
+            let opts = AttnOptions::default();
+            let [q, k, v, g] = inputs(&opts, shape, dtype, 7);
+            let p = validate(&q.view(), &k.view(), &v.view(), &opts).unwrap();
+            let (qd, kd, vd, gd) = (q.view().data, k.view().data, v.view().data, g.view().data);
+            let map = p.q_like_map(g.layout());
+            let time = |f: &(dyn Fn() + Sync)| {
+                let t0 = std::time::Instant::now();
+                pool.install(f);
+                t0.elapsed().as_secs_f64()
+            };
+            let t_plain_o = time(&|| {
+                plain::forward_generic::<f64>(&p, qd, kd, vd, Rounding(None));
+                plain::backward_generic::<f64>(&p, qd, kd, vd, gd, &map, Rounding(None));
+            });
+            let t_fast_o = time(&|| {
+                oracle_f64(&p, qd, kd, vd, Some((gd, &map)));
+            });
+            let t_plain_n = time(&|| {
+                plain::forward_generic::<f32>(&p, qd, kd, vd, Rounding(Some(dtype)));
+                plain::backward_generic::<f32>(&p, qd, kd, vd, gd, &map, Rounding(Some(dtype)));
+            });
+            let t_fast_n = time(&|| {
+                naive_f32(&p, qd, kd, vd, Some((gd, &map)));
+            });
+            let [b, sq, sk, h, _, d] = shape;
+            let mac = (b * h * sq * sk * d) as f64;
+            println!(
+                "{shape:?}: oracle fwd+bwd plain {t_plain_o:.3}s blocked {t_fast_o:.3}s ({:.1}x, {:.2} ns/MAC); \
+                 baseline plain {t_plain_n:.3}s blocked {t_fast_n:.3}s ({:.1}x, {:.2} ns/MAC)",
+                t_plain_o / t_fast_o,
+                1e9 * t_fast_o / (6.0 * mac),
+                t_plain_n / t_fast_n,
+                1e9 * t_fast_n / (6.0 * mac)
+            );
+        }
+    }
 }
