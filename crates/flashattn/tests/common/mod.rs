@@ -583,10 +583,11 @@ pub fn run_cases_parallel(device: Device, cases: &[Case]) -> Outcome {
                 o.msgs.push(m);
             }
         }
+        let (pass, fail) = (o.pass, o.fail);
         drop(o);
         let n = done.fetch_add(1, Ordering::Relaxed) + 1;
         if progress && (n % step == 0 || n == cases.len()) {
-            eprintln!("  {n}/{} cases, {:.1}s", cases.len(), t0.elapsed().as_secs_f64());
+            eprintln!("  {n}/{} cases ({pass} passed, {fail} failed), {:.1}s", cases.len(), t0.elapsed().as_secs_f64());
         }
     });
     out.into_inner().unwrap()
