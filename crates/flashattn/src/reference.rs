@@ -6,6 +6,12 @@
 //!   probabilities rounded to the input dtype before `P·V`), which is also the "naive formula" that
 //!   `flashattn check` and `flashattn bench` set against the flash path. It materialises each head's
 //!   `[sq, sk]` score matrix (O(seqlen²) memory), as the formula does.
+//!
+//! [`oracle_f64`] and [`naive_f32`] compute the forward pass and the gradients in one go, sharing the scores.
+//! Each `(sequence, query head)` is one parallel task; its matrix products run through one cache-blocked,
+//! register-tiled kernel (compiled twice, plain and for AVX2+FMA, picked at run time). Blocking only changes
+//! the order of the sums inside each product; the baseline's roundings to the dtype sit exactly where the
+//! textbook loops put them (the loops are kept as `plain`, test-only, and the tests compare the two).
 
 use crate::dtype::DType;
 use crate::problem::{Problem, RowMap};
