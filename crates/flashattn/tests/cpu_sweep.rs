@@ -137,20 +137,21 @@ fn first_shard() -> bool {
 
 /// The spec's determinism: forward bit-identical over repeated runs, and backward too (the CPU backward is
 /// always deterministic: fixed summation order, no atomics). Every variant, dtype and head layout; the full
-/// sweep adds a long sequence.
+/// sweep adds a long sequence in bf16.
 #[test]
 fn determinism() {
     if !first_shard() {
         println!("cpu determinism: run by shard 0");
         return;
     }
-    let mut shapes = vec![(113, 203), (65, 33)];
-    if sweep_level() == "full" {
-        shapes.push((1023, 1024));
-    }
     let mut checked = 0;
     let r = &mut rng(seed());
     for dtype in [DType::F16, DType::BF16, DType::F32] {
+        let mut shapes = vec![(113, 203), (65, 33)];
+        if sweep_level() == "full" && dtype == DType::BF16 {
+            // Many key tiles per row and many query tiles per key (the full sweep only: ~30 core-s).
+            shapes.push((1023, 1024));
+        }
         for &shape in &shapes {
             for (i, variant) in VARIANTS.into_iter().enumerate() {
                 let (d, heads) = [(59, (6, 2)), (128, (6, 6)), (64, (6, 1))][i % 3];
