@@ -3,7 +3,7 @@
 
 use flashattn::accuracy::{compare, compare_lse, o_factor, Verdict, GRAD_FACTOR};
 use flashattn::problem::validate;
-use flashattn::reference::{backward_f64, forward_f64, naive_backward, naive_forward};
+use flashattn::reference::{naive_f32, oracle_f64, Forward, Grads};
 use flashattn::{AttnOptions, DType, Device, Tensor, VarLen};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
@@ -147,15 +147,113 @@ pub fn make_inputs(c: &Case, rng: &mut Rng64) -> Inputs {
     Inputs { q, k, v, dout, opts }
 }
 
+/// Where one case's time went, in seconds (wall time of each step).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timing {
+    /// Drawing the inputs and validating them.
+    pub inputs: f64,
+    /// The f64 oracle (forward and, for a backward case, gradients).
+    pub oracle: f64,
+    /// The same-precision naive baseline (not needed for f32, whose rule has no baseline).
+    pub naive: f64,
+    /// The backend's forward.
+    pub fwd: f64,
+    /// The backend's backward.
+    pub bwd: f64,
+    /// Reading the outputs back and comparing them.
+    pub compare: f64,
+}
+
+impl Timing {
+    /// Adds another case's times.
+    pub fn add(&mut self, o: &Timing) {
+        self.inputs += o.inputs;
+        self.oracle += o.oracle;
+        self.naive += o.naive;
+        self.fwd += o.fwd;
+        self.bwd += o.bwd;
+        self.compare += o.compare;
+    }
+    /// The sum of all steps.
+    pub fn total(&self) -> f64 {
+        self.inputs + self.oracle + self.naive + self.fwd + self.bwd + self.compare
+    }
+}
+
+impl std::fmt::Display for Timing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "inputs {:.3}s oracle {:.3}s naive {:.3}s fwd {:.3}s bwd {:.3}s compare {:.3}s (total {:.3}s)",
+            self.inputs,
+            self.oracle,
+            self.naive,
+            self.fwd,
+            self.bwd,
+            self.compare,
+            self.total()
+        )
+    }
+}
+
 /// Runs one case on `device` and returns every verdict (o, lse, and dq/dk/dv when `c.backward`).
 pub fn run_case(device: Device, c: &Case, seed: u64) -> Result<Vec<Verdict>, String> {
+    run_case_timed(device, c, seed).0
+}
+
+/// [`run_case`], also returning where the time went. The oracle and the baseline compute the forward and
+/// the gradients together (sharing the scores); the f32 rule has no baseline, so f32 cases skip it.
+pub fn run_case_timed(device: Device, c: &Case, seed: u64) -> (Result<Vec<Verdict>, String>, Timing) {
+    let mut t = Timing::default();
+    let r = run_case_inner(device, c, seed, &mut t);
+    (r, t)
+}
+
+/// Seconds on the clock the timings use: wall time, or with FLASHATTN_CPU_CLOCK=1 the CPU time of the whole
+/// process (user + system, from /proc/self/stat, 10 ms ticks), which a loaded machine inflates far less.
+pub fn clock_seconds() -> f64 {
+    static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    if std::env::var_os("FLASHATTN_CPU_CLOCK").is_some_and(|v| v != "0") {
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the command name (which ends with ')'): utime and stime are the 12th and 13th.
+            let rest = stat.rsplit_once(')').map_or("", |x| x.1);
+            let f: Vec<f64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0.0)).collect();
+            if f.len() > 13 {
+                return (f[11] + f[12]) / 100.0;
+            }
+        }
+    }
+    T0.get_or_init(std::time::Instant::now).elapsed().as_secs_f64()
+}
+
+/// Seconds since `t0` on [`clock_seconds`].
+fn since(t0: f64) -> f64 {
+    clock_seconds() - t0
+}
+
+fn run_case_inner(device: Device, c: &Case, seed: u64, t: &mut Timing) -> Result<Vec<Verdict>, String> {
+    let clock = clock_seconds;
+    let t0 = clock();
     let mut rng = rng(seed);
     let inp = make_inputs(c, &mut rng);
     let ctx = |e: flashattn::Error| format!("{c:?} seed {seed}: {e}");
     let p = validate(&inp.q.view(), &inp.k.view(), &inp.v.view(), &inp.opts).map_err(ctx)?;
     let (qd, kd, vd) = (inp.q.view().data, inp.k.view().data, inp.v.view().data);
-    let reference = forward_f64(&p, qd, kd, vd);
-    let (base_o, _) = naive_forward(&p, qd, kd, vd);
+    let do_map = p.q_like_map(inp.dout.layout());
+    let dout = c.backward.then(|| (inp.dout.view().data, &do_map));
+    t.inputs = since(t0);
+    let t0 = clock();
+    let (reference, g_ref) = oracle_f64(&p, qd, kd, vd, dout);
+    t.oracle = since(t0);
+    let t0 = clock();
+    let (base, g_base) = if c.dtype == DType::F32 {
+        // The f32 rule compares with the oracle alone (relative 1e-4): no baseline to compute.
+        (Forward { o: Vec::new(), lse: Vec::new() }, None)
+    } else {
+        naive_f32(&p, qd, kd, vd, dout)
+    };
+    t.naive = since(t0);
+    let t0 = clock();
     let out = match device {
         Device::Cpu => {
             // Poisoned outputs: an element the backend forgets to write fails the comparison.
@@ -174,15 +272,16 @@ pub fn run_case(device: Device, c: &Case, seed: u64) -> Result<Vec<Verdict>, Str
         }
         dev => flashattn::forward_on(dev, &inp.q, &inp.k, &inp.v, &inp.opts).map_err(ctx)?,
     };
+    t.fwd = since(t0);
+    let t0 = clock();
     let factor = o_factor(inp.opts.softcap > 0.0, inp.opts.alibi_slopes.is_some());
     let mut verdicts = vec![
-        compare("o", &out.o.to_f32_vec(), &reference.o, &base_o.to_f32_vec(), c.dtype, factor),
+        compare("o", &out.o.to_f32_vec(), &reference.o, &base.o, c.dtype, factor),
         compare_lse(&out.lse.to_f32_vec(), &reference.lse),
     ];
+    t.compare = since(t0);
     if c.backward {
-        let do_map = p.q_like_map(inp.dout.layout());
-        let g_ref = backward_f64(&p, qd, kd, vd, inp.dout.view().data, &do_map);
-        let g_base = naive_backward(&p, qd, kd, vd, inp.dout.view().data, &do_map);
+        let t0 = clock();
         let g = match device {
             Device::Cpu => {
                 let mut dq = Tensor::nan(inp.q.shape(), c.dtype);
@@ -206,9 +305,15 @@ pub fn run_case(device: Device, c: &Case, seed: u64) -> Result<Vec<Verdict>, Str
             dev => flashattn::backward_on(dev, &inp.q, &inp.k, &inp.v, &out.o, &out.lse, &inp.dout, &inp.opts)
                 .map_err(ctx)?,
         };
+        t.bwd = since(t0);
+        let t0 = clock();
+        let g_ref = g_ref.expect("oracle gradients");
+        let empty = Grads { dq: Vec::new(), dk: Vec::new(), dv: Vec::new() };
+        let g_base = g_base.unwrap_or(empty);
         verdicts.push(compare("dq", &g.dq.to_f32_vec(), &g_ref.dq, &g_base.dq, c.dtype, GRAD_FACTOR));
         verdicts.push(compare("dk", &g.dk.to_f32_vec(), &g_ref.dk, &g_base.dk, c.dtype, GRAD_FACTOR));
         verdicts.push(compare("dv", &g.dv.to_f32_vec(), &g_ref.dv, &g_base.dv, c.dtype, GRAD_FACTOR));
+        t.compare += since(t0);
     }
     Ok(verdicts)
 }
@@ -261,32 +366,263 @@ pub fn cases(dtypes: &[DType], backward: bool) -> Vec<Case> {
     out
 }
 
-/// Runs cases, printing one line per failure; returns (passed, failed, failures).
+/// Runs cases one after the other, printing one line per failure; returns (passed, failed, failures).
 pub fn run_cases(device: Device, cases: &[Case]) -> (usize, usize, Vec<String>) {
     let (mut pass, mut fail, mut msgs) = (0, 0, Vec::new());
-    let verbose = std::env::var_os("FLASHATTN_VERBOSE").is_some();
     for c in cases {
-        let s = seed();
-        let t0 = std::time::Instant::now();
-        let r = run_case(device, c, s);
-        if verbose {
-            eprintln!("{:>8.2}s {c:?}", t0.elapsed().as_secs_f64());
-        }
-        match r {
-            Ok(v) if v.iter().all(|x| x.pass) => pass += 1,
-            Ok(v) => {
+        match check_one(device, c).0 {
+            Ok(()) => pass += 1,
+            Err(m) => {
                 fail += 1;
-                let bad: Vec<String> = v.iter().filter(|x| !x.pass).map(|x| x.to_string()).collect();
-                let m = format!("FAIL {c:?} seed {s}: {}", bad.join("; "));
-                eprintln!("{m}");
                 msgs.push(m);
-            }
-            Err(e) => {
-                fail += 1;
-                eprintln!("ERROR {e}");
-                msgs.push(e);
             }
         }
     }
     (pass, fail, msgs)
+}
+
+/// Runs one case with a fresh seed; prints a line per failure (and per case with FLASHATTN_VERBOSE).
+fn check_one(device: Device, c: &Case) -> (Result<(), String>, Timing) {
+    let s = seed();
+    let (r, t) = run_case_timed(device, c, s);
+    if std::env::var_os("FLASHATTN_VERBOSE").is_some() {
+        eprintln!("{:>8.2}s {c:?} [{t}]", t.total());
+    }
+    let r = match r {
+        Ok(v) if v.iter().all(|x| x.pass) => Ok(()),
+        Ok(v) => {
+            let bad: Vec<String> = v.iter().filter(|x| !x.pass).map(|x| x.to_string()).collect();
+            Err(format!("FAIL {c:?} seed {s}: {}", bad.join("; ")))
+        }
+        Err(e) => Err(format!("ERROR {e}")),
+    };
+    if let Err(m) = &r {
+        eprintln!("{m}");
+    }
+    (r, t)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Cost model, sharding and the parallel runner of the full sweep.
+
+/// Visible (query, key) pairs of one `(sq, sk)` head under a bottom-right-aligned window (`None` =
+/// unbounded side; causal is `(None, Some(0))`).
+pub fn visible_pairs(sq: usize, sk: usize, left: Option<usize>, right: Option<usize>) -> f64 {
+    let off = sk as i64 - sq as i64;
+    let mut n = 0i64;
+    for i in 0..sq as i64 {
+        let lo = left.map_or(0, |l| (i + off - l as i64).max(0));
+        let hi = right.map_or(sk as i64, |r| (i + off + r as i64 + 1).min(sk as i64));
+        n += (hi - lo.min(sk as i64)).max(0);
+    }
+    n as f64
+}
+
+/// Projected work of one case: multiply-adds of each step (the products over visible pairs, `d` long)
+/// and the visible pairs themselves (exp, rounding, masking per score).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cost {
+    /// Visible (query, key) pairs over every (sequence, head) (expected value for random variants).
+    pub pairs: f64,
+    /// Oracle multiply-adds (f64): S, O, and for backward dP, dQ, dK, dV.
+    pub oracle: f64,
+    /// Baseline multiply-adds (f32; 0 for f32 inputs).
+    pub naive: f64,
+    /// Backend forward multiply-adds (S, O).
+    pub fwd: f64,
+    /// Backend backward multiply-adds (the CPU backward recomputes S and dP twice: ~9 products).
+    pub bwd: f64,
+    /// Input and output elements (drawing, conversion, comparison).
+    pub elems: f64,
+}
+
+/// Seconds per unit of [`Cost`] on one core, measured with `FLASHATTN_SWEEP_PROFILE=1` (see
+/// docs/notes/cpu.md): oracle MAC, baseline MAC, backend forward MAC, backend backward MAC, pair, element.
+pub const SECONDS_PER: [f64; 6] = [1.5e-10, 8.0e-11, 1.8e-10, 2.3e-10, 6.0e-8, 1.0e-8];
+
+impl Cost {
+    /// Projected single-core seconds, by [`SECONDS_PER`].
+    pub fn seconds(&self) -> f64 {
+        let w = SECONDS_PER;
+        self.oracle * w[0]
+            + self.naive * w[1]
+            + self.fwd * w[2]
+            + self.bwd * w[3]
+            + self.pairs * w[4]
+            + self.elems * w[5]
+    }
+    /// Adds another case's cost.
+    pub fn add(&mut self, o: &Cost) {
+        self.pairs += o.pairs;
+        self.oracle += o.oracle;
+        self.naive += o.naive;
+        self.fwd += o.fwd;
+        self.bwd += o.bwd;
+        self.elems += o.elems;
+    }
+}
+
+impl Case {
+    /// Expected visible pairs per (sequence, head), following the random draws of [`make_inputs`].
+    pub fn expected_pairs(&self) -> f64 {
+        let (sq, sk) = (self.sq, self.sk);
+        let full = visible_pairs(sq, sk, None, None);
+        let causal = visible_pairs(sq, sk, None, Some(0));
+        match self.variant {
+            Variant::Plain | Variant::Softcap => full,
+            Variant::Causal => causal,
+            Variant::Alibi => 0.5 * (full + causal),
+            Variant::Window => {
+                // Each side: unbounded with probability 0.2, else uniform in 0..sk (five quantiles).
+                let sides: Vec<(f64, Option<usize>)> = std::iter::once((0.2, None))
+                    .chain([0.1, 0.3, 0.5, 0.7, 0.9].iter().map(|u| (0.16, Some((u * sk as f64) as usize))))
+                    .collect();
+                let mut e = 0.0;
+                for &(pl, l) in &sides {
+                    for &(pr, r) in &sides {
+                        e += pl * pr * visible_pairs(sq, sk, l, r);
+                    }
+                }
+                e
+            }
+            // Lengths uniform in 0..=sq and 0..=sk (E[lq lk] = sq sk / 4), causal half the time.
+            Variant::Varlen => 0.25 * 0.5 * (full + causal),
+        }
+    }
+
+    /// The projected work of this case.
+    pub fn cost(&self) -> Cost {
+        let heads = (self.batch * self.h) as f64;
+        let pairs = heads * self.expected_pairs();
+        let mac = pairs * self.d as f64;
+        let (oracle_units, bwd_units) = if self.backward { (6.0, 9.0) } else { (2.0, 0.0) };
+        let naive = if self.dtype == DType::F32 { 0.0 } else { oracle_units * mac };
+        let rows = (self.batch * (self.sq * self.h + 2 * self.sk * self.hk)) as f64;
+        Cost {
+            pairs,
+            oracle: oracle_units * mac,
+            naive,
+            fwd: 2.0 * mac,
+            bwd: bwd_units * mac,
+            elems: rows * self.d as f64,
+        }
+    }
+}
+
+/// `FLASHATTN_SWEEP_SHARD=i/n` (0-based `i`), if set.
+pub fn shard_spec() -> Option<(usize, usize)> {
+    let s = std::env::var("FLASHATTN_SWEEP_SHARD").ok()?;
+    let (i, n) = s.split_once('/').expect("FLASHATTN_SWEEP_SHARD is i/n");
+    let (i, n): (usize, usize) = (i.trim().parse().expect("shard index"), n.trim().parse().expect("shard count"));
+    assert!(n > 0 && i < n, "FLASHATTN_SWEEP_SHARD={s}: need 0 <= i < n");
+    Some((i, n))
+}
+
+/// Splits `cases` into `n` shards of near-equal projected cost (largest case first onto the least loaded
+/// shard; deterministic), each listed largest first.
+pub fn shards(cases: &[Case], n: usize) -> Vec<Vec<Case>> {
+    let mut order: Vec<(f64, usize)> = cases.iter().enumerate().map(|(i, c)| (c.cost().seconds(), i)).collect();
+    order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut load = vec![0f64; n];
+    let mut out = vec![Vec::new(); n];
+    for (cost, i) in order {
+        let s = (0..n).min_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b))).unwrap();
+        load[s] += cost;
+        out[s].push(cases[i].clone());
+    }
+    out
+}
+
+/// This process's share of `cases` (all of them without FLASHATTN_SWEEP_SHARD), largest first. With
+/// FLASHATTN_SWEEP_SAMPLE=k only every k-th case is kept first (a systematic sample, to measure a small
+/// part of a sweep and project the whole from it; never for a verdict on the sweep).
+pub fn my_shard(cases: &[Case]) -> Vec<Case> {
+    let sample: usize = std::env::var("FLASHATTN_SWEEP_SAMPLE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let cases: Vec<Case> =
+        cases.iter().enumerate().filter(|(i, _)| i % sample.max(1) == 0).map(|x| x.1.clone()).collect();
+    match shard_spec() {
+        Some((i, n)) => shards(&cases, n).swap_remove(i),
+        None => shards(&cases, 1).swap_remove(0),
+    }
+}
+
+/// The outcome of a sweep.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Cases that passed.
+    pub pass: usize,
+    /// Cases that failed (or returned an error).
+    pub fail: usize,
+    /// One line per failure.
+    pub msgs: Vec<String>,
+    /// Time per step, summed over the cases.
+    pub timing: Timing,
+}
+
+/// Runs `cases` on a pool of threads (cases in parallel, each also parallel inside), largest first, and
+/// prints progress every tenth of the cases with FLASHATTN_PROGRESS.
+pub fn run_cases_parallel(device: Device, cases: &[Case]) -> Outcome {
+    use rayon::prelude::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let mut sorted: Vec<&Case> = cases.iter().collect();
+    sorted.sort_by(|a, b| b.cost().seconds().total_cmp(&a.cost().seconds()));
+    let out = Mutex::new(Outcome::default());
+    let done = AtomicUsize::new(0);
+    let progress = std::env::var_os("FLASHATTN_PROGRESS").is_some();
+    let t0 = std::time::Instant::now();
+    let step = (cases.len() / 10).max(1);
+    sorted.into_iter().par_bridge().for_each(|c| {
+        let (r, t) = check_one(device, c);
+        let mut o = out.lock().unwrap();
+        o.timing.add(&t);
+        match r {
+            Ok(()) => o.pass += 1,
+            Err(m) => {
+                o.fail += 1;
+                o.msgs.push(m);
+            }
+        }
+        let (pass, fail) = (o.pass, o.fail);
+        drop(o);
+        let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+        if progress && (n % step == 0 || n == cases.len()) {
+            eprintln!("  {n}/{} cases ({pass} passed, {fail} failed), {:.1}s", cases.len(), t0.elapsed().as_secs_f64());
+        }
+    });
+    out.into_inner().unwrap()
+}
+
+/// Whether FLASHATTN_SWEEP_PLAN is set: print the plan (case counts, projected work) and run nothing.
+pub fn plan_only() -> bool {
+    std::env::var_os("FLASHATTN_SWEEP_PLAN").is_some_and(|v| v != "0")
+}
+
+/// Prints the plan of a sweep: case count, projected multiply-adds per step, projected core-seconds, and
+/// the per-shard projection for FLASHATTN_SWEEP_SHARD's `n` (or 16).
+pub fn print_plan(name: &str, cases: &[Case]) {
+    let mut total = Cost::default();
+    for c in cases {
+        total.add(&c.cost());
+    }
+    let n = shard_spec().map_or(16, |s| s.1);
+    let loads: Vec<f64> = shards(cases, n).iter().map(|s| s.iter().map(|c| c.cost().seconds()).sum()).collect();
+    let max = loads.iter().cloned().fold(0.0, f64::max);
+    let min = loads.iter().cloned().fold(f64::INFINITY, f64::min);
+    let biggest = cases.iter().map(|c| c.cost().seconds()).fold(0.0, f64::max);
+    println!(
+        "plan {name}: {} cases; MAC oracle {:.3e} naive {:.3e} fwd {:.3e} bwd {:.3e}; pairs {:.3e}; elems {:.3e}; \
+         projected {:.0} core-s; {n} shards: {:.0}..{:.0} core-s each; largest case {:.1} core-s",
+        cases.len(),
+        total.oracle,
+        total.naive,
+        total.fwd,
+        total.bwd,
+        total.pairs,
+        total.elems,
+        total.seconds(),
+        min,
+        max,
+        biggest
+    );
 }
