@@ -12,7 +12,7 @@
 //! stream; [`DeviceAttention`] keeps one problem in device memory and times its kernels (for benchmarks);
 //! [`precompile`] fills the cache without a GPU.
 
-mod bwd;
+pub(crate) mod bwd;
 pub mod cache;
 pub mod compile;
 mod fwd;
@@ -288,32 +288,13 @@ pub unsafe fn backward_raw(
     backward_raw_of(n, stream, [q, k, v, o, lse, dout, dq, dk, dv], opts, bwd::Softmax::Whole)
 }
 
-/// [`backward_raw`] for a call that holds part of each row's keys, with `o`, `lse` (and so `D`) of the whole
-/// softmax (ring attention): no row takes the one-key shortcut.
+/// [`backward_raw`] with the owner of `lse` named: [`bwd::Softmax::Part`] for a call that holds part of each
+/// row's keys, with `o` and `lse` (and so `D`) of the whole softmax (ring attention), where no row may take the
+/// one-key shortcut. Tensors in the order q, k, v, o, lse, dout, dq, dk, dv.
 ///
 /// # Safety
 /// As for [`forward_raw`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn backward_raw_part(
-    n: usize,
-    stream: *mut std::ffi::c_void,
-    q: &DeviceTensorRef,
-    k: &DeviceTensorRef,
-    v: &DeviceTensorRef,
-    o: &DeviceTensorRef,
-    lse: &DeviceTensorRef,
-    dout: &DeviceTensorRef,
-    dq: &DeviceTensorRef,
-    dk: &DeviceTensorRef,
-    dv: &DeviceTensorRef,
-    opts: &AttnOptions,
-) -> Result<()> {
-    backward_raw_of(n, stream, [q, k, v, o, lse, dout, dq, dk, dv], opts, bwd::Softmax::Part)
-}
-
-/// # Safety
-/// As for [`forward_raw`].
-unsafe fn backward_raw_of(
+pub(crate) unsafe fn backward_raw_of(
     n: usize,
     stream: *mut std::ffi::c_void,
     [q, k, v, o, lse, dout, dq, dk, dv]: [&DeviceTensorRef; 9],

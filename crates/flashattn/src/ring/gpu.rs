@@ -13,8 +13,9 @@
 use super::host::{local_keys, local_opts, ring_mask, RankStats, RingBackward, RingForward};
 use super::schedule::{PairMask, RingSchedule};
 use crate::api::{ForwardOutput, Gradients};
+use crate::cuda::bwd::Softmax;
 use crate::cuda::runtime::{self, dev_err};
-use crate::cuda::{backward_raw_part, forward_raw, DeviceTensorRef};
+use crate::cuda::{backward_raw_of, forward_raw, DeviceTensorRef};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::AttnOptions;
@@ -426,19 +427,12 @@ pub fn ring_backward_cuda(
                     let dvv = DeviceTensorRef::contiguous(ptr(&scratch[r].2, s), dt, &[b, nk, hk, d]);
                     // SAFETY: as in the forward.
                     unsafe {
-                        backward_raw_part(
+                        backward_raw_of(
                             n,
                             s.cu_stream() as _,
-                            &qv,
-                            &kv,
-                            &vv,
-                            &ov,
-                            &lv,
-                            &gv,
-                            &dqv,
-                            &dkv,
-                            &dvv,
+                            [&qv, &kv, &vv, &ov, &lv, &gv, &dqv, &dkv, &dvv],
                             &local_opts(scale, softcap, w.mask),
+                            Softmax::Part,
                         )?
                     };
                     let n_dq = cq * h * d;
