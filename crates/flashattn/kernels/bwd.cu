@@ -67,30 +67,7 @@
 #include "mask.cuh"
 #include "params.cuh"
 
-#ifndef HEAD_DIM
-#define HEAD_DIM 128
-#endif
-#ifndef IS_BF16
-#define IS_BF16 0
-#endif
-#ifndef HAS_MASK
-#define HAS_MASK 0
-#endif
-#ifndef HAS_ALIBI
-#define HAS_ALIBI 0
-#endif
-#ifndef HAS_SOFTCAP
-#define HAS_SOFTCAP 0
-#endif
-#ifndef IS_VARLEN
-#define IS_VARLEN 0
-#endif
-#ifndef DETERMINISTIC
-#define DETERMINISTIC 0
-#endif
-#ifndef ALIGNED16
-#define ALIGNED16 1
-#endif
+#include "variant.cuh"
 
 #ifndef BWD_TILE2D
 #if (HEAD_DIM > 64 && HEAD_DIM <= 128) || (HEAD_DIM == 256 && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900))

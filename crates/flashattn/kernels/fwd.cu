@@ -43,27 +43,7 @@
 #include "common.cuh"
 #include "mask.cuh"
 
-#ifndef HEAD_DIM
-#error "HEAD_DIM must be defined"
-#endif
-#ifndef IS_BF16
-#define IS_BF16 0
-#endif
-#ifndef HAS_MASK
-#define HAS_MASK 0
-#endif
-#ifndef HAS_ALIBI
-#define HAS_ALIBI 0
-#endif
-#ifndef HAS_SOFTCAP
-#define HAS_SOFTCAP 0
-#endif
-#ifndef IS_VARLEN
-#define IS_VARLEN 0
-#endif
-#ifndef ALIGNED16
-#define ALIGNED16 1
-#endif
+#include "variant.cuh"
 
 // FWD_DEFAULT_TILES
 #if HEAD_DIM <= 64

@@ -36,24 +36,7 @@
 #include "sm90/sync.cuh"
 #include "sm90/wgmma.cuh"
 
-#ifndef HEAD_DIM
-#error "HEAD_DIM must be defined"
-#endif
-#ifndef IS_BF16
-#define IS_BF16 0
-#endif
-#ifndef HAS_MASK
-#define HAS_MASK 0
-#endif
-#ifndef HAS_ALIBI
-#define HAS_ALIBI 0
-#endif
-#ifndef HAS_SOFTCAP
-#define HAS_SOFTCAP 0
-#endif
-#ifndef IS_VARLEN
-#define IS_VARLEN 0
-#endif
+#include "variant.cuh"
 
 #if HEAD_DIM == 64 || HEAD_DIM == 128
 #define SM90_BN 128

@@ -10,7 +10,8 @@ use std::fmt;
 use std::time::Instant;
 
 /// The kernel sources and the headers they include, as `(include name, text)`.
-pub(crate) const HEADERS: [(&str, &str); 5] = [
+pub(crate) const HEADERS: [(&str, &str); 6] = [
+    ("variant.cuh", include_str!("../../kernels/variant.cuh")),
     ("params.cuh", include_str!("../../kernels/params.cuh")),
     ("common.cuh", include_str!("../../kernels/common.cuh")),
     ("mask.cuh", include_str!("../../kernels/mask.cuh")),

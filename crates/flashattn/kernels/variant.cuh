@@ -1,0 +1,36 @@
+// The compile-time variant of a kernel: every kernel source includes this once, and the launcher
+// (src/cuda/compile.rs, `Variant::defines`) sets the macros with -D. Defaults are the plain kernel.
+//   HEAD_DIM       padded head dimension (required)
+//   IS_BF16        1: bf16 inputs and outputs, 0: f16
+//   HAS_MASK       1: causal / sliding window / key-length masking is applied (mask.cuh)
+//   HAS_ALIBI      1: ALiBi bias (mask.cuh `alibi_bias`)
+//   HAS_SOFTCAP    1: scores soft-capped (mask.cuh `apply_softcap`)
+//   IS_VARLEN      1: cu_seqlens addressing (packed sequences)
+//   DETERMINISTIC  1: the backward's fixed-order dQ accumulation
+//   ALIGNED16      1: 16-byte aligned bases and strides (vector / cp.async / TMA copies), 0: element-wise
+#pragma once
+
+#ifndef HEAD_DIM
+#error "HEAD_DIM must be defined"
+#endif
+#ifndef IS_BF16
+#define IS_BF16 0
+#endif
+#ifndef HAS_MASK
+#define HAS_MASK 0
+#endif
+#ifndef HAS_ALIBI
+#define HAS_ALIBI 0
+#endif
+#ifndef HAS_SOFTCAP
+#define HAS_SOFTCAP 0
+#endif
+#ifndef IS_VARLEN
+#define IS_VARLEN 0
+#endif
+#ifndef DETERMINISTIC
+#define DETERMINISTIC 0
+#endif
+#ifndef ALIGNED16
+#define ALIGNED16 1
+#endif
