@@ -26,7 +26,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `y += a * x`.
 #[inline(always)]
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;
     }
@@ -58,7 +58,8 @@ pub fn pv_row(acc: &mut [f32], p: &[f32], v: &[f32], d: usize) {
     }
 }
 
-/// Loads rows `row0..row0 + n` of `(seq, head)` into `out` (`n * d` floats, row-major).
+/// Loads rows `row0..row0 + n` of `(seq, head)` into `out`, row `r` at `out[r * ld..r * ld + d]` (row-major
+/// with leading dimension `ld >= d`; the other entries are left as they are).
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub fn load_rows(
@@ -69,10 +70,11 @@ pub fn load_rows(
     row0: usize,
     n: usize,
     d: usize,
+    ld: usize,
     out: &mut [f32],
 ) {
     for r in 0..n {
-        data.read_f32(map.at(seq, row0 + r, head), &mut out[r * d..(r + 1) * d]);
+        data.read_f32(map.at(seq, row0 + r, head), &mut out[r * ld..r * ld + d]);
     }
 }
 
