@@ -11,7 +11,7 @@
 //! group. The forward's `o` is not read: `D` from the recomputed `P` and `dP` is exact where `rowsum(dO ∘ O)`
 //! would carry the rounding of `O` to f16/bf16.
 
-use super::tile::{dot, load_rows, pv_row, ScoreFn};
+use super::tile::{load_rows, pv_row, ScoreFn};
 use crate::gemm::{gemm, round_up, transpose_into, ARef, R};
 use crate::problem::{Problem, RowMap};
 use crate::semantics::kv_head;
@@ -79,8 +79,10 @@ pub(crate) fn forward(p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>) {
 }
 
 struct FwdScratch {
+    /// `[BM, dp]`, `[BN, dp]`, `[d, BN]` (`Kᵀ`), `[BN, d]`.
     q: Vec<f32>,
     k: Vec<f32>,
+    kt: Vec<f32>,
     v: Vec<f32>,
     s: Vec<f32>,
     acc: Vec<f32>,
@@ -90,9 +92,11 @@ struct FwdScratch {
 
 impl FwdScratch {
     fn new(d: usize) -> Self {
+        let dp = round_up(d, W);
         FwdScratch {
-            q: vec![0.0; BM * d],
-            k: vec![0.0; BN * d],
+            q: vec![0.0; BM * dp],
+            k: vec![0.0; BN * dp],
+            kt: vec![0.0; d * BN],
             v: vec![0.0; BN * d],
             s: vec![0.0; BM * BN],
             acc: vec![0.0; BM * d],
@@ -147,13 +151,14 @@ fn forward_tile_body<const F: bool>(
     head: usize,
     i0: usize,
 ) {
-    let d = p.d;
+    let (d, dp) = (p.d, round_up(p.d, W));
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
     let i1 = (i0 + BM).min(sq);
     let bm = i1 - i0;
+    let rows = round_up(bm, R);
     let kh = kv_head(head, p.h, p.hk);
     let f = ScoreFn::new(p, seq, head);
-    load_rows(x.q, &p.q, seq, head, i0, bm, d, d, &mut sc.q);
+    load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut sc.q);
     sc.acc[..bm * d].fill(0.0);
     sc.m[..bm].fill(f32::NEG_INFINITY);
     sc.l[..bm].fill(0.0);
@@ -163,18 +168,22 @@ fn forward_tile_body<const F: bool>(
     while j0 < hi {
         let j1 = (j0 + BN).min(sk);
         let bn = j1 - j0;
-        load_rows(x.k, &p.k, seq, kh, j0, bn, d, d, &mut sc.k);
+        load_rows(x.k, &p.k, seq, kh, j0, bn, d, dp, &mut sc.k);
+        if bn < BN {
+            sc.kt.fill(0.0);
+        }
+        transpose_into(&sc.k, bn, dp, d, &mut sc.kt, BN);
         load_rows(x.v, &p.v, seq, kh, j0, bn, d, d, &mut sc.v);
+        tile_product::<F>(d, dp, rows, &sc.q, &sc.kt, tile_cols(lo.max(j0), hi.min(j1), j0), &mut sc.s);
         for (r, range) in ranges.iter().enumerate() {
             let (a, b) = (range.start.max(j0), range.end.min(j1));
             if a >= b {
                 continue;
             }
-            let qr = &sc.q[r * d..(r + 1) * d];
             let srow = &mut sc.s[r * BN..r * BN + bn];
             let mut mx = sc.m[r];
             for j in a..b {
-                let (s, _) = f.apply(dot(qr, &sc.k[(j - j0) * d..(j - j0 + 1) * d]), i0 + r, j);
+                let (s, _) = f.apply(srow[j - j0], i0 + r, j);
                 srow[j - j0] = s;
                 mx = mx.max(s);
             }
@@ -287,9 +296,27 @@ impl KeyTile {
     }
 }
 
-/// `S = Q Kᵀ` and `dP = dO Vᵀ` of `rows` query rows (`[rows, dp]` each) against one key tile, over the
-/// tile's columns `cols` (aligned to `W`; the others are left 0). Both passes of the backward compute
-/// them here, so a pair's `S` and `dP` are bit-identical in both (`dS` of a one-key row cancels exactly).
+/// `C = A Bᵀ` of `rows` rows of `a` (`[rows, dp]`) against one key tile's transposed operand `bt`
+/// (`[d, BN]`), over the tile's columns `cols` (aligned to `W`; the others are left 0). Every score product
+/// of the CPU backend (`S = Q Kᵀ` in the forward and both backward passes, `dP = dO Vᵀ`) is computed here, so
+/// a pair's `S` is bit-identical in all three and its `dP` in both backward passes: the `lse` of a row that
+/// sees one key is exactly its score, `P = 1`, and that row's `dS = P (dP - D)` cancels exactly.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn tile_product<const F: bool>(
+    d: usize,
+    dp: usize,
+    rows: usize,
+    a: &[f32],
+    bt: &[f32],
+    cols: Range<usize>,
+    c: &mut [f32],
+) {
+    c[..rows * BN].fill(0.0);
+    gemm::<f32, F, W>(ARef { a, rs: dp, cs: 1 }, bt, BN, c, BN, rows, |_, _| (0..d, cols.clone()));
+}
+
+/// `S = Q Kᵀ` and `dP = dO Vᵀ` of `rows` query rows (`[rows, dp]` each) against one key tile.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn scores<const F: bool>(
@@ -303,10 +330,8 @@ fn scores<const F: bool>(
     s: &mut [f32],
     dpm: &mut [f32],
 ) {
-    s[..rows * BN].fill(0.0);
-    dpm[..rows * BN].fill(0.0);
-    gemm::<f32, F, W>(ARef { a: q, rs: dp, cs: 1 }, &t.kt, BN, s, BN, rows, |_, _| (0..d, cols.clone()));
-    gemm::<f32, F, W>(ARef { a: g, rs: dp, cs: 1 }, &t.vt, BN, dpm, BN, rows, |_, _| (0..d, cols.clone()));
+    tile_product::<F>(d, dp, rows, q, &t.kt, cols.clone(), s);
+    tile_product::<F>(d, dp, rows, g, &t.vt, cols, dpm);
 }
 
 /// The tile columns `[a - j0, b - j0)` widened to multiples of `W` (within `BN`).
