@@ -10,6 +10,14 @@
 //! keys): recompute `P` and `dS`, accumulate `dV += Pᵀ dO` and `dK += dSᵀ Q` over every query head of the
 //! group. The forward's `o` is not read: `D` from the recomputed `P` and `dP` is exact where `rowsum(dO ∘ O)`
 //! would carry the rounding of `O` to f16/bf16.
+//!
+//! Tile products: every score product (`S = Q Kᵀ` in the forward and in both backward passes, `dP = dO Vᵀ`)
+//! and the backward's gradient products (`dQ += dS K`, `dV += Pᵀ dO`, `dK += dSᵀ Q`) run through the
+//! register-tiled kernel of `crate::gemm` (shared with the reference), on operands padded to `W` columns,
+//! with `Kᵀ` and `Vᵀ` transposed once per key tile and `Pᵀ`, `dSᵀ` read by columns. One kernel for every
+//! score product keeps a pair's `S` (and `dP`) bit-identical across the forward and both backward passes.
+//! The kernel, and so each tile function, is compiled twice (plain, and AVX2+FMA with fused multiply-adds,
+//! picked at run time).
 
 use super::tile::{load_rows, pv_row, ScoreFn};
 use crate::gemm::{gemm, round_up, transpose_into, ARef, R};
@@ -23,8 +31,8 @@ use std::ops::Range;
 const BM: usize = 64;
 /// Keys per inner tile.
 const BN: usize = 64;
-/// Width of the register tile of the backward's `f32` tile products (two AVX2 vectors); `BN` and the
-/// padded head dimension are multiples of it.
+/// Width of the register tile of the `f32` tile products (two AVX2 vectors); `BN` and the padded head
+/// dimension `dp` are multiples of it.
 const W: usize = 16;
 
 /// Where a forward writes its outputs.
