@@ -29,6 +29,7 @@ mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+mod gemm;
 pub mod kvcache;
 pub mod options;
 pub mod problem;

@@ -10,17 +10,30 @@
 //! keys): recompute `P` and `dS`, accumulate `dV += Pᵀ dO` and `dK += dSᵀ Q` over every query head of the
 //! group. The forward's `o` is not read: `D` from the recomputed `P` and `dP` is exact where `rowsum(dO ∘ O)`
 //! would carry the rounding of `O` to f16/bf16.
+//!
+//! Tile products: every score product (`S = Q Kᵀ` in the forward and in both backward passes, `dP = dO Vᵀ`)
+//! and the backward's gradient products (`dQ += dS K`, `dV += Pᵀ dO`, `dK += dSᵀ Q`) run through the
+//! register-tiled kernel of `crate::gemm` (shared with the reference), on operands padded to `W` columns,
+//! with `Kᵀ` and `Vᵀ` transposed once per key tile and `Pᵀ`, `dSᵀ` read by columns. One kernel for every
+//! score product keeps a pair's `S` (and `dP`) bit-identical across the forward and both backward passes.
+//! The kernel, and so each tile function, is compiled twice (plain, and AVX2+FMA with fused multiply-adds,
+//! picked at run time).
 
-use super::tile::{axpy, dot, load_rows, pv_row, ScoreFn};
+use super::tile::{load_rows, pv_row, ScoreFn};
+use crate::gemm::{gemm, round_up, transpose_into, ARef, R};
 use crate::problem::{Problem, RowMap};
 use crate::semantics::kv_head;
 use crate::tensor::{CpuSlice, RawMut};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Query rows per forward task.
 const BM: usize = 64;
 /// Keys per inner tile.
 const BN: usize = 64;
+/// Width of the register tile of the `f32` tile products (two AVX2 vectors); `BN` and the padded head
+/// dimension `dp` are multiples of it.
+const W: usize = 16;
 
 /// Where a forward writes its outputs.
 pub(crate) struct FwdOut<'a> {
@@ -74,8 +87,10 @@ pub(crate) fn forward(p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>) {
 }
 
 struct FwdScratch {
+    /// `[BM, dp]`, `[BN, dp]`, `[d, BN]` (`Kᵀ`), `[BN, d]`.
     q: Vec<f32>,
     k: Vec<f32>,
+    kt: Vec<f32>,
     v: Vec<f32>,
     s: Vec<f32>,
     acc: Vec<f32>,
@@ -85,9 +100,11 @@ struct FwdScratch {
 
 impl FwdScratch {
     fn new(d: usize) -> Self {
+        let dp = round_up(d, W);
         FwdScratch {
-            q: vec![0.0; BM * d],
-            k: vec![0.0; BN * d],
+            q: vec![0.0; BM * dp],
+            k: vec![0.0; BN * dp],
+            kt: vec![0.0; d * BN],
             v: vec![0.0; BN * d],
             s: vec![0.0; BM * BN],
             acc: vec![0.0; BM * d],
@@ -105,7 +122,8 @@ fn has_avx2_fma() -> bool {
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
-/// Defines `$name` calling `$body_fn` through an AVX2+FMA copy when the CPU has it.
+/// Defines `$name` calling `$body_fn::<true>` through an AVX2+FMA copy when the CPU has it, else
+/// `$body_fn::<false>` (the const parameter says whether fused multiply-adds are cheap).
 macro_rules! multiversion {
     ($name:ident, $avx:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
         multiversion!($name, $avx, $body_fn, ($($arg: $ty),*) -> ());
@@ -115,7 +133,7 @@ macro_rules! multiversion {
         #[target_feature(enable = "avx2,fma")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn $avx($($arg: $ty),*) -> $ret {
-            $body_fn($($arg),*)
+            $body_fn::<true>($($arg),*)
         }
         #[allow(clippy::too_many_arguments)]
         fn $name($($arg: $ty),*) -> $ret {
@@ -124,7 +142,7 @@ macro_rules! multiversion {
                 // SAFETY: the CPU supports the features the copy was compiled for (checked above).
                 return unsafe { $avx($($arg),*) };
             }
-            $body_fn($($arg),*)
+            $body_fn::<false>($($arg),*)
         }
     };
 }
@@ -132,7 +150,7 @@ macro_rules! multiversion {
 multiversion!(forward_tile, forward_tile_avx2, forward_tile_body, (p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>, sc: &mut FwdScratch, seq: usize, head: usize, i0: usize));
 
 #[inline(always)]
-fn forward_tile_body(
+fn forward_tile_body<const F: bool>(
     p: &Problem,
     x: Qkv<'_>,
     out: &FwdOut<'_>,
@@ -141,13 +159,14 @@ fn forward_tile_body(
     head: usize,
     i0: usize,
 ) {
-    let d = p.d;
+    let (d, dp) = (p.d, round_up(p.d, W));
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
     let i1 = (i0 + BM).min(sq);
     let bm = i1 - i0;
+    let rows = round_up(bm, R);
     let kh = kv_head(head, p.h, p.hk);
     let f = ScoreFn::new(p, seq, head);
-    load_rows(x.q, &p.q, seq, head, i0, bm, d, &mut sc.q);
+    load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut sc.q);
     sc.acc[..bm * d].fill(0.0);
     sc.m[..bm].fill(f32::NEG_INFINITY);
     sc.l[..bm].fill(0.0);
@@ -157,18 +176,22 @@ fn forward_tile_body(
     while j0 < hi {
         let j1 = (j0 + BN).min(sk);
         let bn = j1 - j0;
-        load_rows(x.k, &p.k, seq, kh, j0, bn, d, &mut sc.k);
-        load_rows(x.v, &p.v, seq, kh, j0, bn, d, &mut sc.v);
+        load_rows(x.k, &p.k, seq, kh, j0, bn, d, dp, &mut sc.k);
+        if bn < BN {
+            sc.kt.fill(0.0);
+        }
+        transpose_into(&sc.k, bn, dp, d, &mut sc.kt, BN);
+        load_rows(x.v, &p.v, seq, kh, j0, bn, d, d, &mut sc.v);
+        tile_product::<F>(d, dp, rows, &sc.q, &sc.kt, tile_cols(lo.max(j0), hi.min(j1), j0), &mut sc.s);
         for (r, range) in ranges.iter().enumerate() {
             let (a, b) = (range.start.max(j0), range.end.min(j1));
             if a >= b {
                 continue;
             }
-            let qr = &sc.q[r * d..(r + 1) * d];
             let srow = &mut sc.s[r * BN..r * BN + bn];
             let mut mx = sc.m[r];
             for j in a..b {
-                let (s, _) = f.apply(dot(qr, &sc.k[(j - j0) * d..(j - j0 + 1) * d]), i0 + r, j);
+                let (s, _) = f.apply(srow[j - j0], i0 + r, j);
                 srow[j - j0] = s;
                 mx = mx.max(s);
             }
@@ -226,28 +249,106 @@ pub(crate) struct BwdOut<'a> {
     pub dv_map: &'a RowMap,
 }
 
-/// For score `(i, j)` recomputed from `q_i`, `k_j`: the probability `P_ij = exp(s - lse_i)` and the gradient
-/// of the raw product `q_i · k_j`, `scale · P_ij (dO_i · v_j - D_i) · softcap'(s)`.
+/// For score `(i, j)` with raw product `qk = q_i · k_j` and `dp = dO_i · v_j`: the probability
+/// `P_ij = exp(s - lse)` and the gradient of the raw product, `scale · P_ij (dP_ij - D_i) · softcap'(s)`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn prob_and_dscore(
-    f: &ScoreFn,
-    qi: &[f32],
-    doi: &[f32],
-    kj: &[f32],
-    vj: &[f32],
-    i: usize,
-    j: usize,
-    lse: f32,
-    di: f32,
-) -> (f32, f32) {
-    let (s, t) = f.apply(dot(qi, kj), i, j);
+fn prob_and_dscore(f: &ScoreFn, qk: f32, dp: f32, i: usize, j: usize, lse: f32, di: f32) -> (f32, f32) {
+    let (s, t) = f.apply(qk, i, j);
     let pij = (s - lse).exp();
-    let mut ds = pij * (dot(doi, vj) - di);
+    let mut ds = pij * (dp - di);
     if f.softcap > 0.0 {
         ds *= 1.0 - t * t;
     }
     (pij, ds * f.scale)
+}
+
+/// One key tile's operands of the score products, transposed once: `Kᵀ` and `Vᵀ` as `[d, BN]` (columns
+/// past the tile's keys are 0), and `K` row-major `[BN, dp]` for `dQ += dS K`.
+struct KeyTile {
+    k: Vec<f32>,
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+}
+
+impl KeyTile {
+    fn new(d: usize, dp: usize) -> Self {
+        KeyTile { k: vec![0.0; BN * dp], kt: vec![0.0; d * BN], vt: vec![0.0; d * BN] }
+    }
+
+    /// Loads keys `j0..j0 + bn` of `(seq, kh)` (the row-major `K` only when `keep_k`); `buf` is `[BN, dp]`
+    /// scratch.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn load(
+        &mut self,
+        p: &Problem,
+        x: Qkv<'_>,
+        seq: usize,
+        kh: usize,
+        j0: usize,
+        bn: usize,
+        keep_k: bool,
+        buf: &mut [f32],
+    ) {
+        let (d, dp) = (p.d, round_up(p.d, W));
+        if bn < BN {
+            self.kt.fill(0.0);
+            self.vt.fill(0.0);
+        }
+        let kbuf: &mut [f32] = if keep_k { &mut self.k } else { buf };
+        load_rows(x.k, &p.k, seq, kh, j0, bn, d, dp, kbuf);
+        transpose_into(kbuf, bn, dp, d, &mut self.kt, BN);
+        load_rows(x.v, &p.v, seq, kh, j0, bn, d, dp, buf);
+        transpose_into(buf, bn, dp, d, &mut self.vt, BN);
+    }
+}
+
+/// `C = A Bᵀ` of `rows` rows of `a` (`[rows, dp]`) against one key tile's transposed operand `bt`
+/// (`[d, BN]`), over the tile's columns `cols` (aligned to `W`; the others are left 0). Every score product
+/// of the CPU backend (`S = Q Kᵀ` in the forward and both backward passes, `dP = dO Vᵀ`) is computed here, so
+/// a pair's `S` is bit-identical in all three and its `dP` in both backward passes: the `lse` of a row that
+/// sees one key is exactly its score, `P = 1`, and that row's `dS = P (dP - D)` cancels exactly.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn tile_product<const F: bool>(
+    d: usize,
+    dp: usize,
+    rows: usize,
+    a: &[f32],
+    bt: &[f32],
+    cols: Range<usize>,
+    c: &mut [f32],
+) {
+    c[..rows * BN].fill(0.0);
+    gemm::<f32, F, W>(ARef { a, rs: dp, cs: 1 }, bt, BN, c, BN, rows, |_, _| (0..d, cols.clone()));
+}
+
+/// `S = Q Kᵀ` and `dP = dO Vᵀ` of `rows` query rows (`[rows, dp]` each) against one key tile.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn scores<const F: bool>(
+    d: usize,
+    dp: usize,
+    rows: usize,
+    q: &[f32],
+    g: &[f32],
+    t: &KeyTile,
+    cols: Range<usize>,
+    s: &mut [f32],
+    dpm: &mut [f32],
+) {
+    tile_product::<F>(d, dp, rows, q, &t.kt, cols.clone(), s);
+    tile_product::<F>(d, dp, rows, g, &t.vt, cols, dpm);
+}
+
+/// The tile columns `[a - j0, b - j0)` widened to multiples of `W` (within `BN`).
+fn tile_cols(a: usize, b: usize, j0: usize) -> Range<usize> {
+    if a >= b {
+        0..0
+    } else {
+        (a - j0) / W * W..round_up(b - j0, W)
+    }
 }
 
 /// The backward pass (deterministic: fixed summation order, no atomics).
@@ -277,10 +378,12 @@ pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>)
 multiversion!(dkdv_tile, dkdv_tile_avx2, dkdv_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, delta: &[f32], out: &BwdOut<'_>, seq: usize, kh: usize, j0: usize));
 multiversion!(dq_tile, dq_tile_avx2, dq_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, head: usize, i0: usize) -> Vec<f32>);
 
-/// Pass 2 of the backward: dK and dV of one key tile, over every query head of its group.
+/// Pass 2 of the backward: dK and dV of one key tile, over every query head of its group. Per block of `BM`
+/// queries: `S`, `dP` (as in pass 1), then `P` and `dS` elementwise, then `dV += Pᵀ dO` and `dK += dSᵀ Q`
+/// (`Pᵀ`, `dSᵀ` read by columns of the tile).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dkdv_tile_body(
+fn dkdv_tile_body<const F: bool>(
     p: &Problem,
     x: Qkv<'_>,
     b: &BwdIn<'_>,
@@ -290,82 +393,68 @@ fn dkdv_tile_body(
     kh: usize,
     j0: usize,
 ) {
-    let d = p.d;
+    let (d, dp) = (p.d, round_up(p.d, W));
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
     let j1 = (j0 + BN).min(sk);
     let bn = j1 - j0;
-    let mut k = vec![0f32; bn * d];
-    let mut v = vec![0f32; bn * d];
-    load_rows(x.k, &p.k, seq, kh, j0, bn, d, &mut k);
-    load_rows(x.v, &p.v, seq, kh, j0, bn, d, &mut v);
-    let mut dk = vec![0f32; bn * d];
-    let mut dv = vec![0f32; bn * d];
+    let bnr = round_up(bn, R);
+    let mut t = KeyTile::new(d, dp);
+    let mut q = vec![0f32; BM * dp];
+    let mut g = vec![0f32; BM * dp];
+    t.load(p, x, seq, kh, j0, bn, false, &mut q);
+    let mut dk = vec![0f32; BN * dp];
+    let mut dv = vec![0f32; BN * dp];
     // Queries that see any key of the tile: query ranges are monotone in the key.
     let qa = p.mask.query_range(j0, sq, sk);
     let qb = p.mask.query_range(j1 - 1, sq, sk);
     let (lo, hi) = (qa.start.min(qb.start), qa.end.max(qb.end));
     let group = p.h / p.hk;
-    let mut q = vec![0f32; BM * d];
-    let mut g = vec![0f32; BM * d];
-    let mut dd = vec![0f32; BM];
-    let mut ps = vec![0f32; BN];
-    let mut dss = vec![0f32; BN];
+    let mut s = vec![0f32; BM * BN];
+    let mut dpm = vec![0f32; BM * BN];
+    let mut pm = vec![0f32; BM * BN];
+    let mut ds = vec![0f32; BM * BN];
     for head in kh * group..(kh + 1) * group {
         let f = ScoreFn::new(p, seq, head);
         let mut i0 = lo;
         while i0 < hi {
             let n = (hi - i0).min(BM);
-            load_rows(x.q, &p.q, seq, head, i0, n, d, &mut q);
-            load_rows(b.dout, b.do_map, seq, head, i0, n, d, &mut g);
-            for (r, x) in dd[..n].iter_mut().enumerate() {
-                *x = delta[p.lse_index(seq, head, i0 + r)];
-            }
+            let rows = round_up(n, R);
+            load_rows(x.q, &p.q, seq, head, i0, n, d, dp, &mut q);
+            load_rows(b.dout, b.do_map, seq, head, i0, n, d, dp, &mut g);
+            let (ka, kb) = tile_key_range(p, seq, i0, i0 + n);
+            let cols = tile_cols(ka.max(j0), kb.min(j1), j0);
+            scores::<F>(d, dp, rows, &q, &g, &t, cols, &mut s, &mut dpm);
+            pm[..rows * BN].fill(0.0);
+            ds[..rows * BN].fill(0.0);
             for r in 0..n {
                 let i = i0 + r;
                 let lse = b.lse[p.lse_index(seq, head, i)];
                 if lse == f32::NEG_INFINITY {
                     continue;
                 }
+                let di = delta[p.lse_index(seq, head, i)];
                 let range = p.mask.key_range(i, sq, sk);
-                let (a, bb) = (range.start.max(j0), range.end.min(j1));
-                if a >= bb {
-                    continue;
-                }
-                let qr = &q[r * d..(r + 1) * d];
-                let gr = &g[r * d..(r + 1) * d];
-                for j in a..bb {
-                    let jj = j - j0;
-                    (ps[jj], dss[jj]) = prob_and_dscore(
-                        &f,
-                        qr,
-                        gr,
-                        &k[jj * d..(jj + 1) * d],
-                        &v[jj * d..(jj + 1) * d],
-                        i,
-                        j,
-                        lse,
-                        dd[r],
-                    );
-                }
-                for j in a..bb {
-                    let jj = j - j0;
-                    axpy(&mut dv[jj * d..(jj + 1) * d], ps[jj], gr);
-                    axpy(&mut dk[jj * d..(jj + 1) * d], dss[jj], qr);
+                for j in range.start.max(j0)..range.end.min(j1) {
+                    let e = r * BN + j - j0;
+                    (pm[e], ds[e]) = prob_and_dscore(&f, s[e], dpm[e], i, j, lse, di);
                 }
             }
+            gemm::<f32, F, W>(ARef { a: &pm, rs: 1, cs: BN }, &g, dp, &mut dv, dp, bnr, |_, _| (0..n, 0..dp));
+            gemm::<f32, F, W>(ARef { a: &ds, rs: 1, cs: BN }, &q, dp, &mut dk, dp, bnr, |_, _| (0..n, 0..dp));
             i0 += n;
         }
     }
     for jj in 0..bn {
-        out.dk.write_f32(out.dk_map.at(seq, j0 + jj, kh), &dk[jj * d..(jj + 1) * d]);
-        out.dv.write_f32(out.dv_map.at(seq, j0 + jj, kh), &dv[jj * d..(jj + 1) * d]);
+        out.dk.write_f32(out.dk_map.at(seq, j0 + jj, kh), &dk[jj * dp..jj * dp + d]);
+        out.dv.write_f32(out.dv_map.at(seq, j0 + jj, kh), &dv[jj * dp..jj * dp + d]);
     }
 }
 
-/// Pass 1 of the backward: `D` and dQ of one query tile (returns `D` of its rows).
+/// Pass 1 of the backward: `D` and dQ of one query tile (returns `D` of its rows). Two sweeps over the key
+/// tiles the rows can see, each computing `S` and `dP` per tile: the first sums `D`, the second `dQ += dS K`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dq_tile_body(
+fn dq_tile_body<const F: bool>(
     p: &Problem,
     x: Qkv<'_>,
     b: &BwdIn<'_>,
@@ -374,21 +463,27 @@ fn dq_tile_body(
     head: usize,
     i0: usize,
 ) -> Vec<f32> {
-    let d = p.d;
+    let (d, dp) = (p.d, round_up(p.d, W));
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
     let i1 = (i0 + BM).min(sq);
     let bm = i1 - i0;
+    let rows = round_up(bm, R);
     let kh = kv_head(head, p.h, p.hk);
     let f = ScoreFn::new(p, seq, head);
-    let mut q = vec![0f32; bm * d];
-    let mut g = vec![0f32; bm * d];
+    let mut q = vec![0f32; rows * dp];
+    let mut g = vec![0f32; rows * dp];
     let mut dd = vec![0f32; bm];
-    let mut dq = vec![0f32; bm * d];
-    load_rows(x.q, &p.q, seq, head, i0, bm, d, &mut q);
-    load_rows(b.dout, b.do_map, seq, head, i0, bm, d, &mut g);
+    let mut dq = vec![0f32; rows * dp];
+    load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut q);
+    load_rows(b.dout, b.do_map, seq, head, i0, bm, d, dp, &mut g);
+    let lse: Vec<f32> = (i0..i1).map(|i| b.lse[p.lse_index(seq, head, i)]).collect();
+    let ranges: Vec<_> = (i0..i1).map(|i| p.mask.key_range(i, sq, sk)).collect();
     let (lo, hi) = tile_key_range(p, seq, i0, i1);
-    let mut k = vec![0f32; BN * d];
-    let mut v = vec![0f32; BN * d];
+    let mut t = KeyTile::new(d, dp);
+    let mut buf = vec![0f32; BN * dp];
+    let mut s = vec![0f32; rows * BN];
+    let mut dpm = vec![0f32; rows * BN];
+    let mut ds = vec![0f32; rows * BN];
     if let Some(given) = b.delta {
         for (r, x) in dd.iter_mut().enumerate() {
             *x = given[p.lse_index(seq, head, i0 + r)];
@@ -398,20 +493,16 @@ fn dq_tile_body(
     let mut j0 = if b.delta.is_some() { hi } else { lo - lo % BN };
     while j0 < hi {
         let j1 = (j0 + BN).min(sk);
-        load_rows(x.k, &p.k, seq, kh, j0, j1 - j0, d, &mut k);
-        load_rows(x.v, &p.v, seq, kh, j0, j1 - j0, d, &mut v);
+        t.load(p, x, seq, kh, j0, j1 - j0, false, &mut buf);
+        scores::<F>(d, dp, rows, &q, &g, &t, tile_cols(lo.max(j0), hi.min(j1), j0), &mut s, &mut dpm);
         for r in 0..bm {
-            let i = i0 + r;
-            let lse = b.lse[p.lse_index(seq, head, i)];
-            if lse == f32::NEG_INFINITY {
+            if lse[r] == f32::NEG_INFINITY {
                 continue;
             }
-            let range = p.mask.key_range(i, sq, sk);
-            let (qr, gr) = (&q[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
-            for j in range.start.max(j0)..range.end.min(j1) {
-                let jj = j - j0;
-                let (s, _) = f.apply(dot(qr, &k[jj * d..(jj + 1) * d]), i, j);
-                dd[r] += (s - lse).exp() * dot(gr, &v[jj * d..(jj + 1) * d]);
+            for j in ranges[r].start.max(j0)..ranges[r].end.min(j1) {
+                let e = r * BN + j - j0;
+                let (sc, _) = f.apply(s[e], i0 + r, j);
+                dd[r] += (sc - lse[r]).exp() * dpm[e];
             }
         }
         j0 = j1;
@@ -421,28 +512,24 @@ fn dq_tile_body(
     while j0 < hi {
         let j1 = (j0 + BN).min(sk);
         let bn = j1 - j0;
-        load_rows(x.k, &p.k, seq, kh, j0, bn, d, &mut k);
-        load_rows(x.v, &p.v, seq, kh, j0, bn, d, &mut v);
+        t.load(p, x, seq, kh, j0, bn, true, &mut buf);
+        let (a, bb) = (lo.max(j0), hi.min(j1));
+        scores::<F>(d, dp, rows, &q, &g, &t, tile_cols(a, bb, j0), &mut s, &mut dpm);
+        ds.fill(0.0);
         for r in 0..bm {
-            let i = i0 + r;
-            let lse = b.lse[p.lse_index(seq, head, i)];
-            if lse == f32::NEG_INFINITY {
+            if lse[r] == f32::NEG_INFINITY {
                 continue;
             }
-            let range = p.mask.key_range(i, sq, sk);
-            let qr = &q[r * d..(r + 1) * d];
-            let gr = &g[r * d..(r + 1) * d];
-            for j in range.start.max(j0)..range.end.min(j1) {
-                let jj = j - j0;
-                let kj = &k[jj * d..(jj + 1) * d];
-                let (_, ds) = prob_and_dscore(&f, qr, gr, kj, &v[jj * d..(jj + 1) * d], i, j, lse, dd[r]);
-                axpy(&mut dq[r * d..(r + 1) * d], ds, kj);
+            for j in ranges[r].start.max(j0)..ranges[r].end.min(j1) {
+                let e = r * BN + j - j0;
+                ds[e] = prob_and_dscore(&f, s[e], dpm[e], i0 + r, j, lse[r], dd[r]).1;
             }
         }
+        gemm::<f32, F, W>(ARef { a: &ds, rs: BN, cs: 1 }, &t.k, dp, &mut dq, dp, rows, |_, _| (a - j0..bb - j0, 0..dp));
         j0 = j1;
     }
     for r in 0..bm {
-        out.dq.write_f32(out.dq_map.at(seq, i0 + r, head), &dq[r * d..(r + 1) * d]);
+        out.dq.write_f32(out.dq_map.at(seq, i0 + r, head), &dq[r * dp..r * dp + d]);
     }
     dd
 }

@@ -4,29 +4,9 @@ use crate::problem::{Problem, RowMap};
 use crate::semantics::alibi_bias;
 use crate::tensor::CpuSlice;
 
-/// Dot product with eight independent accumulators (vectorisable; deterministic order).
-#[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut tail = 0f32;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x * y;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
 /// `y += a * x`.
 #[inline(always)]
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;
     }
@@ -58,7 +38,8 @@ pub fn pv_row(acc: &mut [f32], p: &[f32], v: &[f32], d: usize) {
     }
 }
 
-/// Loads rows `row0..row0 + n` of `(seq, head)` into `out` (`n * d` floats, row-major).
+/// Loads rows `row0..row0 + n` of `(seq, head)` into `out`, row `r` at `out[r * ld..r * ld + d]` (row-major
+/// with leading dimension `ld >= d`; the other entries are left as they are).
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub fn load_rows(
@@ -69,10 +50,11 @@ pub fn load_rows(
     row0: usize,
     n: usize,
     d: usize,
+    ld: usize,
     out: &mut [f32],
 ) {
     for r in 0..n {
-        data.read_f32(map.at(seq, row0 + r, head), &mut out[r * d..(r + 1) * d]);
+        data.read_f32(map.at(seq, row0 + r, head), &mut out[r * ld..r * ld + d]);
     }
 }
 

@@ -438,7 +438,7 @@ pub struct Cost {
 
 /// Seconds per unit of [`Cost`] on one core, measured with `FLASHATTN_SWEEP_PROFILE=1` (see
 /// docs/notes/cpu.md): oracle MAC, baseline MAC, backend forward MAC, backend backward MAC, pair, element.
-pub const SECONDS_PER: [f64; 6] = [1.5e-10, 8.0e-11, 1.8e-10, 2.3e-10, 6.0e-8, 1.0e-8];
+pub const SECONDS_PER: [f64; 6] = [1.5e-10, 8.0e-11, 1.1e-10, 7.0e-11, 6.0e-8, 1.0e-8];
 
 impl Cost {
     /// Projected single-core seconds, by [`SECONDS_PER`].
