@@ -771,14 +771,7 @@ pub unsafe fn kvcache_forward_raw(
 ) -> Result<()> {
     let gpu = runtime::gpu(n)?;
     let plan = raw_plan(&gpu, q, cache, o, lse, opts)?;
-    let need = plan.workspace()[3];
-    if workspace.bytes < need || workspace.ptr % 256 != 0 || workspace.ptr == 0 {
-        return Err(Error::invalid(
-            "workspace",
-            format!("at least {need} bytes at a 256-byte aligned address"),
-            format!("{} bytes at {:#x}", workspace.bytes, workspace.ptr),
-        ));
-    }
+    check_workspace(&plan, workspace)?;
     let x = raw_ptrs(q, cache, o, lse, workspace);
     runtime::guard("the CUDA KV-cache forward", || {
         gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
@@ -789,6 +782,19 @@ pub unsafe fn kvcache_forward_raw(
         }
         enqueue(&gpu, st, &plan, &x)
     })
+}
+
+/// A caller's workspace must hold the plan's buffers at a 256-byte aligned, non-null address.
+fn check_workspace(plan: &Plan, workspace: DeviceWorkspace) -> Result<()> {
+    let need = plan.workspace()[3];
+    if workspace.bytes < need || workspace.ptr % 256 != 0 || workspace.ptr == 0 {
+        return Err(Error::invalid(
+            "workspace",
+            format!("at least {need} bytes at a 256-byte aligned address"),
+            format!("{} bytes at {:#x}", workspace.bytes, workspace.ptr),
+        ));
+    }
+    Ok(())
 }
 
 fn raw_ptrs(
@@ -852,14 +858,7 @@ impl KvPrepared {
     ) -> Result<KvPrepared> {
         let gpu = runtime::gpu(n)?;
         let plan = raw_plan(&gpu, q, cache, o, lse, opts)?;
-        let need = plan.workspace()[3];
-        if workspace.bytes < need || workspace.ptr % 256 != 0 || workspace.ptr == 0 {
-            return Err(Error::invalid(
-                "workspace",
-                format!("at least {need} bytes at a 256-byte aligned address"),
-                format!("{} bytes at {:#x}", workspace.bytes, workspace.ptr),
-            ));
-        }
+        check_workspace(&plan, workspace)?;
         let x = raw_ptrs(q, cache, o, lse, workspace);
         let module = gpu.module(&variant(&plan, &x))?;
         Ok(KvPrepared { gpu, module, plan, x })

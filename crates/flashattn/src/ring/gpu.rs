@@ -10,7 +10,7 @@
 //! Partial outputs come out of the forward kernel in the input dtype and are merged into `f32`
 //! accumulators; partial gradients likewise (as FlashAttention-based ring implementations do).
 
-use super::host::{local_keys, local_opts, ring_mask, RankStats, RingBackward, RingForward};
+use super::host::{local_opts, ring_mask, RankStats, RingBackward, RingForward};
 use super::schedule::{PairMask, RingSchedule};
 use crate::api::{ForwardOutput, Gradients};
 use crate::cuda::bwd::Softmax;
@@ -228,12 +228,9 @@ pub fn ring_forward_cuda(
                     if w.mask == PairMask::Skip {
                         continue;
                     }
-                    let qi = usize::from(w.q_chunk != sched.q.rank_chunks(r)[0]);
-                    let q0 = if qi == 0 { 0 } else { sched.q.rank_rows(r)[0].len() };
-                    let cq = sched.q.chunk(w.q_chunk).len();
-                    let (_, k0) = sched.k.locate(w.kv_chunk);
+                    let at = sched.local(r, &w);
+                    let (qi, q0, cq, k0, nk) = (at.q_slot, at.q.start, at.q.len(), at.k.start, at.k.len());
                     let ck = sched.k.chunk(w.kv_chunk).len();
-                    let nk = local_keys(w.mask, ck);
                     let qv = view(ptr(&qd[r], s), dt, lq, q0, cq, h, d, b);
                     let kv = view(ptr(&kd[src], s), dt, lk, k0, nk, hk, d, b);
                     let vv = view(ptr(&vd[src], s), dt, lk, k0, nk, hk, d, b);
@@ -407,15 +404,11 @@ pub fn ring_backward_cuda(
                     if w.mask == PairMask::Skip {
                         continue;
                     }
-                    let qi = usize::from(w.q_chunk != sched.q.rank_chunks(r)[0]);
-                    let q0 = if qi == 0 { 0 } else { sched.q.rank_rows(r)[0].len() };
-                    let (qc, kc) = (sched.q.chunk(w.q_chunk), sched.k.chunk(w.kv_chunk));
-                    let (cq, ck) = (qc.len(), kc.len());
-                    let (_, k0) = sched.k.locate(w.kv_chunk);
+                    let at = sched.local(r, &w);
+                    let (qi, q0, cq, k0, nk) = (at.q_slot, at.q.start, at.q.len(), at.k.start, at.k.len());
                     stats[r].pairs += 1;
-                    stats[r].visible += w.mask.visible(cq, ck);
+                    stats[r].visible += w.mask.visible(cq, sched.k.chunk(w.kv_chunk).len());
                     // lse and D belong to the whole row: the backward takes no one-key shortcut on this part.
-                    let nk = local_keys(w.mask, ck);
                     let qv = view(ptr(&qd[r], s), dt, lq, q0, cq, h, d, b);
                     let ov = view(ptr(&od[r], s), dt, lq, q0, cq, h, d, b);
                     let gv = view(ptr(&gd[r], s), dt, lq, q0, cq, h, d, b);

@@ -11,7 +11,7 @@
 //! accumulate while travelling round the ring behind the K/V shard and arrive home after `N` hops.
 
 use super::merge::merge_into;
-use super::schedule::{PairMask, RingSchedule};
+use super::schedule::{LocalPair, PairMask, RingSchedule};
 use super::transport::{channel_ring, ChannelTransport, Transport, PEER_GONE};
 use crate::api::{ForwardOutput, Gradients};
 use crate::cpu::flash::{self, BwdIn, BwdOut, FwdOut, Qkv};
@@ -119,14 +119,6 @@ pub(super) fn local_opts(scale: f32, softcap: f32, mask: PairMask) -> AttnOption
     AttnOptions { softmax_scale: Some(scale), softcap, window: (-1, right), ..AttnOptions::default() }
 }
 
-/// Keys of a chunk of `len` rows that a pair's local call reads.
-pub(super) fn local_keys(mask: PairMask, len: usize) -> usize {
-    match mask {
-        PairMask::Partial { keys, .. } => keys,
-        _ => len,
-    }
-}
-
 /// `[b, h, n]` (lse layout) -> `[b, n, h]` (row order of `o`).
 fn lse_to_rows(lse: &[f32], b: usize, h: usize, n: usize) -> Vec<f32> {
     let mut out = vec![0f32; lse.len()];
@@ -209,16 +201,12 @@ pub fn rank_forward<T: Transport<Arc<KvShard>>>(
             if w.mask == PairMask::Skip {
                 continue;
             }
-            let qi = usize::from(w.q_chunk != sched.q.rank_chunks(rank)[0]);
-            let qr = q_local[qi].clone();
-            let (_, k0) = sched.k.locate(w.kv_chunk);
-            let ck = sched.k.chunk(w.kv_chunk).len();
-            let kr = k0..k0 + local_keys(w.mask, ck);
+            let LocalPair { q_slot: qi, q: qr, k: kr } = sched.local(rank, &w);
             let (po, pl) = partial_forward(q, qr.clone(), &kv, kr, local_opts(scale, softcap, w.mask))?;
             let (o, l) = &mut acc[qi];
             merge_into(o, l, &po, &lse_to_rows(&pl, b, h, qr.len()), d)?;
             stats.pairs += 1;
-            stats.visible += w.mask.visible(qr.len(), ck);
+            stats.visible += w.mask.visible(qr.len(), sched.k.chunk(w.kv_chunk).len());
         }
         stats.compute_s += t0.elapsed().as_secs_f64();
         if step + 1 < n {
@@ -336,11 +324,7 @@ pub fn rank_backward<T: Transport<Arc<KvShard>>, G: Transport<DkvShard>>(
             if w.mask == PairMask::Skip {
                 continue;
             }
-            let qi = usize::from(w.q_chunk != sched.q.rank_chunks(rank)[0]);
-            let qr = q_local[qi].clone();
-            let (_, k0) = sched.k.locate(w.kv_chunk);
-            let ck = sched.k.chunk(w.kv_chunk).len();
-            let kr = k0..k0 + local_keys(w.mask, ck);
+            let LocalPair { q_slot: qi, q: qr, k: kr } = sched.local(rank, &w);
             let (l, dl) = &per_chunk[qi];
             let part = PartialBwd { q, dout, qr: qr.clone(), kv: &kv, kr: kr.clone(), lse: l, delta: dl };
             let (dq, dk, dv) = partial_backward(&part, local_opts(scale, softcap, w.mask))?;
@@ -354,7 +338,7 @@ pub fn rank_backward<T: Transport<Arc<KvShard>>, G: Transport<DkvShard>>(
                 dkv.dv[dst..dst + len].iter_mut().zip(&dv[src..src + len]).for_each(|(a, x)| *a += x);
             }
             stats.pairs += 1;
-            stats.visible += w.mask.visible(qr.len(), ck);
+            stats.visible += w.mask.visible(qr.len(), sched.k.chunk(w.kv_chunk).len());
         }
         stats.compute_s += t0.elapsed().as_secs_f64();
         let t1 = Instant::now();

@@ -49,6 +49,6 @@ pub use host::{
     rank_backward, rank_forward, ring_backward, ring_forward, DkvShard, KvShard, RankStats, RingBackward, RingForward,
 };
 pub use merge::{combine, merge_into};
-pub use schedule::{PairMask, PairWork, RingSchedule};
+pub use schedule::{LocalPair, PairMask, PairWork, RingSchedule};
 pub use shard::ZigZag;
 pub use transport::{channel_ring, ChannelTransport, Transport};

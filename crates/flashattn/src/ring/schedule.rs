@@ -93,7 +93,31 @@ pub struct RingSchedule {
     pub causal: bool,
 }
 
+/// Where a chunk pair's data sits in the shards of one ring step: the rows a local call reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPair {
+    /// Which of the rank's two query chunks (0 or 1, shard order).
+    pub q_slot: usize,
+    /// Rows of the rank's query shard (`q`, `o`, `dout`, `lse` rows).
+    pub q: Range<usize>,
+    /// Rows of the visiting key/value shard the call reads: the chunk, cut to the keys the mask can see.
+    pub k: Range<usize>,
+}
+
 impl RingSchedule {
+    /// The shard rows of pair `w` of rank `rank` (one of [`RingSchedule::step`]'s pairs).
+    pub fn local(&self, rank: usize, w: &PairWork) -> LocalPair {
+        let q_slot = usize::from(w.q_chunk != self.q.rank_chunks(rank)[0]);
+        let q0 = if q_slot == 0 { 0 } else { self.q.rank_rows(rank)[0].len() };
+        let (_, k0) = self.k.locate(w.kv_chunk);
+        let ck = self.k.chunk(w.kv_chunk).len();
+        let nk = match w.mask {
+            PairMask::Partial { keys, .. } => keys,
+            _ => ck,
+        };
+        LocalPair { q_slot, q: q0..q0 + self.q.chunk(w.q_chunk).len(), k: k0..k0 + nk }
+    }
+
     /// The schedule of `ranks` ranks for `sq` queries and `sk` keys.
     pub fn new(ranks: usize, sq: usize, sk: usize, causal: bool) -> Result<Self> {
         Ok(RingSchedule { q: ZigZag::new(ranks, sq)?, k: ZigZag::new(ranks, sk)?, causal })
@@ -189,6 +213,39 @@ mod tests {
                         }
                     }
                     assert!(covered.iter().all(|&c| c == 1), "every pair met exactly once");
+                }
+            }
+        }
+    }
+
+    /// `local` places each pair in the shards: its query rows are the rank's copy of the query chunk, and
+    /// its key rows start where the key chunk sits in the visiting shard and hold the keys the mask can see.
+    #[test]
+    fn local_rows_match_the_shards() {
+        for (sq, sk, causal) in [(16, 16, true), (9, 14, true), (14, 9, false), (30, 30, true)] {
+            for ranks in 1..5 {
+                let s = RingSchedule::new(ranks, sq, sk, causal).unwrap();
+                for rank in 0..ranks {
+                    for step in 0..ranks {
+                        let src = s.source(rank, step);
+                        for w in s.step(rank, step).unwrap() {
+                            let at = s.local(rank, &w);
+                            let rows = s.q.rank_rows(rank);
+                            assert_eq!(rows[at.q_slot], s.q.chunk(w.q_chunk));
+                            let q0 = if at.q_slot == 0 { 0 } else { rows[0].len() };
+                            assert_eq!(at.q, q0..q0 + rows[at.q_slot].len());
+                            let kc = s.k.chunk(w.kv_chunk);
+                            let [ka, _] = s.k.rank_rows(src);
+                            let k0 = if kc == ka { 0 } else { ka.len() };
+                            assert_eq!(at.k.start, k0);
+                            let keys = match w.mask {
+                                PairMask::Partial { keys, .. } => keys,
+                                _ => kc.len(),
+                            };
+                            assert_eq!(at.k.len(), keys);
+                            assert!(at.k.end <= s.k.rank_len(src));
+                        }
+                    }
                 }
             }
         }
