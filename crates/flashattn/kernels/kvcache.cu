@@ -42,9 +42,13 @@
 #define KV_COMBINE_THREADS 128
 #define KV_MAX_SPLITS 128
 #define KV_COMBINE_SMEM ((KV_MAX_SPLITS + KV_COMBINE_THREADS / 32) * 4)
-// Optional L2 prefetch size hint of the K/V copies (0, 64, 128 or 256 bytes).
+// L2 prefetch size hint of the K/V copies (0, 64, 128 or 256 bytes): 256 by default (+2-3% KV bandwidth on
+// the H100 decode grid, docs/notes/cuda-decode.md). KV_EVICT_FIRST=1 adds an L2 evict-first policy (experiment).
 #ifndef KV_L2_PREFETCH
-#define KV_L2_PREFETCH 0
+#define KV_L2_PREFETCH 256
+#endif
+#ifndef KV_EVICT_FIRST
+#define KV_EVICT_FIRST 0
 #endif
 #define KV_THREADS (32 * KV_WARPS)
 #define KV_ROW_BYTES ((HEAD_DIM / 8 + 1) * 16)
@@ -152,7 +156,12 @@ FA_DEVICE bool seq_ok(const KvParams& p, int i) {
 
 // cp.async of 16 bytes (zero-filled past src_bytes) with the optional L2 prefetch hint.
 FA_DEVICE void kv_cp_async(u32 sa, const void* g, int src_bytes) {
-#if KV_L2_PREFETCH == 256
+#if KV_EVICT_FIRST
+    unsigned long long pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(sa), "l"(g),
+                 "r"(src_bytes), "l"(pol));
+#elif KV_L2_PREFETCH == 256
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(src_bytes));
 #elif KV_L2_PREFETCH == 128
     asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(src_bytes));

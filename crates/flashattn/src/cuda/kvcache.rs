@@ -119,8 +119,10 @@ fn attn_smem(head_dim: usize) -> u32 {
     16 * rb + KV_WARPS * stages(head_dim) * 32 * rb + KV_WARPS * 32 * 4
 }
 
-/// The number of key splits: the smallest count whose wave efficiency is at least 85% of the best, as long
-/// as every warp of a split still gets a block of 16 keys (at most [`MAX_SPLITS`]).
+/// The number of key splits: the smallest count whose wave efficiency is at least 95% of the best, as long
+/// as every warp of a split still gets a block of 16 keys (at most [`MAX_SPLITS`]). On the H100 at b = 1,
+/// h 32/8 this is 32 splits (256 of 264 CTA slots); the earlier 85% rule picked 29 (232 slots), measured
+/// 2-3.5% slower at 32k-128k keys (docs/notes/cuda-decode.md).
 pub fn choose_splits(ctas: usize, max_keys: usize, sms: usize, ctas_per_sm: usize) -> usize {
     let slots = (sms * ctas_per_sm).max(1);
     let key_blocks = max_keys.div_ceil(16);
@@ -133,7 +135,7 @@ pub fn choose_splits(ctas: usize, max_keys: usize, sms: usize, ctas_per_sm: usiz
         waves / waves.ceil()
     };
     let best = (1..=most).map(eff).fold(0.0, f64::max);
-    (1..=most).find(|&s| eff(s) >= 0.85 * best).unwrap_or(1)
+    (1..=most).find(|&s| eff(s) >= 0.95 * best).unwrap_or(1)
 }
 
 /// Bytes of the workspace for a call of `b` sequences, `h` query heads, `sq` new queries, padded head dim
@@ -1082,6 +1084,9 @@ mod tests {
         assert_eq!(choose_splits(8, 4096, 132, 2), choose_splits(8, 4096, 132, 2));
         let s = choose_splits(8, 4096, 132, 2);
         assert!(s > 16 && s <= 64, "{s}");
+        // b = 1, 8 KV heads: at least 95% of the 264 slots busy (32 or 33 splits).
+        let s = choose_splits(8, 131072, 132, 2);
+        assert!(8 * s >= 251 && 8 * s <= 264, "{s}");
         assert_eq!(choose_splits(256, 32768, 132, 2), 1);
         assert_eq!(choose_splits(8, 16, 132, 2), 1);
         let s = choose_splits(64, 131072, 132, 2);
