@@ -115,7 +115,8 @@ pub fn stages(head_dim: usize) -> u32 {
 
 /// Dynamic shared memory of `kv_attn` (`KV_SMEM_BYTES`).
 fn attn_smem(head_dim: usize) -> u32 {
-    let rb = (head_dim as u32 / 8 + 1) * 16;
+    // KV_ROW_BYTES: unpadded swizzled rows when the head dim is a multiple of 64, else one spare chunk per row.
+    let rb = if head_dim % 64 == 0 { head_dim as u32 * 2 } else { (head_dim as u32 / 8 + 1) * 16 };
     16 * rb + KV_WARPS * stages(head_dim) * 32 * rb + KV_WARPS * 32 * 4
 }
 
@@ -1104,7 +1105,9 @@ mod tests {
 
     #[test]
     fn smem_fits_two_ctas_at_d128() {
-        assert_eq!(attn_smem(128), 16 * 272 + 4 * 3 * 32 * 272 + 512);
+        // d 128: swizzled 256-byte rows; d 96: padded 208-byte rows.
+        assert_eq!(attn_smem(128), 16 * 256 + 4 * 3 * 32 * 256 + 512);
+        assert_eq!(attn_smem(96), 16 * 208 + 4 * 3 * 32 * 208 + 512);
         assert!(2 * (attn_smem(128) as usize + 1024) <= 228 * 1024);
         assert!(attn_smem(256) as usize <= 227 * 1024);
     }
