@@ -173,10 +173,16 @@ FA_DEVICE bool seq_ok(const KvParams& p, int i) {
 }
 
 // cp.async of 16 bytes (zero-filled past src_bytes) with the optional L2 prefetch hint.
-FA_DEVICE void kv_cp_async(u32 sa, const void* g, int src_bytes) {
+// The L2 cache policy of the K/V copies (KV_EVICT_FIRST: evict-first; made once per thread, passed to every copy).
+FA_DEVICE unsigned long long kv_policy() {
+    unsigned long long pol = 0;
 #if KV_EVICT_FIRST
-    unsigned long long pol;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+#endif
+    return pol;
+}
+FA_DEVICE void kv_cp_async(u32 sa, const void* g, int src_bytes, unsigned long long pol) {
+#if KV_EVICT_FIRST
     asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(sa), "l"(g),
                  "r"(src_bytes), "l"(pol));
 #elif KV_L2_PREFETCH == 256
@@ -188,6 +194,7 @@ FA_DEVICE void kv_cp_async(u32 sa, const void* g, int src_bytes) {
 #else
     cp_async_16(sa, g, src_bytes);
 #endif
+    (void)pol;
 }
 
 // One row of d elements (lane-strided), optionally rotated at table row `pos`, written to dst. The rotation
@@ -258,7 +265,8 @@ namespace kv {
 // Issues the loads of one 16-row tile (rows >= rows_valid and columns >= d zero-filled) of a warp into
 // padded shared memory at s_base. Lane r (< 16) holds the global address of row r in `my_row` (nullptr: a
 // bad page, zero-filled); the other lanes get it by shuffle. `dummy` is any valid address.
-FA_DEVICE void load_rows16(u32 s_base, const u16* my_row, int rows_valid, int d, int lane, const u16* dummy) {
+FA_DEVICE void load_rows16(u32 s_base, const u16* my_row, int rows_valid, int d, int lane, const u16* dummy,
+                           unsigned long long pol) {
     constexpr int TOTAL = 16 * CHUNKS;
     static_assert(TOTAL % 32 == 0, "whole warps");
 #pragma unroll
@@ -270,7 +278,7 @@ FA_DEVICE void load_rows16(u32 s_base, const u16* my_row, int rows_valid, int d,
         const u16* src = (const u16*)__shfl_sync(0xffffffffu, (unsigned long long)my_row, r);
         const bool ok = r < rows_valid && col < d && src != nullptr;
 #if ALIGNED16
-        kv_cp_async(sa, ok ? (const void*)(src + col) : (const void*)dummy, ok ? min(16, (d - col) * 2) : 0);
+        kv_cp_async(sa, ok ? (const void*)(src + col) : (const void*)dummy, ok ? min(16, (d - col) * 2) : 0, pol);
 #else
         u32 w[4];
 #pragma unroll
@@ -314,6 +322,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
     const u32 sQ = smem_u32(smem);
     const u32 sRing = sQ + 16 * RB + warp * (ST * 32 * RB);
     float* s_ml = (float*)(smem + 16 * RB + NW * ST * 32 * RB);  // [NW][2][16]: m, l
+    const unsigned long long pol = kv_policy();
 
     // ---- Q tile: row r -> token t = r / group, head qh = kvh * group + r % group.
     const bool use_rot = p.rot_half > 0;
@@ -326,7 +335,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
         if (warp == 0) {
             const int rr = r0 + (lane & 15);
             const u16* qrow = qbase + (i64)bi * qbs + (i64)(rr / group) * qrs + (i64)(kvh * group + rr % group) * qhs;
-            load_rows16(sQ, qrow, rows_valid, d, lane, qbase);
+            load_rows16(sQ, qrow, rows_valid, d, lane, qbase, pol);
         }
         cp_async_commit();
     }
@@ -373,8 +382,8 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
                     atomicOr(p.status, 2);
                 }
             }
-            load_rows16(sK, krow, sk - j0, d, lane, kc);
-            load_rows16(sV, vrow, sk - j0, d, lane, vc);
+            load_rows16(sK, krow, sk - j0, d, lane, kc, pol);
+            load_rows16(sV, vrow, sk - j0, d, lane, vc, pol);
         }
         cp_async_commit();
     };
