@@ -43,12 +43,9 @@
 #define KV_MAX_SPLITS 128
 #define KV_COMBINE_SMEM ((KV_MAX_SPLITS + KV_COMBINE_THREADS / 32) * 4)
 // L2 prefetch size hint of the K/V copies (0, 64, 128 or 256 bytes): 256 by default (+2-3% KV bandwidth on
-// the H100 decode grid, docs/notes/cuda-decode.md). KV_EVICT_FIRST=1 adds an L2 evict-first policy (experiment).
+// the H100 decode grid, docs/notes/cuda-decode.md).
 #ifndef KV_L2_PREFETCH
 #define KV_L2_PREFETCH 256
-#endif
-#ifndef KV_EVICT_FIRST
-#define KV_EVICT_FIRST 0
 #endif
 #define KV_THREADS (32 * KV_WARPS)
 // Shared-memory rows of the Q/K/V tiles. Head dims that are multiples of 64 use unpadded rows with the 16-byte
@@ -173,19 +170,8 @@ FA_DEVICE bool seq_ok(const KvParams& p, int i) {
 }
 
 // cp.async of 16 bytes (zero-filled past src_bytes) with the optional L2 prefetch hint.
-// The L2 cache policy of the K/V copies (KV_EVICT_FIRST: evict-first; made once per thread, passed to every copy).
-FA_DEVICE unsigned long long kv_policy() {
-    unsigned long long pol = 0;
-#if KV_EVICT_FIRST
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
-#endif
-    return pol;
-}
-FA_DEVICE void kv_cp_async(u32 sa, const void* g, int src_bytes, unsigned long long pol) {
-#if KV_EVICT_FIRST
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2, %3;\n" ::"r"(sa), "l"(g),
-                 "r"(src_bytes), "l"(pol));
-#elif KV_L2_PREFETCH == 256
+FA_DEVICE void kv_cp_async(u32 sa, const void* g, int src_bytes) {
+#if KV_L2_PREFETCH == 256
     asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(src_bytes));
 #elif KV_L2_PREFETCH == 128
     asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(sa), "l"(g), "r"(src_bytes));
@@ -194,7 +180,6 @@ FA_DEVICE void kv_cp_async(u32 sa, const void* g, int src_bytes, unsigned long l
 #else
     cp_async_16(sa, g, src_bytes);
 #endif
-    (void)pol;
 }
 
 // One row of d elements (lane-strided), optionally rotated at table row `pos`, written to dst. The rotation
@@ -265,8 +250,7 @@ namespace kv {
 // Issues the loads of one 16-row tile (rows >= rows_valid and columns >= d zero-filled) of a warp into
 // padded shared memory at s_base. Lane r (< 16) holds the global address of row r in `my_row` (nullptr: a
 // bad page, zero-filled); the other lanes get it by shuffle. `dummy` is any valid address.
-FA_DEVICE void load_rows16(u32 s_base, const u16* my_row, int rows_valid, int d, int lane, const u16* dummy,
-                           unsigned long long pol) {
+FA_DEVICE void load_rows16(u32 s_base, const u16* my_row, int rows_valid, int d, int lane, const u16* dummy) {
     constexpr int TOTAL = 16 * CHUNKS;
     static_assert(TOTAL % 32 == 0, "whole warps");
 #pragma unroll
@@ -278,7 +262,7 @@ FA_DEVICE void load_rows16(u32 s_base, const u16* my_row, int rows_valid, int d,
         const u16* src = (const u16*)__shfl_sync(0xffffffffu, (unsigned long long)my_row, r);
         const bool ok = r < rows_valid && col < d && src != nullptr;
 #if ALIGNED16
-        kv_cp_async(sa, ok ? (const void*)(src + col) : (const void*)dummy, ok ? min(16, (d - col) * 2) : 0, pol);
+        kv_cp_async(sa, ok ? (const void*)(src + col) : (const void*)dummy, ok ? min(16, (d - col) * 2) : 0);
 #else
         u32 w[4];
 #pragma unroll
@@ -322,7 +306,6 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
     const u32 sQ = smem_u32(smem);
     const u32 sRing = sQ + 16 * RB + warp * (ST * 32 * RB);
     float* s_ml = (float*)(smem + 16 * RB + NW * ST * 32 * RB);  // [NW][2][16]: m, l
-    const unsigned long long pol = kv_policy();
 
     // ---- Q tile: row r -> token t = r / group, head qh = kvh * group + r % group.
     const bool use_rot = p.rot_half > 0;
@@ -335,7 +318,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
         if (warp == 0) {
             const int rr = r0 + (lane & 15);
             const u16* qrow = qbase + (i64)bi * qbs + (i64)(rr / group) * qrs + (i64)(kvh * group + rr % group) * qhs;
-            load_rows16(sQ, qrow, rows_valid, d, lane, qbase, pol);
+            load_rows16(sQ, qrow, rows_valid, d, lane, qbase);
         }
         cp_async_commit();
     }
@@ -382,8 +365,8 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
                     atomicOr(p.status, 2);
                 }
             }
-            load_rows16(sK, krow, sk - j0, d, lane, kc, pol);
-            load_rows16(sV, vrow, sk - j0, d, lane, vc, pol);
+            load_rows16(sK, krow, sk - j0, d, lane, kc);
+            load_rows16(sV, vrow, sk - j0, d, lane, vc);
         }
         cp_async_commit();
     };
