@@ -133,6 +133,21 @@ FA_DEVICE u32 chunk_at(int r, int c) {
     return (u32)(r * RB + (c << 4));
 #endif
 }
+// An ldmatrix lane's row in a tile: chunk 2k + hi of row `row` is at lane_at(l, k). Swizzled, chunk
+// (2k + hi) ^ x (x = row & 7) = 2 (k ^ (x >> 1)) + (hi ^ (x & 1)); padded, 2k + hi (xs = 0 folds away).
+struct LaneRow {
+    u32 base;
+    int xs;
+};
+FA_DEVICE LaneRow lane_row(int row, int hi) {
+#if KV_SWIZZLE
+    const int x = row & 7;
+    return {(u32)(row * RB + ((hi ^ (x & 1)) << 4)), x >> 1};
+#else
+    return {(u32)(row * RB + (hi << 4)), 0};
+#endif
+}
+FA_DEVICE u32 lane_at(LaneRow l, int k) { return l.base + ((u32)(k ^ l.xs) << 5); }
 static_assert(ST >= 2, "KV_STAGES >= 2");
 
 FA_DEVICE int seqlen_of(const KvParams& p, int i) { return p.cache_seqlens ? p.cache_seqlens[i] : p.seqlen_all; }
@@ -409,8 +424,8 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
     __syncthreads();
     // ldmatrix rows and chunks of this lane: Q and V (x4, trans for V) rows lane & 15, chunk 2k + lane / 16;
     // K rows (lane & 7) + 8 (lane / 16), chunk 2k + (lane / 8) & 1.
-    const int qv_row = lane & 15, qv_hi = lane >> 4;
-    const int k_row = (lane & 7) + ((lane >> 4) << 3), k_hi = (lane >> 3) & 1;
+    const LaneRow qv_lane = lane_row(lane & 15, lane >> 4);
+    const LaneRow k_lane = lane_row((lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
 
     for (int it = 0; it < my_n; ++it) {
         cp_async_wait<ST - 2>();
@@ -429,8 +444,8 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             u32 qa[4], kb[4];
-            ldmatrix_x4(qa, sQ + chunk_at(qv_row, 2 * kk + qv_hi));
-            ldmatrix_x4(kb, sK + chunk_at(k_row, 2 * kk + k_hi));
+            ldmatrix_x4(qa, sQ + lane_at(qv_lane, kk));
+            ldmatrix_x4(kb, sK + lane_at(k_lane, kk));
             mma_16816<elem_t>(s[0], qa, kb);
             mma_16816<elem_t>(s[1], qa, kb + 2);
         }
@@ -501,7 +516,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
 #pragma unroll
         for (int dp = 0; dp < DTILES / 2; ++dp) {
             u32 vb[4];
-            ldmatrix_x4_trans(vb, sV + chunk_at(qv_row, 2 * dp + qv_hi));
+            ldmatrix_x4_trans(vb, sV + lane_at(qv_lane, dp));
             mma_16816<elem_t>(acc[2 * dp], pa, vb);
             mma_16816<elem_t>(acc[2 * dp + 1], pa, vb + 2);
         }

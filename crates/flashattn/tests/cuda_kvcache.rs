@@ -576,12 +576,12 @@ fn kv_kernels_compile_without_spills() {
         return;
     }
     use flashattn::cuda::compile::kv_variant;
-    let vs = [
-        kv_variant(64, true, false, false, false, true),
-        kv_variant(128, true, false, false, false, true),
-        kv_variant(256, false, true, false, false, true),
-        kv_variant(128, false, true, true, true, false),
-    ];
+    // Every padded head dim (swizzled rows for multiples of 64, padded rows otherwise), with and without a
+    // mask, 16-byte aligned; plus the all-features and element-wise-load forms at d 128.
+    let mut vs: Vec<_> =
+        (1..=8).flat_map(|k| [false, true].map(|mask| kv_variant(32 * k, true, mask, false, false, true))).collect();
+    vs.push(kv_variant(256, false, true, false, false, true));
+    vs.push(kv_variant(128, false, true, true, true, false));
     let archs = ["sm_80".to_string(), "sm_90a".to_string()];
     let reps = cuda::precompile_variants(&archs, &vs).unwrap_or_else(|e| panic!("{e}"));
     for r in &reps {
