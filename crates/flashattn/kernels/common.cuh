@@ -110,6 +110,12 @@ FA_DEVICE void st_shared_u32(u32 addr, u32 v) { asm volatile("st.shared.u32 [%0]
 FA_DEVICE void st_shared_v4(u32 addr, uint4 v) {
     asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};" :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
 }
+// 16-byte global store (the address must be 16-byte aligned). Written as PTX because NVRTC turns a plain
+// `*(uint4*)p = v` through a 16-bit element pointer into four 4-byte stores (seen in the PTX of fwd.cu and
+// fwd_sm90.cu: 4x the store instructions and L2 sector requests of the O epilogue, ncu 2026-11-25).
+FA_DEVICE void st_global_v4(void* p, uint4 v) {
+    asm volatile("st.global.v4.b32 [%0], {%1,%2,%3,%4};" :: "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
 FA_DEVICE uint4 ld_shared_v4(u32 addr) {
     uint4 v;
     asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));

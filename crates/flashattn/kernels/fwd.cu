@@ -465,7 +465,7 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
                 u16* dst = go + (i64)r * p.o_row_stride + col;
 #if ALIGNED16
                 if (col + 8 <= d) {
-                    *(uint4*)dst = v;
+                    st_global_v4(dst, v);
                 } else
 #endif
                 {

@@ -509,7 +509,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 if (i < g.sq && col < f.d) {
                     u16* dst = go + (i64)i * f.o_row_stride + col;
                     if (col + 8 <= f.d) {
-                        *(uint4*)dst = v;
+                        st_global_v4(dst, v);
                     } else {
                         const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
