@@ -10,8 +10,7 @@
 //! Partial outputs come out of the forward kernel in the input dtype and are merged into `f32`
 //! accumulators; partial gradients likewise (as FlashAttention-based ring implementations do).
 
-use super::host::{local_opts, ring_mask, RankStats, RingBackward, RingForward};
-use super::schedule::{PairMask, RingSchedule};
+use super::host::{local_opts, ring_plan, RankStats, RingBackward, RingForward};
 use crate::api::{ForwardOutput, Gradients};
 use crate::cuda::bwd::Softmax;
 use crate::cuda::runtime::{self, dev_err};
@@ -19,7 +18,7 @@ use crate::cuda::{backward_raw_of, forward_raw, DeviceTensorRef};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::AttnOptions;
-use crate::problem::{check_backward_inputs, validate};
+use crate::problem::check_backward_inputs;
 use crate::tensor::Tensor;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -178,10 +177,7 @@ pub fn ring_forward_cuda(
     opts: &AttnOptions,
     ranks: usize,
 ) -> Result<RingForward> {
-    let causal = ring_mask(opts)?;
-    let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
-    half_only(p.dtype)?;
-    let sched = RingSchedule::new(ranks, p.dense_sq, k.shape()[1], causal)?;
+    let (p, sched) = ring_plan(q, k, v, opts, ranks, |p| half_only(p.dtype))?;
     let (b, h, hk, d, dt) = (p.batch, p.h, p.hk, p.d, p.dtype);
     let (qs, ks, vs) = (sched.q.shard(q, 1)?, sched.k.shard(k, 1)?, sched.k.shard(v, 1)?);
     let gpu = runtime::gpu(n)?;
@@ -224,11 +220,7 @@ pub fn ring_forward_cuda(
                 let src = sched.source(r, step);
                 let lq = sched.q.rank_len(r);
                 let lk = sched.k.rank_len(src);
-                for w in sched.step(r, step)? {
-                    if w.mask == PairMask::Skip {
-                        continue;
-                    }
-                    let at = sched.local(r, &w);
+                for (w, at) in sched.pairs(r, step)? {
                     let (qi, q0, cq, k0, nk) = (at.q_slot, at.q.start, at.q.len(), at.k.start, at.k.len());
                     let ck = sched.k.chunk(w.kv_chunk).len();
                     let qv = view(ptr(&qd[r], s), dt, lq, q0, cq, h, d, b);
@@ -322,11 +314,10 @@ pub fn ring_backward_cuda(
     opts: &AttnOptions,
     ranks: usize,
 ) -> Result<RingBackward> {
-    let causal = ring_mask(opts)?;
-    let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
-    half_only(p.dtype)?;
-    check_backward_inputs(&p, &o.view(), &lse.view(), &dout.view())?;
-    let sched = RingSchedule::new(ranks, p.dense_sq, k.shape()[1], causal)?;
+    let (p, sched) = ring_plan(q, k, v, opts, ranks, |p| {
+        half_only(p.dtype)?;
+        check_backward_inputs(p, &o.view(), &lse.view(), &dout.view())
+    })?;
     let (b, h, hk, d, dt) = (p.batch, p.h, p.hk, p.d, p.dtype);
     let (qs, ks, vs) = (sched.q.shard(q, 1)?, sched.k.shard(k, 1)?, sched.k.shard(v, 1)?);
     let (os, ls, gs) = (sched.q.shard(o, 1)?, sched.q.shard(lse, 2)?, sched.q.shard(dout, 1)?);
@@ -400,11 +391,7 @@ pub fn ring_backward_cuda(
                 let src = sched.source(r, step);
                 let lq = sched.q.rank_len(r);
                 let lk = sched.k.rank_len(src);
-                for w in sched.step(r, step)? {
-                    if w.mask == PairMask::Skip {
-                        continue;
-                    }
-                    let at = sched.local(r, &w);
+                for (w, at) in sched.pairs(r, step)? {
                     let (qi, q0, cq, k0, nk) = (at.q_slot, at.q.start, at.q.len(), at.k.start, at.k.len());
                     stats[r].pairs += 1;
                     stats[r].visible += w.mask.visible(cq, sched.k.chunk(w.kv_chunk).len());

@@ -158,6 +158,42 @@ fn check_shards(s: &RingSchedule, rank: usize, q: &Tensor, k: &Tensor, v: &Tenso
 }
 
 /// The global problem's scale (default `1/sqrt(d)`) and soft-capping, validated.
+/// What every rank checks first: the options' mask matches the schedule's, the shards fit it; returns
+/// `[b, h, hk, d]` and the softmax scale and soft-cap.
+fn rank_setup(
+    sched: &RingSchedule,
+    rank: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &AttnOptions,
+) -> Result<([usize; 4], f32, f32)> {
+    let causal = ring_mask(opts)?;
+    if causal != sched.causal {
+        return Err(Error::invalid("opts", format!("causal = {} (as the schedule)", sched.causal), causal));
+    }
+    let dims = check_shards(sched, rank, q, k, v)?;
+    let (scale, softcap) = scale_and_cap(q, k, v, opts)?;
+    Ok((dims, scale, softcap))
+}
+
+/// The whole-tensor entry points' common start: the ring's mask, the problem, `extra` checks on it, the
+/// schedule of `ranks` ranks.
+pub(super) fn ring_plan(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &AttnOptions,
+    ranks: usize,
+    extra: impl FnOnce(&Problem) -> Result<()>,
+) -> Result<(Problem, RingSchedule)> {
+    let causal = ring_mask(opts)?;
+    let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
+    extra(&p)?;
+    let sched = RingSchedule::new(ranks, p.dense_sq, k.shape()[1], causal)?;
+    Ok((p, sched))
+}
+
 fn scale_and_cap(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<(f32, f32)> {
     let mut o = opts.clone();
     o.causal = false;
@@ -178,12 +214,7 @@ pub fn rank_forward<T: Transport<Arc<KvShard>>>(
     opts: &AttnOptions,
     transport: &mut T,
 ) -> Result<(ForwardOutput, RankStats)> {
-    let causal = ring_mask(opts)?;
-    if causal != sched.causal {
-        return Err(Error::invalid("opts", format!("causal = {} (as the schedule)", sched.causal), causal));
-    }
-    let [b, h, _hk, d] = check_shards(sched, rank, q, k, v)?;
-    let (scale, softcap) = scale_and_cap(q, k, v, opts)?;
+    let ([b, h, _hk, d], scale, softcap) = rank_setup(sched, rank, q, k, v, opts)?;
     let n = sched.ranks();
     let q_rows = sched.q.rank_rows(rank);
     let q_local = [0..q_rows[0].len(), q_rows[0].len()..q_rows[0].len() + q_rows[1].len()];
@@ -197,11 +228,7 @@ pub fn rank_forward<T: Transport<Arc<KvShard>>>(
             transport.start(Arc::clone(&kv))?; // overlaps the compute below
         }
         let t0 = Instant::now();
-        for w in sched.step(rank, step)? {
-            if w.mask == PairMask::Skip {
-                continue;
-            }
-            let LocalPair { q_slot: qi, q: qr, k: kr } = sched.local(rank, &w);
+        for (w, LocalPair { q_slot: qi, q: qr, k: kr }) in sched.pairs(rank, step)? {
             let (po, pl) = partial_forward(q, qr.clone(), &kv, kr, local_opts(scale, softcap, w.mask))?;
             let (o, l) = &mut acc[qi];
             merge_into(o, l, &po, &lse_to_rows(&pl, b, h, qr.len()), d)?;
@@ -276,12 +303,7 @@ pub fn rank_backward<T: Transport<Arc<KvShard>>, G: Transport<DkvShard>>(
     kv_transport: &mut T,
     grad_transport: &mut G,
 ) -> Result<(Gradients, RankStats)> {
-    let causal = ring_mask(opts)?;
-    if causal != sched.causal {
-        return Err(Error::invalid("opts", format!("causal = {} (as the schedule)", sched.causal), causal));
-    }
-    let [b, h, hk, d] = check_shards(sched, rank, q, k, v)?;
-    let (scale, softcap) = scale_and_cap(q, k, v, opts)?;
+    let ([b, h, hk, d], scale, softcap) = rank_setup(sched, rank, q, k, v, opts)?;
     let p = validate(&q.view(), &k.view(), &v.view(), &AttnOptions::default())?;
     check_backward_inputs(&p, &o.view(), &lse.view(), &dout.view())?;
     let n = sched.ranks();
@@ -320,11 +342,7 @@ pub fn rank_backward<T: Transport<Arc<KvShard>>, G: Transport<DkvShard>>(
         let lk = sched.k.rank_len(src);
         let mut dkv = DkvShard { dk: vec![0f32; b * lk * hk * d], dv: vec![0f32; b * lk * hk * d] };
         let t0 = Instant::now();
-        for w in sched.step(rank, step)? {
-            if w.mask == PairMask::Skip {
-                continue;
-            }
-            let LocalPair { q_slot: qi, q: qr, k: kr } = sched.local(rank, &w);
+        for (w, LocalPair { q_slot: qi, q: qr, k: kr }) in sched.pairs(rank, step)? {
             let (l, dl) = &per_chunk[qi];
             let part = PartialBwd { q, dout, qr: qr.clone(), kv: &kv, kr: kr.clone(), lse: l, delta: dl };
             let (dq, dk, dv) = partial_backward(&part, local_opts(scale, softcap, w.mask))?;
@@ -472,9 +490,7 @@ where
 /// `q`: `[b, sq, h, d]`, `k`/`v`: `[b, sk, hk, d]`; options as for [`crate::forward`], restricted to no
 /// mask or causal (bottom-right aligned), any scale, soft-capping.
 pub fn ring_forward(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions, ranks: usize) -> Result<RingForward> {
-    let causal = ring_mask(opts)?;
-    let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
-    let sched = RingSchedule::new(ranks, p.dense_sq, k.shape()[1], causal)?;
+    let (_, sched) = ring_plan(q, k, v, opts, ranks, |_| Ok(()))?;
     let (qs, ks, vs) = (sched.q.shard(q, 1)?, sched.k.shard(k, 1)?, sched.k.shard(v, 1)?);
     let per_rank = run_ranks(ranks, |r, tk, _| rank_forward(&sched, r, &qs[r], &ks[r], &vs[r], opts, tk))?;
     let (outs, stats): (Vec<ForwardOutput>, Vec<RankStats>) = per_rank.into_iter().unzip();
@@ -497,10 +513,8 @@ pub fn ring_backward(
     opts: &AttnOptions,
     ranks: usize,
 ) -> Result<RingBackward> {
-    let causal = ring_mask(opts)?;
-    let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
-    check_backward_inputs(&p, &o.view(), &lse.view(), &dout.view())?;
-    let sched = RingSchedule::new(ranks, p.dense_sq, k.shape()[1], causal)?;
+    let (_, sched) =
+        ring_plan(q, k, v, opts, ranks, |p| check_backward_inputs(p, &o.view(), &lse.view(), &dout.view()))?;
     let (qs, ks, vs) = (sched.q.shard(q, 1)?, sched.k.shard(k, 1)?, sched.k.shard(v, 1)?);
     let (os, ls, gs) = (sched.q.shard(o, 1)?, sched.q.shard(lse, 2)?, sched.q.shard(dout, 1)?);
     let per_rank = run_ranks(ranks, |r, tk, tg| {

@@ -155,6 +155,19 @@ impl RingSchedule {
         Ok(out)
     }
 
+    /// The pairs rank `rank` computes at step `step` (those not [`PairMask::Skip`]), each with its shard rows.
+    pub fn pairs(&self, rank: usize, step: usize) -> Result<Vec<(PairWork, LocalPair)>> {
+        Ok(self
+            .step(rank, step)?
+            .into_iter()
+            .filter(|w| w.mask != PairMask::Skip)
+            .map(|w| {
+                let at = self.local(rank, &w);
+                (w, at)
+            })
+            .collect())
+    }
+
     /// The visible (query, key) pairs rank `rank` computes over the whole ring (per head and sequence): its
     /// share of the work.
     pub fn work(&self, rank: usize) -> Result<u64> {
