@@ -598,29 +598,6 @@ mod plain {
         (s, th)
     }
 
-    /// Row softmax in place; returns each row's lse (`-inf` for an empty row, whose probabilities are 0).
-    fn softmax_rows<T: Real>(s: &mut [T], sq: usize, sk: usize) -> Vec<T> {
-        let mut lse = vec![T::NEG_INF; sq];
-        for i in 0..sq {
-            let row = &mut s[i * sk..(i + 1) * sk];
-            let m = row.iter().copied().fold(T::NEG_INF, |a, b| if b > a { b } else { a });
-            if m == T::NEG_INF {
-                row.iter_mut().for_each(|x| *x = T::ZERO);
-                continue;
-            }
-            let mut l = T::ZERO;
-            for x in row.iter_mut() {
-                *x = if *x == T::NEG_INF { T::ZERO } else { (*x - m).exp() };
-                l += *x;
-            }
-            for x in row.iter_mut() {
-                *x = *x / l;
-            }
-            lse[i] = m + l.ln();
-        }
-        lse
-    }
-
     fn all_heads(p: &Problem) -> Vec<(usize, usize)> {
         (0..p.batch).flat_map(|s| (0..p.h).map(move |h| (s, h))).collect()
     }
@@ -638,7 +615,7 @@ mod plain {
             .map(|(seq, head)| {
                 let hd = heads::<T>(p, q, k, v, seq, head);
                 let (mut s, _) = scores(p, &hd, round);
-                let lse = softmax_rows(&mut s, hd.sq, hd.sk);
+                let lse = super::softmax_rows(&mut s, hd.sq, hd.sk, hd.sk);
                 let mut o = vec![T::ZERO; hd.sq * d];
                 for i in 0..hd.sq {
                     for j in 0..hd.sk {
@@ -689,7 +666,7 @@ mod plain {
                     let hd = heads::<T>(p, q, k, v, seq, head);
                     let dout_h = gather::<T>(p, dout, do_map, seq, head, sq);
                     let (mut s, th) = scores(p, &hd, round);
-                    softmax_rows(&mut s, sq, sk);
+                    super::softmax_rows(&mut s, sq, sk, sk);
                     let mut dq = vec![T::ZERO; sq * d];
                     let scale = T::of(p.scale);
                     for i in 0..sq {
