@@ -14,30 +14,6 @@ use flashattn::problem::validate;
 use flashattn::reference::{forward_f64, naive_forward};
 use flashattn::{AttnOptions, CacheSeqlens, DType, Device, KvCache, Rotary, Tensor};
 use rand::Rng;
-use std::io::Write;
-
-/// Prints past the test harness's capture.
-fn say(msg: &str) {
-    let _ = writeln!(std::io::stderr(), "{msg}");
-}
-
-fn require_gpu() -> bool {
-    std::env::var("FLASHATTN_REQUIRE_GPU").is_ok_and(|v| v == "1")
-}
-
-/// Whether the GPU tests can run; prints SKIP (or panics under FLASHATTN_REQUIRE_GPU=1) when not.
-fn gpu(test: &str) -> bool {
-    let st = cuda::status();
-    if st.usable {
-        cuda::set_poison_outputs(true);
-        return true;
-    }
-    if require_gpu() {
-        panic!("{test}: FLASHATTN_REQUIRE_GPU=1 but the CUDA backend is not usable: {}", st.detail);
-    }
-    say(&format!("SKIP {test}: no usable CUDA device ({})", st.detail));
-    false
-}
 
 fn full() -> bool {
     sweep_level() == "full"

@@ -17,24 +17,6 @@ use flashattn::reference::{forward_f64, naive_forward};
 use flashattn::tensor::CpuStorage;
 use flashattn::{AttnOptions, CacheSeqlens, DType, Device, KvCache, Rotary, Tensor};
 use rand::Rng;
-use std::io::Write;
-
-fn say(msg: &str) {
-    let _ = writeln!(std::io::stderr(), "{msg}");
-}
-
-fn gpu(test: &str) -> bool {
-    let st = cuda::status();
-    if st.usable {
-        cuda::set_poison_outputs(true);
-        return true;
-    }
-    if std::env::var("FLASHATTN_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-        panic!("{test}: FLASHATTN_REQUIRE_GPU=1 but the CUDA backend is not usable: {}", st.detail);
-    }
-    say(&format!("SKIP {test}: no usable CUDA device ({})", st.detail));
-    false
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Feat {

@@ -5,26 +5,13 @@
 
 mod common;
 
-use common::{randn_tensor, rng, seed};
+use common::{gpu, randn_tensor, rng, seed};
 use flashattn::accuracy::{compare, compare_lse, o_factor, GRAD_FACTOR};
 use flashattn::problem::validate;
 use flashattn::reference::{backward_f64, forward_f64, naive_backward, naive_forward};
 use flashattn::ring::{ring_backward_cuda, ring_forward_cuda};
 use flashattn::{AttnOptions, DType, Device, Tensor};
 use std::time::Instant;
-
-fn gpu(test: &str) -> bool {
-    let st = flashattn::cuda::status();
-    if st.usable {
-        flashattn::cuda::set_poison_outputs(true);
-        return true;
-    }
-    if std::env::var("FLASHATTN_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-        panic!("{test}: FLASHATTN_REQUIRE_GPU=1 but the CUDA backend is not usable: {}", st.detail);
-    }
-    eprintln!("SKIP {test}: no usable CUDA device ({})", st.detail);
-    false
-}
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     a.to_f32_vec().iter().zip(b.to_f32_vec()).fold(0f32, |m, (x, y)| m.max((x - y).abs()))

@@ -10,6 +10,33 @@ use rand_distr::{Distribution, StandardNormal};
 
 pub type Rng64 = rand::rngs::StdRng;
 
+/// One line to stderr (shown with `--nocapture`, and kept next to a failing test's output).
+pub fn say(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+/// `FLASHATTN_REQUIRE_GPU=1`: GPU tests fail instead of skipping when no GPU is usable.
+pub fn require_gpu() -> bool {
+    std::env::var("FLASHATTN_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// Whether the GPU tests can run (then outputs are NaN-poisoned before every kernel); prints SKIP (or panics
+/// under FLASHATTN_REQUIRE_GPU=1) when not.
+#[cfg(feature = "cuda")]
+pub fn gpu(test: &str) -> bool {
+    let st = flashattn::cuda::status();
+    if st.usable {
+        flashattn::cuda::set_poison_outputs(true);
+        return true;
+    }
+    if require_gpu() {
+        panic!("{test}: FLASHATTN_REQUIRE_GPU=1 but the CUDA backend is not usable: {}", st.detail);
+    }
+    say(&format!("SKIP {test}: no usable CUDA device ({})", st.detail));
+    false
+}
+
 /// A fresh random seed per run, unless FLASHATTN_SEED pins one (printed with every failure).
 pub fn seed() -> u64 {
     std::env::var("FLASHATTN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random)
