@@ -134,6 +134,37 @@ fn view(
     }
 }
 
+/// Per-stream timing of a simulated ring: an event on every stream at the start; at the end each rank's
+/// compute seconds (its stream's events) and wait seconds (the wall time not spent computing).
+struct RankClock {
+    starts: Vec<cudarc::driver::CudaEvent>,
+    t0: Instant,
+}
+
+impl RankClock {
+    fn start<S: std::ops::Deref<Target = CudaStream>>(streams: &[S]) -> Result<Self> {
+        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let starts = streams.iter().map(|s| s.record_event(timing).map_err(d_err("event"))).collect::<Result<_>>()?;
+        Ok(RankClock { starts, t0: Instant::now() })
+    }
+
+    /// Waits for every stream, then fills `stats[r].compute_s` and `wait_s`.
+    fn stop<S: std::ops::Deref<Target = CudaStream>>(self, streams: &[S], stats: &mut [RankStats]) -> Result<()> {
+        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let ends =
+            streams.iter().map(|s| s.record_event(timing).map_err(d_err("event"))).collect::<Result<Vec<_>>>()?;
+        for s in streams {
+            s.synchronize().map_err(d_err("sync"))?;
+        }
+        let wall = self.t0.elapsed().as_secs_f64();
+        for (r, st) in stats.iter_mut().enumerate() {
+            st.compute_s = self.starts[r].elapsed_ms(&ends[r]).map_err(d_err("event time"))? as f64 / 1e3;
+            st.wait_s = (wall - st.compute_s).max(0.0);
+        }
+        Ok(())
+    }
+}
+
 fn half_only(dtype: DType) -> Result<()> {
     match dtype {
         DType::F16 | DType::BF16 => Ok(()),
@@ -209,12 +240,8 @@ pub fn ring_forward_cuda(
         main.synchronize().map_err(d_err("sync"))?;
         let (scale, softcap) = (p.scale, p.softcap);
         let is_bf16 = i32::from(dt == DType::BF16);
-        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let starts =
-            streams.iter().map(|s| s.record_event(timing).map_err(d_err("event"))).collect::<Result<Vec<_>>>()?;
-        let mut stats: Vec<RankStats> =
-            (0..ranks).map(|rank| RankStats { rank, pairs: 0, visible: 0, compute_s: 0.0, wait_s: 0.0 }).collect();
-        let t0 = Instant::now();
+        let clock = RankClock::start(&streams)?;
+        let mut stats: Vec<RankStats> = (0..ranks).map(RankStats::new).collect();
         for step in 0..ranks {
             for (r, s) in streams.iter().enumerate() {
                 let src = sched.source(r, step);
@@ -258,16 +285,7 @@ pub fn ring_forward_cuda(
                 }
             }
         }
-        let ends =
-            streams.iter().map(|s| s.record_event(timing).map_err(d_err("event"))).collect::<Result<Vec<_>>>()?;
-        for s in &streams {
-            s.synchronize().map_err(d_err("sync"))?;
-        }
-        let wall = t0.elapsed().as_secs_f64();
-        for (r, st) in stats.iter_mut().enumerate() {
-            st.compute_s = starts[r].elapsed_ms(&ends[r]).map_err(d_err("event time"))? as f64 / 1e3;
-            st.wait_s = (wall - st.compute_s).max(0.0);
-        }
+        clock.stop(&streams, &mut stats)?;
         // Assemble each rank's shard, then the sequence.
         let mut o_sh = Vec::new();
         let mut l_sh = Vec::new();
@@ -373,12 +391,8 @@ pub fn ring_backward_cuda(
         main.synchronize().map_err(d_err("sync"))?;
         let (scale, softcap) = (p.scale, p.softcap);
         let is_bf16 = i32::from(dt == DType::BF16);
-        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
-        let starts =
-            streams.iter().map(|s| s.record_event(timing).map_err(d_err("event"))).collect::<Result<Vec<_>>>()?;
-        let mut stats: Vec<RankStats> =
-            (0..ranks).map(|rank| RankStats { rank, pairs: 0, visible: 0, compute_s: 0.0, wait_s: 0.0 }).collect();
-        let t0 = Instant::now();
+        let clock = RankClock::start(&streams)?;
+        let mut stats: Vec<RankStats> = (0..ranks).map(RankStats::new).collect();
         let mut step_done: Vec<cudarc::driver::CudaEvent> = Vec::new();
         for step in 0..ranks {
             // The dK/dV hop: rank r continues the accumulation rank r-1 did on this shard last step.
@@ -427,16 +441,7 @@ pub fn ring_backward_cuda(
             step_done =
                 streams.iter().map(|s| s.record_event(None).map_err(d_err("event"))).collect::<Result<Vec<_>>>()?;
         }
-        let ends =
-            streams.iter().map(|s| s.record_event(timing).map_err(d_err("event"))).collect::<Result<Vec<_>>>()?;
-        for s in &streams {
-            s.synchronize().map_err(d_err("sync"))?;
-        }
-        let wall = t0.elapsed().as_secs_f64();
-        for (r, st) in stats.iter_mut().enumerate() {
-            st.compute_s = starts[r].elapsed_ms(&ends[r]).map_err(d_err("event time"))? as f64 / 1e3;
-            st.wait_s = (wall - st.compute_s).max(0.0);
-        }
+        clock.stop(&streams, &mut stats)?;
         let (mut dq_sh, mut dk_sh, mut dv_sh) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..ranks {
             let lq = sched.q.rank_len(r);

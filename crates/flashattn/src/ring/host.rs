@@ -58,6 +58,13 @@ pub struct RankStats {
     pub wait_s: f64,
 }
 
+impl RankStats {
+    /// Nothing done yet by rank `rank`.
+    pub fn new(rank: usize) -> Self {
+        RankStats { rank, pairs: 0, visible: 0, compute_s: 0.0, wait_s: 0.0 }
+    }
+}
+
 /// The result of [`ring_forward`]: the forward output, as the single-device call returns it, and what each
 /// rank did.
 #[derive(Debug, Clone)]
@@ -221,7 +228,7 @@ pub fn rank_forward<T: Transport<Arc<KvShard>>>(
     // Running results per query chunk: o `[b, cq, h, d]`, lse in the same row order.
     let mut acc: Vec<(Vec<f32>, Vec<f32>)> =
         q_local.iter().map(|r| (vec![0f32; b * r.len() * h * d], vec![f32::NEG_INFINITY; b * r.len() * h])).collect();
-    let mut stats = RankStats { rank, pairs: 0, visible: 0, compute_s: 0.0, wait_s: 0.0 };
+    let mut stats = RankStats::new(rank);
     let mut kv = Arc::new(KvShard { k: k.clone(), v: v.clone() });
     for step in 0..n {
         if step + 1 < n {
@@ -332,7 +339,7 @@ pub fn rank_backward<T: Transport<Arc<KvShard>>, G: Transport<DkvShard>>(
         })
         .collect();
     let mut dq_acc: Vec<Vec<f32>> = q_local.iter().map(|r| vec![0f32; b * r.len() * h * d]).collect();
-    let mut stats = RankStats { rank, pairs: 0, visible: 0, compute_s: 0.0, wait_s: 0.0 };
+    let mut stats = RankStats::new(rank);
     let mut kv = Arc::new(KvShard { k: k.clone(), v: v.clone() });
     for step in 0..n {
         if step + 1 < n {
