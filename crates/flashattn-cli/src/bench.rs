@@ -453,6 +453,11 @@ mod gpu {
             if let Some(h90) = cuda::sm90_head_dim(p.d) {
                 vs.push(Variant { mask: p.causal, ..Variant::plain(Pass::FwdSm90, h90, bf16) });
             }
+            if let (true, Some(h90)) = (bwd, cuda::sm90_bwd_head_dim(p.d)) {
+                vs.push(Variant { mask: p.causal, ..Variant::plain(Pass::BwdSm90, h90, bf16) });
+                // Its preprocess and dQ conversion come from bwd.cu at the same padded head dim.
+                vs.push(Variant { mask: p.causal, ..Variant::plain(Pass::Bwd, h90, bf16) });
+            }
         }
         vs.sort();
         vs.dedup();

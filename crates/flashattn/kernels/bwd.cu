@@ -66,6 +66,7 @@
 #include "common.cuh"
 #include "mask.cuh"
 #include "params.cuh"
+#include "bwd_common.cuh"
 
 #include "variant.cuh"
 
@@ -187,44 +188,6 @@ FA_DEVICE int ld_acquire_gpu(const int* p) {
 }
 FA_DEVICE void st_release_gpu(int* p, int v) {
     asm volatile("st.release.gpu.global.b32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
-}
-
-// Per-sequence geometry shared by the three kernels.
-struct SeqInfo {
-    int sq, sk;        // queries of this sequence, keys used (seqused_k applied)
-    int sk_rows;       // key rows present in the tensors (written as dK/dV; >= sk)
-    int q_row0;        // row index r of query 0 (dense: bi*sq, varlen: cu_seqlens_q[bi])
-    i64 q_off_rows;    // rows to skip in q/o/dO/dq (varlen: cu_seqlens_q[bi]; dense: 0, batch stride used)
-    i64 k_off_rows;
-};
-FA_DEVICE SeqInfo seq_info(const FwdParams& f, int bi) {
-    SeqInfo s;
-#if IS_VARLEN
-    const int q0 = f.cu_seqlens_q[bi], k0 = f.cu_seqlens_k[bi];
-    s.sq = f.cu_seqlens_q[bi + 1] - q0;
-    s.sk_rows = f.cu_seqlens_k[bi + 1] - k0;
-    s.q_row0 = q0;
-    s.q_off_rows = q0;
-    s.k_off_rows = k0;
-#else
-    s.sq = f.sq;
-    s.sk_rows = f.sk;
-    s.q_row0 = bi * f.sq;
-    s.q_off_rows = 0;
-    s.k_off_rows = 0;
-#endif
-    s.sk = f.seqused_k ? f.seqused_k[bi] : s.sk_rows;
-    if (s.sk > s.sk_rows) s.sk = s.sk_rows;
-    return s;
-}
-
-// Batch offset in elements of a [b, s, h, d] tensor (0 for varlen, where rows carry it).
-FA_DEVICE i64 batch_off(i64 stride, int bi) {
-#if IS_VARLEN
-    return 0;
-#else
-    return stride * bi;
-#endif
 }
 
 // ================================================================ preprocess
@@ -429,20 +392,8 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 
     // Query blocks that see at least one key of [n0, min(n0 + BN, sk) - 1] (exact: every CTA counted by the
     // deterministic semaphore really processes the block).
-    int m_lo = 0, m_hi = (si.sq + BM - 1) / BM;
-    if (n0 >= si.sk) m_hi = 0;
-#if HAS_MASK
-    if (mc.wr >= 0) {
-        const int first = n0 - off - mc.wr;
-        if (first > si.sq - 1) m_hi = 0;
-        else m_lo = first <= 0 ? 0 : first / BM;
-    }
-    if (mc.wl >= 0) {
-        const int last = min(n0 + BN, si.sk) - 1 - off + mc.wl;
-        if (last < 0) m_hi = 0;
-        else m_hi = min(m_hi, last / BM + 1);
-    }
-#endif
+    int m_lo, m_hi;
+    bwd_q_blocks(mc, HAS_MASK != 0, n0, BN, BM, &m_lo, &m_hi);
     const int n_m = m_hi > m_lo ? m_hi - m_lo : 0;
     const int n_iter = n_m * group;
 #if BWD_ROTATE
@@ -774,20 +725,8 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 #endif
     const int off = si.sk - si.sq;
 
-    int m_lo = 0, m_hi = (si.sq + BM - 1) / BM;
-    if (n0 >= si.sk) m_hi = 0;
-#if HAS_MASK
-    if (mc.wr >= 0) {
-        const int first = n0 - off - mc.wr;
-        if (first > si.sq - 1) m_hi = 0;
-        else m_lo = first <= 0 ? 0 : first / BM;
-    }
-    if (mc.wl >= 0) {
-        const int last = min(n0 + BN, si.sk) - 1 - off + mc.wl;
-        if (last < 0) m_hi = 0;
-        else m_hi = min(m_hi, last / BM + 1);
-    }
-#endif
+    int m_lo, m_hi;
+    bwd_q_blocks(mc, HAS_MASK != 0, n0, BN, BM, &m_lo, &m_hi);
     const int n_m = m_hi > m_lo ? m_hi - m_lo : 0;
     const int n_iter = n_m * group;
 #if BWD_ROTATE

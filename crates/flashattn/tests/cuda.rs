@@ -111,17 +111,34 @@ fn run_cases_logged(cases: &[Case]) -> (usize, usize, Vec<String>) {
     (pass, fail, msgs)
 }
 
-/// Says how many forwards of a run took the Hopper path; on Hopper (unless `FLASHATTN_CUDA_PATH=sm80`
-/// forces the fallback) some must have, so the sweep really covers that kernel.
-fn report_sm90(what: &str, before: u64) {
-    let n = cuda::sm90_forward_launches() - before;
+/// Launch counts of the Hopper kernels (forward, backward) so far in this process.
+fn sm90_launches() -> (u64, u64) {
+    (cuda::sm90_forward_launches(), cuda::sm90_backward_launches())
+}
+
+/// Says how many forwards and backwards of a run took the Hopper path; on Hopper (unless
+/// `FLASHATTN_CUDA_PATH=sm80` forces the fallback) some must have, so the sweep really covers those kernels
+/// (the backward only when the run had backward cases; `FLASHATTN_BWD_PATH=sm80` forces its fallback alone).
+fn report_sm90(what: &str, before: (u64, u64), had_backward: bool) {
+    let (f0, b0) = before;
+    let (f1, b1) = sm90_launches();
+    let (n, nb) = (f1 - f0, b1 - b0);
     let hopper = cuda::device_arch(0).is_ok_and(|a| a == "sm_90a");
     let forced = cuda::path_override().is_some_and(|p| p == "sm80");
-    say(&format!("{what}: {n} forward launches on the sm90 path (device sm_90a: {hopper}, forced sm80: {forced})"));
+    let bwd_forced = forced || std::env::var("FLASHATTN_BWD_PATH").is_ok_and(|p| p.trim() == "sm80");
+    say(&format!(
+        "{what}: {n} forward and {nb} backward launches on the sm90 path (device sm_90a: {hopper}, forced sm80: \
+         {forced}, backward forced sm80: {bwd_forced})"
+    ));
     if hopper && !forced {
         assert!(n > 0, "{what}: no forward ran on the sm90 path on a Hopper device");
     } else {
-        assert_eq!(n, 0, "{what}: the sm90 path ran where it must not");
+        assert_eq!(n, 0, "{what}: the sm90 forward ran where it must not");
+    }
+    if hopper && !bwd_forced && had_backward {
+        assert!(nb > 0, "{what}: no backward ran on the sm90 path on a Hopper device");
+    } else if !hopper || bwd_forced {
+        assert_eq!(nb, 0, "{what}: the sm90 backward ran where it must not");
     }
 }
 
@@ -129,14 +146,14 @@ fn sweep(dtype: DType) {
     let cases = cuda_cases(dtype);
     warm_up(&cases, false);
     let t0 = std::time::Instant::now();
-    let before = cuda::sm90_forward_launches();
+    let before = sm90_launches();
     let (pass, fail, msgs) = run_cases_logged(&cases);
     say(&format!(
         "cuda sweep {dtype} ({}): {pass} passed, {fail} failed ({:.1} s)",
         sweep_level(),
         t0.elapsed().as_secs_f64()
     ));
-    report_sm90(&format!("cuda sweep {dtype}"), before);
+    report_sm90(&format!("cuda sweep {dtype}"), before, cases.iter().any(|c| c.backward));
     assert!(fail == 0, "{fail} failures:\n{}", msgs.join("\n"));
     assert!(pass > 0);
 }
@@ -180,10 +197,10 @@ fn small_variants() {
         cases.retain(|c| c.sq * c.sk <= 130 * 65 && (c.h == c.hk || c.sq != 65));
     }
     warm_up(&cases, false);
-    let before = cuda::sm90_forward_launches();
+    let before = sm90_launches();
     let (pass, fail, msgs) = run_cases_logged(&cases);
     say(&format!("cuda small variants: {pass} passed, {fail} failed"));
-    report_sm90("cuda small variants", before);
+    report_sm90("cuda small variants", before, true);
     assert!(fail == 0, "{}", msgs.join("\n"));
 }
 

@@ -1,5 +1,6 @@
 //! The backward launcher: preprocess (rowsum(dO * O), lse in log2 units, zeroed dQ accumulator), main
-//! (dK, dV per key block, dQ accumulated in f32), convert (dQ to the dtype), with scratch buffers.
+//! (dK, dV per key block, dQ accumulated in f32), convert (dQ to the dtype), with scratch buffers. The main
+//! kernel is the Hopper one (`bwd_sm90.rs`) where it covers the problem, else bwd.cu's.
 
 use super::compile::Pass;
 use super::fwd::{self, FwdArgs};
@@ -49,7 +50,12 @@ pub(crate) fn run(
     softmax: Softmax,
 ) -> Result<()> {
     fwd::check_sizes(p)?;
-    let v = fwd::variant_for(p, Pass::Bwd, aligned16, deterministic)?;
+    let sm90 = super::bwd_sm90::covers(gpu, p, aligned16, deterministic);
+    let mut v = fwd::variant_for(p, Pass::Bwd, aligned16, deterministic)?;
+    if sm90 {
+        // Preprocess and conversion share the dQ accumulator's layout ([rows, h, HEAD_DIM]) with the sm90 kernel.
+        v.head_dim = super::bwd_sm90::sm90_bwd_variant(p)?.head_dim;
+    }
     let m = gpu.module(&v)?;
     // Every bwd.cu module exports its tile configuration (`flash_bwd_config`): the launcher reads it rather
     // than mirroring bwd.cu's per-head-dim, per-architecture table.
@@ -109,8 +115,18 @@ pub(crate) fn run(
     // scratch buffers live until their stream-ordered free after the kernels.
     unsafe {
         launch(&m.kernels["flash_bwd_preprocess"], "flash_bwd_preprocess", cs, rows_grid, 256, 0, &params)?;
-        let main_grid = ((sk as u32).div_ceil(bn as u32), p.hk as u32, p.batch as u32);
-        launch(&m.kernels["flash_bwd_main"], "flash_bwd_main", cs, main_grid, threads as u32, smem as u32, &params)?;
+        if !(sm90 && super::bwd_sm90::run(gpu, cs, p, a, &params)?) {
+            let main_grid = ((sk as u32).div_ceil(bn as u32), p.hk as u32, p.batch as u32);
+            launch(
+                &m.kernels["flash_bwd_main"],
+                "flash_bwd_main",
+                cs,
+                main_grid,
+                threads as u32,
+                smem as u32,
+                &params,
+            )?;
+        }
         launch(&m.kernels["flash_bwd_convert_dq"], "flash_bwd_convert_dq", cs, rows_grid, 256, 0, &params)?;
     }
     // The scratch buffers are freed in stream order when dropped here.

@@ -10,11 +10,12 @@ use std::fmt;
 use std::time::Instant;
 
 /// The kernel sources and the headers they include, as `(include name, text)`.
-pub(crate) const HEADERS: [(&str, &str); 6] = [
+pub(crate) const HEADERS: [(&str, &str); 7] = [
     ("variant.cuh", include_str!("../../kernels/variant.cuh")),
     ("params.cuh", include_str!("../../kernels/params.cuh")),
     ("common.cuh", include_str!("../../kernels/common.cuh")),
     ("mask.cuh", include_str!("../../kernels/mask.cuh")),
+    ("bwd_common.cuh", include_str!("../../kernels/bwd_common.cuh")),
     ("sm90/sync.cuh", include_str!("../../kernels/sm90/sync.cuh")),
     ("sm90/wgmma.cuh", include_str!("../../kernels/sm90/wgmma.cuh")),
 ];
@@ -22,6 +23,7 @@ const FWD_SRC: &str = include_str!("../../kernels/fwd.cu");
 const BWD_SRC: &str = include_str!("../../kernels/bwd.cu");
 const KV_SRC: &str = include_str!("../../kernels/kvcache.cu");
 const FWD_SM90_SRC: &str = include_str!("../../kernels/fwd_sm90.cu");
+const BWD_SM90_SRC: &str = include_str!("../../kernels/bwd_sm90.cu");
 
 /// Head dims the kernels are compiled for; a problem's `d` runs on the smallest one `>= d`.
 pub const HEAD_DIMS: [usize; 8] = [32, 64, 96, 128, 160, 192, 224, 256];
@@ -43,13 +45,16 @@ pub enum Pass {
     KvCache,
     /// `fwd_sm90.cu`: `flash_fwd_sm90` (Hopper only: compiled for `sm_90a` alone).
     FwdSm90,
+    /// `bwd_sm90.cu`: `flash_bwd_sm90`, the backward's main kernel on Hopper (`sm_90a` alone; head dims 64 and
+    /// 128; `deterministic` unused: that mode runs on `bwd.cu`). Its preprocess and dQ conversion are `bwd.cu`'s.
+    BwdSm90,
 }
 
 impl Pass {
     /// Whether this pass's kernels can be compiled for `arch` (`sm_80`, `sm_90a`, ...).
     pub fn builds_for(&self, arch: &str) -> bool {
         match self {
-            Pass::FwdSm90 => arch == "sm_90a",
+            Pass::FwdSm90 | Pass::BwdSm90 => arch == "sm_90a",
             Pass::Fwd | Pass::Bwd | Pass::KvCache => true,
         }
     }
@@ -101,6 +106,7 @@ impl Variant {
             Pass::Bwd => ("bwd.cu", BWD_SRC),
             Pass::KvCache => ("kvcache.cu", KV_SRC),
             Pass::FwdSm90 => ("fwd_sm90.cu", FWD_SM90_SRC),
+            Pass::BwdSm90 => ("bwd_sm90.cu", BWD_SM90_SRC),
         }
     }
 
@@ -132,6 +138,7 @@ impl Variant {
             Pass::Bwd => &["flash_bwd_preprocess", "flash_bwd_main", "flash_bwd_convert_dq"],
             Pass::KvCache => &["kv_append", "kv_attn", "kv_combine", "kv_fill"],
             Pass::FwdSm90 => &["flash_fwd_sm90"],
+            Pass::BwdSm90 => &["flash_bwd_sm90"],
         }
     }
 }
@@ -143,6 +150,7 @@ impl fmt::Display for Variant {
             Pass::Bwd => "bwd",
             Pass::KvCache => "kv",
             Pass::FwdSm90 => "fwd90",
+            Pass::BwdSm90 => "bwd90",
         };
         write!(f, "{pass}_d{}_{}", self.head_dim, if self.bf16 { "bf16" } else { "f16" })?;
         for (on, name) in [
@@ -210,19 +218,22 @@ pub fn all_variants() -> Vec<Variant> {
     out
 }
 
-/// The sm90 forward variants (Hopper only): its head dims x dtypes x (mask, alibi, softcap, varlen).
+/// The sm90 variants (Hopper only), forward and backward: their head dims x dtypes x (mask, alibi, softcap,
+/// varlen).
 pub fn sm90_variants() -> Vec<Variant> {
     let mut out = Vec::new();
-    for hd in [64, 128, 256] {
-        for bf16 in [false, true] {
-            for bits in 0..16u32 {
-                out.push(Variant {
-                    mask: bits & 1 != 0,
-                    alibi: bits & 2 != 0,
-                    softcap: bits & 4 != 0,
-                    varlen: bits & 8 != 0,
-                    ..Variant::plain(Pass::FwdSm90, hd, bf16)
-                });
+    for (pass, dims) in [(Pass::FwdSm90, &[64, 128, 256][..]), (Pass::BwdSm90, &[64, 128][..])] {
+        for &hd in dims {
+            for bf16 in [false, true] {
+                for bits in 0..16u32 {
+                    out.push(Variant {
+                        mask: bits & 1 != 0,
+                        alibi: bits & 2 != 0,
+                        softcap: bits & 4 != 0,
+                        varlen: bits & 8 != 0,
+                        ..Variant::plain(pass, hd, bf16)
+                    });
+                }
             }
         }
     }
@@ -253,12 +264,14 @@ pub fn representative_variants() -> Vec<Variant> {
             out.push(kv_variant(hd, bf16, true, true, true, false));
         }
     }
-    for hd in [64, 128, 256] {
-        for bf16 in [false, true] {
-            let p = Variant::plain(Pass::FwdSm90, hd, bf16);
-            out.push(p);
-            out.push(Variant { mask: true, ..p });
-            out.push(Variant { mask: true, alibi: true, softcap: true, varlen: true, ..p });
+    for (pass, dims) in [(Pass::FwdSm90, &[64, 128, 256][..]), (Pass::BwdSm90, &[64, 128][..])] {
+        for &hd in dims {
+            for bf16 in [false, true] {
+                let p = Variant::plain(pass, hd, bf16);
+                out.push(p);
+                out.push(Variant { mask: true, ..p });
+                out.push(Variant { mask: true, alibi: true, softcap: true, varlen: true, ..p });
+            }
         }
     }
     out
@@ -283,11 +296,13 @@ pub fn hot_variants() -> Vec<Variant> {
             out.push(kv_variant(hd, bf16, true, false, false, true));
         }
     }
-    for hd in [64, 128, 256] {
-        for bf16 in [false, true] {
-            let p = Variant::plain(Pass::FwdSm90, hd, bf16);
-            out.push(p);
-            out.push(Variant { mask: true, ..p });
+    for (pass, dims) in [(Pass::FwdSm90, &[64, 128, 256][..]), (Pass::BwdSm90, &[64, 128][..])] {
+        for &hd in dims {
+            for bf16 in [false, true] {
+                let p = Variant::plain(pass, hd, bf16);
+                out.push(p);
+                out.push(Variant { mask: true, ..p });
+            }
         }
     }
     out
@@ -561,7 +576,8 @@ ptxas info    : Used 255 registers, used 1 barriers, 8 bytes cumulative stack si
         assert_eq!(padded_head_dim(111), Some(128));
         assert_eq!(padded_head_dim(256), Some(256));
         assert_eq!(padded_head_dim(257), None);
-        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 3 * 2 * 16);
+        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 3 * 2 * 16 + 2 * 2 * 16);
         assert!(Pass::FwdSm90.builds_for("sm_90a") && !Pass::FwdSm90.builds_for("sm_80"));
+        assert!(Pass::BwdSm90.builds_for("sm_90a") && !Pass::BwdSm90.builds_for("sm_80"));
     }
 }

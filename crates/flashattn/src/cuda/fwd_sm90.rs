@@ -94,7 +94,7 @@ pub(crate) fn sm90_variant(p: &Problem) -> Result<Variant> {
 
 /// A rank-4 tensor map `{d, rows, heads, batch}` over 16-bit elements with a 64 x `box_rows` box and the
 /// 128-byte swizzle; `None` when the driver refuses the layout.
-fn tensor_map(
+pub(crate) fn tensor_map(
     view: &DevView,
     d: usize,
     rows: usize,

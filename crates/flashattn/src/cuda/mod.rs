@@ -13,6 +13,7 @@
 //! [`precompile`] fills the cache without a GPU.
 
 pub(crate) mod bwd;
+mod bwd_sm90;
 pub mod cache;
 pub mod compile;
 mod fwd;
@@ -24,6 +25,7 @@ mod resident;
 pub mod runtime;
 mod tensor;
 
+pub use bwd_sm90::{sm90_backward_launches, sm90_bwd_head_dim};
 pub use compile::{KernelUsage, Pass, Variant};
 /// The CUDA bindings this backend is built on (for callers of [`forward_raw`] that need a context or a
 /// stream, and for tests).

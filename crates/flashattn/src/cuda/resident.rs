@@ -144,7 +144,19 @@ impl DeviceAttention {
             let (bm, bn, warps) = fwd::fwd_tiles(fv.head_dim);
             format!("{}; fwd sm80 path {fv} [BM {bm} BN {bn}, {} threads]", kernel_family(&self.gpu.arch), 32 * warps)
         };
-        if self.bwd.is_some() {
+        if let Some(b) = &self.bwd {
+            let st = &self.gpu.stream;
+            let views = [a.q, a.k, a.v, a.o, b.dout.view(st), b.dq.view(st), b.dk.view(st), b.dv.view(st)];
+            let bv = if super::bwd_sm90::covers(
+                &self.gpu,
+                &self.p,
+                all_aligned(&views, self.p.dtype.size()),
+                self.deterministic,
+            ) {
+                super::bwd_sm90::sm90_bwd_variant(&self.p)?
+            } else {
+                bv
+            };
             let m = self.gpu.module(&bv)?;
             match m.bwd_config {
                 Some([bm, bn, threads, smem]) => {

@@ -170,7 +170,7 @@ impl Gpu {
                     .map_err(|e| dev_err(&format!("setting the shared memory limit of {name}"), e))?;
                 kernels.insert(name, Kernel { func });
             }
-            let bwd_config = if v.pass == compile::Pass::Bwd {
+            let bwd_config = if matches!(v.pass, compile::Pass::Bwd | compile::Pass::BwdSm90) {
                 match module.get_global("flash_bwd_config", &self.stream) {
                     Ok(view) if view.len() >= 16 => {
                         let mut bytes = [0u8; 16];

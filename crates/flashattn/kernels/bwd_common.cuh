@@ -1,0 +1,65 @@
+// Geometry shared by the backward kernels (bwd.cu, the sm80-class path, and bwd_sm90.cu, the Hopper path):
+// per-sequence lengths and offsets, and the query blocks a key block must visit.
+#pragma once
+#include "common.cuh"
+#include "mask.cuh"
+#include "params.cuh"
+
+// Per-sequence geometry shared by the backward kernels.
+struct SeqInfo {
+    int sq, sk;        // queries of this sequence, keys used (seqused_k applied)
+    int sk_rows;       // key rows present in the tensors (written as dK/dV; >= sk)
+    int q_row0;        // row index r of query 0 (dense: bi*sq, varlen: cu_seqlens_q[bi])
+    i64 q_off_rows;    // rows to skip in q/o/dO/dq (varlen: cu_seqlens_q[bi]; dense: 0, batch stride used)
+    i64 k_off_rows;
+};
+FA_DEVICE SeqInfo seq_info(const FwdParams& f, int bi) {
+    SeqInfo s;
+#if IS_VARLEN
+    const int q0 = f.cu_seqlens_q[bi], k0 = f.cu_seqlens_k[bi];
+    s.sq = f.cu_seqlens_q[bi + 1] - q0;
+    s.sk_rows = f.cu_seqlens_k[bi + 1] - k0;
+    s.q_row0 = q0;
+    s.q_off_rows = q0;
+    s.k_off_rows = k0;
+#else
+    s.sq = f.sq;
+    s.sk_rows = f.sk;
+    s.q_row0 = bi * f.sq;
+    s.q_off_rows = 0;
+    s.k_off_rows = 0;
+#endif
+    s.sk = f.seqused_k ? f.seqused_k[bi] : s.sk_rows;
+    if (s.sk > s.sk_rows) s.sk = s.sk_rows;
+    return s;
+}
+
+// Batch offset in elements of a [b, s, h, d] tensor (0 for varlen, where rows carry it).
+FA_DEVICE i64 batch_off(i64 stride, int bi) {
+#if IS_VARLEN
+    return 0;
+#else
+    return stride * bi;
+#endif
+}
+
+// Query blocks of height BM holding a row that sees at least one key of [n0, min(n0 + BN, sk) - 1]: [*m_lo, *m_hi),
+// empty when *m_hi <= *m_lo. Exact (no block without a visible key is counted): the deterministic semaphore of
+// bwd.cu relies on it. With has_mask = false only the key count limits it.
+FA_DEVICE void bwd_q_blocks(const MaskCtx& mc, bool has_mask, int n0, int BN, int BM, int* m_lo, int* m_hi) {
+    const int off = mc.sk - mc.sq;
+    int lo = 0, hi = (mc.sq + BM - 1) / BM;
+    if (n0 >= mc.sk) hi = 0;
+    if (has_mask && mc.wr >= 0) {
+        const int first = n0 - off - mc.wr;
+        if (first > mc.sq - 1) hi = 0;
+        else lo = first <= 0 ? 0 : first / BM;
+    }
+    if (has_mask && mc.wl >= 0) {
+        const int last = min(n0 + BN, mc.sk) - 1 - off + mc.wl;
+        if (last < 0) hi = 0;
+        else hi = min(hi, last / BM + 1);
+    }
+    *m_lo = lo;
+    *m_hi = hi;
+}

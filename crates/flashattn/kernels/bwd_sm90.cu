@@ -1,0 +1,440 @@
+// Hopper (sm_90a) backward main kernel: TMA loads into 128B-swizzled shared memory completing on mbarriers,
+// wgmma for all five products, warp specialization with register reallocation. It replaces bwd.cu's
+// `flash_bwd_main` on Hopper; bwd.cu's `flash_bwd_preprocess` (D = rowsum(dO * O), lse in log2 units, zeroed
+// dQ accumulator) runs before it and `flash_bwd_convert_dq` after it, with the same scratch layouts (see the
+// header of bwd.cu).
+//
+// Entry point: extern "C" __global__ void flash_bwd_sm90(const __grid_constant__ Sm90BwdParams p)
+//   grid (ceil(sk / BN), hk, b), 384 threads, dynamic shared memory BWD90_SMEM_BYTES (+ 1 KB alignment slack,
+//   included), exported as `flash_bwd_config` = {BM, BN, threads, smem} like bwd.cu.
+//
+// Compile-time macros: HEAD_DIM (64 or 128: the padded head dim; p.b.fwd.d may be smaller, the TMA maps
+// zero-fill columns >= d), IS_BF16, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP, IS_VARLEN: as in bwd.cu. Not covered
+// (the launcher sends them to bwd.cu): deterministic mode, seqused_k, unaligned layouts, head dims > 128.
+// Semantics: docs spec ATTENTION.md, exactly as bwd.cu (mask.cuh and bwd_common.cuh are shared).
+//
+// One CTA per key block of BN = 128 keys of one (batch, kv head); it walks the query blocks (BM = 64 rows)
+// that see its keys, for every query head of the kv head's group, and keeps dK and dV in registers.
+// Roles (3 warpgroups):
+//   warpgroup 0: producer, registers lowered. Warp 0 (one thread) issues the TMA loads: K and V once, then Q
+//                and dO of each step into a 2-stage ring. Warp 1 copies the step's lse (log2 units) and D rows
+//                into shared memory (+inf / 0 past the sequence) and arrives on the same "full" barrier.
+//   warpgroups 1, 2: consumers, 64 keys each (the wgmma M). Per step:
+//                S^T = K Q^T and dP^T = V dO^T (A = the warpgroup's K / V rows, B = Q / dO, both K-major);
+//                P^T = exp2(S^T * scale * log2e - lse), dS^T = P^T (dP^T - D) (+ softcap derivative, masks);
+//                dV += P^T dO and dK += dS^T Q with P^T / dS^T straight from registers (the accumulator
+//                layout packed pairwise is the wgmma A fragment; B = dO / Q read N-major);
+//                dS^T is also written to shared memory, [key][query] rows of 128 bytes, swizzled;
+//                dQ = dS K with A = that buffer read M-major (transposed) and B = K read N-major:
+//                  HEAD_DIM 128: warpgroup w computes dQ columns [64w, 64w + 64) over all 128 keys (both
+//                  warpgroups' dS^T, hence one 256-thread named barrier per step);
+//                  HEAD_DIM 64: each warpgroup computes all 64 columns over its own 64 keys (128-thread barrier);
+//                dQ is added to the f32 accumulator with red.global.add.v2.f32.
+//                Epilogue: dK * scale and dV stored from registers.
+// Barriers (shared memory, 8 bytes each): full_kv; full_q[2] (1 expect_tx arrival + 32 lse/D lanes + the TMA
+// bytes); empty_q[2] (one arrival per consumer warp, 8). dS^T is double-buffered: the barrier of step i orders
+// every reader of buffer (i & 1) at step i - 2 before its next writer.
+//
+// Shared memory (1024-aligned): K, V (BN x HEAD_DIM each), Q[2], dO[2] (BM x HEAD_DIM each), each as HEAD_DIM/64
+// panels of 128-byte rows (the TMA box is 64 columns x 64 rows); dS^T[2] (BN rows x 128 B); lse/D[2] (2 x BM
+// floats); barriers.
+#include "params.cuh"
+#include "common.cuh"
+#include "mask.cuh"
+#include "bwd_common.cuh"
+#include "sm90/sync.cuh"
+#include "sm90/wgmma.cuh"
+
+#include "variant.cuh"
+
+#if HEAD_DIM != 64 && HEAD_DIM != 128
+#error "the sm90 backward is compiled for HEAD_DIM 64 or 128"
+#endif
+#if DETERMINISTIC
+#error "the sm90 backward has no deterministic mode (bwd.cu serves it)"
+#endif
+
+#if IS_BF16
+typedef bf16_t elem_t;
+#else
+typedef half_t elem_t;
+#endif
+typedef Dt<elem_t> DT;
+
+namespace b90 {
+
+constexpr int D = HEAD_DIM;
+constexpr int BM = 64;                    // queries per step
+constexpr int BN = 128;                   // keys per CTA (64 per consumer warpgroup)
+constexpr int THREADS = 384;
+constexpr int STAGES = 2;
+constexpr int PANELS = D / 64;
+constexpr u32 KV_BYTES = PANELS * BN * 128;
+constexpr u32 QS_BYTES = PANELS * BM * 128;   // one stage of Q (or dO)
+constexpr u32 DS_BYTES = BN * 128;            // dS^T: BN keys x BM queries, 16-bit
+constexpr u32 LD_BYTES = 2 * BM * 4;          // lse, D of one stage
+constexpr u32 OFF_K = 0;
+constexpr u32 OFF_V = OFF_K + KV_BYTES;
+constexpr u32 OFF_Q = OFF_V + KV_BYTES;
+constexpr u32 OFF_DO = OFF_Q + STAGES * QS_BYTES;
+constexpr u32 OFF_DS = OFF_DO + STAGES * QS_BYTES;
+constexpr u32 OFF_LD = OFF_DS + 2 * DS_BYTES;
+constexpr u32 OFF_BAR = OFF_LD + STAGES * LD_BYTES;
+constexpr u32 SMEM = OFF_BAR + 8 * (1 + 2 * STAGES) + 1024;   // + slack to align the base to 1024
+constexpr int SREG = BM / 2;        // S^T / dP^T accumulator registers (64 keys x 64 queries)
+constexpr int KVREG = D / 2;        // dK / dV accumulator registers (64 keys x D)
+constexpr int DQREG = 32;           // dQ accumulator registers (64 queries x 64 columns)
+constexpr int PK = BM / 16;         // k16 steps of dV / dK (over the queries)
+constexpr bool DQ_SPLIT_N = D == 128;
+constexpr int DQ_K = DQ_SPLIT_N ? BN : 64;   // keys summed by one warpgroup's dQ product
+constexpr int CONSUMER_WARPS = 8;
+constexpr int LOADER_LANES = 32;
+constexpr int BAR_DS = 1;           // named barrier ids (0 is __syncthreads); d64 uses BAR_DS + warpgroup
+
+}  // namespace b90
+
+#define BWD90_SMEM_BYTES (b90::SMEM)
+extern "C" __constant__ int flash_bwd_config[4] = {b90::BM, b90::BN, b90::THREADS, (int)b90::SMEM};
+
+// Parameter block: the backward fields plus the TMA maps of q, k, v, dO (rank 4: {d, rows, heads, batch};
+// varlen: batch extent 1, rows = total tokens), box 64 columns x 64 rows.
+struct Sm90BwdParams {
+    BwdParams b;
+    TmaMap tq, tk, tv, tdo;
+};
+
+namespace b90 {
+
+struct Bars {
+    u32 base;
+    FA_DEVICE u32 full_kv() const { return base; }
+    FA_DEVICE u32 full_q(u32 s) const { return base + 8 + 8 * s; }
+    FA_DEVICE u32 empty_q(u32 s) const { return base + 8 + 8 * STAGES + 8 * s; }
+};
+
+// The CTA's problem: which key block, which query blocks, for which heads. Computed identically by every role.
+struct Work {
+    SeqInfo si;
+    MaskCtx mc;
+    int n0, kvh, bi, group, m_lo, n_m, n_iter;
+    // Step `it`: query head and first query row (within the sequence).
+    FA_DEVICE int head(int it) const { return kvh * group + it / n_m; }
+    FA_DEVICE int m0(int it) const { return (m_lo + it % n_m) * BM; }
+};
+
+FA_DEVICE Work work(const BwdParams& p) {
+    const FwdParams& f = p.fwd;
+    Work w;
+    w.bi = blockIdx.z;
+    w.kvh = blockIdx.y;
+    w.n0 = blockIdx.x * BN;
+    w.si = seq_info(f, w.bi);
+    w.group = f.h / f.hk;
+    w.mc.sq = w.si.sq;
+    w.mc.sk = w.si.sk;
+#if HAS_MASK
+    w.mc.wl = f.window_left;
+    w.mc.wr = f.window_right;
+#else
+    w.mc.wl = -1;
+    w.mc.wr = -1;
+#endif
+    int m_hi;
+    bwd_q_blocks(w.mc, HAS_MASK != 0, w.n0, BN, BM, &w.m_lo, &m_hi);
+    w.n_m = m_hi > w.m_lo ? m_hi - w.m_lo : 0;
+    w.n_iter = w.n_m * w.group;
+    return w;
+}
+
+// ---------------------------------------------------------------- producer: TMA (one thread)
+FA_DEVICE void produce_tiles(const Sm90BwdParams& p, const Work& w, u32 sbase, const Bars& bars) {
+    tma_prefetch_desc(&p.tq);
+    tma_prefetch_desc(&p.tk);
+    tma_prefetch_desc(&p.tv);
+    tma_prefetch_desc(&p.tdo);
+#if IS_VARLEN
+    const int tb = 0;
+#else
+    const int tb = w.bi;
+#endif
+    const int k_row = (int)w.si.k_off_rows + w.n0;
+    mbar_arrive_expect_tx(bars.full_kv(), 2 * KV_BYTES);
+#pragma unroll
+    for (int pn = 0; pn < PANELS; ++pn)
+#pragma unroll
+        for (int h = 0; h < BN / 64; ++h) {
+            const u32 o = pn * BN * 128 + h * 64 * 128;
+            tma_load_4d(sbase + OFF_K + o, &p.tk, pn * 64, k_row + 64 * h, w.kvh, tb, bars.full_kv());
+            tma_load_4d(sbase + OFF_V + o, &p.tv, pn * 64, k_row + 64 * h, w.kvh, tb, bars.full_kv());
+        }
+    for (int it = 0; it < w.n_iter; ++it) {
+        const u32 st = it % STAGES, ph = (it / STAGES) & 1;
+        const int head = w.head(it);
+        const int q_row = (int)w.si.q_off_rows + w.m0(it);
+        mbar_wait(bars.empty_q(st), ph ^ 1);
+        mbar_arrive_expect_tx(bars.full_q(st), 2 * QS_BYTES);
+#pragma unroll
+        for (int pn = 0; pn < PANELS; ++pn) {
+            tma_load_4d(sbase + OFF_Q + st * QS_BYTES + pn * BM * 128, &p.tq, pn * 64, q_row, head, tb, bars.full_q(st));
+            tma_load_4d(sbase + OFF_DO + st * QS_BYTES + pn * BM * 128, &p.tdo, pn * 64, q_row, head, tb, bars.full_q(st));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- producer: lse and D rows (one warp)
+FA_DEVICE void produce_rows(const BwdParams& p, const Work& w, u32 sbase, const Bars& bars, int lane) {
+    for (int it = 0; it < w.n_iter; ++it) {
+        const u32 st = it % STAGES, ph = (it / STAGES) & 1;
+        const int head = w.head(it), m0 = w.m0(it);
+        mbar_wait(bars.empty_q(st), ph ^ 1);
+#pragma unroll
+        for (int r = lane; r < BM; r += 32) {
+            const int i = m0 + r;
+            const bool ok = i < w.si.sq;
+            const i64 idx = head * (i64)p.rows_q + w.si.q_row0 + i;
+            const float l = ok ? p.lse_log2[idx] : __int_as_float(0x7f800000);
+            const float dd = ok ? p.dpsum[idx] : 0.f;
+            const u32 a = sbase + OFF_LD + st * LD_BYTES + 4 * r;
+            asm volatile("st.shared.f32 [%0], %1;" :: "r"(a), "f"(l) : "memory");
+            asm volatile("st.shared.f32 [%0], %1;" :: "r"(a + 4 * BM), "f"(dd) : "memory");
+        }
+        mbar_arrive(bars.full_q(st));
+    }
+}
+
+// ---------------------------------------------------------------- consumer: matrix products
+// acc[64 x 64] = A_rows(64 x D, K-major) * B_rows(64 x D, K-major)^T: S^T = K Q^T or dP^T = V dO^T.
+FA_DEVICE void issue_kt(float* acc, u32 sa, u32 sb) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const u32 pn = kk / 4, w = kk % 4;
+        const u64 da = smem_desc(sa + pn * BN * 128 + w * 32, 16, 1024);
+        const u64 db = smem_desc(sb + pn * BM * 128 + w * 32, 16, 1024);
+        wgmma_ss_n64<0>(acc, da, db, kk > 0);
+    }
+}
+
+// acc[64 keys x D] += A (registers: P^T or dS^T, k = the BM queries) * B (BM x D tile read N-major).
+FA_DEVICE void issue_kv_grad(float* acc, const u32 (*a)[4], u32 sb) {
+#pragma unroll
+    for (int kk = 0; kk < PK; ++kk) {
+        const u64 db = smem_desc(sb + kk * 16 * 128, BM * 128, 1024);
+#if HEAD_DIM == 64
+        wgmma_rs_n64<1>(acc, a[kk], db, 1);
+#else
+        wgmma_rs_n128<1>(acc, a[kk], db, 1);
+#endif
+    }
+}
+
+// dQ[64 queries x 64 columns] = dS (A: the dS^T buffer read M-major, keys [k0, k0 + DQ_K)) * K (keys x 64
+// columns from `sk_cols`, read N-major).
+FA_DEVICE void issue_dq(float* acc, u32 sds_k0, u32 sk_k0) {
+#pragma unroll
+    for (int kk = 0; kk < DQ_K / 16; ++kk) {
+        const u64 da = smem_desc(sds_k0 + kk * 16 * 128, BM * 128, 1024);
+        const u64 db = smem_desc(sk_k0 + kk * 16 * 128, BN * 128, 1024);
+        wgmma_ss_n64<1, 1>(acc, da, db, kk > 0);
+    }
+}
+
+FA_DEVICE void release(u32 bar, int lane) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+}
+
+// ---------------------------------------------------------------- consumer warpgroups
+FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, const Bars& bars, int wg, int tid_wg) {
+    const BwdParams& p = prm.b;
+    const FwdParams& f = p.fwd;
+    const int warp = tid_wg >> 5, lane = tid_wg & 31, gq = lane >> 2, t = lane & 3;
+#if HAS_ALIBI
+    const int off = w.si.sk - w.si.sq;
+#endif
+    const float scale = f.scale;
+#if HAS_SOFTCAP
+    const float cap_in = scale / f.softcap;
+    const float cap_log2 = f.softcap * FA_LOG2E;
+#else
+    const float scale_log2 = scale * FA_LOG2E;
+#endif
+    const u32 sK = sbase + OFF_K, sV = sbase + OFF_V;
+    const u32 sK_wg = sK + wg * 64 * 128, sV_wg = sV + wg * 64 * 128;  // this warpgroup's 64 key rows (panel 0)
+    // dQ operands: HEAD_DIM 128: all keys, K columns of panel wg; HEAD_DIM 64: the warpgroup's keys.
+    const u32 dq_a_off = DQ_SPLIT_N ? 0u : (u32)wg * 64 * 128;
+    const u32 dq_b = DQ_SPLIT_N ? sK + wg * BN * 128 : sK_wg;
+    const int dq_col0 = DQ_SPLIT_N ? 64 * wg : 0;
+    const int krow_lo = w.n0 + wg * 64;                       // first key of this warpgroup
+    const int kr0 = wg * 64 + warp * 16 + gq;                 // key row (in the CTA block) of register half 0
+
+    float dk[KVREG], dv[KVREG];
+#pragma unroll
+    for (int r = 0; r < KVREG; ++r) dk[r] = dv[r] = 0.f;
+
+    if (w.n_iter > 0) mbar_wait(bars.full_kv(), 0);
+    const i64 dq_row_stride = (i64)f.h * HEAD_DIM;
+    for (int it = 0; it < w.n_iter; ++it) {
+        const u32 st = it % STAGES, ph = (it / STAGES) & 1;
+        const int head = w.head(it), m0 = w.m0(it);
+        const u32 sQ = sbase + OFF_Q + st * QS_BYTES, sDO = sbase + OFF_DO + st * QS_BYTES;
+        const u32 sDS = sbase + OFF_DS + (it & 1) * DS_BYTES;
+        mbar_wait(bars.full_q(st), ph);
+
+        float s[SREG], dp[SREG];
+        wgmma_fence();
+        issue_kt(s, sK_wg, sQ);
+        issue_kt(dp, sV_wg, sDO);
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence<SREG>(s);
+        reg_fence<SREG>(dp);
+
+        // ---- P^T = exp2(score - lse), dS^T = P^T (dP^T - D); rows are keys, columns queries
+        const bool need_mask = (m0 + BM > w.si.sq) || tile_needs_mask(w.mc, HAS_MASK != 0, m0, m0 + BM - 1, krow_lo, 64);
+#if HAS_ALIBI
+        const float slope_log2 = f.alibi_slopes[w.bi * f.alibi_batch_stride + head] * FA_LOG2E;
+#endif
+        const u32 ld = sbase + OFF_LD + st * LD_BYTES;
+        u32 pa[PK][4], da[PK][4];
+#pragma unroll
+        for (int nt = 0; nt < BM / 8; ++nt) {
+            const int qc = 8 * nt + 2 * t;
+            float2 l2, dd;
+            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(l2.x), "=f"(l2.y) : "r"(ld + 4 * qc));
+            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(dd.x), "=f"(dd.y) : "r"(ld + 4 * BM + 4 * qc));
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                float pv[2], dsv[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int r = 4 * nt + 2 * hh + e;
+                    const int qi = m0 + qc + e;
+                    const int kj = w.n0 + kr0 + 8 * hh;
+                    const float x = s[r];
+#if HAS_SOFTCAP
+                    const float th = tanh_accurate(x * cap_in);
+                    float s2 = th * cap_log2;
+#else
+                    float s2 = x * scale_log2;
+#endif
+#if HAS_ALIBI
+                    {
+                        const int dist = qi + off - kj;
+                        s2 -= slope_log2 * (float)(dist < 0 ? -dist : dist);
+                    }
+#endif
+                    float pr = exp2_fast(s2 - (e ? l2.y : l2.x));
+                    if (need_mask && !(qi < w.si.sq && is_visible(w.mc, qi, kj))) pr = 0.f;
+                    float ds = pr * (dp[r] - (e ? dd.y : dd.x));
+                    if (need_mask && p.exact_one_key && sees_one_key(w.mc, qi)) ds = 0.f;  // a one-key softmax is constant
+#if HAS_SOFTCAP
+                    ds *= (1.f - th * th);
+#endif
+                    pv[e] = pr;
+                    dsv[e] = ds;
+                }
+                // Register pair (4nt + 2hh, +1) -> A fragment of k16 step nt / 2, element 2 (nt & 1) + hh.
+                pa[nt >> 1][2 * (nt & 1) + hh] = DT::pack(pv[0], pv[1]);
+                const u32 dpk = DT::pack(dsv[0], dsv[1]);
+                da[nt >> 1][2 * (nt & 1) + hh] = dpk;
+                // dS^T row = key (kr0 + 8hh), 16-byte chunk nt holds queries 8nt..8nt+7, XOR-swizzled by row.
+                const int row = kr0 + 8 * hh;
+                st_shared_u32(sDS + row * 128 + ((nt ^ (row & 7)) << 4) + 4 * t, dpk);
+            }
+        }
+        // The generic-proxy dS^T writes become visible to the wgmma (async proxy) reads of both warpgroups.
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        if (DQ_SPLIT_N) named_sync(BAR_DS, 256);
+        else named_sync(BAR_DS + wg, 128);
+
+        float dq[DQREG];
+        wgmma_fence();
+        issue_kv_grad(dv, pa, sDO);
+        issue_kv_grad(dk, da, sQ);
+        issue_dq(dq, sDS + dq_a_off, dq_b);
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence<KVREG>(dv);
+        reg_fence<KVREG>(dk);
+        reg_fence<DQREG>(dq);
+        release(bars.empty_q(st), lane);
+
+        // ---- dQ rows (queries) m0 + 16 warp + gq (+8), columns dq_col0 + 8 nt + 2t: add to the f32 accumulator
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int qi = m0 + warp * 16 + gq + 8 * hh;
+            if (qi >= w.si.sq) continue;
+            float* dst = p.dq_accum + ((i64)w.si.q_row0 + qi) * dq_row_stride + (i64)head * HEAD_DIM + dq_col0 + 2 * t;
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                if (dq_col0 + 8 * nt >= f.d) break;
+                asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" :: "l"(dst + 8 * nt), "f"(dq[4 * nt + 2 * hh]),
+                             "f"(dq[4 * nt + 2 * hh + 1]) : "memory");
+            }
+        }
+    }
+
+    // ---- epilogue: dK = scale * acc, dV = acc, rows n0 + kr0 (+8) of the tensors, columns 8 nt + 2t
+    {
+        const SeqInfo& si = w.si;
+        elem_t* dkg = (elem_t*)p.dk + batch_off(p.dk_batch_stride, w.bi) + si.k_off_rows * p.dk_row_stride + w.kvh * p.dk_head_stride;
+        elem_t* dvg = (elem_t*)p.dv + batch_off(p.dv_batch_stride, w.bi) + si.k_off_rows * p.dv_row_stride + w.kvh * p.dv_head_stride;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int r = w.n0 + kr0 + 8 * hh;
+            if (r >= si.sk_rows) continue;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) {
+                const int col = 8 * nt + 2 * t;
+                if (col >= f.d) break;
+                const float k0v = dk[4 * nt + 2 * hh] * scale, k1v = dk[4 * nt + 2 * hh + 1] * scale;
+                const float v0v = dv[4 * nt + 2 * hh], v1v = dv[4 * nt + 2 * hh + 1];
+                elem_t* kp = dkg + (i64)r * p.dk_row_stride + col;
+                elem_t* vp = dvg + (i64)r * p.dv_row_stride + col;
+                if (col + 1 < f.d) {
+                    *(u32*)kp = DT::pack(k0v, k1v);
+                    *(u32*)vp = DT::pack(v0v, v1v);
+                } else {
+                    kp[0].x = DT::from_f32(k0v);
+                    vp[0].x = DT::from_f32(v0v);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace b90
+
+extern "C" __global__ void __launch_bounds__(b90::THREADS, 1) flash_bwd_sm90(const __grid_constant__ Sm90BwdParams p) {
+    using namespace b90;
+    extern __shared__ unsigned char smem_raw[];
+    const Work w = work(p.b);
+    if (w.n0 >= w.si.sk_rows) return;  // the whole CTA: past this sequence's keys
+    const u32 sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
+    Bars bars;
+    bars.base = sbase + OFF_BAR;
+    if (threadIdx.x == 0) {
+        mbar_init(bars.full_kv(), 1);
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(bars.full_q(s), 1 + LOADER_LANES);
+            mbar_init(bars.empty_q(s), CONSUMER_WARPS);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+    const int wg = threadIdx.x / 128;
+    if (wg == 0) {
+        regs_dealloc<24>();
+        const int warp = threadIdx.x / 32;
+        if (w.n_iter == 0) return;  // nothing to load; the consumers store zero dK / dV
+        if (warp == 0) {
+            if (threadIdx.x == 0) produce_tiles(p, w, sbase, bars);
+        } else if (warp == 1) {
+            produce_rows(p.b, w, sbase, bars, threadIdx.x & 31);
+        }
+    } else {
+        regs_alloc<240>();
+        consumer(p, w, sbase, bars, wg - 1, threadIdx.x - 128 * wg);
+    }
+}

@@ -1,0 +1,141 @@
+//! The Hopper (sm_90a) backward path (`kernels/bwd_sm90.cu`): which problems it covers, the TMA tensor maps
+//! of q, k, v and dO, and the launch of its main kernel between bwd.cu's preprocess and dQ conversion
+//! (`bwd.rs`). Problems it does not cover run on the sm80-class kernel; `FLASHATTN_CUDA_PATH=sm80` forces
+//! that path on Hopper too, and `FLASHATTN_BWD_PATH=sm80` does so for the backward alone.
+
+use super::bwd::BwdArgs;
+use super::compile::{Pass, Variant};
+use super::fwd::{check_sizes, variant_for};
+use super::fwd_sm90::{path_override, tensor_map};
+use super::launch::launch;
+use super::params::BwdParams;
+use super::runtime::Gpu;
+use crate::error::{Error, Result};
+use crate::problem::Problem;
+use cudarc::driver::sys as dsys;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+
+/// How many sm90 backward kernels this process has launched (tests use it to prove which path ran).
+pub fn sm90_backward_launches() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
+
+/// Head dims the sm90 backward is compiled for; a problem's `d` runs on the smallest one `>= d`.
+pub const SM90_BWD_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Query rows per step and keys per CTA (`BM`, `BN` of the kernel).
+const BLOCK_M: u32 = 64;
+const BLOCK_N: u32 = 128;
+
+/// A tensor map aligned as the kernel's `TmaMap` (`__align__(128)`), whatever alignment the bindings give
+/// `CUtensorMap`.
+#[repr(C, align(128))]
+#[derive(Clone, Copy)]
+struct Tma(dsys::CUtensorMap);
+
+/// Mirror of `Sm90BwdParams` in `bwd_sm90.cu`: the backward fields and four tensor maps.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Sm90BwdParams {
+    b: BwdParams,
+    tq: Tma,
+    tk: Tma,
+    tv: Tma,
+    tdo: Tma,
+}
+
+/// The padded head dim of the sm90 backward for head dim `d`.
+pub fn sm90_bwd_head_dim(d: usize) -> Option<usize> {
+    SM90_BWD_HEAD_DIMS.iter().copied().find(|&h| h >= d)
+}
+
+/// Whether the sm90 backward is turned off by `FLASHATTN_CUDA_PATH=sm80` or `FLASHATTN_BWD_PATH=sm80`.
+fn forced_off() -> bool {
+    let bwd = std::env::var("FLASHATTN_BWD_PATH").ok().map(|s| s.trim().to_ascii_lowercase());
+    path_override().as_deref() == Some("sm80") || bwd.as_deref() == Some("sm80")
+}
+
+/// Whether the sm90 backward runs this problem on this device: a Hopper device, head dim <= 128, 16-byte
+/// aligned pointers and strides (TMA), non-empty q and k, no `seqused_k` (the TMA would read the unused
+/// cache slots, see `fwd_sm90::covers`), not deterministic (bwd.cu's semaphore mode), and no override.
+pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool, deterministic: bool) -> bool {
+    gpu.arch == "sm_90a"
+        && !forced_off()
+        && sm90_bwd_head_dim(p.d).is_some()
+        && aligned16
+        && !deterministic
+        && p.total_q > 0
+        && p.total_k > 0
+        && p.batch > 0
+        && p.seqused_k.is_none()
+        && check_sizes(p).is_ok()
+}
+
+/// The sm90 backward variant of a problem.
+pub(crate) fn sm90_bwd_variant(p: &Problem) -> Result<Variant> {
+    let v = variant_for(p, Pass::Bwd, true, false)?;
+    let head_dim = sm90_bwd_head_dim(p.d).ok_or_else(|| Error::Unsupported {
+        backend: "cuda",
+        what: format!("the sm90 backward at head dim {} (at most {})", p.d, SM90_BWD_HEAD_DIMS[1]),
+    })?;
+    Ok(Variant { pass: Pass::BwdSm90, head_dim, aligned16: true, deterministic: false, ..v })
+}
+
+/// Launches the sm90 main kernel on `stream` with the backward's parameters (scratch buffers included, laid
+/// out for the same padded head dim). Returns `Ok(false)` without launching when the driver refuses a tensor
+/// map for these layouts or the kernel's shared memory does not fit (the caller then runs bwd.cu's main).
+pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &BwdArgs, params: &BwdParams) -> Result<bool> {
+    let v = sm90_bwd_variant(p)?;
+    let (q_rows, k_rows, batch) =
+        if p.varlen { (p.total_q, p.total_k, 1) } else { (p.dense_sq, p.total_k / p.batch, p.batch) };
+    let maps = (
+        tensor_map(&a.fwd.q, p.d, q_rows, p.h, batch, BLOCK_M),
+        tensor_map(&a.fwd.k, p.d, k_rows, p.hk, batch, 64),
+        tensor_map(&a.fwd.v, p.d, k_rows, p.hk, batch, 64),
+        tensor_map(&a.dout, p.d, q_rows, p.h, batch, BLOCK_M),
+    );
+    let (Some(tq), Some(tk), Some(tv), Some(tdo)) = maps else { return Ok(false) };
+    let m = gpu.module(&v)?;
+    let Some([_, _, threads, smem]) = m.bwd_config else {
+        return Err(Error::Device(format!("the module {v} does not export flash_bwd_config (stale kernel source?)")));
+    };
+    if smem > gpu.smem_optin {
+        return Ok(false);
+    }
+    let prm = Sm90BwdParams { b: *params, tq: Tma(tq), tk: Tma(tk), tv: Tma(tv), tdo: Tma(tdo) };
+    let sk = params.fwd.sk.max(0) as u32;
+    let grid = (sk.div_ceil(BLOCK_N), p.hk as u32, p.batch as u32);
+    // SAFETY: `prm` mirrors Sm90BwdParams (layout pinned by the test below); its pointers, scratch buffers and
+    // tensor maps describe buffers sized for this problem and live until the kernel has run (stream order).
+    unsafe { launch(&m.kernels["flash_bwd_sm90"], "flash_bwd_sm90", stream, grid, threads as u32, smem as u32, &prm)? };
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn layout_matches_bwd_sm90_cu() {
+        // BwdParams is 400 bytes; TmaMap is __align__(128) in the kernel.
+        assert_eq!(align_of::<Tma>(), 128);
+        assert_eq!(offset_of!(Sm90BwdParams, tq), 512);
+        assert_eq!(offset_of!(Sm90BwdParams, tk), 640);
+        assert_eq!(offset_of!(Sm90BwdParams, tv), 768);
+        assert_eq!(offset_of!(Sm90BwdParams, tdo), 896);
+        assert_eq!(size_of::<Sm90BwdParams>(), 1024);
+    }
+
+    #[test]
+    fn head_dims() {
+        assert_eq!(sm90_bwd_head_dim(32), Some(64));
+        assert_eq!(sm90_bwd_head_dim(64), Some(64));
+        assert_eq!(sm90_bwd_head_dim(96), Some(128));
+        assert_eq!(sm90_bwd_head_dim(128), Some(128));
+        assert_eq!(sm90_bwd_head_dim(129), None);
+    }
+}
