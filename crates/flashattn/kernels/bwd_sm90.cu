@@ -5,7 +5,7 @@
 // header of bwd.cu).
 //
 // Entry point: extern "C" __global__ void flash_bwd_sm90(const __grid_constant__ Sm90BwdParams p)
-//   grid (ceil(sk / BN), hk, b), 384 threads, dynamic shared memory BWD90_SMEM_BYTES (+ 1 KB alignment slack,
+//   grid (num_n_blocks * hk * b) (1-D; the tile order below), 384 threads, dynamic shared memory BWD90_SMEM_BYTES (+ 1 KB alignment slack,
 //   included), exported as `flash_bwd_config` = {BM, BN, threads, smem} like bwd.cu.
 //
 // Compile-time macros: HEAD_DIM (64 or 128: the padded head dim; p.b.fwd.d may be smaller, the TMA maps
@@ -15,6 +15,10 @@
 //
 // One CTA per key block of BN = 128 keys of one (batch, kv head); it walks the query blocks (BM = 64 rows)
 // that see its keys, for every query head of the kv head's group, and keeps dK and dV in registers.
+// Tile order: CTA t takes group t / (l2_group * num_n_blocks) of `l2_group` (batch, kv head) pairs; inside a
+// group key blocks go from first to last (the longest first under causal masks), pairs innermost. l2_group = 1
+// gives key blocks innermost (one head's Q/dO shared by the CTAs running together); with masks the launcher
+// makes the group as large as an L2 budget allows, so the long CTAs start first and the short ones fill the tail.
 // Roles (3 warpgroups):
 //   warpgroup 0: producer, registers lowered. Warp 0 (one thread) issues the TMA loads: K and V once, then Q
 //                and dO of each step into a 2-stage ring. Warp 1 copies the step's lse (log2 units) and D rows
@@ -100,6 +104,8 @@ extern "C" __constant__ int flash_bwd_config[4] = {b90::BM, b90::BN, b90::THREAD
 // varlen: batch extent 1, rows = total tokens), box 64 columns x 64 rows.
 struct Sm90BwdParams {
     BwdParams b;
+    int num_n_blocks;  // ceil(sk / BN) (sk: the longest key sequence)
+    int l2_group;      // (batch, kv head) pairs per group of the tile order (>= 1)
     TmaMap tq, tk, tv, tdo;
 };
 
@@ -122,12 +128,19 @@ struct Work {
     FA_DEVICE int m0(int it) const { return (m_lo + it % n_m) * BM; }
 };
 
-FA_DEVICE Work work(const BwdParams& p) {
+FA_DEVICE Work work(const Sm90BwdParams& prm) {
+    const BwdParams& p = prm.b;
     const FwdParams& f = p.fwd;
     Work w;
-    w.bi = blockIdx.z;
-    w.kvh = blockIdx.y;
-    w.n0 = blockIdx.x * BN;
+    {
+        const int t = blockIdx.x, nb = prm.num_n_blocks, pairs = f.b * f.hk, G = prm.l2_group;
+        const int grp = t / (G * nb), r = t - grp * G * nb;
+        const int gsize = min(G, pairs - grp * G);
+        const int n = r / gsize, pair = grp * G + (r - n * gsize);
+        w.bi = pair / f.hk;
+        w.kvh = pair - w.bi * f.hk;
+        w.n0 = n * BN;
+    }
     w.si = seq_info(f, w.bi);
     w.group = f.h / f.hk;
     w.mc.sq = w.si.sq;
@@ -281,6 +294,8 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         mbar_wait(bars.full_q(st), ph);
 
         float s[SREG], dp[SREG];
+        // (One pass computes P^T and dS^T once both products are done. Computing P^T while dP^T is still in
+        // flight needs a second pass over f32 P^T and dP^T: 28-88 bytes of spills at HEAD_DIM 128.)
         wgmma_fence();
         issue_kt(s, sK_wg, sQ);
         issue_kt(dp, sV_wg, sDO);
@@ -408,7 +423,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
 extern "C" __global__ void __launch_bounds__(b90::THREADS, 1) flash_bwd_sm90(const __grid_constant__ Sm90BwdParams p) {
     using namespace b90;
     extern __shared__ unsigned char smem_raw[];
-    const Work w = work(p.b);
+    const Work w = work(p);
     if (w.n0 >= w.si.sk_rows) return;  // the whole CTA: past this sequence's keys
     const u32 sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
     Bars bars;

@@ -40,6 +40,8 @@ struct Tma(dsys::CUtensorMap);
 #[derive(Clone, Copy)]
 struct Sm90BwdParams {
     b: BwdParams,
+    num_n_blocks: i32,
+    l2_group: i32,
     tq: Tma,
     tk: Tma,
     tv: Tma,
@@ -83,6 +85,20 @@ pub(crate) fn sm90_bwd_variant(p: &Problem) -> Result<Variant> {
     Ok(Variant { pass: Pass::BwdSm90, head_dim, aligned16: true, deterministic: false, ..v })
 }
 
+/// (batch, kv head) pairs per group of the kernel's tile order. Without masks 1 (key blocks innermost: the CTAs
+/// running together share one head's Q and dO). With masks CTAs differ in length (causal: the first key block
+/// sees every query, the last a few), so a group takes as many pairs as an L2 budget for their Q and dO allows
+/// (24 MiB; `FLASHATTN_BWD90_L2_MIB` overrides it): its long CTAs start first, the short ones fill the tail.
+fn l2_group(p: &Problem, head_dim: usize, sq: usize) -> i32 {
+    let pairs = (p.batch * p.hk).max(1);
+    if !p.mask.is_active() {
+        return 1;
+    }
+    let per_pair = (sq.max(1) * head_dim * 4 * (p.h / p.hk.max(1)).max(1)) as u64; // Q + dO, 16-bit
+    let mib = std::env::var("FLASHATTN_BWD90_L2_MIB").ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(24);
+    ((mib.max(1) << 20) / per_pair).clamp(1, pairs as u64) as i32
+}
+
 /// Launches the sm90 main kernel on `stream` with the backward's parameters (scratch buffers included, laid
 /// out for the same padded head dim). Returns `Ok(false)` without launching when the driver refuses a tensor
 /// map for these layouts or the kernel's shared memory does not fit (the caller then runs bwd.cu's main).
@@ -104,9 +120,17 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &BwdArgs, p
     if smem > gpu.smem_optin {
         return Ok(false);
     }
-    let prm = Sm90BwdParams { b: *params, tq: Tma(tq), tk: Tma(tk), tv: Tma(tv), tdo: Tma(tdo) };
-    let sk = params.fwd.sk.max(0) as u32;
-    let grid = (sk.div_ceil(BLOCK_N), p.hk as u32, p.batch as u32);
+    let num_n_blocks = (params.fwd.sk.max(0) as u32).div_ceil(BLOCK_N);
+    let prm = Sm90BwdParams {
+        b: *params,
+        num_n_blocks: num_n_blocks as i32,
+        l2_group: l2_group(p, v.head_dim, params.fwd.sq.max(0) as usize),
+        tq: Tma(tq),
+        tk: Tma(tk),
+        tv: Tma(tv),
+        tdo: Tma(tdo),
+    };
+    let grid = (num_n_blocks * (p.hk * p.batch) as u32, 1, 1);
     // SAFETY: `prm` mirrors Sm90BwdParams (layout pinned by the test below); its pointers, scratch buffers and
     // tensor maps describe buffers sized for this problem and live until the kernel has run (stream order).
     unsafe { launch(&m.kernels["flash_bwd_sm90"], "flash_bwd_sm90", stream, grid, threads as u32, smem as u32, &prm)? };
@@ -123,6 +147,8 @@ mod tests {
     fn layout_matches_bwd_sm90_cu() {
         // BwdParams is 400 bytes; TmaMap is __align__(128) in the kernel.
         assert_eq!(align_of::<Tma>(), 128);
+        assert_eq!(offset_of!(Sm90BwdParams, num_n_blocks), 400);
+        assert_eq!(offset_of!(Sm90BwdParams, l2_group), 404);
         assert_eq!(offset_of!(Sm90BwdParams, tq), 512);
         assert_eq!(offset_of!(Sm90BwdParams, tk), 640);
         assert_eq!(offset_of!(Sm90BwdParams, tv), 768);
