@@ -13,7 +13,8 @@
 // (the launcher sends them to bwd.cu): deterministic mode, seqused_k, unaligned layouts, head dims > 128.
 // Semantics: docs spec ATTENTION.md, exactly as bwd.cu (mask.cuh and bwd_common.cuh are shared).
 //
-// One CTA per key block of BN = 128 keys of one (batch, kv head); it walks the query blocks (BM = 64 rows)
+// One CTA per key block of BN = 128 keys of one (batch, kv head); it walks the query blocks (BM rows: 64 at
+// HEAD_DIM 128, 128 at HEAD_DIM 64)
 // that see its keys, for every query head of the kv head's group, and keeps dK and dV in registers.
 // Tile order: CTA t takes group t / (l2_group * num_n_blocks) of `l2_group` (batch, kv head) pairs; inside a
 // group key blocks go from first to last (the longest first under causal masks), pairs innermost. l2_group = 1
@@ -29,19 +30,19 @@
 //                dV += P^T dO and dK += dS^T Q with P^T / dS^T straight from registers (the accumulator
 //                layout packed pairwise is the wgmma A fragment; B = dO / Q read N-major);
 //                dS^T is also written to shared memory, [key][query] rows of 128 bytes, swizzled;
-//                dQ = dS K with A = that buffer read M-major (transposed) and B = K read N-major:
-//                  HEAD_DIM 128: warpgroup w computes dQ columns [64w, 64w + 64) over all 128 keys (both
-//                  warpgroups' dS^T, hence one 256-thread named barrier per step);
-//                  HEAD_DIM 64: each warpgroup computes all 64 columns over its own 64 keys (128-thread barrier);
-//                dQ is added to the f32 accumulator with red.global.add.v2.f32.
+//                dQ = dS K over all 128 keys (both warpgroups' dS^T: one 256-thread named barrier per step), A =
+//                that buffer read M-major (transposed), B = K read N-major, as 64 x 64 tiles per warpgroup:
+//                  HEAD_DIM 128 (BM 64): warpgroup w computes dQ columns [64w, 64w + 64);
+//                  HEAD_DIM 64 (BM 128): warpgroup w computes query rows [64w, 64w + 64);
+//                so each dQ element is added once per CTA (f32 accumulator, red.global.add.v2.f32).
 //                Epilogue: dK * scale and dV stored from registers.
 // Barriers (shared memory, 8 bytes each): full_kv; full_q[2] (1 expect_tx arrival + 32 lse/D lanes + the TMA
 // bytes); empty_q[2] (one arrival per consumer warp, 8). dS^T is double-buffered: the barrier of step i orders
 // every reader of buffer (i & 1) at step i - 2 before its next writer.
 //
 // Shared memory (1024-aligned): K, V (BN x HEAD_DIM each), Q[2], dO[2] (BM x HEAD_DIM each), each as HEAD_DIM/64
-// panels of 128-byte rows (the TMA box is 64 columns x 64 rows); dS^T[2] (BN rows x 128 B); lse/D[2] (2 x BM
-// floats); barriers.
+// panels of 128-byte rows (TMA boxes of 64 columns x 64 key rows / BM query rows); dS^T[2] (BM/64 panels of BN
+// rows x 128 B); lse/D[2] (2 x BM floats); barriers. About 161 KB at either head dim.
 #include "params.cuh"
 #include "common.cuh"
 #include "mask.cuh"
@@ -58,6 +59,14 @@
 #error "the sm90 backward has no deterministic mode (bwd.cu serves it)"
 #endif
 
+// Queries per step: 64 at HEAD_DIM 128, 128 at HEAD_DIM 64 (then dQ is split over the query rows; see the header).
+#ifndef BWD90_BM
+#define BWD90_BM (HEAD_DIM == 64 ? 128 : 64)
+#endif
+#if !((HEAD_DIM == 128 && BWD90_BM == 64) || (HEAD_DIM == 64 && BWD90_BM == 128))
+#error "bwd_sm90: BM must be 64 at HEAD_DIM 128 and 128 at HEAD_DIM 64"
+#endif
+
 #if IS_BF16
 typedef bf16_t elem_t;
 #else
@@ -68,14 +77,15 @@ typedef Dt<elem_t> DT;
 namespace b90 {
 
 constexpr int D = HEAD_DIM;
-constexpr int BM = 64;                    // queries per step
+constexpr int BM = BWD90_BM;              // queries per step
 constexpr int BN = 128;                   // keys per CTA (64 per consumer warpgroup)
 constexpr int THREADS = 384;
 constexpr int STAGES = 2;
 constexpr int PANELS = D / 64;
 constexpr u32 KV_BYTES = PANELS * BN * 128;
 constexpr u32 QS_BYTES = PANELS * BM * 128;   // one stage of Q (or dO)
-constexpr u32 DS_BYTES = BN * 128;            // dS^T: BN keys x BM queries, 16-bit
+constexpr int QPANELS = BM / 64;              // 64-query panels of the dS^T tile
+constexpr u32 DS_BYTES = QPANELS * BN * 128;  // dS^T: BN keys x BM queries, 16-bit
 constexpr u32 LD_BYTES = 2 * BM * 4;          // lse, D of one stage
 constexpr u32 OFF_K = 0;
 constexpr u32 OFF_V = OFF_K + KV_BYTES;
@@ -85,15 +95,16 @@ constexpr u32 OFF_DS = OFF_DO + STAGES * QS_BYTES;
 constexpr u32 OFF_LD = OFF_DS + 2 * DS_BYTES;
 constexpr u32 OFF_BAR = OFF_LD + STAGES * LD_BYTES;
 constexpr u32 SMEM = OFF_BAR + 8 * (1 + 2 * STAGES) + 1024;   // + slack to align the base to 1024
-constexpr int SREG = BM / 2;        // S^T / dP^T accumulator registers (64 keys x 64 queries)
+constexpr int SREG = BM / 2;        // S^T / dP^T accumulator registers (64 keys x BM queries)
 constexpr int KVREG = D / 2;        // dK / dV accumulator registers (64 keys x D)
 constexpr int DQREG = 32;           // dQ accumulator registers (64 queries x 64 columns)
 constexpr int PK = BM / 16;         // k16 steps of dV / dK (over the queries)
-constexpr bool DQ_SPLIT_N = D == 128;
-constexpr int DQ_K = DQ_SPLIT_N ? BN : 64;   // keys summed by one warpgroup's dQ product
+// dQ (BM x D) = dS K over all BN keys, split between the warpgroups into 64 x 64 tiles: by columns when BM is
+// 64 (HEAD_DIM 128), by query rows when BM is 128 (HEAD_DIM 64).
+constexpr bool DQ_SPLIT_N = BM == 64;
 constexpr int CONSUMER_WARPS = 8;
 constexpr int LOADER_LANES = 32;
-constexpr int BAR_DS = 1;           // named barrier ids (0 is __syncthreads); d64 uses BAR_DS + warpgroup
+constexpr int BAR_DS = 1;           // named barrier id (0 is __syncthreads): dS^T of both warpgroups written
 
 }  // namespace b90
 
@@ -101,7 +112,7 @@ constexpr int BAR_DS = 1;           // named barrier ids (0 is __syncthreads); d
 extern "C" __constant__ int flash_bwd_config[4] = {b90::BM, b90::BN, b90::THREADS, (int)b90::SMEM};
 
 // Parameter block: the backward fields plus the TMA maps of q, k, v, dO (rank 4: {d, rows, heads, batch};
-// varlen: batch extent 1, rows = total tokens), box 64 columns x 64 rows.
+// varlen: batch extent 1, rows = total tokens), boxes of 64 columns x 64 rows (k, v) or BM rows (q, dO).
 struct Sm90BwdParams {
     BwdParams b;
     int num_n_blocks;  // ceil(sk / BN) (sk: the longest key sequence)
@@ -216,14 +227,18 @@ FA_DEVICE void produce_rows(const BwdParams& p, const Work& w, u32 sbase, const 
 }
 
 // ---------------------------------------------------------------- consumer: matrix products
-// acc[64 x 64] = A_rows(64 x D, K-major) * B_rows(64 x D, K-major)^T: S^T = K Q^T or dP^T = V dO^T.
+// acc[64 x BM] = A_rows(64 x D, K-major) * B_rows(BM x D, K-major)^T: S^T = K Q^T or dP^T = V dO^T.
 FA_DEVICE void issue_kt(float* acc, u32 sa, u32 sb) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         const u32 pn = kk / 4, w = kk % 4;
         const u64 da = smem_desc(sa + pn * BN * 128 + w * 32, 16, 1024);
         const u64 db = smem_desc(sb + pn * BM * 128 + w * 32, 16, 1024);
+#if BWD90_BM == 128
+        wgmma_ss_n128<0>(acc, da, db, kk > 0);
+#else
         wgmma_ss_n64<0>(acc, da, db, kk > 0);
+#endif
     }
 }
 
@@ -240,13 +255,13 @@ FA_DEVICE void issue_kv_grad(float* acc, const u32 (*a)[4], u32 sb) {
     }
 }
 
-// dQ[64 queries x 64 columns] = dS (A: the dS^T buffer read M-major, keys [k0, k0 + DQ_K)) * K (keys x 64
-// columns from `sk_cols`, read N-major).
-FA_DEVICE void issue_dq(float* acc, u32 sds_k0, u32 sk_k0) {
+// dQ[64 queries x 64 columns] = dS (A: one 64-query panel of the dS^T buffer, read M-major, all BN keys) * K
+// (BN keys x one 64-column panel, read N-major).
+FA_DEVICE void issue_dq(float* acc, u32 sds_panel, u32 sk_panel) {
 #pragma unroll
-    for (int kk = 0; kk < DQ_K / 16; ++kk) {
-        const u64 da = smem_desc(sds_k0 + kk * 16 * 128, BM * 128, 1024);
-        const u64 db = smem_desc(sk_k0 + kk * 16 * 128, BN * 128, 1024);
+    for (int kk = 0; kk < BN / 16; ++kk) {
+        const u64 da = smem_desc(sds_panel + kk * 16 * 128, BN * 128, 1024);
+        const u64 db = smem_desc(sk_panel + kk * 16 * 128, BN * 128, 1024);
         wgmma_ss_n64<1, 1>(acc, da, db, kk > 0);
     }
 }
@@ -273,10 +288,11 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
 #endif
     const u32 sK = sbase + OFF_K, sV = sbase + OFF_V;
     const u32 sK_wg = sK + wg * 64 * 128, sV_wg = sV + wg * 64 * 128;  // this warpgroup's 64 key rows (panel 0)
-    // dQ operands: HEAD_DIM 128: all keys, K columns of panel wg; HEAD_DIM 64: the warpgroup's keys.
-    const u32 dq_a_off = DQ_SPLIT_N ? 0u : (u32)wg * 64 * 128;
-    const u32 dq_b = DQ_SPLIT_N ? sK + wg * BN * 128 : sK_wg;
+    // dQ tile of this warpgroup: columns [dq_col0, +64) of query rows [dq_row0, +64) of the step.
+    const u32 dq_a_off = DQ_SPLIT_N ? 0u : (u32)wg * BN * 128;
+    const u32 dq_b = DQ_SPLIT_N ? sK + wg * BN * 128 : sK;
     const int dq_col0 = DQ_SPLIT_N ? 64 * wg : 0;
+    const int dq_row0 = DQ_SPLIT_N ? 0 : 64 * wg;
     const int krow_lo = w.n0 + wg * 64;                       // first key of this warpgroup
     const int kr0 = wg * 64 + warp * 16 + gq;                 // key row (in the CTA block) of register half 0
 
@@ -352,15 +368,15 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
                 pa[nt >> 1][2 * (nt & 1) + hh] = DT::pack(pv[0], pv[1]);
                 const u32 dpk = DT::pack(dsv[0], dsv[1]);
                 da[nt >> 1][2 * (nt & 1) + hh] = dpk;
-                // dS^T row = key (kr0 + 8hh), 16-byte chunk nt holds queries 8nt..8nt+7, XOR-swizzled by row.
+                // dS^T row = key (kr0 + 8hh); queries 8nt..8nt+7 are 16-byte chunk nt % 8 of panel nt / 8,
+                // XOR-swizzled by row.
                 const int row = kr0 + 8 * hh;
-                st_shared_u32(sDS + row * 128 + ((nt ^ (row & 7)) << 4) + 4 * t, dpk);
+                st_shared_u32(sDS + (nt >> 3) * BN * 128 + row * 128 + (((nt & 7) ^ (row & 7)) << 4) + 4 * t, dpk);
             }
         }
         // The generic-proxy dS^T writes become visible to the wgmma (async proxy) reads of both warpgroups.
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        if (DQ_SPLIT_N) named_sync(BAR_DS, 256);
-        else named_sync(BAR_DS + wg, 128);
+        named_sync(BAR_DS, 256);
 
         float dq[DQREG];
         wgmma_fence();
@@ -374,10 +390,11 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         reg_fence<DQREG>(dq);
         release(bars.empty_q(st), lane);
 
-        // ---- dQ rows (queries) m0 + 16 warp + gq (+8), columns dq_col0 + 8 nt + 2t: add to the f32 accumulator
+        // ---- dQ rows (queries) m0 + dq_row0 + 16 warp + gq (+8), columns dq_col0 + 8 nt + 2t: added to the f32
+        // accumulator
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-            const int qi = m0 + warp * 16 + gq + 8 * hh;
+            const int qi = m0 + dq_row0 + warp * 16 + gq + 8 * hh;
             if (qi >= w.si.sq) continue;
             float* dst = p.dq_accum + ((i64)w.si.q_row0 + qi) * dq_row_stride + (i64)head * HEAD_DIM + dq_col0 + 2 * t;
 #pragma unroll

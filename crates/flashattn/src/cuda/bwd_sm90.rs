@@ -25,8 +25,8 @@ pub fn sm90_backward_launches() -> u64 {
 /// Head dims the sm90 backward is compiled for; a problem's `d` runs on the smallest one `>= d`.
 pub const SM90_BWD_HEAD_DIMS: [usize; 2] = [64, 128];
 
-/// Query rows per step and keys per CTA (`BM`, `BN` of the kernel).
-const BLOCK_M: u32 = 64;
+/// Keys per CTA (`BN` of the kernel; its `BM`, the query rows per step, comes from the module's
+/// `flash_bwd_config`).
 const BLOCK_N: u32 = 128;
 
 /// A tensor map aligned as the kernel's `TmaMap` (`__align__(128)`), whatever alignment the bindings give
@@ -106,20 +106,21 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &BwdArgs, p
     let v = sm90_bwd_variant(p)?;
     let (q_rows, k_rows, batch) =
         if p.varlen { (p.total_q, p.total_k, 1) } else { (p.dense_sq, p.total_k / p.batch, p.batch) };
-    let maps = (
-        tensor_map(&a.fwd.q, p.d, q_rows, p.h, batch, BLOCK_M),
-        tensor_map(&a.fwd.k, p.d, k_rows, p.hk, batch, 64),
-        tensor_map(&a.fwd.v, p.d, k_rows, p.hk, batch, 64),
-        tensor_map(&a.dout, p.d, q_rows, p.h, batch, BLOCK_M),
-    );
-    let (Some(tq), Some(tk), Some(tv), Some(tdo)) = maps else { return Ok(false) };
     let m = gpu.module(&v)?;
-    let Some([_, _, threads, smem]) = m.bwd_config else {
+    let Some([bm, _, threads, smem]) = m.bwd_config else {
         return Err(Error::Device(format!("the module {v} does not export flash_bwd_config (stale kernel source?)")));
     };
     if smem > gpu.smem_optin {
         return Ok(false);
     }
+    let bm = bm as u32;
+    let maps = (
+        tensor_map(&a.fwd.q, p.d, q_rows, p.h, batch, bm),
+        tensor_map(&a.fwd.k, p.d, k_rows, p.hk, batch, 64),
+        tensor_map(&a.fwd.v, p.d, k_rows, p.hk, batch, 64),
+        tensor_map(&a.dout, p.d, q_rows, p.h, batch, bm),
+    );
+    let (Some(tq), Some(tk), Some(tv), Some(tdo)) = maps else { return Ok(false) };
     let num_n_blocks = (params.fwd.sk.max(0) as u32).div_ceil(BLOCK_N);
     let prm = Sm90BwdParams {
         b: *params,
