@@ -22,8 +22,7 @@
 // makes the group as large as an L2 budget allows, so the long CTAs start first and the short ones fill the tail.
 // Roles (3 warpgroups):
 //   warpgroup 0: producer, registers lowered. Warp 0 (one thread) issues the TMA loads: K and V once, then Q
-//                and dO of each step into a 2-stage ring. Warp 1 copies the step's lse (log2 units) and D rows
-//                into shared memory (+inf / 0 past the sequence) and arrives on the same "full" barrier.
+//                and dO of each step into a 2-stage ring; the other warps have nothing to do.
 //   warpgroups 1, 2: consumers, 64 keys each (the wgmma M). Per step:
 //                S^T = K Q^T and dP^T = V dO^T (A = the warpgroup's K / V rows, B = Q / dO, both K-major);
 //                P^T = exp2(S^T * scale * log2e - lse), dS^T = P^T (dP^T - D) (+ softcap derivative, masks);
@@ -36,8 +35,11 @@
 //                  HEAD_DIM 64 (BM 128): warpgroup w computes query rows [64w, 64w + 64);
 //                so each dQ element is added once per CTA (f32 accumulator, red.global.add.v2.f32).
 //                Epilogue: dK * scale and dV stored from registers.
-// Barriers (shared memory, 8 bytes each): full_kv; full_q[2] (1 expect_tx arrival + 32 lse/D lanes + the TMA
-// bytes); empty_q[2] (one arrival per consumer warp, 8). dS^T is double-buffered: the barrier of step i orders
+//                The step's lse (log2 units) and D rows are copied into shared memory by the consumers themselves
+//                (one value per thread, the next step's during this one; ordered by the dS^T barrier). A producer
+//                warp that stored them and arrived on the "full" mbarrier was correct (release / acquire) but drew
+//                racecheck hazard reports.
+// Barriers (shared memory, 8 bytes each): full_kv; full_q[2] (1 expect_tx arrival + the TMA bytes); empty_q[2] (one arrival per consumer warp, 8). dS^T is double-buffered: the barrier of step i orders
 // every reader of buffer (i & 1) at step i - 2 before its next writer.
 //
 // Shared memory (1024-aligned): K, V (BN x HEAD_DIM each), Q[2], dO[2] (BM x HEAD_DIM each), each as HEAD_DIM/64
@@ -103,7 +105,6 @@ constexpr int PK = BM / 16;         // k16 steps of dV / dK (over the queries)
 // 64 (HEAD_DIM 128), by query rows when BM is 128 (HEAD_DIM 64).
 constexpr bool DQ_SPLIT_N = BM == 64;
 constexpr int CONSUMER_WARPS = 8;
-constexpr int LOADER_LANES = 32;
 constexpr int BAR_DS = 1;           // named barrier id (0 is __syncthreads): dS^T of both warpgroups written
 
 }  // namespace b90
@@ -205,25 +206,16 @@ FA_DEVICE void produce_tiles(const Sm90BwdParams& p, const Work& w, u32 sbase, c
     }
 }
 
-// ---------------------------------------------------------------- producer: lse and D rows (one warp)
-FA_DEVICE void produce_rows(const BwdParams& p, const Work& w, u32 sbase, const Bars& bars, int lane) {
-    for (int it = 0; it < w.n_iter; ++it) {
-        const u32 st = it % STAGES, ph = (it / STAGES) & 1;
-        const int head = w.head(it), m0 = w.m0(it);
-        mbar_wait(bars.empty_q(st), ph ^ 1);
-#pragma unroll
-        for (int r = lane; r < BM; r += 32) {
-            const int i = m0 + r;
-            const bool ok = i < w.si.sq;
-            const i64 idx = head * (i64)p.rows_q + w.si.q_row0 + i;
-            const float l = ok ? p.lse_log2[idx] : __int_as_float(0x7f800000);
-            const float dd = ok ? p.dpsum[idx] : 0.f;
-            const u32 a = sbase + OFF_LD + st * LD_BYTES + 4 * r;
-            asm volatile("st.shared.f32 [%0], %1;" :: "r"(a), "f"(l) : "memory");
-            asm volatile("st.shared.f32 [%0], %1;" :: "r"(a + 4 * BM), "f"(dd) : "memory");
-        }
-        mbar_arrive(bars.full_q(st));
-    }
+// ---------------------------------------------------------------- consumers: lse and D rows
+// Entry `e` (< 2 BM) of step `it`'s lse / D rows, read from the scratch written by the preprocess: lse (log2
+// units; +inf past the sequence, so P = 0) for e < BM, else D (0 past the sequence).
+FA_DEVICE float ld_row_value(const BwdParams& p, const Work& w, int it, int e) {
+    const int r = e < BM ? e : e - BM;
+    const int i = w.m0(it) + r;
+    const bool ok = i < w.si.sq;
+    const i64 idx = w.head(it) * (i64)p.rows_q + w.si.q_row0 + (ok ? i : 0);
+    const float v = e < BM ? p.lse_log2[idx] : p.dpsum[idx];
+    return ok ? v : (e < BM ? __int_as_float(0x7f800000) : 0.f);
 }
 
 // ---------------------------------------------------------------- consumer: matrix products
@@ -308,6 +300,8 @@ FA_DEVICE void mask_packed(u32 (*pa)[4], u32 (*da)[4], const Work& w, int k0, in
     }
 }
 
+FA_DEVICE void st_shared_f32(u32 addr, float v) { asm volatile("st.shared.f32 [%0], %1;" :: "r"(addr), "f"(v) : "memory"); }
+
 FA_DEVICE void release(u32 bar, int lane) {
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
@@ -342,7 +336,15 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
 #pragma unroll
     for (int r = 0; r < KVREG; ++r) dk[r] = dv[r] = 0.f;
 
-    if (w.n_iter > 0) mbar_wait(bars.full_kv(), 0);
+    // lse / D rows of step it live in buffer (it & 1) of OFF_LD; consumer thread `e` (< 2 BM) copies entry e of
+    // step it + 1 during step it, before the step's dS^T barrier, which orders it before step it + 1's reads and
+    // after step it - 1's reads of that buffer (all threads passed that step's barrier).
+    const int e_ld = wg * 128 + tid_wg;
+    if (w.n_iter > 0) {
+        if (e_ld < 2 * BM) st_shared_f32(sbase + OFF_LD + 4 * e_ld, ld_row_value(p, w, 0, e_ld));
+        named_sync(BAR_DS, 256);
+        mbar_wait(bars.full_kv(), 0);
+    }
     const i64 dq_row_stride = (i64)f.h * HEAD_DIM;
     for (int it = 0; it < w.n_iter; ++it) {
         const u32 st = it % STAGES, ph = (it / STAGES) & 1;
@@ -358,6 +360,9 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         issue_kt(s, sK_wg, sQ);
         issue_kt(dp, sV_wg, sDO);
         wgmma_commit();
+        // Next step's lse / D entry, loaded while the products run.
+        const bool ld_next = it + 1 < w.n_iter && e_ld < 2 * BM;
+        const float ld_val = ld_next ? ld_row_value(p, w, it + 1, e_ld) : 0.f;
         wgmma_wait<0>();
         reg_fence<SREG>(s);
         reg_fence<SREG>(dp);
@@ -370,7 +375,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
 #if HAS_ALIBI
         const float slope_log2 = f.alibi_slopes[w.bi * f.alibi_batch_stride + head] * FA_LOG2E;
 #endif
-        const u32 ld = sbase + OFF_LD + st * LD_BYTES;
+        const u32 ld = sbase + OFF_LD + (it & 1) * LD_BYTES;
         const int cb = m0 + 2 * t;  // query of column offset 0 of this thread
         u32 pa[PK][4], da[PK][4];
 #pragma unroll
@@ -417,6 +422,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) store_ds(sDS, kr0 + 8 * hh, nt, t, da[nt >> 1][2 * (nt & 1) + hh]);
         }
+        if (ld_next) st_shared_f32(sbase + OFF_LD + ((it + 1) & 1) * LD_BYTES + 4 * e_ld, ld_val);
         // The generic-proxy dS^T writes become visible to the wgmma (async proxy) reads of both warpgroups.
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         named_sync(BAR_DS, 256);
@@ -492,7 +498,7 @@ extern "C" __global__ void __launch_bounds__(b90::THREADS, 1) flash_bwd_sm90(con
         mbar_init(bars.full_kv(), 1);
 #pragma unroll
         for (int s = 0; s < STAGES; ++s) {
-            mbar_init(bars.full_q(s), 1 + LOADER_LANES);
+            mbar_init(bars.full_q(s), 1);
             mbar_init(bars.empty_q(s), CONSUMER_WARPS);
         }
         mbar_init_fence();
@@ -503,11 +509,7 @@ extern "C" __global__ void __launch_bounds__(b90::THREADS, 1) flash_bwd_sm90(con
         regs_dealloc<24>();
         const int warp = threadIdx.x / 32;
         if (w.n_iter == 0) return;  // nothing to load; the consumers store zero dK / dV
-        if (warp == 0) {
-            if (threadIdx.x == 0) produce_tiles(p, w, sbase, bars);
-        } else if (warp == 1) {
-            produce_rows(p.b, w, sbase, bars, threadIdx.x & 31);
-        }
+        if (warp == 0 && threadIdx.x == 0) produce_tiles(p, w, sbase, bars);
     } else {
         regs_alloc<240>();
         consumer(p, w, sbase, bars, wg - 1, threadIdx.x - 128 * wg);
