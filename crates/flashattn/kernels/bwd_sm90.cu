@@ -62,6 +62,11 @@
 #endif
 
 // Queries per step: 64 at HEAD_DIM 128, 128 at HEAD_DIM 64 (then dQ is split over the query rows; see the header).
+// Steps ahead at which a consumer loads its lse / D entry (1: during the step before its use; 2: two steps
+// before, held in a register for a step).
+#ifndef BWD90_LD_AHEAD
+#define BWD90_LD_AHEAD 1
+#endif
 #ifndef BWD90_BM
 #define BWD90_BM (HEAD_DIM == 64 ? 128 : 64)
 #endif
@@ -336,12 +341,17 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
 #pragma unroll
     for (int r = 0; r < KVREG; ++r) dk[r] = dv[r] = 0.f;
 
-    // lse / D rows of step it live in buffer (it & 1) of OFF_LD; consumer thread `e` (< 2 BM) copies entry e of
-    // step it + 1 during step it, before the step's dS^T barrier, which orders it before step it + 1's reads and
-    // after step it - 1's reads of that buffer (all threads passed that step's barrier).
-    const int e_ld = wg * 128 + tid_wg;
+    // lse / D rows of step it live in buffer (it & 1) of OFF_LD. Consumer thread `e_ld` (2 BM of the 256 take
+    // part, spread over every warp) loads entry e_ld of step it + BWD90_LD_AHEAD and stores it during step it,
+    // into buffer (it + 1) & 1, before that step's dS^T barrier: the barrier orders the store before step it + 1's
+    // reads, and every read of that buffer (at step it - 1) came before barrier it - 1.
+    const int e_ld = BM == 128 ? wg * 128 + tid_wg : (lane < 16 ? wg * 64 + warp * 16 + lane : 2 * BM);
+    float ld_pending = 0.f;  // entry e_ld of step it + 1, stored during step it
     if (w.n_iter > 0) {
-        if (e_ld < 2 * BM) st_shared_f32(sbase + OFF_LD + 4 * e_ld, ld_row_value(p, w, 0, e_ld));
+        if (e_ld < 2 * BM) {
+            st_shared_f32(sbase + OFF_LD + 4 * e_ld, ld_row_value(p, w, 0, e_ld));
+            if (BWD90_LD_AHEAD == 2 && w.n_iter > 1) ld_pending = ld_row_value(p, w, 1, e_ld);
+        }
         named_sync(BAR_DS, 256);
         mbar_wait(bars.full_kv(), 0);
     }
@@ -360,9 +370,13 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         issue_kt(s, sK_wg, sQ);
         issue_kt(dp, sV_wg, sDO);
         wgmma_commit();
-        // Next step's lse / D entry, loaded while the products run.
-        const bool ld_next = it + 1 < w.n_iter && e_ld < 2 * BM;
-        const float ld_val = ld_next ? ld_row_value(p, w, it + 1, e_ld) : 0.f;
+        // lse / D entry of step it + 2, loaded now, stored during the next step.
+#if BWD90_LD_AHEAD == 2
+        const float ld_val = ld_pending;
+        if (it + 2 < w.n_iter && e_ld < 2 * BM) ld_pending = ld_row_value(p, w, it + 2, e_ld);
+#else
+        const float ld_val = it + 1 < w.n_iter && e_ld < 2 * BM ? ld_row_value(p, w, it + 1, e_ld) : 0.f;
+#endif
         wgmma_wait<0>();
         reg_fence<SREG>(s);
         reg_fence<SREG>(dp);
@@ -422,7 +436,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) store_ds(sDS, kr0 + 8 * hh, nt, t, da[nt >> 1][2 * (nt & 1) + hh]);
         }
-        if (ld_next) st_shared_f32(sbase + OFF_LD + ((it + 1) & 1) * LD_BYTES + 4 * e_ld, ld_val);
+        if (it + 1 < w.n_iter && e_ld < 2 * BM) st_shared_f32(sbase + OFF_LD + ((it + 1) & 1) * LD_BYTES + 4 * e_ld, ld_val);
         // The generic-proxy dS^T writes become visible to the wgmma (async proxy) reads of both warpgroups.
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         named_sync(BAR_DS, 256);
