@@ -218,23 +218,30 @@ pub fn all_variants() -> Vec<Variant> {
     out
 }
 
+/// The Hopper passes and the head dims each is compiled for.
+const SM90_PASSES: [(Pass, &[usize]); 2] =
+    [(Pass::FwdSm90, &super::fwd_sm90::SM90_HEAD_DIMS), (Pass::BwdSm90, &super::bwd_sm90::SM90_BWD_HEAD_DIMS)];
+
+/// The plain variant of every Hopper pass, head dim and dtype.
+fn sm90_plain() -> impl Iterator<Item = Variant> {
+    SM90_PASSES.into_iter().flat_map(|(pass, dims)| {
+        dims.iter().flat_map(move |&hd| [false, true].map(|bf16| Variant::plain(pass, hd, bf16)))
+    })
+}
+
 /// The sm90 variants (Hopper only), forward and backward: their head dims x dtypes x (mask, alibi, softcap,
 /// varlen).
 pub fn sm90_variants() -> Vec<Variant> {
     let mut out = Vec::new();
-    for (pass, dims) in [(Pass::FwdSm90, &[64, 128, 256][..]), (Pass::BwdSm90, &[64, 128][..])] {
-        for &hd in dims {
-            for bf16 in [false, true] {
-                for bits in 0..16u32 {
-                    out.push(Variant {
-                        mask: bits & 1 != 0,
-                        alibi: bits & 2 != 0,
-                        softcap: bits & 4 != 0,
-                        varlen: bits & 8 != 0,
-                        ..Variant::plain(pass, hd, bf16)
-                    });
-                }
-            }
+    for p in sm90_plain() {
+        for bits in 0..16u32 {
+            out.push(Variant {
+                mask: bits & 1 != 0,
+                alibi: bits & 2 != 0,
+                softcap: bits & 4 != 0,
+                varlen: bits & 8 != 0,
+                ..p
+            });
         }
     }
     out
@@ -264,15 +271,10 @@ pub fn representative_variants() -> Vec<Variant> {
             out.push(kv_variant(hd, bf16, true, true, true, false));
         }
     }
-    for (pass, dims) in [(Pass::FwdSm90, &[64, 128, 256][..]), (Pass::BwdSm90, &[64, 128][..])] {
-        for &hd in dims {
-            for bf16 in [false, true] {
-                let p = Variant::plain(pass, hd, bf16);
-                out.push(p);
-                out.push(Variant { mask: true, ..p });
-                out.push(Variant { mask: true, alibi: true, softcap: true, varlen: true, ..p });
-            }
-        }
+    for p in sm90_plain() {
+        out.push(p);
+        out.push(Variant { mask: true, ..p });
+        out.push(Variant { mask: true, alibi: true, softcap: true, varlen: true, ..p });
     }
     out
 }
@@ -296,14 +298,9 @@ pub fn hot_variants() -> Vec<Variant> {
             out.push(kv_variant(hd, bf16, true, false, false, true));
         }
     }
-    for (pass, dims) in [(Pass::FwdSm90, &[64, 128, 256][..]), (Pass::BwdSm90, &[64, 128][..])] {
-        for &hd in dims {
-            for bf16 in [false, true] {
-                let p = Variant::plain(pass, hd, bf16);
-                out.push(p);
-                out.push(Variant { mask: true, ..p });
-            }
-        }
+    for p in sm90_plain() {
+        out.push(p);
+        out.push(Variant { mask: true, ..p });
     }
     out
 }
