@@ -51,6 +51,7 @@
 #include "bwd_common.cuh"
 #include "sm90/sync.cuh"
 #include "sm90/wgmma.cuh"
+#include "sm90/gemm.cuh"
 
 #include "variant.cuh"
 
@@ -225,19 +226,7 @@ FA_DEVICE float ld_row_value(const BwdParams& p, const Work& w, int it, int e) {
 
 // ---------------------------------------------------------------- consumer: matrix products
 // acc[64 x BM] = A_rows(64 x D, K-major) * B_rows(BM x D, K-major)^T: S^T = K Q^T or dP^T = V dO^T.
-FA_DEVICE void issue_kt(float* acc, u32 sa, u32 sb) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        const u32 pn = kk / 4, w = kk % 4;
-        const u64 da = smem_desc(sa + pn * BN * 128 + w * 32, 16, 1024);
-        const u64 db = smem_desc(sb + pn * BM * 128 + w * 32, 16, 1024);
-#if BWD90_BM == 128
-        wgmma_ss_n128<0>(acc, da, db, kk > 0);
-#else
-        wgmma_ss_n64<0>(acc, da, db, kk > 0);
-#endif
-    }
-}
+FA_DEVICE void issue_kt(float* acc, u32 sa, u32 sb) { wgmma_ss_kmajor<BM, D, BN * 128, BM * 128>(acc, sa, sb); }
 
 // acc[64 keys x D] += A (registers: P^T or dS^T, k = the BM queries) * B (BM x D tile read N-major).
 FA_DEVICE void issue_kv_grad(float* acc, const u32 (*a)[4], u32 sb) {

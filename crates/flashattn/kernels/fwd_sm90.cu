@@ -35,6 +35,7 @@
 #include "mask.cuh"
 #include "sm90/sync.cuh"
 #include "sm90/wgmma.cuh"
+#include "sm90/gemm.cuh"
 
 #include "variant.cuh"
 
@@ -214,19 +215,7 @@ FA_DEVICE void producer(const Sm90Params& p, u32 sbase, const Bars& b) {
 
 // ---------------------------------------------------------------- consumer: matrix products
 // S = Q K^T over the warpgroup's 64 rows: D/16 wgmmas, both operands K-major in shared memory.
-FA_DEVICE void issue_qk(float* s, u32 sq_wg, u32 sk) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-        const u32 pn = kk / 4, w = kk % 4;
-        const u64 da = smem_desc(sq_wg + pn * BM * 128 + w * 32, 16, 1024);
-        const u64 db = smem_desc(sk + pn * BN * 128 + w * 32, 16, 1024);
-#if SM90_BN == 128
-        wgmma_ss_n128<0>(s, da, db, kk > 0);
-#else
-        wgmma_ss_n64<0>(s, da, db, kk > 0);
-#endif
-    }
-}
+FA_DEVICE void issue_qk(float* s, u32 sq_wg, u32 sk) { wgmma_ss_kmajor<BN, D, BM * 128, BN * 128>(s, sq_wg, sk); }
 
 // O += P V: P from registers (the packed S accumulators), V N-major in shared memory.
 FA_DEVICE void issue_pv(float* o, const u32 (*pa)[4], u32 sv) {

@@ -10,7 +10,7 @@ use std::fmt;
 use std::time::Instant;
 
 /// The kernel sources and the headers they include, as `(include name, text)`.
-pub(crate) const HEADERS: [(&str, &str); 7] = [
+pub(crate) const HEADERS: [(&str, &str); 8] = [
     ("variant.cuh", include_str!("../../kernels/variant.cuh")),
     ("params.cuh", include_str!("../../kernels/params.cuh")),
     ("common.cuh", include_str!("../../kernels/common.cuh")),
@@ -18,6 +18,7 @@ pub(crate) const HEADERS: [(&str, &str); 7] = [
     ("bwd_common.cuh", include_str!("../../kernels/bwd_common.cuh")),
     ("sm90/sync.cuh", include_str!("../../kernels/sm90/sync.cuh")),
     ("sm90/wgmma.cuh", include_str!("../../kernels/sm90/wgmma.cuh")),
+    ("sm90/gemm.cuh", include_str!("../../kernels/sm90/gemm.cuh")),
 ];
 const FWD_SRC: &str = include_str!("../../kernels/fwd.cu");
 const BWD_SRC: &str = include_str!("../../kernels/bwd.cu");
