@@ -65,6 +65,10 @@
 // Queries per step: 64 at HEAD_DIM 128, 128 at HEAD_DIM 64 (then dQ is split over the query rows; see the header).
 // Steps ahead at which a consumer loads its lse / D entry (1: during the step before its use; 2: two steps
 // before, held in a register for a step).
+// Stages of the Q / dO ring (2 or 3; 3 needs ~193 KB of shared memory).
+#ifndef BWD90_STAGES
+#define BWD90_STAGES 2
+#endif
 #ifndef BWD90_LD_AHEAD
 #define BWD90_LD_AHEAD 1
 #endif
@@ -88,7 +92,7 @@ constexpr int D = HEAD_DIM;
 constexpr int BM = BWD90_BM;              // queries per step
 constexpr int BN = 128;                   // keys per CTA (64 per consumer warpgroup)
 constexpr int THREADS = 384;
-constexpr int STAGES = 2;
+constexpr int STAGES = BWD90_STAGES;   // Q/dO ring depth
 constexpr int PANELS = D / 64;
 constexpr u32 KV_BYTES = PANELS * BN * 128;
 constexpr u32 QS_BYTES = PANELS * BM * 128;   // one stage of Q (or dO)
