@@ -129,12 +129,6 @@
 #define BWD_ROTATE 0
 #endif
 
-#if IS_BF16
-typedef bf16_t elem_t;
-#else
-typedef half_t elem_t;
-#endif
-typedef Dt<elem_t> DT;
 
 static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM <= 256, "HEAD_DIM must be a multiple of 32, at most 256");
 #if BWD_TILE2D

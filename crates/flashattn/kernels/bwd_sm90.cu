@@ -79,12 +79,6 @@
 #error "bwd_sm90: BM must be 64 at HEAD_DIM 128 and 128 at HEAD_DIM 64"
 #endif
 
-#if IS_BF16
-typedef bf16_t elem_t;
-#else
-typedef half_t elem_t;
-#endif
-typedef Dt<elem_t> DT;
 
 namespace b90 {
 

@@ -75,11 +75,6 @@
 #define FWD_THREADS (32 * NUM_WARPS)
 #define FWD_SMEM_BYTES ((BLOCK_M + 2 * BLOCK_N) * (HEAD_DIM + 8) * 2)
 
-#if IS_BF16
-typedef bf16_t elem_t;
-#else
-typedef half_t elem_t;
-#endif
 
 namespace fwd {
 

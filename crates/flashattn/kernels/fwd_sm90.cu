@@ -53,11 +53,6 @@
 #define SM90_O_SEPARATE (HEAD_DIM <= 128)
 #define SM90_SMEM_BYTES (((SM90_BM * (1 + SM90_O_SEPARATE)) + 4 * SM90_BN) * HEAD_DIM * 2 + 128 + 1024)
 
-#if IS_BF16
-typedef bf16_t elem_t;
-#else
-typedef half_t elem_t;
-#endif
 
 // Parameter block: the common forward fields plus the scheduler's numbers and the TMA maps of q, k, v
 // (rank 4: {d, rows, heads, batch}; varlen: batch extent 1, rows = total tokens).

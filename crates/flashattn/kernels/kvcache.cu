@@ -62,11 +62,6 @@
 // Q tile (16 rows) + per warp STAGES x (K 16 rows + V 16 rows) + per warp row maxima and sums (16 + 16 f32).
 #define KV_SMEM_BYTES (16 * KV_ROW_BYTES + KV_WARPS * KV_STAGES * 32 * KV_ROW_BYTES + KV_WARPS * 32 * 4)
 
-#if IS_BF16
-typedef bf16_t elem_t;
-#else
-typedef half_t elem_t;
-#endif
 
 typedef long long i64;
 

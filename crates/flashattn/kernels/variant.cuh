@@ -8,6 +8,8 @@
 //   IS_VARLEN      1: cu_seqlens addressing (packed sequences)
 //   DETERMINISTIC  1: the backward's fixed-order dQ accumulation
 //   ALIGNED16      1: 16-byte aligned bases and strides (vector / cp.async / TMA copies), 0: element-wise
+// and the variant's 16-bit element type `elem_t` (bf16_t or half_t) with its conversions `DT` (common.cuh's `Dt`):
+// include common.cuh first.
 #pragma once
 
 #ifndef HEAD_DIM
@@ -34,3 +36,10 @@
 #ifndef ALIGNED16
 #define ALIGNED16 1
 #endif
+
+#if IS_BF16
+typedef bf16_t elem_t;
+#else
+typedef half_t elem_t;
+#endif
+typedef Dt<elem_t> DT;
