@@ -164,7 +164,6 @@ fn check_shards(s: &RingSchedule, rank: usize, q: &Tensor, k: &Tensor, v: &Tenso
     Ok([b, h, hk, d])
 }
 
-/// The global problem's scale (default `1/sqrt(d)`) and soft-capping, validated.
 /// What every rank checks first: the options' mask matches the schedule's, the shards fit it; returns
 /// `[b, h, hk, d]` and the softmax scale and soft-cap.
 fn rank_setup(
@@ -201,6 +200,7 @@ pub(super) fn ring_plan(
     Ok((p, sched))
 }
 
+/// The global problem's scale (default `1/sqrt(d)`) and soft-capping, validated.
 fn scale_and_cap(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<(f32, f32)> {
     let mut o = opts.clone();
     o.causal = false;
