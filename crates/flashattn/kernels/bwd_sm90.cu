@@ -5,7 +5,7 @@
 // header of bwd.cu).
 //
 // Entry point: extern "C" __global__ void flash_bwd_sm90(const __grid_constant__ Sm90BwdParams p)
-//   grid (num_n_blocks * hk * b) (1-D; the tile order below), 384 threads, dynamic shared memory BWD90_SMEM_BYTES (+ 1 KB alignment slack,
+//   grid (ceil(sk / BN) * hk * b) (1-D; the tile order below), 384 threads, dynamic shared memory BWD90_SMEM_BYTES (+ 1 KB alignment slack,
 //   included), exported as `flash_bwd_config` = {BM, BN, threads, smem} like bwd.cu.
 //
 // Compile-time macros: HEAD_DIM (64 or 128: the padded head dim; p.b.fwd.d may be smaller, the TMA maps
@@ -16,7 +16,7 @@
 // One CTA per key block of BN = 128 keys of one (batch, kv head); it walks the query blocks (BM rows: 64 at
 // HEAD_DIM 128, 128 at HEAD_DIM 64)
 // that see its keys, for every query head of the kv head's group, and keeps dK and dV in registers.
-// Tile order: CTA t takes group t / (l2_group * num_n_blocks) of `l2_group` (batch, kv head) pairs; inside a
+// Tile order: CTA t takes group t / (l2_group * ceil(sk / BN)) of `l2_group` (batch, kv head) pairs; inside a
 // group key blocks go from first to last (the longest first under causal masks), pairs innermost. l2_group = 1
 // gives key blocks innermost (one head's Q/dO shared by the CTAs running together); with masks the launcher
 // makes the group as large as an L2 budget allows, so the long CTAs start first and the short ones fill the tail.
@@ -62,28 +62,15 @@
 #error "the sm90 backward has no deterministic mode (bwd.cu serves it)"
 #endif
 
-// Queries per step: 64 at HEAD_DIM 128, 128 at HEAD_DIM 64 (then dQ is split over the query rows; see the header).
-// Steps ahead at which a consumer loads its lse / D entry (1: during the step before its use; 2: two steps
-// before, held in a register for a step).
-// Stages of the Q / dO ring (2 or 3; 3 needs ~193 KB of shared memory).
+// Stages of the Q / dO ring (2 or 3; 3 needs ~193 KB of shared memory and measured no faster).
 #ifndef BWD90_STAGES
 #define BWD90_STAGES 2
 #endif
-#ifndef BWD90_LD_AHEAD
-#define BWD90_LD_AHEAD 1
-#endif
-#ifndef BWD90_BM
-#define BWD90_BM (HEAD_DIM == 64 ? 128 : 64)
-#endif
-#if !((HEAD_DIM == 128 && BWD90_BM == 64) || (HEAD_DIM == 64 && BWD90_BM == 128))
-#error "bwd_sm90: BM must be 64 at HEAD_DIM 128 and 128 at HEAD_DIM 64"
-#endif
-
 
 namespace b90 {
 
 constexpr int D = HEAD_DIM;
-constexpr int BM = BWD90_BM;              // queries per step
+constexpr int BM = D == 64 ? 128 : 64;    // queries per step (at HEAD_DIM 64 dQ is split over the query rows)
 constexpr int BN = 128;                   // keys per CTA (64 per consumer warpgroup)
 constexpr int THREADS = 384;
 constexpr int STAGES = BWD90_STAGES;   // Q/dO ring depth
@@ -120,7 +107,6 @@ extern "C" __constant__ int flash_bwd_config[4] = {b90::BM, b90::BN, b90::THREAD
 // varlen: batch extent 1, rows = total tokens), boxes of 64 columns x 64 rows (k, v) or BM rows (q, dO).
 struct Sm90BwdParams {
     BwdParams b;
-    int num_n_blocks;  // ceil(sk / BN) (sk: the longest key sequence)
     int l2_group;      // (batch, kv head) pairs per group of the tile order (>= 1)
     TmaMap tq, tk, tv, tdo;
 };
@@ -149,7 +135,7 @@ FA_DEVICE Work work(const Sm90BwdParams& prm) {
     const FwdParams& f = p.fwd;
     Work w;
     {
-        const int t = blockIdx.x, nb = prm.num_n_blocks, pairs = f.b * f.hk, G = prm.l2_group;
+        const int t = blockIdx.x, nb = (f.sk + BN - 1) / BN, pairs = f.b * f.hk, G = prm.l2_group;
         const int grp = t / (G * nb), r = t - grp * G * nb;
         const int gsize = min(G, pairs - grp * G);
         const int n = r / gsize, pair = grp * G + (r - n * gsize);
@@ -329,16 +315,12 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
     for (int r = 0; r < KVREG; ++r) dk[r] = dv[r] = 0.f;
 
     // lse / D rows of step it live in buffer (it & 1) of OFF_LD. Consumer thread `e_ld` (2 BM of the 256 take
-    // part, spread over every warp) loads entry e_ld of step it + BWD90_LD_AHEAD and stores it during step it,
+    // part, spread over every warp) loads entry e_ld of step it + 1 and stores it during step it,
     // into buffer (it + 1) & 1, before that step's dS^T barrier: the barrier orders the store before step it + 1's
     // reads, and every read of that buffer (at step it - 1) came before barrier it - 1.
     const int e_ld = BM == 128 ? wg * 128 + tid_wg : (lane < 16 ? wg * 64 + warp * 16 + lane : 2 * BM);
-    float ld_pending = 0.f;  // entry e_ld of step it + 1, stored during step it
     if (w.n_iter > 0) {
-        if (e_ld < 2 * BM) {
-            st_shared_f32(sbase + OFF_LD + 4 * e_ld, ld_row_value(p, w, 0, e_ld));
-            if (BWD90_LD_AHEAD == 2 && w.n_iter > 1) ld_pending = ld_row_value(p, w, 1, e_ld);
-        }
+        if (e_ld < 2 * BM) st_shared_f32(sbase + OFF_LD + 4 * e_ld, ld_row_value(p, w, 0, e_ld));
         named_sync(BAR_DS, 256);
         mbar_wait(bars.full_kv(), 0);
     }
@@ -357,13 +339,8 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         issue_kt(s, sK_wg, sQ);
         issue_kt(dp, sV_wg, sDO);
         wgmma_commit();
-        // lse / D entry of step it + 2, loaded now, stored during the next step.
-#if BWD90_LD_AHEAD == 2
-        const float ld_val = ld_pending;
-        if (it + 2 < w.n_iter && e_ld < 2 * BM) ld_pending = ld_row_value(p, w, it + 2, e_ld);
-#else
+        // lse / D entry of step it + 1, loaded while the products run (loading it a step earlier measured 0..-1%).
         const float ld_val = it + 1 < w.n_iter && e_ld < 2 * BM ? ld_row_value(p, w, it + 1, e_ld) : 0.f;
-#endif
         wgmma_wait<0>();
         reg_fence<SREG>(s);
         reg_fence<SREG>(dp);

@@ -40,7 +40,6 @@ struct Tma(dsys::CUtensorMap);
 #[derive(Clone, Copy)]
 struct Sm90BwdParams {
     b: BwdParams,
-    num_n_blocks: i32,
     l2_group: i32,
     tq: Tma,
     tk: Tma,
@@ -124,7 +123,6 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &BwdArgs, p
     let num_n_blocks = (params.fwd.sk.max(0) as u32).div_ceil(BLOCK_N);
     let prm = Sm90BwdParams {
         b: *params,
-        num_n_blocks: num_n_blocks as i32,
         l2_group: l2_group(p, v.head_dim, params.fwd.sq.max(0) as usize),
         tq: Tma(tq),
         tk: Tma(tk),
@@ -148,8 +146,7 @@ mod tests {
     fn layout_matches_bwd_sm90_cu() {
         // BwdParams is 400 bytes; TmaMap is __align__(128) in the kernel.
         assert_eq!(align_of::<Tma>(), 128);
-        assert_eq!(offset_of!(Sm90BwdParams, num_n_blocks), 400);
-        assert_eq!(offset_of!(Sm90BwdParams, l2_group), 404);
+        assert_eq!(offset_of!(Sm90BwdParams, l2_group), 400);
         assert_eq!(offset_of!(Sm90BwdParams, tq), 512);
         assert_eq!(offset_of!(Sm90BwdParams, tk), 640);
         assert_eq!(offset_of!(Sm90BwdParams, tv), 768);
