@@ -103,6 +103,20 @@ impl DeviceAttention {
         })
     }
 
+    /// The backward's device pointers and whether all eight tensors are 16-byte aligned (what `bwd::run` is given).
+    fn bwd_args(&self, b: &BwdBufs) -> (bwd::BwdArgs, bool) {
+        let s = &self.gpu.stream;
+        let a = bwd::BwdArgs {
+            fwd: self.fwd_args(),
+            dout: b.dout.view(s),
+            dq: b.dq.view(s),
+            dk: b.dk.view(s),
+            dv: b.dv.view(s),
+        };
+        let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], self.p.dtype.size());
+        (a, aligned)
+    }
+
     fn fwd_args(&self) -> fwd::FwdArgs {
         let s = &self.gpu.stream;
         let mut a = fwd::FwdArgs {
@@ -145,14 +159,8 @@ impl DeviceAttention {
             format!("{}; fwd sm80 path {fv} [BM {bm} BN {bn}, {} threads]", kernel_family(&self.gpu.arch), 32 * warps)
         };
         if let Some(b) = &self.bwd {
-            let st = &self.gpu.stream;
-            let views = [a.q, a.k, a.v, a.o, b.dout.view(st), b.dq.view(st), b.dk.view(st), b.dv.view(st)];
-            let bv = if super::bwd_sm90::covers(
-                &self.gpu,
-                &self.p,
-                all_aligned(&views, self.p.dtype.size()),
-                self.deterministic,
-            ) {
+            let (_, aligned) = self.bwd_args(b);
+            let bv = if super::bwd_sm90::covers(&self.gpu, &self.p, aligned, self.deterministic) {
                 super::bwd_sm90::sm90_bwd_variant(&self.p)?
             } else {
                 bv
@@ -185,14 +193,7 @@ impl DeviceAttention {
             Error::invalid("dout", "a dout tensor given to DeviceAttention::new", "none (forward only)")
         })?;
         let s = &self.gpu.stream;
-        let a = bwd::BwdArgs {
-            fwd: self.fwd_args(),
-            dout: b.dout.view(s),
-            dq: b.dq.view(s),
-            dk: b.dk.view(s),
-            dv: b.dv.view(s),
-        };
-        let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], self.p.dtype.size());
+        let (a, aligned) = self.bwd_args(b);
         runtime::guard("the CUDA backward", || {
             self.gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
             if self.p.seqused_k.is_some() {
