@@ -4,7 +4,7 @@ accumulators, f16/bf16 inputs chosen by IS_BF16) for the N the sm90 kernels use,
 (SS) or from registers (RS). Run from the repository root; the output is committed."""
 import pathlib
 
-NS = [64, 128]
+NS = [32, 64, 128]
 
 
 def regs(n0, count):

@@ -8,14 +8,14 @@
 //   grid (ceil(sk / BN) * hk * b) (1-D; the tile order below), 384 threads, dynamic shared memory BWD90_SMEM_BYTES (+ 1 KB alignment slack,
 //   included), exported as `flash_bwd_config` = {BM, BN, threads, smem} like bwd.cu.
 //
-// Compile-time macros: HEAD_DIM (64 or 128: the padded head dim; p.b.fwd.d may be smaller, the TMA maps
+// Compile-time macros: HEAD_DIM (64, 128 or 256: the padded head dim; p.b.fwd.d may be smaller, the TMA maps
 // zero-fill columns >= d), IS_BF16, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP, IS_VARLEN: as in bwd.cu. Not covered
-// (the launcher sends them to bwd.cu): deterministic mode, seqused_k, unaligned layouts, head dims > 128.
+// (the launcher sends them to bwd.cu): deterministic mode, seqused_k, unaligned layouts.
 // Semantics: docs spec ATTENTION.md, exactly as bwd.cu (mask.cuh and bwd_common.cuh are shared).
 //
-// One CTA per key block of BN = 128 keys of one (batch, kv head); it walks the query blocks (BM rows: 64 at
-// HEAD_DIM 128, 128 at HEAD_DIM 64)
-// that see its keys, for every query head of the kv head's group, and keeps dK and dV in registers.
+// One CTA per key block of BN keys of one (batch, kv head) (128 keys; 64 at HEAD_DIM 256); it walks the query
+// blocks (BM rows: 128 at HEAD_DIM 64, else 64) that see its keys, for every query head of the kv head's group,
+// and keeps dK and dV in registers.
 // Tile order: CTA t takes group t / (l2_group * ceil(sk / BN)) of `l2_group` (batch, kv head) pairs; inside a
 // group key blocks go from first to last (the longest first under causal masks), pairs innermost. l2_group = 1
 // gives key blocks innermost (one head's Q/dO shared by the CTAs running together); with masks the launcher
@@ -35,6 +35,12 @@
 //                  HEAD_DIM 64 (BM 128): warpgroup w computes query rows [64w, 64w + 64);
 //                so each dQ element is added once per CTA (f32 accumulator, red.global.add.v2.f32).
 //                Epilogue: dK * scale and dV stored from registers.
+//   HEAD_DIM 256 (SPLIT_D): dK + dV of 64 keys x 256 columns would need 256 registers a thread, so the two
+//                warpgroups split the head dim instead of the keys. Both work on all BN = 64 keys; warpgroup w
+//                computes S^T and dP^T for the step's queries [32w, 32w + 32) (N 32, over all 256 columns),
+//                P^T and dS^T for them, and stores both into swizzled shared memory ([key][query], 128-byte
+//                rows). After the named barrier it owns columns [128w, 128w + 128) of dV += P^T dO, dK += dS^T Q
+//                (A = the P^T / dS^T buffers read K-major) and dQ = dS K (A = the dS^T buffer read M-major).
 //                The step's lse (log2 units) and D rows are copied into shared memory by the consumers themselves
 //                (one value per thread, the next step's during this one; ordered by the dS^T barrier). A producer
 //                warp that stored them and arrived on the "full" mbarrier was correct (release / acquire) but drew
@@ -44,7 +50,8 @@
 //
 // Shared memory (1024-aligned): K, V (BN x HEAD_DIM each), Q[2], dO[2] (BM x HEAD_DIM each), each as HEAD_DIM/64
 // panels of 128-byte rows (TMA boxes of 64 columns x 64 key rows / BM query rows); dS^T[2] (BM/64 panels of BN
-// rows x 128 B); lse/D[2] (2 x BM floats); barriers. About 161 KB at either head dim.
+// rows x 128 B); at HEAD_DIM 256 also P^T[2] (as dS^T); lse/D[2] (2 x BM floats); barriers. About 161 KB at
+// HEAD_DIM 64 and 128, 226 KB at 256.
 #include "params.cuh"
 #include "common.cuh"
 #include "mask.cuh"
@@ -55,14 +62,14 @@
 
 #include "variant.cuh"
 
-#if HEAD_DIM != 64 && HEAD_DIM != 128
-#error "the sm90 backward is compiled for HEAD_DIM 64 or 128"
+#if HEAD_DIM != 64 && HEAD_DIM != 128 && HEAD_DIM != 256
+#error "the sm90 backward is compiled for HEAD_DIM 64, 128 or 256"
 #endif
 #if DETERMINISTIC
 #error "the sm90 backward has no deterministic mode (bwd.cu serves it)"
 #endif
 
-// Stages of the Q / dO ring (2 or 3; 3 needs ~193 KB of shared memory and measured no faster).
+// Stages of the Q / dO ring (2 or 3 below HEAD_DIM 256; 3 needs ~193 KB of shared memory and measured no faster).
 #ifndef BWD90_STAGES
 #define BWD90_STAGES 2
 #endif
@@ -70,8 +77,13 @@
 namespace b90 {
 
 constexpr int D = HEAD_DIM;
+// HEAD_DIM 256: the warpgroups split the head dim (dK, dV, dQ columns) and the step's queries (S^T, dP^T), not
+// the keys (see the header).
+constexpr bool SPLIT_D = D == 256;
 constexpr int BM = D == 64 ? 128 : 64;    // queries per step (at HEAD_DIM 64 dQ is split over the query rows)
-constexpr int BN = 128;                   // keys per CTA (64 per consumer warpgroup)
+constexpr int BN = SPLIT_D ? 64 : 128;    // keys per CTA (64 per consumer warpgroup unless SPLIT_D)
+constexpr int WN = SPLIT_D ? BM / 2 : BM; // queries of a warpgroup's S^T / dP^T tile (its N)
+constexpr int DW = SPLIT_D ? D / 2 : D;   // dK / dV / dQ columns a warpgroup owns
 constexpr int THREADS = 384;
 constexpr int STAGES = BWD90_STAGES;   // Q/dO ring depth
 constexpr int PANELS = D / 64;
@@ -85,16 +97,21 @@ constexpr u32 OFF_V = OFF_K + KV_BYTES;
 constexpr u32 OFF_Q = OFF_V + KV_BYTES;
 constexpr u32 OFF_DO = OFF_Q + STAGES * QS_BYTES;
 constexpr u32 OFF_DS = OFF_DO + STAGES * QS_BYTES;
-constexpr u32 OFF_LD = OFF_DS + 2 * DS_BYTES;
+constexpr u32 OFF_P = OFF_DS + 2 * DS_BYTES;              // P^T[2], like dS^T (SPLIT_D only)
+constexpr u32 OFF_LD = OFF_P + (SPLIT_D ? 2 * DS_BYTES : 0);
 constexpr u32 OFF_BAR = OFF_LD + STAGES * LD_BYTES;
 constexpr u32 SMEM = OFF_BAR + 8 * (1 + 2 * STAGES) + 1024;   // + slack to align the base to 1024
-constexpr int SREG = BM / 2;        // S^T / dP^T accumulator registers (64 keys x BM queries)
-constexpr int KVREG = D / 2;        // dK / dV accumulator registers (64 keys x D)
-constexpr int DQREG = 32;           // dQ accumulator registers (64 queries x 64 columns)
+constexpr int SREG = WN / 2;        // S^T / dP^T accumulator registers (64 keys x WN queries)
+constexpr int KVREG = DW / 2;       // dK / dV accumulator registers (64 keys x DW)
+constexpr int DQW = SPLIT_D ? DW : 64;  // dQ columns of a warpgroup's tile
+constexpr int DQREG = DQW / 2;      // dQ accumulator registers (64 queries x DQW columns)
 constexpr int PK = BM / 16;         // k16 steps of dV / dK (over the queries)
-// dQ (BM x D) = dS K over all BN keys, split between the warpgroups into 64 x 64 tiles: by columns when BM is
-// 64 (HEAD_DIM 128), by query rows when BM is 128 (HEAD_DIM 64).
+constexpr int PKW = WN / 16;        // k16 steps of the packed P^T / dS^T fragments a warpgroup computes
+// dQ (BM x D) = dS K over all BN keys, split between the warpgroups into 64 x DQW tiles: by columns when BM is
+// 64 (HEAD_DIM 128, 256), by query rows when BM is 128 (HEAD_DIM 64).
 constexpr bool DQ_SPLIT_N = BM == 64;
+static_assert(!SPLIT_D || (DW == 128 && BM == 64 && DQW == 128), "the SPLIT_D tiles: 64 x 128 dK / dV / dQ per warpgroup");
+static_assert(OFF_LD + STAGES * LD_BYTES + 8 * (1 + 2 * STAGES) + 1024 <= 232448, "shared memory above 227 KB");
 constexpr int CONSUMER_WARPS = 8;
 constexpr int BAR_DS = 1;           // named barrier id (0 is __syncthreads): dS^T of both warpgroups written
 
@@ -209,8 +226,8 @@ FA_DEVICE float ld_row_value(const BwdParams& p, const Work& w, int it, int e) {
 }
 
 // ---------------------------------------------------------------- consumer: matrix products
-// acc[64 x BM] = A_rows(64 x D, K-major) * B_rows(BM x D, K-major)^T: S^T = K Q^T or dP^T = V dO^T.
-FA_DEVICE void issue_kt(float* acc, u32 sa, u32 sb) { wgmma_ss_kmajor<BM, D, BN * 128, BM * 128>(acc, sa, sb); }
+// acc[64 x WN] = A_rows(64 x D, K-major) * B_rows(WN x D, K-major)^T: S^T = K Q^T or dP^T = V dO^T.
+FA_DEVICE void issue_kt(float* acc, u32 sa, u32 sb) { wgmma_ss_kmajor<WN, D, BN * 128, BM * 128>(acc, sa, sb); }
 
 // acc[64 keys x D] += A (registers: P^T or dS^T, k = the BM queries) * B (BM x D tile read N-major).
 FA_DEVICE void issue_kv_grad(float* acc, const u32 (*a)[4], u32 sb) {
@@ -225,14 +242,29 @@ FA_DEVICE void issue_kv_grad(float* acc, const u32 (*a)[4], u32 sb) {
     }
 }
 
-// dQ[64 queries x 64 columns] = dS (A: one 64-query panel of the dS^T buffer, read M-major, all BN keys) * K
-// (BN keys x one 64-column panel, read N-major).
+// SPLIT_D: acc[64 keys x DW] += A (a P^T / dS^T buffer: 64 keys x BM queries, read K-major) * B (the
+// warpgroup's DW columns of a BM x D tile, read N-major, starting at its first panel `sb`).
+FA_DEVICE void issue_kv_grad_ss(float* acc, u32 sa, u32 sb) {
+#pragma unroll
+    for (int kk = 0; kk < PK; ++kk) {
+        const u64 da = smem_desc(sa + kk * 32, 16, 1024);
+        const u64 db = smem_desc(sb + kk * 16 * 128, BM * 128, 1024);
+        wgmma_ss_n128<1, 0>(acc, da, db, 1);
+    }
+}
+
+// dQ[64 queries x DQW columns] = dS (A: one 64-query panel of the dS^T buffer, read M-major, all BN keys) * K
+// (BN keys x DQW columns from the panel at `sk_panel`, read N-major).
 FA_DEVICE void issue_dq(float* acc, u32 sds_panel, u32 sk_panel) {
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
         const u64 da = smem_desc(sds_panel + kk * 16 * 128, BN * 128, 1024);
         const u64 db = smem_desc(sk_panel + kk * 16 * 128, BN * 128, 1024);
-        wgmma_ss_n64<1, 1>(acc, da, db, kk > 0);
+        if constexpr (DQW == 128) {
+            wgmma_ss_n128<1, 1>(acc, da, db, kk > 0);
+        } else {
+            wgmma_ss_n64<1, 1>(acc, da, db, kk > 0);
+        }
     }
 }
 
@@ -243,7 +275,7 @@ FA_DEVICE void store_ds(u32 sds, int row, int nt, int t, u32 v) {
 }
 
 // The mask of one S^T tile, applied to its packed P^T / dS^T fragments (rows: keys k0 and k0 + 8 of this thread;
-// columns: queries cb + 8 nt + e), as mask.cuh defines visibility: invisible elements (rows >= sq and keys >= sk
+// columns: queries cb + 8 nt + e, nt < WN / 8), as mask.cuh defines visibility: invisible elements (rows >= sq and keys >= sk
 // included) become 0 in both (also where the unmasked pass overflowed to inf or NaN); with `exact_one_key`, dS^T of
 // queries that see a single key is 0 (their softmax is constant). A key row sees an interval of queries, so an
 // element costs two compares and a select.
@@ -260,7 +292,7 @@ FA_DEVICE void mask_packed(u32 (*pa)[4], u32 (*da)[4], const Work& w, int k0, in
         if (kj >= mc.sk) qhi = -1;
         const int lo = qlo - cb, hi = qhi - cb;
 #pragma unroll
-        for (int nt = 0; nt < BM / 8; ++nt) {
+        for (int nt = 0; nt < WN / 8; ++nt) {
             const int c = 8 * nt;
             const u32 keep = (c >= lo && c <= hi ? 0x0000ffffu : 0u) | (c + 1 >= lo && c + 1 <= hi ? 0xffff0000u : 0u);
             pa[nt >> 1][2 * (nt & 1) + hh] &= keep;
@@ -269,7 +301,7 @@ FA_DEVICE void mask_packed(u32 (*pa)[4], u32 (*da)[4], const Work& w, int k0, in
     }
     if (exact_one_key) {
 #pragma unroll
-        for (int nt = 0; nt < BM / 8; ++nt) {
+        for (int nt = 0; nt < WN / 8; ++nt) {
             const u32 keep = (sees_one_key(mc, cb + 8 * nt) ? 0u : 0x0000ffffu) |
                              (sees_one_key(mc, cb + 8 * nt + 1) ? 0u : 0xffff0000u);
             da[nt >> 1][2 * (nt & 1)] &= keep;
@@ -301,14 +333,21 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
     const float scale_log2 = scale * FA_LOG2E;
 #endif
     const u32 sK = sbase + OFF_K, sV = sbase + OFF_V;
-    const u32 sK_wg = sK + wg * 64 * 128, sV_wg = sV + wg * 64 * 128;  // this warpgroup's 64 key rows (panel 0)
-    // dQ tile of this warpgroup: columns [dq_col0, +64) of query rows [dq_row0, +64) of the step.
+    // The 64 key rows of this warpgroup's S^T / dP^T (panel 0): its half of the block, or all of it (SPLIT_D).
+    const int key0 = SPLIT_D ? 0 : wg * 64;
+    const u32 sK_wg = sK + key0 * 128, sV_wg = sV + key0 * 128;
+    // Its query columns of S^T / dP^T: [qc0, qc0 + WN) of the step.
+    const int qc0 = SPLIT_D ? wg * WN : 0;
+    // Its dK / dV columns [kc0, kc0 + DW), as a byte offset of their first panel in a BM-row tile (SPLIT_D).
+    const int kc0 = SPLIT_D ? wg * DW : 0;
+    const u32 kv_b_off = (u32)(kc0 / 64) * BM * 128;
+    // dQ tile of this warpgroup: columns [dq_col0, +DQW) of query rows [dq_row0, +64) of the step.
     const u32 dq_a_off = DQ_SPLIT_N ? 0u : (u32)wg * BN * 128;
-    const u32 dq_b = DQ_SPLIT_N ? sK + wg * BN * 128 : sK;
-    const int dq_col0 = DQ_SPLIT_N ? 64 * wg : 0;
+    const u32 dq_b = DQ_SPLIT_N ? sK + wg * (DQW / 64) * BN * 128 : sK;
+    const int dq_col0 = DQ_SPLIT_N ? DQW * wg : 0;
     const int dq_row0 = DQ_SPLIT_N ? 0 : 64 * wg;
-    const int krow_lo = w.n0 + wg * 64;                       // first key of this warpgroup
-    const int kr0 = wg * 64 + warp * 16 + gq;                 // key row (in the CTA block) of register half 0
+    const int krow_lo = w.n0 + key0;                          // first key of this warpgroup's S^T
+    const int kr0 = key0 + warp * 16 + gq;                    // key row (in the CTA block) of register half 0
 
     float dk[KVREG], dv[KVREG];
 #pragma unroll
@@ -330,14 +369,15 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         const int head = w.head(it), m0 = w.m0(it);
         const u32 sQ = sbase + OFF_Q + st * QS_BYTES, sDO = sbase + OFF_DO + st * QS_BYTES;
         const u32 sDS = sbase + OFF_DS + (it & 1) * DS_BYTES;
+        const u32 sP = sbase + OFF_P + (it & 1) * DS_BYTES;  // SPLIT_D only
         mbar_wait(bars.full_q(st), ph);
 
         float s[SREG], dp[SREG];
         // (One pass computes P^T and dS^T once both products are done. Computing P^T while dP^T is still in
         // flight needs a second pass over f32 P^T and dP^T: 28-88 bytes of spills at HEAD_DIM 128.)
         wgmma_fence();
-        issue_kt(s, sK_wg, sQ);
-        issue_kt(dp, sV_wg, sDO);
+        issue_kt(s, sK_wg, sQ + qc0 * 128);
+        issue_kt(dp, sV_wg, sDO + qc0 * 128);
         wgmma_commit();
         // lse / D entry of step it + 1, loaded while the products run (loading it a step earlier measured 0..-1%).
         const float ld_val = it + 1 < w.n_iter && e_ld < 2 * BM ? ld_row_value(p, w, it + 1, e_ld) : 0.f;
@@ -354,13 +394,15 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         const float slope_log2 = f.alibi_slopes[w.bi * f.alibi_batch_stride + head] * FA_LOG2E;
 #endif
         const u32 ld = sbase + OFF_LD + (it & 1) * LD_BYTES;
-        const int cb = m0 + 2 * t;  // query of column offset 0 of this thread
-        u32 pa[PK][4], da[PK][4];
+        const int cb = m0 + qc0 + 2 * t;  // query of column offset 0 of this thread
+        const int ct = qc0 / 8;           // 8-query chunk of column offset 0 in the dS^T / P^T rows
+        u32 pa[PKW][4], da[PKW][4];
 #pragma unroll
-        for (int nt = 0; nt < BM / 8; ++nt) {
+        for (int nt = 0; nt < WN / 8; ++nt) {
             float2 l2, dd;
-            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(l2.x), "=f"(l2.y) : "r"(ld + 4 * (8 * nt + 2 * t)));
-            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(dd.x), "=f"(dd.y) : "r"(ld + 4 * BM + 4 * (8 * nt + 2 * t)));
+            const u32 le = ld + 4 * (qc0 + 8 * nt + 2 * t);
+            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(l2.x), "=f"(l2.y) : "r"(le));
+            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(dd.x), "=f"(dd.y) : "r"(le + 4 * BM));
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 float pv[2], dsv[2];
@@ -390,25 +432,36 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
                 // Register pair (4nt + 2hh, +1) -> A fragment of k16 step nt / 2, element 2 (nt & 1) + hh.
                 pa[nt >> 1][2 * (nt & 1) + hh] = DT::pack(pv[0], pv[1]);
                 da[nt >> 1][2 * (nt & 1) + hh] = DT::pack(dsv[0], dsv[1]);
-                if (!need_mask) store_ds(sDS, kr0 + 8 * hh, nt, t, da[nt >> 1][2 * (nt & 1) + hh]);
+                if (!need_mask) {
+                    store_ds(sDS, kr0 + 8 * hh, ct + nt, t, da[nt >> 1][2 * (nt & 1) + hh]);
+                    if constexpr (SPLIT_D) store_ds(sP, kr0 + 8 * hh, ct + nt, t, pa[nt >> 1][2 * (nt & 1) + hh]);
+                }
             }
         }
         if (need_mask) {
             mask_packed(pa, da, w, w.n0 + kr0, cb, p.exact_one_key != 0);
 #pragma unroll
-            for (int nt = 0; nt < BM / 8; ++nt)
+            for (int nt = 0; nt < WN / 8; ++nt)
 #pragma unroll
-                for (int hh = 0; hh < 2; ++hh) store_ds(sDS, kr0 + 8 * hh, nt, t, da[nt >> 1][2 * (nt & 1) + hh]);
+                for (int hh = 0; hh < 2; ++hh) {
+                    store_ds(sDS, kr0 + 8 * hh, ct + nt, t, da[nt >> 1][2 * (nt & 1) + hh]);
+                    if constexpr (SPLIT_D) store_ds(sP, kr0 + 8 * hh, ct + nt, t, pa[nt >> 1][2 * (nt & 1) + hh]);
+                }
         }
         if (it + 1 < w.n_iter && e_ld < 2 * BM) st_shared_f32(sbase + OFF_LD + ((it + 1) & 1) * LD_BYTES + 4 * e_ld, ld_val);
-        // The generic-proxy dS^T writes become visible to the wgmma (async proxy) reads of both warpgroups.
+        // The generic-proxy dS^T (and P^T) writes become visible to the wgmma (async proxy) reads of both warpgroups.
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         named_sync(BAR_DS, 256);
 
         float dq[DQREG];
         wgmma_fence();
-        issue_kv_grad(dv, pa, sDO);
-        issue_kv_grad(dk, da, sQ);
+        if constexpr (SPLIT_D) {
+            issue_kv_grad_ss(dv, sP, sDO + kv_b_off);
+            issue_kv_grad_ss(dk, sDS, sQ + kv_b_off);
+        } else {
+            issue_kv_grad(dv, pa, sDO);
+            issue_kv_grad(dk, da, sQ);
+        }
         issue_dq(dq, sDS + dq_a_off, dq_b);
         wgmma_commit();
         wgmma_wait<0>();
@@ -425,7 +478,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
             if (qi >= w.si.sq) continue;
             float* dst = p.dq_accum + ((i64)w.si.q_row0 + qi) * dq_row_stride + (i64)head * HEAD_DIM + dq_col0 + 2 * t;
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
+            for (int nt = 0; nt < DQW / 8; ++nt) {
                 if (dq_col0 + 8 * nt >= f.d) break;
                 asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" :: "l"(dst + 8 * nt), "f"(dq[4 * nt + 2 * hh]),
                              "f"(dq[4 * nt + 2 * hh + 1]) : "memory");
@@ -433,7 +486,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         }
     }
 
-    // ---- epilogue: dK = scale * acc, dV = acc, rows n0 + kr0 (+8) of the tensors, columns 8 nt + 2t
+    // ---- epilogue: dK = scale * acc, dV = acc, rows n0 + kr0 (+8) of the tensors, columns kc0 + 8 nt + 2t
     {
         const SeqInfo& si = w.si;
         elem_t* dkg = (elem_t*)p.dk + batch_off(p.dk_batch_stride, w.bi) + si.k_off_rows * p.dk_row_stride + w.kvh * p.dk_head_stride;
@@ -443,8 +496,8 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
             const int r = w.n0 + kr0 + 8 * hh;
             if (r >= si.sk_rows) continue;
 #pragma unroll
-            for (int nt = 0; nt < D / 8; ++nt) {
-                const int col = 8 * nt + 2 * t;
+            for (int nt = 0; nt < DW / 8; ++nt) {
+                const int col = kc0 + 8 * nt + 2 * t;
                 if (col >= f.d) break;
                 const float k0v = dk[4 * nt + 2 * hh] * scale, k1v = dk[4 * nt + 2 * hh + 1] * scale;
                 const float v0v = dv[4 * nt + 2 * hh], v1v = dv[4 * nt + 2 * hh + 1];

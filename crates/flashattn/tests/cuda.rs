@@ -204,6 +204,57 @@ fn small_variants() {
     assert!(fail == 0, "{}", msgs.join("\n"));
 }
 
+/// The Hopper backward at head dims above 128 (compiled at 256, smaller ones zero-padded): every variant,
+/// MHA/GQA/MQA, one and several key blocks of 64, f16 and bf16. On Hopper every one of these backwards must
+/// run on the sm90 path (checked case by case; varlen cases draw `seqused_k` on half the batches, which the
+/// sm90 backward leaves to the sm80-class kernel, so of those at least one), elsewhere none.
+#[test]
+fn sm90_backward_wide_heads() {
+    if !gpu("sm90_backward_wide_heads") {
+        return;
+    }
+    let mut cases = Vec::new();
+    for dtype in [DType::F16, DType::BF16] {
+        for (vi, variant) in VARIANTS.into_iter().enumerate() {
+            for (si, shape) in [(1, 65), (130, 257), (257, 130), (64, 64)].into_iter().enumerate() {
+                let d = [256, 192, 136, 256][(vi + si) % 4];
+                let mut c = Case::new(dtype, d, shape, HEADS[(vi + si) % HEADS.len()], variant);
+                c.batch = 2;
+                c.backward = true;
+                cases.push(c);
+            }
+        }
+    }
+    warm_up(&cases, false);
+    let hopper = cuda::device_arch(0).is_ok_and(|a| a == "sm_90a");
+    let forced = cuda::path_override().is_some_and(|p| p == "sm80")
+        || std::env::var("FLASHATTN_BWD_PATH").is_ok_and(|p| p.trim() == "sm80");
+    let sm90_expected = hopper && !forced;
+    let (mut pass, mut fail, mut msgs, mut off_path, mut varlen_sm90) = (0, 0, Vec::new(), Vec::new(), 0);
+    for c in &cases {
+        let before = sm90_launches().1;
+        let (p, f, m) = run_cases(Device::Cuda(0), std::slice::from_ref(c));
+        pass += p;
+        fail += f;
+        msgs.extend(m);
+        let on_sm90 = sm90_launches().1 > before;
+        if c.variant == Variant_::Varlen && sm90_expected {
+            varlen_sm90 += on_sm90 as usize;
+        } else if on_sm90 != sm90_expected {
+            off_path.push(format!("{c:?}"));
+        }
+    }
+    say(&format!(
+        "cuda sm90 backward, head dims > 128: {pass} passed, {fail} failed; {} of {} on the expected path, {varlen_sm90} \
+         varlen on sm90 (sm_90a: {hopper}, forced sm80: {forced})",
+        cases.len() - off_path.len(),
+        cases.len()
+    ));
+    assert!(fail == 0, "{}", msgs.join("\n"));
+    assert!(off_path.is_empty(), "backwards not on the expected path: {}", off_path.join("; "));
+    assert!(!sm90_expected || varlen_sm90 > 0, "no varlen backward ran on the sm90 path");
+}
+
 fn bits(t: &Tensor) -> Vec<u32> {
     t.to_f32_vec().iter().map(|x| x.to_bits()).collect()
 }

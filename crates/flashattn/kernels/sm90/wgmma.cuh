@@ -10,6 +10,29 @@ typedef unsigned long long u64;
 #define WG_T "f16"
 #endif
 
+// D[64 x 32] (+)= A[64 x 16] (smem; trans_a: 0 K-major, 1 M-major) * B[16 x 32] (smem; trans_b: 0 K-major,
+// 1 N-major).
+template <int TRANS_B, int TRANS_A = 0>
+FA_DEVICE void wgmma_ss_n32(float* d, u64 desc_a, u64 desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." WG_T "." WG_T " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %20, %19;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_B), "n"(TRANS_A));
+}
+
+// D[64 x 32] (+)= A[64 x 16] (registers, 4 x b32 per thread) * B[16 x 32] (smem; trans_b as above).
+template <int TRANS_B>
+FA_DEVICE void wgmma_rs_n32(float* d, const u32* a, u64 desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." WG_T "." WG_T " "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));
+}
+
 // D[64 x 64] (+)= A[64 x 16] (smem; trans_a: 0 K-major, 1 M-major) * B[16 x 64] (smem; trans_b: 0 K-major,
 // 1 N-major).
 template <int TRANS_B, int TRANS_A = 0>

@@ -23,11 +23,7 @@ pub fn sm90_backward_launches() -> u64 {
 }
 
 /// Head dims the sm90 backward is compiled for; a problem's `d` runs on the smallest one `>= d`.
-pub const SM90_BWD_HEAD_DIMS: [usize; 2] = [64, 128];
-
-/// Keys per CTA (`BN` of the kernel; its `BM`, the query rows per step, comes from the module's
-/// `flash_bwd_config`).
-const BLOCK_N: u32 = 128;
+pub const SM90_BWD_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
 /// A tensor map aligned as the kernel's `TmaMap` (`__align__(128)`), whatever alignment the bindings give
 /// `CUtensorMap`.
@@ -58,7 +54,7 @@ fn forced_off() -> bool {
     path_override().as_deref() == Some("sm80") || bwd.as_deref() == Some("sm80")
 }
 
-/// Whether the sm90 backward runs this problem on this device: a Hopper device, head dim <= 128, 16-byte
+/// Whether the sm90 backward runs this problem on this device: a Hopper device, head dim <= 256, 16-byte
 /// aligned pointers and strides (TMA), non-empty q and k, no `seqused_k` (the TMA would read the unused
 /// cache slots, see `fwd_sm90::covers`), not deterministic (bwd.cu's semaphore mode), and no override.
 pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool, deterministic: bool) -> bool {
@@ -79,7 +75,7 @@ pub(crate) fn sm90_bwd_variant(p: &Problem) -> Result<Variant> {
     let v = variant_for(p, Pass::Bwd, true, false)?;
     let head_dim = sm90_bwd_head_dim(p.d).ok_or_else(|| Error::Unsupported {
         backend: "cuda",
-        what: format!("the sm90 backward at head dim {} (at most {})", p.d, SM90_BWD_HEAD_DIMS[1]),
+        what: format!("the sm90 backward at head dim {} (at most {})", p.d, SM90_BWD_HEAD_DIMS[2]),
     })?;
     Ok(Variant { pass: Pass::BwdSm90, head_dim, aligned16: true, deterministic: false, ..v })
 }
@@ -106,7 +102,8 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &BwdArgs, p
     let (q_rows, k_rows, batch) =
         if p.varlen { (p.total_q, p.total_k, 1) } else { (p.dense_sq, p.total_k / p.batch, p.batch) };
     let m = gpu.module(&v)?;
-    let Some([bm, _, threads, smem]) = m.bwd_config else {
+    // BM (query rows per step) and BN (keys per CTA) are constants of the kernel's head dim.
+    let Some([bm, bn, threads, smem]) = m.bwd_config else {
         return Err(Error::Device(format!("the module {v} does not export flash_bwd_config (stale kernel source?)")));
     };
     if smem > gpu.smem_optin {
@@ -120,7 +117,7 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &BwdArgs, p
         tensor_map(&a.dout, p.d, q_rows, p.h, batch, bm),
     );
     let (Some(tq), Some(tk), Some(tv), Some(tdo)) = maps else { return Ok(false) };
-    let num_n_blocks = (params.fwd.sk.max(0) as u32).div_ceil(BLOCK_N);
+    let num_n_blocks = (params.fwd.sk.max(0) as u32).div_ceil(bn.max(1) as u32);
     let prm = Sm90BwdParams {
         b: *params,
         l2_group: l2_group(p, v.head_dim, params.fwd.sq.max(0) as usize),
@@ -160,6 +157,9 @@ mod tests {
         assert_eq!(sm90_bwd_head_dim(64), Some(64));
         assert_eq!(sm90_bwd_head_dim(96), Some(128));
         assert_eq!(sm90_bwd_head_dim(128), Some(128));
-        assert_eq!(sm90_bwd_head_dim(129), None);
+        assert_eq!(sm90_bwd_head_dim(129), Some(256));
+        assert_eq!(sm90_bwd_head_dim(192), Some(256));
+        assert_eq!(sm90_bwd_head_dim(256), Some(256));
+        assert_eq!(sm90_bwd_head_dim(257), None);
     }
 }

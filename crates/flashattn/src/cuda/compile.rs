@@ -46,8 +46,8 @@ pub enum Pass {
     KvCache,
     /// `fwd_sm90.cu`: `flash_fwd_sm90` (Hopper only: compiled for `sm_90a` alone).
     FwdSm90,
-    /// `bwd_sm90.cu`: `flash_bwd_sm90`, the backward's main kernel on Hopper (`sm_90a` alone; head dims 64 and
-    /// 128; `deterministic` unused: that mode runs on `bwd.cu`). Its preprocess and dQ conversion are `bwd.cu`'s.
+    /// `bwd_sm90.cu`: `flash_bwd_sm90`, the backward's main kernel on Hopper (`sm_90a` alone; head dims 64,
+    /// 128 and 256; `deterministic` unused: that mode runs on `bwd.cu`). Its preprocess and dQ conversion are `bwd.cu`'s.
     BwdSm90,
 }
 
