@@ -14,7 +14,7 @@
 //               STAGES-deep cp.async ring, so the main loop has no block-wide barrier; the warps' partial
 //               (m, l, O) are merged through shared memory at the end. num_splits == 1: o and lse are
 //               written directly; else f32 partial O (normalised) and its LSE go to o_part / lse_part.
-//   kv_combine  grid (b * h * sq), 128 threads, KV_COMBINE_SMEM = 528 B dynamic shared memory: one block per
+//   kv_combine  grid (b * h * sq), 128 threads, KV_COMBINE_SMEM dynamic shared memory: one block per
 //               output row merges the splits (<= 128):
 //               m = max lse_s, w_s = exp(lse_s - m), o = sum w_s o_s / sum w_s, lse = m + log(sum w_s)
 //               (every lse_s = -inf: o = 0, lse = -inf).
@@ -41,11 +41,22 @@
 #define KV_APPEND_WARPS 4
 #define KV_COMBINE_THREADS 128
 #define KV_MAX_SPLITS 128
-#define KV_COMBINE_SMEM ((KV_MAX_SPLITS + KV_COMBINE_THREADS / 32) * 4)
-// L2 prefetch size hint of the K/V copies (0, 64, 128 or 256 bytes): 256 by default (+2-3% KV bandwidth on
-// the H100 decode grid, docs/notes/cuda-decode.md).
+// kv_combine's thread layout: COMB_CT threads (a power of two) along the HEAD_DIM / 4 float4 columns of a row,
+// COMB_SG split groups, COMB_CPT float4 columns per thread (the last may lie past HEAD_DIM), COMB_U loads in
+// flight per column.
+#define COMB_C4 (HEAD_DIM / 4)
+#define COMB_CT (COMB_C4 >= 32 ? 32 : COMB_C4 >= 16 ? 16 : 8)
+#define COMB_SG (KV_COMBINE_THREADS / COMB_CT)
+#define COMB_CPT ((COMB_C4 + COMB_CT - 1) / COMB_CT)
+#define COMB_U 8
+// Split weights, the block's partial reductions, the split groups' column sums (the Rust launcher mirrors it:
+// src/cuda/kvcache.rs combine_smem).
+#define KV_COMBINE_SMEM ((KV_MAX_SPLITS + KV_COMBINE_THREADS / 32 + COMB_SG * HEAD_DIM) * 4)
+// L2 prefetch size hint of the K/V copies (0, 64, 128 or 256 bytes): none by default. With the swizzled rows the
+// 256-byte hint was within 0.5% on the H100 and cost 6-8% KV bandwidth at the large decode points on the H200
+// (its extra sectors: 168 M L2 reads for 134 M of data at (8, 128k)); docs/notes/cuda-decode.md.
 #ifndef KV_L2_PREFETCH
-#define KV_L2_PREFETCH 256
+#define KV_L2_PREFETCH 0
 #endif
 #define KV_THREADS (32 * KV_WARPS)
 // Shared-memory rows of the Q/K/V tiles. Head dims that are multiples of 64 use unpadded rows with the 16-byte
@@ -578,12 +589,30 @@ extern "C" __global__ void __launch_bounds__(KV_COMBINE_THREADS) kv_combine(cons
     extern __shared__ float s_comb[];
     float* s_w = s_comb;                      // [KV_MAX_SPLITS]
     float* s_red = s_comb + KV_MAX_SPLITS;    // [KV_COMBINE_THREADS / 32]
+    float* s_part = s_red + KV_COMBINE_THREADS / 32;  // [COMB_SG][D]: per split group sums
     if (*p.status != 0) return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const i64 rows_total = (i64)p.b * p.h * p.sq;
     const i64 R = blockIdx.x;
     const int ns = p.num_splits;  // <= KV_MAX_SPLITS = KV_COMBINE_THREADS
-    const float l = tid < ns ? p.lse_part[(i64)tid * rows_total + R] : FA_NEG_INF;
+    // Thread (sg, ct) sums splits sg, sg + COMB_SG, ... of float4 columns ct, ct + COMB_CT, ... The first
+    // COMB_U splits' partials are loaded before the weights are known, so their latency overlaps the lse load and
+    // the reductions: one L2 round trip for up to COMB_SG * COMB_U splits (the loop of dependent loads per column
+    // this replaces made the combine ~6 us at (b 1, 4k keys) on the H200, about what kv_attn takes).
+    const int ct = tid % COMB_CT, sg = tid / COMB_CT;
+    const float* src = p.o_part + R * D;
+    const i64 split_stride = rows_total * D;
+    auto col_ok = [&](int c) { return ct + c * COMB_CT < COMB_C4; };
+    auto load = [&](int s, int c) {
+        return s < ns && col_ok(c) ? __ldcg((const float4*)(src + (i64)s * split_stride) + ct + c * COMB_CT)
+                                   : make_float4(0.f, 0.f, 0.f, 0.f);
+    };
+    float4 v[COMB_CPT][COMB_U];
+#pragma unroll
+    for (int c = 0; c < COMB_CPT; ++c)
+#pragma unroll
+        for (int u = 0; u < COMB_U; ++u) v[c][u] = load(sg + u * COMB_SG, c);
+    const float l = tid < ns ? __ldcg(p.lse_part + (i64)tid * rows_total + R) : FA_NEG_INF;
     float m = warp_max(l);
     if (lane == 0) s_red[warp] = m;
     __syncthreads();
@@ -592,10 +621,44 @@ extern "C" __global__ void __launch_bounds__(KV_COMBINE_THREADS) kv_combine(cons
     for (int w = 0; w < KV_COMBINE_THREADS / 32; ++w) m = fmaxf(m, s_red[w]);
     const float mu = m == FA_NEG_INF ? 0.f : m;
     const float wt = tid < ns ? exp2_fast((l - mu) * FA_LOG2E) : 0.f;
-    if (tid < KV_MAX_SPLITS) s_w[tid] = wt;
+    if (tid < KV_MAX_SPLITS) s_w[tid] = wt;  // 0 past ns
     float sw = warp_sum(wt);
-    __syncthreads();  // everyone has read s_red (max)
+    __syncthreads();  // everyone has read s_red (max); s_w is complete
     if (lane == 0) s_red[warp] = sw;
+    float4 acc[COMB_CPT];
+#pragma unroll
+    for (int c = 0; c < COMB_CPT; ++c) {
+        acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int u = 0; u < COMB_U; ++u) {
+            const int si = sg + u * COMB_SG;
+            const float ws = si < ns ? s_w[si] : 0.f;
+            acc[c].x += ws * v[c][u].x;
+            acc[c].y += ws * v[c][u].y;
+            acc[c].z += ws * v[c][u].z;
+            acc[c].w += ws * v[c][u].w;
+        }
+    }
+    // More splits than one round covers: further rounds of COMB_U loads in flight.
+    for (int s0 = sg + COMB_U * COMB_SG; s0 < ns; s0 += COMB_U * COMB_SG) {
+#pragma unroll
+        for (int c = 0; c < COMB_CPT; ++c) {
+#pragma unroll
+            for (int u = 0; u < COMB_U; ++u) v[c][u] = load(s0 + u * COMB_SG, c);
+#pragma unroll
+            for (int u = 0; u < COMB_U; ++u) {
+                const int si = s0 + u * COMB_SG;
+                const float ws = si < ns ? s_w[si] : 0.f;
+                acc[c].x += ws * v[c][u].x;
+                acc[c].y += ws * v[c][u].y;
+                acc[c].z += ws * v[c][u].z;
+                acc[c].w += ws * v[c][u].w;
+            }
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < COMB_CPT; ++c)
+        if (col_ok(c)) *(float4*)&s_part[sg * D + 4 * (ct + c * COMB_CT)] = acc[c];
     __syncthreads();
     sw = 0.f;
 #pragma unroll
@@ -605,18 +668,10 @@ extern "C" __global__ void __launch_bounds__(KV_COMBINE_THREADS) kv_combine(cons
     const int qh = (int)((R / p.sq) % p.h);
     const int bi = (int)(R / ((i64)p.sq * p.h));
     u16* dst = (u16*)p.o + (i64)bi * p.o_batch_stride + (i64)t * p.o_row_stride + (i64)qh * p.o_head_stride;
-    const float* src = p.o_part + R * D;
-    const i64 split_stride = rows_total * D;
     for (int col = tid; col < p.d; col += KV_COMBINE_THREADS) {
-        // Independent loads, eight in flight: the partials are in L2, so latency, not bandwidth, bounds this.
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        int s = 0;
-        for (; s + 8 <= ns; s += 8) {
+        float o = 0.f;
 #pragma unroll
-            for (int u = 0; u < 8; ++u) acc[u] += s_w[s + u] * __ldcg(src + (i64)(s + u) * split_stride + col);
-        }
-        for (; s < ns; ++s) acc[0] += s_w[s] * __ldcg(src + (i64)s * split_stride + col);
-        const float o = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for (int g = 0; g < COMB_SG; ++g) o += s_part[g * D + col];
         dst[col] = Dt<elem_t>::from_f32(o * inv);
     }
     if (tid == 0) p.lse[R] = sw > 0.f ? mu + logf(sw) : FA_NEG_INF;

@@ -283,6 +283,21 @@ fn window(side: Option<usize>, limit: usize) -> i32 {
     }
 }
 
+/// Dynamic shared memory of `kv_combine` (`KV_COMBINE_SMEM`): the split weights, four warp partials, and one
+/// row of column sums per split group (of 128 threads, 32, 16 or 8 lie along the float4 columns: `COMB_CT`).
+fn combine_smem(head_dim: usize) -> u32 {
+    let c4 = head_dim / 4;
+    let groups = 128
+        / if c4 >= 32 {
+            32
+        } else if c4 >= 16 {
+            16
+        } else {
+            8
+        };
+    ((MAX_SPLITS + 4 + groups * head_dim) * 4) as u32
+}
+
 /// SM count and the number of `kv_attn` CTAs one SM holds (shared memory and threads).
 fn occupancy(gpu: &Gpu, head_dim: usize) -> (usize, usize) {
     use dsys::CUdevice_attribute as A;
@@ -471,9 +486,7 @@ fn enqueue_with(gpu: &Gpu, m: &Loaded, stream: dsys::CUstream, pl: &Plan, x: &Pt
         launch(&m.kernels["kv_attn"], "kv_attn", stream, grid, 32 * KV_WARPS, smem, &p)?;
         if pl.splits > 1 {
             let rows = (pl.b * pl.h * pl.sq) as u32;
-            // KV_COMBINE_SMEM: (KV_MAX_SPLITS + 4) floats.
-            let smem = ((MAX_SPLITS + 4) * 4) as u32;
-            launch(&m.kernels["kv_combine"], "kv_combine", stream, (rows, 1, 1), 128, smem, &p)?;
+            launch(&m.kernels["kv_combine"], "kv_combine", stream, (rows, 1, 1), 128, combine_smem(pl.head_dim), &p)?;
         }
     }
     Ok(())
