@@ -175,14 +175,6 @@ FA_DEVICE void red_add_frag(float* a, i64 rstep8, const float* c, bool ok_lo, bo
     if (ok_hi) red_add_f32x2(a + rstep8, c[2], c[3]);
 #endif
 }
-FA_DEVICE int ld_acquire_gpu(const int* p) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-FA_DEVICE void st_release_gpu(int* p, int v) {
-    asm volatile("st.release.gpu.global.b32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
-}
 
 // ================================================================ preprocess
 #define PRE_ROWS 64
@@ -617,13 +609,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 #if DETERMINISTIC
             const int nmb = (f.sq + BM - 1) / BM;
             int* sem = p.dq_semaphore + (i64)(bi * f.h + head) * nmb + mb;
-            int n_first = 0;
-#if HAS_MASK
-            if (mc.wl >= 0) {
-                const int first = m0 + off - mc.wl;
-                n_first = first <= 0 ? 0 : first / BN;
-            }
-#endif
+            const int n_first = bwd_first_k_block(mc, HAS_MASK != 0, m0, BN);
             if (tid == 0) {
                 const int want = nblk - n_first;
                 while (ld_acquire_gpu(sem) != want) { __nanosleep(64); }
@@ -911,13 +897,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 #if DETERMINISTIC
             const int nmb = (f.sq + BM - 1) / BM;
             int* sem = p.dq_semaphore + (i64)(bi * f.h + head) * nmb + mb;
-            int n_first = 0;
-#if HAS_MASK
-            if (mc.wl >= 0) {
-                const int first = m0 + off - mc.wl;
-                n_first = first <= 0 ? 0 : first / BN;
-            }
-#endif
+            const int n_first = bwd_first_k_block(mc, HAS_MASK != 0, m0, BN);
 #endif
             const i64 rstep8 = (i64)8 * f.h * HEAD_DIM;
 #pragma unroll

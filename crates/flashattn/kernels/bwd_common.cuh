@@ -63,3 +63,23 @@ FA_DEVICE void bwd_q_blocks(const MaskCtx& mc, bool has_mask, int n0, int BN, in
     *m_lo = lo;
     *m_hi = hi;
 }
+
+// ---------------------------------------------------------------- deterministic dQ (DETERMINISTIC)
+// The key blocks of one (batch, head) add their dQ to a query block in key order, taking turns on a per-(batch,
+// head, query block) counter (dq_semaphore, zeroed before the backward): key block n waits until the counter is
+// n - first, adds, then stores n - first + 1. `first` is the first key block (of BN keys) that sees query block
+// [m0, m0 + BM): every key block from it up to the block's last visible one visits it (the band masks' visible
+// key ranges grow with the query index), so the turns are dense. Fixed order = bit-reproducible sums.
+FA_DEVICE int bwd_first_k_block(const MaskCtx& mc, bool has_mask, int m0, int BN) {
+    if (!has_mask || mc.wl < 0) return 0;
+    const int first = m0 + (mc.sk - mc.sq) - mc.wl;
+    return first <= 0 ? 0 : first / BN;
+}
+FA_DEVICE int ld_acquire_gpu(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+FA_DEVICE void st_release_gpu(int* p, int v) {
+    asm volatile("st.release.gpu.global.b32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}

@@ -9,8 +9,11 @@
 //   included), exported as `flash_bwd_config` = {BM, BN, threads, smem} like bwd.cu.
 //
 // Compile-time macros: HEAD_DIM (64, 128 or 256: the padded head dim; p.b.fwd.d may be smaller, the TMA maps
-// zero-fill columns >= d), IS_BF16, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP, IS_VARLEN: as in bwd.cu. Not covered
-// (the launcher sends them to bwd.cu): deterministic mode, seqused_k, unaligned layouts.
+// zero-fill columns >= d), IS_BF16, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP, IS_VARLEN, DETERMINISTIC: as in bwd.cu. Not
+// covered (the launcher sends them to bwd.cu): seqused_k, unaligned layouts.
+// DETERMINISTIC: the query blocks are walked last to first (as bwd.cu does: all key blocks of a head then start
+// on the same block, so taking turns skews CTA n by n steps instead of serialising causal CTAs) and each dQ
+// block is added in key-block order (bwd_common.cuh, p.b.dq_semaphore: [b, h, ceil(sq / BM)] counters, zeroed).
 // Semantics: docs spec ATTENTION.md, exactly as bwd.cu (mask.cuh and bwd_common.cuh are shared).
 //
 // One CTA per key block of BN keys of one (batch, kv head) (128 keys; 64 at HEAD_DIM 256); it walks the query
@@ -65,9 +68,6 @@
 #if HEAD_DIM != 64 && HEAD_DIM != 128 && HEAD_DIM != 256
 #error "the sm90 backward is compiled for HEAD_DIM 64, 128 or 256"
 #endif
-#if DETERMINISTIC
-#error "the sm90 backward has no deterministic mode (bwd.cu serves it)"
-#endif
 
 // Stages of the Q / dO ring (2 or 3 below HEAD_DIM 256; 3 needs ~193 KB of shared memory and measured no faster).
 #ifndef BWD90_STAGES
@@ -114,6 +114,8 @@ static_assert(!SPLIT_D || (DW == 128 && BM == 64 && DQW == 128), "the SPLIT_D ti
 static_assert(OFF_LD + STAGES * LD_BYTES + 8 * (1 + 2 * STAGES) + 1024 <= 232448, "shared memory above 227 KB");
 constexpr int CONSUMER_WARPS = 8;
 constexpr int BAR_DS = 1;           // named barrier id (0 is __syncthreads): dS^T of both warpgroups written
+constexpr int BAR_DQ_ADDED = 2;     // DETERMINISTIC: both warpgroups have added the step's dQ
+constexpr int BAR_DQ_TURN = 3;      // DETERMINISTIC: + warpgroup: its thread 0 saw the CTA's turn
 
 }  // namespace b90
 
@@ -142,9 +144,9 @@ struct Work {
     SeqInfo si;
     MaskCtx mc;
     int n0, kvh, bi, group, m_lo, n_m, n_iter;
-    // Step `it`: query head and first query row (within the sequence).
+    // Step `it`: query head and first query row (within the sequence); DETERMINISTIC walks the blocks backwards.
     FA_DEVICE int head(int it) const { return kvh * group + it / n_m; }
-    FA_DEVICE int m0(int it) const { return (m_lo + it % n_m) * BM; }
+    FA_DEVICE int m0(int it) const { return (m_lo + (DETERMINISTIC ? n_m - 1 - it % n_m : it % n_m)) * BM; }
 };
 
 FA_DEVICE Work work(const Sm90BwdParams& prm) {
@@ -471,7 +473,14 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         release(bars.empty_q(st), lane);
 
         // ---- dQ rows (queries) m0 + dq_row0 + 16 warp + gq (+8), columns dq_col0 + 8 nt + 2t: added to the f32
-        // accumulator
+        // accumulator (DETERMINISTIC: in this key block's turn)
+#if DETERMINISTIC
+        int* sem = p.dq_semaphore + ((i64)w.bi * f.h + head) * ((f.sq + BM - 1) / BM) + m0 / BM;
+        const int turn = w.n0 / BN - bwd_first_k_block(w.mc, HAS_MASK != 0, m0, BN);
+        if (tid_wg == 0)
+            while (ld_acquire_gpu(sem) != turn) __nanosleep(64);
+        named_sync(BAR_DQ_TURN + wg, 128);
+#endif
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             const int qi = m0 + dq_row0 + warp * 16 + gq + 8 * hh;
@@ -484,6 +493,11 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
                              "f"(dq[4 * nt + 2 * hh + 1]) : "memory");
             }
         }
+#if DETERMINISTIC
+        __threadfence();
+        named_sync(BAR_DQ_ADDED, 256);
+        if (wg == 0 && tid_wg == 0) st_release_gpu(sem, turn + 1);
+#endif
     }
 
     // ---- epilogue: dK = scale * acc, dV = acc, rows n0 + kr0 (+8) of the tensors, columns kc0 + 8 nt + 2t

@@ -255,6 +255,35 @@ fn sm90_backward_wide_heads() {
     assert!(!sm90_expected || varlen_sm90 > 0, "no varlen backward ran on the sm90 path");
 }
 
+/// Deterministic mode against the f64 oracle: every variant, head dims on each sm90 backward tile (64, 128, 256)
+/// and padded ones, MHA/GQA/MQA, shapes of one and several blocks. On Hopper it runs on the sm90 backward
+/// (counted), elsewhere on bwd.cu's.
+#[test]
+fn deterministic_sweep() {
+    if !gpu("deterministic_sweep") {
+        return;
+    }
+    let mut cases = Vec::new();
+    for dtype in [DType::F16, DType::BF16] {
+        for (vi, variant) in VARIANTS.into_iter().enumerate() {
+            for (si, shape) in [(130, 257), (257, 130), (300, 300)].into_iter().enumerate() {
+                let d = [64, 128, 256, 96, 200][(vi + si + usize::from(dtype == DType::BF16)) % 5];
+                let mut c = Case::new(dtype, d, shape, HEADS[(vi + si) % HEADS.len()], variant);
+                c.batch = 2;
+                c.backward = true;
+                c.deterministic = true;
+                cases.push(c);
+            }
+        }
+    }
+    warm_up(&cases, true);
+    let before = sm90_launches();
+    let (pass, fail, msgs) = run_cases_logged(&cases);
+    say(&format!("cuda deterministic sweep: {pass} passed, {fail} failed"));
+    report_sm90("cuda deterministic sweep", before, true);
+    assert!(fail == 0, "{}", msgs.join("\n"));
+}
+
 fn bits(t: &Tensor) -> Vec<u32> {
     t.to_f32_vec().iter().map(|x| x.to_bits()).collect()
 }
@@ -267,9 +296,12 @@ fn determinism() {
     }
     let shapes = if full() { vec![(1024, 1024), (239, 799)] } else { vec![(130, 257)] };
     let mut checked = 0;
+    let before = sm90_launches();
     for dtype in [DType::F16, DType::BF16] {
         for &(sq, sk) in &shapes {
-            for (d, heads, variant) in [(128, (6, 2), Variant_::Causal), (64, (6, 6), Variant_::Plain)] {
+            for (d, heads, variant) in
+                [(128, (6, 2), Variant_::Causal), (64, (6, 6), Variant_::Plain), (256, (6, 1), Variant_::Window)]
+            {
                 let c = Case::new(dtype, d, (sq, sk), heads, variant);
                 let mut inp = make_inputs(&c, &mut rng(seed()));
                 inp.opts.deterministic = true;
@@ -300,6 +332,7 @@ fn determinism() {
         }
     }
     say(&format!("cuda determinism: {checked} cases bit-identical over 4 runs"));
+    report_sm90("cuda determinism", before, true);
 }
 
 /// Seqlens 1..17 everywhere with logits scaled by 100: no NaN, no Inf in o.

@@ -50,11 +50,11 @@ pub(crate) fn run(
     softmax: Softmax,
 ) -> Result<()> {
     fwd::check_sizes(p)?;
-    let sm90 = super::bwd_sm90::covers(gpu, p, aligned16, deterministic);
+    let sm90 = super::bwd_sm90::covers(gpu, p, aligned16);
     let mut v = fwd::variant_for(p, Pass::Bwd, aligned16, deterministic)?;
     if sm90 {
         // Preprocess and conversion share the dQ accumulator's layout ([rows, h, HEAD_DIM]) with the sm90 kernel.
-        v.head_dim = super::bwd_sm90::sm90_bwd_variant(p)?.head_dim;
+        v.head_dim = super::bwd_sm90::sm90_bwd_variant(p, deterministic)?.head_dim;
     }
     let m = gpu.module(&v)?;
     // Every bwd.cu module exports its tile configuration (`flash_bwd_config`): the launcher reads it rather
@@ -78,7 +78,9 @@ pub(crate) fn run(
     let dpsum = scratch::<f32>(stream, p.h * rows_q)?;
     let lse_log2 = scratch::<f32>(stream, p.h * rows_q)?;
     let dq_accum = scratch::<f32>(stream, rows_q * p.h * v.head_dim)?;
-    let n_sem = if deterministic { p.batch * p.h * sq.div_ceil(bm as usize) } else { 0 };
+    // Deterministic dQ counters, one per (batch, head, query block): bwd.cu's blocks are `bm` rows, the sm90
+    // kernel's 64 or 128 (laid out [b, h, ceil(sq / BM)] by each kernel): room for the finer of the two.
+    let n_sem = if deterministic { p.batch * p.h * sq.div_ceil((bm as usize).min(64)) } else { 0 };
     let sem = scratch::<i32>(stream, n_sem)?;
     let ptr = |s: &CudaSlice<f32>| s.device_ptr(stream).0;
     let sem_ptr = if deterministic { sem.device_ptr(stream).0 } else { 0 };
@@ -115,7 +117,7 @@ pub(crate) fn run(
     // scratch buffers live until their stream-ordered free after the kernels.
     unsafe {
         launch(&m.kernels["flash_bwd_preprocess"], "flash_bwd_preprocess", cs, rows_grid, 256, 0, &params)?;
-        if !(sm90 && super::bwd_sm90::run(gpu, cs, p, a, &params)?) {
+        if !(sm90 && super::bwd_sm90::run(gpu, cs, p, a, &params, deterministic)?) {
             let main_grid = ((sk as u32).div_ceil(bn as u32), p.hk as u32, p.batch as u32);
             launch(
                 &m.kernels["flash_bwd_main"],

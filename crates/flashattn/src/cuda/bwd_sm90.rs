@@ -56,13 +56,13 @@ fn forced_off() -> bool {
 
 /// Whether the sm90 backward runs this problem on this device: a Hopper device, head dim <= 256, 16-byte
 /// aligned pointers and strides (TMA), non-empty q and k, no `seqused_k` (the TMA would read the unused
-/// cache slots, see `fwd_sm90::covers`), not deterministic (bwd.cu's semaphore mode), and no override.
-pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool, deterministic: bool) -> bool {
+/// cache slots, see `fwd_sm90::covers`), and no override. Deterministic mode runs here too (the same turn-taking
+/// dQ counters as bwd.cu's).
+pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
     gpu.arch == "sm_90a"
         && !forced_off()
         && sm90_bwd_head_dim(p.d).is_some()
         && aligned16
-        && !deterministic
         && p.total_q > 0
         && p.total_k > 0
         && p.batch > 0
@@ -71,13 +71,13 @@ pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool, deterministic: boo
 }
 
 /// The sm90 backward variant of a problem.
-pub(crate) fn sm90_bwd_variant(p: &Problem) -> Result<Variant> {
-    let v = variant_for(p, Pass::Bwd, true, false)?;
+pub(crate) fn sm90_bwd_variant(p: &Problem, deterministic: bool) -> Result<Variant> {
+    let v = variant_for(p, Pass::Bwd, true, deterministic)?;
     let head_dim = sm90_bwd_head_dim(p.d).ok_or_else(|| Error::Unsupported {
         backend: "cuda",
         what: format!("the sm90 backward at head dim {} (at most {})", p.d, SM90_BWD_HEAD_DIMS[2]),
     })?;
-    Ok(Variant { pass: Pass::BwdSm90, head_dim, aligned16: true, deterministic: false, ..v })
+    Ok(Variant { pass: Pass::BwdSm90, head_dim, aligned16: true, ..v })
 }
 
 /// (batch, kv head) pairs per group of the kernel's tile order. Without masks 1 (key blocks innermost: the CTAs
@@ -97,8 +97,15 @@ fn l2_group(p: &Problem, head_dim: usize, sq: usize) -> i32 {
 /// Launches the sm90 main kernel on `stream` with the backward's parameters (scratch buffers included, laid
 /// out for the same padded head dim). Returns `Ok(false)` without launching when the driver refuses a tensor
 /// map for these layouts or the kernel's shared memory does not fit (the caller then runs bwd.cu's main).
-pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &BwdArgs, params: &BwdParams) -> Result<bool> {
-    let v = sm90_bwd_variant(p)?;
+pub(crate) fn run(
+    gpu: &Gpu,
+    stream: dsys::CUstream,
+    p: &Problem,
+    a: &BwdArgs,
+    params: &BwdParams,
+    deterministic: bool,
+) -> Result<bool> {
+    let v = sm90_bwd_variant(p, deterministic)?;
     let (q_rows, k_rows, batch) =
         if p.varlen { (p.total_q, p.total_k, 1) } else { (p.dense_sq, p.total_k / p.batch, p.batch) };
     let m = gpu.module(&v)?;

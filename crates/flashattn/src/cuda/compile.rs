@@ -47,7 +47,7 @@ pub enum Pass {
     /// `fwd_sm90.cu`: `flash_fwd_sm90` (Hopper only: compiled for `sm_90a` alone).
     FwdSm90,
     /// `bwd_sm90.cu`: `flash_bwd_sm90`, the backward's main kernel on Hopper (`sm_90a` alone; head dims 64,
-    /// 128 and 256; `deterministic` unused: that mode runs on `bwd.cu`). Its preprocess and dQ conversion are `bwd.cu`'s.
+    /// 128 and 256; deterministic mode too). Its preprocess and dQ conversion are `bwd.cu`'s.
     BwdSm90,
 }
 
@@ -123,7 +123,7 @@ impl Variant {
             format!("IS_VARLEN={}", b(self.varlen)),
             format!("ALIGNED16={}", b(self.aligned16)),
         ];
-        if self.pass == Pass::Bwd {
+        if matches!(self.pass, Pass::Bwd | Pass::BwdSm90) {
             v.push(format!("DETERMINISTIC={}", b(self.deterministic)));
         }
         if self.pass == Pass::KvCache {
@@ -159,7 +159,7 @@ impl fmt::Display for Variant {
             (self.alibi, "alibi"),
             (self.softcap, "softcap"),
             (self.varlen, "varlen"),
-            (self.deterministic && self.pass == Pass::Bwd, "det"),
+            (self.deterministic && matches!(self.pass, Pass::Bwd | Pass::BwdSm90), "det"),
             (!self.aligned16, "unaligned"),
         ] {
             if on {
@@ -231,16 +231,21 @@ fn sm90_plain() -> impl Iterator<Item = Variant> {
 }
 
 /// The sm90 variants (Hopper only), forward and backward: their head dims x dtypes x (mask, alibi, softcap,
-/// varlen).
+/// varlen), the backward also deterministic.
 pub fn sm90_variants() -> Vec<Variant> {
     let mut out = Vec::new();
     for p in sm90_plain() {
-        for bits in 0..16u32 {
+        for bits in 0..32u32 {
+            let deterministic = bits & 16 != 0;
+            if deterministic && p.pass != Pass::BwdSm90 {
+                continue;
+            }
             out.push(Variant {
                 mask: bits & 1 != 0,
                 alibi: bits & 2 != 0,
                 softcap: bits & 4 != 0,
                 varlen: bits & 8 != 0,
+                deterministic,
                 ..p
             });
         }
@@ -276,6 +281,9 @@ pub fn representative_variants() -> Vec<Variant> {
         out.push(p);
         out.push(Variant { mask: true, ..p });
         out.push(Variant { mask: true, alibi: true, softcap: true, varlen: true, ..p });
+        if p.pass == Pass::BwdSm90 {
+            out.push(Variant { deterministic: true, mask: true, ..p });
+        }
     }
     out
 }
@@ -574,7 +582,8 @@ ptxas info    : Used 255 registers, used 1 barriers, 8 bytes cumulative stack si
         assert_eq!(padded_head_dim(111), Some(128));
         assert_eq!(padded_head_dim(256), Some(256));
         assert_eq!(padded_head_dim(257), None);
-        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 3 * 2 * 16 + 2 * 2 * 16);
+        // bwd.cu x deterministic, KV, sm90 forward (3 head dims), sm90 backward (3 head dims x deterministic).
+        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 3 * 2 * 16 + 3 * 2 * 32);
         assert!(Pass::FwdSm90.builds_for("sm_90a") && !Pass::FwdSm90.builds_for("sm_80"));
         assert!(Pass::BwdSm90.builds_for("sm_90a") && !Pass::BwdSm90.builds_for("sm_80"));
     }

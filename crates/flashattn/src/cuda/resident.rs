@@ -160,8 +160,8 @@ impl DeviceAttention {
         };
         if let Some(b) = &self.bwd {
             let (_, aligned) = self.bwd_args(b);
-            let bv = if super::bwd_sm90::covers(&self.gpu, &self.p, aligned, self.deterministic) {
-                super::bwd_sm90::sm90_bwd_variant(&self.p)?
+            let bv = if super::bwd_sm90::covers(&self.gpu, &self.p, aligned) {
+                super::bwd_sm90::sm90_bwd_variant(&self.p, self.deterministic)?
             } else {
                 bv
             };

@@ -106,12 +106,14 @@ pub struct Case {
     pub batch: usize,
     pub variant: Variant,
     pub backward: bool,
+    /// `AttnOptions::deterministic` (the GPU's fixed-order dQ; the CPU backward is always deterministic).
+    pub deterministic: bool,
 }
 
 impl Case {
     pub fn new(dtype: DType, d: usize, (sq, sk): (usize, usize), (h, hk): (usize, usize), variant: Variant) -> Self {
         let batch = if sq * sk >= 1024 * 1023 { 2 } else { 4 };
-        Case { dtype, d, sq, sk, h, hk, batch, variant, backward: false }
+        Case { dtype, d, sq, sk, h, hk, batch, variant, backward: false, deterministic: false }
     }
 }
 
@@ -125,7 +127,7 @@ pub struct Inputs {
 }
 
 pub fn make_inputs(c: &Case, rng: &mut Rng64) -> Inputs {
-    let mut opts = AttnOptions::default();
+    let mut opts = AttnOptions { deterministic: c.deterministic, ..AttnOptions::default() };
     let q_scale = if c.variant == Variant::Softcap { 8.0 } else { 1.0 };
     let (qs, ks) = if c.variant == Variant::Varlen {
         let lq: Vec<usize> = (0..c.batch).map(|_| rng.gen_range(0..=c.sq)).collect();
