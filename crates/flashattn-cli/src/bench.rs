@@ -141,6 +141,9 @@ pub struct BenchArgs {
     /// are printed next to ours (as ratios), stored in the JSON rows (`peers`) and plotted (fa2, dashed).
     #[arg(long)]
     pub baselines: Option<PathBuf>,
+    /// Deterministic backward (bit-reproducible dQ, `AttnOptions::deterministic`).
+    #[arg(long)]
+    pub deterministic: bool,
 }
 
 /// One shape.
@@ -894,7 +897,9 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
         // Decode on CUDA fills its inputs on the device: no host tensors (they would be gigabytes).
         let host_inputs = !(decode && gpu_n.is_some());
         let x = if host_inputs {
-            inputs(p, a.dtype, a.seed.wrapping_add(i as u64), modes.contains(&Mode::FwdBwd))
+            let mut x = inputs(p, a.dtype, a.seed.wrapping_add(i as u64), modes.contains(&Mode::FwdBwd));
+            x.opts.deterministic = a.deterministic;
+            x
         } else {
             let z = Point { b: 0, ..*p };
             inputs(&z, a.dtype, 0, false)
