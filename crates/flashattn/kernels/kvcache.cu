@@ -627,33 +627,28 @@ extern "C" __global__ void __launch_bounds__(KV_COMBINE_THREADS) kv_combine(cons
     if (lane == 0) s_red[warp] = sw;
     float4 acc[COMB_CPT];
 #pragma unroll
-    for (int c = 0; c < COMB_CPT; ++c) {
-        acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int c = 0; c < COMB_CPT; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+    // acc[c] += the weighted partials v[c][u] of splits s0 + u * COMB_SG.
+    auto add_round = [&](int s0, int c) {
 #pragma unroll
         for (int u = 0; u < COMB_U; ++u) {
-            const int si = sg + u * COMB_SG;
+            const int si = s0 + u * COMB_SG;
             const float ws = si < ns ? s_w[si] : 0.f;
             acc[c].x += ws * v[c][u].x;
             acc[c].y += ws * v[c][u].y;
             acc[c].z += ws * v[c][u].z;
             acc[c].w += ws * v[c][u].w;
         }
-    }
+    };
+#pragma unroll
+    for (int c = 0; c < COMB_CPT; ++c) add_round(sg, c);
     // More splits than one round covers: further rounds of COMB_U loads in flight.
     for (int s0 = sg + COMB_U * COMB_SG; s0 < ns; s0 += COMB_U * COMB_SG) {
 #pragma unroll
         for (int c = 0; c < COMB_CPT; ++c) {
 #pragma unroll
             for (int u = 0; u < COMB_U; ++u) v[c][u] = load(s0 + u * COMB_SG, c);
-#pragma unroll
-            for (int u = 0; u < COMB_U; ++u) {
-                const int si = s0 + u * COMB_SG;
-                const float ws = si < ns ? s_w[si] : 0.f;
-                acc[c].x += ws * v[c][u].x;
-                acc[c].y += ws * v[c][u].y;
-                acc[c].z += ws * v[c][u].z;
-                acc[c].w += ws * v[c][u].w;
-            }
+            add_round(s0, c);
         }
     }
 #pragma unroll
