@@ -18,7 +18,8 @@
 //               output row merges the splits (<= 128):
 //               m = max lse_s, w_s = exp(lse_s - m), o = sum w_s o_s / sum w_s, lse = m + log(sum w_s)
 //               (every lse_s = -inf: o = 0, lse = -inf).
-// Every kernel returns at once when *status != 0 (the call was refused; the caller reads and clears it).
+// Every kernel returns before writing anything when *status != 0 (the call was refused; the caller reads and
+// clears it).
 //
 // Compile-time macros: HEAD_DIM (32..256, multiple of 32; p.d <= HEAD_DIM), IS_BF16, HAS_MASK, HAS_ALIBI,
 // HAS_SOFTCAP, ALIGNED16 (q or q_rot and both caches have 16-byte aligned bases and strides that are
@@ -173,11 +174,18 @@ FA_DEVICE bool cache_loc(const KvParams& p, int i, int pos, int* outer, int* inn
     return true;
 }
 
-// Whether sequence i's arguments are in range (what the host validation also checks).
-FA_DEVICE bool seq_ok(const KvParams& p, int i) {
-    const int n = seqlen_of(p, i);
+// A 32-bit global load kept where it is written (inline asm volatile): independent loads of a kernel's
+// prologue then go out together instead of each waiting behind the branch before it.
+FA_DEVICE int ld_now(const int* a) {
+    int v;
+    asm volatile("ld.global.s32 %0, [%1];" : "=r"(v) : "l"(a));
+    return v;
+}
+
+// Whether sequence i's arguments are in range (what the host validation also checks), given its cache length n
+// and left padding lp.
+FA_DEVICE bool seq_ok(const KvParams& p, int i, int n, int lp) {
     if (n < 0 || (long long)n + p.s_new > p.capacity) return false;
-    const int lp = leftpad_of(p, i);
     if (lp < 0 || lp > n) return false;
     if (p.page_size == 0 && p.cache_batch_idx) {
         const int r = p.cache_batch_idx[i];
@@ -189,6 +197,7 @@ FA_DEVICE bool seq_ok(const KvParams& p, int i) {
     }
     return true;
 }
+FA_DEVICE bool seq_ok(const KvParams& p, int i) { return seq_ok(p, i, seqlen_of(p, i), leftpad_of(p, i)); }
 
 // cp.async of 16 bytes (zero-filled past src_bytes) with the optional L2 prefetch hint.
 FA_DEVICE void kv_cp_async(u32 sa, const void* g, int src_bytes) {
@@ -301,13 +310,18 @@ FA_DEVICE void load_rows16(u32 s_base, const u16* my_row, int rows_valid, int d,
 extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams p) {
     using namespace kv;
     extern __shared__ __align__(128) unsigned char smem[];
-    if (*p.status != 0) return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
     const int split = blockIdx.x;
     const int mb = blockIdx.y;
     const int bi = blockIdx.z / p.hk;
     const int kvh = blockIdx.z % p.hk;
+    // The refusal word and this sequence's cache length and left padding, loaded together: one round trip to
+    // memory before the K/V loads can start, not three (docs/notes/cuda-decode.md, item 15).
+    const int status = ld_now(p.status);
+    const int n = p.cache_seqlens ? ld_now(p.cache_seqlens + bi) : p.seqlen_all;
+    const int lp = p.cache_leftpad ? ld_now(p.cache_leftpad + bi) : 0;
+    if (status != 0) return;
     const int group = p.h / p.hk;
     const int M = p.sq * group;
     const int r0 = mb * 16;
@@ -315,9 +329,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
     const int rows_valid = min(16, M - r0);
     const int d = p.d;
 
-    const int n = seqlen_of(p, bi);
-    const int lp = leftpad_of(p, bi);
-    if (!seq_ok(p, bi)) {
+    if (!seq_ok(p, bi, n, lp)) {
         if (tid == 0) atomicOr(p.status, 1);
         return;
     }
@@ -590,7 +602,6 @@ extern "C" __global__ void __launch_bounds__(KV_COMBINE_THREADS) kv_combine(cons
     float* s_w = s_comb;                      // [KV_MAX_SPLITS]
     float* s_red = s_comb + KV_MAX_SPLITS;    // [KV_COMBINE_THREADS / 32]
     float* s_part = s_red + KV_COMBINE_THREADS / 32;  // [COMB_SG][D]: per split group sums
-    if (*p.status != 0) return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const i64 rows_total = (i64)p.b * p.h * p.sq;
     const i64 R = blockIdx.x;
@@ -613,9 +624,12 @@ extern "C" __global__ void __launch_bounds__(KV_COMBINE_THREADS) kv_combine(cons
 #pragma unroll
         for (int u = 0; u < COMB_U; ++u) v[c][u] = load(sg + u * COMB_SG, c);
     const float l = tid < ns ? __ldcg(p.lse_part + (i64)tid * rows_total + R) : FA_NEG_INF;
+    // The refusal word goes out with those loads (the workspace is read either way; nothing is written when set).
+    const int status = ld_now(p.status);
     float m = warp_max(l);
     if (lane == 0) s_red[warp] = m;
     __syncthreads();
+    if (status != 0) return;  // the same for every thread of the block
     m = FA_NEG_INF;
 #pragma unroll
     for (int w = 0; w < KV_COMBINE_THREADS / 32; ++w) m = fmaxf(m, s_red[w]);
