@@ -75,7 +75,11 @@ pub(crate) fn sm90_bwd_variant(p: &Problem, deterministic: bool) -> Result<Varia
     let v = variant_for(p, Pass::Bwd, true, deterministic)?;
     let head_dim = sm90_bwd_head_dim(p.d).ok_or_else(|| Error::Unsupported {
         backend: "cuda",
-        what: format!("the sm90 backward at head dim {} (at most {})", p.d, SM90_BWD_HEAD_DIMS[2]),
+        what: format!(
+            "the sm90 backward at head dim {} (at most {})",
+            p.d,
+            SM90_BWD_HEAD_DIMS[SM90_BWD_HEAD_DIMS.len() - 1]
+        ),
     })?;
     Ok(Variant { pass: Pass::BwdSm90, head_dim, aligned16: true, ..v })
 }

@@ -286,16 +286,12 @@ fn window(side: Option<usize>, limit: usize) -> i32 {
 /// Dynamic shared memory of `kv_combine` (`KV_COMBINE_SMEM`): the split weights, four warp partials, and one
 /// row of column sums per split group (of 128 threads, 32, 16 or 8 lie along the float4 columns: `COMB_CT`).
 fn combine_smem(head_dim: usize) -> u32 {
-    let c4 = head_dim / 4;
-    let groups = 128
-        / if c4 >= 32 {
-            32
-        } else if c4 >= 16 {
-            16
-        } else {
-            8
-        };
-    ((MAX_SPLITS + 4 + groups * head_dim) * 4) as u32
+    let threads_along_columns = match head_dim / 4 {
+        32.. => 32,
+        16..=31 => 16,
+        _ => 8,
+    };
+    ((MAX_SPLITS + 4 + 128 / threads_along_columns * head_dim) * 4) as u32
 }
 
 /// SM count and the number of `kv_attn` CTAs one SM holds (shared memory and threads).
