@@ -96,13 +96,19 @@ def parse_usage(log):
     """[(kernel, regs, spill_stores, spill_loads, smem)] from a ptxas -v log."""
     out = []
     cur = None
+    in_kernel = True
     for line in log.splitlines():
         m = re.search(r"Compiling entry function '([^']+)'", line)
         if m:
             cur = [m.group(1), None, 0, 0, 0]
             out.append(cur)
             continue
-        if cur is None:
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            # a non-inlined device function's properties follow its caller's: not the kernel's
+            in_kernel = cur is not None and m.group(1) == cur[0]
+            continue
+        if cur is None or not in_kernel:
             continue
         m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m:

@@ -13,9 +13,9 @@
 //               warp streams its own 16-key blocks (blocks w, w + NW, ... of the CTA's split) through a
 //               STAGES-deep cp.async ring, so the main loop has no block-wide barrier; the warps' partial
 //               (m, l, O) are merged through shared memory at the end. num_splits == 1: o and lse are
-//               written directly; else f32 partial O (normalised) and its LSE go to o_part / lse_part.
-//   kv_combine  grid (b * h * sq), 128 threads, KV_COMBINE_SMEM dynamic shared memory: one block per
-//               output row merges the splits (<= 128):
+//               written directly. Else each split writes its f32 partial O (normalised) and LSE to o_part /
+//               lse_part and arrives on its group's counter (split_count[blockIdx.z * m_blocks + m_block]);
+//               the last to arrive merges the group's rows (combine_splits) and resets the counter to 0:
 //               m = max lse_s, w_s = exp(lse_s - m), o = sum w_s o_s / sum w_s, lse = m + log(sum w_s)
 //               (every lse_s = -inf: o = 0, lse = -inf).
 // Every kernel returns before writing anything when *status != 0 (the call was refused; the caller reads and
@@ -40,19 +40,9 @@
 #endif
 #endif
 #define KV_APPEND_WARPS 4
-#define KV_COMBINE_THREADS 128
 #define KV_MAX_SPLITS 128
-// kv_combine's thread layout: COMB_CT threads (a power of two) along the HEAD_DIM / 4 float4 columns of a row,
-// COMB_SG split groups, COMB_CPT float4 columns per thread (the last may lie past HEAD_DIM), COMB_U loads in
-// flight per column.
-#define COMB_C4 (HEAD_DIM / 4)
-#define COMB_CT (COMB_C4 >= 32 ? 32 : COMB_C4 >= 16 ? 16 : 8)
-#define COMB_SG (KV_COMBINE_THREADS / COMB_CT)
-#define COMB_CPT ((COMB_C4 + COMB_CT - 1) / COMB_CT)
-#define COMB_U 8
-// Split weights, the block's partial reductions, the split groups' column sums (the Rust launcher mirrors it:
-// src/cuda/kvcache.rs combine_smem).
-#define KV_COMBINE_SMEM ((KV_MAX_SPLITS + KV_COMBINE_THREADS / 32 + COMB_SG * HEAD_DIM) * 4)
+// A split's arrival on its group's counter: +1, and + KV_SPLIT_FAILED when it returned without its partials.
+#define KV_SPLIT_FAILED (1 << 16)
 // L2 prefetch size hint of the K/V copies (0, 64, 128 or 256 bytes): none by default. With the swizzled rows the
 // 256-byte hint was within 0.5% on the H100 and cost 6-8% KV bandwidth at the large decode points on the H200
 // (its extra sectors: 168 M L2 reads for 134 M of data at (8, 128k)); docs/notes/cuda-decode.md.
@@ -98,6 +88,7 @@ struct KvParams {
     float* o_part;            // workspace [num_splits, b * h * sq, HEAD_DIM] f32
     float* lse_part;          // workspace [num_splits, b * h * sq] f32
     int* status;              // workspace, 0 = fine; see the header
+    int* split_count;         // workspace [b * hk * m_blocks] arrival counters (num_splits > 1), 0 between calls
     i64 q_batch_stride, q_row_stride, q_head_stride;
     i64 kc_batch_stride, kc_row_stride, kc_head_stride;   // batch stride = page stride when paged
     i64 vc_batch_stride, vc_row_stride, vc_head_stride;
@@ -131,6 +122,8 @@ constexpr int ST = KV_STAGES;
 constexpr int CHUNKS = D / 8;
 constexpr int DTILES = D / 8;
 constexpr int RB = KV_ROW_BYTES;
+constexpr int C4 = D / 4;  // float4 columns of an f32 row
+constexpr int OS = D + 8;  // f32 row stride of the warps' staged O (rows g and g + 4 in other banks)
 static_assert(D % 32 == 0, "HEAD_DIM must be a multiple of 32");
 // Byte offset of 16-byte chunk c of row r in a Q/K/V tile (see KV_SWIZZLE).
 FA_DEVICE u32 chunk_at(int r, int c) {
@@ -156,6 +149,8 @@ FA_DEVICE LaneRow lane_row(int row, int hi) {
 }
 FA_DEVICE u32 lane_at(LaneRow l, int k) { return l.base + ((u32)(k ^ l.xs) << 5); }
 static_assert(ST >= 2, "KV_STAGES >= 2");
+// The staged O of the warp merge and the split weights of combine_splits live over the rings.
+static_assert(NW * 16 * OS * 4 <= NW * ST * 32 * RB && 16 * KV_MAX_SPLITS * 4 <= NW * ST * 32 * RB, "ring space");
 
 FA_DEVICE int seqlen_of(const KvParams& p, int i) { return p.cache_seqlens ? p.cache_seqlens[i] : p.seqlen_all; }
 FA_DEVICE int leftpad_of(const KvParams& p, int i) { return p.cache_leftpad ? p.cache_leftpad[i] : 0; }
@@ -307,7 +302,107 @@ FA_DEVICE void load_rows16(u32 s_base, const u16* my_row, int rows_valid, int d,
 }
 }  // namespace kv
 
-extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams p) {
+namespace kv {
+// A 32-bit load from L2 (not this SM's L1, which may hold the value this CTA read at its start).
+FA_DEVICE int ld_cg(const int* a) {
+    int v;
+    asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(a));
+    return v;
+}
+
+// One split's arrival on its group's counter (one thread; after a __threadfence of every thread that wrote
+// partials). True for the last of the num_splits arrivals when every split arrived with its partials; the
+// last arrival also resets the counter to 0 for the next call.
+FA_DEVICE bool last_split(int* counter, int num_splits, bool ok) {
+    const int add = ok ? 1 : 1 + KV_SPLIT_FAILED;
+    const int now = atomicAdd(counter, add) + add;
+    if ((now & (KV_SPLIT_FAILED - 1)) < num_splits) return false;
+    *counter = 0;
+    return now < KV_SPLIT_FAILED;
+}
+
+// A query tile's rows: folded row r0 + r is token (r0 + r) / group of query head kvh * group + (r0 + r) % group.
+struct TileRows {
+    int bi, kvh, group, r0;
+    // Output row index R = (bi, qh, t) of tile row r (the o_part / lse rows).
+    FA_DEVICE i64 out_row(const KvParams& p, int r) const {
+        const int rr = r0 + r;
+        return ((i64)bi * p.h + kvh * group + rr % group) * p.sq + rr / group;
+    }
+    // Writes columns 4 c4 .. 4 c4 + 3 (those < d) of tile row r of o.
+    FA_DEVICE void store_o(const KvParams& p, int r, int c4, float4 v) const {
+        const int rr = r0 + r;
+        u16* dst = (u16*)p.o + (i64)bi * p.o_batch_stride + (i64)(rr / group) * p.o_row_stride +
+                   (i64)(kvh * group + rr % group) * p.o_head_stride;
+        const float e[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+            if (4 * c4 + k < p.d) dst[4 * c4 + k] = Dt<elem_t>::from_f32(e[k]);
+    }
+};
+
+// The merge of a group's splits by its last CTA: rows 0 .. rows_valid - 1 of the tile. s_w (the CTA's free
+// shared memory, >= (16 * KV_MAX_SPLITS) * 4 bytes) holds each row's normalised split weights; then each thread
+// sums float4 columns of o_part, KV_COMB_U loads in flight. One warp per row computes the weights and writes the
+// row's LSE. Not inlined: it runs once per tile, and inlined it made ptxas spill the main loop at some head
+// dims (d160 with a mask: 168 registers, 4 bytes spilled; 198 and none without it).
+#define KV_COMB_U 8
+__device__ __noinline__ void combine_splits(const KvParams& p, unsigned char* s_free, int rows_valid, TileRows tr) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int ns = p.num_splits;  // <= KV_MAX_SPLITS = 4 * 32
+    const i64 rows_total = (i64)p.b * p.h * p.sq;
+    float* s_w = (float*)s_free;  // [16][KV_MAX_SPLITS]
+    for (int r = warp; r < rows_valid; r += NW) {
+        const i64 R = tr.out_row(p, r);
+        float l[KV_MAX_SPLITS / 32];
+        float m = FA_NEG_INF;
+#pragma unroll
+        for (int k = 0; k < KV_MAX_SPLITS / 32; ++k) {
+            const int s = lane + 32 * k;
+            l[k] = s < ns ? __ldcg(p.lse_part + (i64)s * rows_total + R) : FA_NEG_INF;
+            m = fmaxf(m, l[k]);
+        }
+        m = warp_max(m);
+        const float mu = m == FA_NEG_INF ? 0.f : m;
+        float sum = 0.f;
+#pragma unroll
+        for (int k = 0; k < KV_MAX_SPLITS / 32; ++k) {
+            l[k] = lane + 32 * k < ns ? exp2_fast((l[k] - mu) * FA_LOG2E) : 0.f;
+            sum += l[k];
+        }
+        sum = warp_sum(sum);
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+        for (int k = 0; k < KV_MAX_SPLITS / 32; ++k) s_w[r * KV_MAX_SPLITS + lane + 32 * k] = l[k] * inv;  // 0 past ns
+        if (lane == 0) p.lse[R] = sum > 0.f ? mu + logf(sum) : FA_NEG_INF;
+    }
+    __syncthreads();
+    const i64 split_stride = rows_total * D;
+    for (int idx = tid; idx < rows_valid * C4; idx += NT) {
+        const int r = idx / C4, c4 = idx % C4;
+        const float* src = p.o_part + tr.out_row(p, r) * D + 4 * c4;
+        const float* w = s_w + r * KV_MAX_SPLITS;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int s0 = 0; s0 < ns; s0 += KV_COMB_U) {
+            float4 v[KV_COMB_U];
+#pragma unroll
+            for (int u = 0; u < KV_COMB_U; ++u)
+                v[u] = s0 + u < ns ? __ldcg((const float4*)(src + (i64)(s0 + u) * split_stride)) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int u = 0; u < KV_COMB_U; ++u) {
+                const float ws = s0 + u < KV_MAX_SPLITS ? w[s0 + u] : 0.f;
+                acc.x += ws * v[u].x;
+                acc.y += ws * v[u].y;
+                acc.z += ws * v[u].z;
+                acc.w += ws * v[u].w;
+            }
+        }
+        tr.store_o(p, r, c4, acc);
+    }
+}
+}  // namespace kv
+
+extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid_constant__ KvParams p) {
     using namespace kv;
     extern __shared__ __align__(128) unsigned char smem[];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -321,18 +416,24 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
     const int status = ld_now(p.status);
     const int n = p.cache_seqlens ? ld_now(p.cache_seqlens + bi) : p.seqlen_all;
     const int lp = p.cache_leftpad ? ld_now(p.cache_leftpad + bi) : 0;
-    if (status != 0) return;
     const int group = p.h / p.hk;
     const int M = p.sq * group;
     const int r0 = mb * 16;
     if (r0 >= M) return;
+    // A refused call (an earlier refusal, or this sequence's values out of range) writes nothing. Every split
+    // still arrives on its group's counter, marked failed, whichever of the two it saw (another CTA of this
+    // group may have set the status word before this one read it): the counter returns to 0, nobody merges.
+    const bool bad_seq = !seq_ok(p, bi, n, lp);
+    if (status != 0 || bad_seq) {
+        if (tid == 0) {
+            if (bad_seq) atomicOr(p.status, 1);
+            if (p.num_splits > 1) last_split(p.split_count + blockIdx.z * gridDim.y + mb, p.num_splits, false);
+        }
+        return;
+    }
     const int rows_valid = min(16, M - r0);
     const int d = p.d;
 
-    if (!seq_ok(p, bi, n, lp)) {
-        if (tid == 0) atomicOr(p.status, 1);
-        return;
-    }
     const int sk = n + p.s_new - lp;  // keys this sequence attends to
     const int sq = p.sq;
 
@@ -542,7 +643,8 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
     }
     cp_async_wait_all();
 
-    // ---- merge the warps: m, l per row to shared memory, O (unnormalised f32) over the ring.
+    // ---- merge the warps. Per row, each warp's weight exp(m_w - m) / L is computed once (threads 0..15)
+    // while every thread stages its unnormalised O over the rings; then float4 columns are summed.
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const float l = quad_sum(row_l[hh]);
@@ -551,139 +653,74 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS) kv_attn(const KvParams 
             s_ml[(warp * 2 + 1) * 16 + g + hh * 8] = l;
         }
     }
-    __syncthreads();  // every warp is done with its ring
-    float* s_o = (float*)(smem + 16 * RB);  // [NW][16][D]
+    __syncthreads();  // every warp is done with its ring; s_ml is complete
+    float* s_o = (float*)(smem + 16 * RB);  // [NW][16][OS]
+    if (tid < 16) {
+        float mw[NW], lw[NW];
+        float mm = FA_NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            mw[w] = s_ml[(w * 2) * 16 + tid];
+            lw[w] = s_ml[(w * 2 + 1) * 16 + tid];
+            mm = fmaxf(mm, mw[w]);
+        }
+        const float mu = (mm == FA_NEG_INF ? 0.f : mm) * c;
+        float wt[NW], L = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            wt[w] = exp2_fast(mw[w] * c - mu);
+            L += wt[w] * lw[w];
+        }
+        const float inv = L > 0.f ? 1.f / L : 0.f;
+        // Row tid's own slots only: warp w's weight over its m, the row's LSE over warp 0's l.
+#pragma unroll
+        for (int w = 0; w < NW; ++w) s_ml[(w * 2) * 16 + tid] = wt[w] * inv;
+        s_ml[16 + tid] = L > 0.f ? (mu + log2_fast(L)) * FA_LN2 : FA_NEG_INF;
+    }
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int r = g + hh * 8;
 #pragma unroll
-        for (int dt = 0; dt < DTILES; ++dt) {
-            *(float2*)&s_o[(warp * 16 + r) * D + dt * 8 + 2 * tq] = make_float2(acc[dt][2 * hh], acc[dt][2 * hh + 1]);
-        }
+        for (int dt = 0; dt < DTILES; ++dt)
+            *(float2*)&s_o[(warp * 16 + r) * OS + dt * 8 + 2 * tq] = make_float2(acc[dt][2 * hh], acc[dt][2 * hh + 1]);
     }
     __syncthreads();
     const bool direct = p.num_splits == 1;
-    for (int idx = tid; idx < 16 * D; idx += NT) {
-        const int r = idx / D, col = idx % D;
-        if (r >= rows_valid || col >= d) continue;
-        float mm = FA_NEG_INF;
-#pragma unroll
-        for (int w = 0; w < NW; ++w) mm = fmaxf(mm, s_ml[(w * 2) * 16 + r]);
-        const float mu = (mm == FA_NEG_INF ? 0.f : mm) * c;
-        float L = 0.f, O = 0.f;
+    const i64 rows_total = (i64)p.b * p.h * sq;
+    const TileRows tr{bi, kvh, group, r0};
+    for (int idx = tid; idx < rows_valid * C4; idx += NT) {
+        const int r = idx / C4, c4 = idx % C4;
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
         for (int w = 0; w < NW; ++w) {
-            const float wt = exp2_fast(s_ml[(w * 2) * 16 + r] * c - mu);
-            L += wt * s_ml[(w * 2 + 1) * 16 + r];
-            O += wt * s_o[(w * 16 + r) * D + col];
+            const float wt = s_ml[(w * 2) * 16 + r];
+            const float4 v = *(const float4*)&s_o[(w * 16 + r) * OS + 4 * c4];
+            o.x += wt * v.x;
+            o.y += wt * v.y;
+            o.z += wt * v.z;
+            o.w += wt * v.w;
         }
-        const float o = L > 0.f ? O / L : 0.f;
-        const float lse = L > 0.f ? (mu + log2_fast(L)) * FA_LN2 : FA_NEG_INF;
-        const int rr = r0 + r;
-        const int t = rr / group, qh = kvh * group + rr % group;
-        const i64 R = ((i64)bi * p.h + qh) * sq + t;
+        const i64 R = tr.out_row(p, r);
         if (direct) {
-            ((u16*)p.o)[(i64)bi * p.o_batch_stride + (i64)t * p.o_row_stride + (i64)qh * p.o_head_stride + col] =
-                Dt<elem_t>::from_f32(o);
-            if (col == 0) p.lse[R] = lse;
+            tr.store_o(p, r, c4, o);
+            if (c4 == 0) p.lse[R] = s_ml[16 + r];
         } else {
-            const i64 rows_total = (i64)p.b * p.h * sq;
-            p.o_part[((i64)split * rows_total + R) * D + col] = o;
-            if (col == 0) p.lse_part[(i64)split * rows_total + R] = lse;
+            *(float4*)&p.o_part[((i64)split * rows_total + R) * D + 4 * c4] = o;
+            if (c4 == 0) p.lse_part[(i64)split * rows_total + R] = s_ml[16 + r];
         }
     }
-}
+    if (direct) return;
 
-extern "C" __global__ void __launch_bounds__(KV_COMBINE_THREADS) kv_combine(const KvParams p) {
-    using namespace kv;
-    // Dynamic shared memory (KV_COMBINE_SMEM bytes): the loader raises every kernel's dynamic limit to the
-    // device maximum, which leaves no room for static shared memory.
-    extern __shared__ float s_comb[];
-    float* s_w = s_comb;                      // [KV_MAX_SPLITS]
-    float* s_red = s_comb + KV_MAX_SPLITS;    // [KV_COMBINE_THREADS / 32]
-    float* s_part = s_red + KV_COMBINE_THREADS / 32;  // [COMB_SG][D]: per split group sums
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const i64 rows_total = (i64)p.b * p.h * p.sq;
-    const i64 R = blockIdx.x;
-    const int ns = p.num_splits;  // <= KV_MAX_SPLITS = KV_COMBINE_THREADS
-    // Thread (sg, ct) sums splits sg, sg + COMB_SG, ... of float4 columns ct, ct + COMB_CT, ... The first
-    // COMB_U splits' partials are loaded before the weights are known, so their latency overlaps the lse load and
-    // the reductions: one L2 round trip for up to COMB_SG * COMB_U splits (the loop of dependent loads per column
-    // this replaces made the combine ~6 us at (b 1, 4k keys) on the H200, about what kv_attn takes).
-    const int ct = tid % COMB_CT, sg = tid / COMB_CT;
-    const float* src = p.o_part + R * D;
-    const i64 split_stride = rows_total * D;
-    auto col_ok = [&](int c) { return ct + c * COMB_CT < COMB_C4; };
-    auto load = [&](int s, int c) {
-        return s < ns && col_ok(c) ? __ldcg((const float4*)(src + (i64)s * split_stride) + ct + c * COMB_CT)
-                                   : make_float4(0.f, 0.f, 0.f, 0.f);
-    };
-    float4 v[COMB_CPT][COMB_U];
-#pragma unroll
-    for (int c = 0; c < COMB_CPT; ++c)
-#pragma unroll
-        for (int u = 0; u < COMB_U; ++u) v[c][u] = load(sg + u * COMB_SG, c);
-    const float l = tid < ns ? __ldcg(p.lse_part + (i64)tid * rows_total + R) : FA_NEG_INF;
-    // The refusal word goes out with those loads (the workspace is read either way; nothing is written when set).
-    const int status = ld_now(p.status);
-    float m = warp_max(l);
-    if (lane == 0) s_red[warp] = m;
+    // ---- split-KV: the last of the group's splits to finish merges them (no second kernel).
+    __threadfence();  // this thread's partials are visible device-wide before the arrival
     __syncthreads();
-    if (status != 0) return;  // the same for every thread of the block
-    m = FA_NEG_INF;
-#pragma unroll
-    for (int w = 0; w < KV_COMBINE_THREADS / 32; ++w) m = fmaxf(m, s_red[w]);
-    const float mu = m == FA_NEG_INF ? 0.f : m;
-    const float wt = tid < ns ? exp2_fast((l - mu) * FA_LOG2E) : 0.f;
-    if (tid < KV_MAX_SPLITS) s_w[tid] = wt;  // 0 past ns
-    float sw = warp_sum(wt);
-    __syncthreads();  // everyone has read s_red (max); s_w is complete
-    if (lane == 0) s_red[warp] = sw;
-    float4 acc[COMB_CPT];
-#pragma unroll
-    for (int c = 0; c < COMB_CPT; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
-    // acc[c] += the weighted partials v[c][u] of splits s0 + u * COMB_SG.
-    auto add_round = [&](int s0, int c) {
-#pragma unroll
-        for (int u = 0; u < COMB_U; ++u) {
-            const int si = s0 + u * COMB_SG;
-            const float ws = si < ns ? s_w[si] : 0.f;
-            acc[c].x += ws * v[c][u].x;
-            acc[c].y += ws * v[c][u].y;
-            acc[c].z += ws * v[c][u].z;
-            acc[c].w += ws * v[c][u].w;
-        }
-    };
-#pragma unroll
-    for (int c = 0; c < COMB_CPT; ++c) add_round(sg, c);
-    // More splits than one round covers: further rounds of COMB_U loads in flight.
-    for (int s0 = sg + COMB_U * COMB_SG; s0 < ns; s0 += COMB_U * COMB_SG) {
-#pragma unroll
-        for (int c = 0; c < COMB_CPT; ++c) {
-#pragma unroll
-            for (int u = 0; u < COMB_U; ++u) v[c][u] = load(s0 + u * COMB_SG, c);
-            add_round(s0, c);
-        }
-    }
-#pragma unroll
-    for (int c = 0; c < COMB_CPT; ++c)
-        if (col_ok(c)) *(float4*)&s_part[sg * D + 4 * (ct + c * COMB_CT)] = acc[c];
+    int* s_flag = (int*)s_ml;  // s_ml is no longer read; combine_splits uses the rings' space
+    if (tid == 0) *s_flag = last_split(p.split_count + blockIdx.z * gridDim.y + mb, p.num_splits, true);
     __syncthreads();
-    sw = 0.f;
-#pragma unroll
-    for (int w = 0; w < KV_COMBINE_THREADS / 32; ++w) sw += s_red[w];
-    const float inv = sw > 0.f ? 1.f / sw : 0.f;
-    const int t = (int)(R % p.sq);
-    const int qh = (int)((R / p.sq) % p.h);
-    const int bi = (int)(R / ((i64)p.sq * p.h));
-    u16* dst = (u16*)p.o + (i64)bi * p.o_batch_stride + (i64)t * p.o_row_stride + (i64)qh * p.o_head_stride;
-    for (int col = tid; col < p.d; col += KV_COMBINE_THREADS) {
-        float o = 0.f;
-#pragma unroll
-        for (int g = 0; g < COMB_SG; ++g) o += s_part[g * D + col];
-        dst[col] = Dt<elem_t>::from_f32(o * inv);
-    }
-    if (tid == 0) p.lse[R] = sw > 0.f ? mu + logf(sw) : FA_NEG_INF;
+    if (*s_flag == 0) return;
+    __threadfence();
+    if (ld_cg(p.status) != 0) return;  // a refusal or a bad page anywhere: nothing is written
+    combine_splits(p, smem + 16 * RB, rows_valid, tr);
 }
 
 // Benchmark helper: fills n 16-bit elements with pseudo-random values in [-2, 2) (a hash of the index), so

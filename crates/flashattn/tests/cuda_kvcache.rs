@@ -2,7 +2,8 @@
 //! with pages of 1, 16 and 256 rows and unpaged; rotary none/half/full, interleaved or not; leftpad; batch
 //! index; every mask, ALiBi and softcap; GQA/MQA folding; split-KV; appends that fill the cache exactly),
 //! overflowing appends refused with the cache untouched (host and device forms), and the device form
-//! captured in a CUDA graph and replayed with new data. Each result is checked against the f64 oracle
+//! captured in a CUDA graph and replayed with new data; refused split-KV calls followed by valid ones on the same
+//! workspace (the split merge's arrival counters). Each result is checked against the f64 oracle
 //! with the spec's rule, and the appended cache bit for bit against the host append.
 //!
 //! Without a usable GPU each test prints a visible SKIP line and passes (`FLASHATTN_REQUIRE_GPU=1`: fails).
@@ -545,6 +546,67 @@ fn kvcache_cuda_graph_replay() {
     }
     say(&format!(
         "cuda kvcache graph: captured (global mode) and replayed 3x with new data, all match the oracle ({splits} key splits, paged 16, rotary, b 3, h 32/8, cache 4096)"
+    ));
+}
+
+/// Split-KV calls are merged by the last split of each query tile to finish, which counts the arrivals in the
+/// workspace. A refused call, whether the append refuses it (every split sees the status word) or the attention
+/// kernel itself while other tiles run (no append: `kv_attn` checks the cache lengths), must leave those counters
+/// at zero: the next calls on the same workspace are checked against the oracle, eight rounds each. Whether a
+/// CTA sees another's refusal depends on timing: run it under compute-sanitizer racecheck too (its slower,
+/// serialised CTAs made an early form of the kernel fail here: a refused sequence's CTAs arrived only when
+/// they had seen the status word already set).
+#[test]
+fn kvcache_split_counters_after_refusal() {
+    if !gpu("kvcache_split_counters_after_refusal") {
+        return;
+    }
+    let mut r = rng(seed());
+    let mut splits_seen = Vec::new();
+    for s_new in [2usize, 0] {
+        let c = KvCase {
+            dtype: DType::BF16,
+            d: 128,
+            h: 8,
+            hk: 2,
+            sq: 1,
+            s_new,
+            cap: 2048,
+            page: None,
+            rot: 0,
+            interleaved: false,
+            leftpad: false,
+            batch_idx: false,
+            feat: Feat::Plain,
+            exact_fill: true,
+        };
+        let s = setup(c, &mut r);
+        let mut dev = DevCase::upload(&s);
+        let ws = KvWorkspace::new(0, dev.ws_bytes(&s)).unwrap();
+        let (q, cache, o, lse) = dev.refs(&s);
+        let splits = cuda::kvcache_splits(0, &q, &cache, &o, &lse, &s.opts).unwrap();
+        assert!(splits > 1, "s_new {s_new}: the case must split the keys, got {splits} split");
+        splits_seen.push(splits);
+        // Sequence 1 past its capacity: an overflowing append, or (no append) a cache length out of range.
+        let mut bad = s.seqlens.clone();
+        bad[1] = (c.cap - s_new + 1) as i32;
+        for round in 0..8 {
+            dev.stream.memcpy_htod(&bad, &mut dev.seqlens).unwrap();
+            dev.run(&s, &ws, dev.stream.cu_stream() as *mut _).expect("shapes are valid");
+            let st = ws.status().unwrap();
+            assert_eq!(st & 1, 1, "s_new {s_new} round {round}: status {st}, expected the refusal bit");
+            ws.clear_status().unwrap();
+            dev.refill(&s);
+            dev.run(&s, &ws, dev.stream.cu_stream() as *mut _).expect("shapes are valid");
+            assert_eq!(ws.status().unwrap(), 0, "s_new {s_new} round {round}: status after the valid call");
+            let (o, lse) = dev.outputs(&s);
+            let (kc, vc) = dev.caches(&s);
+            verify(&s, &o, &lse, &kc, &vc).unwrap_or_else(|e| panic!("s_new {s_new} round {round}: {e}"));
+            dev.refill(&s);
+        }
+    }
+    say(&format!(
+        "cuda kvcache split counters: refused calls (by the append, by the attention kernel) then valid ones, 8 rounds each, all match the oracle ({splits_seen:?} key splits)"
     ));
 }
 

@@ -41,7 +41,7 @@ pub enum Pass {
     Fwd,
     /// `bwd.cu`: `flash_bwd_preprocess`, `flash_bwd_main`, `flash_bwd_convert_dq`.
     Bwd,
-    /// `kvcache.cu`: `kv_append`, `kv_attn`, `kv_combine`, `kv_fill` (KV-cache attention; `varlen` and `deterministic`
+    /// `kvcache.cu`: `kv_append`, `kv_attn`, `kv_fill` (KV-cache attention; `varlen` and `deterministic`
     /// are unused).
     KvCache,
     /// `fwd_sm90.cu`: `flash_fwd_sm90` (Hopper only: compiled for `sm_90a` alone).
@@ -137,7 +137,7 @@ impl Variant {
         match self.pass {
             Pass::Fwd => &["flash_fwd"],
             Pass::Bwd => &["flash_bwd_preprocess", "flash_bwd_main", "flash_bwd_convert_dq"],
-            Pass::KvCache => &["kv_append", "kv_attn", "kv_combine", "kv_fill"],
+            Pass::KvCache => &["kv_append", "kv_attn", "kv_fill"],
             Pass::FwdSm90 => &["flash_fwd_sm90"],
             Pass::BwdSm90 => &["flash_bwd_sm90"],
         }
@@ -362,6 +362,7 @@ fn number_before(line: &str, suffix: &str) -> Option<u32> {
 /// Parses a `ptxas -v` log into per-kernel register and spill counts.
 pub fn parse_usage(log: &str) -> Vec<KernelUsage> {
     let mut out: Vec<KernelUsage> = Vec::new();
+    let mut in_kernel = true;
     for line in log.lines() {
         if let Some(i) = line.find("Compiling entry function '") {
             let rest = &line[i + "Compiling entry function '".len()..];
@@ -369,7 +370,16 @@ pub fn parse_usage(log: &str) -> Vec<KernelUsage> {
             out.push(KernelUsage { kernel: name, registers: 0, spill_stores: 0, spill_loads: 0, smem: 0 });
             continue;
         }
+        // A non-inlined device function's own properties follow its caller's: they are not the kernel's.
+        if let Some(i) = line.find("Function properties for ") {
+            let name = line[i + "Function properties for ".len()..].trim();
+            in_kernel = out.last().is_some_and(|k| k.kernel == name);
+            continue;
+        }
         let Some(cur) = out.last_mut() else { continue };
+        if !in_kernel {
+            continue;
+        }
         if let Some(n) = number_before(line, "bytes spill stores") {
             cur.spill_stores = n;
         }
@@ -564,6 +574,21 @@ ptxas info    : Used 255 registers, used 1 barriers, 8 bytes cumulative stack si
         assert_eq!(u[0].kernel, "flash_fwd");
         assert_eq!((u[0].registers, u[0].spill_stores, u[0].spill_loads), (255, 4, 12));
         assert!(u[0].spills());
+        // A non-inlined device function's properties after the kernel's are not the kernel's.
+        let log = "ptxas info    : Compiling entry function 'kv_attn' for 'sm_90a'\n\
+ptxas info    : Function properties for kv_attn\n\
+ptxas         .     24 bytes stack frame, 24 bytes spill stores, 24 bytes spill loads\n\
+ptxas info    : Used 128 registers, used 1 barriers, 24 bytes cumulative stack size\n\
+ptxas info    : Function properties for _ZN2kv14combine_splitsE\n\
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Compiling entry function 'kv_append' for 'sm_90a'\n\
+ptxas info    : Function properties for kv_append\n\
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 30 registers, used 1 barriers\n";
+        let u = parse_usage(log);
+        assert_eq!(u.len(), 2);
+        assert_eq!((u[0].registers, u[0].spill_stores, u[0].spill_loads), (128, 24, 24));
+        assert_eq!((u[1].kernel.as_str(), u[1].registers, u[1].spills()), ("kv_append", 30, false));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! KV-cache attention on the GPU (`kernels/kvcache.cu`): the append of new keys/values (with rotary) runs
 //! in a kernel, in place in the (paged) cache; attention reads K/V straight from the cache, with the query
 //! heads of each key/value head folded into one query tile, split over the keys when the batch is too small
-//! to fill the GPU (f32 partial results and their LSE, merged by a combine kernel).
+//! to fill the GPU (f32 partial results and their LSE, merged by the last split of each query tile to finish:
+//! one kernel, no second launch).
 //!
 //! Two entry points:
 //! - [`kvcache_forward_host`] (what [`crate::kvcache_forward_on`] uses for `Device::Cuda`): host tensors,
@@ -59,6 +60,7 @@ struct KvParams {
     o_part: *mut f32,
     lse_part: *mut f32,
     status: *mut i32,
+    split_count: *mut i32,
     q_strides: [i64; 3],
     kc_strides: [i64; 3],
     vc_strides: [i64; 3],
@@ -139,20 +141,34 @@ pub fn choose_splits(ctas: usize, max_keys: usize, sms: usize, ctas_per_sm: usiz
     (1..=most).find(|&s| eff(s) >= 0.95 * best).unwrap_or(1)
 }
 
-/// Bytes of the workspace for a call of `b` sequences, `h` query heads, `sq` new queries, padded head dim
-/// `head_dim`, `splits` key splits: status word, partial LSE and O (when split), rotated q (with rotary).
-fn workspace_layout(b: usize, h: usize, sq: usize, head_dim: usize, splits: usize, rotary: bool) -> [usize; 4] {
+/// Offsets in the workspace for a call of `b` sequences, `h` query heads (`hk` key/value heads), `sq` new
+/// queries in `m_blocks` query tiles per key/value head, padded head dim `head_dim`, `splits` key splits: the
+/// status word at 0, then (when split) the tiles' arrival counters, partial LSE and O, then the rotated q (with
+/// rotary), and the end.
+#[allow(clippy::too_many_arguments)]
+fn workspace_layout(
+    b: usize,
+    h: usize,
+    hk: usize,
+    sq: usize,
+    m_blocks: usize,
+    head_dim: usize,
+    splits: usize,
+    rotary: bool,
+) -> [usize; 5] {
     let al = |x: usize| x.div_ceil(256) * 256;
     let rows = b * h * sq;
-    let lse_off = 256;
+    let count_off = 256;
+    let lse_off = count_off + if splits > 1 { al(b * hk * m_blocks * 4) } else { 0 };
     let o_off = lse_off + if splits > 1 { al(splits * rows * 4) } else { 0 };
     let q_off = o_off + if splits > 1 { al(splits * rows * head_dim * 4) } else { 0 };
     let end = q_off + if rotary { al(rows * head_dim * 2) } else { 0 };
-    [lse_off, o_off, q_off, end]
+    [count_off, lse_off, o_off, q_off, end]
 }
 
-/// Caller-provided device memory for [`kvcache_forward_raw`]: `bytes` at `ptr` (256-byte aligned; the
-/// first 4 bytes are the status word, which must be 0 before the first call: [`KvWorkspace::new`] does so).
+/// Caller-provided device memory for [`kvcache_forward_raw`]: `bytes` at `ptr` (256-byte aligned), all zero
+/// before the first call ([`KvWorkspace::new`] does so). The first 4 bytes are the status word; the kernels
+/// leave the split counters that follow it at zero after every call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceWorkspace {
     /// Device address.
@@ -271,8 +287,8 @@ impl Plan {
     fn m_blocks(&self) -> usize {
         (self.sq * (self.h / self.hk.max(1))).div_ceil(16)
     }
-    fn workspace(&self) -> [usize; 4] {
-        workspace_layout(self.b, self.h, self.sq, self.head_dim, self.splits, self.rotary)
+    fn workspace(&self) -> [usize; 5] {
+        workspace_layout(self.b, self.h, self.hk, self.sq, self.m_blocks(), self.head_dim, self.splits, self.rotary)
     }
 }
 
@@ -281,17 +297,6 @@ fn window(side: Option<usize>, limit: usize) -> i32 {
         Some(w) if w < limit => w as i32,
         _ => -1,
     }
-}
-
-/// Dynamic shared memory of `kv_combine` (`KV_COMBINE_SMEM`): the split weights, four warp partials, and one
-/// row of column sums per split group (of 128 threads, 32, 16 or 8 lie along the float4 columns: `COMB_CT`).
-fn combine_smem(head_dim: usize) -> u32 {
-    let threads_along_columns = match head_dim / 4 {
-        32.. => 32,
-        16..=31 => 16,
-        _ => 8,
-    };
-    ((MAX_SPLITS + 4 + 128 / threads_along_columns * head_dim) * 4) as u32
 }
 
 /// SM count and the number of `kv_attn` CTAs one SM holds (shared memory and threads).
@@ -409,7 +414,7 @@ fn enqueue(gpu: &Gpu, stream: dsys::CUstream, pl: &Plan, x: &Ptrs) -> Result<()>
 }
 
 fn enqueue_with(gpu: &Gpu, m: &Loaded, stream: dsys::CUstream, pl: &Plan, x: &Ptrs) -> Result<()> {
-    let [lse_off, o_off, q_off, _] = pl.workspace();
+    let [count_off, lse_off, o_off, q_off, _] = pl.workspace();
     let q_rot = x.ws + q_off as u64;
     let limit = pl.sq + pl.max_keys + 1;
     let p = KvParams {
@@ -431,6 +436,7 @@ fn enqueue_with(gpu: &Gpu, m: &Loaded, stream: dsys::CUstream, pl: &Plan, x: &Pt
         o_part: (x.ws + o_off as u64) as *mut f32,
         lse_part: (x.ws + lse_off as u64) as *mut f32,
         status: x.ws as *mut i32,
+        split_count: (x.ws + count_off as u64) as *mut i32,
         q_strides: [x.q.batch, x.q.row, x.q.head],
         kc_strides: [x.kc.batch, x.kc.row, x.kc.head],
         vc_strides: [x.vc.batch, x.vc.row, x.vc.head],
@@ -480,10 +486,6 @@ fn enqueue_with(gpu: &Gpu, m: &Loaded, stream: dsys::CUstream, pl: &Plan, x: &Pt
             });
         }
         launch(&m.kernels["kv_attn"], "kv_attn", stream, grid, 32 * KV_WARPS, smem, &p)?;
-        if pl.splits > 1 {
-            let rows = (pl.b * pl.h * pl.sq) as u32;
-            launch(&m.kernels["kv_combine"], "kv_combine", stream, (rows, 1, 1), 128, combine_smem(pl.head_dim), &p)?;
-        }
     }
     Ok(())
 }
@@ -532,7 +534,7 @@ pub fn kvcache_forward_host(
         let alibi = p.alibi.as_ref().map(|a| upload_vec(&s, &a.slopes)).transpose()?;
         let o = alloc_out(&s, &p.o_shape(), p.dtype)?;
         let lse = alloc_out(&s, &p.lse_shape(), DType::F32)?;
-        let ws_bytes = plan.workspace()[3];
+        let ws_bytes = plan.workspace()[4];
         let ws = s.alloc_zeros::<u8>(ws_bytes).map_err(|e| dev_err("allocating the workspace", e))?;
         let ptr = |x: &Option<CudaSlice<i32>>| x.as_ref().map_or(0, |x| x.device_ptr(&s).0);
         let x = Ptrs {
@@ -741,7 +743,7 @@ pub fn kvcache_workspace_bytes(
     opts: &AttnOptions,
 ) -> Result<usize> {
     let gpu = runtime::gpu(n)?;
-    Ok(raw_plan(&gpu, q, cache, o, lse, opts)?.workspace()[3])
+    Ok(raw_plan(&gpu, q, cache, o, lse, opts)?.workspace()[4])
 }
 
 /// The number of key splits a [`kvcache_forward_raw`] call of these shapes uses on device `n`.
@@ -768,8 +770,9 @@ pub fn kvcache_splits(
 /// # Safety
 /// Every pointer must be device memory of CUDA device `n` covering its shape and strides, `stream` a valid
 /// stream of device `n`'s primary context (or null), `workspace` at least [`kvcache_workspace_bytes`]
-/// bytes, 256-byte aligned, with its status word zeroed before the first call; all of it alive and not
-/// used by anything else until the stream has run the kernels.
+/// bytes, 256-byte aligned, all zero before its first call (the kernels leave it so, apart from the status
+/// word's bits and the partial results); all of it alive and not used by anything else (no two calls at once
+/// on different streams) until the stream has run the kernels.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn kvcache_forward_raw(
     n: usize,
@@ -798,7 +801,7 @@ pub unsafe fn kvcache_forward_raw(
 
 /// A caller's workspace must hold the plan's buffers at a 256-byte aligned, non-null address.
 fn check_workspace(plan: &Plan, workspace: DeviceWorkspace) -> Result<()> {
-    let need = plan.workspace()[3];
+    let need = plan.workspace()[4];
     if workspace.bytes < need || workspace.ptr % 256 != 0 || workspace.ptr == 0 {
         return Err(Error::invalid(
             "workspace",
@@ -997,7 +1000,7 @@ impl KvDecodeBench {
             };
             let opts = AttnOptions::default();
             let plan = raw_plan(&gpu, &q, &cache, &o, &lse, &opts)?;
-            let ws = KvWorkspace::new(n, plan.workspace()[3])?;
+            let ws = KvWorkspace::new(n, plan.workspace()[4])?;
             // SAFETY: the buffers live in `bufs`, owned by the result, as long as the prepared call.
             let call = unsafe { KvPrepared::new(n, &q, &cache, &o, &lse, ws.as_device(), &opts)? };
             s.synchronize().map_err(|e| dev_err("filling the benchmark inputs", e))?;
@@ -1106,9 +1109,9 @@ mod tests {
 
     #[test]
     fn params_layout() {
-        // 18 pointers, 21 i64, 20 32-bit fields (the C struct has the same, no padding).
-        assert_eq!(std::mem::size_of::<KvParams>(), 18 * 8 + 21 * 8 + 20 * 4);
-        assert_eq!(std::mem::offset_of!(KvParams, b), 18 * 8 + 21 * 8);
+        // 19 pointers, 21 i64, 20 32-bit fields (the C struct has the same, no padding).
+        assert_eq!(std::mem::size_of::<KvParams>(), 19 * 8 + 21 * 8 + 20 * 4);
+        assert_eq!(std::mem::offset_of!(KvParams, b), 19 * 8 + 21 * 8);
         assert_eq!(std::mem::size_of::<KvFillParams>(), 24);
     }
 
