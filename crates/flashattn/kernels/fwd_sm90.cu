@@ -6,29 +6,32 @@
 //
 // Compile-time macros: HEAD_DIM (64, 128 or 256: the padded head dim; p.f.d may be smaller, the TMA maps
 // zero-fill columns >= d), IS_BF16, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP, IS_VARLEN: as in fwd.cu.
+// SM90_CONSUMERS: consumer warpgroups (2 by default; 3 only at HEAD_DIM 64: BLOCK_M 192, 512 threads, FA3's
+// d64 shape). BLOCK_M = 64 x consumers, threads = 128 x (consumers + 1).
 // Semantics: docs spec ATTENTION.md, exactly as fwd.cu (mask.cuh is shared).
 //
-// Roles (384 threads = 3 warpgroups, one CTA per SM):
+// Roles (384 threads = 3 warpgroups, one CTA per SM; 512 = 4 with 3 consumers):
 //   warpgroup 0: producer. Registers lowered (setmaxnreg); one thread issues every TMA load: Q of a tile
 //                once, then K(j) and V(j) for the visible key blocks from high to low into 2-stage rings.
-//   warpgroups 1, 2: consumers, 64 query rows each (BLOCK_M = 128). Per key block: issue S_next = Q K_j^T,
-//                issue O += P V_{j+1} for the previous block, wait for S_next, mask + online softmax on it
-//                while the P.V product runs, wait for P.V, rescale O, pack P. Epilogue: normalise, LSE,
+//   warpgroups 1, 2 (, 3): consumers, 64 query rows each (BLOCK_M = 128, or 192). Per key block: issue
+//                S_next = Q K_j^T, issue O += P V_{j+1} for the previous block, wait for S_next, mask + online
+//                softmax on it while the P.V product runs, wait for P.V, rescale O, pack P. Epilogue: normalise, LSE,
 //                O staged through shared memory (d <= 128: its own buffer; d256: the warpgroup's half of the
 //                Q buffer, which then goes back to the producer only after the stores), 16-byte row-contiguous
 //                stores.
 // Barriers (shared memory, 8 bytes each): full_q / empty_q, full_k[2] / empty_k[2], full_v[2] / empty_v[2].
 //   "full" barriers: 1 arrival (the producer's expect_tx) + the TMA transaction bytes.
-//   "empty" barriers: one arrival per consumer warp (8).
+//   "empty" barriers: one arrival per consumer warp (8, or 12).
 // Scheduler (both roles walk the same static sequence, so no shared state): num_m_blocks * b * h tiles
 //   ordered by groups of `l2_group` (batch, head) pairs so that their K/V stay in L2 (with masks: one
 //   group, i.e. globally longest first); inside a group, query blocks from the last (longest with causal
 //   masks) to the first, heads innermost (a GQA group's query heads run together). CTAs take the tiles
 //   in snake order (walk()).
-// Ping-pong: the consumer warpgroups alternate issuing their products (named barriers 1 and 2).
+// Ping-pong: the consumer warpgroups take turns issuing their products, round-robin (named barriers 1 ..
+// consumers, one per warpgroup's turn); the epilogue's per-warpgroup barriers follow (consumers + 1 + wg).
 //
-// Tiles: d64 128 x 128, d128 128 x 128, d256 128 x 64. Shared memory: Q (BM x D) + 2 x K + 2 x V
-// (BN x D each), each as D/64 panels of 128-byte rows (the TMA box is 64 columns wide), + barriers,
+// Tiles: d64 128 x 128 (or 192 x 128), d128 128 x 128, d256 128 x 64. Shared memory: Q (BM x D) + 2 x K
+// + 2 x V (BN x D each), each as D/64 panels of 128-byte rows (the TMA box is 64 columns wide), + barriers,
 // + 1 KB for aligning the base to the 1024-byte swizzle period: SM90_SMEM_BYTES below.
 #include "params.cuh"
 #include "common.cuh"
@@ -46,8 +49,26 @@
 #else
 #error "the sm90 forward is compiled for HEAD_DIM 64, 128 or 256"
 #endif
-#define SM90_BM 128
-#define SM90_THREADS 384
+#ifndef SM90_CONSUMERS
+#define SM90_CONSUMERS 2
+#endif
+#if !(SM90_CONSUMERS == 2 || (SM90_CONSUMERS == 3 && HEAD_DIM == 64))
+#error "SM90_CONSUMERS is 2, or 3 at HEAD_DIM 64"
+#endif
+#define SM90_BM (64 * SM90_CONSUMERS)
+#define SM90_THREADS (128 * (SM90_CONSUMERS + 1))
+// Register split (setmaxnreg; multiples of 8, 128 x (producer + consumers x consumer) <= 64 K): 384 threads
+// start at 168, 512 at 128 (__launch_bounds__ with one CTA per SM).
+#ifndef SM90_PRODUCER_REGS
+#define SM90_PRODUCER_REGS (SM90_CONSUMERS == 2 ? 40 : 32)
+#endif
+#ifndef SM90_CONSUMER_REGS
+#define SM90_CONSUMER_REGS (SM90_CONSUMERS == 2 ? 232 : 160)
+#endif
+// Named barriers (0 is __syncthreads): SM90_TURN_BAR + w = consumer warpgroup w's turn to issue its products,
+// SM90_EPI_BAR + w = its epilogue (128 threads). 2 consumers: 1, 2 and 3, 4; 3 consumers: 1-3 and 4-6.
+#define SM90_TURN_BAR 1
+#define SM90_EPI_BAR (SM90_TURN_BAR + SM90_CONSUMERS)
 // d <= 128: a separate O staging buffer (BM x D), so that Q can go back to the producer right after the last
 // S = Q K^T; d256 has no room for it and stages O in the Q buffer instead.
 #define SM90_O_SEPARATE (HEAD_DIM <= 128)
@@ -81,7 +102,10 @@ constexpr int SREG = BN / 2;               // S accumulator registers per thread
 constexpr int OREG = D / 2;                // O accumulator registers per thread
 constexpr int PK = BN / 16;                // k16 steps of P.V
 constexpr int NPV = D == 64 ? 64 : 128;    // N of one P.V wgmma
-constexpr int CONSUMER_WARPS = 8;
+constexpr int CONSUMER_WARPS = 4 * SM90_CONSUMERS;
+static_assert(SM90_EPI_BAR + SM90_CONSUMERS <= 16, "named barrier ids are < 16");
+static_assert(128 * (SM90_PRODUCER_REGS + SM90_CONSUMERS * SM90_CONSUMER_REGS) <= 65536, "register file");
+static_assert(SM90_PRODUCER_REGS % 8 == 0 && SM90_CONSUMER_REGS % 8 == 0, "setmaxnreg counts");
 
 // ---------------------------------------------------------------- scheduler
 struct TileId { int m_block, bi, qh; };
@@ -208,9 +232,36 @@ FA_DEVICE void producer(const Sm90Params& p, u32 sbase, const Bars& b) {
     }
 }
 
+// ---------------------------------------------------------------- consumer: register pressure (3 consumers)
+// At 160 registers per consumer thread (3 consumers), ptxas keeps values that are invariant over a tile's key
+// blocks in registers and then spills them (and more) inside the loop: the Q descriptors of S = Q K^T
+// (derived from the warpgroup's Q address) and the row index behind the ALiBi/mask terms. An opaque copy
+// (volatile asm in the loop) makes it rebuild them from one register per key block instead, a few integer
+// ops. With 2 consumers (232 registers) it is the identity, and the code is exactly as before.
+#if SM90_CONSUMERS == 3
+FA_DEVICE u32 rematerialize(u32 x) {
+    asm volatile("mov.b32 %0, %0;" : "+r"(x));
+    return x;
+}
+FA_DEVICE int rematerialize(int x) {
+    asm volatile("mov.b32 %0, %0;" : "+r"(x));
+    return x;
+}
+#else
+FA_DEVICE u32 rematerialize(u32 x) { return x; }
+FA_DEVICE int rematerialize(int x) { return x; }
+#endif
+// 3 consumers with both ALiBi and soft-capping: the score transform's temporaries do not fit next to the P
+// fragments of the P.V product in flight, so that product is waited for before the transform (the variant
+// loses the overlap of P.V with its softmax; the other warpgroups' products still overlap it). Elsewhere P.V
+// is waited for after the softmax.
+#define SM90_EARLY_PV_WAIT (SM90_CONSUMERS == 3 && HAS_SOFTCAP && HAS_ALIBI)
+
 // ---------------------------------------------------------------- consumer: matrix products
 // S = Q K^T over the warpgroup's 64 rows: D/16 wgmmas, both operands K-major in shared memory.
-FA_DEVICE void issue_qk(float* s, u32 sq_wg, u32 sk) { wgmma_ss_kmajor<BN, D, BM * 128, BN * 128>(s, sq_wg, sk); }
+FA_DEVICE void issue_qk(float* s, u32 sq_wg, u32 sk) {
+    wgmma_ss_kmajor<BN, D, BM * 128, BN * 128>(s, rematerialize(sq_wg), sk);
+}
 
 // O += P V: P from registers (the packed S accumulators), V N-major in shared memory.
 FA_DEVICE void issue_pv(float* o, const u32 (*pa)[4], u32 sv) {
@@ -340,12 +391,21 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
 #else
     const float c = f.scale * FA_LOG2E;
 #endif
-    // Ping-pong: the two consumer warpgroups take turns issuing their matrix products (named barriers 1
-    // and 2, 256 threads each: the owner's bar.sync plus the other's bar.arrive), so one's softmax runs
-    // while the other's products keep the tensor cores busy. Warpgroup 0 takes the first turn.
-    const int my_turn = 1 + wg, other_turn = 2 - wg;
+    // Ping-pong: the consumer warpgroups take turns issuing their matrix products, round-robin 0, 1, (2,)
+    // 0, ...: warpgroup w waits on its turn barrier SM90_TURN_BAR + w, issues, then arrives on the next one's
+    // (256 threads each: the owner's bar.sync plus its predecessor's bar.arrive), so one's softmax runs
+    // while another's products keep the tensor cores busy. Every warpgroup takes the same number of turns
+    // (the tiles and their key blocks are the same for all); the last warpgroup grants warpgroup 0 the first
+    // turn, and warpgroup 0 absorbs that extra arrival at the end. Only one turn is ever granted and not yet
+    // taken, so no barrier sees two arrivals of one phase.
+    const int my_turn = SM90_TURN_BAR + wg;
+#if SM90_CONSUMERS == 2
+    const int next_turn = SM90_TURN_BAR + 1 - wg;  // the same order; this form keeps the 2-consumer code as it was
+#else
+    const int next_turn = SM90_TURN_BAR + (wg + 1 == SM90_CONSUMERS ? 0 : wg + 1);
+#endif
     const bool pp = p.pingpong != 0;
-    if (pp && wg == 1) named_arrive(1, 256);
+    if (pp && wg == SM90_CONSUMERS - 1) named_arrive(SM90_TURN_BAR, 256);
     u32 it = 0, qt = 0;
     for (int k = 0;; ++k) {
         const int tile = walk(k, num_tiles);
@@ -393,13 +453,13 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 wgmma_fence();
                 issue_qk(s, sq_wg, sbase + OFF_K + st * KV_BYTES);
                 wgmma_commit();
-                if (pp) named_arrive(other_turn, 256);
+                if (pp) named_arrive(next_turn, 256);
                 wgmma_wait<0>();
                 reg_fence<SREG>(s);
                 if (O_SEPARATE && nblk == 1) release(b.empty_q(), lane);
                 release(b.empty_k(st), lane);
                 const bool need_mask = tile_needs_mask(mc, HAS_MASK != 0, wr_lo, wr_hi, nb * BN, BN);
-                transform_and_mask(s, g, f, i0, nb * BN, t, need_mask, slope);
+                transform_and_mask(s, g, f, rematerialize(i0), nb * BN, t, need_mask, slope);
                 softmax_block(s, rs, c, corr);
                 pack_p(s, pa);
             }
@@ -416,17 +476,24 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 wgmma_commit();
                 issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES);
                 wgmma_commit();
-                if (pp) named_arrive(other_turn, 256);
+                if (pp) named_arrive(next_turn, 256);
                 wgmma_wait<1>();
                 reg_fence<SREG>(s);
                 if (O_SEPARATE && k == nblk - 1) release(b.empty_q(), lane);
                 release(b.empty_k(st), lane);
                 const bool need_mask = tile_needs_mask(mc, HAS_MASK != 0, wr_lo, wr_hi, nb * BN, BN);
-                transform_and_mask(s, g, f, i0, nb * BN, t, need_mask, slope);
-                softmax_block(s, rs, c, corr);
+#if SM90_EARLY_PV_WAIT
                 wgmma_wait<0>();
                 reg_fence<OREG>(o);
                 release(b.empty_v(stp), lane);
+#endif
+                transform_and_mask(s, g, f, rematerialize(i0), nb * BN, t, need_mask, slope);
+                softmax_block(s, rs, c, corr);
+#if !SM90_EARLY_PV_WAIT
+                wgmma_wait<0>();
+                reg_fence<OREG>(o);
+                release(b.empty_v(stp), lane);
+#endif
                 rescale_o(o, corr);
                 pack_p(s, pa);
             }
@@ -438,7 +505,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 wgmma_fence();
                 issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES);
                 wgmma_commit();
-                if (pp) named_arrive(other_turn, 256);
+                if (pp) named_arrive(next_turn, 256);
                 wgmma_wait<0>();
                 reg_fence<OREG>(o);
                 release(b.empty_v(stp), lane);
@@ -470,7 +537,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
         if (nblk > 0) {
             const u32 so_wg = O_SEPARATE ? sbase + OFF_O + wg * 64 * 128 : sq_wg;
             // Separate buffer: every thread of the warpgroup is done reading the previous tile's O from it.
-            if (O_SEPARATE) named_sync(3 + wg, 128);
+            if (O_SEPARATE) named_sync(SM90_EPI_BAR + wg, 128);
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 const int r = warp * 16 + gq + 8 * hh;  // row within the warpgroup's 64
@@ -481,7 +548,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                     st_shared_u32(a, v);
                 }
             }
-            named_sync(3 + wg, 128);
+            named_sync(SM90_EPI_BAR + wg, 128);
             constexpr int CH = D / 8;  // 16-byte chunks per row
 #pragma unroll 4
             for (int it2 = 0; it2 < 64 * CH / 128; ++it2) {
@@ -526,8 +593,9 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
             }
         }
     }
-    // Warpgroup 1 arrived once more on barrier 1 than warpgroup 0 waited on it (the initial turn).
-    if (pp && wg == 0) named_sync(1, 256);
+    // The last warpgroup arrived once more on warpgroup 0's turn barrier than warpgroup 0 waited on it (the
+    // initial turn).
+    if (pp && wg == 0) named_sync(SM90_TURN_BAR, 256);
 }
 
 }  // namespace f90
@@ -553,10 +621,10 @@ extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) flash_fwd_sm90(con
     __syncthreads();
     const int wg = threadIdx.x / 128;
     if (wg == 0) {
-        regs_dealloc<40>();
+        regs_dealloc<SM90_PRODUCER_REGS>();
         if (threadIdx.x == 0) producer(p, sbase, b);
     } else {
-        regs_alloc<232>();
+        regs_alloc<SM90_CONSUMER_REGS>();
         consumer(p, sbase, b, wg - 1, threadIdx.x - 128 * wg);
     }
 }

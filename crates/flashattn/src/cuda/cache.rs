@@ -220,5 +220,10 @@ mod tests {
         assert_ne!(key(&v, "sm_80", (13, 0)), key(&v, "sm_90a", (13, 0)));
         assert_ne!(key(&v, "sm_80", (13, 0)), key(&v, "sm_80", (12, 8)));
         assert_eq!(key(&v, "sm_80", (13, 0)), key(&v, "sm_80", (13, 0)));
+        // The 192-row sm90 forward has its own key and file name.
+        let a = Variant::plain(compile::Pass::FwdSm90, 64, true);
+        let b = Variant { bm192: true, ..a };
+        assert_ne!(key(&a, "sm_90a", (13, 0)), key(&b, "sm_90a", (13, 0)));
+        assert_ne!(path(&a, "sm_90a", "k"), path(&b, "sm_90a", "k"));
     }
 }

@@ -82,6 +82,9 @@ pub struct Variant {
     pub deterministic: bool,
     /// 16-byte aligned pointers and strides (vector loads); else element-wise accesses.
     pub aligned16: bool,
+    /// The sm90 forward at head dim 64 with 3 consumer warpgroups and 192-row query tiles
+    /// (`-DSM90_CONSUMERS=3`; opt-in, `FLASHATTN_SM90_BM=192`). Ignored by every other pass and head dim.
+    pub bm192: bool,
 }
 
 impl Variant {
@@ -97,7 +100,13 @@ impl Variant {
             varlen: false,
             deterministic: false,
             aligned16: true,
+            bm192: false,
         }
+    }
+
+    /// Whether this variant is the 192-row sm90 forward (`bm192` where it applies: FwdSm90 at head dim 64).
+    pub fn is_bm192(&self) -> bool {
+        self.bm192 && self.pass == Pass::FwdSm90 && self.head_dim == 64
     }
 
     /// The source file's text.
@@ -129,6 +138,9 @@ impl Variant {
         if self.pass == Pass::KvCache {
             v.push(format!("KV_STAGES={}", super::kvcache::stages(self.head_dim)));
         }
+        if self.is_bm192() {
+            v.push("SM90_CONSUMERS=3".to_string());
+        }
         v
     }
 
@@ -153,7 +165,11 @@ impl fmt::Display for Variant {
             Pass::FwdSm90 => "fwd90",
             Pass::BwdSm90 => "bwd90",
         };
-        write!(f, "{pass}_d{}_{}", self.head_dim, if self.bf16 { "bf16" } else { "f16" })?;
+        write!(f, "{pass}_d{}", self.head_dim)?;
+        if self.is_bm192() {
+            write!(f, "_bm192")?;
+        }
+        write!(f, "_{}", if self.bf16 { "bf16" } else { "f16" })?;
         for (on, name) in [
             (self.mask, "mask"),
             (self.alibi, "alibi"),
@@ -208,6 +224,7 @@ pub fn all_variants() -> Vec<Variant> {
                                 varlen: bits & 8 != 0,
                                 deterministic,
                                 aligned16,
+                                bm192: false,
                             });
                         }
                     }
@@ -223,15 +240,20 @@ pub fn all_variants() -> Vec<Variant> {
 const SM90_PASSES: [(Pass, &[usize]); 2] =
     [(Pass::FwdSm90, &super::fwd_sm90::SM90_HEAD_DIMS), (Pass::BwdSm90, &super::bwd_sm90::SM90_BWD_HEAD_DIMS)];
 
-/// The plain variant of every Hopper pass, head dim and dtype.
+/// The plain variant of every Hopper pass, head dim and dtype, then the forward's 192-row form at head dim 64
+/// (both dtypes).
 fn sm90_plain() -> impl Iterator<Item = Variant> {
-    SM90_PASSES.into_iter().flat_map(|(pass, dims)| {
-        dims.iter().flat_map(move |&hd| [false, true].map(|bf16| Variant::plain(pass, hd, bf16)))
-    })
+    let bm192 = [false, true].map(|bf16| Variant { bm192: true, ..Variant::plain(Pass::FwdSm90, 64, bf16) });
+    SM90_PASSES
+        .into_iter()
+        .flat_map(|(pass, dims)| {
+            dims.iter().flat_map(move |&hd| [false, true].map(|bf16| Variant::plain(pass, hd, bf16)))
+        })
+        .chain(bm192)
 }
 
 /// The sm90 variants (Hopper only), forward and backward: their head dims x dtypes x (mask, alibi, softcap,
-/// varlen), the backward also deterministic.
+/// varlen), the backward also deterministic; the forward's 192-row form at head dim 64 likewise.
 pub fn sm90_variants() -> Vec<Variant> {
     let mut out = Vec::new();
     for p in sm90_plain() {
@@ -592,6 +614,24 @@ ptxas info    : Used 30 registers, used 1 barriers\n";
     }
 
     #[test]
+    fn bm192_variant() {
+        let v = Variant::plain(Pass::FwdSm90, 64, true);
+        let w = Variant { bm192: true, ..v };
+        assert_eq!(v.to_string(), "fwd90_d64_bf16");
+        assert_eq!(w.to_string(), "fwd90_d64_bm192_bf16");
+        assert_eq!(Variant { mask: true, ..w }.to_string(), "fwd90_d64_bm192_bf16_mask");
+        assert!(!v.defines().iter().any(|d| d.starts_with("SM90_CONSUMERS")));
+        assert!(w.defines().contains(&"SM90_CONSUMERS=3".to_string()));
+        // Its own NVRTC options, hence its own cache key and file.
+        assert_ne!(options(&v, "sm_90a"), options(&w, "sm_90a"));
+        // Meaningless elsewhere: no macro, no name change.
+        let x = Variant { bm192: true, ..Variant::plain(Pass::FwdSm90, 128, true) };
+        assert_eq!(x.to_string(), "fwd90_d128_bf16");
+        assert_eq!(x.defines(), Variant::plain(Pass::FwdSm90, 128, true).defines());
+        assert!(sm90_variants().contains(&w) && hot_variants().contains(&w) && representative_variants().contains(&w));
+    }
+
+    #[test]
     fn arch_names() {
         assert_eq!(arch_for((9, 0)), "sm_90a");
         assert_eq!(arch_for((8, 6)), "sm_86");
@@ -607,8 +647,9 @@ ptxas info    : Used 30 registers, used 1 barriers\n";
         assert_eq!(padded_head_dim(111), Some(128));
         assert_eq!(padded_head_dim(256), Some(256));
         assert_eq!(padded_head_dim(257), None);
-        // bwd.cu x deterministic, KV, sm90 forward (3 head dims), sm90 backward (3 head dims x deterministic).
-        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 3 * 2 * 16 + 3 * 2 * 32);
+        // bwd.cu x deterministic, KV, sm90 forward (3 head dims + the 192-row d64), sm90 backward (3 head dims x
+        // deterministic).
+        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 4 * 2 * 16 + 3 * 2 * 32);
         assert!(Pass::FwdSm90.builds_for("sm_90a") && !Pass::FwdSm90.builds_for("sm_80"));
         assert!(Pass::BwdSm90.builds_for("sm_90a") && !Pass::BwdSm90.builds_for("sm_80"));
     }

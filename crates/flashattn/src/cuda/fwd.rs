@@ -83,6 +83,7 @@ pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministi
         varlen: p.varlen,
         deterministic: deterministic && pass == Pass::Bwd,
         aligned16,
+        bm192: false,
     })
 }
 

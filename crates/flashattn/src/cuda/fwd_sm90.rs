@@ -1,6 +1,8 @@
 //! The Hopper (sm_90a) forward path (`kernels/fwd_sm90.cu`): which problems it covers, the TMA tensor maps
 //! of q, k and v, the persistent grid and its tile order. Problems it does not cover run on the sm80-class
 //! kernels (`fwd.rs`); `FLASHATTN_CUDA_PATH=sm80` forces that path on Hopper too (to test the fallback).
+//! `FLASHATTN_SM90_BM=192` selects, at head dim 64, the form with 3 consumer warpgroups and 192-row query tiles
+//! (`-DSM90_CONSUMERS=3`, 512 threads, variant `fwd90_d64_bm192_*`); the default is 128 rows everywhere.
 
 use super::compile::{Pass, Variant};
 use super::fwd::{check_sizes, fwd_params, variant_for, FwdArgs};
@@ -24,8 +26,42 @@ pub fn sm90_forward_launches() -> u64 {
 /// Head dims the sm90 kernel is compiled for; a problem's `d` runs on the smallest one `>= d`.
 pub const SM90_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
-/// Query rows per CTA (two consumer warpgroups of 64 rows).
+/// Query rows per CTA by default (two consumer warpgroups of 64 rows).
 const BLOCK_M: usize = 128;
+
+/// Query rows per CTA of the opt-in head-dim-64 form (three consumer warpgroups, FA3's d64 tile).
+const BLOCK_M_192: usize = 192;
+
+/// Whether `FLASHATTN_SM90_BM=192` asks for the 192-row forward (3 consumer warpgroups, 512 threads) at head dim
+/// 64. Opt-in, so that one binary can A/B it against the default 128-row kernel; other values keep the default.
+fn bm192_requested() -> bool {
+    std::env::var("FLASHATTN_SM90_BM").is_ok_and(|v| v.trim() == "192")
+}
+
+/// Query rows per CTA of the sm90 forward at (padded) head dim `head_dim` in this process: 192 at head dim 64
+/// under `FLASHATTN_SM90_BM=192`, else 128.
+pub fn sm90_block_m(head_dim: usize) -> usize {
+    if head_dim == 64 && bm192_requested() {
+        BLOCK_M_192
+    } else {
+        BLOCK_M
+    }
+}
+
+/// Query rows per CTA of a compiled sm90 forward variant (`SM90_BM` of the kernel).
+pub fn variant_block_m(v: &Variant) -> usize {
+    if v.is_bm192() {
+        BLOCK_M_192
+    } else {
+        BLOCK_M
+    }
+}
+
+/// Threads per CTA for `block_m` query rows: a producer warpgroup plus one consumer warpgroup per 64 rows
+/// (`SM90_THREADS`).
+pub fn threads(block_m: usize) -> u32 {
+    (128 * (block_m / 64 + 1)) as u32
+}
 
 /// Mirror of `Sm90Params` in `fwd_sm90.cu`: the forward fields, the scheduler's numbers, three tensor maps.
 #[repr(C)]
@@ -54,11 +90,11 @@ pub fn block_n(head_dim: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of the kernel (`SM90_SMEM_BYTES`: Q, an O staging buffer for d <= 128, 2 x K,
-/// 2 x V, barriers, alignment slack).
-pub fn smem_bytes(head_dim: usize) -> u32 {
-    let o = if head_dim <= 128 { BLOCK_M } else { 0 };
-    ((BLOCK_M + o + 4 * block_n(head_dim)) * head_dim * 2 + 128 + 1024) as u32
+/// Dynamic shared memory of the kernel with `block_m` query rows (`SM90_SMEM_BYTES`: Q, an O staging buffer
+/// for d <= 128, 2 x K, 2 x V, barriers, alignment slack).
+pub fn smem_bytes(head_dim: usize, block_m: usize) -> u32 {
+    let o = if head_dim <= 128 { block_m } else { 0 };
+    ((block_m + o + 4 * block_n(head_dim)) * head_dim * 2 + 128 + 1024) as u32
 }
 
 /// The forced path, if any: `FLASHATTN_CUDA_PATH=sm80` (never the sm90 kernel) or `sm90`.
@@ -82,14 +118,15 @@ pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
         && p.seqused_k.is_none()
         && check_sizes(p).is_ok()
         && variant_for(p, Pass::Fwd, true, false).is_ok()
-        && smem_bytes(hd) as i64 <= gpu.smem_optin as i64
+        && smem_bytes(hd, sm90_block_m(hd)) as i64 <= gpu.smem_optin as i64
 }
 
-/// The sm90 variant of a problem.
+/// The sm90 variant of a problem (the 192-row form at head dim 64 under `FLASHATTN_SM90_BM=192`).
 pub(crate) fn sm90_variant(p: &Problem) -> Result<Variant> {
     let v = variant_for(p, Pass::Fwd, true, false)?;
     let head_dim = sm90_head_dim(p.d).unwrap_or(v.head_dim);
-    Ok(Variant { pass: Pass::FwdSm90, head_dim, aligned16: true, ..v })
+    let bm192 = sm90_block_m(head_dim) == BLOCK_M_192;
+    Ok(Variant { pass: Pass::FwdSm90, head_dim, aligned16: true, bm192, ..v })
 }
 
 /// A rank-4 tensor map `{d, rows, heads, batch}` over 16-bit elements with a 64 x `box_rows` box and the
@@ -168,18 +205,19 @@ fn pingpong() -> bool {
 pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -> Result<bool> {
     let v = sm90_variant(p)?;
     let hd = v.head_dim;
+    let bm = variant_block_m(&v);
     let bn = block_n(hd) as u32;
     let (q_rows, k_rows, batch) =
         if p.varlen { (p.total_q, p.total_k, 1) } else { (p.dense_sq, p.total_k / p.batch, p.batch) };
     let maps = (
-        tensor_map(&a.q, p.d, q_rows, p.h, batch, BLOCK_M as u32),
+        tensor_map(&a.q, p.d, q_rows, p.h, batch, bm as u32),
         tensor_map(&a.k, p.d, k_rows, p.hk, batch, bn),
         tensor_map(&a.v, p.d, k_rows, p.hk, batch, bn),
     );
     let (Some(tq), Some(tk), Some(tv)) = maps else { return Ok(false) };
     let m = gpu.module(&v)?;
     let f = fwd_params(p, a);
-    let num_m_blocks = (f.sq as usize).div_ceil(BLOCK_M);
+    let num_m_blocks = (f.sq as usize).div_ceil(bm);
     let tiles = num_m_blocks * p.batch * p.h;
     let sms = gpu
         .ctx
@@ -199,7 +237,9 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
     let grid = (ctas as u32, 1, 1);
     // SAFETY: `params` mirrors Sm90Params (layout pinned by the test below); its pointers and tensor maps
     // describe buffers sized for this problem.
-    unsafe { launch(&m.kernels["flash_fwd_sm90"], "flash_fwd_sm90", stream, grid, 384, smem_bytes(hd), &params)? };
+    unsafe {
+        launch(&m.kernels["flash_fwd_sm90"], "flash_fwd_sm90", stream, grid, threads(bm), smem_bytes(hd, bm), &params)?
+    };
     LAUNCHES.fetch_add(1, Ordering::Relaxed);
     Ok(true)
 }
@@ -227,8 +267,26 @@ mod tests {
         assert_eq!(sm90_head_dim(192), Some(256));
         assert_eq!(sm90_head_dim(257), None);
         // d256: Q 64 KiB + 2 x K + 2 x V (32 KiB each) + barriers + alignment slack, under 227 KiB.
-        assert_eq!(smem_bytes(256), 196608 + 1152);
-        assert_eq!(smem_bytes(128), (2 * 128 + 4 * 128) * 128 * 2 + 1152);
-        assert!(smem_bytes(128) < 232448);
+        assert_eq!(smem_bytes(256, BLOCK_M), 196608 + 1152);
+        assert_eq!(smem_bytes(128, BLOCK_M), (2 * 128 + 4 * 128) * 128 * 2 + 1152);
+        assert!(smem_bytes(128, BLOCK_M) < 232448);
+        assert_eq!(smem_bytes(64, BLOCK_M), 96 * 1024 + 1152);
+        assert_eq!(threads(BLOCK_M), 384);
+    }
+
+    #[test]
+    fn bm192_smem_threads_and_variant() {
+        // d64, 192 rows: Q 24 KiB + O 24 KiB + 2 x K + 2 x V (16 KiB each) = 112 KiB, + barriers + slack.
+        assert_eq!(smem_bytes(64, BLOCK_M_192), 114688 + 1152);
+        assert_eq!(smem_bytes(64, BLOCK_M_192), ((2 * 192 + 4 * 128) * 64 * 2 + 128 + 1024) as u32);
+        assert!(smem_bytes(64, BLOCK_M_192) < 232448);
+        assert_eq!(threads(BLOCK_M_192), 512);
+        let v = Variant::plain(Pass::FwdSm90, 64, true);
+        assert_eq!(variant_block_m(&v), 128);
+        assert_eq!(variant_block_m(&Variant { bm192: true, ..v }), 192);
+        // Only head dim 64 has the 192-row form.
+        assert_eq!(variant_block_m(&Variant { bm192: true, head_dim: 128, ..v }), 128);
+        assert_eq!(sm90_block_m(128), 128);
+        assert_eq!(sm90_block_m(256), 128);
     }
 }

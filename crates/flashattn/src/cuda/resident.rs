@@ -149,10 +149,13 @@ impl DeviceAttention {
         let aligned = all_aligned(&[a.q, a.k, a.v, a.o], self.p.dtype.size());
         let mut s = if super::fwd_sm90::covers(&self.gpu, &self.p, aligned) {
             let v = super::fwd_sm90::sm90_variant(&self.p)?;
+            let bm = super::fwd_sm90::variant_block_m(&v);
             format!(
-                "{}; fwd sm90 path {v} [BM 128 BN {}, 384 threads: TMA producer + 2 wgmma consumer warpgroups, persistent]",
+                "{}; fwd sm90 path {v} [BM {bm} BN {}, {} threads: TMA producer + {} wgmma consumer warpgroups, persistent]",
                 kernel_family(&self.gpu.arch),
-                super::fwd_sm90::block_n(v.head_dim)
+                super::fwd_sm90::block_n(v.head_dim),
+                super::fwd_sm90::threads(bm),
+                bm / 64
             )
         } else {
             let (bm, bn, warps) = fwd::fwd_tiles(fv.head_dim);
@@ -273,7 +276,14 @@ impl DeviceAttention {
 pub fn kernel_family(arch: &str) -> String {
     let sm80 = format!("sm80-class FA2 kernels (mma.sync m16n8k16, ldmatrix, cp.async; NVRTC cubins for {arch})");
     if arch == "sm_90a" && super::fwd_sm90::path_override().as_deref() != Some("sm80") {
-        format!("sm90 forward (TMA, wgmma, warp-specialized, persistent) where it covers the problem, else {sm80}")
+        let bm192 = if super::fwd_sm90::sm90_block_m(64) == 192 {
+            " (head dim 64: 192-row tiles, 3 consumer warpgroups, FLASHATTN_SM90_BM=192)"
+        } else {
+            ""
+        };
+        format!(
+            "sm90 forward (TMA, wgmma, warp-specialized, persistent){bm192} where it covers the problem, else {sm80}"
+        )
     } else {
         sm80
     }
