@@ -454,7 +454,7 @@ mod gpu {
             }
             // The Hopper forward (skipped by precompile_variants on other architectures).
             if let Some(h90) = cuda::sm90_head_dim(p.d) {
-                // The 192-row form at head dim 64 under FLASHATTN_SM90_BM=192.
+                // The 192-row form at head dim 64 (unless FLASHATTN_SM90_BM=128).
                 let bm192 = cuda::sm90_block_m(h90) == 192;
                 vs.push(Variant { mask: p.causal, bm192, ..Variant::plain(Pass::FwdSm90, h90, bf16) });
             }

@@ -83,7 +83,7 @@ pub struct Variant {
     /// 16-byte aligned pointers and strides (vector loads); else element-wise accesses.
     pub aligned16: bool,
     /// The sm90 forward at head dim 64 with 3 consumer warpgroups and 192-row query tiles
-    /// (`-DSM90_CONSUMERS=3`; opt-in, `FLASHATTN_SM90_BM=192`). Ignored by every other pass and head dim.
+    /// (`-DSM90_CONSUMERS=3`; the default at head dim 64, `FLASHATTN_SM90_BM=128` turns it off). Ignored by every other pass and head dim.
     pub bm192: bool,
 }
 

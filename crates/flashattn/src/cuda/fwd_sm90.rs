@@ -1,8 +1,9 @@
 //! The Hopper (sm_90a) forward path (`kernels/fwd_sm90.cu`): which problems it covers, the TMA tensor maps
 //! of q, k and v, the persistent grid and its tile order. Problems it does not cover run on the sm80-class
 //! kernels (`fwd.rs`); `FLASHATTN_CUDA_PATH=sm80` forces that path on Hopper too (to test the fallback).
-//! `FLASHATTN_SM90_BM=192` selects, at head dim 64, the form with 3 consumer warpgroups and 192-row query tiles
-//! (`-DSM90_CONSUMERS=3`, 512 threads, variant `fwd90_d64_bm192_*`); the default is 128 rows everywhere.
+//! At head dim 64 the forward runs with 3 consumer warpgroups and 192-row query tiles (`-DSM90_CONSUMERS=3`,
+//! 512 threads, variant `fwd90_d64_bm192_*`; H200: +5..+22% over the 128-row form from 2k, same call);
+//! `FLASHATTN_SM90_BM=128` selects the 128-row form there too (A/B). Other head dims use 128 rows.
 
 use super::compile::{Pass, Variant};
 use super::fwd::{check_sizes, fwd_params, variant_for, FwdArgs};
@@ -29,17 +30,17 @@ pub const SM90_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 /// Query rows per CTA by default (two consumer warpgroups of 64 rows).
 const BLOCK_M: usize = 128;
 
-/// Query rows per CTA of the opt-in head-dim-64 form (three consumer warpgroups, FA3's d64 tile).
+/// Query rows per CTA at head dim 64 (three consumer warpgroups, FA3's d64 tile).
 const BLOCK_M_192: usize = 192;
 
-/// Whether `FLASHATTN_SM90_BM=192` asks for the 192-row forward (3 consumer warpgroups, 512 threads) at head dim
-/// 64. Opt-in, so that one binary can A/B it against the default 128-row kernel; other values keep the default.
+/// Whether the 192-row forward (3 consumer warpgroups, 512 threads) runs at head dim 64: yes unless
+/// `FLASHATTN_SM90_BM=128` asks for the 128-row kernel (so that one binary can A/B the two).
 fn bm192_requested() -> bool {
-    std::env::var("FLASHATTN_SM90_BM").is_ok_and(|v| v.trim() == "192")
+    std::env::var("FLASHATTN_SM90_BM").map_or(true, |v| v.trim() != "128")
 }
 
 /// Query rows per CTA of the sm90 forward at (padded) head dim `head_dim` in this process: 192 at head dim 64
-/// under `FLASHATTN_SM90_BM=192`, else 128.
+/// (unless `FLASHATTN_SM90_BM=128`), else 128.
 pub fn sm90_block_m(head_dim: usize) -> usize {
     if head_dim == 64 && bm192_requested() {
         BLOCK_M_192
@@ -121,7 +122,7 @@ pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
         && smem_bytes(hd, sm90_block_m(hd)) as i64 <= gpu.smem_optin as i64
 }
 
-/// The sm90 variant of a problem (the 192-row form at head dim 64 under `FLASHATTN_SM90_BM=192`).
+/// The sm90 variant of a problem (the 192-row form at head dim 64 unless `FLASHATTN_SM90_BM=128`).
 pub(crate) fn sm90_variant(p: &Problem) -> Result<Variant> {
     let v = variant_for(p, Pass::Fwd, true, false)?;
     let head_dim = sm90_head_dim(p.d).unwrap_or(v.head_dim);
@@ -178,20 +179,28 @@ pub(crate) fn tensor_map(
 
 /// (batch, head) pairs per scheduling group, so that the group's K/V (8 or 24 MiB) stay in the L2. With
 /// masks, tiles differ in length and the snake walk balances them only over a group of at least two
-/// rounds of the grid, so groups are made at least that large.
+/// rounds of the grid, so groups are made at least that large. Causal-like masks (no left window edge) over
+/// 4k keys or more use one group, the global longest-first order: the walk is static, so each group boundary
+/// leaves some CTAs a last long tile while others end on short ones, and at these lengths one tile is about an
+/// eighth of a CTA's whole share. H200, same call (bf16, standard grid, causal): one group instead of 24 MiB
+/// gave d128 4k/8k/16k +7/+12/+12%, d256 +18/+18/+19%, d64 8k/16k +26/+21% (4k -4%); at 512-2k the
+/// 24 MiB groups were faster (L2 reuse: up to 10%), docs/notes/cuda-sm90.md.
 fn l2_group(p: &Problem, head_dim: usize, sk: usize, num_m_blocks: usize, ctas: usize) -> i32 {
+    let all = (p.batch * p.h).max(1) as u64;
     let per_kv_head = (sk.max(1) * head_dim * 4) as u64; // K + V, 16-bit
     let q_per_kv = (p.h / p.hk.max(1)).max(1) as u64;
     // Budget: 8 MiB without masks, 24 MiB with (same-call A/B on the H100, docs/notes/cuda-sm90.md);
-    // FLASHATTN_SM90_L2_MIB overrides it for A/B runs.
-    let default_mib = if p.mask.is_active() { 24 } else { 8 };
-    let mib =
-        std::env::var("FLASHATTN_SM90_L2_MIB").ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(default_mib);
+    // FLASHATTN_SM90_L2_MIB overrides it (and the causal rule) for A/B runs.
+    let forced = std::env::var("FLASHATTN_SM90_L2_MIB").ok().and_then(|v| v.trim().parse::<u64>().ok());
+    if forced.is_none() && p.mask.is_active() && p.mask.left.is_none() && sk >= 4096 {
+        return all as i32;
+    }
+    let mib = forced.unwrap_or(if p.mask.is_active() { 24 } else { 8 });
     let mut g = ((mib.max(1) << 20) / per_kv_head).max(1) * q_per_kv;
     if p.mask.is_active() {
         g = g.max((2 * ctas).div_ceil(num_m_blocks.max(1)) as u64);
     }
-    g.min((p.batch * p.h) as u64).max(1) as i32
+    g.min(all).max(1) as i32
 }
 
 /// Whether the consumer warpgroups ping-pong: on (measured faster at every head dim,

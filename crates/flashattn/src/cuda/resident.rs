@@ -277,7 +277,7 @@ pub fn kernel_family(arch: &str) -> String {
     let sm80 = format!("sm80-class FA2 kernels (mma.sync m16n8k16, ldmatrix, cp.async; NVRTC cubins for {arch})");
     if arch == "sm_90a" && super::fwd_sm90::path_override().as_deref() != Some("sm80") {
         let bm192 = if super::fwd_sm90::sm90_block_m(64) == 192 {
-            " (head dim 64: 192-row tiles, 3 consumer warpgroups, FLASHATTN_SM90_BM=192)"
+            " (head dim 64: 192-row tiles, 3 consumer warpgroups)"
         } else {
             ""
         };
