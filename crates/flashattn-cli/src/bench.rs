@@ -516,7 +516,7 @@ mod gpu {
                 Ok((t, splits)) => {
                     set_times(&mut r, Mode::Fwd, dtype, t);
                     r.kernel = Some(format!(
-                        "kvcache.cu kv_attn (+ kv_combine), {splits} key split(s), {}, {}",
+                        "kvcache.cu kv_attn ({splits} key split(s), merged by the last split), {}, {}",
                         page.map_or("unpaged".to_string(), |ps| format!("pages of {ps}")),
                         if head_major { "head-major rows" } else { "token-major rows ([.., s, hk, d] contiguous)" }
                     ));
