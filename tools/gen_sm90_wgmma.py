@@ -5,6 +5,9 @@ accumulators, f16/bf16 inputs chosen by IS_BF16) for the N the sm90 kernels use,
 import pathlib
 
 NS = [32, 64, 128]
+# N with only the shared-memory form (after the others, so that their text is unchanged): 176 for S = Q K^T of
+# the d128 forward with 176-key blocks.
+NS_SS_ONLY = [176]
 
 
 def regs(n0, count):
@@ -62,6 +65,8 @@ def main():
     for n in NS:
         out.append(ss(n))
         out.append(rs(n))
+    for n in NS_SS_ONLY:
+        out.append(ss(n))
     p = pathlib.Path("crates/flashattn/kernels/sm90/wgmma.cuh")
     p.write_text("\n".join(out))
 

@@ -16,9 +16,9 @@
 //   warpgroups 1, 2 (, 3): consumers, 64 query rows each (BLOCK_M = 128, or 192). Per key block: issue
 //                S_next = Q K_j^T, issue O += P V_{j+1} for the previous block, wait for S_next, mask + online
 //                softmax on it while the P.V product runs, wait for P.V, rescale O, pack P. Epilogue: normalise, LSE,
-//                O staged through shared memory (d <= 128: its own buffer; d256: the warpgroup's half of the
-//                Q buffer, which then goes back to the producer only after the stores), 16-byte row-contiguous
-//                stores.
+//                O staged through shared memory (d <= 128: its own buffer; d256 and d128 x BN 176: the
+//                warpgroup's slice of the Q buffer, which then goes back to the producer only after the
+//                stores), 16-byte row-contiguous stores.
 // Barriers (shared memory, 8 bytes each): full_q / empty_q, full_k[2] / empty_k[2], full_v[2] / empty_v[2].
 //   "full" barriers: 1 arrival (the producer's expect_tx) + the TMA transaction bytes.
 //   "empty" barriers: one arrival per consumer warp (8, or 12).
@@ -30,9 +30,9 @@
 // Ping-pong: the consumer warpgroups take turns issuing their products, round-robin (named barriers 1 ..
 // consumers, one per warpgroup's turn); the epilogue's per-warpgroup barriers follow (consumers + 1 + wg).
 //
-// Tiles: d64 128 x 128 (or 192 x 128), d128 128 x 128, d256 128 x 64. Shared memory: Q (BM x D) + 2 x K
-// + 2 x V (BN x D each), each as D/64 panels of 128-byte rows (the TMA box is 64 columns wide), + barriers,
-// + 1 KB for aligning the base to the 1024-byte swizzle period: SM90_SMEM_BYTES below.
+// Tiles: d64 128 x 128 (or 192 x 128), d128 128 x 128 (or 128 x 176), d256 128 x 64. Shared memory: Q (BM x D)
+// + 2 x K + 2 x V (BN x D each), each as D/64 panels of 128-byte rows (the TMA box is 64 columns wide),
+// + barriers, + 1 KB for aligning the base to the 1024-byte swizzle period: SM90_SMEM_BYTES below.
 #include "params.cuh"
 #include "common.cuh"
 #include "mask.cuh"
@@ -42,11 +42,7 @@
 
 #include "variant.cuh"
 
-#if HEAD_DIM == 64 || HEAD_DIM == 128
-#define SM90_BN 128
-#elif HEAD_DIM == 256
-#define SM90_BN 64
-#else
+#if !(HEAD_DIM == 64 || HEAD_DIM == 128 || HEAD_DIM == 256)
 #error "the sm90 forward is compiled for HEAD_DIM 64, 128 or 256"
 #endif
 #ifndef SM90_CONSUMERS
@@ -54,6 +50,19 @@
 #endif
 #if !(SM90_CONSUMERS == 2 || (SM90_CONSUMERS == 3 && HEAD_DIM == 64))
 #error "SM90_CONSUMERS is 2, or 3 at HEAD_DIM 64"
+#endif
+// Keys per K/V block: 128 at d64/d128, 64 at d256. SM90_BN_OVERRIDE=176 selects FA3's d128 shape (128 x 176
+// tiles; only at HEAD_DIM 128 with 2 consumers): 11 k16 steps of P.V, m64n176k16 for S = Q K^T, and O staged
+// in the Q buffer (a separate O buffer does not fit next to Q + 2 x K + 2 x V = 208 KiB).
+#if defined(SM90_BN_OVERRIDE)
+#if !(SM90_BN_OVERRIDE == 176 && HEAD_DIM == 128 && SM90_CONSUMERS == 2)
+#error "SM90_BN_OVERRIDE is 176, at HEAD_DIM 128 with 2 consumers"
+#endif
+#define SM90_BN SM90_BN_OVERRIDE
+#elif HEAD_DIM == 256
+#define SM90_BN 64
+#else
+#define SM90_BN 128
 #endif
 #define SM90_BM (64 * SM90_CONSUMERS)
 #define SM90_THREADS (128 * (SM90_CONSUMERS + 1))
@@ -70,9 +79,11 @@
 #define SM90_TURN_BAR 1
 #define SM90_EPI_BAR (SM90_TURN_BAR + SM90_CONSUMERS)
 // d <= 128: a separate O staging buffer (BM x D), so that Q can go back to the producer right after the last
-// S = Q K^T; d256 has no room for it and stages O in the Q buffer instead.
-#define SM90_O_SEPARATE (HEAD_DIM <= 128)
+// S = Q K^T; d256 and d128 x BN 176 have no room for it and stage O in the Q buffer instead.
+#define SM90_O_SEPARATE (HEAD_DIM <= 128 && SM90_BN <= 128)
 #define SM90_SMEM_BYTES (((SM90_BM * (1 + SM90_O_SEPARATE)) + 4 * SM90_BN) * HEAD_DIM * 2 + 128 + 1024)
+static_assert(SM90_SMEM_BYTES <= 232448, "shared memory: at most 227 KiB per block");
+static_assert(SM90_BN % 16 == 0 && (SM90_BN * 128) % 1024 == 0, "K/V panels keep the 1024-byte swizzle period");
 
 
 // Parameter block: the common forward fields plus the scheduler's numbers and the TMA maps of q, k, v

@@ -85,6 +85,9 @@ pub struct Variant {
     /// The sm90 forward at head dim 64 with 3 consumer warpgroups and 192-row query tiles
     /// (`-DSM90_CONSUMERS=3`; the default at head dim 64, `FLASHATTN_SM90_BM=128` turns it off). Ignored by every other pass and head dim.
     pub bm192: bool,
+    /// The sm90 forward at head dim 128 with 176-key K/V blocks (128 x 176 tiles, FA3's d128 shape;
+    /// `-DSM90_BN_OVERRIDE=176`; opt-in, `FLASHATTN_SM90_BN=176`). Ignored by every other pass and head dim.
+    pub bn176: bool,
 }
 
 impl Variant {
@@ -101,12 +104,19 @@ impl Variant {
             deterministic: false,
             aligned16: true,
             bm192: false,
+            bn176: false,
         }
     }
 
     /// Whether this variant is the 192-row sm90 forward (`bm192` where it applies: FwdSm90 at head dim 64).
     pub fn is_bm192(&self) -> bool {
         self.bm192 && self.pass == Pass::FwdSm90 && self.head_dim == 64
+    }
+
+    /// Whether this variant is the sm90 forward with 176-key blocks (`bn176` where it applies: FwdSm90 at
+    /// head dim 128).
+    pub fn is_bn176(&self) -> bool {
+        self.bn176 && self.pass == Pass::FwdSm90 && self.head_dim == 128
     }
 
     /// The source file's text.
@@ -141,6 +151,9 @@ impl Variant {
         if self.is_bm192() {
             v.push("SM90_CONSUMERS=3".to_string());
         }
+        if self.is_bn176() {
+            v.push("SM90_BN_OVERRIDE=176".to_string());
+        }
         v
     }
 
@@ -168,6 +181,9 @@ impl fmt::Display for Variant {
         write!(f, "{pass}_d{}", self.head_dim)?;
         if self.is_bm192() {
             write!(f, "_bm192")?;
+        }
+        if self.is_bn176() {
+            write!(f, "_bn176")?;
         }
         write!(f, "_{}", if self.bf16 { "bf16" } else { "f16" })?;
         for (on, name) in [
@@ -225,6 +241,7 @@ pub fn all_variants() -> Vec<Variant> {
                                 deterministic,
                                 aligned16,
                                 bm192: false,
+                                bn176: false,
                             });
                         }
                     }
@@ -241,19 +258,22 @@ const SM90_PASSES: [(Pass, &[usize]); 2] =
     [(Pass::FwdSm90, &super::fwd_sm90::SM90_HEAD_DIMS), (Pass::BwdSm90, &super::bwd_sm90::SM90_BWD_HEAD_DIMS)];
 
 /// The plain variant of every Hopper pass, head dim and dtype, then the forward's 192-row form at head dim 64
-/// (both dtypes).
+/// and its 176-key form at head dim 128 (both dtypes).
 fn sm90_plain() -> impl Iterator<Item = Variant> {
     let bm192 = [false, true].map(|bf16| Variant { bm192: true, ..Variant::plain(Pass::FwdSm90, 64, bf16) });
+    let bn176 = [false, true].map(|bf16| Variant { bn176: true, ..Variant::plain(Pass::FwdSm90, 128, bf16) });
     SM90_PASSES
         .into_iter()
         .flat_map(|(pass, dims)| {
             dims.iter().flat_map(move |&hd| [false, true].map(|bf16| Variant::plain(pass, hd, bf16)))
         })
         .chain(bm192)
+        .chain(bn176)
 }
 
 /// The sm90 variants (Hopper only), forward and backward: their head dims x dtypes x (mask, alibi, softcap,
-/// varlen), the backward also deterministic; the forward's 192-row form at head dim 64 likewise.
+/// varlen), the backward also deterministic; the forward's 192-row form at head dim 64 and 176-key form at head
+/// dim 128 likewise.
 pub fn sm90_variants() -> Vec<Variant> {
     let mut out = Vec::new();
     for p in sm90_plain() {
@@ -632,6 +652,40 @@ ptxas info    : Used 30 registers, used 1 barriers\n";
     }
 
     #[test]
+    fn bn176_variant() {
+        let v = Variant::plain(Pass::FwdSm90, 128, false);
+        let w = Variant { bn176: true, ..v };
+        assert_eq!(v.to_string(), "fwd90_d128_f16");
+        assert_eq!(w.to_string(), "fwd90_d128_bn176_f16");
+        assert_eq!(
+            Variant { mask: true, alibi: true, softcap: true, varlen: true, ..w }.to_string(),
+            "fwd90_d128_bn176_f16_mask_alibi_softcap_varlen"
+        );
+        assert!(!v.defines().iter().any(|d| d.starts_with("SM90_BN_OVERRIDE")));
+        assert!(w.defines().contains(&"SM90_BN_OVERRIDE=176".to_string()));
+        assert!(!w.defines().iter().any(|d| d.starts_with("SM90_CONSUMERS")));
+        // Its own NVRTC options, hence its own cache key and file.
+        assert_ne!(options(&v, "sm_90a"), options(&w, "sm_90a"));
+        // Meaningless elsewhere: no macro, no name change.
+        for x in [
+            Variant { bn176: true, ..Variant::plain(Pass::FwdSm90, 64, true) },
+            Variant { bn176: true, ..Variant::plain(Pass::FwdSm90, 256, true) },
+            Variant { bn176: true, ..Variant::plain(Pass::Fwd, 128, true) },
+            Variant { bn176: true, ..Variant::plain(Pass::BwdSm90, 128, true) },
+        ] {
+            assert!(!x.is_bn176());
+            assert_eq!(x.to_string(), Variant { bn176: false, ..x }.to_string());
+            assert_eq!(x.defines(), Variant { bn176: false, ..x }.defines());
+        }
+        for bf16 in [false, true] {
+            let p = Variant { bn176: true, ..Variant::plain(Pass::FwdSm90, 128, bf16) };
+            assert!(sm90_variants().contains(&p) && hot_variants().contains(&p));
+            assert!(representative_variants().contains(&Variant { mask: true, ..p }));
+        }
+        assert_eq!(sm90_variants().iter().filter(|x| x.is_bn176()).count(), 2 * 16);
+    }
+
+    #[test]
     fn arch_names() {
         assert_eq!(arch_for((9, 0)), "sm_90a");
         assert_eq!(arch_for((8, 6)), "sm_86");
@@ -647,9 +701,9 @@ ptxas info    : Used 30 registers, used 1 barriers\n";
         assert_eq!(padded_head_dim(111), Some(128));
         assert_eq!(padded_head_dim(256), Some(256));
         assert_eq!(padded_head_dim(257), None);
-        // bwd.cu x deterministic, KV, sm90 forward (3 head dims + the 192-row d64), sm90 backward (3 head dims x
-        // deterministic).
-        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 4 * 2 * 16 + 3 * 2 * 32);
+        // bwd.cu x deterministic, KV, sm90 forward (3 head dims + the 192-row d64 + the 176-key d128), sm90
+        // backward (3 head dims x deterministic).
+        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 5 * 2 * 16 + 3 * 2 * 32);
         assert!(Pass::FwdSm90.builds_for("sm_90a") && !Pass::FwdSm90.builds_for("sm_80"));
         assert!(Pass::BwdSm90.builds_for("sm_90a") && !Pass::BwdSm90.builds_for("sm_80"));
     }

@@ -4,6 +4,8 @@
 //! At head dim 64 the forward runs with 3 consumer warpgroups and 192-row query tiles (`-DSM90_CONSUMERS=3`,
 //! 512 threads, variant `fwd90_d64_bm192_*`; H200: +5..+22% over the 128-row form from 2k, same call);
 //! `FLASHATTN_SM90_BM=128` selects the 128-row form there too (A/B). Other head dims use 128 rows.
+//! `FLASHATTN_SM90_BN=176` selects, at head dim 128, 176-key K/V blocks (128 x 176 tiles, FA3's d128 shape;
+//! `-DSM90_BN_OVERRIDE=176`, O staged in the Q buffer, variant `fwd90_d128_bn176_*`); the default is 128 keys.
 
 use super::compile::{Pass, Variant};
 use super::fwd::{check_sizes, fwd_params, variant_for, FwdArgs};
@@ -58,6 +60,34 @@ pub fn variant_block_m(v: &Variant) -> usize {
     }
 }
 
+/// Keys per K/V block of the opt-in head-dim-128 form (FA3's d128 tile).
+const BLOCK_N_176: usize = 176;
+
+/// Whether `FLASHATTN_SM90_BN=176` asks for the 176-key forward at head dim 128. Opt-in, so that one binary can
+/// A/B it against the default 128-key kernel; other values keep the default.
+fn bn176_requested() -> bool {
+    std::env::var("FLASHATTN_SM90_BN").is_ok_and(|v| v.trim() == "176")
+}
+
+/// Keys per K/V block of the sm90 forward at (padded) head dim `head_dim` in this process: 176 at head dim 128
+/// under `FLASHATTN_SM90_BN=176`, else [`block_n`].
+pub fn sm90_block_n(head_dim: usize) -> usize {
+    if head_dim == 128 && bn176_requested() {
+        BLOCK_N_176
+    } else {
+        block_n(head_dim)
+    }
+}
+
+/// Keys per K/V block of a compiled sm90 forward variant (`SM90_BN` of the kernel).
+pub fn variant_block_n(v: &Variant) -> usize {
+    if v.is_bn176() {
+        BLOCK_N_176
+    } else {
+        block_n(v.head_dim)
+    }
+}
+
 /// Threads per CTA for `block_m` query rows: a producer warpgroup plus one consumer warpgroup per 64 rows
 /// (`SM90_THREADS`).
 pub fn threads(block_m: usize) -> u32 {
@@ -82,7 +112,7 @@ pub fn sm90_head_dim(d: usize) -> Option<usize> {
     SM90_HEAD_DIMS.iter().copied().find(|&h| h >= d)
 }
 
-/// Key rows per block (`SM90_BN` of the kernel).
+/// Key rows per block by default (`SM90_BN` of the kernel without `SM90_BN_OVERRIDE`).
 pub fn block_n(head_dim: usize) -> usize {
     if head_dim <= 128 {
         128
@@ -91,11 +121,12 @@ pub fn block_n(head_dim: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of the kernel with `block_m` query rows (`SM90_SMEM_BYTES`: Q, an O staging buffer
-/// for d <= 128, 2 x K, 2 x V, barriers, alignment slack).
-pub fn smem_bytes(head_dim: usize, block_m: usize) -> u32 {
-    let o = if head_dim <= 128 { block_m } else { 0 };
-    ((block_m + o + 4 * block_n(head_dim)) * head_dim * 2 + 128 + 1024) as u32
+/// Dynamic shared memory of the kernel with `block_m` query rows and `block_n` keys per K/V block
+/// (`SM90_SMEM_BYTES`: Q, an O staging buffer for d <= 128 with blocks of at most 128 keys, 2 x K, 2 x V,
+/// barriers, alignment slack).
+pub fn smem_bytes(head_dim: usize, block_m: usize, block_n: usize) -> u32 {
+    let o = if head_dim <= 128 && block_n <= 128 { block_m } else { 0 };
+    ((block_m + o + 4 * block_n) * head_dim * 2 + 128 + 1024) as u32
 }
 
 /// The forced path, if any: `FLASHATTN_CUDA_PATH=sm80` (never the sm90 kernel) or `sm90`.
@@ -119,15 +150,17 @@ pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
         && p.seqused_k.is_none()
         && check_sizes(p).is_ok()
         && variant_for(p, Pass::Fwd, true, false).is_ok()
-        && smem_bytes(hd, sm90_block_m(hd)) as i64 <= gpu.smem_optin as i64
+        && smem_bytes(hd, sm90_block_m(hd), sm90_block_n(hd)) as i64 <= gpu.smem_optin as i64
 }
 
-/// The sm90 variant of a problem (the 192-row form at head dim 64 unless `FLASHATTN_SM90_BM=128`).
+/// The sm90 variant of a problem (the 192-row form at head dim 64 unless `FLASHATTN_SM90_BM=128`, the 176-key
+/// form at head dim 128 under `FLASHATTN_SM90_BN=176`).
 pub(crate) fn sm90_variant(p: &Problem) -> Result<Variant> {
     let v = variant_for(p, Pass::Fwd, true, false)?;
     let head_dim = sm90_head_dim(p.d).unwrap_or(v.head_dim);
     let bm192 = sm90_block_m(head_dim) == BLOCK_M_192;
-    Ok(Variant { pass: Pass::FwdSm90, head_dim, aligned16: true, bm192, ..v })
+    let bn176 = sm90_block_n(head_dim) == BLOCK_N_176;
+    Ok(Variant { pass: Pass::FwdSm90, head_dim, aligned16: true, bm192, bn176, ..v })
 }
 
 /// A rank-4 tensor map `{d, rows, heads, batch}` over 16-bit elements with a 64 x `box_rows` box and the
@@ -215,13 +248,13 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
     let v = sm90_variant(p)?;
     let hd = v.head_dim;
     let bm = variant_block_m(&v);
-    let bn = block_n(hd) as u32;
+    let bn = variant_block_n(&v);
     let (q_rows, k_rows, batch) =
         if p.varlen { (p.total_q, p.total_k, 1) } else { (p.dense_sq, p.total_k / p.batch, p.batch) };
     let maps = (
         tensor_map(&a.q, p.d, q_rows, p.h, batch, bm as u32),
-        tensor_map(&a.k, p.d, k_rows, p.hk, batch, bn),
-        tensor_map(&a.v, p.d, k_rows, p.hk, batch, bn),
+        tensor_map(&a.k, p.d, k_rows, p.hk, batch, bn as u32),
+        tensor_map(&a.v, p.d, k_rows, p.hk, batch, bn as u32),
     );
     let (Some(tq), Some(tk), Some(tv)) = maps else { return Ok(false) };
     let m = gpu.module(&v)?;
@@ -244,11 +277,10 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
         tv,
     };
     let grid = (ctas as u32, 1, 1);
+    let smem = smem_bytes(hd, bm, bn);
     // SAFETY: `params` mirrors Sm90Params (layout pinned by the test below); its pointers and tensor maps
     // describe buffers sized for this problem.
-    unsafe {
-        launch(&m.kernels["flash_fwd_sm90"], "flash_fwd_sm90", stream, grid, threads(bm), smem_bytes(hd, bm), &params)?
-    };
+    unsafe { launch(&m.kernels["flash_fwd_sm90"], "flash_fwd_sm90", stream, grid, threads(bm), smem, &params)? };
     LAUNCHES.fetch_add(1, Ordering::Relaxed);
     Ok(true)
 }
@@ -276,19 +308,19 @@ mod tests {
         assert_eq!(sm90_head_dim(192), Some(256));
         assert_eq!(sm90_head_dim(257), None);
         // d256: Q 64 KiB + 2 x K + 2 x V (32 KiB each) + barriers + alignment slack, under 227 KiB.
-        assert_eq!(smem_bytes(256, BLOCK_M), 196608 + 1152);
-        assert_eq!(smem_bytes(128, BLOCK_M), (2 * 128 + 4 * 128) * 128 * 2 + 1152);
-        assert!(smem_bytes(128, BLOCK_M) < 232448);
-        assert_eq!(smem_bytes(64, BLOCK_M), 96 * 1024 + 1152);
+        assert_eq!(smem_bytes(256, BLOCK_M, 64), 196608 + 1152);
+        assert_eq!(smem_bytes(128, BLOCK_M, 128), (2 * 128 + 4 * 128) * 128 * 2 + 1152);
+        assert!(smem_bytes(128, BLOCK_M, 128) < 232448);
+        assert_eq!(smem_bytes(64, BLOCK_M, 128), 96 * 1024 + 1152);
         assert_eq!(threads(BLOCK_M), 384);
     }
 
     #[test]
     fn bm192_smem_threads_and_variant() {
         // d64, 192 rows: Q 24 KiB + O 24 KiB + 2 x K + 2 x V (16 KiB each) = 112 KiB, + barriers + slack.
-        assert_eq!(smem_bytes(64, BLOCK_M_192), 114688 + 1152);
-        assert_eq!(smem_bytes(64, BLOCK_M_192), ((2 * 192 + 4 * 128) * 64 * 2 + 128 + 1024) as u32);
-        assert!(smem_bytes(64, BLOCK_M_192) < 232448);
+        assert_eq!(smem_bytes(64, BLOCK_M_192, 128), 114688 + 1152);
+        assert_eq!(smem_bytes(64, BLOCK_M_192, 128), ((2 * 192 + 4 * 128) * 64 * 2 + 128 + 1024) as u32);
+        assert!(smem_bytes(64, BLOCK_M_192, 128) < 232448);
         assert_eq!(threads(BLOCK_M_192), 512);
         let v = Variant::plain(Pass::FwdSm90, 64, true);
         assert_eq!(variant_block_m(&v), 128);
@@ -297,5 +329,27 @@ mod tests {
         assert_eq!(variant_block_m(&Variant { bm192: true, head_dim: 128, ..v }), 128);
         assert_eq!(sm90_block_m(128), 128);
         assert_eq!(sm90_block_m(256), 128);
+    }
+
+    #[test]
+    fn bn176_smem_and_variant() {
+        // d128, 176 keys: Q 32 KiB + 2 x K + 2 x V (44 KiB each) = 208 KiB, O staged in the Q buffer (a separate
+        // 32 KiB O buffer would not fit), + barriers + slack: under the 227 KiB opt-in limit.
+        assert_eq!(smem_bytes(128, BLOCK_M, BLOCK_N_176), 212992 + 1152);
+        assert_eq!(smem_bytes(128, BLOCK_M, BLOCK_N_176), ((128 + 4 * 176) * 128 * 2 + 128 + 1024) as u32);
+        assert!(smem_bytes(128, BLOCK_M, BLOCK_N_176) <= 232448);
+        // Every K/V stage and panel offset stays a multiple of the 1024-byte swizzle period.
+        assert_eq!(BLOCK_N_176 * 128 % 1024, 0);
+        let v = Variant::plain(Pass::FwdSm90, 128, true);
+        assert_eq!(variant_block_n(&v), 128);
+        assert_eq!(variant_block_n(&Variant { bn176: true, ..v }), 176);
+        assert_eq!(variant_block_m(&Variant { bn176: true, ..v }), 128);
+        // Only head dim 128 has the 176-key form.
+        assert_eq!(variant_block_n(&Variant { bn176: true, head_dim: 64, ..v }), 128);
+        assert_eq!(variant_block_n(&Variant { bn176: true, head_dim: 256, ..v }), 64);
+        assert_eq!(variant_block_n(&Variant { bn176: true, pass: Pass::BwdSm90, ..v }), 128);
+        assert_eq!(sm90_block_n(64), 128);
+        assert_eq!(sm90_block_n(256), 64);
+        assert!([128, 176].contains(&sm90_block_n(128)));
     }
 }

@@ -153,7 +153,7 @@ impl DeviceAttention {
             format!(
                 "{}; fwd sm90 path {v} [BM {bm} BN {}, {} threads: TMA producer + {} wgmma consumer warpgroups, persistent]",
                 kernel_family(&self.gpu.arch),
-                super::fwd_sm90::block_n(v.head_dim),
+                super::fwd_sm90::variant_block_n(&v),
                 super::fwd_sm90::threads(bm),
                 bm / 64
             )
@@ -281,8 +281,14 @@ pub fn kernel_family(arch: &str) -> String {
         } else {
             ""
         };
+        let bn176 = if super::fwd_sm90::sm90_block_n(128) == 176 {
+            " (head dim 128: 176-key blocks, FLASHATTN_SM90_BN=176)"
+        } else {
+            ""
+        };
         format!(
-            "sm90 forward (TMA, wgmma, warp-specialized, persistent){bm192} where it covers the problem, else {sm80}"
+            "sm90 forward (TMA, wgmma, warp-specialized, persistent){bm192}{bn176} where it covers the problem, else \
+             {sm80}"
         )
     } else {
         sm80
