@@ -455,9 +455,9 @@ mod gpu {
             // The Hopper forward (skipped by precompile_variants on other architectures).
             if let Some(h90) = cuda::sm90_head_dim(p.d) {
                 // The 192-row form at head dim 64 (unless FLASHATTN_SM90_BM=128), the 176-key form at head dim 128
-                // under FLASHATTN_SM90_BN=176.
+                // (no mask, from 8k keys, or FLASHATTN_SM90_BN=176).
                 let bm192 = cuda::sm90_block_m(h90) == 192;
-                let bn176 = cuda::sm90_block_n(h90) == 176;
+                let bn176 = cuda::sm90_block_n(h90, p.causal, p.sk) == 176;
                 vs.push(Variant { mask: p.causal, bm192, bn176, ..Variant::plain(Pass::FwdSm90, h90, bf16) });
             }
             if let (true, Some(h90)) = (bwd, cuda::sm90_bwd_head_dim(p.d)) {

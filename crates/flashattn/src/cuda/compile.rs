@@ -86,7 +86,7 @@ pub struct Variant {
     /// (`-DSM90_CONSUMERS=3`; the default at head dim 64, `FLASHATTN_SM90_BM=128` turns it off). Ignored by every other pass and head dim.
     pub bm192: bool,
     /// The sm90 forward at head dim 128 with 176-key K/V blocks (128 x 176 tiles, FA3's d128 shape;
-    /// `-DSM90_BN_OVERRIDE=176`; opt-in, `FLASHATTN_SM90_BN=176`). Ignored by every other pass and head dim.
+    /// `-DSM90_BN_OVERRIDE=176`; chosen without a mask from 8k keys, `FLASHATTN_SM90_BN=176|128` forces it). Ignored by every other pass and head dim.
     pub bn176: bool,
 }
 

@@ -4,8 +4,9 @@
 //! At head dim 64 the forward runs with 3 consumer warpgroups and 192-row query tiles (`-DSM90_CONSUMERS=3`,
 //! 512 threads, variant `fwd90_d64_bm192_*`; H200: +5..+22% over the 128-row form from 2k, same call);
 //! `FLASHATTN_SM90_BM=128` selects the 128-row form there too (A/B). Other head dims use 128 rows.
-//! `FLASHATTN_SM90_BN=176` selects, at head dim 128, 176-key K/V blocks (128 x 176 tiles, FA3's d128 shape;
-//! `-DSM90_BN_OVERRIDE=176`, O staged in the Q buffer, variant `fwd90_d128_bn176_*`); the default is 128 keys.
+//! At head dim 128 without a mask and from 8k keys it uses 176-key K/V blocks (128 x 176 tiles, FA3's d128 shape;
+//! `-DSM90_BN_OVERRIDE=176`, O staged in the Q buffer, variant `fwd90_d128_bn176_*`; `FLASHATTN_SM90_BN=176|128`
+//! forces either); otherwise 128 keys.
 
 use super::compile::{Pass, Variant};
 use super::fwd::{check_sizes, fwd_params, variant_for, FwdArgs};
@@ -60,23 +61,28 @@ pub fn variant_block_m(v: &Variant) -> usize {
     }
 }
 
-/// Keys per K/V block of the opt-in head-dim-128 form (FA3's d128 tile).
+/// Keys per K/V block of the 176-key head-dim-128 form (FA3's d128 tile).
 const BLOCK_N_176: usize = 176;
 
-/// Whether `FLASHATTN_SM90_BN=176` asks for the 176-key forward at head dim 128. Opt-in, so that one binary can
-/// A/B it against the default 128-key kernel; other values keep the default.
-fn bn176_requested() -> bool {
-    std::env::var("FLASHATTN_SM90_BN").is_ok_and(|v| v.trim() == "176")
+/// `FLASHATTN_SM90_BN`: `176` forces the 176-key forward at head dim 128, `128` the 128-key one (A/B runs).
+fn bn_forced() -> Option<usize> {
+    match std::env::var("FLASHATTN_SM90_BN").ok()?.trim() {
+        "176" => Some(BLOCK_N_176),
+        "128" => Some(128),
+        _ => None,
+    }
 }
 
-/// Keys per K/V block of the sm90 forward at (padded) head dim `head_dim` in this process: 176 at head dim 128
-/// under `FLASHATTN_SM90_BN=176`, else [`block_n`].
-pub fn sm90_block_n(head_dim: usize) -> usize {
-    if head_dim == 128 && bn176_requested() {
-        BLOCK_N_176
-    } else {
-        block_n(head_dim)
+/// Keys per K/V block of the sm90 forward at (padded) head dim `head_dim`, for a problem with a causal/window
+/// mask or not (`masked`) and at most `max_keys` keys per sequence: at head dim 128, 176 without a mask from 8k
+/// keys (H200, same binary, bf16 non-causal: 4k +2%, 8k +4..12%, 16k +9..12%; but 512-2k 0..-8% and causal
+/// -2..-22%, where the larger blocks waste more masked or padded keys and the Q buffer also stages O), else
+/// [`block_n`]; `FLASHATTN_SM90_BN=176|128` forces either at head dim 128.
+pub fn sm90_block_n(head_dim: usize, masked: bool, max_keys: usize) -> usize {
+    if head_dim != 128 {
+        return block_n(head_dim);
     }
+    bn_forced().unwrap_or(if !masked && max_keys >= 8192 { BLOCK_N_176 } else { 128 })
 }
 
 /// Keys per K/V block of a compiled sm90 forward variant (`SM90_BN` of the kernel).
@@ -150,16 +156,17 @@ pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
         && p.seqused_k.is_none()
         && check_sizes(p).is_ok()
         && variant_for(p, Pass::Fwd, true, false).is_ok()
-        && smem_bytes(hd, sm90_block_m(hd), sm90_block_n(hd)) as i64 <= gpu.smem_optin as i64
+        && smem_bytes(hd, sm90_block_m(hd), sm90_block_n(hd, p.mask.is_active(), p.max_seqlen_k())) as i64
+            <= gpu.smem_optin as i64
 }
 
 /// The sm90 variant of a problem (the 192-row form at head dim 64 unless `FLASHATTN_SM90_BM=128`, the 176-key
-/// form at head dim 128 under `FLASHATTN_SM90_BN=176`).
+/// form at head dim 128 without a mask from 8k keys: [`sm90_block_n`]).
 pub(crate) fn sm90_variant(p: &Problem) -> Result<Variant> {
     let v = variant_for(p, Pass::Fwd, true, false)?;
     let head_dim = sm90_head_dim(p.d).unwrap_or(v.head_dim);
     let bm192 = sm90_block_m(head_dim) == BLOCK_M_192;
-    let bn176 = sm90_block_n(head_dim) == BLOCK_N_176;
+    let bn176 = sm90_block_n(head_dim, p.mask.is_active(), p.max_seqlen_k()) == BLOCK_N_176;
     Ok(Variant { pass: Pass::FwdSm90, head_dim, aligned16: true, bm192, bn176, ..v })
 }
 
@@ -348,8 +355,12 @@ mod tests {
         assert_eq!(variant_block_n(&Variant { bn176: true, head_dim: 64, ..v }), 128);
         assert_eq!(variant_block_n(&Variant { bn176: true, head_dim: 256, ..v }), 64);
         assert_eq!(variant_block_n(&Variant { bn176: true, pass: Pass::BwdSm90, ..v }), 128);
-        assert_eq!(sm90_block_n(64), 128);
-        assert_eq!(sm90_block_n(256), 64);
-        assert!([128, 176].contains(&sm90_block_n(128)));
+        assert_eq!(sm90_block_n(64, false, 1 << 14), 128);
+        assert_eq!(sm90_block_n(256, false, 1 << 14), 64);
+        if bn_forced().is_none() {
+            assert_eq!(sm90_block_n(128, false, 8192), 176);
+            assert_eq!(sm90_block_n(128, false, 4096), 128);
+            assert_eq!(sm90_block_n(128, true, 16384), 128);
+        }
     }
 }

@@ -281,10 +281,11 @@ pub fn kernel_family(arch: &str) -> String {
         } else {
             ""
         };
-        let bn176 = if super::fwd_sm90::sm90_block_n(128) == 176 {
-            " (head dim 128: 176-key blocks, FLASHATTN_SM90_BN=176)"
-        } else {
-            ""
+        let bn176 = match (super::fwd_sm90::sm90_block_n(128, false, 8192), super::fwd_sm90::sm90_block_n(128, true, 0))
+        {
+            (176, 176) => " (head dim 128: 176-key blocks, FLASHATTN_SM90_BN=176)",
+            (176, _) => " (head dim 128 without a mask from 8k keys: 176-key blocks)",
+            _ => "",
         };
         format!(
             "sm90 forward (TMA, wgmma, warp-specialized, persistent){bm192}{bn176} where it covers the problem, else \
