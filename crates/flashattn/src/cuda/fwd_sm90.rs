@@ -298,6 +298,27 @@ mod tests {
     use std::mem::{offset_of, size_of};
 
     #[test]
+    fn causal_long_problems_schedule_one_group() {
+        if std::env::var("FLASHATTN_SM90_L2_MIB").is_ok() {
+            return; // the override replaces the rule
+        }
+        use crate::options::AttnOptions;
+        let problem = |s: usize, causal: bool, window: (i64, i64)| {
+            let q = crate::tensor::Tensor::zeros(&[4, s, 16, 128], crate::dtype::DType::BF16);
+            let opts = AttnOptions { causal, window, ..AttnOptions::default() };
+            crate::problem::validate(&q.view(), &q.view(), &q.view(), &opts).unwrap()
+        };
+        // 64 (batch, head) pairs. Causal from 4k keys: all of them in one group.
+        assert_eq!(l2_group(&problem(4096, true, (-1, -1)), 128, 4096, 32, 132), 64);
+        // Causal at 2k: the 24 MiB budget (1 MiB of K/V per head: 24 pairs, above the two-round minimum of 17).
+        assert_eq!(l2_group(&problem(2048, true, (-1, -1)), 128, 2048, 16, 132), 24);
+        // A window with a left edge at 4k: the budget (2 MiB per head: 12 pairs, the minimum of 9 below it).
+        assert_eq!(l2_group(&problem(4096, false, (100, 0)), 128, 4096, 32, 132), 12);
+        // No mask: 8 MiB (4 pairs at 4k).
+        assert_eq!(l2_group(&problem(4096, false, (-1, -1)), 128, 4096, 32, 132), 4);
+    }
+
+    #[test]
     fn layout_matches_fwd_sm90_cu() {
         assert_eq!(offset_of!(Sm90Params, num_m_blocks), 232);
         assert_eq!(offset_of!(Sm90Params, l2_group), 236);
