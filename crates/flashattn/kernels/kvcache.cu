@@ -419,6 +419,8 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
     const int group = p.h / p.hk;
     const int M = p.sq * group;
     const int r0 = mb * 16;
+    // This query tile's arrival counter (split-KV), computed where it is used (not kept live over the main loop).
+    auto split_count = [&] { return p.split_count + blockIdx.z * gridDim.y + mb; };
     if (r0 >= M) return;
     // A refused call (an earlier refusal, or this sequence's values out of range) writes nothing. Every split
     // still arrives on its group's counter, marked failed, whichever of the two it saw (another CTA of this
@@ -427,7 +429,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
     if (status != 0 || bad_seq) {
         if (tid == 0) {
             if (bad_seq) atomicOr(p.status, 1);
-            if (p.num_splits > 1) last_split(p.split_count + blockIdx.z * gridDim.y + mb, p.num_splits, false);
+            if (p.num_splits > 1) last_split(split_count(), p.num_splits, false);
         }
         return;
     }
@@ -715,7 +717,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
     __threadfence();  // this thread's partials are visible device-wide before the arrival
     __syncthreads();
     int* s_flag = (int*)s_ml;  // s_ml is no longer read; combine_splits uses the rings' space
-    if (tid == 0) *s_flag = last_split(p.split_count + blockIdx.z * gridDim.y + mb, p.num_splits, true);
+    if (tid == 0) *s_flag = last_split(split_count(), p.num_splits, true);
     __syncthreads();
     if (*s_flag == 0) return;
     __threadfence();

@@ -141,29 +141,15 @@ pub fn choose_splits(ctas: usize, max_keys: usize, sms: usize, ctas_per_sm: usiz
     (1..=most).find(|&s| eff(s) >= 0.95 * best).unwrap_or(1)
 }
 
-/// Offsets in the workspace for a call of `b` sequences, `h` query heads (`hk` key/value heads), `sq` new
-/// queries in `m_blocks` query tiles per key/value head, padded head dim `head_dim`, `splits` key splits: the
-/// status word at 0, then (when split) the tiles' arrival counters, partial LSE and O, then the rotated q (with
-/// rotary), and the end.
-#[allow(clippy::too_many_arguments)]
-fn workspace_layout(
-    b: usize,
-    h: usize,
-    hk: usize,
-    sq: usize,
-    m_blocks: usize,
-    head_dim: usize,
-    splits: usize,
-    rotary: bool,
-) -> [usize; 5] {
-    let al = |x: usize| x.div_ceil(256) * 256;
-    let rows = b * h * sq;
-    let count_off = 256;
-    let lse_off = count_off + if splits > 1 { al(b * hk * m_blocks * 4) } else { 0 };
-    let o_off = lse_off + if splits > 1 { al(splits * rows * 4) } else { 0 };
-    let q_off = o_off + if splits > 1 { al(splits * rows * head_dim * 4) } else { 0 };
-    let end = q_off + if rotary { al(rows * head_dim * 2) } else { 0 };
-    [count_off, lse_off, o_off, q_off, end]
+/// Byte offsets in a call's workspace: the status word at 0, then (when the keys are split) the query tiles'
+/// arrival counters, the partial LSE and O, then the rotated q (with rotary), and the total size.
+#[derive(Debug, Clone, Copy)]
+struct WorkspaceLayout {
+    split_count: usize,
+    lse_part: usize,
+    o_part: usize,
+    q_rot: usize,
+    bytes: usize,
 }
 
 /// Caller-provided device memory for [`kvcache_forward_raw`]: `bytes` at `ptr` (256-byte aligned), all zero
@@ -287,8 +273,16 @@ impl Plan {
     fn m_blocks(&self) -> usize {
         (self.sq * (self.h / self.hk.max(1))).div_ceil(16)
     }
-    fn workspace(&self) -> [usize; 5] {
-        workspace_layout(self.b, self.h, self.hk, self.sq, self.m_blocks(), self.head_dim, self.splits, self.rotary)
+    fn workspace(&self) -> WorkspaceLayout {
+        let al = |x: usize| x.div_ceil(256) * 256;
+        let split = self.splits > 1;
+        let rows = self.b * self.h * self.sq;
+        let split_count = 256;
+        let lse_part = split_count + if split { al(self.b * self.hk * self.m_blocks() * 4) } else { 0 };
+        let o_part = lse_part + if split { al(self.splits * rows * 4) } else { 0 };
+        let q_rot = o_part + if split { al(self.splits * rows * self.head_dim * 4) } else { 0 };
+        let bytes = q_rot + if self.rotary { al(rows * self.head_dim * 2) } else { 0 };
+        WorkspaceLayout { split_count, lse_part, o_part, q_rot, bytes }
     }
 }
 
@@ -414,8 +408,8 @@ fn enqueue(gpu: &Gpu, stream: dsys::CUstream, pl: &Plan, x: &Ptrs) -> Result<()>
 }
 
 fn enqueue_with(gpu: &Gpu, m: &Loaded, stream: dsys::CUstream, pl: &Plan, x: &Ptrs) -> Result<()> {
-    let [count_off, lse_off, o_off, q_off, _] = pl.workspace();
-    let q_rot = x.ws + q_off as u64;
+    let ws = pl.workspace();
+    let at = |off: usize| x.ws + off as u64;
     let limit = pl.sq + pl.max_keys + 1;
     let p = KvParams {
         q: x.q.ptr as *const c_void,
@@ -432,11 +426,11 @@ fn enqueue_with(gpu: &Gpu, m: &Loaded, stream: dsys::CUstream, pl: &Plan, x: &Pt
         rot_cos: x.cos as *const f32,
         rot_sin: x.sin as *const f32,
         alibi: x.alibi as *const f32,
-        q_rot: q_rot as *mut c_void,
-        o_part: (x.ws + o_off as u64) as *mut f32,
-        lse_part: (x.ws + lse_off as u64) as *mut f32,
+        q_rot: at(ws.q_rot) as *mut c_void,
+        o_part: at(ws.o_part) as *mut f32,
+        lse_part: at(ws.lse_part) as *mut f32,
         status: x.ws as *mut i32,
-        split_count: (x.ws + count_off as u64) as *mut i32,
+        split_count: at(ws.split_count) as *mut i32,
         q_strides: [x.q.batch, x.q.row, x.q.head],
         kc_strides: [x.kc.batch, x.kc.row, x.kc.head],
         vc_strides: [x.vc.batch, x.vc.row, x.vc.head],
@@ -534,7 +528,7 @@ pub fn kvcache_forward_host(
         let alibi = p.alibi.as_ref().map(|a| upload_vec(&s, &a.slopes)).transpose()?;
         let o = alloc_out(&s, &p.o_shape(), p.dtype)?;
         let lse = alloc_out(&s, &p.lse_shape(), DType::F32)?;
-        let ws_bytes = plan.workspace()[4];
+        let ws_bytes = plan.workspace().bytes;
         let ws = s.alloc_zeros::<u8>(ws_bytes).map_err(|e| dev_err("allocating the workspace", e))?;
         let ptr = |x: &Option<CudaSlice<i32>>| x.as_ref().map_or(0, |x| x.device_ptr(&s).0);
         let x = Ptrs {
@@ -743,7 +737,7 @@ pub fn kvcache_workspace_bytes(
     opts: &AttnOptions,
 ) -> Result<usize> {
     let gpu = runtime::gpu(n)?;
-    Ok(raw_plan(&gpu, q, cache, o, lse, opts)?.workspace()[4])
+    Ok(raw_plan(&gpu, q, cache, o, lse, opts)?.workspace().bytes)
 }
 
 /// The number of key splits a [`kvcache_forward_raw`] call of these shapes uses on device `n`.
@@ -801,7 +795,7 @@ pub unsafe fn kvcache_forward_raw(
 
 /// A caller's workspace must hold the plan's buffers at a 256-byte aligned, non-null address.
 fn check_workspace(plan: &Plan, workspace: DeviceWorkspace) -> Result<()> {
-    let need = plan.workspace()[4];
+    let need = plan.workspace().bytes;
     if workspace.bytes < need || workspace.ptr % 256 != 0 || workspace.ptr == 0 {
         return Err(Error::invalid(
             "workspace",
@@ -1000,7 +994,7 @@ impl KvDecodeBench {
             };
             let opts = AttnOptions::default();
             let plan = raw_plan(&gpu, &q, &cache, &o, &lse, &opts)?;
-            let ws = KvWorkspace::new(n, plan.workspace()[4])?;
+            let ws = KvWorkspace::new(n, plan.workspace().bytes)?;
             // SAFETY: the buffers live in `bufs`, owned by the result, as long as the prepared call.
             let call = unsafe { KvPrepared::new(n, &q, &cache, &o, &lse, ws.as_device(), &opts)? };
             s.synchronize().map_err(|e| dev_err("filling the benchmark inputs", e))?;
