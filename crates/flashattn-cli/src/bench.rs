@@ -454,11 +454,8 @@ mod gpu {
             }
             // The Hopper forward (skipped by precompile_variants on other architectures).
             if let Some(h90) = cuda::sm90_head_dim(p.d) {
-                // The 192-row form at head dim 64 (unless FLASHATTN_SM90_BM=128), the 176-key form at head dim 128
-                // (no mask, from 8k keys, or FLASHATTN_SM90_BN=176).
-                let bm192 = cuda::sm90_block_m(h90) == 192;
-                let bn176 = cuda::sm90_block_n(h90, p.causal, p.sk) == 176;
-                vs.push(Variant { mask: p.causal, bm192, bn176, ..Variant::plain(Pass::FwdSm90, h90, bf16) });
+                // With the tile shape the launch will pick (192 rows at d64, 176 keys at d128 from 8k keys...).
+                vs.push(cuda::sm90_tile(Variant { mask: p.causal, ..Variant::plain(Pass::FwdSm90, h90, bf16) }, p.sk));
             }
             if let (true, Some(h90)) = (bwd, cuda::sm90_bwd_head_dim(p.d)) {
                 vs.push(Variant { mask: p.causal, ..Variant::plain(Pass::BwdSm90, h90, bf16) });

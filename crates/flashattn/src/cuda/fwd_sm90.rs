@@ -42,14 +42,43 @@ fn bm192_requested() -> bool {
     std::env::var("FLASHATTN_SM90_BM").map_or(true, |v| v.trim() != "128")
 }
 
-/// Query rows per CTA of the sm90 forward at (padded) head dim `head_dim` in this process: 192 at head dim 64
-/// (unless `FLASHATTN_SM90_BM=128`), else 128.
-pub fn sm90_block_m(head_dim: usize) -> usize {
-    if head_dim == 64 && bm192_requested() {
-        BLOCK_M_192
-    } else {
-        BLOCK_M
+/// Keys per K/V block of the 176-key head-dim-128 form (FA3's d128 tile).
+const BLOCK_N_176: usize = 176;
+
+/// `FLASHATTN_SM90_BN`: `176` forces the 176-key forward at head dim 128, `128` the 128-key one (A/B runs).
+fn bn176_forced() -> Option<bool> {
+    match std::env::var("FLASHATTN_SM90_BN").ok()?.trim() {
+        "176" => Some(true),
+        "128" => Some(false),
+        _ => None,
     }
+}
+
+/// The tile shape of the sm90 forward variant `v` (its head dim and mask set) for a problem of at most
+/// `max_keys` keys per sequence; the one place the shape is chosen:
+/// - head dim 64: 192 query rows (3 consumer warpgroups) unless `FLASHATTN_SM90_BM=128`;
+/// - head dim 128: 176-key K/V blocks without a mask from 8k keys (H200, same binary, bf16 non-causal: 4k +2%,
+///   8k +4..12%, 16k +9..12%; but 512-2k 0..-8% and causal -2..-22%, where the larger blocks waste more masked or
+///   padded keys and the Q buffer also stages O); `FLASHATTN_SM90_BN=176|128` forces either;
+/// - otherwise 128 x [`block_n`].
+pub fn sm90_tile(v: Variant, max_keys: usize) -> Variant {
+    let bm192 = v.head_dim == 64 && bm192_requested();
+    let bn176 = v.head_dim == 128 && bn176_forced().unwrap_or(!v.mask && max_keys >= 8192);
+    Variant { bm192, bn176, ..v }
+}
+
+/// The tile shapes [`sm90_tile`] picks in this process, in words (for `flashattn info` and bench output).
+pub fn tile_summary() -> String {
+    let mut s = String::new();
+    if bm192_requested() {
+        s += " (head dim 64: 192-row tiles, 3 consumer warpgroups)";
+    }
+    s += match bn176_forced() {
+        Some(true) => " (head dim 128: 176-key blocks, FLASHATTN_SM90_BN=176)",
+        Some(false) => "",
+        None => " (head dim 128 without a mask from 8k keys: 176-key blocks)",
+    };
+    s
 }
 
 /// Query rows per CTA of a compiled sm90 forward variant (`SM90_BM` of the kernel).
@@ -59,30 +88,6 @@ pub fn variant_block_m(v: &Variant) -> usize {
     } else {
         BLOCK_M
     }
-}
-
-/// Keys per K/V block of the 176-key head-dim-128 form (FA3's d128 tile).
-const BLOCK_N_176: usize = 176;
-
-/// `FLASHATTN_SM90_BN`: `176` forces the 176-key forward at head dim 128, `128` the 128-key one (A/B runs).
-fn bn_forced() -> Option<usize> {
-    match std::env::var("FLASHATTN_SM90_BN").ok()?.trim() {
-        "176" => Some(BLOCK_N_176),
-        "128" => Some(128),
-        _ => None,
-    }
-}
-
-/// Keys per K/V block of the sm90 forward at (padded) head dim `head_dim`, for a problem with a causal/window
-/// mask or not (`masked`) and at most `max_keys` keys per sequence: at head dim 128, 176 without a mask from 8k
-/// keys (H200, same binary, bf16 non-causal: 4k +2%, 8k +4..12%, 16k +9..12%; but 512-2k 0..-8% and causal
-/// -2..-22%, where the larger blocks waste more masked or padded keys and the Q buffer also stages O), else
-/// [`block_n`]; `FLASHATTN_SM90_BN=176|128` forces either at head dim 128.
-pub fn sm90_block_n(head_dim: usize, masked: bool, max_keys: usize) -> usize {
-    if head_dim != 128 {
-        return block_n(head_dim);
-    }
-    bn_forced().unwrap_or(if !masked && max_keys >= 8192 { BLOCK_N_176 } else { 128 })
 }
 
 /// Keys per K/V block of a compiled sm90 forward variant (`SM90_BN` of the kernel).
@@ -127,6 +132,11 @@ pub fn block_n(head_dim: usize) -> usize {
     }
 }
 
+/// Dynamic shared memory of a compiled sm90 forward variant.
+fn variant_smem(v: &Variant) -> u32 {
+    smem_bytes(v.head_dim, variant_block_m(v), variant_block_n(v))
+}
+
 /// Dynamic shared memory of the kernel with `block_m` query rows and `block_n` keys per K/V block
 /// (`SM90_SMEM_BYTES`: Q, an O staging buffer for d <= 128 with blocks of at most 128 keys, 2 x K, 2 x V,
 /// barriers, alignment slack).
@@ -148,26 +158,23 @@ pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
     if gpu.arch != "sm_90a" || path_override().as_deref() == Some("sm80") {
         return false;
     }
-    let Some(hd) = sm90_head_dim(p.d) else { return false };
+    if sm90_head_dim(p.d).is_none() {
+        return false;
+    }
     aligned16
         && p.total_q > 0
         && p.total_k > 0
         && p.batch > 0
         && p.seqused_k.is_none()
         && check_sizes(p).is_ok()
-        && variant_for(p, Pass::Fwd, true, false).is_ok()
-        && smem_bytes(hd, sm90_block_m(hd), sm90_block_n(hd, p.mask.is_active(), p.max_seqlen_k())) as i64
-            <= gpu.smem_optin as i64
+        && sm90_variant(p).is_ok_and(|v| variant_smem(&v) as i64 <= gpu.smem_optin as i64)
 }
 
-/// The sm90 variant of a problem (the 192-row form at head dim 64 unless `FLASHATTN_SM90_BM=128`, the 176-key
-/// form at head dim 128 without a mask from 8k keys: [`sm90_block_n`]).
+/// The sm90 variant of a problem, with the tile shape of [`sm90_tile`].
 pub(crate) fn sm90_variant(p: &Problem) -> Result<Variant> {
     let v = variant_for(p, Pass::Fwd, true, false)?;
     let head_dim = sm90_head_dim(p.d).unwrap_or(v.head_dim);
-    let bm192 = sm90_block_m(head_dim) == BLOCK_M_192;
-    let bn176 = sm90_block_n(head_dim, p.mask.is_active(), p.max_seqlen_k()) == BLOCK_N_176;
-    Ok(Variant { pass: Pass::FwdSm90, head_dim, aligned16: true, bm192, bn176, ..v })
+    Ok(sm90_tile(Variant { pass: Pass::FwdSm90, head_dim, aligned16: true, ..v }, p.max_seqlen_k()))
 }
 
 /// A rank-4 tensor map `{d, rows, heads, batch}` over 16-bit elements with a 64 x `box_rows` box and the
@@ -284,7 +291,7 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
         tv,
     };
     let grid = (ctas as u32, 1, 1);
-    let smem = smem_bytes(hd, bm, bn);
+    let smem = variant_smem(&v);
     // SAFETY: `params` mirrors Sm90Params (layout pinned by the test below); its pointers and tensor maps
     // describe buffers sized for this problem.
     unsafe { launch(&m.kernels["flash_fwd_sm90"], "flash_fwd_sm90", stream, grid, threads(bm), smem, &params)? };
@@ -355,8 +362,11 @@ mod tests {
         assert_eq!(variant_block_m(&Variant { bm192: true, ..v }), 192);
         // Only head dim 64 has the 192-row form.
         assert_eq!(variant_block_m(&Variant { bm192: true, head_dim: 128, ..v }), 128);
-        assert_eq!(sm90_block_m(128), 128);
-        assert_eq!(sm90_block_m(256), 128);
+        for hd in [128, 256] {
+            let t = sm90_tile(Variant::plain(Pass::FwdSm90, hd, true), 1 << 14);
+            assert!(!t.bm192);
+            assert_eq!(variant_block_m(&t), 128);
+        }
     }
 
     #[test]
@@ -376,12 +386,16 @@ mod tests {
         assert_eq!(variant_block_n(&Variant { bn176: true, head_dim: 64, ..v }), 128);
         assert_eq!(variant_block_n(&Variant { bn176: true, head_dim: 256, ..v }), 64);
         assert_eq!(variant_block_n(&Variant { bn176: true, pass: Pass::BwdSm90, ..v }), 128);
-        assert_eq!(sm90_block_n(64, false, 1 << 14), 128);
-        assert_eq!(sm90_block_n(256, false, 1 << 14), 64);
-        if bn_forced().is_none() {
-            assert_eq!(sm90_block_n(128, false, 8192), 176);
-            assert_eq!(sm90_block_n(128, false, 4096), 128);
-            assert_eq!(sm90_block_n(128, true, 16384), 128);
+        let tile = |hd: usize, mask: bool, keys: usize| {
+            let t = sm90_tile(Variant { mask, ..Variant::plain(Pass::FwdSm90, hd, true) }, keys);
+            (t.bn176, variant_block_n(&t))
+        };
+        assert_eq!(tile(64, false, 1 << 14), (false, 128));
+        assert_eq!(tile(256, false, 1 << 14), (false, 64));
+        if bn176_forced().is_none() {
+            assert_eq!(tile(128, false, 8192), (true, 176));
+            assert_eq!(tile(128, false, 4096), (false, 128));
+            assert_eq!(tile(128, true, 16384), (false, 128));
         }
     }
 }

@@ -30,7 +30,7 @@ pub use compile::{KernelUsage, Pass, Variant};
 /// The CUDA bindings this backend is built on (for callers of [`forward_raw`] that need a context or a
 /// stream, and for tests).
 pub use cudarc;
-pub use fwd_sm90::{path_override, sm90_block_m, sm90_block_n, sm90_forward_launches, sm90_head_dim};
+pub use fwd_sm90::{path_override, sm90_forward_launches, sm90_head_dim, sm90_tile};
 pub use kvcache::{
     kvcache_forward_host, kvcache_forward_raw, kvcache_splits, kvcache_workspace_bytes, DeviceKvCache, DeviceRotary,
     DeviceWorkspace, KvDecodeBench, KvWorkspace,

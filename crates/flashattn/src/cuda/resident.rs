@@ -276,19 +276,9 @@ impl DeviceAttention {
 pub fn kernel_family(arch: &str) -> String {
     let sm80 = format!("sm80-class FA2 kernels (mma.sync m16n8k16, ldmatrix, cp.async; NVRTC cubins for {arch})");
     if arch == "sm_90a" && super::fwd_sm90::path_override().as_deref() != Some("sm80") {
-        let bm192 = if super::fwd_sm90::sm90_block_m(64) == 192 {
-            " (head dim 64: 192-row tiles, 3 consumer warpgroups)"
-        } else {
-            ""
-        };
-        let bn176 = match (super::fwd_sm90::sm90_block_n(128, false, 8192), super::fwd_sm90::sm90_block_n(128, true, 0))
-        {
-            (176, 176) => " (head dim 128: 176-key blocks, FLASHATTN_SM90_BN=176)",
-            (176, _) => " (head dim 128 without a mask from 8k keys: 176-key blocks)",
-            _ => "",
-        };
+        let tiles = super::fwd_sm90::tile_summary();
         format!(
-            "sm90 forward (TMA, wgmma, warp-specialized, persistent){bm192}{bn176} where it covers the problem, else \
+            "sm90 forward (TMA, wgmma, warp-specialized, persistent){tiles} where it covers the problem, else \
              {sm80}"
         )
     } else {
