@@ -634,55 +634,52 @@ ptxas info    : Used 30 registers, used 1 barriers\n";
     }
 
     #[test]
-    fn bm192_variant() {
-        let v = Variant::plain(Pass::FwdSm90, 64, true);
-        let w = Variant { bm192: true, ..v };
-        assert_eq!(v.to_string(), "fwd90_d64_bf16");
-        assert_eq!(w.to_string(), "fwd90_d64_bm192_bf16");
-        assert_eq!(Variant { mask: true, ..w }.to_string(), "fwd90_d64_bm192_bf16_mask");
-        assert!(!v.defines().iter().any(|d| d.starts_with("SM90_CONSUMERS")));
-        assert!(w.defines().contains(&"SM90_CONSUMERS=3".to_string()));
-        // Its own NVRTC options, hence its own cache key and file.
-        assert_ne!(options(&v, "sm_90a"), options(&w, "sm_90a"));
-        // Meaningless elsewhere: no macro, no name change.
-        let x = Variant { bm192: true, ..Variant::plain(Pass::FwdSm90, 128, true) };
-        assert_eq!(x.to_string(), "fwd90_d128_bf16");
-        assert_eq!(x.defines(), Variant::plain(Pass::FwdSm90, 128, true).defines());
-        assert!(sm90_variants().contains(&w) && hot_variants().contains(&w) && representative_variants().contains(&w));
-    }
-
-    #[test]
-    fn bn176_variant() {
-        let v = Variant::plain(Pass::FwdSm90, 128, false);
-        let w = Variant { bn176: true, ..v };
-        assert_eq!(v.to_string(), "fwd90_d128_f16");
-        assert_eq!(w.to_string(), "fwd90_d128_bn176_f16");
-        assert_eq!(
-            Variant { mask: true, alibi: true, softcap: true, varlen: true, ..w }.to_string(),
-            "fwd90_d128_bn176_f16_mask_alibi_softcap_varlen"
-        );
-        assert!(!v.defines().iter().any(|d| d.starts_with("SM90_BN_OVERRIDE")));
-        assert!(w.defines().contains(&"SM90_BN_OVERRIDE=176".to_string()));
-        assert!(!w.defines().iter().any(|d| d.starts_with("SM90_CONSUMERS")));
-        // Its own NVRTC options, hence its own cache key and file.
-        assert_ne!(options(&v, "sm_90a"), options(&w, "sm_90a"));
-        // Meaningless elsewhere: no macro, no name change.
-        for x in [
-            Variant { bn176: true, ..Variant::plain(Pass::FwdSm90, 64, true) },
-            Variant { bn176: true, ..Variant::plain(Pass::FwdSm90, 256, true) },
-            Variant { bn176: true, ..Variant::plain(Pass::Fwd, 128, true) },
-            Variant { bn176: true, ..Variant::plain(Pass::BwdSm90, 128, true) },
-        ] {
-            assert!(!x.is_bn176());
-            assert_eq!(x.to_string(), Variant { bn176: false, ..x }.to_string());
-            assert_eq!(x.defines(), Variant { bn176: false, ..x }.defines());
+    fn tile_shape_variants() {
+        // The 192-row form at head dim 64 and the 176-key form at head dim 128: (head dim, name tag, its define,
+        // the other form's define); `set` turns on the form of head dim `hd`.
+        let set =
+            |v: Variant, hd: usize| if hd == 64 { Variant { bm192: true, ..v } } else { Variant { bn176: true, ..v } };
+        let forms = [
+            (64, "bm192", "SM90_CONSUMERS=3", "SM90_BN_OVERRIDE"),
+            (128, "bn176", "SM90_BN_OVERRIDE=176", "SM90_CONSUMERS"),
+        ];
+        for (hd, tag, define, other) in forms {
+            let key = define.split('=').next().unwrap();
+            for bf16 in [false, true] {
+                let dt = if bf16 { "bf16" } else { "f16" };
+                let v = Variant::plain(Pass::FwdSm90, hd, bf16);
+                let w = set(v, hd);
+                assert_eq!(v.to_string(), format!("fwd90_d{hd}_{dt}"));
+                assert_eq!(w.to_string(), format!("fwd90_d{hd}_{tag}_{dt}"));
+                assert_eq!(Variant { mask: true, ..w }.to_string(), format!("fwd90_d{hd}_{tag}_{dt}_mask"));
+                assert_eq!(
+                    Variant { mask: true, alibi: true, softcap: true, varlen: true, ..w }.to_string(),
+                    format!("fwd90_d{hd}_{tag}_{dt}_mask_alibi_softcap_varlen")
+                );
+                assert!(!v.defines().iter().any(|d| d.starts_with(key)));
+                assert!(w.defines().contains(&define.to_string()));
+                assert!(!w.defines().iter().any(|d| d.starts_with(other)));
+                // Its own NVRTC options, hence its own cache key and file.
+                assert_ne!(options(&v, "sm_90a"), options(&w, "sm_90a"));
+                assert!(sm90_variants().contains(&w) && hot_variants().contains(&w));
+                assert!(representative_variants().contains(&w));
+                assert!(representative_variants().contains(&Variant { mask: true, ..w }));
+                // Meaningless elsewhere: no macro, no name change.
+                let elsewhere = [64, 128, 256]
+                    .into_iter()
+                    .filter(|&h| h != hd)
+                    .map(|h| Variant::plain(Pass::FwdSm90, h, bf16))
+                    .chain([Variant::plain(Pass::Fwd, hd, bf16), Variant::plain(Pass::BwdSm90, hd, bf16)]);
+                for x in elsewhere {
+                    let y = set(x, hd);
+                    assert!(!y.is_bm192() && !y.is_bn176());
+                    assert_eq!(y.to_string(), x.to_string());
+                    assert_eq!(y.defines(), x.defines());
+                }
+            }
+            let count = sm90_variants().iter().filter(|x| if hd == 64 { x.is_bm192() } else { x.is_bn176() }).count();
+            assert_eq!(count, 2 * 16);
         }
-        for bf16 in [false, true] {
-            let p = Variant { bn176: true, ..Variant::plain(Pass::FwdSm90, 128, bf16) };
-            assert!(sm90_variants().contains(&p) && hot_variants().contains(&p));
-            assert!(representative_variants().contains(&Variant { mask: true, ..p }));
-        }
-        assert_eq!(sm90_variants().iter().filter(|x| x.is_bn176()).count(), 2 * 16);
     }
 
     #[test]
