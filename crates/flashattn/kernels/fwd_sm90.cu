@@ -249,19 +249,14 @@ FA_DEVICE void producer(const Sm90Params& p, u32 sbase, const Bars& b) {
 // (derived from the warpgroup's Q address) and the row index behind the ALiBi/mask terms. An opaque copy
 // (volatile asm in the loop) makes it rebuild them from one register per key block instead, a few integer
 // ops. With 2 consumers (232 registers) it is the identity, and the code is exactly as before.
+template <class T>  // a 32-bit integer
+FA_DEVICE T rematerialize(T x) {
+    static_assert(sizeof(T) == 4, "32-bit values");
 #if SM90_CONSUMERS == 3
-FA_DEVICE u32 rematerialize(u32 x) {
     asm volatile("mov.b32 %0, %0;" : "+r"(x));
-    return x;
-}
-FA_DEVICE int rematerialize(int x) {
-    asm volatile("mov.b32 %0, %0;" : "+r"(x));
-    return x;
-}
-#else
-FA_DEVICE u32 rematerialize(u32 x) { return x; }
-FA_DEVICE int rematerialize(int x) { return x; }
 #endif
+    return x;
+}
 // 3 consumers with both ALiBi and soft-capping: the score transform's temporaries do not fit next to the P
 // fragments of the P.V product in flight, so that product is waited for before the transform (the variant
 // loses the overlap of P.V with its softmax; the other warpgroups' products still overlap it). Elsewhere P.V
