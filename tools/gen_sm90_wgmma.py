@@ -6,8 +6,8 @@ import pathlib
 
 NS = [32, 64, 128]
 # N with only the shared-memory form (after the others, so that their text is unchanged): 176 for S = Q K^T of
-# the d128 forward with 176-key blocks.
-NS_SS_ONLY = [176]
+# the d128 forward with 176-key blocks, 80 for that of the d256 forward with 80-key blocks.
+NS_SS_ONLY = [176, 80]
 
 
 def regs(n0, count):

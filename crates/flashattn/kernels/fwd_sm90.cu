@@ -30,9 +30,9 @@
 // Ping-pong: the consumer warpgroups take turns issuing their products, round-robin (named barriers 1 ..
 // consumers, one per warpgroup's turn); the epilogue's per-warpgroup barriers follow (consumers + 1 + wg).
 //
-// Tiles: d64 128 x 128 (or 192 x 128), d128 128 x 128 (or 128 x 176), d256 128 x 64. Shared memory: Q (BM x D)
-// + 2 x K + 2 x V (BN x D each), each as D/64 panels of 128-byte rows (the TMA box is 64 columns wide),
-// + barriers, + 1 KB for aligning the base to the 1024-byte swizzle period: SM90_SMEM_BYTES below.
+// Tiles: d64 128 x 128 (or 192 x 128), d128 128 x 128 (or 128 x 176), d256 128 x 64 (or 128 x 80). Shared
+// memory: Q (BM x D) + 2 x K + 2 x V (BN x D each), each as D/64 panels of 128-byte rows (the TMA box is 64
+// columns wide), + barriers, + 1 KB for aligning the base to the 1024-byte swizzle period: SM90_SMEM_BYTES below.
 #include "params.cuh"
 #include "common.cuh"
 #include "mask.cuh"
@@ -51,12 +51,14 @@
 #if !(SM90_CONSUMERS == 2 || (SM90_CONSUMERS == 3 && HEAD_DIM == 64))
 #error "SM90_CONSUMERS is 2, or 3 at HEAD_DIM 64"
 #endif
-// Keys per K/V block: 128 at d64/d128, 64 at d256. SM90_BN_OVERRIDE=176 selects FA3's d128 shape (128 x 176
-// tiles; only at HEAD_DIM 128 with 2 consumers): 11 k16 steps of P.V, m64n176k16 for S = Q K^T, and O staged
-// in the Q buffer (a separate O buffer does not fit next to Q + 2 x K + 2 x V = 208 KiB).
+// Keys per K/V block: 128 at d64/d128, 64 at d256. SM90_BN_OVERRIDE selects FA3's wider K/V blocks (2 consumers
+// only): 176 at HEAD_DIM 128 (128 x 176 tiles: 11 k16 steps of P.V, m64n176k16 for S = Q K^T, and O staged in
+// the Q buffer, since a separate O buffer does not fit next to Q + 2 x K + 2 x V = 208 KiB), or 80 at HEAD_DIM
+// 256 (128 x 80 tiles: 5 k16 steps of P.V, m64n80k16 for S; Q 64 KiB + 2 x K + 2 x V (40 KiB each) = 224 KiB).
 #if defined(SM90_BN_OVERRIDE)
-#if !(SM90_BN_OVERRIDE == 176 && HEAD_DIM == 128 && SM90_CONSUMERS == 2)
-#error "SM90_BN_OVERRIDE is 176, at HEAD_DIM 128 with 2 consumers"
+#if !(((SM90_BN_OVERRIDE == 176 && HEAD_DIM == 128) || (SM90_BN_OVERRIDE == 80 && HEAD_DIM == 256)) && \
+      SM90_CONSUMERS == 2)
+#error "SM90_BN_OVERRIDE is 176 at HEAD_DIM 128 or 80 at HEAD_DIM 256, with 2 consumers"
 #endif
 #define SM90_BN SM90_BN_OVERRIDE
 #elif HEAD_DIM == 256
@@ -79,7 +81,7 @@
 #define SM90_TURN_BAR 1
 #define SM90_EPI_BAR (SM90_TURN_BAR + SM90_CONSUMERS)
 // d <= 128: a separate O staging buffer (BM x D), so that Q can go back to the producer right after the last
-// S = Q K^T; d256 and d128 x BN 176 have no room for it and stage O in the Q buffer instead.
+// S = Q K^T; d256 (either BN) and d128 x BN 176 have no room for it and stage O in the Q buffer instead.
 #define SM90_O_SEPARATE (HEAD_DIM <= 128 && SM90_BN <= 128)
 #define SM90_SMEM_BYTES (((SM90_BM * (1 + SM90_O_SEPARATE)) + 4 * SM90_BN) * HEAD_DIM * 2 + 128 + 1024)
 static_assert(SM90_SMEM_BYTES <= 232448, "shared memory: at most 227 KiB per block");

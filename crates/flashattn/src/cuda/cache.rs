@@ -225,10 +225,12 @@ mod tests {
         let b = Variant { bm192: true, ..a };
         assert_ne!(key(&a, "sm_90a", (13, 0)), key(&b, "sm_90a", (13, 0)));
         assert_ne!(path(&a, "sm_90a", "k"), path(&b, "sm_90a", "k"));
-        // So has the 176-key one.
-        let c = Variant::plain(compile::Pass::FwdSm90, 128, true);
-        let d = Variant { bn176: true, ..c };
-        assert_ne!(key(&c, "sm_90a", (13, 0)), key(&d, "sm_90a", (13, 0)));
-        assert_ne!(path(&c, "sm_90a", "k"), path(&d, "sm_90a", "k"));
+        // So have the wide-key-block ones (176 keys at d128, 80 at d256).
+        for hd in [128, 256] {
+            let c = Variant::plain(compile::Pass::FwdSm90, hd, true);
+            let d = Variant { wide_n: true, ..c };
+            assert_ne!(key(&c, "sm_90a", (13, 0)), key(&d, "sm_90a", (13, 0)));
+            assert_ne!(path(&c, "sm_90a", "k"), path(&d, "sm_90a", "k"));
+        }
     }
 }

@@ -85,9 +85,11 @@ pub struct Variant {
     /// The sm90 forward at head dim 64 with 3 consumer warpgroups and 192-row query tiles
     /// (`-DSM90_CONSUMERS=3`; the default at head dim 64, `FLASHATTN_SM90_BM=128` turns it off). Ignored by every other pass and head dim.
     pub bm192: bool,
-    /// The sm90 forward at head dim 128 with 176-key K/V blocks (128 x 176 tiles, FA3's d128 shape;
-    /// `-DSM90_BN_OVERRIDE=176`; chosen without a mask from 8k keys, `FLASHATTN_SM90_BN=176|128` forces it). Ignored by every other pass and head dim.
-    pub bn176: bool,
+    /// The sm90 forward with FA3's wider K/V blocks ([`super::fwd_sm90::wide_block_n`]): 176 keys at head dim 128
+    /// (128 x 176 tiles; chosen without a mask from 8k keys) and 80 at head dim 256 (128 x 80 tiles; opt-in),
+    /// `-DSM90_BN_OVERRIDE=176|80`; `FLASHATTN_SM90_BN` forces either form. Ignored by every other pass and head
+    /// dim.
+    pub wide_n: bool,
 }
 
 impl Variant {
@@ -104,7 +106,7 @@ impl Variant {
             deterministic: false,
             aligned16: true,
             bm192: false,
-            bn176: false,
+            wide_n: false,
         }
     }
 
@@ -113,10 +115,14 @@ impl Variant {
         self.bm192 && self.pass == Pass::FwdSm90 && self.head_dim == 64
     }
 
-    /// Whether this variant is the sm90 forward with 176-key blocks (`bn176` where it applies: FwdSm90 at
-    /// head dim 128).
-    pub fn is_bn176(&self) -> bool {
-        self.bn176 && self.pass == Pass::FwdSm90 && self.head_dim == 128
+    /// Keys per K/V block when this variant is the sm90 forward's wide form (`wide_n` where it applies:
+    /// FwdSm90 at a head dim that has one, 176 at 128 and 80 at 256); `None` otherwise.
+    pub fn wide_block_n(&self) -> Option<usize> {
+        if self.wide_n && self.pass == Pass::FwdSm90 {
+            super::fwd_sm90::wide_block_n(self.head_dim)
+        } else {
+            None
+        }
     }
 
     /// The source file's text.
@@ -151,8 +157,8 @@ impl Variant {
         if self.is_bm192() {
             v.push("SM90_CONSUMERS=3".to_string());
         }
-        if self.is_bn176() {
-            v.push("SM90_BN_OVERRIDE=176".to_string());
+        if let Some(bn) = self.wide_block_n() {
+            v.push(format!("SM90_BN_OVERRIDE={bn}"));
         }
         v
     }
@@ -182,8 +188,8 @@ impl fmt::Display for Variant {
         if self.is_bm192() {
             write!(f, "_bm192")?;
         }
-        if self.is_bn176() {
-            write!(f, "_bn176")?;
+        if let Some(bn) = self.wide_block_n() {
+            write!(f, "_bn{bn}")?;
         }
         write!(f, "_{}", if self.bf16 { "bf16" } else { "f16" })?;
         for (on, name) in [
@@ -241,7 +247,7 @@ pub fn all_variants() -> Vec<Variant> {
                                 deterministic,
                                 aligned16,
                                 bm192: false,
-                                bn176: false,
+                                wide_n: false,
                             });
                         }
                     }
@@ -258,22 +264,24 @@ const SM90_PASSES: [(Pass, &[usize]); 2] =
     [(Pass::FwdSm90, &super::fwd_sm90::SM90_HEAD_DIMS), (Pass::BwdSm90, &super::bwd_sm90::SM90_BWD_HEAD_DIMS)];
 
 /// The plain variant of every Hopper pass, head dim and dtype, then the forward's 192-row form at head dim 64
-/// and its 176-key form at head dim 128 (both dtypes).
+/// and its wide-key-block forms at head dims 128 (176 keys) and 256 (80 keys), both dtypes.
 fn sm90_plain() -> impl Iterator<Item = Variant> {
     let bm192 = [false, true].map(|bf16| Variant { bm192: true, ..Variant::plain(Pass::FwdSm90, 64, bf16) });
-    let bn176 = [false, true].map(|bf16| Variant { bn176: true, ..Variant::plain(Pass::FwdSm90, 128, bf16) });
+    let wide = [128, 256]
+        .into_iter()
+        .flat_map(|hd| [false, true].map(|bf16| Variant { wide_n: true, ..Variant::plain(Pass::FwdSm90, hd, bf16) }));
     SM90_PASSES
         .into_iter()
         .flat_map(|(pass, dims)| {
             dims.iter().flat_map(move |&hd| [false, true].map(|bf16| Variant::plain(pass, hd, bf16)))
         })
         .chain(bm192)
-        .chain(bn176)
+        .chain(wide)
 }
 
 /// The sm90 variants (Hopper only), forward and backward: their head dims x dtypes x (mask, alibi, softcap,
-/// varlen), the backward also deterministic; the forward's 192-row form at head dim 64 and 176-key form at head
-/// dim 128 likewise.
+/// varlen), the backward also deterministic; the forward's 192-row form at head dim 64 and wide-key-block forms
+/// at head dims 128 and 256 likewise.
 pub fn sm90_variants() -> Vec<Variant> {
     let mut out = Vec::new();
     for p in sm90_plain() {
@@ -635,15 +643,18 @@ ptxas info    : Used 30 registers, used 1 barriers\n";
 
     #[test]
     fn tile_shape_variants() {
-        // The 192-row form at head dim 64 and the 176-key form at head dim 128: (head dim, name tag, its define,
-        // the other form's define); `set` turns on the form of head dim `hd`.
+        // The 192-row form at head dim 64 and the wide-key-block forms at head dims 128 (176 keys) and 256 (80
+        // keys): (head dim, name tag, its define, the other flag's define, head dims where its flag means
+        // nothing); `set` turns on the form of head dim `hd`.
         let set =
-            |v: Variant, hd: usize| if hd == 64 { Variant { bm192: true, ..v } } else { Variant { bn176: true, ..v } };
+            |v: Variant, hd: usize| if hd == 64 { Variant { bm192: true, ..v } } else { Variant { wide_n: true, ..v } };
         let forms = [
-            (64, "bm192", "SM90_CONSUMERS=3", "SM90_BN_OVERRIDE"),
-            (128, "bn176", "SM90_BN_OVERRIDE=176", "SM90_CONSUMERS"),
+            (64, "bm192", "SM90_CONSUMERS=3", "SM90_BN_OVERRIDE", &[128, 256][..]),
+            (128, "bn176", "SM90_BN_OVERRIDE=176", "SM90_CONSUMERS", &[64][..]),
+            (256, "bn80", "SM90_BN_OVERRIDE=80", "SM90_CONSUMERS", &[64][..]),
         ];
-        for (hd, tag, define, other) in forms {
+        let is_form = |x: &Variant| x.is_bm192() || x.wide_block_n().is_some();
+        for (hd, tag, define, other, meaningless) in forms {
             let key = define.split('=').next().unwrap();
             for bf16 in [false, true] {
                 let dt = if bf16 { "bf16" } else { "f16" };
@@ -665,19 +676,18 @@ ptxas info    : Used 30 registers, used 1 barriers\n";
                 assert!(representative_variants().contains(&w));
                 assert!(representative_variants().contains(&Variant { mask: true, ..w }));
                 // Meaningless elsewhere: no macro, no name change.
-                let elsewhere = [64, 128, 256]
-                    .into_iter()
-                    .filter(|&h| h != hd)
-                    .map(|h| Variant::plain(Pass::FwdSm90, h, bf16))
+                let elsewhere = meaningless
+                    .iter()
+                    .map(|&h| Variant::plain(Pass::FwdSm90, h, bf16))
                     .chain([Variant::plain(Pass::Fwd, hd, bf16), Variant::plain(Pass::BwdSm90, hd, bf16)]);
                 for x in elsewhere {
                     let y = set(x, hd);
-                    assert!(!y.is_bm192() && !y.is_bn176());
+                    assert!(!is_form(&y));
                     assert_eq!(y.to_string(), x.to_string());
                     assert_eq!(y.defines(), x.defines());
                 }
             }
-            let count = sm90_variants().iter().filter(|x| if hd == 64 { x.is_bm192() } else { x.is_bn176() }).count();
+            let count = sm90_variants().iter().filter(|x| x.head_dim == hd && is_form(x)).count();
             assert_eq!(count, 2 * 16);
         }
     }
@@ -698,9 +708,9 @@ ptxas info    : Used 30 registers, used 1 barriers\n";
         assert_eq!(padded_head_dim(111), Some(128));
         assert_eq!(padded_head_dim(256), Some(256));
         assert_eq!(padded_head_dim(257), None);
-        // bwd.cu x deterministic, KV, sm90 forward (3 head dims + the 192-row d64 + the 176-key d128), sm90
-        // backward (3 head dims x deterministic).
-        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 5 * 2 * 16 + 3 * 2 * 32);
+        // bwd.cu x deterministic, KV, sm90 forward (3 head dims + the 192-row d64 + the 176-key d128 + the 80-key
+        // d256), sm90 backward (3 head dims x deterministic).
+        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 6 * 2 * 16 + 3 * 2 * 32);
         assert!(Pass::FwdSm90.builds_for("sm_90a") && !Pass::FwdSm90.builds_for("sm_80"));
         assert!(Pass::BwdSm90.builds_for("sm_90a") && !Pass::BwdSm90.builds_for("sm_80"));
     }

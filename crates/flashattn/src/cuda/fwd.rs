@@ -84,7 +84,7 @@ pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministi
         deterministic: deterministic && pass == Pass::Bwd,
         aligned16,
         bm192: false,
-        bn176: false,
+        wide_n: false,
     })
 }
 

@@ -5,8 +5,9 @@
 //! 512 threads, variant `fwd90_d64_bm192_*`; H200: +5..+22% over the 128-row form from 2k, same call);
 //! `FLASHATTN_SM90_BM=128` selects the 128-row form there too (A/B). Other head dims use 128 rows.
 //! At head dim 128 without a mask and from 8k keys it uses 176-key K/V blocks (128 x 176 tiles, FA3's d128 shape;
-//! `-DSM90_BN_OVERRIDE=176`, O staged in the Q buffer, variant `fwd90_d128_bn176_*`; `FLASHATTN_SM90_BN=176|128`
-//! forces either); otherwise 128 keys.
+//! `-DSM90_BN_OVERRIDE=176`, O staged in the Q buffer, variant `fwd90_d128_bn176_*`); otherwise 128 keys. At head
+//! dim 256 FA3's 80-key blocks (128 x 80 tiles, `fwd90_d256_bn80_*`) are compiled but opt-in: not yet run on a
+//! GPU. `FLASHATTN_SM90_BN` forces a form per head dim (`176`/`128`, `80`/`64`; a list such as `176,80`).
 
 use super::compile::{Pass, Variant};
 use super::fwd::{check_sizes, fwd_params, variant_for, FwdArgs};
@@ -42,16 +43,35 @@ fn bm192_requested() -> bool {
     std::env::var("FLASHATTN_SM90_BM").map_or(true, |v| v.trim() != "128")
 }
 
-/// Keys per K/V block of the 176-key head-dim-128 form (FA3's d128 tile).
-const BLOCK_N_176: usize = 176;
-
-/// `FLASHATTN_SM90_BN`: `176` forces the 176-key forward at head dim 128, `128` the 128-key one (A/B runs).
-fn bn176_forced() -> Option<bool> {
-    match std::env::var("FLASHATTN_SM90_BN").ok()?.trim() {
-        "176" => Some(true),
-        "128" => Some(false),
+/// Keys per K/V block of FA3's wider form of the forward at a head dim, where it has one: 176 at head dim 128
+/// (128 x 176 tiles), 80 at head dim 256 (128 x 80 tiles; both as `SM90_BN_OVERRIDE` in `fwd_sm90.cu`).
+pub const fn wide_block_n(head_dim: usize) -> Option<usize> {
+    match head_dim {
+        128 => Some(176),
+        256 => Some(80),
         _ => None,
     }
+}
+
+/// Whether the list `spec` (comma-separated key-block sizes, the form of `FLASHATTN_SM90_BN`) forces the
+/// wide form at `head_dim` (its wide size is listed: `Some(true)`) or the default one (its default size is
+/// listed: `Some(false)`); `None` leaves the choice to the rule. `176` / `128` act on head dim 128, `80` / `64`
+/// on head dim 256.
+fn wide_n_in(spec: &str, head_dim: usize) -> Option<bool> {
+    let wide = wide_block_n(head_dim)?;
+    let sizes: Vec<usize> = spec.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+    if sizes.contains(&wide) {
+        Some(true)
+    } else if sizes.contains(&block_n(head_dim)) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// `FLASHATTN_SM90_BN` for A/B runs: see [`wide_n_in`].
+fn wide_n_forced(head_dim: usize) -> Option<bool> {
+    wide_n_in(&std::env::var("FLASHATTN_SM90_BN").ok()?, head_dim)
 }
 
 /// The tile shape of the sm90 forward variant `v` (its head dim and mask set) for a problem of at most
@@ -59,12 +79,19 @@ fn bn176_forced() -> Option<bool> {
 /// - head dim 64: 192 query rows (3 consumer warpgroups) unless `FLASHATTN_SM90_BM=128`;
 /// - head dim 128: 176-key K/V blocks without a mask from 8k keys (H200, same binary, bf16 non-causal: 4k +2%,
 ///   8k +4..12%, 16k +9..12%; but 512-2k 0..-8% and causal -2..-22%, where the larger blocks waste more masked or
-///   padded keys and the Q buffer also stages O); `FLASHATTN_SM90_BN=176|128` forces either;
+///   padded keys and the Q buffer also stages O);
+/// - head dim 256: 64-key blocks; the 80-key form (FA3's d256 tile) only when asked for, as it has not yet run
+///   on a GPU;
+/// - `FLASHATTN_SM90_BN` forces either form per head dim ([`wide_n_in`]);
 /// - otherwise 128 x [`block_n`].
 pub fn sm90_tile(v: Variant, max_keys: usize) -> Variant {
     let bm192 = v.head_dim == 64 && bm192_requested();
-    let bn176 = v.head_dim == 128 && bn176_forced().unwrap_or(!v.mask && max_keys >= 8192);
-    Variant { bm192, bn176, ..v }
+    let rule = match v.head_dim {
+        128 => !v.mask && max_keys >= 8192,
+        _ => false,
+    };
+    let wide_n = wide_block_n(v.head_dim).is_some() && wide_n_forced(v.head_dim).unwrap_or(rule);
+    Variant { bm192, wide_n, ..v }
 }
 
 /// The tile shapes [`sm90_tile`] picks in this process, in words (for `flashattn info` and bench output).
@@ -73,11 +100,14 @@ pub fn tile_summary() -> String {
     if bm192_requested() {
         s += " (head dim 64: 192-row tiles, 3 consumer warpgroups)";
     }
-    s += match bn176_forced() {
-        Some(true) => " (head dim 128: 176-key blocks, FLASHATTN_SM90_BN=176)",
+    s += match wide_n_forced(128) {
+        Some(true) => " (head dim 128: 176-key blocks, FLASHATTN_SM90_BN)",
         Some(false) => "",
         None => " (head dim 128 without a mask from 8k keys: 176-key blocks)",
     };
+    if wide_n_forced(256) == Some(true) {
+        s += " (head dim 256: 80-key blocks, FLASHATTN_SM90_BN)";
+    }
     s
 }
 
@@ -92,11 +122,7 @@ pub fn variant_block_m(v: &Variant) -> usize {
 
 /// Keys per K/V block of a compiled sm90 forward variant (`SM90_BN` of the kernel).
 pub fn variant_block_n(v: &Variant) -> usize {
-    if v.is_bn176() {
-        BLOCK_N_176
-    } else {
-        block_n(v.head_dim)
-    }
+    v.wide_block_n().unwrap_or_else(|| block_n(v.head_dim))
 }
 
 /// Threads per CTA for `block_m` query rows: a producer warpgroup plus one consumer warpgroup per 64 rows
@@ -370,32 +396,60 @@ mod tests {
     }
 
     #[test]
-    fn bn176_smem_and_variant() {
+    fn wide_n_smem_and_variant() {
         // d128, 176 keys: Q 32 KiB + 2 x K + 2 x V (44 KiB each) = 208 KiB, O staged in the Q buffer (a separate
         // 32 KiB O buffer would not fit), + barriers + slack: under the 227 KiB opt-in limit.
-        assert_eq!(smem_bytes(128, BLOCK_M, BLOCK_N_176), 212992 + 1152);
-        assert_eq!(smem_bytes(128, BLOCK_M, BLOCK_N_176), ((128 + 4 * 176) * 128 * 2 + 128 + 1024) as u32);
-        assert!(smem_bytes(128, BLOCK_M, BLOCK_N_176) <= 232448);
-        // Every K/V stage and panel offset stays a multiple of the 1024-byte swizzle period.
-        assert_eq!(BLOCK_N_176 * 128 % 1024, 0);
-        let v = Variant::plain(Pass::FwdSm90, 128, true);
-        assert_eq!(variant_block_n(&v), 128);
-        assert_eq!(variant_block_n(&Variant { bn176: true, ..v }), 176);
-        assert_eq!(variant_block_m(&Variant { bn176: true, ..v }), 128);
-        // Only head dim 128 has the 176-key form.
-        assert_eq!(variant_block_n(&Variant { bn176: true, head_dim: 64, ..v }), 128);
-        assert_eq!(variant_block_n(&Variant { bn176: true, head_dim: 256, ..v }), 64);
-        assert_eq!(variant_block_n(&Variant { bn176: true, pass: Pass::BwdSm90, ..v }), 128);
+        assert_eq!(smem_bytes(128, BLOCK_M, 176), 212992 + 1152);
+        assert_eq!(smem_bytes(128, BLOCK_M, 176), ((128 + 4 * 176) * 128 * 2 + 128 + 1024) as u32);
+        // d256, 80 keys: Q 64 KiB + 2 x K + 2 x V (40 KiB each) = 224 KiB, O in the Q buffer as at 64 keys.
+        assert_eq!(smem_bytes(256, BLOCK_M, 80), 229376 + 1152);
+        for (hd, bn) in [(128, 176), (256, 80)] {
+            assert_eq!(wide_block_n(hd), Some(bn));
+            assert!(smem_bytes(hd, BLOCK_M, bn) <= 232448);
+            // Every K/V stage and panel offset stays a multiple of the 1024-byte swizzle period.
+            assert_eq!(bn * 128 % 1024, 0);
+            let v = Variant::plain(Pass::FwdSm90, hd, true);
+            assert_eq!(variant_block_n(&v), block_n(hd));
+            assert_eq!(variant_block_n(&Variant { wide_n: true, ..v }), bn);
+            assert_eq!(variant_block_m(&Variant { wide_n: true, ..v }), 128);
+            // The flag means nothing on other passes.
+            assert_eq!(variant_block_n(&Variant { wide_n: true, pass: Pass::BwdSm90, ..v }), block_n(hd));
+        }
+        // Head dim 64 has no wide form.
+        assert_eq!(wide_block_n(64), None);
+        let v64 = Variant { wide_n: true, ..Variant::plain(Pass::FwdSm90, 64, true) };
+        assert_eq!(variant_block_n(&v64), 128);
         let tile = |hd: usize, mask: bool, keys: usize| {
             let t = sm90_tile(Variant { mask, ..Variant::plain(Pass::FwdSm90, hd, true) }, keys);
-            (t.bn176, variant_block_n(&t))
+            (t.wide_n, variant_block_n(&t))
         };
         assert_eq!(tile(64, false, 1 << 14), (false, 128));
-        assert_eq!(tile(256, false, 1 << 14), (false, 64));
-        if bn176_forced().is_none() {
+        if std::env::var("FLASHATTN_SM90_BN").is_err() {
             assert_eq!(tile(128, false, 8192), (true, 176));
             assert_eq!(tile(128, false, 4096), (false, 128));
             assert_eq!(tile(128, true, 16384), (false, 128));
+            // Opt-in at d256 until it has run on a GPU.
+            assert_eq!(tile(256, false, 1 << 14), (false, 64));
+            assert_eq!(tile(256, true, 1 << 14), (false, 64));
         }
+    }
+
+    #[test]
+    fn block_n_override_list() {
+        // Each head dim reads its own sizes; a list serves both.
+        assert_eq!(wide_n_in("176", 128), Some(true));
+        assert_eq!(wide_n_in("128", 128), Some(false));
+        assert_eq!(wide_n_in("176", 256), None);
+        assert_eq!(wide_n_in("80", 256), Some(true));
+        assert_eq!(wide_n_in("64", 256), Some(false));
+        assert_eq!(wide_n_in("80", 128), None);
+        assert_eq!(wide_n_in("176, 80", 128), Some(true));
+        assert_eq!(wide_n_in("176, 80", 256), Some(true));
+        assert_eq!(wide_n_in("128,80", 128), Some(false));
+        assert_eq!(wide_n_in("128,80", 256), Some(true));
+        // No wide form at head dim 64; unparsable or empty lists leave the rule.
+        assert_eq!(wide_n_in("128", 64), None);
+        assert_eq!(wide_n_in("", 128), None);
+        assert_eq!(wide_n_in("wide", 256), None);
     }
 }
