@@ -7,7 +7,8 @@ Usage:
 
 libnvrtc is looked up in $NVRTC_LIB_DIR, then next to the `nvidia-cuda-nvrtc` pip package of the running
 Python, then the usual CUDA install paths, then the loader's default search.
-Exit status: 1 on a compile error, 2 when --no-spills is given and a kernel spills.
+Exit status: 1 on a compile error, 2 when --no-spills is given and a kernel spills. A kernel whose wgmma
+instructions ptxas serialised is flagged WGMMA-SERIALIZED.
 """
 import argparse
 import ctypes
@@ -179,10 +180,14 @@ def main():
             use = parse_usage(log)
             if not a.quiet and a.matrix is None:
                 print(log.strip())
+            # ptxas's note that it serialised the wgmma instructions (C7515 and kin): no overlap left.
+            wgmma_serial = "wgmma.mma_async instructions are serialized" in log
             for k, regs, ss, sl, smem in use:
                 flag = "" if ss == 0 and sl == 0 else "  SPILLS"
                 if flag:
                     spilled += 1
+                if wgmma_serial:
+                    flag += "  WGMMA-SERIALIZED"
                 print(f"ok  {tag}: {k} regs={regs} spill_st={ss} spill_ld={sl} smem={smem} ({dt:.1f}s){flag}")
             if a.output and binary is not None:
                 open(a.output, "wb").write(binary)

@@ -527,9 +527,10 @@ fn compile_and_load_times() {
     say(&format!("cuda compile/load times: {}", lines.join("; ")));
 }
 
-/// Every variant compiles with NVRTC for sm_80 and sm_90a (no GPU needed) and the hot variants do not
-/// spill (`FLASHATTN_ALLOW_SPILLS=1` reports spills without failing). Quick: the hot variants; full: every
-/// variant.
+/// Every variant compiles with NVRTC for sm_80 and sm_90a (no GPU needed), ptxas serialises the wgmma
+/// instructions of none of them (that would take away the sm90 kernels' overlap of products and softmax, with
+/// correct results: only this check sees it), and the hot variants do not spill (`FLASHATTN_ALLOW_SPILLS=1`
+/// reports spills without failing). Quick: the hot variants; full: every variant.
 #[test]
 fn nvrtc_compiles_variants() {
     if !compile::nvrtc_present() {
@@ -545,6 +546,7 @@ fn nvrtc_compiles_variants() {
     let reps = cuda::precompile_variants(&archs, &variants).unwrap_or_else(|e| panic!("{e}"));
     let hot = compile::hot_variants();
     let mut spills = Vec::new();
+    let mut serialized = Vec::new();
     let mut max_regs = 0;
     for r in &reps {
         assert!(!r.usage.is_empty(), "no ptxas report for {r}");
@@ -553,8 +555,12 @@ fn nvrtc_compiles_variants() {
             if u.spills() && hot.contains(&r.variant) {
                 spills.push(r.to_string());
             }
+            if u.wgmma_serialized {
+                serialized.push(r.to_string());
+            }
         }
     }
+    assert!(serialized.is_empty(), "ptxas serialised the wgmma instructions of:\n{}", serialized.join("\n"));
     say(&format!(
         "nvrtc: {} variant compiles ok ({} newly compiled) in {:.1} s, max {max_regs} registers, {} hot spills",
         reps.len(),

@@ -393,6 +393,11 @@ pub struct KernelUsage {
     pub spill_loads: u32,
     /// Static shared memory, bytes.
     pub smem: u32,
+    /// ptxas serialised the kernel's `wgmma.mma_async` instructions (its "Potential Performance Loss" note,
+    /// C7515 and kin): every wgmma then waits for the one before, which takes away the overlap the sm90 kernels
+    /// are built on. It happens when ptxas cannot prove, along every control path, that no other instruction
+    /// touches the accumulators of a wgmma in flight (`docs/notes/cuda-sm90.md`).
+    pub wgmma_serialized: bool,
 }
 
 impl KernelUsage {
@@ -402,6 +407,12 @@ impl KernelUsage {
     }
 }
 
+/// The kernel a ptxas note names (`... in the function 'NAME'` or `... in function 'NAME'`).
+fn function_named(line: &str) -> Option<&str> {
+    let i = line.rfind("function '")?;
+    line[i + "function '".len()..].split('\'').next()
+}
+
 fn number_before(line: &str, suffix: &str) -> Option<u32> {
     let i = line.find(suffix)?;
     let head = line[..i].trim_end();
@@ -409,15 +420,29 @@ fn number_before(line: &str, suffix: &str) -> Option<u32> {
     head[start..].parse().ok()
 }
 
-/// Parses a `ptxas -v` log into per-kernel register and spill counts.
+/// Parses a `ptxas -v` log into per-kernel register and spill counts, and which kernels ptxas serialised the
+/// wgmma instructions of (its notes come before the kernel's own lines and name the function; a note naming
+/// none marks every kernel of the log).
 pub fn parse_usage(log: &str) -> Vec<KernelUsage> {
     let mut out: Vec<KernelUsage> = Vec::new();
+    let mut serialized: Vec<Option<String>> = Vec::new();
     let mut in_kernel = true;
     for line in log.lines() {
+        if line.contains("wgmma.mma_async instructions are serialized") {
+            serialized.push(function_named(line).map(str::to_string));
+            continue;
+        }
         if let Some(i) = line.find("Compiling entry function '") {
             let rest = &line[i + "Compiling entry function '".len()..];
             let name = rest.split('\'').next().unwrap_or("").to_string();
-            out.push(KernelUsage { kernel: name, registers: 0, spill_stores: 0, spill_loads: 0, smem: 0 });
+            out.push(KernelUsage {
+                kernel: name,
+                registers: 0,
+                spill_stores: 0,
+                spill_loads: 0,
+                smem: 0,
+                wgmma_serialized: false,
+            });
             continue;
         }
         // A non-inlined device function's own properties follow its caller's: they are not the kernel's.
@@ -444,6 +469,10 @@ pub fn parse_usage(log: &str) -> Vec<KernelUsage> {
         if let Some(n) = number_before(line, "bytes smem") {
             cur.smem = n;
         }
+    }
+    for k in &mut out {
+        // A note applies to the kernel it names, or to every kernel when it names none.
+        k.wgmma_serialized = serialized.iter().any(|f| !matches!(f, Some(name) if *name != k.kernel));
     }
     out
 }
@@ -639,6 +668,31 @@ ptxas info    : Used 30 registers, used 1 barriers\n";
         assert_eq!(u.len(), 2);
         assert_eq!((u[0].registers, u[0].spill_stores, u[0].spill_loads), (128, 24, 24));
         assert_eq!((u[1].kernel.as_str(), u[1].registers, u[1].spills()), ("kv_append", 30, false));
+        assert!(!u[0].wgmma_serialized && !u[1].wgmma_serialized);
+        // ptxas's serialisation note (seen on an experimental sm90 forward) comes before the kernel's lines.
+        let log = "ptxas info    : (C7517) warpgroup.wait is injected in around line 3573 by compiler to allow use of \
+registers defined by GMMA in function 'flash_fwd_sm90'\n\
+ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma \
+instructions defining accumulator registers of a wgmma between start and end of the pipeline stage in the function \
+'flash_fwd_sm90'\n\
+ptxas info    : 62 bytes gmem\n\
+ptxas info    : Compiling entry function 'flash_fwd_sm90' for 'sm_90a'\n\
+ptxas info    : Function properties for flash_fwd_sm90\n\
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 168 registers, used 16 barriers\n\
+ptxas info    : Compiling entry function 'other' for 'sm_90a'\n\
+ptxas info    : Used 30 registers\n";
+        let u = parse_usage(log);
+        assert_eq!(u.len(), 2);
+        assert!(u[0].wgmma_serialized && !u[0].spills() && u[0].registers == 168);
+        assert!(!u[1].wgmma_serialized);
+        // A note that names no function marks every kernel.
+        let u = parse_usage(
+            "wgmma.mma_async instructions are serialized due to the presence of Extern calls\n\
+ptxas info    : Compiling entry function 'a' for 'sm_90a'\n\
+ptxas info    : Compiling entry function 'b' for 'sm_90a'\n",
+        );
+        assert!(u.iter().all(|k| k.wgmma_serialized));
     }
 
     #[test]

@@ -352,7 +352,7 @@ pub struct PrecompileReport {
     pub cached: bool,
     /// Seconds spent (compiling, or reading the cache).
     pub seconds: f64,
-    /// Registers and spills per kernel.
+    /// Registers, spills and wgmma serialisation per kernel.
     pub usage: Vec<KernelUsage>,
 }
 
@@ -363,6 +363,9 @@ impl std::fmt::Display for PrecompileReport {
             write!(f, " {}: {} regs", u.kernel, u.registers)?;
             if u.spills() {
                 write!(f, " SPILLS {}/{} B", u.spill_stores, u.spill_loads)?;
+            }
+            if u.wgmma_serialized {
+                write!(f, " WGMMA SERIALIZED")?;
             }
             write!(f, ";")?;
         }
