@@ -83,6 +83,19 @@
 // d <= 128: a separate O staging buffer (BM x D), so that Q can go back to the producer right after the last
 // S = Q K^T; d256 (either BN) and d128 x BN 176 have no room for it and stage O in the Q buffer instead.
 #define SM90_O_SEPARATE (HEAD_DIM <= 128 && SM90_BN <= 128)
+// Epilogue overlap (an experiment, off by default: not yet run on a GPU). SM90_EPI_OVERLAP=1: every tile's last
+// turn issues, after its last O += P V, the first S = Q K^T of the next tile in the walk, which then runs on the
+// tensor cores while this warpgroup normalises and stores O; a tile starts with its first S in flight. Where the
+// next tile has no key blocks (or there is none) the turn issues a throw-away S on this warpgroup's O buffer
+// instead, so that on every path the same wgmma group is in flight at the top of a tile: ptxas's wgmma analysis
+// does not correlate branches and serialises every wgmma of a kernel where one path differs (notes). The first
+// P.V of a tile overwrites O (wgmma scale-d 0) instead of O being zeroed by other instructions. Only with a
+// separate O buffer (d <= 128 with 128-key blocks), where the next tile's Q is loaded during this tile's last
+// blocks; ignored elsewhere.
+#ifndef SM90_EPI_OVERLAP
+#define SM90_EPI_OVERLAP 0
+#endif
+#define SM90_EPI (SM90_EPI_OVERLAP && SM90_O_SEPARATE)
 #define SM90_SMEM_BYTES (((SM90_BM * (1 + SM90_O_SEPARATE)) + 4 * SM90_BN) * HEAD_DIM * 2 + 128 + 1024)
 static_assert(SM90_SMEM_BYTES <= 232448, "shared memory: at most 227 KiB per block");
 static_assert(SM90_BN % 16 == 0 && (SM90_BN * 128) % 1024 == 0, "K/V panels keep the 1024-byte swizzle period");
@@ -119,6 +132,9 @@ constexpr int CONSUMER_WARPS = 4 * SM90_CONSUMERS;
 static_assert(SM90_EPI_BAR + SM90_CONSUMERS <= 16, "named barrier ids are < 16");
 static_assert(128 * (SM90_PRODUCER_REGS + SM90_CONSUMERS * SM90_CONSUMER_REGS) <= 65536, "register file");
 static_assert(SM90_PRODUCER_REGS % 8 == 0 && SM90_CONSUMER_REGS % 8 == 0, "setmaxnreg counts");
+#if SM90_EPI
+static_assert(BN <= BM, "the throw-away S of EPI_OVERLAP reads BN rows per panel inside the O buffer");
+#endif
 
 // ---------------------------------------------------------------- scheduler
 struct TileId { int m_block, bi, qh; };
@@ -188,6 +204,18 @@ FA_DEVICE bool geometry(const FwdParams& f, const TileId& id, Geo& g) {
 #endif
     kv_block_range(mc, HAS_MASK != 0, g.m0, g.m0 + rows - 1, BN, &g.nb_lo, &g.nb_hi);
     return true;
+}
+
+// Whether the next tile that this CTA's walk processes after round `k` (skipping empty slots and tiles past
+// their sequence's end, which the consumers skip too) has key blocks.
+FA_DEVICE bool next_tile_has_blocks(const Sm90Params& p, int k, int num_tiles) {
+    for (int r = k + 1;; ++r) {
+        const int t = walk(r, num_tiles);
+        if (t == -1) return false;
+        if (t < 0) continue;
+        Geo g;
+        if (geometry(p.f, tile_at(p, t), g)) return g.nb_hi > g.nb_lo;
+    }
 }
 
 // The pipeline's barriers, at fixed offsets from one base address (no arrays: indexing one with a
@@ -271,19 +299,41 @@ FA_DEVICE void issue_qk(float* s, u32 sq_wg, u32 sk) {
     wgmma_ss_kmajor<BN, D, BM * 128, BN * 128>(s, rematerialize(sq_wg), sk);
 }
 
-// O += P V: P from registers (the packed S accumulators), V N-major in shared memory.
-FA_DEVICE void issue_pv(float* o, const u32 (*pa)[4], u32 sv) {
+// O += P V: P from registers (the packed S accumulators), V N-major in shared memory. `overwrite`: O = P V (the
+// first product of a tile, with EPI_OVERLAP, where O is not zeroed beforehand).
+FA_DEVICE void issue_pv(float* o, const u32 (*pa)[4], u32 sv, bool overwrite = false) {
 #pragma unroll
     for (int kk = 0; kk < PK; ++kk) {
 #pragma unroll
         for (int c = 0; c < D / NPV; ++c) {
             const u64 db = smem_desc(sv + c * (NPV / 64) * BN * 128 + kk * 16 * 128, BN * 128, 1024);
+            const int scale_d = kk == 0 && overwrite ? 0 : 1;
 #if HEAD_DIM == 64
-            wgmma_rs_n64<1>(o + c * (NPV / 2), pa[kk], db, 1);
+            wgmma_rs_n64<1>(o + c * (NPV / 2), pa[kk], db, scale_d);
 #else
-            wgmma_rs_n128<1>(o + c * (NPV / 2), pa[kk], db, 1);
+            wgmma_rs_n128<1>(o + c * (NPV / 2), pa[kk], db, scale_d);
 #endif
         }
+    }
+}
+
+// EPI_OVERLAP: the operands of the S = Q K^T that a tile's last turn issues (`k`: this CTA's walk round of that
+// tile, `it`: the K/V block count after it). When the next tile of the walk has key blocks, its Q and first K,
+// waited for here (the producer loads them without waiting for this warpgroup: Q went back after the last S,
+// that K's stage two blocks before); otherwise a throw-away product on the O buffer (this warpgroup's slice as
+// A, the buffer's start as B: in range for every tile shape with a separate O buffer; it may be written by the
+// epilogue meanwhile, and the result is never read).
+FA_DEVICE void next_s_operands(const Sm90Params& p, int k, int num_tiles, u32 it, u32& qt, const Bars& b,
+                               u32 sbase, int wg, u32& sa, u32& sb) {
+    if (next_tile_has_blocks(p, k, num_tiles)) {
+        mbar_wait(b.full_q(), qt & 1);
+        ++qt;
+        mbar_wait(b.full_k(it & 1), (it >> 1) & 1);
+        sa = sbase + wg * 64 * 128;
+        sb = sbase + OFF_K + (it & 1) * KV_BYTES;
+    } else {
+        sa = sbase + OFF_O + wg * 64 * 128;
+        sb = sbase + OFF_O;
     }
 }
 
@@ -415,6 +465,20 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
     const bool pp = p.pingpong != 0;
     if (pp && wg == SM90_CONSUMERS - 1) named_arrive(SM90_TURN_BAR, 256);
     u32 it = 0, qt = 0;
+#if SM90_EPI
+    // A tile starts with its first S in flight (or a throw-away one, when it has no key blocks): issued by the
+    // previous tile's last turn, or for the first tile by this turn of its own.
+    float s[SREG];
+    {
+        u32 sa, sb;
+        next_s_operands(p, -1, num_tiles, it, qt, b, sbase, wg, sa, sb);
+        if (pp) named_sync(my_turn, 256);
+        wgmma_fence();
+        issue_qk(s, sa, sb);
+        wgmma_commit();
+        if (pp) named_arrive(next_turn, 256);
+    }
+#endif
     for (int k = 0;; ++k) {
         const int tile = walk(k, num_tiles);
         if (tile == -1) break;
@@ -440,22 +504,32 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
         mc.wr = -1;
 #endif
         float o[OREG];
+#if !SM90_EPI
 #pragma unroll
         for (int r = 0; r < OREG; ++r) o[r] = 0.f;
+#endif
         RowState rs;
         rs.m[0] = rs.m[1] = FA_NEG_INF;
         rs.l[0] = rs.l[1] = 0.f;
         const int nblk = g.nb_hi - g.nb_lo;
+#if SM90_EPI
+        const int round = k;
+        wgmma_wait<0>();  // this tile's first S (or the throw-away one)
+#endif
         if (nblk > 0) {
+#if !SM90_EPI
             mbar_wait(b.full_q(), qt & 1);
             ++qt;
             float s[SREG];
+#endif
             u32 pa[PK][4];
             float corr[2];
             // first block: S, softmax, P
             {
                 const int nb = g.nb_hi - 1;
-                const u32 st = it & 1, ph = (it >> 1) & 1;
+                const u32 st = it & 1;
+#if !SM90_EPI
+                const u32 ph = (it >> 1) & 1;
                 mbar_wait(b.full_k(st), ph);
                 if (pp) named_sync(my_turn, 256);
                 wgmma_fence();
@@ -463,6 +537,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 wgmma_commit();
                 if (pp) named_arrive(next_turn, 256);
                 wgmma_wait<0>();
+#endif
                 reg_fence<SREG>(s);
                 if (O_SEPARATE && nblk == 1) release(b.empty_q(), lane);
                 release(b.empty_k(st), lane);
@@ -482,7 +557,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 wgmma_fence();
                 issue_qk(s, sq_wg, sbase + OFF_K + st * KV_BYTES);
                 wgmma_commit();
-                issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES);
+                issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES, SM90_EPI && k == 1);
                 wgmma_commit();
                 if (pp) named_arrive(next_turn, 256);
                 wgmma_wait<1>();
@@ -509,17 +584,43 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 const u32 itp = it + nblk - 1;
                 const u32 stp = itp & 1, php = (itp >> 1) & 1;
                 mbar_wait(b.full_v(stp), php);
+#if SM90_EPI
+                // The last P.V and, after it, the next tile's first S: only P.V is waited for here.
+                u32 sa, sb;
+                next_s_operands(p, round, num_tiles, it + nblk, qt, b, sbase, wg, sa, sb);
+                if (pp) named_sync(my_turn, 256);
+                wgmma_fence();
+                issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES, nblk == 1);
+                wgmma_commit();
+                issue_qk(s, sa, sb);
+                wgmma_commit();
+                if (pp) named_arrive(next_turn, 256);
+                wgmma_wait<1>();
+#else
                 if (pp) named_sync(my_turn, 256);
                 wgmma_fence();
                 issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES);
                 wgmma_commit();
                 if (pp) named_arrive(next_turn, 256);
                 wgmma_wait<0>();
+#endif
                 reg_fence<OREG>(o);
                 release(b.empty_v(stp), lane);
             }
             it += nblk;
         }
+#if SM90_EPI
+        else {
+            // No key blocks: a turn that only issues the next tile's first S (or a throw-away one).
+            u32 sa, sb;
+            next_s_operands(p, round, num_tiles, it, qt, b, sbase, wg, sa, sb);
+            if (pp) named_sync(my_turn, 256);
+            wgmma_fence();
+            issue_qk(s, sa, sb);
+            wgmma_commit();
+            if (pp) named_arrive(next_turn, 256);
+        }
+#endif
 
         // ---- epilogue: normalise, LSE; O staged in this warpgroup's slice of the Q buffer (Q is no longer
         // read once the last S is done) in the same 128B-swizzled panels, then 16-byte row-contiguous stores;
@@ -601,6 +702,9 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
             }
         }
     }
+#if SM90_EPI
+    wgmma_wait<0>();  // the last tile's throw-away S
+#endif
     // The last warpgroup arrived once more on warpgroup 0's turn barrier than warpgroup 0 waited on it (the
     // initial turn).
     if (pp && wg == 0) named_sync(SM90_TURN_BAR, 256);
