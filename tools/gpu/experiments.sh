@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Device side of the sm90 forward experiments that have not yet run on a GPU (docs/notes/cuda-sm90.md):
+#   BN80: head dim 256 with 80-key K/V blocks (FLASHATTN_SM90_BN=80; the default is 64 keys),
+#   EPI:  the next tile's first S under the epilogue (FLASHATTN_NVRTC_OPTIONS=-DSM90_EPI_OVERLAP=1; d64, d128).
+# Run from the repository root on the device machine after tools/gpu/prepare.sh here, with .gpu carried:
+#   bash .gpu/experiments.sh correct   # tests, check shapes, sanitizers for both (about 5-8 min)
+#   bash .gpu/experiments.sh bench     # peers + same-binary A/B, two rounds each (about 5-8 min)
+# Every GPU process runs under `timeout`. Output (at most 8 files come back): $OUT/summary.txt (each step, its
+# exit status and last lines), $OUT/log.txt (everything), bench JSONs.
+set -uo pipefail
+G=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+OUT=${OUT:-/tmp/flashattn-out}
+mkdir -p "$OUT"
+export FLASHATTN_CACHE_DIR=${FLASHATTN_CACHE_DIR:-/tmp/flashattn-kernels}
+export FLASHATTN_REQUIRE_GPU=1 FLASHATTN_SWEEP=quick PYTHONUNBUFFERED=1
+EPI=-DSM90_EPI_OVERLAP=1
+
+# step NAME TIMEOUT_S CMD...: runs CMD, appends its output to log.txt, its status and tail to summary.txt.
+step() {
+    local name=$1 t=$2
+    shift 2
+    echo "== $name: $*" | tee -a "$OUT/summary.txt" >> "$OUT/log.txt"
+    local t0=$SECONDS from
+    from=$(($(wc -l < "$OUT/log.txt") + 1))
+    timeout "$t" "$@" >> "$OUT/log.txt" 2>&1
+    local rc=$?
+    {
+        echo "   rc=$rc ($((SECONDS - t0)) s)$([ $rc = 124 ] && echo ' TIMED OUT')"
+        tail -n +"$from" "$OUT/log.txt" | grep -E 'test result|PASS|FAIL|failed|ERROR SUMMARY|RACECHECK SUMMARY|fwd90|fwd sm|panicked' | tail -n 6 | sed 's/^/   /'
+    } >> "$OUT/summary.txt"
+}
+
+checks() {  # shapes with partial blocks, GQA, masks, ALiBi + softcap, sq > sk (tiles without key blocks)
+    local tag=$1 dims=$2
+    for d in $dims; do
+        step "$tag check d$d 1000" 120 "$G/flashattn" check --device cuda --dtype bf16 -d "$d" -b 2 -s 1000 --heads 4
+        step "$tag check d$d gqa causal 777x1500" 120 "$G/flashattn" check --device cuda --dtype f16 -d "$d" -b 1 -s 777 --seqlen-k 1500 --heads 6 --heads-k 2 --causal
+        step "$tag check d$d alibi softcap 81x159" 120 "$G/flashattn" check --device cuda --dtype bf16 -d "$d" -b 3 -s 81 --seqlen-k 159 --alibi --softcap 30 --causal
+        step "$tag check d$d causal 1500x777" 120 "$G/flashattn" check --device cuda --dtype bf16 -d "$d" -b 1 -s 1500 --seqlen-k 777 --heads 4 --heads-k 1 --causal
+        step "$tag check d$d window 2000" 120 "$G/flashattn" check --device cuda --dtype bf16 -d "$d" -b 1 -s 2000 --heads 2 --window 300,0 --backward
+    done
+}
+
+case "${1:-}" in
+correct)
+    nvidia-smi -L >> "$OUT/summary.txt" 2>&1
+    step info 120 "$G/flashattn" info
+    # Proof of the path: the kernel column names fwd90_d256_bn80_* / fwd90_d256_* for each setting.
+    FLASHATTN_SM90_BN=80 step "BN80 path" 120 "$G/flashattn" bench --device cuda --shape 1,8,2048,256 --modes fwd --reps 3 --warmup 1
+    FLASHATTN_SM90_BN=80 step "BN80 tests" 600 "$G/cuda" --test-threads 1 sweep_bf16 sweep_f16 small_variants
+    FLASHATTN_SM90_BN=80 checks BN80 "256 192"
+    FLASHATTN_SM90_BN=80 step "BN80 memcheck" 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 256 -b 1 -s 777 --seqlen-k 1500 --heads 6 --heads-k 2 --causal
+    FLASHATTN_SM90_BN=80 step "BN80 racecheck" 300 compute-sanitizer --tool racecheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 256 -b 1 -s 300 --heads 2 --causal
+    FLASHATTN_NVRTC_OPTIONS=$EPI step "EPI tests" 600 "$G/cuda" --test-threads 1 sweep_bf16 sweep_f16 small_variants determinism stress_no_nan
+    FLASHATTN_NVRTC_OPTIONS=$EPI checks EPI "64 128"
+    FLASHATTN_NVRTC_OPTIONS=$EPI FLASHATTN_SM90_BM=128 step "EPI check d64 128 rows" 120 "$G/flashattn" check --device cuda --dtype bf16 -d 64 -b 2 -s 1000 --heads 4 --causal
+    FLASHATTN_NVRTC_OPTIONS=$EPI step "EPI memcheck" 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 128 -b 1 -s 1500 --seqlen-k 777 --heads 4 --heads-k 1 --causal
+    FLASHATTN_NVRTC_OPTIONS=$EPI step "EPI racecheck" 300 compute-sanitizer --tool racecheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 64 -b 1 -s 700 --heads 2 --causal
+    ;;
+bench)
+    nvidia-smi -L >> "$OUT/summary.txt" 2>&1
+    step "torch bf16 fwd" 400 python3 "$G/torch_baselines.py" --grid standard --modes fwd --dtype bf16 --json "$OUT/torch_bf16.json"
+    B=("$G/flashattn" bench --device cuda --grid standard --modes fwd --dtype bf16 --baselines "$OUT/torch_bf16.json")
+    # Round 1 keeps JSONs (7 files with the peers', summary and log: the limit is 8); round 2 only the tables.
+    for round in 1 2; do
+        j() { [ "$round" = 1 ] && echo --json "$OUT/$1.json"; }
+        FLASHATTN_SM90_BN=64 step "d256 BN64 r$round" 300 "${B[@]}" --dims 256 $(j d256_bn64)
+        FLASHATTN_SM90_BN=80 step "d256 BN80 r$round" 300 "${B[@]}" --dims 256 $(j d256_bn80)
+        step "d64,d128 base r$round" 300 "${B[@]}" --dims 64,128 $(j d64_d128_base)
+        FLASHATTN_NVRTC_OPTIONS=$EPI step "d64,d128 EPI r$round" 300 "${B[@]}" --dims 64,128 $(j d64_d128_epi)
+    done
+    ;;
+*)
+    echo "usage: $0 correct|bench" >&2
+    exit 2
+    ;;
+esac
+cat "$OUT/summary.txt"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds what a device call needs, here (no GPU, no CUDA toolkit), into the ignored folder .gpu/ of the
+# repository: the stripped `flashattn` CLI, the CUDA test binaries (`cuda`, `cuda_kvcache`), the peers' script
+# `torch_baselines.py` from the shared folder beside the checkout (the shared folder does not travel to the
+# device machine), and the device-side scripts of tools/gpu/. Then one device call runs, e.g.
+#   bash .gpu/experiments.sh        (with `.gpu` carried; see docs/notes/cuda-sm90.md for what it answers)
+# Usage: tools/gpu/prepare.sh [SHARED_DIR]   (default: ../shared relative to the repository root)
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+SHARED=${1:-$ROOT/../shared}
+cd "$ROOT"
+grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.gpu/' >> .git/info/exclude; }
+rm -rf .gpu && mkdir -p .gpu
+cargo build --release --locked -p flashattn-cli
+cp target/release/flashattn .gpu/flashattn
+# The test binaries' paths, from cargo's JSON messages.
+cargo test --release --locked -p flashattn --test cuda --test cuda_kvcache --no-run --message-format=json \
+    | python3 -c '
+import json, sys, shutil
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    exe = m.get("executable")
+    if exe and m.get("target", {}).get("name") in ("cuda", "cuda_kvcache"):
+        shutil.copy(exe, ".gpu/" + m["target"]["name"])
+'
+strip .gpu/flashattn .gpu/cuda .gpu/cuda_kvcache
+cp "$SHARED/bench/torch_baselines.py" .gpu/
+cp tools/gpu/*.sh .gpu/
+ls -la .gpu
+du -sh .gpu
