@@ -374,10 +374,18 @@ pub fn options(v: &Variant, arch: &str) -> Vec<String> {
         "--ptxas-options=-v".to_string(),
     ];
     o.extend(v.defines().into_iter().map(|d| format!("-D{d}")));
-    if let Ok(extra) = std::env::var("FLASHATTN_NVRTC_OPTIONS") {
-        o.extend(extra.split_whitespace().map(str::to_string));
-    }
+    o.extend(extra_options());
     o
+}
+
+/// `FLASHATTN_NVRTC_OPTIONS`: extra NVRTC options for every kernel (experiments, e.g. `-DSM90_EPI_OVERLAP=1`,
+/// or `-lineinfo` for profiling); part of each kernel's cache key.
+pub fn extra_options() -> Vec<String> {
+    std::env::var("FLASHATTN_NVRTC_OPTIONS").map_or_else(|_| Vec::new(), |e| split_options(&e))
+}
+
+fn split_options(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_string).collect()
 }
 
 /// Register use of one kernel, from the `ptxas -v` log.
@@ -744,6 +752,12 @@ ptxas info    : Compiling entry function 'b' for 'sm_90a'\n",
             let count = sm90_variants().iter().filter(|x| x.head_dim == hd && is_form(x)).count();
             assert_eq!(count, 2 * 16);
         }
+    }
+
+    #[test]
+    fn extra_options_split() {
+        assert_eq!(split_options("  -DSM90_EPI_OVERLAP=1   -lineinfo "), ["-DSM90_EPI_OVERLAP=1", "-lineinfo"]);
+        assert!(split_options(" ").is_empty());
     }
 
     #[test]

@@ -272,10 +272,11 @@ impl DeviceAttention {
     }
 }
 
-/// The kernel family that runs on an architecture, in words.
+/// The kernel family that runs on an architecture, in words (with the extra NVRTC options of an experiment,
+/// if any, so that bench output and JSON say which build ran).
 pub fn kernel_family(arch: &str) -> String {
     let sm80 = format!("sm80-class FA2 kernels (mma.sync m16n8k16, ldmatrix, cp.async; NVRTC cubins for {arch})");
-    if arch == "sm_90a" && super::fwd_sm90::path_override().as_deref() != Some("sm80") {
+    let family = if arch == "sm_90a" && super::fwd_sm90::path_override().as_deref() != Some("sm80") {
         let tiles = super::fwd_sm90::tile_summary();
         format!(
             "sm90 forward (TMA, wgmma, warp-specialized, persistent){tiles} where it covers the problem, else \
@@ -283,5 +284,9 @@ pub fn kernel_family(arch: &str) -> String {
         )
     } else {
         sm80
+    };
+    match super::compile::extra_options() {
+        extra if extra.is_empty() => family,
+        extra => format!("{family}; extra NVRTC options {}", extra.join(" ")),
     }
 }
