@@ -29,6 +29,8 @@
 //   in snake order (walk()).
 // Ping-pong: the consumer warpgroups take turns issuing their products, round-robin (named barriers 1 ..
 // consumers, one per warpgroup's turn); the epilogue's per-warpgroup barriers follow (consumers + 1 + wg).
+// The protocol (mbarriers, turns, what each buffer holds when a product reads it) is modelled and checked with
+// SPIN in tools/model/sm90_fwd_sync.pml (tools/model/check.sh): keep the two in step.
 //
 // Tiles: d64 128 x 128 (or 192 x 128), d128 128 x 128 (or 128 x 176), d256 128 x 64 (or 128 x 80). Shared
 // memory: Q (BM x D) + 2 x K + 2 x V (BN x D each), each as D/64 panels of 128-byte rows (the TMA box is 64

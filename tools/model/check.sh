@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Model-checks the sm90 forward's synchronisation protocol (tools/model/sm90_fwd_sync.pml) with SPIN in every
+# configuration the kernel has: default and -DSM90_EPI_OVERLAP=1, 2 and 3 consumer warpgroups, ping-pong on and
+# off; every walk of NT tiles with up to MAXB key blocks each, every interleaving. Needs spin and gcc
+# (apt-get install spin). Exit status 1 if any configuration has an error (a hang, a wrong buffer, the turn
+# invariant). Usage: tools/model/check.sh [NT] [MAXB]   (default 3 3: about 3 minutes and 6 GB at most)
+set -euo pipefail
+MODEL=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/sm90_fwd_sync.pml
+NT=${1:-3}
+MAXB=${2:-3}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+cd "$WORK"
+fail=0
+for epi in 0 1; do
+    for nc in 2 3; do
+        for pp in 1 0; do
+            cfg="EPI=$epi NC=$nc PP=$pp NT=$NT MAXB=$MAXB"
+            spin -a -DEPI=$epi -DNC=$nc -DPP=$pp -DNT="$NT" -DMAXB="$MAXB" "$MODEL" > spin.log 2>&1 || { cat spin.log; exit 1; }
+            gcc -O2 -w -DSAFETY -DCOLLAPSE -o pan pan.c
+            ./pan -m1000000 -w27 > pan.log 2>&1 || true
+            errors=$(sed -n 's/.*errors: \([0-9]*\).*/\1/p' pan.log)
+            states=$(sed -n 's/^ *\([0-9.e+]*\) states, stored.*/\1/p' pan.log)
+            if [ "${errors:-1}" != 0 ] || grep -q "search not completed\|max search depth too small" pan.log; then
+                echo "FAIL $cfg"
+                grep -E "assertion|invalid end|error|violated|depth" pan.log | head -5
+                fail=1
+            else
+                echo "ok   $cfg: $states states, no hang, buffers and turns as expected"
+            fi
+        done
+    done
+done
+exit $fail
