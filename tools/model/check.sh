@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Model-checks the sm90 forward's synchronisation protocol (tools/model/sm90_fwd_sync.pml) with SPIN in every
-# configuration the kernel has: default and -DSM90_EPI_OVERLAP=1, 2 and 3 consumer warpgroups, ping-pong on and
-# off; every walk of NT tiles with up to MAXB key blocks each, every interleaving. Needs spin and gcc
+# Model-checks, with SPIN, the sm90 forward's synchronisation protocol (tools/model/sm90_fwd_sync.pml) in every
+# configuration the kernel has (default and -DSM90_EPI_OVERLAP=1, 2 and 3 consumer warpgroups, ping-pong on and
+# off; every walk of NT tiles with up to MAXB key blocks each, every interleaving), and the split-KV merge of the
+# decode kernel (tools/model/kv_split_merge.pml: counters, refusals, calls sharing a workspace). Needs spin and gcc
 # (apt-get install spin). Exit status 1 if any configuration has an error (a hang, a wrong buffer, the turn
-# invariant). Usage: tools/model/check.sh [NT] [MAXB]   (default 3 3: about 3 minutes and 6 GB at most)
+# invariant, a dirty counter, a wrong merge). Usage: tools/model/check.sh [NT] [MAXB]   (default 3 3: about 4
+# minutes and 6 GB at most; CI runs 2 2, about 25 s)
 set -euo pipefail
 MODEL=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/sm90_fwd_sync.pml
 NT=${1:-3}
@@ -30,5 +32,24 @@ for epi in 0 1; do
             fi
         done
     done
+done
+# The split-KV merge of kv_attn: NG query tiles x NS splits over NCALLS calls sharing one workspace.
+KV=$(dirname "$MODEL")/kv_split_merge.pml
+kv_cfgs=("-DNG=2 -DNS=2 -DNCALLS=2" "-DNG=1 -DNS=4 -DNCALLS=3")
+if [ "$NT" -ge 3 ]; then kv_cfgs+=("-DNG=2 -DNS=3 -DNCALLS=2"); fi
+for cfg in "${kv_cfgs[@]}"; do
+    # shellcheck disable=SC2086
+    spin -a $cfg "$KV" > spin.log 2>&1 || { cat spin.log; exit 1; }
+    gcc -O2 -w -DSAFETY -DCOLLAPSE -o pan pan.c
+    ./pan -m1000000 -w27 > pan.log 2>&1 || true
+    errors=$(sed -n 's/.*errors: \([0-9]*\).*/\1/p' pan.log)
+    states=$(sed -n 's/^ *\([0-9.e+]*\) states, stored.*/\1/p' pan.log)
+    if [ "${errors:-1}" != 0 ] || grep -q "search not completed\|max search depth too small" pan.log; then
+        echo "FAIL kv_split_merge $cfg"
+        grep -E "assertion|invalid end|error|violated|depth" pan.log | head -5
+        fail=1
+    else
+        echo "ok   kv_split_merge $cfg: $states states, counters back to 0 after every call, merges as expected"
+    fi
 done
 exit $fail
