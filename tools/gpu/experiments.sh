@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Device side of the sm90 forward experiments that have not yet run on a GPU (docs/notes/cuda-sm90.md):
-#   BN80: head dim 256 with 80-key K/V blocks (FLASHATTN_SM90_BN=80; the default is 64 keys),
-#   EPI:  the next tile's first S under the epilogue (FLASHATTN_NVRTC_OPTIONS=-DSM90_EPI_OVERLAP=1; d64, d128).
+#   BN80:   head dim 256 with 80-key K/V blocks (FLASHATTN_SM90_BN=80; the default is 64 keys),
+#   EPI:    the next tile's first S under the epilogue (FLASHATTN_NVRTC_OPTIONS=-DSM90_EPI_OVERLAP=1; d64, d128),
+#   TSTORE: O stored by TMA boxes (-DSM90_TMA_STORE=1; d64, d128, not varlen), tested together with EPI.
 # Run from the repository root on the device machine after tools/gpu/prepare.sh here, with .gpu carried:
-#   bash .gpu/experiments.sh correct   # tests, check shapes, sanitizers for both (about 5-8 min)
-#   bash .gpu/experiments.sh bench     # peers + same-binary A/B, two rounds each (about 5-8 min)
+#   bash .gpu/experiments.sh correct256 # BN80: tests, check shapes, sanitizers (about 5 min)
+#   bash .gpu/experiments.sh correct128 # EPI, EPI+TSTORE: tests, check shapes, sanitizers (about 8 min)
+#   bash .gpu/experiments.sh bench256   # peers + d256 BN64 / BN80, two rounds (about 4 min)
+#   bash .gpu/experiments.sh bench128   # peers + d64/d128 base / EPI / EPI+TSTORE / TSTORE, two rounds (about 8 min)
 # Every GPU process runs under `timeout`. Output (at most 8 files come back): $OUT/summary.txt (each step, its
 # exit status and last lines), $OUT/log.txt (everything), bench JSONs.
 set -uo pipefail
@@ -14,6 +17,7 @@ mkdir -p "$OUT"
 export FLASHATTN_CACHE_DIR=${FLASHATTN_CACHE_DIR:-/tmp/flashattn-kernels}
 export FLASHATTN_REQUIRE_GPU=1 FLASHATTN_SWEEP=quick PYTHONUNBUFFERED=1
 EPI=-DSM90_EPI_OVERLAP=1
+BOTH="-DSM90_EPI_OVERLAP=1 -DSM90_TMA_STORE=1"
 
 # step NAME TIMEOUT_S CMD...: runs CMD, appends its output to log.txt, its status and tail to summary.txt.
 step() {
@@ -42,7 +46,7 @@ checks() {  # shapes with partial blocks, GQA, masks, ALiBi + softcap, sq > sk (
 }
 
 case "${1:-}" in
-correct)
+correct256)
     nvidia-smi -L >> "$OUT/summary.txt" 2>&1
     step info 120 "$G/flashattn" info
     # Proof of the path: the kernel column names fwd90_d256_bn80_* / fwd90_d256_* for each setting.
@@ -51,27 +55,39 @@ correct)
     FLASHATTN_SM90_BN=80 checks BN80 "256 192"
     FLASHATTN_SM90_BN=80 step "BN80 memcheck" 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 256 -b 1 -s 777 --seqlen-k 1500 --heads 6 --heads-k 2 --causal
     FLASHATTN_SM90_BN=80 step "BN80 racecheck" 300 compute-sanitizer --tool racecheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 256 -b 1 -s 300 --heads 2 --causal
+    ;;
+correct128)
+    nvidia-smi -L >> "$OUT/summary.txt" 2>&1
+    FLASHATTN_NVRTC_OPTIONS=$BOTH step info 120 "$G/flashattn" info
     FLASHATTN_NVRTC_OPTIONS=$EPI step "EPI tests" 600 "$G/cuda" --test-threads 1 sweep_bf16 sweep_f16 small_variants determinism stress_no_nan
     FLASHATTN_NVRTC_OPTIONS=$EPI checks EPI "64 128"
     FLASHATTN_NVRTC_OPTIONS=$EPI FLASHATTN_SM90_BM=128 step "EPI check d64 128 rows" 120 "$G/flashattn" check --device cuda --dtype bf16 -d 64 -b 2 -s 1000 --heads 4 --causal
     FLASHATTN_NVRTC_OPTIONS=$EPI step "EPI memcheck" 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 128 -b 1 -s 1500 --seqlen-k 777 --heads 4 --heads-k 1 --causal
     FLASHATTN_NVRTC_OPTIONS=$EPI step "EPI racecheck" 300 compute-sanitizer --tool racecheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 64 -b 1 -s 700 --heads 2 --causal
+    FLASHATTN_NVRTC_OPTIONS=$BOTH step "EPI+TSTORE tests" 600 "$G/cuda" --test-threads 1 sweep_bf16 sweep_f16 small_variants raw_pointers_packed_qkv
+    FLASHATTN_NVRTC_OPTIONS=$BOTH checks EPI+TSTORE "64 128"
+    FLASHATTN_NVRTC_OPTIONS=$BOTH step "EPI+TSTORE memcheck" 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 128 -b 2 -s 1000 --heads 4 --heads-k 2 --causal
     ;;
-bench)
+bench256 | bench128)
     nvidia-smi -L >> "$OUT/summary.txt" 2>&1
     step "torch bf16 fwd" 400 python3 "$G/torch_baselines.py" --grid standard --modes fwd --dtype bf16 --json "$OUT/torch_bf16.json"
     B=("$G/flashattn" bench --device cuda --grid standard --modes fwd --dtype bf16 --baselines "$OUT/torch_bf16.json")
-    # Round 1 keeps JSONs (7 files with the peers', summary and log: the limit is 8); round 2 only the tables.
+    # Round 1 keeps JSONs (at most 8 files come back: peers, summary, log and 4 or 5 of these); round 2 only tables.
     for round in 1 2; do
         j() { [ "$round" = 1 ] && echo --json "$OUT/$1.json"; }
-        FLASHATTN_SM90_BN=64 step "d256 BN64 r$round" 300 "${B[@]}" --dims 256 $(j d256_bn64)
-        FLASHATTN_SM90_BN=80 step "d256 BN80 r$round" 300 "${B[@]}" --dims 256 $(j d256_bn80)
-        step "d64,d128 base r$round" 300 "${B[@]}" --dims 64,128 $(j d64_d128_base)
-        FLASHATTN_NVRTC_OPTIONS=$EPI step "d64,d128 EPI r$round" 300 "${B[@]}" --dims 64,128 $(j d64_d128_epi)
+        if [ "$1" = bench256 ]; then
+            FLASHATTN_SM90_BN=64 step "d256 BN64 r$round" 300 "${B[@]}" --dims 256 $(j d256_bn64)
+            FLASHATTN_SM90_BN=80 step "d256 BN80 r$round" 300 "${B[@]}" --dims 256 $(j d256_bn80)
+        else
+            step "d64,d128 base r$round" 300 "${B[@]}" --dims 64,128 $(j d64_d128_base)
+            FLASHATTN_NVRTC_OPTIONS=$EPI step "d64,d128 EPI r$round" 300 "${B[@]}" --dims 64,128 $(j d64_d128_epi)
+            FLASHATTN_NVRTC_OPTIONS=$BOTH step "d64,d128 EPI+TSTORE r$round" 300 "${B[@]}" --dims 64,128 $(j d64_d128_epi_tstore)
+            FLASHATTN_NVRTC_OPTIONS=-DSM90_TMA_STORE=1 step "d64,d128 TSTORE r$round" 300 "${B[@]}" --dims 64,128 $(j d64_d128_tstore)
+        fi
     done
     ;;
 *)
-    echo "usage: $0 correct|bench" >&2
+    echo "usage: $0 correct256|correct128|bench256|bench128" >&2
     exit 2
     ;;
 esac

@@ -98,19 +98,30 @@
 #define SM90_EPI_OVERLAP 0
 #endif
 #define SM90_EPI (SM90_EPI_OVERLAP && SM90_O_SEPARATE)
+// TMA-store epilogue (an experiment, off by default: not yet run on a GPU). SM90_TMA_STORE=1: a warpgroup's O
+// tile goes from its slice of the O buffer to global memory as D/64 TMA box stores (64 columns x 64 rows each,
+// issued by one thread; the tensor map `to` clips rows >= sq and columns >= d) instead of 16-byte stores by every
+// thread. Only with a separate O buffer and without varlen (a varlen box would cover the next sequence's rows);
+// ignored elsewhere. The issuing thread waits for the previous store to have read the buffer before the warpgroup
+// rewrites it, and for all its stores before the kernel ends.
+#ifndef SM90_TMA_STORE
+#define SM90_TMA_STORE 0
+#endif
+#define SM90_TSTORE (SM90_TMA_STORE && SM90_O_SEPARATE && !IS_VARLEN)
 #define SM90_SMEM_BYTES (((SM90_BM * (1 + SM90_O_SEPARATE)) + 4 * SM90_BN) * HEAD_DIM * 2 + 128 + 1024)
 static_assert(SM90_SMEM_BYTES <= 232448, "shared memory: at most 227 KiB per block");
 static_assert(SM90_BN % 16 == 0 && (SM90_BN * 128) % 1024 == 0, "K/V panels keep the 1024-byte swizzle period");
 
 
 // Parameter block: the common forward fields plus the scheduler's numbers and the TMA maps of q, k, v
-// (rank 4: {d, rows, heads, batch}; varlen: batch extent 1, rows = total tokens).
+// (rank 4: {d, rows, heads, batch}; varlen: batch extent 1, rows = total tokens) and of o (box 64 x 64; only
+// read by SM90_TMA_STORE builds; all zero for varlen problems).
 struct Sm90Params {
     FwdParams f;
     int num_m_blocks;  // ceil(max_sq / BLOCK_M)
     int l2_group;      // (batch, head) pairs per scheduling group (>= 1)
     int pingpong;      // 1: the consumer warpgroups take turns issuing their products (named barriers)
-    TmaMap tq, tk, tv;
+    TmaMap tq, tk, tv, to;
 };
 
 namespace f90 {
@@ -647,6 +658,9 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
         }
         if (nblk > 0) {
             const u32 so_wg = O_SEPARATE ? sbase + OFF_O + wg * 64 * 128 : sq_wg;
+#if SM90_TSTORE
+            if (tid_wg == 0) bulk_wait_read_all();  // the previous tile's stores have read the buffer
+#endif
             // Separate buffer: every thread of the warpgroup is done reading the previous tile's O from it.
             if (O_SEPARATE) named_sync(SM90_EPI_BAR + wg, 128);
 #pragma unroll
@@ -659,6 +673,16 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                     st_shared_u32(a, v);
                 }
             }
+#if SM90_TSTORE
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // O writes visible to the TMA engine
+            named_sync(SM90_EPI_BAR + wg, 128);
+            if (tid_wg == 0) {
+#pragma unroll
+                for (int pn = 0; pn < PANELS; ++pn)
+                    tma_store_4d(&p.to, so_wg + pn * BM * 128, pn * 64, g.q_row + wg * 64, id.qh, g.tb);
+                bulk_commit();
+            }
+#else
             named_sync(SM90_EPI_BAR + wg, 128);
             constexpr int CH = D / 8;  // 16-byte chunks per row
 #pragma unroll 4
@@ -680,6 +704,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                     }
                 }
             }
+#endif
             if (!O_SEPARATE) {
                 // Generic-proxy accesses to the Q buffer are done before the producer's TMA refills it.
                 asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -706,6 +731,9 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
     }
 #if SM90_EPI
     wgmma_wait<0>();  // the last tile's throw-away S
+#endif
+#if SM90_TSTORE
+    if (tid_wg == 0) bulk_wait_all();  // this warpgroup's last stores are done before the CTA ends
 #endif
     // The last warpgroup arrived once more on warpgroup 0's turn barrier than warpgroup 0 waited on it (the
     // initial turn).

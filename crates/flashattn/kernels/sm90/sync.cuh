@@ -42,6 +42,18 @@ FA_DEVICE void tma_load_4d(u32 dst, const TmaMap* m, int c0, int c1, int c2, int
         :: "r"(dst), "l"((u64)m), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
 }
 
+// Rank-4 tile store, shared `src` -> {c0, c1, c2, c3} (the box's parts outside the tensor are not written), in
+// the thread's current bulk group; then the group's commit, and the waits: until the sources have been read
+// (the shared memory may be rewritten), or until the writes are done.
+FA_DEVICE void tma_store_4d(const TmaMap* m, u32 src, int c0, int c1, int c2, int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];"
+        :: "l"((u64)m), "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3) : "memory");
+}
+FA_DEVICE void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+FA_DEVICE void bulk_wait_read_all() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+FA_DEVICE void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
 // ---------------------------------------------------------------- warpgroup MMA ordering
 FA_DEVICE void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 FA_DEVICE void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }

@@ -131,7 +131,8 @@ pub fn threads(block_m: usize) -> u32 {
     (128 * (block_m / 64 + 1)) as u32
 }
 
-/// Mirror of `Sm90Params` in `fwd_sm90.cu`: the forward fields, the scheduler's numbers, three tensor maps.
+/// Mirror of `Sm90Params` in `fwd_sm90.cu`: the forward fields, the scheduler's numbers, the tensor maps of q, k,
+/// v and o (o's: 64 x 64 boxes, read only by the TMA-store experiment `-DSM90_TMA_STORE=1`; zero for varlen).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct Sm90Params {
@@ -142,6 +143,7 @@ pub(crate) struct Sm90Params {
     tq: dsys::CUtensorMap,
     tk: dsys::CUtensorMap,
     tv: dsys::CUtensorMap,
+    to: dsys::CUtensorMap,
 }
 
 /// The padded head dim of the sm90 kernel for head dim `d`.
@@ -297,6 +299,17 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
         tensor_map(&a.v, p.d, k_rows, p.hk, batch, bn as u32),
     );
     let (Some(tq), Some(tk), Some(tv)) = maps else { return Ok(false) };
+    // o's map (64-row boxes: one per consumer warpgroup and 64-column panel). Varlen problems never store O by
+    // boxes (a box would cover the next sequence's rows): a zero map, never read.
+    let to = if p.varlen {
+        // SAFETY: an all-zero CUtensorMap is a valid value; the kernel does not read it for varlen problems.
+        unsafe { std::mem::zeroed() }
+    } else {
+        match tensor_map(&a.o, p.d, q_rows, p.h, batch, 64) {
+            Some(m) => m,
+            None => return Ok(false),
+        }
+    };
     let m = gpu.module(&v)?;
     let f = fwd_params(p, a);
     let num_m_blocks = (f.sq as usize).div_ceil(bm);
@@ -315,6 +328,7 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
         tq,
         tk,
         tv,
+        to,
     };
     let grid = (ctas as u32, 1, 1);
     let smem = variant_smem(&v);
@@ -359,7 +373,8 @@ mod tests {
         assert_eq!(offset_of!(Sm90Params, tq), 256);
         assert_eq!(offset_of!(Sm90Params, tk), 384);
         assert_eq!(offset_of!(Sm90Params, tv), 512);
-        assert_eq!(size_of::<Sm90Params>(), 640);
+        assert_eq!(offset_of!(Sm90Params, to), 640);
+        assert_eq!(size_of::<Sm90Params>(), 768);
     }
 
     #[test]
