@@ -107,7 +107,20 @@
 #ifndef SM90_TMA_STORE
 #define SM90_TMA_STORE 0
 #endif
-#define SM90_TSTORE (SM90_TMA_STORE && SM90_O_SEPARATE && !IS_VARLEN)
+// GQA packing (an experiment, off by default: not yet run on a GPU). SM90_PACK_GQA=1: the QG = h / hk query
+// heads of a key/value head share a tile, as folded rows R = token * QG + g (g: the head within the group), so
+// K and V are read once per group and short query sequences fill the tile. Tiles walk (batch, key/value head);
+// the host packs only with 2 consumer warpgroups and when BLOCK_M is a multiple of QG, and builds the Q tensor
+// map as {d, heads, rows, batch} with box {64, QG, BM / QG, 1}, which lands in shared memory in folded-row
+// order. Masks and ALiBi use each row's token and head; the epilogue stores row by row (no TMA store).
+#ifndef SM90_PACK_GQA
+#define SM90_PACK_GQA 0
+#endif
+#define SM90_PACK SM90_PACK_GQA
+#if SM90_PACK && SM90_CONSUMERS != 2
+#error "SM90_PACK_GQA is for 2 consumer warpgroups (at 160 registers the 3-consumer form spills with it)"
+#endif
+#define SM90_TSTORE (SM90_TMA_STORE && SM90_O_SEPARATE && !IS_VARLEN && !SM90_PACK)
 #define SM90_SMEM_BYTES (((SM90_BM * (1 + SM90_O_SEPARATE)) + 4 * SM90_BN) * HEAD_DIM * 2 + 128 + 1024)
 static_assert(SM90_SMEM_BYTES <= 232448, "shared memory: at most 227 KiB per block");
 static_assert(SM90_BN % 16 == 0 && (SM90_BN * 128) % 1024 == 0, "K/V panels keep the 1024-byte swizzle period");
@@ -152,9 +165,17 @@ static_assert(BN <= BM, "the throw-away S of EPI_OVERLAP reads BN rows per panel
 // ---------------------------------------------------------------- scheduler
 struct TileId { int m_block, bi, qh; };
 
+// The (batch, head) pairs the tiles walk: query heads, or key/value heads with GQA packing (`qh` is then the
+// key/value head).
+#if SM90_PACK
+#define SM90_WALK_HEADS(f) ((f).hk)
+#else
+#define SM90_WALK_HEADS(f) ((f).h)
+#endif
+
 FA_DEVICE TileId tile_at(const Sm90Params& p, int t) {
     const int nmb = p.num_m_blocks;
-    const int bh_total = p.f.b * p.f.h;
+    const int bh_total = p.f.b * SM90_WALK_HEADS(p.f);
     const int G = p.l2_group;
     const int per_group = G * nmb;
     const int grp = t / per_group;
@@ -164,8 +185,8 @@ FA_DEVICE TileId tile_at(const Sm90Params& p, int t) {
     const int bh = grp * G + (r - m_idx * gsize);
     TileId id;
     id.m_block = nmb - 1 - m_idx;
-    id.bi = bh / p.f.h;
-    id.qh = bh - id.bi * p.f.h;
+    id.bi = bh / SM90_WALK_HEADS(p.f);
+    id.qh = bh - id.bi * SM90_WALK_HEADS(p.f);
     return id;
 }
 
@@ -201,10 +222,20 @@ FA_DEVICE bool geometry(const FwdParams& f, const TileId& id, Geo& g) {
     g.sq = sq;
     g.sk = sk;
     g.m0 = id.m_block * BM;
+#if SM90_PACK
+    // m0 and the tile's rows are folded rows; q_row is the token of the first one (BM is a multiple of QG).
+    const int QG = f.h / f.hk;
+    if (g.m0 >= sq * QG) return false;
+    g.q_row = q0 + g.m0 / QG;
+    g.k_row = k0;
+    const int frows = min(BM, sq * QG - g.m0);
+    const int tok_lo = g.m0 / QG, tok_hi = (g.m0 + frows - 1) / QG;
+#else
     if (g.m0 >= sq) return false;
     g.q_row = q0 + g.m0;
     g.k_row = k0;
     const int rows = min(BM, sq - g.m0);
+#endif
     MaskCtx mc;
     mc.sq = sq;
     mc.sk = sk;
@@ -215,7 +246,11 @@ FA_DEVICE bool geometry(const FwdParams& f, const TileId& id, Geo& g) {
     mc.wl = -1;
     mc.wr = -1;
 #endif
+#if SM90_PACK
+    kv_block_range(mc, HAS_MASK != 0, tok_lo, tok_hi, BN, &g.nb_lo, &g.nb_hi);
+#else
     kv_block_range(mc, HAS_MASK != 0, g.m0, g.m0 + rows - 1, BN, &g.nb_lo, &g.nb_hi);
+#endif
     return true;
 }
 
@@ -258,7 +293,11 @@ FA_DEVICE void producer(const Sm90Params& p, u32 sbase, const Bars& b) {
         const TileId id = tile_at(p, t);
         Geo g;
         if (!geometry(p.f, id, g) || g.nb_hi <= g.nb_lo) continue;
+#if SM90_PACK
+        const int kvh = id.qh;
+#else
         const int kvh = id.qh / group;
+#endif
         for (int nb = g.nb_hi - 1; nb >= g.nb_lo; --nb, ++it) {
             const u32 st = it & 1, ph = (it >> 1) & 1;
             const int row = g.k_row + nb * BN;
@@ -274,7 +313,11 @@ FA_DEVICE void producer(const Sm90Params& p, u32 sbase, const Bars& b) {
                 mbar_arrive_expect_tx(b.full_q(), Q_BYTES);
 #pragma unroll
                 for (int pn = 0; pn < PANELS; ++pn)
+#if SM90_PACK
+                    tma_load_4d(sbase + pn * BM * 128, &p.tq, pn * 64, kvh * group, g.q_row, g.tb, b.full_q());
+#else
                     tma_load_4d(sbase + pn * BM * 128, &p.tq, pn * 64, g.q_row, id.qh, g.tb, b.full_q());
+#endif
                 ++qt;
             }
             mbar_wait(b.empty_v(st), ph ^ 1);
@@ -357,9 +400,10 @@ struct RowState {
 };
 
 // Score transforms (softcap, ALiBi) and masking of one S block. `i0`: row of register half 0 (within the
-// sequence), `n0`: first key of the block.
+// sequence), `n0`: first key of the block. With GQA packing the two register halves are rows of tokens i0 and
+// i1 and of heads with ALiBi slopes `slope` and `slope1` (otherwise i1 = i0 + 8 and one slope, unused here).
 FA_DEVICE void transform_and_mask(float* s, const Geo& g, const FwdParams& f, int i0, int n0, int t, bool need_mask,
-                                  float slope) {
+                                  float slope, int i1 = 0, float slope1 = 0.f) {
 #if HAS_SOFTCAP || HAS_ALIBI
     const int off = g.sk - g.sq;
 #if HAS_SOFTCAP
@@ -374,9 +418,16 @@ FA_DEVICE void transform_and_mask(float* s, const Geo& g, const FwdParams& f, in
         x *= f.scale;
 #endif
 #if HAS_ALIBI
+#if SM90_PACK
+        const bool h1 = (r >> 1) & 1;
+        const int i = h1 ? i1 : i0;
+        const int j = n0 + 8 * (r >> 2) + 2 * t + (r & 1);
+        x += alibi_bias(h1 ? slope1 : slope, i, j, off);
+#else
         const int i = i0 + 8 * ((r >> 1) & 1);
         const int j = n0 + 8 * (r >> 2) + 2 * t + (r & 1);
         x += alibi_bias(slope, i, j, off);
+#endif
 #endif
         s[r] = x;
     }
@@ -384,7 +435,11 @@ FA_DEVICE void transform_and_mask(float* s, const Geo& g, const FwdParams& f, in
     if (need_mask) {
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
+#if SM90_PACK
+            const int i = hh ? i1 : i0;
+#else
             const int i = i0 + 8 * hh;
+#endif
             int hi = g.sk, lo = 0;
 #if HAS_MASK
             const int off = g.sk - g.sq;
@@ -500,11 +555,24 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
         Geo g;
         if (!geometry(f, id, g)) continue;
         const int i0 = g.m0 + wg * 64 + warp * 16 + gq;  // row of register half 0 (within the sequence)
+#if SM90_PACK
+        // Folded rows i0 and i0 + 8: tokens tk0, tk1 of query heads id.qh * QG + (row % QG).
+        const int QG = f.h / f.hk;
+        const int tk0 = i0 / QG, tk1 = (i0 + 8) / QG;
+        const int wr_lo = (g.m0 + wg * 64) / QG, wr_hi = (g.m0 + wg * 64 + 63) / QG;
+#if HAS_ALIBI
+        const float* sl_row = f.alibi_slopes + (i64)id.bi * f.alibi_batch_stride + id.qh * QG;
+        const float slope = sl_row[i0 % QG], slope1 = sl_row[(i0 + 8) % QG];
+#else
+        const float slope = 0.f, slope1 = 0.f;
+#endif
+#else
         const int wr_lo = g.m0 + wg * 64, wr_hi = g.m0 + wg * 64 + 63;
 #if HAS_ALIBI
         const float slope = f.alibi_slopes[(i64)id.bi * f.alibi_batch_stride + id.qh];
 #else
         const float slope = 0.f;
+#endif
 #endif
         MaskCtx mc;
         mc.sq = g.sq;
@@ -555,7 +623,11 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 if (O_SEPARATE && nblk == 1) release(b.empty_q(), lane);
                 release(b.empty_k(st), lane);
                 const bool need_mask = tile_needs_mask(mc, HAS_MASK != 0, wr_lo, wr_hi, nb * BN, BN);
+#if SM90_PACK
+                transform_and_mask(s, g, f, rematerialize(tk0), nb * BN, t, need_mask, slope, rematerialize(tk1), slope1);
+#else
                 transform_and_mask(s, g, f, rematerialize(i0), nb * BN, t, need_mask, slope);
+#endif
                 softmax_block(s, rs, c, corr);
                 pack_p(s, pa);
             }
@@ -583,7 +655,11 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 reg_fence<OREG>(o);
                 release(b.empty_v(stp), lane);
 #endif
+#if SM90_PACK
+                transform_and_mask(s, g, f, rematerialize(tk0), nb * BN, t, need_mask, slope, rematerialize(tk1), slope1);
+#else
                 transform_and_mask(s, g, f, rematerialize(i0), nb * BN, t, need_mask, slope);
+#endif
                 softmax_block(s, rs, c, corr);
 #if !SM90_EARLY_PV_WAIT
                 wgmma_wait<0>();
@@ -647,14 +723,27 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
         const i64 o_off = (i64)id.bi * f.o_batch_stride;
         const i64 lse_off = (i64)id.bi * f.lse_batch_stride + (i64)id.qh * f.lse_head_stride;
 #endif
+#if SM90_PACK
+        // Folded row R -> token R / QG of query head id.qh * QG + R % QG: `go` and `lse_off` without the head.
+        u16* go = (u16*)f.o + o_off;
+        const i64 lse_base = lse_off - (i64)id.qh * f.lse_head_stride;
+        const int nrows = g.sq * QG;  // folded rows of the sequence
+#else
         u16* go = (u16*)f.o + o_off + (i64)id.qh * f.o_head_stride;
+#endif
         float inv[2];
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             const float l = quad_sum(rs.l[hh]);
             inv[hh] = l > 0.f ? 1.f / l : 0.f;
             const int i = i0 + 8 * hh;
+#if SM90_PACK
+            if (i < nrows && t == 0)
+                f.lse[lse_base + (i64)(id.qh * QG + i % QG) * f.lse_head_stride + i / QG] =
+                    l > 0.f ? (rs.m[hh] * c + log2_fast(l)) * FA_LN2 : FA_NEG_INF;
+#else
             if (i < g.sq && t == 0) f.lse[lse_off + i] = l > 0.f ? (rs.m[hh] * c + log2_fast(l)) * FA_LN2 : FA_NEG_INF;
+#endif
         }
         if (nblk > 0) {
             const u32 so_wg = O_SEPARATE ? sbase + OFF_O + wg * 64 * 128 : sq_wg;
@@ -692,8 +781,13 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 const int i = g.m0 + wg * 64 + r;
                 const int col = cidx * 8;
                 const uint4 v = ld_shared_v4(so_wg + (cidx / 8) * BM * 128 + r * 128 + (((cidx % 8) ^ (r & 7)) << 4));
+#if SM90_PACK
+                if (i < nrows && col < f.d) {
+                    u16* dst = go + (i64)(id.qh * QG + i % QG) * f.o_head_stride + (i64)(i / QG) * f.o_row_stride + col;
+#else
                 if (i < g.sq && col < f.d) {
                     u16* dst = go + (i64)i * f.o_row_stride + col;
+#endif
                     if (col + 8 <= f.d) {
                         st_global_v4(dst, v);
                     } else {
@@ -714,8 +808,13 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 const int i = i0 + 8 * hh;
+#if SM90_PACK
+                if (i < nrows) {
+                    u16* row = go + (i64)(id.qh * QG + i % QG) * f.o_head_stride + (i64)(i / QG) * f.o_row_stride;
+#else
                 if (i < g.sq) {
                     u16* row = go + (i64)i * f.o_row_stride;
+#endif
 #pragma unroll
                     for (int dt = 0; dt < D / 8; ++dt) {
                         const int col = dt * 8 + 2 * t;

@@ -90,6 +90,9 @@ pub struct Variant {
     /// `-DSM90_BN_OVERRIDE=176|80`; `FLASHATTN_SM90_BN` forces either form. Ignored by every other pass and head
     /// dim.
     pub wide_n: bool,
+    /// The sm90 forward with the query heads of a key/value head packed into one tile (GQA, `-DSM90_PACK_GQA=1`,
+    /// 128-row tiles; opt-in with `FLASHATTN_SM90_PACK_GQA=1`, not yet run on a GPU). Ignored by every other pass.
+    pub pack_gqa: bool,
 }
 
 impl Variant {
@@ -107,12 +110,19 @@ impl Variant {
             aligned16: true,
             bm192: false,
             wide_n: false,
+            pack_gqa: false,
         }
     }
 
     /// Whether this variant is the 192-row sm90 forward (`bm192` where it applies: FwdSm90 at head dim 64).
     pub fn is_bm192(&self) -> bool {
-        self.bm192 && self.pass == Pass::FwdSm90 && self.head_dim == 64
+        self.bm192 && self.pass == Pass::FwdSm90 && self.head_dim == 64 && !self.pack_gqa
+    }
+
+    /// Whether this variant is the sm90 forward with GQA packing (`pack_gqa` where it applies: FwdSm90; it
+    /// takes precedence over `bm192`, as the packed kernel has 2 consumer warpgroups).
+    pub fn is_pack_gqa(&self) -> bool {
+        self.pack_gqa && self.pass == Pass::FwdSm90
     }
 
     /// Keys per K/V block when this variant is the sm90 forward's wide form (`wide_n` where it applies:
@@ -160,6 +170,9 @@ impl Variant {
         if let Some(bn) = self.wide_block_n() {
             v.push(format!("SM90_BN_OVERRIDE={bn}"));
         }
+        if self.is_pack_gqa() {
+            v.push("SM90_PACK_GQA=1".to_string());
+        }
         v
     }
 
@@ -190,6 +203,9 @@ impl fmt::Display for Variant {
         }
         if let Some(bn) = self.wide_block_n() {
             write!(f, "_bn{bn}")?;
+        }
+        if self.is_pack_gqa() {
+            write!(f, "_gqa")?;
         }
         write!(f, "_{}", if self.bf16 { "bf16" } else { "f16" })?;
         for (on, name) in [
@@ -248,6 +264,7 @@ pub fn all_variants() -> Vec<Variant> {
                                 aligned16,
                                 bm192: false,
                                 wide_n: false,
+                                pack_gqa: false,
                             });
                         }
                     }
@@ -263,13 +280,17 @@ pub fn all_variants() -> Vec<Variant> {
 const SM90_PASSES: [(Pass, &[usize]); 2] =
     [(Pass::FwdSm90, &super::fwd_sm90::SM90_HEAD_DIMS), (Pass::BwdSm90, &super::bwd_sm90::SM90_BWD_HEAD_DIMS)];
 
-/// The plain variant of every Hopper pass, head dim and dtype, then the forward's 192-row form at head dim 64
-/// and its wide-key-block forms at head dims 128 (176 keys) and 256 (80 keys), both dtypes.
+/// The plain variant of every Hopper pass, head dim and dtype, then the forward's 192-row form at head dim 64,
+/// its wide-key-block forms at head dims 128 (176 keys) and 256 (80 keys), and its GQA-packed form at every head
+/// dim, both dtypes.
 fn sm90_plain() -> impl Iterator<Item = Variant> {
     let bm192 = [false, true].map(|bf16| Variant { bm192: true, ..Variant::plain(Pass::FwdSm90, 64, bf16) });
     let wide = [128, 256]
         .into_iter()
         .flat_map(|hd| [false, true].map(|bf16| Variant { wide_n: true, ..Variant::plain(Pass::FwdSm90, hd, bf16) }));
+    let packed = super::fwd_sm90::SM90_HEAD_DIMS
+        .into_iter()
+        .flat_map(|hd| [false, true].map(|bf16| Variant { pack_gqa: true, ..Variant::plain(Pass::FwdSm90, hd, bf16) }));
     SM90_PASSES
         .into_iter()
         .flat_map(|(pass, dims)| {
@@ -277,6 +298,7 @@ fn sm90_plain() -> impl Iterator<Item = Variant> {
         })
         .chain(bm192)
         .chain(wide)
+        .chain(packed)
 }
 
 /// The sm90 variants (Hopper only), forward and backward: their head dims x dtypes x (mask, alibi, softcap,
@@ -777,8 +799,8 @@ ptxas info    : Compiling entry function 'b' for 'sm_90a'\n",
         assert_eq!(padded_head_dim(256), Some(256));
         assert_eq!(padded_head_dim(257), None);
         // bwd.cu x deterministic, KV, sm90 forward (3 head dims + the 192-row d64 + the 176-key d128 + the 80-key
-        // d256), sm90 backward (3 head dims x deterministic).
-        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 6 * 2 * 16 + 3 * 2 * 32);
+        // d256 + 3 GQA-packed), sm90 backward (3 head dims x deterministic).
+        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 9 * 2 * 16 + 3 * 2 * 32);
         assert!(Pass::FwdSm90.builds_for("sm_90a") && !Pass::FwdSm90.builds_for("sm_80"));
         assert!(Pass::BwdSm90.builds_for("sm_90a") && !Pass::BwdSm90.builds_for("sm_80"));
     }

@@ -85,6 +85,7 @@ pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministi
         aligned16,
         bm192: false,
         wide_n: false,
+        pack_gqa: false,
     })
 }
 

@@ -43,6 +43,18 @@ fn bm192_requested() -> bool {
     std::env::var("FLASHATTN_SM90_BM").map_or(true, |v| v.trim() != "128")
 }
 
+/// GQA packing of the forward (`FLASHATTN_SM90_PACK_GQA=1`; opt-in: not yet run on a GPU).
+fn pack_gqa_requested() -> bool {
+    std::env::var("FLASHATTN_SM90_PACK_GQA").is_ok_and(|v| v.trim() == "1")
+}
+
+/// Whether a problem with `h` query heads over `hk` key/value heads runs with the query heads of a group packed
+/// into one tile (`-DSM90_PACK_GQA=1`): when asked for, with groups of more than one head that divide the
+/// 128 rows of the 2-consumer tile (the Q box is `group` heads x `128 / group` tokens).
+pub fn pack_gqa_for(h: usize, hk: usize, requested: bool) -> bool {
+    requested && hk > 0 && h > hk && h % hk == 0 && BLOCK_M % (h / hk) == 0
+}
+
 /// Keys per K/V block of FA3's wider form of the forward at a head dim, where it has one: 176 at head dim 128
 /// (128 x 176 tiles), 80 at head dim 256 (128 x 80 tiles; both as `SM90_BN_OVERRIDE` in `fwd_sm90.cu`).
 pub const fn wide_block_n(head_dim: usize) -> Option<usize> {
@@ -107,6 +119,9 @@ pub fn tile_summary() -> String {
     };
     if wide_n_forced(256) == Some(true) {
         s += " (head dim 256: 80-key blocks, FLASHATTN_SM90_BN)";
+    }
+    if pack_gqa_requested() {
+        s += " (GQA heads packed into 128-row tiles, FLASHATTN_SM90_PACK_GQA)";
     }
     s
 }
@@ -198,11 +213,13 @@ pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
         && sm90_variant(p).is_ok_and(|v| variant_smem(&v) as i64 <= gpu.smem_optin as i64)
 }
 
-/// The sm90 variant of a problem, with the tile shape of [`sm90_tile`].
+/// The sm90 variant of a problem, with the tile shape of [`sm90_tile`] and GQA packing where
+/// [`pack_gqa_for`] says so (which takes precedence over the 192-row d64 form).
 pub(crate) fn sm90_variant(p: &Problem) -> Result<Variant> {
     let v = variant_for(p, Pass::Fwd, true, false)?;
     let head_dim = sm90_head_dim(p.d).unwrap_or(v.head_dim);
-    Ok(sm90_tile(Variant { pass: Pass::FwdSm90, head_dim, aligned16: true, ..v }, p.max_seqlen_k()))
+    let t = sm90_tile(Variant { pass: Pass::FwdSm90, head_dim, aligned16: true, ..v }, p.max_seqlen_k());
+    Ok(Variant { pack_gqa: pack_gqa_for(p.h, p.hk, pack_gqa_requested()), ..t })
 }
 
 /// A rank-4 tensor map `{d, rows, heads, batch}` over 16-bit elements with a 64 x `box_rows` box and the
@@ -215,19 +232,42 @@ pub(crate) fn tensor_map(
     batch: usize,
     box_rows: u32,
 ) -> Option<dsys::CUtensorMap> {
+    let (rb, hb, bb) = byte_strides(view, rows, heads, batch);
+    encode_map(view.ptr, [d as u64, rows as u64, heads as u64, batch as u64], [rb, hb, bb], [64, box_rows, 1, 1])
+}
+
+/// The Q map of the GQA-packed forward: `{d, heads, rows, batch}` with a box of 64 columns x `group` heads x
+/// `box_rows` tokens, so that a box lands in shared memory as folded rows `token * group + head-in-group`.
+pub(crate) fn tensor_map_gqa(
+    view: &DevView,
+    d: usize,
+    rows: usize,
+    heads: usize,
+    batch: usize,
+    group: u32,
+    box_rows: u32,
+) -> Option<dsys::CUtensorMap> {
+    let (rb, hb, bb) = byte_strides(view, rows, heads, batch);
+    encode_map(view.ptr, [d as u64, heads as u64, rows as u64, batch as u64], [hb, rb, bb], [64, group, box_rows, 1])
+}
+
+/// Row, head and batch strides of a view in bytes; a dimension of extent 1 is never stepped over and gets a
+/// stride the driver accepts.
+fn byte_strides(view: &DevView, rows: usize, heads: usize, batch: usize) -> (u64, u64, u64) {
     let e = 2u64;
     let (rb, hb) = (view.row as u64 * e, view.head as u64 * e);
     let mut bb = view.batch as u64 * e;
-    // A dimension of extent 1 is never stepped over; give it a stride the driver accepts.
     let safe = (rb * rows as u64).max(hb * heads as u64).max(16).next_multiple_of(16);
     if batch == 1 || bb == 0 {
         bb = safe;
     }
     let hb = if heads == 1 || hb == 0 { safe } else { hb };
     let rb = if rows == 1 || rb == 0 { safe } else { rb };
-    let dims: [u64; 4] = [d as u64, rows as u64, heads as u64, batch as u64];
-    let strides: [u64; 3] = [rb, hb, bb];
-    let boxd: [u32; 4] = [64, box_rows, 1, 1];
+    (rb, hb, bb)
+}
+
+/// Encodes a rank-4 tiled map over 16-bit elements with the 128-byte swizzle; `None` when the driver refuses it.
+fn encode_map(ptr: u64, dims: [u64; 4], strides: [u64; 3], boxd: [u32; 4]) -> Option<dsys::CUtensorMap> {
     let estr: [u32; 4] = [1, 1, 1, 1];
     // SAFETY: an all-zero CUtensorMap is a valid value to be overwritten by the encoder.
     let mut map: dsys::CUtensorMap = unsafe { std::mem::zeroed() };
@@ -238,7 +278,7 @@ pub(crate) fn tensor_map(
             &mut map,
             dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
             4,
-            view.ptr as *mut c_void,
+            ptr as *mut c_void,
             dims.as_ptr(),
             strides.as_ptr(),
             boxd.as_ptr(),
@@ -260,10 +300,11 @@ pub(crate) fn tensor_map(
 /// eighth of a CTA's whole share. H200, same call (bf16, standard grid, causal): one group instead of 24 MiB
 /// gave d128 4k/8k/16k +7/+12/+12%, d256 +18/+18/+19%, d64 8k/16k +26/+21% (4k -4%); at 512-2k the
 /// 24 MiB groups were faster (L2 reuse: up to 10%), docs/notes/cuda-sm90.md.
-fn l2_group(p: &Problem, head_dim: usize, sk: usize, num_m_blocks: usize, ctas: usize) -> i32 {
-    let all = (p.batch * p.h).max(1) as u64;
+/// With GQA packing the tiles walk (batch, key/value head) pairs, one per key/value head's K/V.
+fn l2_group(p: &Problem, head_dim: usize, sk: usize, num_m_blocks: usize, ctas: usize, packed: bool) -> i32 {
+    let all = (p.batch * if packed { p.hk } else { p.h }).max(1) as u64;
     let per_kv_head = (sk.max(1) * head_dim * 4) as u64; // K + V, 16-bit
-    let q_per_kv = (p.h / p.hk.max(1)).max(1) as u64;
+    let q_per_kv = if packed { 1 } else { (p.h / p.hk.max(1)).max(1) as u64 };
     // Budget: 8 MiB without masks, 24 MiB with (same-call A/B on the H100, docs/notes/cuda-sm90.md);
     // FLASHATTN_SM90_L2_MIB overrides it (and the causal rule) for A/B runs.
     let forced = std::env::var("FLASHATTN_SM90_L2_MIB").ok().and_then(|v| v.trim().parse::<u64>().ok());
@@ -293,8 +334,16 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
     let bn = variant_block_n(&v);
     let (q_rows, k_rows, batch) =
         if p.varlen { (p.total_q, p.total_k, 1) } else { (p.dense_sq, p.total_k / p.batch, p.batch) };
+    // GQA packing: `group` query heads x `bm / group` tokens per Q box (pack_gqa_for: bm is a multiple of group).
+    let packed = v.is_pack_gqa();
+    let group = p.h / p.hk.max(1);
+    let tq = if packed {
+        tensor_map_gqa(&a.q, p.d, q_rows, p.h, batch, group as u32, (bm / group) as u32)
+    } else {
+        tensor_map(&a.q, p.d, q_rows, p.h, batch, bm as u32)
+    };
     let maps = (
-        tensor_map(&a.q, p.d, q_rows, p.h, batch, bm as u32),
+        tq,
         tensor_map(&a.k, p.d, k_rows, p.hk, batch, bn as u32),
         tensor_map(&a.v, p.d, k_rows, p.hk, batch, bn as u32),
     );
@@ -312,8 +361,10 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
     };
     let m = gpu.module(&v)?;
     let f = fwd_params(p, a);
-    let num_m_blocks = (f.sq as usize).div_ceil(bm);
-    let tiles = num_m_blocks * p.batch * p.h;
+    // Packed: folded rows (token x group) per sequence, tiles over (batch, key/value head).
+    let (rows_per_seq, walk_heads) = if packed { (f.sq as usize * group, p.hk) } else { (f.sq as usize, p.h) };
+    let num_m_blocks = rows_per_seq.div_ceil(bm);
+    let tiles = num_m_blocks * p.batch * walk_heads;
     let sms = gpu
         .ctx
         .attribute(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -323,7 +374,7 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
     let params = Sm90Params {
         f,
         num_m_blocks: num_m_blocks as i32,
-        l2_group: l2_group(p, hd, f.sk as usize, num_m_blocks, ctas),
+        l2_group: l2_group(p, hd, f.sk as usize, num_m_blocks, ctas, packed),
         pingpong: pingpong() as i32,
         tq,
         tk,
@@ -356,13 +407,13 @@ mod tests {
             crate::problem::validate(&q.view(), &q.view(), &q.view(), &opts).unwrap()
         };
         // 64 (batch, head) pairs. Causal from 4k keys: all of them in one group.
-        assert_eq!(l2_group(&problem(4096, true, (-1, -1)), 128, 4096, 32, 132), 64);
+        assert_eq!(l2_group(&problem(4096, true, (-1, -1)), 128, 4096, 32, 132, false), 64);
         // Causal at 2k: the 24 MiB budget (1 MiB of K/V per head: 24 pairs, above the two-round minimum of 17).
-        assert_eq!(l2_group(&problem(2048, true, (-1, -1)), 128, 2048, 16, 132), 24);
+        assert_eq!(l2_group(&problem(2048, true, (-1, -1)), 128, 2048, 16, 132, false), 24);
         // A window with a left edge at 4k: the budget (2 MiB per head: 12 pairs, the minimum of 9 below it).
-        assert_eq!(l2_group(&problem(4096, false, (100, 0)), 128, 4096, 32, 132), 12);
+        assert_eq!(l2_group(&problem(4096, false, (100, 0)), 128, 4096, 32, 132, false), 12);
         // No mask: 8 MiB (4 pairs at 4k).
-        assert_eq!(l2_group(&problem(4096, false, (-1, -1)), 128, 4096, 32, 132), 4);
+        assert_eq!(l2_group(&problem(4096, false, (-1, -1)), 128, 4096, 32, 132, false), 4);
     }
 
     #[test]
@@ -446,6 +497,40 @@ mod tests {
             // Opt-in at d256 until it has run on a GPU.
             assert_eq!(tile(256, false, 1 << 14), (false, 64));
             assert_eq!(tile(256, true, 1 << 14), (false, 64));
+        }
+    }
+
+    #[test]
+    fn gqa_packing_rule_and_variant() {
+        // Only when asked for, for real groups that divide the 128 rows.
+        assert!(pack_gqa_for(32, 8, true) && pack_gqa_for(8, 1, true) && pack_gqa_for(128, 1, true));
+        assert!(!pack_gqa_for(32, 8, false));
+        assert!(!pack_gqa_for(8, 8, true), "MHA: nothing to pack");
+        assert!(!pack_gqa_for(28, 4, true), "group 7 does not divide 128");
+        assert!(!pack_gqa_for(256, 1, true), "group 256 is more than a tile");
+        assert!(!pack_gqa_for(6, 4, true), "h must be a multiple of hk");
+        // The packed form has 2 consumer warpgroups (128 rows) even where the 192-row d64 form is asked for, its
+        // own define and name, and means nothing on other passes.
+        let v = Variant { pack_gqa: true, bm192: true, ..Variant::plain(Pass::FwdSm90, 64, true) };
+        assert!(v.is_pack_gqa() && !v.is_bm192());
+        assert_eq!(variant_block_m(&v), 128);
+        assert_eq!(v.to_string(), "fwd90_d64_gqa_bf16");
+        assert!(v.defines().contains(&"SM90_PACK_GQA=1".to_string()));
+        assert!(!v.defines().iter().any(|d| d.starts_with("SM90_CONSUMERS")));
+        let w = Variant { pack_gqa: true, wide_n: true, mask: true, ..Variant::plain(Pass::FwdSm90, 128, false) };
+        assert_eq!(w.to_string(), "fwd90_d128_bn176_gqa_f16_mask");
+        let b = Variant { pack_gqa: true, ..Variant::plain(Pass::BwdSm90, 128, true) };
+        assert!(!b.is_pack_gqa() && !b.defines().iter().any(|d| d.contains("PACK")));
+        assert_eq!(b.to_string(), Variant::plain(Pass::BwdSm90, 128, true).to_string());
+        // Packed tiles walk (batch, key/value head) pairs: with masks from 4k keys all of them form one group.
+        use crate::options::AttnOptions;
+        let q = crate::tensor::Tensor::zeros(&[2, 4096, 32, 128], crate::dtype::DType::BF16);
+        let k = crate::tensor::Tensor::zeros(&[2, 4096, 8, 128], crate::dtype::DType::BF16);
+        let opts = AttnOptions { causal: true, ..AttnOptions::default() };
+        let p = crate::problem::validate(&q.view(), &k.view(), &k.view(), &opts).unwrap();
+        if std::env::var("FLASHATTN_SM90_L2_MIB").is_err() {
+            assert_eq!(l2_group(&p, 128, 4096, 128, 132, true), 16);
+            assert_eq!(l2_group(&p, 128, 4096, 32, 132, false), 64);
         }
     }
 
