@@ -232,8 +232,8 @@ pub(crate) fn tensor_map(
     batch: usize,
     box_rows: u32,
 ) -> Option<dsys::CUtensorMap> {
-    let (rb, hb, bb) = byte_strides(view, rows, heads, batch);
-    encode_map(view.ptr, [d as u64, rows as u64, heads as u64, batch as u64], [rb, hb, bb], [64, box_rows, 1, 1])
+    let (dims, strides, boxd) = map_layout(view, d, rows, heads, batch, None, box_rows);
+    encode_map(view.ptr, dims, strides, boxd)
 }
 
 /// The Q map of the GQA-packed forward: `{d, heads, rows, batch}` with a box of 64 columns x `group` heads x
@@ -247,8 +247,27 @@ pub(crate) fn tensor_map_gqa(
     group: u32,
     box_rows: u32,
 ) -> Option<dsys::CUtensorMap> {
+    let (dims, strides, boxd) = map_layout(view, d, rows, heads, batch, Some(group), box_rows);
+    encode_map(view.ptr, dims, strides, boxd)
+}
+
+/// Dims, byte strides and box of the rank-4 maps: `{d, rows, heads, batch}` with a 64 x `box_rows` box, or with
+/// `group` (GQA packing) `{d, heads, rows, batch}` with a 64 x `group` x `box_rows` box.
+fn map_layout(
+    view: &DevView,
+    d: usize,
+    rows: usize,
+    heads: usize,
+    batch: usize,
+    group: Option<u32>,
+    box_rows: u32,
+) -> ([u64; 4], [u64; 3], [u32; 4]) {
     let (rb, hb, bb) = byte_strides(view, rows, heads, batch);
-    encode_map(view.ptr, [d as u64, heads as u64, rows as u64, batch as u64], [hb, rb, bb], [64, group, box_rows, 1])
+    let (d, rows, heads, batch) = (d as u64, rows as u64, heads as u64, batch as u64);
+    match group {
+        None => ([d, rows, heads, batch], [rb, hb, bb], [64, box_rows, 1, 1]),
+        Some(g) => ([d, heads, rows, batch], [hb, rb, bb], [64, g, box_rows, 1]),
+    }
 }
 
 /// Row, head and batch strides of a view in bytes; a dimension of extent 1 is never stepped over and gets a
@@ -532,6 +551,19 @@ mod tests {
             assert_eq!(l2_group(&p, 128, 4096, 128, 132, true), 16);
             assert_eq!(l2_group(&p, 128, 4096, 32, 132, false), 64);
         }
+    }
+
+    #[test]
+    fn packed_q_map_layout() {
+        // q [b 2, s 40, h 32, d 128] contiguous: strides in elements row 32 * 128, head 128, batch 40 * 32 * 128.
+        let view = DevView { ptr: 0, batch: 40 * 32 * 128, row: 32 * 128, head: 128 };
+        let (dims, strides, boxd) = map_layout(&view, 128, 40, 32, 2, None, 128);
+        assert_eq!((dims, strides, boxd), ([128, 40, 32, 2], [8192, 256, 327680], [64, 128, 1, 1]));
+        // Packed, group 4: heads before rows, so a box of 4 heads x 32 tokens lands as 128 folded rows
+        // token * 4 + head-in-group.
+        let (dims, strides, boxd) = map_layout(&view, 128, 40, 32, 2, Some(4), 32);
+        assert_eq!((dims, strides, boxd), ([128, 32, 40, 2], [256, 8192, 327680], [64, 4, 32, 1]));
+        assert_eq!(boxd[1] * boxd[2], BLOCK_M as u32);
     }
 
     #[test]
