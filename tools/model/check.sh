@@ -7,49 +7,48 @@
 # invariant, a dirty counter, a wrong merge). Usage: tools/model/check.sh [NT] [MAXB]   (default 3 3: about 4
 # minutes and 6 GB at most; CI runs 2 2, about 25 s)
 set -euo pipefail
-MODEL=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/sm90_fwd_sync.pml
+DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 NT=${1:-3}
 MAXB=${2:-3}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
 fail=0
+
+# verify MODEL LABEL PASS-MESSAGE SPIN-DEFINES...: builds the verifier, searches every state, prints one line.
+verify() {
+    local model=$1 label=$2 ok=$3
+    shift 3
+    spin -a "$@" "$DIR/$model" > spin.log 2>&1 || { cat spin.log; exit 1; }
+    gcc -O2 -w -DSAFETY -DCOLLAPSE -o pan pan.c
+    ./pan -m1000000 -w27 > pan.log 2>&1 || true
+    local errors states
+    errors=$(sed -n 's/.*errors: \([0-9]*\).*/\1/p' pan.log)
+    states=$(sed -n 's/^ *\([0-9.e+]*\) states, stored.*/\1/p' pan.log)
+    if [ "${errors:-1}" != 0 ] || grep -q "search not completed\|max search depth too small" pan.log; then
+        echo "FAIL $label"
+        grep -E "assertion|invalid end|error|violated|depth" pan.log | head -5
+        fail=1
+    else
+        echo "ok   $label: $states states, $ok"
+    fi
+}
+
+# The sm90 forward: default and epilogue overlap, 2 and 3 consumer warpgroups, ping-pong on and off.
 for epi in 0 1; do
     for nc in 2 3; do
         for pp in 1 0; do
-            cfg="EPI=$epi NC=$nc PP=$pp NT=$NT MAXB=$MAXB"
-            spin -a -DEPI=$epi -DNC=$nc -DPP=$pp -DNT="$NT" -DMAXB="$MAXB" "$MODEL" > spin.log 2>&1 || { cat spin.log; exit 1; }
-            gcc -O2 -w -DSAFETY -DCOLLAPSE -o pan pan.c
-            ./pan -m1000000 -w27 > pan.log 2>&1 || true
-            errors=$(sed -n 's/.*errors: \([0-9]*\).*/\1/p' pan.log)
-            states=$(sed -n 's/^ *\([0-9.e+]*\) states, stored.*/\1/p' pan.log)
-            if [ "${errors:-1}" != 0 ] || grep -q "search not completed\|max search depth too small" pan.log; then
-                echo "FAIL $cfg"
-                grep -E "assertion|invalid end|error|violated|depth" pan.log | head -5
-                fail=1
-            else
-                echo "ok   $cfg: $states states, no hang, buffers and turns as expected"
-            fi
+            verify sm90_fwd_sync.pml "EPI=$epi NC=$nc PP=$pp NT=$NT MAXB=$MAXB" "no hang, buffers and turns as expected" \
+                -DEPI=$epi -DNC=$nc -DPP=$pp -DNT="$NT" -DMAXB="$MAXB"
         done
     done
 done
 # The split-KV merge of kv_attn: NG query tiles x NS splits over NCALLS calls sharing one workspace.
-KV=$(dirname "$MODEL")/kv_split_merge.pml
-kv_cfgs=("-DNG=2 -DNS=2 -DNCALLS=2" "-DNG=1 -DNS=4 -DNCALLS=3")
-if [ "$NT" -ge 3 ]; then kv_cfgs+=("-DNG=2 -DNS=3 -DNCALLS=2"); fi
+kv_cfgs=("2 2 2" "1 4 3")
+if [ "$NT" -ge 3 ]; then kv_cfgs+=("2 3 2"); fi
 for cfg in "${kv_cfgs[@]}"; do
-    # shellcheck disable=SC2086
-    spin -a $cfg "$KV" > spin.log 2>&1 || { cat spin.log; exit 1; }
-    gcc -O2 -w -DSAFETY -DCOLLAPSE -o pan pan.c
-    ./pan -m1000000 -w27 > pan.log 2>&1 || true
-    errors=$(sed -n 's/.*errors: \([0-9]*\).*/\1/p' pan.log)
-    states=$(sed -n 's/^ *\([0-9.e+]*\) states, stored.*/\1/p' pan.log)
-    if [ "${errors:-1}" != 0 ] || grep -q "search not completed\|max search depth too small" pan.log; then
-        echo "FAIL kv_split_merge $cfg"
-        grep -E "assertion|invalid end|error|violated|depth" pan.log | head -5
-        fail=1
-    else
-        echo "ok   kv_split_merge $cfg: $states states, counters back to 0 after every call, merges as expected"
-    fi
+    read -r ng ns nc <<< "$cfg"
+    verify kv_split_merge.pml "kv_split_merge NG=$ng NS=$ns NCALLS=$nc" \
+        "counters back to 0 after every call, merges as expected" -DNG="$ng" -DNS="$ns" -DNCALLS="$nc"
 done
 exit $fail

@@ -537,15 +537,17 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
     // A tile starts with its first S in flight (or a throw-away one, when it has no key blocks): issued by the
     // previous tile's last turn, or for the first tile by this turn of its own.
     float s[SREG];
-    {
+    // A turn that only issues the first S of the tile the walk processes after round k (or a throw-away one).
+    auto s_only_turn = [&](int k) {
         u32 sa, sb;
-        next_s_operands(p, -1, num_tiles, it, qt, b, sbase, wg, sa, sb);
+        next_s_operands(p, k, num_tiles, it, qt, b, sbase, wg, sa, sb);
         if (pp) named_sync(my_turn, 256);
         wgmma_fence();
         issue_qk(s, sa, sb);
         wgmma_commit();
         if (pp) named_arrive(next_turn, 256);
-    }
+    };
+    s_only_turn(-1);
 #endif
     for (int k = 0;; ++k) {
         const int tile = walk(k, num_tiles);
@@ -700,14 +702,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
         }
 #if SM90_EPI
         else {
-            // No key blocks: a turn that only issues the next tile's first S (or a throw-away one).
-            u32 sa, sb;
-            next_s_operands(p, round, num_tiles, it, qt, b, sbase, wg, sa, sb);
-            if (pp) named_sync(my_turn, 256);
-            wgmma_fence();
-            issue_qk(s, sa, sb);
-            wgmma_commit();
-            if (pp) named_arrive(next_turn, 256);
+            s_only_turn(round);  // no key blocks: this tile's turn only issues the next one's first S
         }
 #endif
 
