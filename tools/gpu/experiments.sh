@@ -2,7 +2,7 @@
 # Device side of the sm90 forward experiments that have not yet run on a GPU (docs/notes/cuda-sm90.md):
 #   BN80:   head dim 256 with 80-key K/V blocks (FLASHATTN_SM90_BN=80; the default is 64 keys),
 #   EPI:    the next tile's first S under the epilogue (FLASHATTN_NVRTC_OPTIONS=-DSM90_EPI_OVERLAP=1; d64, d128),
-#   TSTORE: O stored by TMA boxes (-DSM90_TMA_STORE=1; d64, d128, not varlen), tested together with EPI,
+#   TSTORE: O stored by TMA boxes (FLASHATTN_SM90_TMA_STORE=1; d64, d128, not varlen), tested together with EPI,
 #   PACK:   GQA query heads packed into one tile (FLASHATTN_SM90_PACK_GQA=1; groups dividing 128).
 # Run from the repository root on the device machine after tools/gpu/prepare.sh here, with .gpu carried:
 #   bash .gpu/experiments.sh correct256 # BN80, PACK: tests, check shapes, sanitizers (about 8 min)
@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 export FLASHATTN_CACHE_DIR=${FLASHATTN_CACHE_DIR:-/tmp/flashattn-kernels}
 export FLASHATTN_REQUIRE_GPU=1 FLASHATTN_SWEEP=quick PYTHONUNBUFFERED=1
 EPI=-DSM90_EPI_OVERLAP=1
-BOTH="-DSM90_EPI_OVERLAP=1 -DSM90_TMA_STORE=1"
+BOTH=(env FLASHATTN_NVRTC_OPTIONS=$EPI FLASHATTN_SM90_TMA_STORE=1)
 
 # step NAME TIMEOUT_S CMD...: runs CMD, appends its output to log.txt, its status and tail to summary.txt.
 step() {
@@ -70,15 +70,15 @@ correct256)
     ;;
 correct128)
     nvidia-smi -L >> "$OUT/summary.txt" 2>&1
-    FLASHATTN_NVRTC_OPTIONS=$BOTH step info 120 "$G/flashattn" info
+    step info 120 "${BOTH[@]}" "$G/flashattn" info
     FLASHATTN_NVRTC_OPTIONS=$EPI step "EPI tests" 600 "$G/cuda" --test-threads 1 sweep_bf16 sweep_f16 small_variants determinism stress_no_nan
     FLASHATTN_NVRTC_OPTIONS=$EPI checks EPI "64 128"
     FLASHATTN_NVRTC_OPTIONS=$EPI FLASHATTN_SM90_BM=128 step "EPI check d64 128 rows" 120 "$G/flashattn" check --device cuda --dtype bf16 -d 64 -b 2 -s 1000 --heads 4 --causal
     FLASHATTN_NVRTC_OPTIONS=$EPI step "EPI memcheck" 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 128 -b 1 -s 1500 --seqlen-k 777 --heads 4 --heads-k 1 --causal
     FLASHATTN_NVRTC_OPTIONS=$EPI step "EPI racecheck" 300 compute-sanitizer --tool racecheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 64 -b 1 -s 700 --heads 2 --causal
-    FLASHATTN_NVRTC_OPTIONS=$BOTH step "EPI+TSTORE tests" 600 "$G/cuda" --test-threads 1 sweep_bf16 sweep_f16 small_variants raw_pointers_packed_qkv
-    FLASHATTN_NVRTC_OPTIONS=$BOTH checks EPI+TSTORE "64 128"
-    FLASHATTN_NVRTC_OPTIONS=$BOTH step "EPI+TSTORE memcheck" 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 128 -b 2 -s 1000 --heads 4 --heads-k 2 --causal
+    step "EPI+TSTORE tests" 600 "${BOTH[@]}" "$G/cuda" --test-threads 1 sweep_bf16 sweep_f16 small_variants raw_pointers_packed_qkv
+    FLASHATTN_NVRTC_OPTIONS=$EPI FLASHATTN_SM90_TMA_STORE=1 checks EPI+TSTORE "64 128"
+    step "EPI+TSTORE memcheck" 300 "${BOTH[@]}" compute-sanitizer --tool memcheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 128 -b 2 -s 1000 --heads 4 --heads-k 2 --causal
     ;;
 bench256 | bench128)
     nvidia-smi -L >> "$OUT/summary.txt" 2>&1
@@ -98,8 +98,8 @@ bench256 | bench128)
         else
             step "d64,d128 base r$round" 300 "${B[@]}" --dims 64,128 $(j d64_d128_base)
             FLASHATTN_NVRTC_OPTIONS=$EPI step "d64,d128 EPI r$round" 300 "${B[@]}" --dims 64,128 $(j d64_d128_epi)
-            FLASHATTN_NVRTC_OPTIONS=$BOTH step "d64,d128 EPI+TSTORE r$round" 300 "${B[@]}" --dims 64,128 $(j d64_d128_epi_tstore)
-            FLASHATTN_NVRTC_OPTIONS=-DSM90_TMA_STORE=1 step "d64,d128 TSTORE r$round" 300 "${B[@]}" --dims 64,128 $(j d64_d128_tstore)
+            step "d64,d128 EPI+TSTORE r$round" 300 "${BOTH[@]}" "${B[@]}" --dims 64,128 $(j d64_d128_epi_tstore)
+            FLASHATTN_SM90_TMA_STORE=1 step "d64,d128 TSTORE r$round" 300 "${B[@]}" --dims 64,128 $(j d64_d128_tstore)
         fi
     done
     ;;

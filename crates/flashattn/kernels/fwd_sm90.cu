@@ -98,7 +98,8 @@
 #define SM90_EPI_OVERLAP 0
 #endif
 #define SM90_EPI (SM90_EPI_OVERLAP && SM90_O_SEPARATE)
-// TMA-store epilogue (an experiment, off by default: not yet run on a GPU). SM90_TMA_STORE=1: a warpgroup's O
+// TMA-store epilogue (an experiment, off by default: not yet run on a GPU; the host sets SM90_TMA_STORE=1 for
+// FLASHATTN_SM90_TMA_STORE=1 where it applies and then builds `to`). SM90_TMA_STORE=1: a warpgroup's O
 // tile goes from its slice of the O buffer to global memory as D/64 TMA box stores (64 columns x 64 rows each,
 // issued by one thread; the tensor map `to` clips rows >= sq and columns >= d) instead of 16-byte stores by every
 // thread. Only with a separate O buffer and without varlen (a varlen box would cover the next sequence's rows);
@@ -128,7 +129,7 @@ static_assert(SM90_BN % 16 == 0 && (SM90_BN * 128) % 1024 == 0, "K/V panels keep
 
 // Parameter block: the common forward fields plus the scheduler's numbers and the TMA maps of q, k, v
 // (rank 4: {d, rows, heads, batch}; varlen: batch extent 1, rows = total tokens) and of o (box 64 x 64; only
-// read by SM90_TMA_STORE builds; all zero for varlen problems).
+// read by SM90_TMA_STORE builds; all zero otherwise).
 struct Sm90Params {
     FwdParams f;
     int num_m_blocks;  // ceil(max_sq / BLOCK_M)

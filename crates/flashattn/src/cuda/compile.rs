@@ -93,6 +93,10 @@ pub struct Variant {
     /// The sm90 forward with the query heads of a key/value head packed into one tile (GQA, `-DSM90_PACK_GQA=1`,
     /// 128-row tiles; opt-in with `FLASHATTN_SM90_PACK_GQA=1`, not yet run on a GPU). Ignored by every other pass.
     pub pack_gqa: bool,
+    /// The sm90 forward storing O by TMA boxes (`-DSM90_TMA_STORE=1`; opt-in with `FLASHATTN_SM90_TMA_STORE=1`,
+    /// not yet run on a GPU; set only where the kernel can: a separate O buffer, no varlen, no packing). Ignored by
+    /// every other pass.
+    pub tma_store: bool,
 }
 
 impl Variant {
@@ -111,6 +115,7 @@ impl Variant {
             bm192: false,
             wide_n: false,
             pack_gqa: false,
+            tma_store: false,
         }
     }
 
@@ -123,6 +128,11 @@ impl Variant {
     /// takes precedence over `bm192`, as the packed kernel has 2 consumer warpgroups).
     pub fn is_pack_gqa(&self) -> bool {
         self.pack_gqa && self.pass == Pass::FwdSm90
+    }
+
+    /// Whether this variant is the sm90 forward with the TMA-store epilogue (`tma_store` where it applies).
+    pub fn is_tma_store(&self) -> bool {
+        self.tma_store && self.pass == Pass::FwdSm90
     }
 
     /// Keys per K/V block when this variant is the sm90 forward's wide form (`wide_n` where it applies:
@@ -173,6 +183,9 @@ impl Variant {
         if self.is_pack_gqa() {
             v.push("SM90_PACK_GQA=1".to_string());
         }
+        if self.is_tma_store() {
+            v.push("SM90_TMA_STORE=1".to_string());
+        }
         v
     }
 
@@ -206,6 +219,9 @@ impl fmt::Display for Variant {
         }
         if self.is_pack_gqa() {
             write!(f, "_gqa")?;
+        }
+        if self.is_tma_store() {
+            write!(f, "_tstore")?;
         }
         write!(f, "_{}", if self.bf16 { "bf16" } else { "f16" })?;
         for (on, name) in [
@@ -265,6 +281,7 @@ pub fn all_variants() -> Vec<Variant> {
                                 bm192: false,
                                 wide_n: false,
                                 pack_gqa: false,
+                                tma_store: false,
                             });
                         }
                     }
@@ -281,8 +298,8 @@ const SM90_PASSES: [(Pass, &[usize]); 2] =
     [(Pass::FwdSm90, &super::fwd_sm90::SM90_HEAD_DIMS), (Pass::BwdSm90, &super::bwd_sm90::SM90_BWD_HEAD_DIMS)];
 
 /// The plain variant of every Hopper pass, head dim and dtype, then the forward's 192-row form at head dim 64,
-/// its wide-key-block forms at head dims 128 (176 keys) and 256 (80 keys), and its GQA-packed form at every head
-/// dim, both dtypes.
+/// its wide-key-block forms at head dims 128 (176 keys) and 256 (80 keys), its GQA-packed form at every head
+/// dim and its TMA-store form at head dims 64 and 128, both dtypes.
 fn sm90_plain() -> impl Iterator<Item = Variant> {
     let bm192 = [false, true].map(|bf16| Variant { bm192: true, ..Variant::plain(Pass::FwdSm90, 64, bf16) });
     let wide = [128, 256]
@@ -291,6 +308,9 @@ fn sm90_plain() -> impl Iterator<Item = Variant> {
     let packed = super::fwd_sm90::SM90_HEAD_DIMS
         .into_iter()
         .flat_map(|hd| [false, true].map(|bf16| Variant { pack_gqa: true, ..Variant::plain(Pass::FwdSm90, hd, bf16) }));
+    let tstore = [64, 128].into_iter().flat_map(|hd| {
+        [false, true].map(|bf16| Variant { tma_store: true, ..Variant::plain(Pass::FwdSm90, hd, bf16) })
+    });
     SM90_PASSES
         .into_iter()
         .flat_map(|(pass, dims)| {
@@ -299,6 +319,7 @@ fn sm90_plain() -> impl Iterator<Item = Variant> {
         .chain(bm192)
         .chain(wide)
         .chain(packed)
+        .chain(tstore)
 }
 
 /// The sm90 variants (Hopper only), forward and backward: their head dims x dtypes x (mask, alibi, softcap,
@@ -400,7 +421,8 @@ pub fn options(v: &Variant, arch: &str) -> Vec<String> {
     o
 }
 
-/// `FLASHATTN_NVRTC_OPTIONS`: extra NVRTC options for every kernel (experiments, e.g. `-DSM90_EPI_OVERLAP=1`,
+/// `FLASHATTN_NVRTC_OPTIONS`: extra NVRTC options for every kernel (experiments the host need not know of, e.g.
+/// `-DSM90_EPI_OVERLAP=1`,
 /// or `-lineinfo` for profiling); part of each kernel's cache key.
 pub fn extra_options() -> Vec<String> {
     std::env::var("FLASHATTN_NVRTC_OPTIONS").map_or_else(|_| Vec::new(), |e| split_options(&e))
@@ -799,8 +821,8 @@ ptxas info    : Compiling entry function 'b' for 'sm_90a'\n",
         assert_eq!(padded_head_dim(256), Some(256));
         assert_eq!(padded_head_dim(257), None);
         // bwd.cu x deterministic, KV, sm90 forward (3 head dims + the 192-row d64 + the 176-key d128 + the 80-key
-        // d256 + 3 GQA-packed), sm90 backward (3 head dims x deterministic).
-        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 9 * 2 * 16 + 3 * 2 * 32);
+        // d256 + 3 GQA-packed + 2 TMA-store), sm90 backward (3 head dims x deterministic).
+        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 11 * 2 * 16 + 3 * 2 * 32);
         assert!(Pass::FwdSm90.builds_for("sm_90a") && !Pass::FwdSm90.builds_for("sm_80"));
         assert!(Pass::BwdSm90.builds_for("sm_90a") && !Pass::BwdSm90.builds_for("sm_80"));
     }

@@ -86,6 +86,7 @@ pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministi
         bm192: false,
         wide_n: false,
         pack_gqa: false,
+        tma_store: false,
     })
 }
 

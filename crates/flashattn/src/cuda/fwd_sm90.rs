@@ -48,6 +48,11 @@ fn pack_gqa_requested() -> bool {
     std::env::var("FLASHATTN_SM90_PACK_GQA").is_ok_and(|v| v.trim() == "1")
 }
 
+/// The TMA-store epilogue of the forward (`FLASHATTN_SM90_TMA_STORE=1`; opt-in: not yet run on a GPU).
+fn tma_store_requested() -> bool {
+    std::env::var("FLASHATTN_SM90_TMA_STORE").is_ok_and(|v| v.trim() == "1")
+}
+
 /// Whether a problem with `h` query heads over `hk` key/value heads runs with the query heads of a group packed
 /// into one tile (`-DSM90_PACK_GQA=1`): when asked for, with groups of more than one head that divide the
 /// 128 rows of the 2-consumer tile (the Q box is `group` heads x `128 / group` tokens).
@@ -98,10 +103,7 @@ fn wide_n_forced(head_dim: usize) -> Option<bool> {
 /// - otherwise 128 x [`block_n`].
 pub fn sm90_tile(v: Variant, max_keys: usize) -> Variant {
     let bm192 = v.head_dim == 64 && bm192_requested();
-    let rule = match v.head_dim {
-        128 => !v.mask && max_keys >= 8192,
-        _ => false,
-    };
+    let rule = v.head_dim == 128 && !v.mask && max_keys >= 8192;
     let wide_n = wide_block_n(v.head_dim).is_some() && wide_n_forced(v.head_dim).unwrap_or(rule);
     Variant { bm192, wide_n, ..v }
 }
@@ -122,6 +124,9 @@ pub fn tile_summary() -> String {
     }
     if pack_gqa_requested() {
         s += " (GQA heads packed into 128-row tiles, FLASHATTN_SM90_PACK_GQA)";
+    }
+    if tma_store_requested() {
+        s += " (O stored by TMA where O has its own buffer, FLASHATTN_SM90_TMA_STORE)";
     }
     s
 }
@@ -147,7 +152,7 @@ pub fn threads(block_m: usize) -> u32 {
 }
 
 /// Mirror of `Sm90Params` in `fwd_sm90.cu`: the forward fields, the scheduler's numbers, the tensor maps of q, k,
-/// v and o (o's: 64 x 64 boxes, read only by the TMA-store experiment `-DSM90_TMA_STORE=1`; zero for varlen).
+/// v and o (o's: 64 x 64 boxes, read only by the TMA-store variant; zero otherwise).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub(crate) struct Sm90Params {
@@ -184,8 +189,14 @@ fn variant_smem(v: &Variant) -> u32 {
 /// (`SM90_SMEM_BYTES`: Q, an O staging buffer for d <= 128 with blocks of at most 128 keys, 2 x K, 2 x V,
 /// barriers, alignment slack).
 pub fn smem_bytes(head_dim: usize, block_m: usize, block_n: usize) -> u32 {
-    let o = if head_dim <= 128 && block_n <= 128 { block_m } else { 0 };
+    let o = if o_separate(head_dim, block_n) { block_m } else { 0 };
     ((block_m + o + 4 * block_n) * head_dim * 2 + 128 + 1024) as u32
+}
+
+/// Whether the kernel stages O in a buffer of its own (`SM90_O_SEPARATE`): d <= 128 with blocks of at most 128
+/// keys; elsewhere there is no room, and O goes through the Q buffer.
+pub fn o_separate(head_dim: usize, block_n: usize) -> bool {
+    head_dim <= 128 && block_n <= 128
 }
 
 /// The forced path, if any: `FLASHATTN_CUDA_PATH=sm80` (never the sm90 kernel) or `sm90`.
@@ -213,13 +224,21 @@ pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
         && sm90_variant(p).is_ok_and(|v| variant_smem(&v) as i64 <= gpu.smem_optin as i64)
 }
 
-/// The sm90 variant of a problem, with the tile shape of [`sm90_tile`] and GQA packing where
-/// [`pack_gqa_for`] says so (which takes precedence over the 192-row d64 form).
+/// The sm90 variant of a problem, with the tile shape of [`sm90_tile`], GQA packing where [`pack_gqa_for`] says
+/// so (which takes precedence over the 192-row d64 form), and the TMA-store epilogue where
+/// [`tma_store_for`] does.
 pub(crate) fn sm90_variant(p: &Problem) -> Result<Variant> {
     let v = variant_for(p, Pass::Fwd, true, false)?;
     let head_dim = sm90_head_dim(p.d).unwrap_or(v.head_dim);
     let t = sm90_tile(Variant { pass: Pass::FwdSm90, head_dim, aligned16: true, ..v }, p.max_seqlen_k());
-    Ok(Variant { pack_gqa: pack_gqa_for(p.h, p.hk, pack_gqa_requested()), ..t })
+    let t = Variant { pack_gqa: pack_gqa_for(p.h, p.hk, pack_gqa_requested()), ..t };
+    Ok(Variant { tma_store: tma_store_for(&t, tma_store_requested()), ..t })
+}
+
+/// Whether variant `v` stores O by TMA boxes: when asked for, with a separate O buffer, without varlen (a box
+/// would cover the next sequence's rows) and without GQA packing (rows are not box-shaped there).
+pub fn tma_store_for(v: &Variant, requested: bool) -> bool {
+    requested && o_separate(v.head_dim, variant_block_n(v)) && !v.varlen && !v.is_pack_gqa()
 }
 
 /// A rank-4 tensor map `{d, rows, heads, batch}` over 16-bit elements with a 64 x `box_rows` box and the
@@ -367,16 +386,16 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
         tensor_map(&a.v, p.d, k_rows, p.hk, batch, bn as u32),
     );
     let (Some(tq), Some(tk), Some(tv)) = maps else { return Ok(false) };
-    // o's map (64-row boxes: one per consumer warpgroup and 64-column panel). Varlen problems never store O by
-    // boxes (a box would cover the next sequence's rows): a zero map, never read.
-    let to = if p.varlen {
-        // SAFETY: an all-zero CUtensorMap is a valid value; the kernel does not read it for varlen problems.
-        unsafe { std::mem::zeroed() }
-    } else {
+    // o's map (64-row boxes: one per consumer warpgroup and 64-column panel), only for the TMA-store variant;
+    // every other variant never reads it.
+    let to = if v.is_tma_store() {
         match tensor_map(&a.o, p.d, q_rows, p.h, batch, 64) {
             Some(m) => m,
             None => return Ok(false),
         }
+    } else {
+        // SAFETY: an all-zero CUtensorMap is a valid value; the kernel does not read it in this variant.
+        unsafe { std::mem::zeroed() }
     };
     let m = gpu.module(&v)?;
     let f = fwd_params(p, a);
@@ -551,6 +570,25 @@ mod tests {
             assert_eq!(l2_group(&p, 128, 4096, 128, 132, true), 16);
             assert_eq!(l2_group(&p, 128, 4096, 32, 132, false), 64);
         }
+    }
+
+    #[test]
+    fn tma_store_rule_and_variant() {
+        let v = |hd: usize| Variant::plain(Pass::FwdSm90, hd, true);
+        // Asked for, with a separate O buffer: d64 and d128 with 128-key blocks.
+        assert!(tma_store_for(&v(64), true) && tma_store_for(&v(128), true));
+        assert!(!tma_store_for(&v(128), false));
+        // Not where O goes through the Q buffer, nor with varlen or GQA packing.
+        assert!(!tma_store_for(&v(256), true));
+        assert!(!tma_store_for(&Variant { wide_n: true, ..v(128) }, true));
+        assert!(!tma_store_for(&Variant { varlen: true, ..v(128) }, true));
+        assert!(!tma_store_for(&Variant { pack_gqa: true, ..v(64) }, true));
+        assert!(o_separate(128, 128) && !o_separate(128, 176) && !o_separate(256, 64));
+        let w = Variant { tma_store: true, mask: true, ..v(128) };
+        assert_eq!(w.to_string(), "fwd90_d128_tstore_bf16_mask");
+        assert!(w.defines().contains(&"SM90_TMA_STORE=1".to_string()));
+        let b = Variant { tma_store: true, ..Variant::plain(Pass::BwdSm90, 128, true) };
+        assert!(!b.is_tma_store() && !b.defines().iter().any(|d| d.contains("TMA_STORE")));
     }
 
     #[test]
