@@ -18,8 +18,8 @@
 //               the last to arrive merges the group's rows (combine_splits) and resets the counter to 0:
 //               m = max lse_s, w_s = exp(lse_s - m), o = sum w_s o_s / sum w_s, lse = m + log(sum w_s)
 //               (every lse_s = -inf: o = 0, lse = -inf).
-// Every kernel returns before writing anything when *status != 0 (the call was refused; the caller reads and
-// clears it).
+// Every kernel returns before writing the cache or results when *status != 0 (the call was refused; the caller
+// reads and clears it); kv_attn then fills the refused rows of o and lse with NaN.
 //
 // Compile-time macros: HEAD_DIM (32..256, multiple of 32; p.d <= HEAD_DIM), IS_BF16, HAS_MASK, HAS_ALIBI,
 // HAS_SOFTCAP, ALIGNED16 (q or q_rot and both caches have 16-byte aligned bases and strides that are
@@ -430,6 +430,16 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
         if (tid == 0) {
             if (bad_seq) atomicOr(p.status, 1);
             if (p.num_splits > 1) last_split(split_count(), p.num_splits, false);
+        }
+        // The refused tile's rows of o and lse become NaN (split 0 writes them), so a caller that does not read
+        // the status word cannot take stale memory for a result. The cache is not touched.
+        if (split == 0) {
+            const TileRows tr{bi, kvh, group, r0};
+            const int rows = min(16, M - r0), c4s = (p.d + 3) / 4;
+            const float nan = __int_as_float(0x7fffffff);
+            for (int i = tid; i < rows * c4s; i += KV_THREADS)
+                tr.store_o(p, i / c4s, i % c4s, make_float4(nan, nan, nan, nan));
+            for (int r = tid; r < rows; r += KV_THREADS) p.lse[tr.out_row(p, r)] = nan;
         }
         return;
     }

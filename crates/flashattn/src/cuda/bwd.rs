@@ -10,7 +10,7 @@ use super::runtime::{dev_err, Gpu};
 use super::tensor::DevView;
 use crate::error::{Error, Result};
 use crate::problem::Problem;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaStream, DevicePtr};
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -24,9 +24,34 @@ pub(crate) struct BwdArgs {
     pub dv: DevView,
 }
 
-fn scratch<T: cudarc::driver::DeviceRepr>(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
-    // SAFETY: the kernels write every element before reading it (preprocess fills or zeroes them).
-    unsafe { stream.alloc::<T>(n.max(1)) }.map_err(|e| dev_err("allocating backward scratch", e))
+/// Where the backward's scratch buffers live in one workspace (byte offsets, each 256-byte aligned): `D =
+/// rowsum(dO * O)` and the log2-unit lse (`f32 [h, rows_q]` each), the dQ accumulator (`f32 [rows_q, h,
+/// head_dim]` at the widest head dim either main kernel may use), and the deterministic mode's dQ counters
+/// (`i32`, one per (batch, head, 16-row query block): room for every kernel's block height).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BwdWorkspace {
+    pub dpsum: usize,
+    pub lse_log2: usize,
+    pub dq_accum: usize,
+    pub sem: usize,
+    pub sem_bytes: usize,
+    pub bytes: usize,
+}
+
+/// The workspace layout of a problem's backward: a pure function of the problem (no device, no module).
+pub(crate) fn workspace_layout(p: &Problem, deterministic: bool) -> Result<BwdWorkspace> {
+    let sm80_hd = super::compile::padded_head_dim(p.d).ok_or_else(|| Error::invalid("q", "head dim <= 256", p.d))?;
+    let sm90_hd = super::bwd_sm90::sm90_bwd_head_dim(p.d).unwrap_or(0);
+    let hd = sm80_hd.max(sm90_hd);
+    let rows_q = p.total_q;
+    let align = |x: usize| x.div_ceil(256) * 256;
+    let vec_bytes = align(p.h * rows_q * 4);
+    let dpsum = 0;
+    let lse_log2 = dpsum + vec_bytes;
+    let dq_accum = lse_log2 + vec_bytes;
+    let sem = dq_accum + align(rows_q * p.h * hd * 4);
+    let sem_bytes = if deterministic { p.batch * p.h * p.max_seqlen_q().div_ceil(16) * 4 } else { 0 };
+    Ok(BwdWorkspace { dpsum, lse_log2, dq_accum, sem, sem_bytes, bytes: (sem + align(sem_bytes)).max(256) })
 }
 
 /// Whose softmax the backward's `lse` (and so `D = rowsum(dO * O)`) belongs to.
@@ -39,7 +64,8 @@ pub(crate) enum Softmax {
     Part,
 }
 
-/// Runs the three backward kernels on `stream`.
+/// Runs the three backward kernels on `stream`, with their scratch buffers in `workspace` (a device address
+/// of at least [`workspace_layout`]`.bytes`, 256-byte aligned) or, when `None`, in a buffer allocated here.
 pub(crate) fn run(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,
@@ -48,6 +74,7 @@ pub(crate) fn run(
     aligned16: bool,
     deterministic: bool,
     softmax: Softmax,
+    workspace: Option<u64>,
 ) -> Result<()> {
     fwd::check_sizes(p)?;
     let sm90 = super::bwd_sm90::covers(gpu, p, aligned16);
@@ -75,15 +102,25 @@ pub(crate) fn run(
     let sq = p.max_seqlen_q();
     let sk = fwd::max_sk(p);
     let rows_q = p.total_q;
-    let dpsum = scratch::<f32>(stream, p.h * rows_q)?;
-    let lse_log2 = scratch::<f32>(stream, p.h * rows_q)?;
-    let dq_accum = scratch::<f32>(stream, rows_q * p.h * v.head_dim)?;
-    // Deterministic dQ counters, one per (batch, head, query block): bwd.cu's blocks are `bm` rows, the sm90
-    // kernel's 64 or 128 (laid out [b, h, ceil(sq / BM)] by each kernel): room for the finer of the two.
+    let layout = workspace_layout(p, deterministic)?;
     let n_sem = if deterministic { p.batch * p.h * sq.div_ceil((bm as usize).min(64)) } else { 0 };
-    let sem = scratch::<i32>(stream, n_sem)?;
-    let ptr = |s: &CudaSlice<f32>| s.device_ptr(stream).0;
-    let sem_ptr = if deterministic { sem.device_ptr(stream).0 } else { 0 };
+    if n_sem * 4 > layout.sem_bytes {
+        return Err(Error::Device(format!("backward module {v} has {bm}-row blocks, finer than the workspace's 16")));
+    }
+    // The caller's workspace, or one allocated here (freed in stream order after the kernels).
+    let owned = match workspace {
+        Some(_) => None,
+        None => Some(
+            // SAFETY: the kernels write every element before reading it (preprocess fills or zeroes them).
+            unsafe { stream.alloc::<u8>(layout.bytes) }.map_err(|e| dev_err("allocating backward scratch", e))?,
+        ),
+    };
+    let base = match (&owned, workspace) {
+        (Some(buf), _) => buf.device_ptr(stream).0,
+        (None, Some(ws)) => ws,
+        (None, None) => unreachable!("one of the two is set"),
+    };
+    let sem_ptr = if deterministic { base + layout.sem as u64 } else { 0 };
     if deterministic {
         zero(sem_ptr, n_sem * 4, cs)?;
     }
@@ -105,9 +142,9 @@ pub(crate) fn run(
         dv_batch_stride: a.dv.batch,
         dv_row_stride: a.dv.row,
         dv_head_stride: a.dv.head,
-        dpsum: ptr(&dpsum) as *mut f32,
-        lse_log2: ptr(&lse_log2) as *mut f32,
-        dq_accum: ptr(&dq_accum) as *mut f32,
+        dpsum: (base + layout.dpsum as u64) as *mut f32,
+        lse_log2: (base + layout.lse_log2 as u64) as *mut f32,
+        dq_accum: (base + layout.dq_accum as u64) as *mut f32,
         dq_semaphore: sem_ptr as *mut i32,
         rows_q: rows_q as i32,
         exact_one_key: i32::from(softmax == Softmax::Whole),
@@ -131,7 +168,7 @@ pub(crate) fn run(
         }
         launch(&m.kernels["flash_bwd_convert_dq"], "flash_bwd_convert_dq", cs, rows_grid, 256, 0, &params)?;
     }
-    // The scratch buffers are freed in stream order when dropped here.
-    drop((dpsum, lse_log2, dq_accum, sem));
+    // An owned workspace is freed in stream order when dropped here.
+    drop(owned);
     Ok(())
 }

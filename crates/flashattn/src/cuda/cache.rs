@@ -161,9 +161,23 @@ pub fn get_or_compile(v: &Variant, arch: &str) -> Result<(Compiled, Origin)> {
     if let Some(c) = read(&p) {
         return Ok((c, Origin::Disk));
     }
+    if let Some(hook) = COMPILE_HOOK.get() {
+        hook(&format!("{v} for {arch}"), &p);
+    }
     let c = compile::compile(v, arch)?;
     let _ = write(&p, &c);
     Ok((c, Origin::Compiled))
+}
+
+/// Called before each kernel compile that the disk cache could not serve.
+type CompileHook = Box<dyn Fn(&str, &Path) + Send + Sync>;
+static COMPILE_HOOK: std::sync::OnceLock<CompileHook> = std::sync::OnceLock::new();
+
+/// Sets (once per process) a function called before every kernel compile that the disk cache could not
+/// serve, with the variant's name and the cache file it will be written to: an embedding tells its user why
+/// the first call of a new kernel variant pauses. Returns false if a hook was already set.
+pub fn set_compile_hook(hook: impl Fn(&str, &Path) + Send + Sync + 'static) -> bool {
+    COMPILE_HOOK.set(Box::new(hook)).is_ok()
 }
 
 /// The cache's entries: `(file name, bytes)`, sorted by name.

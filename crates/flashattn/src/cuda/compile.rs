@@ -538,17 +538,72 @@ pub struct Compiled {
     pub log: String,
 }
 
-/// Whether libnvrtc can be loaded here. A positive answer is remembered (the probe tries many library names
-/// and costs on the order of 100 us, which every launch path would otherwise pay).
+/// Folders an embedding adds to the NVRTC search ([`add_nvrtc_dirs`]).
+static NVRTC_DIRS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+/// Where libnvrtc was found: `None` until found, then the file (or "the loader path").
+static NVRTC_FOUND_AT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Adds folders to search for libnvrtc after the loader path (an embedding that ships or finds a copy: the
+/// Python package passes the `lib` folders of the NVIDIA wheels installed beside PyTorch). Call before the
+/// first kernel is needed.
+pub fn add_nvrtc_dirs(dirs: &[std::path::PathBuf]) {
+    NVRTC_DIRS.lock().unwrap_or_else(|e| e.into_inner()).extend(dirs.iter().cloned());
+}
+
+/// Where libnvrtc was found (a file, or "the loader path"), once a kernel compile or [`nvrtc_present`] has
+/// looked for it.
+pub fn nvrtc_location() -> Option<String> {
+    NVRTC_FOUND_AT.get().cloned()
+}
+
+/// The one search for libnvrtc, in order: the loader path (libraries already loaded, `LD_LIBRARY_PATH`, the
+/// system's), then each folder of [`add_nvrtc_dirs`] (`libnvrtc.so.<major>`, then `libnvrtc.so`). A copy found
+/// in a folder is loaded with global symbols and kept loaded, so the bindings' own lookup by name finds it.
+fn find_nvrtc() -> Option<String> {
+    // SAFETY: only opens the library.
+    if std::panic::catch_unwind(|| unsafe { nv::is_culib_present() }).unwrap_or(false) {
+        return Some("the loader path".into());
+    }
+    let dirs = NVRTC_DIRS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for dir in dirs {
+        for name in ["libnvrtc.so.13", "libnvrtc.so"] {
+            let path = dir.join(name);
+            if !path.is_file() {
+                continue;
+            }
+            // SAFETY: loading NVRTC runs no initialisers with preconditions; the handle is leaked on purpose
+            // (the library stays loaded for the process's life).
+            let lib = unsafe {
+                libloading::os::unix::Library::open(
+                    Some(&path),
+                    libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+                )
+            };
+            if let Ok(lib) = lib {
+                std::mem::forget(lib);
+                // SAFETY: as above.
+                if std::panic::catch_unwind(|| unsafe { nv::is_culib_present() }).unwrap_or(false) {
+                    return Some(path.display().to_string());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Whether libnvrtc can be loaded here ([`find_nvrtc`]'s order). A positive answer is remembered (the probe
+/// tries many library names and costs on the order of 100 us, which every launch path would otherwise pay).
 pub fn nvrtc_present() -> bool {
-    static FOUND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if FOUND.load(std::sync::atomic::Ordering::Relaxed) {
+    if NVRTC_FOUND_AT.get().is_some() {
         return true;
     }
-    // SAFETY: only tries to open the library; a panic (none expected) is caught.
-    let found = std::panic::catch_unwind(|| unsafe { nv::is_culib_present() }).unwrap_or(false);
-    FOUND.store(found, std::sync::atomic::Ordering::Relaxed);
-    found
+    match find_nvrtc() {
+        Some(at) => {
+            let _ = NVRTC_FOUND_AT.set(at);
+            true
+        }
+        None => false,
+    }
 }
 
 fn nvrtc_unavailable() -> Error {

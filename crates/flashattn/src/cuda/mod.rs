@@ -9,13 +9,15 @@
 //!
 //! Entry points: [`forward_host`]/[`backward_host`]/[`kvcache_forward_host`] take host tensors (what
 //! [`crate::forward_on`] uses); [`forward_raw`]/[`backward_raw`] take a framework's device pointers and
-//! stream; [`DeviceAttention`] keeps one problem in device memory and times its kernels (for benchmarks);
+//! stream; [`forward_device`]/[`backward_device`] also take the metadata in device memory and a caller's
+//! workspace (no allocation, copy or synchronisation: what PyTorch and CUDA graphs need); [`DeviceAttention`] keeps one problem in device memory and times its kernels (for benchmarks);
 //! [`precompile`] fills the cache without a GPU.
 
 pub(crate) mod bwd;
 mod bwd_sm90;
 pub mod cache;
 pub mod compile;
+mod framework;
 mod fwd;
 mod fwd_sm90;
 pub mod kvcache;
@@ -30,6 +32,9 @@ pub use compile::{KernelUsage, Pass, Variant};
 /// The CUDA bindings this backend is built on (for callers of [`forward_raw`] that need a context or a
 /// stream, and for tests).
 pub use cudarc;
+pub use framework::{
+    backward_device, backward_workspace_bytes, forward_device, BackwardTensors, DeviceMeta, DeviceVarlen, ForwardTensors,
+};
 pub use fwd_sm90::{path_override, sm90_forward_launches, sm90_head_dim, sm90_tile};
 pub use kvcache::{
     kvcache_forward_host, kvcache_forward_raw, kvcache_splits, kvcache_workspace_bytes, DeviceKvCache, DeviceRotary,
@@ -185,7 +190,7 @@ pub fn backward_host(
         };
         aux.fill(s, &mut a.fwd);
         let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
-        bwd::run(&gpu, s, &p, &a, aligned, opts.deterministic, bwd::Softmax::Whole)?;
+        bwd::run(&gpu, s, &p, &a, aligned, opts.deterministic, bwd::Softmax::Whole, None)?;
         let g = Gradients { dq: download(s, &gq)?, dk: download(s, &gk)?, dv: download(s, &gv)? };
         drop((tq, tk, tv, to, tdo, tlse, aux));
         Ok(g)
@@ -335,7 +340,7 @@ pub(crate) unsafe fn backward_raw_of(
         };
         aux.fill(&s, &mut a.fwd);
         let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
-        bwd::run(&gpu, &s, &p, &a, aligned, opts.deterministic, softmax)?;
+        bwd::run(&gpu, &s, &p, &a, aligned, opts.deterministic, softmax, None)?;
         drop(aux);
         Ok(())
     })

@@ -203,7 +203,7 @@ impl DeviceAttention {
                 super::launch::zero(b.dk.base(s), b.dk.bytes(), s.cu_stream())?;
                 super::launch::zero(b.dv.base(s), b.dv.bytes(), s.cu_stream())?;
             }
-            bwd::run(&self.gpu, s, &self.p, &a, aligned, self.deterministic, bwd::Softmax::Whole)
+            bwd::run(&self.gpu, s, &self.p, &a, aligned, self.deterministic, bwd::Softmax::Whole, None)
         })
     }
 

@@ -198,7 +198,7 @@ impl Gpu {
 pub fn describe() -> (bool, String) {
     let cache_dir = cache::dir();
     let nv = match compile::nvrtc_version() {
-        Ok((a, b)) => format!("NVRTC {a}.{b}"),
+        Ok((a, b)) => format!("NVRTC {a}.{b} from {}", compile::nvrtc_location().unwrap_or_else(|| "?".into())),
         Err(_) => "NVRTC not found".into(),
     };
     let (ver, count) = match init_driver() {

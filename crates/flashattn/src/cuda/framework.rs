@@ -1,0 +1,294 @@
+//! Entry points for frameworks (PyTorch, candle): every tensor, the varlen offsets, `seqused_k` and the ALiBi
+//! slopes are device memory the caller owns, and the backward's scratch lives in the caller's workspace.
+//! Nothing here allocates, copies metadata to or from the host, or synchronises, so a call can be captured in
+//! a CUDA graph (once its kernels are loaded: run it once before capture).
+//!
+//! The kernels read the metadata where they need it; the host knows only shapes and the two maximum
+//! sequence lengths, which size the grid (as in FlashAttention-2's `max_seqlen_q`/`max_seqlen_k`).
+
+use super::bwd::{self, BwdArgs};
+use super::fwd::{self, FwdArgs};
+use super::kvcache::DeviceWorkspace;
+use super::launch;
+use super::runtime::{self, dev_err};
+use super::tensor::DeviceTensorRef;
+use super::{all_aligned, extent_bytes, raw_problem, require_half};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::options::{AttnOptions, VarLen};
+use crate::problem::{Alibi, Problem};
+use crate::tensor::Layout;
+
+/// Variable-length batches with the offsets in device memory: `q` is `[total_q, h, d]`, `k`/`v` `[total_k, hk,
+/// d]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceVarlen {
+    /// `i32 [b + 1]`: sequence `i`'s queries are rows `cu_seqlens_q[i]..cu_seqlens_q[i + 1]`.
+    pub cu_seqlens_q: DeviceTensorRef,
+    /// `i32 [b + 1]`, likewise for keys and values.
+    pub cu_seqlens_k: DeviceTensorRef,
+    /// `i32 [b]`: only the first `seqused_k[i]` keys of sequence `i` are used.
+    pub seqused_k: Option<DeviceTensorRef>,
+    /// The longest query sequence (sizes the grid: longer sequences are cut short there).
+    pub max_seqlen_q: usize,
+    /// The longest key sequence.
+    pub max_seqlen_k: usize,
+}
+
+/// Per-call metadata in device memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceMeta {
+    /// Variable-length batches (instead of [`AttnOptions::varlen`], which is host memory).
+    pub varlen: Option<DeviceVarlen>,
+    /// ALiBi slopes, `f32 [h]` or `[b, h]` (instead of [`AttnOptions::alibi_slopes`]).
+    pub alibi_slopes: Option<DeviceTensorRef>,
+}
+
+/// The tensors of a forward call: inputs `q`, `k`, `v`; outputs `o` (q's shape, its own strides) and `lse`
+/// (`f32`, contiguous `[b, h, sq]`, varlen `[h, total_q]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardTensors<'a> {
+    /// Queries.
+    pub q: &'a DeviceTensorRef,
+    /// Keys.
+    pub k: &'a DeviceTensorRef,
+    /// Values.
+    pub v: &'a DeviceTensorRef,
+    /// Output.
+    pub o: &'a DeviceTensorRef,
+    /// Log-sum-exp of each row's scores.
+    pub lse: &'a DeviceTensorRef,
+}
+
+/// The tensors of a backward call: the forward's inputs and outputs, `dout`, and the gradients written
+/// (`dq`, `dk`, `dv` with their own strides; key rows past `seqused_k` are not written).
+#[derive(Debug, Clone, Copy)]
+pub struct BackwardTensors<'a> {
+    /// The forward's tensors (`o` and `lse` as it wrote them).
+    pub fwd: ForwardTensors<'a>,
+    /// Gradient of the output.
+    pub dout: &'a DeviceTensorRef,
+    /// Gradient of `q`.
+    pub dq: &'a DeviceTensorRef,
+    /// Gradient of `k`.
+    pub dk: &'a DeviceTensorRef,
+    /// Gradient of `v`.
+    pub dv: &'a DeviceTensorRef,
+}
+
+fn check_meta_vec(arg: &'static str, t: &DeviceTensorRef, dtype: DType, shape: &[usize]) -> Result<()> {
+    t.check(arg, shape, dtype, false)?;
+    if shape.iter().product::<usize>() > 1 && t.strides != Layout::contiguous(shape).strides {
+        return Err(Error::invalid(arg, "a contiguous tensor", format!("strides {:?}", t.strides)));
+    }
+    Ok(())
+}
+
+/// Validates a call whose metadata is in device memory: shapes, dtypes and options as
+/// [`crate::problem::validate`] does, and the metadata's shapes and dtypes. Values in device memory are the
+/// kernels' to read.
+pub(crate) fn device_problem(
+    q: &DeviceTensorRef,
+    k: &DeviceTensorRef,
+    v: &DeviceTensorRef,
+    opts: &AttnOptions,
+    meta: &DeviceMeta,
+) -> Result<Problem> {
+    if meta.varlen.is_some() && opts.varlen.is_some() {
+        return Err(Error::invalid("varlen", "offsets in device memory or in the options, not both", "both"));
+    }
+    if meta.alibi_slopes.is_some() && opts.alibi_slopes.is_some() {
+        return Err(Error::invalid("alibi_slopes", "slopes in device memory or in the options, not both", "both"));
+    }
+    let mut host = opts.clone();
+    let mut batch_of_varlen = None;
+    if let Some(vl) = &meta.varlen {
+        let entries = vl.cu_seqlens_q.shape.first().copied().unwrap_or(0);
+        if vl.cu_seqlens_q.shape.len() != 1 || entries == 0 {
+            return Err(Error::invalid(
+                "cu_seqlens_q",
+                "an i32 vector of batch + 1 >= 1 entries",
+                format!("shape {:?}", vl.cu_seqlens_q.shape),
+            ));
+        }
+        let b = entries - 1;
+        check_meta_vec("cu_seqlens_q", &vl.cu_seqlens_q, DType::I32, &[b + 1])?;
+        check_meta_vec("cu_seqlens_k", &vl.cu_seqlens_k, DType::I32, &[b + 1])?;
+        if let Some(u) = &vl.seqused_k {
+            check_meta_vec("seqused_k", u, DType::I32, &[b])?;
+        }
+        if q.shape.len() != 3 || k.shape.len() != 3 {
+            return Err(Error::invalid("q", "rank 3 [total, heads, d] (varlen)", format!("shape {:?}", q.shape)));
+        }
+        // Host stand-ins that pass validation: every row in the first sequence. Only their shapes matter.
+        let stand_in = |total: usize| -> Vec<i32> {
+            let mut cu = vec![total as i32; b + 1];
+            cu[0] = 0;
+            cu
+        };
+        if q.shape[0] > i32::MAX as usize || k.shape[0] > i32::MAX as usize {
+            return Err(Error::invalid("q", format!("at most {} rows", i32::MAX), q.shape[0].max(k.shape[0])));
+        }
+        host.varlen =
+            Some(VarLen { cu_seqlens_q: stand_in(q.shape[0]), cu_seqlens_k: stand_in(k.shape[0]), seqused_k: None });
+        batch_of_varlen = Some(b);
+    }
+    let mut per_batch = false;
+    if let Some(a) = &meta.alibi_slopes {
+        let h = q.shape.get(q.shape.len().wrapping_sub(2)).copied().unwrap_or(0);
+        let b = batch_of_varlen.unwrap_or_else(|| q.shape.first().copied().unwrap_or(0));
+        match a.shape.as_slice() {
+            [n] if *n == h => {}
+            [bb, n] if *bb == b && *n == h => per_batch = true,
+            s => {
+                return Err(Error::invalid("alibi_slopes", format!("shape [{h}] or [{b}, {h}]"), format!("{s:?}")))
+            }
+        }
+        check_meta_vec("alibi_slopes", a, DType::F32, &a.shape.clone())?;
+        host.alibi_slopes = None;
+    }
+    let mut p = raw_problem(q, k, v, &host)?;
+    if meta.alibi_slopes.is_some() {
+        p.alibi = Some(Alibi { slopes: Vec::new(), per_batch });
+    }
+    if let Some(vl) = &meta.varlen {
+        let (sq, sk) = (vl.max_seqlen_q.min(p.total_q), vl.max_seqlen_k.min(p.total_k));
+        p.seqlen_q = vec![sq; p.batch];
+        p.seqlen_k = vec![sk; p.batch];
+        p.cu_seqlens = None;
+        // The paths that read seqused_k are chosen by its presence; its values stay on the device.
+        p.seqused_k = vl.seqused_k.as_ref().map(|_| Vec::new());
+    }
+    require_half(&p)?;
+    Ok(p)
+}
+
+fn meta_ptrs(meta: &DeviceMeta, a: &mut FwdArgs) {
+    if let Some(vl) = &meta.varlen {
+        a.cu_q = vl.cu_seqlens_q.ptr;
+        a.cu_k = vl.cu_seqlens_k.ptr;
+        a.seqused_k = vl.seqused_k.as_ref().map_or(0, |t| t.ptr);
+    }
+    a.alibi = meta.alibi_slopes.as_ref().map_or(0, |t| t.ptr);
+}
+
+fn check_lse(lse: &DeviceTensorRef, p: &Problem, output: bool) -> Result<()> {
+    lse.check("lse", &p.lse_shape(), DType::F32, output)?;
+    if lse.strides != Layout::contiguous(&p.lse_shape()).strides {
+        return Err(Error::invalid("lse", "a contiguous tensor", format!("strides {:?}", lse.strides)));
+    }
+    Ok(())
+}
+
+/// Forward pass over device memory the caller owns, metadata included, on the caller's stream.
+///
+/// # Safety
+/// Every pointer (tensors and metadata) must be device memory of CUDA device `n` (primary context) covering
+/// its shape and strides; the varlen offsets must be non-decreasing, start at 0 and end at the tensors' row
+/// counts; `stream` must be a stream of that context or null; the caller keeps the memory alive and the
+/// outputs unaliased until the stream has run the kernels.
+pub unsafe fn forward_device(
+    n: usize,
+    stream: *mut std::ffi::c_void,
+    t: ForwardTensors<'_>,
+    opts: &AttnOptions,
+    meta: &DeviceMeta,
+) -> Result<()> {
+    let p = device_problem(t.q, t.k, t.v, opts, meta)?;
+    t.o.check("o", &p.o_shape(), p.dtype, true)?;
+    check_lse(t.lse, &p, true)?;
+    let gpu = runtime::gpu(n)?;
+    runtime::guard("the CUDA forward", || {
+        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        let s = stream as cudarc::driver::sys::CUstream;
+        let mut a = FwdArgs {
+            q: t.q.view(),
+            k: t.k.view(),
+            v: t.v.view(),
+            o: t.o.view(),
+            lse: t.lse.ptr,
+            ..Default::default()
+        };
+        meta_ptrs(meta, &mut a);
+        if launch::poison_outputs() {
+            launch::poison(t.o.ptr, extent_bytes(t.o), s)?;
+            launch::poison(t.lse.ptr, extent_bytes(t.lse), s)?;
+        }
+        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], p.dtype.size());
+        fwd::run(&gpu, s, &p, &a, aligned)
+    })
+}
+
+/// Bytes of workspace a [`backward_device`] call of these shapes and options needs (a pure function of the
+/// shapes: no device is touched).
+pub fn backward_workspace_bytes(
+    q: &DeviceTensorRef,
+    k: &DeviceTensorRef,
+    v: &DeviceTensorRef,
+    opts: &AttnOptions,
+    meta: &DeviceMeta,
+) -> Result<usize> {
+    let p = device_problem(q, k, v, opts, meta)?;
+    Ok(bwd::workspace_layout(&p, opts.deterministic)?.bytes)
+}
+
+/// Backward pass over device memory the caller owns, on the caller's stream, with the scratch buffers in
+/// `workspace` (at least [`backward_workspace_bytes`], 256-byte aligned; its contents need not be zero).
+///
+/// # Safety
+/// As for [`forward_device`], and `workspace` is device memory of that device used by nothing else until the
+/// stream has run the kernels.
+pub unsafe fn backward_device(
+    n: usize,
+    stream: *mut std::ffi::c_void,
+    t: BackwardTensors<'_>,
+    opts: &AttnOptions,
+    meta: &DeviceMeta,
+    workspace: DeviceWorkspace,
+) -> Result<()> {
+    let f = t.fwd;
+    let p = device_problem(f.q, f.k, f.v, opts, meta)?;
+    f.o.check("o", &p.o_shape(), p.dtype, false)?;
+    t.dout.check("dout", &p.o_shape(), p.dtype, false)?;
+    check_lse(f.lse, &p, false)?;
+    t.dq.check("dq", &f.q.shape, p.dtype, true)?;
+    t.dk.check("dk", &f.k.shape, p.dtype, true)?;
+    t.dv.check("dv", &f.v.shape, p.dtype, true)?;
+    let need = bwd::workspace_layout(&p, opts.deterministic)?.bytes;
+    if workspace.bytes < need || workspace.ptr % 256 != 0 || workspace.ptr == 0 {
+        return Err(Error::invalid(
+            "workspace",
+            format!("at least {need} bytes at a 256-byte aligned address"),
+            format!("{} bytes at {:#x}", workspace.bytes, workspace.ptr),
+        ));
+    }
+    let gpu = runtime::gpu(n)?;
+    runtime::guard("the CUDA backward", || {
+        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        let s = gpu.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
+        let mut a = BwdArgs {
+            fwd: FwdArgs {
+                q: f.q.view(),
+                k: f.k.view(),
+                v: f.v.view(),
+                o: f.o.view(),
+                lse: f.lse.ptr,
+                ..Default::default()
+            },
+            dout: t.dout.view(),
+            dq: t.dq.view(),
+            dk: t.dk.view(),
+            dv: t.dv.view(),
+        };
+        meta_ptrs(meta, &mut a.fwd);
+        if launch::poison_outputs() {
+            // Key rows past seqused_k are left as the caller had them.
+            let grads = if p.seqused_k.is_some() { vec![t.dq] } else { vec![t.dq, t.dk, t.dv] };
+            for g in grads {
+                launch::poison(g.ptr, extent_bytes(g), s.cu_stream())?;
+            }
+        }
+        let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
+        bwd::run(&gpu, &s, &p, &a, aligned, opts.deterministic, bwd::Softmax::Whole, Some(workspace.ptr))
+    })
+}

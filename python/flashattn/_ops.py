@@ -1,0 +1,268 @@
+"""The three operators (`torch.library`, namespace ``flashattn``) behind the public functions.
+
+Each op has a real implementation (the Rust extension over the tensors' own memory), a fake one (shapes only,
+for ``torch.compile`` and meta tensors) and, for the forward, an autograd formula. Tensors are handed to the
+extension as ``(address, dtype, shape, strides)``: nothing is copied, and on CUDA the call runs on the
+tensors' device and that device's current stream, with every piece of metadata read from device memory and
+scratch from torch's caching allocator.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from . import _flashattn as _ext
+
+_log = logging.getLogger("flashattn")
+
+_DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.int32: "i32"}
+
+
+def _desc(t: torch.Tensor, name: str):
+    dt = _DTYPES.get(t.dtype)
+    if dt is None:
+        raise TypeError(
+            f"invalid argument `{name}`: expected dtype float16, bfloat16, float32 (CPU only) or int32 "
+            f"(metadata), got {t.dtype}"
+        )
+    return (t.data_ptr(), dt, tuple(t.shape), tuple(t.stride()))
+
+
+def _opt(t: Optional[torch.Tensor], name: str):
+    return None if t is None else _desc(t, name)
+
+
+def _device(t: torch.Tensor) -> int:
+    return -1 if t.device.type == "cpu" else t.device.index
+
+
+def _stream(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _check_device(ref: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    """Every tensor on `ref`'s device (a CPU tensor of metadata with CUDA `q` is refused too)."""
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(
+                f"invalid argument `{name}`: expected a tensor on {ref.device} (as q), got one on {t.device}"
+            )
+
+
+def _lse_shape(q: torch.Tensor, varlen: bool):
+    if varlen:
+        return (q.shape[1], q.shape[0])
+    return (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _opts(scale, causal, wl, wr, softcap, deterministic=False):
+    return (None if scale is None else float(scale), bool(causal), int(wl), int(wr), float(softcap), bool(deterministic))
+
+
+def _varlen(cu_q, cu_k, seqused_k, max_sq, max_sk):
+    if cu_q is None:
+        return None
+    return (_desc(cu_q, "cu_seqlens_q"), _desc(cu_k, "cu_seqlens_k"), _opt(seqused_k, "seqused_k"), int(max_sq), int(max_sk))
+
+
+# --- forward -------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("flashattn::fwd", mutates_args=())
+def fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alibi_slopes: Optional[torch.Tensor],
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    seqused_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: Optional[float],
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    varlen = cu_seqlens_q is not None
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(_lse_shape(q, varlen), dtype=torch.float32, device=q.device)
+    _ext.fwd(
+        _device(q),
+        _stream(q),
+        _desc(q, "q"),
+        _desc(k, "k"),
+        _desc(v, "v"),
+        _desc(out, "out"),
+        _desc(lse, "softmax_lse"),
+        _opts(softmax_scale, causal, window_left, window_right, softcap),
+        _opt(alibi_slopes, "alibi_slopes"),
+        _varlen(cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k),
+    )
+    return out, lse
+
+
+@fwd.register_fake
+def _fwd_fake(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+              softmax_scale, causal, window_left, window_right, softcap, deterministic):
+    varlen = cu_seqlens_q is not None
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(_lse_shape(q, varlen), dtype=torch.float32)
+    return out, lse
+
+
+# --- backward ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("flashattn::bwd", mutates_args=())
+def bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    alibi_slopes: Optional[torch.Tensor],
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    seqused_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: Optional[float],
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # Key rows past seqused_k get no gradient: they stay zero.
+    make = torch.zeros if seqused_k is not None else torch.empty
+    dk = make(k.shape, dtype=k.dtype, device=k.device)
+    dv = make(v.shape, dtype=v.dtype, device=v.device)
+    opts = _opts(softmax_scale, causal, window_left, window_right, softcap, deterministic)
+    alibi = _opt(alibi_slopes, "alibi_slopes")
+    vl = _varlen(cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
+    dev = _device(q)
+    qd, kd, vd = _desc(q, "q"), _desc(k, "k"), _desc(v, "v")
+    ws_bytes = _ext.bwd_workspace_bytes(dev, qd, kd, vd, opts, alibi, vl)
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=q.device) if ws_bytes else None
+    _ext.bwd(
+        dev,
+        _stream(q),
+        [qd, kd, vd, _desc(out, "out"), _desc(lse, "softmax_lse"), _desc(dout, "dout"),
+         _desc(dq, "dq"), _desc(dk, "dk"), _desc(dv, "dv")],
+        opts,
+        alibi,
+        vl,
+        (0, 0) if ws is None else (ws.data_ptr(), ws_bytes),
+    )
+    return dq, dk, dv
+
+
+@bwd.register_fake
+def _bwd_fake(dout, q, k, v, out, lse, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fwd_setup(ctx, inputs, output):
+    (q, k, v, alibi, cu_q, cu_k, used, max_sq, max_sk, scale, causal, wl, wr, softcap, deterministic) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, alibi, cu_q, cu_k, used)
+    ctx.args = (max_sq, max_sk, scale, causal, wl, wr, softcap, deterministic)
+
+
+def _fwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, alibi, cu_q, cu_k, used = ctx.saved_tensors
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, alibi, cu_q, cu_k, used, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+# --- KV cache ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("flashattn::kvcache", mutates_args=("k_cache", "v_cache"))
+def kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor],
+    v: Optional[torch.Tensor],
+    cache_seqlens: torch.Tensor,
+    block_table: Optional[torch.Tensor],
+    cache_batch_idx: Optional[torch.Tensor],
+    cache_leftpad: Optional[torch.Tensor],
+    rotary_cos: Optional[torch.Tensor],
+    rotary_sin: Optional[torch.Tensor],
+    rotary_interleaved: bool,
+    alibi_slopes: Optional[torch.Tensor],
+    softmax_scale: Optional[float],
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(_lse_shape(q, False), dtype=torch.float32, device=q.device)
+    rotary = None
+    if rotary_cos is not None:
+        rotary = (_desc(rotary_cos, "rotary_cos"), _desc(rotary_sin, "rotary_sin"), bool(rotary_interleaved))
+    kv = (
+        _desc(k_cache, "k_cache"),
+        _desc(v_cache, "v_cache"),
+        _opt(k, "k"),
+        _opt(v, "v"),
+        _desc(cache_seqlens, "cache_seqlens"),
+        _opt(block_table, "block_table"),
+        _opt(cache_batch_idx, "cache_batch_idx"),
+        _opt(cache_leftpad, "cache_leftpad"),
+        rotary,
+    )
+    opts = _opts(softmax_scale, causal, window_left, window_right, softcap)
+    alibi = _opt(alibi_slopes, "alibi_slopes")
+    dev = _device(q)
+    qd, od, ld = _desc(q, "q"), _desc(out, "out"), _desc(lse, "softmax_lse")
+    ws_bytes = _ext.kvcache_workspace_bytes(dev, qd, kv, od, ld, opts, alibi)
+    # The kernels need a zeroed workspace (split counters and the status word) at every call.
+    ws = torch.zeros(ws_bytes, dtype=torch.uint8, device=q.device) if ws_bytes else None
+    _ext.kvcache(dev, _stream(q), qd, kv, od, ld, opts, alibi, (0, 0) if ws is None else (ws.data_ptr(), ws_bytes))
+    return out, lse
+
+
+@kvcache.register_fake
+def _kvcache_fake(q, k_cache, v_cache, *args):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, False), dtype=torch.float32)
+
+
+# --- first-call compile notice --------------------------------------------------------------------------------
+
+_compiles = 0
+
+
+def _on_compile(variant: str, cache_file: str) -> None:
+    global _compiles
+    _compiles += 1
+    if _compiles == 1:
+        _log.warning(
+            "flashattn: compiling the kernel %s with NVRTC (first use of this variant, about a second; cached in "
+            "%s for later runs). flashattn.precompile() fills the cache ahead of time.",
+            variant,
+            cache_file.rsplit("/", 1)[0],
+        )
+    else:
+        _log.info("flashattn: compiling the kernel %s", variant)
+
+
+_ext.set_compile_hook(_on_compile)

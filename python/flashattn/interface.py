@@ -1,0 +1,225 @@
+"""FlashAttention-2's public functions, with its argument names, order, defaults, layouts and return values.
+
+Tensors are ``(batch, seqlen, nheads, headdim)``; variable-length batches pack sequences as ``(total, nheads,
+headdim)`` with ``int32`` ``cu_seqlens`` of ``batch + 1`` offsets (on q's device) and Python-int
+``max_seqlen``. CUDA tensors must be float16 or bfloat16; CPU tensors may also be float32. The causal mask is
+aligned to the bottom-right corner; ``window_size=(left, right)`` with ``-1`` for an unbounded side.
+
+What this package adds to FlashAttention-2: any head dim 1..256 (not only multiples of 8), any page size for
+paged KV caches, ``seqused_k`` on the varlen functions, ``page_table`` as FlashAttention-3's name for
+``block_table``, and the CPU backend for CPU tensors. Not there yet: dropout (``dropout_p > 0`` raises
+``NotImplementedError``), a paged KV cache in the varlen functions, and ``num_splits`` (accepted; the library
+chooses the split count).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _ops
+
+
+def _no_dropout(dropout_p: float) -> None:
+    if dropout_p != 0.0:
+        raise NotImplementedError(
+            f"dropout is not implemented in flashattn yet: expected dropout_p=0.0, got {dropout_p}"
+        )
+
+
+def _window(causal: bool, window_size: Sequence[int]):
+    try:
+        left, right = (int(x) for x in window_size)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"invalid argument `window_size`: expected a pair (left, right) of ints, got {window_size!r}"
+        ) from None
+    return left, right
+
+
+def _check_qkv(q, k, v, rank: int) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"invalid argument `{name}`: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            layout = "(batch, seqlen, nheads, headdim)" if rank == 4 else "(total, nheads, headdim) (varlen)"
+            raise ValueError(f"invalid argument `{name}`: expected rank {rank} {layout}, got shape {tuple(t.shape)}")
+    _ops._check_device(q, k=k, v=v)
+
+
+def _last_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # FlashAttention's rule: only the last dim must be contiguous; any other stride pattern runs as it is.
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _attention(q, k, v, cu_q, cu_k, used, max_sq, max_sk, softmax_scale, causal, window_size, softcap, alibi_slopes,
+               deterministic, return_attn_probs):
+    wl, wr = _window(causal, window_size)
+    _ops._check_device(q, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=used)
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    out, lse = _ops.fwd(q, k, v, alibi_slopes, cu_q, cu_k, used, int(max_sq), int(max_sk), softmax_scale,
+                        bool(causal), wl, wr, float(softcap), bool(deterministic))
+    if return_attn_probs:
+        # FlashAttention-2 returns the dropout mask's probabilities only with dropout (none here).
+        return out, lse, None
+    return out
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Attention over ``q`` ``(batch, seqlen_q, nheads, headdim)`` and ``k``, ``v`` ``(batch, seqlen_k,
+    nheads_k, headdim)`` (``nheads % nheads_k == 0``: MQA/GQA).
+
+    ``alibi_slopes``: float32 ``(nheads,)`` or ``(batch, nheads)``. ``softcap > 0`` caps scores as
+    ``softcap * tanh(s / softcap)``. ``deterministic``: the backward is bit-reproducible.
+
+    Returns ``out`` ``(batch, seqlen_q, nheads, headdim)``; with ``return_attn_probs=True``, ``(out,
+    softmax_lse, None)`` with ``softmax_lse`` float32 ``(batch, nheads, seqlen_q)``.
+    """
+    _no_dropout(dropout_p)
+    _check_qkv(q, k, v, 4)
+    return _attention(q, k, v, None, None, None, 0, 0, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      deterministic, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``flash_attn_func`` with ``qkv`` packed as ``(batch, seqlen, 3, nheads, headdim)`` (the three are read in
+    place: no copy)."""
+    _no_dropout(dropout_p)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(
+            f"invalid argument `qkv`: expected shape (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}"
+        )
+    q, k, v = qkv.unbind(dim=2)
+    return _attention(q, k, v, None, None, None, 0, 0, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``flash_attn_func`` with ``kv`` packed as ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
+    _no_dropout(dropout_p)
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(
+            f"invalid argument `kv`: expected shape (batch, seqlen_k, 2, nheads_k, headdim), got {tuple(kv.shape)}"
+        )
+    k, v = kv.unbind(dim=2)
+    _check_qkv(q, k, v, 4)
+    return _attention(q, k, v, None, None, None, 0, 0, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      deterministic, return_attn_probs)
+
+
+def _check_cu(name: str, cu) -> None:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"invalid argument `{name}`: expected an int32 torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"invalid argument `{name}`: expected dtype int32, got {cu.dtype}")
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, seqused_k=None):
+    """Attention over variable-length sequences packed as ``q`` ``(total_q, nheads, headdim)``, ``k``, ``v``
+    ``(total_k, nheads_k, headdim)``; ``cu_seqlens_q``/``cu_seqlens_k`` int32 ``(batch + 1,)`` offsets on q's
+    device; ``max_seqlen_q``/``max_seqlen_k`` Python ints (the longest sequences). ``seqused_k`` (int32
+    ``(batch,)``, an addition): only the first ``seqused_k[i]`` keys of sequence ``i`` are used.
+
+    Returns ``out`` ``(total_q, nheads, headdim)``; with ``return_attn_probs=True``, ``(out, softmax_lse, None)``
+    with ``softmax_lse`` float32 ``(nheads, total_q)``.
+    """
+    _no_dropout(dropout_p)
+    if block_table is not None:
+        raise NotImplementedError("a paged KV cache (block_table) in flash_attn_varlen_func is not implemented yet")
+    _check_qkv(q, k, v, 3)
+    _check_cu("cu_seqlens_q", cu_seqlens_q)
+    _check_cu("cu_seqlens_k", cu_seqlens_k)
+    if seqused_k is not None:
+        _check_cu("seqused_k", seqused_k)
+    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                      causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """``flash_attn_varlen_func`` with ``qkv`` packed as ``(total, 3, nheads, headdim)``."""
+    _no_dropout(dropout_p)
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"invalid argument `qkv`: expected shape (total, 3, nheads, headdim), got {tuple(qkv.shape)}")
+    _check_cu("cu_seqlens", cu_seqlens)
+    q, k, v = qkv.unbind(dim=1)
+    return _attention(q, k, v, cu_seqlens, cu_seqlens, None, max_seqlen, max_seqlen, softmax_scale, causal,
+                      window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``flash_attn_varlen_func`` with ``kv`` packed as ``(total_k, 2, nheads_k, headdim)``."""
+    _no_dropout(dropout_p)
+    if kv.dim() != 4 or kv.shape[1] != 2:
+        raise ValueError(f"invalid argument `kv`: expected shape (total_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
+    k, v = kv.unbind(dim=1)
+    _check_qkv(q, k, v, 3)
+    _check_cu("cu_seqlens_q", cu_seqlens_q)
+    _check_cu("cu_seqlens_k", cu_seqlens_k)
+    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                      window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens: Optional[Union[int, torch.Tensor]] = None, cache_batch_idx=None,
+                            cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
+                            window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
+                            num_splits=0, return_softmax_lse=False, page_table=None):
+    """Attention of ``q`` ``(batch, seqlen_q, nheads, headdim)`` over a KV cache, appending ``k``/``v``
+    ``(batch, seqlen_new, nheads_k, headdim)`` in place first (at ``cache_seqlens``, rotated by
+    ``rotary_cos``/``rotary_sin`` ``(seqlen_ro, rotary_dim / 2)`` when given, q too).
+
+    ``k_cache``/``v_cache``: ``(batch_cache, seqlen_cache, nheads_k, headdim)``, or with ``block_table``
+    (int32 ``(batch, max_blocks)``; ``page_table`` is the same) ``(num_blocks, page_size, nheads_k, headdim)``
+    with any page size. ``cache_seqlens``: int or int32 ``(batch,)``, tokens already in the cache (``None``: the
+    whole cache). ``cache_batch_idx``, ``cache_leftpad``: int32 ``(batch,)``.
+
+    An append that would overflow a sequence's capacity is refused: on the CPU with ``ValueError``; on CUDA,
+    where the lengths live in device memory and are not read back, the kernel writes nothing to the cache and
+    the output is NaN. Returns ``out``, or ``(out, softmax_lse)`` with ``return_softmax_lse=True``
+    (``softmax_lse`` float32 ``(batch, nheads, seqlen_q)``).
+    """
+    if page_table is not None:
+        if block_table is not None:
+            raise ValueError("invalid argument `page_table`: expected it or `block_table`, not both")
+        block_table = page_table
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"invalid argument `{name}`: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"invalid argument `{name}`: expected rank 4, got shape {tuple(t.shape)}")
+    if (k is None) != (v is None):
+        raise ValueError("invalid argument `v`: expected `k` and `v` both given or both None")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("invalid argument `rotary_sin`: expected `rotary_cos` and `rotary_sin` both given or both None")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"invalid argument `{name}`: expected a contiguous last dimension (stride 1), got stride "
+                             f"{t.stride(-1)}")
+    batch = q.shape[0]
+    if cache_seqlens is None:
+        if block_table is not None:
+            full = block_table.shape[1] * k_cache.shape[1]
+        else:
+            full = k_cache.shape[1]
+        cache_seqlens = full
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    _ops._check_device(q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                       cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                       block_table=block_table, alibi_slopes=alibi_slopes)
+    wl, wr = _window(causal, window_size)
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    out, lse = _ops.kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad,
+                            rotary_cos, rotary_sin, bool(rotary_interleaved), alibi_slopes, softmax_scale,
+                            bool(causal), wl, wr, float(softcap))
+    return (out, lse) if return_softmax_lse else out
