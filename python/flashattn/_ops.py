@@ -61,13 +61,26 @@ def _lse_shape(q: torch.Tensor, varlen: bool):
 
 
 def _opts(scale, causal, wl, wr, softcap, deterministic=False):
-    return (None if scale is None else float(scale), bool(causal), int(wl), int(wr), float(softcap), bool(deterministic))
+    return (
+        None if scale is None else float(scale),
+        bool(causal),
+        int(wl),
+        int(wr),
+        float(softcap),
+        bool(deterministic),
+    )
 
 
 def _varlen(cu_q, cu_k, seqused_k, max_sq, max_sk):
     if cu_q is None:
         return None
-    return (_desc(cu_q, "cu_seqlens_q"), _desc(cu_k, "cu_seqlens_k"), _opt(seqused_k, "seqused_k"), int(max_sq), int(max_sk))
+    return (
+        _desc(cu_q, "cu_seqlens_q"),
+        _desc(cu_k, "cu_seqlens_k"),
+        _opt(seqused_k, "seqused_k"),
+        int(max_sq),
+        int(max_sk),
+    )
 
 
 # --- forward -------------------------------------------------------------------------------------------------
@@ -110,8 +123,23 @@ def fwd(
 
 
 @fwd.register_fake
-def _fwd_fake(q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-              softmax_scale, causal, window_left, window_right, softcap, deterministic):
+def _fwd_fake(
+    q,
+    k,
+    v,
+    alibi_slopes,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    seqused_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    softmax_scale,
+    causal,
+    window_left,
+    window_right,
+    softcap,
+    deterministic,
+):
     varlen = cu_seqlens_q is not None
     out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, varlen), dtype=torch.float32)
@@ -159,8 +187,17 @@ def bwd(
     _ext.bwd(
         dev,
         _stream(q),
-        [qd, kd, vd, _desc(out, "out"), _desc(lse, "softmax_lse"), _desc(dout, "dout"),
-         _desc(dq, "dq"), _desc(dk, "dk"), _desc(dv, "dv")],
+        [
+            qd,
+            kd,
+            vd,
+            _desc(out, "out"),
+            _desc(lse, "softmax_lse"),
+            _desc(dout, "dout"),
+            _desc(dq, "dq"),
+            _desc(dk, "dk"),
+            _desc(dv, "dv"),
+        ],
         opts,
         alibi,
         vl,

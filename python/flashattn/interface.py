@@ -53,21 +53,62 @@ def _last_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _attention(q, k, v, cu_q, cu_k, used, max_sq, max_sk, softmax_scale, causal, window_size, softcap, alibi_slopes,
-               deterministic, return_attn_probs):
+def _attention(
+    q,
+    k,
+    v,
+    cu_q,
+    cu_k,
+    used,
+    max_sq,
+    max_sk,
+    softmax_scale,
+    causal,
+    window_size,
+    softcap,
+    alibi_slopes,
+    deterministic,
+    return_attn_probs,
+):
     wl, wr = _window(causal, window_size)
     _ops._check_device(q, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=used)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
-    out, lse = _ops.fwd(q, k, v, alibi_slopes, cu_q, cu_k, used, int(max_sq), int(max_sk), softmax_scale,
-                        bool(causal), wl, wr, float(softcap), bool(deterministic))
+    out, lse = _ops.fwd(
+        q,
+        k,
+        v,
+        alibi_slopes,
+        cu_q,
+        cu_k,
+        used,
+        int(max_sq),
+        int(max_sk),
+        softmax_scale,
+        bool(causal),
+        wl,
+        wr,
+        float(softcap),
+        bool(deterministic),
+    )
     if return_attn_probs:
         # FlashAttention-2 returns the dropout mask's probabilities only with dropout (none here).
         return out, lse, None
     return out
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
     """Attention over ``q`` ``(batch, seqlen_q, nheads, headdim)`` and ``k``, ``v`` ``(batch, seqlen_k,
     nheads_k, headdim)`` (``nheads % nheads_k == 0``: MQA/GQA).
 
@@ -79,12 +120,36 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """
     _no_dropout(dropout_p)
     _check_qkv(q, k, v, 4)
-    return _attention(q, k, v, None, None, None, 0, 0, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                      deterministic, return_attn_probs)
+    return _attention(
+        q,
+        k,
+        v,
+        None,
+        None,
+        None,
+        0,
+        0,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+    )
 
 
-def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+def flash_attn_qkvpacked_func(
+    qkv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
     """``flash_attn_func`` with ``qkv`` packed as ``(batch, seqlen, 3, nheads, headdim)`` (the three are read in
     place: no copy)."""
     _no_dropout(dropout_p)
@@ -93,12 +158,37 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
             f"invalid argument `qkv`: expected shape (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}"
         )
     q, k, v = qkv.unbind(dim=2)
-    return _attention(q, k, v, None, None, None, 0, 0, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                      deterministic, return_attn_probs)
+    return _attention(
+        q,
+        k,
+        v,
+        None,
+        None,
+        None,
+        0,
+        0,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+    )
 
 
-def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+def flash_attn_kvpacked_func(
+    q,
+    kv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
     """``flash_attn_func`` with ``kv`` packed as ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
     _no_dropout(dropout_p)
     if kv.dim() != 5 or kv.shape[2] != 2:
@@ -107,8 +197,23 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
         )
     k, v = kv.unbind(dim=2)
     _check_qkv(q, k, v, 4)
-    return _attention(q, k, v, None, None, None, 0, 0, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                      deterministic, return_attn_probs)
+    return _attention(
+        q,
+        k,
+        v,
+        None,
+        None,
+        None,
+        0,
+        0,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+    )
 
 
 def _check_cu(name: str, cu) -> None:
@@ -118,9 +223,25 @@ def _check_cu(name: str, cu) -> None:
         raise TypeError(f"invalid argument `{name}`: expected dtype int32, got {cu.dtype}")
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None, seqused_k=None):
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+    seqused_k=None,
+):
     """Attention over variable-length sequences packed as ``q`` ``(total_q, nheads, headdim)``, ``k``, ``v``
     ``(total_k, nheads_k, headdim)``; ``cu_seqlens_q``/``cu_seqlens_k`` int32 ``(batch + 1,)`` offsets on q's
     device; ``max_seqlen_q``/``max_seqlen_k`` Python ints (the longest sequences). ``seqused_k`` (int32
@@ -137,43 +258,130 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_cu("cu_seqlens_k", cu_seqlens_k)
     if seqused_k is not None:
         _check_cu("seqused_k", seqused_k)
-    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                      causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+    return _attention(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        seqused_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+    )
 
 
-def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
-                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                                     return_attn_probs=False):
+def flash_attn_varlen_qkvpacked_func(
+    qkv,
+    cu_seqlens,
+    max_seqlen,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
     """``flash_attn_varlen_func`` with ``qkv`` packed as ``(total, 3, nheads, headdim)``."""
     _no_dropout(dropout_p)
     if qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"invalid argument `qkv`: expected shape (total, 3, nheads, headdim), got {tuple(qkv.shape)}")
     _check_cu("cu_seqlens", cu_seqlens)
     q, k, v = qkv.unbind(dim=1)
-    return _attention(q, k, v, cu_seqlens, cu_seqlens, None, max_seqlen, max_seqlen, softmax_scale, causal,
-                      window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+    return _attention(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_seqlens,
+        None,
+        max_seqlen,
+        max_seqlen,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+    )
 
 
-def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+def flash_attn_varlen_kvpacked_func(
+    q,
+    kv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
     """``flash_attn_varlen_func`` with ``kv`` packed as ``(total_k, 2, nheads_k, headdim)``."""
     _no_dropout(dropout_p)
     if kv.dim() != 4 or kv.shape[1] != 2:
-        raise ValueError(f"invalid argument `kv`: expected shape (total_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
+        raise ValueError(
+            f"invalid argument `kv`: expected shape (total_k, 2, nheads_k, headdim), got {tuple(kv.shape)}"
+        )
     k, v = kv.unbind(dim=1)
     _check_qkv(q, k, v, 3)
     _check_cu("cu_seqlens_q", cu_seqlens_q)
     _check_cu("cu_seqlens_k", cu_seqlens_k)
-    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                      window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+    return _attention(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        None,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+    )
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
-                            cache_seqlens: Optional[Union[int, torch.Tensor]] = None, cache_batch_idx=None,
-                            cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
-                            window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None,
-                            num_splits=0, return_softmax_lse=False, page_table=None):
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens: Optional[Union[int, torch.Tensor]] = None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+    page_table=None,
+):
     """Attention of ``q`` ``(batch, seqlen_q, nheads, headdim)`` over a KV cache, appending ``k``/``v``
     ``(batch, seqlen_new, nheads_k, headdim)`` in place first (at ``cache_seqlens``, rotated by
     ``rotary_cos``/``rotary_sin`` ``(seqlen_ro, rotary_dim / 2)`` when given, q too).
@@ -200,11 +408,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if (k is None) != (v is None):
         raise ValueError("invalid argument `v`: expected `k` and `v` both given or both None")
     if (rotary_cos is None) != (rotary_sin is None):
-        raise ValueError("invalid argument `rotary_sin`: expected `rotary_cos` and `rotary_sin` both given or both None")
+        raise ValueError(
+            "invalid argument `rotary_sin`: expected `rotary_cos` and `rotary_sin` both given or both None"
+        )
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
-            raise ValueError(f"invalid argument `{name}`: expected a contiguous last dimension (stride 1), got stride "
-                             f"{t.stride(-1)}")
+            raise ValueError(
+                f"invalid argument `{name}`: expected a contiguous last dimension (stride 1), got stride {t.stride(-1)}"
+            )
     batch = q.shape[0]
     if cache_seqlens is None:
         if block_table is not None:
@@ -214,12 +425,40 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = full
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
-    _ops._check_device(q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                       cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
-                       block_table=block_table, alibi_slopes=alibi_slopes)
+    _ops._check_device(
+        q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        k=k,
+        v=v,
+        rotary_cos=rotary_cos,
+        rotary_sin=rotary_sin,
+        cache_seqlens=cache_seqlens,
+        cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad,
+        block_table=block_table,
+        alibi_slopes=alibi_slopes,
+    )
     wl, wr = _window(causal, window_size)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
-    out, lse = _ops.kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad,
-                            rotary_cos, rotary_sin, bool(rotary_interleaved), alibi_slopes, softmax_scale,
-                            bool(causal), wl, wr, float(softcap))
+    out, lse = _ops.kvcache(
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        cache_seqlens,
+        block_table,
+        cache_batch_idx,
+        cache_leftpad,
+        rotary_cos,
+        rotary_sin,
+        bool(rotary_interleaved),
+        alibi_slopes,
+        softmax_scale,
+        bool(causal),
+        wl,
+        wr,
+        float(softcap),
+    )
     return (out, lse) if return_softmax_lse else out
