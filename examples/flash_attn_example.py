@@ -15,6 +15,7 @@ import argparse
 import math
 
 import torch
+
 from flashattn import flash_attn_func
 
 

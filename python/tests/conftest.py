@@ -7,9 +7,10 @@ fails its check.
 import os
 import zlib
 
-import flashattn
 import pytest
 import torch
+
+import flashattn
 
 
 def _devices():

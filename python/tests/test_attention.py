@@ -3,9 +3,11 @@ backward, on every test device."""
 
 from __future__ import annotations
 
-import flashattn
 import pytest
 import torch
+from ref import attention, check, check_lse
+
+import flashattn
 from flashattn import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -14,7 +16,6 @@ from flashattn import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
-from ref import attention, check, check_lse
 
 FEATURES = ["none", "causal", "window", "alibi", "softcap"]
 

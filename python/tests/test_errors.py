@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from flashattn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 
@@ -120,3 +121,29 @@ def test_kvcache_arguments(device):
     with pytest.raises(ValueError, match="page_table"):
         t = torch.zeros(2, 1, dtype=torch.int32, device=device)
         flash_attn_with_kvcache(q, kc, kc.clone(), block_table=t, page_table=t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bad_device_metadata_stays_in_bounds():
+    """Metadata in device memory is not read back (no synchronisation). What its errors do, by design:
+    a decreasing `cu_seqlens` pair makes that sequence empty (its rows are not written by it); a block-table
+    entry out of range makes the KV kernels skip that row. Neither reads or writes out of bounds (the CUDA run
+    of this test goes under compute-sanitizer memcheck), and the device stays usable."""
+    dev, dtype = "cuda", torch.float16
+    q = torch.randn(40, 2, 64, device=dev, dtype=dtype)
+    cu_bad = torch.tensor([0, 30, 10, 40], dtype=torch.int32, device=dev)
+    out = flash_attn_varlen_func(q, q, q, cu_bad, cu_bad, 30, 30)
+    torch.cuda.synchronize()
+    assert out.shape == q.shape
+    # A valid call right after gives the right answer.
+    cu = torch.tensor([0, 10, 40], dtype=torch.int32, device=dev)
+    good = flash_attn_varlen_func(q, q, q, cu, cu, 30, 30)
+    again = flash_attn_varlen_func(q.cpu(), q.cpu(), q.cpu(), cu.cpu(), cu.cpu(), 30, 30)
+    torch.testing.assert_close(good.cpu(), again, rtol=1e-2, atol=1e-2)
+    kc = torch.randn(4, 16, 2, 64, device=dev, dtype=dtype)
+    table = torch.tensor([[0, 1], [2, 99]], dtype=torch.int32, device=dev)  # 99: no such page
+    seqlens = torch.tensor([20, 20], dtype=torch.int32, device=dev)
+    qd = torch.randn(2, 1, 2, 64, device=dev, dtype=dtype)
+    out = flash_attn_with_kvcache(qd, kc, kc.clone(), cache_seqlens=seqlens, block_table=table)
+    torch.cuda.synchronize()
+    assert out.shape == qd.shape

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flashattn import flash_attn_with_kvcache
 from ref import attention_one, check, check_lse, rotate
+
+from flashattn import flash_attn_with_kvcache
 
 
 def make_case(

@@ -3,9 +3,10 @@ the three entry points, and a paged decode step captured in a CUDA graph and rep
 
 from __future__ import annotations
 
-import flashattn  # noqa: F401  (registers torch.ops.flashattn)
 import pytest
 import torch
+
+import flashattn  # noqa: F401  (registers torch.ops.flashattn)
 from flashattn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 

@@ -28,6 +28,9 @@ for line in sys.stdin:
 '
 strip .gpu/flashattn .gpu/cuda .gpu/cuda_kvcache
 cp "$SHARED/bench/torch_baselines.py" .gpu/
-cp tools/gpu/*.sh .gpu/
+cp tools/gpu/*.sh tools/gpu/overhead.py .gpu/
+# The Python package as a wheel (abi3, runs on the device machine as it is).
+PY=${PYTHON:-python3}
+"$PY" -m maturin build --release --locked -o .gpu >/dev/null || maturin build --release --locked -o .gpu
 ls -la .gpu
 du -sh .gpu

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Device side of the Python package's checks (issue: PyTorch users can use flashattn). Run from the repository
+# root on the device machine after tools/gpu/prepare.sh here (it puts the wheel, the CLI, the CUDA test binaries
+# and the peers' script into .gpu/), with .gpu carried:
+#   bash .gpu/python.sh correct   # pytest on CUDA tensors; the Rust CUDA tests; memcheck on a reduced pytest run
+#   bash .gpu/python.sh bench     # peers + the package (torch_baselines.py) beside `flashattn bench`; host overhead
+# Every GPU process runs under `timeout`. Output: $OUT/summary.txt (each step, its status, its last lines),
+# $OUT/log.txt (everything), JSON results.
+set -uo pipefail
+G=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+OUT=${OUT:-/tmp/flashattn-out}
+mkdir -p "$OUT"
+export FLASHATTN_CACHE_DIR=${FLASHATTN_CACHE_DIR:-/tmp/flashattn-kernels}
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/flashattn-*.whl || exit 1
+export PYTHONPATH=/tmp/site
+
+step() {
+    local name=$1 t=$2
+    shift 2
+    echo "== $name: $*" | tee -a "$OUT/summary.txt" >> "$OUT/log.txt"
+    local t0=$SECONDS from
+    from=$(($(wc -l < "$OUT/log.txt") + 1))
+    timeout "$t" "$@" >> "$OUT/log.txt" 2>&1
+    local rc=$?
+    {
+        echo "   rc=$rc ($((SECONDS - t0)) s)$([ $rc = 124 ] && echo ' TIMED OUT')"
+        tail -n +"$from" "$OUT/log.txt" | grep -E 'passed|failed|test result|ERROR SUMMARY|error|Error|us/call' | tail -n 8 | sed 's/^/   /'
+    } >> "$OUT/summary.txt"
+}
+
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
+python3 -c 'import torch, flashattn; print("torch", torch.__version__, flashattn.info())' >> "$OUT/summary.txt" 2>&1
+T=$(pwd)/python/tests
+case "${1:-correct}" in
+correct)
+    # The Rust CUDA tests run beside pytest (they share the GPU and the kernel cache; each under its timeout).
+    (FLASHATTN_REQUIRE_GPU=1 FLASHATTN_SWEEP=quick timeout 420 "$G/cuda" --test-threads=1 > "$OUT/rust_cuda.log" 2>&1
+     echo "rc=$?" >> "$OUT/rust_cuda.log"
+     FLASHATTN_REQUIRE_GPU=1 timeout 240 "$G/cuda_kvcache" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
+     echo "rc=$?" >> "$OUT/rust_cuda.log") &
+    step pytest-cuda 450 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
+    step memcheck 240 env -C "$T" FLASHATTN_TEST_DEVICES=cuda compute-sanitizer --tool memcheck --error-exitcode 3 \
+        python3 -m pytest -q -p no:cacheprovider -x \
+        "test_attention.py::test_flash_attn_func[cuda-causal-1]" "test_attention.py::test_varlen[cuda-alibi]" \
+        "test_attention.py::test_varlen_seqused_k" "test_kvcache.py::test_kvcache[cuda-6]" \
+        "test_errors.py::test_bad_device_metadata_stays_in_bounds" "test_errors.py::test_kvcache_overflow_writes_nothing"
+    wait
+    grep -E "test result|rc=|panicked" "$OUT/rust_cuda.log" >> "$OUT/summary.txt"
+    ;;
+bench)
+    step overhead 120 python3 "$G/overhead.py" --json "$OUT/overhead.json"
+    step peers-standard 330 python3 "$G/torch_baselines.py" --grid standard --backends fa2,cudnn,flashattn \
+        --json "$OUT/peers_standard.json"
+    step cli-standard 200 "$G/flashattn" bench --grid standard --json "$OUT/cli_standard.json"
+    step peers-decode 90 python3 "$G/torch_baselines.py" --grid decode --backends fa2,cudnn,flashattn \
+        --json "$OUT/peers_decode.json"
+    step cli-decode 90 "$G/flashattn" bench --grid decode --json "$OUT/cli_decode.json"
+    ;;
+esac
+cat "$OUT/summary.txt"
