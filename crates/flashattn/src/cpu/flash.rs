@@ -217,11 +217,11 @@ fn forward_tile_body<const F: bool>(
         j0 = j1;
     }
     let mut row = vec![0f32; d];
-    for r in 0..bm {
+    for (r, range) in ranges.iter().enumerate() {
         // Only a row whose mask leaves no key is reported empty (o = 0, lse = -inf). A NaN score, a +inf
         // score (`inf - inf`) or a NaN/inf value has made `l` or `acc` non-finite, and that propagates
         // to o and lse; a row whose visible scores are all -inf has `l = 0` and reports NaN.
-        let (o_row, lse) = if ranges[r].is_empty() {
+        let (o_row, lse) = if range.is_empty() {
             row.fill(0.0);
             (&row, f32::NEG_INFINITY)
         } else if sc.l[r] == 0.0 {
