@@ -11,7 +11,8 @@
 
 use crate::alloc::{human, measure};
 use crate::common::{
-    parse_device, parse_float_dtype, parse_seqlen, randn, resolve_device, CliError, CliResult, DeviceArg,
+    elems, ensure_fits, parse_device, parse_float_dtype, parse_seqlen, randn, resolve_device, CliError, CliResult,
+    DeviceArg,
 };
 use crate::plot::{line_chart, Series};
 use clap::{Args, ValueEnum};
@@ -221,7 +222,7 @@ pub fn points(a: &BenchArgs) -> Vec<Point> {
             for &d in &dims {
                 for &causal in &causals {
                     for &s in &seqs {
-                        let h = (2048 / d).max(1);
+                        let h = (2048 / d.max(1)).max(1);
                         pts.push(Point { b: (16384 / s.max(1)).max(1), h, hk: h, sq: s, sk: s, d, causal });
                     }
                 }
@@ -577,18 +578,52 @@ mod gpu {
     }
 }
 
-/// Reads the rows of a `torch_baselines.py` JSON file and adds the fa2/cudnn figures at each of our points
-/// to `rows` (`peers`). Returns how many of our rows found a peer.
-fn attach_peers(path: &Path, rows: &mut [Row], decode: bool) -> Result<usize, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let base: Vec<serde_json::Value> =
-        serde_json::from_str(&text).map_err(|e| format!("{} is not a torch_baselines.py JSON: {e}", path.display()))?;
+/// Reads the rows of a `torch_baselines.py` JSON file (an array of objects).
+fn load_baselines(path: &Path) -> Result<Vec<serde_json::Value>, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--baselines: cannot read {}: {e}", path.display()))?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
+        format!("--baselines: {} is not a torch_baselines.py JSON (an array of rows): {e}", path.display())
+    })?;
+    if let Some(i) = rows.iter().position(|r| !r.is_object()) {
+        return Err(format!("--baselines: row {i} of {} is not a JSON object", path.display()));
+    }
+    Ok(rows)
+}
+
+/// Checks one point before its tensors are allocated: every size at least 1, and the host memory of its
+/// inputs and outputs (and the naive formula's score matrices) available. `device_inputs`: the inputs live
+/// on the device only (decode on CUDA), so no host memory is needed for them.
+pub(crate) fn check_point(p: &Point, dtype: DType, bwd: bool, naive: bool, device_inputs: bool) -> CliResult<()> {
+    let desc = format!("point b={} h={}/{} s={}/{} d={}", p.b, p.h, p.hk, p.sq, p.sk, p.d);
+    for (flag, n) in [("--batch", p.b), ("--heads", p.h), ("--heads-k", p.hk), ("--seqlens", p.sq), ("--dims", p.d)] {
+        if n == 0 {
+            return Err(CliError::Input(format!("{desc}: {flag} must be at least 1, got 0")));
+        }
+    }
+    if device_inputs {
+        return Ok(());
+    }
+    let sz = dtype.size() as u128;
+    let (nq, nk, nl) = (elems(&[p.b, p.sq, p.h, p.d]), elems(&[p.b, p.sk, p.hk, p.d]), elems(&[p.b, p.h, p.sq]));
+    let b = bwd as u128;
+    let mut bytes = (2 * nq + 2 * nk) * sz + nl * 4 + b * (2 * nq + 2 * nk) * sz;
+    if naive {
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get()) as u128;
+        bytes += elems(&[p.sq, p.sk]) * 4 * (1 + 3 * b) * threads;
+    }
+    ensure_fits(&desc, bytes)
+}
+
+/// Adds the fa2/cudnn figures of the baselines' rows at each of our points to `rows` (`peers`). Returns how
+/// many of our rows found a peer.
+fn attach_peers(base: &[serde_json::Value], rows: &mut [Row], decode: bool) -> usize {
     let num = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64());
     let mut found = 0;
     for r in rows.iter_mut().filter(|r| r.backend == "flashattn") {
         let p = r.point;
         let dtype = if r.dtype == "f16" { "fp16" } else { r.dtype.as_str() };
-        for b in &base {
+        for b in base {
             let backend = b.get("backend").and_then(|x| x.as_str()).unwrap_or("");
             if !matches!(backend, "fa2" | "cudnn") {
                 continue;
@@ -605,7 +640,7 @@ fn attach_peers(path: &Path, rows: &mut [Row], decode: bool) -> Result<usize, St
         }
         found += !r.peers.is_empty() as usize;
     }
-    Ok(found)
+    found
 }
 
 fn peer_table(rows: &[Row], decode: bool) {
@@ -837,9 +872,17 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
             return Err(CliError::Input("the decode grid is forward only: use --modes fwd".into()));
         }
     }
+    if a.page_size.contains(&0) {
+        return Err(CliError::Input("--page-size: expected page sizes >= 1, got 0".into()));
+    }
+    // The baselines file is read and parsed before anything runs: a bad file is an input error.
+    let peers = a.baselines.as_deref().map(load_baselines).transpose().map_err(CliError::Input)?;
     let pts = points(&a);
     if pts.is_empty() {
         return Err(CliError::Input("no point to run: check --seqlens, --dims and --causal".into()));
+    }
+    for p in &pts {
+        check_point(p, a.dtype, modes.contains(&Mode::FwdBwd), a.naive, decode && device != Device::Cpu)?;
     }
     let impls: Vec<Impl> = if a.naive { vec![Impl::Flash, Impl::Naive] } else { vec![Impl::Flash] };
     #[cfg(feature = "cuda")]
@@ -959,11 +1002,9 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
     }
     pb.finish_and_clear();
     let mut baselines = None;
-    if let Some(path) = &a.baselines {
-        match attach_peers(path, &mut rows, decode) {
-            Ok(found) => baselines = Some(format!("{} ({found} of our rows matched)", path.display())),
-            Err(e) => println!("baselines not used: {e}"),
-        }
+    if let (Some(path), Some(peers)) = (&a.baselines, &peers) {
+        let found = attach_peers(peers, &mut rows, decode);
+        baselines = Some(format!("{} ({found} of our rows matched)", path.display()));
     }
     table(&rows, decode);
     comparisons(&rows);
@@ -989,7 +1030,8 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
             rows: &rows,
         };
         let s = serde_json::to_string_pretty(&report).map_err(|e| CliError::Failed(e.to_string()))?;
-        std::fs::write(path, s).map_err(|e| CliError::Input(format!("cannot write {}: {e}", path.display())))?;
+        crate::common::write_atomic(path, s.as_bytes())
+            .map_err(|e| CliError::Input(format!("cannot write {}: {e}", path.display())))?;
         println!("wrote {}", path.display());
     }
     if let Some(path) = &a.plot {

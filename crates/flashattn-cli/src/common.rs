@@ -106,6 +106,77 @@ pub fn parse_seqlen(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Elements of a shape, exact (`u128`; saturating, which no request that could fit reaches).
+pub fn elems(shape: &[usize]) -> u128 {
+    shape.iter().fold(1u128, |a, &n| a.saturating_mul(n as u128))
+}
+
+/// Bytes of host memory the system reports as available (`MemAvailable` of `/proc/meminfo`), when it does.
+pub fn available_memory() -> Option<u128> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Bytes as a number and in human units.
+pub fn bytes_desc(b: u128) -> String {
+    if b > usize::MAX as u128 {
+        format!("{b} bytes")
+    } else {
+        format!("{b} bytes ({})", crate::alloc::human(b as usize))
+    }
+}
+
+/// Refuses a request whose estimated host memory `bytes` cannot be allocated: more than `isize::MAX` (the
+/// most one allocation can hold), or more than the memory the system reports available.
+pub fn ensure_fits(what: &str, bytes: u128) -> CliResult<()> {
+    if bytes > isize::MAX as u128 {
+        return Err(CliError::Input(format!(
+            "{what} needs about {} of host memory, more than any allocation can hold",
+            bytes_desc(bytes)
+        )));
+    }
+    if let Some(avail) = available_memory() {
+        if bytes > avail {
+            return Err(CliError::Input(format!(
+                "{what} needs about {} of host memory; {} is available",
+                bytes_desc(bytes),
+                bytes_desc(avail)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder is written, flushed to disk
+/// (fsync) and renamed over `path`, so `path` holds either its old content or all of the new. The temporary
+/// file is removed when any step fails.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file"))?;
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        // Make the rename itself durable (best effort: not every platform can open a folder).
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// A tensor of `shape` with independent normal values times `scale`, rounded to `dtype`; generated in
 /// parallel chunks (deterministic for a seed whatever the thread count) straight into the dtype.
 pub fn randn(shape: &[usize], dtype: DType, seed: u64, scale: f32) -> Tensor {

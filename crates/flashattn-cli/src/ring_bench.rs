@@ -87,6 +87,12 @@ pub fn main(a: &BenchArgs, ranks: usize) -> CliResult<ExitCode> {
     if gpu.is_some() {
         return Err(CliError::Failed("this build has no `cuda` feature".into()));
     }
+    if gpu.is_none() && ranks > flashattn::ring::MAX_SIMULATED_RANKS {
+        return Err(CliError::Input(format!(
+            "--ranks: at most {} simulated ranks on the CPU (one thread each), got {ranks}",
+            flashattn::ring::MAX_SIMULATED_RANKS
+        )));
+    }
     let device = gpu.map_or(Device::Cpu, Device::Cuda);
     let mut args = a.clone();
     if args.shape.is_none() {
@@ -111,7 +117,11 @@ pub fn main(a: &BenchArgs, ranks: usize) -> CliResult<ExitCode> {
     println!("zig-zag sharding: 2N = {} chunks, rank r holds chunks r and 2N-1-r", 2 * ranks);
     println!("{}, warmup {warmup}, reps {reps} (median); single-device = one call on the whole sequence", a.dtype);
     let mut failed = false;
-    for (i, p) in points(&args).iter().enumerate() {
+    let pts = points(&args);
+    for p in &pts {
+        crate::bench::check_point(p, a.dtype, true, false, false)?;
+    }
+    for (i, p) in pts.iter().enumerate() {
         let seed = a.seed.wrapping_add(i as u64);
         let q = randn(&[p.b, p.sq, p.h, p.d], a.dtype, seed, 1.0);
         let k = randn(&[p.b, p.sk, p.hk, p.d], a.dtype, seed.wrapping_add(1), 1.0);

@@ -32,10 +32,10 @@ pub struct RunArgs {
     #[arg(long, value_parser = parse_window, allow_hyphen_values = true)]
     pub window: Option<(i64, i64)>,
     /// Soft-capping of the scores (0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub softcap: f32,
     /// Softmax scale (default 1/sqrt(d)).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub scale: Option<f32>,
     /// Bit-reproducible backward pass.
     #[arg(long)]
@@ -215,12 +215,82 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)]) -> CliResult<
         .map_err(|e| CliError::Failed(format!("cannot encode outputs: {e}")))?;
     let bytes =
         safetensors::serialize(views, None).map_err(|e| CliError::Failed(format!("cannot encode outputs: {e}")))?;
-    std::fs::write(path, bytes).map_err(|e| input_err(format!("cannot write {}: {e}", path.display())))
+    crate::common::write_atomic(path, &bytes).map_err(|e| input_err(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Whether `output` names the same file as `input` (which exists): compared by canonical path, and on Unix
+/// by device and inode too (hard links).
+fn same_file(input: &Path, output: &Path) -> bool {
+    let Ok(inp) = input.canonicalize() else { return false };
+    if let Ok(out) = output.canonicalize() {
+        if out == inp {
+            return true;
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            if let (Ok(a), Ok(b)) = (std::fs::metadata(&inp), std::fs::metadata(&out)) {
+                return a.dev() == b.dev() && a.ino() == b.ino();
+            }
+        }
+        return false;
+    }
+    // The output does not exist yet: its folder, canonicalised, plus its name.
+    let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match (dir.canonicalize(), output.file_name()) {
+        (Ok(d), Some(n)) => d.join(n) == inp,
+        _ => false,
+    }
+}
+
+/// The tensor names of a safetensors header, in file order (duplicates kept), or `None` when the header
+/// cannot be read (the safetensors parser then reports why).
+fn header_names(bytes: &[u8]) -> Option<Vec<String>> {
+    struct Keys(Vec<String>);
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Keys, A::Error> {
+                    let mut keys = Vec::new();
+                    while let Some(k) = m.next_key::<String>()? {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                        keys.push(k);
+                    }
+                    Ok(Keys(keys))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let end = 8usize.checked_add(usize::try_from(n).ok()?)?;
+    let header = bytes.get(8..end)?;
+    serde_json::from_slice::<Keys>(header).ok().map(|k| k.0)
 }
 
 /// Runs `flashattn run`.
 pub fn main(a: RunArgs) -> CliResult<ExitCode> {
+    if same_file(&a.input, &a.output) {
+        return Err(input_err(format!(
+            "--output {} is the input file: choose another path (the input would be overwritten)",
+            a.output.display()
+        )));
+    }
     let bytes = std::fs::read(&a.input).map_err(|e| input_err(format!("cannot read {}: {e}", a.input.display())))?;
+    if let Some(names) = header_names(&bytes) {
+        let mut seen = BTreeSet::new();
+        if let Some(dup) = names.iter().find(|n| !seen.insert(n.as_str())) {
+            return Err(input_err(format!(
+                "{} is not a valid safetensors file: tensor `{dup}` is named twice in its header",
+                a.input.display()
+            )));
+        }
+    }
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| input_err(format!("{} is not a valid safetensors file: {e}", a.input.display())))?;
     let inp = Inputs { path: &a.input, st };

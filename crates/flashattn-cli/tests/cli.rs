@@ -490,3 +490,122 @@ fn bench_ranks_runs_the_ring_and_says_which_transport() {
     let o = run(&["bench", "--ranks", "0", "--device", "cpu"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+// Issue 17: oversize requests, panics, lost output, false FAILs.
+
+fn exit2(args: &[&str]) -> String {
+    let o = run(args);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: expected exit 2\nstdout:\n{out}\nstderr:\n{err}");
+    assert!(!err.contains("panicked") && !err.contains("memory allocation"), "{err}");
+    err
+}
+
+#[test]
+fn oversize_requests_are_refused_with_the_bytes_they_need() {
+    for flag in [["--seqlen", "1000000000"], ["--batch", "1000000000"]] {
+        let err = exit2(&["check", "--device", "cpu", flag[0], flag[1]]);
+        assert!(err.contains("needs about") && err.contains("bytes"), "{flag:?}: {err}");
+    }
+    let err = exit2(&["check", "--device", "cpu", "--dim", "10000000"]);
+    assert!(err.contains("`q`") && err.contains("head dim"), "{err}");
+    let err = exit2(&["bench", "--device", "cpu", "--shape", "1,1,1000000000,64"]);
+    assert!(err.contains("needs about") && err.contains("bytes"), "{err}");
+    // An empty safetensors q with a huge batch: refused before per-sequence metadata is allocated.
+    let empty = Tensor::from_f32(&[], &[(1 << 31) - 1, 0, 1, 64], DType::F16).unwrap();
+    let input = tmp("empty_huge_batch.safetensors");
+    write(&input, &[("q", &empty), ("k", &empty), ("v", &empty)]);
+    let err = run_err(&input, &["--device", "cpu"]);
+    assert!(err.contains("`q`") && err.contains("at most"), "{err}");
+}
+
+#[test]
+fn check_skips_its_quadratic_oracle_above_the_cap() {
+    let o = run(&["check", "--device", "cpu", "--seqlen", "24000", "--dim", "8", "-b", "1", "--heads", "1"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("oracle and naive baseline skipped") && out.contains("SKIPPED accuracy rule"), "{out}");
+}
+
+#[test]
+fn bench_refuses_bad_flags_instead_of_panicking() {
+    let err = exit2(&["bench", "--device", "cpu", "--grid", "quick", "--dims", "0"]);
+    assert!(err.contains("--dims"), "{err}");
+    let err = exit2(&["bench", "--device", "cpu", "--ranks", "20000"]);
+    assert!(err.contains("--ranks") && err.contains("256"), "{err}");
+    let err = exit2(&["bench", "--device", "cpu", "--grid", "decode", "--page-size", "0"]);
+    assert!(err.contains("--page-size"), "{err}");
+    let bad = tmp("baselines_not_json.txt");
+    std::fs::write(&bad, "fa2 is fast\n").unwrap();
+    let err = exit2(&["bench", "--device", "cpu", "--shape", "1,1,64,16", "--baselines", bad.to_str().unwrap()]);
+    assert!(err.contains("--baselines") && err.contains("not a torch_baselines.py JSON"), "{err}");
+}
+
+#[test]
+fn negative_scale_and_softcap_parse_and_reach_the_library() {
+    let base = ["check", "--device", "cpu", "-b", "1", "-s", "32", "--heads", "2", "--dim", "16"];
+    let o = run(&[&base[..], &["--scale", "-1"]].concat());
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let err = exit2(&[&base[..], &["--softcap", "-1"]].concat());
+    assert!(err.contains("invalid argument `softcap`"), "{err}");
+}
+
+#[test]
+fn check_at_large_logits_judges_lse_against_the_baseline() {
+    for dtype in ["f16", "f32"] {
+        let o = run(&["check", "--device", "cpu", "--scale", "1000", "--dtype", dtype, "-b", "1", "--heads", "2"]);
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{dtype}\nstdout:\n{out}\nstderr:\n{err}");
+        assert!(out.contains("PASS"), "{out}");
+    }
+}
+
+#[test]
+fn run_output_is_atomic_and_never_the_input() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let q = randn(&[1, 8, 2, 16], DType::F32, &mut rng);
+    let input = tmp("atomic_in.safetensors");
+    write(&input, &[("q", &q), ("k", &q), ("v", &q)]);
+    let before = std::fs::read(&input).unwrap();
+    // -o equal to -i, spelt differently: refused, the input untouched.
+    let same = input.parent().unwrap().join(".").join(input.file_name().unwrap());
+    let o = run(&["run", "--device", "cpu", "-i", input.to_str().unwrap(), "-o", same.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("is the input file"), "{err}");
+    assert_eq!(std::fs::read(&input).unwrap(), before);
+    // A good run replaces an existing output whole and leaves no temporary file behind.
+    let out = tmp("atomic_out.safetensors");
+    std::fs::write(&out, b"old content").unwrap();
+    run_ok(&["run", "--device", "cpu", "-i", input.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(read(&out).iter().any(|(n, ..)| n == "o"));
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // An output in a folder that does not exist: an error, nothing written.
+    let nowhere = tmp("no_such_dir").join("out.safetensors");
+    let o = run(&["run", "--device", "cpu", "-i", input.to_str().unwrap(), "-o", nowhere.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!nowhere.exists());
+}
+
+#[test]
+fn duplicate_tensor_names_in_a_header_are_refused() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let q = randn(&[1, 4, 1, 8], DType::F32, &mut rng);
+    let path = tmp("dup_names.safetensors");
+    write(&path, &[("q", &q), ("k", &q), ("v", &q)]);
+    // Rename `k` to `q` in the header: same length, so the offsets stay valid.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let renamed = header.replacen("\"k\"", "\"q\"", 1);
+    assert_ne!(header, renamed);
+    bytes[8..8 + n].copy_from_slice(renamed.as_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = run_err(&path, &["--device", "cpu"]);
+    assert!(err.contains("`q` is named twice"), "{err}");
+}

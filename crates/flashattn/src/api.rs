@@ -50,8 +50,8 @@ fn require_cpu(arg: &'static str, dev: Device) -> Result<()> {
 /// ```
 pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<ForwardOutput> {
     let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
-    let mut o = Tensor::zeros(&p.o_shape(), p.dtype);
-    let mut lse = Tensor::zeros(&p.lse_shape(), DType::F32);
+    let mut o = Tensor::try_zeros(&p.o_shape(), p.dtype)?;
+    let mut lse = Tensor::try_zeros(&p.lse_shape(), DType::F32)?;
     run_forward(&p, &q.view(), &k.view(), &v.view(), &mut o.view_mut(), &mut lse.view_mut())?;
     Ok(ForwardOutput { o, lse })
 }
@@ -106,9 +106,9 @@ pub fn backward(
     dout: &Tensor,
     opts: &AttnOptions,
 ) -> Result<Gradients> {
-    let mut dq = Tensor::zeros(q.shape(), q.dtype());
-    let mut dk = Tensor::zeros(k.shape(), k.dtype());
-    let mut dv = Tensor::zeros(v.shape(), v.dtype());
+    let mut dq = Tensor::try_zeros(q.shape(), q.dtype())?;
+    let mut dk = Tensor::try_zeros(k.shape(), k.dtype())?;
+    let mut dv = Tensor::try_zeros(v.shape(), v.dtype())?;
     backward_into(
         &q.view(),
         &k.view(),

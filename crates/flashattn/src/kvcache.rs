@@ -11,7 +11,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::AttnOptions;
 use crate::problem::{
-    check_alibi, check_batch, check_finite_scale, check_head_dim, check_heads, check_softcap, check_view, Paged,
+    check_alibi, check_batch, check_finite_scale, check_head_dim, check_heads_of, check_softcap, check_view, Paged,
     Problem, RowMap,
 };
 use crate::semantics::Mask;
@@ -196,7 +196,7 @@ pub(crate) fn check(q: &TensorView<'_>, cache: &KvCache<'_>, opts: &AttnOptions)
         _ => return Err(Error::invalid("q", "rank 4 [b, sq_new, h, d]", format!("shape {:?}", q.shape()))),
     };
     check_head_dim(d)?;
-    check_batch(b)?;
+    check_batch("q", b)?;
     for (arg, t) in [("k_cache", &cache.k_cache), ("v_cache", &cache.v_cache)] {
         let view = t.as_view();
         check_view(arg, &view)?;
@@ -226,7 +226,7 @@ pub(crate) fn check(q: &TensorView<'_>, cache: &KvCache<'_>, opts: &AttnOptions)
     if cs[3] != d {
         return Err(Error::invalid("k_cache", format!("head dim {d} (as q)"), cs[3]));
     }
-    check_heads(h, hk)?;
+    check_heads_of(h, hk, "k_cache")?;
     let scale = check_finite_scale(opts.softmax_scale, d)?;
     let softcap = check_softcap(opts.softcap)?;
     let mask = Mask::new(opts.causal, opts.window)?;
@@ -517,8 +517,8 @@ fn append(
 pub fn kvcache_forward(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) -> Result<ForwardOutput> {
     let plan = prepare(q, cache, opts)?;
     let p = &plan.problem;
-    let mut o = Tensor::zeros(&p.o_shape(), p.dtype);
-    let mut lse = Tensor::zeros(&p.lse_shape(), DType::F32);
+    let mut o = Tensor::try_zeros(&p.o_shape(), p.dtype)?;
+    let mut lse = Tensor::try_zeros(&p.lse_shape(), DType::F32)?;
     let qv = plan.q_rotated.as_ref().map(|t| t.view()).unwrap_or_else(|| q.clone());
     {
         let k = cache.k_cache.as_view();

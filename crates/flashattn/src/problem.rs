@@ -306,19 +306,38 @@ pub(crate) fn check_head_dim(d: usize) -> Result<()> {
     Ok(())
 }
 
-/// Sequence counts are `i32` everywhere else (`cu_seqlens`, device parameters), and per-sequence metadata is
-/// allocated even for an empty tensor: a batch past `i32::MAX` is refused rather than allocated.
-pub(crate) fn check_batch(b: usize) -> Result<()> {
-    if b > i32::MAX as usize {
-        return Err(Error::invalid("q", format!("a batch of at most {} sequences", i32::MAX), b));
+/// Largest batch (number of sequences) a call accepts. Per-sequence metadata (lengths, starts, row bases:
+/// a few words per sequence) is allocated before any work, also for an empty tensor, so the batch is bounded
+/// here rather than by the tensors' sizes; it is also below `i32::MAX`, the type of sequence counts in
+/// `cu_seqlens` and the device parameters.
+pub const MAX_BATCH: usize = 1 << 24;
+
+/// Checks the batch (named by `arg`, the tensor or array it comes from) against [`MAX_BATCH`].
+pub(crate) fn check_batch(arg: &'static str, b: usize) -> Result<()> {
+    if b > MAX_BATCH {
+        return Err(Error::invalid(
+            arg,
+            format!("a batch of at most {MAX_BATCH} sequences (per-sequence metadata is allocated up front)"),
+            format!("{b} sequences"),
+        ));
     }
     Ok(())
 }
 
+/// [`check_heads_of`] for `k`.
 pub(crate) fn check_heads(h: usize, hk: usize) -> Result<()> {
-    if hk == 0 || h == 0 || h % hk != 0 {
+    check_heads_of(h, hk, "k")
+}
+
+/// Checks the head counts: `h >= 1` (blamed on `q`), `hk >= 1` dividing `h` (blamed on `k_arg`, `k` or
+/// `k_cache`).
+pub(crate) fn check_heads_of(h: usize, hk: usize, k_arg: &'static str) -> Result<()> {
+    if h == 0 {
+        return Err(Error::invalid("q", "at least 1 head", "0 heads"));
+    }
+    if hk == 0 || h % hk != 0 {
         return Err(Error::invalid(
-            "k",
+            k_arg,
             format!("a number of heads dividing the query heads ({h})"),
             format!("{hk} heads"),
         ));
@@ -411,6 +430,7 @@ pub fn validate(q: &TensorView<'_>, k: &TensorView<'_>, v: &TensorView<'_>, opts
         if vl.cu_seqlens_q.is_empty() {
             return Err(Error::invalid("cu_seqlens_q", "at least 1 entry (batch + 1)", 0));
         }
+        check_batch("cu_seqlens_q", batch)?;
         total_q = qs[0];
         total_k = ks[0];
         let cq = check_cu("cu_seqlens_q", &vl.cu_seqlens_q, batch, total_q)?;
@@ -435,7 +455,7 @@ pub fn validate(q: &TensorView<'_>, k: &TensorView<'_>, v: &TensorView<'_>, opts
         seqused = vl.seqused_k.clone();
     } else {
         batch = qs[0];
-        check_batch(batch)?;
+        check_batch("q", batch)?;
         if ks[0] != batch {
             return Err(Error::invalid("k", format!("batch {batch} (as q)"), ks[0]));
         }

@@ -186,15 +186,35 @@ fn transpose<T: Real>(x: &[T], rows: usize, ld: usize, d: usize, ld_t: usize) ->
 }
 
 /// Row softmax in place over the first `sk` entries of each of `sq` rows (leading dimension `ld`); returns
-/// each row's lse (`-inf` for an empty row, whose probabilities are 0).
-fn softmax_rows<T: Real>(s: &mut [T], sq: usize, sk: usize, ld: usize) -> Vec<T> {
+/// each row's lse. A row whose `visible` key range is empty gets probabilities 0 and lse `-inf`. Otherwise
+/// non-finite scores propagate as in the naive formula: a NaN score, a `+inf` score, or visible scores that
+/// are all `-inf` make every probability of the row and its lse NaN. Hidden entries hold `-inf`.
+fn softmax_rows<T: Real>(
+    s: &mut [T],
+    sq: usize,
+    sk: usize,
+    ld: usize,
+    visible: impl Fn(usize) -> Range<usize>,
+) -> Vec<T> {
     let mut lse = vec![T::NEG_INF; sq];
     for (i, l_out) in lse.iter_mut().enumerate() {
         let row = &mut s[i * ld..i * ld + sk];
-        let m = row.iter().copied().fold(T::NEG_INF, |a, b| if b > a { b } else { a });
-        if m == T::NEG_INF {
+        if visible(i).is_empty() {
             row.iter_mut().for_each(|x| *x = T::ZERO);
             continue;
+        }
+        let mut m = T::NEG_INF;
+        let mut nan = false;
+        for &x in row.iter() {
+            #[allow(clippy::eq_op)]
+            let is_nan = x != x;
+            nan |= is_nan;
+            if x > m {
+                m = x;
+            }
+        }
+        if nan || m == T::NEG_INF {
+            m = T::of(f32::NAN);
         }
         let mut l = T::ZERO;
         for x in row.iter_mut() {
@@ -291,7 +311,7 @@ fn head_task<T: Real, const F: bool, const W: usize>(x: Args<'_>, seq: usize, he
             *sij = y;
         }
     }
-    let lse = softmax_rows(&mut s, sq, sk, skp);
+    let lse = softmax_rows(&mut s, sq, sk, skp, |i| mask.key_range(i, sq, sk));
     // From here on `s` holds P as the products use it: rounded to the dtype in the baseline (hidden
     // entries and padding are 0).
     if round.0.is_some() {
@@ -306,6 +326,22 @@ fn head_task<T: Real, const F: bool, const W: usize>(x: Args<'_>, seq: usize, he
         o = vec![T::ZERO; sqp * dp];
         gemm::<T, F, W>(ARef { a: &s, rs: skp, cs: 1 }, &v, dp, &mut o, dp, sqp, |i0, i1| (keys(i0, i1), 0..dp));
         o.truncate(sq * dp);
+        if v.iter().any(|x| !x.f64().is_finite()) {
+            // The blocked product also multiplies hidden keys' zero weights by their values; with a
+            // non-finite value that would be NaN, so the rows are summed exactly over their non-zero weights.
+            for i in 0..sq {
+                let orow = &mut o[i * dp..(i + 1) * dp];
+                orow.iter_mut().for_each(|y| *y = T::ZERO);
+                for j in mask.key_range(i, sq, sk) {
+                    let pij = s[i * skp + j];
+                    if pij != T::ZERO {
+                        for c in 0..d {
+                            orow[c] += pij * v[j * dp + c];
+                        }
+                    }
+                }
+            }
+        }
         o.iter_mut().for_each(|y| *y = round.r(*y));
     }
     let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
@@ -615,7 +651,7 @@ mod plain {
             .map(|(seq, head)| {
                 let hd = heads::<T>(p, q, k, v, seq, head);
                 let (mut s, _) = scores(p, &hd, round);
-                let lse = super::softmax_rows(&mut s, hd.sq, hd.sk, hd.sk);
+                let lse = super::softmax_rows(&mut s, hd.sq, hd.sk, hd.sk, |i| p.mask.key_range(i, hd.sq, hd.sk));
                 let mut o = vec![T::ZERO; hd.sq * d];
                 for i in 0..hd.sq {
                     for j in 0..hd.sk {
@@ -666,7 +702,7 @@ mod plain {
                     let hd = heads::<T>(p, q, k, v, seq, head);
                     let dout_h = gather::<T>(p, dout, do_map, seq, head, sq);
                     let (mut s, th) = scores(p, &hd, round);
-                    super::softmax_rows(&mut s, sq, sk, sk);
+                    super::softmax_rows(&mut s, sq, sk, sk, |i| p.mask.key_range(i, sq, sk));
                     let mut dq = vec![T::ZERO; sq * d];
                     let scale = T::of(p.scale);
                     for i in 0..sq {

@@ -361,18 +361,49 @@ pub struct Tensor {
 
 impl Tensor {
     /// A zero-filled contiguous tensor.
+    ///
+    /// Panics when the element count or byte size overflows, or the allocation fails; [`Tensor::try_zeros`]
+    /// returns an error instead.
     pub fn zeros(shape: &[usize], dtype: DType) -> Self {
-        let layout = Layout::contiguous(shape);
-        Tensor { storage: CpuStorage::zeros(dtype, layout.numel()), layout }
+        Self::try_zeros(shape, dtype).unwrap_or_else(|e| panic!("Tensor::zeros: {e}"))
+    }
+    /// A zero-filled contiguous tensor, or an error (argument `shape`) when its element count or byte size
+    /// overflows or the memory cannot be allocated; the error states the bytes needed.
+    pub fn try_zeros(shape: &[usize], dtype: DType) -> Result<Self> {
+        Self::try_filled(shape, dtype, 0.0, 0)
     }
     /// A tensor filled with NaN (or `i32::MIN`): used to poison outputs in tests.
+    ///
+    /// Panics when the element count or byte size overflows, or the allocation fails; [`Tensor::try_nan`]
+    /// returns an error instead.
     pub fn nan(shape: &[usize], dtype: DType) -> Self {
-        let n: usize = shape.iter().product();
+        Self::try_nan(shape, dtype).unwrap_or_else(|e| panic!("Tensor::nan: {e}"))
+    }
+    /// [`Tensor::nan`], or an error (argument `shape`) as [`Tensor::try_zeros`].
+    pub fn try_nan(shape: &[usize], dtype: DType) -> Result<Self> {
+        Self::try_filled(shape, dtype, f32::NAN, i32::MIN)
+    }
+    fn try_filled(shape: &[usize], dtype: DType, x: f32, xi: i32) -> Result<Self> {
+        let n = checked_len(shape, dtype)?;
+        fn fill<T: Clone>(n: usize, x: T, shape: &[usize], dtype: DType) -> Result<Vec<T>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| {
+                Error::invalid(
+                    "shape",
+                    "a tensor that can be allocated",
+                    format!("{shape:?} of {dtype}: {} bytes could not be allocated", n * dtype.size()),
+                )
+            })?;
+            v.resize(n, x);
+            Ok(v)
+        }
         let storage = match dtype {
-            DType::I32 => CpuStorage::I32(vec![i32::MIN; n]),
-            _ => CpuStorage::from_f32(dtype, &vec![f32::NAN; n]),
+            DType::F16 => CpuStorage::F16(fill(n, f16::from_f32(x), shape, dtype)?),
+            DType::BF16 => CpuStorage::BF16(fill(n, bf16::from_f32(x), shape, dtype)?),
+            DType::F32 => CpuStorage::F32(fill(n, x, shape, dtype)?),
+            DType::I32 => CpuStorage::I32(fill(n, xi, shape, dtype)?),
         };
-        Tensor { storage, layout: Layout::contiguous(shape) }
+        Ok(Tensor { storage, layout: Layout::contiguous(shape) })
     }
     /// A contiguous tensor holding `values` rounded to `dtype`.
     pub fn from_f32(values: &[f32], shape: &[usize], dtype: DType) -> Result<Self> {
@@ -446,6 +477,24 @@ impl Tensor {
     /// A contiguous copy converted to `dtype`.
     pub fn to_dtype(&self, dtype: DType) -> Tensor {
         Tensor::from_f32(&self.to_f32_vec(), self.shape(), dtype).expect("shape matches")
+    }
+}
+
+/// The element count of `shape`, checked: it and its size in bytes of `dtype` must fit in `isize` (the
+/// most any allocation can hold). Error argument `shape`.
+pub fn checked_len(shape: &[usize], dtype: DType) -> Result<usize> {
+    if shape.contains(&0) {
+        return Ok(0);
+    }
+    let n = shape.iter().try_fold(1u128, |a, &n| a.checked_mul(n as u128));
+    let bytes = n.and_then(|n| n.checked_mul(dtype.size() as u128));
+    match (n, bytes) {
+        (Some(n), Some(b)) if b <= isize::MAX as u128 => Ok(n as usize),
+        _ => Err(Error::invalid(
+            "shape",
+            format!("at most {} bytes", isize::MAX),
+            format!("{shape:?} of {dtype}: {} bytes", bytes.map_or("more than 2^128".to_string(), |b| b.to_string())),
+        )),
     }
 }
 

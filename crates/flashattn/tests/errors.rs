@@ -286,3 +286,57 @@ fn empty_dense_batch_keeps_shapes() {
     )
     .unwrap();
 }
+
+// Issue 17: sizes are validated before anything proportional to them is allocated.
+
+#[test]
+fn empty_tensors_with_a_huge_batch_are_refused_before_allocating() {
+    for b in [(1usize << 31) - 1, 1 << 28, flashattn::problem::MAX_BATCH + 1] {
+        let q = Tensor::from_f32(&[], &[b, 0, 1, 64], DType::F16).unwrap();
+        let t0 = std::time::Instant::now();
+        let err = forward(&q, &q, &q, &AttnOptions::default()).unwrap_err();
+        assert_eq!(err.arg(), Some("q"), "{err}");
+        assert!(err.to_string().contains("at most"), "{err}");
+        assert!(t0.elapsed().as_secs_f64() < 1.0, "refused only after {:?}", t0.elapsed());
+    }
+    let q = Tensor::from_f32(&[], &[flashattn::problem::MAX_BATCH, 0, 1, 64], DType::F16).unwrap();
+    assert_eq!(forward(&q, &q, &q, &AttnOptions::default()).unwrap().o.shape()[0], flashattn::problem::MAX_BATCH);
+    // The KV-cache path: same bound on q's batch.
+    let q = Tensor::from_f32(&[], &[1 << 28, 0, 1, 8], DType::F32).unwrap();
+    let (mut kc, mut vc) = cache(1, 8);
+    let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(0));
+    assert_eq!(arg_of(kvcache_forward(&q.view(), &mut c, &AttnOptions::default())), "q");
+}
+
+#[test]
+fn tensor_constructors_check_their_sizes() {
+    // Element counts or byte sizes past isize: an error naming `shape` and the bytes, not a panic or abort.
+    let err = Tensor::try_nan(&[1 << 32, 1 << 32], DType::F32).unwrap_err();
+    assert_eq!(err.arg(), Some("shape"));
+    assert!(err.to_string().contains("73786976294838206464 bytes"), "{err}");
+    assert_eq!(Tensor::try_zeros(&[usize::MAX, 3], DType::F16).unwrap_err().arg(), Some("shape"));
+    assert_eq!(Tensor::try_zeros(&[1 << 62, 2], DType::F16).unwrap_err().arg(), Some("shape"));
+    assert_eq!(flashattn::tensor::checked_len(&[usize::MAX, usize::MAX, 0], DType::F32), Ok(0));
+    // An allocation the system refuses (more than any machine has, less than isize::MAX).
+    let err = Tensor::try_nan(&[1 << 60], DType::F32).unwrap_err();
+    assert_eq!(err.arg(), Some("shape"));
+    assert!(err.to_string().contains("could not be allocated"), "{err}");
+    let t = Tensor::try_nan(&[2, 3], DType::BF16).unwrap();
+    assert!(t.to_f32_vec().iter().all(|x| x.is_nan()) && t.shape() == [2, 3]);
+    assert_eq!(Tensor::try_zeros(&[2, 3], DType::I32).unwrap(), Tensor::zeros(&[2, 3], DType::I32));
+    let r = std::panic::catch_unwind(|| Tensor::nan(&[usize::MAX, 2], DType::F32));
+    assert!(r.is_err(), "the infallible constructor documents a panic, never a wrapped count");
+}
+
+#[test]
+fn head_errors_name_the_right_argument() {
+    // 0 query heads: q is at fault, not k.
+    let q = t(&[1, 2, 0, 8], DType::F32);
+    let k = t(&[1, 2, 1, 8], DType::F32);
+    assert_eq!(arg_of(forward(&q, &k, &k, &AttnOptions::default())), "q");
+    // KV-cache with a head count not dividing q's: k_cache is at fault.
+    let q = t(&[1, 1, 3, 8], DType::F32);
+    let (mut kc, mut vc) = (t(&[1, 4, 2, 8], DType::F32), t(&[1, 4, 2, 8], DType::F32));
+    let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(1));
+    assert_eq!(arg_of(kvcache_forward(&q.view(), &mut c, &AttnOptions::default())), "k_cache");
+}

@@ -173,6 +173,13 @@ fn ring_refuses_what_it_does_not_support() {
     let vl = flashattn::VarLen { cu_seqlens_q: vec![0, 8], cu_seqlens_k: vec![0, 8], seqused_k: None };
     assert!(unsupported(AttnOptions::default().varlen(vl)));
     assert_eq!(ring_forward(&q, &q, &q, &AttnOptions::default(), 0).unwrap_err().arg(), Some("ranks"));
+    // One thread per simulated rank: a count past the bound is a typed error, not thousands of threads.
+    let many = flashattn::ring::MAX_SIMULATED_RANKS + 1;
+    assert_eq!(ring_forward(&q, &q, &q, &AttnOptions::default(), 20000).unwrap_err().arg(), Some("ranks"));
+    let o = Tensor::zeros(&[1, 8, 2, 16], DType::BF16);
+    let lse = Tensor::zeros(&[1, 2, 8], DType::F32);
+    let err = ring_backward(&q, &q, &q, &o, &lse, &o, &AttnOptions::default(), many).unwrap_err();
+    assert_eq!(err.arg(), Some("ranks"));
     let k = Tensor::zeros(&[1, 8, 3, 16], DType::BF16);
     assert_eq!(ring_forward(&q, &k, &k, &AttnOptions::default(), 2).unwrap_err().arg(), Some("k"));
     let o = Tensor::zeros(&[1, 8, 2, 16], DType::BF16);

@@ -195,7 +195,11 @@ fn forward_tile_body<const F: bool>(
                 srow[j - j0] = s;
                 mx = mx.max(s);
             }
-            let alpha = (sc.m[r] - mx).exp(); // m = -inf the first time: alpha = 0
+            // While every score seen is -inf (or NaN, which `max` skips) the row's max is -inf: the
+            // exponentials are then taken against 0, so a -inf score weighs 0 and a NaN stays NaN (never
+            // `-inf - -inf`).
+            let base = if mx == f32::NEG_INFINITY { 0.0 } else { mx };
+            let alpha = (sc.m[r] - base).exp(); // m = -inf the first time: alpha = 0
             sc.m[r] = mx;
             let acc = &mut sc.acc[r * d..(r + 1) * d];
             if alpha != 1.0 {
@@ -204,7 +208,7 @@ fn forward_tile_body<const F: bool>(
             let mut l = sc.l[r] * alpha;
             let prow = &mut srow[a - j0..b - j0];
             for x in prow.iter_mut() {
-                *x = (*x - mx).exp();
+                *x = (*x - base).exp();
                 l += *x;
             }
             pv_row(acc, prow, &sc.v[(a - j0) * d..(b - j0) * d], d);
@@ -213,14 +217,21 @@ fn forward_tile_body<const F: bool>(
         j0 = j1;
     }
     let mut row = vec![0f32; d];
-    for r in 0..bm {
-        let (o_row, lse) = if sc.l[r] > 0.0 {
-            let inv = 1.0 / sc.l[r];
-            row.iter_mut().zip(&sc.acc[r * d..(r + 1) * d]).for_each(|(o, a)| *o = a * inv);
-            (&row, sc.m[r] + sc.l[r].ln())
-        } else {
+    for (r, range) in ranges.iter().enumerate() {
+        // Only a row whose mask leaves no key is reported empty (o = 0, lse = -inf). A NaN score, a +inf
+        // score (`inf - inf`) or a NaN/inf value has made `l` or `acc` non-finite, and that propagates
+        // to o and lse; a row whose visible scores are all -inf has `l = 0` and reports NaN.
+        let (o_row, lse) = if range.is_empty() {
             row.fill(0.0);
             (&row, f32::NEG_INFINITY)
+        } else if sc.l[r] == 0.0 {
+            row.fill(f32::NAN);
+            (&row, f32::NAN)
+        } else {
+            let inv = 1.0 / sc.l[r];
+            row.iter_mut().zip(&sc.acc[r * d..(r + 1) * d]).for_each(|(o, a)| *o = a * inv);
+            let m = if sc.m[r] == f32::NEG_INFINITY { 0.0 } else { sc.m[r] };
+            (&row, m + sc.l[r].ln())
         };
         out.o.write_f32(out.o_map.at(seq, i0 + r, head), o_row);
         out.lse.write_f32(p.lse_index(seq, head, i0 + r), &[lse]);
@@ -421,6 +432,14 @@ fn dkdv_tile_body<const F: bool>(
             let rows = round_up(n, R);
             load_rows(x.q, &p.q, seq, head, i0, n, d, dp, &mut q);
             load_rows(b.dout, b.do_map, seq, head, i0, n, d, dp, &mut g);
+            // A row that saw no key contributes nothing: its q and dO rows are zeroed so that a non-finite
+            // value in them cannot reach dK, dV through the products' zero weights (`0 * NaN`).
+            for r in 0..n {
+                if b.lse[p.lse_index(seq, head, i0 + r)] == f32::NEG_INFINITY {
+                    q[r * dp..(r + 1) * dp].fill(0.0);
+                    g[r * dp..(r + 1) * dp].fill(0.0);
+                }
+            }
             let (ka, kb) = tile_key_range(p, seq, i0, i0 + n);
             let cols = tile_cols(ka.max(j0), kb.min(j1), j0);
             scores::<F>(d, dp, rows, &q, &g, &t, cols, &mut s, &mut dpm);
@@ -529,6 +548,10 @@ fn dq_tile_body<const F: bool>(
         j0 = j1;
     }
     for r in 0..bm {
+        if lse[r] == f32::NEG_INFINITY {
+            // A row that saw no key has zero gradient, whatever the (unweighted) keys of its tiles hold.
+            dq[r * dp..r * dp + d].fill(0.0);
+        }
         out.dq.write_f32(out.dq_map.at(seq, i0 + r, head), &dq[r * dp..r * dp + d]);
     }
     dd

@@ -183,6 +183,10 @@ fn rank_setup(
     Ok((dims, scale, softcap))
 }
 
+/// Most simulated ranks [`ring_forward`] and [`ring_backward`] run: each rank is an OS thread that must run
+/// alongside the others (they exchange blocks through channels), so the count is bounded.
+pub const MAX_SIMULATED_RANKS: usize = 256;
+
 /// The whole-tensor entry points' common start: the ring's mask, the problem, `extra` checks on it, the
 /// schedule of `ranks` ranks.
 pub(super) fn ring_plan(
@@ -193,6 +197,13 @@ pub(super) fn ring_plan(
     ranks: usize,
     extra: impl FnOnce(&Problem) -> Result<()>,
 ) -> Result<(Problem, RingSchedule)> {
+    if ranks > MAX_SIMULATED_RANKS {
+        return Err(Error::invalid(
+            "ranks",
+            format!("at most {MAX_SIMULATED_RANKS} simulated ranks (one thread each)"),
+            ranks,
+        ));
+    }
     let causal = ring_mask(opts)?;
     let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
     extra(&p)?;

@@ -47,6 +47,7 @@ mod transport;
 pub use gpu::{ring_backward_cuda, ring_forward_cuda};
 pub use host::{
     rank_backward, rank_forward, ring_backward, ring_forward, DkvShard, KvShard, RankStats, RingBackward, RingForward,
+    MAX_SIMULATED_RANKS,
 };
 pub use merge::{combine, merge_into};
 pub use schedule::{LocalPair, PairMask, PairWork, RingSchedule};
