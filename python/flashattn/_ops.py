@@ -40,9 +40,16 @@ def _device(t: torch.Tensor) -> int:
 
 
 def _stream(t: torch.Tensor) -> int:
+    """The current CUDA stream of `t`'s device, as a raw handle (0 for CPU tensors)."""
     if t.device.type != "cuda":
         return 0
+    if _raw_stream is not None:
+        return _raw_stream(t.device.index)
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+# torch's own fast accessor of the current stream (what its compiler's generated code calls), when present.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _check_device(ref: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:

@@ -43,11 +43,30 @@ def main():
     vc = torch.randn(b, sk, hk, d, device=dev, dtype=dt)
     seqlens = torch.full((b,), sk, dtype=torch.int32, device=dev)
     qs, ks, vs = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+    op = torch.ops.flashattn.kvcache
+    op_args = (q, kc, vc, None, None, seqlens, None, None, None, None, None, True, None, None, False, -1, -1, 0.0)
+    # The extension alone: outputs and workspace allocated once, tensor descriptions built once.
+    from flashattn import _flashattn as ext
+    from flashattn import _ops
+
+    out, lse = torch.empty_like(q), torch.empty(b, h, 1, device=dev)
+    kv = (_ops._desc(kc, "k"), _ops._desc(vc, "v"), None, None, _ops._desc(seqlens, "s"), None, None, None, None)
+    opts = _ops._opts(None, False, -1, -1, 0.0)
+    qd, od, ld = _ops._desc(q, "q"), _ops._desc(out, "o"), _ops._desc(lse, "l")
+    ws_bytes = ext.kvcache_workspace_bytes(0, qd, kv, od, ld, opts, None)
+    ws = torch.zeros(ws_bytes, dtype=torch.uint8, device=dev)
+    stream = torch.cuda.current_stream().cuda_stream
     rows = {
         "flash_attn_with_kvcache": host_us(lambda: flashattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens)),
+        "torch.ops.flashattn.kvcache": host_us(lambda: op(*op_args)),
+        "extension call only": host_us(
+            lambda: ext.kvcache(0, stream, qd, kv, od, ld, opts, None, (ws.data_ptr(), ws_bytes))
+        ),
+        "workspace size query": host_us(lambda: ext.kvcache_workspace_bytes(0, qd, kv, od, ld, opts, None)),
         "flash_attn_func": host_us(lambda: flashattn.flash_attn_func(q, kc, vc)),
         "sdpa (default backend)": host_us(lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)),
         "torch.empty (a floor)": host_us(lambda: torch.empty(b, 1, h, d, device=dev, dtype=dt)),
+        "torch.cuda.current_stream": host_us(lambda: torch.cuda.current_stream(q.device).cuda_stream),
     }
     for k, v in rows.items():
         print(f"{k:28s} {v:7.1f} us/call")

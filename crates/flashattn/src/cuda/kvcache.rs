@@ -637,7 +637,7 @@ fn raw_plan(
     cache.k_cache.check("k_cache", &cs, dtype, true)?;
     cache.v_cache.check("v_cache", &cs, dtype, true)?;
     let hk = cs[2];
-    crate::problem::check_heads(h, hk)?;
+    crate::problem::check_heads_of(h, hk, "k_cache")?;
     let s_new = match (&cache.k_new, &cache.v_new) {
         (None, None) => 0,
         (Some(kn), Some(vn)) => {
