@@ -52,13 +52,13 @@ correct)
     grep -E "test result|rc=|panicked" "$OUT/rust_cuda.log" >> "$OUT/summary.txt"
     ;;
 bench)
-    step overhead 120 python3 "$G/overhead.py" --json "$OUT/overhead.json"
-    step peers-standard 330 python3 "$G/torch_baselines.py" --grid standard --backends fa2,cudnn,flashattn \
+    step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json"
+    step peers-standard 230 python3 "$G/torch_baselines.py" --grid standard --backends fa2,cudnn,flashattn \
         --json "$OUT/peers_standard.json"
-    step cli-standard 200 "$G/flashattn" bench --grid standard --json "$OUT/cli_standard.json"
-    step peers-decode 90 python3 "$G/torch_baselines.py" --grid decode --backends fa2,cudnn,flashattn \
+    step cli-standard 150 "$G/flashattn" bench --grid standard --json "$OUT/cli_standard.json"
+    step peers-decode 60 python3 "$G/torch_baselines.py" --grid decode --backends fa2,cudnn,flashattn \
         --json "$OUT/peers_decode.json"
-    step cli-decode 90 "$G/flashattn" bench --grid decode --json "$OUT/cli_decode.json"
+    step cli-decode 60 "$G/flashattn" bench --grid decode --json "$OUT/cli_decode.json"
     ;;
 esac
 cat "$OUT/summary.txt"
