@@ -73,7 +73,8 @@ fn layout(t: &PyTensor) -> PyResult<(Layout, usize)> {
     if l.strides.len() != l.shape.len() {
         return Err(PyValueError::new_err(format!("{} strides for {} dims", l.strides.len(), l.shape.len())));
     }
-    let len = l.extent().ok_or_else(|| PyValueError::new_err(format!("a tensor of shape {:?} is too large", l.shape)))?;
+    let len =
+        l.extent().ok_or_else(|| PyValueError::new_err(format!("a tensor of shape {:?} is too large", l.shape)))?;
     Ok((l, len))
 }
 
@@ -149,14 +150,8 @@ unsafe fn host_owned(t: &PyTensor) -> PyResult<Tensor> {
 }
 
 fn options(o: PyOpts) -> AttnOptions {
-    let (scale, causal, wl, wr, softcap, deterministic) = o;
-    let mut a = AttnOptions::default();
-    a.softmax_scale = scale;
-    a.causal = causal;
-    a.window = (wl, wr);
-    a.softcap = softcap;
-    a.deterministic = deterministic;
-    a
+    let (softmax_scale, causal, wl, wr, softcap, deterministic) = o;
+    AttnOptions { softmax_scale, causal, window: (wl, wr), softcap, deterministic, ..Default::default() }
 }
 
 /// Host options: varlen offsets and ALiBi slopes read from host memory.
@@ -267,6 +262,7 @@ fn bwd_workspace_bytes(
 /// keep what they held: pass zeroed tensors).
 #[pyfunction]
 #[pyo3(signature = (device, stream, t, opts, alibi, varlen, workspace))]
+#[allow(clippy::too_many_arguments)]
 fn bwd(
     py: Python<'_>,
     device: i64,
@@ -330,7 +326,9 @@ fn device_cache(kv: &PyKv, alibi: &Option<PyTensor>) -> PyResult<DeviceKvCache> 
         cache_batch_idx: bidx.as_ref().map(dev).transpose()?,
         cache_leftpad: lpad.as_ref().map(dev).transpose()?,
         rotary: match rot {
-            Some((cos, sin, interleaved)) => Some(DeviceRotary { cos: dev(cos)?, sin: dev(sin)?, interleaved: *interleaved }),
+            Some((cos, sin, interleaved)) => {
+                Some(DeviceRotary { cos: dev(cos)?, sin: dev(sin)?, interleaved: *interleaved })
+            }
             None => None,
         },
         alibi_slopes: alibi.as_ref().map(dev).transpose()?,

@@ -66,6 +66,7 @@ pub(crate) enum Softmax {
 
 /// Runs the three backward kernels on `stream`, with their scratch buffers in `workspace` (a device address
 /// of at least [`workspace_layout`]`.bytes`, 256-byte aligned) or, when `None`, in a buffer allocated here.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     gpu: &Gpu,
     stream: &Arc<CudaStream>,

@@ -140,9 +140,7 @@ pub(crate) fn device_problem(
         match a.shape.as_slice() {
             [n] if *n == h => {}
             [bb, n] if *bb == b && *n == h => per_batch = true,
-            s => {
-                return Err(Error::invalid("alibi_slopes", format!("shape [{h}] or [{b}, {h}]"), format!("{s:?}")))
-            }
+            s => return Err(Error::invalid("alibi_slopes", format!("shape [{h}] or [{b}, {h}]"), format!("{s:?}"))),
         }
         check_meta_vec("alibi_slopes", a, DType::F32, &a.shape.clone())?;
         host.alibi_slopes = None;
