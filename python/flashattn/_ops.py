@@ -93,8 +93,7 @@ def _varlen(cu_q, cu_k, seqused_k, max_sq, max_sk):
 # --- forward -------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("flashattn::fwd", mutates_args=())
-def fwd(
+def _fwd_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -129,6 +128,43 @@ def fwd(
     return out, lse
 
 
+@torch.library.custom_op("flashattn::fwd", mutates_args=())
+def fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    alibi_slopes: Optional[torch.Tensor],
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    seqused_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: Optional[float],
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(
+        q,
+        k,
+        v,
+        alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        seqused_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
+        deterministic,
+    )
+
+
 @fwd.register_fake
 def _fwd_fake(
     q,
@@ -156,8 +192,7 @@ def _fwd_fake(
 # --- backward ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("flashattn::bwd", mutates_args=())
-def bwd(
+def _bwd_impl(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -213,6 +248,49 @@ def bwd(
     return dq, dk, dv
 
 
+@torch.library.custom_op("flashattn::bwd", mutates_args=())
+def bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    alibi_slopes: Optional[torch.Tensor],
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    seqused_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: Optional[float],
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        seqused_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
+        deterministic,
+    )
+
+
 @bwd.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, *args):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -234,11 +312,12 @@ def _fwd_backward(ctx, dout, dlse):
 fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
+_kv_ws_bytes: dict = {}
+
 # --- KV cache ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("flashattn::kvcache", mutates_args=("k_cache", "v_cache"))
-def kvcache(
+def _kvcache_impl(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -278,16 +357,129 @@ def kvcache(
     alibi = _opt(alibi_slopes, "alibi_slopes")
     dev = _device(q)
     qd, od, ld = _desc(q, "q"), _desc(out, "out"), _desc(lse, "softmax_lse")
-    ws_bytes = _ext.kvcache_workspace_bytes(dev, qd, kv, od, ld, opts, alibi)
+    # The size depends on shapes, options and the device only: remembered per such key.
+    key = (
+        dev,
+        qd[1:],
+        tuple(None if x is None else x[1:] for x in kv[:8]),
+        kv[8] and (kv[8][0][1:], kv[8][2]),
+        opts,
+        alibi and alibi[1:],
+    )
+    ws_bytes = _kv_ws_bytes.get(key)
+    if ws_bytes is None:
+        ws_bytes = _kv_ws_bytes[key] = _ext.kvcache_workspace_bytes(dev, qd, kv, od, ld, opts, alibi)
     # The kernels need a zeroed workspace (split counters and the status word) at every call.
     ws = torch.zeros(ws_bytes, dtype=torch.uint8, device=q.device) if ws_bytes else None
     _ext.kvcache(dev, _stream(q), qd, kv, od, ld, opts, alibi, (0, 0) if ws is None else (ws.data_ptr(), ws_bytes))
     return out, lse
 
 
+@torch.library.custom_op("flashattn::kvcache", mutates_args=("k_cache", "v_cache"))
+def kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor],
+    v: Optional[torch.Tensor],
+    cache_seqlens: torch.Tensor,
+    block_table: Optional[torch.Tensor],
+    cache_batch_idx: Optional[torch.Tensor],
+    cache_leftpad: Optional[torch.Tensor],
+    rotary_cos: Optional[torch.Tensor],
+    rotary_sin: Optional[torch.Tensor],
+    rotary_interleaved: bool,
+    alibi_slopes: Optional[torch.Tensor],
+    softmax_scale: Optional[float],
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kvcache_impl(
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        cache_seqlens,
+        block_table,
+        cache_batch_idx,
+        cache_leftpad,
+        rotary_cos,
+        rotary_sin,
+        rotary_interleaved,
+        alibi_slopes,
+        softmax_scale,
+        causal,
+        window_left,
+        window_right,
+        softcap,
+    )
+
+
 @kvcache.register_fake
 def _kvcache_fake(q, k_cache, v_cache, *args):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, False), dtype=torch.float32)
+
+
+# --- eager calls -----------------------------------------------------------------------------------------------
+# The custom ops are what torch.compile, fake tensors, dispatch modes and opcheck see. A plain eager call on real
+# CPU or CUDA tensors runs the same implementations directly (an autograd.Function where gradients are needed):
+# the dispatcher's Python layers cost more than the kernel launch itself at decode sizes.
+
+_dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_increment_version = getattr(torch.autograd.graph, "increment_version", None)
+
+
+def _eager(*ts: torch.Tensor) -> bool:
+    return (
+        not torch.compiler.is_compiling()
+        and all(type(t) is torch.Tensor for t in ts)
+        and ts[0].device.type != "meta"
+        and _dispatch_depth() == 0
+        and not _functorch_active()
+    )
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *args):
+        out, lse = _fwd_impl(*args)
+        q, k, v, alibi, cu_q, cu_k, used = args[:7]
+        ctx.save_for_backward(q, k, v, out, lse, alibi, cu_q, cu_k, used)
+        ctx.args = args[7:]
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, alibi, cu_q, cu_k, used = ctx.saved_tensors
+        dq, dk, dv = _bwd_impl(dout, q, k, v, out, lse, alibi, cu_q, cu_k, used, *ctx.args)
+        return (dq, dk, dv) + (None,) * 12
+
+
+def attention(*args):
+    """`fwd`'s arguments: the op under torch.compile and dispatch modes, else the implementation directly."""
+    q, k, v = args[0], args[1], args[2]
+    if not _eager(q, k, v):
+        return fwd(*args)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _Attention.apply(*args)
+    return _fwd_impl(*args)
+
+
+def attention_kvcache(*args):
+    """`kvcache`'s arguments, likewise (the caches' version counters are bumped as the op's would be)."""
+    q, k_cache, v_cache = args[0], args[1], args[2]
+    if not _eager(q, k_cache, v_cache):
+        return kvcache(*args)
+    out = _kvcache_impl(*args)
+    if _increment_version is not None:
+        _increment_version(k_cache)
+        _increment_version(v_cache)
+    return out
 
 
 # --- first-call compile notice --------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def _attention(
     wl, wr = _window(causal, window_size)
     _ops._check_device(q, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=used)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
-    out, lse = _ops.fwd(
+    out, lse = _ops.attention(
         q,
         k,
         v,
@@ -441,7 +441,7 @@ def flash_attn_with_kvcache(
     )
     wl, wr = _window(causal, window_size)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
-    out, lse = _ops.kvcache(
+    out, lse = _ops.attention_kvcache(
         q,
         k_cache,
         v_cache,
