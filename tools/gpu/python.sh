@@ -4,6 +4,7 @@
 # and the peers' script into .gpu/), with .gpu carried:
 #   bash .gpu/python.sh correct   # pytest on CUDA tensors; the Rust CUDA tests; memcheck on a reduced pytest run
 #   bash .gpu/python.sh bench     # peers + the package (torch_baselines.py) beside `flashattn bench`; host overhead
+#   bash .gpu/python.sh all       # both
 # Every GPU process runs under `timeout`. Output: $OUT/summary.txt (each step, its status, its last lines),
 # $OUT/log.txt (everything), JSON results.
 set -uo pipefail
@@ -32,14 +33,16 @@ step() {
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
 python3 -c 'import torch, flashattn; print("torch", torch.__version__, flashattn.info())' >> "$OUT/summary.txt" 2>&1
 T=$(pwd)/python/tests
-case "${1:-correct}" in
-correct)
+MODE=${1:-correct}
+run_correct() {
     # The Rust CUDA tests run beside pytest (they share the GPU and the kernel cache; each under its timeout).
     # Their own kernel cache: the compile test wants fresh compiles (ptxas reports), not pytest's cached cubins.
     (export FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-rust
      FLASHATTN_REQUIRE_GPU=1 FLASHATTN_SWEEP=quick timeout 420 "$G/cuda" --test-threads=1 > "$OUT/rust_cuda.log" 2>&1
      echo "rc=$?" >> "$OUT/rust_cuda.log"
      FLASHATTN_REQUIRE_GPU=1 timeout 240 "$G/cuda_kvcache" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
+     echo "rc=$?" >> "$OUT/rust_cuda.log"
+     FLASHATTN_REQUIRE_GPU=1 timeout 240 "$G/cuda_nonfinite" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
      echo "rc=$?" >> "$OUT/rust_cuda.log") &
     step pytest-cuda 450 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
     step memcheck 240 env -C "$T" FLASHATTN_TEST_DEVICES=cuda compute-sanitizer --tool memcheck --error-exitcode 3 \
@@ -49,9 +52,9 @@ correct)
         "test_errors.py::test_bad_device_metadata_stays_in_bounds" \
         "test_errors.py::test_kvcache_overflow_writes_nothing[cuda]" "test_torch.py::test_cuda_graph_decode_replay"
     wait
-    grep -E "test result|rc=|panicked" "$OUT/rust_cuda.log" >> "$OUT/summary.txt"
-    ;;
-bench)
+    grep -E "test result|rc=|panicked|FAILED|failed" "$OUT/rust_cuda.log" >> "$OUT/summary.txt"
+}
+run_bench() {
     step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json"
     step peers-standard 230 python3 "$G/torch_baselines.py" --grid standard --backends fa2,cudnn,flashattn \
         --json "$OUT/peers_standard.json"
@@ -59,6 +62,10 @@ bench)
     step peers-decode 60 python3 "$G/torch_baselines.py" --grid decode --backends fa2,cudnn,flashattn \
         --json "$OUT/peers_decode.json"
     step cli-decode 60 "$G/flashattn" bench --grid decode --json "$OUT/cli_decode.json"
-    ;;
+}
+case "$MODE" in
+correct) run_correct ;;
+bench) run_bench ;;
+all) run_correct; run_bench ;;
 esac
 cat "$OUT/summary.txt"
