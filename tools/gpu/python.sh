@@ -43,7 +43,10 @@ run_correct() {
      FLASHATTN_REQUIRE_GPU=1 timeout 240 "$G/cuda_kvcache" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
      echo "rc=$?" >> "$OUT/rust_cuda.log"
      FLASHATTN_REQUIRE_GPU=1 timeout 240 "$G/cuda_nonfinite" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
-     echo "rc=$?" >> "$OUT/rust_cuda.log") &
+     echo "rc=$?" >> "$OUT/rust_cuda.log"
+     FLASHATTN_CUDA_PATH=sm80 FLASHATTN_REQUIRE_GPU=1 timeout 240 "$G/cuda_nonfinite" --test-threads=1 \
+         >> "$OUT/rust_cuda.log" 2>&1
+     echo "rc=$? (sm80 path)" >> "$OUT/rust_cuda.log") &
     step pytest-cuda 450 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
     step memcheck 240 env -C "$T" FLASHATTN_TEST_DEVICES=cuda compute-sanitizer --tool memcheck --error-exitcode 3 \
         python3 -m pytest -q -p no:cacheprovider -x \
