@@ -66,7 +66,31 @@ run_bench() {
         --json "$OUT/peers_decode.json"
     step cli-decode 60 "$G/flashattn" bench --grid decode --json "$OUT/cli_decode.json"
 }
+# The short form for a call with little device time left: pytest on CUDA (the Rust non-finite and KV tests
+# beside it), then the quick and decode grids with the host overhead, then memcheck on three tests.
+run_final() {
+    (export FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-rust FLASHATTN_REQUIRE_GPU=1
+     timeout 100 "$G/cuda_nonfinite" --test-threads=1 > "$OUT/rust_cuda.log" 2>&1; echo "rc=$?" >> "$OUT/rust_cuda.log"
+     FLASHATTN_CUDA_PATH=sm80 timeout 100 "$G/cuda_nonfinite" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
+     echo "rc=$? (sm80 path)" >> "$OUT/rust_cuda.log"
+     timeout 100 "$G/cuda_kvcache" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1; echo "rc=$?" >> "$OUT/rust_cuda.log") &
+    step pytest-cuda 150 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
+    wait
+    grep -E "test result|rc=|panicked|FAILED" "$OUT/rust_cuda.log" >> "$OUT/summary.txt"
+    step overhead 40 python3 "$G/overhead.py" --json "$OUT/overhead.json"
+    step peers-quick 40 python3 "$G/torch_baselines.py" --grid quick --backends fa2,cudnn,flashattn \
+        --json "$OUT/peers_standard.json"
+    step cli-quick 30 "$G/flashattn" bench --grid quick --json "$OUT/cli_standard.json"
+    step peers-decode 40 python3 "$G/torch_baselines.py" --grid decode --backends fa2,cudnn,flashattn \
+        --json "$OUT/peers_decode.json"
+    step cli-decode 20 "$G/flashattn" bench --grid decode --json "$OUT/cli_decode.json"
+    step memcheck 60 env -C "$T" FLASHATTN_TEST_DEVICES=cuda compute-sanitizer --tool memcheck --error-exitcode 3 \
+        python3 -m pytest -q -p no:cacheprovider \
+        "test_attention.py::test_varlen_seqused_k[cuda]" "test_kvcache.py::test_kvcache[cuda-6]" \
+        "test_errors.py::test_bad_device_metadata_stays_in_bounds" "test_errors.py::test_kvcache_overflow_writes_nothing[cuda]"
+}
 case "$MODE" in
+final) run_final ;;
 correct) run_correct ;;
 bench) run_bench ;;
 all) run_correct; run_bench ;;
