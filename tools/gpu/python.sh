@@ -34,6 +34,15 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$OUT/
 python3 -c 'import torch, flashattn; print("torch", torch.__version__, flashattn.info())' >> "$OUT/summary.txt" 2>&1
 T=$(pwd)/python/tests
 MODE=${1:-correct}
+# The CUDA non-finite tests, on both kernel paths, where the branch that adds them is built (cuda-nan).
+nonfinite() {
+    [ -x "$G/cuda_nonfinite" ] || return 0
+    FLASHATTN_REQUIRE_GPU=1 timeout "$1" "$G/cuda_nonfinite" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
+    echo "rc=$?" >> "$OUT/rust_cuda.log"
+    FLASHATTN_CUDA_PATH=sm80 FLASHATTN_REQUIRE_GPU=1 timeout "$1" "$G/cuda_nonfinite" --test-threads=1 \
+        >> "$OUT/rust_cuda.log" 2>&1
+    echo "rc=$? (sm80 path)" >> "$OUT/rust_cuda.log"
+}
 run_correct() {
     # The Rust CUDA tests run beside pytest (they share the GPU and the kernel cache; each under its timeout).
     # Their own kernel cache: the compile test wants fresh compiles (ptxas reports), not pytest's cached cubins.
@@ -42,11 +51,7 @@ run_correct() {
      echo "rc=$?" >> "$OUT/rust_cuda.log"
      FLASHATTN_REQUIRE_GPU=1 timeout 240 "$G/cuda_kvcache" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
      echo "rc=$?" >> "$OUT/rust_cuda.log"
-     FLASHATTN_REQUIRE_GPU=1 timeout 240 "$G/cuda_nonfinite" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
-     echo "rc=$?" >> "$OUT/rust_cuda.log"
-     FLASHATTN_CUDA_PATH=sm80 FLASHATTN_REQUIRE_GPU=1 timeout 240 "$G/cuda_nonfinite" --test-threads=1 \
-         >> "$OUT/rust_cuda.log" 2>&1
-     echo "rc=$? (sm80 path)" >> "$OUT/rust_cuda.log") &
+     nonfinite 240) &
     step pytest-cuda 450 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
     step memcheck 240 env -C "$T" FLASHATTN_TEST_DEVICES=cuda compute-sanitizer --tool memcheck --error-exitcode 3 \
         python3 -m pytest -q -p no:cacheprovider -x \
@@ -70,9 +75,7 @@ run_bench() {
 # beside it), then the quick and decode grids with the host overhead, then memcheck on three tests.
 run_final() {
     (export FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-rust FLASHATTN_REQUIRE_GPU=1
-     timeout 100 "$G/cuda_nonfinite" --test-threads=1 > "$OUT/rust_cuda.log" 2>&1; echo "rc=$?" >> "$OUT/rust_cuda.log"
-     FLASHATTN_CUDA_PATH=sm80 timeout 100 "$G/cuda_nonfinite" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
-     echo "rc=$? (sm80 path)" >> "$OUT/rust_cuda.log"
+     nonfinite 100
      timeout 100 "$G/cuda_kvcache" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1; echo "rc=$?" >> "$OUT/rust_cuda.log") &
     step pytest-cuda 150 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
     wait
