@@ -290,3 +290,93 @@ pub unsafe fn backward_device(
         bwd::run(&gpu, &s, &p, &a, aligned, opts.deterministic, bwd::Softmax::Whole, Some(workspace.ptr))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(dtype: DType, shape: &[usize]) -> DeviceTensorRef {
+        DeviceTensorRef::contiguous(0x1000, dtype, shape)
+    }
+
+    fn varlen(b: usize) -> DeviceVarlen {
+        DeviceVarlen {
+            cu_seqlens_q: t(DType::I32, &[b + 1]),
+            cu_seqlens_k: t(DType::I32, &[b + 1]),
+            seqused_k: None,
+            max_seqlen_q: 70,
+            max_seqlen_k: 90,
+        }
+    }
+
+    #[test]
+    fn device_varlen_problem_keeps_shapes_and_maxima() {
+        let (q, k) = (t(DType::BF16, &[100, 8, 64]), t(DType::BF16, &[120, 2, 64]));
+        let meta = DeviceMeta { varlen: Some(varlen(3)), alibi_slopes: Some(t(DType::F32, &[3, 8])) };
+        let p = device_problem(&q, &k, &k, &AttnOptions::default(), &meta).unwrap();
+        assert!(p.varlen && p.cu_seqlens.is_none() && p.seqused_k.is_none());
+        assert_eq!((p.batch, p.h, p.hk, p.total_q, p.total_k), (3, 8, 2, 100, 120));
+        assert_eq!((p.max_seqlen_q(), p.max_seqlen_k()), (70, 90));
+        assert_eq!(p.lse_shape(), vec![8, 100]);
+        assert!(p.alibi.as_ref().is_some_and(|a| a.per_batch && a.slopes.is_empty()));
+        // A maximum above the rows there are is cut to them.
+        let mut vl = varlen(3);
+        vl.max_seqlen_q = 10_000;
+        vl.seqused_k = Some(t(DType::I32, &[3]));
+        let p =
+            device_problem(&q, &k, &k, &AttnOptions::default(), &DeviceMeta { varlen: Some(vl), ..Default::default() })
+                .unwrap();
+        assert_eq!(p.max_seqlen_q(), 100);
+        assert!(p.seqused_k.is_some(), "seqused_k's presence picks the paths that read it");
+    }
+
+    #[test]
+    fn device_metadata_errors_name_the_argument() {
+        let (q, k) = (t(DType::F16, &[100, 8, 64]), t(DType::F16, &[120, 8, 64]));
+        let opts = AttnOptions::default();
+        let arg = |meta: DeviceMeta, o: &AttnOptions| device_problem(&q, &k, &k, o, &meta).unwrap_err().arg();
+        let mut vl = varlen(2);
+        vl.cu_seqlens_k = t(DType::I32, &[4]);
+        assert_eq!(arg(DeviceMeta { varlen: Some(vl), ..Default::default() }, &opts), Some("cu_seqlens_k"));
+        let mut vl = varlen(2);
+        vl.cu_seqlens_q = t(DType::F32, &[3]);
+        assert_eq!(arg(DeviceMeta { varlen: Some(vl), ..Default::default() }, &opts), Some("cu_seqlens_q"));
+        let mut vl = varlen(2);
+        vl.seqused_k = Some(t(DType::I32, &[3]));
+        assert_eq!(arg(DeviceMeta { varlen: Some(vl), ..Default::default() }, &opts), Some("seqused_k"));
+        let meta = DeviceMeta { varlen: Some(varlen(2)), alibi_slopes: Some(t(DType::F32, &[4])) };
+        assert_eq!(arg(meta, &opts), Some("alibi_slopes"));
+        let meta = DeviceMeta { varlen: Some(varlen(2)), alibi_slopes: Some(t(DType::F16, &[8])) };
+        assert_eq!(arg(meta, &opts), Some("alibi_slopes"));
+        let host = AttnOptions {
+            varlen: Some(VarLen { cu_seqlens_q: vec![0, 100], cu_seqlens_k: vec![0, 120], seqused_k: None }),
+            ..AttnOptions::default()
+        };
+        assert_eq!(arg(DeviceMeta { varlen: Some(varlen(1)), ..Default::default() }, &host), Some("varlen"));
+        // f32 is the CPU backend's only: the CUDA entry points refuse it as unsupported, not as invalid.
+        let q32 = t(DType::F32, &[2, 16, 8, 64]);
+        let e = device_problem(&q32, &q32, &q32, &opts, &DeviceMeta::default()).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    }
+
+    #[test]
+    fn backward_workspace_is_a_pure_function_of_the_shapes() {
+        let q = t(DType::BF16, &[2, 300, 8, 96]);
+        let k = t(DType::BF16, &[2, 500, 2, 96]);
+        let plain = backward_workspace_bytes(&q, &k, &k, &AttnOptions::default(), &DeviceMeta::default()).unwrap();
+        let det = AttnOptions { deterministic: true, ..AttnOptions::default() };
+        let with_counters = backward_workspace_bytes(&q, &k, &k, &det, &DeviceMeta::default()).unwrap();
+        // D and the log2 lse: f32 [h, rows]; the dQ accumulator: f32 [rows, h, 128] (96 runs as 128).
+        let rows = 2 * 300;
+        let at_least = 2 * (8 * rows * 4) + rows * 8 * 128 * 4;
+        assert!(plain >= at_least && plain % 256 == 0, "{plain} < {at_least}");
+        // Deterministic mode adds one i32 counter per (batch, head, 16-row query block).
+        assert!(with_counters >= plain + 2 * 8 * 300usize.div_ceil(16) * 4);
+        let layout =
+            bwd::workspace_layout(&device_problem(&q, &k, &k, &det, &DeviceMeta::default()).unwrap(), true).unwrap();
+        for off in [layout.dpsum, layout.lse_log2, layout.dq_accum, layout.sem] {
+            assert_eq!(off % 256, 0, "every buffer starts 256-byte aligned");
+        }
+        assert!(layout.sem + layout.sem_bytes <= layout.bytes);
+    }
+}
