@@ -1,6 +1,6 @@
 //! The definitions every backend shares: visibility (causal and sliding-window masks), ALiBi, soft-capping
 //! and the grouped-head mapping. `../kernels/mask.cuh` is the device-side twin of this file; the spec is
-//! `ATTENTION.md` ("Scores", "Visibility", "Grouped heads").
+//! `docs/spec/ATTENTION.md` ("Scores", "Visibility", "Grouped heads").
 
 use crate::error::{Error, Result};
 use std::ops::Range;
