@@ -13,7 +13,7 @@ echo "== Python package"
 VENV=${FLASHATTN_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 VENV=$(cd "$VENV" && pwd)
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check 'torch>=2.4' pytest numpy 'maturin>=1.5,<2'
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check 'torch>=2.4' pytest numpy 'maturin>=1.5,<2' 'transformers>=5,<6'
 rm -rf target/wheels
 "$VENV/bin/maturin" build --release --locked -o target/wheels
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall target/wheels/flashattn-*.whl
