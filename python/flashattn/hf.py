@@ -124,19 +124,6 @@ def _packed_cu_seqlens(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
     return torch.cat([starts.to(torch.int32), total])
 
 
-def _dtype_for_kernel(query: torch.Tensor, module) -> Optional[torch.dtype]:
-    # CUDA kernels take f16/bf16 only: under autocast, or with f32 activations of a half model (PEFT-style f32
-    # norms), go to that dtype as transformers' FlashAttention path does. CPU tensors run f32 as they are.
-    if query.dtype != torch.float32 or query.device.type == "cpu":
-        return None
-    if torch.is_autocast_enabled(query.device.type):
-        return torch.get_autocast_dtype(query.device.type)
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.Linear) and layer.weight.dtype in (torch.float16, torch.bfloat16):
-            return layer.weight.dtype
-    return None
-
-
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -189,9 +176,8 @@ def attention_forward(
 
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     out_dtype = q.dtype
-    target = _dtype_for_kernel(q, module)
-    if target is not None:
-        q, k, v = q.to(target), k.to(target), v.to(target)
+    # float32 activations on CUDA are refused by the kernels (NotImplementedError naming the dtype); the cast to
+    # a half dtype that transformers' FlashAttention path makes is not here until it has run on a GPU.
     dv = v.shape[-1]
     if dv != q.shape[-1]:
         # The kernels share one head dim for q, k and v (as FlashAttention's): pad v and crop the output (MLA).
