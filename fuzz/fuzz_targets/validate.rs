@@ -803,11 +803,8 @@ struct Shapes {
 fn out_shapes(q: &[usize], varlen: bool) -> (Vec<usize>, Vec<usize>) {
     match (varlen, q) {
         (true, &[tq, h, _]) => (q.to_vec(), vec![h, tq]),
-        // A batch of 0 has a `[0, 0, h, d]` output (`Problem::o_shape`).
-        (false, &[b, sq, h, d]) => {
-            let sq = if b == 0 { 0 } else { sq };
-            (vec![b, sq, h, d], vec![b, h, sq])
-        }
+        // A batch of 0 keeps q's sequence length (`Problem::dense_sq`): `[0, sq, h, d]` and `[0, h, sq]`.
+        (false, &[b, sq, h, d]) => (vec![b, sq, h, d], vec![b, h, sq]),
         _ => (q.to_vec(), q.iter().take(3).copied().collect()),
     }
 }
