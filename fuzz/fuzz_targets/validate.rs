@@ -414,12 +414,14 @@ fn checked_numel(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n))
 }
 
+/// Row-major strides, saturating like `Layout::contiguous` (so that a "contiguous" view is the library's
+/// contiguous layout even when the element count overflows, e.g. an empty batch with huge other dims).
 fn contig_strides(shape: &[usize]) -> Vec<usize> {
     let mut st = vec![0; shape.len()];
     let mut s = 1usize;
     for (x, &n) in st.iter_mut().zip(shape).rev() {
         *x = s;
-        s = s.wrapping_mul(n);
+        s = s.saturating_mul(n);
     }
     st
 }
