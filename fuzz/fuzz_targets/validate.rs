@@ -414,12 +414,14 @@ fn checked_numel(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n))
 }
 
+/// Row-major strides, saturating like `Layout::contiguous` (so that a "contiguous" view is the library's
+/// contiguous layout even when the element count overflows, e.g. an empty batch with huge other dims).
 fn contig_strides(shape: &[usize]) -> Vec<usize> {
     let mut st = vec![0; shape.len()];
     let mut s = 1usize;
     for (x, &n) in st.iter_mut().zip(shape).rev() {
         *x = s;
-        s = s.wrapping_mul(n);
+        s = s.saturating_mul(n);
     }
     st
 }
@@ -803,11 +805,8 @@ struct Shapes {
 fn out_shapes(q: &[usize], varlen: bool) -> (Vec<usize>, Vec<usize>) {
     match (varlen, q) {
         (true, &[tq, h, _]) => (q.to_vec(), vec![h, tq]),
-        // A batch of 0 has a `[0, 0, h, d]` output (`Problem::o_shape`).
-        (false, &[b, sq, h, d]) => {
-            let sq = if b == 0 { 0 } else { sq };
-            (vec![b, sq, h, d], vec![b, h, sq])
-        }
+        // A batch of 0 keeps q's sequence length (`Problem::dense_sq`): `[0, sq, h, d]` and `[0, h, sq]`.
+        (false, &[b, sq, h, d]) => (vec![b, sq, h, d], vec![b, h, sq]),
         _ => (q.to_vec(), q.iter().take(3).copied().collect()),
     }
 }
