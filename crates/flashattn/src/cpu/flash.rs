@@ -84,7 +84,8 @@ pub(crate) fn forward(p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>) {
         .for_each_init(|| FwdScratch::new(d), |sc, (seq, head, i0)| forward_tile(p, x, out, sc, seq, head, i0));
 }
 
-/// Query rows per forward task: the key tile's loading and transposing is shared by this many rows.
+/// Query rows per forward task and per task of the backward's pass 1: the key tile's loading and
+/// transposing is shared by this many rows.
 const FBM: usize = 128;
 
 struct FwdScratch {
@@ -306,18 +307,44 @@ pub(crate) struct BwdOut<'a> {
     pub dv_map: &'a RowMap,
 }
 
-/// For score `(i, j)` with raw product `qk = q_i · k_j` and `dp = dO_i · v_j`: the probability
-/// `P_ij = exp(s - lse)` and the gradient of the raw product, `scale · P_ij (dP_ij - D_i) · softcap'(s)`.
+/// For scores `(i, j)`, `j` in `js` (a row of the key tile at `j0`), with raw products `qk = q_i · k_j` and
+/// `dp = dO_i · v_j` (slices over `js`): the probabilities `P_ij = exp(s - lse)` into `pm` and the gradients
+/// of the raw products, `scale · P_ij (dP_ij - D_i) · softcap'(s)`, into `ds`. `plain`: the score transform
+/// is the scale alone (a loop the compiler vectorises, exponentials included).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn prob_and_dscore(f: &ScoreFn, qk: f32, dp: f32, i: usize, j: usize, lse: f32, di: f32) -> (f32, f32) {
-    let (s, t) = f.apply(qk, i, j);
-    let pij = (s - lse).exp();
-    let mut ds = pij * (dp - di);
-    if f.softcap > 0.0 {
-        ds *= 1.0 - t * t;
+fn prob_dscore_row(
+    f: &ScoreFn,
+    plain: bool,
+    i: usize,
+    js: Range<usize>,
+    qk: &[f32],
+    dp: &[f32],
+    pm: &mut [f32],
+    ds: &mut [f32],
+    lse: f32,
+    di: f32,
+) {
+    let n = js.len();
+    let (qk, dp, pm, ds) = (&qk[..n], &dp[..n], &mut pm[..n], &mut ds[..n]);
+    if plain {
+        for e in 0..n {
+            let pij = kernel::exp1(qk[e] * f.scale - lse);
+            pm[e] = pij;
+            ds[e] = pij * (dp[e] - di) * f.scale;
+        }
+        return;
     }
-    (pij, ds * f.scale)
+    for (e, j) in js.enumerate() {
+        let (s, t) = f.apply(qk[e], i, j);
+        let pij = kernel::exp1(s - lse);
+        let mut g = pij * (dp[e] - di);
+        if f.softcap > 0.0 {
+            g *= 1.0 - t * t;
+        }
+        pm[e] = pij;
+        ds[e] = g * f.scale;
+    }
 }
 
 /// One key tile's operands of the score products, transposed once: `Kᵀ` and `Vᵀ` as `[d, BN]` (columns
@@ -415,7 +442,7 @@ fn tile_cols(a: usize, b: usize, j0: usize) -> Range<usize> {
 /// whole backward, and the two terms of `dP - D` now cancel exactly where they should (a row that sees one key).
 pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>) {
     // Pass 1: D and dQ per query tile.
-    let rows: Vec<((usize, usize, usize), Vec<f32>)> = tasks(p, p.h, |s| p.seqlen_q[s], BM)
+    let rows: Vec<((usize, usize, usize), Vec<f32>)> = tasks(p, p.h, |s| p.seqlen_q[s], FBM)
         .into_par_iter()
         .map(|(seq, head, i0)| ((seq, head, i0), dq_tile(p, x, b, out, seq, head, i0)))
         .collect();
@@ -472,6 +499,7 @@ fn dkdv_tile_body<const L: u8>(
     let mut ds = vec![0f32; BM * BN];
     for head in kh * group..(kh + 1) * group {
         let f = ScoreFn::new(p, seq, head);
+        let plain = f.softcap <= 0.0 && f.slope.is_none();
         let mut i0 = lo;
         while i0 < hi {
             let n = (hi - i0).min(BM);
@@ -499,10 +527,13 @@ fn dkdv_tile_body<const L: u8>(
                 }
                 let di = delta[p.lse_index(seq, head, i)];
                 let range = p.mask.key_range(i, sq, sk);
-                for j in range.start.max(j0)..range.end.min(j1) {
-                    let e = r * BN + j - j0;
-                    (pm[e], ds[e]) = prob_and_dscore(&f, s[e], dpm[e], i, j, lse, di);
+                let js = range.start.max(j0)..range.end.min(j1);
+                if js.is_empty() {
+                    continue;
                 }
+                let e = r * BN + js.start - j0;
+                let (pr, dr) = (&mut pm[e..], &mut ds[e..]);
+                prob_dscore_row(&f, plain, i, js, &s[e..], &dpm[e..], pr, dr, lse, di);
             }
             kernel::gemm::<L>(ARef { a: &pm, rs: 1, cs: BN }, &g, dp, &mut dv, dp, bnr, |_| 0..n, 0..dp);
             kernel::gemm::<L>(ARef { a: &ds, rs: 1, cs: BN }, &q, dp, &mut dk, dp, bnr, |_| 0..n, 0..dp);
@@ -530,7 +561,7 @@ fn dq_tile_body<const L: u8>(
 ) -> Vec<f32> {
     let (d, dp) = (p.d, round_up(p.d, W));
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
-    let i1 = (i0 + BM).min(sq);
+    let i1 = (i0 + FBM).min(sq);
     let bm = i1 - i0;
     let rows = round_up(bm, R);
     let kh = kv_head(head, p.h, p.hk);
@@ -549,6 +580,8 @@ fn dq_tile_body<const L: u8>(
     let mut s = vec![0f32; rows * BN];
     let mut dpm = vec![0f32; rows * BN];
     let mut ds = vec![0f32; rows * BN];
+    let mut pm = vec![0f32; BN];
+    let plain = f.softcap <= 0.0 && f.slope.is_none();
     if let Some(given) = b.delta {
         for (r, x) in dd.iter_mut().enumerate() {
             *x = given[p.lse_index(seq, head, i0 + r)];
@@ -564,10 +597,22 @@ fn dq_tile_body<const L: u8>(
             if lse[r] == f32::NEG_INFINITY {
                 continue;
             }
-            for j in ranges[r].start.max(j0)..ranges[r].end.min(j1) {
-                let e = r * BN + j - j0;
-                let (sc, _) = f.apply(s[e], i0 + r, j);
-                dd[r] += (sc - lse[r]).exp() * dpm[e];
+            let js = ranges[r].start.max(j0)..ranges[r].end.min(j1);
+            if js.is_empty() {
+                continue;
+            }
+            let (e, n) = (r * BN + js.start - j0, js.len());
+            let pr = &mut pm[..n];
+            if plain {
+                pr.iter_mut().zip(&s[e..e + n]).for_each(|(x, &qk)| *x = qk * f.scale - lse[r]);
+            } else {
+                for (x, j) in pr.iter_mut().zip(js) {
+                    *x = f.apply(s[r * BN + j - j0], i0 + r, j).0 - lse[r];
+                }
+            }
+            kernel::exp_slice(pr);
+            for (x, dpv) in pr.iter().zip(&dpm[e..e + n]) {
+                dd[r] += x * dpv;
             }
         }
         j0 = j1;
@@ -585,10 +630,12 @@ fn dq_tile_body<const L: u8>(
             if lse[r] == f32::NEG_INFINITY {
                 continue;
             }
-            for j in ranges[r].start.max(j0)..ranges[r].end.min(j1) {
-                let e = r * BN + j - j0;
-                ds[e] = prob_and_dscore(&f, s[e], dpm[e], i0 + r, j, lse[r], dd[r]).1;
+            let js = ranges[r].start.max(j0)..ranges[r].end.min(j1);
+            if js.is_empty() {
+                continue;
             }
+            let e = r * BN + js.start - j0;
+            prob_dscore_row(&f, plain, i0 + r, js, &s[e..], &dpm[e..], &mut pm, &mut ds[e..], lse[r], dd[r]);
         }
         kernel::gemm::<L>(ARef { a: &ds, rs: BN, cs: 1 }, &t.k, dp, &mut dq, dp, rows, |_| a - j0..bb - j0, 0..dp);
         j0 = j1;
