@@ -11,13 +11,15 @@
 //! group. The forward's `o` is not read: `D` from the recomputed `P` and `dP` is exact where `rowsum(dO ∘ O)`
 //! would carry the rounding of `O` to f16/bf16.
 //!
-//! Tile products: every score product (`S = Q Kᵀ` in the forward and in both backward passes, `dP = dO Vᵀ`)
-//! and the backward's gradient products (`dQ += dS K`, `dV += Pᵀ dO`, `dK += dSᵀ Q`) run through the
-//! register-tiled kernel of `crate::gemm` (shared with the reference), on operands padded to `W` columns,
-//! with `Kᵀ` and `Vᵀ` transposed once per key tile and `Pᵀ`, `dSᵀ` read by columns. One kernel for every
-//! score product keeps a pair's `S` (and `dP`) bit-identical across the forward and both backward passes.
-//! The kernel, and so each tile function, is compiled twice (plain, and AVX2+FMA with fused multiply-adds,
-//! picked at run time).
+//! Tile products: every score product (`S = Q Kᵀ` in the forward and in both backward passes, `dP = dO Vᵀ`),
+//! the forward's `P V` and the backward's gradient products (`dQ += dS K`, `dV += Pᵀ dO`, `dK += dSᵀ Q`) run
+//! through the register-tiled kernel of `super::kernel` (independent of the oracle's `crate::gemm`), on
+//! operands padded to `W` columns and `R` rows, with `Kᵀ` and `Vᵀ` transposed once per key tile and `Pᵀ`,
+//! `dSᵀ` read by columns. One kernel for every score product, summing each element in one chain over `k`,
+//! keeps a pair's `S` (and `dP`) bit-identical across the forward and both backward passes. Each tile
+//! function is compiled three times (plain; AVX2+FMA; AVX-512F), picked at run time (`kernel::level`).
+//! Exponentials use the kernel's polynomial `exp` everywhere, so `P = exp(s - lse)` is 1 exactly where
+//! `lse` is the row's only score.
 
 use super::kernel::{self, ARef, RMAX as R, WP as W};
 use super::tile::{load_rows, pv_row, ScoreFn};
