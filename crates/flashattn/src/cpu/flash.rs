@@ -260,7 +260,8 @@ fn forward_tile_body<const L: u8>(
             }
         }
         if any_full {
-            let keys = |g: usize| group_keys(g, j0, j1).map_or(0..0, |k| k.start - j0..k.end - j0);
+            // The kernel's row groups (of its level's height, which divides `R`) take their `R`-row group's keys.
+            let keys = |i: usize| group_keys(i - i % R, j0, j1).map_or(0..0, |k| k.start - j0..k.end - j0);
             kernel::gemm::<L>(ARef { a: &sc.s, rs: BN, cs: 1 }, &sc.v, dp, &mut sc.acc, dp, rows, keys, 0..dp);
         }
         j0 = j1;
