@@ -11,16 +11,19 @@
 //! group. The forward's `o` is not read: `D` from the recomputed `P` and `dP` is exact where `rowsum(dO ∘ O)`
 //! would carry the rounding of `O` to f16/bf16.
 //!
-//! Tile products: every score product (`S = Q Kᵀ` in the forward and in both backward passes, `dP = dO Vᵀ`)
-//! and the backward's gradient products (`dQ += dS K`, `dV += Pᵀ dO`, `dK += dSᵀ Q`) run through the
-//! register-tiled kernel of `crate::gemm` (shared with the reference), on operands padded to `W` columns,
-//! with `Kᵀ` and `Vᵀ` transposed once per key tile and `Pᵀ`, `dSᵀ` read by columns. One kernel for every
-//! score product keeps a pair's `S` (and `dP`) bit-identical across the forward and both backward passes.
-//! The kernel, and so each tile function, is compiled twice (plain, and AVX2+FMA with fused multiply-adds,
-//! picked at run time).
+//! Tile products: every score product (`S = Q Kᵀ` in the forward and in both backward passes, `dP = dO Vᵀ`),
+//! the forward's `P V` and the backward's gradient products (`dQ += dS K`, `dV += Pᵀ dO`, `dK += dSᵀ Q`) run
+//! through the register-tiled kernel of `super::kernel` (independent of the oracle's `crate::gemm`), on
+//! operands padded to `W` columns and `R` rows, with `Kᵀ` and `Vᵀ` transposed once per key tile and `Pᵀ`,
+//! `dSᵀ` read by columns. One kernel for every score product, summing each element in one chain over `k`,
+//! keeps a pair's `S` (and `dP`) bit-identical across the forward and both backward passes. Each tile
+//! function is compiled three times (plain; AVX2+FMA; AVX-512F), picked at run time (`kernel::level`).
+//! Exponentials use the kernel's polynomial `exp` everywhere, so `P = exp(s - lse)` is 1 exactly where
+//! `lse` is the row's only score.
 
+use super::kernel::{self, ARef, RMAX as R, WP as W};
 use super::tile::{load_rows, pv_row, ScoreFn};
-use crate::gemm::{gemm, round_up, transpose_into, ARef, R};
+use crate::gemm::{round_up, transpose_into};
 use crate::problem::{Problem, RowMap};
 use crate::semantics::kv_head;
 use crate::tensor::{CpuSlice, RawMut};
@@ -31,9 +34,6 @@ use std::ops::Range;
 const BM: usize = 64;
 /// Keys per inner tile.
 const BN: usize = 64;
-/// Width of the register tile of the `f32` tile products (two AVX2 vectors); `BN` and the padded head
-/// dimension `dp` are multiples of it.
-const W: usize = 16;
 
 /// Where a forward writes its outputs.
 pub(crate) struct FwdOut<'a> {
@@ -81,13 +81,17 @@ fn tasks(p: &Problem, heads: usize, rows: impl Fn(usize) -> usize, tile: usize) 
 /// The forward pass.
 pub(crate) fn forward(p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>) {
     let d = p.d;
-    tasks(p, p.h, |s| p.seqlen_q[s], BM)
+    tasks(p, p.h, |s| p.seqlen_q[s], FBM)
         .into_par_iter()
         .for_each_init(|| FwdScratch::new(d), |sc, (seq, head, i0)| forward_tile(p, x, out, sc, seq, head, i0));
 }
 
+/// Query rows per forward task and per task of the backward's pass 1: the key tile's loading and
+/// transposing is shared by this many rows.
+const FBM: usize = 128;
+
 struct FwdScratch {
-    /// `[BM, dp]`, `[BN, dp]`, `[d, BN]` (`Kᵀ`), `[BN, d]`.
+    /// `[FBM, dp]`, `[BN, dp]`, `[d, BN]` (`Kᵀ`), `[BN, dp]`, `[FBM, BN]`, `[FBM, dp]`.
     q: Vec<f32>,
     k: Vec<f32>,
     kt: Vec<f32>,
@@ -102,55 +106,58 @@ impl FwdScratch {
     fn new(d: usize) -> Self {
         let dp = round_up(d, W);
         FwdScratch {
-            q: vec![0.0; BM * dp],
+            q: vec![0.0; FBM * dp],
             k: vec![0.0; BN * dp],
             kt: vec![0.0; d * BN],
-            v: vec![0.0; BN * d],
-            s: vec![0.0; BM * BN],
-            acc: vec![0.0; BM * d],
-            m: vec![0.0; BM],
-            l: vec![0.0; BM],
+            v: vec![0.0; BN * dp],
+            s: vec![0.0; FBM * BN],
+            acc: vec![0.0; FBM * dp],
+            m: vec![0.0; FBM],
+            l: vec![0.0; FBM],
         }
     }
 }
 
-/// Whether this x86-64 CPU has AVX2 and FMA (checked once; the hot loops are compiled twice, for the
-/// baseline target and for AVX2+FMA, and the faster copy is picked at run time).
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
-
-/// Defines `$name` calling `$body_fn::<true>` through an AVX2+FMA copy when the CPU has it, else
-/// `$body_fn::<false>` (the const parameter says whether fused multiply-adds are cheap).
+/// Defines `$name` calling `$body_fn::<L>` for the instruction-set level of this CPU
+/// ([`kernel::level`]): an AVX-512F copy (level 2) and an AVX2+FMA copy (level 1) compiled with those
+/// features, else the plain body (level 0).
 macro_rules! multiversion {
-    ($name:ident, $avx:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
-        multiversion!($name, $avx, $body_fn, ($($arg: $ty),*) -> ());
+    ($name:ident, $avx2:ident, $avx512:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
+        multiversion!($name, $avx2, $avx512, $body_fn, ($($arg: $ty),*) -> ());
     };
-    ($name:ident, $avx:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+    ($name:ident, $avx2:ident, $avx512:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn $avx($($arg: $ty),*) -> $ret {
-            $body_fn::<true>($($arg),*)
+        unsafe fn $avx2($($arg: $ty),*) -> $ret {
+            $body_fn::<1>($($arg),*)
+        }
+        #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[allow(clippy::too_many_arguments, clippy::incompatible_msrv)]
+        unsafe fn $avx512($($arg: $ty),*) -> $ret {
+            $body_fn::<2>($($arg),*)
         }
         #[allow(clippy::too_many_arguments)]
         fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
-            if has_avx2_fma() {
-                // SAFETY: the CPU supports the features the copy was compiled for (checked above).
-                return unsafe { $avx($($arg),*) };
+            match kernel::level() {
+                // SAFETY: the CPU supports the features each copy was compiled for (`kernel::level`).
+                #[cfg(flashattn_avx512)]
+                2 => return unsafe { $avx512($($arg),*) },
+                // SAFETY: as above.
+                1 => return unsafe { $avx2($($arg),*) },
+                _ => {}
             }
-            $body_fn::<false>($($arg),*)
+            $body_fn::<0>($($arg),*)
         }
     };
 }
 
-multiversion!(forward_tile, forward_tile_avx2, forward_tile_body, (p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>, sc: &mut FwdScratch, seq: usize, head: usize, i0: usize));
+multiversion!(forward_tile, forward_tile_avx2, forward_tile_avx512, forward_tile_body, (p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>, sc: &mut FwdScratch, seq: usize, head: usize, i0: usize));
 
 #[inline(always)]
-fn forward_tile_body<const F: bool>(
+fn forward_tile_body<const L: u8>(
     p: &Problem,
     x: Qkv<'_>,
     out: &FwdOut<'_>,
@@ -161,16 +168,35 @@ fn forward_tile_body<const F: bool>(
 ) {
     let (d, dp) = (p.d, round_up(p.d, W));
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
-    let i1 = (i0 + BM).min(sq);
+    let i1 = (i0 + FBM).min(sq);
     let bm = i1 - i0;
     let rows = round_up(bm, R);
     let kh = kv_head(head, p.h, p.hk);
     let f = ScoreFn::new(p, seq, head);
+    // Only the score transform's scale is on: the transform is one multiply, done over whole rows.
+    let plain = f.softcap <= 0.0 && f.slope.is_none();
     load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut sc.q);
-    sc.acc[..bm * d].fill(0.0);
+    sc.q[bm * dp..rows * dp].fill(0.0);
+    sc.acc[..rows * dp].fill(0.0);
     sc.m[..bm].fill(f32::NEG_INFINITY);
     sc.l[..bm].fill(0.0);
     let ranges: Vec<_> = (i0..i1).map(|i| p.mask.key_range(i, sq, sk)).collect();
+    // Per register-row group of `R` rows (`R` a multiple of every level's tile height): the keys of tile
+    // `[j0, j1)` that every row of the group sees, when each sees exactly those (then the group's `P V` runs
+    // through the tile product), else `None` (each row runs its own range through `pv_row`).
+    let group_keys = |g: usize, j0: usize, j1: usize| -> Option<Range<usize>> {
+        let clip = |r: usize| {
+            let rg = ranges.get(r).cloned().unwrap_or(0..0);
+            let (a, b) = (rg.start.max(j0), rg.end.min(j1));
+            if a < b {
+                a..b
+            } else {
+                0..0
+            }
+        };
+        let first = clip(g);
+        (g + 1..g + R).all(|r| clip(r) == first).then_some(first)
+    };
     let (lo, hi) = tile_key_range(p, seq, i0, i1);
     let mut j0 = lo - lo % BN;
     while j0 < hi {
@@ -181,8 +207,8 @@ fn forward_tile_body<const F: bool>(
             sc.kt.fill(0.0);
         }
         transpose_into(&sc.k, bn, dp, d, &mut sc.kt, BN);
-        load_rows(x.v, &p.v, seq, kh, j0, bn, d, d, &mut sc.v);
-        tile_product::<F>(d, dp, rows, &sc.q, &sc.kt, tile_cols(lo.max(j0), hi.min(j1), j0), &mut sc.s);
+        load_rows(x.v, &p.v, seq, kh, j0, bn, d, dp, &mut sc.v);
+        tile_product::<L>(d, dp, rows, &sc.q, &sc.kt, tile_cols(lo.max(j0), hi.min(j1), j0), &mut sc.s);
         for (r, range) in ranges.iter().enumerate() {
             let (a, b) = (range.start.max(j0), range.end.min(j1));
             if a >= b {
@@ -190,29 +216,53 @@ fn forward_tile_body<const F: bool>(
             }
             let srow = &mut sc.s[r * BN..r * BN + bn];
             let mut mx = sc.m[r];
-            for j in a..b {
-                let (s, _) = f.apply(srow[j - j0], i0 + r, j);
-                srow[j - j0] = s;
-                mx = mx.max(s);
+            if plain {
+                for x in &mut srow[a - j0..b - j0] {
+                    *x *= f.scale;
+                    mx = mx.max(*x);
+                }
+            } else {
+                for j in a..b {
+                    let (s, _) = f.apply(srow[j - j0], i0 + r, j);
+                    srow[j - j0] = s;
+                    mx = mx.max(s);
+                }
             }
             // While every score seen is -inf (or NaN, which `max` skips) the row's max is -inf: the
             // exponentials are then taken against 0, so a -inf score weighs 0 and a NaN stays NaN (never
             // `-inf - -inf`).
             let base = if mx == f32::NEG_INFINITY { 0.0 } else { mx };
-            let alpha = (sc.m[r] - base).exp(); // m = -inf the first time: alpha = 0
+            let alpha = kernel::exp1(sc.m[r] - base); // m = -inf the first time: alpha = 0
             sc.m[r] = mx;
-            let acc = &mut sc.acc[r * d..(r + 1) * d];
             if alpha != 1.0 {
-                acc.iter_mut().for_each(|v| *v *= alpha);
+                sc.acc[r * dp..r * dp + d].iter_mut().for_each(|v| *v *= alpha);
             }
-            let mut l = sc.l[r] * alpha;
             let prow = &mut srow[a - j0..b - j0];
-            for x in prow.iter_mut() {
-                *x = (*x - base).exp();
-                l += *x;
+            prow.iter_mut().for_each(|x| *x -= base);
+            kernel::exp_slice(prow);
+            sc.l[r] = sc.l[r] * alpha + prow.iter().sum::<f32>();
+        }
+        // P V: whole row groups through the tile product where every row sees the same keys of the tile,
+        // the others row by row (a masked key's value never meets a zero weight: `0 * NaN` would leak).
+        let mut any_full = false;
+        for g in (0..rows).step_by(R) {
+            match group_keys(g, j0, j1) {
+                Some(k) => any_full |= !k.is_empty(),
+                None => {
+                    for (r, range) in ranges.iter().enumerate().take((g + R).min(bm)).skip(g) {
+                        let (a, b) = (range.start.max(j0), range.end.min(j1));
+                        if a < b {
+                            let prow = &sc.s[r * BN + a - j0..r * BN + b - j0];
+                            pv_row(&mut sc.acc[r * dp..r * dp + d], prow, &sc.v[(a - j0) * dp..], d, dp);
+                        }
+                    }
+                }
             }
-            pv_row(acc, prow, &sc.v[(a - j0) * d..(b - j0) * d], d);
-            sc.l[r] = l;
+        }
+        if any_full {
+            // The kernel's row groups (of its level's height, which divides `R`) take their `R`-row group's keys.
+            let keys = |i: usize| group_keys(i - i % R, j0, j1).map_or(0..0, |k| k.start - j0..k.end - j0);
+            kernel::gemm::<L>(ARef { a: &sc.s, rs: BN, cs: 1 }, &sc.v, dp, &mut sc.acc, dp, rows, keys, 0..dp);
         }
         j0 = j1;
     }
@@ -229,7 +279,7 @@ fn forward_tile_body<const F: bool>(
             (&row, f32::NAN)
         } else {
             let inv = 1.0 / sc.l[r];
-            row.iter_mut().zip(&sc.acc[r * d..(r + 1) * d]).for_each(|(o, a)| *o = a * inv);
+            row.iter_mut().zip(&sc.acc[r * dp..r * dp + d]).for_each(|(o, a)| *o = a * inv);
             let m = if sc.m[r] == f32::NEG_INFINITY { 0.0 } else { sc.m[r] };
             (&row, m + sc.l[r].ln())
         };
@@ -260,18 +310,44 @@ pub(crate) struct BwdOut<'a> {
     pub dv_map: &'a RowMap,
 }
 
-/// For score `(i, j)` with raw product `qk = q_i · k_j` and `dp = dO_i · v_j`: the probability
-/// `P_ij = exp(s - lse)` and the gradient of the raw product, `scale · P_ij (dP_ij - D_i) · softcap'(s)`.
+/// For scores `(i, j)`, `j` in `js` (a row of the key tile at `j0`), with raw products `qk = q_i · k_j` and
+/// `dp = dO_i · v_j` (slices over `js`): the probabilities `P_ij = exp(s - lse)` into `pm` and the gradients
+/// of the raw products, `scale · P_ij (dP_ij - D_i) · softcap'(s)`, into `ds`. `plain`: the score transform
+/// is the scale alone (a loop the compiler vectorises, exponentials included).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn prob_and_dscore(f: &ScoreFn, qk: f32, dp: f32, i: usize, j: usize, lse: f32, di: f32) -> (f32, f32) {
-    let (s, t) = f.apply(qk, i, j);
-    let pij = (s - lse).exp();
-    let mut ds = pij * (dp - di);
-    if f.softcap > 0.0 {
-        ds *= 1.0 - t * t;
+fn prob_dscore_row(
+    f: &ScoreFn,
+    plain: bool,
+    i: usize,
+    js: Range<usize>,
+    qk: &[f32],
+    dp: &[f32],
+    pm: &mut [f32],
+    ds: &mut [f32],
+    lse: f32,
+    di: f32,
+) {
+    let n = js.len();
+    let (qk, dp, pm, ds) = (&qk[..n], &dp[..n], &mut pm[..n], &mut ds[..n]);
+    if plain {
+        for e in 0..n {
+            let pij = kernel::exp1(qk[e] * f.scale - lse);
+            pm[e] = pij;
+            ds[e] = pij * (dp[e] - di) * f.scale;
+        }
+        return;
     }
-    (pij, ds * f.scale)
+    for (e, j) in js.enumerate() {
+        let (s, t) = f.apply(qk[e], i, j);
+        let pij = kernel::exp1(s - lse);
+        let mut g = pij * (dp[e] - di);
+        if f.softcap > 0.0 {
+            g *= 1.0 - t * t;
+        }
+        pm[e] = pij;
+        ds[e] = g * f.scale;
+    }
 }
 
 /// One key tile's operands of the score products, transposed once: `Kᵀ` and `Vᵀ` as `[d, BN]` (columns
@@ -322,7 +398,7 @@ impl KeyTile {
 /// sees one key is exactly its score, `P = 1`, and that row's `dS = P (dP - D)` cancels exactly.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn tile_product<const F: bool>(
+fn tile_product<const L: u8>(
     d: usize,
     dp: usize,
     rows: usize,
@@ -332,13 +408,13 @@ fn tile_product<const F: bool>(
     c: &mut [f32],
 ) {
     c[..rows * BN].fill(0.0);
-    gemm::<f32, F, W>(ARef { a, rs: dp, cs: 1 }, bt, BN, c, BN, rows, |_, _| (0..d, cols.clone()));
+    kernel::gemm::<L>(ARef { a, rs: dp, cs: 1 }, bt, BN, c, BN, rows, |_| 0..d, cols);
 }
 
 /// `S = Q Kᵀ` and `dP = dO Vᵀ` of `rows` query rows (`[rows, dp]` each) against one key tile.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn scores<const F: bool>(
+fn scores<const L: u8>(
     d: usize,
     dp: usize,
     rows: usize,
@@ -349,8 +425,8 @@ fn scores<const F: bool>(
     s: &mut [f32],
     dpm: &mut [f32],
 ) {
-    tile_product::<F>(d, dp, rows, q, &t.kt, cols.clone(), s);
-    tile_product::<F>(d, dp, rows, g, &t.vt, cols, dpm);
+    tile_product::<L>(d, dp, rows, q, &t.kt, cols.clone(), s);
+    tile_product::<L>(d, dp, rows, g, &t.vt, cols, dpm);
 }
 
 /// The tile columns `[a - j0, b - j0)` widened to multiples of `W` (within `BN`).
@@ -369,7 +445,7 @@ fn tile_cols(a: usize, b: usize, j0: usize) -> Range<usize> {
 /// whole backward, and the two terms of `dP - D` now cancel exactly where they should (a row that sees one key).
 pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>) {
     // Pass 1: D and dQ per query tile.
-    let rows: Vec<((usize, usize, usize), Vec<f32>)> = tasks(p, p.h, |s| p.seqlen_q[s], BM)
+    let rows: Vec<((usize, usize, usize), Vec<f32>)> = tasks(p, p.h, |s| p.seqlen_q[s], FBM)
         .into_par_iter()
         .map(|(seq, head, i0)| ((seq, head, i0), dq_tile(p, x, b, out, seq, head, i0)))
         .collect();
@@ -386,15 +462,15 @@ pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>)
         .for_each(|(seq, kh, j0)| dkdv_tile(p, x, b, delta, out, seq, kh, j0));
 }
 
-multiversion!(dkdv_tile, dkdv_tile_avx2, dkdv_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, delta: &[f32], out: &BwdOut<'_>, seq: usize, kh: usize, j0: usize));
-multiversion!(dq_tile, dq_tile_avx2, dq_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, head: usize, i0: usize) -> Vec<f32>);
+multiversion!(dkdv_tile, dkdv_tile_avx2, dkdv_tile_avx512, dkdv_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, delta: &[f32], out: &BwdOut<'_>, seq: usize, kh: usize, j0: usize));
+multiversion!(dq_tile, dq_tile_avx2, dq_tile_avx512, dq_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, head: usize, i0: usize) -> Vec<f32>);
 
 /// Pass 2 of the backward: dK and dV of one key tile, over every query head of its group. Per block of `BM`
 /// queries: `S`, `dP` (as in pass 1), then `P` and `dS` elementwise, then `dV += Pᵀ dO` and `dK += dSᵀ Q`
 /// (`Pᵀ`, `dSᵀ` read by columns of the tile).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dkdv_tile_body<const F: bool>(
+fn dkdv_tile_body<const L: u8>(
     p: &Problem,
     x: Qkv<'_>,
     b: &BwdIn<'_>,
@@ -426,6 +502,7 @@ fn dkdv_tile_body<const F: bool>(
     let mut ds = vec![0f32; BM * BN];
     for head in kh * group..(kh + 1) * group {
         let f = ScoreFn::new(p, seq, head);
+        let plain = f.softcap <= 0.0 && f.slope.is_none();
         let mut i0 = lo;
         while i0 < hi {
             let n = (hi - i0).min(BM);
@@ -442,7 +519,7 @@ fn dkdv_tile_body<const F: bool>(
             }
             let (ka, kb) = tile_key_range(p, seq, i0, i0 + n);
             let cols = tile_cols(ka.max(j0), kb.min(j1), j0);
-            scores::<F>(d, dp, rows, &q, &g, &t, cols, &mut s, &mut dpm);
+            scores::<L>(d, dp, rows, &q, &g, &t, cols, &mut s, &mut dpm);
             pm[..rows * BN].fill(0.0);
             ds[..rows * BN].fill(0.0);
             for r in 0..n {
@@ -453,13 +530,16 @@ fn dkdv_tile_body<const F: bool>(
                 }
                 let di = delta[p.lse_index(seq, head, i)];
                 let range = p.mask.key_range(i, sq, sk);
-                for j in range.start.max(j0)..range.end.min(j1) {
-                    let e = r * BN + j - j0;
-                    (pm[e], ds[e]) = prob_and_dscore(&f, s[e], dpm[e], i, j, lse, di);
+                let js = range.start.max(j0)..range.end.min(j1);
+                if js.is_empty() {
+                    continue;
                 }
+                let e = r * BN + js.start - j0;
+                let (pr, dr) = (&mut pm[e..], &mut ds[e..]);
+                prob_dscore_row(&f, plain, i, js, &s[e..], &dpm[e..], pr, dr, lse, di);
             }
-            gemm::<f32, F, W>(ARef { a: &pm, rs: 1, cs: BN }, &g, dp, &mut dv, dp, bnr, |_, _| (0..n, 0..dp));
-            gemm::<f32, F, W>(ARef { a: &ds, rs: 1, cs: BN }, &q, dp, &mut dk, dp, bnr, |_, _| (0..n, 0..dp));
+            kernel::gemm::<L>(ARef { a: &pm, rs: 1, cs: BN }, &g, dp, &mut dv, dp, bnr, |_| 0..n, 0..dp);
+            kernel::gemm::<L>(ARef { a: &ds, rs: 1, cs: BN }, &q, dp, &mut dk, dp, bnr, |_| 0..n, 0..dp);
             i0 += n;
         }
     }
@@ -473,7 +553,7 @@ fn dkdv_tile_body<const F: bool>(
 /// tiles the rows can see, each computing `S` and `dP` per tile: the first sums `D`, the second `dQ += dS K`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dq_tile_body<const F: bool>(
+fn dq_tile_body<const L: u8>(
     p: &Problem,
     x: Qkv<'_>,
     b: &BwdIn<'_>,
@@ -484,7 +564,7 @@ fn dq_tile_body<const F: bool>(
 ) -> Vec<f32> {
     let (d, dp) = (p.d, round_up(p.d, W));
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
-    let i1 = (i0 + BM).min(sq);
+    let i1 = (i0 + FBM).min(sq);
     let bm = i1 - i0;
     let rows = round_up(bm, R);
     let kh = kv_head(head, p.h, p.hk);
@@ -503,6 +583,8 @@ fn dq_tile_body<const F: bool>(
     let mut s = vec![0f32; rows * BN];
     let mut dpm = vec![0f32; rows * BN];
     let mut ds = vec![0f32; rows * BN];
+    let mut pm = vec![0f32; BN];
+    let plain = f.softcap <= 0.0 && f.slope.is_none();
     if let Some(given) = b.delta {
         for (r, x) in dd.iter_mut().enumerate() {
             *x = given[p.lse_index(seq, head, i0 + r)];
@@ -513,15 +595,27 @@ fn dq_tile_body<const F: bool>(
     while j0 < hi {
         let j1 = (j0 + BN).min(sk);
         t.load(p, x, seq, kh, j0, j1 - j0, false, &mut buf);
-        scores::<F>(d, dp, rows, &q, &g, &t, tile_cols(lo.max(j0), hi.min(j1), j0), &mut s, &mut dpm);
+        scores::<L>(d, dp, rows, &q, &g, &t, tile_cols(lo.max(j0), hi.min(j1), j0), &mut s, &mut dpm);
         for r in 0..bm {
             if lse[r] == f32::NEG_INFINITY {
                 continue;
             }
-            for j in ranges[r].start.max(j0)..ranges[r].end.min(j1) {
-                let e = r * BN + j - j0;
-                let (sc, _) = f.apply(s[e], i0 + r, j);
-                dd[r] += (sc - lse[r]).exp() * dpm[e];
+            let js = ranges[r].start.max(j0)..ranges[r].end.min(j1);
+            if js.is_empty() {
+                continue;
+            }
+            let (e, n) = (r * BN + js.start - j0, js.len());
+            let pr = &mut pm[..n];
+            if plain {
+                pr.iter_mut().zip(&s[e..e + n]).for_each(|(x, &qk)| *x = qk * f.scale - lse[r]);
+            } else {
+                for (x, j) in pr.iter_mut().zip(js) {
+                    *x = f.apply(s[r * BN + j - j0], i0 + r, j).0 - lse[r];
+                }
+            }
+            kernel::exp_slice(pr);
+            for (x, dpv) in pr.iter().zip(&dpm[e..e + n]) {
+                dd[r] += x * dpv;
             }
         }
         j0 = j1;
@@ -533,18 +627,20 @@ fn dq_tile_body<const F: bool>(
         let bn = j1 - j0;
         t.load(p, x, seq, kh, j0, bn, true, &mut buf);
         let (a, bb) = (lo.max(j0), hi.min(j1));
-        scores::<F>(d, dp, rows, &q, &g, &t, tile_cols(a, bb, j0), &mut s, &mut dpm);
+        scores::<L>(d, dp, rows, &q, &g, &t, tile_cols(a, bb, j0), &mut s, &mut dpm);
         ds.fill(0.0);
         for r in 0..bm {
             if lse[r] == f32::NEG_INFINITY {
                 continue;
             }
-            for j in ranges[r].start.max(j0)..ranges[r].end.min(j1) {
-                let e = r * BN + j - j0;
-                ds[e] = prob_and_dscore(&f, s[e], dpm[e], i0 + r, j, lse[r], dd[r]).1;
+            let js = ranges[r].start.max(j0)..ranges[r].end.min(j1);
+            if js.is_empty() {
+                continue;
             }
+            let e = r * BN + js.start - j0;
+            prob_dscore_row(&f, plain, i0 + r, js, &s[e..], &dpm[e..], &mut pm, &mut ds[e..], lse[r], dd[r]);
         }
-        gemm::<f32, F, W>(ARef { a: &ds, rs: BN, cs: 1 }, &t.k, dp, &mut dq, dp, rows, |_, _| (a - j0..bb - j0, 0..dp));
+        kernel::gemm::<L>(ARef { a: &ds, rs: BN, cs: 1 }, &t.k, dp, &mut dq, dp, rows, |_| a - j0..bb - j0, 0..dp);
         j0 = j1;
     }
     for r in 0..bm {

@@ -2,4 +2,5 @@
 //! memory, parallel over batch, heads and query (or key) tiles with rayon.
 
 pub(crate) mod flash;
+pub(crate) mod kernel;
 pub(crate) mod tile;

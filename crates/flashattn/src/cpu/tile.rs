@@ -12,10 +12,10 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// `acc += sum_j p[j] * v[j]` over the rows of `v` (`p.len()` rows of `d`): the `P·V` product of one query
+/// `acc += sum_j p[j] * v[j]` over the rows of `v` (`p.len()` rows of `d`, leading dimension `ldv`): the `P·V` product of one query
 /// row, with the accumulator chunk held in registers while the keys stream past (one load per multiply-add).
 #[inline(always)]
-pub fn pv_row(acc: &mut [f32], p: &[f32], v: &[f32], d: usize) {
+pub fn pv_row(acc: &mut [f32], p: &[f32], v: &[f32], d: usize, ldv: usize) {
     const W: usize = 16;
     let full = d - d % W;
     let mut c0 = 0;
@@ -23,7 +23,7 @@ pub fn pv_row(acc: &mut [f32], p: &[f32], v: &[f32], d: usize) {
         let mut a = [0f32; W];
         a.copy_from_slice(&acc[c0..c0 + W]);
         for (j, &pj) in p.iter().enumerate() {
-            let vr = &v[j * d + c0..j * d + c0 + W];
+            let vr = &v[j * ldv + c0..j * ldv + c0 + W];
             for l in 0..W {
                 a[l] += pj * vr[l];
             }
@@ -33,7 +33,7 @@ pub fn pv_row(acc: &mut [f32], p: &[f32], v: &[f32], d: usize) {
     }
     if full < d {
         for (j, &pj) in p.iter().enumerate() {
-            axpy(&mut acc[full..d], pj, &v[j * d + full..(j + 1) * d]);
+            axpy(&mut acc[full..d], pj, &v[j * ldv + full..j * ldv + d]);
         }
     }
 }

@@ -1,0 +1,320 @@
+//! The tile products and exponentials of the CPU flash backend, with run-time dispatch across instruction
+//! sets. Independent of `crate::gemm` (the oracle's and the naive baseline's products), so the accuracy
+//! rule compares this kernel against code that does not share it.
+//!
+//! Every product is `C[i, n] += sum_k A[i, k] B[k, n]` with `B` row-major and `A` read by rows or by
+//! columns ([`ARef`]). A register tile of `R` rows by `W` columns of `C` is held in accumulators while `k`
+//! runs over the whole of the row group's range in increasing order, one fused (or, on the plain copy,
+//! unfused) multiply-add per step: each element of `C` is one chain `c + a_0 b_0 + a_1 b_1 + ...` whatever
+//! the register tile's shape, so a product's result depends only on the instruction set ([`Level`]), never
+//! on how many rows a call has. That keeps a score `S_ij` bit-identical across the forward and both
+//! backward passes even where they tile the queries differently.
+//!
+//! Levels: 0, plain (no fused multiply-add); 1, AVX2+FMA (`R = 4`, `W = 16`, two `ymm` per row); 2,
+//! AVX-512F (`R = 8`, `W = 32`, two `zmm` per row, 16 accumulators). Callers pad rows to [`RMAX`] and
+//! column ranges to [`WP`], which every level's `R` and `W` divide.
+
+use std::ops::Range;
+
+/// Rows are padded to a multiple of this (every level's register-tile height divides it).
+pub(crate) const RMAX: usize = 8;
+/// Column ranges and padded widths are multiples of this (every level's register-tile width divides it).
+pub(crate) const WP: usize = 32;
+
+/// The instruction set the hot loops run with: 0 plain, 1 AVX2+FMA, 2 AVX-512F (+AVX2+FMA).
+pub(crate) fn level() -> u8 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static L: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+        *L.get_or_init(|| {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if avx2 && cfg!(flashattn_avx512) && is_x86_feature_detected!("avx512f") && no_avx512_override() {
+                2
+            } else if avx2 {
+                1
+            } else {
+                0
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    0
+}
+
+/// `FLASHATTN_CPU_NO_AVX512` (set, any value) keeps the CPU backend on AVX2+FMA (for comparisons).
+#[cfg(target_arch = "x86_64")]
+fn no_avx512_override() -> bool {
+    std::env::var_os("FLASHATTN_CPU_NO_AVX512").is_none()
+}
+
+/// How `A` is read: `A[i, k] = a[i * rs + k * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct ARef<'a> {
+    pub a: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// `C[i, n] += sum_{k in kr(i0)} A[i, k] B[k, n]` for rows `0..rows` (a multiple of [`RMAX`]) in groups of the
+/// level's `R` rows starting at `i0`, and `n` in `cr` (aligned to [`WP`], within `ldb` and `ldc`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm<const L: u8>(
+    a: ARef<'_>,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    rows: usize,
+    kr: impl Fn(usize) -> Range<usize>,
+    cr: Range<usize>,
+) {
+    if L >= 2 {
+        #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+        {
+            gemm_impl::<8, 32, L>(a, b, ldb, c, ldc, rows, kr, cr);
+            return;
+        }
+    }
+    gemm_impl::<4, 16, L>(a, b, ldb, c, ldc, rows, kr, cr);
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_impl<const RR: usize, const WW: usize, const L: u8>(
+    a: ARef<'_>,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    rows: usize,
+    kr: impl Fn(usize) -> Range<usize>,
+    cr: Range<usize>,
+) {
+    if cr.is_empty() || rows == 0 {
+        return;
+    }
+    assert!(rows % RR == 0 && cr.start % WW == 0 && cr.end % WW == 0);
+    assert!(cr.end <= ldb && cr.end <= ldc);
+    assert!((rows - 1) * ldc + cr.end <= c.len());
+    for n0 in cr.step_by(WW) {
+        for i0 in (0..rows).step_by(RR) {
+            let k = kr(i0);
+            if k.is_empty() {
+                continue;
+            }
+            // Every access of the tile lies within these bounds.
+            assert!((i0 + RR - 1) * a.rs + (k.end - 1) * a.cs < a.a.len());
+            assert!((k.end - 1) * ldb + n0 + WW <= b.len());
+            // SAFETY: the asserts above bound every read of `a` and `b` and every write of `c`.
+            unsafe {
+                #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+                if L >= 2 && RR == 8 && WW == 32 {
+                    tile_avx512(a, i0, k, b, ldb, n0, c, ldc);
+                    continue;
+                }
+                tile::<RR, WW, L>(a, i0, k, b, ldb, n0, c, ldc);
+            }
+        }
+    }
+}
+
+/// One `RR x WW` register tile: `C[i0.., n0..] += A[i0.., k] B[k, n0..]`, written for the compiler to
+/// vectorise (fused multiply-adds when `L >= 1`).
+///
+/// # Safety
+/// `(i0 + RR - 1) * a.rs + (k.end - 1) * a.cs < a.a.len()`, `(k.end - 1) * ldb + n0 + WW <= b.len()` and
+/// `(i0 + RR - 1) * ldc + n0 + WW <= c.len()`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const RR: usize, const WW: usize, const L: u8>(
+    a: ARef<'_>,
+    i0: usize,
+    k: Range<usize>,
+    b: &[f32],
+    ldb: usize,
+    n0: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let cp = c.as_mut_ptr();
+    let mut acc = [[0f32; WW]; RR];
+    for (r, row) in acc.iter_mut().enumerate() {
+        *row = *(cp.add((i0 + r) * ldc + n0) as *const [f32; WW]);
+    }
+    let (ap, bp) = (a.a.as_ptr(), b.as_ptr());
+    for kk in k {
+        let brow = &*(bp.add(kk * ldb + n0) as *const [f32; WW]);
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av = *ap.add((i0 + r) * a.rs + kk * a.cs);
+            for l in 0..WW {
+                row[l] = if L >= 1 { av.mul_add(brow[l], row[l]) } else { av * brow[l] + row[l] };
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        *(cp.add((i0 + r) * ldc + n0) as *mut [f32; WW]) = *row;
+    }
+}
+
+/// The AVX-512 register tile: 8 rows by 32 columns, 16 `zmm` accumulators, one broadcast of `A[i, k]` per
+/// row and two loads of `B[k, n0..n0 + 32]` per step of `k`. Same chain per element as [`tile`] with fused
+/// multiply-adds.
+///
+/// # Safety
+/// As [`tile`] with `RR = 8`, `WW = 32`; the CPU supports AVX-512F (callers run at level 2 only).
+#[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::incompatible_msrv)] // compiled only by Rust >= 1.89 (`flashattn_avx512`, see build.rs)
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx512(
+    a: ARef<'_>,
+    i0: usize,
+    k: Range<usize>,
+    b: &[f32],
+    ldb: usize,
+    n0: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    use std::arch::x86_64::*;
+    let cp = c.as_mut_ptr();
+    let (ap, bp) = (a.a.as_ptr(), b.as_ptr());
+    macro_rules! rows {
+        ($m:ident) => {
+            $m!(0);
+            $m!(1);
+            $m!(2);
+            $m!(3);
+            $m!(4);
+            $m!(5);
+            $m!(6);
+            $m!(7);
+        };
+    }
+    let mut c0 = [_mm512_setzero_ps(); 8];
+    let mut c1 = [_mm512_setzero_ps(); 8];
+    macro_rules! ld {
+        ($r:expr) => {
+            c0[$r] = _mm512_loadu_ps(cp.add((i0 + $r) * ldc + n0));
+            c1[$r] = _mm512_loadu_ps(cp.add((i0 + $r) * ldc + n0 + 16));
+        };
+    }
+    rows!(ld);
+    let arow = ap.add(i0 * a.rs);
+    for kk in k {
+        let b0 = _mm512_loadu_ps(bp.add(kk * ldb + n0));
+        let b1 = _mm512_loadu_ps(bp.add(kk * ldb + n0 + 16));
+        let ak = arow.add(kk * a.cs);
+        macro_rules! step {
+            ($r:expr) => {
+                let av = _mm512_set1_ps(*ak.add($r * a.rs));
+                c0[$r] = _mm512_fmadd_ps(av, b0, c0[$r]);
+                c1[$r] = _mm512_fmadd_ps(av, b1, c1[$r]);
+            };
+        }
+        rows!(step);
+    }
+    macro_rules! st {
+        ($r:expr) => {
+            _mm512_storeu_ps(cp.add((i0 + $r) * ldc + n0), c0[$r]);
+            _mm512_storeu_ps(cp.add((i0 + $r) * ldc + n0 + 16), c1[$r]);
+        };
+    }
+    rows!(st);
+}
+
+/// `x = e^x` elementwise, vectorisable: `e^x = 2^n e^r` with `n = round(x log2 e)`, `r = x - n ln 2` (in two
+/// parts) and a degree-6 polynomial for `e^r` on `|r| <= ln 2 / 2` (about 1 ulp). `e^0 = 1` exactly, `-inf`
+/// and anything below the smallest normal's logarithm give 0 (subnormal results are flushed), `+inf` and
+/// anything above `ln(f32::MAX)` give `+inf`, NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp_slice(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = exp1(*v);
+    }
+}
+
+/// One exponential of [`exp_slice`].
+#[inline(always)]
+pub(crate) fn exp1(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting rounds to the nearest integer
+    let xc = x.clamp(-87.5, 88.75);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = (p * r * r + r) + 1.0;
+    // 2^n for n in [-127, 128]: both halves are normal, so the product is exact up to the final rounding.
+    let ni = n as i32;
+    let h = ni >> 1;
+    let s1 = f32::from_bits(((h + 127) as u32) << 23);
+    let s2 = f32::from_bits(((ni - h + 127) as u32) << 23);
+    let y = e * s1 * s2;
+    if x < -87.33 {
+        0.0
+    } else if x > 88.72 {
+        f32::INFINITY
+    } else if x.is_nan() {
+        x
+    } else {
+        y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_libm() {
+        let mut worst = 0f64;
+        let mut x = -87.3f32;
+        while x < 88.7 {
+            let want = (x as f64).exp();
+            let got = exp1(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 3.0 * f32::EPSILON as f64, "worst relative error {worst}");
+        assert_eq!(exp1(0.0), 1.0);
+        assert_eq!(exp1(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp1(-1000.0), 0.0);
+        assert_eq!(exp1(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp1(100.0), f32::INFINITY);
+        assert!(exp1(f32::NAN).is_nan());
+    }
+
+    fn check<const L: u8>() {
+        let (rows, kk, n) = (16, 37, 64);
+        let a: Vec<f32> = (0..rows * kk).map(|i| ((i * 7919) % 97) as f32 / 50.0 - 1.0).collect();
+        let b: Vec<f32> = (0..kk * n).map(|i| ((i * 104729) % 89) as f32 / 40.0 - 1.0).collect();
+        let mut c = vec![0.5f32; rows * n];
+        gemm::<L>(ARef { a: &a, rs: kk, cs: 1 }, &b, n, &mut c, n, rows, |_| 0..kk, 0..n);
+        for i in 0..rows {
+            for j in 0..n {
+                let want: f64 = 0.5 + (0..kk).map(|t| a[i * kk + t] as f64 * b[t * n + j] as f64).sum::<f64>();
+                assert!((c[i * n + j] as f64 - want).abs() < 1e-4, "L={L} ({i},{j})");
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_levels_agree_with_f64() {
+        check::<0>();
+        if level() >= 1 {
+            check::<1>();
+        }
+        if level() >= 2 {
+            check::<2>();
+        }
+    }
+}
