@@ -21,14 +21,29 @@ pub(crate) const RMAX: usize = 8;
 /// Column ranges and padded widths are multiples of this (every level's register-tile width divides it).
 pub(crate) const WP: usize = 32;
 
+/// The widest instruction set the CPU backend may use ([`set_simd_cap`]); 2 = no cap.
+static CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// Caps the instruction set the CPU backend runs with: 2 AVX-512F (no cap), 1 AVX2+FMA, 0 plain. A cap above
+/// what the machine has changes nothing. For comparisons and for testing every copy on one machine; results
+/// depend on the level (each level is deterministic on its own).
+pub(crate) fn set_simd_cap(level: u8) {
+    CAP.store(level.min(2), std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The instruction set the hot loops run with: 0 plain, 1 AVX2+FMA, 2 AVX-512F (+AVX2+FMA).
 pub(crate) fn level() -> u8 {
+    detected().min(CAP.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// The widest instruction set this machine and build offer.
+fn detected() -> u8 {
     #[cfg(target_arch = "x86_64")]
     {
         static L: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
         *L.get_or_init(|| {
             let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-            if avx2 && cfg!(flashattn_avx512) && is_x86_feature_detected!("avx512f") && no_avx512_override() {
+            if avx2 && cfg!(flashattn_avx512) && is_x86_feature_detected!("avx512f") {
                 2
             } else if avx2 {
                 1
@@ -39,12 +54,6 @@ pub(crate) fn level() -> u8 {
     }
     #[cfg(not(target_arch = "x86_64"))]
     0
-}
-
-/// `FLASHATTN_CPU_NO_AVX512` (set, any value) keeps the CPU backend on AVX2+FMA (for comparisons).
-#[cfg(target_arch = "x86_64")]
-fn no_avx512_override() -> bool {
-    std::env::var_os("FLASHATTN_CPU_NO_AVX512").is_none()
 }
 
 /// How `A` is read: `A[i, k] = a[i * rs + k * cs]`.
