@@ -261,7 +261,11 @@ fn forward_tile_body<const L: u8>(
         }
         if any_full {
             // The kernel's row groups (of its level's height, which divides `R`) take their `R`-row group's keys.
-            let keys = |i: usize| group_keys(i - i % R, j0, j1).map_or(0..0, |k| k.start - j0..k.end - j0);
+            // A group that sees no key of this tile has the empty range `0..0` (not relative to `j0`).
+            let keys = |i: usize| match group_keys(i - i % R, j0, j1) {
+                Some(k) if !k.is_empty() => k.start - j0..k.end - j0,
+                _ => 0..0,
+            };
             kernel::gemm::<L>(ARef { a: &sc.s, rs: BN, cs: 1 }, &sc.v, dp, &mut sc.acc, dp, rows, keys, 0..dp);
         }
         j0 = j1;
