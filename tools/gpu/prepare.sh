@@ -31,6 +31,7 @@ cp "$SHARED/bench/torch_baselines.py" .gpu/
 cp tools/gpu/*.sh tools/gpu/overhead.py .gpu/
 # The Python package as a wheel (abi3, runs on the device machine as it is).
 PY=${PYTHON:-python3}
-"$PY" -m maturin build --release --locked -o .gpu >/dev/null || maturin build --release --locked -o .gpu
+"$PY" -m maturin --version >/dev/null 2>&1 || "$PY" -m pip install -q --disable-pip-version-check 'maturin>=1.5,<2'
+"$PY" -m maturin build --release --locked -o .gpu
 ls -la .gpu
 du -sh .gpu
