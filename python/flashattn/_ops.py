@@ -61,10 +61,11 @@ def _check_device(ref: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
             )
 
 
-def _lse_shape(q: torch.Tensor, varlen: bool):
-    if varlen:
-        return (q.shape[1], q.shape[0])
-    return (q.shape[0], q.shape[2], q.shape[1])
+def _outputs(q: torch.Tensor, varlen: bool):
+    """`out` (q's shape and dtype) and `lse` (float32 `(b, h, sq)`, varlen `(h, total_q)`), allocated like q (real
+    tensors for the implementations, fake ones for the fakes)."""
+    lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 def _opts(scale, causal, wl, wr, softcap, deterministic=False):
@@ -110,9 +111,7 @@ def _fwd_impl(
     softcap: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    varlen = cu_seqlens_q is not None
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(_lse_shape(q, varlen), dtype=torch.float32, device=q.device)
+    out, lse = _outputs(q, cu_seqlens_q is not None)
     _ext.fwd(
         _device(q),
         _stream(q),
@@ -128,65 +127,12 @@ def _fwd_impl(
     return out, lse
 
 
-@torch.library.custom_op("flashattn::fwd", mutates_args=())
-def fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    alibi_slopes: Optional[torch.Tensor],
-    cu_seqlens_q: Optional[torch.Tensor],
-    cu_seqlens_k: Optional[torch.Tensor],
-    seqused_k: Optional[torch.Tensor],
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: Optional[float],
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(
-        q,
-        k,
-        v,
-        alibi_slopes,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        seqused_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        softmax_scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-        deterministic,
-    )
+fwd = torch.library.custom_op("flashattn::fwd", _fwd_impl, mutates_args=())
 
 
 @fwd.register_fake
-def _fwd_fake(
-    q,
-    k,
-    v,
-    alibi_slopes,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    seqused_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    softmax_scale,
-    causal,
-    window_left,
-    window_right,
-    softcap,
-    deterministic,
-):
-    varlen = cu_seqlens_q is not None
-    out = q.new_empty(q.shape)
-    lse = q.new_empty(_lse_shape(q, varlen), dtype=torch.float32)
-    return out, lse
+def _fwd_fake(q, k, v, alibi_slopes, cu_seqlens_q, *args):
+    return _outputs(q, cu_seqlens_q is not None)
 
 
 # --- backward ------------------------------------------------------------------------------------------------
@@ -248,47 +194,7 @@ def _bwd_impl(
     return dq, dk, dv
 
 
-@torch.library.custom_op("flashattn::bwd", mutates_args=())
-def bwd(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    alibi_slopes: Optional[torch.Tensor],
-    cu_seqlens_q: Optional[torch.Tensor],
-    cu_seqlens_k: Optional[torch.Tensor],
-    seqused_k: Optional[torch.Tensor],
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: Optional[float],
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        alibi_slopes,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        seqused_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        softmax_scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-        deterministic,
-    )
+bwd = torch.library.custom_op("flashattn::bwd", _bwd_impl, mutates_args=())
 
 
 @bwd.register_fake
@@ -296,25 +202,30 @@ def _bwd_fake(dout, q, k, v, out, lse, *args):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _fwd_setup(ctx, inputs, output):
-    (q, k, v, alibi, cu_q, cu_k, used, max_sq, max_sk, scale, causal, wl, wr, softcap, deterministic) = inputs
-    out, lse = output
+def _save(ctx, args, out, lse):
+    """What the backward needs of a forward call with `fwd`'s arguments `args` (both autograd paths)."""
+    q, k, v, alibi, cu_q, cu_k, used = args[:7]
     ctx.save_for_backward(q, k, v, out, lse, alibi, cu_q, cu_k, used)
-    ctx.args = (max_sq, max_sk, scale, causal, wl, wr, softcap, deterministic)
+    ctx.args = args[7:]
 
 
-def _fwd_backward(ctx, dout, dlse):
+def _grads(ctx, dout, backward):
+    """`fwd`'s input gradients through `backward` (the `bwd` op, or its implementation on the eager path)."""
     q, k, v, out, lse, alibi, cu_q, cu_k, used = ctx.saved_tensors
-    dq, dk, dv = bwd(dout, q, k, v, out, lse, alibi, cu_q, cu_k, used, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+    dq, dk, dv = backward(dout, q, k, v, out, lse, alibi, cu_q, cu_k, used, *ctx.args)
+    return (dq, dk, dv) + (None,) * 12
 
 
-fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+fwd.register_autograd(
+    lambda ctx, dout, dlse: _grads(ctx, dout, bwd),
+    setup_context=lambda ctx, inputs, output: _save(ctx, inputs, *output),
+)
+
+
+# --- KV cache ------------------------------------------------------------------------------------------------
 
 
 _kv_ws_bytes: dict = {}
-
-# --- KV cache ------------------------------------------------------------------------------------------------
 
 
 def _kvcache_impl(
@@ -337,8 +248,7 @@ def _kvcache_impl(
     window_right: int,
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(_lse_shape(q, False), dtype=torch.float32, device=q.device)
+    out, lse = _outputs(q, False)
     rotary = None
     if rotary_cos is not None:
         rotary = (_desc(rotary_cos, "rotary_cos"), _desc(rotary_sin, "rotary_sin"), bool(rotary_interleaved))
@@ -375,52 +285,12 @@ def _kvcache_impl(
     return out, lse
 
 
-@torch.library.custom_op("flashattn::kvcache", mutates_args=("k_cache", "v_cache"))
-def kvcache(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k: Optional[torch.Tensor],
-    v: Optional[torch.Tensor],
-    cache_seqlens: torch.Tensor,
-    block_table: Optional[torch.Tensor],
-    cache_batch_idx: Optional[torch.Tensor],
-    cache_leftpad: Optional[torch.Tensor],
-    rotary_cos: Optional[torch.Tensor],
-    rotary_sin: Optional[torch.Tensor],
-    rotary_interleaved: bool,
-    alibi_slopes: Optional[torch.Tensor],
-    softmax_scale: Optional[float],
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kvcache_impl(
-        q,
-        k_cache,
-        v_cache,
-        k,
-        v,
-        cache_seqlens,
-        block_table,
-        cache_batch_idx,
-        cache_leftpad,
-        rotary_cos,
-        rotary_sin,
-        rotary_interleaved,
-        alibi_slopes,
-        softmax_scale,
-        causal,
-        window_left,
-        window_right,
-        softcap,
-    )
+kvcache = torch.library.custom_op("flashattn::kvcache", _kvcache_impl, mutates_args=("k_cache", "v_cache"))
 
 
 @kvcache.register_fake
-def _kvcache_fake(q, k_cache, v_cache, *args):
-    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, False), dtype=torch.float32)
+def _kvcache_fake(q, *args):
+    return _outputs(q, False)
 
 
 # --- eager calls -----------------------------------------------------------------------------------------------
@@ -447,17 +317,13 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
         out, lse = _fwd_impl(*args)
-        q, k, v, alibi, cu_q, cu_k, used = args[:7]
-        ctx.save_for_backward(q, k, v, out, lse, alibi, cu_q, cu_k, used)
-        ctx.args = args[7:]
+        _save(ctx, args, out, lse)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, alibi, cu_q, cu_k, used = ctx.saved_tensors
-        dq, dk, dv = _bwd_impl(dout, q, k, v, out, lse, alibi, cu_q, cu_k, used, *ctx.args)
-        return (dq, dk, dv) + (None,) * 12
+        return _grads(ctx, dout, _bwd_impl)
 
 
 def attention(*args):

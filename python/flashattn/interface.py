@@ -28,7 +28,7 @@ def _no_dropout(dropout_p: float) -> None:
         )
 
 
-def _window(causal: bool, window_size: Sequence[int]):
+def _window(window_size: Sequence[int]):
     try:
         left, right = (int(x) for x in window_size)
     except (TypeError, ValueError):
@@ -38,14 +38,27 @@ def _window(causal: bool, window_size: Sequence[int]):
     return left, right
 
 
-def _check_qkv(q, k, v, rank: int) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def _check_tensors(rank: int, layout: str, **tensors) -> None:
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"invalid argument `{name}`: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != rank:
-            layout = "(batch, seqlen, nheads, headdim)" if rank == 4 else "(total, nheads, headdim) (varlen)"
             raise ValueError(f"invalid argument `{name}`: expected rank {rank} {layout}, got shape {tuple(t.shape)}")
-    _ops._check_device(q, k=k, v=v)
+
+
+def _unpack(name: str, t, dim: int, n: int, layout: str):
+    """The `n` tensors packed along `dim` of `t` (views: no copy)."""
+    _check_tensors(dim + 3, layout, **{name: t})
+    if t.shape[dim] != n:
+        raise ValueError(f"invalid argument `{name}`: expected shape {layout}, got {tuple(t.shape)}")
+    return t.unbind(dim=dim)
+
+
+def _check_cu(name: str, cu) -> None:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"invalid argument `{name}`: expected an int32 torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"invalid argument `{name}`: expected dtype int32, got {cu.dtype}")
 
 
 def _last_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -54,24 +67,12 @@ def _last_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _attention(
-    q,
-    k,
-    v,
-    cu_q,
-    cu_k,
-    used,
-    max_sq,
-    max_sk,
-    softmax_scale,
-    causal,
-    window_size,
-    softcap,
-    alibi_slopes,
-    deterministic,
-    return_attn_probs,
+    q, k, v, varlen, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
 ):
-    wl, wr = _window(causal, window_size)
-    _ops._check_device(q, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=used)
+    """The forward of every non-cache function; `varlen` is `(cu_q, cu_k, seqused_k, max_sq, max_sk)` or None."""
+    cu_q, cu_k, used, max_sq, max_sk = varlen or (None, None, None, 0, 0)
+    wl, wr = _window(window_size)
+    _ops._check_device(q, k=k, v=v, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=used)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     out, lse = _ops.attention(
         q,
@@ -94,6 +95,10 @@ def _attention(
         # FlashAttention-2 returns the dropout mask's probabilities only with dropout (none here).
         return out, lse, None
     return out
+
+
+_DENSE = "(batch, seqlen, nheads, headdim)"
+_VARLEN = "(total, nheads, headdim) (varlen)"
 
 
 def flash_attn_func(
@@ -119,23 +124,9 @@ def flash_attn_func(
     softmax_lse, None)`` with ``softmax_lse`` float32 ``(batch, nheads, seqlen_q)``.
     """
     _no_dropout(dropout_p)
-    _check_qkv(q, k, v, 4)
+    _check_tensors(4, _DENSE, q=q, k=k, v=v)
     return _attention(
-        q,
-        k,
-        v,
-        None,
-        None,
-        None,
-        0,
-        0,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
+        q, k, v, None, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
     )
 
 
@@ -150,30 +141,10 @@ def flash_attn_qkvpacked_func(
     deterministic=False,
     return_attn_probs=False,
 ):
-    """``flash_attn_func`` with ``qkv`` packed as ``(batch, seqlen, 3, nheads, headdim)`` (the three are read in
-    place: no copy)."""
-    _no_dropout(dropout_p)
-    if qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise ValueError(
-            f"invalid argument `qkv`: expected shape (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}"
-        )
-    q, k, v = qkv.unbind(dim=2)
-    return _attention(
-        q,
-        k,
-        v,
-        None,
-        None,
-        None,
-        0,
-        0,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
+    """``flash_attn_func`` with ``qkv`` packed as ``(batch, seqlen, 3, nheads, headdim)`` (read in place)."""
+    q, k, v = _unpack("qkv", qkv, 2, 3, "(batch, seqlen, 3, nheads, headdim)")
+    return flash_attn_func(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
     )
 
 
@@ -190,37 +161,10 @@ def flash_attn_kvpacked_func(
     return_attn_probs=False,
 ):
     """``flash_attn_func`` with ``kv`` packed as ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
-    _no_dropout(dropout_p)
-    if kv.dim() != 5 or kv.shape[2] != 2:
-        raise ValueError(
-            f"invalid argument `kv`: expected shape (batch, seqlen_k, 2, nheads_k, headdim), got {tuple(kv.shape)}"
-        )
-    k, v = kv.unbind(dim=2)
-    _check_qkv(q, k, v, 4)
-    return _attention(
-        q,
-        k,
-        v,
-        None,
-        None,
-        None,
-        0,
-        0,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
+    k, v = _unpack("kv", kv, 2, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    return flash_attn_func(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
     )
-
-
-def _check_cu(name: str, cu) -> None:
-    if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"invalid argument `{name}`: expected an int32 torch.Tensor, got {type(cu).__name__}")
-    if cu.dtype != torch.int32:
-        raise TypeError(f"invalid argument `{name}`: expected dtype int32, got {cu.dtype}")
 
 
 def flash_attn_varlen_func(
@@ -253,27 +197,14 @@ def flash_attn_varlen_func(
     _no_dropout(dropout_p)
     if block_table is not None:
         raise NotImplementedError("a paged KV cache (block_table) in flash_attn_varlen_func is not implemented yet")
-    _check_qkv(q, k, v, 3)
+    _check_tensors(3, _VARLEN, q=q, k=k, v=v)
     _check_cu("cu_seqlens_q", cu_seqlens_q)
     _check_cu("cu_seqlens_k", cu_seqlens_k)
     if seqused_k is not None:
         _check_cu("seqused_k", seqused_k)
+    varlen = (cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
     return _attention(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        seqused_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
+        q, k, v, varlen, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
     )
 
 
@@ -291,20 +222,17 @@ def flash_attn_varlen_qkvpacked_func(
     return_attn_probs=False,
 ):
     """``flash_attn_varlen_func`` with ``qkv`` packed as ``(total, 3, nheads, headdim)``."""
-    _no_dropout(dropout_p)
-    if qkv.dim() != 4 or qkv.shape[1] != 3:
-        raise ValueError(f"invalid argument `qkv`: expected shape (total, 3, nheads, headdim), got {tuple(qkv.shape)}")
+    q, k, v = _unpack("qkv", qkv, 1, 3, "(total, 3, nheads, headdim)")
     _check_cu("cu_seqlens", cu_seqlens)
-    q, k, v = qkv.unbind(dim=1)
-    return _attention(
+    return flash_attn_varlen_func(
         q,
         k,
         v,
         cu_seqlens,
         cu_seqlens,
-        None,
         max_seqlen,
         max_seqlen,
+        dropout_p,
         softmax_scale,
         causal,
         window_size,
@@ -332,24 +260,16 @@ def flash_attn_varlen_kvpacked_func(
     return_attn_probs=False,
 ):
     """``flash_attn_varlen_func`` with ``kv`` packed as ``(total_k, 2, nheads_k, headdim)``."""
-    _no_dropout(dropout_p)
-    if kv.dim() != 4 or kv.shape[1] != 2:
-        raise ValueError(
-            f"invalid argument `kv`: expected shape (total_k, 2, nheads_k, headdim), got {tuple(kv.shape)}"
-        )
-    k, v = kv.unbind(dim=1)
-    _check_qkv(q, k, v, 3)
-    _check_cu("cu_seqlens_q", cu_seqlens_q)
-    _check_cu("cu_seqlens_k", cu_seqlens_k)
-    return _attention(
+    k, v = _unpack("kv", kv, 1, 2, "(total_k, 2, nheads_k, headdim)")
+    return flash_attn_varlen_func(
         q,
         k,
         v,
         cu_seqlens_q,
         cu_seqlens_k,
-        None,
         max_seqlen_q,
         max_seqlen_k,
+        dropout_p,
         softmax_scale,
         causal,
         window_size,
@@ -400,11 +320,7 @@ def flash_attn_with_kvcache(
         if block_table is not None:
             raise ValueError("invalid argument `page_table`: expected it or `block_table`, not both")
         block_table = page_table
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"invalid argument `{name}`: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"invalid argument `{name}`: expected rank 4, got shape {tuple(t.shape)}")
+    _check_tensors(4, _DENSE, q=q, k_cache=k_cache, v_cache=v_cache)
     if (k is None) != (v is None):
         raise ValueError("invalid argument `v`: expected `k` and `v` both given or both None")
     if (rotary_cos is None) != (rotary_sin is None):
@@ -439,7 +355,7 @@ def flash_attn_with_kvcache(
         block_table=block_table,
         alibi_slopes=alibi_slopes,
     )
-    wl, wr = _window(causal, window_size)
+    wl, wr = _window(window_size)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     out, lse = _ops.attention_kvcache(
         q,
