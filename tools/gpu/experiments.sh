@@ -20,20 +20,9 @@ export FLASHATTN_REQUIRE_GPU=1 FLASHATTN_SWEEP=quick PYTHONUNBUFFERED=1
 EPI=-DSM90_EPI_OVERLAP=1
 BOTH=(env FLASHATTN_NVRTC_OPTIONS=$EPI FLASHATTN_SM90_TMA_STORE=1)
 
-# step NAME TIMEOUT_S CMD...: runs CMD, appends its output to log.txt, its status and tail to summary.txt.
-step() {
-    local name=$1 t=$2
-    shift 2
-    echo "== $name: $*" | tee -a "$OUT/summary.txt" >> "$OUT/log.txt"
-    local t0=$SECONDS from
-    from=$(($(wc -l < "$OUT/log.txt") + 1))
-    timeout "$t" "$@" >> "$OUT/log.txt" 2>&1
-    local rc=$?
-    {
-        echo "   rc=$rc ($((SECONDS - t0)) s)$([ $rc = 124 ] && echo ' TIMED OUT')"
-        tail -n +"$from" "$OUT/log.txt" | grep -E 'test result|PASS|FAIL|failed|ERROR SUMMARY|RACECHECK SUMMARY|fwd90|fwd sm|panicked' | tail -n 6 | sed 's/^/   /'
-    } >> "$OUT/summary.txt"
-}
+STEP_SUMMARY='test result|PASS|FAIL|failed|ERROR SUMMARY|RACECHECK SUMMARY|fwd90|fwd sm|panicked' STEP_LINES=6
+# shellcheck source=step.sh
+. "$G/step.sh"
 
 checks() {  # shapes with partial blocks, GQA, masks, ALiBi + softcap, sq > sk (tiles without key blocks)
     local tag=$1 dims=$2

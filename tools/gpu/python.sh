@@ -16,19 +16,9 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/flashattn-*.whl || exit 1
 export PYTHONPATH=/tmp/site
 
-step() {
-    local name=$1 t=$2
-    shift 2
-    echo "== $name: $*" | tee -a "$OUT/summary.txt" >> "$OUT/log.txt"
-    local t0=$SECONDS from
-    from=$(($(wc -l < "$OUT/log.txt") + 1))
-    timeout "$t" "$@" >> "$OUT/log.txt" 2>&1
-    local rc=$?
-    {
-        echo "   rc=$rc ($((SECONDS - t0)) s)$([ $rc = 124 ] && echo ' TIMED OUT')"
-        tail -n +"$from" "$OUT/log.txt" | grep -E 'passed|failed|test result|ERROR SUMMARY|error|Error|us/call' | tail -n 8 | sed 's/^/   /'
-    } >> "$OUT/summary.txt"
-}
+STEP_SUMMARY='passed|failed|test result|ERROR SUMMARY|error|Error|us/call' STEP_LINES=8
+# shellcheck source=step.sh
+. "$G/step.sh"
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
 python3 -c 'import torch, flashattn; print("torch", torch.__version__, flashattn.info())' >> "$OUT/summary.txt" 2>&1

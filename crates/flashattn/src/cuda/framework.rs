@@ -12,7 +12,7 @@ use super::kvcache::DeviceWorkspace;
 use super::launch;
 use super::runtime::{self, dev_err};
 use super::tensor::DeviceTensorRef;
-use super::{all_aligned, extent_bytes, raw_problem, require_half};
+use super::{all_aligned, check_lse, extent_bytes, raw_problem, require_half};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::{AttnOptions, VarLen};
@@ -170,14 +170,6 @@ fn meta_ptrs(meta: &DeviceMeta, a: &mut FwdArgs) {
     a.alibi = meta.alibi_slopes.as_ref().map_or(0, |t| t.ptr);
 }
 
-fn check_lse(lse: &DeviceTensorRef, p: &Problem, output: bool) -> Result<()> {
-    lse.check("lse", &p.lse_shape(), DType::F32, output)?;
-    if lse.strides != Layout::contiguous(&p.lse_shape()).strides {
-        return Err(Error::invalid("lse", "a contiguous tensor", format!("strides {:?}", lse.strides)));
-    }
-    Ok(())
-}
-
 /// Forward pass over device memory the caller owns, metadata included, on the caller's stream.
 ///
 /// # Safety
@@ -252,14 +244,7 @@ pub unsafe fn backward_device(
     t.dq.check("dq", &f.q.shape, p.dtype, true)?;
     t.dk.check("dk", &f.k.shape, p.dtype, true)?;
     t.dv.check("dv", &f.v.shape, p.dtype, true)?;
-    let need = bwd::workspace_layout(&p, opts.deterministic)?.bytes;
-    if workspace.bytes < need || workspace.ptr % 256 != 0 || workspace.ptr == 0 {
-        return Err(Error::invalid(
-            "workspace",
-            format!("at least {need} bytes at a 256-byte aligned address"),
-            format!("{} bytes at {:#x}", workspace.bytes, workspace.ptr),
-        ));
-    }
+    workspace.check(bwd::workspace_layout(&p, opts.deterministic)?.bytes)?;
     let gpu = runtime::gpu(n)?;
     runtime::guard("the CUDA backward", || {
         gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;

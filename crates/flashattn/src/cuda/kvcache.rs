@@ -793,17 +793,23 @@ pub unsafe fn kvcache_forward_raw(
     })
 }
 
-/// A caller's workspace must hold the plan's buffers at a 256-byte aligned, non-null address.
+/// A caller's workspace must hold the plan's buffers.
 fn check_workspace(plan: &Plan, workspace: DeviceWorkspace) -> Result<()> {
-    let need = plan.workspace().bytes;
-    if workspace.bytes < need || workspace.ptr % 256 != 0 || workspace.ptr == 0 {
-        return Err(Error::invalid(
-            "workspace",
-            format!("at least {need} bytes at a 256-byte aligned address"),
-            format!("{} bytes at {:#x}", workspace.bytes, workspace.ptr),
-        ));
+    workspace.check(plan.workspace().bytes)
+}
+
+impl DeviceWorkspace {
+    /// Checks that the range holds `need` bytes at a 256-byte aligned, non-null address.
+    pub(crate) fn check(&self, need: usize) -> Result<()> {
+        if self.bytes < need || self.ptr % 256 != 0 || self.ptr == 0 {
+            return Err(Error::invalid(
+                "workspace",
+                format!("at least {need} bytes at a 256-byte aligned address"),
+                format!("{} bytes at {:#x}", self.bytes, self.ptr),
+            ));
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn raw_ptrs(

@@ -246,10 +246,7 @@ pub unsafe fn forward_raw(
     let p = raw_problem(q, k, v, opts)?;
     require_half(&p)?;
     o.check("o", &p.o_shape(), p.dtype, true)?;
-    lse.check("lse", &p.lse_shape(), DType::F32, true)?;
-    if lse.strides != Layout::contiguous(&p.lse_shape()).strides {
-        return Err(Error::invalid("lse", "a contiguous tensor", format!("strides {:?}", lse.strides)));
-    }
+    check_lse(lse, &p, true)?;
     let gpu = runtime::gpu(n)?;
     runtime::guard("the CUDA forward", || {
         gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
@@ -267,6 +264,15 @@ pub unsafe fn forward_raw(
         drop(aux);
         Ok(())
     })
+}
+
+/// `lse` of a device call: `f32`, contiguous, of the problem's lse shape (an output of the forward).
+fn check_lse(lse: &DeviceTensorRef, p: &Problem, output: bool) -> Result<()> {
+    lse.check("lse", &p.lse_shape(), DType::F32, output)?;
+    if lse.strides != Layout::contiguous(&p.lse_shape()).strides {
+        return Err(Error::invalid("lse", "a contiguous tensor", format!("strides {:?}", lse.strides)));
+    }
+    Ok(())
 }
 
 fn extent_bytes(t: &DeviceTensorRef) -> usize {
@@ -313,10 +319,7 @@ pub(crate) unsafe fn backward_raw_of(
     require_half(&p)?;
     o.check("o", &p.o_shape(), p.dtype, false)?;
     dout.check("dout", &p.o_shape(), p.dtype, false)?;
-    lse.check("lse", &p.lse_shape(), DType::F32, false)?;
-    if lse.strides != Layout::contiguous(&p.lse_shape()).strides {
-        return Err(Error::invalid("lse", "a contiguous tensor", format!("strides {:?}", lse.strides)));
-    }
+    check_lse(lse, &p, false)?;
     dq.check("dq", &q.shape, p.dtype, true)?;
     dk.check("dk", &k.shape, p.dtype, true)?;
     dv.check("dv", &v.shape, p.dtype, true)?;
