@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from .compat import index_first_axis, pad_input, unpad_input
 from .interface import flash_attn_func, flash_attn_varlen_func
 
 ATTN_IMPLEMENTATION = "fattn"
@@ -104,14 +105,6 @@ def attention_mask(
 # The attention.
 
 
-def _unpad(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, *x.shape[2:])[indices]
-
-
-def _cu(lengths: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-
-
 def _packed_cu_seqlens(position_ids: torch.Tensor) -> Optional[torch.Tensor]:
     """``cu_seqlens`` of the sequences packed into one row (positions restart), or None when there is one.
 
@@ -175,7 +168,6 @@ def attention_forward(
     )
 
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    out_dtype = q.dtype
     # float32 activations on CUDA are refused by the kernels (NotImplementedError naming the dtype); the cast to
     # a half dtype that transformers' FlashAttention path makes is not here until it has run on a GPU.
     dv = v.shape[-1]
@@ -209,7 +201,7 @@ def attention_forward(
 
     if dv != out.shape[-1]:
         out = out[..., :dv]
-    return out.to(out_dtype), None
+    return out, None
 
 
 def _padded(q, k, v, mask: torch.Tensor, opts) -> torch.Tensor:
@@ -220,26 +212,18 @@ def _padded(q, k, v, mask: torch.Tensor, opts) -> torch.Tensor:
         k, v = k[:, :n], v[:, :n]
     elif k.shape[1] < n:
         raise ValueError(f"attention mask of {n} keys for {k.shape[1]} keys")
-    # torch.nonzero and the max length read the mask on the host: the same reads transformers' FlashAttention
+    # unpad_input's nonzero and max length read the mask on the host: the same reads transformers' FlashAttention
     # path makes (`_get_unpad_data`).
-    lens_k = mask.sum(-1, dtype=torch.int32)
-    idx_k = torch.nonzero(mask.flatten()).flatten()
-    cu_k = _cu(lens_k)
-    max_k = int(lens_k.max())
+    kp, idx_k, cu_k, max_k, _ = unpad_input(k, mask)
+    vp = index_first_axis(v.reshape(-1, *v.shape[2:]), idx_k)
     if sq == n:
-        idx_q, cu_q, max_q = idx_k, cu_k, max_k
+        qp, idx_q, cu_q, max_q = index_first_axis(q.reshape(-1, *q.shape[2:]), idx_k), idx_k, cu_k, max_k
     elif sq == 1:
         # Decoding: one query per sequence, taken as valid (as transformers does), with no further host read.
         idx_q = torch.arange(b, device=q.device)
-        cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device)
-        max_q = 1
+        qp, cu_q, max_q = q.reshape(b, *q.shape[2:]), torch.arange(b + 1, dtype=torch.int32, device=q.device), 1
     else:
         # The queries are the last sq keys (bottom-right), whose mask is the mask's last sq columns.
-        qmask = mask[:, -sq:]
-        lens_q = qmask.sum(-1, dtype=torch.int32)
-        idx_q = torch.nonzero(qmask.flatten()).flatten()
-        cu_q = _cu(lens_q)
-        max_q = int(lens_q.max())
-    out = flash_attn_varlen_func(_unpad(q, idx_q), _unpad(k, idx_k), _unpad(v, idx_k), cu_q, cu_k, max_q, max_k, **opts)
-    full = out.new_zeros(b * sq, *out.shape[1:])
-    return full.index_put((idx_q,), out).view(b, sq, *out.shape[1:])
+        qp, idx_q, cu_q, max_q, _ = unpad_input(q, mask[:, -sq:])
+    out = flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, max_q, max_k, **opts)
+    return pad_input(out, idx_q, b, sq)
