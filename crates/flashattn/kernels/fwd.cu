@@ -29,7 +29,8 @@
 //             CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES first.
 //   Defaults: d32 40960, d64 55296, d96 53248, d128 69632, d160 86016, d192 102400, d224 118784, d256 135168.
 //
-// Output: o (dtype of q) and lse (f32, natural log). Rows with no visible key get o = 0, lse = -inf.
+// Output: o (dtype of q) and lse (f32, natural log). Rows with no visible key get o = 0, lse = -inf; a NaN or
+// +inf among a row's visible scores makes its o and lse NaN.
 // Semantics: docs spec ATTENTION.md. Scores with softcap/ALiBi: s = scale*q.k, s = softcap*tanh(s/softcap),
 // s -= slope*|i + sk - sq - j|, then masking. Plain case keeps raw-score row maxima and folds
 // scale*log2(e) into one FFMA before ex2 (requires scale > 0).
@@ -431,17 +432,21 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
+            // l == 0: every score of the row was -inf (no visible key): o = 0 exactly (acc_o may hold 0 * NaN
+            // from a masked value row), lse = -inf. A NaN or +inf score made l NaN (and acc_o NaN): inv and lse
+            // are then NaN too, never the empty-row encoding.
             const float l = quad_sum(row_l[mt][hh]);
-            const float inv = l > 0.f ? 1.f / l : 0.f;
+            const bool empty = l == 0.f;
+            const float inv = 1.f / l;
             const int r = warp_row0 + mt * 16 + g + hh * 8;
             if (t == 0 && r < rows_valid) {
                 float lse = FA_NEG_INF;
-                if (l > 0.f) lse = (row_m[mt][hh] * c + log2_fast(l)) * FA_LN2;
+                if (!empty) lse = (row_m[mt][hh] * c + log2_fast(l)) * FA_LN2;
                 p.lse[lse_off + m0 + r] = lse;
             }
 #pragma unroll
             for (int dt = 0; dt < DTILES; ++dt) {
-                const u32 v = Dt<elem_t>::pack(acc_o[mt][dt][2 * hh] * inv, acc_o[mt][dt][2 * hh + 1] * inv);
+                const u32 v = empty ? 0u : Dt<elem_t>::pack(acc_o[mt][dt][2 * hh] * inv, acc_o[mt][dt][2 * hh + 1] * inv);
                 st_shared_u32(sQ + r * ROW_BYTES + (dt * 8 + 2 * t) * 2, v);
             }
         }

@@ -730,15 +730,17 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
         float inv[2];
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
+            // l == 0: no visible key: o = 0 exactly (o may hold 0 * NaN from a masked value row), lse = -inf.
+            // A NaN or +inf score made l NaN: inv and lse are NaN.
             const float l = quad_sum(rs.l[hh]);
-            inv[hh] = l > 0.f ? 1.f / l : 0.f;
+            inv[hh] = l == 0.f ? 0.f : 1.f / l;
             const int i = i0 + 8 * hh;
 #if SM90_PACK
             if (i < nrows && t == 0)
                 f.lse[lse_base + (i64)(id.qh * QG + i % QG) * f.lse_head_stride + i / QG] =
-                    l > 0.f ? (rs.m[hh] * c + log2_fast(l)) * FA_LN2 : FA_NEG_INF;
+                    l != 0.f ? (rs.m[hh] * c + log2_fast(l)) * FA_LN2 : FA_NEG_INF;
 #else
-            if (i < g.sq && t == 0) f.lse[lse_off + i] = l > 0.f ? (rs.m[hh] * c + log2_fast(l)) * FA_LN2 : FA_NEG_INF;
+            if (i < g.sq && t == 0) f.lse[lse_off + i] = l != 0.f ? (rs.m[hh] * c + log2_fast(l)) * FA_LN2 : FA_NEG_INF;
 #endif
         }
         if (nblk > 0) {
@@ -753,7 +755,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 const int r = warp * 16 + gq + 8 * hh;  // row within the warpgroup's 64
 #pragma unroll
                 for (int dt = 0; dt < D / 8; ++dt) {
-                    const u32 v = Dt<elem_t>::pack(o[4 * dt + 2 * hh] * inv[hh], o[4 * dt + 2 * hh + 1] * inv[hh]);
+                    const u32 v = inv[hh] == 0.f ? 0u : Dt<elem_t>::pack(o[4 * dt + 2 * hh] * inv[hh], o[4 * dt + 2 * hh + 1] * inv[hh]);
                     const u32 a = so_wg + (dt / 8) * BM * 128 + r * 128 + (((dt % 8) ^ (r & 7)) << 4) + 4 * t;
                     st_shared_u32(a, v);
                 }

@@ -17,7 +17,7 @@
 //               lse_part and arrives on its group's counter (split_count[blockIdx.z * m_blocks + m_block]);
 //               the last to arrive merges the group's rows (combine_splits) and resets the counter to 0:
 //               m = max lse_s, w_s = exp(lse_s - m), o = sum w_s o_s / sum w_s, lse = m + log(sum w_s)
-//               (every lse_s = -inf: o = 0, lse = -inf).
+//               (every lse_s = -inf: o = 0, lse = -inf; a NaN lse_s makes the merged o and lse NaN).
 // Every kernel returns before writing the cache or results when *status != 0 (the call was refused; the caller
 // reads and clears it); kv_attn then fills the refused rows of o and lse with NaN.
 //
@@ -371,10 +371,12 @@ __device__ __noinline__ void combine_splits(const KvParams& p, unsigned char* s_
             sum += l[k];
         }
         sum = warp_sum(sum);
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        // sum == 0: every split saw no key (o = 0, lse = -inf). A NaN split lse (skipped by the max) gives a
+        // NaN weight, so sum, inv, every weight and the merged o and lse are NaN.
+        const float inv = sum == 0.f ? 0.f : 1.f / sum;
 #pragma unroll
         for (int k = 0; k < KV_MAX_SPLITS / 32; ++k) s_w[r * KV_MAX_SPLITS + lane + 32 * k] = l[k] * inv;  // 0 past ns
-        if (lane == 0) p.lse[R] = sum > 0.f ? mu + logf(sum) : FA_NEG_INF;
+        if (lane == 0) p.lse[R] = sum != 0.f ? mu + logf(sum) : FA_NEG_INF;
     }
     __syncthreads();
     const i64 split_stride = rows_total * D;
@@ -683,11 +685,13 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
             wt[w] = exp2_fast(mw[w] * c - mu);
             L += wt[w] * lw[w];
         }
-        const float inv = L > 0.f ? 1.f / L : 0.f;
+        // L == 0: no warp saw a key (o = 0, lse = -inf). A NaN or +inf score made a warp's l (or its weight)
+        // NaN, so L is NaN and so are inv, every weight, o and lse.
+        const float inv = L == 0.f ? 0.f : 1.f / L;
         // Row tid's own slots only: warp w's weight over its m, the row's LSE over warp 0's l.
 #pragma unroll
         for (int w = 0; w < NW; ++w) s_ml[(w * 2) * 16 + tid] = wt[w] * inv;
-        s_ml[16 + tid] = L > 0.f ? (mu + log2_fast(L)) * FA_LN2 : FA_NEG_INF;
+        s_ml[16 + tid] = L != 0.f ? (mu + log2_fast(L)) * FA_LN2 : FA_NEG_INF;
     }
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
@@ -712,6 +716,9 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
             o.z += wt * v.z;
             o.w += wt * v.w;
         }
+        // A row with no visible key (lse = -inf) is exactly 0: its zero weights may meet 0 * NaN from masked
+        // value rows.
+        if (s_ml[16 + r] == FA_NEG_INF) o = make_float4(0.f, 0.f, 0.f, 0.f);
         const i64 R = tr.out_row(p, r);
         if (direct) {
             tr.store_o(p, r, c4, o);

@@ -1,0 +1,349 @@
+//! Non-finite inputs on the CUDA kernels (spec, "Non-finite inputs propagate"): a NaN or `+inf` among a row's
+//! visible scores makes that row's `o` and `lse` NaN, a NaN in a visible value row reaches the output where its
+//! weight is non-zero, and only a row whose mask leaves no key is reported as `o = 0`, `lse = -inf`. Covers the
+//! sm80-class forward (odd head dim 59, and every head dim off Hopper), the sm90 forward (head dims 64, 128 and
+//! 256 on Hopper), the KV-cache kernel with and without its split-KV merge, and the backward.
+//! The CPU versions of these checks are in `nonfinite.rs`.
+//!
+//! Without a usable GPU each test prints a visible SKIP line and passes (`FLASHATTN_REQUIRE_GPU=1`: fails).
+#![cfg(feature = "cuda")]
+
+mod common;
+use common::*;
+use flashattn::{AttnOptions, CacheSeqlens, DType, Device, KvCache, Tensor};
+
+const DIMS: [usize; 4] = [59, 64, 128, 256];
+const DTYPES: [DType; 2] = [DType::F16, DType::BF16];
+
+/// Deterministic, varied, finite values in [-1, 1).
+fn vals(n: usize, seed: u32) -> Vec<f32> {
+    (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed * 97) % 1000) as f32 / 500.0 - 1.0).collect()
+}
+
+/// `[b, s, h, d]` row offset of `(seq, row, head)`.
+fn at(shape: &[usize; 4], seq: usize, row: usize, head: usize) -> usize {
+    ((seq * shape[1] + row) * shape[2] + head) * shape[3]
+}
+
+struct Case {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    qs: [usize; 4],
+    ks: [usize; 4],
+    dtype: DType,
+    opts: AttnOptions,
+}
+
+impl Case {
+    /// b = 2, h = 4, hk = 2 (GQA), sq = 150 > sk = 130 with a causal mask: the first 20 rows see no key, and
+    /// the key range spans several key blocks.
+    fn new(dtype: DType, d: usize) -> Self {
+        let (qs, ks) = ([2, 150, 4, d], [2, 130, 2, d]);
+        let n = |s: &[usize; 4]| s.iter().product::<usize>();
+        Case {
+            q: vals(n(&qs), 1),
+            k: vals(n(&ks), 2),
+            v: vals(n(&ks), 3),
+            qs,
+            ks,
+            dtype,
+            opts: AttnOptions::default().causal(),
+        }
+    }
+    fn tensors(&self) -> [Tensor; 3] {
+        [
+            Tensor::from_f32(&self.q, &self.qs, self.dtype).unwrap(),
+            Tensor::from_f32(&self.k, &self.ks, self.dtype).unwrap(),
+            Tensor::from_f32(&self.v, &self.ks, self.dtype).unwrap(),
+        ]
+    }
+    /// The CUDA forward's `o` and `lse` as f32.
+    fn run(&self) -> (Vec<f32>, Vec<f32>) {
+        let [q, k, v] = self.tensors();
+        let out = flashattn::forward_on(Device::Cuda(0), &q, &k, &v, &self.opts).unwrap();
+        (out.o.to_f32_vec(), out.lse.to_f32_vec())
+    }
+    /// Whether query row `i` sees key `j` (causal, bottom-right aligned).
+    fn sees(&self, i: usize, j: usize) -> bool {
+        j + self.qs[1] <= i + self.ks[1]
+    }
+    fn masked(&self, i: usize) -> bool {
+        !self.sees(i, 0)
+    }
+    fn lse_at(&self, seq: usize, head: usize, row: usize) -> usize {
+        (seq * self.qs[2] + head) * self.qs[1] + row
+    }
+    fn what(&self) -> String {
+        format!("{:?} d{}", self.dtype, self.qs[3])
+    }
+}
+
+/// Every row of the CUDA forward: masked rows exactly `o = 0`, `lse = -inf`; rows with `nan_row(seq, head, row)`
+/// NaN in all of `o` and in `lse`; every other row finite.
+fn check_rows(c: &Case, nan_row: impl Fn(usize, usize, usize) -> bool) {
+    let (o, lse) = c.run();
+    let d = c.qs[3];
+    for seq in 0..c.qs[0] {
+        for head in 0..c.qs[2] {
+            for i in 0..c.qs[1] {
+                let orow = &o[at(&c.qs, seq, i, head)..at(&c.qs, seq, i, head) + d];
+                let l = lse[c.lse_at(seq, head, i)];
+                let what = format!("{} seq {seq} head {head} row {i}", c.what());
+                if c.masked(i) {
+                    assert!(orow.iter().all(|&x| x == 0.0) && l == f32::NEG_INFINITY, "{what}: not empty (lse {l})");
+                } else if nan_row(seq, head, i) {
+                    assert!(l.is_nan(), "{what}: lse {l} should be NaN");
+                    assert!(orow.iter().all(|x| x.is_nan()), "{what}: o should be NaN");
+                } else {
+                    assert!(l.is_finite(), "{what}: lse {l}");
+                    assert!(orow.iter().all(|x| x.is_finite()), "{what}: o not finite");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_clean_inputs_give_finite_rows_and_empty_masked_rows() {
+    if !gpu("cuda_clean_inputs_give_finite_rows_and_empty_masked_rows") {
+        return;
+    }
+    for dtype in DTYPES {
+        for d in DIMS {
+            check_rows(&Case::new(dtype, d), |_, _, _| false);
+        }
+    }
+}
+
+#[test]
+fn cuda_nan_in_q_makes_that_row_nan() {
+    if !gpu("cuda_nan_in_q_makes_that_row_nan") {
+        return;
+    }
+    for dtype in DTYPES {
+        for d in DIMS {
+            let mut c = Case::new(dtype, d);
+            // Row 40 of (seq 1, head 3): visible; row 5 of (seq 0, head 0): masked, so it stays empty.
+            c.q[at(&c.qs, 1, 40, 3) + 7] = f32::NAN;
+            c.q[at(&c.qs, 0, 5, 0) + 2] = f32::NAN;
+            check_rows(&c, |seq, head, i| (seq, head, i) == (1, 3, 40));
+        }
+    }
+}
+
+#[test]
+fn cuda_nan_in_one_key_makes_the_rows_that_see_it_nan() {
+    if !gpu("cuda_nan_in_one_key_makes_the_rows_that_see_it_nan") {
+        return;
+    }
+    for dtype in DTYPES {
+        for d in DIMS {
+            let mut c = Case::new(dtype, d);
+            // Key 100 of (seq 0, kv head 1): read by query heads 2 and 3, by rows 120.. (causal).
+            let j = 100;
+            c.k[at(&c.ks, 0, j, 1) + 3] = f32::NAN;
+            check_rows(&c, |seq, head, i| seq == 0 && head >= 2 && c.sees(i, j));
+        }
+    }
+}
+
+#[test]
+fn cuda_plus_inf_score_makes_the_row_nan() {
+    if !gpu("cuda_plus_inf_score_makes_the_row_nan") {
+        return;
+    }
+    for dtype in DTYPES {
+        for d in DIMS {
+            // A q element of +inf against keys whose matching element is positive: every score of the row is
+            // +inf, and the row is NaN (inf - inf), never empty.
+            let mut c = Case::new(dtype, d);
+            c.q[at(&c.qs, 1, 120, 2)] = f32::INFINITY;
+            for j in 0..c.ks[1] {
+                c.k[at(&c.ks, 1, j, 1)] = 0.5;
+            }
+            check_rows(&c, |seq, head, i| (seq, head, i) == (1, 2, 120));
+        }
+    }
+}
+
+#[test]
+fn cuda_nan_in_one_value_row_reaches_the_rows_that_weigh_it() {
+    if !gpu("cuda_nan_in_one_value_row_reaches_the_rows_that_weigh_it") {
+        return;
+    }
+    for dtype in DTYPES {
+        for d in DIMS {
+            let mut c = Case::new(dtype, d);
+            let j = 90;
+            c.v[at(&c.ks, 1, j, 0)] = f32::NAN;
+            let (o, lse) = c.run();
+            for seq in 0..2 {
+                for head in 0..4 {
+                    for i in 0..c.qs[1] {
+                        let oi = at(&c.qs, seq, i, head);
+                        let what = format!("{} seq {seq} head {head} row {i}", c.what());
+                        let l = lse[c.lse_at(seq, head, i)];
+                        if c.masked(i) {
+                            assert!(o[oi..oi + d].iter().all(|&x| x == 0.0) && l == f32::NEG_INFINITY, "{what}");
+                            continue;
+                        }
+                        assert!(l.is_finite(), "{what}: lse {l} is a function of q, k only");
+                        // Column 0 of the rows that weigh value row 90 is NaN. (A row of the same tiles that does
+                        // not see it may be NaN there too: its zero weight times NaN in the P.V product.)
+                        if seq == 1 && head < 2 && c.sees(i, j) {
+                            assert!(o[oi].is_nan(), "{what}: o[0] = {}", o[oi]);
+                        } else if seq == 0 || head >= 2 {
+                            assert!(o[oi].is_finite(), "{what}: o[0] = {}", o[oi]);
+                        }
+                        assert!(o[oi + 1..oi + d].iter().all(|x| x.is_finite()), "{what}: other columns");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_backward_propagates_nan_and_masked_rows_stay_zero() {
+    if !gpu("cuda_backward_propagates_nan_and_masked_rows_stay_zero") {
+        return;
+    }
+    for dtype in DTYPES {
+        for d in DIMS {
+            let mut c = Case::new(dtype, d);
+            // A NaN in a visible row's q: row 60 of (seq 1, head 1), reading kv head 0.
+            c.q[at(&c.qs, 1, 60, 1) + 1] = f32::NAN;
+            let [q, k, v] = c.tensors();
+            let dev = Device::Cuda(0);
+            let out = flashattn::forward_on(dev, &q, &k, &v, &c.opts).unwrap();
+            let dout = Tensor::from_f32(&vals(c.q.len(), 9), &c.qs, dtype).unwrap();
+            let g = flashattn::backward_on(dev, &q, &k, &v, &out.o, &out.lse, &dout, &c.opts).unwrap();
+            let (dq, dk, dv) = (g.dq.to_f32_vec(), g.dk.to_f32_vec(), g.dv.to_f32_vec());
+            let w = c.what();
+            // dq: zero on masked rows, NaN on the NaN row, finite elsewhere.
+            for seq in 0..2 {
+                for head in 0..4 {
+                    for i in 0..c.qs[1] {
+                        let r = &dq[at(&c.qs, seq, i, head)..at(&c.qs, seq, i, head) + d];
+                        if c.masked(i) {
+                            assert!(r.iter().all(|&x| x == 0.0), "{w} seq {seq} head {head} row {i}: masked dq");
+                        } else if (seq, head, i) == (1, 1, 60) {
+                            assert!(r.iter().all(|x| x.is_nan()), "{w}: the NaN row's dq");
+                        } else {
+                            assert!(r.iter().all(|x| x.is_finite()), "{w} seq {seq} head {head} row {i}: dq");
+                        }
+                    }
+                }
+            }
+            // dk, dv: sequence 0 and kv head 1 are finite; in (seq 1, kv head 0) the keys row 60 sees are NaN.
+            for seq in 0..2 {
+                for kh in 0..2 {
+                    for j in 0..c.ks[1] {
+                        let kj = at(&c.ks, seq, j, kh);
+                        let (rk, rv) = (&dk[kj..kj + d], &dv[kj..kj + d]);
+                        let what = format!("{w} seq {seq} kv head {kh} key {j}");
+                        if (seq, kh) == (1, 0) {
+                            if c.sees(60, j) {
+                                assert!(rk.iter().all(|x| x.is_nan()), "{what}: dk");
+                                assert!(rv.iter().all(|x| x.is_nan()), "{what}: dv");
+                            } else {
+                                // dV = Pᵀ dO: a key the NaN row does not see has weight exactly 0 there.
+                                assert!(rv.iter().all(|x| x.is_finite()), "{what}: dv");
+                            }
+                        } else {
+                            assert!(rk.iter().chain(rv).all(|x| x.is_finite()), "{what}: dk/dv");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// KV-cache attention on the device: b = 1, h = 4, hk = 2, a cache of `n` tokens (capacity `cap`), `sq` new
+/// queries, causal. `poison(k)` edits the cache keys `[1, cap, 2, d]` before the call. Returns (o, lse).
+fn kv_run(
+    dtype: DType,
+    d: usize,
+    cap: usize,
+    n: usize,
+    sq: usize,
+    poison: impl Fn(&mut [f32]),
+) -> (Vec<f32>, Vec<f32>) {
+    let (h, hk) = (4, 2);
+    let mut kv = vals(cap * hk * d, 12);
+    poison(&mut kv);
+    let mut kc = Tensor::from_f32(&kv, &[1, cap, hk, d], dtype).unwrap();
+    let mut vc = Tensor::from_f32(&vals(cap * hk * d, 13), &[1, cap, hk, d], dtype).unwrap();
+    let q = Tensor::from_f32(&vals(sq * h * d, 11), &[1, sq, h, d], dtype).unwrap();
+    let opts = AttnOptions::default().causal();
+    let mut cache = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(n as i32));
+    let out = flashattn::kvcache_forward_on(Device::Cuda(0), &q.view(), &mut cache, &opts).unwrap();
+    (out.o.to_f32_vec(), out.lse.to_f32_vec())
+}
+
+#[test]
+fn cuda_kvcache_nan_key_makes_the_rows_that_see_it_nan() {
+    if !gpu("cuda_kvcache_nan_key_makes_the_rows_that_see_it_nan") {
+        return;
+    }
+    let (h, sq) = (4, 4);
+    for dtype in DTYPES {
+        for d in DIMS {
+            // A short cache (one split) and an 8k-token one with b = 1 (several splits, merged by
+            // combine_splits). A NaN key early in kv head 0 (every row of heads 0, 1 sees it) and one near the
+            // end of kv head 1 (query i sees keys j <= i + n - sq: rows 2, 3 of heads 2, 3 see key n - 2).
+            for n in [200usize, 8192] {
+                let (o, lse) = kv_run(dtype, d, n, n, sq, |k| {
+                    k[(5 * 2) * d + 1] = f32::NAN;
+                    k[((n - 2) * 2 + 1) * d + 3] = f32::NAN;
+                });
+                for i in 0..sq {
+                    for head in 0..h {
+                        let what = format!("{dtype:?} d{d} n {n} row {i} head {head}");
+                        let l = lse[head * sq + i];
+                        let orow = &o[(i * h + head) * d..(i * h + head + 1) * d];
+                        if head < 2 || i >= 2 {
+                            assert!(l.is_nan(), "{what}: lse {l} should be NaN");
+                            assert!(orow.iter().all(|x| x.is_nan()), "{what}: o should be NaN");
+                        } else {
+                            assert!(l.is_finite(), "{what}: lse {l}");
+                            assert!(orow.iter().all(|x| x.is_finite()), "{what}: o not finite");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_kvcache_masked_rows_are_empty() {
+    if !gpu("cuda_kvcache_masked_rows_are_empty") {
+        return;
+    }
+    let (h, sq) = (4, 4);
+    for dtype in DTYPES {
+        for d in DIMS {
+            // Two cached tokens and four queries, causal: rows 0 and 1 see no key. The rest of the cache
+            // (beyond the two tokens) holds NaN, which no row may see.
+            let (o, lse) = kv_run(dtype, d, 64, 2, sq, |k| k[2 * 2 * d..].fill(f32::NAN));
+            for i in 0..sq {
+                for head in 0..h {
+                    let what = format!("{dtype:?} d{d} row {i} head {head}");
+                    let l = lse[head * sq + i];
+                    let orow = &o[(i * h + head) * d..(i * h + head + 1) * d];
+                    if i < 2 {
+                        assert!(
+                            orow.iter().all(|&x| x == 0.0) && l == f32::NEG_INFINITY,
+                            "{what}: not empty (lse {l})"
+                        );
+                    } else {
+                        assert!(l.is_finite() && orow.iter().all(|x| x.is_finite()), "{what}: lse {l}");
+                    }
+                }
+            }
+        }
+    }
+}
