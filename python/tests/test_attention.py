@@ -15,6 +15,7 @@ from flashattn import (
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
 )
 
 FEATURES = ["none", "causal", "window", "alibi", "softcap"]
@@ -280,6 +281,33 @@ def test_empty_rows_are_zero_not_nan(device):
     out.sum().backward()
     assert torch.equal(q.grad[0, :5].cpu(), torch.zeros(5, 2, 32, dtype=dtype))
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_nonfinite_inputs_propagate(device):
+    # Spec, "Non-finite inputs propagate": a NaN never passes as a masked row (o = 0, lse = -inf).
+    dtype = torch.bfloat16
+    for d in (64, 128):
+        q, k, v = (torch.randn(1, 70, 4, d, device=device, dtype=dtype) for _ in range(3))
+        q[0, 3, 1, 5] = float("nan")  # one query row of head 1
+        out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
+        assert torch.isnan(out[0, 3, 1]).all() and torch.isnan(lse[0, 1, 3])
+        mask = torch.ones(70, 4, dtype=torch.bool, device=device)
+        mask[3, 1] = False
+        assert torch.isfinite(out[0][mask]).all() and torch.isfinite(lse[0].transpose(0, 1)[mask]).all()
+        k2 = k.clone()
+        k2[0, 10, 2, 0] = float("nan")  # one key of head 2: every row of head 2 (non-causal) sees it
+        out, lse, _ = flash_attn_func(q, k2, v, return_attn_probs=True)
+        assert torch.isnan(out[0, :, 2]).all() and torch.isnan(lse[0, 2]).all()
+        assert torch.isfinite(out[0, :, 0]).all() and torch.isfinite(lse[0, 0]).all()
+        # causal: rows before the bad key never see it and stay finite
+        out = flash_attn_func(q, k2, v, causal=True)
+        assert torch.isfinite(out[0, :10, 2]).all() and torch.isnan(out[0, 10:, 2]).all()
+        # the KV-cache path: a NaN in the cache makes the rows reading it NaN
+        kc, vc = k.clone(), v.clone()
+        kc[0, 20, 0, 0] = float("nan")
+        seqlens = torch.full((1,), 70, dtype=torch.int32, device=device)
+        out = flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=seqlens)
+        assert torch.isnan(out[0, 0, 0]).all() and torch.isfinite(out[0, 0, 1:]).all()
 
 
 def test_all_head_dims_forward(device):
