@@ -543,7 +543,7 @@ fn nvrtc_compiles_variants() {
     let variants = if full() { compile::all_variants() } else { compile::hot_variants() };
     let archs = vec!["sm_80".to_string(), "sm_90a".to_string()];
     let t0 = std::time::Instant::now();
-    let reps = cuda::precompile_variants(&archs, &variants).unwrap_or_else(|e| panic!("{e}"));
+    let reps = cuda::compile_reports(&archs, &variants).unwrap_or_else(|e| panic!("{e}"));
     let hot = compile::hot_variants();
     let mut spills = Vec::new();
     let mut serialized = Vec::new();

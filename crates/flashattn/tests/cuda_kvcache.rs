@@ -627,7 +627,7 @@ fn kv_kernels_compile_without_spills() {
     vs.push(kv_variant(256, false, true, false, false, true));
     vs.push(kv_variant(128, false, true, true, true, false));
     let archs = ["sm_80".to_string(), "sm_90a".to_string()];
-    let reps = cuda::precompile_variants(&archs, &vs).unwrap_or_else(|e| panic!("{e}"));
+    let reps = cuda::compile_reports(&archs, &vs).unwrap_or_else(|e| panic!("{e}"));
     for r in &reps {
         assert!(r.usage.len() >= 3, "no ptxas report for {r}");
         for u in &r.usage {

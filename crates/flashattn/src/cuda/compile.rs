@@ -664,11 +664,33 @@ fn c_string(s: &str) -> Result<CString> {
 
 /// Compiles one variant for `arch` (`sm_80`, `sm_90a`, ...) to a cubin.
 pub fn compile(v: &Variant, arch: &str) -> Result<Compiled> {
+    compile_with(v, arch, "")
+}
+
+/// The name prefix of the empty kernel [`compile_fresh`] appends.
+pub const FRESH_KERNEL_PREFIX: &str = "fa_fresh_compile_";
+
+/// Compiles one variant for `arch` so that ptxas really runs and its `-v` report is in the log. NVRTC 12.9
+/// and later can serve a program from a cache of its own, and such a program comes back with an empty log
+/// (seen on the GPU machine: a "compile" of 0.04 s with no ptxas report for a kernel another process had
+/// just compiled); an empty kernel with a name unique to this call (`fa_fresh_compile_...`) makes source and
+/// PTX new to any cache. For checks of registers, spills and wgmma serialisation; the kernels' own cache is
+/// not involved and [`parse_usage`] of the log lists the extra kernel too.
+pub fn compile_fresh(v: &Variant, arch: &str) -> Result<Compiled> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pid = std::process::id();
+    compile_with(v, arch, &format!("\nextern \"C\" __global__ void {FRESH_KERNEL_PREFIX}{pid}_{nanos}_{n}() {{}}\n"))
+}
+
+/// Compiles a variant's source with `suffix` appended.
+fn compile_with(v: &Variant, arch: &str, suffix: &str) -> Result<Compiled> {
     if !nvrtc_present() {
         return Err(nvrtc_unavailable());
     }
     let (name, src) = v.source();
-    let src_c = c_string(src)?;
+    let src_c = if suffix.is_empty() { c_string(src)? } else { c_string(&format!("{src}{suffix}"))? };
     let name_c = c_string(name)?;
     let hdr_src: Vec<CString> = HEADERS.iter().map(|(_, t)| c_string(t)).collect::<Result<_>>()?;
     let hdr_name: Vec<CString> = HEADERS.iter().map(|(n, _)| c_string(n)).collect::<Result<_>>()?;

@@ -384,6 +384,18 @@ impl std::fmt::Display for PrecompileReport {
 
 /// Compiles `variants` for each of `archs` with NVRTC (no GPU needed), in parallel, filling the cache.
 pub fn precompile_variants(archs: &[String], variants: &[Variant]) -> Result<Vec<PrecompileReport>> {
+    compile_jobs(archs, variants, false)
+}
+
+/// Compiles the given variants for the given architectures with ptxas really running (no cache of ours
+/// or of NVRTC's: [`compile::compile_fresh`]), no GPU needed; one report per variant and architecture with
+/// registers, spills and wgmma serialisation. For the register and spill checks.
+pub fn compile_reports(archs: &[String], variants: &[Variant]) -> Result<Vec<PrecompileReport>> {
+    compile_jobs(archs, variants, true)
+}
+
+/// Every (architecture, variant) pair that builds, compiled in parallel: through the disk cache, or fresh.
+fn compile_jobs(archs: &[String], variants: &[Variant], fresh: bool) -> Result<Vec<PrecompileReport>> {
     use rayon::prelude::*;
     compile::nvrtc_version()?;
     let archs: Vec<String> = archs.iter().map(|a| compile::canonical_arch(a)).collect::<Result<_>>()?;
@@ -394,13 +406,21 @@ pub fn precompile_variants(archs: &[String], variants: &[Variant]) -> Result<Vec
     jobs.par_iter()
         .map(|(arch, v)| {
             let t0 = std::time::Instant::now();
-            let (c, origin) = cache::get_or_compile(v, arch)?;
+            let (c, cached) = if fresh {
+                (compile::compile_fresh(v, arch)?, false)
+            } else {
+                let (c, origin) = cache::get_or_compile(v, arch)?;
+                (c, origin == cache::Origin::Disk)
+            };
             Ok(PrecompileReport {
                 variant: *v,
                 arch: arch.clone(),
-                cached: origin == cache::Origin::Disk,
+                cached,
                 seconds: t0.elapsed().as_secs_f64(),
-                usage: compile::parse_usage(&c.log),
+                usage: compile::parse_usage(&c.log)
+                    .into_iter()
+                    .filter(|u| !u.kernel.starts_with(compile::FRESH_KERNEL_PREFIX))
+                    .collect(),
             })
         })
         .collect()
