@@ -279,8 +279,8 @@ def _kvcache_impl(
     ws_bytes = _kv_ws_bytes.get(key)
     if ws_bytes is None:
         ws_bytes = _kv_ws_bytes[key] = _ext.kvcache_workspace_bytes(dev, qd, kv, od, ld, opts, alibi)
-    # The kernels need a zeroed workspace (split counters and the status word) at every call.
-    ws = torch.zeros(ws_bytes, dtype=torch.uint8, device=q.device) if ws_bytes else None
+    # Uninitialised: the extension zeroes the workspace's header (status word, split counters) on the stream.
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=q.device) if ws_bytes else None
     _ext.kvcache(dev, _stream(q), qd, kv, od, ld, opts, alibi, (0, 0) if ws is None else (ws.data_ptr(), ws_bytes))
     return out, lse
 

@@ -28,7 +28,7 @@ for line in sys.stdin:
 '
 strip .gpu/flashattn .gpu/cuda .gpu/cuda_kvcache .gpu/cuda_nonfinite
 cp "$SHARED/bench/torch_baselines.py" .gpu/
-cp tools/gpu/*.sh tools/gpu/overhead.py .gpu/
+cp tools/gpu/*.sh tools/gpu/*.py .gpu/
 # The Python package as a wheel (abi3, runs on the device machine as it is).
 PY=${PYTHON:-python3}
 "$PY" -m maturin --version >/dev/null 2>&1 || "$PY" -m pip install -q --disable-pip-version-check 'maturin>=1.5,<2'

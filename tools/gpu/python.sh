@@ -5,6 +5,8 @@
 #   bash .gpu/python.sh correct   # pytest on CUDA tensors; the Rust CUDA tests; memcheck on a reduced pytest run
 #   bash .gpu/python.sh bench     # peers + the package (torch_baselines.py) beside `flashattn bench`; host overhead
 #   bash .gpu/python.sh all       # both
+#   bash .gpu/python.sh pytest overhead decode harness   # any list of steps: pytest on CUDA tensors only, the
+#                                 # host overhead, the decode grid, the harness comparison (run_harness)
 # Every GPU process runs under `timeout`. Output: $OUT/summary.txt (each step, its status, its last lines),
 # $OUT/log.txt (everything), JSON results.
 set -uo pipefail
@@ -23,7 +25,6 @@ STEP_SUMMARY='passed|failed|test result|ERROR SUMMARY|error|Error|us/call' STEP_
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
 python3 -c 'import torch, flashattn; print("torch", torch.__version__, flashattn.info())' >> "$OUT/summary.txt" 2>&1
 T=$(pwd)/python/tests
-MODE=${1:-correct}
 # The CUDA non-finite tests, on both kernel paths, where the branch that adds them is built (cuda-nan).
 nonfinite() {
     [ -x "$G/cuda_nonfinite" ] || return 0
@@ -82,10 +83,47 @@ run_final() {
         "test_attention.py::test_varlen_seqused_k[cuda]" "test_kvcache.py::test_kvcache[cuda-6]" \
         "test_errors.py::test_bad_device_metadata_stays_in_bounds" "test_errors.py::test_kvcache_overflow_writes_nothing[cuda]"
 }
-case "$MODE" in
-final) run_final ;;
-correct) run_correct ;;
-bench) run_bench ;;
-all) run_correct; run_bench ;;
-esac
+# Whether the package's forward figures differ from the CLI's by the harness (GPU clocks under triton's
+# do_bench, ~125 ms of back-to-back calls per point after the peers' own, against the CLI's 40 calls): head dim
+# 128 forward through the CLI with its default and with do_bench-like repetitions, through the package alone
+# and beside the peers, with the SM clock and power sampled every 100 ms (clocks.csv, marks.txt).
+run_harness() {
+    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv,noheader -lms 100 \
+        > "$OUT/clocks.csv" 2>&1 &
+    local smi=$!
+    mark() { echo "$(date +%H:%M:%S.%N | cut -c1-12) $1" >> "$OUT/marks.txt"; }
+    mark start
+    step cli-reps30 60 "$G/flashattn" bench --grid standard --dims 128 --modes fwd --json "$OUT/h_cli30.json"
+    mark cli-reps30
+    step cli-reps110 90 "$G/flashattn" bench --grid standard --dims 128 --modes fwd --warmup 28 --reps 110 \
+        --json "$OUT/h_cli110.json"
+    mark cli-reps110
+    step pkg-alone 90 python3 "$G/torch_baselines.py" --grid standard --backends flashattn --modes fwd \
+        --json "$OUT/h_pkg_alone.json"
+    mark pkg-alone
+    step pkg-peers 120 python3 "$G/torch_baselines.py" --grid standard --backends fa2,cudnn,flashattn --modes fwd \
+        --json "$OUT/h_pkg_peers.json"
+    mark pkg-peers
+    kill "$smi"
+}
+run_pytest() {
+    step pytest-cuda 300 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
+}
+run_decode() {
+    step peers-decode 60 python3 "$G/torch_baselines.py" --grid decode --backends fa2,cudnn,flashattn \
+        --json "$OUT/peers_decode.json"
+    step cli-decode 60 "$G/flashattn" bench --grid decode --json "$OUT/cli_decode.json"
+}
+for MODE in "$@"; do
+    case "$MODE" in
+    final) run_final ;;
+    correct) run_correct ;;
+    bench) run_bench ;;
+    all) run_correct; run_bench ;;
+    harness) run_harness ;;
+    pytest) run_pytest ;;
+    decode) run_decode ;;
+    overhead) step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json" ;;
+    esac
+done
 cat "$OUT/summary.txt"

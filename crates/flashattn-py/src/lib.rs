@@ -412,9 +412,12 @@ fn kvcache(
             let (q, o, lse) = (dev(&q)?, dev(&o)?, dev(&lse)?);
             let a = options(opts);
             let ws = DeviceWorkspace { ptr: workspace.0, bytes: workspace.1 };
-            // SAFETY: tensors of device n, torch's current stream, a zeroed workspace allocated for this call.
-            py.detach(|| unsafe { cuda::kvcache_forward_raw(n, stream as *mut c_void, &q, &cache, &o, &lse, ws, &a) })
-                .map_err(to_py)
+            // SAFETY: tensors of device n, torch's current stream, a workspace allocated for this call (its
+            // header is zeroed on the stream first).
+            py.detach(|| unsafe {
+                cuda::kvcache_forward_raw_uninit(n, stream as *mut c_void, &q, &cache, &o, &lse, ws, &a)
+            })
+            .map_err(to_py)
         }
     }
 }

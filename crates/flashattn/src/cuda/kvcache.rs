@@ -778,6 +778,41 @@ pub unsafe fn kvcache_forward_raw(
     workspace: DeviceWorkspace,
     opts: &AttnOptions,
 ) -> Result<()> {
+    raw_forward(n, stream, q, cache, o, lse, workspace, opts, false)
+}
+
+/// [`kvcache_forward_raw`] with a workspace whose contents are arbitrary (e.g. fresh from a caching
+/// allocator): its status word and split counters are zeroed on `stream` first (one small memset, instead of
+/// the caller zeroing the whole workspace).
+///
+/// # Safety
+/// As for [`kvcache_forward_raw`], except that the workspace need not be zero.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn kvcache_forward_raw_uninit(
+    n: usize,
+    stream: *mut c_void,
+    q: &DeviceTensorRef,
+    cache: &DeviceKvCache,
+    o: &DeviceTensorRef,
+    lse: &DeviceTensorRef,
+    workspace: DeviceWorkspace,
+    opts: &AttnOptions,
+) -> Result<()> {
+    raw_forward(n, stream, q, cache, o, lse, workspace, opts, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn raw_forward(
+    n: usize,
+    stream: *mut c_void,
+    q: &DeviceTensorRef,
+    cache: &DeviceKvCache,
+    o: &DeviceTensorRef,
+    lse: &DeviceTensorRef,
+    workspace: DeviceWorkspace,
+    opts: &AttnOptions,
+    zero_header: bool,
+) -> Result<()> {
     let gpu = runtime::gpu(n)?;
     let plan = raw_plan(&gpu, q, cache, o, lse, opts)?;
     check_workspace(&plan, workspace)?;
@@ -785,6 +820,10 @@ pub unsafe fn kvcache_forward_raw(
     runtime::guard("the CUDA KV-cache forward", || {
         gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
         let st = stream as dsys::CUstream;
+        if zero_header {
+            // The status word and the split counters: everything before the partial LSE.
+            super::launch::zero(workspace.ptr, plan.workspace().lse_part, st)?;
+        }
         if poison_outputs() {
             poison(o.ptr, o.layout().extent().unwrap_or(0) * 2, st)?;
             poison(lse.ptr, lse.layout().extent().unwrap_or(0) * 4, st)?;

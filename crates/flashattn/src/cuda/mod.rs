@@ -38,8 +38,8 @@ pub use framework::{
 };
 pub use fwd_sm90::{path_override, sm90_forward_launches, sm90_head_dim, sm90_tile};
 pub use kvcache::{
-    kvcache_forward_host, kvcache_forward_raw, kvcache_splits, kvcache_workspace_bytes, DeviceKvCache, DeviceRotary,
-    DeviceWorkspace, KvDecodeBench, KvWorkspace,
+    kvcache_forward_host, kvcache_forward_raw, kvcache_forward_raw_uninit, kvcache_splits, kvcache_workspace_bytes,
+    DeviceKvCache, DeviceRotary, DeviceWorkspace, KvDecodeBench, KvWorkspace,
 };
 pub use launch::{poison_outputs, set_poison_outputs};
 pub use resident::{kernel_family, DeviceAttention};
