@@ -65,7 +65,8 @@ def _outputs(q: torch.Tensor, varlen: bool):
     """`out` (q's shape and dtype) and `lse` (float32 `(b, h, sq)`, varlen `(h, total_q)`), allocated like q (real
     tensors for the implementations, fake ones for the fakes)."""
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+    # empty_like (as FlashAttention-2 allocates out): q's strides where q is dense, else contiguous.
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 def _opts(scale, causal, wl, wr, softcap, deterministic=False):
@@ -307,7 +308,7 @@ def _eager(*ts: torch.Tensor) -> bool:
     return (
         not torch.compiler.is_compiling()
         and all(type(t) is torch.Tensor for t in ts)
-        and ts[0].device.type != "meta"
+        and not ts[0].is_meta
         and _dispatch_depth() == 0
         and not _functorch_active()
     )

@@ -106,6 +106,20 @@ run_harness() {
     mark pkg-peers
     kill "$smi"
 }
+# The forward kernels before and after a change, where .gpu/flashattn-old exists (a CLI built from the
+# earlier commit): two points, alternating old and new three times (oldnew.txt).
+run_oldnew() {
+    [ -x "$G/flashattn-old" ] || return 0
+    for i in 1 2 3; do
+        for bin in flashattn-old flashattn; do
+            for pt in "2,16,8192,128 0" "1,16,16384,128 1"; do
+                set -- $pt
+                echo "$i $bin $(timeout 60 "$G/$bin" bench --shape "$1" --causal "$2" --modes fwd 2>&1 | tail -1)" \
+                    >> "$OUT/oldnew.txt"
+            done
+        done
+    done
+}
 run_pytest() {
     step pytest-cuda 300 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
 }
@@ -121,6 +135,7 @@ for MODE in "$@"; do
     bench) run_bench ;;
     all) run_correct; run_bench ;;
     harness) run_harness ;;
+    oldnew) run_oldnew ;;
     pytest) run_pytest ;;
     decode) run_decode ;;
     overhead) step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json" ;;
