@@ -159,13 +159,26 @@ def _bwd_impl(
     softcap: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # Key rows past seqused_k get no gradient: they stay zero.
     make = torch.zeros if seqused_k is not None else torch.empty
     dk = make(k.shape, dtype=k.dtype, device=k.device)
     dv = make(v.shape, dtype=v.dtype, device=v.device)
+    _bwd_into(
+        (dq, dk, dv), dout, q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+        max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, deterministic,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def _bwd_into(
+    grads, dout, q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+    softmax_scale, causal, window_left, window_right, softcap, deterministic,
+) -> None:  # fmt: skip
+    """The backward into caller-allocated `grads` = (dq, dk, dv) (any strides with a contiguous last dim)."""
+    dq, dk, dv = grads
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
     opts = _opts(softmax_scale, causal, window_left, window_right, softcap, deterministic)
     alibi = _opt(alibi_slopes, "alibi_slopes")
     vl = _varlen(cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
@@ -192,7 +205,6 @@ def _bwd_impl(
         vl,
         (0, 0) if ws is None else (ws.data_ptr(), ws_bytes),
     )
-    return dq, dk, dv
 
 
 bwd = torch.library.custom_op("flashattn::bwd", _bwd_impl, mutates_args=())

@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$G"/flashattn-*.whl || exit 1
 export PYTHONPATH=/tmp/site
 
-STEP_SUMMARY='passed|failed|test result|ERROR SUMMARY|error|Error|us/call' STEP_LINES=8
+STEP_SUMMARY='passed|failed|test result|ERROR SUMMARY|error|Error|us/call|calls:' STEP_LINES=8
 # shellcheck source=step.sh
 . "$G/step.sh"
 
@@ -120,6 +120,17 @@ run_oldnew() {
         done
     done
 }
+# PyTorch's FA2 backend of F.scaled_dot_product_attention before and after flashattn.sdpa.activate() (the same
+# script, the flash backend only), on the quick grid.
+run_sdpa() {
+    step sdpa-off 90 python3 "$G/torch_baselines.py" --grid quick --backends fa2 --json "$OUT/sdpa_off.json"
+    step sdpa-on 90 python3 -c 'import runpy, sys, flashattn.sdpa
+flashattn.sdpa.activate()
+sys.argv = [sys.argv[1]] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+print("flashattn.sdpa calls:", flashattn.sdpa.calls)' "$G/torch_baselines.py" --grid quick --backends fa2 \
+        --json "$OUT/sdpa_on.json"
+}
 run_pytest() {
     step pytest-cuda 300 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
 }
@@ -136,6 +147,7 @@ for MODE in "$@"; do
     all) run_correct; run_bench ;;
     harness) run_harness ;;
     oldnew) run_oldnew ;;
+    sdpa) run_sdpa ;;
     pytest) run_pytest ;;
     decode) run_decode ;;
     overhead) step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json" ;;
