@@ -308,6 +308,16 @@ def test_nonfinite_inputs_propagate(device):
         seqlens = torch.full((1,), 70, dtype=torch.int32, device=device)
         out = flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=seqlens)
         assert torch.isnan(out[0, 0, 0]).all() and torch.isfinite(out[0, 0, 1:]).all()
+    # A NaN ALiBi slope: refused where the slopes are read on the host (CPU); on CUDA they stay in device memory
+    # and that head's rows are NaN.
+    slopes = torch.full((4,), 0.1, device=device)
+    slopes[3] = float("nan")
+    if device == "cpu":
+        with pytest.raises(ValueError, match="alibi_slopes"):
+            flash_attn_func(k, k, v, alibi_slopes=slopes)
+    else:
+        out = flash_attn_func(k, k, v, alibi_slopes=slopes)
+        assert torch.isnan(out[0, :, 3]).all() and torch.isfinite(out[0, :, :3]).all()
 
 
 def test_all_head_dims_forward(device):
