@@ -4,7 +4,8 @@ Each model runs three ways: attn_implementation=flashattn's name, the same-preci
 for Gemma2, whose softcap sdpa refuses) and a float64 run of a plain math attention over transformers' own 4D
 boolean masks (registered here) as the reference. The spec's
 rule decides: float32 within 1e-4 of the reference relative to its largest magnitude; bfloat16 within twice the
-baseline's own error (+1e-5). CPU tensors, so this runs everywhere.
+baseline's own error (+1e-5). On the CPU everywhere; the logits and training tests on CUDA too (bfloat16 only:
+the CUDA kernels take no float32).
 """
 
 import math
@@ -108,16 +109,16 @@ transformers.AttentionInterface.register(REF, _math_attention)
 transformers.masking_utils.AttentionMaskInterface.register(REF, _math_mask)
 
 
-def _model(kind, dtype=torch.float32):
+def _model(kind, dtype=torch.float32, device="cpu"):
     cfg = CONFIGS[kind]()
     model = getattr(transformers, type(cfg).__name__.replace("Config", "ForCausalLM"))(cfg)
     model.init_weights()
-    return model.to(dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
-def _inputs(batch=3, seq=20):
-    ids = torch.randint(1, VOCAB, (batch, seq))
-    mask = torch.ones(batch, seq, dtype=torch.long)
+def _inputs(batch=3, seq=20, device="cpu"):
+    ids = torch.randint(1, VOCAB, (batch, seq)).to(device)
+    mask = torch.ones(batch, seq, dtype=torch.long, device=device)
     if batch > 1:
         mask[1, :7] = 0  # left padding
     if batch > 2:
@@ -144,9 +145,9 @@ def _check(name, out, base, ref, keep=None):
     return e, eb
 
 
-def _three_ways(kind, dtype, fn):
+def _three_ways(kind, dtype, fn, device="cpu"):
     """fn(model) with ours, the baseline, and the float64 reference, on the same weights."""
-    model = _model(kind, dtype)
+    model = _model(kind, dtype, device)
     ours = _run(model, NAME, fn)
     base = _run(model, BASELINE.get(kind, "sdpa"), fn)
     ref = _run(model.double(), REF, fn)
@@ -176,8 +177,10 @@ def test_from_pretrained_and_set(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("kind", list(CONFIGS))
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
-def test_logits(kind, dtype, padded):
-    ids, mask = _inputs()
+def test_logits(device, kind, dtype, padded):
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA kernels take f16/bf16")
+    ids, mask = _inputs(device=device)
     if not padded:
         mask = torch.ones_like(mask)
 
@@ -185,7 +188,7 @@ def test_logits(kind, dtype, padded):
         with torch.no_grad():
             return m(ids, attention_mask=mask).logits
 
-    ours, base, ref = _three_ways(kind, dtype, fn)
+    ours, base, ref = _three_ways(kind, dtype, fn, device)
     _check(f"{kind} logits", ours, base, ref, keep=mask.bool())
 
 
@@ -229,9 +232,10 @@ def test_generate(kind, cache):
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
-def test_training_step(kind):
-    """One training step (train mode, padded batch, labels): every parameter's gradient within the rule."""
-    ids, mask = _inputs(batch=2, seq=16)
+def test_training_step(device, kind):
+    """One training step (train mode, padded batch, labels): every parameter's gradient within the rule (float32
+    on the CPU, bfloat16 on CUDA)."""
+    ids, mask = _inputs(batch=2, seq=16, device=device)
     labels = ids.masked_fill(mask == 0, -100)
 
     def fn(m):
@@ -242,7 +246,8 @@ def test_training_step(kind):
         m.eval()
         return torch.cat([p.grad.flatten() for p in m.parameters()]), loss.detach()
 
-    (g, loss), (gb, lossb), (gr, lossr) = _three_ways(kind, torch.float32, fn)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    (g, loss), (gb, lossb), (gr, lossr) = _three_ways(kind, dtype, fn, device)
     _check(f"{kind} loss", loss[None], lossb[None], lossr[None])
     _check(f"{kind} grads", g, gb, gr)
 
