@@ -133,16 +133,22 @@ def test_sdpa_runs_our_kernels(case):
 @needs_registry
 @needs_cuda
 def test_multihead_attention_trains_on_our_kernels():
+    # PyTorch picks the SDPA backend (on the H100, PyTorch 2.11 chose another one than flash for this module):
+    # sdpa_kernel makes it the flash backend, which is what activate() replaces.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     mha = torch.nn.MultiheadAttention(256, 4, batch_first=True, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(3, 200, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    ref_out, _ = mha(x, x, x, need_weights=False)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        ref_out, _ = mha(x, x, x, need_weights=False)
     ref_out.float().square().sum().backward()
     ref_grad = x.grad.clone()
     x.grad = None
     fsdpa.activate()
     try:
         before = dict(fsdpa.calls)
-        out, _ = mha(x, x, x, need_weights=False)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            out, _ = mha(x, x, x, need_weights=False)
         out.float().square().sum().backward()
         assert fsdpa.calls["forward"] > before["forward"] and fsdpa.calls["backward"] > before["backward"]
     finally:

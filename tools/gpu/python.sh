@@ -131,6 +131,23 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 print("flashattn.sdpa calls:", flashattn.sdpa.calls)' "$G/torch_baselines.py" --grid quick --backends fa2 \
         --json "$OUT/sdpa_on.json"
 }
+# The criterion's comparison with the CLI's time-based repetitions: the peers and the package (standard grid,
+# forward and forward+backward) beside `flashattn bench` in its default (do_bench-like) mode.
+run_grid() {
+    step peers-standard 230 python3 "$G/torch_baselines.py" --grid standard --backends fa2,cudnn,flashattn \
+        --json "$OUT/peers_standard.json"
+    step cli-standard 150 "$G/flashattn" bench --grid standard --json "$OUT/cli_standard.json"
+}
+# The old/new forward kernels once more, new first (oldnew runs old first).
+run_newold() {
+    [ -x "$G/flashattn-old" ] || return 0
+    for i in 1 2; do
+        for bin in flashattn flashattn-old; do
+            echo "$i $bin $(timeout 60 "$G/$bin" bench --shape 1,16,16384,128 --causal 1 --modes fwd 2>&1 | tail -1)" \
+                >> "$OUT/oldnew.txt"
+        done
+    done
+}
 run_pytest() {
     step pytest-cuda 300 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
 }
@@ -148,6 +165,10 @@ for MODE in "$@"; do
     harness) run_harness ;;
     oldnew) run_oldnew ;;
     sdpa) run_sdpa ;;
+    grid) run_grid ;;
+    newold) run_newold ;;
+    mha) step pytest-mha 120 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf \
+        test_sdpa.py ;;
     pytest) run_pytest ;;
     decode) run_decode ;;
     overhead) step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json" ;;

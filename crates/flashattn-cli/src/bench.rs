@@ -102,10 +102,11 @@ pub struct BenchArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: DeviceArg,
-    /// Untimed runs before timing (default: 1 on the CPU, 10 on CUDA).
+    /// Untimed runs before timing (default: 1 on the CPU; on CUDA, as many as fill 25 ms, as triton's `do_bench`).
     #[arg(long)]
     pub warmup: Option<usize>,
-    /// Timed runs; the median is reported (default: 3 on the CPU, 30 on CUDA).
+    /// Timed runs; the median is reported (default: 3 on the CPU; on CUDA, as many as fill 100 ms, as triton's
+    /// `do_bench`, so that sustained-power clocks match what `torch_baselines.py` measures for the peers).
     #[arg(long)]
     pub reps: Option<usize>,
     /// Overrides the batch size of every point.
@@ -428,7 +429,7 @@ fn bench_one(
 /// The CUDA path: every point's tensors resident on the device, kernels timed with CUDA events.
 #[cfg(feature = "cuda")]
 mod gpu {
-    use super::{empty_row, set_times, Impl, Inputs, Mode, Point, Row};
+    use super::{empty_row, median, set_times, Impl, Inputs, Mode, Point, Row};
     use flashattn::cuda::{self, compile::padded_head_dim, DeviceAttention, Pass, Variant};
     use flashattn::{DType, Device};
 
@@ -478,19 +479,42 @@ mod gpu {
         Ok((arch, summary))
     }
 
+    /// How many runs a CUDA measurement makes.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub enum Reps {
+        /// Given counts (`--warmup`, `--reps`).
+        Fixed { warmup: usize, reps: usize },
+        /// As triton's `do_bench`: five runs estimate one run's time, then as many untimed runs as fill
+        /// `warmup_ms` and timed runs as fill `rep_ms` (at least 10, at most 5000). The GPU then runs as long
+        /// and as hot as under `torch_baselines.py`: with a fixed 30 runs the heavy points finished before the
+        /// clocks dropped under sustained power, and read up to ~10% faster than the peers' harness would
+        /// (measured on the H100, docs/BENCHMARKS.md, 2026-12-06).
+        Timed { warmup_ms: f64, rep_ms: f64 },
+    }
+
+    impl Reps {
+        /// `(warmup, reps)` for a measurement whose one run `estimate` times (five runs, in ms).
+        pub fn counts(
+            self,
+            estimate: impl FnOnce() -> flashattn::Result<Vec<f64>>,
+        ) -> flashattn::Result<(usize, usize)> {
+            match self {
+                Reps::Fixed { warmup, reps } => Ok((warmup, reps.max(1))),
+                Reps::Timed { warmup_ms, rep_ms } => {
+                    let mut t = estimate()?;
+                    let one = median(&mut t).max(1e-4);
+                    let n = |ms: f64| (ms / one).ceil() as usize;
+                    Ok((n(warmup_ms).max(1), n(rep_ms).clamp(10, 5000)))
+                }
+            }
+        }
+    }
+
     /// Times decode attention over a device-resident KV cache (`cuda::KvDecodeBench`, the device-native
     /// KV-cache path: split-KV kernels reading K/V straight from the cache), unpaged and with each page
     /// size: `warmup` untimed and `reps` timed calls between CUDA events, L2 flushed before each.
     #[allow(clippy::too_many_arguments)]
-    pub fn bench_decode(
-        n: usize,
-        p: &Point,
-        dtype: DType,
-        pages: &[usize],
-        seed: u64,
-        warmup: usize,
-        reps: usize,
-    ) -> Vec<Row> {
+    pub fn bench_decode(n: usize, p: &Point, dtype: DType, pages: &[usize], seed: u64, runs: Reps) -> Vec<Row> {
         let mut out = Vec::new();
         let layouts = std::iter::once(None).chain(pages.iter().map(|&x| Some(x)));
         for (page, head_major) in layouts.flat_map(|pg| [(pg, false), (pg, true)]) {
@@ -505,6 +529,7 @@ mod gpu {
             };
             let res = cuda::KvDecodeBench::new(n, p.b, p.h, p.hk, p.sq, p.sk, p.d, dtype, page, head_major, seed)
                 .and_then(|mut kb| {
+                    let (warmup, reps) = runs.counts(|| kb.time(1, 5))?;
                     let t = kb.time(warmup, reps)?;
                     let st = kb.status()?;
                     if st != 0 {
@@ -531,15 +556,7 @@ mod gpu {
     /// Times every mode of one point: q/k/v/dO uploaded and o/lse/dq/dk/dv allocated once, then `warmup`
     /// untimed and `reps` timed runs, each between two CUDA events (forward, or forward then backward).
     #[allow(clippy::too_many_arguments)]
-    pub fn bench_point(
-        n: usize,
-        p: &Point,
-        dtype: DType,
-        x: &Inputs,
-        modes: &[Mode],
-        warmup: usize,
-        reps: usize,
-    ) -> Vec<Row> {
+    pub fn bench_point(n: usize, p: &Point, dtype: DType, x: &Inputs, modes: &[Mode], runs: Reps) -> Vec<Row> {
         let mut rows: Vec<Row> = modes.iter().map(|&m| empty_row(Impl::Flash, m, Device::Cuda(n), p, dtype)).collect();
         let bwd = modes.contains(&Mode::FwdBwd);
         let mut att = match DeviceAttention::new(n, &x.q, &x.k, &x.v, bwd.then_some(&x.dout), &x.opts) {
@@ -553,13 +570,13 @@ mod gpu {
         };
         let kernel = att.kernel_path().ok();
         for (r, &mode) in rows.iter_mut().zip(modes) {
-            let times = match mode {
-                Mode::Fwd => att.time(warmup, reps, true, |a| a.forward()),
-                Mode::FwdBwd => att.time(warmup, reps, true, |a| {
-                    a.forward()?;
-                    a.backward()
-                }),
+            let step = |a: &DeviceAttention| match mode {
+                Mode::Fwd => a.forward(),
+                Mode::FwdBwd => a.forward().and_then(|_| a.backward()),
             };
+            let times = runs
+                .counts(|| att.time(1, 5, true, step))
+                .and_then(|(warmup, reps)| att.time(warmup, reps, true, step));
             match times {
                 Ok(t) => {
                     set_times(r, mode, dtype, t);
@@ -807,8 +824,9 @@ struct Report<'a> {
     device: String,
     device_reason: String,
     grid: Option<Grid>,
-    warmup: usize,
-    reps: usize,
+    /// Untimed and timed runs per measurement; `None` where the time-based rule chose them per point.
+    warmup: Option<usize>,
+    reps: Option<usize>,
     flops: &'static str,
     timing: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -863,6 +881,11 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
     let is_cpu = device == Device::Cpu;
     let warmup = a.warmup.unwrap_or(if is_cpu { 1 } else { 10 });
     let reps = a.reps.unwrap_or(if is_cpu { 3 } else { 30 }).max(1);
+    // CUDA: do_bench's rule unless a count is given.
+    let timed = !is_cpu && a.warmup.is_none() && a.reps.is_none();
+    #[cfg(feature = "cuda")]
+    let runs =
+        if timed { gpu::Reps::Timed { warmup_ms: 25.0, rep_ms: 100.0 } } else { gpu::Reps::Fixed { warmup, reps } };
     let decode = a.shape.is_none() && a.grid == Grid::Decode;
     let mut modes = a.modes.clone();
     modes.dedup();
@@ -899,8 +922,13 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
         "CPU: each run is a whole forward_on/backward_on call, host clock"
     };
     println!("device: {why}");
+    let counts = if timed {
+        "runs filling 25 ms untimed, then 100 ms timed (triton's do_bench rule)".to_string()
+    } else {
+        format!("warmup {warmup}, reps {reps}")
+    };
     println!(
-        "{} point(s) x {} mode(s){}, {}, warmup {warmup}, reps {reps} (median reported)",
+        "{} point(s) x {} mode(s){}, {}, {counts} (median reported)",
         pts.len(),
         modes.len(),
         if a.naive { " x {flash, naive}" } else { "" },
@@ -962,9 +990,9 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
                 p.causal as u8
             ));
             let rows_here = if decode {
-                gpu::bench_decode(n, p, a.dtype, &a.page_size, a.seed.wrapping_add(i as u64), warmup, reps)
+                gpu::bench_decode(n, p, a.dtype, &a.page_size, a.seed.wrapping_add(i as u64), runs)
             } else {
-                gpu::bench_point(n, p, a.dtype, &x, &modes, warmup, reps)
+                gpu::bench_point(n, p, a.dtype, &x, &modes, runs)
             };
             for r in rows_here {
                 if let Some(e) = &r.err {
@@ -1020,8 +1048,8 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
             device: device.to_string(),
             device_reason: why.clone(),
             grid: if a.shape.is_some() { None } else { Some(a.grid) },
-            warmup,
-            reps,
+            warmup: (!timed).then_some(warmup),
+            reps: (!timed).then_some(reps),
             flops: "fwd 4*b*h*sq*sk*d (halved when causal); fwd_bwd 3.5x fwd",
             timing,
             kernels: kernels.clone(),
