@@ -143,7 +143,7 @@ run_newold() {
     [ -x "$G/flashattn-old" ] || return 0
     for i in 1 2; do
         for bin in flashattn flashattn-old; do
-            echo "$i $bin $(timeout 60 "$G/$bin" bench --shape 1,16,16384,128 --causal 1 --modes fwd 2>&1 | tail -1)" \
+            echo "$i $bin $(timeout 60 "$G/$bin" bench --shape 1,16,16384,128 --causal 1 --modes fwd --warmup 15 --reps 60 2>&1 | tail -1)" \
                 >> "$OUT/oldnew.txt"
         done
     done
