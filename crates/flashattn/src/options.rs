@@ -37,6 +37,10 @@ pub struct AttnOptions {
     pub varlen: Option<VarLen>,
     /// Backward only: make dQ/dK/dV bit-reproducible run to run (CPU results always are).
     pub deterministic: bool,
+    /// Learnable sink (gpt-oss style): one logit per query head, `[h]`, `f32`/`f16`/`bf16`, that joins each
+    /// row's softmax denominator and carries no value. A row with no visible key gives `o = 0`, `lse = sink`.
+    /// CPU backends only for now.
+    pub sink: Option<Tensor>,
 }
 
 impl Default for AttnOptions {
@@ -49,6 +53,7 @@ impl Default for AttnOptions {
             softcap: 0.0,
             varlen: None,
             deterministic: false,
+            sink: None,
         }
     }
 }
@@ -87,6 +92,11 @@ impl AttnOptions {
     /// Requests a deterministic backward pass.
     pub fn deterministic(mut self) -> Self {
         self.deterministic = true;
+        self
+    }
+    /// Sets a learnable sink (`[h]`, one logit per query head).
+    pub fn sink(mut self, sink: Tensor) -> Self {
+        self.sink = Some(sink);
         self
     }
 }

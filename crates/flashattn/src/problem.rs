@@ -122,6 +122,8 @@ pub struct Problem {
     pub cu_seqlens: Option<(Vec<i32>, Vec<i32>)>,
     /// `seqused_k`, for device backends.
     pub seqused_k: Option<Vec<i32>>,
+    /// Learnable sink logit per query head (`f32`), when given.
+    pub sink: Option<Vec<f32>>,
 }
 
 impl Problem {
@@ -345,6 +347,26 @@ pub(crate) fn check_heads_of(h: usize, hk: usize, k_arg: &'static str) -> Result
     Ok(())
 }
 
+/// The sink of `opts` (`[h]`, a float dtype, finite) as `f32` logits.
+pub(crate) fn check_sink(opts: &AttnOptions, h: usize) -> Result<Option<Vec<f32>>> {
+    let Some(t) = &opts.sink else { return Ok(None) };
+    if !t.dtype().is_float() {
+        return Err(Error::invalid("sink", "dtype f32, f16 or bf16", t.dtype()));
+    }
+    if t.shape() != [h] {
+        return Err(Error::invalid(
+            "sink",
+            format!("shape [{h}] (one logit per query head)"),
+            format!("{:?}", t.shape()),
+        ));
+    }
+    let sink = t.to_f32_vec();
+    if let Some(x) = sink.iter().find(|x| !x.is_finite()) {
+        return Err(Error::invalid("sink", "finite values", x));
+    }
+    Ok(Some(sink))
+}
+
 pub(crate) fn check_alibi(opts: &AttnOptions, batch: usize, h: usize) -> Result<Option<Alibi>> {
     let Some(t) = &opts.alibi_slopes else { return Ok(None) };
     if t.dtype() != DType::F32 {
@@ -470,6 +492,7 @@ pub fn validate(q: &TensorView<'_>, k: &TensorView<'_>, v: &TensorView<'_>, opts
         seqused = None;
     }
     let alibi = check_alibi(opts, batch, h)?;
+    let sink = check_sink(opts, h)?;
     Ok(Problem {
         dtype,
         batch,
@@ -493,5 +516,6 @@ pub fn validate(q: &TensorView<'_>, k: &TensorView<'_>, v: &TensorView<'_>, opts
         mask,
         cu_seqlens: cu,
         seqused_k: seqused,
+        sink,
     })
 }

@@ -104,6 +104,8 @@ pub struct Grads<T> {
     pub dk: Vec<T>,
     /// dL/dv.
     pub dv: Vec<T>,
+    /// dL/dsink per query head (empty without a sink).
+    pub dsink: Vec<T>,
 }
 
 /// How intermediate values are rounded: not at all (the oracle) or to the input dtype (the baseline).
@@ -186,24 +188,27 @@ fn transpose<T: Real>(x: &[T], rows: usize, ld: usize, d: usize, ld_t: usize) ->
 }
 
 /// Row softmax in place over the first `sk` entries of each of `sq` rows (leading dimension `ld`); returns
-/// each row's lse. A row whose `visible` key range is empty gets probabilities 0 and lse `-inf`. Otherwise
-/// non-finite scores propagate as in the naive formula: a NaN score, a `+inf` score, or visible scores that
-/// are all `-inf` make every probability of the row and its lse NaN. Hidden entries hold `-inf`.
+/// each row's lse. A row whose `visible` key range is empty gets probabilities 0 and lse `-inf` (the sink
+/// with one). Otherwise non-finite scores propagate as in the naive formula: a NaN score, a `+inf` score, or
+/// (without a sink) visible scores that are all `-inf` make every probability of the row and its lse NaN.
+/// A `sink` logit joins each row's denominator and takes no probability of its own. Hidden entries hold
+/// `-inf`.
 fn softmax_rows<T: Real>(
     s: &mut [T],
     sq: usize,
     sk: usize,
     ld: usize,
     visible: impl Fn(usize) -> Range<usize>,
+    sink: Option<T>,
 ) -> Vec<T> {
-    let mut lse = vec![T::NEG_INF; sq];
+    let mut lse = vec![sink.unwrap_or(T::NEG_INF); sq];
     for (i, l_out) in lse.iter_mut().enumerate() {
         let row = &mut s[i * ld..i * ld + sk];
         if visible(i).is_empty() {
             row.iter_mut().for_each(|x| *x = T::ZERO);
             continue;
         }
-        let mut m = T::NEG_INF;
+        let mut m = sink.unwrap_or(T::NEG_INF);
         let mut nan = false;
         for &x in row.iter() {
             #[allow(clippy::eq_op)]
@@ -216,7 +221,7 @@ fn softmax_rows<T: Real>(
         if nan || m == T::NEG_INF {
             m = T::of(f32::NAN);
         }
-        let mut l = T::ZERO;
+        let mut l = sink.map_or(T::ZERO, |z| (z - m).exp());
         for x in row.iter_mut() {
             *x = if *x == T::NEG_INF { T::ZERO } else { (*x - m).exp() };
             l += *x;
@@ -255,6 +260,8 @@ struct HeadOut<T> {
     dq: Vec<T>,
     dk: Vec<T>,
     dv: Vec<T>,
+    /// This task's share of dL/dsink of its head: `-sum_i exp(sink - lse_i) D_i`.
+    dsink: T,
 }
 
 /// Leading dimension of the `d`-wide matrices.
@@ -311,7 +318,8 @@ fn head_task<T: Real, const F: bool, const W: usize>(x: Args<'_>, seq: usize, he
             *sij = y;
         }
     }
-    let lse = softmax_rows(&mut s, sq, sk, skp, |i| mask.key_range(i, sq, sk));
+    let sink = p.sink.as_ref().map(|z| T::of(z[head]));
+    let lse = softmax_rows(&mut s, sq, sk, skp, |i| mask.key_range(i, sq, sk), sink);
     // From here on `s` holds P as the products use it: rounded to the dtype in the baseline (hidden
     // entries and padding are 0).
     if round.0.is_some() {
@@ -345,6 +353,7 @@ fn head_task<T: Real, const F: bool, const W: usize>(x: Args<'_>, seq: usize, he
         o.iter_mut().for_each(|y| *y = round.r(*y));
     }
     let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
+    let mut dsink = T::ZERO;
     if let Some((dout, do_map)) = x.dout {
         let dout: Vec<T> = gather_pad(dout, do_map, seq, head, sq, sqp, d, dp);
         let vt = transpose(&v, sk, dp, d, skp);
@@ -363,6 +372,10 @@ fn head_task<T: Real, const F: bool, const W: usize>(x: Args<'_>, seq: usize, he
                 let g = round.r(grow[j]);
                 grow[j] = g;
                 di += prow[j] * g;
+            }
+            // The sink's probability is exp(sink - lse_i); its score's gradient is that times (0 - D_i).
+            if let Some(z) = sink {
+                dsink += T::ZERO - (z - lse[i]).exp() * di;
             }
             for j in 0..skp {
                 if !range.contains(&j) || prow[j] == T::ZERO {
@@ -396,7 +409,7 @@ fn head_task<T: Real, const F: bool, const W: usize>(x: Args<'_>, seq: usize, he
         });
         dv.truncate(sk * dp);
     }
-    HeadOut { seq, head, o, lse, dq, dk, dv }
+    HeadOut { seq, head, o, lse, dq, dk, dv, dsink }
 }
 
 /// Whether this x86-64 CPU has AVX2 and FMA (checked once).
@@ -453,7 +466,14 @@ fn compute<T: Real, const W: usize>(x: Args<'_>) -> (Forward<T>, Option<Grads<T>
         dq: vec![T::ZERO; p.total_q * p.h * d],
         dk: vec![T::ZERO; p.total_k * p.hk * d],
         dv: vec![T::ZERO; p.total_k * p.hk * d],
+        dsink: if p.sink.is_some() { vec![T::ZERO; p.h] } else { Vec::new() },
     };
+    if p.sink.is_some() {
+        // Summed over sequences in order (results are in (sequence, head) order).
+        for r in &results {
+            g.dsink[r.head] += r.dsink;
+        }
+    }
     let group = p.h / p.hk;
     for r in &results {
         for i in 0..p.seqlen_q[r.seq] {
@@ -651,7 +671,8 @@ mod plain {
             .map(|(seq, head)| {
                 let hd = heads::<T>(p, q, k, v, seq, head);
                 let (mut s, _) = scores(p, &hd, round);
-                let lse = super::softmax_rows(&mut s, hd.sq, hd.sk, hd.sk, |i| p.mask.key_range(i, hd.sq, hd.sk));
+                let sink = p.sink.as_ref().map(|z| T::of(z[head]));
+                let lse = super::softmax_rows(&mut s, hd.sq, hd.sk, hd.sk, |i| p.mask.key_range(i, hd.sq, hd.sk), sink);
                 let mut o = vec![T::ZERO; hd.sq * d];
                 for i in 0..hd.sq {
                     for j in 0..hd.sk {
@@ -702,7 +723,8 @@ mod plain {
                     let hd = heads::<T>(p, q, k, v, seq, head);
                     let dout_h = gather::<T>(p, dout, do_map, seq, head, sq);
                     let (mut s, th) = scores(p, &hd, round);
-                    super::softmax_rows(&mut s, sq, sk, sk, |i| p.mask.key_range(i, sq, sk));
+                    let sink = p.sink.as_ref().map(|z| T::of(z[head]));
+                    super::softmax_rows(&mut s, sq, sk, sk, |i| p.mask.key_range(i, sq, sk), sink);
                     let mut dq = vec![T::ZERO; sq * d];
                     let scale = T::of(p.scale);
                     for i in 0..sq {
@@ -746,10 +768,12 @@ mod plain {
                 (seq, kh, dqs, dk, dv)
             })
             .collect();
+        // The textbook loops check dq, dk and dv; dsink is checked against finite differences.
         let mut g = Grads {
             dq: vec![T::ZERO; p.total_q * p.h * d],
             dk: vec![T::ZERO; p.total_k * p.hk * d],
             dv: vec![T::ZERO; p.total_k * p.hk * d],
+            dsink: Vec::new(),
         };
         for (seq, kh, dqs, dk, dv) in results {
             for (head, dq) in dqs {

@@ -178,8 +178,10 @@ fn forward_tile_body<const L: u8>(
     load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut sc.q);
     sc.q[bm * dp..rows * dp].fill(0.0);
     sc.acc[..rows * dp].fill(0.0);
-    sc.m[..bm].fill(f32::NEG_INFINITY);
-    sc.l[..bm].fill(0.0);
+    // A sink starts every row's softmax: running max `sink`, running sum `exp(sink - sink) = 1`.
+    let sink = p.sink.as_ref().map(|z| z[head]);
+    sc.m[..bm].fill(sink.unwrap_or(f32::NEG_INFINITY));
+    sc.l[..bm].fill(if sink.is_some() { 1.0 } else { 0.0 });
     let ranges: Vec<_> = (i0..i1).map(|i| p.mask.key_range(i, sq, sk)).collect();
     // Per register-row group of `R` rows (`R` a multiple of every level's tile height): the keys of tile
     // `[j0, j1)` that every row of the group sees, when each sees exactly those (then the group's `P V` runs
@@ -272,12 +274,13 @@ fn forward_tile_body<const L: u8>(
     }
     let mut row = vec![0f32; d];
     for (r, range) in ranges.iter().enumerate() {
-        // Only a row whose mask leaves no key is reported empty (o = 0, lse = -inf). A NaN score, a +inf
-        // score (`inf - inf`) or a NaN/inf value has made `l` or `acc` non-finite, and that propagates
-        // to o and lse; a row whose visible scores are all -inf has `l = 0` and reports NaN.
+        // Only a row whose mask leaves no key is reported empty (o = 0, lse = -inf, or the sink with one). A
+        // NaN score, a +inf score (`inf - inf`) or a NaN/inf value has made `l` or `acc` non-finite, and that
+        // propagates to o and lse; a row whose visible scores are all -inf has `l = 0` (without a sink) and
+        // reports NaN.
         let (o_row, lse) = if range.is_empty() {
             row.fill(0.0);
-            (&row, f32::NEG_INFINITY)
+            (&row, sink.unwrap_or(f32::NEG_INFINITY))
         } else if sc.l[r] == 0.0 {
             row.fill(f32::NAN);
             (&row, f32::NAN)

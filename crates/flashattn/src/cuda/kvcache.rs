@@ -320,6 +320,9 @@ fn make_plan(
         DType::F16 | DType::BF16 => {}
         other => return Err(Error::Unsupported { backend: "cuda", what: format!("dtype {other} (use f16 or bf16)") }),
     }
+    if opts.sink.is_some() {
+        return Err(super::no_sink());
+    }
     let head_dim = padded_head_dim(d).ok_or_else(|| Error::invalid("q", "head dim <= 256", d))?;
     let scale = check_finite_scale(opts.softmax_scale, d)?;
     let softcap = check_softcap(opts.softcap)?;

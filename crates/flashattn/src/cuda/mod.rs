@@ -66,11 +66,20 @@ pub fn status() -> BackendStatus {
     BackendStatus { name: "cuda", usable, detail }
 }
 
+/// What every CUDA entry point refuses: other dtypes than f16/bf16, and a learnable sink (CPU backends only).
 fn require_half(p: &Problem) -> Result<()> {
+    if p.sink.is_some() {
+        return Err(no_sink());
+    }
     match p.dtype {
         DType::F16 | DType::BF16 => Ok(()),
         other => Err(Error::Unsupported { backend: "cuda", what: format!("dtype {other} (use f16 or bf16)") }),
     }
+}
+
+/// The CUDA kernels have no learnable sink yet.
+fn no_sink() -> Error {
+    Error::Unsupported { backend: "cuda", what: "a learnable sink (the CPU backend runs it)".into() }
 }
 
 /// Per-call small inputs: varlen offsets, `seqused_k`, ALiBi slopes.
@@ -192,7 +201,7 @@ pub fn backward_host(
         aux.fill(s, &mut a.fwd);
         let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
         bwd::run(&gpu, s, &p, &a, aligned, opts.deterministic, bwd::Softmax::Whole, None)?;
-        let g = Gradients { dq: download(s, &gq)?, dk: download(s, &gk)?, dv: download(s, &gv)? };
+        let g = Gradients { dq: download(s, &gq)?, dk: download(s, &gk)?, dv: download(s, &gv)?, dsink: None };
         drop((tq, tk, tv, to, tdo, tlse, aux));
         Ok(g)
     })

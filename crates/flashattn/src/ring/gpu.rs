@@ -468,6 +468,7 @@ pub fn ring_backward_cuda(
             dq: sched.q.unshard(&dq_sh, 1)?,
             dk: sched.k.unshard(&dk_sh, 1)?,
             dv: sched.k.unshard(&dv_sh, 1)?,
+            dsink: None,
         };
         Ok(RingBackward { grads, stats })
     })

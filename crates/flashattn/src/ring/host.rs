@@ -86,7 +86,8 @@ pub struct RingBackward {
 
 /// The subset of [`AttnOptions`] ring attention supports: causal or not, a softmax scale, soft-capping.
 /// ALiBi, sliding windows and varlen batches are refused with [`Error::Unsupported`] (their position
-/// arithmetic across chunks is not implemented).
+/// arithmetic across chunks is not implemented), and so is a learnable sink (it must join each row's
+/// denominator once, not once per block pair).
 pub(super) fn ring_mask(opts: &AttnOptions) -> Result<bool> {
     let unsupported = |what: &str| Error::Unsupported { backend: "ring", what: what.to_string() };
     if opts.alibi_slopes.is_some() {
@@ -94,6 +95,9 @@ pub(super) fn ring_mask(opts: &AttnOptions) -> Result<bool> {
     }
     if opts.varlen.is_some() {
         return Err(unsupported("varlen batches"));
+    }
+    if opts.sink.is_some() {
+        return Err(unsupported("a learnable sink"));
     }
     match Mask::new(opts.causal, opts.window)? {
         Mask::NONE => Ok(false),
@@ -413,6 +417,7 @@ pub fn rank_backward<T: Transport<Arc<KvShard>>, G: Transport<DkvShard>>(
         dq: Tensor::from_f32(&dq, q.shape(), q.dtype())?,
         dk: Tensor::from_f32(&home.dk, k.shape(), k.dtype())?,
         dv: Tensor::from_f32(&home.dv, v.shape(), v.dtype())?,
+        dsink: None,
     };
     Ok((grads, stats))
 }
@@ -542,5 +547,5 @@ pub fn ring_backward(
     let dq = sched.q.unshard(&grads.iter().map(|g| g.dq.clone()).collect::<Vec<_>>(), 1)?;
     let dk = sched.k.unshard(&grads.iter().map(|g| g.dk.clone()).collect::<Vec<_>>(), 1)?;
     let dv = sched.k.unshard(&grads.into_iter().map(|g| g.dv).collect::<Vec<_>>(), 1)?;
-    Ok(RingBackward { grads: Gradients { dq, dk, dv }, stats })
+    Ok(RingBackward { grads: Gradients { dq, dk, dv, dsink: None }, stats })
 }

@@ -90,10 +90,24 @@ pub enum Variant {
     Alibi,
     Softcap,
     Varlen,
+    /// A learnable sink (`randn(h) * 2`, a quarter of the time `+ 8` so that it dominates), with causal or a
+    /// window part of the time. CPU backends only for now.
+    Sink,
 }
 
+/// The variants every backend runs.
 pub const VARIANTS: [Variant; 6] =
     [Variant::Plain, Variant::Causal, Variant::Window, Variant::Alibi, Variant::Softcap, Variant::Varlen];
+/// The variants the CPU backends run: all of them.
+pub const CPU_VARIANTS: [Variant; 7] = [
+    Variant::Plain,
+    Variant::Causal,
+    Variant::Window,
+    Variant::Alibi,
+    Variant::Softcap,
+    Variant::Varlen,
+    Variant::Sink,
+];
 
 #[derive(Debug, Clone)]
 pub struct Case {
@@ -167,6 +181,16 @@ pub fn make_inputs(c: &Case, rng: &mut Rng64) -> Inputs {
             opts.causal = rng.gen_bool(0.5);
         }
         Variant::Softcap => opts.softcap = 50.0,
+        Variant::Sink => {
+            let lift = if rng.gen_bool(0.25) { 8.0 } else { 0.0 };
+            let sink: Vec<f32> = randn(rng, c.h, 2.0).into_iter().map(|x| x + lift).collect();
+            opts.sink = Some(Tensor::from_f32(&sink, &[c.h], c.dtype).unwrap());
+            match rng.gen_range(0..3) {
+                0 => opts.causal = true,
+                1 => opts.window = (rng.gen_range(0..c.sk.max(1) as i64), rng.gen_range(-1..3)),
+                _ => {}
+            }
+        }
         _ => {}
     }
     let q = randn_tensor(rng, &qs, c.dtype, q_scale);
@@ -329,7 +353,7 @@ fn run_case_inner(device: Device, c: &Case, seed: u64, t: &mut Timing) -> Result
                     &inp.opts,
                 )
                 .map_err(ctx)?;
-                flashattn::Gradients { dq, dk, dv }
+                flashattn::Gradients { dq, dk, dv, dsink: None }
             }
             dev => flashattn::backward_on(dev, &inp.q, &inp.k, &inp.v, &out.o, &out.lse, &inp.dout, &inp.opts)
                 .map_err(ctx)?,
@@ -337,11 +361,18 @@ fn run_case_inner(device: Device, c: &Case, seed: u64, t: &mut Timing) -> Result
         t.bwd = since(t0);
         let t0 = clock();
         let g_ref = g_ref.expect("oracle gradients");
-        let empty = Grads { dq: Vec::new(), dk: Vec::new(), dv: Vec::new() };
+        let empty = Grads { dq: Vec::new(), dk: Vec::new(), dv: Vec::new(), dsink: Vec::new() };
         let g_base = g_base.unwrap_or(empty);
         verdicts.push(compare("dq", &g.dq.to_f32_vec(), &g_ref.dq, &g_base.dq, c.dtype, GRAD_FACTOR));
         verdicts.push(compare("dk", &g.dk.to_f32_vec(), &g_ref.dk, &g_base.dk, c.dtype, GRAD_FACTOR));
         verdicts.push(compare("dv", &g.dv.to_f32_vec(), &g_ref.dv, &g_base.dv, c.dtype, GRAD_FACTOR));
+        if inp.opts.sink.is_some() {
+            let (q, k, v, o, lse, dout) =
+                (inp.q.view(), inp.k.view(), inp.v.view(), out.o.view(), out.lse.view(), inp.dout.view());
+            let ds = flashattn::sink_gradient(&q, &k, &v, &o, &lse, &dout, &inp.opts).map_err(ctx)?;
+            let ds = ds.expect("a sink gradient").to_f32_vec();
+            verdicts.push(compare("dsink", &ds, &g_ref.dsink, &g_base.dsink, c.dtype, GRAD_FACTOR));
+        }
         t.compare += since(t0);
     }
     Ok(verdicts)
@@ -372,7 +403,7 @@ pub fn cases(dtypes: &[DType], backward: bool) -> Vec<Case> {
         for &d in &HEAD_DIMS {
             for &shape in &SEQLENS {
                 for &heads in &HEADS {
-                    for &variant in &VARIANTS {
+                    for &variant in &CPU_VARIANTS {
                         n += 1;
                         // Quick: one case in 61 (prime, so every dim/shape/head/variant rotates through).
                         if n % stride != 0 {
@@ -500,6 +531,8 @@ impl Case {
         match self.variant {
             Variant::Plain | Variant::Softcap => full,
             Variant::Causal => causal,
+            // A third causal, a third a window (about as many pairs as causal: counted so), a third plain.
+            Variant::Sink => (full + 2.0 * causal) / 3.0,
             Variant::Alibi => 0.5 * (full + causal),
             Variant::Window => {
                 // Each side: unbounded with probability 0.2, else uniform in 0..sk (five quantiles).
