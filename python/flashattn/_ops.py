@@ -111,6 +111,7 @@ def _fwd_impl(
     window_right: int,
     softcap: float,
     deterministic: bool,
+    sink: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _outputs(q, cu_seqlens_q is not None)
     _ext.fwd(
@@ -124,6 +125,7 @@ def _fwd_impl(
         _opts(softmax_scale, causal, window_left, window_right, softcap),
         _opt(alibi_slopes, "alibi_slopes"),
         _varlen(cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k),
+        _opt(sink, "learnable_sink"),
     )
     return out, lse
 
@@ -158,24 +160,32 @@ def _bwd_impl(
     window_right: int,
     softcap: float,
     deterministic: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sink: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # Key rows past seqused_k get no gradient: they stay zero.
     make = torch.zeros if seqused_k is not None else torch.empty
     dk = make(k.shape, dtype=k.dtype, device=k.device)
     dv = make(v.shape, dtype=v.dtype, device=v.device)
+    dsink = _dsink_like(sink, q)
     _bwd_into(
         (dq, dk, dv), dout, q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-        max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, deterministic,
+        max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, deterministic, sink, dsink,
     )  # fmt: skip
-    return dq, dk, dv
+    return dq, dk, dv, dsink
+
+
+def _dsink_like(sink: Optional[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+    """The sink's gradient buffer (an empty tensor without a sink: an op's outputs are always tensors)."""
+    return sink.new_empty(sink.shape) if sink is not None else q.new_empty(0)
 
 
 def _bwd_into(
     grads, dout, q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-    softmax_scale, causal, window_left, window_right, softcap, deterministic,
+    softmax_scale, causal, window_left, window_right, softcap, deterministic, sink=None, dsink=None,
 ) -> None:  # fmt: skip
-    """The backward into caller-allocated `grads` = (dq, dk, dv) (any strides with a contiguous last dim)."""
+    """The backward into caller-allocated `grads` = (dq, dk, dv) (any strides with a contiguous last dim) and,
+    with a sink, its gradient into `dsink`."""
     dq, dk, dv = grads
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
@@ -204,6 +214,8 @@ def _bwd_into(
         alibi,
         vl,
         (0, 0) if ws is None else (ws.data_ptr(), ws_bytes),
+        _opt(sink, "learnable_sink"),
+        _opt(dsink, "dsink"),
     )
 
 
@@ -212,21 +224,23 @@ bwd = torch.library.custom_op("flashattn::bwd", _bwd_impl, mutates_args=())
 
 @bwd.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, *args):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    sink = args[12] if len(args) > 12 else None
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), _dsink_like(sink, q)
 
 
 def _save(ctx, args, out, lse):
     """What the backward needs of a forward call with `fwd`'s arguments `args` (both autograd paths)."""
     q, k, v, alibi, cu_q, cu_k, used = args[:7]
-    ctx.save_for_backward(q, k, v, out, lse, alibi, cu_q, cu_k, used)
-    ctx.args = args[7:]
+    sink = args[15] if len(args) > 15 else None
+    ctx.save_for_backward(q, k, v, out, lse, alibi, cu_q, cu_k, used, sink)
+    ctx.args = args[7:15]
 
 
 def _grads(ctx, dout, backward):
     """`fwd`'s input gradients through `backward` (the `bwd` op, or its implementation on the eager path)."""
-    q, k, v, out, lse, alibi, cu_q, cu_k, used = ctx.saved_tensors
-    dq, dk, dv = backward(dout, q, k, v, out, lse, alibi, cu_q, cu_k, used, *ctx.args)
-    return (dq, dk, dv) + (None,) * 12
+    q, k, v, out, lse, alibi, cu_q, cu_k, used, sink = ctx.saved_tensors
+    dq, dk, dv, dsink = backward(dout, q, k, v, out, lse, alibi, cu_q, cu_k, used, *ctx.args, sink)
+    return (dq, dk, dv) + (None,) * 12 + (dsink if sink is not None else None,)
 
 
 fwd.register_autograd(
@@ -260,6 +274,7 @@ def _kvcache_impl(
     window_left: int,
     window_right: int,
     softcap: float,
+    sink: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _outputs(q, False)
     rotary = None
@@ -294,7 +309,10 @@ def _kvcache_impl(
         ws_bytes = _kv_ws_bytes[key] = _ext.kvcache_workspace_bytes(dev, qd, kv, od, ld, opts, alibi)
     # Uninitialised: the extension zeroes the workspace's header (status word, split counters) on the stream.
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=q.device) if ws_bytes else None
-    _ext.kvcache(dev, _stream(q), qd, kv, od, ld, opts, alibi, (0, 0) if ws is None else (ws.data_ptr(), ws_bytes))
+    _ext.kvcache(
+        dev, _stream(q), qd, kv, od, ld, opts, alibi, (0, 0) if ws is None else (ws.data_ptr(), ws_bytes),
+        _opt(sink, "learnable_sink"),
+    )  # fmt: skip
     return out, lse
 
 
@@ -344,7 +362,10 @@ def attention(*args):
     q, k, v = args[0], args[1], args[2]
     if not _eager(q, k, v):
         return fwd(*args)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    sink = args[15] if len(args) > 15 else None
+    if torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or (sink is not None and sink.requires_grad)
+    ):
         return _Attention.apply(*args)
     return _fwd_impl(*args)
 

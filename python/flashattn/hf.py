@@ -21,9 +21,12 @@ What transformers passes, and what it becomes here:
 * ``sliding_window=W`` (key j visible to query i when ``i - j < W``): ``window_size=(W - 1, 0)`` when causal,
   ``(W - 1, W - 1)`` otherwise; ``softcap``: ``softcap``; ``scaling``: ``softmax_scale``; GQA/MQA: native.
 
-Refused with ``NotImplementedError`` (never a silently different result): ``s_aux`` attention sinks (e.g.
-gpt-oss), attention dropout during training (``dropout > 0``), 4D/custom masks and mask functions that are not
-plain causal/sliding/padding (e.g. bidirectional image-token attention through ``or_mask_function``).
+* ``s_aux`` attention sinks (gpt-oss): ``learnable_sink`` (CPU tensors; the CUDA kernels raise
+  ``NotImplementedError`` until they have sinks).
+
+Refused with ``NotImplementedError`` (never a silently different result): attention dropout during training
+(``dropout > 0``), 4D/custom masks and mask functions that are not plain causal/sliding/padding (e.g.
+bidirectional image-token attention through ``or_mask_function``).
 """
 
 from __future__ import annotations
@@ -138,11 +141,6 @@ def attention_forward(
 ):
     """transformers' attention signature: ``query`` ``(b, h, sq, d)``, ``key``/``value`` ``(b, hk, sk, d)``;
     returns ``(out (b, sq, h, d), None)``."""
-    if s_aux is not None:
-        raise NotImplementedError(
-            f"attn_implementation={ATTN_IMPLEMENTATION!r}: attention sinks (`s_aux`, e.g. gpt-oss) are not supported "
-            "by flashattn's kernels yet. Use 'eager' or 'sdpa'."
-        )
     if dropout:
         raise NotImplementedError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r}: attention dropout (dropout={dropout}) is not implemented "
@@ -165,6 +163,7 @@ def attention_forward(
         causal=causal,
         window_size=window,
         softcap=float(softcap) if softcap is not None else 0.0,
+        learnable_sink=s_aux,
     )
 
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)

@@ -67,12 +67,16 @@ def _last_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _attention(
-    q, k, v, varlen, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
-):
+    q, k, v, varlen, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+    learnable_sink=None,
+):  # fmt: skip
     """The forward of every non-cache function; `varlen` is `(cu_q, cu_k, seqused_k, max_sq, max_sk)` or None."""
     cu_q, cu_k, used, max_sq, max_sk = varlen or (None, None, None, 0, 0)
     wl, wr = _window(window_size)
-    _ops._check_device(q, k=k, v=v, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=used)
+    _ops._check_device(
+        q, k=k, v=v, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=used,
+        learnable_sink=learnable_sink,
+    )  # fmt: skip
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     out, lse = _ops.attention(
         q,
@@ -90,6 +94,7 @@ def _attention(
         wr,
         float(softcap),
         bool(deterministic),
+        learnable_sink,
     )
     if return_attn_probs:
         # FlashAttention-2 returns the dropout mask's probabilities only with dropout (none here).
@@ -113,12 +118,16 @@ def flash_attn_func(
     alibi_slopes=None,
     deterministic=False,
     return_attn_probs=False,
+    learnable_sink=None,
 ):
     """Attention over ``q`` ``(batch, seqlen_q, nheads, headdim)`` and ``k``, ``v`` ``(batch, seqlen_k,
     nheads_k, headdim)`` (``nheads % nheads_k == 0``: MQA/GQA).
 
     ``alibi_slopes``: float32 ``(nheads,)`` or ``(batch, nheads)``. ``softcap > 0`` caps scores as
     ``softcap * tanh(s / softcap)``. ``deterministic``: the backward is bit-reproducible.
+    ``learnable_sink`` (an addition, FlashAttention-4's name; every function takes it): ``(nheads,)`` logits that
+    join each row's softmax denominator (gpt-oss); differentiable; CPU tensors only for now (CUDA raises
+    ``NotImplementedError``).
 
     Returns ``out`` ``(batch, seqlen_q, nheads, headdim)``; with ``return_attn_probs=True``, ``(out,
     softmax_lse, None)`` with ``softmax_lse`` float32 ``(batch, nheads, seqlen_q)``.
@@ -126,8 +135,9 @@ def flash_attn_func(
     _no_dropout(dropout_p)
     _check_tensors(4, _DENSE, q=q, k=k, v=v)
     return _attention(
-        q, k, v, None, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
-    )
+        q, k, v, None, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+        learnable_sink,
+    )  # fmt: skip
 
 
 def flash_attn_qkvpacked_func(
@@ -140,12 +150,14 @@ def flash_attn_qkvpacked_func(
     alibi_slopes=None,
     deterministic=False,
     return_attn_probs=False,
+    learnable_sink=None,
 ):
     """``flash_attn_func`` with ``qkv`` packed as ``(batch, seqlen, 3, nheads, headdim)`` (read in place)."""
     q, k, v = _unpack("qkv", qkv, 2, 3, "(batch, seqlen, 3, nheads, headdim)")
     return flash_attn_func(
-        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
-    )
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+        learnable_sink=learnable_sink,
+    )  # fmt: skip
 
 
 def flash_attn_kvpacked_func(
@@ -159,12 +171,14 @@ def flash_attn_kvpacked_func(
     alibi_slopes=None,
     deterministic=False,
     return_attn_probs=False,
+    learnable_sink=None,
 ):
     """``flash_attn_func`` with ``kv`` packed as ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
     k, v = _unpack("kv", kv, 2, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
     return flash_attn_func(
-        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
-    )
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+        learnable_sink=learnable_sink,
+    )  # fmt: skip
 
 
 def flash_attn_varlen_func(
@@ -185,6 +199,7 @@ def flash_attn_varlen_func(
     return_attn_probs=False,
     block_table=None,
     seqused_k=None,
+    learnable_sink=None,
 ):
     """Attention over variable-length sequences packed as ``q`` ``(total_q, nheads, headdim)``, ``k``, ``v``
     ``(total_k, nheads_k, headdim)``; ``cu_seqlens_q``/``cu_seqlens_k`` int32 ``(batch + 1,)`` offsets on q's
@@ -204,8 +219,9 @@ def flash_attn_varlen_func(
         _check_cu("seqused_k", seqused_k)
     varlen = (cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
     return _attention(
-        q, k, v, varlen, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
-    )
+        q, k, v, varlen, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+        learnable_sink=learnable_sink,
+    )  # fmt: skip
 
 
 def flash_attn_varlen_qkvpacked_func(
@@ -220,6 +236,7 @@ def flash_attn_varlen_qkvpacked_func(
     alibi_slopes=None,
     deterministic=False,
     return_attn_probs=False,
+    learnable_sink=None,
 ):
     """``flash_attn_varlen_func`` with ``qkv`` packed as ``(total, 3, nheads, headdim)``."""
     q, k, v = _unpack("qkv", qkv, 1, 3, "(total, 3, nheads, headdim)")
@@ -240,6 +257,7 @@ def flash_attn_varlen_qkvpacked_func(
         alibi_slopes,
         deterministic,
         return_attn_probs,
+        learnable_sink=learnable_sink,
     )
 
 
@@ -258,6 +276,7 @@ def flash_attn_varlen_kvpacked_func(
     alibi_slopes=None,
     deterministic=False,
     return_attn_probs=False,
+    learnable_sink=None,
 ):
     """``flash_attn_varlen_func`` with ``kv`` packed as ``(total_k, 2, nheads_k, headdim)``."""
     k, v = _unpack("kv", kv, 1, 2, "(total_k, 2, nheads_k, headdim)")
@@ -277,6 +296,7 @@ def flash_attn_varlen_kvpacked_func(
         alibi_slopes,
         deterministic,
         return_attn_probs,
+        learnable_sink=learnable_sink,
     )
 
 
@@ -301,6 +321,7 @@ def flash_attn_with_kvcache(
     num_splits=0,
     return_softmax_lse=False,
     page_table=None,
+    learnable_sink=None,
 ):
     """Attention of ``q`` ``(batch, seqlen_q, nheads, headdim)`` over a KV cache, appending ``k``/``v``
     ``(batch, seqlen_new, nheads_k, headdim)`` in place first (at ``cache_seqlens``, rotated by
@@ -354,6 +375,7 @@ def flash_attn_with_kvcache(
         cache_leftpad=cache_leftpad,
         block_table=block_table,
         alibi_slopes=alibi_slopes,
+        learnable_sink=learnable_sink,
     )
     wl, wr = _window(window_size)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
@@ -376,5 +398,6 @@ def flash_attn_with_kvcache(
         wl,
         wr,
         float(softcap),
+        learnable_sink,
     )
     return (out, lse) if return_softmax_lse else out

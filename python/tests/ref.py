@@ -28,8 +28,9 @@ def visible(sq: int, sk: int, causal: bool, window, device) -> torch.Tensor:
     return ok
 
 
-def attention_one(q, k, v, scale, causal, window, softcap, slopes, baseline: bool):
-    """One sequence: q `[sq, h, d]`, k/v `[sk, hk, d]`, slopes `[h]` or None.
+def attention_one(q, k, v, scale, causal, window, softcap, slopes, baseline: bool, sink=None):
+    """One sequence: q `[sq, h, d]`, k/v `[sk, hk, d]`, slopes `[h]` or None, sink `[h]` or None (a logit per
+    head in every row's softmax denominator, with no value).
 
     Returns (o `[sq, h, d]`, lse `[h, sq]`)."""
     sq, h, d = q.shape
@@ -49,7 +50,12 @@ def attention_one(q, k, v, scale, causal, window, softcap, slopes, baseline: boo
         s = s - slopes.to(work)[:, None, None] * dist
     ok = visible(sq, sk, causal, window, q.device)
     s = s.masked_fill(~ok, float("-inf"))
-    if sk == 0:
+    if sink is not None:
+        # One extra column per row: the sink's logit; its probability is dropped after the softmax.
+        col = sink.to(work)[:, None, None].expand(h, sq, 1)
+        s = torch.cat([s, col], dim=-1)
+        vf = torch.cat([vf, torch.zeros(1, h, vf.shape[-1], dtype=work, device=q.device)])
+    if sk == 0 and sink is None:
         o = torch.zeros(sq, h, v.shape[-1], dtype=work, device=q.device) + 0 * qf.sum()
         return o, torch.full((h, sq), float("-inf"), dtype=work, device=q.device)
     m = s.amax(dim=-1, keepdim=True)
@@ -77,6 +83,7 @@ def attention(
     cu_k=None,
     seqused_k=None,
     baseline=False,
+    sink=None,
 ):
     """Dense `[b, s, h, d]` or varlen `[total, h, d]` attention. Returns (o, lse) in the working precision (lse
     `[b, h, sq]` or `[h, total_q]`)."""
@@ -86,7 +93,7 @@ def attention(
         outs, lses = [], []
         for bi in range(q.shape[0]):
             sl = None if alibi is None else (alibi if alibi.dim() == 1 else alibi[bi])
-            o, lse = attention_one(q[bi], k[bi], v[bi], scale, causal, window, softcap, sl, baseline)
+            o, lse = attention_one(q[bi], k[bi], v[bi], scale, causal, window, softcap, sl, baseline, sink)
             outs.append(o)
             lses.append(lse)
         return torch.stack(outs), torch.stack(lses)
@@ -96,8 +103,9 @@ def attention(
         kend = ck[bi + 1] if seqused_k is None else ck[bi] + int(seqused_k[bi])
         sl = None if alibi is None else (alibi if alibi.dim() == 1 else alibi[bi])
         o, lse = attention_one(
-            q[cq[bi] : cq[bi + 1]], k[ck[bi] : kend], v[ck[bi] : kend], scale, causal, window, softcap, sl, baseline
-        )
+            q[cq[bi] : cq[bi + 1]], k[ck[bi] : kend], v[ck[bi] : kend], scale, causal, window, softcap, sl, baseline,
+            sink,
+        )  # fmt: skip
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses, dim=1)

@@ -109,6 +109,28 @@ transformers.AttentionInterface.register(REF, _math_attention)
 transformers.masking_utils.AttentionMaskInterface.register(REF, _math_mask)
 
 
+def _math64_attention(module, query, key, value, attention_mask, scaling=None, softcap=None, s_aux=None, **kwargs):
+    """The reference attention computed in float64 inside a model that runs in float32 (for models whose other
+    layers have no float64 kernels, e.g. gpt-oss's experts), with attention sinks (`s_aux`) as one extra
+    logit per head in each row's softmax."""
+    q, k, v = query.double(), key.double(), value.double()
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = q @ k.transpose(-1, -2) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~attention_mask, float("-inf"))
+    if s_aux is not None:
+        s = torch.cat([s, s_aux.double()[None, :, None, None].expand(*s.shape[:3], 1)], dim=-1)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)[..., : k.shape[2]]
+    return (p @ v).transpose(1, 2).contiguous().to(query.dtype), None
+
+
+REF64 = "test_math64"
+transformers.AttentionInterface.register(REF64, _math64_attention)
+transformers.masking_utils.AttentionMaskInterface.register(REF64, _math_mask)
+
+
 def _model(kind, dtype=torch.float32, device="cpu"):
     cfg = CONFIGS[kind]()
     model = getattr(transformers, type(cfg).__name__.replace("Config", "ForCausalLM"))(cfg)
@@ -283,9 +305,45 @@ def _call(**kw):
     return hf.attention_forward(module, q, k, k.clone(), kw.pop("attention_mask", None), **kw)
 
 
-def test_sinks_refused():
-    with pytest.raises(NotImplementedError, match="s_aux"):
-        _call(s_aux=torch.zeros(4))
+def test_gpt_oss_sinks_match_eager():
+    """gpt-oss (attention sinks as ``s_aux``, sliding and full layers, GQA): logits and one training step's sink
+    gradients on flashattn's CPU path, against eager (the float32 baseline) and the float64 attention
+    reference inside the float32 model (gpt-oss's experts have no float64 kernels)."""
+    cfg = transformers.GptOssConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=5,
+        max_position_embeddings=256,
+    )
+    model = transformers.GptOssForCausalLM(cfg)
+    model.init_weights()
+    with torch.no_grad():
+        for layer in model.model.layers:  # random sinks, large enough to matter
+            layer.self_attn.sinks.normal_(0.0, 2.0)
+    model = model.float().eval()
+    ids = torch.randint(1, VOCAB, (2, 19))
+
+    def logits_and_grads(m):
+        m.train()
+        m.zero_grad(set_to_none=True)
+        out = m(ids, labels=ids)
+        out.loss.backward()
+        m.eval()
+        sinks = torch.cat([layer.self_attn.sinks.grad.flatten() for layer in m.model.layers])
+        return out.logits.detach(), sinks
+
+    ours = _run(model, NAME, logits_and_grads)
+    base = _run(model, "eager", logits_and_grads)
+    ref = _run(model, REF64, logits_and_grads)
+    _check("gpt-oss logits", ours[0], base[0], ref[0])
+    _check("gpt-oss dsinks", ours[1], base[1], ref[1])
 
 
 def test_dropout_refused():

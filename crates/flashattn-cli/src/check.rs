@@ -50,6 +50,9 @@ pub struct CheckArgs {
     /// ALiBi with random slopes (uniform in [0, 0.3), one per batch and head).
     #[arg(long)]
     pub alibi: bool,
+    /// A learnable sink with random logits (normal, standard deviation 2, one per query head; CPU backends).
+    #[arg(long)]
+    pub sink: bool,
     /// Softmax scale (default 1/sqrt(d)).
     #[arg(long, allow_hyphen_values = true)]
     pub scale: Option<f32>,
@@ -83,6 +86,9 @@ fn mask_desc(a: &CheckArgs) -> String {
     }
     if a.softcap > 0.0 {
         parts.push(format!("softcap {}", a.softcap));
+    }
+    if a.sink {
+        parts.push("sink".into());
     }
     if a.alibi {
         parts.push("alibi".into());
@@ -197,6 +203,9 @@ pub fn main(a: CheckArgs) -> CliResult<ExitCode> {
     }
     if a.alibi {
         opts.alibi_slopes = Some(rand_uniform(&[b, h], a.seed.wrapping_add(17), 0.3));
+    }
+    if a.sink {
+        opts.sink = Some(randn(&[h], DType::F32, a.seed.wrapping_add(19), 2.0));
     }
     let p = flashattn::problem::validate(&q.view(), &k.view(), &v.view(), &opts)?;
     let (qs, ks, vs) = (q.view().data, k.view().data, v.view().data);

@@ -51,7 +51,8 @@ pub struct RunArgs {
     pub rotary_interleaved: bool,
 }
 
-const DENSE_NAMES: &[&str] = &["q", "k", "v", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "do"];
+const DENSE_NAMES: &[&str] =
+    &["q", "k", "v", "alibi_slopes", "sink", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "do"];
 const KV_NAMES: &[&str] = &[
     "q",
     "k_cache",
@@ -65,6 +66,7 @@ const KV_NAMES: &[&str] = &[
     "cache_batch_idx",
     "cache_leftpad",
     "alibi_slopes",
+    "sink",
 ];
 
 /// The tensors of an input file, read on demand by name.
@@ -182,6 +184,7 @@ fn options(a: &RunArgs, inp: &Inputs<'_>) -> CliResult<AttnOptions> {
         opts.window = w;
     }
     opts.alibi_slopes = inp.float("alibi_slopes")?.map(alibi_to_f32);
+    opts.sink = inp.float("sink")?;
     Ok(opts)
 }
 
@@ -343,6 +346,9 @@ fn run_dense(a: &RunArgs, inp: &Inputs<'_>, device: flashattn::Device) -> CliRes
             e => e.into(),
         })?;
         outputs.extend([("dq", &grads.dq), ("dk", &grads.dk), ("dv", &grads.dv)]);
+        if let Some(ds) = &grads.dsink {
+            outputs.push(("dsink", ds));
+        }
     }
     write_safetensors(&a.output, &outputs)?;
     let names: Vec<&str> = outputs.iter().map(|(n, _)| *n).collect();

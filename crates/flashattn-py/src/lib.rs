@@ -198,7 +198,7 @@ fn device_index(device: i64) -> Option<usize> {
 
 /// Attention forward: writes `o` and `lse` (allocated by the caller).
 #[pyfunction]
-#[pyo3(signature = (device, stream, q, k, v, o, lse, opts, alibi, varlen))]
+#[pyo3(signature = (device, stream, q, k, v, o, lse, opts, alibi, varlen, sink=None))]
 #[allow(clippy::too_many_arguments)]
 fn fwd(
     py: Python<'_>,
@@ -212,11 +212,12 @@ fn fwd(
     opts: PyOpts,
     alibi: Option<PyTensor>,
     varlen: Option<PyVarlen>,
+    sink: Option<PyTensor>,
 ) -> PyResult<()> {
     match device_index(device) {
         None => {
             // SAFETY: the Python front passes live host tensors; o and lse are fresh and unaliased.
-            let (qv, kv, vv, mut ov, mut lv, a) = unsafe {
+            let (qv, kv, vv, mut ov, mut lv, mut a) = unsafe {
                 (
                     host_view(&q)?,
                     host_view(&k)?,
@@ -226,9 +227,12 @@ fn fwd(
                     host_options(opts, &alibi, &varlen)?,
                 )
             };
+            // SAFETY: a live host tensor.
+            a.sink = sink.as_ref().map(|t| unsafe { host_owned(t) }).transpose()?;
             py.detach(|| flashattn::forward_into(&qv, &kv, &vv, &mut ov, &mut lv, &a)).map_err(to_py)
         }
         Some(n) => {
+            no_device_sink(&sink)?;
             let (q, k, v, o, lse) = (dev(&q)?, dev(&k)?, dev(&v)?, dev(&o)?, dev(&lse)?);
             let meta = device_meta(&alibi, &varlen)?;
             let a = options(opts);
@@ -259,9 +263,9 @@ fn bwd_workspace_bytes(
 }
 
 /// Attention backward: writes `dq`, `dk`, `dv` (allocated by the caller; with `seqused_k`, key rows past it
-/// keep what they held: pass zeroed tensors).
+/// keep what they held: pass zeroed tensors), and with a `sink` its gradient into `dsink` (host tensors).
 #[pyfunction]
-#[pyo3(signature = (device, stream, t, opts, alibi, varlen, workspace))]
+#[pyo3(signature = (device, stream, t, opts, alibi, varlen, workspace, sink=None, dsink=None))]
 #[allow(clippy::too_many_arguments)]
 fn bwd(
     py: Python<'_>,
@@ -272,12 +276,14 @@ fn bwd(
     alibi: Option<PyTensor>,
     varlen: Option<PyVarlen>,
     workspace: (u64, usize),
+    sink: Option<PyTensor>,
+    dsink: Option<PyTensor>,
 ) -> PyResult<()> {
     let [q, k, v, o, lse, dout, dq, dk, dv] = t;
     match device_index(device) {
         None => {
             // SAFETY: live host tensors; the gradients are fresh and unaliased.
-            let (qv, kv, vv, ov, lv, dov, mut dqv, mut dkv, mut dvv, a) = unsafe {
+            let (qv, kv, vv, ov, lv, dov, mut dqv, mut dkv, mut dvv, mut a) = unsafe {
                 (
                     host_view(&q)?,
                     host_view(&k)?,
@@ -291,10 +297,21 @@ fn bwd(
                     host_options(opts, &alibi, &varlen)?,
                 )
             };
-            py.detach(|| flashattn::backward_into(&qv, &kv, &vv, &ov, &lv, &dov, &mut dqv, &mut dkv, &mut dvv, &a))
-                .map_err(to_py)
+            // SAFETY: live host tensors; dsink is fresh and unaliased.
+            a.sink = sink.as_ref().map(|t| unsafe { host_owned(t) }).transpose()?;
+            let mut dsv = dsink.as_ref().map(|t| unsafe { host_view_mut(t) }).transpose()?;
+            py.detach(|| -> flashattn::Result<()> {
+                let ds = flashattn::backward_into(&qv, &kv, &vv, &ov, &lv, &dov, &mut dqv, &mut dkv, &mut dvv, &a)?;
+                match (ds, dsv.as_mut()) {
+                    (Some(g), Some(out)) => copy_into(&g, out, "dsink"),
+                    (Some(_), None) => Err(Error::invalid("dsink", "a tensor for the sink's gradient", "none")),
+                    (None, _) => Ok(()),
+                }
+            })
+            .map_err(to_py)
         }
         Some(n) => {
+            no_device_sink(&sink)?;
             let d = [&q, &k, &v, &o, &lse, &dout, &dq, &dk, &dv].map(dev);
             let [q, k, v, o, lse, dout, dq, dk, dv] = d;
             let (q, k, v, o, lse, dout, dq, dk, dv) = (q?, k?, v?, o?, lse?, dout?, dq?, dk?, dv?);
@@ -356,7 +373,7 @@ fn kvcache_workspace_bytes(
 /// On the CPU an append that would overflow raises and writes nothing; on CUDA the kernels check values in
 /// device memory and refuse such a call without writing the cache (see the package's documentation).
 #[pyfunction]
-#[pyo3(signature = (device, stream, q, kv, o, lse, opts, alibi, workspace))]
+#[pyo3(signature = (device, stream, q, kv, o, lse, opts, alibi, workspace, sink=None))]
 #[allow(clippy::too_many_arguments)]
 fn kvcache(
     py: Python<'_>,
@@ -369,6 +386,7 @@ fn kvcache(
     opts: PyOpts,
     alibi: Option<PyTensor>,
     workspace: (u64, usize),
+    sink: Option<PyTensor>,
 ) -> PyResult<()> {
     match device_index(device) {
         None => {
@@ -397,6 +415,7 @@ fn kvcache(
                 if let Some(t) = &alibi {
                     a.alibi_slopes = Some(host_owned(t)?);
                 }
+                a.sink = sink.as_ref().map(|t| host_owned(t)).transpose()?;
                 let mut ov = host_view_mut(&o)?;
                 let mut lv = host_view_mut(&lse)?;
                 py.detach(|| -> flashattn::Result<()> {
@@ -408,6 +427,7 @@ fn kvcache(
             }
         }
         Some(n) => {
+            no_device_sink(&sink)?;
             let cache = device_cache(&kv, &alibi)?;
             let (q, o, lse) = (dev(&q)?, dev(&o)?, dev(&lse)?);
             let a = options(opts);
@@ -423,6 +443,16 @@ fn kvcache(
 }
 
 /// Copies a result into a contiguous caller tensor of the same shape and dtype.
+/// The CUDA kernels have no learnable sink: a CUDA call with one is refused (`NotImplementedError`).
+fn no_device_sink(sink: &Option<PyTensor>) -> PyResult<()> {
+    match sink {
+        Some(_) => {
+            Err(to_py(Error::Unsupported { backend: "cuda", what: "a learnable sink (CPU tensors run it)".into() }))
+        }
+        None => Ok(()),
+    }
+}
+
 fn copy_into(src: &Tensor, dst: &mut TensorViewMut<'_>, arg: &'static str) -> flashattn::Result<()> {
     if dst.shape() != src.shape() || dst.dtype() != src.dtype() {
         return Err(Error::invalid(arg, format!("{} {:?}", src.dtype(), src.shape()), format!("{:?}", dst.shape())));

@@ -111,7 +111,7 @@ pub fn backward(
     let mut dq = Tensor::try_zeros(q.shape(), q.dtype())?;
     let mut dk = Tensor::try_zeros(k.shape(), k.dtype())?;
     let mut dv = Tensor::try_zeros(v.shape(), v.dtype())?;
-    backward_into(
+    let dsink = backward_into(
         &q.view(),
         &k.view(),
         &v.view(),
@@ -123,45 +123,13 @@ pub fn backward(
         &mut dv.view_mut(),
         opts,
     )?;
-    let dsink = sink_gradient(&q.view(), &k.view(), &v.view(), &o.view(), &lse.view(), &dout.view(), opts)?;
     Ok(Gradients { dq, dk, dv, dsink })
 }
 
-/// The gradient of a learnable sink ([`AttnOptions::sink`]; `None` without one) from the forward's `o` and
-/// `lse` and the upstream gradient: `dsink_h = -sum over rows i of head h of exp(sink_h - lse_i) D_i` with
-/// `D_i = dO_i · O_i`, accumulated in `f32`, returned in the sink's dtype. The backends' backward passes need
-/// nothing else for a sink: given the `lse` that includes it, `dq`, `dk`, `dv` follow the usual formulas.
-pub fn sink_gradient(
-    q: &TensorView<'_>,
-    k: &TensorView<'_>,
-    v: &TensorView<'_>,
-    o: &TensorView<'_>,
-    lse: &TensorView<'_>,
-    dout: &TensorView<'_>,
-    opts: &AttnOptions,
-) -> Result<Option<Tensor>> {
-    let p = validate(q, k, v, opts)?;
-    let (Some(sink), Some(t)) = (&p.sink, &opts.sink) else { return Ok(None) };
-    require_cpu("o", o.device())?;
-    check_backward_inputs(&p, o, lse, dout)?;
-    let lse = lse.to_f32_vec();
-    let (o_map, do_map) = (p.q_like_map(&o.layout), p.q_like_map(&dout.layout));
-    let (mut orow, mut grow) = (vec![0f32; p.d], vec![0f32; p.d]);
-    let mut ds = vec![0f32; p.h];
-    for seq in 0..p.batch {
-        for (head, acc) in ds.iter_mut().enumerate() {
-            for i in 0..p.seqlen_q[seq] {
-                o.data.read_f32(o_map.at(seq, i, head), &mut orow);
-                dout.data.read_f32(do_map.at(seq, i, head), &mut grow);
-                let di: f32 = orow.iter().zip(&grow).map(|(a, b)| a * b).sum();
-                *acc -= (sink[head] - lse[p.lse_index(seq, head, i)]).exp() * di;
-            }
-        }
-    }
-    Tensor::from_f32(&ds, &[p.h], t.dtype()).map(Some)
-}
-
-/// Backward pass into caller-provided gradient buffers.
+/// Backward pass into caller-provided gradient buffers. Returns the gradient of a learnable sink
+/// ([`AttnOptions::sink`], in its dtype) when the options have one: `dsink_h = -sum over the rows i of head h
+/// of exp(sink_h - lse_i) D_i`, accumulated in `f32`, with `D_i = dO_i · O_i` as the backward computes it
+/// (from the recomputed probabilities, not the rounded `o`).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_into(
     q: &TensorView<'_>,
@@ -174,7 +142,7 @@ pub fn backward_into(
     dk: &mut TensorViewMut<'_>,
     dv: &mut TensorViewMut<'_>,
     opts: &AttnOptions,
-) -> Result<()> {
+) -> Result<Option<Tensor>> {
     let p = validate(q, k, v, opts)?;
     require_cpu("q", q.device())?;
     check_backward_inputs(&p, o, lse, dout)?;
@@ -195,8 +163,18 @@ pub fn backward_into(
         dv: dv.data.raw(),
         dv_map: &dv_map,
     };
-    flash::backward(&p, Qkv { q: q.data, k: k.data, v: v.data }, &inp, &out);
-    Ok(())
+    let delta = flash::backward(&p, Qkv { q: q.data, k: k.data, v: v.data }, &inp, &out);
+    let (Some(sink), Some(t)) = (&p.sink, &opts.sink) else { return Ok(None) };
+    let mut ds = vec![0f32; p.h];
+    for seq in 0..p.batch {
+        for (head, acc) in ds.iter_mut().enumerate() {
+            for i in 0..p.seqlen_q[seq] {
+                let r = p.lse_index(seq, head, i);
+                *acc -= (sink[head] - lse_vec[r]).exp() * delta[r];
+            }
+        }
+    }
+    Tensor::from_f32(&ds, &[p.h], t.dtype()).map(Some)
 }
 
 /// Zeroes the rows of a k-like tensor that the backward does not write: keys past `seqused_k` get no gradient.

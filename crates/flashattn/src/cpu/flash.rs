@@ -450,7 +450,9 @@ fn tile_cols(a: usize, b: usize, j0: usize) -> Range<usize> {
 /// `D_i = sum_j P_ij dP_ij` (mathematically `rowsum(dO_i ∘ O_i)`) is computed from the recomputed `P` and `dP`
 /// rather than from the forward's rounded `O`: in f16/bf16 the rounding of `O` would be the largest error of the
 /// whole backward, and the two terms of `dP - D` now cancel exactly where they should (a row that sees one key).
-pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>) {
+///
+/// Returns `D` (in [`Problem::lse_shape`] order): a learnable sink's gradient is made from it.
+pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>) -> Vec<f32> {
     // Pass 1: D and dQ per query tile.
     let rows: Vec<((usize, usize, usize), Vec<f32>)> = tasks(p, p.h, |s| p.seqlen_q[s], FBM)
         .into_par_iter()
@@ -463,10 +465,10 @@ pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>)
         }
     }
     // Pass 2: dK, dV per key tile.
-    let delta = &delta;
     tasks(p, p.hk, |s| p.seqlen_k[s], BN)
         .into_par_iter()
-        .for_each(|(seq, kh, j0)| dkdv_tile(p, x, b, delta, out, seq, kh, j0));
+        .for_each(|(seq, kh, j0)| dkdv_tile(p, x, b, &delta, out, seq, kh, j0));
+    delta
 }
 
 multiversion!(dkdv_tile, dkdv_tile_avx2, dkdv_tile_avx512, dkdv_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, delta: &[f32], out: &BwdOut<'_>, seq: usize, kh: usize, j0: usize));

@@ -458,7 +458,7 @@ fn partial_backward(x: &PartialBwd<'_>, opts: AttnOptions) -> Result<(Vec<f32>, 
         dv: CpuSliceMut::F32(&mut dv).raw(),
         dv_map: &dk_map,
     };
-    flash::backward(&p, Qkv { q: qv.data, k: kv.data, v: vv.data }, &inp, &out);
+    let _delta = flash::backward(&p, Qkv { q: qv.data, k: kv.data, v: vv.data }, &inp, &out);
     Ok((dq, dk, dv))
 }
 
