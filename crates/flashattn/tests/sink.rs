@@ -139,3 +139,16 @@ fn bad_sinks_are_refused_naming_the_argument() {
     let e = flashattn::ring::ring_forward(&q, &q, &q, &ok, 2).unwrap_err();
     assert!(e.to_string().contains("sink"), "{e}");
 }
+
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_refuses_a_sink_before_touching_a_device() {
+    // The refusal comes from validation, before any device work: it holds with or without a GPU.
+    let q = Tensor::from_f32(&[0.5; 3 * 2 * 8], &[1, 3, 2, 8], DType::BF16).unwrap();
+    let opts = AttnOptions::default().sink(Tensor::from_f32(&[0.0; 2], &[2], DType::F32).unwrap());
+    let e = flashattn::forward_on(flashattn::Device::Cuda(0), &q, &q, &q, &opts).unwrap_err();
+    assert!(matches!(e, flashattn::Error::Unsupported { .. }) && e.to_string().contains("sink"), "{e}");
+    let o = forward(&q, &q, &q, &opts).unwrap();
+    let e = flashattn::backward_on(flashattn::Device::Cuda(0), &q, &q, &q, &o.o, &o.lse, &o.o, &opts).unwrap_err();
+    assert!(matches!(e, flashattn::Error::Unsupported { .. }) && e.to_string().contains("sink"), "{e}");
+}
