@@ -61,6 +61,8 @@ struct Input {
     poison: Vec<Poison>,
     backward: bool,
     seed: u64,
+    /// A learnable sink (its seed); last, so the stored seeds keep their meaning.
+    sink: Option<u8>,
 }
 
 struct Rng(u64);
@@ -165,6 +167,13 @@ fn run(inp: &Input) -> Option<()> {
         let slopes: Vec<f32> = (0..h).map(|_| r.val() / 4.0).collect();
         opts.alibi_slopes = Some(Tensor::from_f32(&slopes, &[h], DType::F32).unwrap());
     }
+    let sink: Option<Vec<f32>> = inp.sink.map(|z| {
+        let mut r = Rng(z as u64 + 7);
+        (0..h).map(|_| r.val() * 2.0).collect()
+    });
+    if let Some(z) = &sink {
+        opts.sink = Some(Tensor::from_f32(z, &[h], DType::F32).unwrap());
+    }
     if varlen {
         let mut cq = vec![0i32];
         let mut ck = vec![0i32];
@@ -209,8 +218,10 @@ fn run(inp: &Input) -> Option<()> {
                 let what = format!("seq {s} head {hh} row {i} (sq {}, sk {})", seq.sq, seq.sk);
                 let vis = visible(i, seq.sq, seq.sk, opts.causal, opts.window);
                 if vis.is_empty() {
-                    assert!(l == f32::NEG_INFINITY && orow.iter().all(|&x| x == 0.0), "{what}: sees no key: {l}");
-                    assert!(rl == f64::NEG_INFINITY && ro.iter().all(|&x| x == 0.0), "{what}: oracle not empty");
+                    // No key: o = 0 and lse = -inf, or the sink's logit with one.
+                    let empty = sink.as_ref().map_or(f32::NEG_INFINITY, |z| z[hh]);
+                    assert!(l == empty && orow.iter().all(|&x| x == 0.0), "{what}: sees no key: {l}");
+                    assert!(rl == empty as f64 && ro.iter().all(|&x| x == 0.0), "{what}: oracle not empty");
                     masked_rows.push((row, hh));
                     continue;
                 }
@@ -272,6 +283,15 @@ fn run(inp: &Input) -> Option<()> {
                 assert!(dk[kr.clone()].iter().all(|x| x.is_finite()), "dk not finite for a clean sequence");
                 assert!(dv[kr].iter().all(|x| x.is_finite()), "dv not finite for a clean sequence");
             }
+        }
+        let all_clean = q.iter().chain(&k).chain(&v).all(|x| x.is_finite());
+        match (&g.dsink, &sink) {
+            (Some(ds), Some(_)) if all_clean && dtype != DType::F16 => {
+                assert!(ds.to_f32_vec().iter().all(|x| x.is_finite()), "dsink not finite for clean inputs");
+            }
+            (None, Some(_)) => panic!("no dsink for a problem with a sink"),
+            (Some(_), None) => panic!("a dsink without a sink"),
+            _ => {}
         }
     }
     Some(())
