@@ -231,6 +231,8 @@ struct Opts {
     softcap: Cap,
     alibi: Option<AlibiSpec>,
     deterministic: bool,
+    /// A learnable sink, drawn like the slopes (shape, dtype, values).
+    sink: Option<AlibiSpec>,
 }
 
 #[derive(Arbitrary, Debug, Clone)]
@@ -609,6 +611,22 @@ fn build_opts(o: &Opts, b: usize, h: usize, rng: &mut Rng) -> BuiltOpts {
         }
     };
     if let Some(a) = &o.alibi {
+        let (t, m) = spec_tensor(a, b, h, rng);
+        moderate &= m;
+        opts.alibi_slopes = t;
+    }
+    if let Some(a) = &o.sink {
+        let (t, m) = spec_tensor(a, b, h, rng);
+        moderate &= m;
+        opts.sink = t;
+    }
+    BuiltOpts { opts, moderate }
+}
+
+/// A per-head (or per-batch-and-head) vector as a spec draws it; whether its values are moderate.
+fn spec_tensor(a: &AlibiSpec, b: usize, h: usize, rng: &mut Rng) -> (Option<Tensor>, bool) {
+    let mut moderate = true;
+    {
         let dtype = a.dt.map(Dt::get).unwrap_or(DType::F32);
         let (shape, len): (Vec<usize>, Option<usize>) = match &a.shape {
             AlShape::H => (vec![h], None),
@@ -626,9 +644,8 @@ fn build_opts(o: &Opts, b: usize, h: usize, rng: &mut Rng) -> BuiltOpts {
         if let Some(x) = &t.as_ref().ok() {
             assert_eq!(x.shape(), shape.as_slice());
         }
-        opts.alibi_slopes = t.ok();
+        (t.ok(), moderate)
     }
-    BuiltOpts { opts, moderate }
 }
 
 /// `(cu_seqlens_q, cu_seqlens_k, seqused_k, total_q, total_k)`.
@@ -711,6 +728,7 @@ const ARGS: &[&str] = &[
     "rotary_sin",
     "storage",
     "values",
+    "sink",
 ];
 
 fn check_err(e: &Error) {
@@ -777,7 +795,9 @@ fn check_outputs(o: &Tensor, lse: &Tensor, seqs: &[Seq], varlen: bool, opts: &At
                         assert!(l.is_finite(), "row {i} of seq {s} head {hh} sees a key but lse = {l}");
                     }
                 } else {
-                    assert_eq!(l, f32::NEG_INFINITY, "row {i} of seq {s} head {hh} sees no key: lse must be -inf");
+                    // No key: lse = -inf, or the sink's logit with one.
+                    let empty = opts.sink.as_ref().map_or(f32::NEG_INFINITY, |z| z.to_f32_vec()[hh]);
+                    assert_eq!(l, empty, "row {i} of seq {s} head {hh} sees no key: lse must be {empty}");
                     assert!(orow.iter().all(|&x| x == 0.0), "row {i} of seq {s} head {hh} sees no key: o must be 0");
                 }
             }
