@@ -61,6 +61,12 @@ def _check_device(ref: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
             )
 
 
+def _check_small(q: torch.Tensor, alibi: Optional[torch.Tensor], sink: Optional[torch.Tensor]) -> None:
+    """The per-head vectors on q's device (the extension sees addresses only), for direct calls of the ops."""
+    if alibi is not None or sink is not None:
+        _check_device(q, alibi_slopes=alibi, learnable_sink=sink)
+
+
 def _outputs(q: torch.Tensor, varlen: bool):
     """`out` (q's shape and dtype) and `lse` (float32 `(b, h, sq)`, varlen `(h, total_q)`), allocated like q (real
     tensors for the implementations, fake ones for the fakes)."""
@@ -113,6 +119,7 @@ def _fwd_impl(
     deterministic: bool,
     sink: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_small(q, alibi_slopes, sink)
     out, lse = _outputs(q, cu_seqlens_q is not None)
     _ext.fwd(
         _device(q),
@@ -167,6 +174,7 @@ def _bwd_impl(
     make = torch.zeros if seqused_k is not None else torch.empty
     dk = make(k.shape, dtype=k.dtype, device=k.device)
     dv = make(v.shape, dtype=v.dtype, device=v.device)
+    _check_small(q, alibi_slopes, sink)
     dsink = _dsink_like(sink, q)
     _bwd_into(
         (dq, dk, dv), dout, q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
@@ -276,6 +284,7 @@ def _kvcache_impl(
     softcap: float,
     sink: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_small(q, alibi_slopes, sink)
     out, lse = _outputs(q, False)
     rotary = None
     if rotary_cos is not None:

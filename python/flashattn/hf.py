@@ -141,6 +141,11 @@ def attention_forward(
 ):
     """transformers' attention signature: ``query`` ``(b, h, sq, d)``, ``key``/``value`` ``(b, hk, sk, d)``;
     returns ``(out (b, sq, h, d), None)``."""
+    if s_aux is not None and query.is_cuda:
+        raise NotImplementedError(
+            f"attn_implementation={ATTN_IMPLEMENTATION!r}: attention sinks (`s_aux`, e.g. gpt-oss) run on CPU tensors "
+            "only for now (the CUDA kernels have no sink yet). Use 'eager' or 'sdpa' on the GPU."
+        )
     if dropout:
         raise NotImplementedError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r}: attention dropout (dropout={dropout}) is not implemented "

@@ -334,7 +334,9 @@ def flash_attn_with_kvcache(
 
     An append that would overflow a sequence's capacity is refused: on the CPU with ``ValueError``; on CUDA,
     where the lengths live in device memory and are not read back, the kernel writes nothing to the cache and
-    the output is NaN. Returns ``out``, or ``(out, softmax_lse)`` with ``return_softmax_lse=True``
+    the output is NaN. ``learnable_sink`` (CPU tensors) joins the softmax as in ``flash_attn_func``; no gradient
+    flows through this function (inference, as FlashAttention's). Returns ``out``, or ``(out, softmax_lse)`` with
+    ``return_softmax_lse=True``
     (``softmax_lse`` float32 ``(batch, nheads, seqlen_q)``).
     """
     if page_table is not None:

@@ -482,29 +482,31 @@ mod gpu {
     /// How many runs a CUDA measurement makes.
     #[derive(Debug, Clone, Copy, PartialEq)]
     pub enum Reps {
-        /// Given counts (`--warmup`, `--reps`).
+        /// Given counts (`--warmup`, `--reps`; the decode grid's default of 10 and 30).
         Fixed { warmup: usize, reps: usize },
-        /// As triton's `do_bench`: five runs estimate one run's time, then as many untimed runs as fill
-        /// `warmup_ms` and timed runs as fill `rep_ms` (at least 10, at most 5000). The GPU then runs as long
-        /// and as hot as under `torch_baselines.py`: with a fixed 30 runs the heavy points finished before the
-        /// clocks dropped under sustained power, and read up to ~10% faster than the peers' harness would
-        /// (measured on the H100, docs/BENCHMARKS.md, 2026-12-06).
-        Timed { warmup_ms: f64, rep_ms: f64 },
+        /// As `torch_baselines.py` calls triton's `do_bench`: five runs, each with its 256 MiB L2 flush, estimate
+        /// one run's time, then as many untimed runs as fill 25 ms and timed runs as fill 100 ms (forward+backward:
+        /// 10 and 50 ms), at least 10 and at most 5000 of each. The GPU then runs as long and as hot as under the
+        /// peers' harness: with a fixed 30 runs the heavy points finished before the clocks dropped under
+        /// sustained power and read up to ~10% faster (H100, docs/BENCHMARKS.md, 2026-12-06).
+        DoBench,
     }
 
     impl Reps {
-        /// `(warmup, reps)` for a measurement whose one run `estimate` times (five runs, in ms).
+        /// `(warmup, reps)` for `mode`, given one run's time with its flush from `estimate` (five runs, ms).
         pub fn counts(
             self,
+            mode: Mode,
             estimate: impl FnOnce() -> flashattn::Result<Vec<f64>>,
         ) -> flashattn::Result<(usize, usize)> {
             match self {
                 Reps::Fixed { warmup, reps } => Ok((warmup, reps.max(1))),
-                Reps::Timed { warmup_ms, rep_ms } => {
+                Reps::DoBench => {
+                    let (warmup_ms, rep_ms) = if mode == Mode::FwdBwd { (10.0, 50.0) } else { (25.0, 100.0) };
                     let mut t = estimate()?;
-                    let one = median(&mut t).max(1e-4);
-                    let n = |ms: f64| (ms / one).ceil() as usize;
-                    Ok((n(warmup_ms).max(1), n(rep_ms).clamp(10, 5000)))
+                    let one = median(&mut t).max(1e-3);
+                    let n = |ms: f64| ((ms / one).ceil() as usize).clamp(10, 5000);
+                    Ok((n(warmup_ms), n(rep_ms)))
                 }
             }
         }
@@ -529,7 +531,7 @@ mod gpu {
             };
             let res = cuda::KvDecodeBench::new(n, p.b, p.h, p.hk, p.sq, p.sk, p.d, dtype, page, head_major, seed)
                 .and_then(|mut kb| {
-                    let (warmup, reps) = runs.counts(|| kb.time(1, 5))?;
+                    let (warmup, reps) = runs.counts(Mode::Fwd, || kb.time(1, 5))?;
                     let t = kb.time(warmup, reps)?;
                     let st = kb.status()?;
                     if st != 0 {
@@ -574,9 +576,13 @@ mod gpu {
                 Mode::Fwd => a.forward(),
                 Mode::FwdBwd => a.forward().and_then(|_| a.backward()),
             };
-            let times = runs
-                .counts(|| att.time(1, 5, true, step))
-                .and_then(|(warmup, reps)| att.time(warmup, reps, true, step));
+            // The estimate times each run with its flush (the first call allocates the flush buffer).
+            let estimate = |att: &mut DeviceAttention| {
+                att.time(1, 1, true, step)?;
+                att.time(0, 5, false, |a| a.flush_l2().and_then(|_| step(a)))
+            };
+            let times =
+                runs.counts(mode, || estimate(&mut att)).and_then(|(warmup, reps)| att.time(warmup, reps, true, step));
             match times {
                 Ok(t) => {
                     set_times(r, mode, dtype, t);
@@ -881,12 +887,11 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
     let is_cpu = device == Device::Cpu;
     let warmup = a.warmup.unwrap_or(if is_cpu { 1 } else { 10 });
     let reps = a.reps.unwrap_or(if is_cpu { 3 } else { 30 }).max(1);
-    // CUDA: do_bench's rule unless a count is given.
-    let timed = !is_cpu && a.warmup.is_none() && a.reps.is_none();
-    #[cfg(feature = "cuda")]
-    let runs =
-        if timed { gpu::Reps::Timed { warmup_ms: 25.0, rep_ms: 100.0 } } else { gpu::Reps::Fixed { warmup, reps } };
     let decode = a.shape.is_none() && a.grid == Grid::Decode;
+    // CUDA: do_bench's rule unless a count is given (decode keeps 10 + 30 runs).
+    let timed = !is_cpu && !decode && a.warmup.is_none() && a.reps.is_none();
+    #[cfg(feature = "cuda")]
+    let runs = if timed { gpu::Reps::DoBench } else { gpu::Reps::Fixed { warmup, reps } };
     let mut modes = a.modes.clone();
     modes.dedup();
     if decode && modes.contains(&Mode::FwdBwd) {
@@ -923,7 +928,8 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
     };
     println!("device: {why}");
     let counts = if timed {
-        "runs filling 25 ms untimed, then 100 ms timed (triton's do_bench rule)".to_string()
+        "as torch_baselines.py's do_bench: runs filling 25 ms untimed, then 100 ms timed (fwd_bwd: 10, 50 ms)"
+            .to_string()
     } else {
         format!("warmup {warmup}, reps {reps}")
     };

@@ -442,7 +442,6 @@ fn kvcache(
     }
 }
 
-/// Copies a result into a contiguous caller tensor of the same shape and dtype.
 /// The CUDA kernels have no learnable sink: a CUDA call with one is refused (`NotImplementedError`).
 fn no_device_sink(sink: &Option<PyTensor>) -> PyResult<()> {
     match sink {
@@ -453,6 +452,7 @@ fn no_device_sink(sink: &Option<PyTensor>) -> PyResult<()> {
     }
 }
 
+/// Copies a result into a contiguous caller tensor of the same shape and dtype.
 fn copy_into(src: &Tensor, dst: &mut TensorViewMut<'_>, arg: &'static str) -> flashattn::Result<()> {
     if dst.shape() != src.shape() || dst.dtype() != src.dtype() {
         return Err(Error::invalid(arg, format!("{} {:?}", src.dtype(), src.shape()), format!("{:?}", dst.shape())));

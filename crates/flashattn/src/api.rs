@@ -128,7 +128,7 @@ pub fn backward(
 
 /// Backward pass into caller-provided gradient buffers. Returns the gradient of a learnable sink
 /// ([`AttnOptions::sink`], in its dtype) when the options have one: `dsink_h = -sum over the rows i of head h
-/// of exp(sink_h - lse_i) D_i`, accumulated in `f32`, with `D_i = dO_i · O_i` as the backward computes it
+/// of exp(sink_h - lse_i) D_i`, accumulated in `f64`, with `D_i = dO_i · O_i` as the backward computes it
 /// (from the recomputed probabilities, not the rounded `o`).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_into(
@@ -165,15 +165,17 @@ pub fn backward_into(
     };
     let delta = flash::backward(&p, Qkv { q: q.data, k: k.data, v: v.data }, &inp, &out);
     let (Some(sink), Some(t)) = (&p.sink, &opts.sink) else { return Ok(None) };
-    let mut ds = vec![0f32; p.h];
+    // Summed in f64 (b * sq terms per head), in a fixed order.
+    let mut ds = vec![0f64; p.h];
     for seq in 0..p.batch {
         for (head, acc) in ds.iter_mut().enumerate() {
             for i in 0..p.seqlen_q[seq] {
                 let r = p.lse_index(seq, head, i);
-                *acc -= (sink[head] - lse_vec[r]).exp() * delta[r];
+                *acc -= ((sink[head] - lse_vec[r]).exp() * delta[r]) as f64;
             }
         }
     }
+    let ds: Vec<f32> = ds.iter().map(|&x| x as f32).collect();
     Tensor::from_f32(&ds, &[p.h], t.dtype()).map(Some)
 }
 

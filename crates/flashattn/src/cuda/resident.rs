@@ -262,6 +262,18 @@ impl DeviceAttention {
         })
     }
 
+    /// Enqueues the zeroing of the 256 MiB L2-flush buffer (a no-op before a [`time`](Self::time) call with
+    /// `flush_l2` allocated it): for timing a flush together with a run, as triton's `do_bench` estimates.
+    pub fn flush_l2(&self) -> Result<()> {
+        match &self.flush {
+            Some(b) => {
+                let s = &self.gpu.stream;
+                super::launch::zero(b.device_ptr(s).0, FLUSH_BYTES, s.cu_stream())
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Bytes of the device outputs (o, lse; dq, dk, dv when the backward is enabled).
     pub fn output_bytes(&self, backward: bool) -> usize {
         let mut n = self.o.bytes() + self.lse.bytes();
