@@ -65,17 +65,11 @@ struct Input {
     sink: Option<u8>,
 }
 
-struct Rng(u64);
+#[path = "shared/rng.rs"]
+mod rng;
+use rng::Rng;
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0 | 1;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
     /// Multiples of 1/8 in [-2, 2] (exact in every dtype).
     fn val(&mut self) -> f32 {
         ((self.next() >> 33) % 33) as f32 / 8.0 - 2.0
