@@ -107,15 +107,17 @@ run_harness() {
     kill "$smi"
 }
 # The forward kernels before and after a change, where .gpu/flashattn-old exists (a CLI built from the
-# earlier commit): two points, alternating old and new three times (oldnew.txt).
-run_oldnew() {
+# earlier commit): two points, three rounds, the binaries in the order given (oldnew: old first; newold: new
+# first, against ordering drift), both with the same fixed counts (the CLIs' defaults may differ). oldnew.txt.
+run_ab() {
     [ -x "$G/flashattn-old" ] || return 0
+    local i bin shape causal
     for i in 1 2 3; do
-        for bin in flashattn-old flashattn; do
+        for bin in "$@"; do
             for pt in "2,16,8192,128 0" "1,16,16384,128 1"; do
-                set -- $pt
-                echo "$i $bin $(timeout 60 "$G/$bin" bench --shape "$1" --causal "$2" --modes fwd 2>&1 | tail -1)" \
-                    >> "$OUT/oldnew.txt"
+                read -r shape causal <<<"$pt"
+                echo "$i $bin $(timeout 60 "$G/$bin" bench --shape "$shape" --causal "$causal" --modes fwd \
+                    --warmup 15 --reps 60 2>&1 | tail -1)" >> "$OUT/oldnew.txt"
             done
         done
     done
@@ -138,16 +140,6 @@ run_grid() {
         --json "$OUT/peers_standard.json"
     step cli-standard 150 "$G/flashattn" bench --grid standard --json "$OUT/cli_standard.json"
 }
-# The old/new forward kernels once more, new first (oldnew runs old first).
-run_newold() {
-    [ -x "$G/flashattn-old" ] || return 0
-    for i in 1 2; do
-        for bin in flashattn flashattn-old; do
-            echo "$i $bin $(timeout 60 "$G/$bin" bench --shape 1,16,16384,128 --causal 1 --modes fwd --warmup 15 --reps 60 2>&1 | tail -1)" \
-                >> "$OUT/oldnew.txt"
-        done
-    done
-}
 run_pytest() {
     step pytest-cuda 300 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
 }
@@ -163,10 +155,10 @@ for MODE in "$@"; do
     bench) run_bench ;;
     all) run_correct; run_bench ;;
     harness) run_harness ;;
-    oldnew) run_oldnew ;;
+    oldnew) run_ab flashattn-old flashattn ;;
     sdpa) run_sdpa ;;
     grid) run_grid ;;
-    newold) run_newold ;;
+    newold) run_ab flashattn flashattn-old ;;
     mha) step pytest-mha 120 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf \
         test_sdpa.py ;;
     pytest) run_pytest ;;
