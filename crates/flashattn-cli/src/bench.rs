@@ -482,7 +482,7 @@ mod gpu {
     /// How many runs a CUDA measurement makes.
     #[derive(Debug, Clone, Copy, PartialEq)]
     pub enum Reps {
-        /// Given counts (`--warmup`, `--reps`; the decode grid's default of 10 and 30).
+        /// Given counts (`--warmup`, `--reps`).
         Fixed { warmup: usize, reps: usize },
         /// As `torch_baselines.py` calls triton's `do_bench`: five runs, each with its 256 MiB L2 flush, estimate
         /// one run's time, then as many untimed runs as fill 25 ms and timed runs as fill 100 ms (forward+backward:
@@ -516,7 +516,15 @@ mod gpu {
     /// KV-cache path: split-KV kernels reading K/V straight from the cache), unpaged and with each page
     /// size: `warmup` untimed and `reps` timed calls between CUDA events, L2 flushed before each.
     #[allow(clippy::too_many_arguments)]
-    pub fn bench_decode(n: usize, p: &Point, dtype: DType, pages: &[usize], seed: u64, runs: Reps) -> Vec<Row> {
+    pub fn bench_decode(
+        n: usize,
+        p: &Point,
+        dtype: DType,
+        pages: &[usize],
+        seed: u64,
+        warmup: usize,
+        reps: usize,
+    ) -> Vec<Row> {
         let mut out = Vec::new();
         let layouts = std::iter::once(None).chain(pages.iter().map(|&x| Some(x)));
         for (page, head_major) in layouts.flat_map(|pg| [(pg, false), (pg, true)]) {
@@ -531,7 +539,6 @@ mod gpu {
             };
             let res = cuda::KvDecodeBench::new(n, p.b, p.h, p.hk, p.sq, p.sk, p.d, dtype, page, head_major, seed)
                 .and_then(|mut kb| {
-                    let (warmup, reps) = runs.counts(Mode::Fwd, || kb.time(1, 5))?;
                     let t = kb.time(warmup, reps)?;
                     let st = kb.status()?;
                     if st != 0 {
@@ -996,7 +1003,7 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
                 p.causal as u8
             ));
             let rows_here = if decode {
-                gpu::bench_decode(n, p, a.dtype, &a.page_size, a.seed.wrapping_add(i as u64), runs)
+                gpu::bench_decode(n, p, a.dtype, &a.page_size, a.seed.wrapping_add(i as u64), warmup, reps)
             } else {
                 gpu::bench_point(n, p, a.dtype, &x, &modes, runs)
             };

@@ -375,7 +375,7 @@ fn head_task<T: Real, const F: bool, const W: usize>(x: Args<'_>, seq: usize, he
             }
             // The sink's probability is exp(sink - lse_i); its score's gradient is that times (0 - D_i).
             if let Some(z) = sink {
-                dsink += T::ZERO - (z - lse[i]).exp() * di;
+                dsink = dsink - (z - lse[i]).exp() * di;
             }
             for j in 0..skp {
                 if !range.contains(&j) || prow[j] == T::ZERO {
