@@ -29,6 +29,10 @@ def _no_dropout(dropout_p: float) -> None:
 
 
 def _window(window_size: Sequence[int]):
+    if type(window_size) is tuple and len(window_size) == 2:
+        left, right = window_size
+        if type(left) is int and type(right) is int:
+            return left, right
     try:
         left, right = (int(x) for x in window_size)
     except (TypeError, ValueError):
@@ -36,6 +40,23 @@ def _window(window_size: Sequence[int]):
             f"invalid argument `window_size`: expected a pair (left, right) of ints, got {window_size!r}"
         ) from None
     return left, right
+
+
+_Tensor = torch.Tensor
+
+
+def _check_qkv(rank: int, layout: str, q, k, v, names=("q", "k", "v")) -> None:
+    """`q`, `k`, `v` tensors of rank `rank` (the common case tested first: this runs on every call)."""
+    if (
+        type(q) is _Tensor
+        and type(k) is _Tensor
+        and type(v) is _Tensor
+        and q.dim() == rank
+        and k.dim() == rank
+        and v.dim() == rank
+    ):
+        return
+    _check_tensors(rank, layout, **dict(zip(names, (q, k, v))))
 
 
 def _check_tensors(rank: int, layout: str, **tensors) -> None:
@@ -73,10 +94,6 @@ def _attention(
     """The forward of every non-cache function; `varlen` is `(cu_q, cu_k, seqused_k, max_sq, max_sk)` or None."""
     cu_q, cu_k, used, max_sq, max_sk = varlen or (None, None, None, 0, 0)
     wl, wr = _window(window_size)
-    _ops._check_device(
-        q, k=k, v=v, alibi_slopes=alibi_slopes, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=used,
-        learnable_sink=learnable_sink,
-    )  # fmt: skip
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     out, lse = _ops.attention(
         q,
@@ -133,7 +150,7 @@ def flash_attn_func(
     softmax_lse, None)`` with ``softmax_lse`` float32 ``(batch, nheads, seqlen_q)``.
     """
     _no_dropout(dropout_p)
-    _check_tensors(4, _DENSE, q=q, k=k, v=v)
+    _check_qkv(4, _DENSE, q, k, v)
     return _attention(
         q, k, v, None, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
         learnable_sink,
@@ -212,7 +229,7 @@ def flash_attn_varlen_func(
     _no_dropout(dropout_p)
     if block_table is not None:
         raise NotImplementedError("a paged KV cache (block_table) in flash_attn_varlen_func is not implemented yet")
-    _check_tensors(3, _VARLEN, q=q, k=k, v=v)
+    _check_qkv(3, _VARLEN, q, k, v)
     _check_cu("cu_seqlens_q", cu_seqlens_q)
     _check_cu("cu_seqlens_k", cu_seqlens_k)
     if seqused_k is not None:
@@ -343,7 +360,7 @@ def flash_attn_with_kvcache(
         if block_table is not None:
             raise ValueError("invalid argument `page_table`: expected it or `block_table`, not both")
         block_table = page_table
-    _check_tensors(4, _DENSE, q=q, k_cache=k_cache, v_cache=v_cache)
+    _check_qkv(4, _DENSE, q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
     if (k is None) != (v is None):
         raise ValueError("invalid argument `v`: expected `k` and `v` both given or both None")
     if (rotary_cos is None) != (rotary_sin is None):
@@ -364,21 +381,6 @@ def flash_attn_with_kvcache(
         cache_seqlens = full
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
-    _ops._check_device(
-        q,
-        k_cache=k_cache,
-        v_cache=v_cache,
-        k=k,
-        v=v,
-        rotary_cos=rotary_cos,
-        rotary_sin=rotary_sin,
-        cache_seqlens=cache_seqlens,
-        cache_batch_idx=cache_batch_idx,
-        cache_leftpad=cache_leftpad,
-        block_table=block_table,
-        alibi_slopes=alibi_slopes,
-        learnable_sink=learnable_sink,
-    )
     wl, wr = _window(window_size)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     out, lse = _ops.attention_kvcache(

@@ -1,15 +1,19 @@
 //! `flashattn._flashattn`: the Python extension behind the `flashattn` package.
 //!
-//! It knows nothing of PyTorch: the Python front (`python/flashattn/`) describes each tensor as a tuple
-//! `(address, dtype, shape, strides)` of memory that torch owns, and passes the device index (`-1` for host
-//! memory) and the CUDA stream. Host tensors run the CPU backend over that memory; CUDA tensors run the
-//! kernels on the caller's stream with every piece of metadata read from device memory and scratch in a
-//! workspace the caller allocated. Nothing is copied, nothing synchronises. The GIL is released while a call
-//! runs (a first call of a kernel variant compiles it, about a second).
+//! It takes `torch.Tensor` objects and reads what it needs of each through its Python attributes (address,
+//! dtype, shape, strides, device): it links neither libtorch nor libcudart, so one wheel serves every torch
+//! and CUDA driver. Host tensors run the CPU backend over torch's memory; CUDA tensors run the kernels on
+//! their device's current stream with every piece of metadata read from device memory, and scratch from
+//! torch's caching allocator (a `new_empty` of bytes held until the kernels are enqueued: the allocator is
+//! stream-ordered). Nothing is copied, nothing synchronises. The GIL is released while a call runs (a first
+//! call of a kernel variant compiles it, about a second).
 //!
-//! Errors become the exceptions torch raises for the same mistakes: a wrong dtype `TypeError`, other invalid
-//! arguments and a cache overflow `ValueError`, an unsupported combination `NotImplementedError`, a device or
-//! backend failure `RuntimeError`.
+//! Every tensor argument is read and checked here, once: this layer is the per-call host cost of the
+//! package, so the Python front does no per-tensor work of its own.
+//!
+//! Errors become the exceptions torch raises for the same mistakes: a wrong dtype or a non-tensor
+//! `TypeError`, other invalid arguments and a cache overflow `ValueError`, an unsupported combination
+//! `NotImplementedError`, tensors on different devices and device or backend failures `RuntimeError`.
 
 use flashattn::cuda::{
     self, BackwardTensors, DeviceKvCache, DeviceMeta, DeviceRotary, DeviceTensorRef, DeviceVarlen, DeviceWorkspace,
@@ -20,29 +24,150 @@ use flashattn::{
     AttnOptions, CpuSlice, CpuSliceMut, CpuStorage, DType, Error, Layout, Tensor, TensorView, TensorViewMut, VarLen,
 };
 use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyType};
 use std::ffi::c_void;
 
-/// A tensor as the Python front describes it: address of element 0, dtype name, shape, strides (elements).
-type PyTensor = (u64, String, Vec<usize>, Vec<usize>);
-/// `(softmax_scale or None, causal, window_left, window_right, softcap, deterministic)`.
-type PyOpts = (Option<f32>, bool, i64, i64, f32, bool);
-/// `(cu_seqlens_q, cu_seqlens_k, seqused_k or None, max_seqlen_q, max_seqlen_k)`.
-type PyVarlen = (PyTensor, PyTensor, Option<PyTensor>, usize, usize);
-/// `(cos, sin, interleaved)`.
-type PyRotary = (PyTensor, PyTensor, bool);
-/// `(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, cache_batch_idx, cache_leftpad, rotary)`.
-type PyKv = (
-    PyTensor,
-    PyTensor,
-    Option<PyTensor>,
-    Option<PyTensor>,
-    PyTensor,
-    Option<PyTensor>,
-    Option<PyTensor>,
-    Option<PyTensor>,
-    Option<PyRotary>,
-);
+/// A tensor as read from a `torch.Tensor`: address of element 0, dtype, shape, strides (elements) and
+/// device index (`-1` for host memory).
+struct Tens {
+    ptr: u64,
+    dtype: DType,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+    device: i64,
+}
+
+/// What the extension uses of torch, looked up once.
+struct Torch {
+    tensor: Py<PyType>,
+    dtypes: [(Py<PyAny>, DType); 4],
+    /// `{"dtype": torch.uint8}`: the keyword arguments of a workspace's `new_empty`.
+    bytes_kw: Py<PyDict>,
+    /// `torch._C._cuda_getCurrentRawStream` (what torch's compiled code calls), when this torch has it.
+    raw_stream: Option<Py<PyAny>>,
+}
+
+static TORCH: PyOnceLock<Torch> = PyOnceLock::new();
+
+fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
+    TORCH.get_or_try_init(py, || {
+        let torch = py.import("torch")?;
+        let dt = |name: &str| -> PyResult<Py<PyAny>> { Ok(torch.getattr(name)?.unbind()) };
+        let bytes_kw = PyDict::new(py);
+        bytes_kw.set_item("dtype", torch.getattr("uint8")?)?;
+        let raw_stream = torch.getattr("_C")?.getattr("_cuda_getCurrentRawStream").ok().map(Bound::unbind);
+        Ok(Torch {
+            tensor: torch.getattr("Tensor")?.cast_into::<PyType>()?.unbind(),
+            dtypes: [
+                (dt("float16")?, DType::F16),
+                (dt("bfloat16")?, DType::BF16),
+                (dt("float32")?, DType::F32),
+                (dt("int32")?, DType::I32),
+            ],
+            bytes_kw: bytes_kw.unbind(),
+            raw_stream,
+        })
+    })
+}
+
+/// Reads the tensor argument `name`.
+fn read(py: Python<'_>, name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Tens> {
+    let t = torch(py)?;
+    let dtype = match obj.getattr(intern!(py, "dtype")) {
+        Ok(dt) => t.dtypes.iter().find(|(d, _)| d.bind(py).is(&dt)).map(|&(_, d)| d),
+        Err(_) => None,
+    };
+    let Some(dtype) = dtype else {
+        // The slow path: say what is wrong (not a tensor, or a dtype the kernels do not take).
+        if !obj.is_instance(t.tensor.bind(py))? {
+            let ty = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+            return Err(PyTypeError::new_err(format!("invalid argument `{name}`: expected a torch.Tensor, got {ty}")));
+        }
+        return Err(PyTypeError::new_err(format!(
+            "invalid argument `{name}`: expected dtype float16, bfloat16, float32 (CPU only) or int32 (metadata), \
+             got {}",
+            obj.getattr(intern!(py, "dtype"))?
+        )));
+    };
+    // get_device(): the CUDA index, -1 for host memory (and for meta and other devices, told apart below).
+    let device: i64 = obj.call_method0(intern!(py, "get_device"))?.extract()?;
+    if device < 0 && !obj.getattr(intern!(py, "is_cpu"))?.extract::<bool>()? {
+        let on = obj.getattr(intern!(py, "device"))?;
+        return Err(PyRuntimeError::new_err(format!(
+            "invalid argument `{name}`: expected a CPU or CUDA tensor, got one on {on}"
+        )));
+    }
+    Ok(Tens {
+        ptr: obj.call_method0(intern!(py, "data_ptr"))?.extract()?,
+        dtype,
+        shape: obj.getattr(intern!(py, "shape"))?.extract()?,
+        strides: obj.call_method0(intern!(py, "stride"))?.extract()?,
+        device,
+    })
+}
+
+fn read_opt(py: Python<'_>, name: &str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Tens>> {
+    obj.map(|o| read(py, name, o)).transpose()
+}
+
+fn device_name(d: i64) -> String {
+    if d < 0 {
+        "cpu".into()
+    } else {
+        format!("cuda:{d}")
+    }
+}
+
+/// Every tensor on `q`'s device (a CPU tensor of metadata with CUDA `q` is refused too).
+fn same_device(q: &Tens, others: &[(&str, Option<&Tens>)]) -> PyResult<()> {
+    for (name, t) in others {
+        if let Some(t) = t {
+            if t.device != q.device {
+                return Err(PyRuntimeError::new_err(format!(
+                    "invalid argument `{name}`: expected a tensor on {} (as q), got one on {}",
+                    device_name(q.device),
+                    device_name(t.device)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The current CUDA stream of device `n`, as torch's raw handle (an integer: a pointer cannot cross into the
+/// GIL-free closure).
+fn current_stream(py: Python<'_>, n: usize) -> PyResult<u64> {
+    let raw: u64 = match &torch(py)?.raw_stream {
+        Some(f) => f.call1(py, (n,))?.extract(py)?,
+        None => py
+            .import("torch")?
+            .getattr("cuda")?
+            .call_method1("current_stream", (n,))?
+            .getattr("cuda_stream")?
+            .extract()?,
+    };
+    Ok(raw)
+}
+
+/// `bytes` of scratch from torch's caching allocator on `like`'s device (`None` for zero bytes). The tensor
+/// must live until the kernels that use it are enqueued.
+fn scratch<'py>(py: Python<'py>, like: &Bound<'py, PyAny>, bytes: usize) -> PyResult<Option<Bound<'py, PyAny>>> {
+    if bytes == 0 {
+        return Ok(None);
+    }
+    let kw = torch(py)?.bytes_kw.bind(py);
+    like.call_method(intern!(py, "new_empty"), ((bytes,),), Some(kw)).map(Some)
+}
+
+fn workspace_of(py: Python<'_>, buf: &Option<Bound<'_, PyAny>>, bytes: usize) -> PyResult<DeviceWorkspace> {
+    Ok(match buf {
+        Some(b) => DeviceWorkspace { ptr: b.call_method0(intern!(py, "data_ptr"))?.extract()?, bytes },
+        None => DeviceWorkspace { ptr: 0, bytes: 0 },
+    })
+}
 
 fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
@@ -54,22 +179,12 @@ fn to_py(e: Error) -> PyErr {
     }
 }
 
-fn dtype(name: &str) -> PyResult<DType> {
-    Ok(match name {
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        "f32" => DType::F32,
-        "i32" => DType::I32,
-        other => return Err(PyTypeError::new_err(format!("unsupported dtype {other}"))),
-    })
+fn dev(t: &Tens) -> DeviceTensorRef {
+    DeviceTensorRef { ptr: t.ptr, dtype: t.dtype, shape: t.shape.clone(), strides: t.strides.clone() }
 }
 
-fn dev(t: &PyTensor) -> PyResult<DeviceTensorRef> {
-    Ok(DeviceTensorRef { ptr: t.0, dtype: dtype(&t.1)?, shape: t.2.clone(), strides: t.3.clone() })
-}
-
-fn layout(t: &PyTensor) -> PyResult<(Layout, usize)> {
-    let l = Layout { shape: t.2.clone(), strides: t.3.clone(), offset: 0 };
+fn layout(t: &Tens) -> PyResult<(Layout, usize)> {
+    let l = Layout { shape: t.shape.clone(), strides: t.strides.clone(), offset: 0 };
     if l.strides.len() != l.shape.len() {
         return Err(PyValueError::new_err(format!("{} strides for {} dims", l.strides.len(), l.shape.len())));
     }
@@ -83,12 +198,12 @@ fn layout(t: &PyTensor) -> PyResult<(Layout, usize)> {
 /// # Safety
 /// `t` must describe live host memory of its dtype covering its shape and strides, not written while the
 /// view lives.
-unsafe fn host_view<'a>(t: &PyTensor) -> PyResult<TensorView<'a>> {
+unsafe fn host_view<'a>(t: &Tens) -> PyResult<TensorView<'a>> {
     let (l, len) = layout(t)?;
-    let p = t.0 as usize;
+    let p = t.ptr as usize;
     // SAFETY: the caller's contract; an empty tensor gets an empty slice (its address may be null).
     let data = unsafe {
-        match dtype(&t.1)? {
+        match t.dtype {
             DType::F16 => CpuSlice::F16(if len == 0 { &[] } else { std::slice::from_raw_parts(p as *const _, len) }),
             DType::BF16 => CpuSlice::BF16(if len == 0 { &[] } else { std::slice::from_raw_parts(p as *const _, len) }),
             DType::F32 => CpuSlice::F32(if len == 0 { &[] } else { std::slice::from_raw_parts(p as *const _, len) }),
@@ -102,12 +217,12 @@ unsafe fn host_view<'a>(t: &PyTensor) -> PyResult<TensorView<'a>> {
 ///
 /// # Safety
 /// As for [`host_view`], and the memory is accessed through nothing else while the view lives.
-unsafe fn host_view_mut<'a>(t: &PyTensor) -> PyResult<TensorViewMut<'a>> {
+unsafe fn host_view_mut<'a>(t: &Tens) -> PyResult<TensorViewMut<'a>> {
     let (l, len) = layout(t)?;
-    let p = t.0 as usize;
+    let p = t.ptr as usize;
     // SAFETY: the caller's contract.
     let data = unsafe {
-        match dtype(&t.1)? {
+        match t.dtype {
             DType::F16 => {
                 CpuSliceMut::F16(if len == 0 { &mut [] } else { std::slice::from_raw_parts_mut(p as *mut _, len) })
             }
@@ -129,17 +244,17 @@ unsafe fn host_view_mut<'a>(t: &PyTensor) -> PyResult<TensorViewMut<'a>> {
 ///
 /// # Safety
 /// As for [`host_view`].
-unsafe fn host_i32(arg: &'static str, t: &PyTensor) -> PyResult<Vec<i32>> {
+unsafe fn host_i32(arg: &'static str, t: &Tens) -> PyResult<Vec<i32>> {
     // SAFETY: the caller's contract.
     let v = unsafe { host_view(t)? };
     v.to_i32_vec().ok_or_else(|| to_py(Error::invalid(arg, "dtype i32", v.dtype())))
 }
 
-/// A host tensor copied into an owned one (small metadata: ALiBi slopes, block tables).
+/// A host tensor copied into an owned one (small metadata: ALiBi slopes, block tables, sinks).
 ///
 /// # Safety
 /// As for [`host_view`].
-unsafe fn host_owned(t: &PyTensor) -> PyResult<Tensor> {
+unsafe fn host_owned(t: &Tens) -> PyResult<Tensor> {
     // SAFETY: the caller's contract.
     let v = unsafe { host_view(t)? };
     let storage = match v.dtype() {
@@ -149,156 +264,257 @@ unsafe fn host_owned(t: &PyTensor) -> PyResult<Tensor> {
     Tensor::from_storage(storage, v.shape()).map_err(to_py)
 }
 
-fn options(o: PyOpts) -> AttnOptions {
-    let (softmax_scale, causal, wl, wr, softcap, deterministic) = o;
-    AttnOptions { softmax_scale, causal, window: (wl, wr), softcap, deterministic, ..Default::default() }
+/// The options every entry point takes, as FlashAttention names them.
+struct Opts {
+    softmax_scale: Option<f32>,
+    causal: bool,
+    window: (i64, i64),
+    softcap: f32,
+    deterministic: bool,
 }
 
-/// Host options: varlen offsets and ALiBi slopes read from host memory.
+impl Opts {
+    fn attn(&self) -> AttnOptions {
+        AttnOptions {
+            softmax_scale: self.softmax_scale,
+            causal: self.causal,
+            window: self.window,
+            softcap: self.softcap,
+            deterministic: self.deterministic,
+            ..Default::default()
+        }
+    }
+}
+
+/// Varlen metadata: `cu_seqlens_q`, `cu_seqlens_k`, `seqused_k`, `max_seqlen_q`, `max_seqlen_k`.
+struct Varlen {
+    cu_q: Tens,
+    cu_k: Tens,
+    used: Option<Tens>,
+    max_q: usize,
+    max_k: usize,
+}
+
+/// Reads the varlen arguments (all `None` for padded batches).
+fn read_varlen(
+    py: Python<'_>,
+    cu_q: Option<&Bound<'_, PyAny>>,
+    cu_k: Option<&Bound<'_, PyAny>>,
+    used: Option<&Bound<'_, PyAny>>,
+    max_q: usize,
+    max_k: usize,
+) -> PyResult<Option<Varlen>> {
+    match (cu_q, cu_k) {
+        (None, None) => Ok(None),
+        (Some(cq), Some(ck)) => Ok(Some(Varlen {
+            cu_q: read(py, "cu_seqlens_q", cq)?,
+            cu_k: read(py, "cu_seqlens_k", ck)?,
+            used: read_opt(py, "seqused_k", used)?,
+            max_q,
+            max_k,
+        })),
+        (Some(_), None) => Err(PyValueError::new_err(
+            "invalid argument `cu_seqlens_k`: expected a tensor with `cu_seqlens_q`, got None",
+        )),
+        (None, Some(_)) => Err(PyValueError::new_err(
+            "invalid argument `cu_seqlens_q`: expected a tensor with `cu_seqlens_k`, got None",
+        )),
+    }
+}
+
+impl Varlen {
+    fn tensors(&self) -> [(&'static str, Option<&Tens>); 3] {
+        [("cu_seqlens_q", Some(&self.cu_q)), ("cu_seqlens_k", Some(&self.cu_k)), ("seqused_k", self.used.as_ref())]
+    }
+}
+
+/// Host options: varlen offsets, ALiBi slopes and the sink read from host memory.
 ///
 /// # Safety
 /// As for [`host_view`], for every tensor given.
-unsafe fn host_options(o: PyOpts, alibi: &Option<PyTensor>, varlen: &Option<PyVarlen>) -> PyResult<AttnOptions> {
-    let mut a = options(o);
+unsafe fn host_options(
+    o: &Opts,
+    alibi: &Option<Tens>,
+    varlen: &Option<Varlen>,
+    sink: &Option<Tens>,
+) -> PyResult<AttnOptions> {
+    let mut a = o.attn();
     // SAFETY: the caller's contract.
     unsafe {
-        if let Some(t) = alibi {
-            a.alibi_slopes = Some(host_owned(t)?);
-        }
-        if let Some((cq, ck, used, _, _)) = varlen {
+        a.alibi_slopes = alibi.as_ref().map(|t| host_owned(t)).transpose()?;
+        a.sink = sink.as_ref().map(|t| host_owned(t)).transpose()?;
+        if let Some(vl) = varlen {
             a.varlen = Some(VarLen {
-                cu_seqlens_q: host_i32("cu_seqlens_q", cq)?,
-                cu_seqlens_k: host_i32("cu_seqlens_k", ck)?,
-                seqused_k: used.as_ref().map(|u| host_i32("seqused_k", u)).transpose()?,
+                cu_seqlens_q: host_i32("cu_seqlens_q", &vl.cu_q)?,
+                cu_seqlens_k: host_i32("cu_seqlens_k", &vl.cu_k)?,
+                seqused_k: vl.used.as_ref().map(|u| host_i32("seqused_k", u)).transpose()?,
             });
         }
     }
     Ok(a)
 }
 
-fn device_meta(alibi: &Option<PyTensor>, varlen: &Option<PyVarlen>) -> PyResult<DeviceMeta> {
-    Ok(DeviceMeta {
-        varlen: match varlen {
-            Some((cq, ck, used, mq, mk)) => Some(DeviceVarlen {
-                cu_seqlens_q: dev(cq)?,
-                cu_seqlens_k: dev(ck)?,
-                seqused_k: used.as_ref().map(dev).transpose()?,
-                max_seqlen_q: *mq,
-                max_seqlen_k: *mk,
-            }),
-            None => None,
-        },
-        alibi_slopes: alibi.as_ref().map(dev).transpose()?,
-    })
+fn device_meta(alibi: &Option<Tens>, varlen: &Option<Varlen>) -> DeviceMeta {
+    DeviceMeta {
+        varlen: varlen.as_ref().map(|vl| DeviceVarlen {
+            cu_seqlens_q: dev(&vl.cu_q),
+            cu_seqlens_k: dev(&vl.cu_k),
+            seqused_k: vl.used.as_ref().map(dev),
+            max_seqlen_q: vl.max_q,
+            max_seqlen_k: vl.max_k,
+        }),
+        alibi_slopes: alibi.as_ref().map(dev),
+    }
 }
 
 fn device_index(device: i64) -> Option<usize> {
     usize::try_from(device).ok()
 }
 
-/// Attention forward: writes `o` and `lse` (allocated by the caller).
+/// Attention forward: writes `out` and `lse` (allocated by the caller: `out` like q, `lse` float32
+/// `(b, h, sq)` or `(h, total_q)` for varlen).
 #[pyfunction]
-#[pyo3(signature = (device, stream, q, k, v, o, lse, opts, alibi, varlen, sink=None))]
+#[pyo3(signature = (
+    q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+    softmax_scale, causal, window_left, window_right, softcap, learnable_sink=None,
+))]
 #[allow(clippy::too_many_arguments)]
 fn fwd(
     py: Python<'_>,
-    device: i64,
-    stream: u64,
-    q: PyTensor,
-    k: PyTensor,
-    v: PyTensor,
-    o: PyTensor,
-    lse: PyTensor,
-    opts: PyOpts,
-    alibi: Option<PyTensor>,
-    varlen: Option<PyVarlen>,
-    sink: Option<PyTensor>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    alibi_slopes: Option<&Bound<'_, PyAny>>,
+    cu_seqlens_q: Option<&Bound<'_, PyAny>>,
+    cu_seqlens_k: Option<&Bound<'_, PyAny>>,
+    seqused_k: Option<&Bound<'_, PyAny>>,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: Option<f32>,
+    causal: bool,
+    window_left: i64,
+    window_right: i64,
+    softcap: f32,
+    learnable_sink: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    match device_index(device) {
+    let qt = read(py, "q", q)?;
+    let (kt, vt) = (read(py, "k", k)?, read(py, "v", v)?);
+    let (ot, lt) = (read(py, "out", out)?, read(py, "softmax_lse", lse)?);
+    let alibi = read_opt(py, "alibi_slopes", alibi_slopes)?;
+    let vl = read_varlen(py, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)?;
+    let sink = read_opt(py, "learnable_sink", learnable_sink)?;
+    same_device(
+        &qt,
+        &[("k", Some(&kt)), ("v", Some(&vt)), ("alibi_slopes", alibi.as_ref()), ("learnable_sink", sink.as_ref())],
+    )?;
+    if let Some(vl) = &vl {
+        same_device(&qt, &vl.tensors())?;
+    }
+    same_device(&qt, &[("out", Some(&ot)), ("softmax_lse", Some(&lt))])?;
+    let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic: false };
+    match device_index(qt.device) {
         None => {
-            // SAFETY: the Python front passes live host tensors; o and lse are fresh and unaliased.
-            let (qv, kv, vv, mut ov, mut lv, mut a) = unsafe {
+            // SAFETY: live host tensors of torch's; out and lse are fresh and unaliased.
+            let (qv, kv, vv, mut ov, mut lv, a) = unsafe {
                 (
-                    host_view(&q)?,
-                    host_view(&k)?,
-                    host_view(&v)?,
-                    host_view_mut(&o)?,
-                    host_view_mut(&lse)?,
-                    host_options(opts, &alibi, &varlen)?,
+                    host_view(&qt)?,
+                    host_view(&kt)?,
+                    host_view(&vt)?,
+                    host_view_mut(&ot)?,
+                    host_view_mut(&lt)?,
+                    host_options(&o, &alibi, &vl, &sink)?,
                 )
             };
-            // SAFETY: a live host tensor.
-            a.sink = sink.as_ref().map(|t| unsafe { host_owned(t) }).transpose()?;
             py.detach(|| flashattn::forward_into(&qv, &kv, &vv, &mut ov, &mut lv, &a)).map_err(to_py)
         }
         Some(n) => {
             no_device_sink(&sink)?;
-            let (q, k, v, o, lse) = (dev(&q)?, dev(&k)?, dev(&v)?, dev(&o)?, dev(&lse)?);
-            let meta = device_meta(&alibi, &varlen)?;
-            let a = options(opts);
-            let t = ForwardTensors { q: &q, k: &k, v: &v, o: &o, lse: &lse };
-            // SAFETY: the Python front passes tensors of device n and torch's current stream of that device.
+            let (q, k, v, o_, l) = (dev(&qt), dev(&kt), dev(&vt), dev(&ot), dev(&lt));
+            let meta = device_meta(&alibi, &vl);
+            let a = o.attn();
+            let stream = current_stream(py, n)?;
+            let t = ForwardTensors { q: &q, k: &k, v: &v, o: &o_, lse: &l };
+            // SAFETY: tensors of device n (checked above), its current stream.
             py.detach(|| unsafe { cuda::forward_device(n, stream as *mut c_void, t, &a, &meta) }).map_err(to_py)
         }
     }
 }
 
-/// Bytes of CUDA workspace the backward of these shapes needs (0 for host tensors).
+/// Attention backward: writes `dq`, `dk`, `dv` (allocated by the caller, any strides with a contiguous last
+/// dim; with `seqused_k`, key rows past it keep what they held: pass zeroed tensors), and with a sink its
+/// gradient into `dsink` (host tensors). CUDA scratch comes from torch's caching allocator.
 #[pyfunction]
-#[pyo3(signature = (device, q, k, v, opts, alibi, varlen))]
-fn bwd_workspace_bytes(
-    device: i64,
-    q: PyTensor,
-    k: PyTensor,
-    v: PyTensor,
-    opts: PyOpts,
-    alibi: Option<PyTensor>,
-    varlen: Option<PyVarlen>,
-) -> PyResult<usize> {
-    if device < 0 {
-        return Ok(0);
-    }
-    let meta = device_meta(&alibi, &varlen)?;
-    cuda::backward_workspace_bytes(&dev(&q)?, &dev(&k)?, &dev(&v)?, &options(opts), &meta).map_err(to_py)
-}
-
-/// Attention backward: writes `dq`, `dk`, `dv` (allocated by the caller; with `seqused_k`, key rows past it
-/// keep what they held: pass zeroed tensors), and with a `sink` its gradient into `dsink` (host tensors).
-#[pyfunction]
-#[pyo3(signature = (device, stream, t, opts, alibi, varlen, workspace, sink=None, dsink=None))]
+#[pyo3(signature = (
+    dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
+    max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, deterministic, learnable_sink=None,
+    dsink=None,
+))]
 #[allow(clippy::too_many_arguments)]
 fn bwd(
     py: Python<'_>,
-    device: i64,
-    stream: u64,
-    t: [PyTensor; 9],
-    opts: PyOpts,
-    alibi: Option<PyTensor>,
-    varlen: Option<PyVarlen>,
-    workspace: (u64, usize),
-    sink: Option<PyTensor>,
-    dsink: Option<PyTensor>,
+    dout: &Bound<'_, PyAny>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    dq: &Bound<'_, PyAny>,
+    dk: &Bound<'_, PyAny>,
+    dv: &Bound<'_, PyAny>,
+    alibi_slopes: Option<&Bound<'_, PyAny>>,
+    cu_seqlens_q: Option<&Bound<'_, PyAny>>,
+    cu_seqlens_k: Option<&Bound<'_, PyAny>>,
+    seqused_k: Option<&Bound<'_, PyAny>>,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: Option<f32>,
+    causal: bool,
+    window_left: i64,
+    window_right: i64,
+    softcap: f32,
+    deterministic: bool,
+    learnable_sink: Option<&Bound<'_, PyAny>>,
+    dsink: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    let [q, k, v, o, lse, dout, dq, dk, dv] = t;
-    match device_index(device) {
+    let qt = read(py, "q", q)?;
+    let names = ["dout", "k", "v", "out", "softmax_lse", "dq", "dk", "dv"];
+    let objs = [dout, k, v, out, lse, dq, dk, dv];
+    let mut ts = Vec::with_capacity(8);
+    for (name, obj) in names.iter().zip(objs) {
+        ts.push(read(py, name, obj)?);
+    }
+    let alibi = read_opt(py, "alibi_slopes", alibi_slopes)?;
+    let vl = read_varlen(py, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)?;
+    let sink = read_opt(py, "learnable_sink", learnable_sink)?;
+    let dsink = read_opt(py, "dsink", dsink)?;
+    let mut others: Vec<(&str, Option<&Tens>)> = names.iter().copied().zip(ts.iter().map(Some)).collect();
+    others.extend([("alibi_slopes", alibi.as_ref()), ("learnable_sink", sink.as_ref()), ("dsink", dsink.as_ref())]);
+    if let Some(vl) = &vl {
+        others.extend(vl.tensors());
+    }
+    same_device(&qt, &others)?;
+    let [dot, kt, vt, ot, lt, dqt, dkt, dvt]: [Tens; 8] = ts.try_into().map_err(|_| PyRuntimeError::new_err("8"))?;
+    let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic };
+    match device_index(qt.device) {
         None => {
-            // SAFETY: live host tensors; the gradients are fresh and unaliased.
-            let (qv, kv, vv, ov, lv, dov, mut dqv, mut dkv, mut dvv, mut a) = unsafe {
+            // SAFETY: live host tensors of torch's; the gradients are fresh and unaliased.
+            let (qv, kv, vv, ov, lv, dov, mut dqv, mut dkv, mut dvv, a) = unsafe {
                 (
-                    host_view(&q)?,
-                    host_view(&k)?,
-                    host_view(&v)?,
-                    host_view(&o)?,
-                    host_view(&lse)?,
-                    host_view(&dout)?,
-                    host_view_mut(&dq)?,
-                    host_view_mut(&dk)?,
-                    host_view_mut(&dv)?,
-                    host_options(opts, &alibi, &varlen)?,
+                    host_view(&qt)?,
+                    host_view(&kt)?,
+                    host_view(&vt)?,
+                    host_view(&ot)?,
+                    host_view(&lt)?,
+                    host_view(&dot)?,
+                    host_view_mut(&dqt)?,
+                    host_view_mut(&dkt)?,
+                    host_view_mut(&dvt)?,
+                    host_options(&o, &alibi, &vl, &sink)?,
                 )
             };
-            // SAFETY: live host tensors; dsink is fresh and unaliased.
-            a.sink = sink.as_ref().map(|t| unsafe { host_owned(t) }).transpose()?;
+            // SAFETY: a live host tensor, fresh and unaliased.
             let mut dsv = dsink.as_ref().map(|t| unsafe { host_view_mut(t) }).transpose()?;
             py.detach(|| -> flashattn::Result<()> {
                 let ds = flashattn::backward_into(&qv, &kv, &vv, &ov, &lv, &dov, &mut dqv, &mut dkv, &mut dvv, &a)?;
@@ -312,130 +528,163 @@ fn bwd(
         }
         Some(n) => {
             no_device_sink(&sink)?;
-            let d = [&q, &k, &v, &o, &lse, &dout, &dq, &dk, &dv].map(dev);
-            let [q, k, v, o, lse, dout, dq, dk, dv] = d;
-            let (q, k, v, o, lse, dout, dq, dk, dv) = (q?, k?, v?, o?, lse?, dout?, dq?, dk?, dv?);
-            let meta = device_meta(&alibi, &varlen)?;
-            let a = options(opts);
+            let [qd, kd, vd, od, ld, dod, dqd, dkd, dvd] = [&qt, &kt, &vt, &ot, &lt, &dot, &dqt, &dkt, &dvt].map(dev);
+            let meta = device_meta(&alibi, &vl);
+            let a = o.attn();
+            let bytes = cuda::backward_workspace_bytes(&qd, &kd, &vd, &a, &meta).map_err(to_py)?;
+            let buf = scratch(py, q, bytes)?;
+            let ws = workspace_of(py, &buf, bytes)?;
+            let stream = current_stream(py, n)?;
             let t = BackwardTensors {
-                fwd: ForwardTensors { q: &q, k: &k, v: &v, o: &o, lse: &lse },
-                dout: &dout,
-                dq: &dq,
-                dk: &dk,
-                dv: &dv,
+                fwd: ForwardTensors { q: &qd, k: &kd, v: &vd, o: &od, lse: &ld },
+                dout: &dod,
+                dq: &dqd,
+                dk: &dkd,
+                dv: &dvd,
             };
-            let ws = DeviceWorkspace { ptr: workspace.0, bytes: workspace.1 };
-            // SAFETY: tensors of device n, torch's current stream, a workspace allocated by torch for this call.
+            // SAFETY: tensors of device n (checked above), its current stream, a workspace of torch's that
+            // lives until the kernels are enqueued (`buf`).
             py.detach(|| unsafe { cuda::backward_device(n, stream as *mut c_void, t, &a, &meta, ws) }).map_err(to_py)
         }
     }
 }
-
-fn device_cache(kv: &PyKv, alibi: &Option<PyTensor>) -> PyResult<DeviceKvCache> {
-    let (kc, vc, kn, vn, seqlens, bt, bidx, lpad, rot) = kv;
-    Ok(DeviceKvCache {
-        k_cache: dev(kc)?,
-        v_cache: dev(vc)?,
-        k_new: kn.as_ref().map(dev).transpose()?,
-        v_new: vn.as_ref().map(dev).transpose()?,
-        cache_seqlens: dev(seqlens)?,
-        block_table: bt.as_ref().map(dev).transpose()?,
-        cache_batch_idx: bidx.as_ref().map(dev).transpose()?,
-        cache_leftpad: lpad.as_ref().map(dev).transpose()?,
-        rotary: match rot {
-            Some((cos, sin, interleaved)) => {
-                Some(DeviceRotary { cos: dev(cos)?, sin: dev(sin)?, interleaved: *interleaved })
-            }
-            None => None,
-        },
-        alibi_slopes: alibi.as_ref().map(dev).transpose()?,
-    })
-}
-
-/// Bytes of CUDA workspace a KV-cache call of these shapes needs (0 for host tensors).
+/// KV-cache attention: appends `k`/`v` (rotated) into the cache in place, then writes `out` and `lse`
+/// (allocated by the caller). On the CPU an append that would overflow raises and writes nothing; on CUDA the
+/// kernels check values in device memory and refuse such a call without writing the cache (see the package's
+/// documentation).
 #[pyfunction]
-#[pyo3(signature = (device, q, kv, o, lse, opts, alibi))]
-fn kvcache_workspace_bytes(
-    device: i64,
-    q: PyTensor,
-    kv: PyKv,
-    o: PyTensor,
-    lse: PyTensor,
-    opts: PyOpts,
-    alibi: Option<PyTensor>,
-) -> PyResult<usize> {
-    let Some(n) = device_index(device) else { return Ok(0) };
-    let cache = device_cache(&kv, &alibi)?;
-    cuda::kvcache_workspace_bytes(n, &dev(&q)?, &cache, &dev(&o)?, &dev(&lse)?, &options(opts)).map_err(to_py)
-}
-
-/// KV-cache attention: appends `k_new`/`v_new` (rotated) into the cache in place, then writes `o` and `lse`.
-/// On the CPU an append that would overflow raises and writes nothing; on CUDA the kernels check values in
-/// device memory and refuse such a call without writing the cache (see the package's documentation).
-#[pyfunction]
-#[pyo3(signature = (device, stream, q, kv, o, lse, opts, alibi, workspace, sink=None))]
+#[pyo3(signature = (
+    q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad, rotary_cos,
+    rotary_sin, rotary_interleaved, alibi_slopes, softmax_scale, causal, window_left, window_right, softcap,
+    learnable_sink, out, lse,
+))]
 #[allow(clippy::too_many_arguments)]
 fn kvcache(
     py: Python<'_>,
-    device: i64,
-    stream: u64,
-    q: PyTensor,
-    kv: PyKv,
-    o: PyTensor,
-    lse: PyTensor,
-    opts: PyOpts,
-    alibi: Option<PyTensor>,
-    workspace: (u64, usize),
-    sink: Option<PyTensor>,
+    q: &Bound<'_, PyAny>,
+    k_cache: &Bound<'_, PyAny>,
+    v_cache: &Bound<'_, PyAny>,
+    k: Option<&Bound<'_, PyAny>>,
+    v: Option<&Bound<'_, PyAny>>,
+    cache_seqlens: &Bound<'_, PyAny>,
+    block_table: Option<&Bound<'_, PyAny>>,
+    cache_batch_idx: Option<&Bound<'_, PyAny>>,
+    cache_leftpad: Option<&Bound<'_, PyAny>>,
+    rotary_cos: Option<&Bound<'_, PyAny>>,
+    rotary_sin: Option<&Bound<'_, PyAny>>,
+    rotary_interleaved: bool,
+    alibi_slopes: Option<&Bound<'_, PyAny>>,
+    softmax_scale: Option<f32>,
+    causal: bool,
+    window_left: i64,
+    window_right: i64,
+    softcap: f32,
+    learnable_sink: Option<&Bound<'_, PyAny>>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    match device_index(device) {
+    let qt = read(py, "q", q)?;
+    let (kc, vc) = (read(py, "k_cache", k_cache)?, read(py, "v_cache", v_cache)?);
+    let (kn, vn) = (read_opt(py, "k", k)?, read_opt(py, "v", v)?);
+    let seqlens = read(py, "cache_seqlens", cache_seqlens)?;
+    let bt = read_opt(py, "block_table", block_table)?;
+    let bidx = read_opt(py, "cache_batch_idx", cache_batch_idx)?;
+    let lpad = read_opt(py, "cache_leftpad", cache_leftpad)?;
+    let cos = read_opt(py, "rotary_cos", rotary_cos)?;
+    let sin = read_opt(py, "rotary_sin", rotary_sin)?;
+    let alibi = read_opt(py, "alibi_slopes", alibi_slopes)?;
+    let sink = read_opt(py, "learnable_sink", learnable_sink)?;
+    let (ot, lt) = (read(py, "out", out)?, read(py, "softmax_lse", lse)?);
+    same_device(
+        &qt,
+        &[
+            ("k_cache", Some(&kc)),
+            ("v_cache", Some(&vc)),
+            ("k", kn.as_ref()),
+            ("v", vn.as_ref()),
+            ("rotary_cos", cos.as_ref()),
+            ("rotary_sin", sin.as_ref()),
+            ("cache_seqlens", Some(&seqlens)),
+            ("cache_batch_idx", bidx.as_ref()),
+            ("cache_leftpad", lpad.as_ref()),
+            ("block_table", bt.as_ref()),
+            ("alibi_slopes", alibi.as_ref()),
+            ("learnable_sink", sink.as_ref()),
+            ("out", Some(&ot)),
+            ("softmax_lse", Some(&lt)),
+        ],
+    )?;
+    let rot = match (cos, sin) {
+        (None, None) => None,
+        (Some(c), Some(s)) => Some((c, s)),
+        _ => {
+            return Err(PyValueError::new_err(
+                "invalid argument `rotary_sin`: expected `rotary_cos` and `rotary_sin` both given or both None",
+            ))
+        }
+    };
+    let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic: false };
+    match device_index(qt.device) {
         None => {
-            let (kc, vc, kn, vn, seqlens, bt, bidx, lpad, rot) = &kv;
-            // SAFETY: live host tensors; the caches are written in place through these views only, o and lse
-            // are fresh.
+            // SAFETY: live host tensors of torch's; the caches are written in place through these views only,
+            // out and lse are fresh.
             unsafe {
-                let qv = host_view(&q)?;
+                let qv = host_view(&qt)?;
                 let mut cache = KvCache::new(
-                    host_view_mut(kc)?,
-                    host_view_mut(vc)?,
-                    CacheSeqlens::PerSeq(host_i32("cache_seqlens", seqlens)?),
+                    host_view_mut(&kc)?,
+                    host_view_mut(&vc)?,
+                    CacheSeqlens::PerSeq(host_i32("cache_seqlens", &seqlens)?),
                 );
                 cache.k_new = kn.as_ref().map(|t| host_view(t)).transpose()?;
                 cache.v_new = vn.as_ref().map(|t| host_view(t)).transpose()?;
                 cache.block_table = bt.as_ref().map(|t| host_owned(t)).transpose()?;
                 cache.cache_batch_idx = bidx.as_ref().map(|t| host_i32("cache_batch_idx", t)).transpose()?;
                 cache.cache_leftpad = lpad.as_ref().map(|t| host_i32("cache_leftpad", t)).transpose()?;
-                cache.rotary = match rot {
-                    Some((cos, sin, interleaved)) => {
-                        Some(Rotary { cos: host_view(cos)?, sin: host_view(sin)?, interleaved: *interleaved })
+                cache.rotary = match &rot {
+                    Some((c, s)) => {
+                        Some(Rotary { cos: host_view(c)?, sin: host_view(s)?, interleaved: rotary_interleaved })
                     }
                     None => None,
                 };
-                let mut a = options(opts);
-                if let Some(t) = &alibi {
-                    a.alibi_slopes = Some(host_owned(t)?);
-                }
-                a.sink = sink.as_ref().map(|t| host_owned(t)).transpose()?;
-                let mut ov = host_view_mut(&o)?;
-                let mut lv = host_view_mut(&lse)?;
+                let a = host_options(&o, &alibi, &None, &sink)?;
+                let mut ov = host_view_mut(&ot)?;
+                let mut lv = host_view_mut(&lt)?;
                 py.detach(|| -> flashattn::Result<()> {
-                    let out = flashattn::kvcache_forward(&qv, &mut cache, &a)?;
-                    copy_into(&out.o, &mut ov, "o")?;
-                    copy_into(&out.lse, &mut lv, "lse")
+                    let res = flashattn::kvcache_forward(&qv, &mut cache, &a)?;
+                    copy_into(&res.o, &mut ov, "out")?;
+                    copy_into(&res.lse, &mut lv, "softmax_lse")
                 })
                 .map_err(to_py)
             }
         }
         Some(n) => {
             no_device_sink(&sink)?;
-            let cache = device_cache(&kv, &alibi)?;
-            let (q, o, lse) = (dev(&q)?, dev(&o)?, dev(&lse)?);
-            let a = options(opts);
-            let ws = DeviceWorkspace { ptr: workspace.0, bytes: workspace.1 };
-            // SAFETY: tensors of device n, torch's current stream, a workspace allocated for this call (its
-            // header is zeroed on the stream first).
+            let cache = DeviceKvCache {
+                k_cache: dev(&kc),
+                v_cache: dev(&vc),
+                k_new: kn.as_ref().map(dev),
+                v_new: vn.as_ref().map(dev),
+                cache_seqlens: dev(&seqlens),
+                block_table: bt.as_ref().map(dev),
+                cache_batch_idx: bidx.as_ref().map(dev),
+                cache_leftpad: lpad.as_ref().map(dev),
+                rotary: rot.as_ref().map(|(c, s)| DeviceRotary {
+                    cos: dev(c),
+                    sin: dev(s),
+                    interleaved: rotary_interleaved,
+                }),
+                alibi_slopes: alibi.as_ref().map(dev),
+            };
+            let (qd, od, ld) = (dev(&qt), dev(&ot), dev(&lt));
+            let a = o.attn();
+            let bytes = cuda::kvcache_workspace_bytes(n, &qd, &cache, &od, &ld, &a).map_err(to_py)?;
+            let buf = scratch(py, q, bytes)?;
+            let ws = workspace_of(py, &buf, bytes)?;
+            let stream = current_stream(py, n)?;
+            // SAFETY: tensors of device n (checked above), its current stream, a workspace of torch's for this
+            // call that lives until the kernels are enqueued (`buf`; its header is zeroed on the stream first).
             py.detach(|| unsafe {
-                cuda::kvcache_forward_raw_uninit(n, stream as *mut c_void, &q, &cache, &o, &lse, ws, &a)
+                cuda::kvcache_forward_raw_uninit(n, stream as *mut c_void, &qd, &cache, &od, &ld, ws, &a)
             })
             .map_err(to_py)
         }
@@ -443,7 +692,7 @@ fn kvcache(
 }
 
 /// The CUDA kernels have no learnable sink: a CUDA call with one is refused (`NotImplementedError`).
-fn no_device_sink(sink: &Option<PyTensor>) -> PyResult<()> {
+fn no_device_sink(sink: &Option<Tens>) -> PyResult<()> {
     match sink {
         Some(_) => {
             Err(to_py(Error::Unsupported { backend: "cuda", what: "a learnable sink (CPU tensors run it)".into() }))
@@ -518,9 +767,7 @@ fn set_poison_outputs(on: bool) {
 fn _flashattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fwd, m)?)?;
     m.add_function(wrap_pyfunction!(bwd, m)?)?;
-    m.add_function(wrap_pyfunction!(bwd_workspace_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(kvcache, m)?)?;
-    m.add_function(wrap_pyfunction!(kvcache_workspace_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(info, m)?)?;
     m.add_function(wrap_pyfunction!(precompile, m)?)?;
     m.add_function(wrap_pyfunction!(add_nvrtc_dirs, m)?)?;
