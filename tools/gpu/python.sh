@@ -6,7 +6,8 @@
 #   bash .gpu/python.sh bench     # peers + the package (torch_baselines.py) beside `flashattn bench`; host overhead
 #   bash .gpu/python.sh all       # both
 #   bash .gpu/python.sh pytest overhead decode harness   # any list of steps: pytest on CUDA tensors only, the
-#                                 # host overhead, the decode grid, the harness comparison (run_harness)
+#                                 # host overhead, the decode grid, the harness comparison (run_harness); `sdpa`
+#                                 # (SDPA_GRID=standard for the standard grid), `hf` (hf_bench.py), `grid`, ...
 # Every GPU process runs under `timeout`. Output: $OUT/summary.txt (each step, its status, its last lines),
 # $OUT/log.txt (everything), JSON results.
 set -uo pipefail
@@ -125,12 +126,13 @@ run_ab() {
 # PyTorch's FA2 backend of F.scaled_dot_product_attention before and after flashattn.sdpa.activate() (the same
 # script, the flash backend only), on the quick grid.
 run_sdpa() {
-    step sdpa-off 90 python3 "$G/torch_baselines.py" --grid quick --backends fa2 --json "$OUT/sdpa_off.json"
-    step sdpa-on 90 python3 -c 'import runpy, sys, flashattn.sdpa
+    local grid=${SDPA_GRID:-quick}
+    step sdpa-off 200 python3 "$G/torch_baselines.py" --grid "$grid" --backends fa2 --json "$OUT/sdpa_off.json"
+    step sdpa-on 200 python3 -c 'import runpy, sys, flashattn.sdpa
 flashattn.sdpa.activate()
 sys.argv = [sys.argv[1]] + sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
-print("flashattn.sdpa calls:", flashattn.sdpa.calls)' "$G/torch_baselines.py" --grid quick --backends fa2 \
+print("flashattn.sdpa calls:", flashattn.sdpa.calls)' "$G/torch_baselines.py" --grid "$grid" --backends fa2 \
         --json "$OUT/sdpa_on.json"
 }
 # The criterion's comparison with the CLI's time-based repetitions: the peers and the package (standard grid,
@@ -163,6 +165,7 @@ for MODE in "$@"; do
         test_sdpa.py ;;
     pytest) run_pytest ;;
     decode) run_decode ;;
+    hf) step hf-bench 420 python3 "$G/hf_bench.py" --json "$OUT/hf_bench.json" ;;
     overhead) step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json" ;;
     esac
 done
