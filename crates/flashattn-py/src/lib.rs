@@ -264,8 +264,10 @@ fn bwd_workspace_bytes(
 
 /// Attention backward: writes `dq`, `dk`, `dv` (allocated by the caller; with `seqused_k`, key rows past it
 /// keep what they held: pass zeroed tensors), and with a `sink` its gradient into `dsink` (host tensors).
+/// `whole_rows = false`: `o` and `lse` belong to a larger set of keys than this call's (a ring attention chunk
+/// pair): no row takes the one-key shortcut, and the CPU reads `D` from `o` (see `backward_into_of`).
 #[pyfunction]
-#[pyo3(signature = (device, stream, t, opts, alibi, varlen, workspace, sink=None, dsink=None))]
+#[pyo3(signature = (device, stream, t, opts, alibi, varlen, workspace, sink=None, dsink=None, whole_rows=true))]
 #[allow(clippy::too_many_arguments)]
 fn bwd(
     py: Python<'_>,
@@ -278,6 +280,7 @@ fn bwd(
     workspace: (u64, usize),
     sink: Option<PyTensor>,
     dsink: Option<PyTensor>,
+    whole_rows: bool,
 ) -> PyResult<()> {
     let [q, k, v, o, lse, dout, dq, dk, dv] = t;
     match device_index(device) {
@@ -301,7 +304,9 @@ fn bwd(
             a.sink = sink.as_ref().map(|t| unsafe { host_owned(t) }).transpose()?;
             let mut dsv = dsink.as_ref().map(|t| unsafe { host_view_mut(t) }).transpose()?;
             py.detach(|| -> flashattn::Result<()> {
-                let ds = flashattn::backward_into(&qv, &kv, &vv, &ov, &lv, &dov, &mut dqv, &mut dkv, &mut dvv, &a)?;
+                let ds = flashattn::backward_into_of(
+                    &qv, &kv, &vv, &ov, &lv, &dov, &mut dqv, &mut dkv, &mut dvv, &a, whole_rows,
+                )?;
                 match (ds, dsv.as_mut()) {
                     (Some(g), Some(out)) => copy_into(&g, out, "dsink"),
                     (Some(_), None) => Err(Error::invalid("dsink", "a tensor for the sink's gradient", "none")),
@@ -326,7 +331,8 @@ fn bwd(
             };
             let ws = DeviceWorkspace { ptr: workspace.0, bytes: workspace.1 };
             // SAFETY: tensors of device n, torch's current stream, a workspace allocated by torch for this call.
-            py.detach(|| unsafe { cuda::backward_device(n, stream as *mut c_void, t, &a, &meta, ws) }).map_err(to_py)
+            py.detach(|| unsafe { cuda::backward_device_of(n, stream as *mut c_void, t, &a, &meta, ws, whole_rows) })
+                .map_err(to_py)
         }
     }
 }
