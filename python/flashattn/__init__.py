@@ -29,7 +29,8 @@ from . import _flashattn  # noqa: E402
 # The Rust side owns the search order: the loader path first, then these folders.
 _flashattn.add_nvrtc_dirs(_nvidia_lib_dirs())
 
-from . import _ops  # noqa: E402,F401  (registers the torch.library operators)
+# _ops registers the torch.library operators; parallel is context parallelism (ring attention).
+from . import _ops, parallel  # noqa: E402,F401
 from .interface import (  # noqa: E402
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -51,6 +52,7 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
     "info",
+    "parallel",
     "precompile",
 ]
 

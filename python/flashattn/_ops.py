@@ -111,15 +111,18 @@ def _dsink_like(sink: Optional[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
 def _bwd_into(
     grads, dout, q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
     softmax_scale, causal, window_left, window_right, softcap, deterministic, sink=None, dsink=None,
+    whole_rows=True,
 ) -> None:  # fmt: skip
     """The backward into caller-allocated `grads` = (dq, dk, dv) (any strides with a contiguous last dim) and,
-    with a sink, its gradient into `dsink`."""
+    with a sink, its gradient into `dsink`. `whole_rows=False`: `out` and `lse` belong to more keys than `k`
+    holds (a ring attention chunk pair; see the extension's `bwd`)."""
     dq, dk, dv = grads
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     _ext.bwd(
         dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
         max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, deterministic, sink, dsink,
+        bool(whole_rows),
     )  # fmt: skip
 
 

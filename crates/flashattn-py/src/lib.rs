@@ -445,11 +445,13 @@ fn fwd(
 /// Attention backward: writes `dq`, `dk`, `dv` (allocated by the caller, any strides with a contiguous last
 /// dim; with `seqused_k`, key rows past it keep what they held: pass zeroed tensors), and with a sink its
 /// gradient into `dsink` (host tensors). CUDA scratch comes from torch's caching allocator.
+/// `whole_rows = false`: `out` and `lse` belong to a larger set of keys than this call's (a ring attention
+/// chunk pair): no row takes the one-key shortcut, and the CPU reads `D` from `out` (see `backward_into_of`).
 #[pyfunction]
 #[pyo3(signature = (
     dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
     max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, deterministic, learnable_sink=None,
-    dsink=None,
+    dsink=None, whole_rows=true,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn bwd(
@@ -477,6 +479,7 @@ fn bwd(
     deterministic: bool,
     learnable_sink: Option<&Bound<'_, PyAny>>,
     dsink: Option<&Bound<'_, PyAny>>,
+    whole_rows: bool,
 ) -> PyResult<()> {
     let qt = read(py, "q", q)?;
     let names = ["dout", "k", "v", "out", "softmax_lse", "dq", "dk", "dv"];
@@ -517,7 +520,9 @@ fn bwd(
             // SAFETY: a live host tensor, fresh and unaliased.
             let mut dsv = dsink.as_ref().map(|t| unsafe { host_view_mut(t) }).transpose()?;
             py.detach(|| -> flashattn::Result<()> {
-                let ds = flashattn::backward_into(&qv, &kv, &vv, &ov, &lv, &dov, &mut dqv, &mut dkv, &mut dvv, &a)?;
+                let ds = flashattn::backward_into_of(
+                    &qv, &kv, &vv, &ov, &lv, &dov, &mut dqv, &mut dkv, &mut dvv, &a, whole_rows,
+                )?;
                 match (ds, dsv.as_mut()) {
                     (Some(g), Some(out)) => copy_into(&g, out, "dsink"),
                     (Some(_), None) => Err(Error::invalid("dsink", "a tensor for the sink's gradient", "none")),
@@ -544,7 +549,8 @@ fn bwd(
             };
             // SAFETY: tensors of device n (checked above), its current stream, a workspace of torch's that
             // lives until the kernels are enqueued (`buf`).
-            py.detach(|| unsafe { cuda::backward_device(n, stream as *mut c_void, t, &a, &meta, ws) }).map_err(to_py)
+            py.detach(|| unsafe { cuda::backward_device_of(n, stream as *mut c_void, t, &a, &meta, ws, whole_rows) })
+                .map_err(to_py)
         }
     }
 }

@@ -143,6 +143,28 @@ pub fn backward_into(
     dv: &mut TensorViewMut<'_>,
     opts: &AttnOptions,
 ) -> Result<Option<Tensor>> {
+    backward_into_of(q, k, v, o, lse, dout, dq, dk, dv, opts, true)
+}
+
+/// [`backward_into`] with the owner of `o` and `lse` named. `whole_rows = true`: they come from this call's keys
+/// (the normal backward). `whole_rows = false`: from a larger set of keys of which this call holds a part (one
+/// chunk pair of ring attention, whose `lse` is the whole row's). `D = rowsum(dO ∘ O)` is then read from `o` and
+/// `dout`, since recomputing it from this call's probabilities (what the normal backward does, for accuracy)
+/// would sum over this call's keys only; the pair's dq, dk, dv are then exact partial sums of the whole row's.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into_of(
+    q: &TensorView<'_>,
+    k: &TensorView<'_>,
+    v: &TensorView<'_>,
+    o: &TensorView<'_>,
+    lse: &TensorView<'_>,
+    dout: &TensorView<'_>,
+    dq: &mut TensorViewMut<'_>,
+    dk: &mut TensorViewMut<'_>,
+    dv: &mut TensorViewMut<'_>,
+    opts: &AttnOptions,
+    whole_rows: bool,
+) -> Result<Option<Tensor>> {
     let p = validate(q, k, v, opts)?;
     require_cpu("q", q.device())?;
     check_backward_inputs(&p, o, lse, dout)?;
@@ -152,7 +174,8 @@ pub fn backward_into(
     let lse_vec = lse.to_f32_vec();
     let do_map = p.q_like_map(&dout.layout);
     let (dq_map, dk_map, dv_map) = (p.q_like_map(&dq.layout), p.k_like_map(&dk.layout), p.k_like_map(&dv.layout));
-    let inp = BwdIn { dout: dout.data, do_map: &do_map, lse: &lse_vec, delta: None };
+    let given = (!whole_rows).then(|| row_dots(&p, o, dout, &do_map));
+    let inp = BwdIn { dout: dout.data, do_map: &do_map, lse: &lse_vec, delta: given.as_deref() };
     zero_unused_rows(&p, dk, &dk_map);
     zero_unused_rows(&p, dv, &dv_map);
     let out = BwdOut {
@@ -177,6 +200,24 @@ pub fn backward_into(
     }
     let ds: Vec<f32> = ds.iter().map(|&x| x as f32).collect();
     Tensor::from_f32(&ds, &[p.h], t.dtype()).map(Some)
+}
+
+/// `D = rowsum(dO ∘ O)` in `f32`, in [`Problem::lse_shape`] order.
+fn row_dots(p: &Problem, o: &TensorView<'_>, dout: &TensorView<'_>, do_map: &crate::problem::RowMap) -> Vec<f32> {
+    let o_map = p.q_like_map(&o.layout);
+    let dv = o.shape().last().copied().unwrap_or(0);
+    let (mut a, mut g) = (vec![0f32; dv], vec![0f32; dv]);
+    let mut d = vec![0f32; p.h * p.total_q];
+    for seq in 0..p.batch {
+        for i in 0..p.seqlen_q[seq] {
+            for head in 0..p.h {
+                o.data.read_f32(o_map.at(seq, i, head), &mut a);
+                dout.data.read_f32(do_map.at(seq, i, head), &mut g);
+                d[p.lse_index(seq, head, i)] = a.iter().zip(&g).map(|(x, y)| x * y).sum();
+            }
+        }
+    }
+    d
 }
 
 /// Zeroes the rows of a k-like tensor that the backward does not write: keys past `seqused_k` get no gradient.

@@ -38,7 +38,7 @@ pub mod ring;
 pub mod semantics;
 pub mod tensor;
 
-pub use api::{backward, backward_into, forward, forward_into, ForwardOutput, Gradients};
+pub use api::{backward, backward_into, backward_into_of, forward, forward_into, ForwardOutput, Gradients};
 pub use backends::{backward_on, forward_on, kvcache_forward_on};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

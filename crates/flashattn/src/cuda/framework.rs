@@ -236,6 +236,27 @@ pub unsafe fn backward_device(
     meta: &DeviceMeta,
     workspace: DeviceWorkspace,
 ) -> Result<()> {
+    // SAFETY: the caller's contract, the same as ours.
+    unsafe { backward_device_of(n, stream, t, opts, meta, workspace, true) }
+}
+
+/// [`backward_device`] with the owner of `o` and `lse` named. `whole_rows = true`: they come from this call's
+/// keys, and a row that sees one key takes the exact shortcut `dS = 0`. `whole_rows = false`: from a larger set
+/// of keys of which this call holds a part (one chunk pair of ring attention, whose `lse` is the whole row's),
+/// so every row takes the general formula.
+///
+/// # Safety
+/// As for [`backward_device`].
+pub unsafe fn backward_device_of(
+    n: usize,
+    stream: *mut std::ffi::c_void,
+    t: BackwardTensors<'_>,
+    opts: &AttnOptions,
+    meta: &DeviceMeta,
+    workspace: DeviceWorkspace,
+    whole_rows: bool,
+) -> Result<()> {
+    let softmax = if whole_rows { bwd::Softmax::Whole } else { bwd::Softmax::Part };
     let f = t.fwd;
     let p = device_problem(f.q, f.k, f.v, opts, meta)?;
     f.o.check("o", &p.o_shape(), p.dtype, false)?;
@@ -272,7 +293,7 @@ pub unsafe fn backward_device(
             }
         }
         let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
-        bwd::run(&gpu, &s, &p, &a, aligned, opts.deterministic, bwd::Softmax::Whole, Some(workspace.ptr))
+        bwd::run(&gpu, &s, &p, &a, aligned, opts.deterministic, softmax, Some(workspace.ptr))
     })
 }
 

@@ -33,8 +33,8 @@ pub use compile::{KernelUsage, Pass, Variant};
 /// stream, and for tests).
 pub use cudarc;
 pub use framework::{
-    backward_device, backward_workspace_bytes, forward_device, BackwardTensors, DeviceMeta, DeviceVarlen,
-    ForwardTensors,
+    backward_device, backward_device_of, backward_workspace_bytes, forward_device, BackwardTensors, DeviceMeta,
+    DeviceVarlen, ForwardTensors,
 };
 pub use fwd_sm90::{path_override, sm90_forward_launches, sm90_head_dim, sm90_tile};
 pub use kvcache::{
