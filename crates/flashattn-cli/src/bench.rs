@@ -146,6 +146,9 @@ pub struct BenchArgs {
     /// Deterministic backward (bit-reproducible dQ, `AttnOptions::deterministic`).
     #[arg(long)]
     pub deterministic: bool,
+    /// The CUDA backend's dispatch and tuning choices.
+    #[command(flatten)]
+    pub tuning: crate::tuning::TuningArgs,
 }
 
 /// One shape.
@@ -299,14 +302,14 @@ struct Inputs {
     opts: AttnOptions,
 }
 
-fn inputs(p: &Point, dtype: DType, seed: u64, mode_bwd: bool) -> Inputs {
+fn inputs(p: &Point, dtype: DType, seed: u64, mode_bwd: bool, tuning: &flashattn::Tuning) -> Inputs {
     let s = seed.wrapping_mul(4);
     Inputs {
         q: randn(&[p.b, p.sq, p.h, p.d], dtype, s, 1.0),
         k: randn(&[p.b, p.sk, p.hk, p.d], dtype, s + 1, 1.0),
         v: randn(&[p.b, p.sk, p.hk, p.d], dtype, s + 2, 1.0),
         dout: if mode_bwd { randn(&[p.b, p.sq, p.h, p.d], dtype, s + 3, 1.0) } else { Tensor::zeros(&[0], dtype) },
-        opts: AttnOptions { causal: p.causal, ..Default::default() },
+        opts: AttnOptions { causal: p.causal, tuning: tuning.clone(), ..Default::default() },
     }
 }
 
@@ -441,6 +444,7 @@ mod gpu {
         dtype: DType,
         bwd: bool,
         decode: bool,
+        tuning: &flashattn::Tuning,
     ) -> Result<(String, String), String> {
         let arch = cuda::device_arch(n).map_err(|e| e.to_string())?;
         let mut vs = Vec::new();
@@ -457,7 +461,8 @@ mod gpu {
             // The Hopper forward (skipped by precompile_variants on other architectures).
             if let Some(h90) = cuda::sm90_head_dim(p.d) {
                 // With the tile shape the launch will pick (192 rows at d64, 176 keys at d128 from 8k keys...).
-                vs.push(cuda::sm90_tile(Variant { mask: p.causal, ..Variant::plain(Pass::FwdSm90, h90, bf16) }, p.sk));
+                let v = Variant { mask: p.causal, ..Variant::plain(Pass::FwdSm90, h90, bf16) };
+                vs.push(cuda::sm90_tile(v, p.sk, tuning));
             }
             if let (true, Some(h90)) = (bwd, cuda::sm90_bwd_head_dim(p.d)) {
                 vs.push(Variant { mask: p.causal, ..Variant::plain(Pass::BwdSm90, h90, bf16) });
@@ -465,6 +470,8 @@ mod gpu {
                 vs.push(Variant { mask: p.causal, ..Variant::plain(Pass::Bwd, h90, bf16) });
             }
         }
+        // The compile-time tuning of the calls (extra NVRTC options, KV stages), as the launches will ask for it.
+        let mut vs: Vec<Variant> = vs.into_iter().map(|v| v.tuned(tuning)).collect();
         vs.sort();
         vs.dedup();
         let t0 = std::time::Instant::now();
@@ -524,6 +531,7 @@ mod gpu {
         seed: u64,
         warmup: usize,
         reps: usize,
+        tuning: &flashattn::Tuning,
     ) -> Vec<Row> {
         let mut out = Vec::new();
         let layouts = std::iter::once(None).chain(pages.iter().map(|&x| Some(x)));
@@ -537,15 +545,16 @@ mod gpu {
                 (Some(ps), false) => format!("flashattn/page{ps}"),
                 (Some(ps), true) => format!("flashattn/page{ps}/hm"),
             };
-            let res = cuda::KvDecodeBench::new(n, p.b, p.h, p.hk, p.sq, p.sk, p.d, dtype, page, head_major, seed)
-                .and_then(|mut kb| {
-                    let t = kb.time(warmup, reps)?;
-                    let st = kb.status()?;
-                    if st != 0 {
-                        return Err(flashattn::Error::Device(format!("KV status {st}")));
-                    }
-                    Ok((t, kb.splits()))
-                });
+            let res =
+                cuda::KvDecodeBench::new(n, p.b, p.h, p.hk, p.sq, p.sk, p.d, dtype, page, head_major, seed, tuning)
+                    .and_then(|mut kb| {
+                        let t = kb.time(warmup, reps)?;
+                        let st = kb.status()?;
+                        if st != 0 {
+                            return Err(flashattn::Error::Device(format!("KV status {st}")));
+                        }
+                        Ok((t, kb.splits()))
+                    });
             match res {
                 Ok((t, splits)) => {
                     set_times(&mut r, Mode::Fwd, dtype, t);
@@ -891,6 +900,7 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
         return crate::ring_bench::main(&a, ranks);
     }
     let (device, why) = resolve_device(a.device)?;
+    let tuning = a.tuning.tuning()?;
     let is_cpu = device == Device::Cpu;
     let warmup = a.warmup.unwrap_or(if is_cpu { 1 } else { 10 });
     let reps = a.reps.unwrap_or(if is_cpu { 3 } else { 30 }).max(1);
@@ -952,11 +962,11 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
     let mut kernels = None;
     #[cfg(feature = "cuda")]
     if let Some(n) = gpu_n {
-        let (arch, summary) =
-            gpu::precompile(n, &pts, a.dtype, modes.contains(&Mode::FwdBwd), decode).map_err(CliError::Failed)?;
-        println!("kernels: {}", flashattn::cuda::kernel_family(&arch));
+        let (arch, summary) = gpu::precompile(n, &pts, a.dtype, modes.contains(&Mode::FwdBwd), decode, &tuning)
+            .map_err(CliError::Failed)?;
+        println!("kernels: {}", flashattn::cuda::kernel_family(&arch, &tuning));
         println!("{summary}");
-        kernels = Some(flashattn::cuda::kernel_family(&arch));
+        kernels = Some(flashattn::cuda::kernel_family(&arch, &tuning));
     }
     #[allow(unused_mut)]
     let mut copy_gbps = None;
@@ -982,12 +992,12 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
         // Decode on CUDA fills its inputs on the device: no host tensors (they would be gigabytes).
         let host_inputs = !(decode && gpu_n.is_some());
         let x = if host_inputs {
-            let mut x = inputs(p, a.dtype, a.seed.wrapping_add(i as u64), modes.contains(&Mode::FwdBwd));
+            let mut x = inputs(p, a.dtype, a.seed.wrapping_add(i as u64), modes.contains(&Mode::FwdBwd), &tuning);
             x.opts.deterministic = a.deterministic;
             x
         } else {
             let z = Point { b: 0, ..*p };
-            inputs(&z, a.dtype, 0, false)
+            inputs(&z, a.dtype, 0, false, &tuning)
         };
         #[cfg(feature = "cuda")]
         if let Some(n) = gpu_n {
@@ -1003,7 +1013,7 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
                 p.causal as u8
             ));
             let rows_here = if decode {
-                gpu::bench_decode(n, p, a.dtype, &a.page_size, a.seed.wrapping_add(i as u64), warmup, reps)
+                gpu::bench_decode(n, p, a.dtype, &a.page_size, a.seed.wrapping_add(i as u64), warmup, reps, &tuning)
             } else {
                 gpu::bench_point(n, p, a.dtype, &x, &modes, runs)
             };

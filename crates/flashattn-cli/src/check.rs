@@ -65,6 +65,9 @@ pub struct CheckArgs {
     /// Check the gradients too (dq, dk, dv; accuracy factor 3).
     #[arg(long)]
     pub backward: bool,
+    /// The CUDA backend's dispatch and tuning choices.
+    #[command(flatten)]
+    pub tuning: crate::tuning::TuningArgs,
 }
 
 struct Measured {
@@ -197,7 +200,13 @@ pub fn main(a: CheckArgs) -> CliResult<ExitCode> {
     let q = randn(&[b, sq, h, d], a.dtype, a.seed.wrapping_mul(4), 1.0);
     let k = randn(&[b, sk, hk, d], a.dtype, a.seed.wrapping_mul(4) + 1, 1.0);
     let v = randn(&[b, sk, hk, d], a.dtype, a.seed.wrapping_mul(4) + 2, 1.0);
-    let mut opts = AttnOptions { causal: a.causal, softcap: a.softcap, softmax_scale: a.scale, ..Default::default() };
+    let mut opts = AttnOptions {
+        causal: a.causal,
+        softcap: a.softcap,
+        softmax_scale: a.scale,
+        tuning: a.tuning.tuning()?,
+        ..Default::default()
+    };
     if let Some((l, r)) = a.window {
         opts.window = (l, r);
     }

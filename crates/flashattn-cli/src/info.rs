@@ -21,7 +21,8 @@ pub fn main() -> CliResult<ExitCode> {
         #[cfg(feature = "cuda")]
         if st.name == "cuda" && st.usable {
             if let Ok(arch) = flashattn::cuda::device_arch(0) {
-                println!("        cuda:0 kernels: {}", flashattn::cuda::kernel_family(&arch));
+                let tuning = flashattn::Tuning::default();
+                println!("        cuda:0 kernels: {}", flashattn::cuda::kernel_family(&arch, &tuning));
             }
         }
     }

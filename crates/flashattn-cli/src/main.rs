@@ -21,6 +21,7 @@ mod info;
 mod plot;
 mod ring_bench;
 mod run;
+mod tuning;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

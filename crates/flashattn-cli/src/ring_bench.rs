@@ -127,7 +127,7 @@ pub fn main(a: &BenchArgs, ranks: usize) -> CliResult<ExitCode> {
         let k = randn(&[p.b, p.sk, p.hk, p.d], a.dtype, seed.wrapping_add(1), 1.0);
         let v = randn(&[p.b, p.sk, p.hk, p.d], a.dtype, seed.wrapping_add(2), 1.0);
         let dout = randn(&[p.b, p.sq, p.h, p.d], a.dtype, seed.wrapping_add(3), 1.0);
-        let opts = AttnOptions { causal: p.causal, ..AttnOptions::default() };
+        let opts = AttnOptions { causal: p.causal, tuning: a.tuning.tuning()?, ..AttnOptions::default() };
         println!(
             "\npoint b={} h={}/{} s={} d={} causal={} ({} rows per rank)",
             p.b,

@@ -49,6 +49,9 @@ pub struct RunArgs {
     /// Rotary embedding with interleaved pairs (0,1), (2,3), ... (default: pairs (k, k + rot/2)).
     #[arg(long)]
     pub rotary_interleaved: bool,
+    /// The CUDA backend's dispatch and tuning choices.
+    #[command(flatten)]
+    pub tuning: crate::tuning::TuningArgs,
 }
 
 const DENSE_NAMES: &[&str] =
@@ -178,6 +181,7 @@ fn options(a: &RunArgs, inp: &Inputs<'_>) -> CliResult<AttnOptions> {
         softcap: a.softcap,
         softmax_scale: a.scale,
         deterministic: a.deterministic,
+        tuning: a.tuning.tuning()?,
         ..Default::default()
     };
     if let Some(w) = a.window {

@@ -85,57 +85,22 @@
 // d <= 128: a separate O staging buffer (BM x D), so that Q can go back to the producer right after the last
 // S = Q K^T; d256 (either BN) and d128 x BN 176 have no room for it and stage O in the Q buffer instead.
 #define SM90_O_SEPARATE (HEAD_DIM <= 128 && SM90_BN <= 128)
-// Epilogue overlap (an experiment, off by default: not yet run on a GPU). SM90_EPI_OVERLAP=1: every tile's last
-// turn issues, after its last O += P V, the first S = Q K^T of the next tile in the walk, which then runs on the
-// tensor cores while this warpgroup normalises and stores O; a tile starts with its first S in flight. Where the
-// next tile has no key blocks (or there is none) the turn issues a throw-away S on this warpgroup's O buffer
-// instead, so that on every path the same wgmma group is in flight at the top of a tile: ptxas's wgmma analysis
-// does not correlate branches and serialises every wgmma of a kernel where one path differs (notes). The first
-// P.V of a tile overwrites O (wgmma scale-d 0) instead of O being zeroed by other instructions. Only with a
-// separate O buffer (d <= 128 with 128-key blocks), where the next tile's Q is loaded during this tile's last
-// blocks; ignored elsewhere.
-#ifndef SM90_EPI_OVERLAP
-#define SM90_EPI_OVERLAP 0
-#endif
-#define SM90_EPI (SM90_EPI_OVERLAP && SM90_O_SEPARATE)
-// TMA-store epilogue (an experiment, off by default: not yet run on a GPU; the host sets SM90_TMA_STORE=1 for
-// FLASHATTN_SM90_TMA_STORE=1 where it applies and then builds `to`). SM90_TMA_STORE=1: a warpgroup's O
-// tile goes from its slice of the O buffer to global memory as D/64 TMA box stores (64 columns x 64 rows each,
-// issued by one thread; the tensor map `to` clips rows >= sq and columns >= d) instead of 16-byte stores by every
-// thread. Only with a separate O buffer and without varlen (a varlen box would cover the next sequence's rows);
-// ignored elsewhere. The issuing thread waits for the previous store to have read the buffer before the warpgroup
-// rewrites it, and for all its stores before the kernel ends.
-#ifndef SM90_TMA_STORE
-#define SM90_TMA_STORE 0
-#endif
-// GQA packing (an experiment, off by default: not yet run on a GPU). SM90_PACK_GQA=1: the QG = h / hk query
-// heads of a key/value head share a tile, as folded rows R = token * QG + g (g: the head within the group), so
-// K and V are read once per group and short query sequences fill the tile. Tiles walk (batch, key/value head);
-// the host packs only with 2 consumer warpgroups and when BLOCK_M is a multiple of QG, and builds the Q tensor
-// map as {d, heads, rows, batch} with box {64, QG, BM / QG, 1}, which lands in shared memory in folded-row
-// order. Masks and ALiBi use each row's token and head; the epilogue stores row by row (no TMA store).
-#ifndef SM90_PACK_GQA
-#define SM90_PACK_GQA 0
-#endif
-#define SM90_PACK SM90_PACK_GQA
-#if SM90_PACK && SM90_CONSUMERS != 2
-#error "SM90_PACK_GQA is for 2 consumer warpgroups (at 160 registers the 3-consumer form spills with it)"
-#endif
-#define SM90_TSTORE (SM90_TMA_STORE && SM90_O_SEPARATE && !IS_VARLEN && !SM90_PACK)
 #define SM90_SMEM_BYTES (((SM90_BM * (1 + SM90_O_SEPARATE)) + 4 * SM90_BN) * HEAD_DIM * 2 + 128 + 1024)
 static_assert(SM90_SMEM_BYTES <= 232448, "shared memory: at most 227 KiB per block");
 static_assert(SM90_BN % 16 == 0 && (SM90_BN * 128) % 1024 == 0, "K/V panels keep the 1024-byte swizzle period");
 
 
 // Parameter block: the common forward fields plus the scheduler's numbers and the TMA maps of q, k, v
-// (rank 4: {d, rows, heads, batch}; varlen: batch extent 1, rows = total tokens) and of o (box 64 x 64; only
-// read by SM90_TMA_STORE builds; all zero otherwise).
+// (rank 4: {d, rows, heads, batch}; varlen: batch extent 1, rows = total tokens). `unused` is a fourth map slot
+// that no code reads (the host passes zeros): it keeps the block's layout, and so the compiled kernels, as they
+// were when a removed experiment (an O store by TMA) used it; dropping it changes every cubin of this kernel and
+// is a change of its own.
 struct Sm90Params {
     FwdParams f;
     int num_m_blocks;  // ceil(max_sq / BLOCK_M)
     int l2_group;      // (batch, head) pairs per scheduling group (>= 1)
     int pingpong;      // 1: the consumer warpgroups take turns issuing their products (named barriers)
-    TmaMap tq, tk, tv, to;
+    TmaMap tq, tk, tv, unused;
 };
 
 namespace f90 {
@@ -159,24 +124,13 @@ constexpr int CONSUMER_WARPS = 4 * SM90_CONSUMERS;
 static_assert(SM90_EPI_BAR + SM90_CONSUMERS <= 16, "named barrier ids are < 16");
 static_assert(128 * (SM90_PRODUCER_REGS + SM90_CONSUMERS * SM90_CONSUMER_REGS) <= 65536, "register file");
 static_assert(SM90_PRODUCER_REGS % 8 == 0 && SM90_CONSUMER_REGS % 8 == 0, "setmaxnreg counts");
-#if SM90_EPI
-static_assert(BN <= BM, "the throw-away S of EPI_OVERLAP reads BN rows per panel inside the O buffer");
-#endif
 
 // ---------------------------------------------------------------- scheduler
 struct TileId { int m_block, bi, qh; };
 
-// The (batch, head) pairs the tiles walk: query heads, or key/value heads with GQA packing (`qh` is then the
-// key/value head).
-#if SM90_PACK
-#define SM90_WALK_HEADS(f) ((f).hk)
-#else
-#define SM90_WALK_HEADS(f) ((f).h)
-#endif
-
 FA_DEVICE TileId tile_at(const Sm90Params& p, int t) {
     const int nmb = p.num_m_blocks;
-    const int bh_total = p.f.b * SM90_WALK_HEADS(p.f);
+    const int bh_total = p.f.b * p.f.h;
     const int G = p.l2_group;
     const int per_group = G * nmb;
     const int grp = t / per_group;
@@ -186,8 +140,8 @@ FA_DEVICE TileId tile_at(const Sm90Params& p, int t) {
     const int bh = grp * G + (r - m_idx * gsize);
     TileId id;
     id.m_block = nmb - 1 - m_idx;
-    id.bi = bh / SM90_WALK_HEADS(p.f);
-    id.qh = bh - id.bi * SM90_WALK_HEADS(p.f);
+    id.bi = bh / p.f.h;
+    id.qh = bh - id.bi * p.f.h;
     return id;
 }
 
@@ -223,20 +177,10 @@ FA_DEVICE bool geometry(const FwdParams& f, const TileId& id, Geo& g) {
     g.sq = sq;
     g.sk = sk;
     g.m0 = id.m_block * BM;
-#if SM90_PACK
-    // m0 and the tile's rows are folded rows; q_row is the token of the first one (BM is a multiple of QG).
-    const int QG = f.h / f.hk;
-    if (g.m0 >= sq * QG) return false;
-    g.q_row = q0 + g.m0 / QG;
-    g.k_row = k0;
-    const int frows = min(BM, sq * QG - g.m0);
-    const int tok_lo = g.m0 / QG, tok_hi = (g.m0 + frows - 1) / QG;
-#else
     if (g.m0 >= sq) return false;
     g.q_row = q0 + g.m0;
     g.k_row = k0;
     const int rows = min(BM, sq - g.m0);
-#endif
     MaskCtx mc;
     mc.sq = sq;
     mc.sk = sk;
@@ -247,24 +191,8 @@ FA_DEVICE bool geometry(const FwdParams& f, const TileId& id, Geo& g) {
     mc.wl = -1;
     mc.wr = -1;
 #endif
-#if SM90_PACK
-    kv_block_range(mc, HAS_MASK != 0, tok_lo, tok_hi, BN, &g.nb_lo, &g.nb_hi);
-#else
     kv_block_range(mc, HAS_MASK != 0, g.m0, g.m0 + rows - 1, BN, &g.nb_lo, &g.nb_hi);
-#endif
     return true;
-}
-
-// Whether the next tile that this CTA's walk processes after round `k` (skipping empty slots and tiles past
-// their sequence's end, which the consumers skip too) has key blocks.
-FA_DEVICE bool next_tile_has_blocks(const Sm90Params& p, int k, int num_tiles) {
-    for (int r = k + 1;; ++r) {
-        const int t = walk(r, num_tiles);
-        if (t == -1) return false;
-        if (t < 0) continue;
-        Geo g;
-        if (geometry(p.f, tile_at(p, t), g)) return g.nb_hi > g.nb_lo;
-    }
 }
 
 // The pipeline's barriers, at fixed offsets from one base address (no arrays: indexing one with a
@@ -294,11 +222,7 @@ FA_DEVICE void producer(const Sm90Params& p, u32 sbase, const Bars& b) {
         const TileId id = tile_at(p, t);
         Geo g;
         if (!geometry(p.f, id, g) || g.nb_hi <= g.nb_lo) continue;
-#if SM90_PACK
-        const int kvh = id.qh;
-#else
         const int kvh = id.qh / group;
-#endif
         for (int nb = g.nb_hi - 1; nb >= g.nb_lo; --nb, ++it) {
             const u32 st = it & 1, ph = (it >> 1) & 1;
             const int row = g.k_row + nb * BN;
@@ -314,11 +238,7 @@ FA_DEVICE void producer(const Sm90Params& p, u32 sbase, const Bars& b) {
                 mbar_arrive_expect_tx(b.full_q(), Q_BYTES);
 #pragma unroll
                 for (int pn = 0; pn < PANELS; ++pn)
-#if SM90_PACK
-                    tma_load_4d(sbase + pn * BM * 128, &p.tq, pn * 64, kvh * group, g.q_row, g.tb, b.full_q());
-#else
                     tma_load_4d(sbase + pn * BM * 128, &p.tq, pn * 64, g.q_row, id.qh, g.tb, b.full_q());
-#endif
                 ++qt;
             }
             mbar_wait(b.empty_v(st), ph ^ 1);
@@ -356,41 +276,19 @@ FA_DEVICE void issue_qk(float* s, u32 sq_wg, u32 sk) {
     wgmma_ss_kmajor<BN, D, BM * 128, BN * 128>(s, rematerialize(sq_wg), sk);
 }
 
-// O += P V: P from registers (the packed S accumulators), V N-major in shared memory. `overwrite`: O = P V (the
-// first product of a tile, with EPI_OVERLAP, where O is not zeroed beforehand).
-FA_DEVICE void issue_pv(float* o, const u32 (*pa)[4], u32 sv, bool overwrite = false) {
+// O += P V: P from registers (the packed S accumulators), V N-major in shared memory.
+FA_DEVICE void issue_pv(float* o, const u32 (*pa)[4], u32 sv) {
 #pragma unroll
     for (int kk = 0; kk < PK; ++kk) {
 #pragma unroll
         for (int c = 0; c < D / NPV; ++c) {
             const u64 db = smem_desc(sv + c * (NPV / 64) * BN * 128 + kk * 16 * 128, BN * 128, 1024);
-            const int scale_d = kk == 0 && overwrite ? 0 : 1;
 #if HEAD_DIM == 64
-            wgmma_rs_n64<1>(o + c * (NPV / 2), pa[kk], db, scale_d);
+            wgmma_rs_n64<1>(o + c * (NPV / 2), pa[kk], db, 1);
 #else
-            wgmma_rs_n128<1>(o + c * (NPV / 2), pa[kk], db, scale_d);
+            wgmma_rs_n128<1>(o + c * (NPV / 2), pa[kk], db, 1);
 #endif
         }
-    }
-}
-
-// EPI_OVERLAP: the operands of the S = Q K^T that a tile's last turn issues (`k`: this CTA's walk round of that
-// tile, `it`: the K/V block count after it). When the next tile of the walk has key blocks, its Q and first K,
-// waited for here (the producer loads them without waiting for this warpgroup: Q went back after the last S,
-// that K's stage two blocks before); otherwise a throw-away product on the O buffer (this warpgroup's slice as
-// A, the buffer's start as B: in range for every tile shape with a separate O buffer; it may be written by the
-// epilogue meanwhile, and the result is never read).
-FA_DEVICE void next_s_operands(const Sm90Params& p, int k, int num_tiles, u32 it, u32& qt, const Bars& b,
-                               u32 sbase, int wg, u32& sa, u32& sb) {
-    if (next_tile_has_blocks(p, k, num_tiles)) {
-        mbar_wait(b.full_q(), qt & 1);
-        ++qt;
-        mbar_wait(b.full_k(it & 1), (it >> 1) & 1);
-        sa = sbase + wg * 64 * 128;
-        sb = sbase + OFF_K + (it & 1) * KV_BYTES;
-    } else {
-        sa = sbase + OFF_O + wg * 64 * 128;
-        sb = sbase + OFF_O;
     }
 }
 
@@ -401,10 +299,9 @@ struct RowState {
 };
 
 // Score transforms (softcap, ALiBi) and masking of one S block. `i0`: row of register half 0 (within the
-// sequence), `n0`: first key of the block. With GQA packing the two register halves are rows of tokens i0 and
-// i1 and of heads with ALiBi slopes `slope` and `slope1` (otherwise i1 = i0 + 8 and one slope, unused here).
+// sequence; half 1 is row i0 + 8), `n0`: first key of the block.
 FA_DEVICE void transform_and_mask(float* s, const Geo& g, const FwdParams& f, int i0, int n0, int t, bool need_mask,
-                                  float slope, int i1 = 0, float slope1 = 0.f) {
+                                  float slope) {
 #if HAS_SOFTCAP || HAS_ALIBI
     const int off = g.sk - g.sq;
 #if HAS_SOFTCAP
@@ -419,16 +316,9 @@ FA_DEVICE void transform_and_mask(float* s, const Geo& g, const FwdParams& f, in
         x *= f.scale;
 #endif
 #if HAS_ALIBI
-#if SM90_PACK
-        const bool h1 = (r >> 1) & 1;
-        const int i = h1 ? i1 : i0;
-        const int j = n0 + 8 * (r >> 2) + 2 * t + (r & 1);
-        x += alibi_bias(h1 ? slope1 : slope, i, j, off);
-#else
         const int i = i0 + 8 * ((r >> 1) & 1);
         const int j = n0 + 8 * (r >> 2) + 2 * t + (r & 1);
         x += alibi_bias(slope, i, j, off);
-#endif
 #endif
         s[r] = x;
     }
@@ -436,11 +326,7 @@ FA_DEVICE void transform_and_mask(float* s, const Geo& g, const FwdParams& f, in
     if (need_mask) {
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-#if SM90_PACK
-            const int i = hh ? i1 : i0;
-#else
             const int i = i0 + 8 * hh;
-#endif
             int hi = g.sk, lo = 0;
 #if HAS_MASK
             const int off = g.sk - g.sq;
@@ -534,22 +420,6 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
     const bool pp = p.pingpong != 0;
     if (pp && wg == SM90_CONSUMERS - 1) named_arrive(SM90_TURN_BAR, 256);
     u32 it = 0, qt = 0;
-#if SM90_EPI
-    // A tile starts with its first S in flight (or a throw-away one, when it has no key blocks): issued by the
-    // previous tile's last turn, or for the first tile by this turn of its own.
-    float s[SREG];
-    // A turn that only issues the first S of the tile the walk processes after round k (or a throw-away one).
-    auto s_only_turn = [&](int k) {
-        u32 sa, sb;
-        next_s_operands(p, k, num_tiles, it, qt, b, sbase, wg, sa, sb);
-        if (pp) named_sync(my_turn, 256);
-        wgmma_fence();
-        issue_qk(s, sa, sb);
-        wgmma_commit();
-        if (pp) named_arrive(next_turn, 256);
-    };
-    s_only_turn(-1);
-#endif
     for (int k = 0;; ++k) {
         const int tile = walk(k, num_tiles);
         if (tile == -1) break;
@@ -558,24 +428,11 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
         Geo g;
         if (!geometry(f, id, g)) continue;
         const int i0 = g.m0 + wg * 64 + warp * 16 + gq;  // row of register half 0 (within the sequence)
-#if SM90_PACK
-        // Folded rows i0 and i0 + 8: tokens tk0, tk1 of query heads id.qh * QG + (row % QG).
-        const int QG = f.h / f.hk;
-        const int tk0 = i0 / QG, tk1 = (i0 + 8) / QG;
-        const int wr_lo = (g.m0 + wg * 64) / QG, wr_hi = (g.m0 + wg * 64 + 63) / QG;
-#if HAS_ALIBI
-        const float* sl_row = f.alibi_slopes + (i64)id.bi * f.alibi_batch_stride + id.qh * QG;
-        const float slope = sl_row[i0 % QG], slope1 = sl_row[(i0 + 8) % QG];
-#else
-        const float slope = 0.f, slope1 = 0.f;
-#endif
-#else
         const int wr_lo = g.m0 + wg * 64, wr_hi = g.m0 + wg * 64 + 63;
 #if HAS_ALIBI
         const float slope = f.alibi_slopes[(i64)id.bi * f.alibi_batch_stride + id.qh];
 #else
         const float slope = 0.f;
-#endif
 #endif
         MaskCtx mc;
         mc.sq = g.sq;
@@ -588,31 +445,22 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
         mc.wr = -1;
 #endif
         float o[OREG];
-#if !SM90_EPI
 #pragma unroll
         for (int r = 0; r < OREG; ++r) o[r] = 0.f;
-#endif
         RowState rs;
         rs.m[0] = rs.m[1] = FA_NEG_INF;
         rs.l[0] = rs.l[1] = 0.f;
         const int nblk = g.nb_hi - g.nb_lo;
-#if SM90_EPI
-        const int round = k;
-        wgmma_wait<0>();  // this tile's first S (or the throw-away one)
-#endif
         if (nblk > 0) {
-#if !SM90_EPI
             mbar_wait(b.full_q(), qt & 1);
             ++qt;
             float s[SREG];
-#endif
             u32 pa[PK][4];
             float corr[2];
             // first block: S, softmax, P
             {
                 const int nb = g.nb_hi - 1;
                 const u32 st = it & 1;
-#if !SM90_EPI
                 const u32 ph = (it >> 1) & 1;
                 mbar_wait(b.full_k(st), ph);
                 if (pp) named_sync(my_turn, 256);
@@ -621,16 +469,11 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 wgmma_commit();
                 if (pp) named_arrive(next_turn, 256);
                 wgmma_wait<0>();
-#endif
                 reg_fence<SREG>(s);
                 if (O_SEPARATE && nblk == 1) release(b.empty_q(), lane);
                 release(b.empty_k(st), lane);
                 const bool need_mask = tile_needs_mask(mc, HAS_MASK != 0, wr_lo, wr_hi, nb * BN, BN);
-#if SM90_PACK
-                transform_and_mask(s, g, f, rematerialize(tk0), nb * BN, t, need_mask, slope, rematerialize(tk1), slope1);
-#else
                 transform_and_mask(s, g, f, rematerialize(i0), nb * BN, t, need_mask, slope);
-#endif
                 softmax_block(s, rs, c, corr);
                 pack_p(s, pa);
             }
@@ -645,7 +488,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 wgmma_fence();
                 issue_qk(s, sq_wg, sbase + OFF_K + st * KV_BYTES);
                 wgmma_commit();
-                issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES, SM90_EPI && k == 1);
+                issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES);
                 wgmma_commit();
                 if (pp) named_arrive(next_turn, 256);
                 wgmma_wait<1>();
@@ -658,11 +501,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 reg_fence<OREG>(o);
                 release(b.empty_v(stp), lane);
 #endif
-#if SM90_PACK
-                transform_and_mask(s, g, f, rematerialize(tk0), nb * BN, t, need_mask, slope, rematerialize(tk1), slope1);
-#else
                 transform_and_mask(s, g, f, rematerialize(i0), nb * BN, t, need_mask, slope);
-#endif
                 softmax_block(s, rs, c, corr);
 #if !SM90_EARLY_PV_WAIT
                 wgmma_wait<0>();
@@ -676,36 +515,17 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 const u32 itp = it + nblk - 1;
                 const u32 stp = itp & 1, php = (itp >> 1) & 1;
                 mbar_wait(b.full_v(stp), php);
-#if SM90_EPI
-                // The last P.V and, after it, the next tile's first S: only P.V is waited for here.
-                u32 sa, sb;
-                next_s_operands(p, round, num_tiles, it + nblk, qt, b, sbase, wg, sa, sb);
-                if (pp) named_sync(my_turn, 256);
-                wgmma_fence();
-                issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES, nblk == 1);
-                wgmma_commit();
-                issue_qk(s, sa, sb);
-                wgmma_commit();
-                if (pp) named_arrive(next_turn, 256);
-                wgmma_wait<1>();
-#else
                 if (pp) named_sync(my_turn, 256);
                 wgmma_fence();
                 issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES);
                 wgmma_commit();
                 if (pp) named_arrive(next_turn, 256);
                 wgmma_wait<0>();
-#endif
                 reg_fence<OREG>(o);
                 release(b.empty_v(stp), lane);
             }
             it += nblk;
         }
-#if SM90_EPI
-        else {
-            s_only_turn(round);  // no key blocks: this tile's turn only issues the next one's first S
-        }
-#endif
 
         // ---- epilogue: normalise, LSE; O staged in this warpgroup's slice of the Q buffer (Q is no longer
         // read once the last S is done) in the same 128B-swizzled panels, then 16-byte row-contiguous stores;
@@ -719,14 +539,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
         const i64 o_off = (i64)id.bi * f.o_batch_stride;
         const i64 lse_off = (i64)id.bi * f.lse_batch_stride + (i64)id.qh * f.lse_head_stride;
 #endif
-#if SM90_PACK
-        // Folded row R -> token R / QG of query head id.qh * QG + R % QG: `go` and `lse_off` without the head.
-        u16* go = (u16*)f.o + o_off;
-        const i64 lse_base = lse_off - (i64)id.qh * f.lse_head_stride;
-        const int nrows = g.sq * QG;  // folded rows of the sequence
-#else
         u16* go = (u16*)f.o + o_off + (i64)id.qh * f.o_head_stride;
-#endif
         float inv[2];
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
@@ -735,19 +548,10 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
             const float l = quad_sum(rs.l[hh]);
             inv[hh] = l == 0.f ? 0.f : 1.f / l;
             const int i = i0 + 8 * hh;
-#if SM90_PACK
-            if (i < nrows && t == 0)
-                f.lse[lse_base + (i64)(id.qh * QG + i % QG) * f.lse_head_stride + i / QG] =
-                    l != 0.f ? (rs.m[hh] * c + log2_fast(l)) * FA_LN2 : FA_NEG_INF;
-#else
             if (i < g.sq && t == 0) f.lse[lse_off + i] = l != 0.f ? (rs.m[hh] * c + log2_fast(l)) * FA_LN2 : FA_NEG_INF;
-#endif
         }
         if (nblk > 0) {
             const u32 so_wg = O_SEPARATE ? sbase + OFF_O + wg * 64 * 128 : sq_wg;
-#if SM90_TSTORE
-            if (tid_wg == 0) bulk_wait_read_all();  // the previous tile's stores have read the buffer
-#endif
             // Separate buffer: every thread of the warpgroup is done reading the previous tile's O from it.
             if (O_SEPARATE) named_sync(SM90_EPI_BAR + wg, 128);
 #pragma unroll
@@ -760,16 +564,6 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                     st_shared_u32(a, v);
                 }
             }
-#if SM90_TSTORE
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // O writes visible to the TMA engine
-            named_sync(SM90_EPI_BAR + wg, 128);
-            if (tid_wg == 0) {
-#pragma unroll
-                for (int pn = 0; pn < PANELS; ++pn)
-                    tma_store_4d(&p.to, so_wg + pn * BM * 128, pn * 64, g.q_row + wg * 64, id.qh, g.tb);
-                bulk_commit();
-            }
-#else
             named_sync(SM90_EPI_BAR + wg, 128);
             constexpr int CH = D / 8;  // 16-byte chunks per row
 #pragma unroll 4
@@ -779,13 +573,8 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 const int i = g.m0 + wg * 64 + r;
                 const int col = cidx * 8;
                 const uint4 v = ld_shared_v4(so_wg + (cidx / 8) * BM * 128 + r * 128 + (((cidx % 8) ^ (r & 7)) << 4));
-#if SM90_PACK
-                if (i < nrows && col < f.d) {
-                    u16* dst = go + (i64)(id.qh * QG + i % QG) * f.o_head_stride + (i64)(i / QG) * f.o_row_stride + col;
-#else
                 if (i < g.sq && col < f.d) {
                     u16* dst = go + (i64)i * f.o_row_stride + col;
-#endif
                     if (col + 8 <= f.d) {
                         st_global_v4(dst, v);
                     } else {
@@ -796,7 +585,6 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                     }
                 }
             }
-#endif
             if (!O_SEPARATE) {
                 // Generic-proxy accesses to the Q buffer are done before the producer's TMA refills it.
                 asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -806,13 +594,8 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 const int i = i0 + 8 * hh;
-#if SM90_PACK
-                if (i < nrows) {
-                    u16* row = go + (i64)(id.qh * QG + i % QG) * f.o_head_stride + (i64)(i / QG) * f.o_row_stride;
-#else
                 if (i < g.sq) {
                     u16* row = go + (i64)i * f.o_row_stride;
-#endif
 #pragma unroll
                     for (int dt = 0; dt < D / 8; ++dt) {
                         const int col = dt * 8 + 2 * t;
@@ -826,12 +609,6 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
             }
         }
     }
-#if SM90_EPI
-    wgmma_wait<0>();  // the last tile's throw-away S
-#endif
-#if SM90_TSTORE
-    if (tid_wg == 0) bulk_wait_all();  // this warpgroup's last stores are done before the CTA ends
-#endif
     // The last warpgroup arrived once more on warpgroup 0's turn barrier than warpgroup 0 waited on it (the
     // initial turn).
     if (pp && wg == 0) named_sync(SM90_TURN_BAR, 256);

@@ -467,6 +467,7 @@ pub(crate) fn check(q: &TensorView<'_>, cache: &KvCache<'_>, opts: &AttnOptions)
         cu_seqlens: None,
         seqused_k: None,
         sink: crate::problem::check_sink(opts, h)?,
+        tuning: opts.tuning.clone(),
     };
     let rot = rot.map(|(cos, sin, half, interleaved)| RotTables { cos, sin, half, interleaved });
     Ok(Checked { problem, seqlens, s_new, leftpad: lp, rot })

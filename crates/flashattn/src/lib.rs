@@ -37,6 +37,7 @@ pub mod reference;
 pub mod ring;
 pub mod semantics;
 pub mod tensor;
+pub mod tuning;
 
 pub use api::{backward, backward_into, backward_into_of, forward, forward_into, ForwardOutput, Gradients};
 pub use backends::{backward_on, forward_on, kvcache_forward_on};
@@ -52,3 +53,4 @@ pub use kvcache::{kvcache_forward, CacheSeqlens, KvCache, Rotary};
 pub use options::{AttnOptions, VarLen};
 pub use semantics::Mask;
 pub use tensor::{CpuSlice, CpuSliceMut, CpuStorage, Device, Layout, Tensor, TensorView, TensorViewMut};
+pub use tuning::{CudaPath, Tuning};

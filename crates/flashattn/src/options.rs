@@ -1,6 +1,7 @@
 //! The one options type of the attention calls, with FlashAttention's defaults.
 
 use crate::tensor::Tensor;
+use crate::tuning::Tuning;
 
 /// Variable-length batches: sequences packed along the first dimension of `q` (`[total_q, h, d]`) and
 /// `k`/`v` (`[total_k, hk, d]`).
@@ -41,6 +42,9 @@ pub struct AttnOptions {
     /// row's softmax denominator and carries no value. A row with no visible key gives `o = 0`, `lse = sink`.
     /// CPU backends only for now.
     pub sink: Option<Tensor>,
+    /// Dispatch and tuning choices of the CUDA backend (kernel path, tile shapes, split counts, extra NVRTC
+    /// options, test hooks); the default is the library's chosen behaviour. The CPU backends ignore it.
+    pub tuning: Tuning,
 }
 
 impl Default for AttnOptions {
@@ -54,6 +58,7 @@ impl Default for AttnOptions {
             varlen: None,
             deterministic: false,
             sink: None,
+            tuning: Tuning::default(),
         }
     }
 }
@@ -92,6 +97,11 @@ impl AttnOptions {
     /// Requests a deterministic backward pass.
     pub fn deterministic(mut self) -> Self {
         self.deterministic = true;
+        self
+    }
+    /// Sets the CUDA backend's dispatch and tuning choices.
+    pub fn tuning(mut self, tuning: Tuning) -> Self {
+        self.tuning = tuning;
         self
     }
     /// Sets a learnable sink (`[h]`, one logit per query head).

@@ -124,6 +124,8 @@ pub struct Problem {
     pub seqused_k: Option<Vec<i32>>,
     /// Learnable sink logit per query head (`f32`), when given.
     pub sink: Option<Vec<f32>>,
+    /// The call's dispatch and tuning choices ([`AttnOptions::tuning`]), for the CUDA backend.
+    pub tuning: crate::tuning::Tuning,
 }
 
 impl Problem {
@@ -517,5 +519,6 @@ pub fn validate(q: &TensorView<'_>, k: &TensorView<'_>, v: &TensorView<'_>, opts
         cu_seqlens: cu,
         seqused_k: seqused,
         sink,
+        tuning: opts.tuning.clone(),
     })
 }

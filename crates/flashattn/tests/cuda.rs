@@ -12,7 +12,7 @@ use common::*;
 use flashattn::cuda::{self, compile, Variant};
 use flashattn::problem::validate;
 use flashattn::reference::{forward_f64, naive_forward};
-use flashattn::{AttnOptions, CacheSeqlens, DType, Device, KvCache, Rotary, Tensor};
+use flashattn::{AttnOptions, CacheSeqlens, CudaPath, DType, Device, KvCache, Rotary, Tensor, Tuning};
 use rand::Rng;
 
 fn full() -> bool {
@@ -116,16 +116,17 @@ fn sm90_launches() -> (u64, u64) {
     (cuda::sm90_forward_launches(), cuda::sm90_backward_launches())
 }
 
-/// Says how many forwards and backwards of a run took the Hopper path; on Hopper (unless
-/// `FLASHATTN_CUDA_PATH=sm80` forces the fallback) some must have, so the sweep really covers those kernels
-/// (the backward only when the run had backward cases; `FLASHATTN_BWD_PATH=sm80` forces its fallback alone).
-fn report_sm90(what: &str, before: (u64, u64), had_backward: bool) {
+/// Says how many forwards and backwards of a run (under `tuning`) took the Hopper path; on Hopper (unless
+/// `tuning.cuda_path` forces the sm80-class fallback) some must have, so the sweep really covers those kernels
+/// (the backward only when the run had backward cases; `tuning.bwd_path` forces its fallback alone). The
+/// launch counters are per thread: tests running side by side do not disturb them.
+fn report_sm90(what: &str, before: (u64, u64), had_backward: bool, tuning: &Tuning) {
     let (f0, b0) = before;
     let (f1, b1) = sm90_launches();
     let (n, nb) = (f1 - f0, b1 - b0);
     let hopper = cuda::device_arch(0).is_ok_and(|a| a == "sm_90a");
-    let forced = cuda::path_override().is_some_and(|p| p == "sm80");
-    let bwd_forced = forced || std::env::var("FLASHATTN_BWD_PATH").is_ok_and(|p| p.trim() == "sm80");
+    let forced = !tuning.sm90_forward_allowed();
+    let bwd_forced = !tuning.sm90_backward_allowed();
     say(&format!(
         "{what}: {n} forward and {nb} backward launches on the sm90 path (device sm_90a: {hopper}, forced sm80: \
          {forced}, backward forced sm80: {bwd_forced})"
@@ -142,18 +143,24 @@ fn report_sm90(what: &str, before: (u64, u64), had_backward: bool) {
     }
 }
 
-fn sweep(dtype: DType) {
-    let cases = cuda_cases(dtype);
+/// The CUDA sweep of one dtype under `tuning` (every case's options carry it).
+fn sweep(dtype: DType, tuning: Tuning) {
+    let mut cases = cuda_cases(dtype);
+    for c in &mut cases {
+        c.tuning = tuning.clone();
+    }
     warm_up(&cases, false);
     let t0 = std::time::Instant::now();
     let before = sm90_launches();
     let (pass, fail, msgs) = run_cases_logged(&cases);
     say(&format!(
-        "cuda sweep {dtype} ({}): {pass} passed, {fail} failed ({:.1} s)",
+        "cuda sweep {dtype} ({}, cuda path {:?}, backward path {:?}): {pass} passed, {fail} failed ({:.1} s)",
         sweep_level(),
+        tuning.cuda_path,
+        tuning.bwd_path,
         t0.elapsed().as_secs_f64()
     ));
-    report_sm90(&format!("cuda sweep {dtype}"), before, cases.iter().any(|c| c.backward));
+    report_sm90(&format!("cuda sweep {dtype}"), before, cases.iter().any(|c| c.backward), &tuning);
     assert!(fail == 0, "{fail} failures:\n{}", msgs.join("\n"));
     assert!(pass > 0);
 }
@@ -161,14 +168,54 @@ fn sweep(dtype: DType) {
 #[test]
 fn sweep_f16() {
     if gpu("sweep_f16") {
-        sweep(DType::F16);
+        sweep(DType::F16, Tuning::default());
     }
 }
 
 #[test]
 fn sweep_bf16() {
     if gpu("sweep_bf16") {
-        sweep(DType::BF16);
+        sweep(DType::BF16, Tuning::default());
+    }
+}
+
+/// The bf16 sweep on the sm80-class kernels (forced by the call's tuning, so on Hopper this process runs the
+/// fallback beside the sm90 path of the other tests): no sm90 launch may happen.
+#[test]
+fn sweep_bf16_sm80_path() {
+    if gpu("sweep_bf16_sm80_path") {
+        sweep(DType::BF16, Tuning { cuda_path: CudaPath::Sm80, ..Tuning::default() });
+    }
+}
+
+/// The sweep's cases above head dim 128 (both dtypes) with the Hopper forward's opt-in 80-key K/V blocks at head
+/// dim 256 (`Tuning::sm90_wide_kv_d256`); elsewhere the same as the sweep.
+#[test]
+fn sweep_d256_bn80() {
+    if !gpu("sweep_d256_bn80") {
+        return;
+    }
+    let tuning = Tuning { sm90_wide_kv_d256: Some(true), ..Tuning::default() };
+    let mut cases: Vec<Case> =
+        [DType::F16, DType::BF16].into_iter().flat_map(cuda_cases).filter(|c| c.d > 128).collect();
+    for c in &mut cases {
+        c.tuning = tuning.clone();
+    }
+    warm_up(&cases, false);
+    let before = sm90_launches();
+    let (pass, fail, msgs) = run_cases_logged(&cases);
+    say(&format!("cuda sweep d256 BN80: {pass} passed, {fail} failed"));
+    report_sm90("cuda sweep d256 BN80", before, true, &tuning);
+    assert!(fail == 0, "{fail} failures:\n{}", msgs.join("\n"));
+    assert!(pass > 0);
+}
+
+/// The bf16 sweep with only the backward forced onto the sm80-class kernel: on Hopper the forwards still run
+/// on the sm90 path, no backward may.
+#[test]
+fn sweep_bf16_sm80_backward() {
+    if gpu("sweep_bf16_sm80_backward") {
+        sweep(DType::BF16, Tuning { bwd_path: CudaPath::Sm80, ..Tuning::default() });
     }
 }
 
@@ -200,7 +247,7 @@ fn small_variants() {
     let before = sm90_launches();
     let (pass, fail, msgs) = run_cases_logged(&cases);
     say(&format!("cuda small variants: {pass} passed, {fail} failed"));
-    report_sm90("cuda small variants", before, true);
+    report_sm90("cuda small variants", before, true, &Tuning::default());
     assert!(fail == 0, "{}", msgs.join("\n"));
 }
 
@@ -227,8 +274,7 @@ fn sm90_backward_wide_heads() {
     }
     warm_up(&cases, false);
     let hopper = cuda::device_arch(0).is_ok_and(|a| a == "sm_90a");
-    let forced = cuda::path_override().is_some_and(|p| p == "sm80")
-        || std::env::var("FLASHATTN_BWD_PATH").is_ok_and(|p| p.trim() == "sm80");
+    let forced = false; // the cases run with the default tuning
     let sm90_expected = hopper && !forced;
     let (mut pass, mut fail, mut msgs, mut off_path, mut varlen_sm90) = (0, 0, Vec::new(), Vec::new(), 0);
     for c in &cases {
@@ -280,7 +326,7 @@ fn deterministic_sweep() {
     let before = sm90_launches();
     let (pass, fail, msgs) = run_cases_logged(&cases);
     say(&format!("cuda deterministic sweep: {pass} passed, {fail} failed"));
-    report_sm90("cuda deterministic sweep", before, true);
+    report_sm90("cuda deterministic sweep", before, true, &Tuning::default());
     assert!(fail == 0, "{}", msgs.join("\n"));
 }
 
@@ -332,7 +378,7 @@ fn determinism() {
         }
     }
     say(&format!("cuda determinism: {checked} cases bit-identical over 4 runs"));
-    report_sm90("cuda determinism", before, true);
+    report_sm90("cuda determinism", before, true, &Tuning::default());
 }
 
 /// Seqlens 1..17 everywhere with logits scaled by 100: no NaN, no Inf in o.

@@ -2,7 +2,8 @@
 //! visible scores makes that row's `o` and `lse` NaN, a NaN in a visible value row reaches the output where its
 //! weight is non-zero, and only a row whose mask leaves no key is reported as `o = 0`, `lse = -inf`. Covers the
 //! sm80-class forward (odd head dim 59, and every head dim off Hopper), the sm90 forward (head dims 64, 128 and
-//! 256 on Hopper), the KV-cache kernel with and without its split-KV merge, and the backward.
+//! 256 on Hopper), the KV-cache kernel with and without its split-KV merge, and the backward; the forward and
+//! backward checks run on both kernel paths (the sm80-class one forced through the call's tuning).
 //! The CPU versions of these checks are in `nonfinite.rs`.
 //!
 //! Without a usable GPU each test prints a visible SKIP line and passes (`FLASHATTN_REQUIRE_GPU=1`: fails).
@@ -10,10 +11,16 @@
 
 mod common;
 use common::*;
-use flashattn::{AttnOptions, CacheSeqlens, DType, Device, KvCache, Tensor};
+use flashattn::{AttnOptions, CacheSeqlens, CudaPath, DType, Device, KvCache, Tensor, Tuning};
 
 const DIMS: [usize; 4] = [59, 64, 128, 256];
 const DTYPES: [DType; 2] = [DType::F16, DType::BF16];
+
+/// Every dtype on both kernel paths: the default (on Hopper the sm90 kernels) and the sm80-class kernels forced
+/// by the call's tuning, so one run covers both families.
+fn dtypes_paths() -> impl Iterator<Item = (DType, CudaPath)> {
+    DTYPES.into_iter().flat_map(|dt| [CudaPath::Auto, CudaPath::Sm80].map(|p| (dt, p)))
+}
 
 /// Deterministic, varied, finite values in [-1, 1).
 fn vals(n: usize, seed: u32) -> Vec<f32> {
@@ -38,7 +45,7 @@ struct Case {
 impl Case {
     /// b = 2, h = 4, hk = 2 (GQA), sq = 150 > sk = 130 with a causal mask: the first 20 rows see no key, and
     /// the key range spans several key blocks.
-    fn new(dtype: DType, d: usize) -> Self {
+    fn new(dtype: DType, d: usize, path: CudaPath) -> Self {
         let (qs, ks) = ([2, 150, 4, d], [2, 130, 2, d]);
         let n = |s: &[usize; 4]| s.iter().product::<usize>();
         Case {
@@ -48,7 +55,7 @@ impl Case {
             qs,
             ks,
             dtype,
-            opts: AttnOptions::default().causal(),
+            opts: AttnOptions::default().causal().tuning(Tuning { cuda_path: path, ..Tuning::default() }),
         }
     }
     fn tensors(&self) -> [Tensor; 3] {
@@ -75,7 +82,7 @@ impl Case {
         (seq * self.qs[2] + head) * self.qs[1] + row
     }
     fn what(&self) -> String {
-        format!("{:?} d{}", self.dtype, self.qs[3])
+        format!("{:?} d{} ({:?} path)", self.dtype, self.qs[3], self.opts.tuning.cuda_path)
     }
 }
 
@@ -109,9 +116,9 @@ fn cuda_clean_inputs_give_finite_rows_and_empty_masked_rows() {
     if !gpu("cuda_clean_inputs_give_finite_rows_and_empty_masked_rows") {
         return;
     }
-    for dtype in DTYPES {
+    for (dtype, path) in dtypes_paths() {
         for d in DIMS {
-            check_rows(&Case::new(dtype, d), |_, _, _| false);
+            check_rows(&Case::new(dtype, d, path), |_, _, _| false);
         }
     }
 }
@@ -121,9 +128,9 @@ fn cuda_nan_in_q_makes_that_row_nan() {
     if !gpu("cuda_nan_in_q_makes_that_row_nan") {
         return;
     }
-    for dtype in DTYPES {
+    for (dtype, path) in dtypes_paths() {
         for d in DIMS {
-            let mut c = Case::new(dtype, d);
+            let mut c = Case::new(dtype, d, path);
             // Row 40 of (seq 1, head 3): visible; row 5 of (seq 0, head 0): masked, so it stays empty.
             c.q[at(&c.qs, 1, 40, 3) + 7] = f32::NAN;
             c.q[at(&c.qs, 0, 5, 0) + 2] = f32::NAN;
@@ -137,9 +144,9 @@ fn cuda_nan_in_one_key_makes_the_rows_that_see_it_nan() {
     if !gpu("cuda_nan_in_one_key_makes_the_rows_that_see_it_nan") {
         return;
     }
-    for dtype in DTYPES {
+    for (dtype, path) in dtypes_paths() {
         for d in DIMS {
-            let mut c = Case::new(dtype, d);
+            let mut c = Case::new(dtype, d, path);
             // Key 100 of (seq 0, kv head 1): read by query heads 2 and 3, by rows 120.. (causal).
             let j = 100;
             c.k[at(&c.ks, 0, j, 1) + 3] = f32::NAN;
@@ -153,11 +160,11 @@ fn cuda_plus_inf_score_makes_the_row_nan() {
     if !gpu("cuda_plus_inf_score_makes_the_row_nan") {
         return;
     }
-    for dtype in DTYPES {
+    for (dtype, path) in dtypes_paths() {
         for d in DIMS {
             // A q element of +inf against keys whose matching element is positive: every score of the row is
             // +inf, and the row is NaN (inf - inf), never empty.
-            let mut c = Case::new(dtype, d);
+            let mut c = Case::new(dtype, d, path);
             c.q[at(&c.qs, 1, 120, 2)] = f32::INFINITY;
             for j in 0..c.ks[1] {
                 c.k[at(&c.ks, 1, j, 1)] = 0.5;
@@ -172,9 +179,9 @@ fn cuda_nan_in_one_value_row_reaches_the_rows_that_weigh_it() {
     if !gpu("cuda_nan_in_one_value_row_reaches_the_rows_that_weigh_it") {
         return;
     }
-    for dtype in DTYPES {
+    for (dtype, path) in dtypes_paths() {
         for d in DIMS {
-            let mut c = Case::new(dtype, d);
+            let mut c = Case::new(dtype, d, path);
             let j = 90;
             c.v[at(&c.ks, 1, j, 0)] = f32::NAN;
             let (o, lse) = c.run();
@@ -209,9 +216,9 @@ fn cuda_backward_propagates_nan_and_masked_rows_stay_zero() {
     if !gpu("cuda_backward_propagates_nan_and_masked_rows_stay_zero") {
         return;
     }
-    for dtype in DTYPES {
+    for (dtype, path) in dtypes_paths() {
         for d in DIMS {
-            let mut c = Case::new(dtype, d);
+            let mut c = Case::new(dtype, d, path);
             // A NaN in a visible row's q: row 60 of (seq 1, head 1), reading kv head 0.
             c.q[at(&c.qs, 1, 60, 1) + 1] = f32::NAN;
             let [q, k, v] = c.tensors();

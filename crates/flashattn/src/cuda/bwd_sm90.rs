@@ -1,25 +1,27 @@
 //! The Hopper (sm_90a) backward path (`kernels/bwd_sm90.cu`): which problems it covers, the TMA tensor maps
 //! of q, k, v and dO, and the launch of its main kernel between bwd.cu's preprocess and dQ conversion
-//! (`bwd.rs`). Problems it does not cover run on the sm80-class kernel; `FLASHATTN_CUDA_PATH=sm80` forces
-//! that path on Hopper too, and `FLASHATTN_BWD_PATH=sm80` does so for the backward alone.
+//! (`bwd.rs`). Problems it does not cover run on the sm80-class kernel; [`crate::Tuning::cuda_path`] = `Sm80`
+//! forces that path on Hopper too, and [`crate::Tuning::bwd_path`] = `Sm80` does so for the backward alone.
 
 use super::bwd::BwdArgs;
 use super::compile::{Pass, Variant};
 use super::fwd::{check_sizes, variant_for};
-use super::fwd_sm90::{path_override, tensor_map};
+use super::fwd_sm90::tensor_map;
 use super::launch::launch;
 use super::params::BwdParams;
 use super::runtime::Gpu;
 use crate::error::{Error, Result};
 use crate::problem::Problem;
 use cudarc::driver::sys as dsys;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    static LAUNCHES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
-/// How many sm90 backward kernels this process has launched (tests use it to prove which path ran).
+/// How many sm90 backward kernels the calling thread has launched (tests use it to prove which path ran; per
+/// thread, so that tests running side by side, each with its own tuning, do not see each other's launches).
 pub fn sm90_backward_launches() -> u64 {
-    LAUNCHES.load(Ordering::Relaxed)
+    LAUNCHES.with(|n| n.get())
 }
 
 /// Head dims the sm90 backward is compiled for; a problem's `d` runs on the smallest one `>= d`.
@@ -48,19 +50,14 @@ pub fn sm90_bwd_head_dim(d: usize) -> Option<usize> {
     SM90_BWD_HEAD_DIMS.iter().copied().find(|&h| h >= d)
 }
 
-/// Whether the sm90 backward is turned off by `FLASHATTN_CUDA_PATH=sm80` or `FLASHATTN_BWD_PATH=sm80`.
-fn forced_off() -> bool {
-    let bwd = std::env::var("FLASHATTN_BWD_PATH").ok().map(|s| s.trim().to_ascii_lowercase());
-    path_override().as_deref() == Some("sm80") || bwd.as_deref() == Some("sm80")
-}
-
 /// Whether the sm90 backward runs this problem on this device: a Hopper device, head dim <= 256, 16-byte
 /// aligned pointers and strides (TMA), non-empty q and k, no `seqused_k` (the TMA would read the unused
-/// cache slots, see `fwd_sm90::covers`), and no override. Deterministic mode runs here too (the same turn-taking
+/// cache slots, see `fwd_sm90::covers`), and the problem's tuning allows it
+/// ([`crate::Tuning::sm90_backward_allowed`]). Deterministic mode runs here too (the same turn-taking
 /// dQ counters as bwd.cu's).
 pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
     gpu.arch == "sm_90a"
-        && !forced_off()
+        && p.tuning.sm90_backward_allowed()
         && sm90_bwd_head_dim(p.d).is_some()
         && aligned16
         && p.total_q > 0
@@ -87,14 +84,14 @@ pub(crate) fn sm90_bwd_variant(p: &Problem, deterministic: bool) -> Result<Varia
 /// (batch, kv head) pairs per group of the kernel's tile order. Without masks 1 (key blocks innermost: the CTAs
 /// running together share one head's Q and dO). With masks CTAs differ in length (causal: the first key block
 /// sees every query, the last a few), so a group takes as many pairs as an L2 budget for their Q and dO allows
-/// (24 MiB; `FLASHATTN_BWD90_L2_MIB` overrides it): its long CTAs start first, the short ones fill the tail.
+/// ([`crate::Tuning::bwd90_l2_group_mib`], 24 MiB by default): its long CTAs start first, the short ones fill the tail.
 fn l2_group(p: &Problem, head_dim: usize, sq: usize) -> i32 {
     let pairs = (p.batch * p.hk).max(1);
     if !p.mask.is_active() {
         return 1;
     }
     let per_pair = (sq.max(1) * head_dim * 4 * (p.h / p.hk.max(1)).max(1)) as u64; // Q + dO, 16-bit
-    let mib = std::env::var("FLASHATTN_BWD90_L2_MIB").ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(24);
+    let mib = p.tuning.bwd90_l2_group_mib;
     ((mib.max(1) << 20) / per_pair).clamp(1, pairs as u64) as i32
 }
 
@@ -141,7 +138,7 @@ pub(crate) fn run(
     // SAFETY: `prm` mirrors Sm90BwdParams (layout pinned by the test below); its pointers, scratch buffers and
     // tensor maps describe buffers sized for this problem and live until the kernel has run (stream order).
     unsafe { launch(&m.kernels["flash_bwd_sm90"], "flash_bwd_sm90", stream, grid, threads as u32, smem as u32, &prm)? };
-    LAUNCHES.fetch_add(1, Ordering::Relaxed);
+    LAUNCHES.with(|n| n.set(n.get() + 1));
     Ok(true)
 }
 

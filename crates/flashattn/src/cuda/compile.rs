@@ -83,20 +83,54 @@ pub struct Variant {
     /// 16-byte aligned pointers and strides (vector loads); else element-wise accesses.
     pub aligned16: bool,
     /// The sm90 forward at head dim 64 with 3 consumer warpgroups and 192-row query tiles
-    /// (`-DSM90_CONSUMERS=3`; the default at head dim 64, `FLASHATTN_SM90_BM=128` turns it off). Ignored by every other pass and head dim.
+    /// (`-DSM90_CONSUMERS=3`; the default at head dim 64, [`crate::Tuning::sm90_d64_bm192`] turns it off).
+    /// Ignored by every other pass and head dim.
     pub bm192: bool,
     /// The sm90 forward with FA3's wider K/V blocks ([`super::fwd_sm90::wide_block_n`]): 176 keys at head dim 128
     /// (128 x 176 tiles; chosen without a mask from 8k keys) and 80 at head dim 256 (128 x 80 tiles; opt-in),
-    /// `-DSM90_BN_OVERRIDE=176|80`; `FLASHATTN_SM90_BN` forces either form. Ignored by every other pass and head
-    /// dim.
+    /// `-DSM90_BN_OVERRIDE=176|80`; [`crate::Tuning::sm90_wide_kv_d128`] / `_d256` force either form. Ignored by
+    /// every other pass and head dim.
     pub wide_n: bool,
-    /// The sm90 forward with the query heads of a key/value head packed into one tile (GQA, `-DSM90_PACK_GQA=1`,
-    /// 128-row tiles; opt-in with `FLASHATTN_SM90_PACK_GQA=1`, not yet run on a GPU). Ignored by every other pass.
-    pub pack_gqa: bool,
-    /// The sm90 forward storing O by TMA boxes (`-DSM90_TMA_STORE=1`; opt-in with `FLASHATTN_SM90_TMA_STORE=1`,
-    /// not yet run on a GPU; set only where the kernel can: a separate O buffer, no varlen, no packing). Ignored by
-    /// every other pass.
-    pub tma_store: bool,
+    /// Pipeline stages of the KV-cache kernel (`-DKV_STAGES`): `None` is the head dim's default
+    /// ([`super::kvcache::default_stages`]), `Some(n)` a tuning override ([`crate::Tuning::kv_stages`], 2..=8).
+    /// Ignored by every other pass.
+    pub kv_stages: Option<u8>,
+    /// Extra NVRTC options of the compilation ([`crate::Tuning::nvrtc_options`]); empty by default.
+    pub nvrtc: NvrtcExtra,
+}
+
+/// A list of extra NVRTC options, interned so that [`Variant`] stays `Copy` and hashable: each distinct list is
+/// stored once for the life of the process (a handful of lists in practice: each one is a separate set of
+/// compiled kernels anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct NvrtcExtra(&'static [String]);
+
+impl NvrtcExtra {
+    /// The interned form of `options` (empty: no extra options).
+    pub fn new(options: &[String]) -> Self {
+        if options.is_empty() {
+            return NvrtcExtra::default();
+        }
+        static LISTS: std::sync::Mutex<Vec<&'static [String]>> = std::sync::Mutex::new(Vec::new());
+        let mut lists = LISTS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = lists.iter().find(|l| **l == options) {
+            return NvrtcExtra(l);
+        }
+        let l: &'static [String] = Box::leak(options.to_vec().into_boxed_slice());
+        lists.push(l);
+        NvrtcExtra(l)
+    }
+
+    /// The options, in order.
+    pub fn options(&self) -> &'static [String] {
+        self.0
+    }
+
+    /// A short stable tag of the list for variant names (hex of a hash of the options).
+    fn tag(&self) -> String {
+        let h = self.0.iter().fold(super::cache::Fnv::new(3), |f, o| f.bytes(o.as_bytes())).finish();
+        format!("{:08x}", h as u32)
+    }
 }
 
 impl Variant {
@@ -114,25 +148,29 @@ impl Variant {
             aligned16: true,
             bm192: false,
             wide_n: false,
-            pack_gqa: false,
-            tma_store: false,
+            kv_stages: None,
+            nvrtc: NvrtcExtra::default(),
         }
+    }
+
+    /// This variant with the compile-time parts of a call's tuning: its extra NVRTC options and, for the
+    /// KV-cache pass, its pipeline stage override.
+    pub fn tuned(self, t: &crate::tuning::Tuning) -> Self {
+        let kv_stages = match (self.pass, t.kv_stages) {
+            (Pass::KvCache, Some(s)) => Some(s.clamp(2, 8) as u8),
+            _ => None,
+        };
+        Variant { kv_stages, nvrtc: NvrtcExtra::new(&t.nvrtc_options), ..self }
     }
 
     /// Whether this variant is the 192-row sm90 forward (`bm192` where it applies: FwdSm90 at head dim 64).
     pub fn is_bm192(&self) -> bool {
-        self.bm192 && self.pass == Pass::FwdSm90 && self.head_dim == 64 && !self.pack_gqa
+        self.bm192 && self.pass == Pass::FwdSm90 && self.head_dim == 64
     }
 
-    /// Whether this variant is the sm90 forward with GQA packing (`pack_gqa` where it applies: FwdSm90; it
-    /// takes precedence over `bm192`, as the packed kernel has 2 consumer warpgroups).
-    pub fn is_pack_gqa(&self) -> bool {
-        self.pack_gqa && self.pass == Pass::FwdSm90
-    }
-
-    /// Whether this variant is the sm90 forward with the TMA-store epilogue (`tma_store` where it applies).
-    pub fn is_tma_store(&self) -> bool {
-        self.tma_store && self.pass == Pass::FwdSm90
+    /// Pipeline stages of a KV-cache variant (`KV_STAGES`): the override, else the head dim's default.
+    pub fn stages(&self) -> u32 {
+        self.kv_stages.map_or_else(|| super::kvcache::default_stages(self.head_dim), u32::from)
     }
 
     /// Keys per K/V block when this variant is the sm90 forward's wide form (`wide_n` where it applies:
@@ -172,19 +210,13 @@ impl Variant {
             v.push(format!("DETERMINISTIC={}", b(self.deterministic)));
         }
         if self.pass == Pass::KvCache {
-            v.push(format!("KV_STAGES={}", super::kvcache::stages(self.head_dim)));
+            v.push(format!("KV_STAGES={}", self.stages()));
         }
         if self.is_bm192() {
             v.push("SM90_CONSUMERS=3".to_string());
         }
         if let Some(bn) = self.wide_block_n() {
             v.push(format!("SM90_BN_OVERRIDE={bn}"));
-        }
-        if self.is_pack_gqa() {
-            v.push("SM90_PACK_GQA=1".to_string());
-        }
-        if self.is_tma_store() {
-            v.push("SM90_TMA_STORE=1".to_string());
         }
         v
     }
@@ -217,11 +249,8 @@ impl fmt::Display for Variant {
         if let Some(bn) = self.wide_block_n() {
             write!(f, "_bn{bn}")?;
         }
-        if self.is_pack_gqa() {
-            write!(f, "_gqa")?;
-        }
-        if self.is_tma_store() {
-            write!(f, "_tstore")?;
+        if let (Pass::KvCache, Some(s)) = (self.pass, self.kv_stages) {
+            write!(f, "_st{s}")?;
         }
         write!(f, "_{}", if self.bf16 { "bf16" } else { "f16" })?;
         for (on, name) in [
@@ -235,6 +264,9 @@ impl fmt::Display for Variant {
             if on {
                 write!(f, "_{name}")?;
             }
+        }
+        if !self.nvrtc.options().is_empty() {
+            write!(f, "_x{}", self.nvrtc.tag())?;
         }
         Ok(())
     }
@@ -278,10 +310,7 @@ pub fn all_variants() -> Vec<Variant> {
                                 varlen: bits & 8 != 0,
                                 deterministic,
                                 aligned16,
-                                bm192: false,
-                                wide_n: false,
-                                pack_gqa: false,
-                                tma_store: false,
+                                ..Variant::plain(pass, hd, bf16)
                             });
                         }
                     }
@@ -297,20 +326,13 @@ pub fn all_variants() -> Vec<Variant> {
 const SM90_PASSES: [(Pass, &[usize]); 2] =
     [(Pass::FwdSm90, &super::fwd_sm90::SM90_HEAD_DIMS), (Pass::BwdSm90, &super::bwd_sm90::SM90_BWD_HEAD_DIMS)];
 
-/// The plain variant of every Hopper pass, head dim and dtype, then the forward's 192-row form at head dim 64,
-/// its wide-key-block forms at head dims 128 (176 keys) and 256 (80 keys), its GQA-packed form at every head
-/// dim and its TMA-store form at head dims 64 and 128, both dtypes.
+/// The plain variant of every Hopper pass, head dim and dtype, then the forward's 192-row form at head dim 64
+/// and its wide-key-block forms at head dims 128 (176 keys) and 256 (80 keys), both dtypes.
 fn sm90_plain() -> impl Iterator<Item = Variant> {
     let bm192 = [false, true].map(|bf16| Variant { bm192: true, ..Variant::plain(Pass::FwdSm90, 64, bf16) });
     let wide = [128, 256]
         .into_iter()
         .flat_map(|hd| [false, true].map(|bf16| Variant { wide_n: true, ..Variant::plain(Pass::FwdSm90, hd, bf16) }));
-    let packed = super::fwd_sm90::SM90_HEAD_DIMS
-        .into_iter()
-        .flat_map(|hd| [false, true].map(|bf16| Variant { pack_gqa: true, ..Variant::plain(Pass::FwdSm90, hd, bf16) }));
-    let tstore = [64, 128].into_iter().flat_map(|hd| {
-        [false, true].map(|bf16| Variant { tma_store: true, ..Variant::plain(Pass::FwdSm90, hd, bf16) })
-    });
     SM90_PASSES
         .into_iter()
         .flat_map(|(pass, dims)| {
@@ -318,8 +340,6 @@ fn sm90_plain() -> impl Iterator<Item = Variant> {
         })
         .chain(bm192)
         .chain(wide)
-        .chain(packed)
-        .chain(tstore)
 }
 
 /// The sm90 variants (Hopper only), forward and backward: their head dims x dtypes x (mask, alibi, softcap,
@@ -417,19 +437,10 @@ pub fn options(v: &Variant, arch: &str) -> Vec<String> {
         "--ptxas-options=-v".to_string(),
     ];
     o.extend(v.defines().into_iter().map(|d| format!("-D{d}")));
-    o.extend(extra_options());
+    // The call's extra options ([`crate::Tuning::nvrtc_options`]) come last, so that a `-D` among them is seen
+    // after the variant's own; they are part of the cache key like every other option.
+    o.extend(v.nvrtc.options().iter().cloned());
     o
-}
-
-/// `FLASHATTN_NVRTC_OPTIONS`: extra NVRTC options for every kernel (experiments the host need not know of, e.g.
-/// `-DSM90_EPI_OVERLAP=1`,
-/// or `-lineinfo` for profiling); part of each kernel's cache key.
-pub fn extra_options() -> Vec<String> {
-    std::env::var("FLASHATTN_NVRTC_OPTIONS").map_or_else(|_| Vec::new(), |e| split_options(&e))
-}
-
-fn split_options(s: &str) -> Vec<String> {
-    s.split_whitespace().map(str::to_string).collect()
 }
 
 /// Register use of one kernel, from the `ptxas -v` log.
@@ -876,9 +887,25 @@ ptxas info    : Compiling entry function 'b' for 'sm_90a'\n",
     }
 
     #[test]
-    fn extra_options_split() {
-        assert_eq!(split_options("  -DSM90_EPI_OVERLAP=1   -lineinfo "), ["-DSM90_EPI_OVERLAP=1", "-lineinfo"]);
-        assert!(split_options(" ").is_empty());
+    fn tuned_variants() {
+        use crate::tuning::Tuning;
+        let v = kv_variant(128, true, false, false, false, true);
+        // The default tuning changes nothing.
+        assert_eq!(v.tuned(&Tuning::default()), v);
+        assert_eq!(options(&v, "sm_90a"), options(&v.tuned(&Tuning::default()), "sm_90a"));
+        // Extra options: last on the command line, interned (equal lists give equal variants), named.
+        let extra = vec!["-lineinfo".to_string(), "-DKV_L2_PREFETCH=256".to_string()];
+        let t = Tuning { nvrtc_options: extra.clone(), ..Tuning::default() };
+        let (a, b) = (v.tuned(&t), v.tuned(&t.clone()));
+        assert_eq!(a, b);
+        assert_eq!(options(&a, "sm_90a")[options(&v, "sm_90a").len()..], extra[..]);
+        assert!(a.to_string().starts_with(&v.to_string()) && a.to_string().contains("_x"));
+        // KV stages: a define and a name of their own, clamped, only on the KV-cache pass.
+        let st = |n| v.tuned(&Tuning { kv_stages: Some(n), ..Tuning::default() });
+        assert_eq!((st(4).stages(), st(1).stages(), st(99).stages(), v.stages()), (4, 2, 8, 3));
+        assert!(st(4).defines().contains(&"KV_STAGES=4".to_string()) && st(4).to_string().contains("_st4"));
+        let f = Variant::plain(Pass::Fwd, 128, true);
+        assert_eq!(f.tuned(&Tuning { kv_stages: Some(4), ..Tuning::default() }), f);
     }
 
     #[test]
@@ -898,8 +925,8 @@ ptxas info    : Compiling entry function 'b' for 'sm_90a'\n",
         assert_eq!(padded_head_dim(256), Some(256));
         assert_eq!(padded_head_dim(257), None);
         // bwd.cu x deterministic, KV, sm90 forward (3 head dims + the 192-row d64 + the 176-key d128 + the 80-key
-        // d256 + 3 GQA-packed + 2 TMA-store), sm90 backward (3 head dims x deterministic).
-        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 11 * 2 * 16 + 3 * 2 * 32);
+        // d256), sm90 backward (3 head dims x deterministic).
+        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 6 * 2 * 16 + 3 * 2 * 32);
         assert!(Pass::FwdSm90.builds_for("sm_90a") && !Pass::FwdSm90.builds_for("sm_80"));
         assert!(Pass::BwdSm90.builds_for("sm_90a") && !Pass::BwdSm90.builds_for("sm_80"));
     }

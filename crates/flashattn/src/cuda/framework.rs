@@ -200,7 +200,7 @@ pub unsafe fn forward_device(
             ..Default::default()
         };
         meta_ptrs(meta, &mut a);
-        if launch::poison_outputs() {
+        if launch::poison_outputs(&p.tuning) {
             launch::poison(t.o.ptr, extent_bytes(t.o), s)?;
             launch::poison(t.lse.ptr, extent_bytes(t.lse), s)?;
         }
@@ -285,7 +285,7 @@ pub unsafe fn backward_device_of(
             dv: t.dv.view(),
         };
         meta_ptrs(meta, &mut a.fwd);
-        if launch::poison_outputs() {
+        if launch::poison_outputs(&p.tuning) {
             // Key rows past seqused_k are left as the caller had them.
             let grads = if p.seqused_k.is_some() { vec![t.dq] } else { vec![t.dq, t.dk, t.dv] };
             for g in grads {

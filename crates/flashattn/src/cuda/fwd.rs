@@ -57,7 +57,8 @@ fn window(side: Option<usize>, limit: usize) -> i32 {
     }
 }
 
-/// The variant flags a problem needs (forward or backward).
+/// The variant flags a problem needs (forward or backward), with its call's compile-time tuning
+/// ([`Variant::tuned`]).
 pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministic: bool) -> Result<Variant> {
     let head_dim = padded_head_dim(p.d).ok_or_else(|| Error::invalid("q", "head dim <= 256", p.d))?;
     let bf16 = match p.dtype {
@@ -85,9 +86,10 @@ pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministi
         aligned16,
         bm192: false,
         wide_n: false,
-        pack_gqa: false,
-        tma_store: false,
-    })
+        kv_stages: None,
+        nvrtc: Default::default(),
+    }
+    .tuned(&p.tuning))
 }
 
 /// The forward parameter block of a problem.

@@ -102,12 +102,9 @@ struct KvFillParams {
     pad: i32,
 }
 
-/// `KV_STAGES` of a padded head dim: 3 up to 128, else 2; `FLASHATTN_KV_STAGES` (2..=8) overrides it for
-/// tuning experiments (the value is passed to NVRTC, so the cache keeps one cubin per setting).
-pub fn stages(head_dim: usize) -> u32 {
-    if let Some(s) = std::env::var("FLASHATTN_KV_STAGES").ok().and_then(|v| v.parse::<u32>().ok()) {
-        return s.clamp(2, 8);
-    }
+/// The default `KV_STAGES` of a padded head dim: 3 up to 128, else 2 ([`crate::Tuning::kv_stages`] overrides
+/// it per call; the value is passed to NVRTC, so the cache keeps one cubin per setting).
+pub fn default_stages(head_dim: usize) -> u32 {
     if head_dim > 128 {
         2
     } else {
@@ -115,11 +112,11 @@ pub fn stages(head_dim: usize) -> u32 {
     }
 }
 
-/// Dynamic shared memory of `kv_attn` (`KV_SMEM_BYTES`).
-fn attn_smem(head_dim: usize) -> u32 {
+/// Dynamic shared memory of `kv_attn` (`KV_SMEM_BYTES`) with `stages` pipeline stages.
+fn attn_smem(head_dim: usize, stages: u32) -> u32 {
     // KV_ROW_BYTES: unpadded swizzled rows when the head dim is a multiple of 64, else one spare chunk per row.
     let rb = if head_dim % 64 == 0 { head_dim as u32 * 2 } else { (head_dim as u32 / 8 + 1) * 16 };
-    16 * rb + KV_WARPS * stages(head_dim) * 32 * rb + KV_WARPS * 32 * 4
+    16 * rb + KV_WARPS * stages * 32 * rb + KV_WARPS * 32 * 4
 }
 
 /// The number of key splits: the smallest count whose wave efficiency is at least 95% of the best, as long
@@ -267,6 +264,9 @@ struct Plan {
     mask: Mask,
     /// The longest key range the kernels may see (for the window clamp).
     max_keys: usize,
+    /// The compile-time tuning of the call's kernels (stage override, extra NVRTC options), as a variant whose
+    /// flags [`variant`] fills in.
+    tuned: Variant,
 }
 
 impl Plan {
@@ -294,12 +294,12 @@ fn window(side: Option<usize>, limit: usize) -> i32 {
 }
 
 /// SM count and the number of `kv_attn` CTAs one SM holds (shared memory and threads).
-fn occupancy(gpu: &Gpu, head_dim: usize) -> (usize, usize) {
+fn occupancy(gpu: &Gpu, head_dim: usize, stages: u32) -> (usize, usize) {
     use dsys::CUdevice_attribute as A;
     let sms = gpu.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(1).max(1) as usize;
     let smem_sm =
         gpu.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR).unwrap_or(100 << 10) as usize;
-    let per = attn_smem(head_dim) as usize + 1024;
+    let per = attn_smem(head_dim, stages) as usize + 1024;
     (sms, (smem_sm / per).clamp(1, 16))
 }
 
@@ -362,13 +362,13 @@ fn make_plan(
         softcap,
         mask,
         max_keys,
+        tuned: kv_variant(head_dim, dtype == DType::BF16, false, false, false, true).tuned(&opts.tuning),
     };
-    let (sms, per_sm) = occupancy(gpu, head_dim);
-    plan.splits = choose_splits(b * hk * plan.m_blocks(), max_keys, sms, per_sm);
-    // Tuning experiments: a fixed split count.
-    if let Some(s) = std::env::var("FLASHATTN_KV_SPLITS").ok().and_then(|v| v.parse::<usize>().ok()) {
-        plan.splits = s.clamp(1, MAX_SPLITS);
-    }
+    let (sms, per_sm) = occupancy(gpu, head_dim, plan.tuned.stages());
+    plan.splits = match opts.tuning.num_splits {
+        0 => choose_splits(b * hk * plan.m_blocks(), max_keys, sms, per_sm),
+        n => n.clamp(1, MAX_SPLITS),
+    };
     Ok(plan)
 }
 
@@ -401,7 +401,9 @@ struct Ptrs {
 /// The kernel variant of a call.
 fn variant(pl: &Plan, x: &Ptrs) -> Variant {
     let aligned = [x.kc, x.vc].iter().all(|v| v.aligned16(2)) && (pl.rotary || x.q.aligned16(2));
-    kv_variant(pl.head_dim, pl.dtype == DType::BF16, pl.mask.is_active(), x.alibi != 0, pl.softcap > 0.0, aligned)
+    let v =
+        kv_variant(pl.head_dim, pl.dtype == DType::BF16, pl.mask.is_active(), x.alibi != 0, pl.softcap > 0.0, aligned);
+    Variant { kv_stages: pl.tuned.kv_stages, nvrtc: pl.tuned.nvrtc, ..v }
 }
 
 /// Enqueues the kernels of one call on `stream` (no allocation, no synchronisation).
@@ -475,7 +477,7 @@ fn enqueue_with(gpu: &Gpu, m: &Loaded, stream: dsys::CUstream, pl: &Plan, x: &Pt
             launch(&m.kernels["kv_append"], "kv_append", stream, grid, 32 * APPEND_WARPS, 0, &p)?;
         }
         let grid = (pl.splits as u32, pl.m_blocks() as u32, (pl.b * pl.hk) as u32);
-        let smem = attn_smem(pl.head_dim);
+        let smem = attn_smem(pl.head_dim, pl.tuned.stages());
         if smem as i64 > gpu.smem_optin as i64 {
             return Err(Error::Unsupported {
                 backend: "cuda",
@@ -529,8 +531,9 @@ pub fn kvcache_forward_host(
         let rot =
             c.rot.as_ref().map(|r| Ok::<_, Error>((upload_vec(&s, &r.cos)?, upload_vec(&s, &r.sin)?))).transpose()?;
         let alibi = p.alibi.as_ref().map(|a| upload_vec(&s, &a.slopes)).transpose()?;
-        let o = alloc_out(&s, &p.o_shape(), p.dtype)?;
-        let lse = alloc_out(&s, &p.lse_shape(), DType::F32)?;
+        let poisoned = poison_outputs(&p.tuning);
+        let o = alloc_out(&s, &p.o_shape(), p.dtype, poisoned)?;
+        let lse = alloc_out(&s, &p.lse_shape(), DType::F32, poisoned)?;
         let ws_bytes = plan.workspace().bytes;
         let ws = s.alloc_zeros::<u8>(ws_bytes).map_err(|e| dev_err("allocating the workspace", e))?;
         let ptr = |x: &Option<CudaSlice<i32>>| x.as_ref().map_or(0, |x| x.device_ptr(&s).0);
@@ -827,7 +830,7 @@ unsafe fn raw_forward(
             // The status word and the split counters: everything before the partial LSE.
             super::launch::zero(workspace.ptr, plan.workspace().lse_part, st)?;
         }
-        if poison_outputs() {
+        if poison_outputs(&opts.tuning) {
             poison(o.ptr, o.layout().extent().unwrap_or(0) * 2, st)?;
             poison(lse.ptr, lse.layout().extent().unwrap_or(0) * 4, st)?;
         }
@@ -967,13 +970,14 @@ impl KvDecodeBench {
         page_size: Option<usize>,
         head_major: bool,
         seed: u64,
+        tuning: &crate::tuning::Tuning,
     ) -> Result<KvDecodeBench> {
         let gpu = runtime::gpu(n)?;
         let s = gpu.stream.clone();
         runtime::guard("setting up the decode benchmark", || {
             gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
             let head_dim = padded_head_dim(d).ok_or_else(|| Error::invalid("d", "<= 256", d))?;
-            let fill_v = kv_variant(head_dim, dtype == DType::BF16, false, false, false, true);
+            let fill_v = kv_variant(head_dim, dtype == DType::BF16, false, false, false, true).tuned(tuning);
             let m = gpu.module(&fill_v)?;
             let mut bufs = Vec::new();
             let mut seed_n = seed as u32;
@@ -1040,7 +1044,7 @@ impl KvDecodeBench {
                 rotary: None,
                 alibi_slopes: None,
             };
-            let opts = AttnOptions::default();
+            let opts = AttnOptions { tuning: tuning.clone(), ..AttnOptions::default() };
             let plan = raw_plan(&gpu, &q, &cache, &o, &lse, &opts)?;
             let ws = KvWorkspace::new(n, plan.workspace().bytes)?;
             // SAFETY: the buffers live in `bufs`, owned by the result, as long as the prepared call.
@@ -1160,9 +1164,10 @@ mod tests {
     #[test]
     fn smem_fits_two_ctas_at_d128() {
         // d 128: swizzled 256-byte rows; d 96: padded 208-byte rows.
-        assert_eq!(attn_smem(128), 16 * 256 + 4 * 3 * 32 * 256 + 512);
-        assert_eq!(attn_smem(96), 16 * 208 + 4 * 3 * 32 * 208 + 512);
-        assert!(2 * (attn_smem(128) as usize + 1024) <= 228 * 1024);
-        assert!(attn_smem(256) as usize <= 227 * 1024);
+        let smem = |hd| attn_smem(hd, default_stages(hd));
+        assert_eq!(smem(128), 16 * 256 + 4 * 3 * 32 * 256 + 512);
+        assert_eq!(smem(96), 16 * 208 + 4 * 3 * 32 * 208 + 512);
+        assert!(2 * (smem(128) as usize + 1024) <= 228 * 1024);
+        assert!(smem(256) as usize <= 227 * 1024);
     }
 }

@@ -8,16 +8,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static POISON: AtomicBool = AtomicBool::new(false);
 
-/// Test hook: when on, every output buffer the CUDA backend writes (o, lse, dq, dk, dv) is filled with NaN
-/// before the kernels run, so an element a kernel forgets to write fails the accuracy check. Also turned on
-/// by the environment variable `FLASHATTN_POISON_OUTPUTS=1`.
+/// Test hook for the whole process: when on, every output buffer the CUDA backend writes (o, lse, dq, dk, dv)
+/// is filled with NaN before the kernels run, so an element a kernel forgets to write fails the accuracy check.
+/// The same as [`crate::Tuning::poison_outputs`] on every call (for test suites that cannot reach each call's
+/// options, such as the Python package's).
 pub fn set_poison_outputs(on: bool) {
     POISON.store(on, Ordering::Relaxed);
 }
 
-/// Whether outputs are poisoned before launches.
-pub fn poison_outputs() -> bool {
-    POISON.load(Ordering::Relaxed) || std::env::var("FLASHATTN_POISON_OUTPUTS").is_ok_and(|v| v == "1")
+/// Whether a call with tuning `t` poisons its outputs before the launches ([`set_poison_outputs`] or
+/// [`crate::Tuning::poison_outputs`]).
+pub fn poison_outputs(t: &crate::tuning::Tuning) -> bool {
+    t.poison_outputs || POISON.load(Ordering::Relaxed)
 }
 
 /// Fills `bytes` bytes at `ptr` with 0xFF (NaN in f16, bf16 and f32) on `stream`.

@@ -36,7 +36,7 @@ pub use framework::{
     backward_device, backward_device_of, backward_workspace_bytes, forward_device, BackwardTensors, DeviceMeta,
     DeviceVarlen, ForwardTensors,
 };
-pub use fwd_sm90::{path_override, sm90_forward_launches, sm90_head_dim, sm90_tile};
+pub use fwd_sm90::{sm90_forward_launches, sm90_head_dim, sm90_tile};
 pub use kvcache::{
     kvcache_forward_host, kvcache_forward_raw, kvcache_forward_raw_uninit, kvcache_splits, kvcache_workspace_bytes,
     DeviceKvCache, DeviceRotary, DeviceWorkspace, KvDecodeBench, KvWorkspace,
@@ -132,8 +132,9 @@ fn forward_problem(
         gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
         let (dq, dk, dv) =
             (upload(s, q.data, &q.layout)?, upload(s, k.data, &k.layout)?, upload(s, v.data, &v.layout)?);
-        let o = alloc_out(s, &p.o_shape(), p.dtype)?;
-        let lse = alloc_out(s, &p.lse_shape(), DType::F32)?;
+        let poisoned = launch::poison_outputs(&p.tuning);
+        let o = alloc_out(s, &p.o_shape(), p.dtype, poisoned)?;
+        let lse = alloc_out(s, &p.lse_shape(), DType::F32, poisoned)?;
         let aux = Aux::upload(s, p)?;
         let mut a = fwd::FwdArgs {
             q: dq.view(s),
@@ -175,9 +176,10 @@ pub fn backward_host(
         let (tq, tk, tv, to, tdo) = (up(q)?, up(k)?, up(v)?, up(o)?, up(dout)?);
         let lse_c = Tensor::from_f32(&lse.to_f32_vec(), lse.shape(), DType::F32)?;
         let tlse = up(&lse_c)?;
-        let gq = alloc_out(s, q.shape(), p.dtype)?;
-        let gk = alloc_out(s, k.shape(), p.dtype)?;
-        let gv = alloc_out(s, v.shape(), p.dtype)?;
+        let poisoned = launch::poison_outputs(&p.tuning);
+        let gq = alloc_out(s, q.shape(), p.dtype, poisoned)?;
+        let gk = alloc_out(s, k.shape(), p.dtype, poisoned)?;
+        let gv = alloc_out(s, v.shape(), p.dtype, poisoned)?;
         if p.seqused_k.is_some() {
             // Keys past seqused_k get no gradient.
             launch::zero(gk.base(s), gk.bytes(), s.cu_stream())?;
@@ -264,7 +266,7 @@ pub unsafe fn forward_raw(
         let mut a =
             fwd::FwdArgs { q: q.view(), k: k.view(), v: v.view(), o: o.view(), lse: lse.ptr, ..Default::default() };
         aux.fill(&s, &mut a);
-        if launch::poison_outputs() {
+        if launch::poison_outputs(&p.tuning) {
             launch::poison(o.ptr, extent_bytes(o), s.cu_stream())?;
             launch::poison(lse.ptr, extent_bytes(lse), s.cu_stream())?;
         }
@@ -454,8 +456,8 @@ pub fn device_arch(n: usize) -> Result<String> {
     Ok(runtime::gpu(n)?.arch.clone())
 }
 
-/// The forward and backward kernel variants a problem runs on (`aligned16`: every tensor's address and
-/// strides are multiples of 16 bytes).
+/// The sm80-class forward and backward kernel variants a problem runs on (`aligned16`: every tensor's address
+/// and strides are multiples of 16 bytes), with the compile-time tuning of the problem's options.
 pub fn variants_for(p: &Problem, aligned16: bool, deterministic: bool) -> Result<(Variant, Variant)> {
     Ok((fwd::variant_for(p, Pass::Fwd, aligned16, false)?, fwd::variant_for(p, Pass::Bwd, aligned16, deterministic)?))
 }

@@ -74,14 +74,15 @@ impl DeviceAttention {
             gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
             let up = |t: &Tensor| upload(&s, t.view().data, t.layout());
             let (dq_, dk_, dv_) = (up(q)?, up(k)?, up(v)?);
-            let o = alloc_out(&s, &p.o_shape(), p.dtype)?;
-            let lse = alloc_out(&s, &p.lse_shape(), DType::F32)?;
+            let poisoned = super::launch::poison_outputs(&p.tuning);
+            let o = alloc_out(&s, &p.o_shape(), p.dtype, poisoned)?;
+            let lse = alloc_out(&s, &p.lse_shape(), DType::F32, poisoned)?;
             let bwd = match dout {
                 Some(d) => Some(BwdBufs {
                     dout: up(d)?,
-                    dq: alloc_out(&s, q.shape(), p.dtype)?,
-                    dk: alloc_out(&s, k.shape(), p.dtype)?,
-                    dv: alloc_out(&s, v.shape(), p.dtype)?,
+                    dq: alloc_out(&s, q.shape(), p.dtype, poisoned)?,
+                    dk: alloc_out(&s, k.shape(), p.dtype, poisoned)?,
+                    dv: alloc_out(&s, v.shape(), p.dtype, poisoned)?,
                 }),
                 None => None,
             };
@@ -152,14 +153,18 @@ impl DeviceAttention {
             let bm = super::fwd_sm90::variant_block_m(&v);
             format!(
                 "{}; fwd sm90 path {v} [BM {bm} BN {}, {} threads: TMA producer + {} wgmma consumer warpgroups, persistent]",
-                kernel_family(&self.gpu.arch),
+                kernel_family(&self.gpu.arch, &self.p.tuning),
                 super::fwd_sm90::variant_block_n(&v),
                 super::fwd_sm90::threads(bm),
                 bm / 64
             )
         } else {
             let (bm, bn, warps) = fwd::fwd_tiles(fv.head_dim);
-            format!("{}; fwd sm80 path {fv} [BM {bm} BN {bn}, {} threads]", kernel_family(&self.gpu.arch), 32 * warps)
+            format!(
+                "{}; fwd sm80 path {fv} [BM {bm} BN {bn}, {} threads]",
+                kernel_family(&self.gpu.arch, &self.p.tuning),
+                32 * warps
+            )
         };
         if let Some(b) = &self.bwd {
             let (_, aligned) = self.bwd_args(b);
@@ -284,12 +289,12 @@ impl DeviceAttention {
     }
 }
 
-/// The kernel family that runs on an architecture, in words (with the extra NVRTC options of an experiment,
-/// if any, so that bench output and JSON say which build ran).
-pub fn kernel_family(arch: &str) -> String {
+/// The kernel family that runs on an architecture under tuning `t`, in words (with the extra NVRTC options of
+/// an experiment, if any, so that bench output and JSON say which build ran).
+pub fn kernel_family(arch: &str, t: &crate::tuning::Tuning) -> String {
     let sm80 = format!("sm80-class FA2 kernels (mma.sync m16n8k16, ldmatrix, cp.async; NVRTC cubins for {arch})");
-    let family = if arch == "sm_90a" && super::fwd_sm90::path_override().as_deref() != Some("sm80") {
-        let tiles = super::fwd_sm90::tile_summary();
+    let family = if arch == "sm_90a" && t.sm90_forward_allowed() {
+        let tiles = super::fwd_sm90::tile_summary(t);
         format!(
             "sm90 forward (TMA, wgmma, warp-specialized, persistent){tiles} where it covers the problem, else \
              {sm80}"
@@ -297,8 +302,8 @@ pub fn kernel_family(arch: &str) -> String {
     } else {
         sm80
     };
-    match super::compile::extra_options() {
-        extra if extra.is_empty() => family,
+    match t.nvrtc_options.as_slice() {
+        [] => family,
         extra => format!("{family}; extra NVRTC options {}", extra.join(" ")),
     }
 }

@@ -105,11 +105,11 @@ pub(crate) fn upload_vec<T: cudarc::driver::DeviceRepr>(stream: &Arc<CudaStream>
     stream.clone_htod(v).map_err(|e| dev_err("copying to the device", e))
 }
 
-/// Allocates a contiguous output of `shape`, poisoned (NaN) when the test hook is on.
-pub(crate) fn alloc_out(stream: &Arc<CudaStream>, shape: &[usize], dtype: DType) -> Result<DevTensor> {
+/// Allocates a contiguous output of `shape`, poisoned (NaN) when `poisoned` (the test hook), else zeroed.
+pub(crate) fn alloc_out(stream: &Arc<CudaStream>, shape: &[usize], dtype: DType, poisoned: bool) -> Result<DevTensor> {
     let layout = Layout::contiguous(shape);
     let bytes = (layout.numel() * dtype.size()).max(16);
-    let buf = if super::launch::poison_outputs() {
+    let buf = if poisoned {
         // SAFETY: filled right below, before anything reads it.
         let b = unsafe { stream.alloc::<u8>(bytes) }.map_err(|e| dev_err("allocating an output", e))?;
         super::launch::poison(b.device_ptr(stream).0, bytes, stream.cu_stream())?;

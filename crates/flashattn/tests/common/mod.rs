@@ -112,12 +112,26 @@ pub struct Case {
     pub backward: bool,
     /// `AttnOptions::deterministic` (the GPU's fixed-order dQ; the CPU backward is always deterministic).
     pub deterministic: bool,
+    /// `AttnOptions::tuning` (e.g. the CUDA kernel path).
+    pub tuning: flashattn::Tuning,
 }
 
 impl Case {
     pub fn new(dtype: DType, d: usize, (sq, sk): (usize, usize), (h, hk): (usize, usize), variant: Variant) -> Self {
         let batch = if sq * sk >= 1024 * 1023 { 2 } else { 4 };
-        Case { dtype, d, sq, sk, h, hk, batch, variant, backward: false, deterministic: false }
+        Case {
+            dtype,
+            d,
+            sq,
+            sk,
+            h,
+            hk,
+            batch,
+            variant,
+            backward: false,
+            deterministic: false,
+            tuning: flashattn::Tuning::default(),
+        }
     }
 }
 
@@ -131,7 +145,7 @@ pub struct Inputs {
 }
 
 pub fn make_inputs(c: &Case, rng: &mut Rng64) -> Inputs {
-    let mut opts = AttnOptions { deterministic: c.deterministic, ..AttnOptions::default() };
+    let mut opts = AttnOptions { deterministic: c.deterministic, tuning: c.tuning.clone(), ..AttnOptions::default() };
     let q_scale = if c.variant == Variant::Softcap { 8.0 } else { 1.0 };
     let (qs, ks) = if c.variant == Variant::Varlen {
         let lq: Vec<usize> = (0..c.batch).map(|_| rng.gen_range(0..=c.sq)).collect();
