@@ -179,12 +179,13 @@ def _kvcache_impl(
     window_right: int,
     softcap: float,
     sink: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _outputs(q, False)
     _ext.kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad, rotary_cos,
         rotary_sin, rotary_interleaved, alibi_slopes, softmax_scale, causal, window_left, window_right, softcap,
-        sink, out, lse,
+        sink, out, lse, num_splits,
     )  # fmt: skip
     return out, lse
 

@@ -8,8 +8,9 @@ aligned to the bottom-right corner; ``window_size=(left, right)`` with ``-1`` fo
 What this package adds to FlashAttention-2: any head dim 1..256 (not only multiples of 8), any page size for
 paged KV caches, ``seqused_k`` on the varlen functions, ``page_table`` as FlashAttention-3's name for
 ``block_table``, and the CPU backend for CPU tensors. Not there yet: dropout (``dropout_p > 0`` raises
-``NotImplementedError``), a paged KV cache in the varlen functions, and ``num_splits`` (accepted; the library
-chooses the split count).
+``NotImplementedError``) and a paged KV cache in the varlen functions. ``num_splits`` of
+``flash_attn_with_kvcache`` fixes the number of key splits on CUDA as in FlashAttention (0: the library chooses;
+the CPU backend ignores it).
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ def _unpack(name: str, t, dim: int, n: int, layout: str):
     if t.shape[dim] != n:
         raise ValueError(f"invalid argument `{name}`: expected shape {layout}, got {tuple(t.shape)}")
     return t.unbind(dim=dim)
+
+
+def _num_splits(num_splits) -> int:
+    if type(num_splits) is int and num_splits >= 0:
+        return num_splits
+    raise ValueError(f"invalid argument `num_splits`: expected an int >= 0 (0: automatic), got {num_splits!r}")
 
 
 def _check_cu(name: str, cu) -> None:
@@ -403,5 +410,6 @@ def flash_attn_with_kvcache(
         wr,
         float(softcap),
         learnable_sink,
+        _num_splits(num_splits),
     )
     return (out, lse) if return_softmax_lse else out

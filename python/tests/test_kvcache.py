@@ -185,3 +185,21 @@ def test_kvcache_page_table_alias(device):
     a = flash_attn_with_kvcache(**c, block_table=table)
     b = flash_attn_with_kvcache(**c, page_table=table)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("num_splits", [0, 1, 3, 16])
+def test_kvcache_num_splits(device, num_splits):
+    # A long cache, so that every split count leaves keys in each split (the CPU backend ignores the argument).
+    c = make_case(device, torch.bfloat16, b=2, h=4, hk=1, sq=2, s_new=1, cap=900)
+    ref_o, ref_lse, _ = reference(c, True, (-1, -1), 0.0, None, baseline=False)
+    base_o, _, _ = reference(c, True, (-1, -1), 0.0, None, baseline=True)
+    out, lse = flash_attn_with_kvcache(**c, causal=True, num_splits=num_splits, return_softmax_lse=True)
+    check(f"kvcache num_splits={num_splits}", out.cpu(), base_o, ref_o, 2.0)
+    check_lse(f"kvcache num_splits={num_splits}", lse.cpu(), ref_lse)
+
+
+def test_kvcache_num_splits_refused(device):
+    c = make_case(device, torch.float16, s_new=0)
+    for bad in (-1, 2.0, "4"):
+        with pytest.raises(ValueError, match="num_splits"):
+            flash_attn_with_kvcache(**c, num_splits=bad)

@@ -555,14 +555,14 @@ fn bwd(
     }
 }
 /// KV-cache attention: appends `k`/`v` (rotated) into the cache in place, then writes `out` and `lse`
-/// (allocated by the caller). On the CPU an append that would overflow raises and writes nothing; on CUDA the
+/// (allocated by the caller). `num_splits` (CUDA): the number of key splits, 0 for the plan's choice. On the CPU an append that would overflow raises and writes nothing; on CUDA the
 /// kernels check values in device memory and refuse such a call without writing the cache (see the package's
 /// documentation).
 #[pyfunction]
 #[pyo3(signature = (
     q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad, rotary_cos,
     rotary_sin, rotary_interleaved, alibi_slopes, softmax_scale, causal, window_left, window_right, softcap,
-    learnable_sink, out, lse,
+    learnable_sink, out, lse, num_splits=0,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn kvcache(
@@ -588,6 +588,7 @@ fn kvcache(
     learnable_sink: Option<&Bound<'_, PyAny>>,
     out: &Bound<'_, PyAny>,
     lse: &Bound<'_, PyAny>,
+    num_splits: usize,
 ) -> PyResult<()> {
     let qt = read(py, "q", q)?;
     let (kc, vc) = (read(py, "k_cache", k_cache)?, read(py, "v_cache", v_cache)?);
@@ -682,7 +683,10 @@ fn kvcache(
                 alibi_slopes: alibi.as_ref().map(dev),
             };
             let (qd, od, ld) = (dev(&qt), dev(&ot), dev(&lt));
-            let a = o.attn();
+            let mut a = o.attn();
+            // FlashAttention's `num_splits`: 0 lets the plan choose; n fixes the key splits (clamped to the
+            // kernels' limit).
+            a.tuning.num_splits = num_splits;
             let bytes = cuda::kvcache_workspace_bytes(n, &qd, &cache, &od, &ld, &a).map_err(to_py)?;
             let buf = scratch(py, q, bytes)?;
             let ws = workspace_of(py, &buf, bytes)?;
