@@ -105,17 +105,18 @@ run_harness() {
     mark pkg-peers
     kill "$smi"
 }
-# The forward kernels before and after a change, where .gpu/flashattn-old exists (a CLI built from the
-# earlier commit): two points, three rounds, the binaries in the order given (oldnew: old first; newold: new
-# first, against ordering drift), both with the same fixed counts (the CLIs' defaults may differ). oldnew.txt.
+# The kernels before and after a change, where .gpu/flashattn-old exists (a CLI built from the earlier
+# commit): three forward points and one forward+backward, three rounds, the binaries in the order given
+# (oldnew: old first; newold: new first, against ordering drift), both with the same fixed counts (the CLIs'
+# defaults may differ). oldnew.txt.
 run_ab() {
     [ -x "$G/flashattn-old" ] || return 0
     local i bin shape causal
     for i in 1 2 3; do
         for bin in "$@"; do
-            for pt in "2,16,8192,128 0" "1,16,16384,128 1"; do
-                read -r shape causal <<<"$pt"
-                echo "$i $bin $(timeout 60 "$G/$bin" bench --shape "$shape" --causal "$causal" --modes fwd \
+            for pt in "2,16,8192,128 0 fwd" "1,16,16384,128 1 fwd" "4,16,4096,64 1 fwd" "2,16,8192,128 1 fwd_bwd"; do
+                read -r shape causal mode <<<"$pt"
+                echo "$i $bin $(timeout 60 "$G/$bin" bench --shape "$shape" --causal "$causal" --modes "$mode" \
                     --warmup 15 --reps 60 2>&1 | tail -1)" >> "$OUT/oldnew.txt"
             done
         done
@@ -140,6 +141,18 @@ run_grid() {
         --json "$OUT/peers_standard.json"
     step cli-standard 150 "$G/flashattn" bench --grid standard --json "$OUT/cli_standard.json"
 }
+# The decode kernel's key-split count by hand (`--num-splits`, 0 = the plan's choice) at two large-cache points,
+# against the plan's own choice: splits.txt.
+run_splits() {
+    local n pt b s
+    for pt in "8 128k" "1 128k" "32 32k"; do
+        read -r b s <<<"$pt"
+        for n in 0 8 12 16 20 24 32 48 64; do
+            echo "b=$b s=$s splits=$n $(timeout 60 "$G/flashattn" bench --grid decode --seqlens "$s" --batch "$b" \
+                --num-splits "$n" --warmup 10 --reps 60 2>&1 | tail -1)" >> "$OUT/splits.txt"
+        done
+    done
+}
 run_pytest() {
     step pytest-cuda 300 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
 }
@@ -163,6 +176,7 @@ for MODE in "$@"; do
         test_sdpa.py ;;
     pytest) run_pytest ;;
     decode) run_decode ;;
+    splits) run_splits ;;
     hf) step hf-bench 420 python3 "$G/hf_bench.py" --json "$OUT/hf_bench.json" ;;
     overhead) step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json" ;;
     esac
