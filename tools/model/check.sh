@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Model-checks, with SPIN, the sm90 forward's synchronisation protocol (tools/model/sm90_fwd_sync.pml) in every
-# configuration the kernel has (default and -DSM90_EPI_OVERLAP=1, 2 and 3 consumer warpgroups, ping-pong on and
-# off; every walk of NT tiles with up to MAXB key blocks each, every interleaving), and the split-KV merge of the
+# configuration the kernel has (2 and 3 consumer warpgroups, ping-pong on and off; every walk of NT tiles with up to MAXB key blocks each, every interleaving), and the split-KV merge of the
 # decode kernel (tools/model/kv_split_merge.pml: counters, refusals, calls sharing a workspace). Needs spin and gcc
 # (apt-get install spin). Exit status 1 if any configuration has an error (a hang, a wrong buffer, the turn
 # invariant, a dirty counter, a wrong merge). Usage: tools/model/check.sh [NT] [MAXB]   (default 3 3: about 4
@@ -34,13 +33,11 @@ verify() {
     fi
 }
 
-# The sm90 forward: default and epilogue overlap, 2 and 3 consumer warpgroups, ping-pong on and off.
-for epi in 0 1; do
-    for nc in 2 3; do
-        for pp in 1 0; do
-            verify sm90_fwd_sync.pml "EPI=$epi NC=$nc PP=$pp NT=$NT MAXB=$MAXB" "no hang, buffers and turns as expected" \
-                -DEPI=$epi -DNC=$nc -DPP=$pp -DNT="$NT" -DMAXB="$MAXB"
-        done
+# The sm90 forward: 2 and 3 consumer warpgroups, ping-pong on and off.
+for nc in 2 3; do
+    for pp in 1 0; do
+        verify sm90_fwd_sync.pml "NC=$nc PP=$pp NT=$NT MAXB=$MAXB" "no hang, buffers and turns as expected" \
+            -DNC=$nc -DPP=$pp -DNT="$NT" -DMAXB="$MAXB"
     done
 done
 # The split-KV merge of kv_attn: NG query tiles x NS splits over NCALLS calls sharing one workspace.

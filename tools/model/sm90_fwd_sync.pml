@@ -10,14 +10,10 @@
  * one arrival per warpgroup on the "empty" barriers (the code's one per warp x 4 warps behaves the same). Not
  * modelled: wgmma (local to a warpgroup), the epilogue's own named barrier (local too), data values.
  *
- * Build options (spin -D...): EPI=1 models -DSM90_EPI_OVERLAP=1 (the next tile's first S issued in this tile's
- * last turn, a turn for tiles without key blocks, one before the loop); NC = consumer warpgroups (2 or 3);
- * PP = ping-pong turns on (1) or off (0); NT = tiles; MAXB = key blocks per tile at most.
+ * Build options (spin -D...): NC = consumer warpgroups (2 or 3); PP = ping-pong turns on (1) or off (0); NT = tiles;
+ * MAXB = key blocks per tile at most.
  * Run: tools/model/check.sh */
 
-#ifndef EPI
-#define EPI 0
-#endif
 #ifndef NC
 #define NC 2
 #endif
@@ -67,13 +63,6 @@ byte qbuf = 255;
 byte nblk[NT];    /* key blocks of each tile of the walk (both roles walk the same sequence) */
 bool started = false;
 
-/* whether the next tile of the walk after tile t (-1: the first one) has key blocks (EPI's next_tile_has_blocks;
- * the walk's empty slots and tiles past their sequence, which both roles skip, are not modelled); u: scratch */
-inline next_has(t, r, u) {
-    u = t + 1;
-    r = (u < NT && nblk[u] > 0)
-}
-
 /* TMA loads: a buffer is in flux (254) from the issue until its bytes land; then its "full" barrier completes (the
  * producer's arrive.expect_tx plus the transaction count). One engine per buffer kind lands that kind's loads in
  * issue order, the three kinds in any order relative to each other. */
@@ -115,8 +104,6 @@ proctype producer() {
 /* consumer warpgroup w (0 .. NC-1) */
 proctype consumer(byte w) {
     byte t = 0, k, it = 0, qt = 0, nb;
-    short u;
-    bool has;
     byte my = w;
     byte nxt = (w + 1) % NC;
     started;
@@ -124,33 +111,16 @@ proctype consumer(byte w) {
     :: PP && w == NC - 1 -> turn_arrive(0)
     :: else -> skip
     fi;
-#if EPI
-    /* the first tile's first S (or a throw-away one), in a turn of its own */
-    next_has(-1, has, u);
-    if
-    :: has -> wait(FULL_Q, qt % 2); qt++; wait(FULL_K(it % 2), (it / 2) % 2);
-    :: else -> skip
-    fi;
-    if :: PP -> turn_sync(my) :: else -> skip fi;
-    /* the S issued here reads Q and K stage it%2 until the wait at the first tile's top */
-    assert(!has || (qbuf == 0 && kst[it % 2] == it));
-    if :: PP -> turn_arrive(nxt) :: else -> skip fi;
-#endif
     do
     :: t < NT ->
         nb = nblk[t];
         if
         :: nb > 0 ->
-#if EPI
-            /* first block: the S issued in the previous turn completes (wait_group 0 at the tile top) */
-            assert(qbuf == t && kst[it % 2] == it);
-#else
             wait(FULL_Q, qt % 2); qt++;
             wait(FULL_K(it % 2), (it / 2) % 2);
             if :: PP -> turn_sync(my) :: else -> skip fi;
             assert(qbuf == t && kst[it % 2] == it);   /* S = Q K^T issued */
             if :: PP -> turn_arrive(nxt) :: else -> skip fi;
-#endif
             if :: nb == 1 -> arrive(EMPTY_Q) :: else -> skip fi;
             arrive(EMPTY_K(it % 2));
             k = 1;
@@ -170,38 +140,16 @@ proctype consumer(byte w) {
                 k++
             :: else -> break
             od;
-            /* last turn: the last P.V (and with EPI the next tile's first S) */
+            /* last turn: the last P.V */
             wait(FULL_V((it + nb - 1) % 2), ((it + nb - 1) / 2) % 2);
-#if EPI
-            next_has(t, has, u);
-            if
-            :: has -> wait(FULL_Q, qt % 2); qt++; wait(FULL_K((it + nb) % 2), ((it + nb) / 2) % 2)
-            :: else -> skip
-            fi;
-#endif
             if :: PP -> turn_sync(my) :: else -> skip fi;
             assert(vst[(it + nb - 1) % 2] == it + nb - 1);
-#if EPI
-            assert(!has || (qbuf == t + 1 && kst[(it + nb) % 2] == it + nb));   /* the next tile's first S */
-#endif
             if :: PP -> turn_arrive(nxt) :: else -> skip fi;
             assert(vst[(it + nb - 1) % 2] == it + nb - 1);
             arrive(EMPTY_V((it + nb - 1) % 2));
             it = it + nb
         :: else ->
-#if EPI
-            /* no key blocks: a turn that only issues the next tile's first S (or a throw-away one) */
-            next_has(t, has, u);
-            if
-            :: has -> wait(FULL_Q, qt % 2); qt++; wait(FULL_K(it % 2), (it / 2) % 2)
-            :: else -> skip
-            fi;
-            if :: PP -> turn_sync(my) :: else -> skip fi;
-            assert(!has || (qbuf == t + 1 && kst[it % 2] == it));
-            if :: PP -> turn_arrive(nxt) :: else -> skip fi;
-#else
             skip
-#endif
         fi;
         /* epilogue: local to the warpgroup */
         t++
