@@ -36,7 +36,8 @@ nonfinite() {
 run_correct() {
     # The Rust CUDA tests run beside pytest (they share the GPU and the kernel cache; each under its timeout).
     # Their own kernel cache: the compile test wants fresh compiles (ptxas reports), not pytest's cached cubins.
-    (export FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-rust
+    # Spills of the hot kernels are an open item reported as a warning, as CI does (FLASHATTN_ALLOW_SPILLS).
+    (export FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-rust FLASHATTN_ALLOW_SPILLS=1
      FLASHATTN_REQUIRE_GPU=1 FLASHATTN_SWEEP=quick timeout 420 "$G/cuda" --test-threads=1 > "$OUT/rust_cuda.log" 2>&1
      echo "rc=$?" >> "$OUT/rust_cuda.log"
      FLASHATTN_REQUIRE_GPU=1 timeout 240 "$G/cuda_kvcache" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
