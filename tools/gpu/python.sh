@@ -178,6 +178,8 @@ for MODE in "$@"; do
     pytest) run_pytest ;;
     decode) run_decode ;;
     splits) run_splits ;;
+    ring) step ring 120 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rsx \
+        test_parallel.py ;;
     hf) step hf-bench 420 python3 "$G/hf_bench.py" --json "$OUT/hf_bench.json" ;;
     overhead) step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json" ;;
     esac
