@@ -351,6 +351,9 @@ fn value_head_dim_mismatches() {
     let v = t(&[1, 6, 2, 24], DType::F16);
     let f = forward(&q, &k, &v, &o).unwrap();
     assert_eq!(f.o.shape(), &[1, 4, 2, 24]);
+    // The default scale is 1/sqrt(d) (d = 16), not 1/sqrt(d_v).
+    assert_eq!(f.o, forward(&q, &k, &v, &AttnOptions::default().scale(0.25)).unwrap().o);
+    assert_ne!(f.o, forward(&q, &k, &v, &AttnOptions::default().scale(1.0 / 24f32.sqrt())).unwrap().o);
     // v must match k but for its last dim, which must be in 1..=256.
     assert_eq!(arg_of(forward(&q, &k, &t(&[1, 5, 2, 24], DType::F16), &o)), "v");
     assert_eq!(arg_of(forward(&q, &k, &t(&[1, 6, 1, 24], DType::F16), &o)), "v");
