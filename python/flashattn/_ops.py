@@ -21,12 +21,16 @@ from . import _flashattn as _ext
 _log = logging.getLogger("flashattn")
 
 
-def _outputs(q: torch.Tensor, varlen: bool):
-    """`out` (q's shape and dtype) and `lse` (float32 `(b, h, sq)`, varlen `(h, total_q)`), allocated like q (real
-    tensors for the implementations, fake ones for the fakes)."""
+def _outputs(q: torch.Tensor, v: torch.Tensor, varlen: bool):
+    """`out` (q's shape with v's head dim last, q's dtype) and `lse` (float32 `(b, h, sq)`, varlen `(h, total_q)`),
+    allocated like q (real tensors for the implementations, fake ones for the fakes)."""
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-    # empty_like (as FlashAttention-2 allocates out): q's strides where q is dense, else contiguous.
-    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+    lse = q.new_empty(lse_shape, dtype=torch.float32)
+    if v.shape[-1] == q.shape[-1]:
+        # empty_like (as FlashAttention-2 allocates out): q's strides where q is dense, else contiguous.
+        return torch.empty_like(q), lse
+    # A value head dim of its own (d_v != d): a contiguous out of q's shape with v's last dim.
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), lse
 
 
 # --- forward -------------------------------------------------------------------------------------------------
@@ -50,7 +54,7 @@ def _fwd_impl(
     deterministic: bool,
     sink: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _outputs(q, cu_seqlens_q is not None)
+    out, lse = _outputs(q, v, cu_seqlens_q is not None)
     _ext.fwd(
         q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
         softmax_scale, causal, window_left, window_right, softcap, sink,
@@ -63,7 +67,7 @@ fwd = torch.library.custom_op("flashattn::fwd", _fwd_impl, mutates_args=())
 
 @fwd.register_fake
 def _fwd_fake(q, k, v, alibi_slopes, cu_seqlens_q, *args):
-    return _outputs(q, cu_seqlens_q is not None)
+    return _outputs(q, v, cu_seqlens_q is not None)
 
 
 # --- backward ------------------------------------------------------------------------------------------------
@@ -181,7 +185,7 @@ def _kvcache_impl(
     sink: Optional[torch.Tensor] = None,
     num_splits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _outputs(q, False)
+    out, lse = _outputs(q, v_cache, False)
     _ext.kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad, rotary_cos,
         rotary_sin, rotary_interleaved, alibi_slopes, softmax_scale, causal, window_left, window_right, softcap,
@@ -194,8 +198,8 @@ kvcache = torch.library.custom_op("flashattn::kvcache", _kvcache_impl, mutates_a
 
 
 @kvcache.register_fake
-def _kvcache_fake(q, *args):
-    return _outputs(q, False)
+def _kvcache_fake(q, k_cache, v_cache, *args):
+    return _outputs(q, v_cache, False)
 
 
 # --- eager calls -----------------------------------------------------------------------------------------------

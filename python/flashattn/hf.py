@@ -175,8 +175,9 @@ def attention_forward(
     # float32 activations on CUDA are refused by the kernels (NotImplementedError naming the dtype); the cast to
     # a half dtype that transformers' FlashAttention path makes is not here until it has run on a GPU.
     dv = v.shape[-1]
-    if dv != q.shape[-1]:
-        # The kernels share one head dim for q, k and v (as FlashAttention's): pad v and crop the output (MLA).
+    if query.is_cuda and dv < q.shape[-1]:
+        # The CUDA kernels share one head dim for q, k and v (as FlashAttention's): pad v and crop the output
+        # (MLA). The CPU backends take v's own head dim; a wider v on CUDA is refused (NotImplementedError).
         v = torch.nn.functional.pad(v, [0, q.shape[-1] - dv])
 
     if attention_mask is not None:

@@ -382,3 +382,19 @@ def test_sliding_window_semantics(window):
     want, _ = sdpa_attention_forward(module, q, k, v, m4, scaling=1 / math.sqrt(16))
     got, _ = hf.attention_forward(module, q, k, v, None, scaling=1 / math.sqrt(16), sliding_window=window)
     assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dv", [8, 24])
+def test_value_head_dim_on_cpu(dv):
+    """A value head dim other than the query's (MLA-style models): on CPU tensors it runs as given, narrower or
+    wider, against the float64 reference."""
+    from ref import attention, check
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = torch.randn(2, 4, 7, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, dv)
+    out, _ = hf.attention_forward(module, q, k, v, None)
+    assert out.shape == (2, 7, 4, dv)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    ref = attention(t(q).double(), t(k).double(), t(v).double(), causal=True)[0]
+    check(f"hf dv={dv}", out, ref.float(), ref)

@@ -18,6 +18,7 @@ def make_case(
     h=6,
     hk=2,
     d=64,
+    dv=None,
     sq=1,
     s_new=2,
     cap=70,
@@ -27,9 +28,10 @@ def make_case(
     leftpad=False,
     batch_idx=False,
 ):
+    dv = d if dv is None else dv  # the value head dim (v_cache's, v_new's and out's)
     q = torch.randn(b, sq, h, d, device=device, dtype=dtype)
     k_new = torch.randn(b, s_new, hk, d, device=device, dtype=dtype) if s_new else None
-    v_new = torch.randn(b, s_new, hk, d, device=device, dtype=dtype) if s_new else None
+    v_new = torch.randn(b, s_new, hk, dv, device=device, dtype=dtype) if s_new else None
     seqlens = torch.randint(0, cap - s_new + 1, (b,), dtype=torch.int32)
     seqlens[0] = cap - s_new  # one sequence filled exactly to capacity
     b_cache = b + 2 if batch_idx else b
@@ -40,13 +42,13 @@ def make_case(
     table = None
     if page is None:
         k_cache = torch.randn(b_cache, cap, hk, d, device=device, dtype=dtype)
-        v_cache = torch.randn(b_cache, cap, hk, d, device=device, dtype=dtype)
+        v_cache = torch.randn(b_cache, cap, hk, dv, device=device, dtype=dtype)
     else:
         pages_per_seq = -(-cap // page)
         n_pages = b * pages_per_seq + 3
         table = torch.randperm(n_pages)[: b * pages_per_seq].reshape(b, pages_per_seq).to(torch.int32)
         k_cache = torch.randn(n_pages, page, hk, d, device=device, dtype=dtype)
-        v_cache = torch.randn(n_pages, page, hk, d, device=device, dtype=dtype)
+        v_cache = torch.randn(n_pages, page, hk, dv, device=device, dtype=dtype)
     cos = sin = None
     if rot:
         s_ro = cap + sq
@@ -203,3 +205,25 @@ def test_kvcache_num_splits_refused(device):
     for bad in (-1, 2.0, "4"):
         with pytest.raises(ValueError, match="num_splits"):
             flash_attn_with_kvcache(**c, num_splits=bad)
+
+
+@pytest.mark.parametrize("d,dv,page,rot", [(192, 128, None, 64), (128, 64, 16, 128), (64, 128, None, 0)])
+def test_kvcache_value_head_dim(device, d, dv, page, rot):
+    """v_cache and v of their own head dim (out takes it; rotary turns q and k only): CPU tensors against the
+    float64 reference; the CUDA kernels refuse it (NotImplementedError) until they take it."""
+    dtype = torch.bfloat16
+    c = make_case(device, dtype, d=d, dv=dv, page=page, rot=rot, sq=2, s_new=2, leftpad=page is None)
+    if device == "cuda":
+        with pytest.raises(NotImplementedError, match="value head dim"):
+            flash_attn_with_kvcache(**c, causal=True)
+        return
+    ref_o, ref_lse, appended = reference(c, True, (-1, -1), 0.0, None, baseline=False)
+    base_o, _, _ = reference(c, True, (-1, -1), 0.0, None, baseline=True)
+    out, lse = flash_attn_with_kvcache(**c, causal=True, return_softmax_lse=True)
+    assert out.shape == (*c["q"].shape[:-1], dv)
+    name = f"kvcache d={d} dv={dv} page={page} rot={rot}"
+    check(name, out, base_o, ref_o)
+    check_lse(name, lse, ref_lse)
+    for i in range(c["q"].shape[0]):
+        n = int(c["cache_seqlens"][i])
+        assert torch.equal(logical_rows(c, i)[1][n : n + 2], appended[i][1]), f"{name}: v rows not appended"

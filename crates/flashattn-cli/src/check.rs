@@ -32,9 +32,12 @@ pub struct CheckArgs {
     /// Key/value heads (MQA/GQA; default: --heads).
     #[arg(long)]
     pub heads_k: Option<usize>,
-    /// Head dimension.
+    /// Head dimension (of q and k).
     #[arg(long, short = 'd', default_value_t = 64)]
     pub dim: usize,
+    /// Value head dimension (of v and o; default: --dim). The CUDA backend refuses one other than --dim.
+    #[arg(long)]
+    pub dv: Option<usize>,
     /// Element type: f16, bf16 or f32.
     #[arg(long, default_value = "f16", value_parser = parse_float_dtype)]
     pub dtype: DType,
@@ -155,9 +158,11 @@ pub fn main(a: CheckArgs) -> CliResult<ExitCode> {
     let (b, sq, h, d) = (a.batch, a.seqlen, a.heads, a.dim);
     let sk = a.seqlen_k.unwrap_or(sq);
     let hk = a.heads_k.unwrap_or(h);
+    let dv = a.dv.unwrap_or(d);
     let (device, why) = resolve_device(a.device)?;
+    let dims = if dv == d { format!("d={d}") } else { format!("d={d} dv={dv}") };
     println!(
-        "flashattn check: b={b} sq={sq} sk={sk} h={h} hk={hk} d={d} {}, {}, seed {}",
+        "flashattn check: b={b} sq={sq} sk={sk} h={h} hk={hk} {dims} {}, {}, seed {}",
         a.dtype,
         mask_desc(&a),
         a.seed
@@ -167,24 +172,26 @@ pub fn main(a: CheckArgs) -> CliResult<ExitCode> {
     // The options, head counts and head dim are validated on empty tensors of the same shapes (batch 0)
     // first, then every size is checked before anything proportional to it is allocated.
     {
-        let empty = |s: usize, heads: usize| flashattn::Tensor::from_f32(&[], &[0, s, heads, d], a.dtype);
-        let (q0, k0) = (empty(sq, h)?, empty(sk, hk)?);
+        let empty = |s: usize, heads: usize, d: usize| flashattn::Tensor::from_f32(&[], &[0, s, heads, d], a.dtype);
+        let (q0, k0, v0) = (empty(sq, h, d)?, empty(sk, hk, d)?, empty(sk, hk, dv)?);
         let probe = AttnOptions { causal: a.causal, softcap: a.softcap, softmax_scale: a.scale, ..Default::default() };
         let probe = match a.window {
             Some((l, r)) => probe.window(l, r),
             None => probe,
         };
-        flashattn::problem::validate(&q0.view(), &k0.view(), &k0.view(), &probe)?;
+        flashattn::problem::validate(&q0.view(), &k0.view(), &v0.view(), &probe)?;
     }
     let (sz, nq, nk, nl) = (a.dtype.size() as u128, elems(&[b, sq, h, d]), elems(&[b, sk, hk, d]), elems(&[b, h, sq]));
+    // v and o (dv and dout) have the value head dim.
+    let (nv, no) = (elems(&[b, sk, hk, dv]), elems(&[b, sq, h, dv]));
     let bwd = a.backward as u128;
     // q, k, v and flash's o, lse (with --backward: dout, dq, dk, dv).
-    let flash_bytes = (2 * nq + 2 * nk) * sz + nl * 4 + bwd * (2 * nq + 2 * nk) * sz;
+    let flash_bytes = (nq + nk + nv + no) * sz + nl * 4 + bwd * (nq + nk + nv + no) * sz;
     ensure_fits("this check", flash_bytes)?;
     // The oracle (f64) and the naive baseline (f32): their outputs, and per worker thread one head's score
     // matrix (about four with --backward).
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get()) as u128;
-    let ref_bytes = (nq + nl) * 12 + bwd * (nq + 2 * nk) * 12;
+    let ref_bytes = (no + nl) * 12 + bwd * (nq + nk + nv) * 12;
     let score_bytes = elems(&[sq, sk]) * 8 * (1 + 3 * bwd) * threads;
     let oracle_need = flash_bytes + ref_bytes + score_bytes;
     let oracle_skipped = if score_bytes > ORACLE_MAX_SCORE_BYTES {
@@ -199,7 +206,7 @@ pub fn main(a: CheckArgs) -> CliResult<ExitCode> {
 
     let q = randn(&[b, sq, h, d], a.dtype, a.seed.wrapping_mul(4), 1.0);
     let k = randn(&[b, sk, hk, d], a.dtype, a.seed.wrapping_mul(4) + 1, 1.0);
-    let v = randn(&[b, sk, hk, d], a.dtype, a.seed.wrapping_mul(4) + 2, 1.0);
+    let v = randn(&[b, sk, hk, dv], a.dtype, a.seed.wrapping_mul(4) + 2, 1.0);
     let mut opts = AttnOptions {
         causal: a.causal,
         softcap: a.softcap,

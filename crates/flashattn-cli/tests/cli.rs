@@ -230,6 +230,63 @@ fn bench_decode_grid_reports_kv_bandwidth() {
     }
 }
 
+/// `--dv`: a value head dim other than `--dim`, forward and backward against the oracle (GQA, causal).
+#[test]
+fn check_with_a_different_value_head_dim() {
+    for (d, dv) in [("48", "24"), ("16", "40")] {
+        let out = run_ok(&[
+            "check",
+            "--device",
+            "cpu",
+            "-b",
+            "1",
+            "-s",
+            "33",
+            "--seqlen-k",
+            "50",
+            "--heads",
+            "4",
+            "--heads-k",
+            "2",
+            "--dim",
+            d,
+            "--dv",
+            dv,
+            "--dtype",
+            "f16",
+            "--causal",
+            "--backward",
+        ]);
+        assert!(out.contains(&format!("d={d} dv={dv} f16")), "{out}");
+        for g in ["dq   max err", "dv   max err", "PASS"] {
+            assert!(out.contains(g), "missing `{g}` in:\n{out}");
+        }
+    }
+}
+
+/// `run` takes v's head dim from the file: o, dout and dv have it, q, k, dq and dk have `d`.
+#[test]
+fn run_with_a_different_value_head_dim() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let (b, sq, sk, h, hk, d, dv) = (1, 9, 21, 4, 2, 32, 16);
+    let q = randn(&[b, sq, h, d], DType::F16, &mut rng);
+    let k = randn(&[b, sk, hk, d], DType::F16, &mut rng);
+    let v = randn(&[b, sk, hk, dv], DType::F16, &mut rng);
+    let dout = randn(&[b, sq, h, dv], DType::F16, &mut rng);
+    let input = tmp("dv_in.safetensors");
+    let output = tmp("dv_out.safetensors");
+    write(&input, &[("q", &q), ("k", &k), ("v", &v), ("do", &dout)]);
+    run_ok(&["run", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--device", "cpu"]);
+    let opts = AttnOptions::default();
+    let f = flashattn::forward(&q, &k, &v, &opts).unwrap();
+    let g = flashattn::backward(&q, &k, &v, &f.o, &f.lse, &dout, &opts).unwrap();
+    assert_eq!(f.o.shape(), &[b, sq, h, dv]);
+    let file = read(&output);
+    assert_same(&file, "o", &f.o);
+    assert_same(&file, "dq", &g.dq);
+    assert_same(&file, "dv", &g.dv);
+}
+
 #[test]
 fn run_forward_and_backward_match_the_library() {
     let mut rng = StdRng::seed_from_u64(1);
@@ -442,7 +499,8 @@ fn malformed_inputs_exit_2_with_a_message_naming_the_problem() {
     assert!(err.contains("`k`") && err.contains("dtype"), "{err}");
 
     let shapes = tmp("shapes.safetensors");
-    let v_bad = randn(&[1, 8, 2, 8], DType::F16, &mut rng);
+    // v's head dim may differ from k's (a value head dim of its own), its key count may not.
+    let v_bad = randn(&[1, 7, 2, 16], DType::F16, &mut rng);
     write(&shapes, &[("q", &q), ("k", &k), ("v", &v_bad)]);
     assert!(run_err(&shapes, &["--device", "cpu"]).contains("`v`"));
 

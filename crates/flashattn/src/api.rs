@@ -10,7 +10,7 @@ use crate::tensor::{Device, Tensor, TensorView, TensorViewMut};
 /// The result of a forward pass.
 #[derive(Debug, Clone)]
 pub struct ForwardOutput {
-    /// Attention output, q's shape and dtype.
+    /// Attention output: q's shape with v's head dim `d_v` last, q's dtype.
     pub o: Tensor,
     /// Log-sum-exp of each row's scores, `f32` `[b, h, sq]` (varlen: `[h, total_q]`); `-inf` for a row
     /// that sees no key.
@@ -39,7 +39,9 @@ fn require_cpu(arg: &'static str, dev: Device) -> Result<()> {
 
 /// Attention forward pass: `o = softmax(scale * q kᵀ + bias, masked) v` and its log-sum-exp.
 ///
-/// `q`: `[b, sq, h, d]`, `k`/`v`: `[b, sk, hk, d]` (or `[total, heads, d]` with [`AttnOptions::varlen`]).
+/// `q`: `[b, sq, h, d]`, `k`: `[b, sk, hk, d]`, `v`: `[b, sk, hk, d_v]` (or `[total, heads, d]` and
+/// `[total, hk, d_v]` with [`AttnOptions::varlen`]); `o` is `[b, sq, h, d_v]`. The value head dim `d_v` may
+/// differ from `d` (the default scale uses `d`).
 ///
 /// ```
 /// use flashattn::{forward, AttnOptions, DType, Tensor};
@@ -176,8 +178,8 @@ pub fn backward_into_of(
     let (dq_map, dk_map, dv_map) = (p.q_like_map(&dq.layout), p.k_like_map(&dk.layout), p.k_like_map(&dv.layout));
     let given = (!whole_rows).then(|| row_dots(&p, o, dout, &do_map));
     let inp = BwdIn { dout: dout.data, do_map: &do_map, lse: &lse_vec, delta: given.as_deref() };
-    zero_unused_rows(&p, dk, &dk_map);
-    zero_unused_rows(&p, dv, &dv_map);
+    zero_unused_rows(&p, dk, &dk_map, p.d);
+    zero_unused_rows(&p, dv, &dv_map, p.d_v);
     let out = BwdOut {
         dq: dq.data.raw(),
         dq_map: &dq_map,
@@ -220,11 +222,12 @@ fn row_dots(p: &Problem, o: &TensorView<'_>, dout: &TensorView<'_>, do_map: &cra
     d
 }
 
-/// Zeroes the rows of a k-like tensor that the backward does not write: keys past `seqused_k` get no gradient.
-fn zero_unused_rows(p: &Problem, t: &mut TensorViewMut<'_>, map: &crate::problem::RowMap) {
+/// Zeroes the rows (of `width` elements: `d` for dk, `d_v` for dv) of a k-like tensor that the backward does
+/// not write: keys past `seqused_k` get no gradient.
+fn zero_unused_rows(p: &Problem, t: &mut TensorViewMut<'_>, map: &crate::problem::RowMap, width: usize) {
     let Some((_, ck)) = &p.cu_seqlens else { return }; // dense: every key row is written
     let raw = t.data.raw();
-    let zeros = vec![0f32; p.d];
+    let zeros = vec![0f32; width];
     for (seq, w) in ck.windows(2).enumerate() {
         for r in p.seqlen_k[seq]..(w[1] - w[0]) as usize {
             for h in 0..p.hk {

@@ -11,8 +11,8 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::AttnOptions;
 use crate::problem::{
-    check_alibi, check_batch, check_finite_scale, check_head_dim, check_heads_of, check_softcap, check_view, Paged,
-    Problem, RowMap,
+    check_alibi, check_batch, check_finite_scale, check_head_dim, check_heads_of, check_softcap, check_value_head_dim,
+    check_view, Paged, Problem, RowMap,
 };
 use crate::semantics::Mask;
 use crate::tensor::{Layout, RawMut, Tensor, TensorView, TensorViewMut};
@@ -42,11 +42,11 @@ pub struct Rotary<'a> {
 pub struct KvCache<'a> {
     /// `[b_cache, s_cache, hk, d]`, or `[num_pages, page_size, hk, d]` with a block table.
     pub k_cache: TensorViewMut<'a>,
-    /// Same shape as `k_cache`.
+    /// `k_cache`'s shape but for the last dim, the value head dim `d_v` (may differ from `d`).
     pub v_cache: TensorViewMut<'a>,
     /// New keys `[b, s_new, hk, d]`, appended at `cache_seqlens` (in place).
     pub k_new: Option<TensorView<'a>>,
-    /// New values, as `k_new`.
+    /// New values `[b, s_new, hk, d_v]` (as `k_new`, with v_cache's head dim), never rotated.
     pub v_new: Option<TensorView<'a>>,
     /// Tokens already in the cache.
     pub cache_seqlens: CacheSeqlens,
@@ -138,6 +138,7 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
     let c = check(q, cache, opts)?;
     let Checked { mut problem, seqlens, s_new, leftpad: lp, rot } = c;
     let (b, sq, h, hk, d, dtype) = (problem.batch, problem.dense_sq, problem.h, problem.hk, problem.d, problem.dtype);
+    let d_v = problem.d_v;
     let rot = rot.map(|r| (r.cos, r.sin, r.half, r.interleaved));
     let mask = problem.mask;
 
@@ -146,7 +147,7 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
         let kraw = cache.k_cache.data.raw();
         let vraw = cache.v_cache.data.raw();
         append(kn, &kraw, &problem.k, &seqlens, &lp, hk, d, rot.as_ref());
-        append(vn, &vraw, &problem.v, &seqlens, &lp, hk, d, None);
+        append(vn, &vraw, &problem.v, &seqlens, &lp, hk, d_v, None);
     }
 
     // Rotated q.
@@ -215,13 +216,16 @@ pub(crate) fn check(q: &TensorView<'_>, cache: &KvCache<'_>, opts: &AttnOptions)
         }
     }
     let cs = cache.k_cache.shape().to_vec();
-    if cache.v_cache.shape() != cs.as_slice() {
+    // v_cache matches k_cache but for its last dim, the value head dim.
+    if cache.v_cache.shape()[..3] != cs[..3] {
         return Err(Error::invalid(
             "v_cache",
-            format!("shape {cs:?} (as k_cache)"),
+            format!("shape {:?} + [d_v] (as k_cache but for the head dim)", &cs[..3]),
             format!("{:?}", cache.v_cache.shape()),
         ));
     }
+    let d_v = cache.v_cache.shape()[3];
+    check_value_head_dim("v_cache", d_v)?;
     let hk = cs[2];
     if cs[3] != d {
         return Err(Error::invalid("k_cache", format!("head dim {d} (as q)"), cs[3]));
@@ -252,8 +256,13 @@ pub(crate) fn check(q: &TensorView<'_>, cache: &KvCache<'_>, opts: &AttnOptions)
             if kn.shape() != want {
                 return Err(Error::invalid("k_new", format!("shape {want:?}"), format!("{:?}", kn.shape())));
             }
-            if vn.shape() != want {
-                return Err(Error::invalid("v_new", format!("shape {want:?} (as k_new)"), format!("{:?}", vn.shape())));
+            let want_v = [b, want[1], hk, d_v];
+            if vn.shape() != want_v {
+                return Err(Error::invalid(
+                    "v_new",
+                    format!("shape {want_v:?} (as k_new, with v_cache's head dim)"),
+                    format!("{:?}", vn.shape()),
+                ));
             }
             want[1]
         }
@@ -449,6 +458,7 @@ pub(crate) fn check(q: &TensorView<'_>, cache: &KvCache<'_>, opts: &AttnOptions)
         h,
         hk,
         d,
+        d_v,
         seqlen_q: vec![sq; b],
         seqlen_k,
         q_start,

@@ -86,8 +86,10 @@ pub struct Problem {
     pub h: usize,
     /// Key/value heads.
     pub hk: usize,
-    /// Head dimension.
+    /// Head dimension of q and k (the score products' inner dimension).
     pub d: usize,
+    /// Head dimension of v, which is also that of `o`, `dout` and `dv` (may differ from `d`).
+    pub d_v: usize,
     /// Queries of each sequence.
     pub seqlen_q: Vec<usize>,
     /// Keys of each sequence (after `seqused_k`, KV-cache lengths and leftpad).
@@ -137,8 +139,16 @@ impl Problem {
     pub fn max_seqlen_k(&self) -> usize {
         self.seqlen_k.iter().copied().max().unwrap_or(0)
     }
-    /// Shape of `o` (same as q's).
+    /// Shape of `o` (q's, with the value head dim `d_v` last).
     pub fn o_shape(&self) -> Vec<usize> {
+        if self.varlen {
+            vec![self.total_q, self.h, self.d_v]
+        } else {
+            vec![self.batch, self.dense_sq, self.h, self.d_v]
+        }
+    }
+    /// Shape of `dq` (q's).
+    pub fn q_shape(&self) -> Vec<usize> {
         if self.varlen {
             vec![self.total_q, self.h, self.d]
         } else {
@@ -171,7 +181,8 @@ impl Problem {
     pub fn k_like_map(&self, layout: &Layout) -> RowMap {
         row_map(layout, self.varlen, &self.k_start)
     }
-    /// Floating-point operations of the forward pass: `4 * sum(visible pairs) * d`, counted exactly.
+    /// Floating-point operations of the forward pass: `2 * sum(visible pairs) * (d + d_v)` (the `Q Kᵀ` and
+    /// `P V` products), counted exactly.
     pub fn forward_flops(&self) -> f64 {
         let mut pairs = 0f64;
         for (&sq, &sk) in self.seqlen_q.iter().zip(&self.seqlen_k) {
@@ -181,7 +192,7 @@ impl Problem {
                 pairs += (0..sq).map(|i| self.mask.key_range(i, sq, sk).len() as f64).sum::<f64>();
             }
         }
-        4.0 * pairs * self.h as f64 * self.d as f64
+        2.0 * pairs * self.h as f64 * (self.d + self.d_v) as f64
     }
 }
 
@@ -259,7 +270,8 @@ pub(crate) fn check_output(
     Ok(())
 }
 
-/// Checks the backward's extra inputs against the problem: `o` and `dout` shaped and typed like q's output,
+/// Checks the backward's extra inputs against the problem: `o` and `dout` shaped and typed like the output
+/// ([`Problem::o_shape`]: q's shape with the value head dim last),
 /// `lse` `f32` of [`Problem::lse_shape`], all in bounds with a contiguous last dim. Shared by every backend.
 pub fn check_backward_inputs(
     p: &Problem,
@@ -270,7 +282,11 @@ pub fn check_backward_inputs(
     for (arg, t) in [("o", o), ("dout", dout)] {
         check_view(arg, t)?;
         if t.shape() != p.o_shape().as_slice() {
-            return Err(Error::invalid(arg, format!("shape {:?} (as q)", p.o_shape()), format!("{:?}", t.shape())));
+            return Err(Error::invalid(
+                arg,
+                format!("shape {:?} (as q, with v's head dim {} last)", p.o_shape(), p.d_v),
+                format!("{:?}", t.shape()),
+            ));
         }
         if t.dtype() != p.dtype {
             return Err(Error::invalid(arg, format!("dtype {} (as q)", p.dtype), t.dtype()));
@@ -306,6 +322,14 @@ pub(crate) fn check_softcap(cap: f32) -> Result<f32> {
 pub(crate) fn check_head_dim(d: usize) -> Result<()> {
     if d == 0 || d > MAX_HEAD_DIM {
         return Err(Error::invalid("q", format!("head dim in 1..={MAX_HEAD_DIM}"), d));
+    }
+    Ok(())
+}
+
+/// Checks the value head dim `d_v` (v's last dim, blamed on `arg`, `v` or `v_cache`): the same range as `d`.
+pub(crate) fn check_value_head_dim(arg: &'static str, d_v: usize) -> Result<()> {
+    if d_v == 0 || d_v > MAX_HEAD_DIM {
+        return Err(Error::invalid(arg, format!("value head dim (last dim) in 1..={MAX_HEAD_DIM}"), d_v));
     }
     Ok(())
 }
@@ -440,9 +464,18 @@ pub fn validate(q: &TensorView<'_>, k: &TensorView<'_>, v: &TensorView<'_>, opts
     if ks[rank - 1] != d {
         return Err(Error::invalid("k", format!("head dim {d} (as q)"), ks[rank - 1]));
     }
-    if vs != ks {
-        return Err(Error::invalid("v", format!("shape {ks:?} (as k)"), format!("{vs:?}")));
+    // v matches k but for its last dim, the value head dim.
+    if vs[..rank - 1] != ks[..rank - 1] {
+        let mut want = ks.to_vec();
+        want.pop();
+        return Err(Error::invalid(
+            "v",
+            format!("shape {want:?} + [d_v] (as k but for the head dim)"),
+            format!("{vs:?}"),
+        ));
     }
+    let d_v = vs[rank - 1];
+    check_value_head_dim("v", d_v)?;
     check_heads(h, hk)?;
     let scale = check_finite_scale(opts.softmax_scale, d)?;
     let softcap = check_softcap(opts.softcap)?;
@@ -501,6 +534,7 @@ pub fn validate(q: &TensorView<'_>, k: &TensorView<'_>, v: &TensorView<'_>, opts
         h,
         hk,
         d,
+        d_v,
         q: row_map(&q.layout, varlen, &q_start),
         k: row_map(&k.layout, varlen, &k_start),
         v: row_map(&v.layout, varlen, &k_start),

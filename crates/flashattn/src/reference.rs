@@ -85,8 +85,8 @@ macro_rules! impl_real {
 impl_real!(f32);
 impl_real!(f64);
 
-/// Forward results in contiguous logical layouts: `o` like q (`[total_q, h, d]` in row order, which is
-/// also `[b, sq, h, d]` when dense) and `lse` in [`Problem::lse_shape`].
+/// Forward results in contiguous logical layouts: `o` like q with the value head dim (`[total_q, h, d_v]` in
+/// row order, which is also `[b, sq, h, d_v]` when dense) and `lse` in [`Problem::lse_shape`].
 #[derive(Debug, Clone)]
 pub struct Forward<T> {
     /// Output.
@@ -95,7 +95,7 @@ pub struct Forward<T> {
     pub lse: Vec<T>,
 }
 
-/// Gradients in contiguous logical layouts (`dq` like q, `dk`/`dv` like k).
+/// Gradients in contiguous logical layouts (`dq` like q, `dk` like k, `dv` like v).
 #[derive(Debug, Clone)]
 pub struct Grads<T> {
     /// dL/dq.
@@ -252,10 +252,10 @@ struct Args<'a> {
 struct HeadOut<T> {
     seq: usize,
     head: usize,
-    /// `[sq, dp]` (empty unless `o` is wanted).
+    /// `[sq, dvp]` (empty unless `o` is wanted).
     o: Vec<T>,
     lse: Vec<T>,
-    /// `[sq, dp]`, `[sk, dp]`, `[sk, dp]` (empty unless gradients are wanted); `dk`, `dv` are this query
+    /// `[sq, dp]`, `[sk, dp]`, `[sk, dvp]` (empty unless gradients are wanted); `dk`, `dv` are this query
     /// head's share of its key head's gradients.
     dq: Vec<T>,
     dk: Vec<T>,
@@ -264,7 +264,7 @@ struct HeadOut<T> {
     dsink: T,
 }
 
-/// Leading dimension of the `d`-wide matrices.
+/// Leading dimension of the `d`-wide (or `d_v`-wide) matrices.
 fn padded_d<const W: usize>(d: usize) -> usize {
     round_up(d, W)
 }
@@ -273,15 +273,15 @@ fn padded_d<const W: usize>(d: usize) -> usize {
 #[inline(always)]
 fn head_task<T: Real, const F: bool, const W: usize>(x: Args<'_>, seq: usize, head: usize) -> HeadOut<T> {
     let p = x.p;
-    let (sq, sk, d) = (p.seqlen_q[seq], p.seqlen_k[seq], p.d);
+    let (sq, sk, d, d_v) = (p.seqlen_q[seq], p.seqlen_k[seq], p.d, p.d_v);
     let round = x.round;
     let kh = kv_head(head, p.h, p.hk);
-    let (sqp, skp, dp) = (round_up(sq, R), round_up(sk, W), padded_d::<W>(d));
+    let (sqp, skp, dp, dvp) = (round_up(sq, R), round_up(sk, W), padded_d::<W>(d), padded_d::<W>(d_v));
     // W is a multiple of R, so the key rows of the transposed products (padded to R) fit in `skp`.
     let skr = round_up(sk, R);
     let q: Vec<T> = gather_pad(x.q, &p.q, seq, head, sq, sqp, d, dp);
     let k: Vec<T> = gather_pad(x.k, &p.k, seq, kh, sk, sk, d, dp);
-    let v: Vec<T> = gather_pad(x.v, &p.v, seq, kh, sk, sk, d, dp);
+    let v: Vec<T> = gather_pad(x.v, &p.v, seq, kh, sk, sk, d_v, dvp);
     let kt = transpose(&k, sk, dp, d, skp);
     let mask = p.mask;
     let keys = |i0: usize, i1: usize| union(i0, i1.min(sq), |i| mask.key_range(i, sq, sk));
@@ -331,20 +331,20 @@ fn head_task<T: Real, const F: bool, const W: usize>(x: Args<'_>, seq: usize, he
     }
     let mut o = Vec::new();
     if x.want_o {
-        o = vec![T::ZERO; sqp * dp];
-        gemm::<T, F, W>(ARef { a: &s, rs: skp, cs: 1 }, &v, dp, &mut o, dp, sqp, |i0, i1| (keys(i0, i1), 0..dp));
-        o.truncate(sq * dp);
+        o = vec![T::ZERO; sqp * dvp];
+        gemm::<T, F, W>(ARef { a: &s, rs: skp, cs: 1 }, &v, dvp, &mut o, dvp, sqp, |i0, i1| (keys(i0, i1), 0..dvp));
+        o.truncate(sq * dvp);
         if v.iter().any(|x| !x.f64().is_finite()) {
             // The blocked product also multiplies hidden keys' zero weights by their values; with a
             // non-finite value that would be NaN, so the rows are summed exactly over their non-zero weights.
             for i in 0..sq {
-                let orow = &mut o[i * dp..(i + 1) * dp];
+                let orow = &mut o[i * dvp..(i + 1) * dvp];
                 orow.iter_mut().for_each(|y| *y = T::ZERO);
                 for j in mask.key_range(i, sq, sk) {
                     let pij = s[i * skp + j];
                     if pij != T::ZERO {
-                        for c in 0..d {
-                            orow[c] += pij * v[j * dp + c];
+                        for c in 0..d_v {
+                            orow[c] += pij * v[j * dvp + c];
                         }
                     }
                 }
@@ -355,12 +355,12 @@ fn head_task<T: Real, const F: bool, const W: usize>(x: Args<'_>, seq: usize, he
     let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
     let mut dsink = T::ZERO;
     if let Some((dout, do_map)) = x.dout {
-        let dout: Vec<T> = gather_pad(dout, do_map, seq, head, sq, sqp, d, dp);
-        let vt = transpose(&v, sk, dp, d, skp);
+        let dout: Vec<T> = gather_pad(dout, do_map, seq, head, sq, sqp, d_v, dvp);
+        let vt = transpose(&v, sk, dvp, d_v, skp);
         // dP = dO Vᵀ.
         let mut dpm = vec![T::ZERO; sqp * skp];
-        gemm::<T, F, W>(ARef { a: &dout, rs: dp, cs: 1 }, &vt, skp, &mut dpm, skp, sqp, |i0, i1| {
-            (0..d, key_cols(i0, i1))
+        gemm::<T, F, W>(ARef { a: &dout, rs: dvp, cs: 1 }, &vt, skp, &mut dpm, skp, sqp, |i0, i1| {
+            (0..d_v, key_cols(i0, i1))
         });
         // dS = P ∘ (dP - D), D_i = sum_j P_ij dP_ij, in place of dP; the baseline rounds dP and dS to the
         // dtype, as a framework would store them (and the soft-capping factor's product too).
@@ -403,11 +403,11 @@ fn head_task<T: Real, const F: bool, const W: usize>(x: Args<'_>, seq: usize, he
         dk.truncate(sk * dp);
         drop(dst);
         let pt = transpose(&s, sqp, skp, skr, sqp);
-        dv = vec![T::ZERO; skr * dp];
-        gemm::<T, F, W>(ARef { a: &pt, rs: sqp, cs: 1 }, &dout, dp, &mut dv, dp, skr, |j0, j1| {
-            (queries(j0, j1), 0..dp)
+        dv = vec![T::ZERO; skr * dvp];
+        gemm::<T, F, W>(ARef { a: &pt, rs: sqp, cs: 1 }, &dout, dvp, &mut dv, dvp, skr, |j0, j1| {
+            (queries(j0, j1), 0..dvp)
         });
-        dv.truncate(sk * dp);
+        dv.truncate(sk * dvp);
     }
     HeadOut { seq, head, o, lse, dq, dk, dv, dsink }
 }
@@ -440,22 +440,22 @@ fn head_dispatch<T: Real, const W: usize>(x: Args<'_>, seq: usize, head: usize) 
 /// its query heads' shares in head order. `W` is the register tile's width (two AVX2 vectors of `T`).
 fn compute<T: Real, const W: usize>(x: Args<'_>) -> (Forward<T>, Option<Grads<T>>) {
     let p = x.p;
-    let d = p.d;
-    let dp = padded_d::<W>(d);
+    let (d, d_v) = (p.d, p.d_v);
+    let (dp, dvp) = (padded_d::<W>(d), padded_d::<W>(d_v));
     let tasks: Vec<(usize, usize)> = (0..p.batch).flat_map(|s| (0..p.h).map(move |h| (s, h))).collect();
     let results: Vec<HeadOut<T>> =
         tasks.into_par_iter().map(|(seq, head)| head_dispatch::<T, W>(x, seq, head)).collect();
     let round = x.round;
     let mut fwd = Forward {
-        o: if x.want_o { vec![T::ZERO; p.total_q * p.h * d] } else { Vec::new() },
+        o: if x.want_o { vec![T::ZERO; p.total_q * p.h * d_v] } else { Vec::new() },
         lse: vec![T::NEG_INF; p.total_q * p.h],
     };
     for r in &results {
         for (i, &l) in r.lse.iter().enumerate() {
             fwd.lse[p.lse_index(r.seq, r.head, i)] = l;
             if x.want_o {
-                let dst = ((p.q_start[r.seq] + i) * p.h + r.head) * d;
-                fwd.o[dst..dst + d].copy_from_slice(&r.o[i * dp..i * dp + d]);
+                let dst = ((p.q_start[r.seq] + i) * p.h + r.head) * d_v;
+                fwd.o[dst..dst + d_v].copy_from_slice(&r.o[i * dvp..i * dvp + d_v]);
             }
         }
     }
@@ -465,7 +465,7 @@ fn compute<T: Real, const W: usize>(x: Args<'_>) -> (Forward<T>, Option<Grads<T>
     let mut g = Grads {
         dq: vec![T::ZERO; p.total_q * p.h * d],
         dk: vec![T::ZERO; p.total_k * p.hk * d],
-        dv: vec![T::ZERO; p.total_k * p.hk * d],
+        dv: vec![T::ZERO; p.total_k * p.hk * d_v],
         dsink: if p.sink.is_some() { vec![T::ZERO; p.h] } else { Vec::new() },
     };
     if p.sink.is_some() {
@@ -490,12 +490,18 @@ fn compute<T: Real, const W: usize>(x: Args<'_>) -> (Forward<T>, Option<Grads<T>
             for t in 0..p.seqlen_k[seq] {
                 let dst = ((p.k_start[seq] + t) * p.hk + kh) * d;
                 for c in 0..d {
-                    let (mut a, mut b) = (T::ZERO, T::ZERO);
+                    let mut a = T::ZERO;
                     for r in &shares {
                         a += r.dk[t * dp + c];
-                        b += r.dv[t * dp + c];
                     }
                     g.dk[dst + c] = round.r(a);
+                }
+                let dst = ((p.k_start[seq] + t) * p.hk + kh) * d_v;
+                for c in 0..d_v {
+                    let mut b = T::ZERO;
+                    for r in &shares {
+                        b += r.dv[t * dvp + c];
+                    }
                     g.dv[dst + c] = round.r(b);
                 }
             }
@@ -587,15 +593,15 @@ mod plain {
     }
 
     fn gather<T: Real>(
-        p: &Problem,
         data: CpuSlice<'_>,
         map: &crate::problem::RowMap,
         seq: usize,
         head: usize,
         rows: usize,
+        width: usize,
     ) -> Vec<T> {
-        let mut out = Vec::with_capacity(rows * p.d);
-        let mut buf = vec![0f32; p.d];
+        let mut out = Vec::with_capacity(rows * width);
+        let mut buf = vec![0f32; width];
         for r in 0..rows {
             data.read_f32(map.at(seq, r, head), &mut buf);
             out.extend(buf.iter().map(|&x| T::of(x)));
@@ -618,9 +624,9 @@ mod plain {
             head,
             sq,
             sk,
-            q: gather(p, q, &p.q, seq, head, sq),
-            k: gather(p, k, &p.k, seq, kh, sk),
-            v: gather(p, v, &p.v, seq, kh, sk),
+            q: gather(q, &p.q, seq, head, sq, p.d),
+            k: gather(k, &p.k, seq, kh, sk, p.d),
+            v: gather(v, &p.v, seq, kh, sk, p.d_v),
         }
     }
 
@@ -665,7 +671,7 @@ mod plain {
         v: CpuSlice<'_>,
         round: Rounding,
     ) -> Forward<T> {
-        let d = p.d;
+        let d = p.d_v;
         let per_head: Vec<(usize, usize, Vec<T>, Vec<T>)> = all_heads(p)
             .into_par_iter()
             .map(|(seq, head)| {
@@ -709,7 +715,7 @@ mod plain {
         do_map: &crate::problem::RowMap,
         round: Rounding,
     ) -> Grads<T> {
-        let d = p.d;
+        let (d, d_v) = (p.d, p.d_v);
         let group = p.h / p.hk;
         let tasks: Vec<(usize, usize)> = (0..p.batch).flat_map(|s| (0..p.hk).map(move |kh| (s, kh))).collect();
         let results: Vec<_> = tasks
@@ -717,11 +723,11 @@ mod plain {
             .map(|(seq, kh)| {
                 let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
                 let mut dk = vec![T::ZERO; sk * d];
-                let mut dv = vec![T::ZERO; sk * d];
+                let mut dv = vec![T::ZERO; sk * d_v];
                 let mut dqs = Vec::new();
                 for head in kh * group..(kh + 1) * group {
                     let hd = heads::<T>(p, q, k, v, seq, head);
-                    let dout_h = gather::<T>(p, dout, do_map, seq, head, sq);
+                    let dout_h = gather::<T>(dout, do_map, seq, head, sq, d_v);
                     let (mut s, th) = scores(p, &hd, round);
                     let sink = p.sink.as_ref().map(|z| T::of(z[head]));
                     super::softmax_rows(&mut s, sq, sk, sk, |i| p.mask.key_range(i, sq, sk), sink);
@@ -734,8 +740,8 @@ mod plain {
                         let mut di = T::ZERO;
                         for (jj, j) in range.clone().enumerate() {
                             let mut acc = T::ZERO;
-                            for c in 0..d {
-                                acc += dout_h[i * d + c] * hd.v[j * d + c];
+                            for c in 0..d_v {
+                                acc += dout_h[i * d_v + c] * hd.v[j * d_v + c];
                             }
                             // The baseline rounds dP and P to the dtype, as a framework would store them.
                             let acc = round.r(acc);
@@ -748,8 +754,8 @@ mod plain {
                                 continue;
                             }
                             let pr = round.r(pij);
-                            for c in 0..d {
-                                dv[j * d + c] += pr * dout_h[i * d + c];
+                            for c in 0..d_v {
+                                dv[j * d_v + c] += pr * dout_h[i * d_v + c];
                             }
                             let mut ds = round.r(pr * (dp[jj] - di));
                             if p.softcap > 0.0 {
@@ -772,7 +778,7 @@ mod plain {
         let mut g = Grads {
             dq: vec![T::ZERO; p.total_q * p.h * d],
             dk: vec![T::ZERO; p.total_k * p.hk * d],
-            dv: vec![T::ZERO; p.total_k * p.hk * d],
+            dv: vec![T::ZERO; p.total_k * p.hk * d_v],
             dsink: Vec::new(),
         };
         for (seq, kh, dqs, dk, dv) in results {
@@ -788,7 +794,10 @@ mod plain {
                 let dst = ((p.k_start[seq] + t) * p.hk + kh) * d;
                 for c in 0..d {
                     g.dk[dst + c] = round.r(dk[t * d + c]);
-                    g.dv[dst + c] = round.r(dv[t * d + c]);
+                }
+                let dst = ((p.k_start[seq] + t) * p.hk + kh) * d_v;
+                for c in 0..d_v {
+                    g.dv[dst + c] = round.r(dv[t * d_v + c]);
                 }
             }
         }
@@ -926,6 +935,70 @@ mod tests {
                         ea <= 1.5 * eb + 1e-6 && eb <= 1.5 * ea + 1e-6,
                         "{dtype} case {n} {name}: baseline error {ea:e} vs {eb:e}"
                     );
+                }
+            }
+        }
+    }
+
+    /// A value head dim other than `d` (wider and narrower, GQA, causal, varlen): the blocked oracle equals the
+    /// element-by-element loops, and the blocked baseline rounds where they do.
+    #[test]
+    fn value_head_dim_matches_plain_loops() {
+        let mut r = rand::rngs::StdRng::seed_from_u64(9);
+        let varlen = VarLen { cu_seqlens_q: vec![0, 30, 30, 75], cu_seqlens_k: vec![0, 41, 90, 90], seqused_k: None };
+        for (n, (opts, [b, sq, sk, h, hk, d, dv])) in [
+            (AttnOptions::default(), [2, 33, 70, 4, 2, 40, 24]),
+            (AttnOptions::default().causal(), [1, 70, 67, 4, 1, 17, 72]),
+            (AttnOptions { varlen: Some(varlen), causal: true, ..Default::default() }, [3, 0, 0, 4, 2, 24, 9]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (qs, ks, vs, os) = match &opts.varlen {
+                Some(vl) => {
+                    let (tq, tk) = (75, *vl.cu_seqlens_k.last().unwrap() as usize);
+                    (vec![tq, h, d], vec![tk, hk, d], vec![tk, hk, dv], vec![tq, h, dv])
+                }
+                None => (vec![b, sq, h, d], vec![b, sk, hk, d], vec![b, sk, hk, dv], vec![b, sq, h, dv]),
+            };
+            for dtype in [DType::F32, DType::F16] {
+                let (q, k) = (randn(&mut r, &qs, dtype, 1.0), randn(&mut r, &ks, dtype, 1.0));
+                let (v, g) = (randn(&mut r, &vs, dtype, 1.0), randn(&mut r, &os, dtype, 1.0));
+                let p = validate(&q.view(), &k.view(), &v.view(), &opts).unwrap();
+                assert_eq!((p.d, p.d_v, p.o_shape()), (d, dv, os.clone()));
+                let (qd, kd, vd, gd) = (q.view().data, k.view().data, v.view().data, g.view().data);
+                let map = p.q_like_map(g.layout());
+                let round = if dtype == DType::F32 { Rounding(None) } else { Rounding(Some(dtype)) };
+                let pairs: Vec<(&str, Vec<f64>, Vec<f64>)> = if dtype == DType::F32 {
+                    let (f, gr) = oracle_f64(&p, qd, kd, vd, Some((gd, &map)));
+                    let gr = gr.unwrap();
+                    let f0 = plain::forward_generic::<f64>(&p, qd, kd, vd, round);
+                    let g0 = plain::backward_generic::<f64>(&p, qd, kd, vd, gd, &map, round);
+                    vec![("o", f.o, f0.o), ("dq", gr.dq, g0.dq), ("dk", gr.dk, g0.dk), ("dv", gr.dv, g0.dv)]
+                } else {
+                    let (f, gr) = naive_f32(&p, qd, kd, vd, Some((gd, &map)));
+                    let gr = gr.unwrap();
+                    let f0 = plain::forward_generic::<f32>(&p, qd, kd, vd, round);
+                    let g0 = plain::backward_generic::<f32>(&p, qd, kd, vd, gd, &map, round);
+                    let w = |x: Vec<f32>| x.into_iter().map(f64::from).collect::<Vec<_>>();
+                    vec![
+                        ("o", w(f.o), w(f0.o)),
+                        ("dq", w(gr.dq), w(g0.dq)),
+                        ("dk", w(gr.dk), w(g0.dk)),
+                        ("dv", w(gr.dv), w(g0.dv)),
+                    ]
+                };
+                let tol = if dtype == DType::F32 { 1e-12 } else { 4.0 / 1024.0 };
+                for (name, a, b) in &pairs {
+                    let want = [
+                        ("o", os.iter().product::<usize>()),
+                        ("dq", qs.iter().product()),
+                        ("dk", ks.iter().product()),
+                        ("dv", vs.iter().product()),
+                    ];
+                    assert_eq!(a.len(), want.iter().find(|x| x.0 == *name).unwrap().1, "case {n} {name} length");
+                    let (diff, scale) = max_diff(a, b);
+                    assert!(diff <= tol * (1.0 + scale), "{dtype} case {n} {name}: {diff:e} (scale {scale:e})");
                 }
             }
         }

@@ -75,8 +75,9 @@ fn small_exhaustive() {
         for variant in VARIANTS {
             for heads in HEADS {
                 for (sq, sk) in [(1, 1), (5, 17), (17, 5), (64, 64), (65, 130), (130, 65)] {
-                    for d in [8, 59] {
-                        let mut c = Case::new(dtype, d, (sq, sk), heads, variant);
+                    // Equal head dims, and a value head dim above and below the query/key one.
+                    for dims in [(8, 8), (59, 59), (24, 40), (40, 17)] {
+                        let mut c = Case::with_dv(dtype, dims, (sq, sk), heads, variant);
                         c.batch = 3;
                         c.backward = true;
                         cases.push(c);
@@ -136,8 +137,8 @@ fn first_shard() -> bool {
 }
 
 /// The spec's determinism: forward bit-identical over repeated runs, and backward too (the CPU backward is
-/// always deterministic: fixed summation order, no atomics). Every variant, dtype and head layout; the full
-/// sweep adds a long sequence in bf16.
+/// always deterministic: fixed summation order, no atomics). Every variant, dtype and head layout, value head
+/// dims different from `d` too; the full sweep adds a long sequence in bf16.
 #[test]
 fn determinism() {
     if !first_shard() {
@@ -153,9 +154,11 @@ fn determinism() {
             shapes.push((1023, 1024));
         }
         for &shape in &shapes {
-            for (i, variant) in VARIANTS.into_iter().enumerate() {
-                let (d, heads) = [(59, (6, 2)), (128, (6, 6)), (64, (6, 1))][i % 3];
-                let c = Case::new(dtype, d, shape, heads, variant);
+            for (i, variant) in VARIANTS.into_iter().chain([Variant::Sink]).enumerate() {
+                // Equal head dims, then (variants 3..) the value head dims of the spec.
+                let dims = [(59, 59), (128, 128), (64, 64), VALUE_DIMS[0], VALUE_DIMS[1], VALUE_DIMS[2]][i % 6];
+                let heads = [(6, 2), (6, 6), (6, 1)][i % 3];
+                let c = Case::with_dv(dtype, dims, shape, heads, variant);
                 let inp = make_inputs(&c, r);
                 let run = || {
                     let f = flashattn::forward_on(Device::Cpu, &inp.q, &inp.k, &inp.v, &inp.opts).expect("fwd");

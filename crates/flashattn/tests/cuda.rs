@@ -716,3 +716,39 @@ fn raw_pointers_packed_qkv() {
     assert_eq!(dk, bits16(&hg.dk), "raw dk differs from the host path");
     say("cuda raw pointers (packed QKV, caller stream): forward and backward match the host path");
 }
+
+/// A value head dim other than `d` (run by the CPU backends) is refused by every CUDA host entry point with
+/// `Error::Unsupported` before any device work, so this runs with or without a GPU; a well-formed call with
+/// equal head dims is not affected.
+#[test]
+fn value_head_dim_is_refused_before_device_work() {
+    let r = &mut rng(seed());
+    let dt = DType::BF16;
+    let (q, k, v) = (
+        randn_tensor(r, &[1, 8, 4, 192], dt, 1.0),
+        randn_tensor(r, &[1, 8, 2, 192], dt, 1.0),
+        randn_tensor(r, &[1, 8, 2, 128], dt, 1.0),
+    );
+    let opts = AttnOptions::default();
+    let refused = |e: flashattn::Error, entry: &str| match e {
+        flashattn::Error::Unsupported { backend: "cuda", what } => {
+            assert!(what.contains("d_v = 128") && what.contains("d = 192"), "{entry}: {what}")
+        }
+        other => panic!("{entry}: expected Unsupported, got {other}"),
+    };
+    refused(flashattn::forward_on(Device::Cuda(0), &q, &k, &v, &opts).unwrap_err(), "forward");
+    let f = flashattn::forward(&q, &k, &v, &opts).expect("cpu forward");
+    let g = randn_tensor(r, f.o.shape(), dt, 1.0);
+    refused(flashattn::backward_on(Device::Cuda(0), &q, &k, &v, &f.o, &f.lse, &g, &opts).unwrap_err(), "backward");
+    let (mut kc, mut vc) = (randn_tensor(r, &[1, 16, 2, 192], dt, 1.0), randn_tensor(r, &[1, 16, 2, 128], dt, 1.0));
+    let before = (kc.clone(), vc.clone());
+    let mut cache = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(4));
+    cache.k_new = Some(k.view());
+    cache.v_new = Some(v.view());
+    refused(flashattn::kvcache_forward_on(Device::Cuda(0), &q.view(), &mut cache, &opts).unwrap_err(), "kvcache");
+    drop(cache);
+    assert!(kc == before.0 && vc == before.1, "a refused KV-cache call must not append");
+    // Ring attention on CUDA refuses it too (before picking a GPU).
+    let e = flashattn::ring::ring_forward_cuda(0, &q, &k, &v, &opts, 2).unwrap_err();
+    assert!(matches!(e, flashattn::Error::Unsupported { .. }), "ring_forward_cuda: {e}");
+}

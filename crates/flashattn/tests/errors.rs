@@ -340,3 +340,82 @@ fn head_errors_name_the_right_argument() {
     let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(1));
     assert_eq!(arg_of(kvcache_forward(&q.view(), &mut c, &AttnOptions::default())), "k_cache");
 }
+
+/// A value head dim different from `d` is valid (o takes it); a v, o, dout, dv or v_cache whose head dim does
+/// not fit is refused naming that argument, with the expected and the given shape.
+#[test]
+fn value_head_dim_mismatches() {
+    let o = AttnOptions::default();
+    let q = t(&[1, 4, 2, 16], DType::F16);
+    let k = t(&[1, 6, 2, 16], DType::F16);
+    let v = t(&[1, 6, 2, 24], DType::F16);
+    let f = forward(&q, &k, &v, &o).unwrap();
+    assert_eq!(f.o.shape(), &[1, 4, 2, 24]);
+    // The default scale is 1/sqrt(d) (d = 16), not 1/sqrt(d_v).
+    assert_eq!(f.o, forward(&q, &k, &v, &AttnOptions::default().scale(0.25)).unwrap().o);
+    assert_ne!(f.o, forward(&q, &k, &v, &AttnOptions::default().scale(1.0 / 24f32.sqrt())).unwrap().o);
+    // v must match k but for its last dim, which must be in 1..=256.
+    assert_eq!(arg_of(forward(&q, &k, &t(&[1, 5, 2, 24], DType::F16), &o)), "v");
+    assert_eq!(arg_of(forward(&q, &k, &t(&[1, 6, 1, 24], DType::F16), &o)), "v");
+    assert_eq!(arg_of(forward(&q, &k, &t(&[1, 6, 2, 300], DType::F16), &o)), "v");
+    assert_eq!(arg_of(forward(&q, &k, &t(&[1, 6, 2, 0], DType::F16), &o)), "v");
+    let err = forward(&q, &k, &t(&[1, 6, 2, 300], DType::F16), &o).unwrap_err().to_string();
+    assert!(err.contains("1..=256") && err.contains("300"), "{err}");
+    // o and dout take v's head dim, not q's.
+    let g = t(&[1, 4, 2, 24], DType::F16);
+    assert!(backward(&q, &k, &v, &f.o, &f.lse, &g, &o).is_ok());
+    let wrong = t(&[1, 4, 2, 16], DType::F16);
+    assert_eq!(arg_of(backward(&q, &k, &v, &wrong, &f.lse, &g, &o)), "o");
+    assert_eq!(arg_of(backward(&q, &k, &v, &f.o, &f.lse, &wrong, &o)), "dout");
+    let err = backward(&q, &k, &v, &wrong, &f.lse, &g, &o).unwrap_err().to_string();
+    assert!(err.contains("[1, 4, 2, 24]") && err.contains("[1, 4, 2, 16]"), "{err}");
+    // Caller-provided outputs: o with q's head dim, dv with k's.
+    let (mut o16, mut lse) = (t(&[1, 4, 2, 16], DType::F16), t(&[1, 2, 4], DType::F32));
+    let r = flashattn::forward_into(&q.view(), &k.view(), &v.view(), &mut o16.view_mut(), &mut lse.view_mut(), &o);
+    assert_eq!(arg_of(r), "o");
+    let (mut dq, mut dk, mut dv16) =
+        (t(&[1, 4, 2, 16], DType::F16), t(&[1, 6, 2, 16], DType::F16), t(&[1, 6, 2, 16], DType::F16));
+    let r = flashattn::backward_into(
+        &q.view(),
+        &k.view(),
+        &v.view(),
+        &f.o.view(),
+        &f.lse.view(),
+        &g.view(),
+        &mut dq.view_mut(),
+        &mut dk.view_mut(),
+        &mut dv16.view_mut(),
+        &o,
+    );
+    assert_eq!(arg_of(r), "dv");
+    // KV cache: v_cache shaped as k_cache but for the head dim; v_new as k_new with v_cache's head dim.
+    let qc = t(&[2, 1, 2, 8], DType::F16);
+    let kn = t(&[2, 1, 1, 8], DType::F16);
+    let vn = t(&[2, 1, 1, 12], DType::F16);
+    let run = |v_shape: &[usize], v_new: Option<&Tensor>| {
+        let (mut kc, mut vc) = (t(&[3, 8, 1, 8], DType::F16), t(v_shape, DType::F16));
+        let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(2));
+        if let Some(v_new) = v_new {
+            c.k_new = Some(kn.view());
+            c.v_new = Some(v_new.view());
+        }
+        kvcache_forward(&qc.view(), &mut c, &o).map(|f| f.o.shape().to_vec())
+    };
+    assert_eq!(run(&[3, 8, 1, 12], Some(&vn)).unwrap(), vec![2, 1, 2, 12]);
+    assert_eq!(arg_of(run(&[3, 7, 1, 12], None)), "v_cache");
+    assert_eq!(arg_of(run(&[3, 8, 1, 257], None)), "v_cache");
+    assert_eq!(arg_of(run(&[3, 8, 1, 12], Some(&kn))), "v_new");
+    assert_eq!(arg_of(run(&[3, 8, 1, 8], Some(&vn))), "v_new");
+}
+
+/// Ring attention's shards and merges are written for one head dim: a different value head dim is refused
+/// as unsupported, not mistaken for a malformed call.
+#[test]
+fn ring_refuses_a_different_value_head_dim() {
+    let q = t(&[1, 8, 2, 16], DType::F16);
+    let v = t(&[1, 8, 2, 8], DType::F16);
+    match flashattn::ring::ring_forward(&q, &q, &v, &AttnOptions::default(), 2) {
+        Err(Error::Unsupported { backend: "ring", what }) => assert!(what.contains("d_v = 8"), "{what}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}

@@ -16,6 +16,8 @@ use rand::Rng;
 struct KvCase {
     dtype: DType,
     d: usize,
+    /// The value head dim (v_cache's, v_new's and o's last dim).
+    d_v: usize,
     sq: usize,
     s_new: usize,
     page: Option<usize>,
@@ -45,7 +47,7 @@ fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
 
 fn run(c: KvCase, seed: u64) {
     let mut r = rng(seed);
-    let (b, h, hk, d) = (3usize, 6usize, 2usize, c.d);
+    let (b, h, hk, d, dv) = (3usize, 6usize, 2usize, c.d, c.d_v);
     let cap = 300usize;
     let dt = c.dtype;
     // Cache geometry: logical [b][cap] rows, stored unpaged ([b_cache, cap]) or paged.
@@ -72,10 +74,11 @@ fn run(c: KvCase, seed: u64) {
     let leftpad: Vec<usize> =
         if c.leftpad { seqlens.iter().map(|&n| r.gen_range(0..=n.min(40))).collect() } else { vec![0; b] };
     let kc0 = randn_tensor(&mut r, &cache_shape, dt, 1.0);
-    let vc0 = randn_tensor(&mut r, &cache_shape, dt, 1.0);
+    let v_shape = [&cache_shape[..3], &[dv]].concat();
+    let vc0 = randn_tensor(&mut r, &v_shape, dt, 1.0);
     let q = randn_tensor(&mut r, &[b, c.sq, h, d], dt, 1.0);
     let kn = randn_tensor(&mut r, &[b, c.s_new, hk, d], dt, 1.0);
-    let vn = randn_tensor(&mut r, &[b, c.s_new, hk, d], dt, 1.0);
+    let vn = randn_tensor(&mut r, &[b, c.s_new, hk, dv], dt, 1.0);
     let rot = match c.rot {
         Rot::None => 0,
         Rot::Half => (d / 2) & !1,
@@ -94,10 +97,11 @@ fn run(c: KvCase, seed: u64) {
 
     // The independent model: expected cache contents after the append.
     let (mut ek, mut ev) = (kc0.to_f32_vec(), vc0.to_f32_vec());
+    // The cache row of (sequence, position, key head), counted in rows of the head dim (d for k, d_v for v).
     let row_index = |seq: usize, pos: usize, kh: usize| -> usize {
         match &table {
-            None => ((rows_of[seq] * cap + pos) * hk + kh) * d,
-            Some((t, mp, ps)) => ((t[seq * mp + pos / ps] as usize * ps + pos % ps) * hk + kh) * d,
+            None => (rows_of[seq] * cap + pos) * hk + kh,
+            Some((t, mp, ps)) => (t[seq * mp + pos / ps] as usize * ps + pos % ps) * hk + kh,
         }
     };
     let (knv, vnv) = (kn.to_f32_vec(), vn.to_f32_vec());
@@ -107,6 +111,7 @@ fn run(c: KvCase, seed: u64) {
             for kh in 0..hk {
                 let src = ((i * c.s_new + t) * hk + kh) * d;
                 let mut krow = knv[src..src + d].to_vec();
+                let vsrc = ((i * c.s_new + t) * hk + kh) * dv;
                 if rot > 0 {
                     rotate(
                         &mut krow,
@@ -115,11 +120,12 @@ fn run(c: KvCase, seed: u64) {
                         c.interleaved,
                     );
                 }
-                let dst = row_index(i, pos, kh);
+                let row = row_index(i, pos, kh);
                 for x in 0..d {
-                    ek[dst + x] = dt.round(krow[x]);
-                    ev[dst + x] = vnv[src + x];
+                    ek[row * d + x] = dt.round(krow[x]);
                 }
+                // Values are appended as given (rotary applies to keys and queries only).
+                ev[row * dv..(row + 1) * dv].copy_from_slice(&vnv[vsrc..vsrc + dv]);
             }
         }
     }
@@ -161,13 +167,13 @@ fn run(c: KvCase, seed: u64) {
     // Oracle: dense varlen attention over the visible keys of the model cache, with q rotated by the model.
     let sk: Vec<usize> = (0..b).map(|i| seqlens[i] + c.s_new - leftpad[i]).collect();
     let total_k: usize = sk.iter().sum();
-    let (mut kd, mut vd) = (Vec::with_capacity(total_k * hk * d), Vec::with_capacity(total_k * hk * d));
+    let (mut kd, mut vd) = (Vec::with_capacity(total_k * hk * d), Vec::with_capacity(total_k * hk * dv));
     for i in 0..b {
         for j in 0..sk[i] {
             for kh in 0..hk {
-                let src = row_index(i, leftpad[i] + j, kh);
-                kd.extend_from_slice(&ek[src..src + d]);
-                vd.extend_from_slice(&ev[src..src + d]);
+                let row = row_index(i, leftpad[i] + j, kh);
+                kd.extend_from_slice(&ek[row * d..(row + 1) * d]);
+                vd.extend_from_slice(&ev[row * dv..(row + 1) * dv]);
             }
         }
     }
@@ -190,7 +196,7 @@ fn run(c: KvCase, seed: u64) {
     }
     let qd = Tensor::from_f32(&qv, &[b * c.sq, h, d], dt).unwrap();
     let kdt = Tensor::from_f32(&kd, &[total_k, hk, d], dt).unwrap();
-    let vdt = Tensor::from_f32(&vd, &[total_k, hk, d], dt).unwrap();
+    let vdt = Tensor::from_f32(&vd, &[total_k, hk, dv], dt).unwrap();
     let mut cu_k = vec![0i32];
     for &s in &sk {
         cu_k.push(cu_k.last().unwrap() + s as i32);
@@ -204,6 +210,7 @@ fn run(c: KvCase, seed: u64) {
     let p = validate(&qd.view(), &kdt.view(), &vdt.view(), &vopts).unwrap();
     let reference = forward_f64(&p, qd.view().data, kdt.view().data, vdt.view().data);
     let (base, _) = naive_forward(&p, qd.view().data, kdt.view().data, vdt.view().data);
+    assert_eq!(out.o.shape(), &[b, c.sq, h, dv], "{c:?}: o takes v's head dim");
     let vo = compare("o", &out.o.to_f32_vec(), &reference.o, &base.to_f32_vec(), dt, 2.0);
     assert!(vo.pass, "{c:?} seed {seed}: {vo}");
     // lse: ours is [b, h, sq], the varlen oracle's is [h, b * sq].
@@ -235,9 +242,11 @@ fn kvcache_sweep() {
                             continue;
                         }
                         let unpaged = page.is_none();
+                        let d = if i % 2 == 0 { 64 } else { 59 };
                         let c = KvCase {
                             dtype,
-                            d: if i % 2 == 0 { 64 } else { 59 },
+                            d,
+                            d_v: d,
                             sq,
                             s_new,
                             page,
@@ -255,4 +264,35 @@ fn kvcache_sweep() {
         }
     }
     println!("kvcache sweep: {n} passed, 0 failed");
+}
+
+/// A value head dim different from `d` on the KV-cache path: v_cache, v_new and o take `d_v`, rotary applies
+/// to keys and queries only (its angles sized by `d`); paged and unpaged, with left padding and batch index,
+/// every dtype, against the independent cache model and the f64 oracle.
+#[test]
+fn kvcache_value_head_dim() {
+    let mut n = 0;
+    for dtype in [DType::F16, DType::BF16, DType::F32] {
+        for (i, &(d, d_v)) in VALUE_DIMS.iter().chain(&[(59, 24)]).enumerate() {
+            for page in [None, Some(16)] {
+                let unpaged = page.is_none();
+                let c = KvCase {
+                    dtype,
+                    d,
+                    d_v,
+                    sq: [1, 3, 4, 2][i],
+                    s_new: [1, 0, 4, 5][i],
+                    page,
+                    rot: if i == 1 { Rot::None } else { [Rot::Half, Rot::Full][i % 2] },
+                    interleaved: i % 2 == 0,
+                    leftpad: unpaged && i % 2 == 1,
+                    batch_idx: unpaged && i >= 2,
+                    causal: i != 1,
+                };
+                run(c, seed());
+                n += 1;
+            }
+        }
+    }
+    println!("kvcache value head dims: {n} passed, 0 failed");
 }

@@ -15,7 +15,8 @@
 //! the forward's `P V` and the backward's gradient products (`dQ += dS K`, `dV += Pᵀ dO`, `dK += dSᵀ Q`) run
 //! through the register-tiled kernel of `super::kernel` (independent of the oracle's `crate::gemm`), on
 //! operands padded to `W` columns and `R` rows, with `Kᵀ` and `Vᵀ` transposed once per key tile and `Pᵀ`,
-//! `dSᵀ` read by columns. One kernel for every score product, summing each element in one chain over `k`,
+//! `dSᵀ` read by columns. The value head dim `d_v` may differ from `d`: `Q Kᵀ`, `dQ`, `dK` run over `d`
+//! (padded to `dp`), `dP = dO Vᵀ`, `P V`, `O`, `dO` and `dV` over `d_v` (padded to `dvp`). One kernel for every score product, summing each element in one chain over `k`,
 //! keeps a pair's `S` (and `dP`) bit-identical across the forward and both backward passes. Each tile
 //! function is compiled three times (plain; AVX2+FMA; AVX-512F), picked at run time (`kernel::level`).
 //! Exponentials use the kernel's polynomial `exp` everywhere, so `P = exp(s - lse)` is 1 exactly where
@@ -80,10 +81,10 @@ fn tasks(p: &Problem, heads: usize, rows: impl Fn(usize) -> usize, tile: usize) 
 
 /// The forward pass.
 pub(crate) fn forward(p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>) {
-    let d = p.d;
+    let (d, d_v) = (p.d, p.d_v);
     tasks(p, p.h, |s| p.seqlen_q[s], FBM)
         .into_par_iter()
-        .for_each_init(|| FwdScratch::new(d), |sc, (seq, head, i0)| forward_tile(p, x, out, sc, seq, head, i0));
+        .for_each_init(|| FwdScratch::new(d, d_v), |sc, (seq, head, i0)| forward_tile(p, x, out, sc, seq, head, i0));
 }
 
 /// Query rows per forward task and per task of the backward's pass 1: the key tile's loading and
@@ -91,7 +92,7 @@ pub(crate) fn forward(p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>) {
 const FBM: usize = 128;
 
 struct FwdScratch {
-    /// `[FBM, dp]`, `[BN, dp]`, `[d, BN]` (`Kᵀ`), `[BN, dp]`, `[FBM, BN]`, `[FBM, dp]`.
+    /// `[FBM, dp]`, `[BN, dp]`, `[d, BN]` (`Kᵀ`), `[BN, dvp]`, `[FBM, BN]`, `[FBM, dvp]`.
     q: Vec<f32>,
     k: Vec<f32>,
     kt: Vec<f32>,
@@ -103,15 +104,15 @@ struct FwdScratch {
 }
 
 impl FwdScratch {
-    fn new(d: usize) -> Self {
-        let dp = round_up(d, W);
+    fn new(d: usize, d_v: usize) -> Self {
+        let (dp, dvp) = (round_up(d, W), round_up(d_v, W));
         FwdScratch {
             q: vec![0.0; FBM * dp],
             k: vec![0.0; BN * dp],
             kt: vec![0.0; d * BN],
-            v: vec![0.0; BN * dp],
+            v: vec![0.0; BN * dvp],
             s: vec![0.0; FBM * BN],
-            acc: vec![0.0; FBM * dp],
+            acc: vec![0.0; FBM * dvp],
             m: vec![0.0; FBM],
             l: vec![0.0; FBM],
         }
@@ -167,6 +168,7 @@ fn forward_tile_body<const L: u8>(
     i0: usize,
 ) {
     let (d, dp) = (p.d, round_up(p.d, W));
+    let (dv, dvp) = (p.d_v, round_up(p.d_v, W));
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
     let i1 = (i0 + FBM).min(sq);
     let bm = i1 - i0;
@@ -177,7 +179,7 @@ fn forward_tile_body<const L: u8>(
     let plain = f.softcap <= 0.0 && f.slope.is_none();
     load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut sc.q);
     sc.q[bm * dp..rows * dp].fill(0.0);
-    sc.acc[..rows * dp].fill(0.0);
+    sc.acc[..rows * dvp].fill(0.0);
     // A sink starts every row's softmax: running max `sink`, running sum `exp(sink - sink) = 1`.
     let sink = p.sink.as_ref().map(|z| z[head]);
     sc.m[..bm].fill(sink.unwrap_or(f32::NEG_INFINITY));
@@ -209,7 +211,7 @@ fn forward_tile_body<const L: u8>(
             sc.kt.fill(0.0);
         }
         transpose_into(&sc.k, bn, dp, d, &mut sc.kt, BN);
-        load_rows(x.v, &p.v, seq, kh, j0, bn, d, dp, &mut sc.v);
+        load_rows(x.v, &p.v, seq, kh, j0, bn, dv, dvp, &mut sc.v);
         tile_product::<L>(d, dp, rows, &sc.q, &sc.kt, tile_cols(lo.max(j0), hi.min(j1), j0), &mut sc.s);
         for (r, range) in ranges.iter().enumerate() {
             let (a, b) = (range.start.max(j0), range.end.min(j1));
@@ -237,7 +239,7 @@ fn forward_tile_body<const L: u8>(
             let alpha = kernel::exp1(sc.m[r] - base); // m = -inf the first time: alpha = 0
             sc.m[r] = mx;
             if alpha != 1.0 {
-                sc.acc[r * dp..r * dp + d].iter_mut().for_each(|v| *v *= alpha);
+                sc.acc[r * dvp..r * dvp + dv].iter_mut().for_each(|v| *v *= alpha);
             }
             let prow = &mut srow[a - j0..b - j0];
             prow.iter_mut().for_each(|x| *x -= base);
@@ -255,7 +257,7 @@ fn forward_tile_body<const L: u8>(
                         let (a, b) = (range.start.max(j0), range.end.min(j1));
                         if a < b {
                             let prow = &sc.s[r * BN + a - j0..r * BN + b - j0];
-                            pv_row(&mut sc.acc[r * dp..r * dp + d], prow, &sc.v[(a - j0) * dp..], d, dp);
+                            pv_row(&mut sc.acc[r * dvp..r * dvp + dv], prow, &sc.v[(a - j0) * dvp..], dv, dvp);
                         }
                     }
                 }
@@ -268,11 +270,11 @@ fn forward_tile_body<const L: u8>(
                 Some(k) if !k.is_empty() => k.start - j0..k.end - j0,
                 _ => 0..0,
             };
-            kernel::gemm::<L>(ARef { a: &sc.s, rs: BN, cs: 1 }, &sc.v, dp, &mut sc.acc, dp, rows, keys, 0..dp);
+            kernel::gemm::<L>(ARef { a: &sc.s, rs: BN, cs: 1 }, &sc.v, dvp, &mut sc.acc, dvp, rows, keys, 0..dvp);
         }
         j0 = j1;
     }
-    let mut row = vec![0f32; d];
+    let mut row = vec![0f32; dv];
     for (r, range) in ranges.iter().enumerate() {
         // Only a row whose mask leaves no key is reported empty (o = 0, lse = -inf, or the sink with one). A
         // NaN score, a +inf score (`inf - inf`) or a NaN/inf value has made `l` or `acc` non-finite, and that
@@ -286,7 +288,7 @@ fn forward_tile_body<const L: u8>(
             (&row, f32::NAN)
         } else {
             let inv = 1.0 / sc.l[r];
-            row.iter_mut().zip(&sc.acc[r * dp..r * dp + d]).for_each(|(o, a)| *o = a * inv);
+            row.iter_mut().zip(&sc.acc[r * dvp..r * dvp + dv]).for_each(|(o, a)| *o = a * inv);
             let m = if sc.m[r] == f32::NEG_INFINITY { 0.0 } else { sc.m[r] };
             (&row, m + sc.l[r].ln())
         };
@@ -357,8 +359,8 @@ fn prob_dscore_row(
     }
 }
 
-/// One key tile's operands of the score products, transposed once: `Kᵀ` and `Vᵀ` as `[d, BN]` (columns
-/// past the tile's keys are 0), and `K` row-major `[BN, dp]` for `dQ += dS K`.
+/// One key tile's operands of the score products, transposed once: `Kᵀ` as `[d, BN]` and `Vᵀ` as `[d_v, BN]`
+/// (columns past the tile's keys are 0), and `K` row-major `[BN, dp]` for `dQ += dS K`.
 struct KeyTile {
     k: Vec<f32>,
     kt: Vec<f32>,
@@ -366,12 +368,13 @@ struct KeyTile {
 }
 
 impl KeyTile {
-    fn new(d: usize, dp: usize) -> Self {
-        KeyTile { k: vec![0.0; BN * dp], kt: vec![0.0; d * BN], vt: vec![0.0; d * BN] }
+    fn new(p: &Problem) -> Self {
+        let dp = round_up(p.d, W);
+        KeyTile { k: vec![0.0; BN * dp], kt: vec![0.0; p.d * BN], vt: vec![0.0; p.d_v * BN] }
     }
 
-    /// Loads keys `j0..j0 + bn` of `(seq, kh)` (the row-major `K` only when `keep_k`); `buf` is `[BN, dp]`
-    /// scratch.
+    /// Loads keys `j0..j0 + bn` of `(seq, kh)` (the row-major `K` only when `keep_k`); `buf` is scratch of
+    /// at least `BN * max(dp, dvp)` elements.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn load(
@@ -386,6 +389,7 @@ impl KeyTile {
         buf: &mut [f32],
     ) {
         let (d, dp) = (p.d, round_up(p.d, W));
+        let (dv, dvp) = (p.d_v, round_up(p.d_v, W));
         if bn < BN {
             self.kt.fill(0.0);
             self.vt.fill(0.0);
@@ -393,8 +397,8 @@ impl KeyTile {
         let kbuf: &mut [f32] = if keep_k { &mut self.k } else { buf };
         load_rows(x.k, &p.k, seq, kh, j0, bn, d, dp, kbuf);
         transpose_into(kbuf, bn, dp, d, &mut self.kt, BN);
-        load_rows(x.v, &p.v, seq, kh, j0, bn, d, dp, buf);
-        transpose_into(buf, bn, dp, d, &mut self.vt, BN);
+        load_rows(x.v, &p.v, seq, kh, j0, bn, dv, dvp, buf);
+        transpose_into(buf, bn, dvp, dv, &mut self.vt, BN);
     }
 }
 
@@ -418,12 +422,11 @@ fn tile_product<const L: u8>(
     kernel::gemm::<L>(ARef { a, rs: dp, cs: 1 }, bt, BN, c, BN, rows, |_| 0..d, cols);
 }
 
-/// `S = Q Kᵀ` and `dP = dO Vᵀ` of `rows` query rows (`[rows, dp]` each) against one key tile.
+/// `S = Q Kᵀ` and `dP = dO Vᵀ` of `rows` query rows (`q` `[rows, dp]`, `g` `[rows, dvp]`) against one key tile.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn scores<const L: u8>(
-    d: usize,
-    dp: usize,
+    p: &Problem,
     rows: usize,
     q: &[f32],
     g: &[f32],
@@ -432,8 +435,8 @@ fn scores<const L: u8>(
     s: &mut [f32],
     dpm: &mut [f32],
 ) {
-    tile_product::<L>(d, dp, rows, q, &t.kt, cols.clone(), s);
-    tile_product::<L>(d, dp, rows, g, &t.vt, cols, dpm);
+    tile_product::<L>(p.d, round_up(p.d, W), rows, q, &t.kt, cols.clone(), s);
+    tile_product::<L>(p.d_v, round_up(p.d_v, W), rows, g, &t.vt, cols, dpm);
 }
 
 /// The tile columns `[a - j0, b - j0)` widened to multiples of `W` (within `BN`).
@@ -490,16 +493,17 @@ fn dkdv_tile_body<const L: u8>(
     j0: usize,
 ) {
     let (d, dp) = (p.d, round_up(p.d, W));
+    let (d_v, dvp) = (p.d_v, round_up(p.d_v, W));
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
     let j1 = (j0 + BN).min(sk);
     let bn = j1 - j0;
     let bnr = round_up(bn, R);
-    let mut t = KeyTile::new(d, dp);
+    let mut t = KeyTile::new(p);
     let mut q = vec![0f32; BM * dp];
-    let mut g = vec![0f32; BM * dp];
-    t.load(p, x, seq, kh, j0, bn, false, &mut q);
+    let mut g = vec![0f32; BM * dvp];
+    t.load(p, x, seq, kh, j0, bn, false, &mut vec![0f32; BN * dp.max(dvp)]);
     let mut dk = vec![0f32; BN * dp];
-    let mut dv = vec![0f32; BN * dp];
+    let mut dv = vec![0f32; BN * dvp];
     // Queries that see any key of the tile: query ranges are monotone in the key.
     let qa = p.mask.query_range(j0, sq, sk);
     let qb = p.mask.query_range(j1 - 1, sq, sk);
@@ -517,18 +521,18 @@ fn dkdv_tile_body<const L: u8>(
             let n = (hi - i0).min(BM);
             let rows = round_up(n, R);
             load_rows(x.q, &p.q, seq, head, i0, n, d, dp, &mut q);
-            load_rows(b.dout, b.do_map, seq, head, i0, n, d, dp, &mut g);
+            load_rows(b.dout, b.do_map, seq, head, i0, n, d_v, dvp, &mut g);
             // A row that saw no key contributes nothing: its q and dO rows are zeroed so that a non-finite
             // value in them cannot reach dK, dV through the products' zero weights (`0 * NaN`).
             for r in 0..n {
                 if b.lse[p.lse_index(seq, head, i0 + r)] == f32::NEG_INFINITY {
                     q[r * dp..(r + 1) * dp].fill(0.0);
-                    g[r * dp..(r + 1) * dp].fill(0.0);
+                    g[r * dvp..(r + 1) * dvp].fill(0.0);
                 }
             }
             let (ka, kb) = tile_key_range(p, seq, i0, i0 + n);
             let cols = tile_cols(ka.max(j0), kb.min(j1), j0);
-            scores::<L>(d, dp, rows, &q, &g, &t, cols, &mut s, &mut dpm);
+            scores::<L>(p, rows, &q, &g, &t, cols, &mut s, &mut dpm);
             pm[..rows * BN].fill(0.0);
             ds[..rows * BN].fill(0.0);
             for r in 0..n {
@@ -547,14 +551,14 @@ fn dkdv_tile_body<const L: u8>(
                 let (pr, dr) = (&mut pm[e..], &mut ds[e..]);
                 prob_dscore_row(&f, plain, i, js, &s[e..], &dpm[e..], pr, dr, lse, di);
             }
-            kernel::gemm::<L>(ARef { a: &pm, rs: 1, cs: BN }, &g, dp, &mut dv, dp, bnr, |_| 0..n, 0..dp);
+            kernel::gemm::<L>(ARef { a: &pm, rs: 1, cs: BN }, &g, dvp, &mut dv, dvp, bnr, |_| 0..n, 0..dvp);
             kernel::gemm::<L>(ARef { a: &ds, rs: 1, cs: BN }, &q, dp, &mut dk, dp, bnr, |_| 0..n, 0..dp);
             i0 += n;
         }
     }
     for jj in 0..bn {
         out.dk.write_f32(out.dk_map.at(seq, j0 + jj, kh), &dk[jj * dp..jj * dp + d]);
-        out.dv.write_f32(out.dv_map.at(seq, j0 + jj, kh), &dv[jj * dp..jj * dp + d]);
+        out.dv.write_f32(out.dv_map.at(seq, j0 + jj, kh), &dv[jj * dvp..jj * dvp + d_v]);
     }
 }
 
@@ -572,6 +576,7 @@ fn dq_tile_body<const L: u8>(
     i0: usize,
 ) -> Vec<f32> {
     let (d, dp) = (p.d, round_up(p.d, W));
+    let (d_v, dvp) = (p.d_v, round_up(p.d_v, W));
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
     let i1 = (i0 + FBM).min(sq);
     let bm = i1 - i0;
@@ -579,16 +584,16 @@ fn dq_tile_body<const L: u8>(
     let kh = kv_head(head, p.h, p.hk);
     let f = ScoreFn::new(p, seq, head);
     let mut q = vec![0f32; rows * dp];
-    let mut g = vec![0f32; rows * dp];
+    let mut g = vec![0f32; rows * dvp];
     let mut dd = vec![0f32; bm];
     let mut dq = vec![0f32; rows * dp];
     load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut q);
-    load_rows(b.dout, b.do_map, seq, head, i0, bm, d, dp, &mut g);
+    load_rows(b.dout, b.do_map, seq, head, i0, bm, d_v, dvp, &mut g);
     let lse: Vec<f32> = (i0..i1).map(|i| b.lse[p.lse_index(seq, head, i)]).collect();
     let ranges: Vec<_> = (i0..i1).map(|i| p.mask.key_range(i, sq, sk)).collect();
     let (lo, hi) = tile_key_range(p, seq, i0, i1);
-    let mut t = KeyTile::new(d, dp);
-    let mut buf = vec![0f32; BN * dp];
+    let mut t = KeyTile::new(p);
+    let mut buf = vec![0f32; BN * dp.max(dvp)];
     let mut s = vec![0f32; rows * BN];
     let mut dpm = vec![0f32; rows * BN];
     let mut ds = vec![0f32; rows * BN];
@@ -604,7 +609,7 @@ fn dq_tile_body<const L: u8>(
     while j0 < hi {
         let j1 = (j0 + BN).min(sk);
         t.load(p, x, seq, kh, j0, j1 - j0, false, &mut buf);
-        scores::<L>(d, dp, rows, &q, &g, &t, tile_cols(lo.max(j0), hi.min(j1), j0), &mut s, &mut dpm);
+        scores::<L>(p, rows, &q, &g, &t, tile_cols(lo.max(j0), hi.min(j1), j0), &mut s, &mut dpm);
         for r in 0..bm {
             if lse[r] == f32::NEG_INFINITY {
                 continue;
@@ -636,7 +641,7 @@ fn dq_tile_body<const L: u8>(
         let bn = j1 - j0;
         t.load(p, x, seq, kh, j0, bn, true, &mut buf);
         let (a, bb) = (lo.max(j0), hi.min(j1));
-        scores::<L>(d, dp, rows, &q, &g, &t, tile_cols(a, bb, j0), &mut s, &mut dpm);
+        scores::<L>(p, rows, &q, &g, &t, tile_cols(a, bb, j0), &mut s, &mut dpm);
         ds.fill(0.0);
         for r in 0..bm {
             if lse[r] == f32::NEG_INFINITY {

@@ -365,6 +365,27 @@ mod tests {
         assert!(matches!(e, Error::Unsupported { .. }), "{e}");
     }
 
+    /// A value head dim other than `d` is valid (the CPU backends run it) but not on the CUDA kernels yet: every
+    /// device-memory entry point's validation refuses it as unsupported, before any device work.
+    #[test]
+    fn device_calls_refuse_a_different_value_head_dim() {
+        let (q, k, v) =
+            (t(DType::BF16, &[2, 16, 8, 192]), t(DType::BF16, &[2, 32, 2, 192]), t(DType::BF16, &[2, 32, 2, 128]));
+        let opts = AttnOptions::default();
+        let unsupported = |r: Result<Problem>| match r {
+            Err(Error::Unsupported { backend: "cuda", what }) => assert!(what.contains("d_v = 128"), "{what}"),
+            other => panic!("expected Unsupported, got {other:?}"),
+        };
+        unsupported(device_problem(&q, &k, &v, &opts, &DeviceMeta::default()));
+        // The raw entry points' validation (forward_raw, backward_raw).
+        unsupported(
+            super::super::raw_problem(&q, &k, &v, &opts).and_then(|p| super::super::require_half(&p).map(|_| p)),
+        );
+        assert!(backward_workspace_bytes(&q, &k, &v, &opts, &DeviceMeta::default()).is_err());
+        // Equal head dims still pass.
+        assert!(device_problem(&q, &k, &k, &opts, &DeviceMeta::default()).is_ok());
+    }
+
     #[test]
     fn backward_workspace_is_a_pure_function_of_the_shapes() {
         let q = t(DType::BF16, &[2, 300, 8, 96]);

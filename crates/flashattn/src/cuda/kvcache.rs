@@ -501,6 +501,7 @@ pub fn kvcache_forward_host(
 ) -> Result<ForwardOutput> {
     let c = crate::kvcache::check(q, cache, opts)?;
     let p = &c.problem;
+    super::require_same_value_dim(p.d, p.d_v)?;
     let gpu = runtime::gpu(n)?;
     let max_pages = p.k.paged.as_ref().map(|pg| pg.max_pages);
     let plan = make_plan(
@@ -641,6 +642,11 @@ fn raw_plan(
         return Err(Error::invalid("k_cache", format!("rank 4 with head dim {d}"), format!("shape {cs:?}")));
     }
     cache.k_cache.check("k_cache", &cs, dtype, true)?;
+    // A v_cache shaped as k_cache but for its head dim is a valid call the kernels cannot run yet.
+    let vs = &cache.v_cache.shape;
+    if vs.len() == 4 && vs[..3] == cs[..3] {
+        super::require_same_value_dim(d, vs[3])?;
+    }
     cache.v_cache.check("v_cache", &cs, dtype, true)?;
     let hk = cs[2];
     crate::problem::check_heads_of(h, hk, "k_cache")?;

@@ -66,15 +66,31 @@ pub fn status() -> BackendStatus {
     BackendStatus { name: "cuda", usable, detail }
 }
 
-/// What every CUDA entry point refuses: other dtypes than f16/bf16, and a learnable sink (CPU backends only).
+/// What every CUDA entry point refuses: other dtypes than f16/bf16, a learnable sink and a value head dim
+/// other than the query/key head dim (CPU backends only).
 fn require_half(p: &Problem) -> Result<()> {
     if p.sink.is_some() {
         return Err(no_sink());
     }
+    require_same_value_dim(p.d, p.d_v)?;
     match p.dtype {
         DType::F16 | DType::BF16 => Ok(()),
         other => Err(Error::Unsupported { backend: "cuda", what: format!("dtype {other} (use f16 or bf16)") }),
     }
+}
+
+/// The CUDA kernels read v, write o and dv with the query/key head dim: a different value head dim `d_v`
+/// (supported by the CPU backends) is refused before any device work.
+pub(crate) fn require_same_value_dim(d: usize, d_v: usize) -> Result<()> {
+    if d_v != d {
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            what: format!(
+                "a value head dim d_v = {d_v} different from the query/key head dim d = {d} (CPU backends only for now)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The CUDA kernels have no learnable sink yet.

@@ -143,6 +143,18 @@ fn lse_to_rows(lse: &[f32], b: usize, h: usize, n: usize) -> Vec<f32> {
     out
 }
 
+/// Refuses a value head dim `d_v` other than `d` with [`Error::Unsupported`]: the ring's shards, block
+/// exchanges and merges are written for one head dim.
+pub(super) fn same_value_dim(d: usize, d_v: usize) -> Result<()> {
+    if d_v != d {
+        return Err(Error::Unsupported {
+            backend: "ring",
+            what: format!("a value head dim d_v = {d_v} different from the query/key head dim d = {d}"),
+        });
+    }
+    Ok(())
+}
+
 /// The checks every rank makes of its shards; returns `(b, h, hk, d)`.
 fn check_shards(s: &RingSchedule, rank: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<[usize; 4]> {
     if rank >= s.ranks() {
@@ -159,6 +171,9 @@ fn check_shards(s: &RingSchedule, rank: usize, q: &Tensor, k: &Tensor, v: &Tenso
             format!("shape [{b}, {}, hk, {d}] (rank {rank}'s shard)", s.k.rank_len(rank)),
             format!("{:?}", k.shape()),
         ));
+    }
+    if v.shape().len() == 4 && v.shape()[..3] == k.shape()[..3] {
+        same_value_dim(d, v.shape()[3])?;
     }
     if v.shape() != k.shape() {
         return Err(Error::invalid("v", format!("shape {:?} (as k)", k.shape()), format!("{:?}", v.shape())));
@@ -210,6 +225,7 @@ pub(super) fn ring_plan(
     }
     let causal = ring_mask(opts)?;
     let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
+    same_value_dim(p.d, p.d_v)?;
     extra(&p)?;
     let sched = RingSchedule::new(ranks, p.dense_sq, k.shape()[1], causal)?;
     Ok((p, sched))
@@ -447,7 +463,7 @@ fn partial_backward(x: &PartialBwd<'_>, opts: AttnOptions) -> Result<(Vec<f32>, 
     let mut dq = vec![f32::NAN; p.total_q * p.h * p.d];
     let mut dk = vec![f32::NAN; p.total_k * p.hk * p.d];
     let mut dv = vec![f32::NAN; p.total_k * p.hk * p.d];
-    let dq_map = p.q_like_map(&Layout::contiguous(&p.o_shape()));
+    let dq_map = p.q_like_map(&Layout::contiguous(&p.q_shape()));
     let k_shape = [p.batch, p.total_k / p.batch.max(1), p.hk, p.d];
     let dk_map = p.k_like_map(&Layout::contiguous(&k_shape));
     let out = BwdOut {

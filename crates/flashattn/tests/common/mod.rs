@@ -81,6 +81,9 @@ pub const SEQLENS: [(usize, usize); 17] = [
     (799, 3),
 ];
 pub const HEADS: [(usize, usize); 3] = [(6, 6), (6, 2), (6, 1)];
+/// The spec's value head dims other than `d`: `(d, d_v)` pairs (DeepSeek-style 192/128, a narrower and a
+/// wider value).
+pub const VALUE_DIMS: [(usize, usize); 3] = [(192, 128), (128, 64), (64, 128)];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Variant {
@@ -103,6 +106,8 @@ pub const VARIANTS: [Variant; 6] =
 pub struct Case {
     pub dtype: DType,
     pub d: usize,
+    /// The value head dim (v's, o's and dout's last dim); `d` unless set.
+    pub d_v: usize,
     pub sq: usize,
     pub sk: usize,
     pub h: usize,
@@ -118,10 +123,22 @@ pub struct Case {
 
 impl Case {
     pub fn new(dtype: DType, d: usize, (sq, sk): (usize, usize), (h, hk): (usize, usize), variant: Variant) -> Self {
+        Case::with_dv(dtype, (d, d), (sq, sk), (h, hk), variant)
+    }
+
+    /// A case whose value head dim `d_v` may differ from the query/key head dim `d`.
+    pub fn with_dv(
+        dtype: DType,
+        (d, d_v): (usize, usize),
+        (sq, sk): (usize, usize),
+        (h, hk): (usize, usize),
+        variant: Variant,
+    ) -> Self {
         let batch = if sq * sk >= 1024 * 1023 { 2 } else { 4 };
         Case {
             dtype,
             d,
+            d_v,
             sq,
             sk,
             h,
@@ -147,7 +164,7 @@ pub struct Inputs {
 pub fn make_inputs(c: &Case, rng: &mut Rng64) -> Inputs {
     let mut opts = AttnOptions { deterministic: c.deterministic, tuning: c.tuning.clone(), ..AttnOptions::default() };
     let q_scale = if c.variant == Variant::Softcap { 8.0 } else { 1.0 };
-    let (qs, ks) = if c.variant == Variant::Varlen {
+    let (qs, ks, vs, os) = if c.variant == Variant::Varlen {
         let lq: Vec<usize> = (0..c.batch).map(|_| rng.gen_range(0..=c.sq)).collect();
         let lk: Vec<usize> = (0..c.batch).map(|_| rng.gen_range(0..=c.sk)).collect();
         let cu = |l: &[usize]| {
@@ -166,9 +183,14 @@ pub fn make_inputs(c: &Case, rng: &mut Rng64) -> Inputs {
         if rng.gen_bool(0.5) {
             opts.causal = true;
         }
-        (vec![tq, c.h, c.d], vec![tk, c.hk, c.d])
+        (vec![tq, c.h, c.d], vec![tk, c.hk, c.d], vec![tk, c.hk, c.d_v], vec![tq, c.h, c.d_v])
     } else {
-        (vec![c.batch, c.sq, c.h, c.d], vec![c.batch, c.sk, c.hk, c.d])
+        (
+            vec![c.batch, c.sq, c.h, c.d],
+            vec![c.batch, c.sk, c.hk, c.d],
+            vec![c.batch, c.sk, c.hk, c.d_v],
+            vec![c.batch, c.sq, c.h, c.d_v],
+        )
     };
     match c.variant {
         Variant::Causal => opts.causal = true,
@@ -199,8 +221,8 @@ pub fn make_inputs(c: &Case, rng: &mut Rng64) -> Inputs {
     }
     let q = randn_tensor(rng, &qs, c.dtype, q_scale);
     let k = randn_tensor(rng, &ks, c.dtype, 1.0);
-    let v = randn_tensor(rng, &ks, c.dtype, 1.0);
-    let dout = randn_tensor(rng, &qs, c.dtype, 1.0);
+    let v = randn_tensor(rng, &vs, c.dtype, 1.0);
+    let dout = randn_tensor(rng, &os, c.dtype, 1.0);
     Inputs { q, k, v, dout, opts }
 }
 
@@ -392,6 +414,10 @@ pub fn sweep_level() -> String {
 /// - `quick` (CI): one in 61, rotating so every head dim, shape, head layout and variant appears; cases whose
 ///   work (`batch * h * sq * sk * d`) exceeds a budget are swapped for the same case at a smaller shape, so the
 ///   whole CPU suite runs in minutes on two cores.
+///
+/// The value head dims of [`VALUE_DIMS`] (`d_v != d`) join the head dims of the cross product in `full` and
+/// `medium`; `quick` runs each pair with every variant (sink included) on small shapes, rotating the head layout
+/// (MHA, GQA, MQA) and the shape, so masks, varlen and grouped heads all meet a different value head dim.
 pub fn cases(dtypes: &[DType], backward: bool) -> Vec<Case> {
     let level = sweep_level();
     let stride = match level.as_str() {
@@ -402,8 +428,11 @@ pub fn cases(dtypes: &[DType], backward: bool) -> Vec<Case> {
     let budget = if backward { 4e8 } else { 2e9 };
     let mut out = Vec::new();
     let mut n = 0usize;
+    let quick = level != "full" && level != "medium";
+    let dims: Vec<(usize, usize)> =
+        HEAD_DIMS.iter().map(|&d| (d, d)).chain(if quick { Vec::new() } else { VALUE_DIMS.to_vec() }).collect();
     for &dtype in dtypes {
-        for &d in &HEAD_DIMS {
+        for &(d, d_v) in &dims {
             for &shape in &SEQLENS {
                 for &heads in &HEADS {
                     for variant in VARIANTS.into_iter().chain([Variant::Sink]) {
@@ -412,18 +441,40 @@ pub fn cases(dtypes: &[DType], backward: bool) -> Vec<Case> {
                         if n % stride != 0 {
                             continue;
                         }
-                        let mut c = Case::new(dtype, d, shape, heads, variant);
+                        let mut c = Case::with_dv(dtype, (d, d_v), shape, heads, variant);
                         if level == "quick" && (c.batch * c.h * c.sq * c.sk * c.d) as f64 > budget {
                             // Same case on a smaller shape keeping `sk - sq` (the mask's diagonal offset).
                             let shrink = c.sq.max(c.sk).saturating_sub(300);
                             let shape = (c.sq.saturating_sub(shrink).max(1), c.sk.saturating_sub(shrink).max(1));
-                            c = Case::new(dtype, d, shape, heads, variant);
+                            c = Case::with_dv(dtype, (d, d_v), shape, heads, variant);
                         }
                         c.backward = backward;
                         out.push(c);
                     }
                 }
             }
+        }
+        if quick {
+            out.extend(value_dim_cases(dtype, backward));
+        }
+    }
+    out
+}
+
+/// The quick sweep's rows for [`VALUE_DIMS`]: each `(d, d_v)` pair with every variant (sink included), the
+/// head layout and a small shape of the spec's list rotating (a single query row, a single key, more keys
+/// than queries and the reverse), batch 2.
+pub fn value_dim_cases(dtype: DType, backward: bool) -> Vec<Case> {
+    let shapes = [(113, 203), (128, 217), (1, 147), (239, 1), (127, 513)];
+    let mut out = Vec::new();
+    for (pi, &dims) in VALUE_DIMS.iter().enumerate() {
+        for (vi, variant) in VARIANTS.into_iter().chain([Variant::Sink]).enumerate() {
+            let heads = HEADS[(pi + vi) % HEADS.len()];
+            let shape = shapes[(pi * 3 + vi) % shapes.len()];
+            let mut c = Case::with_dv(dtype, dims, shape, heads, variant);
+            c.batch = 2;
+            c.backward = backward;
+            out.push(c);
         }
     }
     out
@@ -559,18 +610,13 @@ impl Case {
     pub fn cost(&self) -> Cost {
         let heads = (self.batch * self.h) as f64;
         let pairs = heads * self.expected_pairs();
-        let mac = pairs * self.d as f64;
+        // The products run over d (S, dQ, dK) or d_v (O, dP, dV): their mean stands for both.
+        let width = (self.d + self.d_v) as f64 / 2.0;
+        let mac = pairs * width;
         let (oracle_units, bwd_units) = if self.backward { (6.0, 9.0) } else { (2.0, 0.0) };
         let naive = if self.dtype == DType::F32 { 0.0 } else { oracle_units * mac };
         let rows = (self.batch * (self.sq * self.h + 2 * self.sk * self.hk)) as f64;
-        Cost {
-            pairs,
-            oracle: oracle_units * mac,
-            naive,
-            fwd: 2.0 * mac,
-            bwd: bwd_units * mac,
-            elems: rows * self.d as f64,
-        }
+        Cost { pairs, oracle: oracle_units * mac, naive, fwd: 2.0 * mac, bwd: bwd_units * mac, elems: rows * width }
     }
 }
 
