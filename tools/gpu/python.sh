@@ -178,6 +178,10 @@ for MODE in "$@"; do
     pytest) run_pytest ;;
     decode) run_decode ;;
     splits) run_splits ;;
+    quickgrid)
+        step peers-quick 90 python3 "$G/torch_baselines.py" --grid quick --backends fa2,cudnn,flashattn \
+            --json "$OUT/peers_standard.json"
+        step cli-quick 60 "$G/flashattn" bench --grid quick --json "$OUT/cli_standard.json" ;;
     ring) step ring 120 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rsx \
         test_parallel.py ;;
     hf) step hf-bench 420 python3 "$G/hf_bench.py" --json "$OUT/hf_bench.json" ;;
