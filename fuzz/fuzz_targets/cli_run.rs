@@ -21,6 +21,21 @@ mod common;
 #[path = "../../crates/flashattn-cli/src/run.rs"]
 mod run;
 
+#[allow(dead_code)]
+#[path = "../../crates/flashattn-cli/src/tuning.rs"]
+mod tuning;
+
+/// The CLI's tuning flags at their defaults (the library's default tuning), parsed once.
+fn default_tuning() -> tuning::TuningArgs {
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        tuning: tuning::TuningArgs,
+    }
+    static T: OnceLock<tuning::TuningArgs> = OnceLock::new();
+    T.get_or_init(|| <Flags as clap::Parser>::parse_from(["cli_run"]).tuning).clone()
+}
+
 /// Stands in for the CLI's allocation-counting module (only its `human` is used by `common.rs`).
 mod alloc {
     pub fn human(bytes: usize) -> String {
@@ -63,6 +78,7 @@ fuzz_target!(|data: &[u8]| {
         device: DeviceArg::Exact(flashattn::Device::Cpu),
         kvcache: flags & 128 != 0,
         rotary_interleaved: flags & 32 != 0,
+        tuning: default_tuning(),
     };
     match run::main(args) {
         Ok(code) => {

@@ -812,13 +812,20 @@ struct Shapes {
 }
 
 /// The shapes of `o` and `lse` the library expects for a q of shape `q` (when q is well-formed).
-fn out_shapes(q: &[usize], varlen: bool) -> (Vec<usize>, Vec<usize>) {
-    match (varlen, q) {
+/// `o`'s and `lse`'s shapes for this q and v: o is q's shape with v's head dim (`d_v`, when v has q's rank).
+fn out_shapes(q: &[usize], v: &[usize], varlen: bool) -> (Vec<usize>, Vec<usize>) {
+    let (mut o, lse) = match (varlen, q) {
         (true, &[tq, h, _]) => (q.to_vec(), vec![h, tq]),
         // A batch of 0 keeps q's sequence length (`Problem::dense_sq`): `[0, sq, h, d]` and `[0, h, sq]`.
         (false, &[b, sq, h, d]) => (vec![b, sq, h, d], vec![b, h, sq]),
         _ => (q.to_vec(), q.iter().take(3).copied().collect()),
+    };
+    if let (Some(last), Some(&dv)) = (o.last_mut(), v.last()) {
+        if v.len() == q.len() {
+            *last = dv;
+        }
     }
+    (o, lse)
 }
 
 fn shapes(dims: &Dims, varlen: Option<&(VarLen, usize, usize)>) -> (Shapes, usize) {
@@ -866,7 +873,7 @@ fn run_forward(inp: &Input, opts: &Opts, varlen: &Option<VarlenSpec>, specs: [&T
     let k = build(specs[1], &sh.k, base_dt, rng)?;
     let v = build(specs[2], &sh.k, base_dt, rng)?;
     // Outputs default to what this q calls for, so that "clean" outputs are the right ones.
-    let (o_shape, lse_shape) = out_shapes(&q.lay.shape, vl.is_some());
+    let (o_shape, lse_shape) = out_shapes(&q.lay.shape, &v.lay.shape, vl.is_some());
     let mut o = build(specs[3], &o_shape, q.st.dtype(), rng)?;
     let mut lse = build(specs[4], &lse_shape, DType::F32, rng)?;
     let finite = bo.moderate && q.tier.max(k.tier).max(v.tier) <= 1;
@@ -930,7 +937,7 @@ fn run_backward(
     let q = build(qkv[0], &sh.q, base_dt, rng)?;
     let k = build(qkv[1], &sh.k, base_dt, rng)?;
     let v = build(qkv[2], &sh.k, base_dt, rng)?;
-    let (o_shape, lse_shape) = out_shapes(&q.lay.shape, vl.is_some());
+    let (o_shape, lse_shape) = out_shapes(&q.lay.shape, &v.lay.shape, vl.is_some());
     let qdt = q.st.dtype();
     let g = build(dout, &o_shape, qdt, rng)?;
     let fwd = match (q.owned(), k.owned(), v.owned()) {
@@ -1158,7 +1165,7 @@ fn run_kvcache(inp: &Input, c: &Call, rng: &mut Rng) -> Option<()> {
             assert!(before == (bits(&kc.st), bits(&vc.st)), "kvcache_forward wrote the cache before failing: {e}");
         }
         Ok(out) => {
-            assert_eq!(out.o.shape(), out_shapes(&q.lay.shape, false).0.as_slice());
+            assert_eq!(out.o.shape(), out_shapes(&q.lay.shape, &vc.lay.shape, false).0.as_slice());
             let (b, sq) = (q.lay.shape[0], q.lay.shape[1]);
             let s_new = new.as_ref().map(|(kn, _)| kn.lay.shape[1]).unwrap_or(0);
             let seqs: Vec<Seq> = (0..b)
