@@ -494,8 +494,8 @@ mod gpu {
         /// As `torch_baselines.py` calls triton's `do_bench`: five runs, each with its 256 MiB L2 flush, estimate
         /// one run's time, then as many untimed runs as fill 25 ms and timed runs as fill 100 ms (forward+backward:
         /// 10 and 50 ms), at least 10 and at most 5000 of each. The GPU then runs as long and as hot as under the
-        /// peers' harness: with a fixed 30 runs the heavy points finished before the clocks dropped under
-        /// sustained power and read up to ~10% faster (H100, docs/BENCHMARKS.md, 2026-12-06).
+        /// peers' harness: with a few runs the heavy points finish before the clocks drop under sustained power
+        /// and read faster than the peers' harness would measure them (docs/BENCHMARKS.md, 2026-12-06).
         DoBench,
     }
 

@@ -381,7 +381,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         issue_kt(s, sK_wg, sQ + qc0 * 128);
         issue_kt(dp, sV_wg, sDO + qc0 * 128);
         wgmma_commit();
-        // lse / D entry of step it + 1, loaded while the products run (loading it a step earlier measured 0..-1%).
+        // lse / D entry of step it + 1, loaded while the products run (a step earlier gains nothing: cuda-bwd.md).
         const float ld_val = it + 1 < w.n_iter && e_ld < 2 * BM ? ld_row_value(p, w, it + 1, e_ld) : 0.f;
         wgmma_wait<0>();
         reg_fence<SREG>(s);
@@ -389,8 +389,8 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
 
         // ---- P^T = exp2(score - lse), dS^T = P^T (dP^T - D), packed to 16 bits as the A fragments of dV / dK (rows
         // are keys, columns queries); on tiles that need it the mask is then applied to the packed values. No
-        // per-element branches in the common pass: a masked variant compiled with them ran 1.4x the instructions,
-        // with branch-resolving and instruction-cache stalls.
+        // per-element branches in the common pass: they multiply the instructions and add branch-resolving and
+        // instruction-cache stalls (docs/notes/cuda-bwd.md).
         const bool need_mask = (m0 + BM > w.si.sq) || tile_needs_mask(w.mc, HAS_MASK != 0, m0, m0 + BM - 1, krow_lo, 64);
 #if HAS_ALIBI
         const float slope_log2 = f.alibi_slopes[w.bi * f.alibi_batch_stride + head] * FA_LOG2E;

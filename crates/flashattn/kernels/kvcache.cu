@@ -43,18 +43,18 @@
 #define KV_MAX_SPLITS 128
 // A split's arrival on its group's counter: +1, and + KV_SPLIT_FAILED when it returned without its partials.
 #define KV_SPLIT_FAILED (1 << 16)
-// L2 prefetch size hint of the K/V copies (0, 64, 128 or 256 bytes): none by default. With the swizzled rows the
-// 256-byte hint was within 0.5% on the H100 and cost 6-8% KV bandwidth at the large decode points on the H200
-// (its extra sectors: 168 M L2 reads for 134 M of data at (8, 128k)); docs/notes/cuda-decode.md.
+// L2 prefetch size hint of the K/V copies (0, 64, 128 or 256 bytes): none by default. With the swizzled rows a
+// hint fetches extra sectors (more L2 reads than bytes used) and gives no gain; docs/notes/cuda-decode.md has the
+// measurements.
 #ifndef KV_L2_PREFETCH
 #define KV_L2_PREFETCH 0
 #endif
 #define KV_THREADS (32 * KV_WARPS)
 // Shared-memory rows of the Q/K/V tiles. Head dims that are multiples of 64 use unpadded rows with the 16-byte
 // chunks XOR-swizzled within 128-byte groups (chunk c of row r at c ^ (r & 7)), so every 128-byte global line
-// lands in one 128-byte group of shared memory; others keep one spare chunk per row (padded). Measured on the
-// H100 (ncu, b 8, 128k keys, d 128): the padded 272-byte rows made each cp.async warp instruction fetch 24 L2
-// sectors instead of 16 (1.5x the L2 read lookups of the bytes read, a 35% L2 "hit" rate), cuDNN/FA2 fetch 16.
+// lands in one 128-byte group of shared memory; others keep one spare chunk per row (padded). Padded rows of
+// multiples of 64 elements would split a warp's 16-byte copies over more L2 sectors than the bytes need (the
+// profile: docs/notes/cuda-decode.md).
 #define KV_SWIZZLE (HEAD_DIM % 64 == 0)
 #if KV_SWIZZLE
 #define KV_ROW_BYTES (HEAD_DIM * 2)

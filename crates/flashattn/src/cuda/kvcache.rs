@@ -120,9 +120,9 @@ fn attn_smem(head_dim: usize, stages: u32) -> u32 {
 }
 
 /// The number of key splits: the smallest count whose wave efficiency is at least 95% of the best, as long
-/// as every warp of a split still gets a block of 16 keys (at most [`MAX_SPLITS`]). On the H100 at b = 1,
-/// h 32/8 this is 32 splits (256 of 264 CTA slots); the earlier 85% rule picked 29 (232 slots), measured
-/// 2-3.5% slower at 32k-128k keys (docs/notes/cuda-decode.md).
+/// as every warp of a split still gets a block of 16 keys (at most [`MAX_SPLITS`]). A looser threshold leaves
+/// CTA slots idle on the last wave, which costs bandwidth at large caches (the measurements behind the
+/// threshold: docs/notes/cuda-decode.md).
 pub fn choose_splits(ctas: usize, max_keys: usize, sms: usize, ctas_per_sm: usize) -> usize {
     let slots = (sms * ctas_per_sm).max(1);
     let key_blocks = max_keys.div_ceil(16);
