@@ -147,3 +147,17 @@ def test_bad_device_metadata_stays_in_bounds():
     out = flash_attn_with_kvcache(qd, kc, kc.clone(), cache_seqlens=seqlens, block_table=table)
     torch.cuda.synchronize()
     assert out.shape == qd.shape
+
+
+def test_extension_refuses_other_devices():
+    # The extension reads tensors itself: one on another device (meta here; XPU or MPS alike) is refused by name,
+    # never taken for host memory or for a CUDA device of the same index.
+    from flashattn import _flashattn
+
+    q = torch.randn(1, 4, 2, 16)
+    m = torch.empty(1, 4, 2, 16, device="meta")
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 4)
+    with pytest.raises(RuntimeError, match="`k`.*CPU or CUDA.*meta"):
+        _flashattn.fwd(q, m, q, out, lse, None, None, None, None, 0, 0, None, False, -1, -1, 0.0)
+    with pytest.raises(TypeError, match="`v`.*torch.Tensor"):
+        _flashattn.fwd(q, q, [1.0], out, lse, None, None, None, None, 0, 0, None, False, -1, -1, 0.0)

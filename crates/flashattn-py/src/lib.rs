@@ -92,14 +92,18 @@ fn read(py: Python<'_>, name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Tens> {
             obj.getattr(intern!(py, "dtype"))?
         )));
     };
-    // get_device(): the CUDA index, -1 for host memory (and for meta and other devices, told apart below).
-    let device: i64 = obj.call_method0(intern!(py, "get_device"))?.extract()?;
-    if device < 0 && !obj.getattr(intern!(py, "is_cpu"))?.extract::<bool>()? {
+    // A CUDA tensor's index, -1 for host memory; any other device (meta, XPU, MPS, ...) is refused: its
+    // get_device() can look like a CUDA index.
+    let device: i64 = if obj.getattr(intern!(py, "is_cuda"))?.extract::<bool>()? {
+        obj.call_method0(intern!(py, "get_device"))?.extract()?
+    } else if obj.getattr(intern!(py, "is_cpu"))?.extract::<bool>()? {
+        -1
+    } else {
         let on = obj.getattr(intern!(py, "device"))?;
         return Err(PyRuntimeError::new_err(format!(
             "invalid argument `{name}`: expected a CPU or CUDA tensor, got one on {on}"
         )));
-    }
+    };
     Ok(Tens {
         ptr: obj.call_method0(intern!(py, "data_ptr"))?.extract()?,
         dtype,
