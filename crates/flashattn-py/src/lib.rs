@@ -141,6 +141,15 @@ fn same_device(q: &Tens, others: &[(&str, Option<&Tens>)]) -> PyResult<()> {
     Ok(())
 }
 
+/// [`same_device`] for `others` and the varlen metadata, if any.
+fn check_devices(q: &Tens, others: &[(&str, Option<&Tens>)], vl: &Option<Varlen>) -> PyResult<()> {
+    same_device(q, others)?;
+    match vl {
+        Some(vl) => same_device(q, &vl.tensors()),
+        None => Ok(()),
+    }
+}
+
 /// The current CUDA stream of device `n`, as torch's raw handle (an integer: a pointer cannot cross into the
 /// GIL-free closure).
 fn current_stream(py: Python<'_>, n: usize) -> PyResult<u64> {
@@ -409,14 +418,15 @@ fn fwd(
     let alibi = read_opt(py, "alibi_slopes", alibi_slopes)?;
     let vl = read_varlen(py, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)?;
     let sink = read_opt(py, "learnable_sink", learnable_sink)?;
-    same_device(
-        &qt,
-        &[("k", Some(&kt)), ("v", Some(&vt)), ("alibi_slopes", alibi.as_ref()), ("learnable_sink", sink.as_ref())],
-    )?;
-    if let Some(vl) = &vl {
-        same_device(&qt, &vl.tensors())?;
-    }
-    same_device(&qt, &[("out", Some(&ot)), ("softmax_lse", Some(&lt))])?;
+    let others = [
+        ("k", Some(&kt)),
+        ("v", Some(&vt)),
+        ("alibi_slopes", alibi.as_ref()),
+        ("learnable_sink", sink.as_ref()),
+        ("out", Some(&ot)),
+        ("softmax_lse", Some(&lt)),
+    ];
+    check_devices(&qt, &others, &vl)?;
     let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic: false };
     match device_index(qt.device) {
         None => {
@@ -486,23 +496,27 @@ fn bwd(
     whole_rows: bool,
 ) -> PyResult<()> {
     let qt = read(py, "q", q)?;
-    let names = ["dout", "k", "v", "out", "softmax_lse", "dq", "dk", "dv"];
-    let objs = [dout, k, v, out, lse, dq, dk, dv];
-    let mut ts = Vec::with_capacity(8);
-    for (name, obj) in names.iter().zip(objs) {
-        ts.push(read(py, name, obj)?);
-    }
+    let (dot, kt, vt) = (read(py, "dout", dout)?, read(py, "k", k)?, read(py, "v", v)?);
+    let (ot, lt) = (read(py, "out", out)?, read(py, "softmax_lse", lse)?);
+    let (dqt, dkt, dvt) = (read(py, "dq", dq)?, read(py, "dk", dk)?, read(py, "dv", dv)?);
     let alibi = read_opt(py, "alibi_slopes", alibi_slopes)?;
     let vl = read_varlen(py, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)?;
     let sink = read_opt(py, "learnable_sink", learnable_sink)?;
     let dsink = read_opt(py, "dsink", dsink)?;
-    let mut others: Vec<(&str, Option<&Tens>)> = names.iter().copied().zip(ts.iter().map(Some)).collect();
-    others.extend([("alibi_slopes", alibi.as_ref()), ("learnable_sink", sink.as_ref()), ("dsink", dsink.as_ref())]);
-    if let Some(vl) = &vl {
-        others.extend(vl.tensors());
-    }
-    same_device(&qt, &others)?;
-    let [dot, kt, vt, ot, lt, dqt, dkt, dvt]: [Tens; 8] = ts.try_into().map_err(|_| PyRuntimeError::new_err("8"))?;
+    let others = [
+        ("dout", Some(&dot)),
+        ("k", Some(&kt)),
+        ("v", Some(&vt)),
+        ("out", Some(&ot)),
+        ("softmax_lse", Some(&lt)),
+        ("dq", Some(&dqt)),
+        ("dk", Some(&dkt)),
+        ("dv", Some(&dvt)),
+        ("alibi_slopes", alibi.as_ref()),
+        ("learnable_sink", sink.as_ref()),
+        ("dsink", dsink.as_ref()),
+    ];
+    check_devices(&qt, &others, &vl)?;
     let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic };
     match device_index(qt.device) {
         None => {
