@@ -148,14 +148,51 @@ run_splits() {
     local n pt b s
     for pt in "8 128k" "1 128k" "32 32k"; do
         read -r b s <<<"$pt"
-        for n in 0 8 12 16 20 24 32 48 64; do
+        for n in 0 8 12 16 20 24 32 33 48 64; do
             echo "b=$b s=$s splits=$n $(timeout 60 "$G/flashattn" bench --grid decode --seqlens "$s" --batch "$b" \
                 --num-splits "$n" --warmup 10 --reps 60 2>&1 | tail -1)" >> "$OUT/splits.txt"
         done
     done
+    # The pipeline depth at the point short of FA2 (8, 128k): 4 stages (1 CTA per SM) with a few split counts.
+    for n in 0 8 16 33; do
+        echo "b=8 s=128k splits=$n stages=4 $(timeout 60 "$G/flashattn" bench --grid decode --seqlens 128k \
+            --batch 8 --num-splits "$n" --kv-stages 4 --warmup 10 --reps 60 2>&1 | tail -1)" >> "$OUT/splits.txt"
+    done
+}
+# The CUDA sink forward of a branch, where its binaries are in .gpu/sink/ (tools/gpu/prepare_branch.sh): its
+# tests (the sink forward against the oracle on both kernel paths, the KV decode, the quick sweep: the params
+# layout moved) in the background, their own kernel cache; then the sm80-class forward before (main's CLI) and
+# after (the branch's) at head dims 96 and 128, whose spills the branch raises: sink_ab.txt.
+run_sinks() {
+    [ -d "$G/sink" ] || return 0
+    (export FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-sink FLASHATTN_REQUIRE_GPU=1 FLASHATTN_ALLOW_SPILLS=1
+     for t in cuda_sink cuda_kvcache; do
+         timeout 200 "$G/sink/$t" --test-threads=1 >> "$OUT/sink_tests.log" 2>&1; echo "$t rc=$?" >> "$OUT/sink_tests.log"
+     done
+     FLASHATTN_SWEEP=quick timeout 360 "$G/sink/cuda" --test-threads=1 >> "$OUT/sink_tests.log" 2>&1
+     echo "cuda rc=$?" >> "$OUT/sink_tests.log") &
+    SINK_PID=$!
+}
+sinks_ab() {
+    [ -d "$G/sink" ] || return 0
+    local i bin pt shape causal
+    for i in 1 2; do
+        for bin in flashattn sink/flashattn; do
+            for pt in "2,16,8192,128 0" "2,16,8192,96 1" "4,16,4096,128 1"; do
+                read -r shape causal <<<"$pt"
+                echo "$i $bin $shape c=$causal $(timeout 60 "$G/$bin" bench --shape "$shape" --causal "$causal" \
+                    --modes fwd --cuda-path sm80 --warmup 15 --reps 60 2>&1 | tail -1)" >> "$OUT/sink_ab.txt"
+            done
+        done
+    done
+}
+sinks_wait() {
+    [ -n "${SINK_PID:-}" ] || return 0
+    wait "$SINK_PID"
+    grep -E "test result|rc=|panicked|FAILED|failed" "$OUT/sink_tests.log" >> "$OUT/summary.txt"
 }
 run_pytest() {
-    step pytest-cuda 300 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
+    step pytest-cuda 300 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rfEsxX .
 }
 run_decode() {
     step peers-decode 60 python3 "$G/torch_baselines.py" --grid decode --backends fa2,cudnn,flashattn \
@@ -178,6 +215,9 @@ for MODE in "$@"; do
     pytest) run_pytest ;;
     decode) run_decode ;;
     splits) run_splits ;;
+    sinks) run_sinks ;;
+    sinks-ab) sinks_ab ;;
+    sinks-wait) sinks_wait ;;
     quickgrid)
         step peers-quick 90 python3 "$G/torch_baselines.py" --grid quick --backends fa2,cudnn,flashattn \
             --json "$OUT/peers_standard.json"

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Builds the CLI and CUDA test binaries of another checkout (a branch's worktree) into .gpu/NAME/ of this one,
+# after tools/gpu/prepare.sh, so that one device call runs a branch beside main (before/after, or a kernel
+# change not yet on main). Usage: tools/gpu/prepare_branch.sh WORKTREE NAME TEST...
+#   tools/gpu/prepare_branch.sh ../wt-sink sink cuda_sink cuda cuda_kvcache
+# The branch builds into its own target folder (CARGO_TARGET_DIR if set).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+WT=$(cd "$1" && pwd)
+NAME=$2
+shift 2
+DEST=$ROOT/.gpu/$NAME
+rm -rf "$DEST" && mkdir -p "$DEST"
+cd "$WT"
+cargo build --release --locked -p flashattn-cli --message-format=json | python3 -c '
+import json, sys, shutil
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    exe = m.get("executable")
+    if exe and m.get("target", {}).get("name") == "flashattn":
+        shutil.copy(exe, sys.argv[1] + "/flashattn")
+' "$DEST"
+args=()
+for t in "$@"; do args+=(--test "$t"); done
+cargo test --release --locked -p flashattn "${args[@]}" --no-run --message-format=json | python3 -c '
+import json, sys, shutil
+names = set(sys.argv[2:])
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    exe = m.get("executable")
+    if exe and m.get("target", {}).get("name") in names:
+        shutil.copy(exe, sys.argv[1] + "/" + m["target"]["name"])
+' "$DEST" "$@"
+strip "$DEST"/*
+ls -la "$DEST"
