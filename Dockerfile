@@ -106,17 +106,23 @@ ENV VIRTUAL_ENV=/opt/venv \
 # TORCH_SPEC: any requirement pip takes, e.g. --build-arg TORCH_SPEC="torch>=2.4"
 # (the package's own floor). PyPI's default Linux wheel carries the CUDA
 # libraries (several GB). NUMPY_SPEC: torch runs without NumPy but warns at
-# import; a range, so that pip picks a NumPy built for the base's Python. The
-# cache mount keeps pip's downloads between builds; the flashattn wheel comes
-# from the wheel stage without a layer of its own. (DL3013 cannot see a pin
-# inside a build arg, nor that the wheel is a file.)
+# import; a range, so that pip picks a NumPy built for the base's Python.
+# Before the flashattn wheel, so that a change to flashattn does not install
+# torch again; the cache mount keeps pip's downloads between builds. (DL3013
+# cannot see a pin inside a build arg.)
 ARG TORCH_SPEC="torch==2.15.0"
 ARG NUMPY_SPEC="numpy>=2,<3"
 # hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip \
-    --mount=type=bind,from=wheel,source=/out/wheels,target=/tmp/wheels \
     pip install --disable-pip-version-check --root-user-action=ignore \
-        "${TORCH_SPEC}" "${NUMPY_SPEC}" /tmp/wheels/flashattn-*.whl
+        "${TORCH_SPEC}" "${NUMPY_SPEC}"
+
+# COPY, not a bind mount: every builder then reinstalls when the wheel changes
+# (the wheel stays in the image: a few MB). Its torch requirement is met by
+# the torch above, which pip keeps.
+COPY --from=wheel /out/wheels/ /opt/flashattn-wheel/
+RUN pip install --disable-pip-version-check --root-user-action=ignore --no-cache-dir \
+        /opt/flashattn-wheel/flashattn-*.whl
 
 # The guide's example (flashattn's API), and a script written for
 # FlashAttention-2 (`from flash_attn import ...`), unchanged: it runs through

@@ -467,10 +467,11 @@ fi
 # carries the CUDA libraries (about 3 GB of wheels). pip's own HTTP cache
 # keeps nothing here (this network's proxy strips the caching headers), so the
 # wheels are downloaded on the host into a wheelhouse that outlives CI's fresh
-# clones, and the build's pip finds them through a pip.conf bind-mounted at
-# /etc/pip.conf (find-links: local files win over PyPI's for the same
-# version; anything missing still comes from PyPI). Nothing of this enters
-# the image.
+# clones, and the build's pip installs from it alone through a pip.conf
+# bind-mounted at /etc/pip.conf (find-links + no-index: with PyPI in reach,
+# pip would pick PyPI's copy of a wheel the wheelhouse has too). If that
+# download fails, the build gets no pip.conf and uses PyPI. Nothing of this
+# enters the image.
 if [ "${DOCKER_CHECK_TORCH:-1}" = 0 ]; then
     skip "torch image (DOCKER_CHECK_TORCH=0)"
 else
@@ -482,30 +483,34 @@ else
     arg_default() { sed -n "s/^ARG $1=\"\(.*\)\"\$/\1/p" Dockerfile | head -1; }
     torch_spec=${DOCKER_CHECK_TORCH_SPEC:-$(arg_default TORCH_SPEC)}
     numpy_spec=$(arg_default NUMPY_SPEC)
+    # The wheel stage's maturin too: every RUN of the build gets the pip.conf.
+    maturin_spec=maturin==$(arg_default MATURIN_VERSION)
     # For the stand-in's Python (Debian bookworm's python3 is 3.11; its glibc
     # 2.36 takes every manylinux tag up to 2_36), whatever the host's is.
     platforms=(--platform manylinux2014_x86_64 --platform linux_x86_64)
     for m in $(seq 17 36); do platforms+=(--platform "manylinux_2_${m}_x86_64"); done
     mb_before=$(du -sm "$WHEELHOUSE" | cut -f1)
-    log "pip download $torch_spec $numpy_spec into the wheelhouse $WHEELHOUSE ($mb_before MB)"
+    log "pip download $torch_spec $numpy_spec $maturin_spec into the wheelhouse $WHEELHOUSE ($mb_before MB)"
     t0=$SECONDS
     if out=$(python3 -m pip download --disable-pip-version-check --no-input \
             --only-binary=:all: --implementation cp --python-version 3.11 "${platforms[@]}" \
-            --dest "$WHEELHOUSE" "$torch_spec" "$numpy_spec" 2>&1); then
+            --dest "$WHEELHOUSE" "$torch_spec" "$numpy_spec" "$maturin_spec" 2>&1); then
         # Keep only this set: drop wheels of older torch versions.
         mapfile -t keep < <(sed -nE 's/^(Saved|File was already downloaded) (.*)$/\2/p' <<<"$out" | xargs -rn1 basename)
         for f in "$WHEELHOUSE"/*; do
             printf '%s\n' "${keep[@]}" | grep -qxF "$(basename "$f")" || rm -f "$f"
         done
         log "wheelhouse: ${#keep[@]} wheels, $(du -sm "$WHEELHOUSE" | cut -f1) MB ($((SECONDS - t0)) s)"
+        printf '[global]\nno-index = true\nfind-links = /wheelhouse\n' >"$WORK/pip-wheelhouse.conf"
+        torch_args=(--volume "$WHEELHOUSE:/wheelhouse:ro"
+            --volume "$WORK/pip-wheelhouse.conf:/etc/pip.conf:ro")
     else
         # Not fatal: the build downloads from PyPI itself.
         log "pip download into the wheelhouse failed; the build downloads from PyPI"
         show "$(tail -5 <<<"$out")"
+        torch_args=()
     fi
-    printf '[global]\nfind-links = /wheelhouse\n' >"$WORK/pip-wheelhouse.conf"
-    torch_args=(--target torch --volume "$WHEELHOUSE:/wheelhouse:ro"
-        --volume "$WORK/pip-wheelhouse.conf:/etc/pip.conf:ro")
+    torch_args+=(--target torch)
     [ -z "${DOCKER_CHECK_TORCH_SPEC:-}" ] ||
         torch_args+=(--build-arg "TORCH_SPEC=$DOCKER_CHECK_TORCH_SPEC")
     log "buildah bud --target torch${DOCKER_CHECK_TORCH_SPEC:+ TORCH_SPEC=$DOCKER_CHECK_TORCH_SPEC}"
@@ -515,8 +520,9 @@ else
         fail "buildah bud --target torch failed (log: $WORK/build-torch.log)"
     else
         size=$(buildah images --format '{{.Size}}' "$IMAGE_TORCH" | head -1)
-        fetched=$(grep -c '^  Downloading ' "$WORK/build-torch.log" || true)
-        pass "buildah bud --target torch with stand-in BUILDER and BASE ($((SECONDS - t0)) s, image $size, $fetched files fetched from PyPI in the build)"
+        from=PyPI
+        [ "${#torch_args[@]}" = 1 ] || from="the wheelhouse"
+        pass "buildah bud --target torch with stand-in BUILDER and BASE ($((SECONDS - t0)) s, image $size, wheels from $from)"
 
         CONFIG=$(buildah inspect --type image "$IMAGE_TORCH" | jq '.OCIv1.config')
         expect "torch image: user $(cfg '.User'), workdir /workspace, no entrypoint, cmd python /workspace/example.py" \
