@@ -480,7 +480,7 @@ else
     mkdir -p "$WHEELHOUSE"
     # The requirements the stage installs: the Dockerfile's defaults unless
     # DOCKER_CHECK_TORCH_SPEC overrides the torch one.
-    arg_default() { sed -n "s/^ARG $1=\"\(.*\)\"\$/\1/p" Dockerfile | head -1; }
+    arg_default() { sed -nE "s/^ARG $1=\"?([^\"]*)\"?\$/\1/p" Dockerfile | head -1; }
     torch_spec=${DOCKER_CHECK_TORCH_SPEC:-$(arg_default TORCH_SPEC)}
     numpy_spec=$(arg_default NUMPY_SPEC)
     # The wheel stage's maturin too: every RUN of the build gets the pip.conf.
