@@ -495,11 +495,16 @@ else
     if out=$(python3 -m pip download --disable-pip-version-check --no-input \
             --only-binary=:all: --implementation cp --python-version 3.11 "${platforms[@]}" \
             --dest "$WHEELHOUSE" "$torch_spec" "$numpy_spec" "$maturin_spec" 2>&1); then
-        # Keep only this set: drop wheels of older torch versions.
-        mapfile -t keep < <(sed -nE 's/^(Saved|File was already downloaded) (.*)$/\2/p' <<<"$out" | xargs -rn1 basename)
-        for f in "$WHEELHOUSE"/*; do
-            printf '%s\n' "${keep[@]}" | grep -qxF "$(basename "$f")" || rm -f "$f"
-        done
+        # Keep only this set (pip names each file it saved or found there):
+        # drop the wheels of other torch versions.
+        mapfile -t keep < <(sed -nE 's/^ *(Saved|File was already downloaded) (.*\.whl)$/\2/p' <<<"$out" |
+            xargs -rn1 basename)
+        if [ "${#keep[@]}" -gt 0 ]; then
+            for f in "$WHEELHOUSE"/*.whl; do
+                [ -e "$f" ] || continue
+                printf '%s\n' "${keep[@]}" | grep -qxF "$(basename "$f")" || rm -f "$f"
+            done
+        fi
         log "wheelhouse: ${#keep[@]} wheels, $(du -sm "$WHEELHOUSE" | cut -f1) MB ($((SECONDS - t0)) s)"
         printf '[global]\nno-index = true\nfind-links = /wheelhouse\n' >"$WORK/pip-wheelhouse.conf"
         torch_args=(--volume "$WHEELHOUSE:/wheelhouse:ro"
