@@ -309,6 +309,15 @@ else
     die "buildah bud of the Dockerfile failed (log: $WORK/build.log)"
 fi
 
+# The CLI image is the last stage, so the default target; the stages only
+# the torch target needs must not be built for it.
+if grep -qE 'STEP 1/[0-9]+: FROM .* AS (wheel|torch)$' "$WORK/build.log"; then
+    fail "the default build ran the wheel or torch stage (log: $WORK/build.log)"
+else
+    pass "default target: the CLI stage ($(grep -oE 'STEP 1/[0-9]+: FROM .* AS [a-z-]+$' "$WORK/build.log" |
+        sed 's/.* AS //' | paste -sd, -) built; wheel and torch skipped)"
+fi
+
 # -------------------------------------------------------- image config ----
 CONFIG=$(buildah inspect --type image "$IMAGE" | jq '.OCIv1.config')
 cfg() { jq -c "$1" <<<"$CONFIG"; }
