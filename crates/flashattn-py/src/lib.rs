@@ -377,6 +377,8 @@ fn device_meta(alibi: &Option<Tens>, varlen: &Option<Varlen>) -> DeviceMeta {
             max_seqlen_k: vl.max_k,
         }),
         alibi_slopes: alibi.as_ref().map(dev),
+        // The Python binding passes no device sink yet (its CUDA path refuses a sink before this).
+        sink: None,
     }
 }
 

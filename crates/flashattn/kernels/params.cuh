@@ -41,6 +41,8 @@ struct FwdParams {
     i64 alibi_batch_stride;      // 0 for [h], h for [b, h]
     int window_left;          // -1 = unbounded; causal is (-1, 0)
     int window_right;         // -1 = unbounded
+    const float* sink;        // nullptr or [h] f32: learnable sink logits (natural-log units, joins every row's
+                              // softmax denominator, carries no value; forward kernels only, ignored elsewhere)
 };
 
 // Backward problem: the forward's fields plus dO, the gradients and the scratch buffers (layouts: see the header

@@ -1,6 +1,6 @@
 //! Learnable sinks (spec, "Scores" step 6) on the CPU backends: the oracle's `dsink` against finite
 //! differences, rows without keys (`o = 0`, `lse = sink`), a dominating sink, the KV-cache path, and what is
-//! refused. The sweep's `Variant::Sink` cases (`cpu_sweep`) check forward and backward against the oracle.
+//! refused (the CUDA backward; the CUDA forward is tests/cuda_sink.rs). The sweep's `Variant::Sink` cases (`cpu_sweep`) check forward and backward against the oracle.
 
 mod common;
 
@@ -142,13 +142,16 @@ fn bad_sinks_are_refused_naming_the_argument() {
 
 #[cfg(feature = "cuda")]
 #[test]
-fn cuda_refuses_a_sink_before_touching_a_device() {
-    // The refusal comes from validation, before any device work: it holds with or without a GPU.
+fn cuda_refuses_the_backward_of_a_sink_before_touching_a_device() {
+    // The CUDA forward runs sinks (tests/cuda_sink.rs, on a GPU); the backward has no dsink yet and refuses
+    // from validation, before any device work: it holds with or without a GPU.
     let q = Tensor::from_f32(&[0.5; 3 * 2 * 8], &[1, 3, 2, 8], DType::BF16).unwrap();
     let opts = AttnOptions::default().sink(Tensor::from_f32(&[0.0; 2], &[2], DType::F32).unwrap());
-    let e = flashattn::forward_on(flashattn::Device::Cuda(0), &q, &q, &q, &opts).unwrap_err();
-    assert!(matches!(e, flashattn::Error::Unsupported { .. }) && e.to_string().contains("sink"), "{e}");
     let o = forward(&q, &q, &q, &opts).unwrap();
     let e = flashattn::backward_on(flashattn::Device::Cuda(0), &q, &q, &q, &o.o, &o.lse, &o.o, &opts).unwrap_err();
     assert!(matches!(e, flashattn::Error::Unsupported { .. }) && e.to_string().contains("sink"), "{e}");
+    // Without a GPU the forward fails on the device, never as an unsupported sink.
+    if let Err(e) = flashattn::forward_on(flashattn::Device::Cuda(0), &q, &q, &q, &opts) {
+        assert!(!(matches!(e, flashattn::Error::Unsupported { .. }) && e.to_string().contains("sink")), "{e}");
+    }
 }

@@ -12,7 +12,7 @@ use super::kvcache::DeviceWorkspace;
 use super::launch;
 use super::runtime::{self, dev_err};
 use super::tensor::DeviceTensorRef;
-use super::{all_aligned, check_lse, extent_bytes, raw_problem, require_half};
+use super::{all_aligned, check_lse, extent_bytes, raw_problem, require_half, require_no_dsink};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::{AttnOptions, VarLen};
@@ -42,6 +42,9 @@ pub struct DeviceMeta {
     pub varlen: Option<DeviceVarlen>,
     /// ALiBi slopes, `f32 [h]` or `[b, h]` (instead of [`AttnOptions::alibi_slopes`]).
     pub alibi_slopes: Option<DeviceTensorRef>,
+    /// Learnable sink logits, `f32 [h]` contiguous (instead of [`AttnOptions::sink`], which is host memory).
+    /// The forward runs it; the backward refuses it (no `dsink` on CUDA yet).
+    pub sink: Option<DeviceTensorRef>,
 }
 
 /// The tensors of a forward call: inputs `q`, `k`, `v`; outputs `o` (q's shape, its own strides) and `lse`
@@ -100,6 +103,13 @@ pub(crate) fn device_problem(
     if meta.alibi_slopes.is_some() && opts.alibi_slopes.is_some() {
         return Err(Error::invalid("alibi_slopes", "slopes in device memory or in the options, not both", "both"));
     }
+    if opts.sink.is_some() {
+        return Err(Error::invalid(
+            "sink",
+            "a device sink in DeviceMeta::sink for the device API",
+            "a host sink in AttnOptions",
+        ));
+    }
     let mut host = opts.clone();
     let mut batch_of_varlen = None;
     if let Some(vl) = &meta.varlen {
@@ -145,9 +155,17 @@ pub(crate) fn device_problem(
         check_meta_vec("alibi_slopes", a, DType::F32, &a.shape.clone())?;
         host.alibi_slopes = None;
     }
+    if let Some(sk) = &meta.sink {
+        let h = q.shape.get(q.shape.len().wrapping_sub(2)).copied().unwrap_or(0);
+        check_meta_vec("sink", sk, DType::F32, &[h])?;
+    }
     let mut p = raw_problem(q, k, v, &host)?;
     if meta.alibi_slopes.is_some() {
         p.alibi = Some(Alibi { slopes: Vec::new(), per_batch });
+    }
+    if meta.sink.is_some() {
+        // Its presence is what the host needs (the backward's refusal); its values stay on the device.
+        p.sink = Some(Vec::new());
     }
     if let Some(vl) = &meta.varlen {
         let (sq, sk) = (vl.max_seqlen_q.min(p.total_q), vl.max_seqlen_k.min(p.total_k));
@@ -168,6 +186,7 @@ fn meta_ptrs(meta: &DeviceMeta, a: &mut FwdArgs) {
         a.seqused_k = vl.seqused_k.as_ref().map_or(0, |t| t.ptr);
     }
     a.alibi = meta.alibi_slopes.as_ref().map_or(0, |t| t.ptr);
+    a.sink = meta.sink.as_ref().map_or(0, |t| t.ptr);
 }
 
 /// Forward pass over device memory the caller owns, metadata included, on the caller's stream.
@@ -219,6 +238,7 @@ pub fn backward_workspace_bytes(
     meta: &DeviceMeta,
 ) -> Result<usize> {
     let p = device_problem(q, k, v, opts, meta)?;
+    require_no_dsink(&p)?;
     Ok(bwd::workspace_layout(&p, opts.deterministic)?.bytes)
 }
 
@@ -259,6 +279,7 @@ pub unsafe fn backward_device_of(
     let softmax = if whole_rows { bwd::Softmax::Whole } else { bwd::Softmax::Part };
     let f = t.fwd;
     let p = device_problem(f.q, f.k, f.v, opts, meta)?;
+    require_no_dsink(&p)?;
     f.o.check("o", &p.o_shape(), p.dtype, false)?;
     t.dout.check("dout", &p.o_shape(), p.dtype, false)?;
     check_lse(f.lse, &p, false)?;
@@ -318,7 +339,7 @@ mod tests {
     #[test]
     fn device_varlen_problem_keeps_shapes_and_maxima() {
         let (q, k) = (t(DType::BF16, &[100, 8, 64]), t(DType::BF16, &[120, 2, 64]));
-        let meta = DeviceMeta { varlen: Some(varlen(3)), alibi_slopes: Some(t(DType::F32, &[3, 8])) };
+        let meta = DeviceMeta { varlen: Some(varlen(3)), alibi_slopes: Some(t(DType::F32, &[3, 8])), sink: None };
         let p = device_problem(&q, &k, &k, &AttnOptions::default(), &meta).unwrap();
         assert!(p.varlen && p.cu_seqlens.is_none() && p.seqused_k.is_none());
         assert_eq!((p.batch, p.h, p.hk, p.total_q, p.total_k), (3, 8, 2, 100, 120));
@@ -350,10 +371,19 @@ mod tests {
         let mut vl = varlen(2);
         vl.seqused_k = Some(t(DType::I32, &[3]));
         assert_eq!(arg(DeviceMeta { varlen: Some(vl), ..Default::default() }, &opts), Some("seqused_k"));
-        let meta = DeviceMeta { varlen: Some(varlen(2)), alibi_slopes: Some(t(DType::F32, &[4])) };
+        let meta = DeviceMeta { varlen: Some(varlen(2)), alibi_slopes: Some(t(DType::F32, &[4])), sink: None };
         assert_eq!(arg(meta, &opts), Some("alibi_slopes"));
-        let meta = DeviceMeta { varlen: Some(varlen(2)), alibi_slopes: Some(t(DType::F16, &[8])) };
+        let meta = DeviceMeta { varlen: Some(varlen(2)), alibi_slopes: Some(t(DType::F16, &[8])), sink: None };
         assert_eq!(arg(meta, &opts), Some("alibi_slopes"));
+        // A device sink is f32 [h], contiguous; a host sink is refused by name (device calls copy nothing).
+        let sink = |t_: DeviceTensorRef| DeviceMeta { varlen: Some(varlen(2)), sink: Some(t_), ..Default::default() };
+        assert_eq!(arg(sink(t(DType::F16, &[8])), &opts), Some("sink"));
+        assert_eq!(arg(sink(t(DType::F32, &[4])), &opts), Some("sink"));
+        let mut strided = t(DType::F32, &[8]);
+        strided.strides = vec![2];
+        assert_eq!(arg(sink(strided), &opts), Some("sink"));
+        let host_sink = AttnOptions { sink: Some(crate::tensor::Tensor::zeros(&[8], DType::F32)), ..opts.clone() };
+        assert_eq!(arg(DeviceMeta::default(), &host_sink), Some("sink"));
         let host = AttnOptions {
             varlen: Some(VarLen { cu_seqlens_q: vec![0, 100], cu_seqlens_k: vec![0, 120], seqused_k: None }),
             ..AttnOptions::default()
@@ -384,6 +414,21 @@ mod tests {
         assert!(backward_workspace_bytes(&q, &k, &v, &opts, &DeviceMeta::default()).is_err());
         // Equal head dims still pass.
         assert!(device_problem(&q, &k, &k, &opts, &DeviceMeta::default()).is_ok());
+    }
+
+    /// A device sink passes the forward's validation; the backward (no dsink on CUDA yet) refuses it as
+    /// unsupported before any device work.
+    #[test]
+    fn device_sink_runs_forward_only() {
+        let q = t(DType::BF16, &[2, 16, 8, 64]);
+        let meta = DeviceMeta { sink: Some(t(DType::F32, &[8])), ..Default::default() };
+        let p = device_problem(&q, &q, &q, &AttnOptions::default(), &meta).unwrap();
+        assert!(p.sink.is_some());
+        let mut a = FwdArgs::default();
+        meta_ptrs(&meta, &mut a);
+        assert_eq!(a.sink, 0x1000);
+        let e = backward_workspace_bytes(&q, &q, &q, &AttnOptions::default(), &meta).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { backend: "cuda", .. }), "{e}");
     }
 
     #[test]

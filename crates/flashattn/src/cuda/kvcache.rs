@@ -61,6 +61,7 @@ struct KvParams {
     lse_part: *mut f32,
     status: *mut i32,
     split_count: *mut i32,
+    sink: *const f32,
     q_strides: [i64; 3],
     kc_strides: [i64; 3],
     vc_strides: [i64; 3],
@@ -320,9 +321,6 @@ fn make_plan(
         DType::F16 | DType::BF16 => {}
         other => return Err(Error::Unsupported { backend: "cuda", what: format!("dtype {other} (use f16 or bf16)") }),
     }
-    if opts.sink.is_some() {
-        return Err(super::no_sink());
-    }
     let head_dim = padded_head_dim(d).ok_or_else(|| Error::invalid("q", "head dim <= 256", d))?;
     let scale = check_finite_scale(opts.softmax_scale, d)?;
     let softcap = check_softcap(opts.softcap)?;
@@ -395,6 +393,8 @@ struct Ptrs {
     interleaved: bool,
     alibi: u64,
     alibi_per_batch: bool,
+    /// Learnable sink logits `f32 [h]` or 0.
+    sink: u64,
     ws: u64,
 }
 
@@ -436,6 +436,7 @@ fn enqueue_with(gpu: &Gpu, m: &Loaded, stream: dsys::CUstream, pl: &Plan, x: &Pt
         lse_part: at(ws.lse_part) as *mut f32,
         status: x.ws as *mut i32,
         split_count: at(ws.split_count) as *mut i32,
+        sink: x.sink as *const f32,
         q_strides: [x.q.batch, x.q.row, x.q.head],
         kc_strides: [x.kc.batch, x.kc.row, x.kc.head],
         vc_strides: [x.vc.batch, x.vc.row, x.vc.head],
@@ -532,6 +533,7 @@ pub fn kvcache_forward_host(
         let rot =
             c.rot.as_ref().map(|r| Ok::<_, Error>((upload_vec(&s, &r.cos)?, upload_vec(&s, &r.sin)?))).transpose()?;
         let alibi = p.alibi.as_ref().map(|a| upload_vec(&s, &a.slopes)).transpose()?;
+        let sink = p.sink.as_ref().map(|v| upload_vec(&s, v)).transpose()?;
         let poisoned = poison_outputs(&p.tuning);
         let o = alloc_out(&s, &p.o_shape(), p.dtype, poisoned)?;
         let lse = alloc_out(&s, &p.lse_shape(), DType::F32, poisoned)?;
@@ -559,6 +561,7 @@ pub fn kvcache_forward_host(
             interleaved: c.rot.as_ref().is_some_and(|r| r.interleaved),
             alibi: alibi.as_ref().map_or(0, |a| a.device_ptr(&s).0),
             alibi_per_batch: p.alibi.as_ref().is_some_and(|a| a.per_batch),
+            sink: sink.as_ref().map_or(0, |a| a.device_ptr(&s).0),
             ws: ws.device_ptr(&s).0,
         };
         enqueue(&gpu, s.cu_stream(), &plan, &x)?;
@@ -576,7 +579,7 @@ pub fn kvcache_forward_host(
             write_back(&s, &tkc, &mut cache.k_cache.data, &cache.k_cache.layout)?;
             write_back(&s, &tvc, &mut cache.v_cache.data, &cache.v_cache.layout)?;
         }
-        drop((tq, tkn, tvn, seqlens, table, bidx, lpad, rot, alibi, ws));
+        drop((tq, tkn, tvn, seqlens, table, bidx, lpad, rot, alibi, sink, ws));
         Ok(out)
     })
 }
@@ -622,6 +625,10 @@ fn raw_plan(
 ) -> Result<Plan> {
     if opts.varlen.is_some() {
         return Err(Error::invalid("varlen", "no varlen with a KV cache (use cache_seqlens)", "cu_seqlens"));
+    }
+    if opts.sink.is_some() {
+        // A host sink has no place in a call over device memory, and DeviceKvCache has no device sink yet.
+        return Err(super::no_sink());
     }
     if opts.alibi_slopes.is_some() {
         return Err(Error::invalid(
@@ -893,6 +900,7 @@ fn raw_ptrs(
         interleaved: cache.rotary.as_ref().is_some_and(|r| r.interleaved),
         alibi: cache.alibi_slopes.as_ref().map_or(0, |a| a.ptr),
         alibi_per_batch: cache.alibi_slopes.as_ref().is_some_and(|a| a.shape.len() == 2),
+        sink: 0,
         ws: workspace.ptr,
     }
 }
@@ -1161,9 +1169,10 @@ mod tests {
 
     #[test]
     fn params_layout() {
-        // 19 pointers, 21 i64, 20 32-bit fields (the C struct has the same, no padding).
-        assert_eq!(std::mem::size_of::<KvParams>(), 19 * 8 + 21 * 8 + 20 * 4);
-        assert_eq!(std::mem::offset_of!(KvParams, b), 19 * 8 + 21 * 8);
+        // 20 pointers, 21 i64, 20 32-bit fields (the C struct has the same, no padding).
+        assert_eq!(std::mem::size_of::<KvParams>(), 20 * 8 + 21 * 8 + 20 * 4);
+        assert_eq!(std::mem::offset_of!(KvParams, sink), 19 * 8);
+        assert_eq!(std::mem::offset_of!(KvParams, b), 20 * 8 + 21 * 8);
         assert_eq!(std::mem::size_of::<KvFillParams>(), 24);
     }
 

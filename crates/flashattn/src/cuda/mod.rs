@@ -66,12 +66,10 @@ pub fn status() -> BackendStatus {
     BackendStatus { name: "cuda", usable, detail }
 }
 
-/// What every CUDA entry point refuses: other dtypes than f16/bf16, a learnable sink and a value head dim
-/// other than the query/key head dim (CPU backends only).
+/// What every CUDA entry point refuses: other dtypes than f16/bf16 and a value head dim other than the
+/// query/key head dim (CPU backends only). A learnable sink passes here (the forward kernels fold it in); the
+/// backward entry points refuse it with [`require_no_dsink`].
 fn require_half(p: &Problem) -> Result<()> {
-    if p.sink.is_some() {
-        return Err(no_sink());
-    }
     require_same_value_dim(p.d, p.d_v)?;
     match p.dtype {
         DType::F16 | DType::BF16 => Ok(()),
@@ -93,17 +91,30 @@ pub(crate) fn require_same_value_dim(d: usize, d_v: usize) -> Result<()> {
     Ok(())
 }
 
-/// The CUDA kernels have no learnable sink yet.
+/// A learnable sink where the CUDA kernels have none yet (the device API of the KV cache).
 fn no_sink() -> Error {
     Error::Unsupported { backend: "cuda", what: "a learnable sink (the CPU backend runs it)".into() }
 }
 
-/// Per-call small inputs: varlen offsets, `seqused_k`, ALiBi slopes.
+/// The CUDA backward has no `dsink` yet: every backward entry point refuses a problem with a sink, before any
+/// device work (the forward runs it).
+fn require_no_dsink(p: &Problem) -> Result<()> {
+    if p.sink.is_some() {
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            what: "the backward of a learnable sink (dsink; the CUDA forward and the CPU backend run sinks)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Per-call small inputs: varlen offsets, `seqused_k`, ALiBi slopes, the learnable sink (`f32 [h]`).
 struct Aux {
     cu_q: Option<CudaSlice<i32>>,
     cu_k: Option<CudaSlice<i32>>,
     used: Option<CudaSlice<i32>>,
     alibi: Option<CudaSlice<f32>>,
+    sink: Option<CudaSlice<f32>>,
 }
 
 impl Aux {
@@ -114,7 +125,8 @@ impl Aux {
         };
         let used = p.seqused_k.as_ref().map(|u| upload_vec(stream, u)).transpose()?;
         let alibi = p.alibi.as_ref().map(|a| upload_vec(stream, &a.slopes)).transpose()?;
-        Ok(Aux { cu_q, cu_k, used, alibi })
+        let sink = p.sink.as_ref().map(|v| upload_vec(stream, v)).transpose()?;
+        Ok(Aux { cu_q, cu_k, used, alibi, sink })
     }
     fn fill(&self, stream: &CudaStream, a: &mut fwd::FwdArgs) {
         let ptr = |s: &Option<CudaSlice<i32>>| s.as_ref().map_or(0, |s| s.device_ptr(stream).0);
@@ -122,6 +134,7 @@ impl Aux {
         a.cu_k = ptr(&self.cu_k);
         a.seqused_k = ptr(&self.used);
         a.alibi = self.alibi.as_ref().map_or(0, |s| s.device_ptr(stream).0);
+        a.sink = self.sink.as_ref().map_or(0, |s| s.device_ptr(stream).0);
     }
 }
 
@@ -183,6 +196,7 @@ pub fn backward_host(
 ) -> Result<Gradients> {
     let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
     require_half(&p)?;
+    require_no_dsink(&p)?;
     crate::problem::check_backward_inputs(&p, &o.view(), &lse.view(), &dout.view())?;
     let gpu = runtime::gpu(n)?;
     let s = &gpu.stream;
@@ -344,6 +358,7 @@ pub(crate) unsafe fn backward_raw_of(
 ) -> Result<()> {
     let p = raw_problem(q, k, v, opts)?;
     require_half(&p)?;
+    require_no_dsink(&p)?;
     o.check("o", &p.o_shape(), p.dtype, false)?;
     dout.check("dout", &p.o_shape(), p.dtype, false)?;
     check_lse(lse, &p, false)?;

@@ -75,6 +75,8 @@ pub struct FwdParams {
     pub window_left: i32,
     /// Window right (-1 = unbounded).
     pub window_right: i32,
+    /// Learnable sink logits `f32 [h]` or null (forward kernels only; the backward ignores it).
+    pub sink: *const f32,
 }
 
 /// Mirror of `BwdParams`.
@@ -167,16 +169,17 @@ mod tests {
         assert_eq!(offset_of!(FwdParams, alibi_batch_stride), 216);
         assert_eq!(offset_of!(FwdParams, window_left), 224);
         assert_eq!(offset_of!(FwdParams, window_right), 228);
-        assert_eq!(size_of::<FwdParams>(), 232);
+        assert_eq!(offset_of!(FwdParams, sink), 232);
+        assert_eq!(size_of::<FwdParams>(), 240);
 
-        assert_eq!(offset_of!(BwdParams, dout), 232);
-        assert_eq!(offset_of!(BwdParams, dv), 256);
-        assert_eq!(offset_of!(BwdParams, do_batch_stride), 264);
-        assert_eq!(offset_of!(BwdParams, dv_head_stride), 264 + 11 * 8);
-        assert_eq!(offset_of!(BwdParams, dpsum), 360);
-        assert_eq!(offset_of!(BwdParams, dq_semaphore), 384);
-        assert_eq!(offset_of!(BwdParams, rows_q), 392);
-        assert_eq!(offset_of!(BwdParams, exact_one_key), 396);
-        assert_eq!(size_of::<BwdParams>(), 400);
+        assert_eq!(offset_of!(BwdParams, dout), 240);
+        assert_eq!(offset_of!(BwdParams, dv), 264);
+        assert_eq!(offset_of!(BwdParams, do_batch_stride), 272);
+        assert_eq!(offset_of!(BwdParams, dv_head_stride), 272 + 11 * 8);
+        assert_eq!(offset_of!(BwdParams, dpsum), 368);
+        assert_eq!(offset_of!(BwdParams, dq_semaphore), 392);
+        assert_eq!(offset_of!(BwdParams, rows_q), 400);
+        assert_eq!(offset_of!(BwdParams, exact_one_key), 404);
+        assert_eq!(size_of::<BwdParams>(), 408);
     }
 }

@@ -60,6 +60,7 @@ impl DeviceAttention {
         let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
         require_half(&p)?;
         if let Some(d) = dout {
+            super::require_no_dsink(&p)?;
             if d.shape() != p.o_shape().as_slice() || d.dtype() != p.dtype {
                 return Err(Error::invalid(
                     "dout",
