@@ -367,7 +367,7 @@ unsafe fn host_options(
     Ok(a)
 }
 
-fn device_meta(alibi: &Option<Tens>, varlen: &Option<Varlen>) -> DeviceMeta {
+fn device_meta(alibi: &Option<Tens>, varlen: &Option<Varlen>, sink: &Option<Tens>) -> DeviceMeta {
     DeviceMeta {
         varlen: varlen.as_ref().map(|vl| DeviceVarlen {
             cu_seqlens_q: dev(&vl.cu_q),
@@ -377,8 +377,7 @@ fn device_meta(alibi: &Option<Tens>, varlen: &Option<Varlen>) -> DeviceMeta {
             max_seqlen_k: vl.max_k,
         }),
         alibi_slopes: alibi.as_ref().map(dev),
-        // The Python binding passes no device sink yet (its CUDA path refuses a sink before this).
-        sink: None,
+        sink: sink.as_ref().map(dev),
     }
 }
 
@@ -446,9 +445,8 @@ fn fwd(
             py.detach(|| flashattn::forward_into(&qv, &kv, &vv, &mut ov, &mut lv, &a)).map_err(to_py)
         }
         Some(n) => {
-            no_device_sink(&sink)?;
             let (q, k, v, o_, l) = (dev(&qt), dev(&kt), dev(&vt), dev(&ot), dev(&lt));
-            let meta = device_meta(&alibi, &vl);
+            let meta = device_meta(&alibi, &vl, &sink);
             let a = o.attn();
             let stream = current_stream(py, n)?;
             let t = ForwardTensors { q: &q, k: &k, v: &v, o: &o_, lse: &l };
@@ -554,7 +552,7 @@ fn bwd(
         Some(n) => {
             no_device_sink(&sink)?;
             let [qd, kd, vd, od, ld, dod, dqd, dkd, dvd] = [&qt, &kt, &vt, &ot, &lt, &dot, &dqt, &dkt, &dvt].map(dev);
-            let meta = device_meta(&alibi, &vl);
+            let meta = device_meta(&alibi, &vl, &None);
             let a = o.attn();
             let bytes = cuda::backward_workspace_bytes(&qd, &kd, &vd, &a, &meta).map_err(to_py)?;
             let buf = scratch(py, q, bytes)?;
@@ -685,7 +683,6 @@ fn kvcache(
             }
         }
         Some(n) => {
-            no_device_sink(&sink)?;
             let cache = DeviceKvCache {
                 k_cache: dev(&kc),
                 v_cache: dev(&vc),
@@ -701,6 +698,7 @@ fn kvcache(
                     interleaved: rotary_interleaved,
                 }),
                 alibi_slopes: alibi.as_ref().map(dev),
+                sink: sink.as_ref().map(dev),
             };
             let (qd, od, ld) = (dev(&qt), dev(&ot), dev(&lt));
             let mut a = o.attn();
@@ -721,12 +719,15 @@ fn kvcache(
     }
 }
 
-/// The CUDA kernels have no learnable sink: a CUDA call with one is refused (`NotImplementedError`).
+/// The CUDA backward has no `dsink` yet: a CUDA backward with a sink is refused (`NotImplementedError`); the
+/// CUDA forward and KV-cache calls run sinks.
 fn no_device_sink(sink: &Option<Tens>) -> PyResult<()> {
     match sink {
-        Some(_) => {
-            Err(to_py(Error::Unsupported { backend: "cuda", what: "a learnable sink (CPU tensors run it)".into() }))
-        }
+        Some(_) => Err(to_py(Error::Unsupported {
+            backend: "cuda",
+            what: "the backward of a learnable sink (the CUDA forward runs sinks; CPU tensors run the backward)"
+                .into(),
+        })),
         None => Ok(()),
     }
 }

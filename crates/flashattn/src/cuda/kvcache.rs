@@ -241,6 +241,8 @@ pub struct DeviceKvCache {
     pub rotary: Option<DeviceRotary>,
     /// ALiBi slopes, `f32` `[h]` or `[b, h]` (instead of `AttnOptions::alibi_slopes`, which is host memory).
     pub alibi_slopes: Option<DeviceTensorRef>,
+    /// Learnable sink logits, `f32` `[h]` contiguous (instead of `AttnOptions::sink`, which is host memory).
+    pub sink: Option<DeviceTensorRef>,
 }
 
 /// Everything a launch needs besides the pointers: shapes, variant, grid.
@@ -627,8 +629,11 @@ fn raw_plan(
         return Err(Error::invalid("varlen", "no varlen with a KV cache (use cache_seqlens)", "cu_seqlens"));
     }
     if opts.sink.is_some() {
-        // A host sink has no place in a call over device memory, and DeviceKvCache has no device sink yet.
-        return Err(super::no_sink());
+        return Err(Error::invalid(
+            "sink",
+            "a device sink in DeviceKvCache::sink for the device API",
+            "a host sink in AttnOptions",
+        ));
     }
     if opts.alibi_slopes.is_some() {
         return Err(Error::invalid(
@@ -726,6 +731,12 @@ fn raw_plan(
         a.check("alibi_slopes", &a.shape.clone(), DType::F32, false)?;
         if a.strides != crate::tensor::Layout::contiguous(&a.shape).strides {
             return Err(Error::invalid("alibi_slopes", "a contiguous tensor", format!("strides {:?}", a.strides)));
+        }
+    }
+    if let Some(t) = &cache.sink {
+        t.check("sink", &[h], DType::F32, false)?;
+        if t.strides != [1] {
+            return Err(Error::invalid("sink", "a contiguous tensor", format!("strides {:?}", t.strides)));
         }
     }
     o.check("o", &[b, sq, h, d], dtype, true)?;
@@ -900,7 +911,7 @@ fn raw_ptrs(
         interleaved: cache.rotary.as_ref().is_some_and(|r| r.interleaved),
         alibi: cache.alibi_slopes.as_ref().map_or(0, |a| a.ptr),
         alibi_per_batch: cache.alibi_slopes.as_ref().is_some_and(|a| a.shape.len() == 2),
-        sink: 0,
+        sink: cache.sink.as_ref().map_or(0, |t| t.ptr),
         ws: workspace.ptr,
     }
 }
@@ -1057,6 +1068,7 @@ impl KvDecodeBench {
                 cache_leftpad: None,
                 rotary: None,
                 alibi_slopes: None,
+                sink: None,
             };
             let opts = AttnOptions { tuning: tuning.clone(), ..AttnOptions::default() };
             let plan = raw_plan(&gpu, &q, &cache, &o, &lse, &opts)?;

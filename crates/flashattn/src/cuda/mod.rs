@@ -91,11 +91,6 @@ pub(crate) fn require_same_value_dim(d: usize, d_v: usize) -> Result<()> {
     Ok(())
 }
 
-/// A learnable sink where the CUDA kernels have none yet (the device API of the KV cache).
-fn no_sink() -> Error {
-    Error::Unsupported { backend: "cuda", what: "a learnable sink (the CPU backend runs it)".into() }
-}
-
 /// The CUDA backward has no `dsink` yet: every backward entry point refuses a problem with a sink, before any
 /// device work (the forward runs it).
 fn require_no_dsink(p: &Problem) -> Result<()> {
