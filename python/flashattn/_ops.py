@@ -131,11 +131,20 @@ def _bwd_into(
     dq, dk, dv = grads
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
+    # The CUDA kernels read the sink and write its gradient as float32 [h]; a 16-bit sink gets its gradient
+    # rounded once, at the end.
+    dsink_out = dsink
+    if sink is not None and sink.is_cuda:
+        sink = _device_sink(sink)
+        if dsink is not None and (dsink.dtype != torch.float32 or not dsink.is_contiguous()):
+            dsink = torch.empty(dsink.shape, dtype=torch.float32, device=dsink.device)
     _ext.bwd(
         dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
         max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, deterministic, sink, dsink,
         bool(whole_rows),
     )  # fmt: skip
+    if dsink_out is not dsink:
+        dsink_out.copy_(dsink)
 
 
 bwd = torch.library.custom_op("flashattn::bwd", _bwd_impl, mutates_args=())

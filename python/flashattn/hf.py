@@ -21,8 +21,7 @@ What transformers passes, and what it becomes here:
 * ``sliding_window=W`` (key j visible to query i when ``i - j < W``): ``window_size=(W - 1, 0)`` when causal,
   ``(W - 1, W - 1)`` otherwise; ``softcap``: ``softcap``; ``scaling``: ``softmax_scale``; GQA/MQA: native.
 
-* ``s_aux`` attention sinks (gpt-oss): ``learnable_sink`` (inference on CUDA and CPU tensors; training on CPU
-  tensors: the CUDA backward of a sink raises ``NotImplementedError``).
+* ``s_aux`` attention sinks (gpt-oss): ``learnable_sink``, inference and training.
 
 Refused with ``NotImplementedError`` (never a silently different result): attention dropout during training
 (``dropout > 0``), 4D/custom masks and mask functions that are not plain causal/sliding/padding (e.g.

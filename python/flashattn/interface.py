@@ -152,8 +152,7 @@ def flash_attn_func(
     ``alibi_slopes``: float32 ``(nheads,)`` or ``(batch, nheads)``. ``softcap > 0`` caps scores as
     ``softcap * tanh(s / softcap)``. ``deterministic``: the backward is bit-reproducible.
     ``learnable_sink`` (an addition, FlashAttention-4's name; every function takes it): ``(nheads,)`` logits that
-    join each row's softmax denominator (gpt-oss); any float dtype; differentiable on CPU tensors (on CUDA the
-    forward runs and the backward raises ``NotImplementedError``: no ``dsink`` kernel yet).
+    join each row's softmax denominator (gpt-oss); any float dtype; differentiable (its gradient in its dtype).
 
     Returns ``out`` ``(batch, seqlen_q, nheads, headdim)``; with ``return_attn_probs=True``, ``(out,
     softmax_lse, None)`` with ``softmax_lse`` float32 ``(batch, nheads, seqlen_q)``.

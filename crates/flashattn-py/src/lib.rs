@@ -550,9 +550,9 @@ fn bwd(
             .map_err(to_py)
         }
         Some(n) => {
-            no_device_sink(&sink)?;
             let [qd, kd, vd, od, ld, dod, dqd, dkd, dvd] = [&qt, &kt, &vt, &ot, &lt, &dot, &dqt, &dkt, &dvt].map(dev);
-            let meta = device_meta(&alibi, &vl, &None);
+            let dsd = dsink.as_ref().map(dev);
+            let meta = device_meta(&alibi, &vl, &sink);
             let a = o.attn();
             let bytes = cuda::backward_workspace_bytes(&qd, &kd, &vd, &a, &meta).map_err(to_py)?;
             let buf = scratch(py, q, bytes)?;
@@ -564,6 +564,7 @@ fn bwd(
                 dq: &dqd,
                 dk: &dkd,
                 dv: &dvd,
+                dsink: dsd.as_ref(),
             };
             // SAFETY: tensors of device n (checked above), its current stream, a workspace of torch's that
             // lives until the kernels are enqueued (`buf`).
@@ -716,19 +717,6 @@ fn kvcache(
             })
             .map_err(to_py)
         }
-    }
-}
-
-/// The CUDA backward has no `dsink` yet: a CUDA backward with a sink is refused (`NotImplementedError`); the
-/// CUDA forward and KV-cache calls run sinks.
-fn no_device_sink(sink: &Option<Tens>) -> PyResult<()> {
-    match sink {
-        Some(_) => Err(to_py(Error::Unsupported {
-            backend: "cuda",
-            what: "the backward of a learnable sink (the CUDA forward runs sinks; CPU tensors run the backward)"
-                .into(),
-        })),
-        None => Ok(()),
     }
 }
 

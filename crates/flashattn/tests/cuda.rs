@@ -29,6 +29,8 @@ fn cuda_cases(dtype: DType) -> Vec<Case> {
         (vec![32, 59, 128, 256], vec![(113, 203), (1, 147), (239, 1), (127, 513), (128, 217), (3, 799)])
     };
     let dt = if dtype == DType::BF16 { 1 } else { 0 };
+    // Every backend's variants and the learnable sink (the CUDA kernels run it forward and backward).
+    let variants: Vec<common::Variant> = VARIANTS.into_iter().chain([common::Variant::Sink]).collect();
     for (di, &d) in dims.iter().enumerate() {
         for (si, &shape) in shapes.iter().enumerate() {
             // The f64 oracle dominates the run time: the largest shapes run with a third of the head dims
@@ -36,7 +38,7 @@ fn cuda_cases(dtype: DType) -> Vec<Case> {
             if full() && shape.0 * shape.1 >= 1024 * 1023 && (di + si) % 3 != 0 {
                 continue;
             }
-            let variant = VARIANTS[(di + si + dt) % VARIANTS.len()];
+            let variant = variants[(di + si + dt) % variants.len()];
             let heads = HEADS[(di * 7 + si + dt) % HEADS.len()];
             let mut c = Case::new(dtype, d, shape, heads, variant);
             c.backward = true;

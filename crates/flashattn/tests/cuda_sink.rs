@@ -1,6 +1,6 @@
-//! Learnable sinks on the CUDA forward kernels (spec, "Scores" step 6): the sm80-class forward, the Hopper
-//! forward and the KV-cache decode (single pass and split merge) against the f64 oracle and the CPU
-//! backend. Forward only: the CUDA backward refuses a sink (no dsink yet; tests/sink.rs checks the refusal).
+//! Learnable sinks on the CUDA kernels (spec, "Scores" step 6): the sm80-class and Hopper forward and backward
+//! (`dq`, `dk`, `dv` and `dsink` against the f64 oracle under the accuracy rule) and the KV-cache decode
+//! (single pass and split merge) against the CPU backend.
 //!
 //! Without a usable GPU each test prints a visible SKIP line and passes; with `FLASHATTN_REQUIRE_GPU=1` it
 //! fails instead.
@@ -10,8 +10,8 @@ mod common;
 use common::*;
 use flashattn::{AttnOptions, CacheSeqlens, CudaPath, DType, Device, KvCache, Tensor, Tuning};
 
-/// Forward-only `Variant::Sink` cases (the sink draws causal / window / none, and a +8 lift a quarter of the
-/// time) over head dims and shapes that include rows without keys (sq > sk under causal).
+/// `Variant::Sink` cases, forward and backward (the sink draws causal / window / none, and a +8 lift a quarter
+/// of the time) over head dims and shapes that include rows without keys (sq > sk under causal).
 fn sink_cases(dtype: DType, tuning: &Tuning) -> Vec<Case> {
     let dims = [32, 59, 64, 128, 192, 256];
     let shapes = [(113, 203), (1, 147), (239, 1), (127, 513), (128, 217), (300, 64), (3, 799)];
@@ -19,7 +19,7 @@ fn sink_cases(dtype: DType, tuning: &Tuning) -> Vec<Case> {
     for (di, &d) in dims.iter().enumerate() {
         for (si, &shape) in shapes.iter().enumerate() {
             let mut c = Case::new(dtype, d, shape, HEADS[(di + si) % HEADS.len()], Variant::Sink);
-            c.backward = false;
+            c.backward = true;
             c.batch = 2;
             c.tuning = tuning.clone();
             out.push(c);
@@ -49,10 +49,16 @@ fn sink_forward_bf16() {
     run("sink_forward_bf16", DType::BF16, Tuning::default());
 }
 
-/// The sm80-class forward forced by the call's tuning (on Hopper too).
+/// The sm80-class forward and backward forced by the call's tuning (on Hopper too).
 #[test]
 fn sink_forward_bf16_sm80_path() {
     run("sink_forward_bf16_sm80_path", DType::BF16, Tuning { cuda_path: CudaPath::Sm80, ..Tuning::default() });
+}
+
+/// The Hopper forward with the sm80-class backward (the strip and 2-D tiled main kernels by head dim).
+#[test]
+fn sink_f16_sm80_backward() {
+    run("sink_f16_sm80_backward", DType::F16, Tuning { bwd_path: CudaPath::Sm80, ..Tuning::default() });
 }
 
 /// Rows without keys give `o = 0` and `lse = sink` exactly; a sink far above the scores (+60) gives `o` near 0

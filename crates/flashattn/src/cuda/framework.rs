@@ -12,7 +12,7 @@ use super::kvcache::DeviceWorkspace;
 use super::launch;
 use super::runtime::{self, dev_err};
 use super::tensor::DeviceTensorRef;
-use super::{all_aligned, check_lse, extent_bytes, raw_problem, require_half, require_no_dsink};
+use super::{all_aligned, check_lse, extent_bytes, raw_problem, require_half};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::{AttnOptions, VarLen};
@@ -77,6 +77,8 @@ pub struct BackwardTensors<'a> {
     pub dk: &'a DeviceTensorRef,
     /// Gradient of `v`.
     pub dv: &'a DeviceTensorRef,
+    /// Gradient of the learnable sink, `f32 [h]` contiguous: required exactly when [`DeviceMeta::sink`] is given.
+    pub dsink: Option<&'a DeviceTensorRef>,
 }
 
 fn check_meta_vec(arg: &'static str, t: &DeviceTensorRef, dtype: DType, shape: &[usize]) -> Result<()> {
@@ -238,7 +240,6 @@ pub fn backward_workspace_bytes(
     meta: &DeviceMeta,
 ) -> Result<usize> {
     let p = device_problem(q, k, v, opts, meta)?;
-    require_no_dsink(&p)?;
     Ok(bwd::workspace_layout(&p, opts.deterministic)?.bytes)
 }
 
@@ -279,7 +280,12 @@ pub unsafe fn backward_device_of(
     let softmax = if whole_rows { bwd::Softmax::Whole } else { bwd::Softmax::Part };
     let f = t.fwd;
     let p = device_problem(f.q, f.k, f.v, opts, meta)?;
-    require_no_dsink(&p)?;
+    match (&meta.sink, t.dsink) {
+        (Some(_), Some(ds)) => check_meta_vec("dsink", ds, DType::F32, &[p.h])?,
+        (Some(_), None) => return Err(Error::invalid("dsink", "an f32 [h] tensor with a sink", "none")),
+        (None, Some(_)) => return Err(Error::invalid("dsink", "none without a sink", "a tensor")),
+        (None, None) => {}
+    }
     f.o.check("o", &p.o_shape(), p.dtype, false)?;
     t.dout.check("dout", &p.o_shape(), p.dtype, false)?;
     check_lse(f.lse, &p, false)?;
@@ -304,11 +310,13 @@ pub unsafe fn backward_device_of(
             dq: t.dq.view(),
             dk: t.dk.view(),
             dv: t.dv.view(),
+            dsink: t.dsink.map_or(0, |d| d.ptr),
         };
         meta_ptrs(meta, &mut a.fwd);
         if launch::poison_outputs(&p.tuning) {
             // Key rows past seqused_k are left as the caller had them.
-            let grads = if p.seqused_k.is_some() { vec![t.dq] } else { vec![t.dq, t.dk, t.dv] };
+            let mut grads = if p.seqused_k.is_some() { vec![t.dq] } else { vec![t.dq, t.dk, t.dv] };
+            grads.extend(t.dsink);
             for g in grads {
                 launch::poison(g.ptr, extent_bytes(g), s.cu_stream())?;
             }
@@ -416,19 +424,43 @@ mod tests {
         assert!(device_problem(&q, &k, &k, &opts, &DeviceMeta::default()).is_ok());
     }
 
-    /// A device sink passes the forward's validation; the backward (no dsink on CUDA yet) refuses it as
-    /// unsupported before any device work.
+    /// A device sink passes validation: the forward reads its pointer; the backward's workspace grows by the
+    /// partial dsink sums ([b, h, ceil(sk / 64), 8] f32), and a backward call needs an f32 [h] dsink exactly when
+    /// there is a sink (checked before any device work).
     #[test]
-    fn device_sink_runs_forward_only() {
+    fn device_sink_in_forward_and_backward() {
         let q = t(DType::BF16, &[2, 16, 8, 64]);
         let meta = DeviceMeta { sink: Some(t(DType::F32, &[8])), ..Default::default() };
-        let p = device_problem(&q, &q, &q, &AttnOptions::default(), &meta).unwrap();
+        let opts = AttnOptions::default();
+        let p = device_problem(&q, &q, &q, &opts, &meta).unwrap();
         assert!(p.sink.is_some());
         let mut a = FwdArgs::default();
         meta_ptrs(&meta, &mut a);
         assert_eq!(a.sink, 0x1000);
-        let e = backward_workspace_bytes(&q, &q, &q, &AttnOptions::default(), &meta).unwrap_err();
-        assert!(matches!(e, Error::Unsupported { backend: "cuda", .. }), "{e}");
+        let with = backward_workspace_bytes(&q, &q, &q, &opts, &meta).unwrap();
+        let without = backward_workspace_bytes(&q, &q, &q, &opts, &DeviceMeta::default()).unwrap();
+        assert!(with >= without + 2 * 8 * 8 * 4, "{with} vs {without}");
+        let (o, lse) = (t(DType::BF16, &[2, 16, 8, 64]), t(DType::F32, &[2, 8, 16]));
+        let ws = DeviceWorkspace { ptr: 0x10000, bytes: with };
+        let arg = |dsink: Option<&DeviceTensorRef>, meta: &DeviceMeta| {
+            let tens = BackwardTensors {
+                fwd: ForwardTensors { q: &q, k: &q, v: &q, o: &o, lse: &lse },
+                dout: &o,
+                dq: &q,
+                dk: &q,
+                dv: &q,
+                dsink,
+            };
+            // SAFETY: every case is refused by validation before any pointer is used.
+            match unsafe { backward_device(0, std::ptr::null_mut(), tens, &opts, meta, ws) } {
+                Err(Error::InvalidArgument { arg, .. }) => Some(arg),
+                _ => None,
+            }
+        };
+        assert_eq!(arg(None, &meta), Some("dsink"));
+        assert_eq!(arg(Some(&t(DType::BF16, &[8])), &meta), Some("dsink"));
+        assert_eq!(arg(Some(&t(DType::F32, &[4])), &meta), Some("dsink"));
+        assert_eq!(arg(Some(&t(DType::F32, &[8])), &DeviceMeta::default()), Some("dsink"));
     }
 
     #[test]

@@ -90,6 +90,7 @@ pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministi
         wide_n: false,
         kv_stages: None,
         nvrtc: Default::default(),
+        sink: p.sink.is_some() && pass == Pass::Bwd,
     }
     .tuned(&p.tuning))
 }

@@ -67,8 +67,8 @@ pub fn status() -> BackendStatus {
 }
 
 /// What every CUDA entry point refuses: other dtypes than f16/bf16 and a value head dim other than the
-/// query/key head dim (CPU backends only). A learnable sink passes here (the forward kernels fold it in); the
-/// backward entry points refuse it with [`require_no_dsink`].
+/// query/key head dim (CPU backends only). A learnable sink passes here (the forward kernels fold it in, the
+/// backward's sink variant computes `dsink`).
 fn require_half(p: &Problem) -> Result<()> {
     require_same_value_dim(p.d, p.d_v)?;
     match p.dtype {
@@ -91,13 +91,13 @@ pub(crate) fn require_same_value_dim(d: usize, d_v: usize) -> Result<()> {
     Ok(())
 }
 
-/// The CUDA backward has no `dsink` yet: every backward entry point refuses a problem with a sink, before any
-/// device work (the forward runs it).
+/// The backward entry points without a place for `dsink` (the raw device API, [`DeviceAttention`]) refuse a
+/// problem with a sink, before any device work; [`backward_host`] and [`backward_device`] run it.
 fn require_no_dsink(p: &Problem) -> Result<()> {
     if p.sink.is_some() {
         return Err(Error::Unsupported {
             backend: "cuda",
-            what: "the backward of a learnable sink (dsink; the CUDA forward and the CPU backend run sinks)".into(),
+            what: "a learnable sink in this backward entry point (backward_device or the host API run it)".into(),
         });
     }
     Ok(())
@@ -191,7 +191,6 @@ pub fn backward_host(
 ) -> Result<Gradients> {
     let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
     require_half(&p)?;
-    require_no_dsink(&p)?;
     crate::problem::check_backward_inputs(&p, &o.view(), &lse.view(), &dout.view())?;
     let gpu = runtime::gpu(n)?;
     let s = &gpu.stream;
@@ -211,6 +210,8 @@ pub fn backward_host(
             launch::zero(gv.base(s), gv.bytes(), s.cu_stream())?;
         }
         let aux = Aux::upload(s, &p)?;
+        // The sink's gradient in f32 on the device, returned in the sink's dtype.
+        let gsink = p.sink.as_ref().map(|_| alloc_out(s, &[p.h], DType::F32, poisoned)).transpose()?;
         let mut a = bwd::BwdArgs {
             fwd: fwd::FwdArgs {
                 q: tq.view(s),
@@ -224,12 +225,17 @@ pub fn backward_host(
             dq: gq.view(s),
             dk: gk.view(s),
             dv: gv.view(s),
+            dsink: gsink.as_ref().map_or(0, |t| t.base(s)),
         };
         aux.fill(s, &mut a.fwd);
         let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
         bwd::run(&gpu, s, &p, &a, aligned, opts.deterministic, bwd::Softmax::Whole, None)?;
-        let g = Gradients { dq: download(s, &gq)?, dk: download(s, &gk)?, dv: download(s, &gv)?, dsink: None };
-        drop((tq, tk, tv, to, tdo, tlse, aux));
+        let dsink = match (&gsink, &opts.sink) {
+            (Some(g), Some(sink)) => Some(Tensor::from_f32(&download(s, g)?.to_f32_vec(), &[p.h], sink.dtype())?),
+            _ => None,
+        };
+        let g = Gradients { dq: download(s, &gq)?, dk: download(s, &gk)?, dv: download(s, &gv)?, dsink };
+        drop((tq, tk, tv, to, tdo, tlse, aux, gsink));
         Ok(g)
     })
 }
@@ -378,6 +384,7 @@ pub(crate) unsafe fn backward_raw_of(
             dq: dq.view(),
             dk: dk.view(),
             dv: dv.view(),
+            dsink: 0,
         };
         aux.fill(&s, &mut a.fwd);
         let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());

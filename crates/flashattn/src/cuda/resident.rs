@@ -114,6 +114,8 @@ impl DeviceAttention {
             dq: b.dq.view(s),
             dk: b.dk.view(s),
             dv: b.dv.view(s),
+            // A resident problem with a backward has no sink (refused when it is built).
+            dsink: 0,
         };
         let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], self.p.dtype.size());
         (a, aligned)
