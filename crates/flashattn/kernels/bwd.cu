@@ -64,7 +64,7 @@
 //       (batch, head): it relies on CTAs being dispatched in blockIdx order (x fastest), as FA2's does.
 //   flash_bwd_convert_dq(BwdParams p)  grid (ceil(sq/64), h, b), 256 threads, no dynamic smem.
 //       dq = dq_accum * scale, converted to the dtype with dq's strides.
-//   flash_bwd_dsink(BwdParams p)       HAS_SINK only; grid (h), 256 threads, after the main kernel.
+//   flash_bwd_dsink(BwdParams p)       HAS_SINK only; grid (h), 32 threads, after the main kernel.
 //       dsink[h] = -(sum of p.dsink_part over batch, key blocks and warps), in a fixed order (deterministic).
 // sq/sk above are FwdParams::sq/sk (max lengths for varlen).
 #include "common.cuh"
@@ -243,25 +243,21 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_convert_dq(const Bwd
 }
 
 #if HAS_SINK
-// dsink[h] = -(sum of this head's partial sums over sequences, key blocks and warps): each thread sums a fixed
-// strided subset in order, then a fixed-shape tree over the block, so the result is bit-reproducible.
-extern "C" __global__ void __launch_bounds__(256) flash_bwd_dsink(const BwdParams p) {
-    __shared__ float red[256];
+// dsink[h] = -(sum of this head's partial sums over sequences, key blocks and warps), one warp per head: each lane
+// sums a fixed strided subset in order, then a fixed butterfly over the lanes, so the result is bit-reproducible.
+// No shared memory (the loader raises every kernel's dynamic limit to the device maximum, which fails for a
+// kernel with static shared memory).
+extern "C" __global__ void __launch_bounds__(32) flash_bwd_dsink(const BwdParams p) {
     const int head = blockIdx.x;
     const i64 per_seq = (i64)p.dsink_blocks * 8;
     float acc = 0.f;
     for (int bi = 0; bi < p.fwd.b; ++bi) {
         const float* src = p.dsink_part + ((i64)bi * p.fwd.h + head) * per_seq;
-        for (i64 e = threadIdx.x; e < per_seq; e += 256) acc += src[e];
+        for (i64 e = threadIdx.x; e < per_seq; e += 32) acc += src[e];
     }
-    red[threadIdx.x] = acc;
-    __syncthreads();
 #pragma unroll
-    for (int s = 128; s > 0; s >>= 1) {
-        if ((int)threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) p.dsink[head] = -red[0];
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (threadIdx.x == 0) p.dsink[head] = -acc;
 }
 #endif
 

@@ -588,7 +588,14 @@ fn nvrtc_compiles_variants() {
         say("SKIP nvrtc_compiles_variants: libnvrtc not found on the loader path");
         return;
     }
-    let variants = if full() { compile::all_variants() } else { compile::hot_variants() };
+    let mut variants = if full() { compile::all_variants() } else { compile::hot_variants() };
+    // The backward's learnable-sink forms of the hot backward variants (their main kernels and flash_bwd_dsink).
+    let sinks: Vec<Variant> = compile::hot_variants()
+        .into_iter()
+        .filter(|v| matches!(v.pass, compile::Pass::Bwd | compile::Pass::BwdSm90))
+        .map(|v| Variant { sink: true, ..v })
+        .collect();
+    variants.extend(sinks);
     let archs = vec!["sm_80".to_string(), "sm_90a".to_string()];
     let t0 = std::time::Instant::now();
     let reps = cuda::compile_reports(&archs, &variants).unwrap_or_else(|e| panic!("{e}"));
@@ -599,6 +606,9 @@ fn nvrtc_compiles_variants() {
     for r in &reps {
         assert!(!r.usage.is_empty(), "no ptxas report for {r}");
         for u in &r.usage {
+            // The loader raises every kernel's dynamic shared-memory limit to the device maximum, which fails for
+            // a kernel with static shared memory.
+            assert_eq!(u.smem, 0, "{r}: {} uses static shared memory", u.kernel);
             max_regs = max_regs.max(u.registers);
             if u.spills() && hot.contains(&r.variant) {
                 spills.push(r.to_string());

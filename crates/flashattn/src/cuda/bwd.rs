@@ -202,7 +202,7 @@ pub(crate) fn run(
         }
         launch(&m.kernels["flash_bwd_convert_dq"], "flash_bwd_convert_dq", cs, rows_grid, 256, 0, &params)?;
         if sink {
-            launch(&m.kernels["flash_bwd_dsink"], "flash_bwd_dsink", cs, (p.h as u32, 1, 1), 256, 0, &params)?;
+            launch(&m.kernels["flash_bwd_dsink"], "flash_bwd_dsink", cs, (p.h as u32, 1, 1), 32, 0, &params)?;
         }
     }
     // An owned workspace is freed in stream order when dropped here.
