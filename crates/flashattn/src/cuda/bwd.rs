@@ -77,7 +77,8 @@ pub(crate) fn workspace_layout(p: &Problem, deterministic: bool) -> Result<BwdWo
 /// Whose softmax the backward's `lse` (and so `D = rowsum(dO * O)`) belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Softmax {
-    /// This call's keys: a row that sees one key has a constant softmax, and its `dS` is exactly 0.
+    /// This call's keys: a row that sees one key has a constant softmax (without a learnable sink), and its `dS`
+    /// is exactly 0.
     Whole,
     /// A larger set of keys of which this call holds a part (ring attention): every row takes the general
     /// formula.
@@ -177,7 +178,8 @@ pub(crate) fn run(
         dq_accum: (base + layout.dq_accum as u64) as *mut f32,
         dq_semaphore: sem_ptr as *mut i32,
         rows_q: rows_q as i32,
-        exact_one_key: i32::from(softmax == Softmax::Whole),
+        // A row that sees one key has a constant softmax only without a sink (the sink is a second logit).
+        exact_one_key: i32::from(softmax == Softmax::Whole && p.sink.is_none()),
         dsink_part: dsink_part as *mut f32,
         dsink: a.dsink as *mut f32,
         dsink_blocks: layout.dsink_blocks as i32,
