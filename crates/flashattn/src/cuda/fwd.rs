@@ -24,6 +24,8 @@ pub(crate) struct FwdArgs {
     pub cu_k: u64,
     pub seqused_k: u64,
     pub alibi: u64,
+    /// Learnable sink logits, `f32 [h]` (0: none). The forward kernels read it; the backward ignores it.
+    pub sink: u64,
 }
 
 /// Forward tile sizes `(BLOCK_M, BLOCK_N, warps)`: the defaults of `fwd.cu` (FWD_DEFAULT_TILES).
@@ -88,6 +90,7 @@ pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministi
         wide_n: false,
         kv_stages: None,
         nvrtc: Default::default(),
+        sink: p.sink.is_some() && pass == Pass::Bwd,
     }
     .tuned(&p.tuning))
 }
@@ -137,6 +140,7 @@ pub(crate) fn fwd_params(p: &Problem, a: &FwdArgs) -> FwdParams {
         alibi_batch_stride,
         window_left: if p.mask.is_active() { window(p.mask.left, limit) } else { -1 },
         window_right: if p.mask.is_active() { window(p.mask.right, limit) } else { -1 },
+        sink: a.sink as *const f32,
     }
 }
 

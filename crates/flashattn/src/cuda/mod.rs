@@ -66,12 +66,10 @@ pub fn status() -> BackendStatus {
     BackendStatus { name: "cuda", usable, detail }
 }
 
-/// What every CUDA entry point refuses: other dtypes than f16/bf16, a learnable sink and a value head dim
-/// other than the query/key head dim (CPU backends only).
+/// What every CUDA entry point refuses: other dtypes than f16/bf16 and a value head dim other than the
+/// query/key head dim (CPU backends only). A learnable sink passes here (the forward kernels fold it in, the
+/// backward's sink variant computes `dsink`).
 fn require_half(p: &Problem) -> Result<()> {
-    if p.sink.is_some() {
-        return Err(no_sink());
-    }
     require_same_value_dim(p.d, p.d_v)?;
     match p.dtype {
         DType::F16 | DType::BF16 => Ok(()),
@@ -93,17 +91,25 @@ pub(crate) fn require_same_value_dim(d: usize, d_v: usize) -> Result<()> {
     Ok(())
 }
 
-/// The CUDA kernels have no learnable sink yet.
-fn no_sink() -> Error {
-    Error::Unsupported { backend: "cuda", what: "a learnable sink (the CPU backend runs it)".into() }
+/// The backward entry points without a place for `dsink` (the raw device API, [`DeviceAttention`]) refuse a
+/// problem with a sink, before any device work; [`backward_host`] and [`backward_device`] run it.
+fn require_no_dsink(p: &Problem) -> Result<()> {
+    if p.sink.is_some() {
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            what: "a learnable sink in this backward entry point (backward_device or the host API run it)".into(),
+        });
+    }
+    Ok(())
 }
 
-/// Per-call small inputs: varlen offsets, `seqused_k`, ALiBi slopes.
+/// Per-call small inputs: varlen offsets, `seqused_k`, ALiBi slopes, the learnable sink (`f32 [h]`).
 struct Aux {
     cu_q: Option<CudaSlice<i32>>,
     cu_k: Option<CudaSlice<i32>>,
     used: Option<CudaSlice<i32>>,
     alibi: Option<CudaSlice<f32>>,
+    sink: Option<CudaSlice<f32>>,
 }
 
 impl Aux {
@@ -114,7 +120,8 @@ impl Aux {
         };
         let used = p.seqused_k.as_ref().map(|u| upload_vec(stream, u)).transpose()?;
         let alibi = p.alibi.as_ref().map(|a| upload_vec(stream, &a.slopes)).transpose()?;
-        Ok(Aux { cu_q, cu_k, used, alibi })
+        let sink = p.sink.as_ref().map(|v| upload_vec(stream, v)).transpose()?;
+        Ok(Aux { cu_q, cu_k, used, alibi, sink })
     }
     fn fill(&self, stream: &CudaStream, a: &mut fwd::FwdArgs) {
         let ptr = |s: &Option<CudaSlice<i32>>| s.as_ref().map_or(0, |s| s.device_ptr(stream).0);
@@ -122,6 +129,7 @@ impl Aux {
         a.cu_k = ptr(&self.cu_k);
         a.seqused_k = ptr(&self.used);
         a.alibi = self.alibi.as_ref().map_or(0, |s| s.device_ptr(stream).0);
+        a.sink = self.sink.as_ref().map_or(0, |s| s.device_ptr(stream).0);
     }
 }
 
@@ -202,6 +210,8 @@ pub fn backward_host(
             launch::zero(gv.base(s), gv.bytes(), s.cu_stream())?;
         }
         let aux = Aux::upload(s, &p)?;
+        // The sink's gradient in f32 on the device, returned in the sink's dtype.
+        let gsink = p.sink.as_ref().map(|_| alloc_out(s, &[p.h], DType::F32, poisoned)).transpose()?;
         let mut a = bwd::BwdArgs {
             fwd: fwd::FwdArgs {
                 q: tq.view(s),
@@ -215,12 +225,17 @@ pub fn backward_host(
             dq: gq.view(s),
             dk: gk.view(s),
             dv: gv.view(s),
+            dsink: gsink.as_ref().map_or(0, |t| t.base(s)),
         };
         aux.fill(s, &mut a.fwd);
         let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
         bwd::run(&gpu, s, &p, &a, aligned, opts.deterministic, bwd::Softmax::Whole, None)?;
-        let g = Gradients { dq: download(s, &gq)?, dk: download(s, &gk)?, dv: download(s, &gv)?, dsink: None };
-        drop((tq, tk, tv, to, tdo, tlse, aux));
+        let dsink = match (&gsink, &opts.sink) {
+            (Some(g), Some(sink)) => Some(Tensor::from_f32(&download(s, g)?.to_f32_vec(), &[p.h], sink.dtype())?),
+            _ => None,
+        };
+        let g = Gradients { dq: download(s, &gq)?, dk: download(s, &gk)?, dv: download(s, &gv)?, dsink };
+        drop((tq, tk, tv, to, tdo, tlse, aux, gsink));
         Ok(g)
     })
 }
@@ -344,6 +359,7 @@ pub(crate) unsafe fn backward_raw_of(
 ) -> Result<()> {
     let p = raw_problem(q, k, v, opts)?;
     require_half(&p)?;
+    require_no_dsink(&p)?;
     o.check("o", &p.o_shape(), p.dtype, false)?;
     dout.check("dout", &p.o_shape(), p.dtype, false)?;
     check_lse(lse, &p, false)?;
@@ -368,6 +384,7 @@ pub(crate) unsafe fn backward_raw_of(
             dq: dq.view(),
             dk: dk.view(),
             dv: dv.view(),
+            dsink: 0,
         };
         aux.fill(&s, &mut a.fwd);
         let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());

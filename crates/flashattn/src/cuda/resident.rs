@@ -60,6 +60,7 @@ impl DeviceAttention {
         let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
         require_half(&p)?;
         if let Some(d) = dout {
+            super::require_no_dsink(&p)?;
             if d.shape() != p.o_shape().as_slice() || d.dtype() != p.dtype {
                 return Err(Error::invalid(
                     "dout",
@@ -113,6 +114,8 @@ impl DeviceAttention {
             dq: b.dq.view(s),
             dk: b.dk.view(s),
             dv: b.dv.view(s),
+            // A resident problem with a backward has no sink (refused when it is built).
+            dsink: 0,
         };
         let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], self.p.dtype.size());
         (a, aligned)
