@@ -33,6 +33,12 @@ nonfinite() {
     FLASHATTN_REQUIRE_GPU=1 timeout "$1" "$G/cuda_nonfinite" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
     echo "rc=$?" >> "$OUT/rust_cuda.log"
 }
+# The CUDA learnable-sink tests (forward, backward with dsink on both kernel paths, KV decode).
+sinktests() {
+    [ -x "$G/cuda_sink" ] || return 0
+    FLASHATTN_REQUIRE_GPU=1 timeout "$1" "$G/cuda_sink" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
+    echo "cuda_sink rc=$?" >> "$OUT/rust_cuda.log"
+}
 run_correct() {
     # The Rust CUDA tests run beside pytest (they share the GPU and the kernel cache; each under its timeout).
     # Their own kernel cache: the compile test wants fresh compiles (ptxas reports), not pytest's cached cubins.
@@ -42,7 +48,8 @@ run_correct() {
      echo "rc=$?" >> "$OUT/rust_cuda.log"
      FLASHATTN_REQUIRE_GPU=1 timeout 240 "$G/cuda_kvcache" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
      echo "rc=$?" >> "$OUT/rust_cuda.log"
-     nonfinite 240) &
+     nonfinite 240
+     sinktests 200) &
     step pytest-cuda 450 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
     step memcheck 240 env -C "$T" FLASHATTN_TEST_DEVICES=cuda compute-sanitizer --tool memcheck --error-exitcode 3 \
         python3 -m pytest -q -p no:cacheprovider -x \
