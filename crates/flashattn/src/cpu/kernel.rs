@@ -234,18 +234,10 @@ unsafe fn tile_avx512(
     rows!(st);
 }
 
-/// `x = e^x` elementwise, vectorisable: `e^x = 2^n e^r` with `n = round(x log2 e)`, `r = x - n ln 2` (in two
+/// `x = e^x` (vectorisable in a loop): `e^x = 2^n e^r` with `n = round(x log2 e)`, `r = x - n ln 2` (in two
 /// parts) and a degree-6 polynomial for `e^r` on `|r| <= ln 2 / 2` (about 1 ulp). `e^0 = 1` exactly, `-inf`
 /// and anything below the smallest normal's logarithm give 0 (subnormal results are flushed), `+inf` and
 /// anything above `ln(f32::MAX)` give `+inf`, NaN stays NaN.
-#[inline(always)]
-pub(crate) fn exp_slice(x: &mut [f32]) {
-    for v in x.iter_mut() {
-        *v = exp1(*v);
-    }
-}
-
-/// One exponential of [`exp_slice`].
 #[inline(always)]
 pub(crate) fn exp1(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
