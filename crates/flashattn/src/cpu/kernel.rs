@@ -245,7 +245,8 @@ pub(crate) fn exp1(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting rounds to the nearest integer
     let xc = x.clamp(-87.5, 88.75);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -255,7 +256,10 @@ pub(crate) fn exp1(x: f32) -> f32 {
     p = p * r + 0.5;
     let e = (p * r * r + r) + 1.0;
     // 2^n for n in [-127, 128]: both halves are normal, so the product is exact up to the final rounding.
-    let ni = n as i32;
+    // `n` as an integer, read from the bits of `t` (`1.5 * 2^23 + n`, whose last mantissa bits are `n`): the
+    // same value as `n as i32`, but an integer subtraction the compiler vectorises (the saturating `as`
+    // conversion is not). For a NaN `x` the value is garbage but bounded (no overflow below); `y` is not used.
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let h = ni >> 1;
     let s1 = f32::from_bits(((h + 127) as u32) << 23);
     let s2 = f32::from_bits(((ni - h + 127) as u32) << 23);
