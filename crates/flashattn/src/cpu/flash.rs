@@ -11,8 +11,10 @@
 //! Backward: one sweep, query tiles outermost, that never races and so is deterministic (see [`backward`]):
 //! per query tile, `D = rowsum(P ∘ dP)` from the recomputed `P` and `dP`, then per key tile `dS = P ∘ (dP -
 //! D)` and `dQ += dS K`, `dV += Pᵀ dO`, `dK += dSᵀ Q`, the last two into per-task partial sums reduced in a
-//! fixed order. The forward's `o` is not read: `D` from the recomputed `P` and `dP` is exact where
-//! `rowsum(dO ∘ O)` would carry the rounding of `O` to f16/bf16.
+//! fixed order. The forward's `o` is not read (unless the caller gives `D`, as ring attention does for its
+//! partial rows): `D` from the recomputed `P` and `dP` is exact where `rowsum(dO ∘ O)` would carry the rounding
+//! of `O` (to f16/bf16; and even in f32 a row that sees one key needs `dP - D` to cancel exactly, which `D` from
+//! `o` does not give: tried, it broke the f32 rule for dk at sk = 1 with soft-capping).
 //!
 //! Tile products: every score product (`S = Q Kᵀ` in the forward and in both backward sweeps, `dP = dO Vᵀ`),
 //! the forward's `P V` and the backward's gradient products (`dQ += dS K`, `dV += Pᵀ dO`, `dK += dSᵀ Q`) run
@@ -69,7 +71,7 @@ fn tile_key_range(p: &Problem, seq: usize, i0: usize, i1: usize) -> (usize, usiz
 /// The forward pass.
 pub(crate) fn forward(p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>) {
     let (d, d_v) = (p.d, p.d_v);
-    let need = Need { kt: true, k: false, v: true, vt: false };
+    let need = Need { bf: use_bf16(x, None), kt: true, k: false, v: true, vt: false };
     for wave in waves(p, need) {
         let panels = pack_wave(p, x, &wave, need);
         let group = p.h / p.hk;
@@ -96,6 +98,8 @@ const FBM: usize = 128;
 /// (`[d_v, BN]`).
 #[derive(Clone, Copy)]
 struct Need {
+    /// `Kᵀ` and `Vᵀ` as bf16 pairs ([`Panels::ktb`], [`Panels::vtb`]) instead of `f32`.
+    bf: bool,
     kt: bool,
     k: bool,
     v: bool,
@@ -111,6 +115,65 @@ struct Panels {
     k: Vec<f32>,
     v: Vec<f32>,
     vt: Vec<f32>,
+    /// With bf16 inputs at SIMD level 3 (`Need::bf`), `Kᵀ` and `Vᵀ` in bf16 pairs for `kernel::gemm_bf16`
+    /// (`[d.div_ceil(2), BN]` and `[d_v.div_ceil(2), BN]` per tile), and `kt`, `vt` are empty.
+    ktb: Vec<u32>,
+    vtb: Vec<u32>,
+}
+
+/// One key tile's transposed operand of a score product: `f32` `[d, BN]` or bf16 pairs `[d.div_ceil(2), BN]`.
+#[derive(Clone, Copy)]
+enum TileOp<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u32]),
+}
+
+impl Panels {
+    /// `Kᵀ` of key tile `t`.
+    fn kt(&self, p: &Problem, t: usize) -> TileOp<'_> {
+        if self.ktb.is_empty() {
+            TileOp::F32(&self.kt[t * BN * p.d..(t + 1) * BN * p.d])
+        } else {
+            let d2 = p.d.div_ceil(2);
+            TileOp::Bf16(&self.ktb[t * BN * d2..(t + 1) * BN * d2])
+        }
+    }
+
+    /// `Vᵀ` of key tile `t`.
+    fn vt(&self, p: &Problem, t: usize) -> TileOp<'_> {
+        if self.vtb.is_empty() {
+            TileOp::F32(&self.vt[t * BN * p.d_v..(t + 1) * BN * p.d_v])
+        } else {
+            let d2 = p.d_v.div_ceil(2);
+            TileOp::Bf16(&self.vtb[t * BN * d2..(t + 1) * BN * d2])
+        }
+    }
+}
+
+/// Whether the score products run on bf16 pairs (`kernel::gemm_bf16`): bf16 q, k, v (and `dout`, when given)
+/// on a CPU at SIMD level 3. Their values are then exactly bf16 after conversion to `f32`, so the pairs are
+/// exact.
+fn use_bf16(x: Qkv<'_>, dout: Option<CpuSlice<'_>>) -> bool {
+    let bf = |s: CpuSlice<'_>| matches!(s, CpuSlice::BF16(_));
+    cfg!(all(target_arch = "x86_64", flashattn_avx512))
+        && kernel::level() >= 3
+        && bf(x.q)
+        && bf(x.k)
+        && bf(x.v)
+        && dout.into_iter().all(bf)
+}
+
+/// Packs the first `d` rows of a transposed tile `tt` (`[d, BN]`) into bf16 pairs `out` (`[d.div_ceil(2), BN]`):
+/// `out[kk * BN + j]` holds rows `2kk` and `2kk + 1` of column `j` (0 past row `d`).
+fn pack_tile_pairs(tt: &[f32], d: usize, out: &mut [u32]) {
+    let mut col = [0f32; 2];
+    for kk in 0..d.div_ceil(2) {
+        for j in 0..BN {
+            col[0] = tt[2 * kk * BN + j];
+            col[1] = if 2 * kk + 1 < d { tt[(2 * kk + 1) * BN + j] } else { 0.0 };
+            kernel::pack_pairs(&col, 2, &mut out[kk * BN + j..kk * BN + j + 1]);
+        }
+    }
 }
 
 /// Most bytes of packed panels alive at once: the (sequence, key head) pairs are processed in waves of at
@@ -150,8 +213,20 @@ fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Ve
             let (dv, dvp) = (p.d_v, round_up(p.d_v, W));
             let sk = p.seqlen_k[seq];
             let nt = sk.div_ceil(BN);
-            let mut pn = Panels { kt: Vec::new(), k: Vec::new(), v: Vec::new(), vt: Vec::new() };
-            if need.kt {
+            let mut pn = Panels {
+                kt: Vec::new(),
+                k: Vec::new(),
+                v: Vec::new(),
+                vt: Vec::new(),
+                ktb: Vec::new(),
+                vtb: Vec::new(),
+            };
+            let (d2, dv2) = (d.div_ceil(2), dv.div_ceil(2));
+            // With `need.bf` the transposed tiles go through `tt` into the pair panels.
+            let mut tt = vec![0f32; if need.bf { BN * d.max(dv) } else { 0 }];
+            if need.kt && need.bf {
+                pn.ktb = vec![0; nt * BN * d2];
+            } else if need.kt {
                 pn.kt = vec![0.0; nt * BN * d];
             }
             if need.k {
@@ -160,7 +235,9 @@ fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Ve
             if need.v {
                 pn.v = vec![0.0; nt * BN * dvp];
             }
-            if need.vt {
+            if need.vt && need.bf {
+                pn.vtb = vec![0; nt * BN * dv2];
+            } else if need.vt {
                 pn.vt = vec![0.0; nt * BN * dv];
             }
             let mut buf = vec![0f32; BN * dp.max(dvp)];
@@ -169,14 +246,22 @@ fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Ve
                 if need.kt || need.k {
                     let kb: &mut [f32] = if need.k { &mut pn.k[t * BN * dp..(t + 1) * BN * dp] } else { &mut buf };
                     load_rows(x.k, &p.k, seq, kh, j0, bn, d, dp, kb);
-                    if need.kt {
+                    if need.kt && need.bf {
+                        tt.fill(0.0);
+                        transpose_into(kb, bn, dp, d, &mut tt, BN);
+                        pack_tile_pairs(&tt, d, &mut pn.ktb[t * BN * d2..(t + 1) * BN * d2]);
+                    } else if need.kt {
                         transpose_into(kb, bn, dp, d, &mut pn.kt[t * BN * d..(t + 1) * BN * d], BN);
                     }
                 }
                 if need.v || need.vt {
                     let vb: &mut [f32] = if need.v { &mut pn.v[t * BN * dvp..(t + 1) * BN * dvp] } else { &mut buf };
                     load_rows(x.v, &p.v, seq, kh, j0, bn, dv, dvp, vb);
-                    if need.vt {
+                    if need.vt && need.bf {
+                        tt.fill(0.0);
+                        transpose_into(vb, bn, dvp, dv, &mut tt, BN);
+                        pack_tile_pairs(&tt, dv, &mut pn.vtb[t * BN * dv2..(t + 1) * BN * dv2]);
+                    } else if need.vt {
                         transpose_into(vb, bn, dvp, dv, &mut pn.vt[t * BN * dv..(t + 1) * BN * dv], BN);
                     }
                 }
@@ -187,8 +272,9 @@ fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Ve
 }
 
 struct FwdScratch {
-    /// `[FBM, dp]`, `[FBM, BN]`, `[FBM, dvp]`.
+    /// `[FBM, dp]`, `[FBM, d.div_ceil(2)]` (bf16 pairs of `q`), `[FBM, BN]`, `[FBM, dvp]`.
     q: Vec<f32>,
+    qb: Vec<u32>,
     s: Vec<f32>,
     acc: Vec<f32>,
     m: Vec<f32>,
@@ -200,6 +286,7 @@ impl FwdScratch {
         let (dp, dvp) = (round_up(d, W), round_up(d_v, W));
         FwdScratch {
             q: vec![0.0; FBM * dp],
+            qb: vec![0; FBM * d.div_ceil(2)],
             s: vec![0.0; FBM * BN],
             acc: vec![0.0; FBM * dvp],
             m: vec![0.0; FBM],
@@ -259,13 +346,13 @@ fn exp_sum(x: &mut [f32], base: f32) -> f32 {
 }
 
 /// Defines `$name` calling `$body_fn::<L>` for the instruction-set level of this CPU
-/// ([`kernel::level`]): an AVX-512F copy (level 2) and an AVX2+FMA copy (level 1) compiled with those
-/// features, else the plain body (level 0).
+/// ([`kernel::level`]): an AVX-512F + AVX-512-BF16 copy (level 3), an AVX-512F copy (level 2) and an AVX2+FMA
+/// copy (level 1) compiled with those features, else the plain body (level 0).
 macro_rules! multiversion {
-    ($name:ident, $avx2:ident, $avx512:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
-        multiversion!($name, $avx2, $avx512, $body_fn, ($($arg: $ty),*) -> ());
+    ($name:ident, $avx2:ident, $avx512:ident, $bf16:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
+        multiversion!($name, $avx2, $avx512, $bf16, $body_fn, ($($arg: $ty),*) -> ());
     };
-    ($name:ident, $avx2:ident, $avx512:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+    ($name:ident, $avx2:ident, $avx512:ident, $bf16:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         #[allow(clippy::too_many_arguments)]
@@ -278,11 +365,20 @@ macro_rules! multiversion {
         unsafe fn $avx512($($arg: $ty),*) -> $ret {
             $body_fn::<2>($($arg),*)
         }
+        #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+        #[target_feature(enable = "avx512f,avx512bf16,avx2,fma")]
+        #[allow(clippy::too_many_arguments, clippy::incompatible_msrv)]
+        unsafe fn $bf16($($arg: $ty),*) -> $ret {
+            $body_fn::<3>($($arg),*)
+        }
         #[allow(clippy::too_many_arguments)]
         fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             match kernel::level() {
                 // SAFETY: the CPU supports the features each copy was compiled for (`kernel::level`).
+                #[cfg(flashattn_avx512)]
+                3 => return unsafe { $bf16($($arg),*) },
+                // SAFETY: as above.
                 #[cfg(flashattn_avx512)]
                 2 => return unsafe { $avx512($($arg),*) },
                 // SAFETY: as above.
@@ -294,7 +390,7 @@ macro_rules! multiversion {
     };
 }
 
-multiversion!(forward_tile, forward_tile_avx2, forward_tile_avx512, forward_tile_body, (p: &Problem, pn: &Panels, out: &FwdOut<'_>, x: Qkv<'_>, sc: &mut FwdScratch, seq: usize, head: usize, i0: usize));
+multiversion!(forward_tile, forward_tile_avx2, forward_tile_avx512, forward_tile_bf16, forward_tile_body, (p: &Problem, pn: &Panels, out: &FwdOut<'_>, x: Qkv<'_>, sc: &mut FwdScratch, seq: usize, head: usize, i0: usize));
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -319,6 +415,7 @@ fn forward_tile_body<const L: u8>(
     let plain = f.softcap <= 0.0 && f.slope.is_none();
     load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut sc.q);
     sc.q[bm * dp..rows * dp].fill(0.0);
+    let qop = rows_op(!pn.ktb.is_empty(), &sc.q, rows, d, dp, &mut sc.qb);
     sc.acc[..rows * dvp].fill(0.0);
     // A sink starts every row's softmax: running max `sink`, running sum `exp(sink - sink) = 1`.
     let sink = p.sink.as_ref().map(|z| z[head]);
@@ -347,8 +444,8 @@ fn forward_tile_body<const L: u8>(
         let j1 = (j0 + BN).min(sk);
         let bn = j1 - j0;
         let t = j0 / BN;
-        let (kt, v) = (&pn.kt[t * BN * d..(t + 1) * BN * d], &pn.v[t * BN * dvp..(t + 1) * BN * dvp]);
-        tile_product::<L>(d, dp, rows, &sc.q, kt, tile_cols(lo.max(j0), hi.min(j1), j0), &mut sc.s);
+        let v = &pn.v[t * BN * dvp..(t + 1) * BN * dvp];
+        score_product::<L>(d, rows, qop, pn.kt(p, t), tile_cols(lo.max(j0), hi.min(j1), j0), &mut sc.s);
         for (r, range) in ranges.iter().enumerate() {
             let (a, b) = (range.start.max(j0), range.end.min(j1));
             if a >= b {
@@ -509,23 +606,61 @@ fn tile_product<const L: u8>(
     kernel::gemm::<L>(ARef { a, rs: dp, cs: 1 }, bt, BN, c, BN, rows, |_| 0..d, cols);
 }
 
-/// `S = Q Kᵀ` and `dP = dO Vᵀ` of `rows` query rows (`q` `[rows, dp]`, `g` `[rows, dvp]`) against one key tile
-/// (`kt` `[d, BN]`, `vt` `[d_v, BN]`).
+/// A query tile's operand of a score product (`Q` or `dO`, `rows` rows): `f32` `[rows, dp]` or bf16 pairs
+/// `[rows, d.div_ceil(2)]`, matching the key tile's [`TileOp`].
+#[derive(Clone, Copy)]
+enum RowsOp<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u32]),
+}
+
+/// [`tile_product`] of a query tile's operand against a key tile's (`d` the depth), through
+/// `kernel::gemm_bf16` for bf16 pairs (level 3 only: pairs are packed only there, [`use_bf16`]).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn score_product<const L: u8>(d: usize, rows: usize, a: RowsOp<'_>, bt: TileOp<'_>, cols: Range<usize>, c: &mut [f32]) {
+    match (a, bt) {
+        (RowsOp::F32(a), TileOp::F32(bt)) => tile_product::<L>(d, round_up(d, W), rows, a, bt, cols, c),
+        #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+        (RowsOp::Bf16(a), TileOp::Bf16(bt)) if L >= 3 => {
+            c[..rows * BN].fill(0.0);
+            let d2 = d.div_ceil(2);
+            // SAFETY: the level-3 copy runs only where the CPU has AVX-512F and AVX-512-BF16 (`kernel::level`).
+            unsafe { kernel::gemm_bf16(a, d2, bt, BN, c, BN, rows, d2, cols) };
+        }
+        _ => unreachable!("bf16 pairs are packed only at SIMD level 3, for both operands"),
+    }
+}
+
+/// `S = Q Kᵀ` and `dP = dO Vᵀ` of `rows` query rows (`q`, `g`) against key tile `t` of `pn`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn scores<const L: u8>(
     p: &Problem,
+    pn: &Panels,
+    t: usize,
     rows: usize,
-    q: &[f32],
-    g: &[f32],
-    kt: &[f32],
-    vt: &[f32],
+    q: RowsOp<'_>,
+    g: RowsOp<'_>,
     cols: Range<usize>,
     s: &mut [f32],
     dpm: &mut [f32],
 ) {
-    tile_product::<L>(p.d, round_up(p.d, W), rows, q, kt, cols.clone(), s);
-    tile_product::<L>(p.d_v, round_up(p.d_v, W), rows, g, vt, cols, dpm);
+    score_product::<L>(p.d, rows, q, pn.kt(p, t), cols.clone(), s);
+    score_product::<L>(p.d_v, rows, g, pn.vt(p, t), cols, dpm);
+}
+
+/// `x` (`rows` rows of `d` values, leading dimension `ld`) as bf16 pairs in `pairs` (`[rows, d.div_ceil(2)]`)
+/// when `bf`, for [`score_product`].
+fn rows_op<'a>(bf: bool, x: &'a [f32], rows: usize, d: usize, ld: usize, pairs: &'a mut [u32]) -> RowsOp<'a> {
+    if !bf {
+        return RowsOp::F32(x);
+    }
+    let d2 = d.div_ceil(2);
+    for r in 0..rows {
+        kernel::pack_pairs(&x[r * ld..r * ld + d], d, &mut pairs[r * d2..(r + 1) * d2]);
+    }
+    RowsOp::Bf16(pairs)
 }
 
 /// The tile columns `[a - j0, b - j0)` widened to multiples of `W` (within `BN`).
@@ -567,7 +702,7 @@ struct BwdPart {
 ///
 /// Returns `D` (in [`Problem::lse_shape`] order): a learnable sink's gradient is made from it.
 pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>) -> Vec<f32> {
-    let need = Need { kt: true, k: true, v: false, vt: true };
+    let need = Need { bf: use_bf16(x, Some(b.dout)), kt: true, k: true, v: false, vt: true };
     let per_pair = BWD_TASKS.div_ceil((p.batch * p.hk).max(1));
     let mut delta = vec![0f32; b.lse.len()];
     for wave in waves(p, need) {
@@ -615,7 +750,7 @@ pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>)
     delta
 }
 
-multiversion!(bwd_task, bwd_task_avx2, bwd_task_avx512, bwd_task_body, (p: &Problem, pn: &Panels, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, kh: usize, c: usize, n: usize) -> BwdPart);
+multiversion!(bwd_task, bwd_task_avx2, bwd_task_avx512, bwd_task_bf16, bwd_task_body, (p: &Problem, pn: &Panels, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, kh: usize, c: usize, n: usize) -> BwdPart);
 
 /// One backward task: the query tiles `c, c + n, c + 2n, ...` of every query head of key head `kh`'s group
 /// (tiles of [`FBM`] rows, numbered per head), writing their `dQ` and returning their partial `dK`, `dV`
@@ -645,6 +780,8 @@ fn bwd_task_body<const L: u8>(
     let mut dpm = vec![0f32; FBM * BN];
     let mut pm = vec![0f32; FBM * BN];
     let mut ds = vec![0f32; FBM * BN];
+    let bf = !pn.ktb.is_empty();
+    let (mut qb, mut gb) = (vec![0u32; FBM * d.div_ceil(2)], vec![0u32; FBM * d_v.div_ceil(2)]);
     let group = p.h / p.hk;
     for head in kh * group..(kh + 1) * group {
         let f = ScoreFn::new(p, seq, head);
@@ -669,6 +806,8 @@ fn bwd_task_body<const L: u8>(
             let ranges: Vec<_> = (i0..i1).map(|i| p.mask.key_range(i, sq, sk)).collect();
             let (lo, hi) = tile_key_range(p, seq, i0, i1);
             let first = lo - lo % BN;
+            let qop = rows_op(bf, &q, rows, d, dp, &mut qb);
+            let gop = rows_op(bf, &g, rows, d_v, dvp, &mut gb);
             let mut dd = vec![0f32; bm];
             if let Some(given) = b.delta {
                 for (r, x) in dd.iter_mut().enumerate() {
@@ -678,9 +817,8 @@ fn bwd_task_body<const L: u8>(
                 // D_i = sum_j P_ij dP_ij over the row's keys.
                 for j0 in (first..hi).step_by(BN) {
                     let j1 = (j0 + BN).min(sk);
-                    let t = j0 / BN;
-                    let (kt, vt) = (&pn.kt[t * BN * d..(t + 1) * BN * d], &pn.vt[t * BN * d_v..(t + 1) * BN * d_v]);
-                    scores::<L>(p, rows, &q, &g, kt, vt, tile_cols(lo.max(j0), hi.min(j1), j0), &mut s, &mut dpm);
+                    let cols = tile_cols(lo.max(j0), hi.min(j1), j0);
+                    scores::<L>(p, pn, j0 / BN, rows, qop, gop, cols, &mut s, &mut dpm);
                     for r in 0..bm {
                         if lse[r] == f32::NEG_INFINITY {
                             continue;
@@ -699,10 +837,9 @@ fn bwd_task_body<const L: u8>(
                 let j1 = (j0 + BN).min(sk);
                 let bn = j1 - j0;
                 let t = j0 / BN;
-                let (kt, vt) = (&pn.kt[t * BN * d..(t + 1) * BN * d], &pn.vt[t * BN * d_v..(t + 1) * BN * d_v]);
                 let k = &pn.k[t * BN * dp..(t + 1) * BN * dp];
                 let (a, bb) = (lo.max(j0), hi.min(j1));
-                scores::<L>(p, rows, &q, &g, kt, vt, tile_cols(a, bb, j0), &mut s, &mut dpm);
+                scores::<L>(p, pn, t, rows, qop, gop, tile_cols(a, bb, j0), &mut s, &mut dpm);
                 pm[..rows * BN].fill(0.0);
                 ds[..rows * BN].fill(0.0);
                 for r in 0..bm {
