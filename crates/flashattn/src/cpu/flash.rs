@@ -678,6 +678,10 @@ fn tile_cols(a: usize, b: usize, j0: usize) -> Range<usize> {
 /// whatever the number of threads.
 const BWD_TASKS: usize = 16;
 
+/// Most `f32` values of `S` and `dP` a backward task keeps from its D sweep for the second sweep (one query
+/// tile's worth: 2 x 128 rows x the keys it sees, so 32 MiB covers 32k keys): longer rows recompute them.
+const SCORE_CACHE_FLOATS: usize = 8 << 20;
+
 /// A backward task's results: its partial `dK` (`[tiles * BN, dp]`), `dV` (`[tiles * BN, dvp]`) of the pair's
 /// keys, and `D` of its query tiles (query head, first row, values).
 struct BwdPart {
@@ -689,7 +693,8 @@ struct BwdPart {
 /// The backward pass (deterministic: fixed summation order, no atomics).
 ///
 /// One sweep over the (query tile, key tile) pairs, query tiles outermost: per query tile, `D` first (unless
-/// given: one pass over its key tiles computing `S`, `dP`, `P`), then per key tile `S`, `dP`, `P`, `dS` and
+/// given: one pass over its key tiles computing `S`, `dP`, `P`, keeping `S` and `dP` where they fit in
+/// [`SCORE_CACHE_FLOATS`]), then per key tile `S`, `dP` (kept or recomputed), `P`, `dS` and
 /// the three gradient products `dQ += dS K` (held for the query tile), `dV += Pᵀ dO` and `dK += dSᵀ Q` (into
 /// the task's partial `dK`, `dV` of the pair's keys, O(seqlen) per task). The query tiles of a (sequence,
 /// key head) pair (every query head of its group) are dealt round-robin to a fixed number of tasks (so a
@@ -781,6 +786,7 @@ fn bwd_task_body<const L: u8>(
     let mut pm = vec![0f32; FBM * BN];
     let mut ds = vec![0f32; FBM * BN];
     let bf = !pn.ktb.is_empty();
+    let mut cache = Vec::new();
     let (mut qb, mut gb) = (vec![0u32; FBM * d.div_ceil(2)], vec![0u32; FBM * d_v.div_ceil(2)]);
     let group = p.h / p.hk;
     for head in kh * group..(kh + 1) * group {
@@ -806,6 +812,10 @@ fn bwd_task_body<const L: u8>(
             let ranges: Vec<_> = (i0..i1).map(|i| p.mask.key_range(i, sq, sk)).collect();
             let (lo, hi) = tile_key_range(p, seq, i0, i1);
             let first = lo - lo % BN;
+            // Key tiles of this query tile; whether the D sweep keeps their `S` and `dP` (bit-identical to a
+            // recomputation: same kernel, same operands), saving the second sweep two of its five products.
+            let nkt = hi.saturating_sub(first).div_ceil(BN);
+            let cached = b.delta.is_none() && nkt * 2 * rows * BN <= SCORE_CACHE_FLOATS;
             let qop = rows_op(bf, &q, rows, d, dp, &mut qb);
             let gop = rows_op(bf, &g, rows, d_v, dvp, &mut gb);
             let mut dd = vec![0f32; bm];
@@ -814,11 +824,19 @@ fn bwd_task_body<const L: u8>(
                     *x = given[p.lse_index(seq, head, i0 + r)];
                 }
             } else {
-                // D_i = sum_j P_ij dP_ij over the row's keys.
-                for j0 in (first..hi).step_by(BN) {
+                // D_i = sum_j P_ij dP_ij over the row's keys; `S` and `dP` kept for the second sweep when they fit.
+                if cached {
+                    cache.resize(cache.len().max(nkt * 2 * rows * BN), 0.0);
+                }
+                for (ti, j0) in (first..hi).step_by(BN).enumerate() {
                     let j1 = (j0 + BN).min(sk);
                     let cols = tile_cols(lo.max(j0), hi.min(j1), j0);
-                    scores::<L>(p, pn, j0 / BN, rows, qop, gop, cols, &mut s, &mut dpm);
+                    let (s, dpm) = if cached {
+                        cache[ti * 2 * rows * BN..(ti + 1) * 2 * rows * BN].split_at_mut(rows * BN)
+                    } else {
+                        (&mut s[..], &mut dpm[..])
+                    };
+                    scores::<L>(p, pn, j0 / BN, rows, qop, gop, cols, s, dpm);
                     for r in 0..bm {
                         if lse[r] == f32::NEG_INFINITY {
                             continue;
@@ -833,13 +851,18 @@ fn bwd_task_body<const L: u8>(
                 }
             }
             dq[..rows * dp].fill(0.0);
-            for j0 in (first..hi).step_by(BN) {
+            for (ti, j0) in (first..hi).step_by(BN).enumerate() {
                 let j1 = (j0 + BN).min(sk);
                 let bn = j1 - j0;
                 let t = j0 / BN;
                 let k = &pn.k[t * BN * dp..(t + 1) * BN * dp];
                 let (a, bb) = (lo.max(j0), hi.min(j1));
-                scores::<L>(p, pn, t, rows, qop, gop, tile_cols(a, bb, j0), &mut s, &mut dpm);
+                let (s, dpm): (&[f32], &[f32]) = if cached {
+                    cache[ti * 2 * rows * BN..(ti + 1) * 2 * rows * BN].split_at(rows * BN)
+                } else {
+                    scores::<L>(p, pn, t, rows, qop, gop, tile_cols(a, bb, j0), &mut s, &mut dpm);
+                    (&s, &dpm)
+                };
                 pm[..rows * BN].fill(0.0);
                 ds[..rows * BN].fill(0.0);
                 for r in 0..bm {
