@@ -36,7 +36,7 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 /// Keys per inner tile.
-const BN: usize = 64;
+const BN: usize = 128;
 
 /// Where a forward writes its outputs.
 pub(crate) struct FwdOut<'a> {
