@@ -675,8 +675,12 @@ fn tile_cols(a: usize, b: usize, j0: usize) -> Range<usize> {
 /// Tasks the backward aims for in all (when the problem has enough query tiles): a (sequence, key head) pair's
 /// query tiles are split over `ceil(BWD_TASKS / (b * hk))` tasks, each with its own partial `dK`, `dV`. A
 /// constant, not the thread count, so the summation order (and so every bit of the result) is the same
-/// whatever the number of threads.
+/// whatever the number of threads. Fewer where the partials of all pairs would pass [`PARTIAL_BUDGET`].
 const BWD_TASKS: usize = 16;
+
+/// Bytes of partial `dK`, `dV` (all pairs' tasks together, at the longest sequence) above which the backward
+/// splits a pair over fewer tasks (one at least): a single long head gets `256 MiB / (sk (dp + dvp) 4)` tasks.
+const PARTIAL_BUDGET: usize = 256 << 20;
 
 /// Most `f32` values of `S` and `dP` a backward task keeps from its D sweep for the second sweep (one query
 /// tile's worth: 2 x 128 rows x the keys it sees, so 32 MiB covers 32k keys): longer rows recompute them.
@@ -708,7 +712,9 @@ struct BwdPart {
 /// Returns `D` (in [`Problem::lse_shape`] order): a learnable sink's gradient is made from it.
 pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>) -> Vec<f32> {
     let need = Need { bf: use_bf16(x, Some(b.dout)), kt: true, k: true, v: false, vt: true };
-    let per_pair = BWD_TASKS.div_ceil((p.batch * p.hk).max(1));
+    let pairs = (p.batch * p.hk).max(1);
+    let part_bytes = (round_up(p.max_seqlen_k(), BN) * (round_up(p.d, W) + round_up(p.d_v, W)) * 4).max(1);
+    let per_pair = BWD_TASKS.div_ceil(pairs).min((PARTIAL_BUDGET / (pairs * part_bytes)).max(1));
     let mut delta = vec![0f32; b.lse.len()];
     for wave in waves(p, need) {
         let panels = pack_wave(p, x, &wave, need);
