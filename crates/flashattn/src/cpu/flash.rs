@@ -679,8 +679,9 @@ fn tile_cols(a: usize, b: usize, j0: usize) -> Range<usize> {
 const BWD_TASKS: usize = 16;
 
 /// Bytes of partial `dK`, `dV` (all pairs' tasks together, at the longest sequence) above which the backward
-/// splits a pair over fewer tasks (one at least): a single long head gets `256 MiB / (sk (dp + dvp) 4)` tasks.
-const PARTIAL_BUDGET: usize = 256 << 20;
+/// splits a pair over fewer tasks (one at least): a single long head gets `64 MiB / (sk (dp + dvp) 4)` tasks.
+/// With one task per pair the task writes its pair's gradients itself and keeps no partial.
+const PARTIAL_BUDGET: usize = 64 << 20;
 
 /// Most `f32` values of `S` and `dP` a backward task keeps from its D sweep for the second sweep (one query
 /// tile's worth: 2 x 128 rows x the keys it sees, so 32 MiB covers 32k keys): longer rows recompute them.
@@ -740,6 +741,9 @@ pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>)
             let (seq, kh) = wave[w];
             let (dp, dvp) = (round_up(p.d, W), round_up(p.d_v, W));
             let (first, rest) = parts.split_first_mut().expect("one task per pair at least");
+            if first.dk.is_empty() {
+                return; // a pair's only task wrote its dK, dV itself
+            }
             for part in rest.iter() {
                 first.dk.iter_mut().zip(&part.dk).for_each(|(a, b)| *a += b);
                 first.dv.iter_mut().zip(&part.dv).for_each(|(a, b)| *a += b);
@@ -899,6 +903,16 @@ fn bwd_task_body<const L: u8>(
             }
             part.delta.push((head, i0, dd));
         }
+    }
+    if n == 1 {
+        // The pair's only task: its partials are the pair's dK, dV; written now and dropped, so that a wave holds
+        // one pair's partials per running task, not every pair's until the wave ends.
+        for j in 0..sk {
+            out.dk.write_f32(out.dk_map.at(seq, j, kh), &part.dk[j * dp..j * dp + d]);
+            out.dv.write_f32(out.dv_map.at(seq, j, kh), &part.dv[j * dvp..j * dvp + d_v]);
+        }
+        part.dk = Vec::new();
+        part.dv = Vec::new();
     }
     part
 }
