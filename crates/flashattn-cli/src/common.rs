@@ -1,6 +1,6 @@
 //! What the subcommands share: the error type with its exit codes, argument parsers, random tensors.
 
-use flashattn::{bf16, f16, CpuStorage, DType, Device, Tensor};
+use flashattn::{bf16, dtype::F8E4M3, f16, CpuStorage, DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use std::fmt;
@@ -216,6 +216,7 @@ pub fn randn(shape: &[usize], dtype: DType, seed: u64, scale: f32) -> Tensor {
         DType::BF16 => CpuStorage::BF16(fill(n, seed, |r| bf16::from_f32(normal(r)))),
         DType::F32 => CpuStorage::F32(fill(n, seed, normal)),
         DType::I32 => CpuStorage::I32(fill(n, seed, |r| normal(r) as i32)),
+        DType::E4M3 => CpuStorage::E4M3(fill(n, seed, |r| F8E4M3::from_f32(normal(r)))),
     };
     Tensor::from_storage(storage, shape).expect("length matches shape")
 }

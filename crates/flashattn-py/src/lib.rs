@@ -221,6 +221,7 @@ unsafe fn host_view<'a>(t: &Tens) -> PyResult<TensorView<'a>> {
             DType::BF16 => CpuSlice::BF16(if len == 0 { &[] } else { std::slice::from_raw_parts(p as *const _, len) }),
             DType::F32 => CpuSlice::F32(if len == 0 { &[] } else { std::slice::from_raw_parts(p as *const _, len) }),
             DType::I32 => CpuSlice::I32(if len == 0 { &[] } else { std::slice::from_raw_parts(p as *const _, len) }),
+            DType::E4M3 => CpuSlice::E4M3(if len == 0 { &[] } else { std::slice::from_raw_parts(p as *const _, len) }),
         }
     };
     TensorView::new(data, l).map_err(to_py)
@@ -247,6 +248,9 @@ unsafe fn host_view_mut<'a>(t: &Tens) -> PyResult<TensorViewMut<'a>> {
             }
             DType::I32 => {
                 CpuSliceMut::I32(if len == 0 { &mut [] } else { std::slice::from_raw_parts_mut(p as *mut _, len) })
+            }
+            DType::E4M3 => {
+                CpuSliceMut::E4M3(if len == 0 { &mut [] } else { std::slice::from_raw_parts_mut(p as *mut _, len) })
             }
         }
     };
