@@ -80,7 +80,7 @@ pub fn resolve_device(arg: DeviceArg) -> CliResult<(Device, String)> {
 /// Parses a floating-point dtype for q/k/v (`f16`, `bf16`, `f32`).
 pub fn parse_float_dtype(s: &str) -> Result<DType, String> {
     match s.parse::<DType>() {
-        Ok(DType::I32) | Err(_) => Err(format!("expected f16, bf16 or f32, got `{s}`")),
+        Ok(DType::I32) | Err(_) => Err(format!("expected f16, bf16, f32 or e4m3 (FP8, CPU forward), got `{s}`")),
         Ok(d) => Ok(d),
     }
 }
