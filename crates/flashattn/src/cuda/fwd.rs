@@ -66,7 +66,7 @@ pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministi
     let bf16 = match p.dtype {
         DType::F16 => false,
         DType::BF16 => true,
-        other => return Err(Error::Unsupported { backend: "cuda", what: format!("dtype {other} (use f16 or bf16)") }),
+        other => return Err(super::unsupported_dtype(other)),
     };
     let softcap = p.softcap > 0.0;
     let alibi = p.alibi.is_some();

@@ -321,7 +321,7 @@ fn make_plan(
 ) -> Result<Plan> {
     match dtype {
         DType::F16 | DType::BF16 => {}
-        other => return Err(Error::Unsupported { backend: "cuda", what: format!("dtype {other} (use f16 or bf16)") }),
+        other => return Err(super::unsupported_dtype(other)),
     }
     let head_dim = padded_head_dim(d).ok_or_else(|| Error::invalid("q", "head dim <= 256", d))?;
     let scale = check_finite_scale(opts.softmax_scale, d)?;
@@ -505,6 +505,9 @@ pub fn kvcache_forward_host(
     let c = crate::kvcache::check(q, cache, opts)?;
     let p = &c.problem;
     super::require_same_value_dim(p.d, p.d_v)?;
+    if p.is_fp8() {
+        return Err(super::unsupported_dtype(p.dtype));
+    }
     let gpu = runtime::gpu(n)?;
     let max_pages = p.k.paged.as_ref().map(|pg| pg.max_pages);
     let plan = make_plan(
@@ -643,6 +646,11 @@ fn raw_plan(
         ));
     }
     let dtype = q.dtype;
+    for t in [q, &cache.k_cache, &cache.v_cache] {
+        if t.dtype.is_fp8() {
+            return Err(super::unsupported_dtype(t.dtype));
+        }
+    }
     let [b, sq, h, d] = match q.shape[..] {
         [b, s, h, d] => [b, s, h, d],
         _ => return Err(Error::invalid("q", "rank 4 [b, sq_new, h, d]", format!("shape {:?}", q.shape))),
