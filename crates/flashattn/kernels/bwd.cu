@@ -13,9 +13,7 @@
 //                 stride is a multiple of 8 elements (d itself may be anything) -> 16-byte cp.async tile loads,
 //                 paired stores. 0: element-wise loads and stores (any alignment, any stride). Same rule as fwd.cu.
 //   BWD_BM/BWD_BN/BWD_WARPS/BWD_DSPLIT override the tile configuration below (defaults per head dim);
-//   BWD_MINB: __launch_bounds__ min blocks per SM [1]; BWD_ROTATE: 1 = each CTA starts its query-block walk at a
-//   different block (spreads the dQ atomics of concurrent CTAs over different rows) [0: measured no gain on H100;
-//   ignored if DETERMINISTIC, which walks the query blocks last to first].
+//   BWD_MINB: __launch_bounds__ min blocks per SM [1].
 //
 // Tile configuration (main kernel): BN keys per CTA, BM queries per step, BWD_WARPS warps, BWD_DSPLIT warps share
 // one 16-key strip (each owning HEAD_DIM/DSPLIT columns of dK/dV; the strip's S/dP are recomputed by each of them):
@@ -30,7 +28,6 @@
 //   S/dP recompute). The HEAD_DIM 96/128 rows of the table above and below then read: BM 64, BN 128, 256 threads;
 //   HEAD_DIM 256 on sm_90+ (and 192 with BWD_TILE2D=1): BM 64, BN 64, 256 threads.
 //   BWD_QCH: dQ computed in column chunks of this width (default 32 for HEAD_DIM > 128, else the whole warp tile).
-//   BWD_REDV4 [0]: sm_90 dQ adds as red.global.add.v4.f32 after a lane-pair shuffle (measured no gain on H100).
 //
 // ================================================================ scratch buffers (Rust allocates, f32/i32)
 //   rows_q    = b * sq (dense) or total_q = cu_seqlens_q[b] (varlen); BwdParams::rows_q must hold it.
@@ -77,9 +74,6 @@
 #define BWD_TILE2D 0
 #endif
 #endif
-#ifndef BWD_REDV4
-#define BWD_REDV4 0   // 1: dQ via red.global.add.v4.f32 after a lane-pair shuffle (sm_90); measured no gain (see notes)
-#endif
 
 #if BWD_TILE2D
 #ifndef BWD_BM
@@ -121,14 +115,6 @@
 #ifndef BWD_MINB
 #define BWD_MINB 1
 #endif
-#if DETERMINISTIC
-#undef BWD_ROTATE
-#define BWD_ROTATE 0
-#endif
-#ifndef BWD_ROTATE
-#define BWD_ROTATE 0
-#endif
-
 
 static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM <= 256, "HEAD_DIM must be a multiple of 32, at most 256");
 #if BWD_TILE2D
@@ -154,26 +140,10 @@ FA_DEVICE void red_add_f32x2(float* addr, float a, float b) {
 #endif
 }
 // Add one m16n8 f32 accumulator fragment (rows g / g+8, columns 2t, 2t+1 of an 8-column block) to global memory.
-// `a` points at (row g, column 2t). sm_90 + BWD_REDV4: lanes t and t^1 swap half their values, then each adds 4
-// consecutive columns of one row (even t: row g, columns 2t..2t+3; odd t: row g+8, columns 2t-2..2t+1) with one
-// red.global.add.v4.f32 (16-byte aligned: the block's column base is a multiple of 8 floats). Every lane of the warp
-// must call it (shuffles); ok_lo / ok_hi: rows g / g+8 exist.
-FA_DEVICE void red_add_frag(float* a, i64 rstep8, const float* c, bool ok_lo, bool ok_hi, int t) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && BWD_REDV4
-    const bool odd = t & 1;
-    const float s0 = odd ? c[0] : c[2], s1 = odd ? c[1] : c[3];
-    const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
-    if (!odd) {
-        if (ok_lo)
-            asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(a), "f"(c[0]), "f"(c[1]), "f"(r0), "f"(r1) : "memory");
-    } else {
-        if (ok_hi)
-            asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(a + rstep8 - 2), "f"(r0), "f"(r1), "f"(c[2]), "f"(c[3]) : "memory");
-    }
-#else
+// `a` points at (row g, column 2t); rstep8 is the distance of row g+8. ok_lo / ok_hi: rows g / g+8 exist.
+FA_DEVICE void red_add_frag(float* a, i64 rstep8, const float* c, bool ok_lo, bool ok_hi) {
     if (ok_lo) red_add_f32x2(a, c[0], c[1]);
     if (ok_hi) red_add_f32x2(a + rstep8, c[2], c[3]);
-#endif
 }
 
 // ================================================================ preprocess
@@ -308,13 +278,12 @@ extern "C" __constant__ int flash_bwd_config[4] = {bwd::BM, bwd::BN, bwd::NT, bw
 // Position (0..n_m-1, relative to m_lo) of the query block handled at step `it`. Deterministic mode walks the
 // blocks from the last to the first: every CTA of a (batch, head) then starts on the same block, so the in-order
 // semaphore only skews CTA n by n steps instead of serialising causal CTAs (whose first blocks differ).
-FA_DEVICE int m_order(int it, int n_m, int rot) {
-    int r = it % n_m;
+FA_DEVICE int m_order(int it, int n_m) {
+    const int r = it % n_m;
 #if DETERMINISTIC
     return n_m - 1 - r;
 #else
-    r += rot;
-    return r >= n_m ? r - n_m : r;
+    return r;
 #endif
 }
 
@@ -382,11 +351,6 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     bwd_q_blocks(mc, HAS_MASK != 0, n0, BN, BM, &m_lo, &m_hi);
     const int n_m = m_hi > m_lo ? m_hi - m_lo : 0;
     const int n_iter = n_m * group;
-#if BWD_ROTATE
-    const int rot = n_m > 0 ? nblk % n_m : 0;
-#else
-    const int rot = 0;
-#endif
 
     const u32 sbase = smem_u32(smem);
     const u32 sK = sbase + OFF_K, sV = sbase + OFF_V;
@@ -406,7 +370,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     // Issue the loads of iteration `it` (query head group index, query block) into buffer `buf`.
     auto issue_q = [&](int it, int buf) {
         const int gi = it / n_m;
-        const int mr = m_order(it, n_m, rot);
+        const int mr = m_order(it, n_m);
         const int m0 = (m_lo + mr) * BM;
         const int head = kvh * group + gi;
         const int nvalid = si.sq - m0;
@@ -457,7 +421,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
         __syncthreads();
 
         const int gi = it / n_m;
-        const int mr = m_order(it, n_m, rot);
+        const int mr = m_order(it, n_m);
         const int mb = m_lo + mr;
         const int m0 = mb * BM;
         const int head = kvh * group + gi;
@@ -621,7 +585,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
             const i64 rstep8 = (i64)8 * f.h * HEAD_DIM;
 #pragma unroll
             for (int nt = 0; nt < QC / 8; ++nt) {
-                if (qcw * QC + nt * 8 < d) red_add_frag(dqa + nt * 8, rstep8, acc_dq[nt], qrow < si.sq, qrow + 8 < si.sq, t);
+                if (qcw * QC + nt * 8 < d) red_add_frag(dqa + nt * 8, rstep8, acc_dq[nt], qrow < si.sq, qrow + 8 < si.sq);
             }
 #if DETERMINISTIC
             __threadfence();
@@ -709,11 +673,6 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     bwd_q_blocks(mc, HAS_MASK != 0, n0, BN, BM, &m_lo, &m_hi);
     const int n_m = m_hi > m_lo ? m_hi - m_lo : 0;
     const int n_iter = n_m * group;
-#if BWD_ROTATE
-    const int rot = n_m > 0 ? nblk % n_m : 0;
-#else
-    const int rot = 0;
-#endif
 
     const u32 sbase = smem_u32(smem);
     const u32 sK = sbase + OFF_K, sV = sbase + OFF_V;
@@ -734,7 +693,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 
     auto issue_q = [&](int it, int buf) {
         const int gi = it / n_m;
-        const int mr = m_order(it, n_m, rot);
+        const int mr = m_order(it, n_m);
         const int m0 = (m_lo + mr) * BM;
         const int head = kvh * group + gi;
         const int nvalid = si.sq - m0;
@@ -785,7 +744,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
         cp_async_commit();
 
         const int gi = it / n_m;
-        const int mr = m_order(it, n_m, rot);
+        const int mr = m_order(it, n_m);
         const int mb = m_lo + mr;
         const int m0 = mb * BM;
         const int head = kvh * group + gi;
@@ -950,7 +909,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 #pragma unroll
                     for (int nt = 0; nt < CW / 8; ++nt) {
                         if (qcw * QC + c0 + nt * 8 < d)
-                            red_add_frag(dqa + nt * 8, rstep8, acc_dq[mi][nt], qrow < si.sq, qrow + 8 < si.sq, t);
+                            red_add_frag(dqa + nt * 8, rstep8, acc_dq[mi][nt], qrow < si.sq, qrow + 8 < si.sq);
                     }
                 }
             }
