@@ -2,27 +2,16 @@
 //! (dK, dV per key block, dQ accumulated in f32), convert (dQ to the dtype), with scratch buffers. The main
 //! kernel is the Hopper one (`bwd_sm90.rs`) where it covers the problem, else bwd.cu's.
 
-use super::compile::Pass;
-use super::fwd::{self, FwdArgs};
+use super::call::{check_sizes, fwd_params, max_sk, variant_for, BwdArgs};
+use super::compile::{padded_head_dim, Pass};
 use super::launch::{launch, zero};
 use super::params::BwdParams;
 use super::runtime::{dev_err, Gpu};
-use super::tensor::DevView;
 use crate::error::{Error, Result};
 use crate::problem::Problem;
 use cudarc::driver::{CudaStream, DevicePtr};
 use std::ffi::c_void;
 use std::sync::Arc;
-
-/// Device pointers of a backward call.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct BwdArgs {
-    pub fwd: FwdArgs,
-    pub dout: DevView,
-    pub dq: DevView,
-    pub dk: DevView,
-    pub dv: DevView,
-}
 
 /// Where the backward's scratch buffers live in one workspace (byte offsets, each 256-byte aligned): `D =
 /// rowsum(dO * O)` and the log2-unit lse (`f32 [h, rows_q]` each), the dQ accumulator (`f32 [rows_q, h,
@@ -40,8 +29,8 @@ pub(crate) struct BwdWorkspace {
 
 /// The workspace layout of a problem's backward: a pure function of the problem (no device, no module).
 pub(crate) fn workspace_layout(p: &Problem, deterministic: bool) -> Result<BwdWorkspace> {
-    let sm80_hd = super::compile::padded_head_dim(p.d).ok_or_else(|| Error::invalid("q", "head dim <= 256", p.d))?;
-    let sm90_hd = super::bwd_sm90::sm90_bwd_head_dim(p.d).unwrap_or(0);
+    let sm80_hd = padded_head_dim(p.d).ok_or_else(|| Error::invalid("q", "head dim <= 256", p.d))?;
+    let sm90_hd = super::tiles::sm90_bwd_head_dim(p.d).unwrap_or(0);
     let hd = sm80_hd.max(sm90_hd);
     let rows_q = p.total_q;
     let align = |x: usize| x.div_ceil(256) * 256;
@@ -77,9 +66,9 @@ pub(crate) fn run(
     softmax: Softmax,
     workspace: Option<u64>,
 ) -> Result<()> {
-    fwd::check_sizes(p)?;
+    check_sizes(p)?;
     let sm90 = super::bwd_sm90::covers(gpu, p, aligned16);
-    let mut v = fwd::variant_for(p, Pass::Bwd, aligned16, deterministic)?;
+    let mut v = variant_for(p, Pass::Bwd, aligned16, deterministic)?;
     if sm90 {
         // Preprocess and conversion share the dQ accumulator's layout ([rows, h, HEAD_DIM]) with the sm90 kernel.
         v.head_dim = super::bwd_sm90::sm90_bwd_variant(p, deterministic)?.head_dim;
@@ -101,7 +90,7 @@ pub(crate) fn run(
     }
     let cs = stream.cu_stream();
     let sq = p.max_seqlen_q();
-    let sk = fwd::max_sk(p);
+    let sk = max_sk(p);
     let rows_q = p.total_q;
     let layout = workspace_layout(p, deterministic)?;
     let n_sem = if deterministic { p.batch * p.h * sq.div_ceil((bm as usize).min(64)) } else { 0 };
@@ -126,7 +115,7 @@ pub(crate) fn run(
         zero(sem_ptr, n_sem * 4, cs)?;
     }
     let params = BwdParams {
-        fwd: fwd::fwd_params(p, &a.fwd),
+        fwd: fwd_params(p, &a.fwd),
         dout: a.dout.ptr as *const c_void,
         dq: a.dq.ptr as *mut c_void,
         dk: a.dk.ptr as *mut c_void,

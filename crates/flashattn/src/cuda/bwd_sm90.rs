@@ -3,13 +3,13 @@
 //! (`bwd.rs`). Problems it does not cover run on the sm80-class kernel; [`crate::Tuning::cuda_path`] = `Sm80`
 //! forces that path on Hopper too, and [`crate::Tuning::bwd_path`] = `Sm80` does so for the backward alone.
 
-use super::bwd::BwdArgs;
+use super::call::{check_sizes, variant_for, BwdArgs};
 use super::compile::{Pass, Variant};
-use super::fwd::{check_sizes, variant_for};
-use super::fwd_sm90::tensor_map;
 use super::launch::launch;
 use super::params::BwdParams;
 use super::runtime::Gpu;
+use super::tiles::{sm90_bwd_head_dim, SM90_BWD_HEAD_DIMS};
+use super::tma::tensor_map;
 use crate::error::{Error, Result};
 use crate::problem::Problem;
 use cudarc::driver::sys as dsys;
@@ -23,9 +23,6 @@ thread_local! {
 pub fn sm90_backward_launches() -> u64 {
     LAUNCHES.with(|n| n.get())
 }
-
-/// Head dims the sm90 backward is compiled for; a problem's `d` runs on the smallest one `>= d`.
-pub const SM90_BWD_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
 /// A tensor map aligned as the kernel's `TmaMap` (`__align__(128)`), whatever alignment the bindings give
 /// `CUtensorMap`.
@@ -43,11 +40,6 @@ struct Sm90BwdParams {
     tk: Tma,
     tv: Tma,
     tdo: Tma,
-}
-
-/// The padded head dim of the sm90 backward for head dim `d`.
-pub fn sm90_bwd_head_dim(d: usize) -> Option<usize> {
-    SM90_BWD_HEAD_DIMS.iter().copied().find(|&h| h >= d)
 }
 
 /// Whether the sm90 backward runs this problem on this device: a Hopper device, head dim <= 256, 16-byte

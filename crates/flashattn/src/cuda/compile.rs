@@ -86,13 +86,13 @@ pub struct Variant {
     /// (`-DSM90_CONSUMERS=3`; the default at head dim 64, [`crate::Tuning::sm90_d64_bm192`] turns it off).
     /// Ignored by every other pass and head dim.
     pub bm192: bool,
-    /// The sm90 forward with FA3's wider K/V blocks ([`super::fwd_sm90::wide_block_n`]): 176 keys at head dim 128
+    /// The sm90 forward with FA3's wider K/V blocks ([`super::tiles::wide_block_n`]): 176 keys at head dim 128
     /// (128 x 176 tiles; chosen without a mask from 8k keys) and 80 at head dim 256 (128 x 80 tiles; opt-in),
     /// `-DSM90_BN_OVERRIDE=176|80`; [`crate::Tuning::sm90_wide_kv_d128`] / `_d256` force either form. Ignored by
     /// every other pass and head dim.
     pub wide_n: bool,
     /// Pipeline stages of the KV-cache kernel (`-DKV_STAGES`): `None` is the head dim's default
-    /// ([`super::kvcache::default_stages`]), `Some(n)` a tuning override ([`crate::Tuning::kv_stages`], 2..=8).
+    /// ([`super::tiles::default_stages`]), `Some(n)` a tuning override ([`crate::Tuning::kv_stages`], 2..=8).
     /// Ignored by every other pass.
     pub kv_stages: Option<u8>,
     /// Extra NVRTC options of the compilation ([`crate::Tuning::nvrtc_options`]); empty by default.
@@ -128,8 +128,33 @@ impl NvrtcExtra {
 
     /// A short stable tag of the list for variant names (hex of a hash of the options).
     fn tag(&self) -> String {
-        let h = self.0.iter().fold(super::cache::Fnv::new(3), |f, o| f.bytes(o.as_bytes())).finish();
+        let h = self.0.iter().fold(Fnv::new(3), |f, o| f.bytes(o.as_bytes())).finish();
         format!("{:08x}", h as u32)
+    }
+}
+
+/// 64-bit FNV-1a, seeded; stable across Rust versions (unlike `DefaultHasher`).
+#[derive(Clone, Copy)]
+pub(crate) struct Fnv(u64);
+
+impl Fnv {
+    pub(crate) fn new(seed: u64) -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+    pub(crate) fn bytes(mut self, b: &[u8]) -> Self {
+        for &x in b {
+            self.0 ^= x as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // Length-delimit so ("ab", "c") and ("a", "bc") differ.
+        for &x in &(b.len() as u64).to_le_bytes() {
+            self.0 ^= x as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self
+    }
+    pub(crate) fn finish(self) -> u64 {
+        self.0
     }
 }
 
@@ -170,14 +195,14 @@ impl Variant {
 
     /// Pipeline stages of a KV-cache variant (`KV_STAGES`): the override, else the head dim's default.
     pub fn stages(&self) -> u32 {
-        self.kv_stages.map_or_else(|| super::kvcache::default_stages(self.head_dim), u32::from)
+        self.kv_stages.map_or_else(|| super::tiles::default_stages(self.head_dim), u32::from)
     }
 
     /// Keys per K/V block when this variant is the sm90 forward's wide form (`wide_n` where it applies:
     /// FwdSm90 at a head dim that has one, 176 at 128 and 80 at 256); `None` otherwise.
     pub fn wide_block_n(&self) -> Option<usize> {
         if self.wide_n && self.pass == Pass::FwdSm90 {
-            super::fwd_sm90::wide_block_n(self.head_dim)
+            super::tiles::wide_block_n(self.head_dim)
         } else {
             None
         }
@@ -324,7 +349,7 @@ pub fn all_variants() -> Vec<Variant> {
 
 /// The Hopper passes and the head dims each is compiled for.
 const SM90_PASSES: [(Pass, &[usize]); 2] =
-    [(Pass::FwdSm90, &super::fwd_sm90::SM90_HEAD_DIMS), (Pass::BwdSm90, &super::bwd_sm90::SM90_BWD_HEAD_DIMS)];
+    [(Pass::FwdSm90, &super::tiles::SM90_HEAD_DIMS), (Pass::BwdSm90, &super::tiles::SM90_BWD_HEAD_DIMS)];
 
 /// The plain variant of every Hopper pass, head dim and dtype, then the forward's 192-row form at head dim 64
 /// and its wide-key-block forms at head dims 128 (176 keys) and 256 (80 keys), both dtypes.

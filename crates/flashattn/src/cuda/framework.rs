@@ -6,13 +6,13 @@
 //! The kernels read the metadata where they need it; the host knows only shapes and the two maximum
 //! sequence lengths, which size the grid (as in FlashAttention-2's `max_seqlen_q`/`max_seqlen_k`).
 
-use super::bwd::{self, BwdArgs};
-use super::fwd::{self, FwdArgs};
+use super::bwd;
+use super::call::{all_aligned, check_lse, extent_bytes, raw_problem, require_half, BwdArgs, FwdArgs};
+use super::fwd;
 use super::kvcache::DeviceWorkspace;
 use super::launch;
 use super::runtime::{self, dev_err};
 use super::tensor::DeviceTensorRef;
-use super::{all_aligned, check_lse, extent_bytes, raw_problem, require_half};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::{AttnOptions, VarLen};
@@ -379,7 +379,8 @@ mod tests {
         unsupported(device_problem(&q, &k, &v, &opts, &DeviceMeta::default()));
         // The raw entry points' validation (forward_raw, backward_raw).
         unsupported(
-            super::super::raw_problem(&q, &k, &v, &opts).and_then(|p| super::super::require_half(&p).map(|_| p)),
+            super::super::call::raw_problem(&q, &k, &v, &opts)
+                .and_then(|p| super::super::call::require_half(&p).map(|_| p)),
         );
         assert!(backward_workspace_bytes(&q, &k, &v, &opts, &DeviceMeta::default()).is_err());
         // Equal head dims still pass.

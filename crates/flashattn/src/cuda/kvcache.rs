@@ -102,16 +102,6 @@ struct KvFillParams {
     pad: i32,
 }
 
-/// The default `KV_STAGES` of a padded head dim: 3 up to 128, else 2 ([`crate::Tuning::kv_stages`] overrides
-/// it per call; the value is passed to NVRTC, so the cache keeps one cubin per setting).
-pub fn default_stages(head_dim: usize) -> u32 {
-    if head_dim > 128 {
-        2
-    } else {
-        3
-    }
-}
-
 /// Dynamic shared memory of `kv_attn` (`KV_SMEM_BYTES`) with `stages` pipeline stages.
 fn attn_smem(head_dim: usize, stages: u32) -> u32 {
     // KV_ROW_BYTES: unpadded swizzled rows when the head dim is a multiple of 64, else one spare chunk per row.
@@ -321,7 +311,7 @@ fn make_plan(
         other => return Err(Error::Unsupported { backend: "cuda", what: format!("dtype {other} (use f16 or bf16)") }),
     }
     if opts.sink.is_some() {
-        return Err(super::no_sink());
+        return Err(super::call::no_sink());
     }
     let head_dim = padded_head_dim(d).ok_or_else(|| Error::invalid("q", "head dim <= 256", d))?;
     let scale = check_finite_scale(opts.softmax_scale, d)?;
@@ -501,7 +491,7 @@ pub fn kvcache_forward_host(
 ) -> Result<ForwardOutput> {
     let c = crate::kvcache::check(q, cache, opts)?;
     let p = &c.problem;
-    super::require_same_value_dim(p.d, p.d_v)?;
+    super::call::require_same_value_dim(p.d, p.d_v)?;
     let gpu = runtime::gpu(n)?;
     let max_pages = p.k.paged.as_ref().map(|pg| pg.max_pages);
     let plan = make_plan(
@@ -645,7 +635,7 @@ fn raw_plan(
     // A v_cache shaped as k_cache but for its head dim is a valid call the kernels cannot run yet.
     let vs = &cache.v_cache.shape;
     if vs.len() == 4 && vs[..3] == cs[..3] {
-        super::require_same_value_dim(d, vs[3])?;
+        super::call::require_same_value_dim(d, vs[3])?;
     }
     cache.v_cache.check("v_cache", &cs, dtype, true)?;
     let hk = cs[2];
@@ -1170,7 +1160,7 @@ mod tests {
     #[test]
     fn smem_fits_two_ctas_at_d128() {
         // d 128: swizzled 256-byte rows; d 96: padded 208-byte rows.
-        let smem = |hd| attn_smem(hd, default_stages(hd));
+        let smem = |hd| attn_smem(hd, super::super::tiles::default_stages(hd));
         assert_eq!(smem(128), 16 * 256 + 4 * 3 * 32 * 256 + 512);
         assert_eq!(smem(96), 16 * 208 + 4 * 3 * 32 * 208 + 512);
         assert!(2 * (smem(128) as usize + 1024) <= 228 * 1024);

@@ -2,10 +2,11 @@
 //! allocated once), whose kernels can be enqueued and timed with CUDA events without host copies: what
 //! `flashattn bench --device cuda` measures.
 
+use super::call::{all_aligned, require_half, variant_for, Aux, BwdArgs, FwdArgs};
 use super::compile::{Pass, Variant};
 use super::runtime::{self, dev_err, Gpu};
 use super::tensor::{alloc_out, upload, DevTensor};
-use super::{all_aligned, bwd, fwd, require_half, Aux};
+use super::{bwd, fwd};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::AttnOptions;
@@ -105,9 +106,9 @@ impl DeviceAttention {
     }
 
     /// The backward's device pointers and whether all eight tensors are 16-byte aligned (what `bwd::run` is given).
-    fn bwd_args(&self, b: &BwdBufs) -> (bwd::BwdArgs, bool) {
+    fn bwd_args(&self, b: &BwdBufs) -> (BwdArgs, bool) {
         let s = &self.gpu.stream;
-        let a = bwd::BwdArgs {
+        let a = BwdArgs {
             fwd: self.fwd_args(),
             dout: b.dout.view(s),
             dq: b.dq.view(s),
@@ -118,9 +119,9 @@ impl DeviceAttention {
         (a, aligned)
     }
 
-    fn fwd_args(&self) -> fwd::FwdArgs {
+    fn fwd_args(&self) -> FwdArgs {
         let s = &self.gpu.stream;
-        let mut a = fwd::FwdArgs {
+        let mut a = FwdArgs {
             q: self.q.view(s),
             k: self.k.view(s),
             v: self.v.view(s),
@@ -137,8 +138,8 @@ impl DeviceAttention {
         let a = self.fwd_args();
         let aligned = all_aligned(&[a.q, a.k, a.v, a.o], self.p.dtype.size());
         Ok((
-            fwd::variant_for(&self.p, Pass::Fwd, aligned, false)?,
-            fwd::variant_for(&self.p, Pass::Bwd, aligned, self.deterministic)?,
+            variant_for(&self.p, Pass::Fwd, aligned, false)?,
+            variant_for(&self.p, Pass::Bwd, aligned, self.deterministic)?,
         ))
     }
 
