@@ -5,8 +5,9 @@
 //! the entry points above them; depends on nothing above the parameter blocks and the device tensors.
 
 use super::compile::{padded_head_dim, Pass, Variant};
+use super::launch;
 use super::params::FwdParams;
-use super::tensor::{upload_vec, DevView, DeviceTensorRef};
+use super::tensor::{upload_vec, BackwardTensors, DevView, DeviceTensorRef, ForwardTensors};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::AttnOptions;
@@ -75,7 +76,7 @@ impl Aux {
     }
 }
 
-pub(crate) fn all_aligned(views: &[DevView], elem: usize) -> bool {
+fn all_aligned(views: &[DevView], elem: usize) -> bool {
     views.iter().all(|v| v.aligned16(elem))
 }
 
@@ -253,4 +254,62 @@ pub(crate) struct BwdArgs {
     pub dq: DevView,
     pub dk: DevView,
     pub dv: DevView,
+}
+
+impl FwdArgs {
+    /// The device pointers of a call on a framework's tensors (metadata pointers zero: the caller fills them).
+    pub(crate) fn of(t: &ForwardTensors) -> Self {
+        FwdArgs { q: t.q.view(), k: t.k.view(), v: t.v.view(), o: t.o.view(), lse: t.lse.ptr, ..Default::default() }
+    }
+
+    /// Whether q, k, v and o allow the 16-byte accesses of the aligned variants (`elem`: the dtype's size).
+    pub(crate) fn aligned16(&self, elem: usize) -> bool {
+        all_aligned(&[self.q, self.k, self.v, self.o], elem)
+    }
+}
+
+impl BwdArgs {
+    /// The device pointers of a backward call on a framework's tensors (metadata pointers zero).
+    pub(crate) fn of(t: &BackwardTensors) -> Self {
+        BwdArgs { fwd: FwdArgs::of(&t.fwd), dout: t.dout.view(), dq: t.dq.view(), dk: t.dk.view(), dv: t.dv.view() }
+    }
+
+    /// Whether every tensor of the call allows the 16-byte accesses of the aligned variants.
+    pub(crate) fn aligned16(&self, elem: usize) -> bool {
+        let f = &self.fwd;
+        all_aligned(&[f.q, f.k, f.v, f.o, self.dout, self.dq, self.dk, self.dv], elem)
+    }
+}
+
+/// Checks the outputs of a forward call on a framework's tensors: `o` of the problem's output shape and dtype,
+/// `lse` contiguous `f32` of its lse shape (q, k and v were checked when the problem was validated).
+pub(crate) fn check_forward_tensors(p: &Problem, t: &ForwardTensors) -> Result<()> {
+    t.o.check("o", &p.o_shape(), p.dtype, true)?;
+    check_lse(t.lse, p, true)
+}
+
+/// Checks the other tensors of a backward call on a framework's tensors, in argument order: the forward's `o`,
+/// `dout`, `lse`, then the gradients `dq`, `dk`, `dv` (each of its input's shape).
+pub(crate) fn check_backward_tensors(p: &Problem, t: &BackwardTensors) -> Result<()> {
+    let f = &t.fwd;
+    f.o.check("o", &p.o_shape(), p.dtype, false)?;
+    t.dout.check("dout", &p.o_shape(), p.dtype, false)?;
+    check_lse(f.lse, p, false)?;
+    t.dq.check("dq", &f.q.shape, p.dtype, true)?;
+    t.dk.check("dk", &f.k.shape, p.dtype, true)?;
+    t.dv.check("dv", &f.v.shape, p.dtype, true)
+}
+
+/// Fills a forward call's `o` and `lse` with NaN before the kernel runs when the problem's tuning asks for it
+/// ([`launch::poison_outputs`]), so that an element the kernel fails to write shows.
+pub(crate) fn poison_forward_outputs(
+    p: &Problem,
+    t: &ForwardTensors,
+    stream: cudarc::driver::sys::CUstream,
+) -> Result<()> {
+    if launch::poison_outputs(&p.tuning) {
+        launch::poison(t.o.ptr, extent_bytes(t.o), stream)?;
+        launch::poison(t.lse.ptr, extent_bytes(t.lse), stream)?;
+    }
+    Ok(())
 }

@@ -7,12 +7,15 @@
 //! sequence lengths, which size the grid (as in FlashAttention-2's `max_seqlen_q`/`max_seqlen_k`).
 
 use super::bwd;
-use super::call::{all_aligned, check_lse, extent_bytes, raw_problem, require_half, BwdArgs, FwdArgs};
+use super::call::{
+    check_backward_tensors, check_forward_tensors, extent_bytes, poison_forward_outputs, raw_problem, require_half,
+    BwdArgs, FwdArgs,
+};
 use super::fwd;
 use super::kvcache::DeviceWorkspace;
 use super::launch;
-use super::runtime::{self, dev_err};
-use super::tensor::DeviceTensorRef;
+use super::runtime;
+use super::tensor::{BackwardTensors, DeviceTensorRef, ForwardTensors};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::{AttnOptions, VarLen};
@@ -42,38 +45,6 @@ pub struct DeviceMeta {
     pub varlen: Option<DeviceVarlen>,
     /// ALiBi slopes, `f32 [h]` or `[b, h]` (instead of [`AttnOptions::alibi_slopes`]).
     pub alibi_slopes: Option<DeviceTensorRef>,
-}
-
-/// The tensors of a forward call: inputs `q`, `k`, `v`; outputs `o` (q's shape, its own strides) and `lse`
-/// (`f32`, contiguous `[b, h, sq]`, varlen `[h, total_q]`).
-#[derive(Debug, Clone, Copy)]
-pub struct ForwardTensors<'a> {
-    /// Queries.
-    pub q: &'a DeviceTensorRef,
-    /// Keys.
-    pub k: &'a DeviceTensorRef,
-    /// Values.
-    pub v: &'a DeviceTensorRef,
-    /// Output.
-    pub o: &'a DeviceTensorRef,
-    /// Log-sum-exp of each row's scores.
-    pub lse: &'a DeviceTensorRef,
-}
-
-/// The tensors of a backward call: the forward's inputs and outputs, `dout`, and the gradients written
-/// (`dq`, `dk`, `dv` with their own strides; key rows past `seqused_k` are not written).
-#[derive(Debug, Clone, Copy)]
-pub struct BackwardTensors<'a> {
-    /// The forward's tensors (`o` and `lse` as it wrote them).
-    pub fwd: ForwardTensors<'a>,
-    /// Gradient of the output.
-    pub dout: &'a DeviceTensorRef,
-    /// Gradient of `q`.
-    pub dq: &'a DeviceTensorRef,
-    /// Gradient of `k`.
-    pub dk: &'a DeviceTensorRef,
-    /// Gradient of `v`.
-    pub dv: &'a DeviceTensorRef,
 }
 
 fn check_meta_vec(arg: &'static str, t: &DeviceTensorRef, dtype: DType, shape: &[usize]) -> Result<()> {
@@ -185,27 +156,14 @@ pub unsafe fn forward_device(
     meta: &DeviceMeta,
 ) -> Result<()> {
     let p = device_problem(t.q, t.k, t.v, opts, meta)?;
-    t.o.check("o", &p.o_shape(), p.dtype, true)?;
-    check_lse(t.lse, &p, true)?;
+    check_forward_tensors(&p, &t)?;
     let gpu = runtime::gpu(n)?;
-    runtime::guard("the CUDA forward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+    gpu.run("the CUDA forward", || {
         let s = stream as cudarc::driver::sys::CUstream;
-        let mut a = FwdArgs {
-            q: t.q.view(),
-            k: t.k.view(),
-            v: t.v.view(),
-            o: t.o.view(),
-            lse: t.lse.ptr,
-            ..Default::default()
-        };
+        let mut a = FwdArgs::of(&t);
         meta_ptrs(meta, &mut a);
-        if launch::poison_outputs(&p.tuning) {
-            launch::poison(t.o.ptr, extent_bytes(t.o), s)?;
-            launch::poison(t.lse.ptr, extent_bytes(t.lse), s)?;
-        }
-        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], p.dtype.size());
-        fwd::run(&gpu, s, &p, &a, aligned)
+        poison_forward_outputs(&p, &t, s)?;
+        fwd::run(&gpu, s, &p, &a, a.aligned16(p.dtype.size()))
     })
 }
 
@@ -257,33 +215,13 @@ pub unsafe fn backward_device_of(
     whole_rows: bool,
 ) -> Result<()> {
     let softmax = if whole_rows { bwd::Softmax::Whole } else { bwd::Softmax::Part };
-    let f = t.fwd;
-    let p = device_problem(f.q, f.k, f.v, opts, meta)?;
-    f.o.check("o", &p.o_shape(), p.dtype, false)?;
-    t.dout.check("dout", &p.o_shape(), p.dtype, false)?;
-    check_lse(f.lse, &p, false)?;
-    t.dq.check("dq", &f.q.shape, p.dtype, true)?;
-    t.dk.check("dk", &f.k.shape, p.dtype, true)?;
-    t.dv.check("dv", &f.v.shape, p.dtype, true)?;
+    let p = device_problem(t.fwd.q, t.fwd.k, t.fwd.v, opts, meta)?;
+    check_backward_tensors(&p, &t)?;
     workspace.check(bwd::workspace_layout(&p, opts.deterministic)?.bytes)?;
     let gpu = runtime::gpu(n)?;
-    runtime::guard("the CUDA backward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+    gpu.run("the CUDA backward", || {
         let s = gpu.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
-        let mut a = BwdArgs {
-            fwd: FwdArgs {
-                q: f.q.view(),
-                k: f.k.view(),
-                v: f.v.view(),
-                o: f.o.view(),
-                lse: f.lse.ptr,
-                ..Default::default()
-            },
-            dout: t.dout.view(),
-            dq: t.dq.view(),
-            dk: t.dk.view(),
-            dv: t.dv.view(),
-        };
+        let mut a = BwdArgs::of(&t);
         meta_ptrs(meta, &mut a.fwd);
         if launch::poison_outputs(&p.tuning) {
             // Key rows past seqused_k are left as the caller had them.
@@ -292,8 +230,7 @@ pub unsafe fn backward_device_of(
                 launch::poison(g.ptr, extent_bytes(g), s.cu_stream())?;
             }
         }
-        let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
-        bwd::run(&gpu, &s, &p, &a, aligned, opts.deterministic, softmax, Some(workspace.ptr))
+        bwd::run(&gpu, &s, &p, &a, a.aligned16(p.dtype.size()), opts.deterministic, softmax, Some(workspace.ptr))
     })
 }
 

@@ -160,8 +160,7 @@ impl KvWorkspace {
     /// Allocates `bytes` (see [`kvcache_workspace_bytes`]) zeroed bytes on device `n`.
     pub fn new(n: usize, bytes: usize) -> Result<KvWorkspace> {
         let gpu = runtime::gpu(n)?;
-        runtime::guard("allocating the KV workspace", || {
-            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        gpu.run("allocating the KV workspace", || {
             let buf = gpu.stream.alloc_zeros::<u8>(bytes.max(256)).map_err(|e| dev_err("allocating", e))?;
             gpu.stream.synchronize().map_err(|e| dev_err("zeroing the workspace", e))?;
             Ok(KvWorkspace { gpu: gpu.clone(), buf })
@@ -177,8 +176,7 @@ impl KvWorkspace {
     /// table entry was out of range (that row was skipped). Sticky: while non-zero, every call returns at
     /// once without writing; [`clear_status`](Self::clear_status) resets it.
     pub fn status(&self) -> Result<i32> {
-        runtime::guard("reading the KV status", || {
-            self.gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        self.gpu.run("reading the KV status", || {
             self.gpu.ctx.synchronize().map_err(|e| dev_err("running the kernels", e))?;
             let mut w = [0u8; 4];
             self.gpu.stream.memcpy_dtoh(&self.buf.slice(0..4), &mut w[..]).map_err(|e| dev_err("reading", e))?;
@@ -507,8 +505,7 @@ pub fn kvcache_forward_host(
         opts,
     )?;
     let s = gpu.stream.clone();
-    runtime::guard("the CUDA KV-cache forward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+    gpu.run("the CUDA KV-cache forward", || {
         let tq = upload(&s, q.data, &q.layout)?;
         let tkc = upload(&s, cache.k_cache.as_view().data, &cache.k_cache.layout)?;
         let tvc = upload(&s, cache.v_cache.as_view().data, &cache.v_cache.layout)?;
@@ -819,8 +816,7 @@ unsafe fn raw_forward(
     let plan = raw_plan(&gpu, q, cache, o, lse, opts)?;
     check_workspace(&plan, workspace)?;
     let x = raw_ptrs(q, cache, o, lse, workspace);
-    runtime::guard("the CUDA KV-cache forward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+    gpu.run("the CUDA KV-cache forward", || {
         let st = stream as dsys::CUstream;
         if zero_header {
             // The status word and the split counters: everything before the partial LSE.
@@ -930,8 +926,7 @@ impl KvPrepared {
     /// # Safety
     /// The buffers given to [`new`](Self::new) must still be valid, and `stream` a stream of the device.
     pub unsafe fn enqueue(&self, stream: *mut c_void) -> Result<()> {
-        runtime::guard("the CUDA KV-cache forward", || {
-            self.gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        self.gpu.run("the CUDA KV-cache forward", || {
             enqueue_with(&self.gpu, &self.module, stream as dsys::CUstream, &self.plan, &self.x)
         })
     }
@@ -970,8 +965,7 @@ impl KvDecodeBench {
     ) -> Result<KvDecodeBench> {
         let gpu = runtime::gpu(n)?;
         let s = gpu.stream.clone();
-        runtime::guard("setting up the decode benchmark", || {
-            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        gpu.run("setting up the decode benchmark", || {
             let head_dim = padded_head_dim(d).ok_or_else(|| Error::invalid("d", "<= 256", d))?;
             let fill_v = kv_variant(head_dim, dtype == DType::BF16, false, false, false, true).tuned(tuning);
             let m = gpu.module(&fill_v)?;
@@ -1071,8 +1065,7 @@ impl KvDecodeBench {
     pub fn time(&mut self, warmup: usize, reps: usize) -> Result<Vec<f64>> {
         let gpu = self.gpu.clone();
         let s = gpu.stream.clone();
-        runtime::guard("timing the decode kernels", || {
-            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        gpu.run("timing the decode kernels", || {
             const FLUSH: usize = 256 << 20;
             if self.flush.is_none() {
                 // SAFETY: only ever zeroed, never read.
@@ -1107,8 +1100,7 @@ impl KvDecodeBench {
 pub fn copy_gbps(n: usize, bytes: usize, reps: usize) -> Result<f64> {
     let gpu = runtime::gpu(n)?;
     let s = gpu.stream.clone();
-    runtime::guard("measuring the copy bandwidth", || {
-        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+    gpu.run("measuring the copy bandwidth", || {
         let a = s.alloc_zeros::<u8>(bytes).map_err(|e| dev_err("allocating", e))?;
         let mut b = s.alloc_zeros::<u8>(bytes).map_err(|e| dev_err("allocating", e))?;
         let mut ts = Vec::new();

@@ -42,8 +42,7 @@ pub use compile::{KernelUsage, Pass, Variant};
 /// stream, and for tests).
 pub use cudarc;
 pub use framework::{
-    backward_device, backward_device_of, backward_workspace_bytes, forward_device, BackwardTensors, DeviceMeta,
-    DeviceVarlen, ForwardTensors,
+    backward_device, backward_device_of, backward_workspace_bytes, forward_device, DeviceMeta, DeviceVarlen,
 };
 pub use fwd_sm90::{sm90_forward_launches, sm90_tile};
 pub use kvcache::{
@@ -52,7 +51,7 @@ pub use kvcache::{
 };
 pub use launch::{poison_outputs, set_poison_outputs};
 pub use resident::{kernel_family, DeviceAttention};
-pub use tensor::DeviceTensorRef;
+pub use tensor::{BackwardTensors, DeviceTensorRef, ForwardTensors};
 pub use tiles::{sm90_bwd_head_dim, sm90_head_dim};
 
 use crate::api::{ForwardOutput, Gradients};
@@ -61,7 +60,10 @@ use crate::error::Result;
 use crate::options::AttnOptions;
 use crate::problem::{validate, Problem};
 use crate::tensor::{BackendStatus, Tensor, TensorView};
-use call::{all_aligned, check_lse, extent_bytes, raw_problem, require_half, Aux, BwdArgs, FwdArgs};
+use call::{
+    check_backward_tensors, check_forward_tensors, poison_forward_outputs, raw_problem, require_half, Aux, BwdArgs,
+    FwdArgs,
+};
 use tensor::{alloc_out, download, upload};
 
 /// Whether the CUDA backend can run here, with the devices, driver and NVRTC versions and the cache folder
@@ -89,8 +91,7 @@ fn forward_problem(
     require_half(p)?;
     let gpu = runtime::gpu(n)?;
     let s = &gpu.stream;
-    runtime::guard("the CUDA forward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
+    gpu.run("the CUDA forward", || {
         let (dq, dk, dv) =
             (upload(s, q.data, &q.layout)?, upload(s, k.data, &k.layout)?, upload(s, v.data, &v.layout)?);
         let poisoned = launch::poison_outputs(&p.tuning);
@@ -106,7 +107,7 @@ fn forward_problem(
             ..Default::default()
         };
         aux.fill(s, &mut a);
-        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], p.dtype.size());
+        let aligned = a.aligned16(p.dtype.size());
         fwd::run(&gpu, s.cu_stream(), p, &a, aligned)?;
         let out = ForwardOutput { o: download(s, &o)?, lse: download(s, &lse)? };
         drop((dq, dk, dv, aux));
@@ -131,8 +132,7 @@ pub fn backward_host(
     crate::problem::check_backward_inputs(&p, &o.view(), &lse.view(), &dout.view())?;
     let gpu = runtime::gpu(n)?;
     let s = &gpu.stream;
-    runtime::guard("the CUDA backward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
+    gpu.run("the CUDA backward", || {
         let up = |t: &Tensor| upload(s, t.view().data, t.layout());
         let (tq, tk, tv, to, tdo) = (up(q)?, up(k)?, up(v)?, up(o)?, up(dout)?);
         let lse_c = Tensor::from_f32(&lse.to_f32_vec(), lse.shape(), DType::F32)?;
@@ -162,7 +162,7 @@ pub fn backward_host(
             dv: gv.view(s),
         };
         aux.fill(s, &mut a.fwd);
-        let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
+        let aligned = a.aligned16(p.dtype.size());
         bwd::run(&gpu, s, &p, &a, aligned, opts.deterministic, bwd::Softmax::Whole, None)?;
         let g = Gradients { dq: download(s, &gq)?, dk: download(s, &gk)?, dv: download(s, &gv)?, dsink: None };
         drop((tq, tk, tv, to, tdo, tlse, aux));
@@ -190,23 +190,18 @@ pub unsafe fn forward_raw(
     lse: &DeviceTensorRef,
     opts: &AttnOptions,
 ) -> Result<()> {
+    let t = ForwardTensors { q, k, v, o, lse };
     let p = raw_problem(q, k, v, opts)?;
     require_half(&p)?;
-    o.check("o", &p.o_shape(), p.dtype, true)?;
-    check_lse(lse, &p, true)?;
+    check_forward_tensors(&p, &t)?;
     let gpu = runtime::gpu(n)?;
-    runtime::guard("the CUDA forward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
+    gpu.run("the CUDA forward", || {
         let s = gpu.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
         let aux = Aux::upload(&s, &p)?;
-        let mut a = FwdArgs { q: q.view(), k: k.view(), v: v.view(), o: o.view(), lse: lse.ptr, ..Default::default() };
+        let mut a = FwdArgs::of(&t);
         aux.fill(&s, &mut a);
-        if launch::poison_outputs(&p.tuning) {
-            launch::poison(o.ptr, extent_bytes(o), s.cu_stream())?;
-            launch::poison(lse.ptr, extent_bytes(lse), s.cu_stream())?;
-        }
-        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], p.dtype.size());
-        fwd::run(&gpu, s.cu_stream(), &p, &a, aligned)?;
+        poison_forward_outputs(&p, &t, s.cu_stream())?;
+        fwd::run(&gpu, s.cu_stream(), &p, &a, a.aligned16(p.dtype.size()))?;
         drop(aux);
         Ok(())
     })
@@ -248,29 +243,17 @@ pub(crate) unsafe fn backward_raw_of(
     opts: &AttnOptions,
     softmax: bwd::Softmax,
 ) -> Result<()> {
+    let t = BackwardTensors { fwd: ForwardTensors { q, k, v, o, lse }, dout, dq, dk, dv };
     let p = raw_problem(q, k, v, opts)?;
     require_half(&p)?;
-    o.check("o", &p.o_shape(), p.dtype, false)?;
-    dout.check("dout", &p.o_shape(), p.dtype, false)?;
-    check_lse(lse, &p, false)?;
-    dq.check("dq", &q.shape, p.dtype, true)?;
-    dk.check("dk", &k.shape, p.dtype, true)?;
-    dv.check("dv", &v.shape, p.dtype, true)?;
+    check_backward_tensors(&p, &t)?;
     let gpu = runtime::gpu(n)?;
-    runtime::guard("the CUDA backward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
+    gpu.run("the CUDA backward", || {
         let s = gpu.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
         let aux = Aux::upload(&s, &p)?;
-        let mut a = BwdArgs {
-            fwd: FwdArgs { q: q.view(), k: k.view(), v: v.view(), o: o.view(), lse: lse.ptr, ..Default::default() },
-            dout: dout.view(),
-            dq: dq.view(),
-            dk: dk.view(),
-            dv: dv.view(),
-        };
+        let mut a = BwdArgs::of(&t);
         aux.fill(&s, &mut a.fwd);
-        let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
-        bwd::run(&gpu, &s, &p, &a, aligned, opts.deterministic, softmax, None)?;
+        bwd::run(&gpu, &s, &p, &a, a.aligned16(p.dtype.size()), opts.deterministic, softmax, None)?;
         drop(aux);
         Ok(())
     })
@@ -384,8 +367,7 @@ pub fn measure_load(n: usize, v: &Variant) -> Result<(std::time::Duration, bool)
     let gpu = runtime::gpu(n)?;
     let t0 = std::time::Instant::now();
     let (c, origin) = cache::get_or_compile(v, &gpu.arch)?;
-    runtime::guard("loading a module", || {
-        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
+    gpu.run("loading a module", || {
         let m = gpu
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(c.cubin))

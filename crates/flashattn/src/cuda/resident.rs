@@ -2,7 +2,7 @@
 //! allocated once), whose kernels can be enqueued and timed with CUDA events without host copies: what
 //! `flashattn bench --device cuda` measures.
 
-use super::call::{all_aligned, require_half, variant_for, Aux, BwdArgs, FwdArgs};
+use super::call::{require_half, variant_for, Aux, BwdArgs, FwdArgs};
 use super::compile::{Pass, Variant};
 use super::runtime::{self, dev_err, Gpu};
 use super::tensor::{alloc_out, upload, DevTensor};
@@ -71,8 +71,7 @@ impl DeviceAttention {
         }
         let gpu = runtime::gpu(n)?;
         let s = gpu.stream.clone();
-        runtime::guard("uploading the problem", || {
-            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        gpu.run("uploading the problem", || {
             let up = |t: &Tensor| upload(&s, t.view().data, t.layout());
             let (dq_, dk_, dv_) = (up(q)?, up(k)?, up(v)?);
             let poisoned = super::launch::poison_outputs(&p.tuning);
@@ -115,7 +114,7 @@ impl DeviceAttention {
             dk: b.dk.view(s),
             dv: b.dv.view(s),
         };
-        let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], self.p.dtype.size());
+        let aligned = a.aligned16(self.p.dtype.size());
         (a, aligned)
     }
 
@@ -136,7 +135,7 @@ impl DeviceAttention {
     /// The forward and backward kernel variants this problem runs.
     pub fn variants(&self) -> Result<(Variant, Variant)> {
         let a = self.fwd_args();
-        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], self.p.dtype.size());
+        let aligned = a.aligned16(self.p.dtype.size());
         Ok((
             variant_for(&self.p, Pass::Fwd, aligned, false)?,
             variant_for(&self.p, Pass::Bwd, aligned, self.deterministic)?,
@@ -148,7 +147,7 @@ impl DeviceAttention {
     pub fn kernel_path(&self) -> Result<String> {
         let (fv, bv) = self.variants()?;
         let a = self.fwd_args();
-        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], self.p.dtype.size());
+        let aligned = a.aligned16(self.p.dtype.size());
         let mut s = if super::fwd_sm90::covers(&self.gpu, &self.p, aligned) {
             let v = super::fwd_sm90::sm90_variant(&self.p)?;
             let bm = super::fwd_sm90::variant_block_m(&v);
@@ -188,11 +187,8 @@ impl DeviceAttention {
     /// Enqueues the forward kernel on the backend's stream (writes o and lse; returns without waiting).
     pub fn forward(&self) -> Result<()> {
         let a = self.fwd_args();
-        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], self.p.dtype.size());
-        runtime::guard("the CUDA forward", || {
-            self.gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
-            fwd::run(&self.gpu, self.gpu.stream.cu_stream(), &self.p, &a, aligned)
-        })
+        let aligned = a.aligned16(self.p.dtype.size());
+        self.gpu.run("the CUDA forward", || fwd::run(&self.gpu, self.gpu.stream.cu_stream(), &self.p, &a, aligned))
     }
 
     /// Enqueues the backward kernels on the backend's stream, from the o and lse of the last
@@ -203,8 +199,7 @@ impl DeviceAttention {
         })?;
         let s = &self.gpu.stream;
         let (a, aligned) = self.bwd_args(b);
-        runtime::guard("the CUDA backward", || {
-            self.gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        self.gpu.run("the CUDA backward", || {
             if self.p.seqused_k.is_some() {
                 super::launch::zero(b.dk.base(s), b.dk.bytes(), s.cu_stream())?;
                 super::launch::zero(b.dv.base(s), b.dv.bytes(), s.cu_stream())?;
@@ -231,8 +226,7 @@ impl DeviceAttention {
     ) -> Result<Vec<f64>> {
         let gpu = self.gpu.clone();
         let s = gpu.stream.clone();
-        runtime::guard("timing the kernels", || {
-            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        gpu.run("timing the kernels", || {
             if flush_l2 && self.flush.is_none() {
                 // SAFETY: only ever written (zeroed), never read.
                 self.flush =
