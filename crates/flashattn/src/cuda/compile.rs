@@ -391,65 +391,57 @@ pub fn sm90_variants() -> Vec<Variant> {
     out
 }
 
+/// The plain variant of the sm80-class forward and backward at every head dim and dtype.
+fn sm80_plain() -> impl Iterator<Item = Variant> {
+    [Pass::Fwd, Pass::Bwd]
+        .into_iter()
+        .flat_map(|pass| HEAD_DIMS.iter().flat_map(move |&hd| [false, true].map(|bf16| Variant::plain(pass, hd, bf16))))
+}
+
+/// Two KV-cache variants at every head dim and dtype: `forms` gives their (mask, alibi, softcap, aligned16).
+fn kv_pairs(forms: [(bool, bool, bool, bool); 2]) -> impl Iterator<Item = Variant> {
+    HEAD_DIMS.iter().flat_map(move |&hd| {
+        [false, true].into_iter().flat_map(move |bf16| forms.map(|(m, a, s, al)| kv_variant(hd, bf16, m, a, s, al)))
+    })
+}
+
+/// A plain variant and its causal form.
+fn with_causal(p: Variant) -> [Variant; 2] {
+    [p, Variant { mask: true, ..p }]
+}
+
+/// The forms of a plain variant that CI compiles: itself, causal, every feature at once; the unaligned form of
+/// the sm80-class passes (the Hopper kernels need 16-byte alignment) and the deterministic causal backward.
+fn representative_forms(p: Variant) -> Vec<Variant> {
+    let mut out =
+        vec![p, Variant { mask: true, ..p }, Variant { mask: true, alibi: true, softcap: true, varlen: true, ..p }];
+    if matches!(p.pass, Pass::Fwd | Pass::Bwd) {
+        out.push(Variant { aligned16: false, ..p });
+    }
+    if matches!(p.pass, Pass::Bwd | Pass::BwdSm90) {
+        out.push(Variant { deterministic: true, mask: true, ..p });
+    }
+    out
+}
+
 /// A representative subset (every head dim and dtype; each feature on its own and all together; the
 /// unaligned and deterministic forms of the plain kernel): what CI compiles for each architecture.
 pub fn representative_variants() -> Vec<Variant> {
-    let mut out = Vec::new();
-    for pass in [Pass::Fwd, Pass::Bwd] {
-        for &hd in &HEAD_DIMS {
-            for bf16 in [false, true] {
-                let p = Variant::plain(pass, hd, bf16);
-                out.push(p);
-                out.push(Variant { mask: true, ..p });
-                out.push(Variant { mask: true, alibi: true, softcap: true, varlen: true, ..p });
-                out.push(Variant { aligned16: false, ..p });
-                if pass == Pass::Bwd {
-                    out.push(Variant { deterministic: true, mask: true, ..p });
-                }
-            }
-        }
-    }
-    for &hd in &HEAD_DIMS {
-        for bf16 in [false, true] {
-            out.push(kv_variant(hd, bf16, false, false, false, true));
-            out.push(kv_variant(hd, bf16, true, true, true, false));
-        }
-    }
-    for p in sm90_plain() {
-        out.push(p);
-        out.push(Variant { mask: true, ..p });
-        out.push(Variant { mask: true, alibi: true, softcap: true, varlen: true, ..p });
-        if p.pass == Pass::BwdSm90 {
-            out.push(Variant { deterministic: true, mask: true, ..p });
-        }
-    }
-    out
+    sm80_plain()
+        .flat_map(representative_forms)
+        .chain(kv_pairs([(false, false, false, true), (true, true, true, false)]))
+        .chain(sm90_plain().flat_map(representative_forms))
+        .collect()
 }
 
 /// The variants whose speed matters most (plain and causal, aligned, both dtypes, every head dim): these
 /// must not spill registers.
 pub fn hot_variants() -> Vec<Variant> {
-    let mut out = Vec::new();
-    for pass in [Pass::Fwd, Pass::Bwd] {
-        for &hd in &HEAD_DIMS {
-            for bf16 in [false, true] {
-                let p = Variant::plain(pass, hd, bf16);
-                out.push(p);
-                out.push(Variant { mask: true, ..p });
-            }
-        }
-    }
-    for &hd in &HEAD_DIMS {
-        for bf16 in [false, true] {
-            out.push(kv_variant(hd, bf16, false, false, false, true));
-            out.push(kv_variant(hd, bf16, true, false, false, true));
-        }
-    }
-    for p in sm90_plain() {
-        out.push(p);
-        out.push(Variant { mask: true, ..p });
-    }
-    out
+    sm80_plain()
+        .flat_map(with_causal)
+        .chain(kv_pairs([(false, false, false, true), (true, false, false, true)]))
+        .chain(sm90_plain().flat_map(with_causal))
+        .collect()
 }
 
 /// The NVRTC options of a variant for an architecture (`sm_80`, `sm_90a`, ...).
