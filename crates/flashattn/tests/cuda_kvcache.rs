@@ -48,6 +48,29 @@ struct KvCase {
     exact_fill: bool,
 }
 
+impl KvCase {
+    /// A bf16 case without paging, rotary, left padding, batch index or score features, whose sequence 0 fills
+    /// the cache exactly.
+    fn bf16(d: usize, h: usize, hk: usize, sq: usize, s_new: usize, cap: usize) -> Self {
+        KvCase {
+            dtype: DType::BF16,
+            d,
+            h,
+            hk,
+            sq,
+            s_new,
+            cap,
+            page: None,
+            rot: 0,
+            interleaved: false,
+            leftpad: false,
+            batch_idx: false,
+            feat: Feat::Plain,
+            exact_fill: true,
+        }
+    }
+}
+
 /// Host inputs of one case.
 struct Setup {
     c: KvCase,
@@ -291,22 +314,7 @@ fn kvcache_overflow_refused() {
     }
     let mut r = rng(seed());
     for page in [None, Some(16usize)] {
-        let c = KvCase {
-            dtype: DType::BF16,
-            d: 64,
-            h: 6,
-            hk: 2,
-            sq: 2,
-            s_new: 2,
-            cap: 64,
-            page,
-            rot: 1,
-            interleaved: false,
-            leftpad: false,
-            batch_idx: false,
-            feat: Feat::Causal,
-            exact_fill: true,
-        };
+        let c = KvCase { page, rot: 1, feat: Feat::Causal, ..KvCase::bf16(64, 6, 2, 2, 2, 64) };
         let mut s = setup(c, &mut r);
         s.seqlens[2] = 63; // 63 + 2 > 64
         let (res, kc, vc, _) = run_host(&s, Device::Cuda(0));
@@ -479,22 +487,7 @@ fn kvcache_cuda_graph_replay() {
     }
     use cuda::cudarc::driver::sys;
     let base = seed();
-    let c = KvCase {
-        dtype: DType::BF16,
-        d: 128,
-        h: 32,
-        hk: 8,
-        sq: 1,
-        s_new: 1,
-        cap: 4096,
-        page: Some(16),
-        rot: 1,
-        interleaved: false,
-        leftpad: false,
-        batch_idx: false,
-        feat: Feat::Causal,
-        exact_fill: true,
-    };
+    let c = KvCase { page: Some(16), rot: 1, feat: Feat::Causal, ..KvCase::bf16(128, 32, 8, 1, 1, 4096) };
     let s0 = setup(c, &mut rng(base));
     let mut dev = DevCase::upload(&s0);
     let ws = KvWorkspace::new(0, dev.ws_bytes(&s0)).unwrap();
@@ -564,22 +557,7 @@ fn kvcache_split_counters_after_refusal() {
     let mut r = rng(seed());
     let mut splits_seen = Vec::new();
     for s_new in [2usize, 0] {
-        let c = KvCase {
-            dtype: DType::BF16,
-            d: 128,
-            h: 8,
-            hk: 2,
-            sq: 1,
-            s_new,
-            cap: 2048,
-            page: None,
-            rot: 0,
-            interleaved: false,
-            leftpad: false,
-            batch_idx: false,
-            feat: Feat::Plain,
-            exact_fill: true,
-        };
+        let c = KvCase::bf16(128, 8, 2, 1, s_new, 2048);
         let s = setup(c, &mut r);
         let mut dev = DevCase::upload(&s);
         let ws = KvWorkspace::new(0, dev.ws_bytes(&s)).unwrap();
