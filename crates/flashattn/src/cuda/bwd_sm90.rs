@@ -111,10 +111,10 @@ pub(crate) fn run(
     }
     let bm = bm as u32;
     let maps = (
-        tensor_map(&a.fwd.q, p.d, q_rows, p.h, batch, bm),
-        tensor_map(&a.fwd.k, p.d, k_rows, p.hk, batch, 64),
-        tensor_map(&a.fwd.v, p.d, k_rows, p.hk, batch, 64),
-        tensor_map(&a.dout, p.d, q_rows, p.h, batch, bm),
+        tensor_map(&a.fwd.q, [p.d, q_rows, p.h, batch], bm),
+        tensor_map(&a.fwd.k, [p.d, k_rows, p.hk, batch], 64),
+        tensor_map(&a.fwd.v, [p.d, k_rows, p.hk, batch], 64),
+        tensor_map(&a.dout, [p.d, q_rows, p.h, batch], bm),
     );
     let (Some(tq), Some(tk), Some(tv), Some(tdo)) = maps else { return Ok(false) };
     let num_n_blocks = (params.fwd.sk.max(0) as u32).div_ceil(bn.max(1) as u32);

@@ -80,7 +80,8 @@ fn all_aligned(views: &[DevView], elem: usize) -> bool {
     views.iter().all(|v| v.aligned16(elem))
 }
 
-/// Validates device tensors the way [`crate::problem::validate`] validates host views.
+/// Validates device tensors the way [`crate::problem::validate`] validates host views, then refuses what every
+/// CUDA entry point refuses ([`require_half`]).
 pub(crate) fn raw_problem(
     q: &DeviceTensorRef,
     k: &DeviceTensorRef,
@@ -107,6 +108,7 @@ pub(crate) fn raw_problem(
     for (arg, t) in [("q", q), ("k", k), ("v", v)] {
         t.check(arg, &t.shape, p.dtype, false)?;
     }
+    require_half(&p)?;
     Ok(p)
 }
 

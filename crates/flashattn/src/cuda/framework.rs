@@ -8,8 +8,7 @@
 
 use super::bwd;
 use super::call::{
-    check_backward_tensors, check_forward_tensors, extent_bytes, poison_forward_outputs, raw_problem, require_half,
-    BwdArgs, FwdArgs,
+    check_backward_tensors, check_forward_tensors, extent_bytes, poison_forward_outputs, raw_problem, BwdArgs, FwdArgs,
 };
 use super::fwd;
 use super::kvcache::DeviceWorkspace;
@@ -128,7 +127,6 @@ pub(crate) fn device_problem(
         // The paths that read seqused_k are chosen by its presence; its values stay on the device.
         p.seqused_k = vl.seqused_k.as_ref().map(|_| Vec::new());
     }
-    require_half(&p)?;
     Ok(p)
 }
 
@@ -220,7 +218,7 @@ pub unsafe fn backward_device_of(
     workspace.check(bwd::workspace_layout(&p, opts.deterministic)?.bytes)?;
     let gpu = runtime::gpu(n)?;
     gpu.run("the CUDA backward", || {
-        let s = gpu.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
+        let s = gpu.borrowed_stream(stream);
         let mut a = BwdArgs::of(&t);
         meta_ptrs(meta, &mut a.fwd);
         if launch::poison_outputs(&p.tuning) {
@@ -315,10 +313,7 @@ mod tests {
         };
         unsupported(device_problem(&q, &k, &v, &opts, &DeviceMeta::default()));
         // The raw entry points' validation (forward_raw, backward_raw).
-        unsupported(
-            super::super::call::raw_problem(&q, &k, &v, &opts)
-                .and_then(|p| super::super::call::require_half(&p).map(|_| p)),
-        );
+        unsupported(super::super::call::raw_problem(&q, &k, &v, &opts));
         assert!(backward_workspace_bytes(&q, &k, &v, &opts, &DeviceMeta::default()).is_err());
         // Equal head dims still pass.
         assert!(device_problem(&q, &k, &k, &opts, &DeviceMeta::default()).is_ok());

@@ -187,9 +187,9 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
     let (q_rows, k_rows, batch) =
         if p.varlen { (p.total_q, p.total_k, 1) } else { (p.dense_sq, p.total_k / p.batch, p.batch) };
     let maps = (
-        tensor_map(&a.q, p.d, q_rows, p.h, batch, bm as u32),
-        tensor_map(&a.k, p.d, k_rows, p.hk, batch, bn as u32),
-        tensor_map(&a.v, p.d, k_rows, p.hk, batch, bn as u32),
+        tensor_map(&a.q, [p.d, q_rows, p.h, batch], bm as u32),
+        tensor_map(&a.k, [p.d, k_rows, p.hk, batch], bn as u32),
+        tensor_map(&a.v, [p.d, k_rows, p.hk, batch], bn as u32),
     );
     let (Some(tq), Some(tk), Some(tv)) = maps else { return Ok(false) };
     let m = gpu.module(&v)?;

@@ -192,11 +192,10 @@ pub unsafe fn forward_raw(
 ) -> Result<()> {
     let t = ForwardTensors { q, k, v, o, lse };
     let p = raw_problem(q, k, v, opts)?;
-    require_half(&p)?;
     check_forward_tensors(&p, &t)?;
     let gpu = runtime::gpu(n)?;
     gpu.run("the CUDA forward", || {
-        let s = gpu.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
+        let s = gpu.borrowed_stream(stream);
         let aux = Aux::upload(&s, &p)?;
         let mut a = FwdArgs::of(&t);
         aux.fill(&s, &mut a);
@@ -245,11 +244,10 @@ pub(crate) unsafe fn backward_raw_of(
 ) -> Result<()> {
     let t = BackwardTensors { fwd: ForwardTensors { q, k, v, o, lse }, dout, dq, dk, dv };
     let p = raw_problem(q, k, v, opts)?;
-    require_half(&p)?;
     check_backward_tensors(&p, &t)?;
     let gpu = runtime::gpu(n)?;
     gpu.run("the CUDA backward", || {
-        let s = gpu.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
+        let s = gpu.borrowed_stream(stream);
         let aux = Aux::upload(&s, &p)?;
         let mut a = BwdArgs::of(&t);
         aux.fill(&s, &mut a.fwd);

@@ -158,6 +158,16 @@ impl Gpu {
         })
     }
 
+    /// A caller's stream, borrowed: dropping the handle leaves the stream alone.
+    ///
+    /// # Safety
+    /// `stream` is a stream of this device's context that outlives the handle, or null (the legacy default
+    /// stream).
+    pub(crate) unsafe fn borrowed_stream(&self, stream: *mut std::ffi::c_void) -> Arc<CudaStream> {
+        // SAFETY: the caller's contract.
+        unsafe { self.ctx.wrap_borrowed_stream(stream as dsys::CUstream) }
+    }
+
     /// The module of a variant: from memory, else the disk cache, else compiled now.
     pub(crate) fn module(&self, v: &Variant) -> Result<Arc<Loaded>> {
         if let Some(m) = self.modules.lock().unwrap_or_else(|e| e.into_inner()).get(v) {

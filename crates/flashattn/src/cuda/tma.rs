@@ -5,29 +5,15 @@ use super::tensor::DevView;
 use cudarc::driver::sys as dsys;
 use std::ffi::c_void;
 
-/// A rank-4 tensor map `{d, rows, heads, batch}` over 16-bit elements with a 64 x `box_rows` box and the
-/// 128-byte swizzle; `None` when the driver refuses the layout.
-pub(crate) fn tensor_map(
-    view: &DevView,
-    d: usize,
-    rows: usize,
-    heads: usize,
-    batch: usize,
-    box_rows: u32,
-) -> Option<dsys::CUtensorMap> {
-    let (dims, strides, boxd) = map_layout(view, d, rows, heads, batch, box_rows);
+/// A rank-4 tensor map over 16-bit elements with dims `[d, rows, heads, batch]` (innermost first), a 64 x
+/// `box_rows` box and the 128-byte swizzle; `None` when the driver refuses the layout.
+pub(crate) fn tensor_map(view: &DevView, dims: [usize; 4], box_rows: u32) -> Option<dsys::CUtensorMap> {
+    let (dims, strides, boxd) = map_layout(view, dims, box_rows);
     encode_map(view.ptr, dims, strides, boxd)
 }
 
-/// Dims, byte strides and box of the rank-4 maps: `{d, rows, heads, batch}` with a 64 x `box_rows` box.
-fn map_layout(
-    view: &DevView,
-    d: usize,
-    rows: usize,
-    heads: usize,
-    batch: usize,
-    box_rows: u32,
-) -> ([u64; 4], [u64; 3], [u32; 4]) {
+/// Dims, byte strides and box of the rank-4 maps: dims `[d, rows, heads, batch]` with a 64 x `box_rows` box.
+fn map_layout(view: &DevView, [d, rows, heads, batch]: [usize; 4], box_rows: u32) -> ([u64; 4], [u64; 3], [u32; 4]) {
     let (rb, hb, bb) = byte_strides(view, rows, heads, batch);
     ([d as u64, rows as u64, heads as u64, batch as u64], [rb, hb, bb], [64, box_rows, 1, 1])
 }
@@ -81,7 +67,7 @@ mod tests {
     fn q_map_layout() {
         // q [b 2, s 40, h 32, d 128] contiguous: strides in elements row 32 * 128, head 128, batch 40 * 32 * 128.
         let view = DevView { ptr: 0, batch: 40 * 32 * 128, row: 32 * 128, head: 128 };
-        let (dims, strides, boxd) = map_layout(&view, 128, 40, 32, 2, 128);
+        let (dims, strides, boxd) = map_layout(&view, [128, 40, 32, 2], 128);
         assert_eq!((dims, strides, boxd), ([128, 40, 32, 2], [8192, 256, 327680], [64, 128, 1, 1]));
     }
 }
