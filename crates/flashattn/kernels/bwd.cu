@@ -334,15 +334,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const int group = f.h / f.hk;
 
     MaskCtx mc;
-    mc.sq = si.sq;
-    mc.sk = si.sk;
-#if HAS_MASK
-    mc.wl = f.window_left;
-    mc.wr = f.window_right;
-#else
-    mc.wl = -1;
-    mc.wr = -1;
-#endif
+    set_mask_ctx(mc, si.sq, si.sk, f);
     const int off = si.sk - si.sq;
 
     // Query blocks that see at least one key of [n0, min(n0 + BN, sk) - 1] (exact: every CTA counted by the
@@ -395,12 +387,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     cp_async_commit();
 
     const float scale = f.scale;
-#if HAS_SOFTCAP
-    const float cap_in = scale / f.softcap;          // tanh argument per raw dot product
-    const float cap_log2 = f.softcap * FA_LOG2E;
-#else
-    const float scale_log2 = scale * FA_LOG2E;
-#endif
+    const BwdScale sc = bwd_scale(f);
 
     // Lane-dependent ldmatrix offsets.
     // P1: A non-trans / B trans (row + (l & 15), col + (l >> 4) * 8);  P2: B non-trans / A trans.
@@ -473,13 +460,8 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                 for (int e = 0; e < 4; ++e) {
                     const int qi = m0 + cl + (e & 1);
                     const int kj = krow0 + 8 * (e >> 1);
-                    float x = acc_s[j][e];
-#if HAS_SOFTCAP
-                    const float th = tanh_accurate(x * cap_in);
-                    float s2 = th * cap_log2;
-#else
-                    float s2 = x * scale_log2;
-#endif
+                    float th;
+                    float s2 = log2_score(sc, acc_s[j][e], th);
 #if HAS_ALIBI
                     {
                         const int dist = qi + off - kj;
@@ -658,15 +640,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const int group = f.h / f.hk;
 
     MaskCtx mc;
-    mc.sq = si.sq;
-    mc.sk = si.sk;
-#if HAS_MASK
-    mc.wl = f.window_left;
-    mc.wr = f.window_right;
-#else
-    mc.wl = -1;
-    mc.wr = -1;
-#endif
+    set_mask_ctx(mc, si.sq, si.sk, f);
     const int off = si.sk - si.sq;
 
     int m_lo, m_hi;
@@ -717,12 +691,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     cp_async_commit();
 
     const float scale = f.scale;
-#if HAS_SOFTCAP
-    const float cap_in = scale / f.softcap;
-    const float cap_log2 = f.softcap * FA_LOG2E;
-#else
-    const float scale_log2 = scale * FA_LOG2E;
-#endif
+    const BwdScale sc = bwd_scale(f);
 
     // P1: A non-trans / B trans (row + (l & 15), col + (l >> 4) * 8);  P2: B non-trans / A trans.
     const int p1r = lane & 15, p1c = (lane >> 4) * 8;
@@ -817,13 +786,8 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                     for (int e = 0; e < 4; ++e) {
                         const int qi = m0 + cl + (e & 1);
                         const int kj = krow0 + 8 * (e >> 1);
-                        float x = acc_s[mi][j][e];
-#if HAS_SOFTCAP
-                        const float th = tanh_accurate(x * cap_in);
-                        float s2 = th * cap_log2;
-#else
-                        float s2 = x * scale_log2;
-#endif
+                        float th;
+                        float s2 = log2_score(sc, acc_s[mi][j][e], th);
 #if HAS_ALIBI
                         {
                             const int dist = qi + off - kj;

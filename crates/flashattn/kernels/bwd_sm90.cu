@@ -164,15 +164,7 @@ FA_DEVICE Work work(const Sm90BwdParams& prm) {
     }
     w.si = seq_info(f, w.bi);
     w.group = f.h / f.hk;
-    w.mc.sq = w.si.sq;
-    w.mc.sk = w.si.sk;
-#if HAS_MASK
-    w.mc.wl = f.window_left;
-    w.mc.wr = f.window_right;
-#else
-    w.mc.wl = -1;
-    w.mc.wr = -1;
-#endif
+    set_mask_ctx(w.mc, w.si.sq, w.si.sk, f);
     int m_hi;
     bwd_q_blocks(w.mc, HAS_MASK != 0, w.n0, BN, BM, &w.m_lo, &m_hi);
     w.n_m = m_hi > w.m_lo ? m_hi - w.m_lo : 0;
@@ -328,12 +320,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
     const int off = w.si.sk - w.si.sq;
 #endif
     const float scale = f.scale;
-#if HAS_SOFTCAP
-    const float cap_in = scale / f.softcap;
-    const float cap_log2 = f.softcap * FA_LOG2E;
-#else
-    const float scale_log2 = scale * FA_LOG2E;
-#endif
+    const BwdScale sc = bwd_scale(f);
     const u32 sK = sbase + OFF_K, sV = sbase + OFF_V;
     // The 64 key rows of this warpgroup's S^T / dP^T (panel 0): its half of the block, or all of it (SPLIT_D).
     const int key0 = SPLIT_D ? 0 : wg * 64;
@@ -411,12 +398,8 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int r = 4 * nt + 2 * hh + e;
-#if HAS_SOFTCAP
-                    const float th = tanh_accurate(s[r] * cap_in);
-                    float s2 = th * cap_log2;
-#else
-                    float s2 = s[r] * scale_log2;
-#endif
+                    float th;
+                    float s2 = log2_score(sc, s[r], th);
 #if HAS_ALIBI
                     {
                         const int dist = cb + 8 * nt + e + off - (w.n0 + kr0 + 8 * hh);

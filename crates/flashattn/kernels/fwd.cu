@@ -207,15 +207,7 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
     const u16* gv = (const u16*)p.v + v_off + (i64)kvh * p.v_head_stride;
 
     MaskCtx mc;
-    mc.sq = sq;
-    mc.sk = sk;
-#if HAS_MASK
-    mc.wl = p.window_left;
-    mc.wr = p.window_right;
-#else
-    mc.wl = -1;
-    mc.wr = -1;
-#endif
+    set_mask_ctx(mc, sq, sk, p);
     const int off = sk - sq;
     int nb_lo, nb_hi;
     kv_block_range(mc, HAS_MASK != 0, m0, m0 + rows_valid - 1, BN, &nb_lo, &nb_hi);

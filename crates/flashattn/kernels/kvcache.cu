@@ -473,15 +473,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
 
     // ---- key blocks of 16 visible to some row of this tile, then this split's share.
     MaskCtx mc;
-    mc.sq = sq;
-    mc.sk = sk;
-#if HAS_MASK
-    mc.wl = p.window_left;
-    mc.wr = p.window_right;
-#else
-    mc.wl = -1;
-    mc.wr = -1;
-#endif
+    set_mask_ctx(mc, sq, sk, p);
     const int t_lo = r0 / group, t_hi = (r0 + rows_valid - 1) / group;
     int nb_lo, nb_hi;
     kv_block_range(mc, HAS_MASK != 0, t_lo, t_hi, 16, &nb_lo, &nb_hi);
