@@ -31,6 +31,9 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use std::ffi::c_void;
 use std::sync::Arc;
 
+/// The default pipeline depth of the KV-cache kernel (defined with the other head-dim shapes in `tiles.rs`).
+pub use super::tiles::default_stages;
+
 /// Warps of `kv_attn` (`KV_WARPS`).
 const KV_WARPS: u32 = 4;
 /// Warps of `kv_append` (`KV_APPEND_WARPS`).
