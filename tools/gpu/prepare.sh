@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds what a device call needs, here (no GPU, no CUDA toolkit), into the ignored folder .gpu/ of the
-# repository: the stripped `flashattn` CLI, the CUDA test binaries (`cuda`, `cuda_kvcache`, `cuda_nonfinite`),
+# repository: the stripped `flashattn` CLI, the CUDA test binaries (`cuda`, `cuda_kvcache`, `cuda_nonfinite`,
+# `cuda_sink`),
 # the peers' script `torch_baselines.py` from the shared folder beside the checkout (the shared folder does not
 # travel to the device machine), and the device-side scripts of tools/gpu/. Then one device call runs, e.g.
 #   bash .gpu/experiments.sh        (with `.gpu` carried; see docs/notes/cuda-sm90.md for what it answers)
@@ -14,7 +15,7 @@ rm -rf .gpu && mkdir -p .gpu
 cargo build --release --locked -p flashattn-cli
 cp target/release/flashattn .gpu/flashattn
 # The test binaries' paths, from cargo's JSON messages.
-cargo test --release --locked -p flashattn --test cuda --test cuda_kvcache --test cuda_nonfinite --no-run --message-format=json \
+cargo test --release --locked -p flashattn --test cuda --test cuda_kvcache --test cuda_nonfinite --test cuda_sink --no-run --message-format=json \
     | python3 -c '
 import json, sys, shutil
 for line in sys.stdin:
@@ -23,10 +24,10 @@ for line in sys.stdin:
     except ValueError:
         continue
     exe = m.get("executable")
-    if exe and m.get("target", {}).get("name") in ("cuda", "cuda_kvcache", "cuda_nonfinite"):
+    if exe and m.get("target", {}).get("name") in ("cuda", "cuda_kvcache", "cuda_nonfinite", "cuda_sink"):
         shutil.copy(exe, ".gpu/" + m["target"]["name"])
 '
-strip .gpu/flashattn .gpu/cuda .gpu/cuda_kvcache .gpu/cuda_nonfinite
+strip .gpu/flashattn .gpu/cuda .gpu/cuda_kvcache .gpu/cuda_nonfinite .gpu/cuda_sink
 cp "$SHARED/bench/torch_baselines.py" .gpu/
 cp tools/gpu/*.sh tools/gpu/*.py .gpu/
 # The Python package as a wheel (abi3, runs on the device machine as it is).

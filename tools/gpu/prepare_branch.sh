@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CLI and CUDA test binaries of another checkout (a branch's worktree) into .gpu/NAME/ of this one,
 # after tools/gpu/prepare.sh, so that one device call runs a branch beside main (before/after, or a kernel
-# change not yet on main). Usage: tools/gpu/prepare_branch.sh WORKTREE NAME TEST...
+# change not yet on main), with its Python wheel and python/tests. Usage: tools/gpu/prepare_branch.sh WORKTREE NAME TEST...
 #   tools/gpu/prepare_branch.sh ../wt-sink sink cuda_sink cuda cuda_kvcache
 # The branch builds into its own target folder (CARGO_TARGET_DIR if set).
 set -euo pipefail
@@ -38,4 +38,7 @@ for line in sys.stdin:
         shutil.copy(exe, sys.argv[1] + "/" + m["target"]["name"])
 ' "$DEST" "$@"
 strip "$DEST"/*
+PY=${PYTHON:-python3}
+"$PY" -m maturin build --release --locked -o "$DEST"
+cp -r python/tests "$DEST/tests"
 ls -la "$DEST"

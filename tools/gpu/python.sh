@@ -33,6 +33,12 @@ nonfinite() {
     FLASHATTN_REQUIRE_GPU=1 timeout "$1" "$G/cuda_nonfinite" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
     echo "rc=$?" >> "$OUT/rust_cuda.log"
 }
+# The CUDA learnable-sink tests (forward, backward with dsink on both kernel paths, KV decode).
+sinktests() {
+    [ -x "$G/cuda_sink" ] || return 0
+    FLASHATTN_REQUIRE_GPU=1 timeout "$1" "$G/cuda_sink" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
+    echo "cuda_sink rc=$?" >> "$OUT/rust_cuda.log"
+}
 run_correct() {
     # The Rust CUDA tests run beside pytest (they share the GPU and the kernel cache; each under its timeout).
     # Their own kernel cache: the compile test wants fresh compiles (ptxas reports), not pytest's cached cubins.
@@ -42,7 +48,8 @@ run_correct() {
      echo "rc=$?" >> "$OUT/rust_cuda.log"
      FLASHATTN_REQUIRE_GPU=1 timeout 240 "$G/cuda_kvcache" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
      echo "rc=$?" >> "$OUT/rust_cuda.log"
-     nonfinite 240) &
+     nonfinite 240
+     sinktests 200) &
     step pytest-cuda 450 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf .
     step memcheck 240 env -C "$T" FLASHATTN_TEST_DEVICES=cuda compute-sanitizer --tool memcheck --error-exitcode 3 \
         python3 -m pytest -q -p no:cacheprovider -x \
@@ -169,6 +176,12 @@ run_sinks() {
      for t in cuda_sink cuda_kvcache; do
          timeout 200 "$G/sink/$t" --test-threads=1 >> "$OUT/sink_tests.log" 2>&1; echo "$t rc=$?" >> "$OUT/sink_tests.log"
      done
+     # The branch's Python package and tests (its own install folder): the sink tests on CUDA tensors.
+     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-sink "$G"/sink/flashattn-*.whl
+     env -C "$G/sink/tests" PYTHONPATH=/tmp/site-sink FLASHATTN_TEST_DEVICES=cuda timeout 200 python3 -m pytest -q \
+         -p no:cacheprovider -rfEsxX test_sink.py test_value_dim.py -k sink \
+         >> "$OUT/sink_tests.log" 2>&1
+     echo "pytest rc=$?" >> "$OUT/sink_tests.log"
      FLASHATTN_SWEEP=quick timeout 360 "$G/sink/cuda" --test-threads=1 >> "$OUT/sink_tests.log" 2>&1
      echo "cuda rc=$?" >> "$OUT/sink_tests.log") &
     SINK_PID=$!
@@ -186,10 +199,24 @@ sinks_ab() {
         done
     done
 }
+# One Rust CUDA test with a fixed seed (REPRO_TEST, REPRO_SEED: every case of the test draws from that seed), in
+# main's binary and, where present, the branch's: whether a failure seen once is the code's or the draw's.
+run_repro() {
+    [ -n "${REPRO_TEST:-}" ] || return 0
+    local bin
+    for bin in cuda sink/cuda; do
+        [ -x "$G/$bin" ] || continue
+        echo "== $bin $REPRO_TEST seed $REPRO_SEED" >> "$OUT/repro.log"
+        FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-repro FLASHATTN_REQUIRE_GPU=1 FLASHATTN_SEED="$REPRO_SEED" \
+            timeout 150 "$G/$bin" "$REPRO_TEST" --test-threads=1 >> "$OUT/repro.log" 2>&1
+        echo "$bin rc=$?" >> "$OUT/repro.log"
+    done
+    grep -E "passed|failed|rc=|^FAIL" "$OUT/repro.log" | cut -c1-300 >> "$OUT/summary.txt"
+}
 sinks_wait() {
     [ -n "${SINK_PID:-}" ] || return 0
     wait "$SINK_PID"
-    grep -E "test result|rc=|panicked|FAILED|failed" "$OUT/sink_tests.log" >> "$OUT/summary.txt"
+    grep -E "test result|rc=|panicked|FAILED|failed|passed" "$OUT/sink_tests.log" >> "$OUT/summary.txt"
 }
 run_pytest() {
     step pytest-cuda 300 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rfEsxX .
@@ -218,6 +245,7 @@ for MODE in "$@"; do
     sinks) run_sinks ;;
     sinks-ab) sinks_ab ;;
     sinks-wait) sinks_wait ;;
+    repro) run_repro ;;
     quickgrid)
         step peers-quick 90 python3 "$G/torch_baselines.py" --grid quick --backends fa2,cudnn,flashattn \
             --json "$OUT/peers_standard.json"

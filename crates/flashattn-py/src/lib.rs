@@ -367,7 +367,7 @@ unsafe fn host_options(
     Ok(a)
 }
 
-fn device_meta(alibi: &Option<Tens>, varlen: &Option<Varlen>) -> DeviceMeta {
+fn device_meta(alibi: &Option<Tens>, varlen: &Option<Varlen>, sink: &Option<Tens>) -> DeviceMeta {
     DeviceMeta {
         varlen: varlen.as_ref().map(|vl| DeviceVarlen {
             cu_seqlens_q: dev(&vl.cu_q),
@@ -377,6 +377,7 @@ fn device_meta(alibi: &Option<Tens>, varlen: &Option<Varlen>) -> DeviceMeta {
             max_seqlen_k: vl.max_k,
         }),
         alibi_slopes: alibi.as_ref().map(dev),
+        sink: sink.as_ref().map(dev),
     }
 }
 
@@ -444,9 +445,8 @@ fn fwd(
             py.detach(|| flashattn::forward_into(&qv, &kv, &vv, &mut ov, &mut lv, &a)).map_err(to_py)
         }
         Some(n) => {
-            no_device_sink(&sink)?;
             let (q, k, v, o_, l) = (dev(&qt), dev(&kt), dev(&vt), dev(&ot), dev(&lt));
-            let meta = device_meta(&alibi, &vl);
+            let meta = device_meta(&alibi, &vl, &sink);
             let a = o.attn();
             let stream = current_stream(py, n)?;
             let t = ForwardTensors { q: &q, k: &k, v: &v, o: &o_, lse: &l };
@@ -550,9 +550,9 @@ fn bwd(
             .map_err(to_py)
         }
         Some(n) => {
-            no_device_sink(&sink)?;
             let [qd, kd, vd, od, ld, dod, dqd, dkd, dvd] = [&qt, &kt, &vt, &ot, &lt, &dot, &dqt, &dkt, &dvt].map(dev);
-            let meta = device_meta(&alibi, &vl);
+            let dsd = dsink.as_ref().map(dev);
+            let meta = device_meta(&alibi, &vl, &sink);
             let a = o.attn();
             let bytes = cuda::backward_workspace_bytes(&qd, &kd, &vd, &a, &meta).map_err(to_py)?;
             let buf = scratch(py, q, bytes)?;
@@ -564,6 +564,7 @@ fn bwd(
                 dq: &dqd,
                 dk: &dkd,
                 dv: &dvd,
+                dsink: dsd.as_ref(),
             };
             // SAFETY: tensors of device n (checked above), its current stream, a workspace of torch's that
             // lives until the kernels are enqueued (`buf`).
@@ -683,7 +684,6 @@ fn kvcache(
             }
         }
         Some(n) => {
-            no_device_sink(&sink)?;
             let cache = DeviceKvCache {
                 k_cache: dev(&kc),
                 v_cache: dev(&vc),
@@ -699,6 +699,7 @@ fn kvcache(
                     interleaved: rotary_interleaved,
                 }),
                 alibi_slopes: alibi.as_ref().map(dev),
+                sink: sink.as_ref().map(dev),
             };
             let (qd, od, ld) = (dev(&qt), dev(&ot), dev(&lt));
             let mut a = o.attn();
@@ -716,16 +717,6 @@ fn kvcache(
             })
             .map_err(to_py)
         }
-    }
-}
-
-/// The CUDA kernels have no learnable sink: a CUDA call with one is refused (`NotImplementedError`).
-fn no_device_sink(sink: &Option<Tens>) -> PyResult<()> {
-    match sink {
-        Some(_) => {
-            Err(to_py(Error::Unsupported { backend: "cuda", what: "a learnable sink (CPU tensors run it)".into() }))
-        }
-        None => Ok(()),
     }
 }
 

@@ -9,6 +9,8 @@
 //   HAS_SOFTCAP   1: softcap > 0 used
 //   IS_VARLEN     1: cu_seqlens_q/k layout
 //   DETERMINISTIC 1: dQ additions in a fixed order (per (query block, batch, head) semaphore): bit-reproducible
+//   HAS_SINK      1: learnable sink: the main kernel also sums each warp's share of dsink into p.dsink_part
+//                 (bwd_common.cuh) and the module exports flash_bwd_dsink
 //   ALIGNED16     1 (default): q/k/v/o/dO/dq/dk/dv base pointers are 16-byte aligned and every row/head/batch
 //                 stride is a multiple of 8 elements (d itself may be anything) -> 16-byte cp.async tile loads,
 //                 paired stores. 0: element-wise loads and stores (any alignment, any stride). Same rule as fwd.cu.
@@ -59,6 +61,8 @@
 //       (batch, head): it relies on CTAs being dispatched in blockIdx order (x fastest), as FA2's does.
 //   flash_bwd_convert_dq(BwdParams p)  grid (ceil(sq/64), h, b), 256 threads, no dynamic smem.
 //       dq = dq_accum * scale, converted to the dtype with dq's strides.
+//   flash_bwd_dsink(BwdParams p)       HAS_SINK only; grid (h), 32 threads, after the main kernel.
+//       dsink[h] = -(sum of p.dsink_part over batch, key blocks and warps), in a fixed order (deterministic).
 // sq/sk above are FwdParams::sq/sk (max lengths for varlen).
 #include "common.cuh"
 #include "mask.cuh"
@@ -207,6 +211,25 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_convert_dq(const Bwd
         for (int c = lane; c < f.d; c += 32) dst[c].x = DT::from_f32(src[c] * f.scale);
     }
 }
+
+#if HAS_SINK
+// dsink[h] = -(sum of this head's partial sums over sequences, key blocks and warps), one warp per head: each lane
+// sums a fixed strided subset in order, then a fixed butterfly over the lanes, so the result is bit-reproducible.
+// No shared memory (the loader raises every kernel's dynamic limit to the device maximum, which fails for a
+// kernel with static shared memory).
+extern "C" __global__ void __launch_bounds__(32) flash_bwd_dsink(const BwdParams p) {
+    const int head = blockIdx.x;
+    const i64 per_seq = (i64)p.dsink_blocks * 8;
+    float acc = 0.f;
+    for (int bi = 0; bi < p.fwd.b; ++bi) {
+        const float* src = p.dsink_part + ((i64)bi * p.fwd.h + head) * per_seq;
+        for (i64 e = threadIdx.x; e < per_seq; e += 32) acc += src[e];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (threadIdx.x == 0) p.dsink[head] = -acc;
+}
+#endif
 
 // ================================================================ main kernel
 namespace bwd {
@@ -400,6 +423,9 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const u32 kBt = sK + p1r * RD + (qcw * QC + p1c) * 2;
     const int kk_end = (d + 15) / 16;
 
+#if HAS_SINK
+    float sink_acc = 0.f;  // this warp's share of dsink for the current head
+#endif
     for (int it = 0; it < n_iter; ++it) {
         const int buf = it & 1;
         if (it + 1 < n_iter) issue_q(it + 1, buf ^ 1);
@@ -451,11 +477,17 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
             const float slope_log2 = f.alibi_slopes[bi * f.alibi_batch_stride + head] * FA_LOG2E;
 #endif
             const int krow0 = n0 + strip * 16 + g;  // key index of c0/c1 (c2/c3: + 8)
+#if HAS_SINK
+            const float sink_l2 = f.sink[head] * FA_LOG2E;
+#endif
 #pragma unroll
             for (int j = 0; j < BM / 8; ++j) {
                 const int cl = 8 * j + 2 * t;
                 const float2 l2 = *(const float2*)(lse_s + cl);
                 const float2 dd = *(const float2*)(dps_s + cl);
+#if HAS_SINK
+                float pdp[2] = {0.f, 0.f};  // sum of P dP of queries cl, cl + 1 over this thread's two keys
+#endif
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = m0 + cl + (e & 1);
@@ -470,6 +502,9 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 #endif
                     float pv = exp2_fast(s2 - ((e & 1) ? l2.y : l2.x));
                     if (need_mask && !(qi < si.sq && is_visible(mc, qi, kj))) pv = 0.f;
+#if HAS_SINK
+                    pdp[e & 1] += pv * acc_dp[j][e];
+#endif
                     float ds = pv * (acc_dp[j][e] - ((e & 1) ? dd.y : dd.x));
                     if (need_mask && p.exact_one_key && sees_one_key(mc, qi)) ds = 0.f;  // exact: a one-key softmax is constant
 #if HAS_SOFTCAP
@@ -478,8 +513,19 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                     acc_s[j][e] = pv;
                     acc_dp[j][e] = ds;
                 }
+#if HAS_SINK
+                sink_acc += sink_weight(sink_l2, l2.x) * pdp[0] + sink_weight(sink_l2, l2.y) * pdp[1];
+#endif
             }
         }
+#if HAS_SINK
+        // The last step of this head: the warps of dpart 0 hand in their sums (the others recompute the same
+        // elements for their dK/dV columns).
+        if ((it + 1) % n_m == 0) {
+            if (dpart == 0) sink_flush(p, bi, head, nblk, warp, sink_acc);
+            sink_acc = 0.f;
+        }
+#endif
 
         // ---- pack P^T and dS^T as A fragments (k = queries)
         u32 pa[BM / 16][4], dsa[BM / 16][4];
@@ -705,6 +751,9 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const int kk_end2 = (d + 31) / 32;
     const u32 pst = (kw * MS + g) * RS + (qw * NS + 2 * t) * 2;  // P^T/dS^T store offset of c0/c1 of (0, 0)
 
+#if HAS_SINK
+    float sink_acc = 0.f;  // this warp's share of dsink for the current head
+#endif
     for (int it = 0; it < n_iter; ++it) {
         const int buf = QSTAGES == 2 ? (it & 1) : 0;
         cp_async_wait<0>();
@@ -774,6 +823,9 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 #if HAS_ALIBI
             const float slope_log2 = f.alibi_slopes[bi * f.alibi_batch_stride + head] * FA_LOG2E;
 #endif
+#if HAS_SINK
+            const float sink_l2 = f.sink[head] * FA_LOG2E;
+#endif
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi) {
                 const int krow0 = n0 + kw * MS + mi * 16 + g;
@@ -782,6 +834,9 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                     const int cl = qw * NS + 8 * j + 2 * t;
                     const float2 l2 = *(const float2*)(lse_s + cl);
                     const float2 dd = *(const float2*)(dps_s + cl);
+#if HAS_SINK
+                    float pdp[2] = {0.f, 0.f};  // sum of P dP of queries cl, cl + 1 over this thread's two keys
+#endif
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int qi = m0 + cl + (e & 1);
@@ -796,6 +851,9 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 #endif
                         float pv = exp2_fast(s2 - ((e & 1) ? l2.y : l2.x));
                         if (need_mask && !(qi < si.sq && is_visible(mc, qi, kj))) pv = 0.f;
+#if HAS_SINK
+                        pdp[e & 1] += pv * acc_dp[mi][j][e];
+#endif
                         float ds = pv * (acc_dp[mi][j][e] - ((e & 1) ? dd.y : dd.x));
                         if (need_mask && p.exact_one_key && sees_one_key(mc, qi)) ds = 0.f;  // exact: a one-key softmax is constant
 #if HAS_SOFTCAP
@@ -804,6 +862,9 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                         acc_s[mi][j][e] = pv;
                         acc_dp[mi][j][e] = ds;
                     }
+#if HAS_SINK
+                    sink_acc += sink_weight(sink_l2, l2.x) * pdp[0] + sink_weight(sink_l2, l2.y) * pdp[1];
+#endif
                     const u32 o = pst + mi * 16 * RS + j * 16;
                     st_shared_u32(sP + o, DT::pack(acc_s[mi][j][0], acc_s[mi][j][1]));
                     st_shared_u32(sP + o + 8 * RS, DT::pack(acc_s[mi][j][2], acc_s[mi][j][3]));
@@ -812,6 +873,13 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                 }
             }
         }
+#if HAS_SINK
+        // The last step of this head: every warp hands in its sum (each S^T element has one warp).
+        if ((it + 1) % n_m == 0) {
+            sink_flush(p, bi, head, nblk, warp, sink_acc);
+            sink_acc = 0.f;
+        }
+#endif
         __syncthreads();  // [B] P^T, dS^T complete
 
         // ---- dQ(BM x HEAD_DIM) += dS K: warp (qrw, qcw) owns rows qrw*32.. and columns qcw*QC.., done in column

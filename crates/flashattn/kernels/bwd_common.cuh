@@ -110,3 +110,23 @@ FA_DEVICE int ld_acquire_gpu(const int* p) {
 FA_DEVICE void st_release_gpu(int* p, int v) {
     asm volatile("st.release.gpu.global.b32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
+
+// ---------------------------------------------------------------- learnable sink (HAS_SINK)
+// dsink_h = -sum over (batch, rows i of head h) of w_i * D_i, w_i = exp(sink_h - lse_i), D_i = sum_j P_ij dP_ij.
+// Each warp of a main kernel sums w_i * P_ij * dP_ij over the visible elements it computes (f32 P and dP, before
+// any rounding to 16 bits) for one head at a time, and hands its sum to sink_flush when the head changes.
+#ifndef HAS_SINK
+#define HAS_SINK 0
+#endif
+#if HAS_SINK
+// Adds a warp's sum for (sequence bi, head, key block n_blk) into its slot of p.dsink_part (each slot has one
+// writer: key block and warp are unique per CTA, the head per run of steps). Every lane of the warp calls it.
+FA_DEVICE void sink_flush(const BwdParams& p, int bi, int head, int n_blk, int warp, float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) == 0)
+        p.dsink_part[(((i64)bi * p.fwd.h + head) * p.dsink_blocks + n_blk) * 8 + warp] = v;
+}
+// The weight exp(sink - lse) of a row from the sink and its lse in log2 units (lse +inf past the sequence: 0).
+FA_DEVICE float sink_weight(float sink_log2, float lse_log2) { return exp2f(sink_log2 - lse_log2); }
+#endif

@@ -9,7 +9,9 @@
 //   included), exported as `flash_bwd_config` = {BM, BN, threads, smem} like bwd.cu.
 //
 // Compile-time macros: HEAD_DIM (64, 128 or 256: the padded head dim; p.b.fwd.d may be smaller, the TMA maps
-// zero-fill columns >= d), IS_BF16, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP, IS_VARLEN, DETERMINISTIC: as in bwd.cu. Not
+// zero-fill columns >= d), IS_BF16, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP, IS_VARLEN, DETERMINISTIC, HAS_SINK (each
+// consumer warp sums its share of dsink, bwd_common.cuh; the weights exp(sink - lse) of a step's rows sit beside
+// its lse and D rows in shared memory; bwd.cu's flash_bwd_dsink finishes it): as in bwd.cu. Not
 // covered (the launcher sends them to bwd.cu): seqused_k, unaligned layouts.
 // DETERMINISTIC: the query blocks are walked last to first (as bwd.cu does: all key blocks of a head then start
 // on the same block, so taking turns skews CTA n by n steps instead of serialising causal CTAs) and each dQ
@@ -91,7 +93,7 @@ constexpr u32 KV_BYTES = PANELS * BN * 128;
 constexpr u32 QS_BYTES = PANELS * BM * 128;   // one stage of Q (or dO)
 constexpr int QPANELS = BM / 64;              // 64-query panels of the dS^T tile
 constexpr u32 DS_BYTES = QPANELS * BN * 128;  // dS^T: BN keys x BM queries, 16-bit
-constexpr u32 LD_BYTES = 2 * BM * 4;          // lse, D of one stage
+constexpr u32 LD_BYTES = (HAS_SINK ? 3 : 2) * BM * 4;  // lse, D (and the sink weights) of one stage
 constexpr u32 OFF_K = 0;
 constexpr u32 OFF_V = OFF_K + KV_BYTES;
 constexpr u32 OFF_Q = OFF_V + KV_BYTES;
@@ -306,6 +308,14 @@ FA_DEVICE void mask_packed(u32 (*pa)[4], u32 (*da)[4], const Work& w, int k0, in
 
 FA_DEVICE void st_shared_f32(u32 addr, float v) { asm volatile("st.shared.f32 [%0], %1;" :: "r"(addr), "f"(v) : "memory"); }
 
+#if HAS_SINK
+// With a sink, the thread that stores entry e < BM (lse) of step it into buffer `ld_buf` also stores that row's
+// weight exp(sink - lse) at entry 2 BM + e.
+FA_DEVICE void st_sink_weight(const BwdParams& p, const Work& w, u32 ld_buf, int it, int e, float lse_log2) {
+    if (e < BM) st_shared_f32(ld_buf + 4 * (2 * BM + e), sink_weight(p.fwd.sink[w.head(it)] * FA_LOG2E, lse_log2));
+}
+#endif
+
 FA_DEVICE void release(u32 bar, int lane) {
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
@@ -347,8 +357,17 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
     // into buffer (it + 1) & 1, before that step's dS^T barrier: the barrier orders the store before step it + 1's
     // reads, and every read of that buffer (at step it - 1) came before barrier it - 1.
     const int e_ld = BM == 128 ? wg * 128 + tid_wg : (lane < 16 ? wg * 64 + warp * 16 + lane : 2 * BM);
+#if HAS_SINK
+    float sink_acc = 0.f;  // this warp's share of dsink for the current head
+#endif
     if (w.n_iter > 0) {
-        if (e_ld < 2 * BM) st_shared_f32(sbase + OFF_LD + 4 * e_ld, ld_row_value(p, w, 0, e_ld));
+        if (e_ld < 2 * BM) {
+            const float v0 = ld_row_value(p, w, 0, e_ld);
+            st_shared_f32(sbase + OFF_LD + 4 * e_ld, v0);
+#if HAS_SINK
+            st_sink_weight(p, w, sbase + OFF_LD, 0, e_ld, v0);
+#endif
+        }
         named_sync(BAR_DS, 256);
         mbar_wait(bars.full_kv(), 0);
     }
@@ -392,6 +411,9 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
             const u32 le = ld + 4 * (qc0 + 8 * nt + 2 * t);
             asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(l2.x), "=f"(l2.y) : "r"(le));
             asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(dd.x), "=f"(dd.y) : "r"(le + 4 * BM));
+#if HAS_SINK
+            float pdp[2] = {0.f, 0.f};  // sum of P dP of this thread's two queries over its two keys (visible only)
+#endif
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 float pv[2], dsv[2];
@@ -407,6 +429,15 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
                     }
 #endif
                     const float pr = exp2_fast(s2 - (e ? l2.y : l2.x));
+#if HAS_SINK
+                    {
+                        // The packed values are masked later; here the f32 product of an invisible element is
+                        // dropped by a select (it may be inf or NaN from the unmasked pass).
+                        const int qi = cb + 8 * nt + e;
+                        const float c = pr * dp[r];
+                        pdp[e] += (!need_mask || (qi < w.si.sq && is_visible(w.mc, qi, w.n0 + kr0 + 8 * hh))) ? c : 0.f;
+                    }
+#endif
                     float ds = pr * (dp[r] - (e ? dd.y : dd.x));
 #if HAS_SOFTCAP
                     ds *= (1.f - th * th);
@@ -422,7 +453,21 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
                     if constexpr (SPLIT_D) store_ds(sP, kr0 + 8 * hh, ct + nt, t, pa[nt >> 1][2 * (nt & 1) + hh]);
                 }
             }
+#if HAS_SINK
+            {
+                float2 ww;
+                asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(ww.x), "=f"(ww.y) : "r"(le + 8 * BM));
+                sink_acc += ww.x * pdp[0] + ww.y * pdp[1];
+            }
+#endif
         }
+#if HAS_SINK
+        // The last step of this head: each consumer warp hands in its sum (each S^T element has one warp).
+        if (it + 1 == w.n_iter || w.head(it + 1) != head) {
+            sink_flush(p, w.bi, head, w.n0 / BN, wg * 4 + warp, sink_acc);
+            sink_acc = 0.f;
+        }
+#endif
         if (need_mask) {
             mask_packed(pa, da, w, w.n0 + kr0, cb, p.exact_one_key != 0);
 #pragma unroll
@@ -433,7 +478,12 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
                     if constexpr (SPLIT_D) store_ds(sP, kr0 + 8 * hh, ct + nt, t, pa[nt >> 1][2 * (nt & 1) + hh]);
                 }
         }
-        if (it + 1 < w.n_iter && e_ld < 2 * BM) st_shared_f32(sbase + OFF_LD + ((it + 1) & 1) * LD_BYTES + 4 * e_ld, ld_val);
+        if (it + 1 < w.n_iter && e_ld < 2 * BM) {
+            st_shared_f32(sbase + OFF_LD + ((it + 1) & 1) * LD_BYTES + 4 * e_ld, ld_val);
+#if HAS_SINK
+            st_sink_weight(p, w, sbase + OFF_LD + ((it + 1) & 1) * LD_BYTES, it + 1, e_ld, ld_val);
+#endif
+        }
         // The generic-proxy dS^T (and P^T) writes become visible to the wgmma (async proxy) reads of both warpgroups.
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         named_sync(BAR_DS, 256);

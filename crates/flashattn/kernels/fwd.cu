@@ -29,8 +29,9 @@
 //             CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES first.
 //   Defaults: d32 40960, d64 55296, d96 53248, d128 69632, d160 86016, d192 102400, d224 118784, d256 135168.
 //
-// Output: o (dtype of q) and lse (f32, natural log). Rows with no visible key get o = 0, lse = -inf; a NaN or
-// +inf among a row's visible scores makes its o and lse NaN.
+// Output: o (dtype of q) and lse (f32, natural log). Rows with no visible key get o = 0, lse = -inf (with a
+// learnable sink p.sink: lse = sink[h]); a NaN or +inf among a row's visible scores makes its o and lse NaN.
+// Sink (p.sink != nullptr, f32 [h]): folded into each row's max and sum in the epilogue only (spec step 6).
 // Semantics: docs spec ATTENTION.md. Scores with softcap/ALiBi: s = scale*q.k, s = softcap*tanh(s/softcap),
 // s -= slope*|i + sk - sq - j|, then masking. Plain case keeps raw-score row maxima and folds
 // scale*log2(e) into one FFMA before ex2 (requires scale > 0).
@@ -420,20 +421,37 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
     const i64 lse_off = (i64)blockIdx.y * p.lse_batch_stride + (i64)blockIdx.z * p.lse_head_stride;
 #endif
     u16* go = (u16*)p.o + o_off + (i64)blockIdx.z * p.o_head_stride + (i64)m0 * p.o_row_stride;
+    // Learnable sink (p.sink != nullptr): one logit per query head, in natural-log units like the final scores.
+    // The branch is on a kernel parameter (uniform); with a null pointer the code below computes exactly what it
+    // computed before the sink existed.
+    const float sink = p.sink != nullptr ? p.sink[blockIdx.z] : 0.f;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             // l == 0: every score of the row was -inf (no visible key): o = 0 exactly (acc_o may hold 0 * NaN
-            // from a masked value row), lse = -inf. A NaN or +inf score made l NaN (and acc_o NaN): inv and lse
-            // are then NaN too, never the empty-row encoding.
+            // from a masked value row), lse = -inf (with a sink: lse = sink). A NaN or +inf score made l NaN (and
+            // acc_o NaN): inv and lse are then NaN too, never the empty-row encoding.
             const float l = quad_sum(row_l[mt][hh]);
             const bool empty = l == 0.f;
-            const float inv = 1.f / l;
+            float inv = 1.f / l;
+            // row_m holds raw scores (plain case, c = scale * log2 e) or final natural-log scores (softcap /
+            // ALiBi, c = log2 e): either way row_m * c = max_j s_ij * log2 e, the row's max in log2 units.
+            float lse = empty ? FA_NEG_INF : (row_m[mt][hh] * c + log2_fast(l)) * FA_LN2;
+            if (p.sink != nullptr) {
+                // Fold exp(sink) into the denominator against M = max(m2, sink2) (log2 units), so a sink far
+                // above the scores cannot overflow: l' = l * 2^(m2 - M) + 2^(sink2 - M), o = acc * 2^(m2 - M) / l',
+                // lse = (M + log2 l') ln 2. Empty row: m2 = -inf, l' = 1; o stays 0 (`empty` below), lse = sink.
+                const float m2 = row_m[mt][hh] * c;
+                const float sink2 = sink * FA_LOG2E;
+                const float mm = fmaxf(m2, sink2);
+                const float a = exp2_fast(m2 - mm);
+                const float ls = fmaf(l, a, exp2_fast(sink2 - mm));
+                inv = a / ls;
+                lse = empty ? sink : (mm + log2_fast(ls)) * FA_LN2;
+            }
             const int r = warp_row0 + mt * 16 + g + hh * 8;
             if (t == 0 && r < rows_valid) {
-                float lse = FA_NEG_INF;
-                if (!empty) lse = (row_m[mt][hh] * c + log2_fast(l)) * FA_LN2;
                 p.lse[lse_off + m0 + r] = lse;
             }
 #pragma unroll

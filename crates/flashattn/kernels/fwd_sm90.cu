@@ -525,14 +525,31 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
 #endif
         u16* go = (u16*)f.o + o_off + (i64)id.qh * f.o_head_stride;
         float inv[2];
+        // Learnable sink (f.sink != nullptr, f32 [h], natural-log units): a branch on a kernel parameter, so a
+        // null pointer computes exactly what this epilogue computed before the sink existed.
+        const float sink = f.sink != nullptr ? f.sink[id.qh] : 0.f;
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-            // l == 0: no visible key: o = 0 exactly (o may hold 0 * NaN from a masked value row), lse = -inf.
-            // A NaN or +inf score made l NaN: inv and lse are NaN.
+            // l == 0: no visible key: o = 0 exactly (o may hold 0 * NaN from a masked value row), lse = -inf
+            // (with a sink: lse = sink). A NaN or +inf score made l NaN: inv and lse are NaN.
             const float l = quad_sum(rs.l[hh]);
             inv[hh] = l == 0.f ? 0.f : 1.f / l;
+            float lse = l != 0.f ? (rs.m[hh] * c + log2_fast(l)) * FA_LN2 : FA_NEG_INF;
+            if (f.sink != nullptr) {
+                // rs.m * c is the row's max in log2 units (raw scores times scale * log2 e, or final scores
+                // times log2 e with softcap / ALiBi). Fold exp(sink) in against M = max(m2, sink2):
+                // l' = l * 2^(m2 - M) + 2^(sink2 - M), o = acc * 2^(m2 - M) / l', lse = (M + log2 l') ln 2.
+                // Empty row: m2 = -inf, l' = 1, inv stays 0 (o = 0), lse = sink exactly.
+                const float m2 = rs.m[hh] * c;
+                const float sink2 = sink * FA_LOG2E;
+                const float mm = fmaxf(m2, sink2);
+                const float a = exp2_fast(m2 - mm);
+                const float ls = fmaf(l, a, exp2_fast(sink2 - mm));
+                if (l != 0.f) inv[hh] = a / ls;
+                lse = l != 0.f ? (mm + log2_fast(ls)) * FA_LN2 : sink;
+            }
             const int i = i0 + 8 * hh;
-            if (i < g.sq && t == 0) f.lse[lse_off + i] = l != 0.f ? (rs.m[hh] * c + log2_fast(l)) * FA_LN2 : FA_NEG_INF;
+            if (i < g.sq && t == 0) f.lse[lse_off + i] = lse;
         }
         if (nblk > 0) {
             const u32 so_wg = O_SEPARATE ? sbase + OFF_O + wg * 64 * 128 : sq_wg;

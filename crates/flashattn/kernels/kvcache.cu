@@ -18,6 +18,9 @@
 //               the last to arrive merges the group's rows (combine_splits) and resets the counter to 0:
 //               m = max lse_s, w_s = exp(lse_s - m), o = sum w_s o_s / sum w_s, lse = m + log(sum w_s)
 //               (every lse_s = -inf: o = 0, lse = -inf; a NaN lse_s makes the merged o and lse NaN).
+//               A learnable sink (p.sink != nullptr, f32 [h]) joins each row's denominator once: in the
+//               warp merge when num_splits == 1, else only in combine_splits (the partials never see it);
+//               an empty row then gets o = 0, lse = sink[qh].
 // Every kernel returns before writing the cache or results when *status != 0 (the call was refused; the caller
 // reads and clears it); kv_attn then fills the refused rows of o and lse with NaN.
 //
@@ -89,6 +92,8 @@ struct KvParams {
     float* lse_part;          // workspace [num_splits, b * h * sq] f32
     int* status;              // workspace, 0 = fine; see the header
     int* split_count;         // workspace [b * hk * m_blocks] arrival counters (num_splits > 1), 0 between calls
+    const float* sink;        // [h] f32 learnable sink logits or nullptr: added once per row where the row's
+                              // softmax is complete (the warp merge when num_splits == 1, else combine_splits)
     i64 q_batch_stride, q_row_stride, q_head_stride;
     i64 kc_batch_stride, kc_row_stride, kc_head_stride;   // batch stride = page stride when paged
     i64 vc_batch_stride, vc_row_stride, vc_head_stride;
@@ -373,10 +378,22 @@ __device__ __noinline__ void combine_splits(const KvParams& p, unsigned char* s_
         sum = warp_sum(sum);
         // sum == 0: every split saw no key (o = 0, lse = -inf). A NaN split lse (skipped by the max) gives a
         // NaN weight, so sum, inv, every weight and the merged o and lse are NaN.
-        const float inv = sum == 0.f ? 0.f : 1.f / sum;
+        float inv = sum == 0.f ? 0.f : 1.f / sum;
+        float lse = sum != 0.f ? mu + logf(sum) : FA_NEG_INF;
+        if (p.sink != nullptr) {
+            // The sink joins the merged row once: against M = max(m, sink) (natural log), the split weights are
+            // exp(lse_s - mu) * a with a = exp(m - M) (0 when every split is empty: m = -inf), the total
+            // tot = sum * a + exp(sink - M), lse = M + log(tot); an empty row: weights 0, lse = sink.
+            const float snk = p.sink[tr.kvh * tr.group + (tr.r0 + r) % tr.group];
+            const float mx = fmaxf(m, snk);
+            const float a = exp2_fast((m - mx) * FA_LOG2E);
+            const float tot = fmaf(sum, a, exp2_fast((snk - mx) * FA_LOG2E));
+            inv = a / tot;
+            lse = sum != 0.f ? mx + logf(tot) : snk;
+        }
 #pragma unroll
         for (int k = 0; k < KV_MAX_SPLITS / 32; ++k) s_w[r * KV_MAX_SPLITS + lane + 32 * k] = l[k] * inv;  // 0 past ns
-        if (lane == 0) p.lse[R] = sum != 0.f ? mu + logf(sum) : FA_NEG_INF;
+        if (lane == 0) p.lse[R] = lse;
     }
     __syncthreads();
     const i64 split_stride = rows_total * D;
@@ -679,11 +696,25 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
         }
         // L == 0: no warp saw a key (o = 0, lse = -inf). A NaN or +inf score made a warp's l (or its weight)
         // NaN, so L is NaN and so are inv, every weight, o and lse.
-        const float inv = L == 0.f ? 0.f : 1.f / L;
+        float inv = L == 0.f ? 0.f : 1.f / L;
+        float lse = L != 0.f ? (mu + log2_fast(L)) * FA_LN2 : FA_NEG_INF;
+        if (p.sink != nullptr && p.num_splits == 1) {
+            // The row's softmax is complete here (one split): the sink joins it once, against M = max(m2, sink2)
+            // in log2 units (m2 = mm * c, -inf for an empty row, where a = 0 and the total is 1). With splits the
+            // partials stay without it and combine_splits adds it.
+            const float snk = p.sink[kvh * group + (r0 + tid) % group];
+            const float sink2 = snk * FA_LOG2E;
+            const float m2 = mm * c;
+            const float mx = fmaxf(m2, sink2);
+            const float a = exp2_fast(m2 - mx);
+            const float tot = fmaf(L, a, exp2_fast(sink2 - mx));
+            inv = a / tot;
+            lse = L != 0.f ? (mx + log2_fast(tot)) * FA_LN2 : snk;
+        }
         // Row tid's own slots only: warp w's weight over its m, the row's LSE over warp 0's l.
 #pragma unroll
         for (int w = 0; w < NW; ++w) s_ml[(w * 2) * 16 + tid] = wt[w] * inv;
-        s_ml[16 + tid] = L != 0.f ? (mu + log2_fast(L)) * FA_LN2 : FA_NEG_INF;
+        s_ml[16 + tid] = lse;
     }
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
@@ -699,9 +730,11 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
     for (int idx = tid; idx < rows_valid * C4; idx += NT) {
         const int r = idx / C4, c4 = idx % C4;
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+        bool any_weight = false;
 #pragma unroll
         for (int w = 0; w < NW; ++w) {
             const float wt = s_ml[(w * 2) * 16 + r];
+            any_weight |= wt != 0.f;
             const float4 v = *(const float4*)&s_o[(w * 16 + r) * OS + 4 * c4];
             o.x += wt * v.x;
             o.y += wt * v.y;
@@ -709,8 +742,9 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
             o.w += wt * v.w;
         }
         // A row with no visible key (lse = -inf) is exactly 0: its zero weights may meet 0 * NaN from masked
-        // value rows.
-        if (s_ml[16 + r] == FA_NEG_INF) o = make_float4(0.f, 0.f, 0.f, 0.f);
+        // value rows. With a sink in the single pass an empty row's lse is the sink: every weight is 0 then (as
+        // for a row the sink outweighs beyond f32 range, whose o is 0 to that precision).
+        if ((p.sink != nullptr && direct) ? !any_weight : s_ml[16 + r] == FA_NEG_INF) o = make_float4(0.f, 0.f, 0.f, 0.f);
         const i64 R = tr.out_row(p, r);
         if (direct) {
             tr.store_o(p, r, c4, o);

@@ -41,6 +41,9 @@ struct FwdParams {
     i64 alibi_batch_stride;      // 0 for [h], h for [b, h]
     int window_left;          // -1 = unbounded; causal is (-1, 0)
     int window_right;         // -1 = unbounded
+    const float* sink;        // nullptr or [h] f32: learnable sink logits (natural-log units, joins every row's
+                              // softmax denominator, carries no value; the backward's HAS_SINK variant reads it
+                              // for dsink)
 };
 
 // Backward problem: the forward's fields plus dO, the gradients and the scratch buffers (layouts: see the header
@@ -67,4 +70,13 @@ struct BwdParams {
     int exact_one_key;        // 1: lse and D come from this call's keys, so a row that sees one key has a constant
                               // softmax and gets dS = 0 exactly; 0: they come from a larger softmax (ring, split
                               // keys) and such a row takes the general formula
+    // HAS_SINK (bwd.cu, bwd_sm90.cu): dsink = -sum over (batch, rows i) of exp(sink - lse_i) * D_i with
+    // D_i = sum_j P_ij dP_ij from the main kernel's own f32 P and dP (D from the 16-bit o fails the accuracy rule).
+    // Each main-kernel warp adds its (batch, head, key block) share into dsink_part, f32 [b, h, dsink_blocks, 8]
+    // (slot: warp index < 8; zeroed by the launcher; blocks counted in 64 keys, so any BN >= 64 fits);
+    // flash_bwd_dsink sums it in a fixed order into dsink, f32 [h]. Null / 0 without a sink.
+    float* dsink_part;
+    float* dsink;
+    int dsink_blocks;
+    int dsink_pad_;
 };

@@ -8,6 +8,7 @@
 //   IS_VARLEN      1: cu_seqlens addressing (packed sequences)
 //   DETERMINISTIC  1: the backward's fixed-order dQ accumulation
 //   ALIGNED16      1: 16-byte aligned bases and strides (vector / cp.async / TMA copies), 0: element-wise
+//   HAS_SINK       1: the backward also computes the learnable sink's gradient (bwd_common.cuh)
 // and the variant's 16-bit element type `elem_t` (bf16_t or half_t) with its conversions `DT` (common.cuh's `Dt`):
 // include common.cuh first.
 #pragma once
@@ -35,6 +36,9 @@
 #endif
 #ifndef ALIGNED16
 #define ALIGNED16 1
+#endif
+#ifndef HAS_SINK
+#define HAS_SINK 0
 #endif
 
 #if IS_BF16

@@ -29,6 +29,8 @@ fn cuda_cases(dtype: DType) -> Vec<Case> {
         (vec![32, 59, 128, 256], vec![(113, 203), (1, 147), (239, 1), (127, 513), (128, 217), (3, 799)])
     };
     let dt = if dtype == DType::BF16 { 1 } else { 0 };
+    // Every backend's variants and the learnable sink (the CUDA kernels run it forward and backward).
+    let variants: Vec<common::Variant> = VARIANTS.into_iter().chain([common::Variant::Sink]).collect();
     for (di, &d) in dims.iter().enumerate() {
         for (si, &shape) in shapes.iter().enumerate() {
             // The f64 oracle dominates the run time: the largest shapes run with a third of the head dims
@@ -36,7 +38,7 @@ fn cuda_cases(dtype: DType) -> Vec<Case> {
             if full() && shape.0 * shape.1 >= 1024 * 1023 && (di + si) % 3 != 0 {
                 continue;
             }
-            let variant = VARIANTS[(di + si + dt) % VARIANTS.len()];
+            let variant = variants[(di + si + dt) % variants.len()];
             let heads = HEADS[(di * 7 + si + dt) % HEADS.len()];
             let mut c = Case::new(dtype, d, shape, heads, variant);
             c.backward = true;
@@ -586,7 +588,14 @@ fn nvrtc_compiles_variants() {
         say("SKIP nvrtc_compiles_variants: libnvrtc not found on the loader path");
         return;
     }
-    let variants = if full() { compile::all_variants() } else { compile::hot_variants() };
+    let mut variants = if full() { compile::all_variants() } else { compile::hot_variants() };
+    // The backward's learnable-sink forms of the hot backward variants (their main kernels and flash_bwd_dsink).
+    let sinks: Vec<Variant> = compile::hot_variants()
+        .into_iter()
+        .filter(|v| matches!(v.pass, compile::Pass::Bwd | compile::Pass::BwdSm90))
+        .map(|v| Variant { sink: true, ..v })
+        .collect();
+    variants.extend(sinks);
     let archs = vec!["sm_80".to_string(), "sm_90a".to_string()];
     let t0 = std::time::Instant::now();
     let reps = cuda::compile_reports(&archs, &variants).unwrap_or_else(|e| panic!("{e}"));
@@ -597,6 +606,9 @@ fn nvrtc_compiles_variants() {
     for r in &reps {
         assert!(!r.usage.is_empty(), "no ptxas report for {r}");
         for u in &r.usage {
+            // The loader raises every kernel's dynamic shared-memory limit to the device maximum, which fails for
+            // a kernel with static shared memory.
+            assert_eq!(u.smem, 0, "{r}: {} uses static shared memory", u.kernel);
             max_regs = max_regs.max(u.registers);
             if u.spills() && hot.contains(&r.variant) {
                 spills.push(r.to_string());

@@ -443,6 +443,7 @@ impl DevCase {
                 _ => None,
             },
             alibi_slopes: None,
+            sink: None,
         };
         let q = t(p16(&self.q), dt, &[b, c.sq, c.h, c.d]);
         let o = t(p16(&self.o), dt, &[b, c.sq, c.h, c.d]);

@@ -1,6 +1,6 @@
 //! Learnable sinks (spec, "Scores" step 6) on the CPU backends: the oracle's `dsink` against finite
 //! differences, rows without keys (`o = 0`, `lse = sink`), a dominating sink, the KV-cache path, and what is
-//! refused. The sweep's `Variant::Sink` cases (`cpu_sweep`) check forward and backward against the oracle.
+//! refused (the CUDA backward; the CUDA forward is tests/cuda_sink.rs). The sweep's `Variant::Sink` cases (`cpu_sweep`) check forward and backward against the oracle.
 
 mod common;
 
@@ -142,13 +142,26 @@ fn bad_sinks_are_refused_naming_the_argument() {
 
 #[cfg(feature = "cuda")]
 #[test]
-fn cuda_refuses_a_sink_before_touching_a_device() {
-    // The refusal comes from validation, before any device work: it holds with or without a GPU.
+fn cuda_takes_a_sink_in_the_backward_but_the_raw_device_api_refuses_it() {
+    // The host API's CUDA backward computes dsink (tests/cuda_sink.rs, on a GPU): without a GPU it fails on the
+    // device, never as an unsupported sink. The raw device API has no place for dsink and refuses a sink from
+    // validation, before any device work.
     let q = Tensor::from_f32(&[0.5; 3 * 2 * 8], &[1, 3, 2, 8], DType::BF16).unwrap();
     let opts = AttnOptions::default().sink(Tensor::from_f32(&[0.0; 2], &[2], DType::F32).unwrap());
-    let e = flashattn::forward_on(flashattn::Device::Cuda(0), &q, &q, &q, &opts).unwrap_err();
-    assert!(matches!(e, flashattn::Error::Unsupported { .. }) && e.to_string().contains("sink"), "{e}");
     let o = forward(&q, &q, &q, &opts).unwrap();
-    let e = flashattn::backward_on(flashattn::Device::Cuda(0), &q, &q, &q, &o.o, &o.lse, &o.o, &opts).unwrap_err();
-    assert!(matches!(e, flashattn::Error::Unsupported { .. }) && e.to_string().contains("sink"), "{e}");
+    let unsupported_sink =
+        |e: &flashattn::Error| matches!(e, flashattn::Error::Unsupported { .. }) && e.to_string().contains("sink");
+    if let Err(e) = flashattn::backward_on(flashattn::Device::Cuda(0), &q, &q, &q, &o.o, &o.lse, &o.o, &opts) {
+        assert!(!unsupported_sink(&e), "{e}");
+    }
+    if let Err(e) = flashattn::forward_on(flashattn::Device::Cuda(0), &q, &q, &q, &opts) {
+        assert!(!unsupported_sink(&e), "{e}");
+    }
+    let t = |dtype, shape: &[usize]| flashattn::cuda::DeviceTensorRef::contiguous(0x1000, dtype, shape);
+    let (x, lse) = (t(DType::BF16, &[1, 3, 2, 8]), t(DType::F32, &[1, 2, 3]));
+    // SAFETY: refused by validation before any pointer is used.
+    let e =
+        unsafe { flashattn::cuda::backward_raw(0, std::ptr::null_mut(), &x, &x, &x, &x, &lse, &x, &x, &x, &x, &opts) }
+            .unwrap_err();
+    assert!(unsupported_sink(&e), "{e}");
 }

@@ -16,7 +16,9 @@ use std::sync::Arc;
 /// Where the backward's scratch buffers live in one workspace (byte offsets, each 256-byte aligned): `D =
 /// rowsum(dO * O)` and the log2-unit lse (`f32 [h, rows_q]` each), the dQ accumulator (`f32 [rows_q, h,
 /// head_dim]` at the widest head dim either main kernel may use), and the deterministic mode's dQ counters
-/// (`i32`, one per (batch, head, 16-row query block): room for every kernel's block height).
+/// (`i32`, one per (batch, head, 16-row query block): room for every kernel's block height); with a learnable
+/// sink, the main kernels' partial `dsink` sums (`f32 [b, h, dsink_blocks, 8]`: one slot per warp of each
+/// 64-key block, room for every kernel's key block).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct BwdWorkspace {
     pub dpsum: usize,
@@ -24,6 +26,9 @@ pub(crate) struct BwdWorkspace {
     pub dq_accum: usize,
     pub sem: usize,
     pub sem_bytes: usize,
+    pub dsink_part: usize,
+    pub dsink_part_bytes: usize,
+    pub dsink_blocks: usize,
     pub bytes: usize,
 }
 
@@ -40,13 +45,27 @@ pub(crate) fn workspace_layout(p: &Problem, deterministic: bool) -> Result<BwdWo
     let dq_accum = lse_log2 + vec_bytes;
     let sem = dq_accum + align(rows_q * p.h * hd * 4);
     let sem_bytes = if deterministic { p.batch * p.h * p.max_seqlen_q().div_ceil(16) * 4 } else { 0 };
-    Ok(BwdWorkspace { dpsum, lse_log2, dq_accum, sem, sem_bytes, bytes: (sem + align(sem_bytes)).max(256) })
+    let dsink_part = sem + align(sem_bytes);
+    let dsink_blocks = if p.sink.is_some() { max_sk(p).div_ceil(64).max(1) } else { 0 };
+    let dsink_part_bytes = p.batch * p.h * dsink_blocks * 8 * 4;
+    Ok(BwdWorkspace {
+        dpsum,
+        lse_log2,
+        dq_accum,
+        sem,
+        sem_bytes,
+        dsink_part,
+        dsink_part_bytes,
+        dsink_blocks,
+        bytes: (dsink_part + align(dsink_part_bytes)).max(256),
+    })
 }
 
 /// Whose softmax the backward's `lse` (and so `D = rowsum(dO * O)`) belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Softmax {
-    /// This call's keys: a row that sees one key has a constant softmax, and its `dS` is exactly 0.
+    /// This call's keys: a row that sees one key has a constant softmax (without a learnable sink), and its `dS`
+    /// is exactly 0.
     Whole,
     /// A larger set of keys of which this call holds a part (ring attention): every row takes the general
     /// formula.
@@ -114,6 +133,15 @@ pub(crate) fn run(
     if deterministic {
         zero(sem_ptr, n_sem * 4, cs)?;
     }
+    let sink = p.sink.is_some();
+    if sink != (a.dsink != 0) {
+        return Err(Error::invalid("dsink", "a dsink buffer exactly when a sink is given", a.dsink));
+    }
+    let dsink_part = if sink { base + layout.dsink_part as u64 } else { 0 };
+    if sink {
+        // Key blocks a main kernel skips (past a sequence's keys, or seen by no query) write no partial sum.
+        zero(dsink_part, layout.dsink_part_bytes, cs)?;
+    }
     let params = BwdParams {
         fwd: fwd_params(p, &a.fwd),
         dout: a.dout.ptr as *const c_void,
@@ -137,7 +165,12 @@ pub(crate) fn run(
         dq_accum: (base + layout.dq_accum as u64) as *mut f32,
         dq_semaphore: sem_ptr as *mut i32,
         rows_q: rows_q as i32,
-        exact_one_key: i32::from(softmax == Softmax::Whole),
+        // A row that sees one key has a constant softmax only without a sink (the sink is a second logit).
+        exact_one_key: i32::from(softmax == Softmax::Whole && p.sink.is_none()),
+        dsink_part: dsink_part as *mut f32,
+        dsink: a.dsink as *mut f32,
+        dsink_blocks: layout.dsink_blocks as i32,
+        dsink_pad_: 0,
     };
     let rows_grid = ((sq as u32).div_ceil(64), p.h as u32, p.batch as u32);
     // SAFETY: `params` mirrors BwdParams; every pointer refers to a buffer sized for this problem, and the
@@ -157,6 +190,9 @@ pub(crate) fn run(
             )?;
         }
         launch(&m.kernels["flash_bwd_convert_dq"], "flash_bwd_convert_dq", cs, rows_grid, 256, 0, &params)?;
+        if sink {
+            launch(&m.kernels["flash_bwd_dsink"], "flash_bwd_dsink", cs, (p.h as u32, 1, 1), 32, 0, &params)?;
+        }
     }
     // An owned workspace is freed in stream order when dropped here.
     drop(owned);

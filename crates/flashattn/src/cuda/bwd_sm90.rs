@@ -141,9 +141,9 @@ mod tests {
 
     #[test]
     fn layout_matches_bwd_sm90_cu() {
-        // BwdParams is 400 bytes; TmaMap is __align__(128) in the kernel.
+        // BwdParams is 432 bytes; TmaMap is __align__(128) in the kernel.
         assert_eq!(align_of::<Tma>(), 128);
-        assert_eq!(offset_of!(Sm90BwdParams, l2_group), 400);
+        assert_eq!(offset_of!(Sm90BwdParams, l2_group), 432);
         assert_eq!(offset_of!(Sm90BwdParams, tq), 512);
         assert_eq!(offset_of!(Sm90BwdParams, tk), 640);
         assert_eq!(offset_of!(Sm90BwdParams, tv), 768);

@@ -1,4 +1,4 @@
-//! A call as the launchers see it: what every CUDA entry point refuses (dtype, sink, value head dim), the
+//! A call as the launchers see it: what every CUDA entry point refuses (dtype, value head dim), the
 //! validation of device tensors, the device pointers of a forward or backward call (`FwdArgs`, `BwdArgs`, the
 //! small per-call inputs in `Aux`), the forward parameter block of a problem, its sm80-class kernel variant and
 //! the 32-bit size limits. Shared by the launchers of every path (`fwd`, `fwd_sm90`, `bwd`, `bwd_sm90`) and by
@@ -17,12 +17,10 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use std::ffi::c_void;
 use std::sync::Arc;
 
-/// What every CUDA entry point refuses: other dtypes than f16/bf16, a learnable sink and a value head dim
-/// other than the query/key head dim (CPU backends only).
+/// What every CUDA entry point refuses: other dtypes than f16/bf16 and a value head dim other than the
+/// query/key head dim (CPU backends only). A learnable sink passes here (the forward kernels fold it in, the
+/// backward's sink variant computes `dsink`).
 pub(crate) fn require_half(p: &Problem) -> Result<()> {
-    if p.sink.is_some() {
-        return Err(no_sink());
-    }
     require_same_value_dim(p.d, p.d_v)?;
     match p.dtype {
         DType::F16 | DType::BF16 => Ok(()),
@@ -44,17 +42,26 @@ pub(crate) fn require_same_value_dim(d: usize, d_v: usize) -> Result<()> {
     Ok(())
 }
 
-/// The CUDA kernels have no learnable sink yet.
-pub(crate) fn no_sink() -> Error {
-    Error::Unsupported { backend: "cuda", what: "a learnable sink (the CPU backend runs it)".into() }
+/// The backward entry points without a place for `dsink` (the raw device API, [`super::DeviceAttention`])
+/// refuse a problem with a sink, before any device work; [`super::backward_host`] and
+/// [`super::backward_device`] run it.
+pub(crate) fn require_no_dsink(p: &Problem) -> Result<()> {
+    if p.sink.is_some() {
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            what: "a learnable sink in this backward entry point (backward_device or the host API run it)".into(),
+        });
+    }
+    Ok(())
 }
 
-/// Per-call small inputs: varlen offsets, `seqused_k`, ALiBi slopes.
+/// Per-call small inputs: varlen offsets, `seqused_k`, ALiBi slopes, the learnable sink (`f32 [h]`).
 pub(crate) struct Aux {
     cu_q: Option<CudaSlice<i32>>,
     cu_k: Option<CudaSlice<i32>>,
     used: Option<CudaSlice<i32>>,
     alibi: Option<CudaSlice<f32>>,
+    sink: Option<CudaSlice<f32>>,
 }
 
 impl Aux {
@@ -65,7 +72,8 @@ impl Aux {
         };
         let used = p.seqused_k.as_ref().map(|u| upload_vec(stream, u)).transpose()?;
         let alibi = p.alibi.as_ref().map(|a| upload_vec(stream, &a.slopes)).transpose()?;
-        Ok(Aux { cu_q, cu_k, used, alibi })
+        let sink = p.sink.as_ref().map(|v| upload_vec(stream, v)).transpose()?;
+        Ok(Aux { cu_q, cu_k, used, alibi, sink })
     }
     pub(crate) fn fill(&self, stream: &CudaStream, a: &mut FwdArgs) {
         let ptr = |s: &Option<CudaSlice<i32>>| s.as_ref().map_or(0, |s| s.device_ptr(stream).0);
@@ -73,6 +81,7 @@ impl Aux {
         a.cu_k = ptr(&self.cu_k);
         a.seqused_k = ptr(&self.used);
         a.alibi = self.alibi.as_ref().map_or(0, |s| s.device_ptr(stream).0);
+        a.sink = self.sink.as_ref().map_or(0, |s| s.device_ptr(stream).0);
     }
 }
 
@@ -138,6 +147,8 @@ pub(crate) struct FwdArgs {
     pub cu_k: u64,
     pub seqused_k: u64,
     pub alibi: u64,
+    /// Learnable sink logits, `f32 [h]` (0: none). The forward kernels read it; the backward ignores it.
+    pub sink: u64,
 }
 
 /// Longest key sequence the kernel should plan for (before `seqused_k`).
@@ -187,6 +198,7 @@ pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministi
         wide_n: false,
         kv_stages: None,
         nvrtc: Default::default(),
+        sink: p.sink.is_some() && pass == Pass::Bwd,
     }
     .tuned(&p.tuning))
 }
@@ -236,6 +248,7 @@ pub(crate) fn fwd_params(p: &Problem, a: &FwdArgs) -> FwdParams {
         alibi_batch_stride,
         window_left: if p.mask.is_active() { window(p.mask.left, limit) } else { -1 },
         window_right: if p.mask.is_active() { window(p.mask.right, limit) } else { -1 },
+        sink: a.sink as *const f32,
     }
 }
 
@@ -256,6 +269,8 @@ pub(crate) struct BwdArgs {
     pub dq: DevView,
     pub dk: DevView,
     pub dv: DevView,
+    /// With a learnable sink: its gradient, `f32 [h]` contiguous (0 without a sink).
+    pub dsink: u64,
 }
 
 impl FwdArgs {
@@ -271,9 +286,17 @@ impl FwdArgs {
 }
 
 impl BwdArgs {
-    /// The device pointers of a backward call on a framework's tensors (metadata pointers zero).
+    /// The device pointers of a backward call on a framework's tensors (metadata pointers zero; `dsink` from
+    /// [`BackwardTensors::dsink`], 0 without one).
     pub(crate) fn of(t: &BackwardTensors) -> Self {
-        BwdArgs { fwd: FwdArgs::of(&t.fwd), dout: t.dout.view(), dq: t.dq.view(), dk: t.dk.view(), dv: t.dv.view() }
+        BwdArgs {
+            fwd: FwdArgs::of(&t.fwd),
+            dout: t.dout.view(),
+            dq: t.dq.view(),
+            dk: t.dk.view(),
+            dv: t.dv.view(),
+            dsink: t.dsink.map_or(0, |d| d.ptr),
+        }
     }
 
     /// Whether every tensor of the call allows the 16-byte accesses of the aligned variants.
@@ -291,7 +314,8 @@ pub(crate) fn check_forward_tensors(p: &Problem, t: &ForwardTensors) -> Result<(
 }
 
 /// Checks the other tensors of a backward call on a framework's tensors, in argument order: the forward's `o`,
-/// `dout`, `lse`, then the gradients `dq`, `dk`, `dv` (each of its input's shape).
+/// `dout`, `lse`, then the gradients `dq`, `dk`, `dv` (each of its input's shape) and `dsink` (`f32 [h]`
+/// contiguous, exactly when the problem has a sink).
 pub(crate) fn check_backward_tensors(p: &Problem, t: &BackwardTensors) -> Result<()> {
     let f = &t.fwd;
     f.o.check("o", &p.o_shape(), p.dtype, false)?;
@@ -299,7 +323,14 @@ pub(crate) fn check_backward_tensors(p: &Problem, t: &BackwardTensors) -> Result
     check_lse(f.lse, p, false)?;
     t.dq.check("dq", &f.q.shape, p.dtype, true)?;
     t.dk.check("dk", &f.k.shape, p.dtype, true)?;
-    t.dv.check("dv", &f.v.shape, p.dtype, true)
+    t.dv.check("dv", &f.v.shape, p.dtype, true)?;
+    match (&p.sink, t.dsink) {
+        // A 1-D check: stride 1, so contiguous.
+        (Some(_), Some(ds)) => ds.check("dsink", &[p.h], DType::F32, true),
+        (Some(_), None) => Err(Error::invalid("dsink", "an f32 [h] tensor with a sink", "none")),
+        (None, Some(_)) => Err(Error::invalid("dsink", "none without a sink", "a tensor")),
+        (None, None) => Ok(()),
+    }
 }
 
 /// Fills a forward call's `o` and `lse` with NaN before the kernel runs when the problem's tuning asks for it

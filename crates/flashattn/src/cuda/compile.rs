@@ -97,6 +97,9 @@ pub struct Variant {
     pub kv_stages: Option<u8>,
     /// Extra NVRTC options of the compilation ([`crate::Tuning::nvrtc_options`]); empty by default.
     pub nvrtc: NvrtcExtra,
+    /// The backward with a learnable sink (`-DHAS_SINK=1`): its main kernels also sum `dsink`, and bwd.cu's
+    /// module exports `flash_bwd_dsink`. Ignored by the forward passes (they read the sink pointer at run time).
+    pub sink: bool,
 }
 
 /// A list of extra NVRTC options, interned so that [`Variant`] stays `Copy` and hashable: each distinct list is
@@ -175,6 +178,7 @@ impl Variant {
             wide_n: false,
             kv_stages: None,
             nvrtc: NvrtcExtra::default(),
+            sink: false,
         }
     }
 
@@ -233,6 +237,9 @@ impl Variant {
         ];
         if matches!(self.pass, Pass::Bwd | Pass::BwdSm90) {
             v.push(format!("DETERMINISTIC={}", b(self.deterministic)));
+            if self.sink {
+                v.push("HAS_SINK=1".to_string());
+            }
         }
         if self.pass == Pass::KvCache {
             v.push(format!("KV_STAGES={}", self.stages()));
@@ -250,6 +257,9 @@ impl Variant {
     pub fn entry_points(&self) -> &'static [&'static str] {
         match self.pass {
             Pass::Fwd => &["flash_fwd"],
+            Pass::Bwd if self.sink => {
+                &["flash_bwd_preprocess", "flash_bwd_main", "flash_bwd_convert_dq", "flash_bwd_dsink"]
+            }
             Pass::Bwd => &["flash_bwd_preprocess", "flash_bwd_main", "flash_bwd_convert_dq"],
             Pass::KvCache => &["kv_append", "kv_attn", "kv_fill"],
             Pass::FwdSm90 => &["flash_fwd_sm90"],
@@ -284,6 +294,7 @@ impl fmt::Display for Variant {
             (self.softcap, "softcap"),
             (self.varlen, "varlen"),
             (self.deterministic && matches!(self.pass, Pass::Bwd | Pass::BwdSm90), "det"),
+            (self.sink && matches!(self.pass, Pass::Bwd | Pass::BwdSm90), "sink"),
             (!self.aligned16, "unaligned"),
         ] {
             if on {

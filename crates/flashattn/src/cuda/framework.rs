@@ -44,6 +44,9 @@ pub struct DeviceMeta {
     pub varlen: Option<DeviceVarlen>,
     /// ALiBi slopes, `f32 [h]` or `[b, h]` (instead of [`AttnOptions::alibi_slopes`]).
     pub alibi_slopes: Option<DeviceTensorRef>,
+    /// Learnable sink logits, `f32 [h]` contiguous (instead of [`AttnOptions::sink`], which is host memory).
+    /// The forward folds it in; the backward writes its gradient to [`BackwardTensors::dsink`].
+    pub sink: Option<DeviceTensorRef>,
 }
 
 fn check_meta_vec(arg: &'static str, t: &DeviceTensorRef, dtype: DType, shape: &[usize]) -> Result<()> {
@@ -69,6 +72,13 @@ pub(crate) fn device_problem(
     }
     if meta.alibi_slopes.is_some() && opts.alibi_slopes.is_some() {
         return Err(Error::invalid("alibi_slopes", "slopes in device memory or in the options, not both", "both"));
+    }
+    if opts.sink.is_some() {
+        return Err(Error::invalid(
+            "sink",
+            "a device sink in DeviceMeta::sink for the device API",
+            "a host sink in AttnOptions",
+        ));
     }
     let mut host = opts.clone();
     let mut batch_of_varlen = None;
@@ -115,9 +125,18 @@ pub(crate) fn device_problem(
         check_meta_vec("alibi_slopes", a, DType::F32, &a.shape.clone())?;
         host.alibi_slopes = None;
     }
+    if let Some(sk) = &meta.sink {
+        let h = q.shape.get(q.shape.len().wrapping_sub(2)).copied().unwrap_or(0);
+        check_meta_vec("sink", sk, DType::F32, &[h])?;
+    }
     let mut p = raw_problem(q, k, v, &host)?;
     if meta.alibi_slopes.is_some() {
         p.alibi = Some(Alibi { slopes: Vec::new(), per_batch });
+    }
+    if meta.sink.is_some() {
+        // Its presence is what the host needs (the backward's sink variant, its dsink check); its values stay on
+        // the device.
+        p.sink = Some(Vec::new());
     }
     if let Some(vl) = &meta.varlen {
         let (sq, sk) = (vl.max_seqlen_q.min(p.total_q), vl.max_seqlen_k.min(p.total_k));
@@ -137,6 +156,7 @@ fn meta_ptrs(meta: &DeviceMeta, a: &mut FwdArgs) {
         a.seqused_k = vl.seqused_k.as_ref().map_or(0, |t| t.ptr);
     }
     a.alibi = meta.alibi_slopes.as_ref().map_or(0, |t| t.ptr);
+    a.sink = meta.sink.as_ref().map_or(0, |t| t.ptr);
 }
 
 /// Forward pass over device memory the caller owns, metadata included, on the caller's stream.
@@ -223,7 +243,8 @@ pub unsafe fn backward_device_of(
         meta_ptrs(meta, &mut a.fwd);
         if launch::poison_outputs(&p.tuning) {
             // Key rows past seqused_k are left as the caller had them.
-            let grads = if p.seqused_k.is_some() { vec![t.dq] } else { vec![t.dq, t.dk, t.dv] };
+            let mut grads = if p.seqused_k.is_some() { vec![t.dq] } else { vec![t.dq, t.dk, t.dv] };
+            grads.extend(t.dsink);
             for g in grads {
                 launch::poison(g.ptr, extent_bytes(g), s.cu_stream())?;
             }
@@ -253,7 +274,7 @@ mod tests {
     #[test]
     fn device_varlen_problem_keeps_shapes_and_maxima() {
         let (q, k) = (t(DType::BF16, &[100, 8, 64]), t(DType::BF16, &[120, 2, 64]));
-        let meta = DeviceMeta { varlen: Some(varlen(3)), alibi_slopes: Some(t(DType::F32, &[3, 8])) };
+        let meta = DeviceMeta { varlen: Some(varlen(3)), alibi_slopes: Some(t(DType::F32, &[3, 8])), sink: None };
         let p = device_problem(&q, &k, &k, &AttnOptions::default(), &meta).unwrap();
         assert!(p.varlen && p.cu_seqlens.is_none() && p.seqused_k.is_none());
         assert_eq!((p.batch, p.h, p.hk, p.total_q, p.total_k), (3, 8, 2, 100, 120));
@@ -285,10 +306,19 @@ mod tests {
         let mut vl = varlen(2);
         vl.seqused_k = Some(t(DType::I32, &[3]));
         assert_eq!(arg(DeviceMeta { varlen: Some(vl), ..Default::default() }, &opts), Some("seqused_k"));
-        let meta = DeviceMeta { varlen: Some(varlen(2)), alibi_slopes: Some(t(DType::F32, &[4])) };
+        let meta = DeviceMeta { varlen: Some(varlen(2)), alibi_slopes: Some(t(DType::F32, &[4])), sink: None };
         assert_eq!(arg(meta, &opts), Some("alibi_slopes"));
-        let meta = DeviceMeta { varlen: Some(varlen(2)), alibi_slopes: Some(t(DType::F16, &[8])) };
+        let meta = DeviceMeta { varlen: Some(varlen(2)), alibi_slopes: Some(t(DType::F16, &[8])), sink: None };
         assert_eq!(arg(meta, &opts), Some("alibi_slopes"));
+        // A device sink is f32 [h], contiguous; a host sink is refused by name (device calls copy nothing).
+        let sink = |t_: DeviceTensorRef| DeviceMeta { varlen: Some(varlen(2)), sink: Some(t_), ..Default::default() };
+        assert_eq!(arg(sink(t(DType::F16, &[8])), &opts), Some("sink"));
+        assert_eq!(arg(sink(t(DType::F32, &[4])), &opts), Some("sink"));
+        let mut strided = t(DType::F32, &[8]);
+        strided.strides = vec![2];
+        assert_eq!(arg(sink(strided), &opts), Some("sink"));
+        let host_sink = AttnOptions { sink: Some(crate::tensor::Tensor::zeros(&[8], DType::F32)), ..opts.clone() };
+        assert_eq!(arg(DeviceMeta::default(), &host_sink), Some("sink"));
         let host = AttnOptions {
             varlen: Some(VarLen { cu_seqlens_q: vec![0, 100], cu_seqlens_k: vec![0, 120], seqused_k: None }),
             ..AttnOptions::default()
@@ -317,6 +347,45 @@ mod tests {
         assert!(backward_workspace_bytes(&q, &k, &v, &opts, &DeviceMeta::default()).is_err());
         // Equal head dims still pass.
         assert!(device_problem(&q, &k, &k, &opts, &DeviceMeta::default()).is_ok());
+    }
+
+    /// A device sink passes validation: the forward reads its pointer; the backward's workspace grows by the
+    /// partial dsink sums ([b, h, ceil(sk / 64), 8] f32), and a backward call needs an f32 [h] dsink exactly when
+    /// there is a sink (checked before any device work).
+    #[test]
+    fn device_sink_in_forward_and_backward() {
+        let q = t(DType::BF16, &[2, 16, 8, 64]);
+        let meta = DeviceMeta { sink: Some(t(DType::F32, &[8])), ..Default::default() };
+        let opts = AttnOptions::default();
+        let p = device_problem(&q, &q, &q, &opts, &meta).unwrap();
+        assert!(p.sink.is_some());
+        let mut a = FwdArgs::default();
+        meta_ptrs(&meta, &mut a);
+        assert_eq!(a.sink, 0x1000);
+        let with = backward_workspace_bytes(&q, &q, &q, &opts, &meta).unwrap();
+        let without = backward_workspace_bytes(&q, &q, &q, &opts, &DeviceMeta::default()).unwrap();
+        assert!(with >= without + 2 * 8 * 8 * 4, "{with} vs {without}");
+        let (o, lse) = (t(DType::BF16, &[2, 16, 8, 64]), t(DType::F32, &[2, 8, 16]));
+        let ws = DeviceWorkspace { ptr: 0x10000, bytes: with };
+        let arg = |dsink: Option<&DeviceTensorRef>, meta: &DeviceMeta| {
+            let tens = BackwardTensors {
+                fwd: ForwardTensors { q: &q, k: &q, v: &q, o: &o, lse: &lse },
+                dout: &o,
+                dq: &q,
+                dk: &q,
+                dv: &q,
+                dsink,
+            };
+            // SAFETY: every case is refused by validation before any pointer is used.
+            match unsafe { backward_device(0, std::ptr::null_mut(), tens, &opts, meta, ws) } {
+                Err(Error::InvalidArgument { arg, .. }) => Some(arg),
+                _ => None,
+            }
+        };
+        assert_eq!(arg(None, &meta), Some("dsink"));
+        assert_eq!(arg(Some(&t(DType::BF16, &[8])), &meta), Some("dsink"));
+        assert_eq!(arg(Some(&t(DType::F32, &[4])), &meta), Some("dsink"));
+        assert_eq!(arg(Some(&t(DType::F32, &[8])), &DeviceMeta::default()), Some("dsink"));
     }
 
     #[test]

@@ -252,9 +252,9 @@ mod tests {
 
     #[test]
     fn layout_matches_fwd_sm90_cu() {
-        assert_eq!(offset_of!(Sm90Params, num_m_blocks), 232);
-        assert_eq!(offset_of!(Sm90Params, l2_group), 236);
-        assert_eq!(offset_of!(Sm90Params, pingpong), 240);
+        assert_eq!(offset_of!(Sm90Params, num_m_blocks), 240);
+        assert_eq!(offset_of!(Sm90Params, l2_group), 244);
+        assert_eq!(offset_of!(Sm90Params, pingpong), 248);
         assert_eq!(offset_of!(Sm90Params, tq), 256);
         assert_eq!(offset_of!(Sm90Params, tk), 384);
         assert_eq!(offset_of!(Sm90Params, tv), 512);

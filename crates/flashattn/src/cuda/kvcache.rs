@@ -64,6 +64,7 @@ struct KvParams {
     lse_part: *mut f32,
     status: *mut i32,
     split_count: *mut i32,
+    sink: *const f32,
     q_strides: [i64; 3],
     kc_strides: [i64; 3],
     vc_strides: [i64; 3],
@@ -231,6 +232,8 @@ pub struct DeviceKvCache {
     pub rotary: Option<DeviceRotary>,
     /// ALiBi slopes, `f32` `[h]` or `[b, h]` (instead of `AttnOptions::alibi_slopes`, which is host memory).
     pub alibi_slopes: Option<DeviceTensorRef>,
+    /// Learnable sink logits, `f32` `[h]` contiguous (instead of `AttnOptions::sink`, which is host memory).
+    pub sink: Option<DeviceTensorRef>,
 }
 
 /// Everything a launch needs besides the pointers: shapes, variant, grid.
@@ -311,9 +314,6 @@ fn make_plan(
         DType::F16 | DType::BF16 => {}
         other => return Err(Error::Unsupported { backend: "cuda", what: format!("dtype {other} (use f16 or bf16)") }),
     }
-    if opts.sink.is_some() {
-        return Err(super::call::no_sink());
-    }
     let head_dim = padded_head_dim(d).ok_or_else(|| Error::invalid("q", "head dim <= 256", d))?;
     let scale = check_finite_scale(opts.softmax_scale, d)?;
     let softcap = check_softcap(opts.softcap)?;
@@ -386,6 +386,8 @@ struct Ptrs {
     interleaved: bool,
     alibi: u64,
     alibi_per_batch: bool,
+    /// Learnable sink logits `f32 [h]` or 0.
+    sink: u64,
     ws: u64,
 }
 
@@ -427,6 +429,7 @@ fn enqueue_with(gpu: &Gpu, m: &Loaded, stream: dsys::CUstream, pl: &Plan, x: &Pt
         lse_part: at(ws.lse_part) as *mut f32,
         status: x.ws as *mut i32,
         split_count: at(ws.split_count) as *mut i32,
+        sink: x.sink as *const f32,
         q_strides: [x.q.batch, x.q.row, x.q.head],
         kc_strides: [x.kc.batch, x.kc.row, x.kc.head],
         vc_strides: [x.vc.batch, x.vc.row, x.vc.head],
@@ -522,6 +525,7 @@ pub fn kvcache_forward_host(
         let rot =
             c.rot.as_ref().map(|r| Ok::<_, Error>((upload_vec(&s, &r.cos)?, upload_vec(&s, &r.sin)?))).transpose()?;
         let alibi = p.alibi.as_ref().map(|a| upload_vec(&s, &a.slopes)).transpose()?;
+        let sink = p.sink.as_ref().map(|v| upload_vec(&s, v)).transpose()?;
         let poisoned = poison_outputs(&p.tuning);
         let o = alloc_out(&s, &p.o_shape(), p.dtype, poisoned)?;
         let lse = alloc_out(&s, &p.lse_shape(), DType::F32, poisoned)?;
@@ -549,6 +553,7 @@ pub fn kvcache_forward_host(
             interleaved: c.rot.as_ref().is_some_and(|r| r.interleaved),
             alibi: alibi.as_ref().map_or(0, |a| a.device_ptr(&s).0),
             alibi_per_batch: p.alibi.as_ref().is_some_and(|a| a.per_batch),
+            sink: sink.as_ref().map_or(0, |a| a.device_ptr(&s).0),
             ws: ws.device_ptr(&s).0,
         };
         enqueue(&gpu, s.cu_stream(), &plan, &x)?;
@@ -566,7 +571,7 @@ pub fn kvcache_forward_host(
             write_back(&s, &tkc, &mut cache.k_cache.data, &cache.k_cache.layout)?;
             write_back(&s, &tvc, &mut cache.v_cache.data, &cache.v_cache.layout)?;
         }
-        drop((tq, tkn, tvn, seqlens, table, bidx, lpad, rot, alibi, ws));
+        drop((tq, tkn, tvn, seqlens, table, bidx, lpad, rot, alibi, sink, ws));
         Ok(out)
     })
 }
@@ -612,6 +617,13 @@ fn raw_plan(
 ) -> Result<Plan> {
     if opts.varlen.is_some() {
         return Err(Error::invalid("varlen", "no varlen with a KV cache (use cache_seqlens)", "cu_seqlens"));
+    }
+    if opts.sink.is_some() {
+        return Err(Error::invalid(
+            "sink",
+            "a device sink in DeviceKvCache::sink for the device API",
+            "a host sink in AttnOptions",
+        ));
     }
     if opts.alibi_slopes.is_some() {
         return Err(Error::invalid(
@@ -709,6 +721,12 @@ fn raw_plan(
         a.check("alibi_slopes", &a.shape.clone(), DType::F32, false)?;
         if a.strides != crate::tensor::Layout::contiguous(&a.shape).strides {
             return Err(Error::invalid("alibi_slopes", "a contiguous tensor", format!("strides {:?}", a.strides)));
+        }
+    }
+    if let Some(t) = &cache.sink {
+        t.check("sink", &[h], DType::F32, false)?;
+        if t.strides != [1] {
+            return Err(Error::invalid("sink", "a contiguous tensor", format!("strides {:?}", t.strides)));
         }
     }
     o.check("o", &[b, sq, h, d], dtype, true)?;
@@ -882,6 +900,7 @@ fn raw_ptrs(
         interleaved: cache.rotary.as_ref().is_some_and(|r| r.interleaved),
         alibi: cache.alibi_slopes.as_ref().map_or(0, |a| a.ptr),
         alibi_per_batch: cache.alibi_slopes.as_ref().is_some_and(|a| a.shape.len() == 2),
+        sink: cache.sink.as_ref().map_or(0, |t| t.ptr),
         ws: workspace.ptr,
     }
 }
@@ -1036,6 +1055,7 @@ impl KvDecodeBench {
                 cache_leftpad: None,
                 rotary: None,
                 alibi_slopes: None,
+                sink: None,
             };
             let opts = AttnOptions { tuning: tuning.clone(), ..AttnOptions::default() };
             let plan = raw_plan(&gpu, &q, &cache, &o, &lse, &opts)?;
@@ -1146,9 +1166,10 @@ mod tests {
 
     #[test]
     fn params_layout() {
-        // 19 pointers, 21 i64, 20 32-bit fields (the C struct has the same, no padding).
-        assert_eq!(std::mem::size_of::<KvParams>(), 19 * 8 + 21 * 8 + 20 * 4);
-        assert_eq!(std::mem::offset_of!(KvParams, b), 19 * 8 + 21 * 8);
+        // 20 pointers, 21 i64, 20 32-bit fields (the C struct has the same, no padding).
+        assert_eq!(std::mem::size_of::<KvParams>(), 20 * 8 + 21 * 8 + 20 * 4);
+        assert_eq!(std::mem::offset_of!(KvParams, sink), 19 * 8);
+        assert_eq!(std::mem::offset_of!(KvParams, b), 20 * 8 + 21 * 8);
         assert_eq!(std::mem::size_of::<KvFillParams>(), 24);
     }
 

@@ -61,8 +61,8 @@ use crate::options::AttnOptions;
 use crate::problem::{validate, Problem};
 use crate::tensor::{BackendStatus, Tensor, TensorView};
 use call::{
-    check_backward_tensors, check_forward_tensors, poison_forward_outputs, raw_problem, require_half, Aux, BwdArgs,
-    FwdArgs,
+    check_backward_tensors, check_forward_tensors, poison_forward_outputs, raw_problem, require_half, require_no_dsink,
+    Aux, BwdArgs, FwdArgs,
 };
 use tensor::{alloc_out, download, upload};
 
@@ -147,6 +147,8 @@ pub fn backward_host(
             launch::zero(gv.base(s), gv.bytes(), s.cu_stream())?;
         }
         let aux = Aux::upload(s, &p)?;
+        // The sink's gradient in f32 on the device, returned in the sink's dtype.
+        let gsink = p.sink.as_ref().map(|_| alloc_out(s, &[p.h], DType::F32, poisoned)).transpose()?;
         let mut a = BwdArgs {
             fwd: FwdArgs {
                 q: tq.view(s),
@@ -160,12 +162,17 @@ pub fn backward_host(
             dq: gq.view(s),
             dk: gk.view(s),
             dv: gv.view(s),
+            dsink: gsink.as_ref().map_or(0, |t| t.base(s)),
         };
         aux.fill(s, &mut a.fwd);
         let aligned = a.aligned16(p.dtype.size());
         bwd::run(&gpu, s, &p, &a, aligned, opts.deterministic, bwd::Softmax::Whole, None)?;
-        let g = Gradients { dq: download(s, &gq)?, dk: download(s, &gk)?, dv: download(s, &gv)?, dsink: None };
-        drop((tq, tk, tv, to, tdo, tlse, aux));
+        let dsink = match (&gsink, &opts.sink) {
+            (Some(g), Some(sink)) => Some(Tensor::from_f32(&download(s, g)?.to_f32_vec(), &[p.h], sink.dtype())?),
+            _ => None,
+        };
+        let g = Gradients { dq: download(s, &gq)?, dk: download(s, &gk)?, dv: download(s, &gv)?, dsink };
+        drop((tq, tk, tv, to, tdo, tlse, aux, gsink));
         Ok(g)
     })
 }
@@ -242,8 +249,9 @@ pub(crate) unsafe fn backward_raw_of(
     opts: &AttnOptions,
     softmax: bwd::Softmax,
 ) -> Result<()> {
-    let t = BackwardTensors { fwd: ForwardTensors { q, k, v, o, lse }, dout, dq, dk, dv };
+    let t = BackwardTensors { fwd: ForwardTensors { q, k, v, o, lse }, dout, dq, dk, dv, dsink: None };
     let p = raw_problem(q, k, v, opts)?;
+    require_no_dsink(&p)?;
     check_backward_tensors(&p, &t)?;
     let gpu = runtime::gpu(n)?;
     gpu.run("the CUDA backward", || {

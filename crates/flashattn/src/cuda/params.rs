@@ -75,6 +75,9 @@ pub struct FwdParams {
     pub window_left: i32,
     /// Window right (-1 = unbounded).
     pub window_right: i32,
+    /// Learnable sink logits `f32 [h]` or null (the forward folds it in; the backward's sink variant reads
+    /// it for `dsink`).
+    pub sink: *const f32,
 }
 
 /// Mirror of `BwdParams`.
@@ -128,6 +131,14 @@ pub struct BwdParams {
     /// 1 when lse and D come from this call's keys (a one-key row then gets `dS = 0` exactly); 0 when they
     /// come from a larger softmax (ring attention, split keys).
     pub exact_one_key: i32,
+    /// With a sink: per-warp partial `dsink` sums, `f32 [b, h, dsink_blocks, 8]`, zeroed before the main kernel.
+    pub dsink_part: *mut f32,
+    /// With a sink: the sink's gradient, `f32 [h]`, written by `flash_bwd_dsink`.
+    pub dsink: *mut f32,
+    /// 64-key blocks of the longest key sequence (the partial buffer's third extent).
+    pub dsink_blocks: i32,
+    /// Padding (the C struct's `dsink_pad_`).
+    pub dsink_pad_: i32,
 }
 
 impl Default for FwdParams {
@@ -167,16 +178,20 @@ mod tests {
         assert_eq!(offset_of!(FwdParams, alibi_batch_stride), 216);
         assert_eq!(offset_of!(FwdParams, window_left), 224);
         assert_eq!(offset_of!(FwdParams, window_right), 228);
-        assert_eq!(size_of::<FwdParams>(), 232);
+        assert_eq!(offset_of!(FwdParams, sink), 232);
+        assert_eq!(size_of::<FwdParams>(), 240);
 
-        assert_eq!(offset_of!(BwdParams, dout), 232);
-        assert_eq!(offset_of!(BwdParams, dv), 256);
-        assert_eq!(offset_of!(BwdParams, do_batch_stride), 264);
-        assert_eq!(offset_of!(BwdParams, dv_head_stride), 264 + 11 * 8);
-        assert_eq!(offset_of!(BwdParams, dpsum), 360);
-        assert_eq!(offset_of!(BwdParams, dq_semaphore), 384);
-        assert_eq!(offset_of!(BwdParams, rows_q), 392);
-        assert_eq!(offset_of!(BwdParams, exact_one_key), 396);
-        assert_eq!(size_of::<BwdParams>(), 400);
+        assert_eq!(offset_of!(BwdParams, dout), 240);
+        assert_eq!(offset_of!(BwdParams, dv), 264);
+        assert_eq!(offset_of!(BwdParams, do_batch_stride), 272);
+        assert_eq!(offset_of!(BwdParams, dv_head_stride), 272 + 11 * 8);
+        assert_eq!(offset_of!(BwdParams, dpsum), 368);
+        assert_eq!(offset_of!(BwdParams, dq_semaphore), 392);
+        assert_eq!(offset_of!(BwdParams, rows_q), 400);
+        assert_eq!(offset_of!(BwdParams, exact_one_key), 404);
+        assert_eq!(offset_of!(BwdParams, dsink_part), 408);
+        assert_eq!(offset_of!(BwdParams, dsink), 416);
+        assert_eq!(offset_of!(BwdParams, dsink_blocks), 424);
+        assert_eq!(size_of::<BwdParams>(), 432);
     }
 }

@@ -2,7 +2,7 @@
 //! allocated once), whose kernels can be enqueued and timed with CUDA events without host copies: what
 //! `flashattn bench --device cuda` measures.
 
-use super::call::{require_half, variant_for, Aux, BwdArgs, FwdArgs};
+use super::call::{require_half, require_no_dsink, variant_for, Aux, BwdArgs, FwdArgs};
 use super::compile::{Pass, Variant};
 use super::runtime::{self, dev_err, Gpu};
 use super::tensor::{alloc_out, upload, DevTensor};
@@ -61,6 +61,7 @@ impl DeviceAttention {
         let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
         require_half(&p)?;
         if let Some(d) = dout {
+            require_no_dsink(&p)?;
             if d.shape() != p.o_shape().as_slice() || d.dtype() != p.dtype {
                 return Err(Error::invalid(
                     "dout",
@@ -113,6 +114,8 @@ impl DeviceAttention {
             dq: b.dq.view(s),
             dk: b.dk.view(s),
             dv: b.dv.view(s),
+            // A resident problem with a backward has no sink (refused when it is built).
+            dsink: 0,
         };
         let aligned = a.aligned16(self.p.dtype.size());
         (a, aligned)

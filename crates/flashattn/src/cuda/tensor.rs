@@ -216,7 +216,7 @@ pub struct ForwardTensors<'a> {
 }
 
 /// The tensors of a backward call: the forward's inputs and outputs, `dout`, and the gradients written
-/// (`dq`, `dk`, `dv` with their own strides; key rows past `seqused_k` are not written).
+/// (`dq`, `dk`, `dv` with their own strides; key rows past `seqused_k` are not written; `dsink` with a sink).
 #[derive(Debug, Clone, Copy)]
 pub struct BackwardTensors<'a> {
     /// The forward's tensors (`o` and `lse` as it wrote them).
@@ -229,4 +229,7 @@ pub struct BackwardTensors<'a> {
     pub dk: &'a DeviceTensorRef,
     /// Gradient of `v`.
     pub dv: &'a DeviceTensorRef,
+    /// Gradient of the learnable sink, `f32 [h]` contiguous: required exactly when
+    /// [`super::DeviceMeta::sink`] is given.
+    pub dsink: Option<&'a DeviceTensorRef>,
 }
