@@ -218,6 +218,28 @@ sinks_wait() {
     wait "$SINK_PID"
     grep -E "test result|rc=|panicked|FAILED|failed|passed" "$OUT/sink_tests.log" >> "$OUT/summary.txt"
 }
+# The short correctness call: the Rust CUDA quick sweep and the sink tests beside pytest on CUDA tensors, then
+# memcheck on the sink backward's pytest cases.
+run_verify() {
+    (export FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-rust FLASHATTN_ALLOW_SPILLS=1 FLASHATTN_REQUIRE_GPU=1
+     sinktests 150
+     FLASHATTN_SWEEP=quick timeout 240 "$G/cuda" --test-threads=1 sweep >> "$OUT/rust_cuda.log" 2>&1
+     echo "cuda sweep rc=$?" >> "$OUT/rust_cuda.log") &
+    step pytest-cuda 280 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rfEsxX .
+    wait
+    grep -E "test result|rc=|panicked|FAILED|failed" "$OUT/rust_cuda.log" | cut -c1-300 >> "$OUT/summary.txt"
+    step memcheck 80 env -C "$T" FLASHATTN_TEST_DEVICES=cuda compute-sanitizer --tool memcheck --error-exitcode 3 \
+        python3 -m pytest -q -p no:cacheprovider -x "test_sink.py::test_sink_forward_and_gradients[cuda-0.0-True]" \
+        "test_sink.py::test_sink_decode_splits[cuda-3]"
+}
+# The smallest sink check: the Rust sink tests (forward, backward, dsink, KV decode) beside the sink pytest cases.
+run_sinkcheck() {
+    (export FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-rust FLASHATTN_ALLOW_SPILLS=1; sinktests 170) &
+    step pytest-sinks 120 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rfEsxX \
+        test_sink.py test_value_dim.py -k sink
+    wait
+    grep -E "test result|rc=|panicked|FAILED|failed" "$OUT/rust_cuda.log" | cut -c1-300 >> "$OUT/summary.txt"
+}
 run_pytest() {
     step pytest-cuda 300 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rfEsxX .
 }
@@ -230,6 +252,8 @@ for MODE in "$@"; do
     case "$MODE" in
     final) run_final ;;
     correct) run_correct ;;
+    verify) run_verify ;;
+    sinkcheck) run_sinkcheck ;;
     bench) run_bench ;;
     all) run_correct; run_bench ;;
     harness) run_harness ;;

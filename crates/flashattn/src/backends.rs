@@ -108,8 +108,8 @@ fn no_cuda<T>() -> Result<T> {
     Err(Error::BackendUnavailable { backend: "cuda", reason: "this build has no `cuda` feature".into() })
 }
 
-/// Caps the instruction set of the CPU backend's tile products and exponentials: 2 AVX-512F (the default, where
-/// the machine has it), 1 AVX2+FMA, 0 plain code. For A/B comparisons and for testing every code path on one
+/// Caps the instruction set of the CPU backend's tile products and exponentials: 3 AVX-512F with AVX-512-BF16
+/// score products for bf16 inputs (the default, where the machine has it), 2 AVX-512F, 1 AVX2+FMA, 0 plain code. For A/B comparisons and for testing every code path on one
 /// machine; process-wide, and results may differ in the last bits between levels.
 pub fn set_cpu_simd_cap(level: u8) {
     crate::cpu::kernel::set_simd_cap(level);

@@ -1,23 +1,28 @@
 //! Tiled FlashAttention on the CPU, forward and backward.
 //!
-//! Forward: one task per (sequence, query head, tile of `BM` query rows). Each task walks the key tiles its
+//! Keys and values: per (sequence, key head) they are converted to `f32` once and packed into key-tile panels
+//! (`Kᵀ`, `K`, `V`, `Vᵀ` as the pass needs, [`Panels`]) shared by every task of that pair, in waves of
+//! bounded size ([`PANEL_BUDGET`]): O(seqlen) extra memory.
+//!
+//! Forward: one task per (sequence, query head, tile of `FBM` query rows). Each task walks the key tiles its
 //! rows can see (block skipping from the mask), keeping a running max `m`, running sum `l` and an `f32`
-//! accumulator (online softmax), so the score matrix is never stored: extra memory is O(tile), per thread.
+//! accumulator (online softmax), so the score matrix is never stored.
 //!
-//! Backward: two passes that never race and so are deterministic. Pass 1, one task per (sequence, query head,
-//! query tile): recompute `P` from `lse` and `dP = dO Vᵀ`, first to get `D = rowsum(P ∘ dP)`, then to
-//! accumulate `dQ += dS K` with `dS = P ∘ (dP - D)`. Pass 2, one task per (sequence, key head, tile of `BN`
-//! keys): recompute `P` and `dS`, accumulate `dV += Pᵀ dO` and `dK += dSᵀ Q` over every query head of the
-//! group. The forward's `o` is not read: `D` from the recomputed `P` and `dP` is exact where `rowsum(dO ∘ O)`
-//! would carry the rounding of `O` to f16/bf16.
+//! Backward: one sweep, query tiles outermost, that never races and so is deterministic (see [`backward`]):
+//! per query tile, `D = rowsum(P ∘ dP)` from the recomputed `P` and `dP`, then per key tile `dS = P ∘ (dP -
+//! D)` and `dQ += dS K`, `dV += Pᵀ dO`, `dK += dSᵀ Q`, the last two into per-task partial sums reduced in a
+//! fixed order. The forward's `o` is not read (unless the caller gives `D`, as ring attention does for its
+//! partial rows): `D` from the recomputed `P` and `dP` is exact where `rowsum(dO ∘ O)` would carry the rounding
+//! of `O` (to f16/bf16; and even in f32 a row that sees one key needs `dP - D` to cancel exactly, which `D` from
+//! `o` does not give: tried, it broke the f32 rule for dk at sk = 1 with soft-capping).
 //!
-//! Tile products: every score product (`S = Q Kᵀ` in the forward and in both backward passes, `dP = dO Vᵀ`),
+//! Tile products: every score product (`S = Q Kᵀ` in the forward and in both backward sweeps, `dP = dO Vᵀ`),
 //! the forward's `P V` and the backward's gradient products (`dQ += dS K`, `dV += Pᵀ dO`, `dK += dSᵀ Q`) run
 //! through the register-tiled kernel of `super::kernel` (independent of the oracle's `crate::gemm`), on
-//! operands padded to `W` columns and `R` rows, with `Kᵀ` and `Vᵀ` transposed once per key tile and `Pᵀ`,
+//! operands padded to `W` columns and `R` rows, with `Kᵀ` and `Vᵀ` transposed once per (sequence, key head) and `Pᵀ`,
 //! `dSᵀ` read by columns. The value head dim `d_v` may differ from `d`: `Q Kᵀ`, `dQ`, `dK` run over `d`
 //! (padded to `dp`), `dP = dO Vᵀ`, `P V`, `O`, `dO` and `dV` over `d_v` (padded to `dvp`). One kernel for every score product, summing each element in one chain over `k`,
-//! keeps a pair's `S` (and `dP`) bit-identical across the forward and both backward passes. Each tile
+//! keeps a pair's `S` (and `dP`) bit-identical across the forward and both backward sweeps. Each tile
 //! function is compiled three times (plain; AVX2+FMA; AVX-512F), picked at run time (`kernel::level`).
 //! Exponentials use the kernel's polynomial `exp` everywhere, so `P = exp(s - lse)` is 1 exactly where
 //! `lse` is the row's only score.
@@ -26,15 +31,12 @@ use super::kernel::{self, ARef, RMAX as R, WP as W};
 use super::tile::{load_rows, pv_row, ScoreFn};
 use crate::gemm::{round_up, transpose_into};
 use crate::problem::{Problem, RowMap};
-use crate::semantics::kv_head;
 use crate::tensor::{CpuSlice, RawMut};
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// Query rows per forward task.
-const BM: usize = 64;
 /// Keys per inner tile.
-const BN: usize = 64;
+const BN: usize = 128;
 
 /// Where a forward writes its outputs.
 pub(crate) struct FwdOut<'a> {
@@ -66,37 +68,213 @@ fn tile_key_range(p: &Problem, seq: usize, i0: usize, i1: usize) -> (usize, usiz
     }
 }
 
-fn tasks(p: &Problem, heads: usize, rows: impl Fn(usize) -> usize, tile: usize) -> Vec<(usize, usize, usize)> {
-    let mut t = Vec::new();
-    for seq in 0..p.batch {
-        for h in 0..heads {
-            let n = rows(seq);
-            for r0 in (0..n).step_by(tile) {
-                t.push((seq, h, r0));
-            }
-        }
-    }
-    t
-}
-
 /// The forward pass.
 pub(crate) fn forward(p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>) {
     let (d, d_v) = (p.d, p.d_v);
-    tasks(p, p.h, |s| p.seqlen_q[s], FBM)
-        .into_par_iter()
-        .for_each_init(|| FwdScratch::new(d, d_v), |sc, (seq, head, i0)| forward_tile(p, x, out, sc, seq, head, i0));
+    let need = Need { bf: use_bf16(x, None), kt: true, k: false, v: true, vt: false };
+    for wave in waves(p, need) {
+        let panels = pack_wave(p, x, &wave, need);
+        let group = p.h / p.hk;
+        let mut t = Vec::new();
+        for (w, &(seq, kh)) in wave.iter().enumerate() {
+            for head in kh * group..(kh + 1) * group {
+                for i0 in (0..p.seqlen_q[seq]).step_by(FBM) {
+                    t.push((w, seq, head, i0));
+                }
+            }
+        }
+        t.into_par_iter().for_each_init(
+            || FwdScratch::new(d, d_v),
+            |sc, (w, seq, head, i0)| forward_tile(p, &panels[w], out, x, sc, seq, head, i0),
+        );
+    }
 }
 
-/// Query rows per forward task and per task of the backward's pass 1: the key tile's loading and
-/// transposing is shared by this many rows.
+/// Query rows per forward task and per query tile of the backward: each key tile's products are shared by
+/// this many rows.
 const FBM: usize = 128;
 
-struct FwdScratch {
-    /// `[FBM, dp]`, `[BN, dp]`, `[d, BN]` (`Kᵀ`), `[BN, dvp]`, `[FBM, BN]`, `[FBM, dvp]`.
-    q: Vec<f32>,
-    k: Vec<f32>,
+/// Which key-tile panels a pass reads: `Kᵀ` (`[d, BN]` per tile), `K` (`[BN, dp]`), `V` (`[BN, dvp]`), `Vᵀ`
+/// (`[d_v, BN]`).
+#[derive(Clone, Copy)]
+struct Need {
+    /// `Kᵀ` and `Vᵀ` as bf16 pairs ([`Panels::ktb`], [`Panels::vtb`]) instead of `f32`.
+    bf: bool,
+    kt: bool,
+    k: bool,
+    v: bool,
+    vt: bool,
+}
+
+/// One (sequence, key head)'s keys and values converted to `f32` once, in key tiles of `BN` (zero past the
+/// last key), laid out as the tile products read them. Packed once and shared by every query tile and every
+/// query head of the group, instead of each task re-reading (and converting, transposing) the key rows
+/// from the `[b, s, h, d]` layout, where consecutive rows are a head stride apart.
+struct Panels {
     kt: Vec<f32>,
+    k: Vec<f32>,
     v: Vec<f32>,
+    vt: Vec<f32>,
+    /// With bf16 inputs at SIMD level 3 (`Need::bf`), `Kᵀ` and `Vᵀ` in bf16 pairs for `kernel::gemm_bf16`
+    /// (`[d.div_ceil(2), BN]` and `[d_v.div_ceil(2), BN]` per tile), and `kt`, `vt` are empty.
+    ktb: Vec<u32>,
+    vtb: Vec<u32>,
+}
+
+/// One key tile's transposed operand of a score product: `f32` `[d, BN]` or bf16 pairs `[d.div_ceil(2), BN]`.
+#[derive(Clone, Copy)]
+enum TileOp<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u32]),
+}
+
+impl Panels {
+    /// `Kᵀ` of key tile `t`.
+    fn kt(&self, p: &Problem, t: usize) -> TileOp<'_> {
+        if self.ktb.is_empty() {
+            TileOp::F32(&self.kt[t * BN * p.d..(t + 1) * BN * p.d])
+        } else {
+            let d2 = p.d.div_ceil(2);
+            TileOp::Bf16(&self.ktb[t * BN * d2..(t + 1) * BN * d2])
+        }
+    }
+
+    /// `Vᵀ` of key tile `t`.
+    fn vt(&self, p: &Problem, t: usize) -> TileOp<'_> {
+        if self.vtb.is_empty() {
+            TileOp::F32(&self.vt[t * BN * p.d_v..(t + 1) * BN * p.d_v])
+        } else {
+            let d2 = p.d_v.div_ceil(2);
+            TileOp::Bf16(&self.vtb[t * BN * d2..(t + 1) * BN * d2])
+        }
+    }
+}
+
+/// Whether the score products run on bf16 pairs (`kernel::gemm_bf16`): bf16 q, k, v (and `dout`, when given)
+/// on a CPU at SIMD level 3. Their values are then exactly bf16 after conversion to `f32`, so the pairs are
+/// exact.
+fn use_bf16(x: Qkv<'_>, dout: Option<CpuSlice<'_>>) -> bool {
+    let bf = |s: CpuSlice<'_>| matches!(s, CpuSlice::BF16(_));
+    cfg!(all(target_arch = "x86_64", flashattn_avx512))
+        && kernel::level() >= 3
+        && bf(x.q)
+        && bf(x.k)
+        && bf(x.v)
+        && dout.into_iter().all(bf)
+}
+
+/// Packs the first `d` rows of a transposed tile `tt` (`[d, BN]`) into bf16 pairs `out` (`[d.div_ceil(2), BN]`):
+/// `out[kk * BN + j]` holds rows `2kk` and `2kk + 1` of column `j` (0 past row `d`).
+fn pack_tile_pairs(tt: &[f32], d: usize, out: &mut [u32]) {
+    let mut col = [0f32; 2];
+    for kk in 0..d.div_ceil(2) {
+        for j in 0..BN {
+            col[0] = tt[2 * kk * BN + j];
+            col[1] = if 2 * kk + 1 < d { tt[(2 * kk + 1) * BN + j] } else { 0.0 };
+            kernel::pack_pairs(&col, 2, &mut out[kk * BN + j..kk * BN + j + 1]);
+        }
+    }
+}
+
+/// Most bytes of packed panels alive at once: the (sequence, key head) pairs are processed in waves of at
+/// most this much (one pair at least), so the extra memory stays bounded whatever the batch and head count.
+const PANEL_BUDGET: usize = 128 << 20;
+
+fn panel_floats(p: &Problem, seq: usize, need: Need) -> usize {
+    let (dp, dvp) = (round_up(p.d, W), round_up(p.d_v, W));
+    let n = round_up(p.seqlen_k[seq], BN);
+    n * (need.kt as usize * p.d + need.k as usize * dp + need.v as usize * dvp + need.vt as usize * p.d_v)
+}
+
+/// The (sequence, key head) pairs in waves of at most [`PANEL_BUDGET`] bytes of panels each.
+fn waves(p: &Problem, need: Need) -> Vec<Vec<(usize, usize)>> {
+    let mut all = vec![Vec::new()];
+    let mut bytes = 0;
+    for seq in 0..p.batch {
+        let b = panel_floats(p, seq, need) * 4;
+        for kh in 0..p.hk {
+            let cur = all.last_mut().expect("never empty");
+            if !cur.is_empty() && bytes + b > PANEL_BUDGET {
+                all.push(Vec::new());
+                bytes = 0;
+            }
+            all.last_mut().expect("never empty").push((seq, kh));
+            bytes += b;
+        }
+    }
+    all
+}
+
+/// Packs the panels of every pair of a wave (in parallel over pairs).
+fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Vec<Panels> {
+    wave.par_iter()
+        .map(|&(seq, kh)| {
+            let (d, dp) = (p.d, round_up(p.d, W));
+            let (dv, dvp) = (p.d_v, round_up(p.d_v, W));
+            let sk = p.seqlen_k[seq];
+            let nt = sk.div_ceil(BN);
+            let mut pn = Panels {
+                kt: Vec::new(),
+                k: Vec::new(),
+                v: Vec::new(),
+                vt: Vec::new(),
+                ktb: Vec::new(),
+                vtb: Vec::new(),
+            };
+            let (d2, dv2) = (d.div_ceil(2), dv.div_ceil(2));
+            // With `need.bf` the transposed tiles go through `tt` into the pair panels.
+            let mut tt = vec![0f32; if need.bf { BN * d.max(dv) } else { 0 }];
+            if need.kt && need.bf {
+                pn.ktb = vec![0; nt * BN * d2];
+            } else if need.kt {
+                pn.kt = vec![0.0; nt * BN * d];
+            }
+            if need.k {
+                pn.k = vec![0.0; nt * BN * dp];
+            }
+            if need.v {
+                pn.v = vec![0.0; nt * BN * dvp];
+            }
+            if need.vt && need.bf {
+                pn.vtb = vec![0; nt * BN * dv2];
+            } else if need.vt {
+                pn.vt = vec![0.0; nt * BN * dv];
+            }
+            let mut buf = vec![0f32; BN * dp.max(dvp)];
+            for t in 0..nt {
+                let (j0, bn) = (t * BN, BN.min(sk - t * BN));
+                if need.kt || need.k {
+                    let kb: &mut [f32] = if need.k { &mut pn.k[t * BN * dp..(t + 1) * BN * dp] } else { &mut buf };
+                    load_rows(x.k, &p.k, seq, kh, j0, bn, d, dp, kb);
+                    if need.kt && need.bf {
+                        tt.fill(0.0);
+                        transpose_into(kb, bn, dp, d, &mut tt, BN);
+                        pack_tile_pairs(&tt, d, &mut pn.ktb[t * BN * d2..(t + 1) * BN * d2]);
+                    } else if need.kt {
+                        transpose_into(kb, bn, dp, d, &mut pn.kt[t * BN * d..(t + 1) * BN * d], BN);
+                    }
+                }
+                if need.v || need.vt {
+                    let vb: &mut [f32] = if need.v { &mut pn.v[t * BN * dvp..(t + 1) * BN * dvp] } else { &mut buf };
+                    load_rows(x.v, &p.v, seq, kh, j0, bn, dv, dvp, vb);
+                    if need.vt && need.bf {
+                        tt.fill(0.0);
+                        transpose_into(vb, bn, dvp, dv, &mut tt, BN);
+                        pack_tile_pairs(&tt, dv, &mut pn.vtb[t * BN * dv2..(t + 1) * BN * dv2]);
+                    } else if need.vt {
+                        transpose_into(vb, bn, dvp, dv, &mut pn.vt[t * BN * dv..(t + 1) * BN * dv], BN);
+                    }
+                }
+            }
+            pn
+        })
+        .collect()
+}
+
+struct FwdScratch {
+    /// `[FBM, dp]`, `[FBM, d.div_ceil(2)]` (bf16 pairs of `q`), `[FBM, BN]`, `[FBM, dvp]`.
+    q: Vec<f32>,
+    qb: Vec<u32>,
     s: Vec<f32>,
     acc: Vec<f32>,
     m: Vec<f32>,
@@ -108,9 +286,7 @@ impl FwdScratch {
         let (dp, dvp) = (round_up(d, W), round_up(d_v, W));
         FwdScratch {
             q: vec![0.0; FBM * dp],
-            k: vec![0.0; BN * dp],
-            kt: vec![0.0; d * BN],
-            v: vec![0.0; BN * dvp],
+            qb: vec![0; FBM * d.div_ceil(2)],
             s: vec![0.0; FBM * BN],
             acc: vec![0.0; FBM * dvp],
             m: vec![0.0; FBM],
@@ -119,14 +295,64 @@ impl FwdScratch {
     }
 }
 
+/// Lanes of the row reductions below: 16 partial results, combined in a fixed order at the end, so the
+/// loops vectorise (a single running sum would be a serial chain) and the result depends only on the data.
+const LANES: usize = 16;
+
+/// `x *= scale` and the maximum of `init` and the scaled `x` (NaN skipped, as `f32::max` does).
+#[inline(always)]
+fn scale_max(x: &mut [f32], scale: f32, init: f32) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut ch = x.chunks_exact_mut(LANES);
+    for c in &mut ch {
+        for l in 0..LANES {
+            c[l] *= scale;
+            m[l] = m[l].max(c[l]);
+        }
+    }
+    let mut mx = init;
+    for v in ch.into_remainder() {
+        *v *= scale;
+        mx = mx.max(*v);
+    }
+    m.iter().fold(mx, |a, &b| a.max(b))
+}
+
+/// `x = exp(x - base)` and the sum of the new `x` (in [`LANES`] partial sums).
+#[inline(always)]
+fn exp_sum(x: &mut [f32], base: f32) -> f32 {
+    let mut s = [0f32; LANES];
+    let mut ch = x.chunks_exact_mut(LANES);
+    for c in &mut ch {
+        for l in 0..LANES {
+            c[l] = kernel::exp1(c[l] - base);
+            s[l] += c[l];
+        }
+    }
+    let mut tail = 0f32;
+    for v in ch.into_remainder() {
+        *v = kernel::exp1(*v - base);
+        tail += *v;
+    }
+    // Pairwise, in a fixed order.
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            s[l] += s[l + w];
+        }
+    }
+    s[0] + tail
+}
+
 /// Defines `$name` calling `$body_fn::<L>` for the instruction-set level of this CPU
-/// ([`kernel::level`]): an AVX-512F copy (level 2) and an AVX2+FMA copy (level 1) compiled with those
-/// features, else the plain body (level 0).
+/// ([`kernel::level`]): an AVX-512F + AVX-512-BF16 copy (level 3), an AVX-512F copy (level 2) and an AVX2+FMA
+/// copy (level 1) compiled with those features, else the plain body (level 0).
 macro_rules! multiversion {
-    ($name:ident, $avx2:ident, $avx512:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
-        multiversion!($name, $avx2, $avx512, $body_fn, ($($arg: $ty),*) -> ());
+    ($name:ident, $avx2:ident, $avx512:ident, $bf16:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
+        multiversion!($name, $avx2, $avx512, $bf16, $body_fn, ($($arg: $ty),*) -> ());
     };
-    ($name:ident, $avx2:ident, $avx512:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+    ($name:ident, $avx2:ident, $avx512:ident, $bf16:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
         #[allow(clippy::too_many_arguments)]
@@ -139,11 +365,20 @@ macro_rules! multiversion {
         unsafe fn $avx512($($arg: $ty),*) -> $ret {
             $body_fn::<2>($($arg),*)
         }
+        #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+        #[target_feature(enable = "avx512f,avx512bf16,avx2,fma")]
+        #[allow(clippy::too_many_arguments, clippy::incompatible_msrv)]
+        unsafe fn $bf16($($arg: $ty),*) -> $ret {
+            $body_fn::<3>($($arg),*)
+        }
         #[allow(clippy::too_many_arguments)]
         fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             match kernel::level() {
                 // SAFETY: the CPU supports the features each copy was compiled for (`kernel::level`).
+                #[cfg(flashattn_avx512)]
+                3 => return unsafe { $bf16($($arg),*) },
+                // SAFETY: as above.
                 #[cfg(flashattn_avx512)]
                 2 => return unsafe { $avx512($($arg),*) },
                 // SAFETY: as above.
@@ -155,13 +390,15 @@ macro_rules! multiversion {
     };
 }
 
-multiversion!(forward_tile, forward_tile_avx2, forward_tile_avx512, forward_tile_body, (p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>, sc: &mut FwdScratch, seq: usize, head: usize, i0: usize));
+multiversion!(forward_tile, forward_tile_avx2, forward_tile_avx512, forward_tile_bf16, forward_tile_body, (p: &Problem, pn: &Panels, out: &FwdOut<'_>, x: Qkv<'_>, sc: &mut FwdScratch, seq: usize, head: usize, i0: usize));
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn forward_tile_body<const L: u8>(
     p: &Problem,
-    x: Qkv<'_>,
+    pn: &Panels,
     out: &FwdOut<'_>,
+    x: Qkv<'_>,
     sc: &mut FwdScratch,
     seq: usize,
     head: usize,
@@ -173,12 +410,12 @@ fn forward_tile_body<const L: u8>(
     let i1 = (i0 + FBM).min(sq);
     let bm = i1 - i0;
     let rows = round_up(bm, R);
-    let kh = kv_head(head, p.h, p.hk);
     let f = ScoreFn::new(p, seq, head);
     // Only the score transform's scale is on: the transform is one multiply, done over whole rows.
     let plain = f.softcap <= 0.0 && f.slope.is_none();
     load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut sc.q);
     sc.q[bm * dp..rows * dp].fill(0.0);
+    let qop = rows_op(!pn.ktb.is_empty(), &sc.q, rows, d, dp, &mut sc.qb);
     sc.acc[..rows * dvp].fill(0.0);
     // A sink starts every row's softmax: running max `sink`, running sum `exp(sink - sink) = 1`.
     let sink = p.sink.as_ref().map(|z| z[head]);
@@ -206,13 +443,9 @@ fn forward_tile_body<const L: u8>(
     while j0 < hi {
         let j1 = (j0 + BN).min(sk);
         let bn = j1 - j0;
-        load_rows(x.k, &p.k, seq, kh, j0, bn, d, dp, &mut sc.k);
-        if bn < BN {
-            sc.kt.fill(0.0);
-        }
-        transpose_into(&sc.k, bn, dp, d, &mut sc.kt, BN);
-        load_rows(x.v, &p.v, seq, kh, j0, bn, dv, dvp, &mut sc.v);
-        tile_product::<L>(d, dp, rows, &sc.q, &sc.kt, tile_cols(lo.max(j0), hi.min(j1), j0), &mut sc.s);
+        let t = j0 / BN;
+        let v = &pn.v[t * BN * dvp..(t + 1) * BN * dvp];
+        score_product::<L>(d, rows, qop, pn.kt(p, t), tile_cols(lo.max(j0), hi.min(j1), j0), &mut sc.s);
         for (r, range) in ranges.iter().enumerate() {
             let (a, b) = (range.start.max(j0), range.end.min(j1));
             if a >= b {
@@ -221,10 +454,7 @@ fn forward_tile_body<const L: u8>(
             let srow = &mut sc.s[r * BN..r * BN + bn];
             let mut mx = sc.m[r];
             if plain {
-                for x in &mut srow[a - j0..b - j0] {
-                    *x *= f.scale;
-                    mx = mx.max(*x);
-                }
+                mx = scale_max(&mut srow[a - j0..b - j0], f.scale, mx);
             } else {
                 for j in a..b {
                     let (s, _) = f.apply(srow[j - j0], i0 + r, j);
@@ -241,10 +471,7 @@ fn forward_tile_body<const L: u8>(
             if alpha != 1.0 {
                 sc.acc[r * dvp..r * dvp + dv].iter_mut().for_each(|v| *v *= alpha);
             }
-            let prow = &mut srow[a - j0..b - j0];
-            prow.iter_mut().for_each(|x| *x -= base);
-            kernel::exp_slice(prow);
-            sc.l[r] = sc.l[r] * alpha + prow.iter().sum::<f32>();
+            sc.l[r] = sc.l[r] * alpha + exp_sum(&mut srow[a - j0..b - j0], base);
         }
         // P V: whole row groups through the tile product where every row sees the same keys of the tile,
         // the others row by row (a masked key's value never meets a zero weight: `0 * NaN` would leak).
@@ -257,7 +484,7 @@ fn forward_tile_body<const L: u8>(
                         let (a, b) = (range.start.max(j0), range.end.min(j1));
                         if a < b {
                             let prow = &sc.s[r * BN + a - j0..r * BN + b - j0];
-                            pv_row(&mut sc.acc[r * dvp..r * dvp + dv], prow, &sc.v[(a - j0) * dvp..], dv, dvp);
+                            pv_row(&mut sc.acc[r * dvp..r * dvp + dv], prow, &v[(a - j0) * dvp..], dv, dvp);
                         }
                     }
                 }
@@ -270,7 +497,7 @@ fn forward_tile_body<const L: u8>(
                 Some(k) if !k.is_empty() => k.start - j0..k.end - j0,
                 _ => 0..0,
             };
-            kernel::gemm::<L>(ARef { a: &sc.s, rs: BN, cs: 1 }, &sc.v, dvp, &mut sc.acc, dvp, rows, keys, 0..dvp);
+            kernel::gemm::<L>(ARef { a: &sc.s, rs: BN, cs: 1 }, v, dvp, &mut sc.acc, dvp, rows, keys, 0..dvp);
         }
         j0 = j1;
     }
@@ -359,49 +586,6 @@ fn prob_dscore_row(
     }
 }
 
-/// One key tile's operands of the score products, transposed once: `Kᵀ` as `[d, BN]` and `Vᵀ` as `[d_v, BN]`
-/// (columns past the tile's keys are 0), and `K` row-major `[BN, dp]` for `dQ += dS K`.
-struct KeyTile {
-    k: Vec<f32>,
-    kt: Vec<f32>,
-    vt: Vec<f32>,
-}
-
-impl KeyTile {
-    fn new(p: &Problem) -> Self {
-        let dp = round_up(p.d, W);
-        KeyTile { k: vec![0.0; BN * dp], kt: vec![0.0; p.d * BN], vt: vec![0.0; p.d_v * BN] }
-    }
-
-    /// Loads keys `j0..j0 + bn` of `(seq, kh)` (the row-major `K` only when `keep_k`); `buf` is scratch of
-    /// at least `BN * max(dp, dvp)` elements.
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    fn load(
-        &mut self,
-        p: &Problem,
-        x: Qkv<'_>,
-        seq: usize,
-        kh: usize,
-        j0: usize,
-        bn: usize,
-        keep_k: bool,
-        buf: &mut [f32],
-    ) {
-        let (d, dp) = (p.d, round_up(p.d, W));
-        let (dv, dvp) = (p.d_v, round_up(p.d_v, W));
-        if bn < BN {
-            self.kt.fill(0.0);
-            self.vt.fill(0.0);
-        }
-        let kbuf: &mut [f32] = if keep_k { &mut self.k } else { buf };
-        load_rows(x.k, &p.k, seq, kh, j0, bn, d, dp, kbuf);
-        transpose_into(kbuf, bn, dp, d, &mut self.kt, BN);
-        load_rows(x.v, &p.v, seq, kh, j0, bn, dv, dvp, buf);
-        transpose_into(buf, bn, dvp, dv, &mut self.vt, BN);
-    }
-}
-
 /// `C = A Bᵀ` of `rows` rows of `a` (`[rows, dp]`) against one key tile's transposed operand `bt`
 /// (`[d, BN]`), over the tile's columns `cols` (aligned to `W`; the others are left 0). Every score product
 /// of the CPU backend (`S = Q Kᵀ` in the forward and both backward passes, `dP = dO Vᵀ`) is computed here, so
@@ -422,21 +606,61 @@ fn tile_product<const L: u8>(
     kernel::gemm::<L>(ARef { a, rs: dp, cs: 1 }, bt, BN, c, BN, rows, |_| 0..d, cols);
 }
 
-/// `S = Q Kᵀ` and `dP = dO Vᵀ` of `rows` query rows (`q` `[rows, dp]`, `g` `[rows, dvp]`) against one key tile.
+/// A query tile's operand of a score product (`Q` or `dO`, `rows` rows): `f32` `[rows, dp]` or bf16 pairs
+/// `[rows, d.div_ceil(2)]`, matching the key tile's [`TileOp`].
+#[derive(Clone, Copy)]
+enum RowsOp<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u32]),
+}
+
+/// [`tile_product`] of a query tile's operand against a key tile's (`d` the depth), through
+/// `kernel::gemm_bf16` for bf16 pairs (level 3 only: pairs are packed only there, [`use_bf16`]).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn score_product<const L: u8>(d: usize, rows: usize, a: RowsOp<'_>, bt: TileOp<'_>, cols: Range<usize>, c: &mut [f32]) {
+    match (a, bt) {
+        (RowsOp::F32(a), TileOp::F32(bt)) => tile_product::<L>(d, round_up(d, W), rows, a, bt, cols, c),
+        #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+        (RowsOp::Bf16(a), TileOp::Bf16(bt)) if L >= 3 => {
+            c[..rows * BN].fill(0.0);
+            let d2 = d.div_ceil(2);
+            // SAFETY: the level-3 copy runs only where the CPU has AVX-512F and AVX-512-BF16 (`kernel::level`).
+            unsafe { kernel::gemm_bf16(a, d2, bt, BN, c, BN, rows, d2, cols) };
+        }
+        _ => unreachable!("bf16 pairs are packed only at SIMD level 3, for both operands"),
+    }
+}
+
+/// `S = Q Kᵀ` and `dP = dO Vᵀ` of `rows` query rows (`q`, `g`) against key tile `t` of `pn`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn scores<const L: u8>(
     p: &Problem,
+    pn: &Panels,
+    t: usize,
     rows: usize,
-    q: &[f32],
-    g: &[f32],
-    t: &KeyTile,
+    q: RowsOp<'_>,
+    g: RowsOp<'_>,
     cols: Range<usize>,
     s: &mut [f32],
     dpm: &mut [f32],
 ) {
-    tile_product::<L>(p.d, round_up(p.d, W), rows, q, &t.kt, cols.clone(), s);
-    tile_product::<L>(p.d_v, round_up(p.d_v, W), rows, g, &t.vt, cols, dpm);
+    score_product::<L>(p.d, rows, q, pn.kt(p, t), cols.clone(), s);
+    score_product::<L>(p.d_v, rows, g, pn.vt(p, t), cols, dpm);
+}
+
+/// `x` (`rows` rows of `d` values, leading dimension `ld`) as bf16 pairs in `pairs` (`[rows, d.div_ceil(2)]`)
+/// when `bf`, for [`score_product`].
+fn rows_op<'a>(bf: bool, x: &'a [f32], rows: usize, d: usize, ld: usize, pairs: &'a mut [u32]) -> RowsOp<'a> {
+    if !bf {
+        return RowsOp::F32(x);
+    }
+    let d2 = d.div_ceil(2);
+    for r in 0..rows {
+        kernel::pack_pairs(&x[r * ld..r * ld + d], d, &mut pairs[r * d2..(r + 1) * d2]);
+    }
+    RowsOp::Bf16(pairs)
 }
 
 /// The tile columns `[a - j0, b - j0)` widened to multiples of `W` (within `BN`).
@@ -448,7 +672,39 @@ fn tile_cols(a: usize, b: usize, j0: usize) -> Range<usize> {
     }
 }
 
+/// Tasks the backward aims for in all (when the problem has enough query tiles): a (sequence, key head) pair's
+/// query tiles are split over `ceil(BWD_TASKS / (b * hk))` tasks, each with its own partial `dK`, `dV`. A
+/// constant, not the thread count, so the summation order (and so every bit of the result) is the same
+/// whatever the number of threads. Fewer where the partials of all pairs would pass [`PARTIAL_BUDGET`].
+const BWD_TASKS: usize = 16;
+
+/// Bytes of partial `dK`, `dV` (all pairs' tasks together, at the longest sequence) above which the backward
+/// splits a pair over fewer tasks (one at least): a single long head gets `64 MiB / (sk (dp + dvp) 4)` tasks.
+/// With one task per pair the task writes its pair's gradients itself and keeps no partial.
+const PARTIAL_BUDGET: usize = 64 << 20;
+
+/// Most `f32` values of `S` and `dP` a backward task keeps from its D sweep for the second sweep (one query
+/// tile's worth: 2 x 128 rows x the keys it sees, so 32 MiB covers 32k keys): longer rows recompute them.
+const SCORE_CACHE_FLOATS: usize = 8 << 20;
+
+/// A backward task's results: its partial `dK` (`[tiles * BN, dp]`), `dV` (`[tiles * BN, dvp]`) of the pair's
+/// keys, and `D` of its query tiles (query head, first row, values).
+struct BwdPart {
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    delta: Vec<(usize, usize, Vec<f32>)>,
+}
+
 /// The backward pass (deterministic: fixed summation order, no atomics).
+///
+/// One sweep over the (query tile, key tile) pairs, query tiles outermost: per query tile, `D` first (unless
+/// given: one pass over its key tiles computing `S`, `dP`, `P`, keeping `S` and `dP` where they fit in
+/// [`SCORE_CACHE_FLOATS`]), then per key tile `S`, `dP` (kept or recomputed), `P`, `dS` and
+/// the three gradient products `dQ += dS K` (held for the query tile), `dV += Pᵀ dO` and `dK += dSᵀ Q` (into
+/// the task's partial `dK`, `dV` of the pair's keys, O(seqlen) per task). The query tiles of a (sequence,
+/// key head) pair (every query head of its group) are dealt round-robin to a fixed number of tasks (so a
+/// causal mask's long and short rows mix); their partial `dK`, `dV` are summed in task order. Keys and values
+/// are packed once per pair ([`Panels`]).
 ///
 /// `D_i = sum_j P_ij dP_ij` (mathematically `rowsum(dO_i ∘ O_i)`) is computed from the recomputed `P` and `dP`
 /// rather than from the forward's rounded `O`: in f16/bf16 the rounding of `O` would be the largest error of the
@@ -456,213 +712,252 @@ fn tile_cols(a: usize, b: usize, j0: usize) -> Range<usize> {
 ///
 /// Returns `D` (in [`Problem::lse_shape`] order): a learnable sink's gradient is made from it.
 pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>) -> Vec<f32> {
-    // Pass 1: D and dQ per query tile.
-    let rows: Vec<((usize, usize, usize), Vec<f32>)> = tasks(p, p.h, |s| p.seqlen_q[s], FBM)
-        .into_par_iter()
-        .map(|(seq, head, i0)| ((seq, head, i0), dq_tile(p, x, b, out, seq, head, i0)))
-        .collect();
+    let need = Need { bf: use_bf16(x, Some(b.dout)), kt: true, k: true, v: false, vt: true };
+    let pairs = (p.batch * p.hk).max(1);
+    let part_bytes = (round_up(p.max_seqlen_k(), BN) * (round_up(p.d, W) + round_up(p.d_v, W)) * 4).max(1);
+    let per_pair = BWD_TASKS.div_ceil(pairs).min((PARTIAL_BUDGET / (pairs * part_bytes)).max(1));
     let mut delta = vec![0f32; b.lse.len()];
-    for ((seq, head, i0), dd) in rows {
-        for (r, v) in dd.into_iter().enumerate() {
-            delta[p.lse_index(seq, head, i0 + r)] = v;
+    for wave in waves(p, need) {
+        let panels = pack_wave(p, x, &wave, need);
+        // (pair in wave, task of the pair, tasks of the pair)
+        let mut t = Vec::new();
+        for (w, &(seq, _)) in wave.iter().enumerate() {
+            let n = per_pair.min(p.seqlen_q[seq].div_ceil(FBM)).max(1);
+            t.extend((0..n).map(|c| (w, c, n)));
+        }
+        let parts: Vec<BwdPart> = t
+            .par_iter()
+            .map(|&(w, c, n)| {
+                let (seq, kh) = wave[w];
+                bwd_task(p, &panels[w], x, b, out, seq, kh, c, n)
+            })
+            .collect();
+        // Per pair: its tasks' partial dK, dV summed in task order, written out.
+        let mut by_pair: Vec<Vec<BwdPart>> = wave.iter().map(|_| Vec::new()).collect();
+        for (&(w, _, _), part) in t.iter().zip(parts) {
+            by_pair[w].push(part);
+        }
+        by_pair.par_iter_mut().enumerate().for_each(|(w, parts)| {
+            let (seq, kh) = wave[w];
+            let (dp, dvp) = (round_up(p.d, W), round_up(p.d_v, W));
+            let (first, rest) = parts.split_first_mut().expect("one task per pair at least");
+            if first.dk.is_empty() {
+                return; // a pair's only task wrote its dK, dV itself
+            }
+            for part in rest.iter() {
+                first.dk.iter_mut().zip(&part.dk).for_each(|(a, b)| *a += b);
+                first.dv.iter_mut().zip(&part.dv).for_each(|(a, b)| *a += b);
+            }
+            for j in 0..p.seqlen_k[seq] {
+                out.dk.write_f32(out.dk_map.at(seq, j, kh), &first.dk[j * dp..j * dp + p.d]);
+                out.dv.write_f32(out.dv_map.at(seq, j, kh), &first.dv[j * dvp..j * dvp + p.d_v]);
+            }
+        });
+        for (w, parts) in by_pair.into_iter().enumerate() {
+            let seq = wave[w].0;
+            for (head, i0, dd) in parts.into_iter().flat_map(|pt| pt.delta) {
+                for (r, v) in dd.into_iter().enumerate() {
+                    delta[p.lse_index(seq, head, i0 + r)] = v;
+                }
+            }
         }
     }
-    // Pass 2: dK, dV per key tile.
-    tasks(p, p.hk, |s| p.seqlen_k[s], BN)
-        .into_par_iter()
-        .for_each(|(seq, kh, j0)| dkdv_tile(p, x, b, &delta, out, seq, kh, j0));
     delta
 }
 
-multiversion!(dkdv_tile, dkdv_tile_avx2, dkdv_tile_avx512, dkdv_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, delta: &[f32], out: &BwdOut<'_>, seq: usize, kh: usize, j0: usize));
-multiversion!(dq_tile, dq_tile_avx2, dq_tile_avx512, dq_tile_body, (p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, head: usize, i0: usize) -> Vec<f32>);
+multiversion!(bwd_task, bwd_task_avx2, bwd_task_avx512, bwd_task_bf16, bwd_task_body, (p: &Problem, pn: &Panels, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>, seq: usize, kh: usize, c: usize, n: usize) -> BwdPart);
 
-/// Pass 2 of the backward: dK and dV of one key tile, over every query head of its group. Per block of `BM`
-/// queries: `S`, `dP` (as in pass 1), then `P` and `dS` elementwise, then `dV += Pᵀ dO` and `dK += dSᵀ Q`
-/// (`Pᵀ`, `dSᵀ` read by columns of the tile).
+/// One backward task: the query tiles `c, c + n, c + 2n, ...` of every query head of key head `kh`'s group
+/// (tiles of [`FBM`] rows, numbered per head), writing their `dQ` and returning their partial `dK`, `dV`
+/// and `D`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dkdv_tile_body<const L: u8>(
+fn bwd_task_body<const L: u8>(
     p: &Problem,
+    pn: &Panels,
     x: Qkv<'_>,
     b: &BwdIn<'_>,
-    delta: &[f32],
     out: &BwdOut<'_>,
     seq: usize,
     kh: usize,
-    j0: usize,
-) {
+    c: usize,
+    n: usize,
+) -> BwdPart {
     let (d, dp) = (p.d, round_up(p.d, W));
     let (d_v, dvp) = (p.d_v, round_up(p.d_v, W));
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
-    let j1 = (j0 + BN).min(sk);
-    let bn = j1 - j0;
-    let bnr = round_up(bn, R);
-    let mut t = KeyTile::new(p);
-    let mut q = vec![0f32; BM * dp];
-    let mut g = vec![0f32; BM * dvp];
-    t.load(p, x, seq, kh, j0, bn, false, &mut vec![0f32; BN * dp.max(dvp)]);
-    let mut dk = vec![0f32; BN * dp];
-    let mut dv = vec![0f32; BN * dvp];
-    // Queries that see any key of the tile: query ranges are monotone in the key.
-    let qa = p.mask.query_range(j0, sq, sk);
-    let qb = p.mask.query_range(j1 - 1, sq, sk);
-    let (lo, hi) = (qa.start.min(qb.start), qa.end.max(qb.end));
+    let nt = sk.div_ceil(BN);
+    let mut part = BwdPart { dk: vec![0f32; nt * BN * dp], dv: vec![0f32; nt * BN * dvp], delta: Vec::new() };
+    let mut q = vec![0f32; FBM * dp];
+    let mut g = vec![0f32; FBM * dvp];
+    let mut dq = vec![0f32; FBM * dp];
+    let mut s = vec![0f32; FBM * BN];
+    let mut dpm = vec![0f32; FBM * BN];
+    let mut pm = vec![0f32; FBM * BN];
+    let mut ds = vec![0f32; FBM * BN];
+    let bf = !pn.ktb.is_empty();
+    let mut cache = Vec::new();
+    let (mut qb, mut gb) = (vec![0u32; FBM * d.div_ceil(2)], vec![0u32; FBM * d_v.div_ceil(2)]);
     let group = p.h / p.hk;
-    let mut s = vec![0f32; BM * BN];
-    let mut dpm = vec![0f32; BM * BN];
-    let mut pm = vec![0f32; BM * BN];
-    let mut ds = vec![0f32; BM * BN];
     for head in kh * group..(kh + 1) * group {
         let f = ScoreFn::new(p, seq, head);
         let plain = f.softcap <= 0.0 && f.slope.is_none();
-        let mut i0 = lo;
-        while i0 < hi {
-            let n = (hi - i0).min(BM);
-            let rows = round_up(n, R);
-            load_rows(x.q, &p.q, seq, head, i0, n, d, dp, &mut q);
-            load_rows(b.dout, b.do_map, seq, head, i0, n, d_v, dvp, &mut g);
+        for i0 in (0..sq).step_by(FBM).skip(c).step_by(n) {
+            let i1 = (i0 + FBM).min(sq);
+            let bm = i1 - i0;
+            let rows = round_up(bm, R);
+            q[..rows * dp].fill(0.0);
+            g[..rows * dvp].fill(0.0);
+            load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut q);
+            load_rows(b.dout, b.do_map, seq, head, i0, bm, d_v, dvp, &mut g);
+            let lse: Vec<f32> = (i0..i1).map(|i| b.lse[p.lse_index(seq, head, i)]).collect();
             // A row that saw no key contributes nothing: its q and dO rows are zeroed so that a non-finite
             // value in them cannot reach dK, dV through the products' zero weights (`0 * NaN`).
-            for r in 0..n {
-                if b.lse[p.lse_index(seq, head, i0 + r)] == f32::NEG_INFINITY {
+            for r in 0..bm {
+                if lse[r] == f32::NEG_INFINITY {
                     q[r * dp..(r + 1) * dp].fill(0.0);
                     g[r * dvp..(r + 1) * dvp].fill(0.0);
                 }
             }
-            let (ka, kb) = tile_key_range(p, seq, i0, i0 + n);
-            let cols = tile_cols(ka.max(j0), kb.min(j1), j0);
-            scores::<L>(p, rows, &q, &g, &t, cols, &mut s, &mut dpm);
-            pm[..rows * BN].fill(0.0);
-            ds[..rows * BN].fill(0.0);
-            for r in 0..n {
-                let i = i0 + r;
-                let lse = b.lse[p.lse_index(seq, head, i)];
-                if lse == f32::NEG_INFINITY {
-                    continue;
+            let ranges: Vec<_> = (i0..i1).map(|i| p.mask.key_range(i, sq, sk)).collect();
+            let (lo, hi) = tile_key_range(p, seq, i0, i1);
+            let first = lo - lo % BN;
+            // Key tiles of this query tile; whether the D sweep keeps their `S` and `dP` (bit-identical to a
+            // recomputation: same kernel, same operands), saving the second sweep two of its five products.
+            let nkt = hi.saturating_sub(first).div_ceil(BN);
+            let cached = b.delta.is_none() && nkt * 2 * rows * BN <= SCORE_CACHE_FLOATS;
+            let qop = rows_op(bf, &q, rows, d, dp, &mut qb);
+            let gop = rows_op(bf, &g, rows, d_v, dvp, &mut gb);
+            let mut dd = vec![0f32; bm];
+            if let Some(given) = b.delta {
+                for (r, x) in dd.iter_mut().enumerate() {
+                    *x = given[p.lse_index(seq, head, i0 + r)];
                 }
-                let di = delta[p.lse_index(seq, head, i)];
-                let range = p.mask.key_range(i, sq, sk);
-                let js = range.start.max(j0)..range.end.min(j1);
-                if js.is_empty() {
-                    continue;
+            } else {
+                // D_i = sum_j P_ij dP_ij over the row's keys; `S` and `dP` kept for the second sweep when they fit.
+                if cached {
+                    cache.resize(cache.len().max(nkt * 2 * rows * BN), 0.0);
                 }
-                let e = r * BN + js.start - j0;
-                let (pr, dr) = (&mut pm[e..], &mut ds[e..]);
-                prob_dscore_row(&f, plain, i, js, &s[e..], &dpm[e..], pr, dr, lse, di);
+                for (ti, j0) in (first..hi).step_by(BN).enumerate() {
+                    let j1 = (j0 + BN).min(sk);
+                    let cols = tile_cols(lo.max(j0), hi.min(j1), j0);
+                    let (s, dpm) = if cached {
+                        cache[ti * 2 * rows * BN..(ti + 1) * 2 * rows * BN].split_at_mut(rows * BN)
+                    } else {
+                        (&mut s[..], &mut dpm[..])
+                    };
+                    scores::<L>(p, pn, j0 / BN, rows, qop, gop, cols, s, dpm);
+                    for r in 0..bm {
+                        if lse[r] == f32::NEG_INFINITY {
+                            continue;
+                        }
+                        let js = ranges[r].start.max(j0)..ranges[r].end.min(j1);
+                        if js.is_empty() {
+                            continue;
+                        }
+                        let e = r * BN + js.start - j0;
+                        dd[r] += prob_dot_row(&f, plain, i0 + r, js, &s[e..], &dpm[e..], &mut pm, lse[r]);
+                    }
+                }
             }
-            kernel::gemm::<L>(ARef { a: &pm, rs: 1, cs: BN }, &g, dvp, &mut dv, dvp, bnr, |_| 0..n, 0..dvp);
-            kernel::gemm::<L>(ARef { a: &ds, rs: 1, cs: BN }, &q, dp, &mut dk, dp, bnr, |_| 0..n, 0..dp);
-            i0 += n;
+            dq[..rows * dp].fill(0.0);
+            for (ti, j0) in (first..hi).step_by(BN).enumerate() {
+                let j1 = (j0 + BN).min(sk);
+                let bn = j1 - j0;
+                let t = j0 / BN;
+                let k = &pn.k[t * BN * dp..(t + 1) * BN * dp];
+                let (a, bb) = (lo.max(j0), hi.min(j1));
+                let (s, dpm): (&[f32], &[f32]) = if cached {
+                    cache[ti * 2 * rows * BN..(ti + 1) * 2 * rows * BN].split_at(rows * BN)
+                } else {
+                    scores::<L>(p, pn, t, rows, qop, gop, tile_cols(a, bb, j0), &mut s, &mut dpm);
+                    (&s, &dpm)
+                };
+                pm[..rows * BN].fill(0.0);
+                ds[..rows * BN].fill(0.0);
+                for r in 0..bm {
+                    if lse[r] == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let js = ranges[r].start.max(j0)..ranges[r].end.min(j1);
+                    if js.is_empty() {
+                        continue;
+                    }
+                    let e = r * BN + js.start - j0;
+                    let (pr, dr) = (&mut pm[e..], &mut ds[e..]);
+                    prob_dscore_row(&f, plain, i0 + r, js, &s[e..], &dpm[e..], pr, dr, lse[r], dd[r]);
+                }
+                kernel::gemm::<L>(ARef { a: &ds, rs: BN, cs: 1 }, k, dp, &mut dq, dp, rows, |_| a - j0..bb - j0, 0..dp);
+                let bnr = round_up(bn, R);
+                let (dkt, dvt) =
+                    (&mut part.dk[t * BN * dp..(t + 1) * BN * dp], &mut part.dv[t * BN * dvp..(t + 1) * BN * dvp]);
+                kernel::gemm::<L>(ARef { a: &pm, rs: 1, cs: BN }, &g, dvp, dvt, dvp, bnr, |_| 0..bm, 0..dvp);
+                kernel::gemm::<L>(ARef { a: &ds, rs: 1, cs: BN }, &q, dp, dkt, dp, bnr, |_| 0..bm, 0..dp);
+            }
+            for r in 0..bm {
+                if lse[r] == f32::NEG_INFINITY {
+                    // A row that saw no key has zero gradient, whatever the (unweighted) keys of its tiles hold.
+                    dq[r * dp..r * dp + d].fill(0.0);
+                }
+                out.dq.write_f32(out.dq_map.at(seq, i0 + r, head), &dq[r * dp..r * dp + d]);
+            }
+            part.delta.push((head, i0, dd));
         }
     }
-    for jj in 0..bn {
-        out.dk.write_f32(out.dk_map.at(seq, j0 + jj, kh), &dk[jj * dp..jj * dp + d]);
-        out.dv.write_f32(out.dv_map.at(seq, j0 + jj, kh), &dv[jj * dvp..jj * dvp + d_v]);
+    if n == 1 {
+        // The pair's only task: its partials are the pair's dK, dV; written now and dropped, so that a wave holds
+        // one pair's partials per running task, not every pair's until the wave ends.
+        for j in 0..sk {
+            out.dk.write_f32(out.dk_map.at(seq, j, kh), &part.dk[j * dp..j * dp + d]);
+            out.dv.write_f32(out.dv_map.at(seq, j, kh), &part.dv[j * dvp..j * dvp + d_v]);
+        }
+        part.dk = Vec::new();
+        part.dv = Vec::new();
     }
+    part
 }
 
-/// Pass 1 of the backward: `D` and dQ of one query tile (returns `D` of its rows). Two sweeps over the key
-/// tiles the rows can see, each computing `S` and `dP` per tile: the first sums `D`, the second `dQ += dS K`.
-#[inline(always)]
+/// `sum_j P_ij dP_ij` over the keys `js` of one row of a key tile, with `P_ij = exp(s - lse)` (`pm` is
+/// scratch of at least `js.len()`), in [`LANES`] partial sums.
 #[allow(clippy::too_many_arguments)]
-fn dq_tile_body<const L: u8>(
-    p: &Problem,
-    x: Qkv<'_>,
-    b: &BwdIn<'_>,
-    out: &BwdOut<'_>,
-    seq: usize,
-    head: usize,
-    i0: usize,
-) -> Vec<f32> {
-    let (d, dp) = (p.d, round_up(p.d, W));
-    let (d_v, dvp) = (p.d_v, round_up(p.d_v, W));
-    let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
-    let i1 = (i0 + FBM).min(sq);
-    let bm = i1 - i0;
-    let rows = round_up(bm, R);
-    let kh = kv_head(head, p.h, p.hk);
-    let f = ScoreFn::new(p, seq, head);
-    let mut q = vec![0f32; rows * dp];
-    let mut g = vec![0f32; rows * dvp];
-    let mut dd = vec![0f32; bm];
-    let mut dq = vec![0f32; rows * dp];
-    load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut q);
-    load_rows(b.dout, b.do_map, seq, head, i0, bm, d_v, dvp, &mut g);
-    let lse: Vec<f32> = (i0..i1).map(|i| b.lse[p.lse_index(seq, head, i)]).collect();
-    let ranges: Vec<_> = (i0..i1).map(|i| p.mask.key_range(i, sq, sk)).collect();
-    let (lo, hi) = tile_key_range(p, seq, i0, i1);
-    let mut t = KeyTile::new(p);
-    let mut buf = vec![0f32; BN * dp.max(dvp)];
-    let mut s = vec![0f32; rows * BN];
-    let mut dpm = vec![0f32; rows * BN];
-    let mut ds = vec![0f32; rows * BN];
-    let mut pm = vec![0f32; BN];
-    let plain = f.softcap <= 0.0 && f.slope.is_none();
-    if let Some(given) = b.delta {
-        for (r, x) in dd.iter_mut().enumerate() {
-            *x = given[p.lse_index(seq, head, i0 + r)];
+#[inline(always)]
+fn prob_dot_row(
+    f: &ScoreFn,
+    plain: bool,
+    i: usize,
+    js: Range<usize>,
+    qk: &[f32],
+    dp: &[f32],
+    pm: &mut [f32],
+    lse: f32,
+) -> f32 {
+    let n = js.len();
+    let (qk, dp, pm) = (&qk[..n], &dp[..n], &mut pm[..n]);
+    if plain {
+        pm.iter_mut().zip(qk).for_each(|(x, &v)| *x = v * f.scale - lse);
+    } else {
+        for ((x, &v), j) in pm.iter_mut().zip(qk).zip(js) {
+            *x = f.apply(v, i, j).0 - lse;
         }
     }
-    // Sweep 1: D_i = sum_j P_ij dP_ij (unless the caller gave D).
-    let mut j0 = if b.delta.is_some() { hi } else { lo - lo % BN };
-    while j0 < hi {
-        let j1 = (j0 + BN).min(sk);
-        t.load(p, x, seq, kh, j0, j1 - j0, false, &mut buf);
-        scores::<L>(p, rows, &q, &g, &t, tile_cols(lo.max(j0), hi.min(j1), j0), &mut s, &mut dpm);
-        for r in 0..bm {
-            if lse[r] == f32::NEG_INFINITY {
-                continue;
-            }
-            let js = ranges[r].start.max(j0)..ranges[r].end.min(j1);
-            if js.is_empty() {
-                continue;
-            }
-            let (e, n) = (r * BN + js.start - j0, js.len());
-            let pr = &mut pm[..n];
-            if plain {
-                pr.iter_mut().zip(&s[e..e + n]).for_each(|(x, &qk)| *x = qk * f.scale - lse[r]);
-            } else {
-                for (x, j) in pr.iter_mut().zip(js) {
-                    *x = f.apply(s[r * BN + j - j0], i0 + r, j).0 - lse[r];
-                }
-            }
-            kernel::exp_slice(pr);
-            for (x, dpv) in pr.iter().zip(&dpm[e..e + n]) {
-                dd[r] += x * dpv;
-            }
+    let mut acc = [0f32; LANES];
+    let mut ch = pm.chunks_exact(LANES).zip(dp.chunks_exact(LANES));
+    for (x, y) in &mut ch {
+        for l in 0..LANES {
+            acc[l] += kernel::exp1(x[l]) * y[l];
         }
-        j0 = j1;
     }
-    // Sweep 2: dQ += dS K.
-    let mut j0 = lo - lo % BN;
-    while j0 < hi {
-        let j1 = (j0 + BN).min(sk);
-        let bn = j1 - j0;
-        t.load(p, x, seq, kh, j0, bn, true, &mut buf);
-        let (a, bb) = (lo.max(j0), hi.min(j1));
-        scores::<L>(p, rows, &q, &g, &t, tile_cols(a, bb, j0), &mut s, &mut dpm);
-        ds.fill(0.0);
-        for r in 0..bm {
-            if lse[r] == f32::NEG_INFINITY {
-                continue;
-            }
-            let js = ranges[r].start.max(j0)..ranges[r].end.min(j1);
-            if js.is_empty() {
-                continue;
-            }
-            let e = r * BN + js.start - j0;
-            prob_dscore_row(&f, plain, i0 + r, js, &s[e..], &dpm[e..], &mut pm, &mut ds[e..], lse[r], dd[r]);
+    let full = n - n % LANES;
+    let mut tail = 0f32;
+    for e in full..n {
+        tail += kernel::exp1(pm[e]) * dp[e];
+    }
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] += acc[l + w];
         }
-        kernel::gemm::<L>(ARef { a: &ds, rs: BN, cs: 1 }, &t.k, dp, &mut dq, dp, rows, |_| a - j0..bb - j0, 0..dp);
-        j0 = j1;
     }
-    for r in 0..bm {
-        if lse[r] == f32::NEG_INFINITY {
-            // A row that saw no key has zero gradient, whatever the (unweighted) keys of its tiles hold.
-            dq[r * dp..r * dp + d].fill(0.0);
-        }
-        out.dq.write_f32(out.dq_map.at(seq, i0 + r, head), &dq[r * dp..r * dp + d]);
-    }
-    dd
+    acc[0] + tail
 }

@@ -11,7 +11,8 @@
 //! backward passes even where they tile the queries differently.
 //!
 //! Levels: 0, plain (no fused multiply-add); 1, AVX2+FMA (`R = 4`, `W = 16`, two `ymm` per row); 2,
-//! AVX-512F (`R = 8`, `W = 32`, two `zmm` per row, 16 accumulators). Callers pad rows to [`RMAX`] and
+//! AVX-512F (`R = 8`, `W = 32`, two `zmm` per row, 16 accumulators); 3, level 2 plus [`gemm_bf16`] (AVX-512-BF16
+//! `vdpbf16ps`, two products per lane and instruction) for the score products of bf16 inputs. Callers pad rows to [`RMAX`] and
 //! column ranges to [`WP`], which every level's `R` and `W` divide.
 
 use std::ops::Range;
@@ -21,17 +22,19 @@ pub(crate) const RMAX: usize = 8;
 /// Column ranges and padded widths are multiples of this (every level's register-tile width divides it).
 pub(crate) const WP: usize = 32;
 
-/// The widest instruction set the CPU backend may use ([`set_simd_cap`]); 2 = no cap.
-static CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+/// The widest instruction set the CPU backend may use ([`set_simd_cap`]); 3 = no cap.
+static CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(3);
 
-/// Caps the instruction set the CPU backend runs with: 2 AVX-512F (no cap), 1 AVX2+FMA, 0 plain. A cap above
+/// Caps the instruction set the CPU backend runs with: 3 AVX-512F and AVX-512-BF16 (no cap), 2 AVX-512F, 1
+/// AVX2+FMA, 0 plain. A cap above
 /// what the machine has changes nothing. For comparisons and for testing every copy on one machine; results
 /// depend on the level (each level is deterministic on its own).
 pub(crate) fn set_simd_cap(level: u8) {
-    CAP.store(level.min(2), std::sync::atomic::Ordering::Relaxed);
+    CAP.store(level.min(3), std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The instruction set the hot loops run with: 0 plain, 1 AVX2+FMA, 2 AVX-512F (+AVX2+FMA).
+/// The instruction set the hot loops run with: 0 plain, 1 AVX2+FMA, 2 AVX-512F (+AVX2+FMA), 3 AVX-512F and
+/// AVX-512-BF16.
 pub(crate) fn level() -> u8 {
     detected().min(CAP.load(std::sync::atomic::Ordering::Relaxed))
 }
@@ -44,7 +47,11 @@ fn detected() -> u8 {
         *L.get_or_init(|| {
             let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
             if avx2 && cfg!(flashattn_avx512) && is_x86_feature_detected!("avx512f") {
-                2
+                if is_x86_feature_detected!("avx512bf16") {
+                    3
+                } else {
+                    2
+                }
             } else if avx2 {
                 1
             } else {
@@ -234,18 +241,124 @@ unsafe fn tile_avx512(
     rows!(st);
 }
 
-/// `x = e^x` elementwise, vectorisable: `e^x = 2^n e^r` with `n = round(x log2 e)`, `r = x - n ln 2` (in two
-/// parts) and a degree-6 polynomial for `e^r` on `|r| <= ln 2 / 2` (about 1 ulp). `e^0 = 1` exactly, `-inf`
-/// and anything below the smallest normal's logarithm give 0 (subnormal results are flushed), `+inf` and
-/// anything above `ln(f32::MAX)` give `+inf`, NaN stays NaN.
+/// `C[i, n] = sum_{kk < k2} A[i, 2kk] B[2kk, n] + A[i, 2kk + 1] B[2kk + 1, n]` for bf16 operands stored in pairs:
+/// `a[i * lda + kk]` holds `A[i, 2kk]` (low half) and `A[i, 2kk + 1]` (high half), `b[kk * ldb + n]` holds
+/// `B[2kk, n]` and `B[2kk + 1, n]`; `C` is overwritten. Rows `0..rows` (a multiple of [`RMAX`]), columns `cr`
+/// (aligned to [`WP`], within `ldb` and `ldc`). Products of bf16 numbers are exact in f32, so this is the f32
+/// product's accuracy at twice its rate: `vdpbf16ps` adds both products of a pair to each `f32` lane (inputs
+/// and outputs below the smallest normal are flushed to zero). Level 3 only.
+///
+/// # Safety
+/// The CPU supports AVX-512F and AVX-512-BF16 ([`level`] is 3).
+#[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) fn exp_slice(x: &mut [f32]) {
-    for v in x.iter_mut() {
-        *v = exp1(*v);
+pub(crate) unsafe fn gemm_bf16(
+    a: &[u32],
+    lda: usize,
+    b: &[u32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    rows: usize,
+    k2: usize,
+    cr: Range<usize>,
+) {
+    if cr.is_empty() || rows == 0 {
+        return;
+    }
+    assert!(rows % 8 == 0 && cr.start % 32 == 0 && cr.end % 32 == 0 && k2 > 0);
+    assert!(cr.end <= ldb && cr.end <= ldc);
+    assert!((rows - 1) * ldc + cr.end <= c.len());
+    assert!((rows - 1) * lda + k2 <= a.len());
+    assert!((k2 - 1) * ldb + cr.end <= b.len());
+    for n0 in cr.step_by(32) {
+        for i0 in (0..rows).step_by(8) {
+            // SAFETY: the asserts above bound every read of `a` and `b` and every write of `c`; the caller
+            // guarantees the CPU features.
+            unsafe { tile_bf16(a, lda, i0, k2, b, ldb, n0, c, ldc) };
+        }
     }
 }
 
-/// One exponential of [`exp_slice`].
+/// One 8 x 32 tile of [`gemm_bf16`]: 16 `zmm` accumulators, per pair `kk` two loads of `B` and one 32-bit
+/// broadcast of `A` (a pair) per row.
+///
+/// # Safety
+/// `(i0 + 7) * lda + k2 <= a.len()`, `(k2 - 1) * ldb + n0 + 32 <= b.len()`, `(i0 + 7) * ldc + n0 + 32 <= c.len()`;
+/// the CPU supports AVX-512F and AVX-512-BF16.
+#[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::incompatible_msrv)] // compiled only by Rust >= 1.89 (`flashattn_avx512`, see build.rs)
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_bf16(
+    a: &[u32],
+    lda: usize,
+    i0: usize,
+    k2: usize,
+    b: &[u32],
+    ldb: usize,
+    n0: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    use std::arch::x86_64::*;
+    let (ap, bp, cp) = (a.as_ptr().add(i0 * lda), b.as_ptr(), c.as_mut_ptr());
+    macro_rules! rows {
+        ($m:ident) => {
+            $m!(0);
+            $m!(1);
+            $m!(2);
+            $m!(3);
+            $m!(4);
+            $m!(5);
+            $m!(6);
+            $m!(7);
+        };
+    }
+    let mut c0 = [_mm512_setzero_ps(); 8];
+    let mut c1 = [_mm512_setzero_ps(); 8];
+    for kk in 0..k2 {
+        // SAFETY (transmute): `__m512i` and `__m512bh` are both 512 bits of plain data.
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(kk * ldb + n0) as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(kk * ldb + n0 + 16) as *const _));
+        macro_rules! step {
+            ($r:expr) => {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add($r * lda + kk) as i32));
+                c0[$r] = _mm512_dpbf16_ps(c0[$r], av, b0);
+                c1[$r] = _mm512_dpbf16_ps(c1[$r], av, b1);
+            };
+        }
+        rows!(step);
+    }
+    macro_rules! st {
+        ($r:expr) => {
+            _mm512_storeu_ps(cp.add((i0 + $r) * ldc + n0), c0[$r]);
+            _mm512_storeu_ps(cp.add((i0 + $r) * ldc + n0 + 16), c1[$r]);
+        };
+    }
+    rows!(st);
+}
+
+/// Packs `n` values of `f32` that are exactly bf16 (converted from bf16 inputs) into pairs for [`gemm_bf16`]:
+/// `out[kk] = bf16(x[2kk]) | bf16(x[2kk + 1]) << 16`, the missing last element of an odd `n` as 0; the bf16 of
+/// such a value is the top half of its bits (exact, no rounding).
+#[inline(always)]
+pub(crate) fn pack_pairs(x: &[f32], n: usize, out: &mut [u32]) {
+    let n2 = n / 2;
+    for (o, p) in out[..n2].iter_mut().zip(x[..2 * n2].chunks_exact(2)) {
+        *o = (p[0].to_bits() >> 16) | (p[1].to_bits() & 0xffff_0000);
+    }
+    if n % 2 == 1 {
+        out[n2] = x[n - 1].to_bits() >> 16;
+    }
+}
+
+/// `x = e^x` (vectorisable in a loop): `e^x = 2^n e^r` with `n = round(x log2 e)`, `r = x - n ln 2` (in two
+/// parts) and a degree-6 polynomial for `e^r` on `|r| <= ln 2 / 2` (about 1 ulp). `e^0 = 1` exactly, `-inf`
+/// and anything below the smallest normal's logarithm give 0 (subnormal results are flushed), `+inf` and
+/// anything above `ln(f32::MAX)` give `+inf`, NaN stays NaN.
 #[inline(always)]
 pub(crate) fn exp1(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -253,7 +366,8 @@ pub(crate) fn exp1(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting rounds to the nearest integer
     let xc = x.clamp(-87.5, 88.75);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -263,7 +377,10 @@ pub(crate) fn exp1(x: f32) -> f32 {
     p = p * r + 0.5;
     let e = (p * r * r + r) + 1.0;
     // 2^n for n in [-127, 128]: both halves are normal, so the product is exact up to the final rounding.
-    let ni = n as i32;
+    // `n` as an integer, read from the bits of `t` (`1.5 * 2^23 + n`, whose last mantissa bits are `n`): the
+    // same value as `n as i32`, but an integer subtraction the compiler vectorises (the saturating `as`
+    // conversion is not). For a NaN `x` the value is garbage but bounded (no overflow below); `y` is not used.
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let h = ni >> 1;
     let s1 = f32::from_bits(((h + 127) as u32) << 23);
     let s2 = f32::from_bits(((ni - h + 127) as u32) << 23);
@@ -312,6 +429,40 @@ mod tests {
             for j in 0..n {
                 let want: f64 = 0.5 + (0..kk).map(|t| a[i * kk + t] as f64 * b[t * n + j] as f64).sum::<f64>();
                 assert!((c[i * n + j] as f64 - want).abs() < 1e-4, "L={L} ({i},{j})");
+            }
+        }
+    }
+
+    /// `gemm_bf16` on bf16 values (exact in f32) against f64, odd depth (a half-empty last pair).
+    #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+    #[test]
+    fn gemm_bf16_agrees_with_f64() {
+        if level() < 3 {
+            return;
+        }
+        let (rows, kk, n) = (16usize, 37usize, 64usize);
+        let bf = |x: f32| f32::from_bits(x.to_bits() & 0xffff_0000);
+        let a: Vec<f32> = (0..rows * kk).map(|i| bf(((i * 7919) % 97) as f32 / 50.0 - 1.0)).collect();
+        let b: Vec<f32> = (0..kk * n).map(|i| bf(((i * 104729) % 89) as f32 / 40.0 - 1.0)).collect();
+        let k2 = kk.div_ceil(2);
+        let mut ap = vec![0u32; rows * k2];
+        for i in 0..rows {
+            pack_pairs(&a[i * kk..(i + 1) * kk], kk, &mut ap[i * k2..(i + 1) * k2]);
+        }
+        let mut bp = vec![0u32; k2 * n];
+        for t in 0..k2 {
+            for j in 0..n {
+                let col = [b[2 * t * n + j], if 2 * t + 1 < kk { b[(2 * t + 1) * n + j] } else { 0.0 }];
+                pack_pairs(&col, 2, &mut bp[t * n + j..t * n + j + 1]);
+            }
+        }
+        let mut c = vec![f32::NAN; rows * n];
+        // SAFETY: level 3: the CPU has AVX-512F and AVX-512-BF16.
+        unsafe { gemm_bf16(&ap, k2, &bp, n, &mut c, n, rows, k2, 0..n) };
+        for i in 0..rows {
+            for j in 0..n {
+                let want: f64 = (0..kk).map(|t| a[i * kk + t] as f64 * b[t * n + j] as f64).sum();
+                assert!((c[i * n + j] as f64 - want).abs() < 1e-4, "({i},{j}) {} vs {want}", c[i * n + j]);
             }
         }
     }
