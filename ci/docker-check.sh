@@ -33,7 +33,8 @@
 # Env: DOCKER_CHECK_WORK (work dir, default target/docker-check),
 #      DOCKER_CHECK_KEEP=1 (keep the built images), PRECOMPILE_SMOKE_S (20),
 #      DOCKER_CHECK_PRECOMPILE_FULL=1 with PRECOMPILE_TEST_ARCHS (sm_80),
-#      DOCKER_CHECK_TORCH=0 (skip 7), DOCKER_CHECK_TORCH_SPEC (the torch
+#      DOCKER_CHECK_TORCH=0 (skip 7; skipped too with less than
+#      DOCKER_CHECK_TORCH_MIN_GB, 16, free for buildah), DOCKER_CHECK_TORCH_SPEC (the torch
 #      requirement, default the Dockerfile's TORCH_SPEC), DOCKER_CHECK_WHEELHOUSE
 #      (default ~/.cache/flashattn-docker-check/wheels).
 set -Eeuo pipefail
@@ -481,8 +482,16 @@ fi
 # pip would pick PyPI's copy of a wheel the wheelhouse has too). If that
 # download fails, the build gets no pip.conf and uses PyPI. Nothing of this
 # enters the image.
+# The torch image's build needs about 13 GB of disk at its peak (a 6 GB layer
+# written and committed): with less free where buildah keeps its storage, the
+# check says so and skips it instead of failing on "no space left on device".
+storage_root=$(buildah info --format '{{.store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers/storage)
+mkdir -p "$storage_root"
+free_gb=$(df -BG --output=avail "$storage_root" | tail -1 | tr -dc '0-9')
 if [ "${DOCKER_CHECK_TORCH:-1}" = 0 ]; then
     skip "torch image (DOCKER_CHECK_TORCH=0)"
+elif [ "${free_gb:-0}" -lt "${DOCKER_CHECK_TORCH_MIN_GB:-16}" ]; then
+    skip "torch image: ${free_gb} GB free under $storage_root, the build needs ${DOCKER_CHECK_TORCH_MIN_GB:-16} (DOCKER_CHECK_TORCH_MIN_GB)"
 else
     T0=$SECONDS
     WHEELHOUSE=${DOCKER_CHECK_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/flashattn-docker-check/wheels}

@@ -16,17 +16,7 @@ cargo build --release --locked -p flashattn-cli
 cp target/release/flashattn .gpu/flashattn
 # The test binaries' paths, from cargo's JSON messages.
 cargo test --release --locked -p flashattn --test cuda --test cuda_kvcache --test cuda_nonfinite --test cuda_sink --no-run --message-format=json \
-    | python3 -c '
-import json, sys, shutil
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    exe = m.get("executable")
-    if exe and m.get("target", {}).get("name") in ("cuda", "cuda_kvcache", "cuda_nonfinite", "cuda_sink"):
-        shutil.copy(exe, ".gpu/" + m["target"]["name"])
-'
+    | python3 tools/gpu/copy_exes.py .gpu cuda cuda_kvcache cuda_nonfinite cuda_sink
 strip .gpu/flashattn .gpu/cuda .gpu/cuda_kvcache .gpu/cuda_nonfinite .gpu/cuda_sink
 cp "$SHARED/bench/torch_baselines.py" .gpu/
 cp tools/gpu/*.sh tools/gpu/*.py .gpu/

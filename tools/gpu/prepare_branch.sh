@@ -12,31 +12,12 @@ shift 2
 DEST=$ROOT/.gpu/$NAME
 rm -rf "$DEST" && mkdir -p "$DEST"
 cd "$WT"
-cargo build --release --locked -p flashattn-cli --message-format=json | python3 -c '
-import json, sys, shutil
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    exe = m.get("executable")
-    if exe and m.get("target", {}).get("name") == "flashattn":
-        shutil.copy(exe, sys.argv[1] + "/flashattn")
-' "$DEST"
+cargo build --release --locked -p flashattn-cli --message-format=json \
+    | python3 "$ROOT/tools/gpu/copy_exes.py" "$DEST" flashattn
 args=()
 for t in "$@"; do args+=(--test "$t"); done
-cargo test --release --locked -p flashattn "${args[@]}" --no-run --message-format=json | python3 -c '
-import json, sys, shutil
-names = set(sys.argv[2:])
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    exe = m.get("executable")
-    if exe and m.get("target", {}).get("name") in names:
-        shutil.copy(exe, sys.argv[1] + "/" + m["target"]["name"])
-' "$DEST" "$@"
+cargo test --release --locked -p flashattn "${args[@]}" --no-run --message-format=json \
+    | python3 "$ROOT/tools/gpu/copy_exes.py" "$DEST" "$@"
 strip "$DEST"/*
 PY=${PYTHON:-python3}
 "$PY" -m maturin build --release --locked -o "$DEST"

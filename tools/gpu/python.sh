@@ -166,57 +166,20 @@ run_splits() {
             --batch 8 --num-splits "$n" --kv-stages 4 --warmup 10 --reps 60 2>&1 | tail -1)" >> "$OUT/splits.txt"
     done
 }
-# The CUDA sink forward of a branch, where its binaries are in .gpu/sink/ (tools/gpu/prepare_branch.sh): its
-# tests (the sink forward against the oracle on both kernel paths, the KV decode, the quick sweep: the params
-# layout moved) in the background, their own kernel cache; then the sm80-class forward before (main's CLI) and
-# after (the branch's) at head dims 96 and 128, whose spills the branch raises: sink_ab.txt.
-run_sinks() {
-    [ -d "$G/sink" ] || return 0
-    (export FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-sink FLASHATTN_REQUIRE_GPU=1 FLASHATTN_ALLOW_SPILLS=1
-     for t in cuda_sink cuda_kvcache; do
-         timeout 200 "$G/sink/$t" --test-threads=1 >> "$OUT/sink_tests.log" 2>&1; echo "$t rc=$?" >> "$OUT/sink_tests.log"
-     done
-     # The branch's Python package and tests (its own install folder): the sink tests on CUDA tensors.
-     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-sink "$G"/sink/flashattn-*.whl
-     env -C "$G/sink/tests" PYTHONPATH=/tmp/site-sink FLASHATTN_TEST_DEVICES=cuda timeout 200 python3 -m pytest -q \
-         -p no:cacheprovider -rfEsxX test_sink.py test_value_dim.py -k sink \
-         >> "$OUT/sink_tests.log" 2>&1
-     echo "pytest rc=$?" >> "$OUT/sink_tests.log"
-     FLASHATTN_SWEEP=quick timeout 360 "$G/sink/cuda" --test-threads=1 >> "$OUT/sink_tests.log" 2>&1
-     echo "cuda rc=$?" >> "$OUT/sink_tests.log") &
-    SINK_PID=$!
-}
-sinks_ab() {
-    [ -d "$G/sink" ] || return 0
-    local i bin pt shape causal
-    for i in 1 2; do
-        for bin in flashattn sink/flashattn; do
-            for pt in "2,16,8192,128 0" "2,16,8192,96 1" "4,16,4096,128 1"; do
-                read -r shape causal <<<"$pt"
-                echo "$i $bin $shape c=$causal $(timeout 60 "$G/$bin" bench --shape "$shape" --causal "$causal" \
-                    --modes fwd --cuda-path sm80 --warmup 15 --reps 60 2>&1 | tail -1)" >> "$OUT/sink_ab.txt"
-            done
-        done
-    done
-}
 # One Rust CUDA test with a fixed seed (REPRO_TEST, REPRO_SEED: every case of the test draws from that seed), in
-# main's binary and, where present, the branch's: whether a failure seen once is the code's or the draw's.
+# main's binary and, where present, each branch's (.gpu/NAME/cuda, tools/gpu/prepare_branch.sh): whether a failure
+# seen once is the code's or the draw's.
 run_repro() {
     [ -n "${REPRO_TEST:-}" ] || return 0
     local bin
-    for bin in cuda sink/cuda; do
-        [ -x "$G/$bin" ] || continue
+    for bin in "$G"/cuda "$G"/*/cuda; do
+        [ -x "$bin" ] || continue
         echo "== $bin $REPRO_TEST seed $REPRO_SEED" >> "$OUT/repro.log"
         FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-repro FLASHATTN_REQUIRE_GPU=1 FLASHATTN_SEED="$REPRO_SEED" \
-            timeout 150 "$G/$bin" "$REPRO_TEST" --test-threads=1 >> "$OUT/repro.log" 2>&1
+            timeout 150 "$bin" "$REPRO_TEST" --test-threads=1 >> "$OUT/repro.log" 2>&1
         echo "$bin rc=$?" >> "$OUT/repro.log"
     done
     grep -E "passed|failed|rc=|^FAIL" "$OUT/repro.log" | cut -c1-300 >> "$OUT/summary.txt"
-}
-sinks_wait() {
-    [ -n "${SINK_PID:-}" ] || return 0
-    wait "$SINK_PID"
-    grep -E "test result|rc=|panicked|FAILED|failed|passed" "$OUT/sink_tests.log" >> "$OUT/summary.txt"
 }
 # The short correctness call: the Rust CUDA quick sweep and the sink tests beside pytest on CUDA tensors, then
 # memcheck on the sink backward's pytest cases.
@@ -266,9 +229,6 @@ for MODE in "$@"; do
     pytest) run_pytest ;;
     decode) run_decode ;;
     splits) run_splits ;;
-    sinks) run_sinks ;;
-    sinks-ab) sinks_ab ;;
-    sinks-wait) sinks_wait ;;
     repro) run_repro ;;
     quickgrid)
         step peers-quick 90 python3 "$G/torch_baselines.py" --grid quick --backends fa2,cudnn,flashattn \

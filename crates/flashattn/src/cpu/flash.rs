@@ -205,6 +205,36 @@ fn waves(p: &Problem, need: Need) -> Vec<Vec<(usize, usize)>> {
     all
 }
 
+/// Where [`pack_tile`] puts a tile's transpose: nowhere, as f32 (`[w, BN]`), or as bf16 column pairs.
+enum Transposed<'a> {
+    None,
+    F32(&'a mut [f32]),
+    Pairs(&'a mut [u32]),
+}
+
+/// Loads key tile `(seq, head, j0, bn)` of K or V (width `w`, padded to `wp`) into `rows` and stores its
+/// transpose as `tr` asks (the pair form goes through the scratch `tt`, `[w, BN]`).
+fn pack_tile(
+    src: CpuSlice<'_>,
+    map: &RowMap,
+    (seq, head, j0, bn): (usize, usize, usize, usize),
+    (w, wp): (usize, usize),
+    rows: &mut [f32],
+    tr: Transposed<'_>,
+    tt: &mut [f32],
+) {
+    load_rows(src, map, seq, head, j0, bn, w, wp, rows);
+    match tr {
+        Transposed::None => {}
+        Transposed::F32(out) => transpose_into(rows, bn, wp, w, out, BN),
+        Transposed::Pairs(out) => {
+            tt.fill(0.0);
+            transpose_into(rows, bn, wp, w, tt, BN);
+            pack_tile_pairs(tt, w, out);
+        }
+    }
+}
+
 /// Packs the panels of every pair of a wave (in parallel over pairs).
 fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Vec<Panels> {
     wave.par_iter()
@@ -243,27 +273,24 @@ fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Ve
             let mut buf = vec![0f32; BN * dp.max(dvp)];
             for t in 0..nt {
                 let (j0, bn) = (t * BN, BN.min(sk - t * BN));
+                let at = (seq, kh, j0, bn);
                 if need.kt || need.k {
-                    let kb: &mut [f32] = if need.k { &mut pn.k[t * BN * dp..(t + 1) * BN * dp] } else { &mut buf };
-                    load_rows(x.k, &p.k, seq, kh, j0, bn, d, dp, kb);
-                    if need.kt && need.bf {
-                        tt.fill(0.0);
-                        transpose_into(kb, bn, dp, d, &mut tt, BN);
-                        pack_tile_pairs(&tt, d, &mut pn.ktb[t * BN * d2..(t + 1) * BN * d2]);
-                    } else if need.kt {
-                        transpose_into(kb, bn, dp, d, &mut pn.kt[t * BN * d..(t + 1) * BN * d], BN);
-                    }
+                    let rows: &mut [f32] = if need.k { &mut pn.k[t * BN * dp..(t + 1) * BN * dp] } else { &mut buf };
+                    let tr = match (need.kt, need.bf) {
+                        (false, _) => Transposed::None,
+                        (true, true) => Transposed::Pairs(&mut pn.ktb[t * BN * d2..(t + 1) * BN * d2]),
+                        (true, false) => Transposed::F32(&mut pn.kt[t * BN * d..(t + 1) * BN * d]),
+                    };
+                    pack_tile(x.k, &p.k, at, (d, dp), rows, tr, &mut tt);
                 }
                 if need.v || need.vt {
-                    let vb: &mut [f32] = if need.v { &mut pn.v[t * BN * dvp..(t + 1) * BN * dvp] } else { &mut buf };
-                    load_rows(x.v, &p.v, seq, kh, j0, bn, dv, dvp, vb);
-                    if need.vt && need.bf {
-                        tt.fill(0.0);
-                        transpose_into(vb, bn, dvp, dv, &mut tt, BN);
-                        pack_tile_pairs(&tt, dv, &mut pn.vtb[t * BN * dv2..(t + 1) * BN * dv2]);
-                    } else if need.vt {
-                        transpose_into(vb, bn, dvp, dv, &mut pn.vt[t * BN * dv..(t + 1) * BN * dv], BN);
-                    }
+                    let rows: &mut [f32] = if need.v { &mut pn.v[t * BN * dvp..(t + 1) * BN * dvp] } else { &mut buf };
+                    let tr = match (need.vt, need.bf) {
+                        (false, _) => Transposed::None,
+                        (true, true) => Transposed::Pairs(&mut pn.vtb[t * BN * dv2..(t + 1) * BN * dv2]),
+                        (true, false) => Transposed::F32(&mut pn.vt[t * BN * dv..(t + 1) * BN * dv]),
+                    };
+                    pack_tile(x.v, &p.v, at, (dv, dvp), rows, tr, &mut tt);
                 }
             }
             pn

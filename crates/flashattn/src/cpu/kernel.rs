@@ -173,6 +173,21 @@ unsafe fn tile<const RR: usize, const WW: usize, const L: u8>(
     }
 }
 
+/// Invokes the macro `$m` for each of the 8 accumulator rows of the AVX-512 micro-kernels, unrolled.
+#[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+macro_rules! rows {
+    ($m:ident) => {
+        $m!(0);
+        $m!(1);
+        $m!(2);
+        $m!(3);
+        $m!(4);
+        $m!(5);
+        $m!(6);
+        $m!(7);
+    };
+}
+
 /// The AVX-512 register tile: 8 rows by 32 columns, 16 `zmm` accumulators, one broadcast of `A[i, k]` per
 /// row and two loads of `B[k, n0..n0 + 32]` per step of `k`. Same chain per element as [`tile`] with fused
 /// multiply-adds.
@@ -197,18 +212,6 @@ unsafe fn tile_avx512(
     use std::arch::x86_64::*;
     let cp = c.as_mut_ptr();
     let (ap, bp) = (a.a.as_ptr(), b.as_ptr());
-    macro_rules! rows {
-        ($m:ident) => {
-            $m!(0);
-            $m!(1);
-            $m!(2);
-            $m!(3);
-            $m!(4);
-            $m!(5);
-            $m!(6);
-            $m!(7);
-        };
-    }
     let mut c0 = [_mm512_setzero_ps(); 8];
     let mut c1 = [_mm512_setzero_ps(); 8];
     macro_rules! ld {
@@ -305,18 +308,6 @@ unsafe fn tile_bf16(
 ) {
     use std::arch::x86_64::*;
     let (ap, bp, cp) = (a.as_ptr().add(i0 * lda), b.as_ptr(), c.as_mut_ptr());
-    macro_rules! rows {
-        ($m:ident) => {
-            $m!(0);
-            $m!(1);
-            $m!(2);
-            $m!(3);
-            $m!(4);
-            $m!(5);
-            $m!(6);
-            $m!(7);
-        };
-    }
     let mut c0 = [_mm512_setzero_ps(); 8];
     let mut c1 = [_mm512_setzero_ps(); 8];
     for kk in 0..k2 {
