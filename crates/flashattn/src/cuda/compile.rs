@@ -100,6 +100,9 @@ pub struct Variant {
     /// The backward with a learnable sink (`-DHAS_SINK=1`): its main kernels also sum `dsink`, and bwd.cu's
     /// module exports `flash_bwd_dsink`. Ignored by the forward passes (they read the sink pointer at run time).
     pub sink: bool,
+    /// The KV-cache kernels over float8_e4m3fn caches (`-DKV_FP8=1`: 1-byte K/V rows widened to 16 bits in
+    /// shared memory, per-head descales; sm_89 and newer). Ignored by every other pass.
+    pub kv_fp8: bool,
 }
 
 /// A list of extra NVRTC options, interned so that [`Variant`] stays `Copy` and hashable: each distinct list is
@@ -162,6 +165,12 @@ impl Fnv {
 }
 
 impl Variant {
+    /// Whether this variant can be compiled for `arch` (`sm_80`, `sm_90a`, ...): its pass builds there, and the
+    /// e4m3 KV-cache kernels need sm_89 or newer (the e4m3 conversions).
+    pub fn builds_for(&self, arch: &str) -> bool {
+        self.pass.builds_for(arch) && !(self.pass == Pass::KvCache && self.kv_fp8 && arch_number(arch) < 89)
+    }
+
     /// The plain, aligned variant of a pass.
     pub fn plain(pass: Pass, head_dim: usize, bf16: bool) -> Self {
         Variant {
@@ -179,6 +188,7 @@ impl Variant {
             kv_stages: None,
             nvrtc: NvrtcExtra::default(),
             sink: false,
+            kv_fp8: false,
         }
     }
 
@@ -243,6 +253,9 @@ impl Variant {
         }
         if self.pass == Pass::KvCache {
             v.push(format!("KV_STAGES={}", self.stages()));
+            if self.kv_fp8 {
+                v.push("KV_FP8=1".to_string());
+            }
         }
         if self.is_bm192() {
             v.push("SM90_CONSUMERS=3".to_string());
@@ -288,6 +301,9 @@ impl fmt::Display for Variant {
             write!(f, "_st{s}")?;
         }
         write!(f, "_{}", if self.bf16 { "bf16" } else { "f16" })?;
+        if self.pass == Pass::KvCache && self.kv_fp8 {
+            write!(f, "_e4m3")?;
+        }
         for (on, name) in [
             (self.mask, "mask"),
             (self.alibi, "alibi"),
@@ -306,6 +322,11 @@ impl fmt::Display for Variant {
         }
         Ok(())
     }
+}
+
+/// The number of an architecture name (`sm_90a` -> 90); 0 when it has none.
+fn arch_number(arch: &str) -> u32 {
+    arch.trim_start_matches("sm_").trim_start_matches("compute_").trim_end_matches(['a', 'f']).parse().unwrap_or(0)
 }
 
 /// The KV-cache variant with these flags (`varlen` and `deterministic` off).

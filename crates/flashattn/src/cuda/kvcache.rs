@@ -65,6 +65,8 @@ struct KvParams {
     status: *mut i32,
     split_count: *mut i32,
     sink: *const f32,
+    k_descale: *const f32,
+    v_descale: *const f32,
     q_strides: [i64; 3],
     kc_strides: [i64; 3],
     vc_strides: [i64; 3],
@@ -103,14 +105,17 @@ struct KvFillParams {
     dst: *mut c_void,
     n: i64,
     seed: u32,
-    pad: i32,
+    e4m3: i32,
 }
 
-/// Dynamic shared memory of `kv_attn` (`KV_SMEM_BYTES`) with `stages` pipeline stages.
-fn attn_smem(head_dim: usize, stages: u32) -> u32 {
+/// Dynamic shared memory of `kv_attn` (`KV_SMEM_BYTES`) with `stages` pipeline stages, over 16-bit or (`fp8`)
+/// e4m3 caches.
+fn attn_smem(head_dim: usize, stages: u32, fp8: bool) -> u32 {
     // KV_ROW_BYTES: unpadded swizzled rows when the head dim is a multiple of 64, else one spare chunk per row.
     let rb = if head_dim % 64 == 0 { head_dim as u32 * 2 } else { (head_dim as u32 / 8 + 1) * 16 };
-    16 * rb + KV_WARPS * stages * 32 * rb + KV_WARPS * 32 * 4
+    // KV_WARP_RING_BYTES: the stages of 16-bit K/V rows, or of 1-byte rows plus one widened 16-bit K/V tile.
+    let ring = if fp8 { stages * 32 * head_dim as u32 + 32 * rb } else { stages * 32 * rb };
+    16 * rb + KV_WARPS * ring + KV_WARPS * 32 * 4
 }
 
 /// The number of key splits: the smallest count whose wave efficiency is at least 95% of the best, as long
@@ -998,7 +1003,7 @@ impl KvDecodeBench {
                 let buf = s.alloc_zeros::<u8>((elems * 2).max(256)).map_err(|e| dev_err("allocating", e))?;
                 let ptr = buf.device_ptr(&s).0;
                 seed_n = seed_n.wrapping_mul(2654435761).wrapping_add(12345);
-                let fp = KvFillParams { dst: ptr as *mut c_void, n: elems as i64, seed: seed_n, pad: 0 };
+                let fp = KvFillParams { dst: ptr as *mut c_void, n: elems as i64, seed: seed_n, e4m3: 0 };
                 // SAFETY: `fp` mirrors KvFillParams and points at `elems` 16-bit elements.
                 unsafe { launch(&m.kernels["kv_fill"], "kv_fill", s.cu_stream(), (1024, 1, 1), 256, 0, &fp)? };
                 bufs.push(buf);

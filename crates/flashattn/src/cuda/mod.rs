@@ -316,7 +316,7 @@ fn compile_jobs(archs: &[String], variants: &[Variant], fresh: bool) -> Result<V
     let archs: Vec<String> = archs.iter().map(|a| compile::canonical_arch(a)).collect::<Result<_>>()?;
     let jobs: Vec<(String, Variant)> = archs
         .iter()
-        .flat_map(|a| variants.iter().filter(|v| v.pass.builds_for(a)).map(move |v| (a.clone(), *v)))
+        .flat_map(|a| variants.iter().filter(|v| v.builds_for(a)).map(move |v| (a.clone(), *v)))
         .collect();
     jobs.par_iter()
         .map(|(arch, v)| {
