@@ -21,16 +21,39 @@ from . import _flashattn as _ext
 _log = logging.getLogger("flashattn")
 
 
-def _outputs(q: torch.Tensor, v: torch.Tensor, varlen: bool):
-    """`out` (q's shape with v's head dim last, q's dtype) and `lse` (float32 `(b, h, sq)`, varlen `(h, total_q)`),
-    allocated like q (real tensors for the implementations, fake ones for the fakes)."""
+_FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
+def out_dtype_of(q: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """`out`'s dtype: `out_dtype` when given (FP8 inputs: bfloat16 or float16), else bfloat16 for an FP8 q
+    (FlashAttention-3's choice), else q's."""
+    if out_dtype is not None:
+        return out_dtype
+    return torch.bfloat16 if q.dtype == _FP8 else q.dtype
+
+
+def _outputs(q: torch.Tensor, v: torch.Tensor, varlen: bool, out_dtype: Optional[torch.dtype] = None):
+    """`out` (q's shape with v's head dim last, q's dtype or `out_dtype_of`'s) and `lse` (float32 `(b, h, sq)`,
+    varlen `(h, total_q)`), allocated like q (real tensors for the implementations, fake ones for the fakes)."""
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
     lse = q.new_empty(lse_shape, dtype=torch.float32)
+    dtype = out_dtype_of(q, out_dtype)
     if v.shape[-1] == q.shape[-1]:
         # empty_like (as FlashAttention-2 allocates out): q's strides where q is dense, else contiguous.
-        return torch.empty_like(q), lse
+        return torch.empty_like(q, dtype=dtype), lse
     # A value head dim of its own (d_v != d): a contiguous out of q's shape with v's last dim.
-    return q.new_empty((*q.shape[:-1], v.shape[-1])), lse
+    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=dtype), lse
+
+
+def _refuse_fp8_grad(*tensors) -> None:
+    """FP8 inputs are forward-only: an FP8 tensor that requires grad raises (as torch does for an operation
+    without a derivative) before anything runs."""
+    for name, t in zip(("q", "k", "v"), tensors):
+        if t is not None and t.dtype == _FP8 and t.requires_grad:
+            raise RuntimeError(
+                f"flashattn: FP8 (float8_e4m3fn) inputs are forward-only: `{name}` requires grad, and the "
+                "backward pass takes float16, bfloat16 or float32; detach it or run under torch.no_grad()"
+            )
 
 
 # --- forward -------------------------------------------------------------------------------------------------
@@ -53,11 +76,16 @@ def _fwd_impl(
     softcap: float,
     deterministic: bool,
     sink: Optional[torch.Tensor] = None,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _outputs(q, v, cu_seqlens_q is not None)
+    out, lse = _outputs(q, v, cu_seqlens_q is not None, out_dtype)
     _ext.fwd(
         q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-        softmax_scale, causal, window_left, window_right, softcap, _device_sink(sink),
+        softmax_scale, causal, window_left, window_right, softcap, _device_sink(sink), q_descale, k_descale,
+        v_descale, out_dtype is not None,
     )  # fmt: skip
     return out, lse
 
@@ -67,7 +95,8 @@ fwd = torch.library.custom_op("flashattn::fwd", _fwd_impl, mutates_args=())
 
 @fwd.register_fake
 def _fwd_fake(q, k, v, alibi_slopes, cu_seqlens_q, *args):
-    return _outputs(q, v, cu_seqlens_q is not None)
+    out_dtype = args[14] if len(args) > 14 else None
+    return _outputs(q, v, cu_seqlens_q is not None, out_dtype)
 
 
 # --- backward ------------------------------------------------------------------------------------------------
@@ -159,16 +188,21 @@ def _bwd_fake(dout, q, k, v, out, lse, *args):
 def _save(ctx, args, out, lse):
     """What the backward needs of a forward call with `fwd`'s arguments `args` (both autograd paths)."""
     q, k, v, alibi, cu_q, cu_k, used = args[:7]
+    _refuse_fp8_grad(q, k, v)
     sink = args[15] if len(args) > 15 else None
     ctx.save_for_backward(q, k, v, out, lse, alibi, cu_q, cu_k, used, sink)
     ctx.args = args[7:15]
+    ctx.n_args = len(args)
 
 
 def _grads(ctx, dout, backward):
     """`fwd`'s input gradients through `backward` (the `bwd` op, or its implementation on the eager path)."""
     q, k, v, out, lse, alibi, cu_q, cu_k, used, sink = ctx.saved_tensors
     dq, dk, dv, dsink = backward(dout, q, k, v, out, lse, alibi, cu_q, cu_k, used, *ctx.args, sink)
-    return (dq, dk, dv) + (None,) * 12 + (dsink if sink is not None else None,)
+    # None for the other arguments: metadata, options, the sink's slot below, the descales and out_dtype (as many
+    # as the call had: the op always has them all, a direct call may stop after the sink).
+    grads = (dq, dk, dv) + (None,) * 12 + (dsink if sink is not None else None,) + (None,) * 4
+    return grads[: ctx.n_args]
 
 
 fwd.register_autograd(
@@ -201,12 +235,16 @@ def _kvcache_impl(
     softcap: float,
     sink: Optional[torch.Tensor] = None,
     num_splits: int = 0,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _outputs(q, v_cache, False)
+    out, lse = _outputs(q, v_cache, False, out_dtype)
     _ext.kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad, rotary_cos,
         rotary_sin, rotary_interleaved, alibi_slopes, softmax_scale, causal, window_left, window_right, softcap,
-        _device_sink(sink), out, lse, num_splits,
+        _device_sink(sink), out, lse, num_splits, q_descale, k_descale, v_descale, out_dtype is not None,
     )  # fmt: skip
     return out, lse
 
@@ -216,7 +254,8 @@ kvcache = torch.library.custom_op("flashattn::kvcache", _kvcache_impl, mutates_a
 
 @kvcache.register_fake
 def _kvcache_fake(q, k_cache, v_cache, *args):
-    return _outputs(q, v_cache, False)
+    out_dtype = args[20] if len(args) > 20 else None
+    return _outputs(q, v_cache, False, out_dtype)
 
 
 # --- eager calls -----------------------------------------------------------------------------------------------
@@ -267,6 +306,7 @@ def attention(*args):
     if torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (sink is not None and sink.requires_grad)
     ):
+        _refuse_fp8_grad(q, k, v)
         return _Attention.apply(*args)
     return _fwd_impl(*args)
 

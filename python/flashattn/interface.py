@@ -13,6 +13,15 @@ it). Not there yet: dropout (``dropout_p > 0`` raises
 ``NotImplementedError``) and a paged KV cache in the varlen functions. ``num_splits`` of
 ``flash_attn_with_kvcache`` fixes the number of key splits on CUDA as in FlashAttention (0: the library chooses;
 the CPU backend ignores it).
+
+FP8 (an addition, FlashAttention-3's convention; CPU tensors, forward only): ``q``, ``k``, ``v`` (or only
+``k_cache``/``v_cache`` with a float16/bfloat16 ``q``) may be ``torch.float8_e4m3fn``, each with a descale factor
+``q_descale``/``k_descale``/``v_descale`` (float32 ``(batch, nheads_k)``, default 1; query head ``i`` uses
+``q_descale[:, i // (nheads // nheads_k)]``): the values used are ``x * x_descale``. ``out`` is bfloat16 (with an
+FP8 ``q``; q's dtype with only an FP8 cache), or ``out_dtype=torch.float16``/``torch.bfloat16``. New rows
+``k``/``v`` of ``flash_attn_with_kvcache`` appended to an FP8 cache are stored as ``round_e4m3(x / descale)``
+(FP8 rows as they are). FP8 tensors that require grad raise ``RuntimeError``; CUDA tensors raise
+``NotImplementedError`` until the FP8 kernels are written.
 """
 
 from __future__ import annotations
@@ -96,12 +105,26 @@ def _last_contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def _fp8_kwargs(q_descale, k_descale, v_descale, out_dtype) -> dict:
+    """The FP8 keyword arguments, passed on by the packed functions."""
+    return {"q_descale": q_descale, "k_descale": k_descale, "v_descale": v_descale, "out_dtype": out_dtype}
+
+
+def _check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(
+            f"invalid argument `out_dtype`: expected torch.bfloat16 or torch.float16 (FP8 inputs), got {out_dtype}"
+        )
+
+
 def _attention(
     q, k, v, varlen, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-    learnable_sink=None,
+    learnable_sink=None, fp8=(None, None, None, None),
 ):  # fmt: skip
-    """The forward of every non-cache function; `varlen` is `(cu_q, cu_k, seqused_k, max_sq, max_sk)` or None."""
+    """The forward of every non-cache function; `varlen` is `(cu_q, cu_k, seqused_k, max_sq, max_sk)` or None;
+    `fp8` is `(q_descale, k_descale, v_descale, out_dtype)`."""
     cu_q, cu_k, used, max_sq, max_sk = varlen or (None, None, None, 0, 0)
+    _check_out_dtype(fp8[3])
     wl, wr = _window(window_size)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     out, lse = _ops.attention(
@@ -121,6 +144,7 @@ def _attention(
         float(softcap),
         bool(deterministic),
         learnable_sink,
+        *fp8,
     )
     if return_attn_probs:
         # FlashAttention-2 returns the dropout mask's probabilities only with dropout (none here).
@@ -145,6 +169,10 @@ def flash_attn_func(
     deterministic=False,
     return_attn_probs=False,
     learnable_sink=None,
+    q_descale=None,
+    k_descale=None,
+    v_descale=None,
+    out_dtype=None,
 ):
     """Attention over ``q`` ``(batch, seqlen_q, nheads, headdim)`` and ``k``, ``v`` ``(batch, seqlen_k,
     nheads_k, headdim)`` (``nheads % nheads_k == 0``: MQA/GQA).
@@ -161,7 +189,7 @@ def flash_attn_func(
     _check_qkv(4, _DENSE, q, k, v)
     return _attention(
         q, k, v, None, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-        learnable_sink,
+        learnable_sink, (q_descale, k_descale, v_descale, out_dtype),
     )  # fmt: skip
 
 
@@ -176,12 +204,17 @@ def flash_attn_qkvpacked_func(
     deterministic=False,
     return_attn_probs=False,
     learnable_sink=None,
+    q_descale=None,
+    k_descale=None,
+    v_descale=None,
+    out_dtype=None,
 ):
     """``flash_attn_func`` with ``qkv`` packed as ``(batch, seqlen, 3, nheads, headdim)`` (read in place)."""
     q, k, v = _unpack("qkv", qkv, 2, 3, "(batch, seqlen, 3, nheads, headdim)")
     return flash_attn_func(
         q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
         learnable_sink=learnable_sink,
+        **_fp8_kwargs(q_descale, k_descale, v_descale, out_dtype),
     )  # fmt: skip
 
 
@@ -197,12 +230,17 @@ def flash_attn_kvpacked_func(
     deterministic=False,
     return_attn_probs=False,
     learnable_sink=None,
+    q_descale=None,
+    k_descale=None,
+    v_descale=None,
+    out_dtype=None,
 ):
     """``flash_attn_func`` with ``kv`` packed as ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
     k, v = _unpack("kv", kv, 2, 2, "(batch, seqlen_k, 2, nheads_k, headdim)")
     return flash_attn_func(
         q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
         learnable_sink=learnable_sink,
+        **_fp8_kwargs(q_descale, k_descale, v_descale, out_dtype),
     )  # fmt: skip
 
 
@@ -225,6 +263,10 @@ def flash_attn_varlen_func(
     block_table=None,
     seqused_k=None,
     learnable_sink=None,
+    q_descale=None,
+    k_descale=None,
+    v_descale=None,
+    out_dtype=None,
 ):
     """Attention over variable-length sequences packed as ``q`` ``(total_q, nheads, headdim)``, ``k``, ``v``
     ``(total_k, nheads_k, headdim)``; ``cu_seqlens_q``/``cu_seqlens_k`` int32 ``(batch + 1,)`` offsets on q's
@@ -245,7 +287,7 @@ def flash_attn_varlen_func(
     varlen = (cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
     return _attention(
         q, k, v, varlen, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-        learnable_sink=learnable_sink,
+        learnable_sink, (q_descale, k_descale, v_descale, out_dtype),
     )  # fmt: skip
 
 
@@ -262,6 +304,10 @@ def flash_attn_varlen_qkvpacked_func(
     deterministic=False,
     return_attn_probs=False,
     learnable_sink=None,
+    q_descale=None,
+    k_descale=None,
+    v_descale=None,
+    out_dtype=None,
 ):
     """``flash_attn_varlen_func`` with ``qkv`` packed as ``(total, 3, nheads, headdim)``."""
     q, k, v = _unpack("qkv", qkv, 1, 3, "(total, 3, nheads, headdim)")
@@ -283,6 +329,7 @@ def flash_attn_varlen_qkvpacked_func(
         deterministic,
         return_attn_probs,
         learnable_sink=learnable_sink,
+        **_fp8_kwargs(q_descale, k_descale, v_descale, out_dtype),
     )
 
 
@@ -302,6 +349,10 @@ def flash_attn_varlen_kvpacked_func(
     deterministic=False,
     return_attn_probs=False,
     learnable_sink=None,
+    q_descale=None,
+    k_descale=None,
+    v_descale=None,
+    out_dtype=None,
 ):
     """``flash_attn_varlen_func`` with ``kv`` packed as ``(total_k, 2, nheads_k, headdim)``."""
     k, v = _unpack("kv", kv, 1, 2, "(total_k, 2, nheads_k, headdim)")
@@ -322,6 +373,7 @@ def flash_attn_varlen_kvpacked_func(
         deterministic,
         return_attn_probs,
         learnable_sink=learnable_sink,
+        **_fp8_kwargs(q_descale, k_descale, v_descale, out_dtype),
     )
 
 
@@ -347,6 +399,10 @@ def flash_attn_with_kvcache(
     return_softmax_lse=False,
     page_table=None,
     learnable_sink=None,
+    q_descale=None,
+    k_descale=None,
+    v_descale=None,
+    out_dtype=None,
 ):
     """Attention of ``q`` ``(batch, seqlen_q, nheads, headdim)`` over a KV cache, appending ``k``/``v``
     ``(batch, seqlen_new, nheads_k, headdim)`` in place first (at ``cache_seqlens``, rotated by
@@ -390,6 +446,7 @@ def flash_attn_with_kvcache(
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     wl, wr = _window(window_size)
+    _check_out_dtype(out_dtype)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     out, lse = _ops.attention_kvcache(
         q,
@@ -412,5 +469,9 @@ def flash_attn_with_kvcache(
         float(softcap),
         learnable_sink,
         _num_splits(num_splits),
+        q_descale,
+        k_descale,
+        v_descale,
+        out_dtype,
     )
     return (out, lse) if return_softmax_lse else out

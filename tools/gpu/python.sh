@@ -118,7 +118,7 @@ run_harness() {
 # (oldnew: old first; newold: new first, against ordering drift), both with the same fixed counts (the CLIs'
 # defaults may differ). oldnew.txt.
 run_ab() {
-    [ -x "$G/flashattn-old" ] || return 0
+    [ -x "$G/$1" ] && [ -x "$G/$2" ] || return 0
     local i bin shape causal
     for i in 1 2 3; do
         for bin in "$@"; do
@@ -224,6 +224,13 @@ for MODE in "$@"; do
     sdpa) run_sdpa ;;
     grid) run_grid ;;
     newold) run_ab flashattn flashattn-old ;;
+    # A branch's CLI against main's (tools/gpu/prepare_branch.sh into .gpu/NAME): AB_BRANCH=NAME, oldnew.txt.
+    ab) run_ab flashattn "${AB_BRANCH:?}/flashattn" ;;
+    # A branch's Rust CUDA quick sweep (AB_BRANCH=NAME) in the background, beside the steps after it, with its
+    # log (branch_sweep.log) and main's Rust kernel cache (the same source compiles to the same cubins); the script waits for it at the end.
+    branchsweep) (FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-rust FLASHATTN_ALLOW_SPILLS=1 \
+        FLASHATTN_REQUIRE_GPU=1 FLASHATTN_SWEEP=quick timeout 300 "$G/${AB_BRANCH:?}/cuda" --test-threads=1 sweep \
+        > "$OUT/branch_sweep.log" 2>&1; echo "$AB_BRANCH sweep rc=$?" >> "$OUT/branch_sweep.log") & ;;
     mha) step pytest-mha 120 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf \
         test_sdpa.py ;;
     pytest) run_pytest ;;
@@ -240,4 +247,6 @@ for MODE in "$@"; do
     overhead) step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json" ;;
     esac
 done
+wait
+[ -f "$OUT/branch_sweep.log" ] && grep -E "test result|rc=|panicked|FAILED" "$OUT/branch_sweep.log" | cut -c1-300 >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"

@@ -200,6 +200,16 @@ pub fn main(a: CheckArgs) -> CliResult<ExitCode> {
     if a.sink {
         opts.sink = Some(randn(&[h], DType::F32, a.seed.wrapping_add(19), 2.0));
     }
+    if a.dtype.is_fp8() {
+        // FP8: descales uniform in [0.5, 2], [b, hk] each (the spec's sweep row).
+        let descale = |n: u64| {
+            let x: Vec<f32> =
+                rand_uniform(&[b, hk], a.seed.wrapping_add(n), 1.5).to_f32_vec().iter().map(|x| x + 0.5).collect();
+            flashattn::Tensor::from_f32(&x, &[b, hk], DType::F32)
+        };
+        opts = opts.descale(Some(descale(23)?), Some(descale(29)?), Some(descale(31)?));
+        println!("FP8 (e4m3) inputs with random descales in [0.5, 2]; output bf16");
+    }
     let p = flashattn::problem::validate(&q.view(), &k.view(), &v.view(), &opts)?;
     let (qs, ks, vs) = (q.view().data, k.view().data, v.view().data);
     if let Some(why) = oracle_skipped {
@@ -216,8 +226,8 @@ pub fn main(a: CheckArgs) -> CliResult<ExitCode> {
     let (flash, t_flash, m_flash) = measure(|| flashattn::forward_on(device, &q, &k, &v, &opts));
     let flash = flash?;
 
-    let out_bytes =
-        flash.o.shape().iter().product::<usize>() * a.dtype.size() + flash.lse.shape().iter().product::<usize>() * 4;
+    let out_bytes = flash.o.shape().iter().product::<usize>() * flash.o.dtype().size()
+        + flash.lse.shape().iter().product::<usize>() * 4;
     let scores_bytes = sq * sk * 4;
     println!("forward ({} of outputs; one head's score matrix is {}):", human(out_bytes), human(scores_bytes));
     println!("  {:<14} {:>12} {:>16}", "", "time", "peak extra mem");
@@ -243,6 +253,11 @@ pub fn main(a: CheckArgs) -> CliResult<ExitCode> {
     if a.dtype == DType::F32 {
         println!(
             "accuracy rule (f32): |flash - f64| <= max(1e-4 x max|f64|, {factor} x |naive - f64| + 1e-5); \
+             lse within max(1e-3, {factor} x the naive lse error):"
+        );
+    } else if a.dtype.is_fp8() {
+        println!(
+            "accuracy rule (FP8; naive: e4m3 probabilities): |flash - f64| <= {factor} x |naive - f64| + 1e-3; \
              lse within max(1e-3, {factor} x the naive lse error):"
         );
     } else {

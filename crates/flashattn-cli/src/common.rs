@@ -1,6 +1,6 @@
 //! What the subcommands share: the error type with its exit codes, argument parsers, random tensors.
 
-use flashattn::{bf16, f16, CpuStorage, DType, Device, Tensor};
+use flashattn::{bf16, dtype::F8E4M3, f16, CpuStorage, DType, Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use std::fmt;
@@ -80,7 +80,7 @@ pub fn resolve_device(arg: DeviceArg) -> CliResult<(Device, String)> {
 /// Parses a floating-point dtype for q/k/v (`f16`, `bf16`, `f32`).
 pub fn parse_float_dtype(s: &str) -> Result<DType, String> {
     match s.parse::<DType>() {
-        Ok(DType::I32) | Err(_) => Err(format!("expected f16, bf16 or f32, got `{s}`")),
+        Ok(DType::I32) | Err(_) => Err(format!("expected f16, bf16, f32 or e4m3 (FP8, CPU forward), got `{s}`")),
         Ok(d) => Ok(d),
     }
 }
@@ -216,6 +216,7 @@ pub fn randn(shape: &[usize], dtype: DType, seed: u64, scale: f32) -> Tensor {
         DType::BF16 => CpuStorage::BF16(fill(n, seed, |r| bf16::from_f32(normal(r)))),
         DType::F32 => CpuStorage::F32(fill(n, seed, normal)),
         DType::I32 => CpuStorage::I32(fill(n, seed, |r| normal(r) as i32)),
+        DType::E4M3 => CpuStorage::E4M3(fill(n, seed, |r| F8E4M3::from_f32(normal(r)))),
     };
     Tensor::from_storage(storage, shape).expect("length matches shape")
 }

@@ -1,16 +1,21 @@
 //! `flashattn run`: attention on tensors from a safetensors file, outputs to another, for debugging and
 //! interop.
 //!
-//! Inputs by name: `q`, `k`, `v` (f32, f16 or bf16: the stored dtype is the compute dtype), optional
+//! Inputs by name: `q`, `k`, `v` (f32, f16, bf16 or F8_E4M3: the stored dtype is the compute dtype; FP8 with
+//! optional f32 `[b, hk]` descales `q_descale`, `k_descale`, `v_descale`, and a bf16 output unless
+//! `--out-dtype f16`), optional
 //! `alibi_slopes`, `cu_seqlens_q` + `cu_seqlens_k` (+ `seqused_k`) for packed `[total, heads, d]` batches,
 //! optional `do` (then the backward pass runs too). Outputs `o`, `lse` (and `dq`, `dk`, `dv`).
 //! With `--kvcache`: `q`, `k_cache`, `v_cache`, optional `k_new`, `v_new`, `cache_seqlens`, `block_table`,
-//! `rotary_cos`, `rotary_sin`, `cache_batch_idx`, `cache_leftpad`; outputs `o`, `lse`, and the updated
+//! `rotary_cos`, `rotary_sin`, `cache_batch_idx`, `cache_leftpad` (an F8_E4M3 cache with `k_descale`, `v_descale`,
+//! and `q_descale` with an F8_E4M3 q); outputs `o`, `lse`, and the updated
 //! `k_cache`, `v_cache`. Integer inputs may be stored as i32 or i64.
 
 use crate::common::{parse_device, resolve_device, CliError, CliResult, DeviceArg, ScoreArgs};
 use clap::Args;
-use flashattn::{bf16, f16, AttnOptions, CacheSeqlens, CpuStorage, DType, KvCache, Rotary, Tensor, VarLen};
+use flashattn::{
+    bf16, dtype::F8E4M3, f16, AttnOptions, CacheSeqlens, CpuStorage, DType, KvCache, Rotary, Tensor, VarLen,
+};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -40,13 +45,28 @@ pub struct RunArgs {
     /// Rotary embedding with interleaved pairs (0,1), (2,3), ... (default: pairs (k, k + rot/2)).
     #[arg(long)]
     pub rotary_interleaved: bool,
+    /// FP8 (e4m3) inputs: the output dtype, bf16 or f16 (default bf16; q's dtype with only an FP8 cache).
+    #[arg(long, value_parser = crate::common::parse_float_dtype)]
+    pub out_dtype: Option<DType>,
     /// The CUDA backend's dispatch and tuning choices.
     #[command(flatten)]
     pub tuning: crate::tuning::TuningArgs,
 }
 
-const DENSE_NAMES: &[&str] =
-    &["q", "k", "v", "alibi_slopes", "sink", "cu_seqlens_q", "cu_seqlens_k", "seqused_k", "do"];
+const DENSE_NAMES: &[&str] = &[
+    "q",
+    "k",
+    "v",
+    "alibi_slopes",
+    "sink",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "seqused_k",
+    "do",
+    "q_descale",
+    "k_descale",
+    "v_descale",
+];
 const KV_NAMES: &[&str] = &[
     "q",
     "k_cache",
@@ -61,6 +81,9 @@ const KV_NAMES: &[&str] = &[
     "cache_leftpad",
     "alibi_slopes",
     "sink",
+    "q_descale",
+    "k_descale",
+    "v_descale",
 ];
 
 /// The tensors of an input file, read on demand by name.
@@ -88,16 +111,17 @@ impl<'a> Inputs<'a> {
         self.st.tensor(name).is_ok()
     }
 
-    /// A floating-point tensor (f32, f16 or bf16), kept in its stored dtype.
+    /// A floating-point tensor (f32, f16, bf16 or F8_E4M3), kept in its stored dtype.
     fn float(&self, name: &str) -> CliResult<Option<Tensor>> {
         let Ok(t) = self.st.tensor(name) else { return Ok(None) };
         let storage = match t.dtype() {
             StDtype::F32 => CpuStorage::F32(decode(t.data(), f32::from_le_bytes)),
             StDtype::F16 => CpuStorage::F16(decode(t.data(), |b| f16::from_bits(u16::from_le_bytes(b)))),
             StDtype::BF16 => CpuStorage::BF16(decode(t.data(), |b| bf16::from_bits(u16::from_le_bytes(b)))),
+            StDtype::F8_E4M3 => CpuStorage::E4M3(t.data().iter().map(|&b| F8E4M3(b)).collect()),
             other => {
                 return Err(input_err(format!(
-                    "tensor `{name}` in {} has dtype {other:?}; expected F32, F16 or BF16",
+                    "tensor `{name}` in {} has dtype {other:?}; expected F32, F16, BF16 or F8_E4M3",
                     self.path.display()
                 )))
             }
@@ -170,6 +194,10 @@ fn options(a: &RunArgs, inp: &Inputs<'_>) -> CliResult<AttnOptions> {
     let mut opts = AttnOptions { deterministic: a.deterministic, tuning: a.tuning.tuning()?, ..a.score.options() };
     opts.alibi_slopes = inp.float("alibi_slopes")?.map(alibi_to_f32);
     opts.sink = inp.float("sink")?;
+    opts.q_descale = inp.float("q_descale")?;
+    opts.k_descale = inp.float("k_descale")?;
+    opts.v_descale = inp.float("v_descale")?;
+    opts.out_dtype = a.out_dtype;
     Ok(opts)
 }
 
@@ -182,6 +210,7 @@ fn to_bytes(t: &Tensor) -> (StDtype, Vec<u8>) {
         CpuStorage::F16(v) => (StDtype::F16, v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()),
         CpuStorage::BF16(v) => (StDtype::BF16, v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()),
         CpuStorage::I32(v) => (StDtype::I32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        CpuStorage::E4M3(v) => (StDtype::F8_E4M3, v.iter().map(|x| x.0).collect()),
     }
 }
 

@@ -37,6 +37,7 @@ fn to_bytes(t: &Tensor) -> (StDtype, Vec<u8>) {
         CpuStorage::F16(v) => (StDtype::F16, v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()),
         CpuStorage::BF16(v) => (StDtype::BF16, v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()),
         CpuStorage::I32(v) => (StDtype::I32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        CpuStorage::E4M3(v) => (StDtype::F8_E4M3, v.iter().map(|x| x.0).collect()),
     }
 }
 
@@ -633,4 +634,74 @@ fn duplicate_tensor_names_in_a_header_are_refused() {
     std::fs::write(&path, &bytes).unwrap();
     let err = run_err(&path, &["--device", "cpu"]);
     assert!(err.contains("`q` is named twice"), "{err}");
+}
+
+/// FP8: `check --dtype e4m3` passes the FP8 rule (and `--backward` is refused with the library's typed error);
+/// `run` reads F8_E4M3 q/k/v with f32 descales and writes what the library computes (bf16, or f16 on request),
+/// and an F8_E4M3 KV cache with bf16 new rows and q.
+#[test]
+fn fp8_check_and_run() {
+    let out = run_ok(&["check", "--device", "cpu", "--dtype", "e4m3", "--seqlen", "70", "--heads-k", "2", "--causal"]);
+    assert!(out.contains("FP8 (e4m3) inputs") && out.contains("PASS"), "{out}");
+    let o = run(&["check", "--device", "cpu", "--dtype", "e4m3", "--seqlen", "16", "--backward"]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success() && (out + &err).contains("forward-only"), "{err}");
+
+    let mut rng = StdRng::seed_from_u64(5);
+    let (b, sq, sk, h, hk, d) = (2, 9, 13, 4, 2, 32);
+    let (q, k, v) = (
+        randn(&[b, sq, h, d], DType::E4M3, &mut rng),
+        randn(&[b, sk, hk, d], DType::E4M3, &mut rng),
+        randn(&[b, sk, hk, d], DType::E4M3, &mut rng),
+    );
+    let ds = |rng: &mut StdRng| {
+        let x: Vec<f32> = (0..b * hk).map(|_| rng.gen_range(0.5f32..2.0)).collect();
+        Tensor::from_f32(&x, &[b, hk], DType::F32).unwrap()
+    };
+    let (qd, kd, vd) = (ds(&mut rng), ds(&mut rng), ds(&mut rng));
+    let input = tmp("fp8_in.safetensors");
+    let output = tmp("fp8_out.safetensors");
+    write(&input, &[("q", &q), ("k", &k), ("v", &v), ("q_descale", &qd), ("k_descale", &kd), ("v_descale", &vd)]);
+    let args = ["run", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--device", "cpu"];
+    run_ok(&[&args[..], &["--causal", "--out-dtype", "f16"]].concat());
+    let opts =
+        AttnOptions::default().causal().descale(Some(qd.clone()), Some(kd.clone()), Some(vd)).out_dtype(DType::F16);
+    let f = flashattn::forward(&q, &k, &v, &opts).unwrap();
+    assert_eq!(f.o.dtype(), DType::F16);
+    let file = read(&output);
+    assert_same(&file, "o", &f.o);
+    assert_same(&file, "lse", &f.lse);
+
+    // An F8_E4M3 cache with bf16 q and new rows (quantized with the descales).
+    let qb = randn(&[b, 2, h, d], DType::BF16, &mut rng);
+    let (kc, vc) = (randn(&[b, 20, hk, d], DType::E4M3, &mut rng), randn(&[b, 20, hk, d], DType::E4M3, &mut rng));
+    let kn = randn(&[b, 2, hk, d], DType::BF16, &mut rng);
+    let seqlens = Tensor::from_i32(vec![3, 17], &[b]).unwrap();
+    write(
+        &input,
+        &[
+            ("q", &qb),
+            ("k_cache", &kc),
+            ("v_cache", &vc),
+            ("k_new", &kn),
+            ("v_new", &kn),
+            ("cache_seqlens", &seqlens),
+            ("k_descale", &kd),
+        ],
+    );
+    run_ok(&[&args[..], &["--kvcache"]].concat());
+    let (mut kc2, mut vc2) = (kc.clone(), vc.clone());
+    let f = {
+        let mut cache = KvCache::new(kc2.view_mut(), vc2.view_mut(), CacheSeqlens::PerSeq(vec![3, 17]));
+        cache.k_new = Some(kn.view());
+        cache.v_new = Some(kn.view());
+        flashattn::kvcache_forward(&qb.view(), &mut cache, &AttnOptions::default().descale(None, Some(kd), None))
+            .unwrap()
+    };
+    assert_eq!(f.o.dtype(), DType::BF16);
+    assert_ne!(kc2, kc, "the append changed the cache");
+    let file = read(&output);
+    assert_same(&file, "o", &f.o);
+    assert_same(&file, "k_cache", &kc2);
+    assert_same(&file, "v_cache", &vc2);
 }

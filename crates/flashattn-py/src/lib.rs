@@ -43,7 +43,7 @@ struct Tens {
 /// What the extension uses of torch, looked up once.
 struct Torch {
     tensor: Py<PyType>,
-    dtypes: [(Py<PyAny>, DType); 4],
+    dtypes: Vec<(Py<PyAny>, DType)>,
     /// `{"dtype": torch.uint8}`: the keyword arguments of a workspace's `new_empty`.
     bytes_kw: Py<PyDict>,
     /// `torch._C._cuda_getCurrentRawStream` (what torch's compiled code calls), when this torch has it.
@@ -66,7 +66,11 @@ fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
                 (dt("bfloat16")?, DType::BF16),
                 (dt("float32")?, DType::F32),
                 (dt("int32")?, DType::I32),
-            ],
+            ]
+            .into_iter()
+            // FP8 inputs (forward only, CPU tensors for now), where this torch has the dtype.
+            .chain(dt("float8_e4m3fn").ok().map(|d| (d, DType::E4M3)))
+            .collect(),
             bytes_kw: bytes_kw.unbind(),
             raw_stream,
         })
@@ -87,8 +91,8 @@ fn read(py: Python<'_>, name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Tens> {
             return Err(PyTypeError::new_err(format!("invalid argument `{name}`: expected a torch.Tensor, got {ty}")));
         }
         return Err(PyTypeError::new_err(format!(
-            "invalid argument `{name}`: expected dtype float16, bfloat16, float32 (CPU only) or int32 (metadata), \
-             got {}",
+            "invalid argument `{name}`: expected dtype float16, bfloat16, float32 (CPU only), float8_e4m3fn (CPU, \
+             forward only) or int32 (metadata), got {}",
             obj.getattr(intern!(py, "dtype"))?
         )));
     };
@@ -221,6 +225,7 @@ unsafe fn host_view<'a>(t: &Tens) -> PyResult<TensorView<'a>> {
             DType::BF16 => CpuSlice::BF16(if len == 0 { &[] } else { std::slice::from_raw_parts(p as *const _, len) }),
             DType::F32 => CpuSlice::F32(if len == 0 { &[] } else { std::slice::from_raw_parts(p as *const _, len) }),
             DType::I32 => CpuSlice::I32(if len == 0 { &[] } else { std::slice::from_raw_parts(p as *const _, len) }),
+            DType::E4M3 => CpuSlice::E4M3(if len == 0 { &[] } else { std::slice::from_raw_parts(p as *const _, len) }),
         }
     };
     TensorView::new(data, l).map_err(to_py)
@@ -247,6 +252,9 @@ unsafe fn host_view_mut<'a>(t: &Tens) -> PyResult<TensorViewMut<'a>> {
             }
             DType::I32 => {
                 CpuSliceMut::I32(if len == 0 { &mut [] } else { std::slice::from_raw_parts_mut(p as *mut _, len) })
+            }
+            DType::E4M3 => {
+                CpuSliceMut::E4M3(if len == 0 { &mut [] } else { std::slice::from_raw_parts_mut(p as *mut _, len) })
             }
         }
     };
@@ -284,6 +292,62 @@ struct Opts {
     window: (i64, i64),
     softcap: f32,
     deterministic: bool,
+    fp8: Fp8,
+}
+
+/// FP8 arguments: the descales (FlashAttention-3's `q_descale`, `k_descale`, `v_descale`) and the output dtype.
+#[derive(Default)]
+struct Fp8 {
+    descale: [Option<Tens>; 3],
+    /// `out`'s dtype when the caller chose it (`out_dtype=`) or the inputs are FP8; `None` otherwise.
+    out_dtype: Option<DType>,
+}
+
+impl Fp8 {
+    /// Reads the FP8 arguments; `fp8` says whether q or the keys are FP8, `out_set` whether the caller passed
+    /// `out_dtype` (then the library checks it against the inputs).
+    fn read(
+        py: Python<'_>,
+        descale: [Option<&Bound<'_, PyAny>>; 3],
+        fp8: bool,
+        out_set: bool,
+        out: &Tens,
+    ) -> PyResult<Self> {
+        let [q, k, v] = descale;
+        Ok(Fp8 {
+            descale: [read_opt(py, "q_descale", q)?, read_opt(py, "k_descale", k)?, read_opt(py, "v_descale", v)?],
+            out_dtype: (fp8 || out_set).then_some(out.dtype),
+        })
+    }
+
+    fn tensors(&self) -> [(&'static str, Option<&Tens>); 3] {
+        let [q, k, v] = &self.descale;
+        [("q_descale", q.as_ref()), ("k_descale", k.as_ref()), ("v_descale", v.as_ref())]
+    }
+
+    /// CUDA KV-cache calls: e4m3 caches with `k_descale`/`v_descale` run; an FP8 q or new rows, or
+    /// `q_descale`, do not yet (before any device work).
+    fn refuse_on_cuda_kv(&self, dtypes: &[DType]) -> PyResult<()> {
+        if dtypes.iter().any(|d| d.is_fp8()) || self.descale[0].is_some() {
+            return Err(to_py(Error::Unsupported {
+                backend: "cuda",
+                what: "FP8 (float8_e4m3fn) q or new rows: CPU tensors only for now (e4m3 caches with a 16-bit q run)"
+                    .into(),
+            }));
+        }
+        Ok(())
+    }
+
+    /// CUDA tensors: FP8 is not there yet (before any device work).
+    fn refuse_on_cuda(&self, dtypes: &[DType]) -> PyResult<()> {
+        if dtypes.iter().any(|d| d.is_fp8()) || self.descale.iter().any(Option::is_some) {
+            return Err(to_py(Error::Unsupported {
+                backend: "cuda",
+                what: "FP8 (float8_e4m3fn) inputs: CPU tensors only for now".into(),
+            }));
+        }
+        Ok(())
+    }
 }
 
 impl Opts {
@@ -356,6 +420,11 @@ unsafe fn host_options(
     unsafe {
         a.alibi_slopes = alibi.as_ref().map(|t| host_owned(t)).transpose()?;
         a.sink = sink.as_ref().map(|t| host_owned(t)).transpose()?;
+        let [qd, kd, vd] = &o.fp8.descale;
+        a.q_descale = qd.as_ref().map(|t| host_owned(t)).transpose()?;
+        a.k_descale = kd.as_ref().map(|t| host_owned(t)).transpose()?;
+        a.v_descale = vd.as_ref().map(|t| host_owned(t)).transpose()?;
+        a.out_dtype = o.fp8.out_dtype;
         if let Some(vl) = varlen {
             a.varlen = Some(VarLen {
                 cu_seqlens_q: host_i32("cu_seqlens_q", &vl.cu_q)?,
@@ -390,7 +459,8 @@ fn device_index(device: i64) -> Option<usize> {
 #[pyfunction]
 #[pyo3(signature = (
     q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-    softmax_scale, causal, window_left, window_right, softcap, learnable_sink=None,
+    softmax_scale, causal, window_left, window_right, softcap, learnable_sink=None, q_descale=None, k_descale=None,
+    v_descale=None, out_dtype_set=false,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn fwd(
@@ -412,10 +482,16 @@ fn fwd(
     window_right: i64,
     softcap: f32,
     learnable_sink: Option<&Bound<'_, PyAny>>,
+    q_descale: Option<&Bound<'_, PyAny>>,
+    k_descale: Option<&Bound<'_, PyAny>>,
+    v_descale: Option<&Bound<'_, PyAny>>,
+    out_dtype_set: bool,
 ) -> PyResult<()> {
     let qt = read(py, "q", q)?;
     let (kt, vt) = (read(py, "k", k)?, read(py, "v", v)?);
     let (ot, lt) = (read(py, "out", out)?, read(py, "softmax_lse", lse)?);
+    let fp8 = qt.dtype.is_fp8() || kt.dtype.is_fp8();
+    let fp8 = Fp8::read(py, [q_descale, k_descale, v_descale], fp8, out_dtype_set, &ot)?;
     let alibi = read_opt(py, "alibi_slopes", alibi_slopes)?;
     let vl = read_varlen(py, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)?;
     let sink = read_opt(py, "learnable_sink", learnable_sink)?;
@@ -428,7 +504,11 @@ fn fwd(
         ("softmax_lse", Some(&lt)),
     ];
     check_devices(&qt, &others, &vl)?;
-    let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic: false };
+    same_device(&qt, &fp8.tensors())?;
+    if qt.device >= 0 {
+        fp8.refuse_on_cuda(&[qt.dtype, kt.dtype, vt.dtype])?;
+    }
+    let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic: false, fp8 };
     match device_index(qt.device) {
         None => {
             // SAFETY: live host tensors of torch's; out and lse are fresh and unaliased.
@@ -517,7 +597,14 @@ fn bwd(
         ("dsink", dsink.as_ref()),
     ];
     check_devices(&qt, &others, &vl)?;
-    let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic };
+    let o = Opts {
+        softmax_scale,
+        causal,
+        window: (window_left, window_right),
+        softcap,
+        deterministic,
+        fp8: Fp8::default(),
+    };
     match device_index(qt.device) {
         None => {
             // SAFETY: live host tensors of torch's; the gradients are fresh and unaliased.
@@ -581,7 +668,7 @@ fn bwd(
 #[pyo3(signature = (
     q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad, rotary_cos,
     rotary_sin, rotary_interleaved, alibi_slopes, softmax_scale, causal, window_left, window_right, softcap,
-    learnable_sink, out, lse, num_splits=0,
+    learnable_sink, out, lse, num_splits=0, q_descale=None, k_descale=None, v_descale=None, out_dtype_set=false,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn kvcache(
@@ -608,6 +695,10 @@ fn kvcache(
     out: &Bound<'_, PyAny>,
     lse: &Bound<'_, PyAny>,
     num_splits: usize,
+    q_descale: Option<&Bound<'_, PyAny>>,
+    k_descale: Option<&Bound<'_, PyAny>>,
+    v_descale: Option<&Bound<'_, PyAny>>,
+    out_dtype_set: bool,
 ) -> PyResult<()> {
     let qt = read(py, "q", q)?;
     let (kc, vc) = (read(py, "k_cache", k_cache)?, read(py, "v_cache", v_cache)?);
@@ -649,7 +740,16 @@ fn kvcache(
             ))
         }
     };
-    let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic: false };
+    let fp8 = qt.dtype.is_fp8() || kc.dtype.is_fp8();
+    let fp8 = Fp8::read(py, [q_descale, k_descale, v_descale], fp8, out_dtype_set, &ot)?;
+    same_device(&qt, &fp8.tensors())?;
+    if qt.device >= 0 {
+        // CUDA decodes from e4m3 caches (with their k/v descales) for a 16-bit q; FP8 q or new rows stay CPU-only.
+        let mut dts = vec![qt.dtype];
+        dts.extend(kn.iter().chain(&vn).map(|t| t.dtype));
+        fp8.refuse_on_cuda_kv(&dts)?;
+    }
+    let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic: false, fp8 };
     match device_index(qt.device) {
         None => {
             // SAFETY: live host tensors of torch's; the caches are written in place through these views only,
@@ -700,6 +800,8 @@ fn kvcache(
                 }),
                 alibi_slopes: alibi.as_ref().map(dev),
                 sink: sink.as_ref().map(dev),
+                k_descale: o.fp8.descale[1].as_ref().map(dev),
+                v_descale: o.fp8.descale[2].as_ref().map(dev),
             };
             let (qd, od, ld) = (dev(&qt), dev(&ot), dev(&lt));
             let mut a = o.attn();

@@ -6,7 +6,9 @@
 //! soft-capping or ALiBi) and 3 for gradients. `f32` results must match to `1e-4` relative (or within `factor`
 //! times the f32 baseline's error when that is larger: large logits). `lse` must match to `1e-3` absolute
 //! where finite ([`compare_lse_with_baseline`]: or within `factor` times the baseline's lse error) and be
-//! `-inf` exactly where the reference is.
+//! `-inf` exactly where the reference is. FP8 (`e4m3`) inputs: the reference uses the dequantized inputs, the
+//! baseline rounds the unnormalised probabilities to e4m3, and the bound is `factor * max|baseline - ref| +
+//! 1e-3` ([`FP8_ABS`]).
 
 use crate::dtype::DType;
 use std::fmt;
@@ -54,7 +56,11 @@ fn max_err(out: &[f32], reference: &[f64]) -> f64 {
     })
 }
 
-/// Compares a tensor (`o`, `dq`, `dk`, `dv`) with the oracle under the spec's rule.
+/// The absolute term of the FP8 rule: `max|out - ref| <= 2 * max|baseline - ref| + FP8_ABS`.
+pub const FP8_ABS: f64 = 1e-3;
+
+/// Compares a tensor (`o`, `dq`, `dk`, `dv`) with the oracle under the spec's rule; `dtype` is the inputs'
+/// (the problem's: [`DType::E4M3`] takes the FP8 rule).
 pub fn compare(name: &str, out: &[f32], reference: &[f64], baseline: &[f32], dtype: DType, factor: f64) -> Verdict {
     let err = max_err(out, reference);
     let (base, bound) = if dtype == DType::F32 {
@@ -63,6 +69,9 @@ pub fn compare(name: &str, out: &[f32], reference: &[f64], baseline: &[f32], dty
         let scale = reference.iter().fold(1f64, |m, r| m.max(r.abs()));
         let b = if baseline.is_empty() { 0.0 } else { max_err(baseline, reference) };
         (b, (1e-4 * scale).max(factor * b + 1e-5))
+    } else if dtype.is_fp8() {
+        let b = max_err(baseline, reference);
+        (b, factor * b + FP8_ABS)
     } else {
         let b = max_err(baseline, reference);
         (b, factor * b + 1e-5)
@@ -138,6 +147,16 @@ mod tests {
         assert!(compare_lse(&[f32::NEG_INFINITY, 0.5], &[f64::NEG_INFINITY, 0.5005]).pass);
         assert!(!compare_lse(&[0.0, 0.5], &[f64::NEG_INFINITY, 0.5]).pass);
         assert!(!compare_lse(&[f32::NEG_INFINITY, 0.6], &[f64::NEG_INFINITY, 0.5]).pass);
+    }
+
+    #[test]
+    fn fp8_rule_adds_1e3() {
+        let r = [1.0, 2.0];
+        let base = [1.0, 2.01];
+        assert!(compare("o", &[1.0, 2.0209], &r, &base, DType::E4M3, 2.0).pass);
+        assert!(!compare("o", &[1.0, 2.0211], &r, &base, DType::E4M3, 2.0).pass);
+        assert!(!compare("o", &[1.0, 2.0209], &r, &base, DType::BF16, 2.0).pass);
+        assert!(!compare("o", &[f32::NAN, 2.0], &r, &base, DType::E4M3, 2.0).pass);
     }
 
     #[test]

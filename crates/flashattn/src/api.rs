@@ -39,6 +39,10 @@ fn require_cpu(arg: &'static str, dev: Device) -> Result<()> {
 
 /// Attention forward pass: `o = softmax(scale * q kᵀ + bias, masked) v` and its log-sum-exp.
 ///
+/// FP8: q, k, v may all be [`DType::E4M3`], each with a descale factor ([`AttnOptions::q_descale`], ...): the
+/// values used are `x * x_descale`, and `o` is bf16 (or [`AttnOptions::out_dtype`]). The backward pass refuses
+/// FP8 inputs.
+///
 /// `q`: `[b, sq, h, d]`, `k`: `[b, sk, hk, d]`, `v`: `[b, sk, hk, d_v]` (or `[total, heads, d]` and
 /// `[total, hk, d_v]` with [`AttnOptions::varlen`]); `o` is `[b, sq, h, d_v]`. The value head dim `d_v` may
 /// differ from `d` (the default scale uses `d`).
@@ -54,7 +58,7 @@ fn require_cpu(arg: &'static str, dev: Device) -> Result<()> {
 /// ```
 pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<ForwardOutput> {
     let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
-    let mut o = Tensor::try_zeros(&p.o_shape(), p.dtype)?;
+    let mut o = Tensor::try_zeros(&p.o_shape(), p.out_dtype)?;
     let mut lse = Tensor::try_zeros(&p.lse_shape(), DType::F32)?;
     run_forward(&p, &q.view(), &k.view(), &v.view(), &mut o.view_mut(), &mut lse.view_mut())?;
     Ok(ForwardOutput { o, lse })
@@ -91,7 +95,7 @@ pub(crate) fn run_forward(
     lse: &mut TensorViewMut<'_>,
 ) -> Result<()> {
     require_cpu("q", q.device())?;
-    check_output("o", &o.layout, o.data.len(), o.dtype(), &p.o_shape(), p.dtype)?;
+    check_output("o", &o.layout, o.data.len(), o.dtype(), &p.o_shape(), p.out_dtype)?;
     check_lse(lse, p)?;
     let o_map = p.q_like_map(&o.layout);
     let out = FwdOut { o: o.data.raw(), o_map: &o_map, lse: lse.data.raw() };
@@ -168,6 +172,7 @@ pub fn backward_into_of(
     whole_rows: bool,
 ) -> Result<Option<Tensor>> {
     let p = validate(q, k, v, opts)?;
+    p.refuse_fp8("the backward pass")?;
     require_cpu("q", q.device())?;
     check_backward_inputs(&p, o, lse, dout)?;
     check_output("dq", &dq.layout, dq.data.len(), dq.dtype(), q.shape(), p.dtype)?;

@@ -11,8 +11,8 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::AttnOptions;
 use crate::problem::{
-    check_alibi, check_batch, check_finite_scale, check_head_dim, check_heads_of, check_softcap, check_value_head_dim,
-    check_view, Paged, Problem, RowMap,
+    check_alibi, check_batch, check_finite_scale, check_fp8, check_head_dim, check_heads_of, check_softcap,
+    check_value_head_dim, check_view, Paged, Problem, RowMap,
 };
 use crate::semantics::Mask;
 use crate::tensor::{Layout, RawMut, Tensor, TensorView, TensorViewMut};
@@ -137,22 +137,31 @@ pub(crate) struct Checked {
 pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) -> Result<KvPlan> {
     let c = check(q, cache, opts)?;
     let Checked { mut problem, seqlens, s_new, leftpad: lp, rot } = c;
-    let (b, sq, h, hk, d, dtype) = (problem.batch, problem.dense_sq, problem.h, problem.hk, problem.d, problem.dtype);
+    let (b, sq, h, hk, d) = (problem.batch, problem.dense_sq, problem.h, problem.hk, problem.d);
     let d_v = problem.d_v;
     let rot = rot.map(|r| (r.cos, r.sin, r.half, r.interleaved));
     let mask = problem.mask;
 
-    // All checks passed: append.
+    // All checks passed: append. 16-bit rows appended to an FP8 cache are divided by its descale (the stored
+    // value is `round_e4m3(x / descale)`); FP8 rows are stored as they are.
     if let (Some(kn), Some(vn), true) = (&cache.k_new, &cache.v_new, s_new > 0) {
         let kraw = cache.k_cache.data.raw();
         let vraw = cache.v_cache.data.raw();
-        append(kn, &kraw, &problem.k, &seqlens, &lp, hk, d, rot.as_ref());
-        append(vn, &vraw, &problem.v, &seqlens, &lp, hk, d_v, None);
+        let quantize = |t: &TensorView<'_>, f: fn(&Problem, usize, usize) -> f32| {
+            (problem.is_fp8() && !t.dtype().is_fp8()).then(|| {
+                (0..b).flat_map(|i| (0..hk).map(move |kh| (i, kh))).map(|(i, kh)| f(&problem, i, kh)).collect()
+            })
+        };
+        let (kdiv, vdiv): (Option<Vec<f32>>, Option<Vec<f32>>) =
+            (quantize(kn, Problem::k_scale), quantize(vn, Problem::v_scale));
+        append(kn, &kraw, &problem.k, &seqlens, &lp, hk, d, rot.as_ref(), kdiv.as_deref());
+        append(vn, &vraw, &problem.v, &seqlens, &lp, hk, d_v, None, vdiv.as_deref());
     }
 
-    // Rotated q.
+    // Rotated q: in q's dtype; an FP8 q is rotated after its descale, into f32 (its descale is then 1).
+    let q_fp8 = q.dtype().is_fp8();
     let q_rotated = rot.as_ref().map(|(cos, sin, half, inter)| {
-        let mut out = Tensor::zeros(&[b, sq, h, d], dtype);
+        let mut out = Tensor::zeros(&[b, sq, h, d], if q_fp8 { DType::F32 } else { q.dtype() });
         let raw = out.view_mut().data.raw();
         let mut row = vec![0f32; d];
         for (i, &n) in seqlens.iter().enumerate() {
@@ -160,6 +169,10 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
                 let pos = if mask.is_active() { n + t } else { n };
                 for hh in 0..h {
                     q.data.read_f32(q.layout.index(&[i, t, hh, 0]), &mut row);
+                    if q_fp8 {
+                        let m = problem.q_scale(i, hh);
+                        row.iter_mut().for_each(|x| *x *= m);
+                    }
                     rotate(&mut row, &cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half], *inter);
                     raw.write_f32(((i * sq + t) * h + hh) * d, &row);
                 }
@@ -169,6 +182,9 @@ pub fn prepare(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) 
     });
     if let Some(t) = &q_rotated {
         problem.q = q_row_map(t.layout(), b);
+        if let (Some(ds), true) = (&mut problem.descale, q_fp8) {
+            ds.q.iter_mut().for_each(|x| *x = 1.0);
+        }
     }
     Ok(KvPlan { problem, q_rotated })
 }
@@ -201,8 +217,11 @@ pub(crate) fn check(q: &TensorView<'_>, cache: &KvCache<'_>, opts: &AttnOptions)
     for (arg, t) in [("k_cache", &cache.k_cache), ("v_cache", &cache.v_cache)] {
         let view = t.as_view();
         check_view(arg, &view)?;
-        if t.dtype() != dtype {
-            return Err(Error::invalid(arg, format!("dtype {dtype} (as q)"), t.dtype()));
+        let want = if arg == "v_cache" { cache.k_cache.dtype() } else { dtype };
+        // An FP8 cache may go with an FP8 or a 16-bit q (checked by `check_fp8` below).
+        if t.dtype() != want && !(arg == "k_cache" && t.dtype().is_fp8()) {
+            let of = if arg == "v_cache" { "k_cache" } else { "q" };
+            return Err(Error::invalid(arg, format!("dtype {want} (as {of})"), t.dtype()));
         }
         if t.shape().len() != 4 {
             return Err(Error::invalid(arg, "rank 4", format!("shape {:?}", t.shape())));
@@ -231,6 +250,8 @@ pub(crate) fn check(q: &TensorView<'_>, cache: &KvCache<'_>, opts: &AttnOptions)
         return Err(Error::invalid("k_cache", format!("head dim {d} (as q)"), cs[3]));
     }
     check_heads_of(h, hk, "k_cache")?;
+    let kv_dtype = cache.k_cache.dtype();
+    let (pdtype, out_dtype, descale) = check_fp8(opts, dtype, kv_dtype, "k_cache", true, b, hk)?;
     let scale = check_finite_scale(opts.softmax_scale, d)?;
     let softcap = check_softcap(opts.softcap)?;
     let mask = Mask::new(opts.causal, opts.window)?;
@@ -248,7 +269,16 @@ pub(crate) fn check(q: &TensorView<'_>, cache: &KvCache<'_>, opts: &AttnOptions)
         (Some(kn), Some(vn)) => {
             for (arg, t) in [("k_new", kn), ("v_new", vn)] {
                 check_view(arg, t)?;
-                if t.dtype() != dtype {
+                if kv_dtype.is_fp8() {
+                    // Appended to an FP8 cache: FP8 rows as they are, 16-bit rows quantized with the descale.
+                    if !matches!(t.dtype(), DType::E4M3 | DType::F16 | DType::BF16) {
+                        return Err(Error::invalid(
+                            arg,
+                            "dtype e4m3, f16 or bf16 (appended to an e4m3 cache)",
+                            t.dtype(),
+                        ));
+                    }
+                } else if t.dtype() != dtype {
                     return Err(Error::invalid(arg, format!("dtype {dtype} (as q)"), t.dtype()));
                 }
             }
@@ -453,7 +483,9 @@ pub(crate) fn check(q: &TensorView<'_>, cache: &KvCache<'_>, opts: &AttnOptions)
         acc += n;
     }
     let problem = Problem {
-        dtype,
+        dtype: pdtype,
+        out_dtype,
+        descale,
         batch: b,
         h,
         hk,
@@ -493,6 +525,7 @@ fn append(
     hk: usize,
     d: usize,
     rot: Option<&(Vec<f32>, Vec<f32>, usize, bool)>,
+    descale: Option<&[f32]>,
 ) {
     let mut row = vec![0f32; d];
     let s_new = new.shape()[1];
@@ -503,6 +536,10 @@ fn append(
                 new.data.read_f32(new.layout.index(&[i, t, kh, 0]), &mut row);
                 if let Some((cos, sin, half, inter)) = rot {
                     rotate(&mut row, &cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half], *inter);
+                }
+                if let Some(ds) = descale {
+                    let m = ds[i * hk + kh];
+                    row.iter_mut().for_each(|x| *x /= m);
                 }
                 // The map's base already points at `leftpad` for unpaged caches; positions are absolute.
                 dst.write_f32(map.at(i, pos - lp, kh), &row);
@@ -529,7 +566,7 @@ fn append(
 pub fn kvcache_forward(q: &TensorView<'_>, cache: &mut KvCache<'_>, opts: &AttnOptions) -> Result<ForwardOutput> {
     let plan = prepare(q, cache, opts)?;
     let p = &plan.problem;
-    let mut o = Tensor::try_zeros(&p.o_shape(), p.dtype)?;
+    let mut o = Tensor::try_zeros(&p.o_shape(), p.out_dtype)?;
     let mut lse = Tensor::try_zeros(&p.lse_shape(), DType::F32)?;
     let qv = plan.q_rotated.as_ref().map(|t| t.view()).unwrap_or_else(|| q.clone());
     {

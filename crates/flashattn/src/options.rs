@@ -1,5 +1,6 @@
 //! The one options type of the attention calls, with FlashAttention's defaults.
 
+use crate::dtype::DType;
 use crate::tensor::Tensor;
 use crate::tuning::Tuning;
 
@@ -42,6 +43,18 @@ pub struct AttnOptions {
     /// row's softmax denominator and carries no value. A row with no visible key gives `o = 0`, `lse = sink`.
     /// CPU backends only for now.
     pub sink: Option<Tensor>,
+    /// FP8 inputs: the descale factor of `q` (`f32`, `[b, hk]`, FlashAttention-3's convention; default 1).
+    /// Query head `i` of sequence `s` uses `q_descale[s, i / (h / hk)]`: the values used are `q * q_descale`.
+    /// Only with an `e4m3` q (forward only; CPU backends for now).
+    pub q_descale: Option<Tensor>,
+    /// FP8 inputs: the descale factor of `k` (or `k_cache`), `f32` `[b, hk]`, default 1; the values used are
+    /// `k * k_descale`. With an `e4m3` cache, 16-bit `k_new` rows are stored as `round_e4m3(k_new / k_descale)`.
+    pub k_descale: Option<Tensor>,
+    /// FP8 inputs: the descale factor of `v` (or `v_cache`), as [`AttnOptions::k_descale`].
+    pub v_descale: Option<Tensor>,
+    /// FP8 inputs: the dtype of `o`, bf16 or f16. Default: bf16 when q is `e4m3`, q's dtype when only the KV
+    /// cache is. Refused with other inputs (the output then has q's dtype).
+    pub out_dtype: Option<DType>,
     /// Dispatch and tuning choices of the CUDA backend (kernel path, tile shapes, split counts, extra NVRTC
     /// options, test hooks); the default is the library's chosen behaviour. The CPU backends ignore it.
     pub tuning: Tuning,
@@ -58,6 +71,10 @@ impl Default for AttnOptions {
             varlen: None,
             deterministic: false,
             sink: None,
+            q_descale: None,
+            k_descale: None,
+            v_descale: None,
+            out_dtype: None,
             tuning: Tuning::default(),
         }
     }
@@ -107,6 +124,18 @@ impl AttnOptions {
     /// Sets a learnable sink (`[h]`, one logit per query head).
     pub fn sink(mut self, sink: Tensor) -> Self {
         self.sink = Some(sink);
+        self
+    }
+    /// Sets the FP8 descale factors of q, k and v (`f32`, `[b, hk]` each; `None` = 1).
+    pub fn descale(mut self, q: Option<Tensor>, k: Option<Tensor>, v: Option<Tensor>) -> Self {
+        self.q_descale = q;
+        self.k_descale = k;
+        self.v_descale = v;
+        self
+    }
+    /// Sets the output dtype of an FP8 call (bf16 or f16).
+    pub fn out_dtype(mut self, dtype: DType) -> Self {
+        self.out_dtype = Some(dtype);
         self
     }
 }

@@ -75,11 +75,27 @@ impl Alibi {
     }
 }
 
+/// FP8 descale factors, resolved: `[b, hk]` row-major each, 1 where not given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Descale {
+    /// Of q (query head `i` uses column `i / (h / hk)`).
+    pub q: Vec<f32>,
+    /// Of k (or k_cache).
+    pub k: Vec<f32>,
+    /// Of v (or v_cache).
+    pub v: Vec<f32>,
+}
+
 /// A validated attention problem.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Problem {
-    /// Element type of q, k, v and the outputs.
+    /// Element type of q, k, v and (but with FP8) the outputs. [`DType::E4M3`] when the inputs are FP8; with an
+    /// FP8 KV cache, q may be f16 or bf16 (the backends read q's own dtype from its data).
     pub dtype: DType,
+    /// Element type of `o`: `dtype`, or bf16/f16 with FP8 inputs ([`AttnOptions::out_dtype`]).
+    pub out_dtype: DType,
+    /// FP8 descale factors, when the inputs are FP8 (`None` otherwise: the values are used as they are).
+    pub descale: Option<Descale>,
     /// Number of sequences.
     pub batch: usize,
     /// Query heads.
@@ -131,6 +147,36 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// The factor q's rows of `(seq, head)` (a query head) are multiplied by: its FP8 descale, else 1.
+    #[inline]
+    pub fn q_scale(&self, seq: usize, head: usize) -> f32 {
+        self.descale.as_ref().map_or(1.0, |d| d.q[seq * self.hk + head / (self.h / self.hk)])
+    }
+    /// The factor k's rows of `(seq, kv_head)` are multiplied by: the FP8 descale, else 1.
+    #[inline]
+    pub fn k_scale(&self, seq: usize, kv_head: usize) -> f32 {
+        self.descale.as_ref().map_or(1.0, |d| d.k[seq * self.hk + kv_head])
+    }
+    /// The factor v's rows of `(seq, kv_head)` are multiplied by: the FP8 descale, else 1.
+    #[inline]
+    pub fn v_scale(&self, seq: usize, kv_head: usize) -> f32 {
+        self.descale.as_ref().map_or(1.0, |d| d.v[seq * self.hk + kv_head])
+    }
+    /// Whether the inputs are FP8 (forward only).
+    pub fn is_fp8(&self) -> bool {
+        self.dtype.is_fp8()
+    }
+    /// The error of a backward pass (or other operation, `what`) that FP8 inputs do not take.
+    pub fn refuse_fp8(&self, what: &str) -> Result<()> {
+        if self.is_fp8() {
+            return Err(Error::invalid(
+                "q",
+                format!("dtype f16, bf16 or f32 for {what} (FP8 inputs are forward-only)"),
+                self.dtype,
+            ));
+        }
+        Ok(())
+    }
     /// The largest query length.
     pub fn max_seqlen_q(&self) -> usize {
         self.seqlen_q.iter().copied().max().unwrap_or(0)
@@ -373,6 +419,97 @@ pub(crate) fn check_heads_of(h: usize, hk: usize, k_arg: &'static str) -> Result
     Ok(())
 }
 
+/// The FP8 part of a call: the problem's dtype, the output dtype and the descales. `q_dtype` is q's dtype and
+/// `kv_dtype` k's (or k_cache's; v's was checked equal); `kv_arg` names k (`k` or `k_cache`). FP8 means k/v
+/// are `e4m3`, with q `e4m3` too or (`kv_cache_path`) f16/bf16. Descales and `out_dtype` are refused without
+/// FP8 inputs, `q_descale` with a 16-bit q.
+pub(crate) fn check_fp8(
+    opts: &AttnOptions,
+    q_dtype: DType,
+    kv_dtype: DType,
+    kv_arg: &'static str,
+    kv_cache_path: bool,
+    batch: usize,
+    hk: usize,
+) -> Result<(DType, DType, Option<Descale>)> {
+    let descales = [("q_descale", &opts.q_descale), ("k_descale", &opts.k_descale), ("v_descale", &opts.v_descale)];
+    if !kv_dtype.is_fp8() {
+        if q_dtype.is_fp8() {
+            return Err(Error::invalid(kv_arg, "dtype e4m3 (as q: an FP8 q needs FP8 keys and values)", kv_dtype));
+        }
+        for (arg, t) in descales {
+            if let Some(t) = t {
+                return Err(Error::invalid(
+                    arg,
+                    format!("no descale: the inputs are {q_dtype}, not FP8 (e4m3)"),
+                    format!("a {} tensor of shape {:?}", t.dtype(), t.shape()),
+                ));
+            }
+        }
+        if let Some(dt) = opts.out_dtype {
+            return Err(Error::invalid(
+                "out_dtype",
+                format!("none: the output has q's dtype ({q_dtype}) unless the inputs are FP8 (e4m3)"),
+                dt,
+            ));
+        }
+        return Ok((q_dtype, q_dtype, None));
+    }
+    if !q_dtype.is_fp8() {
+        if !kv_cache_path {
+            return Err(Error::invalid(
+                "q",
+                format!(
+                    "dtype {kv_dtype} (as {kv_arg}: a 16-bit q with FP8 keys and values only on the KV-cache path)"
+                ),
+                q_dtype,
+            ));
+        }
+        if !matches!(q_dtype, DType::F16 | DType::BF16) {
+            return Err(Error::invalid("q", "dtype e4m3, f16 or bf16 with an FP8 (e4m3) KV cache", q_dtype));
+        }
+        if let Some(t) = &opts.q_descale {
+            return Err(Error::invalid(
+                "q_descale",
+                format!("no descale: q is {q_dtype}, not FP8 (only the KV cache is)"),
+                format!("a {} tensor of shape {:?}", t.dtype(), t.shape()),
+            ));
+        }
+    }
+    let out = match opts.out_dtype {
+        None if q_dtype.is_fp8() => DType::BF16,
+        None => q_dtype,
+        Some(dt @ (DType::BF16 | DType::F16)) => dt,
+        Some(dt) => return Err(Error::invalid("out_dtype", "bf16 or f16 (the output of FP8 inputs)", dt)),
+    };
+    let mut resolved = Vec::with_capacity(3);
+    for (arg, t) in descales {
+        let Some(t) = t else {
+            resolved.push(vec![1f32; batch * hk]);
+            continue;
+        };
+        if t.dtype() != DType::F32 {
+            return Err(Error::invalid(arg, "dtype f32", t.dtype()));
+        }
+        if t.shape() != [batch, hk] {
+            return Err(Error::invalid(
+                arg,
+                format!("shape [{batch}, {hk}] ([batch, kv heads])"),
+                format!("{:?}", t.shape()),
+            ));
+        }
+        let x = t.to_f32_vec();
+        if let Some(bad) = x.iter().find(|x| !x.is_finite()) {
+            return Err(Error::invalid(arg, "finite values", bad));
+        }
+        resolved.push(x);
+    }
+    let v = resolved.pop().unwrap_or_default();
+    let k = resolved.pop().unwrap_or_default();
+    let q = resolved.pop().unwrap_or_default();
+    Ok((kv_dtype, out, Some(Descale { q, k, v })))
+}
+
 /// The sink of `opts` (`[h]`, a float dtype, finite) as `f32` logits.
 pub(crate) fn check_sink(opts: &AttnOptions, h: usize) -> Result<Option<Vec<f32>>> {
     let Some(t) = &opts.sink else { return Ok(None) };
@@ -439,11 +576,12 @@ pub fn validate(q: &TensorView<'_>, k: &TensorView<'_>, v: &TensorView<'_>, opts
     check_view("v", v)?;
     let dtype = q.dtype();
     if !dtype.is_float() {
-        return Err(Error::invalid("q", "dtype f16, bf16 or f32", dtype));
+        return Err(Error::invalid("q", "dtype f16, bf16, f32 or e4m3", dtype));
     }
     for (arg, t) in [("k", k), ("v", v)] {
         if t.dtype() != dtype {
-            return Err(Error::invalid(arg, format!("dtype {dtype} (as q)"), t.dtype()));
+            let hint = if t.dtype().is_fp8() { "; FP8 keys and values with a 16-bit q: the KV-cache path" } else { "" };
+            return Err(Error::invalid(arg, format!("dtype {dtype} (as q{hint})"), t.dtype()));
         }
         if t.device() != q.device() {
             return Err(Error::invalid(arg, format!("device {} (as q)", q.device()), t.device()));
@@ -528,8 +666,11 @@ pub fn validate(q: &TensorView<'_>, k: &TensorView<'_>, v: &TensorView<'_>, opts
     }
     let alibi = check_alibi(opts, batch, h)?;
     let sink = check_sink(opts, h)?;
+    let (dtype, out_dtype, descale) = check_fp8(opts, dtype, k.dtype(), "k", false, batch, hk)?;
     Ok(Problem {
         dtype,
+        out_dtype,
+        descale,
         batch,
         h,
         hk,

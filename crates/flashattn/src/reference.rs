@@ -95,7 +95,8 @@ fn aligned(r: Range<usize>, w: usize) -> Range<usize> {
     }
 }
 
-/// `rows` rows of `data` at `map`, converted to `T`, into a zero-padded `[rows_pad, ld]` matrix.
+/// `rows` rows of `data` at `map`, converted to `T` and multiplied by `mul` (an FP8 descale, else 1; in `T`:
+/// exact in `f64`), into a zero-padded `[rows_pad, ld]` matrix.
 #[allow(clippy::too_many_arguments)]
 fn gather_pad<T: Real>(
     data: CpuSlice<'_>,
@@ -106,13 +107,15 @@ fn gather_pad<T: Real>(
     rows_pad: usize,
     d: usize,
     ld: usize,
+    mul: f32,
 ) -> Vec<T> {
     let mut out = vec![T::ZERO; rows_pad * ld];
     let mut buf = vec![0f32; d];
+    let m = T::of(mul);
     for r in 0..rows {
         data.read_f32(map.at(seq, r, head), &mut buf);
         for (o, &x) in out[r * ld..r * ld + d].iter_mut().zip(&buf) {
-            *o = T::of(x);
+            *o = if mul == 1.0 { T::of(x) } else { T::of(x) * m };
         }
     }
     out
@@ -172,6 +175,49 @@ fn softmax_rows<T: Real>(
     lse
 }
 
+/// The FP8 baseline's probabilities, over what [`softmax_rows`] left in `p` (rows with no visible key, or a
+/// non-finite maximum, keep its result): `p_ij = exp(s_ij - m_i)` in `T` (`f32`), `l_i` their sum (plus the
+/// sink's `exp(sink - m_i)`), then `P_ij = round_e4m3(p_ij) / l_i` for the `P·V` product, as an FP8 kernel
+/// that feeds e4m3 probabilities to its tensor cores and divides by the `f32` row sum at the end computes.
+/// `m_i` is the largest visible score (or the sink).
+fn fp8_probabilities<T: Real>(
+    p: &mut [T],
+    scores: &[T],
+    sq: usize,
+    sk: usize,
+    ld: usize,
+    visible: impl Fn(usize) -> Range<usize>,
+    sink: Option<T>,
+) {
+    for i in 0..sq {
+        let range = visible(i);
+        if range.is_empty() {
+            continue;
+        }
+        let row = &scores[i * ld..i * ld + sk];
+        let mut m = sink.unwrap_or(T::NEG_INF);
+        for j in range.clone() {
+            if row[j] > m {
+                m = row[j];
+            }
+        }
+        if !m.f64().is_finite() || row[range.clone()].iter().any(|x| x.f64().is_nan()) {
+            continue;
+        }
+        let mut l = sink.map_or(T::ZERO, |z| (z - m).exp());
+        let e: Vec<T> =
+            row[range.clone()].iter().map(|&x| if x == T::NEG_INF { T::ZERO } else { (x - m).exp() }).collect();
+        for &x in &e {
+            l += x;
+        }
+        let out = &mut p[i * ld..i * ld + sk];
+        out.iter_mut().for_each(|x| *x = T::ZERO);
+        for (j, &x) in range.zip(&e) {
+            out[j] = T::of(DType::E4M3.round(x.f64() as f32)) / l;
+        }
+    }
+}
+
 /// The inputs of a computation.
 #[derive(Clone, Copy)]
 struct Args<'a> {
@@ -184,6 +230,8 @@ struct Args<'a> {
     /// Whether `o` is wanted.
     want_o: bool,
     round: Rounding,
+    /// The FP8 baseline: probabilities by [`fp8_probabilities`] (`round` is then the output dtype's).
+    fp8: bool,
 }
 
 /// What one `(sequence, query head)` task produces, in padded row-major matrices.
@@ -217,9 +265,9 @@ fn head_task<T: Real, const F: bool, const W: usize>(x: Args<'_>, seq: usize, he
     let (sqp, skp, dp, dvp) = (round_up(sq, R), round_up(sk, W), padded_d::<W>(d), padded_d::<W>(d_v));
     // W is a multiple of R, so the key rows of the transposed products (padded to R) fit in `skp`.
     let skr = round_up(sk, R);
-    let q: Vec<T> = gather_pad(x.q, &p.q, seq, head, sq, sqp, d, dp);
-    let k: Vec<T> = gather_pad(x.k, &p.k, seq, kh, sk, sk, d, dp);
-    let v: Vec<T> = gather_pad(x.v, &p.v, seq, kh, sk, sk, d_v, dvp);
+    let q: Vec<T> = gather_pad(x.q, &p.q, seq, head, sq, sqp, d, dp, p.q_scale(seq, head));
+    let k: Vec<T> = gather_pad(x.k, &p.k, seq, kh, sk, sk, d, dp, p.k_scale(seq, kh));
+    let v: Vec<T> = gather_pad(x.v, &p.v, seq, kh, sk, sk, d_v, dvp, p.v_scale(seq, kh));
     let kt = transpose(&k, sk, dp, d, skp);
     let mask = p.mask;
     let keys = |i0: usize, i1: usize| union(i0, i1.min(sq), |i| mask.key_range(i, sq, sk));
@@ -257,10 +305,13 @@ fn head_task<T: Real, const F: bool, const W: usize>(x: Args<'_>, seq: usize, he
         }
     }
     let sink = p.sink.as_ref().map(|z| T::of(z[head]));
+    let scores = if x.fp8 { s.clone() } else { Vec::new() };
     let lse = softmax_rows(&mut s, sq, sk, skp, |i| mask.key_range(i, sq, sk), sink);
     // From here on `s` holds P as the products use it: rounded to the dtype in the baseline (hidden
-    // entries and padding are 0).
-    if round.0.is_some() {
+    // entries and padding are 0). The FP8 baseline rounds the unnormalised `exp(s - rowmax)` to e4m3 instead.
+    if x.fp8 {
+        fp8_probabilities(&mut s, &scores, sq, sk, skp, |i| mask.key_range(i, sq, sk), sink);
+    } else if round.0.is_some() {
         for i in 0..sq {
             for pij in &mut s[i * skp..i * skp + sk] {
                 *pij = round.r(*pij);
@@ -293,7 +344,7 @@ fn head_task<T: Real, const F: bool, const W: usize>(x: Args<'_>, seq: usize, he
     let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
     let mut dsink = T::ZERO;
     if let Some((dout, do_map)) = x.dout {
-        let dout: Vec<T> = gather_pad(dout, do_map, seq, head, sq, sqp, d_v, dvp);
+        let dout: Vec<T> = gather_pad(dout, do_map, seq, head, sq, sqp, d_v, dvp, 1.0);
         let vt = transpose(&v, sk, dvp, d_v, skp);
         // dP = dO Vᵀ.
         let mut dpm = vec![T::ZERO; sqp * skp];
@@ -450,7 +501,7 @@ fn compute<T: Real, const W: usize>(x: Args<'_>) -> (Forward<T>, Option<Grads<T>
 
 /// The `f64` oracle: forward pass from the (already rounded) inputs, exact arithmetic.
 pub fn forward_f64(p: &Problem, q: CpuSlice<'_>, k: CpuSlice<'_>, v: CpuSlice<'_>) -> Forward<f64> {
-    compute::<f64, 8>(Args { p, q, k, v, dout: None, want_o: true, round: Rounding(None) }).0
+    compute::<f64, 8>(Args { p, q, k, v, dout: None, want_o: true, round: Rounding(None), fp8: false }).0
 }
 
 /// The `f64` oracle's gradients for upstream gradient `dout` (laid out by `do_map`).
@@ -462,7 +513,7 @@ pub fn backward_f64(
     dout: CpuSlice<'_>,
     do_map: &RowMap,
 ) -> Grads<f64> {
-    let x = Args { p, q, k, v, dout: Some((dout, do_map)), want_o: false, round: Rounding(None) };
+    let x = Args { p, q, k, v, dout: Some((dout, do_map)), want_o: false, round: Rounding(None), fp8: false };
     compute::<f64, 8>(x).1.expect("gradients were asked for")
 }
 
@@ -475,7 +526,7 @@ pub fn oracle_f64(
     v: CpuSlice<'_>,
     dout: Option<(CpuSlice<'_>, &RowMap)>,
 ) -> (Forward<f64>, Option<Grads<f64>>) {
-    compute::<f64, 8>(Args { p, q, k, v, dout, want_o: true, round: Rounding(None) })
+    compute::<f64, 8>(Args { p, q, k, v, dout, want_o: true, round: Rounding(None), fp8: false })
 }
 
 /// The same-precision baseline's forward pass and, when `dout` is given, its gradients, sharing the
@@ -487,15 +538,28 @@ pub fn naive_f32(
     v: CpuSlice<'_>,
     dout: Option<(CpuSlice<'_>, &RowMap)>,
 ) -> (Forward<f32>, Option<Grads<f32>>) {
-    compute::<f32, 16>(Args { p, q, k, v, dout, want_o: true, round: Rounding(Some(p.dtype)) })
+    let (round, fp8) = baseline_rounding(p);
+    compute::<f32, 16>(Args { p, q, k, v, dout, want_o: true, round, fp8 })
+}
+
+/// The baseline's roundings: to the input dtype; with FP8 inputs, the FP8 probabilities
+/// ([`fp8_probabilities`]) and the output dtype for the rest.
+fn baseline_rounding(p: &Problem) -> (Rounding, bool) {
+    if p.is_fp8() {
+        (Rounding(Some(p.out_dtype)), true)
+    } else {
+        (Rounding(Some(p.dtype)), false)
+    }
 }
 
 /// The naive formula in the input precision (the spec's same-precision baseline): `f32` scores, `P`
-/// rounded to the input dtype before `P·V`, output rounded to the dtype.
+/// rounded to the input dtype before `P·V`, output rounded to the dtype. FP8 inputs (dequantized with
+/// their descales): `p = exp(s - rowmax)` in `f32`, the row sum from that `p`, `p` rounded to e4m3 for `P·V`,
+/// the output rounded to its dtype (bf16 or f16).
 pub fn naive_forward(p: &Problem, q: CpuSlice<'_>, k: CpuSlice<'_>, v: CpuSlice<'_>) -> (Tensor, Tensor) {
     let f = naive_f32(p, q, k, v, None).0;
     (
-        Tensor::from_f32(&f.o, &p.o_shape(), p.dtype).expect("shape"),
+        Tensor::from_f32(&f.o, &p.o_shape(), p.out_dtype).expect("shape"),
         Tensor::from_f32(&f.lse, &p.lse_shape(), DType::F32).expect("shape"),
     )
 }
@@ -510,7 +574,8 @@ pub fn naive_backward(
     dout: CpuSlice<'_>,
     do_map: &RowMap,
 ) -> Grads<f32> {
-    let x = Args { p, q, k, v, dout: Some((dout, do_map)), want_o: false, round: Rounding(Some(p.dtype)) };
+    let (round, fp8) = baseline_rounding(p);
+    let x = Args { p, q, k, v, dout: Some((dout, do_map)), want_o: false, round, fp8 };
     compute::<f32, 16>(x).1.expect("gradients were asked for")
 }
 

@@ -4,7 +4,7 @@
 //! Layout is `shape` + `strides` (in elements) + `offset` into a flat buffer. The attention functions need
 //! only the last dimension contiguous; every other stride is free (a view into a packed QKV buffer works).
 
-use crate::dtype::DType;
+use crate::dtype::{DType, F8E4M3};
 use crate::error::{Error, Result};
 use half::{bf16, f16};
 use std::fmt;
@@ -51,6 +51,8 @@ pub enum CpuStorage {
     F32(Vec<f32>),
     /// `i32` elements.
     I32(Vec<i32>),
+    /// FP8 `e4m3` elements ([`F8E4M3`]).
+    E4M3(Vec<F8E4M3>),
 }
 
 /// A borrowed host slice of one of the supported dtypes.
@@ -64,6 +66,8 @@ pub enum CpuSlice<'a> {
     F32(&'a [f32]),
     /// `i32` elements.
     I32(&'a [i32]),
+    /// FP8 `e4m3` elements ([`F8E4M3`]).
+    E4M3(&'a [F8E4M3]),
 }
 
 /// A mutably borrowed host slice of one of the supported dtypes.
@@ -77,6 +81,8 @@ pub enum CpuSliceMut<'a> {
     F32(&'a mut [f32]),
     /// `i32` elements.
     I32(&'a mut [i32]),
+    /// FP8 `e4m3` elements ([`F8E4M3`]).
+    E4M3(&'a mut [F8E4M3]),
 }
 
 macro_rules! dispatch {
@@ -86,6 +92,7 @@ macro_rules! dispatch {
             Self::BF16($v) => $body,
             Self::F32($v) => $body,
             Self::I32($v) => $body,
+            Self::E4M3($v) => $body,
         }
     };
 }
@@ -98,6 +105,7 @@ impl CpuStorage {
             DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; len]),
             DType::F32 => CpuStorage::F32(vec![0.0; len]),
             DType::I32 => CpuStorage::I32(vec![0; len]),
+            DType::E4M3 => CpuStorage::E4M3(vec![F8E4M3(0); len]),
         }
     }
     /// Storage holding `values` rounded to `dtype` (`i32` truncates).
@@ -107,6 +115,7 @@ impl CpuStorage {
             DType::BF16 => CpuStorage::BF16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
             DType::F32 => CpuStorage::F32(values.to_vec()),
             DType::I32 => CpuStorage::I32(values.iter().map(|&x| x as i32).collect()),
+            DType::E4M3 => CpuStorage::E4M3(values.iter().map(|&x| F8E4M3::from_f32(x)).collect()),
         }
     }
     /// The element type.
@@ -128,6 +137,7 @@ impl CpuStorage {
             CpuStorage::BF16(v) => CpuSlice::BF16(v),
             CpuStorage::F32(v) => CpuSlice::F32(v),
             CpuStorage::I32(v) => CpuSlice::I32(v),
+            CpuStorage::E4M3(v) => CpuSlice::E4M3(v),
         }
     }
     /// Borrows the storage mutably.
@@ -137,6 +147,7 @@ impl CpuStorage {
             CpuStorage::BF16(v) => CpuSliceMut::BF16(v),
             CpuStorage::F32(v) => CpuSliceMut::F32(v),
             CpuStorage::I32(v) => CpuSliceMut::I32(v),
+            CpuStorage::E4M3(v) => CpuSliceMut::E4M3(v),
         }
     }
 }
@@ -149,6 +160,7 @@ impl<'a> CpuSlice<'a> {
             CpuSlice::BF16(_) => DType::BF16,
             CpuSlice::F32(_) => DType::F32,
             CpuSlice::I32(_) => DType::I32,
+            CpuSlice::E4M3(_) => DType::E4M3,
         }
     }
     /// Number of elements.
@@ -167,6 +179,7 @@ impl<'a> CpuSlice<'a> {
             CpuSlice::BF16(v) => v[i].to_f32(),
             CpuSlice::F32(v) => v[i],
             CpuSlice::I32(v) => v[i] as f32,
+            CpuSlice::E4M3(v) => v[i].to_f32(),
         }
     }
     /// Copies `out.len()` contiguous elements starting at `start` into `out` as `f32`.
@@ -178,6 +191,7 @@ impl<'a> CpuSlice<'a> {
             CpuSlice::BF16(v) => out.iter_mut().zip(&v[start..start + n]).for_each(|(o, x)| *o = x.to_f32()),
             CpuSlice::F32(v) => out.copy_from_slice(&v[start..start + n]),
             CpuSlice::I32(v) => out.iter_mut().zip(&v[start..start + n]).for_each(|(o, x)| *o = *x as f32),
+            CpuSlice::E4M3(v) => out.iter_mut().zip(&v[start..start + n]).for_each(|(o, x)| *o = x.to_f32()),
         }
     }
     /// The `i32` elements, if this is an `i32` slice.
@@ -204,6 +218,7 @@ impl CpuSliceMut<'_> {
             CpuSliceMut::BF16(_) => DType::BF16,
             CpuSliceMut::F32(_) => DType::F32,
             CpuSliceMut::I32(_) => DType::I32,
+            CpuSliceMut::E4M3(_) => DType::E4M3,
         }
     }
     /// Number of elements.
@@ -221,6 +236,7 @@ impl CpuSliceMut<'_> {
             CpuSliceMut::BF16(v) => CpuSlice::BF16(v),
             CpuSliceMut::F32(v) => CpuSlice::F32(v),
             CpuSliceMut::I32(v) => CpuSlice::I32(v),
+            CpuSliceMut::E4M3(v) => CpuSlice::E4M3(v),
         }
     }
     /// Reborrows mutably for a shorter lifetime.
@@ -230,6 +246,7 @@ impl CpuSliceMut<'_> {
             CpuSliceMut::BF16(v) => CpuSliceMut::BF16(v),
             CpuSliceMut::F32(v) => CpuSliceMut::F32(v),
             CpuSliceMut::I32(v) => CpuSliceMut::I32(v),
+            CpuSliceMut::E4M3(v) => CpuSliceMut::E4M3(v),
         }
     }
     /// A raw, shareable pointer for backends that write disjoint elements from several threads.
@@ -239,6 +256,7 @@ impl CpuSliceMut<'_> {
             CpuSliceMut::BF16(v) => RawMut { ptr: v.as_mut_ptr() as *mut u8, len: v.len(), dtype: DType::BF16 },
             CpuSliceMut::F32(v) => RawMut { ptr: v.as_mut_ptr() as *mut u8, len: v.len(), dtype: DType::F32 },
             CpuSliceMut::I32(v) => RawMut { ptr: v.as_mut_ptr() as *mut u8, len: v.len(), dtype: DType::I32 },
+            CpuSliceMut::E4M3(v) => RawMut { ptr: v.as_mut_ptr() as *mut u8, len: v.len(), dtype: DType::E4M3 },
         }
     }
 }
@@ -286,6 +304,12 @@ impl RawMut {
                     let p = (self.ptr as *mut i32).add(start);
                     for (i, &x) in vals.iter().enumerate() {
                         *p.add(i) = x as i32;
+                    }
+                }
+                DType::E4M3 => {
+                    let p = (self.ptr as *mut F8E4M3).add(start);
+                    for (i, &x) in vals.iter().enumerate() {
+                        *p.add(i) = F8E4M3::from_f32(x);
                     }
                 }
             }
@@ -414,6 +438,7 @@ impl Tensor {
             DType::BF16 => CpuStorage::BF16(fill(n, bf16::from_f32(x), shape, dtype)?),
             DType::F32 => CpuStorage::F32(fill(n, x, shape, dtype)?),
             DType::I32 => CpuStorage::I32(fill(n, xi, shape, dtype)?),
+            DType::E4M3 => CpuStorage::E4M3(fill(n, F8E4M3::from_f32(x), shape, dtype)?),
         };
         Ok(Tensor { storage, layout: Layout::contiguous(shape) })
     }

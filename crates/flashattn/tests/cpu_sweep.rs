@@ -52,6 +52,13 @@ fn forward_f32() {
     sweep(&[DType::F32], false);
 }
 
+/// The spec's FP8 row: e4m3 q, k, v with random descales, bf16 output, against the f64 oracle of the
+/// dequantized inputs under the FP8 rule (`2 * baseline error + 1e-3`).
+#[test]
+fn forward_fp8() {
+    run_sweep(&format!("cpu sweep {} fp8 (e4m3)", sweep_level()), &fp8_cases());
+}
+
 #[test]
 fn backward_f16() {
     sweep(&[DType::F16], true);

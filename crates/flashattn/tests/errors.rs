@@ -419,3 +419,94 @@ fn ring_refuses_a_different_value_head_dim() {
         other => panic!("expected Unsupported, got {other:?}"),
     }
 }
+
+/// FP8 (e4m3) inputs: descales and `out_dtype` are checked (dtype, shape, values) and refused without FP8
+/// inputs; dense q/k/v are all FP8 or none; the backward pass refuses FP8 and writes nothing.
+#[test]
+fn fp8_arguments() {
+    let e = DType::E4M3;
+    let (q, k) = (t(&[2, 8, 4, 16], e), t(&[2, 8, 2, 16], e));
+    let ds = |shape: &[usize], dt: DType| Some(t(shape, dt));
+    let ok = AttnOptions::default().descale(ds(&[2, 2], DType::F32), ds(&[2, 2], DType::F32), None);
+    let out = forward(&q, &k, &k, &ok).unwrap();
+    assert_eq!(out.o.dtype(), DType::BF16);
+    assert_eq!(forward(&q, &k, &k, &ok.clone().out_dtype(DType::F16)).unwrap().o.dtype(), DType::F16);
+    assert_eq!(arg_of(forward(&q, &k, &k, &ok.clone().out_dtype(DType::F32))), "out_dtype");
+    assert_eq!(arg_of(forward(&q, &k, &k, &ok.clone().out_dtype(DType::E4M3))), "out_dtype");
+    let o = AttnOptions::default();
+    assert_eq!(arg_of(forward(&q, &k, &k, &o.clone().descale(ds(&[2, 4], DType::F32), None, None))), "q_descale");
+    assert_eq!(arg_of(forward(&q, &k, &k, &o.clone().descale(None, ds(&[2, 2], DType::BF16), None))), "k_descale");
+    assert_eq!(arg_of(forward(&q, &k, &k, &o.clone().descale(None, None, ds(&[4], DType::F32)))), "v_descale");
+    let nan = Tensor::from_f32(&[1.0, f32::NAN, 1.0, 1.0], &[2, 2], DType::F32).unwrap();
+    assert_eq!(arg_of(forward(&q, &k, &k, &o.clone().descale(None, Some(nan), None))), "k_descale");
+    // Not FP8: descales and out_dtype are refused.
+    let (qb, kb) = (t(&[2, 8, 4, 16], DType::BF16), t(&[2, 8, 2, 16], DType::BF16));
+    assert_eq!(arg_of(forward(&qb, &kb, &kb, &ok)), "q_descale");
+    assert_eq!(arg_of(forward(&qb, &kb, &kb, &o.clone().out_dtype(DType::BF16))), "out_dtype");
+    // Dense: all FP8 or none.
+    assert_eq!(arg_of(forward(&qb, &k, &k, &o)), "k");
+    assert_eq!(arg_of(forward(&q, &kb, &kb, &o)), "k");
+    assert_eq!(arg_of(forward(&q, &k, &kb, &o)), "v");
+    // A bf16 o for an e4m3 call is right; an e4m3 one is not.
+    let mut o8 = Tensor::nan(&[2, 8, 4, 16], DType::E4M3);
+    let mut lse = Tensor::nan(&[2, 4, 8], DType::F32);
+    let r = flashattn::forward_into(&q.view(), &k.view(), &k.view(), &mut o8.view_mut(), &mut lse.view_mut(), &o);
+    assert_eq!(arg_of(r), "o");
+    assert!(lse.to_f32_vec().iter().all(|x| x.is_nan()), "a refused call wrote lse");
+    // Backward: refused with a typed error naming q, nothing written.
+    let g = t(&[2, 8, 4, 16], DType::BF16);
+    let err = backward(&q, &k, &k, &out.o, &out.lse, &g, &ok).unwrap_err();
+    assert!(err.to_string().contains("forward-only"), "{err}");
+    assert_eq!(err.arg(), Some("q"));
+    let (mut dq, mut dk, mut dv) = (Tensor::nan(q.shape(), e), Tensor::nan(k.shape(), e), Tensor::nan(k.shape(), e));
+    let r = flashattn::backward_into(
+        &q.view(),
+        &k.view(),
+        &k.view(),
+        &out.o.view(),
+        &out.lse.view(),
+        &g.view(),
+        &mut dq.view_mut(),
+        &mut dk.view_mut(),
+        &mut dv.view_mut(),
+        &ok,
+    );
+    assert_eq!(arg_of(r), "q");
+    for x in [&dq, &dk, &dv] {
+        assert!(x.to_f32_vec().iter().all(|x| x.is_nan()), "a refused backward wrote a gradient");
+    }
+}
+
+/// FP8 on the KV-cache path: a 16-bit q with an e4m3 cache is accepted (no q_descale then), f32 q is not, the
+/// two caches must agree, and a refused call appends nothing.
+#[test]
+fn fp8_kvcache_arguments() {
+    let e = DType::E4M3;
+    let q = t(&[1, 2, 4, 16], DType::BF16);
+    let kn = t(&[1, 2, 2, 16], DType::F16);
+    let run = |q: &Tensor, kc_dt: DType, vc_dt: DType, opts: &AttnOptions| {
+        let (mut kc, mut vc) = (t(&[1, 8, 2, 16], kc_dt), t(&[1, 8, 2, 16], vc_dt));
+        let before = (kc.clone(), vc.clone());
+        let r = {
+            let mut cache = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(3));
+            cache.k_new = Some(kn.view());
+            cache.v_new = Some(kn.view());
+            kvcache_forward(&q.view(), &mut cache, opts).map(|o| o.o.dtype())
+        };
+        if r.is_err() {
+            assert!(kc == before.0 && vc == before.1, "a refused call appended");
+        }
+        r
+    };
+    let o = AttnOptions::default();
+    assert_eq!(run(&q, e, e, &o).unwrap(), DType::BF16);
+    assert_eq!(run(&q, e, e, &o.clone().out_dtype(DType::F16)).unwrap(), DType::F16);
+    assert_eq!(run(&t(&[1, 2, 4, 16], e), e, e, &o).unwrap(), DType::BF16);
+    let qd = Some(t(&[1, 2], DType::F32));
+    assert_eq!(arg_of(run(&q, e, e, &o.clone().descale(qd.clone(), None, None))), "q_descale");
+    assert_eq!(arg_of(run(&q, e, e, &o.clone().descale(None, Some(t(&[2, 2], DType::F32)), None))), "k_descale");
+    assert_eq!(arg_of(run(&t(&[1, 2, 4, 16], DType::F32), e, e, &o)), "q");
+    assert_eq!(arg_of(run(&q, e, DType::BF16, &o)), "v_cache");
+    assert_eq!(arg_of(run(&q, DType::BF16, e, &o)), "v_cache");
+    assert_eq!(arg_of(run(&t(&[1, 2, 4, 16], e), DType::BF16, DType::BF16, &o)), "k_cache");
+}

@@ -14,7 +14,11 @@ use rand::Rng;
 
 #[derive(Debug, Clone, Copy)]
 struct KvCase {
+    /// The cache's dtype (and q's, k_new's, v_new's unless the cache is FP8).
     dtype: DType,
+    /// With an FP8 (e4m3) cache: q's dtype (e4m3, f16 or bf16) and the appended rows' (e4m3: stored as they
+    /// are; 16-bit: quantized with the descale).
+    fp8: Option<(DType, DType)>,
     d: usize,
     /// The value head dim (v_cache's, v_new's and o's last dim).
     d_v: usize,
@@ -50,6 +54,12 @@ fn run(c: KvCase, seed: u64) {
     let (b, h, hk, d, dv) = (3usize, 6usize, 2usize, c.d, c.d_v);
     let cap = 300usize;
     let dt = c.dtype;
+    let (q_dt, new_dt) = c.fp8.unwrap_or((dt, dt));
+    let fp8 = dt.is_fp8();
+    // FP8: descales uniform in [0.5, 2], [b, hk] each (q's only with an e4m3 q).
+    let mut descale =
+        |on: bool| -> Option<Vec<f32>> { on.then(|| (0..b * hk).map(|_| r.gen_range(0.5f32..=2.0)).collect()) };
+    let (qdesc, kdesc, vdesc) = (descale(fp8 && q_dt.is_fp8()), descale(fp8), descale(fp8));
     // Cache geometry: logical [b][cap] rows, stored unpaged ([b_cache, cap]) or paged.
     let b_cache = if c.batch_idx { b + 2 } else { b };
     let rows_of: Vec<usize> = if c.batch_idx {
@@ -76,9 +86,9 @@ fn run(c: KvCase, seed: u64) {
     let kc0 = randn_tensor(&mut r, &cache_shape, dt, 1.0);
     let v_shape = [&cache_shape[..3], &[dv]].concat();
     let vc0 = randn_tensor(&mut r, &v_shape, dt, 1.0);
-    let q = randn_tensor(&mut r, &[b, c.sq, h, d], dt, 1.0);
-    let kn = randn_tensor(&mut r, &[b, c.s_new, hk, d], dt, 1.0);
-    let vn = randn_tensor(&mut r, &[b, c.s_new, hk, dv], dt, 1.0);
+    let q = randn_tensor(&mut r, &[b, c.sq, h, d], q_dt, 1.0);
+    let kn = randn_tensor(&mut r, &[b, c.s_new, hk, d], new_dt, 1.0);
+    let vn = randn_tensor(&mut r, &[b, c.s_new, hk, dv], new_dt, 1.0);
     let rot = match c.rot {
         Rot::None => 0,
         Rot::Half => (d / 2) & !1,
@@ -93,7 +103,13 @@ fn run(c: KvCase, seed: u64) {
         Tensor::from_f32(&angles.iter().map(|a| a.sin()).collect::<Vec<_>>(), &[s_ro, rot / 2], DType::F32).unwrap();
     let (cos, sin) = (cos_t.to_f32_vec(), sin_t.to_f32_vec());
     let bt = table.as_ref().map(|(t, mp, _)| Tensor::from_i32(t.clone(), &[b, *mp]).unwrap());
-    let opts = AttnOptions { causal: c.causal, ..Default::default() };
+    let as_t = |x: &Option<Vec<f32>>| x.as_ref().map(|x| Tensor::from_f32(x, &[b, hk], DType::F32).unwrap());
+    let opts = AttnOptions { causal: c.causal, ..Default::default() }.descale(as_t(&qdesc), as_t(&kdesc), as_t(&vdesc));
+    // What an appended row is divided by before it is stored: a 16-bit row into an FP8 cache, its descale.
+    let div = |ds: &Option<Vec<f32>>, i: usize, kh: usize| match ds {
+        Some(ds) if !new_dt.is_fp8() => ds[i * hk + kh],
+        _ => 1.0,
+    };
 
     // The independent model: expected cache contents after the append.
     let (mut ek, mut ev) = (kc0.to_f32_vec(), vc0.to_f32_vec());
@@ -121,11 +137,14 @@ fn run(c: KvCase, seed: u64) {
                     );
                 }
                 let row = row_index(i, pos, kh);
+                let (kdiv, vdiv) = (div(&kdesc, i, kh), div(&vdesc, i, kh));
                 for x in 0..d {
-                    ek[row * d + x] = dt.round(krow[x]);
+                    ek[row * d + x] = dt.round(krow[x] / kdiv);
                 }
                 // Values are appended as given (rotary applies to keys and queries only).
-                ev[row * dv..(row + 1) * dv].copy_from_slice(&vnv[vsrc..vsrc + dv]);
+                for x in 0..dv {
+                    ev[row * dv + x] = dt.round(vnv[vsrc + x] / vdiv);
+                }
             }
         }
     }
@@ -156,6 +175,8 @@ fn run(c: KvCase, seed: u64) {
     };
     let tol = match dt {
         DType::F32 => 1e-6,
+        // FP8: the stored bytes must be exactly the model's (one e4m3 step is 6% or more).
+        DType::E4M3 => 0.0,
         _ => 1e-2,
     };
     for (name, got, want) in [("k_cache", kc.to_f32_vec(), &ek), ("v_cache", vc.to_f32_vec(), &ev)] {
@@ -167,17 +188,29 @@ fn run(c: KvCase, seed: u64) {
     // Oracle: dense varlen attention over the visible keys of the model cache, with q rotated by the model.
     let sk: Vec<usize> = (0..b).map(|i| seqlens[i] + c.s_new - leftpad[i]).collect();
     let total_k: usize = sk.iter().sum();
+    // FP8: the oracle's inputs are the dequantized values (`f32`: exact but for the last bits of x * descale).
     let (mut kd, mut vd) = (Vec::with_capacity(total_k * hk * d), Vec::with_capacity(total_k * hk * dv));
+    let scale_of = |ds: &Option<Vec<f32>>, i: usize, kh: usize| ds.as_ref().map_or(1.0, |ds| ds[i * hk + kh]);
     for i in 0..b {
         for j in 0..sk[i] {
             for kh in 0..hk {
                 let row = row_index(i, leftpad[i] + j, kh);
-                kd.extend_from_slice(&ek[row * d..(row + 1) * d]);
-                vd.extend_from_slice(&ev[row * dv..(row + 1) * dv]);
+                let (km, vm) = (scale_of(&kdesc, i, kh), scale_of(&vdesc, i, kh));
+                kd.extend(ek[row * d..(row + 1) * d].iter().map(|x| x * km));
+                vd.extend(ev[row * dv..(row + 1) * dv].iter().map(|x| x * vm));
             }
         }
     }
     let mut qv = q.to_f32_vec();
+    for i in 0..b {
+        for t in 0..c.sq {
+            for hh in 0..h {
+                let m = scale_of(&qdesc, i, hh / (h / hk));
+                let o = ((i * c.sq + t) * h + hh) * d;
+                qv[o..o + d].iter_mut().for_each(|x| *x *= m);
+            }
+        }
+    }
     if rot > 0 {
         for i in 0..b {
             for t in 0..c.sq {
@@ -194,14 +227,18 @@ fn run(c: KvCase, seed: u64) {
             }
         }
     }
-    let qd = Tensor::from_f32(&qv, &[b * c.sq, h, d], dt).unwrap();
-    let kdt = Tensor::from_f32(&kd, &[total_k, hk, d], dt).unwrap();
-    let vdt = Tensor::from_f32(&vd, &[total_k, hk, dv], dt).unwrap();
+    // A rotated 16-bit q is stored in its dtype; an FP8 q is rotated after its descale, in f32.
+    let (q_ref_dt, kv_ref_dt) =
+        if fp8 { (if q_dt.is_fp8() { DType::F32 } else { q_dt }, DType::F32) } else { (dt, dt) };
+    let qd = Tensor::from_f32(&qv, &[b * c.sq, h, d], q_ref_dt).unwrap().to_dtype(kv_ref_dt);
+    let kdt = Tensor::from_f32(&kd, &[total_k, hk, d], kv_ref_dt).unwrap();
+    let vdt = Tensor::from_f32(&vd, &[total_k, hk, dv], kv_ref_dt).unwrap();
     let mut cu_k = vec![0i32];
     for &s in &sk {
         cu_k.push(cu_k.last().unwrap() + s as i32);
     }
-    let mut vopts = opts.clone();
+    // The oracle's inputs are already dequantized: no descales.
+    let mut vopts = opts.clone().descale(None, None, None);
     vopts.varlen = Some(VarLen {
         cu_seqlens_q: (0..=b).map(|i| (i * c.sq) as i32).collect(),
         cu_seqlens_k: cu_k,
@@ -209,8 +246,39 @@ fn run(c: KvCase, seed: u64) {
     });
     let p = validate(&qd.view(), &kdt.view(), &vdt.view(), &vopts).unwrap();
     let reference = forward_f64(&p, qd.view().data, kdt.view().data, vdt.view().data);
-    let (base, _) = naive_forward(&p, qd.view().data, kdt.view().data, vdt.view().data);
+    let base = if fp8 {
+        // The FP8 baseline (e4m3 probabilities) over the library's plan of the same call, on copies of the
+        // cache as it was (its append is the model's, checked above).
+        let (mut kc1, mut vc1) = (kc0.clone(), vc0.clone());
+        let mut cache = KvCache::new(
+            kc1.view_mut(),
+            vc1.view_mut(),
+            CacheSeqlens::PerSeq(seqlens.iter().map(|&x| x as i32).collect()),
+        );
+        if c.s_new > 0 {
+            cache.k_new = Some(kn.view());
+            cache.v_new = Some(vn.view());
+        }
+        cache.block_table = bt.clone();
+        if rot > 0 {
+            cache.rotary = Some(Rotary { cos: cos_t.view(), sin: sin_t.view(), interleaved: c.interleaved });
+        }
+        if c.batch_idx {
+            cache.cache_batch_idx = Some(rows_of.iter().map(|&x| x as i32).collect());
+        }
+        if c.leftpad {
+            cache.cache_leftpad = Some(leftpad.iter().map(|&x| x as i32).collect());
+        }
+        let plan = flashattn::kvcache::prepare(&q.view(), &mut cache, &opts).unwrap();
+        let qp = plan.q_rotated.as_ref().map(|t| t.view()).unwrap_or_else(|| q.view());
+        let (kv, vv) = (cache.k_cache.as_view(), cache.v_cache.as_view());
+        naive_forward(&plan.problem, qp.data, kv.data, vv.data).0
+    } else {
+        naive_forward(&p, qd.view().data, kdt.view().data, vdt.view().data).0
+    };
     assert_eq!(out.o.shape(), &[b, c.sq, h, dv], "{c:?}: o takes v's head dim");
+    let want_o = if fp8 { opts.out_dtype.unwrap_or(if q_dt.is_fp8() { DType::BF16 } else { q_dt }) } else { dt };
+    assert_eq!(out.o.dtype(), want_o, "{c:?}: o's dtype");
     let vo = compare("o", &out.o.to_f32_vec(), &reference.o, &base.to_f32_vec(), dt, 2.0);
     assert!(vo.pass, "{c:?} seed {seed}: {vo}");
     // lse: ours is [b, h, sq], the varlen oracle's is [h, b * sq].
@@ -245,6 +313,7 @@ fn kvcache_sweep() {
                         let d = if i % 2 == 0 { 64 } else { 59 };
                         let c = KvCase {
                             dtype,
+                            fp8: None,
                             d,
                             d_v: d,
                             sq,
@@ -278,6 +347,7 @@ fn kvcache_value_head_dim() {
                 let unpaged = page.is_none();
                 let c = KvCase {
                     dtype,
+                    fp8: None,
                     d,
                     d_v,
                     sq: [1, 3, 4, 2][i],
@@ -295,4 +365,46 @@ fn kvcache_value_head_dim() {
         }
     }
     println!("kvcache value head dims: {n} passed, 0 failed");
+}
+
+/// An FP8 (e4m3) KV cache: with an e4m3 q (and descale) or a 16-bit q, appending e4m3 rows (stored as they are)
+/// or 16-bit rows (stored as `round_e4m3(x / descale)`), paged and unpaged, rotary, left padding and batch
+/// index: the cache's bytes equal the independent model's exactly, and the output (bf16, or q's dtype) passes
+/// the FP8 rule against the f64 oracle of the dequantized keys and values.
+#[test]
+fn kvcache_fp8() {
+    let mut n = 0;
+    let kinds = [
+        (DType::E4M3, DType::E4M3),
+        (DType::E4M3, DType::BF16),
+        (DType::BF16, DType::BF16),
+        (DType::F16, DType::F16),
+        (DType::BF16, DType::E4M3),
+    ];
+    for (ki, &kind) in kinds.iter().enumerate() {
+        for page in [None, Some(1), Some(16)] {
+            for (i, &(sq, s_new)) in [(1, 1), (4, 4), (3, 0), (2, 5)].iter().enumerate() {
+                let rot = if s_new == 0 { Rot::None } else { [Rot::None, Rot::Half, Rot::Full][(ki + i) % 3] };
+                let unpaged = page.is_none();
+                let d = [64, 128, 59][(ki + i) % 3];
+                let c = KvCase {
+                    dtype: DType::E4M3,
+                    fp8: Some(kind),
+                    d,
+                    d_v: d,
+                    sq,
+                    s_new,
+                    page,
+                    rot,
+                    interleaved: i % 2 == 0,
+                    leftpad: unpaged && i % 2 == 1,
+                    batch_idx: unpaged && i >= 2,
+                    causal: i % 3 != 2,
+                };
+                run(c, seed());
+                n += 1;
+            }
+        }
+    }
+    println!("kvcache fp8: {n} passed, 0 failed");
 }

@@ -212,8 +212,10 @@ enum Transposed<'a> {
     Pairs(&'a mut [u32]),
 }
 
-/// Loads key tile `(seq, head, j0, bn)` of K or V (width `w`, padded to `wp`) into `rows` and stores its
-/// transpose as `tr` asks (the pair form goes through the scratch `tt`, `[w, BN]`).
+/// Loads key tile `(seq, head, j0, bn)` of K or V (width `w`, padded to `wp`) into `rows`, multiplied by `mul`
+/// (the FP8 descale, else 1), and stores its transpose as `tr` asks (the pair form goes through the scratch
+/// `tt`, `[w, BN]`).
+#[allow(clippy::too_many_arguments)]
 fn pack_tile(
     src: CpuSlice<'_>,
     map: &RowMap,
@@ -222,8 +224,9 @@ fn pack_tile(
     rows: &mut [f32],
     tr: Transposed<'_>,
     tt: &mut [f32],
+    mul: f32,
 ) {
-    load_rows(src, map, seq, head, j0, bn, w, wp, rows);
+    load_rows(src, map, seq, head, j0, bn, w, wp, rows, mul);
     match tr {
         Transposed::None => {}
         Transposed::F32(out) => transpose_into(rows, bn, wp, w, out, BN),
@@ -281,7 +284,7 @@ fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Ve
                         (true, true) => Transposed::Pairs(&mut pn.ktb[t * BN * d2..(t + 1) * BN * d2]),
                         (true, false) => Transposed::F32(&mut pn.kt[t * BN * d..(t + 1) * BN * d]),
                     };
-                    pack_tile(x.k, &p.k, at, (d, dp), rows, tr, &mut tt);
+                    pack_tile(x.k, &p.k, at, (d, dp), rows, tr, &mut tt, p.k_scale(seq, kh));
                 }
                 if need.v || need.vt {
                     let rows: &mut [f32] = if need.v { &mut pn.v[t * BN * dvp..(t + 1) * BN * dvp] } else { &mut buf };
@@ -290,7 +293,7 @@ fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Ve
                         (true, true) => Transposed::Pairs(&mut pn.vtb[t * BN * dv2..(t + 1) * BN * dv2]),
                         (true, false) => Transposed::F32(&mut pn.vt[t * BN * dv..(t + 1) * BN * dv]),
                     };
-                    pack_tile(x.v, &p.v, at, (dv, dvp), rows, tr, &mut tt);
+                    pack_tile(x.v, &p.v, at, (dv, dvp), rows, tr, &mut tt, p.v_scale(seq, kh));
                 }
             }
             pn
@@ -440,7 +443,7 @@ fn forward_tile_body<const L: u8>(
     let f = ScoreFn::new(p, seq, head);
     // Only the score transform's scale is on: the transform is one multiply, done over whole rows.
     let plain = f.softcap <= 0.0 && f.slope.is_none();
-    load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut sc.q);
+    load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut sc.q, p.q_scale(seq, head));
     sc.q[bm * dp..rows * dp].fill(0.0);
     let qop = rows_op(!pn.ktb.is_empty(), &sc.q, rows, d, dp, &mut sc.qb);
     sc.acc[..rows * dvp].fill(0.0);
@@ -835,8 +838,8 @@ fn bwd_task_body<const L: u8>(
             let rows = round_up(bm, R);
             q[..rows * dp].fill(0.0);
             g[..rows * dvp].fill(0.0);
-            load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut q);
-            load_rows(b.dout, b.do_map, seq, head, i0, bm, d_v, dvp, &mut g);
+            load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut q, p.q_scale(seq, head));
+            load_rows(b.dout, b.do_map, seq, head, i0, bm, d_v, dvp, &mut g, 1.0);
             let lse: Vec<f32> = (i0..i1).map(|i| b.lse[p.lse_index(seq, head, i)]).collect();
             // A row that saw no key contributes nothing: its q and dO rows are zeroed so that a non-finite
             // value in them cannot reach dK, dV through the products' zero weights (`0 * NaN`).

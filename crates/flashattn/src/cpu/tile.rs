@@ -39,7 +39,8 @@ pub fn pv_row(acc: &mut [f32], p: &[f32], v: &[f32], d: usize, ldv: usize) {
 }
 
 /// Loads rows `row0..row0 + n` of `(seq, head)` into `out`, row `r` at `out[r * ld..r * ld + d]` (row-major
-/// with leading dimension `ld >= d`; the other entries are left as they are).
+/// with leading dimension `ld >= d`; the other entries are left as they are), multiplied by `mul` (an FP8
+/// descale; 1 otherwise, and then nothing is multiplied).
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub fn load_rows(
@@ -52,9 +53,14 @@ pub fn load_rows(
     d: usize,
     ld: usize,
     out: &mut [f32],
+    mul: f32,
 ) {
     for r in 0..n {
-        data.read_f32(map.at(seq, row0 + r, head), &mut out[r * ld..r * ld + d]);
+        let row = &mut out[r * ld..r * ld + d];
+        data.read_f32(map.at(seq, row0 + r, head), row);
+        if mul != 1.0 {
+            row.iter_mut().for_each(|x| *x *= mul);
+        }
     }
 }
 

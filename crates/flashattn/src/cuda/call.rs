@@ -24,8 +24,19 @@ pub(crate) fn require_half(p: &Problem) -> Result<()> {
     require_same_value_dim(p.d, p.d_v)?;
     match p.dtype {
         DType::F16 | DType::BF16 => Ok(()),
-        other => Err(Error::Unsupported { backend: "cuda", what: format!("dtype {other} (use f16 or bf16)") }),
+        other => Err(unsupported_dtype(other)),
     }
+}
+
+/// The error for a dtype the CUDA kernels do not take: f32 (CPU backends only) and FP8 (`e4m3`: the CPU
+/// backends for now; the sm90 FP8 kernels are not written yet).
+pub(crate) fn unsupported_dtype(dtype: DType) -> Error {
+    let what = if dtype.is_fp8() {
+        format!("FP8 inputs (dtype {dtype}): not supported on this backend yet (the CPU backends take them)")
+    } else {
+        format!("dtype {dtype} (use f16 or bf16)")
+    };
+    Error::Unsupported { backend: "cuda", what }
 }
 
 /// The CUDA kernels read v, write o and dv with the query/key head dim: a different value head dim `d_v`
@@ -174,7 +185,7 @@ pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministi
     let bf16 = match p.dtype {
         DType::F16 => false,
         DType::BF16 => true,
-        other => return Err(Error::Unsupported { backend: "cuda", what: format!("dtype {other} (use f16 or bf16)") }),
+        other => return Err(unsupported_dtype(other)),
     };
     let softcap = p.softcap > 0.0;
     let alibi = p.alibi.is_some();
@@ -199,6 +210,7 @@ pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministi
         kv_stages: None,
         nvrtc: Default::default(),
         sink: p.sink.is_some() && pass == Pass::Bwd,
+        kv_fp8: false,
     }
     .tuned(&p.tuning))
 }

@@ -168,7 +168,7 @@ impl Variant {
     /// Whether this variant can be compiled for `arch` (`sm_80`, `sm_90a`, ...): its pass builds there, and the
     /// e4m3 KV-cache kernels need sm_89 or newer (the e4m3 conversions).
     pub fn builds_for(&self, arch: &str) -> bool {
-        self.pass.builds_for(arch) && !(self.pass == Pass::KvCache && self.kv_fp8 && arch_number(arch) < 89)
+        self.pass.builds_for(arch) && !(self.pass == Pass::KvCache && self.kv_fp8 && !arch_at_least(arch, 89))
     }
 
     /// The plain, aligned variant of a pass.
@@ -329,6 +329,11 @@ fn arch_number(arch: &str) -> u32 {
     arch.trim_start_matches("sm_").trim_start_matches("compute_").trim_end_matches(['a', 'f']).parse().unwrap_or(0)
 }
 
+/// Whether architecture `arch` (`sm_80`, `sm_90a`, ...) is `sm_<n>` or newer.
+pub(crate) fn arch_at_least(arch: &str, n: u32) -> bool {
+    arch_number(arch) >= n
+}
+
 /// The KV-cache variant with these flags (`varlen` and `deterministic` off).
 pub fn kv_variant(head_dim: usize, bf16: bool, mask: bool, alibi: bool, softcap: bool, aligned16: bool) -> Variant {
     Variant { mask, alibi, softcap, aligned16, ..Variant::plain(Pass::KvCache, head_dim, bf16) }
@@ -336,14 +341,17 @@ pub fn kv_variant(head_dim: usize, bf16: bool, mask: bool, alibi: bool, softcap:
 
 /// Every variant the kernels support: head dims x dtypes x (mask, alibi, softcap, varlen), aligned, plus
 /// the unaligned (element-wise) forms, forward and backward (backward also x deterministic), and the
-/// KV-cache kernels (head dims x dtypes x (mask, alibi, softcap) x aligned or not).
+/// KV-cache kernels (head dims x dtypes x (mask, alibi, softcap) x aligned or not, over 16-bit or e4m3 caches).
 pub fn all_variants() -> Vec<Variant> {
     let mut out = Vec::new();
     for &hd in &HEAD_DIMS {
         for bf16 in [false, true] {
             for bits in 0..8u32 {
                 for aligned16 in [true, false] {
-                    out.push(kv_variant(hd, bf16, bits & 1 != 0, bits & 2 != 0, bits & 4 != 0, aligned16));
+                    for kv_fp8 in [false, true] {
+                        let v = kv_variant(hd, bf16, bits & 1 != 0, bits & 2 != 0, bits & 4 != 0, aligned16);
+                        out.push(Variant { kv_fp8, ..v });
+                    }
                 }
             }
         }
@@ -462,6 +470,9 @@ pub fn representative_variants() -> Vec<Variant> {
     sm80_plain()
         .flat_map(representative_forms)
         .chain(kv_pairs([(false, false, false, true), (true, true, true, false)]))
+        .chain(
+            kv_pairs([(false, false, false, true), (true, true, true, false)]).map(|v| Variant { kv_fp8: true, ..v }),
+        )
         .chain(sm90_plain().flat_map(representative_forms))
         .collect()
 }
@@ -975,8 +986,13 @@ ptxas info    : Compiling entry function 'b' for 'sm_90a'\n",
         assert_eq!(padded_head_dim(257), None);
         // bwd.cu x deterministic, KV, sm90 forward (3 head dims + the 192-row d64 + the 176-key d128 + the 80-key
         // d256), sm90 backward (3 head dims x deterministic).
-        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 6 * 2 * 16 + 3 * 2 * 32);
+        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 * 2 + 6 * 2 * 16 + 3 * 2 * 32);
         assert!(Pass::FwdSm90.builds_for("sm_90a") && !Pass::FwdSm90.builds_for("sm_80"));
         assert!(Pass::BwdSm90.builds_for("sm_90a") && !Pass::BwdSm90.builds_for("sm_80"));
+        // The e4m3 KV kernels need sm_89 or newer; their name and defines say so.
+        let f = Variant { kv_fp8: true, ..kv_variant(128, true, false, false, false, true) };
+        assert!(!f.builds_for("sm_80") && !f.builds_for("sm_86") && f.builds_for("sm_89") && f.builds_for("sm_90a"));
+        assert!(f.defines().contains(&"KV_FP8=1".to_string()) && f.to_string().ends_with("_bf16_e4m3"));
+        assert!(!kv_variant(128, true, false, false, false, true).defines().iter().any(|d| d.starts_with("KV_FP8")));
     }
 }

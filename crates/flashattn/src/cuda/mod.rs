@@ -22,7 +22,7 @@
 pub(crate) mod bwd;
 mod bwd_sm90;
 pub mod cache;
-mod call;
+pub(crate) mod call;
 pub mod compile;
 mod framework;
 mod fwd;
@@ -314,10 +314,8 @@ fn compile_jobs(archs: &[String], variants: &[Variant], fresh: bool) -> Result<V
     use rayon::prelude::*;
     compile::nvrtc_version()?;
     let archs: Vec<String> = archs.iter().map(|a| compile::canonical_arch(a)).collect::<Result<_>>()?;
-    let jobs: Vec<(String, Variant)> = archs
-        .iter()
-        .flat_map(|a| variants.iter().filter(|v| v.builds_for(a)).map(move |v| (a.clone(), *v)))
-        .collect();
+    let jobs: Vec<(String, Variant)> =
+        archs.iter().flat_map(|a| variants.iter().filter(|v| v.builds_for(a)).map(move |v| (a.clone(), *v))).collect();
     jobs.par_iter()
         .map(|(arch, v)| {
             let t0 = std::time::Instant::now();

@@ -63,7 +63,7 @@ impl DevTensor {
 }
 
 fn as_bytes(s: CpuSlice<'_>) -> &[u8] {
-    // SAFETY: f16/bf16/f32/i32 are plain old data without padding; the byte slice covers exactly the
+    // SAFETY: f16/bf16/f32/i32/e4m3 (a `repr(transparent)` byte) are plain old data without padding; the byte slice covers exactly the
     // same memory.
     unsafe {
         match s {
@@ -71,6 +71,7 @@ fn as_bytes(s: CpuSlice<'_>) -> &[u8] {
             CpuSlice::BF16(v) => std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)),
             CpuSlice::F32(v) => std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)),
             CpuSlice::I32(v) => std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)),
+            CpuSlice::E4M3(v) => std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)),
         }
     }
 }
@@ -140,6 +141,7 @@ pub(crate) fn download(stream: &Arc<CudaStream>, t: &DevTensor) -> Result<Tensor
         DType::I32 => {
             CpuStorage::I32(bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect())
         }
+        DType::E4M3 => CpuStorage::E4M3(bytes.iter().map(|&c| crate::dtype::F8E4M3(c)).collect()),
     };
     Tensor::from_storage(storage, &t.layout.shape)
 }

@@ -173,7 +173,7 @@ impl RankClock {
 fn half_only(dtype: DType) -> Result<()> {
     match dtype {
         DType::F16 | DType::BF16 => Ok(()),
-        other => Err(Error::Unsupported { backend: "cuda", what: format!("dtype {other} (use f16 or bf16)") }),
+        other => Err(crate::cuda::call::unsupported_dtype(other)),
     }
 }
 

@@ -226,6 +226,7 @@ pub(super) fn ring_plan(
     let causal = ring_mask(opts)?;
     let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
     same_value_dim(p.d, p.d_v)?;
+    refuse_fp8(&p)?;
     extra(&p)?;
     let sched = RingSchedule::new(ranks, p.dense_sq, k.shape()[1], causal)?;
     Ok((p, sched))
@@ -237,7 +238,19 @@ fn scale_and_cap(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Resu
     o.causal = false;
     o.window = (-1, -1);
     let p: Problem = validate(&q.view(), &k.view(), &v.view(), &o)?;
+    refuse_fp8(&p)?;
     Ok((p.scale, p.softcap))
+}
+
+/// Ring attention does not take FP8 inputs (the single-device forward does).
+fn refuse_fp8(p: &Problem) -> Result<()> {
+    if p.is_fp8() {
+        return Err(Error::Unsupported {
+            backend: "ring",
+            what: format!("FP8 inputs (dtype {}): use the single-device forward", p.dtype),
+        });
+    }
+    Ok(())
 }
 
 /// Rank `rank`'s part of the ring forward. `q` is its query shard (`[b, rows, h, d]`, zig-zag rows of

@@ -83,6 +83,10 @@ pub const SEQLENS: [(usize, usize); 17] = [
     (799, 3),
 ];
 pub const HEADS: [(usize, usize); 3] = [(6, 6), (6, 2), (6, 1)];
+/// The spec's FP8 row: these head dims, with [`FP8_VARIANTS`] and every head layout (GQA included).
+pub const FP8_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+/// The FP8 row's variants: no mask, causal, window, varlen.
+pub const FP8_VARIANTS: [Variant; 4] = [Variant::Plain, Variant::Causal, Variant::Window, Variant::Varlen];
 /// The spec's value head dims other than `d`: `(d, d_v)` pairs (DeepSeek-style 192/128, a narrower and a
 /// wider value).
 pub const VALUE_DIMS: [(usize, usize); 3] = [(192, 128), (128, 64), (64, 128)];
@@ -221,10 +225,21 @@ pub fn make_inputs(c: &Case, rng: &mut Rng64) -> Inputs {
         }
         _ => {}
     }
+    if c.dtype.is_fp8() {
+        // Descales uniform in [0.5, 2], [b, hk] each (b = the number of sequences, also when varlen).
+        let mut descale = || {
+            let x: Vec<f32> = (0..c.batch * c.hk).map(|_| rng.gen_range(0.5f32..=2.0)).collect();
+            Some(Tensor::from_f32(&x, &[c.batch, c.hk], DType::F32).unwrap())
+        };
+        opts.q_descale = descale();
+        opts.k_descale = descale();
+        opts.v_descale = descale();
+    }
     let q = randn_tensor(rng, &qs, c.dtype, q_scale);
     let k = randn_tensor(rng, &ks, c.dtype, 1.0);
     let v = randn_tensor(rng, &vs, c.dtype, 1.0);
-    let dout = randn_tensor(rng, &os, c.dtype, 1.0);
+    // dout (for the backward, which FP8 inputs do not have) in the output's dtype.
+    let dout = randn_tensor(rng, &os, if c.dtype.is_fp8() { DType::BF16 } else { c.dtype }, 1.0);
     Inputs { q, k, v, dout, opts }
 }
 
@@ -338,7 +353,7 @@ fn run_case_inner(device: Device, c: &Case, seed: u64, t: &mut Timing) -> Result
     let out = match device {
         Device::Cpu => {
             // Poisoned outputs: an element the backend forgets to write fails the comparison.
-            let mut o = Tensor::nan(&p.o_shape(), p.dtype);
+            let mut o = Tensor::nan(&p.o_shape(), p.out_dtype);
             let mut lse = Tensor::nan(&p.lse_shape(), DType::F32);
             flashattn::forward_into(
                 &inp.q.view(),
@@ -458,6 +473,43 @@ pub fn cases(dtypes: &[DType], backward: bool) -> Vec<Case> {
         }
         if quick {
             out.extend(value_dim_cases(dtype, backward));
+        }
+    }
+    out
+}
+
+/// The spec's FP8 row (e4m3 q, k, v with random descales in [0.5, 2], forward only): [`FP8_HEAD_DIMS`] x
+/// [`FP8_VARIANTS`] x [`HEADS`] x the spec's shapes in `full` (one in 5 in `medium`); `quick` rotates the head
+/// layout and a small shape of the spec's list through every head dim and variant (batch 2).
+pub fn fp8_cases() -> Vec<Case> {
+    let level = sweep_level();
+    let mut out = Vec::new();
+    if level == "full" || level == "medium" {
+        let stride = if level == "full" { 1 } else { 5 };
+        let mut n = 0usize;
+        for &d in &FP8_HEAD_DIMS {
+            for &shape in &SEQLENS {
+                for &heads in &HEADS {
+                    for variant in FP8_VARIANTS {
+                        n += 1;
+                        if n % stride == 0 {
+                            out.push(Case::new(DType::E4M3, d, shape, heads, variant));
+                        }
+                    }
+                }
+            }
+        }
+        return out;
+    }
+    let shapes = [(113, 203), (128, 217), (1, 147), (239, 1), (127, 513), (256, 512)];
+    for (di, &d) in FP8_HEAD_DIMS.iter().enumerate() {
+        for (vi, variant) in FP8_VARIANTS.into_iter().enumerate() {
+            for (hi, &heads) in HEADS.iter().enumerate() {
+                let shape = shapes[(di * 5 + vi * 3 + hi) % shapes.len()];
+                let mut c = Case::new(DType::E4M3, d, shape, heads, variant);
+                c.batch = 2;
+                out.push(c);
+            }
         }
     }
     out
