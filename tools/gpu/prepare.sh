@@ -20,6 +20,8 @@ cargo test --release --locked -p flashattn --test cuda --test cuda_kvcache --tes
 strip .gpu/flashattn .gpu/cuda .gpu/cuda_kvcache .gpu/cuda_nonfinite .gpu/cuda_sink
 cp "$SHARED/bench/torch_baselines.py" .gpu/
 cp tools/gpu/*.sh tools/gpu/*.py .gpu/
+# This checkout's Python tests, for a device call made from another checkout (python.sh with PYTESTS=.gpu/tests).
+cp -r python/tests .gpu/tests
 # The Python package as a wheel (abi3, runs on the device machine as it is).
 PY=${PYTHON:-python3}
 "$PY" -m maturin --version >/dev/null 2>&1 || "$PY" -m pip install -q --disable-pip-version-check 'maturin>=1.5,<2'
