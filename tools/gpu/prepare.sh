@@ -10,7 +10,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 SHARED=${1:-$ROOT/../shared}
 cd "$ROOT"
-grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.gpu/' >> .git/info/exclude; }
+EXCLUDE=$(git rev-parse --git-path info/exclude)  # a worktree's .git is a file
+grep -qxF '/.gpu/' "$EXCLUDE" 2>/dev/null || { mkdir -p "$(dirname "$EXCLUDE")"; echo '/.gpu/' >> "$EXCLUDE"; }
 rm -rf .gpu && mkdir -p .gpu
 cargo build --release --locked -p flashattn-cli
 cp target/release/flashattn .gpu/flashattn
