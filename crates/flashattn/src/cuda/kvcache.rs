@@ -1258,10 +1258,11 @@ mod tests {
 
     #[test]
     fn params_layout() {
-        // 20 pointers, 21 i64, 20 32-bit fields (the C struct has the same, no padding).
-        assert_eq!(std::mem::size_of::<KvParams>(), 20 * 8 + 21 * 8 + 20 * 4);
+        // 22 pointers, 21 i64, 20 32-bit fields (the C struct has the same, no padding).
+        assert_eq!(std::mem::size_of::<KvParams>(), 22 * 8 + 21 * 8 + 20 * 4);
         assert_eq!(std::mem::offset_of!(KvParams, sink), 19 * 8);
-        assert_eq!(std::mem::offset_of!(KvParams, b), 20 * 8 + 21 * 8);
+        assert_eq!(std::mem::offset_of!(KvParams, v_descale), 21 * 8);
+        assert_eq!(std::mem::offset_of!(KvParams, b), 22 * 8 + 21 * 8);
         assert_eq!(std::mem::size_of::<KvFillParams>(), 24);
     }
 
@@ -1273,5 +1274,8 @@ mod tests {
         assert_eq!(smem(96), 16 * 208 + 4 * 3 * 32 * 208 + 512);
         assert!(2 * (smem(128) as usize + 1024) <= 228 * 1024);
         assert!(smem(256) as usize <= 227 * 1024);
+        // e4m3 caches: 1-byte stages plus one widened 16-bit K/V tile per warp.
+        assert_eq!(attn_smem(128, 3, true), 16 * 256 + 4 * (3 * 32 * 128 + 32 * 256) + 512);
+        assert!(attn_smem(256, 2, true) <= attn_smem(256, 2, false));
     }
 }
