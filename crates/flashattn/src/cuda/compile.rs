@@ -956,6 +956,40 @@ ptxas info    : Compiling entry function 'b' for 'sm_90a'\n",
     }
 
     #[test]
+    fn value_dim_variants() {
+        // Each pair, forward and backward, both dtypes, plain and causal, is hot (compiled and spill-checked by
+        // nvrtc_compiles_variants) and representative; the macro and the name only where the pass takes it.
+        for &(hd, hv) in &VALUE_DIM_PAIRS {
+            for pass in [Pass::Fwd, Pass::Bwd] {
+                for bf16 in [false, true] {
+                    let v = Variant { head_dim_v: Some(hv), ..Variant::plain(pass, hd, bf16) };
+                    assert!(hot_variants().contains(&v) && hot_variants().contains(&Variant { mask: true, ..v }));
+                    assert!(representative_variants().contains(&v) && all_variants().contains(&v));
+                    assert!(v.defines().contains(&format!("HEAD_DIM_V={hv}")));
+                    assert!(v
+                        .to_string()
+                        .starts_with(&format!("{}_d{hd}v{hv}_", if pass == Pass::Fwd { "fwd" } else { "bwd" })));
+                    assert_ne!(options(&v, "sm_80"), options(&Variant::plain(pass, hd, bf16), "sm_80"));
+                }
+            }
+            assert_eq!(value_head_dim(hd, hv).unwrap(), Some(hv));
+        }
+        // Ignored by the passes without a value head dim of their own.
+        for pass in [Pass::KvCache, Pass::FwdSm90, Pass::BwdSm90] {
+            let v = Variant::plain(pass, 128, true);
+            let w = Variant { head_dim_v: Some(64), ..v };
+            assert_eq!((w.value_dim(), w.defines(), w.to_string()), (None, v.defines(), v.to_string()));
+        }
+        // Equal dims have none; odd dims pad to a pair; others are refused naming d_v.
+        assert_eq!(value_head_dim(77, 77).unwrap(), None);
+        assert_eq!(value_head_dim(170, 100).unwrap(), Some(128));
+        assert!(value_head_dim(150, 100).is_err()); // (160, 128)
+        assert_eq!(value_head_dim(33, 65).unwrap(), Some(128));
+        let e = value_head_dim(192, 64).unwrap_err().to_string();
+        assert!(e.contains("d_v = 64") && e.contains("(192, 128)"), "{e}");
+    }
+
+    #[test]
     fn arch_names() {
         assert_eq!(arch_for((9, 0)), "sm_90a");
         assert_eq!(arch_for((8, 6)), "sm_86");
