@@ -984,7 +984,8 @@ ptxas info    : Compiling entry function 'b' for 'sm_90a'\n",
         assert_eq!(value_head_dim(77, 77).unwrap(), None);
         assert_eq!(value_head_dim(170, 100).unwrap(), Some(128));
         assert!(value_head_dim(150, 100).is_err()); // (160, 128)
-        assert_eq!(value_head_dim(33, 65).unwrap(), Some(128));
+        assert_eq!(value_head_dim(33, 100).unwrap(), Some(128));
+        assert!(value_head_dim(33, 65).is_err()); // (64, 96)
         let e = value_head_dim(192, 64).unwrap_err().to_string();
         assert!(e.contains("d_v = 64") && e.contains("(192, 128)"), "{e}");
     }
