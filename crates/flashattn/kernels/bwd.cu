@@ -150,14 +150,6 @@ static_assert((HEAD_DIM / BWD_DSPLIT) % 16 == 0, "dK/dV column share must be a m
 static_assert((HEAD_DIM_V / BWD_DSPLIT) % 16 == 0, "dV column share must be a multiple of 16");
 #endif
 
-// The real value head dim: its own field in the HAS_DV variants, d in the others (their d_v equals it).
-FA_DEVICE int value_dim(const BwdParams& p) {
-#if HAS_DV
-    return p.d_v;
-#else
-    return p.fwd.d;
-#endif
-}
 
 // ---------------------------------------------------------------- small primitives of our own
 FA_DEVICE void cp_async_4(u32 smem_addr, const void* gptr, int src_bytes) {
@@ -204,7 +196,11 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_preprocess(const Bwd
         const elem_t* orow = o + (i64)row * f.o_row_stride;
         const elem_t* drow = dO + (i64)row * p.do_row_stride;
         float acc = 0.f;
-        for (int c = lane; c < value_dim(p); c += 32) acc += DT::to_f32(orow[c].x) * DT::to_f32(drow[c].x);
+#if HAS_DV
+        for (int c = lane; c < p.d_v; c += 32) acc += DT::to_f32(orow[c].x) * DT::to_f32(drow[c].x);
+#else
+        for (int c = lane; c < f.d; c += 32) acc += DT::to_f32(orow[c].x) * DT::to_f32(drow[c].x);
+#endif
         acc = warp_sum(acc);
         const i64 r = (i64)si.q_row0 + row;
         if (lane == 0) {
@@ -273,7 +269,6 @@ constexpr int WK = BN / 32;                  // warps along the keys
 constexpr int MS = BN / WK;                  // keys per warp (S^T, dK/dV) = 32
 constexpr int NS = BM / (NW / WK);           // queries per warp (S^T)
 constexpr int DW = HEAD_DIM / (NW / WK);     // dK columns per warp
-constexpr int DWV = HEAD_DIM_V / (NW / WK);  // dV columns per warp
 constexpr int QROWW = BM / 32;               // dQ: warps along rows (32 rows each)
 constexpr int QCOLW = NW / QROWW;
 constexpr int QC = HEAD_DIM / QCOLW;         // dQ columns per warp
@@ -281,10 +276,16 @@ constexpr int QC = HEAD_DIM / QCOLW;         // dQ columns per warp
 #define BWD_QCH (HEAD_DIM > 128 ? 32 : 0)
 #endif
 constexpr int QCH = (BWD_QCH > 0 && QC % BWD_QCH == 0) ? BWD_QCH : QC;  // dQ columns per chunk
-static_assert(QC % 8 == 0 && DW % 16 == 0 && DWV % 16 == 0 && NS % 16 == 0, "warp tile shapes");
+static_assert(QC % 8 == 0 && DW % 16 == 0 && NS % 16 == 0, "warp tile shapes");
 constexpr int RD = (HEAD_DIM / 8 + 1) * 16;
-constexpr int RDV = (HEAD_DIM_V / 8 + 1) * 16;  // padded row bytes of the V and dO tiles
 constexpr int RS = (BM / 8 + 1) * 16;        // padded row bytes of the P^T / dS^T tiles
+// The value head dim's shapes, as enumerators (namespace-scope constexpr variables become PTX globals; these add
+// none, so the variants without HEAD_DIM_V compile to the cubins they compiled to before it existed).
+enum : int {
+    DWV = HEAD_DIM_V / (NW / WK),    // dV columns per warp
+    RDV = (HEAD_DIM_V / 8 + 1) * 16  // padded row bytes of the V and dO tiles
+};
+static_assert(DWV % 16 == 0, "dV warp tile shape");
 constexpr int SMEM_2 = BN * RD + BN * RDV + 2 * BM * RD + 2 * BM * RDV + 2 * BN * RS + 16 * BM;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 constexpr int SMEM_LIMIT = 227 * 1024;
@@ -309,13 +310,16 @@ constexpr int NT = NW * 32;
 constexpr int DSPLIT = BWD_DSPLIT;
 constexpr int STRIPS = NW / DSPLIT;
 constexpr int DW = HEAD_DIM / DSPLIT;        // dK columns per warp
-constexpr int DWV = HEAD_DIM_V / DSPLIT;     // dV columns per warp
 constexpr int QROWW = BM / 16;               // warps along the dQ tile rows
 constexpr int QCOLW = NW / QROWW;            // warps along the dQ tile columns
 constexpr int QC = HEAD_DIM / QCOLW;         // dQ columns per warp (multiple of 8)
 static_assert(QC % 8 == 0, "dQ column share must be a multiple of 8");
 constexpr int RD = (HEAD_DIM / 8 + 1) * 16;  // padded row bytes of HEAD_DIM-wide tiles
-constexpr int RDV = (HEAD_DIM_V / 8 + 1) * 16;  // padded row bytes of the HEAD_DIM_V-wide V and dO tiles
+// The value head dim's shapes, as enumerators (see the 2-D tiling's).
+enum : int {
+    DWV = HEAD_DIM_V / DSPLIT,       // dV columns per warp
+    RDV = (HEAD_DIM_V / 8 + 1) * 16  // padded row bytes of the HEAD_DIM_V-wide V and dO tiles
+};
 constexpr int RS = (BM / 8 + 1) * 16;        // padded row bytes of the dS^T tile
 constexpr int OFF_K = 0;
 constexpr int OFF_V = OFF_K + BN * RD;
@@ -404,7 +408,11 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const int g = lane >> 2, t = lane & 3;
     const int strip = warp % STRIPS, dpart = warp / STRIPS;
     const int d = f.d;
-    const int d_v = value_dim(p);
+#if HAS_DV
+    const int d_v = p.d_v;
+#else
+    const int d_v = d;  // the value head dim is d
+#endif
     const int group = f.h / f.hk;
 
     MaskCtx mc;
@@ -792,7 +800,11 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const int dw = qw;
     const int qrw = warp % QROWW, qcw = warp / QROWW;
     const int d = f.d;
-    const int d_v = value_dim(p);
+#if HAS_DV
+    const int d_v = p.d_v;
+#else
+    const int d_v = d;  // the value head dim is d
+#endif
     const int group = f.h / f.hk;
 
     MaskCtx mc;

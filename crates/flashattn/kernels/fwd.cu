@@ -99,7 +99,6 @@
 namespace fwd {
 
 constexpr int D = HEAD_DIM;
-constexpr int D_V = HEAD_DIM_V;
 constexpr int BM = BLOCK_M;
 constexpr int BN = BLOCK_N;
 constexpr int NW = NUM_WARPS;
@@ -107,14 +106,20 @@ constexpr int NT = FWD_THREADS;
 constexpr int WARP_M = BM / NW;     // query rows per warp
 constexpr int MT = WARP_M / 16;     // m16 tiles per warp
 constexpr int NTILES = BN / 8;      // n8 tiles of S per row block
-constexpr int DTILES = D_V / 8;     // n8 tiles of O
-constexpr int CHUNKS_V = D_V / 8;   // 16-byte chunks per row of V and O
+constexpr int DTILES = HEAD_DIM_V / 8;  // n8 tiles of O
+constexpr int CHUNKS = D / 8;       // 16-byte chunks per row
 typedef PaddedTile<D> Tile;
 constexpr int ROW_BYTES = Tile::ROW_BYTES;
-constexpr int ROW_BYTES_V = PaddedTile<D_V>::ROW_BYTES;
-// V after the Q and K tiles, or after the O staging area (BM rows of ROW_BYTES_V over the Q and K tiles) where
-// that is larger.
-constexpr int OFF_V = (BM + BN) * ROW_BYTES > BM * ROW_BYTES_V ? (BM + BN) * ROW_BYTES : BM * ROW_BYTES_V;
+// The value head dim's shapes, as enumerators (namespace-scope constexpr variables become PTX globals; these add
+// none, so the variants without HEAD_DIM_V compile to the cubins they compiled to before it existed).
+enum : int {
+    D_V = HEAD_DIM_V,
+    CHUNKS_V = HEAD_DIM_V / 8,  // 16-byte chunks per row of V and O
+    ROW_BYTES_V = PaddedTile<HEAD_DIM_V>::ROW_BYTES,
+    // V after the Q and K tiles, or after the O staging area (BM rows of ROW_BYTES_V over the Q and K tiles)
+    // where that is larger.
+    OFF_V = (BM + BN) * ROW_BYTES > BM * ROW_BYTES_V ? (BM + BN) * ROW_BYTES : BM * ROW_BYTES_V,
+};
 
 static_assert(D % 32 == 0, "HEAD_DIM must be a multiple of 32");
 static_assert(D_V % 32 == 0, "HEAD_DIM_V must be a multiple of 32");
@@ -192,10 +197,8 @@ FA_DEVICE void load_tile(u32 s_base, const u16* g, i64 row_stride, int rows_vali
 #if HAS_DV
 extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const FwdDvParams pv) {
     const FwdParams& p = pv.f;
-    const int d_v = pv.d_v;
 #else
 extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const FwdParams p) {
-    const int d_v = p.d;
 #endif
     using namespace fwd;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -235,6 +238,11 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
     if (m0 >= sq) return;
     const int rows_valid = min(BM, sq - m0);
     const int d = p.d;
+#if HAS_DV
+    const int d_v = pv.d_v;
+#else
+    const int d_v = d;  // the value head dim is d
+#endif
 
     const u16* gq = (const u16*)p.q + q_off + (i64)qh * p.q_head_stride + (i64)m0 * p.q_row_stride;
     const u16* gk = (const u16*)p.k + k_off + (i64)kvh * p.k_head_stride;
@@ -248,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
 
     const u32 sQ = smem_u32(smem);
     const u32 sK = sQ + BM * ROW_BYTES;
-    const u32 sV = sQ + OFF_V;
+    const u32 sV = sK + (OFF_V - BM * ROW_BYTES);
 
     // Scores are handled in "log2 units": p = exp2(s * c - m * c).
 #if HAS_SOFTCAP || HAS_ALIBI
