@@ -72,7 +72,8 @@ pub(crate) enum Softmax {
     Part,
 }
 
-/// Runs the three backward kernels on `stream`, with their scratch buffers in `workspace` (a device address
+/// Runs the three backward kernels on `stream` (on the sm80-class main kernel when the problem's value head dim
+/// differs from `d`: `bwd_sm90::covers` leaves those to it), with their scratch buffers in `workspace` (a device address
 /// of at least [`workspace_layout`]`.bytes`, 256-byte aligned) or, when `None`, in a buffer allocated here.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
@@ -170,7 +171,7 @@ pub(crate) fn run(
         dsink_part: dsink_part as *mut f32,
         dsink: a.dsink as *mut f32,
         dsink_blocks: layout.dsink_blocks as i32,
-        dsink_pad_: 0,
+        d_v: p.d_v as i32,
     };
     let rows_grid = ((sq as u32).div_ceil(64), p.h as u32, p.batch as u32);
     // SAFETY: `params` mirrors BwdParams; every pointer refers to a buffer sized for this problem, and the

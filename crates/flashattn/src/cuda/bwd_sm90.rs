@@ -42,15 +42,21 @@ struct Sm90BwdParams {
     tdo: Tma,
 }
 
-/// Whether the sm90 backward runs this problem on this device: a Hopper device, head dim <= 256, 16-byte
-/// aligned pointers and strides (TMA), non-empty q and k, no `seqused_k` (the TMA would read the unused
-/// cache slots, see `fwd_sm90::covers`), and the problem's tuning allows it
-/// ([`crate::Tuning::sm90_backward_allowed`]). Deterministic mode runs here too (the same turn-taking
-/// dQ counters as bwd.cu's).
+/// Whether the sm90 backward runs this problem on this device ([`covers_on`] with the device's architecture).
 pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
-    gpu.arch == "sm_90a"
+    covers_on(&gpu.arch, p, aligned16)
+}
+
+/// Whether the sm90 backward runs this problem on a device of architecture `arch`: a Hopper device, head dim <= 256,
+/// a value head dim equal to the head dim (others run on the sm80-class kernel), 16-byte aligned pointers and
+/// strides (TMA), non-empty q and k, no `seqused_k` (the TMA would read the unused cache slots, see
+/// `fwd_sm90::covers`), and the problem's tuning allows it ([`crate::Tuning::sm90_backward_allowed`]).
+/// Deterministic mode runs here too (the same turn-taking dQ counters as bwd.cu's).
+pub(crate) fn covers_on(arch: &str, p: &Problem, aligned16: bool) -> bool {
+    arch == "sm_90a"
         && p.tuning.sm90_backward_allowed()
         && sm90_bwd_head_dim(p.d).is_some()
+        && p.d_v == p.d
         && aligned16
         && p.total_q > 0
         && p.total_k > 0

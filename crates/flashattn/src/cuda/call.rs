@@ -1,10 +1,10 @@
-//! A call as the launchers see it: what every CUDA entry point refuses (dtype, value head dim), the
-//! validation of device tensors, the device pointers of a forward or backward call (`FwdArgs`, `BwdArgs`, the
-//! small per-call inputs in `Aux`), the forward parameter block of a problem, its sm80-class kernel variant and
-//! the 32-bit size limits. Shared by the launchers of every path (`fwd`, `fwd_sm90`, `bwd`, `bwd_sm90`) and by
+//! A call as the launchers see it: what every CUDA entry point refuses (dtype, value head dims the kernels are not
+//! compiled for), the validation of device tensors, the device pointers of a forward or backward call (`FwdArgs`,
+//! `BwdArgs`, the small per-call inputs in `Aux`), the forward parameter block of a problem, its sm80-class kernel
+//! variant and the 32-bit size limits. Shared by the launchers of every path (`fwd`, `fwd_sm90`, `bwd`, `bwd_sm90`) and by
 //! the entry points above them; depends on nothing above the parameter blocks and the device tensors.
 
-use super::compile::{padded_head_dim, Pass, Variant};
+use super::compile::{padded_head_dim, value_head_dim, Pass, Variant};
 use super::launch;
 use super::params::FwdParams;
 use super::tensor::{upload_vec, BackwardTensors, DevView, DeviceTensorRef, ForwardTensors};
@@ -17,11 +17,12 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use std::ffi::c_void;
 use std::sync::Arc;
 
-/// What every CUDA entry point refuses: other dtypes than f16/bf16 and a value head dim other than the
-/// query/key head dim (CPU backends only). A learnable sink passes here (the forward kernels fold it in, the
-/// backward's sink variant computes `dsink`).
+/// What every CUDA entry point refuses: other dtypes than f16/bf16, and a value head dim `d_v != d` whose padded
+/// pair of dims the kernels are not compiled for ([`value_head_dim`]: those pairs run on the sm80-class
+/// kernels, on Hopper too). A learnable sink passes here (the forward kernels fold it in, the backward's sink
+/// variant computes `dsink`).
 pub(crate) fn require_half(p: &Problem) -> Result<()> {
-    require_same_value_dim(p.d, p.d_v)?;
+    value_head_dim(p.d, p.d_v)?;
     match p.dtype {
         DType::F16 | DType::BF16 => Ok(()),
         other => Err(unsupported_dtype(other)),
@@ -39,14 +40,15 @@ pub(crate) fn unsupported_dtype(dtype: DType) -> Error {
     Error::Unsupported { backend: "cuda", what }
 }
 
-/// The CUDA kernels read v, write o and dv with the query/key head dim: a different value head dim `d_v`
-/// (supported by the CPU backends) is refused before any device work.
+/// The KV-cache kernels read v and write o with the query/key head dim: a different value head dim `d_v`
+/// (supported by the CPU backends, and by the CUDA kernels without a cache) is refused before any device work.
 pub(crate) fn require_same_value_dim(d: usize, d_v: usize) -> Result<()> {
     if d_v != d {
         return Err(Error::Unsupported {
             backend: "cuda",
             what: format!(
-                "a value head dim d_v = {d_v} different from the query/key head dim d = {d} (CPU backends only for now)"
+                "a value head dim d_v = {d_v} different from the query/key head dim d = {d} in the CUDA KV-cache \
+                 kernels (the CPU backends run it)"
             ),
         });
     }
@@ -179,7 +181,8 @@ fn window(side: Option<usize>, limit: usize) -> i32 {
 }
 
 /// The variant flags a problem needs (forward or backward), with its call's compile-time tuning
-/// ([`Variant::tuned`]).
+/// ([`Variant::tuned`]); a value head dim other than `d` gives the variant its `head_dim_v`
+/// ([`value_head_dim`]).
 pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministic: bool) -> Result<Variant> {
     let head_dim = padded_head_dim(p.d).ok_or_else(|| Error::invalid("q", "head dim <= 256", p.d))?;
     let bf16 = match p.dtype {
@@ -198,6 +201,7 @@ pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministi
     Ok(Variant {
         pass,
         head_dim,
+        head_dim_v: value_head_dim(p.d, p.d_v)?,
         bf16,
         mask: p.mask.is_active(),
         alibi,

@@ -26,13 +26,7 @@ const KV_SRC: &str = include_str!("../../kernels/kvcache.cu");
 const FWD_SM90_SRC: &str = include_str!("../../kernels/fwd_sm90.cu");
 const BWD_SM90_SRC: &str = include_str!("../../kernels/bwd_sm90.cu");
 
-/// Head dims the kernels are compiled for; a problem's `d` runs on the smallest one `>= d`.
-pub const HEAD_DIMS: [usize; 8] = [32, 64, 96, 128, 160, 192, 224, 256];
-
-/// The padded head dim a problem with head dim `d` runs on.
-pub fn padded_head_dim(d: usize) -> Option<usize> {
-    HEAD_DIMS.iter().copied().find(|&h| h >= d)
-}
+pub use super::tiles::{padded_head_dim, value_head_dim, HEAD_DIMS, VALUE_DIM_PAIRS};
 
 /// Which kernel source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,6 +62,10 @@ pub struct Variant {
     pub pass: Pass,
     /// Padded head dim (one of [`HEAD_DIMS`]).
     pub head_dim: usize,
+    /// Padded value head dim of the sm80-class forward and backward when the problem's `d_v` differs from `d`
+    /// (`-DHEAD_DIM_V`; `(head_dim, v)` one of [`VALUE_DIM_PAIRS`]): the kernels then read the runtime `d_v`
+    /// from a field of its own. `None`: the value head dim is `d` (no macro). Ignored by the other passes.
+    pub head_dim_v: Option<usize>,
     /// bf16 (else f16).
     pub bf16: bool,
     /// Causal / sliding-window masking.
@@ -176,6 +174,7 @@ impl Variant {
         Variant {
             pass,
             head_dim,
+            head_dim_v: None,
             bf16,
             mask: false,
             alibi: false,
@@ -205,6 +204,15 @@ impl Variant {
     /// Whether this variant is the 192-row sm90 forward (`bm192` where it applies: FwdSm90 at head dim 64).
     pub fn is_bm192(&self) -> bool {
         self.bm192 && self.pass == Pass::FwdSm90 && self.head_dim == 64
+    }
+
+    /// The padded value head dim of a sm80-class forward or backward variant with a value head dim of its own
+    /// (`head_dim_v` where it applies); `None` otherwise.
+    pub fn value_dim(&self) -> Option<usize> {
+        match self.pass {
+            Pass::Fwd | Pass::Bwd => self.head_dim_v,
+            _ => None,
+        }
     }
 
     /// Pipeline stages of a KV-cache variant (`KV_STAGES`): the override, else the head dim's default.
@@ -245,6 +253,9 @@ impl Variant {
             format!("IS_VARLEN={}", b(self.varlen)),
             format!("ALIGNED16={}", b(self.aligned16)),
         ];
+        if let Some(hv) = self.value_dim() {
+            v.push(format!("HEAD_DIM_V={hv}"));
+        }
         if matches!(self.pass, Pass::Bwd | Pass::BwdSm90) {
             v.push(format!("DETERMINISTIC={}", b(self.deterministic)));
             if self.sink {
@@ -291,6 +302,9 @@ impl fmt::Display for Variant {
             Pass::BwdSm90 => "bwd90",
         };
         write!(f, "{pass}_d{}", self.head_dim)?;
+        if let Some(hv) = self.value_dim() {
+            write!(f, "v{hv}")?;
+        }
         if self.is_bm192() {
             write!(f, "_bm192")?;
         }
@@ -339,9 +353,10 @@ pub fn kv_variant(head_dim: usize, bf16: bool, mask: bool, alibi: bool, softcap:
     Variant { mask, alibi, softcap, aligned16, ..Variant::plain(Pass::KvCache, head_dim, bf16) }
 }
 
-/// Every variant the kernels support: head dims x dtypes x (mask, alibi, softcap, varlen), aligned, plus
-/// the unaligned (element-wise) forms, forward and backward (backward also x deterministic), and the
-/// KV-cache kernels (head dims x dtypes x (mask, alibi, softcap) x aligned or not, over 16-bit or e4m3 caches).
+/// Every variant the kernels support: head dims (and the value head dim pairs of [`VALUE_DIM_PAIRS`]) x dtypes
+/// x (mask, alibi, softcap, varlen), aligned, plus the unaligned (element-wise) forms, forward and backward
+/// (backward also x deterministic), and the KV-cache kernels (head dims x dtypes x (mask, alibi, softcap) x aligned
+/// or not, over 16-bit or e4m3 caches).
 pub fn all_variants() -> Vec<Variant> {
     let mut out = Vec::new();
     for &hd in &HEAD_DIMS {
@@ -356,29 +371,22 @@ pub fn all_variants() -> Vec<Variant> {
             }
         }
     }
-    for pass in [Pass::Fwd, Pass::Bwd] {
-        for &hd in &HEAD_DIMS {
-            for bf16 in [false, true] {
-                for bits in 0..16u32 {
-                    for aligned16 in [true, false] {
-                        for deterministic in [false, true] {
-                            if pass == Pass::Fwd && deterministic {
-                                continue;
-                            }
-                            out.push(Variant {
-                                pass,
-                                head_dim: hd,
-                                bf16,
-                                mask: bits & 1 != 0,
-                                alibi: bits & 2 != 0,
-                                softcap: bits & 4 != 0,
-                                varlen: bits & 8 != 0,
-                                deterministic,
-                                aligned16,
-                                ..Variant::plain(pass, hd, bf16)
-                            });
-                        }
+    for p in sm80_plain().chain(value_dim_plain()) {
+        for bits in 0..16u32 {
+            for aligned16 in [true, false] {
+                for deterministic in [false, true] {
+                    if p.pass == Pass::Fwd && deterministic {
+                        continue;
                     }
+                    out.push(Variant {
+                        mask: bits & 1 != 0,
+                        alibi: bits & 2 != 0,
+                        softcap: bits & 4 != 0,
+                        varlen: bits & 8 != 0,
+                        deterministic,
+                        aligned16,
+                        ..p
+                    });
                 }
             }
         }
@@ -438,6 +446,16 @@ fn sm80_plain() -> impl Iterator<Item = Variant> {
         .flat_map(|pass| HEAD_DIMS.iter().flat_map(move |&hd| [false, true].map(|bf16| Variant::plain(pass, hd, bf16))))
 }
 
+/// The plain variant of the sm80-class forward and backward with a value head dim of its own: every pair of
+/// [`VALUE_DIM_PAIRS`] and dtype.
+fn value_dim_plain() -> impl Iterator<Item = Variant> {
+    [Pass::Fwd, Pass::Bwd].into_iter().flat_map(|pass| {
+        VALUE_DIM_PAIRS.iter().flat_map(move |&(hd, hv)| {
+            [false, true].map(|bf16| Variant { head_dim_v: Some(hv), ..Variant::plain(pass, hd, bf16) })
+        })
+    })
+}
+
 /// Two KV-cache variants at every head dim and dtype: `forms` gives their (mask, alibi, softcap, aligned16).
 fn kv_pairs(forms: [(bool, bool, bool, bool); 2]) -> impl Iterator<Item = Variant> {
     HEAD_DIMS.iter().flat_map(move |&hd| {
@@ -464,10 +482,11 @@ fn representative_forms(p: Variant) -> Vec<Variant> {
     out
 }
 
-/// A representative subset (every head dim and dtype; each feature on its own and all together; the
+/// A representative subset (every head dim, value head dim pair and dtype; each feature on its own and all together; the
 /// unaligned and deterministic forms of the plain kernel): what CI compiles for each architecture.
 pub fn representative_variants() -> Vec<Variant> {
     sm80_plain()
+        .chain(value_dim_plain())
         .flat_map(representative_forms)
         .chain(kv_pairs([(false, false, false, true), (true, true, true, false)]))
         .chain(
@@ -477,10 +496,11 @@ pub fn representative_variants() -> Vec<Variant> {
         .collect()
 }
 
-/// The variants whose speed matters most (plain and causal, aligned, both dtypes, every head dim): these
-/// must not spill registers.
+/// The variants whose speed matters most (plain and causal, aligned, both dtypes, every head dim and value head
+/// dim pair): these must not spill registers.
 pub fn hot_variants() -> Vec<Variant> {
     sm80_plain()
+        .chain(value_dim_plain())
         .flat_map(with_causal)
         .chain(kv_pairs([(false, false, false, true), (true, false, false, true)]))
         .chain(sm90_plain().flat_map(with_causal))
@@ -969,6 +989,41 @@ ptxas info    : Compiling entry function 'b' for 'sm_90a'\n",
     }
 
     #[test]
+    fn value_dim_variants() {
+        // Each pair, forward and backward, both dtypes, plain and causal, is hot (compiled and spill-checked by
+        // nvrtc_compiles_variants) and representative; the macro and the name only where the pass takes it.
+        for &(hd, hv) in &VALUE_DIM_PAIRS {
+            for pass in [Pass::Fwd, Pass::Bwd] {
+                for bf16 in [false, true] {
+                    let v = Variant { head_dim_v: Some(hv), ..Variant::plain(pass, hd, bf16) };
+                    assert!(hot_variants().contains(&v) && hot_variants().contains(&Variant { mask: true, ..v }));
+                    assert!(representative_variants().contains(&v) && all_variants().contains(&v));
+                    assert!(v.defines().contains(&format!("HEAD_DIM_V={hv}")));
+                    assert!(v
+                        .to_string()
+                        .starts_with(&format!("{}_d{hd}v{hv}_", if pass == Pass::Fwd { "fwd" } else { "bwd" })));
+                    assert_ne!(options(&v, "sm_80"), options(&Variant::plain(pass, hd, bf16), "sm_80"));
+                }
+            }
+            assert_eq!(value_head_dim(hd, hv).unwrap(), Some(hv));
+        }
+        // Ignored by the passes without a value head dim of their own.
+        for pass in [Pass::KvCache, Pass::FwdSm90, Pass::BwdSm90] {
+            let v = Variant::plain(pass, 128, true);
+            let w = Variant { head_dim_v: Some(64), ..v };
+            assert_eq!((w.value_dim(), w.defines(), w.to_string()), (None, v.defines(), v.to_string()));
+        }
+        // Equal dims have none; odd dims pad to a pair; others are refused naming d_v.
+        assert_eq!(value_head_dim(77, 77).unwrap(), None);
+        assert_eq!(value_head_dim(170, 100).unwrap(), Some(128));
+        assert!(value_head_dim(150, 100).is_err()); // (160, 128)
+        assert_eq!(value_head_dim(33, 100).unwrap(), Some(128));
+        assert!(value_head_dim(33, 65).is_err()); // (64, 96)
+        let e = value_head_dim(192, 64).unwrap_err().to_string();
+        assert!(e.contains("d_v = 64") && e.contains("(192, 128)"), "{e}");
+    }
+
+    #[test]
     fn arch_names() {
         assert_eq!(arch_for((9, 0)), "sm_90a");
         assert_eq!(arch_for((8, 6)), "sm_86");
@@ -986,7 +1041,12 @@ ptxas info    : Compiling entry function 'b' for 'sm_90a'\n",
         assert_eq!(padded_head_dim(257), None);
         // bwd.cu x deterministic, KV, sm90 forward (3 head dims + the 192-row d64 + the 176-key d128 + the 80-key
         // d256), sm90 backward (3 head dims x deterministic).
-        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 * 2 + 6 * 2 * 16 + 3 * 2 * 32);
+        // The value head dim pairs likewise: 3 pairs x (forward + backward x deterministic); the KV kernels over
+        // 16-bit and e4m3 caches.
+        assert_eq!(
+            all_variants().len(),
+            8 * 2 * 16 * 2 * 3 + 3 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 * 2 + 6 * 2 * 16 + 3 * 2 * 32
+        );
         assert!(Pass::FwdSm90.builds_for("sm_90a") && !Pass::FwdSm90.builds_for("sm_80"));
         assert!(Pass::BwdSm90.builds_for("sm_90a") && !Pass::BwdSm90.builds_for("sm_80"));
         // The e4m3 KV kernels need sm_89 or newer; their name and defines say so.

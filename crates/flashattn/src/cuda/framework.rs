@@ -330,23 +330,37 @@ mod tests {
         assert!(matches!(e, Error::Unsupported { .. }), "{e}");
     }
 
-    /// A value head dim other than `d` is valid (the CPU backends run it) but not on the CUDA kernels yet: every
-    /// device-memory entry point's validation refuses it as unsupported, before any device work.
+    /// A value head dim other than `d` passes every device-memory entry point's validation where its padded pair
+    /// of dims is one the kernels are compiled for (192/128, 128/64, 64/128, and dims that pad to them), and the
+    /// backward's workspace is the one of its query/key head dim; any other pair is refused as unsupported, naming
+    /// `d_v`, before any device work.
     #[test]
-    fn device_calls_refuse_a_different_value_head_dim() {
-        let (q, k, v) =
-            (t(DType::BF16, &[2, 16, 8, 192]), t(DType::BF16, &[2, 32, 2, 192]), t(DType::BF16, &[2, 32, 2, 128]));
+    fn device_calls_take_the_compiled_value_head_dims() {
         let opts = AttnOptions::default();
-        let unsupported = |r: Result<Problem>| match r {
-            Err(Error::Unsupported { backend: "cuda", what }) => assert!(what.contains("d_v = 128"), "{what}"),
+        for (d, d_v) in [(192, 128), (128, 64), (64, 128), (180, 100), (100, 40)] {
+            let (q, k, v) =
+                (t(DType::BF16, &[2, 16, 8, d]), t(DType::BF16, &[2, 32, 2, d]), t(DType::BF16, &[2, 32, 2, d_v]));
+            let p = device_problem(&q, &k, &v, &opts, &DeviceMeta::default()).unwrap();
+            assert_eq!((p.d, p.d_v), (d, d_v));
+            assert!(super::super::call::raw_problem(&q, &k, &v, &opts).is_ok());
+            let same = device_problem(&q, &k, &k, &opts, &DeviceMeta::default()).unwrap();
+            let ws = backward_workspace_bytes(&q, &k, &v, &opts, &DeviceMeta::default()).unwrap();
+            assert_eq!(ws, bwd::workspace_layout(&same, false).unwrap().bytes, "({d}, {d_v})");
+        }
+        let unsupported = |r: Result<Problem>, d_v: usize| match r {
+            Err(Error::Unsupported { backend: "cuda", what }) => {
+                assert!(what.contains(&format!("d_v = {d_v}")), "{what}")
+            }
             other => panic!("expected Unsupported, got {other:?}"),
         };
-        unsupported(device_problem(&q, &k, &v, &opts, &DeviceMeta::default()));
-        // The raw entry points' validation (forward_raw, backward_raw).
-        unsupported(super::super::call::raw_problem(&q, &k, &v, &opts));
-        assert!(backward_workspace_bytes(&q, &k, &v, &opts, &DeviceMeta::default()).is_err());
-        // Equal head dims still pass.
-        assert!(device_problem(&q, &k, &k, &opts, &DeviceMeta::default()).is_ok());
+        for (d, d_v) in [(192, 64), (256, 128), (64, 32), (100, 120)] {
+            let (q, k, v) =
+                (t(DType::BF16, &[2, 16, 8, d]), t(DType::BF16, &[2, 32, 2, d]), t(DType::BF16, &[2, 32, 2, d_v]));
+            unsupported(device_problem(&q, &k, &v, &opts, &DeviceMeta::default()), d_v);
+            // The raw entry points' validation (forward_raw, backward_raw).
+            unsupported(super::super::call::raw_problem(&q, &k, &v, &opts), d_v);
+            assert!(backward_workspace_bytes(&q, &k, &v, &opts, &DeviceMeta::default()).is_err());
+        }
     }
 
     /// A device sink passes validation: the forward reads its pointer; the backward's workspace grows by the

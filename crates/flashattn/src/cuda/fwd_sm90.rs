@@ -125,15 +125,23 @@ pub fn o_separate(head_dim: usize, block_n: usize) -> bool {
     head_dim <= 128 && block_n <= 128
 }
 
-/// Whether the sm90 kernel runs this problem on this device: a Hopper device (sm_90a cubins), f16/bf16,
-/// head dim <= 256, 16-byte aligned pointers and strides (TMA), non-empty q and k, no `seqused_k`, and the
-/// problem's tuning allows it ([`Tuning::cuda_path`]). (`seqused_k` runs on the sm80-class kernel: the TMA reads whole key blocks, and the unused slots
-/// of a cache may hold anything, NaN included, which a zero probability times NaN would let through.)
+/// Whether the sm90 kernel runs this problem on this device: [`covers_on`] with the device's architecture and
+/// shared memory per block.
 pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
-    if gpu.arch != "sm_90a" || !p.tuning.sm90_forward_allowed() {
+    covers_on(&gpu.arch, gpu.smem_optin as i64, p, aligned16)
+}
+
+/// Whether the sm90 kernel runs this problem on a device of architecture `arch` with `smem_optin` bytes of shared
+/// memory per block: a Hopper device (sm_90a cubins), f16/bf16, head dim <= 256, a value head dim equal to the head
+/// dim (others run on the sm80-class kernel), 16-byte aligned pointers and strides (TMA), non-empty q and k, no
+/// `seqused_k`, and the problem's tuning allows it ([`Tuning::cuda_path`]). (`seqused_k` runs on the sm80-class
+/// kernel: the TMA reads whole key blocks, and the unused slots of a cache may hold anything, NaN included, which a
+/// zero probability times NaN would let through.)
+pub(crate) fn covers_on(arch: &str, smem_optin: i64, p: &Problem, aligned16: bool) -> bool {
+    if arch != "sm_90a" || !p.tuning.sm90_forward_allowed() {
         return false;
     }
-    if sm90_head_dim(p.d).is_none() {
+    if sm90_head_dim(p.d).is_none() || p.d_v != p.d {
         return false;
     }
     aligned16
@@ -142,7 +150,7 @@ pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
         && p.batch > 0
         && p.seqused_k.is_none()
         && check_sizes(p).is_ok()
-        && sm90_variant(p).is_ok_and(|v| variant_smem(&v) as i64 <= gpu.smem_optin as i64)
+        && sm90_variant(p).is_ok_and(|v| variant_smem(&v) as i64 <= smem_optin)
 }
 
 /// The sm90 variant of a problem, with the tile shape of [`sm90_tile`] under the problem's tuning.

@@ -66,6 +66,15 @@ use call::{
 };
 use tensor::{alloc_out, download, upload};
 
+/// Which `(d, d_v)` pairs with a value head dim `d_v != d` the CUDA kernels run, in words (for `flashattn info`).
+pub fn value_dim_summary() -> String {
+    format!(
+        "d_v != d runs where (d, d_v) pads to one of {} (sm80-class forward and backward kernels, on Hopper \
+         too; the KV-cache kernels take d_v = d only); d_v = d everywhere",
+        tiles::value_dim_pairs_text()
+    )
+}
+
 /// Whether the CUDA backend can run here, with the devices, driver and NVRTC versions and the cache folder
 /// (or the reason it cannot run).
 pub fn status() -> BackendStatus {

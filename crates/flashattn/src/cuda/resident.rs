@@ -162,7 +162,7 @@ impl DeviceAttention {
                 bm / 64
             )
         } else {
-            let (bm, bn, warps) = fwd::fwd_tiles(fv.head_dim);
+            let (bm, bn, warps) = fwd::fwd_tiles(&fv);
             format!(
                 "{}; fwd sm80 path {fv} [BM {bm} BN {bn}, {} threads]",
                 kernel_family(&self.gpu.arch, &self.p.tuning),
