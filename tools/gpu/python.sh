@@ -187,12 +187,14 @@ run_repro() {
     done
     grep -E "passed|failed|rc=|^FAIL" "$OUT/repro.log" | cut -c1-300 >> "$OUT/summary.txt"
 }
-# The short correctness call: the Rust CUDA quick sweep, the sink tests and the e4m3 KV test beside pytest on
+# The short correctness call: the Rust CUDA quick sweep, the sink, e4m3 KV and value head dim tests beside pytest on
 # CUDA tensors, then memcheck on the sink backward's and the e4m3 KV cache's pytest cases.
 run_verify() {
     (export FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-rust FLASHATTN_ALLOW_SPILLS=1 FLASHATTN_REQUIRE_GPU=1
      sinktests 150
      kvfp8 150
+     FLASHATTN_SWEEP=quick timeout 150 "$G/cuda" --test-threads=1 value_head_dims >> "$OUT/rust_cuda.log" 2>&1
+     echo "cuda value_head_dims rc=$?" >> "$OUT/rust_cuda.log"
      FLASHATTN_SWEEP=quick timeout 240 "$G/cuda" --test-threads=1 sweep >> "$OUT/rust_cuda.log" 2>&1
      echo "cuda sweep rc=$?" >> "$OUT/rust_cuda.log") &
     step pytest-cuda 280 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rfEsxX .
