@@ -866,7 +866,7 @@ fn fp8_sweep() {
     assert!(msgs.is_empty(), "{}", msgs.join("\n"));
 }
 
-/// FP8 inputs are refused by every CUDA host entry point with `Error::Unsupported` before any device work (so
+/// FP8 q, k, v are refused by every CUDA host entry point with `Error::Unsupported` before any device work (so
 /// this runs with or without a GPU), and a refused KV-cache call writes nothing.
 #[test]
 fn fp8_is_refused_before_device_work() {
@@ -883,9 +883,10 @@ fn fp8_is_refused_before_device_work() {
         other => panic!("{entry}: expected Unsupported, got {other}"),
     };
     refused(flashattn::forward_on(Device::Cuda(0), &q, &k, &v, &opts).unwrap_err(), "forward");
-    // A 16-bit q with an FP8 cache (and 16-bit rows to append): refused, nothing appended.
-    let qb = randn_tensor(r, &[1, 8, 4, 64], DType::BF16, 1.0);
-    let kn = randn_tensor(r, &[1, 8, 2, 64], DType::BF16, 1.0);
+    // An FP8 q with an FP8 cache (and rows to append): refused, nothing appended. (A 16-bit q with an FP8 cache
+    // runs on the KV kernels: cuda_kvcache's kvcache_fp8_device.)
+    let qb = randn_tensor(r, &[1, 8, 4, 64], dt, 1.0);
+    let kn = randn_tensor(r, &[1, 8, 2, 64], dt, 1.0);
     let (mut kc, mut vc) = (randn_tensor(r, &[1, 16, 2, 64], dt, 1.0), randn_tensor(r, &[1, 16, 2, 64], dt, 1.0));
     let before = (kc.clone(), vc.clone());
     let mut cache = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(4));
