@@ -638,7 +638,9 @@ fn bwd(
         }
         Some(n) => {
             let [qd, kd, vd, od, ld, dod, dqd, dkd, dvd] = [&qt, &kt, &vt, &ot, &lt, &dot, &dqt, &dkt, &dvt].map(dev);
-            let dsd = dsink.as_ref().map(dev);
+            // The op always passes a `dsink` buffer (empty without a sink); the device API takes one exactly when
+            // there is a sink.
+            let dsd = dsink.as_ref().filter(|_| sink.is_some()).map(dev);
             let meta = device_meta(&alibi, &vl, &sink);
             let a = o.attn();
             let bytes = cuda::backward_workspace_bytes(&qd, &kd, &vd, &a, &meta).map_err(to_py)?;
