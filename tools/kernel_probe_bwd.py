@@ -464,8 +464,8 @@ def bench(results, deterministic=False):
 
 VARIANTS = {  # BWD_TILE2D=0: the previous 16-key-strip kernel (kept for comparison)
     64: [{}, {"BWD_TILE2D": 0}, {"BWD_BM": 128}, {"DETERMINISTIC": 1}],
-    128: [{}, {"BWD_TILE2D": 0}, {"BWD_REDV4": 0}, {"DETERMINISTIC": 1}],
-    256: [{}, {"BWD_REDV4": 0}, {"BWD_TILE2D": 0}, {"DETERMINISTIC": 1}],
+    128: [{}, {"BWD_TILE2D": 0}, {"DETERMINISTIC": 1}],
+    256: [{}, {"BWD_TILE2D": 0}, {"DETERMINISTIC": 1}],
 }
 VARIANT_S = (4096, 16384)
 BENCH_D = (64, 128)

@@ -7,9 +7,9 @@ aligned to the bottom-right corner; ``window_size=(left, right)`` with ``-1`` fo
 
 What this package adds to FlashAttention-2: any head dim 1..256 (not only multiples of 8), any page size for
 paged KV caches, ``seqused_k`` on the varlen functions, ``page_table`` as FlashAttention-3's name for
-``block_table``, the CPU backend for CPU tensors, and on CPU tensors a value head dim of its own (``v`` and ``v_cache``
-``(.., headdim_v)``, ``out`` ``(.., headdim_v)``; CUDA raises ``NotImplementedError`` for it until the kernels take
-it). Not there yet: dropout (``dropout_p > 0`` raises
+``block_table``, the CPU backend for CPU tensors, and a value head dim of its own (``v`` and ``v_cache``
+``(.., headdim_v)``, ``out`` ``(.., headdim_v)``): on CPU tensors any, on CUDA tensors where ``(headdim,
+headdim_v)`` pads to (192, 128), (128, 64) or (64, 128), not in a KV cache (others raise ``NotImplementedError``). Not there yet: dropout (``dropout_p > 0`` raises
 ``NotImplementedError``) and a paged KV cache in the varlen functions. ``num_splits`` of
 ``flash_attn_with_kvcache`` fixes the number of key splits on CUDA as in FlashAttention (0: the library chooses;
 the CPU backend ignores it).

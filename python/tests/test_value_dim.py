@@ -1,6 +1,7 @@
 """A value head dim `d_v` other than the query/key head dim `d` (v `(.., hk, d_v)`, out `(.., h, d_v)`, the default
-scale from `d`): every entry point on CPU tensors against the float64 reference under the spec's rule, forward and
-backward; on CUDA tensors the kernels refuse it with NotImplementedError until they take it."""
+scale from `d`): the entry points against the float64 reference under the spec's rule, forward and backward, on
+CPU tensors (any d_v) and CUDA tensors (the sm80-class kernels: (d, d_v) padding to (192, 128), (128, 64) or
+(64, 128)). On CUDA other pairs, and any d_v != d in a KV cache, raise NotImplementedError."""
 
 from __future__ import annotations
 
@@ -33,9 +34,6 @@ def test_func(device, dims, feat):
     if feat == "softcap":
         q = q * 8
     kw = feature_args(feat, b, h, device)
-    if device == "cuda":
-        _refused(lambda: flash_attn_func(q, k, v, **kw))
-        return
     out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, **kw)
     assert out.shape == (b, sq, h, dv) and lse.shape == (b, h, sq)
     check_all(
@@ -81,9 +79,6 @@ def test_varlen(device, dims):
     v = torch.randn(sum(lk), hk, dv, device=device, dtype=dtype)
     kw = feature_args("causal", 3, h, device)
     mq, mk = max(lq), max(lk)
-    if device == "cuda":
-        _refused(lambda: flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, causal=True))
-        return
     out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, causal=True, return_attn_probs=True)
     assert out.shape == (sum(lq), h, dv)
     check_all(
@@ -98,20 +93,35 @@ def test_varlen(device, dims):
 
 
 def test_sink_and_strided_output(device):
-    """A learnable sink with a different value head dim, and q a strided view: out is allocated contiguous with v's
-    head dim (empty_like of q only when the head dims agree)."""
-    if device == "cuda":
-        pytest.skip("the CUDA kernels take no value head dim of its own yet")
-    d, dv = 64, 40
-    qkv = torch.randn(2, 30, 3, 4, d, dtype=torch.bfloat16)
+    """A learnable sink with a different value head dim (100: padded to 128 on CUDA), and q a strided view: out is
+    allocated contiguous with v's head dim (empty_like of q only when the head dims agree)."""
+    d, dv = 64, 100
+    qkv = torch.randn(2, 30, 3, 4, d, dtype=torch.bfloat16, device=device)
     q, k = qkv[:, :, 0], qkv[:, :, 1]
-    v = torch.randn(2, 30, 4, dv, dtype=torch.bfloat16)
-    sink = torch.randn(4) * 2
+    v = torch.randn(2, 30, 4, dv, dtype=torch.bfloat16, device=device)
+    sink = torch.randn(4, device=device) * 2
     out = flash_attn_func(q, k, v, causal=True, learnable_sink=sink)
     assert out.shape == (2, 30, 4, dv) and out.is_contiguous()
+    q, k, v, sink = q.cpu(), k.cpu(), v.cpu(), sink.cpu()
     ref = attention(q.double(), k.double(), v.double(), causal=True, sink=sink.double())[0]
     base = attention(q, k, v, causal=True, sink=sink, baseline=True)[0]
-    check("sink dv", out, base, ref)
+    check("sink dv", out.cpu(), base, ref)
+
+
+def test_cuda_refusals():
+    """On CUDA tensors a (d, d_v) pair the kernels are not compiled for, and any d_v != d in a KV cache, raise
+    NotImplementedError naming the value head dim; the KV cache is left as it was."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    q = torch.randn(1, 8, 4, 192, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 8, 2, 192, device="cuda", dtype=torch.bfloat16)
+    _refused(lambda: flash_attn_func(q, k, torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)))
+    kc = torch.randn(1, 16, 2, 192, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn(1, 16, 2, 128, device="cuda", dtype=torch.bfloat16)
+    before = (kc.clone(), vc.clone())
+    seqlens = torch.full((1,), 4, dtype=torch.int32, device="cuda")
+    _refused(lambda: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens))
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
 
 
 def test_kvpacked_needs_equal_dims_but_separate_kv_does_not(device):

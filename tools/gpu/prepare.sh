@@ -10,7 +10,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 SHARED=${1:-$ROOT/../shared}
 cd "$ROOT"
-grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.gpu/' >> .git/info/exclude; }
+EXCLUDE=$(git rev-parse --git-path info/exclude)  # a worktree's .git is a file
+grep -qxF '/.gpu/' "$EXCLUDE" 2>/dev/null || { mkdir -p "$(dirname "$EXCLUDE")"; echo '/.gpu/' >> "$EXCLUDE"; }
 rm -rf .gpu && mkdir -p .gpu
 cargo build --release --locked -p flashattn-cli
 cp target/release/flashattn .gpu/flashattn
@@ -20,6 +21,8 @@ cargo test --release --locked -p flashattn --test cuda --test cuda_kvcache --tes
 strip .gpu/flashattn .gpu/cuda .gpu/cuda_kvcache .gpu/cuda_nonfinite .gpu/cuda_sink
 cp "$SHARED/bench/torch_baselines.py" .gpu/
 cp tools/gpu/*.sh tools/gpu/*.py .gpu/
+# This checkout's Python tests, for a device call made from another checkout (python.sh with PYTESTS=.gpu/tests).
+cp -r python/tests .gpu/tests
 # The Python package as a wheel (abi3, runs on the device machine as it is).
 PY=${PYTHON:-python3}
 "$PY" -m maturin --version >/dev/null 2>&1 || "$PY" -m pip install -q --disable-pip-version-check 'maturin>=1.5,<2'

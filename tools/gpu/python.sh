@@ -25,13 +25,19 @@ STEP_SUMMARY='passed|failed|test result|ERROR SUMMARY|error|Error|us/call|calls:
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$OUT/summary.txt"
 python3 -c 'import torch, flashattn; print("torch", torch.__version__, flashattn.info())' >> "$OUT/summary.txt" 2>&1
-T=$(pwd)/python/tests
+# The Python tests: the checkout's, or PYTESTS (a branch's copy in .gpu, tools/gpu/prepare.sh --tests).
+T=${PYTESTS:-$(pwd)/python/tests}
 # The CUDA non-finite tests (each runs both kernel paths in one process: the sm80-class one is forced through
 # the call's tuning), where the branch that adds them is built (cuda-nan).
 nonfinite() {
     [ -x "$G/cuda_nonfinite" ] || return 0
     FLASHATTN_REQUIRE_GPU=1 timeout "$1" "$G/cuda_nonfinite" --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
     echo "rc=$?" >> "$OUT/rust_cuda.log"
+}
+# The e4m3 KV-cache test (decoding from FP8 caches).
+kvfp8() {
+    FLASHATTN_REQUIRE_GPU=1 timeout "$1" "$G/cuda_kvcache" kvcache_fp8_device --test-threads=1 >> "$OUT/rust_cuda.log" 2>&1
+    echo "cuda_kvcache fp8 rc=$?" >> "$OUT/rust_cuda.log"
 }
 # The CUDA learnable-sink tests (forward, backward with dsink on both kernel paths, KV decode).
 sinktests() {
@@ -181,11 +187,14 @@ run_repro() {
     done
     grep -E "passed|failed|rc=|^FAIL" "$OUT/repro.log" | cut -c1-300 >> "$OUT/summary.txt"
 }
-# The short correctness call: the Rust CUDA quick sweep and the sink tests beside pytest on CUDA tensors, then
-# memcheck on the sink backward's pytest cases.
+# The short correctness call: the Rust CUDA quick sweep, the sink, e4m3 KV and value head dim tests beside pytest on
+# CUDA tensors, then memcheck on the sink backward's and the e4m3 KV cache's pytest cases.
 run_verify() {
     (export FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-rust FLASHATTN_ALLOW_SPILLS=1 FLASHATTN_REQUIRE_GPU=1
      sinktests 150
+     kvfp8 150
+     FLASHATTN_SWEEP=quick timeout 150 "$G/cuda" --test-threads=1 value_head_dims >> "$OUT/rust_cuda.log" 2>&1
+     echo "cuda value_head_dims rc=$?" >> "$OUT/rust_cuda.log"
      FLASHATTN_SWEEP=quick timeout 240 "$G/cuda" --test-threads=1 sweep >> "$OUT/rust_cuda.log" 2>&1
      echo "cuda sweep rc=$?" >> "$OUT/rust_cuda.log") &
     step pytest-cuda 280 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rfEsxX .
@@ -194,6 +203,8 @@ run_verify() {
     step memcheck 80 env -C "$T" FLASHATTN_TEST_DEVICES=cuda compute-sanitizer --tool memcheck --error-exitcode 3 \
         python3 -m pytest -q -p no:cacheprovider -x "test_sink.py::test_sink_forward_and_gradients[cuda-0.0-True]" \
         "test_sink.py::test_sink_decode_splits[cuda-3]"
+    step memcheck-fp8 80 env -C "$T" FLASHATTN_TEST_DEVICES=cuda compute-sanitizer --tool memcheck --error-exitcode 3 \
+        python3 -m pytest -q -p no:cacheprovider -x test_fp8.py -k "kvcache"
 }
 # The smallest sink check: the Rust sink tests (forward, backward, dsink, KV decode) beside the sink pytest cases.
 run_sinkcheck() {

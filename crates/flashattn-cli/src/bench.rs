@@ -99,6 +99,10 @@ pub struct BenchArgs {
     /// Element type: bf16, f16 or f32 (f32: CPU only).
     #[arg(long, default_value = "bf16", value_parser = parse_float_dtype)]
     pub dtype: DType,
+    /// The KV cache's element type of the decode grid on CUDA: `e4m3` (FP8 cache, unit descales, with a
+    /// 16-bit `--dtype` q); default: `--dtype`.
+    #[arg(long, value_parser = parse_float_dtype)]
+    pub kv_dtype: Option<DType>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: DeviceArg,
@@ -527,6 +531,7 @@ mod gpu {
         n: usize,
         p: &Point,
         dtype: DType,
+        kv_dtype: DType,
         pages: &[usize],
         seed: u64,
         warmup: usize,
@@ -537,6 +542,9 @@ mod gpu {
         let layouts = std::iter::once(None).chain(pages.iter().map(|&x| Some(x)));
         for (page, head_major) in layouts.flat_map(|pg| [(pg, false), (pg, true)]) {
             let mut r = empty_row(Impl::Flash, Mode::Fwd, Device::Cuda(n), p, dtype);
+            if kv_dtype != dtype {
+                r.dtype = format!("{dtype}/kv {kv_dtype}");
+            }
             r.page_size = page;
             r.head_major = head_major;
             r.backend = match (page, head_major) {
@@ -545,19 +553,21 @@ mod gpu {
                 (Some(ps), false) => format!("flashattn/page{ps}"),
                 (Some(ps), true) => format!("flashattn/page{ps}/hm"),
             };
-            let res =
-                cuda::KvDecodeBench::new(n, p.b, p.h, p.hk, p.sq, p.sk, p.d, dtype, page, head_major, seed, tuning)
-                    .and_then(|mut kb| {
-                        let t = kb.time(warmup, reps)?;
-                        let st = kb.status()?;
-                        if st != 0 {
-                            return Err(flashattn::Error::Device(format!("KV status {st}")));
-                        }
-                        Ok((t, kb.splits()))
-                    });
+            let res = cuda::KvDecodeBench::new(
+                n, p.b, p.h, p.hk, p.sq, p.sk, p.d, dtype, kv_dtype, page, head_major, seed, tuning,
+            )
+            .and_then(|mut kb| {
+                let t = kb.time(warmup, reps)?;
+                let st = kb.status()?;
+                if st != 0 {
+                    return Err(flashattn::Error::Device(format!("KV status {st}")));
+                }
+                Ok((t, kb.splits()))
+            });
             match res {
                 Ok((t, splits)) => {
-                    set_times(&mut r, Mode::Fwd, dtype, t);
+                    // The bytes moved are the cache's: GB/s counts its element size.
+                    set_times(&mut r, Mode::Fwd, kv_dtype, t);
                     r.kernel = Some(format!(
                         "kvcache.cu kv_attn ({splits} key split(s), merged by the last split), {}, {}",
                         page.map_or("unpaged".to_string(), |ps| format!("pages of {ps}")),
@@ -1013,7 +1023,8 @@ pub fn main(a: BenchArgs) -> CliResult<ExitCode> {
                 p.causal as u8
             ));
             let rows_here = if decode {
-                gpu::bench_decode(n, p, a.dtype, &a.page_size, a.seed.wrapping_add(i as u64), warmup, reps, &tuning)
+                let kv = a.kv_dtype.unwrap_or(a.dtype);
+                gpu::bench_decode(n, p, a.dtype, kv, &a.page_size, a.seed.wrapping_add(i as u64), warmup, reps, &tuning)
             } else {
                 gpu::bench_point(n, p, a.dtype, &x, &modes, runs)
             };

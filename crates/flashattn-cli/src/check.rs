@@ -4,8 +4,8 @@
 
 use crate::alloc::{human, measure};
 use crate::common::{
-    bytes_desc, elems, ensure_fits, max_abs_diff, ms, parse_device, parse_float_dtype, parse_window, rand_uniform,
-    randn, resolve_device, CliError, CliResult, DeviceArg,
+    bytes_desc, elems, ensure_fits, max_abs_diff, ms, parse_device, parse_float_dtype, rand_uniform, randn,
+    resolve_device, CliError, CliResult, DeviceArg, ScoreArgs,
 };
 use clap::Args;
 use flashattn::accuracy::{self, Verdict};
@@ -41,24 +41,15 @@ pub struct CheckArgs {
     /// Element type: f16, bf16 or f32.
     #[arg(long, default_value = "f16", value_parser = parse_float_dtype)]
     pub dtype: DType,
-    /// Causal mask (bottom-right aligned).
-    #[arg(long)]
-    pub causal: bool,
-    /// Sliding window L,R (-1 = unbounded side).
-    #[arg(long, value_parser = parse_window, allow_hyphen_values = true)]
-    pub window: Option<(i64, i64)>,
-    /// Soft-capping of the scores (0 = off).
-    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-    pub softcap: f32,
+    /// Mask, soft-capping and scale.
+    #[command(flatten)]
+    pub score: ScoreArgs,
     /// ALiBi with random slopes (uniform in [0, 0.3), one per batch and head).
     #[arg(long)]
     pub alibi: bool,
     /// A learnable sink with random logits (normal, standard deviation 2, one per query head; CPU backends).
     #[arg(long)]
     pub sink: bool,
-    /// Softmax scale (default 1/sqrt(d)).
-    #[arg(long, allow_hyphen_values = true)]
-    pub scale: Option<f32>,
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -84,14 +75,14 @@ fn row(name: &str, m: &Measured, note: &str) {
 
 fn mask_desc(a: &CheckArgs) -> String {
     let mut parts = Vec::new();
-    if a.causal {
+    if a.score.causal {
         parts.push("causal".to_string());
     }
-    if let Some((l, r)) = a.window {
+    if let Some((l, r)) = a.score.window {
         parts.push(format!("window ({l},{r})"));
     }
-    if a.softcap > 0.0 {
-        parts.push(format!("softcap {}", a.softcap));
+    if a.score.softcap > 0.0 {
+        parts.push(format!("softcap {}", a.score.softcap));
     }
     if a.sink {
         parts.push("sink".into());
@@ -174,12 +165,7 @@ pub fn main(a: CheckArgs) -> CliResult<ExitCode> {
     {
         let empty = |s: usize, heads: usize, d: usize| flashattn::Tensor::from_f32(&[], &[0, s, heads, d], a.dtype);
         let (q0, k0, v0) = (empty(sq, h, d)?, empty(sk, hk, d)?, empty(sk, hk, dv)?);
-        let probe = AttnOptions { causal: a.causal, softcap: a.softcap, softmax_scale: a.scale, ..Default::default() };
-        let probe = match a.window {
-            Some((l, r)) => probe.window(l, r),
-            None => probe,
-        };
-        flashattn::problem::validate(&q0.view(), &k0.view(), &v0.view(), &probe)?;
+        flashattn::problem::validate(&q0.view(), &k0.view(), &v0.view(), &a.score.options())?;
     }
     let (sz, nq, nk, nl) = (a.dtype.size() as u128, elems(&[b, sq, h, d]), elems(&[b, sk, hk, d]), elems(&[b, h, sq]));
     // v and o (dv and dout) have the value head dim.
@@ -207,16 +193,7 @@ pub fn main(a: CheckArgs) -> CliResult<ExitCode> {
     let q = randn(&[b, sq, h, d], a.dtype, a.seed.wrapping_mul(4), 1.0);
     let k = randn(&[b, sk, hk, d], a.dtype, a.seed.wrapping_mul(4) + 1, 1.0);
     let v = randn(&[b, sk, hk, dv], a.dtype, a.seed.wrapping_mul(4) + 2, 1.0);
-    let mut opts = AttnOptions {
-        causal: a.causal,
-        softcap: a.softcap,
-        softmax_scale: a.scale,
-        tuning: a.tuning.tuning()?,
-        ..Default::default()
-    };
-    if let Some((l, r)) = a.window {
-        opts.window = (l, r);
-    }
+    let mut opts = AttnOptions { tuning: a.tuning.tuning()?, ..a.score.options() };
     if a.alibi {
         opts.alibi_slopes = Some(rand_uniform(&[b, h], a.seed.wrapping_add(17), 0.3));
     }
@@ -272,7 +249,7 @@ pub fn main(a: CheckArgs) -> CliResult<ExitCode> {
         max_abs_diff(&no, &oracle_o32),
         max_abs_diff(&nlse, &oracle_lse32)
     );
-    let factor = accuracy::o_factor(a.softcap > 0.0, a.alibi);
+    let factor = accuracy::o_factor(a.score.softcap > 0.0, a.alibi);
     if a.dtype == DType::F32 {
         println!(
             "accuracy rule (f32): |flash - f64| <= max(1e-4 x max|f64|, {factor} x |naive - f64| + 1e-5); \

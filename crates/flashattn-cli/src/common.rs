@@ -283,3 +283,36 @@ mod tests {
         assert!(mean.abs() < 0.02 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
     }
 }
+
+/// The flags of the score pipeline that `check` and `run` share: mask, soft-capping, scale.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScoreArgs {
+    /// Causal mask (bottom-right aligned).
+    #[arg(long)]
+    pub causal: bool,
+    /// Sliding window L,R (-1 = unbounded side).
+    #[arg(long, value_parser = parse_window, allow_hyphen_values = true)]
+    pub window: Option<(i64, i64)>,
+    /// Soft-capping of the scores (0 = off).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub softcap: f32,
+    /// Softmax scale (default 1/sqrt(d)).
+    #[arg(long, allow_hyphen_values = true)]
+    pub scale: Option<f32>,
+}
+
+impl ScoreArgs {
+    /// Options with these flags, everything else at its default.
+    pub fn options(&self) -> flashattn::AttnOptions {
+        let mut opts = flashattn::AttnOptions {
+            causal: self.causal,
+            softcap: self.softcap,
+            softmax_scale: self.scale,
+            ..Default::default()
+        };
+        if let Some(w) = self.window {
+            opts.window = w;
+        }
+        opts
+    }
+}

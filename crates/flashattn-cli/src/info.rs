@@ -25,6 +25,10 @@ pub fn main() -> CliResult<ExitCode> {
                 println!("        cuda:0 kernels: {}", flashattn::cuda::kernel_family(&arch, &tuning));
             }
         }
+        #[cfg(feature = "cuda")]
+        if st.name == "cuda" {
+            println!("        value head dims: {}", flashattn::cuda::value_dim_summary());
+        }
     }
     match flashattn::backends::resolve(None) {
         Ok((_, why)) => println!("--device auto picks: {why}"),

@@ -11,7 +11,7 @@
 //! and `q_descale` with an F8_E4M3 q); outputs `o`, `lse`, and the updated
 //! `k_cache`, `v_cache`. Integer inputs may be stored as i32 or i64.
 
-use crate::common::{parse_device, parse_window, resolve_device, CliError, CliResult, DeviceArg};
+use crate::common::{parse_device, resolve_device, CliError, CliResult, DeviceArg, ScoreArgs};
 use clap::Args;
 use flashattn::{
     bf16, dtype::F8E4M3, f16, AttnOptions, CacheSeqlens, CpuStorage, DType, KvCache, Rotary, Tensor, VarLen,
@@ -30,18 +30,9 @@ pub struct RunArgs {
     /// Output safetensors file.
     #[arg(long, short = 'o')]
     pub output: PathBuf,
-    /// Causal mask (bottom-right aligned).
-    #[arg(long)]
-    pub causal: bool,
-    /// Sliding window L,R (-1 = unbounded side).
-    #[arg(long, value_parser = parse_window, allow_hyphen_values = true)]
-    pub window: Option<(i64, i64)>,
-    /// Soft-capping of the scores (0 = off).
-    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-    pub softcap: f32,
-    /// Softmax scale (default 1/sqrt(d)).
-    #[arg(long, allow_hyphen_values = true)]
-    pub scale: Option<f32>,
+    /// Mask, soft-capping and scale.
+    #[command(flatten)]
+    pub score: ScoreArgs,
     /// Bit-reproducible backward pass.
     #[arg(long)]
     pub deterministic: bool,
@@ -200,17 +191,7 @@ fn alibi_to_f32(t: Tensor) -> Tensor {
 }
 
 fn options(a: &RunArgs, inp: &Inputs<'_>) -> CliResult<AttnOptions> {
-    let mut opts = AttnOptions {
-        causal: a.causal,
-        softcap: a.softcap,
-        softmax_scale: a.scale,
-        deterministic: a.deterministic,
-        tuning: a.tuning.tuning()?,
-        ..Default::default()
-    };
-    if let Some(w) = a.window {
-        opts.window = w;
-    }
+    let mut opts = AttnOptions { deterministic: a.deterministic, tuning: a.tuning.tuning()?, ..a.score.options() };
     opts.alibi_slopes = inp.float("alibi_slopes")?.map(alibi_to_f32);
     opts.sink = inp.float("sink")?;
     opts.q_descale = inp.float("q_descale")?;

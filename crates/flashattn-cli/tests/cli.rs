@@ -81,6 +81,18 @@ fn run_ok(args: &[&str]) -> String {
     out
 }
 
+/// `flashattn run --device cpu` with `flags` over `tensors` (written to `<name>_in.safetensors`); the entries of
+/// the output file it writes.
+fn run_cpu(name: &str, tensors: &[(&str, &Tensor)], flags: &[&str]) -> Vec<(String, StDtype, Vec<usize>, Vec<u8>)> {
+    let (input, output) = (tmp(&format!("{name}_in.safetensors")), tmp(&format!("{name}_out.safetensors")));
+    write(&input, tensors);
+    let mut args =
+        vec!["run", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--device", "cpu"];
+    args.extend_from_slice(flags);
+    run_ok(&args);
+    read(&output)
+}
+
 #[test]
 fn check_passes_and_reports_differences_times_and_memory() {
     let out = run_ok(&["check", "--device", "cpu", "--seqlen", "64", "--dim", "32", "--heads", "4"]);
@@ -274,15 +286,11 @@ fn run_with_a_different_value_head_dim() {
     let k = randn(&[b, sk, hk, d], DType::F16, &mut rng);
     let v = randn(&[b, sk, hk, dv], DType::F16, &mut rng);
     let dout = randn(&[b, sq, h, dv], DType::F16, &mut rng);
-    let input = tmp("dv_in.safetensors");
-    let output = tmp("dv_out.safetensors");
-    write(&input, &[("q", &q), ("k", &k), ("v", &v), ("do", &dout)]);
-    run_ok(&["run", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--device", "cpu"]);
+    let file = run_cpu("dv", &[("q", &q), ("k", &k), ("v", &v), ("do", &dout)], &[]);
     let opts = AttnOptions::default();
     let f = flashattn::forward(&q, &k, &v, &opts).unwrap();
     let g = flashattn::backward(&q, &k, &v, &f.o, &f.lse, &dout, &opts).unwrap();
     assert_eq!(f.o.shape(), &[b, sq, h, dv]);
-    let file = read(&output);
     assert_same(&file, "o", &f.o);
     assert_same(&file, "dq", &g.dq);
     assert_same(&file, "dv", &g.dv);
@@ -297,28 +305,14 @@ fn run_forward_and_backward_match_the_library() {
     let v = randn(&[b, sk, hk, d], DType::BF16, &mut rng);
     let dout = randn(&[b, sq, h, d], DType::BF16, &mut rng);
     let slopes = Tensor::from_f32(&[0.1, 0.2, 0.05, 0.3], &[h], DType::F32).unwrap();
-    let input = tmp("fwd_in.safetensors");
-    let output = tmp("fwd_out.safetensors");
-    write(&input, &[("q", &q), ("k", &k), ("v", &v), ("do", &dout), ("alibi_slopes", &slopes)]);
-    run_ok(&[
-        "run",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--causal",
-        "--softcap",
-        "20",
-        "--scale",
-        "0.2",
-        "--deterministic",
-    ]);
+    let file = run_cpu(
+        "fwd",
+        &[("q", &q), ("k", &k), ("v", &v), ("do", &dout), ("alibi_slopes", &slopes)],
+        &["--causal", "--softcap", "20", "--scale", "0.2", "--deterministic"],
+    );
     let opts = AttnOptions::default().causal().softcap(20.0).scale(0.2).alibi(slopes.clone()).deterministic();
     let f = flashattn::forward(&q, &k, &v, &opts).unwrap();
     let g = flashattn::backward(&q, &k, &v, &f.o, &f.lse, &dout, &opts).unwrap();
-    let file = read(&output);
     assert_eq!(file.len(), 5);
     assert_same(&file, "o", &f.o);
     assert_same(&file, "lse", &f.lse);
@@ -338,30 +332,17 @@ fn run_varlen_matches_the_library() {
     let cq = Tensor::from_i32(cu_q.clone(), &[4]).unwrap();
     let ck = Tensor::from_i32(cu_k.clone(), &[4]).unwrap();
     let used = Tensor::from_i32(vec![7, 0, 15], &[3]).unwrap();
-    let input = tmp("varlen_in.safetensors");
-    let output = tmp("varlen_out.safetensors");
-    write(
-        &input,
+    let file = run_cpu(
+        "varlen",
         &[("q", &q), ("k", &k), ("v", &v), ("cu_seqlens_q", &cq), ("cu_seqlens_k", &ck), ("seqused_k", &used)],
+        &["--window", "4,2"],
     );
-    run_ok(&[
-        "run",
-        "-i",
-        input.to_str().unwrap(),
-        "-o",
-        output.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--window",
-        "4,2",
-    ]);
     let opts = AttnOptions::default().window(4, 2).varlen(VarLen {
         cu_seqlens_q: cu_q,
         cu_seqlens_k: cu_k,
         seqused_k: Some(vec![7, 0, 15]),
     });
     let f = flashattn::forward(&q, &k, &v, &opts).unwrap();
-    let file = read(&output);
     assert_eq!(file.len(), 2, "no `do`: forward only");
     assert_same(&file, "o", &f.o);
     assert_same(&file, "lse", &f.lse);
@@ -383,10 +364,8 @@ fn run_kvcache_matches_the_library() {
         Tensor::from_f32(&angles.iter().map(|a| a.sin()).collect::<Vec<_>>(), &[s_cache, rot / 2], DType::F32).unwrap();
     let seqlens = Tensor::from_i32(vec![10, 25], &[b]).unwrap();
     let leftpad = Tensor::from_i32(vec![0, 4], &[b]).unwrap();
-    let input = tmp("kv_in.safetensors");
-    let output = tmp("kv_out.safetensors");
-    write(
-        &input,
+    let file = run_cpu(
+        "kv",
         &[
             ("q", &q),
             ("k_cache", &k_cache),
@@ -398,19 +377,8 @@ fn run_kvcache_matches_the_library() {
             ("rotary_sin", &sin),
             ("cache_leftpad", &leftpad),
         ],
+        &["--kvcache", "--causal", "--rotary-interleaved"],
     );
-    run_ok(&[
-        "run",
-        "--kvcache",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--causal",
-        "--rotary-interleaved",
-    ]);
     let (mut kc, mut vc) = (k_cache.clone(), v_cache.clone());
     let f = {
         let mut cache = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::PerSeq(vec![10, 25]));
@@ -421,7 +389,6 @@ fn run_kvcache_matches_the_library() {
         flashattn::kvcache_forward(&q.view(), &mut cache, &AttnOptions::default().causal()).unwrap()
     };
     assert_ne!(kc, k_cache, "the append changed the cache");
-    let file = read(&output);
     assert_eq!(file.len(), 4);
     assert_same(&file, "o", &f.o);
     assert_same(&file, "lse", &f.lse);

@@ -325,6 +325,19 @@ impl Fp8 {
         [("q_descale", q.as_ref()), ("k_descale", k.as_ref()), ("v_descale", v.as_ref())]
     }
 
+    /// CUDA KV-cache calls: e4m3 caches with `k_descale`/`v_descale` run; an FP8 q or new rows, or
+    /// `q_descale`, do not yet (before any device work).
+    fn refuse_on_cuda_kv(&self, dtypes: &[DType]) -> PyResult<()> {
+        if dtypes.iter().any(|d| d.is_fp8()) || self.descale[0].is_some() {
+            return Err(to_py(Error::Unsupported {
+                backend: "cuda",
+                what: "FP8 (float8_e4m3fn) q or new rows: CPU tensors only for now (e4m3 caches with a 16-bit q run)"
+                    .into(),
+            }));
+        }
+        Ok(())
+    }
+
     /// CUDA tensors: FP8 is not there yet (before any device work).
     fn refuse_on_cuda(&self, dtypes: &[DType]) -> PyResult<()> {
         if dtypes.iter().any(|d| d.is_fp8()) || self.descale.iter().any(Option::is_some) {
@@ -625,7 +638,9 @@ fn bwd(
         }
         Some(n) => {
             let [qd, kd, vd, od, ld, dod, dqd, dkd, dvd] = [&qt, &kt, &vt, &ot, &lt, &dot, &dqt, &dkt, &dvt].map(dev);
-            let dsd = dsink.as_ref().map(dev);
+            // The op always passes a `dsink` buffer (empty without a sink); the device API takes one exactly when
+            // there is a sink.
+            let dsd = dsink.as_ref().filter(|_| sink.is_some()).map(dev);
             let meta = device_meta(&alibi, &vl, &sink);
             let a = o.attn();
             let bytes = cuda::backward_workspace_bytes(&qd, &kd, &vd, &a, &meta).map_err(to_py)?;
@@ -731,9 +746,10 @@ fn kvcache(
     let fp8 = Fp8::read(py, [q_descale, k_descale, v_descale], fp8, out_dtype_set, &ot)?;
     same_device(&qt, &fp8.tensors())?;
     if qt.device >= 0 {
-        let mut dts = vec![qt.dtype, kc.dtype, vc.dtype];
+        // CUDA decodes from e4m3 caches (with their k/v descales) for a 16-bit q; FP8 q or new rows stay CPU-only.
+        let mut dts = vec![qt.dtype];
         dts.extend(kn.iter().chain(&vn).map(|t| t.dtype));
-        fp8.refuse_on_cuda(&dts)?;
+        fp8.refuse_on_cuda_kv(&dts)?;
     }
     let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic: false, fp8 };
     match device_index(qt.device) {
@@ -786,6 +802,8 @@ fn kvcache(
                 }),
                 alibi_slopes: alibi.as_ref().map(dev),
                 sink: sink.as_ref().map(dev),
+                k_descale: o.fp8.descale[1].as_ref().map(dev),
+                v_descale: o.fp8.descale[2].as_ref().map(dev),
             };
             let (qd, od, ld) = (dev(&qt), dev(&ot), dev(&lt));
             let mut a = o.attn();

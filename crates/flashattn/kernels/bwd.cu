@@ -3,6 +3,10 @@
 //
 // ================================================================ compile-time macros
 //   HEAD_DIM      padded head dim: 32, 64, 96, 128, 160, 192, 224, 256 (runtime d <= HEAD_DIM, predicated)
+//   HEAD_DIM_V    padded value head dim of v, o, dO and dV (variant.cuh; default HEAD_DIM). When defined (HAS_DV),
+//                 the runtime value head dim is BwdParams::d_v (<= HEAD_DIM_V, predicated like d): D = rowsum(dO*O)
+//                 and dP^T = V dO^T run over it, dV has its columns; S^T = K Q^T, dK and dQ run over HEAD_DIM.
+//                 The tile configuration below is chosen by max(HEAD_DIM, HEAD_DIM_V) (BWD_TILE_DIM).
 //   IS_BF16       1: bf16 tensors, 0: f16
 //   HAS_MASK      1: causal / sliding window (window_left/right of FwdParams; causal = (-1, 0))
 //   HAS_ALIBI     1: alibi_slopes used
@@ -14,13 +18,12 @@
 //   ALIGNED16     1 (default): q/k/v/o/dO/dq/dk/dv base pointers are 16-byte aligned and every row/head/batch
 //                 stride is a multiple of 8 elements (d itself may be anything) -> 16-byte cp.async tile loads,
 //                 paired stores. 0: element-wise loads and stores (any alignment, any stride). Same rule as fwd.cu.
-//   BWD_BM/BWD_BN/BWD_WARPS/BWD_DSPLIT override the tile configuration below (defaults per head dim);
-//   BWD_MINB: __launch_bounds__ min blocks per SM [1]; BWD_ROTATE: 1 = each CTA starts its query-block walk at a
-//   different block (spreads the dQ atomics of concurrent CTAs over different rows) [0: measured no gain on H100;
-//   ignored if DETERMINISTIC, which walks the query blocks last to first].
+//   BWD_BM/BWD_BN/BWD_WARPS/BWD_DSPLIT override the tile configuration below (defaults per BWD_TILE_DIM);
+//   BWD_MINB: __launch_bounds__ min blocks per SM [1].
 //
 // Tile configuration (main kernel): BN keys per CTA, BM queries per step, BWD_WARPS warps, BWD_DSPLIT warps share
-// one 16-key strip (each owning HEAD_DIM/DSPLIT columns of dK/dV; the strip's S/dP are recomputed by each of them):
+// one 16-key strip (each owning HEAD_DIM/DSPLIT columns of dK and HEAD_DIM_V/DSPLIT of dV; the strip's S/dP are
+// recomputed by each of them). Rows below are BWD_TILE_DIM = max(HEAD_DIM, HEAD_DIM_V):
 //   HEAD_DIM  32/64 : BM 64, BN 128, 8 warps, DSPLIT 1
 //   HEAD_DIM  96    : BM 64, BN 128, 8 warps, DSPLIT 1
 //   HEAD_DIM 128    : BM 32, BN 128, 8 warps, DSPLIT 1
@@ -32,7 +35,6 @@
 //   S/dP recompute). The HEAD_DIM 96/128 rows of the table above and below then read: BM 64, BN 128, 256 threads;
 //   HEAD_DIM 256 on sm_90+ (and 192 with BWD_TILE2D=1): BM 64, BN 64, 256 threads.
 //   BWD_QCH: dQ computed in column chunks of this width (default 32 for HEAD_DIM > 128, else the whole warp tile).
-//   BWD_REDV4 [0]: sm_90 dQ adds as red.global.add.v4.f32 after a lane-pair shuffle (measured no gain on H100).
 //
 // ================================================================ scratch buffers (Rust allocates, f32/i32)
 //   rows_q    = b * sq (dense) or total_q = cu_seqlens_q[b] (varlen); BwdParams::rows_q must hold it.
@@ -50,12 +52,16 @@
 //       D = rowsum(dO * O) -> dpsum, lse -> lse_log2, zero dq_accum rows, zero dq_semaphore (if DETERMINISTIC).
 //   flash_bwd_main(BwdParams p)        grid (ceil(sk/BN), hk, b), 32 * BWD_WARPS threads, dynamic smem
 //       BWD_SMEM_BYTES = 2*BN*RD + 4*BM*RD + BN*RS + 16*BM,   RD = (HEAD_DIM/8 + 1)*16, RS = (BM/8 + 1)*16
-//       (K, V | Q, dO double-buffered | dS^T | lse_log2, dpsum double-buffered).  Values:
+//       (K, V | Q, dO double-buffered | dS^T | lse_log2, dpsum double-buffered); with a value head dim of its
+//       own the V and dO tiles have rows of RDV = (HEAD_DIM_V/8 + 1)*16 bytes (BN*RD + BN*RDV + 2*BM*RD +
+//       2*BM*RDV + ...; the TILE2D form likewise).  Values:
 //         d32: 60416  d64: 93184  d160: 91648  d192: 108032  d224: 124416  d256: 140800
 //       BWD_TILE2D: 2*BN*RD + 2*QS*BM*RD + 2*BN*RS + 8*QS*BM (K, V | Q, dO x QS | P^T, dS^T | lse, D x QS), QS = 2
 //       stages if that fits the arch (227 KB sm_90, 163 KB sm_80), else 1:
 //         d96: 144384   d128: 177152 (sm_90) / 141824 (sm_80, single-buffered Q/dO)
 //         d192 (BN 64): 173056 (sm_90) / 121344 (sm_80, single)   d256 (BN 64, sm_90): 222208
+//       (HEAD_DIM, HEAD_DIM_V): (64, 128) and (128, 64) TILE2D 144384 (two stages on sm_80 and sm_90);
+//       (192, 128) 91648.
 //       The module also exports `__constant__ int flash_bwd_config[4] = {BM, BN, threads, BWD_SMEM_BYTES}`
 //       (cuModuleGetGlobal) so a launcher can read the tile sizes instead of mirroring the table.
 //       Needs cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) (all values fit sm_80's 163 KB). Writes dK, dV (all
@@ -74,15 +80,19 @@
 
 #include "variant.cuh"
 
+// The tile configuration follows the wider head dim (the dK and dV accumulators share the registers).
+#if HEAD_DIM_V > HEAD_DIM
+#define BWD_TILE_DIM HEAD_DIM_V
+#else
+#define BWD_TILE_DIM HEAD_DIM
+#endif
+
 #ifndef BWD_TILE2D
-#if (HEAD_DIM > 64 && HEAD_DIM <= 128) || (HEAD_DIM == 256 && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900))
+#if (BWD_TILE_DIM > 64 && BWD_TILE_DIM <= 128) || (BWD_TILE_DIM == 256 && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900))
 #define BWD_TILE2D 1
 #else
 #define BWD_TILE2D 0
 #endif
-#endif
-#ifndef BWD_REDV4
-#define BWD_REDV4 0   // 1: dQ via red.global.add.v4.f32 after a lane-pair shuffle (sm_90); measured no gain (see notes)
 #endif
 
 #if BWD_TILE2D
@@ -94,14 +104,14 @@
 #undef BWD_DSPLIT
 #define BWD_DSPLIT 1
 #undef BWD_BN
-#if HEAD_DIM <= 128
+#if BWD_TILE_DIM <= 128
 #define BWD_BN 128
 #else
 #define BWD_BN 64
 #endif
 #else
 #ifndef BWD_BM
-#if HEAD_DIM <= 96
+#if BWD_TILE_DIM <= 96
 #define BWD_BM 64
 #else
 #define BWD_BM 32
@@ -111,7 +121,7 @@
 #define BWD_WARPS 8
 #endif
 #ifndef BWD_DSPLIT
-#if HEAD_DIM <= 128
+#if BWD_TILE_DIM <= 128
 #define BWD_DSPLIT 1
 #else
 #define BWD_DSPLIT 2
@@ -125,25 +135,21 @@
 #ifndef BWD_MINB
 #define BWD_MINB 1
 #endif
-#if DETERMINISTIC
-#undef BWD_ROTATE
-#define BWD_ROTATE 0
-#endif
-#ifndef BWD_ROTATE
-#define BWD_ROTATE 0
-#endif
-
 
 static_assert(HEAD_DIM % 32 == 0 && HEAD_DIM <= 256, "HEAD_DIM must be a multiple of 32, at most 256");
+static_assert(HEAD_DIM_V % 32 == 0 && HEAD_DIM_V <= 256, "HEAD_DIM_V must be a multiple of 32, at most 256");
 #if BWD_TILE2D
-static_assert(HEAD_DIM <= 128 || HEAD_DIM % 64 == 0, "BWD_TILE2D needs HEAD_DIM <= 128 or 192/256");
-static_assert(BWD_BM == 64 || (BWD_BM == 128 && HEAD_DIM <= 128), "BWD_TILE2D: BM must be 64 (or 128 for d <= 128)");
+static_assert(BWD_TILE_DIM <= 128 || (HEAD_DIM % 64 == 0 && HEAD_DIM_V % 64 == 0),
+              "BWD_TILE2D needs head dims <= 128 or 192/256");
+static_assert(BWD_BM == 64 || (BWD_BM == 128 && BWD_TILE_DIM <= 128), "BWD_TILE2D: BM must be 64 (or 128 for d <= 128)");
 #else
 static_assert(BWD_BN == 16 * BWD_WARPS / BWD_DSPLIT, "BN = 16 * warps / dsplit");
 static_assert(BWD_BM % 16 == 0 && 64 % BWD_BM == 0, "BM must be 16, 32 or 64");
 static_assert(BWD_WARPS % (BWD_BM / 16) == 0, "warps must cover the dQ tile rows");
 static_assert((HEAD_DIM / BWD_DSPLIT) % 16 == 0, "dK/dV column share must be a multiple of 16");
+static_assert((HEAD_DIM_V / BWD_DSPLIT) % 16 == 0, "dV column share must be a multiple of 16");
 #endif
+
 
 // ---------------------------------------------------------------- small primitives of our own
 FA_DEVICE void cp_async_4(u32 smem_addr, const void* gptr, int src_bytes) {
@@ -158,26 +164,10 @@ FA_DEVICE void red_add_f32x2(float* addr, float a, float b) {
 #endif
 }
 // Add one m16n8 f32 accumulator fragment (rows g / g+8, columns 2t, 2t+1 of an 8-column block) to global memory.
-// `a` points at (row g, column 2t). sm_90 + BWD_REDV4: lanes t and t^1 swap half their values, then each adds 4
-// consecutive columns of one row (even t: row g, columns 2t..2t+3; odd t: row g+8, columns 2t-2..2t+1) with one
-// red.global.add.v4.f32 (16-byte aligned: the block's column base is a multiple of 8 floats). Every lane of the warp
-// must call it (shuffles); ok_lo / ok_hi: rows g / g+8 exist.
-FA_DEVICE void red_add_frag(float* a, i64 rstep8, const float* c, bool ok_lo, bool ok_hi, int t) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && BWD_REDV4
-    const bool odd = t & 1;
-    const float s0 = odd ? c[0] : c[2], s1 = odd ? c[1] : c[3];
-    const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
-    if (!odd) {
-        if (ok_lo)
-            asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(a), "f"(c[0]), "f"(c[1]), "f"(r0), "f"(r1) : "memory");
-    } else {
-        if (ok_hi)
-            asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" :: "l"(a + rstep8 - 2), "f"(r0), "f"(r1), "f"(c[2]), "f"(c[3]) : "memory");
-    }
-#else
+// `a` points at (row g, column 2t); rstep8 is the distance of row g+8. ok_lo / ok_hi: rows g / g+8 exist.
+FA_DEVICE void red_add_frag(float* a, i64 rstep8, const float* c, bool ok_lo, bool ok_hi) {
     if (ok_lo) red_add_f32x2(a, c[0], c[1]);
     if (ok_hi) red_add_f32x2(a + rstep8, c[2], c[3]);
-#endif
 }
 
 // ================================================================ preprocess
@@ -206,7 +196,11 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_preprocess(const Bwd
         const elem_t* orow = o + (i64)row * f.o_row_stride;
         const elem_t* drow = dO + (i64)row * p.do_row_stride;
         float acc = 0.f;
+#if HAS_DV
+        for (int c = lane; c < p.d_v; c += 32) acc += DT::to_f32(orow[c].x) * DT::to_f32(drow[c].x);
+#else
         for (int c = lane; c < f.d; c += 32) acc += DT::to_f32(orow[c].x) * DT::to_f32(drow[c].x);
+#endif
         acc = warp_sum(acc);
         const i64 r = (i64)si.q_row0 + row;
         if (lane == 0) {
@@ -274,7 +268,7 @@ constexpr int NT = NW * 32;
 constexpr int WK = BN / 32;                  // warps along the keys
 constexpr int MS = BN / WK;                  // keys per warp (S^T, dK/dV) = 32
 constexpr int NS = BM / (NW / WK);           // queries per warp (S^T)
-constexpr int DW = HEAD_DIM / (NW / WK);     // dK/dV columns per warp
+constexpr int DW = HEAD_DIM / (NW / WK);     // dK columns per warp
 constexpr int QROWW = BM / 32;               // dQ: warps along rows (32 rows each)
 constexpr int QCOLW = NW / QROWW;
 constexpr int QC = HEAD_DIM / QCOLW;         // dQ columns per warp
@@ -285,7 +279,14 @@ constexpr int QCH = (BWD_QCH > 0 && QC % BWD_QCH == 0) ? BWD_QCH : QC;  // dQ co
 static_assert(QC % 8 == 0 && DW % 16 == 0 && NS % 16 == 0, "warp tile shapes");
 constexpr int RD = (HEAD_DIM / 8 + 1) * 16;
 constexpr int RS = (BM / 8 + 1) * 16;        // padded row bytes of the P^T / dS^T tiles
-constexpr int SMEM_2 = 2 * BN * RD + 4 * BM * RD + 2 * BN * RS + 16 * BM;
+// The value head dim's shapes, as enumerators (namespace-scope constexpr variables become PTX globals; these add
+// none, so the variants without HEAD_DIM_V compile to the cubins they compiled to before it existed).
+enum : int {
+    DWV = HEAD_DIM_V / (NW / WK),    // dV columns per warp
+    RDV = (HEAD_DIM_V / 8 + 1) * 16  // padded row bytes of the V and dO tiles
+};
+static_assert(DWV % 16 == 0, "dV warp tile shape");
+constexpr int SMEM_2 = BN * RD + BN * RDV + 2 * BM * RD + 2 * BM * RDV + 2 * BN * RS + 16 * BM;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 constexpr int SMEM_LIMIT = 227 * 1024;
 #else
@@ -294,9 +295,9 @@ constexpr int SMEM_LIMIT = 163 * 1024;
 constexpr int QSTAGES = SMEM_2 <= SMEM_LIMIT ? 2 : 1;  // Q/dO/lse/D buffers (1: no prefetch, sm_80 d128)
 constexpr int OFF_K = 0;
 constexpr int OFF_V = OFF_K + BN * RD;
-constexpr int OFF_Q = OFF_V + BN * RD;
+constexpr int OFF_Q = OFF_V + BN * RDV;
 constexpr int OFF_DO = OFF_Q + QSTAGES * BM * RD;
-constexpr int OFF_P = OFF_DO + QSTAGES * BM * RD;
+constexpr int OFF_P = OFF_DO + QSTAGES * BM * RDV;
 constexpr int OFF_DS = OFF_P + BN * RS;
 constexpr int OFF_LSE = OFF_DS + BN * RS;
 constexpr int OFF_DP = OFF_LSE + QSTAGES * BM * 4;
@@ -308,18 +309,23 @@ constexpr int NW = BWD_WARPS;
 constexpr int NT = NW * 32;
 constexpr int DSPLIT = BWD_DSPLIT;
 constexpr int STRIPS = NW / DSPLIT;
-constexpr int DW = HEAD_DIM / DSPLIT;        // dK/dV columns per warp
+constexpr int DW = HEAD_DIM / DSPLIT;        // dK columns per warp
 constexpr int QROWW = BM / 16;               // warps along the dQ tile rows
 constexpr int QCOLW = NW / QROWW;            // warps along the dQ tile columns
 constexpr int QC = HEAD_DIM / QCOLW;         // dQ columns per warp (multiple of 8)
 static_assert(QC % 8 == 0, "dQ column share must be a multiple of 8");
 constexpr int RD = (HEAD_DIM / 8 + 1) * 16;  // padded row bytes of HEAD_DIM-wide tiles
+// The value head dim's shapes, as enumerators (see the 2-D tiling's).
+enum : int {
+    DWV = HEAD_DIM_V / DSPLIT,       // dV columns per warp
+    RDV = (HEAD_DIM_V / 8 + 1) * 16  // padded row bytes of the HEAD_DIM_V-wide V and dO tiles
+};
 constexpr int RS = (BM / 8 + 1) * 16;        // padded row bytes of the dS^T tile
 constexpr int OFF_K = 0;
 constexpr int OFF_V = OFF_K + BN * RD;
-constexpr int OFF_Q = OFF_V + BN * RD;       // 2 buffers
+constexpr int OFF_Q = OFF_V + BN * RDV;      // 2 buffers
 constexpr int OFF_DO = OFF_Q + 2 * BM * RD;  // 2 buffers
-constexpr int OFF_DS = OFF_DO + 2 * BM * RD;
+constexpr int OFF_DS = OFF_DO + 2 * BM * RDV;
 constexpr int OFF_LSE = OFF_DS + BN * RS;    // 2 x BM floats
 constexpr int OFF_DP = OFF_LSE + 2 * BM * 4; // 2 x BM floats
 constexpr int SMEM = OFF_DP + 2 * BM * 4;
@@ -331,21 +337,22 @@ extern "C" __constant__ int flash_bwd_config[4] = {bwd::BM, bwd::BN, bwd::NT, bw
 // Position (0..n_m-1, relative to m_lo) of the query block handled at step `it`. Deterministic mode walks the
 // blocks from the last to the first: every CTA of a (batch, head) then starts on the same block, so the in-order
 // semaphore only skews CTA n by n steps instead of serialising causal CTAs (whose first blocks differ).
-FA_DEVICE int m_order(int it, int n_m, int rot) {
-    int r = it % n_m;
+FA_DEVICE int m_order(int it, int n_m) {
+    const int r = it % n_m;
 #if DETERMINISTIC
     return n_m - 1 - r;
 #else
-    r += rot;
-    return r >= n_m ? r - n_m : r;
+    return r;
 #endif
 }
 
-// Copy `rows` x HEAD_DIM tile rows [0, rows) of a strided 16-bit matrix into a padded shared tile; rows >= nvalid
-// and columns >= d are zero-filled. ALIGNED16: asynchronous (caller commits); otherwise synchronous.
-template <int ROWS>
+// Copy `rows` x COLS tile rows [0, rows) of a strided 16-bit matrix into a padded shared tile (rows of
+// (COLS/8 + 1)*16 bytes); rows >= nvalid and columns >= d are zero-filled. ALIGNED16: asynchronous (caller
+// commits); otherwise synchronous.
+template <int ROWS, int COLS = HEAD_DIM>
 FA_DEVICE void load_tile(u32 s_base, const elem_t* g, i64 row_stride, int nvalid, int d, int tid) {
-    constexpr int CH = HEAD_DIM / 8;
+    constexpr int CH = COLS / 8;
+    constexpr int RDB = (COLS / 8 + 1) * 16;
 #if ALIGNED16
 #pragma unroll
     for (int i = 0; i < (ROWS * CH + bwd::NT - 1) / bwd::NT; ++i) {
@@ -355,20 +362,36 @@ FA_DEVICE void load_tile(u32 s_base, const elem_t* g, i64 row_stride, int nvalid
         const int rem = d - c * 8;  // elements of this chunk inside the row
         const bool ok = r < nvalid && rem > 0;
         const elem_t* src = ok ? g + (i64)r * row_stride + c * 8 : g;
-        cp_async_16(s_base + r * bwd::RD + c * 16, src, ok ? (rem >= 8 ? 16 : rem * 2) : 0);
+        cp_async_16(s_base + r * RDB + c * 16, src, ok ? (rem >= 8 ? 16 : rem * 2) : 0);
     }
 #else
-    for (int idx = tid; idx < ROWS * HEAD_DIM / 2; idx += bwd::NT) {
-        const int r = idx / (HEAD_DIM / 2), c = (idx % (HEAD_DIM / 2)) * 2;
+    for (int idx = tid; idx < ROWS * COLS / 2; idx += bwd::NT) {
+        const int r = idx / (COLS / 2), c = (idx % (COLS / 2)) * 2;
         u32 lo = 0, hi = 0;
         if (r < nvalid) {
             const elem_t* src = g + (i64)r * row_stride + c;
             if (c < d) lo = src[0].x;
             if (c + 1 < d) hi = src[1].x;
         }
-        st_shared_u32(s_base + r * bwd::RD + c * 2, lo | (hi << 16));
+        st_shared_u32(s_base + r * RDB + c * 2, lo | (hi << 16));
     }
 #endif
+}
+
+// Stores the pair (x0, x1) at row r, columns col and col + 1 of a [rows][ncols] tile of g (row stride in
+// elements): nothing for a row >= nrows or col >= ncols, one element when col + 1 == ncols. The epilogues of
+// the HAS_DV variants store dK and dV with it (their widths differ).
+FA_DEVICE void store_frag_pair(elem_t* g, i64 row_stride, int r, int col, int nrows, int ncols, float x0, float x1) {
+    if (r >= nrows || col >= ncols) return;
+    elem_t* ptr = g + (i64)r * row_stride + col;
+#if ALIGNED16
+    if (col + 1 < ncols) {
+        *(u32*)ptr = DT::pack(x0, x1);
+        return;
+    }
+#endif
+    ptr[0].x = DT::from_f32(x0);
+    if (col + 1 < ncols) ptr[1].x = DT::from_f32(x1);
 }
 
 #if !BWD_TILE2D
@@ -385,18 +408,15 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const int g = lane >> 2, t = lane & 3;
     const int strip = warp % STRIPS, dpart = warp / STRIPS;
     const int d = f.d;
+#if HAS_DV
+    const int d_v = p.d_v;
+#else
+    const int d_v = d;  // the value head dim is d
+#endif
     const int group = f.h / f.hk;
 
     MaskCtx mc;
-    mc.sq = si.sq;
-    mc.sk = si.sk;
-#if HAS_MASK
-    mc.wl = f.window_left;
-    mc.wr = f.window_right;
-#else
-    mc.wl = -1;
-    mc.wr = -1;
-#endif
+    set_mask_ctx(mc, si.sq, si.sk, f);
     const int off = si.sk - si.sq;
 
     // Query blocks that see at least one key of [n0, min(n0 + BN, sk) - 1] (exact: every CTA counted by the
@@ -405,11 +425,6 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     bwd_q_blocks(mc, HAS_MASK != 0, n0, BN, BM, &m_lo, &m_hi);
     const int n_m = m_hi > m_lo ? m_hi - m_lo : 0;
     const int n_iter = n_m * group;
-#if BWD_ROTATE
-    const int rot = n_m > 0 ? nblk % n_m : 0;
-#else
-    const int rot = 0;
-#endif
 
     const u32 sbase = smem_u32(smem);
     const u32 sK = sbase + OFF_K, sV = sbase + OFF_V;
@@ -420,23 +435,26 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const elem_t* kg = (const elem_t*)f.k + batch_off(f.k_batch_stride, bi) + (si.k_off_rows + n0) * f.k_row_stride + kvh * f.k_head_stride;
     const elem_t* vg = (const elem_t*)f.v + batch_off(f.v_batch_stride, bi) + (si.k_off_rows + n0) * f.v_row_stride + kvh * f.v_head_stride;
 
-    float acc_dk[DW / 8][4], acc_dv[DW / 8][4];
+    float acc_dk[DW / 8][4], acc_dv[DWV / 8][4];
 #pragma unroll
-    for (int i = 0; i < DW / 8; ++i)
+    for (int i = 0; i < (DW > DWV ? DW : DWV) / 8; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.f;
+        for (int e = 0; e < 4; ++e) {
+            if (i < DW / 8) acc_dk[i][e] = 0.f;
+            if (i < DWV / 8) acc_dv[i][e] = 0.f;
+        }
 
     // Issue the loads of iteration `it` (query head group index, query block) into buffer `buf`.
     auto issue_q = [&](int it, int buf) {
         const int gi = it / n_m;
-        const int mr = m_order(it, n_m, rot);
+        const int mr = m_order(it, n_m);
         const int m0 = (m_lo + mr) * BM;
         const int head = kvh * group + gi;
         const int nvalid = si.sq - m0;
         const elem_t* qg = (const elem_t*)f.q + batch_off(f.q_batch_stride, bi) + (si.q_off_rows + m0) * f.q_row_stride + head * f.q_head_stride;
         const elem_t* dog = (const elem_t*)p.dout + batch_off(p.do_batch_stride, bi) + (si.q_off_rows + m0) * p.do_row_stride + head * p.do_head_stride;
         load_tile<BM>(sQ + buf * BM * RD, qg, f.q_row_stride, nvalid, d, tid);
-        load_tile<BM>(sDO + buf * BM * RD, dog, p.do_row_stride, nvalid, d, tid);
+        load_tile<BM, HEAD_DIM_V>(sDO + buf * BM * RDV, dog, p.do_row_stride, nvalid, d_v, tid);
         if (tid < 2 * BM) {
             const int r = tid % BM;
             const bool ok = r < nvalid;
@@ -449,28 +467,24 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 
     // Prologue: K, V and the first query block.
     load_tile<BN>(sK, kg, f.k_row_stride, si.sk - n0, d, tid);
-    load_tile<BN>(sV, vg, f.v_row_stride, si.sk - n0, d, tid);
+    load_tile<BN, HEAD_DIM_V>(sV, vg, f.v_row_stride, si.sk - n0, d_v, tid);
     if (n_iter > 0) issue_q(0, 0);
     cp_async_commit();
 
     const float scale = f.scale;
-#if HAS_SOFTCAP
-    const float cap_in = scale / f.softcap;          // tanh argument per raw dot product
-    const float cap_log2 = f.softcap * FA_LOG2E;
-#else
-    const float scale_log2 = scale * FA_LOG2E;
-#endif
+    const BwdScale sc = bwd_scale(f);
 
     // Lane-dependent ldmatrix offsets.
     // P1: A non-trans / B trans (row + (l & 15), col + (l >> 4) * 8);  P2: B non-trans / A trans.
     const int p1r = lane & 15, p1c = (lane >> 4) * 8;
     const int p2r = (lane & 7) + ((lane >> 4) << 3), p2c = ((lane >> 3) & 1) * 8;
     const u32 kA = sK + (strip * 16 + p1r) * RD + p1c * 2;
-    const u32 vA = sV + (strip * 16 + p1r) * RD + p1c * 2;
+    const u32 vA = sV + (strip * 16 + p1r) * RDV + p1c * 2;
     const int qrw = warp % QROWW, qcw = warp / QROWW;
     const u32 dsA = sDS + p2r * RS + (qrw * 16 + p2c) * 2;
     const u32 kBt = sK + p1r * RD + (qcw * QC + p1c) * 2;
     const int kk_end = (d + 15) / 16;
+    const int kk_end_v = (d_v + 15) / 16;
 
 #if HAS_SINK
     float sink_acc = 0.f;  // this warp's share of dsink for the current head
@@ -483,7 +497,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
         __syncthreads();
 
         const int gi = it / n_m;
-        const int mr = m_order(it, n_m, rot);
+        const int mr = m_order(it, n_m);
         const int mb = m_lo + mr;
         const int m0 = mb * BM;
         const int head = kvh * group + gi;
@@ -496,22 +510,55 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
             for (int e = 0; e < 4; ++e) acc_s[j][e] = acc_dp[j][e] = 0.f;
         {
             const u32 qB = sQ + buf * BM * RD + p2r * RD + p2c * 2;
-            const u32 doB = sDO + buf * BM * RD + p2r * RD + p2c * 2;
+            const u32 doB = sDO + buf * BM * RDV + p2r * RDV + p2c * 2;
+            if constexpr (!HAS_DV) {
+                // One loop over the shared head dim (kk_end_v == kk_end: d_v is d).
 #pragma unroll
-            for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-                if (kk < kk_end) {
-                    u32 a[4], av[4];
-                    ldmatrix_x4(a, kA + kk * 32);
-                    ldmatrix_x4(av, vA + kk * 32);
+                for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+                    if (kk < kk_end) {
+                        u32 a[4], av[4];
+                        ldmatrix_x4(a, kA + kk * 32);
+                        ldmatrix_x4(av, vA + kk * 32);
 #pragma unroll
-                    for (int np = 0; np < BM / 16; ++np) {
-                        u32 b[4];
-                        ldmatrix_x4(b, qB + np * 16 * RD + kk * 32);
-                        mma_16816<elem_t>(acc_s[2 * np], a, b);
-                        mma_16816<elem_t>(acc_s[2 * np + 1], a, b + 2);
-                        ldmatrix_x4(b, doB + np * 16 * RD + kk * 32);
-                        mma_16816<elem_t>(acc_dp[2 * np], av, b);
-                        mma_16816<elem_t>(acc_dp[2 * np + 1], av, b + 2);
+                        for (int np = 0; np < BM / 16; ++np) {
+                            u32 b[4];
+                            ldmatrix_x4(b, qB + np * 16 * RD + kk * 32);
+                            mma_16816<elem_t>(acc_s[2 * np], a, b);
+                            mma_16816<elem_t>(acc_s[2 * np + 1], a, b + 2);
+                            ldmatrix_x4(b, doB + np * 16 * RDV + kk * 32);
+                            mma_16816<elem_t>(acc_dp[2 * np], av, b);
+                            mma_16816<elem_t>(acc_dp[2 * np + 1], av, b + 2);
+                        }
+                    }
+                }
+            } else {
+                // S^T over HEAD_DIM, then dP^T over HEAD_DIM_V.
+#pragma unroll
+                for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+                    if (kk < kk_end) {
+                        u32 a[4];
+                        ldmatrix_x4(a, kA + kk * 32);
+#pragma unroll
+                        for (int np = 0; np < BM / 16; ++np) {
+                            u32 b[4];
+                            ldmatrix_x4(b, qB + np * 16 * RD + kk * 32);
+                            mma_16816<elem_t>(acc_s[2 * np], a, b);
+                            mma_16816<elem_t>(acc_s[2 * np + 1], a, b + 2);
+                        }
+                    }
+                }
+#pragma unroll
+                for (int kk = 0; kk < HEAD_DIM_V / 16; ++kk) {
+                    if (kk < kk_end_v) {
+                        u32 av[4];
+                        ldmatrix_x4(av, vA + kk * 32);
+#pragma unroll
+                        for (int np = 0; np < BM / 16; ++np) {
+                            u32 b[4];
+                            ldmatrix_x4(b, doB + np * 16 * RDV + kk * 32);
+                            mma_16816<elem_t>(acc_dp[2 * np], av, b);
+                            mma_16816<elem_t>(acc_dp[2 * np + 1], av, b + 2);
+                        }
                     }
                 }
             }
@@ -535,19 +582,14 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                 const float2 l2 = *(const float2*)(lse_s + cl);
                 const float2 dd = *(const float2*)(dps_s + cl);
 #if HAS_SINK
-                float sc[2] = {0.f, 0.f};  // sum of P dP of queries cl, cl + 1 over this thread's two keys
+                float pdp[2] = {0.f, 0.f};  // sum of P dP of queries cl, cl + 1 over this thread's two keys
 #endif
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int qi = m0 + cl + (e & 1);
                     const int kj = krow0 + 8 * (e >> 1);
-                    float x = acc_s[j][e];
-#if HAS_SOFTCAP
-                    const float th = tanh_accurate(x * cap_in);
-                    float s2 = th * cap_log2;
-#else
-                    float s2 = x * scale_log2;
-#endif
+                    float th;
+                    float s2 = log2_score(sc, acc_s[j][e], th);
 #if HAS_ALIBI
                     {
                         const int dist = qi + off - kj;
@@ -557,7 +599,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                     float pv = exp2_fast(s2 - ((e & 1) ? l2.y : l2.x));
                     if (need_mask && !(qi < si.sq && is_visible(mc, qi, kj))) pv = 0.f;
 #if HAS_SINK
-                    sc[e & 1] += pv * acc_dp[j][e];
+                    pdp[e & 1] += pv * acc_dp[j][e];
 #endif
                     float ds = pv * (acc_dp[j][e] - ((e & 1) ? dd.y : dd.x));
                     if (need_mask && p.exact_one_key && sees_one_key(mc, qi)) ds = 0.f;  // exact: a one-key softmax is constant
@@ -568,7 +610,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                     acc_dp[j][e] = ds;
                 }
 #if HAS_SINK
-                sink_acc += sink_weight(sink_l2, l2.x) * sc[0] + sink_weight(sink_l2, l2.y) * sc[1];
+                sink_acc += sink_weight(sink_l2, l2.x) * pdp[0] + sink_weight(sink_l2, l2.y) * pdp[1];
 #endif
             }
         }
@@ -607,21 +649,26 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
             }
         }
 
-        // ---- dV += P^T dO, dK += dS^T Q   (B operands: [queries][HEAD_DIM] tiles read transposed)
+        // ---- dV += P^T dO, dK += dS^T Q   (B operands: [queries][HEAD_DIM_V] / [queries][HEAD_DIM] tiles read
+        // transposed)
         {
-            const u32 doBt = sDO + buf * BM * RD + p1r * RD + (dpart * DW + p1c) * 2;
+            const u32 doBt = sDO + buf * BM * RDV + p1r * RDV + (dpart * DWV + p1c) * 2;
             const u32 qBt = sQ + buf * BM * RD + p1r * RD + (dpart * DW + p1c) * 2;
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk) {
 #pragma unroll
-                for (int np = 0; np < DW / 16; ++np) {
+                for (int np = 0; np < (DW > DWV ? DW : DWV) / 16; ++np) {
                     u32 b[4];
-                    ldmatrix_x4_trans(b, doBt + kk * 16 * RD + np * 32);
-                    mma_16816<elem_t>(acc_dv[2 * np], pa[kk], b);
-                    mma_16816<elem_t>(acc_dv[2 * np + 1], pa[kk], b + 2);
-                    ldmatrix_x4_trans(b, qBt + kk * 16 * RD + np * 32);
-                    mma_16816<elem_t>(acc_dk[2 * np], dsa[kk], b);
-                    mma_16816<elem_t>(acc_dk[2 * np + 1], dsa[kk], b + 2);
+                    if (np < DWV / 16) {
+                        ldmatrix_x4_trans(b, doBt + kk * 16 * RDV + np * 32);
+                        mma_16816<elem_t>(acc_dv[2 * np], pa[kk], b);
+                        mma_16816<elem_t>(acc_dv[2 * np + 1], pa[kk], b + 2);
+                    }
+                    if (np < DW / 16) {
+                        ldmatrix_x4_trans(b, qBt + kk * 16 * RD + np * 32);
+                        mma_16816<elem_t>(acc_dk[2 * np], dsa[kk], b);
+                        mma_16816<elem_t>(acc_dk[2 * np + 1], dsa[kk], b + 2);
+                    }
                 }
             }
         }
@@ -667,7 +714,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
             const i64 rstep8 = (i64)8 * f.h * HEAD_DIM;
 #pragma unroll
             for (int nt = 0; nt < QC / 8; ++nt) {
-                if (qcw * QC + nt * 8 < d) red_add_frag(dqa + nt * 8, rstep8, acc_dq[nt], qrow < si.sq, qrow + 8 < si.sq, t);
+                if (qcw * QC + nt * 8 < d) red_add_frag(dqa + nt * 8, rstep8, acc_dq[nt], qrow < si.sq, qrow + 8 < si.sq);
             }
 #if DETERMINISTIC
             __threadfence();
@@ -683,6 +730,21 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
         elem_t* dkg = (elem_t*)p.dk + batch_off(p.dk_batch_stride, bi) + (si.k_off_rows + n0) * p.dk_row_stride + kvh * p.dk_head_stride;
         elem_t* dvg = (elem_t*)p.dv + batch_off(p.dv_batch_stride, bi) + (si.k_off_rows + n0) * p.dv_row_stride + kvh * p.dv_head_stride;
         const int nrows = si.sk_rows - n0;
+        if constexpr (HAS_DV) {
+            // dK (HEAD_DIM columns, d real) and dV (HEAD_DIM_V columns, d_v real) each on its own.
+#pragma unroll
+            for (int nt = 0; nt < DW / 8; ++nt)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+                    store_frag_pair(dkg, p.dk_row_stride, strip * 16 + g + 8 * hh, dpart * DW + nt * 8 + 2 * t, nrows, d,
+                                    acc_dk[nt][2 * hh] * scale, acc_dk[nt][2 * hh + 1] * scale);
+#pragma unroll
+            for (int nt = 0; nt < DWV / 8; ++nt)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+                    store_frag_pair(dvg, p.dv_row_stride, strip * 16 + g + 8 * hh, dpart * DWV + nt * 8 + 2 * t, nrows,
+                                    d_v, acc_dv[nt][2 * hh], acc_dv[nt][2 * hh + 1]);
+        } else {
 #pragma unroll
         for (int nt = 0; nt < DW / 8; ++nt) {
             const int col = dpart * DW + nt * 8 + 2 * t;
@@ -708,6 +770,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                     vp[1].x = DT::from_f32(v1v);
                 }
             }
+        }
         }
     }
 }
@@ -737,29 +800,21 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const int dw = qw;
     const int qrw = warp % QROWW, qcw = warp / QROWW;
     const int d = f.d;
+#if HAS_DV
+    const int d_v = p.d_v;
+#else
+    const int d_v = d;  // the value head dim is d
+#endif
     const int group = f.h / f.hk;
 
     MaskCtx mc;
-    mc.sq = si.sq;
-    mc.sk = si.sk;
-#if HAS_MASK
-    mc.wl = f.window_left;
-    mc.wr = f.window_right;
-#else
-    mc.wl = -1;
-    mc.wr = -1;
-#endif
+    set_mask_ctx(mc, si.sq, si.sk, f);
     const int off = si.sk - si.sq;
 
     int m_lo, m_hi;
     bwd_q_blocks(mc, HAS_MASK != 0, n0, BN, BM, &m_lo, &m_hi);
     const int n_m = m_hi > m_lo ? m_hi - m_lo : 0;
     const int n_iter = n_m * group;
-#if BWD_ROTATE
-    const int rot = n_m > 0 ? nblk % n_m : 0;
-#else
-    const int rot = 0;
-#endif
 
     const u32 sbase = smem_u32(smem);
     const u32 sK = sbase + OFF_K, sV = sbase + OFF_V;
@@ -770,24 +825,27 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const elem_t* kg = (const elem_t*)f.k + batch_off(f.k_batch_stride, bi) + (si.k_off_rows + n0) * f.k_row_stride + kvh * f.k_head_stride;
     const elem_t* vg = (const elem_t*)f.v + batch_off(f.v_batch_stride, bi) + (si.k_off_rows + n0) * f.v_row_stride + kvh * f.v_head_stride;
 
-    float acc_dk[2][DW / 8][4], acc_dv[2][DW / 8][4];
+    float acc_dk[2][DW / 8][4], acc_dv[2][DWV / 8][4];
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-        for (int i = 0; i < DW / 8; ++i)
+        for (int i = 0; i < (DW > DWV ? DW : DWV) / 8; ++i)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc_dk[mi][i][e] = acc_dv[mi][i][e] = 0.f;
+            for (int e = 0; e < 4; ++e) {
+                if (i < DW / 8) acc_dk[mi][i][e] = 0.f;
+                if (i < DWV / 8) acc_dv[mi][i][e] = 0.f;
+            }
 
     auto issue_q = [&](int it, int buf) {
         const int gi = it / n_m;
-        const int mr = m_order(it, n_m, rot);
+        const int mr = m_order(it, n_m);
         const int m0 = (m_lo + mr) * BM;
         const int head = kvh * group + gi;
         const int nvalid = si.sq - m0;
         const elem_t* qg = (const elem_t*)f.q + batch_off(f.q_batch_stride, bi) + (si.q_off_rows + m0) * f.q_row_stride + head * f.q_head_stride;
         const elem_t* dog = (const elem_t*)p.dout + batch_off(p.do_batch_stride, bi) + (si.q_off_rows + m0) * p.do_row_stride + head * p.do_head_stride;
         load_tile<BM>(sQ + buf * BM * RD, qg, f.q_row_stride, nvalid, d, tid);
-        load_tile<BM>(sDO + buf * BM * RD, dog, p.do_row_stride, nvalid, d, tid);
+        load_tile<BM, HEAD_DIM_V>(sDO + buf * BM * RDV, dog, p.do_row_stride, nvalid, d_v, tid);
         if (tid < 2 * BM) {
             const int r = tid % BM;
             const bool ok = r < nvalid;
@@ -799,28 +857,24 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     };
 
     load_tile<BN>(sK, kg, f.k_row_stride, si.sk - n0, d, tid);
-    load_tile<BN>(sV, vg, f.v_row_stride, si.sk - n0, d, tid);
+    load_tile<BN, HEAD_DIM_V>(sV, vg, f.v_row_stride, si.sk - n0, d_v, tid);
     if (n_iter > 0) issue_q(0, 0);
     cp_async_commit();
 
     const float scale = f.scale;
-#if HAS_SOFTCAP
-    const float cap_in = scale / f.softcap;
-    const float cap_log2 = f.softcap * FA_LOG2E;
-#else
-    const float scale_log2 = scale * FA_LOG2E;
-#endif
+    const BwdScale sc = bwd_scale(f);
 
     // P1: A non-trans / B trans (row + (l & 15), col + (l >> 4) * 8);  P2: B non-trans / A trans.
     const int p1r = lane & 15, p1c = (lane >> 4) * 8;
     const int p2r = (lane & 7) + ((lane >> 4) << 3), p2c = ((lane >> 3) & 1) * 8;
     const u32 kA = sK + (kw * MS + p1r) * RD + p1c * 2;
-    const u32 vA = sV + (kw * MS + p1r) * RD + p1c * 2;
+    const u32 vA = sV + (kw * MS + p1r) * RDV + p1c * 2;
     const u32 pA = sP + (kw * MS + p1r) * RS + p1c * 2;
     const u32 dsAt = sDS + (kw * MS + p1r) * RS + p1c * 2;
     const u32 dsA = sDS + p2r * RS + (qrw * 32 + p2c) * 2;
     const u32 kBt = sK + p1r * RD + (qcw * QC + p1c) * 2;
     const int kk_end2 = (d + 31) / 32;
+    const int kk_end2v = (d_v + 31) / 32;
     const u32 pst = (kw * MS + g) * RS + (qw * NS + 2 * t) * 2;  // P^T/dS^T store offset of c0/c1 of (0, 0)
 
 #if HAS_SINK
@@ -834,7 +888,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
         cp_async_commit();
 
         const int gi = it / n_m;
-        const int mr = m_order(it, n_m, rot);
+        const int mr = m_order(it, n_m);
         const int mb = m_lo + mr;
         const int m0 = mb * BM;
         const int head = kvh * group + gi;
@@ -849,7 +903,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                 for (int e = 0; e < 4; ++e) acc_s[mi][j][e] = acc_dp[mi][j][e] = 0.f;
         {
             const u32 qB = sQ + buf * BM * RD + (qw * NS + p2r) * RD + p2c * 2;
-            const u32 doB = sDO + buf * BM * RD + (qw * NS + p2r) * RD + p2c * 2;
+            const u32 doB = sDO + buf * BM * RDV + (qw * NS + p2r) * RDV + p2c * 2;
 #pragma unroll
             for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
                 if (kk / 2 >= kk_end2) break;  // 32-column granularity: bounds the compiler's load hoisting
@@ -868,15 +922,15 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                 }
             }
 #pragma unroll
-            for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-                if (kk / 2 >= kk_end2) break;  // 32-column granularity: bounds the compiler's load hoisting
+            for (int kk = 0; kk < HEAD_DIM_V / 16; ++kk) {
+                if (kk / 2 >= kk_end2v) break;  // 32-column granularity: bounds the compiler's load hoisting
                 u32 a[2][4];
                 ldmatrix_x4(a[0], vA + kk * 32);
-                ldmatrix_x4(a[1], vA + 16 * RD + kk * 32);
+                ldmatrix_x4(a[1], vA + 16 * RDV + kk * 32);
 #pragma unroll
                 for (int np = 0; np < NS / 16; ++np) {
                     u32 b[4];
-                    ldmatrix_x4(b, doB + np * 16 * RD + kk * 32);
+                    ldmatrix_x4(b, doB + np * 16 * RDV + kk * 32);
 #pragma unroll
                     for (int mi = 0; mi < 2; ++mi) {
                         mma_16816<elem_t>(acc_dp[mi][2 * np], a[mi], b);
@@ -907,19 +961,14 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                     const float2 l2 = *(const float2*)(lse_s + cl);
                     const float2 dd = *(const float2*)(dps_s + cl);
 #if HAS_SINK
-                    float sc[2] = {0.f, 0.f};  // sum of P dP of queries cl, cl + 1 over this thread's two keys
+                    float pdp[2] = {0.f, 0.f};  // sum of P dP of queries cl, cl + 1 over this thread's two keys
 #endif
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int qi = m0 + cl + (e & 1);
                         const int kj = krow0 + 8 * (e >> 1);
-                        float x = acc_s[mi][j][e];
-#if HAS_SOFTCAP
-                        const float th = tanh_accurate(x * cap_in);
-                        float s2 = th * cap_log2;
-#else
-                        float s2 = x * scale_log2;
-#endif
+                        float th;
+                        float s2 = log2_score(sc, acc_s[mi][j][e], th);
 #if HAS_ALIBI
                         {
                             const int dist = qi + off - kj;
@@ -929,7 +978,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                         float pv = exp2_fast(s2 - ((e & 1) ? l2.y : l2.x));
                         if (need_mask && !(qi < si.sq && is_visible(mc, qi, kj))) pv = 0.f;
 #if HAS_SINK
-                        sc[e & 1] += pv * acc_dp[mi][j][e];
+                        pdp[e & 1] += pv * acc_dp[mi][j][e];
 #endif
                         float ds = pv * (acc_dp[mi][j][e] - ((e & 1) ? dd.y : dd.x));
                         if (need_mask && p.exact_one_key && sees_one_key(mc, qi)) ds = 0.f;  // exact: a one-key softmax is constant
@@ -940,7 +989,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                         acc_dp[mi][j][e] = ds;
                     }
 #if HAS_SINK
-                    sink_acc += sink_weight(sink_l2, l2.x) * sc[0] + sink_weight(sink_l2, l2.y) * sc[1];
+                    sink_acc += sink_weight(sink_l2, l2.x) * pdp[0] + sink_weight(sink_l2, l2.y) * pdp[1];
 #endif
                     const u32 o = pst + mi * 16 * RS + j * 16;
                     st_shared_u32(sP + o, DT::pack(acc_s[mi][j][0], acc_s[mi][j][1]));
@@ -1018,7 +1067,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 #pragma unroll
                     for (int nt = 0; nt < CW / 8; ++nt) {
                         if (qcw * QC + c0 + nt * 8 < d)
-                            red_add_frag(dqa + nt * 8, rstep8, acc_dq[mi][nt], qrow < si.sq, qrow + 8 < si.sq, t);
+                            red_add_frag(dqa + nt * 8, rstep8, acc_dq[mi][nt], qrow < si.sq, qrow + 8 < si.sq);
                     }
                 }
             }
@@ -1031,7 +1080,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 
         // ---- dV += P^T dO, dK += dS^T Q (k = the BM queries; B operands read transposed from [query][d] tiles)
         {
-            const u32 doBt = sDO + buf * BM * RD + p1r * RD + (dw * DW + p1c) * 2;
+            const u32 doBt = sDO + buf * BM * RDV + p1r * RDV + (dw * DWV + p1c) * 2;
             const u32 qBt = sQ + buf * BM * RD + p1r * RD + (dw * DW + p1c) * 2;
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk) {
@@ -1039,9 +1088,9 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                 ldmatrix_x4(a[0], pA + kk * 32);
                 ldmatrix_x4(a[1], pA + 16 * RS + kk * 32);
 #pragma unroll
-                for (int np = 0; np < DW / 16; ++np) {
+                for (int np = 0; np < DWV / 16; ++np) {
                     u32 b[4];
-                    ldmatrix_x4_trans(b, doBt + kk * 16 * RD + np * 32);
+                    ldmatrix_x4_trans(b, doBt + kk * 16 * RDV + np * 32);
 #pragma unroll
                     for (int mi = 0; mi < 2; ++mi) {
                         mma_16816<elem_t>(acc_dv[mi][2 * np], a[mi], b);
@@ -1079,6 +1128,24 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
         elem_t* dkg = (elem_t*)p.dk + batch_off(p.dk_batch_stride, bi) + (si.k_off_rows + n0) * p.dk_row_stride + kvh * p.dk_head_stride;
         elem_t* dvg = (elem_t*)p.dv + batch_off(p.dv_batch_stride, bi) + (si.k_off_rows + n0) * p.dv_row_stride + kvh * p.dv_head_stride;
         const int nrows = si.sk_rows - n0;
+        if constexpr (HAS_DV) {
+            // dK (HEAD_DIM columns, d real) and dV (HEAD_DIM_V columns, d_v real) each on its own.
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+                for (int nt = 0; nt < DW / 8; ++nt)
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh)
+                        store_frag_pair(dkg, p.dk_row_stride, kw * MS + mi * 16 + g + 8 * hh, dw * DW + nt * 8 + 2 * t,
+                                        nrows, d, acc_dk[mi][nt][2 * hh] * scale, acc_dk[mi][nt][2 * hh + 1] * scale);
+#pragma unroll
+                for (int nt = 0; nt < DWV / 8; ++nt)
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh)
+                        store_frag_pair(dvg, p.dv_row_stride, kw * MS + mi * 16 + g + 8 * hh, dw * DWV + nt * 8 + 2 * t,
+                                        nrows, d_v, acc_dv[mi][nt][2 * hh], acc_dv[mi][nt][2 * hh + 1]);
+            }
+        } else {
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -1106,6 +1173,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                     vp[1].x = DT::from_f32(v1v);
                 }
             }
+        }
         }
     }
 }

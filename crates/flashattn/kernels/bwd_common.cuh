@@ -1,9 +1,36 @@
 // Geometry shared by the backward kernels (bwd.cu, the sm80-class path, and bwd_sm90.cu, the Hopper path):
-// per-sequence lengths and offsets, and the query blocks a key block must visit.
+// per-sequence lengths and offsets, the query blocks a key block must visit, and the score's scale and softcap.
 #pragma once
 #include "common.cuh"
 #include "mask.cuh"
 #include "params.cuh"
+
+// The backward's scale and softcap in log2 units, set once per thread from the call's parameters.
+struct BwdScale {
+#if HAS_SOFTCAP
+    float cap_in;    // tanh argument per raw dot product: scale / softcap
+    float cap_log2;  // softcap * log2(e)
+#else
+    float scale_log2;
+#endif
+};
+FA_DEVICE BwdScale bwd_scale(const FwdParams& f) {
+#if HAS_SOFTCAP
+    return BwdScale{f.scale / f.softcap, f.softcap * FA_LOG2E};
+#else
+    return BwdScale{f.scale * FA_LOG2E};
+#endif
+}
+// The log2-unit score of raw dot product `x` before ALiBi; with softcap, `th` = tanh(x * scale / softcap), which
+// dS's softcap factor (1 - th^2) needs (left unset otherwise).
+FA_DEVICE float log2_score(const BwdScale& c, float x, float& th) {
+#if HAS_SOFTCAP
+    th = tanh_accurate(x * c.cap_in);
+    return th * c.cap_log2;
+#else
+    return x * c.scale_log2;
+#endif
+}
 
 // Per-sequence geometry shared by the backward kernels.
 struct SeqInfo {

@@ -166,15 +166,7 @@ FA_DEVICE Work work(const Sm90BwdParams& prm) {
     }
     w.si = seq_info(f, w.bi);
     w.group = f.h / f.hk;
-    w.mc.sq = w.si.sq;
-    w.mc.sk = w.si.sk;
-#if HAS_MASK
-    w.mc.wl = f.window_left;
-    w.mc.wr = f.window_right;
-#else
-    w.mc.wl = -1;
-    w.mc.wr = -1;
-#endif
+    set_mask_ctx(w.mc, w.si.sq, w.si.sk, f);
     int m_hi;
     bwd_q_blocks(w.mc, HAS_MASK != 0, w.n0, BN, BM, &w.m_lo, &m_hi);
     w.n_m = m_hi > w.m_lo ? m_hi - w.m_lo : 0;
@@ -338,12 +330,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
     const int off = w.si.sk - w.si.sq;
 #endif
     const float scale = f.scale;
-#if HAS_SOFTCAP
-    const float cap_in = scale / f.softcap;
-    const float cap_log2 = f.softcap * FA_LOG2E;
-#else
-    const float scale_log2 = scale * FA_LOG2E;
-#endif
+    const BwdScale sc = bwd_scale(f);
     const u32 sK = sbase + OFF_K, sV = sbase + OFF_V;
     // The 64 key rows of this warpgroup's S^T / dP^T (panel 0): its half of the block, or all of it (SPLIT_D).
     const int key0 = SPLIT_D ? 0 : wg * 64;
@@ -425,7 +412,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
             asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(l2.x), "=f"(l2.y) : "r"(le));
             asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(dd.x), "=f"(dd.y) : "r"(le + 4 * BM));
 #if HAS_SINK
-            float sc[2] = {0.f, 0.f};  // sum of P dP of this thread's two queries over its two keys (visible only)
+            float pdp[2] = {0.f, 0.f};  // sum of P dP of this thread's two queries over its two keys (visible only)
 #endif
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
@@ -433,12 +420,8 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int r = 4 * nt + 2 * hh + e;
-#if HAS_SOFTCAP
-                    const float th = tanh_accurate(s[r] * cap_in);
-                    float s2 = th * cap_log2;
-#else
-                    float s2 = s[r] * scale_log2;
-#endif
+                    float th;
+                    float s2 = log2_score(sc, s[r], th);
 #if HAS_ALIBI
                     {
                         const int dist = cb + 8 * nt + e + off - (w.n0 + kr0 + 8 * hh);
@@ -452,7 +435,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
                         // dropped by a select (it may be inf or NaN from the unmasked pass).
                         const int qi = cb + 8 * nt + e;
                         const float c = pr * dp[r];
-                        sc[e] += (!need_mask || (qi < w.si.sq && is_visible(w.mc, qi, w.n0 + kr0 + 8 * hh))) ? c : 0.f;
+                        pdp[e] += (!need_mask || (qi < w.si.sq && is_visible(w.mc, qi, w.n0 + kr0 + 8 * hh))) ? c : 0.f;
                     }
 #endif
                     float ds = pr * (dp[r] - (e ? dd.y : dd.x));
@@ -474,7 +457,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
             {
                 float2 ww;
                 asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(ww.x), "=f"(ww.y) : "r"(le + 8 * BM));
-                sink_acc += ww.x * sc[0] + ww.y * sc[1];
+                sink_acc += ww.x * pdp[0] + ww.y * pdp[1];
             }
 #endif
         }

@@ -5,6 +5,9 @@
 // Compile-time macros (pass as -D options; defaults in brackets):
 //   HEAD_DIM     padded head dim: 32, 64, 96, 128, 160, 192, 224 or 256 (required). The runtime p.d may be
 //                anything in 1..HEAD_DIM: loads are zero-filled beyond d, stores are predicated.
+//   HEAD_DIM_V   padded value head dim of v and o (variant.cuh; default HEAD_DIM). When defined (HAS_DV) the
+//                kernel takes FwdDvParams and its runtime d_v (1..HEAD_DIM_V) the way it takes d: V loads
+//                zero-filled beyond d_v, O stores predicated. Q K^T runs over HEAD_DIM, P V over HEAD_DIM_V.
 //   IS_BF16      1: bf16 inputs/outputs, 0: f16 [0]
 //   HAS_MASK     1: window/causal active (p.window_left/right; causal = (-1, 0)): KV blocks outside the
 //                window are skipped, boundary blocks are masked per element. 0: the window fields are ignored [0]
@@ -14,20 +17,25 @@
 //   ALIGNED16    1: q/k/v/o base pointers are 16-byte aligned and every row/head/batch stride is a multiple
 //                of 8 elements (d itself may be anything), so 16-byte cp.async / stores are used. 0: any
 //                alignment, element-wise loads and stores (slower; for odd layouts) [1]
-//   BLOCK_M, BLOCK_N, NUM_WARPS   tile sizes; defaults per HEAD_DIM (FWD_DEFAULT_TILES below):
+//   BLOCK_M, BLOCK_N, NUM_WARPS   tile sizes; defaults per max(HEAD_DIM, HEAD_DIM_V) (FWD_DEFAULT_TILES below):
 //                HEAD_DIM   32: 128 x 128, 4 warps     64: 128 x 128, 4 warps    96: 128 x 64, 4 warps
 //                          128: 128 x  64, 4 warps    160: 128 x  64, 8 warps   192: 128 x 64, 8 warps
 //                          224: 128 x  64, 8 warps    256: 128 x  64, 8 warps
+//                HEAD_DIM_V > HEAD_DIM: 128 x 64, 8 warps.
 //                Constraints: BLOCK_M % (16 * NUM_WARPS) == 0, BLOCK_N % 16 == 0.
 //
 // Launch configuration:
 //   grid    = (ceil(max_sq / BLOCK_M), b, h)    max_sq = p.sq (dense) or the longest query sequence (varlen);
 //             blockIdx.x is walked in reverse so that, with causal masks, the longest tiles start first.
 //   block   = (32 * NUM_WARPS, 1, 1)
-//   dynamic shared memory bytes = FWD_SMEM_BYTES = (BLOCK_M + 2 * BLOCK_N) * (HEAD_DIM + 8) * 2
-//             (Q tile + one K tile + one V tile, rows padded by 16 bytes). Above 48 KB the launcher must set
+//   dynamic shared memory bytes = FWD_SMEM_BYTES = max((BLOCK_M + BLOCK_N) * RB, BLOCK_M * RBV) + BLOCK_N * RBV
+//             with RB = (HEAD_DIM + 8) * 2 and RBV = (HEAD_DIM_V + 8) * 2 (Q tile + one K tile, then one V tile,
+//             rows padded by 16 bytes; the epilogue stages O, BLOCK_M rows of RBV bytes, over the Q and K tiles,
+//             which a wider value head dim may outgrow). With HEAD_DIM_V = HEAD_DIM this is
+//             (BLOCK_M + 2 * BLOCK_N) * (HEAD_DIM + 8) * 2. Above 48 KB the launcher must set
 //             CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES first.
-//   Defaults: d32 40960, d64 55296, d96 53248, d128 69632, d160 86016, d192 102400, d224 118784, d256 135168.
+//   Defaults: d32 40960, d64 55296, d96 53248, d128 69632, d160 86016, d192 102400, d224 118784, d256 135168;
+//             (HEAD_DIM, HEAD_DIM_V) (64, 128) 52224, (128, 64) 61440, (192, 128) 94208.
 //
 // Output: o (dtype of q) and lse (f32, natural log). Rows with no visible key get o = 0, lse = -inf (with a
 // learnable sink p.sink: lse = sink[h]); a NaN or +inf among a row's visible scores makes its o and lse NaN.
@@ -47,12 +55,22 @@
 
 #include "variant.cuh"
 
-// FWD_DEFAULT_TILES
-#if HEAD_DIM <= 64
+// FWD_DEFAULT_TILES, by the wider of the two head dims (the S and O accumulators share the registers)
+#if HEAD_DIM_V > HEAD_DIM
+#define FWD_TILE_DIM HEAD_DIM_V
+#else
+#define FWD_TILE_DIM HEAD_DIM
+#endif
+#if HEAD_DIM_V > HEAD_DIM
+// A value head dim wider than the head dim: one m16 row block per warp (the O accumulator is the wider one).
+#define FWD_DEF_BM 128
+#define FWD_DEF_BN 64
+#define FWD_DEF_WARPS 8
+#elif FWD_TILE_DIM <= 64
 #define FWD_DEF_BM 128
 #define FWD_DEF_BN 128
 #define FWD_DEF_WARPS 4
-#elif HEAD_DIM <= 128
+#elif FWD_TILE_DIM <= 128
 #define FWD_DEF_BM 128
 #define FWD_DEF_BN 64
 #define FWD_DEF_WARPS 4
@@ -75,7 +93,7 @@
 #define QK_UNROLL 1
 #endif
 #define FWD_THREADS (32 * NUM_WARPS)
-#define FWD_SMEM_BYTES ((BLOCK_M + 2 * BLOCK_N) * (HEAD_DIM + 8) * 2)
+#define FWD_SMEM_BYTES (fwd::OFF_V + BLOCK_N * fwd::ROW_BYTES_V)
 
 
 namespace fwd {
@@ -88,20 +106,33 @@ constexpr int NT = FWD_THREADS;
 constexpr int WARP_M = BM / NW;     // query rows per warp
 constexpr int MT = WARP_M / 16;     // m16 tiles per warp
 constexpr int NTILES = BN / 8;      // n8 tiles of S per row block
-constexpr int DTILES = D / 8;       // n8 tiles of O
+constexpr int DTILES = HEAD_DIM_V / 8;  // n8 tiles of O
 constexpr int CHUNKS = D / 8;       // 16-byte chunks per row
 typedef PaddedTile<D> Tile;
 constexpr int ROW_BYTES = Tile::ROW_BYTES;
+// The value head dim's shapes, as enumerators (namespace-scope constexpr variables become PTX globals; these add
+// none, so the variants without HEAD_DIM_V compile to the cubins they compiled to before it existed).
+enum : int {
+    D_V = HEAD_DIM_V,
+    CHUNKS_V = HEAD_DIM_V / 8,  // 16-byte chunks per row of V and O
+    ROW_BYTES_V = PaddedTile<HEAD_DIM_V>::ROW_BYTES,
+    // V after the Q and K tiles, or after the O staging area (BM rows of ROW_BYTES_V over the Q and K tiles)
+    // where that is larger.
+    OFF_V = (BM + BN) * ROW_BYTES > BM * ROW_BYTES_V ? (BM + BN) * ROW_BYTES : BM * ROW_BYTES_V,
+};
 
 static_assert(D % 32 == 0, "HEAD_DIM must be a multiple of 32");
+static_assert(D_V % 32 == 0, "HEAD_DIM_V must be a multiple of 32");
 static_assert(BM % (16 * NW) == 0, "BLOCK_M must be a multiple of 16 * NUM_WARPS");
 static_assert(BN % 16 == 0, "BLOCK_N must be a multiple of 16");
 
-// Copy a [ROWS x D] tile (rows >= rows_valid and columns >= d zero-filled) into padded shared memory.
-// Copy a [ROWS x D] tile (rows >= rows_valid and columns >= d zero-filled) into padded shared memory.
-// Thread `tid` copies 16-byte chunks idx = tid, tid + NT, ...: row idx / CHUNKS, chunk idx % CHUNKS.
-template <int ROWS>
+// Copy a [ROWS x COLS] tile (rows >= rows_valid and columns >= d zero-filled) into padded shared memory
+// (PaddedTile<COLS>). Thread `tid` copies 16-byte chunks idx = tid, tid + NT, ...: row idx / CHUNKS, chunk
+// idx % CHUNKS.
+template <int ROWS, int COLS = D>
 FA_DEVICE void load_tile(u32 s_base, const u16* g, i64 row_stride, int rows_valid, int d, int tid) {
+    constexpr int CHUNKS = COLS / 8;
+    constexpr int ROW_BYTES = PaddedTile<COLS>::ROW_BYTES;
     constexpr int TOTAL = ROWS * CHUNKS;
     constexpr int ITERS = (TOTAL + NT - 1) / NT;
     if constexpr (NT % CHUNKS == 0 && TOTAL % NT == 0) {
@@ -163,7 +194,12 @@ FA_DEVICE void load_tile(u32 s_base, const u16* g, i64 row_stride, int rows_vali
 
 }  // namespace fwd
 
+#if HAS_DV
+extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const FwdDvParams pv) {
+    const FwdParams& p = pv.f;
+#else
 extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const FwdParams p) {
+#endif
     using namespace fwd;
     extern __shared__ __align__(128) unsigned char smem[];
 
@@ -202,28 +238,25 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
     if (m0 >= sq) return;
     const int rows_valid = min(BM, sq - m0);
     const int d = p.d;
+#if HAS_DV
+    const int d_v = pv.d_v;
+#else
+    const int d_v = d;  // the value head dim is d
+#endif
 
     const u16* gq = (const u16*)p.q + q_off + (i64)qh * p.q_head_stride + (i64)m0 * p.q_row_stride;
     const u16* gk = (const u16*)p.k + k_off + (i64)kvh * p.k_head_stride;
     const u16* gv = (const u16*)p.v + v_off + (i64)kvh * p.v_head_stride;
 
     MaskCtx mc;
-    mc.sq = sq;
-    mc.sk = sk;
-#if HAS_MASK
-    mc.wl = p.window_left;
-    mc.wr = p.window_right;
-#else
-    mc.wl = -1;
-    mc.wr = -1;
-#endif
+    set_mask_ctx(mc, sq, sk, p);
     const int off = sk - sq;
     int nb_lo, nb_hi;
     kv_block_range(mc, HAS_MASK != 0, m0, m0 + rows_valid - 1, BN, &nb_lo, &nb_hi);
 
     const u32 sQ = smem_u32(smem);
     const u32 sK = sQ + BM * ROW_BYTES;
-    const u32 sV = sK + BN * ROW_BYTES;
+    const u32 sV = sK + (OFF_V - BM * ROW_BYTES);
 
     // Scores are handled in "log2 units": p = exp2(s * c - m * c).
 #if HAS_SOFTCAP || HAS_ALIBI
@@ -267,13 +300,13 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
         // K (B operand, x4 over two n8 tiles): row = (lane & 7) + ((lane >> 4) << 3), col = ((lane >> 3) & 1) * 8
         const u32 k_lane = (u32)(((lane & 7) + ((lane >> 4) << 3)) * ROW_BYTES + ((lane >> 3) & 1) * 16);
         // V (B operand via .trans, x4 over two n8 tiles of O): row = lane & 15, col = (lane >> 4) * 8
-        const u32 v_lane = (u32)((lane & 15) * ROW_BYTES + (lane >> 4) * 16);
+        const u32 v_lane = (u32)((lane & 15) * ROW_BYTES_V + (lane >> 4) * 16);
 
         for (int nb = nb_hi - 1; nb >= nb_lo; --nb) {
             const int n0 = nb * BN;
             cp_async_wait<0>();
             __syncthreads();  // K(nb) visible to all; every warp is done with the previous V
-            load_tile<BN>(sV, gv + (i64)n0 * p.v_row_stride, p.v_row_stride, sk - n0, d, tid);
+            load_tile<BN, D_V>(sV, gv + (i64)n0 * p.v_row_stride, p.v_row_stride, sk - n0, d_v, tid);
             cp_async_commit();
 
             // ---- S = Q K^T
@@ -407,7 +440,7 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
 #pragma unroll
                 for (int dp = 0; dp < DTILES / 2; ++dp) {
                     u32 vb[4];
-                    ldmatrix_x4_trans(vb, sV + v_lane + kk * 16 * ROW_BYTES + dp * 32);
+                    ldmatrix_x4_trans(vb, sV + v_lane + kk * 16 * ROW_BYTES_V + dp * 32);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
                         mma_16816<elem_t>(acc_o[mt][2 * dp], pa[mt][kk], vb);
@@ -418,7 +451,9 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
         }
     }
 
-    // ---- epilogue: normalise, LSE, stage O in this warp's own Q rows, coalesced stores.
+    // ---- epilogue: normalise, LSE, stage O in this warp's own rows (of ROW_BYTES_V bytes) from the start of the
+    // Q tile, coalesced stores. No warp reads Q or K any more (the last __syncthreads of the loop follows the last
+    // Q K^T), and no copy into them is in flight; a wider O row may reach into the K tile (OFF_V leaves room).
     // Output offsets are recomputed here rather than kept live through the main loop (register pressure).
 #if IS_VARLEN
     const int q0e = p.cu_seqlens_q[blockIdx.y];
@@ -465,24 +500,24 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
 #pragma unroll
             for (int dt = 0; dt < DTILES; ++dt) {
                 const u32 v = empty ? 0u : Dt<elem_t>::pack(acc_o[mt][dt][2 * hh] * inv, acc_o[mt][dt][2 * hh + 1] * inv);
-                st_shared_u32(sQ + r * ROW_BYTES + (dt * 8 + 2 * t) * 2, v);
+                st_shared_u32(sQ + r * ROW_BYTES_V + (dt * 8 + 2 * t) * 2, v);
             }
         }
     }
     __syncwarp();
     // Only this warp's rows were written and only this warp reads them back.
-    constexpr int WCH = WARP_M * CHUNKS;
+    constexpr int WCH = WARP_M * CHUNKS_V;
 #pragma unroll
     for (int it = 0; it < (WCH + 31) / 32; ++it) {
         const int idx = it * 32 + lane;
         if (WCH % 32 == 0 || idx < WCH) {
-            const int r = warp_row0 + idx / CHUNKS;
-            const int col = (idx % CHUNKS) * 8;
-            if (r < rows_valid && col < d) {
-                const uint4 v = ld_shared_v4(sQ + r * ROW_BYTES + col * 2);
+            const int r = warp_row0 + idx / CHUNKS_V;
+            const int col = (idx % CHUNKS_V) * 8;
+            if (r < rows_valid && col < d_v) {
+                const uint4 v = ld_shared_v4(sQ + r * ROW_BYTES_V + col * 2);
                 u16* dst = go + (i64)r * p.o_row_stride + col;
 #if ALIGNED16
-                if (col + 8 <= d) {
+                if (col + 8 <= d_v) {
                     st_global_v4(dst, v);
                 } else
 #endif
@@ -490,7 +525,7 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
                     const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
                     for (int e = 0; e < 8; ++e)
-                        if (col + e < d) dst[e] = (u16)(w[e >> 1] >> ((e & 1) * 16));
+                        if (col + e < d_v) dst[e] = (u16)(w[e >> 1] >> ((e & 1) * 16));
                 }
             }
         }

@@ -182,15 +182,7 @@ FA_DEVICE bool geometry(const FwdParams& f, const TileId& id, Geo& g) {
     g.k_row = k0;
     const int rows = min(BM, sq - g.m0);
     MaskCtx mc;
-    mc.sq = sq;
-    mc.sk = sk;
-#if HAS_MASK
-    mc.wl = f.window_left;
-    mc.wr = f.window_right;
-#else
-    mc.wl = -1;
-    mc.wr = -1;
-#endif
+    set_mask_ctx(mc, sq, sk, f);
     kv_block_range(mc, HAS_MASK != 0, g.m0, g.m0 + rows - 1, BN, &g.nb_lo, &g.nb_hi);
     return true;
 }
@@ -435,15 +427,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
         const float slope = 0.f;
 #endif
         MaskCtx mc;
-        mc.sq = g.sq;
-        mc.sk = g.sk;
-#if HAS_MASK
-        mc.wl = f.window_left;
-        mc.wr = f.window_right;
-#else
-        mc.wl = -1;
-        mc.wr = -1;
-#endif
+        set_mask_ctx(mc, g.sq, g.sk, f);
         float o[OREG];
 #pragma unroll
         for (int r = 0; r < OREG; ++r) o[r] = 0.f;

@@ -26,8 +26,15 @@
 //
 // Compile-time macros: HEAD_DIM (32..256, multiple of 32; p.d <= HEAD_DIM), IS_BF16, HAS_MASK, HAS_ALIBI,
 // HAS_SOFTCAP, ALIGNED16 (q or q_rot and both caches have 16-byte aligned bases and strides that are
-// multiples of 8 elements: 16-byte cp.async; else element-wise loads), KV_WARPS [4], KV_STAGES [3, 2 for
-// HEAD_DIM > 128].
+// multiples of 16 bytes: 16-byte cp.async; else element-wise loads), KV_WARPS [4], KV_STAGES [3, 2 for
+// HEAD_DIM > 128], KV_FP8 [0].
+//
+// KV_FP8 = 1 (sm_89 and newer): the caches hold float8_e4m3fn, with per-(batch, key head) descales
+// p.k_descale / p.v_descale (f32 [b, hk], nullptr = 1); q, k_new, v_new, o stay 16-bit. kv_append quantizes the
+// new keys (after rotary) and values to e4m3(x / descale) (saturating at +-448, as torch's conversion does). kv_attn streams the 1-byte rows through the cp.async ring (half the bytes), and
+// each warp widens its current K and V tiles to 16 bits in a tile of its own before the tensor-core
+// products (e4m3 values are exact in f16 and bf16). The key descale joins the score scale, the value descale
+// multiplies the warp's O once after the loop.
 #include "common.cuh"
 #include "mask.cuh"
 
@@ -41,6 +48,12 @@
 #else
 #define KV_STAGES 3
 #endif
+#endif
+#ifndef KV_FP8
+#define KV_FP8 0
+#endif
+#if KV_FP8 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+#error "KV_FP8 needs sm_89 or newer (cvt from e4m3)"
 #endif
 #define KV_APPEND_WARPS 4
 #define KV_MAX_SPLITS 128
@@ -64,11 +77,25 @@
 #else
 #define KV_ROW_BYTES ((HEAD_DIM / 8 + 1) * 16)
 #endif
-// Q tile (16 rows) + per warp STAGES x (K 16 rows + V 16 rows) + per warp row maxima and sums (16 + 16 f32).
-#define KV_SMEM_BYTES (16 * KV_ROW_BYTES + KV_WARPS * KV_STAGES * 32 * KV_ROW_BYTES + KV_WARPS * 32 * 4)
+// Each warp's ring: STAGES x (K 16 rows + V 16 rows) of 16-bit rows; with KV_FP8, STAGES x (K + V) of 1-byte
+// rows (HEAD_DIM bytes, unswizzled) and one 16-bit K + V tile the current stage is widened into.
+#if KV_FP8
+#define KV_WARP_RING_BYTES (KV_STAGES * 32 * HEAD_DIM + 32 * KV_ROW_BYTES)
+#else
+#define KV_WARP_RING_BYTES (KV_STAGES * 32 * KV_ROW_BYTES)
+#endif
+// Q tile (16 rows) + the warps' rings + per warp row maxima and sums (16 + 16 f32).
+#define KV_SMEM_BYTES (16 * KV_ROW_BYTES + KV_WARPS * KV_WARP_RING_BYTES + KV_WARPS * 32 * 4)
 
 
 typedef long long i64;
+typedef unsigned char u8;
+// The caches' element: e4m3 bytes (KV_FP8) or the 16-bit type.
+#if KV_FP8
+typedef u8 cache_t;
+#else
+typedef u16 cache_t;
+#endif
 
 // Strides are in elements; the last dimension of every tensor is contiguous. Pointers and 64-bit fields
 // first, then 32-bit fields (the Rust mirror relies on this order).
@@ -94,6 +121,8 @@ struct KvParams {
     int* split_count;         // workspace [b * hk * m_blocks] arrival counters (num_splits > 1), 0 between calls
     const float* sink;        // [h] f32 learnable sink logits or nullptr: added once per row where the row's
                               // softmax is complete (the warp merge when num_splits == 1, else combine_splits)
+    const float* k_descale;   // KV_FP8: [b, hk] f32 (contiguous) or nullptr (1); ignored otherwise
+    const float* v_descale;
     i64 q_batch_stride, q_row_stride, q_head_stride;
     i64 kc_batch_stride, kc_row_stride, kc_head_stride;   // batch stride = page stride when paged
     i64 vc_batch_stride, vc_row_stride, vc_head_stride;
@@ -155,7 +184,7 @@ FA_DEVICE LaneRow lane_row(int row, int hi) {
 FA_DEVICE u32 lane_at(LaneRow l, int k) { return l.base + ((u32)(k ^ l.xs) << 5); }
 static_assert(ST >= 2, "KV_STAGES >= 2");
 // The staged O of the warp merge and the split weights of combine_splits live over the rings.
-static_assert(NW * 16 * OS * 4 <= NW * ST * 32 * RB && 16 * KV_MAX_SPLITS * 4 <= NW * ST * 32 * RB, "ring space");
+static_assert(16 * OS * 4 <= KV_WARP_RING_BYTES && 16 * KV_MAX_SPLITS * 4 <= NW * KV_WARP_RING_BYTES, "ring space");
 
 FA_DEVICE int seqlen_of(const KvParams& p, int i) { return p.cache_seqlens ? p.cache_seqlens[i] : p.seqlen_all; }
 FA_DEVICE int leftpad_of(const KvParams& p, int i) { return p.cache_leftpad ? p.cache_leftpad[i] : 0; }
@@ -212,27 +241,57 @@ FA_DEVICE void kv_cp_async(u32 sa, const void* g, int src_bytes) {
 #endif
 }
 
-// One row of d elements (lane-strided), optionally rotated at table row `pos`, written to dst. The rotation
-// is computed without fused multiply-adds, in the same order as the host (bit-identical results).
-FA_DEVICE void copy_row(const KvParams& p, const u16* src, u16* dst, int pos, bool rotate, int lane) {
+// Element e of a row, optionally rotated at table row `pos`, in f32. The rotation is computed without fused
+// multiply-adds, in the same order as the host (bit-identical results).
+FA_DEVICE float row_elem(const KvParams& p, const u16* src, int e, int pos, bool rotate) {
     const int half = p.rot_half;
-    for (int e = lane; e < p.d; e += 32) {
-        float y;
-        if (rotate && e < 2 * half) {
-            int a, bb, kk;
-            if (p.rot_interleaved) { kk = e >> 1; a = 2 * kk; bb = a + 1; }
-            else { kk = e < half ? e : e - half; a = kk; bb = kk + half; }
-            const float x1 = Dt<elem_t>::to_f32(src[a]);
-            const float x2 = Dt<elem_t>::to_f32(src[bb]);
-            const float c = p.rot_cos[(i64)pos * p.rot_stride + kk];
-            const float s = p.rot_sin[(i64)pos * p.rot_stride + kk];
-            y = (e == a) ? __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)) : __fadd_rn(__fmul_rn(x1, s), __fmul_rn(x2, c));
-        } else {
-            y = Dt<elem_t>::to_f32(src[e]);
-        }
-        dst[e] = Dt<elem_t>::from_f32(y);
+    if (rotate && e < 2 * half) {
+        int a, bb, kk;
+        if (p.rot_interleaved) { kk = e >> 1; a = 2 * kk; bb = a + 1; }
+        else { kk = e < half ? e : e - half; a = kk; bb = kk + half; }
+        const float x1 = Dt<elem_t>::to_f32(src[a]);
+        const float x2 = Dt<elem_t>::to_f32(src[bb]);
+        const float c = p.rot_cos[(i64)pos * p.rot_stride + kk];
+        const float s = p.rot_sin[(i64)pos * p.rot_stride + kk];
+        return (e == a) ? __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s)) : __fadd_rn(__fmul_rn(x1, s), __fmul_rn(x2, c));
     }
+    return Dt<elem_t>::to_f32(src[e]);
 }
+// One row of d elements (lane-strided), optionally rotated, written to dst in the 16-bit type.
+FA_DEVICE void copy_row(const KvParams& p, const u16* src, u16* dst, int pos, bool rotate, int lane) {
+    for (int e = lane; e < p.d; e += 32) dst[e] = Dt<elem_t>::from_f32(row_elem(p, src, e, pos, rotate));
+}
+#if KV_FP8
+// f32 -> float8_e4m3fn as torch converts: round to nearest even, saturating to +-448 past the largest finite
+// value (infinities too); NaN stays NaN.
+FA_DEVICE u8 f32_to_e4m3(float x) {
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.f), "f"(x));
+    return (u8)(r & 0xffu);
+}
+// One row (lane-strided), optionally rotated, quantized to e4m3(y / descale) (IEEE division, as the host).
+FA_DEVICE void copy_row(const KvParams& p, const u16* src, u8* dst, int pos, bool rotate, int lane, float descale) {
+    for (int e = lane; e < p.d; e += 32) dst[e] = f32_to_e4m3(__fdiv_rn(row_elem(p, src, e, pos, rotate), descale));
+}
+// Four e4m3 values (one 32-bit word, element 0 in the low byte) -> two 32-bit words of 16-bit pairs
+// (elements 0, 1 and 2, 3; element 0 in the low half). Exact: every e4m3 value (NaN included) is an f16 and a
+// bf16 value.
+FA_DEVICE uint2 widen_e4m3x4(u32 w) {
+    u32 lo, hi;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(lo) : "h"((unsigned short)(w & 0xffffu)));
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(hi) : "h"((unsigned short)(w >> 16)));
+#if IS_BF16
+    const float2 a = unpack_f16x2(lo), b = unpack_f16x2(hi);
+    lo = pack_bf16x2(a.x, a.y);
+    hi = pack_bf16x2(b.x, b.y);
+#endif
+    return make_uint2(lo, hi);
+}
+// A descale of sequence i's key head kvh ([b, hk] contiguous), 1 without one.
+FA_DEVICE float descale_of(const float* ds, const KvParams& p, int i, int kvh) {
+    return ds != nullptr ? ds[(i64)i * p.hk + kvh] : 1.f;
+}
+#endif
 }  // namespace kv
 
 extern "C" __global__ void __launch_bounds__(KV_APPEND_WARPS * 32) kv_append(const KvParams p) {
@@ -263,9 +322,13 @@ extern "C" __global__ void __launch_bounds__(KV_APPEND_WARPS * 32) kv_append(con
             if (lane == 0) atomicOr(p.status, 2);
             return;
         }
-        u16* dst = is_k ? (u16*)p.k_cache + (i64)outer * p.kc_batch_stride + (i64)inner * p.kc_row_stride + (i64)kh * p.kc_head_stride
-                        : (u16*)p.v_cache + (i64)outer * p.vc_batch_stride + (i64)inner * p.vc_row_stride + (i64)kh * p.vc_head_stride;
+        cache_t* dst = is_k ? (cache_t*)p.k_cache + (i64)outer * p.kc_batch_stride + (i64)inner * p.kc_row_stride + (i64)kh * p.kc_head_stride
+                            : (cache_t*)p.v_cache + (i64)outer * p.vc_batch_stride + (i64)inner * p.vc_row_stride + (i64)kh * p.vc_head_stride;
+#if KV_FP8
+        copy_row(p, src, dst, pos, is_k && rot, lane, descale_of(is_k ? p.k_descale : p.v_descale, p, i, kh));
+#else
         copy_row(p, src, dst, pos, is_k && rot, lane);
+#endif
     } else if (rot && r < 2 * rk + p.sq * p.h) {
         const int rr = r - 2 * rk;
         const int t = rr / p.h, hh = rr % p.h;
@@ -305,6 +368,47 @@ FA_DEVICE void load_rows16(u32 s_base, const u16* my_row, int rows_valid, int d,
 #endif
     }
 }
+#if KV_FP8
+// The 1-byte form of load_rows16: a 16-row tile of e4m3 rows (HEAD_DIM bytes each, unswizzled) at s_base.
+FA_DEVICE void load_rows16_fp8(u32 s_base, const u8* my_row, int rows_valid, int d, int lane, const u8* dummy) {
+    constexpr int CH = D / 16;  // 16-byte chunks per row
+#pragma unroll
+    for (int it = 0; it < 16 * CH / 32; ++it) {
+        const int idx = it * 32 + lane;
+        const int r = idx / CH, c = idx % CH;
+        const int col = c * 16;
+        const u32 sa = s_base + (u32)(r * D + col);
+        const u8* src = (const u8*)__shfl_sync(0xffffffffu, (unsigned long long)my_row, r);
+        const bool ok = r < rows_valid && col < d && src != nullptr;
+#if ALIGNED16
+        kv_cp_async(sa, ok ? (const void*)(src + col) : (const void*)dummy, ok ? min(16, d - col) : 0);
+#else
+        u32 w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            w[e] = 0u;
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+                if (ok && col + 4 * e + k < d) w[e] |= (u32)src[col + 4 * e + k] << (8 * k);
+        }
+        st_shared_v4(sa, make_uint4(w[0], w[1], w[2], w[3]));
+#endif
+    }
+}
+// A warp's 16-row e4m3 tile at s8 widened into the 16-bit tile layout (chunk_at) at s16.
+FA_DEVICE void widen_tile16(u32 s8, u32 s16, int lane) {
+    constexpr int CH = D / 16;
+#pragma unroll
+    for (int it = 0; it < 16 * CH / 32; ++it) {
+        const int idx = it * 32 + lane;
+        const int r = idx / CH, c = idx % CH;
+        const uint4 w = ld_shared_v4(s8 + (u32)(r * D + c * 16));
+        const uint2 a = widen_e4m3x4(w.x), b = widen_e4m3x4(w.y), e = widen_e4m3x4(w.z), f = widen_e4m3x4(w.w);
+        st_shared_v4(s16 + chunk_at(r, 2 * c), make_uint4(a.x, a.y, b.x, b.y));
+        st_shared_v4(s16 + chunk_at(r, 2 * c + 1), make_uint4(e.x, e.y, f.x, f.y));
+    }
+}
+#endif
 }  // namespace kv
 
 namespace kv {
@@ -469,8 +573,8 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
     const int sq = p.sq;
 
     const u32 sQ = smem_u32(smem);
-    const u32 sRing = sQ + 16 * RB + warp * (ST * 32 * RB);
-    float* s_ml = (float*)(smem + 16 * RB + NW * ST * 32 * RB);  // [NW][2][16]: m, l
+    const u32 sRing = sQ + 16 * RB + warp * KV_WARP_RING_BYTES;
+    float* s_ml = (float*)(smem + 16 * RB + NW * KV_WARP_RING_BYTES);  // [NW][2][16]: m, l
 
     // ---- Q tile: row r -> token t = r / group, head qh = kvh * group + r % group.
     const bool use_rot = p.rot_half > 0;
@@ -490,15 +594,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
 
     // ---- key blocks of 16 visible to some row of this tile, then this split's share.
     MaskCtx mc;
-    mc.sq = sq;
-    mc.sk = sk;
-#if HAS_MASK
-    mc.wl = p.window_left;
-    mc.wr = p.window_right;
-#else
-    mc.wl = -1;
-    mc.wr = -1;
-#endif
+    set_mask_ctx(mc, sq, sk, p);
     const int t_lo = r0 / group, t_hi = (r0 + rows_valid - 1) / group;
     int nb_lo, nb_hi;
     kv_block_range(mc, HAS_MASK != 0, t_lo, t_hi, 16, &nb_lo, &nb_hi);
@@ -510,17 +606,24 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
     // This warp's blocks: b_begin + warp, + NW, ...
     const int my_n = b_begin + warp < b_end ? (b_end - b_begin - warp + NW - 1) / NW : 0;
 
-    const u16* kc = (const u16*)p.k_cache + (i64)kvh * p.kc_head_stride;
-    const u16* vc = (const u16*)p.v_cache + (i64)kvh * p.vc_head_stride;
+    const cache_t* kc = (const cache_t*)p.k_cache + (i64)kvh * p.kc_head_stride;
+    const cache_t* vc = (const cache_t*)p.v_cache + (i64)kvh * p.vc_head_stride;
+#if KV_FP8
+    // A stage: K then V, 16 rows of D bytes each; the widened 16-bit K and V tiles after the stages.
+    constexpr int STAGE = 32 * D, HALF = 16 * D;
+    const u32 sWide = sRing + ST * STAGE;
+#else
+    constexpr int STAGE = 32 * RB, HALF = 16 * RB;
+#endif
     auto issue = [&](int it) {
         if (it < my_n) {
             const int blk = b_begin + warp + it * NW;
             const int j0 = blk * 16;
-            const u32 sK = sRing + (it % ST) * 32 * RB;
-            const u32 sV = sK + 16 * RB;
+            const u32 sK = sRing + (it % ST) * STAGE;
+            const u32 sV = sK + HALF;
             const int r = lane & 15;
-            const u16* krow = nullptr;
-            const u16* vrow = nullptr;
+            const cache_t* krow = nullptr;
+            const cache_t* vrow = nullptr;
             int outer, inner;
             if (j0 + r < sk) {
                 if (cache_loc(p, bi, lp + j0 + r, &outer, &inner)) {
@@ -530,19 +633,30 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
                     atomicOr(p.status, 2);
                 }
             }
+#if KV_FP8
+            load_rows16_fp8(sK, krow, sk - j0, d, lane, kc);
+            load_rows16_fp8(sV, vrow, sk - j0, d, lane, vc);
+#else
             load_rows16(sK, krow, sk - j0, d, lane, kc);
             load_rows16(sV, vrow, sk - j0, d, lane, vc);
+#endif
         }
         cp_async_commit();
     };
 #pragma unroll
     for (int s = 0; s < ST - 1; ++s) issue(s);
 
+    // The score scale; with an e4m3 cache it carries this key head's descale (the products use the stored values).
+#if KV_FP8
+    const float scale = p.scale * descale_of(p.k_descale, p, bi, kvh);
+#else
+    const float scale = p.scale;
+#endif
     // Scores in log2 units: p = exp2(s * c - m * c).
 #if HAS_SOFTCAP || HAS_ALIBI
     const float c = FA_LOG2E;
 #else
-    const float c = p.scale * FA_LOG2E;
+    const float c = scale * FA_LOG2E;
 #endif
 #if HAS_SOFTCAP
     const float inv_softcap = p.softcap > 0.f ? 1.f / p.softcap : 0.f;
@@ -583,8 +697,18 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
         issue(it + ST - 1);
         const int blk = b_begin + warp + it * NW;
         const int j0 = blk * 16;
-        const u32 sK = sRing + (it % ST) * 32 * RB;
-        const u32 sV = sK + 16 * RB;
+#if KV_FP8
+        // This stage's e4m3 tiles widened into the warp's 16-bit tiles (the previous iteration's reads of them
+        // ended at its closing __syncwarp).
+        widen_tile16(sRing + (it % ST) * STAGE, sWide, lane);
+        widen_tile16(sRing + (it % ST) * STAGE + HALF, sWide + 16 * RB, lane);
+        __syncwarp();
+        const u32 sK = sWide;
+        const u32 sV = sWide + 16 * RB;
+#else
+        const u32 sK = sRing + (it % ST) * STAGE;
+        const u32 sV = sK + HALF;
+#endif
 
         float s[2][4];
 #pragma unroll
@@ -606,9 +730,9 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
                 float x = s[nt][e];
 #if HAS_SOFTCAP || HAS_ALIBI
 #if HAS_SOFTCAP
-                x = inv_softcap > 0.f ? apply_softcap(x * p.scale, p.softcap, inv_softcap) : x * p.scale;
+                x = inv_softcap > 0.f ? apply_softcap(x * scale, p.softcap, inv_softcap) : x * scale;
 #else
-                x *= p.scale;
+                x *= scale;
 #endif
 #if HAS_ALIBI
                 x += alibi_bias(slope[e >> 1], row_t[e >> 1], j0 + nt * 8 + 2 * tq + (e & 1), off);
@@ -673,6 +797,16 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
         __syncwarp();
     }
     cp_async_wait_all();
+#if KV_FP8
+    // The value descale: O is linear in V.
+    {
+        const float vd = descale_of(p.v_descale, p, bi, kvh);
+#pragma unroll
+        for (int dt = 0; dt < DTILES; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[dt][e] *= vd;
+    }
+#endif
 
     // ---- merge the warps. Per row, each warp's weight exp(m_w - m) / L is computed once (threads 0..15)
     // while every thread stages its unnormalised O over the rings; then float4 columns are summed.
@@ -776,13 +910,13 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1) kv_attn(const __grid
     combine_splits(p, smem + 16 * RB, rows_valid, tr);
 }
 
-// Benchmark helper: fills n 16-bit elements with pseudo-random values in [-2, 2) (a hash of the index), so
-// timed runs never read zeros. grid-stride, any grid.
+// Benchmark helper: fills n 16-bit elements (or, with e4m3 != 0 in a KV_FP8 build, n e4m3 bytes) with
+// pseudo-random values in [-2, 2) (a hash of the index), so timed runs never read zeros. grid-stride, any grid.
 struct KvFillParams {
     void* dst;
     i64 n;
     unsigned int seed;
-    int pad;
+    int e4m3;
 };
 extern "C" __global__ void kv_fill(const KvFillParams f) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < f.n; i += (i64)gridDim.x * blockDim.x) {
@@ -791,6 +925,12 @@ extern "C" __global__ void kv_fill(const KvFillParams f) {
         x *= 0xBF58476D1CE4E5B9ull;
         x ^= x >> 29;
         const float u = (float)(x >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+#if KV_FP8
+        if (f.e4m3) {
+            ((u8*)f.dst)[i] = kv::f32_to_e4m3(4.f * u - 2.f);
+            continue;
+        }
+#endif
         ((u16*)f.dst)[i] = Dt<elem_t>::from_f32(4.f * u - 2.f);
     }
 }

@@ -17,6 +17,23 @@ struct MaskCtx {
     FA_DEVICE int off() const { return sk - sq; }
 };
 
+// Sets the mask context of one sequence: its query and key counts and, in a HAS_MASK variant, the window of the
+// call's parameters `p` (any parameter block with window_left / window_right); unbounded on both sides otherwise,
+// so that a variant without a mask compiles the window tests away. (Filled in place rather than returned: the
+// kernels compile to the same code as with the fields written at the call site.)
+template <class P>
+FA_DEVICE void set_mask_ctx(MaskCtx& mc, int sq, int sk, const P& p) {
+    mc.sq = sq;
+    mc.sk = sk;
+#if HAS_MASK
+    mc.wl = p.window_left;
+    mc.wr = p.window_right;
+#else
+    mc.wl = -1;
+    mc.wr = -1;
+#endif
+}
+
 // Key j visible to query i?
 FA_DEVICE bool is_visible(const MaskCtx& m, int i, int j) {
     const int c = i + m.sk - m.sq;

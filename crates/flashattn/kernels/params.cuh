@@ -46,6 +46,15 @@ struct FwdParams {
                               // for dsink)
 };
 
+// Forward problem of a kernel compiled with a value head dim of its own (HEAD_DIM_V defined, HAS_DV): v is
+// [b, sk, hk, d_v] (varlen [total_k, hk, d_v]) and o [b, sq, h, d_v]; every other field as in FwdParams.
+// Variants without HEAD_DIM_V take FwdParams alone.
+struct FwdDvParams {
+    FwdParams f;
+    int d_v;                  // real value head dim (<= the compiled HEAD_DIM_V)
+    int pad_;
+};
+
 // Backward problem: the forward's fields plus dO, the gradients and the scratch buffers (layouts: see the header
 // of bwd.cu). `rows_q` = b * sq (dense) or total_q = cu_seqlens_q[b] (varlen); row index of query i of sequence bi
 // is r = bi * sq + i (dense) or cu_seqlens_q[bi] + i (varlen). HD = the compiled (padded) HEAD_DIM.
@@ -78,5 +87,6 @@ struct BwdParams {
     float* dsink_part;
     float* dsink;
     int dsink_blocks;
-    int dsink_pad_;
+    int d_v;                  // real value head dim of v, o, dO and dV; read by the HAS_DV variants (HEAD_DIM_V
+                              // defined), the others use fwd.d for both
 };

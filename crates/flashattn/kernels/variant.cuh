@@ -1,6 +1,10 @@
 // The compile-time variant of a kernel: every kernel source includes this once, and the launcher
 // (src/cuda/compile.rs, `Variant::defines`) sets the macros with -D. Defaults are the plain kernel.
 //   HEAD_DIM       padded head dimension (required)
+//   HEAD_DIM_V     padded value head dimension of v, o, dO and dV (fwd.cu, bwd.cu). Undefined: the value head dim
+//                  is the query/key one (HAS_DV 0: the runtime d serves both). Defined: HAS_DV 1, the runtime value
+//                  head dim is a field of its own (FwdDvParams::d_v, BwdParams::d_v), even where HEAD_DIM_V equals
+//                  HEAD_DIM
 //   IS_BF16        1: bf16 inputs and outputs, 0: f16
 //   HAS_MASK       1: causal / sliding window / key-length masking is applied (mask.cuh)
 //   HAS_ALIBI      1: ALiBi bias (mask.cuh `alibi_bias`)
@@ -15,6 +19,12 @@
 
 #ifndef HEAD_DIM
 #error "HEAD_DIM must be defined"
+#endif
+#ifdef HEAD_DIM_V
+#define HAS_DV 1
+#else
+#define HAS_DV 0
+#define HEAD_DIM_V HEAD_DIM
 #endif
 #ifndef IS_BF16
 #define IS_BF16 0

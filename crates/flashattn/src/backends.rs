@@ -8,16 +8,7 @@ use crate::kvcache::KvCache;
 use crate::options::AttnOptions;
 use crate::tensor::{Device, Tensor, TensorView};
 
-/// Whether a backend can be used on this machine, and why not when not.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BackendStatus {
-    /// `cpu` or `cuda`.
-    pub name: &'static str,
-    /// Whether it can run now.
-    pub usable: bool,
-    /// What it found (devices, versions, cache folder) or why it cannot run.
-    pub detail: String,
-}
+pub use crate::tensor::BackendStatus;
 
 /// The status of every backend compiled into this build.
 pub fn status() -> Vec<BackendStatus> {

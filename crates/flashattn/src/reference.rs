@@ -21,69 +21,7 @@ use crate::tensor::{CpuSlice, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// The float type of a materialised computation (`f32` or `f64`).
-pub trait Real:
-    Copy
-    + Send
-    + Sync
-    + PartialOrd
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-    + std::ops::AddAssign
-    + 'static
-{
-    /// 0.
-    const ZERO: Self;
-    /// 1.
-    const ONE: Self;
-    /// -inf.
-    const NEG_INF: Self;
-    /// From `f32`.
-    fn of(x: f32) -> Self;
-    /// To `f64`.
-    fn f64(self) -> f64;
-    /// `e^x`.
-    fn exp(self) -> Self;
-    /// `ln x`.
-    fn ln(self) -> Self;
-    /// `tanh x`.
-    fn tanh(self) -> Self;
-    /// `self * a + b`, fused (one rounding).
-    fn mul_add(self, a: Self, b: Self) -> Self;
-}
-
-macro_rules! impl_real {
-    ($t:ty) => {
-        impl Real for $t {
-            const ZERO: Self = 0.0;
-            const ONE: Self = 1.0;
-            const NEG_INF: Self = <$t>::NEG_INFINITY;
-            fn of(x: f32) -> Self {
-                x as $t
-            }
-            fn f64(self) -> f64 {
-                self as f64
-            }
-            fn exp(self) -> Self {
-                <$t>::exp(self)
-            }
-            fn ln(self) -> Self {
-                <$t>::ln(self)
-            }
-            fn tanh(self) -> Self {
-                <$t>::tanh(self)
-            }
-            #[inline(always)]
-            fn mul_add(self, a: Self, b: Self) -> Self {
-                <$t>::mul_add(self, a, b)
-            }
-        }
-    };
-}
-impl_real!(f32);
-impl_real!(f64);
+pub use crate::gemm::Real;
 
 /// Forward results in contiguous logical layouts: `o` like q with the value head dim (`[total_q, h, d_v]` in
 /// row order, which is also `[b, sq, h, d_v]` when dense) and `lse` in [`Problem::lse_shape`].

@@ -28,6 +28,18 @@ impl fmt::Display for Device {
     }
 }
 
+/// Whether the backend of a kind of device can be used on this machine, and why not when not (what
+/// [`crate::backends::status`] reports for each backend).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendStatus {
+    /// `cpu` or `cuda`.
+    pub name: &'static str,
+    /// Whether it can run now.
+    pub usable: bool,
+    /// What it found (devices, versions, cache folder) or why it cannot run.
+    pub detail: String,
+}
+
 /// Host storage of one of the supported dtypes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CpuStorage {

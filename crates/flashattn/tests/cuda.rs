@@ -20,7 +20,9 @@ fn full() -> bool {
 }
 
 /// The CUDA sweep of one dtype. Full: every head dim x every (sq, sk) of the spec, forward and backward,
-/// with the variant and head layout rotating so each appears with every head dim. Quick: a small subset.
+/// with the variant and head layout rotating so each appears with every head dim. Quick: a small subset. Both
+/// end with the value head dim rows of the spec (`(d, d_v)` = (192, 128), (128, 64), (64, 128): every variant,
+/// sink included, on small shapes; full: also each pair with every (sq, sk)), forward and backward.
 fn cuda_cases(dtype: DType) -> Vec<Case> {
     let mut out = Vec::new();
     let (dims, shapes): (Vec<usize>, Vec<(usize, usize)>) = if full() {
@@ -48,6 +50,30 @@ fn cuda_cases(dtype: DType) -> Vec<Case> {
             out.push(c);
         }
     }
+    out.extend(value_dim_rows(dtype));
+    out
+}
+
+/// The sweep's value head dim rows of one dtype (see [`cuda_cases`]), forward and backward.
+fn value_dim_rows(dtype: DType) -> Vec<Case> {
+    let mut out = value_dim_cases(dtype, true);
+    if full() {
+        let dt = usize::from(dtype == DType::BF16);
+        let variants: Vec<common::Variant> = VARIANTS.into_iter().chain([common::Variant::Sink]).collect();
+        for (pi, &dims) in VALUE_DIMS.iter().enumerate() {
+            for (si, &shape) in SEQLENS.iter().enumerate() {
+                let mut c = Case::with_dv(
+                    dtype,
+                    dims,
+                    shape,
+                    HEADS[(pi + si + dt) % HEADS.len()],
+                    variants[(pi * 3 + si + dt) % variants.len()],
+                );
+                c.backward = true;
+                out.push(c);
+            }
+        }
+    }
     out
 }
 
@@ -64,7 +90,7 @@ fn warm_up(cases: &[Case], deterministic: bool) {
                 o.causal = causal;
             }
             let p = validate(&inp.q.view(), &inp.k.view(), &inp.v.view(), &o).expect("valid case");
-            let (f, b) = cuda::variants_for(&p, c.d % 8 == 0, deterministic).expect("variant");
+            let (f, b) = cuda::variants_for(&p, c.d % 8 == 0 && c.d_v % 8 == 0, deterministic).expect("variant");
             vs.push(f);
             vs.push(b);
         }
@@ -94,18 +120,19 @@ fn run_cases_logged(cases: &[Case]) -> (usize, usize, Vec<String>) {
         pass += p;
         fail += f;
         msgs.extend(m);
+        let dims = if c.d_v == c.d { format!("d{}", c.d) } else { format!("d{} dv{}", c.d, c.d_v) };
         say(&format!(
-            "  case {}/{} {} {:?} d{} {}x{} h{}/{} b{}: {} ({:.2} s)",
+            "  case {}/{} {} {:?} {dims} {}x{} h{}/{} b{}{}: {} ({:.2} s)",
             i + 1,
             cases.len(),
             c.dtype,
             c.variant,
-            c.d,
             c.sq,
             c.sk,
             c.h,
             c.hk,
             c.batch,
+            if c.deterministic { " det" } else { "" },
             if f == 0 { "ok" } else { "FAIL" },
             t0.elapsed().as_secs_f64()
         ));
@@ -729,39 +756,81 @@ fn raw_pointers_packed_qkv() {
     say("cuda raw pointers (packed QKV, caller stream): forward and backward match the host path");
 }
 
-/// A value head dim other than `d` (run by the CPU backends) is refused by every CUDA host entry point with
-/// `Error::Unsupported` before any device work, so this runs with or without a GPU; a well-formed call with
-/// equal head dims is not affected.
+/// A value head dim other than `d`: the sweep's value head dim rows (both dtypes, every variant, sink included,
+/// MHA/GQA/MQA, forward and backward) and each pair in deterministic mode, against the f64 oracle. They run on the
+/// sm80-class kernels on every device, Hopper included: no case may launch an sm90 kernel (checked case by case).
 #[test]
-fn value_head_dim_is_refused_before_device_work() {
+fn value_head_dims() {
+    if !gpu("value_head_dims") {
+        return;
+    }
+    let mut cases: Vec<Case> = [DType::F16, DType::BF16].into_iter().flat_map(value_dim_rows).collect();
+    for (pi, &dims) in VALUE_DIMS.iter().enumerate() {
+        for (vi, variant) in [Variant_::Causal, Variant_::Varlen, Variant_::Window].into_iter().enumerate() {
+            let dtype = if (pi + vi) % 2 == 0 { DType::BF16 } else { DType::F16 };
+            let mut c =
+                Case::with_dv(dtype, dims, [(130, 257), (257, 130), (300, 300)][vi], HEADS[(pi + vi) % 3], variant);
+            c.batch = 2;
+            c.backward = true;
+            c.deterministic = true;
+            cases.push(c);
+        }
+    }
+    warm_up(&cases, false);
+    warm_up(&cases, true);
+    let (mut pass, mut fail, mut msgs, mut on_sm90) = (0, 0, Vec::new(), Vec::new());
+    for c in &cases {
+        let before = sm90_launches();
+        let (p, f, m) = run_cases_logged(std::slice::from_ref(c));
+        pass += p;
+        fail += f;
+        msgs.extend(m);
+        if sm90_launches() != before {
+            on_sm90.push(format!("{c:?}"));
+        }
+    }
+    say(&format!("cuda value head dims: {pass} passed, {fail} failed, {} on the sm90 path", on_sm90.len()));
+    assert!(fail == 0, "{}", msgs.join("\n"));
+    assert!(on_sm90.is_empty(), "value head dim cases launched sm90 kernels: {}", on_sm90.join("; "));
+    assert!(pass > 0);
+}
+
+/// Value head dims the CUDA kernels are not compiled for, and any `d_v != d` on the KV-cache kernels, are refused
+/// by the CUDA host entry points with `Error::Unsupported` naming `d_v` before any device work, so this runs with
+/// or without a GPU (a refused KV-cache call appends nothing).
+#[test]
+fn value_head_dim_refusals_before_device_work() {
     let r = &mut rng(seed());
     let dt = DType::BF16;
-    let (q, k, v) = (
-        randn_tensor(r, &[1, 8, 4, 192], dt, 1.0),
-        randn_tensor(r, &[1, 8, 2, 192], dt, 1.0),
-        randn_tensor(r, &[1, 8, 2, 128], dt, 1.0),
-    );
-    let opts = AttnOptions::default();
-    let refused = |e: flashattn::Error, entry: &str| match e {
+    let refused = |e: flashattn::Error, entry: &str, d_v: usize| match e {
         flashattn::Error::Unsupported { backend: "cuda", what } => {
-            assert!(what.contains("d_v = 128") && what.contains("d = 192"), "{entry}: {what}")
+            assert!(what.contains(&format!("d_v = {d_v}")) && what.contains("d = 192"), "{entry}: {what}")
         }
         other => panic!("{entry}: expected Unsupported, got {other}"),
     };
-    refused(flashattn::forward_on(Device::Cuda(0), &q, &k, &v, &opts).unwrap_err(), "forward");
+    // (192, 64) pads to a pair the kernels are not compiled for.
+    let (q, k, v) = (
+        randn_tensor(r, &[1, 8, 4, 192], dt, 1.0),
+        randn_tensor(r, &[1, 8, 2, 192], dt, 1.0),
+        randn_tensor(r, &[1, 8, 2, 64], dt, 1.0),
+    );
+    let opts = AttnOptions::default();
+    refused(flashattn::forward_on(Device::Cuda(0), &q, &k, &v, &opts).unwrap_err(), "forward", 64);
     let f = flashattn::forward(&q, &k, &v, &opts).expect("cpu forward");
     let g = randn_tensor(r, f.o.shape(), dt, 1.0);
-    refused(flashattn::backward_on(Device::Cuda(0), &q, &k, &v, &f.o, &f.lse, &g, &opts).unwrap_err(), "backward");
+    refused(flashattn::backward_on(Device::Cuda(0), &q, &k, &v, &f.o, &f.lse, &g, &opts).unwrap_err(), "backward", 64);
+    // The KV-cache kernels take no d_v != d, even a pair the other kernels run.
+    let (kn, vn) = (randn_tensor(r, &[1, 8, 2, 192], dt, 1.0), randn_tensor(r, &[1, 8, 2, 128], dt, 1.0));
     let (mut kc, mut vc) = (randn_tensor(r, &[1, 16, 2, 192], dt, 1.0), randn_tensor(r, &[1, 16, 2, 128], dt, 1.0));
     let before = (kc.clone(), vc.clone());
     let mut cache = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(4));
-    cache.k_new = Some(k.view());
-    cache.v_new = Some(v.view());
-    refused(flashattn::kvcache_forward_on(Device::Cuda(0), &q.view(), &mut cache, &opts).unwrap_err(), "kvcache");
+    cache.k_new = Some(kn.view());
+    cache.v_new = Some(vn.view());
+    refused(flashattn::kvcache_forward_on(Device::Cuda(0), &q.view(), &mut cache, &opts).unwrap_err(), "kvcache", 128);
     drop(cache);
     assert!(kc == before.0 && vc == before.1, "a refused KV-cache call must not append");
     // Ring attention on CUDA refuses it too (before picking a GPU).
-    let e = flashattn::ring::ring_forward_cuda(0, &q, &k, &v, &opts, 2).unwrap_err();
+    let e = flashattn::ring::ring_forward_cuda(0, &q, &kn, &vn, &opts, 2).unwrap_err();
     assert!(matches!(e, flashattn::Error::Unsupported { .. }), "ring_forward_cuda: {e}");
 }
 
@@ -797,7 +866,7 @@ fn fp8_sweep() {
     assert!(msgs.is_empty(), "{}", msgs.join("\n"));
 }
 
-/// FP8 inputs are refused by every CUDA host entry point with `Error::Unsupported` before any device work (so
+/// FP8 q, k, v are refused by every CUDA host entry point with `Error::Unsupported` before any device work (so
 /// this runs with or without a GPU), and a refused KV-cache call writes nothing.
 #[test]
 fn fp8_is_refused_before_device_work() {
@@ -814,9 +883,10 @@ fn fp8_is_refused_before_device_work() {
         other => panic!("{entry}: expected Unsupported, got {other}"),
     };
     refused(flashattn::forward_on(Device::Cuda(0), &q, &k, &v, &opts).unwrap_err(), "forward");
-    // A 16-bit q with an FP8 cache (and 16-bit rows to append): refused, nothing appended.
-    let qb = randn_tensor(r, &[1, 8, 4, 64], DType::BF16, 1.0);
-    let kn = randn_tensor(r, &[1, 8, 2, 64], DType::BF16, 1.0);
+    // An FP8 q with an FP8 cache (and rows to append): refused, nothing appended. (A 16-bit q with an FP8 cache
+    // runs on the KV kernels: cuda_kvcache's kvcache_fp8_device.)
+    let qb = randn_tensor(r, &[1, 8, 4, 64], dt, 1.0);
+    let kn = randn_tensor(r, &[1, 8, 2, 64], dt, 1.0);
     let (mut kc, mut vc) = (randn_tensor(r, &[1, 16, 2, 64], dt, 1.0), randn_tensor(r, &[1, 16, 2, 64], dt, 1.0));
     let before = (kc.clone(), vc.clone());
     let mut cache = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(4));

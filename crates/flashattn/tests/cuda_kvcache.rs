@@ -46,6 +46,32 @@ struct KvCase {
     feat: Feat,
     /// Sequence 0 fills the cache exactly.
     exact_fill: bool,
+    /// e4m3 caches (q and the new rows stay `dtype`) with random key/value descales in [0.5, 2].
+    fp8: bool,
+}
+
+impl KvCase {
+    /// A bf16 case without paging, rotary, left padding, batch index or score features, whose sequence 0 fills
+    /// the cache exactly.
+    fn bf16(d: usize, h: usize, hk: usize, sq: usize, s_new: usize, cap: usize) -> Self {
+        KvCase {
+            dtype: DType::BF16,
+            d,
+            h,
+            hk,
+            sq,
+            s_new,
+            cap,
+            page: None,
+            rot: 0,
+            interleaved: false,
+            leftpad: false,
+            batch_idx: false,
+            feat: Feat::Plain,
+            exact_fill: true,
+            fp8: false,
+        }
+    }
 }
 
 /// Host inputs of one case.
@@ -126,12 +152,21 @@ fn setup(c: KvCase, r: &mut Rng64) -> Setup {
             qscale = 8.0;
         }
     }
+    let cache_dtype = if c.fp8 { DType::E4M3 } else { c.dtype };
+    if c.fp8 {
+        let mut ds = || {
+            Tensor::from_f32(&(0..b * hk).map(|_| r.gen_range(0.5f32..=2.0)).collect::<Vec<_>>(), &[b, hk], DType::F32)
+                .unwrap()
+        };
+        let (kd, vd) = (ds(), ds());
+        opts = opts.descale(None, Some(kd), Some(vd));
+    }
     Setup {
         c,
         b,
         q: randn_tensor(r, &[b, c.sq, h, d], c.dtype, qscale),
-        kc0: randn_tensor(r, &kshape, c.dtype, 1.0),
-        vc0: randn_tensor(r, &kshape, c.dtype, 1.0),
+        kc0: randn_tensor(r, &kshape, cache_dtype, 1.0),
+        vc0: randn_tensor(r, &kshape, cache_dtype, 1.0),
         kn: randn_tensor(r, &[b, c.s_new, hk, d], c.dtype, 1.0),
         vn: randn_tensor(r, &[b, c.s_new, hk, d], c.dtype, 1.0),
         seqlens,
@@ -190,7 +225,9 @@ fn verify(s: &Setup, o: &[f32], lse: &[f32], kc: &Tensor, vc: &Tensor) -> Result
     let reference = forward_f64(p, qv.data, kc_ref.view().data, vc_ref.view().data);
     let (base, _) = naive_forward(p, qv.data, kc_ref.view().data, vc_ref.view().data);
     let factor = if matches!(s.c.feat, Feat::Alibi | Feat::Softcap) { 3.0 } else { 2.0 };
-    let vo = flashattn::accuracy::compare("o", o, &reference.o, &base.to_f32_vec(), s.c.dtype, factor);
+    // e4m3 caches: the FP8 rule (its baseline rounds the probabilities to e4m3).
+    let rule = if s.c.fp8 { DType::E4M3 } else { s.c.dtype };
+    let vo = flashattn::accuracy::compare("o", o, &reference.o, &base.to_f32_vec(), rule, factor);
     let vl = flashattn::accuracy::compare_lse(lse, &reference.lse);
     if vo.pass && vl.pass {
         Ok(())
@@ -236,6 +273,7 @@ fn sweep_cases() -> Vec<KvCase> {
                         batch_idx: unpaged && i % 4 >= 2,
                         feat: feats[i % feats.len()],
                         exact_fill: i % 2 == 0,
+                        fp8: false,
                     });
                 }
             }
@@ -282,6 +320,47 @@ fn kvcache_sweep_device() {
     assert!(fail == 0, "{}", msgs.join("\n"));
 }
 
+/// Decoding from e4m3 caches (`KV_FP8` kernels: 1-byte rows widened in shared memory, descales in the score
+/// scale and on O) with 16-bit q and new rows quantized on append: half of the KV sweep's cases (every layout,
+/// rotary form, feature, head dim including the element-wise-load 59 and 96) with e4m3 caches, checked
+/// against the f64 oracle of the dequantized cache under the FP8 rule, and the appended bytes against the
+/// host's quantization.
+#[test]
+fn kvcache_fp8_device() {
+    if !gpu("kvcache_fp8_device") {
+        return;
+    }
+    let arch = cuda::device_arch(0).unwrap();
+    let number: u32 = arch.trim_start_matches("sm_").trim_end_matches(char::is_alphabetic).parse().unwrap_or(0);
+    if number < 89 {
+        say(&format!("SKIP kvcache_fp8_device: {arch} has no e4m3 conversions (sm_89 or newer)"));
+        return;
+    }
+    let base_seed = seed() ^ 0xf8;
+    let (mut pass, mut fail, mut msgs) = (0, 0, Vec::new());
+    for (k, c) in sweep_cases().into_iter().enumerate() {
+        if k % 2 != 0 {
+            continue;
+        }
+        let c = KvCase { fp8: true, ..c };
+        let sd = base_seed.wrapping_add(k as u64);
+        let s = setup(c, &mut rng(sd));
+        let (out, kc, vc, _) = run_host(&s, Device::Cuda(0));
+        let res = out
+            .map_err(|e| format!("error: {e}"))
+            .and_then(|o| verify(&s, &o.o.to_f32_vec(), &o.lse.to_f32_vec(), &kc, &vc));
+        match res {
+            Ok(()) => pass += 1,
+            Err(e) => {
+                fail += 1;
+                msgs.push(format!("FAIL {c:?} seed {sd}: {e}"));
+            }
+        }
+    }
+    say(&format!("cuda kvcache fp8 (e4m3 caches): {pass} passed, {fail} failed"));
+    assert!(fail == 0, "{}", msgs.join("\n"));
+}
+
 /// An append that would overflow is refused before anything is written: host form (typed error, cache
 /// untouched) and device form (status word set, device cache untouched).
 #[test]
@@ -291,22 +370,7 @@ fn kvcache_overflow_refused() {
     }
     let mut r = rng(seed());
     for page in [None, Some(16usize)] {
-        let c = KvCase {
-            dtype: DType::BF16,
-            d: 64,
-            h: 6,
-            hk: 2,
-            sq: 2,
-            s_new: 2,
-            cap: 64,
-            page,
-            rot: 1,
-            interleaved: false,
-            leftpad: false,
-            batch_idx: false,
-            feat: Feat::Causal,
-            exact_fill: true,
-        };
+        let c = KvCase { page, rot: 1, feat: Feat::Causal, ..KvCase::bf16(64, 6, 2, 2, 2, 64) };
         let mut s = setup(c, &mut r);
         s.seqlens[2] = 63; // 63 + 2 > 64
         let (res, kc, vc, _) = run_host(&s, Device::Cuda(0));
@@ -436,6 +500,8 @@ impl DevCase {
             },
             alibi_slopes: None,
             sink: None,
+            k_descale: None,
+            v_descale: None,
         };
         let q = t(p16(&self.q), dt, &[b, c.sq, c.h, c.d]);
         let o = t(p16(&self.o), dt, &[b, c.sq, c.h, c.d]);
@@ -480,22 +546,7 @@ fn kvcache_cuda_graph_replay() {
     }
     use cuda::cudarc::driver::sys;
     let base = seed();
-    let c = KvCase {
-        dtype: DType::BF16,
-        d: 128,
-        h: 32,
-        hk: 8,
-        sq: 1,
-        s_new: 1,
-        cap: 4096,
-        page: Some(16),
-        rot: 1,
-        interleaved: false,
-        leftpad: false,
-        batch_idx: false,
-        feat: Feat::Causal,
-        exact_fill: true,
-    };
+    let c = KvCase { page: Some(16), rot: 1, feat: Feat::Causal, ..KvCase::bf16(128, 32, 8, 1, 1, 4096) };
     let s0 = setup(c, &mut rng(base));
     let mut dev = DevCase::upload(&s0);
     let ws = KvWorkspace::new(0, dev.ws_bytes(&s0)).unwrap();
@@ -565,22 +616,7 @@ fn kvcache_split_counters_after_refusal() {
     let mut r = rng(seed());
     let mut splits_seen = Vec::new();
     for s_new in [2usize, 0] {
-        let c = KvCase {
-            dtype: DType::BF16,
-            d: 128,
-            h: 8,
-            hk: 2,
-            sq: 1,
-            s_new,
-            cap: 2048,
-            page: None,
-            rot: 0,
-            interleaved: false,
-            leftpad: false,
-            batch_idx: false,
-            feat: Feat::Plain,
-            exact_fill: true,
-        };
+        let c = KvCase::bf16(128, 8, 2, 1, s_new, 2048);
         let s = setup(c, &mut r);
         let mut dev = DevCase::upload(&s);
         let ws = KvWorkspace::new(0, dev.ws_bytes(&s)).unwrap();
@@ -627,6 +663,9 @@ fn kv_kernels_compile_without_spills() {
         (1..=8).flat_map(|k| [false, true].map(|mask| kv_variant(32 * k, true, mask, false, false, true))).collect();
     vs.push(kv_variant(256, false, true, false, false, true));
     vs.push(kv_variant(128, false, true, true, true, false));
+    // The e4m3-cache forms (sm_90a only: they need sm_89 or newer).
+    let fp8: Vec<_> = vs.iter().map(|&v| flashattn::cuda::Variant { kv_fp8: true, ..v }).collect();
+    vs.extend(fp8);
     let archs = ["sm_80".to_string(), "sm_90a".to_string()];
     let reps = cuda::compile_reports(&archs, &vs).unwrap_or_else(|e| panic!("{e}"));
     for r in &reps {

@@ -10,6 +10,7 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+use common::nonfinite::{at, check_row, vals, Case, Row};
 use common::*;
 use flashattn::{AttnOptions, CacheSeqlens, CudaPath, DType, Device, KvCache, Tensor, Tuning};
 
@@ -22,90 +23,33 @@ fn dtypes_paths() -> impl Iterator<Item = (DType, CudaPath)> {
     DTYPES.into_iter().flat_map(|dt| [CudaPath::Auto, CudaPath::Sm80].map(|p| (dt, p)))
 }
 
-/// Deterministic, varied, finite values in [-1, 1).
-fn vals(n: usize, seed: u32) -> Vec<f32> {
-    (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed * 97) % 1000) as f32 / 500.0 - 1.0).collect()
+/// The case on kernel path `path` at head dim `d`.
+fn case(dtype: DType, d: usize, path: CudaPath) -> Case {
+    Case::new(dtype, d, AttnOptions::default().tuning(Tuning { cuda_path: path, ..Tuning::default() }))
 }
 
-/// `[b, s, h, d]` row offset of `(seq, row, head)`.
-fn at(shape: &[usize; 4], seq: usize, row: usize, head: usize) -> usize {
-    ((seq * shape[1] + row) * shape[2] + head) * shape[3]
+/// The CUDA forward's `o` and `lse` as f32.
+fn run(c: &Case) -> (Vec<f32>, Vec<f32>) {
+    let [q, k, v] = c.tensors();
+    let out = flashattn::forward_on(Device::Cuda(0), &q, &k, &v, &c.opts).unwrap();
+    (out.o.to_f32_vec(), out.lse.to_f32_vec())
 }
 
-struct Case {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    qs: [usize; 4],
-    ks: [usize; 4],
-    dtype: DType,
-    opts: AttnOptions,
-}
-
-impl Case {
-    /// b = 2, h = 4, hk = 2 (GQA), sq = 150 > sk = 130 with a causal mask: the first 20 rows see no key, and
-    /// the key range spans several key blocks.
-    fn new(dtype: DType, d: usize, path: CudaPath) -> Self {
-        let (qs, ks) = ([2, 150, 4, d], [2, 130, 2, d]);
-        let n = |s: &[usize; 4]| s.iter().product::<usize>();
-        Case {
-            q: vals(n(&qs), 1),
-            k: vals(n(&ks), 2),
-            v: vals(n(&ks), 3),
-            qs,
-            ks,
-            dtype,
-            opts: AttnOptions::default().causal().tuning(Tuning { cuda_path: path, ..Tuning::default() }),
-        }
-    }
-    fn tensors(&self) -> [Tensor; 3] {
-        [
-            Tensor::from_f32(&self.q, &self.qs, self.dtype).unwrap(),
-            Tensor::from_f32(&self.k, &self.ks, self.dtype).unwrap(),
-            Tensor::from_f32(&self.v, &self.ks, self.dtype).unwrap(),
-        ]
-    }
-    /// The CUDA forward's `o` and `lse` as f32.
-    fn run(&self) -> (Vec<f32>, Vec<f32>) {
-        let [q, k, v] = self.tensors();
-        let out = flashattn::forward_on(Device::Cuda(0), &q, &k, &v, &self.opts).unwrap();
-        (out.o.to_f32_vec(), out.lse.to_f32_vec())
-    }
-    /// Whether query row `i` sees key `j` (causal, bottom-right aligned).
-    fn sees(&self, i: usize, j: usize) -> bool {
-        j + self.qs[1] <= i + self.ks[1]
-    }
-    fn masked(&self, i: usize) -> bool {
-        !self.sees(i, 0)
-    }
-    fn lse_at(&self, seq: usize, head: usize, row: usize) -> usize {
-        (seq * self.qs[2] + head) * self.qs[1] + row
-    }
-    fn what(&self) -> String {
-        format!("{:?} d{} ({:?} path)", self.dtype, self.qs[3], self.opts.tuning.cuda_path)
-    }
+/// The case in words: dtype, head dim, kernel path.
+fn what(c: &Case) -> String {
+    format!("{:?} d{} ({:?} path)", c.dtype, c.qs[3], c.opts.tuning.cuda_path)
 }
 
 /// Every row of the CUDA forward: masked rows exactly `o = 0`, `lse = -inf`; rows with `nan_row(seq, head, row)`
 /// NaN in all of `o` and in `lse`; every other row finite.
 fn check_rows(c: &Case, nan_row: impl Fn(usize, usize, usize) -> bool) {
-    let (o, lse) = c.run();
-    let d = c.qs[3];
+    let (o, lse) = run(c);
     for seq in 0..c.qs[0] {
         for head in 0..c.qs[2] {
             for i in 0..c.qs[1] {
-                let orow = &o[at(&c.qs, seq, i, head)..at(&c.qs, seq, i, head) + d];
-                let l = lse[c.lse_at(seq, head, i)];
-                let what = format!("{} seq {seq} head {head} row {i}", c.what());
-                if c.masked(i) {
-                    assert!(orow.iter().all(|&x| x == 0.0) && l == f32::NEG_INFINITY, "{what}: not empty (lse {l})");
-                } else if nan_row(seq, head, i) {
-                    assert!(l.is_nan(), "{what}: lse {l} should be NaN");
-                    assert!(orow.iter().all(|x| x.is_nan()), "{what}: o should be NaN");
-                } else {
-                    assert!(l.is_finite(), "{what}: lse {l}");
-                    assert!(orow.iter().all(|x| x.is_finite()), "{what}: o not finite");
-                }
+                let what = format!("{} seq {seq} head {head} row {i}", what(c));
+                let expect = Row::of(c.masked(i), nan_row(seq, head, i));
+                check_row(&what, c.q_row(&o, seq, i, head), Some(lse[c.lse_at(seq, head, i)]), expect);
             }
         }
     }
@@ -118,7 +62,7 @@ fn cuda_clean_inputs_give_finite_rows_and_empty_masked_rows() {
     }
     for (dtype, path) in dtypes_paths() {
         for d in DIMS {
-            check_rows(&Case::new(dtype, d, path), |_, _, _| false);
+            check_rows(&case(dtype, d, path), |_, _, _| false);
         }
     }
 }
@@ -130,7 +74,7 @@ fn cuda_nan_in_q_makes_that_row_nan() {
     }
     for (dtype, path) in dtypes_paths() {
         for d in DIMS {
-            let mut c = Case::new(dtype, d, path);
+            let mut c = case(dtype, d, path);
             // Row 40 of (seq 1, head 3): visible; row 5 of (seq 0, head 0): masked, so it stays empty.
             c.q[at(&c.qs, 1, 40, 3) + 7] = f32::NAN;
             c.q[at(&c.qs, 0, 5, 0) + 2] = f32::NAN;
@@ -146,7 +90,7 @@ fn cuda_nan_in_one_key_makes_the_rows_that_see_it_nan() {
     }
     for (dtype, path) in dtypes_paths() {
         for d in DIMS {
-            let mut c = Case::new(dtype, d, path);
+            let mut c = case(dtype, d, path);
             // Key 100 of (seq 0, kv head 1): read by query heads 2 and 3, by rows 120.. (causal).
             let j = 100;
             c.k[at(&c.ks, 0, j, 1) + 3] = f32::NAN;
@@ -164,7 +108,7 @@ fn cuda_plus_inf_score_makes_the_row_nan() {
         for d in DIMS {
             // A q element of +inf against keys whose matching element is positive: every score of the row is
             // +inf, and the row is NaN (inf - inf), never empty.
-            let mut c = Case::new(dtype, d, path);
+            let mut c = case(dtype, d, path);
             c.q[at(&c.qs, 1, 120, 2)] = f32::INFINITY;
             for j in 0..c.ks[1] {
                 c.k[at(&c.ks, 1, j, 1)] = 0.5;
@@ -181,18 +125,18 @@ fn cuda_nan_in_one_value_row_reaches_the_rows_that_weigh_it() {
     }
     for (dtype, path) in dtypes_paths() {
         for d in DIMS {
-            let mut c = Case::new(dtype, d, path);
+            let mut c = case(dtype, d, path);
             let j = 90;
             c.v[at(&c.ks, 1, j, 0)] = f32::NAN;
-            let (o, lse) = c.run();
+            let (o, lse) = run(&c);
             for seq in 0..2 {
                 for head in 0..4 {
                     for i in 0..c.qs[1] {
                         let oi = at(&c.qs, seq, i, head);
-                        let what = format!("{} seq {seq} head {head} row {i}", c.what());
+                        let what = format!("{} seq {seq} head {head} row {i}", what(&c));
                         let l = lse[c.lse_at(seq, head, i)];
                         if c.masked(i) {
-                            assert!(o[oi..oi + d].iter().all(|&x| x == 0.0) && l == f32::NEG_INFINITY, "{what}");
+                            check_row(&what, &o[oi..oi + d], Some(l), Row::Empty);
                             continue;
                         }
                         assert!(l.is_finite(), "{what}: lse {l} is a function of q, k only");
@@ -218,7 +162,7 @@ fn cuda_backward_propagates_nan_and_masked_rows_stay_zero() {
     }
     for (dtype, path) in dtypes_paths() {
         for d in DIMS {
-            let mut c = Case::new(dtype, d, path);
+            let mut c = case(dtype, d, path);
             // A NaN in a visible row's q: row 60 of (seq 1, head 1), reading kv head 0.
             c.q[at(&c.qs, 1, 60, 1) + 1] = f32::NAN;
             let [q, k, v] = c.tensors();
@@ -227,19 +171,18 @@ fn cuda_backward_propagates_nan_and_masked_rows_stay_zero() {
             let dout = Tensor::from_f32(&vals(c.q.len(), 9), &c.qs, dtype).unwrap();
             let g = flashattn::backward_on(dev, &q, &k, &v, &out.o, &out.lse, &dout, &c.opts).unwrap();
             let (dq, dk, dv) = (g.dq.to_f32_vec(), g.dk.to_f32_vec(), g.dv.to_f32_vec());
-            let w = c.what();
+            let w = what(&c);
             // dq: zero on masked rows, NaN on the NaN row, finite elsewhere.
             for seq in 0..2 {
                 for head in 0..4 {
                     for i in 0..c.qs[1] {
-                        let r = &dq[at(&c.qs, seq, i, head)..at(&c.qs, seq, i, head) + d];
-                        if c.masked(i) {
-                            assert!(r.iter().all(|&x| x == 0.0), "{w} seq {seq} head {head} row {i}: masked dq");
-                        } else if (seq, head, i) == (1, 1, 60) {
-                            assert!(r.iter().all(|x| x.is_nan()), "{w}: the NaN row's dq");
-                        } else {
-                            assert!(r.iter().all(|x| x.is_finite()), "{w} seq {seq} head {head} row {i}: dq");
-                        }
+                        let expect = Row::of(c.masked(i), (seq, head, i) == (1, 1, 60));
+                        check_row(
+                            &format!("{w} seq {seq} head {head} row {i}: dq"),
+                            c.q_row(&dq, seq, i, head),
+                            None,
+                            expect,
+                        );
                     }
                 }
             }
@@ -309,15 +252,8 @@ fn cuda_kvcache_nan_key_makes_the_rows_that_see_it_nan() {
                 for i in 0..sq {
                     for head in 0..h {
                         let what = format!("{dtype:?} d{d} n {n} row {i} head {head}");
-                        let l = lse[head * sq + i];
                         let orow = &o[(i * h + head) * d..(i * h + head + 1) * d];
-                        if head < 2 || i >= 2 {
-                            assert!(l.is_nan(), "{what}: lse {l} should be NaN");
-                            assert!(orow.iter().all(|x| x.is_nan()), "{what}: o should be NaN");
-                        } else {
-                            assert!(l.is_finite(), "{what}: lse {l}");
-                            assert!(orow.iter().all(|x| x.is_finite()), "{what}: o not finite");
-                        }
+                        check_row(&what, orow, Some(lse[head * sq + i]), Row::of(false, head < 2 || i >= 2));
                     }
                 }
             }
@@ -339,16 +275,8 @@ fn cuda_kvcache_masked_rows_are_empty() {
             for i in 0..sq {
                 for head in 0..h {
                     let what = format!("{dtype:?} d{d} row {i} head {head}");
-                    let l = lse[head * sq + i];
                     let orow = &o[(i * h + head) * d..(i * h + head + 1) * d];
-                    if i < 2 {
-                        assert!(
-                            orow.iter().all(|&x| x == 0.0) && l == f32::NEG_INFINITY,
-                            "{what}: not empty (lse {l})"
-                        );
-                    } else {
-                        assert!(l.is_finite() && orow.iter().all(|x| x.is_finite()), "{what}: lse {l}");
-                    }
+                    check_row(&what, orow, Some(lse[head * sq + i]), Row::of(i < 2, false));
                 }
             }
         }

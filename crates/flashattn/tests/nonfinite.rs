@@ -3,76 +3,31 @@
 //! weight is non-zero, and only a row whose mask leaves no key is reported as `o = 0`, `lse = -inf`.
 //! Checked on the CPU flash path (forward and backward) and on the `f64` oracle.
 
+mod common;
+use common::nonfinite::{at, check_row, vals, Case, Row};
 use flashattn::reference::forward_f64;
 use flashattn::{backward, forward, AttnOptions, DType, Tensor};
 
 const D: usize = 16;
 
-/// Deterministic, varied, finite values.
-fn vals(n: usize, seed: u32) -> Vec<f32> {
-    (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed * 97) % 1000) as f32 / 500.0 - 1.0).collect()
+/// The case at head dim `D`.
+fn case(dtype: DType) -> Case {
+    Case::new(dtype, D, AttnOptions::default())
 }
 
-/// `[b, s, h, D]` row index of `(seq, row, head)`.
-fn at(shape: &[usize], seq: usize, row: usize, head: usize) -> usize {
-    ((seq * shape[1] + row) * shape[2] + head) * shape[3]
-}
-
-struct Case {
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    qs: [usize; 4],
-    ks: [usize; 4],
-    dtype: DType,
-    opts: AttnOptions,
-}
-
-impl Case {
-    /// b = 2, h = 4, hk = 2 (GQA), sq = 150 > sk = 130 with a causal mask: the first 20 rows see no key,
-    /// and the key range spans three 64-key tiles.
-    fn new(dtype: DType) -> Self {
-        let (qs, ks) = ([2, 150, 4, D], [2, 130, 2, D]);
-        let n = |s: &[usize; 4]| s.iter().product::<usize>();
-        Case {
-            q: vals(n(&qs), 1),
-            k: vals(n(&ks), 2),
-            v: vals(n(&ks), 3),
-            qs,
-            ks,
-            dtype,
-            opts: AttnOptions::default().causal(),
-        }
-    }
-    fn tensors(&self) -> [Tensor; 3] {
-        [
-            Tensor::from_f32(&self.q, &self.qs, self.dtype).unwrap(),
-            Tensor::from_f32(&self.k, &self.ks, self.dtype).unwrap(),
-            Tensor::from_f32(&self.v, &self.ks, self.dtype).unwrap(),
-        ]
-    }
-    /// The CPU flash forward's `o` and `lse` (as f32), and the `f64` oracle's.
-    fn run(&self) -> (Vec<f32>, Vec<f32>, Vec<f64>, Vec<f64>) {
-        let [q, k, v] = self.tensors();
-        let out = forward(&q, &k, &v, &self.opts).unwrap();
-        let p = flashattn::problem::validate(&q.view(), &k.view(), &v.view(), &self.opts).unwrap();
-        let r = forward_f64(&p, q.view().data, k.view().data, v.view().data);
-        (out.o.to_f32_vec(), out.lse.to_f32_vec(), r.o, r.lse)
-    }
-    /// Whether query row `i` sees key `j` (causal, bottom-right aligned).
-    fn sees(&self, i: usize, j: usize) -> bool {
-        j + self.qs[1] <= i + self.ks[1]
-    }
-    fn lse_at(&self, seq: usize, head: usize, row: usize) -> usize {
-        (seq * self.qs[2] + head) * self.qs[1] + row
-    }
+/// The CPU flash forward's `o` and `lse` (as f32), and the `f64` oracle's.
+fn run(c: &Case) -> (Vec<f32>, Vec<f32>, Vec<f64>, Vec<f64>) {
+    let [q, k, v] = c.tensors();
+    let out = forward(&q, &k, &v, &c.opts).unwrap();
+    let p = flashattn::problem::validate(&q.view(), &k.view(), &v.view(), &c.opts).unwrap();
+    let r = forward_f64(&p, q.view().data, k.view().data, v.view().data);
+    (out.o.to_f32_vec(), out.lse.to_f32_vec(), r.o, r.lse)
 }
 
 /// Checks every row of both the flash and the oracle outputs: `nan_row(seq, head, row)` says whether the
 /// row must be NaN (o and lse); other rows must be finite, or exactly `0`/`-inf` when masked.
 fn check_rows(c: &Case, nan_row: impl Fn(usize, usize, usize) -> bool) {
-    let (o, lse, ro, rlse) = c.run();
-    let sk = c.ks[1];
+    let (o, lse, ro, rlse) = run(c);
     for (name, o, lse) in [
         ("flash", o.iter().map(|&x| x as f64).collect::<Vec<_>>(), lse.iter().map(|&x| x as f64).collect::<Vec<_>>()),
         ("oracle", ro, rlse),
@@ -80,19 +35,9 @@ fn check_rows(c: &Case, nan_row: impl Fn(usize, usize, usize) -> bool) {
         for seq in 0..c.qs[0] {
             for head in 0..c.qs[2] {
                 for i in 0..c.qs[1] {
-                    let orow = &o[at(&c.qs, seq, i, head)..at(&c.qs, seq, i, head) + D];
-                    let l = lse[c.lse_at(seq, head, i)];
-                    let masked = (0..sk).all(|j| !c.sees(i, j));
                     let what = format!("{name} seq {seq} head {head} row {i}");
-                    if masked {
-                        assert!(orow.iter().all(|&x| x == 0.0) && l == f64::NEG_INFINITY, "{what}: not empty");
-                    } else if nan_row(seq, head, i) {
-                        assert!(l.is_nan(), "{what}: lse {l} should be NaN");
-                        assert!(orow.iter().all(|x| x.is_nan()), "{what}: o should be NaN");
-                    } else {
-                        assert!(l.is_finite(), "{what}: lse {l}");
-                        assert!(orow.iter().all(|x| x.is_finite()), "{what}: o {orow:?}");
-                    }
+                    let expect = Row::of(c.masked(i), nan_row(seq, head, i));
+                    check_row(&what, c.q_row(&o, seq, i, head), Some(lse[c.lse_at(seq, head, i)]), expect);
                 }
             }
         }
@@ -102,14 +47,14 @@ fn check_rows(c: &Case, nan_row: impl Fn(usize, usize, usize) -> bool) {
 #[test]
 fn clean_inputs_give_finite_rows_and_empty_masked_rows() {
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        check_rows(&Case::new(dtype), |_, _, _| false);
+        check_rows(&case(dtype), |_, _, _| false);
     }
 }
 
 #[test]
 fn nan_in_q_makes_that_row_nan() {
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        let mut c = Case::new(dtype);
+        let mut c = case(dtype);
         // Row 40 of (seq 1, head 3): visible; row 5 of (seq 0, head 0): masked, so it stays empty.
         c.q[at(&c.qs, 1, 40, 3) + 7] = f32::NAN;
         c.q[at(&c.qs, 0, 5, 0) + 2] = f32::NAN;
@@ -120,7 +65,7 @@ fn nan_in_q_makes_that_row_nan() {
 #[test]
 fn nan_in_one_key_makes_the_rows_that_see_it_nan() {
     for dtype in [DType::F32, DType::BF16] {
-        let mut c = Case::new(dtype);
+        let mut c = case(dtype);
         // Key 100 of (seq 0, kv head 1): read by query heads 2 and 3, by the rows that see key 100.
         let j = 100;
         c.k[at(&c.ks, 0, j, 1) + 3] = f32::NAN;
@@ -132,16 +77,16 @@ fn nan_in_one_key_makes_the_rows_that_see_it_nan() {
 fn plus_inf_score_makes_the_row_nan() {
     // One +inf score among finite ones: q row · k row overflows f32 (the oracle, in f64, does not overflow,
     // so only the flash path is checked here).
-    let mut c = Case::new(DType::F32);
+    let mut c = case(DType::F32);
     let (qi, kj) = (at(&c.qs, 0, 149, 0), at(&c.ks, 0, 3, 0));
     c.q[qi..qi + D].fill(1e30);
     c.k[kj..kj + D].fill(1e30);
-    let (o, lse, _, _) = c.run();
+    let (o, lse, _, _) = run(&c);
     assert!(lse[c.lse_at(0, 0, 149)].is_nan(), "lse {}", lse[c.lse_at(0, 0, 149)]);
     assert!(o[qi..qi + D].iter().all(|x| x.is_nan()));
     // A q element of +inf against keys whose matching element is positive: every score of the row is +inf,
     // in f32 and in f64.
-    let mut c = Case::new(DType::F32);
+    let mut c = case(DType::F32);
     let qi = at(&c.qs, 1, 120, 2);
     c.q[qi] = f32::INFINITY;
     for j in 0..c.ks[1] {
@@ -153,10 +98,10 @@ fn plus_inf_score_makes_the_row_nan() {
 #[test]
 fn nan_in_one_value_row_reaches_exactly_the_rows_that_weigh_it() {
     for dtype in [DType::F32, DType::F16] {
-        let mut c = Case::new(dtype);
+        let mut c = case(dtype);
         let j = 90;
         c.v[at(&c.ks, 1, j, 0)] = f32::NAN;
-        let (o, lse, ro, _) = c.run();
+        let (o, lse, ro, _) = run(&c);
         for head in 0..4 {
             for i in 0..c.qs[1] {
                 let oi = at(&c.qs, 1, i, head);
@@ -174,7 +119,7 @@ fn nan_in_one_value_row_reaches_exactly_the_rows_that_weigh_it() {
 
 #[test]
 fn nonfinite_scale_and_slopes_are_refused() {
-    let c = Case::new(DType::F32);
+    let c = case(DType::F32);
     let [q, k, v] = c.tensors();
     for s in [f32::NAN, f32::INFINITY] {
         let e = forward(&q, &k, &v, &c.opts.clone().scale(s)).unwrap_err();
@@ -191,14 +136,14 @@ fn nonfinite_scale_and_slopes_are_refused() {
 fn minus_inf_scores_weigh_zero() {
     // Huge (finite) ALiBi slopes: every score but the diagonal one is -inf, so row i is exactly v_i's head
     // row and lse_i its score; the first key tiles of the later rows hold only -inf scores.
-    let mut c = Case::new(DType::F32);
+    let mut c = case(DType::F32);
     c.qs = [1, 130, 2, D];
     c.ks = [1, 130, 2, D];
     c.q = vals(130 * 2 * D, 5);
     c.k = vals(130 * 2 * D, 6);
     c.v = vals(130 * 2 * D, 7);
     c.opts = c.opts.clone().alibi(Tensor::from_f32(&[3e38, 3e38], &[2], DType::F32).unwrap());
-    let (o, lse, ro, rlse) = c.run();
+    let (o, lse, ro, rlse) = run(&c);
     for head in 0..2 {
         for i in 0..130 {
             let oi = at(&c.qs, 0, i, head);
@@ -215,7 +160,7 @@ fn minus_inf_scores_weigh_zero() {
 
 #[test]
 fn backward_propagates_nan_and_masked_rows_stay_zero() {
-    let mut c = Case::new(DType::F32);
+    let mut c = case(DType::F32);
     // A NaN in a masked row's q (row 5 sees no key) and in a visible row's q (row 60 of seq 1, head 1).
     c.q[at(&c.qs, 0, 5, 0) + 1] = f32::NAN;
     c.q[at(&c.qs, 1, 60, 1) + 1] = f32::NAN;

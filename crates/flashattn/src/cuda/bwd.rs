@@ -2,29 +2,16 @@
 //! (dK, dV per key block, dQ accumulated in f32), convert (dQ to the dtype), with scratch buffers. The main
 //! kernel is the Hopper one (`bwd_sm90.rs`) where it covers the problem, else bwd.cu's.
 
-use super::compile::Pass;
-use super::fwd::{self, FwdArgs};
+use super::call::{check_sizes, fwd_params, max_sk, variant_for, BwdArgs};
+use super::compile::{padded_head_dim, Pass};
 use super::launch::{launch, zero};
 use super::params::BwdParams;
 use super::runtime::{dev_err, Gpu};
-use super::tensor::DevView;
 use crate::error::{Error, Result};
 use crate::problem::Problem;
 use cudarc::driver::{CudaStream, DevicePtr};
 use std::ffi::c_void;
 use std::sync::Arc;
-
-/// Device pointers of a backward call.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct BwdArgs {
-    pub fwd: FwdArgs,
-    pub dout: DevView,
-    pub dq: DevView,
-    pub dk: DevView,
-    pub dv: DevView,
-    /// With a learnable sink: its gradient, `f32 [h]` contiguous (0 without a sink).
-    pub dsink: u64,
-}
 
 /// Where the backward's scratch buffers live in one workspace (byte offsets, each 256-byte aligned): `D =
 /// rowsum(dO * O)` and the log2-unit lse (`f32 [h, rows_q]` each), the dQ accumulator (`f32 [rows_q, h,
@@ -47,8 +34,8 @@ pub(crate) struct BwdWorkspace {
 
 /// The workspace layout of a problem's backward: a pure function of the problem (no device, no module).
 pub(crate) fn workspace_layout(p: &Problem, deterministic: bool) -> Result<BwdWorkspace> {
-    let sm80_hd = super::compile::padded_head_dim(p.d).ok_or_else(|| Error::invalid("q", "head dim <= 256", p.d))?;
-    let sm90_hd = super::bwd_sm90::sm90_bwd_head_dim(p.d).unwrap_or(0);
+    let sm80_hd = padded_head_dim(p.d).ok_or_else(|| Error::invalid("q", "head dim <= 256", p.d))?;
+    let sm90_hd = super::tiles::sm90_bwd_head_dim(p.d).unwrap_or(0);
     let hd = sm80_hd.max(sm90_hd);
     let rows_q = p.total_q;
     let align = |x: usize| x.div_ceil(256) * 256;
@@ -59,7 +46,7 @@ pub(crate) fn workspace_layout(p: &Problem, deterministic: bool) -> Result<BwdWo
     let sem = dq_accum + align(rows_q * p.h * hd * 4);
     let sem_bytes = if deterministic { p.batch * p.h * p.max_seqlen_q().div_ceil(16) * 4 } else { 0 };
     let dsink_part = sem + align(sem_bytes);
-    let dsink_blocks = if p.sink.is_some() { fwd::max_sk(p).div_ceil(64).max(1) } else { 0 };
+    let dsink_blocks = if p.sink.is_some() { max_sk(p).div_ceil(64).max(1) } else { 0 };
     let dsink_part_bytes = p.batch * p.h * dsink_blocks * 8 * 4;
     Ok(BwdWorkspace {
         dpsum,
@@ -85,7 +72,8 @@ pub(crate) enum Softmax {
     Part,
 }
 
-/// Runs the three backward kernels on `stream`, with their scratch buffers in `workspace` (a device address
+/// Runs the three backward kernels on `stream` (on the sm80-class main kernel when the problem's value head dim
+/// differs from `d`: `bwd_sm90::covers` leaves those to it), with their scratch buffers in `workspace` (a device address
 /// of at least [`workspace_layout`]`.bytes`, 256-byte aligned) or, when `None`, in a buffer allocated here.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
@@ -98,9 +86,9 @@ pub(crate) fn run(
     softmax: Softmax,
     workspace: Option<u64>,
 ) -> Result<()> {
-    fwd::check_sizes(p)?;
+    check_sizes(p)?;
     let sm90 = super::bwd_sm90::covers(gpu, p, aligned16);
-    let mut v = fwd::variant_for(p, Pass::Bwd, aligned16, deterministic)?;
+    let mut v = variant_for(p, Pass::Bwd, aligned16, deterministic)?;
     if sm90 {
         // Preprocess and conversion share the dQ accumulator's layout ([rows, h, HEAD_DIM]) with the sm90 kernel.
         v.head_dim = super::bwd_sm90::sm90_bwd_variant(p, deterministic)?.head_dim;
@@ -122,7 +110,7 @@ pub(crate) fn run(
     }
     let cs = stream.cu_stream();
     let sq = p.max_seqlen_q();
-    let sk = fwd::max_sk(p);
+    let sk = max_sk(p);
     let rows_q = p.total_q;
     let layout = workspace_layout(p, deterministic)?;
     let n_sem = if deterministic { p.batch * p.h * sq.div_ceil((bm as usize).min(64)) } else { 0 };
@@ -156,7 +144,7 @@ pub(crate) fn run(
         zero(dsink_part, layout.dsink_part_bytes, cs)?;
     }
     let params = BwdParams {
-        fwd: fwd::fwd_params(p, &a.fwd),
+        fwd: fwd_params(p, &a.fwd),
         dout: a.dout.ptr as *const c_void,
         dq: a.dq.ptr as *mut c_void,
         dk: a.dk.ptr as *mut c_void,
@@ -183,7 +171,7 @@ pub(crate) fn run(
         dsink_part: dsink_part as *mut f32,
         dsink: a.dsink as *mut f32,
         dsink_blocks: layout.dsink_blocks as i32,
-        dsink_pad_: 0,
+        d_v: p.d_v as i32,
     };
     let rows_grid = ((sq as u32).div_ceil(64), p.h as u32, p.batch as u32);
     // SAFETY: `params` mirrors BwdParams; every pointer refers to a buffer sized for this problem, and the

@@ -3,13 +3,13 @@
 //! (`bwd.rs`). Problems it does not cover run on the sm80-class kernel; [`crate::Tuning::cuda_path`] = `Sm80`
 //! forces that path on Hopper too, and [`crate::Tuning::bwd_path`] = `Sm80` does so for the backward alone.
 
-use super::bwd::BwdArgs;
+use super::call::{check_sizes, variant_for, BwdArgs};
 use super::compile::{Pass, Variant};
-use super::fwd::{check_sizes, variant_for};
-use super::fwd_sm90::tensor_map;
 use super::launch::launch;
 use super::params::BwdParams;
 use super::runtime::Gpu;
+use super::tiles::{sm90_bwd_head_dim, SM90_BWD_HEAD_DIMS};
+use super::tma::tensor_map;
 use crate::error::{Error, Result};
 use crate::problem::Problem;
 use cudarc::driver::sys as dsys;
@@ -23,9 +23,6 @@ thread_local! {
 pub fn sm90_backward_launches() -> u64 {
     LAUNCHES.with(|n| n.get())
 }
-
-/// Head dims the sm90 backward is compiled for; a problem's `d` runs on the smallest one `>= d`.
-pub const SM90_BWD_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
 /// A tensor map aligned as the kernel's `TmaMap` (`__align__(128)`), whatever alignment the bindings give
 /// `CUtensorMap`.
@@ -45,20 +42,21 @@ struct Sm90BwdParams {
     tdo: Tma,
 }
 
-/// The padded head dim of the sm90 backward for head dim `d`.
-pub fn sm90_bwd_head_dim(d: usize) -> Option<usize> {
-    SM90_BWD_HEAD_DIMS.iter().copied().find(|&h| h >= d)
+/// Whether the sm90 backward runs this problem on this device ([`covers_on`] with the device's architecture).
+pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
+    covers_on(&gpu.arch, p, aligned16)
 }
 
-/// Whether the sm90 backward runs this problem on this device: a Hopper device, head dim <= 256, 16-byte
-/// aligned pointers and strides (TMA), non-empty q and k, no `seqused_k` (the TMA would read the unused
-/// cache slots, see `fwd_sm90::covers`), and the problem's tuning allows it
-/// ([`crate::Tuning::sm90_backward_allowed`]). Deterministic mode runs here too (the same turn-taking
-/// dQ counters as bwd.cu's).
-pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
-    gpu.arch == "sm_90a"
+/// Whether the sm90 backward runs this problem on a device of architecture `arch`: a Hopper device, head dim <= 256,
+/// a value head dim equal to the head dim (others run on the sm80-class kernel), 16-byte aligned pointers and
+/// strides (TMA), non-empty q and k, no `seqused_k` (the TMA would read the unused cache slots, see
+/// `fwd_sm90::covers`), and the problem's tuning allows it ([`crate::Tuning::sm90_backward_allowed`]).
+/// Deterministic mode runs here too (the same turn-taking dQ counters as bwd.cu's).
+pub(crate) fn covers_on(arch: &str, p: &Problem, aligned16: bool) -> bool {
+    arch == "sm_90a"
         && p.tuning.sm90_backward_allowed()
         && sm90_bwd_head_dim(p.d).is_some()
+        && p.d_v == p.d
         && aligned16
         && p.total_q > 0
         && p.total_k > 0
@@ -119,10 +117,10 @@ pub(crate) fn run(
     }
     let bm = bm as u32;
     let maps = (
-        tensor_map(&a.fwd.q, p.d, q_rows, p.h, batch, bm),
-        tensor_map(&a.fwd.k, p.d, k_rows, p.hk, batch, 64),
-        tensor_map(&a.fwd.v, p.d, k_rows, p.hk, batch, 64),
-        tensor_map(&a.dout, p.d, q_rows, p.h, batch, bm),
+        tensor_map(&a.fwd.q, [p.d, q_rows, p.h, batch], bm),
+        tensor_map(&a.fwd.k, [p.d, k_rows, p.hk, batch], 64),
+        tensor_map(&a.fwd.v, [p.d, k_rows, p.hk, batch], 64),
+        tensor_map(&a.dout, [p.d, q_rows, p.h, batch], bm),
     );
     let (Some(tq), Some(tk), Some(tv), Some(tdo)) = maps else { return Ok(false) };
     let num_n_blocks = (params.fwd.sk.max(0) as u32).div_ceil(bn.max(1) as u32);

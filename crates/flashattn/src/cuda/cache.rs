@@ -7,7 +7,7 @@
 //! to a temporary file in the same folder and renamed into place, so concurrent processes never see a
 //! half-written entry.
 
-use super::compile::{self, Compiled, Variant, HEADERS};
+use super::compile::{self, Compiled, Fnv, Variant, HEADERS};
 use crate::error::Result;
 use std::fs;
 use std::io::Write;
@@ -27,31 +27,6 @@ pub fn dir() -> PathBuf {
     match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
         Some(h) => PathBuf::from(h).join(".cache").join("flashattn"),
         None => std::env::temp_dir().join("flashattn-cache"),
-    }
-}
-
-/// 64-bit FNV-1a, seeded; stable across Rust versions (unlike `DefaultHasher`).
-#[derive(Clone, Copy)]
-pub(crate) struct Fnv(u64);
-
-impl Fnv {
-    pub(crate) fn new(seed: u64) -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-    }
-    pub(crate) fn bytes(mut self, b: &[u8]) -> Self {
-        for &x in b {
-            self.0 ^= x as u64;
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        // Length-delimit so ("ab", "c") and ("a", "bc") differ.
-        for &x in &(b.len() as u64).to_le_bytes() {
-            self.0 ^= x as u64;
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        self
-    }
-    pub(crate) fn finish(self) -> u64 {
-        self.0
     }
 }
 

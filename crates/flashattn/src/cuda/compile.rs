@@ -26,13 +26,7 @@ const KV_SRC: &str = include_str!("../../kernels/kvcache.cu");
 const FWD_SM90_SRC: &str = include_str!("../../kernels/fwd_sm90.cu");
 const BWD_SM90_SRC: &str = include_str!("../../kernels/bwd_sm90.cu");
 
-/// Head dims the kernels are compiled for; a problem's `d` runs on the smallest one `>= d`.
-pub const HEAD_DIMS: [usize; 8] = [32, 64, 96, 128, 160, 192, 224, 256];
-
-/// The padded head dim a problem with head dim `d` runs on.
-pub fn padded_head_dim(d: usize) -> Option<usize> {
-    HEAD_DIMS.iter().copied().find(|&h| h >= d)
-}
+pub use super::tiles::{padded_head_dim, value_head_dim, HEAD_DIMS, VALUE_DIM_PAIRS};
 
 /// Which kernel source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,6 +62,10 @@ pub struct Variant {
     pub pass: Pass,
     /// Padded head dim (one of [`HEAD_DIMS`]).
     pub head_dim: usize,
+    /// Padded value head dim of the sm80-class forward and backward when the problem's `d_v` differs from `d`
+    /// (`-DHEAD_DIM_V`; `(head_dim, v)` one of [`VALUE_DIM_PAIRS`]): the kernels then read the runtime `d_v`
+    /// from a field of its own. `None`: the value head dim is `d` (no macro). Ignored by the other passes.
+    pub head_dim_v: Option<usize>,
     /// bf16 (else f16).
     pub bf16: bool,
     /// Causal / sliding-window masking.
@@ -86,13 +84,13 @@ pub struct Variant {
     /// (`-DSM90_CONSUMERS=3`; the default at head dim 64, [`crate::Tuning::sm90_d64_bm192`] turns it off).
     /// Ignored by every other pass and head dim.
     pub bm192: bool,
-    /// The sm90 forward with FA3's wider K/V blocks ([`super::fwd_sm90::wide_block_n`]): 176 keys at head dim 128
+    /// The sm90 forward with FA3's wider K/V blocks ([`super::tiles::wide_block_n`]): 176 keys at head dim 128
     /// (128 x 176 tiles; chosen without a mask from 8k keys) and 80 at head dim 256 (128 x 80 tiles; opt-in),
     /// `-DSM90_BN_OVERRIDE=176|80`; [`crate::Tuning::sm90_wide_kv_d128`] / `_d256` force either form. Ignored by
     /// every other pass and head dim.
     pub wide_n: bool,
     /// Pipeline stages of the KV-cache kernel (`-DKV_STAGES`): `None` is the head dim's default
-    /// ([`super::kvcache::default_stages`]), `Some(n)` a tuning override ([`crate::Tuning::kv_stages`], 2..=8).
+    /// ([`super::tiles::default_stages`]), `Some(n)` a tuning override ([`crate::Tuning::kv_stages`], 2..=8).
     /// Ignored by every other pass.
     pub kv_stages: Option<u8>,
     /// Extra NVRTC options of the compilation ([`crate::Tuning::nvrtc_options`]); empty by default.
@@ -100,6 +98,9 @@ pub struct Variant {
     /// The backward with a learnable sink (`-DHAS_SINK=1`): its main kernels also sum `dsink`, and bwd.cu's
     /// module exports `flash_bwd_dsink`. Ignored by the forward passes (they read the sink pointer at run time).
     pub sink: bool,
+    /// The KV-cache kernels over float8_e4m3fn caches (`-DKV_FP8=1`: 1-byte K/V rows widened to 16 bits in
+    /// shared memory, per-head descales; sm_89 and newer). Ignored by every other pass.
+    pub kv_fp8: bool,
 }
 
 /// A list of extra NVRTC options, interned so that [`Variant`] stays `Copy` and hashable: each distinct list is
@@ -131,17 +132,49 @@ impl NvrtcExtra {
 
     /// A short stable tag of the list for variant names (hex of a hash of the options).
     fn tag(&self) -> String {
-        let h = self.0.iter().fold(super::cache::Fnv::new(3), |f, o| f.bytes(o.as_bytes())).finish();
+        let h = self.0.iter().fold(Fnv::new(3), |f, o| f.bytes(o.as_bytes())).finish();
         format!("{:08x}", h as u32)
     }
 }
 
+/// 64-bit FNV-1a, seeded; stable across Rust versions (unlike `DefaultHasher`).
+#[derive(Clone, Copy)]
+pub(crate) struct Fnv(u64);
+
+impl Fnv {
+    pub(crate) fn new(seed: u64) -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+    pub(crate) fn bytes(mut self, b: &[u8]) -> Self {
+        for &x in b {
+            self.0 ^= x as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // Length-delimit so ("ab", "c") and ("a", "bc") differ.
+        for &x in &(b.len() as u64).to_le_bytes() {
+            self.0 ^= x as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self
+    }
+    pub(crate) fn finish(self) -> u64 {
+        self.0
+    }
+}
+
 impl Variant {
+    /// Whether this variant can be compiled for `arch` (`sm_80`, `sm_90a`, ...): its pass builds there, and the
+    /// e4m3 KV-cache kernels need sm_89 or newer (the e4m3 conversions).
+    pub fn builds_for(&self, arch: &str) -> bool {
+        self.pass.builds_for(arch) && !(self.pass == Pass::KvCache && self.kv_fp8 && !arch_at_least(arch, 89))
+    }
+
     /// The plain, aligned variant of a pass.
     pub fn plain(pass: Pass, head_dim: usize, bf16: bool) -> Self {
         Variant {
             pass,
             head_dim,
+            head_dim_v: None,
             bf16,
             mask: false,
             alibi: false,
@@ -154,6 +187,7 @@ impl Variant {
             kv_stages: None,
             nvrtc: NvrtcExtra::default(),
             sink: false,
+            kv_fp8: false,
         }
     }
 
@@ -172,16 +206,25 @@ impl Variant {
         self.bm192 && self.pass == Pass::FwdSm90 && self.head_dim == 64
     }
 
+    /// The padded value head dim of a sm80-class forward or backward variant with a value head dim of its own
+    /// (`head_dim_v` where it applies); `None` otherwise.
+    pub fn value_dim(&self) -> Option<usize> {
+        match self.pass {
+            Pass::Fwd | Pass::Bwd => self.head_dim_v,
+            _ => None,
+        }
+    }
+
     /// Pipeline stages of a KV-cache variant (`KV_STAGES`): the override, else the head dim's default.
     pub fn stages(&self) -> u32 {
-        self.kv_stages.map_or_else(|| super::kvcache::default_stages(self.head_dim), u32::from)
+        self.kv_stages.map_or_else(|| super::tiles::default_stages(self.head_dim), u32::from)
     }
 
     /// Keys per K/V block when this variant is the sm90 forward's wide form (`wide_n` where it applies:
     /// FwdSm90 at a head dim that has one, 176 at 128 and 80 at 256); `None` otherwise.
     pub fn wide_block_n(&self) -> Option<usize> {
         if self.wide_n && self.pass == Pass::FwdSm90 {
-            super::fwd_sm90::wide_block_n(self.head_dim)
+            super::tiles::wide_block_n(self.head_dim)
         } else {
             None
         }
@@ -210,6 +253,9 @@ impl Variant {
             format!("IS_VARLEN={}", b(self.varlen)),
             format!("ALIGNED16={}", b(self.aligned16)),
         ];
+        if let Some(hv) = self.value_dim() {
+            v.push(format!("HEAD_DIM_V={hv}"));
+        }
         if matches!(self.pass, Pass::Bwd | Pass::BwdSm90) {
             v.push(format!("DETERMINISTIC={}", b(self.deterministic)));
             if self.sink {
@@ -218,6 +264,9 @@ impl Variant {
         }
         if self.pass == Pass::KvCache {
             v.push(format!("KV_STAGES={}", self.stages()));
+            if self.kv_fp8 {
+                v.push("KV_FP8=1".to_string());
+            }
         }
         if self.is_bm192() {
             v.push("SM90_CONSUMERS=3".to_string());
@@ -253,6 +302,9 @@ impl fmt::Display for Variant {
             Pass::BwdSm90 => "bwd90",
         };
         write!(f, "{pass}_d{}", self.head_dim)?;
+        if let Some(hv) = self.value_dim() {
+            write!(f, "v{hv}")?;
+        }
         if self.is_bm192() {
             write!(f, "_bm192")?;
         }
@@ -263,6 +315,9 @@ impl fmt::Display for Variant {
             write!(f, "_st{s}")?;
         }
         write!(f, "_{}", if self.bf16 { "bf16" } else { "f16" })?;
+        if self.pass == Pass::KvCache && self.kv_fp8 {
+            write!(f, "_e4m3")?;
+        }
         for (on, name) in [
             (self.mask, "mask"),
             (self.alibi, "alibi"),
@@ -283,48 +338,55 @@ impl fmt::Display for Variant {
     }
 }
 
+/// The number of an architecture name (`sm_90a` -> 90); 0 when it has none.
+fn arch_number(arch: &str) -> u32 {
+    arch.trim_start_matches("sm_").trim_start_matches("compute_").trim_end_matches(['a', 'f']).parse().unwrap_or(0)
+}
+
+/// Whether architecture `arch` (`sm_80`, `sm_90a`, ...) is `sm_<n>` or newer.
+pub(crate) fn arch_at_least(arch: &str, n: u32) -> bool {
+    arch_number(arch) >= n
+}
+
 /// The KV-cache variant with these flags (`varlen` and `deterministic` off).
 pub fn kv_variant(head_dim: usize, bf16: bool, mask: bool, alibi: bool, softcap: bool, aligned16: bool) -> Variant {
     Variant { mask, alibi, softcap, aligned16, ..Variant::plain(Pass::KvCache, head_dim, bf16) }
 }
 
-/// Every variant the kernels support: head dims x dtypes x (mask, alibi, softcap, varlen), aligned, plus
-/// the unaligned (element-wise) forms, forward and backward (backward also x deterministic), and the
-/// KV-cache kernels (head dims x dtypes x (mask, alibi, softcap) x aligned or not).
+/// Every variant the kernels support: head dims (and the value head dim pairs of [`VALUE_DIM_PAIRS`]) x dtypes
+/// x (mask, alibi, softcap, varlen), aligned, plus the unaligned (element-wise) forms, forward and backward
+/// (backward also x deterministic), and the KV-cache kernels (head dims x dtypes x (mask, alibi, softcap) x aligned
+/// or not, over 16-bit or e4m3 caches).
 pub fn all_variants() -> Vec<Variant> {
     let mut out = Vec::new();
     for &hd in &HEAD_DIMS {
         for bf16 in [false, true] {
             for bits in 0..8u32 {
                 for aligned16 in [true, false] {
-                    out.push(kv_variant(hd, bf16, bits & 1 != 0, bits & 2 != 0, bits & 4 != 0, aligned16));
+                    for kv_fp8 in [false, true] {
+                        let v = kv_variant(hd, bf16, bits & 1 != 0, bits & 2 != 0, bits & 4 != 0, aligned16);
+                        out.push(Variant { kv_fp8, ..v });
+                    }
                 }
             }
         }
     }
-    for pass in [Pass::Fwd, Pass::Bwd] {
-        for &hd in &HEAD_DIMS {
-            for bf16 in [false, true] {
-                for bits in 0..16u32 {
-                    for aligned16 in [true, false] {
-                        for deterministic in [false, true] {
-                            if pass == Pass::Fwd && deterministic {
-                                continue;
-                            }
-                            out.push(Variant {
-                                pass,
-                                head_dim: hd,
-                                bf16,
-                                mask: bits & 1 != 0,
-                                alibi: bits & 2 != 0,
-                                softcap: bits & 4 != 0,
-                                varlen: bits & 8 != 0,
-                                deterministic,
-                                aligned16,
-                                ..Variant::plain(pass, hd, bf16)
-                            });
-                        }
+    for p in sm80_plain().chain(value_dim_plain()) {
+        for bits in 0..16u32 {
+            for aligned16 in [true, false] {
+                for deterministic in [false, true] {
+                    if p.pass == Pass::Fwd && deterministic {
+                        continue;
                     }
+                    out.push(Variant {
+                        mask: bits & 1 != 0,
+                        alibi: bits & 2 != 0,
+                        softcap: bits & 4 != 0,
+                        varlen: bits & 8 != 0,
+                        deterministic,
+                        aligned16,
+                        ..p
+                    });
                 }
             }
         }
@@ -335,7 +397,7 @@ pub fn all_variants() -> Vec<Variant> {
 
 /// The Hopper passes and the head dims each is compiled for.
 const SM90_PASSES: [(Pass, &[usize]); 2] =
-    [(Pass::FwdSm90, &super::fwd_sm90::SM90_HEAD_DIMS), (Pass::BwdSm90, &super::bwd_sm90::SM90_BWD_HEAD_DIMS)];
+    [(Pass::FwdSm90, &super::tiles::SM90_HEAD_DIMS), (Pass::BwdSm90, &super::tiles::SM90_BWD_HEAD_DIMS)];
 
 /// The plain variant of every Hopper pass, head dim and dtype, then the forward's 192-row form at head dim 64
 /// and its wide-key-block forms at head dims 128 (176 keys) and 256 (80 keys), both dtypes.
@@ -377,65 +439,72 @@ pub fn sm90_variants() -> Vec<Variant> {
     out
 }
 
-/// A representative subset (every head dim and dtype; each feature on its own and all together; the
-/// unaligned and deterministic forms of the plain kernel): what CI compiles for each architecture.
-pub fn representative_variants() -> Vec<Variant> {
-    let mut out = Vec::new();
-    for pass in [Pass::Fwd, Pass::Bwd] {
-        for &hd in &HEAD_DIMS {
-            for bf16 in [false, true] {
-                let p = Variant::plain(pass, hd, bf16);
-                out.push(p);
-                out.push(Variant { mask: true, ..p });
-                out.push(Variant { mask: true, alibi: true, softcap: true, varlen: true, ..p });
-                out.push(Variant { aligned16: false, ..p });
-                if pass == Pass::Bwd {
-                    out.push(Variant { deterministic: true, mask: true, ..p });
-                }
-            }
-        }
+/// The plain variant of the sm80-class forward and backward at every head dim and dtype.
+fn sm80_plain() -> impl Iterator<Item = Variant> {
+    [Pass::Fwd, Pass::Bwd]
+        .into_iter()
+        .flat_map(|pass| HEAD_DIMS.iter().flat_map(move |&hd| [false, true].map(|bf16| Variant::plain(pass, hd, bf16))))
+}
+
+/// The plain variant of the sm80-class forward and backward with a value head dim of its own: every pair of
+/// [`VALUE_DIM_PAIRS`] and dtype.
+fn value_dim_plain() -> impl Iterator<Item = Variant> {
+    [Pass::Fwd, Pass::Bwd].into_iter().flat_map(|pass| {
+        VALUE_DIM_PAIRS.iter().flat_map(move |&(hd, hv)| {
+            [false, true].map(|bf16| Variant { head_dim_v: Some(hv), ..Variant::plain(pass, hd, bf16) })
+        })
+    })
+}
+
+/// Two KV-cache variants at every head dim and dtype: `forms` gives their (mask, alibi, softcap, aligned16).
+fn kv_pairs(forms: [(bool, bool, bool, bool); 2]) -> impl Iterator<Item = Variant> {
+    HEAD_DIMS.iter().flat_map(move |&hd| {
+        [false, true].into_iter().flat_map(move |bf16| forms.map(|(m, a, s, al)| kv_variant(hd, bf16, m, a, s, al)))
+    })
+}
+
+/// A plain variant and its causal form.
+fn with_causal(p: Variant) -> [Variant; 2] {
+    [p, Variant { mask: true, ..p }]
+}
+
+/// The forms of a plain variant that CI compiles: itself, causal, every feature at once; the unaligned form of
+/// the sm80-class passes (the Hopper kernels need 16-byte alignment) and the deterministic causal backward.
+fn representative_forms(p: Variant) -> Vec<Variant> {
+    let mut out =
+        vec![p, Variant { mask: true, ..p }, Variant { mask: true, alibi: true, softcap: true, varlen: true, ..p }];
+    if matches!(p.pass, Pass::Fwd | Pass::Bwd) {
+        out.push(Variant { aligned16: false, ..p });
     }
-    for &hd in &HEAD_DIMS {
-        for bf16 in [false, true] {
-            out.push(kv_variant(hd, bf16, false, false, false, true));
-            out.push(kv_variant(hd, bf16, true, true, true, false));
-        }
-    }
-    for p in sm90_plain() {
-        out.push(p);
-        out.push(Variant { mask: true, ..p });
-        out.push(Variant { mask: true, alibi: true, softcap: true, varlen: true, ..p });
-        if p.pass == Pass::BwdSm90 {
-            out.push(Variant { deterministic: true, mask: true, ..p });
-        }
+    if matches!(p.pass, Pass::Bwd | Pass::BwdSm90) {
+        out.push(Variant { deterministic: true, mask: true, ..p });
     }
     out
 }
 
-/// The variants whose speed matters most (plain and causal, aligned, both dtypes, every head dim): these
-/// must not spill registers.
+/// A representative subset (every head dim, value head dim pair and dtype; each feature on its own and all together; the
+/// unaligned and deterministic forms of the plain kernel): what CI compiles for each architecture.
+pub fn representative_variants() -> Vec<Variant> {
+    sm80_plain()
+        .chain(value_dim_plain())
+        .flat_map(representative_forms)
+        .chain(kv_pairs([(false, false, false, true), (true, true, true, false)]))
+        .chain(
+            kv_pairs([(false, false, false, true), (true, true, true, false)]).map(|v| Variant { kv_fp8: true, ..v }),
+        )
+        .chain(sm90_plain().flat_map(representative_forms))
+        .collect()
+}
+
+/// The variants whose speed matters most (plain and causal, aligned, both dtypes, every head dim and value head
+/// dim pair): these must not spill registers.
 pub fn hot_variants() -> Vec<Variant> {
-    let mut out = Vec::new();
-    for pass in [Pass::Fwd, Pass::Bwd] {
-        for &hd in &HEAD_DIMS {
-            for bf16 in [false, true] {
-                let p = Variant::plain(pass, hd, bf16);
-                out.push(p);
-                out.push(Variant { mask: true, ..p });
-            }
-        }
-    }
-    for &hd in &HEAD_DIMS {
-        for bf16 in [false, true] {
-            out.push(kv_variant(hd, bf16, false, false, false, true));
-            out.push(kv_variant(hd, bf16, true, false, false, true));
-        }
-    }
-    for p in sm90_plain() {
-        out.push(p);
-        out.push(Variant { mask: true, ..p });
-    }
-    out
+    sm80_plain()
+        .chain(value_dim_plain())
+        .flat_map(with_causal)
+        .chain(kv_pairs([(false, false, false, true), (true, false, false, true)]))
+        .chain(sm90_plain().flat_map(with_causal))
+        .collect()
 }
 
 /// The NVRTC options of a variant for an architecture (`sm_80`, `sm_90a`, ...).
@@ -920,6 +989,41 @@ ptxas info    : Compiling entry function 'b' for 'sm_90a'\n",
     }
 
     #[test]
+    fn value_dim_variants() {
+        // Each pair, forward and backward, both dtypes, plain and causal, is hot (compiled and spill-checked by
+        // nvrtc_compiles_variants) and representative; the macro and the name only where the pass takes it.
+        for &(hd, hv) in &VALUE_DIM_PAIRS {
+            for pass in [Pass::Fwd, Pass::Bwd] {
+                for bf16 in [false, true] {
+                    let v = Variant { head_dim_v: Some(hv), ..Variant::plain(pass, hd, bf16) };
+                    assert!(hot_variants().contains(&v) && hot_variants().contains(&Variant { mask: true, ..v }));
+                    assert!(representative_variants().contains(&v) && all_variants().contains(&v));
+                    assert!(v.defines().contains(&format!("HEAD_DIM_V={hv}")));
+                    assert!(v
+                        .to_string()
+                        .starts_with(&format!("{}_d{hd}v{hv}_", if pass == Pass::Fwd { "fwd" } else { "bwd" })));
+                    assert_ne!(options(&v, "sm_80"), options(&Variant::plain(pass, hd, bf16), "sm_80"));
+                }
+            }
+            assert_eq!(value_head_dim(hd, hv).unwrap(), Some(hv));
+        }
+        // Ignored by the passes without a value head dim of their own.
+        for pass in [Pass::KvCache, Pass::FwdSm90, Pass::BwdSm90] {
+            let v = Variant::plain(pass, 128, true);
+            let w = Variant { head_dim_v: Some(64), ..v };
+            assert_eq!((w.value_dim(), w.defines(), w.to_string()), (None, v.defines(), v.to_string()));
+        }
+        // Equal dims have none; odd dims pad to a pair; others are refused naming d_v.
+        assert_eq!(value_head_dim(77, 77).unwrap(), None);
+        assert_eq!(value_head_dim(170, 100).unwrap(), Some(128));
+        assert!(value_head_dim(150, 100).is_err()); // (160, 128)
+        assert_eq!(value_head_dim(33, 100).unwrap(), Some(128));
+        assert!(value_head_dim(33, 65).is_err()); // (64, 96)
+        let e = value_head_dim(192, 64).unwrap_err().to_string();
+        assert!(e.contains("d_v = 64") && e.contains("(192, 128)"), "{e}");
+    }
+
+    #[test]
     fn arch_names() {
         assert_eq!(arch_for((9, 0)), "sm_90a");
         assert_eq!(arch_for((8, 6)), "sm_86");
@@ -937,8 +1041,18 @@ ptxas info    : Compiling entry function 'b' for 'sm_90a'\n",
         assert_eq!(padded_head_dim(257), None);
         // bwd.cu x deterministic, KV, sm90 forward (3 head dims + the 192-row d64 + the 176-key d128 + the 80-key
         // d256), sm90 backward (3 head dims x deterministic).
-        assert_eq!(all_variants().len(), 8 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 + 6 * 2 * 16 + 3 * 2 * 32);
+        // The value head dim pairs likewise: 3 pairs x (forward + backward x deterministic); the KV kernels over
+        // 16-bit and e4m3 caches.
+        assert_eq!(
+            all_variants().len(),
+            8 * 2 * 16 * 2 * 3 + 3 * 2 * 16 * 2 * 3 + 8 * 2 * 8 * 2 * 2 + 6 * 2 * 16 + 3 * 2 * 32
+        );
         assert!(Pass::FwdSm90.builds_for("sm_90a") && !Pass::FwdSm90.builds_for("sm_80"));
         assert!(Pass::BwdSm90.builds_for("sm_90a") && !Pass::BwdSm90.builds_for("sm_80"));
+        // The e4m3 KV kernels need sm_89 or newer; their name and defines say so.
+        let f = Variant { kv_fp8: true, ..kv_variant(128, true, false, false, false, true) };
+        assert!(!f.builds_for("sm_80") && !f.builds_for("sm_86") && f.builds_for("sm_89") && f.builds_for("sm_90a"));
+        assert!(f.defines().contains(&"KV_FP8=1".to_string()) && f.to_string().ends_with("_bf16_e4m3"));
+        assert!(!kv_variant(128, true, false, false, false, true).defines().iter().any(|d| d.starts_with("KV_FP8")));
     }
 }

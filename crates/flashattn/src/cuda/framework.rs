@@ -6,13 +6,15 @@
 //! The kernels read the metadata where they need it; the host knows only shapes and the two maximum
 //! sequence lengths, which size the grid (as in FlashAttention-2's `max_seqlen_q`/`max_seqlen_k`).
 
-use super::bwd::{self, BwdArgs};
-use super::fwd::{self, FwdArgs};
+use super::bwd;
+use super::call::{
+    check_backward_tensors, check_forward_tensors, extent_bytes, poison_forward_outputs, raw_problem, BwdArgs, FwdArgs,
+};
+use super::fwd;
 use super::kvcache::DeviceWorkspace;
 use super::launch;
-use super::runtime::{self, dev_err};
-use super::tensor::DeviceTensorRef;
-use super::{all_aligned, check_lse, extent_bytes, raw_problem, require_half};
+use super::runtime;
+use super::tensor::{BackwardTensors, DeviceTensorRef, ForwardTensors};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::{AttnOptions, VarLen};
@@ -43,42 +45,8 @@ pub struct DeviceMeta {
     /// ALiBi slopes, `f32 [h]` or `[b, h]` (instead of [`AttnOptions::alibi_slopes`]).
     pub alibi_slopes: Option<DeviceTensorRef>,
     /// Learnable sink logits, `f32 [h]` contiguous (instead of [`AttnOptions::sink`], which is host memory).
-    /// The forward runs it; the backward refuses it (no `dsink` on CUDA yet).
+    /// The forward folds it in; the backward writes its gradient to [`BackwardTensors::dsink`].
     pub sink: Option<DeviceTensorRef>,
-}
-
-/// The tensors of a forward call: inputs `q`, `k`, `v`; outputs `o` (q's shape, its own strides) and `lse`
-/// (`f32`, contiguous `[b, h, sq]`, varlen `[h, total_q]`).
-#[derive(Debug, Clone, Copy)]
-pub struct ForwardTensors<'a> {
-    /// Queries.
-    pub q: &'a DeviceTensorRef,
-    /// Keys.
-    pub k: &'a DeviceTensorRef,
-    /// Values.
-    pub v: &'a DeviceTensorRef,
-    /// Output.
-    pub o: &'a DeviceTensorRef,
-    /// Log-sum-exp of each row's scores.
-    pub lse: &'a DeviceTensorRef,
-}
-
-/// The tensors of a backward call: the forward's inputs and outputs, `dout`, and the gradients written
-/// (`dq`, `dk`, `dv` with their own strides; key rows past `seqused_k` are not written).
-#[derive(Debug, Clone, Copy)]
-pub struct BackwardTensors<'a> {
-    /// The forward's tensors (`o` and `lse` as it wrote them).
-    pub fwd: ForwardTensors<'a>,
-    /// Gradient of the output.
-    pub dout: &'a DeviceTensorRef,
-    /// Gradient of `q`.
-    pub dq: &'a DeviceTensorRef,
-    /// Gradient of `k`.
-    pub dk: &'a DeviceTensorRef,
-    /// Gradient of `v`.
-    pub dv: &'a DeviceTensorRef,
-    /// Gradient of the learnable sink, `f32 [h]` contiguous: required exactly when [`DeviceMeta::sink`] is given.
-    pub dsink: Option<&'a DeviceTensorRef>,
 }
 
 fn check_meta_vec(arg: &'static str, t: &DeviceTensorRef, dtype: DType, shape: &[usize]) -> Result<()> {
@@ -166,7 +134,8 @@ pub(crate) fn device_problem(
         p.alibi = Some(Alibi { slopes: Vec::new(), per_batch });
     }
     if meta.sink.is_some() {
-        // Its presence is what the host needs (the backward's refusal); its values stay on the device.
+        // Its presence is what the host needs (the backward's sink variant, its dsink check); its values stay on
+        // the device.
         p.sink = Some(Vec::new());
     }
     if let Some(vl) = &meta.varlen {
@@ -177,7 +146,6 @@ pub(crate) fn device_problem(
         // The paths that read seqused_k are chosen by its presence; its values stay on the device.
         p.seqused_k = vl.seqused_k.as_ref().map(|_| Vec::new());
     }
-    require_half(&p)?;
     Ok(p)
 }
 
@@ -206,27 +174,14 @@ pub unsafe fn forward_device(
     meta: &DeviceMeta,
 ) -> Result<()> {
     let p = device_problem(t.q, t.k, t.v, opts, meta)?;
-    t.o.check("o", &p.o_shape(), p.dtype, true)?;
-    check_lse(t.lse, &p, true)?;
+    check_forward_tensors(&p, &t)?;
     let gpu = runtime::gpu(n)?;
-    runtime::guard("the CUDA forward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+    gpu.run("the CUDA forward", || {
         let s = stream as cudarc::driver::sys::CUstream;
-        let mut a = FwdArgs {
-            q: t.q.view(),
-            k: t.k.view(),
-            v: t.v.view(),
-            o: t.o.view(),
-            lse: t.lse.ptr,
-            ..Default::default()
-        };
+        let mut a = FwdArgs::of(&t);
         meta_ptrs(meta, &mut a);
-        if launch::poison_outputs(&p.tuning) {
-            launch::poison(t.o.ptr, extent_bytes(t.o), s)?;
-            launch::poison(t.lse.ptr, extent_bytes(t.lse), s)?;
-        }
-        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], p.dtype.size());
-        fwd::run(&gpu, s, &p, &a, aligned)
+        poison_forward_outputs(&p, &t, s)?;
+        fwd::run(&gpu, s, &p, &a, a.aligned16(p.dtype.size()))
     })
 }
 
@@ -278,40 +233,13 @@ pub unsafe fn backward_device_of(
     whole_rows: bool,
 ) -> Result<()> {
     let softmax = if whole_rows { bwd::Softmax::Whole } else { bwd::Softmax::Part };
-    let f = t.fwd;
-    let p = device_problem(f.q, f.k, f.v, opts, meta)?;
-    match (&meta.sink, t.dsink) {
-        (Some(_), Some(ds)) => check_meta_vec("dsink", ds, DType::F32, &[p.h])?,
-        (Some(_), None) => return Err(Error::invalid("dsink", "an f32 [h] tensor with a sink", "none")),
-        (None, Some(_)) => return Err(Error::invalid("dsink", "none without a sink", "a tensor")),
-        (None, None) => {}
-    }
-    f.o.check("o", &p.o_shape(), p.dtype, false)?;
-    t.dout.check("dout", &p.o_shape(), p.dtype, false)?;
-    check_lse(f.lse, &p, false)?;
-    t.dq.check("dq", &f.q.shape, p.dtype, true)?;
-    t.dk.check("dk", &f.k.shape, p.dtype, true)?;
-    t.dv.check("dv", &f.v.shape, p.dtype, true)?;
+    let p = device_problem(t.fwd.q, t.fwd.k, t.fwd.v, opts, meta)?;
+    check_backward_tensors(&p, &t)?;
     workspace.check(bwd::workspace_layout(&p, opts.deterministic)?.bytes)?;
     let gpu = runtime::gpu(n)?;
-    runtime::guard("the CUDA backward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
-        let s = gpu.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
-        let mut a = BwdArgs {
-            fwd: FwdArgs {
-                q: f.q.view(),
-                k: f.k.view(),
-                v: f.v.view(),
-                o: f.o.view(),
-                lse: f.lse.ptr,
-                ..Default::default()
-            },
-            dout: t.dout.view(),
-            dq: t.dq.view(),
-            dk: t.dk.view(),
-            dv: t.dv.view(),
-            dsink: t.dsink.map_or(0, |d| d.ptr),
-        };
+    gpu.run("the CUDA backward", || {
+        let s = gpu.borrowed_stream(stream);
+        let mut a = BwdArgs::of(&t);
         meta_ptrs(meta, &mut a.fwd);
         if launch::poison_outputs(&p.tuning) {
             // Key rows past seqused_k are left as the caller had them.
@@ -321,8 +249,7 @@ pub unsafe fn backward_device_of(
                 launch::poison(g.ptr, extent_bytes(g), s.cu_stream())?;
             }
         }
-        let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
-        bwd::run(&gpu, &s, &p, &a, aligned, opts.deterministic, softmax, Some(workspace.ptr))
+        bwd::run(&gpu, &s, &p, &a, a.aligned16(p.dtype.size()), opts.deterministic, softmax, Some(workspace.ptr))
     })
 }
 
@@ -403,25 +330,37 @@ mod tests {
         assert!(matches!(e, Error::Unsupported { .. }), "{e}");
     }
 
-    /// A value head dim other than `d` is valid (the CPU backends run it) but not on the CUDA kernels yet: every
-    /// device-memory entry point's validation refuses it as unsupported, before any device work.
+    /// A value head dim other than `d` passes every device-memory entry point's validation where its padded pair
+    /// of dims is one the kernels are compiled for (192/128, 128/64, 64/128, and dims that pad to them), and the
+    /// backward's workspace is the one of its query/key head dim; any other pair is refused as unsupported, naming
+    /// `d_v`, before any device work.
     #[test]
-    fn device_calls_refuse_a_different_value_head_dim() {
-        let (q, k, v) =
-            (t(DType::BF16, &[2, 16, 8, 192]), t(DType::BF16, &[2, 32, 2, 192]), t(DType::BF16, &[2, 32, 2, 128]));
+    fn device_calls_take_the_compiled_value_head_dims() {
         let opts = AttnOptions::default();
-        let unsupported = |r: Result<Problem>| match r {
-            Err(Error::Unsupported { backend: "cuda", what }) => assert!(what.contains("d_v = 128"), "{what}"),
+        for (d, d_v) in [(192, 128), (128, 64), (64, 128), (180, 100), (100, 40)] {
+            let (q, k, v) =
+                (t(DType::BF16, &[2, 16, 8, d]), t(DType::BF16, &[2, 32, 2, d]), t(DType::BF16, &[2, 32, 2, d_v]));
+            let p = device_problem(&q, &k, &v, &opts, &DeviceMeta::default()).unwrap();
+            assert_eq!((p.d, p.d_v), (d, d_v));
+            assert!(super::super::call::raw_problem(&q, &k, &v, &opts).is_ok());
+            let same = device_problem(&q, &k, &k, &opts, &DeviceMeta::default()).unwrap();
+            let ws = backward_workspace_bytes(&q, &k, &v, &opts, &DeviceMeta::default()).unwrap();
+            assert_eq!(ws, bwd::workspace_layout(&same, false).unwrap().bytes, "({d}, {d_v})");
+        }
+        let unsupported = |r: Result<Problem>, d_v: usize| match r {
+            Err(Error::Unsupported { backend: "cuda", what }) => {
+                assert!(what.contains(&format!("d_v = {d_v}")), "{what}")
+            }
             other => panic!("expected Unsupported, got {other:?}"),
         };
-        unsupported(device_problem(&q, &k, &v, &opts, &DeviceMeta::default()));
-        // The raw entry points' validation (forward_raw, backward_raw).
-        unsupported(
-            super::super::raw_problem(&q, &k, &v, &opts).and_then(|p| super::super::require_half(&p).map(|_| p)),
-        );
-        assert!(backward_workspace_bytes(&q, &k, &v, &opts, &DeviceMeta::default()).is_err());
-        // Equal head dims still pass.
-        assert!(device_problem(&q, &k, &k, &opts, &DeviceMeta::default()).is_ok());
+        for (d, d_v) in [(192, 64), (256, 128), (64, 32), (100, 120)] {
+            let (q, k, v) =
+                (t(DType::BF16, &[2, 16, 8, d]), t(DType::BF16, &[2, 32, 2, d]), t(DType::BF16, &[2, 32, 2, d_v]));
+            unsupported(device_problem(&q, &k, &v, &opts, &DeviceMeta::default()), d_v);
+            // The raw entry points' validation (forward_raw, backward_raw).
+            unsupported(super::super::call::raw_problem(&q, &k, &v, &opts), d_v);
+            assert!(backward_workspace_bytes(&q, &k, &v, &opts, &DeviceMeta::default()).is_err());
+        }
     }
 
     /// A device sink passes validation: the forward reads its pointer; the backward's workspace grows by the

@@ -1,180 +1,157 @@
-//! The forward launcher: variant choice, parameter block, grid.
+//! The forward launcher: the path choice (the Hopper kernel of `fwd_sm90.rs` where it covers the problem) and
+//! the sm80-class kernel's variant, shared memory and grid.
 
-use super::compile::{padded_head_dim, Pass, Variant};
+use super::call::{check_sizes, fwd_params, variant_for, FwdArgs};
+use super::compile::{Pass, Variant};
 use super::launch::launch;
-use super::params::FwdParams;
+use super::params::FwdDvParams;
 use super::runtime::Gpu;
-use super::tensor::DevView;
-use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::problem::Problem;
 use cudarc::driver::sys as dsys;
-use std::ffi::c_void;
 
-/// Device pointers of a forward call (and the inputs a backward shares).
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct FwdArgs {
-    pub q: DevView,
-    pub k: DevView,
-    pub v: DevView,
-    pub o: DevView,
-    /// `f32`, contiguous `[b, h, sq]` (varlen: `[h, total_q]`).
-    pub lse: u64,
-    pub cu_q: u64,
-    pub cu_k: u64,
-    pub seqused_k: u64,
-    pub alibi: u64,
-    /// Learnable sink logits, `f32 [h]` (0: none). The forward kernels read it; the backward ignores it.
-    pub sink: u64,
-}
-
-/// Forward tile sizes `(BLOCK_M, BLOCK_N, warps)`: the defaults of `fwd.cu` (FWD_DEFAULT_TILES).
-pub(crate) fn fwd_tiles(head_dim: usize) -> (u32, u32, u32) {
-    match head_dim {
+/// Forward tile sizes `(BLOCK_M, BLOCK_N, warps)` of a variant: the defaults of `fwd.cu` (FWD_DEFAULT_TILES), by
+/// the wider of its head dim and value head dim; 128 x 64 with 8 warps when the value head dim is the wider.
+pub(crate) fn fwd_tiles(v: &Variant) -> (u32, u32, u32) {
+    let hv = v.value_dim().unwrap_or(v.head_dim);
+    if hv > v.head_dim {
+        return (128, 64, 8);
+    }
+    match v.head_dim.max(hv) {
         0..=64 => (128, 128, 4),
         65..=128 => (128, 64, 4),
         _ => (128, 64, 8),
     }
 }
 
-/// Dynamic shared memory of the forward kernel (`FWD_SMEM_BYTES`).
-pub(crate) fn fwd_smem(head_dim: usize) -> u32 {
-    let (bm, bn, _) = fwd_tiles(head_dim);
-    (bm + 2 * bn) * (head_dim as u32 + 8) * 2
+/// Dynamic shared memory of a forward variant (`FWD_SMEM_BYTES`): the Q and K tiles (or the O staging area,
+/// `BLOCK_M` rows of the value head dim, where that is larger), then the V tile; rows padded by 16 bytes.
+pub(crate) fn fwd_smem(v: &Variant) -> u32 {
+    let (bm, bn, _) = fwd_tiles(v);
+    let row = |dim: usize| (dim as u32 + 8) * 2;
+    let (rb, rbv) = (row(v.head_dim), row(v.value_dim().unwrap_or(v.head_dim)));
+    ((bm + bn) * rb).max(bm * rbv) + bn * rbv
 }
 
-/// Longest key sequence the kernel should plan for (before `seqused_k`).
-pub(crate) fn max_sk(p: &Problem) -> usize {
-    match &p.cu_seqlens {
-        Some((_, ck)) => ck.windows(2).map(|w| (w[1] - w[0]).max(0) as usize).max().unwrap_or(0),
-        None => p.max_seqlen_k(),
-    }
+/// The sm80-class forward of a problem: its variant, query rows per CTA, warps and dynamic shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sm80Plan {
+    pub v: Variant,
+    pub block_m: u32,
+    pub warps: u32,
+    pub smem: u32,
 }
 
-fn window(side: Option<usize>, limit: usize) -> i32 {
-    match side {
-        // A side at least as wide as every sequence is the same as unbounded (and keeps int math safe).
-        Some(w) if w < limit => w as i32,
-        _ => -1,
-    }
-}
-
-/// The variant flags a problem needs (forward or backward), with its call's compile-time tuning
-/// ([`Variant::tuned`]).
-pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministic: bool) -> Result<Variant> {
-    let head_dim = padded_head_dim(p.d).ok_or_else(|| Error::invalid("q", "head dim <= 256", p.d))?;
-    let bf16 = match p.dtype {
-        DType::F16 => false,
-        DType::BF16 => true,
-        other => return Err(super::unsupported_dtype(other)),
-    };
-    let softcap = p.softcap > 0.0;
-    let alibi = p.alibi.is_some();
-    if !(softcap || alibi) && p.scale <= 0.0 {
+/// The sm80-class forward of a problem on a device (`device`: its name for messages) with `smem_optin` bytes of
+/// shared memory per block, or `Unsupported` when the variant needs more.
+pub(crate) fn sm80_plan(p: &Problem, aligned16: bool, device: &str, smem_optin: i64) -> Result<Sm80Plan> {
+    let v = variant_for(p, Pass::Fwd, aligned16, false)?;
+    let (block_m, _, warps) = fwd_tiles(&v);
+    let smem = fwd_smem(&v);
+    if smem as i64 > smem_optin {
+        let dims =
+            if p.d_v == p.d { format!("head dim {}", p.d) } else { format!("head dims d {}, d_v {}", p.d, p.d_v) };
         return Err(Error::Unsupported {
             backend: "cuda",
-            what: format!("softmax_scale {} (the kernels need a positive scale)", p.scale),
+            what: format!("{dims} on {device} ({smem} B of shared memory per block needed, {smem_optin} available)"),
         });
     }
-    Ok(Variant {
-        pass,
-        head_dim,
-        bf16,
-        mask: p.mask.is_active(),
-        alibi,
-        softcap,
-        varlen: p.varlen,
-        deterministic: deterministic && pass == Pass::Bwd,
-        aligned16,
-        bm192: false,
-        wide_n: false,
-        kv_stages: None,
-        nvrtc: Default::default(),
-        sink: p.sink.is_some() && pass == Pass::Bwd,
-    }
-    .tuned(&p.tuning))
-}
-
-/// The forward parameter block of a problem.
-pub(crate) fn fwd_params(p: &Problem, a: &FwdArgs) -> FwdParams {
-    let sq = p.max_seqlen_q();
-    let sk = max_sk(p);
-    let limit = sq + sk + 1;
-    let (lse_b, lse_h) = if p.varlen { (0, p.total_q as i64) } else { ((p.h * sq) as i64, sq as i64) };
-    let (alibi_slopes, alibi_batch_stride) = match &p.alibi {
-        Some(al) => (a.alibi as *const f32, if al.per_batch { p.h as i64 } else { 0 }),
-        None => (std::ptr::null(), 0),
-    };
-    FwdParams {
-        q: a.q.ptr as *const c_void,
-        k: a.k.ptr as *const c_void,
-        v: a.v.ptr as *const c_void,
-        o: a.o.ptr as *mut c_void,
-        lse: a.lse as *mut f32,
-        q_batch_stride: a.q.batch,
-        q_row_stride: a.q.row,
-        q_head_stride: a.q.head,
-        k_batch_stride: a.k.batch,
-        k_row_stride: a.k.row,
-        k_head_stride: a.k.head,
-        v_batch_stride: a.v.batch,
-        v_row_stride: a.v.row,
-        v_head_stride: a.v.head,
-        o_batch_stride: a.o.batch,
-        o_row_stride: a.o.row,
-        o_head_stride: a.o.head,
-        lse_batch_stride: lse_b,
-        lse_head_stride: lse_h,
-        b: p.batch as i32,
-        h: p.h as i32,
-        hk: p.hk as i32,
-        sq: sq as i32,
-        sk: sk as i32,
-        d: p.d as i32,
-        cu_seqlens_q: a.cu_q as *const i32,
-        cu_seqlens_k: a.cu_k as *const i32,
-        seqused_k: a.seqused_k as *const i32,
-        scale: p.scale,
-        softcap: p.softcap,
-        alibi_slopes,
-        alibi_batch_stride,
-        window_left: if p.mask.is_active() { window(p.mask.left, limit) } else { -1 },
-        window_right: if p.mask.is_active() { window(p.mask.right, limit) } else { -1 },
-        sink: a.sink as *const f32,
-    }
-}
-
-/// Checks sizes the kernels index with 32-bit integers.
-pub(crate) fn check_sizes(p: &Problem) -> Result<()> {
-    let big = [p.total_q, p.total_k, p.batch, p.h].into_iter().any(|x| x > i32::MAX as usize / 2);
-    if big || p.batch > 65535 || p.h > 65535 {
-        return Err(Error::Unsupported { backend: "cuda", what: "batch, heads or sequence lengths this large".into() });
-    }
-    Ok(())
+    Ok(Sm80Plan { v, block_m, warps, smem })
 }
 
 /// Runs the forward kernel on `stream`: the sm90 kernel on Hopper for the problems it covers
-/// (`fwd_sm90::covers`), else the sm80-class kernel.
+/// (`fwd_sm90::covers`; not a value head dim other than `d`), else the sm80-class kernel ([`sm80_plan`]).
 pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs, aligned16: bool) -> Result<()> {
     check_sizes(p)?;
     if super::fwd_sm90::covers(gpu, p, aligned16) && super::fwd_sm90::run(gpu, stream, p, a)? {
         return Ok(());
     }
-    let v = variant_for(p, Pass::Fwd, aligned16, false)?;
-    let (bm, _, warps) = fwd_tiles(v.head_dim);
-    let smem = fwd_smem(v.head_dim);
-    if smem as i64 > gpu.smem_optin as i64 {
-        return Err(Error::Unsupported {
-            backend: "cuda",
-            what: format!(
-                "head dim {} on {} ({} B of shared memory per block needed, {} available)",
-                p.d, gpu.name, smem, gpu.smem_optin
-            ),
-        });
-    }
+    let Sm80Plan { v, block_m, warps, smem } = sm80_plan(p, aligned16, &gpu.name, gpu.smem_optin as i64)?;
     let m = gpu.module(&v)?;
     let params = fwd_params(p, a);
-    let grid = ((p.max_seqlen_q() as u32).div_ceil(bm), p.batch as u32, p.h as u32);
+    let grid = ((p.max_seqlen_q() as u32).div_ceil(block_m), p.batch as u32, p.h as u32);
+    let k = &m.kernels["flash_fwd"];
+    if v.value_dim().is_some() {
+        let params = FwdDvParams { f: params, d_v: p.d_v as i32, pad_: 0 };
+        // SAFETY: a variant with a value head dim of its own takes FwdDvParams, which `params` mirrors; its
+        // pointers come from buffers sized for this problem (v and o with the last dim d_v).
+        return unsafe { launch(k, "flash_fwd", stream, grid, 32 * warps, smem, &params) };
+    }
     // SAFETY: `params` mirrors FwdParams; its pointers come from buffers sized for this problem.
-    unsafe { launch(&m.kernels["flash_fwd"], "flash_fwd", stream, grid, 32 * warps, smem, &params) }
+    unsafe { launch(k, "flash_fwd", stream, grid, 32 * warps, smem, &params) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::AttnOptions;
+    use crate::problem::validate;
+    use crate::tensor::Tensor;
+    use crate::tuning::{CudaPath, Tuning};
+    use crate::DType;
+
+    /// Shared memory per block on an H100 / A100 (`cudaDevAttrMaxSharedMemoryPerBlockOptin`).
+    const SM90_SMEM: i64 = 227 * 1024;
+    const SM80_SMEM: i64 = 163 * 1024;
+
+    fn problem(d: usize, d_v: usize, causal: bool, tuning: Tuning) -> Problem {
+        let (q, k, v) = (
+            Tensor::zeros(&[2, 33, 4, d], DType::BF16),
+            Tensor::zeros(&[2, 47, 2, d], DType::BF16),
+            Tensor::zeros(&[2, 47, 2, d_v], DType::BF16),
+        );
+        let opts = AttnOptions { causal, tuning, ..AttnOptions::default() };
+        validate(&q.view(), &k.view(), &v.view(), &opts).expect("a valid problem")
+    }
+
+    /// The launch plan on a Hopper device (no GPU needed): a value head dim other than `d` leaves both sm90 kernels
+    /// and runs on the sm80-class forward and backward with `HEAD_DIM_V`, whose shared memory fits sm_80 and
+    /// sm_90; equal dims stay on the sm90 kernels (unless the tuning forces the sm80-class path); a pair the
+    /// kernels are not compiled for is `Unsupported`, naming `d_v`.
+    #[test]
+    fn value_head_dims_run_on_the_sm80_class_kernels_on_hopper() {
+        for (d, d_v, hd, hv) in [(192, 128, 192, 128), (128, 64, 128, 64), (64, 128, 64, 128), (100, 40, 128, 64)] {
+            for causal in [false, true] {
+                let p = problem(d, d_v, causal, Tuning::default());
+                assert!(!super::super::fwd_sm90::covers_on("sm_90a", SM90_SMEM, &p, true), "({d}, {d_v})");
+                assert!(!super::super::bwd_sm90::covers_on("sm_90a", &p, true), "({d}, {d_v})");
+                for smem in [SM80_SMEM, SM90_SMEM] {
+                    let plan = sm80_plan(&p, true, "a test device", smem).expect("an sm80-class plan");
+                    assert_eq!((plan.v.pass, plan.v.head_dim, plan.v.head_dim_v), (Pass::Fwd, hd, Some(hv)));
+                    assert_eq!(plan.v.mask, causal);
+                    assert!(plan.v.defines().contains(&format!("HEAD_DIM_V={hv}")));
+                    assert!(plan.v.to_string().starts_with(&format!("fwd_d{hd}v{hv}_bf16")), "{}", plan.v);
+                }
+                let b = variant_for(&p, Pass::Bwd, true, true).expect("a backward variant");
+                assert_eq!((b.head_dim, b.head_dim_v, b.deterministic), (hd, Some(hv), true));
+                assert!(b.to_string().starts_with(&format!("bwd_d{hd}v{hv}_bf16")), "{b}");
+            }
+        }
+        // Equal dims: the sm90 kernels on Hopper, no HEAD_DIM_V; the forced sm80-class path has none either.
+        let p = problem(128, 128, false, Tuning::default());
+        assert!(super::super::fwd_sm90::covers_on("sm_90a", SM90_SMEM, &p, true));
+        assert!(super::super::bwd_sm90::covers_on("sm_90a", &p, true));
+        assert!(!super::super::fwd_sm90::covers_on("sm_80", SM80_SMEM, &p, true));
+        let plan = sm80_plan(&p, true, "a test device", SM80_SMEM).unwrap();
+        assert_eq!(plan.v.head_dim_v, None);
+        assert!(!plan.v.defines().iter().any(|d| d.starts_with("HEAD_DIM_V")));
+        let forced = problem(128, 128, false, Tuning { cuda_path: CudaPath::Sm80, ..Tuning::default() });
+        assert!(!super::super::fwd_sm90::covers_on("sm_90a", SM90_SMEM, &forced, true));
+        // Shared memory of the value head dim forms (fwd.cu's FWD_SMEM_BYTES).
+        let smem = |d, d_v| sm80_plan(&problem(d, d_v, false, Tuning::default()), true, "x", SM90_SMEM).unwrap().smem;
+        assert_eq!((smem(64, 128), smem(128, 64), smem(192, 128)), (52224, 61440, 94208));
+        assert_eq!((smem(64, 64), smem(128, 128), smem(192, 192)), (55296, 69632, 102400));
+        // Pairs the kernels are not compiled for.
+        for (d, d_v) in [(192, 64), (256, 128), (128, 256), (100, 120)] {
+            let p = problem(d, d_v, false, Tuning::default());
+            for r in [sm80_plan(&p, true, "x", SM90_SMEM).map(|x| x.v), variant_for(&p, Pass::Bwd, true, false)] {
+                match r {
+                    Err(Error::Unsupported { backend: "cuda", what }) => {
+                        assert!(what.contains(&format!("d_v = {d_v}")), "{what}")
+                    }
+                    other => panic!("({d}, {d_v}): expected Unsupported, got {other:?}"),
+                }
+            }
+        }
+    }
 }

@@ -1,6 +1,7 @@
-//! The Hopper (sm_90a) forward path (`kernels/fwd_sm90.cu`): which problems it covers, the TMA tensor maps
-//! of q, k and v, the persistent grid and its tile order. Problems it does not cover run on the sm80-class
-//! kernels (`fwd.rs`); [`Tuning::cuda_path`] = `Sm80` forces that path on Hopper too (to test the fallback).
+//! The Hopper (sm_90a) forward path (`kernels/fwd_sm90.cu`): which problems it covers, its tile shapes, the TMA
+//! tensor maps of q, k and v (`tma.rs`), the persistent grid and its tile order. Problems it does not cover run on
+//! the sm80-class kernels (`fwd.rs`); [`Tuning::cuda_path`] = `Sm80` forces that path on Hopper too (to test the
+//! fallback).
 //! At head dim 64 the forward runs with 3 consumer warpgroups and 192-row query tiles (`-DSM90_CONSUMERS=3`,
 //! 512 threads, variant `fwd90_d64_bm192_*`; measurements in docs/notes/cuda-sm90.md);
 //! [`Tuning::sm90_d64_bm192`] = `false` selects the 128-row form there too (A/B). Other head dims use 128 rows.
@@ -9,17 +10,17 @@
 //! dim 256 FA3's 80-key blocks (128 x 80 tiles, `fwd90_d256_bn80_*`) are compiled but opt-in.
 //! [`Tuning::sm90_wide_kv_d128`] / [`Tuning::sm90_wide_kv_d256`] force either form per head dim.
 
+use super::call::{check_sizes, fwd_params, variant_for, FwdArgs};
 use super::compile::{Pass, Variant};
-use super::fwd::{check_sizes, fwd_params, variant_for, FwdArgs};
 use super::launch::launch;
 use super::params::FwdParams;
 use super::runtime::{dev_err, Gpu};
-use super::tensor::DevView;
+use super::tiles::{block_n, sm90_head_dim, wide_block_n};
+use super::tma::tensor_map;
 use crate::error::Result;
 use crate::problem::Problem;
 use crate::tuning::Tuning;
 use cudarc::driver::sys as dsys;
-use std::ffi::c_void;
 
 thread_local! {
     static LAUNCHES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
@@ -31,24 +32,11 @@ pub fn sm90_forward_launches() -> u64 {
     LAUNCHES.with(|n| n.get())
 }
 
-/// Head dims the sm90 kernel is compiled for; a problem's `d` runs on the smallest one `>= d`.
-pub const SM90_HEAD_DIMS: [usize; 3] = [64, 128, 256];
-
 /// Query rows per CTA by default (two consumer warpgroups of 64 rows).
 const BLOCK_M: usize = 128;
 
 /// Query rows per CTA at head dim 64 (three consumer warpgroups, FA3's d64 tile).
 const BLOCK_M_192: usize = 192;
-
-/// Keys per K/V block of FA3's wider form of the forward at a head dim, where it has one: 176 at head dim 128
-/// (128 x 176 tiles), 80 at head dim 256 (128 x 80 tiles; both as `SM90_BN_OVERRIDE` in `fwd_sm90.cu`).
-pub const fn wide_block_n(head_dim: usize) -> Option<usize> {
-    match head_dim {
-        128 => Some(176),
-        256 => Some(80),
-        _ => None,
-    }
-}
 
 /// The tile shape of the sm90 forward variant `v` (its head dim and mask set) for a problem of at most
 /// `max_keys` keys per sequence under tuning `t`; the one place the shape is chosen:
@@ -118,20 +106,6 @@ pub(crate) struct Sm90Params {
     unused: dsys::CUtensorMap,
 }
 
-/// The padded head dim of the sm90 kernel for head dim `d`.
-pub fn sm90_head_dim(d: usize) -> Option<usize> {
-    SM90_HEAD_DIMS.iter().copied().find(|&h| h >= d)
-}
-
-/// Key rows per block by default (`SM90_BN` of the kernel without `SM90_BN_OVERRIDE`).
-pub fn block_n(head_dim: usize) -> usize {
-    if head_dim <= 128 {
-        128
-    } else {
-        64
-    }
-}
-
 /// Dynamic shared memory of a compiled sm90 forward variant.
 fn variant_smem(v: &Variant) -> u32 {
     smem_bytes(v.head_dim, variant_block_m(v), variant_block_n(v))
@@ -151,15 +125,23 @@ pub fn o_separate(head_dim: usize, block_n: usize) -> bool {
     head_dim <= 128 && block_n <= 128
 }
 
-/// Whether the sm90 kernel runs this problem on this device: a Hopper device (sm_90a cubins), f16/bf16,
-/// head dim <= 256, 16-byte aligned pointers and strides (TMA), non-empty q and k, no `seqused_k`, and the
-/// problem's tuning allows it ([`Tuning::cuda_path`]). (`seqused_k` runs on the sm80-class kernel: the TMA reads whole key blocks, and the unused slots
-/// of a cache may hold anything, NaN included, which a zero probability times NaN would let through.)
+/// Whether the sm90 kernel runs this problem on this device: [`covers_on`] with the device's architecture and
+/// shared memory per block.
 pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
-    if gpu.arch != "sm_90a" || !p.tuning.sm90_forward_allowed() {
+    covers_on(&gpu.arch, gpu.smem_optin as i64, p, aligned16)
+}
+
+/// Whether the sm90 kernel runs this problem on a device of architecture `arch` with `smem_optin` bytes of shared
+/// memory per block: a Hopper device (sm_90a cubins), f16/bf16, head dim <= 256, a value head dim equal to the head
+/// dim (others run on the sm80-class kernel), 16-byte aligned pointers and strides (TMA), non-empty q and k, no
+/// `seqused_k`, and the problem's tuning allows it ([`Tuning::cuda_path`]). (`seqused_k` runs on the sm80-class
+/// kernel: the TMA reads whole key blocks, and the unused slots of a cache may hold anything, NaN included, which a
+/// zero probability times NaN would let through.)
+pub(crate) fn covers_on(arch: &str, smem_optin: i64, p: &Problem, aligned16: bool) -> bool {
+    if arch != "sm_90a" || !p.tuning.sm90_forward_allowed() {
         return false;
     }
-    if sm90_head_dim(p.d).is_none() {
+    if sm90_head_dim(p.d).is_none() || p.d_v != p.d {
         return false;
     }
     aligned16
@@ -168,7 +150,7 @@ pub(crate) fn covers(gpu: &Gpu, p: &Problem, aligned16: bool) -> bool {
         && p.batch > 0
         && p.seqused_k.is_none()
         && check_sizes(p).is_ok()
-        && sm90_variant(p).is_ok_and(|v| variant_smem(&v) as i64 <= gpu.smem_optin as i64)
+        && sm90_variant(p).is_ok_and(|v| variant_smem(&v) as i64 <= smem_optin)
 }
 
 /// The sm90 variant of a problem, with the tile shape of [`sm90_tile`] under the problem's tuning.
@@ -176,74 +158,6 @@ pub(crate) fn sm90_variant(p: &Problem) -> Result<Variant> {
     let v = variant_for(p, Pass::Fwd, true, false)?;
     let head_dim = sm90_head_dim(p.d).unwrap_or(v.head_dim);
     Ok(sm90_tile(Variant { pass: Pass::FwdSm90, head_dim, aligned16: true, ..v }, p.max_seqlen_k(), &p.tuning))
-}
-
-/// A rank-4 tensor map `{d, rows, heads, batch}` over 16-bit elements with a 64 x `box_rows` box and the
-/// 128-byte swizzle; `None` when the driver refuses the layout.
-pub(crate) fn tensor_map(
-    view: &DevView,
-    d: usize,
-    rows: usize,
-    heads: usize,
-    batch: usize,
-    box_rows: u32,
-) -> Option<dsys::CUtensorMap> {
-    let (dims, strides, boxd) = map_layout(view, d, rows, heads, batch, box_rows);
-    encode_map(view.ptr, dims, strides, boxd)
-}
-
-/// Dims, byte strides and box of the rank-4 maps: `{d, rows, heads, batch}` with a 64 x `box_rows` box.
-fn map_layout(
-    view: &DevView,
-    d: usize,
-    rows: usize,
-    heads: usize,
-    batch: usize,
-    box_rows: u32,
-) -> ([u64; 4], [u64; 3], [u32; 4]) {
-    let (rb, hb, bb) = byte_strides(view, rows, heads, batch);
-    ([d as u64, rows as u64, heads as u64, batch as u64], [rb, hb, bb], [64, box_rows, 1, 1])
-}
-
-/// Row, head and batch strides of a view in bytes; a dimension of extent 1 is never stepped over and gets a
-/// stride the driver accepts.
-fn byte_strides(view: &DevView, rows: usize, heads: usize, batch: usize) -> (u64, u64, u64) {
-    let e = 2u64;
-    let (rb, hb) = (view.row as u64 * e, view.head as u64 * e);
-    let mut bb = view.batch as u64 * e;
-    let safe = (rb * rows as u64).max(hb * heads as u64).max(16).next_multiple_of(16);
-    if batch == 1 || bb == 0 {
-        bb = safe;
-    }
-    let hb = if heads == 1 || hb == 0 { safe } else { hb };
-    let rb = if rows == 1 || rb == 0 { safe } else { rb };
-    (rb, hb, bb)
-}
-
-/// Encodes a rank-4 tiled map over 16-bit elements with the 128-byte swizzle; `None` when the driver refuses it.
-fn encode_map(ptr: u64, dims: [u64; 4], strides: [u64; 3], boxd: [u32; 4]) -> Option<dsys::CUtensorMap> {
-    let estr: [u32; 4] = [1, 1, 1, 1];
-    // SAFETY: an all-zero CUtensorMap is a valid value to be overwritten by the encoder.
-    let mut map: dsys::CUtensorMap = unsafe { std::mem::zeroed() };
-    // SAFETY: every pointer refers to a live local array of the rank the call is told; the global address
-    // is a device pointer the tensor map only records.
-    let r = unsafe {
-        dsys::cuTensorMapEncodeTiled(
-            &mut map,
-            dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
-            4,
-            ptr as *mut c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxd.as_ptr(),
-            estr.as_ptr(),
-            dsys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            dsys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            dsys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            dsys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    (r == dsys::CUresult::CUDA_SUCCESS).then_some(map)
 }
 
 /// (batch, head) pairs per scheduling group, so that the group's K/V (8 or 24 MiB) stay in the L2. With
@@ -281,9 +195,9 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
     let (q_rows, k_rows, batch) =
         if p.varlen { (p.total_q, p.total_k, 1) } else { (p.dense_sq, p.total_k / p.batch, p.batch) };
     let maps = (
-        tensor_map(&a.q, p.d, q_rows, p.h, batch, bm as u32),
-        tensor_map(&a.k, p.d, k_rows, p.hk, batch, bn as u32),
-        tensor_map(&a.v, p.d, k_rows, p.hk, batch, bn as u32),
+        tensor_map(&a.q, [p.d, q_rows, p.h, batch], bm as u32),
+        tensor_map(&a.k, [p.d, k_rows, p.hk, batch], bn as u32),
+        tensor_map(&a.v, [p.d, k_rows, p.hk, batch], bn as u32),
     );
     let (Some(tq), Some(tk), Some(tv)) = maps else { return Ok(false) };
     let m = gpu.module(&v)?;
@@ -437,13 +351,5 @@ mod tests {
         let bm128 = Tuning { sm90_d64_bm192: false, ..Tuning::default() };
         let v = Variant::plain(Pass::FwdSm90, 64, true);
         assert!(sm90_tile(v, 1 << 14, &Tuning::default()).is_bm192() && !sm90_tile(v, 1 << 14, &bm128).is_bm192());
-    }
-
-    #[test]
-    fn q_map_layout() {
-        // q [b 2, s 40, h 32, d 128] contiguous: strides in elements row 32 * 128, head 128, batch 40 * 32 * 128.
-        let view = DevView { ptr: 0, batch: 40 * 32 * 128, row: 32 * 128, head: 128 };
-        let (dims, strides, boxd) = map_layout(&view, 128, 40, 32, 2, 128);
-        assert_eq!((dims, strides, boxd), ([128, 40, 32, 2], [8192, 256, 327680], [64, 128, 1, 1]));
     }
 }

@@ -31,6 +31,9 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use std::ffi::c_void;
 use std::sync::Arc;
 
+/// The default pipeline depth of the KV-cache kernel (defined with the other head-dim shapes in `tiles.rs`).
+pub use super::tiles::default_stages;
+
 /// Warps of `kv_attn` (`KV_WARPS`).
 const KV_WARPS: u32 = 4;
 /// Warps of `kv_append` (`KV_APPEND_WARPS`).
@@ -62,6 +65,8 @@ struct KvParams {
     status: *mut i32,
     split_count: *mut i32,
     sink: *const f32,
+    k_descale: *const f32,
+    v_descale: *const f32,
     q_strides: [i64; 3],
     kc_strides: [i64; 3],
     vc_strides: [i64; 3],
@@ -100,24 +105,17 @@ struct KvFillParams {
     dst: *mut c_void,
     n: i64,
     seed: u32,
-    pad: i32,
+    e4m3: i32,
 }
 
-/// The default `KV_STAGES` of a padded head dim: 3 up to 128, else 2 ([`crate::Tuning::kv_stages`] overrides
-/// it per call; the value is passed to NVRTC, so the cache keeps one cubin per setting).
-pub fn default_stages(head_dim: usize) -> u32 {
-    if head_dim > 128 {
-        2
-    } else {
-        3
-    }
-}
-
-/// Dynamic shared memory of `kv_attn` (`KV_SMEM_BYTES`) with `stages` pipeline stages.
-fn attn_smem(head_dim: usize, stages: u32) -> u32 {
+/// Dynamic shared memory of `kv_attn` (`KV_SMEM_BYTES`) with `stages` pipeline stages, over 16-bit or (`fp8`)
+/// e4m3 caches.
+fn attn_smem(head_dim: usize, stages: u32, fp8: bool) -> u32 {
     // KV_ROW_BYTES: unpadded swizzled rows when the head dim is a multiple of 64, else one spare chunk per row.
     let rb = if head_dim % 64 == 0 { head_dim as u32 * 2 } else { (head_dim as u32 / 8 + 1) * 16 };
-    16 * rb + KV_WARPS * stages * 32 * rb + KV_WARPS * 32 * 4
+    // KV_WARP_RING_BYTES: the stages of 16-bit K/V rows, or of 1-byte rows plus one widened 16-bit K/V tile.
+    let ring = if fp8 { stages * 32 * head_dim as u32 + 32 * rb } else { stages * 32 * rb };
+    16 * rb + KV_WARPS * ring + KV_WARPS * 32 * 4
 }
 
 /// The number of key splits: the smallest count whose wave efficiency is at least 95% of the best, as long
@@ -171,8 +169,7 @@ impl KvWorkspace {
     /// Allocates `bytes` (see [`kvcache_workspace_bytes`]) zeroed bytes on device `n`.
     pub fn new(n: usize, bytes: usize) -> Result<KvWorkspace> {
         let gpu = runtime::gpu(n)?;
-        runtime::guard("allocating the KV workspace", || {
-            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        gpu.run("allocating the KV workspace", || {
             let buf = gpu.stream.alloc_zeros::<u8>(bytes.max(256)).map_err(|e| dev_err("allocating", e))?;
             gpu.stream.synchronize().map_err(|e| dev_err("zeroing the workspace", e))?;
             Ok(KvWorkspace { gpu: gpu.clone(), buf })
@@ -188,8 +185,7 @@ impl KvWorkspace {
     /// table entry was out of range (that row was skipped). Sticky: while non-zero, every call returns at
     /// once without writing; [`clear_status`](Self::clear_status) resets it.
     pub fn status(&self) -> Result<i32> {
-        runtime::guard("reading the KV status", || {
-            self.gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        self.gpu.run("reading the KV status", || {
             self.gpu.ctx.synchronize().map_err(|e| dev_err("running the kernels", e))?;
             let mut w = [0u8; 4];
             self.gpu.stream.memcpy_dtoh(&self.buf.slice(0..4), &mut w[..]).map_err(|e| dev_err("reading", e))?;
@@ -243,6 +239,11 @@ pub struct DeviceKvCache {
     pub alibi_slopes: Option<DeviceTensorRef>,
     /// Learnable sink logits, `f32` `[h]` contiguous (instead of `AttnOptions::sink`, which is host memory).
     pub sink: Option<DeviceTensorRef>,
+    /// With `e4m3` caches: the key descales, `f32` `[b, hk]` contiguous (1 when absent; instead of
+    /// `AttnOptions::k_descale`, which is host memory).
+    pub k_descale: Option<DeviceTensorRef>,
+    /// With `e4m3` caches: the value descales, as `k_descale`.
+    pub v_descale: Option<DeviceTensorRef>,
 }
 
 /// Everything a launch needs besides the pointers: shapes, variant, grid.
@@ -256,6 +257,8 @@ struct Plan {
     d: usize,
     head_dim: usize,
     dtype: DType,
+    /// The caches hold `e4m3` (q, the new rows and o are `dtype`).
+    fp8: bool,
     capacity: usize,
     cache_rows: usize,
     page_size: usize,
@@ -297,12 +300,12 @@ fn window(side: Option<usize>, limit: usize) -> i32 {
 }
 
 /// SM count and the number of `kv_attn` CTAs one SM holds (shared memory and threads).
-fn occupancy(gpu: &Gpu, head_dim: usize, stages: u32) -> (usize, usize) {
+fn occupancy(gpu: &Gpu, head_dim: usize, stages: u32, fp8: bool) -> (usize, usize) {
     use dsys::CUdevice_attribute as A;
     let sms = gpu.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(1).max(1) as usize;
     let smem_sm =
         gpu.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR).unwrap_or(100 << 10) as usize;
-    let per = attn_smem(head_dim, stages) as usize + 1024;
+    let per = attn_smem(head_dim, stages, fp8) as usize + 1024;
     (sms, (smem_sm / per).clamp(1, 16))
 }
 
@@ -310,6 +313,7 @@ fn occupancy(gpu: &Gpu, head_dim: usize, stages: u32) -> (usize, usize) {
 fn make_plan(
     gpu: &Gpu,
     dtype: DType,
+    cache_dtype: DType,
     [b, sq, h, d]: [usize; 4],
     hk: usize,
     s_new: usize,
@@ -321,7 +325,17 @@ fn make_plan(
 ) -> Result<Plan> {
     match dtype {
         DType::F16 | DType::BF16 => {}
-        other => return Err(super::unsupported_dtype(other)),
+        other => return Err(super::call::unsupported_dtype(other)),
+    }
+    let fp8 = cache_dtype == DType::E4M3;
+    if !fp8 && cache_dtype != dtype {
+        return Err(Error::invalid("k_cache", format!("dtype {dtype} (as q) or e4m3"), cache_dtype));
+    }
+    if fp8 && !super::compile::arch_at_least(&gpu.arch, 89) {
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            what: format!("e4m3 KV caches on {} (they need sm_89 or newer)", gpu.arch),
+        });
     }
     let head_dim = padded_head_dim(d).ok_or_else(|| Error::invalid("q", "head dim <= 256", d))?;
     let scale = check_finite_scale(opts.softmax_scale, d)?;
@@ -352,6 +366,7 @@ fn make_plan(
         d,
         head_dim,
         dtype,
+        fp8,
         capacity,
         cache_rows,
         page_size,
@@ -364,7 +379,7 @@ fn make_plan(
         max_keys,
         tuned: kv_variant(head_dim, dtype == DType::BF16, false, false, false, true).tuned(&opts.tuning),
     };
-    let (sms, per_sm) = occupancy(gpu, head_dim, plan.tuned.stages());
+    let (sms, per_sm) = occupancy(gpu, head_dim, plan.tuned.stages(), fp8);
     plan.splits = match opts.tuning.num_splits {
         0 => choose_splits(b * hk * plan.m_blocks(), max_keys, sms, per_sm),
         n => n.clamp(1, MAX_SPLITS),
@@ -397,15 +412,19 @@ struct Ptrs {
     alibi_per_batch: bool,
     /// Learnable sink logits `f32 [h]` or 0.
     sink: u64,
+    /// `e4m3` caches: descales `f32 [b, hk]` or 0.
+    k_descale: u64,
+    v_descale: u64,
     ws: u64,
 }
 
 /// The kernel variant of a call.
 fn variant(pl: &Plan, x: &Ptrs) -> Variant {
-    let aligned = [x.kc, x.vc].iter().all(|v| v.aligned16(2)) && (pl.rotary || x.q.aligned16(2));
+    let cache_elem = if pl.fp8 { 1 } else { 2 };
+    let aligned = [x.kc, x.vc].iter().all(|v| v.aligned16(cache_elem)) && (pl.rotary || x.q.aligned16(2));
     let v =
         kv_variant(pl.head_dim, pl.dtype == DType::BF16, pl.mask.is_active(), x.alibi != 0, pl.softcap > 0.0, aligned);
-    Variant { kv_stages: pl.tuned.kv_stages, nvrtc: pl.tuned.nvrtc, ..v }
+    Variant { kv_stages: pl.tuned.kv_stages, nvrtc: pl.tuned.nvrtc, kv_fp8: pl.fp8, ..v }
 }
 
 /// Enqueues the kernels of one call on `stream` (no allocation, no synchronisation).
@@ -439,6 +458,8 @@ fn enqueue_with(gpu: &Gpu, m: &Loaded, stream: dsys::CUstream, pl: &Plan, x: &Pt
         status: x.ws as *mut i32,
         split_count: at(ws.split_count) as *mut i32,
         sink: x.sink as *const f32,
+        k_descale: x.k_descale as *const f32,
+        v_descale: x.v_descale as *const f32,
         q_strides: [x.q.batch, x.q.row, x.q.head],
         kc_strides: [x.kc.batch, x.kc.row, x.kc.head],
         vc_strides: [x.vc.batch, x.vc.row, x.vc.head],
@@ -480,7 +501,7 @@ fn enqueue_with(gpu: &Gpu, m: &Loaded, stream: dsys::CUstream, pl: &Plan, x: &Pt
             launch(&m.kernels["kv_append"], "kv_append", stream, grid, 32 * APPEND_WARPS, 0, &p)?;
         }
         let grid = (pl.splits as u32, pl.m_blocks() as u32, (pl.b * pl.hk) as u32);
-        let smem = attn_smem(pl.head_dim, pl.tuned.stages());
+        let smem = attn_smem(pl.head_dim, pl.tuned.stages(), pl.fp8);
         if smem as i64 > gpu.smem_optin as i64 {
             return Err(Error::Unsupported {
                 backend: "cuda",
@@ -504,15 +525,24 @@ pub fn kvcache_forward_host(
 ) -> Result<ForwardOutput> {
     let c = crate::kvcache::check(q, cache, opts)?;
     let p = &c.problem;
-    super::require_same_value_dim(p.d, p.d_v)?;
-    if p.is_fp8() {
-        return Err(super::unsupported_dtype(p.dtype));
+    super::call::require_same_value_dim(p.d, p.d_v)?;
+    // e4m3 caches run with a 16-bit q (and new rows) whose dtype the output keeps; an e4m3 q does not.
+    let q_dtype = q.dtype();
+    if q_dtype.is_fp8() {
+        return Err(super::call::unsupported_dtype(q_dtype));
+    }
+    if p.out_dtype != q_dtype {
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            what: format!("out_dtype {} with a {q_dtype} q (the output keeps q's dtype)", p.out_dtype),
+        });
     }
     let gpu = runtime::gpu(n)?;
     let max_pages = p.k.paged.as_ref().map(|pg| pg.max_pages);
     let plan = make_plan(
         &gpu,
-        p.dtype,
+        q_dtype,
+        cache.k_cache.dtype(),
         [p.batch, p.dense_sq, p.h, p.d],
         p.hk,
         c.s_new,
@@ -523,8 +553,7 @@ pub fn kvcache_forward_host(
         opts,
     )?;
     let s = gpu.stream.clone();
-    runtime::guard("the CUDA KV-cache forward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+    gpu.run("the CUDA KV-cache forward", || {
         let tq = upload(&s, q.data, &q.layout)?;
         let tkc = upload(&s, cache.k_cache.as_view().data, &cache.k_cache.layout)?;
         let tvc = upload(&s, cache.v_cache.as_view().data, &cache.v_cache.layout)?;
@@ -539,8 +568,11 @@ pub fn kvcache_forward_host(
             c.rot.as_ref().map(|r| Ok::<_, Error>((upload_vec(&s, &r.cos)?, upload_vec(&s, &r.sin)?))).transpose()?;
         let alibi = p.alibi.as_ref().map(|a| upload_vec(&s, &a.slopes)).transpose()?;
         let sink = p.sink.as_ref().map(|v| upload_vec(&s, v)).transpose()?;
+        let descale = p.descale.as_ref().filter(|_| plan.fp8);
+        let kds = descale.map(|d| upload_vec(&s, &d.k)).transpose()?;
+        let vds = descale.map(|d| upload_vec(&s, &d.v)).transpose()?;
         let poisoned = poison_outputs(&p.tuning);
-        let o = alloc_out(&s, &p.o_shape(), p.dtype, poisoned)?;
+        let o = alloc_out(&s, &p.o_shape(), q_dtype, poisoned)?;
         let lse = alloc_out(&s, &p.lse_shape(), DType::F32, poisoned)?;
         let ws_bytes = plan.workspace().bytes;
         let ws = s.alloc_zeros::<u8>(ws_bytes).map_err(|e| dev_err("allocating the workspace", e))?;
@@ -567,6 +599,8 @@ pub fn kvcache_forward_host(
             alibi: alibi.as_ref().map_or(0, |a| a.device_ptr(&s).0),
             alibi_per_batch: p.alibi.as_ref().is_some_and(|a| a.per_batch),
             sink: sink.as_ref().map_or(0, |a| a.device_ptr(&s).0),
+            k_descale: kds.as_ref().map_or(0, |a| a.device_ptr(&s).0),
+            v_descale: vds.as_ref().map_or(0, |a| a.device_ptr(&s).0),
             ws: ws.device_ptr(&s).0,
         };
         enqueue(&gpu, s.cu_stream(), &plan, &x)?;
@@ -584,7 +618,7 @@ pub fn kvcache_forward_host(
             write_back(&s, &tkc, &mut cache.k_cache.data, &cache.k_cache.layout)?;
             write_back(&s, &tvc, &mut cache.v_cache.data, &cache.v_cache.layout)?;
         }
-        drop((tq, tkn, tvn, seqlens, table, bidx, lpad, rot, alibi, sink, ws));
+        drop((tq, tkn, tvn, seqlens, table, bidx, lpad, rot, alibi, sink, kds, vds, ws));
         Ok(out)
     })
 }
@@ -602,14 +636,19 @@ fn write_back(
     }
     let lo = layout.offset - layout.offset % 8;
     let n = extent - lo;
-    let mut bytes = vec![0u8; n * 2];
-    s.memcpy_dtoh(&t.buf.slice(0..n * 2), &mut bytes[..]).map_err(|e| dev_err("copying the cache back", e))?;
+    let elem = t.dtype.size();
+    let mut bytes = vec![0u8; n * elem];
+    s.memcpy_dtoh(&t.buf.slice(0..n * elem), &mut bytes[..]).map_err(|e| dev_err("copying the cache back", e))?;
     s.synchronize().map_err(|e| dev_err("copying the cache back", e))?;
+    if let CpuSliceMut::E4M3(v) = dst {
+        v[lo..extent].iter_mut().zip(&bytes).for_each(|(d, &b)| *d = crate::dtype::F8E4M3(b));
+        return Ok(());
+    }
     let bits = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
     match dst {
         CpuSliceMut::F16(v) => v[lo..extent].iter_mut().zip(bits).for_each(|(d, b)| *d = half::f16::from_bits(b)),
         CpuSliceMut::BF16(v) => v[lo..extent].iter_mut().zip(bits).for_each(|(d, b)| *d = half::bf16::from_bits(b)),
-        _ => return Err(Error::Device("internal: a 16-bit cache was expected".into())),
+        _ => return Err(Error::Device("internal: a 16-bit or e4m3 cache was expected".into())),
     }
     Ok(())
 }
@@ -645,11 +684,24 @@ fn raw_plan(
             "host slopes in AttnOptions",
         ));
     }
+    if opts.k_descale.is_some() || opts.v_descale.is_some() || opts.q_descale.is_some() {
+        return Err(Error::invalid(
+            "k_descale",
+            "device descales in DeviceKvCache::k_descale / v_descale for the device API",
+            "host descales in AttnOptions",
+        ));
+    }
     let dtype = q.dtype;
-    for t in [q, &cache.k_cache, &cache.v_cache] {
-        if t.dtype.is_fp8() {
-            return Err(super::unsupported_dtype(t.dtype));
-        }
+    if dtype.is_fp8() {
+        return Err(super::call::unsupported_dtype(dtype));
+    }
+    // The caches: q's dtype, or e4m3 (both) with descales optional.
+    let cache_dtype = if cache.k_cache.dtype == DType::E4M3 { DType::E4M3 } else { dtype };
+    if cache_dtype != DType::E4M3 && (cache.k_descale.is_some() || cache.v_descale.is_some()) {
+        return Err(Error::invalid("k_descale", "no descale: the caches are not e4m3", format!("{dtype} caches")));
+    }
+    if let Some(dt) = opts.out_dtype.filter(|&dt| dt != dtype) {
+        return Err(Error::invalid("out_dtype", format!("{dtype} (q's dtype) or none"), dt));
     }
     let [b, sq, h, d] = match q.shape[..] {
         [b, s, h, d] => [b, s, h, d],
@@ -661,13 +713,13 @@ fn raw_plan(
     if cs.len() != 4 || cs[3] != d {
         return Err(Error::invalid("k_cache", format!("rank 4 with head dim {d}"), format!("shape {cs:?}")));
     }
-    cache.k_cache.check("k_cache", &cs, dtype, true)?;
+    cache.k_cache.check("k_cache", &cs, cache_dtype, true)?;
     // A v_cache shaped as k_cache but for its head dim is a valid call the kernels cannot run yet.
     let vs = &cache.v_cache.shape;
     if vs.len() == 4 && vs[..3] == cs[..3] {
-        super::require_same_value_dim(d, vs[3])?;
+        super::call::require_same_value_dim(d, vs[3])?;
     }
-    cache.v_cache.check("v_cache", &cs, dtype, true)?;
+    cache.v_cache.check("v_cache", &cs, cache_dtype, true)?;
     let hk = cs[2];
     crate::problem::check_heads_of(h, hk, "k_cache")?;
     let s_new = match (&cache.k_new, &cache.v_new) {
@@ -747,6 +799,14 @@ fn raw_plan(
             return Err(Error::invalid("sink", "a contiguous tensor", format!("strides {:?}", t.strides)));
         }
     }
+    for (arg, t) in [("k_descale", &cache.k_descale), ("v_descale", &cache.v_descale)] {
+        if let Some(t) = t {
+            t.check(arg, &[b, hk], DType::F32, false)?;
+            if t.strides != crate::tensor::Layout::contiguous(&[b, hk]).strides {
+                return Err(Error::invalid(arg, "a contiguous tensor", format!("strides {:?}", t.strides)));
+            }
+        }
+    }
     o.check("o", &[b, sq, h, d], dtype, true)?;
     lse.check("lse", &[b, h, sq], DType::F32, true)?;
     if lse.strides != crate::tensor::Layout::contiguous(&[b, h, sq]).strides {
@@ -761,7 +821,7 @@ fn raw_plan(
         // Only its presence matters to the plan (variant and the positive-scale rule).
         o2.alibi_slopes = Some(crate::tensor::Tensor::zeros(&[h], DType::F32));
     }
-    make_plan(gpu, dtype, [b, sq, h, d], hk, s_new, &cs, max_pages, cache.rotary.is_some(), capacity, &o2)
+    make_plan(gpu, dtype, cache_dtype, [b, sq, h, d], hk, s_new, &cs, max_pages, cache.rotary.is_some(), capacity, &o2)
 }
 
 /// Bytes of workspace a [`kvcache_forward_raw`] call of these shapes needs on device `n` (the split count
@@ -855,8 +915,7 @@ unsafe fn raw_forward(
     let plan = raw_plan(&gpu, q, cache, o, lse, opts)?;
     check_workspace(&plan, workspace)?;
     let x = raw_ptrs(q, cache, o, lse, workspace);
-    runtime::guard("the CUDA KV-cache forward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+    gpu.run("the CUDA KV-cache forward", || {
         let st = stream as dsys::CUstream;
         if zero_header {
             // The status word and the split counters: everything before the partial LSE.
@@ -920,6 +979,8 @@ fn raw_ptrs(
         alibi: cache.alibi_slopes.as_ref().map_or(0, |a| a.ptr),
         alibi_per_batch: cache.alibi_slopes.as_ref().is_some_and(|a| a.shape.len() == 2),
         sink: cache.sink.as_ref().map_or(0, |t| t.ptr),
+        k_descale: ptr(&cache.k_descale),
+        v_descale: ptr(&cache.v_descale),
         ws: workspace.ptr,
     }
 }
@@ -967,8 +1028,7 @@ impl KvPrepared {
     /// # Safety
     /// The buffers given to [`new`](Self::new) must still be valid, and `stream` a stream of the device.
     pub unsafe fn enqueue(&self, stream: *mut c_void) -> Result<()> {
-        runtime::guard("the CUDA KV-cache forward", || {
-            self.gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        self.gpu.run("the CUDA KV-cache forward", || {
             enqueue_with(&self.gpu, &self.module, stream as dsys::CUstream, &self.plan, &self.x)
         })
     }
@@ -988,8 +1048,9 @@ pub struct KvDecodeBench {
 impl KvDecodeBench {
     /// Allocates and fills the problem `[b, sq, h, d]` against `sk` cached tokens with `hk` key/value heads
     /// (`page_size`: `None` = unpaged). The cache has the logical shape `[b, sk, hk, d]` (paged: `[pages,
-    /// page_size, hk, d]`); `head_major` stores each head's rows contiguously (strides of a `[b, hk, sk, d]`
-    /// or `[pages, hk, page_size, d]` buffer), else token-major (contiguous).
+    /// page_size, hk, d]`) and `cache_dtype` (`dtype`, or `e4m3` with unit descales); `head_major` stores each
+    /// head's rows contiguously (strides of a `[b, hk, sk, d]` or `[pages, hk, page_size, d]` buffer), else
+    /// token-major (contiguous).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         n: usize,
@@ -1000,6 +1061,7 @@ impl KvDecodeBench {
         sk: usize,
         d: usize,
         dtype: DType,
+        cache_dtype: DType,
         page_size: Option<usize>,
         head_major: bool,
         seed: u64,
@@ -1007,26 +1069,32 @@ impl KvDecodeBench {
     ) -> Result<KvDecodeBench> {
         let gpu = runtime::gpu(n)?;
         let s = gpu.stream.clone();
-        runtime::guard("setting up the decode benchmark", || {
-            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        gpu.run("setting up the decode benchmark", || {
             let head_dim = padded_head_dim(d).ok_or_else(|| Error::invalid("d", "<= 256", d))?;
-            let fill_v = kv_variant(head_dim, dtype == DType::BF16, false, false, false, true).tuned(tuning);
+            let fp8 = cache_dtype == DType::E4M3;
+            // The e4m3 variant's kv_fill also fills 16-bit buffers.
+            let fill_v = Variant {
+                kv_fp8: fp8,
+                ..kv_variant(head_dim, dtype == DType::BF16, false, false, false, true).tuned(tuning)
+            };
             let m = gpu.module(&fill_v)?;
             let mut bufs = Vec::new();
             let mut seed_n = seed as u32;
-            let mut alloc16 = |shape: &[usize]| -> Result<DeviceTensorRef> {
+            let mut alloc = |shape: &[usize], dt: DType| -> Result<DeviceTensorRef> {
                 let elems: usize = shape.iter().product();
-                let buf = s.alloc_zeros::<u8>((elems * 2).max(256)).map_err(|e| dev_err("allocating", e))?;
+                let buf = s.alloc_zeros::<u8>((elems * dt.size()).max(256)).map_err(|e| dev_err("allocating", e))?;
                 let ptr = buf.device_ptr(&s).0;
                 seed_n = seed_n.wrapping_mul(2654435761).wrapping_add(12345);
-                let fp = KvFillParams { dst: ptr as *mut c_void, n: elems as i64, seed: seed_n, pad: 0 };
-                // SAFETY: `fp` mirrors KvFillParams and points at `elems` 16-bit elements.
+                let e4m3 = (dt == DType::E4M3) as i32;
+                let fp = KvFillParams { dst: ptr as *mut c_void, n: elems as i64, seed: seed_n, e4m3 };
+                // SAFETY: `fp` mirrors KvFillParams and points at `elems` elements of `dt` (16-bit, or e4m3 bytes
+                // with the e4m3 module).
                 unsafe { launch(&m.kernels["kv_fill"], "kv_fill", s.cu_stream(), (1024, 1, 1), 256, 0, &fp)? };
                 bufs.push(buf);
-                Ok(DeviceTensorRef::contiguous(ptr, dtype, shape))
+                Ok(DeviceTensorRef::contiguous(ptr, dt, shape))
             };
-            let q = alloc16(&[b, sq, h, d])?;
-            let o = alloc16(&[b, sq, h, d])?;
+            let q = alloc(&[b, sq, h, d], dtype)?;
+            let o = alloc(&[b, sq, h, d], dtype)?;
             let (cache_shape, table) = match page_size {
                 None => (vec![b, sk, hk, d], None),
                 Some(ps) => {
@@ -1040,8 +1108,9 @@ impl KvDecodeBench {
                     (vec![b * mp, ps, hk, d], Some((t, mp)))
                 }
             };
-            let mut kc = alloc16(&cache_shape)?;
-            let mut vc = alloc16(&cache_shape)?;
+            let cache_dtype = if fp8 { DType::E4M3 } else { dtype };
+            let mut kc = alloc(&cache_shape, cache_dtype)?;
+            let mut vc = alloc(&cache_shape, cache_dtype)?;
             if head_major {
                 let [_, rows, heads, dd] = [cache_shape[0], cache_shape[1], cache_shape[2], cache_shape[3]];
                 for t in [&mut kc, &mut vc] {
@@ -1077,6 +1146,8 @@ impl KvDecodeBench {
                 rotary: None,
                 alibi_slopes: None,
                 sink: None,
+                k_descale: None,
+                v_descale: None,
             };
             let opts = AttnOptions { tuning: tuning.clone(), ..AttnOptions::default() };
             let plan = raw_plan(&gpu, &q, &cache, &o, &lse, &opts)?;
@@ -1109,8 +1180,7 @@ impl KvDecodeBench {
     pub fn time(&mut self, warmup: usize, reps: usize) -> Result<Vec<f64>> {
         let gpu = self.gpu.clone();
         let s = gpu.stream.clone();
-        runtime::guard("timing the decode kernels", || {
-            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        gpu.run("timing the decode kernels", || {
             const FLUSH: usize = 256 << 20;
             if self.flush.is_none() {
                 // SAFETY: only ever zeroed, never read.
@@ -1145,8 +1215,7 @@ impl KvDecodeBench {
 pub fn copy_gbps(n: usize, bytes: usize, reps: usize) -> Result<f64> {
     let gpu = runtime::gpu(n)?;
     let s = gpu.stream.clone();
-    runtime::guard("measuring the copy bandwidth", || {
-        gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+    gpu.run("measuring the copy bandwidth", || {
         let a = s.alloc_zeros::<u8>(bytes).map_err(|e| dev_err("allocating", e))?;
         let mut b = s.alloc_zeros::<u8>(bytes).map_err(|e| dev_err("allocating", e))?;
         let mut ts = Vec::new();
@@ -1189,20 +1258,24 @@ mod tests {
 
     #[test]
     fn params_layout() {
-        // 20 pointers, 21 i64, 20 32-bit fields (the C struct has the same, no padding).
-        assert_eq!(std::mem::size_of::<KvParams>(), 20 * 8 + 21 * 8 + 20 * 4);
+        // 22 pointers, 21 i64, 20 32-bit fields (the C struct has the same, no padding).
+        assert_eq!(std::mem::size_of::<KvParams>(), 22 * 8 + 21 * 8 + 20 * 4);
         assert_eq!(std::mem::offset_of!(KvParams, sink), 19 * 8);
-        assert_eq!(std::mem::offset_of!(KvParams, b), 20 * 8 + 21 * 8);
+        assert_eq!(std::mem::offset_of!(KvParams, v_descale), 21 * 8);
+        assert_eq!(std::mem::offset_of!(KvParams, b), 22 * 8 + 21 * 8);
         assert_eq!(std::mem::size_of::<KvFillParams>(), 24);
     }
 
     #[test]
     fn smem_fits_two_ctas_at_d128() {
         // d 128: swizzled 256-byte rows; d 96: padded 208-byte rows.
-        let smem = |hd| attn_smem(hd, default_stages(hd));
+        let smem = |hd| attn_smem(hd, super::super::tiles::default_stages(hd), false);
         assert_eq!(smem(128), 16 * 256 + 4 * 3 * 32 * 256 + 512);
         assert_eq!(smem(96), 16 * 208 + 4 * 3 * 32 * 208 + 512);
         assert!(2 * (smem(128) as usize + 1024) <= 228 * 1024);
         assert!(smem(256) as usize <= 227 * 1024);
+        // e4m3 caches: 1-byte stages plus one widened 16-bit K/V tile per warp.
+        assert_eq!(attn_smem(128, 3, true), 16 * 256 + 4 * (3 * 32 * 128 + 32 * 256) + 512);
+        assert!(attn_smem(256, 2, true) <= attn_smem(256, 2, false));
     }
 }

@@ -3,9 +3,15 @@
 //! dynamically: the crate builds and runs without CUDA, and this backend then reports why it is
 //! unavailable instead of panicking).
 //!
-//! - [`runtime`]: probing, one context and stream per device, loaded modules.
-//! - [`compile`]: kernel variants and NVRTC; [`cache`]: the disk cache.
-//! - [`params`]: the kernels' parameter blocks; `fwd`/`bwd`: launchers; `tensor`: device memory.
+//! Layers, each using only those above it in this list (no module imports one below it; CI checks the
+//! whole crate with `tools/check_import_cycles.py`):
+//! - `tiles`: kernel shapes that are pure functions of a head dim; [`compile`]: kernel variants and NVRTC;
+//! - [`cache`]: the disk cache; [`runtime`]: probing, one context and stream per device, loaded modules;
+//!   `launch`: kernel launches and fills; `tensor`: device memory; `tma`: TMA tensor maps;
+//! - [`params`]: the kernels' parameter blocks; `call`: the checks and device pointers of a call, its
+//!   forward parameter block and sm80-class variant;
+//! - launchers: `fwd_sm90`, `bwd_sm90` (Hopper), then `fwd`, `bwd` (the path choice and the sm80-class
+//!   kernels), [`kvcache`]; then the entry points: `framework` (device memory), `resident`, this module.
 //!
 //! Entry points: [`forward_host`]/[`backward_host`]/[`kvcache_forward_host`] take host tensors (what
 //! [`crate::forward_on`] uses); [`forward_raw`]/[`backward_raw`] take a framework's device pointers and
@@ -16,6 +22,7 @@
 pub(crate) mod bwd;
 mod bwd_sm90;
 pub mod cache;
+pub(crate) mod call;
 pub mod compile;
 mod framework;
 mod fwd;
@@ -26,35 +33,47 @@ pub mod params;
 mod resident;
 pub mod runtime;
 mod tensor;
+mod tiles;
+mod tma;
 
-pub use bwd_sm90::{sm90_backward_launches, sm90_bwd_head_dim};
+pub use bwd_sm90::sm90_backward_launches;
 pub use compile::{KernelUsage, Pass, Variant};
 /// The CUDA bindings this backend is built on (for callers of [`forward_raw`] that need a context or a
 /// stream, and for tests).
 pub use cudarc;
 pub use framework::{
-    backward_device, backward_device_of, backward_workspace_bytes, forward_device, BackwardTensors, DeviceMeta,
-    DeviceVarlen, ForwardTensors,
+    backward_device, backward_device_of, backward_workspace_bytes, forward_device, DeviceMeta, DeviceVarlen,
 };
-pub use fwd_sm90::{sm90_forward_launches, sm90_head_dim, sm90_tile};
+pub use fwd_sm90::{sm90_forward_launches, sm90_tile};
 pub use kvcache::{
     kvcache_forward_host, kvcache_forward_raw, kvcache_forward_raw_uninit, kvcache_splits, kvcache_workspace_bytes,
     DeviceKvCache, DeviceRotary, DeviceWorkspace, KvDecodeBench, KvWorkspace,
 };
 pub use launch::{poison_outputs, set_poison_outputs};
 pub use resident::{kernel_family, DeviceAttention};
-pub use tensor::DeviceTensorRef;
+pub use tensor::{BackwardTensors, DeviceTensorRef, ForwardTensors};
+pub use tiles::{sm90_bwd_head_dim, sm90_head_dim};
 
 use crate::api::{ForwardOutput, Gradients};
-use crate::backends::BackendStatus;
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::options::AttnOptions;
-use crate::problem::{validate, Problem, RowMap};
-use crate::tensor::{Layout, Tensor, TensorView};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
-use std::sync::Arc;
-use tensor::{alloc_out, download, upload, upload_vec, DevView};
+use crate::problem::{validate, Problem};
+use crate::tensor::{BackendStatus, Tensor, TensorView};
+use call::{
+    check_backward_tensors, check_forward_tensors, poison_forward_outputs, raw_problem, require_half, require_no_dsink,
+    Aux, BwdArgs, FwdArgs,
+};
+use tensor::{alloc_out, download, upload};
+
+/// Which `(d, d_v)` pairs with a value head dim `d_v != d` the CUDA kernels run, in words (for `flashattn info`).
+pub fn value_dim_summary() -> String {
+    format!(
+        "d_v != d runs where (d, d_v) pads to one of {} (sm80-class forward and backward kernels, on Hopper \
+         too; the KV-cache kernels take d_v = d only); d_v = d everywhere",
+        tiles::value_dim_pairs_text()
+    )
+}
 
 /// Whether the CUDA backend can run here, with the devices, driver and NVRTC versions and the cache folder
 /// (or the reason it cannot run).
@@ -64,88 +83,6 @@ pub fn status() -> BackendStatus {
         Err(e) => (false, e.to_string()),
     };
     BackendStatus { name: "cuda", usable, detail }
-}
-
-/// What every CUDA entry point refuses: other dtypes than f16/bf16 and a value head dim other than the
-/// query/key head dim (CPU backends only). A learnable sink passes here (the forward kernels fold it in, the
-/// backward's sink variant computes `dsink`).
-fn require_half(p: &Problem) -> Result<()> {
-    require_same_value_dim(p.d, p.d_v)?;
-    match p.dtype {
-        DType::F16 | DType::BF16 => Ok(()),
-        other => Err(unsupported_dtype(other)),
-    }
-}
-
-/// The error for a dtype the CUDA kernels do not take: f32 (CPU backends only) and FP8 (`e4m3`: the CPU
-/// backends for now; the sm90 FP8 kernels are not written yet).
-pub(crate) fn unsupported_dtype(dtype: DType) -> Error {
-    let what = if dtype.is_fp8() {
-        format!("FP8 inputs (dtype {dtype}): not supported on this backend yet (the CPU backends take them)")
-    } else {
-        format!("dtype {dtype} (use f16 or bf16)")
-    };
-    Error::Unsupported { backend: "cuda", what }
-}
-
-/// The CUDA kernels read v, write o and dv with the query/key head dim: a different value head dim `d_v`
-/// (supported by the CPU backends) is refused before any device work.
-pub(crate) fn require_same_value_dim(d: usize, d_v: usize) -> Result<()> {
-    if d_v != d {
-        return Err(Error::Unsupported {
-            backend: "cuda",
-            what: format!(
-                "a value head dim d_v = {d_v} different from the query/key head dim d = {d} (CPU backends only for now)"
-            ),
-        });
-    }
-    Ok(())
-}
-
-/// The backward entry points without a place for `dsink` (the raw device API, [`DeviceAttention`]) refuse a
-/// problem with a sink, before any device work; [`backward_host`] and [`backward_device`] run it.
-fn require_no_dsink(p: &Problem) -> Result<()> {
-    if p.sink.is_some() {
-        return Err(Error::Unsupported {
-            backend: "cuda",
-            what: "a learnable sink in this backward entry point (backward_device or the host API run it)".into(),
-        });
-    }
-    Ok(())
-}
-
-/// Per-call small inputs: varlen offsets, `seqused_k`, ALiBi slopes, the learnable sink (`f32 [h]`).
-struct Aux {
-    cu_q: Option<CudaSlice<i32>>,
-    cu_k: Option<CudaSlice<i32>>,
-    used: Option<CudaSlice<i32>>,
-    alibi: Option<CudaSlice<f32>>,
-    sink: Option<CudaSlice<f32>>,
-}
-
-impl Aux {
-    fn upload(stream: &Arc<CudaStream>, p: &Problem) -> Result<Aux> {
-        let (cu_q, cu_k) = match &p.cu_seqlens {
-            Some((q, k)) => (Some(upload_vec(stream, q)?), Some(upload_vec(stream, k)?)),
-            None => (None, None),
-        };
-        let used = p.seqused_k.as_ref().map(|u| upload_vec(stream, u)).transpose()?;
-        let alibi = p.alibi.as_ref().map(|a| upload_vec(stream, &a.slopes)).transpose()?;
-        let sink = p.sink.as_ref().map(|v| upload_vec(stream, v)).transpose()?;
-        Ok(Aux { cu_q, cu_k, used, alibi, sink })
-    }
-    fn fill(&self, stream: &CudaStream, a: &mut fwd::FwdArgs) {
-        let ptr = |s: &Option<CudaSlice<i32>>| s.as_ref().map_or(0, |s| s.device_ptr(stream).0);
-        a.cu_q = ptr(&self.cu_q);
-        a.cu_k = ptr(&self.cu_k);
-        a.seqused_k = ptr(&self.used);
-        a.alibi = self.alibi.as_ref().map_or(0, |s| s.device_ptr(stream).0);
-        a.sink = self.sink.as_ref().map_or(0, |s| s.device_ptr(stream).0);
-    }
-}
-
-fn all_aligned(views: &[DevView], elem: usize) -> bool {
-    views.iter().all(|v| v.aligned16(elem))
 }
 
 /// Forward pass of host tensors on CUDA device `n`: uploads q/k/v (keeping their strides), runs the
@@ -163,15 +100,14 @@ fn forward_problem(
     require_half(p)?;
     let gpu = runtime::gpu(n)?;
     let s = &gpu.stream;
-    runtime::guard("the CUDA forward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
+    gpu.run("the CUDA forward", || {
         let (dq, dk, dv) =
             (upload(s, q.data, &q.layout)?, upload(s, k.data, &k.layout)?, upload(s, v.data, &v.layout)?);
         let poisoned = launch::poison_outputs(&p.tuning);
         let o = alloc_out(s, &p.o_shape(), p.dtype, poisoned)?;
         let lse = alloc_out(s, &p.lse_shape(), DType::F32, poisoned)?;
         let aux = Aux::upload(s, p)?;
-        let mut a = fwd::FwdArgs {
+        let mut a = FwdArgs {
             q: dq.view(s),
             k: dk.view(s),
             v: dv.view(s),
@@ -180,7 +116,7 @@ fn forward_problem(
             ..Default::default()
         };
         aux.fill(s, &mut a);
-        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], p.dtype.size());
+        let aligned = a.aligned16(p.dtype.size());
         fwd::run(&gpu, s.cu_stream(), p, &a, aligned)?;
         let out = ForwardOutput { o: download(s, &o)?, lse: download(s, &lse)? };
         drop((dq, dk, dv, aux));
@@ -205,8 +141,7 @@ pub fn backward_host(
     crate::problem::check_backward_inputs(&p, &o.view(), &lse.view(), &dout.view())?;
     let gpu = runtime::gpu(n)?;
     let s = &gpu.stream;
-    runtime::guard("the CUDA backward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
+    gpu.run("the CUDA backward", || {
         let up = |t: &Tensor| upload(s, t.view().data, t.layout());
         let (tq, tk, tv, to, tdo) = (up(q)?, up(k)?, up(v)?, up(o)?, up(dout)?);
         let lse_c = Tensor::from_f32(&lse.to_f32_vec(), lse.shape(), DType::F32)?;
@@ -223,8 +158,8 @@ pub fn backward_host(
         let aux = Aux::upload(s, &p)?;
         // The sink's gradient in f32 on the device, returned in the sink's dtype.
         let gsink = p.sink.as_ref().map(|_| alloc_out(s, &[p.h], DType::F32, poisoned)).transpose()?;
-        let mut a = bwd::BwdArgs {
-            fwd: fwd::FwdArgs {
+        let mut a = BwdArgs {
+            fwd: FwdArgs {
                 q: tq.view(s),
                 k: tk.view(s),
                 v: tv.view(s),
@@ -239,7 +174,7 @@ pub fn backward_host(
             dsink: gsink.as_ref().map_or(0, |t| t.base(s)),
         };
         aux.fill(s, &mut a.fwd);
-        let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
+        let aligned = a.aligned16(p.dtype.size());
         bwd::run(&gpu, s, &p, &a, aligned, opts.deterministic, bwd::Softmax::Whole, None)?;
         let dsink = match (&gsink, &opts.sink) {
             (Some(g), Some(sink)) => Some(Tensor::from_f32(&download(s, g)?.to_f32_vec(), &[p.h], sink.dtype())?),
@@ -249,31 +184,6 @@ pub fn backward_host(
         drop((tq, tk, tv, to, tdo, tlse, aux, gsink));
         Ok(g)
     })
-}
-
-/// Validates device tensors the way [`crate::problem::validate`] validates host views.
-fn raw_problem(q: &DeviceTensorRef, k: &DeviceTensorRef, v: &DeviceTensorRef, opts: &AttnOptions) -> Result<Problem> {
-    // The problem depends on shapes and options only: validate host stand-ins whose outer strides are 0
-    // (one row of storage), then keep the shapes; the kernels use the caller's strides.
-    let stand_in = |t: &DeviceTensorRef| -> Result<Tensor> {
-        let last = t.shape.last().copied().unwrap_or(1).max(1);
-        let storage = crate::tensor::CpuStorage::zeros(t.dtype, last);
-        let mut strides = vec![0; t.shape.len()];
-        if let Some(s) = strides.last_mut() {
-            *s = 1;
-        }
-        Tensor::from_storage_strided(storage, Layout { shape: t.shape.clone(), strides, offset: 0 })
-    };
-    let (sq_, sk_, sv_) = (stand_in(q)?, stand_in(k)?, stand_in(v)?);
-    let mut p = validate(&sq_.view(), &sk_.view(), &sv_.view(), opts)?;
-    // Row maps in the caller's strides (informational; the kernels use the device views).
-    p.q = RowMap { base: vec![0; p.batch], row_stride: 0, head_stride: 0, paged: None };
-    p.k = p.q.clone();
-    p.v = p.q.clone();
-    for (arg, t) in [("q", q), ("k", k), ("v", v)] {
-        t.check(arg, &t.shape, p.dtype, false)?;
-    }
-    Ok(p)
 }
 
 /// Forward pass over device memory the caller owns (for frameworks such as candle or PyTorch), on the
@@ -296,40 +206,20 @@ pub unsafe fn forward_raw(
     lse: &DeviceTensorRef,
     opts: &AttnOptions,
 ) -> Result<()> {
+    let t = ForwardTensors { q, k, v, o, lse };
     let p = raw_problem(q, k, v, opts)?;
-    require_half(&p)?;
-    o.check("o", &p.o_shape(), p.dtype, true)?;
-    check_lse(lse, &p, true)?;
+    check_forward_tensors(&p, &t)?;
     let gpu = runtime::gpu(n)?;
-    runtime::guard("the CUDA forward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
-        let s = gpu.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
+    gpu.run("the CUDA forward", || {
+        let s = gpu.borrowed_stream(stream);
         let aux = Aux::upload(&s, &p)?;
-        let mut a =
-            fwd::FwdArgs { q: q.view(), k: k.view(), v: v.view(), o: o.view(), lse: lse.ptr, ..Default::default() };
+        let mut a = FwdArgs::of(&t);
         aux.fill(&s, &mut a);
-        if launch::poison_outputs(&p.tuning) {
-            launch::poison(o.ptr, extent_bytes(o), s.cu_stream())?;
-            launch::poison(lse.ptr, extent_bytes(lse), s.cu_stream())?;
-        }
-        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], p.dtype.size());
-        fwd::run(&gpu, s.cu_stream(), &p, &a, aligned)?;
+        poison_forward_outputs(&p, &t, s.cu_stream())?;
+        fwd::run(&gpu, s.cu_stream(), &p, &a, a.aligned16(p.dtype.size()))?;
         drop(aux);
         Ok(())
     })
-}
-
-/// `lse` of a device call: `f32`, contiguous, of the problem's lse shape (an output of the forward).
-fn check_lse(lse: &DeviceTensorRef, p: &Problem, output: bool) -> Result<()> {
-    lse.check("lse", &p.lse_shape(), DType::F32, output)?;
-    if lse.strides != Layout::contiguous(&p.lse_shape()).strides {
-        return Err(Error::invalid("lse", "a contiguous tensor", format!("strides {:?}", lse.strides)));
-    }
-    Ok(())
-}
-
-fn extent_bytes(t: &DeviceTensorRef) -> usize {
-    t.layout().extent().unwrap_or(0) * t.dtype.size()
 }
 
 /// Backward pass over device memory the caller owns, on the caller's stream. `lse` is contiguous `f32`;
@@ -368,38 +258,17 @@ pub(crate) unsafe fn backward_raw_of(
     opts: &AttnOptions,
     softmax: bwd::Softmax,
 ) -> Result<()> {
+    let t = BackwardTensors { fwd: ForwardTensors { q, k, v, o, lse }, dout, dq, dk, dv, dsink: None };
     let p = raw_problem(q, k, v, opts)?;
-    require_half(&p)?;
     require_no_dsink(&p)?;
-    o.check("o", &p.o_shape(), p.dtype, false)?;
-    dout.check("dout", &p.o_shape(), p.dtype, false)?;
-    check_lse(lse, &p, false)?;
-    dq.check("dq", &q.shape, p.dtype, true)?;
-    dk.check("dk", &k.shape, p.dtype, true)?;
-    dv.check("dv", &v.shape, p.dtype, true)?;
+    check_backward_tensors(&p, &t)?;
     let gpu = runtime::gpu(n)?;
-    runtime::guard("the CUDA backward", || {
-        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
-        let s = gpu.ctx.wrap_borrowed_stream(stream as cudarc::driver::sys::CUstream);
+    gpu.run("the CUDA backward", || {
+        let s = gpu.borrowed_stream(stream);
         let aux = Aux::upload(&s, &p)?;
-        let mut a = bwd::BwdArgs {
-            fwd: fwd::FwdArgs {
-                q: q.view(),
-                k: k.view(),
-                v: v.view(),
-                o: o.view(),
-                lse: lse.ptr,
-                ..Default::default()
-            },
-            dout: dout.view(),
-            dq: dq.view(),
-            dk: dk.view(),
-            dv: dv.view(),
-            dsink: 0,
-        };
+        let mut a = BwdArgs::of(&t);
         aux.fill(&s, &mut a.fwd);
-        let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], p.dtype.size());
-        bwd::run(&gpu, &s, &p, &a, aligned, opts.deterministic, softmax, None)?;
+        bwd::run(&gpu, &s, &p, &a, a.aligned16(p.dtype.size()), opts.deterministic, softmax, None)?;
         drop(aux);
         Ok(())
     })
@@ -454,10 +323,8 @@ fn compile_jobs(archs: &[String], variants: &[Variant], fresh: bool) -> Result<V
     use rayon::prelude::*;
     compile::nvrtc_version()?;
     let archs: Vec<String> = archs.iter().map(|a| compile::canonical_arch(a)).collect::<Result<_>>()?;
-    let jobs: Vec<(String, Variant)> = archs
-        .iter()
-        .flat_map(|a| variants.iter().filter(|v| v.pass.builds_for(a)).map(move |v| (a.clone(), *v)))
-        .collect();
+    let jobs: Vec<(String, Variant)> =
+        archs.iter().flat_map(|a| variants.iter().filter(|v| v.builds_for(a)).map(move |v| (a.clone(), *v))).collect();
     jobs.par_iter()
         .map(|(arch, v)| {
             let t0 = std::time::Instant::now();
@@ -503,7 +370,7 @@ pub fn device_arch(n: usize) -> Result<String> {
 /// The sm80-class forward and backward kernel variants a problem runs on (`aligned16`: every tensor's address
 /// and strides are multiples of 16 bytes), with the compile-time tuning of the problem's options.
 pub fn variants_for(p: &Problem, aligned16: bool, deterministic: bool) -> Result<(Variant, Variant)> {
-    Ok((fwd::variant_for(p, Pass::Fwd, aligned16, false)?, fwd::variant_for(p, Pass::Bwd, aligned16, deterministic)?))
+    Ok((call::variant_for(p, Pass::Fwd, aligned16, false)?, call::variant_for(p, Pass::Bwd, aligned16, deterministic)?))
 }
 
 /// Loads variant `v` on device `n` outside the in-memory module map, timing the whole first-call path:
@@ -513,8 +380,7 @@ pub fn measure_load(n: usize, v: &Variant) -> Result<(std::time::Duration, bool)
     let gpu = runtime::gpu(n)?;
     let t0 = std::time::Instant::now();
     let (c, origin) = cache::get_or_compile(v, &gpu.arch)?;
-    runtime::guard("loading a module", || {
-        gpu.ctx.bind_to_thread().map_err(|e| runtime::dev_err("binding the context", e))?;
+    gpu.run("loading a module", || {
         let m = gpu
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(c.cubin))

@@ -80,6 +80,19 @@ pub struct FwdParams {
     pub sink: *const f32,
 }
 
+/// Mirror of `FwdDvParams`: the forward of a variant with a value head dim of its own (`HEAD_DIM_V`), whose v
+/// and o have the last dim `d_v`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct FwdDvParams {
+    /// Every other field.
+    pub f: FwdParams,
+    /// Real value head dim (at most the compiled `HEAD_DIM_V`).
+    pub d_v: i32,
+    /// Padding (the C struct's `pad_`).
+    pub pad_: i32,
+}
+
 /// Mirror of `BwdParams`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -137,8 +150,9 @@ pub struct BwdParams {
     pub dsink: *mut f32,
     /// 64-key blocks of the longest key sequence (the partial buffer's third extent).
     pub dsink_blocks: i32,
-    /// Padding (the C struct's `dsink_pad_`).
-    pub dsink_pad_: i32,
+    /// Real value head dim of v, o, dO and dV (read by the variants with a value head dim of its own; the
+    /// others use `fwd.d`).
+    pub d_v: i32,
 }
 
 impl Default for FwdParams {
@@ -192,6 +206,11 @@ mod tests {
         assert_eq!(offset_of!(BwdParams, dsink_part), 408);
         assert_eq!(offset_of!(BwdParams, dsink), 416);
         assert_eq!(offset_of!(BwdParams, dsink_blocks), 424);
+        assert_eq!(offset_of!(BwdParams, d_v), 428);
         assert_eq!(size_of::<BwdParams>(), 432);
+
+        assert_eq!(offset_of!(FwdDvParams, f), 0);
+        assert_eq!(offset_of!(FwdDvParams, d_v), 240);
+        assert_eq!(size_of::<FwdDvParams>(), 248);
     }
 }

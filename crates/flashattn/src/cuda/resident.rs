@@ -2,10 +2,11 @@
 //! allocated once), whose kernels can be enqueued and timed with CUDA events without host copies: what
 //! `flashattn bench --device cuda` measures.
 
+use super::call::{require_half, require_no_dsink, variant_for, Aux, BwdArgs, FwdArgs};
 use super::compile::{Pass, Variant};
 use super::runtime::{self, dev_err, Gpu};
 use super::tensor::{alloc_out, upload, DevTensor};
-use super::{all_aligned, bwd, fwd, require_half, Aux};
+use super::{bwd, fwd};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::AttnOptions;
@@ -60,7 +61,7 @@ impl DeviceAttention {
         let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
         require_half(&p)?;
         if let Some(d) = dout {
-            super::require_no_dsink(&p)?;
+            require_no_dsink(&p)?;
             if d.shape() != p.o_shape().as_slice() || d.dtype() != p.dtype {
                 return Err(Error::invalid(
                     "dout",
@@ -71,8 +72,7 @@ impl DeviceAttention {
         }
         let gpu = runtime::gpu(n)?;
         let s = gpu.stream.clone();
-        runtime::guard("uploading the problem", || {
-            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        gpu.run("uploading the problem", || {
             let up = |t: &Tensor| upload(&s, t.view().data, t.layout());
             let (dq_, dk_, dv_) = (up(q)?, up(k)?, up(v)?);
             let poisoned = super::launch::poison_outputs(&p.tuning);
@@ -106,9 +106,9 @@ impl DeviceAttention {
     }
 
     /// The backward's device pointers and whether all eight tensors are 16-byte aligned (what `bwd::run` is given).
-    fn bwd_args(&self, b: &BwdBufs) -> (bwd::BwdArgs, bool) {
+    fn bwd_args(&self, b: &BwdBufs) -> (BwdArgs, bool) {
         let s = &self.gpu.stream;
-        let a = bwd::BwdArgs {
+        let a = BwdArgs {
             fwd: self.fwd_args(),
             dout: b.dout.view(s),
             dq: b.dq.view(s),
@@ -117,13 +117,13 @@ impl DeviceAttention {
             // A resident problem with a backward has no sink (refused when it is built).
             dsink: 0,
         };
-        let aligned = all_aligned(&[a.fwd.q, a.fwd.k, a.fwd.v, a.fwd.o, a.dout, a.dq, a.dk, a.dv], self.p.dtype.size());
+        let aligned = a.aligned16(self.p.dtype.size());
         (a, aligned)
     }
 
-    fn fwd_args(&self) -> fwd::FwdArgs {
+    fn fwd_args(&self) -> FwdArgs {
         let s = &self.gpu.stream;
-        let mut a = fwd::FwdArgs {
+        let mut a = FwdArgs {
             q: self.q.view(s),
             k: self.k.view(s),
             v: self.v.view(s),
@@ -138,10 +138,10 @@ impl DeviceAttention {
     /// The forward and backward kernel variants this problem runs.
     pub fn variants(&self) -> Result<(Variant, Variant)> {
         let a = self.fwd_args();
-        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], self.p.dtype.size());
+        let aligned = a.aligned16(self.p.dtype.size());
         Ok((
-            fwd::variant_for(&self.p, Pass::Fwd, aligned, false)?,
-            fwd::variant_for(&self.p, Pass::Bwd, aligned, self.deterministic)?,
+            variant_for(&self.p, Pass::Fwd, aligned, false)?,
+            variant_for(&self.p, Pass::Bwd, aligned, self.deterministic)?,
         ))
     }
 
@@ -150,7 +150,7 @@ impl DeviceAttention {
     pub fn kernel_path(&self) -> Result<String> {
         let (fv, bv) = self.variants()?;
         let a = self.fwd_args();
-        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], self.p.dtype.size());
+        let aligned = a.aligned16(self.p.dtype.size());
         let mut s = if super::fwd_sm90::covers(&self.gpu, &self.p, aligned) {
             let v = super::fwd_sm90::sm90_variant(&self.p)?;
             let bm = super::fwd_sm90::variant_block_m(&v);
@@ -162,7 +162,7 @@ impl DeviceAttention {
                 bm / 64
             )
         } else {
-            let (bm, bn, warps) = fwd::fwd_tiles(fv.head_dim);
+            let (bm, bn, warps) = fwd::fwd_tiles(&fv);
             format!(
                 "{}; fwd sm80 path {fv} [BM {bm} BN {bn}, {} threads]",
                 kernel_family(&self.gpu.arch, &self.p.tuning),
@@ -190,11 +190,8 @@ impl DeviceAttention {
     /// Enqueues the forward kernel on the backend's stream (writes o and lse; returns without waiting).
     pub fn forward(&self) -> Result<()> {
         let a = self.fwd_args();
-        let aligned = all_aligned(&[a.q, a.k, a.v, a.o], self.p.dtype.size());
-        runtime::guard("the CUDA forward", || {
-            self.gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
-            fwd::run(&self.gpu, self.gpu.stream.cu_stream(), &self.p, &a, aligned)
-        })
+        let aligned = a.aligned16(self.p.dtype.size());
+        self.gpu.run("the CUDA forward", || fwd::run(&self.gpu, self.gpu.stream.cu_stream(), &self.p, &a, aligned))
     }
 
     /// Enqueues the backward kernels on the backend's stream, from the o and lse of the last
@@ -205,8 +202,7 @@ impl DeviceAttention {
         })?;
         let s = &self.gpu.stream;
         let (a, aligned) = self.bwd_args(b);
-        runtime::guard("the CUDA backward", || {
-            self.gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        self.gpu.run("the CUDA backward", || {
             if self.p.seqused_k.is_some() {
                 super::launch::zero(b.dk.base(s), b.dk.bytes(), s.cu_stream())?;
                 super::launch::zero(b.dv.base(s), b.dv.bytes(), s.cu_stream())?;
@@ -233,8 +229,7 @@ impl DeviceAttention {
     ) -> Result<Vec<f64>> {
         let gpu = self.gpu.clone();
         let s = gpu.stream.clone();
-        runtime::guard("timing the kernels", || {
-            gpu.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        gpu.run("timing the kernels", || {
             if flush_l2 && self.flush.is_none() {
                 // SAFETY: only ever written (zeroed), never read.
                 self.flush =

@@ -149,6 +149,25 @@ pub(crate) fn gpu(n: usize) -> Result<Arc<Gpu>> {
 }
 
 impl Gpu {
+    /// Runs `f` with this device's context bound to the calling thread, under [`guard`] (a panic inside the CUDA
+    /// bindings becomes an error naming `what`): the frame of every piece of device work.
+    pub(crate) fn run<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        guard(what, || {
+            self.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+            f()
+        })
+    }
+
+    /// A caller's stream, borrowed: dropping the handle leaves the stream alone.
+    ///
+    /// # Safety
+    /// `stream` is a stream of this device's context that outlives the handle, or null (the legacy default
+    /// stream).
+    pub(crate) unsafe fn borrowed_stream(&self, stream: *mut std::ffi::c_void) -> Arc<CudaStream> {
+        // SAFETY: the caller's contract.
+        unsafe { self.ctx.wrap_borrowed_stream(stream as dsys::CUstream) }
+    }
+
     /// The module of a variant: from memory, else the disk cache, else compiled now.
     pub(crate) fn module(&self, v: &Variant) -> Result<Arc<Loaded>> {
         if let Some(m) = self.modules.lock().unwrap_or_else(|e| e.into_inner()).get(v) {
@@ -156,8 +175,7 @@ impl Gpu {
         }
         let t0 = Instant::now();
         let (compiled, origin) = cache::get_or_compile(v, &self.arch)?;
-        let loaded = guard("loading a kernel module", || {
-            self.ctx.bind_to_thread().map_err(|e| dev_err("binding the context", e))?;
+        let loaded = self.run("loading a kernel module", || {
             let module = self
                 .ctx
                 .load_module(Ptx::from_binary(compiled.cubin.clone()))

@@ -200,3 +200,38 @@ impl DeviceTensorRef {
         Ok(())
     }
 }
+
+/// The tensors of a forward call: inputs `q`, `k`, `v`; outputs `o` (q's shape, its own strides) and `lse`
+/// (`f32`, contiguous `[b, h, sq]`, varlen `[h, total_q]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardTensors<'a> {
+    /// Queries.
+    pub q: &'a DeviceTensorRef,
+    /// Keys.
+    pub k: &'a DeviceTensorRef,
+    /// Values.
+    pub v: &'a DeviceTensorRef,
+    /// Output.
+    pub o: &'a DeviceTensorRef,
+    /// Log-sum-exp of each row's scores.
+    pub lse: &'a DeviceTensorRef,
+}
+
+/// The tensors of a backward call: the forward's inputs and outputs, `dout`, and the gradients written
+/// (`dq`, `dk`, `dv` with their own strides; key rows past `seqused_k` are not written; `dsink` with a sink).
+#[derive(Debug, Clone, Copy)]
+pub struct BackwardTensors<'a> {
+    /// The forward's tensors (`o` and `lse` as it wrote them).
+    pub fwd: ForwardTensors<'a>,
+    /// Gradient of the output.
+    pub dout: &'a DeviceTensorRef,
+    /// Gradient of `q`.
+    pub dq: &'a DeviceTensorRef,
+    /// Gradient of `k`.
+    pub dk: &'a DeviceTensorRef,
+    /// Gradient of `v`.
+    pub dv: &'a DeviceTensorRef,
+    /// Gradient of the learnable sink, `f32 [h]` contiguous: required exactly when
+    /// [`super::DeviceMeta::sink`] is given.
+    pub dsink: Option<&'a DeviceTensorRef>,
+}

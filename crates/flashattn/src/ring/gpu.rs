@@ -73,6 +73,11 @@ fn d_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| dev_err(what, e)
 }
 
+/// Each shard's raw bits in device memory, copied on `stream`.
+fn upload_shards(stream: &std::sync::Arc<CudaStream>, shards: &[Tensor]) -> Result<Vec<CudaSlice<u16>>> {
+    shards.iter().map(|t| stream.clone_htod(&bits(t)).map_err(d_err("upload"))).collect()
+}
+
 /// The raw bits of an f16/bf16 tensor (row-major).
 fn bits(t: &Tensor) -> Vec<u16> {
     let x = t.to_f32_vec();
@@ -168,7 +173,7 @@ impl RankClock {
 fn half_only(dtype: DType) -> Result<()> {
     match dtype {
         DType::F16 | DType::BF16 => Ok(()),
-        other => Err(crate::cuda::unsupported_dtype(other)),
+        other => Err(crate::cuda::call::unsupported_dtype(other)),
     }
 }
 
@@ -212,14 +217,10 @@ pub fn ring_forward_cuda(
     let (b, h, hk, d, dt) = (p.batch, p.h, p.hk, p.d, p.dtype);
     let (qs, ks, vs) = (sched.q.shard(q, 1)?, sched.k.shard(k, 1)?, sched.k.shard(v, 1)?);
     let gpu = runtime::gpu(n)?;
-    runtime::guard("the GPU ring forward", || {
-        gpu.ctx.bind_to_thread().map_err(d_err("binding the context"))?;
+    gpu.run("the GPU ring forward", || {
         let kern = kernels(n, &gpu)?;
         let main = &gpu.stream;
-        let up = |t: &Tensor| main.clone_htod(&bits(t)).map_err(d_err("upload"));
-        let qd = qs.iter().map(up).collect::<Result<Vec<_>>>()?;
-        let kd = ks.iter().map(up).collect::<Result<Vec<_>>>()?;
-        let vd = vs.iter().map(up).collect::<Result<Vec<_>>>()?;
+        let (qd, kd, vd) = (upload_shards(main, &qs)?, upload_shards(main, &ks)?, upload_shards(main, &vs)?);
         let streams =
             (0..ranks).map(|_| gpu.ctx.new_stream().map_err(d_err("new stream"))).collect::<Result<Vec<_>>>()?;
         let max_cq = (0..2 * ranks).map(|c| sched.q.chunk(c).len()).max().unwrap_or(0).max(1);
@@ -340,13 +341,11 @@ pub fn ring_backward_cuda(
     let (qs, ks, vs) = (sched.q.shard(q, 1)?, sched.k.shard(k, 1)?, sched.k.shard(v, 1)?);
     let (os, ls, gs) = (sched.q.shard(o, 1)?, sched.q.shard(lse, 2)?, sched.q.shard(dout, 1)?);
     let gpu = runtime::gpu(n)?;
-    runtime::guard("the GPU ring backward", || {
-        gpu.ctx.bind_to_thread().map_err(d_err("binding the context"))?;
+    gpu.run("the GPU ring backward", || {
         let kern = kernels(n, &gpu)?;
         let main = &gpu.stream;
-        let up = |t: &Tensor| main.clone_htod(&bits(t)).map_err(d_err("upload"));
-        let upv = |v: &[Tensor]| v.iter().map(up).collect::<Result<Vec<_>>>();
-        let (qd, kd, vd, od, gd) = (upv(&qs)?, upv(&ks)?, upv(&vs)?, upv(&os)?, upv(&gs)?);
+        let up = |shards: &[Tensor]| upload_shards(main, shards);
+        let (qd, kd, vd, od, gd) = (up(&qs)?, up(&ks)?, up(&vs)?, up(&os)?, up(&gs)?);
         // lse per query chunk, [b, h, cq], uploaded once.
         let mut lse_dev: Vec<Vec<CudaSlice<f32>>> = Vec::new();
         for (r, lsh) in ls.iter().enumerate() {

@@ -8,6 +8,8 @@ use flashattn::{AttnOptions, DType, Device, Tensor, VarLen};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
+pub mod nonfinite;
+
 pub type Rng64 = rand::rngs::StdRng;
 
 /// One line to stderr (shown with `--nocapture`, and kept next to a failing test's output).
