@@ -9,19 +9,21 @@ What this package adds to FlashAttention-2: any head dim 1..256 (not only multip
 paged KV caches, ``seqused_k`` on the varlen functions, ``page_table`` as FlashAttention-3's name for
 ``block_table``, the CPU backend for CPU tensors, and a value head dim of its own (``v`` and ``v_cache``
 ``(.., headdim_v)``, ``out`` ``(.., headdim_v)``): on CPU tensors any, on CUDA tensors where ``(headdim,
-headdim_v)`` pads to (192, 128), (128, 64) or (64, 128), not in a KV cache (others raise ``NotImplementedError``). Not there yet: dropout (``dropout_p > 0`` raises
-``NotImplementedError``) and a paged KV cache in the varlen functions. ``num_splits`` of
+headdim_v)`` pads to (192, 128), (128, 64) or (64, 128), not in a KV cache (others raise
+``NotImplementedError``). Not there yet: dropout (``dropout_p > 0`` raises ``NotImplementedError``) and a paged
+KV cache in the varlen functions. ``num_splits`` of
 ``flash_attn_with_kvcache`` fixes the number of key splits on CUDA as in FlashAttention (0: the library chooses;
 the CPU backend ignores it).
 
-FP8 (an addition, FlashAttention-3's convention; CPU tensors, forward only): ``q``, ``k``, ``v`` (or only
+FP8 (an addition, FlashAttention-3's convention; forward only): ``q``, ``k``, ``v`` (or only
 ``k_cache``/``v_cache`` with a float16/bfloat16 ``q``) may be ``torch.float8_e4m3fn``, each with a descale factor
 ``q_descale``/``k_descale``/``v_descale`` (float32 ``(batch, nheads_k)``, default 1; query head ``i`` uses
 ``q_descale[:, i // (nheads // nheads_k)]``): the values used are ``x * x_descale``. ``out`` is bfloat16 (with an
 FP8 ``q``; q's dtype with only an FP8 cache), or ``out_dtype=torch.float16``/``torch.bfloat16``. New rows
 ``k``/``v`` of ``flash_attn_with_kvcache`` appended to an FP8 cache are stored as ``round_e4m3(x / descale)``
-(FP8 rows as they are). FP8 tensors that require grad raise ``RuntimeError``; CUDA tensors raise
-``NotImplementedError`` until the FP8 kernels are written.
+(FP8 rows as they are). FP8 tensors that require grad raise ``RuntimeError``. On CUDA tensors
+``flash_attn_with_kvcache`` decodes from FP8 caches with a float16/bfloat16 ``q`` (new rows in q's dtype; sm_89 and
+newer); FP8 ``q``, ``k``, ``v`` raise ``NotImplementedError`` until the FP8 forward kernels are written.
 """
 
 from __future__ import annotations
