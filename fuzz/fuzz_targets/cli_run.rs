@@ -70,14 +70,17 @@ fuzz_target!(|data: &[u8]| {
     let args = run::RunArgs {
         input,
         output: output.clone(),
-        causal: flags & 1 != 0,
-        window: (flags & 2 != 0).then_some((((flags >> 5) & 3) as i64 - 1, 0)),
-        softcap: if flags & 4 != 0 { 5.0 } else { 0.0 },
-        scale: (flags & 8 != 0).then_some(0.5),
+        score: common::ScoreArgs {
+            causal: flags & 1 != 0,
+            window: (flags & 2 != 0).then_some((((flags >> 5) & 3) as i64 - 1, 0)),
+            softcap: if flags & 4 != 0 { 5.0 } else { 0.0 },
+            scale: (flags & 8 != 0).then_some(0.5),
+        },
         deterministic: flags & 16 != 0,
         device: DeviceArg::Exact(flashattn::Device::Cpu),
         kvcache: flags & 128 != 0,
         rotary_interleaved: flags & 32 != 0,
+        out_dtype: None,
         tuning: default_tuning(),
     };
     match run::main(args) {

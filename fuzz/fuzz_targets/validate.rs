@@ -738,6 +738,7 @@ fn bits(s: &CpuStorage) -> Vec<u32> {
         CpuSlice::BF16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
         CpuSlice::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
         CpuSlice::I32(v) => v.iter().map(|&x| x as u32).collect(),
+        CpuSlice::E4M3(v) => v.iter().map(|x| x.0 as u32).collect(),
     }
 }
 
