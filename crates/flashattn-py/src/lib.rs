@@ -325,26 +325,17 @@ impl Fp8 {
         [("q_descale", q.as_ref()), ("k_descale", k.as_ref()), ("v_descale", v.as_ref())]
     }
 
-    /// CUDA KV-cache calls: e4m3 caches with `k_descale`/`v_descale` run; an FP8 q or new rows, or
-    /// `q_descale`, do not yet (before any device work).
-    fn refuse_on_cuda_kv(&self, dtypes: &[DType]) -> PyResult<()> {
-        if dtypes.iter().any(|d| d.is_fp8()) || self.descale[0].is_some() {
-            return Err(to_py(Error::Unsupported {
-                backend: "cuda",
-                what: "FP8 (float8_e4m3fn) q or new rows: CPU tensors only for now (e4m3 caches with a 16-bit q run)"
-                    .into(),
-            }));
-        }
-        Ok(())
-    }
-
-    /// CUDA tensors: FP8 is not there yet (before any device work).
-    fn refuse_on_cuda(&self, dtypes: &[DType]) -> PyResult<()> {
-        if dtypes.iter().any(|d| d.is_fp8()) || self.descale.iter().any(Option::is_some) {
-            return Err(to_py(Error::Unsupported {
-                backend: "cuda",
-                what: "FP8 (float8_e4m3fn) inputs: CPU tensors only for now".into(),
-            }));
+    /// CUDA tensors: FP8 `dtypes` (q, k, v, new rows) and `q_descale` are not there yet (before any device work);
+    /// `k_descale`/`v_descale` are, for the e4m3 KV caches (`kv_cache`: the caller leaves the caches' dtypes out).
+    fn refuse_on_cuda(&self, dtypes: &[DType], kv_cache: bool) -> PyResult<()> {
+        let descale = if kv_cache { self.descale[0].is_some() } else { self.descale.iter().any(Option::is_some) };
+        if dtypes.iter().any(|d| d.is_fp8()) || descale {
+            let what = if kv_cache {
+                "FP8 (float8_e4m3fn) q or new rows: CPU tensors only for now (e4m3 caches with a 16-bit q run)"
+            } else {
+                "FP8 (float8_e4m3fn) inputs: CPU tensors only for now"
+            };
+            return Err(to_py(Error::Unsupported { backend: "cuda", what: what.into() }));
         }
         Ok(())
     }
@@ -506,7 +497,7 @@ fn fwd(
     check_devices(&qt, &others, &vl)?;
     same_device(&qt, &fp8.tensors())?;
     if qt.device >= 0 {
-        fp8.refuse_on_cuda(&[qt.dtype, kt.dtype, vt.dtype])?;
+        fp8.refuse_on_cuda(&[qt.dtype, kt.dtype, vt.dtype], false)?;
     }
     let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic: false, fp8 };
     match device_index(qt.device) {
@@ -749,7 +740,7 @@ fn kvcache(
         // CUDA decodes from e4m3 caches (with their k/v descales) for a 16-bit q; FP8 q or new rows stay CPU-only.
         let mut dts = vec![qt.dtype];
         dts.extend(kn.iter().chain(&vn).map(|t| t.dtype));
-        fp8.refuse_on_cuda_kv(&dts)?;
+        fp8.refuse_on_cuda(&dts, true)?;
     }
     let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic: false, fp8 };
     match device_index(qt.device) {

@@ -22,10 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let archs: Vec<String> =
         args.next().unwrap_or_else(|| "sm_80,sm_90a".into()).split(',').map(String::from).collect();
-    let jobs: Vec<(String, compile::Variant)> = archs
-        .iter()
-        .flat_map(|a| variants.iter().filter(|v| v.pass.builds_for(a)).map(move |v| (a.clone(), *v)))
-        .collect();
+    let jobs: Vec<(String, compile::Variant)> =
+        archs.iter().flat_map(|a| variants.iter().filter(|v| v.builds_for(a)).map(move |v| (a.clone(), *v))).collect();
     let lines: Vec<String> = jobs
         .par_iter()
         .map(|(arch, v)| {

@@ -288,20 +288,25 @@ fn kvcache_sweep_device() {
     if !gpu("kvcache_sweep_device") {
         return;
     }
-    // Compile every KV-cache variant up front, in parallel (else each new variant waits for NVRTC).
+    // Compile every 16-bit KV-cache variant up front, in parallel (else each new variant waits for NVRTC).
     let arch = cuda::device_arch(0).unwrap();
-    let kv: Vec<_> =
-        flashattn::cuda::compile::all_variants().into_iter().filter(|v| v.pass == cuda::Pass::KvCache).collect();
+    let kv: Vec<_> = flashattn::cuda::compile::all_variants()
+        .into_iter()
+        .filter(|v| v.pass == cuda::Pass::KvCache && !v.kv_fp8)
+        .collect();
     let t0 = std::time::Instant::now();
     cuda::precompile_variants(&[arch], &kv).unwrap();
     say(&format!("kv variants ready: {} in {:.1} s", kv.len(), t0.elapsed().as_secs_f64()));
-    let base_seed = seed();
-    let quick = sweep_level() == "quick";
+    let stride = if sweep_level() == "quick" { 4 } else { 1 };
+    run_device_cases("cuda kvcache sweep (device-native path)", seed(), stride, |c| c);
+}
+
+/// Runs every `stride`-th case of the KV sweep (after `map`) through `kvcache_forward_on(Device::Cuda(0))`, case
+/// k with seed `base_seed + k`, checks each with [`verify`], and fails with every failing case listed.
+fn run_device_cases(label: &str, base_seed: u64, stride: usize, map: impl Fn(KvCase) -> KvCase) {
     let (mut pass, mut fail, mut msgs) = (0, 0, Vec::new());
-    for (k, c) in sweep_cases().into_iter().enumerate() {
-        if quick && k % 4 != 0 {
-            continue;
-        }
+    for (k, c) in sweep_cases().into_iter().enumerate().step_by(stride) {
+        let c = map(c);
         let sd = base_seed.wrapping_add(k as u64);
         let s = setup(c, &mut rng(sd));
         let (out, kc, vc, _) = run_host(&s, Device::Cuda(0));
@@ -316,7 +321,7 @@ fn kvcache_sweep_device() {
             }
         }
     }
-    say(&format!("cuda kvcache sweep (device-native path): {pass} passed, {fail} failed"));
+    say(&format!("{label}: {pass} passed, {fail} failed"));
     assert!(fail == 0, "{}", msgs.join("\n"));
 }
 
@@ -330,35 +335,15 @@ fn kvcache_fp8_device() {
     if !gpu("kvcache_fp8_device") {
         return;
     }
+    // The e4m3 kernels build for sm_89 and newer only (the variant's own rule).
     let arch = cuda::device_arch(0).unwrap();
-    let number: u32 = arch.trim_start_matches("sm_").trim_end_matches(char::is_alphabetic).parse().unwrap_or(0);
-    if number < 89 {
+    let fp8 =
+        cuda::Variant { kv_fp8: true, ..flashattn::cuda::compile::kv_variant(128, true, false, false, false, true) };
+    if !fp8.builds_for(&arch) {
         say(&format!("SKIP kvcache_fp8_device: {arch} has no e4m3 conversions (sm_89 or newer)"));
         return;
     }
-    let base_seed = seed() ^ 0xf8;
-    let (mut pass, mut fail, mut msgs) = (0, 0, Vec::new());
-    for (k, c) in sweep_cases().into_iter().enumerate() {
-        if k % 2 != 0 {
-            continue;
-        }
-        let c = KvCase { fp8: true, ..c };
-        let sd = base_seed.wrapping_add(k as u64);
-        let s = setup(c, &mut rng(sd));
-        let (out, kc, vc, _) = run_host(&s, Device::Cuda(0));
-        let res = out
-            .map_err(|e| format!("error: {e}"))
-            .and_then(|o| verify(&s, &o.o.to_f32_vec(), &o.lse.to_f32_vec(), &kc, &vc));
-        match res {
-            Ok(()) => pass += 1,
-            Err(e) => {
-                fail += 1;
-                msgs.push(format!("FAIL {c:?} seed {sd}: {e}"));
-            }
-        }
-    }
-    say(&format!("cuda kvcache fp8 (e4m3 caches): {pass} passed, {fail} failed"));
-    assert!(fail == 0, "{}", msgs.join("\n"));
+    run_device_cases("cuda kvcache fp8 (e4m3 caches)", seed() ^ 0xf8, 2, |c| KvCase { fp8: true, ..c });
 }
 
 /// An append that would overflow is refused before anything is written: host form (typed error, cache
