@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Device side of the sm90 forward experiment that has not yet been made a default (docs/notes/cuda-sm90.md):
-#   BN80: head dim 256 with 80-key K/V blocks (`flashattn --sm90-bn 80`, `Tuning::sm90_wide_kv_d256`; the default is
-#         64 keys).
+# Device side of the sm90 forward's head dim 256 tile choice (docs/notes/cuda-sm90.md):
+#   BN80: head dim 256 with 80-key K/V blocks (`flashattn --sm90-bn 80`, `Tuning::sm90_wide_kv_d256`; the rule's
+#         choice except on masked problems below 2k keys), against the 64-key blocks (`--sm90-bn 64`).
 # Run from the repository root on the device machine after tools/gpu/prepare.sh here, with .gpu carried:
 #   bash .gpu/experiments.sh correct256 # BN80: tests, check shapes, sanitizers (about 6 min)
 #   bash .gpu/experiments.sh bench256   # peers + d256 BN64 / BN80, two rounds (about 4 min)
@@ -36,8 +36,9 @@ correct256)
     step info 120 "$G/flashattn" info
     # Proof of the path: the kernel column names fwd90_d256_bn80_* / fwd90_d256_* for each setting.
     step "BN80 path" 120 "$G/flashattn" bench --device cuda --shape 1,8,2048,256 --modes fwd --reps 3 --warmup 1 --sm90-bn 80
-    # The test binary's BN80 sweep (its cases carry the tuning; on Hopper it fails if no forward took the sm90 path).
-    step "BN80 tests" 600 "$G/cuda" --test-threads 1 sweep_d256_bn80
+    # The test binary's d256 sweeps: the rule's (80 keys mostly) and the 64-key form forced (their cases carry the
+    # tuning; on Hopper each fails if no forward took the sm90 path).
+    step "d256 tests" 600 "$G/cuda" --test-threads 1 sweep_d256_bn64 sweep_f16
     checks BN80 "256 192" --sm90-bn 80
     step "BN80 memcheck" 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 256 -b 1 -s 777 --seqlen-k 1500 --heads 6 --heads-k 2 --causal --sm90-bn 80
     step "BN80 racecheck" 300 compute-sanitizer --tool racecheck --error-exitcode 9 "$G/flashattn" check --device cuda --dtype bf16 -d 256 -b 1 -s 300 --heads 2 --causal --sm90-bn 80

@@ -53,9 +53,9 @@ pub struct Tuning {
     /// rule (wide without a mask from 8192 keys), `Some(true)` forces the 176-key kernel, `Some(false)` the
     /// 128-key one. Default `None`.
     pub sm90_wide_kv_d128: Option<bool>,
-    /// The sm90 forward's 80-key K/V blocks at head dim 256 (128 x 80 tiles, FA3's d256 shape): `Some(true)`
-    /// runs them, `None` and `Some(false)` the 64-key kernel (the 80-key form is opt-in until it is made the
-    /// default by a measured change). Default `None`.
+    /// The sm90 forward's 80-key K/V blocks at head dim 256 (128 x 80 tiles, FA3's d256 shape): `None` leaves
+    /// the choice to the rule (wide without a mask, and with one from 2048 keys), `Some(true)` forces the 80-key
+    /// kernel, `Some(false)` the 64-key one. Default `None`.
     pub sm90_wide_kv_d256: Option<bool>,
     /// L2 budget in MiB of the sm90 forward's tile order (how many (batch, head) pairs form one scheduling
     /// group, so that their K/V stay in the L2): `None` takes the rule (8 MiB without a mask, 24 MiB with one,

@@ -85,7 +85,8 @@ pub struct Variant {
     /// Ignored by every other pass and head dim.
     pub bm192: bool,
     /// The sm90 forward with FA3's wider K/V blocks ([`super::tiles::wide_block_n`]): 176 keys at head dim 128
-    /// (128 x 176 tiles; chosen without a mask from 8k keys) and 80 at head dim 256 (128 x 80 tiles; opt-in),
+    /// (128 x 176 tiles; chosen without a mask from 8k keys) and 80 at head dim 256 (128 x 80 tiles; chosen without
+    /// a mask, and with one from 2k keys),
     /// `-DSM90_BN_OVERRIDE=176|80`; [`crate::Tuning::sm90_wide_kv_d128`] / `_d256` force either form. Ignored by
     /// every other pass and head dim.
     pub wide_n: bool,

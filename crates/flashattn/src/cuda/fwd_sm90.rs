@@ -7,7 +7,8 @@
 //! [`Tuning::sm90_d64_bm192`] = `false` selects the 128-row form there too (A/B). Other head dims use 128 rows.
 //! At head dim 128 without a mask and from 8k keys it uses 176-key K/V blocks (128 x 176 tiles, FA3's d128 shape;
 //! `-DSM90_BN_OVERRIDE=176`, O staged in the Q buffer, variant `fwd90_d128_bn176_*`); otherwise 128 keys. At head
-//! dim 256 FA3's 80-key blocks (128 x 80 tiles, `fwd90_d256_bn80_*`) are compiled but opt-in.
+//! dim 256 it uses FA3's 80-key blocks (128 x 80 tiles, `fwd90_d256_bn80_*`) without a mask, and with one from
+//! 2048 keys; otherwise 64 keys.
 //! [`Tuning::sm90_wide_kv_d128`] / [`Tuning::sm90_wide_kv_d256`] force either form per head dim.
 
 use super::call::{check_sizes, fwd_params, variant_for, FwdArgs};
@@ -44,12 +45,17 @@ const BLOCK_M_192: usize = 192;
 /// - head dim 128: 176-key K/V blocks without a mask from 8k keys (where the larger blocks measured faster; with
 ///   masks and at shorter lengths they waste more masked or padded keys and the Q buffer also stages O; numbers in
 ///   docs/notes/cuda-sm90.md);
-/// - head dim 256: 64-key blocks; the 80-key form (FA3's d256 tile) only when asked for;
+/// - head dim 256: 80-key blocks (FA3's d256 tile) without a mask, and with one from 2048 keys; 64-key blocks
+///   for masked problems below that (fewer padded keys in the last block of a short causal row);
 /// - [`Tuning::sm90_wide_kv`] forces either form per head dim;
 /// - otherwise 128 x [`block_n`].
 pub fn sm90_tile(v: Variant, max_keys: usize, t: &Tuning) -> Variant {
     let bm192 = v.head_dim == 64 && t.sm90_d64_bm192;
-    let rule = v.head_dim == 128 && !v.mask && max_keys >= 8192;
+    let rule = match v.head_dim {
+        128 => !v.mask && max_keys >= 8192,
+        256 => !v.mask || max_keys >= 2048,
+        _ => false,
+    };
     let wide_n = wide_block_n(v.head_dim).is_some() && t.sm90_wide_kv(v.head_dim).unwrap_or(rule);
     Variant { bm192, wide_n, ..v }
 }
@@ -65,9 +71,11 @@ pub fn tile_summary(t: &Tuning) -> String {
         Some(false) => "",
         None => " (head dim 128 without a mask from 8k keys: 176-key blocks)",
     };
-    if t.sm90_wide_kv(256) == Some(true) {
-        s += " (head dim 256: 80-key blocks, forced)";
-    }
+    s += match t.sm90_wide_kv(256) {
+        Some(true) => " (head dim 256: 80-key blocks, forced)",
+        Some(false) => "",
+        None => " (head dim 256: 80-key blocks without a mask, and with one from 2k keys)",
+    };
     s
 }
 
@@ -336,9 +344,12 @@ mod tests {
         assert_eq!(tile(128, false, 8192), (true, 176));
         assert_eq!(tile(128, false, 4096), (false, 128));
         assert_eq!(tile(128, true, 16384), (false, 128));
-        // Opt-in at d256.
-        assert_eq!(tile(256, false, 1 << 14), (false, 64));
-        assert_eq!(tile(256, true, 1 << 14), (false, 64));
+        // d256: 80 keys without a mask at any length, with a mask from 2048 keys.
+        assert_eq!(tile(256, false, 512), (true, 80));
+        assert_eq!(tile(256, false, 1 << 14), (true, 80));
+        assert_eq!(tile(256, true, 1 << 14), (true, 80));
+        assert_eq!(tile(256, true, 2048), (true, 80));
+        assert_eq!(tile(256, true, 2047), (false, 64));
         // The overrides act on their own head dim only.
         let wide = Tuning { sm90_wide_kv_d128: Some(true), sm90_wide_kv_d256: Some(true), ..Tuning::default() };
         let narrow = Tuning { sm90_wide_kv_d128: Some(false), sm90_wide_kv_d256: Some(false), ..Tuning::default() };
