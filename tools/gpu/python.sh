@@ -267,6 +267,18 @@ for MODE in "$@"; do
     branchsweep) (FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-rust FLASHATTN_ALLOW_SPILLS=1 \
         FLASHATTN_REQUIRE_GPU=1 FLASHATTN_SWEEP=quick timeout 300 "$G/${AB_BRANCH:?}/cuda" --test-threads=1 sweep \
         > "$OUT/branch_sweep.log" 2>&1; echo "$AB_BRANCH sweep rc=$?" >> "$OUT/branch_sweep.log") & ;;
+    # The Rust CUDA quick sweep of this build (every sweep test: both paths, both dtypes, d256 both key-block forms)
+    # in the background beside the steps after it (rust_sweep.log); `waitbg` waits for it before any timing.
+    rustsweep) (FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-rust FLASHATTN_ALLOW_SPILLS=1 FLASHATTN_REQUIRE_GPU=1 \
+        FLASHATTN_SWEEP=quick timeout 300 "$G/cuda" --test-threads=1 sweep > "$OUT/rust_sweep.log" 2>&1
+        echo "cuda sweep rc=$?" >> "$OUT/rust_sweep.log") & ;;
+    waitbg) wait ;;
+    # memcheck and racecheck on the d256 forward with 80-key blocks (causal, GQA, partial blocks).
+    bn80san)
+        step bn80-memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$G/flashattn" check --device cuda \
+            --dtype bf16 -d 256 -b 1 -s 777 --seqlen-k 1500 --heads 6 --heads-k 2 --causal --sm90-bn 80
+        step bn80-racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 "$G/flashattn" check \
+            --device cuda --dtype bf16 -d 256 -b 1 -s 300 --heads 2 --causal --sm90-bn 80 ;;
     mha) step pytest-mha 120 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rf \
         test_sdpa.py ;;
     pytest) run_pytest ;;
@@ -287,5 +299,6 @@ for MODE in "$@"; do
     esac
 done
 wait
+[ -f "$OUT/rust_sweep.log" ] && grep -E "test result|rc=|panicked|FAILED|passed, " "$OUT/rust_sweep.log" | cut -c1-300 >> "$OUT/summary.txt"
 [ -f "$OUT/branch_sweep.log" ] && grep -E "test result|rc=|panicked|FAILED" "$OUT/branch_sweep.log" | cut -c1-300 >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"
