@@ -294,6 +294,7 @@ for MODE in "$@"; do
         step cli-quick 60 "$G/flashattn" bench --grid quick --json "$OUT/cli_standard.json" ;;
     ring) step ring 120 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rsx \
         test_parallel.py ;;
+    variants) step variants 200 python3 "$G/variants_bench.py" --json "$OUT/variants.json" ;;
     hf) step hf-bench 420 python3 "$G/hf_bench.py" --json "$OUT/hf_bench.json" ;;
     overhead) step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json" ;;
     esac
