@@ -97,6 +97,21 @@ macro_rules! dispatch {
     };
 }
 
+/// `len` and `is_empty` of the host element containers ([`CpuStorage`], [`CpuSlice`], [`CpuSliceMut`]),
+/// which all have the same variants.
+macro_rules! len_methods {
+    () => {
+        /// Number of elements.
+        pub fn len(&self) -> usize {
+            dispatch!(self, v => v.len())
+        }
+        /// Whether there are no elements.
+        pub fn is_empty(&self) -> bool {
+            self.len() == 0
+        }
+    };
+}
+
 impl CpuStorage {
     /// Zero-filled storage of `len` elements.
     pub fn zeros(dtype: DType, len: usize) -> Self {
@@ -122,14 +137,7 @@ impl CpuStorage {
     pub fn dtype(&self) -> DType {
         self.as_slice().dtype()
     }
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        dispatch!(self, v => v.len())
-    }
-    /// Whether there are no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+    len_methods!();
     /// Borrows the storage.
     pub fn as_slice(&self) -> CpuSlice<'_> {
         match self {
@@ -163,14 +171,7 @@ impl<'a> CpuSlice<'a> {
             CpuSlice::E4M3(_) => DType::E4M3,
         }
     }
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        dispatch!(self, v => v.len())
-    }
-    /// Whether there are no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+    len_methods!();
     /// Element `i` as `f32` (`i32` converts). Panics if out of bounds: callers index validated layouts.
     #[inline]
     pub fn get_f32(&self, i: usize) -> f32 {
@@ -213,22 +214,9 @@ impl<'a> CpuSlice<'a> {
 impl CpuSliceMut<'_> {
     /// The element type.
     pub fn dtype(&self) -> DType {
-        match self {
-            CpuSliceMut::F16(_) => DType::F16,
-            CpuSliceMut::BF16(_) => DType::BF16,
-            CpuSliceMut::F32(_) => DType::F32,
-            CpuSliceMut::I32(_) => DType::I32,
-            CpuSliceMut::E4M3(_) => DType::E4M3,
-        }
+        self.as_slice().dtype()
     }
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        dispatch!(self, v => v.len())
-    }
-    /// Whether there are no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+    len_methods!();
     /// Reborrows immutably.
     pub fn as_slice(&self) -> CpuSlice<'_> {
         match self {
@@ -284,35 +272,27 @@ impl RawMut {
         // ranges (see the `Send`/`Sync` note).
         unsafe {
             match self.dtype {
-                DType::F16 => {
-                    let p = (self.ptr as *mut f16).add(start);
-                    for (i, &x) in vals.iter().enumerate() {
-                        *p.add(i) = f16::from_f32(x);
-                    }
-                }
-                DType::BF16 => {
-                    let p = (self.ptr as *mut bf16).add(start);
-                    for (i, &x) in vals.iter().enumerate() {
-                        *p.add(i) = bf16::from_f32(x);
-                    }
-                }
+                DType::F16 => self.write_with(start, vals, f16::from_f32),
+                DType::BF16 => self.write_with(start, vals, bf16::from_f32),
                 DType::F32 => {
                     let p = (self.ptr as *mut f32).add(start);
                     std::ptr::copy_nonoverlapping(vals.as_ptr(), p, vals.len());
                 }
-                DType::I32 => {
-                    let p = (self.ptr as *mut i32).add(start);
-                    for (i, &x) in vals.iter().enumerate() {
-                        *p.add(i) = x as i32;
-                    }
-                }
-                DType::E4M3 => {
-                    let p = (self.ptr as *mut F8E4M3).add(start);
-                    for (i, &x) in vals.iter().enumerate() {
-                        *p.add(i) = F8E4M3::from_f32(x);
-                    }
-                }
+                DType::I32 => self.write_with(start, vals, |x| x as i32),
+                DType::E4M3 => self.write_with(start, vals, F8E4M3::from_f32),
             }
+        }
+    }
+
+    /// Writes `vals` converted by `cvt` at `start..start + vals.len()` of a buffer of `T`.
+    ///
+    /// # Safety
+    /// `T` is the buffer's element type and the range is in bounds (as [`RawMut::write_f32`] checks).
+    #[inline(always)]
+    unsafe fn write_with<T>(&self, start: usize, vals: &[f32], cvt: impl Fn(f32) -> T) {
+        let p = (self.ptr as *mut T).add(start);
+        for (i, &x) in vals.iter().enumerate() {
+            *p.add(i) = cvt(x);
         }
     }
 }
@@ -444,14 +424,7 @@ impl Tensor {
     }
     /// A contiguous tensor holding `values` rounded to `dtype`.
     pub fn from_f32(values: &[f32], shape: &[usize], dtype: DType) -> Result<Self> {
-        let layout = Layout::contiguous(shape);
-        if layout.numel() != values.len() {
-            return Err(Error::invalid(
-                "values",
-                format!("{} elements for shape {shape:?}", layout.numel()),
-                values.len(),
-            ));
-        }
+        let layout = contiguous_of("values", values.len(), shape)?;
         Ok(Tensor { storage: CpuStorage::from_f32(dtype, values), layout })
     }
     /// A contiguous `i32` tensor.
@@ -460,14 +433,7 @@ impl Tensor {
     }
     /// A contiguous tensor over existing storage.
     pub fn from_storage(storage: CpuStorage, shape: &[usize]) -> Result<Self> {
-        let layout = Layout::contiguous(shape);
-        if layout.numel() != storage.len() {
-            return Err(Error::invalid(
-                "storage",
-                format!("{} elements for shape {shape:?}", layout.numel()),
-                storage.len(),
-            ));
-        }
+        let layout = contiguous_of("storage", storage.len(), shape)?;
         Ok(Tensor { storage, layout })
     }
     /// A tensor over existing storage with an explicit strided layout.
@@ -535,6 +501,16 @@ pub fn checked_len(shape: &[usize], dtype: DType) -> Result<usize> {
     }
 }
 
+/// The contiguous layout of `shape` for `len` elements given as argument `arg`, or an error when `shape` holds
+/// another number of elements.
+fn contiguous_of(arg: &'static str, len: usize, shape: &[usize]) -> Result<Layout> {
+    let layout = Layout::contiguous(shape);
+    if layout.numel() != len {
+        return Err(Error::invalid(arg, format!("{} elements for shape {shape:?}", layout.numel()), len));
+    }
+    Ok(layout)
+}
+
 fn check_layout(arg: &'static str, layout: &Layout, len: usize) -> Result<()> {
     if layout.shape.len() != layout.strides.len() {
         return Err(Error::invalid(arg, format!("{} strides", layout.shape.len()), layout.strides.len()));
@@ -544,6 +520,34 @@ fn check_layout(arg: &'static str, layout: &Layout, len: usize) -> Result<()> {
         Some(e) => Err(Error::invalid(arg, format!("a buffer of at least {e} elements"), len)),
         None => Err(Error::invalid(arg, "a layout whose extent fits in usize", "an overflowing layout")),
     }
+}
+
+/// The constructors and accessors that [`TensorView`] and [`TensorViewMut`] share (both are `data` of the
+/// slice type `$slice` and a `layout`).
+macro_rules! view_methods {
+    ($slice:ident) => {
+        /// A view over `data` with a strided layout; checks that every element is in bounds.
+        pub fn new(data: $slice<'a>, layout: Layout) -> Result<Self> {
+            check_layout("view", &layout, data.len())?;
+            Ok(Self { data, layout })
+        }
+        /// A contiguous view of `shape` over the front of `data`.
+        pub fn contiguous(data: $slice<'a>, shape: &[usize]) -> Result<Self> {
+            Self::new(data, Layout::contiguous(shape))
+        }
+        /// The shape.
+        pub fn shape(&self) -> &[usize] {
+            &self.layout.shape
+        }
+        /// The element type.
+        pub fn dtype(&self) -> DType {
+            self.data.dtype()
+        }
+        /// Where the data lives.
+        pub fn device(&self) -> Device {
+            Device::Cpu
+        }
+    };
 }
 
 /// A borrowed, strided, read-only tensor.
@@ -556,30 +560,10 @@ pub struct TensorView<'a> {
 }
 
 impl<'a> TensorView<'a> {
-    /// A view over `data` with a strided layout; checks that every element is in bounds.
-    pub fn new(data: CpuSlice<'a>, layout: Layout) -> Result<Self> {
-        check_layout("view", &layout, data.len())?;
-        Ok(TensorView { data, layout })
-    }
-    /// A contiguous view of `shape` over the front of `data`.
-    pub fn contiguous(data: CpuSlice<'a>, shape: &[usize]) -> Result<Self> {
-        Self::new(data, Layout::contiguous(shape))
-    }
-    /// The shape.
-    pub fn shape(&self) -> &[usize] {
-        &self.layout.shape
-    }
+    view_methods!(CpuSlice);
     /// The strides, in elements.
     pub fn strides(&self) -> &[usize] {
         &self.layout.strides
-    }
-    /// The element type.
-    pub fn dtype(&self) -> DType {
-        self.data.dtype()
-    }
-    /// Where the data lives.
-    pub fn device(&self) -> Device {
-        Device::Cpu
     }
     /// Every element in logical (row-major) order, as `f32`.
     pub fn to_f32_vec(&self) -> Vec<f32> {
@@ -621,27 +605,7 @@ pub struct TensorViewMut<'a> {
 }
 
 impl<'a> TensorViewMut<'a> {
-    /// A writable view over `data`; checks bounds.
-    pub fn new(data: CpuSliceMut<'a>, layout: Layout) -> Result<Self> {
-        check_layout("view", &layout, data.len())?;
-        Ok(TensorViewMut { data, layout })
-    }
-    /// A contiguous writable view of `shape` over the front of `data`.
-    pub fn contiguous(data: CpuSliceMut<'a>, shape: &[usize]) -> Result<Self> {
-        Self::new(data, Layout::contiguous(shape))
-    }
-    /// The shape.
-    pub fn shape(&self) -> &[usize] {
-        &self.layout.shape
-    }
-    /// The element type.
-    pub fn dtype(&self) -> DType {
-        self.data.dtype()
-    }
-    /// Where the data lives.
-    pub fn device(&self) -> Device {
-        Device::Cpu
-    }
+    view_methods!(CpuSliceMut);
     /// A read-only view of the same elements.
     pub fn as_view(&self) -> TensorView<'_> {
         TensorView { data: self.data.as_slice(), layout: self.layout.clone() }

@@ -4,23 +4,12 @@
 
 mod common;
 
-use common::{randn_tensor, rng, seed};
+use common::{rng, seed, RingCase};
 use flashattn::accuracy::{compare, compare_lse, o_factor, GRAD_FACTOR};
 use flashattn::problem::validate;
 use flashattn::reference::{backward_f64, forward_f64, naive_backward, naive_forward};
 use flashattn::ring::{ring_backward, ring_forward, RingSchedule};
 use flashattn::{AttnOptions, DType, Error, Tensor};
-
-#[derive(Debug, Clone, Copy)]
-struct RingCase {
-    dtype: DType,
-    d: usize,
-    sq: usize,
-    sk: usize,
-    h: usize,
-    hk: usize,
-    softcap: bool,
-}
 
 const CASES: [RingCase; 4] = [
     RingCase { dtype: DType::BF16, d: 64, sq: 96, sk: 96, h: 4, hk: 4, softcap: false },
@@ -45,13 +34,7 @@ fn note(worst: &mut Vec<(String, f64)>, v: &flashattn::accuracy::Verdict, dtype:
 
 /// Runs one case on `ranks` simulated ranks; returns a description of every failure.
 fn run(c: RingCase, causal: bool, ranks: usize, seed: u64, ratios: &mut Vec<(String, f64)>) -> Vec<String> {
-    let mut r = rng(seed);
-    let b = 2;
-    let q = randn_tensor(&mut r, &[b, c.sq, c.h, c.d], c.dtype, if c.softcap { 8.0 } else { 1.0 });
-    let k = randn_tensor(&mut r, &[b, c.sk, c.hk, c.d], c.dtype, 1.0);
-    let v = randn_tensor(&mut r, &[b, c.sk, c.hk, c.d], c.dtype, 1.0);
-    let dout = randn_tensor(&mut r, &[b, c.sq, c.h, c.d], c.dtype, 1.0);
-    let opts = AttnOptions { causal, softcap: if c.softcap { 50.0 } else { 0.0 }, ..AttnOptions::default() };
+    let ([q, k, v, dout], opts) = c.inputs(&mut rng(seed), causal);
     let ctx = format!("{c:?} causal {causal} ranks {ranks} seed {seed}");
     let mut fails = Vec::new();
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{gpu, randn_tensor, rng, seed};
+use common::{gpu, randn_tensor, rng, seed, RingCase};
 use flashattn::accuracy::{compare, compare_lse, o_factor, GRAD_FACTOR};
 use flashattn::problem::validate;
 use flashattn::reference::{backward_f64, forward_f64, naive_backward, naive_forward};
@@ -17,25 +17,14 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     a.to_f32_vec().iter().zip(b.to_f32_vec()).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Case {
-    dtype: DType,
-    d: usize,
-    sq: usize,
-    sk: usize,
-    h: usize,
-    hk: usize,
-    softcap: bool,
-}
-
 #[test]
 fn ring_on_streams_matches_single_gpu_and_oracle() {
     if !gpu("ring_on_streams_matches_single_gpu_and_oracle") {
         return;
     }
     let cases = [
-        Case { dtype: DType::BF16, d: 128, sq: 512, sk: 512, h: 4, hk: 2, softcap: false },
-        Case { dtype: DType::F16, d: 64, sq: 333, sk: 401, h: 4, hk: 4, softcap: true },
+        RingCase { dtype: DType::BF16, d: 128, sq: 512, sk: 512, h: 4, hk: 2, softcap: false },
+        RingCase { dtype: DType::F16, d: 64, sq: 333, sk: 401, h: 4, hk: 4, softcap: true },
     ];
     let s = seed();
     let mut fails = Vec::new();
@@ -46,14 +35,7 @@ fn ring_on_streams_matches_single_gpu_and_oracle() {
                 n += 1;
                 let case_seed = s.wrapping_add((ranks * 100 + usize::from(causal) * 10 + ci) as u64);
                 let ctx = format!("{c:?} causal {causal} ranks {ranks} seed {case_seed}");
-                let mut r = rng(case_seed);
-                let b = 2;
-                let q = randn_tensor(&mut r, &[b, c.sq, c.h, c.d], c.dtype, if c.softcap { 8.0 } else { 1.0 });
-                let k = randn_tensor(&mut r, &[b, c.sk, c.hk, c.d], c.dtype, 1.0);
-                let v = randn_tensor(&mut r, &[b, c.sk, c.hk, c.d], c.dtype, 1.0);
-                let dout = randn_tensor(&mut r, &[b, c.sq, c.h, c.d], c.dtype, 1.0);
-                let opts =
-                    AttnOptions { causal, softcap: if c.softcap { 50.0 } else { 0.0 }, ..AttnOptions::default() };
+                let ([q, k, v, dout], opts) = c.inputs(&mut rng(case_seed), causal);
                 let p = validate(&q.view(), &k.view(), &v.view(), &opts).unwrap();
                 let (qd, kd, vd) = (q.view().data, k.view().data, v.view().data);
                 let reference = forward_f64(&p, qd, kd, vd);

@@ -131,22 +131,34 @@ enum TileOp<'a> {
 impl Panels {
     /// `Kᵀ` of key tile `t`.
     fn kt(&self, p: &Problem, t: usize) -> TileOp<'_> {
-        if self.ktb.is_empty() {
-            TileOp::F32(&self.kt[t * BN * p.d..(t + 1) * BN * p.d])
-        } else {
-            let d2 = p.d.div_ceil(2);
-            TileOp::Bf16(&self.ktb[t * BN * d2..(t + 1) * BN * d2])
-        }
+        tile_op(&self.kt, &self.ktb, t, p.d)
     }
 
     /// `Vᵀ` of key tile `t`.
     fn vt(&self, p: &Problem, t: usize) -> TileOp<'_> {
-        if self.vtb.is_empty() {
-            TileOp::F32(&self.vt[t * BN * p.d_v..(t + 1) * BN * p.d_v])
-        } else {
-            let d2 = p.d_v.div_ceil(2);
-            TileOp::Bf16(&self.vtb[t * BN * d2..(t + 1) * BN * d2])
-        }
+        tile_op(&self.vt, &self.vtb, t, p.d_v)
+    }
+}
+
+/// Key tile `t` of a panel of `BN`-row tiles with rows of `len` elements.
+#[inline(always)]
+fn tile<T>(panel: &[T], t: usize, len: usize) -> &[T] {
+    &panel[t * BN * len..(t + 1) * BN * len]
+}
+
+/// [`tile`], writable.
+#[inline(always)]
+fn tile_mut<T>(panel: &mut [T], t: usize, len: usize) -> &mut [T] {
+    &mut panel[t * BN * len..(t + 1) * BN * len]
+}
+
+/// Key tile `t` of a transposed panel of an operand with head dim `d`: from the bf16 pair panel `pairs` when it
+/// is in use (not empty), else from the `f32` panel `f`.
+fn tile_op<'a>(f: &'a [f32], pairs: &'a [u32], t: usize, d: usize) -> TileOp<'a> {
+    if pairs.is_empty() {
+        TileOp::F32(tile(f, t, d))
+    } else {
+        TileOp::Bf16(tile(pairs, t, d.div_ceil(2)))
     }
 }
 
@@ -210,6 +222,18 @@ enum Transposed<'a> {
     None,
     F32(&'a mut [f32]),
     Pairs(&'a mut [u32]),
+}
+
+impl<'a> Transposed<'a> {
+    /// Where key tile `t` of an operand with head dim `d` goes transposed: nowhere unless `wanted`, else into
+    /// its bf16 pair panel `pairs` (with `bf`) or its `f32` panel `f`.
+    fn of_tile(wanted: bool, bf: bool, t: usize, d: usize, f: &'a mut [f32], pairs: &'a mut [u32]) -> Self {
+        match (wanted, bf) {
+            (false, _) => Transposed::None,
+            (true, true) => Transposed::Pairs(tile_mut(pairs, t, d.div_ceil(2))),
+            (true, false) => Transposed::F32(tile_mut(f, t, d)),
+        }
+    }
 }
 
 /// Loads key tile `(seq, head, j0, bn)` of K or V (width `w`, padded to `wp`) into `rows`, multiplied by `mul`
@@ -278,21 +302,13 @@ fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Ve
                 let (j0, bn) = (t * BN, BN.min(sk - t * BN));
                 let at = (seq, kh, j0, bn);
                 if need.kt || need.k {
-                    let rows: &mut [f32] = if need.k { &mut pn.k[t * BN * dp..(t + 1) * BN * dp] } else { &mut buf };
-                    let tr = match (need.kt, need.bf) {
-                        (false, _) => Transposed::None,
-                        (true, true) => Transposed::Pairs(&mut pn.ktb[t * BN * d2..(t + 1) * BN * d2]),
-                        (true, false) => Transposed::F32(&mut pn.kt[t * BN * d..(t + 1) * BN * d]),
-                    };
+                    let rows = if need.k { tile_mut(&mut pn.k, t, dp) } else { &mut buf };
+                    let tr = Transposed::of_tile(need.kt, need.bf, t, d, &mut pn.kt, &mut pn.ktb);
                     pack_tile(x.k, &p.k, at, (d, dp), rows, tr, &mut tt, p.k_scale(seq, kh));
                 }
                 if need.v || need.vt {
-                    let rows: &mut [f32] = if need.v { &mut pn.v[t * BN * dvp..(t + 1) * BN * dvp] } else { &mut buf };
-                    let tr = match (need.vt, need.bf) {
-                        (false, _) => Transposed::None,
-                        (true, true) => Transposed::Pairs(&mut pn.vtb[t * BN * dv2..(t + 1) * BN * dv2]),
-                        (true, false) => Transposed::F32(&mut pn.vt[t * BN * dv..(t + 1) * BN * dv]),
-                    };
+                    let rows = if need.v { tile_mut(&mut pn.v, t, dvp) } else { &mut buf };
+                    let tr = Transposed::of_tile(need.vt, need.bf, t, dv, &mut pn.vt, &mut pn.vtb);
                     pack_tile(x.v, &p.v, at, (dv, dvp), rows, tr, &mut tt, p.v_scale(seq, kh));
                 }
             }
@@ -364,7 +380,12 @@ fn exp_sum(x: &mut [f32], base: f32) -> f32 {
         *v = kernel::exp1(*v - base);
         tail += *v;
     }
-    // Pairwise, in a fixed order.
+    lane_sum(s) + tail
+}
+
+/// The sum of [`LANES`] partial sums, pairwise in a fixed order.
+#[inline(always)]
+fn lane_sum(mut s: [f32; LANES]) -> f32 {
     let mut w = LANES;
     while w > 1 {
         w /= 2;
@@ -372,7 +393,7 @@ fn exp_sum(x: &mut [f32], base: f32) -> f32 {
             s[l] += s[l + w];
         }
     }
-    s[0] + tail
+    s[0]
 }
 
 /// Defines `$name` calling `$body_fn::<L>` for the instruction-set level of this CPU
@@ -474,7 +495,7 @@ fn forward_tile_body<const L: u8>(
         let j1 = (j0 + BN).min(sk);
         let bn = j1 - j0;
         let t = j0 / BN;
-        let v = &pn.v[t * BN * dvp..(t + 1) * BN * dvp];
+        let v = tile(&pn.v, t, dvp);
         score_product::<L>(d, rows, qop, pn.kt(p, t), tile_cols(lo.max(j0), hi.min(j1), j0), &mut sc.s);
         for (r, range) in ranges.iter().enumerate() {
             let (a, b) = (range.start.max(j0), range.end.min(j1));
@@ -576,26 +597,47 @@ pub(crate) struct BwdOut<'a> {
     pub dv_map: &'a RowMap,
 }
 
-/// For scores `(i, j)`, `j` in `js` (a row of the key tile at `j0`), with raw products `qk = q_i · k_j` and
-/// `dp = dO_i · v_j` (slices over `js`): the probabilities `P_ij = exp(s - lse)` into `pm` and the gradients
-/// of the raw products, `scale · P_ij (dP_ij - D_i) · softcap'(s)`, into `ds`. `plain`: the score transform
-/// is the scale alone (a loop the compiler vectorises, exponentials included).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn prob_dscore_row(
-    f: &ScoreFn,
-    plain: bool,
+/// One row of a key tile's scores in the backward: query row `i` (row `r` of its query tile, log-sum-exp `lse`)
+/// over its keys `js` in the tile, whose raw products `qk = q_i · k_j` and `dp = dO_i · v_j` (slices over
+/// `js`) start at offset `e` of the tile's `[rows, BN]` products.
+struct TileRow<'s> {
+    r: usize,
     i: usize,
     js: Range<usize>,
-    qk: &[f32],
-    dp: &[f32],
-    pm: &mut [f32],
-    ds: &mut [f32],
+    e: usize,
+    qk: &'s [f32],
+    dp: &'s [f32],
     lse: f32,
-    di: f32,
-) {
+}
+
+/// The [`TileRow`]s of the query tile at row `i0` against the key tile `j0..j1`, over the tile's products `s`
+/// (`Q Kᵀ`) and `dpm` (`dO Vᵀ`): the rows that see keys of the tile (`ranges`: each row's keys). Rows that saw
+/// no key at all (`lse = -inf`) are skipped.
+fn tile_rows<'s>(
+    (i0, j0, j1): (usize, usize, usize),
+    lse: &'s [f32],
+    ranges: &'s [Range<usize>],
+    s: &'s [f32],
+    dpm: &'s [f32],
+) -> impl Iterator<Item = TileRow<'s>> + 's {
+    lse.iter().zip(ranges).enumerate().filter_map(move |(r, (&lse, keys))| {
+        let js = keys.start.max(j0)..keys.end.min(j1);
+        if lse == f32::NEG_INFINITY || js.is_empty() {
+            return None;
+        }
+        let e = r * BN + js.start - j0;
+        Some(TileRow { r, i: i0 + r, js, e, qk: &s[e..], dp: &dpm[e..], lse })
+    })
+}
+
+/// For the scores of `row` (`P_ij = exp(s - lse)`): the probabilities into `pm` and the gradients of the raw
+/// products, `scale · P_ij (dP_ij - D_i) · softcap'(s)`, into `ds` (both slices over the row's keys).
+/// `plain`: the score transform is the scale alone (a loop the compiler vectorises, exponentials included).
+#[inline(always)]
+fn prob_dscore_row(f: &ScoreFn, plain: bool, row: TileRow<'_>, pm: &mut [f32], ds: &mut [f32], di: f32) {
+    let TileRow { i, js, lse, .. } = row;
     let n = js.len();
-    let (qk, dp, pm, ds) = (&qk[..n], &dp[..n], &mut pm[..n], &mut ds[..n]);
+    let (qk, dp, pm, ds) = (&row.qk[..n], &row.dp[..n], &mut pm[..n], &mut ds[..n]);
     if plain {
         for e in 0..n {
             let pij = kernel::exp1(qk[e] * f.scale - lse);
@@ -877,16 +919,9 @@ fn bwd_task_body<const L: u8>(
                         (&mut s[..], &mut dpm[..])
                     };
                     scores::<L>(p, pn, j0 / BN, rows, qop, gop, cols, s, dpm);
-                    for r in 0..bm {
-                        if lse[r] == f32::NEG_INFINITY {
-                            continue;
-                        }
-                        let js = ranges[r].start.max(j0)..ranges[r].end.min(j1);
-                        if js.is_empty() {
-                            continue;
-                        }
-                        let e = r * BN + js.start - j0;
-                        dd[r] += prob_dot_row(&f, plain, i0 + r, js, &s[e..], &dpm[e..], &mut pm, lse[r]);
+                    for row in tile_rows((i0, j0, j1), &lse, &ranges, s, dpm) {
+                        let r = row.r;
+                        dd[r] += prob_dot_row(&f, plain, row, &mut pm);
                     }
                 }
             }
@@ -895,7 +930,7 @@ fn bwd_task_body<const L: u8>(
                 let j1 = (j0 + BN).min(sk);
                 let bn = j1 - j0;
                 let t = j0 / BN;
-                let k = &pn.k[t * BN * dp..(t + 1) * BN * dp];
+                let k = tile(&pn.k, t, dp);
                 let (a, bb) = (lo.max(j0), hi.min(j1));
                 let (s, dpm): (&[f32], &[f32]) = if cached {
                     cache[ti * 2 * rows * BN..(ti + 1) * 2 * rows * BN].split_at(rows * BN)
@@ -905,22 +940,13 @@ fn bwd_task_body<const L: u8>(
                 };
                 pm[..rows * BN].fill(0.0);
                 ds[..rows * BN].fill(0.0);
-                for r in 0..bm {
-                    if lse[r] == f32::NEG_INFINITY {
-                        continue;
-                    }
-                    let js = ranges[r].start.max(j0)..ranges[r].end.min(j1);
-                    if js.is_empty() {
-                        continue;
-                    }
-                    let e = r * BN + js.start - j0;
-                    let (pr, dr) = (&mut pm[e..], &mut ds[e..]);
-                    prob_dscore_row(&f, plain, i0 + r, js, &s[e..], &dpm[e..], pr, dr, lse[r], dd[r]);
+                for row in tile_rows((i0, j0, j1), &lse, &ranges, s, dpm) {
+                    let (e, di) = (row.e, dd[row.r]);
+                    prob_dscore_row(&f, plain, row, &mut pm[e..], &mut ds[e..], di);
                 }
                 kernel::gemm::<L>(ARef { a: &ds, rs: BN, cs: 1 }, k, dp, &mut dq, dp, rows, |_| a - j0..bb - j0, 0..dp);
                 let bnr = round_up(bn, R);
-                let (dkt, dvt) =
-                    (&mut part.dk[t * BN * dp..(t + 1) * BN * dp], &mut part.dv[t * BN * dvp..(t + 1) * BN * dvp]);
+                let (dkt, dvt) = (tile_mut(&mut part.dk, t, dp), tile_mut(&mut part.dv, t, dvp));
                 kernel::gemm::<L>(ARef { a: &pm, rs: 1, cs: BN }, &g, dvp, dvt, dvp, bnr, |_| 0..bm, 0..dvp);
                 kernel::gemm::<L>(ARef { a: &ds, rs: 1, cs: BN }, &q, dp, dkt, dp, bnr, |_| 0..bm, 0..dp);
             }
@@ -947,22 +973,13 @@ fn bwd_task_body<const L: u8>(
     part
 }
 
-/// `sum_j P_ij dP_ij` over the keys `js` of one row of a key tile, with `P_ij = exp(s - lse)` (`pm` is
-/// scratch of at least `js.len()`), in [`LANES`] partial sums.
-#[allow(clippy::too_many_arguments)]
+/// `sum_j P_ij dP_ij` over the keys of `row`, with `P_ij = exp(s - lse)` (`pm` is scratch of at least
+/// `row.js.len()`), in [`LANES`] partial sums.
 #[inline(always)]
-fn prob_dot_row(
-    f: &ScoreFn,
-    plain: bool,
-    i: usize,
-    js: Range<usize>,
-    qk: &[f32],
-    dp: &[f32],
-    pm: &mut [f32],
-    lse: f32,
-) -> f32 {
+fn prob_dot_row(f: &ScoreFn, plain: bool, row: TileRow<'_>, pm: &mut [f32]) -> f32 {
+    let TileRow { i, js, lse, .. } = row;
     let n = js.len();
-    let (qk, dp, pm) = (&qk[..n], &dp[..n], &mut pm[..n]);
+    let (qk, dp, pm) = (&row.qk[..n], &row.dp[..n], &mut pm[..n]);
     if plain {
         pm.iter_mut().zip(qk).for_each(|(x, &v)| *x = v * f.scale - lse);
     } else {
@@ -982,12 +999,5 @@ fn prob_dot_row(
     for e in full..n {
         tail += kernel::exp1(pm[e]) * dp[e];
     }
-    let mut w = LANES;
-    while w > 1 {
-        w /= 2;
-        for l in 0..w {
-            acc[l] += acc[l + w];
-        }
-    }
-    acc[0] + tail
+    lane_sum(acc) + tail
 }

@@ -71,6 +71,15 @@ pub(crate) struct ARef<'a> {
     pub cs: usize,
 }
 
+/// The matrices of a [`gemm`] call: `A` (see [`ARef`]), `B` of row stride `ldb` and `C` of row stride `ldc`.
+struct Operands<'a> {
+    a: ARef<'a>,
+    b: &'a [f32],
+    ldb: usize,
+    c: &'a mut [f32],
+    ldc: usize,
+}
+
 /// `C[i, n] += sum_{k in kr(i0)} A[i, k] B[k, n]` for rows `0..rows` (a multiple of [`RMAX`]) in groups of the
 /// level's `R` rows starting at `i0`, and `n` in `cr` (aligned to [`WP`], within `ldb` and `ldc`).
 #[inline(always)]
@@ -85,24 +94,21 @@ pub(crate) fn gemm<const L: u8>(
     kr: impl Fn(usize) -> Range<usize>,
     cr: Range<usize>,
 ) {
+    let m = Operands { a, b, ldb, c, ldc };
     if L >= 2 {
         #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
         {
-            gemm_impl::<8, 32, L>(a, b, ldb, c, ldc, rows, kr, cr);
+            gemm_impl::<8, 32, L>(m, rows, kr, cr);
             return;
         }
     }
-    gemm_impl::<4, 16, L>(a, b, ldb, c, ldc, rows, kr, cr);
+    gemm_impl::<4, 16, L>(m, rows, kr, cr);
 }
 
+/// [`gemm`] in `RR x WW` register tiles.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn gemm_impl<const RR: usize, const WW: usize, const L: u8>(
-    a: ARef<'_>,
-    b: &[f32],
-    ldb: usize,
-    c: &mut [f32],
-    ldc: usize,
+    mut m: Operands<'_>,
     rows: usize,
     kr: impl Fn(usize) -> Range<usize>,
     cr: Range<usize>,
@@ -110,9 +116,10 @@ fn gemm_impl<const RR: usize, const WW: usize, const L: u8>(
     if cr.is_empty() || rows == 0 {
         return;
     }
+    let (a, b, ldb, ldc) = (m.a, m.b, m.ldb, m.ldc);
     assert!(rows % RR == 0 && cr.start % WW == 0 && cr.end % WW == 0);
     assert!(cr.end <= ldb && cr.end <= ldc);
-    assert!((rows - 1) * ldc + cr.end <= c.len());
+    assert!((rows - 1) * ldc + cr.end <= m.c.len());
     for n0 in cr.step_by(WW) {
         for i0 in (0..rows).step_by(RR) {
             let k = kr(i0);
@@ -126,10 +133,10 @@ fn gemm_impl<const RR: usize, const WW: usize, const L: u8>(
             unsafe {
                 #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
                 if L >= 2 && RR == 8 && WW == 32 {
-                    tile_avx512(a, i0, k, b, ldb, n0, c, ldc);
+                    tile_avx512(&mut m, i0, k, n0);
                     continue;
                 }
-                tile::<RR, WW, L>(a, i0, k, b, ldb, n0, c, ldc);
+                tile::<RR, WW, L>(&mut m, i0, k, n0);
             }
         }
     }
@@ -139,21 +146,17 @@ fn gemm_impl<const RR: usize, const WW: usize, const L: u8>(
 /// vectorise (fused multiply-adds when `L >= 1`).
 ///
 /// # Safety
-/// `(i0 + RR - 1) * a.rs + (k.end - 1) * a.cs < a.a.len()`, `(k.end - 1) * ldb + n0 + WW <= b.len()` and
-/// `(i0 + RR - 1) * ldc + n0 + WW <= c.len()`.
+/// With `m`'s `a`, `b`, `ldb`, `c`, `ldc`: `(i0 + RR - 1) * a.rs + (k.end - 1) * a.cs < a.a.len()`,
+/// `(k.end - 1) * ldb + n0 + WW <= b.len()` and `(i0 + RR - 1) * ldc + n0 + WW <= c.len()`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn tile<const RR: usize, const WW: usize, const L: u8>(
-    a: ARef<'_>,
+    m: &mut Operands<'_>,
     i0: usize,
     k: Range<usize>,
-    b: &[f32],
-    ldb: usize,
     n0: usize,
-    c: &mut [f32],
-    ldc: usize,
 ) {
-    let cp = c.as_mut_ptr();
+    let (a, b, ldb, ldc) = (m.a, m.b, m.ldb, m.ldc);
+    let cp = m.c.as_mut_ptr();
     let mut acc = [[0f32; WW]; RR];
     for (r, row) in acc.iter_mut().enumerate() {
         *row = *(cp.add((i0 + r) * ldc + n0) as *const [f32; WW]);
@@ -198,19 +201,10 @@ macro_rules! rows {
 #[inline]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::incompatible_msrv)] // compiled only by Rust >= 1.89 (`flashattn_avx512`, see build.rs)
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx512(
-    a: ARef<'_>,
-    i0: usize,
-    k: Range<usize>,
-    b: &[f32],
-    ldb: usize,
-    n0: usize,
-    c: &mut [f32],
-    ldc: usize,
-) {
+unsafe fn tile_avx512(m: &mut Operands<'_>, i0: usize, k: Range<usize>, n0: usize) {
     use std::arch::x86_64::*;
-    let cp = c.as_mut_ptr();
+    let (a, b, ldb, ldc) = (m.a, m.b, m.ldb, m.ldc);
+    let cp = m.c.as_mut_ptr();
     let (ap, bp) = (a.a.as_ptr(), b.as_ptr());
     let mut c0 = [_mm512_setzero_ps(); 8];
     let mut c1 = [_mm512_setzero_ps(); 8];
@@ -235,6 +229,27 @@ unsafe fn tile_avx512(
         }
         rows!(step);
     }
+    store_rows_avx512(cp, ldc, i0, n0, &c0, &c1);
+}
+
+/// Stores the accumulators of an AVX-512 register tile into `C` (`cp`, row stride `ldc`): row `i0 + r` gets
+/// `c0[r]` at columns `n0..n0 + 16` and `c1[r]` at `n0 + 16..n0 + 32`.
+///
+/// # Safety
+/// `(i0 + 7) * ldc + n0 + 32` elements of `cp` are writable; the CPU supports AVX-512F.
+#[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::incompatible_msrv)] // compiled only by Rust >= 1.89 (`flashattn_avx512`, see build.rs)
+unsafe fn store_rows_avx512(
+    cp: *mut f32,
+    ldc: usize,
+    i0: usize,
+    n0: usize,
+    c0: &[std::arch::x86_64::__m512; 8],
+    c1: &[std::arch::x86_64::__m512; 8],
+) {
+    use std::arch::x86_64::*;
     macro_rules! st {
         ($r:expr) => {
             _mm512_storeu_ps(cp.add((i0 + $r) * ldc + n0), c0[$r]);
@@ -323,13 +338,7 @@ unsafe fn tile_bf16(
         }
         rows!(step);
     }
-    macro_rules! st {
-        ($r:expr) => {
-            _mm512_storeu_ps(cp.add((i0 + $r) * ldc + n0), c0[$r]);
-            _mm512_storeu_ps(cp.add((i0 + $r) * ldc + n0 + 16), c1[$r]);
-        };
-    }
-    rows!(st);
+    store_rows_avx512(cp, ldc, i0, n0, &c0, &c1);
 }
 
 /// Packs `n` values of `f32` that are exactly bf16 (converted from bf16 inputs) into pairs for [`gemm_bf16`]:

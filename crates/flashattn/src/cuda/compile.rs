@@ -170,6 +170,19 @@ impl Variant {
         self.pass.builds_for(arch) && !(self.pass == Pass::KvCache && self.kv_fp8 && !arch_at_least(arch, 89))
     }
 
+    /// This variant with the score features of `bits` (1 mask, 2 ALiBi, 4 soft-cap, 8 varlen) and
+    /// `deterministic`.
+    fn with_features(self, bits: u32, deterministic: bool) -> Self {
+        Variant {
+            mask: bits & 1 != 0,
+            alibi: bits & 2 != 0,
+            softcap: bits & 4 != 0,
+            varlen: bits & 8 != 0,
+            deterministic,
+            ..self
+        }
+    }
+
     /// The plain, aligned variant of a pass.
     pub fn plain(pass: Pass, head_dim: usize, bf16: bool) -> Self {
         Variant {
@@ -379,15 +392,7 @@ pub fn all_variants() -> Vec<Variant> {
                     if p.pass == Pass::Fwd && deterministic {
                         continue;
                     }
-                    out.push(Variant {
-                        mask: bits & 1 != 0,
-                        alibi: bits & 2 != 0,
-                        softcap: bits & 4 != 0,
-                        varlen: bits & 8 != 0,
-                        deterministic,
-                        aligned16,
-                        ..p
-                    });
+                    out.push(Variant { aligned16, ..p.with_features(bits, deterministic) });
                 }
             }
         }
@@ -427,14 +432,7 @@ pub fn sm90_variants() -> Vec<Variant> {
             if deterministic && p.pass != Pass::BwdSm90 {
                 continue;
             }
-            out.push(Variant {
-                mask: bits & 1 != 0,
-                alibi: bits & 2 != 0,
-                softcap: bits & 4 != 0,
-                varlen: bits & 8 != 0,
-                deterministic,
-                ..p
-            });
+            out.push(p.with_features(bits, deterministic));
         }
     }
     out

@@ -11,6 +11,7 @@
 //! accumulators; partial gradients likewise (as FlashAttention-based ring implementations do).
 
 use super::host::{local_opts, ring_plan, RankStats, RingBackward, RingForward};
+use super::schedule::{LocalPair, PairWork, RingSchedule};
 use crate::api::{ForwardOutput, Gradients};
 use crate::cuda::bwd::Softmax;
 use crate::cuda::runtime::{self, dev_err};
@@ -139,6 +140,36 @@ fn view(
     }
 }
 
+/// Where one pair of a rank's work at a step lies in the shards: query rows `q0..q0 + cq` (query chunk slot `qi`)
+/// of the rank's `lq` rows; key rows `k0..k0 + nk` of the `lk` rows of rank `src`'s key/value shard.
+struct PairRows {
+    src: usize,
+    lq: usize,
+    lk: usize,
+    qi: usize,
+    q0: usize,
+    cq: usize,
+    k0: usize,
+    nk: usize,
+}
+
+/// The pairs rank `r` computes at step `step` ([`RingSchedule::pairs`]), each with its [`PairRows`].
+fn pair_rows(sched: &RingSchedule, r: usize, step: usize) -> Result<Vec<(PairWork, PairRows)>> {
+    let src = sched.source(r, step);
+    let (lq, lk) = (sched.q.rank_len(r), sched.k.rank_len(src));
+    let rows = |at: LocalPair| PairRows {
+        src,
+        lq,
+        lk,
+        qi: at.q_slot,
+        q0: at.q.start,
+        cq: at.q.len(),
+        k0: at.k.start,
+        nk: at.k.len(),
+    };
+    Ok(sched.pairs(r, step)?.into_iter().map(|(w, at)| (w, rows(at))).collect())
+}
+
 /// Per-stream timing of a simulated ring: an event on every stream at the start; at the end each rank's
 /// compute seconds (its stream's events) and wait seconds (the wall time not spent computing).
 struct RankClock {
@@ -245,11 +276,7 @@ pub fn ring_forward_cuda(
         let mut stats: Vec<RankStats> = (0..ranks).map(RankStats::new).collect();
         for step in 0..ranks {
             for (r, s) in streams.iter().enumerate() {
-                let src = sched.source(r, step);
-                let lq = sched.q.rank_len(r);
-                let lk = sched.k.rank_len(src);
-                for (w, at) in sched.pairs(r, step)? {
-                    let (qi, q0, cq, k0, nk) = (at.q_slot, at.q.start, at.q.len(), at.k.start, at.k.len());
+                for (w, PairRows { src, lq, lk, qi, q0, cq, k0, nk }) in pair_rows(&sched, r, step)? {
                     let ck = sched.k.chunk(w.kv_chunk).len();
                     let qv = view(ptr(&qd[r], s), dt, lq, q0, cq, h, d, b);
                     let kv = view(ptr(&kd[src], s), dt, lk, k0, nk, hk, d, b);
@@ -401,11 +428,7 @@ pub fn ring_backward_cuda(
                 }
             }
             for (r, s) in streams.iter().enumerate() {
-                let src = sched.source(r, step);
-                let lq = sched.q.rank_len(r);
-                let lk = sched.k.rank_len(src);
-                for (w, at) in sched.pairs(r, step)? {
-                    let (qi, q0, cq, k0, nk) = (at.q_slot, at.q.start, at.q.len(), at.k.start, at.k.len());
+                for (w, PairRows { src, lq, lk, qi, q0, cq, k0, nk }) in pair_rows(&sched, r, step)? {
                     stats[r].pairs += 1;
                     stats[r].visible += w.mask.visible(cq, sched.k.chunk(w.kv_chunk).len());
                     // lse and D belong to the whole row: the backward takes no one-key shortcut on this part.

@@ -12,6 +12,32 @@ pub mod nonfinite;
 
 pub type Rng64 = rand::rngs::StdRng;
 
+/// A ring attention test case: dtype, head dim, query and key lengths, query and key/value heads, soft-capping.
+#[derive(Debug, Clone, Copy)]
+pub struct RingCase {
+    pub dtype: DType,
+    pub d: usize,
+    pub sq: usize,
+    pub sk: usize,
+    pub h: usize,
+    pub hk: usize,
+    pub softcap: bool,
+}
+
+impl RingCase {
+    /// Random `[q, k, v, dout]` of the case, batch 2 (`q` scaled by 8 with soft-capping, so that the cap
+    /// matters), and its options (soft-cap 50 when the case has one).
+    pub fn inputs(&self, r: &mut Rng64, causal: bool) -> ([Tensor; 4], AttnOptions) {
+        let b = 2;
+        let q = randn_tensor(r, &[b, self.sq, self.h, self.d], self.dtype, if self.softcap { 8.0 } else { 1.0 });
+        let k = randn_tensor(r, &[b, self.sk, self.hk, self.d], self.dtype, 1.0);
+        let v = randn_tensor(r, &[b, self.sk, self.hk, self.d], self.dtype, 1.0);
+        let dout = randn_tensor(r, &[b, self.sq, self.h, self.d], self.dtype, 1.0);
+        let opts = AttnOptions { causal, softcap: if self.softcap { 50.0 } else { 0.0 }, ..AttnOptions::default() };
+        ([q, k, v, dout], opts)
+    }
+}
+
 /// One line to stderr (shown with `--nocapture`, and kept next to a failing test's output).
 pub fn say(msg: &str) {
     use std::io::Write;
