@@ -119,6 +119,10 @@ struct Panels {
     /// (`[d.div_ceil(2), BN]` and `[d_v.div_ceil(2), BN]` per tile), and `kt`, `vt` are empty.
     ktb: Vec<u32>,
     vtb: Vec<u32>,
+    /// With `Need::bf`, `K` and `V` (when needed) also in bf16 pairs of consecutive keys, `[BN / 2, dp]` and
+    /// `[BN / 2, dvp]` per tile, for the products that reduce over keys (`dQ += dS K`, `O += P V`).
+    kp: Vec<u32>,
+    vp: Vec<u32>,
 }
 
 /// One key tile's transposed operand of a score product: `f32` `[d, BN]` or bf16 pairs `[d.div_ceil(2), BN]`.
@@ -132,6 +136,24 @@ impl Panels {
     /// `Kᵀ` of key tile `t`.
     fn kt(&self, p: &Problem, t: usize) -> TileOp<'_> {
         tile_op(&self.kt, &self.ktb, t, p.d)
+    }
+
+    /// `K` of key tile `t` in pairs of keys (`[BN / 2, dp]`; empty without `Need::bf`).
+    fn kp(&self, p: &Problem, t: usize) -> &[u32] {
+        if self.kp.is_empty() {
+            &[]
+        } else {
+            tile(&self.kp, t, round_up(p.d, W) / 2)
+        }
+    }
+
+    /// `V` of key tile `t` in pairs of keys (`[BN / 2, dvp]`; empty without `Need::bf`).
+    fn vp(&self, p: &Problem, t: usize) -> &[u32] {
+        if self.vp.is_empty() {
+            &[]
+        } else {
+            tile(&self.vp, t, round_up(p.d_v, W) / 2)
+        }
     }
 
     /// `Vᵀ` of key tile `t`.
@@ -195,7 +217,9 @@ const PANEL_BUDGET: usize = 128 << 20;
 fn panel_floats(p: &Problem, seq: usize, need: Need) -> usize {
     let (dp, dvp) = (round_up(p.d, W), round_up(p.d_v, W));
     let n = round_up(p.seqlen_k[seq], BN);
-    n * (need.kt as usize * p.d + need.k as usize * dp + need.v as usize * dvp + need.vt as usize * p.d_v)
+    // With `need.bf` the key-pair panels of K and V add half of each (and the transposed ones are halved).
+    let pairs = if need.bf { (need.k as usize * dp + need.v as usize * dvp) / 2 } else { 0 };
+    n * (need.kt as usize * p.d + need.k as usize * dp + need.v as usize * dvp + need.vt as usize * p.d_v + pairs)
 }
 
 /// The (sequence, key head) pairs in waves of at most [`PANEL_BUDGET`] bytes of panels each.
@@ -277,6 +301,8 @@ fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Ve
                 vt: Vec::new(),
                 ktb: Vec::new(),
                 vtb: Vec::new(),
+                kp: Vec::new(),
+                vp: Vec::new(),
             };
             let (d2, dv2) = (d.div_ceil(2), dv.div_ceil(2));
             // With `need.bf` the transposed tiles go through `tt` into the pair panels.
@@ -297,6 +323,12 @@ fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Ve
             } else if need.vt {
                 pn.vt = vec![0.0; nt * BN * dv];
             }
+            if need.bf && need.k {
+                pn.kp = vec![0; nt * BN / 2 * dp];
+            }
+            if need.bf && need.v {
+                pn.vp = vec![0; nt * BN / 2 * dvp];
+            }
             let mut buf = vec![0f32; BN * dp.max(dvp)];
             for t in 0..nt {
                 let (j0, bn) = (t * BN, BN.min(sk - t * BN));
@@ -311,6 +343,15 @@ fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Ve
                     let tr = Transposed::of_tile(need.vt, need.bf, t, dv, &mut pn.vt, &mut pn.vtb);
                     pack_tile(x.v, &p.v, at, (dv, dvp), rows, tr, &mut tt, p.v_scale(seq, kh));
                 }
+                // Key pairs of the row panels (exact: the values are bf16; zero past the last key).
+                if !pn.kp.is_empty() {
+                    let dst = tile_mut(&mut pn.kp, t, dp / 2);
+                    kernel::pack_row_pairs::<false, false>(tile(&pn.k, t, dp), dp, BN / 2, dp, dst, dp);
+                }
+                if !pn.vp.is_empty() {
+                    let dst = tile_mut(&mut pn.vp, t, dvp / 2);
+                    kernel::pack_row_pairs::<false, false>(tile(&pn.v, t, dvp), dvp, BN / 2, dvp, dst, dvp);
+                }
             }
             pn
         })
@@ -318,9 +359,11 @@ fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Ve
 }
 
 struct FwdScratch {
-    /// `[FBM, dp]`, `[FBM, d.div_ceil(2)]` (bf16 pairs of `q`), `[FBM, BN]`, `[FBM, dvp]`.
+    /// `[FBM, dp]`, `[FBM, d.div_ceil(2)]` (bf16 pairs of `q`), `[FBM, BN / 2]` (bf16 pairs of `P`), `[FBM, BN]`,
+    /// `[FBM, dvp]`.
     q: Vec<f32>,
     qb: Vec<u32>,
+    pb: Vec<u32>,
     s: Vec<f32>,
     acc: Vec<f32>,
     m: Vec<f32>,
@@ -333,6 +376,7 @@ impl FwdScratch {
         FwdScratch {
             q: vec![0.0; FBM * dp],
             qb: vec![0; FBM * d.div_ceil(2)],
+            pb: vec![0; FBM * BN / 2],
             s: vec![0.0; FBM * BN],
             acc: vec![0.0; FBM * dvp],
             m: vec![0.0; FBM],
@@ -548,7 +592,12 @@ fn forward_tile_body<const L: u8>(
                 Some(k) if !k.is_empty() => k.start - j0..k.end - j0,
                 _ => 0..0,
             };
-            kernel::gemm::<L>(ARef { a: &sc.s, rs: BN, cs: 1 }, v, dvp, &mut sc.acc, dvp, rows, keys, 0..dvp);
+            let vp = pn.vp(p, t);
+            if vp.is_empty() {
+                kernel::gemm::<L>(ARef { a: &sc.s, rs: BN, cs: 1 }, v, dvp, &mut sc.acc, dvp, rows, keys, 0..dvp);
+            } else {
+                keys_product::<L>(&sc.s, &mut sc.pb, v, vp, dvp, &mut sc.acc, rows, keys);
+            }
         }
         j0 = j1;
     }
@@ -698,7 +747,7 @@ fn score_product<const L: u8>(d: usize, rows: usize, a: RowsOp<'_>, bt: TileOp<'
             c[..rows * BN].fill(0.0);
             let d2 = d.div_ceil(2);
             // SAFETY: the level-3 copy runs only where the CPU has AVX-512F and AVX-512-BF16 (`kernel::level`).
-            unsafe { kernel::gemm_bf16(a, d2, bt, BN, c, BN, rows, d2, cols) };
+            unsafe { kernel::gemm_bf16::<false>(a, d2, bt, BN, c, BN, rows, |_| 0..d2, cols) };
         }
         _ => unreachable!("bf16 pairs are packed only at SIMD level 3, for both operands"),
     }
@@ -733,6 +782,81 @@ fn rows_op<'a>(bf: bool, x: &'a [f32], rows: usize, d: usize, ld: usize, pairs: 
         kernel::pack_pairs(&x[r * ld..r * ld + d], d, &mut pairs[r * d2..(r + 1) * d2]);
     }
     RowsOp::Bf16(pairs)
+}
+
+/// `C += A B` for bf16 pairs (`kernel::gemm_bf16`, accumulating): `A` `[rows, lda]` pairs, `B` `[.., ldb]` pairs,
+/// each 8-row group over its pair range `kr(i0)`, all `ldb` columns. Level 3 only (pairs are packed only there).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn gemm_pairs<const L: u8>(
+    a: &[u32],
+    lda: usize,
+    b: &[u32],
+    ldb: usize,
+    c: &mut [f32],
+    rows: usize,
+    kr: impl Fn(usize) -> Range<usize>,
+) {
+    #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+    if L >= 3 {
+        // SAFETY: the level-3 copy runs only where the CPU has AVX-512F and AVX-512-BF16 (`kernel::level`).
+        unsafe { kernel::gemm_bf16::<true>(a, lda, b, ldb, c, ldb, rows, kr, 0..ldb) };
+        return;
+    }
+    let _ = (a, lda, b, ldb, c, rows, kr);
+    unreachable!("bf16 pairs are packed only at SIMD level 3");
+}
+
+/// `C += A B` over one key tile, reducing over keys: `A` the `f32` tile `a` (`[rows, BN]`: probabilities or
+/// score gradients), `B` the tile's rows `b` (`[BN, ldb]`, `f32`) and the same as key pairs `bp` (`[BN / 2, ldb]`),
+/// each 8-row group over its keys `kr(i0)` (relative to the tile). The key pairs inside a range run in bf16
+/// (`A` rounded to bf16, as the spec's baseline rounds `p`; `ap` is scratch of `[rows, BN / 2]`), a key at an odd
+/// end of a range in `f32`, so that no key outside the range is read (a masked key's value never meets a zero
+/// weight: `0 * NaN` would leak).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn keys_product<const L: u8>(
+    a: &[f32],
+    ap: &mut [u32],
+    b: &[f32],
+    bp: &[u32],
+    ldb: usize,
+    c: &mut [f32],
+    rows: usize,
+    kr: impl Fn(usize) -> Range<usize>,
+) {
+    const H: usize = BN / 2;
+    let pairs = |i0: usize| {
+        let k = kr(i0);
+        if k.is_empty() {
+            0..0
+        } else {
+            k.start.div_ceil(2)..k.end / 2
+        }
+    };
+    for g in (0..rows).step_by(R) {
+        kernel::pack_rows_rounded(&a[g * BN..], BN, R, pairs(g), &mut ap[g * H..], H);
+    }
+    gemm_pairs::<L>(ap, H, bp, ldb, c, rows, pairs);
+    let odd_start = |i0: usize| {
+        let k = kr(i0);
+        if !k.is_empty() && k.start % 2 == 1 {
+            k.start..k.start + 1
+        } else {
+            0..0
+        }
+    };
+    let odd_end = |i0: usize| {
+        let k = kr(i0);
+        // An odd end's key `k.end - 1` is even, so never the odd start's key above.
+        if !k.is_empty() && k.end % 2 == 1 {
+            k.end - 1..k.end
+        } else {
+            0..0
+        }
+    };
+    kernel::gemm::<L>(ARef { a, rs: BN, cs: 1 }, b, ldb, c, ldb, rows, odd_start, 0..ldb);
+    kernel::gemm::<L>(ARef { a, rs: BN, cs: 1 }, b, ldb, c, ldb, rows, odd_end, 0..ldb);
 }
 
 /// The tile columns `[a - j0, b - j0)` widened to multiples of `W` (within `BN`).
@@ -870,6 +994,11 @@ fn bwd_task_body<const L: u8>(
     let bf = !pn.ktb.is_empty();
     let mut cache = Vec::new();
     let (mut qb, mut gb) = (vec![0u32; FBM * d.div_ceil(2)], vec![0u32; FBM * d_v.div_ceil(2)]);
+    // With bf16 pairs: `Q`, `dO` in pairs of query rows (`[FBM / 2, dp]`, `[FBM / 2, dvp]`) for `dK`, `dV`; `dS` in
+    // pairs of keys (`[FBM, BN / 2]`) for `dQ`; `Pᵀ` or `dSᵀ` in pairs of query rows (`[BN, FBM / 2]`).
+    let pairs = |n: usize| if bf { n } else { 0 };
+    let (mut qp, mut gp) = (vec![0u32; pairs(FBM / 2 * dp)], vec![0u32; pairs(FBM / 2 * dvp)]);
+    let (mut dsb, mut tb) = (vec![0u32; pairs(FBM * BN / 2)], vec![0u32; pairs(BN * FBM / 2)]);
     let group = p.h / p.hk;
     for head in kh * group..(kh + 1) * group {
         let f = ScoreFn::new(p, seq, head);
@@ -900,6 +1029,10 @@ fn bwd_task_body<const L: u8>(
             let cached = b.delta.is_none() && nkt * 2 * rows * BN <= SCORE_CACHE_FLOATS;
             let qop = rows_op(bf, &q, rows, d, dp, &mut qb);
             let gop = rows_op(bf, &g, rows, d_v, dvp, &mut gb);
+            if bf {
+                kernel::pack_row_pairs::<false, false>(&q, dp, rows / 2, dp, &mut qp, dp);
+                kernel::pack_row_pairs::<false, false>(&g, dvp, rows / 2, dvp, &mut gp, dvp);
+            }
             let mut dd = vec![0f32; bm];
             if let Some(given) = b.delta {
                 for (r, x) in dd.iter_mut().enumerate() {
@@ -944,11 +1077,24 @@ fn bwd_task_body<const L: u8>(
                     let (e, di) = (row.e, dd[row.r]);
                     prob_dscore_row(&f, plain, row, &mut pm[e..], &mut ds[e..], di);
                 }
-                kernel::gemm::<L>(ARef { a: &ds, rs: BN, cs: 1 }, k, dp, &mut dq, dp, rows, |_| a - j0..bb - j0, 0..dp);
                 let bnr = round_up(bn, R);
                 let (dkt, dvt) = (tile_mut(&mut part.dk, t, dp), tile_mut(&mut part.dv, t, dvp));
-                kernel::gemm::<L>(ARef { a: &pm, rs: 1, cs: BN }, &g, dvp, dvt, dvp, bnr, |_| 0..bm, 0..dvp);
-                kernel::gemm::<L>(ARef { a: &ds, rs: 1, cs: BN }, &q, dp, dkt, dp, bnr, |_| 0..bm, 0..dp);
+                if bf {
+                    // The same three products on bf16 pairs: `dS` and `P` rounded to bf16 (as the GPU kernels
+                    // round them for their matrix products), `Q`, `K`, `dO` exact.
+                    const RH: usize = FBM / 2;
+                    keys_product::<L>(&ds, &mut dsb, k, pn.kp(p, t), dp, &mut dq, rows, |_| a - j0..bb - j0);
+                    let r2 = bm.div_ceil(2);
+                    kernel::pack_row_pairs::<true, true>(&pm, BN, r2, bnr, &mut tb, RH);
+                    gemm_pairs::<L>(&tb, RH, &gp, dvp, dvt, bnr, |_| 0..r2);
+                    kernel::pack_row_pairs::<true, true>(&ds, BN, r2, bnr, &mut tb, RH);
+                    gemm_pairs::<L>(&tb, RH, &qp, dp, dkt, bnr, |_| 0..r2);
+                } else {
+                    let ka = ARef { a: &ds, rs: BN, cs: 1 };
+                    kernel::gemm::<L>(ka, k, dp, &mut dq, dp, rows, |_| a - j0..bb - j0, 0..dp);
+                    kernel::gemm::<L>(ARef { a: &pm, rs: 1, cs: BN }, &g, dvp, dvt, dvp, bnr, |_| 0..bm, 0..dvp);
+                    kernel::gemm::<L>(ARef { a: &ds, rs: 1, cs: BN }, &q, dp, dkt, dp, bnr, |_| 0..bm, 0..dp);
+                }
             }
             for r in 0..bm {
                 if lse[r] == f32::NEG_INFINITY {

@@ -12,7 +12,8 @@
 //!
 //! Levels: 0, plain (no fused multiply-add); 1, AVX2+FMA (`R = 4`, `W = 16`, two `ymm` per row); 2,
 //! AVX-512F (`R = 8`, `W = 32`, two `zmm` per row, 16 accumulators); 3, level 2 plus [`gemm_bf16`] (AVX-512-BF16
-//! `vdpbf16ps`, two products per lane and instruction) for the score products of bf16 inputs. Callers pad rows to [`RMAX`] and
+//! `vdpbf16ps`, two products per lane and instruction) for every product of bf16 inputs (the probabilities and
+//! score gradients rounded to bf16 for theirs, as the spec's baseline rounds `p`). Callers pad rows to [`RMAX`] and
 //! column ranges to [`WP`], which every level's `R` and `W` divide.
 
 use std::ops::Range;
@@ -259,19 +260,20 @@ unsafe fn store_rows_avx512(
     rows!(st);
 }
 
-/// `C[i, n] = sum_{kk < k2} A[i, 2kk] B[2kk, n] + A[i, 2kk + 1] B[2kk + 1, n]` for bf16 operands stored in pairs:
-/// `a[i * lda + kk]` holds `A[i, 2kk]` (low half) and `A[i, 2kk + 1]` (high half), `b[kk * ldb + n]` holds
-/// `B[2kk, n]` and `B[2kk + 1, n]`; `C` is overwritten. Rows `0..rows` (a multiple of [`RMAX`]), columns `cr`
-/// (aligned to [`WP`], within `ldb` and `ldc`). Products of bf16 numbers are exact in f32, so this is the f32
-/// product's accuracy at twice its rate: `vdpbf16ps` adds both products of a pair to each `f32` lane (inputs
-/// and outputs below the smallest normal are flushed to zero). Level 3 only.
+/// `C[i, n] (+)= sum_{kk in kr(i0)} A[i, 2kk] B[2kk, n] + A[i, 2kk + 1] B[2kk + 1, n]` for bf16 operands stored in
+/// pairs: `a[i * lda + kk]` holds `A[i, 2kk]` (low half) and `A[i, 2kk + 1]` (high half), `b[kk * ldb + n]` holds
+/// `B[2kk, n]` and `B[2kk + 1, n]`; `C` is overwritten, or added to with `ACC`. Rows `0..rows` (a multiple of
+/// [`RMAX`]) in groups of 8 starting at `i0`, each over its pair range `kr(i0)`; columns `cr` (aligned to [`WP`],
+/// within `ldb` and `ldc`). Products of bf16 numbers are exact in f32, so this is the f32 product's accuracy at
+/// twice its rate: `vdpbf16ps` adds both products of a pair to each `f32` lane (inputs and outputs below the
+/// smallest normal are flushed to zero). Level 3 only.
 ///
 /// # Safety
 /// The CPU supports AVX-512F and AVX-512-BF16 ([`level`] is 3).
 #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub(crate) unsafe fn gemm_bf16(
+pub(crate) unsafe fn gemm_bf16<const ACC: bool>(
     a: &[u32],
     lda: usize,
     b: &[u32],
@@ -279,42 +281,52 @@ pub(crate) unsafe fn gemm_bf16(
     c: &mut [f32],
     ldc: usize,
     rows: usize,
-    k2: usize,
+    kr: impl Fn(usize) -> Range<usize>,
     cr: Range<usize>,
 ) {
     if cr.is_empty() || rows == 0 {
         return;
     }
-    assert!(rows % 8 == 0 && cr.start % 32 == 0 && cr.end % 32 == 0 && k2 > 0);
+    assert!(rows % 8 == 0 && cr.start % 32 == 0 && cr.end % 32 == 0);
     assert!(cr.end <= ldb && cr.end <= ldc);
     assert!((rows - 1) * ldc + cr.end <= c.len());
-    assert!((rows - 1) * lda + k2 <= a.len());
-    assert!((k2 - 1) * ldb + cr.end <= b.len());
     for n0 in cr.step_by(32) {
         for i0 in (0..rows).step_by(8) {
+            let k = kr(i0);
+            if k.is_empty() {
+                if !ACC {
+                    for r in i0..i0 + 8 {
+                        c[r * ldc + n0..r * ldc + n0 + 32].fill(0.0);
+                    }
+                }
+                continue;
+            }
+            // Every access of the tile lies within these bounds.
+            assert!((i0 + 7) * lda + k.end <= a.len());
+            assert!((k.end - 1) * ldb + n0 + 32 <= b.len());
             // SAFETY: the asserts above bound every read of `a` and `b` and every write of `c`; the caller
             // guarantees the CPU features.
-            unsafe { tile_bf16(a, lda, i0, k2, b, ldb, n0, c, ldc) };
+            unsafe { tile_bf16::<ACC>(a, lda, i0, k, b, ldb, n0, c, ldc) };
         }
     }
 }
 
-/// One 8 x 32 tile of [`gemm_bf16`]: 16 `zmm` accumulators, per pair `kk` two loads of `B` and one 32-bit
-/// broadcast of `A` (a pair) per row.
+/// One 8 x 32 tile of [`gemm_bf16`]: 16 `zmm` accumulators (loaded from `C` with `ACC`), per pair `kk` two
+/// loads of `B` and one 32-bit broadcast of `A` (a pair) per row.
 ///
 /// # Safety
-/// `(i0 + 7) * lda + k2 <= a.len()`, `(k2 - 1) * ldb + n0 + 32 <= b.len()`, `(i0 + 7) * ldc + n0 + 32 <= c.len()`;
-/// the CPU supports AVX-512F and AVX-512-BF16.
+/// `(i0 + 7) * lda + k.end <= a.len()`, `(k.end - 1) * ldb + n0 + 32 <= b.len()`,
+/// `(i0 + 7) * ldc + n0 + 32 <= c.len()`; the CPU supports AVX-512F and AVX-512-BF16.
 #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::incompatible_msrv)] // compiled only by Rust >= 1.89 (`flashattn_avx512`, see build.rs)
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_bf16(
+unsafe fn tile_bf16<const ACC: bool>(
     a: &[u32],
     lda: usize,
     i0: usize,
-    k2: usize,
+    k: Range<usize>,
     b: &[u32],
     ldb: usize,
     n0: usize,
@@ -325,7 +337,16 @@ unsafe fn tile_bf16(
     let (ap, bp, cp) = (a.as_ptr().add(i0 * lda), b.as_ptr(), c.as_mut_ptr());
     let mut c0 = [_mm512_setzero_ps(); 8];
     let mut c1 = [_mm512_setzero_ps(); 8];
-    for kk in 0..k2 {
+    if ACC {
+        macro_rules! ld {
+            ($r:expr) => {
+                c0[$r] = _mm512_loadu_ps(cp.add((i0 + $r) * ldc + n0));
+                c1[$r] = _mm512_loadu_ps(cp.add((i0 + $r) * ldc + n0 + 16));
+            };
+        }
+        rows!(ld);
+    }
+    for kk in k {
         // SAFETY (transmute): `__m512i` and `__m512bh` are both 512 bits of plain data.
         let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(kk * ldb + n0) as *const _));
         let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(kk * ldb + n0 + 16) as *const _));
@@ -352,6 +373,61 @@ pub(crate) fn pack_pairs(x: &[f32], n: usize, out: &mut [u32]) {
     }
     if n % 2 == 1 {
         out[n2] = x[n - 1].to_bits() >> 16;
+    }
+}
+
+/// The bf16 of `x` rounded to nearest, ties to even, in the low 16 bits (NaN stays a quiet NaN of the same
+/// sign; torch's conversion).
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u32 {
+    let u = x.to_bits();
+    if x.is_nan() {
+        (u >> 16) | 0x40
+    } else {
+        (u + 0x7fff + ((u >> 16) & 1)) >> 16
+    }
+}
+
+/// Packs rows of computed `f32` values (probabilities, score gradients) into bf16 pairs along the row, rounded
+/// ([`bf16_bits`]): `out[r * ldo + kk] = bf16(x[r * ld + 2kk]) | bf16(x[r * ld + 2kk + 1]) << 16` for rows
+/// `0..rows` and pairs `kk` in `pairs`.
+#[inline(always)]
+pub(crate) fn pack_rows_rounded(x: &[f32], ld: usize, rows: usize, pairs: Range<usize>, out: &mut [u32], ldo: usize) {
+    for r in 0..rows {
+        let src = &x[r * ld + 2 * pairs.start..r * ld + 2 * pairs.end];
+        let dst = &mut out[r * ldo + pairs.start..r * ldo + pairs.end];
+        for (o, p) in dst.iter_mut().zip(src.chunks_exact(2)) {
+            *o = bf16_bits(p[0]) | (bf16_bits(p[1]) << 16);
+        }
+    }
+}
+
+/// Packs pairs of rows of `x` (`ld` apart) column by column into bf16 pairs: `out[rr * ldo + n]` holds
+/// `x[2rr, n]` (low half) and `x[2rr + 1, n]` for `rr < rows2`, `n < cols`. `ROUND`: rounded ([`bf16_bits`]),
+/// for computed values; otherwise the values must be exactly bf16 (converted from bf16 inputs) and their top
+/// halves are taken. `TRANSPOSE`: stored as `out[n * ldo + rr]` instead (the transposed operand of a product
+/// that reduces over the rows of `x`).
+#[inline(always)]
+pub(crate) fn pack_row_pairs<const ROUND: bool, const TRANSPOSE: bool>(
+    x: &[f32],
+    ld: usize,
+    rows2: usize,
+    cols: usize,
+    out: &mut [u32],
+    ldo: usize,
+) {
+    let bits = |v: f32| if ROUND { bf16_bits(v) } else { v.to_bits() >> 16 };
+    for rr in 0..rows2 {
+        let (lo, hi) = (&x[2 * rr * ld..2 * rr * ld + cols], &x[(2 * rr + 1) * ld..(2 * rr + 1) * ld + cols]);
+        if TRANSPOSE {
+            for (n, (&l, &h)) in lo.iter().zip(hi).enumerate() {
+                out[n * ldo + rr] = bits(l) | (bits(h) << 16);
+            }
+        } else {
+            for ((o, &l), &h) in out[rr * ldo..rr * ldo + cols].iter_mut().zip(lo).zip(hi) {
+                *o = bits(l) | (bits(h) << 16);
+            }
+        }
     }
 }
 
@@ -458,13 +534,56 @@ mod tests {
         }
         let mut c = vec![f32::NAN; rows * n];
         // SAFETY: level 3: the CPU has AVX-512F and AVX-512-BF16.
-        unsafe { gemm_bf16(&ap, k2, &bp, n, &mut c, n, rows, k2, 0..n) };
+        unsafe { gemm_bf16::<false>(&ap, k2, &bp, n, &mut c, n, rows, |_| 0..k2, 0..n) };
         for i in 0..rows {
             for j in 0..n {
                 let want: f64 = (0..kk).map(|t| a[i * kk + t] as f64 * b[t * n + j] as f64).sum();
                 assert!((c[i * n + j] as f64 - want).abs() < 1e-4, "({i},{j}) {} vs {want}", c[i * n + j]);
             }
         }
+        // Accumulating, each 8-row group over its own pair range (the second group's empty: unchanged).
+        let before = c.clone();
+        let kr = |i0: usize| if i0 == 0 { 3..11 } else { 5..5 };
+        // SAFETY: as above.
+        unsafe { gemm_bf16::<true>(&ap, k2, &bp, n, &mut c, n, rows, kr, 0..n) };
+        for i in 0..rows {
+            for j in 0..n {
+                let ks = kr(i - i % 8);
+                let add: f64 =
+                    (2 * ks.start..(2 * ks.end).min(kk)).map(|t| a[i * kk + t] as f64 * b[t * n + j] as f64).sum();
+                let want = before[i * n + j] as f64 + add;
+                assert!((c[i * n + j] as f64 - want).abs() < 1e-4, "acc ({i},{j}) {} vs {want}", c[i * n + j]);
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_and_packing() {
+        for x in [0.0f32, -0.0, 1.0, 1.003_906_3, 1.011_718_8, 3.14159, -2.7e-3, 1e-39, 3.0e38, f32::INFINITY, f32::MAX]
+        {
+            assert_eq!(bf16_bits(x), half::bf16::from_f32(x).to_bits() as u32, "{x}");
+        }
+        // Ties to even: 1 + 2^-8 lies halfway between 1 and 1 + 2^-7.
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(f32::from_bits(bf16_bits(f32::NAN) << 16).is_nan());
+        assert!(f32::from_bits(bf16_bits(-f32::NAN) << 16).is_sign_negative());
+        // Row pairs, plain and transposed, rounded and exact.
+        let x: Vec<f32> = (0..4 * 6).map(|i| 1.0 + i as f32 / 64.0).collect();
+        let (mut o, mut t) = (vec![0u32; 2 * 6], vec![0u32; 6 * 2]);
+        pack_row_pairs::<true, false>(&x, 6, 2, 6, &mut o, 6);
+        pack_row_pairs::<true, true>(&x, 6, 2, 6, &mut t, 2);
+        for rr in 0..2 {
+            for n in 0..6 {
+                let want = bf16_bits(x[2 * rr * 6 + n]) | (bf16_bits(x[(2 * rr + 1) * 6 + n]) << 16);
+                assert_eq!(o[rr * 6 + n], want);
+                assert_eq!(t[n * 2 + rr], want);
+            }
+        }
+        let mut r = vec![0u32; 4 * 3];
+        pack_rows_rounded(&x, 6, 4, 1..3, &mut r, 3);
+        assert_eq!(r[0], 0);
+        assert_eq!(r[3 + 2], bf16_bits(x[6 + 4]) | (bf16_bits(x[6 + 5]) << 16));
     }
 
     #[test]
