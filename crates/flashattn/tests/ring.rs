@@ -53,10 +53,22 @@ fn run(c: RingCase, causal: bool, ranks: usize, seed: u64, ratios: &mut Vec<(Str
             fails.push(format!("{ctx}: ring {verdict}"));
         }
     }
-    // Against the single-device result: at most one rounding step of the output dtype apart per element
-    // (both round an f32 result; the ring's merges in f32 differ from one pass only in the last f32 bits).
+    // Against the single-device result. f32 and f16: at most one rounding step of the output dtype apart per
+    // element (both round an f32 result; the ring's merges in f32 differ from one pass only in the last f32
+    // bits). bf16: the CPU backend rounds P to bf16 for its P V product (as the baseline and the GPU kernels
+    // do), relative to each key block's running max, so a ring that splits the keys differently rounds other
+    // values: each result is within the rule's bound of the reference, so the two are within twice that bound.
     let single = flashattn::forward(&q, &k, &v, &opts).unwrap();
     let (so, sl) = (single.o.to_f32_vec(), single.lse.to_f32_vec());
+    if c.dtype == DType::BF16 {
+        let base = base_o.to_f32_vec();
+        let base_err = base.iter().zip(&reference.o).fold(0f64, |m, (b, r)| m.max((*b as f64 - r).abs()));
+        let bound = 2.0 * (factor * base_err + 1e-5);
+        let diff = max_abs_diff(&o, &so) as f64;
+        if diff > bound {
+            fails.push(format!("{ctx}: ring vs single-device: o diff {diff:.3e} > twice the rule's bound {bound:.3e}"));
+        }
+    }
     let eps = match c.dtype {
         DType::F32 => 1e-5,
         DType::F16 => 1.0 / 1024.0,
@@ -70,7 +82,8 @@ fn run(c: RingCase, causal: bool, ranks: usize, seed: u64, ratios: &mut Vec<(Str
             x
         }
     };
-    let worst = o.iter().zip(&so).map(|(a, b)| steps(*a, *b)).fold(0f32, f32::max);
+    let worst =
+        if c.dtype == DType::BF16 { 0.0 } else { o.iter().zip(&so).map(|(a, b)| steps(*a, *b)).fold(0f32, f32::max) };
     let dlx = max_abs_diff(&lse, &sl);
     if worst > 1.0
         || dlx > 1e-4
