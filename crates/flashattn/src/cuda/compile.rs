@@ -682,7 +682,7 @@ fn find_nvrtc() -> Option<String> {
 }
 
 /// Whether libnvrtc can be loaded here ([`find_nvrtc`]'s order). A positive answer is remembered (the probe
-/// tries many library names and costs on the order of 100 us, which every launch path would otherwise pay).
+/// tries many library names with `dlopen`, which every launch path would otherwise repeat).
 pub fn nvrtc_present() -> bool {
     if NVRTC_FOUND_AT.get().is_some() {
         return true;
