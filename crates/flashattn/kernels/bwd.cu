@@ -346,6 +346,15 @@ FA_DEVICE int m_order(int it, int n_m) {
 #endif
 }
 
+// The value head dim: BwdParams::d_v with HEAD_DIM_V (HAS_DV), else d.
+FA_DEVICE int value_dim(const BwdParams& p) {
+#if HAS_DV
+    return p.d_v;
+#else
+    return p.fwd.d;
+#endif
+}
+
 // Copy `rows` x COLS tile rows [0, rows) of a strided 16-bit matrix into a padded shared tile (rows of
 // (COLS/8 + 1)*16 bytes); rows >= nvalid and columns >= d are zero-filled. ALIGNED16: asynchronous (caller
 // commits); otherwise synchronous.
@@ -394,6 +403,172 @@ FA_DEVICE void store_frag_pair(elem_t* g, i64 row_stride, int r, int col, int nr
     if (col + 1 < ncols) ptr[1].x = DT::from_f32(x1);
 }
 
+// Issues the loads of step `it` into buffer `buf` (not committed): query head kvh * group + it / n_m of the key
+// head's group, query block m_lo + m_order(it, n_m): its Q and dO tiles (rows past the sequence and columns past
+// d / d_v zero-filled) into sQ / sDO and its lse * log2(e) and D into s_lse / s_dps.
+FA_DEVICE void issue_q_loads(const BwdParams& p, const SeqInfo& si, int bi, int kvh, int group, int m_lo, int n_m, int it,
+                             int buf, u32 sQ, u32 sDO, float* s_lse, float* s_dps, int d, int d_v, int tid) {
+    using namespace bwd;
+    const FwdParams& f = p.fwd;
+    const int gi = it / n_m;
+    const int mr = m_order(it, n_m);
+    const int m0 = (m_lo + mr) * BM;
+    const int head = kvh * group + gi;
+    const int nvalid = si.sq - m0;
+    const elem_t* qg = (const elem_t*)f.q + batch_off(f.q_batch_stride, bi) + (si.q_off_rows + m0) * f.q_row_stride + head * f.q_head_stride;
+    const elem_t* dog = (const elem_t*)p.dout + batch_off(p.do_batch_stride, bi) + (si.q_off_rows + m0) * p.do_row_stride + head * p.do_head_stride;
+    load_tile<BM>(sQ + buf * BM * RD, qg, f.q_row_stride, nvalid, d, tid);
+    load_tile<BM, HEAD_DIM_V>(sDO + buf * BM * RDV, dog, p.do_row_stride, nvalid, d_v, tid);
+    if (tid < 2 * BM) {
+        const int r = tid % BM;
+        const bool ok = r < nvalid;
+        const i64 idx = head * (i64)p.rows_q + si.q_row0 + m0 + (ok ? r : 0);
+        const float* src = tid < BM ? p.lse_log2 + idx : p.dpsum + idx;
+        float* dst = (tid < BM ? s_lse : s_dps) + buf * BM + r;
+        cp_async_4(smem_u32(dst), src, ok ? 4 : 0);
+    }
+}
+
+// Zeroes the dK and dV accumulators of one 16-key row block (DW / 8 and DWV / 8 fragments).
+FA_DEVICE void zero_dk_dv(float (*acc_dk)[4], float (*acc_dv)[4]) {
+    using bwd::DW;
+    using bwd::DWV;
+#pragma unroll
+    for (int i = 0; i < (DW > DWV ? DW : DWV) / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if (i < DW / 8) acc_dk[i][e] = 0.f;
+            if (i < DWV / 8) acc_dv[i][e] = 0.f;
+        }
+}
+
+// The ALiBi slope of (sequence bi, head) times log2(e), in the log2 units of the scores (HAS_ALIBI; else 0, unused).
+FA_DEVICE float alibi_slope_log2(const FwdParams& f, int bi, int head) {
+#if HAS_ALIBI
+    return f.alibi_slopes[bi * f.alibi_batch_stride + head] * FA_LOG2E;
+#else
+    return 0.f;
+#endif
+}
+// The sink of `head` times log2(e) (HAS_SINK; else 0, unused).
+FA_DEVICE float sink_log2(const FwdParams& f, int head) {
+#if HAS_SINK
+    return f.sink[head] * FA_LOG2E;
+#else
+    return 0.f;
+#endif
+}
+
+// P^T and dS^T of one S^T / dP^T accumulator fragment, in place: keys krow0 (c0, c1) and krow0 + 8 (c2, c3) x
+// queries m0 + cl (c0, c2) and m0 + cl + 1 (c1, c3) of sequence geometry mc (off = sk - sq). s: the raw scores in,
+// P = exp2(log2 score - lse) out (0 where invisible when need_mask); dp: dP in, dS = P (dP - D) out (times the
+// softcap derivative; 0 for a query that sees one key when need_mask and exact_one_key). lse_s / dps_s: the
+// step's lse * log2(e) and D by query offset. Returns the fragment's share of dsink (HAS_SINK; else 0): the sum
+// of w_i P dP over its elements, w_i = exp(sink - lse_i), summed per query in pdp[2], scratch of the caller (an
+// array of this function's own compiles the sink kernels to other cubins).
+FA_DEVICE float p_ds_frag(float* s, float* dp, const MaskCtx& mc, int off, const BwdScale& sc, float slope_log2,
+                          float sink_l2, const float* lse_s, const float* dps_s, int m0, int cl, int krow0,
+                          bool need_mask, bool exact_one_key, float* pdp) {
+    const float2 l2 = *(const float2*)(lse_s + cl);
+    const float2 dd = *(const float2*)(dps_s + cl);
+#if HAS_SINK
+    pdp[0] = pdp[1] = 0.f;  // sum of P dP of queries cl, cl + 1 over this thread's two keys
+#endif
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const int qi = m0 + cl + (e & 1);
+        const int kj = krow0 + 8 * (e >> 1);
+        float th;
+        float s2 = log2_score(sc, s[e], th);
+#if HAS_ALIBI
+        {
+            const int dist = qi + off - kj;
+            s2 -= slope_log2 * (float)(dist < 0 ? -dist : dist);
+        }
+#endif
+        float pv = exp2_fast(s2 - ((e & 1) ? l2.y : l2.x));
+        if (need_mask && !(qi < mc.sq && is_visible(mc, qi, kj))) pv = 0.f;
+#if HAS_SINK
+        pdp[e & 1] += pv * dp[e];
+#endif
+        float ds = pv * (dp[e] - ((e & 1) ? dd.y : dd.x));
+        if (need_mask && exact_one_key && sees_one_key(mc, qi)) ds = 0.f;  // exact: a one-key softmax is constant
+#if HAS_SOFTCAP
+        ds *= (1.f - th * th);
+#endif
+        s[e] = pv;
+        dp[e] = ds;
+    }
+#if HAS_SINK
+    return sink_weight(sink_l2, l2.x) * pdp[0] + sink_weight(sink_l2, l2.y) * pdp[1];
+#else
+    return 0.f;
+#endif
+}
+
+// Stores the dK and dV accumulators of MI 16-key row blocks (DW / 8 and DWV / 8 fragments each) of the CTA of keys
+// [n0, n0 + BN) of key head kvh of sequence bi: block mi holds keys n0 + r0 + 16 mi + g (c0, c1) and + 8 (c2, c3),
+// dK columns kc0 + 8 nt + 2t (times scale) and dV columns vc0 + 8 nt + 2t. Keys past the sequence's rows and
+// columns >= d (dK) or d_v (dV) are not stored.
+template <int MI>
+FA_DEVICE void store_dk_dv(const BwdParams& p, const SeqInfo& si, int bi, int kvh, int n0,
+                           const float (*acc_dk)[bwd::DW / 8][4], const float (*acc_dv)[bwd::DWV / 8][4], int r0, int kc0,
+                           int vc0, int d, int d_v, float scale, int g, int t) {
+    using bwd::DW;
+    using bwd::DWV;
+    elem_t* dkg = (elem_t*)p.dk + batch_off(p.dk_batch_stride, bi) + (si.k_off_rows + n0) * p.dk_row_stride + kvh * p.dk_head_stride;
+    elem_t* dvg = (elem_t*)p.dv + batch_off(p.dv_batch_stride, bi) + (si.k_off_rows + n0) * p.dv_row_stride + kvh * p.dv_head_stride;
+    const int nrows = si.sk_rows - n0;
+    if constexpr (HAS_DV) {
+        // dK (HEAD_DIM columns, d real) and dV (HEAD_DIM_V columns, d_v real) each on its own.
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+            for (int nt = 0; nt < DW / 8; ++nt)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+                    store_frag_pair(dkg, p.dk_row_stride, r0 + mi * 16 + g + 8 * hh, kc0 + nt * 8 + 2 * t, nrows, d,
+                                    acc_dk[mi][nt][2 * hh] * scale, acc_dk[mi][nt][2 * hh + 1] * scale);
+#pragma unroll
+            for (int nt = 0; nt < DWV / 8; ++nt)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+                    store_frag_pair(dvg, p.dv_row_stride, r0 + mi * 16 + g + 8 * hh, vc0 + nt * 8 + 2 * t, nrows, d_v,
+                                    acc_dv[mi][nt][2 * hh], acc_dv[mi][nt][2 * hh + 1]);
+        }
+    } else {
+        // d_v is d and DWV is DW: dK and dV share the columns and the bounds tests.
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int nt = 0; nt < DW / 8; ++nt) {
+            const int col = kc0 + nt * 8 + 2 * t;
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int r = r0 + mi * 16 + g + 8 * hh;
+                if (r >= nrows || col >= d) continue;
+                const float k0v = acc_dk[mi][nt][2 * hh] * scale, k1v = acc_dk[mi][nt][2 * hh + 1] * scale;
+                const float v0v = acc_dv[mi][nt][2 * hh], v1v = acc_dv[mi][nt][2 * hh + 1];
+                elem_t* kp = dkg + (i64)r * p.dk_row_stride + col;
+                elem_t* vp = dvg + (i64)r * p.dv_row_stride + col;
+#if ALIGNED16
+                if (col + 1 < d) {
+                    *(u32*)kp = DT::pack(k0v, k1v);
+                    *(u32*)vp = DT::pack(v0v, v1v);
+                    continue;
+                }
+#endif
+                kp[0].x = DT::from_f32(k0v);
+                vp[0].x = DT::from_f32(v0v);
+                if (col + 1 < d) {
+                    kp[1].x = DT::from_f32(k1v);
+                    vp[1].x = DT::from_f32(v1v);
+                }
+            }
+        }
+    }
+}
+
 #if !BWD_TILE2D
 extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(const BwdParams p) {
     using namespace bwd;
@@ -407,12 +582,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const int strip = warp % STRIPS, dpart = warp / STRIPS;
-    const int d = f.d;
-#if HAS_DV
-    const int d_v = p.d_v;
-#else
-    const int d_v = d;  // the value head dim is d
-#endif
+    const int d = f.d, d_v = value_dim(p);
     const int group = f.h / f.hk;
 
     MaskCtx mc;
@@ -436,33 +606,10 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const elem_t* vg = (const elem_t*)f.v + batch_off(f.v_batch_stride, bi) + (si.k_off_rows + n0) * f.v_row_stride + kvh * f.v_head_stride;
 
     float acc_dk[DW / 8][4], acc_dv[DWV / 8][4];
-#pragma unroll
-    for (int i = 0; i < (DW > DWV ? DW : DWV) / 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            if (i < DW / 8) acc_dk[i][e] = 0.f;
-            if (i < DWV / 8) acc_dv[i][e] = 0.f;
-        }
+    zero_dk_dv(acc_dk, acc_dv);
 
-    // Issue the loads of iteration `it` (query head group index, query block) into buffer `buf`.
     auto issue_q = [&](int it, int buf) {
-        const int gi = it / n_m;
-        const int mr = m_order(it, n_m);
-        const int m0 = (m_lo + mr) * BM;
-        const int head = kvh * group + gi;
-        const int nvalid = si.sq - m0;
-        const elem_t* qg = (const elem_t*)f.q + batch_off(f.q_batch_stride, bi) + (si.q_off_rows + m0) * f.q_row_stride + head * f.q_head_stride;
-        const elem_t* dog = (const elem_t*)p.dout + batch_off(p.do_batch_stride, bi) + (si.q_off_rows + m0) * p.do_row_stride + head * p.do_head_stride;
-        load_tile<BM>(sQ + buf * BM * RD, qg, f.q_row_stride, nvalid, d, tid);
-        load_tile<BM, HEAD_DIM_V>(sDO + buf * BM * RDV, dog, p.do_row_stride, nvalid, d_v, tid);
-        if (tid < 2 * BM) {
-            const int r = tid % BM;
-            const bool ok = r < nvalid;
-            const i64 idx = head * (i64)p.rows_q + si.q_row0 + m0 + (ok ? r : 0);
-            const float* src = tid < BM ? p.lse_log2 + idx : p.dpsum + idx;
-            float* dst = (tid < BM ? s_lse : s_dps) + buf * BM + r;
-            cp_async_4(smem_u32(dst), src, ok ? 4 : 0);
-        }
+        issue_q_loads(p, si, bi, kvh, group, m_lo, n_m, it, buf, sQ, sDO, s_lse, s_dps, d, d_v, tid);
     };
 
     // Prologue: K, V and the first query block.
@@ -486,9 +633,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const int kk_end = (d + 15) / 16;
     const int kk_end_v = (d_v + 15) / 16;
 
-#if HAS_SINK
-    float sink_acc = 0.f;  // this warp's share of dsink for the current head
-#endif
+    float sink_acc = 0.f;  // HAS_SINK: this warp's share of dsink for the current head (else unused)
     for (int it = 0; it < n_iter; ++it) {
         const int buf = it & 1;
         if (it + 1 < n_iter) issue_q(it + 1, buf ^ 1);
@@ -569,49 +714,14 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
             const float* lse_s = s_lse + buf * BM;
             const float* dps_s = s_dps + buf * BM;
             bool need_mask = (m0 + BM > si.sq) || tile_needs_mask(mc, HAS_MASK != 0, m0, m0 + BM - 1, n0 + strip * 16, 16);
-#if HAS_ALIBI
-            const float slope_log2 = f.alibi_slopes[bi * f.alibi_batch_stride + head] * FA_LOG2E;
-#endif
+            const float slope_log2 = alibi_slope_log2(f, bi, head);
             const int krow0 = n0 + strip * 16 + g;  // key index of c0/c1 (c2/c3: + 8)
-#if HAS_SINK
-            const float sink_l2 = f.sink[head] * FA_LOG2E;
-#endif
+            const float sink_l2 = sink_log2(f, head);
 #pragma unroll
             for (int j = 0; j < BM / 8; ++j) {
-                const int cl = 8 * j + 2 * t;
-                const float2 l2 = *(const float2*)(lse_s + cl);
-                const float2 dd = *(const float2*)(dps_s + cl);
-#if HAS_SINK
-                float pdp[2] = {0.f, 0.f};  // sum of P dP of queries cl, cl + 1 over this thread's two keys
-#endif
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int qi = m0 + cl + (e & 1);
-                    const int kj = krow0 + 8 * (e >> 1);
-                    float th;
-                    float s2 = log2_score(sc, acc_s[j][e], th);
-#if HAS_ALIBI
-                    {
-                        const int dist = qi + off - kj;
-                        s2 -= slope_log2 * (float)(dist < 0 ? -dist : dist);
-                    }
-#endif
-                    float pv = exp2_fast(s2 - ((e & 1) ? l2.y : l2.x));
-                    if (need_mask && !(qi < si.sq && is_visible(mc, qi, kj))) pv = 0.f;
-#if HAS_SINK
-                    pdp[e & 1] += pv * acc_dp[j][e];
-#endif
-                    float ds = pv * (acc_dp[j][e] - ((e & 1) ? dd.y : dd.x));
-                    if (need_mask && p.exact_one_key && sees_one_key(mc, qi)) ds = 0.f;  // exact: a one-key softmax is constant
-#if HAS_SOFTCAP
-                    ds *= (1.f - th * th);
-#endif
-                    acc_s[j][e] = pv;
-                    acc_dp[j][e] = ds;
-                }
-#if HAS_SINK
-                sink_acc += sink_weight(sink_l2, l2.x) * pdp[0] + sink_weight(sink_l2, l2.y) * pdp[1];
-#endif
+                float pdp[2];  // p_ds_frag's scratch
+                sink_acc += p_ds_frag(acc_s[j], acc_dp[j], mc, off, sc, slope_log2, sink_l2, lse_s, dps_s, m0,
+                                      8 * j + 2 * t, krow0, need_mask, p.exact_one_key, pdp);
             }
         }
 #if HAS_SINK
@@ -727,51 +837,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 
     // ---- epilogue: dK = scale * acc_dk, dV = acc_dv, straight from the fragments
     {
-        elem_t* dkg = (elem_t*)p.dk + batch_off(p.dk_batch_stride, bi) + (si.k_off_rows + n0) * p.dk_row_stride + kvh * p.dk_head_stride;
-        elem_t* dvg = (elem_t*)p.dv + batch_off(p.dv_batch_stride, bi) + (si.k_off_rows + n0) * p.dv_row_stride + kvh * p.dv_head_stride;
-        const int nrows = si.sk_rows - n0;
-        if constexpr (HAS_DV) {
-            // dK (HEAD_DIM columns, d real) and dV (HEAD_DIM_V columns, d_v real) each on its own.
-#pragma unroll
-            for (int nt = 0; nt < DW / 8; ++nt)
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh)
-                    store_frag_pair(dkg, p.dk_row_stride, strip * 16 + g + 8 * hh, dpart * DW + nt * 8 + 2 * t, nrows, d,
-                                    acc_dk[nt][2 * hh] * scale, acc_dk[nt][2 * hh + 1] * scale);
-#pragma unroll
-            for (int nt = 0; nt < DWV / 8; ++nt)
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh)
-                    store_frag_pair(dvg, p.dv_row_stride, strip * 16 + g + 8 * hh, dpart * DWV + nt * 8 + 2 * t, nrows,
-                                    d_v, acc_dv[nt][2 * hh], acc_dv[nt][2 * hh + 1]);
-        } else {
-#pragma unroll
-        for (int nt = 0; nt < DW / 8; ++nt) {
-            const int col = dpart * DW + nt * 8 + 2 * t;
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int r = strip * 16 + g + 8 * hh;
-                if (r >= nrows || col >= d) continue;
-                const float k0v = acc_dk[nt][2 * hh] * scale, k1v = acc_dk[nt][2 * hh + 1] * scale;
-                const float v0v = acc_dv[nt][2 * hh], v1v = acc_dv[nt][2 * hh + 1];
-                elem_t* kp = dkg + (i64)r * p.dk_row_stride + col;
-                elem_t* vp = dvg + (i64)r * p.dv_row_stride + col;
-#if ALIGNED16
-                if (col + 1 < d) {
-                    *(u32*)kp = DT::pack(k0v, k1v);
-                    *(u32*)vp = DT::pack(v0v, v1v);
-                    continue;
-                }
-#endif
-                kp[0].x = DT::from_f32(k0v);
-                vp[0].x = DT::from_f32(v0v);
-                if (col + 1 < d) {
-                    kp[1].x = DT::from_f32(k1v);
-                    vp[1].x = DT::from_f32(v1v);
-                }
-            }
-        }
-        }
+        store_dk_dv<1>(p, si, bi, kvh, n0, &acc_dk, &acc_dv, strip * 16, dpart * DW, dpart * DWV, d, d_v, scale, g, t);
     }
 }
 #endif  // !BWD_TILE2D
@@ -799,12 +865,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const int kw = warp % WK, qw = warp / WK;   // S^T tile; dK/dV tile uses (kw, dw = qw)
     const int dw = qw;
     const int qrw = warp % QROWW, qcw = warp / QROWW;
-    const int d = f.d;
-#if HAS_DV
-    const int d_v = p.d_v;
-#else
-    const int d_v = d;  // the value head dim is d
-#endif
+    const int d = f.d, d_v = value_dim(p);
     const int group = f.h / f.hk;
 
     MaskCtx mc;
@@ -827,33 +888,10 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 
     float acc_dk[2][DW / 8][4], acc_dv[2][DWV / 8][4];
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int i = 0; i < (DW > DWV ? DW : DWV) / 8; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                if (i < DW / 8) acc_dk[mi][i][e] = 0.f;
-                if (i < DWV / 8) acc_dv[mi][i][e] = 0.f;
-            }
+    for (int mi = 0; mi < 2; ++mi) zero_dk_dv(acc_dk[mi], acc_dv[mi]);
 
     auto issue_q = [&](int it, int buf) {
-        const int gi = it / n_m;
-        const int mr = m_order(it, n_m);
-        const int m0 = (m_lo + mr) * BM;
-        const int head = kvh * group + gi;
-        const int nvalid = si.sq - m0;
-        const elem_t* qg = (const elem_t*)f.q + batch_off(f.q_batch_stride, bi) + (si.q_off_rows + m0) * f.q_row_stride + head * f.q_head_stride;
-        const elem_t* dog = (const elem_t*)p.dout + batch_off(p.do_batch_stride, bi) + (si.q_off_rows + m0) * p.do_row_stride + head * p.do_head_stride;
-        load_tile<BM>(sQ + buf * BM * RD, qg, f.q_row_stride, nvalid, d, tid);
-        load_tile<BM, HEAD_DIM_V>(sDO + buf * BM * RDV, dog, p.do_row_stride, nvalid, d_v, tid);
-        if (tid < 2 * BM) {
-            const int r = tid % BM;
-            const bool ok = r < nvalid;
-            const i64 idx = head * (i64)p.rows_q + si.q_row0 + m0 + (ok ? r : 0);
-            const float* src = tid < BM ? p.lse_log2 + idx : p.dpsum + idx;
-            float* dst = (tid < BM ? s_lse : s_dps) + buf * BM + r;
-            cp_async_4(smem_u32(dst), src, ok ? 4 : 0);
-        }
+        issue_q_loads(p, si, bi, kvh, group, m_lo, n_m, it, buf, sQ, sDO, s_lse, s_dps, d, d_v, tid);
     };
 
     load_tile<BN>(sK, kg, f.k_row_stride, si.sk - n0, d, tid);
@@ -877,9 +915,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const int kk_end2v = (d_v + 31) / 32;
     const u32 pst = (kw * MS + g) * RS + (qw * NS + 2 * t) * 2;  // P^T/dS^T store offset of c0/c1 of (0, 0)
 
-#if HAS_SINK
-    float sink_acc = 0.f;  // this warp's share of dsink for the current head
-#endif
+    float sink_acc = 0.f;  // HAS_SINK: this warp's share of dsink for the current head (else unused)
     for (int it = 0; it < n_iter; ++it) {
         const int buf = QSTAGES == 2 ? (it & 1) : 0;
         cp_async_wait<0>();
@@ -946,51 +982,16 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
             const float* dps_s = s_dps + buf * BM;
             const int q_lo = m0 + qw * NS;
             const bool need_mask = (q_lo + NS > si.sq) || tile_needs_mask(mc, HAS_MASK != 0, q_lo, q_lo + NS - 1, n0 + kw * MS, MS);
-#if HAS_ALIBI
-            const float slope_log2 = f.alibi_slopes[bi * f.alibi_batch_stride + head] * FA_LOG2E;
-#endif
-#if HAS_SINK
-            const float sink_l2 = f.sink[head] * FA_LOG2E;
-#endif
+            const float slope_log2 = alibi_slope_log2(f, bi, head);
+            const float sink_l2 = sink_log2(f, head);
+            const int krow0 = n0 + kw * MS + g;  // key index of c0/c1 of row tile 0 (c2/c3: + 8; row tile 1: + 16)
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi) {
-                const int krow0 = n0 + kw * MS + mi * 16 + g;
 #pragma unroll
                 for (int j = 0; j < NS / 8; ++j) {
-                    const int cl = qw * NS + 8 * j + 2 * t;
-                    const float2 l2 = *(const float2*)(lse_s + cl);
-                    const float2 dd = *(const float2*)(dps_s + cl);
-#if HAS_SINK
-                    float pdp[2] = {0.f, 0.f};  // sum of P dP of queries cl, cl + 1 over this thread's two keys
-#endif
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int qi = m0 + cl + (e & 1);
-                        const int kj = krow0 + 8 * (e >> 1);
-                        float th;
-                        float s2 = log2_score(sc, acc_s[mi][j][e], th);
-#if HAS_ALIBI
-                        {
-                            const int dist = qi + off - kj;
-                            s2 -= slope_log2 * (float)(dist < 0 ? -dist : dist);
-                        }
-#endif
-                        float pv = exp2_fast(s2 - ((e & 1) ? l2.y : l2.x));
-                        if (need_mask && !(qi < si.sq && is_visible(mc, qi, kj))) pv = 0.f;
-#if HAS_SINK
-                        pdp[e & 1] += pv * acc_dp[mi][j][e];
-#endif
-                        float ds = pv * (acc_dp[mi][j][e] - ((e & 1) ? dd.y : dd.x));
-                        if (need_mask && p.exact_one_key && sees_one_key(mc, qi)) ds = 0.f;  // exact: a one-key softmax is constant
-#if HAS_SOFTCAP
-                        ds *= (1.f - th * th);
-#endif
-                        acc_s[mi][j][e] = pv;
-                        acc_dp[mi][j][e] = ds;
-                    }
-#if HAS_SINK
-                    sink_acc += sink_weight(sink_l2, l2.x) * pdp[0] + sink_weight(sink_l2, l2.y) * pdp[1];
-#endif
+                    float pdp[2];  // p_ds_frag's scratch
+                    sink_acc += p_ds_frag(acc_s[mi][j], acc_dp[mi][j], mc, off, sc, slope_log2, sink_l2, lse_s, dps_s,
+                                          m0, qw * NS + 8 * j + 2 * t, krow0 + 16 * mi, need_mask, p.exact_one_key, pdp);
                     const u32 o = pst + mi * 16 * RS + j * 16;
                     st_shared_u32(sP + o, DT::pack(acc_s[mi][j][0], acc_s[mi][j][1]));
                     st_shared_u32(sP + o + 8 * RS, DT::pack(acc_s[mi][j][2], acc_s[mi][j][3]));
@@ -1125,56 +1126,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 
     // ---- epilogue: dK = scale * acc_dk, dV = acc_dv, straight from the fragments
     {
-        elem_t* dkg = (elem_t*)p.dk + batch_off(p.dk_batch_stride, bi) + (si.k_off_rows + n0) * p.dk_row_stride + kvh * p.dk_head_stride;
-        elem_t* dvg = (elem_t*)p.dv + batch_off(p.dv_batch_stride, bi) + (si.k_off_rows + n0) * p.dv_row_stride + kvh * p.dv_head_stride;
-        const int nrows = si.sk_rows - n0;
-        if constexpr (HAS_DV) {
-            // dK (HEAD_DIM columns, d real) and dV (HEAD_DIM_V columns, d_v real) each on its own.
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-                for (int nt = 0; nt < DW / 8; ++nt)
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh)
-                        store_frag_pair(dkg, p.dk_row_stride, kw * MS + mi * 16 + g + 8 * hh, dw * DW + nt * 8 + 2 * t,
-                                        nrows, d, acc_dk[mi][nt][2 * hh] * scale, acc_dk[mi][nt][2 * hh + 1] * scale);
-#pragma unroll
-                for (int nt = 0; nt < DWV / 8; ++nt)
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh)
-                        store_frag_pair(dvg, p.dv_row_stride, kw * MS + mi * 16 + g + 8 * hh, dw * DWV + nt * 8 + 2 * t,
-                                        nrows, d_v, acc_dv[mi][nt][2 * hh], acc_dv[mi][nt][2 * hh + 1]);
-            }
-        } else {
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int nt = 0; nt < DW / 8; ++nt) {
-            const int col = dw * DW + nt * 8 + 2 * t;
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int r = kw * MS + mi * 16 + g + 8 * hh;
-                if (r >= nrows || col >= d) continue;
-                const float k0v = acc_dk[mi][nt][2 * hh] * scale, k1v = acc_dk[mi][nt][2 * hh + 1] * scale;
-                const float v0v = acc_dv[mi][nt][2 * hh], v1v = acc_dv[mi][nt][2 * hh + 1];
-                elem_t* kp = dkg + (i64)r * p.dk_row_stride + col;
-                elem_t* vp = dvg + (i64)r * p.dv_row_stride + col;
-#if ALIGNED16
-                if (col + 1 < d) {
-                    *(u32*)kp = DT::pack(k0v, k1v);
-                    *(u32*)vp = DT::pack(v0v, v1v);
-                    continue;
-                }
-#endif
-                kp[0].x = DT::from_f32(k0v);
-                vp[0].x = DT::from_f32(v0v);
-                if (col + 1 < d) {
-                    kp[1].x = DT::from_f32(k1v);
-                    vp[1].x = DT::from_f32(v1v);
-                }
-            }
-        }
-        }
+        store_dk_dv<2>(p, si, bi, kvh, n0, acc_dk, acc_dv, kw * MS, dw * DW, dw * DWV, d, d_v, scale, g, t);
     }
 }
 #endif  // BWD_TILE2D
