@@ -1,7 +1,7 @@
 //! `flashattn bench --ranks N`: ring attention (context parallelism) over `N` ranks, against the
 //! single-device call on the same inputs: per-rank work and time, the ring's total time, and the largest
-//! difference from the single-device result (the run fails if it is more than one rounding step of the
-//! dtype).
+//! difference from the single-device result (the run fails if it is more than the two results' rounding allows,
+//! [`worst_steps`]).
 //!
 //! This build runs the ring on simulated ranks only: `N` threads of this process on the CPU backend, blocks
 //! passed through in-process channels, or with `--device cuda` `N` streams of one GPU (no transport: ranks
@@ -34,17 +34,24 @@ fn nccl_line() -> String {
     }
 }
 
-/// Largest per-element difference in units of the dtype's rounding step (1.0 = one step).
-fn worst_steps(a: &Tensor, b: &Tensor, dtype: DType) -> f32 {
+/// Largest per-element difference of the ring's `o` (`a`) from the single-device one (`b`) in units of what their
+/// rounding allows (1.0 = all of it). f32: one rounding step of `o` (both paths compute in f32; the ring's merges
+/// differ only in the last bits). 16-bit: the kernels round the probabilities to the input dtype for `P V` (as
+/// the spec's baseline does), each path against its own key blocks' running maxima, so besides one step of `o`
+/// each element may differ by a step of every weighted value in both results: at most
+/// `eps * (|o| + 2 max|v|)`.
+fn worst_steps(a: &Tensor, b: &Tensor, v: &Tensor, dtype: DType) -> f32 {
     let eps = match dtype {
         DType::F32 => 1e-5,
         DType::F16 => 1.0 / 1024.0,
         _ => 1.0 / 128.0,
     };
+    let weighted =
+        if dtype == DType::F32 { 0.0 } else { 2.0 * v.to_f32_vec().iter().fold(0f32, |m, x| m.max(x.abs())) };
     a.to_f32_vec()
         .iter()
         .zip(b.to_f32_vec())
-        .map(|(x, y)| (x - y).abs() / (eps * y.abs() + 1e-5))
+        .map(|(x, y)| (x - y).abs() / (eps * (y.abs() + weighted) + 1e-5))
         .map(|s| if s.is_nan() { f32::INFINITY } else { s })
         .fold(0f32, f32::max)
 }
@@ -168,7 +175,7 @@ pub fn main(a: &BenchArgs, ranks: usize) -> CliResult<ExitCode> {
             }
             let Some((r, g, s, sg)) = last else { continue };
             let (rm, sm) = (median(ring_t) * 1e3, median(single_t) * 1e3);
-            let diff = [("o", worst_steps(&r.out.o, &s.o, a.dtype))];
+            let diff = [("o", worst_steps(&r.out.o, &s.o, &v, a.dtype))];
             let mut grad_diff = Vec::new();
             println!(
                 "{}: ring {rm:.2} ms, single-device {sm:.2} ms (ring/single {:.2}x; simulated ranks share one device, \
@@ -189,13 +196,16 @@ pub fn main(a: &BenchArgs, ranks: usize) -> CliResult<ExitCode> {
                     grad_diff.push((n, rel_to_max(x, y)));
                 }
             }
-            println!(" ring vs single-device: o differs by at most {:.2} rounding steps of {}", diff[0].1, a.dtype);
+            println!(
+                " ring vs single-device: o differs by at most {:.2} x what rounding in {} allows",
+                diff[0].1, a.dtype
+            );
             if !grad_diff.is_empty() {
                 let text: Vec<String> = grad_diff.iter().map(|(n, x)| format!("{n} {x:.1e}")).collect();
                 println!(" ring vs single-device, max |difference| / max |gradient|: {}", text.join(", "));
             }
             if diff[0].1 > 1.0 {
-                println!(" FAIL: o differs from the single-device result by more than one rounding step");
+                println!(" FAIL: o differs from the single-device result by more than rounding allows");
                 failed = true;
             }
         }
