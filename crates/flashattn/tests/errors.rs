@@ -510,3 +510,18 @@ fn fp8_kvcache_arguments() {
     assert_eq!(arg_of(run(&q, DType::BF16, e, &o)), "v_cache");
     assert_eq!(arg_of(run(&t(&[1, 2, 4, 16], e), DType::BF16, DType::BF16, &o)), "k_cache");
 }
+
+#[test]
+fn fuzz_zero_size_calls_cost_nothing_whatever_the_batch_and_heads() {
+    // No query row and no key, with a batch and a head count whose product is ~2^36: the fuzzer found the CPU
+    // backend walking every (sequence, head) pair of such a call. Both passes return at once, writing nothing.
+    let (b, h) = (1usize << 24, 1usize << 12);
+    let q = Tensor::zeros(&[b, 0, h, 8], DType::BF16);
+    let k = Tensor::zeros(&[b, 0, 1, 8], DType::BF16);
+    let t0 = std::time::Instant::now();
+    let out = flashattn::forward(&q, &k, &k, &AttnOptions::default()).unwrap();
+    assert_eq!(out.o.shape(), &[b, 0, h, 8]);
+    let g = flashattn::backward(&q, &k, &k, &out.o, &out.lse, &out.o, &AttnOptions::default()).unwrap();
+    assert_eq!(g.dk.shape(), &[b, 0, 1, 8]);
+    assert!(t0.elapsed().as_secs_f64() < 5.0, "a zero-size call took {:?}", t0.elapsed());
+}

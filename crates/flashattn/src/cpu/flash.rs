@@ -70,6 +70,11 @@ fn tile_key_range(p: &Problem, seq: usize, i0: usize, i1: usize) -> (usize, usiz
 
 /// The forward pass.
 pub(crate) fn forward(p: &Problem, x: Qkv<'_>, out: &FwdOut<'_>) {
+    // No query row: nothing to write. Returning here keeps the cost of a zero-size call independent of its
+    // batch and head counts (which a zero-length dim leaves unbounded by the tensors' sizes).
+    if p.seqlen_q.iter().all(|&s| s == 0) {
+        return;
+    }
     let (d, d_v) = (p.d, p.d_v);
     let need = Need { bf: use_bf16(x, None), kt: true, k: false, v: true, vt: false };
     for wave in waves(p, need) {
@@ -908,6 +913,11 @@ struct BwdPart {
 ///
 /// Returns `D` (in [`Problem::lse_shape`] order): a learnable sink's gradient is made from it.
 pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>) -> Vec<f32> {
+    // No query row and no key: no gradient element to write (as in `forward`, a zero-size call costs nothing
+    // whatever its batch and head counts).
+    if p.seqlen_q.iter().all(|&s| s == 0) && p.seqlen_k.iter().all(|&s| s == 0) {
+        return vec![0f32; b.lse.len()];
+    }
     let need = Need { bf: use_bf16(x, Some(b.dout)), kt: true, k: true, v: false, vt: true };
     let pairs = (p.batch * p.hk).max(1);
     let part_bytes = (round_up(p.max_seqlen_k(), BN) * (round_up(p.d, W) + round_up(p.d_v, W)) * 4).max(1);
