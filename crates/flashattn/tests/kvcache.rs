@@ -149,28 +149,33 @@ fn run(c: KvCase, seed: u64) {
         }
     }
 
+    // The call under test: a cache over `kc`, `vc` with this case's appended rows, page table, rotary tables,
+    // batch index and left padding.
+    macro_rules! cache_of {
+        ($kc:expr, $vc:expr) => {{
+            let mut cache = KvCache::new($kc, $vc, CacheSeqlens::PerSeq(seqlens.iter().map(|&x| x as i32).collect()));
+            if c.s_new > 0 {
+                cache.k_new = Some(kn.view());
+                cache.v_new = Some(vn.view());
+            }
+            cache.block_table = bt.clone();
+            if rot > 0 {
+                cache.rotary = Some(Rotary { cos: cos_t.view(), sin: sin_t.view(), interleaved: c.interleaved });
+            }
+            if c.batch_idx {
+                cache.cache_batch_idx = Some(rows_of.iter().map(|&x| x as i32).collect());
+            }
+            if c.leftpad {
+                cache.cache_leftpad = Some(leftpad.iter().map(|&x| x as i32).collect());
+            }
+            cache
+        }};
+    }
+
     // Run the library.
     let (mut kc, mut vc) = (kc0.clone(), vc0.clone());
     let out = {
-        let mut cache = KvCache::new(
-            kc.view_mut(),
-            vc.view_mut(),
-            CacheSeqlens::PerSeq(seqlens.iter().map(|&x| x as i32).collect()),
-        );
-        if c.s_new > 0 {
-            cache.k_new = Some(kn.view());
-            cache.v_new = Some(vn.view());
-        }
-        cache.block_table = bt.clone();
-        if rot > 0 {
-            cache.rotary = Some(Rotary { cos: cos_t.view(), sin: sin_t.view(), interleaved: c.interleaved });
-        }
-        if c.batch_idx {
-            cache.cache_batch_idx = Some(rows_of.iter().map(|&x| x as i32).collect());
-        }
-        if c.leftpad {
-            cache.cache_leftpad = Some(leftpad.iter().map(|&x| x as i32).collect());
-        }
+        let mut cache = cache_of!(kc.view_mut(), vc.view_mut());
         kvcache_forward(&q.view(), &mut cache, &opts).unwrap_or_else(|e| panic!("{c:?} seed {seed}: {e}"))
     };
     let tol = match dt {
@@ -250,25 +255,7 @@ fn run(c: KvCase, seed: u64) {
         // The FP8 baseline (e4m3 probabilities) over the library's plan of the same call, on copies of the
         // cache as it was (its append is the model's, checked above).
         let (mut kc1, mut vc1) = (kc0.clone(), vc0.clone());
-        let mut cache = KvCache::new(
-            kc1.view_mut(),
-            vc1.view_mut(),
-            CacheSeqlens::PerSeq(seqlens.iter().map(|&x| x as i32).collect()),
-        );
-        if c.s_new > 0 {
-            cache.k_new = Some(kn.view());
-            cache.v_new = Some(vn.view());
-        }
-        cache.block_table = bt.clone();
-        if rot > 0 {
-            cache.rotary = Some(Rotary { cos: cos_t.view(), sin: sin_t.view(), interleaved: c.interleaved });
-        }
-        if c.batch_idx {
-            cache.cache_batch_idx = Some(rows_of.iter().map(|&x| x as i32).collect());
-        }
-        if c.leftpad {
-            cache.cache_leftpad = Some(leftpad.iter().map(|&x| x as i32).collect());
-        }
+        let mut cache = cache_of!(kc1.view_mut(), vc1.view_mut());
         let plan = flashattn::kvcache::prepare(&q.view(), &mut cache, &opts).unwrap();
         let qp = plan.q_rotated.as_ref().map(|t| t.view()).unwrap_or_else(|| q.view());
         let (kv, vv) = (cache.k_cache.as_view(), cache.v_cache.as_view());
