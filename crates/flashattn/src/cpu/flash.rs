@@ -394,39 +394,36 @@ impl FwdScratch {
 /// loops vectorise (a single running sum would be a serial chain) and the result depends only on the data.
 const LANES: usize = 16;
 
-/// `x *= scale` and the maximum of `init` and the scaled `x` (NaN skipped, as `f32::max` does).
+/// The maximum of `init` and `x` (NaN skipped, as `f32::max` does).
 #[inline(always)]
-fn scale_max(x: &mut [f32], scale: f32, init: f32) -> f32 {
+fn row_max(x: &[f32], init: f32) -> f32 {
     let mut m = [f32::NEG_INFINITY; LANES];
-    let mut ch = x.chunks_exact_mut(LANES);
+    let mut ch = x.chunks_exact(LANES);
     for c in &mut ch {
         for l in 0..LANES {
-            c[l] *= scale;
             m[l] = m[l].max(c[l]);
         }
     }
-    let mut mx = init;
-    for v in ch.into_remainder() {
-        *v *= scale;
-        mx = mx.max(*v);
-    }
+    let mx = ch.remainder().iter().fold(init, |a, &b| a.max(b));
     m.iter().fold(mx, |a, &b| a.max(b))
 }
 
-/// `x = exp(x - base)` and the sum of the new `x` (in [`LANES`] partial sums).
+/// `x = exp(x mul - base)` ([`kernel::exp_softmax`]; the product rounded before the subtraction, so a score
+/// equal to the maximum gives exactly 1) and the sum of the new `x` (in [`LANES`] partial sums). `base` is the
+/// maximum of the rounded products `x mul` (or 0 when every one is `-inf`), so every argument is at most 0.
 #[inline(always)]
-fn exp_sum(x: &mut [f32], base: f32) -> f32 {
+fn exp_sum(x: &mut [f32], mul: f32, base: f32) -> f32 {
     let mut s = [0f32; LANES];
     let mut ch = x.chunks_exact_mut(LANES);
     for c in &mut ch {
         for l in 0..LANES {
-            c[l] = kernel::exp1(c[l] - base);
+            c[l] = kernel::exp_softmax(c[l] * mul - base);
             s[l] += c[l];
         }
     }
     let mut tail = 0f32;
     for v in ch.into_remainder() {
-        *v = kernel::exp1(*v - base);
+        *v = kernel::exp_softmax(*v * mul - base);
         tail += *v;
     }
     lane_sum(s) + tail
@@ -511,8 +508,9 @@ fn forward_tile_body<const L: u8>(
     let bm = i1 - i0;
     let rows = round_up(bm, R);
     let f = ScoreFn::new(p, seq, head);
-    // Only the score transform's scale is on: the transform is one multiply, done over whole rows.
-    let plain = f.softcap <= 0.0 && f.slope.is_none();
+    // Only the score transform's scale is on, and it is positive: the scale is applied inside the exponential's
+    // argument (`s scale - max`), and the row maximum is taken over the raw products (one pass that only reads).
+    let scale_only = f.softcap <= 0.0 && f.slope.is_none() && f.scale > 0.0;
     load_rows(x.q, &p.q, seq, head, i0, bm, d, dp, &mut sc.q, p.q_scale(seq, head));
     sc.q[bm * dp..rows * dp].fill(0.0);
     let qop = rows_op(!pn.ktb.is_empty(), &sc.q, rows, d, dp, &mut sc.qb);
@@ -553,15 +551,19 @@ fn forward_tile_body<const L: u8>(
             }
             let srow = &mut sc.s[r * BN..r * BN + bn];
             let mut mx = sc.m[r];
-            if plain {
-                mx = scale_max(&mut srow[a - j0..b - j0], f.scale, mx);
+            // `mul`: what the stored products are still to be multiplied by inside the exponential.
+            let mul = if scale_only {
+                // The largest rounded `s * scale` is the rounded `max(s) * scale` (rounding is monotonic).
+                mx = mx.max(row_max(&srow[a - j0..b - j0], f32::NEG_INFINITY) * f.scale);
+                f.scale
             } else {
                 for j in a..b {
                     let (s, _) = f.apply(srow[j - j0], i0 + r, j);
                     srow[j - j0] = s;
                     mx = mx.max(s);
                 }
-            }
+                1.0
+            };
             // While every score seen is -inf (or NaN, which `max` skips) the row's max is -inf: the
             // exponentials are then taken against 0, so a -inf score weighs 0 and a NaN stays NaN (never
             // `-inf - -inf`).
@@ -571,7 +573,7 @@ fn forward_tile_body<const L: u8>(
             if alpha != 1.0 {
                 sc.acc[r * dvp..r * dvp + dv].iter_mut().for_each(|v| *v *= alpha);
             }
-            sc.l[r] = sc.l[r] * alpha + exp_sum(&mut srow[a - j0..b - j0], base);
+            sc.l[r] = sc.l[r] * alpha + exp_sum(&mut srow[a - j0..b - j0], mul, base);
         }
         // P V: whole row groups through the tile product where every row sees the same keys of the tile,
         // the others row by row (a masked key's value never meets a zero weight: `0 * NaN` would leak).
@@ -684,7 +686,8 @@ fn tile_rows<'s>(
     })
 }
 
-/// For the scores of `row` (`P_ij = exp(s - lse)`): the probabilities into `pm` and the gradients of the raw
+/// For the scores of `row` (`P_ij = exp(s - lse)`, [`kernel::exp_softmax`]: `lse` is the logarithm of a sum
+/// that holds `e^s`, so `s - lse` is at most a rounding error above 0): the probabilities into `pm` and the gradients of the raw
 /// products, `scale · P_ij (dP_ij - D_i) · softcap'(s)`, into `ds` (both slices over the row's keys).
 /// `plain`: the score transform is the scale alone (a loop the compiler vectorises, exponentials included).
 #[inline(always)]
@@ -694,7 +697,7 @@ fn prob_dscore_row(f: &ScoreFn, plain: bool, row: TileRow<'_>, pm: &mut [f32], d
     let (qk, dp, pm, ds) = (&row.qk[..n], &row.dp[..n], &mut pm[..n], &mut ds[..n]);
     if plain {
         for e in 0..n {
-            let pij = kernel::exp1(qk[e] * f.scale - lse);
+            let pij = kernel::exp_softmax(qk[e] * f.scale - lse);
             pm[e] = pij;
             ds[e] = pij * (dp[e] - di) * f.scale;
         }
@@ -702,7 +705,7 @@ fn prob_dscore_row(f: &ScoreFn, plain: bool, row: TileRow<'_>, pm: &mut [f32], d
     }
     for (e, j) in js.enumerate() {
         let (s, t) = f.apply(qk[e], i, j);
-        let pij = kernel::exp1(s - lse);
+        let pij = kernel::exp_softmax(s - lse);
         let mut g = pij * (dp[e] - di);
         if f.softcap > 0.0 {
             g *= 1.0 - t * t;
@@ -1147,13 +1150,13 @@ fn prob_dot_row(f: &ScoreFn, plain: bool, row: TileRow<'_>, pm: &mut [f32]) -> f
     let mut ch = pm.chunks_exact(LANES).zip(dp.chunks_exact(LANES));
     for (x, y) in &mut ch {
         for l in 0..LANES {
-            acc[l] += kernel::exp1(x[l]) * y[l];
+            acc[l] += kernel::exp_softmax(x[l]) * y[l];
         }
     }
     let full = n - n % LANES;
     let mut tail = 0f32;
     for e in full..n {
-        tail += kernel::exp1(pm[e]) * dp[e];
+        tail += kernel::exp_softmax(pm[e]) * dp[e];
     }
     lane_sum(acc) + tail
 }

@@ -472,6 +472,40 @@ pub(crate) fn exp1(x: f32) -> f32 {
     }
 }
 
+/// `e^x` for the softmax's exponentials, whose arguments are at most a rounding error above 0 (a score
+/// minus its row's running maximum); vectorisable in a loop. `e^x = 2^n e^r` as in [`exp1`], with a degree-6
+/// minimax polynomial for `e^r` (relative error 3e-9 before rounding) and one scale factor `2^n`, which is
+/// normal for every `n` in `[-126, 127]` that the clamp allows. Below the smallest normal's logarithm (and
+/// `-inf`): 0; NaN stays NaN. Defined for `x <= 88` (above, the clamp gives `e^88`).
+#[inline(always)]
+pub(crate) fn exp_softmax(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting rounds to the nearest integer
+    const MIN: f32 = -87.33; // e^MIN is just above the smallest normal
+    let xc = x.clamp(MIN, 88.0);
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.381_451_8e-3_f32;
+    p = p * r + 8.368_747e-3;
+    p = p * r + 4.166_839_3e-2;
+    p = p * r + 1.666_652e-1;
+    p = p * r + 0.499_999_94;
+    let e = (p * r * r + r) + 1.0;
+    // `n` read from the bits of `t`, as in `exp1`; `2^n` built from its exponent field.
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let y = e * f32::from_bits(((ni + 127) as u32) << 23);
+    if x < MIN {
+        0.0
+    } else if x.is_nan() {
+        x
+    } else {
+        y
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,6 +527,28 @@ mod tests {
         assert_eq!(exp1(f32::INFINITY), f32::INFINITY);
         assert_eq!(exp1(100.0), f32::INFINITY);
         assert!(exp1(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn exp_softmax_matches_libm() {
+        let mut worst = 0f64;
+        let mut x = -87.33f32;
+        while x < 2.0 {
+            let want = (x as f64).exp();
+            let got = exp_softmax(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.000_917;
+        }
+        for x in [0.0f32, -1e-30, 1e-7, -0.346_573_6, 0.346_573_6, -87.0, 88.0] {
+            let want = (x as f64).exp();
+            worst = worst.max(((exp_softmax(x) as f64 - want) / want).abs());
+        }
+        assert!(worst < 2.0 * f32::EPSILON as f64, "worst relative error {worst}");
+        assert_eq!(exp_softmax(0.0), 1.0);
+        assert_eq!(exp_softmax(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_softmax(-87.34), 0.0);
+        assert_eq!(exp_softmax(-1000.0), 0.0);
+        assert!(exp_softmax(f32::NAN).is_nan());
     }
 
     fn check<const L: u8>() {
