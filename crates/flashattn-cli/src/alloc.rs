@@ -71,8 +71,11 @@ pub fn reset_peak() {
 }
 
 /// Runs `f` and returns its result, its wall time and its peak extra memory: the highest allocation level
-/// reached during the call minus the level before it (what `f` keeps, such as its outputs, counts too).
+/// reached during the call minus the level before it (what `f` keeps, such as its outputs, counts too). The CPU
+/// backend's workspace kept from earlier calls is released first, so the call allocates all it needs (and its
+/// time includes that).
 pub fn measure<T>(f: impl FnOnce() -> T) -> (T, std::time::Duration, usize) {
+    flashattn::release_cpu_workspace();
     let base = current();
     reset_peak();
     let t = std::time::Instant::now();

@@ -28,6 +28,7 @@
 //! `lse` is the row's only score.
 
 use super::kernel::{self, ARef, RMAX as R, WP as W};
+use super::pool::Buf;
 use super::tile::{load_rows, pv_row, ScoreFn};
 use crate::gemm::{round_up, transpose_into};
 use crate::problem::{Problem, RowMap};
@@ -116,18 +117,18 @@ struct Need {
 /// query head of the group, instead of each task re-reading (and converting, transposing) the key rows
 /// from the `[b, s, h, d]` layout, where consecutive rows are a head stride apart.
 struct Panels {
-    kt: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    vt: Vec<f32>,
+    kt: Buf<f32>,
+    k: Buf<f32>,
+    v: Buf<f32>,
+    vt: Buf<f32>,
     /// With bf16 inputs at SIMD level 3 (`Need::bf`), `Kᵀ` and `Vᵀ` in bf16 pairs for `kernel::gemm_bf16`
     /// (`[d.div_ceil(2), BN]` and `[d_v.div_ceil(2), BN]` per tile), and `kt`, `vt` are empty.
-    ktb: Vec<u32>,
-    vtb: Vec<u32>,
+    ktb: Buf<u32>,
+    vtb: Buf<u32>,
     /// With `Need::bf`, `K` and `V` (when needed) also in bf16 pairs of consecutive keys, `[BN / 2, dp]` and
     /// `[BN / 2, dvp]` per tile, for the products that reduce over keys (`dQ += dS K`, `O += P V`).
-    kp: Vec<u32>,
-    vp: Vec<u32>,
+    kp: Buf<u32>,
+    vp: Buf<u32>,
 }
 
 /// One key tile's transposed operand of a score product: `f32` `[d, BN]` or bf16 pairs `[d.div_ceil(2), BN]`.
@@ -300,41 +301,41 @@ fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Ve
             let sk = p.seqlen_k[seq];
             let nt = sk.div_ceil(BN);
             let mut pn = Panels {
-                kt: Vec::new(),
-                k: Vec::new(),
-                v: Vec::new(),
-                vt: Vec::new(),
-                ktb: Vec::new(),
-                vtb: Vec::new(),
-                kp: Vec::new(),
-                vp: Vec::new(),
+                kt: Buf::empty(),
+                k: Buf::empty(),
+                v: Buf::empty(),
+                vt: Buf::empty(),
+                ktb: Buf::empty(),
+                vtb: Buf::empty(),
+                kp: Buf::empty(),
+                vp: Buf::empty(),
             };
             let (d2, dv2) = (d.div_ceil(2), dv.div_ceil(2));
             // With `need.bf` the transposed tiles go through `tt` into the pair panels.
-            let mut tt = vec![0f32; if need.bf { BN * d.max(dv) } else { 0 }];
+            let mut tt = Buf::<f32>::zeroed(if need.bf { BN * d.max(dv) } else { 0 });
             if need.kt && need.bf {
-                pn.ktb = vec![0; nt * BN * d2];
+                pn.ktb = Buf::zeroed(nt * BN * d2);
             } else if need.kt {
-                pn.kt = vec![0.0; nt * BN * d];
+                pn.kt = Buf::zeroed(nt * BN * d);
             }
             if need.k {
-                pn.k = vec![0.0; nt * BN * dp];
+                pn.k = Buf::zeroed(nt * BN * dp);
             }
             if need.v {
-                pn.v = vec![0.0; nt * BN * dvp];
+                pn.v = Buf::zeroed(nt * BN * dvp);
             }
             if need.vt && need.bf {
-                pn.vtb = vec![0; nt * BN * dv2];
+                pn.vtb = Buf::zeroed(nt * BN * dv2);
             } else if need.vt {
-                pn.vt = vec![0.0; nt * BN * dv];
+                pn.vt = Buf::zeroed(nt * BN * dv);
             }
             if need.bf && need.k {
-                pn.kp = vec![0; nt * BN / 2 * dp];
+                pn.kp = Buf::zeroed(nt * BN / 2 * dp);
             }
             if need.bf && need.v {
-                pn.vp = vec![0; nt * BN / 2 * dvp];
+                pn.vp = Buf::zeroed(nt * BN / 2 * dvp);
             }
-            let mut buf = vec![0f32; BN * dp.max(dvp)];
+            let mut buf = Buf::<f32>::zeroed(BN * dp.max(dvp));
             for t in 0..nt {
                 let (j0, bn) = (t * BN, BN.min(sk - t * BN));
                 let at = (seq, kh, j0, bn);
@@ -366,11 +367,11 @@ fn pack_wave(p: &Problem, x: Qkv<'_>, wave: &[(usize, usize)], need: Need) -> Ve
 struct FwdScratch {
     /// `[FBM, dp]`, `[FBM, d.div_ceil(2)]` (bf16 pairs of `q`), `[FBM, BN / 2]` (bf16 pairs of `P`), `[FBM, BN]`,
     /// `[FBM, dvp]`.
-    q: Vec<f32>,
-    qb: Vec<u32>,
-    pb: Vec<u32>,
-    s: Vec<f32>,
-    acc: Vec<f32>,
+    q: Buf<f32>,
+    qb: Buf<u32>,
+    pb: Buf<u32>,
+    s: Buf<f32>,
+    acc: Buf<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
 }
@@ -379,11 +380,11 @@ impl FwdScratch {
     fn new(d: usize, d_v: usize) -> Self {
         let (dp, dvp) = (round_up(d, W), round_up(d_v, W));
         FwdScratch {
-            q: vec![0.0; FBM * dp],
-            qb: vec![0; FBM * d.div_ceil(2)],
-            pb: vec![0; FBM * BN / 2],
-            s: vec![0.0; FBM * BN],
-            acc: vec![0.0; FBM * dvp],
+            q: Buf::zeroed(FBM * dp),
+            qb: Buf::zeroed(FBM * d.div_ceil(2)),
+            pb: Buf::zeroed(FBM * BN / 2),
+            s: Buf::zeroed(FBM * BN),
+            acc: Buf::zeroed(FBM * dvp),
             m: vec![0.0; FBM],
             l: vec![0.0; FBM],
         }
@@ -894,8 +895,8 @@ const SCORE_CACHE_FLOATS: usize = 8 << 20;
 /// A backward task's results: its partial `dK` (`[tiles * BN, dp]`), `dV` (`[tiles * BN, dvp]`) of the pair's
 /// keys, and `D` of its query tiles (query head, first row, values).
 struct BwdPart {
-    dk: Vec<f32>,
-    dv: Vec<f32>,
+    dk: Buf<f32>,
+    dv: Buf<f32>,
     delta: Vec<(usize, usize, Vec<f32>)>,
 }
 
@@ -954,8 +955,8 @@ pub(crate) fn backward(p: &Problem, x: Qkv<'_>, b: &BwdIn<'_>, out: &BwdOut<'_>)
                 return; // a pair's only task wrote its dK, dV itself
             }
             for part in rest.iter() {
-                first.dk.iter_mut().zip(&part.dk).for_each(|(a, b)| *a += b);
-                first.dv.iter_mut().zip(&part.dv).for_each(|(a, b)| *a += b);
+                first.dk.iter_mut().zip(part.dk.iter()).for_each(|(a, b)| *a += b);
+                first.dv.iter_mut().zip(part.dv.iter()).for_each(|(a, b)| *a += b);
             }
             for j in 0..p.seqlen_k[seq] {
                 out.dk.write_f32(out.dk_map.at(seq, j, kh), &first.dk[j * dp..j * dp + p.d]);
@@ -996,22 +997,22 @@ fn bwd_task_body<const L: u8>(
     let (d_v, dvp) = (p.d_v, round_up(p.d_v, W));
     let (sq, sk) = (p.seqlen_q[seq], p.seqlen_k[seq]);
     let nt = sk.div_ceil(BN);
-    let mut part = BwdPart { dk: vec![0f32; nt * BN * dp], dv: vec![0f32; nt * BN * dvp], delta: Vec::new() };
-    let mut q = vec![0f32; FBM * dp];
-    let mut g = vec![0f32; FBM * dvp];
-    let mut dq = vec![0f32; FBM * dp];
-    let mut s = vec![0f32; FBM * BN];
-    let mut dpm = vec![0f32; FBM * BN];
-    let mut pm = vec![0f32; FBM * BN];
-    let mut ds = vec![0f32; FBM * BN];
+    let mut part = BwdPart { dk: Buf::zeroed(nt * BN * dp), dv: Buf::zeroed(nt * BN * dvp), delta: Vec::new() };
+    let mut q = Buf::<f32>::zeroed(FBM * dp);
+    let mut g = Buf::<f32>::zeroed(FBM * dvp);
+    let mut dq = Buf::<f32>::zeroed(FBM * dp);
+    let mut s = Buf::<f32>::zeroed(FBM * BN);
+    let mut dpm = Buf::<f32>::zeroed(FBM * BN);
+    let mut pm = Buf::<f32>::zeroed(FBM * BN);
+    let mut ds = Buf::<f32>::zeroed(FBM * BN);
     let bf = !pn.ktb.is_empty();
-    let mut cache = Vec::new();
-    let (mut qb, mut gb) = (vec![0u32; FBM * d.div_ceil(2)], vec![0u32; FBM * d_v.div_ceil(2)]);
+    let mut cache = Buf::<f32>::empty();
+    let (mut qb, mut gb) = (Buf::<u32>::zeroed(FBM * d.div_ceil(2)), Buf::<u32>::zeroed(FBM * d_v.div_ceil(2)));
     // With bf16 pairs: `Q`, `dO` in pairs of query rows (`[FBM / 2, dp]`, `[FBM / 2, dvp]`) for `dK`, `dV`; `dS` in
     // pairs of keys (`[FBM, BN / 2]`) for `dQ`; `Pᵀ` or `dSᵀ` in pairs of query rows (`[BN, FBM / 2]`).
     let pairs = |n: usize| if bf { n } else { 0 };
-    let (mut qp, mut gp) = (vec![0u32; pairs(FBM / 2 * dp)], vec![0u32; pairs(FBM / 2 * dvp)]);
-    let (mut dsb, mut tb) = (vec![0u32; pairs(FBM * BN / 2)], vec![0u32; pairs(BN * FBM / 2)]);
+    let (mut qp, mut gp) = (Buf::<u32>::zeroed(pairs(FBM / 2 * dp)), Buf::<u32>::zeroed(pairs(FBM / 2 * dvp)));
+    let (mut dsb, mut tb) = (Buf::<u32>::zeroed(pairs(FBM * BN / 2)), Buf::<u32>::zeroed(pairs(BN * FBM / 2)));
     let group = p.h / p.hk;
     for head in kh * group..(kh + 1) * group {
         let f = ScoreFn::new(p, seq, head);
@@ -1054,7 +1055,7 @@ fn bwd_task_body<const L: u8>(
             } else {
                 // D_i = sum_j P_ij dP_ij over the row's keys; `S` and `dP` kept for the second sweep when they fit.
                 if cached {
-                    cache.resize(cache.len().max(nkt * 2 * rows * BN), 0.0);
+                    cache.grow(nkt * 2 * rows * BN);
                 }
                 for (ti, j0) in (first..hi).step_by(BN).enumerate() {
                     let j1 = (j0 + BN).min(sk);
@@ -1126,8 +1127,8 @@ fn bwd_task_body<const L: u8>(
             out.dk.write_f32(out.dk_map.at(seq, j, kh), &part.dk[j * dp..j * dp + d]);
             out.dv.write_f32(out.dv_map.at(seq, j, kh), &part.dv[j * dvp..j * dvp + d_v]);
         }
-        part.dk = Vec::new();
-        part.dv = Vec::new();
+        part.dk = Buf::empty();
+        part.dv = Buf::empty();
     }
     part
 }

@@ -3,4 +3,5 @@
 
 pub(crate) mod flash;
 pub(crate) mod kernel;
+pub(crate) mod pool;
 pub(crate) mod tile;
