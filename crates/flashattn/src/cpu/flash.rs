@@ -206,13 +206,11 @@ fn use_bf16(x: Qkv<'_>, dout: Option<CpuSlice<'_>>) -> bool {
 /// Packs the first `d` rows of a transposed tile `tt` (`[d, BN]`) into bf16 pairs `out` (`[d.div_ceil(2), BN]`):
 /// `out[kk * BN + j]` holds rows `2kk` and `2kk + 1` of column `j` (0 past row `d`).
 fn pack_tile_pairs(tt: &[f32], d: usize, out: &mut [u32]) {
-    let mut col = [0f32; 2];
-    for kk in 0..d.div_ceil(2) {
-        for j in 0..BN {
-            col[0] = tt[2 * kk * BN + j];
-            col[1] = if 2 * kk + 1 < d { tt[(2 * kk + 1) * BN + j] } else { 0.0 };
-            kernel::pack_pairs(&col, 2, &mut out[kk * BN + j..kk * BN + j + 1]);
-        }
+    kernel::pack_row_pairs::<false, false>(tt, BN, d / 2, BN, out, BN);
+    if d % 2 == 1 {
+        // The last row pairs with zeros.
+        let (last, dst) = (&tt[(d - 1) * BN..d * BN], &mut out[d / 2 * BN..(d / 2 + 1) * BN]);
+        dst.iter_mut().zip(last).for_each(|(o, &v)| *o = v.to_bits() >> 16);
     }
 }
 
@@ -1160,4 +1158,27 @@ fn prob_dot_row(f: &ScoreFn, plain: bool, row: TileRow<'_>, pm: &mut [f32]) -> f
         tail += kernel::exp_softmax(pm[e]) * dp[e];
     }
     lane_sum(acc) + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `pack_tile_pairs` against its definition: `out[kk * BN + j]` = rows `2kk` (low half) and `2kk + 1` (high
+    /// half, 0 past row `d`) of column `j`, truncated to bf16.
+    #[test]
+    fn tile_pairs_follow_their_definition() {
+        for d in [1usize, 2, 5, 64, 67] {
+            let tt: Vec<f32> = (0..d * BN).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let mut out = vec![u32::MAX; d.div_ceil(2) * BN];
+            pack_tile_pairs(&tt, d, &mut out);
+            for kk in 0..d.div_ceil(2) {
+                for j in 0..BN {
+                    let lo = tt[2 * kk * BN + j].to_bits() >> 16;
+                    let hi = if 2 * kk + 1 < d { tt[(2 * kk + 1) * BN + j].to_bits() >> 16 } else { 0 };
+                    assert_eq!(out[kk * BN + j], lo | (hi << 16), "d {d} pair {kk} column {j}");
+                }
+            }
+        }
+    }
 }
