@@ -403,8 +403,15 @@ fn row_max(x: &[f32], init: f32) -> f32 {
             m[l] = m[l].max(c[l]);
         }
     }
-    let mx = ch.remainder().iter().fold(init, |a, &b| a.max(b));
-    m.iter().fold(mx, |a, &b| a.max(b))
+    // The lanes pairwise (a tree of 4 steps, not a serial chain of 16: this runs once per row and key tile).
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            m[l] = m[l].max(m[l + w]);
+        }
+    }
+    ch.remainder().iter().fold(init.max(m[0]), |a, &b| a.max(b))
 }
 
 /// `x = exp(x mul - base)` ([`kernel::exp_softmax`]; the product rounded before the subtraction, so a score
