@@ -693,8 +693,9 @@ fn tile_rows<'s>(
 }
 
 /// For the scores of `row` (`P_ij = exp(s - lse)`, [`kernel::exp_softmax`]: `lse` is the logarithm of a sum
-/// that holds `e^s`, so `s - lse` is at most a rounding error above 0): the probabilities into `pm` and the gradients of the raw
-/// products, `scale · P_ij (dP_ij - D_i) · softcap'(s)`, into `ds` (both slices over the row's keys).
+/// that holds `e^s`, so `s - lse` is at most a rounding error above 0): the probabilities into `pm` and the
+/// gradients of the raw products, `scale · P_ij (dP_ij - D_i) · softcap'(s)`, into `ds` (both slices over the
+/// row's keys).
 /// `plain`: the score transform is the scale alone (a loop the compiler vectorises, exponentials included).
 #[inline(always)]
 fn prob_dscore_row(f: &ScoreFn, plain: bool, row: TileRow<'_>, pm: &mut [f32], ds: &mut [f32], di: f32) {
@@ -1090,8 +1091,13 @@ fn bwd_task_body<const L: u8>(
                     scores::<L>(p, pn, t, rows, qop, gop, tile_cols(a, bb, j0), &mut s, &mut dpm);
                     (&s, &dpm)
                 };
-                pm[..rows * BN].fill(0.0);
-                ds[..rows * BN].fill(0.0);
+                // Entries no row writes must be 0 for the products: all of them when a row of the tile misses a
+                // key of it (a mask, no key, a short last tile), else only the padding rows past `bm`.
+                let whole = bn == BN
+                    && ranges.iter().zip(&lse).all(|(k, &l)| k.start <= j0 && k.end >= j1 && l != f32::NEG_INFINITY);
+                let unwritten = if whole { bm * BN..rows * BN } else { 0..rows * BN };
+                pm[unwritten.clone()].fill(0.0);
+                ds[unwritten].fill(0.0);
                 for row in tile_rows((i0, j0, j1), &lse, &ranges, s, dpm) {
                     let (e, di) = (row.e, dd[row.r]);
                     prob_dscore_row(&f, plain, row, &mut pm[e..], &mut ds[e..], di);
