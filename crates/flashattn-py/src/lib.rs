@@ -21,7 +21,8 @@ use flashattn::cuda::{
 };
 use flashattn::kvcache::{CacheSeqlens, KvCache, Rotary};
 use flashattn::{
-    AttnOptions, CpuSlice, CpuSliceMut, CpuStorage, DType, Error, Layout, Tensor, TensorView, TensorViewMut, VarLen,
+    AttnOptions, BackwardInputs, CpuSlice, CpuSliceMut, CpuStorage, DType, Error, GradientsMut, Layout, Tensor,
+    TensorView, TensorViewMut, VarLen,
 };
 use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
@@ -599,26 +600,18 @@ fn bwd(
     match device_index(qt.device) {
         None => {
             // SAFETY: live host tensors of torch's; the gradients are fresh and unaliased.
-            let (qv, kv, vv, ov, lv, dov, mut dqv, mut dkv, mut dvv, a) = unsafe {
+            let (x, grads, a) = unsafe {
                 (
-                    host_view(&qt)?,
-                    host_view(&kt)?,
-                    host_view(&vt)?,
-                    host_view(&ot)?,
-                    host_view(&lt)?,
-                    host_view(&dot)?,
-                    host_view_mut(&dqt)?,
-                    host_view_mut(&dkt)?,
-                    host_view_mut(&dvt)?,
+                    BackwardInputs { q: &qt, k: &kt, v: &vt, o: &ot, lse: &lt, dout: &dot }
+                        .try_map(|t| host_view(t))?,
+                    GradientsMut { dq: host_view_mut(&dqt)?, dk: host_view_mut(&dkt)?, dv: host_view_mut(&dvt)? },
                     host_options(&o, &alibi, &vl, &sink)?,
                 )
             };
             // SAFETY: a live host tensor, fresh and unaliased.
             let mut dsv = dsink.as_ref().map(|t| unsafe { host_view_mut(t) }).transpose()?;
             py.detach(|| -> flashattn::Result<()> {
-                let ds = flashattn::backward_into_of(
-                    &qv, &kv, &vv, &ov, &lv, &dov, &mut dqv, &mut dkv, &mut dvv, &a, whole_rows,
-                )?;
+                let ds = flashattn::backward_into_of(&x, grads, &a, whole_rows)?;
                 match (ds, dsv.as_mut()) {
                     (Some(g), Some(out)) => copy_into(&g, out, "dsink"),
                     (Some(_), None) => Err(Error::invalid("dsink", "a tensor for the sink's gradient", "none")),
