@@ -21,7 +21,7 @@
 
 use arbitrary::Arbitrary;
 use flashattn::reference::forward_f64;
-use flashattn::{backward, forward, AttnOptions, DType, Tensor, VarLen};
+use flashattn::{backward, forward, AttnOptions, BackwardInputs, DType, Tensor, VarLen};
 use libfuzzer_sys::fuzz_target;
 
 /// Upper bound on `sum over sequences of sq * sk * h * d` (the work of one call): bigger inputs are skipped.
@@ -258,7 +258,7 @@ fn run(inp: &Input) -> Option<()> {
     if inp.backward {
         let dout: Vec<f32> = (0..tq * h * d).map(|_| rng.val()).collect();
         let dt = Tensor::from_f32(&dout, &qs, dtype).unwrap();
-        let g = match backward(&qt, &kt, &vt, &out.o, &out.lse, &dt, &opts) {
+        let g = match backward(&BackwardInputs { q: &qt, k: &kt, v: &vt, o: &out.o, lse: &out.lse, dout: &dt }, &opts) {
             Ok(g) => g,
             Err(e) => panic!("backward refused a well-formed problem: {e}"),
         };

@@ -16,8 +16,8 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use flashattn::{
-    backward, backward_into, forward, forward_into, kvcache_forward, AttnOptions, CacheSeqlens, CpuSlice, CpuStorage,
-    DType, Error, KvCache, Layout, Rotary, Tensor, TensorView, TensorViewMut, VarLen,
+    backward, backward_into, forward, forward_into, kvcache_forward, AttnOptions, BackwardInputs, CacheSeqlens, CpuSlice,
+    CpuStorage, DType, Error, GradientsMut, KvCache, Layout, Rotary, Tensor, TensorView, TensorViewMut, VarLen,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -967,18 +967,8 @@ fn run_backward(
     let mut dk = build(grads[1], &k.lay.shape, k.st.dtype(), rng)?;
     let mut dv = build(grads[2], &v.lay.shape, v.st.dtype(), rng)?;
     let before = [bits(&dq.st), bits(&dk.st), bits(&dv.st)];
-    let into = backward_into(
-        &q.view(),
-        &k.view(),
-        &v.view(),
-        &o.view(),
-        &lse.view(),
-        &g.view(),
-        &mut dq.view_mut(),
-        &mut dk.view_mut(),
-        &mut dv.view_mut(),
-        &bo.opts,
-    );
+    let x = BackwardInputs { q: q.view(), k: k.view(), v: v.view(), o: o.view(), lse: lse.view(), dout: g.view() };
+    let into = backward_into(&x, GradientsMut { dq: dq.view_mut(), dk: dk.view_mut(), dv: dv.view_mut() }, &bo.opts);
     if let Err(e) = &into {
         check_err(e);
         assert!(before == [bits(&dq.st), bits(&dk.st), bits(&dv.st)], "backward_into wrote before failing: {e}");
@@ -988,7 +978,7 @@ fn run_backward(
     else {
         return Some(());
     };
-    let res = backward(&qt, &kt, &vt, &ot, &lt, &gt, &bo.opts);
+    let res = backward(&BackwardInputs { q: &qt, k: &kt, v: &vt, o: &ot, lse: &lt, dout: &gt }, &bo.opts);
     // `backward` allocates gradients shaped like q, k, v: comparable when the given ones are well-formed.
     let clean = grads.iter().all(|s| s.clean_output());
     match &res {

@@ -82,11 +82,11 @@ def _fwd_impl(
     out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _outputs(q, v, cu_seqlens_q is not None, out_dtype)
-    _ext.fwd(
-        q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-        softmax_scale, causal, window_left, window_right, softcap, _device_sink(sink), q_descale, k_descale,
-        v_descale, out_dtype is not None,
+    shared = (
+        alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+        window_left, window_right, softcap,
     )  # fmt: skip
+    _ext.fwd(q, k, v, out, lse, shared, _device_sink(sink), q_descale, k_descale, v_descale, out_dtype is not None)
     return out, lse
 
 
@@ -167,11 +167,11 @@ def _bwd_into(
         sink = _device_sink(sink)
         if dsink is not None and (dsink.dtype != torch.float32 or not dsink.is_contiguous()):
             dsink = torch.empty(dsink.shape, dtype=torch.float32, device=dsink.device)
-    _ext.bwd(
-        dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-        max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, deterministic, sink, dsink,
-        bool(whole_rows),
+    shared = (
+        alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+        window_left, window_right, softcap,
     )  # fmt: skip
+    _ext.bwd(dout, q, k, v, out, lse, dq, dk, dv, shared, deterministic, sink, dsink, bool(whole_rows))
     if dsink_out is not dsink:
         dsink_out.copy_(dsink)
 

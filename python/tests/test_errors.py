@@ -157,7 +157,9 @@ def test_extension_refuses_other_devices():
     q = torch.randn(1, 4, 2, 16)
     m = torch.empty(1, 4, 2, 16, device="meta")
     out, lse = torch.empty_like(q), torch.empty(1, 2, 4)
+    # alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q/k, softmax_scale, causal, window, softcap
+    shared = (None, None, None, None, 0, 0, None, False, -1, -1, 0.0)
     with pytest.raises(RuntimeError, match="`k`.*CPU or CUDA.*meta"):
-        _flashattn.fwd(q, m, q, out, lse, None, None, None, None, 0, 0, None, False, -1, -1, 0.0)
+        _flashattn.fwd(q, m, q, out, lse, shared)
     with pytest.raises(TypeError, match="`v`.*torch.Tensor"):
-        _flashattn.fwd(q, q, [1.0], out, lse, None, None, None, None, 0, 0, None, False, -1, -1, 0.0)
+        _flashattn.fwd(q, q, [1.0], out, lse, shared)

@@ -16,7 +16,7 @@ use crate::common::{
 };
 use crate::plot::{line_chart, Series};
 use clap::{Args, ValueEnum};
-use flashattn::{reference, AttnOptions, DType, Device, Tensor};
+use flashattn::{reference, AttnOptions, BackwardInputs, DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -331,8 +331,8 @@ fn call(imp: Impl, mode: Mode, device: Device, x: &Inputs) -> Result<usize, Stri
             let out = flashattn::forward_on(device, &x.q, &x.k, &x.v, &x.opts).map_err(|e| e.to_string())?;
             let mut n = bytes(&[&out.o, &out.lse]);
             if mode == Mode::FwdBwd {
-                let g = flashattn::backward_on(device, &x.q, &x.k, &x.v, &out.o, &out.lse, &x.dout, &x.opts)
-                    .map_err(|e| e.to_string())?;
+                let b = BackwardInputs { q: &x.q, k: &x.k, v: &x.v, o: &out.o, lse: &out.lse, dout: &x.dout };
+                let g = flashattn::backward_on(device, &b, &x.opts).map_err(|e| e.to_string())?;
                 n += bytes(&[&g.dq, &g.dk, &g.dv]);
             }
             Ok(n)

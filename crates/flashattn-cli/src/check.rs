@@ -10,7 +10,7 @@ use crate::common::{
 use clap::Args;
 use flashattn::accuracy::{self, Verdict};
 use flashattn::reference;
-use flashattn::{AttnOptions, DType, Device};
+use flashattn::{AttnOptions, BackwardInputs, DType, Device};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -132,7 +132,8 @@ fn flash_only(
     let mut ok = o_ok && lse_ok;
     if a.backward {
         let dout = randn(flash.o.shape(), a.dtype, a.seed.wrapping_mul(4) + 3, 1.0);
-        let g = flashattn::backward_on(device, q, k, v, &flash.o, &flash.lse, &dout, opts)?;
+        let x = BackwardInputs { q, k, v, o: &flash.o, lse: &flash.lse, dout: &dout };
+        let g = flashattn::backward_on(device, &x, opts)?;
         ok &= [g.dq, g.dk, g.dv].iter().all(|t| t.to_f32_vec().iter().all(|x| x.is_finite()));
     }
     if ok {
@@ -276,12 +277,12 @@ pub fn main(a: CheckArgs) -> CliResult<ExitCode> {
         let do_map = p.q_like_map(dout.layout());
         let dos = dout.view().data;
         let (og, t_og, m_og) = measure(|| reference::backward_f64(&p, qs, ks, vs, dos, &do_map));
+        let x = BackwardInputs { q: &q, k: &k, v: &v, o: &flash.o, lse: &flash.lse, dout: &dout };
         if matches!(device, Device::Cuda(_)) {
-            flashattn::backward_on(device, &q, &k, &v, &flash.o, &flash.lse, &dout, &opts)?;
+            flashattn::backward_on(device, &x, &opts)?;
         }
         let (ng, t_ng, m_ng) = measure(|| reference::naive_backward(&p, qs, ks, vs, dos, &do_map));
-        let (fg, t_fg, m_fg) =
-            measure(|| flashattn::backward_on(device, &q, &k, &v, &flash.o, &flash.lse, &dout, &opts));
+        let (fg, t_fg, m_fg) = measure(|| flashattn::backward_on(device, &x, &opts));
         let fg = fg?;
         println!("backward:");
         println!("  {:<14} {:>12} {:>16}", "", "time", "peak extra mem");

@@ -11,7 +11,7 @@
 use crate::bench::{points, BenchArgs, Mode};
 use crate::common::{randn, CliError, CliResult, DeviceArg};
 use flashattn::ring::{ring_backward, ring_forward, RankStats, RingBackward, RingForward};
-use flashattn::{AttnOptions, DType, Device, Tensor};
+use flashattn::{AttnOptions, BackwardInputs, DType, Device, Tensor};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -154,7 +154,8 @@ pub fn main(a: &BenchArgs, ranks: usize) -> CliResult<ExitCode> {
                 let t0 = Instant::now();
                 let r = ring_fwd(gpu, &q, &k, &v, &opts, ranks).map_err(fail)?;
                 let g = if bwd {
-                    Some(ring_bwd(gpu, [&q, &k, &v, &r.out.o, &r.out.lse, &dout], &opts, ranks).map_err(fail)?)
+                    let x = BackwardInputs { q: &q, k: &k, v: &v, o: &r.out.o, lse: &r.out.lse, dout: &dout };
+                    Some(ring_bwd(gpu, &x, &opts, ranks).map_err(fail)?)
                 } else {
                     None
                 };
@@ -162,7 +163,8 @@ pub fn main(a: &BenchArgs, ranks: usize) -> CliResult<ExitCode> {
                 let t1 = Instant::now();
                 let s = flashattn::forward_on(device, &q, &k, &v, &opts).map_err(fail)?;
                 let sg = if bwd {
-                    Some(flashattn::backward_on(device, &q, &k, &v, &s.o, &s.lse, &dout, &opts).map_err(fail)?)
+                    let x = BackwardInputs { q: &q, k: &k, v: &v, o: &s.o, lse: &s.lse, dout: &dout };
+                    Some(flashattn::backward_on(device, &x, &opts).map_err(fail)?)
                 } else {
                     None
                 };
@@ -230,14 +232,14 @@ fn ring_fwd(
 
 fn ring_bwd(
     gpu: Option<usize>,
-    [q, k, v, o, lse, dout]: [&Tensor; 6],
+    x: &BackwardInputs<&Tensor>,
     opts: &AttnOptions,
     ranks: usize,
 ) -> flashattn::Result<RingBackward> {
     match gpu {
         #[cfg(feature = "cuda")]
-        Some(n) => flashattn::ring::ring_backward_cuda(n, q, k, v, o, lse, dout, opts, ranks),
-        _ => ring_backward(q, k, v, o, lse, dout, opts, ranks),
+        Some(n) => flashattn::ring::ring_backward_cuda(n, x, opts, ranks),
+        _ => ring_backward(x, opts, ranks),
     }
 }
 

@@ -14,7 +14,8 @@
 use crate::common::{parse_device, resolve_device, CliError, CliResult, DeviceArg, ScoreArgs};
 use clap::Args;
 use flashattn::{
-    bf16, dtype::F8E4M3, f16, AttnOptions, CacheSeqlens, CpuStorage, DType, KvCache, Rotary, Tensor, VarLen,
+    bf16, dtype::F8E4M3, f16, AttnOptions, BackwardInputs, CacheSeqlens, CpuStorage, DType, KvCache, Rotary, Tensor,
+    VarLen,
 };
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::BTreeSet;
@@ -353,7 +354,8 @@ fn run_dense(a: &RunArgs, inp: &Inputs<'_>, device: flashattn::Device) -> CliRes
     let mut outputs: Vec<(&str, &Tensor)> = vec![("o", &out.o), ("lse", &out.lse)];
     let grads;
     if let Some(dout) = &dout {
-        grads = flashattn::backward_on(device, &q, &k, &v, &out.o, &out.lse, dout, &opts).map_err(|e| match e {
+        let x = BackwardInputs { q: &q, k: &k, v: &v, o: &out.o, lse: &out.lse, dout };
+        grads = flashattn::backward_on(device, &x, &opts).map_err(|e| match e {
             flashattn::Error::InvalidArgument { arg: "dout", expected, got } => {
                 input_err(format!("invalid tensor `do`: expected {expected}, got {got}"))
             }

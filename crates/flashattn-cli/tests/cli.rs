@@ -1,6 +1,6 @@
 //! Integration tests of the `flashattn` command: the built binary is run as a user would.
 
-use flashattn::{AttnOptions, CacheSeqlens, CpuStorage, DType, KvCache, Rotary, Tensor, VarLen};
+use flashattn::{AttnOptions, BackwardInputs, CacheSeqlens, CpuStorage, DType, KvCache, Rotary, Tensor, VarLen};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use safetensors::{Dtype as StDtype, SafeTensors};
@@ -289,7 +289,8 @@ fn run_with_a_different_value_head_dim() {
     let file = run_cpu("dv", &[("q", &q), ("k", &k), ("v", &v), ("do", &dout)], &[]);
     let opts = AttnOptions::default();
     let f = flashattn::forward(&q, &k, &v, &opts).unwrap();
-    let g = flashattn::backward(&q, &k, &v, &f.o, &f.lse, &dout, &opts).unwrap();
+    let g =
+        flashattn::backward(&BackwardInputs { q: &q, k: &k, v: &v, o: &f.o, lse: &f.lse, dout: &dout }, &opts).unwrap();
     assert_eq!(f.o.shape(), &[b, sq, h, dv]);
     assert_same(&file, "o", &f.o);
     assert_same(&file, "dq", &g.dq);
@@ -312,7 +313,8 @@ fn run_forward_and_backward_match_the_library() {
     );
     let opts = AttnOptions::default().causal().softcap(20.0).scale(0.2).alibi(slopes.clone()).deterministic();
     let f = flashattn::forward(&q, &k, &v, &opts).unwrap();
-    let g = flashattn::backward(&q, &k, &v, &f.o, &f.lse, &dout, &opts).unwrap();
+    let g =
+        flashattn::backward(&BackwardInputs { q: &q, k: &k, v: &v, o: &f.o, lse: &f.lse, dout: &dout }, &opts).unwrap();
     assert_eq!(file.len(), 5);
     assert_same(&file, "o", &f.o);
     assert_same(&file, "lse", &f.lse);

@@ -21,7 +21,8 @@ use flashattn::cuda::{
 };
 use flashattn::kvcache::{CacheSeqlens, KvCache, Rotary};
 use flashattn::{
-    AttnOptions, CpuSlice, CpuSliceMut, CpuStorage, DType, Error, Layout, Tensor, TensorView, TensorViewMut, VarLen,
+    AttnOptions, BackwardInputs, CpuSlice, CpuSliceMut, CpuStorage, DType, Error, GradientsMut, Layout, Tensor,
+    TensorView, TensorViewMut, VarLen,
 };
 use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
@@ -445,13 +446,45 @@ fn device_index(device: i64) -> Option<usize> {
     usize::try_from(device).ok()
 }
 
+/// The arguments [`fwd`] and [`bwd`] share, in one tuple after their tensors (in the ops' own order):
+/// `(alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+/// window_left, window_right, softcap)`.
+#[derive(FromPyObject)]
+struct Shared<'py>(
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    usize,
+    usize,
+    Option<f32>,
+    bool,
+    i64,
+    i64,
+    f32,
+);
+
+impl Shared<'_> {
+    /// Reads the ALiBi slopes and the varlen arguments.
+    fn tensors(&self, py: Python<'_>) -> PyResult<(Option<Tens>, Option<Varlen>)> {
+        let Shared(alibi, cu_q, cu_k, used, max_q, max_k, ..) = self;
+        let alibi = read_opt(py, "alibi_slopes", alibi.as_ref())?;
+        Ok((alibi, read_varlen(py, cu_q.as_ref(), cu_k.as_ref(), used.as_ref(), *max_q, *max_k)?))
+    }
+
+    /// The score options, with `deterministic` and the FP8 arguments given.
+    fn opts(&self, deterministic: bool, fp8: Fp8) -> Opts {
+        let &Shared(.., softmax_scale, causal, window_left, window_right, softcap) = self;
+        Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic, fp8 }
+    }
+}
+
 /// Attention forward: writes `out` and `lse` (allocated by the caller: `out` like q, `lse` float32
 /// `(b, h, sq)` or `(h, total_q)` for varlen).
 #[pyfunction]
 #[pyo3(signature = (
-    q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-    softmax_scale, causal, window_left, window_right, softcap, learnable_sink=None, q_descale=None, k_descale=None,
-    v_descale=None, out_dtype_set=false,
+    q, k, v, out, lse, shared, learnable_sink=None, q_descale=None, k_descale=None, v_descale=None,
+    out_dtype_set=false,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn fwd(
@@ -461,17 +494,7 @@ fn fwd(
     v: &Bound<'_, PyAny>,
     out: &Bound<'_, PyAny>,
     lse: &Bound<'_, PyAny>,
-    alibi_slopes: Option<&Bound<'_, PyAny>>,
-    cu_seqlens_q: Option<&Bound<'_, PyAny>>,
-    cu_seqlens_k: Option<&Bound<'_, PyAny>>,
-    seqused_k: Option<&Bound<'_, PyAny>>,
-    max_seqlen_q: usize,
-    max_seqlen_k: usize,
-    softmax_scale: Option<f32>,
-    causal: bool,
-    window_left: i64,
-    window_right: i64,
-    softcap: f32,
+    shared: Shared<'_>,
     learnable_sink: Option<&Bound<'_, PyAny>>,
     q_descale: Option<&Bound<'_, PyAny>>,
     k_descale: Option<&Bound<'_, PyAny>>,
@@ -483,8 +506,7 @@ fn fwd(
     let (ot, lt) = (read(py, "out", out)?, read(py, "softmax_lse", lse)?);
     let fp8 = qt.dtype.is_fp8() || kt.dtype.is_fp8();
     let fp8 = Fp8::read(py, [q_descale, k_descale, v_descale], fp8, out_dtype_set, &ot)?;
-    let alibi = read_opt(py, "alibi_slopes", alibi_slopes)?;
-    let vl = read_varlen(py, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)?;
+    let (alibi, vl) = shared.tensors(py)?;
     let sink = read_opt(py, "learnable_sink", learnable_sink)?;
     let others = [
         ("k", Some(&kt)),
@@ -499,7 +521,7 @@ fn fwd(
     if qt.device >= 0 {
         fp8.refuse_on_cuda(&[qt.dtype, kt.dtype, vt.dtype], false)?;
     }
-    let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic: false, fp8 };
+    let o = shared.opts(false, fp8);
     match device_index(qt.device) {
         None => {
             // SAFETY: live host tensors of torch's; out and lse are fresh and unaliased.
@@ -534,9 +556,7 @@ fn fwd(
 /// chunk pair): no row takes the one-key shortcut, and the CPU reads `D` from `out` (see `backward_into_of`).
 #[pyfunction]
 #[pyo3(signature = (
-    dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q,
-    max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap, deterministic, learnable_sink=None,
-    dsink=None, whole_rows=true,
+    dout, q, k, v, out, lse, dq, dk, dv, shared, deterministic, learnable_sink=None, dsink=None, whole_rows=true,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn bwd(
@@ -550,17 +570,7 @@ fn bwd(
     dq: &Bound<'_, PyAny>,
     dk: &Bound<'_, PyAny>,
     dv: &Bound<'_, PyAny>,
-    alibi_slopes: Option<&Bound<'_, PyAny>>,
-    cu_seqlens_q: Option<&Bound<'_, PyAny>>,
-    cu_seqlens_k: Option<&Bound<'_, PyAny>>,
-    seqused_k: Option<&Bound<'_, PyAny>>,
-    max_seqlen_q: usize,
-    max_seqlen_k: usize,
-    softmax_scale: Option<f32>,
-    causal: bool,
-    window_left: i64,
-    window_right: i64,
-    softcap: f32,
+    shared: Shared<'_>,
     deterministic: bool,
     learnable_sink: Option<&Bound<'_, PyAny>>,
     dsink: Option<&Bound<'_, PyAny>>,
@@ -570,8 +580,7 @@ fn bwd(
     let (dot, kt, vt) = (read(py, "dout", dout)?, read(py, "k", k)?, read(py, "v", v)?);
     let (ot, lt) = (read(py, "out", out)?, read(py, "softmax_lse", lse)?);
     let (dqt, dkt, dvt) = (read(py, "dq", dq)?, read(py, "dk", dk)?, read(py, "dv", dv)?);
-    let alibi = read_opt(py, "alibi_slopes", alibi_slopes)?;
-    let vl = read_varlen(py, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)?;
+    let (alibi, vl) = shared.tensors(py)?;
     let sink = read_opt(py, "learnable_sink", learnable_sink)?;
     let dsink = read_opt(py, "dsink", dsink)?;
     let others = [
@@ -588,37 +597,22 @@ fn bwd(
         ("dsink", dsink.as_ref()),
     ];
     check_devices(&qt, &others, &vl)?;
-    let o = Opts {
-        softmax_scale,
-        causal,
-        window: (window_left, window_right),
-        softcap,
-        deterministic,
-        fp8: Fp8::default(),
-    };
+    let o = shared.opts(deterministic, Fp8::default());
     match device_index(qt.device) {
         None => {
             // SAFETY: live host tensors of torch's; the gradients are fresh and unaliased.
-            let (qv, kv, vv, ov, lv, dov, mut dqv, mut dkv, mut dvv, a) = unsafe {
+            let (x, grads, a) = unsafe {
                 (
-                    host_view(&qt)?,
-                    host_view(&kt)?,
-                    host_view(&vt)?,
-                    host_view(&ot)?,
-                    host_view(&lt)?,
-                    host_view(&dot)?,
-                    host_view_mut(&dqt)?,
-                    host_view_mut(&dkt)?,
-                    host_view_mut(&dvt)?,
+                    BackwardInputs { q: &qt, k: &kt, v: &vt, o: &ot, lse: &lt, dout: &dot }
+                        .try_map(|t| host_view(t))?,
+                    GradientsMut { dq: host_view_mut(&dqt)?, dk: host_view_mut(&dkt)?, dv: host_view_mut(&dvt)? },
                     host_options(&o, &alibi, &vl, &sink)?,
                 )
             };
             // SAFETY: a live host tensor, fresh and unaliased.
             let mut dsv = dsink.as_ref().map(|t| unsafe { host_view_mut(t) }).transpose()?;
             py.detach(|| -> flashattn::Result<()> {
-                let ds = flashattn::backward_into_of(
-                    &qv, &kv, &vv, &ov, &lv, &dov, &mut dqv, &mut dkv, &mut dvv, &a, whole_rows,
-                )?;
+                let ds = flashattn::backward_into_of(&x, grads, &a, whole_rows)?;
                 match (ds, dsv.as_mut()) {
                     (Some(g), Some(out)) => copy_into(&g, out, "dsink"),
                     (Some(_), None) => Err(Error::invalid("dsink", "a tensor for the sink's gradient", "none")),

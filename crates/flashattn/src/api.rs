@@ -103,53 +103,116 @@ pub(crate) fn run_forward(
     Ok(())
 }
 
+/// What the backward pass reads: the forward's inputs `q`, `k`, `v`, its output `o` and log-sum-exp `lse`,
+/// and the upstream gradient `dout` (shaped like `o`). `T` is `&Tensor` for the entry points that take whole
+/// host tensors ([`backward`], [`crate::backward_on`], ring attention) and [`TensorView`] for those that take
+/// borrowed memory ([`backward_into`]).
+///
+/// ```
+/// use flashattn::{backward, forward, AttnOptions, BackwardInputs, DType, Tensor};
+/// let q = Tensor::from_f32(&vec![0.5; 3 * 2 * 8], &[1, 3, 2, 8], DType::F32)?;
+/// let opts = AttnOptions::default();
+/// let out = forward(&q, &q, &q, &opts)?;
+/// let grads = backward(&BackwardInputs { q: &q, k: &q, v: &q, o: &out.o, lse: &out.lse, dout: &out.o }, &opts)?;
+/// assert_eq!(grads.dq.shape(), q.shape());
+/// # Ok::<(), flashattn::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct BackwardInputs<T> {
+    /// Queries, as given to the forward.
+    pub q: T,
+    /// Keys, as given to the forward.
+    pub k: T,
+    /// Values, as given to the forward.
+    pub v: T,
+    /// The forward's output.
+    pub o: T,
+    /// The forward's log-sum-exp.
+    pub lse: T,
+    /// dL/do, shaped like `o`.
+    pub dout: T,
+}
+
+impl<T> BackwardInputs<T> {
+    /// Each tensor through `f`, in the order q, k, v, o, lse, dout.
+    pub fn map<'s, U>(&'s self, mut f: impl FnMut(&'s T) -> U) -> BackwardInputs<U> {
+        match self.try_map(|t| Ok::<U, std::convert::Infallible>(f(t))) {
+            Ok(x) => x,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Each tensor through `f`, which may fail, in the order q, k, v, o, lse, dout: the first error is returned
+    /// (and `f` is not called again).
+    pub fn try_map<'s, U, E>(
+        &'s self,
+        mut f: impl FnMut(&'s T) -> std::result::Result<U, E>,
+    ) -> std::result::Result<BackwardInputs<U>, E> {
+        Ok(BackwardInputs {
+            q: f(&self.q)?,
+            k: f(&self.k)?,
+            v: f(&self.v)?,
+            o: f(&self.o)?,
+            lse: f(&self.lse)?,
+            dout: f(&self.dout)?,
+        })
+    }
+}
+
+impl<'a> BackwardInputs<&'a Tensor> {
+    /// Views of the tensors (what [`backward_into`] takes).
+    pub fn views(&self) -> BackwardInputs<TensorView<'a>> {
+        self.map(|t| t.view())
+    }
+}
+
+/// Where the backward pass writes: caller-provided gradient buffers (any non-overlapping strides with a
+/// contiguous last dim), each of its input's shape and dtype. The gradient of a learnable sink is returned.
+#[derive(Debug)]
+pub struct GradientsMut<'a> {
+    /// dL/dq, q's shape and dtype.
+    pub dq: TensorViewMut<'a>,
+    /// dL/dk, k's shape and dtype.
+    pub dk: TensorViewMut<'a>,
+    /// dL/dv, v's shape and dtype.
+    pub dv: TensorViewMut<'a>,
+}
+
+impl Gradients {
+    /// Zeroed gradients shaped and typed like `q`, `k`, `v` (no `dsink`).
+    fn zeros_like(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Self> {
+        Ok(Gradients {
+            dq: Tensor::try_zeros(q.shape(), q.dtype())?,
+            dk: Tensor::try_zeros(k.shape(), k.dtype())?,
+            dv: Tensor::try_zeros(v.shape(), v.dtype())?,
+            dsink: None,
+        })
+    }
+
+    /// Writable views of `dq`, `dk`, `dv`.
+    pub fn views_mut(&mut self) -> GradientsMut<'_> {
+        GradientsMut { dq: self.dq.view_mut(), dk: self.dk.view_mut(), dv: self.dv.view_mut() }
+    }
+}
+
 /// Attention backward pass: gradients of `q`, `k`, `v` given the forward's `o` and `lse` and the upstream
 /// gradient `dout` (shaped like `o`). Use the same options as the forward call.
-pub fn backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    dout: &Tensor,
-    opts: &AttnOptions,
-) -> Result<Gradients> {
-    let mut dq = Tensor::try_zeros(q.shape(), q.dtype())?;
-    let mut dk = Tensor::try_zeros(k.shape(), k.dtype())?;
-    let mut dv = Tensor::try_zeros(v.shape(), v.dtype())?;
-    let dsink = backward_into(
-        &q.view(),
-        &k.view(),
-        &v.view(),
-        &o.view(),
-        &lse.view(),
-        &dout.view(),
-        &mut dq.view_mut(),
-        &mut dk.view_mut(),
-        &mut dv.view_mut(),
-        opts,
-    )?;
-    Ok(Gradients { dq, dk, dv, dsink })
+pub fn backward(x: &BackwardInputs<&Tensor>, opts: &AttnOptions) -> Result<Gradients> {
+    let mut g = Gradients::zeros_like(x.q, x.k, x.v)?;
+    g.dsink = backward_into(&x.views(), g.views_mut(), opts)?;
+    Ok(g)
 }
 
 /// Backward pass into caller-provided gradient buffers. Returns the gradient of a learnable sink
 /// ([`AttnOptions::sink`], in its dtype) when the options have one: `dsink_h = -sum over the rows i of head h
 /// of exp(sink_h - lse_i) D_i`, accumulated in `f64`, with `D_i = dO_i · O_i` as the backward computes it
 /// (from the recomputed probabilities, not the rounded `o`).
-#[allow(clippy::too_many_arguments)]
 pub fn backward_into(
-    q: &TensorView<'_>,
-    k: &TensorView<'_>,
-    v: &TensorView<'_>,
-    o: &TensorView<'_>,
-    lse: &TensorView<'_>,
-    dout: &TensorView<'_>,
-    dq: &mut TensorViewMut<'_>,
-    dk: &mut TensorViewMut<'_>,
-    dv: &mut TensorViewMut<'_>,
+    x: &BackwardInputs<TensorView<'_>>,
+    grads: GradientsMut<'_>,
     opts: &AttnOptions,
 ) -> Result<Option<Tensor>> {
-    backward_into_of(q, k, v, o, lse, dout, dq, dk, dv, opts, true)
+    backward_into_of(x, grads, opts, true)
 }
 
 /// [`backward_into`] with the owner of `o` and `lse` named. `whole_rows = true`: they come from this call's keys
@@ -157,20 +220,14 @@ pub fn backward_into(
 /// chunk pair of ring attention, whose `lse` is the whole row's). `D = rowsum(dO ∘ O)` is then read from `o` and
 /// `dout`, since recomputing it from this call's probabilities (what the normal backward does, for accuracy)
 /// would sum over this call's keys only; the pair's dq, dk, dv are then exact partial sums of the whole row's.
-#[allow(clippy::too_many_arguments)]
 pub fn backward_into_of(
-    q: &TensorView<'_>,
-    k: &TensorView<'_>,
-    v: &TensorView<'_>,
-    o: &TensorView<'_>,
-    lse: &TensorView<'_>,
-    dout: &TensorView<'_>,
-    dq: &mut TensorViewMut<'_>,
-    dk: &mut TensorViewMut<'_>,
-    dv: &mut TensorViewMut<'_>,
+    x: &BackwardInputs<TensorView<'_>>,
+    grads: GradientsMut<'_>,
     opts: &AttnOptions,
     whole_rows: bool,
 ) -> Result<Option<Tensor>> {
+    let BackwardInputs { q, k, v, o, lse, dout } = x;
+    let GradientsMut { mut dq, mut dk, mut dv } = grads;
     let p = validate(q, k, v, opts)?;
     p.refuse_fp8("the backward pass")?;
     require_cpu("q", q.device())?;
@@ -183,8 +240,8 @@ pub fn backward_into_of(
     let (dq_map, dk_map, dv_map) = (p.q_like_map(&dq.layout), p.k_like_map(&dk.layout), p.k_like_map(&dv.layout));
     let given = (!whole_rows).then(|| row_dots(&p, o, dout, &do_map));
     let inp = BwdIn { dout: dout.data, do_map: &do_map, lse: &lse_vec, delta: given.as_deref() };
-    zero_unused_rows(&p, dk, &dk_map, p.d);
-    zero_unused_rows(&p, dv, &dv_map, p.d_v);
+    zero_unused_rows(&p, &mut dk, &dk_map, p.d);
+    zero_unused_rows(&p, &mut dv, &dv_map, p.d_v);
     let out = BwdOut {
         dq: dq.data.raw(),
         dq_map: &dq_map,

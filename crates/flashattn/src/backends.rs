@@ -2,7 +2,7 @@
 //! tensors, run on the chosen device and return host tensors (what the `flashattn` command and the tests
 //! use; frameworks with device memory use the backend modules directly).
 
-use crate::api::{ForwardOutput, Gradients};
+use crate::api::{BackwardInputs, ForwardOutput, Gradients};
 use crate::error::{Error, Result};
 use crate::kvcache::KvCache;
 use crate::options::AttnOptions;
@@ -66,21 +66,11 @@ pub fn forward_on(device: Device, q: &Tensor, k: &Tensor, v: &Tensor, opts: &Att
 }
 
 /// Backward pass of host tensors on `device`.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_on(
-    device: Device,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    dout: &Tensor,
-    opts: &AttnOptions,
-) -> Result<Gradients> {
+pub fn backward_on(device: Device, x: &BackwardInputs<&Tensor>, opts: &AttnOptions) -> Result<Gradients> {
     match device {
-        Device::Cpu => crate::api::backward(q, k, v, o, lse, dout, opts),
+        Device::Cpu => crate::api::backward(x, opts),
         #[cfg(feature = "cuda")]
-        Device::Cuda(n) => crate::cuda::backward_host(n, q, k, v, o, lse, dout, opts),
+        Device::Cuda(n) => crate::cuda::backward_host(n, x, opts),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => no_cuda(),
     }

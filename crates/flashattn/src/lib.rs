@@ -9,13 +9,13 @@
 //! the `f64` oracle and the naive formula in [`reference`]; the spec's accuracy rule in [`accuracy`].
 //!
 //! ```
-//! use flashattn::{backward, forward, AttnOptions, DType, Tensor};
+//! use flashattn::{backward, forward, AttnOptions, BackwardInputs, DType, Tensor};
 //! let (b, s, h, d) = (1, 16, 2, 32);
 //! let x: Vec<f32> = (0..b * s * h * d).map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5).collect();
 //! let q = Tensor::from_f32(&x, &[b, s, h, d], DType::BF16)?;
 //! let opts = AttnOptions::default().causal();
 //! let out = forward(&q, &q, &q, &opts)?;
-//! let grads = backward(&q, &q, &q, &out.o, &out.lse, &out.o, &opts)?;
+//! let grads = backward(&BackwardInputs { q: &q, k: &q, v: &q, o: &out.o, lse: &out.lse, dout: &out.o }, &opts)?;
 //! assert_eq!(grads.dq.shape(), q.shape());
 //! # Ok::<(), flashattn::Error>(())
 //! ```
@@ -39,7 +39,10 @@ pub mod semantics;
 pub mod tensor;
 pub mod tuning;
 
-pub use api::{backward, backward_into, backward_into_of, forward, forward_into, ForwardOutput, Gradients};
+pub use api::{
+    backward, backward_into, backward_into_of, forward, forward_into, BackwardInputs, ForwardOutput, Gradients,
+    GradientsMut,
+};
 pub use backends::{backward_on, forward_on, kvcache_forward_on};
 pub use cpu::pool::{kept_bytes as cpu_workspace_kept_bytes, release as release_cpu_workspace};
 pub use dtype::{DType, Element};

@@ -7,7 +7,7 @@
 
 mod common;
 use common::*;
-use flashattn::{DType, Device};
+use flashattn::{BackwardInputs, DType, Device};
 
 fn sweep(dtypes: &[DType], backward: bool) {
     run_sweep(&format!("cpu sweep {} {dtypes:?} backward={backward}", sweep_level()), &cases(dtypes, backward));
@@ -169,9 +169,8 @@ fn determinism() {
                 let inp = make_inputs(&c, r);
                 let run = || {
                     let f = flashattn::forward_on(Device::Cpu, &inp.q, &inp.k, &inp.v, &inp.opts).expect("fwd");
-                    let g =
-                        flashattn::backward_on(Device::Cpu, &inp.q, &inp.k, &inp.v, &f.o, &f.lse, &inp.dout, &inp.opts)
-                            .expect("bwd");
+                    let x = BackwardInputs { q: &inp.q, k: &inp.k, v: &inp.v, o: &f.o, lse: &f.lse, dout: &inp.dout };
+                    let g = flashattn::backward_on(Device::Cpu, &x, &inp.opts).expect("bwd");
                     [bits(&f.o), bits(&f.lse), bits(&g.dq), bits(&g.dk), bits(&g.dv)]
                 };
                 let first = run();
@@ -215,7 +214,8 @@ fn stress_no_nan() {
                         f.lse.to_f32_vec().iter().all(|x| x.is_finite() || *x == f32::NEG_INFINITY),
                         "NaN or +inf lse at {at}"
                     );
-                    let gr = flashattn::backward_on(Device::Cpu, &q, &k, &v, &f.o, &f.lse, &g, &opts).expect("bwd");
+                    let x = BackwardInputs { q: &q, k: &k, v: &v, o: &f.o, lse: &f.lse, dout: &g };
+                    let gr = flashattn::backward_on(Device::Cpu, &x, &opts).expect("bwd");
                     for (name, t) in [("dq", &gr.dq), ("dk", &gr.dk), ("dv", &gr.dv)] {
                         assert!(t.to_f32_vec().iter().all(|x| x.is_finite()), "non-finite {name} at {at}");
                     }

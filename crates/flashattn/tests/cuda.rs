@@ -12,7 +12,7 @@ use common::*;
 use flashattn::cuda::{self, compile, Variant};
 use flashattn::problem::validate;
 use flashattn::reference::{forward_f64, naive_forward};
-use flashattn::{AttnOptions, CacheSeqlens, CudaPath, DType, Device, KvCache, Rotary, Tensor, Tuning};
+use flashattn::{AttnOptions, BackwardInputs, CacheSeqlens, CudaPath, DType, Device, KvCache, Rotary, Tensor, Tuning};
 use rand::Rng;
 
 fn full() -> bool {
@@ -383,17 +383,8 @@ fn determinism() {
                 inp.opts.deterministic = true;
                 let run = || {
                     let f = flashattn::forward_on(Device::Cuda(0), &inp.q, &inp.k, &inp.v, &inp.opts).expect("fwd");
-                    let g = flashattn::backward_on(
-                        Device::Cuda(0),
-                        &inp.q,
-                        &inp.k,
-                        &inp.v,
-                        &f.o,
-                        &f.lse,
-                        &inp.dout,
-                        &inp.opts,
-                    )
-                    .expect("bwd");
+                    let x = BackwardInputs { q: &inp.q, k: &inp.k, v: &inp.v, o: &f.o, lse: &f.lse, dout: &inp.dout };
+                    let g = flashattn::backward_on(Device::Cuda(0), &x, &inp.opts).expect("bwd");
                     (bits(&f.o), bits(&f.lse), bits(&g.dq), bits(&g.dk), bits(&g.dv))
                 };
                 let first = run();
@@ -691,7 +682,8 @@ fn raw_pointers_packed_qkv() {
     let (q, k, v) = (part(0), part(1), part(2));
     let opts = AttnOptions { causal: true, ..Default::default() };
     let host = flashattn::forward_on(Device::Cuda(0), &q, &k, &v, &opts).expect("host path");
-    let hg = flashattn::backward_on(Device::Cuda(0), &q, &k, &v, &host.o, &host.lse, &dout, &opts).expect("host bwd");
+    let x = BackwardInputs { q: &q, k: &k, v: &v, o: &host.o, lse: &host.lse, dout: &dout };
+    let hg = flashattn::backward_on(Device::Cuda(0), &x, &opts).expect("host bwd");
 
     let ctx = CudaContext::new(0).unwrap();
     let stream = ctx.new_stream().unwrap();
@@ -819,7 +811,8 @@ fn value_head_dim_refusals_before_device_work() {
     refused(flashattn::forward_on(Device::Cuda(0), &q, &k, &v, &opts).unwrap_err(), "forward", 64);
     let f = flashattn::forward(&q, &k, &v, &opts).expect("cpu forward");
     let g = randn_tensor(r, f.o.shape(), dt, 1.0);
-    refused(flashattn::backward_on(Device::Cuda(0), &q, &k, &v, &f.o, &f.lse, &g, &opts).unwrap_err(), "backward", 64);
+    let x = BackwardInputs { q: &q, k: &k, v: &v, o: &f.o, lse: &f.lse, dout: &g };
+    refused(flashattn::backward_on(Device::Cuda(0), &x, &opts).unwrap_err(), "backward", 64);
     // The KV-cache kernels take no d_v != d, even a pair the other kernels run.
     let (kn, vn) = (randn_tensor(r, &[1, 8, 2, 192], dt, 1.0), randn_tensor(r, &[1, 8, 2, 128], dt, 1.0));
     let (mut kc, mut vc) = (randn_tensor(r, &[1, 16, 2, 192], dt, 1.0), randn_tensor(r, &[1, 16, 2, 128], dt, 1.0));

@@ -12,7 +12,7 @@
 mod common;
 use common::nonfinite::{at, check_row, vals, Case, Row};
 use common::*;
-use flashattn::{AttnOptions, CacheSeqlens, CudaPath, DType, Device, KvCache, Tensor, Tuning};
+use flashattn::{AttnOptions, BackwardInputs, CacheSeqlens, CudaPath, DType, Device, KvCache, Tensor, Tuning};
 
 const DIMS: [usize; 4] = [59, 64, 128, 256];
 const DTYPES: [DType; 2] = [DType::F16, DType::BF16];
@@ -149,7 +149,8 @@ fn cuda_backward_propagates_nan_and_masked_rows_stay_zero() {
         let dev = Device::Cuda(0);
         let out = flashattn::forward_on(dev, &q, &k, &v, &c.opts).unwrap();
         let dout = Tensor::from_f32(&vals(c.q.len(), 9), &c.qs, c.dtype).unwrap();
-        let g = flashattn::backward_on(dev, &q, &k, &v, &out.o, &out.lse, &dout, &c.opts).unwrap();
+        let x = BackwardInputs { q: &q, k: &k, v: &v, o: &out.o, lse: &out.lse, dout: &dout };
+        let g = flashattn::backward_on(dev, &x, &c.opts).unwrap();
         let (dq, dk, dv) = (g.dq.to_f32_vec(), g.dk.to_f32_vec(), g.dv.to_f32_vec());
         let w = what(&c);
         // dq: zero on masked rows, NaN on the NaN row, finite elsewhere.

@@ -1,8 +1,8 @@
 //! Every malformed input returns a typed error naming the argument; nothing panics and nothing is written.
 
 use flashattn::{
-    backward, forward, kvcache_forward, AttnOptions, CacheSeqlens, DType, Error, KvCache, Layout, Tensor, TensorView,
-    VarLen,
+    backward, forward, kvcache_forward, AttnOptions, BackwardInputs, CacheSeqlens, DType, Error, GradientsMut, KvCache,
+    Layout, Tensor, TensorView, VarLen,
 };
 
 fn t(shape: &[usize], dtype: DType) -> Tensor {
@@ -104,9 +104,10 @@ fn backward_arguments() {
     let q = t(&[1, 4, 2, 8], DType::F16);
     let o = AttnOptions::default();
     let f = forward(&q, &q, &q, &o).unwrap();
-    assert_eq!(arg_of(backward(&q, &q, &q, &f.o, &f.lse, &t(&[1, 4, 2, 4], DType::F16), &o)), "dout");
-    assert_eq!(arg_of(backward(&q, &q, &q, &f.o.to_dtype(DType::BF16), &f.lse, &f.o, &o)), "o");
-    assert_eq!(arg_of(backward(&q, &q, &q, &f.o, &t(&[1, 2, 5], DType::F32), &f.o, &o)), "lse");
+    let x = BackwardInputs { q: &q, k: &q, v: &q, o: &f.o, lse: &f.lse, dout: &f.o };
+    assert_eq!(arg_of(backward(&BackwardInputs { dout: &t(&[1, 4, 2, 4], DType::F16), ..x }, &o)), "dout");
+    assert_eq!(arg_of(backward(&BackwardInputs { o: &f.o.to_dtype(DType::BF16), ..x }, &o)), "o");
+    assert_eq!(arg_of(backward(&BackwardInputs { lse: &t(&[1, 2, 5], DType::F32), ..x }, &o)), "lse");
 }
 
 fn cache(b: usize, s: usize) -> (Tensor, Tensor) {
@@ -363,11 +364,12 @@ fn value_head_dim_mismatches() {
     assert!(err.contains("1..=256") && err.contains("300"), "{err}");
     // o and dout take v's head dim, not q's.
     let g = t(&[1, 4, 2, 24], DType::F16);
-    assert!(backward(&q, &k, &v, &f.o, &f.lse, &g, &o).is_ok());
+    let x = BackwardInputs { q: &q, k: &k, v: &v, o: &f.o, lse: &f.lse, dout: &g };
+    assert!(backward(&x, &o).is_ok());
     let wrong = t(&[1, 4, 2, 16], DType::F16);
-    assert_eq!(arg_of(backward(&q, &k, &v, &wrong, &f.lse, &g, &o)), "o");
-    assert_eq!(arg_of(backward(&q, &k, &v, &f.o, &f.lse, &wrong, &o)), "dout");
-    let err = backward(&q, &k, &v, &wrong, &f.lse, &g, &o).unwrap_err().to_string();
+    assert_eq!(arg_of(backward(&BackwardInputs { o: &wrong, ..x }, &o)), "o");
+    assert_eq!(arg_of(backward(&BackwardInputs { dout: &wrong, ..x }, &o)), "dout");
+    let err = backward(&BackwardInputs { o: &wrong, ..x }, &o).unwrap_err().to_string();
     assert!(err.contains("[1, 4, 2, 24]") && err.contains("[1, 4, 2, 16]"), "{err}");
     // Caller-provided outputs: o with q's head dim, dv with k's.
     let (mut o16, mut lse) = (t(&[1, 4, 2, 16], DType::F16), t(&[1, 2, 4], DType::F32));
@@ -375,18 +377,8 @@ fn value_head_dim_mismatches() {
     assert_eq!(arg_of(r), "o");
     let (mut dq, mut dk, mut dv16) =
         (t(&[1, 4, 2, 16], DType::F16), t(&[1, 6, 2, 16], DType::F16), t(&[1, 6, 2, 16], DType::F16));
-    let r = flashattn::backward_into(
-        &q.view(),
-        &k.view(),
-        &v.view(),
-        &f.o.view(),
-        &f.lse.view(),
-        &g.view(),
-        &mut dq.view_mut(),
-        &mut dk.view_mut(),
-        &mut dv16.view_mut(),
-        &o,
-    );
+    let grads = GradientsMut { dq: dq.view_mut(), dk: dk.view_mut(), dv: dv16.view_mut() };
+    let r = flashattn::backward_into(&x.views(), grads, &o);
     assert_eq!(arg_of(r), "dv");
     // KV cache: v_cache shaped as k_cache but for the head dim; v_new as k_new with v_cache's head dim.
     let qc = t(&[2, 1, 2, 8], DType::F16);
@@ -455,22 +447,13 @@ fn fp8_arguments() {
     assert!(lse.to_f32_vec().iter().all(|x| x.is_nan()), "a refused call wrote lse");
     // Backward: refused with a typed error naming q, nothing written.
     let g = t(&[2, 8, 4, 16], DType::BF16);
-    let err = backward(&q, &k, &k, &out.o, &out.lse, &g, &ok).unwrap_err();
+    let x = BackwardInputs { q: &q, k: &k, v: &k, o: &out.o, lse: &out.lse, dout: &g };
+    let err = backward(&x, &ok).unwrap_err();
     assert!(err.to_string().contains("forward-only"), "{err}");
     assert_eq!(err.arg(), Some("q"));
     let (mut dq, mut dk, mut dv) = (Tensor::nan(q.shape(), e), Tensor::nan(k.shape(), e), Tensor::nan(k.shape(), e));
-    let r = flashattn::backward_into(
-        &q.view(),
-        &k.view(),
-        &k.view(),
-        &out.o.view(),
-        &out.lse.view(),
-        &g.view(),
-        &mut dq.view_mut(),
-        &mut dk.view_mut(),
-        &mut dv.view_mut(),
-        &ok,
-    );
+    let grads = GradientsMut { dq: dq.view_mut(), dk: dk.view_mut(), dv: dv.view_mut() };
+    let r = flashattn::backward_into(&x.views(), grads, &ok);
     assert_eq!(arg_of(r), "q");
     for x in [&dq, &dk, &dv] {
         assert!(x.to_f32_vec().iter().all(|x| x.is_nan()), "a refused backward wrote a gradient");
@@ -521,7 +504,8 @@ fn fuzz_zero_size_calls_cost_nothing_whatever_the_batch_and_heads() {
     let t0 = std::time::Instant::now();
     let out = flashattn::forward(&q, &k, &k, &AttnOptions::default()).unwrap();
     assert_eq!(out.o.shape(), &[b, 0, h, 8]);
-    let g = flashattn::backward(&q, &k, &k, &out.o, &out.lse, &out.o, &AttnOptions::default()).unwrap();
+    let x = BackwardInputs { q: &q, k: &k, v: &k, o: &out.o, lse: &out.lse, dout: &out.o };
+    let g = flashattn::backward(&x, &AttnOptions::default()).unwrap();
     assert_eq!(g.dk.shape(), &[b, 0, 1, 8]);
     assert!(t0.elapsed().as_secs_f64() < 5.0, "a zero-size call took {:?}", t0.elapsed());
 }

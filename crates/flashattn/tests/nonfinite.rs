@@ -6,7 +6,7 @@
 mod common;
 use common::nonfinite::{at, check_row, vals, Case, Row};
 use flashattn::reference::forward_f64;
-use flashattn::{backward, forward, AttnOptions, DType, Tensor};
+use flashattn::{backward, forward, AttnOptions, BackwardInputs, DType, Tensor};
 
 const D: usize = 16;
 
@@ -167,7 +167,7 @@ fn backward_propagates_nan_and_masked_rows_stay_zero() {
     let [q, k, v] = c.tensors();
     let out = forward(&q, &k, &v, &c.opts).unwrap();
     let dout = Tensor::from_f32(&vals(q.to_f32_vec().len(), 9), &c.qs, DType::F32).unwrap();
-    let g = backward(&q, &k, &v, &out.o, &out.lse, &dout, &c.opts).unwrap();
+    let g = backward(&BackwardInputs { q: &q, k: &k, v: &v, o: &out.o, lse: &out.lse, dout: &dout }, &c.opts).unwrap();
     let (dq, dk, dv) = (g.dq.to_f32_vec(), g.dk.to_f32_vec(), g.dv.to_f32_vec());
     // Sequence 0: the masked row contributes nothing; every gradient is finite, its dq row is 0.
     let r5 = at(&c.qs, 0, 5, 0);

@@ -9,7 +9,7 @@ use flashattn::accuracy::{compare, compare_lse, o_factor, GRAD_FACTOR};
 use flashattn::problem::validate;
 use flashattn::reference::{backward_f64, forward_f64, naive_backward, naive_forward};
 use flashattn::ring::{ring_backward, ring_forward, RingSchedule};
-use flashattn::{AttnOptions, DType, Error, Tensor};
+use flashattn::{AttnOptions, BackwardInputs, DType, Error, Tensor};
 
 const CASES: [RingCase; 4] = [
     RingCase { dtype: DType::BF16, d: 64, sq: 96, sk: 96, h: 4, hk: 4, softcap: false },
@@ -112,8 +112,8 @@ fn run(c: RingCase, causal: bool, ranks: usize, seed: u64, ratios: &mut Vec<(Str
     let do_map = p.q_like_map(dout.layout());
     let g_ref = backward_f64(&p, qd, kd, vd, dout.view().data, &do_map);
     let g_base = naive_backward(&p, qd, kd, vd, dout.view().data, &do_map);
-    let g = ring_backward(&q, &k, &v, &ring.out.o, &ring.out.lse, &dout, &opts, ranks)
-        .unwrap_or_else(|e| panic!("{ctx}: backward: {e}"));
+    let x = BackwardInputs { q: &q, k: &k, v: &v, o: &ring.out.o, lse: &ring.out.lse, dout: &dout };
+    let g = ring_backward(&x, &opts, ranks).unwrap_or_else(|e| panic!("{ctx}: backward: {e}"));
     for (name, got, want, base) in [
         ("dq", &g.grads.dq, &g_ref.dq, &g_base.dq),
         ("dk", &g.grads.dk, &g_ref.dk, &g_base.dk),
@@ -125,7 +125,8 @@ fn run(c: RingCase, causal: bool, ranks: usize, seed: u64, ratios: &mut Vec<(Str
             fails.push(format!("{ctx}: ring {verdict}"));
         }
     }
-    let sg = flashattn::backward(&q, &k, &v, &single.o, &single.lse, &dout, &opts).unwrap();
+    let x = BackwardInputs { q: &q, k: &k, v: &v, o: &single.o, lse: &single.lse, dout: &dout };
+    let sg = flashattn::backward(&x, &opts).unwrap();
     if c.dtype == DType::F32 {
         for (name, a, b) in [("dq", &g.grads.dq, &sg.dq), ("dk", &g.grads.dk, &sg.dk), ("dv", &g.grads.dv, &sg.dv)] {
             let scale = b.to_f32_vec().iter().fold(1f32, |m, x| m.max(x.abs()));
@@ -174,13 +175,15 @@ fn ring_refuses_what_it_does_not_support() {
     assert_eq!(ring_forward(&q, &q, &q, &AttnOptions::default(), 20000).unwrap_err().arg(), Some("ranks"));
     let o = Tensor::zeros(&[1, 8, 2, 16], DType::BF16);
     let lse = Tensor::zeros(&[1, 2, 8], DType::F32);
-    let err = ring_backward(&q, &q, &q, &o, &lse, &o, &AttnOptions::default(), many).unwrap_err();
+    let x = BackwardInputs { q: &q, k: &q, v: &q, o: &o, lse: &lse, dout: &o };
+    let err = ring_backward(&x, &AttnOptions::default(), many).unwrap_err();
     assert_eq!(err.arg(), Some("ranks"));
     let k = Tensor::zeros(&[1, 8, 3, 16], DType::BF16);
     assert_eq!(ring_forward(&q, &k, &k, &AttnOptions::default(), 2).unwrap_err().arg(), Some("k"));
     let o = Tensor::zeros(&[1, 8, 2, 16], DType::BF16);
     let bad_lse = Tensor::zeros(&[1, 2, 7], DType::F32);
-    let err = ring_backward(&q, &q, &q, &o, &bad_lse, &o, &AttnOptions::default(), 2).unwrap_err();
+    let x = BackwardInputs { q: &q, k: &q, v: &q, o: &o, lse: &bad_lse, dout: &o };
+    let err = ring_backward(&x, &AttnOptions::default(), 2).unwrap_err();
     assert_eq!(err.arg(), Some("lse"));
     // More ranks than rows: empty chunks are skipped, the result is still right.
     let x = Tensor::from_f32(&(0..48).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(), &[1, 3, 1, 16], DType::F32)

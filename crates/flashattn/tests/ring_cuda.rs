@@ -10,7 +10,7 @@ use flashattn::accuracy::{compare, compare_lse, o_factor, GRAD_FACTOR};
 use flashattn::problem::validate;
 use flashattn::reference::{backward_f64, forward_f64, naive_backward, naive_forward};
 use flashattn::ring::{ring_backward_cuda, ring_forward_cuda};
-use flashattn::{AttnOptions, DType, Device, Tensor};
+use flashattn::{AttnOptions, BackwardInputs, DType, Device, Tensor};
 use std::time::Instant;
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -51,10 +51,10 @@ fn ring_on_streams_matches_single_gpu_and_oracle() {
                 let do_map = p.q_like_map(dout.layout());
                 let g_ref = backward_f64(&p, qd, kd, vd, dout.view().data, &do_map);
                 let g_base = naive_backward(&p, qd, kd, vd, dout.view().data, &do_map);
-                let g = ring_backward_cuda(0, &q, &k, &v, &ring.out.o, &ring.out.lse, &dout, &opts, ranks)
-                    .unwrap_or_else(|e| panic!("{ctx}: backward: {e}"));
-                let sg =
-                    flashattn::backward_on(Device::Cuda(0), &q, &k, &v, &single.o, &single.lse, &dout, &opts).unwrap();
+                let x = BackwardInputs { q: &q, k: &k, v: &v, o: &ring.out.o, lse: &ring.out.lse, dout: &dout };
+                let g = ring_backward_cuda(0, &x, &opts, ranks).unwrap_or_else(|e| panic!("{ctx}: backward: {e}"));
+                let x = BackwardInputs { q: &q, k: &k, v: &v, o: &single.o, lse: &single.lse, dout: &dout };
+                let sg = flashattn::backward_on(Device::Cuda(0), &x, &opts).unwrap();
                 for (name, got, want, base) in [
                     ("dq", &g.grads.dq, &g_ref.dq, &g_base.dq),
                     ("dk", &g.grads.dk, &g_ref.dk, &g_base.dk),

@@ -151,7 +151,8 @@ fn cuda_takes_a_sink_in_the_backward_but_the_raw_device_api_refuses_it() {
     let o = forward(&q, &q, &q, &opts).unwrap();
     let unsupported_sink =
         |e: &flashattn::Error| matches!(e, flashattn::Error::Unsupported { .. }) && e.to_string().contains("sink");
-    if let Err(e) = flashattn::backward_on(flashattn::Device::Cuda(0), &q, &q, &q, &o.o, &o.lse, &o.o, &opts) {
+    let x = flashattn::BackwardInputs { q: &q, k: &q, v: &q, o: &o.o, lse: &o.lse, dout: &o.o };
+    if let Err(e) = flashattn::backward_on(flashattn::Device::Cuda(0), &x, &opts) {
         assert!(!unsupported_sink(&e), "{e}");
     }
     if let Err(e) = flashattn::forward_on(flashattn::Device::Cuda(0), &q, &q, &q, &opts) {

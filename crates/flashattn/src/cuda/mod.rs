@@ -54,7 +54,7 @@ pub use resident::{kernel_family, DeviceAttention};
 pub use tensor::{BackwardTensors, DeviceTensorRef, ForwardTensors};
 pub use tiles::{sm90_bwd_head_dim, sm90_head_dim};
 
-use crate::api::{ForwardOutput, Gradients};
+use crate::api::{BackwardInputs, ForwardOutput, Gradients};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::options::AttnOptions;
@@ -125,17 +125,8 @@ fn forward_problem(
 }
 
 /// Backward pass of host tensors on CUDA device `n` (deterministic when `opts.deterministic`).
-#[allow(clippy::too_many_arguments)]
-pub fn backward_host(
-    n: usize,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    dout: &Tensor,
-    opts: &AttnOptions,
-) -> Result<Gradients> {
+pub fn backward_host(n: usize, x: &BackwardInputs<&Tensor>, opts: &AttnOptions) -> Result<Gradients> {
+    let &BackwardInputs { q, k, v, o, lse, dout } = x;
     let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
     require_half(&p)?;
     crate::problem::check_backward_inputs(&p, &o.view(), &lse.view(), &dout.view())?;

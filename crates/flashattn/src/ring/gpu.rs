@@ -10,16 +10,15 @@
 //! Partial outputs come out of the forward kernel in the input dtype and are merged into `f32`
 //! accumulators; partial gradients likewise (as FlashAttention-based ring implementations do).
 
-use super::host::{local_opts, ring_plan, RankStats, RingBackward, RingForward};
+use super::host::{local_opts, ring_plan, ring_plan_backward, RankStats, RingBackward, RingForward};
 use super::schedule::{LocalPair, PairWork, RingSchedule};
-use crate::api::{ForwardOutput, Gradients};
+use crate::api::{BackwardInputs, ForwardOutput, Gradients};
 use crate::cuda::bwd::Softmax;
 use crate::cuda::runtime::{self, dev_err};
 use crate::cuda::{backward_raw_of, forward_raw, DeviceTensorRef};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::AttnOptions;
-use crate::problem::check_backward_inputs;
 use crate::tensor::Tensor;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -348,34 +347,23 @@ pub fn ring_forward_cuda(
 
 /// Ring attention backward on CUDA device `n` with `ranks` ranks simulated by streams. Same inputs and
 /// result as [`super::ring_backward`]; f16/bf16 only.
-#[allow(clippy::too_many_arguments)]
 pub fn ring_backward_cuda(
     n: usize,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    dout: &Tensor,
+    x: &BackwardInputs<&Tensor>,
     opts: &AttnOptions,
     ranks: usize,
 ) -> Result<RingBackward> {
-    let (p, sched) = ring_plan(q, k, v, opts, ranks, |p| {
-        half_only(p.dtype)?;
-        check_backward_inputs(p, &o.view(), &lse.view(), &dout.view())
-    })?;
+    let (p, sched, shards) = ring_plan_backward(x, opts, ranks, |p| half_only(p.dtype))?;
     let (b, h, hk, d, dt) = (p.batch, p.h, p.hk, p.d, p.dtype);
-    let (qs, ks, vs) = (sched.q.shard(q, 1)?, sched.k.shard(k, 1)?, sched.k.shard(v, 1)?);
-    let (os, ls, gs) = (sched.q.shard(o, 1)?, sched.q.shard(lse, 2)?, sched.q.shard(dout, 1)?);
     let gpu = runtime::gpu(n)?;
     gpu.run("the GPU ring backward", || {
         let kern = kernels(n, &gpu)?;
         let main = &gpu.stream;
-        let up = |shards: &[Tensor]| upload_shards(main, shards);
-        let (qd, kd, vd, od, gd) = (up(&qs)?, up(&ks)?, up(&vs)?, up(&os)?, up(&gs)?);
+        let up = |t: &[Tensor]| upload_shards(main, t);
+        let (qd, kd, vd, od, gd) = (up(&shards.q)?, up(&shards.k)?, up(&shards.v)?, up(&shards.o)?, up(&shards.dout)?);
         // lse per query chunk, [b, h, cq], uploaded once.
         let mut lse_dev: Vec<Vec<CudaSlice<f32>>> = Vec::new();
-        for (r, lsh) in ls.iter().enumerate() {
+        for (r, lsh) in shards.lse.iter().enumerate() {
             let lq = sched.q.rank_len(r);
             let lf = lsh.to_f32_vec();
             let mut per = Vec::new();
@@ -478,13 +466,13 @@ pub fn ring_backward_cuda(
                 }
                 q0 += cq;
             }
-            dq_sh.push(Tensor::from_f32(&dq, qs[r].shape(), dt)?);
+            dq_sh.push(Tensor::from_f32(&dq, shards.q[r].shape(), dt)?);
             let lk = sched.k.rank_len(r);
             let n_el = b * lk * hk * d;
             let dk = main.clone_dtoh(&dkv_acc[r].0).map_err(d_err("download"))?;
             let dv = main.clone_dtoh(&dkv_acc[r].1).map_err(d_err("download"))?;
-            dk_sh.push(Tensor::from_f32(&dk[..n_el], ks[r].shape(), dt)?);
-            dv_sh.push(Tensor::from_f32(&dv[..n_el], vs[r].shape(), dt)?);
+            dk_sh.push(Tensor::from_f32(&dk[..n_el], shards.k[r].shape(), dt)?);
+            dv_sh.push(Tensor::from_f32(&dv[..n_el], shards.v[r].shape(), dt)?);
         }
         let grads = Gradients {
             dq: sched.q.unshard(&dq_sh, 1)?,

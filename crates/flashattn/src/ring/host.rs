@@ -13,7 +13,7 @@
 use super::merge::merge_into;
 use super::schedule::{LocalPair, PairMask, RingSchedule};
 use super::transport::{channel_ring, ChannelTransport, Transport, PEER_GONE};
-use crate::api::{ForwardOutput, Gradients};
+use crate::api::{BackwardInputs, ForwardOutput, Gradients};
 use crate::cpu::flash::{self, BwdIn, BwdOut, FwdOut, Qkv};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -188,9 +188,7 @@ fn check_shards(s: &RingSchedule, rank: usize, q: &Tensor, k: &Tensor, v: &Tenso
 fn rank_setup(
     sched: &RingSchedule,
     rank: usize,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    [q, k, v]: [&Tensor; 3],
     opts: &AttnOptions,
 ) -> Result<([usize; 4], f32, f32)> {
     let causal = ring_mask(opts)?;
@@ -232,6 +230,29 @@ pub(super) fn ring_plan(
     Ok((p, sched))
 }
 
+/// The backward's common start: [`ring_plan`] with `extra` checks, then the checks of `o`, `lse`, `dout`;
+/// returns the problem, the schedule and every input's shards (one per rank).
+pub(super) fn ring_plan_backward(
+    x: &BackwardInputs<&Tensor>,
+    opts: &AttnOptions,
+    ranks: usize,
+    extra: impl FnOnce(&Problem) -> Result<()>,
+) -> Result<(Problem, RingSchedule, BackwardInputs<Vec<Tensor>>)> {
+    let (p, sched) = ring_plan(x.q, x.k, x.v, opts, ranks, |p| {
+        extra(p)?;
+        check_backward_inputs(p, &x.o.view(), &x.lse.view(), &x.dout.view())
+    })?;
+    let shards = BackwardInputs {
+        q: sched.q.shard(x.q, 1)?,
+        k: sched.k.shard(x.k, 1)?,
+        v: sched.k.shard(x.v, 1)?,
+        o: sched.q.shard(x.o, 1)?,
+        lse: sched.q.shard(x.lse, 2)?,
+        dout: sched.q.shard(x.dout, 1)?,
+    };
+    Ok((p, sched, shards))
+}
+
 /// The global problem's scale (default `1/sqrt(d)`) and soft-capping, validated.
 fn scale_and_cap(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<(f32, f32)> {
     let mut o = opts.clone();
@@ -265,7 +286,7 @@ pub fn rank_forward<T: Transport<Arc<KvShard>>>(
     opts: &AttnOptions,
     transport: &mut T,
 ) -> Result<(ForwardOutput, RankStats)> {
-    let ([b, h, _hk, d], scale, softcap) = rank_setup(sched, rank, q, k, v, opts)?;
+    let ([b, h, _hk, d], scale, softcap) = rank_setup(sched, rank, [q, k, v], opts)?;
     let n = sched.ranks();
     let q_rows = sched.q.rank_rows(rank);
     let q_local = [0..q_rows[0].len(), q_rows[0].len()..q_rows[0].len() + q_rows[1].len()];
@@ -336,25 +357,20 @@ fn partial_forward(
     Ok((o, lse))
 }
 
-/// Rank `rank`'s part of the ring backward. `q`, `o`, `dout` are its query-side shards (`[b, rows, h, d]`),
-/// `lse` its `[b, h, rows]` shard of the global log-sum-exp, `k`, `v` its K/V shard. K/V travel over
+/// Rank `rank`'s part of the ring backward. `x.q`, `x.o`, `x.dout` are its query-side shards (`[b, rows, h, d]`),
+/// `x.lse` its `[b, h, rows]` shard of the global log-sum-exp, `x.k`, `x.v` its K/V shard. K/V travel over
 /// `kv_transport` (overlapping the compute), the accumulated dK/dV of each shard over `grad_transport`.
 /// Returns this rank's rows of dq, dk, dv.
-#[allow(clippy::too_many_arguments)]
 pub fn rank_backward<T: Transport<Arc<KvShard>>, G: Transport<DkvShard>>(
     sched: &RingSchedule,
     rank: usize,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    dout: &Tensor,
+    x: &BackwardInputs<&Tensor>,
     opts: &AttnOptions,
     kv_transport: &mut T,
     grad_transport: &mut G,
 ) -> Result<(Gradients, RankStats)> {
-    let ([b, h, hk, d], scale, softcap) = rank_setup(sched, rank, q, k, v, opts)?;
+    let &BackwardInputs { q, k, v, o, lse, dout } = x;
+    let ([b, h, hk, d], scale, softcap) = rank_setup(sched, rank, [q, k, v], opts)?;
     let p = validate(&q.view(), &k.view(), &v.view(), &AttnOptions::default())?;
     check_backward_inputs(&p, &o.view(), &lse.view(), &dout.view())?;
     let n = sched.ranks();
@@ -554,24 +570,9 @@ pub fn ring_forward(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions, rank
 /// Ring attention backward of whole host tensors over `ranks` simulated ranks: gradients of q, k, v given
 /// the forward's `o` and `lse` and the upstream gradient `dout`, equal to [`crate::backward`]'s up to
 /// floating-point rounding. Options as for [`ring_forward`].
-#[allow(clippy::too_many_arguments)]
-pub fn ring_backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    o: &Tensor,
-    lse: &Tensor,
-    dout: &Tensor,
-    opts: &AttnOptions,
-    ranks: usize,
-) -> Result<RingBackward> {
-    let (_, sched) =
-        ring_plan(q, k, v, opts, ranks, |p| check_backward_inputs(p, &o.view(), &lse.view(), &dout.view()))?;
-    let (qs, ks, vs) = (sched.q.shard(q, 1)?, sched.k.shard(k, 1)?, sched.k.shard(v, 1)?);
-    let (os, ls, gs) = (sched.q.shard(o, 1)?, sched.q.shard(lse, 2)?, sched.q.shard(dout, 1)?);
-    let per_rank = run_ranks(ranks, |r, tk, tg| {
-        rank_backward(&sched, r, &qs[r], &ks[r], &vs[r], &os[r], &ls[r], &gs[r], opts, tk, tg)
-    })?;
+pub fn ring_backward(x: &BackwardInputs<&Tensor>, opts: &AttnOptions, ranks: usize) -> Result<RingBackward> {
+    let (_, sched, shards) = ring_plan_backward(x, opts, ranks, |_| Ok(()))?;
+    let per_rank = run_ranks(ranks, |r, tk, tg| rank_backward(&sched, r, &shards.map(|s| &s[r]), opts, tk, tg))?;
     let (grads, stats): (Vec<Gradients>, Vec<RankStats>) = per_rank.into_iter().unzip();
     let dq = sched.q.unshard(&grads.iter().map(|g| g.dq.clone()).collect::<Vec<_>>(), 1)?;
     let dk = sched.k.unshard(&grads.iter().map(|g| g.dk.clone()).collect::<Vec<_>>(), 1)?;

@@ -4,7 +4,7 @@
 use flashattn::accuracy::{compare, compare_lse, o_factor, Verdict, GRAD_FACTOR};
 use flashattn::problem::validate;
 use flashattn::reference::{naive_f32, oracle_f64, Forward, Grads};
-use flashattn::{AttnOptions, DType, Device, Tensor, VarLen};
+use flashattn::{AttnOptions, BackwardInputs, DType, Device, Tensor, VarLen};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
@@ -404,28 +404,15 @@ fn run_case_inner(device: Device, c: &Case, seed: u64, t: &mut Timing) -> Result
     t.compare = since(t0);
     if c.backward {
         let t0 = clock();
+        let x = BackwardInputs { q: &inp.q, k: &inp.k, v: &inp.v, o: &out.o, lse: &out.lse, dout: &inp.dout };
         let g = match device {
             Device::Cpu => {
-                let mut dq = Tensor::nan(inp.q.shape(), c.dtype);
-                let mut dk = Tensor::nan(inp.k.shape(), c.dtype);
-                let mut dv = Tensor::nan(inp.v.shape(), c.dtype);
-                let dsink = flashattn::backward_into(
-                    &inp.q.view(),
-                    &inp.k.view(),
-                    &inp.v.view(),
-                    &out.o.view(),
-                    &out.lse.view(),
-                    &inp.dout.view(),
-                    &mut dq.view_mut(),
-                    &mut dk.view_mut(),
-                    &mut dv.view_mut(),
-                    &inp.opts,
-                )
-                .map_err(ctx)?;
-                flashattn::Gradients { dq, dk, dv, dsink }
+                let nan = |t: &Tensor| Tensor::nan(t.shape(), c.dtype);
+                let mut g = flashattn::Gradients { dq: nan(&inp.q), dk: nan(&inp.k), dv: nan(&inp.v), dsink: None };
+                g.dsink = flashattn::backward_into(&x.views(), g.views_mut(), &inp.opts).map_err(ctx)?;
+                g
             }
-            dev => flashattn::backward_on(dev, &inp.q, &inp.k, &inp.v, &out.o, &out.lse, &inp.dout, &inp.opts)
-                .map_err(ctx)?,
+            dev => flashattn::backward_on(dev, &x, &inp.opts).map_err(ctx)?,
         };
         t.bwd = since(t0);
         let t0 = clock();
