@@ -431,36 +431,44 @@ pub(crate) fn pack_row_pairs<const ROUND: bool, const TRANSPOSE: bool>(
     }
 }
 
-/// `x = e^x` (vectorisable in a loop): `e^x = 2^n e^r` with `n = round(x log2 e)`, `r = x - n ln 2` (in two
-/// parts) and a degree-6 polynomial for `e^r` on `|r| <= ln 2 / 2` (about 1 ulp). `e^0 = 1` exactly, `-inf`
-/// and anything below the smallest normal's logarithm give 0 (subnormal results are flushed), `+inf` and
-/// anything above `ln(f32::MAX)` give `+inf`, NaN stays NaN.
+/// The two factors of `e^x = 2^n e^r` for `x` already clamped to `[-87.5, 88.75]`: `n = round(x log2 e)` as an
+/// integer and `e^r`, `r = x - n ln 2` (in two parts, exact), by a degree-6 minimax polynomial on
+/// `|r| <= ln 2 / 2` (relative error 3e-9 before rounding; `e^0 = 1` exactly).
 #[inline(always)]
-pub(crate) fn exp1(x: f32) -> f32 {
+fn exp_parts(xc: f32) -> (i32, f32) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting rounds to the nearest integer
-    let xc = x.clamp(-87.5, 88.75);
     let t = xc * LOG2E + ROUND;
     let n = t - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e = (p * r * r + r) + 1.0;
-    // 2^n for n in [-127, 128]: both halves are normal, so the product is exact up to the final rounding.
+    let mut p = 1.381_451_8e-3_f32;
+    p = p * r + 8.368_747e-3;
+    p = p * r + 4.166_839_3e-2;
+    p = p * r + 1.666_652e-1;
+    p = p * r + 0.499_999_94;
     // `n` as an integer, read from the bits of `t` (`1.5 * 2^23 + n`, whose last mantissa bits are `n`): the
     // same value as `n as i32`, but an integer subtraction the compiler vectorises (the saturating `as`
-    // conversion is not). For a NaN `x` the value is garbage but bounded (no overflow below); `y` is not used.
-    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    let h = ni >> 1;
-    let s1 = f32::from_bits(((h + 127) as u32) << 23);
-    let s2 = f32::from_bits(((ni - h + 127) as u32) << 23);
-    let y = e * s1 * s2;
+    // conversion is not). For a NaN `x` the value is garbage but bounded; callers do not use it then.
+    ((t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32), (p * r * r + r) + 1.0)
+}
+
+/// `2^n` for `n` in `[-126, 127]`, from its exponent field.
+#[inline(always)]
+fn pow2(n: i32) -> f32 {
+    f32::from_bits(((n + 127) as u32) << 23)
+}
+
+/// `x = e^x` (vectorisable in a loop), by [`exp_parts`] (about 1 ulp). `e^0 = 1` exactly, `-inf` and anything
+/// below the smallest normal's logarithm give 0 (subnormal results are flushed), `+inf` and anything above
+/// `ln(f32::MAX)` give `+inf`, NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp1(x: f32) -> f32 {
+    let (n, e) = exp_parts(x.clamp(-87.5, 88.75));
+    // 2^n for n in [-127, 128] as two normal halves, so the product is exact up to the final rounding.
+    let h = n >> 1;
+    let y = e * pow2(h) * pow2(n - h);
     if x < -87.33 {
         0.0
     } else if x > 88.72 {
@@ -472,31 +480,15 @@ pub(crate) fn exp1(x: f32) -> f32 {
     }
 }
 
-/// `e^x` for the softmax's exponentials, whose arguments are at most a rounding error above 0 (a score
-/// minus its row's running maximum); vectorisable in a loop. `e^x = 2^n e^r` as in [`exp1`], with a degree-6
-/// minimax polynomial for `e^r` (relative error 3e-9 before rounding) and one scale factor `2^n`, which is
-/// normal for every `n` in `[-126, 127]` that the clamp allows. Below the smallest normal's logarithm (and
-/// `-inf`): 0; NaN stays NaN. Defined for `x <= 88` (above, the clamp gives `e^88`).
+/// `e^x` for the softmax's exponentials, whose arguments are at most a rounding error above 0 (a score minus its
+/// row's running maximum); vectorisable in a loop. [`exp_parts`] with one scale factor `2^n`, normal for every
+/// `n` the clamp allows (`[-126, 127]`). Below the smallest normal's logarithm (and `-inf`): 0; NaN stays NaN.
+/// Defined for `x <= 88` (above, the clamp gives `e^88`).
 #[inline(always)]
 pub(crate) fn exp_softmax(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting rounds to the nearest integer
     const MIN: f32 = -87.33; // e^MIN is just above the smallest normal
-    let xc = x.clamp(MIN, 88.0);
-    let t = xc * LOG2E + ROUND;
-    let n = t - ROUND;
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.381_451_8e-3_f32;
-    p = p * r + 8.368_747e-3;
-    p = p * r + 4.166_839_3e-2;
-    p = p * r + 1.666_652e-1;
-    p = p * r + 0.499_999_94;
-    let e = (p * r * r + r) + 1.0;
-    // `n` read from the bits of `t`, as in `exp1`; `2^n` built from its exponent field.
-    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    let y = e * f32::from_bits(((ni + 127) as u32) << 23);
+    let (n, e) = exp_parts(x.clamp(MIN, 88.0));
+    let y = e * pow2(n);
     if x < MIN {
         0.0
     } else if x.is_nan() {
