@@ -64,21 +64,19 @@ template <> struct Dt<bf16_t> {
 };
 
 // ---------------------------------------------------------------- tensor cores
-// D(16x8 f32) += A(16x16) * B(16x8), both 16-bit. c[4] is accumulated in place.
-FA_DEVICE void mma_16816(float* c, const u32* a, const u32* b, half_t) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-FA_DEVICE void mma_16816(float* c, const u32* a, const u32* b, bf16_t) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+// D(16x8 f32) += A(16x16) * B(16x8), both 16-bit. c[4] is accumulated in place. One overload per storage type
+// (the tag argument picks it), PTX_T the type's name in the instruction.
+#define FA_MMA_16816(TAG, PTX_T)                                                                \
+    FA_DEVICE void mma_16816(float* c, const u32* a, const u32* b, TAG) {                       \
+        asm volatile(                                                                           \
+            "mma.sync.aligned.m16n8k16.row.col.f32." PTX_T "." PTX_T ".f32 "                    \
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                           \
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                    \
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));                \
+    }
+FA_MMA_16816(half_t, "f16")
+FA_MMA_16816(bf16_t, "bf16")
+#undef FA_MMA_16816
 template <typename T> FA_DEVICE void mma_16816(float* c, const u32* a, const u32* b) { mma_16816(c, a, b, T()); }
 
 // ---------------------------------------------------------------- shared memory
