@@ -455,14 +455,8 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
     // Q tile, coalesced stores. No warp reads Q or K any more (the last __syncthreads of the loop follows the last
     // Q K^T), and no copy into them is in flight; a wider O row may reach into the K tile (OFF_V leaves room).
     // Output offsets are recomputed here rather than kept live through the main loop (register pressure).
-#if IS_VARLEN
-    const int q0e = p.cu_seqlens_q[blockIdx.y];
-    const i64 o_off = (i64)q0e * p.o_row_stride;
-    const i64 lse_off = (i64)blockIdx.z * p.lse_head_stride + q0e;
-#else
-    const i64 o_off = (i64)blockIdx.y * p.o_batch_stride;
-    const i64 lse_off = (i64)blockIdx.y * p.lse_batch_stride + (i64)blockIdx.z * p.lse_head_stride;
-#endif
+    i64 o_off, lse_off;
+    out_offsets(p, blockIdx.y, blockIdx.z, o_off, lse_off);
     u16* go = (u16*)p.o + o_off + (i64)blockIdx.z * p.o_head_stride + (i64)m0 * p.o_row_stride;
     // Learnable sink (p.sink != nullptr): one logit per query head, in natural-log units like the final scores.
     // The branch is on a kernel parameter (uniform); with a null pointer the code below computes exactly what it

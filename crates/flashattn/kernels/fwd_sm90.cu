@@ -515,14 +515,8 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
         // read once the last S is done) in the same 128B-swizzled panels, then 16-byte row-contiguous stores;
         // the Q buffer is released to the producer afterwards. Tiles with no visible key (no Q loaded; the
         // buffer may already hold the next tile's Q) store zeros straight from registers.
-#if IS_VARLEN
-        const int q0 = f.cu_seqlens_q[id.bi];
-        const i64 o_off = (i64)q0 * f.o_row_stride;
-        const i64 lse_off = (i64)id.qh * f.lse_head_stride + q0;
-#else
-        const i64 o_off = (i64)id.bi * f.o_batch_stride;
-        const i64 lse_off = (i64)id.bi * f.lse_batch_stride + (i64)id.qh * f.lse_head_stride;
-#endif
+        i64 o_off, lse_off;
+        out_offsets(f, id.bi, id.qh, o_off, lse_off);
         u16* go = (u16*)f.o + o_off + (i64)id.qh * f.o_head_stride;
         float inv[2];
         // Learnable sink (f.sink != nullptr, f32 [h], natural-log units): a branch on a kernel parameter, so a
