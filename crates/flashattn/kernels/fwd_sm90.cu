@@ -617,7 +617,7 @@ extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) flash_fwd_sm90(con
     const u32 sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
     Bars b;
     b.base = sbase + OFF_BAR;
-    if (threadIdx.x == 0) {
+    init_mbarriers([&] {
         mbar_init(b.full_q(), 1);
         mbar_init(b.empty_q(), CONSUMER_WARPS);
 #pragma unroll
@@ -627,9 +627,7 @@ extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) flash_fwd_sm90(con
             mbar_init(b.full_v(s), 1);
             mbar_init(b.empty_v(s), CONSUMER_WARPS);
         }
-        mbar_init_fence();
-    }
-    __syncthreads();
+    });
     const int wg = threadIdx.x / 128;
     if (wg == 0) {
         regs_dealloc<SM90_PRODUCER_REGS>();
