@@ -569,6 +569,26 @@ FA_DEVICE void store_dk_dv(const BwdParams& p, const SeqInfo& si, int bi, int kv
     }
 }
 
+#if BWD_TILE2D
+// Step kk (a k16 slice) of a product of the 2-D tiling: acc ACC[mi][2 np], ACC[mi][2 np + 1] (+)= A_mi B_np for the
+// two 16-row tiles mi of A and NP 16-column tiles np of B. A_mi's fragments come by ldmatrix.x4 from A0 + mi * 16
+// rows of A_ROW bytes + kk * 32, B_np's by B_LOAD (ldmatrix_x4 or ldmatrix_x4_trans) from B_ADDR, an expression of
+// np and kk. A macro, not a function: the compiled code depends on the order of the address arithmetic and on
+// where the fragments are declared, and a function (tried) changes both.
+#define BWD_2D_STEP(ACC, A0, A_ROW, NP, B_LOAD, B_ADDR)                 \
+    u32 a[2][4];                                                         \
+    ldmatrix_x4(a[0], A0 + kk * 32);                                     \
+    ldmatrix_x4(a[1], A0 + 16 * A_ROW + kk * 32);                        \
+    _Pragma("unroll") for (int np = 0; np < NP; ++np) {                  \
+        u32 b[4];                                                        \
+        B_LOAD(b, B_ADDR);                                               \
+        _Pragma("unroll") for (int mi = 0; mi < 2; ++mi) {               \
+            mma_16816<elem_t>(ACC[mi][2 * np], a[mi], b);                \
+            mma_16816<elem_t>(ACC[mi][2 * np + 1], a[mi], b + 2);        \
+        }                                                                \
+    }
+#endif
+
 // ---------------------------------------------------------------- main kernel
 // One kernel frame for both tilings (BWD_TILE2D picks one); the frame (CTA geometry, K/V and the query-block
 // loads, the step's query head and block, the epilogue) is shared, the per-step work is each tiling's own.
@@ -713,36 +733,12 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 #pragma unroll
             for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
                 if (kk / 2 >= kk_end2) break;  // 32-column granularity: bounds the compiler's load hoisting
-                u32 a[2][4];
-                ldmatrix_x4(a[0], kA + kk * 32);
-                ldmatrix_x4(a[1], kA + 16 * RD + kk * 32);
-#pragma unroll
-                for (int np = 0; np < NS / 16; ++np) {
-                    u32 b[4];
-                    ldmatrix_x4(b, qB + np * 16 * RD + kk * 32);
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) {
-                        mma_16816<elem_t>(acc_s[mi][2 * np], a[mi], b);
-                        mma_16816<elem_t>(acc_s[mi][2 * np + 1], a[mi], b + 2);
-                    }
-                }
+                BWD_2D_STEP(acc_s, kA, RD, NS / 16, ldmatrix_x4, qB + np * 16 * RD + kk * 32)
             }
 #pragma unroll
             for (int kk = 0; kk < HEAD_DIM_V / 16; ++kk) {
-                if (kk / 2 >= kk_end2v) break;  // 32-column granularity: bounds the compiler's load hoisting
-                u32 a[2][4];
-                ldmatrix_x4(a[0], vA + kk * 32);
-                ldmatrix_x4(a[1], vA + 16 * RDV + kk * 32);
-#pragma unroll
-                for (int np = 0; np < NS / 16; ++np) {
-                    u32 b[4];
-                    ldmatrix_x4(b, doB + np * 16 * RDV + kk * 32);
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) {
-                        mma_16816<elem_t>(acc_dp[mi][2 * np], a[mi], b);
-                        mma_16816<elem_t>(acc_dp[mi][2 * np + 1], a[mi], b + 2);
-                    }
-                }
+                if (kk / 2 >= kk_end2v) break;  // the same granularity over HEAD_DIM_V
+                BWD_2D_STEP(acc_dp, vA, RDV, NS / 16, ldmatrix_x4, doB + np * 16 * RDV + kk * 32)
             }
         }
 
@@ -855,35 +851,11 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
             const u32 qBt = sQ + buf * BM * RD + p1r * RD + (dw * DW + p1c) * 2;
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk) {
-                u32 a[2][4];
-                ldmatrix_x4(a[0], pA + kk * 32);
-                ldmatrix_x4(a[1], pA + 16 * RS + kk * 32);
-#pragma unroll
-                for (int np = 0; np < DWV / 16; ++np) {
-                    u32 b[4];
-                    ldmatrix_x4_trans(b, doBt + kk * 16 * RDV + np * 32);
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) {
-                        mma_16816<elem_t>(acc_dv[mi][2 * np], a[mi], b);
-                        mma_16816<elem_t>(acc_dv[mi][2 * np + 1], a[mi], b + 2);
-                    }
-                }
+                BWD_2D_STEP(acc_dv, pA, RS, DWV / 16, ldmatrix_x4_trans, doBt + kk * 16 * RDV + np * 32)
             }
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk) {
-                u32 a[2][4];
-                ldmatrix_x4(a[0], dsAt + kk * 32);
-                ldmatrix_x4(a[1], dsAt + 16 * RS + kk * 32);
-#pragma unroll
-                for (int np = 0; np < DW / 16; ++np) {
-                    u32 b[4];
-                    ldmatrix_x4_trans(b, qBt + kk * 16 * RD + np * 32);
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) {
-                        mma_16816<elem_t>(acc_dk[mi][2 * np], a[mi], b);
-                        mma_16816<elem_t>(acc_dk[mi][2 * np + 1], a[mi], b + 2);
-                    }
-                }
+                BWD_2D_STEP(acc_dk, dsAt, RS, DW / 16, ldmatrix_x4_trans, qBt + kk * 16 * RD + np * 32)
             }
         }
         if (QSTAGES == 1) {
