@@ -589,6 +589,25 @@ FA_DEVICE void store_dk_dv(const BwdParams& p, const SeqInfo& si, int bi, int kv
     }
 #endif
 
+#if !BWD_TILE2D
+// A product of the strip tiling over the k16 steps kk < KSTEPS that hold columns (kk < KK_END): the warp's 16 keys
+// (A: ldmatrix.x4 into A_FRAG from A0 + kk * 32) against the BM queries (B_np: ldmatrix.x4 from B0 + np * 16 rows
+// of B_ROW bytes + kk * 32), ACC[2 np], ACC[2 np + 1] += A B_np. A macro for the reason given at BWD_2D_STEP.
+#define BWD_STRIP_PRODUCT(ACC, A_FRAG, A0, KSTEPS, KK_END, B0, B_ROW)       \
+    _Pragma("unroll") for (int kk = 0; kk < KSTEPS; ++kk) {               \
+        if (kk < KK_END) {                                                 \
+            u32 A_FRAG[4];                                                 \
+            ldmatrix_x4(A_FRAG, A0 + kk * 32);                             \
+            _Pragma("unroll") for (int np = 0; np < BM / 16; ++np) {       \
+                u32 b[4];                                                  \
+                ldmatrix_x4(b, B0 + np * 16 * B_ROW + kk * 32);            \
+                mma_16816<elem_t>(ACC[2 * np], A_FRAG, b);                 \
+                mma_16816<elem_t>(ACC[2 * np + 1], A_FRAG, b + 2);         \
+            }                                                              \
+        }                                                                  \
+    }
+#endif
+
 // ---------------------------------------------------------------- main kernel
 // One kernel frame for both tilings (BWD_TILE2D picks one); the frame (CTA geometry, K/V and the query-block
 // loads, the step's query head and block, the epilogue) is shared, the per-step work is each tiling's own.
@@ -883,46 +902,15 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                         ldmatrix_x4(av, vA + kk * 32);
 #pragma unroll
                         for (int np = 0; np < BM / 16; ++np) {
-                            u32 b[4];
-                            ldmatrix_x4(b, qB + np * 16 * RD + kk * 32);
-                            mma_16816<elem_t>(acc_s[2 * np], a, b);
-                            mma_16816<elem_t>(acc_s[2 * np + 1], a, b + 2);
-                            ldmatrix_x4(b, doB + np * 16 * RDV + kk * 32);
-                            mma_16816<elem_t>(acc_dp[2 * np], av, b);
-                            mma_16816<elem_t>(acc_dp[2 * np + 1], av, b + 2);
+                            mma_slab<elem_t, 1, false>(&acc_s, &a, qB + np * 16 * RD + kk * 32, 2 * np);
+                            mma_slab<elem_t, 1, false>(&acc_dp, &av, doB + np * 16 * RDV + kk * 32, 2 * np);
                         }
                     }
                 }
             } else {
                 // S^T over HEAD_DIM, then dP^T over HEAD_DIM_V.
-#pragma unroll
-                for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-                    if (kk < kk_end) {
-                        u32 a[4];
-                        ldmatrix_x4(a, kA + kk * 32);
-#pragma unroll
-                        for (int np = 0; np < BM / 16; ++np) {
-                            u32 b[4];
-                            ldmatrix_x4(b, qB + np * 16 * RD + kk * 32);
-                            mma_16816<elem_t>(acc_s[2 * np], a, b);
-                            mma_16816<elem_t>(acc_s[2 * np + 1], a, b + 2);
-                        }
-                    }
-                }
-#pragma unroll
-                for (int kk = 0; kk < HEAD_DIM_V / 16; ++kk) {
-                    if (kk < kk_end_v) {
-                        u32 av[4];
-                        ldmatrix_x4(av, vA + kk * 32);
-#pragma unroll
-                        for (int np = 0; np < BM / 16; ++np) {
-                            u32 b[4];
-                            ldmatrix_x4(b, doB + np * 16 * RDV + kk * 32);
-                            mma_16816<elem_t>(acc_dp[2 * np], av, b);
-                            mma_16816<elem_t>(acc_dp[2 * np + 1], av, b + 2);
-                        }
-                    }
-                }
+                BWD_STRIP_PRODUCT(acc_s, a, kA, HEAD_DIM / 16, kk_end, qB, RD)
+                BWD_STRIP_PRODUCT(acc_dp, av, vA, HEAD_DIM_V / 16, kk_end_v, doB, RDV)
             }
         }
 
@@ -1013,12 +1001,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
                 u32 a[4];
                 ldmatrix_x4_trans(a, dsA + kk * 16 * RS);
 #pragma unroll
-                for (int np = 0; np < QC / 16; ++np) {
-                    u32 b[4];
-                    ldmatrix_x4_trans(b, kBt + kk * 16 * RD + np * 32);
-                    mma_16816<elem_t>(acc_dq[2 * np], a, b);
-                    mma_16816<elem_t>(acc_dq[2 * np + 1], a, b + 2);
-                }
+                for (int np = 0; np < QC / 16; ++np) mma_slab<elem_t, 1, true>(&acc_dq, &a, kBt + kk * 16 * RD + np * 32, 2 * np);
                 if (QC % 16) {
                     u32 b[2];
                     ldmatrix_x2_trans(b, kBt + kk * 16 * RD + (QC / 16) * 32);
