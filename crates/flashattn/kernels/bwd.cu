@@ -573,8 +573,9 @@ FA_DEVICE void store_dk_dv(const BwdParams& p, const SeqInfo& si, int bi, int kv
 // Step kk (a k16 slice) of a product of the 2-D tiling: acc ACC[mi][2 np], ACC[mi][2 np + 1] (+)= A_mi B_np for the
 // two 16-row tiles mi of A and NP 16-column tiles np of B. A_mi's fragments come by ldmatrix.x4 from A0 + mi * 16
 // rows of A_ROW bytes + kk * 32, B_np's by B_LOAD (ldmatrix_x4 or ldmatrix_x4_trans) from B_ADDR, an expression of
-// np and kk. A macro, not a function: the compiled code depends on the order of the address arithmetic and on
-// where the fragments are declared, and a function (tried) changes both.
+// np and kk. A macro, not a function: template functions doing the same arithmetic (tried: the step, or only the
+// loads of A) compiled to other cubins (the compiled code follows the order of the address arithmetic); the
+// expansion is the code the loops had before, token for token.
 #define BWD_2D_STEP(ACC, A0, A_ROW, NP, B_LOAD, B_ADDR)                 \
     u32 a[2][4];                                                         \
     ldmatrix_x4(a[0], A0 + kk * 32);                                     \
@@ -612,7 +613,7 @@ FA_DEVICE void store_dk_dv(const BwdParams& p, const SeqInfo& si, int bi, int kv
 // One kernel frame for both tilings (BWD_TILE2D picks one); the frame (CTA geometry, K/V and the query-block
 // loads, the step's query head and block, the epilogue) is shared, the per-step work is each tiling's own.
 #if BWD_TILE2D
-// 2-D warp tiling (HEAD_DIM 96, 128; 192 and 256 where BWD_TILE2D is on).
+// 2-D warp tiling (BWD_TILE2D: by default tile dims 96 and 128, and 256 on sm_90; see the top of the file).
 // Per query block (BM queries) of the CTA's BN = 128 keys:
 //   S^T = K Q^T, dP^T = V dO^T     warp (kw, qw): keys kw*32.., queries qw*NS..   (fragments via ldmatrix)
 //   P^T, dS^T -> shared memory      (one 32-bit store per packed pair)
