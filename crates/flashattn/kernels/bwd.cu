@@ -569,7 +569,62 @@ FA_DEVICE void store_dk_dv(const BwdParams& p, const SeqInfo& si, int bi, int kv
     }
 }
 
+#if BWD_TILE2D
+// Step kk (a k16 slice) of a product of the 2-D tiling: acc ACC[mi][2 np], ACC[mi][2 np + 1] (+)= A_mi B_np for the
+// two 16-row tiles mi of A and NP 16-column tiles np of B. A_mi's fragments come by ldmatrix.x4 from A0 + mi * 16
+// rows of A_ROW bytes + kk * 32, B_np's by B_LOAD (ldmatrix_x4 or ldmatrix_x4_trans) from B_ADDR, an expression of
+// np and kk. A macro, not a function: template functions doing the same arithmetic (tried: the step, or only the
+// loads of A) compiled to other cubins (the compiled code follows the order of the address arithmetic); the
+// expansion is the code the loops had before, token for token.
+#define BWD_2D_STEP(ACC, A0, A_ROW, NP, B_LOAD, B_ADDR)                 \
+    u32 a[2][4];                                                         \
+    ldmatrix_x4(a[0], A0 + kk * 32);                                     \
+    ldmatrix_x4(a[1], A0 + 16 * A_ROW + kk * 32);                        \
+    _Pragma("unroll") for (int np = 0; np < NP; ++np) {                  \
+        u32 b[4];                                                        \
+        B_LOAD(b, B_ADDR);                                               \
+        _Pragma("unroll") for (int mi = 0; mi < 2; ++mi) {               \
+            mma_16816<elem_t>(ACC[mi][2 * np], a[mi], b);                \
+            mma_16816<elem_t>(ACC[mi][2 * np + 1], a[mi], b + 2);        \
+        }                                                                \
+    }
+#endif
+
 #if !BWD_TILE2D
+// A product of the strip tiling over the k16 steps kk < KSTEPS that hold columns (kk < KK_END): the warp's 16 keys
+// (A: ldmatrix.x4 into A_FRAG from A0 + kk * 32) against the BM queries (B_np: ldmatrix.x4 from B0 + np * 16 rows
+// of B_ROW bytes + kk * 32), ACC[2 np], ACC[2 np + 1] += A B_np. A macro for the reason given at BWD_2D_STEP.
+#define BWD_STRIP_PRODUCT(ACC, A_FRAG, A0, KSTEPS, KK_END, B0, B_ROW)       \
+    _Pragma("unroll") for (int kk = 0; kk < KSTEPS; ++kk) {               \
+        if (kk < KK_END) {                                                 \
+            u32 A_FRAG[4];                                                 \
+            ldmatrix_x4(A_FRAG, A0 + kk * 32);                             \
+            _Pragma("unroll") for (int np = 0; np < BM / 16; ++np) {       \
+                u32 b[4];                                                  \
+                ldmatrix_x4(b, B0 + np * 16 * B_ROW + kk * 32);            \
+                mma_16816<elem_t>(ACC[2 * np], A_FRAG, b);                 \
+                mma_16816<elem_t>(ACC[2 * np + 1], A_FRAG, b + 2);         \
+            }                                                              \
+        }                                                                  \
+    }
+#endif
+
+// ---------------------------------------------------------------- main kernel
+// One kernel frame for both tilings (BWD_TILE2D picks one); the frame (CTA geometry, K/V and the query-block
+// loads, the step's query head and block, the epilogue) is shared, the per-step work is each tiling's own.
+#if BWD_TILE2D
+// 2-D warp tiling (BWD_TILE2D: by default tile dims 96 and 128, and 256 on sm_90; see the top of the file).
+// Per query block (BM queries) of the CTA's BN = 128 keys:
+//   S^T = K Q^T, dP^T = V dO^T     warp (kw, qw): keys kw*32.., queries qw*NS..   (fragments via ldmatrix)
+//   P^T, dS^T -> shared memory      (one 32-bit store per packed pair)
+//   dQ += dS K                       warp (qrw, qcw): rows qrw*32.., columns qcw*QC.. -> f32 atomics
+//   dV += P^T dO, dK += dS^T Q       warp (kw, dw): keys kw*32.., columns dw*DW..  (registers, whole CTA)
+// Two __syncthreads per step: [A] after the cp.async wait (the next block's loads are issued right after it, into
+// the buffer every warp finished with in the previous step), [B] after P^T/dS^T are stored.
+#else
+// 1-D strips: warp w owns the 16 keys of strip w % STRIPS (its S^T and dP^T rows for all BM queries) and columns
+// [dpart * DW, + DW) of their dK (DWV of dV), dpart = w / STRIPS; dS^T goes through shared memory for dQ.
+#endif
 extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(const BwdParams p) {
     using namespace bwd;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -581,7 +636,13 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
+#if BWD_TILE2D
+    const int kw = warp % WK, qw = warp / WK;   // S^T tile; dK/dV tile uses (kw, dw = qw)
+    const int dw = qw;
+    const int qrw = warp % QROWW, qcw = warp / QROWW;
+#else
     const int strip = warp % STRIPS, dpart = warp / STRIPS;
+#endif
     const int d = f.d, d_v = value_dim(p);
     const int group = f.h / f.hk;
 
@@ -598,15 +659,25 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 
     const u32 sbase = smem_u32(smem);
     const u32 sK = sbase + OFF_K, sV = sbase + OFF_V;
+#if BWD_TILE2D
+    const u32 sQ = sbase + OFF_Q, sDO = sbase + OFF_DO, sP = sbase + OFF_P, sDS = sbase + OFF_DS;
+#else
     const u32 sQ = sbase + OFF_Q, sDO = sbase + OFF_DO, sDS = sbase + OFF_DS;
+#endif
     float* s_lse = (float*)(smem + OFF_LSE);
     float* s_dps = (float*)(smem + OFF_DP);
 
     const elem_t* kg = (const elem_t*)f.k + batch_off(f.k_batch_stride, bi) + (si.k_off_rows + n0) * f.k_row_stride + kvh * f.k_head_stride;
     const elem_t* vg = (const elem_t*)f.v + batch_off(f.v_batch_stride, bi) + (si.k_off_rows + n0) * f.v_row_stride + kvh * f.v_head_stride;
 
+#if BWD_TILE2D
+    float acc_dk[2][DW / 8][4], acc_dv[2][DWV / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) zero_dk_dv(acc_dk[mi], acc_dv[mi]);
+#else
     float acc_dk[DW / 8][4], acc_dv[DWV / 8][4];
     zero_dk_dv(acc_dk, acc_dv);
+#endif
 
     auto issue_q = [&](int it, int buf) {
         issue_q_loads(p, si, bi, kvh, group, m_lo, n_m, it, buf, sQ, sDO, s_lse, s_dps, d, d_v, tid);
@@ -625,286 +696,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     // P1: A non-trans / B trans (row + (l & 15), col + (l >> 4) * 8);  P2: B non-trans / A trans.
     const int p1r = lane & 15, p1c = (lane >> 4) * 8;
     const int p2r = (lane & 7) + ((lane >> 4) << 3), p2c = ((lane >> 3) & 1) * 8;
-    const u32 kA = sK + (strip * 16 + p1r) * RD + p1c * 2;
-    const u32 vA = sV + (strip * 16 + p1r) * RDV + p1c * 2;
-    const int qrw = warp % QROWW, qcw = warp / QROWW;
-    const u32 dsA = sDS + p2r * RS + (qrw * 16 + p2c) * 2;
-    const u32 kBt = sK + p1r * RD + (qcw * QC + p1c) * 2;
-    const int kk_end = (d + 15) / 16;
-    const int kk_end_v = (d_v + 15) / 16;
-
-    float sink_acc = 0.f;  // HAS_SINK: this warp's share of dsink for the current head (else unused)
-    for (int it = 0; it < n_iter; ++it) {
-        const int buf = it & 1;
-        if (it + 1 < n_iter) issue_q(it + 1, buf ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-
-        const int gi = it / n_m;
-        const int mr = m_order(it, n_m);
-        const int mb = m_lo + mr;
-        const int m0 = mb * BM;
-        const int head = kvh * group + gi;
-
-        // ---- S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BM queries
-        float acc_s[BM / 8][4], acc_dp[BM / 8][4];
-#pragma unroll
-        for (int j = 0; j < BM / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc_s[j][e] = acc_dp[j][e] = 0.f;
-        {
-            const u32 qB = sQ + buf * BM * RD + p2r * RD + p2c * 2;
-            const u32 doB = sDO + buf * BM * RDV + p2r * RDV + p2c * 2;
-            if constexpr (!HAS_DV) {
-                // One loop over the shared head dim (kk_end_v == kk_end: d_v is d).
-#pragma unroll
-                for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-                    if (kk < kk_end) {
-                        u32 a[4], av[4];
-                        ldmatrix_x4(a, kA + kk * 32);
-                        ldmatrix_x4(av, vA + kk * 32);
-#pragma unroll
-                        for (int np = 0; np < BM / 16; ++np) {
-                            u32 b[4];
-                            ldmatrix_x4(b, qB + np * 16 * RD + kk * 32);
-                            mma_16816<elem_t>(acc_s[2 * np], a, b);
-                            mma_16816<elem_t>(acc_s[2 * np + 1], a, b + 2);
-                            ldmatrix_x4(b, doB + np * 16 * RDV + kk * 32);
-                            mma_16816<elem_t>(acc_dp[2 * np], av, b);
-                            mma_16816<elem_t>(acc_dp[2 * np + 1], av, b + 2);
-                        }
-                    }
-                }
-            } else {
-                // S^T over HEAD_DIM, then dP^T over HEAD_DIM_V.
-#pragma unroll
-                for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-                    if (kk < kk_end) {
-                        u32 a[4];
-                        ldmatrix_x4(a, kA + kk * 32);
-#pragma unroll
-                        for (int np = 0; np < BM / 16; ++np) {
-                            u32 b[4];
-                            ldmatrix_x4(b, qB + np * 16 * RD + kk * 32);
-                            mma_16816<elem_t>(acc_s[2 * np], a, b);
-                            mma_16816<elem_t>(acc_s[2 * np + 1], a, b + 2);
-                        }
-                    }
-                }
-#pragma unroll
-                for (int kk = 0; kk < HEAD_DIM_V / 16; ++kk) {
-                    if (kk < kk_end_v) {
-                        u32 av[4];
-                        ldmatrix_x4(av, vA + kk * 32);
-#pragma unroll
-                        for (int np = 0; np < BM / 16; ++np) {
-                            u32 b[4];
-                            ldmatrix_x4(b, doB + np * 16 * RDV + kk * 32);
-                            mma_16816<elem_t>(acc_dp[2 * np], av, b);
-                            mma_16816<elem_t>(acc_dp[2 * np + 1], av, b + 2);
-                        }
-                    }
-                }
-            }
-        }
-
-        // ---- P = exp2(score * log2e - lse * log2e), dS = P * (dP - D) (* softcap derivative)
-        {
-            const float* lse_s = s_lse + buf * BM;
-            const float* dps_s = s_dps + buf * BM;
-            bool need_mask = (m0 + BM > si.sq) || tile_needs_mask(mc, HAS_MASK != 0, m0, m0 + BM - 1, n0 + strip * 16, 16);
-            const float slope_log2 = alibi_slope_log2(f, bi, head);
-            const int krow0 = n0 + strip * 16 + g;  // key index of c0/c1 (c2/c3: + 8)
-            const float sink_l2 = sink_log2(f, head);
-#pragma unroll
-            for (int j = 0; j < BM / 8; ++j) {
-                float pdp[2];  // p_ds_frag's scratch
-                sink_acc += p_ds_frag(acc_s[j], acc_dp[j], mc, off, sc, slope_log2, sink_l2, lse_s, dps_s, m0,
-                                      8 * j + 2 * t, krow0, need_mask, p.exact_one_key, pdp);
-            }
-        }
-#if HAS_SINK
-        // The last step of this head: the warps of dpart 0 hand in their sums (the others recompute the same
-        // elements for their dK/dV columns).
-        if ((it + 1) % n_m == 0) {
-            if (dpart == 0) sink_flush(p, bi, head, nblk, warp, sink_acc);
-            sink_acc = 0.f;
-        }
-#endif
-
-        // ---- pack P^T and dS^T as A fragments (k = queries)
-        u32 pa[BM / 16][4], dsa[BM / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < BM / 16; ++kk) {
-            pa[kk][0] = DT::pack(acc_s[2 * kk][0], acc_s[2 * kk][1]);
-            pa[kk][1] = DT::pack(acc_s[2 * kk][2], acc_s[2 * kk][3]);
-            pa[kk][2] = DT::pack(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
-            pa[kk][3] = DT::pack(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
-            dsa[kk][0] = DT::pack(acc_dp[2 * kk][0], acc_dp[2 * kk][1]);
-            dsa[kk][1] = DT::pack(acc_dp[2 * kk][2], acc_dp[2 * kk][3]);
-            dsa[kk][2] = DT::pack(acc_dp[2 * kk + 1][0], acc_dp[2 * kk + 1][1]);
-            dsa[kk][3] = DT::pack(acc_dp[2 * kk + 1][2], acc_dp[2 * kk + 1][3]);
-        }
-
-        // ---- dS^T to shared memory for dQ (one warp per strip writes it)
-        if (dpart == 0) {
-            const u32 row_a = sDS + (strip * 16 + g) * RS + 4 * t;
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-                st_shared_u32(row_a + kk * 32, dsa[kk][0]);
-                st_shared_u32(row_a + 8 * RS + kk * 32, dsa[kk][1]);
-                st_shared_u32(row_a + kk * 32 + 16, dsa[kk][2]);
-                st_shared_u32(row_a + 8 * RS + kk * 32 + 16, dsa[kk][3]);
-            }
-        }
-
-        // ---- dV += P^T dO, dK += dS^T Q   (B operands: [queries][HEAD_DIM_V] / [queries][HEAD_DIM] tiles read
-        // transposed)
-        {
-            const u32 doBt = sDO + buf * BM * RDV + p1r * RDV + (dpart * DWV + p1c) * 2;
-            const u32 qBt = sQ + buf * BM * RD + p1r * RD + (dpart * DW + p1c) * 2;
-#pragma unroll
-            for (int kk = 0; kk < BM / 16; ++kk) {
-#pragma unroll
-                for (int np = 0; np < (DW > DWV ? DW : DWV) / 16; ++np) {
-                    u32 b[4];
-                    if (np < DWV / 16) {
-                        ldmatrix_x4_trans(b, doBt + kk * 16 * RDV + np * 32);
-                        mma_16816<elem_t>(acc_dv[2 * np], pa[kk], b);
-                        mma_16816<elem_t>(acc_dv[2 * np + 1], pa[kk], b + 2);
-                    }
-                    if (np < DW / 16) {
-                        ldmatrix_x4_trans(b, qBt + kk * 16 * RD + np * 32);
-                        mma_16816<elem_t>(acc_dk[2 * np], dsa[kk], b);
-                        mma_16816<elem_t>(acc_dk[2 * np + 1], dsa[kk], b + 2);
-                    }
-                }
-            }
-        }
-        __syncthreads();  // dS^T complete; every warp is done with this Q/dO buffer
-
-        // ---- dQ(BM x HEAD_DIM) += dS K: warp (qrw, qcw) owns rows qrw*16.. and columns qcw*QC..
-        {
-            float acc_dq[QC / 8][4];
-#pragma unroll
-            for (int i = 0; i < QC / 8; ++i)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc_dq[i][e] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                u32 a[4];
-                ldmatrix_x4_trans(a, dsA + kk * 16 * RS);
-#pragma unroll
-                for (int np = 0; np < QC / 16; ++np) {
-                    u32 b[4];
-                    ldmatrix_x4_trans(b, kBt + kk * 16 * RD + np * 32);
-                    mma_16816<elem_t>(acc_dq[2 * np], a, b);
-                    mma_16816<elem_t>(acc_dq[2 * np + 1], a, b + 2);
-                }
-                if (QC % 16) {
-                    u32 b[2];
-                    ldmatrix_x2_trans(b, kBt + kk * 16 * RD + (QC / 16) * 32);
-                    mma_16816<elem_t>(acc_dq[QC / 8 - 1], a, b);
-                }
-            }
-
-#if DETERMINISTIC
-            const int nmb = (f.sq + BM - 1) / BM;
-            int* sem = p.dq_semaphore + (i64)(bi * f.h + head) * nmb + mb;
-            const int n_first = bwd_first_k_block(mc, HAS_MASK != 0, m0, BN);
-            if (tid == 0) {
-                const int want = nblk - n_first;
-                while (ld_acquire_gpu(sem) != want) { __nanosleep(64); }
-            }
-            __syncthreads();
-#endif
-            const int qrow = m0 + qrw * 16 + g;
-            float* dqa = p.dq_accum + ((i64)si.q_row0 + qrow) * f.h * HEAD_DIM + head * HEAD_DIM + qcw * QC + 2 * t;
-            const i64 rstep8 = (i64)8 * f.h * HEAD_DIM;
-#pragma unroll
-            for (int nt = 0; nt < QC / 8; ++nt) {
-                if (qcw * QC + nt * 8 < d) red_add_frag(dqa + nt * 8, rstep8, acc_dq[nt], qrow < si.sq, qrow + 8 < si.sq);
-            }
-#if DETERMINISTIC
-            __threadfence();
-            __syncthreads();
-            if (tid == 0) st_release_gpu(sem, nblk - n_first + 1);
-#endif
-        }
-    }
-    cp_async_wait<0>();
-
-    // ---- epilogue: dK = scale * acc_dk, dV = acc_dv, straight from the fragments
-    {
-        store_dk_dv<1>(p, si, bi, kvh, n0, &acc_dk, &acc_dv, strip * 16, dpart * DW, dpart * DWV, d, d_v, scale, g, t);
-    }
-}
-#endif  // !BWD_TILE2D
-
 #if BWD_TILE2D
-// ---------------------------------------------------------------- main kernel, 2-D warp tiling (HEAD_DIM <= 128)
-// Per query block (BM queries) of the CTA's BN = 128 keys:
-//   S^T = K Q^T, dP^T = V dO^T     warp (kw, qw): keys kw*32.., queries qw*NS..   (fragments via ldmatrix)
-//   P^T, dS^T -> shared memory      (one 32-bit store per packed pair)
-//   dQ += dS K                       warp (qrw, qcw): rows qrw*32.., columns qcw*QC.. -> f32 atomics
-//   dV += P^T dO, dK += dS^T Q       warp (kw, dw): keys kw*32.., columns dw*DW..  (registers, whole CTA)
-// Two __syncthreads per step: [A] after the cp.async wait (the next block's loads are issued right after it, into
-// the buffer every warp finished with in the previous step), [B] after P^T/dS^T are stored.
-extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(const BwdParams p) {
-    using namespace bwd;
-    extern __shared__ __align__(128) unsigned char smem[];
-    const FwdParams& f = p.fwd;
-    const int nblk = blockIdx.x, kvh = blockIdx.y, bi = blockIdx.z;
-    const SeqInfo si = seq_info(f, bi);
-    const int n0 = nblk * BN;
-    if (n0 >= si.sk_rows) return;
-
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int kw = warp % WK, qw = warp / WK;   // S^T tile; dK/dV tile uses (kw, dw = qw)
-    const int dw = qw;
-    const int qrw = warp % QROWW, qcw = warp / QROWW;
-    const int d = f.d, d_v = value_dim(p);
-    const int group = f.h / f.hk;
-
-    MaskCtx mc;
-    set_mask_ctx(mc, si.sq, si.sk, f);
-    const int off = si.sk - si.sq;
-
-    int m_lo, m_hi;
-    bwd_q_blocks(mc, HAS_MASK != 0, n0, BN, BM, &m_lo, &m_hi);
-    const int n_m = m_hi > m_lo ? m_hi - m_lo : 0;
-    const int n_iter = n_m * group;
-
-    const u32 sbase = smem_u32(smem);
-    const u32 sK = sbase + OFF_K, sV = sbase + OFF_V;
-    const u32 sQ = sbase + OFF_Q, sDO = sbase + OFF_DO, sP = sbase + OFF_P, sDS = sbase + OFF_DS;
-    float* s_lse = (float*)(smem + OFF_LSE);
-    float* s_dps = (float*)(smem + OFF_DP);
-
-    const elem_t* kg = (const elem_t*)f.k + batch_off(f.k_batch_stride, bi) + (si.k_off_rows + n0) * f.k_row_stride + kvh * f.k_head_stride;
-    const elem_t* vg = (const elem_t*)f.v + batch_off(f.v_batch_stride, bi) + (si.k_off_rows + n0) * f.v_row_stride + kvh * f.v_head_stride;
-
-    float acc_dk[2][DW / 8][4], acc_dv[2][DWV / 8][4];
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) zero_dk_dv(acc_dk[mi], acc_dv[mi]);
-
-    auto issue_q = [&](int it, int buf) {
-        issue_q_loads(p, si, bi, kvh, group, m_lo, n_m, it, buf, sQ, sDO, s_lse, s_dps, d, d_v, tid);
-    };
-
-    load_tile<BN>(sK, kg, f.k_row_stride, si.sk - n0, d, tid);
-    load_tile<BN, HEAD_DIM_V>(sV, vg, f.v_row_stride, si.sk - n0, d_v, tid);
-    if (n_iter > 0) issue_q(0, 0);
-    cp_async_commit();
-
-    const float scale = f.scale;
-    const BwdScale sc = bwd_scale(f);
-
-    // P1: A non-trans / B trans (row + (l & 15), col + (l >> 4) * 8);  P2: B non-trans / A trans.
-    const int p1r = lane & 15, p1c = (lane >> 4) * 8;
-    const int p2r = (lane & 7) + ((lane >> 4) << 3), p2c = ((lane >> 3) & 1) * 8;
     const u32 kA = sK + (kw * MS + p1r) * RD + p1c * 2;
     const u32 vA = sV + (kw * MS + p1r) * RDV + p1c * 2;
     const u32 pA = sP + (kw * MS + p1r) * RS + p1c * 2;
@@ -914,14 +706,31 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
     const int kk_end2 = (d + 31) / 32;
     const int kk_end2v = (d_v + 31) / 32;
     const u32 pst = (kw * MS + g) * RS + (qw * NS + 2 * t) * 2;  // P^T/dS^T store offset of c0/c1 of (0, 0)
+#else
+    const u32 kA = sK + (strip * 16 + p1r) * RD + p1c * 2;
+    const u32 vA = sV + (strip * 16 + p1r) * RDV + p1c * 2;
+    const int qrw = warp % QROWW, qcw = warp / QROWW;
+    const u32 dsA = sDS + p2r * RS + (qrw * 16 + p2c) * 2;
+    const u32 kBt = sK + p1r * RD + (qcw * QC + p1c) * 2;
+    const int kk_end = (d + 15) / 16;
+    const int kk_end_v = (d_v + 15) / 16;
+#endif
 
     float sink_acc = 0.f;  // HAS_SINK: this warp's share of dsink for the current head (else unused)
     for (int it = 0; it < n_iter; ++it) {
+#if BWD_TILE2D
         const int buf = QSTAGES == 2 ? (it & 1) : 0;
         cp_async_wait<0>();
         __syncthreads();  // [A]
         if (QSTAGES == 2 && it + 1 < n_iter) issue_q(it + 1, buf ^ 1);
         cp_async_commit();
+#else
+        const int buf = it & 1;
+        if (it + 1 < n_iter) issue_q(it + 1, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+#endif
 
         const int gi = it / n_m;
         const int mr = m_order(it, n_m);
@@ -929,6 +738,7 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
         const int m0 = mb * BM;
         const int head = kvh * group + gi;
 
+#if BWD_TILE2D
         // ---- S^T = K Q^T and dP^T = V dO^T: 32 keys x NS queries per warp
         float acc_s[2][NS / 8][4], acc_dp[2][NS / 8][4];
 #pragma unroll
@@ -943,36 +753,12 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
 #pragma unroll
             for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
                 if (kk / 2 >= kk_end2) break;  // 32-column granularity: bounds the compiler's load hoisting
-                u32 a[2][4];
-                ldmatrix_x4(a[0], kA + kk * 32);
-                ldmatrix_x4(a[1], kA + 16 * RD + kk * 32);
-#pragma unroll
-                for (int np = 0; np < NS / 16; ++np) {
-                    u32 b[4];
-                    ldmatrix_x4(b, qB + np * 16 * RD + kk * 32);
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) {
-                        mma_16816<elem_t>(acc_s[mi][2 * np], a[mi], b);
-                        mma_16816<elem_t>(acc_s[mi][2 * np + 1], a[mi], b + 2);
-                    }
-                }
+                BWD_2D_STEP(acc_s, kA, RD, NS / 16, ldmatrix_x4, qB + np * 16 * RD + kk * 32)
             }
 #pragma unroll
             for (int kk = 0; kk < HEAD_DIM_V / 16; ++kk) {
-                if (kk / 2 >= kk_end2v) break;  // 32-column granularity: bounds the compiler's load hoisting
-                u32 a[2][4];
-                ldmatrix_x4(a[0], vA + kk * 32);
-                ldmatrix_x4(a[1], vA + 16 * RDV + kk * 32);
-#pragma unroll
-                for (int np = 0; np < NS / 16; ++np) {
-                    u32 b[4];
-                    ldmatrix_x4(b, doB + np * 16 * RDV + kk * 32);
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) {
-                        mma_16816<elem_t>(acc_dp[mi][2 * np], a[mi], b);
-                        mma_16816<elem_t>(acc_dp[mi][2 * np + 1], a[mi], b + 2);
-                    }
-                }
+                if (kk / 2 >= kk_end2v) break;  // the same granularity over HEAD_DIM_V
+                BWD_2D_STEP(acc_dp, vA, RDV, NS / 16, ldmatrix_x4, doB + np * 16 * RDV + kk * 32)
             }
         }
 
@@ -1085,35 +871,11 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
             const u32 qBt = sQ + buf * BM * RD + p1r * RD + (dw * DW + p1c) * 2;
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk) {
-                u32 a[2][4];
-                ldmatrix_x4(a[0], pA + kk * 32);
-                ldmatrix_x4(a[1], pA + 16 * RS + kk * 32);
-#pragma unroll
-                for (int np = 0; np < DWV / 16; ++np) {
-                    u32 b[4];
-                    ldmatrix_x4_trans(b, doBt + kk * 16 * RDV + np * 32);
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) {
-                        mma_16816<elem_t>(acc_dv[mi][2 * np], a[mi], b);
-                        mma_16816<elem_t>(acc_dv[mi][2 * np + 1], a[mi], b + 2);
-                    }
-                }
+                BWD_2D_STEP(acc_dv, pA, RS, DWV / 16, ldmatrix_x4_trans, doBt + kk * 16 * RDV + np * 32)
             }
 #pragma unroll
             for (int kk = 0; kk < BM / 16; ++kk) {
-                u32 a[2][4];
-                ldmatrix_x4(a[0], dsAt + kk * 32);
-                ldmatrix_x4(a[1], dsAt + 16 * RS + kk * 32);
-#pragma unroll
-                for (int np = 0; np < DW / 16; ++np) {
-                    u32 b[4];
-                    ldmatrix_x4_trans(b, qBt + kk * 16 * RD + np * 32);
-#pragma unroll
-                    for (int mi = 0; mi < 2; ++mi) {
-                        mma_16816<elem_t>(acc_dk[mi][2 * np], a[mi], b);
-                        mma_16816<elem_t>(acc_dk[mi][2 * np + 1], a[mi], b + 2);
-                    }
-                }
+                BWD_2D_STEP(acc_dk, dsAt, RS, DW / 16, ldmatrix_x4_trans, qBt + kk * 16 * RD + np * 32)
             }
         }
         if (QSTAGES == 1) {
@@ -1121,12 +883,166 @@ extern "C" __global__ void __launch_bounds__(bwd::NT, BWD_MINB) flash_bwd_main(c
             if (it + 1 < n_iter) issue_q(it + 1, 0);
             cp_async_commit();
         }
+#else
+        // ---- S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BM queries
+        float acc_s[BM / 8][4], acc_dp[BM / 8][4];
+#pragma unroll
+        for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_s[j][e] = acc_dp[j][e] = 0.f;
+        {
+            const u32 qB = sQ + buf * BM * RD + p2r * RD + p2c * 2;
+            const u32 doB = sDO + buf * BM * RDV + p2r * RDV + p2c * 2;
+            if constexpr (!HAS_DV) {
+                // One loop over the shared head dim (kk_end_v == kk_end: d_v is d).
+#pragma unroll
+                for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+                    if (kk < kk_end) {
+                        u32 a[4], av[4];
+                        ldmatrix_x4(a, kA + kk * 32);
+                        ldmatrix_x4(av, vA + kk * 32);
+#pragma unroll
+                        for (int np = 0; np < BM / 16; ++np) {
+                            mma_slab<elem_t, 1, false>(&acc_s, &a, qB + np * 16 * RD + kk * 32, 2 * np);
+                            mma_slab<elem_t, 1, false>(&acc_dp, &av, doB + np * 16 * RDV + kk * 32, 2 * np);
+                        }
+                    }
+                }
+            } else {
+                // S^T over HEAD_DIM, then dP^T over HEAD_DIM_V.
+                BWD_STRIP_PRODUCT(acc_s, a, kA, HEAD_DIM / 16, kk_end, qB, RD)
+                BWD_STRIP_PRODUCT(acc_dp, av, vA, HEAD_DIM_V / 16, kk_end_v, doB, RDV)
+            }
+        }
+
+        // ---- P = exp2(score * log2e - lse * log2e), dS = P * (dP - D) (* softcap derivative)
+        {
+            const float* lse_s = s_lse + buf * BM;
+            const float* dps_s = s_dps + buf * BM;
+            bool need_mask = (m0 + BM > si.sq) || tile_needs_mask(mc, HAS_MASK != 0, m0, m0 + BM - 1, n0 + strip * 16, 16);
+            const float slope_log2 = alibi_slope_log2(f, bi, head);
+            const int krow0 = n0 + strip * 16 + g;  // key index of c0/c1 (c2/c3: + 8)
+            const float sink_l2 = sink_log2(f, head);
+#pragma unroll
+            for (int j = 0; j < BM / 8; ++j) {
+                float pdp[2];  // p_ds_frag's scratch
+                sink_acc += p_ds_frag(acc_s[j], acc_dp[j], mc, off, sc, slope_log2, sink_l2, lse_s, dps_s, m0,
+                                      8 * j + 2 * t, krow0, need_mask, p.exact_one_key, pdp);
+            }
+        }
+#if HAS_SINK
+        // The last step of this head: the warps of dpart 0 hand in their sums (the others recompute the same
+        // elements for their dK/dV columns).
+        if ((it + 1) % n_m == 0) {
+            if (dpart == 0) sink_flush(p, bi, head, nblk, warp, sink_acc);
+            sink_acc = 0.f;
+        }
+#endif
+
+        // ---- pack P^T and dS^T as A fragments (k = queries)
+        u32 pa[BM / 16][4], dsa[BM / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+            pa[kk][0] = DT::pack(acc_s[2 * kk][0], acc_s[2 * kk][1]);
+            pa[kk][1] = DT::pack(acc_s[2 * kk][2], acc_s[2 * kk][3]);
+            pa[kk][2] = DT::pack(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
+            pa[kk][3] = DT::pack(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+            dsa[kk][0] = DT::pack(acc_dp[2 * kk][0], acc_dp[2 * kk][1]);
+            dsa[kk][1] = DT::pack(acc_dp[2 * kk][2], acc_dp[2 * kk][3]);
+            dsa[kk][2] = DT::pack(acc_dp[2 * kk + 1][0], acc_dp[2 * kk + 1][1]);
+            dsa[kk][3] = DT::pack(acc_dp[2 * kk + 1][2], acc_dp[2 * kk + 1][3]);
+        }
+
+        // ---- dS^T to shared memory for dQ (one warp per strip writes it)
+        if (dpart == 0) {
+            const u32 row_a = sDS + (strip * 16 + g) * RS + 4 * t;
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk) {
+                st_shared_u32(row_a + kk * 32, dsa[kk][0]);
+                st_shared_u32(row_a + 8 * RS + kk * 32, dsa[kk][1]);
+                st_shared_u32(row_a + kk * 32 + 16, dsa[kk][2]);
+                st_shared_u32(row_a + 8 * RS + kk * 32 + 16, dsa[kk][3]);
+            }
+        }
+
+        // ---- dV += P^T dO, dK += dS^T Q   (B operands: [queries][HEAD_DIM_V] / [queries][HEAD_DIM] tiles read
+        // transposed)
+        {
+            const u32 doBt = sDO + buf * BM * RDV + p1r * RDV + (dpart * DWV + p1c) * 2;
+            const u32 qBt = sQ + buf * BM * RD + p1r * RD + (dpart * DW + p1c) * 2;
+#pragma unroll
+            for (int kk = 0; kk < BM / 16; ++kk) {
+#pragma unroll
+                for (int np = 0; np < (DW > DWV ? DW : DWV) / 16; ++np) {
+                    u32 b[4];
+                    if (np < DWV / 16) {
+                        ldmatrix_x4_trans(b, doBt + kk * 16 * RDV + np * 32);
+                        mma_16816<elem_t>(acc_dv[2 * np], pa[kk], b);
+                        mma_16816<elem_t>(acc_dv[2 * np + 1], pa[kk], b + 2);
+                    }
+                    if (np < DW / 16) {
+                        ldmatrix_x4_trans(b, qBt + kk * 16 * RD + np * 32);
+                        mma_16816<elem_t>(acc_dk[2 * np], dsa[kk], b);
+                        mma_16816<elem_t>(acc_dk[2 * np + 1], dsa[kk], b + 2);
+                    }
+                }
+            }
+        }
+        __syncthreads();  // dS^T complete; every warp is done with this Q/dO buffer
+
+        // ---- dQ(BM x HEAD_DIM) += dS K: warp (qrw, qcw) owns rows qrw*16.. and columns qcw*QC..
+        {
+            float acc_dq[QC / 8][4];
+#pragma unroll
+            for (int i = 0; i < QC / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc_dq[i][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                u32 a[4];
+                ldmatrix_x4_trans(a, dsA + kk * 16 * RS);
+#pragma unroll
+                for (int np = 0; np < QC / 16; ++np) mma_slab<elem_t, 1, true>(&acc_dq, &a, kBt + kk * 16 * RD + np * 32, 2 * np);
+                if (QC % 16) {
+                    u32 b[2];
+                    ldmatrix_x2_trans(b, kBt + kk * 16 * RD + (QC / 16) * 32);
+                    mma_16816<elem_t>(acc_dq[QC / 8 - 1], a, b);
+                }
+            }
+
+#if DETERMINISTIC
+            const int nmb = (f.sq + BM - 1) / BM;
+            int* sem = p.dq_semaphore + (i64)(bi * f.h + head) * nmb + mb;
+            const int n_first = bwd_first_k_block(mc, HAS_MASK != 0, m0, BN);
+            if (tid == 0) {
+                const int want = nblk - n_first;
+                while (ld_acquire_gpu(sem) != want) { __nanosleep(64); }
+            }
+            __syncthreads();
+#endif
+            const int qrow = m0 + qrw * 16 + g;
+            float* dqa = p.dq_accum + ((i64)si.q_row0 + qrow) * f.h * HEAD_DIM + head * HEAD_DIM + qcw * QC + 2 * t;
+            const i64 rstep8 = (i64)8 * f.h * HEAD_DIM;
+#pragma unroll
+            for (int nt = 0; nt < QC / 8; ++nt) {
+                if (qcw * QC + nt * 8 < d) red_add_frag(dqa + nt * 8, rstep8, acc_dq[nt], qrow < si.sq, qrow + 8 < si.sq);
+            }
+#if DETERMINISTIC
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) st_release_gpu(sem, nblk - n_first + 1);
+#endif
+        }
+#endif
     }
     cp_async_wait<0>();
 
     // ---- epilogue: dK = scale * acc_dk, dV = acc_dv, straight from the fragments
     {
+#if BWD_TILE2D
         store_dk_dv<2>(p, si, bi, kvh, n0, acc_dk, acc_dv, kw * MS, dw * DW, dw * DWV, d, d_v, scale, g, t);
+#else
+        store_dk_dv<1>(p, si, bi, kvh, n0, &acc_dk, &acc_dv, strip * 16, dpart * DW, dpart * DWV, d, d_v, scale, g, t);
+#endif
     }
 }
-#endif  // BWD_TILE2D

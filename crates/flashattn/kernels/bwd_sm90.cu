@@ -572,16 +572,14 @@ extern "C" __global__ void __launch_bounds__(b90::THREADS, 1) flash_bwd_sm90(con
     const u32 sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
     Bars bars;
     bars.base = sbase + OFF_BAR;
-    if (threadIdx.x == 0) {
+    init_mbarriers([&] {
         mbar_init(bars.full_kv(), 1);
 #pragma unroll
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(bars.full_q(s), 1);
             mbar_init(bars.empty_q(s), CONSUMER_WARPS);
         }
-        mbar_init_fence();
-    }
-    __syncthreads();
+    });
     const int wg = threadIdx.x / 128;
     if (wg == 0) {
         regs_dealloc<24>();

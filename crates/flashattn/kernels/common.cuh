@@ -64,22 +64,29 @@ template <> struct Dt<bf16_t> {
 };
 
 // ---------------------------------------------------------------- tensor cores
-// D(16x8 f32) += A(16x16) * B(16x8), both 16-bit. c[4] is accumulated in place.
-FA_DEVICE void mma_16816(float* c, const u32* a, const u32* b, half_t) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-FA_DEVICE void mma_16816(float* c, const u32* a, const u32* b, bf16_t) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+// D(16x8 f32) += A(16x16) * B(16x8), both 16-bit. c[4] is accumulated in place. One overload per storage type
+// (the tag argument picks it), PTX_T the type's name in the instruction.
+#define FA_MMA_16816(TAG, PTX_T)                                                                \
+    FA_DEVICE void mma_16816(float* c, const u32* a, const u32* b, TAG) {                       \
+        asm volatile(                                                                           \
+            "mma.sync.aligned.m16n8k16.row.col.f32." PTX_T "." PTX_T ".f32 "                    \
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                           \
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                    \
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));                \
+    }
+FA_MMA_16816(half_t, "f16")
+FA_MMA_16816(bf16_t, "bf16")
+#undef FA_MMA_16816
 template <typename T> FA_DEVICE void mma_16816(float* c, const u32* a, const u32* b) { mma_16816(c, a, b, T()); }
+
+// The A fragment (k = 16 columns) of the f32 accumulators of two adjacent n8 tiles, c0 (columns 0-7) and c1
+// (8-15), packed to 16 bits: the consequence of the fragment conventions above.
+template <typename T> FA_DEVICE void pack_a_frag(u32* a, const float* c0, const float* c1) {
+    a[0] = Dt<T>::pack(c0[0], c0[1]);
+    a[1] = Dt<T>::pack(c0[2], c0[3]);
+    a[2] = Dt<T>::pack(c1[0], c1[1]);
+    a[3] = Dt<T>::pack(c1[2], c1[3]);
+}
 
 // ---------------------------------------------------------------- shared memory
 // Generic pointer -> 32-bit shared-window address (what ldmatrix / cp.async / ld.shared take).
@@ -104,6 +111,23 @@ FA_DEVICE void ldmatrix_x2(u32* r, u32 addr) {
 FA_DEVICE void ldmatrix_x2_trans(u32* r, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
                  : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+}
+
+// One 16 x 16 tile of B against MT row tiles of A: acc[mt][n] += A(mt) * B[:, 0:8] and acc[mt][n + 1] += A(mt) *
+// B[:, 8:16] for mt < MT (a[mt]: A(mt)'s fragments), with B's fragments of both n8 tiles loaded by one ldmatrix.x4
+// (.trans when TRANS) from lane address b.
+template <typename T, int MT, bool TRANS, class Acc> FA_DEVICE void mma_slab(Acc acc, const u32 (*a)[4], u32 b, int n) {
+    u32 bf[4];
+    if constexpr (TRANS) {
+        ldmatrix_x4_trans(bf, b);
+    } else {
+        ldmatrix_x4(bf, b);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(acc[mt][n], a[mt], bf);
+        mma_16816<T>(acc[mt][n + 1], a[mt], bf + 2);
+    }
 }
 
 FA_DEVICE void st_shared_u32(u32 addr, u32 v) { asm volatile("st.shared.u32 [%0], %1;" :: "r"(addr), "r"(v)); }

@@ -323,15 +323,8 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(qa[mt], sQ + q_lane + mt * 16 * ROW_BYTES + kk * 32);
 #pragma unroll
-                for (int np = 0; np < NTILES / 2; ++np) {
-                    u32 kb[4];
-                    ldmatrix_x4(kb, sK + k_lane + np * 16 * ROW_BYTES + kk * 32);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_16816<elem_t>(s[mt][2 * np], qa[mt], kb);
-                        mma_16816<elem_t>(s[mt][2 * np + 1], qa[mt], kb + 2);
-                    }
-                }
+                for (int np = 0; np < NTILES / 2; ++np)
+                    mma_slab<elem_t, MT, false>(s, qa, sK + k_lane + np * 16 * ROW_BYTES + kk * 32, 2 * np);
             }
 
             // ---- score transforms and masking
@@ -425,28 +418,16 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
             }
 
             // ---- P to 16-bit A fragments (the S accumulator layout is the A layout), then O += P V
-            u32 pa[MT][BN / 16][4];
+            u32 pa[BN / 16][MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int kk = 0; kk < BN / 16; ++kk) {
-                    pa[mt][kk][0] = Dt<elem_t>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                    pa[mt][kk][1] = Dt<elem_t>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                    pa[mt][kk][2] = Dt<elem_t>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                    pa[mt][kk][3] = Dt<elem_t>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-                }
+                for (int kk = 0; kk < BN / 16; ++kk) pack_a_frag<elem_t>(pa[kk][mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk) {
 #pragma unroll
-                for (int dp = 0; dp < DTILES / 2; ++dp) {
-                    u32 vb[4];
-                    ldmatrix_x4_trans(vb, sV + v_lane + kk * 16 * ROW_BYTES_V + dp * 32);
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma_16816<elem_t>(acc_o[mt][2 * dp], pa[mt][kk], vb);
-                        mma_16816<elem_t>(acc_o[mt][2 * dp + 1], pa[mt][kk], vb + 2);
-                    }
-                }
+                for (int dp = 0; dp < DTILES / 2; ++dp)
+                    mma_slab<elem_t, MT, true>(acc_o, pa[kk], sV + v_lane + kk * 16 * ROW_BYTES_V + dp * 32, 2 * dp);
             }
         }
     }
@@ -455,14 +436,8 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
     // Q tile, coalesced stores. No warp reads Q or K any more (the last __syncthreads of the loop follows the last
     // Q K^T), and no copy into them is in flight; a wider O row may reach into the K tile (OFF_V leaves room).
     // Output offsets are recomputed here rather than kept live through the main loop (register pressure).
-#if IS_VARLEN
-    const int q0e = p.cu_seqlens_q[blockIdx.y];
-    const i64 o_off = (i64)q0e * p.o_row_stride;
-    const i64 lse_off = (i64)blockIdx.z * p.lse_head_stride + q0e;
-#else
-    const i64 o_off = (i64)blockIdx.y * p.o_batch_stride;
-    const i64 lse_off = (i64)blockIdx.y * p.lse_batch_stride + (i64)blockIdx.z * p.lse_head_stride;
-#endif
+    i64 o_off, lse_off;
+    out_offsets(p, blockIdx.y, blockIdx.z, o_off, lse_off);
     u16* go = (u16*)p.o + o_off + (i64)blockIdx.z * p.o_head_stride + (i64)m0 * p.o_row_stride;
     // Learnable sink (p.sink != nullptr): one logit per query head, in natural-log units like the final scores.
     // The branch is on a kernel parameter (uniform); with a null pointer the code below computes exactly what it

@@ -187,6 +187,12 @@ FA_DEVICE bool geometry(const FwdParams& f, const TileId& id, Geo& g) {
     return true;
 }
 
+// Tile t (>= 0) of the order above and its geometry (id and g); false when it has no rows in its sequence.
+FA_DEVICE bool tile_geometry(const Sm90Params& p, int t, TileId& id, Geo& g) {
+    id = tile_at(p, t);
+    return geometry(p.f, id, g);
+}
+
 // The pipeline's barriers, at fixed offsets from one base address (no arrays: indexing one with a
 // run-time stage would put it in local memory).
 struct Bars {
@@ -207,13 +213,11 @@ FA_DEVICE void producer(const Sm90Params& p, u32 sbase, const Bars& b) {
     const int num_tiles = p.num_m_blocks * p.f.b * p.f.h;
     const int group = p.f.h / p.f.hk;
     u32 it = 0, qt = 0;
-    for (int k = 0;; ++k) {
-        const int t = walk(k, num_tiles);
-        if (t == -1) break;
+    for (int k = 0, t; (t = walk(k, num_tiles)) != -1; ++k) {
         if (t < 0) continue;
-        const TileId id = tile_at(p, t);
+        TileId id;
         Geo g;
-        if (!geometry(p.f, id, g) || g.nb_hi <= g.nb_lo) continue;
+        if (!tile_geometry(p, t, id, g) || g.nb_hi <= g.nb_lo) continue;
         const int kvh = id.qh / group;
         for (int nb = g.nb_hi - 1; nb >= g.nb_lo; --nb, ++it) {
             const u32 st = it & 1, ph = (it >> 1) & 1;
@@ -385,6 +389,44 @@ FA_DEVICE void release(u32 bar, int lane) {
     if (lane == 0) mbar_arrive(bar);
 }
 
+// ---------------------------------------------------------------- consumer: one pipeline step
+// One issue turn: waits until K of stage st (QK) and V of stage stp (PV) have landed, takes this warpgroup's turn
+// (ping-pong: my_turn), issues S = Q K^T (QK) and O += P V (PV) as one commit group each, and hands the turn on
+// (next_turn). The caller waits for the groups.
+template <bool QK, bool PV>
+FA_DEVICE void issue_turn(const Bars& b, u32 st, u32 ph, u32 stp, u32 php, float* s, float* o, const u32 (*pa)[4],
+                          u32 sq_wg, u32 sbase, bool pp, int my_turn, int next_turn) {
+    if constexpr (QK) mbar_wait(b.full_k(st), ph);
+    if constexpr (PV) mbar_wait(b.full_v(stp), php);
+    if (pp) named_sync(my_turn, 256);
+    wgmma_fence();
+    if constexpr (QK) {
+        issue_qk(s, sq_wg, sbase + OFF_K + st * KV_BYTES);
+        wgmma_commit();
+    }
+    if constexpr (PV) {
+        issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES);
+        wgmma_commit();
+    }
+    if (pp) named_arrive(next_turn, 256);
+}
+
+// S complete: waits until at most PENDING commit groups are in flight (the P.V issued after S), fences S's registers,
+// and releases K stage st and, after the tile's last key block (last) when O has a buffer of its own, the Q tile.
+template <int PENDING> FA_DEVICE void s_complete(float* s, const Bars& b, u32 st, bool last, int lane) {
+    wgmma_wait<PENDING>();
+    reg_fence<SREG>(s);
+    if (O_SEPARATE && last) release(b.empty_q(), lane);
+    release(b.empty_k(st), lane);
+}
+
+// O += P V complete (no group in flight): fences O's registers and releases V stage stp.
+FA_DEVICE void pv_complete(float* o, const Bars& b, u32 stp, int lane) {
+    wgmma_wait<0>();
+    reg_fence<OREG>(o);
+    release(b.empty_v(stp), lane);
+}
+
 // ---------------------------------------------------------------- consumer warpgroups
 FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, int tid_wg) {
     const FwdParams& f = p.f;
@@ -412,13 +454,11 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
     const bool pp = p.pingpong != 0;
     if (pp && wg == SM90_CONSUMERS - 1) named_arrive(SM90_TURN_BAR, 256);
     u32 it = 0, qt = 0;
-    for (int k = 0;; ++k) {
-        const int tile = walk(k, num_tiles);
-        if (tile == -1) break;
+    for (int k = 0, tile; (tile = walk(k, num_tiles)) != -1; ++k) {
         if (tile < 0) continue;
-        const TileId id = tile_at(p, tile);
+        TileId id;
         Geo g;
-        if (!geometry(f, id, g)) continue;
+        if (!tile_geometry(p, tile, id, g)) continue;
         const int i0 = g.m0 + wg * 64 + warp * 16 + gq;  // row of register half 0 (within the sequence)
         const int wr_lo = g.m0 + wg * 64, wr_hi = g.m0 + wg * 64 + 63;
 #if HAS_ALIBI
@@ -446,16 +486,8 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 const int nb = g.nb_hi - 1;
                 const u32 st = it & 1;
                 const u32 ph = (it >> 1) & 1;
-                mbar_wait(b.full_k(st), ph);
-                if (pp) named_sync(my_turn, 256);
-                wgmma_fence();
-                issue_qk(s, sq_wg, sbase + OFF_K + st * KV_BYTES);
-                wgmma_commit();
-                if (pp) named_arrive(next_turn, 256);
-                wgmma_wait<0>();
-                reg_fence<SREG>(s);
-                if (O_SEPARATE && nblk == 1) release(b.empty_q(), lane);
-                release(b.empty_k(st), lane);
+                issue_turn<true, false>(b, st, ph, 0, 0, s, o, pa, sq_wg, sbase, pp, my_turn, next_turn);
+                s_complete<0>(s, b, st, nblk == 1, lane);
                 const bool need_mask = tile_needs_mask(mc, HAS_MASK != 0, wr_lo, wr_hi, nb * BN, BN);
                 transform_and_mask(s, g, f, rematerialize(i0), nb * BN, t, need_mask, slope);
                 softmax_block(s, rs, c, corr);
@@ -466,31 +498,16 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 const u32 itk = it + k, itp = it + k - 1;
                 const u32 st = itk & 1, ph = (itk >> 1) & 1;
                 const u32 stp = itp & 1, php = (itp >> 1) & 1;
-                mbar_wait(b.full_k(st), ph);
-                mbar_wait(b.full_v(stp), php);
-                if (pp) named_sync(my_turn, 256);
-                wgmma_fence();
-                issue_qk(s, sq_wg, sbase + OFF_K + st * KV_BYTES);
-                wgmma_commit();
-                issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES);
-                wgmma_commit();
-                if (pp) named_arrive(next_turn, 256);
-                wgmma_wait<1>();
-                reg_fence<SREG>(s);
-                if (O_SEPARATE && k == nblk - 1) release(b.empty_q(), lane);
-                release(b.empty_k(st), lane);
+                issue_turn<true, true>(b, st, ph, stp, php, s, o, pa, sq_wg, sbase, pp, my_turn, next_turn);
+                s_complete<1>(s, b, st, k == nblk - 1, lane);
                 const bool need_mask = tile_needs_mask(mc, HAS_MASK != 0, wr_lo, wr_hi, nb * BN, BN);
 #if SM90_EARLY_PV_WAIT
-                wgmma_wait<0>();
-                reg_fence<OREG>(o);
-                release(b.empty_v(stp), lane);
+                pv_complete(o, b, stp, lane);
 #endif
                 transform_and_mask(s, g, f, rematerialize(i0), nb * BN, t, need_mask, slope);
                 softmax_block(s, rs, c, corr);
 #if !SM90_EARLY_PV_WAIT
-                wgmma_wait<0>();
-                reg_fence<OREG>(o);
-                release(b.empty_v(stp), lane);
+                pv_complete(o, b, stp, lane);
 #endif
                 rescale_o(o, corr);
                 pack_p(s, pa);
@@ -498,15 +515,8 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
             {
                 const u32 itp = it + nblk - 1;
                 const u32 stp = itp & 1, php = (itp >> 1) & 1;
-                mbar_wait(b.full_v(stp), php);
-                if (pp) named_sync(my_turn, 256);
-                wgmma_fence();
-                issue_pv(o, pa, sbase + OFF_V + stp * KV_BYTES);
-                wgmma_commit();
-                if (pp) named_arrive(next_turn, 256);
-                wgmma_wait<0>();
-                reg_fence<OREG>(o);
-                release(b.empty_v(stp), lane);
+                issue_turn<false, true>(b, 0, 0, stp, php, s, o, pa, sq_wg, sbase, pp, my_turn, next_turn);
+                pv_complete(o, b, stp, lane);
             }
             it += nblk;
         }
@@ -515,14 +525,8 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
         // read once the last S is done) in the same 128B-swizzled panels, then 16-byte row-contiguous stores;
         // the Q buffer is released to the producer afterwards. Tiles with no visible key (no Q loaded; the
         // buffer may already hold the next tile's Q) store zeros straight from registers.
-#if IS_VARLEN
-        const int q0 = f.cu_seqlens_q[id.bi];
-        const i64 o_off = (i64)q0 * f.o_row_stride;
-        const i64 lse_off = (i64)id.qh * f.lse_head_stride + q0;
-#else
-        const i64 o_off = (i64)id.bi * f.o_batch_stride;
-        const i64 lse_off = (i64)id.bi * f.lse_batch_stride + (i64)id.qh * f.lse_head_stride;
-#endif
+        i64 o_off, lse_off;
+        out_offsets(f, id.bi, id.qh, o_off, lse_off);
         u16* go = (u16*)f.o + o_off + (i64)id.qh * f.o_head_stride;
         float inv[2];
         // Learnable sink (f.sink != nullptr, f32 [h], natural-log units): a branch on a kernel parameter, so a
@@ -623,7 +627,7 @@ extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) flash_fwd_sm90(con
     const u32 sbase = (smem_u32(smem_raw) + 1023u) & ~1023u;
     Bars b;
     b.base = sbase + OFF_BAR;
-    if (threadIdx.x == 0) {
+    init_mbarriers([&] {
         mbar_init(b.full_q(), 1);
         mbar_init(b.empty_q(), CONSUMER_WARPS);
 #pragma unroll
@@ -633,9 +637,7 @@ extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) flash_fwd_sm90(con
             mbar_init(b.full_v(s), 1);
             mbar_init(b.empty_v(s), CONSUMER_WARPS);
         }
-        mbar_init_fence();
-    }
-    __syncthreads();
+    });
     const int wg = threadIdx.x / 128;
     if (wg == 0) {
         regs_dealloc<SM90_PRODUCER_REGS>();

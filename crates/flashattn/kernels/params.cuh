@@ -3,6 +3,7 @@
 // The Rust mirror is `crates/flashattn/src/cuda/params.rs` (`#[repr(C)]`): change both together.
 // All strides are in elements; the last dimension of every tensor is contiguous.
 #pragma once
+#include "common.cuh"
 
 typedef long long i64;
 
@@ -45,6 +46,21 @@ struct FwdParams {
                               // softmax denominator, carries no value; the backward's HAS_SINK variant reads it
                               // for dsink)
 };
+
+// Offsets (elements) of sequence bi's O rows (row 0, head 0) and of its lse values of head qh, in the forward's
+// layouts above: dense from the batch strides, varlen from row cu_seqlens_q[bi]. `I` is the caller's index type
+// (int, or the unsigned of blockIdx), so that the conversions to i64 stay the caller's.
+template <class I>
+FA_DEVICE void out_offsets(const FwdParams& f, I bi, I qh, i64& o_off, i64& lse_off) {
+#if IS_VARLEN
+    const int q0 = f.cu_seqlens_q[bi];
+    o_off = (i64)q0 * f.o_row_stride;
+    lse_off = (i64)qh * f.lse_head_stride + q0;
+#else
+    o_off = (i64)bi * f.o_batch_stride;
+    lse_off = (i64)bi * f.lse_batch_stride + (i64)qh * f.lse_head_stride;
+#endif
+}
 
 // Forward problem of a kernel compiled with a value head dim of its own (HEAD_DIM_V defined, HAS_DV): v is
 // [b, sk, hk, d_v] (varlen [total_k, hk, d_v]) and o [b, sq, h, d_v]; every other field as in FwdParams.

@@ -85,3 +85,14 @@ template <int N> FA_DEVICE void regs_dealloc() { asm volatile("setmaxnreg.dec.sy
 template <int N> FA_DEVICE void regs_alloc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(N)); }
 FA_DEVICE void named_sync(int id, int threads) { asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(threads) : "memory"); }
 FA_DEVICE void named_arrive(int id, int threads) { asm volatile("bar.arrive %0, %1;" :: "r"(id), "r"(threads) : "memory"); }
+
+// ---------------------------------------------------------------- kernel frame
+// Thread 0 initialises the CTA's mbarriers (`init`) and fences them for the async proxy; a CTA barrier then makes
+// them visible to every thread.
+template <class F> FA_DEVICE void init_mbarriers(F init) {
+    if (threadIdx.x == 0) {
+        init();
+        mbar_init_fence();
+    }
+    __syncthreads();
+}
