@@ -714,24 +714,14 @@ fn raw_pointers_packed_qkv() {
     let o_ref = c(d_o.device_ptr(&stream).0, dtype, &[b, s, h, d]);
     let lse_ref = c(d_lse.device_ptr(&stream).0, DType::F32, &[b, h, s]);
     let cs = stream.cu_stream() as *mut std::ffi::c_void;
+    let (qd, kd, vd) = (t(0), t(1), t(2));
+    let fwd = cuda::ForwardTensors { q: &qd, k: &kd, v: &vd, o: &o_ref, lse: &lse_ref };
+    let [dod, dqd, dkd, dvd] = [&d_do, &d_dq, &d_dk, &d_dv].map(|g| c(g.device_ptr(&stream).0, dtype, &[b, s, h, d]));
+    let bwd = cuda::BackwardTensors { fwd, dout: &dod, dq: &dqd, dk: &dkd, dv: &dvd, dsink: None };
     // SAFETY: all buffers live on device 0 and outlive the synchronisation below.
     unsafe {
-        cuda::forward_raw(0, cs, &t(0), &t(1), &t(2), &o_ref, &lse_ref, &opts).expect("forward_raw");
-        cuda::backward_raw(
-            0,
-            cs,
-            &t(0),
-            &t(1),
-            &t(2),
-            &o_ref,
-            &lse_ref,
-            &c(d_do.device_ptr(&stream).0, dtype, &[b, s, h, d]),
-            &c(d_dq.device_ptr(&stream).0, dtype, &[b, s, h, d]),
-            &c(d_dk.device_ptr(&stream).0, dtype, &[b, s, h, d]),
-            &c(d_dv.device_ptr(&stream).0, dtype, &[b, s, h, d]),
-            &opts,
-        )
-        .expect("backward_raw");
+        cuda::forward_raw(0, cs, fwd, &opts).expect("forward_raw");
+        cuda::backward_raw(0, cs, bwd, &opts).expect("backward_raw");
     }
     let o: Vec<u16> = stream.clone_dtoh(&d_o).unwrap();
     let lse: Vec<f32> = stream.clone_dtoh(&d_lse).unwrap();

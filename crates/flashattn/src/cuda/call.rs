@@ -55,9 +55,9 @@ pub(crate) fn require_same_value_dim(d: usize, d_v: usize) -> Result<()> {
     Ok(())
 }
 
-/// The backward entry points without a place for `dsink` (the raw device API, [`super::DeviceAttention`])
-/// refuse a problem with a sink, before any device work; [`super::backward_host`] and
-/// [`super::backward_device`] run it.
+/// The backward entry points that do not compute a sink's gradient (the raw device API, whose
+/// `BackwardTensors::dsink` must be `None`, and [`super::DeviceAttention`]) refuse a problem with a sink, before
+/// any device work; [`super::backward_host`] and [`super::backward_device`] run it.
 pub(crate) fn require_no_dsink(p: &Problem) -> Result<()> {
     if p.sink.is_some() {
         return Err(Error::Unsupported {

@@ -186,19 +186,13 @@ pub fn backward_host(n: usize, x: &BackwardInputs<&Tensor>, opts: &AttnOptions) 
 /// Every pointer must be device memory of CUDA device `n` (primary context) covering its shape and strides,
 /// `stream` must be a valid stream of that context or null (the legacy default stream), and the caller
 /// must keep the memory alive and unaliased (outputs) until the stream has run the kernels.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn forward_raw(
     n: usize,
     stream: *mut std::ffi::c_void,
-    q: &DeviceTensorRef,
-    k: &DeviceTensorRef,
-    v: &DeviceTensorRef,
-    o: &DeviceTensorRef,
-    lse: &DeviceTensorRef,
+    t: ForwardTensors<'_>,
     opts: &AttnOptions,
 ) -> Result<()> {
-    let t = ForwardTensors { q, k, v, o, lse };
-    let p = raw_problem(q, k, v, opts)?;
+    let p = raw_problem(t.q, t.k, t.v, opts)?;
     check_forward_tensors(&p, &t)?;
     let gpu = runtime::gpu(n)?;
     gpu.run("the CUDA forward", || {
@@ -214,43 +208,34 @@ pub unsafe fn forward_raw(
 }
 
 /// Backward pass over device memory the caller owns, on the caller's stream. `lse` is contiguous `f32`;
-/// `dq`/`dk`/`dv` are written with their own strides (rows past `seqused_k` are not written).
+/// `dq`/`dk`/`dv` are written with their own strides (rows past `seqused_k` are not written). A learnable sink
+/// is refused (its gradient needs [`backward_device`]), so `t.dsink` must be `None`.
 ///
 /// # Safety
 /// As for [`forward_raw`].
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn backward_raw(
     n: usize,
     stream: *mut std::ffi::c_void,
-    q: &DeviceTensorRef,
-    k: &DeviceTensorRef,
-    v: &DeviceTensorRef,
-    o: &DeviceTensorRef,
-    lse: &DeviceTensorRef,
-    dout: &DeviceTensorRef,
-    dq: &DeviceTensorRef,
-    dk: &DeviceTensorRef,
-    dv: &DeviceTensorRef,
+    t: BackwardTensors<'_>,
     opts: &AttnOptions,
 ) -> Result<()> {
-    backward_raw_of(n, stream, [q, k, v, o, lse, dout, dq, dk, dv], opts, bwd::Softmax::Whole)
+    backward_raw_of(n, stream, t, opts, bwd::Softmax::Whole)
 }
 
 /// [`backward_raw`] with the owner of `lse` named: [`bwd::Softmax::Part`] for a call that holds part of each
 /// row's keys, with `o` and `lse` (and so `D`) of the whole softmax (ring attention), where no row may take the
-/// one-key shortcut. Tensors in the order q, k, v, o, lse, dout, dq, dk, dv.
+/// one-key shortcut.
 ///
 /// # Safety
 /// As for [`forward_raw`].
 pub(crate) unsafe fn backward_raw_of(
     n: usize,
     stream: *mut std::ffi::c_void,
-    [q, k, v, o, lse, dout, dq, dk, dv]: [&DeviceTensorRef; 9],
+    t: BackwardTensors<'_>,
     opts: &AttnOptions,
     softmax: bwd::Softmax,
 ) -> Result<()> {
-    let t = BackwardTensors { fwd: ForwardTensors { q, k, v, o, lse }, dout, dq, dk, dv, dsink: None };
-    let p = raw_problem(q, k, v, opts)?;
+    let p = raw_problem(t.fwd.q, t.fwd.k, t.fwd.v, opts)?;
     require_no_dsink(&p)?;
     check_backward_tensors(&p, &t)?;
     let gpu = runtime::gpu(n)?;
