@@ -632,17 +632,11 @@ fn bwd(
             let buf = scratch(py, q, bytes)?;
             let ws = workspace_of(py, &buf, bytes)?;
             let stream = current_stream(py, n)?;
-            let t = BackwardTensors {
-                fwd: ForwardTensors { q: &qd, k: &kd, v: &vd, o: &od, lse: &ld },
-                dout: &dod,
-                dq: &dqd,
-                dk: &dkd,
-                dv: &dvd,
-                dsink: dsd.as_ref(),
-            };
+            let fwd = ForwardTensors { q: &qd, k: &kd, v: &vd, o: &od, lse: &ld };
+            let t = BackwardTensors { fwd, dout: &dod, dq: &dqd, dk: &dkd, dv: &dvd, dsink: dsd.as_ref() };
             // SAFETY: tensors of device n (checked above), its current stream, a workspace of torch's that
             // lives until the kernels are enqueued (`buf`).
-            py.detach(|| unsafe { cuda::backward_device_of(n, stream as *mut c_void, t, &a, &meta, ws, whole_rows) })
+            py.detach(|| unsafe { cuda::backward_device(n, stream as *mut c_void, t, &a, &meta, ws, whole_rows) })
                 .map_err(to_py)
         }
     }

@@ -41,9 +41,7 @@ pub use compile::{KernelUsage, Pass, Variant};
 /// The CUDA bindings this backend is built on (for callers of [`forward_raw`] that need a context or a
 /// stream, and for tests).
 pub use cudarc;
-pub use framework::{
-    backward_device, backward_device_of, backward_workspace_bytes, forward_device, DeviceMeta, DeviceVarlen,
-};
+pub use framework::{backward_device, backward_workspace_bytes, forward_device, DeviceMeta, DeviceVarlen};
 pub use fwd_sm90::{sm90_forward_launches, sm90_tile};
 pub use kvcache::{
     kvcache_forward_host, kvcache_forward_raw, kvcache_forward_raw_uninit, kvcache_splits, kvcache_workspace_bytes,
