@@ -789,14 +789,14 @@ fn kvcache(
             // FlashAttention's `num_splits`: 0 lets the plan choose; n fixes the key splits (clamped to the
             // kernels' limit).
             a.tuning.num_splits = num_splits;
-            let bytes = cuda::kvcache_workspace_bytes(n, &qd, &cache, &od, &ld, &a).map_err(to_py)?;
+            let bytes = cuda::kvcache_plan(n, &qd, &cache, &od, &ld, &a).map_err(to_py)?.workspace_bytes;
             let buf = scratch(py, q, bytes)?;
             let ws = workspace_of(py, &buf, bytes)?;
             let stream = current_stream(py, n)?;
             // SAFETY: tensors of device n (checked above), its current stream, a workspace of torch's for this
             // call that lives until the kernels are enqueued (`buf`; its header is zeroed on the stream first).
             py.detach(|| unsafe {
-                cuda::kvcache_forward_raw_uninit(n, stream as *mut c_void, &qd, &cache, &od, &ld, ws, &a)
+                cuda::kvcache_forward_raw(n, stream as *mut c_void, &qd, &cache, &od, &ld, ws, &a, true)
             })
             .map_err(to_py)
         }
