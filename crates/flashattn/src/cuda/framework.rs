@@ -8,7 +8,8 @@
 
 use super::bwd;
 use super::call::{
-    check_backward_tensors, check_forward_tensors, extent_bytes, poison_forward_outputs, raw_problem, BwdArgs, FwdArgs,
+    check_backward_tensors, check_forward_tensors, extent_bytes, poison_forward_outputs, raw_problem,
+    refuse_host_input, BwdArgs, FwdArgs,
 };
 use super::fwd;
 use super::kvcache::DeviceWorkspace;
@@ -73,13 +74,7 @@ pub(crate) fn device_problem(
     if meta.alibi_slopes.is_some() && opts.alibi_slopes.is_some() {
         return Err(Error::invalid("alibi_slopes", "slopes in device memory or in the options, not both", "both"));
     }
-    if opts.sink.is_some() {
-        return Err(Error::invalid(
-            "sink",
-            "a device sink in DeviceMeta::sink for the device API",
-            "a host sink in AttnOptions",
-        ));
-    }
+    refuse_host_input(opts.sink.is_some(), "sink", "a device sink in DeviceMeta::sink", "a host sink")?;
     let mut host = opts.clone();
     let mut batch_of_varlen = None;
     if let Some(vl) = &meta.varlen {

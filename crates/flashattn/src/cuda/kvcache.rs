@@ -14,6 +14,7 @@
 //!   kernels: an append that would overflow (or any out-of-range value) sets the workspace's status word
 //!   and nothing is written; read it with [`KvWorkspace::status`].
 
+use super::call::refuse_host_input;
 use super::compile::{kv_variant, padded_head_dim, Variant};
 use super::launch::{launch, poison, poison_outputs};
 use super::runtime::{self, dev_err, Gpu, Loaded};
@@ -670,27 +671,12 @@ fn raw_plan(
     if opts.varlen.is_some() {
         return Err(Error::invalid("varlen", "no varlen with a KV cache (use cache_seqlens)", "cu_seqlens"));
     }
-    if opts.sink.is_some() {
-        return Err(Error::invalid(
-            "sink",
-            "a device sink in DeviceKvCache::sink for the device API",
-            "a host sink in AttnOptions",
-        ));
-    }
-    if opts.alibi_slopes.is_some() {
-        return Err(Error::invalid(
-            "alibi_slopes",
-            "device slopes in DeviceKvCache::alibi_slopes for the device API",
-            "host slopes in AttnOptions",
-        ));
-    }
-    if opts.k_descale.is_some() || opts.v_descale.is_some() || opts.q_descale.is_some() {
-        return Err(Error::invalid(
-            "k_descale",
-            "device descales in DeviceKvCache::k_descale / v_descale for the device API",
-            "host descales in AttnOptions",
-        ));
-    }
+    refuse_host_input(opts.sink.is_some(), "sink", "a device sink in DeviceKvCache::sink", "a host sink")?;
+    let slopes = "device slopes in DeviceKvCache::alibi_slopes";
+    refuse_host_input(opts.alibi_slopes.is_some(), "alibi_slopes", slopes, "host slopes")?;
+    let descales = opts.k_descale.is_some() || opts.v_descale.is_some() || opts.q_descale.is_some();
+    let device = "device descales in DeviceKvCache::k_descale / v_descale";
+    refuse_host_input(descales, "k_descale", device, "host descales")?;
     let dtype = q.dtype;
     if dtype.is_fp8() {
         return Err(super::call::unsupported_dtype(dtype));
