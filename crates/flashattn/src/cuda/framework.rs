@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::options::{AttnOptions, VarLen};
 use crate::problem::{Alibi, Problem};
 use crate::tensor::Layout;
+use std::ffi::c_void;
 
 /// Variable-length batches with the offsets in device memory: `q` is `[total_q, h, d]`, `k`/`v` `[total_k, hk,
 /// d]`.
@@ -163,7 +164,7 @@ fn meta_ptrs(meta: &DeviceMeta, a: &mut FwdArgs) {
 /// outputs unaliased until the stream has run the kernels.
 pub unsafe fn forward_device(
     n: usize,
-    stream: *mut std::ffi::c_void,
+    stream: *mut c_void,
     t: ForwardTensors<'_>,
     opts: &AttnOptions,
     meta: &DeviceMeta,
@@ -205,7 +206,7 @@ pub fn backward_workspace_bytes(
 /// stream has run the kernels.
 pub unsafe fn backward_device(
     n: usize,
-    stream: *mut std::ffi::c_void,
+    stream: *mut c_void,
     t: BackwardTensors<'_>,
     opts: &AttnOptions,
     meta: &DeviceMeta,

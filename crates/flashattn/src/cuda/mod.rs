@@ -62,6 +62,7 @@ use call::{
     check_backward_tensors, check_forward_tensors, poison_forward_outputs, raw_problem, require_half, require_no_dsink,
     Aux, BwdArgs, FwdArgs,
 };
+use std::ffi::c_void;
 use tensor::{alloc_out, download, upload};
 
 /// Which `(d, d_v)` pairs with a value head dim `d_v != d` the CUDA kernels run, in words (for `flashattn info`).
@@ -184,12 +185,7 @@ pub fn backward_host(n: usize, x: &BackwardInputs<&Tensor>, opts: &AttnOptions) 
 /// Every pointer must be device memory of CUDA device `n` (primary context) covering its shape and strides,
 /// `stream` must be a valid stream of that context or null (the legacy default stream), and the caller
 /// must keep the memory alive and unaliased (outputs) until the stream has run the kernels.
-pub unsafe fn forward_raw(
-    n: usize,
-    stream: *mut std::ffi::c_void,
-    t: ForwardTensors<'_>,
-    opts: &AttnOptions,
-) -> Result<()> {
+pub unsafe fn forward_raw(n: usize, stream: *mut c_void, t: ForwardTensors<'_>, opts: &AttnOptions) -> Result<()> {
     let p = raw_problem(t.q, t.k, t.v, opts)?;
     check_forward_tensors(&p, &t)?;
     let gpu = runtime::gpu(n)?;
@@ -211,12 +207,7 @@ pub unsafe fn forward_raw(
 ///
 /// # Safety
 /// As for [`forward_raw`].
-pub unsafe fn backward_raw(
-    n: usize,
-    stream: *mut std::ffi::c_void,
-    t: BackwardTensors<'_>,
-    opts: &AttnOptions,
-) -> Result<()> {
+pub unsafe fn backward_raw(n: usize, stream: *mut c_void, t: BackwardTensors<'_>, opts: &AttnOptions) -> Result<()> {
     backward_raw_of(n, stream, t, opts, bwd::Softmax::Whole)
 }
 
@@ -228,7 +219,7 @@ pub unsafe fn backward_raw(
 /// As for [`forward_raw`].
 pub(crate) unsafe fn backward_raw_of(
     n: usize,
-    stream: *mut std::ffi::c_void,
+    stream: *mut c_void,
     t: BackwardTensors<'_>,
     opts: &AttnOptions,
     softmax: bwd::Softmax,
