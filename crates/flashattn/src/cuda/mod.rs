@@ -62,7 +62,9 @@ use call::{
     check_backward_tensors, check_forward_tensors, poison_forward_outputs, raw_problem, require_half, require_no_dsink,
     Aux, BwdArgs, FwdArgs,
 };
+use cudarc::driver::CudaStream;
 use std::ffi::c_void;
+use std::sync::Arc;
 use tensor::{alloc_out, download, upload};
 
 /// Which `(d, d_v)` pairs with a value head dim `d_v != d` the CUDA kernels run, in words (for `flashattn info`).
@@ -188,17 +190,15 @@ pub fn backward_host(n: usize, x: &BackwardInputs<&Tensor>, opts: &AttnOptions) 
 pub unsafe fn forward_raw(n: usize, stream: *mut c_void, t: ForwardTensors<'_>, opts: &AttnOptions) -> Result<()> {
     let p = raw_problem(t.q, t.k, t.v, opts)?;
     check_forward_tensors(&p, &t)?;
-    let gpu = runtime::gpu(n)?;
-    gpu.run("the CUDA forward", || {
-        let s = gpu.borrowed_stream(stream);
-        let aux = Aux::upload(&s, &p)?;
-        let mut a = FwdArgs::of(&t);
-        aux.fill(&s, &mut a);
-        poison_forward_outputs(&p, &t, s.cu_stream())?;
-        fwd::run(&gpu, s.cu_stream(), &p, &a, a.aligned16(p.dtype.size()))?;
-        drop(aux);
-        Ok(())
-    })
+    // SAFETY: the caller's contract.
+    unsafe {
+        raw_call(n, stream, &p, "the CUDA forward", |gpu, s, aux| {
+            let mut a = FwdArgs::of(&t);
+            aux.fill(s, &mut a);
+            poison_forward_outputs(&p, &t, s.cu_stream())?;
+            fwd::run(gpu, s.cu_stream(), &p, &a, a.aligned16(p.dtype.size()))
+        })
+    }
 }
 
 /// Backward pass over device memory the caller owns, on the caller's stream. `lse` is contiguous `f32`;
@@ -227,13 +227,35 @@ pub(crate) unsafe fn backward_raw_of(
     let p = raw_problem(t.fwd.q, t.fwd.k, t.fwd.v, opts)?;
     require_no_dsink(&p)?;
     check_backward_tensors(&p, &t)?;
+    // SAFETY: the caller's contract.
+    unsafe {
+        raw_call(n, stream, &p, "the CUDA backward", |gpu, s, aux| {
+            let mut a = BwdArgs::of(&t);
+            aux.fill(s, &mut a.fwd);
+            bwd::run(gpu, s, &p, &a, a.aligned16(p.dtype.size()), opts.deterministic, softmax, None)
+        })
+    }
+}
+
+/// The frame of a raw call on device `n`: its context bound, the caller's `stream` borrowed, and the problem's
+/// small host inputs ([`Aux`]: varlen offsets, ALiBi slopes, the sink) uploaded on it and kept until `launch` has
+/// enqueued the kernels that read them.
+///
+/// # Safety
+/// `stream` is a stream of device `n`'s primary context, or null.
+unsafe fn raw_call(
+    n: usize,
+    stream: *mut c_void,
+    p: &Problem,
+    what: &str,
+    launch: impl FnOnce(&runtime::Gpu, &Arc<CudaStream>, &Aux) -> Result<()>,
+) -> Result<()> {
     let gpu = runtime::gpu(n)?;
-    gpu.run("the CUDA backward", || {
-        let s = gpu.borrowed_stream(stream);
-        let aux = Aux::upload(&s, &p)?;
-        let mut a = BwdArgs::of(&t);
-        aux.fill(&s, &mut a.fwd);
-        bwd::run(&gpu, &s, &p, &a, a.aligned16(p.dtype.size()), opts.deterministic, softmax, None)?;
+    gpu.run(what, || {
+        // SAFETY: the caller's contract.
+        let s = unsafe { gpu.borrowed_stream(stream) };
+        let aux = Aux::upload(&s, p)?;
+        launch(&gpu, &s, &aux)?;
         drop(aux);
         Ok(())
     })
