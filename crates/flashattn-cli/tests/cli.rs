@@ -1,6 +1,10 @@
 //! Integration tests of the `flashattn` command: the built binary is run as a user would.
 
-use flashattn::{AttnOptions, BackwardInputs, CacheSeqlens, CpuStorage, DType, KvCache, Rotary, Tensor, VarLen};
+/// The CLI's safetensors encoding, to write input files and compare outputs byte for byte.
+#[path = "../src/encode.rs"]
+mod encode;
+
+use flashattn::{AttnOptions, BackwardInputs, CacheSeqlens, DType, KvCache, Rotary, Tensor, VarLen};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use safetensors::{Dtype as StDtype, SafeTensors};
@@ -31,29 +35,8 @@ fn randn(shape: &[usize], dtype: DType, rng: &mut StdRng) -> Tensor {
     Tensor::from_f32(&v, shape, dtype).unwrap()
 }
 
-fn to_bytes(t: &Tensor) -> (StDtype, Vec<u8>) {
-    match t.storage() {
-        CpuStorage::F32(v) => (StDtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        CpuStorage::F16(v) => (StDtype::F16, v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()),
-        CpuStorage::BF16(v) => (StDtype::BF16, v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()),
-        CpuStorage::I32(v) => (StDtype::I32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        CpuStorage::E4M3(v) => (StDtype::F8_E4M3, v.iter().map(|x| x.0).collect()),
-    }
-}
-
 fn write(path: &Path, tensors: &[(&str, &Tensor)]) {
-    let enc: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, t)| {
-            let (d, b) = to_bytes(t);
-            (n.to_string(), d, t.shape().to_vec(), b)
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = enc
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+    std::fs::write(path, encode::serialize(tensors).unwrap()).unwrap();
 }
 
 /// Reads every tensor of a safetensors file as (dtype, shape, bytes).
@@ -69,7 +52,7 @@ fn read(path: &Path) -> Vec<(String, StDtype, Vec<usize>, Vec<u8>)> {
 /// Asserts that the file's tensor `name` is bit-identical to `t`.
 fn assert_same(file: &[(String, StDtype, Vec<usize>, Vec<u8>)], name: &str, t: &Tensor) {
     let (_, dt, shape, bytes) = file.iter().find(|x| x.0 == name).unwrap_or_else(|| panic!("output has no `{name}`"));
-    let (want_dt, want) = to_bytes(t);
+    let (want_dt, want) = encode::to_bytes(t);
     assert_eq!((*dt, shape.as_slice()), (want_dt, t.shape()), "dtype/shape of `{name}`");
     assert!(bytes == &want, "`{name}` differs from the library's result");
 }
