@@ -304,7 +304,7 @@ fn kvcache_sweep_device() {
 /// Runs every `stride`-th case of the KV sweep (after `map`) through `kvcache_forward_on(Device::Cuda(0))`, case
 /// k with seed `base_seed + k`, checks each with [`verify`], and fails with every failing case listed.
 fn run_device_cases(label: &str, base_seed: u64, stride: usize, map: impl Fn(KvCase) -> KvCase) {
-    let (mut pass, mut fail, mut msgs) = (0, 0, Vec::new());
+    let mut tally = Outcome::default();
     for (k, c) in sweep_cases().into_iter().enumerate().step_by(stride) {
         let c = map(c);
         let sd = base_seed.wrapping_add(k as u64);
@@ -313,16 +313,9 @@ fn run_device_cases(label: &str, base_seed: u64, stride: usize, map: impl Fn(KvC
         let res = out
             .map_err(|e| format!("error: {e}"))
             .and_then(|o| verify(&s, &o.o.to_f32_vec(), &o.lse.to_f32_vec(), &kc, &vc));
-        match res {
-            Ok(()) => pass += 1,
-            Err(e) => {
-                fail += 1;
-                msgs.push(format!("FAIL {c:?} seed {sd}: {e}"));
-            }
-        }
+        tally.record(res.map_err(|e| format!("FAIL {c:?} seed {sd}: {e}")));
     }
-    say(&format!("{label}: {pass} passed, {fail} failed"));
-    assert!(fail == 0, "{}", msgs.join("\n"));
+    tally.report(label);
 }
 
 /// Decoding from e4m3 caches (`KV_FP8` kernels: 1-byte rows widened in shared memory, descales in the score
