@@ -49,12 +49,15 @@ fn read(path: &Path) -> Vec<(String, StDtype, Vec<usize>, Vec<u8>)> {
     v
 }
 
-/// Asserts that the file's tensor `name` is bit-identical to `t`.
-fn assert_same(file: &[(String, StDtype, Vec<usize>, Vec<u8>)], name: &str, t: &Tensor) {
-    let (_, dt, shape, bytes) = file.iter().find(|x| x.0 == name).unwrap_or_else(|| panic!("output has no `{name}`"));
-    let (want_dt, want) = encode::to_bytes(t);
-    assert_eq!((*dt, shape.as_slice()), (want_dt, t.shape()), "dtype/shape of `{name}`");
-    assert!(bytes == &want, "`{name}` differs from the library's result");
+/// Asserts that each of the file's tensors `name` is bit-identical to its `t`.
+fn assert_same(file: &[(String, StDtype, Vec<usize>, Vec<u8>)], expected: &[(&str, &Tensor)]) {
+    for &(name, t) in expected {
+        let (_, dt, shape, bytes) =
+            file.iter().find(|x| x.0 == name).unwrap_or_else(|| panic!("output has no `{name}`"));
+        let (want_dt, want) = encode::to_bytes(t);
+        assert_eq!((*dt, shape.as_slice()), (want_dt, t.shape()), "dtype/shape of `{name}`");
+        assert!(bytes == &want, "`{name}` differs from the library's result");
+    }
 }
 
 fn run_ok(args: &[&str]) -> String {
@@ -275,9 +278,7 @@ fn run_with_a_different_value_head_dim() {
     let g =
         flashattn::backward(&BackwardInputs { q: &q, k: &k, v: &v, o: &f.o, lse: &f.lse, dout: &dout }, &opts).unwrap();
     assert_eq!(f.o.shape(), &[b, sq, h, dv]);
-    assert_same(&file, "o", &f.o);
-    assert_same(&file, "dq", &g.dq);
-    assert_same(&file, "dv", &g.dv);
+    assert_same(&file, &[("o", &f.o), ("dq", &g.dq), ("dv", &g.dv)]);
 }
 
 #[test]
@@ -299,11 +300,7 @@ fn run_forward_and_backward_match_the_library() {
     let g =
         flashattn::backward(&BackwardInputs { q: &q, k: &k, v: &v, o: &f.o, lse: &f.lse, dout: &dout }, &opts).unwrap();
     assert_eq!(file.len(), 5);
-    assert_same(&file, "o", &f.o);
-    assert_same(&file, "lse", &f.lse);
-    assert_same(&file, "dq", &g.dq);
-    assert_same(&file, "dk", &g.dk);
-    assert_same(&file, "dv", &g.dv);
+    assert_same(&file, &[("o", &f.o), ("lse", &f.lse), ("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)]);
 }
 
 #[test]
@@ -329,8 +326,7 @@ fn run_varlen_matches_the_library() {
     });
     let f = flashattn::forward(&q, &k, &v, &opts).unwrap();
     assert_eq!(file.len(), 2, "no `do`: forward only");
-    assert_same(&file, "o", &f.o);
-    assert_same(&file, "lse", &f.lse);
+    assert_same(&file, &[("o", &f.o), ("lse", &f.lse)]);
 }
 
 #[test]
@@ -375,10 +371,7 @@ fn run_kvcache_matches_the_library() {
     };
     assert_ne!(kc, k_cache, "the append changed the cache");
     assert_eq!(file.len(), 4);
-    assert_same(&file, "o", &f.o);
-    assert_same(&file, "lse", &f.lse);
-    assert_same(&file, "k_cache", &kc);
-    assert_same(&file, "v_cache", &vc);
+    assert_same(&file, &[("o", &f.o), ("lse", &f.lse), ("k_cache", &kc), ("v_cache", &vc)]);
 }
 
 #[test]
@@ -401,9 +394,7 @@ fn run_paged_kvcache_matches_the_library() {
         flashattn::kvcache_forward(&q.view(), &mut cache, &AttnOptions::default()).unwrap()
     };
     let file = read(&output);
-    assert_same(&file, "o", &f.o);
-    assert_same(&file, "lse", &f.lse);
-    assert_same(&file, "k_cache", &kc);
+    assert_same(&file, &[("o", &f.o), ("lse", &f.lse), ("k_cache", &kc)]);
 }
 
 fn run_err(input: &Path, extra: &[&str]) -> String {
@@ -654,8 +645,7 @@ fn fp8_check_and_run() {
     let f = flashattn::forward(&q, &k, &v, &opts).unwrap();
     assert_eq!(f.o.dtype(), DType::F16);
     let file = read(&output);
-    assert_same(&file, "o", &f.o);
-    assert_same(&file, "lse", &f.lse);
+    assert_same(&file, &[("o", &f.o), ("lse", &f.lse)]);
 
     // An F8_E4M3 cache with bf16 q and new rows (quantized with the descales).
     let qb = randn(&[b, 2, h, d], DType::BF16, &mut rng);
@@ -686,7 +676,5 @@ fn fp8_check_and_run() {
     assert_eq!(f.o.dtype(), DType::BF16);
     assert_ne!(kc2, kc, "the append changed the cache");
     let file = read(&output);
-    assert_same(&file, "o", &f.o);
-    assert_same(&file, "k_cache", &kc2);
-    assert_same(&file, "v_cache", &vc2);
+    assert_same(&file, &[("o", &f.o), ("k_cache", &kc2), ("v_cache", &vc2)]);
 }
