@@ -2,8 +2,8 @@
 //! dtypes, shapes, integer inputs), the options it builds, and the dense, varlen, backward and KV-cache calls
 //! it makes on the CPU.
 //!
-//! The CLI's own `run.rs` and `common.rs` are compiled into this target unchanged (`#[path]` modules), so
-//! what is fuzzed is the shipped code. The first input byte selects flags (`--kvcache`, `--causal`,
+//! The CLI's own `run.rs`, `encode.rs` and `common.rs` are compiled into this target unchanged (`#[path]`
+//! modules), so what is fuzzed is the shipped code. The first input byte selects flags (`--kvcache`, `--causal`,
 //! `--window`, `--softcap`, `--scale`, `--rotary-interleaved`, `--deterministic`); the rest is the input file.
 //! Properties: nothing panics; a refusal is an input error (exit code 2), never a failure to encode or
 //! write the outputs; a success writes a safetensors file holding `o` and `lse`.
@@ -16,6 +16,10 @@ use std::sync::OnceLock;
 #[allow(dead_code)]
 #[path = "../../crates/flashattn-cli/src/common.rs"]
 mod common;
+
+#[allow(dead_code)]
+#[path = "../../crates/flashattn-cli/src/encode.rs"]
+mod encode;
 
 #[allow(dead_code)]
 #[path = "../../crates/flashattn-cli/src/run.rs"]

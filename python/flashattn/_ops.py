@@ -86,7 +86,7 @@ def _fwd_impl(
         alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
         window_left, window_right, softcap,
     )  # fmt: skip
-    _ext.fwd(q, k, v, out, lse, shared, _device_sink(sink), q_descale, k_descale, v_descale, out_dtype is not None)
+    _ext.fwd((q, k, v, out, lse), shared, _device_sink(sink), q_descale, k_descale, v_descale, out_dtype is not None)
     return out, lse
 
 
@@ -171,7 +171,7 @@ def _bwd_into(
         alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
         window_left, window_right, softcap,
     )  # fmt: skip
-    _ext.bwd(dout, q, k, v, out, lse, dq, dk, dv, shared, deterministic, sink, dsink, bool(whole_rows))
+    _ext.bwd(dout, (q, k, v, out, lse), dq, dk, dv, shared, deterministic, sink, dsink, bool(whole_rows))
     if dsink_out is not dsink:
         dsink_out.copy_(dsink)
 

@@ -160,6 +160,6 @@ def test_extension_refuses_other_devices():
     # alibi_slopes, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q/k, softmax_scale, causal, window, softcap
     shared = (None, None, None, None, 0, 0, None, False, -1, -1, 0.0)
     with pytest.raises(RuntimeError, match="`k`.*CPU or CUDA.*meta"):
-        _flashattn.fwd(q, m, q, out, lse, shared)
+        _flashattn.fwd((q, m, q, out, lse), shared)
     with pytest.raises(TypeError, match="`v`.*torch.Tensor"):
-        _flashattn.fwd(q, q, [1.0], out, lse, shared)
+        _flashattn.fwd((q, q, [1.0], out, lse), shared)

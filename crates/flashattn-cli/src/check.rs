@@ -136,12 +136,19 @@ fn flash_only(
         let g = flashattn::backward_on(device, &x, opts)?;
         ok &= [g.dq, g.dk, g.dv].iter().all(|t| t.to_f32_vec().iter().all(|x| x.is_finite()));
     }
+    let pass = "SKIPPED accuracy rule (no oracle); flash outputs are finite";
+    let fail = format!("FAIL: flash attention on {device} produced NaN or infinite outputs");
+    outcome(ok, pass, &fail, "the flash outputs are not finite")
+}
+
+/// The end of a check: prints `pass` (success) or `fail` (then the command fails with `error`).
+fn outcome(ok: bool, pass: &str, fail: &str, error: &str) -> CliResult<ExitCode> {
     if ok {
-        println!("SKIPPED accuracy rule (no oracle); flash outputs are finite");
+        println!("{pass}");
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("FAIL: flash attention on {device} produced NaN or infinite outputs");
-        Err(CliError::Failed("the flash outputs are not finite".into()))
+        println!("{fail}");
+        Err(CliError::Failed(error.into()))
     }
 }
 
@@ -317,11 +324,7 @@ pub fn main(a: CheckArgs) -> CliResult<ExitCode> {
         ok &= verdict_lines(&vs);
     }
 
-    if ok {
-        println!("PASS: flash attention on {device} meets the spec's accuracy rule");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        println!("FAIL: flash attention on {device} breaks the spec's accuracy rule");
-        Err(CliError::Failed("the accuracy check failed".into()))
-    }
+    let pass = format!("PASS: flash attention on {device} meets the spec's accuracy rule");
+    let fail = format!("FAIL: flash attention on {device} breaks the spec's accuracy rule");
+    outcome(ok, &pass, &fail, "the accuracy check failed")
 }

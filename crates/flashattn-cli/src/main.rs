@@ -17,6 +17,7 @@ mod alloc;
 mod bench;
 mod check;
 mod common;
+mod encode;
 mod info;
 mod plot;
 mod ring_bench;

@@ -202,37 +202,10 @@ fn options(a: &RunArgs, inp: &Inputs<'_>) -> CliResult<AttnOptions> {
     Ok(opts)
 }
 
-/// Bytes of a tensor's elements in logical order, little-endian, with the safetensors dtype.
-fn to_bytes(t: &Tensor) -> (StDtype, Vec<u8>) {
-    let c = if t.layout() == &flashattn::Layout::contiguous(t.shape()) { None } else { Some(t.to_dtype(t.dtype())) };
-    let t = c.as_ref().unwrap_or(t);
-    match t.storage() {
-        CpuStorage::F32(v) => (StDtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        CpuStorage::F16(v) => (StDtype::F16, v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()),
-        CpuStorage::BF16(v) => (StDtype::BF16, v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()),
-        CpuStorage::I32(v) => (StDtype::I32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        CpuStorage::E4M3(v) => (StDtype::F8_E4M3, v.iter().map(|x| x.0).collect()),
-    }
-}
-
 /// Writes named tensors to a safetensors file.
 pub fn write_safetensors(path: &Path, tensors: &[(&str, &Tensor)]) -> CliResult<()> {
-    let encoded: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, t)| {
-            let (dt, bytes) = to_bytes(t);
-            (n.to_string(), dt, t.shape().to_vec(), bytes)
-        })
-        .collect();
-    let views = encoded
-        .iter()
-        .map(|(n, dt, shape, bytes)| {
-            safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes).map(|v| (n.clone(), v))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CliError::Failed(format!("cannot encode outputs: {e}")))?;
     let bytes =
-        safetensors::serialize(views, None).map_err(|e| CliError::Failed(format!("cannot encode outputs: {e}")))?;
+        crate::encode::serialize(tensors).map_err(|e| CliError::Failed(format!("cannot encode outputs: {e}")))?;
     crate::common::write_atomic(path, &bytes).map_err(|e| input_err(format!("cannot write {}: {e}", path.display())))
 }
 

@@ -1,6 +1,10 @@
 //! Integration tests of the `flashattn` command: the built binary is run as a user would.
 
-use flashattn::{AttnOptions, BackwardInputs, CacheSeqlens, CpuStorage, DType, KvCache, Rotary, Tensor, VarLen};
+/// The CLI's safetensors encoding, to write input files and compare outputs byte for byte.
+#[path = "../src/encode.rs"]
+mod encode;
+
+use flashattn::{AttnOptions, BackwardInputs, CacheSeqlens, DType, KvCache, Rotary, Tensor, VarLen};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use safetensors::{Dtype as StDtype, SafeTensors};
@@ -31,29 +35,8 @@ fn randn(shape: &[usize], dtype: DType, rng: &mut StdRng) -> Tensor {
     Tensor::from_f32(&v, shape, dtype).unwrap()
 }
 
-fn to_bytes(t: &Tensor) -> (StDtype, Vec<u8>) {
-    match t.storage() {
-        CpuStorage::F32(v) => (StDtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        CpuStorage::F16(v) => (StDtype::F16, v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()),
-        CpuStorage::BF16(v) => (StDtype::BF16, v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()),
-        CpuStorage::I32(v) => (StDtype::I32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        CpuStorage::E4M3(v) => (StDtype::F8_E4M3, v.iter().map(|x| x.0).collect()),
-    }
-}
-
 fn write(path: &Path, tensors: &[(&str, &Tensor)]) {
-    let enc: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(n, t)| {
-            let (d, b) = to_bytes(t);
-            (n.to_string(), d, t.shape().to_vec(), b)
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = enc
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+    std::fs::write(path, encode::serialize(tensors).unwrap()).unwrap();
 }
 
 /// Reads every tensor of a safetensors file as (dtype, shape, bytes).
@@ -66,12 +49,15 @@ fn read(path: &Path) -> Vec<(String, StDtype, Vec<usize>, Vec<u8>)> {
     v
 }
 
-/// Asserts that the file's tensor `name` is bit-identical to `t`.
-fn assert_same(file: &[(String, StDtype, Vec<usize>, Vec<u8>)], name: &str, t: &Tensor) {
-    let (_, dt, shape, bytes) = file.iter().find(|x| x.0 == name).unwrap_or_else(|| panic!("output has no `{name}`"));
-    let (want_dt, want) = to_bytes(t);
-    assert_eq!((*dt, shape.as_slice()), (want_dt, t.shape()), "dtype/shape of `{name}`");
-    assert!(bytes == &want, "`{name}` differs from the library's result");
+/// Asserts that each of the file's tensors `name` is bit-identical to its `t`.
+fn assert_same(file: &[(String, StDtype, Vec<usize>, Vec<u8>)], expected: &[(&str, &Tensor)]) {
+    for &(name, t) in expected {
+        let (_, dt, shape, bytes) =
+            file.iter().find(|x| x.0 == name).unwrap_or_else(|| panic!("output has no `{name}`"));
+        let (want_dt, want) = encode::to_bytes(t);
+        assert_eq!((*dt, shape.as_slice()), (want_dt, t.shape()), "dtype/shape of `{name}`");
+        assert!(bytes == &want, "`{name}` differs from the library's result");
+    }
 }
 
 fn run_ok(args: &[&str]) -> String {
@@ -292,9 +278,7 @@ fn run_with_a_different_value_head_dim() {
     let g =
         flashattn::backward(&BackwardInputs { q: &q, k: &k, v: &v, o: &f.o, lse: &f.lse, dout: &dout }, &opts).unwrap();
     assert_eq!(f.o.shape(), &[b, sq, h, dv]);
-    assert_same(&file, "o", &f.o);
-    assert_same(&file, "dq", &g.dq);
-    assert_same(&file, "dv", &g.dv);
+    assert_same(&file, &[("o", &f.o), ("dq", &g.dq), ("dv", &g.dv)]);
 }
 
 #[test]
@@ -316,11 +300,7 @@ fn run_forward_and_backward_match_the_library() {
     let g =
         flashattn::backward(&BackwardInputs { q: &q, k: &k, v: &v, o: &f.o, lse: &f.lse, dout: &dout }, &opts).unwrap();
     assert_eq!(file.len(), 5);
-    assert_same(&file, "o", &f.o);
-    assert_same(&file, "lse", &f.lse);
-    assert_same(&file, "dq", &g.dq);
-    assert_same(&file, "dk", &g.dk);
-    assert_same(&file, "dv", &g.dv);
+    assert_same(&file, &[("o", &f.o), ("lse", &f.lse), ("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)]);
 }
 
 #[test]
@@ -346,8 +326,7 @@ fn run_varlen_matches_the_library() {
     });
     let f = flashattn::forward(&q, &k, &v, &opts).unwrap();
     assert_eq!(file.len(), 2, "no `do`: forward only");
-    assert_same(&file, "o", &f.o);
-    assert_same(&file, "lse", &f.lse);
+    assert_same(&file, &[("o", &f.o), ("lse", &f.lse)]);
 }
 
 #[test]
@@ -392,10 +371,7 @@ fn run_kvcache_matches_the_library() {
     };
     assert_ne!(kc, k_cache, "the append changed the cache");
     assert_eq!(file.len(), 4);
-    assert_same(&file, "o", &f.o);
-    assert_same(&file, "lse", &f.lse);
-    assert_same(&file, "k_cache", &kc);
-    assert_same(&file, "v_cache", &vc);
+    assert_same(&file, &[("o", &f.o), ("lse", &f.lse), ("k_cache", &kc), ("v_cache", &vc)]);
 }
 
 #[test]
@@ -418,9 +394,7 @@ fn run_paged_kvcache_matches_the_library() {
         flashattn::kvcache_forward(&q.view(), &mut cache, &AttnOptions::default()).unwrap()
     };
     let file = read(&output);
-    assert_same(&file, "o", &f.o);
-    assert_same(&file, "lse", &f.lse);
-    assert_same(&file, "k_cache", &kc);
+    assert_same(&file, &[("o", &f.o), ("lse", &f.lse), ("k_cache", &kc)]);
 }
 
 fn run_err(input: &Path, extra: &[&str]) -> String {
@@ -671,8 +645,7 @@ fn fp8_check_and_run() {
     let f = flashattn::forward(&q, &k, &v, &opts).unwrap();
     assert_eq!(f.o.dtype(), DType::F16);
     let file = read(&output);
-    assert_same(&file, "o", &f.o);
-    assert_same(&file, "lse", &f.lse);
+    assert_same(&file, &[("o", &f.o), ("lse", &f.lse)]);
 
     // An F8_E4M3 cache with bf16 q and new rows (quantized with the descales).
     let qb = randn(&[b, 2, h, d], DType::BF16, &mut rng);
@@ -703,7 +676,5 @@ fn fp8_check_and_run() {
     assert_eq!(f.o.dtype(), DType::BF16);
     assert_ne!(kc2, kc, "the append changed the cache");
     let file = read(&output);
-    assert_same(&file, "o", &f.o);
-    assert_same(&file, "k_cache", &kc2);
-    assert_same(&file, "v_cache", &vc2);
+    assert_same(&file, &[("o", &f.o), ("k_cache", &kc2), ("v_cache", &vc2)]);
 }

@@ -479,21 +479,53 @@ impl Shared<'_> {
     }
 }
 
+/// The forward's tensors `(q, k, v, out, lse)`, one tuple in [`fwd`] (which writes `out` and `lse`) and [`bwd`]
+/// (which reads them), as [`ForwardTensors`] holds them on the device.
+#[derive(FromPyObject)]
+struct FwdArgs<'py>(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>);
+
+/// [`FwdArgs`] read.
+struct FwdTens {
+    q: Tens,
+    k: Tens,
+    v: Tens,
+    o: Tens,
+    lse: Tens,
+}
+
+impl FwdArgs<'_> {
+    /// Reads the five tensors, named as the ops name them.
+    fn read(&self, py: Python<'_>) -> PyResult<FwdTens> {
+        let FwdArgs(q, k, v, out, lse) = self;
+        let q = read(py, "q", q)?;
+        let (k, v) = (read(py, "k", k)?, read(py, "v", v)?);
+        let (o, lse) = (read(py, "out", out)?, read(py, "softmax_lse", lse)?);
+        Ok(FwdTens { q, k, v, o, lse })
+    }
+}
+
+impl FwdTens {
+    /// `k`, `v`, `out` and `lse` by name, for the check that every tensor is on `q`'s device.
+    fn others(&self) -> [(&'static str, Option<&Tens>); 4] {
+        [("k", Some(&self.k)), ("v", Some(&self.v)), ("out", Some(&self.o)), ("softmax_lse", Some(&self.lse))]
+    }
+
+    /// The device views of `q`, `k`, `v`, `out`, `lse`.
+    fn dev(&self) -> [DeviceTensorRef; 5] {
+        [&self.q, &self.k, &self.v, &self.o, &self.lse].map(dev)
+    }
+}
+
 /// Attention forward: writes `out` and `lse` (allocated by the caller: `out` like q, `lse` float32
 /// `(b, h, sq)` or `(h, total_q)` for varlen).
 #[pyfunction]
 #[pyo3(signature = (
-    q, k, v, out, lse, shared, learnable_sink=None, q_descale=None, k_descale=None, v_descale=None,
-    out_dtype_set=false,
+    tensors, shared, learnable_sink=None, q_descale=None, k_descale=None, v_descale=None, out_dtype_set=false,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn fwd(
     py: Python<'_>,
-    q: &Bound<'_, PyAny>,
-    k: &Bound<'_, PyAny>,
-    v: &Bound<'_, PyAny>,
-    out: &Bound<'_, PyAny>,
-    lse: &Bound<'_, PyAny>,
+    tensors: FwdArgs<'_>,
     shared: Shared<'_>,
     learnable_sink: Option<&Bound<'_, PyAny>>,
     q_descale: Option<&Bound<'_, PyAny>>,
@@ -501,44 +533,35 @@ fn fwd(
     v_descale: Option<&Bound<'_, PyAny>>,
     out_dtype_set: bool,
 ) -> PyResult<()> {
-    let qt = read(py, "q", q)?;
-    let (kt, vt) = (read(py, "k", k)?, read(py, "v", v)?);
-    let (ot, lt) = (read(py, "out", out)?, read(py, "softmax_lse", lse)?);
-    let fp8 = qt.dtype.is_fp8() || kt.dtype.is_fp8();
-    let fp8 = Fp8::read(py, [q_descale, k_descale, v_descale], fp8, out_dtype_set, &ot)?;
+    let x = tensors.read(py)?;
+    let fp8 = x.q.dtype.is_fp8() || x.k.dtype.is_fp8();
+    let fp8 = Fp8::read(py, [q_descale, k_descale, v_descale], fp8, out_dtype_set, &x.o)?;
     let (alibi, vl) = shared.tensors(py)?;
     let sink = read_opt(py, "learnable_sink", learnable_sink)?;
-    let others = [
-        ("k", Some(&kt)),
-        ("v", Some(&vt)),
-        ("alibi_slopes", alibi.as_ref()),
-        ("learnable_sink", sink.as_ref()),
-        ("out", Some(&ot)),
-        ("softmax_lse", Some(&lt)),
-    ];
-    check_devices(&qt, &others, &vl)?;
-    same_device(&qt, &fp8.tensors())?;
-    if qt.device >= 0 {
-        fp8.refuse_on_cuda(&[qt.dtype, kt.dtype, vt.dtype], false)?;
+    same_device(&x.q, &x.others())?;
+    check_devices(&x.q, &[("alibi_slopes", alibi.as_ref()), ("learnable_sink", sink.as_ref())], &vl)?;
+    same_device(&x.q, &fp8.tensors())?;
+    if x.q.device >= 0 {
+        fp8.refuse_on_cuda(&[x.q.dtype, x.k.dtype, x.v.dtype], false)?;
     }
     let o = shared.opts(false, fp8);
-    match device_index(qt.device) {
+    match device_index(x.q.device) {
         None => {
             // SAFETY: live host tensors of torch's; out and lse are fresh and unaliased.
             let (qv, kv, vv, mut ov, mut lv, a) = unsafe {
                 (
-                    host_view(&qt)?,
-                    host_view(&kt)?,
-                    host_view(&vt)?,
-                    host_view_mut(&ot)?,
-                    host_view_mut(&lt)?,
+                    host_view(&x.q)?,
+                    host_view(&x.k)?,
+                    host_view(&x.v)?,
+                    host_view_mut(&x.o)?,
+                    host_view_mut(&x.lse)?,
                     host_options(&o, &alibi, &vl, &sink)?,
                 )
             };
             py.detach(|| flashattn::forward_into(&qv, &kv, &vv, &mut ov, &mut lv, &a)).map_err(to_py)
         }
         Some(n) => {
-            let (q, k, v, o_, l) = (dev(&qt), dev(&kt), dev(&vt), dev(&ot), dev(&lt));
+            let [q, k, v, o_, l] = x.dev();
             let meta = device_meta(&alibi, &vl, &sink);
             let a = o.attn();
             let stream = current_stream(py, n)?;
@@ -556,17 +579,13 @@ fn fwd(
 /// chunk pair): no row takes the one-key shortcut, and the CPU reads `D` from `out` (see `backward_into_of`).
 #[pyfunction]
 #[pyo3(signature = (
-    dout, q, k, v, out, lse, dq, dk, dv, shared, deterministic, learnable_sink=None, dsink=None, whole_rows=true,
+    dout, tensors, dq, dk, dv, shared, deterministic, learnable_sink=None, dsink=None, whole_rows=true,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn bwd(
     py: Python<'_>,
     dout: &Bound<'_, PyAny>,
-    q: &Bound<'_, PyAny>,
-    k: &Bound<'_, PyAny>,
-    v: &Bound<'_, PyAny>,
-    out: &Bound<'_, PyAny>,
-    lse: &Bound<'_, PyAny>,
+    tensors: FwdArgs<'_>,
     dq: &Bound<'_, PyAny>,
     dk: &Bound<'_, PyAny>,
     dv: &Bound<'_, PyAny>,
@@ -576,19 +595,15 @@ fn bwd(
     dsink: Option<&Bound<'_, PyAny>>,
     whole_rows: bool,
 ) -> PyResult<()> {
-    let qt = read(py, "q", q)?;
-    let (dot, kt, vt) = (read(py, "dout", dout)?, read(py, "k", k)?, read(py, "v", v)?);
-    let (ot, lt) = (read(py, "out", out)?, read(py, "softmax_lse", lse)?);
+    let x = tensors.read(py)?;
+    let dot = read(py, "dout", dout)?;
     let (dqt, dkt, dvt) = (read(py, "dq", dq)?, read(py, "dk", dk)?, read(py, "dv", dv)?);
     let (alibi, vl) = shared.tensors(py)?;
     let sink = read_opt(py, "learnable_sink", learnable_sink)?;
     let dsink = read_opt(py, "dsink", dsink)?;
+    same_device(&x.q, &x.others())?;
     let others = [
         ("dout", Some(&dot)),
-        ("k", Some(&kt)),
-        ("v", Some(&vt)),
-        ("out", Some(&ot)),
-        ("softmax_lse", Some(&lt)),
         ("dq", Some(&dqt)),
         ("dk", Some(&dkt)),
         ("dv", Some(&dvt)),
@@ -596,14 +611,14 @@ fn bwd(
         ("learnable_sink", sink.as_ref()),
         ("dsink", dsink.as_ref()),
     ];
-    check_devices(&qt, &others, &vl)?;
+    check_devices(&x.q, &others, &vl)?;
     let o = shared.opts(deterministic, Fp8::default());
-    match device_index(qt.device) {
+    match device_index(x.q.device) {
         None => {
             // SAFETY: live host tensors of torch's; the gradients are fresh and unaliased.
             let (x, grads, a) = unsafe {
                 (
-                    BackwardInputs { q: &qt, k: &kt, v: &vt, o: &ot, lse: &lt, dout: &dot }
+                    BackwardInputs { q: &x.q, k: &x.k, v: &x.v, o: &x.o, lse: &x.lse, dout: &dot }
                         .try_map(|t| host_view(t))?,
                     GradientsMut { dq: host_view_mut(&dqt)?, dk: host_view_mut(&dkt)?, dv: host_view_mut(&dvt)? },
                     host_options(&o, &alibi, &vl, &sink)?,
@@ -622,27 +637,22 @@ fn bwd(
             .map_err(to_py)
         }
         Some(n) => {
-            let [qd, kd, vd, od, ld, dod, dqd, dkd, dvd] = [&qt, &kt, &vt, &ot, &lt, &dot, &dqt, &dkt, &dvt].map(dev);
+            let [qd, kd, vd, od, ld] = x.dev();
+            let [dod, dqd, dkd, dvd] = [&dot, &dqt, &dkt, &dvt].map(dev);
             // The op always passes a `dsink` buffer (empty without a sink); the device API takes one exactly when
             // there is a sink.
             let dsd = dsink.as_ref().filter(|_| sink.is_some()).map(dev);
             let meta = device_meta(&alibi, &vl, &sink);
             let a = o.attn();
             let bytes = cuda::backward_workspace_bytes(&qd, &kd, &vd, &a, &meta).map_err(to_py)?;
-            let buf = scratch(py, q, bytes)?;
+            let buf = scratch(py, &tensors.0, bytes)?;
             let ws = workspace_of(py, &buf, bytes)?;
             let stream = current_stream(py, n)?;
-            let t = BackwardTensors {
-                fwd: ForwardTensors { q: &qd, k: &kd, v: &vd, o: &od, lse: &ld },
-                dout: &dod,
-                dq: &dqd,
-                dk: &dkd,
-                dv: &dvd,
-                dsink: dsd.as_ref(),
-            };
+            let fwd = ForwardTensors { q: &qd, k: &kd, v: &vd, o: &od, lse: &ld };
+            let t = BackwardTensors { fwd, dout: &dod, dq: &dqd, dk: &dkd, dv: &dvd, dsink: dsd.as_ref() };
             // SAFETY: tensors of device n (checked above), its current stream, a workspace of torch's that
             // lives until the kernels are enqueued (`buf`).
-            py.detach(|| unsafe { cuda::backward_device_of(n, stream as *mut c_void, t, &a, &meta, ws, whole_rows) })
+            py.detach(|| unsafe { cuda::backward_device(n, stream as *mut c_void, t, &a, &meta, ws, whole_rows) })
                 .map_err(to_py)
         }
     }
@@ -795,14 +805,14 @@ fn kvcache(
             // FlashAttention's `num_splits`: 0 lets the plan choose; n fixes the key splits (clamped to the
             // kernels' limit).
             a.tuning.num_splits = num_splits;
-            let bytes = cuda::kvcache_workspace_bytes(n, &qd, &cache, &od, &ld, &a).map_err(to_py)?;
+            let bytes = cuda::kvcache_plan(n, &qd, &cache, &od, &ld, &a).map_err(to_py)?.workspace_bytes;
             let buf = scratch(py, q, bytes)?;
             let ws = workspace_of(py, &buf, bytes)?;
             let stream = current_stream(py, n)?;
             // SAFETY: tensors of device n (checked above), its current stream, a workspace of torch's for this
             // call that lives until the kernels are enqueued (`buf`; its header is zeroed on the stream first).
             py.detach(|| unsafe {
-                cuda::kvcache_forward_raw_uninit(n, stream as *mut c_void, &qd, &cache, &od, &ld, ws, &a)
+                cuda::kvcache_forward_raw(n, stream as *mut c_void, &qd, &cache, &od, &ld, ws, &a, true)
             })
             .map_err(to_py)
         }

@@ -157,25 +157,23 @@ pub trait Element: Copy + Send + Sync + Default + 'static {
     fn from_f32(x: f32) -> Self;
 }
 
-impl Element for f16 {
-    const DTYPE: DType = DType::F16;
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
-    }
+/// [`Element`] for a 16-bit float type of `half`, through its own conversions.
+macro_rules! half_element {
+    ($t:ident, $dtype:ident) => {
+        impl Element for $t {
+            const DTYPE: DType = DType::$dtype;
+            fn to_f32(self) -> f32 {
+                $t::to_f32(self)
+            }
+            fn from_f32(x: f32) -> Self {
+                $t::from_f32(x)
+            }
+        }
+    };
 }
 
-impl Element for bf16 {
-    const DTYPE: DType = DType::BF16;
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-}
+half_element!(f16, F16);
+half_element!(bf16, BF16);
 
 impl Element for f32 {
     const DTYPE: DType = DType::F32;

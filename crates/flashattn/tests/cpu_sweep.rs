@@ -32,7 +32,7 @@ fn run_sweep(name: &str, all: &[Case]) {
         t0.elapsed().as_secs_f64(),
         o.timing
     );
-    assert!(o.fail == 0, "{} failures:\n{}", o.fail, o.msgs.join("\n"));
+    o.assert_passed();
     assert_eq!(o.pass, mine.len());
     assert!(o.pass > 0 || shard_spec().is_some());
 }

@@ -112,14 +112,13 @@ use common::Variant as Variant_;
 
 /// Runs cases on the GPU one by one, printing a line per case past the capture (a run cut short by a
 /// timeout still shows how far it got).
-fn run_cases_logged(cases: &[Case]) -> (usize, usize, Vec<String>) {
-    let (mut pass, mut fail, mut msgs) = (0, 0, Vec::new());
+fn run_cases_logged(cases: &[Case]) -> Outcome {
+    let mut out = Outcome::default();
     for (i, c) in cases.iter().enumerate() {
         let t0 = std::time::Instant::now();
-        let (p, f, m) = run_cases(Device::Cuda(0), std::slice::from_ref(c));
-        pass += p;
-        fail += f;
-        msgs.extend(m);
+        let o = run_cases(Device::Cuda(0), std::slice::from_ref(c));
+        let f = o.fail;
+        out.add(o);
         let dims = if c.d_v == c.d { format!("d{}", c.d) } else { format!("d{} dv{}", c.d, c.d_v) };
         say(&format!(
             "  case {}/{} {} {:?} {dims} {}x{} h{}/{} b{}{}: {} ({:.2} s)",
@@ -137,7 +136,7 @@ fn run_cases_logged(cases: &[Case]) -> (usize, usize, Vec<String>) {
             t0.elapsed().as_secs_f64()
         ));
     }
-    (pass, fail, msgs)
+    out
 }
 
 /// Launch counts of the Hopper kernels (forward, backward) so far in this process.
@@ -181,17 +180,18 @@ fn sweep(dtype: DType, tuning: Tuning) {
     warm_up(&cases, false);
     let t0 = std::time::Instant::now();
     let before = sm90_launches();
-    let (pass, fail, msgs) = run_cases_logged(&cases);
+    let o = run_cases_logged(&cases);
     say(&format!(
-        "cuda sweep {dtype} ({}, cuda path {:?}, backward path {:?}): {pass} passed, {fail} failed ({:.1} s)",
+        "cuda sweep {dtype} ({}, cuda path {:?}, backward path {:?}): {} ({:.1} s)",
         sweep_level(),
         tuning.cuda_path,
         tuning.bwd_path,
+        o.counts(),
         t0.elapsed().as_secs_f64()
     ));
     report_sm90(&format!("cuda sweep {dtype}"), before, cases.iter().any(|c| c.backward), &tuning);
-    assert!(fail == 0, "{fail} failures:\n{}", msgs.join("\n"));
-    assert!(pass > 0);
+    o.assert_passed();
+    assert!(o.pass > 0);
 }
 
 #[test]
@@ -233,11 +233,11 @@ fn sweep_d256_bn64() {
     }
     warm_up(&cases, false);
     let before = sm90_launches();
-    let (pass, fail, msgs) = run_cases_logged(&cases);
-    say(&format!("cuda sweep d256 BN64: {pass} passed, {fail} failed"));
+    let o = run_cases_logged(&cases);
+    say(&format!("cuda sweep d256 BN64: {}", o.counts()));
     report_sm90("cuda sweep d256 BN64", before, true, &tuning);
-    assert!(fail == 0, "{fail} failures:\n{}", msgs.join("\n"));
-    assert!(pass > 0);
+    o.assert_passed();
+    assert!(o.pass > 0);
 }
 
 /// The bf16 sweep with only the backward forced onto the sm80-class kernel: on Hopper the forwards still run
@@ -275,10 +275,10 @@ fn small_variants() {
     }
     warm_up(&cases, false);
     let before = sm90_launches();
-    let (pass, fail, msgs) = run_cases_logged(&cases);
-    say(&format!("cuda small variants: {pass} passed, {fail} failed"));
+    let o = run_cases_logged(&cases);
+    say(&format!("cuda small variants: {}", o.counts()));
     report_sm90("cuda small variants", before, true, &Tuning::default());
-    assert!(fail == 0, "{}", msgs.join("\n"));
+    o.assert_passed();
 }
 
 /// The Hopper backward at head dims above 128 (compiled at 256, smaller ones zero-padded): every variant,
@@ -306,13 +306,10 @@ fn sm90_backward_wide_heads() {
     let hopper = cuda::device_arch(0).is_ok_and(|a| a == "sm_90a");
     let forced = false; // the cases run with the default tuning
     let sm90_expected = hopper && !forced;
-    let (mut pass, mut fail, mut msgs, mut off_path, mut varlen_sm90) = (0, 0, Vec::new(), Vec::new(), 0);
+    let (mut out, mut off_path, mut varlen_sm90) = (Outcome::default(), Vec::new(), 0);
     for c in &cases {
         let before = sm90_launches().1;
-        let (p, f, m) = run_cases(Device::Cuda(0), std::slice::from_ref(c));
-        pass += p;
-        fail += f;
-        msgs.extend(m);
+        out.add(run_cases(Device::Cuda(0), std::slice::from_ref(c)));
         let on_sm90 = sm90_launches().1 > before;
         if c.variant == Variant_::Varlen && sm90_expected {
             varlen_sm90 += on_sm90 as usize;
@@ -321,12 +318,13 @@ fn sm90_backward_wide_heads() {
         }
     }
     say(&format!(
-        "cuda sm90 backward, head dims > 128: {pass} passed, {fail} failed; {} of {} on the expected path, {varlen_sm90} \
-         varlen on sm90 (sm_90a: {hopper}, forced sm80: {forced})",
+        "cuda sm90 backward, head dims > 128: {}; {} of {} on the expected path, {varlen_sm90} varlen on sm90 \
+         (sm_90a: {hopper}, forced sm80: {forced})",
+        out.counts(),
         cases.len() - off_path.len(),
         cases.len()
     ));
-    assert!(fail == 0, "{}", msgs.join("\n"));
+    out.assert_passed();
     assert!(off_path.is_empty(), "backwards not on the expected path: {}", off_path.join("; "));
     assert!(!sm90_expected || varlen_sm90 > 0, "no varlen backward ran on the sm90 path");
 }
@@ -354,10 +352,10 @@ fn deterministic_sweep() {
     }
     warm_up(&cases, true);
     let before = sm90_launches();
-    let (pass, fail, msgs) = run_cases_logged(&cases);
-    say(&format!("cuda deterministic sweep: {pass} passed, {fail} failed"));
+    let o = run_cases_logged(&cases);
+    say(&format!("cuda deterministic sweep: {}", o.counts()));
     report_sm90("cuda deterministic sweep", before, true, &Tuning::default());
-    assert!(fail == 0, "{}", msgs.join("\n"));
+    o.assert_passed();
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {
@@ -437,7 +435,7 @@ fn kvcache() {
         return;
     }
     let mut r = rng(seed());
-    let (mut pass, mut fail, mut msgs) = (0, 0, Vec::new());
+    let mut tally = Outcome::default();
     let dtypes = [DType::F16, DType::BF16];
     let mut case = 0usize;
     for &dtype in &dtypes {
@@ -526,8 +524,7 @@ fn kvcache() {
                 let (out, plan) = match (out, plan) {
                     (Ok(o), Some(p)) => (o, p),
                     (o, p) => {
-                        fail += 1;
-                        msgs.push(format!("ERROR {tag}: {:?} / plan {}", o.err(), p.is_some()));
+                        tally.record(Err(format!("ERROR {tag}: {:?} / plan {}", o.err(), p.is_some())));
                         continue;
                     }
                 };
@@ -546,17 +543,11 @@ fn kvcache() {
                     2.0,
                 );
                 let vl = flashattn::accuracy::compare_lse(&out.lse.to_f32_vec(), &reference.lse);
-                if vo.pass && vl.pass {
-                    pass += 1;
-                } else {
-                    fail += 1;
-                    msgs.push(format!("FAIL {tag}: {vo}; {vl}"));
-                }
+                tally.record(if vo.pass && vl.pass { Ok(()) } else { Err(format!("FAIL {tag}: {vo}; {vl}")) });
             }
         }
     }
-    say(&format!("cuda kvcache: {pass} passed, {fail} failed"));
-    assert!(fail == 0, "{}", msgs.join("\n"));
+    tally.report("cuda kvcache");
 }
 
 /// First-call compile time of a new variant and the load time from the disk cache (targets: < 2 s and
@@ -714,24 +705,14 @@ fn raw_pointers_packed_qkv() {
     let o_ref = c(d_o.device_ptr(&stream).0, dtype, &[b, s, h, d]);
     let lse_ref = c(d_lse.device_ptr(&stream).0, DType::F32, &[b, h, s]);
     let cs = stream.cu_stream() as *mut std::ffi::c_void;
+    let (qd, kd, vd) = (t(0), t(1), t(2));
+    let fwd = cuda::ForwardTensors { q: &qd, k: &kd, v: &vd, o: &o_ref, lse: &lse_ref };
+    let [dod, dqd, dkd, dvd] = [&d_do, &d_dq, &d_dk, &d_dv].map(|g| c(g.device_ptr(&stream).0, dtype, &[b, s, h, d]));
+    let bwd = cuda::BackwardTensors { fwd, dout: &dod, dq: &dqd, dk: &dkd, dv: &dvd, dsink: None };
     // SAFETY: all buffers live on device 0 and outlive the synchronisation below.
     unsafe {
-        cuda::forward_raw(0, cs, &t(0), &t(1), &t(2), &o_ref, &lse_ref, &opts).expect("forward_raw");
-        cuda::backward_raw(
-            0,
-            cs,
-            &t(0),
-            &t(1),
-            &t(2),
-            &o_ref,
-            &lse_ref,
-            &c(d_do.device_ptr(&stream).0, dtype, &[b, s, h, d]),
-            &c(d_dq.device_ptr(&stream).0, dtype, &[b, s, h, d]),
-            &c(d_dk.device_ptr(&stream).0, dtype, &[b, s, h, d]),
-            &c(d_dv.device_ptr(&stream).0, dtype, &[b, s, h, d]),
-            &opts,
-        )
-        .expect("backward_raw");
+        cuda::forward_raw(0, cs, fwd, &opts).expect("forward_raw");
+        cuda::backward_raw(0, cs, bwd, &opts).expect("backward_raw");
     }
     let o: Vec<u16> = stream.clone_dtoh(&d_o).unwrap();
     let lse: Vec<f32> = stream.clone_dtoh(&d_lse).unwrap();
@@ -771,21 +752,18 @@ fn value_head_dims() {
     }
     warm_up(&cases, false);
     warm_up(&cases, true);
-    let (mut pass, mut fail, mut msgs, mut on_sm90) = (0, 0, Vec::new(), Vec::new());
+    let (mut out, mut on_sm90) = (Outcome::default(), Vec::new());
     for c in &cases {
         let before = sm90_launches();
-        let (p, f, m) = run_cases_logged(std::slice::from_ref(c));
-        pass += p;
-        fail += f;
-        msgs.extend(m);
+        out.add(run_cases_logged(std::slice::from_ref(c)));
         if sm90_launches() != before {
             on_sm90.push(format!("{c:?}"));
         }
     }
-    say(&format!("cuda value head dims: {pass} passed, {fail} failed, {} on the sm90 path", on_sm90.len()));
-    assert!(fail == 0, "{}", msgs.join("\n"));
+    say(&format!("cuda value head dims: {}, {} on the sm90 path", out.counts(), on_sm90.len()));
+    out.assert_passed();
     assert!(on_sm90.is_empty(), "value head dim cases launched sm90 kernels: {}", on_sm90.join("; "));
-    assert!(pass > 0);
+    assert!(out.pass > 0);
 }
 
 /// Value head dims the CUDA kernels are not compiled for, and any `d_v != d` on the KV-cache kernels, are refused

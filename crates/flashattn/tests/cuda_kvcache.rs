@@ -304,7 +304,7 @@ fn kvcache_sweep_device() {
 /// Runs every `stride`-th case of the KV sweep (after `map`) through `kvcache_forward_on(Device::Cuda(0))`, case
 /// k with seed `base_seed + k`, checks each with [`verify`], and fails with every failing case listed.
 fn run_device_cases(label: &str, base_seed: u64, stride: usize, map: impl Fn(KvCase) -> KvCase) {
-    let (mut pass, mut fail, mut msgs) = (0, 0, Vec::new());
+    let mut tally = Outcome::default();
     for (k, c) in sweep_cases().into_iter().enumerate().step_by(stride) {
         let c = map(c);
         let sd = base_seed.wrapping_add(k as u64);
@@ -313,16 +313,9 @@ fn run_device_cases(label: &str, base_seed: u64, stride: usize, map: impl Fn(KvC
         let res = out
             .map_err(|e| format!("error: {e}"))
             .and_then(|o| verify(&s, &o.o.to_f32_vec(), &o.lse.to_f32_vec(), &kc, &vc));
-        match res {
-            Ok(()) => pass += 1,
-            Err(e) => {
-                fail += 1;
-                msgs.push(format!("FAIL {c:?} seed {sd}: {e}"));
-            }
-        }
+        tally.record(res.map_err(|e| format!("FAIL {c:?} seed {sd}: {e}")));
     }
-    say(&format!("{label}: {pass} passed, {fail} failed"));
-    assert!(fail == 0, "{}", msgs.join("\n"));
+    tally.report(label);
 }
 
 /// Decoding from e4m3 caches (`KV_FP8` kernels: 1-byte rows widened in shared memory, descales in the score
@@ -366,7 +359,7 @@ fn kvcache_overflow_refused() {
         assert!(kc == s.kc0 && vc == s.vc0, "page {page:?}: the host cache was written");
         // Device form: the same call on device buffers sets the status word and writes nothing.
         let dev = DevCase::upload(&s);
-        let ws = KvWorkspace::new(0, dev.ws_bytes(&s)).unwrap();
+        let ws = KvWorkspace::new(0, dev.plan(&s).workspace_bytes).unwrap();
         dev.run(&s, &ws, dev.stream.cu_stream() as *mut _).expect("shapes are valid");
         let st = ws.status().unwrap();
         assert_eq!(st & 1, 1, "page {page:?}: status {st}, expected the overflow bit");
@@ -494,15 +487,15 @@ impl DevCase {
         (q, cache, o, lse)
     }
 
-    fn ws_bytes(&self, s: &Setup) -> usize {
+    fn plan(&self, s: &Setup) -> cuda::KvCallPlan {
         let (q, cache, o, lse) = self.refs(s);
-        cuda::kvcache_workspace_bytes(0, &q, &cache, &o, &lse, &s.opts).unwrap()
+        cuda::kvcache_plan(0, &q, &cache, &o, &lse, &s.opts).unwrap()
     }
 
     fn run(&self, s: &Setup, ws: &KvWorkspace, stream: *mut std::ffi::c_void) -> flashattn::Result<()> {
         let (q, cache, o, lse) = self.refs(s);
         // SAFETY: every buffer belongs to device 0 and outlives the synchronisation that follows each call.
-        unsafe { cuda::kvcache_forward_raw(0, stream, &q, &cache, &o, &lse, ws.as_device(), &s.opts) }
+        unsafe { cuda::kvcache_forward_raw(0, stream, &q, &cache, &o, &lse, ws.as_device(), &s.opts, false) }
     }
 
     fn caches(&self, s: &Setup) -> (Tensor, Tensor) {
@@ -534,9 +527,8 @@ fn kvcache_cuda_graph_replay() {
     let c = KvCase { page: Some(16), rot: 1, feat: Feat::Causal, ..KvCase::bf16(128, 32, 8, 1, 1, 4096) };
     let s0 = setup(c, &mut rng(base));
     let mut dev = DevCase::upload(&s0);
-    let ws = KvWorkspace::new(0, dev.ws_bytes(&s0)).unwrap();
-    let (q, cache, o, lse) = dev.refs(&s0);
-    let splits = cuda::kvcache_splits(0, &q, &cache, &o, &lse, &s0.opts).unwrap();
+    let plan = dev.plan(&s0);
+    let (ws, splits) = (KvWorkspace::new(0, plan.workspace_bytes).unwrap(), plan.splits);
     // Warm-up call outside the capture: loads the kernel module.
     dev.run(&s0, &ws, dev.stream.cu_stream() as *mut _).unwrap();
     dev.stream.synchronize().unwrap();
@@ -604,9 +596,8 @@ fn kvcache_split_counters_after_refusal() {
         let c = KvCase::bf16(128, 8, 2, 1, s_new, 2048);
         let s = setup(c, &mut r);
         let mut dev = DevCase::upload(&s);
-        let ws = KvWorkspace::new(0, dev.ws_bytes(&s)).unwrap();
-        let (q, cache, o, lse) = dev.refs(&s);
-        let splits = cuda::kvcache_splits(0, &q, &cache, &o, &lse, &s.opts).unwrap();
+        let plan = dev.plan(&s);
+        let (ws, splits) = (KvWorkspace::new(0, plan.workspace_bytes).unwrap(), plan.splits);
         assert!(splits > 1, "s_new {s_new}: the case must split the keys, got {splits} split");
         splits_seen.push(splits);
         // Sequence 1 past its capacity: an overflowing append, or (no append) a cache length out of range.

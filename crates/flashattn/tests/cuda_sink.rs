@@ -33,9 +33,7 @@ fn run(name: &str, dtype: DType, tuning: Tuning) {
         return;
     }
     let cases = sink_cases(dtype, &tuning);
-    let (pass, fail, msgs) = run_cases(Device::Cuda(0), &cases);
-    say(&format!("{name}: {pass} passed, {fail} failed"));
-    assert!(fail == 0, "{fail} failures:\n{}", msgs.join("\n"));
+    run_cases(Device::Cuda(0), &cases).report(name);
 }
 
 /// The default path: the Hopper forward on sm_90a for the problems it covers, else the sm80-class kernel.

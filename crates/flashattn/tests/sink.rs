@@ -160,9 +160,9 @@ fn cuda_takes_a_sink_in_the_backward_but_the_raw_device_api_refuses_it() {
     }
     let t = |dtype, shape: &[usize]| flashattn::cuda::DeviceTensorRef::contiguous(0x1000, dtype, shape);
     let (x, lse) = (t(DType::BF16, &[1, 3, 2, 8]), t(DType::F32, &[1, 2, 3]));
+    let fwd = flashattn::cuda::ForwardTensors { q: &x, k: &x, v: &x, o: &x, lse: &lse };
+    let bwd = flashattn::cuda::BackwardTensors { fwd, dout: &x, dq: &x, dk: &x, dv: &x, dsink: None };
     // SAFETY: refused by validation before any pointer is used.
-    let e =
-        unsafe { flashattn::cuda::backward_raw(0, std::ptr::null_mut(), &x, &x, &x, &x, &lse, &x, &x, &x, &x, &opts) }
-            .unwrap_err();
+    let e = unsafe { flashattn::cuda::backward_raw(0, std::ptr::null_mut(), bwd, &opts) }.unwrap_err();
     assert!(unsupported_sink(&e), "{e}");
 }

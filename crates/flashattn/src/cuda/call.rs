@@ -55,9 +55,19 @@ pub(crate) fn require_same_value_dim(d: usize, d_v: usize) -> Result<()> {
     Ok(())
 }
 
-/// The backward entry points without a place for `dsink` (the raw device API, [`super::DeviceAttention`])
-/// refuse a problem with a sink, before any device work; [`super::backward_host`] and
-/// [`super::backward_device`] run it.
+/// Refuses an input a device entry point takes in device memory when it was `given` in host memory
+/// (`AttnOptions`): `device` says where it goes (`"a device sink in DeviceMeta::sink"`), `host` what was given
+/// (`"a host sink"`).
+pub(crate) fn refuse_host_input(given: bool, arg: &'static str, device: &str, host: &str) -> Result<()> {
+    if given {
+        return Err(Error::invalid(arg, format!("{device} for the device API"), format!("{host} in AttnOptions")));
+    }
+    Ok(())
+}
+
+/// The backward entry points that do not compute a sink's gradient (the raw device API, whose
+/// `BackwardTensors::dsink` must be `None`, and [`super::DeviceAttention`]) refuse a problem with a sink, before
+/// any device work; [`super::backward_host`] and [`super::backward_device`] run it.
 pub(crate) fn require_no_dsink(p: &Problem) -> Result<()> {
     if p.sink.is_some() {
         return Err(Error::Unsupported {

@@ -8,7 +8,8 @@
 
 use super::bwd;
 use super::call::{
-    check_backward_tensors, check_forward_tensors, extent_bytes, poison_forward_outputs, raw_problem, BwdArgs, FwdArgs,
+    check_backward_tensors, check_forward_tensors, extent_bytes, poison_forward_outputs, raw_problem,
+    refuse_host_input, BwdArgs, FwdArgs,
 };
 use super::fwd;
 use super::kvcache::DeviceWorkspace;
@@ -20,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::options::{AttnOptions, VarLen};
 use crate::problem::{Alibi, Problem};
 use crate::tensor::Layout;
+use std::ffi::c_void;
 
 /// Variable-length batches with the offsets in device memory: `q` is `[total_q, h, d]`, `k`/`v` `[total_k, hk,
 /// d]`.
@@ -73,13 +75,7 @@ pub(crate) fn device_problem(
     if meta.alibi_slopes.is_some() && opts.alibi_slopes.is_some() {
         return Err(Error::invalid("alibi_slopes", "slopes in device memory or in the options, not both", "both"));
     }
-    if opts.sink.is_some() {
-        return Err(Error::invalid(
-            "sink",
-            "a device sink in DeviceMeta::sink for the device API",
-            "a host sink in AttnOptions",
-        ));
-    }
+    refuse_host_input(opts.sink.is_some(), "sink", "a device sink in DeviceMeta::sink", "a host sink")?;
     let mut host = opts.clone();
     let mut batch_of_varlen = None;
     if let Some(vl) = &meta.varlen {
@@ -168,7 +164,7 @@ fn meta_ptrs(meta: &DeviceMeta, a: &mut FwdArgs) {
 /// outputs unaliased until the stream has run the kernels.
 pub unsafe fn forward_device(
     n: usize,
-    stream: *mut std::ffi::c_void,
+    stream: *mut c_void,
     t: ForwardTensors<'_>,
     opts: &AttnOptions,
     meta: &DeviceMeta,
@@ -200,32 +196,17 @@ pub fn backward_workspace_bytes(
 
 /// Backward pass over device memory the caller owns, on the caller's stream, with the scratch buffers in
 /// `workspace` (at least [`backward_workspace_bytes`], 256-byte aligned; its contents need not be zero).
+/// `whole_rows` names the owner of `o` and `lse`: `true` (the normal backward), they come from this call's keys,
+/// and a row that sees one key takes the exact shortcut `dS = 0`; `false`, from a larger set of keys of which
+/// this call holds a part (one chunk pair of ring attention, whose `lse` is the whole row's), so every row takes
+/// the general formula.
 ///
 /// # Safety
 /// As for [`forward_device`], and `workspace` is device memory of that device used by nothing else until the
 /// stream has run the kernels.
 pub unsafe fn backward_device(
     n: usize,
-    stream: *mut std::ffi::c_void,
-    t: BackwardTensors<'_>,
-    opts: &AttnOptions,
-    meta: &DeviceMeta,
-    workspace: DeviceWorkspace,
-) -> Result<()> {
-    // SAFETY: the caller's contract, the same as ours.
-    unsafe { backward_device_of(n, stream, t, opts, meta, workspace, true) }
-}
-
-/// [`backward_device`] with the owner of `o` and `lse` named. `whole_rows = true`: they come from this call's
-/// keys, and a row that sees one key takes the exact shortcut `dS = 0`. `whole_rows = false`: from a larger set
-/// of keys of which this call holds a part (one chunk pair of ring attention, whose `lse` is the whole row's),
-/// so every row takes the general formula.
-///
-/// # Safety
-/// As for [`backward_device`].
-pub unsafe fn backward_device_of(
-    n: usize,
-    stream: *mut std::ffi::c_void,
+    stream: *mut c_void,
     t: BackwardTensors<'_>,
     opts: &AttnOptions,
     meta: &DeviceMeta,
@@ -381,17 +362,11 @@ mod tests {
         assert!(with >= without + 2 * 8 * 8 * 4, "{with} vs {without}");
         let (o, lse) = (t(DType::BF16, &[2, 16, 8, 64]), t(DType::F32, &[2, 8, 16]));
         let ws = DeviceWorkspace { ptr: 0x10000, bytes: with };
+        let fwd = ForwardTensors { q: &q, k: &q, v: &q, o: &o, lse: &lse };
         let arg = |dsink: Option<&DeviceTensorRef>, meta: &DeviceMeta| {
-            let tens = BackwardTensors {
-                fwd: ForwardTensors { q: &q, k: &q, v: &q, o: &o, lse: &lse },
-                dout: &o,
-                dq: &q,
-                dk: &q,
-                dv: &q,
-                dsink,
-            };
+            let tens = BackwardTensors { fwd, dout: &o, dq: &q, dk: &q, dv: &q, dsink };
             // SAFETY: every case is refused by validation before any pointer is used.
-            match unsafe { backward_device(0, std::ptr::null_mut(), tens, &opts, meta, ws) } {
+            match unsafe { backward_device(0, std::ptr::null_mut(), tens, &opts, meta, ws, true) } {
                 Err(Error::InvalidArgument { arg, .. }) => Some(arg),
                 _ => None,
             }

@@ -14,6 +14,7 @@
 //!   kernels: an append that would overflow (or any out-of-range value) sets the workspace's status word
 //!   and nothing is written; read it with [`KvWorkspace::status`].
 
+use super::call::refuse_host_input;
 use super::compile::{kv_variant, padded_head_dim, Variant};
 use super::launch::{launch, poison, poison_outputs};
 use super::runtime::{self, dev_err, Gpu, Loaded};
@@ -166,7 +167,7 @@ pub struct KvWorkspace {
 }
 
 impl KvWorkspace {
-    /// Allocates `bytes` (see [`kvcache_workspace_bytes`]) zeroed bytes on device `n`.
+    /// Allocates `bytes` (see [`KvCallPlan::workspace_bytes`]) zeroed bytes on device `n`.
     pub fn new(n: usize, bytes: usize) -> Result<KvWorkspace> {
         let gpu = runtime::gpu(n)?;
         gpu.run("allocating the KV workspace", || {
@@ -670,27 +671,12 @@ fn raw_plan(
     if opts.varlen.is_some() {
         return Err(Error::invalid("varlen", "no varlen with a KV cache (use cache_seqlens)", "cu_seqlens"));
     }
-    if opts.sink.is_some() {
-        return Err(Error::invalid(
-            "sink",
-            "a device sink in DeviceKvCache::sink for the device API",
-            "a host sink in AttnOptions",
-        ));
-    }
-    if opts.alibi_slopes.is_some() {
-        return Err(Error::invalid(
-            "alibi_slopes",
-            "device slopes in DeviceKvCache::alibi_slopes for the device API",
-            "host slopes in AttnOptions",
-        ));
-    }
-    if opts.k_descale.is_some() || opts.v_descale.is_some() || opts.q_descale.is_some() {
-        return Err(Error::invalid(
-            "k_descale",
-            "device descales in DeviceKvCache::k_descale / v_descale for the device API",
-            "host descales in AttnOptions",
-        ));
-    }
+    refuse_host_input(opts.sink.is_some(), "sink", "a device sink in DeviceKvCache::sink", "a host sink")?;
+    let slopes = "device slopes in DeviceKvCache::alibi_slopes";
+    refuse_host_input(opts.alibi_slopes.is_some(), "alibi_slopes", slopes, "host slopes")?;
+    let descales = opts.k_descale.is_some() || opts.v_descale.is_some() || opts.q_descale.is_some();
+    let device = "device descales in DeviceKvCache::k_descale / v_descale";
+    refuse_host_input(descales, "k_descale", device, "host descales")?;
     let dtype = q.dtype;
     if dtype.is_fp8() {
         return Err(super::call::unsupported_dtype(dtype));
@@ -824,31 +810,28 @@ fn raw_plan(
     make_plan(gpu, dtype, cache_dtype, [b, sq, h, d], hk, s_new, &cs, max_pages, cache.rotary.is_some(), capacity, &o2)
 }
 
-/// Bytes of workspace a [`kvcache_forward_raw`] call of these shapes needs on device `n` (the split count
-/// depends on the shapes, the cache capacity and the device only, never on values in device memory).
-pub fn kvcache_workspace_bytes(
-    n: usize,
-    q: &DeviceTensorRef,
-    cache: &DeviceKvCache,
-    o: &DeviceTensorRef,
-    lse: &DeviceTensorRef,
-    opts: &AttnOptions,
-) -> Result<usize> {
-    let gpu = runtime::gpu(n)?;
-    Ok(raw_plan(&gpu, q, cache, o, lse, opts)?.workspace().bytes)
+/// What a [`kvcache_forward_raw`] call of some shapes needs and does on one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCallPlan {
+    /// Bytes of workspace the call needs.
+    pub workspace_bytes: usize,
+    /// The number of key splits it uses.
+    pub splits: usize,
 }
 
-/// The number of key splits a [`kvcache_forward_raw`] call of these shapes uses on device `n`.
-pub fn kvcache_splits(
+/// The plan of a [`kvcache_forward_raw`] call of these shapes on device `n`: its workspace and key splits (they
+/// depend on the shapes, the cache capacity and the device only, never on values in device memory).
+pub fn kvcache_plan(
     n: usize,
     q: &DeviceTensorRef,
     cache: &DeviceKvCache,
     o: &DeviceTensorRef,
     lse: &DeviceTensorRef,
     opts: &AttnOptions,
-) -> Result<usize> {
+) -> Result<KvCallPlan> {
     let gpu = runtime::gpu(n)?;
-    Ok(raw_plan(&gpu, q, cache, o, lse, opts)?.splits)
+    let plan = raw_plan(&gpu, q, cache, o, lse, opts)?;
+    Ok(KvCallPlan { workspace_bytes: plan.workspace().bytes, splits: plan.splits })
 }
 
 /// KV-cache attention over device memory the caller owns, on the caller's stream, with a caller-provided
@@ -859,48 +842,18 @@ pub fn kvcache_splits(
 /// same buffers. The kernel module must have been loaded before capture (one earlier call of the same
 /// variant, or [`super::precompile_variants`] plus one call).
 ///
-/// # Safety
-/// Every pointer must be device memory of CUDA device `n` covering its shape and strides, `stream` a valid
-/// stream of device `n`'s primary context (or null), `workspace` at least [`kvcache_workspace_bytes`]
-/// bytes, 256-byte aligned, all zero before its first call (the kernels leave it so, apart from the status
-/// word's bits and the partial results); all of it alive and not used by anything else (no two calls at once
-/// on different streams) until the stream has run the kernels.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn kvcache_forward_raw(
-    n: usize,
-    stream: *mut c_void,
-    q: &DeviceTensorRef,
-    cache: &DeviceKvCache,
-    o: &DeviceTensorRef,
-    lse: &DeviceTensorRef,
-    workspace: DeviceWorkspace,
-    opts: &AttnOptions,
-) -> Result<()> {
-    raw_forward(n, stream, q, cache, o, lse, workspace, opts, false)
-}
-
-/// [`kvcache_forward_raw`] with a workspace whose contents are arbitrary (e.g. fresh from a caching
-/// allocator): its status word and split counters are zeroed on `stream` first (one small memset, instead of
-/// the caller zeroing the whole workspace).
+/// `zero_header`: `false` for a workspace that is all zero before its first call (as [`KvWorkspace::new`]
+/// makes it; the kernels leave it so, apart from the status word's bits and the partial results); `true` for
+/// one whose contents are arbitrary (e.g. fresh from a caching allocator): its status word and split counters
+/// are then zeroed on `stream` first (one small memset, instead of the caller zeroing the whole workspace).
 ///
 /// # Safety
-/// As for [`kvcache_forward_raw`], except that the workspace need not be zero.
+/// Every pointer must be device memory of CUDA device `n` covering its shape and strides, `stream` a valid
+/// stream of device `n`'s primary context (or null), `workspace` at least [`KvCallPlan::workspace_bytes`]
+/// bytes, 256-byte aligned, all zero before its first call unless `zero_header`; all of it alive and not used
+/// by anything else (no two calls at once on different streams) until the stream has run the kernels.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn kvcache_forward_raw_uninit(
-    n: usize,
-    stream: *mut c_void,
-    q: &DeviceTensorRef,
-    cache: &DeviceKvCache,
-    o: &DeviceTensorRef,
-    lse: &DeviceTensorRef,
-    workspace: DeviceWorkspace,
-    opts: &AttnOptions,
-) -> Result<()> {
-    raw_forward(n, stream, q, cache, o, lse, workspace, opts, true)
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn raw_forward(
+pub unsafe fn kvcache_forward_raw(
     n: usize,
     stream: *mut c_void,
     q: &DeviceTensorRef,

@@ -41,13 +41,11 @@ pub use compile::{KernelUsage, Pass, Variant};
 /// The CUDA bindings this backend is built on (for callers of [`forward_raw`] that need a context or a
 /// stream, and for tests).
 pub use cudarc;
-pub use framework::{
-    backward_device, backward_device_of, backward_workspace_bytes, forward_device, DeviceMeta, DeviceVarlen,
-};
+pub use framework::{backward_device, backward_workspace_bytes, forward_device, DeviceMeta, DeviceVarlen};
 pub use fwd_sm90::{sm90_forward_launches, sm90_tile};
 pub use kvcache::{
-    kvcache_forward_host, kvcache_forward_raw, kvcache_forward_raw_uninit, kvcache_splits, kvcache_workspace_bytes,
-    DeviceKvCache, DeviceRotary, DeviceWorkspace, KvDecodeBench, KvWorkspace,
+    kvcache_forward_host, kvcache_forward_raw, kvcache_plan, DeviceKvCache, DeviceRotary, DeviceWorkspace, KvCallPlan,
+    KvDecodeBench, KvWorkspace,
 };
 pub use launch::{poison_outputs, set_poison_outputs};
 pub use resident::{kernel_family, DeviceAttention};
@@ -64,6 +62,9 @@ use call::{
     check_backward_tensors, check_forward_tensors, poison_forward_outputs, raw_problem, require_half, require_no_dsink,
     Aux, BwdArgs, FwdArgs,
 };
+use cudarc::driver::CudaStream;
+use std::ffi::c_void;
+use std::sync::Arc;
 use tensor::{alloc_out, download, upload};
 
 /// Which `(d, d_v)` pairs with a value head dim `d_v != d` the CUDA kernels run, in words (for `flashattn info`).
@@ -186,80 +187,75 @@ pub fn backward_host(n: usize, x: &BackwardInputs<&Tensor>, opts: &AttnOptions) 
 /// Every pointer must be device memory of CUDA device `n` (primary context) covering its shape and strides,
 /// `stream` must be a valid stream of that context or null (the legacy default stream), and the caller
 /// must keep the memory alive and unaliased (outputs) until the stream has run the kernels.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn forward_raw(
-    n: usize,
-    stream: *mut std::ffi::c_void,
-    q: &DeviceTensorRef,
-    k: &DeviceTensorRef,
-    v: &DeviceTensorRef,
-    o: &DeviceTensorRef,
-    lse: &DeviceTensorRef,
-    opts: &AttnOptions,
-) -> Result<()> {
-    let t = ForwardTensors { q, k, v, o, lse };
-    let p = raw_problem(q, k, v, opts)?;
+pub unsafe fn forward_raw(n: usize, stream: *mut c_void, t: ForwardTensors<'_>, opts: &AttnOptions) -> Result<()> {
+    let p = raw_problem(t.q, t.k, t.v, opts)?;
     check_forward_tensors(&p, &t)?;
-    let gpu = runtime::gpu(n)?;
-    gpu.run("the CUDA forward", || {
-        let s = gpu.borrowed_stream(stream);
-        let aux = Aux::upload(&s, &p)?;
-        let mut a = FwdArgs::of(&t);
-        aux.fill(&s, &mut a);
-        poison_forward_outputs(&p, &t, s.cu_stream())?;
-        fwd::run(&gpu, s.cu_stream(), &p, &a, a.aligned16(p.dtype.size()))?;
-        drop(aux);
-        Ok(())
-    })
+    // SAFETY: the caller's contract.
+    unsafe {
+        raw_call(n, stream, &p, "the CUDA forward", |gpu, s, aux| {
+            let mut a = FwdArgs::of(&t);
+            aux.fill(s, &mut a);
+            poison_forward_outputs(&p, &t, s.cu_stream())?;
+            fwd::run(gpu, s.cu_stream(), &p, &a, a.aligned16(p.dtype.size()))
+        })
+    }
 }
 
 /// Backward pass over device memory the caller owns, on the caller's stream. `lse` is contiguous `f32`;
-/// `dq`/`dk`/`dv` are written with their own strides (rows past `seqused_k` are not written).
+/// `dq`/`dk`/`dv` are written with their own strides (rows past `seqused_k` are not written). A learnable sink
+/// is refused (its gradient needs [`backward_device`]), so `t.dsink` must be `None`.
 ///
 /// # Safety
 /// As for [`forward_raw`].
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn backward_raw(
-    n: usize,
-    stream: *mut std::ffi::c_void,
-    q: &DeviceTensorRef,
-    k: &DeviceTensorRef,
-    v: &DeviceTensorRef,
-    o: &DeviceTensorRef,
-    lse: &DeviceTensorRef,
-    dout: &DeviceTensorRef,
-    dq: &DeviceTensorRef,
-    dk: &DeviceTensorRef,
-    dv: &DeviceTensorRef,
-    opts: &AttnOptions,
-) -> Result<()> {
-    backward_raw_of(n, stream, [q, k, v, o, lse, dout, dq, dk, dv], opts, bwd::Softmax::Whole)
+pub unsafe fn backward_raw(n: usize, stream: *mut c_void, t: BackwardTensors<'_>, opts: &AttnOptions) -> Result<()> {
+    backward_raw_of(n, stream, t, opts, bwd::Softmax::Whole)
 }
 
 /// [`backward_raw`] with the owner of `lse` named: [`bwd::Softmax::Part`] for a call that holds part of each
 /// row's keys, with `o` and `lse` (and so `D`) of the whole softmax (ring attention), where no row may take the
-/// one-key shortcut. Tensors in the order q, k, v, o, lse, dout, dq, dk, dv.
+/// one-key shortcut.
 ///
 /// # Safety
 /// As for [`forward_raw`].
 pub(crate) unsafe fn backward_raw_of(
     n: usize,
-    stream: *mut std::ffi::c_void,
-    [q, k, v, o, lse, dout, dq, dk, dv]: [&DeviceTensorRef; 9],
+    stream: *mut c_void,
+    t: BackwardTensors<'_>,
     opts: &AttnOptions,
     softmax: bwd::Softmax,
 ) -> Result<()> {
-    let t = BackwardTensors { fwd: ForwardTensors { q, k, v, o, lse }, dout, dq, dk, dv, dsink: None };
-    let p = raw_problem(q, k, v, opts)?;
+    let p = raw_problem(t.fwd.q, t.fwd.k, t.fwd.v, opts)?;
     require_no_dsink(&p)?;
     check_backward_tensors(&p, &t)?;
+    // SAFETY: the caller's contract.
+    unsafe {
+        raw_call(n, stream, &p, "the CUDA backward", |gpu, s, aux| {
+            let mut a = BwdArgs::of(&t);
+            aux.fill(s, &mut a.fwd);
+            bwd::run(gpu, s, &p, &a, a.aligned16(p.dtype.size()), opts.deterministic, softmax, None)
+        })
+    }
+}
+
+/// The frame of a raw call on device `n`: its context bound, the caller's `stream` borrowed, and the problem's
+/// small host inputs ([`Aux`]: varlen offsets, ALiBi slopes, the sink) uploaded on it and kept until `launch` has
+/// enqueued the kernels that read them.
+///
+/// # Safety
+/// `stream` is a stream of device `n`'s primary context, or null.
+unsafe fn raw_call(
+    n: usize,
+    stream: *mut c_void,
+    p: &Problem,
+    what: &str,
+    launch: impl FnOnce(&runtime::Gpu, &Arc<CudaStream>, &Aux) -> Result<()>,
+) -> Result<()> {
     let gpu = runtime::gpu(n)?;
-    gpu.run("the CUDA backward", || {
-        let s = gpu.borrowed_stream(stream);
-        let aux = Aux::upload(&s, &p)?;
-        let mut a = BwdArgs::of(&t);
-        aux.fill(&s, &mut a.fwd);
-        bwd::run(&gpu, &s, &p, &a, a.aligned16(p.dtype.size()), opts.deterministic, softmax, None)?;
+    gpu.run(what, || {
+        // SAFETY: the caller's contract.
+        let s = unsafe { gpu.borrowed_stream(stream) };
+        let aux = Aux::upload(&s, p)?;
+        launch(&gpu, &s, &aux)?;
         drop(aux);
         Ok(())
     })

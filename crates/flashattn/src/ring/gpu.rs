@@ -15,7 +15,7 @@ use super::schedule::{LocalPair, PairWork, RingSchedule};
 use crate::api::{BackwardInputs, ForwardOutput, Gradients};
 use crate::cuda::bwd::Softmax;
 use crate::cuda::runtime::{self, dev_err};
-use crate::cuda::{backward_raw_of, forward_raw, DeviceTensorRef};
+use crate::cuda::{backward_raw_of, forward_raw, BackwardTensors, DeviceTensorRef, ForwardTensors};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::AttnOptions;
@@ -282,20 +282,10 @@ pub fn ring_forward_cuda(
                     let vv = view(ptr(&vd[src], s), dt, lk, k0, nk, hk, d, b);
                     let ov = DeviceTensorRef::contiguous(ptr(&scratch[r].0, s), dt, &[b, cq, h, d]);
                     let lv = DeviceTensorRef::contiguous(ptr(&scratch[r].1, s), DType::F32, &[b, h, cq]);
+                    let t = ForwardTensors { q: &qv, k: &kv, v: &vv, o: &ov, lse: &lv };
                     // SAFETY: every view lies inside a buffer allocated above for its shape; one stream per rank
                     // orders the scratch reuse.
-                    unsafe {
-                        forward_raw(
-                            n,
-                            s.cu_stream() as _,
-                            &qv,
-                            &kv,
-                            &vv,
-                            &ov,
-                            &lv,
-                            &local_opts(scale, softcap, w.mask),
-                        )?
-                    };
+                    unsafe { forward_raw(n, s.cu_stream() as _, t, &local_opts(scale, softcap, w.mask))? };
                     let (oa, la) = (ptr(&acc[r][qi].0, s), ptr(&acc[r][qi].1, s));
                     let (op, lp) = (ov.ptr, lv.ptr);
                     let (cq_i, h_i, d_i) = (cq as i32, h as i32, d as i32);
@@ -429,15 +419,11 @@ pub fn ring_backward_cuda(
                     let dqv = DeviceTensorRef::contiguous(ptr(&scratch[r].0, s), dt, &[b, cq, h, d]);
                     let dkv = DeviceTensorRef::contiguous(ptr(&scratch[r].1, s), dt, &[b, nk, hk, d]);
                     let dvv = DeviceTensorRef::contiguous(ptr(&scratch[r].2, s), dt, &[b, nk, hk, d]);
+                    let fwd = ForwardTensors { q: &qv, k: &kv, v: &vv, o: &ov, lse: &lv };
+                    let t = BackwardTensors { fwd, dout: &gv, dq: &dqv, dk: &dkv, dv: &dvv, dsink: None };
                     // SAFETY: as in the forward.
                     unsafe {
-                        backward_raw_of(
-                            n,
-                            s.cu_stream() as _,
-                            [&qv, &kv, &vv, &ov, &lv, &gv, &dqv, &dkv, &dvv],
-                            &local_opts(scale, softcap, w.mask),
-                            Softmax::Part,
-                        )?
+                        backward_raw_of(n, s.cu_stream() as _, t, &local_opts(scale, softcap, w.mask), Softmax::Part)?
                     };
                     let n_dq = cq * h * d;
                     launch_add(&kern, s, ptr(&dq_acc[r][qi], s), n_dq, dqv.ptr, n_dq, n_dq, b, is_bf16)?;

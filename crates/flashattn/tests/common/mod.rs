@@ -547,19 +547,15 @@ pub fn value_dim_cases(dtype: DType, backward: bool) -> Vec<Case> {
     out
 }
 
-/// Runs cases one after the other, printing one line per failure; returns (passed, failed, failures).
-pub fn run_cases(device: Device, cases: &[Case]) -> (usize, usize, Vec<String>) {
-    let (mut pass, mut fail, mut msgs) = (0, 0, Vec::new());
+/// Runs cases one after the other, printing one line per failure.
+pub fn run_cases(device: Device, cases: &[Case]) -> Outcome {
+    let mut o = Outcome::default();
     for c in cases {
-        match check_one(device, c).0 {
-            Ok(()) => pass += 1,
-            Err(m) => {
-                fail += 1;
-                msgs.push(m);
-            }
-        }
+        let (r, t) = check_one(device, c);
+        o.timing.add(&t);
+        o.record(r);
     }
-    (pass, fail, msgs)
+    o
 }
 
 /// Runs one case with a fresh seed; prints a line per failure (and per case with FLASHATTN_VERBOSE).
@@ -737,6 +733,43 @@ pub struct Outcome {
     pub timing: Timing,
 }
 
+impl Outcome {
+    /// Counts one case: passed, or failed with its line.
+    pub fn record(&mut self, r: Result<(), String>) {
+        match r {
+            Ok(()) => self.pass += 1,
+            Err(m) => {
+                self.fail += 1;
+                self.msgs.push(m);
+            }
+        }
+    }
+
+    /// Adds the outcome of more cases.
+    pub fn add(&mut self, o: Outcome) {
+        self.pass += o.pass;
+        self.fail += o.fail;
+        self.msgs.extend(o.msgs);
+        self.timing.add(&o.timing);
+    }
+
+    /// `N passed, M failed`.
+    pub fn counts(&self) -> String {
+        format!("{} passed, {} failed", self.pass, self.fail)
+    }
+
+    /// Fails the test with every failure's line when a case failed.
+    pub fn assert_passed(&self) {
+        assert!(self.fail == 0, "{} failures:\n{}", self.fail, self.msgs.join("\n"));
+    }
+
+    /// Says `label: N passed, M failed`, then [`assert_passed`](Self::assert_passed).
+    pub fn report(&self, label: &str) {
+        say(&format!("{label}: {}", self.counts()));
+        self.assert_passed();
+    }
+}
+
 /// Runs `cases` on a pool of threads (cases in parallel, each also parallel inside), largest first, and
 /// prints progress every tenth of the cases with FLASHATTN_PROGRESS.
 pub fn run_cases_parallel(device: Device, cases: &[Case]) -> Outcome {
@@ -754,13 +787,7 @@ pub fn run_cases_parallel(device: Device, cases: &[Case]) -> Outcome {
         let (r, t) = check_one(device, c);
         let mut o = out.lock().unwrap();
         o.timing.add(&t);
-        match r {
-            Ok(()) => o.pass += 1,
-            Err(m) => {
-                o.fail += 1;
-                o.msgs.push(m);
-            }
-        }
+        o.record(r);
         let (pass, fail) = (o.pass, o.fail);
         drop(o);
         let n = done.fetch_add(1, Ordering::Relaxed) + 1;
