@@ -44,7 +44,7 @@ pub use api::{
     GradientsMut,
 };
 pub use backends::{backward_on, forward_on, kvcache_forward_on};
-pub use cpu::pool::{kept_bytes as cpu_workspace_kept_bytes, release as release_cpu_workspace};
+pub use cpu::pool::release as release_cpu_workspace;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};

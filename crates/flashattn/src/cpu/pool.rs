@@ -135,11 +135,8 @@ pub fn release() {
     *lock::<u32>() = FreeList::new();
 }
 
-/// Bytes the free lists keep now.
-pub fn kept_bytes() -> usize {
-    kept::<f32>() + kept::<u32>()
-}
-
+/// Bytes the free list of `T` keeps now.
+#[cfg(test)]
 fn kept<T: Item>() -> usize {
     lock::<T>().bytes
 }
