@@ -226,21 +226,43 @@ fn panel_floats(p: &Problem, seq: usize, need: Need) -> usize {
     n * (need.kt as usize * p.d + need.k as usize * dp + need.v as usize * dvp + need.vt as usize * p.d_v + pairs)
 }
 
-/// The (sequence, key head) pairs in waves of at most [`PANEL_BUDGET`] bytes of panels each.
+/// The (sequence, key head) pairs in waves of at most [`PANEL_BUDGET`] bytes of panels each (one pair at least),
+/// as few waves as that budget allows, with the bytes spread evenly over them: the backward runs one task per
+/// pair when its partials are large, so a wave of 5 pairs and one of 3 would leave a thread idle for a fifth of
+/// the time where two waves of 4 keep both busy.
 fn waves(p: &Problem, need: Need) -> Vec<Vec<(usize, usize)>> {
-    let mut all = vec![Vec::new()];
-    let mut bytes = 0;
-    for seq in 0..p.batch {
+    let pairs = (0..p.batch).flat_map(|seq| {
         let b = panel_floats(p, seq, need) * 4;
-        for kh in 0..p.hk {
-            let cur = all.last_mut().expect("never empty");
-            if !cur.is_empty() && bytes + b > PANEL_BUDGET {
-                all.push(Vec::new());
-                bytes = 0;
-            }
-            all.last_mut().expect("never empty").push((seq, kh));
-            bytes += b;
+        (0..p.hk).map(move |kh| ((seq, kh), b))
+    });
+    even_waves(pairs.collect(), PANEL_BUDGET)
+}
+
+/// `items` (each with its size), in order, in waves of at most `budget` (one item at least): as many waves as
+/// filling each up to the budget takes, cut where the running total passes each wave's even share of the
+/// whole (an item goes to the wave that holds its middle) or where the budget would be passed.
+fn even_waves<T>(items: Vec<(T, usize)>, budget: usize) -> Vec<Vec<T>> {
+    let mut count = 1;
+    let mut bytes = 0;
+    for (i, &(_, b)) in items.iter().enumerate() {
+        if i > 0 && bytes + b > budget {
+            count += 1;
+            bytes = 0;
         }
+        bytes += b;
+    }
+    let share = items.iter().map(|&(_, b)| b).sum::<usize>().div_ceil(count);
+    let mut all = vec![Vec::new()];
+    let (mut bytes, mut before) = (0, 0);
+    for (item, b) in items {
+        let full = all.last().is_some_and(|w: &Vec<T>| !w.is_empty());
+        if full && (before + b / 2 > share * all.len() || bytes + b > budget) {
+            all.push(Vec::new());
+            bytes = 0;
+        }
+        all.last_mut().expect("never empty").push(item);
+        bytes += b;
+        before += b;
     }
     all
 }
@@ -1176,6 +1198,39 @@ fn prob_dot_row(f: &ScoreFn, plain: bool, row: TileRow<'_>, pm: &mut [f32]) -> f
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waves stay within the budget, keep the items' order, take as few waves as filling them would, and share
+    /// the items evenly: 8 equal pairs where 5 fit a wave go 4 and 4 (a greedy fill would go 5 and 3).
+    #[test]
+    fn waves_are_even_and_within_budget() {
+        let w = even_waves((0..8).map(|i| (i, 25)).collect(), 128);
+        assert_eq!(w, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
+        assert_eq!(even_waves((0..3).map(|i| (i, 200)).collect(), 128), vec![vec![0], vec![1], vec![2]]);
+        assert_eq!(even_waves(vec![(0, 10), (1, 10)], 128), vec![vec![0, 1]]);
+        assert_eq!(even_waves(Vec::<(u8, usize)>::new(), 128), vec![Vec::<u8>::new()]);
+        for seed in 0..200u64 {
+            let sizes: Vec<usize> = (0..1 + seed % 13).map(|i| 1 + ((seed * 31 + i * 17) % 97) as usize).collect();
+            let budget = 40 + (seed % 60) as usize;
+            let w = even_waves(sizes.iter().copied().enumerate().collect(), budget);
+            let mut greedy = 1;
+            let mut acc = 0;
+            for (i, &b) in sizes.iter().enumerate() {
+                if i > 0 && acc + b > budget {
+                    greedy += 1;
+                    acc = 0;
+                }
+                acc += b;
+            }
+            let flat: Vec<usize> = w.iter().flatten().copied().collect();
+            assert_eq!(flat, (0..sizes.len()).collect::<Vec<_>>(), "seed {seed}: order");
+            for wave in &w {
+                assert!(!wave.is_empty(), "seed {seed}: empty wave");
+                let b: usize = wave.iter().map(|&i| sizes[i]).sum();
+                assert!(wave.len() == 1 || b <= budget, "seed {seed}: wave of {b} bytes over {budget}");
+            }
+            assert!(w.len() <= greedy + 1, "seed {seed}: {} waves, greedy {greedy}", w.len());
+        }
+    }
 
     /// `pack_tile_pairs` against its definition: `out[kk * BN + j]` = rows `2kk` (low half) and `2kk + 1` (high
     /// half, 0 past row `d`) of column `j`, truncated to bf16.
