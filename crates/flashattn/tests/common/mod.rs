@@ -65,6 +65,12 @@ pub fn gpu(test: &str) -> bool {
     false
 }
 
+/// The random numbers of a GPU test (from [`seed`]) when the GPU tests can run ([`gpu`]); `None` skips it.
+#[cfg(feature = "cuda")]
+pub fn gpu_rng(test: &str) -> Option<Rng64> {
+    gpu(test).then(|| rng(seed()))
+}
+
 /// A fresh random seed per run, unless FLASHATTN_SEED pins one (printed with every failure).
 pub fn seed() -> u64 {
     std::env::var("FLASHATTN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random)
