@@ -39,6 +39,15 @@ fn write(path: &Path, tensors: &[(&str, &Tensor)]) {
     std::fs::write(path, encode::serialize(tensors).unwrap()).unwrap();
 }
 
+/// Writes the safetensors file `name` (in [`tmp`]) whose q, k and v are one random f32 tensor of `shape` drawn
+/// from `seed`.
+fn one_tensor_input(name: &str, shape: &[usize], seed: u64) -> PathBuf {
+    let q = randn(shape, DType::F32, &mut StdRng::seed_from_u64(seed));
+    let path = tmp(name);
+    write(&path, &[("q", &q), ("k", &q), ("v", &q)]);
+    path
+}
+
 /// Reads every tensor of a safetensors file as (dtype, shape, bytes).
 fn read(path: &Path) -> Vec<(String, StDtype, Vec<usize>, Vec<u8>)> {
     let bytes = std::fs::read(path).unwrap();
@@ -564,10 +573,7 @@ fn check_at_large_logits_judges_lse_against_the_baseline() {
 
 #[test]
 fn run_output_is_atomic_and_never_the_input() {
-    let mut rng = StdRng::seed_from_u64(11);
-    let q = randn(&[1, 8, 2, 16], DType::F32, &mut rng);
-    let input = tmp("atomic_in.safetensors");
-    write(&input, &[("q", &q), ("k", &q), ("v", &q)]);
+    let input = one_tensor_input("atomic_in.safetensors", &[1, 8, 2, 16], 11);
     let before = std::fs::read(&input).unwrap();
     // -o equal to -i, spelt differently: refused, the input untouched.
     let same = input.parent().unwrap().join(".").join(input.file_name().unwrap());
@@ -596,10 +602,7 @@ fn run_output_is_atomic_and_never_the_input() {
 
 #[test]
 fn duplicate_tensor_names_in_a_header_are_refused() {
-    let mut rng = StdRng::seed_from_u64(12);
-    let q = randn(&[1, 4, 1, 8], DType::F32, &mut rng);
-    let path = tmp("dup_names.safetensors");
-    write(&path, &[("q", &q), ("k", &q), ("v", &q)]);
+    let path = one_tensor_input("dup_names.safetensors", &[1, 4, 1, 8], 12);
     // Rename `k` to `q` in the header: same length, so the offsets stay valid.
     let mut bytes = std::fs::read(&path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

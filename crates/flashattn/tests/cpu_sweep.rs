@@ -37,19 +37,25 @@ fn run_sweep(name: &str, all: &[Case]) {
     assert!(o.pass > 0 || shard_spec().is_some());
 }
 
-#[test]
-fn forward_f16() {
-    sweep(&[DType::F16], false);
+/// One `#[test]` per pass and dtype, each running the shared sweep (so that each runs, and is filtered, alone).
+macro_rules! sweep_tests {
+    ($($name:ident: $dtype:ident, backward: $backward:literal;)+) => {
+        $(
+            #[test]
+            fn $name() {
+                sweep(&[DType::$dtype], $backward);
+            }
+        )+
+    };
 }
 
-#[test]
-fn forward_bf16() {
-    sweep(&[DType::BF16], false);
-}
-
-#[test]
-fn forward_f32() {
-    sweep(&[DType::F32], false);
+sweep_tests! {
+    forward_f16: F16, backward: false;
+    forward_bf16: BF16, backward: false;
+    forward_f32: F32, backward: false;
+    backward_f16: F16, backward: true;
+    backward_bf16: BF16, backward: true;
+    backward_f32: F32, backward: true;
 }
 
 /// The spec's FP8 row: e4m3 q, k, v with random descales, bf16 output, against the f64 oracle of the
@@ -57,21 +63,6 @@ fn forward_f32() {
 #[test]
 fn forward_fp8() {
     run_sweep(&format!("cpu sweep {} fp8 (e4m3)", sweep_level()), &fp8_cases());
-}
-
-#[test]
-fn backward_f16() {
-    sweep(&[DType::F16], true);
-}
-
-#[test]
-fn backward_bf16() {
-    sweep(&[DType::BF16], true);
-}
-
-#[test]
-fn backward_f32() {
-    sweep(&[DType::F32], true);
 }
 
 /// Every variant on small shapes, all dtypes, forward and backward: cheap and exhaustive over variants.

@@ -171,50 +171,60 @@ fn report_sm90(what: &str, before: (u64, u64), had_backward: bool, tuning: &Tuni
     }
 }
 
+/// Compiles the variants of `cases` (of `deterministic` ones), runs the cases on the GPU one by one, says their
+/// counts and the time as `what`, checks their Hopper launches with [`report_sm90`] and fails on any failed case.
+fn run_checked(what: &str, cases: &[Case], deterministic: bool, had_backward: bool, tuning: &Tuning) -> Outcome {
+    warm_up(cases, deterministic);
+    let t0 = std::time::Instant::now();
+    let before = sm90_launches();
+    let o = run_cases_logged(cases);
+    say(&format!("{what}: {} ({:.1} s)", o.counts(), t0.elapsed().as_secs_f64()));
+    report_sm90(what, before, had_backward, tuning);
+    o.assert_passed();
+    o
+}
+
 /// The CUDA sweep of one dtype under `tuning` (every case's options carry it).
 fn sweep(dtype: DType, tuning: Tuning) {
     let mut cases = cuda_cases(dtype);
     for c in &mut cases {
         c.tuning = tuning.clone();
     }
-    warm_up(&cases, false);
-    let t0 = std::time::Instant::now();
-    let before = sm90_launches();
-    let o = run_cases_logged(&cases);
-    say(&format!(
-        "cuda sweep {dtype} ({}, cuda path {:?}, backward path {:?}): {} ({:.1} s)",
+    let what = format!(
+        "cuda sweep {dtype} ({}, cuda path {:?}, backward path {:?})",
         sweep_level(),
         tuning.cuda_path,
-        tuning.bwd_path,
-        o.counts(),
-        t0.elapsed().as_secs_f64()
-    ));
-    report_sm90(&format!("cuda sweep {dtype}"), before, cases.iter().any(|c| c.backward), &tuning);
-    o.assert_passed();
+        tuning.bwd_path
+    );
+    let o = run_checked(&what, &cases, false, cases.iter().any(|c| c.backward), &tuning);
     assert!(o.pass > 0);
 }
 
-#[test]
-fn sweep_f16() {
-    if gpu("sweep_f16") {
-        sweep(DType::F16, Tuning::default());
-    }
+/// One `#[test]` per dtype and forced path, each running the shared sweep (so that each runs, and is filtered,
+/// alone) when a GPU is usable.
+macro_rules! sweep_tests {
+    ($($(#[$doc:meta])* $name:ident: $dtype:ident, $tuning:expr;)+) => {
+        $(
+            $(#[$doc])*
+            #[test]
+            fn $name() {
+                if gpu(stringify!($name)) {
+                    sweep(DType::$dtype, $tuning);
+                }
+            }
+        )+
+    };
 }
 
-#[test]
-fn sweep_bf16() {
-    if gpu("sweep_bf16") {
-        sweep(DType::BF16, Tuning::default());
-    }
-}
-
-/// The bf16 sweep on the sm80-class kernels (forced by the call's tuning, so on Hopper this process runs the
-/// fallback beside the sm90 path of the other tests): no sm90 launch may happen.
-#[test]
-fn sweep_bf16_sm80_path() {
-    if gpu("sweep_bf16_sm80_path") {
-        sweep(DType::BF16, Tuning { cuda_path: CudaPath::Sm80, ..Tuning::default() });
-    }
+sweep_tests! {
+    sweep_f16: F16, Tuning::default();
+    sweep_bf16: BF16, Tuning::default();
+    /// The bf16 sweep on the sm80-class kernels (forced by the call's tuning, so on Hopper this process runs the
+    /// fallback beside the sm90 path of the other tests): no sm90 launch may happen.
+    sweep_bf16_sm80_path: BF16, Tuning { cuda_path: CudaPath::Sm80, ..Tuning::default() };
+    /// The bf16 sweep with only the backward forced onto the sm80-class kernel: on Hopper the forwards still run
+    /// on the sm90 path, no backward may.
+    sweep_bf16_sm80_backward: BF16, Tuning { bwd_path: CudaPath::Sm80, ..Tuning::default() };
 }
 
 /// The sweep's cases above head dim 128 (both dtypes) with the Hopper forward's 64-key K/V blocks forced at head
@@ -231,22 +241,25 @@ fn sweep_d256_bn64() {
     for c in &mut cases {
         c.tuning = tuning.clone();
     }
-    warm_up(&cases, false);
-    let before = sm90_launches();
-    let o = run_cases_logged(&cases);
-    say(&format!("cuda sweep d256 BN64: {}", o.counts()));
-    report_sm90("cuda sweep d256 BN64", before, true, &tuning);
-    o.assert_passed();
+    let o = run_checked("cuda sweep d256 BN64", &cases, false, true, &tuning);
     assert!(o.pass > 0);
 }
 
-/// The bf16 sweep with only the backward forced onto the sm80-class kernel: on Hopper the forwards still run
-/// on the sm90 path, no backward may.
-#[test]
-fn sweep_bf16_sm80_backward() {
-    if gpu("sweep_bf16_sm80_backward") {
-        sweep(DType::BF16, Tuning { bwd_path: CudaPath::Sm80, ..Tuning::default() });
+/// Backward cases of batch 2 over f16 and bf16, every variant and `shapes`, their heads cycling through [`HEADS`];
+/// `head_dim(dtype, variant index, shape index)` gives each one's head dim.
+fn backward_cases(shapes: &[(usize, usize)], head_dim: impl Fn(DType, usize, usize) -> usize) -> Vec<Case> {
+    let mut cases = Vec::new();
+    for dtype in [DType::F16, DType::BF16] {
+        for (vi, variant) in VARIANTS.into_iter().enumerate() {
+            for (si, &shape) in shapes.iter().enumerate() {
+                let mut c = Case::new(dtype, head_dim(dtype, vi, si), shape, HEADS[(vi + si) % HEADS.len()], variant);
+                c.batch = 2;
+                c.backward = true;
+                cases.push(c);
+            }
+        }
     }
+    cases
 }
 
 /// Every variant on small odd shapes, MHA/GQA/MQA, forward and backward.
@@ -273,12 +286,7 @@ fn small_variants() {
     if !full() {
         cases.retain(|c| c.sq * c.sk <= 130 * 65 && (c.h == c.hk || c.sq != 65));
     }
-    warm_up(&cases, false);
-    let before = sm90_launches();
-    let o = run_cases_logged(&cases);
-    say(&format!("cuda small variants: {}", o.counts()));
-    report_sm90("cuda small variants", before, true, &Tuning::default());
-    o.assert_passed();
+    run_checked("cuda small variants", &cases, false, true, &Tuning::default());
 }
 
 /// The Hopper backward at head dims above 128 (compiled at 256, smaller ones zero-padded): every variant,
@@ -290,18 +298,8 @@ fn sm90_backward_wide_heads() {
     if !gpu("sm90_backward_wide_heads") {
         return;
     }
-    let mut cases = Vec::new();
-    for dtype in [DType::F16, DType::BF16] {
-        for (vi, variant) in VARIANTS.into_iter().enumerate() {
-            for (si, shape) in [(1, 65), (130, 257), (257, 130), (64, 64)].into_iter().enumerate() {
-                let d = [256, 192, 136, 256][(vi + si) % 4];
-                let mut c = Case::new(dtype, d, shape, HEADS[(vi + si) % HEADS.len()], variant);
-                c.batch = 2;
-                c.backward = true;
-                cases.push(c);
-            }
-        }
-    }
+    let cases =
+        backward_cases(&[(1, 65), (130, 257), (257, 130), (64, 64)], |_, vi, si| [256, 192, 136, 256][(vi + si) % 4]);
     warm_up(&cases, false);
     let hopper = cuda::device_arch(0).is_ok_and(|a| a == "sm_90a");
     let forced = false; // the cases run with the default tuning
@@ -337,25 +335,13 @@ fn deterministic_sweep() {
     if !gpu("deterministic_sweep") {
         return;
     }
-    let mut cases = Vec::new();
-    for dtype in [DType::F16, DType::BF16] {
-        for (vi, variant) in VARIANTS.into_iter().enumerate() {
-            for (si, shape) in [(130, 257), (257, 130), (300, 300)].into_iter().enumerate() {
-                let d = [64, 128, 256, 96, 200][(vi + si + usize::from(dtype == DType::BF16)) % 5];
-                let mut c = Case::new(dtype, d, shape, HEADS[(vi + si) % HEADS.len()], variant);
-                c.batch = 2;
-                c.backward = true;
-                c.deterministic = true;
-                cases.push(c);
-            }
-        }
+    let mut cases = backward_cases(&[(130, 257), (257, 130), (300, 300)], |dtype, vi, si| {
+        [64, 128, 256, 96, 200][(vi + si + usize::from(dtype == DType::BF16)) % 5]
+    });
+    for c in &mut cases {
+        c.deterministic = true;
     }
-    warm_up(&cases, true);
-    let before = sm90_launches();
-    let o = run_cases_logged(&cases);
-    say(&format!("cuda deterministic sweep: {}", o.counts()));
-    report_sm90("cuda deterministic sweep", before, true, &Tuning::default());
-    o.assert_passed();
+    run_checked("cuda deterministic sweep", &cases, true, true, &Tuning::default());
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {
@@ -403,10 +389,7 @@ fn determinism() {
 /// Seqlens 1..17 everywhere with logits scaled by 100: no NaN, no Inf in o.
 #[test]
 fn stress_no_nan() {
-    if !gpu("stress_no_nan") {
-        return;
-    }
-    let mut r = rng(seed());
+    let Some(mut r) = gpu_rng("stress_no_nan") else { return };
     let mut n = 0;
     for dtype in [DType::F16, DType::BF16] {
         for s in 1..=17usize {
@@ -431,10 +414,7 @@ fn stress_no_nan() {
 /// 1, 16, 256) and unpaged, rotary none/half/full, interleaved or not, leftpad, batch index.
 #[test]
 fn kvcache() {
-    if !gpu("kvcache") {
-        return;
-    }
-    let mut r = rng(seed());
+    let Some(mut r) = gpu_rng("kvcache") else { return };
     let mut tally = Outcome::default();
     let dtypes = [DType::F16, DType::BF16];
     let mut case = 0usize;

@@ -343,10 +343,7 @@ fn kvcache_fp8_device() {
 /// untouched) and device form (status word set, device cache untouched).
 #[test]
 fn kvcache_overflow_refused() {
-    if !gpu("kvcache_overflow_refused") {
-        return;
-    }
-    let mut r = rng(seed());
+    let Some(mut r) = gpu_rng("kvcache_overflow_refused") else { return };
     for page in [None, Some(16usize)] {
         let c = KvCase { page, rot: 1, feat: Feat::Causal, ..KvCase::bf16(64, 6, 2, 2, 2, 64) };
         let mut s = setup(c, &mut r);
@@ -587,10 +584,7 @@ fn kvcache_cuda_graph_replay() {
 /// they had seen the status word already set).
 #[test]
 fn kvcache_split_counters_after_refusal() {
-    if !gpu("kvcache_split_counters_after_refusal") {
-        return;
-    }
-    let mut r = rng(seed());
+    let Some(mut r) = gpu_rng("kvcache_split_counters_after_refusal") else { return };
     let mut splits_seen = Vec::new();
     for s_new in [2usize, 0] {
         let c = KvCase::bf16(128, 8, 2, 1, s_new, 2048);

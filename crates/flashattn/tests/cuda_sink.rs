@@ -63,15 +63,12 @@ fn sink_f16_sm80_backward() {
 /// and `lse` near the sink, with no overflow (the epilogue folds it against max(m, sink)).
 #[test]
 fn sink_empty_rows_and_a_dominating_sink() {
-    if !gpu("sink_empty_rows_and_a_dominating_sink") {
-        return;
-    }
-    let r = &mut rng(seed());
+    let Some(mut r) = gpu_rng("sink_empty_rows_and_a_dominating_sink") else { return };
     for (d, path) in [(64, CudaPath::default()), (128, CudaPath::Sm80), (128, CudaPath::default())] {
         let (sq, sk, h) = (200, 70, 4);
-        let q = randn_tensor(r, &[1, sq, h, d], DType::BF16, 1.0);
-        let k = randn_tensor(r, &[1, sk, h, d], DType::BF16, 1.0);
-        let v = randn_tensor(r, &[1, sk, h, d], DType::BF16, 1.0);
+        let q = randn_tensor(&mut r, &[1, sq, h, d], DType::BF16, 1.0);
+        let k = randn_tensor(&mut r, &[1, sk, h, d], DType::BF16, 1.0);
+        let v = randn_tensor(&mut r, &[1, sk, h, d], DType::BF16, 1.0);
         for sink in [vec![0.75f32, -1.5, 3.0, -40.0], vec![60.0f32; h]] {
             let mut opts = AttnOptions::default().causal().sink(Tensor::from_f32(&sink, &[h], DType::F32).unwrap());
             opts.tuning = Tuning { cuda_path: path, ..Tuning::default() };
@@ -104,10 +101,7 @@ fn sink_empty_rows_and_a_dominating_sink() {
 /// with more queries than cached keys for rows without keys.
 #[test]
 fn sink_kvcache_single_pass_and_splits() {
-    if !gpu("sink_kvcache_single_pass_and_splits") {
-        return;
-    }
-    let r = &mut rng(seed());
+    let Some(mut r) = gpu_rng("sink_kvcache_single_pass_and_splits") else { return };
     let dt = DType::F16;
     for (b, sq, h, hk, d, seqlen, cap, causal) in [
         (2, 1, 8, 2, 128, 37, 64, false),
@@ -115,11 +109,11 @@ fn sink_kvcache_single_pass_and_splits() {
         (1, 1, 16, 2, 128, 30000, 32768, false),
         (3, 2, 8, 1, 256, 9000, 9000, true),
     ] {
-        let q = randn_tensor(r, &[b, sq, h, d], dt, 1.0);
-        let kc0 = randn_tensor(r, &[b, cap, hk, d], dt, 1.0);
-        let vc0 = randn_tensor(r, &[b, cap, hk, d], dt, 1.0);
+        let q = randn_tensor(&mut r, &[b, sq, h, d], dt, 1.0);
+        let kc0 = randn_tensor(&mut r, &[b, cap, hk, d], dt, 1.0);
+        let vc0 = randn_tensor(&mut r, &[b, cap, hk, d], dt, 1.0);
         let sink: Vec<f32> =
-            randn(r, h, 2.0).into_iter().enumerate().map(|(i, x)| x + 8.0 * (i % 3 == 0) as u8 as f32).collect();
+            randn(&mut r, h, 2.0).into_iter().enumerate().map(|(i, x)| x + 8.0 * (i % 3 == 0) as u8 as f32).collect();
         let mut opts = AttnOptions::default().sink(Tensor::from_f32(&sink, &[h], DType::F32).unwrap());
         opts.causal = causal;
         let run = |dev: Option<Device>| {

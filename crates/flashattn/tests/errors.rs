@@ -114,24 +114,37 @@ fn cache(b: usize, s: usize) -> (Tensor, Tensor) {
     (t(&[b, s, 1, 8], DType::F16), t(&[b, s, 1, 8], DType::F16))
 }
 
+/// Appends `kn` to the cache as both the new keys and the new values.
+fn append<'a>(c: &mut KvCache<'a>, kn: &'a Tensor) {
+    c.k_new = Some(kn.view());
+    c.v_new = Some(kn.view());
+}
+
+/// `kvcache_forward` with the default options of `q` over the cache `kc`, `vc` (`seqlens` rows filled), appending
+/// `kn` as both the new keys and the new values.
+fn append_and_attend(
+    q: &Tensor,
+    kc: &mut Tensor,
+    vc: &mut Tensor,
+    seqlens: CacheSeqlens,
+    kn: &Tensor,
+) -> flashattn::Result<flashattn::ForwardOutput> {
+    let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), seqlens);
+    append(&mut c, kn);
+    kvcache_forward(&q.view(), &mut c, &AttnOptions::default())
+}
+
 #[test]
 fn kvcache_overflow_is_refused_and_nothing_written() {
     let q = t(&[2, 3, 2, 8], DType::F16);
     let (mut kc, mut vc) = cache(2, 10);
     let before = kc.clone();
     let kn = t(&[2, 3, 1, 8], DType::F16);
-    let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::PerSeq(vec![7, 8]));
-    c.k_new = Some(kn.view());
-    c.v_new = Some(kn.view());
-    let err = kvcache_forward(&q.view(), &mut c, &AttnOptions::default()).unwrap_err();
+    let err = append_and_attend(&q, &mut kc, &mut vc, CacheSeqlens::PerSeq(vec![7, 8]), &kn).unwrap_err();
     assert_eq!(err, Error::CacheOverflow { seq: 1, needed: 11, capacity: 10 });
-    drop(c);
     assert_eq!(kc, before, "a refused append must not write");
     // Filling the cache exactly is fine.
-    let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::PerSeq(vec![7, 7]));
-    c.k_new = Some(kn.view());
-    c.v_new = Some(kn.view());
-    assert!(kvcache_forward(&q.view(), &mut c, &AttnOptions::default()).is_ok());
+    assert!(append_and_attend(&q, &mut kc, &mut vc, CacheSeqlens::PerSeq(vec![7, 7]), &kn).is_ok());
 }
 
 #[test]
@@ -153,8 +166,7 @@ fn kvcache_arguments() {
     assert_eq!(run!(c => c.k_new = Some(kn.view())), "v_new");
     assert_eq!(
         run!(c => {
-            c.k_new = Some(kn.view());
-            c.v_new = Some(kn.view());
+            append(&mut c, &kn);
             c.cache_batch_idx = Some(vec![1, 1]);
         }),
         "cache_batch_idx"
@@ -169,29 +181,22 @@ fn kvcache_arguments() {
     );
     let bt_shape = Tensor::from_i32(vec![0, 1, 2], &[3, 1]).unwrap();
     assert_eq!(run!(c => c.block_table = Some(bt_shape.clone())), "block_table");
+    // An appending call with rotary tables.
+    let appending_with_rotary = |cos: &Tensor, sin: &Tensor, interleaved: bool| {
+        run!(c => {
+            append(&mut c, &kn);
+            c.rotary = Some(flashattn::Rotary { cos: cos.view(), sin: sin.view(), interleaved });
+        })
+    };
     let cos = t(&[8, 4], DType::F32);
     let sin = t(&[8, 5], DType::F32);
-    assert_eq!(
-        run!(c => {
-            c.k_new = Some(kn.view());
-            c.v_new = Some(kn.view());
-            c.rotary = Some(flashattn::Rotary { cos: cos.view(), sin: sin.view(), interleaved: false });
-        }),
-        "rotary_sin"
-    );
+    assert_eq!(appending_with_rotary(&cos, &sin, false), "rotary_sin");
     assert_eq!(
         run!(c => c.rotary = Some(flashattn::Rotary { cos: cos.view(), sin: cos.view(), interleaved: false })),
         "rotary_cos"
     );
     let short = t(&[2, 4], DType::F32);
-    assert_eq!(
-        run!(c => {
-            c.k_new = Some(kn.view());
-            c.v_new = Some(kn.view());
-            c.rotary = Some(flashattn::Rotary { cos: short.view(), sin: short.view(), interleaved: true });
-        }),
-        "rotary_cos"
-    );
+    assert_eq!(appending_with_rotary(&short, &short, true), "rotary_cos");
 }
 
 // Regressions found by the `fuzz/` target `validate` (see fuzz/README.md).
@@ -243,10 +248,7 @@ fn fuzz_kvcache_empty_caches_with_huge_dims() {
     // An empty cache of huge row count, appended to by an empty batch: the row table was `b_cache` long.
     let (mut kc, mut vc) = (Tensor::zeros(&[huge, 0, 1, 8], DType::F32), Tensor::zeros(&[huge, 0, 1, 8], DType::F32));
     let kn = Tensor::zeros(&[0, 3, 1, 8], DType::F32);
-    let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(0));
-    c.k_new = Some(kn.view());
-    c.v_new = Some(kn.view());
-    assert!(kvcache_forward(&q.view(), &mut c, &AttnOptions::default()).is_ok());
+    assert!(append_and_attend(&q, &mut kc, &mut vc, CacheSeqlens::All(0), &kn).is_ok());
 }
 
 #[test]
@@ -259,8 +261,7 @@ fn fuzz_kvcache_rotary_table_covers_query_positions() {
     let run = |rows: usize, kc: &mut Tensor, vc: &mut Tensor| {
         let cos = t(&[rows, 2], DType::F32);
         let mut c = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(2));
-        c.k_new = Some(kn.view());
-        c.v_new = Some(kn.view());
+        append(&mut c, &kn);
         c.rotary = Some(flashattn::Rotary { cos: cos.view(), sin: cos.view(), interleaved: false });
         kvcache_forward(&q.view(), &mut c, &AttnOptions::default().causal()).map(|o| o.o.shape().to_vec())
     };

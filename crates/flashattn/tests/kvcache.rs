@@ -32,6 +32,29 @@ struct KvCase {
     causal: bool,
 }
 
+impl KvCase {
+    /// Case `i` of a sweep's row: left padding on the odd cases and a batch index from the third on, both only in
+    /// an unpaged cache; a cache of `dtype` (not FP8), no rotary, causal.
+    fn nth(i: usize, dtype: DType, (d, d_v): (usize, usize), (sq, s_new): (usize, usize), page: Option<usize>) -> Self {
+        let unpaged = page.is_none();
+        let (leftpad, batch_idx) = (unpaged && i % 2 == 1, unpaged && i >= 2);
+        KvCase {
+            dtype,
+            fp8: None,
+            d,
+            d_v,
+            sq,
+            s_new,
+            page,
+            rot: Rot::None,
+            interleaved: false,
+            leftpad,
+            batch_idx,
+            causal: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Rot {
     None,
@@ -282,9 +305,18 @@ fn run(c: KvCase, seed: u64) {
     assert!(vl.pass, "{c:?} seed {seed}: {vl}");
 }
 
+/// Runs every case (each with a fresh seed) and says how many passed.
+fn run_all(what: &str, cases: Vec<KvCase>) {
+    let n = cases.len();
+    for c in cases {
+        run(c, seed());
+    }
+    println!("{what}: {n} passed, 0 failed");
+}
+
 #[test]
 fn kvcache_sweep() {
-    let mut n = 0;
+    let mut cases = Vec::new();
     for dtype in [DType::F16, DType::BF16, DType::F32] {
         for page in [None, Some(1), Some(16), Some(256)] {
             for rot in [Rot::None, Rot::Half, Rot::Full] {
@@ -296,30 +328,19 @@ fn kvcache_sweep() {
                         if rot != Rot::None && s_new == 0 {
                             continue;
                         }
-                        let unpaged = page.is_none();
                         let d = if i % 2 == 0 { 64 } else { 59 };
-                        let c = KvCase {
-                            dtype,
-                            fp8: None,
-                            d,
-                            d_v: d,
-                            sq,
-                            s_new,
-                            page,
+                        cases.push(KvCase {
                             rot,
                             interleaved,
-                            leftpad: unpaged && i % 2 == 1,
-                            batch_idx: unpaged && i >= 2,
                             causal: i % 3 != 2,
-                        };
-                        run(c, seed());
-                        n += 1;
+                            ..KvCase::nth(i, dtype, (d, d), (sq, s_new), page)
+                        });
                     }
                 }
             }
         }
     }
-    println!("kvcache sweep: {n} passed, 0 failed");
+    run_all("kvcache sweep", cases);
 }
 
 /// A value head dim different from `d` on the KV-cache path: v_cache, v_new and o take `d_v`, rotary applies
@@ -327,31 +348,20 @@ fn kvcache_sweep() {
 /// every dtype, against the independent cache model and the f64 oracle.
 #[test]
 fn kvcache_value_head_dim() {
-    let mut n = 0;
+    let mut cases = Vec::new();
     for dtype in [DType::F16, DType::BF16, DType::F32] {
         for (i, &(d, d_v)) in VALUE_DIMS.iter().chain(&[(59, 24)]).enumerate() {
             for page in [None, Some(16)] {
-                let unpaged = page.is_none();
-                let c = KvCase {
-                    dtype,
-                    fp8: None,
-                    d,
-                    d_v,
-                    sq: [1, 3, 4, 2][i],
-                    s_new: [1, 0, 4, 5][i],
-                    page,
+                cases.push(KvCase {
                     rot: if i == 1 { Rot::None } else { [Rot::Half, Rot::Full][i % 2] },
                     interleaved: i % 2 == 0,
-                    leftpad: unpaged && i % 2 == 1,
-                    batch_idx: unpaged && i >= 2,
                     causal: i != 1,
-                };
-                run(c, seed());
-                n += 1;
+                    ..KvCase::nth(i, dtype, (d, d_v), ([1, 3, 4, 2][i], [1, 0, 4, 5][i]), page)
+                });
             }
         }
     }
-    println!("kvcache value head dims: {n} passed, 0 failed");
+    run_all("kvcache value head dims", cases);
 }
 
 /// An FP8 (e4m3) KV cache: with an e4m3 q (and descale) or a 16-bit q, appending e4m3 rows (stored as they are)
@@ -360,7 +370,7 @@ fn kvcache_value_head_dim() {
 /// the FP8 rule against the f64 oracle of the dequantized keys and values.
 #[test]
 fn kvcache_fp8() {
-    let mut n = 0;
+    let mut cases = Vec::new();
     let kinds = [
         (DType::E4M3, DType::E4M3),
         (DType::E4M3, DType::BF16),
@@ -372,26 +382,16 @@ fn kvcache_fp8() {
         for page in [None, Some(1), Some(16)] {
             for (i, &(sq, s_new)) in [(1, 1), (4, 4), (3, 0), (2, 5)].iter().enumerate() {
                 let rot = if s_new == 0 { Rot::None } else { [Rot::None, Rot::Half, Rot::Full][(ki + i) % 3] };
-                let unpaged = page.is_none();
                 let d = [64, 128, 59][(ki + i) % 3];
-                let c = KvCase {
-                    dtype: DType::E4M3,
+                cases.push(KvCase {
                     fp8: Some(kind),
-                    d,
-                    d_v: d,
-                    sq,
-                    s_new,
-                    page,
                     rot,
                     interleaved: i % 2 == 0,
-                    leftpad: unpaged && i % 2 == 1,
-                    batch_idx: unpaged && i >= 2,
                     causal: i % 3 != 2,
-                };
-                run(c, seed());
-                n += 1;
+                    ..KvCase::nth(i, DType::E4M3, (d, d), (sq, s_new), page)
+                });
             }
         }
     }
-    println!("kvcache fp8: {n} passed, 0 failed");
+    run_all("kvcache fp8", cases);
 }

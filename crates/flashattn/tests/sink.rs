@@ -15,14 +15,20 @@ fn tensor(rng: &mut common::Rng64, shape: &[usize], dtype: DType) -> Tensor {
     Tensor::from_f32(&randn(rng, n, 1.0), shape, dtype).unwrap()
 }
 
+/// Random q `[b, sq, h, d]` and k, v `[b, sk, hk, d]` of `dtype`, drawn from `rng` in that order.
+fn qkv(rng: &mut common::Rng64, [b, sq, sk, h, hk, d]: [usize; 6], dtype: DType) -> (Tensor, Tensor, Tensor) {
+    let q = tensor(rng, &[b, sq, h, d], dtype);
+    let k = tensor(rng, &[b, sk, hk, d], dtype);
+    let v = tensor(rng, &[b, sk, hk, d], dtype);
+    (q, k, v)
+}
+
 #[test]
 fn oracle_dsink_matches_finite_differences() {
     // L = sum(dO ∘ O); dL/dsink_h by central differences of the f64 oracle against its analytic gradient.
     let mut r = rng(11);
     let (b, sq, sk, h, hk, d) = (2, 7, 9, 4, 2, 16);
-    let q = tensor(&mut r, &[b, sq, h, d], DType::F32);
-    let k = tensor(&mut r, &[b, sk, hk, d], DType::F32);
-    let v = tensor(&mut r, &[b, sk, hk, d], DType::F32);
+    let (q, k, v) = qkv(&mut r, [b, sq, sk, h, hk, d], DType::F32);
     let dout = tensor(&mut r, &[b, sq, h, d], DType::F32);
     let sink: Vec<f32> = randn(&mut r, h, 1.0);
     for causal in [false, true] {
@@ -63,8 +69,7 @@ fn rows_without_keys_give_zero_and_the_sink() {
     // Causal with sq > sk: the first sq - sk rows see no key.
     let mut r = rng(12);
     let (sq, sk, h, d) = (9, 4, 2, 8);
-    let q = tensor(&mut r, &[1, sq, h, d], DType::BF16);
-    let k = tensor(&mut r, &[1, sk, h, d], DType::BF16);
+    let (q, k, _) = qkv(&mut r, [1, sq, sk, h, h, d], DType::BF16);
     let sink = [0.75f32, -1.5];
     let opts = AttnOptions::default().causal().sink(Tensor::from_f32(&sink, &[h], DType::BF16).unwrap());
     let out = forward(&q, &k, &k, &opts).unwrap();
@@ -91,9 +96,7 @@ fn rows_without_keys_give_zero_and_the_sink() {
 fn a_dominating_sink_leaves_almost_nothing() {
     let mut r = rng(13);
     let (sq, sk, h, d) = (5, 6, 2, 8);
-    let q = tensor(&mut r, &[1, sq, h, d], DType::F32);
-    let k = tensor(&mut r, &[1, sk, h, d], DType::F32);
-    let v = tensor(&mut r, &[1, sk, h, d], DType::F32);
+    let (q, k, v) = qkv(&mut r, [1, sq, sk, h, h, d], DType::F32);
     let plain = forward(&q, &k, &v, &AttnOptions::default()).unwrap();
     let opts = AttnOptions::default().sink(Tensor::from_f32(&[30.0, 30.0], &[h], DType::F32).unwrap());
     let out = forward(&q, &k, &v, &opts).unwrap();
@@ -110,9 +113,7 @@ fn a_dominating_sink_leaves_almost_nothing() {
 fn kvcache_with_a_sink_equals_the_forward() {
     let mut r = rng(14);
     let (b, sq, sk, h, hk, d) = (2, 3, 11, 4, 2, 16);
-    let q = tensor(&mut r, &[b, sq, h, d], DType::F16);
-    let mut kc = tensor(&mut r, &[b, sk, hk, d], DType::F16);
-    let mut vc = tensor(&mut r, &[b, sk, hk, d], DType::F16);
+    let (q, mut kc, mut vc) = qkv(&mut r, [b, sq, sk, h, hk, d], DType::F16);
     let sink = Tensor::from_f32(&randn(&mut r, h, 2.0), &[h], DType::F16).unwrap();
     let opts = AttnOptions::default().causal().sink(sink);
     let want = forward(&q, &kc, &vc, &opts).unwrap();

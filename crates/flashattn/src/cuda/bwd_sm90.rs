@@ -143,29 +143,18 @@ pub(crate) fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::mem::{align_of, offset_of, size_of};
+    use std::mem::align_of;
 
     #[test]
     fn layout_matches_bwd_sm90_cu() {
         // BwdParams is 432 bytes; TmaMap is __align__(128) in the kernel.
         assert_eq!(align_of::<Tma>(), 128);
-        assert_eq!(offset_of!(Sm90BwdParams, l2_group), 432);
-        assert_eq!(offset_of!(Sm90BwdParams, tq), 512);
-        assert_eq!(offset_of!(Sm90BwdParams, tk), 640);
-        assert_eq!(offset_of!(Sm90BwdParams, tv), 768);
-        assert_eq!(offset_of!(Sm90BwdParams, tdo), 896);
-        assert_eq!(size_of::<Sm90BwdParams>(), 1024);
-    }
-
-    #[test]
-    fn head_dims() {
-        assert_eq!(sm90_bwd_head_dim(32), Some(64));
-        assert_eq!(sm90_bwd_head_dim(64), Some(64));
-        assert_eq!(sm90_bwd_head_dim(96), Some(128));
-        assert_eq!(sm90_bwd_head_dim(128), Some(128));
-        assert_eq!(sm90_bwd_head_dim(129), Some(256));
-        assert_eq!(sm90_bwd_head_dim(192), Some(256));
-        assert_eq!(sm90_bwd_head_dim(256), Some(256));
-        assert_eq!(sm90_bwd_head_dim(257), None);
+        assert_layout!(Sm90BwdParams, size 1024, {
+            l2_group: 432,
+            tq: 512,
+            tk: 640,
+            tv: 768,
+            tdo: 896,
+        });
     }
 }

@@ -241,7 +241,6 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::mem::{offset_of, size_of};
 
     #[test]
     fn causal_long_problems_schedule_one_group() {
@@ -268,22 +267,19 @@ mod tests {
 
     #[test]
     fn layout_matches_fwd_sm90_cu() {
-        assert_eq!(offset_of!(Sm90Params, num_m_blocks), 240);
-        assert_eq!(offset_of!(Sm90Params, l2_group), 244);
-        assert_eq!(offset_of!(Sm90Params, pingpong), 248);
-        assert_eq!(offset_of!(Sm90Params, tq), 256);
-        assert_eq!(offset_of!(Sm90Params, tk), 384);
-        assert_eq!(offset_of!(Sm90Params, tv), 512);
-        assert_eq!(offset_of!(Sm90Params, unused), 640);
-        assert_eq!(size_of::<Sm90Params>(), 768);
+        assert_layout!(Sm90Params, size 768, {
+            num_m_blocks: 240,
+            l2_group: 244,
+            pingpong: 248,
+            tq: 256,
+            tk: 384,
+            tv: 512,
+            unused: 640,
+        });
     }
 
     #[test]
-    fn head_dims_and_smem() {
-        assert_eq!(sm90_head_dim(40), Some(64));
-        assert_eq!(sm90_head_dim(96), Some(128));
-        assert_eq!(sm90_head_dim(192), Some(256));
-        assert_eq!(sm90_head_dim(257), None);
+    fn smem_and_threads() {
         // d256: Q 64 KiB + 2 x K + 2 x V (32 KiB each) + barriers + alignment slack, under 227 KiB.
         assert_eq!(smem_bytes(256, BLOCK_M, 64), 196608 + 1152);
         assert_eq!(smem_bytes(128, BLOCK_M, 128), (2 * 128 + 4 * 128) * 128 * 2 + 1152);

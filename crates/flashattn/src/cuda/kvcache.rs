@@ -1212,10 +1212,11 @@ mod tests {
     #[test]
     fn params_layout() {
         // 22 pointers, 21 i64, 20 32-bit fields (the C struct has the same, no padding).
-        assert_eq!(std::mem::size_of::<KvParams>(), 22 * 8 + 21 * 8 + 20 * 4);
-        assert_eq!(std::mem::offset_of!(KvParams, sink), 19 * 8);
-        assert_eq!(std::mem::offset_of!(KvParams, v_descale), 21 * 8);
-        assert_eq!(std::mem::offset_of!(KvParams, b), 22 * 8 + 21 * 8);
+        assert_layout!(KvParams, size 22 * 8 + 21 * 8 + 20 * 4, {
+            sink: 19 * 8,
+            v_descale: 21 * 8,
+            b: 22 * 8 + 21 * 8,
+        });
         assert_eq!(std::mem::size_of::<KvFillParams>(), 24);
     }
 

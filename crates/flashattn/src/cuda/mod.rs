@@ -19,6 +19,16 @@
 //! workspace (no allocation, copy or synchronisation: what PyTorch and CUDA graphs need); [`DeviceAttention`] keeps one problem in device memory and times its kernels (for benchmarks);
 //! [`precompile`] fills the cache without a GPU.
 
+/// Test-only: asserts that `$ty` is `$size` bytes with each listed field at its byte offset, as the C ABI lays
+/// out the kernels' struct it mirrors on a 64-bit target.
+#[cfg(test)]
+macro_rules! assert_layout {
+    ($ty:ty, size $size:expr, { $($field:ident: $offset:expr),+ $(,)? }) => {
+        $(assert_eq!(std::mem::offset_of!($ty, $field), $offset, concat!("offset of ", stringify!($field)));)+
+        assert_eq!(std::mem::size_of::<$ty>(), $size, concat!("size of ", stringify!($ty)));
+    };
+}
+
 pub(crate) mod bwd;
 mod bwd_sm90;
 pub mod cache;

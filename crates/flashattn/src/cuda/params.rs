@@ -173,44 +173,46 @@ impl Default for BwdParams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::mem::{offset_of, size_of};
 
     /// Offsets as the C ABI lays out `params.cuh` on a 64-bit target (8-byte pointers and `long long`).
     #[test]
     fn layout_matches_params_cuh() {
-        assert_eq!(offset_of!(FwdParams, q), 0);
-        assert_eq!(offset_of!(FwdParams, lse), 32);
-        assert_eq!(offset_of!(FwdParams, q_batch_stride), 40);
-        assert_eq!(offset_of!(FwdParams, lse_head_stride), 40 + 13 * 8);
-        assert_eq!(offset_of!(FwdParams, b), 152);
-        assert_eq!(offset_of!(FwdParams, d), 172);
-        assert_eq!(offset_of!(FwdParams, cu_seqlens_q), 176);
-        assert_eq!(offset_of!(FwdParams, seqused_k), 192);
-        assert_eq!(offset_of!(FwdParams, scale), 200);
-        assert_eq!(offset_of!(FwdParams, softcap), 204);
-        assert_eq!(offset_of!(FwdParams, alibi_slopes), 208);
-        assert_eq!(offset_of!(FwdParams, alibi_batch_stride), 216);
-        assert_eq!(offset_of!(FwdParams, window_left), 224);
-        assert_eq!(offset_of!(FwdParams, window_right), 228);
-        assert_eq!(offset_of!(FwdParams, sink), 232);
-        assert_eq!(size_of::<FwdParams>(), 240);
+        assert_layout!(FwdParams, size 240, {
+            q: 0,
+            lse: 32,
+            q_batch_stride: 40,
+            lse_head_stride: 40 + 13 * 8,
+            b: 152,
+            d: 172,
+            cu_seqlens_q: 176,
+            seqused_k: 192,
+            scale: 200,
+            softcap: 204,
+            alibi_slopes: 208,
+            alibi_batch_stride: 216,
+            window_left: 224,
+            window_right: 228,
+            sink: 232,
+        });
 
-        assert_eq!(offset_of!(BwdParams, dout), 240);
-        assert_eq!(offset_of!(BwdParams, dv), 264);
-        assert_eq!(offset_of!(BwdParams, do_batch_stride), 272);
-        assert_eq!(offset_of!(BwdParams, dv_head_stride), 272 + 11 * 8);
-        assert_eq!(offset_of!(BwdParams, dpsum), 368);
-        assert_eq!(offset_of!(BwdParams, dq_semaphore), 392);
-        assert_eq!(offset_of!(BwdParams, rows_q), 400);
-        assert_eq!(offset_of!(BwdParams, exact_one_key), 404);
-        assert_eq!(offset_of!(BwdParams, dsink_part), 408);
-        assert_eq!(offset_of!(BwdParams, dsink), 416);
-        assert_eq!(offset_of!(BwdParams, dsink_blocks), 424);
-        assert_eq!(offset_of!(BwdParams, d_v), 428);
-        assert_eq!(size_of::<BwdParams>(), 432);
+        assert_layout!(BwdParams, size 432, {
+            dout: 240,
+            dv: 264,
+            do_batch_stride: 272,
+            dv_head_stride: 272 + 11 * 8,
+            dpsum: 368,
+            dq_semaphore: 392,
+            rows_q: 400,
+            exact_one_key: 404,
+            dsink_part: 408,
+            dsink: 416,
+            dsink_blocks: 424,
+            d_v: 428,
+        });
 
-        assert_eq!(offset_of!(FwdDvParams, f), 0);
-        assert_eq!(offset_of!(FwdDvParams, d_v), 240);
-        assert_eq!(size_of::<FwdDvParams>(), 248);
+        assert_layout!(FwdDvParams, size 248, {
+            f: 0,
+            d_v: 240,
+        });
     }
 }

@@ -87,3 +87,38 @@ pub fn value_head_dim(d: usize, d_v: usize) -> Result<Option<usize>> {
 pub fn value_dim_pairs_text() -> String {
     VALUE_DIM_PAIRS.iter().map(|(d, v)| format!("({d}, {v})")).collect::<Vec<_>>().join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each kernel family pads a head dim to the smallest of its head dims `>= d`, and has none above its largest.
+    #[test]
+    fn padded_head_dims() {
+        type Pad = fn(usize) -> Option<usize>;
+        type Cases = &'static [(usize, Option<usize>)];
+        let families: [(&str, Pad, Cases); 3] = [
+            ("sm80-class", padded_head_dim, &[(40, Some(64)), (111, Some(128)), (256, Some(256)), (257, None)]),
+            ("sm90 forward", sm90_head_dim, &[(40, Some(64)), (96, Some(128)), (192, Some(256)), (257, None)]),
+            (
+                "sm90 backward",
+                sm90_bwd_head_dim,
+                &[
+                    (32, Some(64)),
+                    (64, Some(64)),
+                    (96, Some(128)),
+                    (128, Some(128)),
+                    (129, Some(256)),
+                    (192, Some(256)),
+                    (256, Some(256)),
+                    (257, None),
+                ],
+            ),
+        ];
+        for (family, pad, cases) in families {
+            for &(d, padded) in cases {
+                assert_eq!(pad(d), padded, "{family}: head dim {d}");
+            }
+        }
+    }
+}

@@ -65,6 +65,12 @@ pub fn gpu(test: &str) -> bool {
     false
 }
 
+/// The random numbers of a GPU test (from [`seed`]) when the GPU tests can run ([`gpu`]); `None` skips it.
+#[cfg(feature = "cuda")]
+pub fn gpu_rng(test: &str) -> Option<Rng64> {
+    gpu(test).then(|| rng(seed()))
+}
+
 /// A fresh random seed per run, unless FLASHATTN_SEED pins one (printed with every failure).
 pub fn seed() -> u64 {
     std::env::var("FLASHATTN_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random)
@@ -286,16 +292,21 @@ pub struct Timing {
     pub compare: f64,
 }
 
+/// `add` for a struct of `f64` figures of one case: adds another case's, field by field.
+macro_rules! add_fieldwise {
+    ($ty:ident: $($field:ident),+) => {
+        impl $ty {
+            /// Adds another case's figures, field by field.
+            pub fn add(&mut self, o: &$ty) {
+                $(self.$field += o.$field;)+
+            }
+        }
+    };
+}
+
+add_fieldwise!(Timing: inputs, oracle, naive, fwd, bwd, compare);
+
 impl Timing {
-    /// Adds another case's times.
-    pub fn add(&mut self, o: &Timing) {
-        self.inputs += o.inputs;
-        self.oracle += o.oracle;
-        self.naive += o.naive;
-        self.fwd += o.fwd;
-        self.bwd += o.bwd;
-        self.compare += o.compare;
-    }
     /// The sum of all steps.
     pub fn total(&self) -> f64 {
         self.inputs + self.oracle + self.naive + self.fwd + self.bwd + self.compare
@@ -628,16 +639,9 @@ impl Cost {
             + self.pairs * w[4]
             + self.elems * w[5]
     }
-    /// Adds another case's cost.
-    pub fn add(&mut self, o: &Cost) {
-        self.pairs += o.pairs;
-        self.oracle += o.oracle;
-        self.naive += o.naive;
-        self.fwd += o.fwd;
-        self.bwd += o.bwd;
-        self.elems += o.elems;
-    }
 }
+
+add_fieldwise!(Cost: pairs, oracle, naive, fwd, bwd, elems);
 
 impl Case {
     /// Expected visible pairs per (sequence, head), following the random draws of [`make_inputs`].
