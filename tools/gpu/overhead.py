@@ -50,16 +50,16 @@ def main():
     from flashattn import _flashattn as ext
     from flashattn import _ops
 
-    out, lse = _ops._outputs(q, False)
+    out, lse = _ops._outputs(q, vc, False)
     ext_args = (q, kc, vc, None, None, seqlens, None, None, None, None, None, True, None, None, False, -1, -1, 0.0)
     rows = {
         "flash_attn_with_kvcache": host_us(lambda: flashattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens)),
         "torch.ops.flashattn.kvcache": host_us(lambda: op(*op_args)),
-        "extension call only": host_us(lambda: ext.kvcache(*ext_args, None, out, lse)),
+        "extension call only": host_us(lambda: ext.kvcache(*ext_args, None, out, lse, 0, None, None, None, False)),
         "flash_attn_func": host_us(lambda: flashattn.flash_attn_func(q, kc, vc)),
         "sdpa (default backend)": host_us(lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)),
         "torch.empty (a floor)": host_us(lambda: torch.empty(b, 1, h, d, device=dev, dtype=dt)),
-        "out + lse allocation": host_us(lambda: _ops._outputs(q, False)),
+        "out + lse allocation": host_us(lambda: _ops._outputs(q, vc, False)),
         "torch.cuda.current_stream": host_us(lambda: torch.cuda.current_stream(q.device).cuda_stream),
     }
 
