@@ -206,7 +206,7 @@ pub fn backward(x: &BackwardInputs<&Tensor>, opts: &AttnOptions) -> Result<Gradi
 /// Backward pass into caller-provided gradient buffers. Returns the gradient of a learnable sink
 /// ([`AttnOptions::sink`], in its dtype) when the options have one: `dsink_h = -sum over the rows i of head h
 /// of exp(sink_h - lse_i) D_i`, accumulated in `f64`, with `D_i = dO_i · O_i` as the backward computes it
-/// (from the recomputed probabilities, not the rounded `o`).
+/// (for f16/bf16 inputs from the recomputed probabilities, not the rounded `o`; for f32 from `o`).
 pub fn backward_into(
     x: &BackwardInputs<TensorView<'_>>,
     grads: GradientsMut<'_>,
@@ -238,8 +238,13 @@ pub fn backward_into_of(
     let lse_vec = lse.to_f32_vec();
     let do_map = p.q_like_map(&dout.layout);
     let (dq_map, dk_map, dv_map) = (p.q_like_map(&dq.layout), p.k_like_map(&dk.layout), p.k_like_map(&dv.layout));
-    let given = (!whole_rows).then(|| row_dots(&p, o, dout, &do_map));
-    let inp = BwdIn { dout: dout.data, do_map: &do_map, lse: &lse_vec, delta: given.as_deref() };
+    // `D` from `o` where the call sees only part of each row's keys, and for f32 inputs, whose `o` carries no
+    // rounding that matters next to the f32 products (this also spares the backward its first sweep over the
+    // key tiles, which recomputes `P` and `dP` only to sum `D`); f16/bf16 recompute it (their rounded `o` would
+    // be the largest error of the backward).
+    let from_o = !whole_rows || p.dtype == DType::F32;
+    let given = from_o.then(|| row_dots(&p, o, dout, &do_map));
+    let inp = BwdIn { dout: dout.data, do_map: &do_map, lse: &lse_vec, delta: given.as_deref(), whole_rows };
     zero_unused_rows(&p, &mut dk, &dk_map, p.d);
     zero_unused_rows(&p, &mut dv, &dv_map, p.d_v);
     let out = BwdOut {

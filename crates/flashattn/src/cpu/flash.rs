@@ -666,9 +666,14 @@ pub(crate) struct BwdIn<'a> {
     /// Contiguous lse in [`Problem::lse_shape`].
     pub lse: &'a [f32],
     /// `D = rowsum(dO ∘ O)` given by the caller (same layout as `lse`), for a call that sees only some of
-    /// each row's keys (a ring attention block pair, whose `lse` is the whole row's): `None` computes it
-    /// from the recomputed `P` and `dP`, which is exact only when the call sees every key of the row.
+    /// each row's keys (a ring attention block pair, whose `lse` is the whole row's), or read from an f32 `o`:
+    /// `None` computes it from the recomputed `P` and `dP`, which is exact only when the call sees every key of
+    /// the row.
     pub delta: Option<&'a [f32]>,
+    /// The call sees every key of each row (not a ring's block pair): a row with exactly one visible key then
+    /// takes `D = P dP` from its recomputed products even when `delta` is given, so that `dP - D` cancels
+    /// exactly as the softmax's constancy says (its `dS`, and its share of `dK`, are then 0, not a rounding).
+    pub whole_rows: bool,
 }
 
 /// Where the backward writes.
@@ -684,6 +689,7 @@ pub(crate) struct BwdOut<'a> {
 /// One row of a key tile's scores in the backward: query row `i` (row `r` of its query tile, log-sum-exp `lse`)
 /// over its keys `js` in the tile, whose raw products `qk = q_i · k_j` and `dp = dO_i · v_j` (slices over
 /// `js`) start at offset `e` of the tile's `[rows, BN]` products.
+#[derive(Clone)]
 struct TileRow<'s> {
     r: usize,
     i: usize,
@@ -1121,8 +1127,11 @@ fn bwd_task_body<const L: u8>(
                 pm[unwritten.clone()].fill(0.0);
                 ds[unwritten].fill(0.0);
                 for row in tile_rows((i0, j0, j1), &lse, &ranges, s, dpm) {
-                    let (e, di) = (row.e, dd[row.r]);
-                    prob_dscore_row(&f, plain, row, &mut pm[e..], &mut ds[e..], di);
+                    let (e, r) = (row.e, row.r);
+                    if b.delta.is_some() && b.whole_rows && ranges[r].len() == 1 {
+                        dd[r] = prob_dot_row(&f, plain, row.clone(), &mut pm[e..]);
+                    }
+                    prob_dscore_row(&f, plain, row, &mut pm[e..], &mut ds[e..], dd[r]);
                 }
                 let bnr = round_up(bn, R);
                 let (dkt, dvt) = (tile_mut(&mut part.dk, t, dp), tile_mut(&mut part.dv, t, dvp));

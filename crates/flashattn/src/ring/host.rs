@@ -487,7 +487,7 @@ fn partial_backward(x: &PartialBwd<'_>, opts: AttnOptions) -> Result<(Vec<f32>, 
     let (kv, vv) = (seq_view(&x.kv.k, x.kr.clone())?, seq_view(&x.kv.v, x.kr.clone())?);
     let p = validate(&qv, &kv, &vv, &opts)?;
     let do_map = p.q_like_map(&gv.layout);
-    let inp = BwdIn { dout: gv.data, do_map: &do_map, lse: x.lse, delta: Some(x.delta) };
+    let inp = BwdIn { dout: gv.data, do_map: &do_map, lse: x.lse, delta: Some(x.delta), whole_rows: false };
     // Poisoned: the kernels must write every element.
     let mut dq = vec![f32::NAN; p.total_q * p.h * p.d];
     let mut dk = vec![f32::NAN; p.total_k * p.hk * p.d];
