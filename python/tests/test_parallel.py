@@ -478,6 +478,13 @@ def test_partial_backward_sums_to_whole(device, causal):
     for gn, a, w in zip(("dq", "dk", "dv"), got, whole):
         torch.testing.assert_close(a, w.float(), **tol, msg=lambda m, gn=gn: f"{gn}: {m}")
     if device == "cpu":
-        # The flag matters: the whole-row backward of a pair recomputes D from the pair's keys only.
+        # The flag matters: with 16-bit inputs the whole-row backward of a pair recomputes D from the pair's keys
+        # only (f32 inputs read D from `o` either way, except a row that sees one key of its call).
+        q, k, v, dout = (x.bfloat16() for x in (q, k, v, dout))
+        out, lse = ops._fwd_impl(q, k, v, None, None, None, None, 0, 0, None, causal, -1, -1, 0.0, False)
+        whole = [torch.empty_like(x) for x in (q, k, v)]
+        ops._bwd_into(whole, dout, q, k, v, out, lse, None, None, None, None, 0, 0, None, causal, -1, -1, 0.0, False)
+        right = _pair_grads(q, k, v, out, lse, dout, [0, 19, s], causal, whole_rows=False)
         wrong = _pair_grads(q, k, v, out, lse, dout, [0, 19, s], causal, whole_rows=True)
+        assert (right[0] - whole[0].float()).abs().max() < 2e-2
         assert (wrong[0] - whole[0].float()).abs().max() > 0.1
