@@ -273,17 +273,28 @@ pub fn backward_into_of(
 
 /// `D = rowsum(dO ∘ O)` in `f32`, in [`Problem::lse_shape`] order.
 fn row_dots(p: &Problem, o: &TensorView<'_>, dout: &TensorView<'_>, do_map: &crate::problem::RowMap) -> Vec<f32> {
+    use rayon::prelude::*;
     let o_map = p.q_like_map(&o.layout);
     let dv = o.shape().last().copied().unwrap_or(0);
-    let (mut a, mut g) = (vec![0f32; dv], vec![0f32; dv]);
+    // One task per (sequence, head): the f32 backward reads every `D` here before its own parallel work starts.
+    let pairs: Vec<(usize, usize)> = (0..p.batch).flat_map(|seq| (0..p.h).map(move |head| (seq, head))).collect();
+    let dots: Vec<Vec<f32>> = pairs
+        .par_iter()
+        .map(|&(seq, head)| {
+            let (mut a, mut g) = (vec![0f32; dv], vec![0f32; dv]);
+            (0..p.seqlen_q[seq])
+                .map(|i| {
+                    o.data.read_f32(o_map.at(seq, i, head), &mut a);
+                    dout.data.read_f32(do_map.at(seq, i, head), &mut g);
+                    a.iter().zip(&g).map(|(x, y)| x * y).sum()
+                })
+                .collect()
+        })
+        .collect();
     let mut d = vec![0f32; p.h * p.total_q];
-    for seq in 0..p.batch {
-        for i in 0..p.seqlen_q[seq] {
-            for head in 0..p.h {
-                o.data.read_f32(o_map.at(seq, i, head), &mut a);
-                dout.data.read_f32(do_map.at(seq, i, head), &mut g);
-                d[p.lse_index(seq, head, i)] = a.iter().zip(&g).map(|(x, y)| x * y).sum();
-            }
+    for (&(seq, head), row) in pairs.iter().zip(dots) {
+        for (i, x) in row.into_iter().enumerate() {
+            d[p.lse_index(seq, head, i)] = x;
         }
     }
     d

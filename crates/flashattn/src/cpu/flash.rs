@@ -227,9 +227,9 @@ fn panel_floats(p: &Problem, seq: usize, need: Need) -> usize {
 }
 
 /// The (sequence, key head) pairs in waves of at most [`PANEL_BUDGET`] bytes of panels each (one pair at least),
-/// as few waves as that budget allows, with the bytes spread evenly over them: the backward runs one task per
-/// pair when its partials are large, so a wave of 5 pairs and one of 3 would leave a thread idle for a fifth of
-/// the time where two waves of 4 keep both busy.
+/// with the bytes spread evenly over the waves ([`even_waves`]): the backward runs one task per pair when its
+/// partials are large, so a wave of 5 pairs and one of 3 would leave a thread idle for a fifth of the time where
+/// two waves of 4 keep both busy.
 fn waves(p: &Problem, need: Need) -> Vec<Vec<(usize, usize)>> {
     let pairs = (0..p.batch).flat_map(|seq| {
         let b = panel_floats(p, seq, need) * 4;
@@ -238,9 +238,10 @@ fn waves(p: &Problem, need: Need) -> Vec<Vec<(usize, usize)>> {
     even_waves(pairs.collect(), PANEL_BUDGET)
 }
 
-/// `items` (each with its size), in order, in waves of at most `budget` (one item at least): as many waves as
-/// filling each up to the budget takes, cut where the running total passes each wave's even share of the
-/// whole (an item goes to the wave that holds its middle) or where the budget would be passed.
+/// `items` (each with its size), in order, in waves of at most `budget` (one item at least): the wave count of a
+/// greedy fill sets an even share of the total per wave, and a wave is cut where the running total passes its
+/// share (an item goes to the wave that holds its middle) or where the budget would be passed (which can add a
+/// wave to the greedy count).
 fn even_waves<T>(items: Vec<(T, usize)>, budget: usize) -> Vec<Vec<T>> {
     let mut count = 1;
     let mut bytes = 0;
@@ -255,8 +256,8 @@ fn even_waves<T>(items: Vec<(T, usize)>, budget: usize) -> Vec<Vec<T>> {
     let mut all = vec![Vec::new()];
     let (mut bytes, mut before) = (0, 0);
     for (item, b) in items {
-        let full = all.last().is_some_and(|w: &Vec<T>| !w.is_empty());
-        if full && (before + b / 2 > share * all.len() || bytes + b > budget) {
+        let started = !all.last().expect("never empty").is_empty();
+        if started && (before + b / 2 > share * all.len() || bytes + b > budget) {
             all.push(Vec::new());
             bytes = 0;
         }
