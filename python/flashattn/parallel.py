@@ -11,8 +11,8 @@ on each (query chunk ``i``, key chunk ``j``) pair, indices global: ``j < i`` ful
 chunk against itself: equal lengths, so the kernels' bottom-right causal mask is the global one), ``j > i``
 skipped; without a mask every pair is full. Partial outputs merge through their log-sum-exps in float32. The
 backward reuses the global output and lse: each pair's dq, dk, dv are exact partial sums (the kernels are told
-that ``lse`` is the whole row's), dq accumulates at home, dk/dv accumulate in float32 while travelling round the
-ring and come home after the last hop.
+that ``lse`` is the whole row's), written in float32, dq accumulates at home, dk/dv accumulate in float32 while
+travelling round the ring and come home after the last hop.
 
 The same code runs gloo on CPU tensors and NCCL on CUDA tensors. Supported: no mask or causal, any scale,
 soft-capping, MQA/GQA, float16/bfloat16 (and float32 on CPU), deterministic backward. Refused: dropout, sliding
@@ -247,7 +247,8 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
     """The precision of the chunk pairs' kernel calls. CUDA: the input dtype (its kernels take 16-bit only). CPU:
     float32 (exact for 16-bit inputs, and the CPU kernels' working precision anyway): each pair's partial output
     and gradients then come back unrounded, and the backward's ``D = rowsum(dO * O)`` is read from the unrounded
-    merged output. In 16 bits both roundings add error that the spec's accuracy rule can see."""
+    merged output. In 16 bits both roundings add error that the spec's accuracy rule can see (on CUDA the
+    gradients still come back in float32: the kernels write them so)."""
     return torch.float32 if x.device.type == "cpu" else x.dtype
 
 
@@ -319,7 +320,11 @@ def _backward(dout, q, k, v, out, lse, cfg: _Config):
         dv = torch.zeros(vw.shape, dtype=torch.float32, device=q.device)
         for slot, (q0, q1), (k0, k1), mask in cfg.pairs(rank, src):
             kc, vc = kw[:, k0:k1], vw[:, k0:k1]
-            g = (qw.new_empty((b, q1 - q0) + tuple(q.shape[2:])), kc.new_empty(kc.shape), vc.new_empty(vc.shape))
+            # The pair's partial gradients in float32 on every backend: summed over the ring's pairs before one
+            # rounding (16-bit partials, rounded per pair, exceed the spec's rule at 4 ranks with f16 + softcap).
+            f32 = dict(dtype=torch.float32)
+            g = (qw.new_empty((b, q1 - q0) + tuple(q.shape[2:]), **f32), kc.new_empty(kc.shape, **f32),
+                 vc.new_empty(vc.shape, **f32))  # fmt: skip
             # whole_rows=False: out and lse are the whole rows', this pair holds some of their keys.
             _ops._bwd_into(
                 g, dout[:, q0:q1], qw[:, q0:q1], kc, vc, out[:, q0:q1], lse_rows[slot], None, None, None, None, 0, 0,

@@ -282,17 +282,8 @@ LOCAL_CASES = {
 }
 
 
-# On CUDA the pairs run in the inputs' 16-bit dtype, and each pair's partial dq, dk, dv is rounded before the sum:
-# at 4 ranks with f16 and softcap that exceeds the spec's 3x rule (H100, 2026-12-06: dq 0.00389 against a bound of
-# 0.00307). A known limit of the CUDA ring (float32 partial gradients from the kernels would remove it), kept
-# visible: strict, so the case is reported the day it passes.
-KNOWN_CUDA_LIMITS = {"w4-none-softcap-f16"}
-
-
 @pytest.mark.parametrize("name", list(LOCAL_CASES))
-def test_in_process_ring_matches_reference(device, name, request):
-    if device == "cuda" and name in KNOWN_CUDA_LIMITS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="16-bit partial gradients per pair on CUDA"))
+def test_in_process_ring_matches_reference(device, name):
     case = LOCAL_CASES[name]
     inputs = make_inputs(case, device)
     got = local_ring(case, inputs, device)
@@ -488,3 +479,29 @@ def test_partial_backward_sums_to_whole(device, causal):
         wrong = _pair_grads(q, k, v, out, lse, dout, [0, 19, s], causal, whole_rows=True)
         assert (right[0] - whole[0].float()).abs().max() < 2e-2
         assert (wrong[0] - whole[0].float()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_into_float32_gradients(device, causal):
+    """16-bit inputs, gradients written in float32 (what the ring sums before one rounding): the same values as the
+    16-bit gradients before their rounding, so rounded they equal them bit for bit (deterministic mode: dq's
+    additions in a fixed order), and they carry bits a 16-bit result cannot. Mixed gradient dtypes are refused by
+    name, with nothing written."""
+    b, s, h, hk, d = 2, 37, 4, 2, 40
+    q, k, v, dout = (torch.randn(b, s, n, d, device=device, dtype=torch.bfloat16) for n in (h, hk, hk, h))
+    ops = flashattn._ops
+    out, lse = ops._fwd_impl(q, k, v, None, None, None, None, 0, 0, None, causal, -1, -1, 0.0, False)
+    args = (dout, q, k, v, out, lse, None, None, None, None, 0, 0, None, causal, -1, -1, 0.0, True)
+    g16 = [torch.empty_like(x) for x in (q, k, v)]
+    ops._bwd_into(g16, *args)
+    g32 = [torch.empty(x.shape, dtype=torch.float32, device=device) for x in (q, k, v)]
+    ops._bwd_into(g32, *args)
+    for gn, a, w in zip(("dq", "dk", "dv"), g32, g16):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.bfloat16(), w, rtol=0, atol=0, msg=lambda m, gn=gn: f"{gn}: {m}")
+        assert (a != a.bfloat16().float()).any(), f"{gn} holds only bf16 values"
+    mixed = [torch.full(x.shape, 7.0, dtype=torch.float32, device=device) for x in (q, k, v)]
+    mixed[1] = torch.full(k.shape, 7.0, dtype=torch.bfloat16, device=device)
+    with pytest.raises(TypeError, match="dk.*expected dtype f32, got bf16"):
+        ops._bwd_into(mixed, *args)
+    assert all(bool((x == 7.0).all()) for x in mixed)

@@ -6,9 +6,10 @@ dims), with the harness of `torch_baselines.py` (triton's `do_bench`, medians; f
   beside every PyTorch SDPA backend, each tried under `sdpa_kernel` (a backend that refuses the shape is listed with
   its error): 16 heads, 16k tokens, seqlen 1k-16k, causal and not, bf16.
 - `sink`: a learnable sink (gpt-oss) against the same problem without one, ours only: 64 query / 8 KV heads, d 64,
-  and 16 heads at d 128, 16k tokens, seqlen 1k-16k, causal and not, bf16.
+  and 16 heads at d 128, 16k tokens, seqlen 1k-16k, causal and not, bf16; the two alternate for `--rounds`
+  rounds and the summary compares their medians.
 
-    python3 tools/gpu/variants_bench.py [--grid dv,sink] [--json FILE]
+    python3 tools/gpu/variants_bench.py [--grid dv,sink] [--rounds 3] [--json FILE]
 """
 
 import argparse
@@ -87,13 +88,17 @@ def point_dv(rows, p):
             row(rows, p, name, mode, functools.partial(sdpa, be), [qt, kt, vt])
 
 
-def point_sink(rows, p):
+def point_sink(rows, p, rounds):
+    """Without and with a sink, alternating for `rounds` rounds (the summary takes each side's median): a clock
+    drift between two back-to-back timings otherwise reads as the sink's cost."""
     q, k, v = tensors(p["b"], p["s"], p["h"], p["hk"], p["d"], p["dv"])
     sink = torch.randn(p["h"], device=DEV, dtype=torch.float32, requires_grad=True)
     for mode in ("fwd", "fwd_bwd"):
-        row(rows, p, "flashattn", mode, lambda: flashattn.flash_attn_func(q, k, v, causal=p["causal"]), [q, k, v])
-        fn = functools.partial(flashattn.flash_attn_func, q, k, v, causal=p["causal"], learnable_sink=sink)
-        row(rows, p, "flashattn+sink", mode, fn, [q, k, v, sink])
+        for rnd in range(rounds):
+            p_r = dict(p, round=rnd)
+            row(rows, p_r, "flashattn", mode, lambda: flashattn.flash_attn_func(q, k, v, causal=p["causal"]), [q, k, v])
+            fn = functools.partial(flashattn.flash_attn_func, q, k, v, causal=p["causal"], learnable_sink=sink)
+            row(rows, p_r, "flashattn+sink", mode, fn, [q, k, v, sink])
 
 
 def grid_dv(rows):
@@ -103,12 +108,17 @@ def grid_dv(rows):
             torch.cuda.empty_cache()
 
 
-def grid_sink(rows):
+def grid_sink(rows, rounds):
     for h, hk, d in ((64, 8, 64), (16, 16, 128)):
         for causal in (False, True):
             for s in SEQS:
-                point_sink(rows, dict(grid="sink", b=16384 // s, s=s, h=h, hk=hk, d=d, dv=d, causal=causal))
+                point_sink(rows, dict(grid="sink", b=16384 // s, s=s, h=h, hk=hk, d=d, dv=d, causal=causal), rounds)
                 torch.cuda.empty_cache()
+
+
+def median_row(rs):
+    """The row of the median time (the lower middle one of an even count), or None."""
+    return sorted(rs, key=lambda r: r["ms"])[(len(rs) - 1) // 2] if rs else None
 
 
 def summary(rows):
@@ -119,12 +129,12 @@ def summary(rows):
         at = [
             r for r in rows if (r["grid"], r["mode"], r["h"], r["d"], r["causal"], r["s"]) == (g, mode, h, d, causal, s)
         ]
-        ours = next((r for r in at if r["backend"] == "flashattn" and r["ms"]), None)
+        ours = median_row([r for r in at if r["backend"] == "flashattn" and r["ms"]])
         if g == "dv":
             others = [r for r in at if r["backend"] in SDPA and r["ms"]]
             other = min(others, key=lambda r: r["ms"]) if others else None
         else:
-            other = next((r for r in at if r["backend"] == "flashattn+sink" and r["ms"]), None)
+            other = median_row([r for r in at if r["backend"] == "flashattn+sink" and r["ms"]])
         if ours and other:
             print(
                 f"{g}\t{mode}\t{h}/{ours['hk']}\t{d}/{ours['dv']}\t{int(causal)}\t{s}\t{ours['ms']}\t{other['ms']}\t"
@@ -136,6 +146,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", default="dv,sink")
     ap.add_argument("--json")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per sink point (median taken)")
     args = ap.parse_args()
     print(
         json.dumps(
@@ -144,7 +155,7 @@ def main():
     )
     rows = []
     for g in args.grid.split(","):
-        {"dv": grid_dv, "sink": grid_sink}[g](rows)
+        {"dv": grid_dv, "sink": functools.partial(grid_sink, rounds=args.rounds)}[g](rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -15,6 +15,7 @@
 //   DETERMINISTIC 1: dQ additions in a fixed order (per (query block, batch, head) semaphore): bit-reproducible
 //   HAS_SINK      1: learnable sink: the main kernel also sums each warp's share of dsink into p.dsink_part
 //                 (bwd_common.cuh) and the module exports flash_bwd_dsink
+//   GRAD_F32      1: dq, dk, dv are written as f32 (variant.cuh's grad_t), 0: in the inputs' dtype
 //   ALIGNED16     1 (default): q/k/v/o/dO/dq/dk/dv base pointers are 16-byte aligned and every row/head/batch
 //                 stride is a multiple of 8 elements (d itself may be anything) -> 16-byte cp.async tile loads,
 //                 paired stores. 0: element-wise loads and stores (any alignment, any stride). Same rule as fwd.cu.
@@ -225,14 +226,14 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_convert_dq(const Bwd
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row0 = blockIdx.x * PRE_ROWS;
     if (row0 >= si.sq) return;
-    elem_t* dq = (elem_t*)p.dq + batch_off(p.dq_batch_stride, bi) + si.q_off_rows * p.dq_row_stride + head * p.dq_head_stride;
+    grad_t* dq = (grad_t*)p.dq + batch_off(p.dq_batch_stride, bi) + si.q_off_rows * p.dq_row_stride + head * p.dq_head_stride;
     for (int rr = warp; rr < PRE_ROWS; rr += 8) {
         const int row = row0 + rr;
         if (row >= si.sq) break;
         const i64 r = (i64)si.q_row0 + row;
         const float* src = p.dq_accum + (r * f.h + head) * HEAD_DIM;
-        elem_t* dst = dq + (i64)row * p.dq_row_stride;
-        for (int c = lane; c < f.d; c += 32) dst[c].x = DT::from_f32(src[c] * f.scale);
+        grad_t* dst = dq + (i64)row * p.dq_row_stride;
+        for (int c = lane; c < f.d; c += 32) store_grad(dst + c, src[c] * f.scale);
     }
 }
 
@@ -390,17 +391,17 @@ FA_DEVICE void load_tile(u32 s_base, const elem_t* g, i64 row_stride, int nvalid
 // Stores the pair (x0, x1) at row r, columns col and col + 1 of a [rows][ncols] tile of g (row stride in
 // elements): nothing for a row >= nrows or col >= ncols, one element when col + 1 == ncols. The epilogues of
 // the HAS_DV variants store dK and dV with it (their widths differ).
-FA_DEVICE void store_frag_pair(elem_t* g, i64 row_stride, int r, int col, int nrows, int ncols, float x0, float x1) {
+FA_DEVICE void store_frag_pair(grad_t* g, i64 row_stride, int r, int col, int nrows, int ncols, float x0, float x1) {
     if (r >= nrows || col >= ncols) return;
-    elem_t* ptr = g + (i64)r * row_stride + col;
+    grad_t* ptr = g + (i64)r * row_stride + col;
 #if ALIGNED16
     if (col + 1 < ncols) {
-        *(u32*)ptr = DT::pack(x0, x1);
+        store_grad2(ptr, x0, x1);
         return;
     }
 #endif
-    ptr[0].x = DT::from_f32(x0);
-    if (col + 1 < ncols) ptr[1].x = DT::from_f32(x1);
+    store_grad(ptr, x0);
+    if (col + 1 < ncols) store_grad(ptr + 1, x1);
 }
 
 // Issues the loads of step `it` into buffer `buf` (not committed): query head kvh * group + it / n_m of the key
@@ -516,8 +517,8 @@ FA_DEVICE void store_dk_dv(const BwdParams& p, const SeqInfo& si, int bi, int kv
                            int vc0, int d, int d_v, float scale, int g, int t) {
     using bwd::DW;
     using bwd::DWV;
-    elem_t* dkg = (elem_t*)p.dk + batch_off(p.dk_batch_stride, bi) + (si.k_off_rows + n0) * p.dk_row_stride + kvh * p.dk_head_stride;
-    elem_t* dvg = (elem_t*)p.dv + batch_off(p.dv_batch_stride, bi) + (si.k_off_rows + n0) * p.dv_row_stride + kvh * p.dv_head_stride;
+    grad_t* dkg = (grad_t*)p.dk + batch_off(p.dk_batch_stride, bi) + (si.k_off_rows + n0) * p.dk_row_stride + kvh * p.dk_head_stride;
+    grad_t* dvg = (grad_t*)p.dv + batch_off(p.dv_batch_stride, bi) + (si.k_off_rows + n0) * p.dv_row_stride + kvh * p.dv_head_stride;
     const int nrows = si.sk_rows - n0;
     if constexpr (HAS_DV) {
         // dK (HEAD_DIM columns, d real) and dV (HEAD_DIM_V columns, d_v real) each on its own.
@@ -549,20 +550,20 @@ FA_DEVICE void store_dk_dv(const BwdParams& p, const SeqInfo& si, int bi, int kv
                 if (r >= nrows || col >= d) continue;
                 const float k0v = acc_dk[mi][nt][2 * hh] * scale, k1v = acc_dk[mi][nt][2 * hh + 1] * scale;
                 const float v0v = acc_dv[mi][nt][2 * hh], v1v = acc_dv[mi][nt][2 * hh + 1];
-                elem_t* kp = dkg + (i64)r * p.dk_row_stride + col;
-                elem_t* vp = dvg + (i64)r * p.dv_row_stride + col;
+                grad_t* kp = dkg + (i64)r * p.dk_row_stride + col;
+                grad_t* vp = dvg + (i64)r * p.dv_row_stride + col;
 #if ALIGNED16
                 if (col + 1 < d) {
-                    *(u32*)kp = DT::pack(k0v, k1v);
-                    *(u32*)vp = DT::pack(v0v, v1v);
+                    store_grad2(kp, k0v, k1v);
+                    store_grad2(vp, v0v, v1v);
                     continue;
                 }
 #endif
-                kp[0].x = DT::from_f32(k0v);
-                vp[0].x = DT::from_f32(v0v);
+                store_grad(kp, k0v);
+                store_grad(vp, v0v);
                 if (col + 1 < d) {
-                    kp[1].x = DT::from_f32(k1v);
-                    vp[1].x = DT::from_f32(v1v);
+                    store_grad(kp + 1, k1v);
+                    store_grad(vp + 1, v1v);
                 }
             }
         }

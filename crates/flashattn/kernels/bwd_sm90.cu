@@ -11,7 +11,7 @@
 // Compile-time macros: HEAD_DIM (64, 128 or 256: the padded head dim; p.b.fwd.d may be smaller, the TMA maps
 // zero-fill columns >= d), IS_BF16, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP, IS_VARLEN, DETERMINISTIC, HAS_SINK (each
 // consumer warp sums its share of dsink, bwd_common.cuh; the weights exp(sink - lse) of a step's rows sit beside
-// its lse and D rows in shared memory; bwd.cu's flash_bwd_dsink finishes it): as in bwd.cu. Not
+// its lse and D rows in shared memory; bwd.cu's flash_bwd_dsink finishes it), GRAD_F32 (f32 dK / dV): as in bwd.cu. Not
 // covered (the launcher sends them to bwd.cu): seqused_k, unaligned layouts.
 // DETERMINISTIC: the query blocks are walked last to first (as bwd.cu does: all key blocks of a head then start
 // on the same block, so taking turns skews CTA n by n steps instead of serialising causal CTAs) and each dQ
@@ -270,23 +270,27 @@ FA_DEVICE void store_ds(u32 sds, int row, int nt, int t, u32 v) {
     st_shared_u32(sds + (nt >> 3) * BN * 128 + row * 128 + (((nt & 7) ^ (row & 7)) << 4) + 4 * t, v);
 }
 
+// The queries key kj sees, as column offsets [lo, hi] from query cb (empty when hi < lo), as mask.cuh defines
+// visibility: kj <= i + off + wr, kj >= i + off - wl, i < sq, kj < sk. A key row sees an interval of queries, so
+// testing an element costs two compares.
+FA_DEVICE int2 visible_cols(const MaskCtx& mc, int kj, int cb) {
+    const int off = mc.sk - mc.sq;
+    int qlo = 0, qhi = mc.sq - 1;
+    if (mc.wr >= 0) qlo = max(qlo, kj - off - mc.wr);
+    if (mc.wl >= 0) qhi = min(qhi, kj - off + mc.wl);
+    if (kj >= mc.sk) qhi = -1;
+    return make_int2(qlo - cb, qhi - cb);
+}
+
 // The mask of one S^T tile, applied to its packed P^T / dS^T fragments (rows: keys k0 and k0 + 8 of this thread;
 // columns: queries cb + 8 nt + e, nt < WN / 8), as mask.cuh defines visibility: invisible elements (rows >= sq and keys >= sk
 // included) become 0 in both (also where the unmasked pass overflowed to inf or NaN); with `exact_one_key`, dS^T of
-// queries that see a single key is 0 (their softmax is constant). A key row sees an interval of queries, so an
-// element costs two compares and a select.
+// queries that see a single key is 0 (their softmax is constant). An element costs two compares and a select.
 FA_DEVICE void mask_packed(u32 (*pa)[4], u32 (*da)[4], const Work& w, int k0, int cb, bool exact_one_key) {
-    const MaskCtx& mc = w.mc;
-    const int off = mc.sk - mc.sq;
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-        const int kj = k0 + 8 * hh;
-        // key kj is visible to queries [qlo, qhi]: kj <= i + off + wr, kj >= i + off - wl, i < sq
-        int qlo = 0, qhi = mc.sq - 1;
-        if (mc.wr >= 0) qlo = max(qlo, kj - off - mc.wr);
-        if (mc.wl >= 0) qhi = min(qhi, kj - off + mc.wl);
-        if (kj >= mc.sk) qhi = -1;
-        const int lo = qlo - cb, hi = qhi - cb;
+        const int2 r = visible_cols(w.mc, k0 + 8 * hh, cb);
+        const int lo = r.x, hi = r.y;
 #pragma unroll
         for (int nt = 0; nt < WN / 8; ++nt) {
             const int c = 8 * nt;
@@ -298,8 +302,8 @@ FA_DEVICE void mask_packed(u32 (*pa)[4], u32 (*da)[4], const Work& w, int k0, in
     if (exact_one_key) {
 #pragma unroll
         for (int nt = 0; nt < WN / 8; ++nt) {
-            const u32 keep = (sees_one_key(mc, cb + 8 * nt) ? 0u : 0x0000ffffu) |
-                             (sees_one_key(mc, cb + 8 * nt + 1) ? 0u : 0xffff0000u);
+            const u32 keep = (sees_one_key(w.mc, cb + 8 * nt) ? 0u : 0x0000ffffu) |
+                             (sees_one_key(w.mc, cb + 8 * nt + 1) ? 0u : 0xffff0000u);
             da[nt >> 1][2 * (nt & 1)] &= keep;
             da[nt >> 1][2 * (nt & 1) + 1] &= keep;
         }
@@ -309,10 +313,15 @@ FA_DEVICE void mask_packed(u32 (*pa)[4], u32 (*da)[4], const Work& w, int k0, in
 FA_DEVICE void st_shared_f32(u32 addr, float v) { asm volatile("st.shared.f32 [%0], %1;" :: "r"(addr), "f"(v) : "memory"); }
 
 #if HAS_SINK
-// With a sink, the thread that stores entry e < BM (lse) of step it into buffer `ld_buf` also stores that row's
+// The sink logit (times log2(e)) of step it's head, for the thread that stages entry e < BM (lse) of that step;
+// loaded with the entry itself, while the step before runs its products, so no global load waits at the barrier.
+FA_DEVICE float ld_sink_log2(const BwdParams& p, const Work& w, int it, int e) {
+    return e < BM ? p.fwd.sink[w.head(it)] * FA_LOG2E : 0.f;
+}
+// With a sink, the thread that stores entry e < BM (lse) of a step into buffer `ld_buf` also stores that row's
 // weight exp(sink - lse) at entry 2 BM + e.
-FA_DEVICE void st_sink_weight(const BwdParams& p, const Work& w, u32 ld_buf, int it, int e, float lse_log2) {
-    if (e < BM) st_shared_f32(ld_buf + 4 * (2 * BM + e), sink_weight(p.fwd.sink[w.head(it)] * FA_LOG2E, lse_log2));
+FA_DEVICE void st_sink_weight(u32 ld_buf, int e, float sink_l2, float lse_log2) {
+    if (e < BM) st_shared_f32(ld_buf + 4 * (2 * BM + e), sink_weight(sink_l2, lse_log2));
 }
 #endif
 
@@ -365,7 +374,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
             const float v0 = ld_row_value(p, w, 0, e_ld);
             st_shared_f32(sbase + OFF_LD + 4 * e_ld, v0);
 #if HAS_SINK
-            st_sink_weight(p, w, sbase + OFF_LD, 0, e_ld, v0);
+            st_sink_weight(sbase + OFF_LD, e_ld, ld_sink_log2(p, w, 0, e_ld), v0);
 #endif
         }
         named_sync(BAR_DS, 256);
@@ -389,6 +398,9 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         wgmma_commit();
         // lse / D entry of step it + 1, loaded while the products run (a step earlier gains nothing: cuda-bwd.md).
         const float ld_val = it + 1 < w.n_iter && e_ld < 2 * BM ? ld_row_value(p, w, it + 1, e_ld) : 0.f;
+#if HAS_SINK
+        const float ld_sink = it + 1 < w.n_iter ? ld_sink_log2(p, w, it + 1, e_ld) : 0.f;
+#endif
         wgmma_wait<0>();
         reg_fence<SREG>(s);
         reg_fence<SREG>(dp);
@@ -481,7 +493,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         if (it + 1 < w.n_iter && e_ld < 2 * BM) {
             st_shared_f32(sbase + OFF_LD + ((it + 1) & 1) * LD_BYTES + 4 * e_ld, ld_val);
 #if HAS_SINK
-            st_sink_weight(p, w, sbase + OFF_LD + ((it + 1) & 1) * LD_BYTES, it + 1, e_ld, ld_val);
+            st_sink_weight(sbase + OFF_LD + ((it + 1) & 1) * LD_BYTES, e_ld, ld_sink, ld_val);
 #endif
         }
         // The generic-proxy dS^T (and P^T) writes become visible to the wgmma (async proxy) reads of both warpgroups.
@@ -536,8 +548,8 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
     // ---- epilogue: dK = scale * acc, dV = acc, rows n0 + kr0 (+8) of the tensors, columns kc0 + 8 nt + 2t
     {
         const SeqInfo& si = w.si;
-        elem_t* dkg = (elem_t*)p.dk + batch_off(p.dk_batch_stride, w.bi) + si.k_off_rows * p.dk_row_stride + w.kvh * p.dk_head_stride;
-        elem_t* dvg = (elem_t*)p.dv + batch_off(p.dv_batch_stride, w.bi) + si.k_off_rows * p.dv_row_stride + w.kvh * p.dv_head_stride;
+        grad_t* dkg = (grad_t*)p.dk + batch_off(p.dk_batch_stride, w.bi) + si.k_off_rows * p.dk_row_stride + w.kvh * p.dk_head_stride;
+        grad_t* dvg = (grad_t*)p.dv + batch_off(p.dv_batch_stride, w.bi) + si.k_off_rows * p.dv_row_stride + w.kvh * p.dv_head_stride;
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
             const int r = w.n0 + kr0 + 8 * hh;
@@ -548,14 +560,14 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
                 if (col >= f.d) break;
                 const float k0v = dk[4 * nt + 2 * hh] * scale, k1v = dk[4 * nt + 2 * hh + 1] * scale;
                 const float v0v = dv[4 * nt + 2 * hh], v1v = dv[4 * nt + 2 * hh + 1];
-                elem_t* kp = dkg + (i64)r * p.dk_row_stride + col;
-                elem_t* vp = dvg + (i64)r * p.dv_row_stride + col;
+                grad_t* kp = dkg + (i64)r * p.dk_row_stride + col;
+                grad_t* vp = dvg + (i64)r * p.dv_row_stride + col;
                 if (col + 1 < f.d) {
-                    *(u32*)kp = DT::pack(k0v, k1v);
-                    *(u32*)vp = DT::pack(v0v, v1v);
+                    store_grad2(kp, k0v, k1v);
+                    store_grad2(vp, v0v, v1v);
                 } else {
-                    kp[0].x = DT::from_f32(k0v);
-                    vp[0].x = DT::from_f32(v0v);
+                    store_grad(kp, k0v);
+                    store_grad(vp, v0v);
                 }
             }
         }

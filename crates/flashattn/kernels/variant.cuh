@@ -13,6 +13,8 @@
 //   DETERMINISTIC  1: the backward's fixed-order dQ accumulation
 //   ALIGNED16      1: 16-byte aligned bases and strides (vector / cp.async / TMA copies), 0: element-wise
 //   HAS_SINK       1: the backward also computes the learnable sink's gradient (bwd_common.cuh)
+//   GRAD_F32       1: the backward writes dq, dk and dv as f32 (ring attention's partial gradients, summed over
+//                  the ring's steps before one rounding), 0: in the inputs' 16-bit type
 // and the variant's 16-bit element type `elem_t` (bf16_t or half_t) with its conversions `DT` (common.cuh's `Dt`):
 // include common.cuh first.
 #pragma once
@@ -50,6 +52,9 @@
 #ifndef HAS_SINK
 #define HAS_SINK 0
 #endif
+#ifndef GRAD_F32
+#define GRAD_F32 0
+#endif
 
 #if IS_BF16
 typedef bf16_t elem_t;
@@ -57,3 +62,18 @@ typedef bf16_t elem_t;
 typedef half_t elem_t;
 #endif
 typedef Dt<elem_t> DT;
+
+// The backward's gradient element (dq, dk, dv) and its stores: one value, or the pair at columns (col, col + 1)
+// (16-bit: one 4-byte store, so the pair's address must be 4-byte aligned, as ALIGNED16 guarantees).
+#if GRAD_F32
+typedef float grad_t;
+FA_DEVICE void store_grad(grad_t* g, float x) { *g = x; }
+FA_DEVICE void store_grad2(grad_t* g, float x0, float x1) {
+    g[0] = x0;
+    g[1] = x1;
+}
+#else
+typedef elem_t grad_t;
+FA_DEVICE void store_grad(grad_t* g, float x) { g->x = DT::from_f32(x); }
+FA_DEVICE void store_grad2(grad_t* g, float x0, float x1) { *(u32*)g = DT::pack(x0, x1); }
+#endif

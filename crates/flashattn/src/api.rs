@@ -167,14 +167,16 @@ impl<'a> BackwardInputs<&'a Tensor> {
 }
 
 /// Where the backward pass writes: caller-provided gradient buffers (any non-overlapping strides with a
-/// contiguous last dim), each of its input's shape and dtype. The gradient of a learnable sink is returned.
+/// contiguous last dim), each of its input's shape, all three in the inputs' dtype or all three f32 (partial
+/// gradients summed by the caller before one rounding, as ring attention does; on every backend). The gradient
+/// of a learnable sink is returned.
 #[derive(Debug)]
 pub struct GradientsMut<'a> {
-    /// dL/dq, q's shape and dtype.
+    /// dL/dq, q's shape; q's dtype or f32.
     pub dq: TensorViewMut<'a>,
-    /// dL/dk, k's shape and dtype.
+    /// dL/dk, k's shape; the dtype of dq.
     pub dk: TensorViewMut<'a>,
-    /// dL/dv, v's shape and dtype.
+    /// dL/dv, v's shape; the dtype of dq.
     pub dv: TensorViewMut<'a>,
 }
 
@@ -232,9 +234,10 @@ pub fn backward_into_of(
     p.refuse_fp8("the backward pass")?;
     require_cpu("q", q.device())?;
     check_backward_inputs(&p, o, lse, dout)?;
-    check_output("dq", &dq.layout, dq.data.len(), dq.dtype(), q.shape(), p.dtype)?;
-    check_output("dk", &dk.layout, dk.data.len(), dk.dtype(), k.shape(), p.dtype)?;
-    check_output("dv", &dv.layout, dv.data.len(), dv.dtype(), v.shape(), p.dtype)?;
+    let grad = crate::problem::gradient_dtype(p.dtype, dq.dtype());
+    check_output("dq", &dq.layout, dq.data.len(), dq.dtype(), q.shape(), grad)?;
+    check_output("dk", &dk.layout, dk.data.len(), dk.dtype(), k.shape(), grad)?;
+    check_output("dv", &dv.layout, dv.data.len(), dv.dtype(), v.shape(), grad)?;
     let lse_vec = lse.to_f32_vec();
     let do_map = p.q_like_map(&dout.layout);
     let (dq_map, dk_map, dv_map) = (p.q_like_map(&dq.layout), p.k_like_map(&dk.layout), p.k_like_map(&dv.layout));

@@ -291,6 +291,17 @@ pub(crate) fn check_layout_in(arg: &'static str, layout: &Layout, len: usize) ->
 }
 
 /// Checks an output's shape, dtype and layout (in bounds, contiguous last dim, no self-overlap).
+/// The dtype a backward call's gradients must have, given `dq`'s: the inputs' dtype, or f32 for all three
+/// (partial gradients that a caller sums before one rounding, as ring attention does). The same rule on every
+/// backend.
+pub(crate) fn gradient_dtype(inputs: DType, dq: DType) -> DType {
+    if dq == DType::F32 {
+        DType::F32
+    } else {
+        inputs
+    }
+}
+
 pub(crate) fn check_output(
     arg: &'static str,
     layout: &Layout,

@@ -3,7 +3,7 @@
 //! kernel is the Hopper one (`bwd_sm90.rs`) where it covers the problem, else bwd.cu's.
 
 use super::call::{check_sizes, fwd_params, max_sk, variant_for, BwdArgs};
-use super::compile::{padded_head_dim, Pass};
+use super::compile::{padded_head_dim, Pass, Variant};
 use super::launch::{launch, zero};
 use super::params::BwdParams;
 use super::runtime::{dev_err, Gpu};
@@ -88,10 +88,10 @@ pub(crate) fn run(
 ) -> Result<()> {
     check_sizes(p)?;
     let sm90 = super::bwd_sm90::covers(gpu, p, aligned16);
-    let mut v = variant_for(p, Pass::Bwd, aligned16, deterministic)?;
+    let mut v = Variant { grad_f32: a.grad_f32, ..variant_for(p, Pass::Bwd, aligned16, deterministic)? };
     if sm90 {
         // Preprocess and conversion share the dQ accumulator's layout ([rows, h, HEAD_DIM]) with the sm90 kernel.
-        v.head_dim = super::bwd_sm90::sm90_bwd_variant(p, deterministic)?.head_dim;
+        v.head_dim = super::bwd_sm90::sm90_bwd_variant(p, deterministic, a.grad_f32)?.head_dim;
     }
     let m = gpu.module(&v)?;
     // Every bwd.cu module exports its tile configuration (`flash_bwd_config`): the launcher reads it rather

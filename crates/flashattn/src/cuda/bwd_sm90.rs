@@ -65,8 +65,8 @@ pub(crate) fn covers_on(arch: &str, p: &Problem, aligned16: bool) -> bool {
         && check_sizes(p).is_ok()
 }
 
-/// The sm90 backward variant of a problem.
-pub(crate) fn sm90_bwd_variant(p: &Problem, deterministic: bool) -> Result<Variant> {
+/// The sm90 backward variant of a problem (`grad_f32`: it writes f32 `dk`, `dv`).
+pub(crate) fn sm90_bwd_variant(p: &Problem, deterministic: bool, grad_f32: bool) -> Result<Variant> {
     let v = variant_for(p, Pass::Bwd, true, deterministic)?;
     let head_dim = sm90_bwd_head_dim(p.d).ok_or_else(|| Error::Unsupported {
         backend: "cuda",
@@ -76,7 +76,7 @@ pub(crate) fn sm90_bwd_variant(p: &Problem, deterministic: bool) -> Result<Varia
             SM90_BWD_HEAD_DIMS[SM90_BWD_HEAD_DIMS.len() - 1]
         ),
     })?;
-    Ok(Variant { pass: Pass::BwdSm90, head_dim, aligned16: true, ..v })
+    Ok(Variant { pass: Pass::BwdSm90, head_dim, aligned16: true, grad_f32, ..v })
 }
 
 /// (batch, kv head) pairs per group of the kernel's tile order. Without masks 1 (key blocks innermost: the CTAs
@@ -104,7 +104,7 @@ pub(crate) fn run(
     params: &BwdParams,
     deterministic: bool,
 ) -> Result<bool> {
-    let v = sm90_bwd_variant(p, deterministic)?;
+    let v = sm90_bwd_variant(p, deterministic, a.grad_f32)?;
     let (q_rows, k_rows, batch) =
         if p.varlen { (p.total_q, p.total_k, 1) } else { (p.dense_sq, p.total_k / p.batch, p.batch) };
     let m = gpu.module(&v)?;

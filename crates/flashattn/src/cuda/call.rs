@@ -225,6 +225,7 @@ pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministi
         nvrtc: Default::default(),
         sink: p.sink.is_some() && pass == Pass::Bwd,
         kv_fp8: false,
+        grad_f32: false,
     }
     .tuned(&p.tuning))
 }
@@ -297,6 +298,8 @@ pub(crate) struct BwdArgs {
     pub dv: DevView,
     /// With a learnable sink: its gradient, `f32 [h]` contiguous (0 without a sink).
     pub dsink: u64,
+    /// `dq`, `dk`, `dv` are f32 (else the inputs' dtype).
+    pub grad_f32: bool,
 }
 
 impl FwdArgs {
@@ -322,6 +325,7 @@ impl BwdArgs {
             dk: t.dk.view(),
             dv: t.dv.view(),
             dsink: t.dsink.map_or(0, |d| d.ptr),
+            grad_f32: t.dq.dtype == DType::F32,
         }
     }
 
@@ -347,9 +351,10 @@ pub(crate) fn check_backward_tensors(p: &Problem, t: &BackwardTensors) -> Result
     f.o.check("o", &p.o_shape(), p.dtype, false)?;
     t.dout.check("dout", &p.o_shape(), p.dtype, false)?;
     check_lse(f.lse, p, false)?;
-    t.dq.check("dq", &f.q.shape, p.dtype, true)?;
-    t.dk.check("dk", &f.k.shape, p.dtype, true)?;
-    t.dv.check("dv", &f.v.shape, p.dtype, true)?;
+    let grad = crate::problem::gradient_dtype(p.dtype, t.dq.dtype);
+    t.dq.check("dq", &f.q.shape, grad, true)?;
+    t.dk.check("dk", &f.k.shape, grad, true)?;
+    t.dv.check("dv", &f.v.shape, grad, true)?;
     match (&p.sink, t.dsink) {
         // A 1-D check: stride 1, so contiguous.
         (Some(_), Some(ds)) => ds.check("dsink", &[p.h], DType::F32, true),

@@ -102,6 +102,9 @@ pub struct Variant {
     /// The KV-cache kernels over float8_e4m3fn caches (`-DKV_FP8=1`: 1-byte K/V rows widened to 16 bits in
     /// shared memory, per-head descales; sm_89 and newer). Ignored by every other pass.
     pub kv_fp8: bool,
+    /// The backward writing `dq`, `dk`, `dv` as f32 (`-DGRAD_F32=1`; ring attention's partial gradients, summed
+    /// before one rounding). Ignored by the forward passes.
+    pub grad_f32: bool,
 }
 
 /// A list of extra NVRTC options, interned so that [`Variant`] stays `Copy` and hashable: each distinct list is
@@ -202,6 +205,7 @@ impl Variant {
             nvrtc: NvrtcExtra::default(),
             sink: false,
             kv_fp8: false,
+            grad_f32: false,
         }
     }
 
@@ -275,6 +279,9 @@ impl Variant {
             if self.sink {
                 v.push("HAS_SINK=1".to_string());
             }
+            if self.grad_f32 {
+                v.push("GRAD_F32=1".to_string());
+            }
         }
         if self.pass == Pass::KvCache {
             v.push(format!("KV_STAGES={}", self.stages()));
@@ -339,6 +346,7 @@ impl fmt::Display for Variant {
             (self.varlen, "varlen"),
             (self.deterministic && matches!(self.pass, Pass::Bwd | Pass::BwdSm90), "det"),
             (self.sink && matches!(self.pass, Pass::Bwd | Pass::BwdSm90), "sink"),
+            (self.grad_f32 && matches!(self.pass, Pass::Bwd | Pass::BwdSm90), "g32"),
             (!self.aligned16, "unaligned"),
         ] {
             if on {
@@ -468,7 +476,8 @@ fn with_causal(p: Variant) -> [Variant; 2] {
 }
 
 /// The forms of a plain variant that CI compiles: itself, causal, every feature at once; the unaligned form of
-/// the sm80-class passes (the Hopper kernels need 16-byte alignment) and the deterministic causal backward.
+/// the sm80-class passes (the Hopper kernels need 16-byte alignment), the deterministic causal backward and the
+/// backward with f32 gradients.
 fn representative_forms(p: Variant) -> Vec<Variant> {
     let mut out =
         vec![p, Variant { mask: true, ..p }, Variant { mask: true, alibi: true, softcap: true, varlen: true, ..p }];
@@ -477,6 +486,8 @@ fn representative_forms(p: Variant) -> Vec<Variant> {
     }
     if matches!(p.pass, Pass::Bwd | Pass::BwdSm90) {
         out.push(Variant { deterministic: true, mask: true, ..p });
+        // Ring attention's partial gradients: f32 dq, dk, dv (causal and soft-capped, as the ring runs them).
+        out.push(Variant { grad_f32: true, mask: true, softcap: true, ..p });
     }
     out
 }

@@ -174,6 +174,7 @@ pub fn backward_host(n: usize, x: &BackwardInputs<&Tensor>, opts: &AttnOptions) 
             dk: gk.view(s),
             dv: gv.view(s),
             dsink: gsink.as_ref().map_or(0, |t| t.base(s)),
+            grad_f32: false,
         };
         aux.fill(s, &mut a.fwd);
         let aligned = a.aligned16(p.dtype.size());

@@ -116,6 +116,7 @@ impl DeviceAttention {
             dv: b.dv.view(s),
             // A resident problem with a backward has no sink (refused when it is built).
             dsink: 0,
+            grad_f32: false,
         };
         let aligned = a.aligned16(self.p.dtype.size());
         (a, aligned)
@@ -172,7 +173,7 @@ impl DeviceAttention {
         if let Some(b) = &self.bwd {
             let (_, aligned) = self.bwd_args(b);
             let bv = if super::bwd_sm90::covers(&self.gpu, &self.p, aligned) {
-                super::bwd_sm90::sm90_bwd_variant(&self.p, self.deterministic)?
+                super::bwd_sm90::sm90_bwd_variant(&self.p, self.deterministic, false)?
             } else {
                 bv
             };

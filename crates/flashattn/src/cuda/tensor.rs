@@ -225,11 +225,12 @@ pub struct BackwardTensors<'a> {
     pub fwd: ForwardTensors<'a>,
     /// Gradient of the output.
     pub dout: &'a DeviceTensorRef,
-    /// Gradient of `q`.
+    /// Gradient of `q`: `q`'s dtype, or f32 (then `dk` and `dv` are f32 too: partial gradients a caller sums
+    /// before one rounding, as ring attention does).
     pub dq: &'a DeviceTensorRef,
-    /// Gradient of `k`.
+    /// Gradient of `k`, in `dq`'s dtype.
     pub dk: &'a DeviceTensorRef,
-    /// Gradient of `v`.
+    /// Gradient of `v`, in `dq`'s dtype.
     pub dv: &'a DeviceTensorRef,
     /// Gradient of the learnable sink, `f32 [h]` contiguous: required exactly when
     /// [`super::DeviceMeta::sink`] is given.
