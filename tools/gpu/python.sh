@@ -247,6 +247,32 @@ run_decode() {
         --json "$OUT/peers_decode.json"
     step cli-decode 60 "$G/flashattn" bench --grid decode --json "$OUT/cli_decode.json"
 }
+# The backward before and after a change: the standard grid's forward+backward through a base CLI
+# (.gpu/base/flashattn, built from the earlier commit) and this one, alternating for two rounds (base first,
+# then this build first), beside cuDNN's figures from the peers' script in the same call.
+run_bwdab() {
+    [ -x "$G/base/flashattn" ] || return 0
+    step bwd-base1 90 "$G/base/flashattn" bench --grid standard --modes fwd_bwd --json "$OUT/bwd_base1.json"
+    step bwd-new1 90 "$G/flashattn" bench --grid standard --modes fwd_bwd --json "$OUT/bwd_new1.json"
+    step bwd-new2 90 "$G/flashattn" bench --grid standard --modes fwd_bwd --json "$OUT/bwd_new2.json"
+    step bwd-base2 90 "$G/base/flashattn" bench --grid standard --modes fwd_bwd --json "$OUT/bwd_base2.json"
+    step bwd-peers 150 python3 "$G/torch_baselines.py" --grid standard --backends cudnn,flashattn --modes fwd_bwd \
+        --json "$OUT/bwd_peers.json"
+}
+# The decode point short of FA2, (8, 128k): the peers and the package on the decode grid, then the CLI's split
+# counts by hand at that point (0 = the plan's choice), two rounds: gap.txt.
+run_gap() {
+    step peers-decode 60 python3 "$G/torch_baselines.py" --grid decode --backends fa2,flashattn \
+        --json "$OUT/peers_decode.json"
+    local r n
+    for r in 1 2; do
+        for n in 0 6 8 12 16 24 32; do
+            echo "r=$r splits=$n $(timeout 60 "$G/flashattn" bench --grid decode --seqlens 128k --batch 8 \
+                --num-splits "$n" --warmup 10 --reps 60 2>&1 | tail -1)" >> "$OUT/gap.txt"
+        done
+    done
+    tail -14 "$OUT/gap.txt" >> "$OUT/summary.txt"
+}
 for MODE in "$@"; do
     case "$MODE" in
     final) run_final ;;
@@ -295,6 +321,9 @@ for MODE in "$@"; do
     ring) step ring 120 env -C "$T" FLASHATTN_TEST_DEVICES=cuda python3 -m pytest -q -p no:cacheprovider -rsx \
         test_parallel.py ;;
     variants) step variants 200 python3 "$G/variants_bench.py" --json "$OUT/variants.json" ;;
+    sinkbench) step sinkbench 200 python3 "$G/variants_bench.py" --grid sink --rounds 3 --json "$OUT/sink.json" ;;
+    bwdab) run_bwdab ;;
+    gap) run_gap ;;
     hf) step hf-bench 420 python3 "$G/hf_bench.py" --json "$OUT/hf_bench.json" ;;
     overhead) step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json" ;;
     esac

@@ -496,26 +496,32 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
             st_sink_weight(sbase + OFF_LD + ((it + 1) & 1) * LD_BYTES, e_ld, ld_sink, ld_val);
 #endif
         }
+        // dV += P^T dO needs only this warpgroup's P^T (registers): issued before the barrier, it runs while the
+        // warpgroups meet there.
+        if constexpr (!SPLIT_D) {
+            wgmma_fence();
+            issue_kv_grad(dv, pa, sDO);
+            wgmma_commit();
+        }
         // The generic-proxy dS^T (and P^T) writes become visible to the wgmma (async proxy) reads of both warpgroups.
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         named_sync(BAR_DS, 256);
 
+        // dQ first, in a group of its own, then dK (and, SPLIT_D, dV: it reads both warpgroups' P^T): dQ's
+        // additions to global memory below run while dK is still in the tensor cores.
         float dq[DQREG];
         wgmma_fence();
+        issue_dq(dq, sDS + dq_a_off, dq_b);
+        wgmma_commit();
         if constexpr (SPLIT_D) {
             issue_kv_grad_ss(dv, sP, sDO + kv_b_off);
             issue_kv_grad_ss(dk, sDS, sQ + kv_b_off);
         } else {
-            issue_kv_grad(dv, pa, sDO);
             issue_kv_grad(dk, da, sQ);
         }
-        issue_dq(dq, sDS + dq_a_off, dq_b);
         wgmma_commit();
-        wgmma_wait<0>();
-        reg_fence<KVREG>(dv);
-        reg_fence<KVREG>(dk);
+        wgmma_wait<1>();
         reg_fence<DQREG>(dq);
-        release(bars.empty_q(st), lane);
 
         // ---- dQ rows (queries) m0 + dq_row0 + 16 warp + gq (+8), columns dq_col0 + 8 nt + 2t: added to the f32
         // accumulator (DETERMINISTIC: in this key block's turn)
@@ -543,6 +549,11 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         named_sync(BAR_DQ_ADDED, 256);
         if (wg == 0 && tid_wg == 0) st_release_gpu(sem, turn + 1);
 #endif
+        // dK, dV done: this stage's Q and dO may be overwritten.
+        wgmma_wait<0>();
+        reg_fence<KVREG>(dv);
+        reg_fence<KVREG>(dk);
+        release(bars.empty_q(st), lane);
     }
 
     // ---- epilogue: dK = scale * acc, dV = acc, rows n0 + kr0 (+8) of the tensors, columns kc0 + 8 nt + 2t
