@@ -78,6 +78,9 @@
 
 namespace b90 {
 
+// A compile-time bool as a value (selects the form of a generic lambda).
+template <bool B> struct BoolC { static constexpr bool value = B; };
+
 constexpr int D = HEAD_DIM;
 // HEAD_DIM 256: the warpgroups split the head dim (dK, dV, dQ columns) and the step's queries (S^T, dP^T), not
 // the keys (see the header).
@@ -417,6 +420,12 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         const int cb = m0 + qc0 + 2 * t;  // query of column offset 0 of this thread
         const int ct = qc0 / 8;           // 8-query chunk of column offset 0 in the dS^T / P^T rows
         u32 pa[PKW][4], da[PKW][4];
+        // The pass over this thread's elements. With a sink it also sums P dP, and comes in two forms chosen per
+        // tile: MASKED drops invisible elements from those sums by a select (their f32 P may be inf or NaN from
+        // the unmasked pass; the packed values are masked later), the other adds every product (one FMA). Without
+        // a sink there is one form, and masked tiles store dS^T after mask_packed below.
+        auto elementwise = [&](auto masked_c) {
+            constexpr bool MASKED = decltype(masked_c)::value;
 #pragma unroll
         for (int nt = 0; nt < WN / 8; ++nt) {
             float2 l2, dd;
@@ -424,6 +433,8 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
             asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(l2.x), "=f"(l2.y) : "r"(le));
             asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(dd.x), "=f"(dd.y) : "r"(le + 4 * BM));
 #if HAS_SINK
+            // The two queries' sink weights, loaded with their lse and D (the loads are volatile: one issued after
+            // this chunk's dS^T stores would wait for them, and its latency would be exposed every chunk).
             float pdp[2] = {0.f, 0.f};  // sum of P dP of this thread's two queries over its two keys (visible only)
 #endif
 #pragma unroll
@@ -442,12 +453,11 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
 #endif
                     const float pr = exp2_fast(s2 - (e ? l2.y : l2.x));
 #if HAS_SINK
-                    {
-                        // The packed values are masked later; here the f32 product of an invisible element is
-                        // dropped by a select (it may be inf or NaN from the unmasked pass).
+                    if constexpr (MASKED) {
                         const int qi = cb + 8 * nt + e;
-                        const float c = pr * dp[r];
-                        pdp[e] += (!need_mask || (qi < w.si.sq && is_visible(w.mc, qi, w.n0 + kr0 + 8 * hh))) ? c : 0.f;
+                        pdp[e] += qi < w.si.sq && is_visible(w.mc, qi, w.n0 + kr0 + 8 * hh) ? pr * dp[r] : 0.f;
+                    } else {
+                        pdp[e] += pr * dp[r];
                     }
 #endif
                     float ds = pr * (dp[r] - (e ? dd.y : dd.x));
@@ -460,19 +470,34 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
                 // Register pair (4nt + 2hh, +1) -> A fragment of k16 step nt / 2, element 2 (nt & 1) + hh.
                 pa[nt >> 1][2 * (nt & 1) + hh] = DT::pack(pv[0], pv[1]);
                 da[nt >> 1][2 * (nt & 1) + hh] = DT::pack(dsv[0], dsv[1]);
-                if (!need_mask) {
-                    store_ds(sDS, kr0 + 8 * hh, ct + nt, t, da[nt >> 1][2 * (nt & 1) + hh]);
-                    if constexpr (SPLIT_D) store_ds(sP, kr0 + 8 * hh, ct + nt, t, pa[nt >> 1][2 * (nt & 1) + hh]);
-                }
             }
 #if HAS_SINK
+            // The two queries' sink weights, loaded before this chunk's dS^T stores: the shared-memory accesses are
+            // volatile, so a load after them would wait for them and expose its latency every chunk.
             {
                 float2 ww;
                 asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(ww.x), "=f"(ww.y) : "r"(le + 8 * BM));
                 sink_acc += ww.x * pdp[0] + ww.y * pdp[1];
             }
 #endif
+            if (HAS_SINK ? !MASKED : !need_mask) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    store_ds(sDS, kr0 + 8 * hh, ct + nt, t, da[nt >> 1][2 * (nt & 1) + hh]);
+                    if constexpr (SPLIT_D) store_ds(sP, kr0 + 8 * hh, ct + nt, t, pa[nt >> 1][2 * (nt & 1) + hh]);
+                }
+            }
         }
+        };
+#if HAS_SINK
+        if (need_mask) {
+            elementwise(BoolC<true>{});
+        } else {
+            elementwise(BoolC<false>{});
+        }
+#else
+        elementwise(BoolC<false>{});
+#endif
 #if HAS_SINK
         // The last step of this head: each consumer warp hands in its sum (each S^T element has one warp).
         if (it + 1 == w.n_iter || w.head(it + 1) != head) {
