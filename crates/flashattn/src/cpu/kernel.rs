@@ -95,20 +95,55 @@ pub(crate) fn gemm<const L: u8>(
     kr: impl Fn(usize) -> Range<usize>,
     cr: Range<usize>,
 ) {
+    gemm_into::<L, true>(a, b, ldb, c, ldc, rows, kr, cr);
+}
+
+/// [`gemm`] with `=` instead of `+=`: `C[i, n] = sum_{k in kr(i0)} A[i, k] B[k, n]` for the same rows and
+/// columns (0 where `kr` is empty); what `C` held there is neither read nor kept, the rest of `C` is untouched.
+/// The same values as zeroing those elements and calling [`gemm`], without the pass that zeroes them and the
+/// accumulators' loads.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_set<const L: u8>(
+    a: ARef<'_>,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    rows: usize,
+    kr: impl Fn(usize) -> Range<usize>,
+    cr: Range<usize>,
+) {
+    gemm_into::<L, false>(a, b, ldb, c, ldc, rows, kr, cr);
+}
+
+/// [`gemm`] (`ACC`) or [`gemm_set`] (not `ACC`) at the level's register tile.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_into<const L: u8, const ACC: bool>(
+    a: ARef<'_>,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    rows: usize,
+    kr: impl Fn(usize) -> Range<usize>,
+    cr: Range<usize>,
+) {
     let m = Operands { a, b, ldb, c, ldc };
     if L >= 2 {
         #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
         {
-            gemm_impl::<8, 32, L>(m, rows, kr, cr);
+            gemm_impl::<8, 32, L, ACC>(m, rows, kr, cr);
             return;
         }
     }
-    gemm_impl::<4, 16, L>(m, rows, kr, cr);
+    gemm_impl::<4, 16, L, ACC>(m, rows, kr, cr);
 }
 
-/// [`gemm`] in `RR x WW` register tiles.
+/// [`gemm_into`] in `RR x WW` register tiles.
 #[inline(always)]
-fn gemm_impl<const RR: usize, const WW: usize, const L: u8>(
+fn gemm_impl<const RR: usize, const WW: usize, const L: u8, const ACC: bool>(
     mut m: Operands<'_>,
     rows: usize,
     kr: impl Fn(usize) -> Range<usize>,
@@ -125,6 +160,11 @@ fn gemm_impl<const RR: usize, const WW: usize, const L: u8>(
         for i0 in (0..rows).step_by(RR) {
             let k = kr(i0);
             if k.is_empty() {
+                if !ACC {
+                    for r in i0..i0 + RR {
+                        m.c[r * ldc + n0..r * ldc + n0 + WW].fill(0.0);
+                    }
+                }
                 continue;
             }
             // Every access of the tile lies within these bounds.
@@ -134,23 +174,23 @@ fn gemm_impl<const RR: usize, const WW: usize, const L: u8>(
             unsafe {
                 #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
                 if L >= 2 && RR == 8 && WW == 32 {
-                    tile_avx512(&mut m, i0, k, n0);
+                    tile_avx512::<ACC>(&mut m, i0, k, n0);
                     continue;
                 }
-                tile::<RR, WW, L>(&mut m, i0, k, n0);
+                tile::<RR, WW, L, ACC>(&mut m, i0, k, n0);
             }
         }
     }
 }
 
-/// One `RR x WW` register tile: `C[i0.., n0..] += A[i0.., k] B[k, n0..]`, written for the compiler to
-/// vectorise (fused multiply-adds when `L >= 1`).
+/// One `RR x WW` register tile: `C[i0.., n0..] += A[i0.., k] B[k, n0..]` (`=` without `ACC`), written for the
+/// compiler to vectorise (fused multiply-adds when `L >= 1`).
 ///
 /// # Safety
 /// With `m`'s `a`, `b`, `ldb`, `c`, `ldc`: `(i0 + RR - 1) * a.rs + (k.end - 1) * a.cs < a.a.len()`,
 /// `(k.end - 1) * ldb + n0 + WW <= b.len()` and `(i0 + RR - 1) * ldc + n0 + WW <= c.len()`.
 #[inline(always)]
-unsafe fn tile<const RR: usize, const WW: usize, const L: u8>(
+unsafe fn tile<const RR: usize, const WW: usize, const L: u8, const ACC: bool>(
     m: &mut Operands<'_>,
     i0: usize,
     k: Range<usize>,
@@ -159,8 +199,10 @@ unsafe fn tile<const RR: usize, const WW: usize, const L: u8>(
     let (a, b, ldb, ldc) = (m.a, m.b, m.ldb, m.ldc);
     let cp = m.c.as_mut_ptr();
     let mut acc = [[0f32; WW]; RR];
-    for (r, row) in acc.iter_mut().enumerate() {
-        *row = *(cp.add((i0 + r) * ldc + n0) as *const [f32; WW]);
+    if ACC {
+        for (r, row) in acc.iter_mut().enumerate() {
+            *row = *(cp.add((i0 + r) * ldc + n0) as *const [f32; WW]);
+        }
     }
     let (ap, bp) = (a.a.as_ptr(), b.as_ptr());
     for kk in k {
@@ -202,7 +244,7 @@ macro_rules! rows {
 #[inline]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::incompatible_msrv)] // compiled only by Rust >= 1.89 (`flashattn_avx512`, see build.rs)
-unsafe fn tile_avx512(m: &mut Operands<'_>, i0: usize, k: Range<usize>, n0: usize) {
+unsafe fn tile_avx512<const ACC: bool>(m: &mut Operands<'_>, i0: usize, k: Range<usize>, n0: usize) {
     use std::arch::x86_64::*;
     let (a, b, ldb, ldc) = (m.a, m.b, m.ldb, m.ldc);
     let cp = m.c.as_mut_ptr();
@@ -215,7 +257,9 @@ unsafe fn tile_avx512(m: &mut Operands<'_>, i0: usize, k: Range<usize>, n0: usiz
             c1[$r] = _mm512_loadu_ps(cp.add((i0 + $r) * ldc + n0 + 16));
         };
     }
-    rows!(ld);
+    if ACC {
+        rows!(ld);
+    }
     let arow = ap.add(i0 * a.rs);
     for kk in k {
         let b0 = _mm512_loadu_ps(bp.add(kk * ldb + n0));
@@ -641,6 +685,38 @@ mod tests {
         }
         if level() >= 2 {
             check::<2>();
+        }
+    }
+
+    /// `gemm_set` writes exactly what zeroing its rows and columns and then `gemm` would: bit for bit (the same
+    /// chains), 0 where a row group's key range is empty, and leaves the columns outside `cr` as they were.
+    fn check_set<const L: u8>() {
+        let (rows, kk, n) = (16, 37, 96);
+        let a: Vec<f32> = (0..rows * kk).map(|i| ((i * 7919 % 113) as f32 - 56.0) / 17.0).collect();
+        let b: Vec<f32> = (0..kk * n).map(|i| ((i * 104_729 % 97) as f32 - 48.0) / 13.0).collect();
+        let kr = |i0: usize| if i0 == 8 { 0..0 } else { 3..kk - 2 };
+        let cr = 32..96;
+        let before: Vec<f32> = (0..rows * n).map(|i| i as f32 + 0.5).collect();
+        let mut want = before.clone();
+        for r in 0..rows {
+            want[r * n + cr.start..r * n + cr.end].fill(0.0);
+        }
+        gemm::<L>(ARef { a: &a, rs: kk, cs: 1 }, &b, n, &mut want, n, rows, kr, cr.clone());
+        let mut got = before.clone();
+        gemm_set::<L>(ARef { a: &a, rs: kk, cs: 1 }, &b, n, &mut got, n, rows, kr, cr.clone());
+        assert_eq!(got, want, "level {L}");
+        assert!(got[8 * n + 40..12 * n].iter().step_by(n).all(|&x| x == 0.0), "empty key range");
+        assert_eq!(got[5 * n..5 * n + 32], before[5 * n..5 * n + 32], "columns outside cr");
+    }
+
+    #[test]
+    fn gemm_set_overwrites_as_zero_then_gemm() {
+        check_set::<0>();
+        if level() >= 1 {
+            check_set::<1>();
+        }
+        if level() >= 2 {
+            check_set::<2>();
         }
     }
 }
