@@ -433,8 +433,6 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
             asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(l2.x), "=f"(l2.y) : "r"(le));
             asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(dd.x), "=f"(dd.y) : "r"(le + 4 * BM));
 #if HAS_SINK
-            // The two queries' sink weights, loaded with their lse and D (the loads are volatile: one issued after
-            // this chunk's dS^T stores would wait for them, and its latency would be exposed every chunk).
             float pdp[2] = {0.f, 0.f};  // sum of P dP of this thread's two queries over its two keys (visible only)
 #endif
 #pragma unroll
