@@ -250,14 +250,30 @@ run_decode() {
 # The backward before and after a change: the standard grid's forward+backward through a base CLI
 # (.gpu/base/flashattn, built from the earlier commit) and this one, alternating for two rounds (base first,
 # then this build first), beside cuDNN's figures from the peers' script in the same call.
+# BWD_BASE names the base CLI's folder under .gpu (default base; e.g. a branch's build for main-against-branch).
 run_bwdab() {
-    [ -x "$G/base/flashattn" ] || return 0
-    step bwd-base1 90 "$G/base/flashattn" bench --grid standard --modes fwd_bwd --json "$OUT/bwd_base1.json"
+    local base="$G/${BWD_BASE:-base}/flashattn"
+    [ -x "$base" ] || return 0
+    step bwd-base1 90 "$base" bench --grid standard --modes fwd_bwd --json "$OUT/bwd_base1.json"
     step bwd-new1 90 "$G/flashattn" bench --grid standard --modes fwd_bwd --json "$OUT/bwd_new1.json"
     step bwd-new2 90 "$G/flashattn" bench --grid standard --modes fwd_bwd --json "$OUT/bwd_new2.json"
-    step bwd-base2 90 "$G/base/flashattn" bench --grid standard --modes fwd_bwd --json "$OUT/bwd_base2.json"
-    step bwd-peers 150 python3 "$G/torch_baselines.py" --grid standard --backends cudnn,flashattn --modes fwd_bwd \
-        --json "$OUT/bwd_peers.json"
+    step bwd-base2 90 "$base" bench --grid standard --modes fwd_bwd --json "$OUT/bwd_base2.json"
+    [ -n "${BWD_PEERS:-1}" ] && step bwd-peers 150 python3 "$G/torch_baselines.py" --grid standard \
+        --backends cudnn,flashattn --modes fwd_bwd --json "$OUT/bwd_peers.json"
+}
+# A branch's build (AB_BRANCH=NAME, tools/gpu/prepare_branch.sh): its learnable-sink tests (Rust) and its wheel's
+# sink benchmark, in the background or after the steps before it.
+run_branchsink() {
+    local b="$G/${AB_BRANCH:?}"
+    (FLASHATTN_CACHE_DIR=/tmp/flashattn-kernels-branch FLASHATTN_REQUIRE_GPU=1 timeout 200 "$b/cuda_sink" \
+        --test-threads=1 > "$OUT/branch_sink.log" 2>&1; echo "$AB_BRANCH cuda_sink rc=$?" >> "$OUT/branch_sink.log")
+    grep -E "test result|rc=|passed, |FAIL" "$OUT/branch_sink.log" | cut -c1-300 >> "$OUT/summary.txt"
+}
+run_branchsinkbench() {
+    local b="$G/${AB_BRANCH:?}"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-branch "$b"/flashattn-*.whl || return 0
+    step branch-sinkbench 200 env PYTHONPATH=/tmp/site-branch python3 "$G/variants_bench.py" --grid sink \
+        --rounds 3 --json "$OUT/branch_sink.json"
 }
 # The decode point short of FA2, (8, 128k): the peers and the package on the decode grid, then the CLI's split
 # counts by hand at that point (0 = the plan's choice), two rounds: gap.txt.
@@ -323,6 +339,8 @@ for MODE in "$@"; do
     variants) step variants 200 python3 "$G/variants_bench.py" --json "$OUT/variants.json" ;;
     sinkbench) step sinkbench 200 python3 "$G/variants_bench.py" --grid sink --rounds 3 --json "$OUT/sink.json" ;;
     bwdab) run_bwdab ;;
+    branchsink) run_branchsink ;;
+    branchsinkbench) run_branchsinkbench ;;
     gap) run_gap ;;
     hf) step hf-bench 420 python3 "$G/hf_bench.py" --json "$OUT/hf_bench.json" ;;
     overhead) step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json" ;;
