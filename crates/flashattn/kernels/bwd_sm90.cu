@@ -427,65 +427,65 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         auto elementwise = [&](auto masked_c) {
             constexpr bool MASKED = decltype(masked_c)::value;
 #pragma unroll
-        for (int nt = 0; nt < WN / 8; ++nt) {
-            float2 l2, dd;
-            const u32 le = ld + 4 * (qc0 + 8 * nt + 2 * t);
-            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(l2.x), "=f"(l2.y) : "r"(le));
-            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(dd.x), "=f"(dd.y) : "r"(le + 4 * BM));
+            for (int nt = 0; nt < WN / 8; ++nt) {
+                float2 l2, dd;
+                const u32 le = ld + 4 * (qc0 + 8 * nt + 2 * t);
+                asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(l2.x), "=f"(l2.y) : "r"(le));
+                asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(dd.x), "=f"(dd.y) : "r"(le + 4 * BM));
 #if HAS_SINK
-            float pdp[2] = {0.f, 0.f};  // sum of P dP of this thread's two queries over its two keys (visible only)
+                float pdp[2] = {0.f, 0.f};  // sum of P dP of this thread's two queries over its two keys (visible only)
 #endif
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                float pv[2], dsv[2];
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int r = 4 * nt + 2 * hh + e;
-                    float th;
-                    float s2 = log2_score(sc, s[r], th);
-#if HAS_ALIBI
-                    {
-                        const int dist = cb + 8 * nt + e + off - (w.n0 + kr0 + 8 * hh);
-                        s2 -= slope_log2 * (float)(dist < 0 ? -dist : dist);
-                    }
-#endif
-                    const float pr = exp2_fast(s2 - (e ? l2.y : l2.x));
-#if HAS_SINK
-                    if constexpr (MASKED) {
-                        const int qi = cb + 8 * nt + e;
-                        pdp[e] += qi < w.si.sq && is_visible(w.mc, qi, w.n0 + kr0 + 8 * hh) ? pr * dp[r] : 0.f;
-                    } else {
-                        pdp[e] += pr * dp[r];
-                    }
-#endif
-                    float ds = pr * (dp[r] - (e ? dd.y : dd.x));
-#if HAS_SOFTCAP
-                    ds *= (1.f - th * th);
-#endif
-                    pv[e] = pr;
-                    dsv[e] = ds;
-                }
-                // Register pair (4nt + 2hh, +1) -> A fragment of k16 step nt / 2, element 2 (nt & 1) + hh.
-                pa[nt >> 1][2 * (nt & 1) + hh] = DT::pack(pv[0], pv[1]);
-                da[nt >> 1][2 * (nt & 1) + hh] = DT::pack(dsv[0], dsv[1]);
-            }
-#if HAS_SINK
-            // The two queries' sink weights, loaded before this chunk's dS^T stores: the shared-memory accesses are
-            // volatile, so a load after them would wait for them and expose its latency every chunk.
-            {
-                float2 ww;
-                asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(ww.x), "=f"(ww.y) : "r"(le + 8 * BM));
-                sink_acc += ww.x * pdp[0] + ww.y * pdp[1];
-            }
-#endif
-            if (HAS_SINK ? !MASKED : !need_mask) {
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
-                    store_ds(sDS, kr0 + 8 * hh, ct + nt, t, da[nt >> 1][2 * (nt & 1) + hh]);
-                    if constexpr (SPLIT_D) store_ds(sP, kr0 + 8 * hh, ct + nt, t, pa[nt >> 1][2 * (nt & 1) + hh]);
+                    float pv[2], dsv[2];
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int r = 4 * nt + 2 * hh + e;
+                        float th;
+                        float s2 = log2_score(sc, s[r], th);
+#if HAS_ALIBI
+                        {
+                            const int dist = cb + 8 * nt + e + off - (w.n0 + kr0 + 8 * hh);
+                            s2 -= slope_log2 * (float)(dist < 0 ? -dist : dist);
+                        }
+#endif
+                        const float pr = exp2_fast(s2 - (e ? l2.y : l2.x));
+#if HAS_SINK
+                        if constexpr (MASKED) {
+                            const int qi = cb + 8 * nt + e;
+                            pdp[e] += qi < w.si.sq && is_visible(w.mc, qi, w.n0 + kr0 + 8 * hh) ? pr * dp[r] : 0.f;
+                        } else {
+                            pdp[e] += pr * dp[r];
+                        }
+#endif
+                        float ds = pr * (dp[r] - (e ? dd.y : dd.x));
+#if HAS_SOFTCAP
+                        ds *= (1.f - th * th);
+#endif
+                        pv[e] = pr;
+                        dsv[e] = ds;
+                    }
+                    // Register pair (4nt + 2hh, +1) -> A fragment of k16 step nt / 2, element 2 (nt & 1) + hh.
+                    pa[nt >> 1][2 * (nt & 1) + hh] = DT::pack(pv[0], pv[1]);
+                    da[nt >> 1][2 * (nt & 1) + hh] = DT::pack(dsv[0], dsv[1]);
+                }
+#if HAS_SINK
+                // The two queries' sink weights, loaded before this chunk's dS^T stores: the shared-memory accesses are
+                // volatile, so a load after them would wait for them and expose its latency every chunk.
+                {
+                    float2 ww;
+                    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(ww.x), "=f"(ww.y) : "r"(le + 8 * BM));
+                    sink_acc += ww.x * pdp[0] + ww.y * pdp[1];
+                }
+#endif
+                if (HAS_SINK ? !MASKED : !need_mask) {
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        store_ds(sDS, kr0 + 8 * hh, ct + nt, t, da[nt >> 1][2 * (nt & 1) + hh]);
+                        if constexpr (SPLIT_D) store_ds(sP, kr0 + 8 * hh, ct + nt, t, pa[nt >> 1][2 * (nt & 1) + hh]);
+                    }
                 }
             }
-        }
         };
 #if HAS_SINK
         if (need_mask) {
