@@ -338,6 +338,11 @@ for MODE in "$@"; do
         test_parallel.py ;;
     variants) step variants 200 python3 "$G/variants_bench.py" --json "$OUT/variants.json" ;;
     sinkbench) step sinkbench 200 python3 "$G/variants_bench.py" --grid sink --rounds 3 --json "$OUT/sink.json" ;;
+    # Llama-style GQA (32/8 heads, d 128, 16k tokens): the peers with cuDNN's enable_gqa beside `flashattn bench`.
+    gqa)
+        step peers-gqa 150 python3 "$G/torch_baselines.py" --grid gqa --backends fa2,cudnn,flashattn \
+            --json "$OUT/peers_gqa.json"
+        step cli-gqa 90 "$G/flashattn" bench --grid gqa --json "$OUT/cli_gqa.json" ;;
     bwdab) run_bwdab ;;
     branchsink) run_branchsink ;;
     branchsinkbench) run_branchsinkbench ;;

@@ -34,6 +34,9 @@ pub enum Grid {
     Decode,
     /// A few points of the standard grid: seqlen 1k and 8k, d 128.
     Quick,
+    /// Llama-style GQA: 32 query / 8 key-value heads, d 128, 16k tokens (batch x seqlen), seqlen 512..16k, causal
+    /// and not.
+    Gqa,
 }
 
 /// What is timed.
@@ -54,6 +57,7 @@ fn grid_name(g: Grid) -> &'static str {
         Grid::Standard => "standard",
         Grid::Decode => "decode",
         Grid::Quick => "quick",
+        Grid::Gqa => "gqa",
     }
 }
 
@@ -215,6 +219,17 @@ pub fn points(a: &BenchArgs) -> Vec<Point> {
                         for &d in &dims {
                             pts.push(Point { b, h: 32, hk: 8, sq: 1, sk, d, causal: false });
                         }
+                    }
+                }
+            }
+        }
+        Grid::Gqa => {
+            let seqs = if a.seqlens.is_empty() { vec![512, 1024, 2048, 4096, 8192, 16384] } else { a.seqlens.clone() };
+            let dims = if a.dims.is_empty() { vec![128] } else { a.dims.clone() };
+            for &d in &dims {
+                for &causal in &causals {
+                    for &s in &seqs {
+                        pts.push(Point { b: (16384 / s.max(1)).max(1), h: 32, hk: 8, sq: s, sk: s, d, causal });
                     }
                 }
             }
@@ -1135,6 +1150,10 @@ mod tests {
         let q = points(&args(&["--grid", "quick"]));
         assert_eq!(q.len(), 4);
         assert_eq!(q[0], Point { b: 16, h: 16, hk: 16, sq: 1024, sk: 1024, d: 128, causal: false });
+        let g = points(&args(&["--grid", "gqa"]));
+        assert_eq!(g.len(), 12);
+        assert_eq!(g[0], Point { b: 32, h: 32, hk: 8, sq: 512, sk: 512, d: 128, causal: false });
+        assert_eq!(g[11], Point { b: 1, h: 32, hk: 8, sq: 16384, sk: 16384, d: 128, causal: true });
         let one = points(&args(&["--shape", "1,8,4k,128"]));
         assert_eq!(one, vec![Point { b: 1, h: 8, hk: 8, sq: 4096, sk: 4096, d: 128, causal: false }]);
         let f = points(&args(&["--seqlens", "512,1k", "--dims", "64", "--causal", "1", "--heads", "4"]));

@@ -46,7 +46,7 @@ enum Command {
     Check(check::CheckArgs),
     /// Attention on tensors from a safetensors file (q, k, v, ...), outputs to another safetensors file.
     Run(run::RunArgs),
-    /// Benchmark on the standard, decode or quick grid (or one custom shape): a table of ms and TFLOP/s.
+    /// Benchmark on the standard, decode, quick or GQA grid (or one custom shape): a table of ms and TFLOP/s.
     Bench(bench::BenchArgs),
     /// Which backends are usable here, and why not when not.
     Info,
