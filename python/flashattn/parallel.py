@@ -322,9 +322,9 @@ def _backward(dout, q, k, v, out, lse, cfg: _Config):
             kc, vc = kw[:, k0:k1], vw[:, k0:k1]
             # The pair's partial gradients in float32 on every backend: summed over the ring's pairs before one
             # rounding (one 16-bit rounding per pair fewer on CUDA).
-            f32 = dict(dtype=torch.float32)
-            g = (qw.new_empty((b, q1 - q0) + tuple(q.shape[2:]), **f32), kc.new_empty(kc.shape, **f32),
-                 vc.new_empty(vc.shape, **f32))  # fmt: skip
+            f32 = torch.float32
+            g = (qw.new_empty((b, q1 - q0) + tuple(q.shape[2:]), dtype=f32), kc.new_empty(kc.shape, dtype=f32),
+                 vc.new_empty(vc.shape, dtype=f32))  # fmt: skip
             # whole_rows=False: out and lse are the whole rows', this pair holds some of their keys.
             _ops._bwd_into(
                 g, dout[:, q0:q1], qw[:, q0:q1], kc, vc, out[:, q0:q1], lse_rows[slot], None, None, None, None, 0, 0,

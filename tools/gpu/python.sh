@@ -250,7 +250,8 @@ run_decode() {
 # The backward before and after a change: the standard grid's forward+backward through a base CLI
 # (.gpu/base/flashattn, built from the earlier commit) and this one, alternating for two rounds (base first,
 # then this build first), beside cuDNN's figures from the peers' script in the same call.
-# BWD_BASE names the base CLI's folder under .gpu (default base; e.g. a branch's build for main-against-branch).
+# BWD_BASE names the base CLI's folder under .gpu (default base; e.g. a branch's build for main-against-branch);
+# BWD_PEERS= (set, empty) leaves out the peers.
 run_bwdab() {
     local base="$G/${BWD_BASE:-base}/flashattn"
     [ -x "$base" ] || return 0
@@ -258,7 +259,7 @@ run_bwdab() {
     step bwd-new1 90 "$G/flashattn" bench --grid standard --modes fwd_bwd --json "$OUT/bwd_new1.json"
     step bwd-new2 90 "$G/flashattn" bench --grid standard --modes fwd_bwd --json "$OUT/bwd_new2.json"
     step bwd-base2 90 "$base" bench --grid standard --modes fwd_bwd --json "$OUT/bwd_base2.json"
-    [ -n "${BWD_PEERS:-1}" ] && step bwd-peers 150 python3 "$G/torch_baselines.py" --grid standard \
+    [ -n "${BWD_PEERS-1}" ] && step bwd-peers 150 python3 "$G/torch_baselines.py" --grid standard \
         --backends cudnn,flashattn --modes fwd_bwd --json "$OUT/bwd_peers.json"
 }
 # A branch's build (AB_BRANCH=NAME, tools/gpu/prepare_branch.sh): its learnable-sink tests (Rust) and its wheel's

@@ -93,12 +93,13 @@ def point_sink(rows, p, rounds):
     drift between two back-to-back timings otherwise reads as the sink's cost."""
     q, k, v = tensors(p["b"], p["s"], p["h"], p["hk"], p["d"], p["dv"])
     sink = torch.randn(p["h"], device=DEV, dtype=torch.float32, requires_grad=True)
+    none = functools.partial(flashattn.flash_attn_func, q, k, v, causal=p["causal"])
+    with_sink = functools.partial(none, learnable_sink=sink)
     for mode in ("fwd", "fwd_bwd"):
         for rnd in range(rounds):
             p_r = dict(p, round=rnd)
-            row(rows, p_r, "flashattn", mode, lambda: flashattn.flash_attn_func(q, k, v, causal=p["causal"]), [q, k, v])
-            fn = functools.partial(flashattn.flash_attn_func, q, k, v, causal=p["causal"], learnable_sink=sink)
-            row(rows, p_r, "flashattn+sink", mode, fn, [q, k, v, sink])
+            row(rows, p_r, "flashattn", mode, none, [q, k, v])
+            row(rows, p_r, "flashattn+sink", mode, with_sink, [q, k, v, sink])
 
 
 def grid_dv(rows):

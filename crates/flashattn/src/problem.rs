@@ -290,7 +290,6 @@ pub(crate) fn check_layout_in(arg: &'static str, layout: &Layout, len: usize) ->
     Ok(())
 }
 
-/// Checks an output's shape, dtype and layout (in bounds, contiguous last dim, no self-overlap).
 /// The dtype a backward call's gradients must have, given `dq`'s: the inputs' dtype, or f32 for all three
 /// (partial gradients that a caller sums before one rounding, as ring attention does). The same rule on every
 /// backend.
@@ -302,6 +301,7 @@ pub(crate) fn gradient_dtype(inputs: DType, dq: DType) -> DType {
     }
 }
 
+/// Checks an output's shape, dtype and layout (in bounds, contiguous last dim, no self-overlap).
 pub(crate) fn check_output(
     arg: &'static str,
     layout: &Layout,

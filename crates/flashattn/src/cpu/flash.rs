@@ -769,17 +769,13 @@ fn tile_product<const L: u8>(
 ) {
     // The product's columns are written (`=`); the others are zeroed, as the tile's consumers expect.
     zero_outside(c, rows, &cols);
-    kernel::gemm_set::<L>(ARef { a, rs: dp, cs: 1 }, bt, BN, c, BN, rows, |_| 0..d, cols);
+    kernel::gemm_into::<L, false>(ARef { a, rs: dp, cs: 1 }, bt, BN, c, BN, rows, |_| 0..d, cols);
 }
 
-/// Zeroes the columns of a `[rows, BN]` tile outside `cols` (nothing when `cols` is the whole row).
+/// Zeroes the columns of a `[rows, BN]` tile outside `cols` (all of them when `cols` is empty).
 #[inline(always)]
 fn zero_outside(c: &mut [f32], rows: usize, cols: &Range<usize>) {
     if cols.start == 0 && cols.end == BN {
-        return;
-    }
-    if cols.is_empty() {
-        c[..rows * BN].fill(0.0);
         return;
     }
     for row in c[..rows * BN].chunks_exact_mut(BN) {

@@ -98,29 +98,13 @@ pub(crate) fn gemm<const L: u8>(
     gemm_into::<L, true>(a, b, ldb, c, ldc, rows, kr, cr);
 }
 
-/// [`gemm`] with `=` instead of `+=`: `C[i, n] = sum_{k in kr(i0)} A[i, k] B[k, n]` for the same rows and
-/// columns (0 where `kr` is empty); what `C` held there is neither read nor kept, the rest of `C` is untouched.
-/// The same values as zeroing those elements and calling [`gemm`], without the pass that zeroes them and the
-/// accumulators' loads.
+/// [`gemm`] with `ACC`; without it `=` instead of `+=`: `C[i, n] = sum_{k in kr(i0)} A[i, k] B[k, n]` for the
+/// same rows and columns (0 where `kr` is empty), what `C` held there neither read nor kept, the rest of `C`
+/// untouched: the same values as zeroing those elements and accumulating, without the pass that zeroes them and
+/// the accumulators' loads.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_set<const L: u8>(
-    a: ARef<'_>,
-    b: &[f32],
-    ldb: usize,
-    c: &mut [f32],
-    ldc: usize,
-    rows: usize,
-    kr: impl Fn(usize) -> Range<usize>,
-    cr: Range<usize>,
-) {
-    gemm_into::<L, false>(a, b, ldb, c, ldc, rows, kr, cr);
-}
-
-/// [`gemm`] (`ACC`) or [`gemm_set`] (not `ACC`) at the level's register tile.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn gemm_into<const L: u8, const ACC: bool>(
+pub(crate) fn gemm_into<const L: u8, const ACC: bool>(
     a: ARef<'_>,
     b: &[f32],
     ldb: usize,
@@ -688,7 +672,7 @@ mod tests {
         }
     }
 
-    /// `gemm_set` writes exactly what zeroing its rows and columns and then `gemm` would: bit for bit (the same
+    /// `gemm_into` without `ACC` writes exactly what zeroing its rows and columns and then `gemm` would: bit for bit (the same
     /// chains), 0 where a row group's key range is empty, and leaves the columns outside `cr` as they were.
     fn check_set<const L: u8>() {
         let (rows, kk, n) = (16, 37, 96);
@@ -703,14 +687,14 @@ mod tests {
         }
         gemm::<L>(ARef { a: &a, rs: kk, cs: 1 }, &b, n, &mut want, n, rows, kr, cr.clone());
         let mut got = before.clone();
-        gemm_set::<L>(ARef { a: &a, rs: kk, cs: 1 }, &b, n, &mut got, n, rows, kr, cr.clone());
+        gemm_into::<L, false>(ARef { a: &a, rs: kk, cs: 1 }, &b, n, &mut got, n, rows, kr, cr.clone());
         assert_eq!(got, want, "level {L}");
         assert!(got[8 * n + 40..12 * n].iter().step_by(n).all(|&x| x == 0.0), "empty key range");
         assert_eq!(got[5 * n..5 * n + 32], before[5 * n..5 * n + 32], "columns outside cr");
     }
 
     #[test]
-    fn gemm_set_overwrites_as_zero_then_gemm() {
+    fn gemm_overwrite_is_zero_then_gemm() {
         check_set::<0>();
         if level() >= 1 {
             check_set::<1>();
