@@ -244,11 +244,13 @@ def _merge(acc, o: torch.Tensor, lse: torch.Tensor):
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
-    """The precision of the chunk pairs' kernel calls. CUDA: the input dtype (its kernels take 16-bit only). CPU:
-    float32 (exact for 16-bit inputs, and the CPU kernels' working precision anyway): each pair's partial output
-    and gradients then come back unrounded, and the backward's ``D = rowsum(dO * O)`` is read from the unrounded
-    merged output. In 16 bits both roundings add error that the spec's accuracy rule can see (on CUDA the
-    gradients still come back in float32: the kernels write them so)."""
+    """The precision of the chunk pairs' kernel inputs. CUDA: the input dtype (its kernels take 16-bit only), with
+    each pair's partial output and gradients written in float32 all the same (the kernels' f32 outputs), so that
+    nothing is rounded before the merge; the backward reads ``D = rowsum(dO * O)`` from the merged output rounded
+    once, as a single call's backward does. CPU: float32 (exact for 16-bit inputs, and the CPU kernels' working
+    precision anyway), and ``D`` from the unrounded merged output. Partial outputs rounded to 16 bits before the
+    merge exceed the spec's accuracy rule (f16 with softcap at 4 ranks: the merged output carries two roundings,
+    and ``D``'s error returns in dS where ``dP - D`` cancels)."""
     return torch.float32 if x.device.type == "cpu" else x.dtype
 
 
@@ -274,7 +276,7 @@ def _forward(q, k, v, cfg: _Config):
         for slot, (q0, q1), (k0, k1), mask in cfg.pairs(rank, src):
             o, lse = _ops._fwd_impl(
                 qw[:, q0:q1], kw[:, k0:k1], vw[:, k0:k1], None, None, None, None, 0, 0, cfg.scale, mask, -1, -1,
-                cfg.softcap, False,
+                cfg.softcap, False, None, None, None, None, torch.float32,
             )  # fmt: skip
             acc[slot] = _merge(acc[slot], o, lse)
         if step + 1 < n:

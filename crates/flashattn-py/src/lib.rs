@@ -350,6 +350,7 @@ impl Opts {
             window: self.window,
             softcap: self.softcap,
             deterministic: self.deterministic,
+            out_dtype: self.fp8.out_dtype,
             ..Default::default()
         }
     }
@@ -416,7 +417,6 @@ unsafe fn host_options(
         a.q_descale = qd.as_ref().map(|t| host_owned(t)).transpose()?;
         a.k_descale = kd.as_ref().map(|t| host_owned(t)).transpose()?;
         a.v_descale = vd.as_ref().map(|t| host_owned(t)).transpose()?;
-        a.out_dtype = o.fp8.out_dtype;
         if let Some(vl) = varlen {
             a.varlen = Some(VarLen {
                 cu_seqlens_q: host_i32("cu_seqlens_q", &vl.cu_q)?,

@@ -438,7 +438,11 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
     // Output offsets are recomputed here rather than kept live through the main loop (register pressure).
     i64 o_off, lse_off;
     out_offsets(p, blockIdx.y, blockIdx.z, o_off, lse_off);
+#if OUT_F32
+    float* go = (float*)p.o + o_off + (i64)blockIdx.z * p.o_head_stride + (i64)m0 * p.o_row_stride;
+#else
     u16* go = (u16*)p.o + o_off + (i64)blockIdx.z * p.o_head_stride + (i64)m0 * p.o_row_stride;
+#endif
     // Learnable sink (p.sink != nullptr): one logit per query head, in natural-log units like the final scores.
     // The branch is on a kernel parameter (uniform); with a null pointer the code below computes exactly what it
     // computed before the sink existed.
@@ -472,13 +476,26 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
             if (t == 0 && r < rows_valid) {
                 p.lse[lse_off + m0 + r] = lse;
             }
+#if OUT_F32
+            // f32 o straight from the accumulators (a quad's four pairs cover 8 contiguous columns: 32 bytes).
+            if (r < rows_valid) {
+#pragma unroll
+                for (int dt = 0; dt < DTILES; ++dt) {
+                    const float x0 = empty ? 0.f : acc_o[mt][dt][2 * hh] * inv;
+                    const float x1 = empty ? 0.f : acc_o[mt][dt][2 * hh + 1] * inv;
+                    store_out_f32_pair(go + (i64)r * p.o_row_stride, dt * 8 + 2 * t, d_v, x0, x1, ALIGNED16);
+                }
+            }
+#else
 #pragma unroll
             for (int dt = 0; dt < DTILES; ++dt) {
                 const u32 v = empty ? 0u : Dt<elem_t>::pack(acc_o[mt][dt][2 * hh] * inv, acc_o[mt][dt][2 * hh + 1] * inv);
                 st_shared_u32(sQ + r * ROW_BYTES_V + (dt * 8 + 2 * t) * 2, v);
             }
+#endif
         }
     }
+#if !OUT_F32
     __syncwarp();
     // Only this warp's rows were written and only this warp reads them back.
     constexpr int WCH = WARP_M * CHUNKS_V;
@@ -505,4 +522,5 @@ extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1) flash_fwd(const Fwd
             }
         }
     }
+#endif
 }

@@ -555,6 +555,28 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
             const int i = i0 + 8 * hh;
             if (i < g.sq && t == 0) f.lse[lse_off + i] = lse;
         }
+#if OUT_F32
+        // f32 o straight from the accumulators (a quad's four pairs cover 8 contiguous columns: 32 bytes), zeros
+        // for a tile with no visible key; the Q buffer goes back to the producer as after the staged stores.
+        {
+            float* gof = (float*)f.o + o_off + (i64)id.qh * f.o_head_stride;
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int i = i0 + 8 * hh;
+                if (i < g.sq) {
+                    float* row = gof + (i64)i * f.o_row_stride;
+                    const bool zero = nblk == 0 || inv[hh] == 0.f;
+#pragma unroll
+                    for (int dt = 0; dt < D / 8; ++dt) {
+                        const float x0 = zero ? 0.f : o[4 * dt + 2 * hh] * inv[hh];
+                        const float x1 = zero ? 0.f : o[4 * dt + 2 * hh + 1] * inv[hh];
+                        store_out_f32_pair(row, dt * 8 + 2 * t, f.d, x0, x1, true);
+                    }
+                }
+            }
+            if (nblk > 0 && !O_SEPARATE) release(b.empty_q(), lane);
+        }
+#else
         if (nblk > 0) {
             const u32 so_wg = O_SEPARATE ? sbase + OFF_O + wg * 64 * 128 : sq_wg;
             // Separate buffer: every thread of the warpgroup is done reading the previous tile's O from it.
@@ -613,6 +635,7 @@ FA_DEVICE void consumer(const Sm90Params& p, u32 sbase, const Bars& b, int wg, i
                 }
             }
         }
+#endif
     }
     // The last warpgroup arrived once more on warpgroup 0's turn barrier than warpgroup 0 waited on it (the
     // initial turn).

@@ -15,6 +15,8 @@
 //   HAS_SINK       1: the backward also computes the learnable sink's gradient (bwd_common.cuh)
 //   GRAD_F32       1: the backward writes dq, dk and dv as f32 (ring attention's partial gradients, summed over
 //                  the ring's steps before one rounding), 0: in the inputs' 16-bit type
+//   OUT_F32        1: the forward writes o as f32 (ring attention's partial outputs, merged over the ring's
+//                  steps before one rounding), 0: in the inputs' 16-bit type (fwd.cu, fwd_sm90.cu)
 // and the variant's 16-bit element type `elem_t` (bf16_t or half_t) with its conversions `DT` (common.cuh's `Dt`):
 // include common.cuh first.
 #pragma once
@@ -55,6 +57,9 @@
 #ifndef GRAD_F32
 #define GRAD_F32 0
 #endif
+#ifndef OUT_F32
+#define OUT_F32 0
+#endif
 
 #if IS_BF16
 typedef bf16_t elem_t;
@@ -77,3 +82,14 @@ typedef elem_t grad_t;
 FA_DEVICE void store_grad(grad_t* g, float x) { g->x = DT::from_f32(x); }
 FA_DEVICE void store_grad2(grad_t* g, float x0, float x1) { *(u32*)g = DT::pack(x0, x1); }
 #endif
+
+// An f32 output row's pair at columns (col, col + 1) of `n` columns, straight from the accumulators (OUT_F32):
+// one 8-byte store where both columns exist and the row is 8-byte aligned (`vec`), else element-wise.
+FA_DEVICE void store_out_f32_pair(float* row, int col, int n, float x0, float x1, bool vec) {
+    if (vec && col + 1 < n) {
+        *(float2*)(row + col) = make_float2(x0, x1);
+    } else {
+        if (col < n) row[col] = x0;
+        if (col + 1 < n) row[col + 1] = x1;
+    }
+}

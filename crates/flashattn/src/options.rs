@@ -52,8 +52,9 @@ pub struct AttnOptions {
     pub k_descale: Option<Tensor>,
     /// FP8 inputs: the descale factor of `v` (or `v_cache`), as [`AttnOptions::k_descale`].
     pub v_descale: Option<Tensor>,
-    /// FP8 inputs: the dtype of `o`, bf16 or f16. Default: bf16 when q is `e4m3`, q's dtype when only the KV
-    /// cache is. Refused with other inputs (the output then has q's dtype).
+    /// The dtype of `o`. FP8 inputs: bf16 or f16 (default: bf16 when q is `e4m3`, q's dtype when only the KV
+    /// cache is). Other inputs: f32 (partial outputs that a caller merges before one rounding, as ring attention
+    /// does; CUDA: the forward, not the KV-cache path) or none, q's dtype.
     pub out_dtype: Option<DType>,
     /// Dispatch and tuning choices of the CUDA backend (kernel path, tile shapes, split counts, extra NVRTC
     /// options, test hooks); the default is the library's chosen behaviour. The CPU backends ignore it.
@@ -133,7 +134,7 @@ impl AttnOptions {
         self.v_descale = v;
         self
     }
-    /// Sets the output dtype of an FP8 call (bf16 or f16).
+    /// Sets the output dtype (see [`AttnOptions::out_dtype`]).
     pub fn out_dtype(mut self, dtype: DType) -> Self {
         self.out_dtype = Some(dtype);
         self

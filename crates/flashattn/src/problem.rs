@@ -432,8 +432,8 @@ pub(crate) fn check_heads_of(h: usize, hk: usize, k_arg: &'static str) -> Result
 
 /// The FP8 part of a call: the problem's dtype, the output dtype and the descales. `q_dtype` is q's dtype and
 /// `kv_dtype` k's (or k_cache's; v's was checked equal); `kv_arg` names k (`k` or `k_cache`). FP8 means k/v
-/// are `e4m3`, with q `e4m3` too or (`kv_cache_path`) f16/bf16. Descales and `out_dtype` are refused without
-/// FP8 inputs, `q_descale` with a 16-bit q.
+/// are `e4m3`, with q `e4m3` too or (`kv_cache_path`) f16/bf16. Descales are refused without FP8 inputs,
+/// `q_descale` with a 16-bit q; without FP8 inputs `out_dtype` may only be q's dtype or f32.
 pub(crate) fn check_fp8(
     opts: &AttnOptions,
     q_dtype: DType,
@@ -457,14 +457,20 @@ pub(crate) fn check_fp8(
                 ));
             }
         }
-        if let Some(dt) = opts.out_dtype {
-            return Err(Error::invalid(
-                "out_dtype",
-                format!("none: the output has q's dtype ({q_dtype}) unless the inputs are FP8 (e4m3)"),
-                dt,
-            ));
-        }
-        return Ok((q_dtype, q_dtype, None));
+        // 16-bit inputs may write an f32 output (partial outputs that a caller merges before one rounding, as ring
+        // attention does); otherwise the output has q's dtype.
+        let out = match opts.out_dtype {
+            None => q_dtype,
+            Some(DType::F32) => DType::F32,
+            Some(dt) => {
+                return Err(Error::invalid(
+                    "out_dtype",
+                    format!("none (q's dtype, {q_dtype}) or f32: bf16 and f16 are the output dtypes of FP8 inputs"),
+                    dt,
+                ))
+            }
+        };
+        return Ok((q_dtype, out, None));
     }
     if !q_dtype.is_fp8() {
         if !kv_cache_path {

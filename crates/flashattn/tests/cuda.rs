@@ -386,6 +386,52 @@ fn determinism() {
     report_sm90("cuda determinism", before, true, &Tuning::default());
 }
 
+/// A 16-bit forward with an f32 `out_dtype` (ring attention's partial outputs) writes the output unrounded: the
+/// same values as the 16-bit output before its rounding (bit for bit once rounded), bits no 16-bit value has,
+/// within the spec's rule of the f64 oracle; on the default kernels (sm90 on Hopper) and the sm80-class ones,
+/// aligned and unaligned (d 59) head dims. Outputs are poisoned before each launch.
+#[test]
+fn forward_f32_output() {
+    if !gpu("forward_f32_output") {
+        return;
+    }
+    let mut checked = 0;
+    for path in [CudaPath::Auto, CudaPath::Sm80] {
+        for dtype in [DType::F16, DType::BF16] {
+            for (d, variant) in [
+                (32, Variant_::Causal),
+                (64, Variant_::Softcap),
+                (128, Variant_::Causal),
+                (256, Variant_::Plain),
+                (59, Variant_::Window),
+            ] {
+                let c = Case::new(dtype, d, (130, 257), (4, 2), variant);
+                let mut inp = make_inputs(&c, &mut rng(seed()));
+                inp.opts.tuning.cuda_path = path;
+                let o32_opts = inp.opts.clone().out_dtype(DType::F32);
+                let run = |o: &AttnOptions| flashattn::forward_on(Device::Cuda(0), &inp.q, &inp.k, &inp.v, o);
+                let (f16_, f32_) = (run(&inp.opts).expect("16-bit forward"), run(&o32_opts).expect("f32 forward"));
+                let what = format!("{c:?} {path:?}");
+                assert_eq!(f32_.o.dtype(), DType::F32, "{what}");
+                let o32 = f32_.o.to_f32_vec();
+                let rounded = Tensor::from_f32(&o32, f32_.o.shape(), dtype).expect("shape");
+                assert!(bits(&rounded) == bits(&f16_.o), "f32 output rounds to another 16-bit output: {what}");
+                assert!(bits(&f32_.lse) == bits(&f16_.lse), "lse differs: {what}");
+                assert!(o32.iter().zip(rounded.to_f32_vec()).any(|(a, b)| *a != b), "only 16-bit values: {what}");
+                let p = validate(&inp.q.view(), &inp.k.view(), &inp.v.view(), &inp.opts).expect("valid case");
+                let (qd, kd, vd) = (inp.q.view().data, inp.k.view().data, inp.v.view().data);
+                let reference = forward_f64(&p, qd, kd, vd);
+                let (base, _) = naive_forward(&p, qd, kd, vd);
+                let factor = flashattn::accuracy::o_factor(inp.opts.softcap > 0.0, false);
+                let v = flashattn::accuracy::compare("o", &o32, &reference.o, &base.to_f32_vec(), dtype, factor);
+                assert!(v.pass, "{what}: {v:?}");
+                checked += 1;
+            }
+        }
+    }
+    say(&format!("cuda f32 outputs of 16-bit inputs: {checked} cases"));
+}
+
 /// Seqlens 1..17 everywhere with logits scaled by 100: no NaN, no Inf in o.
 #[test]
 fn stress_no_nan() {

@@ -414,7 +414,7 @@ fn ring_refuses_a_different_value_head_dim() {
 }
 
 /// FP8 (e4m3) inputs: descales and `out_dtype` are checked (dtype, shape, values) and refused without FP8
-/// inputs; dense q/k/v are all FP8 or none; the backward pass refuses FP8 and writes nothing.
+/// inputs (but an f32 `out_dtype`); dense q/k/v are all FP8 or none; the backward pass refuses FP8 and writes nothing.
 #[test]
 fn fp8_arguments() {
     let e = DType::E4M3;
@@ -432,10 +432,12 @@ fn fp8_arguments() {
     assert_eq!(arg_of(forward(&q, &k, &k, &o.clone().descale(None, None, ds(&[4], DType::F32)))), "v_descale");
     let nan = Tensor::from_f32(&[1.0, f32::NAN, 1.0, 1.0], &[2, 2], DType::F32).unwrap();
     assert_eq!(arg_of(forward(&q, &k, &k, &o.clone().descale(None, Some(nan), None))), "k_descale");
-    // Not FP8: descales and out_dtype are refused.
+    // Not FP8: descales and a 16-bit out_dtype are refused ...
     let (qb, kb) = (t(&[2, 8, 4, 16], DType::BF16), t(&[2, 8, 2, 16], DType::BF16));
     assert_eq!(arg_of(forward(&qb, &kb, &kb, &ok)), "q_descale");
     assert_eq!(arg_of(forward(&qb, &kb, &kb, &o.clone().out_dtype(DType::BF16))), "out_dtype");
+    // ... except f32, an unrounded output of 16-bit inputs (ring attention's partial outputs).
+    assert_eq!(forward(&qb, &kb, &kb, &o.clone().out_dtype(DType::F32)).unwrap().o.dtype(), DType::F32);
     // Dense: all FP8 or none.
     assert_eq!(arg_of(forward(&qb, &k, &k, &o)), "k");
     assert_eq!(arg_of(forward(&q, &kb, &kb, &o)), "k");

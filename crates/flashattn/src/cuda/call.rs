@@ -226,6 +226,8 @@ pub(crate) fn variant_for(p: &Problem, pass: Pass, aligned16: bool, deterministi
         sink: p.sink.is_some() && pass == Pass::Bwd,
         kv_fp8: false,
         grad_f32: false,
+        // The forward's f32 output of 16-bit inputs (the only other output dtype here: FP8 inputs stop above).
+        out_f32: pass == Pass::Fwd && p.out_dtype == DType::F32,
     }
     .tuned(&p.tuning))
 }
@@ -339,7 +341,7 @@ impl BwdArgs {
 /// Checks the outputs of a forward call on a framework's tensors: `o` of the problem's output shape and dtype,
 /// `lse` contiguous `f32` of its lse shape (q, k and v were checked when the problem was validated).
 pub(crate) fn check_forward_tensors(p: &Problem, t: &ForwardTensors) -> Result<()> {
-    t.o.check("o", &p.o_shape(), p.dtype, true)?;
+    t.o.check("o", &p.o_shape(), p.out_dtype, true)?;
     check_lse(t.lse, p, true)
 }
 

@@ -105,6 +105,9 @@ pub struct Variant {
     /// The backward writing `dq`, `dk`, `dv` as f32 (`-DGRAD_F32=1`; ring attention's partial gradients, summed
     /// before one rounding). Ignored by the forward passes.
     pub grad_f32: bool,
+    /// The forward writing `o` as f32 for 16-bit inputs (`-DOUT_F32=1`; ring attention's partial outputs, merged
+    /// before one rounding). Ignored by the other passes.
+    pub out_f32: bool,
 }
 
 /// A list of extra NVRTC options, interned so that [`Variant`] stays `Copy` and hashable: each distinct list is
@@ -206,6 +209,7 @@ impl Variant {
             sink: false,
             kv_fp8: false,
             grad_f32: false,
+            out_f32: false,
         }
     }
 
@@ -283,6 +287,9 @@ impl Variant {
                 v.push("GRAD_F32=1".to_string());
             }
         }
+        if self.out_f32 && matches!(self.pass, Pass::Fwd | Pass::FwdSm90) {
+            v.push("OUT_F32=1".to_string());
+        }
         if self.pass == Pass::KvCache {
             v.push(format!("KV_STAGES={}", self.stages()));
             if self.kv_fp8 {
@@ -347,6 +354,7 @@ impl fmt::Display for Variant {
             (self.deterministic && matches!(self.pass, Pass::Bwd | Pass::BwdSm90), "det"),
             (self.sink && matches!(self.pass, Pass::Bwd | Pass::BwdSm90), "sink"),
             (self.grad_f32 && matches!(self.pass, Pass::Bwd | Pass::BwdSm90), "g32"),
+            (self.out_f32 && matches!(self.pass, Pass::Fwd | Pass::FwdSm90), "o32"),
             (!self.aligned16, "unaligned"),
         ] {
             if on {
@@ -476,13 +484,17 @@ fn with_causal(p: Variant) -> [Variant; 2] {
 }
 
 /// The forms of a plain variant that CI compiles: itself, causal, every feature at once; the unaligned form of
-/// the sm80-class passes (the Hopper kernels need 16-byte alignment), the deterministic causal backward and the
-/// backward with f32 gradients.
+/// the sm80-class passes (the Hopper kernels need 16-byte alignment), the forward with an f32 output, the
+/// deterministic causal backward and the backward with f32 gradients.
 fn representative_forms(p: Variant) -> Vec<Variant> {
     let mut out =
         vec![p, Variant { mask: true, ..p }, Variant { mask: true, alibi: true, softcap: true, varlen: true, ..p }];
     if matches!(p.pass, Pass::Fwd | Pass::Bwd) {
         out.push(Variant { aligned16: false, ..p });
+    }
+    if matches!(p.pass, Pass::Fwd | Pass::FwdSm90) {
+        // Ring attention's partial outputs: f32 o (causal and soft-capped, as the ring runs them).
+        out.push(Variant { out_f32: true, mask: true, softcap: true, ..p });
     }
     if matches!(p.pass, Pass::Bwd | Pass::BwdSm90) {
         out.push(Variant { deterministic: true, mask: true, ..p });

@@ -115,7 +115,7 @@ fn forward_problem(
         let (dq, dk, dv) =
             (upload(s, q.data, &q.layout)?, upload(s, k.data, &k.layout)?, upload(s, v.data, &v.layout)?);
         let poisoned = launch::poison_outputs(&p.tuning);
-        let o = alloc_out(s, &p.o_shape(), p.dtype, poisoned)?;
+        let o = alloc_out(s, &p.o_shape(), p.out_dtype, poisoned)?;
         let lse = alloc_out(s, &p.lse_shape(), DType::F32, poisoned)?;
         let aux = Aux::upload(s, p)?;
         let mut a = FwdArgs {

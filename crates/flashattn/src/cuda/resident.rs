@@ -60,6 +60,12 @@ impl DeviceAttention {
     ) -> Result<DeviceAttention> {
         let p = validate(&q.view(), &k.view(), &v.view(), opts)?;
         require_half(&p)?;
+        if p.out_dtype != p.dtype {
+            return Err(Error::Unsupported {
+                backend: "cuda",
+                what: format!("a resident problem with out_dtype {} (its output keeps the inputs' dtype)", p.out_dtype),
+            });
+        }
         if let Some(d) = dout {
             require_no_dsink(&p)?;
             if d.shape() != p.o_shape().as_slice() || d.dtype() != p.dtype {
