@@ -180,6 +180,67 @@ fn scratch<'py>(py: Python<'py>, like: &Bound<'py, PyAny>, bytes: usize) -> PyRe
     like.call_method(intern!(py, "new_empty"), ((bytes,),), Some(kw)).map(Some)
 }
 
+/// A KV-cache workspace kept for the next call on the same device and stream (see [`kv_workspace`]).
+struct KeptWorkspace {
+    device: usize,
+    stream: u64,
+    /// The torch tensor that owns the memory (kept alive here).
+    _buf: Py<PyAny>,
+    ptr: u64,
+    bytes: usize,
+}
+
+/// The workspaces of eager KV-cache calls, one per (device, stream), at most [`KEPT_MAX`].
+static KEPT: std::sync::Mutex<Vec<KeptWorkspace>> = std::sync::Mutex::new(Vec::new());
+const KEPT_MAX: usize = 16;
+
+/// The workspace of a KV-cache call of `bytes` on device `n` and `stream`, and the torch tensor to keep alive
+/// until the kernels are enqueued (`None` for a kept one). Outside graph capture the workspace of the previous
+/// call on the same device and stream is reused when it is large enough (calls on one stream run in order, and
+/// each zeroes the header first), which saves a caching-allocator round trip per decode step. A stream that is
+/// capturing a CUDA graph gets fresh memory from torch (the graph's pool), as a replay may outlive any workspace
+/// kept here.
+fn kv_workspace<'py>(
+    py: Python<'py>,
+    like: &Bound<'py, PyAny>,
+    n: usize,
+    stream: u64,
+    bytes: usize,
+) -> PyResult<(DeviceWorkspace, Option<Bound<'py, PyAny>>)> {
+    if bytes == 0 {
+        return Ok((DeviceWorkspace { ptr: 0, bytes: 0 }, None));
+    }
+    // SAFETY: torch's current stream of device n.
+    if unsafe { cuda::runtime::stream_is_capturing(n, stream as *mut c_void) }.map_err(to_py)? {
+        let buf = scratch(py, like, bytes)?;
+        return Ok((workspace_of(py, &buf, bytes)?, buf));
+    }
+    {
+        let kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = kept.iter().find(|w| w.device == n && w.stream == stream && w.bytes >= bytes) {
+            return Ok((DeviceWorkspace { ptr: w.ptr, bytes: w.bytes }, None));
+        }
+    }
+    // A larger one (or the first) for this stream; the one it replaces goes back to torch's cache, which hands it
+    // out again on this stream only, after the kernels already enqueued here.
+    let buf = scratch(py, like, bytes)?;
+    let ws = workspace_of(py, &buf, bytes)?;
+    let new = KeptWorkspace { device: n, stream, _buf: buf.expect("bytes > 0").unbind(), ptr: ws.ptr, bytes };
+    let old = {
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        let old = match kept.iter().position(|w| w.device == n && w.stream == stream) {
+            Some(i) => Some(kept.swap_remove(i)),
+            None if kept.len() >= KEPT_MAX => Some(kept.remove(0)),
+            None => None,
+        };
+        kept.push(new);
+        old
+    };
+    // Dropped with the lock released (a tensor's release calls into torch).
+    drop(old);
+    Ok((ws, None))
+}
+
 fn workspace_of(py: Python<'_>, buf: &Option<Bound<'_, PyAny>>, bytes: usize) -> PyResult<DeviceWorkspace> {
     Ok(match buf {
         Some(b) => DeviceWorkspace { ptr: b.call_method0(intern!(py, "data_ptr"))?.extract()?, bytes },
@@ -805,16 +866,13 @@ fn kvcache(
             // FlashAttention's `num_splits`: 0 lets the plan choose; n fixes the key splits (clamped to the
             // kernels' limit).
             a.tuning.num_splits = num_splits;
-            let bytes = cuda::kvcache_plan(n, &qd, &cache, &od, &ld, &a).map_err(to_py)?.workspace_bytes;
-            let buf = scratch(py, q, bytes)?;
-            let ws = workspace_of(py, &buf, bytes)?;
+            let call = cuda::KvCall::new(n, &qd, &cache, &od, &ld, &a).map_err(to_py)?;
             let stream = current_stream(py, n)?;
-            // SAFETY: tensors of device n (checked above), its current stream, a workspace of torch's for this
-            // call that lives until the kernels are enqueued (`buf`; its header is zeroed on the stream first).
-            py.detach(|| unsafe {
-                cuda::kvcache_forward_raw(n, stream as *mut c_void, &qd, &cache, &od, &ld, ws, &a, true)
-            })
-            .map_err(to_py)
+            let (ws, _buf) = kv_workspace(py, q, n, stream, call.workspace_bytes())?;
+            // SAFETY: tensors of device n (checked above), its current stream, a workspace of torch's that lives
+            // until the kernels are enqueued (kept, or `_buf`) and is used by this stream only; its header is
+            // zeroed on the stream first.
+            py.detach(|| unsafe { call.enqueue(stream as *mut c_void, ws, true) }).map_err(to_py)
         }
     }
 }

@@ -380,9 +380,11 @@ fn make_plan(
         max_keys,
         tuned: kv_variant(head_dim, dtype == DType::BF16, false, false, false, true).tuned(&opts.tuning),
     };
-    let (sms, per_sm) = occupancy(gpu, head_dim, plan.tuned.stages(), fp8);
+    // One CTA per SM: a second resident CTA of the same stream of keys adds no bandwidth, and more splits cost a
+    // CTA ramp and partial rows each (H100, docs/notes/cuda-decode.md item 19).
+    let (sms, _) = occupancy(gpu, head_dim, plan.tuned.stages(), fp8);
     plan.splits = match opts.tuning.num_splits {
-        0 => choose_splits(b * hk * plan.m_blocks(), max_keys, sms, per_sm),
+        0 => choose_splits(b * hk * plan.m_blocks(), max_keys, sms, 1),
         n => n.clamp(1, MAX_SPLITS),
     };
     Ok(plan)
@@ -829,29 +831,15 @@ pub fn kvcache_plan(
     lse: &DeviceTensorRef,
     opts: &AttnOptions,
 ) -> Result<KvCallPlan> {
-    let gpu = runtime::gpu(n)?;
-    let plan = raw_plan(&gpu, q, cache, o, lse, opts)?;
-    Ok(KvCallPlan { workspace_bytes: plan.workspace().bytes, splits: plan.splits })
+    let call = KvCall::new(n, q, cache, o, lse, opts)?;
+    Ok(KvCallPlan { workspace_bytes: call.workspace_bytes(), splits: call.plan.splits })
 }
 
 /// KV-cache attention over device memory the caller owns, on the caller's stream, with a caller-provided
-/// workspace: appends `k_new`/`v_new` (rotated) into the cache in place, then writes `o` (q's shape, its
-/// own strides) and `lse` (`f32` `[b, h, sq]`, contiguous). Shapes are validated here (typed errors); the
-/// values in device memory are checked by the kernels (see [`KvWorkspace::status`]). Makes no allocation
-/// and no synchronisation, so the call can be captured in a CUDA graph and replayed with new data in the
-/// same buffers. The kernel module must have been loaded before capture (one earlier call of the same
-/// variant, or [`super::precompile_variants`] plus one call).
-///
-/// `zero_header`: `false` for a workspace that is all zero before its first call (as [`KvWorkspace::new`]
-/// makes it; the kernels leave it so, apart from the status word's bits and the partial results); `true` for
-/// one whose contents are arbitrary (e.g. fresh from a caching allocator): its status word and split counters
-/// are then zeroed on `stream` first (one small memset, instead of the caller zeroing the whole workspace).
+/// workspace: [`KvCall::new`] then [`KvCall::enqueue`] (see them).
 ///
 /// # Safety
-/// Every pointer must be device memory of CUDA device `n` covering its shape and strides, `stream` a valid
-/// stream of device `n`'s primary context (or null), `workspace` at least [`KvCallPlan::workspace_bytes`]
-/// bytes, 256-byte aligned, all zero before its first call unless `zero_header`; all of it alive and not used
-/// by anything else (no two calls at once on different streams) until the stream has run the kernels.
+/// As for [`KvCall::enqueue`].
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn kvcache_forward_raw(
     n: usize,
@@ -864,22 +852,85 @@ pub unsafe fn kvcache_forward_raw(
     opts: &AttnOptions,
     zero_header: bool,
 ) -> Result<()> {
-    let gpu = runtime::gpu(n)?;
-    let plan = raw_plan(&gpu, q, cache, o, lse, opts)?;
-    check_workspace(&plan, workspace)?;
-    let x = raw_ptrs(q, cache, o, lse, workspace);
-    gpu.run("the CUDA KV-cache forward", || {
-        let st = stream as dsys::CUstream;
-        if zero_header {
-            // The status word and the split counters: everything before the partial LSE.
-            super::launch::zero(workspace.ptr, plan.workspace().lse_part, st)?;
-        }
-        if poison_outputs(&opts.tuning) {
-            poison(o.ptr, o.layout().extent().unwrap_or(0) * 2, st)?;
-            poison(lse.ptr, lse.layout().extent().unwrap_or(0) * 4, st)?;
-        }
-        enqueue(&gpu, st, &plan, &x)
-    })
+    // SAFETY: the caller's contract.
+    unsafe { KvCall::new(n, q, cache, o, lse, opts)?.enqueue(stream, workspace, zero_header) }
+}
+
+/// A KV-cache call over device memory the caller owns, validated and planned once: [`workspace_bytes`]
+/// (Self::workspace_bytes) says what workspace it needs, then [`enqueue`](Self::enqueue) runs it with that
+/// workspace on the caller's stream (the plan/run split of [`kvcache_plan`] + [`kvcache_forward_raw`], without
+/// planning twice).
+pub struct KvCall {
+    gpu: Arc<Gpu>,
+    plan: Plan,
+    x: Ptrs,
+    /// Bytes of `o` and `lse` to fill with NaN before the kernels ([`poison_outputs`]), when the tuning asks.
+    poison: Option<(usize, usize)>,
+}
+
+impl KvCall {
+    /// Validates the shapes (typed errors; the values in device memory are checked by the kernels, see
+    /// [`KvWorkspace::status`]) and plans the call on device `n`. No device work.
+    pub fn new(
+        n: usize,
+        q: &DeviceTensorRef,
+        cache: &DeviceKvCache,
+        o: &DeviceTensorRef,
+        lse: &DeviceTensorRef,
+        opts: &AttnOptions,
+    ) -> Result<KvCall> {
+        let gpu = runtime::gpu(n)?;
+        let plan = raw_plan(&gpu, q, cache, o, lse, opts)?;
+        let x = raw_ptrs(q, cache, o, lse, DeviceWorkspace { ptr: 0, bytes: 0 });
+        let extent = |t: &DeviceTensorRef| t.layout().extent().unwrap_or(0);
+        let poison = poison_outputs(&opts.tuning).then(|| (extent(o) * 2, extent(lse) * 4));
+        Ok(KvCall { gpu, plan, x, poison })
+    }
+
+    /// Bytes of workspace the call needs.
+    pub fn workspace_bytes(&self) -> usize {
+        self.plan.workspace().bytes
+    }
+
+    /// The number of key splits it uses.
+    pub fn splits(&self) -> usize {
+        self.plan.splits
+    }
+
+    /// Appends `k_new`/`v_new` (rotated) into the cache in place, then writes `o` (q's shape, its own strides)
+    /// and `lse` (`f32` `[b, h, sq]`, contiguous). Makes no allocation and no synchronisation, so the call can be
+    /// captured in a CUDA graph and replayed with new data in the same buffers. The kernel module must have been
+    /// loaded before capture (one earlier call of the same variant, or [`super::precompile_variants`] plus one
+    /// call).
+    ///
+    /// `zero_header`: `false` for a workspace that is all zero before its first call (as [`KvWorkspace::new`]
+    /// makes it; the kernels leave it so, apart from the status word's bits and the partial results); `true` for
+    /// one whose contents are arbitrary (e.g. fresh from a caching allocator): its status word and split counters
+    /// are then zeroed on `stream` first (one small memset, instead of the caller zeroing the whole workspace).
+    ///
+    /// # Safety
+    /// Every pointer given to [`new`](Self::new) must be device memory of its CUDA device covering its shape and
+    /// strides, `stream` a valid stream of that device's primary context (or null), `workspace` at least
+    /// [`workspace_bytes`](Self::workspace_bytes) bytes, 256-byte aligned, all zero before its first call unless
+    /// `zero_header`; all of it alive and not used by anything else (no two calls at once on different streams)
+    /// until the stream has run the kernels.
+    pub unsafe fn enqueue(&self, stream: *mut c_void, workspace: DeviceWorkspace, zero_header: bool) -> Result<()> {
+        check_workspace(&self.plan, workspace)?;
+        let x = Ptrs { ws: workspace.ptr, ..self.x };
+        let plan = &self.plan;
+        self.gpu.run("the CUDA KV-cache forward", || {
+            let st = stream as dsys::CUstream;
+            if zero_header {
+                // The status word and the split counters: everything before the partial LSE.
+                super::launch::zero(workspace.ptr, plan.workspace().lse_part, st)?;
+            }
+            if let Some((o_bytes, lse_bytes)) = self.poison {
+                poison(x.o.ptr, o_bytes, st)?;
+                poison(x.lse, lse_bytes, st)?;
+            }
+            enqueue(&self.gpu, st, plan, &x)
+        })
+    }
 }
 
 /// A caller's workspace must hold the plan's buffers.

@@ -54,8 +54,8 @@ pub use cudarc;
 pub use framework::{backward_device, backward_workspace_bytes, forward_device, DeviceMeta, DeviceVarlen};
 pub use fwd_sm90::{sm90_forward_launches, sm90_tile};
 pub use kvcache::{
-    kvcache_forward_host, kvcache_forward_raw, kvcache_plan, DeviceKvCache, DeviceRotary, DeviceWorkspace, KvCallPlan,
-    KvDecodeBench, KvWorkspace,
+    kvcache_forward_host, kvcache_forward_raw, kvcache_plan, DeviceKvCache, DeviceRotary, DeviceWorkspace, KvCall,
+    KvCallPlan, KvDecodeBench, KvWorkspace,
 };
 pub use launch::{poison_outputs, set_poison_outputs};
 pub use resident::{kernel_family, DeviceAttention};

@@ -250,3 +250,20 @@ pub fn describe() -> (bool, String) {
     let n_entries = cache::entries().len();
     (usable, format!("{}; {drv}; {nv}; kernel cache {} ({n_entries} entries)", devs.join(", "), cache_dir.display()))
 }
+
+/// Whether `stream` (a stream of device `n`'s primary context, or null for the legacy default stream) is
+/// capturing a CUDA graph now.
+///
+/// # Safety
+/// `stream` is a live stream of that context, or null.
+pub unsafe fn stream_is_capturing(n: usize, stream: *mut std::ffi::c_void) -> Result<bool> {
+    let gpu = gpu(n)?;
+    gpu.run("querying a stream's capture status", || {
+        let mut status = dsys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: the caller's contract; `status` is a live out-parameter.
+        unsafe { dsys::cuStreamIsCapturing(stream as dsys::CUstream, &mut status) }
+            .result()
+            .map_err(|e| dev_err("querying a stream's capture status", e))?;
+        Ok(status != dsys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    })
+}
