@@ -240,13 +240,16 @@ def _kvcache_impl(
     v_descale: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _outputs(q, v_cache, False, out_dtype)
-    _ext.kvcache(
+    # out and lse in q's dtype are allocated by the extension (one fewer round of reading them back); an FP8 q or
+    # an out_dtype gets them from _outputs.
+    out = lse = None
+    if out_dtype is not None or q.dtype is _FP8:
+        out, lse = _outputs(q, v_cache, False, out_dtype)
+    return _ext.kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad, rotary_cos,
         rotary_sin, rotary_interleaved, alibi_slopes, softmax_scale, causal, window_left, window_right, softcap,
         _device_sink(sink), out, lse, num_splits, q_descale, k_descale, v_descale, out_dtype is not None,
     )  # fmt: skip
-    return out, lse
 
 
 kvcache = torch.library.custom_op("flashattn::kvcache", _kvcache_impl, mutates_args=("k_cache", "v_cache"))

@@ -433,12 +433,8 @@ def flash_attn_with_kvcache(
         raise ValueError(
             "invalid argument `rotary_sin`: expected `rotary_cos` and `rotary_sin` both given or both None"
         )
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1:
-            raise ValueError(
-                f"invalid argument `{name}`: expected a contiguous last dimension (stride 1), got stride {t.stride(-1)}"
-            )
-    batch = q.shape[0]
+    # The caches are written in place, so they are never copied: one whose last dim is not contiguous is refused
+    # by the extension (ValueError naming it), as FlashAttention does.
     if cache_seqlens is None:
         if block_table is not None:
             full = block_table.shape[1] * k_cache.shape[1]
@@ -446,7 +442,7 @@ def flash_attn_with_kvcache(
             full = k_cache.shape[1]
         cache_seqlens = full
     if isinstance(cache_seqlens, int):
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     wl, wr = _window(window_size)
     _check_out_dtype(out_dtype)
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)

@@ -47,6 +47,10 @@ struct Torch {
     dtypes: Vec<(Py<PyAny>, DType)>,
     /// `{"dtype": torch.uint8}`: the keyword arguments of a workspace's `new_empty`.
     bytes_kw: Py<PyDict>,
+    /// `{"dtype": torch.float32}`: the keyword arguments of an `lse`'s `new_empty`.
+    f32_kw: Py<PyDict>,
+    /// `torch.empty_like`.
+    empty_like: Py<PyAny>,
     /// `torch._C._cuda_getCurrentRawStream` (what torch's compiled code calls), when this torch has it.
     raw_stream: Option<Py<PyAny>>,
 }
@@ -59,6 +63,8 @@ fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
         let dt = |name: &str| -> PyResult<Py<PyAny>> { Ok(torch.getattr(name)?.unbind()) };
         let bytes_kw = PyDict::new(py);
         bytes_kw.set_item("dtype", torch.getattr("uint8")?)?;
+        let f32_kw = PyDict::new(py);
+        f32_kw.set_item("dtype", torch.getattr("float32")?)?;
         let raw_stream = torch.getattr("_C")?.getattr("_cuda_getCurrentRawStream").ok().map(Bound::unbind);
         Ok(Torch {
             tensor: torch.getattr("Tensor")?.cast_into::<PyType>()?.unbind(),
@@ -73,6 +79,8 @@ fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
             .chain(dt("float8_e4m3fn").ok().map(|d| (d, DType::E4M3)))
             .collect(),
             bytes_kw: bytes_kw.unbind(),
+            f32_kw: f32_kw.unbind(),
+            empty_like: torch.getattr("empty_like")?.unbind(),
             raw_stream,
         })
     })
@@ -178,6 +186,45 @@ fn scratch<'py>(py: Python<'py>, like: &Bound<'py, PyAny>, bytes: usize) -> PyRe
     }
     let kw = torch(py)?.bytes_kw.bind(py);
     like.call_method(intern!(py, "new_empty"), ((bytes,),), Some(kw)).map(Some)
+}
+
+/// `out` (`torch.empty_like(q)`: q's dtype, shape and strides where q is dense; a value head dim of its own:
+/// contiguous) and `lse` (float32 `(b, h, sq)`, contiguous) of a KV-cache call, allocated here and described
+/// without reading them back (only their addresses and out's strides are asked for).
+fn kv_outputs<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    qt: &Tens,
+    d_v: usize,
+) -> PyResult<(Bound<'py, PyAny>, Tens, Bound<'py, PyAny>, Tens)> {
+    let t = torch(py)?;
+    let &[b, sq, h, d] = qt.shape.as_slice() else {
+        return Err(PyValueError::new_err(format!(
+            "invalid argument `q`: expected rank 4 (batch, seqlen_q, nheads, headdim), got shape {:?}",
+            qt.shape
+        )));
+    };
+    let out = if d_v == d {
+        t.empty_like.bind(py).call1((q,))?
+    } else {
+        q.call_method1(intern!(py, "new_empty"), ((b, sq, h, d_v),))?
+    };
+    let lse = q.call_method(intern!(py, "new_empty"), ((b, h, sq),), Some(t.f32_kw.bind(py)))?;
+    let ot = Tens {
+        ptr: out.call_method0(intern!(py, "data_ptr"))?.extract()?,
+        dtype: qt.dtype,
+        shape: vec![b, sq, h, d_v],
+        strides: out.call_method0(intern!(py, "stride"))?.extract()?,
+        device: qt.device,
+    };
+    let lt = Tens {
+        ptr: lse.call_method0(intern!(py, "data_ptr"))?.extract()?,
+        dtype: DType::F32,
+        shape: vec![b, h, sq],
+        strides: vec![h * sq, sq, 1],
+        device: qt.device,
+    };
+    Ok((out, ot, lse, lt))
 }
 
 /// A KV-cache workspace kept for the next call on the same device and stream (see [`kv_workspace`]).
@@ -718,10 +765,11 @@ fn bwd(
         }
     }
 }
-/// KV-cache attention: appends `k`/`v` (rotated) into the cache in place, then writes `out` and `lse`
-/// (allocated by the caller). `num_splits` (CUDA): the number of key splits, 0 for the plan's choice. On the CPU an append that would overflow raises and writes nothing; on CUDA the
-/// kernels check values in device memory and refuse such a call without writing the cache (see the package's
-/// documentation).
+/// KV-cache attention: appends `k`/`v` (rotated) into the cache in place, then writes `out` and `lse` and
+/// returns them: the caller's (with `out_dtype_set`: an `out_dtype` of their own), or, both None, allocated
+/// here (q's dtype; see [`kv_outputs`]). `num_splits` (CUDA): the number of key splits, 0 for the plan's choice.
+/// On the CPU an append that would overflow raises and writes nothing; on CUDA the kernels check values in
+/// device memory and refuse such a call without writing the cache (see the package's documentation).
 #[pyfunction]
 #[pyo3(signature = (
     q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad, rotary_cos,
@@ -729,9 +777,9 @@ fn bwd(
     learnable_sink, out, lse, num_splits=0, q_descale=None, k_descale=None, v_descale=None, out_dtype_set=false,
 ))]
 #[allow(clippy::too_many_arguments)]
-fn kvcache(
-    py: Python<'_>,
-    q: &Bound<'_, PyAny>,
+fn kvcache<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
     k_cache: &Bound<'_, PyAny>,
     v_cache: &Bound<'_, PyAny>,
     k: Option<&Bound<'_, PyAny>>,
@@ -750,14 +798,14 @@ fn kvcache(
     window_right: i64,
     softcap: f32,
     learnable_sink: Option<&Bound<'_, PyAny>>,
-    out: &Bound<'_, PyAny>,
-    lse: &Bound<'_, PyAny>,
+    out: Option<&Bound<'py, PyAny>>,
+    lse: Option<&Bound<'py, PyAny>>,
     num_splits: usize,
     q_descale: Option<&Bound<'_, PyAny>>,
     k_descale: Option<&Bound<'_, PyAny>>,
     v_descale: Option<&Bound<'_, PyAny>>,
     out_dtype_set: bool,
-) -> PyResult<()> {
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let qt = read(py, "q", q)?;
     let (kc, vc) = (read(py, "k_cache", k_cache)?, read(py, "v_cache", v_cache)?);
     let (kn, vn) = (read_opt(py, "k", k)?, read_opt(py, "v", v)?);
@@ -769,7 +817,18 @@ fn kvcache(
     let sin = read_opt(py, "rotary_sin", rotary_sin)?;
     let alibi = read_opt(py, "alibi_slopes", alibi_slopes)?;
     let sink = read_opt(py, "learnable_sink", learnable_sink)?;
-    let (ot, lt) = (read(py, "out", out)?, read(py, "softmax_lse", lse)?);
+    let (out, ot, lse, lt) = match (out, lse) {
+        (Some(o), Some(l)) => (o.clone(), read(py, "out", o)?, l.clone(), read(py, "softmax_lse", l)?),
+        (None, None) if !out_dtype_set => {
+            let d_v = vc.shape.last().copied().unwrap_or(0);
+            kv_outputs(py, q, &qt, d_v)?
+        }
+        _ => {
+            return Err(PyValueError::new_err(
+                "invalid argument `out`: expected `out` and `softmax_lse` both given, or both None without out_dtype",
+            ))
+        }
+    };
     same_device(
         &qt,
         &[
@@ -808,7 +867,7 @@ fn kvcache(
         fp8.refuse_on_cuda(&dts, true)?;
     }
     let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic: false, fp8 };
-    match device_index(qt.device) {
+    let ran: PyResult<()> = match device_index(qt.device) {
         None => {
             // SAFETY: live host tensors of torch's; the caches are written in place through these views only,
             // out and lse are fresh.
@@ -874,7 +933,9 @@ fn kvcache(
             // zeroed on the stream first.
             py.detach(|| unsafe { call.enqueue(stream as *mut c_void, ws, true) }).map_err(to_py)
         }
-    }
+    };
+    ran?;
+    Ok((out, lse))
 }
 
 /// Copies a result into a contiguous caller tensor of the same shape and dtype.
