@@ -54,6 +54,7 @@ __all__ = [
     "info",
     "parallel",
     "precompile",
+    "release_workspaces",
 ]
 
 
@@ -74,3 +75,10 @@ def precompile(archs=("sm_80", "sm_90a")) -> list[str]:
     if isinstance(archs, str):
         archs = [archs]
     return _flashattn.precompile(list(archs))
+
+
+def release_workspaces() -> None:
+    """Gives the scratch memory that KV-cache calls keep between decode steps (one buffer per CUDA device and
+    stream, reused by the next eager call on that stream) back to torch's caching allocator, e.g. before
+    ``torch.cuda.empty_cache()``. The next call allocates again."""
+    _flashattn.release_workspaces()

@@ -227,3 +227,76 @@ def test_kvcache_value_head_dim(device, d, dv, page, rot):
     for i in range(c["q"].shape[0]):
         n = int(c["cache_seqlens"][i])
         assert torch.equal(logical_rows(c, i)[1][n : n + 2], appended[i][1]), f"{name}: v rows not appended"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the kept workspaces are the CUDA path's")
+def test_kept_workspaces_across_streams_shapes_and_threads():
+    """Eager CUDA calls keep their workspace per stream for the next call (flashattn.release_workspaces() drops
+    them): calls interleaved on two streams with shapes whose workspaces grow and shrink (the split count follows
+    the batch and the cache length), the same calls from two threads at once on one stream, and rotary appends
+    (whose rotated q lives in the workspace) give, bit for bit, what each call gives alone after a release."""
+    import threading
+
+    import flashattn
+
+    dev = "cuda"
+    shapes = [(1, 4096), (8, 512), (2, 2048), (1, 300), (4, 4096)]
+    cases = []
+    for i, (b, sk) in enumerate(shapes):
+        q = torch.randn(b, 1, 8, 128, device=dev, dtype=torch.bfloat16)
+        kc = torch.randn(b, sk, 2, 128, device=dev, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        seqlens = torch.full((b,), sk - 1, dtype=torch.int32, device=dev)
+        kn, vn = (torch.randn(b, 1, 2, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        cos, sin = (torch.randn(sk, 32, device=dev) for _ in range(2))
+        cases.append((q, kc, vc, seqlens, kn, vn, cos, sin, i % 2 == 0))
+
+    def call(c):
+        q, kc, vc, seqlens, kn, vn, cos, sin, rot = c
+        # Each call appends at the same place into its own copy of the cache: the inputs stay the same.
+        k2, v2 = kc.clone(), vc.clone()
+        kw = dict(k=kn, v=vn, rotary_cos=cos, rotary_sin=sin) if rot else {}
+        return flash_attn_with_kvcache(q, k2, v2, cache_seqlens=seqlens, return_softmax_lse=True, **kw)
+
+    flashattn.release_workspaces()
+    alone = []
+    for c in cases:
+        alone.append(call(c))
+        torch.cuda.synchronize()
+        flashattn.release_workspaces()
+
+    def same(got, want, what):
+        for g, w, name in zip(got, want, ("out", "lse")):
+            assert torch.equal(g, w), f"{what}: {name} differs from the call alone"
+
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for rnd in range(3):
+        outs = []
+        for i, c in enumerate(cases * 2):
+            with torch.cuda.stream(streams[(i + rnd) % 2]):
+                outs.append(call(c))
+        torch.cuda.synchronize()
+        for i, o in enumerate(outs):
+            same(o, alone[i % len(cases)], f"round {rnd}, call {i} on stream {(i + rnd) % 2}")
+
+    results, errors = {}, []
+
+    orders = [list(range(len(cases))) * 3, list(range(len(cases)))[::-1] * 3]
+
+    def worker(t):
+        try:
+            results[t] = [call(cases[i]) for i in orders[t]]
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    torch.cuda.synchronize()
+    assert not errors, errors
+    for t, outs in results.items():
+        for o, i in zip(outs, orders[t]):
+            same(o, alone[i], f"thread {t}, case {i}")
+    flashattn.release_workspaces()

@@ -5,7 +5,8 @@
 //! and CUDA driver. Host tensors run the CPU backend over torch's memory; CUDA tensors run the kernels on
 //! their device's current stream with every piece of metadata read from device memory, and scratch from
 //! torch's caching allocator (a `new_empty` of bytes held until the kernels are enqueued: the allocator is
-//! stream-ordered). Nothing is copied, nothing synchronises. The GIL is released while a call runs (a first
+//! stream-ordered; eager KV-cache calls keep theirs for the next call on the same stream, see `kv_workspace`).
+//! Nothing is copied, nothing synchronises. The GIL is released while a call runs (a first
 //! call of a kernel variant compiles it, about a second).
 //!
 //! Every tensor argument is read and checked here, once: this layer is the per-call host cost of the
@@ -231,61 +232,80 @@ fn kv_outputs<'py>(
 struct KeptWorkspace {
     device: usize,
     stream: u64,
-    /// The torch tensor that owns the memory (kept alive here).
+    /// The torch tensor that owns the memory.
     _buf: Py<PyAny>,
     ptr: u64,
     bytes: usize,
 }
 
-/// The workspaces of eager KV-cache calls, one per (device, stream), at most [`KEPT_MAX`].
+/// The workspaces of eager KV-cache calls not in use right now, at most one per (device, stream) and
+/// [`KEPT_MAX`] in all.
 static KEPT: std::sync::Mutex<Vec<KeptWorkspace>> = std::sync::Mutex::new(Vec::new());
 const KEPT_MAX: usize = 16;
 
-/// The workspace of a KV-cache call of `bytes` on device `n` and `stream`, and the torch tensor to keep alive
-/// until the kernels are enqueued (`None` for a kept one). Outside graph capture the workspace of the previous
-/// call on the same device and stream is reused when it is large enough (calls on one stream run in order, and
-/// each zeroes the header first), which saves a caching-allocator round trip per decode step. A stream that is
-/// capturing a CUDA graph gets fresh memory from torch (the graph's pool), as a replay may outlive any workspace
-/// kept here.
-fn kv_workspace<'py>(
-    py: Python<'py>,
-    like: &Bound<'py, PyAny>,
+/// The workspace of a KV-cache call of `bytes` on device `n` and `stream`: the call's own for as long as it holds
+/// it (the tensor inside keeps the memory alive). Outside graph capture it is the one the previous call on this
+/// device and stream left ([`return_workspace`]) when that is large enough, checked out of [`KEPT`] so that no
+/// other call can use or free it meanwhile (a second thread on the same stream gets fresh memory); calls on one
+/// stream run in order and each zeroes the header first. This saves a caching-allocator round trip per decode
+/// step. A stream that is capturing a CUDA graph always gets fresh memory from torch (the graph's pool), and its
+/// workspace is not kept: a replay may outlive anything kept here.
+fn kv_workspace(
+    py: Python<'_>,
+    like: &Bound<'_, PyAny>,
     n: usize,
     stream: u64,
     bytes: usize,
-) -> PyResult<(DeviceWorkspace, Option<Bound<'py, PyAny>>)> {
+) -> PyResult<(DeviceWorkspace, Option<KeptWorkspace>)> {
     if bytes == 0 {
         return Ok((DeviceWorkspace { ptr: 0, bytes: 0 }, None));
     }
     // SAFETY: torch's current stream of device n.
-    if unsafe { cuda::runtime::stream_is_capturing(n, stream as *mut c_void) }.map_err(to_py)? {
-        let buf = scratch(py, like, bytes)?;
-        return Ok((workspace_of(py, &buf, bytes)?, buf));
-    }
-    {
-        let kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = kept.iter().find(|w| w.device == n && w.stream == stream && w.bytes >= bytes) {
-            return Ok((DeviceWorkspace { ptr: w.ptr, bytes: w.bytes }, None));
+    let capturing = unsafe { cuda::runtime::stream_is_capturing(n, stream as *mut c_void) }.map_err(to_py)?;
+    if !capturing {
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = kept.iter().position(|w| w.device == n && w.stream == stream && w.bytes >= bytes) {
+            let w = kept.swap_remove(i);
+            return Ok((DeviceWorkspace { ptr: w.ptr, bytes: w.bytes }, Some(w)));
         }
     }
-    // A larger one (or the first) for this stream; the one it replaces goes back to torch's cache, which hands it
-    // out again on this stream only, after the kernels already enqueued here.
-    let buf = scratch(py, like, bytes)?;
-    let ws = workspace_of(py, &buf, bytes)?;
-    let new = KeptWorkspace { device: n, stream, _buf: buf.expect("bytes > 0").unbind(), ptr: ws.ptr, bytes };
-    let old = {
+    let buf = scratch(py, like, bytes)?.expect("bytes > 0");
+    let ptr = buf.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    let w =
+        KeptWorkspace { device: n, stream: if capturing { u64::MAX } else { stream }, _buf: buf.unbind(), ptr, bytes };
+    Ok((DeviceWorkspace { ptr, bytes }, Some(w)))
+}
+
+/// Gives a call's workspace back once its kernels are enqueued: kept for the next call on its stream (replacing
+/// a smaller one there), or released to torch's cache, which hands it out again on that stream only, after the
+/// kernels already enqueued. A graph capture's workspace is never kept.
+fn return_workspace(w: Option<KeptWorkspace>) {
+    let Some(w) = w else { return };
+    if w.stream == u64::MAX {
+        return;
+    }
+    let dropped = {
         let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-        let old = match kept.iter().position(|w| w.device == n && w.stream == stream) {
-            Some(i) => Some(kept.swap_remove(i)),
-            None if kept.len() >= KEPT_MAX => Some(kept.remove(0)),
-            None => None,
-        };
-        kept.push(new);
-        old
+        match kept.iter().position(|k| k.device == w.device && k.stream == w.stream) {
+            Some(i) if kept[i].bytes >= w.bytes => Some(w),
+            Some(i) => Some(std::mem::replace(&mut kept[i], w)),
+            None => {
+                let old = (kept.len() >= KEPT_MAX).then(|| kept.remove(0));
+                kept.push(w);
+                old
+            }
+        }
     };
-    // Dropped with the lock released (a tensor's release calls into torch).
-    drop(old);
-    Ok((ws, None))
+    // Released with the lock free (a tensor's release calls into torch).
+    drop(dropped);
+}
+
+/// Releases every kept KV-cache workspace to torch's caching allocator (`flashattn.release_workspaces()`, e.g.
+/// before `torch.cuda.empty_cache()`).
+#[pyfunction]
+fn release_workspaces() {
+    let all = std::mem::take(&mut *KEPT.lock().unwrap_or_else(|e| e.into_inner()));
+    drop(all);
 }
 
 fn workspace_of(py: Python<'_>, buf: &Option<Bound<'_, PyAny>>, bytes: usize) -> PyResult<DeviceWorkspace> {
@@ -817,18 +837,18 @@ fn kvcache<'py>(
     let sin = read_opt(py, "rotary_sin", rotary_sin)?;
     let alibi = read_opt(py, "alibi_slopes", alibi_slopes)?;
     let sink = read_opt(py, "learnable_sink", learnable_sink)?;
-    let (out, ot, lse, lt) = match (out, lse) {
-        (Some(o), Some(l)) => (o.clone(), read(py, "out", o)?, l.clone(), read(py, "softmax_lse", l)?),
-        (None, None) if !out_dtype_set => {
-            let d_v = vc.shape.last().copied().unwrap_or(0);
-            kv_outputs(py, q, &qt, d_v)?
-        }
-        _ => {
-            return Err(PyValueError::new_err(
-                "invalid argument `out`: expected `out` and `softmax_lse` both given, or both None without out_dtype",
-            ))
-        }
-    };
+    let (out, ot, lse, lt) =
+        match (out, lse) {
+            (Some(o), Some(l)) => (o.clone(), read(py, "out", o)?, l.clone(), read(py, "softmax_lse", l)?),
+            (None, None) if !out_dtype_set && !qt.dtype.is_fp8() => {
+                let d_v = vc.shape.last().copied().unwrap_or(0);
+                kv_outputs(py, q, &qt, d_v)?
+            }
+            _ => return Err(PyValueError::new_err(
+                "invalid argument `out`: expected `out` and `softmax_lse` both given, or both None (a 16-bit or f32 q \
+                 without out_dtype)",
+            )),
+        };
     same_device(
         &qt,
         &[
@@ -927,11 +947,13 @@ fn kvcache<'py>(
             a.tuning.num_splits = num_splits;
             let call = cuda::KvCall::new(n, &qd, &cache, &od, &ld, &a).map_err(to_py)?;
             let stream = current_stream(py, n)?;
-            let (ws, _buf) = kv_workspace(py, q, n, stream, call.workspace_bytes())?;
-            // SAFETY: tensors of device n (checked above), its current stream, a workspace of torch's that lives
-            // until the kernels are enqueued (kept, or `_buf`) and is used by this stream only; its header is
-            // zeroed on the stream first.
-            py.detach(|| unsafe { call.enqueue(stream as *mut c_void, ws, true) }).map_err(to_py)
+            let (ws, held) = kv_workspace(py, q, n, stream, call.workspace_bytes())?;
+            // SAFETY: tensors of device n (checked above), its current stream, a workspace of torch's that this
+            // call alone holds until its kernels are enqueued (`held`) and that is used on this stream only; its
+            // header is zeroed on the stream first.
+            let ran = py.detach(|| unsafe { call.enqueue(stream as *mut c_void, ws, true) }).map_err(to_py);
+            return_workspace(held);
+            ran
         }
     };
     ran?;
@@ -1006,6 +1028,7 @@ fn _flashattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bwd, m)?)?;
     m.add_function(wrap_pyfunction!(kvcache, m)?)?;
     m.add_function(wrap_pyfunction!(info, m)?)?;
+    m.add_function(wrap_pyfunction!(release_workspaces, m)?)?;
     m.add_function(wrap_pyfunction!(precompile, m)?)?;
     m.add_function(wrap_pyfunction!(add_nvrtc_dirs, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_location, m)?)?;

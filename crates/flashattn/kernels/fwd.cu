@@ -37,7 +37,7 @@
 //   Defaults: d32 40960, d64 55296, d96 53248, d128 69632, d160 86016, d192 102400, d224 118784, d256 135168;
 //             (HEAD_DIM, HEAD_DIM_V) (64, 128) 52224, (128, 64) 61440, (192, 128) 94208.
 //
-// Output: o (dtype of q) and lse (f32, natural log). Rows with no visible key get o = 0, lse = -inf (with a
+// Output: o (dtype of q; f32 with OUT_F32, variant.cuh) and lse (f32, natural log). Rows with no visible key get o = 0, lse = -inf (with a
 // learnable sink p.sink: lse = sink[h]); a NaN or +inf among a row's visible scores makes its o and lse NaN.
 // Sink (p.sink != nullptr, f32 [h]): folded into each row's max and sum in the epilogue only (spec step 6).
 // Semantics: docs spec ATTENTION.md. Scores with softcap/ALiBi: s = scale*q.k, s = softcap*tanh(s/softcap),
@@ -48,7 +48,8 @@
 //   load Q, K(last) -> loop over visible KV blocks from high to low:
 //     wait K(j) | issue V(j) | S = Q K(j)^T (ldmatrix + mma.m16n8k16) | mask / softcap / alibi
 //     wait V(j) | issue K(j-1) | online softmax (exp2) | P packed in registers as the A operand | O += P V(j)
-//   normalise, stage O in the warp's own rows of the Q tile, 16-byte coalesced stores, LSE from registers.
+//   normalise, stage O in the warp's own rows of the Q tile, 16-byte coalesced stores (OUT_F32: f32 pairs stored
+//   straight from the accumulators, no staging), LSE from registers.
 #include "params.cuh"
 #include "common.cuh"
 #include "mask.cuh"

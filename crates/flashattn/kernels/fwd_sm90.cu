@@ -18,7 +18,8 @@
 //                softmax on it while the P.V product runs, wait for P.V, rescale O, pack P. Epilogue: normalise, LSE,
 //                O staged through shared memory (d <= 128: its own buffer; d256 and d128 x BN 176: the
 //                warpgroup's slice of the Q buffer, which then goes back to the producer only after the
-//                stores), 16-byte row-contiguous stores.
+//                stores), 16-byte row-contiguous stores. OUT_F32 (variant.cuh): f32 pairs stored straight from the
+//                accumulators, no staging; the Q buffer is released where the staged path releases it.
 // Barriers (shared memory, 8 bytes each): full_q / empty_q, full_k[2] / empty_k[2], full_v[2] / empty_v[2].
 //   "full" barriers: 1 arrival (the producer's expect_tx) + the TMA transaction bytes.
 //   "empty" barriers: one arrival per consumer warp (8, or 12).

@@ -54,7 +54,8 @@ pub struct AttnOptions {
     pub v_descale: Option<Tensor>,
     /// The dtype of `o`. FP8 inputs: bf16 or f16 (default: bf16 when q is `e4m3`, q's dtype when only the KV
     /// cache is). Other inputs: f32 (partial outputs that a caller merges before one rounding, as ring attention
-    /// does; CUDA: the forward, not the KV-cache path) or none, q's dtype.
+    /// does; the forward only: not the KV-cache path nor ring attention) or none, q's dtype. The backward reads
+    /// `o` in the inputs' dtype whatever this says.
     pub out_dtype: Option<DType>,
     /// Dispatch and tuning choices of the CUDA backend (kernel path, tile shapes, split counts, extra NVRTC
     /// options, test hooks); the default is the library's chosen behaviour. The CPU backends ignore it.

@@ -92,7 +92,7 @@ pub struct Problem {
     /// Element type of q, k, v and (but with FP8) the outputs. [`DType::E4M3`] when the inputs are FP8; with an
     /// FP8 KV cache, q may be f16 or bf16 (the backends read q's own dtype from its data).
     pub dtype: DType,
-    /// Element type of `o`: `dtype`, or bf16/f16 with FP8 inputs ([`AttnOptions::out_dtype`]).
+    /// Element type of `o`: `dtype`, bf16/f16 with FP8 inputs, or f32 with 16-bit ones ([`AttnOptions::out_dtype`]).
     pub out_dtype: DType,
     /// FP8 descale factors, when the inputs are FP8 (`None` otherwise: the values are used as they are).
     pub descale: Option<Descale>,
@@ -458,14 +458,18 @@ pub(crate) fn check_fp8(
             }
         }
         // 16-bit inputs may write an f32 output (partial outputs that a caller merges before one rounding, as ring
-        // attention does); otherwise the output has q's dtype.
+        // attention does), except on the KV-cache path; otherwise the output has q's dtype.
         let out = match opts.out_dtype {
             None => q_dtype,
-            Some(DType::F32) => DType::F32,
+            Some(DType::F32) if !kv_cache_path => DType::F32,
             Some(dt) => {
                 return Err(Error::invalid(
                     "out_dtype",
-                    format!("none (q's dtype, {q_dtype}) or f32: bf16 and f16 are the output dtypes of FP8 inputs"),
+                    if kv_cache_path {
+                        format!("none: a KV-cache call's output has q's dtype ({q_dtype}) unless the cache is FP8")
+                    } else {
+                        format!("none (q's dtype, {q_dtype}) or f32: bf16 and f16 are the output dtypes of FP8 inputs")
+                    },
                     dt,
                 ))
             }

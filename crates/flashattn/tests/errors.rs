@@ -436,8 +436,14 @@ fn fp8_arguments() {
     let (qb, kb) = (t(&[2, 8, 4, 16], DType::BF16), t(&[2, 8, 2, 16], DType::BF16));
     assert_eq!(arg_of(forward(&qb, &kb, &kb, &ok)), "q_descale");
     assert_eq!(arg_of(forward(&qb, &kb, &kb, &o.clone().out_dtype(DType::BF16))), "out_dtype");
-    // ... except f32, an unrounded output of 16-bit inputs (ring attention's partial outputs).
-    assert_eq!(forward(&qb, &kb, &kb, &o.clone().out_dtype(DType::F32)).unwrap().o.dtype(), DType::F32);
+    // ... except f32, an unrounded output of 16-bit inputs (ring attention's partial outputs), which the ring
+    // itself refuses (its output has the inputs' dtype).
+    let f32_out = o.clone().out_dtype(DType::F32);
+    assert_eq!(forward(&qb, &kb, &kb, &f32_out).unwrap().o.dtype(), DType::F32);
+    match flashattn::ring::ring_forward(&qb, &kb, &kb, &f32_out, 2) {
+        Err(Error::Unsupported { backend: "ring", what }) => assert!(what.contains("out_dtype"), "{what}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
     // Dense: all FP8 or none.
     assert_eq!(arg_of(forward(&qb, &k, &k, &o)), "k");
     assert_eq!(arg_of(forward(&q, &kb, &kb, &o)), "k");
@@ -487,6 +493,10 @@ fn fp8_kvcache_arguments() {
     let o = AttnOptions::default();
     assert_eq!(run(&q, e, e, &o).unwrap(), DType::BF16);
     assert_eq!(run(&q, e, e, &o.clone().out_dtype(DType::F16)).unwrap(), DType::F16);
+    // An f32 output is the forward's (ring attention's partial outputs), not the KV-cache path's.
+    let (mut kc, mut vc) = (t(&[1, 8, 2, 16], DType::BF16), t(&[1, 8, 2, 16], DType::BF16));
+    let mut cache = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(3));
+    assert_eq!(arg_of(kvcache_forward(&q.view(), &mut cache, &o.clone().out_dtype(DType::F32))), "out_dtype");
     assert_eq!(run(&t(&[1, 2, 4, 16], e), e, e, &o).unwrap(), DType::BF16);
     let qd = Some(t(&[1, 2], DType::F32));
     assert_eq!(arg_of(run(&q, e, e, &o.clone().descale(qd.clone(), None, None))), "q_descale");

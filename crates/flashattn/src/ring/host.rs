@@ -271,6 +271,13 @@ fn refuse_fp8(p: &Problem) -> Result<()> {
             what: format!("FP8 inputs (dtype {}): use the single-device forward", p.dtype),
         });
     }
+    // The ring's output has the inputs' dtype (its partial outputs are merged in f32 and rounded once).
+    if p.out_dtype != p.dtype {
+        return Err(Error::Unsupported {
+            backend: "ring",
+            what: format!("out_dtype {} (the ring's output has the inputs' dtype, {})", p.out_dtype, p.dtype),
+        });
+    }
     Ok(())
 }
 
