@@ -389,23 +389,30 @@ fn determinism() {
 /// A 16-bit forward with an f32 `out_dtype` (ring attention's partial outputs) writes the output unrounded: the
 /// same values as the 16-bit output before its rounding (bit for bit once rounded), bits no 16-bit value has,
 /// within the spec's rule of the f64 oracle; on the default kernels (sm90 on Hopper) and the sm80-class ones,
-/// aligned and unaligned (d 59) head dims. Outputs are poisoned before each launch.
+/// aligned and unaligned (d 59) head dims, every variant, a value head dim of its own and the sm90 forward's wide
+/// K/V tiles (d 128 from 8k keys without a mask; d 256 without one). Outputs are poisoned before each launch.
 #[test]
 fn forward_f32_output() {
     if !gpu("forward_f32_output") {
         return;
     }
     let mut checked = 0;
+    let small = (130, 257);
     for path in [CudaPath::Auto, CudaPath::Sm80] {
         for dtype in [DType::F16, DType::BF16] {
-            for (d, variant) in [
-                (32, Variant_::Causal),
-                (64, Variant_::Softcap),
-                (128, Variant_::Causal),
-                (256, Variant_::Plain),
-                (59, Variant_::Window),
+            for (dims, shape, variant) in [
+                ((32, 32), small, Variant_::Causal),
+                ((64, 64), small, Variant_::Softcap),
+                ((128, 128), small, Variant_::Causal),
+                ((256, 256), small, Variant_::Plain),
+                ((59, 59), small, Variant_::Window),
+                ((128, 128), small, Variant_::Varlen),
+                ((64, 64), small, Variant_::Alibi),
+                ((128, 128), small, Variant_::Sink),
+                ((192, 128), small, Variant_::Causal),
+                ((128, 128), (64, 8192), Variant_::Plain),
             ] {
-                let c = Case::new(dtype, d, (130, 257), (4, 2), variant);
+                let c = Case::with_dv(dtype, dims, shape, (4, 2), variant);
                 let mut inp = make_inputs(&c, &mut rng(seed()));
                 inp.opts.tuning.cuda_path = path;
                 let o32_opts = inp.opts.clone().out_dtype(DType::F32);
