@@ -7,7 +7,8 @@
 #   bash .gpu/python.sh all       # both
 #   bash .gpu/python.sh pytest overhead decode harness   # any list of steps: pytest on CUDA tensors only, the
 #                                 # host overhead, the decode grid, the harness comparison (run_harness); `sdpa`
-#                                 # (SDPA_GRID=standard for the standard grid), `hf` (hf_bench.py), `grid`, ...
+#                                 # (SDPA_GRID=standard for the standard grid), `hf` (hf_bench.py), `grid`,
+#                                 # `pkgcli` (the package against the CLI, two rounds), ...
 # Every GPU process runs under `timeout`. Output: $OUT/summary.txt (each step, its status, its last lines),
 # $OUT/log.txt (everything), JSON results.
 set -uo pipefail
@@ -155,6 +156,20 @@ run_grid() {
         --json "$OUT/peers_standard.json"
     step cli-standard 150 "$G/flashattn" bench --grid standard --json "$OUT/cli_standard.json"
 }
+# The package against the CLI on the standard grid, two alternating rounds: PKGCLI_BACKENDS picks the peers run
+# before the package at each point (default flashattn alone; fa2,flashattn as torch_baselines.py's usual order),
+# PKGCLI_MODES the modes (default fwd); pkg_vs_cli.txt has the per-point table (tools/gpu/pkg_vs_cli.py).
+run_pkgcli() {
+    local r be=${PKGCLI_BACKENDS:-flashattn} modes=${PKGCLI_MODES:-fwd}
+    for r in 1 2; do
+        step "peers-r$r" 150 python3 "$G/torch_baselines.py" --grid standard --backends "$be" --modes "$modes" \
+            --json "$OUT/pkgcli_peers_r$r.json"
+        step "cli-r$r" 100 "$G/flashattn" bench --grid standard --modes "$modes" --json "$OUT/pkgcli_cli_r$r.json"
+    done
+    python3 "$G/pkg_vs_cli.py" --markdown --peers "$OUT"/pkgcli_peers_r{1,2}.json --cli "$OUT"/pkgcli_cli_r{1,2}.json \
+        > "$OUT/pkg_vs_cli.txt" 2>&1
+    tail -1 "$OUT/pkg_vs_cli.txt" >> "$OUT/summary.txt"
+}
 # The decode kernel's key-split count by hand (`--num-splits`, 0 = the plan's choice) at two large-cache points,
 # against the plan's own choice: splits.txt.
 run_splits() {
@@ -299,6 +314,7 @@ for MODE in "$@"; do
     bench) run_bench ;;
     all) run_correct; run_bench ;;
     harness) run_harness ;;
+    pkgcli) run_pkgcli ;;
     oldnew) run_ab flashattn-old flashattn ;;
     sdpa) run_sdpa ;;
     grid) run_grid ;;
