@@ -231,7 +231,8 @@ fn kv_outputs<'py>(
 /// A KV-cache workspace kept for the next call on the same device and stream (see [`kv_workspace`]).
 struct KeptWorkspace {
     device: usize,
-    stream: u64,
+    /// The stream it is kept for; `None` for a graph capture's, which is never kept.
+    stream: Option<u64>,
     /// The torch tensor that owns the memory.
     _buf: Py<PyAny>,
     ptr: u64,
@@ -264,15 +265,14 @@ fn kv_workspace(
     let capturing = unsafe { cuda::runtime::stream_is_capturing(n, stream as *mut c_void) }.map_err(to_py)?;
     if !capturing {
         let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = kept.iter().position(|w| w.device == n && w.stream == stream && w.bytes >= bytes) {
+        if let Some(i) = kept.iter().position(|w| w.device == n && w.stream == Some(stream) && w.bytes >= bytes) {
             let w = kept.swap_remove(i);
             return Ok((DeviceWorkspace { ptr: w.ptr, bytes: w.bytes }, Some(w)));
         }
     }
     let buf = scratch(py, like, bytes)?.expect("bytes > 0");
     let ptr = buf.call_method0(intern!(py, "data_ptr"))?.extract()?;
-    let w =
-        KeptWorkspace { device: n, stream: if capturing { u64::MAX } else { stream }, _buf: buf.unbind(), ptr, bytes };
+    let w = KeptWorkspace { device: n, stream: (!capturing).then_some(stream), _buf: buf.unbind(), ptr, bytes };
     Ok((DeviceWorkspace { ptr, bytes }, Some(w)))
 }
 
@@ -280,10 +280,7 @@ fn kv_workspace(
 /// a smaller one there), or released to torch's cache, which hands it out again on that stream only, after the
 /// kernels already enqueued. A graph capture's workspace is never kept.
 fn return_workspace(w: Option<KeptWorkspace>) {
-    let Some(w) = w else { return };
-    if w.stream == u64::MAX {
-        return;
-    }
+    let Some(w) = w.filter(|w| w.stream.is_some()) else { return };
     let dropped = {
         let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
         match kept.iter().position(|k| k.device == w.device && k.stream == w.stream) {

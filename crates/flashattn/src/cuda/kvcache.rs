@@ -300,14 +300,10 @@ fn window(side: Option<usize>, limit: usize) -> i32 {
     }
 }
 
-/// SM count and the number of `kv_attn` CTAs one SM holds (shared memory and threads).
-fn occupancy(gpu: &Gpu, head_dim: usize, stages: u32, fp8: bool) -> (usize, usize) {
+/// The device's SM count.
+fn sm_count(gpu: &Gpu) -> usize {
     use dsys::CUdevice_attribute as A;
-    let sms = gpu.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(1).max(1) as usize;
-    let smem_sm =
-        gpu.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR).unwrap_or(100 << 10) as usize;
-    let per = attn_smem(head_dim, stages, fp8) as usize + 1024;
-    (sms, (smem_sm / per).clamp(1, 16))
+    gpu.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(1).max(1) as usize
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -382,9 +378,8 @@ fn make_plan(
     };
     // One CTA per SM: a second resident CTA of the same stream of keys adds no bandwidth, and more splits cost a
     // CTA ramp and partial rows each (H100, docs/notes/cuda-decode.md item 19).
-    let (sms, _) = occupancy(gpu, head_dim, plan.tuned.stages(), fp8);
     plan.splits = match opts.tuning.num_splits {
-        0 => choose_splits(b * hk * plan.m_blocks(), max_keys, sms, 1),
+        0 => choose_splits(b * hk * plan.m_blocks(), max_keys, sm_count(gpu), 1),
         n => n.clamp(1, MAX_SPLITS),
     };
     Ok(plan)
@@ -1014,10 +1009,9 @@ impl KvPrepared {
         workspace: DeviceWorkspace,
         opts: &AttnOptions,
     ) -> Result<KvPrepared> {
-        let gpu = runtime::gpu(n)?;
-        let plan = raw_plan(&gpu, q, cache, o, lse, opts)?;
+        let KvCall { gpu, plan, x, .. } = KvCall::new(n, q, cache, o, lse, opts)?;
         check_workspace(&plan, workspace)?;
-        let x = raw_ptrs(q, cache, o, lse, workspace);
+        let x = Ptrs { ws: workspace.ptr, ..x };
         let module = gpu.module(&variant(&plan, &x))?;
         Ok(KvPrepared { gpu, module, plan, x })
     }
