@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Model-checks, with SPIN, the sm90 forward's synchronisation protocol (tools/model/sm90_fwd_sync.pml) in every
-# configuration the kernel has (2 and 3 consumer warpgroups, ping-pong on and off; every walk of NT tiles with up to MAXB key blocks each, every interleaving), and the split-KV merge of the
-# decode kernel (tools/model/kv_split_merge.pml: counters, refusals, calls sharing a workspace). Needs spin and gcc
-# (apt-get install spin). Exit status 1 if any configuration has an error (a hang, a wrong buffer, the turn
-# invariant, a dirty counter, a wrong merge). Usage: tools/model/check.sh [NT] [MAXB]   (default 3 3: about 4
-# minutes and 6 GB at most; CI runs 2 2, about 25 s)
+# configuration the kernel has (2 and 3 consumer warpgroups, ping-pong on and off; every walk of NT tiles with up
+# to MAXB key blocks each, every interleaving), the sm90 backward with dQ through shared memory and a bulk reduce
+# (tools/model/sm90_bwd_sync.pml: every count of steps up to NT * MAXB + 2 with each consumer warpgroup as one
+# process, up to NT + MAXB with two warps per warpgroup; Q/dO rings of 2 and 3 stages), and the split-KV merge of
+# the decode kernel (tools/model/kv_split_merge.pml: counters, refusals, calls sharing a workspace). Needs spin and
+# gcc (apt-get install spin). Exit status 1 if any configuration has an error (a hang, a wrong buffer, the turn
+# invariant, a dirty counter, a wrong merge, a dQ reduce missed or repeated). Usage: tools/model/check.sh [NT] [MAXB]
+# (default 3 3: about 5 minutes and 6 GB at most; CI runs 2 2, about 35 s)
 set -euo pipefail
 DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 NT=${1:-3}
@@ -39,6 +42,21 @@ for nc in 2 3; do
         verify sm90_fwd_sync.pml "NC=$nc PP=$pp NT=$NT MAXB=$MAXB" "no hang, buffers and turns as expected" \
             -DNC=$nc -DPP=$pp -DNT="$NT" -DMAXB="$MAXB"
     done
+done
+# The sm90 backward, dQ through shared memory: Q/dO rings of 2 and 3 stages; each consumer warpgroup one process
+# (NW=1; also with the DETERMINISTIC writer, DET=1), then two warps each (NW=2: per-warp arrivals, fewer steps;
+# 3 stages only from NT 3).
+for st in 2 3; do
+    verify sm90_bwd_sync.pml "sm90_bwd STAGES=$st NW=1 MAXI=$((NT * MAXB + 2))" "no hang, buffers and dQ reduces as expected" \
+        -DSTAGES=$st -DNW=1 -DMAXI=$((NT * MAXB + 2))
+done
+verify sm90_bwd_sync.pml "sm90_bwd STAGES=2 NW=1 MAXI=$((NT * MAXB + 2)) DET=1" "no hang, buffers and dQ reduces as expected" \
+    -DSTAGES=2 -DNW=1 -DMAXI=$((NT * MAXB + 2)) -DDET=1
+bwd_stages=(2)
+if [ "$NT" -ge 3 ]; then bwd_stages+=(3); fi
+for st in "${bwd_stages[@]}"; do
+    verify sm90_bwd_sync.pml "sm90_bwd STAGES=$st NW=2 MAXI=$((NT + MAXB))" "no hang, buffers and dQ reduces as expected" \
+        -DSTAGES=$st -DNW=2 -DMAXI=$((NT + MAXB))
 done
 # The split-KV merge of kv_attn: NG query tiles x NS splits over NCALLS calls sharing one workspace.
 kv_cfgs=("2 2 2" "1 4 3")

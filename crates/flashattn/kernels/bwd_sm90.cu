@@ -27,7 +27,9 @@
 // makes the group as large as an L2 budget allows, so the long CTAs start first and the short ones fill the tail.
 // Roles (3 warpgroups):
 //   warpgroup 0: producer, registers lowered. Warp 0 (one thread) issues the TMA loads: K and V once, then Q
-//                and dO of each step into a 2-stage ring; the other warps have nothing to do.
+//                and dO of each step into a 2-stage ring. Warp 1 (DQ_BULK) adds each step's dQ tile, which the
+//                consumers store into shared memory, to the f32 accumulator with bulk reduce-adds
+//                (cp.reduce.async.bulk, one per query row); the other warps have nothing to do.
 //   warpgroups 1, 2: consumers, 64 keys each (the wgmma M). Per step:
 //                S^T = K Q^T and dP^T = V dO^T (A = the warpgroup's K / V rows, B = Q / dO, both K-major);
 //                P^T = exp2(S^T * scale * log2e - lse), dS^T = P^T (dP^T - D) (+ softcap derivative, masks);
@@ -38,7 +40,9 @@
 //                that buffer read M-major (transposed), B = K read N-major, as 64 x 64 tiles per warpgroup:
 //                  HEAD_DIM 128 (BM 64): warpgroup w computes dQ columns [64w, 64w + 64);
 //                  HEAD_DIM 64 (BM 128): warpgroup w computes query rows [64w, 64w + 64);
-//                so each dQ element is added once per CTA (f32 accumulator, red.global.add.v2.f32).
+//                so each dQ element is added once per CTA: DQ_BULK (HEAD_DIM 128)
+//                stores the tile into shared memory for the writer warp; otherwise each thread adds its values
+//                with red.global.add.v2.f32.
 //                Epilogue: dK * scale and dV stored from registers.
 //   HEAD_DIM 256 (SPLIT_D): dK + dV of 64 keys x 256 columns would need 256 registers a thread, so the two
 //                warpgroups split the head dim instead of the keys. Both work on all BN = 64 keys; warpgroup w
@@ -50,13 +54,16 @@
 //                (one value per thread, the next step's during this one; ordered by the dS^T barrier). A producer
 //                warp that stored them and arrived on the "full" mbarrier was correct (release / acquire) but drew
 //                racecheck hazard reports.
-// Barriers (shared memory, 8 bytes each): full_kv; full_q[2] (1 expect_tx arrival + the TMA bytes); empty_q[2] (one arrival per consumer warp, 8). dS^T is double-buffered: the barrier of step i orders
-// every reader of buffer (i & 1) at step i - 2 before its next writer.
+// Barriers (shared memory, 8 bytes each): full_kv; full_q[2] (1 expect_tx arrival + the TMA bytes); empty_q[2] (one
+// arrival per consumer warp, 8); dq_full (one arrival per consumer warp: the step's dQ tile is stored) and dq_empty
+// (the writer warp: the tile has been read; the consumers wait for it before storing the next one). dS^T is
+// double-buffered: the barrier of step i orders every reader of buffer (i & 1) at step i - 2 before its next writer.
+// The protocol is model-checked in tools/model/sm90_bwd_sync.pml.
 //
 // Shared memory (1024-aligned): K, V (BN x HEAD_DIM each), Q[2], dO[2] (BM x HEAD_DIM each), each as HEAD_DIM/64
 // panels of 128-byte rows (TMA boxes of 64 columns x 64 key rows / BM query rows); dS^T[2] (BM/64 panels of BN
-// rows x 128 B); at HEAD_DIM 256 also P^T[2] (as dS^T); lse/D[2] (2 x BM floats); barriers. About 161 KB at
-// HEAD_DIM 64 and 128, 226 KB at 256.
+// rows x 128 B); at HEAD_DIM 256 also P^T[2] (as dS^T); lse/D[2] (2 x BM floats); DQ_BULK: the dQ tile (BM rows
+// of HEAD_DIM f32 + 32 bytes of padding); barriers. About 161 KB at HEAD_DIM 64, 195 KB at 128, 226 KB at 256.
 #include "params.cuh"
 #include "common.cuh"
 #include "mask.cuh"
@@ -74,6 +81,12 @@
 // Stages of the Q / dO ring (2 or 3 below HEAD_DIM 256; 3 needs ~193 KB of shared memory and measured no faster).
 #ifndef BWD90_STAGES
 #define BWD90_STAGES 2
+#endif
+// dQ through shared memory and bulk reduce-adds from a writer warp (1), or per-thread red.global.add (0). It
+// applies at HEAD_DIM 128 only: HEAD_DIM 256 has no shared memory left, and at HEAD_DIM 64 (BM 128: twice the rows
+// of half the bytes) it measured 5-13% slower than the per-thread additions (docs/notes/cuda-bwd.md).
+#ifndef BWD90_DQ_BULK
+#define BWD90_DQ_BULK 1
 #endif
 
 namespace b90 {
@@ -104,8 +117,17 @@ constexpr u32 OFF_DO = OFF_Q + STAGES * QS_BYTES;
 constexpr u32 OFF_DS = OFF_DO + STAGES * QS_BYTES;
 constexpr u32 OFF_P = OFF_DS + 2 * DS_BYTES;              // P^T[2], like dS^T (SPLIT_D only)
 constexpr u32 OFF_LD = OFF_P + (SPLIT_D ? 2 * DS_BYTES : 0);
-constexpr u32 OFF_BAR = OFF_LD + STAGES * LD_BYTES;
-constexpr u32 SMEM = OFF_BAR + 8 * (1 + 2 * STAGES) + 1024;   // + slack to align the base to 1024
+// dQ through shared memory (see the header): the step's BM x DQ_COLS f32 tile, one padded row per query. The
+// 32-byte pad puts rows r and r + 4 in the same banks and rows r..r + 3 in disjoint ones, so a warp's v2 stores of
+// 8 rows x 4 column pairs take 2 wavefronts; the bulk reads take each row's DQ_COLS * 4 bytes.
+constexpr bool DQ_BULK = BWD90_DQ_BULK && D == 128;
+constexpr int DQ_COLS = D;                     // a row of the tile: both warpgroups' 64 columns
+constexpr u32 DQ_ROW_BYTES = DQ_COLS * 4 + 32;
+constexpr u32 DQ_BYTES = DQ_BULK ? BM * DQ_ROW_BYTES : 0;
+constexpr u32 OFF_DQ = OFF_LD + STAGES * LD_BYTES;
+constexpr u32 OFF_BAR = OFF_DQ + DQ_BYTES;
+constexpr int NBARS = 1 + 2 * STAGES + 2;      // full_kv, full_q[], empty_q[], dq_full, dq_empty
+constexpr u32 SMEM = OFF_BAR + 8 * NBARS + 1024;   // + slack to align the base to 1024
 constexpr int SREG = WN / 2;        // S^T / dP^T accumulator registers (64 keys x WN queries)
 constexpr int KVREG = DW / 2;       // dK / dV accumulator registers (64 keys x DW)
 constexpr int DQW = SPLIT_D ? DW : 64;  // dQ columns of a warpgroup's tile
@@ -116,7 +138,8 @@ constexpr int PKW = WN / 16;        // k16 steps of the packed P^T / dS^T fragme
 // 64 (HEAD_DIM 128, 256), by query rows when BM is 128 (HEAD_DIM 64).
 constexpr bool DQ_SPLIT_N = BM == 64;
 static_assert(!SPLIT_D || (DW == 128 && BM == 64 && DQW == 128), "the SPLIT_D tiles: 64 x 128 dK / dV / dQ per warpgroup");
-static_assert(OFF_LD + STAGES * LD_BYTES + 8 * (1 + 2 * STAGES) + 1024 <= 232448, "shared memory above 227 KB");
+static_assert(SMEM <= 232448, "shared memory above 227 KB");
+static_assert(OFF_DQ % 16 == 0 && DQ_ROW_BYTES % 16 == 0, "bulk copies need 16-byte aligned rows");
 constexpr int CONSUMER_WARPS = 8;
 constexpr int BAR_DS = 1;           // named barrier id (0 is __syncthreads): dS^T of both warpgroups written
 constexpr int BAR_DQ_ADDED = 2;     // DETERMINISTIC: both warpgroups have added the step's dQ
@@ -142,6 +165,8 @@ struct Bars {
     FA_DEVICE u32 full_kv() const { return base; }
     FA_DEVICE u32 full_q(u32 s) const { return base + 8 + 8 * s; }
     FA_DEVICE u32 empty_q(u32 s) const { return base + 8 + 8 * STAGES + 8 * s; }
+    FA_DEVICE u32 dq_full() const { return base + 8 + 16 * STAGES; }
+    FA_DEVICE u32 dq_empty() const { return base + 16 + 16 * STAGES; }
 };
 
 // The CTA's problem: which key block, which query blocks, for which heads. Computed identically by every role.
@@ -210,6 +235,53 @@ FA_DEVICE void produce_tiles(const Sm90BwdParams& p, const Work& w, u32 sbase, c
             tma_load_4d(sbase + OFF_DO + st * QS_BYTES + pn * BM * 128, &p.tdo, pn * 64, q_row, head, tb, bars.full_q(st));
         }
     }
+}
+
+// ---------------------------------------------------------------- dQ writer: bulk reduce-adds (one warp)
+// DQ_BULK: for each step, once the consumers have stored its dQ tile (dq_full), each lane adds rows lane,
+// lane + 32, ... of it to the f32 accumulator with one bulk reduce-add per row (the accumulator is token-major:
+// a query's row of one head is contiguous, the next query's is h * HEAD_DIM floats further), waits until the
+// tile has been read and frees it (dq_empty). Rows past the sequence are skipped. Before exiting it waits for the
+// additions themselves (the dQ conversion kernel reads them next).
+// DETERMINISTIC: the writer, not the consumers, waits for this key block's turn on the query block's counter
+// (bwd_common.cuh) before adding, waits until its additions are done, and then passes the turn on; the consumers
+// only wait when the writer is still a whole step behind.
+FA_DEVICE void write_dq(const BwdParams& p, const Work& w, u32 sbase, const Bars& bars, int lane) {
+    const FwdParams& f = p.fwd;
+    const i64 row_stride = (i64)f.h * HEAD_DIM;
+    for (int it = 0; it < w.n_iter; ++it) {
+        const int m0 = w.m0(it), head = w.head(it);
+        float* dst = p.dq_accum + ((i64)w.si.q_row0 + m0) * row_stride + (i64)head * HEAD_DIM;
+#if DETERMINISTIC
+        int* sem = p.dq_semaphore + ((i64)w.bi * f.h + head) * ((f.sq + BM - 1) / BM) + m0 / BM;
+        const int turn = w.n0 / BN - bwd_first_k_block(w.mc, HAS_MASK != 0, m0, BN);
+        if (lane == 0)
+            while (ld_acquire_gpu(sem) != turn) __nanosleep(32);
+        __syncwarp();
+        // The previous key block's additions (seen through the acquire) come before this block's bulk ones.
+        asm volatile("fence.proxy.async.global;" ::: "memory");
+#endif
+        mbar_wait(bars.dq_full(), it & 1);
+#pragma unroll
+        for (int r = lane; r < BM; r += 32) {
+            if (m0 + r < w.si.sq) bulk_reduce_add_f32(dst + r * row_stride, sbase + OFF_DQ + r * DQ_ROW_BYTES, DQ_COLS * 4);
+        }
+        bulk_commit();
+#if DETERMINISTIC
+        bulk_wait_all();
+        asm volatile("fence.proxy.async.global;" ::: "memory");
+        __syncwarp();
+        if (lane == 0) {
+            __threadfence();
+            st_release_gpu(sem, turn + 1);
+        }
+#else
+        bulk_wait_read_all();
+        __syncwarp();
+#endif
+        if (lane == 0) mbar_arrive(bars.dq_empty());
+    }
+    bulk_wait_all();
 }
 
 // ---------------------------------------------------------------- consumers: lse and D rows
@@ -546,32 +618,48 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
         wgmma_wait<1>();
         reg_fence<DQREG>(dq);
 
-        // ---- dQ rows (queries) m0 + dq_row0 + 16 warp + gq (+8), columns dq_col0 + 8 nt + 2t: added to the f32
-        // accumulator (DETERMINISTIC: in this key block's turn)
-#if DETERMINISTIC
-        int* sem = p.dq_semaphore + ((i64)w.bi * f.h + head) * ((f.sq + BM - 1) / BM) + m0 / BM;
-        const int turn = w.n0 / BN - bwd_first_k_block(w.mc, HAS_MASK != 0, m0, BN);
-        if (tid_wg == 0)
-            while (ld_acquire_gpu(sem) != turn) __nanosleep(64);
-        named_sync(BAR_DQ_TURN + wg, 128);
-#endif
+        // ---- dQ rows (queries) m0 + dq_row0 + 16 warp + gq (+8), columns dq_col0 + 8 nt + 2t: DQ_BULK stores them
+        // into the shared tile once the writer has read the last step's (dq_empty) and hands it over (dq_full);
+        // otherwise each thread adds them to the f32 accumulator (DETERMINISTIC: in this key block's turn).
+        if constexpr (DQ_BULK) {
+            mbar_wait(bars.dq_empty(), (it & 1) ^ 1);
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int qi = m0 + dq_row0 + warp * 16 + gq + 8 * hh;
-            if (qi >= w.si.sq) continue;
-            float* dst = p.dq_accum + ((i64)w.si.q_row0 + qi) * dq_row_stride + (i64)head * HEAD_DIM + dq_col0 + 2 * t;
+            for (int hh = 0; hh < 2; ++hh) {
+                const u32 row = sbase + OFF_DQ + (u32)(dq_row0 + warp * 16 + gq + 8 * hh) * DQ_ROW_BYTES + 4 * (dq_col0 + 2 * t);
 #pragma unroll
-            for (int nt = 0; nt < DQW / 8; ++nt) {
-                if (dq_col0 + 8 * nt >= f.d) break;
-                asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" :: "l"(dst + 8 * nt), "f"(dq[4 * nt + 2 * hh]),
-                             "f"(dq[4 * nt + 2 * hh + 1]) : "memory");
+                for (int nt = 0; nt < DQW / 8; ++nt)
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" :: "r"(row + 32 * nt), "f"(dq[4 * nt + 2 * hh]),
+                                 "f"(dq[4 * nt + 2 * hh + 1]) : "memory");
             }
-        }
+            // The generic-proxy stores become visible to the writer's bulk reads (async proxy).
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            release(bars.dq_full(), lane);
+        } else {
 #if DETERMINISTIC
-        __threadfence();
-        named_sync(BAR_DQ_ADDED, 256);
-        if (wg == 0 && tid_wg == 0) st_release_gpu(sem, turn + 1);
+            int* sem = p.dq_semaphore + ((i64)w.bi * f.h + head) * ((f.sq + BM - 1) / BM) + m0 / BM;
+            const int turn = w.n0 / BN - bwd_first_k_block(w.mc, HAS_MASK != 0, m0, BN);
+            if (tid_wg == 0)
+                while (ld_acquire_gpu(sem) != turn) __nanosleep(64);
+            named_sync(BAR_DQ_TURN + wg, 128);
 #endif
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int qi = m0 + dq_row0 + warp * 16 + gq + 8 * hh;
+                if (qi >= w.si.sq) continue;
+                float* dst = p.dq_accum + ((i64)w.si.q_row0 + qi) * dq_row_stride + (i64)head * HEAD_DIM + dq_col0 + 2 * t;
+#pragma unroll
+                for (int nt = 0; nt < DQW / 8; ++nt) {
+                    if (dq_col0 + 8 * nt >= f.d) break;
+                    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" :: "l"(dst + 8 * nt), "f"(dq[4 * nt + 2 * hh]),
+                                 "f"(dq[4 * nt + 2 * hh + 1]) : "memory");
+                }
+            }
+#if DETERMINISTIC
+            __threadfence();
+            named_sync(BAR_DQ_ADDED, 256);
+            if (wg == 0 && tid_wg == 0) st_release_gpu(sem, turn + 1);
+#endif
+        }
         // dK, dV done: this stage's Q and dO may be overwritten.
         wgmma_wait<0>();
         reg_fence<KVREG>(dv);
@@ -625,6 +713,8 @@ extern "C" __global__ void __launch_bounds__(b90::THREADS, 1) flash_bwd_sm90(con
             mbar_init(bars.full_q(s), 1);
             mbar_init(bars.empty_q(s), CONSUMER_WARPS);
         }
+        mbar_init(bars.dq_full(), CONSUMER_WARPS);
+        mbar_init(bars.dq_empty(), 1);
     });
     const int wg = threadIdx.x / 128;
     if (wg == 0) {
@@ -632,6 +722,7 @@ extern "C" __global__ void __launch_bounds__(b90::THREADS, 1) flash_bwd_sm90(con
         const int warp = threadIdx.x / 32;
         if (w.n_iter == 0) return;  // nothing to load; the consumers store zero dK / dV
         if (warp == 0 && threadIdx.x == 0) produce_tiles(p, w, sbase, bars);
+        if (DQ_BULK && warp == 1) write_dq(p.b, w, sbase, bars, threadIdx.x & 31);
     } else {
         regs_alloc<240>();
         consumer(p, w, sbase, bars, wg - 1, threadIdx.x - 128 * wg);
