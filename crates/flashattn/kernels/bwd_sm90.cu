@@ -78,7 +78,8 @@
 #error "the sm90 backward is compiled for HEAD_DIM 64, 128 or 256"
 #endif
 
-// Stages of the Q / dO ring (2 or 3 below HEAD_DIM 256; 3 needs ~193 KB of shared memory and measured no faster).
+// Stages of the Q / dO ring (2 or 3 below HEAD_DIM 256; 3 needs ~193 KB of shared memory and measured no faster;
+// at HEAD_DIM 128 it turns DQ_BULK off: both do not fit).
 #ifndef BWD90_STAGES
 #define BWD90_STAGES 2
 #endif
@@ -120,7 +121,7 @@ constexpr u32 OFF_LD = OFF_P + (SPLIT_D ? 2 * DS_BYTES : 0);
 // dQ through shared memory (see the header): the step's BM x DQ_COLS f32 tile, one padded row per query. The
 // 32-byte pad puts rows r and r + 4 in the same banks and rows r..r + 3 in disjoint ones, so a warp's v2 stores of
 // 8 rows x 4 column pairs take 2 wavefronts; the bulk reads take each row's DQ_COLS * 4 bytes.
-constexpr bool DQ_BULK = BWD90_DQ_BULK && D == 128;
+constexpr bool DQ_BULK = BWD90_DQ_BULK && D == 128 && STAGES == 2;  // a 3-stage ring leaves no room for the tile
 constexpr int DQ_COLS = D;                     // a row of the tile: both warpgroups' 64 columns
 constexpr u32 DQ_ROW_BYTES = DQ_COLS * 4 + 32;
 constexpr u32 DQ_BYTES = DQ_BULK ? BM * DQ_ROW_BYTES : 0;
