@@ -1,24 +1,26 @@
 """The package against the CLI, point by point, from `torch_baselines.py --json` and `flashattn bench --json` files
 of the same grid (any number of rounds of each, in the same call): the CLI-time over package-time ratio per round,
 the ratio of the means, and how many points from seqlen 1k are within 5%. With an `fa2` backend in the peers'
-files, the package's speed against it too.
+files, the package's speed against it too. (`compare_python.py` tables one call's single round beside FA2 and
+cuDNN; this one averages rounds, for the package issue's 5% criterion.)
 
     python3 tools/gpu/pkg_vs_cli.py --peers p1.json p2.json --cli c1.json c2.json [--markdown]
 """
 
 import argparse
-import json
+
+from compare_python import load
 
 
 def peers(path):
     out = {}
-    for r in json.load(open(path)):
+    for r in load(path):
         out.setdefault((r["d"], bool(r["causal"]), r["sk"], r["mode"]), {})[r["backend"]] = r["ms"]
     return out
 
 
 def cli(path):
-    return {(r["d"], bool(r["causal"]), r["sk"], r["mode"]): r["ms"] for r in json.load(open(path))["rows"]}
+    return {(r["d"], bool(r["causal"]), r["sk"], r["mode"]): r["ms"] for r in load(path)}
 
 
 def main():

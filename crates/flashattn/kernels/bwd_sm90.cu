@@ -118,12 +118,11 @@ constexpr u32 OFF_DO = OFF_Q + STAGES * QS_BYTES;
 constexpr u32 OFF_DS = OFF_DO + STAGES * QS_BYTES;
 constexpr u32 OFF_P = OFF_DS + 2 * DS_BYTES;              // P^T[2], like dS^T (SPLIT_D only)
 constexpr u32 OFF_LD = OFF_P + (SPLIT_D ? 2 * DS_BYTES : 0);
-// dQ through shared memory (see the header): the step's BM x DQ_COLS f32 tile, one padded row per query. The
-// 32-byte pad puts rows r and r + 4 in the same banks and rows r..r + 3 in disjoint ones, so a warp's v2 stores of
-// 8 rows x 4 column pairs take 2 wavefronts; the bulk reads take each row's DQ_COLS * 4 bytes.
+// dQ through shared memory (see the header): the step's BM x D f32 tile (both warpgroups' 64 columns), one padded
+// row per query. The 32-byte pad puts rows r and r + 4 in the same banks and rows r..r + 3 in disjoint ones, so a
+// warp's v2 stores of 8 rows x 4 column pairs take 2 wavefronts; the bulk reads take each row's D * 4 bytes.
 constexpr bool DQ_BULK = BWD90_DQ_BULK && D == 128 && STAGES == 2;  // a 3-stage ring leaves no room for the tile
-constexpr int DQ_COLS = D;                     // a row of the tile: both warpgroups' 64 columns
-constexpr u32 DQ_ROW_BYTES = DQ_COLS * 4 + 32;
+constexpr u32 DQ_ROW_BYTES = D * 4 + 32;
 constexpr u32 DQ_BYTES = DQ_BULK ? BM * DQ_ROW_BYTES : 0;
 constexpr u32 OFF_DQ = OFF_LD + STAGES * LD_BYTES;
 constexpr u32 OFF_BAR = OFF_DQ + DQ_BYTES;
@@ -238,6 +237,19 @@ FA_DEVICE void produce_tiles(const Sm90BwdParams& p, const Work& w, u32 sbase, c
     }
 }
 
+// DETERMINISTIC: the counter of the dQ block of query head `head` from row m0 (bwd_common.cuh: [b, h, ceil(sq / BM)],
+// zeroed) and the value it holds when this key block's turn to add has come (its rank among the key blocks that see
+// the query block).
+struct DqTurn {
+    int* sem;
+    int turn;
+};
+FA_DEVICE DqTurn dq_turn(const BwdParams& p, const Work& w, int head, int m0) {
+    const FwdParams& f = p.fwd;
+    return {p.dq_semaphore + ((i64)w.bi * f.h + head) * ((f.sq + BM - 1) / BM) + m0 / BM,
+            w.n0 / BN - bwd_first_k_block(w.mc, HAS_MASK != 0, m0, BN)};
+}
+
 // ---------------------------------------------------------------- dQ writer: bulk reduce-adds (one warp)
 // DQ_BULK: for each step, once the consumers have stored its dQ tile (dq_full), each lane adds rows lane,
 // lane + 32, ... of it to the f32 accumulator with one bulk reduce-add per row (the accumulator is token-major:
@@ -248,16 +260,14 @@ FA_DEVICE void produce_tiles(const Sm90BwdParams& p, const Work& w, u32 sbase, c
 // (bwd_common.cuh) before adding, waits until its additions are done, and then passes the turn on; the consumers
 // only wait when the writer is still a whole step behind.
 FA_DEVICE void write_dq(const BwdParams& p, const Work& w, u32 sbase, const Bars& bars, int lane) {
-    const FwdParams& f = p.fwd;
-    const i64 row_stride = (i64)f.h * HEAD_DIM;
+    const i64 row_stride = (i64)p.fwd.h * HEAD_DIM;
     for (int it = 0; it < w.n_iter; ++it) {
         const int m0 = w.m0(it), head = w.head(it);
         float* dst = p.dq_accum + ((i64)w.si.q_row0 + m0) * row_stride + (i64)head * HEAD_DIM;
 #if DETERMINISTIC
-        int* sem = p.dq_semaphore + ((i64)w.bi * f.h + head) * ((f.sq + BM - 1) / BM) + m0 / BM;
-        const int turn = w.n0 / BN - bwd_first_k_block(w.mc, HAS_MASK != 0, m0, BN);
+        const DqTurn dt = dq_turn(p, w, head, m0);
         if (lane == 0)
-            while (ld_acquire_gpu(sem) != turn) __nanosleep(32);
+            while (ld_acquire_gpu(dt.sem) != dt.turn) __nanosleep(32);
         __syncwarp();
         // The previous key block's additions (seen through the acquire) come before this block's bulk ones.
         asm volatile("fence.proxy.async.global;" ::: "memory");
@@ -265,7 +275,7 @@ FA_DEVICE void write_dq(const BwdParams& p, const Work& w, u32 sbase, const Bars
         mbar_wait(bars.dq_full(), it & 1);
 #pragma unroll
         for (int r = lane; r < BM; r += 32) {
-            if (m0 + r < w.si.sq) bulk_reduce_add_f32(dst + r * row_stride, sbase + OFF_DQ + r * DQ_ROW_BYTES, DQ_COLS * 4);
+            if (m0 + r < w.si.sq) bulk_reduce_add_f32(dst + r * row_stride, sbase + OFF_DQ + r * DQ_ROW_BYTES, D * 4);
         }
         bulk_commit();
 #if DETERMINISTIC
@@ -274,7 +284,7 @@ FA_DEVICE void write_dq(const BwdParams& p, const Work& w, u32 sbase, const Bars
         __syncwarp();
         if (lane == 0) {
             __threadfence();
-            st_release_gpu(sem, turn + 1);
+            st_release_gpu(dt.sem, dt.turn + 1);
         }
 #else
         bulk_wait_read_all();
@@ -637,10 +647,9 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
             release(bars.dq_full(), lane);
         } else {
 #if DETERMINISTIC
-            int* sem = p.dq_semaphore + ((i64)w.bi * f.h + head) * ((f.sq + BM - 1) / BM) + m0 / BM;
-            const int turn = w.n0 / BN - bwd_first_k_block(w.mc, HAS_MASK != 0, m0, BN);
+            const DqTurn dt = dq_turn(p, w, head, m0);
             if (tid_wg == 0)
-                while (ld_acquire_gpu(sem) != turn) __nanosleep(64);
+                while (ld_acquire_gpu(dt.sem) != dt.turn) __nanosleep(64);
             named_sync(BAR_DQ_TURN + wg, 128);
 #endif
 #pragma unroll
@@ -658,7 +667,7 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
 #if DETERMINISTIC
             __threadfence();
             named_sync(BAR_DQ_ADDED, 256);
-            if (wg == 0 && tid_wg == 0) st_release_gpu(sem, turn + 1);
+            if (wg == 0 && tid_wg == 0) st_release_gpu(dt.sem, dt.turn + 1);
 #endif
         }
         // dK, dV done: this stage's Q and dO may be overwritten.

@@ -15,7 +15,7 @@ use super::call::{check_sizes, fwd_params, variant_for, FwdArgs};
 use super::compile::{Pass, Variant};
 use super::launch::launch;
 use super::params::FwdParams;
-use super::runtime::{dev_err, Gpu};
+use super::runtime::Gpu;
 use super::tiles::{block_n, sm90_head_dim, wide_block_n};
 use super::tma::tensor_map;
 use crate::error::Result;
@@ -212,12 +212,7 @@ pub(crate) fn run(gpu: &Gpu, stream: dsys::CUstream, p: &Problem, a: &FwdArgs) -
     let f = fwd_params(p, a);
     let num_m_blocks = (f.sq as usize).div_ceil(bm);
     let tiles = num_m_blocks * p.batch * p.h;
-    let sms = gpu
-        .ctx
-        .attribute(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(|e| dev_err("reading the multiprocessor count", e))?
-        .max(1) as usize;
-    let ctas = tiles.min(sms).max(1);
+    let ctas = tiles.min(gpu.sm_count).max(1);
     let params = Sm90Params {
         f,
         num_m_blocks: num_m_blocks as i32,

@@ -300,12 +300,6 @@ fn window(side: Option<usize>, limit: usize) -> i32 {
     }
 }
 
-/// The device's SM count.
-fn sm_count(gpu: &Gpu) -> usize {
-    use dsys::CUdevice_attribute as A;
-    gpu.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(1).max(1) as usize
-}
-
 #[allow(clippy::too_many_arguments)]
 fn make_plan(
     gpu: &Gpu,
@@ -379,7 +373,7 @@ fn make_plan(
     // One CTA per SM: a second resident CTA of the same stream of keys adds no bandwidth, and more splits cost a
     // CTA ramp and partial rows each (H100, docs/notes/cuda-decode.md item 19).
     plan.splits = match opts.tuning.num_splits {
-        0 => choose_splits(b * hk * plan.m_blocks(), max_keys, sm_count(gpu), 1),
+        0 => choose_splits(b * hk * plan.m_blocks(), max_keys, gpu.sm_count, 1),
         n => n.clamp(1, MAX_SPLITS),
     };
     Ok(plan)

@@ -104,6 +104,8 @@ pub(crate) struct Gpu {
     pub cc: (i32, i32),
     pub arch: String,
     pub smem_optin: i32,
+    /// Streaming multiprocessors (read once: the launch plans size persistent grids and decode splits by it).
+    pub sm_count: usize,
     modules: Mutex<HashMap<Variant, Arc<Loaded>>>,
 }
 
@@ -133,6 +135,10 @@ pub(crate) fn gpu(n: usize) -> Result<Arc<Gpu>> {
         let smem_optin = ctx
             .attribute(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .unwrap_or(48 * 1024);
+        let sm_count = ctx
+            .attribute(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| dev_err("reading the multiprocessor count", e))?
+            .max(1) as usize;
         let stream = ctx.new_stream().map_err(|e| dev_err("creating a stream", e))?;
         Ok(Arc::new(Gpu {
             ctx,
@@ -141,6 +147,7 @@ pub(crate) fn gpu(n: usize) -> Result<Arc<Gpu>> {
             cc,
             arch: compile::arch_for(cc),
             smem_optin,
+            sm_count,
             modules: Mutex::new(HashMap::new()),
         }))
     })?;
