@@ -89,6 +89,13 @@
 #ifndef BWD90_DQ_BULK
 #define BWD90_DQ_BULK 1
 #endif
+// EXPERIMENT (branch dq-tensor, not yet run on a GPU): the staged dQ tile added with HEAD_DIM / 32 tensor-map
+// reduce-adds per step (boxes of 32 columns x BM rows, 128-byte swizzled) instead of one bulk operation per row;
+// HEAD_DIM 64 (BM 128: 128 row operations per step were slower than the per-thread additions). Rows past the sequence are staged as zeros (a box may reach into the next sequence of a
+// varlen batch: adding +0 leaves it unchanged; rows past the tensor are clipped by the TMA).
+#ifndef BWD90_DQ_TENSOR
+#define BWD90_DQ_TENSOR 1
+#endif
 
 namespace b90 {
 
@@ -118,13 +125,15 @@ constexpr u32 OFF_DO = OFF_Q + STAGES * QS_BYTES;
 constexpr u32 OFF_DS = OFF_DO + STAGES * QS_BYTES;
 constexpr u32 OFF_P = OFF_DS + 2 * DS_BYTES;              // P^T[2], like dS^T (SPLIT_D only)
 constexpr u32 OFF_LD = OFF_P + (SPLIT_D ? 2 * DS_BYTES : 0);
-// dQ through shared memory (see the header): the step's BM x D f32 tile (both warpgroups' 64 columns), one padded
-// row per query. The 32-byte pad puts rows r and r + 4 in the same banks and rows r..r + 3 in disjoint ones, so a
-// warp's v2 stores of 8 rows x 4 column pairs take 2 wavefronts; the bulk reads take each row's D * 4 bytes.
-constexpr bool DQ_BULK = BWD90_DQ_BULK && D == 128 && STAGES == 2;  // a 3-stage ring leaves no room for the tile
+// dQ through shared memory (see the header): the step's BM x D f32 tile, one padded row per query. The
+// 32-byte pad puts rows r and r + 4 in the same banks and rows r..r + 3 in disjoint ones, so a warp's v2 stores of
+// 8 rows x 4 column pairs take 2 wavefronts; the bulk reads take each row's D * 4 bytes.
+constexpr bool DQ_TENSOR = BWD90_DQ_TENSOR && D == 64;  // at HEAD_DIM 128 this form spilled 48 bytes
+constexpr bool DQ_BULK = DQ_TENSOR || (BWD90_DQ_BULK && D == 128 && STAGES == 2);  // 3 stages: no room
 constexpr u32 DQ_ROW_BYTES = D * 4 + 32;
-constexpr u32 DQ_BYTES = DQ_BULK ? BM * DQ_ROW_BYTES : 0;
-constexpr u32 OFF_DQ = OFF_LD + STAGES * LD_BYTES;
+constexpr int DQ_BOXES = D / 32;               // DQ_TENSOR: boxes of 32 columns (128 bytes) x BM rows
+constexpr u32 DQ_BYTES = !DQ_BULK ? 0 : DQ_TENSOR ? DQ_BOXES * BM * 128 : BM * DQ_ROW_BYTES;
+constexpr u32 OFF_DQ = DQ_TENSOR ? (OFF_LD + STAGES * LD_BYTES + 1023) / 1024 * 1024 : OFF_LD + STAGES * LD_BYTES;
 constexpr u32 OFF_BAR = OFF_DQ + DQ_BYTES;
 constexpr int NBARS = 1 + 2 * STAGES + 2;      // full_kv, full_q[], empty_q[], dq_full, dq_empty
 constexpr u32 SMEM = OFF_BAR + 8 * NBARS + 1024;   // + slack to align the base to 1024
@@ -156,6 +165,7 @@ struct Sm90BwdParams {
     BwdParams b;
     int l2_group;      // (batch, kv head) pairs per group of the tile order (>= 1)
     TmaMap tq, tk, tv, tdo;
+    TmaMap tdq;        // DQ_TENSOR: f32 dq_accum as {HEAD_DIM, h, rows_q}, boxes of 32 columns x BM rows
 };
 
 namespace b90 {
@@ -259,8 +269,10 @@ FA_DEVICE DqTurn dq_turn(const BwdParams& p, const Work& w, int head, int m0) {
 // DETERMINISTIC: the writer, not the consumers, waits for this key block's turn on the query block's counter
 // (bwd_common.cuh) before adding, waits until its additions are done, and then passes the turn on; the consumers
 // only wait when the writer is still a whole step behind.
-FA_DEVICE void write_dq(const BwdParams& p, const Work& w, u32 sbase, const Bars& bars, int lane) {
-    const i64 row_stride = (i64)p.fwd.h * HEAD_DIM;
+FA_DEVICE void write_dq(const Sm90BwdParams& prm, const Work& w, u32 sbase, const Bars& bars, int lane) {
+    const BwdParams& p = prm.b;
+    const FwdParams& f = p.fwd;
+    const i64 row_stride = (i64)f.h * HEAD_DIM;
     for (int it = 0; it < w.n_iter; ++it) {
         const int m0 = w.m0(it), head = w.head(it);
         float* dst = p.dq_accum + ((i64)w.si.q_row0 + m0) * row_stride + (i64)head * HEAD_DIM;
@@ -273,9 +285,17 @@ FA_DEVICE void write_dq(const BwdParams& p, const Work& w, u32 sbase, const Bars
         asm volatile("fence.proxy.async.global;" ::: "memory");
 #endif
         mbar_wait(bars.dq_full(), it & 1);
+        if constexpr (DQ_TENSOR) {
+            if (lane == 0) {
 #pragma unroll
-        for (int r = lane; r < BM; r += 32) {
-            if (m0 + r < w.si.sq) bulk_reduce_add_f32(dst + r * row_stride, sbase + OFF_DQ + r * DQ_ROW_BYTES, D * 4);
+                for (int b = 0; b < DQ_BOXES; ++b)
+                    tma_reduce_add_3d(&prm.tdq, sbase + OFF_DQ + b * BM * 128, 32 * b, head, (int)w.si.q_row0 + m0);
+            }
+        } else {
+#pragma unroll
+            for (int r = lane; r < BM; r += 32) {
+                if (m0 + r < w.si.sq) bulk_reduce_add_f32(dst + r * row_stride, sbase + OFF_DQ + r * DQ_ROW_BYTES, D * 4);
+            }
         }
         bulk_commit();
 #if DETERMINISTIC
@@ -636,11 +656,26 @@ FA_DEVICE void consumer(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
             mbar_wait(bars.dq_empty(), (it & 1) ^ 1);
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
-                const u32 row = sbase + OFF_DQ + (u32)(dq_row0 + warp * 16 + gq + 8 * hh) * DQ_ROW_BYTES + 4 * (dq_col0 + 2 * t);
+                const int r = dq_row0 + warp * 16 + gq + 8 * hh;
+                if constexpr (DQ_TENSOR) {
+                    // Box col / 32, row r: 128-byte rows, 16-byte chunk (col % 32) / 4 swizzled by r % 8 (= gq).
+                    // Rows past the sequence are zeros: the box may reach into the next sequence's rows.
+                    const bool in = m0 + r < w.si.sq;
 #pragma unroll
-                for (int nt = 0; nt < DQW / 8; ++nt)
-                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" :: "r"(row + 32 * nt), "f"(dq[4 * nt + 2 * hh]),
-                                 "f"(dq[4 * nt + 2 * hh + 1]) : "memory");
+                    for (int nt = 0; nt < DQW / 8; ++nt) {
+                        const int col = dq_col0 + 8 * nt + 2 * t, cb = col & 31;
+                        const u32 a = sbase + OFF_DQ + (u32)(col >> 5) * BM * 128 + (u32)r * 128 +
+                                      ((((u32)cb >> 2) ^ (u32)(r & 7)) << 4) + 4 * (cb & 3);
+                        asm volatile("st.shared.v2.f32 [%0], {%1, %2};" :: "r"(a), "f"(in ? dq[4 * nt + 2 * hh] : 0.f),
+                                     "f"(in ? dq[4 * nt + 2 * hh + 1] : 0.f) : "memory");
+                    }
+                } else {
+                    const u32 row = sbase + OFF_DQ + (u32)r * DQ_ROW_BYTES + 4 * (dq_col0 + 2 * t);
+#pragma unroll
+                    for (int nt = 0; nt < DQW / 8; ++nt)
+                        asm volatile("st.shared.v2.f32 [%0], {%1, %2};" :: "r"(row + 32 * nt), "f"(dq[4 * nt + 2 * hh]),
+                                     "f"(dq[4 * nt + 2 * hh + 1]) : "memory");
+                }
             }
             // The generic-proxy stores become visible to the writer's bulk reads (async proxy).
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -732,7 +767,7 @@ extern "C" __global__ void __launch_bounds__(b90::THREADS, 1) flash_bwd_sm90(con
         const int warp = threadIdx.x / 32;
         if (w.n_iter == 0) return;  // nothing to load; the consumers store zero dK / dV
         if (warp == 0 && threadIdx.x == 0) produce_tiles(p, w, sbase, bars);
-        if (DQ_BULK && warp == 1) write_dq(p.b, w, sbase, bars, threadIdx.x & 31);
+        if (DQ_BULK && warp == 1) write_dq(p, w, sbase, bars, threadIdx.x & 31);
     } else {
         regs_alloc<240>();
         consumer(p, w, sbase, bars, wg - 1, threadIdx.x - 128 * wg);

@@ -50,6 +50,13 @@ FA_DEVICE void tma_store_4d(const TmaMap* m, u32 src, int c0, int c1, int c2, in
         "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];"
         :: "l"((u64)m), "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3) : "memory");
 }
+// Rank-3 tile reduce-add (the map's element type, here f32), shared `src` -> {c0, c1, c2} (the box's parts outside
+// the tensor are skipped), in the thread's current bulk group.
+FA_DEVICE void tma_reduce_add_3d(const TmaMap* m, u32 src, int c0, int c1, int c2) {
+    asm volatile(
+        "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4}], [%1];"
+        :: "l"((u64)m), "r"(src), "r"(c0), "r"(c1), "r"(c2) : "memory");
+}
 // Bulk reduce-add of `bytes` (a multiple of 16; both addresses 16-byte aligned) f32 values from shared `src` into
 // global `dst`, performed in the L2, in the thread's current bulk group.
 FA_DEVICE void bulk_reduce_add_f32(float* dst, u32 src, u32 bytes) {

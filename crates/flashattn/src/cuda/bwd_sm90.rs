@@ -9,7 +9,7 @@ use super::launch::launch;
 use super::params::BwdParams;
 use super::runtime::Gpu;
 use super::tiles::{sm90_bwd_head_dim, SM90_BWD_HEAD_DIMS};
-use super::tma::tensor_map;
+use super::tma::{dq_accum_map, tensor_map};
 use crate::error::{Error, Result};
 use crate::problem::Problem;
 use cudarc::driver::sys as dsys;
@@ -30,7 +30,8 @@ pub fn sm90_backward_launches() -> u64 {
 #[derive(Clone, Copy)]
 struct Tma(dsys::CUtensorMap);
 
-/// Mirror of `Sm90BwdParams` in `bwd_sm90.cu`: the backward fields and four tensor maps.
+/// Mirror of `Sm90BwdParams` in `bwd_sm90.cu`: the backward fields and five tensor maps (q, k, v, dO; the f32 dQ
+/// accumulator).
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Sm90BwdParams {
@@ -40,6 +41,7 @@ struct Sm90BwdParams {
     tk: Tma,
     tv: Tma,
     tdo: Tma,
+    tdq: Tma,
 }
 
 /// Whether the sm90 backward runs this problem on this device ([`covers_on`] with the device's architecture).
@@ -123,6 +125,11 @@ pub(crate) fn run(
         tensor_map(&a.dout, [p.d, q_rows, p.h, batch], bm),
     );
     let (Some(tq), Some(tk), Some(tv), Some(tdo)) = maps else { return Ok(false) };
+    // The dQ accumulator `[rows_q, h, head_dim]` (f32), boxes of 32 columns x BM rows (read by the kernel at
+    // HEAD_DIM 64 only).
+    let Some(tdq) = dq_accum_map(params.dq_accum as u64, v.head_dim, p.h, params.rows_q.max(0) as usize, bm) else {
+        return Ok(false);
+    };
     let num_n_blocks = (params.fwd.sk.max(0) as u32).div_ceil(bn.max(1) as u32);
     let prm = Sm90BwdParams {
         b: *params,
@@ -131,6 +138,7 @@ pub(crate) fn run(
         tk: Tma(tk),
         tv: Tma(tv),
         tdo: Tma(tdo),
+        tdq: Tma(tdq),
     };
     let grid = (num_n_blocks * (p.hk * p.batch) as u32, 1, 1);
     // SAFETY: `prm` mirrors Sm90BwdParams (layout pinned by the test below); its pointers, scratch buffers and
@@ -149,12 +157,13 @@ mod tests {
     fn layout_matches_bwd_sm90_cu() {
         // BwdParams is 432 bytes; TmaMap is __align__(128) in the kernel.
         assert_eq!(align_of::<Tma>(), 128);
-        assert_layout!(Sm90BwdParams, size 1024, {
+        assert_layout!(Sm90BwdParams, size 1152, {
             l2_group: 432,
             tq: 512,
             tk: 640,
             tv: 768,
             tdo: 896,
+            tdq: 1024,
         });
     }
 }

@@ -1,5 +1,6 @@
 //! TMA tensor maps (`cuTensorMapEncodeTiled`) over the 16-bit q, k, v and dO tensors of the Hopper kernels:
-//! rank 4 `{d, rows, heads, batch}`, a 64 x `box_rows` box, the 128-byte swizzle.
+//! rank 4 `{d, rows, heads, batch}`, a 64 x `box_rows` box, the 128-byte swizzle; and over the backward's f32 dQ
+//! accumulator (rank 3, 32-column boxes).
 
 use super::tensor::DevView;
 use cudarc::driver::sys as dsys;
@@ -33,9 +34,37 @@ fn byte_strides(view: &DevView, rows: usize, heads: usize, batch: usize) -> (u64
     (rb, hb, bb)
 }
 
+/// The map of the backward's f32 dQ accumulator `[rows_q, h, head_dim]` (contiguous) as dims `{head_dim, h,
+/// rows_q}` with a box of 32 columns (128 bytes) x one head x `box_rows` rows and the 128-byte swizzle, for the
+/// sm90 backward's tile reduce-adds; `None` when the driver refuses it.
+pub(crate) fn dq_accum_map(
+    ptr: u64,
+    head_dim: usize,
+    h: usize,
+    rows_q: usize,
+    box_rows: u32,
+) -> Option<dsys::CUtensorMap> {
+    let (hd, h, rows) = (head_dim as u64, h.max(1) as u64, rows_q.max(1) as u64);
+    let dims = [hd, h, rows];
+    let strides = [hd * 4, hd * 4 * h];
+    encode(dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32, ptr, &dims, &strides, &[32, 1, box_rows])
+}
+
 /// Encodes a rank-4 tiled map over 16-bit elements with the 128-byte swizzle; `None` when the driver refuses it.
 fn encode_map(ptr: u64, dims: [u64; 4], strides: [u64; 3], boxd: [u32; 4]) -> Option<dsys::CUtensorMap> {
-    let estr: [u32; 4] = [1, 1, 1, 1];
+    encode(dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16, ptr, &dims, &strides, &boxd)
+}
+
+/// Encodes a tiled map of rank `dims.len()` (`strides`: the byte strides of dims 1..) with the 128-byte swizzle.
+fn encode(
+    dtype: dsys::CUtensorMapDataType,
+    ptr: u64,
+    dims: &[u64],
+    strides: &[u64],
+    boxd: &[u32],
+) -> Option<dsys::CUtensorMap> {
+    debug_assert!(strides.len() + 1 == dims.len() && boxd.len() == dims.len() && dims.len() <= 5);
+    let estr = [1u32; 5];
     // SAFETY: an all-zero CUtensorMap is a valid value to be overwritten by the encoder.
     let mut map: dsys::CUtensorMap = unsafe { std::mem::zeroed() };
     // SAFETY: every pointer refers to a live local array of the rank the call is told; the global address
@@ -43,8 +72,8 @@ fn encode_map(ptr: u64, dims: [u64; 4], strides: [u64; 3], boxd: [u32; 4]) -> Op
     let r = unsafe {
         dsys::cuTensorMapEncodeTiled(
             &mut map,
-            dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
-            4,
+            dtype,
+            dims.len() as u32,
             ptr as *mut c_void,
             dims.as_ptr(),
             strides.as_ptr(),
