@@ -28,8 +28,10 @@
 // Roles (3 warpgroups):
 //   warpgroup 0: producer, registers lowered. Warp 0 (one thread) issues the TMA loads: K and V once, then Q
 //                and dO of each step into a 2-stage ring. Warp 1 (DQ_BULK) adds each step's dQ tile, which the
-//                consumers store into shared memory, to the f32 accumulator with bulk reduce-adds
-//                (cp.reduce.async.bulk, one per query row); the other warps have nothing to do.
+//                consumers store into shared memory, to the f32 accumulator with bulk reduce-adds: one
+//                cp.reduce.async.bulk per query row at HEAD_DIM 128, two tensor-map reduce-adds
+//                (cp.reduce.async.bulk.tensor, 32-column x 128-row boxes) at HEAD_DIM 64 (DQ_TENSOR); the other
+//                warps have nothing to do.
 //   warpgroups 1, 2: consumers, 64 keys each (the wgmma M). Per step:
 //                S^T = K Q^T and dP^T = V dO^T (A = the warpgroup's K / V rows, B = Q / dO, both K-major);
 //                P^T = exp2(S^T * scale * log2e - lse), dS^T = P^T (dP^T - D) (+ softcap derivative, masks);
@@ -40,9 +42,9 @@
 //                that buffer read M-major (transposed), B = K read N-major, as 64 x 64 tiles per warpgroup:
 //                  HEAD_DIM 128 (BM 64): warpgroup w computes dQ columns [64w, 64w + 64);
 //                  HEAD_DIM 64 (BM 128): warpgroup w computes query rows [64w, 64w + 64);
-//                so each dQ element is added once per CTA: DQ_BULK (HEAD_DIM 128)
-//                stores the tile into shared memory for the writer warp; otherwise each thread adds its values
-//                with red.global.add.v2.f32.
+//                so each dQ element is added once per CTA: DQ_BULK (HEAD_DIM 64 and 128)
+//                stores the tile into shared memory for the writer warp; otherwise (HEAD_DIM 256, a 3-stage
+//                ring) each thread adds its values with red.global.add.v2.f32.
 //                Epilogue: dK * scale and dV stored from registers.
 //   HEAD_DIM 256 (SPLIT_D): dK + dV of 64 keys x 256 columns would need 256 registers a thread, so the two
 //                warpgroups split the head dim instead of the keys. Both work on all BN = 64 keys; warpgroup w
@@ -62,8 +64,9 @@
 //
 // Shared memory (1024-aligned): K, V (BN x HEAD_DIM each), Q[2], dO[2] (BM x HEAD_DIM each), each as HEAD_DIM/64
 // panels of 128-byte rows (TMA boxes of 64 columns x 64 key rows / BM query rows); dS^T[2] (BM/64 panels of BN
-// rows x 128 B); at HEAD_DIM 256 also P^T[2] (as dS^T); lse/D[2] (2 x BM floats); DQ_BULK: the dQ tile (BM rows
-// of HEAD_DIM f32 + 32 bytes of padding); barriers. About 161 KB at HEAD_DIM 64, 195 KB at 128, 226 KB at 256.
+// rows x 128 B); at HEAD_DIM 256 also P^T[2] (as dS^T); lse/D[2] (2 x BM floats); DQ_BULK: the dQ tile (HEAD_DIM
+// 128: BM rows of HEAD_DIM f32 + 32 bytes of padding; HEAD_DIM 64: two 32-column boxes of BM rows x 128 B,
+// 1024-aligned and 128-byte swizzled); barriers. About 194 KB at HEAD_DIM 64, 195 KB at 128, 226 KB at 256.
 #include "params.cuh"
 #include "common.cuh"
 #include "mask.cuh"
@@ -78,21 +81,21 @@
 #error "the sm90 backward is compiled for HEAD_DIM 64, 128 or 256"
 #endif
 
-// Stages of the Q / dO ring (2 or 3 below HEAD_DIM 256; 3 needs ~193 KB of shared memory and measured no faster;
-// at HEAD_DIM 128 it turns DQ_BULK off: both do not fit).
+// Stages of the Q / dO ring (2 or 3 below HEAD_DIM 256; 3 measured no faster, and turns DQ_BULK off: both do not
+// fit).
 #ifndef BWD90_STAGES
 #define BWD90_STAGES 2
 #endif
-// dQ through shared memory and bulk reduce-adds from a writer warp (1), or per-thread red.global.add (0). It
-// applies at HEAD_DIM 128 only: HEAD_DIM 256 has no shared memory left, and at HEAD_DIM 64 (BM 128: twice the rows
-// of half the bytes) it measured 5-13% slower than the per-thread additions (docs/notes/cuda-bwd.md).
+// dQ through shared memory and bulk reduce-adds from a writer warp (1), or per-thread red.global.add (0), at HEAD_DIM
+// 128 (HEAD_DIM 256 has no shared memory left). For A/B runs (`--nvrtc-option=-DBWD90_DQ_BULK=0`).
 #ifndef BWD90_DQ_BULK
 #define BWD90_DQ_BULK 1
 #endif
-// EXPERIMENT (branch dq-tensor, not yet run on a GPU): the staged dQ tile added with HEAD_DIM / 32 tensor-map
-// reduce-adds per step (boxes of 32 columns x BM rows, 128-byte swizzled) instead of one bulk operation per row;
-// HEAD_DIM 64 (BM 128: 128 row operations per step were slower than the per-thread additions). Rows past the sequence are staged as zeros (a box may reach into the next sequence of a
-// varlen batch: adding +0 leaves it unchanged; rows past the tensor are clipped by the TMA).
+// HEAD_DIM 64 (BM 128): the staged dQ tile added with HEAD_DIM / 32 tensor-map reduce-adds per step (boxes of 32
+// columns x BM rows, 128-byte swizzled), 1 (+1-13% over the per-thread additions, deterministic +12-43%, H100,
+// docs/notes/cuda-bwd.md), or the per-thread additions, 0 (the per-row bulk form measured 5-13% slower than those:
+// 128 row operations per step). Rows past the sequence are staged as zeros (a box may reach into the next sequence
+// of a varlen batch: adding +0 leaves it unchanged; rows past the tensor are clipped by the TMA).
 #ifndef BWD90_DQ_TENSOR
 #define BWD90_DQ_TENSOR 1
 #endif
@@ -128,7 +131,7 @@ constexpr u32 OFF_LD = OFF_P + (SPLIT_D ? 2 * DS_BYTES : 0);
 // dQ through shared memory (see the header): the step's BM x D f32 tile, one padded row per query. The
 // 32-byte pad puts rows r and r + 4 in the same banks and rows r..r + 3 in disjoint ones, so a warp's v2 stores of
 // 8 rows x 4 column pairs take 2 wavefronts; the bulk reads take each row's D * 4 bytes.
-constexpr bool DQ_TENSOR = BWD90_DQ_TENSOR && D == 64;  // at HEAD_DIM 128 this form spilled 48 bytes
+constexpr bool DQ_TENSOR = BWD90_DQ_TENSOR && D == 64 && STAGES == 2;  // at HEAD_DIM 128 this form spilled 48 bytes
 constexpr bool DQ_BULK = DQ_TENSOR || (BWD90_DQ_BULK && D == 128 && STAGES == 2);  // 3 stages: no room
 constexpr u32 DQ_ROW_BYTES = D * 4 + 32;
 constexpr int DQ_BOXES = D / 32;               // DQ_TENSOR: boxes of 32 columns (128 bytes) x BM rows

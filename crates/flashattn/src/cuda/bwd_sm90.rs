@@ -125,10 +125,16 @@ pub(crate) fn run(
         tensor_map(&a.dout, [p.d, q_rows, p.h, batch], bm),
     );
     let (Some(tq), Some(tk), Some(tv), Some(tdo)) = maps else { return Ok(false) };
-    // The dQ accumulator `[rows_q, h, head_dim]` (f32), boxes of 32 columns x BM rows (read by the kernel at
-    // HEAD_DIM 64 only).
-    let Some(tdq) = dq_accum_map(params.dq_accum as u64, v.head_dim, p.h, params.rows_q.max(0) as usize, bm) else {
-        return Ok(false);
+    // The dQ accumulator `[rows_q, h, head_dim]` (f32), boxes of 32 columns x BM rows: read by the kernel at
+    // HEAD_DIM 64 only (its tile reduce-adds), left zero at the other head dims.
+    let tdq = if v.head_dim == 64 {
+        let Some(m) = dq_accum_map(params.dq_accum as u64, v.head_dim, p.h, params.rows_q.max(0) as usize, bm) else {
+            return Ok(false);
+        };
+        m
+    } else {
+        // SAFETY: an all-zero CUtensorMap is a valid value; the kernel does not read it at this head dim.
+        unsafe { std::mem::zeroed() }
     };
     let num_n_blocks = (params.fwd.sk.max(0) as u32).div_ceil(bn.max(1) as u32);
     let prm = Sm90BwdParams {
