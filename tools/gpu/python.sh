@@ -9,7 +9,8 @@
 #                                 # host overhead, the decode grid, the harness comparison (run_harness); `sdpa`
 #                                 # (SDPA_GRID=standard for the standard grid), `hf` (hf_bench.py), `grid`,
 #                                 # `pkgcli` (the package against the CLI, two rounds), `flushprobe` (why the
-#                                 # package's forward reads slower than the CLI's at some points), ...
+#                                 # package's forward reads slower than the CLI's at some points), `interleaved`
+#                                 # (the package and the CLI alternating point by point, five rounds), ...
 # Every GPU process runs under `timeout`. Output: $OUT/summary.txt (each step, its status, its last lines),
 # $OUT/log.txt (everything), JSON results.
 set -uo pipefail
@@ -380,6 +381,9 @@ for MODE in "$@"; do
     hf) step hf-bench 420 python3 "$G/hf_bench.py" --json "$OUT/hf_bench.json" ;;
     overhead) step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json" ;;
     flushprobe) run_flushprobe ;;
+    # The package against the CLI, alternating point by point, five rounds (issue 16; about 4 minutes).
+    interleaved) step interleaved 500 python3 "$G/pkg_cli_interleaved.py" --cli "$G/flashattn" --rounds 5 \
+        --json "$OUT/interleaved.json" ;;
     esac
 done
 wait
