@@ -8,9 +8,8 @@
 #   bash .gpu/python.sh pytest overhead decode harness   # any list of steps: pytest on CUDA tensors only, the
 #                                 # host overhead, the decode grid, the harness comparison (run_harness); `sdpa`
 #                                 # (SDPA_GRID=standard for the standard grid), `hf` (hf_bench.py), `grid`,
-#                                 # `pkgcli` (the package against the CLI, two rounds), `flushprobe` (why the
-#                                 # package's forward reads slower than the CLI's at some points), `interleaved`
-#                                 # (the package and the CLI alternating point by point, five rounds), ...
+#                                 # `pkgcli` (the package against the CLI, two rounds), `interleaved` (the
+#                                 # package and the CLI alternating point by point, five rounds), ...
 # Every GPU process runs under `timeout`. Output: $OUT/summary.txt (each step, its status, its last lines),
 # $OUT/log.txt (everything), JSON results.
 set -uo pipefail
@@ -171,18 +170,6 @@ run_pkgcli() {
     python3 "$G/pkg_vs_cli.py" --markdown --peers "$OUT"/pkgcli_peers_r{1,2}.json --cli "$OUT"/pkgcli_cli_r{1,2}.json \
         > "$OUT/pkg_vs_cli.txt" 2>&1
     tail -1 "$OUT/pkg_vs_cli.txt" >> "$OUT/summary.txt"
-}
-# The package-vs-CLI forward gap (issue 16): the package under do_bench and other flushes / warm-ups, cuDNN as a
-# control, then the CLI at the same four points (flush_probe.py).
-run_flushprobe() {
-    local a shape causal
-    step flushprobe 150 python3 "$G/flush_probe.py" "$OUT/flush_probe.json"
-    for a in "8,16,2048,128 0" "4,16,4096,128 0" "4,32,4096,64 1" "1,16,16384,128 0"; do
-        read -r shape causal <<<"$a"
-        timeout 40 "$G/flashattn" bench --device cuda --shape "$shape" --causal "$causal" --modes fwd 2>&1 | tail -1 \
-            >> "$OUT/flush_probe_cli.txt"
-    done
-    cat "$OUT/flush_probe_cli.txt" >> "$OUT/summary.txt"
 }
 # The decode kernel's key-split count by hand (`--num-splits`, 0 = the plan's choice) at two large-cache points,
 # against the plan's own choice: splits.txt.
@@ -380,7 +367,6 @@ for MODE in "$@"; do
     gap) run_gap ;;
     hf) step hf-bench 420 python3 "$G/hf_bench.py" --json "$OUT/hf_bench.json" ;;
     overhead) step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json" ;;
-    flushprobe) run_flushprobe ;;
     # The package against the CLI, alternating point by point, five rounds (issue 16; about 4 minutes).
     interleaved) step interleaved 500 python3 "$G/pkg_cli_interleaved.py" --cli "$G/flashattn" --rounds 5 \
         --json "$OUT/interleaved.json" ;;

@@ -128,9 +128,10 @@ constexpr u32 OFF_DO = OFF_Q + STAGES * QS_BYTES;
 constexpr u32 OFF_DS = OFF_DO + STAGES * QS_BYTES;
 constexpr u32 OFF_P = OFF_DS + 2 * DS_BYTES;              // P^T[2], like dS^T (SPLIT_D only)
 constexpr u32 OFF_LD = OFF_P + (SPLIT_D ? 2 * DS_BYTES : 0);
-// dQ through shared memory (see the header): the step's BM x D f32 tile, one padded row per query. The
-// 32-byte pad puts rows r and r + 4 in the same banks and rows r..r + 3 in disjoint ones, so a warp's v2 stores of
-// 8 rows x 4 column pairs take 2 wavefronts; the bulk reads take each row's D * 4 bytes.
+// dQ through shared memory (see the header): the step's BM x D f32 tile. Row form (HEAD_DIM 128): one padded row per
+// query; the 32-byte pad puts rows r and r + 4 in the same banks and rows r..r + 3 in disjoint ones, so a warp's v2
+// stores of 8 rows x 4 column pairs take 2 wavefronts; the bulk reads take each row's D * 4 bytes. Tensor form
+// (DQ_TENSOR, HEAD_DIM 64): D / 32 boxes of BM rows x 128 bytes, 128-byte swizzled (1024-aligned).
 constexpr bool DQ_TENSOR = BWD90_DQ_TENSOR && D == 64 && STAGES == 2;  // at HEAD_DIM 128 this form spilled 48 bytes
 constexpr bool DQ_BULK = DQ_TENSOR || (BWD90_DQ_BULK && D == 128 && STAGES == 2);  // 3 stages: no room
 constexpr u32 DQ_ROW_BYTES = D * 4 + 32;
@@ -274,11 +275,9 @@ FA_DEVICE DqTurn dq_turn(const BwdParams& p, const Work& w, int head, int m0) {
 // only wait when the writer is still a whole step behind.
 FA_DEVICE void write_dq(const Sm90BwdParams& prm, const Work& w, u32 sbase, const Bars& bars, int lane) {
     const BwdParams& p = prm.b;
-    const FwdParams& f = p.fwd;
-    const i64 row_stride = (i64)f.h * HEAD_DIM;
+    const i64 row_stride = (i64)p.fwd.h * HEAD_DIM;
     for (int it = 0; it < w.n_iter; ++it) {
         const int m0 = w.m0(it), head = w.head(it);
-        float* dst = p.dq_accum + ((i64)w.si.q_row0 + m0) * row_stride + (i64)head * HEAD_DIM;
 #if DETERMINISTIC
         const DqTurn dt = dq_turn(p, w, head, m0);
         if (lane == 0)
@@ -295,6 +294,7 @@ FA_DEVICE void write_dq(const Sm90BwdParams& prm, const Work& w, u32 sbase, cons
                     tma_reduce_add_3d(&prm.tdq, sbase + OFF_DQ + b * BM * 128, 32 * b, head, (int)w.si.q_row0 + m0);
             }
         } else {
+            float* dst = p.dq_accum + ((i64)w.si.q_row0 + m0) * row_stride + (i64)head * HEAD_DIM;
 #pragma unroll
             for (int r = lane; r < BM; r += 32) {
                 if (m0 + r < w.si.sq) bulk_reduce_add_f32(dst + r * row_stride, sbase + OFF_DQ + r * DQ_ROW_BYTES, D * 4);

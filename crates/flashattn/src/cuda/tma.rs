@@ -44,10 +44,14 @@ pub(crate) fn dq_accum_map(
     rows_q: usize,
     box_rows: u32,
 ) -> Option<dsys::CUtensorMap> {
+    let (dims, strides, boxd) = dq_accum_layout(head_dim, h, rows_q, box_rows);
+    encode(dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32, ptr, &dims, &strides, &boxd)
+}
+
+/// Dims, byte strides and box of [`dq_accum_map`].
+fn dq_accum_layout(head_dim: usize, h: usize, rows_q: usize, box_rows: u32) -> ([u64; 3], [u64; 2], [u32; 3]) {
     let (hd, h, rows) = (head_dim as u64, h.max(1) as u64, rows_q.max(1) as u64);
-    let dims = [hd, h, rows];
-    let strides = [hd * 4, hd * 4 * h];
-    encode(dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32, ptr, &dims, &strides, &[32, 1, box_rows])
+    ([hd, h, rows], [hd * 4, hd * 4 * h], [32, 1, box_rows])
 }
 
 /// Encodes a rank-4 tiled map over 16-bit elements with the 128-byte swizzle; `None` when the driver refuses it.
@@ -98,5 +102,12 @@ mod tests {
         let view = DevView { ptr: 0, batch: 40 * 32 * 128, row: 32 * 128, head: 128 };
         let (dims, strides, boxd) = map_layout(&view, [128, 40, 32, 2], 128);
         assert_eq!((dims, strides, boxd), ([128, 40, 32, 2], [8192, 256, 327680], [64, 128, 1, 1]));
+    }
+
+    #[test]
+    fn dq_accum_layout_is_token_major() {
+        // dq_accum [rows_q 300, h 8, 64] f32: a head's row is 256 bytes, a query's 8 heads 2048; boxes of 32 columns
+        // (128 bytes, the swizzle span) x one head x BM 128 rows.
+        assert_eq!(dq_accum_layout(64, 8, 300, 128), ([64, 8, 300], [256, 2048], [32, 1, 128]));
     }
 }
