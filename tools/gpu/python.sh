@@ -9,7 +9,8 @@
 #                                 # host overhead, the decode grid, the harness comparison (run_harness); `sdpa`
 #                                 # (SDPA_GRID=standard for the standard grid), `hf` (hf_bench.py), `grid`,
 #                                 # `pkgcli` (the package against the CLI, two rounds), `interleaved` (the
-#                                 # package and the CLI alternating point by point, five rounds), ...
+#                                 # package and the CLI alternating point by point, five rounds;
+#                                 # INTERLEAVED_SEQLENS=1024,... to skip 512), ...
 # Every GPU process runs under `timeout`. Output: $OUT/summary.txt (each step, its status, its last lines),
 # $OUT/log.txt (everything), JSON results.
 set -uo pipefail
@@ -369,7 +370,7 @@ for MODE in "$@"; do
     overhead) step overhead 60 python3 "$G/overhead.py" --json "$OUT/overhead.json" ;;
     # The package against the CLI, alternating point by point, five rounds (issue 16; about 4 minutes).
     interleaved) step interleaved 500 python3 "$G/pkg_cli_interleaved.py" --cli "$G/flashattn" --rounds 5 \
-        --json "$OUT/interleaved.json" ;;
+        --seqlens "${INTERLEAVED_SEQLENS:-512,1024,2048,4096,8192,16384}" --json "$OUT/interleaved.json" ;;
     esac
 done
 wait
