@@ -3,7 +3,9 @@
 # after tools/gpu/prepare.sh, so that one device call runs a branch beside main (before/after, or a kernel
 # change not yet on main), with its Python wheel and python/tests. Usage: tools/gpu/prepare_branch.sh WORKTREE NAME TEST...
 #   tools/gpu/prepare_branch.sh ../wt-sink sink cuda_sink cuda cuda_kvcache
-# The branch builds into its own target folder (CARGO_TARGET_DIR if set).
+# The branch builds into its own target folder. Do not point CARGO_TARGET_DIR at another checkout's: cargo names a
+# workspace member's artifacts by its path inside the workspace, so the two checkouts' binaries share names there
+# and a build seen as fresh reports the other checkout's binary.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 WT=$(cd "$1" && pwd)
