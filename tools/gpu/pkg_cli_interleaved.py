@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 
 import torch
+from compare_python import load
 from triton.testing import do_bench
 
 import flashattn
@@ -47,9 +48,7 @@ def cli_ms(exe, p, mode):
         shape = f"{p['b']},{p['h']},{p['s']},{p['d']}"
         cmd = [exe, "bench", "--device", "cuda", "--shape", shape, "--causal", str(int(p["causal"]))]
         subprocess.run(cmd + ["--modes", mode, "--json", out], check=True, capture_output=True, timeout=120)
-        with open(out) as f:
-            data = json.load(f)
-    rows = data["rows"] if isinstance(data, dict) else data
+        rows = load(out)
     return next(r["ms"] for r in rows if r["mode"] == mode and not r.get("err"))
 
 

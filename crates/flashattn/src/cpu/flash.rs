@@ -1150,22 +1150,22 @@ fn bwd_task_body<const L: u8>(
                 let (dkt, dvt) = (tile_mut(&mut part.dk, t, dp), tile_mut(&mut part.dv, t, dvp));
                 if bf {
                     // `dQ` and `dV` on bf16 pairs: `dS` and `P` rounded to bf16 (as the GPU kernels round them
-                    // for their matrix products), `K`, `dO` exact. `dK = dSᵀ Q` stays in f32: a key seen by
-                    // few query rows sums few products, so nothing averages out the rounding of `dS`, whose
-                    // grid (scaled) differs from the baseline's (unscaled, after a rounded `dP`); rounded, it
-                    // read up to 3.0x the baseline's error on the spec's (3, 799) shape (docs/notes/cpu.md).
+                    // for their matrix products), `K`, `dO` exact.
                     const RH: usize = FBM / 2;
                     keys_product::<L>(&ds, &mut dsb, k, pn.kp(p, t), dp, &mut dq, rows, |_| a - j0..bb - j0);
                     let r2 = bm.div_ceil(2);
                     kernel::pack_row_pairs::<true, true>(&pm, BN, r2, bnr, &mut tb, RH);
                     gemm_pairs::<L>(&tb, RH, &gp, dvp, dvt, bnr, |_| 0..r2);
-                    kernel::gemm::<L>(ARef { a: &ds, rs: 1, cs: BN }, &q, dp, dkt, dp, bnr, |_| 0..bm, 0..dp);
                 } else {
                     let ka = ARef { a: &ds, rs: BN, cs: 1 };
                     kernel::gemm::<L>(ka, k, dp, &mut dq, dp, rows, |_| a - j0..bb - j0, 0..dp);
                     kernel::gemm::<L>(ARef { a: &pm, rs: 1, cs: BN }, &g, dvp, dvt, dvp, bnr, |_| 0..bm, 0..dvp);
-                    kernel::gemm::<L>(ARef { a: &ds, rs: 1, cs: BN }, &q, dp, dkt, dp, bnr, |_| 0..bm, 0..dp);
                 }
+                // `dK = dSᵀ Q` in f32 at every level, bf16 inputs included: a key seen by few query rows sums few
+                // products, so nothing averages out a rounding of `dS`, whose grid (scaled) differs from the
+                // baseline's (unscaled, after a rounded `dP`); rounded, it read up to 3.0x the baseline's error on
+                // the spec's (3, 799) shape (docs/notes/cpu.md).
+                kernel::gemm::<L>(ARef { a: &ds, rs: 1, cs: BN }, &q, dp, dkt, dp, bnr, |_| 0..bm, 0..dp);
             }
             for r in 0..bm {
                 if lse[r] == f32::NEG_INFINITY {
