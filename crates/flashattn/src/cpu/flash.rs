@@ -395,6 +395,10 @@ struct FwdScratch {
     acc: Buf<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
+    /// Per row, the running maximum after the current key tile (`[FBM]`), then the factor `exp(m_old - base)`
+    /// the row's sum and accumulator are rescaled by.
+    mx: Vec<f32>,
+    alpha: Vec<f32>,
 }
 
 impl FwdScratch {
@@ -408,6 +412,8 @@ impl FwdScratch {
             acc: Buf::zeroed(FBM * dvp),
             m: vec![0.0; FBM],
             l: vec![0.0; FBM],
+            mx: vec![0.0; FBM],
+            alpha: vec![0.0; FBM],
         }
     }
 }
@@ -417,8 +423,14 @@ impl FwdScratch {
 const LANES: usize = 16;
 
 /// The maximum of `init` and `x` (NaN skipped, as `f32::max` does).
+/// From level 2 with AVX-512F ([`row_max_avx512`]).
 #[inline(always)]
-fn row_max(x: &[f32], init: f32) -> f32 {
+fn row_max<const L: u8>(x: &[f32], init: f32) -> f32 {
+    #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+    if L >= 2 {
+        // SAFETY: level 2 or more: the CPU has AVX-512F.
+        return unsafe { row_max_avx512(x, init) };
+    }
     let mut m = [f32::NEG_INFINITY; LANES];
     let mut ch = x.chunks_exact(LANES);
     for c in &mut ch {
@@ -437,11 +449,43 @@ fn row_max(x: &[f32], init: f32) -> f32 {
     ch.remainder().iter().fold(init.max(m[0]), |a, &b| a.max(b))
 }
 
+/// [`row_max`] with AVX-512F. `vmaxps a, b` returns `b` when either is NaN, so `max(x, m)` with a running `m`
+/// that is never NaN skips NaN elements as `f32::max` does; the lanes are then NaN-free and reduce with plain
+/// maxima (exact, so their order does not matter).
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::incompatible_msrv)] // compiled only by Rust >= 1.89 (`flashattn_avx512`, see build.rs)
+unsafe fn row_max_avx512(x: &[f32], init: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut m = ninf;
+    let mut ch = x.chunks_exact(LANES);
+    for c in &mut ch {
+        m = _mm512_max_ps(_mm512_loadu_ps(c.as_ptr()), m);
+    }
+    let rest = ch.remainder();
+    if !rest.is_empty() {
+        let k: __mmask16 = (1u16 << rest.len()) - 1;
+        m = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, k, rest.as_ptr()), m);
+    }
+    init.max(_mm512_reduce_max_ps(m))
+}
+
 /// `x = exp(x mul - base)` ([`kernel::exp_softmax`]; the product rounded before the subtraction, so a score
 /// equal to the maximum gives exactly 1) and the sum of the new `x` (in [`LANES`] partial sums). `base` is the
 /// maximum of the rounded products `x mul` (or 0 when every one is `-inf`), so every argument is at most 0.
+/// From level 2 the exponentials are [`kernel::exp_softmax_avx512`]'s.
 #[inline(always)]
-fn exp_sum(x: &mut [f32], mul: f32, base: f32) -> f32 {
+fn exp_sum<const L: u8>(x: &mut [f32], mul: f32, base: f32) -> f32 {
+    #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+    if L >= 2 {
+        // SAFETY: level 2 or more: the CPU has AVX-512F.
+        return unsafe { exp_sum_avx512(x, mul, base) };
+    }
     let mut s = [0f32; LANES];
     let mut ch = x.chunks_exact_mut(LANES);
     for c in &mut ch {
@@ -456,6 +500,38 @@ fn exp_sum(x: &mut [f32], mul: f32, base: f32) -> f32 {
         tail += *v;
     }
     lane_sum(s) + tail
+}
+
+/// [`exp_sum`] with AVX-512F: 16 lanes per step, the last partial step masked (its lanes load and add nothing).
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::incompatible_msrv)] // compiled only by Rust >= 1.89 (`flashattn_avx512`, see build.rs)
+unsafe fn exp_sum_avx512(x: &mut [f32], mul: f32, base: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let (m, b) = (_mm512_set1_ps(mul), _mm512_set1_ps(base));
+    let mut sum = _mm512_setzero_ps();
+    let mut ch = x.chunks_exact_mut(LANES);
+    for c in &mut ch {
+        let p = c.as_mut_ptr();
+        let e = kernel::exp_softmax_avx512(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(p), m), b));
+        _mm512_storeu_ps(p, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    let rest = ch.into_remainder();
+    if !rest.is_empty() {
+        let k: __mmask16 = (1u16 << rest.len()) - 1;
+        let p = rest.as_mut_ptr();
+        let e = kernel::exp_softmax_avx512(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, p), m), b));
+        _mm512_mask_storeu_ps(p, k, e);
+        sum = _mm512_mask_add_ps(sum, k, sum, e);
+    }
+    let mut lanes = [0f32; LANES];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), sum);
+    lane_sum(lanes)
 }
 
 /// The sum of [`LANES`] partial sums, pairwise in a fixed order.
@@ -573,36 +649,50 @@ fn forward_tile_body<const L: u8>(
         let t = j0 / BN;
         let v = tile(&pn.v, t, dvp);
         score_product::<L>(d, rows, qop, pn.kt(p, t), tile_cols(lo.max(j0), hi.min(j1), j0), &mut sc.s);
+        // Three passes over the tile's rows, so that the rescale factors (one exponential per row) run as one
+        // vectorised loop instead of a scalar chain inside each row's work. 1: each row's new running maximum
+        // (the old one for a row that sees no key of the tile).
+        for (r, range) in ranges.iter().enumerate() {
+            let (a, b) = (range.start.max(j0), range.end.min(j1));
+            let mut mx = sc.m[r];
+            if a < b {
+                let srow = &mut sc.s[r * BN..r * BN + bn];
+                if scale_only {
+                    // The largest rounded `s * scale` is the rounded `max(s) * scale` (rounding is monotonic).
+                    mx = mx.max(row_max::<L>(&srow[a - j0..b - j0], f32::NEG_INFINITY) * f.scale);
+                } else {
+                    for j in a..b {
+                        let (s, _) = f.apply(srow[j - j0], i0 + r, j);
+                        srow[j - j0] = s;
+                        mx = mx.max(s);
+                    }
+                }
+            }
+            sc.mx[r] = mx;
+        }
+        // 2: while every score seen is -inf (or NaN, which `max` skips) the row's max is -inf: the exponentials
+        // are then taken against 0, so a -inf score weighs 0 and a NaN stays NaN (never `-inf - -inf`). The
+        // factor is `exp(m_old - base)` (0 the first time, when `m_old = -inf`; 1 for a row without keys here).
+        for ((alpha, &m_old), &mx) in sc.alpha[..bm].iter_mut().zip(&sc.m[..bm]).zip(&sc.mx[..bm]) {
+            let base = if mx == f32::NEG_INFINITY { 0.0 } else { mx };
+            *alpha = kernel::exp1(m_old - base);
+        }
+        // 3: rescale, exponentials and sums. `mul`: what the stored products are still to be multiplied by
+        // inside the exponential.
+        let mul = if scale_only { f.scale } else { 1.0 };
         for (r, range) in ranges.iter().enumerate() {
             let (a, b) = (range.start.max(j0), range.end.min(j1));
             if a >= b {
                 continue;
             }
-            let srow = &mut sc.s[r * BN..r * BN + bn];
-            let mut mx = sc.m[r];
-            // `mul`: what the stored products are still to be multiplied by inside the exponential.
-            let mul = if scale_only {
-                // The largest rounded `s * scale` is the rounded `max(s) * scale` (rounding is monotonic).
-                mx = mx.max(row_max(&srow[a - j0..b - j0], f32::NEG_INFINITY) * f.scale);
-                f.scale
-            } else {
-                for j in a..b {
-                    let (s, _) = f.apply(srow[j - j0], i0 + r, j);
-                    srow[j - j0] = s;
-                    mx = mx.max(s);
-                }
-                1.0
-            };
-            // While every score seen is -inf (or NaN, which `max` skips) the row's max is -inf: the
-            // exponentials are then taken against 0, so a -inf score weighs 0 and a NaN stays NaN (never
-            // `-inf - -inf`).
+            let (mx, alpha) = (sc.mx[r], sc.alpha[r]);
             let base = if mx == f32::NEG_INFINITY { 0.0 } else { mx };
-            let alpha = kernel::exp1(sc.m[r] - base); // m = -inf the first time: alpha = 0
             sc.m[r] = mx;
             if alpha != 1.0 {
                 sc.acc[r * dvp..r * dvp + dv].iter_mut().for_each(|v| *v *= alpha);
             }
-            sc.l[r] = sc.l[r] * alpha + exp_sum(&mut srow[a - j0..b - j0], mul, base);
+            let srow = &mut sc.s[r * BN + a - j0..r * BN + b - j0];
+            sc.l[r] = sc.l[r] * alpha + exp_sum::<L>(srow, mul, base);
         }
         // P V: whole row groups through the tile product where every row sees the same keys of the tile,
         // the others row by row (a masked key's value never meets a zero weight: `0 * NaN` would leak).
@@ -727,10 +817,16 @@ fn tile_rows<'s>(
 /// row's keys).
 /// `plain`: the score transform is the scale alone (a loop the compiler vectorises, exponentials included).
 #[inline(always)]
-fn prob_dscore_row(f: &ScoreFn, plain: bool, row: TileRow<'_>, pm: &mut [f32], ds: &mut [f32], di: f32) {
+fn prob_dscore_row<const L: u8>(f: &ScoreFn, plain: bool, row: TileRow<'_>, pm: &mut [f32], ds: &mut [f32], di: f32) {
     let TileRow { i, js, lse, .. } = row;
     let n = js.len();
     let (qk, dp, pm, ds) = (&row.qk[..n], &row.dp[..n], &mut pm[..n], &mut ds[..n]);
+    #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+    if plain && L >= 2 {
+        // SAFETY: level 2 or more: the CPU has AVX-512F; the four slices have length `n`.
+        unsafe { prob_dscore_plain_avx512(qk, dp, pm, ds, f.scale, lse, di) };
+        return;
+    }
     if plain {
         for e in 0..n {
             let pij = kernel::exp_softmax(qk[e] * f.scale - lse);
@@ -1144,7 +1240,7 @@ fn bwd_task_body<const L: u8>(
                     if b.delta.is_some() && b.whole_rows && ranges[r].len() == 1 {
                         dd[r] = prob_dot_row(&f, plain, row.clone(), &mut pm[e..]);
                     }
-                    prob_dscore_row(&f, plain, row, &mut pm[e..], &mut ds[e..], dd[r]);
+                    prob_dscore_row::<L>(&f, plain, row, &mut pm[e..], &mut ds[e..], dd[r]);
                 }
                 let bnr = round_up(bn, R);
                 let (dkt, dvt) = (tile_mut(&mut part.dk, t, dp), tile_mut(&mut part.dv, t, dvp));
@@ -1188,6 +1284,40 @@ fn bwd_task_body<const L: u8>(
         part.dv = Buf::empty();
     }
     part
+}
+
+/// The plain rows of [`prob_dscore_row`] with AVX-512F ([`kernel::exp_softmax_avx512`]), 16 keys per step, the
+/// last partial step masked.
+///
+/// # Safety
+/// The CPU supports AVX-512F; `dp`, `pm` and `ds` are at least as long as `qk`.
+#[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::incompatible_msrv)] // compiled only by Rust >= 1.89 (`flashattn_avx512`, see build.rs)
+unsafe fn prob_dscore_plain_avx512(
+    qk: &[f32],
+    dp: &[f32],
+    pm: &mut [f32],
+    ds: &mut [f32],
+    scale: f32,
+    lse: f32,
+    di: f32,
+) {
+    use std::arch::x86_64::*;
+    let n = qk.len();
+    assert!(dp.len() >= n && pm.len() >= n && ds.len() >= n);
+    let (sc, ls, dv) = (_mm512_set1_ps(scale), _mm512_set1_ps(lse), _mm512_set1_ps(di));
+    let mut e = 0;
+    while e < n {
+        let k: __mmask16 = if n - e >= LANES { !0 } else { (1u16 << (n - e)) - 1 };
+        let x = _mm512_maskz_loadu_ps(k, qk.as_ptr().add(e));
+        let p = kernel::exp_softmax_avx512(_mm512_sub_ps(_mm512_mul_ps(x, sc), ls));
+        let g = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp.as_ptr().add(e)), dv);
+        _mm512_mask_storeu_ps(pm.as_mut_ptr().add(e), k, p);
+        _mm512_mask_storeu_ps(ds.as_mut_ptr().add(e), k, _mm512_mul_ps(_mm512_mul_ps(p, g), sc));
+        e += LANES;
+    }
 }
 
 /// `sum_j P_ij dP_ij` over the keys of `row`, with `P_ij = exp(s - lse)` (`pm` is scratch of at least
