@@ -620,10 +620,13 @@ fn forward_tile_body<const L: u8>(
     sc.q[bm * dp..rows * dp].fill(0.0);
     let qop = rows_op(!pn.ktb.is_empty(), &sc.q, rows, d, dp, &mut sc.qb);
     sc.acc[..rows * dvp].fill(0.0);
-    // A sink starts every row's softmax: running max `sink`, running sum `exp(sink - sink) = 1`.
+    // The running maximum and sum are over the scores alone; a sink joins each row's denominator once, at the
+    // end. So the row's largest score always weighs exactly `exp(0) = 1` in `P V`, also where the sink is larger
+    // (starting the maximum at the sink would leave every weight of such a row below 1, rounded to bf16 for the
+    // product: a row led by one key then gets a rounded multiple of that key's value).
     let sink = p.sink.as_ref().map(|z| z[head]);
-    sc.m[..bm].fill(sink.unwrap_or(f32::NEG_INFINITY));
-    sc.l[..bm].fill(if sink.is_some() { 1.0 } else { 0.0 });
+    sc.m[..bm].fill(f32::NEG_INFINITY);
+    sc.l[..bm].fill(0.0);
     let ranges: Vec<_> = (i0..i1).map(|i| p.mask.key_range(i, sq, sk)).collect();
     // Per register-row group of `R` rows (`R` a multiple of every level's tile height): the keys of tile
     // `[j0, j1)` that every row of the group sees, when each sees exactly those (then the group's `P V` runs
@@ -731,19 +734,36 @@ fn forward_tile_body<const L: u8>(
     for (r, range) in ranges.iter().enumerate() {
         // Only a row whose mask leaves no key is reported empty (o = 0, lse = -inf, or the sink with one). A
         // NaN score, a +inf score (`inf - inf`) or a NaN/inf value has made `l` or `acc` non-finite, and that
-        // propagates to o and lse; a row whose visible scores are all -inf has `l = 0` (without a sink) and
-        // reports NaN.
+        // propagates to o and lse; a row whose visible scores are all -inf has `l = 0` (see below).
         let (o_row, lse) = if range.is_empty() {
             row.fill(0.0);
             (&row, sink.unwrap_or(f32::NEG_INFINITY))
         } else if sc.l[r] == 0.0 {
-            row.fill(f32::NAN);
-            (&row, f32::NAN)
+            // Every visible score is -inf: without a sink the row reports NaN; with one, the sink takes the whole
+            // softmax (`o` is the zero-weighted sum, 0 for finite values, and `lse` the sink).
+            match sink {
+                Some(z) => {
+                    row.iter_mut().zip(&sc.acc[r * dvp..r * dvp + dv]).for_each(|(o, &a)| *o = a);
+                    (&row, z)
+                }
+                None => {
+                    row.fill(f32::NAN);
+                    (&row, f32::NAN)
+                }
+            }
         } else {
-            let inv = 1.0 / sc.l[r];
-            row.iter_mut().zip(&sc.acc[r * dvp..r * dvp + dv]).for_each(|(o, a)| *o = a * inv);
             let m = if sc.m[r] == f32::NEG_INFINITY { 0.0 } else { sc.m[r] };
-            (&row, m + sc.l[r].ln())
+            let a = m + sc.l[r].ln();
+            // With a sink: lse = log(exp(a) + exp(sink)), and o = (acc / l) exp(a - lse).
+            let (lse, inv) = match sink {
+                Some(z) => {
+                    let lse = a.max(z) + (-(a - z).abs()).exp().ln_1p();
+                    (lse, (a - lse).exp() / sc.l[r])
+                }
+                None => (a, 1.0 / sc.l[r]),
+            };
+            row.iter_mut().zip(&sc.acc[r * dvp..r * dvp + dv]).for_each(|(o, a)| *o = a * inv);
+            (&row, lse)
         };
         out.o.write_f32(out.o_map.at(seq, i0 + r, head), o_row);
         out.lse.write_f32(p.lse_index(seq, head, i0 + r), &[lse]);
