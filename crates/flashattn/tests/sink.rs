@@ -93,6 +93,40 @@ fn rows_without_keys_give_zero_and_the_sink() {
 }
 
 #[test]
+fn rows_whose_visible_scores_are_all_minus_inf_give_zero_and_the_sink() {
+    // q's first element -inf and every key's first element positive: every score of that row is -inf. With a
+    // sink the row's softmax is the sink's alone: o = 0, lse = sink (as the oracle computes it); the others
+    // are ordinary rows.
+    let mut r = rng(14);
+    let (sq, sk, h, d) = (4, 6, 2, 8);
+    for dtype in [DType::F32, DType::BF16] {
+        let mut qv = randn(&mut r, sq * h * d, 1.0);
+        qv[(2 * h + 1) * d] = f32::NEG_INFINITY; // row 2, head 1
+        let kv: Vec<f32> = randn(&mut r, sk * h * d, 1.0)
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i % d == 0 { x.abs() + 0.5 } else { x })
+            .collect();
+        let q = Tensor::from_f32(&qv, &[1, sq, h, d], dtype).unwrap();
+        let k = Tensor::from_f32(&kv, &[1, sk, h, d], dtype).unwrap();
+        let v = tensor(&mut r, &[1, sk, h, d], dtype);
+        let sink = [0.25f32, -0.5];
+        let opts = AttnOptions::default().sink(Tensor::from_f32(&sink, &[h], DType::F32).unwrap());
+        let out = forward(&q, &k, &v, &opts).unwrap();
+        let (o, lse) = (out.o.to_f32_vec(), out.lse.to_f32_vec());
+        let row = (2 * h + 1) * d;
+        assert!(o[row..row + d].iter().all(|&x| x == 0.0), "{dtype:?}: o {:?}", &o[row..row + d]);
+        assert_eq!(lse[sq + 2], sink[1], "{dtype:?}: lse");
+        assert!(o.iter().all(|x| x.is_finite()) && lse.iter().all(|x| x.is_finite()), "{dtype:?}");
+        let p = validate(&q.view(), &k.view(), &v.view(), &opts).unwrap();
+        let f = forward_f64(&p, q.view().data, k.view().data, v.view().data);
+        for (a, b) in lse.iter().zip(&f.lse) {
+            assert!((*a as f64 - b).abs() <= 1e-3, "{dtype:?}: lse {a} vs oracle {b}");
+        }
+    }
+}
+
+#[test]
 fn a_dominating_sink_leaves_almost_nothing() {
     let mut r = rng(13);
     let (sq, sk, h, d) = (5, 6, 2, 8);

@@ -753,14 +753,16 @@ fn forward_tile_body<const L: u8>(
             }
         } else {
             let m = if sc.m[r] == f32::NEG_INFINITY { 0.0 } else { sc.m[r] };
-            let a = m + sc.l[r].ln();
-            // With a sink: lse = log(exp(a) + exp(sink)), and o = (acc / l) exp(a - lse).
+            // With a sink, against `M = max(m, sink)` (so a sink far above the scores cannot overflow):
+            // l' = l exp(m - M) + exp(sink - M), o = acc exp(m - M) / l', lse = M + ln l'.
             let (lse, inv) = match sink {
                 Some(z) => {
-                    let lse = a.max(z) + (-(a - z).abs()).exp().ln_1p();
-                    (lse, (a - lse).exp() / sc.l[r])
+                    let mm = m.max(z);
+                    let alpha = kernel::exp1(m - mm);
+                    let ls = sc.l[r] * alpha + kernel::exp1(z - mm);
+                    (mm + ls.ln(), alpha / ls)
                 }
-                None => (a, 1.0 / sc.l[r]),
+                None => (m + sc.l[r].ln(), 1.0 / sc.l[r]),
             };
             row.iter_mut().zip(&sc.acc[r * dvp..r * dvp + dv]).for_each(|(o, a)| *o = a * inv);
             (&row, lse)
@@ -1231,7 +1233,7 @@ fn bwd_task_body<const L: u8>(
                     scores::<L>(p, pn, j0 / BN, rows, qop, gop, cols, s, dpm);
                     for row in tile_rows((i0, j0, j1), &lse, &ranges, s, dpm) {
                         let r = row.r;
-                        dd[r] += prob_dot_row(&f, plain, row, &mut pm);
+                        dd[r] += prob_dot_row::<L>(&f, plain, row, &mut pm);
                     }
                 }
             }
@@ -1258,7 +1260,7 @@ fn bwd_task_body<const L: u8>(
                 for row in tile_rows((i0, j0, j1), &lse, &ranges, s, dpm) {
                     let (e, r) = (row.e, row.r);
                     if b.delta.is_some() && b.whole_rows && ranges[r].len() == 1 {
-                        dd[r] = prob_dot_row(&f, plain, row.clone(), &mut pm[e..]);
+                        dd[r] = prob_dot_row::<L>(&f, plain, row.clone(), &mut pm[e..]);
                     }
                     prob_dscore_row::<L>(&f, plain, row, &mut pm[e..], &mut ds[e..], dd[r]);
                 }
@@ -1340,10 +1342,36 @@ unsafe fn prob_dscore_plain_avx512(
     }
 }
 
+/// `sum_e exp(x[e]) y[e]` with [`kernel::exp_softmax_avx512`] (the exponential of the level's `P` everywhere else),
+/// in 16 partial sums combined by [`lane_sum`]; the last partial step masked.
+///
+/// # Safety
+/// The CPU supports AVX-512F; `y` is at least as long as `x`.
+#[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::incompatible_msrv)] // compiled only by Rust >= 1.89 (`flashattn_avx512`, see build.rs)
+unsafe fn exp_dot_avx512(x: &[f32], y: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    assert!(y.len() >= n);
+    let mut acc = _mm512_setzero_ps();
+    let mut e = 0;
+    while e < n {
+        let k: __mmask16 = if n - e >= LANES { !0 } else { (1u16 << (n - e)) - 1 };
+        let p = kernel::exp_softmax_avx512(_mm512_maskz_loadu_ps(k, x.as_ptr().add(e)));
+        acc = _mm512_mask_add_ps(acc, k, acc, _mm512_mul_ps(p, _mm512_maskz_loadu_ps(k, y.as_ptr().add(e))));
+        e += LANES;
+    }
+    let mut lanes = [0f32; LANES];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+    lane_sum(lanes)
+}
+
 /// `sum_j P_ij dP_ij` over the keys of `row`, with `P_ij = exp(s - lse)` (`pm` is scratch of at least
 /// `row.js.len()`), in [`LANES`] partial sums.
 #[inline(always)]
-fn prob_dot_row(f: &ScoreFn, plain: bool, row: TileRow<'_>, pm: &mut [f32]) -> f32 {
+fn prob_dot_row<const L: u8>(f: &ScoreFn, plain: bool, row: TileRow<'_>, pm: &mut [f32]) -> f32 {
     let TileRow { i, js, lse, .. } = row;
     let n = js.len();
     let (qk, dp, pm) = (&row.qk[..n], &row.dp[..n], &mut pm[..n]);
@@ -1353,6 +1381,11 @@ fn prob_dot_row(f: &ScoreFn, plain: bool, row: TileRow<'_>, pm: &mut [f32]) -> f
         for ((x, &v), j) in pm.iter_mut().zip(qk).zip(js) {
             *x = f.apply(v, i, j).0 - lse;
         }
+    }
+    #[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+    if L >= 2 {
+        // SAFETY: level 2 or more: the CPU has AVX-512F; `dp` is as long as `pm`.
+        return unsafe { exp_dot_avx512(pm, dp) };
     }
     let mut acc = [0f32; LANES];
     let mut ch = pm.chunks_exact(LANES).zip(dp.chunks_exact(LANES));

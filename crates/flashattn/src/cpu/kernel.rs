@@ -528,8 +528,9 @@ pub(crate) fn exp_softmax(x: f32) -> f32 {
 
 /// [`exp_softmax`] on 16 lanes with AVX-512F: the same reduction and polynomial with fused multiply-adds, and
 /// `2^n` applied by `vscalefps`, about 14 vector operations where the portable loop compiles to about 30. Same
-/// domain and special values (0 below the smallest normal's logarithm and for `-inf`, NaN stays NaN, `e^0 = 1`
-/// exactly); within 2 ulp of `e^x` like it, but not bit-identical to it.
+/// special values (0 below the smallest normal's logarithm and for `-inf`, NaN stays NaN, `e^0 = 1` exactly);
+/// within 2 ulp of `e^x` like it, but not bit-identical to it. Defined for `x <= 88` (the softmax's arguments
+/// are at most a rounding above 0); above about 88.7 it gives `+inf` where [`exp_softmax`] clamps to `e^88`.
 ///
 /// # Safety
 /// The CPU supports AVX-512F.
