@@ -220,7 +220,9 @@ pub struct DeviceRotary {
 pub struct DeviceKvCache {
     /// `[b_cache, s_cache, hk, d]`, or `[num_pages, page_size, hk, d]` with a block table; written in place.
     pub k_cache: DeviceTensorRef,
-    /// Same shape as `k_cache`.
+    /// Same shape as `k_cache`, in memory of its own. A view of `k_cache`'s first columns (the same address and
+    /// strides: multi-head latent attention's key-prefix values, which the CPU backends run) is refused as
+    /// `Unsupported`.
     pub v_cache: DeviceTensorRef,
     /// `[b, s_new, hk, d]`, appended at `cache_seqlens`.
     pub k_new: Option<DeviceTensorRef>,
