@@ -10,7 +10,9 @@ paged KV caches, ``seqused_k`` on the varlen functions, ``page_table`` as FlashA
 ``block_table``, the CPU backend for CPU tensors, and a value head dim of its own (``v`` and ``v_cache``
 ``(.., headdim_v)``, ``out`` ``(.., headdim_v)``): on CPU tensors any, on CUDA tensors where ``(headdim,
 headdim_v)`` pads to (192, 128), (128, 64) or (64, 128), not in a KV cache (others raise
-``NotImplementedError``). Not there yet: dropout (``dropout_p > 0`` raises ``NotImplementedError``) and a paged
+``NotImplementedError``). In a KV cache on CPU tensors, head dims up to 576 and multi-head latent attention's
+``v_cache=k_cache[..., :512]`` (a view of the keys' first columns, read without a copy; see
+``flash_attn_with_kvcache``). Not there yet: dropout (``dropout_p > 0`` raises ``NotImplementedError``) and a paged
 KV cache in the varlen functions. ``num_splits`` of
 ``flash_attn_with_kvcache`` fixes the number of key splits on CUDA as in FlashAttention (0: the library chooses;
 the CPU backend ignores it).
@@ -415,6 +417,14 @@ def flash_attn_with_kvcache(
     with any page size. ``cache_seqlens``: int or int32 ``(batch,)``, tokens already in the cache (``None``: the
     whole cache). ``cache_batch_idx``, ``cache_leftpad``: int32 ``(batch,)``.
 
+    Multi-head latent attention (DeepSeek's MLA, absorbed form: ``headdim`` 576, values the first 512 columns of
+    the keys): pass ``v_cache=k_cache[..., :512]``, a view of the same memory (same ``data_ptr`` and strides).
+    The values are then read from the key cache without a copy, ``v`` must be None (appending ``k`` appends
+    them), rotary is refused (it would turn value columns: rotate the rope columns of ``k`` and ``q`` first), and
+    with an FP8 cache ``k_descale`` dequantizes them (``v_descale`` is refused). CPU tensors (head dims up to 576
+    in a KV cache); CUDA tensors raise ``NotImplementedError``. A ``v_cache`` that overlaps ``k_cache`` in any
+    other way raises ``ValueError``.
+
     An append that would overflow a sequence's capacity is refused: on the CPU with ``ValueError``; on CUDA,
     where the lengths live in device memory and are not read back, the kernel writes nothing to the cache and
     the output is NaN. ``learnable_sink`` joins the softmax as in ``flash_attn_func``; no gradient
@@ -427,7 +437,9 @@ def flash_attn_with_kvcache(
             raise ValueError("invalid argument `page_table`: expected it or `block_table`, not both")
         block_table = page_table
     _check_qkv(4, _DENSE, q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
-    if (k is None) != (v is None):
+    # `k` without `v` is MLA's form (v_cache = k_cache[..., :d_v]: the values come with `k`), which the extension
+    # recognises from the tensors' addresses (and refuses otherwise); `v` without `k` is never valid.
+    if k is None and v is not None:
         raise ValueError("invalid argument `v`: expected `k` and `v` both given or both None")
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError(

@@ -874,6 +874,25 @@ fn kvcache<'py>(
             ))
         }
     };
+    // v_cache a view of k_cache's first d_v columns: the values are read from the key cache (no copy; the CUDA
+    // kernels refuse it as not implemented), and appending `k` appends them, so `v` must be None.
+    let key_prefix = cache_values(&kc, &vc)?;
+    match (key_prefix, &kn, &vn) {
+        (Some(d_v), _, Some(v)) => {
+            return Err(PyValueError::new_err(format!(
+                "invalid argument `v`: expected None when v_cache is k_cache[..., :{d_v}] (the values are the first \
+                 {d_v} columns of the keys: appending `k` appends them), got a tensor of shape {:?}",
+                v.shape
+            )))
+        }
+        (None, Some(_), None) => {
+            return Err(PyValueError::new_err(
+                "invalid argument `v`: expected `k` and `v` both given or both None (or `v` None when v_cache is \
+                 k_cache[..., :d_v], a view of the keys' first columns)",
+            ))
+        }
+        _ => {}
+    }
     let fp8 = qt.dtype.is_fp8() || kc.dtype.is_fp8();
     let fp8 = Fp8::read(py, [q_descale, k_descale, v_descale], fp8, out_dtype_set, &ot)?;
     same_device(&qt, &fp8.tensors())?;
@@ -886,15 +905,16 @@ fn kvcache<'py>(
     let o = Opts { softmax_scale, causal, window: (window_left, window_right), softcap, deterministic: false, fp8 };
     let ran: PyResult<()> = match device_index(qt.device) {
         None => {
-            // SAFETY: live host tensors of torch's; the caches are written in place through these views only,
-            // out and lse are fresh.
+            // SAFETY: live host tensors of torch's; the caches are written in place through these views only (one
+            // view of k_cache when v_cache is its first columns: `cache_values` refused any other overlap), out and
+            // lse are fresh.
             unsafe {
                 let qv = host_view(&qt)?;
-                let mut cache = KvCache::new(
-                    host_view_mut(&kc)?,
-                    host_view_mut(&vc)?,
-                    CacheSeqlens::PerSeq(host_i32("cache_seqlens", &seqlens)?),
-                );
+                let seqlens = CacheSeqlens::PerSeq(host_i32("cache_seqlens", &seqlens)?);
+                let mut cache = match key_prefix {
+                    Some(d_v) => KvCache::key_prefix_values(host_view_mut(&kc)?, d_v, seqlens),
+                    None => KvCache::new(host_view_mut(&kc)?, host_view_mut(&vc)?, seqlens),
+                };
                 cache.k_new = kn.as_ref().map(|t| host_view(t)).transpose()?;
                 cache.v_new = vn.as_ref().map(|t| host_view(t)).transpose()?;
                 cache.block_table = bt.as_ref().map(|t| host_owned(t)).transpose()?;
@@ -955,6 +975,43 @@ fn kvcache<'py>(
     };
     ran?;
     Ok((out, lse))
+}
+
+/// How `v_cache` sits in memory beside `k_cache` (both on one device): apart (`None`), or as the first `d_v`
+/// columns of each key row, `Some(d_v)`: the same address, dtype and strides, and `k_cache`'s shape but for a last
+/// dim `d_v <= d` (MLA's `v_cache = k_cache[..., :d_v]`, read zero-copy as `Values::KeyPrefix`). Any other overlap
+/// is refused (`ValueError`): the caches are written in place, and through two aliased views an append would write
+/// values into keys (or the reverse).
+fn cache_values(kc: &Tens, vc: &Tens) -> PyResult<Option<usize>> {
+    let prefix = vc.ptr == kc.ptr
+        && vc.dtype == kc.dtype
+        && kc.shape.len() == 4
+        && vc.shape.len() == 4
+        && vc.shape[..3] == kc.shape[..3]
+        && vc.strides == kc.strides
+        && (1..=kc.shape[3]).contains(&vc.shape[3]);
+    if prefix {
+        return Ok(Some(vc.shape[3]));
+    }
+    // Byte spans `[ptr, ptr + extent)`; an empty tensor (extent 0) overlaps nothing.
+    let span = |t: &Tens| -> PyResult<(u64, u64)> {
+        let (_, len) = layout(t)?;
+        Ok((t.ptr, t.ptr.saturating_add((len * t.dtype.size()) as u64)))
+    };
+    let ((k0, k1), (v0, v1)) = (span(kc)?, span(vc)?);
+    if k0 < k1 && v0 < v1 && k0 < v1 && v0 < k1 {
+        return Err(PyValueError::new_err(format!(
+            "invalid argument `v_cache`: expected memory apart from k_cache's, or a view of k_cache's first d_v \
+             columns (k_cache[..., :d_v]: the same data_ptr and strides, shape {:?} + [d_v <= {}]), got one that \
+             overlaps k_cache (shape {:?}, strides {:?}, data_ptr offset {} bytes)",
+            &kc.shape[..kc.shape.len().min(3)],
+            kc.shape.last().copied().unwrap_or(0),
+            vc.shape,
+            vc.strides,
+            vc.ptr as i128 - kc.ptr as i128
+        )));
+    }
+    Ok(None)
 }
 
 /// Copies a result into a contiguous caller tensor of the same shape and dtype.

@@ -53,7 +53,7 @@ pub use half::{bf16, f16};
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 struct ReadmeDoctests;
-pub use kvcache::{kvcache_forward, CacheSeqlens, KvCache, Rotary};
+pub use kvcache::{kvcache_forward, CacheSeqlens, KvCache, Rotary, Values};
 pub use options::{AttnOptions, VarLen};
 pub use semantics::Mask;
 pub use tensor::{CpuSlice, CpuSliceMut, CpuStorage, Device, Layout, Tensor, TensorView, TensorViewMut};

@@ -10,6 +10,12 @@ use crate::tensor::{Layout, TensorView};
 /// Largest supported head dimension.
 pub const MAX_HEAD_DIM: usize = 256;
 
+/// Largest head dimension (of q and k, and of v) on the KV-cache path of the CPU backends, above
+/// [`MAX_HEAD_DIM`] for multi-head latent attention: DeepSeek's MLA decodes in its absorbed form with d = 576 and
+/// d_v = 512 (the values the first 512 columns of the key cache, [`crate::kvcache::Values::KeyPrefix`]). The CUDA
+/// KV-cache kernels take head dims up to [`MAX_HEAD_DIM`] and refuse larger ones (`Unsupported`).
+pub const MAX_KV_HEAD_DIM: usize = 576;
+
 /// Maps `(sequence, row, head)` to the element offset of that row's first element (the head dim is
 /// contiguous). Dense and varlen tensors use a per-sequence base; paged KV caches go through a block table.
 #[derive(Debug, Clone, PartialEq)]
@@ -376,17 +382,28 @@ pub(crate) fn check_softcap(cap: f32) -> Result<f32> {
     }
 }
 
+/// Checks q's head dim `d` against [`MAX_HEAD_DIM`].
 pub(crate) fn check_head_dim(d: usize) -> Result<()> {
-    if d == 0 || d > MAX_HEAD_DIM {
-        return Err(Error::invalid("q", format!("head dim in 1..={MAX_HEAD_DIM}"), d));
+    check_head_dim_up_to(d, MAX_HEAD_DIM)
+}
+
+/// Checks q's head dim `d`: in `1..=max` ([`MAX_HEAD_DIM`], or [`MAX_KV_HEAD_DIM`] on the KV-cache path).
+pub(crate) fn check_head_dim_up_to(d: usize, max: usize) -> Result<()> {
+    if d == 0 || d > max {
+        return Err(Error::invalid("q", format!("head dim in 1..={max}"), d));
     }
     Ok(())
 }
 
 /// Checks the value head dim `d_v` (v's last dim, blamed on `arg`, `v` or `v_cache`): the same range as `d`.
 pub(crate) fn check_value_head_dim(arg: &'static str, d_v: usize) -> Result<()> {
-    if d_v == 0 || d_v > MAX_HEAD_DIM {
-        return Err(Error::invalid(arg, format!("value head dim (last dim) in 1..={MAX_HEAD_DIM}"), d_v));
+    check_value_head_dim_up_to(arg, d_v, MAX_HEAD_DIM)
+}
+
+/// [`check_value_head_dim`] with the bound `max` ([`MAX_KV_HEAD_DIM`] on the KV-cache path).
+pub(crate) fn check_value_head_dim_up_to(arg: &'static str, d_v: usize, max: usize) -> Result<()> {
+    if d_v == 0 || d_v > max {
+        return Err(Error::invalid(arg, format!("value head dim (last dim) in 1..={max}"), d_v));
     }
     Ok(())
 }

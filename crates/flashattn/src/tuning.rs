@@ -81,7 +81,8 @@ pub struct Tuning {
     pub nvrtc_options: Vec<String>,
     /// Test hook: every output buffer the call writes (o, lse, dq, dk, dv) is filled with NaN before the kernels
     /// run, so an element a kernel forgets to write fails an accuracy check. `cuda::set_poison_outputs` turns
-    /// the same on for the whole process. Default `false`.
+    /// the same on for the whole process. On the CPU, `kvcache_forward` allocates its `o` and `lse` NaN-filled
+    /// (the other CPU entry points write into the caller's buffers). Default `false`.
     pub poison_outputs: bool,
 }
 

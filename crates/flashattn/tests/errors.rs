@@ -2,7 +2,7 @@
 
 use flashattn::{
     backward, forward, kvcache_forward, AttnOptions, BackwardInputs, CacheSeqlens, DType, Error, GradientsMut, KvCache,
-    Layout, Tensor, TensorView, VarLen,
+    Layout, Rotary, Tensor, TensorView, Values, VarLen,
 };
 
 fn t(shape: &[usize], dtype: DType) -> Tensor {
@@ -396,7 +396,9 @@ fn value_head_dim_mismatches() {
     };
     assert_eq!(run(&[3, 8, 1, 12], Some(&vn)).unwrap(), vec![2, 1, 2, 12]);
     assert_eq!(arg_of(run(&[3, 7, 1, 12], None)), "v_cache");
-    assert_eq!(arg_of(run(&[3, 8, 1, 257], None)), "v_cache");
+    // The KV-cache path takes value head dims up to 576 (MLA's 512 among them), not more.
+    assert_eq!(run(&[3, 8, 1, 300], None).unwrap(), vec![2, 1, 2, 300]);
+    assert_eq!(arg_of(run(&[3, 8, 1, 577], None)), "v_cache");
     assert_eq!(arg_of(run(&[3, 8, 1, 12], Some(&kn))), "v_new");
     assert_eq!(arg_of(run(&[3, 8, 1, 8], Some(&vn))), "v_new");
 }
@@ -521,4 +523,114 @@ fn fuzz_zero_size_calls_cost_nothing_whatever_the_batch_and_heads() {
     let g = flashattn::backward(&x, &AttnOptions::default()).unwrap();
     assert_eq!(g.dk.shape(), &[b, 0, 1, 8]);
     assert!(t0.elapsed().as_secs_f64() < 5.0, "a zero-size call took {:?}", t0.elapsed());
+}
+
+/// Key-prefix values (`Values::KeyPrefix`, MLA's `v_cache = k_cache[..., :d_v]`): a v_new, a `d_v` outside
+/// `1..=d`, rotary, a v_descale, a head dim above 576 and an overflowing append are refused naming the argument
+/// (each call has a `k_new` to append), and nothing is written; the same call without the fault appends.
+#[test]
+fn key_prefix_values_refusals_write_nothing() {
+    let (d, d_v) = (24, 16);
+    let q = t(&[2, 1, 4, 24], DType::BF16);
+    let kn = t(&[2, 1, 2, d], DType::BF16);
+    let vn = t(&[2, 1, 2, d_v], DType::BF16);
+    let (cos, sin) = (t(&[8, 4], DType::F32), t(&[8, 4], DType::F32));
+    // The fault a call adds to an otherwise valid key-prefix call that appends one row.
+    #[derive(Clone, Copy)]
+    enum Fault {
+        None,
+        VNew,
+        Rotary,
+        Overflow,
+    }
+    let run = |d_v: usize, fault: Fault| {
+        let mut kc = t(&[2, 8, 2, d], DType::BF16);
+        let before = kc.clone();
+        let r = {
+            let mut cache = KvCache::key_prefix_values(kc.view_mut(), d_v, CacheSeqlens::All(3));
+            cache.k_new = Some(kn.view());
+            match fault {
+                Fault::None => {}
+                Fault::VNew => cache.v_new = Some(vn.view()),
+                Fault::Rotary => cache.rotary = Some(Rotary { cos: cos.view(), sin: sin.view(), interleaved: true }),
+                Fault::Overflow => cache.cache_seqlens = CacheSeqlens::PerSeq(vec![3, 8]),
+            }
+            kvcache_forward(&q.view(), &mut cache, &AttnOptions::default()).map(|o| o.o.shape().to_vec())
+        };
+        assert_eq!(r.is_err(), kc == before, "written iff the call ran: {r:?}");
+        r
+    };
+    assert_eq!(run(d_v, Fault::None).unwrap(), vec![2, 1, 4, d_v]);
+    assert_eq!(run(d, Fault::None).unwrap(), vec![2, 1, 4, d], "d_v = d: the values are the keys");
+    assert_eq!(arg_of(run(d_v, Fault::VNew)), "v_new");
+    let err = run(d_v, Fault::VNew).unwrap_err().to_string();
+    assert!(err.contains("key-prefix") && err.contains("[2, 1, 2, 16]"), "{err}");
+    assert_eq!(arg_of(run(d + 1, Fault::None)), "v_cache");
+    let err = run(d + 1, Fault::None).unwrap_err().to_string();
+    assert!(err.contains("1..=24") && err.contains("d_v = 25"), "{err}");
+    assert_eq!(arg_of(run(0, Fault::None)), "v_cache");
+    assert_eq!(arg_of(run(d_v, Fault::Rotary)), "rotary_cos");
+    assert!(matches!(run(d_v, Fault::Overflow), Err(Error::CacheOverflow { seq: 1, needed: 9, capacity: 8 })));
+    let (o, shape) = (AttnOptions::default(), [2, 8, 2, d]);
+    // Head dims: up to 576 on the KV-cache path.
+    let (q577, kn577) = (t(&[1, 1, 1, 577], DType::BF16), t(&[1, 1, 1, 577], DType::BF16));
+    let mut kc = t(&[1, 4, 1, 577], DType::BF16);
+    let before = kc.clone();
+    let mut cache = KvCache::key_prefix_values(kc.view_mut(), 512, CacheSeqlens::All(1));
+    cache.k_new = Some(kn577.view());
+    let err = kvcache_forward(&q577.view(), &mut cache, &o).unwrap_err();
+    assert_eq!(err.arg(), Some("q"));
+    assert!(err.to_string().contains("1..=576"), "{err}");
+    drop(cache);
+    assert_eq!(kc, before);
+    // An e4m3 cache: the values are dequantized with k_descale; a v_descale is refused.
+    let e = DType::E4M3;
+    let mut kc = t(&shape, e);
+    let before = kc.clone();
+    let mut cache = KvCache::key_prefix_values(kc.view_mut(), d_v, CacheSeqlens::All(3));
+    cache.k_new = Some(kn.view());
+    let vd = o.clone().descale(None, None, Some(t(&[2, 2], DType::F32)));
+    assert_eq!(arg_of(kvcache_forward(&q.view(), &mut cache, &vd)), "v_descale");
+    drop(cache);
+    assert_eq!(kc, before);
+    // The values as a view of k_cache's first d_v columns; a d_v beyond the keys' is refused there too.
+    let mut kc = t(&shape, DType::BF16);
+    let want: Vec<f32> = kc.to_f32_vec().chunks(d).flat_map(|r| r[..d_v].to_vec()).collect();
+    let cache = KvCache::key_prefix_values(kc.view_mut(), d_v, CacheSeqlens::All(3));
+    assert!(cache.key_prefix());
+    assert_eq!(cache.v_view().unwrap().shape(), &[2, 8, 2, d_v]);
+    assert_eq!(cache.v_view().unwrap().to_f32_vec(), want);
+    let cache = KvCache { v_cache: Values::KeyPrefix { d_v: d + 1 }, ..cache };
+    assert_eq!(arg_of(cache.v_view()), "v_cache");
+}
+
+/// The CUDA KV-cache kernels refuse what only the CPU backends run on this path, before any device work (so this
+/// runs without a GPU): key-prefix values (MLA) and head dims above 256, as `Unsupported` naming them; nothing is
+/// written.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_kvcache_refuses_key_prefix_values_and_wide_heads() {
+    let unsupported = |r: flashattn::Result<flashattn::ForwardOutput>| match r {
+        Err(Error::Unsupported { backend: "cuda", what }) => what,
+        other => panic!("expected Unsupported on cuda, got {other:?}"),
+    };
+    let o = AttnOptions::default().causal();
+    let (q, kn) = (t(&[2, 1, 8, 576], DType::BF16), t(&[2, 1, 1, 576], DType::BF16));
+    let mut kc = t(&[2, 16, 1, 576], DType::BF16);
+    let before = kc.clone();
+    let mut cache = KvCache::key_prefix_values(kc.view_mut(), 512, CacheSeqlens::All(4));
+    cache.k_new = Some(kn.view());
+    let what = unsupported(flashattn::kvcache_forward_on(flashattn::Device::Cuda(0), &q.view(), &mut cache, &o));
+    assert!(what.contains("key cache") && what.contains("(576, 512)"), "{what}");
+    drop(cache);
+    assert_eq!(kc, before);
+    // d = d_v = 320 with a value cache of its own: the CPU runs it, the CUDA kernels stop at 256.
+    let (q, kn) = (t(&[1, 1, 2, 320], DType::F16), t(&[1, 1, 1, 320], DType::F16));
+    let (mut kc, mut vc) = (t(&[1, 8, 1, 320], DType::F16), t(&[1, 8, 1, 320], DType::F16));
+    let mut cache = KvCache::new(kc.view_mut(), vc.view_mut(), CacheSeqlens::All(2));
+    cache.k_new = Some(kn.view());
+    cache.v_new = Some(kn.view());
+    let what = unsupported(flashattn::kvcache_forward_on(flashattn::Device::Cuda(0), &q.view(), &mut cache, &o));
+    assert!(what.contains("head dim d = 320"), "{what}");
+    assert!(flashattn::kvcache_forward_on(flashattn::Device::Cpu, &q.view(), &mut cache, &o).is_ok());
 }

@@ -1,14 +1,15 @@
 //! KV-cache attention on the CPU: the append (with rotary), paging, batch index and left padding are checked
 //! against an independent model of the cache, and the attention against the f64 oracle run on the dense
-//! keys that model says are visible.
+//! keys that model says are visible. Outputs are NaN-poisoned before each call (`Tuning::poison_outputs`).
+//! Values come from a cache of their own, or (MLA, `Values::KeyPrefix`) from the first `d_v` columns of the keys.
 #![allow(clippy::needless_range_loop)] // index arithmetic mirrors the spec's formulas
 
 mod common;
 use common::*;
 use flashattn::accuracy::{compare, compare_lse};
-use flashattn::problem::validate;
+use flashattn::problem::{validate, Problem, RowMap, MAX_HEAD_DIM};
 use flashattn::reference::{forward_f64, naive_forward};
-use flashattn::{kvcache_forward, AttnOptions, CacheSeqlens, DType, KvCache, Rotary, Tensor, VarLen};
+use flashattn::{kvcache_forward, AttnOptions, CacheSeqlens, DType, KvCache, Mask, Rotary, Tensor, Values, VarLen};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
@@ -30,6 +31,10 @@ struct KvCase {
     leftpad: bool,
     batch_idx: bool,
     causal: bool,
+    /// Query and key/value heads `(h, hk)`.
+    heads: (usize, usize),
+    /// The values are the first `d_v` columns of the key cache (`Values::KeyPrefix`, MLA): no v_cache, no v_new.
+    key_prefix: bool,
 }
 
 impl KvCase {
@@ -51,6 +56,8 @@ impl KvCase {
             leftpad,
             batch_idx,
             causal: true,
+            heads: (6, 2),
+            key_prefix: false,
         }
     }
 }
@@ -74,7 +81,7 @@ fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
 
 fn run(c: KvCase, seed: u64) {
     let mut r = rng(seed);
-    let (b, h, hk, d, dv) = (3usize, 6usize, 2usize, c.d, c.d_v);
+    let (b, (h, hk), d, dv) = (3usize, c.heads, c.d, c.d_v);
     let cap = 300usize;
     let dt = c.dtype;
     let (q_dt, new_dt) = c.fp8.unwrap_or((dt, dt));
@@ -82,7 +89,8 @@ fn run(c: KvCase, seed: u64) {
     // FP8: descales uniform in [0.5, 2], [b, hk] each (q's only with an e4m3 q).
     let mut descale =
         |on: bool| -> Option<Vec<f32>> { on.then(|| (0..b * hk).map(|_| r.gen_range(0.5f32..=2.0)).collect()) };
-    let (qdesc, kdesc, vdesc) = (descale(fp8 && q_dt.is_fp8()), descale(fp8), descale(fp8));
+    // Key-prefix values are the key cache's elements: k's descale dequantizes them (v_descale is refused).
+    let (qdesc, kdesc, vdesc) = (descale(fp8 && q_dt.is_fp8()), descale(fp8), descale(fp8 && !c.key_prefix));
     // Cache geometry: logical [b][cap] rows, stored unpaged ([b_cache, cap]) or paged.
     let b_cache = if c.batch_idx { b + 2 } else { b };
     let rows_of: Vec<usize> = if c.batch_idx {
@@ -108,7 +116,8 @@ fn run(c: KvCase, seed: u64) {
         if c.leftpad { seqlens.iter().map(|&n| r.gen_range(0..=n.min(40))).collect() } else { vec![0; b] };
     let kc0 = randn_tensor(&mut r, &cache_shape, dt, 1.0);
     let v_shape = [&cache_shape[..3], &[dv]].concat();
-    let vc0 = randn_tensor(&mut r, &v_shape, dt, 1.0);
+    // Key-prefix values: no value cache (`vc0` is None), the model's values are the keys' first `dv` columns.
+    let vc0 = (!c.key_prefix).then(|| randn_tensor(&mut r, &v_shape, dt, 1.0));
     let q = randn_tensor(&mut r, &[b, c.sq, h, d], q_dt, 1.0);
     let kn = randn_tensor(&mut r, &[b, c.s_new, hk, d], new_dt, 1.0);
     let vn = randn_tensor(&mut r, &[b, c.s_new, hk, dv], new_dt, 1.0);
@@ -127,7 +136,9 @@ fn run(c: KvCase, seed: u64) {
     let (cos, sin) = (cos_t.to_f32_vec(), sin_t.to_f32_vec());
     let bt = table.as_ref().map(|(t, mp, _)| Tensor::from_i32(t.clone(), &[b, *mp]).unwrap());
     let as_t = |x: &Option<Vec<f32>>| x.as_ref().map(|x| Tensor::from_f32(x, &[b, hk], DType::F32).unwrap());
-    let opts = AttnOptions { causal: c.causal, ..Default::default() }.descale(as_t(&qdesc), as_t(&kdesc), as_t(&vdesc));
+    let mut opts =
+        AttnOptions { causal: c.causal, ..Default::default() }.descale(as_t(&qdesc), as_t(&kdesc), as_t(&vdesc));
+    opts.tuning.poison_outputs = true;
     // What an appended row is divided by before it is stored: a 16-bit row into an FP8 cache, its descale.
     let div = |ds: &Option<Vec<f32>>, i: usize, kh: usize| match ds {
         Some(ds) if !new_dt.is_fp8() => ds[i * hk + kh],
@@ -135,7 +146,8 @@ fn run(c: KvCase, seed: u64) {
     };
 
     // The independent model: expected cache contents after the append.
-    let (mut ek, mut ev) = (kc0.to_f32_vec(), vc0.to_f32_vec());
+    let mut ek = kc0.to_f32_vec();
+    let mut ev = vc0.as_ref().map(|t| t.to_f32_vec()).unwrap_or_default();
     // The cache row of (sequence, position, key head), counted in rows of the head dim (d for k, d_v for v).
     let row_index = |seq: usize, pos: usize, kh: usize| -> usize {
         match &table {
@@ -164,22 +176,35 @@ fn run(c: KvCase, seed: u64) {
                 for x in 0..d {
                     ek[row * d + x] = dt.round(krow[x] / kdiv);
                 }
-                // Values are appended as given (rotary applies to keys and queries only).
-                for x in 0..dv {
-                    ev[row * dv + x] = dt.round(vnv[vsrc + x] / vdiv);
+                // Values are appended as given (rotary applies to keys and queries only); key-prefix values come
+                // with the keys (below).
+                if !c.key_prefix {
+                    for x in 0..dv {
+                        ev[row * dv + x] = dt.round(vnv[vsrc + x] / vdiv);
+                    }
                 }
             }
         }
     }
 
-    // The call under test: a cache over `kc`, `vc` with this case's appended rows, page table, rotary tables,
-    // batch index and left padding.
+    if c.key_prefix {
+        // v[.., j, kh, :dv] = k_cache[.., j, kh, :dv] after the append: every cache row's first dv columns.
+        ev = ek.chunks(d).flat_map(|row| row[..dv].to_vec()).collect();
+    }
+
+    // The call under test: a cache over `kc` and the values `vc` (`None`: the first dv columns of `kc`) with this
+    // case's appended rows, page table, rotary tables, batch index and left padding.
     macro_rules! cache_of {
         ($kc:expr, $vc:expr) => {{
-            let mut cache = KvCache::new($kc, $vc, CacheSeqlens::PerSeq(seqlens.iter().map(|&x| x as i32).collect()));
+            let values = match $vc {
+                Some(v) => Values::Separate(v),
+                None => Values::KeyPrefix { d_v: dv },
+            };
+            let seqlens = CacheSeqlens::PerSeq(seqlens.iter().map(|&x| x as i32).collect());
+            let mut cache = KvCache::with_values($kc, values, seqlens);
             if c.s_new > 0 {
                 cache.k_new = Some(kn.view());
-                cache.v_new = Some(vn.view());
+                cache.v_new = (!c.key_prefix).then(|| vn.view());
             }
             cache.block_table = bt.clone();
             if rot > 0 {
@@ -198,7 +223,7 @@ fn run(c: KvCase, seed: u64) {
     // Run the library.
     let (mut kc, mut vc) = (kc0.clone(), vc0.clone());
     let out = {
-        let mut cache = cache_of!(kc.view_mut(), vc.view_mut());
+        let mut cache = cache_of!(kc.view_mut(), vc.as_mut().map(|t| t.view_mut()));
         kvcache_forward(&q.view(), &mut cache, &opts).unwrap_or_else(|e| panic!("{c:?} seed {seed}: {e}"))
     };
     let tol = match dt {
@@ -207,7 +232,9 @@ fn run(c: KvCase, seed: u64) {
         DType::E4M3 => 0.0,
         _ => 1e-2,
     };
-    for (name, got, want) in [("k_cache", kc.to_f32_vec(), &ek), ("v_cache", vc.to_f32_vec(), &ev)] {
+    // Key-prefix values live in k_cache: comparing it compares them.
+    let vc_now = vc.as_ref().map(|t| t.to_f32_vec()).unwrap_or_else(|| ev.clone());
+    for (name, got, want) in [("k_cache", kc.to_f32_vec(), &ek), ("v_cache", vc_now, &ev)] {
         for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
             assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{c:?} seed {seed}: {name}[{i}] = {g}, model says {w}");
         }
@@ -223,7 +250,7 @@ fn run(c: KvCase, seed: u64) {
         for j in 0..sk[i] {
             for kh in 0..hk {
                 let row = row_index(i, leftpad[i] + j, kh);
-                let (km, vm) = (scale_of(&kdesc, i, kh), scale_of(&vdesc, i, kh));
+                let (km, vm) = (scale_of(&kdesc, i, kh), scale_of(if c.key_prefix { &kdesc } else { &vdesc }, i, kh));
                 kd.extend(ek[row * d..(row + 1) * d].iter().map(|x| x * km));
                 vd.extend(ev[row * dv..(row + 1) * dv].iter().map(|x| x * vm));
             }
@@ -272,16 +299,34 @@ fn run(c: KvCase, seed: u64) {
         cu_seqlens_k: cu_k,
         seqused_k: None,
     });
-    let p = validate(&qd.view(), &kdt.view(), &vdt.view(), &vopts).unwrap();
+    let p = oracle_problem(&qd, &kdt, &vdt, c.sq, &sk, &vopts);
     let reference = forward_f64(&p, qd.view().data, kdt.view().data, vdt.view().data);
-    let base = if fp8 {
-        // The FP8 baseline (e4m3 probabilities) over the library's plan of the same call, on copies of the
-        // cache as it was (its append is the model's, checked above).
+    if c.key_prefix {
+        // The oracle runs the key-prefix form itself too: over the library's plan of the call (the values read from
+        // the key cache through k's row map) it agrees with the oracle of the model's dense keys and values.
         let (mut kc1, mut vc1) = (kc0.clone(), vc0.clone());
-        let mut cache = cache_of!(kc1.view_mut(), vc1.view_mut());
+        let mut cache = cache_of!(kc1.view_mut(), vc1.as_mut().map(|t| t.view_mut()));
         let plan = flashattn::kvcache::prepare(&q.view(), &mut cache, &opts).unwrap();
         let qp = plan.q_rotated.as_ref().map(|t| t.view()).unwrap_or_else(|| q.view());
-        let (kv, vv) = (cache.k_cache.as_view(), cache.v_cache.as_view());
+        let (kv, vv) = (cache.k_cache.as_view(), cache.v_view().unwrap());
+        let own = forward_f64(&plan.problem, qp.data, kv.data, vv.data);
+        let scale = 1.0 + reference.o.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let diff = own.o.iter().zip(&reference.o).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-5 * scale, "{c:?} seed {seed}: the oracle over the key-prefix plan differs by {diff}");
+    }
+    let base = if fp8 {
+        // The FP8 baseline (e4m3 probabilities) over the library's plan of the same call, on copies of the
+        // cache as it was (its append is the model's, checked above), with the model's key and value descales
+        // (so that a wrong descale in the plan cannot loosen the bound).
+        let (mut kc1, mut vc1) = (kc0.clone(), vc0.clone());
+        let mut cache = cache_of!(kc1.view_mut(), vc1.as_mut().map(|t| t.view_mut()));
+        let mut plan = flashattn::kvcache::prepare(&q.view(), &mut cache, &opts).unwrap();
+        let ds = plan.problem.descale.as_mut().expect("FP8 descales");
+        let ones = vec![1.0; b * hk];
+        ds.k = kdesc.clone().unwrap_or_else(|| ones.clone());
+        ds.v = if c.key_prefix { ds.k.clone() } else { vdesc.clone().unwrap_or(ones) };
+        let qp = plan.q_rotated.as_ref().map(|t| t.view()).unwrap_or_else(|| q.view());
+        let (kv, vv) = (cache.k_cache.as_view(), cache.v_view().unwrap());
         naive_forward(&plan.problem, qp.data, kv.data, vv.data).0
     } else {
         naive_forward(&p, qd.view().data, kdt.view().data, vdt.view().data).0
@@ -303,6 +348,59 @@ fn run(c: KvCase, seed: u64) {
     }
     let vl = compare_lse(&lse, &lse_ref);
     assert!(vl.pass, "{c:?} seed {seed}: {vl}");
+}
+
+/// The oracle's problem: varlen attention of contiguous `q` `[b * sq, h, d]` over `k` `[total_k, hk, d]` and `v`
+/// `[total_k, hk, d_v]`, `sk[i]` keys for sequence `i`, with `opts`' mask (the only option these cases set).
+/// Built field by field because `validate` takes head dims up to 256 and the KV-cache path goes to 576 (MLA);
+/// where `validate` takes the dims, the two must agree.
+fn oracle_problem(q: &Tensor, k: &Tensor, v: &Tensor, sq: usize, sk: &[usize], opts: &AttnOptions) -> Problem {
+    let (&[total_q, h, d], &[total_k, hk, _], &[_, _, d_v]) = (q.shape(), k.shape(), v.shape()) else {
+        panic!("rank-3 oracle inputs expected")
+    };
+    let b = sk.len();
+    let q_start: Vec<usize> = (0..b).map(|i| i * sq).collect();
+    let k_start: Vec<usize> = sk.iter().scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n))).collect();
+    let map = |starts: &[usize], heads: usize, dim: usize| RowMap {
+        base: starts.iter().map(|&s| s * heads * dim).collect(),
+        row_stride: heads * dim,
+        head_stride: dim,
+        paged: None,
+    };
+    let cu = |starts: &[usize], total: usize| starts.iter().chain([&total]).map(|&x| x as i32).collect::<Vec<i32>>();
+    let p = Problem {
+        dtype: q.dtype(),
+        out_dtype: q.dtype(),
+        descale: None,
+        batch: b,
+        h,
+        hk,
+        d,
+        d_v,
+        seqlen_q: vec![sq; b],
+        seqlen_k: sk.to_vec(),
+        q: map(&q_start, h, d),
+        k: map(&k_start, hk, d),
+        v: map(&k_start, hk, d_v),
+        cu_seqlens: Some((cu(&q_start, total_q), cu(&k_start, total_k))),
+        q_start,
+        k_start,
+        total_q,
+        dense_sq: 0,
+        total_k,
+        varlen: true,
+        scale: 1.0 / (d as f32).sqrt(),
+        softcap: 0.0,
+        alibi: None,
+        mask: Mask::new(opts.causal, opts.window).unwrap(),
+        seqused_k: None,
+        sink: None,
+        tuning: opts.tuning.clone(),
+    };
+    if d <= MAX_HEAD_DIM && d_v <= MAX_HEAD_DIM {
+        assert_eq!(validate(&q.view(), &k.view(), &v.view(), opts).unwrap(), p, "the oracle's problem");
+    }
+    p
 }
 
 /// Runs every case (each with a fresh seed) and says how many passed.
@@ -394,4 +492,39 @@ fn kvcache_fp8() {
         }
     }
     run_all("kvcache fp8", cases);
+}
+
+/// The spec's `(576, 512)` row with `v` a view into `k` (multi-head latent attention, `Values::KeyPrefix`): the
+/// values are the first 512 columns of the key cache and come with every appended key. Paged (page sizes 1, 16,
+/// 256) and unpaged (left padding, batch index), appends of 0..5 rows, MQA (8 query heads over one latent head,
+/// as MLA) and GQA, causal or not, every dtype, plus e4m3 caches (with a bf16 or an e4m3 q; the key descale
+/// dequantizes the values): the cache against the independent model (its first 512 columns are the values) and
+/// the output against the f64 oracle run on the model's dense keys and values.
+#[test]
+fn kvcache_mla_key_prefix_values() {
+    let mut cases = Vec::new();
+    let pages = [None, Some(1), Some(16), Some(256)];
+    for dtype in [DType::F16, DType::BF16, DType::F32] {
+        for (pi, &page) in pages.iter().enumerate() {
+            for (i, &(sq, s_new)) in [(1, 1), (4, 4), (3, 0), (2, 5)].iter().enumerate() {
+                cases.push(KvCase {
+                    causal: i % 3 != 2,
+                    heads: [(8, 1), (6, 2)][(pi + i) % 2],
+                    key_prefix: true,
+                    ..KvCase::nth(i, dtype, (576, 512), (sq, s_new), page)
+                });
+            }
+        }
+    }
+    for (i, kind) in [(DType::BF16, DType::BF16), (DType::E4M3, DType::E4M3)].into_iter().enumerate() {
+        for page in [None, Some(16)] {
+            cases.push(KvCase {
+                fp8: Some(kind),
+                heads: (8, 1),
+                key_prefix: true,
+                ..KvCase::nth(i + 1, DType::E4M3, (576, 512), (2, 3), page)
+            });
+        }
+    }
+    run_all("kvcache MLA (576, 512), values a view into the keys", cases);
 }

@@ -11,7 +11,7 @@ use super::tensor::{upload_vec, BackwardTensors, DevView, DeviceTensorRef, Forwa
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::options::AttnOptions;
-use crate::problem::{validate, Problem, RowMap};
+use crate::problem::{validate, Problem, RowMap, MAX_HEAD_DIM, MAX_KV_HEAD_DIM};
 use crate::tensor::{Layout, Tensor};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use std::ffi::c_void;
@@ -53,6 +53,32 @@ pub(crate) fn require_same_value_dim(d: usize, d_v: usize) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// What the CUDA KV-cache kernels do not run of what the KV-cache path of the CPU backends does, refused before
+/// any device work: values read from the key cache (`key_prefix`: [`crate::kvcache::Values::KeyPrefix`], MLA's
+/// `v_cache = k_cache[..., :d_v]`), head dims above [`MAX_HEAD_DIM`] (the CPU path goes to
+/// [`MAX_KV_HEAD_DIM`]) and a value head dim other than `d` ([`require_same_value_dim`]).
+pub(crate) fn require_kv_kernel_dims(d: usize, d_v: usize, key_prefix: bool) -> Result<()> {
+    if key_prefix {
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            what: format!(
+                "values read from the key cache (v_cache = k_cache[..., :{d_v}], (d, d_v) = ({d}, {d_v}): multi-head \
+                 latent attention) in the CUDA KV-cache kernels (the CPU backends run it)"
+            ),
+        });
+    }
+    if d > MAX_HEAD_DIM {
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            what: format!(
+                "head dim d = {d} in the CUDA KV-cache kernels (compiled for head dims up to {MAX_HEAD_DIM}; the CPU \
+                 backends run KV caches up to {MAX_KV_HEAD_DIM})"
+            ),
+        });
+    }
+    require_same_value_dim(d, d_v)
 }
 
 /// Refuses an input a device entry point takes in device memory when it was `given` in host memory

@@ -22,7 +22,7 @@ use super::tensor::{alloc_out, download, upload, upload_vec, DevTensor, DevView,
 use crate::api::ForwardOutput;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::kvcache::KvCache;
+use crate::kvcache::{KvCache, Values};
 use crate::options::AttnOptions;
 use crate::problem::{check_finite_scale, check_softcap};
 use crate::semantics::Mask;
@@ -220,7 +220,9 @@ pub struct DeviceRotary {
 pub struct DeviceKvCache {
     /// `[b_cache, s_cache, hk, d]`, or `[num_pages, page_size, hk, d]` with a block table; written in place.
     pub k_cache: DeviceTensorRef,
-    /// Same shape as `k_cache`.
+    /// Same shape as `k_cache`, in memory of its own. A view of `k_cache`'s first columns (the same address and
+    /// strides: multi-head latent attention's key-prefix values, which the CPU backends run) is refused as
+    /// `Unsupported`.
     pub v_cache: DeviceTensorRef,
     /// `[b, s_new, hk, d]`, appended at `cache_seqlens`.
     pub k_new: Option<DeviceTensorRef>,
@@ -517,7 +519,7 @@ pub fn kvcache_forward_host(
 ) -> Result<ForwardOutput> {
     let c = crate::kvcache::check(q, cache, opts)?;
     let p = &c.problem;
-    super::call::require_same_value_dim(p.d, p.d_v)?;
+    super::call::require_kv_kernel_dims(p.d, p.d_v, cache.key_prefix())?;
     // e4m3 caches run with a 16-bit q (and new rows) whose dtype the output keeps; an e4m3 q does not.
     let q_dtype = q.dtype();
     if q_dtype.is_fp8() {
@@ -548,7 +550,8 @@ pub fn kvcache_forward_host(
     gpu.run("the CUDA KV-cache forward", || {
         let tq = upload(&s, q.data, &q.layout)?;
         let tkc = upload(&s, cache.k_cache.as_view().data, &cache.k_cache.layout)?;
-        let tvc = upload(&s, cache.v_cache.as_view().data, &cache.v_cache.layout)?;
+        let vc = cache.v_view()?;
+        let tvc = upload(&s, vc.data, &vc.layout)?;
         let new = |t: &Option<TensorView<'_>>| t.as_ref().map(|t| upload(&s, t.data, &t.layout)).transpose();
         let (tkn, tvn) = (new(&cache.k_new)?, new(&cache.v_new)?);
         let i32v = |v: &[usize]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
@@ -608,7 +611,10 @@ pub fn kvcache_forward_host(
         }
         if c.s_new > 0 {
             write_back(&s, &tkc, &mut cache.k_cache.data, &cache.k_cache.layout)?;
-            write_back(&s, &tvc, &mut cache.v_cache.data, &cache.v_cache.layout)?;
+            // Separate values (key-prefix values were refused above).
+            if let Values::Separate(v) = &mut cache.v_cache {
+                write_back(&s, &tvc, &mut v.data, &v.layout)?;
+            }
         }
         drop((tq, tkn, tvn, seqlens, table, bidx, lpad, rot, alibi, sink, kds, vds, ws));
         Ok(out)
@@ -685,17 +691,20 @@ fn raw_plan(
         _ => return Err(Error::invalid("q", "rank 4 [b, sq_new, h, d]", format!("shape {:?}", q.shape))),
     };
     q.check("q", &[b, sq, h, d], dtype, false)?;
-    crate::problem::check_head_dim(d)?;
+    crate::problem::check_head_dim_up_to(d, crate::problem::MAX_KV_HEAD_DIM)?;
     let cs = cache.k_cache.shape.clone();
     if cs.len() != 4 || cs[3] != d {
         return Err(Error::invalid("k_cache", format!("rank 4 with head dim {d}"), format!("shape {cs:?}")));
     }
     cache.k_cache.check("k_cache", &cs, cache_dtype, true)?;
-    // A v_cache shaped as k_cache but for its head dim is a valid call the kernels cannot run yet.
-    let vs = &cache.v_cache.shape;
-    if vs.len() == 4 && vs[..3] == cs[..3] {
-        super::call::require_same_value_dim(d, vs[3])?;
-    }
+    // A v_cache shaped as k_cache but for its head dim, or one that is k_cache's first d_v columns (same address
+    // and strides: MLA's key-prefix values), is a valid call the kernels cannot run yet; so is a head dim the
+    // CPU backends take on this path but the kernels are not compiled for.
+    let (kc, vc) = (&cache.k_cache, &cache.v_cache);
+    let vs = &vc.shape;
+    let v_dims = vs.len() == 4 && vs[..3] == cs[..3];
+    let key_prefix = v_dims && vc.ptr == kc.ptr && vc.strides == kc.strides && vs[3] <= d;
+    super::call::require_kv_kernel_dims(d, if v_dims { vs[3] } else { d }, key_prefix)?;
     cache.v_cache.check("v_cache", &cs, cache_dtype, true)?;
     let hk = cs[2];
     crate::problem::check_heads_of(h, hk, "k_cache")?;

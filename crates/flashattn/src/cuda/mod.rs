@@ -77,12 +77,17 @@ use std::ffi::c_void;
 use std::sync::Arc;
 use tensor::{alloc_out, download, upload};
 
-/// Which `(d, d_v)` pairs with a value head dim `d_v != d` the CUDA kernels run, in words (for `flashattn info`).
+/// Which `(d, d_v)` pairs with a value head dim `d_v != d` the CUDA kernels run, and which the KV-cache path
+/// runs where, in words (for `flashattn info`).
 pub fn value_dim_summary() -> String {
     format!(
         "d_v != d runs where (d, d_v) pads to one of {} (sm80-class forward and backward kernels, on Hopper \
-         too; the KV-cache kernels take d_v = d only); d_v = d everywhere",
-        tiles::value_dim_pairs_text()
+         too); d_v = d everywhere up to {max}. KV caches: the CUDA kernels take d_v = d <= {max} only; the CPU \
+         backends take d, d_v up to {kv}, including MLA's (576, 512) with the values the first 512 columns of the \
+         key cache (refused on CUDA)",
+        tiles::value_dim_pairs_text(),
+        max = crate::problem::MAX_HEAD_DIM,
+        kv = crate::problem::MAX_KV_HEAD_DIM,
     )
 }
 
