@@ -339,28 +339,19 @@ pub(crate) fn check(q: &TensorView<'_>, cache: &KvCache<'_>, opts: &AttnOptions)
         }
     }
     let cs = cache.k_cache.shape().to_vec();
-    let (d_v, vl) = match &cache.v_cache {
-        Values::Separate(v) => {
-            // v_cache matches k_cache but for its last dim, the value head dim.
-            if v.shape()[..3] != cs[..3] {
-                return Err(Error::invalid(
-                    "v_cache",
-                    format!("shape {:?} + [d_v] (as k_cache but for the head dim)", &cs[..3]),
-                    format!("{:?}", v.shape()),
-                ));
-            }
-            let d_v = v.shape()[3];
-            check_value_head_dim_up_to("v_cache", d_v, MAX_KV_HEAD_DIM)?;
-            (d_v, v.layout.clone())
-        }
-        &Values::KeyPrefix { d_v } => {
-            // The first d_v columns of each key row: k_cache's layout with the value head dim last.
-            check_key_prefix(d_v, &cs)?;
-            let mut l = cache.k_cache.layout.clone();
-            l.shape[3] = d_v;
-            (d_v, l)
-        }
-    };
+    // The values' view: the value cache, or k_cache's first d_v columns (`v_view` checks d_v against d). It
+    // matches k_cache but for its last dim, the value head dim.
+    let vview = cache.v_view()?;
+    if vview.shape()[..3] != cs[..3] {
+        return Err(Error::invalid(
+            "v_cache",
+            format!("shape {:?} + [d_v] (as k_cache but for the head dim)", &cs[..3]),
+            format!("{:?}", vview.shape()),
+        ));
+    }
+    let d_v = vview.shape()[3];
+    check_value_head_dim_up_to("v_cache", d_v, MAX_KV_HEAD_DIM)?;
+    let vl = vview.layout.clone();
     let hk = cs[2];
     if cs[3] != d {
         return Err(Error::invalid("k_cache", format!("head dim {d} (as q)"), cs[3]));

@@ -449,6 +449,18 @@ fn row_max<const L: u8>(x: &[f32], init: f32) -> f32 {
     ch.remainder().iter().fold(init.max(m[0]), |a, &b| a.max(b))
 }
 
+/// The lanes of a 16-lane step over `n` remaining elements: all 16 when `n >= 16`, else the first `n`.
+#[cfg(all(target_arch = "x86_64", flashattn_avx512))]
+#[inline(always)]
+#[allow(clippy::incompatible_msrv)] // compiled only by Rust >= 1.89 (`flashattn_avx512`, see build.rs)
+fn tail_mask(n: usize) -> std::arch::x86_64::__mmask16 {
+    if n >= LANES {
+        !0
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
 /// [`row_max`] with AVX-512F. `vmaxps a, b` returns `b` when either is NaN, so `max(x, m)` with a running `m`
 /// that is never NaN skips NaN elements as `f32::max` does; the lanes are then NaN-free and reduce with plain
 /// maxima (exact, so their order does not matter).
@@ -469,7 +481,7 @@ unsafe fn row_max_avx512(x: &[f32], init: f32) -> f32 {
     }
     let rest = ch.remainder();
     if !rest.is_empty() {
-        let k: __mmask16 = (1u16 << rest.len()) - 1;
+        let k = tail_mask(rest.len());
         m = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, k, rest.as_ptr()), m);
     }
     init.max(_mm512_reduce_max_ps(m))
@@ -523,7 +535,7 @@ unsafe fn exp_sum_avx512(x: &mut [f32], mul: f32, base: f32) -> f32 {
     }
     let rest = ch.into_remainder();
     if !rest.is_empty() {
-        let k: __mmask16 = (1u16 << rest.len()) - 1;
+        let k = tail_mask(rest.len());
         let p = rest.as_mut_ptr();
         let e = kernel::exp_softmax_avx512(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, p), m), b));
         _mm512_mask_storeu_ps(p, k, e);
@@ -1332,7 +1344,7 @@ unsafe fn prob_dscore_plain_avx512(
     let (sc, ls, dv) = (_mm512_set1_ps(scale), _mm512_set1_ps(lse), _mm512_set1_ps(di));
     let mut e = 0;
     while e < n {
-        let k: __mmask16 = if n - e >= LANES { !0 } else { (1u16 << (n - e)) - 1 };
+        let k = tail_mask(n - e);
         let x = _mm512_maskz_loadu_ps(k, qk.as_ptr().add(e));
         let p = kernel::exp_softmax_avx512(_mm512_sub_ps(_mm512_mul_ps(x, sc), ls));
         let g = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp.as_ptr().add(e)), dv);
@@ -1358,7 +1370,7 @@ unsafe fn exp_dot_avx512(x: &[f32], y: &[f32]) -> f32 {
     let mut acc = _mm512_setzero_ps();
     let mut e = 0;
     while e < n {
-        let k: __mmask16 = if n - e >= LANES { !0 } else { (1u16 << (n - e)) - 1 };
+        let k = tail_mask(n - e);
         let p = kernel::exp_softmax_avx512(_mm512_maskz_loadu_ps(k, x.as_ptr().add(e)));
         acc = _mm512_mask_add_ps(acc, k, acc, _mm512_mul_ps(p, _mm512_maskz_loadu_ps(k, y.as_ptr().add(e))));
         e += LANES;
